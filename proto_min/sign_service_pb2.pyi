@@ -1,0 +1,141 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class PingRequest(_message.Message):
+    __slots__ = ("payload",)
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    def __init__(self, payload: _Optional[bytes] = ...) -> None: ...
+
+class PingResponse(_message.Message):
+    __slots__ = ("payload",)
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    def __init__(self, payload: _Optional[bytes] = ...) -> None: ...
+
+class GetStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetStatusResponse(_message.Message):
+    __slots__ = ("state", "accounts", "shares_sha256", "preload_ms", "sessions_open", "sessions_max", "memory_used_bytes", "memory_limit_bytes", "last_sse_probe", "version")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ACCOUNTS_FIELD_NUMBER: _ClassVar[int]
+    SHARES_SHA256_FIELD_NUMBER: _ClassVar[int]
+    PRELOAD_MS_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_OPEN_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_MAX_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LAST_SSE_PROBE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    accounts: int
+    shares_sha256: str
+    preload_ms: int
+    sessions_open: int
+    sessions_max: int
+    memory_used_bytes: int
+    memory_limit_bytes: int
+    last_sse_probe: str
+    version: str
+    def __init__(self, state: _Optional[str] = ..., accounts: _Optional[int] = ..., shares_sha256: _Optional[str] = ..., preload_ms: _Optional[int] = ..., sessions_open: _Optional[int] = ..., sessions_max: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., last_sse_probe: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
+class GetAttestationRequest(_message.Message):
+    __slots__ = ("nonce",)
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    nonce: bytes
+    def __init__(self, nonce: _Optional[bytes] = ...) -> None: ...
+
+class GetAttestationResponse(_message.Message):
+    __slots__ = ("document",)
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    document: bytes
+    def __init__(self, document: _Optional[bytes] = ...) -> None: ...
+
+class GetAccountRequest(_message.Message):
+    __slots__ = ("account_id",)
+    ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
+    account_id: str
+    def __init__(self, account_id: _Optional[str] = ...) -> None: ...
+
+class GetAccountResponse(_message.Message):
+    __slots__ = ("account_id", "ciphersuite", "group_public_key", "identifier", "verifying_share", "min_signers", "max_signers")
+    ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
+    CIPHERSUITE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    IDENTIFIER_FIELD_NUMBER: _ClassVar[int]
+    VERIFYING_SHARE_FIELD_NUMBER: _ClassVar[int]
+    MIN_SIGNERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SIGNERS_FIELD_NUMBER: _ClassVar[int]
+    account_id: str
+    ciphersuite: str
+    group_public_key: bytes
+    identifier: bytes
+    verifying_share: bytes
+    min_signers: int
+    max_signers: int
+    def __init__(self, account_id: _Optional[str] = ..., ciphersuite: _Optional[str] = ..., group_public_key: _Optional[bytes] = ..., identifier: _Optional[bytes] = ..., verifying_share: _Optional[bytes] = ..., min_signers: _Optional[int] = ..., max_signers: _Optional[int] = ...) -> None: ...
+
+class CommitRequest(_message.Message):
+    __slots__ = ("account_id", "session_id")
+    ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    account_id: str
+    session_id: str
+    def __init__(self, account_id: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
+
+class CommitResponse(_message.Message):
+    __slots__ = ("identifier", "hiding", "binding", "expires_at_unix_ms")
+    IDENTIFIER_FIELD_NUMBER: _ClassVar[int]
+    HIDING_FIELD_NUMBER: _ClassVar[int]
+    BINDING_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    identifier: bytes
+    hiding: bytes
+    binding: bytes
+    expires_at_unix_ms: int
+    def __init__(self, identifier: _Optional[bytes] = ..., hiding: _Optional[bytes] = ..., binding: _Optional[bytes] = ..., expires_at_unix_ms: _Optional[int] = ...) -> None: ...
+
+class SigningCommitment(_message.Message):
+    __slots__ = ("identifier", "hiding", "binding")
+    IDENTIFIER_FIELD_NUMBER: _ClassVar[int]
+    HIDING_FIELD_NUMBER: _ClassVar[int]
+    BINDING_FIELD_NUMBER: _ClassVar[int]
+    identifier: bytes
+    hiding: bytes
+    binding: bytes
+    def __init__(self, identifier: _Optional[bytes] = ..., hiding: _Optional[bytes] = ..., binding: _Optional[bytes] = ...) -> None: ...
+
+class SignRequest(_message.Message):
+    __slots__ = ("session_id", "message", "commitments")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    COMMITMENTS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    message: bytes
+    commitments: _containers.RepeatedCompositeFieldContainer[SigningCommitment]
+    def __init__(self, session_id: _Optional[str] = ..., message: _Optional[bytes] = ..., commitments: _Optional[_Iterable[_Union[SigningCommitment, _Mapping]]] = ...) -> None: ...
+
+class SignResponse(_message.Message):
+    __slots__ = ("identifier", "signature_share")
+    IDENTIFIER_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_SHARE_FIELD_NUMBER: _ClassVar[int]
+    identifier: bytes
+    signature_share: bytes
+    def __init__(self, identifier: _Optional[bytes] = ..., signature_share: _Optional[bytes] = ...) -> None: ...
+
+class AbortRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class AbortResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
