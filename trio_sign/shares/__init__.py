@@ -1,0 +1,47 @@
+"""Key-share files (plaintext JSON Lines and sealed bundles) and the in-memory ``ShareStore``."""
+
+from ._keywrap import DataKeyProvider as DataKeyProvider
+from ._keywrap import DevKeyFile as DevKeyFile
+from ._plaintext import MAX_LINE_BYTES as MAX_LINE_BYTES
+from ._plaintext import read_plaintext as read_plaintext
+from ._plaintext import write_plaintext as write_plaintext
+from ._records import ShareRecord as ShareRecord
+from ._sealed import DEFAULT_CHUNK_SIZE as DEFAULT_CHUNK_SIZE
+from ._sealed import ChunkDecrypted as ChunkDecrypted
+from ._sealed import EndOfBundle as EndOfBundle
+from ._sealed import Event as Event
+from ._sealed import HeaderReceived as HeaderReceived
+from ._sealed import SealedDecoder as SealedDecoder
+from ._sealed import SealedEncoder as SealedEncoder
+from ._sealed import SealResult as SealResult
+from ._sealed import encode_bundle as encode_bundle
+from ._sealed import read_sealed as read_sealed
+from ._sealed import read_sealed_header as read_sealed_header
+from ._sealed import reseal as reseal
+from ._sealed import seal_file as seal_file
+from ._store import AccountShare as AccountShare
+from ._store import ShareStore as ShareStore
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "MAX_LINE_BYTES",
+    "AccountShare",
+    "ChunkDecrypted",
+    "DataKeyProvider",
+    "DevKeyFile",
+    "EndOfBundle",
+    "Event",
+    "HeaderReceived",
+    "SealResult",
+    "SealedDecoder",
+    "SealedEncoder",
+    "ShareRecord",
+    "ShareStore",
+    "encode_bundle",
+    "read_plaintext",
+    "read_sealed",
+    "read_sealed_header",
+    "reseal",
+    "seal_file",
+    "write_plaintext",
+]

@@ -1,0 +1,956 @@
+"""The sealed key-share bundle: a sans-io encoder and decoder, plus thin file helpers.
+
+Layout::
+
+    b"TSSEALv1" ‖ u32be header_len ‖ header (canonical JSON, <= 64 KiB)
+    ‖ secretstream header (24 bytes)
+    ‖ chunk* where chunk = u32be ct_len ‖ secretstream ciphertext
+
+The secretstream is XChaCha20-Poly1305 (libsodium ``crypto_secretstream``) under a fresh data
+key wrapped by a :class:`~trio_sign.shares._keywrap.DataKeyProvider`. The associated data of
+every chunk is the exact prefix bytes ``MAGIC ‖ header_len ‖ header``, so any change to the
+header fails authentication of chunk 0. The stream's own chaining detects reordered, dropped or
+duplicated chunks; the FINAL tag on the last chunk detects truncation at a chunk boundary.
+
+Chunk plaintext is whole ``binary-v1`` records only (records never span chunks); the last chunk
+carries ``TAG_FINAL``, the others ``TAG_MESSAGE``; zero accounts is a single empty FINAL chunk.
+
+``ShareFileError.reason`` codes raised here: ``bad_magic``, ``bad_header``, ``truncated``,
+``tampered`` (a reordered chunk is indistinguishable from a tampered one and is reported as
+``tampered`` at its position), ``trailing_data``, ``count_mismatch``, ``chunk_too_large``,
+``bad_record`` (a chunk does not end on a record boundary), ``output_exists``, and every
+record-level code of :mod:`trio_sign.shares._records` with the 1-based record number.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import IO, Any, Final
+
+from .._errors import InternalError, KeyWrapError, ShareFileError
+from ..crypto import _sodium, _stream
+from ._keywrap import DataKeyProvider, canonical_json
+from ._plaintext import read_plaintext
+from ._records import (
+    BINARY_FIXED_BYTES,
+    CIPHERSUITE,
+    MAX_ACCOUNT_ID_BYTES,
+    ShareRecord,
+    check_account_id,
+    check_points,
+    check_scalars,
+    check_threshold,
+    record_error,
+)
+
+MAGIC: Final = b"TSSEALv1"
+SEALED_FORMAT: Final = "trio-sign/sealed-key-shares"
+SEALED_VERSION: Final = 1
+RECORD_FORMAT: Final = "binary-v1"
+MAX_HEADER_BYTES: Final = 64 * 1024
+DEFAULT_CHUNK_SIZE: Final = 64 * 1024
+#: Smallest chunk that still holds the largest possible record.
+MIN_CHUNK_SIZE: Final = 1 + MAX_ACCOUNT_ID_BYTES + BINARY_FIXED_BYTES
+MAX_CHUNK_SIZE: Final = 16 * 1024 * 1024
+#: A sanity bound so a forged header cannot ask for an absurd allocation.
+MAX_ACCOUNTS: Final = 1 << 28
+READ_SIZE: Final = 1 << 20
+
+_PREFIX_FIXED = len(MAGIC) + 4
+_U32 = struct.Struct(">I")
+_HEADER_FIELDS: Final = frozenset(
+    {
+        "format",
+        "version",
+        "ciphersuite",
+        "record_format",
+        "key_provider",
+        "kms_key_id",
+        "encrypted_data_key",
+        "encryption_context",
+        "chunk_size",
+        "accounts",
+        "chunks",
+    }
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Header
+
+
+def _header_error(message: str) -> ShareFileError:
+    return ShareFileError(f"sealed header: {message}", reason="bad_header")
+
+
+def _is_int(v: Any) -> bool:
+    return type(v) is int
+
+
+def check_sealed_header(header: Any) -> dict[str, Any]:
+    """Validate a parsed sealed header; returns it (as a dict) or raises ``bad_header``."""
+    if not isinstance(header, dict):
+        raise _header_error("not a JSON object")
+    missing = sorted(_HEADER_FIELDS - set(header))
+    if missing:
+        raise _header_error(f"missing field {missing[0]!r}")
+    extra = sorted(set(header) - _HEADER_FIELDS)
+    if extra:
+        raise _header_error(f"unknown field {extra[0]!r}")
+    if header["format"] != SEALED_FORMAT:
+        raise _header_error(f"format must be {SEALED_FORMAT!r}")
+    if not _is_int(header["version"]) or header["version"] != SEALED_VERSION:
+        raise _header_error(f"version must be {SEALED_VERSION}")
+    if header["ciphersuite"] != CIPHERSUITE:
+        raise _header_error(f"ciphersuite must be {CIPHERSUITE!r}")
+    if header["record_format"] != RECORD_FORMAT:
+        raise _header_error(f"record_format must be {RECORD_FORMAT!r}")
+    for name in ("key_provider", "kms_key_id", "encrypted_data_key"):
+        if not isinstance(header[name], str) or not header[name]:
+            raise _header_error(f"{name} must be a non-empty string")
+    try:
+        base64.b64decode(header["encrypted_data_key"], validate=True)
+    except (binascii.Error, ValueError):
+        raise _header_error("encrypted_data_key is not valid base64") from None
+    ctx = header["encryption_context"]
+    if not isinstance(ctx, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in ctx.items()
+    ):
+        raise _header_error("encryption_context must be an object of strings")
+    if ctx.get("format") != SEALED_FORMAT:
+        raise _header_error(f"encryption_context must include format={SEALED_FORMAT!r}")
+    cs = header["chunk_size"]
+    if not _is_int(cs) or not MIN_CHUNK_SIZE <= cs <= MAX_CHUNK_SIZE:
+        raise _header_error(f"chunk_size must be an integer in {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}")
+    accounts, chunks = header["accounts"], header["chunks"]
+    if not _is_int(accounts) or not 0 <= accounts <= MAX_ACCOUNTS:
+        raise _header_error(f"accounts must be an integer in 0..{MAX_ACCOUNTS}")
+    if not _is_int(chunks) or not 1 <= chunks <= max(1, accounts):
+        raise _header_error("chunks must be an integer in 1..max(1, accounts)")
+    return header
+
+
+def build_header(
+    *,
+    provider: DataKeyProvider,
+    encrypted_data_key: bytes,
+    encryption_context: Mapping[str, str],
+    chunk_size: int,
+    accounts: int,
+    chunks: int,
+) -> dict[str, Any]:
+    """A sealed header (validated)."""
+    return check_sealed_header(
+        {
+            "format": SEALED_FORMAT,
+            "version": SEALED_VERSION,
+            "ciphersuite": CIPHERSUITE,
+            "record_format": RECORD_FORMAT,
+            "key_provider": provider.provider,
+            "kms_key_id": provider.key_id,
+            "encrypted_data_key": base64.b64encode(encrypted_data_key).decode("ascii"),
+            "encryption_context": dict(encryption_context),
+            "chunk_size": chunk_size,
+            "accounts": accounts,
+            "chunks": chunks,
+        }
+    )
+
+
+def encryption_context_for(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The encryption context: ``extra`` plus ``format`` (which cannot be overridden)."""
+    ctx = dict(extra or {})
+    ctx["format"] = SEALED_FORMAT
+    return ctx
+
+
+def unwrap_data_key(header: Mapping[str, Any], provider: DataKeyProvider) -> bytearray:
+    """Ask ``provider`` for the bundle's data key; the caller zeroes it.
+
+    Error handling:
+        ``KeyWrapError`` if the provider or key id differs from the header's, or unwrapping
+        fails (wrong key, wrong context, tampered blob).
+    """
+    if header["key_provider"] != provider.provider:
+        raise KeyWrapError(
+            f"bundle was sealed with key provider {header['key_provider']}, "
+            f"but {provider.provider} was given"
+        )
+    if header["kms_key_id"] != provider.key_id:
+        raise KeyWrapError(
+            f"bundle was sealed under key {header['kms_key_id']}, "
+            f"but the key file holds {provider.key_id}"
+        )
+    blob = base64.b64decode(header["encrypted_data_key"], validate=True)
+    key = provider.decrypt_data_key(blob, header["encryption_context"])
+    if len(key) != _stream.KEY_BYTES:
+        _sodium.memzero(key)
+        raise KeyWrapError(f"provider returned a {len(key)}-byte data key, expected 32")
+    return key
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunk planning (shared by pass 1 and the encoder, so both always agree)
+
+
+class ChunkPlanner:
+    """Greedy packing of whole records into chunks of at most ``chunk_size`` plaintext bytes."""
+
+    __slots__ = ("_fill", "chunk_size", "completed", "records")
+
+    def __init__(self, chunk_size: int) -> None:
+        self.chunk_size = chunk_size
+        self.completed = 0
+        self.records = 0
+        self._fill = 0
+
+    def add(self, size: int) -> bool:
+        """Account for one record; True if the current chunk closed before it."""
+        if size > self.chunk_size:
+            raise ValueError(f"record of {size} bytes exceeds chunk_size {self.chunk_size}")
+        closed = False
+        if self._fill + size > self.chunk_size:
+            self.completed += 1
+            self._fill = 0
+            closed = True
+        self._fill += size
+        self.records += 1
+        return closed
+
+    @property
+    def chunks(self) -> int:
+        """Total chunks if the input ended now (the open chunk, possibly empty, is the last)."""
+        return self.completed + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoder (sans-io)
+
+
+class SealedEncoder:
+    """Produce the bytes of a sealed bundle. No I/O, no record validation.
+
+    Usage: ``start()`` once, ``add_record()`` per record, ``finish()`` once; write each returned
+    ``bytes`` in order. The header's ``accounts``/``chunks`` must match what is added (pass 1 of
+    :func:`seal_file` computes them with :class:`ChunkPlanner`); ``finish()`` checks.
+
+    The encoder validates nothing about records beyond what the layout needs: that is the
+    reader's job, and tests use this to seal deliberately bad records.
+
+    Args:
+        header: a header from :func:`build_header`.
+        data_key: the 32-byte data key; only read here (the caller zeroes it).
+    """
+
+    def __init__(self, header: Mapping[str, Any], data_key: _sodium.Buffer) -> None:
+        self.header = check_sealed_header(dict(header))
+        header_bytes = canonical_json(self.header)
+        if len(header_bytes) > MAX_HEADER_BYTES:
+            raise ShareFileError("sealed header is larger than 64 KiB", reason="bad_header")
+        self.prefix = MAGIC + _U32.pack(len(header_bytes)) + header_bytes
+        self._push = _stream.SecretStreamPush(data_key)
+        self._planner = ChunkPlanner(self.header["chunk_size"])
+        self._chunk = bytearray(self.header["chunk_size"])
+        self._fill = 0
+        self._emitted = 0
+        self._started = False
+        self._finished = False
+
+    def start(self) -> bytes:
+        """The prefix and the secretstream header."""
+        if self._started:
+            raise InternalError("SealedEncoder.start() called twice")
+        self._started = True
+        return self.prefix + self._push.header
+
+    def _emit(self, tag: int) -> bytes:
+        ct = self._push.push(memoryview(self._chunk)[: self._fill], ad=self.prefix, tag=tag)
+        _sodium.memzero(self._chunk)
+        self._fill = 0
+        self._emitted += 1
+        return _U32.pack(len(ct)) + ct
+
+    def add_record(self, rec: ShareRecord) -> bytes:
+        """Pack ``rec``; returns a finished chunk frame if one closed, else ``b""``."""
+        if not self._started or self._finished:
+            raise InternalError("SealedEncoder.add_record() outside start()..finish()")
+        out = b""
+        if self._planner.add(rec.binary_size()):
+            out = self._emit(_stream.TAG_MESSAGE)
+        self._fill = rec.pack_into(self._chunk, self._fill)
+        return out
+
+    def finish(self) -> bytes:
+        """The FINAL chunk frame. Zeroes the encoder's buffers."""
+        if not self._started or self._finished:
+            raise InternalError("SealedEncoder.finish() outside start()..finish()")
+        try:
+            out = self._emit(_stream.TAG_FINAL)
+            self._finished = True
+            if (
+                self._planner.records != self.header["accounts"]
+                or self._emitted != self.header["chunks"]
+            ):
+                raise ShareFileError(
+                    f"sealed {self._planner.records} records in {self._emitted} chunks, but the "
+                    f"header says {self.header['accounts']} in {self.header['chunks']} "
+                    "(did the input change between passes?)",
+                    reason="count_mismatch",
+                )
+            return out
+        finally:
+            self.close()
+
+    def _reencrypt_chunk(self, plaintext: bytearray, *, final: bool) -> bytes:
+        """Encrypt an already-packed chunk as-is (for :func:`reseal`)."""
+        if len(plaintext) > self.header["chunk_size"]:
+            raise ShareFileError("chunk larger than chunk_size", reason="chunk_too_large")
+        tag = _stream.TAG_FINAL if final else _stream.TAG_MESSAGE
+        ct = self._push.push(plaintext, ad=self.prefix, tag=tag)
+        self._emitted += 1
+        return _U32.pack(len(ct)) + ct
+
+    def close(self) -> None:
+        """Zero the chunk buffer and the stream state. Idempotent."""
+        _sodium.memzero(self._chunk)
+        self._push.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoder (sans-io)
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderReceived:
+    """The header was parsed and validated (not yet authenticated: chunk 0 does that)."""
+
+    header: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkDecrypted:
+    """Chunk ``index`` (0-based) authenticated and decrypted.
+
+    The receiver owns ``plaintext`` (secret key shares) and must zero it when done.
+    """
+
+    index: int
+    plaintext: bytearray = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfBundle:
+    """The FINAL chunk was followed by end of file; ``sha256_hex`` covers every byte."""
+
+    accounts: int
+    chunks: int
+    sha256_hex: str
+
+
+Event = HeaderReceived | ChunkDecrypted | EndOfBundle
+
+_MAGIC, _HEADER, _STREAM_HEADER, _FRAMES, _DONE, _CLOSED = range(6)
+
+
+class SealedDecoder:
+    """Parse (and decrypt) a sealed bundle from bytes, h11-style.
+
+    Feed bytes with :meth:`receive_data` and end of file with :meth:`receive_eof`; each returns
+    the events that became available. After ``HeaderReceived`` (and in decrypting mode) call
+    :meth:`set_data_key`, then ``receive_data(b"")`` to continue with what is buffered.
+
+    Args:
+        decrypt: False walks the framing only (no key needed): it checks the header, the frame
+            sizes and count and computes the fingerprint, but yields no ``ChunkDecrypted``.
+
+    Error handling:
+        Raises ``ShareFileError`` (reason ``bad_magic``, ``bad_header``, ``truncated``,
+        ``tampered``, ``trailing_data``, ``count_mismatch``, ``chunk_too_large``). After an error
+        the decoder is closed and re-raises the same error.
+    """
+
+    def __init__(self, *, decrypt: bool = True) -> None:
+        self._decrypt = decrypt
+        self._buf = bytearray()
+        self._state = _MAGIC
+        self._sha = hashlib.sha256()
+        self._prefix = b""
+        self.header: dict[str, Any] | None = None
+        self._key: bytearray | None = None
+        self._pull: _stream.SecretStreamPull | None = None
+        self._index = 0
+        self._error: ShareFileError | None = None
+
+    # -- commands --------------------------------------------------------------------------
+
+    def set_data_key(self, key: _sodium.Buffer) -> None:
+        """Supply the 32-byte data key (copied; the caller zeroes its own)."""
+        if self.header is None or self._state != _STREAM_HEADER or self._key is not None:
+            raise InternalError("set_data_key() is only valid once, right after HeaderReceived")
+        if len(key) != _stream.KEY_BYTES:
+            raise KeyWrapError(f"data key must be 32 bytes, got {len(key)}")
+        self._key = bytearray(key)
+
+    def receive_data(self, data: _sodium.Buffer) -> list[Event]:
+        """Feed more bytes; ``b""`` just resumes processing of buffered bytes."""
+        self._check_usable()
+        if data:
+            self._sha.update(data)
+            if self._state == _DONE:
+                self._fail(ShareFileError("bytes follow the FINAL chunk", reason="trailing_data"))
+            self._buf += data
+        return self._run(self._process)
+
+    def receive_eof(self) -> list[Event]:
+        """Signal end of file; returns ``[EndOfBundle]`` if the bundle was complete."""
+        self._check_usable()
+        return self._run(self._eof)
+
+    def close(self) -> None:
+        """Zero the key copy and the stream state. Idempotent."""
+        if self._key is not None:
+            _sodium.memzero(self._key)
+            self._key = None
+        if self._pull is not None:
+            self._pull.close()
+            self._pull = None
+        self._state = _CLOSED
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._state == _CLOSED:
+            raise ShareFileError("sealed decoder is closed", reason="closed")
+
+    def _fail(self, exc: ShareFileError) -> None:
+        self._error = exc
+        self.close()
+        raise exc
+
+    def _run(self, step: Any) -> list[Event]:
+        events: list[Event] = []
+        try:
+            step(events)
+        except ShareFileError as exc:
+            if self._error is None:
+                self._error = exc
+                self.close()
+            raise
+        except BaseException:
+            self.close()
+            raise
+        return events
+
+    def _process(self, events: list[Event]) -> None:
+        pos = 0
+        buf = self._buf
+        try:
+            while True:
+                avail = len(buf) - pos
+                if self._state == _MAGIC:
+                    n = min(avail, len(MAGIC))
+                    if bytes(buf[pos : pos + n]) != MAGIC[:n]:
+                        raise ShareFileError(
+                            "not a sealed key-share bundle (bad magic)", reason="bad_magic"
+                        )
+                    if avail < _PREFIX_FIXED:
+                        return
+                    (hlen,) = _U32.unpack_from(buf, pos + len(MAGIC))
+                    if hlen == 0 or hlen > MAX_HEADER_BYTES:
+                        raise _header_error(f"length {hlen} is outside 1..{MAX_HEADER_BYTES}")
+                    self._hlen = hlen
+                    self._state = _HEADER
+                elif self._state == _HEADER:
+                    end = _PREFIX_FIXED + self._hlen
+                    if avail < end:
+                        return
+                    self._prefix = bytes(buf[pos : pos + end])
+                    pos += end
+                    self.header = self._parse_header(self._prefix[_PREFIX_FIXED:])
+                    self._state = _STREAM_HEADER
+                    events.append(HeaderReceived(dict(self.header)))
+                elif self._state == _STREAM_HEADER:
+                    if avail < _stream.HEADER_BYTES or (self._decrypt and self._key is None):
+                        return
+                    if self._decrypt:
+                        assert self._key is not None
+                        try:
+                            self._pull = _stream.SecretStreamPull(
+                                bytes(buf[pos : pos + _stream.HEADER_BYTES]), self._key
+                            )
+                        finally:
+                            _sodium.memzero(self._key)
+                            self._key = None
+                    pos += _stream.HEADER_BYTES
+                    self._state = _FRAMES
+                elif self._state == _FRAMES:
+                    if avail < 4:
+                        return
+                    (clen,) = _U32.unpack_from(buf, pos)
+                    self._check_frame_len(clen)
+                    if avail < 4 + clen:
+                        return
+                    final = self._frame(buf, pos + 4, clen, events)
+                    pos += 4 + clen
+                    self._index += 1
+                    if final:
+                        self._state = _DONE
+                        if self._pull is not None:
+                            self._pull.close()
+                            self._pull = None
+                elif self._state == _DONE:
+                    if avail:
+                        raise ShareFileError(
+                            f"{avail} bytes follow the FINAL chunk", reason="trailing_data"
+                        )
+                    return
+                else:  # pragma: no cover
+                    raise InternalError(f"SealedDecoder in unexpected state {self._state}")
+        finally:
+            if pos:
+                del buf[:pos]
+
+    def _parse_header(self, raw: bytes) -> dict[str, Any]:
+        try:
+            obj = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise _header_error("not valid UTF-8 JSON") from None
+        header = check_sealed_header(obj)
+        if canonical_json(header) != raw:
+            raise _header_error("not in canonical form (sorted keys, compact separators)")
+        return header
+
+    def _check_frame_len(self, clen: int) -> None:
+        assert self.header is not None
+        limit = self.header["chunk_size"] + _stream.ABYTES
+        if clen > limit:
+            raise ShareFileError(
+                f"chunk {self._index} is {clen} bytes; chunk_size allows at most {limit}",
+                reason="chunk_too_large",
+            )
+        if clen < _stream.ABYTES:
+            raise ShareFileError(
+                f"chunk {self._index} is shorter than its authentication tag", reason="tampered"
+            )
+
+    def _frame(self, buf: bytearray, start: int, clen: int, events: list[Event]) -> bool:
+        assert self.header is not None
+        expected: int = self.header["chunks"]
+        index = self._index
+        if index >= expected:  # only reachable when not decrypting (no FINAL tag to see)
+            raise ShareFileError(
+                f"more than the {expected} chunks the header declares", reason="trailing_data"
+            )
+        if not self._decrypt:
+            return index == expected - 1
+        assert self._pull is not None
+        out = bytearray(clen - _stream.ABYTES)
+        with memoryview(buf) as mv, mv[start : start + clen] as ct:
+            tag = self._pull.pull_into(out, ct, ad=self._prefix)
+        if tag is None:
+            if index == 0:
+                msg = "chunk 0 failed authentication: wrong data key or tampered header"
+            else:
+                msg = f"chunk {index} failed authentication (tampered, reordered or replaced)"
+            raise ShareFileError(msg, reason="tampered")
+        if tag == _stream.TAG_FINAL:
+            if index != expected - 1:
+                _sodium.memzero(out)
+                raise ShareFileError(
+                    f"chunk {index} is FINAL, but the header declares {expected} chunks",
+                    reason="count_mismatch",
+                )
+        elif tag == _stream.TAG_MESSAGE:
+            if index == expected - 1:
+                _sodium.memzero(out)
+                raise ShareFileError(
+                    f"chunk {index} should be FINAL (the header declares {expected} chunks)",
+                    reason="count_mismatch",
+                )
+        else:
+            _sodium.memzero(out)
+            raise ShareFileError(f"chunk {index} has an unexpected tag", reason="tampered")
+        events.append(ChunkDecrypted(index, out))
+        return tag == _stream.TAG_FINAL
+
+    def _eof(self, events: list[Event]) -> None:
+        buffered = len(self._buf)
+        if self._state == _DONE:
+            assert self.header is not None
+            events.append(
+                EndOfBundle(self.header["accounts"], self.header["chunks"], self._sha.hexdigest())
+            )
+            self.close()
+            return
+        if self._state == _MAGIC:
+            msg = f"file ends after {buffered} bytes, inside the fixed prefix"
+        elif self._state == _HEADER:
+            msg = "file ends inside the header"
+        elif self._state == _STREAM_HEADER:
+            if self._decrypt and self._key is None and buffered >= _stream.HEADER_BYTES:
+                raise InternalError("receive_eof() before set_data_key()")
+            msg = "file ends inside the stream header"
+        else:
+            assert self.header is not None
+            where = f"inside chunk {self._index}" if buffered else "before the FINAL chunk"
+            msg = f"file ends {where}, after {self._index} of {self.header['chunks']} chunks"
+        raise ShareFileError(msg, reason="truncated")
+
+
+# ---------------------------------------------------------------------------------------------
+# Records inside chunks
+
+
+def iter_chunk_records(plaintext: bytearray, *, first_record: int) -> Iterator[ShareRecord]:
+    """Decode the ``binary-v1`` records of one chunk (structure only, no validation).
+
+    Each yielded record's ``signing_share`` is a fresh ``bytearray`` the caller zeroes.
+    ``first_record`` is the 1-based number of the chunk's first record, for errors.
+    """
+    mv = memoryview(plaintext)
+    pos, end, number = 0, len(plaintext), first_record
+    try:
+        while pos < end:
+            alen = plaintext[pos]
+            stop = pos + 1 + alen + BINARY_FIXED_BYTES
+            if alen == 0 or stop > end:
+                raise record_error(
+                    "record does not fit in its chunk" if alen else "account_id is empty",
+                    reason="bad_record" if alen else "bad_account_id",
+                    record=number,
+                )
+            p = pos + 1 + alen
+            try:
+                account_id = bytes(mv[pos + 1 : p]).decode("utf-8")
+            except UnicodeDecodeError:
+                raise record_error(
+                    "account_id is not valid UTF-8", reason="bad_account_id", record=number
+                ) from None
+            mn, mx = struct.unpack_from(">HH", plaintext, p + 128)
+            yield ShareRecord(
+                account_id=account_id,
+                identifier=bytes(mv[p : p + 32]),
+                signing_share=bytearray(mv[p + 32 : p + 64]),
+                verifying_share=bytes(mv[p + 64 : p + 96]),
+                group_public_key=bytes(mv[p + 96 : p + 128]),
+                min_signers=mn,
+                max_signers=mx,
+            )
+            pos = stop
+            number += 1
+    finally:
+        mv.release()
+
+
+def check_record_count(header: Mapping[str, Any], records: int) -> None:
+    """``count_mismatch`` unless ``records`` equals the header's ``accounts``."""
+    if records != header["accounts"]:
+        raise ShareFileError(
+            f"bundle holds {records} records, but the header declares {header['accounts']}",
+            reason="count_mismatch",
+        )
+
+
+def read_sealed(
+    fileobj: IO[bytes], provider: DataKeyProvider, *, verify_points: bool = True
+) -> Iterator[ShareRecord]:
+    """Stream, decrypt and validate every record of a sealed bundle.
+
+    Yields fresh :class:`ShareRecord` objects the caller zeroes. The records are fully
+    validated (as in the plaintext reader, with ``record N`` positions; duplicates included)
+    unless ``verify_points`` is False, which skips the two point checks and ``s·G``.
+    ``ShareStore.load_sealed`` is the fast path for loading a service.
+    """
+    decoder = SealedDecoder()
+    seen: dict[str, int] = {}
+    number = 1
+    try:
+        for ev in _feed_with_key(fileobj, decoder, provider):
+            if isinstance(ev, ChunkDecrypted):
+                try:
+                    for rec in iter_chunk_records(ev.plaintext, first_record=number):
+                        try:
+                            _check_binary_record(rec, number, seen, verify_points)
+                        except BaseException:
+                            rec.zero()
+                            raise
+                        number += 1
+                        yield rec
+                finally:
+                    _sodium.memzero(ev.plaintext)
+            elif isinstance(ev, EndOfBundle):
+                assert decoder.header is not None
+                check_record_count(decoder.header, number - 1)
+    finally:
+        decoder.close()
+
+
+def _check_binary_record(
+    rec: ShareRecord, number: int, seen: dict[str, int], verify_points: bool
+) -> None:
+    check_account_id(rec.account_id, record=number)
+    check_scalars(rec.identifier, rec.signing_share, record=number)
+    check_threshold(rec.min_signers, rec.max_signers, record=number)
+    if verify_points:
+        check_points(rec.signing_share, rec.verifying_share, rec.group_public_key, record=number)
+    first = seen.setdefault(rec.account_id, number)
+    if first != number:
+        raise record_error(
+            f"duplicate account_id (first seen at record {first})",
+            reason="duplicate_account",
+            record=number,
+        )
+
+
+def _feed_with_key(
+    fileobj: IO[bytes], decoder: SealedDecoder, provider: DataKeyProvider
+) -> Iterator[Event]:
+    """Like :func:`_feed`, answering ``HeaderReceived`` with the provider's data key."""
+    while True:
+        data = fileobj.read(READ_SIZE)
+        events = decoder.receive_data(data) if data else decoder.receive_eof()
+        for i, ev in enumerate(events):
+            yield ev
+            if isinstance(ev, HeaderReceived):
+                key = unwrap_data_key(ev.header, provider)
+                try:
+                    decoder.set_data_key(key)
+                finally:
+                    _sodium.memzero(key)
+                # Events after HeaderReceived cannot exist yet (we waited for the key).
+                assert i == len(events) - 1
+                yield from decoder.receive_data(b"")
+        if not data:
+            return
+
+
+# ---------------------------------------------------------------------------------------------
+# File helpers
+
+
+@dataclass(frozen=True, slots=True)
+class SealResult:
+    """What :func:`seal_file` / :func:`reseal` wrote."""
+
+    path: str
+    accounts: int
+    chunks: int
+    sha256_hex: str
+
+
+def read_sealed_header(fileobj: IO[bytes]) -> tuple[dict[str, Any], str]:
+    """Walk a sealed bundle's framing without a key (for ``shares inspect``).
+
+    Returns:
+        ``(header, sha256_hex)``; the header's frame count and sizes were checked, nothing was
+        decrypted or authenticated.
+    """
+    decoder = SealedDecoder(decrypt=False)
+    header: dict[str, Any] | None = None
+    while True:
+        data = fileobj.read(READ_SIZE)
+        events = decoder.receive_data(data) if data else decoder.receive_eof()
+        for ev in events:
+            if isinstance(ev, HeaderReceived):
+                header = ev.header
+            elif isinstance(ev, EndOfBundle):
+                assert header is not None
+                return header, ev.sha256_hex
+
+
+def _check_output(dst: str, overwrite: bool) -> None:
+    if not overwrite and os.path.exists(dst):
+        raise ShareFileError(
+            f"{dst} exists; pass overwrite=True (--force) to replace it", reason="output_exists"
+        )
+
+
+@contextlib.contextmanager
+def _atomic_output(dst: str, overwrite: bool) -> Iterator[IO[bytes]]:
+    """Write ``dst + ".tmp"`` (mode 0600), fsync, then rename over ``dst``."""
+    _check_output(dst, overwrite)
+    tmp = dst + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        _check_output(dst, overwrite)
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class _HashingWriter:
+    def __init__(self, out: IO[bytes]) -> None:
+        self.out = out
+        self.sha = hashlib.sha256()
+
+    def write(self, data: bytes) -> None:
+        if data:
+            self.sha.update(data)
+            self.out.write(data)
+
+
+def seal_file(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    provider: DataKeyProvider,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    encryption_context: Mapping[str, str] | None = None,
+    overwrite: bool = False,
+) -> SealResult:
+    """Seal a plaintext key-share file.
+
+    Two streaming passes: pass 1 validates every record (fully) and counts records and chunks,
+    so nothing is written for a bad file; pass 2 validates again while encrypting (the file
+    could change in between; a changed count is ``count_mismatch``). Never holds more than one
+    chunk of plaintext. Writes ``dst.tmp`` then renames.
+
+    Error handling:
+        ``ShareFileError`` for any defect in the input (with its line), ``output_exists`` if
+        ``dst`` exists and not ``overwrite``; ``KeyWrapError`` from the provider.
+    """
+    src_s, dst_s = os.fspath(src), os.fspath(dst)
+    _check_output(dst_s, overwrite)
+    if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+        raise ValueError(f"chunk_size must be in {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}")
+    planner = ChunkPlanner(chunk_size)
+    with open(src_s, "rb") as f:
+        for rec in read_plaintext(f):
+            planner.add(rec.binary_size())
+            rec.zero()
+    ctx = encryption_context_for(encryption_context)
+    data_key, blob = provider.generate_data_key(ctx)
+    try:
+        header = build_header(
+            provider=provider,
+            encrypted_data_key=blob,
+            encryption_context=ctx,
+            chunk_size=chunk_size,
+            accounts=planner.records,
+            chunks=planner.chunks,
+        )
+        encoder = SealedEncoder(header, data_key)
+    finally:
+        _sodium.memzero(data_key)
+    try:
+        with _atomic_output(dst_s, overwrite) as out, open(src_s, "rb") as f:
+            w = _HashingWriter(out)
+            w.write(encoder.start())
+            for rec in read_plaintext(f):
+                try:
+                    w.write(encoder.add_record(rec))
+                finally:
+                    rec.zero()
+            w.write(encoder.finish())
+    finally:
+        encoder.close()
+    return SealResult(dst_s, planner.records, planner.chunks, w.sha.hexdigest())
+
+
+def encode_bundle(
+    records: Iterable[ShareRecord],
+    provider: DataKeyProvider,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    encryption_context: Mapping[str, str] | None = None,
+) -> bytes:
+    """Seal ``records`` into bytes in memory, WITHOUT validating them (tests and tools).
+
+    Holds everything in memory; use :func:`seal_file` for real files.
+    """
+    recs = list(records)
+    planner = ChunkPlanner(chunk_size)
+    for rec in recs:
+        planner.add(rec.binary_size())
+    ctx = encryption_context_for(encryption_context)
+    data_key, blob = provider.generate_data_key(ctx)
+    try:
+        header = build_header(
+            provider=provider,
+            encrypted_data_key=blob,
+            encryption_context=ctx,
+            chunk_size=chunk_size,
+            accounts=planner.records,
+            chunks=planner.chunks,
+        )
+        encoder = SealedEncoder(header, data_key)
+    finally:
+        _sodium.memzero(data_key)
+    parts = [encoder.start()]
+    parts.extend(encoder.add_record(rec) for rec in recs)
+    parts.append(encoder.finish())
+    return b"".join(parts)
+
+
+def reseal(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    old_provider: DataKeyProvider,
+    new_provider: DataKeyProvider,
+    *,
+    overwrite: bool = False,
+) -> SealResult:
+    """Re-encrypt a sealed bundle under a new data key wrapped by ``new_provider``.
+
+    Chunks are decrypted and re-encrypted one at a time with the same boundaries (so the
+    counts carry over); records are checked structurally (layout and count) but not
+    re-validated, since the source is authenticated and was validated when sealed.
+    """
+    src_s, dst_s = os.fspath(src), os.fspath(dst)
+    _check_output(dst_s, overwrite)
+    decoder = SealedDecoder()
+    encoder: SealedEncoder | None = None
+    records = 0
+    try:
+        with open(src_s, "rb") as f, _atomic_output(dst_s, overwrite) as out:
+            w = _HashingWriter(out)
+            for ev in _feed_with_key(f, decoder, old_provider):
+                if isinstance(ev, HeaderReceived):
+                    ctx = dict(ev.header["encryption_context"])
+                    data_key, blob = new_provider.generate_data_key(ctx)
+                    try:
+                        header = dict(ev.header)
+                        header.update(
+                            key_provider=new_provider.provider,
+                            kms_key_id=new_provider.key_id,
+                            encrypted_data_key=base64.b64encode(blob).decode("ascii"),
+                        )
+                        encoder = SealedEncoder(header, data_key)
+                    finally:
+                        _sodium.memzero(data_key)
+                    w.write(encoder.start())
+                elif isinstance(ev, ChunkDecrypted):
+                    assert encoder is not None
+                    try:
+                        for rec in iter_chunk_records(ev.plaintext, first_record=records + 1):
+                            rec.zero()
+                            records += 1
+                        final = ev.index == encoder.header["chunks"] - 1
+                        w.write(encoder._reencrypt_chunk(ev.plaintext, final=final))
+                    finally:
+                        _sodium.memzero(ev.plaintext)
+                elif isinstance(ev, EndOfBundle):
+                    assert decoder.header is not None
+                    check_record_count(decoder.header, records)
+    finally:
+        decoder.close()
+        if encoder is not None:
+            encoder.close()
+    assert encoder is not None
+    return SealResult(dst_s, records, encoder.header["chunks"], w.sha.hexdigest())

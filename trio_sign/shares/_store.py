@@ -1,0 +1,418 @@
+"""``ShareStore``: the compact in-memory index of every account's key share (Scheme A).
+
+Layout (per account, about 300 bytes including the index):
+
+* ``_index``: ``dict[str, int]`` account_id → slot;
+* ``_arena``: one preallocated ``bytearray(32 * n)`` of signing shares (SECRET). It is sized
+  once from the sealed header's ``accounts`` and never resized, because a reallocation could
+  leave copies of secrets in freed memory. The plaintext (dev) path has no count up front: it
+  grows by allocating a bigger arena, copying, and zeroing the old one;
+* ``_public``: ``bytearray(96 * n)``, identifier ‖ verifying_share ‖ group_public_key per slot;
+* ``_thresholds``: ``array('H')``, min_signers and max_signers per slot;
+* ``_flags``: one byte per slot (bit 0 = verified; bit 1 reserved for "frozen").
+
+What CPython cannot guarantee: account ids are ``str`` (not secret); the signing shares only
+ever live in the arena, in decrypted chunk buffers (zeroed right after parsing) and in the
+libsodium stream state (zeroed). Views handed out by :meth:`ShareStore.get` point into the
+arena, so :meth:`ShareStore.close` wipes what they show too.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+import time
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO, Any, Final, Literal
+
+from .._errors import InternalError, ShareFileError
+from ..crypto import _sodium
+from ._keywrap import DataKeyProvider
+from ._plaintext import read_plaintext
+from ._records import (
+    ShareRecord,
+    check_account_id,
+    check_points,
+    check_scalars,
+    check_threshold,
+    record_error,
+)
+from ._sealed import (
+    READ_SIZE,
+    ChunkDecrypted,
+    EndOfBundle,
+    HeaderReceived,
+    SealedDecoder,
+    check_record_count,
+    unwrap_data_key,
+)
+
+Progress = Callable[[int, int], None]
+
+VERIFIED: Final = 1
+FROZEN: Final = 2  # reserved
+
+_PUB = 96
+_ZERO32 = bytes(32)
+_U16X2 = struct.Struct(">HH")
+_L = _sodium.L
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class AccountShare:
+    """A read-only view of one account's key share.
+
+    ``signing_share`` is a read-only ``memoryview`` into the store's arena: do not keep it past
+    :meth:`ShareStore.close` (it will read as zeros) and do not copy it into ``bytes``.
+    """
+
+    account_id: str
+    identifier: bytes
+    signing_share: memoryview = field(repr=False)
+    verifying_share: bytes
+    group_public_key: bytes
+    min_signers: int
+    max_signers: int
+
+    def __repr__(self) -> str:
+        return (
+            f"AccountShare(account_id={self.account_id!r}, identifier={self.identifier.hex()}, "
+            f"signing_share=<secret>, verifying_share={self.verifying_share.hex()}, "
+            f"group_public_key={self.group_public_key.hex()}, "
+            f"min_signers={self.min_signers}, max_signers={self.max_signers})"
+        )
+
+
+class ShareStore:
+    """Every account's key share, compactly, with lazy or full point verification.
+
+    Build one with :meth:`load_sealed` (production) or :meth:`load_plaintext` (development).
+
+    Verification trade-off: a sealed bundle is authenticated and was fully validated when it
+    was sealed, and the point checks (both points in the prime-order subgroup, and
+    ``signing_share·G == verifying_share``) cost about 45 µs per account, i.e. 45 s for a
+    million accounts, over the load budget. So a sealed load always does every structural
+    check (lengths, account id, canonical non-zero scalars, thresholds, duplicates, counts) and
+    does the point checks either for every record (``verify="full"``) or lazily
+    (``verify="lazy"``, the default): :meth:`get` checks an unverified slot once before
+    returning it and remembers success. A bad record is then found at first use instead of at
+    boot. Plaintext loads always verify fully.
+
+    Attributes:
+        fingerprint: SHA-256 (hex) of the sealed file's bytes, or None for plaintext loads.
+        load_seconds: wall time the load took.
+    """
+
+    def __init__(self, capacity: int = 0) -> None:
+        self._index: dict[str, int] = {}
+        self._arena = bytearray(32 * capacity)
+        self._public = bytearray(_PUB * capacity)
+        self._thresholds = array("H", bytes(4 * capacity))
+        self._flags = bytearray(capacity)
+        self._capacity = capacity
+        self._count = 0
+        self._closed = False
+        self.fingerprint: str | None = None
+        self.load_seconds = 0.0
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{self._count} accounts"
+        return f"<ShareStore {state} fingerprint={self.fingerprint}>"
+
+    # -- loading ---------------------------------------------------------------------------
+
+    @classmethod
+    def load_sealed(
+        cls,
+        fileobj: IO[bytes],
+        provider: DataKeyProvider,
+        *,
+        progress: Progress | None = None,
+        verify: Literal["lazy", "full"] = "lazy",
+    ) -> ShareStore:
+        """Stream a sealed bundle into a new store (1 MiB reads, one chunk in clear at a time).
+
+        Args:
+            fileobj: the sealed bundle, opened for binary reading.
+            provider: unwraps the bundle's data key.
+            progress: called as ``progress(accounts_done, accounts_total)`` after every chunk.
+            verify: ``"lazy"`` (default) or ``"full"``; see the class docstring.
+
+        Error handling:
+            ``ShareFileError`` (format, integrity and record codes, records numbered from 1)
+            or ``KeyWrapError``. On any error the partial arena is zeroed.
+        """
+        if verify not in ("lazy", "full"):
+            raise ValueError("verify must be 'lazy' or 'full'")
+        full = verify == "full"
+        t0 = time.perf_counter()
+        decoder = SealedDecoder()
+        store: ShareStore | None = None
+        header: dict[str, Any] | None = None
+        events: list[Any] = []
+        i = 0
+        try:
+            while True:
+                data = fileobj.read(READ_SIZE)
+                events = decoder.receive_data(data) if data else decoder.receive_eof()
+                i = 0
+                while i < len(events):
+                    ev = events[i]
+                    i += 1
+                    if isinstance(ev, ChunkDecrypted):
+                        try:
+                            if store is None:
+                                # Chunk 0 authenticated the header: only now trust its count.
+                                assert header is not None
+                                store = cls(header["accounts"])
+                            store._ingest(ev.plaintext, full=full)
+                        finally:
+                            _sodium.memzero(ev.plaintext)
+                        if progress is not None:
+                            assert header is not None
+                            progress(store._count, header["accounts"])
+                    elif isinstance(ev, HeaderReceived):
+                        header = ev.header
+                        key = unwrap_data_key(header, provider)
+                        try:
+                            decoder.set_data_key(key)
+                        finally:
+                            _sodium.memzero(key)
+                        events.extend(decoder.receive_data(b""))
+                    elif isinstance(ev, EndOfBundle):
+                        if store is None or header is None:  # pragma: no cover
+                            raise InternalError("EndOfBundle before any chunk")
+                        check_record_count(header, store._count)
+                        store.fingerprint = ev.sha256_hex
+                if not data:
+                    break
+        except BaseException:
+            for ev in events[i:]:
+                if isinstance(ev, ChunkDecrypted):
+                    _sodium.memzero(ev.plaintext)
+            if store is not None:
+                store.close()
+            raise
+        finally:
+            decoder.close()
+        if store is None:  # pragma: no cover - receive_eof raises first
+            raise InternalError("sealed load ended without a bundle")
+        store.load_seconds = time.perf_counter() - t0
+        return store
+
+    @classmethod
+    def load_plaintext(cls, fileobj: IO[bytes], *, progress: Progress | None = None) -> ShareStore:
+        """Load a plaintext JSON Lines file (development path; always fully verified).
+
+        ``progress(done, 0)`` is called every 1000 records (the total is unknown).
+        """
+        t0 = time.perf_counter()
+        store = cls(0)
+        try:
+            for rec in read_plaintext(fileobj):
+                try:
+                    store._add_record(rec)
+                finally:
+                    rec.zero()
+                if progress is not None and store._count % 1000 == 0:
+                    progress(store._count, 0)
+        except BaseException:
+            store.close()
+            raise
+        if progress is not None:
+            progress(store._count, store._count)
+        store.load_seconds = time.perf_counter() - t0
+        return store
+
+    def _grow(self, need: int) -> None:
+        cap = max(need, 2 * self._capacity, 1024)
+        arena = bytearray(32 * cap)
+        arena[: len(self._arena)] = self._arena
+        _sodium.memzero(self._arena)
+        self._arena = arena
+        extra = cap - self._capacity
+        self._public += bytes(_PUB * extra)
+        self._thresholds.frombytes(bytes(4 * extra))
+        self._flags += bytes(extra)
+        self._capacity = cap
+
+    def _add_record(self, rec: ShareRecord) -> None:
+        """Add a fully validated record (plaintext path); duplicates were refused upstream."""
+        slot = self._count
+        if slot == self._capacity:
+            self._grow(slot + 1)
+        if rec.account_id in self._index:  # pragma: no cover - the reader refuses duplicates
+            raise InternalError("duplicate account reached ShareStore._add_record")
+        self._arena[32 * slot : 32 * slot + 32] = rec.signing_share
+        o = _PUB * slot
+        self._public[o : o + 32] = rec.identifier
+        self._public[o + 32 : o + 64] = rec.verifying_share
+        self._public[o + 64 : o + 96] = rec.group_public_key
+        self._thresholds[2 * slot] = rec.min_signers
+        self._thresholds[2 * slot + 1] = rec.max_signers
+        self._flags[slot] = VERIFIED
+        self._index[rec.account_id] = slot
+        self._count = slot + 1
+
+    def _ingest(self, pt: bytearray, *, full: bool) -> None:
+        """Parse one decrypted chunk of ``binary-v1`` records into the next slots.
+
+        The hot loop of a sealed load: memoryview slices straight into the arena, no per-record
+        objects other than the account id ``str`` and its slot ``int`` (which the index keeps).
+        """
+        index = self._index
+        thresholds = self._thresholds
+        flags = self._flags
+        capacity = self._capacity
+        slot = self._count
+        pos, end = 0, len(pt)
+        with (
+            memoryview(pt) as mv,
+            memoryview(self._arena) as arena,
+            memoryview(self._public) as public,
+        ):
+            while pos < end:
+                number = slot + 1
+                alen = pt[pos]
+                p = pos + 1 + alen
+                stop = p + 132
+                if alen == 0 or stop > end:
+                    if alen == 0:
+                        raise record_error(
+                            "account_id is empty", reason="bad_account_id", record=number
+                        )
+                    raise record_error(
+                        "record does not fit in its chunk", reason="bad_record", record=number
+                    )
+                if slot == capacity:
+                    raise record_error(
+                        f"more records than the {capacity} the header declares",
+                        reason="count_mismatch",
+                        record=number,
+                    )
+                try:
+                    account_id = str(mv[pos + 1 : p], "utf-8")
+                except UnicodeDecodeError:
+                    raise record_error(
+                        "account_id is not valid UTF-8", reason="bad_account_id", record=number
+                    ) from None
+                if not account_id.isprintable():
+                    check_account_id(account_id, record=number)
+                share = mv[p + 32 : p + 64]
+                ident = int.from_bytes(mv[p : p + 32], "little")
+                # Fast path: a top byte below 0x10 means share < 2**252 < L. Only the (never
+                # seen in practice) 0x10 and above go through the slower constant-time check.
+                if (
+                    ident == 0
+                    or ident >= _L
+                    or pt[p + 63] >= 0x10
+                    or _sodium.ct_equal(share, _ZERO32)
+                ):
+                    check_scalars(mv[p : p + 32], share, record=number)
+                mn, mx = _U16X2.unpack_from(pt, p + 128)
+                if not 2 <= mn <= mx:
+                    check_threshold(mn, mx, record=number)
+                if full:
+                    check_points(share, mv[p + 64 : p + 96], mv[p + 96 : p + 128], record=number)
+                    flags[slot] = VERIFIED
+                first = index.setdefault(account_id, slot)
+                if first != slot:
+                    raise record_error(
+                        f"duplicate account_id (first seen at record {first + 1})",
+                        reason="duplicate_account",
+                        record=number,
+                    )
+                a = slot << 5
+                arena[a : a + 32] = share
+                o = slot * _PUB
+                public[o : o + 32] = mv[p : p + 32]
+                public[o + 32 : o + 96] = mv[p + 64 : p + 128]
+                thresholds[2 * slot] = mn
+                thresholds[2 * slot + 1] = mx
+                slot += 1
+                pos = stop
+            self._count = slot
+
+    # -- access ----------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ShareFileError("the share store is closed", reason="closed")
+
+    def __len__(self) -> int:
+        self._check_open()
+        return self._count
+
+    @property
+    def accounts(self) -> int:
+        """Number of accounts held."""
+        return len(self)
+
+    def __contains__(self, account_id: object) -> bool:
+        self._check_open()
+        return account_id in self._index
+
+    def __getitem__(self, account_id: str) -> AccountShare:
+        share = self.get(account_id)
+        if share is None:
+            raise KeyError(account_id)
+        return share
+
+    def get(self, account_id: str) -> AccountShare | None:
+        """The account's share view, or None if the account is unknown.
+
+        Error handling:
+            On first access to a slot loaded with ``verify="lazy"``, runs the point checks and
+            raises ``ShareFileError`` (``invalid_point`` or ``share_mismatch``, with the record
+            number) if they fail; ``reason="closed"`` after :meth:`close`.
+        """
+        self._check_open()
+        slot = self._index.get(account_id)
+        if slot is None:
+            return None
+        a = slot << 5
+        o = slot * _PUB
+        arena = memoryview(self._arena)[a : a + 32].toreadonly()
+        pub = self._public
+        vs = bytes(pub[o + 32 : o + 64])
+        gk = bytes(pub[o + 64 : o + 96])
+        if not self._flags[slot] & VERIFIED:
+            check_points(arena, vs, gk, record=slot + 1)
+            self._flags[slot] |= VERIFIED
+        return AccountShare(
+            account_id=account_id,
+            identifier=bytes(pub[o : o + 32]),
+            signing_share=arena,
+            verifying_share=vs,
+            group_public_key=gk,
+            min_signers=self._thresholds[2 * slot],
+            max_signers=self._thresholds[2 * slot + 1],
+        )
+
+    def is_verified(self, account_id: str) -> bool:
+        """True if the account's points have been checked (always, after a full load)."""
+        self._check_open()
+        return bool(self._flags[self._index[account_id]] & VERIFIED)
+
+    def nbytes(self) -> int:
+        """Estimated bytes held by the store (buffers, index, keys and slot ints)."""
+        self._check_open()
+        n = (
+            sys.getsizeof(self._arena)
+            + sys.getsizeof(self._public)
+            + sys.getsizeof(self._thresholds)
+            + sys.getsizeof(self._flags)
+            + sys.getsizeof(self._index)
+        )
+        n += sum(sys.getsizeof(k) for k in self._index)
+        # Slot ints below 257 are shared singletons; the rest are one object per account.
+        n += sys.getsizeof(1 << 20) * max(0, self._count - 257)
+        return n
+
+    def close(self) -> None:
+        """Zero the signing-share arena and drop the index. Idempotent."""
+        _sodium.memzero(self._arena)
+        self._index.clear()
+        self._closed = True
