@@ -1,0 +1,58 @@
+"""The one writer of a gRPC connection: moves ``data_to_send()`` to the stream when kicked."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import trio
+
+
+class _Core(Protocol):
+    def data_to_send(self) -> bytes: ...
+
+
+class Writer:
+    """Single writer task for one connection (STYLE rule 9).
+
+    Protocol code never awaits: it calls core commands, then `kick`. The writer sends everything
+    the core has queued in one ``send_all`` (so concurrent responses are batched into one
+    write) and waits for the next kick. Cancelling a writer mid-``send_all`` breaks the stream,
+    which is fine: only the connection's own nursery cancels it, and then the stream is closed.
+    """
+
+    __slots__ = ("_closing", "_core", "_event", "_stream")
+
+    def __init__(self, core: _Core, stream: trio.abc.SendStream) -> None:
+        self._core = core
+        self._stream = stream
+        self._event = trio.Event()
+        self._closing = False
+
+    def kick(self) -> None:
+        """Something was queued: wake the writer."""
+        self._event.set()
+
+    def close_after_flush(self) -> None:
+        """Make `run` return once everything queued so far is written."""
+        self._closing = True
+        self._event.set()
+
+    async def run(self) -> None:
+        """Write until `close_after_flush` (then return) or until the stream breaks.
+
+        Error handling: a broken or closed stream ends the loop quietly; the caller's reader
+        sees the same condition and tears the connection down.
+        """
+        core = self._core
+        try:
+            while True:
+                data = core.data_to_send()
+                if data:
+                    await self._stream.send_all(data)
+                    continue
+                if self._closing:
+                    return
+                await self._event.wait()
+                self._event = trio.Event()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
