@@ -55,7 +55,6 @@ VERIFIED: Final = 1
 FROZEN: Final = 2  # reserved
 
 _PUB = 96
-_ZERO32 = bytes(32)
 _U16X2 = struct.Struct(">HH")
 _L = _sodium.L
 
@@ -302,13 +301,15 @@ class ShareStore:
                     check_account_id(account_id, record=number)
                 share = mv[p + 32 : p + 64]
                 ident = int.from_bytes(mv[p : p + 32], "little")
-                # Fast path: a top byte below 0x10 means share < 2**252 < L. Only the (never
-                # seen in practice) 0x10 and above go through the slower constant-time check.
+                # Fast path for the secret share, with no Python int copy of it: a top byte
+                # below 0x10 means share < 2**252 < L, and count() scans all 32 bytes (no early
+                # exit) for the zero check. Anything else takes the libsodium path in
+                # check_scalars, which raises the precise error.
                 if (
                     ident == 0
                     or ident >= _L
                     or pt[p + 63] >= 0x10
-                    or _sodium.ct_equal(share, _ZERO32)
+                    or pt.count(0, p + 32, p + 64) == 32
                 ):
                     check_scalars(mv[p : p + 32], share, record=number)
                 mn, mx = _U16X2.unpack_from(pt, p + 128)
