@@ -11,6 +11,7 @@ import os
 import secrets
 import stat
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -268,6 +269,40 @@ def test_seal_refuses_to_overwrite(tmp_path: Path, key: DevKeyFile) -> None:
     assert dst.read_bytes() == b"keep me"
     seal_file(src, dst, key, overwrite=True)
     assert len(records_of(dst.read_bytes(), key)) == 2
+
+
+class _FileChangingKey:
+    """A provider that rewrites the plaintext between the two sealing passes."""
+
+    def __init__(self, inner: DevKeyFile, path: Path, new_content: bytes) -> None:
+        self.inner, self.path, self.new_content = inner, path, new_content
+        self.provider, self.key_id = inner.provider, inner.key_id
+
+    def generate_data_key(self, context: Mapping[str, str]) -> tuple[bytearray, bytes]:
+        self.path.write_bytes(self.new_content)
+        return self.inner.generate_data_key(context)
+
+    def decrypt_data_key(self, blob: bytes, context: Mapping[str, str]) -> bytearray:
+        return self.inner.decrypt_data_key(blob, context)
+
+
+@pytest.mark.parametrize("change", ["same_count", "bad_record"])
+def test_seal_detects_input_changed_between_passes(
+    tmp_path: Path, key: DevKeyFile, change: str
+) -> None:
+    src, dst = tmp_path / "s.json", tmp_path / "s.enc"
+    with open(src, "wb") as f:
+        write_plaintext(f, RECORDS[:3])
+    replacement = io.BytesIO()
+    bad = make_record("acct-002", verifying_share=point_of(random_scalar()))
+    write_plaintext(
+        replacement, [*RECORDS[:2], make_record("acct-002") if change == "same_count" else bad]
+    )
+    provider = _FileChangingKey(key, src, replacement.getvalue())
+    with pytest.raises(ShareFileError) as info:
+        seal_file(src, dst, provider)
+    assert info.value.reason == "input_changed"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json"]
 
 
 def test_seal_rejects_silly_chunk_size(tmp_path: Path, key: DevKeyFile) -> None:

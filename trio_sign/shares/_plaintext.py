@@ -12,9 +12,10 @@ bundles (:mod:`trio_sign.shares._sealed`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Iterator
-from typing import IO, Any, Final
+from typing import IO, Any, Final, Protocol
 
 from .._errors import ShareFileError
 from ._records import (
@@ -31,12 +32,17 @@ from ._records import (
 #: JSON ``\uXXXX`` sequences is still well under this.
 MAX_LINE_BYTES: Final = 4096
 
+
+class _LineSource(Protocol):
+    def readline(self, limit: int = -1, /) -> bytes: ...
+
+
 HEADER_LINE: Final = json.dumps(
     {"format": PLAINTEXT_FORMAT, "version": PLAINTEXT_VERSION, "ciphersuite": CIPHERSUITE}
 )
 
 
-def _lines(fileobj: IO[bytes], max_line: int) -> Iterator[tuple[int, bytes]]:
+def _lines(fileobj: _LineSource, max_line: int) -> Iterator[tuple[int, bytes]]:
     """Yield ``(line_number, line)`` without ever reading more than ``max_line + 1`` bytes."""
     lineno = 0
     while True:
@@ -78,6 +84,10 @@ def read_plaintext(
         first defect; see :mod:`trio_sign.shares._records` for the codes. Blank lines are
         skipped. A file with no header line (or no lines) is ``bad_header``.
     """
+    return _read(fileobj, max_line_bytes=max_line_bytes, points=True)
+
+
+def _read(fileobj: _LineSource, *, max_line_bytes: int, points: bool) -> Iterator[ShareRecord]:
     first_seen: dict[str, int] = {}
     header_seen = False
     for lineno, line in _lines(fileobj, max_line_bytes):
@@ -88,7 +98,7 @@ def read_plaintext(
             check_plaintext_header(obj, line=lineno)
             header_seen = True
             continue
-        rec = record_from_json(obj, line=lineno)
+        rec = record_from_json(obj, line=lineno, points=points)
         first = first_seen.get(rec.account_id)
         if first is not None:
             rec.zero()
@@ -119,3 +129,29 @@ def write_plaintext(fileobj: IO[bytes], records: Iterable[ShareRecord]) -> int:
 
 def _short(account_id: str) -> str:
     return repr(account_id if len(account_id) <= 64 else account_id[:61] + "...")
+
+
+class HashingReader:
+    """Wraps a binary file object; SHA-256 of every byte read through ``readline``."""
+
+    def __init__(self, fileobj: IO[bytes]) -> None:
+        self._f = fileobj
+        self.sha = hashlib.sha256()
+
+    def readline(self, limit: int = -1, /) -> bytes:
+        data = self._f.readline(limit)
+        self.sha.update(data)
+        return data
+
+
+def read_plaintext_hashed(
+    fileobj: IO[bytes], *, points: bool
+) -> tuple[Iterator[ShareRecord], HashingReader]:
+    """(records, reader) where ``reader.sha`` covers the file once the records are exhausted.
+
+    For :func:`~trio_sign.shares._sealed.seal_file`: pass 1 validates fully and hashes; pass 2
+    may skip the point checks because it proves (same hash, checked before the output is
+    renamed into place) that it read the very bytes pass 1 validated.
+    """
+    reader = HashingReader(fileobj)
+    return _read(reader, max_line_bytes=MAX_LINE_BYTES, points=points), reader

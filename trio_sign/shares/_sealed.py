@@ -18,7 +18,8 @@ carries ``TAG_FINAL``, the others ``TAG_MESSAGE``; zero accounts is a single emp
 ``ShareFileError.reason`` codes raised here: ``bad_magic``, ``bad_header``, ``truncated``,
 ``tampered`` (a reordered chunk is indistinguishable from a tampered one and is reported as
 ``tampered`` at its position), ``trailing_data``, ``count_mismatch``, ``chunk_too_large``,
-``bad_record`` (a chunk does not end on a record boundary), ``output_exists``, and every
+``bad_record`` (a chunk does not end on a record boundary), ``output_exists`` and
+``input_changed`` (:func:`seal_file`), and every
 record-level code of :mod:`trio_sign.shares._records` with the 1-based record number.
 """
 
@@ -38,7 +39,7 @@ from typing import IO, Any, Final
 from .._errors import InternalError, KeyWrapError, ShareFileError
 from ..crypto import _sodium, _stream
 from ._keywrap import DataKeyProvider, canonical_json
-from ._plaintext import read_plaintext
+from ._plaintext import read_plaintext_hashed
 from ._records import (
     BINARY_FIXED_BYTES,
     CIPHERSUITE,
@@ -816,10 +817,11 @@ def seal_file(
 ) -> SealResult:
     """Seal a plaintext key-share file.
 
-    Two streaming passes: pass 1 validates every record (fully) and counts records and chunks,
-    so nothing is written for a bad file; pass 2 validates again while encrypting (the file
-    could change in between; a changed count is ``count_mismatch``). Never holds more than one
-    chunk of plaintext. Writes ``dst.tmp`` then renames.
+    Two streaming passes: pass 1 validates every record fully and counts records and chunks,
+    so nothing is written for a bad file; pass 2 encrypts, repeating the cheap checks but not
+    the point checks, and proves it read the same bytes (SHA-256 of the input in both passes,
+    compared before the output is renamed into place; otherwise ``input_changed``). Never holds
+    more than one chunk of plaintext. Writes ``dst.tmp`` then renames.
 
     Error handling:
         ``ShareFileError`` for any defect in the input (with its line), ``output_exists`` if
@@ -831,7 +833,8 @@ def seal_file(
         raise ValueError(f"chunk_size must be in {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}")
     planner = ChunkPlanner(chunk_size)
     with open(src_s, "rb") as f:
-        for rec in read_plaintext(f):
+        records, pass1 = read_plaintext_hashed(f, points=True)
+        for rec in records:
             planner.add(rec.binary_size())
             rec.zero()
     ctx = encryption_context_for(encryption_context)
@@ -852,11 +855,17 @@ def seal_file(
         with _atomic_output(dst_s, overwrite) as out, open(src_s, "rb") as f:
             w = _HashingWriter(out)
             w.write(encoder.start())
-            for rec in read_plaintext(f):
+            records, pass2 = read_plaintext_hashed(f, points=False)
+            for rec in records:
                 try:
                     w.write(encoder.add_record(rec))
                 finally:
                     rec.zero()
+            if pass2.sha.digest() != pass1.sha.digest():
+                raise ShareFileError(
+                    f"{src_s} changed while it was being sealed; nothing was written",
+                    reason="input_changed",
+                )
             w.write(encoder.finish())
     finally:
         encoder.close()
