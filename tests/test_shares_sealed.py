@@ -218,8 +218,18 @@ def test_seal_file_round_trip(tmp_path: Path, key: DevKeyFile) -> None:
     src, dst = tmp_path / "shares.json", tmp_path / "shares.json.enc"
     with open(src, "wb") as f:
         write_plaintext(f, RECORDS)
-    res = seal_file(src, dst, key, chunk_size=1000, encryption_context={"env": "test"})
+    calls: list[tuple[int, int]] = []
+    res = seal_file(
+        src,
+        dst,
+        key,
+        chunk_size=1000,
+        encryption_context={"env": "test"},
+        progress=lambda d, t: calls.append((d, t)),
+    )
     assert (res.accounts, res.chunks) == (9, 2)
+    assert calls == [(9, 0), (9, 9)]
+    assert res.sha256 == res.sha256_hex
     data = dst.read_bytes()
     assert res.sha256_hex == hashlib.sha256(data).hexdigest()
     assert stat.S_IMODE(os.stat(dst).st_mode) == 0o600

@@ -32,7 +32,7 @@ import hashlib
 import json
 import os
 import struct
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any, Final
 
@@ -748,6 +748,11 @@ class SealResult:
     chunks: int
     sha256_hex: str
 
+    @property
+    def sha256(self) -> str:
+        """Alias of ``sha256_hex`` (the CLI's name for the fingerprint)."""
+        return self.sha256_hex
+
 
 def read_sealed_header(fileobj: IO[bytes]) -> tuple[dict[str, Any], str]:
     """Walk a sealed bundle's framing without a key (for ``shares inspect``).
@@ -814,6 +819,7 @@ def seal_file(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     encryption_context: Mapping[str, str] | None = None,
     overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> SealResult:
     """Seal a plaintext key-share file.
 
@@ -822,6 +828,9 @@ def seal_file(
     the point checks, and proves it read the same bytes (SHA-256 of the input in both passes,
     compared before the output is renamed into place; otherwise ``input_changed``). Never holds
     more than one chunk of plaintext. Writes ``dst.tmp`` then renames.
+
+    ``progress(done, total)`` is called every 1024 records and at the end of each pass: with
+    ``total == 0`` (unknown) during pass 1, then with the real total during pass 2.
 
     Error handling:
         ``ShareFileError`` for any defect in the input (with its line), ``output_exists`` if
@@ -837,6 +846,11 @@ def seal_file(
         for rec in records:
             planner.add(rec.binary_size())
             rec.zero()
+            if progress is not None and planner.records & 1023 == 0:
+                progress(planner.records, 0)
+    total = planner.records
+    if progress is not None:
+        progress(total, 0)
     ctx = encryption_context_for(encryption_context)
     data_key, blob = provider.generate_data_key(ctx)
     try:
@@ -856,11 +870,13 @@ def seal_file(
             w = _HashingWriter(out)
             w.write(encoder.start())
             records, pass2 = read_plaintext_hashed(f, points=False)
-            for rec in records:
+            for n, rec in enumerate(records, 1):
                 try:
                     w.write(encoder.add_record(rec))
                 finally:
                     rec.zero()
+                if progress is not None and n & 1023 == 0:
+                    progress(min(n, total), total)
             if pass2.sha.digest() != pass1.sha.digest():
                 raise ShareFileError(
                     f"{src_s} changed while it was being sealed; nothing was written",
@@ -869,6 +885,8 @@ def seal_file(
             w.write(encoder.finish())
     finally:
         encoder.close()
+    if progress is not None:
+        progress(total, total)
     return SealResult(dst_s, planner.records, planner.chunks, w.sha.hexdigest())
 
 
