@@ -224,6 +224,16 @@ class _GrpcConnection:
         return st
 
     def _flush(self, stream_id: int, st: _Stream) -> None:
+        try:
+            self._flush_unchecked(stream_id, st)
+        except h2.exceptions.StreamClosedError:
+            # h2 processes a whole batch of frames before we see its events, so the peer may
+            # have closed or reset this stream already; the event about that follows.
+            st.out.clear()
+            st.trailers = None
+            self._blocked.discard(stream_id)
+
+    def _flush_unchecked(self, stream_id: int, st: _Stream) -> None:
         h2c = self._h2
         out = st.out
         while out:
