@@ -107,6 +107,23 @@ def test_round_trip() -> None:
         assert isinstance(b.signing_share, bytearray)
 
 
+_ACCOUNT_IDS = st.text(
+    st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), min_size=1, max_size=60
+).filter(lambda s: len(s.encode("utf-8")) <= 255)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(_ACCOUNT_IDS, unique=True, max_size=6), st.integers(2, 65535))
+def test_round_trip_any_account_ids(account_ids: list[str], max_signers: int) -> None:
+    recs = [make_record(a, max_signers=max_signers) for a in account_ids]
+    buf = io.BytesIO()
+    write_plaintext(buf, recs)
+    buf.seek(0)
+    back = load_all(buf)
+    assert [r.account_id for r in back] == account_ids
+    assert all(a.same_as(b) for a, b in zip(recs, back, strict=True))
+
+
 def test_empty_account_list_and_blank_lines() -> None:
     assert load_all(jsonl(HEADER)) == []
     rec = make_record()

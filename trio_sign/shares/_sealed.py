@@ -19,8 +19,8 @@ carries ``TAG_FINAL``, the others ``TAG_MESSAGE``; zero accounts is a single emp
 ``tampered`` (a reordered chunk is indistinguishable from a tampered one and is reported as
 ``tampered`` at its position), ``trailing_data``, ``count_mismatch``, ``chunk_too_large``,
 ``bad_record`` (a chunk does not end on a record boundary), ``output_exists`` and
-``input_changed`` (:func:`seal_file`), and every
-record-level code of :mod:`trio_sign.shares._records` with the 1-based record number.
+``input_changed`` (:func:`seal_file`), and every record-level code of
+:mod:`trio_sign.shares._records` with the 1-based record number.
 """
 
 from __future__ import annotations
