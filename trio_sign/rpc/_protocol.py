@@ -134,19 +134,20 @@ class _GrpcConnection:
         self._h2.local_settings = h2.settings.Settings(
             client=client_side,
             initial_values={
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
                 h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: initial_window_size,
                 h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: DEFAULT_MAX_HEADER_LIST_SIZE,
                 h2.settings.SettingCodes.ENABLE_PUSH: 0,
             },
         )
         self._initial_window_size = initial_window_size
+        self._max_concurrent_streams = max_concurrent_streams
         self._max_receive = max_receive_message_size
         self._streams: dict[int, _Stream] = {}
         self._blocked: set[int] = set()
         self._raw_out = b""  # frames written around h2 (the drain GOAWAY)
         self._terminated = False
         self._initiated = False
+        self._peer_settings_received = False
 
     # -- public -----------------------------------------------------------------------------
 
@@ -157,6 +158,12 @@ class _GrpcConnection:
             return
         self._initiated = True
         self._h2.initiate_connection()
+        # Announced in a second SETTINGS frame on purpose: h2 applies it only once the peer
+        # acknowledges it. A value in the preface would apply at once, and h2 answers a peer
+        # that opened more streams before it saw the limit with a connection error.
+        self._h2.update_settings(
+            {h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self._max_concurrent_streams}
+        )
         if self._initial_window_size > _H2_DEFAULT_WINDOW:
             self._h2.increment_flow_control_window(self._initial_window_size - _H2_DEFAULT_WINDOW)
 
@@ -329,6 +336,7 @@ class _GrpcConnection:
                 if st is not None and ev.stream_id in self._blocked:
                     self._flush(ev.stream_id, st)
         elif isinstance(ev, h2.events.RemoteSettingsChanged):
+            self._peer_settings_received = True
             if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in ev.changed_settings:
                 self._flush_blocked()
         elif (
@@ -714,9 +722,11 @@ class GrpcClientConnection(_GrpcConnection):
 
     @property
     def can_open_stream(self) -> bool:
-        """True if a new call may start now (no GOAWAY, below the peer's stream limit)."""
+        """True if a new call may start now: the server's SETTINGS arrived (so its stream limit
+        is known), no GOAWAY, and fewer open streams than that limit."""
         return (
-            not self._terminated
+            self._peer_settings_received
+            and not self._terminated
             and self._goaway_last_stream_id is None
             and self._h2.open_outbound_streams < self._h2.remote_settings.max_concurrent_streams
         )
@@ -736,10 +746,15 @@ class GrpcClientConnection(_GrpcConnection):
         """Open a stream and send the request headers; return the stream id.
 
         Raises:
-            GrpcProtocolError: no new stream may be opened (see `can_open_stream`).
+            GrpcProtocolError: the connection is going away, or the server's stream limit is
+                reached.
         """
-        if not self.can_open_stream:
-            raise GrpcProtocolError("no new stream may be opened on this connection now")
+        # The server's SETTINGS need not have arrived (drivers wait for them via
+        # `can_open_stream`; the sans-io user may choose not to).
+        if self.going_away:
+            raise GrpcProtocolError("the connection is closed or going away: no new streams")
+        if self._h2.open_outbound_streams >= self._h2.remote_settings.max_concurrent_streams:
+            raise GrpcProtocolError("the server's MAX_CONCURRENT_STREAMS is reached")
         stream_id = self._h2.get_next_available_stream_id()
         headers: list[Header] = [
             (b":method", b"POST"),
