@@ -327,6 +327,7 @@ async def test_drain_grace_expiry_cancels_calls(autojump_clock: trio.abc.Clock) 
             await channel.unary_unary(PING, b"sleep:100")
         assert info.value.status == StatusCode.UNAVAILABLE
         assert trio.current_time() - start == pytest.approx(6.0)
+        await trio.testing.wait_all_tasks_blocked()
         assert rec.cancelled_since(start) == [(b"sleep:100", 6.0)]
         assert server.connection_count == 0
 
