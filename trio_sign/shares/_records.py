@@ -203,6 +203,12 @@ def check_threshold(
         )
 
 
+_INVALID_POINT = (
+    "is not a valid group element "
+    "(non-canonical, identity, small order or outside the prime-order subgroup)"
+)
+
+
 def check_points(
     signing_share: _sodium.Buffer,
     verifying_share: _sodium.Buffer,
@@ -213,36 +219,30 @@ def check_points(
 ) -> None:
     """Both points are valid prime-order-subgroup elements and ``signing_share·G`` matches.
 
-    This is the expensive part of validation (about 45 µs per record).
+    The expensive part of validation: about 45 µs per record (one subgroup check at ~31 µs,
+    one base multiplication at ~12 µs). ``signing_share`` must already have passed
+    :func:`check_scalars`.
     """
-    if not _sodium.is_valid_point(verifying_share):
-        raise _err(
-            "verifying_share is not a valid group element "
-            "(non-canonical, identity, small order or outside the prime-order subgroup)",
-            "invalid_point",
-            line,
-            record,
-        )
     if not _sodium.is_valid_point(group_public_key):
-        raise _err(
-            "group_public_key is not a valid group element "
-            "(non-canonical, identity, small order or outside the prime-order subgroup)",
-            "invalid_point",
-            line,
-            record,
-        )
+        raise _err(f"group_public_key {_INVALID_POINT}", "invalid_point", line, record)
     expected = bytearray(32)
     try:
         ok = _sodium.base_mult(expected, signing_share)
-        if not ok or not _sodium.ct_equal(expected, verifying_share):
-            raise _err(
-                "verifying_share does not match signing_share (signing_share·G differs)",
-                "share_mismatch",
-                line,
-                record,
-            )
+        if ok and _sodium.ct_equal(expected, verifying_share):
+            # verifying_share is byte-for-byte the canonical encoding of s·G with s in 1..L-1,
+            # so it is a valid, non-identity element of the prime-order subgroup: its own
+            # (expensive) subgroup check would be redundant.
+            return
     finally:
         _sodium.memzero(expected)
+    if not _sodium.is_valid_point(verifying_share):
+        raise _err(f"verifying_share {_INVALID_POINT}", "invalid_point", line, record)
+    raise _err(
+        "verifying_share does not match signing_share (signing_share·G differs)",
+        "share_mismatch",
+        line,
+        record,
+    )
 
 
 def check_record(rec: ShareRecord, *, line: int | None = None, record: int | None = None) -> None:
