@@ -1,0 +1,131 @@
+"""The trio-sign command line: generate, seal, inspect, demo, and its failure modes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trio_sign.cli import main
+from trio_sign.shares import DevKeyFile, ShareStore
+
+
+def test_generate_seal_inspect_load(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "shares"
+    assert main(["shares", "generate", "--accounts", "25", "--out", str(out)]) == 0
+    service = out / "service_key_shares.json"
+    assert service.exists()
+    assert (out / "participant-2_key_shares.json").exists()
+    assert (out / "participant-3_key_shares.json").exists()
+    assert oct(service.stat().st_mode & 0o777) == "0o600"
+    lines = service.read_text().splitlines()
+    assert json.loads(lines[0]) == {
+        "format": "trio-sign/key-shares",
+        "version": 1,
+        "ciphersuite": "FROST-ED25519-SHA512-v1",
+    }
+    assert len(lines) == 26
+
+    sealed = tmp_path / "service_key_shares.json.enc"
+    key = tmp_path / "dev-key.json"
+    args = ["shares", "seal", "--in", str(service), "--out", str(sealed), "--dev-key", str(key)]
+    assert main(args) == 0
+    seal_out = capsys.readouterr().out
+    sha = seal_out.split("sha256 ")[1].split()[0]
+
+    assert main(["shares", "inspect", str(sealed), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["accounts"] == 25
+    assert info["sha256"] == sha
+    assert "encrypted_data_key" not in info
+    text = json.dumps(info)
+    for line in lines[1:]:
+        assert json.loads(line)["signing_share"] not in text
+
+    provider = DevKeyFile.load(key)
+    with sealed.open("rb") as f:
+        store = ShareStore.load_sealed(f, provider)
+    assert len(store) == 25
+    assert store.fingerprint == sha
+    store.close()
+    provider.close()
+
+
+def test_generate_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["shares", "generate", "--accounts", "1", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert main(["shares", "generate", "--accounts", "1", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("trio-sign: error: ")
+    assert "already exists; pass --force" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_seal_reports_bad_record_with_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    main(["shares", "generate", "--accounts", "3", "--out", str(tmp_path)])
+    service = tmp_path / "service_key_shares.json"
+    lines = service.read_text().splitlines()
+    rec = json.loads(lines[2])
+    rec["verifying_share"] = json.loads(lines[3])["verifying_share"]
+    lines[2] = json.dumps(rec)
+    service.write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
+    sealed = tmp_path / "out.enc"
+    code = main(
+        [
+            "shares",
+            "seal",
+            "--in",
+            str(service),
+            "--out",
+            str(sealed),
+            "--dev-key",
+            str(tmp_path / "k.json"),
+        ]
+    )
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "line 3" in err
+    assert rec["signing_share"] not in err
+    assert not sealed.exists()
+
+
+def test_inspect_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["shares", "inspect", str(tmp_path / "nope.enc")]) == 1
+    assert "No such file" in capsys.readouterr().err
+
+
+def test_usage_error_exit_code() -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["shares", "generate"])
+    assert info.value.code == 2
+
+
+def test_demo_small(tmp_path: Path) -> None:
+    """The demo end to end as a user runs it: the console script in a child process."""
+    exe = Path(sys.executable).with_name("trio-sign")
+    proc = subprocess.run(
+        [
+            str(exe),
+            "demo",
+            "--accounts",
+            "50",
+            "--signatures",
+            "40",
+            "--workdir",
+            str(tmp_path / "demo"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONWARNINGS": "error"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "verified             40" in proc.stdout
+    assert "failures             0" in proc.stdout

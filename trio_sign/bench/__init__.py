@@ -1,0 +1,1 @@
+"""Benchmarks behind ``scripts/bench``. Not part of the public API."""

@@ -1,0 +1,152 @@
+"""``trio-sign shares ...``: generate test shares, seal them, inspect a sealed bundle."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from .._progress import Progress
+
+log = logging.getLogger("trio_sign.cli")
+
+
+def add_parser(sub: Any) -> None:
+    shares = sub.add_parser("shares", help="generate, seal and inspect key-share files")
+    cmds = shares.add_subparsers(dest="shares_command", required=True, metavar="SUBCOMMAND")
+
+    gen = cmds.add_parser(
+        "generate",
+        help="test key material: the service's share file plus the counterparts' files",
+        description="Split a fresh Ed25519 key per account with a trusted dealer (test and "
+        "demo material only; production shares come from a key ceremony).",
+    )
+    gen.add_argument("--accounts", type=int, required=True, metavar="N")
+    gen.add_argument("--out", type=Path, required=True, metavar="DIR")
+    gen.add_argument("--min-signers", type=int, default=2)
+    gen.add_argument("--max-signers", type=int, default=3)
+    gen.add_argument(
+        "--service-identifier",
+        type=int,
+        default=1,
+        help="which participant (1..max-signers) the service is (default 1)",
+    )
+    gen.add_argument("--account-prefix", default="acct-")
+    gen.add_argument("--force", action="store_true", help="overwrite existing files")
+    gen.set_defaults(func=cmd_generate)
+
+    seal = cmds.add_parser(
+        "seal",
+        help="encrypt a plaintext share file into a sealed bundle",
+        description="Validate every record, then encrypt the file in authenticated chunks "
+        "under a fresh data key wrapped by the key provider.",
+    )
+    seal.add_argument("--in", dest="input", type=Path, required=True, metavar="FILE")
+    seal.add_argument("--out", type=Path, required=True, metavar="FILE.enc")
+    seal.add_argument(
+        "--dev-key",
+        type=Path,
+        required=True,
+        metavar="KEYFILE",
+        help="development key file standing in for KMS (created if missing)",
+    )
+    seal.add_argument("--chunk-size", type=int, default=64 * 1024, metavar="BYTES")
+    seal.add_argument("--force", action="store_true", help="overwrite an existing output")
+    seal.set_defaults(func=cmd_seal)
+
+    inspect = cmds.add_parser(
+        "inspect", help="show a sealed bundle's header, counts and fingerprint (no secrets)"
+    )
+    inspect.add_argument("file", type=Path, metavar="FILE.enc")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+    inspect.set_defaults(func=cmd_inspect)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from ..testing import generate_share_files
+
+    progress = Progress("generating")
+    try:
+        report = generate_share_files(
+            args.out,
+            args.accounts,
+            min_signers=args.min_signers,
+            max_signers=args.max_signers,
+            service_identifier=args.service_identifier,
+            account_prefix=args.account_prefix,
+            force=args.force,
+            progress=progress,
+        )
+    finally:
+        progress.close()
+    log.info(
+        "generated shares",
+        extra={
+            "accounts": report.accounts,
+            "service_file": str(report.service_file),
+            "participant_files": ",".join(str(p) for p in report.participant_files.values()),
+            "seconds": round(report.seconds, 3),
+        },
+    )
+    print(f"service shares:     {report.service_file}")
+    for ident, path in sorted(report.participant_files.items()):
+        print(f"participant {ident} shares: {path}")
+    return 0
+
+
+def cmd_seal(args: argparse.Namespace) -> int:
+    from ..shares import DevKeyFile, seal_file
+
+    if args.dev_key.exists():
+        provider = DevKeyFile.load(args.dev_key)
+    else:
+        provider = DevKeyFile.create(args.dev_key)
+        log.info("created development key file", extra={"path": str(args.dev_key)})
+    progress = Progress("sealing")
+    try:
+        report = seal_file(
+            args.input,
+            args.out,
+            provider,
+            chunk_size=args.chunk_size,
+            overwrite=args.force,
+            progress=progress,
+        )
+    finally:
+        progress.close()
+        provider.close()
+    log.info(
+        "sealed shares",
+        extra={
+            "accounts": report.accounts,
+            "chunks": report.chunks,
+            "sha256": report.sha256,
+            "out": str(args.out),
+        },
+    )
+    print(f"sealed {report.accounts:,} accounts into {args.out}")
+    print(f"sha256 {report.sha256}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from ..shares import read_sealed_header
+
+    with args.file.open("rb") as f:
+        header, sha256 = read_sealed_header(f)
+    info: dict[str, Any] = {k: v for k, v in sorted(header.items()) if k != "encrypted_data_key"}
+    info["encrypted_data_key_bytes"] = len(str(header.get("encrypted_data_key", ""))) * 3 // 4
+    info["file_bytes"] = args.file.stat().st_size
+    info["sha256"] = sha256
+    if args.json:
+        json.dump(info, sys.stdout, sort_keys=True)
+        sys.stdout.write("\n")
+    else:
+        width = max(len(k) for k in info)
+        for key, value in info.items():
+            shown = json.dumps(value) if isinstance(value, dict) else value
+            print(f"{key:<{width}}  {shown}")
+    return 0

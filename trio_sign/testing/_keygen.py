@@ -1,0 +1,109 @@
+"""Test key material: a trusted dealer splits a fresh key per account into share files.
+
+Real deployments get their shares from a key ceremony; this is for demos, tests and benchmarks.
+Each participant gets a file in the plaintext key-share format (DESIGN §6): the service's file
+is what gets sealed and preloaded into the enclave, the others stand in for the counterpart
+participants (the user's device, a backup) that the gateway drives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from .._errors import TrioSignError
+from ..crypto import trusted_dealer_keygen
+from ..shares._plaintext import HEADER_LINE
+from ..shares._records import ShareRecord, record_to_json_text
+
+
+def service_file_name() -> str:
+    return "service_key_shares.json"
+
+
+def participant_file_name(identifier: int) -> str:
+    return f"participant-{identifier}_key_shares.json"
+
+
+@dataclass(frozen=True)
+class GenerateReport:
+    accounts: int
+    service_file: Path
+    participant_files: dict[int, Path]
+    seconds: float
+
+
+def _open_new(path: Path, force: bool) -> IO[bytes]:
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise TrioSignError(f"{path} already exists; pass --force to overwrite it") from None
+    return os.fdopen(fd, "wb", buffering=1 << 20)
+
+
+def generate_share_files(
+    out_dir: str | os.PathLike[str],
+    accounts: int,
+    *,
+    min_signers: int = 2,
+    max_signers: int = 3,
+    service_identifier: int = 1,
+    account_prefix: str = "acct-",
+    counterparts: bool = True,
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> GenerateReport:
+    """Write ``service_key_shares.json`` and one file per counterpart participant.
+
+    Participants have identifiers 1..max_signers; ``service_identifier`` picks the service's.
+    Account ids are ``{account_prefix}{n:08d}``. Files are created with mode 0600 and never
+    overwritten unless ``force``. Every signing share is zeroed after it is written (the JSON
+    text itself is an immutable str that CPython cannot zero; see docs/security.md).
+    """
+    if accounts < 0:
+        raise TrioSignError("--accounts must be >= 0")
+    if not 1 <= service_identifier <= max_signers:
+        raise TrioSignError(f"--service-identifier must be in 1..{max_signers}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ids = list(range(1, max_signers + 1))
+    paths = {i: out / participant_file_name(i) for i in ids if i != service_identifier}
+    paths[service_identifier] = out / service_file_name()
+    if not counterparts:
+        paths = {service_identifier: paths[service_identifier]}
+    start = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        files = {i: stack.enter_context(_open_new(p, force)) for i, p in paths.items()}
+        for f in files.values():
+            f.write(HEADER_LINE.encode() + b"\n")
+        width = max(8, len(str(accounts)))
+        for n in range(accounts):
+            account_id = f"{account_prefix}{n:0{width}d}"
+            dealer = trusted_dealer_keygen(min_signers, max_signers, identifiers=ids)
+            for share, ident in zip(dealer.shares, ids, strict=True):
+                if ident in files:
+                    rec = ShareRecord(
+                        account_id,
+                        share.identifier,
+                        share.signing_share,
+                        share.verifying_share,
+                        dealer.group_public_key,
+                        min_signers,
+                        max_signers,
+                    )
+                    files[ident].write(record_to_json_text(rec).encode() + b"\n")
+                share.zero()
+            if progress is not None and (n & 1023 == 0 or n + 1 == accounts):
+                progress(n + 1, accounts)
+    return GenerateReport(
+        accounts=accounts,
+        service_file=paths[service_identifier],
+        participant_files={i: p for i, p in paths.items() if i != service_identifier},
+        seconds=time.monotonic() - start,
+    )
