@@ -34,14 +34,18 @@ class ShareFileError(TrioSignError):
         reason: a stable, machine-readable code (``"truncated"``, ``"tampered"``,
             ``"duplicate_account"``, ...); the status channel and the tests use it.
         line: 1-based line (plaintext) or record number (sealed) where the problem is, if known.
+        unit: what ``line`` counts: ``"line"`` or ``"record"``.
     """
 
-    def __init__(self, message: str, *, reason: str, line: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, reason: str, line: int | None = None, unit: str = "line"
+    ) -> None:
         if line is not None:
-            message = f"line {line}: {message}"
+            message = f"{unit} {line}: {message}"
         super().__init__(message)
         self.reason = reason
         self.line = line
+        self.unit = unit
 
 
 class KeyWrapError(TrioSignError):

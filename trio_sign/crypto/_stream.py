@@ -16,7 +16,7 @@ from typing import Any
 
 from nacl._sodium import ffi, lib
 
-Buffer = bytes | bytearray | memoryview
+from ._sodium import Buffer, _ro, _rw
 
 KEY_BYTES = 32
 #: secretstream header (the stream's nonce) length.
@@ -30,14 +30,6 @@ TAG_FINAL = int(lib.crypto_secretstream_xchacha20poly1305_tag_final())
 #: XChaCha20-Poly1305-IETF nonce and MAC lengths.
 AEAD_NONCE_BYTES = int(lib.crypto_aead_xchacha20poly1305_ietf_npubbytes())
 AEAD_ABYTES = int(lib.crypto_aead_xchacha20poly1305_ietf_abytes())
-
-
-def _ro(buf: Buffer) -> Any:
-    return ffi.from_buffer(buf)
-
-
-def _rw(buf: bytearray | memoryview) -> Any:
-    return ffi.from_buffer(buf, require_writable=True)
 
 
 def _ad(ad: Buffer | None) -> tuple[Any, int]:

@@ -48,16 +48,8 @@ RECORD_FIELDS: Final = (
 
 
 def record_error(message: str, *, reason: str, record: int | None) -> ShareFileError:
-    """A ``ShareFileError`` located at a sealed-bundle record number (1-based).
-
-    ``ShareFileError`` prefixes ``line N:``; for binary records we say ``record N:`` instead and
-    still set ``.line`` so callers find the position in one place.
-    """
-    if record is None:
-        return ShareFileError(message, reason=reason)
-    err = ShareFileError(f"record {record}: {message}", reason=reason)
-    err.line = record
-    return err
+    """A ``ShareFileError`` located at a sealed-bundle record number (1-based), if given."""
+    return ShareFileError(message, reason=reason, line=record, unit="record")
 
 
 @dataclass(slots=True, eq=False)
