@@ -69,6 +69,15 @@ _GOAWAY_TYPE: Final = 0x7
 
 Header = tuple[bytes, bytes]
 
+# What h2 raises for a stream it has closed, or closed and already forgotten. Within one
+# ``receive_data`` batch h2 has processed every frame before we see its events, so a stream the
+# peer reset (or ended) later in the batch can be gone while we react to an earlier event.
+_STREAM_GONE: Final = (
+    h2.exceptions.StreamClosedError,
+    h2.exceptions.StreamIDTooLowError,
+    h2.exceptions.NoSuchStreamError,
+)
+
 _CT_GRPC: Final = b"application/grpc"
 _RESERVED_REQUEST: Final = frozenset(
     {b"content-type", b"te", b"grpc-timeout", b"grpc-encoding", b"grpc-accept-encoding"}
@@ -105,13 +114,20 @@ def _decode_metadata(name: bytes, value: bytes) -> tuple[str, str | bytes]:
 def _encode_metadata(metadata: Iterable[tuple[str, str | bytes]]) -> list[Header]:
     out: list[Header] = []
     for key, value in metadata:
-        name = key.lower().encode("ascii")
-        if isinstance(value, bytes):
-            if not key.endswith("-bin"):
-                raise GrpcProtocolError(f"metadata {key!r}: binary values need a '-bin' key")
-            out.append((name, base64.b64encode(value).rstrip(b"=")))
-        else:
-            out.append((name, value.encode("ascii")))
+        try:
+            name = key.lower().encode("ascii")
+            if isinstance(value, bytes):
+                if not key.endswith("-bin"):
+                    raise GrpcProtocolError(f"metadata {key!r}: binary values need a '-bin' key")
+                out.append((name, base64.b64encode(value).rstrip(b"=")))
+            else:
+                out.append((name, value.encode("ascii")))
+        except UnicodeEncodeError as exc:
+            raise GrpcProtocolError(
+                f"metadata {key!r}: keys and text values must be ASCII (use a '-bin' key)"
+            ) from exc
+        if not name or name.startswith((b":", b"grpc-")) or name in _RESERVED_REQUEST:
+            raise GrpcProtocolError(f"metadata key {key!r} is reserved or empty")
     return out
 
 
@@ -201,7 +217,7 @@ class _GrpcConnection:
             return
         self._blocked.discard(stream_id)
         if not self._terminated:
-            with contextlib.suppress(h2.exceptions.StreamClosedError):
+            with contextlib.suppress(*_STREAM_GONE):
                 self._h2.reset_stream(stream_id, error_code)
 
     def close(self, error_code: int = ErrorCodes.NO_ERROR) -> None:
@@ -233,7 +249,7 @@ class _GrpcConnection:
     def _flush(self, stream_id: int, st: _Stream) -> None:
         try:
             self._flush_unchecked(stream_id, st)
-        except h2.exceptions.StreamClosedError:
+        except _STREAM_GONE:
             # h2 processes a whole batch of frames before we see its events, so the peer may
             # have closed or reset this stream already; the event about that follows.
             st.out.clear()
@@ -316,7 +332,7 @@ class _GrpcConnection:
     def _reset_h2(self, stream_id: int, error_code: int) -> None:
         # The stream may already be closed in h2's view: the peer's END_STREAM can be in the
         # same batch of frames as the event we are reacting to.
-        with contextlib.suppress(h2.exceptions.StreamClosedError):
+        with contextlib.suppress(*_STREAM_GONE):
             self._h2.reset_stream(stream_id, error_code)
 
     def _handle_common(self, ev: h2.events.Event, events: list[Event]) -> None:
@@ -612,7 +628,10 @@ class GrpcServerConnection(_GrpcConnection):
         ]
         if extra:
             headers += extra
-        self._h2.send_headers(stream_id, headers, end_stream=True)
+        try:
+            self._h2.send_headers(stream_id, headers, end_stream=True)
+        except _STREAM_GONE:
+            return  # the client reset it in the same batch of frames: nobody to answer
         if not ended:
             self._reset_h2(stream_id, ErrorCodes.NO_ERROR)
 
@@ -858,7 +877,7 @@ class GrpcClientConnection(_GrpcConnection):
         self._streams.pop(stream_id, None)
         self._blocked.discard(stream_id)
         if not remote_ended:
-            with contextlib.suppress(h2.exceptions.StreamClosedError):
+            with contextlib.suppress(*_STREAM_GONE):
                 self._h2.reset_stream(stream_id, ErrorCodes.CANCEL)
         events.append(TrailersReceived(stream_id, status, message, metadata))
 

@@ -300,12 +300,18 @@ class GrpcServer:
 
         Cancellation: cancelling this task cancels the connection's call handlers and closes
         the stream.
+
+        Error handling: an unexpected exception while serving this connection (a bug) is logged
+        and closes this connection only; one client must not be able to stop the whole server.
+        Handler exceptions never get here: they become gRPC statuses.
         """
         conn = _ServerConnection(self, stream)
         self._connections.add(conn)
         self._notify()
         try:
             await conn.run()
+        except Exception:
+            logger.exception("gRPC connection failed unexpectedly; closed it")
         finally:
             self._connections.discard(conn)
             self._notify()
