@@ -1,0 +1,230 @@
+"""SessionPool: single-use nonces, slots, retries, TTL expiry, drain, freeze."""
+
+from __future__ import annotations
+
+import nacl.signing
+import pytest
+import trio
+import trio.testing
+
+from trio_sign.crypto import SigningCommitment
+from trio_sign.enclave import PoolError, PoolErrorKind, SessionPool
+from trio_sign.shares import ShareStore
+
+from .enclave_helpers import Account, Peer, make_accounts, sorted_commitments
+
+
+@pytest.fixture
+def world() -> tuple[ShareStore, dict[str, Account]]:
+    return make_accounts(3)
+
+
+def _pool(store: ShareStore, **kw: object) -> SessionPool:
+    return SessionPool(store.get, **kw)  # type: ignore[arg-type]
+
+
+def _nonces_of(pool: SessionPool, session_id: str) -> bytearray:
+    """The session's nonce buffer (to check it gets zeroed), via the private session record."""
+    session = pool._sessions[session_id]
+    assert session.nonces is not None
+    return session.nonces._buf
+
+
+def _expect(kind: PoolErrorKind) -> pytest.RaisesExc[PoolError]:
+    return pytest.raises(PoolError, check=lambda e: e.kind is kind)
+
+
+async def test_full_session_verifies(world: tuple[ShareStore, dict[str, Account]]) -> None:
+    store, accounts = world
+    pool = _pool(store)
+    acct = accounts["acct-0"]
+    result = pool.commit("acct-0", "s1")
+    assert pool.open_sessions == 1
+    peer = Peer(acct)
+    commitments = sorted_commitments(result.commitment, peer.commitment)
+    buf = _nonces_of(pool, "s1")
+    ident, share = pool.sign("s1", b"pay 1", commitments)
+    assert ident == acct.service.identifier
+    assert buf == bytearray(64)  # consumed and zeroed
+    assert pool.open_sessions == 0
+    sig = peer.aggregate(
+        b"pay 1",
+        commitments,
+        {ident: share, acct.peer.identifier: peer.sign(b"pay 1", commitments)},
+    )
+    nacl.signing.VerifyKey(acct.group_public_key).verify(b"pay 1", sig)
+
+
+async def test_commit_retry_returns_same_commitment(
+    world: tuple[ShareStore, dict[str, Account]],
+) -> None:
+    store, _ = world
+    pool = _pool(store)
+    a = pool.commit("acct-0", "s1")
+    b = pool.commit("acct-0", "s1")
+    assert a == b
+    assert pool.open_sessions == 1
+    with _expect(PoolErrorKind.ALREADY_EXISTS):
+        pool.commit("acct-1", "s1")
+
+
+async def test_unknown_account_and_session(world: tuple[ShareStore, dict[str, Account]]) -> None:
+    store, _ = world
+    pool = _pool(store)
+    with _expect(PoolErrorKind.NOT_FOUND):
+        pool.commit("nope", "s1")
+    assert pool.open_sessions == 0
+    with _expect(PoolErrorKind.NOT_FOUND):
+        pool.sign("s1", b"m", [])
+    with _expect(PoolErrorKind.NOT_FOUND):
+        pool.abort("s1")
+    with _expect(PoolErrorKind.INVALID_ARGUMENT):
+        pool.commit("acct-0", "")
+
+
+async def test_pool_full_then_slot_freed(world: tuple[ShareStore, dict[str, Account]]) -> None:
+    store, accounts = world
+    pool = _pool(store, max_sessions=2)
+    pool.commit("acct-0", "a")
+    r = pool.commit("acct-1", "b")
+    with _expect(PoolErrorKind.RESOURCE_EXHAUSTED):
+        pool.commit("acct-2", "c")
+    peer = Peer(accounts["acct-1"])
+    pool.sign("b", b"m", sorted_commitments(r.commitment, peer.commitment))
+    pool.commit("acct-2", "c")
+    pool.abort("a")
+    pool.commit("acct-0", "d")
+    assert pool.open_sessions == 2
+
+
+async def test_sign_retry_and_reuse(world: tuple[ShareStore, dict[str, Account]]) -> None:
+    store, accounts = world
+    pool = _pool(store)
+    r = pool.commit("acct-0", "s")
+    peer = Peer(accounts["acct-0"])
+    commitments = sorted_commitments(r.commitment, peer.commitment)
+    first = pool.sign("s", b"m", commitments)
+    assert pool.sign("s", b"m", commitments) == first  # byte-identical retry
+    with _expect(PoolErrorKind.FAILED_PRECONDITION):
+        pool.sign("s", b"other message", commitments)
+    other = Peer(accounts["acct-0"])
+    with _expect(PoolErrorKind.FAILED_PRECONDITION):
+        pool.sign("s", b"m", sorted_commitments(r.commitment, other.commitment))
+    # a Commit retry after Sign still answers the same (public) commitment, with no slot
+    assert pool.commit("acct-0", "s").commitment == r.commitment
+    assert pool.open_sessions == 0
+
+
+async def test_invalid_input_keeps_session_usable(
+    world: tuple[ShareStore, dict[str, Account]],
+) -> None:
+    store, accounts = world
+    pool = _pool(store)
+    r = pool.commit("acct-0", "s")
+    peer = Peer(accounts["acct-0"])
+    bad = SigningCommitment(
+        peer.commitment.identifier, b"\x01" + bytes(31), peer.commitment.binding
+    )
+    with _expect(PoolErrorKind.INVALID_ARGUMENT):
+        pool.sign("s", b"m", sorted_commitments(r.commitment, bad))
+    with _expect(PoolErrorKind.INVALID_ARGUMENT):
+        pool.sign("s", b"m", [r.commitment])  # too few signers
+    assert pool.open_sessions == 1
+    pool.sign("s", b"m", sorted_commitments(r.commitment, peer.commitment))
+
+
+async def test_abort_zeroes_and_frees(world: tuple[ShareStore, dict[str, Account]]) -> None:
+    store, _ = world
+    pool = _pool(store)
+    pool.commit("acct-0", "s")
+    buf = _nonces_of(pool, "s")
+    assert buf != bytearray(64)
+    pool.abort("s")
+    assert buf == bytearray(64)
+    assert pool.open_sessions == 0
+    with _expect(PoolErrorKind.NOT_FOUND):
+        pool.sign("s", b"m", [])
+
+
+async def test_ttl_expiry_zeroes_nonces(
+    world: tuple[ShareStore, dict[str, Account]], autojump_clock: trio.testing.MockClock
+) -> None:
+    store, _ = world
+    pool = _pool(store, session_ttl_s=60.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run_reaper)
+        t0 = trio.current_time()
+        pool.commit("acct-0", "early")
+        early = _nonces_of(pool, "early")
+        await trio.sleep(30)
+        pool.commit("acct-1", "late")
+        late = _nonces_of(pool, "late")
+        await trio.sleep(30.5)  # t0 + 60.5: "early" expired at exactly t0 + 60
+        assert early == bytearray(64)
+        assert late != bytearray(64)
+        assert pool.open_sessions == 1
+        with _expect(PoolErrorKind.NOT_FOUND):
+            pool.sign("early", b"m", [])
+        await trio.sleep_until(t0 + 90)
+        await trio.testing.wait_all_tasks_blocked()
+        assert late == bytearray(64)
+        assert pool.open_sessions == 0
+        assert pool.tracked_sessions == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_expired_session_refused_even_before_reaper_runs(
+    world: tuple[ShareStore, dict[str, Account]], autojump_clock: trio.testing.MockClock
+) -> None:
+    store, _ = world
+    pool = _pool(store, session_ttl_s=1.0)  # no reaper running
+    pool.commit("acct-0", "s")
+    buf = _nonces_of(pool, "s")
+    await trio.sleep(1.0)
+    with _expect(PoolErrorKind.NOT_FOUND):
+        pool.sign("s", b"m", [])
+    assert buf == bytearray(64)
+    assert pool.open_sessions == 0
+
+
+async def test_reaper_cancellation_zeroes_everything(
+    world: tuple[ShareStore, dict[str, Account]],
+) -> None:
+    store, _ = world
+    pool = _pool(store)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run_reaper)
+        pool.commit("acct-0", "a")
+        pool.commit("acct-1", "b")
+        bufs = [_nonces_of(pool, "a"), _nonces_of(pool, "b")]
+        nursery.cancel_scope.cancel()
+    assert all(b == bytearray(64) for b in bufs)
+    assert pool.open_sessions == 0
+
+
+async def test_drain_refuses_new_sessions_but_finishes_open_ones(
+    world: tuple[ShareStore, dict[str, Account]],
+) -> None:
+    store, accounts = world
+    pool = _pool(store)
+    r = pool.commit("acct-0", "open")
+    pool.stop_accepting()
+    with _expect(PoolErrorKind.UNAVAILABLE):
+        pool.commit("acct-1", "new")
+    peer = Peer(accounts["acct-0"])
+    pool.sign("open", b"m", sorted_commitments(r.commitment, peer.commitment))
+
+
+async def test_frozen_account(world: tuple[ShareStore, dict[str, Account]]) -> None:
+    store, accounts = world
+    frozen: set[str] = set()
+    pool = SessionPool(store.get, is_frozen=frozen.__contains__)
+    r = pool.commit("acct-0", "s")
+    frozen.add("acct-0")
+    with _expect(PoolErrorKind.FAILED_PRECONDITION):
+        pool.commit("acct-0", "t")
+    peer = Peer(accounts["acct-0"])
+    with _expect(PoolErrorKind.FAILED_PRECONDITION):
+        pool.sign("s", b"m", sorted_commitments(r.commitment, peer.commitment))
+    frozen.discard("acct-0")
+    pool.sign("s", b"m", sorted_commitments(r.commitment, peer.commitment))

@@ -1,0 +1,32 @@
+"""The enclave's settings: one frozen object, named and unit-bearing (STYLE.md 7 and 8)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..rpc import DEFAULT_MAX_RECEIVE_MESSAGE_SIZE
+from ._pool import DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_TTL_S
+
+
+@dataclass(frozen=True, slots=True)
+class EnclaveConfig:
+    """Settings for ``trio-sign enclave``.
+
+    Attributes:
+        grpc_listen: where the SignService listens (``vsock://ANY:50051`` in the EIF).
+        max_sessions: concurrent FROST sessions holding nonces; more are RESOURCE_EXHAUSTED.
+        session_ttl_s: lifetime of a session from Commit; nonces are zeroed when it ends.
+        drain_grace_s: on SIGTERM/SIGINT, how long open calls may finish before cancellation.
+        max_receive_message_size: largest gRPC request accepted (RESOURCE_EXHAUSTED above).
+        dev: development mode. Required for ``dev_plaintext_shares``; never set in the EIF.
+        dev_plaintext_shares: a plaintext share file to serve, bypassing NSM and KMS.
+    """
+
+    grpc_listen: str = "vsock://ANY:50051"
+    max_sessions: int = DEFAULT_MAX_SESSIONS
+    session_ttl_s: float = DEFAULT_SESSION_TTL_S
+    drain_grace_s: float = 10.0
+    max_receive_message_size: int = DEFAULT_MAX_RECEIVE_MESSAGE_SIZE
+    dev: bool = False
+    dev_plaintext_shares: Path | None = None
