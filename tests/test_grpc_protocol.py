@@ -967,3 +967,20 @@ def test_server_core_survives_any_client_behaviour(
         raw.flush()
         assert not server.terminated
         event("ran to the end")
+
+
+def test_early_answer_while_request_body_is_blocked_frees_the_stream() -> None:
+    client = GrpcClientConnection(initial_window_size=65535)
+    server = GrpcServerConnection(methods=METHODS, initial_window_size=65535)
+    client.initiate()
+    server.initiate()
+    pump(client, server)
+    sid = client.start_request("/trio_sign.v1.SignService/Nope")
+    client.send_message(sid, b"b" * 500_000, end_stream=True)
+    _, client_events = pump(client, server)
+    assert client_events[-1].stream_id == sid  # type: ignore[attr-defined]
+    assert isinstance(client_events[-1], TrailersReceived)
+    assert client_events[-1].status == StatusCode.UNIMPLEMENTED
+    assert client.open_streams == 0
+    # h2 no longer counts it either: it was reset, not left half-open.
+    assert client._h2.open_outbound_streams == 0
