@@ -970,17 +970,21 @@ def test_server_core_survives_any_client_behaviour(
 
 
 def test_early_answer_while_request_body_is_blocked_frees_the_stream() -> None:
-    client = GrpcClientConnection(initial_window_size=65535)
-    server = GrpcServerConnection(methods=METHODS, initial_window_size=65535)
-    client.initiate()
-    server.initiate()
-    pump(client, server)
-    sid = client.start_request("/trio_sign.v1.SignService/Nope")
-    client.send_message(sid, b"b" * 500_000, end_stream=True)
-    _, client_events = pump(client, server)
-    assert client_events[-1].stream_id == sid  # type: ignore[attr-defined]
-    assert isinstance(client_events[-1], TrailersReceived)
-    assert client_events[-1].status == StatusCode.UNIMPLEMENTED
-    assert client.open_streams == 0
-    # h2 no longer counts it either: it was reset, not left half-open.
-    assert client._h2.open_outbound_streams == 0
+    """A server that answers before reading the whole request, without resetting the stream
+    (RFC 9113 allows it), must not leave a half-open stream counting against its limit."""
+    raw = RawServer(GrpcClientConnection())
+    sid = raw.client.start_request(PING)
+    raw.client.send_message(sid, b"b" * 500_000, end_stream=True)  # blocked at 64 KiB
+    raw.flush()
+    raw.h2.send_headers(
+        sid,
+        [(b":status", b"200"), (b"content-type", b"application/grpc"), (b"grpc-status", b"8")],
+        end_stream=True,
+    )
+    raw.flush()
+    last = raw.client_events[-1]
+    assert isinstance(last, TrailersReceived)
+    assert last.status == StatusCode.RESOURCE_EXHAUSTED
+    assert raw.client.open_streams == 0
+    # h2 no longer counts it either: the client reset its still-open half.
+    assert raw.client._h2.open_outbound_streams == 0
