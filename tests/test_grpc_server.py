@@ -94,6 +94,7 @@ async def test_unary_ok_error_unknown_and_crash() -> None:
     rec = Recorder()
     async with running(rec.handlers()) as (_, channel, _n):
         assert await channel.unary_unary(PING, b"hi", metadata=[("x-id", "7")]) == b"echo:hi"
+        assert channel.accepting_calls
         with pytest.raises(RpcError) as info:
             await channel.unary_unary(PING, b"error")
         assert info.value.status == StatusCode.NOT_FOUND
@@ -305,6 +306,7 @@ async def test_drain_lets_open_calls_finish(autojump_clock: trio.abc.Clock) -> N
         nursery.start_soon(drainer)
         await trio.sleep(2)
         # After the GOAWAY, new calls are refused at once; the open one carries on.
+        assert not channel.accepting_calls
         with pytest.raises(RpcError) as info:
             await channel.unary_unary(PING, b"new")
         assert info.value.status == StatusCode.UNAVAILABLE

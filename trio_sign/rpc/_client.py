@@ -77,6 +77,12 @@ class GrpcChannel:
         self._scope = trio.CancelScope()
 
     @property
+    def accepting_calls(self) -> bool:
+        """False once the connection is closed or the server sent GOAWAY: new calls fail
+        UNAVAILABLE, so open a new channel (calls already in flight may still complete)."""
+        return self._closed_reason is None and not self._core.going_away
+
+    @property
     def open_calls(self) -> int:
         """Calls in flight on this connection."""
         return len(self._calls)
