@@ -967,6 +967,8 @@ def test_server_core_survives_any_client_behaviour(
         raw.flush()
         assert not server.terminated
         event("ran to the end")
+    # The receive budget's bookkeeping matches what the streams really hold.
+    assert server._buffered == sum(len(st.inbuf) for st in server._streams.values())
 
 
 def test_early_answer_while_request_body_is_blocked_frees_the_stream() -> None:
@@ -988,3 +990,27 @@ def test_early_answer_while_request_body_is_blocked_frees_the_stream() -> None:
     assert raw.client.open_streams == 0
     # h2 no longer counts it either: the client reset its still-open half.
     assert raw.client._h2.open_outbound_streams == 0
+
+
+def test_incomplete_messages_across_streams_are_bounded() -> None:
+    server = GrpcServerConnection(methods=METHODS, max_receive_message_size=1000)
+    raw = RawClient(server)
+    budget = 2 * 1000 + 65536
+    failed = []
+    for _ in range(100):
+        # Each stream parks 900 bytes of a 1000-byte message and never finishes it.
+        raw.request(b"\x00" + (1000).to_bytes(4, "big") + b"p" * 895, end=False)
+        failed += [e for e in raw.server_events if isinstance(e, StreamError)]
+        raw.server_events.clear()
+        assert server._buffered <= budget
+    assert failed
+    assert all(e.status == StatusCode.RESOURCE_EXHAUSTED for e in failed)
+    assert "too much incomplete message data" in failed[0].message
+    assert not server.terminated
+    # A stream that completes its message frees its share again.
+    survivor = min(server._streams)
+    before = server._buffered
+    raw.h2.send_data(survivor, b"q" * 105, end_stream=True)
+    raw.flush()
+    assert MessageReceived(survivor, b"p" * 895 + b"q" * 105) in raw.server_events
+    assert server._buffered == before - 900

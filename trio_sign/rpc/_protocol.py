@@ -55,7 +55,9 @@ from ._status import (
 )
 
 DEFAULT_MAX_RECEIVE_MESSAGE_SIZE: Final = 4 * 1024 * 1024
-DEFAULT_MAX_CONCURRENT_STREAMS: Final = 1024
+#: Per connection. With the maximum message size it bounds what one connection can make us hold
+#: (requests waiting for their handler): 128 x 4 MiB at the defaults.
+DEFAULT_MAX_CONCURRENT_STREAMS: Final = 128
 #: Our advertised per-stream receive window. Larger than HTTP/2's 65535 default so that a
 #: multi-MiB message needs few WINDOW_UPDATE round trips; memory stays bounded by the maximum
 #: message size, since we acknowledge data as soon as it is deframed.
@@ -166,6 +168,10 @@ class _GrpcConnection:
         self._initial_window_size = initial_window_size
         self._max_concurrent_streams = max_concurrent_streams
         self._max_receive = max_receive_message_size
+        # Incomplete inbound messages across all streams of the connection: room for two
+        # maximum-size messages arriving interleaved, plus slack.
+        self._max_buffered = 2 * max_receive_message_size + 65536
+        self._buffered = 0
         self._streams: dict[int, _Stream] = {}
         self._blocked: set[int] = set()
         self._raw_out = b""  # frames written around h2 (the drain GOAWAY)
@@ -221,9 +227,8 @@ class _GrpcConnection:
     def reset(self, stream_id: int, error_code: int = ErrorCodes.CANCEL) -> None:
         """Reset the stream (RST_STREAM) and forget it. Unknown or finished streams are a
         no-op, so callers can reset unconditionally while cleaning up."""
-        if self._streams.pop(stream_id, None) is None:
+        if self._pop(stream_id) is None:
             return
-        self._blocked.discard(stream_id)
         if not self._terminated:
             with contextlib.suppress(*_STREAM_GONE):
                 self._h2.reset_stream(stream_id, error_code)
@@ -234,8 +239,7 @@ class _GrpcConnection:
         if self._terminated:
             return
         self._terminated = True
-        self._streams.clear()
-        self._blocked.clear()
+        self._forget_all()
         self._h2.close_connection(error_code)
 
     # -- role hooks -------------------------------------------------------------------------
@@ -247,6 +251,19 @@ class _GrpcConnection:
         pass
 
     # -- internals --------------------------------------------------------------------------
+
+    def _pop(self, stream_id: int) -> _Stream | None:
+        """Forget a stream, releasing its share of the receive budget."""
+        st = self._streams.pop(stream_id, None)
+        if st is not None:
+            self._buffered -= len(st.inbuf)
+            self._blocked.discard(stream_id)
+        return st
+
+    def _forget_all(self) -> None:
+        self._streams.clear()
+        self._blocked.clear()
+        self._buffered = 0
 
     def _get(self, stream_id: int) -> _Stream:
         st = self._streams.get(stream_id)
@@ -295,19 +312,17 @@ class _GrpcConnection:
 
     def _deframe(self, stream_id: int, st: _Stream, data: bytes, events: list[Event]) -> bool:
         """Append data; emit complete messages. False (and nothing emitted for the bad part)
-        if the peer broke the framing; `_fail_stream` has then been called."""
+        if the peer broke the framing or the receive budget; `_fail_stream` has then been
+        called."""
         buf = st.inbuf
-        if buf:
-            buf += data
-        elif len(data) >= 5:
+        if not buf and len(data) >= 5:
             # Fast path: a whole single message in one DATA frame, no intermediate buffer.
             flag, length = _PREFIX.unpack_from(data)
             if len(data) == 5 + length and flag == 0 and length <= self._max_receive:
                 events.append(MessageReceived(stream_id, data[5:]))
                 return True
-            buf += data
-        else:
-            buf += data
+        buf += data
+        self._buffered += len(data)
         while len(buf) >= 5:
             flag, length = _PREFIX.unpack_from(buf)
             if flag != 0:
@@ -330,6 +345,19 @@ class _GrpcConnection:
                 break
             events.append(MessageReceived(stream_id, bytes(buf[5:end])))
             del buf[:end]
+            self._buffered -= end
+        if self._buffered > self._max_buffered:
+            # Received data is acknowledged at once (so a big message never stalls), which
+            # means flow control does not bound what incomplete messages hold across streams.
+            # This budget does.
+            self._fail_stream(
+                stream_id,
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"too much incomplete message data on this connection (over {self._max_buffered}"
+                " bytes)",
+                events,
+            )
+            return False
         return True
 
     def _fail_stream(
@@ -363,11 +391,7 @@ class _GrpcConnection:
             self._peer_settings_received = True
             if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in ev.changed_settings:
                 self._flush_blocked()
-        elif (
-            isinstance(ev, h2.events.StreamReset)
-            and self._streams.pop(ev.stream_id, None) is not None
-        ):
-            self._blocked.discard(ev.stream_id)
+        elif isinstance(ev, h2.events.StreamReset) and self._pop(ev.stream_id) is not None:
             code = int(ev.error_code) if ev.error_code is not None else 0
             events.append(StreamReset(ev.stream_id, code, status_from_h2_error(code)))
         # PING is answered by h2 itself; SETTINGS are acknowledged by h2; the rest is ignored.
@@ -375,8 +399,7 @@ class _GrpcConnection:
     def _protocol_failure(self, exc: h2.exceptions.ProtocolError) -> list[Event]:
         # h2 has already queued a GOAWAY with the error code.
         self._terminated = True
-        self._streams.clear()
-        self._blocked.clear()
+        self._forget_all()
         code = int(getattr(exc, "error_code", ErrorCodes.PROTOCOL_ERROR))
         return [ConnectionTerminated(code, 0, f"HTTP/2 protocol error: {exc}")]
 
@@ -477,8 +500,7 @@ class GrpcServerConnection(_GrpcConnection):
         if self._terminated:
             return
         self._terminated = True
-        self._streams.clear()
-        self._blocked.clear()
+        self._forget_all()
         last = self._drain_last_stream_id
         if last is None:
             last = self._h2.highest_inbound_stream_id
@@ -514,8 +536,7 @@ class GrpcServerConnection(_GrpcConnection):
                     events.append(StreamEnded(ev.stream_id))
             elif isinstance(ev, h2.events.ConnectionTerminated):
                 self._terminated = True
-                self._streams.clear()
-                self._blocked.clear()
+                self._forget_all()
                 events.append(
                     ConnectionTerminated(
                         int(ev.error_code) if ev.error_code is not None else 0,
@@ -648,8 +669,7 @@ class GrpcServerConnection(_GrpcConnection):
             self.send_headers(stream_id)
 
     def _locally_finished(self, stream_id: int, st: _Stream) -> None:
-        del self._streams[stream_id]
-        self._blocked.discard(stream_id)
+        self._pop(stream_id)
         if not st.remote_ended:
             self._reset_h2(stream_id, ErrorCodes.NO_ERROR)
 
@@ -661,6 +681,7 @@ class GrpcServerConnection(_GrpcConnection):
         st.out.clear()
         st.out_end = False
         st.trailers = None
+        self._buffered -= len(st.inbuf)
         st.inbuf.clear()
         self.send_trailers(stream_id, status, message)
         if stream_id in self._streams:  # blocked on flow control: give up on it
@@ -855,8 +876,7 @@ class GrpcClientConnection(_GrpcConnection):
         for stream_id in sorted(self._streams):
             events.append(TrailersReceived(stream_id, StatusCode.INTERNAL, term.message, ()))
         self._terminated = True
-        self._streams.clear()
-        self._blocked.clear()
+        self._forget_all()
         return events
 
     def _on_goaway(self, last: int, error_code: int, debug: bytes, events: list[Event]) -> None:
@@ -886,8 +906,7 @@ class GrpcClientConnection(_GrpcConnection):
         *,
         remote_ended: bool,
     ) -> None:
-        st = self._streams.pop(stream_id, None)
-        self._blocked.discard(stream_id)
+        st = self._pop(stream_id)
         request_done = st is not None and st.out_end and not st.out
         if not remote_ended or not request_done:
             # Either side still open: close it, so that the stream stops counting against the
