@@ -402,3 +402,25 @@ async def test_serve_grpc_over_unix_socket(tmp_path: Path) -> None:
         async with open_grpc_channel(stream) as channel:
             assert await channel.unary_unary(PING, b"u") == b"echo:u"
         await server.aclose()
+
+
+async def test_a_broken_connection_does_not_stop_the_server(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def bad(data: bytes, context: CallContext) -> bytes:
+        return "not bytes"  # type: ignore[return-value]  # the bug under test
+
+    rec = Recorder()
+    server = GrpcServer({PING: rec.echo, SVC + "Bad": bad})
+    async with trio.open_nursery() as nursery:
+        a_client, a_server = trio.testing.memory_stream_pair()
+        b_client, b_server = trio.testing.memory_stream_pair()
+        nursery.start_soon(server.serve_stream, a_server)
+        nursery.start_soon(server.serve_stream, b_server)
+        async with open_grpc_channel(a_client) as a, open_grpc_channel(b_client) as b:
+            with pytest.raises(RpcError) as info:
+                await a.unary_unary(SVC + "Bad", b"x")
+            assert info.value.status == StatusCode.UNAVAILABLE
+            assert await b.unary_unary(PING, b"fine") == b"echo:fine"
+        await server.aclose()
+    assert "gRPC connection failed unexpectedly" in caplog.text
