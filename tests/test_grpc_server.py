@@ -61,6 +61,9 @@ class Recorder:
                 raise ValueError("secret-looking detail that must not leak")
             elif data == b"yield":
                 await trio.lowlevel.checkpoint()
+            elif data == b"nested-error":
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._raise_not_found)
         except trio.Cancelled:
             self.cancelled.append((data, trio.current_time()))
             raise
@@ -68,6 +71,9 @@ class Recorder:
             self.running -= 1
         self.finished.append(data)
         return b"echo:" + data
+
+    async def _raise_not_found(self) -> None:
+        raise RpcError(StatusCode.NOT_FOUND, "from a child task")
 
     def cancelled_since(self, start: float) -> list[tuple[bytes, float]]:
         """Cancelled requests with their virtual cancellation time relative to ``start``."""
@@ -99,6 +105,12 @@ async def test_unary_ok_error_unknown_and_crash() -> None:
             await channel.unary_unary(PING, b"error")
         assert info.value.status == StatusCode.NOT_FOUND
         assert info.value.details == "no such account: «ü»"
+        with pytest.raises(RpcError) as info:
+            await channel.unary_unary(PING, b"nested-error")
+        assert (info.value.status, info.value.details) == (
+            StatusCode.NOT_FOUND,
+            "from a child task",
+        )
         with pytest.raises(RpcError) as info:
             await channel.unary_unary(SVC + "Nope", b"x")
         assert info.value.status == StatusCode.UNIMPLEMENTED

@@ -95,6 +95,18 @@ def protobuf_handler(
     return wrapped
 
 
+def _as_rpc_error(exc: Exception) -> RpcError | None:
+    """The status a handler meant to return: an `RpcError`, also when a nursery inside the
+    handler wrapped it (alone) in an exception group."""
+    while True:
+        if isinstance(exc, RpcError):
+            return exc
+        if isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]
+            continue
+        return None
+
+
 class _Call:
     __slots__ = ("error", "gone", "ready", "request", "scope")
 
@@ -225,12 +237,12 @@ class _ServerConnection:
                         raise RpcError(StatusCode.INTERNAL, "unary method got no request message")
                     request, call.request = call.request, None
                     response = await handler(request, context)
-            except RpcError as exc:
-                error = exc
-            except Exception:
-                # The handler's bug; its message might hold anything, so it stays in the log.
-                logger.exception("gRPC handler for %s failed", ev.method)
-                error = RpcError(StatusCode.UNKNOWN, "unexpected error in the method handler")
+            except Exception as exc:
+                error = _as_rpc_error(exc)
+                if error is None:
+                    # The handler's bug; its message might hold anything, so it stays in the log.
+                    logger.exception("gRPC handler for %s failed", ev.method)
+                    error = RpcError(StatusCode.UNKNOWN, "unexpected error in the method handler")
             if call.gone or core.terminated:
                 return
             if call.scope.cancelled_caught and response is None and error is None:
