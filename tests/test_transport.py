@@ -106,6 +106,14 @@ async def test_unix_listen_connect_and_stale_socket(tmp_path: Path) -> None:
             assert await client.receive_some() == b"hi"
 
 
+async def test_unix_refuses_to_steal_a_live_socket(tmp_path: Path) -> None:
+    path = tmp_path / "live.sock"
+    (listener,) = await open_listeners(f"unix://{path}")
+    async with listener:
+        with pytest.raises(TransportError, match="another process is listening"):
+            await open_listeners(f"unix://{path}")
+
+
 async def test_unix_refuses_to_replace_a_regular_file(tmp_path: Path) -> None:
     path = tmp_path / "not-a-socket"
     path.write_text("precious")

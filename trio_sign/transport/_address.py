@@ -111,7 +111,8 @@ async def open_listeners(url: str | Address) -> list[trio.SocketListener]:
     """Bind and listen on the address; return the listeners (several for a TCP host name that
     resolves to several addresses).
 
-    A stale UNIX socket file at the path is replaced; any other kind of file is refused.
+    A stale UNIX socket file at the path (nobody listening) is replaced; a live socket or any
+    other kind of file is refused.
 
     Raises:
         TransportError: bad URL, or the kernel refused the socket, bind or listen.
@@ -146,12 +147,27 @@ async def open_listeners(url: str | Address) -> list[trio.SocketListener]:
 
 
 def _remove_stale_unix_socket(path: str) -> None:
+    """Remove a socket file left behind by a dead process; refuse a live one or a non-socket."""
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(mode):
         raise TransportError(f"cannot listen on unix://{path}: a non-socket file is in the way")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.setblocking(False)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            pass  # nobody listens: stale
+        except BlockingIOError:
+            raise TransportError(
+                f"cannot listen on unix://{path}: another process is listening there"
+            ) from None
+        else:
+            raise TransportError(
+                f"cannot listen on unix://{path}: another process is listening there"
+            )
     os.unlink(path)
 
 
