@@ -79,7 +79,7 @@ def pair(**server_kwargs: object) -> tuple[GrpcClientConnection, GrpcServerConne
 
 
 class ServerCoreRaised(Exception):
-    """The server core raised while processing input (always a bug)."""
+    """A gRPC core raised while processing input (always a bug)."""
 
 
 class RawClient:
@@ -539,7 +539,10 @@ class RawServer:
                 self.h2.receive_data(out)
             back = self.h2.data_to_send()
             if back:
-                self.client_events += self.client.receive_data(back)
+                try:
+                    self.client_events += self.client.receive_data(back)
+                except Exception as exc:
+                    raise ServerCoreRaised(f"client core raised {exc!r}") from exc
             if not out and not back:
                 return
 
@@ -1014,3 +1017,84 @@ def test_incomplete_messages_across_streams_are_bounded() -> None:
     raw.flush()
     assert MessageReceived(survivor, b"p" * 895 + b"q" * 105) in raw.server_events
     assert server._buffered == before - 900
+
+
+_FINAL = (TrailersReceived, StreamError, StreamReset)
+_server_op = st.one_of(
+    st.tuples(st.just("call"), st.integers(0, 300)),
+    st.tuples(
+        st.just("headers"),
+        st.integers(0, 5),
+        st.sampled_from([b"200", b"404", b"503"]),
+        st.sampled_from([b"application/grpc", b"text/html", None]),
+        st.sampled_from([None, b"0", b"5", b"x"]),
+        st.booleans(),
+    ),
+    st.tuples(
+        st.just("data"), st.integers(0, 5), st.binary(min_size=1, max_size=60), st.booleans()
+    ),
+    st.tuples(st.just("trailers"), st.integers(0, 5), st.sampled_from([None, b"0", b"13"])),
+    st.tuples(st.just("reset"), st.integers(0, 5)),
+    st.tuples(st.just("flush")),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_server_op, max_size=25))
+def test_client_core_survives_any_server_behaviour(ops: list[tuple[object, ...]]) -> None:
+    """Whatever a (valid HTTP/2) server does on the client's streams, the client core never
+    raises and ends every call at most once."""
+    raw = RawServer(GrpcClientConnection(max_receive_message_size=30))
+    client = raw.client
+    sids: list[int] = []
+    for op in ops:
+        try:
+            if op[0] == "call":
+                size = op[1]
+                assert isinstance(size, int)
+                sid = client.start_request(PING)
+                client.send_message(sid, b"r" * size, end_stream=True)
+                sids.append(sid)
+                continue
+            if op[0] == "flush":
+                raw.flush()
+                continue
+            if not sids:
+                continue
+            idx = op[1]
+            assert isinstance(idx, int)
+            sid = sids[idx % len(sids)]
+            stream = raw.h2.streams.get(sid)
+            if stream is None or stream.closed:
+                continue
+            if op[0] == "headers":
+                _, _, status, ctype, grpc_status, end = op
+                assert isinstance(status, bytes)
+                headers = [(b":status", status)]
+                if isinstance(ctype, bytes):
+                    headers.append((b"content-type", ctype))
+                if isinstance(grpc_status, bytes):
+                    headers.append((b"grpc-status", grpc_status))
+                raw.h2.send_headers(sid, headers, end_stream=bool(end))
+            elif op[0] == "data":
+                _, _, body, end = op
+                assert isinstance(body, bytes)
+                raw.h2.send_data(sid, body, end_stream=bool(end))
+            elif op[0] == "trailers":
+                grpc_status = op[2]
+                trailers = [(b"grpc-status", grpc_status)] if isinstance(grpc_status, bytes) else []
+                raw.h2.send_headers(sid, trailers or [(b"x-none", b"1")], end_stream=True)
+            elif op[0] == "reset":
+                raw.h2.reset_stream(sid)
+        except h2.exceptions.H2Error:
+            event("raw server gave up")
+            return
+        except GrpcProtocolError:
+            continue  # e.g. the server's stream limit: the core refused to start a call
+    with contextlib.suppress(h2.exceptions.H2Error):
+        raw.flush()
+        event("ran to the end")
+    finals = [e.stream_id for e in raw.client_events if isinstance(e, _FINAL)]
+    assert len(finals) == len(set(finals))
+    assert set(finals).isdisjoint(client._streams)
+    assert client._buffered == sum(len(st.inbuf) for st in client._streams.values())
