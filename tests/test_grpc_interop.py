@@ -231,28 +231,33 @@ async def test_our_client_against_grpcio_server() -> None:
 
 
 async def test_grpcio_call_survives_graceful_drain() -> None:
+    started = trio.Event()
+
+    async def slow(data: bytes, context: CallContext) -> bytes:
+        started.set()
+        await trio.sleep(0.3)
+        return data
+
     listeners = await open_listeners("tcp://127.0.0.1:0")
     port = listeners[0].socket.getsockname()[1]
     async with trio.open_nursery() as nursery:
-        server: GrpcServer = await nursery.start(_serve, listeners)
+        server: GrpcServer = await nursery.start(serve_grpc, listeners, {PING: slow})
         async with grpcio_channel(f"127.0.0.1:{port}") as channel:
             stub = ping_stub(channel)
-            # Warm the connection up so that the slow call is in flight when the drain starts.
-            await in_thread(lambda: stub(pb.PingRequest(payload=b"warm"), timeout=10))
             result: dict[str, Any] = {}
 
             async def slow_call() -> None:
                 result["slow"] = await in_thread(
-                    lambda: stub(pb.PingRequest(payload=b"sleep:0.5"), timeout=10)
+                    lambda: stub(pb.PingRequest(payload=b"in flight"), timeout=10)
                 )
 
             async with trio.open_nursery() as calls:
                 calls.start_soon(slow_call)
-                await trio.sleep(0.2)
-                with trio.fail_after(5):
-                    await server.drain(grace_s=3)
+                with trio.fail_after(10):
+                    await started.wait()  # the call is in the handler: now drain
+                    await server.drain(grace_s=5)
             # The call in flight finished normally; the server is gone afterwards.
-            assert result["slow"].payload == b"sleep:0.5"
+            assert result["slow"].payload == b"in flight"
             exc = await grpcio_error(lambda: stub(pb.PingRequest(payload=b"late"), timeout=2))
             assert exc.code() in (
                 grpc.StatusCode.UNAVAILABLE,
