@@ -1098,3 +1098,24 @@ def test_client_core_survives_any_server_behaviour(ops: list[tuple[object, ...]]
     assert len(finals) == len(set(finals))
     assert set(finals).isdisjoint(client._streams)
     assert client._buffered == sum(len(st.inbuf) for st in client._streams.values())
+
+
+@pytest.mark.parametrize(
+    ("metadata", "text"),
+    [
+        ([("x-ok", "a\r\nb")], "printable ASCII"),
+        ([("X Bad", "v")], "reserved or not of"),
+        ([("grpc-status", "0")], "reserved or not of"),
+        ([("content-type", "text/plain")], "reserved or not of"),
+        ([(":path", "/x")], "reserved or not of"),
+        ([("x-bytes", b"\x00")], "'-bin' key"),
+        ([("x-text", "ü")], "must be ASCII"),
+    ],
+)
+def test_bad_outgoing_metadata_is_refused(
+    metadata: list[tuple[str, str | bytes]], text: str
+) -> None:
+    client, _ = pair()
+    with pytest.raises(GrpcProtocolError, match=text):
+        client.start_request(PING, metadata=metadata)
+    assert client.open_streams == 0

@@ -18,6 +18,7 @@ import base64
 import binascii
 import collections
 import contextlib
+import re
 import struct
 from collections.abc import Collection, Iterable
 from typing import Final
@@ -89,6 +90,11 @@ _RESERVED_RESPONSE: Final = frozenset(
 )
 
 
+# gRPC's metadata grammar: keys 0-9 a-z _ - . ; ASCII values printable (0x20-0x7E).
+_KEY: Final = re.compile(rb"[0-9a-z_.\-]+")
+_VALUE: Final = re.compile(rb"[\x20-\x7e]*")
+
+
 class _Stream:
     """Per-stream state: inbound deframing buffer and the outbound queue."""
 
@@ -128,8 +134,13 @@ def _encode_metadata(metadata: Iterable[tuple[str, str | bytes]]) -> list[Header
             raise GrpcProtocolError(
                 f"metadata {key!r}: keys and text values must be ASCII (use a '-bin' key)"
             ) from exc
-        if not name or name.startswith((b":", b"grpc-")) or name in _RESERVED_REQUEST:
-            raise GrpcProtocolError(f"metadata key {key!r} is reserved or empty")
+        if not _KEY.fullmatch(name) or name.startswith(b"grpc-") or name in _RESERVED_REQUEST:
+            raise GrpcProtocolError(
+                f"metadata key {key!r} is reserved or not of [0-9a-z_.-] (h2 does not check"
+                " our outbound headers)"
+            )
+        if not _VALUE.fullmatch(out[-1][1]):
+            raise GrpcProtocolError(f"metadata {key!r}: text values must be printable ASCII")
     return out
 
 
