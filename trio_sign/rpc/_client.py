@@ -92,8 +92,8 @@ class GrpcChannel:
         method: str,
         request: bytes,
         *,
-        # The brief's (and grpc's) API: the deadline must travel as grpc-timeout; the caller's
-        # own Trio deadline is honoured too.
+        # grpc's API shape: the deadline has to travel as grpc-timeout, so the call takes it
+        # (the caller's own Trio deadline is honoured too).
         timeout: float | None = None,  # noqa: ASYNC109
         metadata: Iterable[tuple[str, str | bytes]] | None = None,
     ) -> bytes:
@@ -105,6 +105,7 @@ class GrpcChannel:
         Raises:
             RpcError: the call ended with a non-OK status (DEADLINE_EXCEEDED if ``timeout``
                 expired locally; UNAVAILABLE if the connection is closed or going away).
+            GrpcProtocolError: ``metadata`` breaks gRPC's key/value rules.
 
         Cancellation: the stream is reset (RST_STREAM CANCEL), so the server cancels its
         handler; the connection stays usable.
