@@ -1,0 +1,269 @@
+"""The Trio driver: keep one event-stream subscription alive, forever.
+
+It only moves bytes between an injected stream and the sans-io cores (:mod:`._http`,
+:mod:`._parser`); reconnect policy, keepalive and status live here.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final
+
+import trio
+
+from ..transport import TransportError
+from ._events import MessageEvent, RetryChanged, SseProtocolError, SseResponseError
+from ._http import (
+    DEFAULT_MAX_HEAD_SIZE,
+    BodyData,
+    EndOfMessage,
+    EventsUrl,
+    ResponseHead,
+    ResponseParser,
+    build_request,
+    check_event_stream,
+    parse_events_url,
+    valid_last_event_id,
+)
+from ._parser import DEFAULT_MAX_EVENT_SIZE, DEFAULT_MAX_LINE_LENGTH, EventStreamParser
+
+log = logging.getLogger("trio_sign.sse")
+
+#: A stream (or a connect, or a request write) with no progress for this long is dead.
+DEFAULT_KEEPALIVE_TIMEOUT_S: Final = 45.0
+#: Base of the exponential back-off when the server sent no ``retry:``.
+DEFAULT_BACKOFF_INITIAL_S: Final = 1.0
+#: Ceiling of the back-off (and of a server's ``retry:``).
+DEFAULT_BACKOFF_MAX_S: Final = 60.0
+#: Floor of a server's ``retry:``, so that ``retry: 0`` cannot make us spin.
+MIN_RETRY_S: Final = 0.1
+_RECEIVE_SIZE: Final = 16 * 1024
+
+Connect = Callable[[], Awaitable[trio.abc.Stream]]
+OnEvent = Callable[[MessageEvent], Awaitable[None] | None]
+
+
+@dataclass(slots=True)
+class SseClientStatus:
+    """What the client is doing, for health reporting. Updated in place by the client.
+
+    Attributes:
+        url: the events URL (never contains credentials: they are refused).
+        connected: a 200 ``text/event-stream`` response is being read right now.
+        connects: connections that got such a response.
+        reconnects: connection attempts after the first one.
+        last_event_at: ``trio.current_time()`` of the last dispatched event, or None.
+        last_event_id: what the next connection sends as ``Last-Event-ID``.
+        last_error: why the last connection ended (one line), or ``""``.
+        stopped: the server answered 204: the client returned and will not reconnect.
+    """
+
+    url: str
+    connected: bool = False
+    connects: int = 0
+    reconnects: int = 0
+    last_event_at: float | None = None
+    last_event_id: str = ""
+    last_error: str = ""
+    stopped: bool = False
+
+
+class _Silent(Exception):
+    """No progress within the keepalive timeout (internal)."""
+
+
+async def run_sse_client(
+    url: str,
+    *,
+    connect: Connect,
+    on_event: OnEvent,
+    last_event_id: str = "",
+    keepalive_timeout_s: float = DEFAULT_KEEPALIVE_TIMEOUT_S,
+    backoff_initial_s: float = DEFAULT_BACKOFF_INITIAL_S,
+    backoff_max_s: float = DEFAULT_BACKOFF_MAX_S,
+    max_line_length: int = DEFAULT_MAX_LINE_LENGTH,
+    max_event_size: int = DEFAULT_MAX_EVENT_SIZE,
+    max_head_size: int = DEFAULT_MAX_HEAD_SIZE,
+    rng: random.Random | None = None,
+    task_status: trio.TaskStatus[SseClientStatus] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Subscribe to the event stream at ``url`` and call ``on_event`` for every event, in order,
+    reconnecting forever.
+
+    ``url`` (``http(s)://host[:port]/path``) gives the request line and ``Host``; the bytes go
+    over ``connect()`` (in the enclave: the parent's relay over vsock), never straight to the
+    host. Each connection sends ``Last-Event-ID`` when one is known.
+
+    Readiness: ``task_status.started(status)`` is called at once, before the first connection,
+    so that nobody's readiness depends on the gateway being up; watch the returned
+    :class:`SseClientStatus` instead.
+
+    Reconnects: after any failure (connect error, non-200 or wrong ``Content-Type``, malformed
+    stream, end of stream, or no bytes at all for ``keepalive_timeout_s``: comments count) the
+    client sleeps ``uniform(0, min(backoff_max_s, base * 2**n))`` ("full jitter"), where ``base``
+    is the server's last ``retry:`` (clamped to ``[MIN_RETRY_S, backoff_max_s]``) or
+    ``backoff_initial_s``, and ``n`` counts failures since the last connection that got a valid
+    event-stream response. ``connect()``, the request write and every read are each bounded by
+    ``keepalive_timeout_s``.
+
+    Returns only if the server answers ``204 No Content`` (the spec's "stop reconnecting").
+
+    Cancellation: safe at any point; the stream is closed (forcefully) before this returns, and
+    no task is left behind (the client runs in the caller's task).
+
+    Error handling: transport and protocol failures are logged and retried, never raised. A bad
+    ``url`` raises :class:`~trio_sign.transport.TransportError` before ``started``. An exception
+    from ``on_event`` propagates (it is a bug in the caller; fail fast).
+    """
+    target = parse_events_url(url)
+    if not valid_last_event_id(last_event_id) or "\0" in last_event_id:
+        raise ValueError("last_event_id contains control characters")
+    status = SseClientStatus(url=str(target), last_event_id=last_event_id)
+    client = _Client(
+        target,
+        status,
+        connect=connect,
+        on_event=on_event,
+        keepalive_timeout_s=keepalive_timeout_s,
+        max_line_length=max_line_length,
+        max_event_size=max_event_size,
+        max_head_size=max_head_size,
+    )
+    rng = rng if rng is not None else random.Random()
+    task_status.started(status)
+    failures = 0
+    while True:
+        try:
+            await client.run_once()
+            reason = "the gateway ended the stream"
+        except SseResponseError as exc:
+            if exc.status == 204:
+                log.warning("sse: the gateway answered 204 No Content; not reconnecting")
+                status.stopped = True
+                status.last_error = str(exc)
+                return
+            reason = str(exc)
+        except _Silent as exc:
+            reason = str(exc)
+        except (OSError, trio.BrokenResourceError, TransportError, SseProtocolError) as exc:
+            reason = str(exc) or type(exc).__name__
+        status.connected = False
+        status.last_error = reason
+        if client.healthy:
+            failures = 0
+        base = backoff_initial_s
+        if client.retry_ms is not None:
+            base = min(max(client.retry_ms / 1000, MIN_RETRY_S), backoff_max_s)
+        ceiling = min(backoff_max_s, base * 2.0 ** min(failures, 64))
+        delay = rng.uniform(0, ceiling)
+        failures += 1
+        log.warning(
+            "sse: connection ended (%s); reconnecting in %.3f s (failure %d)",
+            reason,
+            delay,
+            failures,
+        )
+        await trio.sleep(delay)
+        status.reconnects += 1
+
+
+class _Client:
+    """One connection at a time; remembers what must survive reconnects."""
+
+    def __init__(
+        self,
+        target: EventsUrl,
+        status: SseClientStatus,
+        *,
+        connect: Connect,
+        on_event: OnEvent,
+        keepalive_timeout_s: float,
+        max_line_length: int,
+        max_event_size: int,
+        max_head_size: int,
+    ) -> None:
+        self.target = target
+        self.status = status
+        self.connect = connect
+        self.on_event = on_event
+        self.keepalive_timeout_s = keepalive_timeout_s
+        self.max_line_length = max_line_length
+        self.max_event_size = max_event_size
+        self.max_head_size = max_head_size
+        self.retry_ms: int | None = None
+        self.healthy = False
+
+    async def run_once(self) -> None:
+        """One connection, until it ends; raises why it ended (returns on a clean end)."""
+        self.healthy = False
+        timeout = self.keepalive_timeout_s
+        log.debug("sse: connecting to %s", self.target)
+        with trio.move_on_after(timeout) as scope:
+            stream = await self.connect()
+        if scope.cancelled_caught:
+            raise _Silent(f"connect took longer than {timeout} s (keepalive_timeout_s)")
+        try:
+            await self._converse(stream)
+        finally:
+            self.status.connected = False
+            await trio.aclose_forcefully(stream)
+
+    async def _converse(self, stream: trio.abc.Stream) -> None:
+        timeout = self.keepalive_timeout_s
+        status = self.status
+        last_event_id = status.last_event_id
+        if not valid_last_event_id(last_event_id):
+            log.warning("sse: last event id has control characters; not sending Last-Event-ID")
+            last_event_id = ""
+        request = build_request(self.target, last_event_id=last_event_id)
+        with trio.move_on_after(timeout) as scope:
+            await stream.send_all(request)
+        if scope.cancelled_caught:
+            raise _Silent(f"sending the request took longer than {timeout} s")
+        http = ResponseParser(max_head_size=self.max_head_size)
+        events = EventStreamParser(
+            last_event_id=status.last_event_id,
+            max_line_length=self.max_line_length,
+            max_event_size=self.max_event_size,
+        )
+        while True:
+            with trio.move_on_after(timeout) as scope:
+                data = await stream.receive_some(_RECEIVE_SIZE)
+            if scope.cancelled_caught:
+                raise _Silent(f"no bytes for {timeout} s (keepalive_timeout_s)")
+            for item in http.receive_data(data) if data else http.receive_eof():
+                if isinstance(item, ResponseHead):
+                    check_event_stream(item)
+                    self.healthy = True
+                    status.connected = True
+                    status.connects += 1
+                    log.info(
+                        "sse: subscribed to %s (Last-Event-ID %r)",
+                        self.target,
+                        status.last_event_id,
+                    )
+                elif isinstance(item, BodyData):
+                    for event in events.receive_data(item.data):
+                        if isinstance(event, RetryChanged):
+                            self.retry_ms = event.ms
+                            log.info("sse: server set retry to %d ms", event.ms)
+                        elif isinstance(event, MessageEvent):
+                            status.last_event_id = event.last_event_id
+                            status.last_event_at = trio.current_time()
+                            log.debug(
+                                "sse: event %r id %r (%d characters)",
+                                event.type,
+                                event.last_event_id,
+                                len(event.data),
+                            )
+                            result = self.on_event(event)
+                            if result is not None:
+                                await result
+                    status.last_event_id = events.last_event_id
+                elif isinstance(item, EndOfMessage):
+                    return
+            if not data:
+                return  # pragma: no cover  (receive_eof always ends or raises)
