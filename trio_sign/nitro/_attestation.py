@@ -418,7 +418,11 @@ def _build_chain(doc: AttestationDocument, root: x509.Certificate) -> _Chain:
 def _parse_cert(role: str, der: bytes, *, check_key: bool = True) -> x509.Certificate:
     try:
         cert = x509.load_der_x509_certificate(der)
-    except ValueError as exc:
+        # cryptography parses some fields lazily: touch them all here, so that a malformed
+        # certificate is one clear error instead of a ValueError from deep inside a later check.
+        _ = (cert.subject, cert.issuer, cert.not_valid_before_utc, cert.not_valid_after_utc)
+        _ = (cert.extensions, cert.public_key(), cert.serial_number)
+    except (ValueError, UnsupportedAlgorithm) as exc:
         raise AttestationError(f"{role} is not a DER X.509 certificate", reason="bad_cert") from exc
     if check_key:
         _check_cert_algorithms(role, cert)

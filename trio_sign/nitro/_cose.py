@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 ES384 = -35
 #: Tag of a tagged COSE_Sign1 (RFC 9052 §4.2).
 COSE_SIGN1_TAG = 18
+_TAG18 = bytes([0xC0 | COSE_SIGN1_TAG])
 #: The protected header bytes the NSM emits: ``{1: -35}``.
 ES384_PROTECTED = b"\xa1\x01\x38\x22"
 #: Size of one P-384 scalar, and of a raw ``r || s`` signature.
@@ -117,11 +118,13 @@ def decode_sign1(data: bytes) -> CoseSign1:
     Raises:
         CoseError: naming the first requirement that failed.
     """
+    # Strip the one-byte tag 18 ourselves: cbor2 turns what is under a tag into immutable
+    # containers (tuple, frozendict), and we want the same plain types either way.
+    if data[:1] == _TAG18:
+        data = data[1:]
     item = loads_one(data, "COSE_Sign1")
     if isinstance(item, cbor2.CBORTag):
-        if item.tag != COSE_SIGN1_TAG:
-            raise CoseError(f"CBOR tag {item.tag} is not COSE_Sign1 (18)")
-        item = item.value
+        raise CoseError(f"CBOR tag {item.tag} is not COSE_Sign1 (18)")
     if not isinstance(item, list) or len(item) != 4:
         raise CoseError("COSE_Sign1 is not a 4-element CBOR array")
     protected, unprotected, payload, signature = item

@@ -1,0 +1,455 @@
+"""Attestation documents: the 8 real AWS documents, tampering, time, roots, PCR/nonce policy."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import cbor2
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from trio_sign import TrioSignError
+from trio_sign.nitro import (
+    AWS_NITRO_ROOT_PEM,
+    AWS_NITRO_ROOT_SHA256,
+    MAX_DOCUMENT_BYTES,
+    REASONS,
+    AttestationError,
+    decode_attestation,
+    verify_attestation,
+)
+from trio_sign.nitro._cose import decode_sign1, der_to_raw, raw_to_der, sig_structure
+
+NOW = datetime(2026, 11, 24, 13, 0, tzinfo=UTC)
+
+
+def _manifest(vectors_dir: Path) -> list[dict[str, Any]]:
+    entries: list[dict[str, Any]] = json.loads(
+        (vectors_dir / "nitro" / "manifest.json").read_text()
+    )["attestation"]
+    return entries
+
+
+def _names() -> list[str]:
+    # Parametrize by name without the fixture (collection time); the manifest is checked below.
+    return [
+        "base_prod_indefinite_map",
+        "blocky_debug",
+        "blocky_prod",
+        "evervault_beta_debug",
+        "evervault_beta_prod",
+        "evervault_ga_debug",
+        "signal_svr2_debug",
+        "signal_svr2_prod",
+    ]
+
+
+@pytest.fixture(scope="module")
+def manifest(vectors_dir: Path) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in _manifest(vectors_dir)}
+
+
+def _doc(vectors_dir: Path, name: str) -> bytes:
+    return (vectors_dir / "nitro" / "attestation" / f"{name}.cose").read_bytes()
+
+
+def _reason(exc: pytest.ExceptionInfo[AttestationError]) -> str:
+    reason: str = exc.value.reason
+    assert reason in REASONS
+    assert str(exc.value) == f"{reason}: {exc.value.message}"
+    assert "\n" not in str(exc.value)
+    return reason
+
+
+def _with_payload(document: bytes, edit: Any) -> bytes:
+    """The document with its payload map decoded, edited, and re-encoded (signature unchanged)."""
+    outer = cbor2.loads(document)
+    payload = cbor2.loads(outer[2])
+    edit(payload)
+    outer[2] = cbor2.dumps(payload)
+    return cbor2.dumps(outer)
+
+
+def _self_signed_root() -> bytes:
+    key = ec.generate_private_key(ec.SECP384R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "not-aws")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(datetime(2019, 1, 1, tzinfo=UTC))
+        .not_valid_after(datetime(2049, 1, 1, tzinfo=UTC))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA384())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+# -- the pinned root ------------------------------------------------------------------------------
+
+
+def test_embedded_root_is_the_published_aws_root(vectors_dir: Path) -> None:
+    embedded = x509.load_pem_x509_certificate(AWS_NITRO_ROOT_PEM.encode())
+    der = embedded.public_bytes(serialization.Encoding.DER)
+    assert hashlib.sha256(der).hexdigest() == AWS_NITRO_ROOT_SHA256
+    assert AWS_NITRO_ROOT_SHA256 == (
+        "641a0321a3e244efe456463195d606317ed7cdcc3c1756e09893f3c68f79bb5b"
+    )
+    shipped = (vectors_dir / "nitro" / "root" / "AWS_NitroEnclaves_Root-G1.pem").read_bytes()
+    assert x509.load_pem_x509_certificate(shipped) == embedded
+    assert embedded.subject.rfc4514_string() == "CN=aws.nitro-enclaves,OU=AWS,O=Amazon,C=US"
+
+
+# -- the real documents ---------------------------------------------------------------------------
+
+
+def test_manifest_lists_the_eight_documents(manifest: dict[str, dict[str, Any]]) -> None:
+    assert sorted(manifest) == _names()
+    assert sum(e["debug_mode"] for e in manifest.values()) == 4
+
+
+@pytest.mark.parametrize("name", _names())
+def test_real_document_verifies_at_its_timestamp(
+    vectors_dir: Path, manifest: dict[str, dict[str, Any]], name: str
+) -> None:
+    entry = manifest[name]
+    doc = verify_attestation(_doc(vectors_dir, name), at="document")
+    assert doc.module_id == entry["module_id"]
+    assert doc.digest == "SHA384"
+    assert doc.timestamp_ms == entry["timestamp_ms"]
+    assert doc.timestamp == datetime.fromisoformat(entry["timestamp_utc"])
+    assert doc.verified_at == doc.timestamp
+    assert doc.debug_mode is entry["debug_mode"]
+    assert sorted(doc.pcrs) == list(range(16))
+    for i in (0, 1, 2, 3, 4, 8):
+        assert doc.pcrs[i].hex() == entry[f"pcr{i}"]
+    assert all(len(v) == 48 for v in doc.pcrs.values())
+    assert doc.not_before == datetime.fromisoformat(entry["chain_valid_from"])
+    assert doc.not_after == datetime.fromisoformat(entry["chain_valid_until"])
+    assert doc.not_after - doc.not_before == pytest.approx(
+        timedelta(hours=3), abs=timedelta(seconds=10)
+    )
+    for field in ("public_key", "user_data", "nonce"):
+        value = getattr(doc, field)
+        assert (None if value is None else len(value)) == entry[f"{field}_len"]
+    roles = [c.role for c in doc.chain]
+    assert roles == ["leaf", "cabundle[3]", "cabundle[2]", "cabundle[1]", "root"]
+    assert doc.chain[-1].subject == "CN=aws.nitro-enclaves,OU=AWS,O=Amazon,C=US"
+    assert doc.chain[0].subject.startswith(f"CN={entry['module_id']}.")
+    for cert, issuer in zip(doc.chain, doc.chain[1:], strict=False):
+        assert cert.issuer == issuer.subject
+
+
+@pytest.mark.parametrize("name", _names())
+def test_production_refuses_exactly_the_debug_documents(
+    vectors_dir: Path, manifest: dict[str, dict[str, Any]], name: str
+) -> None:
+    document = _doc(vectors_dir, name)
+    if manifest[name]["debug_mode"]:
+        with pytest.raises(AttestationError) as exc:
+            verify_attestation(document, at="document", production=True)
+        assert _reason(exc) == "debug_mode"
+    else:
+        assert not verify_attestation(document, at="document", production=True).debug_mode
+
+
+def test_indefinite_length_payload_map_parses(vectors_dir: Path) -> None:
+    document = _doc(vectors_dir, "base_prod_indefinite_map")
+    assert decode_sign1(document).payload[:1] == b"\xbf"
+    doc = decode_attestation(document)
+    assert doc.user_data is not None
+    assert len(doc.user_data) == 20
+    assert doc.public_key is None
+    assert doc.nonce is None
+
+
+def test_1024_byte_fields_decode(vectors_dir: Path) -> None:
+    doc = verify_attestation(_doc(vectors_dir, "blocky_prod"), at="document", production=True)
+    assert doc.public_key is not None
+    assert doc.user_data is not None
+    assert doc.nonce is not None
+    assert (len(doc.public_key), len(doc.user_data), len(doc.nonce)) == (1024, 1024, 1024)
+
+
+def test_tagged_cose_sign1_is_accepted(vectors_dir: Path) -> None:
+    tagged = b"\xd2" + _doc(vectors_dir, "signal_svr2_prod")
+    assert verify_attestation(tagged, at="document").module_id.startswith("i-09b153b9b6859a1de")
+
+
+# -- tampering ------------------------------------------------------------------------------------
+
+
+def test_flipped_payload_bit_is_bad_signature(vectors_dir: Path) -> None:
+    document = bytearray(_doc(vectors_dir, "blocky_prod"))
+    pcr4 = decode_attestation(bytes(document)).pcrs[4]
+    offset = document.index(pcr4) + 7
+    document[offset] ^= 0x01
+    assert decode_attestation(bytes(document)).pcrs[4] != pcr4
+    with pytest.raises(AttestationError) as exc:
+        verify_attestation(bytes(document), at="document")
+    assert _reason(exc) == "bad_signature"
+
+
+@pytest.mark.parametrize("position", [-1, -48, -49, -96])
+def test_flipped_signature_bit_is_bad_signature(vectors_dir: Path, position: int) -> None:
+    document = bytearray(_doc(vectors_dir, "evervault_beta_prod"))
+    document[position] ^= 0x80
+    with pytest.raises(AttestationError) as exc:
+        verify_attestation(bytes(document), at="document")
+    assert _reason(exc) == "bad_signature"
+
+
+def test_dropped_intermediate_breaks_the_chain(vectors_dir: Path) -> None:
+    document = _with_payload(_doc(vectors_dir, "blocky_prod"), lambda p: p["cabundle"].pop(2))
+    with pytest.raises(AttestationError) as exc:
+        verify_attestation(document, at="document")
+    assert _reason(exc) == "chain_untrusted"
+    assert "cabundle[2]" in exc.value.message
+
+
+def test_valid_leaf_of_the_same_instance_does_not_sign_another_document(
+    vectors_dir: Path,
+) -> None:
+    # blocky_debug and blocky_prod come from the same parent instance: the debug enclave's leaf
+    # chains to the prod document's cabundle, but it did not sign the prod payload.
+    other_leaf = decode_attestation(_doc(vectors_dir, "blocky_debug")).certificate
+    document = _with_payload(_doc(vectors_dir, "blocky_prod"), _set("certificate", other_leaf))
+    with pytest.raises(AttestationError) as exc:
+        verify_attestation(document, at=datetime(2024, 9, 7, 15, tzinfo=UTC))
+    assert _reason(exc) == "bad_signature"
+
+
+# -- time -----------------------------------------------------------------------------------------
+
+
+def test_now_is_past_the_leaf_window(vectors_dir: Path) -> None:
+    document = _doc(vectors_dir, "base_prod_indefinite_map")
+    for at in (NOW, None, "now"):
+        with pytest.raises(AttestationError) as exc:
+            verify_attestation(document, at=at)
+        assert _reason(exc) == "cert_expired"
+        assert exc.value.message.startswith("leaf certificate CN=i-0368fa67e156d6d23-enc")
+        assert "valid 2026-01-03T20:40:25Z..2026-01-03T23:40:28Z" in exc.value.message
+
+
+def test_before_the_window_is_not_yet_valid(vectors_dir: Path) -> None:
+    with pytest.raises(AttestationError) as exc:
+        verify_attestation(
+            _doc(vectors_dir, "blocky_prod"), at=datetime(2024, 9, 7, 14, 37, 35, tzinfo=UTC)
+        )
+    assert _reason(exc) == "cert_not_yet_valid"
+    assert "leaf certificate" in exc.value.message
+
+
+def test_explicit_time_inside_the_window_passes(vectors_dir: Path) -> None:
+    at = datetime(2024, 9, 7, 19, 0, tzinfo=timezone(timedelta(hours=2)))
+    doc = verify_attestation(_doc(vectors_dir, "blocky_prod"), at=at)
+    assert doc.verified_at == datetime(2024, 9, 7, 17, 0, tzinfo=UTC)
+
+
+def test_naive_or_unknown_time_is_a_caller_bug(vectors_dir: Path) -> None:
+    with pytest.raises(ValueError, match="aware"):
+        verify_attestation(_doc(vectors_dir, "blocky_prod"), at=datetime(2024, 9, 7, 15))
+    with pytest.raises(ValueError, match="expected"):
+        verify_attestation(_doc(vectors_dir, "blocky_prod"), at="yesterday")  # type: ignore[arg-type]
+
+
+def test_max_age(vectors_dir: Path) -> None:
+    document = _doc(vectors_dir, "blocky_prod")
+    at = datetime(2024, 9, 7, 15, 37, 39, 545000, tzinfo=UTC)
+    verify_attestation(document, at=at, max_age=timedelta(hours=1))
+    with pytest.raises(AttestationError) as exc:
+        verify_attestation(document, at=at, max_age=timedelta(minutes=59))
+    assert _reason(exc) == "stale_document"
+
+
+# -- roots ----------------------------------------------------------------------------------------
+
+
+def test_another_root_is_untrusted(vectors_dir: Path) -> None:
+    with pytest.raises(AttestationError) as exc:
+        verify_attestation(
+            _doc(vectors_dir, "blocky_prod"), at="document", root_pem=_self_signed_root()
+        )
+    assert _reason(exc) == "chain_untrusted"
+    assert "cabundle[0] (CN=aws.nitro-enclaves) is not the pinned root (CN=not-aws" in str(
+        exc.value
+    )
+
+
+def test_pinning_the_shipped_root_file_works(vectors_dir: Path) -> None:
+    pem = (vectors_dir / "nitro" / "root" / "AWS_NitroEnclaves_Root-G1.pem").read_text()
+    verify_attestation(_doc(vectors_dir, "signal_svr2_prod"), at="document", root_pem=pem)
+
+
+def test_root_that_is_not_pem_is_bad_root(vectors_dir: Path) -> None:
+    with pytest.raises(AttestationError) as exc:
+        verify_attestation(_doc(vectors_dir, "blocky_prod"), at="document", root_pem=b"nope")
+    assert _reason(exc) == "bad_root"
+
+
+# -- policy ---------------------------------------------------------------------------------------
+
+
+def test_pcr_pin_mismatch_names_the_pcr(vectors_dir: Path) -> None:
+    document = _doc(vectors_dir, "blocky_prod")
+    with pytest.raises(AttestationError) as exc:
+        verify_attestation(document, at="document", expected_pcrs={2: bytes(48)})
+    assert _reason(exc) == "pcr_mismatch"
+    assert exc.value.message.startswith("PCR 2 is d5dcbdea0aa39c80..., expected 0000")
+    with pytest.raises(AttestationError) as exc:
+        verify_attestation(document, at="document", expected_pcrs={16: bytes(48)})
+    assert _reason(exc) == "pcr_mismatch"
+    assert exc.value.message == "PCR 16 is not in the document"
+
+
+def test_matching_pcr_pins_pass(vectors_dir: Path, manifest: dict[str, dict[str, Any]]) -> None:
+    entry = manifest["evervault_beta_prod"]
+    pins = {i: bytes.fromhex(entry[f"pcr{i}"]) for i in (0, 1, 2, 8)}
+    doc = verify_attestation(
+        _doc(vectors_dir, "evervault_beta_prod"), at="document", expected_pcrs=pins, production=True
+    )
+    assert {i: doc.pcrs[i] for i in pins} == pins
+
+
+def test_nonce(vectors_dir: Path) -> None:
+    document = _doc(vectors_dir, "evervault_beta_prod")
+    nonce = decode_attestation(document).nonce
+    assert nonce is not None
+    assert len(nonce) == 256
+    verify_attestation(document, at="document", expected_nonce=nonce)
+    with pytest.raises(AttestationError) as exc:
+        verify_attestation(document, at="document", expected_nonce=nonce[:-1] + b"\0")
+    assert _reason(exc) == "nonce_mismatch"
+    with pytest.raises(AttestationError) as exc:
+        verify_attestation(
+            _doc(vectors_dir, "signal_svr2_prod"), at="document", expected_nonce=b"n"
+        )
+    assert _reason(exc) == "nonce_mismatch"
+    assert exc.value.message == "the document carries no nonce"
+
+
+# -- malformed input ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        (b"", "not valid CBOR"),
+        (b"\x83\x40\xa0\x40", "4-element"),
+        (cbor2.dumps({"a": 1}), "4-element"),
+        (b"\xd3\x84\x44\xa1\x01\x38\x22\xa0\x40\x40", "tag 19"),
+        (cbor2.dumps([b"\xa1\x01\x26", {}, b"", bytes(96)]), "ES384"),
+        (cbor2.dumps([b"", {}, b"", bytes(96)]), "ES384"),
+        (cbor2.dumps([b"\xa1\x01\x38\x22", {}, None, bytes(96)]), "detached"),
+        (cbor2.dumps([b"\xa1\x01\x38\x22", {}, b"", bytes(64)]), "64 bytes"),
+        (cbor2.dumps([b"\xa2\x01\x38\x22\x02\x80", {}, b"", bytes(96)]), "critical"),
+        (cbor2.dumps([b"\xa1\x01\x38\x22", [], b"", bytes(96)]), "unprotected"),
+        (cbor2.dumps([b"\xa1\x01\x38\x22", {}, b"", bytes(96)]) + b"\x00", "trailing"),
+        (bytes(MAX_DOCUMENT_BYTES + 1), "limit"),
+    ],
+)
+def test_bad_cose(data: bytes, needle: str) -> None:
+    with pytest.raises(AttestationError) as exc:
+        verify_attestation(data)
+    assert _reason(exc) == "bad_cose"
+    assert needle in exc.value.message
+
+
+def _set(key: str, value: Any) -> Any:
+    return lambda p: p.__setitem__(key, value)
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        (lambda p: p.pop("module_id"), "no 'module_id'"),
+        (_set("digest", "SHA256"), "only 'SHA384'"),
+        (_set("timestamp", -1), "timestamp"),
+        (_set("timestamp", True), "timestamp"),
+        (_set("timestamp", 2**62), "out of range"),
+        (_set("pcrs", {}), "1..32"),
+        (_set("pcrs", {32: bytes(48)}), "outside 0..31"),
+        (_set("pcrs", {0: bytes(47)}), "PCR 0"),
+        (_set("certificate", None), "certificate"),
+        (_set("cabundle", []), "cabundle"),
+        (_set("cabundle", [b"x", 3]), "cabundle[1]"),
+        (_set("user_data", bytes(1025)), "user_data is 1025 bytes"),
+        (_set("nonce", "text"), "nonce is neither"),
+        (_set("public_key", bytes(1025)), "public_key is 1025 bytes"),
+    ],
+)
+def test_bad_payload(vectors_dir: Path, edit: Any, needle: str) -> None:
+    document = _with_payload(_doc(vectors_dir, "blocky_prod"), edit)
+    with pytest.raises(AttestationError) as exc:
+        decode_attestation(document)
+    assert _reason(exc) == "bad_payload"
+    assert needle in exc.value.message
+
+
+def test_payload_that_is_not_a_map() -> None:
+    with pytest.raises(AttestationError) as exc:
+        decode_attestation(cbor2.dumps([b"\xa1\x01\x38\x22", {}, cbor2.dumps([1]), bytes(96)]))
+    assert _reason(exc) == "bad_payload"
+
+
+def test_unknown_keys_are_skipped_and_absent_optionals_are_none(vectors_dir: Path) -> None:
+    def edit(p: dict[Any, Any]) -> None:
+        p["future_field"] = [1, 2, 3]
+        p[7] = b"x"
+        del p["nonce"]
+
+    doc = decode_attestation(_with_payload(_doc(vectors_dir, "blocky_prod"), edit))
+    assert doc.nonce is None
+    assert doc.user_data is not None
+
+
+def test_unparseable_certificate_is_bad_cert(vectors_dir: Path) -> None:
+    document = _with_payload(_doc(vectors_dir, "blocky_prod"), _set("certificate", b"\x30\x00"))
+    with pytest.raises(AttestationError) as exc:
+        verify_attestation(document, at="document")
+    assert _reason(exc) == "bad_cert"
+    assert exc.value.message == "leaf is not a DER X.509 certificate"
+
+
+def test_errors_are_trio_sign_errors() -> None:
+    assert issubclass(AttestationError, TrioSignError)
+
+
+# -- the COSE helpers -----------------------------------------------------------------------------
+
+
+def test_signature_conversion_round_trips(vectors_dir: Path) -> None:
+    sign1 = decode_sign1(_doc(vectors_dir, "blocky_prod"))
+    assert der_to_raw(raw_to_der(sign1.signature)) == sign1.signature
+    assert sign1.encode() == _doc(vectors_dir, "blocky_prod")
+    assert sign1.sig_structure() == sig_structure(sign1.protected, sign1.payload)
+    assert sign1.sig_structure().startswith(b"\x84\x6aSignature1\x44\xa1\x01\x38\x22\x40")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_random_corruption_only_ever_raises_attestation_error(
+    vectors_dir: Path, data: st.DataObject
+) -> None:
+    document = bytearray(_doc(vectors_dir, "evervault_beta_prod"))
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(document) - 1))
+        document[i] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(len(document) - 8, len(document)))
+    reason = "ok"
+    try:
+        verify_attestation(bytes(document[:cut]), at="document")
+    except AttestationError as exc:
+        reason = exc.reason
+    assert reason == "ok" or reason in REASONS
