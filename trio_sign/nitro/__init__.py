@@ -11,6 +11,22 @@ from ._attestation import CertificateInfo as CertificateInfo
 from ._attestation import VerifiedAttestation as VerifiedAttestation
 from ._attestation import decode_attestation as decode_attestation
 from ._attestation import verify_attestation as verify_attestation
+from ._channel import MAX_FRAME_BYTES as MAX_FRAME_BYTES
+from ._channel import AttestationMessage as AttestationMessage
+from ._channel import BundleChunkMessage as BundleChunkMessage
+from ._channel import BundleEndMessage as BundleEndMessage
+from ._channel import ChannelMessage as ChannelMessage
+from ._channel import ChannelProtocolError as ChannelProtocolError
+from ._channel import DroppedMessage as DroppedMessage
+from ._channel import ExitMessage as ExitMessage
+from ._channel import Frame as Frame
+from ._channel import FrameChannel as FrameChannel
+from ._channel import HelloMessage as HelloMessage
+from ._channel import LogMessage as LogMessage
+from ._channel import PreloadResultMessage as PreloadResultMessage
+from ._channel import RecipientCiphertextMessage as RecipientCiphertextMessage
+from ._channel import StateMessage as StateMessage
+from ._channel import decode_message as decode_message
 from ._cms import MAX_RECIPIENT_CIPHERTEXT_BYTES as MAX_RECIPIENT_CIPHERTEXT_BYTES
 from ._cms import CmsError as CmsError
 from ._cms import EphemeralRecipientKey as EphemeralRecipientKey
@@ -19,21 +35,37 @@ from ._cms import encrypt_for_recipient as encrypt_for_recipient
 from ._cms import subject_key_identifier as subject_key_identifier
 
 __all__ = [
+    "AWS_NITRO_ROOT_PEM",
+    "AWS_NITRO_ROOT_SHA256",
+    "AttestationDocument",
+    "AttestationError",
+    "AttestationMessage",
+    "BundleChunkMessage",
+    "BundleEndMessage",
+    "CertificateInfo",
+    "ChannelMessage",
+    "ChannelProtocolError",
     "CmsError",
+    "DroppedMessage",
     "EphemeralRecipientKey",
+    "ExitMessage",
+    "Frame",
+    "FrameChannel",
+    "HelloMessage",
+    "LogMessage",
+    "MAX_DOCUMENT_BYTES",
+    "MAX_FRAME_BYTES",
     "MAX_RECIPIENT_CIPHERTEXT_BYTES",
+    "MAX_USER_FIELD_BYTES",
+    "PreloadResultMessage",
+    "REASONS",
+    "RecipientCiphertextMessage",
+    "StateMessage",
+    "VerifiedAttestation",
+    "decode_attestation",
+    "decode_message",
     "decrypt_recipient_ciphertext",
     "encrypt_for_recipient",
     "subject_key_identifier",
-    "AWS_NITRO_ROOT_PEM",
-    "AWS_NITRO_ROOT_SHA256",
-    "MAX_DOCUMENT_BYTES",
-    "MAX_USER_FIELD_BYTES",
-    "REASONS",
-    "AttestationDocument",
-    "AttestationError",
-    "CertificateInfo",
-    "VerifiedAttestation",
-    "decode_attestation",
     "verify_attestation",
 ]

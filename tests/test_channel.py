@@ -1,0 +1,359 @@
+"""Parent <-> enclave channel framing (sans-io) and its message vocabulary."""
+
+from __future__ import annotations
+
+import itertools
+import struct
+from typing import Any
+
+import cbor2
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trio_sign import TrioSignError
+from trio_sign.nitro import (
+    MAX_FRAME_BYTES,
+    AttestationMessage,
+    BundleChunkMessage,
+    BundleEndMessage,
+    ChannelMessage,
+    ChannelProtocolError,
+    DroppedMessage,
+    ExitMessage,
+    Frame,
+    FrameChannel,
+    HelloMessage,
+    LogMessage,
+    PreloadResultMessage,
+    RecipientCiphertextMessage,
+    StateMessage,
+    decode_message,
+)
+from trio_sign.nitro._channel import MAX_CBOR_DEPTH, MESSAGE_TYPES
+
+SHA = "0123456789abcdef" * 4
+
+MESSAGES: list[ChannelMessage] = [
+    HelloMessage(channel="preload"),
+    HelloMessage(channel="logs", version=7),
+    AttestationMessage(document=b"\x84\x44\xa1\x01\x38\x22" + bytes(100)),
+    RecipientCiphertextMessage(ciphertext=b"\x30\x80" + bytes(50)),
+    BundleChunkMessage(data=bytes(range(256)) * 4),
+    BundleChunkMessage(data=b""),
+    BundleEndMessage(total_bytes=1024),
+    PreloadResultMessage(ok=True, accounts=10_000, sha256=SHA, preload_ms=1234),
+    PreloadResultMessage(ok=False, reason="duplicate account on record 7"),
+    StateMessage(state="booting"),
+    StateMessage(state="serving", accounts=3, sha256=SHA, preload_ms=55),
+    StateMessage(state="failed", reason="truncated bundle"),
+    ExitMessage(code=0),
+    ExitMessage(code=-15),
+    LogMessage(line='{"level":"info","msg":"ready"}'),
+    DroppedMessage(count=12),
+]
+
+
+def _frame(payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + payload
+
+
+def _reason(data: bytes, channel: FrameChannel | None = None) -> str:
+    channel = channel or FrameChannel()
+    with pytest.raises(ChannelProtocolError) as info:
+        channel.receive_data(data)
+    assert channel.broken
+    return info.value.reason
+
+
+def test_every_message_type_is_covered() -> None:
+    assert {m.TYPE for m in MESSAGES} == set(MESSAGE_TYPES)
+    assert set(MESSAGE_TYPES) == {
+        "hello",
+        "attestation",
+        "recipient_ciphertext",
+        "bundle_chunk",
+        "bundle_end",
+        "preload_result",
+        "state",
+        "exit",
+        "log",
+        "dropped",
+    }
+
+
+@pytest.mark.parametrize("message", MESSAGES, ids=lambda m: m.TYPE)
+def test_message_round_trip(message: ChannelMessage) -> None:
+    wire = FrameChannel().send(message)
+    frames = FrameChannel().receive_data(wire)
+    assert len(frames) == 1
+    assert frames[0].type == message.TYPE
+    assert decode_message(frames[0]) == message
+    assert type(message).from_frame(message.to_frame()) == message
+
+
+def test_wire_format() -> None:
+    wire = FrameChannel().send(ExitMessage(code=3))
+    payload = cbor2.dumps({"type": "exit", "code": 3})
+    assert wire == struct.pack(">I", len(payload)) + payload
+    assert FrameChannel().send({"type": "x", "n": 1}) == _frame(cbor2.dumps({"type": "x", "n": 1}))
+
+
+def test_secret_ish_bytes_not_in_repr() -> None:
+    assert "\\x30\\x80" not in repr(RecipientCiphertextMessage(ciphertext=b"\x30\x80"))
+    assert "data=" not in repr(BundleChunkMessage(data=b"abc"))
+
+
+def test_many_frames_in_one_chunk_and_byte_by_byte() -> None:
+    sender = FrameChannel()
+    wire = b"".join(sender.send(m) for m in MESSAGES)
+    assert [decode_message(f) for f in FrameChannel().receive_data(wire)] == MESSAGES
+    receiver = FrameChannel()
+    got: list[Frame] = []
+    for i in range(len(wire)):
+        got += receiver.receive_data(wire[i : i + 1])
+    assert [decode_message(f) for f in got] == MESSAGES
+    assert receiver.buffered == 0
+    receiver.receive_eof()  # clean end
+
+
+@settings(max_examples=200, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=0, max_value=4000), max_size=30))
+def test_any_chunking(cuts: list[int]) -> None:
+    wire = b"".join(FrameChannel().send(m) for m in MESSAGES)
+    points = sorted({c % (len(wire) + 1) for c in cuts} | {0, len(wire)})
+    receiver = FrameChannel()
+    got: list[Frame] = []
+    for a, b in itertools.pairwise(points):
+        got += receiver.receive_data(memoryview(wire)[a:b])
+    assert [decode_message(f) for f in got] == MESSAGES
+
+
+_cbor_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**64), max_value=2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20)
+    | st.binary(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    type_=st.text(max_size=10),
+    body=st.dictionaries(st.text(max_size=8).filter(lambda k: k != "type"), _cbor_values),
+)
+def test_arbitrary_maps_round_trip(type_: str, body: dict[str, Any]) -> None:
+    obj = {"type": type_, **body}
+    frames = FrameChannel().receive_data(FrameChannel().send(obj))
+    assert frames == [Frame(type_, obj)]
+
+
+def test_oversized_frame_is_refused_before_buffering() -> None:
+    channel = FrameChannel(max_frame_bytes=100)
+    # Only the 4-byte header of a 101-byte frame: refused at once.
+    assert _reason(struct.pack(">I", 101), channel) == "oversized"
+    with pytest.raises(ChannelProtocolError) as info:
+        channel.receive_data(b"more")
+    assert info.value.reason == "unusable"
+    assert channel.buffered == 0
+
+
+def test_default_limit() -> None:
+    assert FrameChannel().max_frame_bytes == MAX_FRAME_BYTES == 1 << 20
+    assert _reason(struct.pack(">I", MAX_FRAME_BYTES + 1)) == "oversized"
+    ok = FrameChannel().send(BundleChunkMessage(data=bytes(MAX_FRAME_BYTES - 64)))
+    assert len(FrameChannel().receive_data(ok)) == 1
+
+
+def test_send_oversized_leaves_channel_usable() -> None:
+    channel = FrameChannel(max_frame_bytes=64)
+    with pytest.raises(ChannelProtocolError) as info:
+        channel.send(BundleChunkMessage(data=bytes(64)))
+    assert info.value.reason == "oversized"
+    assert not channel.broken
+    assert channel.send(ExitMessage(code=1))
+
+
+@pytest.mark.parametrize(
+    ("obj", "reason"),
+    [
+        ({"code": 1}, "missing_type"),
+        ({"type": 1}, "missing_type"),
+        ({"type": "x", 1: 2}, "not_a_map"),
+        ({"type": "x", "when": cbor2.CBORTag(1, 0)}, "tag"),
+        ({"type": "x", "big": 2**70}, "tag"),
+    ],
+)
+def test_send_refuses_what_a_receiver_would(obj: dict[Any, Any], reason: str) -> None:
+    with pytest.raises(ChannelProtocolError) as info:
+        FrameChannel().send(obj)
+    assert info.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"", "empty_frame"),
+        (cbor2.dumps([1, 2]), "not_a_map"),
+        (cbor2.dumps("type"), "not_a_map"),
+        (cbor2.dumps({1: "x", "type": "y"}), "bad_cbor"),  # int keys: strict_hashable_types
+        (cbor2.dumps({b"k": "x", "type": "y"}), "not_a_map"),
+        (cbor2.dumps({"kind": "x"}), "missing_type"),
+        (cbor2.dumps({"type": b"x"}), "missing_type"),
+        (cbor2.dumps({"type": None}), "missing_type"),
+        (cbor2.dumps({"type": "x"}) + b"\x00", "trailing_data"),
+        (cbor2.dumps({"type": "x"}) + cbor2.dumps({"type": "y"}), "trailing_data"),
+        (b"\xa1\x64type\xc1\x01", "tag"),  # tag 1 (epoch datetime)
+        (b"\xd9\xd9\xf7" + cbor2.dumps({"type": "x"}), "tag"),  # self-describe tag 55799
+        (b"\xa1\x64type\xd8\x1c\x61x", "tag"),  # shareable (28)
+        (b"\xa2\x64type\x61x\x61n\xc2\x41\x01", "tag"),  # bignum
+        (b"\xbf\x64type\x61x\xff", "bad_cbor"),  # indefinite map
+        (b"\xa1\x64type\x7f\x61x\xff", "bad_cbor"),  # indefinite text
+        (b"\xa2\x64type\x61x\x61u\xf7", "bad_cbor"),  # undefined
+        (b"\xa2\x64type\x61x\x61u\xf0", "bad_cbor"),  # simple(16)
+        (b"\xa2\x64type\x61x\x61u\xf8\x20", "bad_cbor"),  # simple(32)
+        (b"\xa2\x64type\x61x\x61u\xff", "bad_cbor"),  # lone break
+        (b"\xa1\x64type\x1c", "bad_cbor"),  # reserved additional info
+        (b"\xa1\x64type\x62\xff\xfe", "bad_cbor"),  # invalid UTF-8
+        (b"\xa2\x64type\x61x\x64type\x61y", "bad_cbor"),  # duplicate key
+        (b"\xa1\x64type", "bad_cbor"),  # truncated inside the frame
+        (b"\xa1\x64type\x7a\xff\xff\xff\xff", "bad_cbor"),  # string longer than the frame
+        (b"\xa1\x64type\x9b" + b"\xff" * 8, "bad_cbor"),  # huge array count
+        (b"\xa2\x64type\x61x\x61n" + b"\x81" * (MAX_CBOR_DEPTH + 5) + b"\x00", "bad_cbor"),
+        (b"\xa2\x64type\x61x\x61k\xa1\x01\x02", "bad_cbor"),  # nested int key
+    ],
+)
+def test_malformed_frames(payload: bytes, reason: str) -> None:
+    assert _reason(_frame(payload)) == reason
+
+
+def test_good_frames_before_a_bad_one_are_kept() -> None:
+    good = FrameChannel().send(LogMessage(line="one"))
+    with pytest.raises(ChannelProtocolError) as info:
+        FrameChannel().receive_data(good + _frame(cbor2.dumps([1])))
+    assert [decode_message(f) for f in info.value.frames] == [LogMessage(line="one")]
+
+
+def test_eof_mid_frame() -> None:
+    wire = FrameChannel().send(LogMessage(line="hello"))
+    channel = FrameChannel()
+    assert channel.receive_data(wire[:-1]) == []
+    with pytest.raises(ChannelProtocolError) as info:
+        channel.receive_eof()
+    assert info.value.reason == "truncated"
+    assert channel.broken
+
+
+def test_bad_max_frame_bytes() -> None:
+    with pytest.raises(ValueError, match="max_frame_bytes"):
+        FrameChannel(max_frame_bytes=0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=200))
+def test_garbage_only_raises_protocol_errors(data: bytes) -> None:
+    channel = FrameChannel(max_frame_bytes=1000)
+    try:
+        for frame in channel.receive_data(data):
+            assert isinstance(frame.type, str)
+    except ChannelProtocolError as exc:
+        assert isinstance(exc, TrioSignError)  # noqa: PT017
+
+
+@settings(max_examples=300, deadline=None)
+@given(payload=st.binary(min_size=1, max_size=64))
+def test_garbage_payloads_only_raise_protocol_errors(payload: bytes) -> None:
+    channel = FrameChannel()
+    try:
+        channel.receive_data(_frame(payload))
+    except ChannelProtocolError:
+        assert channel.broken
+
+
+@pytest.mark.parametrize(
+    ("frame", "match"),
+    [
+        ({"type": "hello", "channel": "nope", "version": 1}, "channel"),
+        ({"type": "hello", "channel": "logs"}, "version"),
+        ({"type": "hello", "channel": "logs", "version": True}, "version"),
+        ({"type": "attestation", "document": "text"}, "document"),
+        ({"type": "recipient_ciphertext", "ciphertext": None}, "ciphertext"),
+        ({"type": "bundle_chunk", "data": [1]}, "data"),
+        ({"type": "bundle_end", "total_bytes": -1}, "total_bytes"),
+        ({"type": "bundle_end", "total_bytes": 1.0}, "total_bytes"),
+        (
+            {
+                "type": "preload_result",
+                "ok": 1,
+                "reason": None,
+                "accounts": 0,
+                "sha256": None,
+                "preload_ms": 0,
+            },
+            "ok",
+        ),
+        (
+            {
+                "type": "preload_result",
+                "ok": True,
+                "reason": None,
+                "accounts": 0,
+                "sha256": "AB" * 32,
+                "preload_ms": 0,
+            },
+            "sha256",
+        ),
+        (
+            {
+                "type": "state",
+                "state": "dancing",
+                "reason": None,
+                "accounts": None,
+                "sha256": None,
+                "preload_ms": None,
+            },
+            "state",
+        ),
+        (
+            {
+                "type": "state",
+                "state": "serving",
+                "reason": 3,
+                "accounts": None,
+                "sha256": None,
+                "preload_ms": None,
+            },
+            "reason",
+        ),
+        ({"type": "exit", "code": "1"}, "code"),
+        ({"type": "log", "line": b"x"}, "line"),
+        ({"type": "dropped", "count": False}, "count"),
+    ],
+)
+def test_message_field_validation(frame: dict[str, Any], match: str) -> None:
+    wire = FrameChannel().send(frame)
+    (received,) = FrameChannel().receive_data(wire)
+    with pytest.raises(ChannelProtocolError, match=match) as info:
+        decode_message(received)
+    assert info.value.reason == "bad_field"
+
+
+def test_to_frame_validates_too() -> None:
+    with pytest.raises(ChannelProtocolError, match="state"):
+        StateMessage(state="bogus").to_frame()
+
+
+def test_unknown_fields_are_ignored_and_unknown_types_refused() -> None:
+    frame = Frame("exit", {"type": "exit", "code": 2, "future": [1, 2]})
+    assert decode_message(frame) == ExitMessage(code=2)
+    with pytest.raises(ChannelProtocolError) as info:
+        decode_message(Frame("reboot", {"type": "reboot"}))
+    assert info.value.reason == "unknown_type"
+    with pytest.raises(ChannelProtocolError, match="expected a 'exit' frame"):
+        ExitMessage.from_frame({"type": "log", "code": 1})
