@@ -4,6 +4,10 @@ Sections (all by default, or pick with flags):
   --frost   microseconds per FROST round-1 / round-2 operation (2 and 3 signers), aggregate, verify
   --load    sealed-bundle preload time, RSS growth and peak for 10k and 100k accounts
             (add --big for 1M; generated bundles are cached under .bench-cache/)
+  --grpc    SignService sessions/s at 1, 64 and 256 concurrent (closed loop) and p50/p99 at an
+            open-loop Poisson load of half capacity, from a load generator process, against our
+            server and a grpcio aio server running the same handlers; ratios, targets, and a
+            py-spy profile of our server (if py-spy is installed). About 2 minutes.
 
 Every load is measured in a fresh child process so that RSS numbers are not polluted by the
 generator. The machine is shared and noisy: FROST timings are the median of several batches.
@@ -18,6 +22,7 @@ import sys
 from pathlib import Path
 
 from ._frost import bench_frost
+from ._grpc import GrpcBenchOptions, bench_grpc
 
 
 def _machine() -> str:
@@ -54,8 +59,32 @@ def main(argv: list[str] | None = None) -> int:
         help="ShareStore verification mode for --load (default lazy)",
     )
     parser.add_argument("--cache", type=Path, default=Path(".bench-cache"))
+    parser.add_argument("--grpc", action="store_true", help="gRPC sessions: ours vs grpcio aio")
+    grpc = GrpcBenchOptions()
+    parser.add_argument(
+        "--grpc-rounds", type=int, default=grpc.rounds, help="alternating rounds (medians)"
+    )
+    parser.add_argument(
+        "--grpc-duration", type=float, default=grpc.duration_s, help="seconds per phase"
+    )
+    parser.add_argument(
+        "--grpc-warmup", type=float, default=grpc.warmup_s, help="seconds before each window"
+    )
+    parser.add_argument(
+        "--grpc-concurrency",
+        type=str,
+        default=",".join(map(str, grpc.concurrency)),
+        help="comma-separated closed-loop concurrencies",
+    )
+    parser.add_argument("--grpc-accounts", type=int, default=grpc.accounts)
+    parser.add_argument(
+        "--grpc-channels", type=int, default=grpc.channels, help="client channels (connections)"
+    )
+    parser.add_argument(
+        "--grpc-no-profile", action="store_true", help="skip the py-spy profile of our server"
+    )
     args = parser.parse_args(argv)
-    everything = not (args.frost or args.load)
+    everything = not (args.frost or args.load or args.grpc)
     print(f"machine: {_machine()}")
     if args.frost or everything:
         bench_frost()
@@ -67,6 +96,20 @@ def main(argv: list[str] | None = None) -> int:
         from ._load import bench_load
 
         bench_load(sizes, args.cache, verify=args.verify)
+    if args.grpc or everything:
+        concurrency = tuple(int(n) for n in args.grpc_concurrency.split(",") if n)
+        bench_grpc(
+            GrpcBenchOptions(
+                accounts=args.grpc_accounts,
+                rounds=args.grpc_rounds,
+                concurrency=concurrency,
+                warmup_s=args.grpc_warmup,
+                duration_s=args.grpc_duration,
+                open_base=64 if 64 in concurrency else max(concurrency),
+                channels=args.grpc_channels,
+                profile=not args.grpc_no_profile,
+            )
+        )
     return 0
 
 

@@ -7,10 +7,10 @@ A session is what the gateway does per signature: ``Commit`` (fresh session id),
 with the service's commitment and the counterpart's (participant 2) sorted by identifier.
 The counterpart's part is not the server's throughput, so each account's counterpart
 commitment is computed once up front and reused; the server cannot tell and does identical
-work. Every ``VERIFY_EVERY``-th session is real end to end instead: fresh counterpart nonces,
-and after the phase (outside the timed window) the counterpart signs, the two shares are
-aggregated and the signature is checked with ``nacl.signing.VerifyKey``, so a broken server
-cannot post a good number.
+work. Every ``--verify-every``-th session (default 100) is real end to end instead: fresh
+counterpart nonces, and after the phase (outside the timed window) the counterpart signs, the
+two shares are aggregated and the signature is checked with ``nacl.signing.VerifyKey``, so a
+broken server cannot post a good number.
 
 Latency of a session is from its start (closed loop) or its *scheduled* arrival (open loop,
 so that a stalled client or server cannot hide queueing: no coordinated omission) to the
@@ -40,7 +40,6 @@ from ..crypto import SigningCommitment, SigningNonces, aggregate, commit, sign
 from ..shares import ShareRecord, read_plaintext
 
 SERVICE = "/trio_sign.v1.SignService/"
-VERIFY_EVERY = 100
 CALL_TIMEOUT_S = 10.0
 #: Open loop: sessions in flight beyond this are not started (counted as ``client_shed``).
 MAX_OUTSTANDING = 20_000
@@ -91,8 +90,11 @@ class _Window:
 
 
 class LoadGenerator:
-    def __init__(self, target: str, peers: list[_Peer], *, channels: int, tag: str) -> None:
+    def __init__(
+        self, target: str, peers: list[_Peer], *, channels: int, tag: str, verify_every: int
+    ) -> None:
         self._peers = peers
+        self._verify_every = verify_every
         self._tag = tag
         self._next = 0
         # Separate subchannel pools so that N channels are N TCP connections.
@@ -136,7 +138,7 @@ class LoadGenerator:
         message = session_id.encode()
         nonces: SigningNonces | None = None
         peer_commitment, peer_pb = peer.commitment, peer.commitment_pb
-        if i % VERIFY_EVERY == 0:
+        if i % self._verify_every == 0:
             nonces = commit(peer.record.identifier, peer.record.signing_share)
             peer_commitment = nonces.commitment
             peer_pb = pb.SigningCommitment(
@@ -328,7 +330,9 @@ async def _run(args: argparse.Namespace) -> None:
                 pb.SigningCommitment(identifier=c.identifier, hiding=c.hiding, binding=c.binding),
             )
         )
-    gen = LoadGenerator(args.target, peers, channels=args.channels, tag=args.tag)
+    gen = LoadGenerator(
+        args.target, peers, channels=args.channels, tag=args.tag, verify_every=args.verify_every
+    )
     try:
         await gen.ready()
         capacity: dict[int, float] = {}
@@ -365,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-pid", type=int, required=True, help="for its CPU time")
     parser.add_argument("--tag", default="bench", help="session id prefix (unique per run)")
     parser.add_argument("--channels", type=int, default=1)
+    parser.add_argument(
+        "--verify-every", type=int, default=100, help="finish and verify every Nth session"
+    )
     parser.add_argument("--accounts", type=int, default=0, help="use the first N (0: all)")
     parser.add_argument(
         "--concurrency", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 64, 256]
