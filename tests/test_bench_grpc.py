@@ -24,6 +24,7 @@ def test_bench_grpc_pipeline(capsys: pytest.CaptureFixture[str]) -> None:
     runs = bench_grpc(opts)
     for kind in ("ours", "grpcio"):
         (run,) = runs[kind]
+        assert len(run.gc["collections"]) == 3, run.gc  # the server stopped cleanly
         assert [p["phase"] for p in run.phases] == ["closed", "closed", "open"]
         for phase in run.phases:
             assert phase["errors"] == {}, (kind, phase)

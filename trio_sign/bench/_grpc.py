@@ -58,6 +58,7 @@ class GrpcBenchOptions:
 class _Run:
     kind: str
     phases: list[dict[str, Any]] = field(default_factory=list)
+    gc: dict[str, list[float]] = field(default_factory=dict)  # the server's, whole run
 
     def closed(self, n: int) -> dict[str, Any] | None:
         for p in self.phases:
@@ -90,9 +91,16 @@ def _stop(proc: subprocess.Popen[str]) -> None:
             proc.stdout.close()
 
 
+@dataclass
+class _Server:
+    pid: int
+    port: int
+    gc: dict[str, list[float]] = field(default_factory=dict)  # filled in once it has stopped
+
+
 @contextlib.contextmanager
-def _server(kind: str, shares: Path, log: IO[str]) -> Iterator[tuple[int, int]]:
-    """Start a server process; yields ``(pid, port)``; always stops it."""
+def _server(kind: str, shares: Path, log: IO[str]) -> Iterator[_Server]:
+    """Start a server process and yield it; always stops it (and then reads its GC stats)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "trio_sign.bench._servers", kind, str(shares)],
         stdout=subprocess.PIPE,
@@ -105,7 +113,13 @@ def _server(kind: str, shares: Path, log: IO[str]) -> Iterator[tuple[int, int]]:
         if not line:
             proc.wait()
             raise RuntimeError(f"{kind} server exited ({proc.returncode}) before it was ready")
-        yield proc.pid, int(json.loads(line)["port"])
+        server = _Server(proc.pid, int(json.loads(line)["port"]))
+        yield server
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            tail, _ = proc.communicate(timeout=STOP_GRACE_S)
+            for line in tail.splitlines():
+                server.gc = json.loads(line).get("gc", server.gc)
     finally:
         _stop(proc)
 
@@ -176,8 +190,8 @@ def _run_one(
     if open_rate is not None:
         args += ["--open-rate", str(open_rate)]
     run = _Run(kind)
-    with _server(kind, shares, log) as (pid, port):
-        gen = _loadgen(port, pid, peer_shares, tag, args, log)
+    with _server(kind, shares, log) as server:
+        gen = _loadgen(server.port, server.pid, peer_shares, tag, args, log)
         try:
             assert gen.stdout is not None
             for line in gen.stdout:
@@ -188,21 +202,23 @@ def _run_one(
                 raise RuntimeError(f"load generator failed ({gen.returncode}); see {log.name}")
         finally:
             _stop(gen)
+    run.gc = server.gc
     return run
 
 
 # -- profile -------------------------------------------------------------------------------
 
 _CATEGORIES = (
-    ("h2 / hpack / hyperframe (HTTP/2 framing)", ("/h2/", "/hpack/", "/hyperframe/")),
-    ("trio_sign.rpc (our gRPC layer)", ("trio_sign/rpc/",)),
-    ("SignService handlers + SessionPool", ("trio_sign/enclave/",)),
-    ("FROST + libsodium (trio_sign.crypto, nacl)", ("trio_sign/crypto/", "/nacl/")),
-    ("share store", ("trio_sign/shares/",)),
-    ("protobuf", ("google/protobuf",)),
-    ("Trio socket I/O (send/recv)", ("trio/_socket", "trio/_highlevel_socket")),
-    ("Trio epoll", ("trio/_core/_io_epoll",)),
-    ("Trio scheduling, tasks, cancel scopes", ("/trio/",)),
+    # py-spy names frames "func (pkg/module.py:line)", paths relative to sys.path.
+    ("h2 / hpack / hyperframe (HTTP/2 framing)", ("(h2/", "(hpack/", "(hyperframe/")),
+    ("trio_sign.rpc (our gRPC layer)", ("(trio_sign/rpc/",)),
+    ("SignService handlers + SessionPool", ("(trio_sign/enclave/",)),
+    ("FROST + libsodium (trio_sign.crypto, nacl)", ("(trio_sign/crypto/", "(nacl/")),
+    ("share store", ("(trio_sign/shares/",)),
+    ("protobuf", ("(google/protobuf",)),
+    ("Trio socket I/O (send/recv syscalls)", ("(trio/_socket", "(trio/_highlevel_socket")),
+    ("Trio epoll", ("(trio/_core/_io_epoll",)),
+    ("Trio scheduling, tasks, cancel scopes", ("(trio/",)),
 )
 
 
@@ -214,11 +230,10 @@ def _category(frame: str) -> str:
 
 
 def _short_frame(frame: str) -> str:
-    # "func (/path/to/pkg/mod.py:123)" -> "func (pkg/mod.py:123)"
+    # "func (pkg/sub/mod.py:123)" -> "func (sub/mod.py)": one row per function, not per line
     name, _, where = frame.partition(" (")
-    path = where.rstrip(")")
-    parts = path.split("/")
-    return f"{name} ({'/'.join(parts[-2:])})"
+    path = where.rstrip(")").rsplit(":", 1)[0]
+    return f"{name} ({'/'.join(path.split('/')[-2:])})"
 
 
 def _summarise_profile(raw: Path, top: int = 12) -> list[str]:
@@ -238,18 +253,18 @@ def _summarise_profile(raw: Path, top: int = 12) -> list[str]:
         self_cat[_category(frames[-1])] += count
         self_fn[_short_frame(frames[-1])] += count
         for f in set(frames):
-            if "trio_sign/" in f or "/h2/" in f:
+            if "(trio_sign/" in f and "(trio_sign/bench/" not in f:
                 incl_fn[_short_frame(f)] += count
     if not total:
         return ["    (no samples)"]
-    out = [f"    {total} samples of our server's main thread while busy (idle excluded)"]
+    out = [f"    {total} samples of our server's threads while busy (idle excluded)"]
     out.append("    self time by area:")
     for name, n in self_cat.most_common():
         out.append(f"      {100 * n / total:5.1f}%  {name}")
     out.append(f"    top {top} functions by self time:")
     for name, n in self_fn.most_common(top):
         out.append(f"      {100 * n / total:5.1f}%  {name}")
-    out.append(f"    top {top} trio_sign/h2 functions by inclusive time:")
+    out.append(f"    top {top} trio_sign functions by inclusive time (as far as stacks go):")
     for name, n in incl_fn.most_common(top):
         out.append(f"      {100 * n / total:5.1f}%  {name}")
     return out
@@ -275,8 +290,8 @@ def _profile_ours(
         "0",
     ]
     shares, peer_shares = files
-    with _server("ours", shares, log) as (pid, port):
-        gen = _loadgen(port, pid, peer_shares, "profile", args, log)
+    with _server("ours", shares, log) as server:
+        gen = _loadgen(server.port, server.pid, peer_shares, "profile", args, log)
         spy: subprocess.Popen[str] | None = None
         try:
             time.sleep(opts.warmup_s + 0.2)
@@ -285,7 +300,7 @@ def _profile_ours(
                     py_spy,
                     "record",
                     "--pid",
-                    str(pid),
+                    str(server.pid),
                     "--nonblocking",
                     "--rate",
                     "250",
@@ -379,6 +394,19 @@ def _report(runs: dict[str, list[_Run]], opts: GrpcBenchOptions) -> None:
             f"  {LABELS[kind]}: {sessions:,} timed sessions, errors: {err}; "
             f"{verified} sampled signatures aggregated and verified with nacl, {failed} failed"
         )
+
+    for kind, rs in runs.items():
+        gcs = [r.gc for r in rs if r.gc]
+        if gcs:
+            n2 = _median([g["collections"][2] for g in gcs])
+            n0 = _median([g["collections"][0] for g in gcs])
+            total2 = _median([g["total_ms"][2] for g in gcs])
+            max2 = max(g["max_ms"][2] for g in gcs)
+            print(
+                f"  {LABELS[kind]} server GC per run (median): {n0:.0f} gen0 collections, "
+                f"{n2:.0f} full (gen2) taking {total2:.0f} ms in all; longest full pause "
+                f"{max2:.1f} ms"
+            )
 
     print("\n  targets")
     if opts.open_base in opts.concurrency:

@@ -2,7 +2,8 @@
 
 Run as ``python -m trio_sign.bench._servers {ours,grpcio} SHARE_FILE``. The process prints one
 JSON line ``{"port": N}`` on stdout once it accepts calls, serves until SIGTERM or SIGINT, then
-stops and exits 0.
+stops, prints one JSON line ``{"gc": {...}}`` (garbage collections per generation and their
+pauses, which is where tail latency goes) and exits 0.
 
 * ``ours`` is the development enclave tree exactly as ``trio-sign enclave --dev`` draws it
   (:func:`trio_sign.enclave.serve_dev_enclave`: share load, pool reaper, ``serve_grpc``).
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import gc
 import json
 import math
 import signal
@@ -60,6 +62,33 @@ REAP_INTERVAL_S = 0.1
 
 def _announce(port: int) -> None:
     print(json.dumps({"port": port}), flush=True)
+
+
+class _GcStats:
+    """Counts collections per generation and their pause times (``gc.callbacks``)."""
+
+    def __init__(self) -> None:
+        self._start = 0.0
+        self.count = [0, 0, 0]
+        self.total_s = [0.0, 0.0, 0.0]
+        self.max_s = [0.0, 0.0, 0.0]
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+            return
+        pause = time.perf_counter() - self._start
+        gen = info["generation"]
+        self.count[gen] += 1
+        self.total_s[gen] += pause
+        self.max_s[gen] = max(self.max_s[gen], pause)
+
+    def report(self) -> dict[str, list[float]]:
+        return {
+            "collections": [float(c) for c in self.count],
+            "total_ms": [t * 1000 for t in self.total_s],
+            "max_ms": [m * 1000 for m in self.max_s],
+        }
 
 
 # -- ours ------------------------------------------------------------------------------------
@@ -182,10 +211,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("kind", choices=["ours", "grpcio"])
     parser.add_argument("shares", type=Path, help="plaintext service share file")
     args = parser.parse_args(argv)
-    if args.kind == "ours":
-        trio.run(functools.partial(_serve_ours, args.shares))
-    else:
-        asyncio.run(_serve_grpcio(args.shares))
+    stats = _GcStats()
+    gc.callbacks.append(stats)
+    try:
+        if args.kind == "ours":
+            trio.run(functools.partial(_serve_ours, args.shares))
+        else:
+            asyncio.run(_serve_grpcio(args.shares))
+    finally:
+        gc.callbacks.remove(stats)
+    print(json.dumps({"gc": stats.report()}), flush=True)
     return 0
 
 
