@@ -51,6 +51,7 @@ class Gateway:
         self.attempts: list[float] = []
         self.fail: list[BaseException | None] = []  # per attempt: raise this (None: accept)
         self.hang = False
+        self.lockstep = False  # sends block until the other side reads
 
     async def connect(self) -> trio.abc.Stream:
         self.attempts.append(trio.current_time())
@@ -60,7 +61,10 @@ class Gateway:
                 raise error
         if self.hang:
             await trio.sleep_forever()
-        client, server = trio.testing.memory_stream_pair()
+        if self.lockstep:
+            client, server = trio.testing.lockstep_stream_pair()
+        else:
+            client, server = trio.testing.memory_stream_pair()
         await self._send.send(server)
         return client
 
@@ -291,6 +295,31 @@ async def test_hanging_connect_times_out(autojump_clock: trio.abc.Clock) -> None
         nursery.cancel_scope.cancel()
 
 
+async def test_request_that_cannot_be_sent_times_out(autojump_clock: trio.abc.Clock) -> None:
+    gateway = Gateway()
+    gateway.lockstep = True
+    async with trio.open_nursery() as nursery:
+        status = await start_client(nursery, gateway, lambda e: None, keepalive_timeout_s=15.0)
+        await gateway._receive.receive()  # accepted, but the request is never read
+        await gateway._receive.receive()
+        assert gateway.attempts == [0, 16]
+        assert "sending the request took longer than 15.0 s" in status.last_error
+        nursery.cancel_scope.cancel()
+
+
+async def test_broken_stream_is_a_disconnect(autojump_clock: trio.abc.Clock) -> None:
+    gateway = Gateway()
+    gateway.lockstep = True
+    async with trio.open_nursery() as nursery:
+        status = await start_client(nursery, gateway, lambda e: None)
+        server = await gateway._receive.receive()
+        await server.aclose()  # the client's request write fails: BrokenResourceError
+        await gateway._receive.receive()
+        assert gateway.attempts == [0, 1]
+        assert status.last_error == "BrokenResourceError"
+        nursery.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize(
     ("response", "error"),
     [
@@ -395,6 +424,22 @@ async def test_on_event_exception_propagates(autojump_clock: trio.abc.Clock) -> 
             server, _ = await gateway.accept()
             await server.send_all(OK_HEAD_CLOSE + b"data: a\n\n")
     assert await server.receive_some() == b""  # the stream was closed on the way out
+
+
+async def test_on_event_errors_are_never_taken_for_disconnects(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    gateway = Gateway()
+
+    def on_event(event: MessageEvent) -> None:
+        raise OSError("a bug that looks like I/O")
+
+    with pytest.RaisesGroup(pytest.RaisesExc(OSError, match="looks like I/O")):
+        async with trio.open_nursery() as nursery:
+            await start_client(nursery, gateway, on_event)
+            server, _ = await gateway.accept()
+            await server.send_all(OK_HEAD_CLOSE + b"data: a\n\n")
+    assert gateway.attempts == [0]
 
 
 @pytest.mark.parametrize("phase", ["connect", "request", "head", "body", "on_event", "backoff"])

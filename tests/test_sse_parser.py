@@ -12,7 +12,6 @@ from trio_sign import TrioSignError
 from trio_sign.sse import (
     BodyData,
     EndOfMessage,
-    Event,
     EventStreamParser,
     MessageEvent,
     ResponseEvent,
@@ -33,21 +32,21 @@ def M(data: str, type: str = "message", id: str = "") -> MessageEvent:
     return MessageEvent(type=type, data=data, last_event_id=id)
 
 
-def parse(stream: bytes, **kwargs: int) -> tuple[list[Event], str]:
+def parse(stream: bytes, **kwargs: int) -> tuple[list[MessageEvent | RetryChanged], str]:
     parser = EventStreamParser(**kwargs)  # type: ignore[arg-type]
     return parser.receive_data(stream), parser.last_event_id
 
 
-def parse_bytewise(stream: bytes) -> tuple[list[Event], str]:
+def parse_bytewise(stream: bytes) -> tuple[list[MessageEvent | RetryChanged], str]:
     parser = EventStreamParser()
-    events: list[Event] = []
+    events: list[MessageEvent | RetryChanged] = []
     for i in range(len(stream)):
         events += parser.receive_data(stream[i : i + 1])
     return events, parser.last_event_id
 
 
 # (name, stream, expected events, expected last event id afterwards)
-CASES: list[tuple[str, bytes, list[Event], str]] = [
+CASES: list[tuple[str, bytes, list[MessageEvent | RetryChanged], str]] = [
     # -- the spec's own examples (HTML, "Server-sent events", "Parsing an event stream") ------
     ("spec: stocks", b"data: YHOO\ndata: +2\ndata: 10\n\n", [M("YHOO\n+2\n10")], ""),
     (
@@ -138,7 +137,9 @@ CASES: list[tuple[str, bytes, list[Event], str]] = [
 @pytest.mark.parametrize(
     ("stream", "expected", "last_id"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
 )
-def test_spec_cases(stream: bytes, expected: list[Event], last_id: str) -> None:
+def test_spec_cases(
+    stream: bytes, expected: list[MessageEvent | RetryChanged], last_id: str
+) -> None:
     assert parse(stream) == (expected, last_id)
     assert parse_bytewise(stream) == (expected, last_id)
 
@@ -234,10 +235,12 @@ _streams = st.one_of(
 )
 
 
-def _feed(stream: bytes, cuts: list[int], **kwargs: int) -> tuple[list[Event], str] | str:
+def _feed(
+    stream: bytes, cuts: list[int], **kwargs: int
+) -> tuple[list[MessageEvent | RetryChanged], str] | str:
     parser = EventStreamParser(**kwargs)  # type: ignore[arg-type]
     points = sorted({min(c, len(stream)) for c in cuts})
-    events: list[Event] = []
+    events: list[MessageEvent | RetryChanged] = []
     start = 0
     try:
         for end in [*points, len(stream)]:

@@ -19,7 +19,6 @@ from ._events import MessageEvent, RetryChanged, SseProtocolError, SseResponseEr
 from ._http import (
     DEFAULT_MAX_HEAD_SIZE,
     BodyData,
-    EndOfMessage,
     EventsUrl,
     ResponseHead,
     ResponseParser,
@@ -71,8 +70,16 @@ class SseClientStatus:
     stopped: bool = False
 
 
-class _Silent(Exception):
-    """No progress within the keepalive timeout (internal)."""
+class _Lost(Exception):
+    """The connection failed or ended (internal); ``status`` is the HTTP status of a refused
+    response, if that is why."""
+
+    def __init__(self, reason: str, *, status: int | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+_IO_ERRORS: Final = (OSError, trio.BrokenResourceError, TransportError)
 
 
 async def run_sse_client(
@@ -139,17 +146,13 @@ async def run_sse_client(
         try:
             await client.run_once()
             reason = "the gateway ended the stream"
-        except SseResponseError as exc:
+        except _Lost as exc:
+            reason = str(exc)
             if exc.status == 204:
                 log.warning("sse: the gateway answered 204 No Content; not reconnecting")
                 status.stopped = True
-                status.last_error = str(exc)
+                status.last_error = reason
                 return
-            reason = str(exc)
-        except _Silent as exc:
-            reason = str(exc)
-        except (OSError, trio.BrokenResourceError, TransportError, SseProtocolError) as exc:
-            reason = str(exc) or type(exc).__name__
         status.connected = False
         status.last_error = reason
         if client.healthy:
@@ -197,14 +200,21 @@ class _Client:
         self.healthy = False
 
     async def run_once(self) -> None:
-        """One connection, until it ends; raises why it ended (returns on a clean end)."""
+        """One connection, until it ends; raises :class:`_Lost` (returns on a clean end).
+
+        Only I/O and protocol failures become :class:`_Lost`; whatever ``on_event`` raises
+        propagates unchanged.
+        """
         self.healthy = False
         timeout = self.keepalive_timeout_s
         log.debug("sse: connecting to %s", self.target)
         with trio.move_on_after(timeout) as scope:
-            stream = await self.connect()
+            try:
+                stream = await self.connect()
+            except _IO_ERRORS as exc:
+                raise _Lost(_describe(exc)) from exc
         if scope.cancelled_caught:
-            raise _Silent(f"connect took longer than {timeout} s (keepalive_timeout_s)")
+            raise _Lost(f"connect took longer than {timeout} s (keepalive_timeout_s)")
         try:
             await self._converse(stream)
         finally:
@@ -220,23 +230,36 @@ class _Client:
             last_event_id = ""
         request = build_request(self.target, last_event_id=last_event_id)
         with trio.move_on_after(timeout) as scope:
-            await stream.send_all(request)
+            try:
+                await stream.send_all(request)
+            except _IO_ERRORS as exc:
+                raise _Lost(_describe(exc)) from exc
         if scope.cancelled_caught:
-            raise _Silent(f"sending the request took longer than {timeout} s")
+            raise _Lost(f"sending the request took longer than {timeout} s (keepalive_timeout_s)")
         http = ResponseParser(max_head_size=self.max_head_size)
-        events = EventStreamParser(
+        parser = EventStreamParser(
             last_event_id=status.last_event_id,
             max_line_length=self.max_line_length,
             max_event_size=self.max_event_size,
         )
         while True:
             with trio.move_on_after(timeout) as scope:
-                data = await stream.receive_some(_RECEIVE_SIZE)
+                try:
+                    data = await stream.receive_some(_RECEIVE_SIZE)
+                except _IO_ERRORS as exc:
+                    raise _Lost(_describe(exc)) from exc
             if scope.cancelled_caught:
-                raise _Silent(f"no bytes for {timeout} s (keepalive_timeout_s)")
-            for item in http.receive_data(data) if data else http.receive_eof():
+                raise _Lost(f"no bytes for {timeout} s (keepalive_timeout_s)")
+            try:
+                items = http.receive_data(data) if data else http.receive_eof()
+            except SseProtocolError as exc:
+                raise _Lost(str(exc)) from exc
+            for item in items:
                 if isinstance(item, ResponseHead):
-                    check_event_stream(item)
+                    try:
+                        check_event_stream(item)
+                    except SseResponseError as exc:
+                        raise _Lost(str(exc), status=exc.status) from exc
                     self.healthy = True
                     status.connected = True
                     status.connects += 1
@@ -246,24 +269,34 @@ class _Client:
                         status.last_event_id,
                     )
                 elif isinstance(item, BodyData):
-                    for event in events.receive_data(item.data):
-                        if isinstance(event, RetryChanged):
-                            self.retry_ms = event.ms
-                            log.info("sse: server set retry to %d ms", event.ms)
-                        elif isinstance(event, MessageEvent):
-                            status.last_event_id = event.last_event_id
-                            status.last_event_at = trio.current_time()
-                            log.debug(
-                                "sse: event %r id %r (%d characters)",
-                                event.type,
-                                event.last_event_id,
-                                len(event.data),
-                            )
-                            result = self.on_event(event)
-                            if result is not None:
-                                await result
-                    status.last_event_id = events.last_event_id
-                elif isinstance(item, EndOfMessage):
-                    return
-            if not data:
-                return  # pragma: no cover  (receive_eof always ends or raises)
+                    await self._deliver(parser, item.data)
+                else:
+                    return  # EndOfMessage
+
+    async def _deliver(self, parser: EventStreamParser, data: bytes) -> None:
+        status = self.status
+        try:
+            events = parser.receive_data(data)
+        except SseProtocolError as exc:
+            raise _Lost(str(exc)) from exc
+        for event in events:
+            if isinstance(event, RetryChanged):
+                self.retry_ms = event.ms
+                log.info("sse: server set retry to %d ms", event.ms)
+                continue
+            status.last_event_at = trio.current_time()
+            log.debug(
+                "sse: event %r id %r (%d characters)",
+                event.type,
+                event.last_event_id,
+                len(event.data),
+            )
+            result = self.on_event(event)
+            if result is not None:
+                await result
+            status.last_event_id = event.last_event_id
+        status.last_event_id = parser.last_event_id
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__

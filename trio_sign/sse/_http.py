@@ -188,7 +188,7 @@ class ResponseParser:
         self._trailer_bytes = 0
         self._failed = False
 
-    def receive_data(self, data: bytes | bytearray) -> list[ResponseEvent]:
+    def receive_data(self, data: bytes | bytearray) -> list[ResponseHead | BodyData | EndOfMessage]:
         """Feed bytes; return the events they complete.
 
         Raises:
@@ -197,7 +197,7 @@ class ResponseParser:
         if self._failed:
             raise SseProtocolError("the HTTP response already failed; reconnect")
         self._buffer += data
-        events: list[ResponseEvent] = []
+        events: list[ResponseHead | BodyData | EndOfMessage] = []
         try:
             while self._step(events):
                 pass
@@ -206,7 +206,7 @@ class ResponseParser:
             raise
         return events
 
-    def receive_eof(self) -> list[ResponseEvent]:
+    def receive_eof(self) -> list[ResponseHead | BodyData | EndOfMessage]:
         """The peer closed the connection.
 
         Raises:
@@ -223,7 +223,7 @@ class ResponseParser:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _step(self, events: list[ResponseEvent]) -> bool:
+    def _step(self, events: list[ResponseHead | BodyData | EndOfMessage]) -> bool:
         """Make progress on the buffer; False when more bytes are needed."""
         state = self._state
         if state == "head":
@@ -296,11 +296,11 @@ class ResponseParser:
         del self._buffer[: end + 2]
         return line
 
-    def _finish(self, events: list[ResponseEvent]) -> None:
+    def _finish(self, events: list[ResponseHead | BodyData | EndOfMessage]) -> None:
         self._state = "done"
         events.append(EndOfMessage())
 
-    def _parse_head(self, events: list[ResponseEvent]) -> bool:
+    def _parse_head(self, events: list[ResponseHead | BodyData | EndOfMessage]) -> bool:
         end = self._buffer.find(b"\r\n\r\n")
         if end == -1:
             if len(self._buffer) > self._max_head_size:
@@ -344,7 +344,9 @@ class ResponseParser:
         self._choose_framing(head, events)
         return self._state != "done"
 
-    def _choose_framing(self, head: ResponseHead, events: list[ResponseEvent]) -> None:
+    def _choose_framing(
+        self, head: ResponseHead, events: list[ResponseHead | BodyData | EndOfMessage]
+    ) -> None:
         transfer_encoding = head.get("transfer-encoding")
         content_length = head.get("content-length")
         if head.status in (204, 304):

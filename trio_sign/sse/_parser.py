@@ -11,7 +11,7 @@ import codecs
 import re
 from typing import Final
 
-from ._events import Event, MessageEvent, RetryChanged, SseProtocolError
+from ._events import MessageEvent, RetryChanged, SseProtocolError
 
 #: Longest line accepted, in characters (code points), line terminator excluded.
 DEFAULT_MAX_LINE_LENGTH: Final = 64 * 1024
@@ -68,7 +68,7 @@ class EventStreamParser:
         """The last event ID string: what to send as ``Last-Event-ID`` on reconnect."""
         return self._last_event_id
 
-    def receive_data(self, data: bytes) -> list[Event]:
+    def receive_data(self, data: bytes) -> list[MessageEvent | RetryChanged]:
         """Feed the next bytes of the body; return the events they complete, in order.
 
         Raises:
@@ -85,7 +85,7 @@ class EventStreamParser:
                 text = text[1:]
                 if not text:
                     return []
-        events: list[Event] = []
+        events: list[MessageEvent | RetryChanged] = []
         before = self._last_event_id
         try:
             self._feed(text, events)
@@ -97,7 +97,7 @@ class EventStreamParser:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _feed(self, text: str, events: list[Event]) -> None:
+    def _feed(self, text: str, events: list[MessageEvent | RetryChanged]) -> None:
         pos = 0
         end = len(text)
         if self._skip_lf:
@@ -129,7 +129,7 @@ class EventStreamParser:
                 " (max_line_length)"
             )
 
-    def _process_line(self, line: str, events: list[Event]) -> None:
+    def _process_line(self, line: str, events: list[MessageEvent | RetryChanged]) -> None:
         if not line:
             self._dispatch(events)
             return
@@ -161,7 +161,7 @@ class EventStreamParser:
             events.append(RetryChanged(ms))
         # any other field is ignored
 
-    def _dispatch(self, events: list[Event]) -> None:
+    def _dispatch(self, events: list[MessageEvent | RetryChanged]) -> None:
         self._last_event_id = self._id_buffer
         if self._data:
             # Joining with "\n" is the spec's "append data and LF, remove the last LF".
