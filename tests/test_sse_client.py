@@ -61,10 +61,12 @@ class Gateway:
                 raise error
         if self.hang:
             await trio.sleep_forever()
-        if self.lockstep:
-            client, server = trio.testing.lockstep_stream_pair()
-        else:
-            client, server = trio.testing.memory_stream_pair()
+        pair = (
+            trio.testing.lockstep_stream_pair if self.lockstep else trio.testing.memory_stream_pair
+        )
+        client: trio.abc.Stream
+        server: trio.abc.Stream
+        client, server = pair()
         await self._send.send(server)
         return client
 
