@@ -33,10 +33,17 @@ from ._cms import EphemeralRecipientKey as EphemeralRecipientKey
 from ._cms import decrypt_recipient_ciphertext as decrypt_recipient_ciphertext
 from ._cms import encrypt_for_recipient as encrypt_for_recipient
 from ._cms import subject_key_identifier as subject_key_identifier
+from ._nsm_device import NSM_IOCTL_RAW as NSM_IOCTL_RAW
+from ._nsm_device import AsyncNsm as AsyncNsm
+from ._nsm_device import EntropySeed as EntropySeed
+from ._nsm_device import NsmDevice as NsmDevice
+from ._nsm_device import NsmError as NsmError
+from ._nsm_device import seed_entropy as seed_entropy
 
 __all__ = [
     "AWS_NITRO_ROOT_PEM",
     "AWS_NITRO_ROOT_SHA256",
+    "AsyncNsm",
     "AttestationDocument",
     "AttestationError",
     "AttestationMessage",
@@ -47,6 +54,7 @@ __all__ = [
     "ChannelProtocolError",
     "CmsError",
     "DroppedMessage",
+    "EntropySeed",
     "EphemeralRecipientKey",
     "ExitMessage",
     "Frame",
@@ -57,6 +65,9 @@ __all__ = [
     "MAX_FRAME_BYTES",
     "MAX_RECIPIENT_CIPHERTEXT_BYTES",
     "MAX_USER_FIELD_BYTES",
+    "NSM_IOCTL_RAW",
+    "NsmDevice",
+    "NsmError",
     "PreloadResultMessage",
     "REASONS",
     "RecipientCiphertextMessage",
@@ -66,6 +77,7 @@ __all__ = [
     "decode_message",
     "decrypt_recipient_ciphertext",
     "encrypt_for_recipient",
+    "seed_entropy",
     "subject_key_identifier",
     "verify_attestation",
 ]
