@@ -322,6 +322,47 @@ async def test_broken_stream_is_a_disconnect(autojump_clock: trio.abc.Clock) -> 
         nursery.cancel_scope.cancel()
 
 
+class ResettingStream(trio.abc.Stream):
+    """Accepts the request, then the connection is reset."""
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await trio.lowlevel.checkpoint()
+        raise ConnectionResetError("connection reset by peer")
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+async def test_connection_reset_is_a_disconnect(autojump_clock: trio.abc.Clock) -> None:
+    attempts: list[float] = []
+
+    async def connect_resetting() -> trio.abc.Stream:
+        attempts.append(trio.current_time())
+        await trio.lowlevel.checkpoint()
+        return ResettingStream()
+
+    async with trio.open_nursery() as nursery:
+        status: SseClientStatus = await nursery.start(
+            functools.partial(
+                run_sse_client,
+                URL,
+                connect=connect_resetting,
+                on_event=lambda e: None,
+                rng=MaxJitter(),
+            )
+        )
+        await trio.sleep(4)
+        assert attempts == [0, 1, 3]
+        assert status.last_error == "connection reset by peer"
+        nursery.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize(
     ("response", "error"),
     [
@@ -515,6 +556,15 @@ async def test_loopback_tcp() -> None:
     assert events == [MessageEvent("probe", '{"nonce":"n1"}', "1")]
     assert b"Last-Event-ID: 1\r\n" in requests[1]
     assert requests[0].startswith(b"GET /v1/enclaves/n/events HTTP/1.1\r\nHost: 127.0.0.1:")
+
+
+def test_public_api() -> None:
+    import trio_sign.sse as sse
+
+    assert len(sse.__all__) == len(set(sse.__all__))
+    public = {name for name in vars(sse) if not name.startswith("_")}
+    modules = {name for name in public if type(getattr(sse, name)).__name__ == "module"}
+    assert public - modules == set(sse.__all__)
 
 
 # -- the DESIGN §5 handler ---------------------------------------------------------------------
