@@ -442,6 +442,18 @@ async def test_bad_arguments_raise_before_started() -> None:
         await run_sse_client(
             URL, connect=gateway.connect, on_event=lambda e: None, last_event_id="a\nb"
         )
+    for bad in (
+        {"backoff_initial_s": 0.0},
+        {"backoff_initial_s": 5.0, "backoff_max_s": 1.0},
+        {"keepalive_timeout_s": 0.0},
+    ):
+        with pytest.raises(ValueError, match="backoff_initial_s"):
+            await run_sse_client(
+                URL,
+                connect=gateway.connect,
+                on_event=lambda e: None,
+                **bad,  # type: ignore[arg-type]
+            )
     assert gateway.attempts == []
 
 

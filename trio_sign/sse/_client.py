@@ -122,12 +122,15 @@ async def run_sse_client(
     no task is left behind (the client runs in the caller's task).
 
     Error handling: transport and protocol failures are logged and retried, never raised. A bad
-    ``url`` raises :class:`~trio_sign.transport.TransportError` before ``started``. An exception
+    ``url`` raises :class:`~trio_sign.transport.TransportError` and bad settings ``ValueError``,
+    both before ``started``. An exception
     from ``on_event`` propagates (it is a bug in the caller; fail fast).
     """
     target = parse_events_url(url)
-    if not valid_last_event_id(last_event_id) or "\0" in last_event_id:
+    if not valid_last_event_id(last_event_id):
         raise ValueError("last_event_id contains control characters")
+    if not 0 < backoff_initial_s <= backoff_max_s or keepalive_timeout_s <= 0:
+        raise ValueError("need 0 < backoff_initial_s <= backoff_max_s and keepalive_timeout_s > 0")
     status = SseClientStatus(url=str(target), last_event_id=last_event_id)
     client = _Client(
         target,
