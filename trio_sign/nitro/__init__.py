@@ -33,6 +33,9 @@ from ._cms import EphemeralRecipientKey as EphemeralRecipientKey
 from ._cms import decrypt_recipient_ciphertext as decrypt_recipient_ciphertext
 from ._cms import encrypt_for_recipient as encrypt_for_recipient
 from ._cms import subject_key_identifier as subject_key_identifier
+from ._local_nsm import DEFAULT_LOCAL_PCRS as DEFAULT_LOCAL_PCRS
+from ._local_nsm import LocalNsm as LocalNsm
+from ._local_nsm import load_pcr_json as load_pcr_json
 from ._nsm_device import NSM_IOCTL_RAW as NSM_IOCTL_RAW
 from ._nsm_device import AsyncNsm as AsyncNsm
 from ._nsm_device import EntropySeed as EntropySeed
@@ -53,6 +56,7 @@ __all__ = [
     "ChannelMessage",
     "ChannelProtocolError",
     "CmsError",
+    "DEFAULT_LOCAL_PCRS",
     "DroppedMessage",
     "EntropySeed",
     "EphemeralRecipientKey",
@@ -60,6 +64,7 @@ __all__ = [
     "Frame",
     "FrameChannel",
     "HelloMessage",
+    "LocalNsm",
     "LogMessage",
     "MAX_DOCUMENT_BYTES",
     "MAX_FRAME_BYTES",
@@ -77,6 +82,7 @@ __all__ = [
     "decode_message",
     "decrypt_recipient_ciphertext",
     "encrypt_for_recipient",
+    "load_pcr_json",
     "seed_entropy",
     "subject_key_identifier",
     "verify_attestation",
