@@ -5,11 +5,13 @@ from __future__ import annotations
 import base64
 import functools
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -332,3 +334,122 @@ def test_fuzz_never_crashes(data: st.DataObject, vectors_dir: Path) -> None:
 def test_fuzz_random_bytes(raw: bytes) -> None:
     with pytest.raises(CmsError):
         decrypt_recipient_ciphertext(raw, _other_key())
+
+
+# -- structural variants, built field by field ----------------------------------------------
+
+_ind = _cms._ber_indefinite
+
+
+def _build(
+    key: rsa.RSAPrivateKey,
+    plaintext: bytes = b"structural test",
+    *,
+    definite: bool = False,
+    version: int = 2,
+    originator: bytes = b"",
+    unprotected: bytes = b"",
+    recipients: list[bytes] | None = None,
+    ktri_version: int = 2,
+    rid: bytes | None = None,
+    cek_len: int = 32,
+    data_oid: bytes = _cms._OID_DATA,
+    iv_len: int = 16,
+    content: bytes | None = None,
+    chop: int = 0,
+) -> bytes:
+    cek = bytes(range(cek_len))
+    iv = bytes(iv_len)
+    pad = 16 - len(plaintext) % 16
+    enc = Cipher(algorithms.AES(bytes(range(32))), modes.CBC(bytes(16))).encryptor()
+    ciphertext = enc.update(plaintext + bytes([pad]) * pad) + enc.finalize()
+    ciphertext = ciphertext[: len(ciphertext) - chop]
+    encrypted_key = key.public_key().encrypt(cek, _cms._oaep())
+    if rid is None:
+        rid = _der(0x80, subject_key_identifier(key.public_key()))
+    ktri = _der(
+        0x30,
+        _der(0x02, bytes([ktri_version])) + rid + _cms._OAEP_ALG + _der(0x04, encrypted_key),
+    )
+    wrap = (lambda ident, *p: _der(ident, b"".join(p))) if definite else _ind
+    if content is None:
+        content = wrap(0xA0, _der(0x04, ciphertext))
+    eci = wrap(
+        0x30,
+        _der(0x06, data_oid),
+        _der(0x30, _der(0x06, _cms._OID_AES256_CBC) + _der(0x04, iv)),
+        content,
+    )
+    ris = _der(0x31, b"".join(recipients if recipients is not None else [ktri]))
+    enveloped = wrap(0x30, _der(0x02, bytes([version])), originator, ris, eci, unprotected)
+    return wrap(0x30, _der(0x06, _cms._OID_ENVELOPED_DATA), wrap(0xA0, enveloped))
+
+
+def test_builder_baseline_and_definite_lengths() -> None:
+    key = _other_key()
+    assert decrypt_recipient_ciphertext(_build(key), key) == b"structural test"
+    assert decrypt_recipient_ciphertext(_build(key, definite=True), key) == b"structural test"
+
+
+def test_chunked_and_nested_content() -> None:
+    key = _other_key()
+    enc = Cipher(algorithms.AES(bytes(range(32))), modes.CBC(bytes(16))).encryptor()
+    ct = enc.update(b"x" * 20 + b"\x0c" * 12) + enc.finalize()
+    nested = _ind(
+        0xA0,
+        _der(0x04, ct[:5]),
+        _ind(0x24, _der(0x04, ct[5:9]), _der(0x04, b"")),
+        _der(0x04, ct[9:]),
+    )
+    assert decrypt_recipient_ciphertext(_build(key, content=nested), key) == b"x" * 20
+    primitive = _der(0x80, ct)
+    assert decrypt_recipient_ciphertext(_build(key, content=primitive), key) == b"x" * 20
+    wrong_chunk = _ind(0xA0, _der(0x02, ct))
+    assert _reason(_build(key, content=wrong_chunk), key) == "bad_ber"
+
+
+def test_non_minimal_length_is_accepted() -> None:
+    key = _other_key()
+    blob = _build(key)
+    # The encoder writes "02 01 02" for the version; BER allows "02 81 01 02".
+    patched = blob.replace(b"\x30\x80\x02\x01\x02\x31", b"\x30\x80\x02\x81\x01\x02\x31", 1)
+    assert patched != blob
+    assert decrypt_recipient_ciphertext(patched, key) == b"structural test"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "reason", "match"),
+    [
+        ({"version": 0}, "unsupported", "version 0"),
+        ({"ktri_version": 0}, "unsupported", "version 0"),
+        ({"originator": _der(0xA0, b"")}, "unsupported", "originatorInfo"),
+        ({"unprotected": _der(0xA1, _der(0x30, b""))}, "unsupported", "unprotectedAttrs"),
+        ({"recipients": []}, "unsupported", "0 recipients"),
+        ({"rid": _der(0x30, _der(0x30, b"") + _der(0x02, b"\x01"))}, "unsupported", "identifier"),
+        ({"data_oid": bytes.fromhex("2a864886f70d010702")}, "unsupported", "contentType"),
+        ({"iv_len": 8}, "bad_ber", "IV of 8 bytes"),
+        ({"chop": 1}, "decrypt_failed", "multiple"),
+        ({"cek_len": 16}, "decrypt_failed", "16 bytes"),
+        ({"content": b""}, "unsupported", "detached"),
+    ],
+)
+def test_structural_refusals(kwargs: dict[str, Any], reason: str, match: str) -> None:
+    key = _other_key()
+    with pytest.raises(CmsError, match=match) as info:
+        decrypt_recipient_ciphertext(_build(key, **kwargs), key)
+    assert info.value.reason == reason
+
+
+def test_two_recipients_and_other_recipient_types() -> None:
+    key = _other_key()
+    one = _build(key)
+    # Take our KeyTransRecipientInfo out of a good blob and repeat it.
+    ktri_start = one.index(b"\x31\x82") + 4
+    ktri = one[ktri_start : ktri_start + 4 + int.from_bytes(one[ktri_start + 2 : ktri_start + 4])]
+    with pytest.raises(CmsError, match="2 recipients") as info:
+        decrypt_recipient_ciphertext(_build(key, recipients=[ktri, ktri]), key)
+    assert info.value.reason == "unsupported"
+    kari = _der(0xA1, _der(0x02, b"\x03"))
+    with pytest.raises(CmsError, match="KeyTransRecipientInfo") as info:
+        decrypt_recipient_ciphertext(_build(key, recipients=[kari]), key)
+    assert info.value.reason == "unsupported"

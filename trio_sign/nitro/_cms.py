@@ -27,8 +27,9 @@ Secrets and memory: the plaintext is returned in a ``bytearray`` the caller owns
 What CPython and ``cryptography`` do not let us zero: ``RSAPrivateKey.decrypt`` returns the CEK
 as an immutable ``bytes`` object (it stays in the heap until its memory is reused), and
 OpenSSL's cipher context keeps its own expanded AES key schedule, which OpenSSL clears when the
-context is freed. The encoder (for the local KMS stand-in) likewise holds its CEK in a
-``bytearray`` and zeroes it.
+context is freed. The encoder (for the local KMS stand-in) likewise holds its CEK and padded
+plaintext in ``bytearray`` buffers and zeroes them (``RSAPublicKey.encrypt`` takes one
+immutable copy of the CEK).
 
 Padding oracles: AES-CBC is not authenticated, and the parent that hands us the blob is not
 trusted. A parent replaying modified blobs could use "bad padding" vs. "ok" as an oracle.
@@ -58,7 +59,7 @@ from ..crypto._sodium import memzero
 #: Refuse recipient ciphertexts larger than this. KMS plaintexts are at most 4096 bytes, so a
 #: real ``CiphertextForRecipient`` is well under 8 KiB; the bound only protects the parser.
 MAX_RECIPIENT_CIPHERTEXT_BYTES = 64 * 1024
-#: Maximum nesting of BER elements (the KMS structure is 7 deep).
+#: Maximum nesting of BER elements (the KMS structure is 10 deep, at the MGF1 hash OID).
 MAX_BER_DEPTH = 12
 #: Maximum number of BER elements in one blob (chunked content can have many OCTET STRINGs).
 MAX_BER_ELEMENTS = 4096
@@ -408,7 +409,7 @@ def _oaep() -> padding.OAEP:
     return padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
 
 
-def _unpad_length(padded: bytearray) -> int | None:
+def _unpad_length(padded: bytearray | memoryview) -> int | None:
     """Length of the PKCS#7-unpadded data, or None. No early exit over the padding bytes."""
     n = padded[-1]
     bad = int(n == 0) | int(n > _AES_BLOCK)
@@ -449,8 +450,8 @@ def decrypt_recipient_ciphertext(
             reason="decrypt_failed",
         )
     cek = bytearray(_CEK_BYTES)
+    # cryptography's update_into wants block_size - 1 spare bytes.
     plaintext = bytearray(len(env.ciphertext) + _AES_BLOCK - 1)
-    ok = False
     try:
         try:
             # cryptography returns immutable bytes here; we cannot zero that copy.
@@ -469,20 +470,19 @@ def decrypt_recipient_ciphertext(
         decryptor = Cipher(algorithms.AES(cek), modes.CBC(env.iv)).decryptor()
         n = decryptor.update_into(env.ciphertext, plaintext)
         decryptor.finalize()
-        del plaintext[n:]
-        keep = _unpad_length(plaintext)
+        keep = _unpad_length(memoryview(plaintext)[:n])
         if keep is None:
             raise CmsError(
                 "PKCS#7 padding of the decrypted content is invalid", reason="bad_padding"
             )
-        memzero(memoryview(plaintext)[keep:])
-        del plaintext[keep:]
-        ok = True
-        return plaintext
+        # A fresh buffer of the exact size: shrinking ``plaintext`` in place could let the
+        # allocator move it and leave an unzeroed copy behind.
+        out = bytearray(keep)
+        out[:] = memoryview(plaintext)[:keep]
+        return out
     finally:
         memzero(cek)
-        if not ok:
-            memzero(plaintext)
+        memzero(plaintext)
 
 
 # ------------------------------------------------------------------------------------------
@@ -536,6 +536,7 @@ def encrypt_for_recipient(
         padded[len(plaintext) :] = bytes([pad]) * pad
         encryptor = Cipher(algorithms.AES(cek), modes.CBC(iv)).encryptor()
         ciphertext = encryptor.update(padded) + encryptor.finalize()
+        # The typed API takes bytes: one immutable copy of the CEK we cannot zero.
         encrypted_key = public_key.encrypt(bytes(cek), _oaep())
     finally:
         memzero(cek)
