@@ -6,7 +6,16 @@ import importlib
 
 import pytest
 
-PACKAGES = ["trio_sign", "trio_sign.crypto", "trio_sign.shares", "trio_sign.testing"]
+PACKAGES = [
+    "trio_sign",
+    "trio_sign.crypto",
+    "trio_sign.enclave",
+    "trio_sign.rpc",
+    "trio_sign.shares",
+    "trio_sign.sse",
+    "trio_sign.testing",
+    "trio_sign.transport",
+]
 
 
 @pytest.mark.parametrize("name", PACKAGES)

@@ -3,6 +3,7 @@ DESIGN §4, drain, and the ``trio-sign enclave --dev`` process under SIGTERM."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -492,3 +493,79 @@ def test_handler_table_covers_the_contract() -> None:
     names = {m.removeprefix(S) for m in service.handlers()}
     assert names == {m.name for m in pb.DESCRIPTOR.services_by_name["SignService"].methods}
     store.close()
+
+
+async def test_sse_events_reach_the_enclave(tmp_path: Path) -> None:
+    """A gateway-like SSE server on loopback: probe, freeze, unfreeze and drain take effect."""
+    send_events, receive_events = trio.open_memory_channel[bytes](10)
+    requests: list[bytes] = []
+
+    async def gateway(stream: trio.SocketStream) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += await stream.receive_some(4096)
+        requests.append(head)
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Cache-Control: no-cache\r\n\r\n: hello\n\n"
+        )
+        async for chunk in receive_events:
+            await stream.send_all(chunk)
+
+    async def until(predicate: Any) -> None:
+        # Real sockets and threads are involved: poll, bounded.
+        with trio.fail_after(5):
+            while not predicate():  # noqa: ASYNC110
+                await trio.sleep(0.01)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, gateway, 0, host="127.0.0.1")
+        )
+        port = listeners[0].socket.getsockname()[1]
+        async with running_enclave(
+            tmp_path, gateway_url=f"http://127.0.0.1:{port}", node_id="node-7"
+        ) as (handle, _accounts, ch):
+            assert handle.sse is not None
+            await until(lambda: handle.sse is not None and handle.sse.connected)
+            assert requests[0].startswith(b"GET /v1/enclaves/node-7/events HTTP/1.1\r\n")
+            assert b"accept: text/event-stream" in requests[0].lower()
+
+            await send_events.send(b'id: 1\nevent: probe\ndata: {"nonce": "n-42"}\n\n')
+            await send_events.send(b'id: 2\nevent: freeze\ndata: {"account_id": "acct-0"}\n\n')
+            await until(lambda: "acct-0" in handle.service.frozen)
+            status = await call(ch, "GetStatus", pb.GetStatusRequest(), pb.GetStatusResponse)
+            assert status.last_sse_probe == "n-42"
+            await _expect(
+                StatusCode.FAILED_PRECONDITION,
+                call(
+                    ch,
+                    "Commit",
+                    pb.CommitRequest(account_id="acct-0", session_id="f"),
+                    pb.CommitResponse,
+                ),
+            )
+
+            await send_events.send(b'event: unfreeze\ndata: {"account_id": "acct-0"}\n\n')
+            await send_events.send(b"event: mystery\ndata: {}\n\n")  # logged and ignored
+            await until(lambda: "acct-0" not in handle.service.frozen)
+            await call(
+                ch,
+                "Commit",
+                pb.CommitRequest(account_id="acct-0", session_id="f"),
+                pb.CommitResponse,
+            )
+
+            await send_events.send(b"event: drain\ndata: {}\n\n")
+            await until(lambda: handle.service.state == "draining")
+            await _expect(
+                StatusCode.UNAVAILABLE,
+                call(
+                    ch,
+                    "Commit",
+                    pb.CommitRequest(account_id="acct-1", session_id="g"),
+                    pb.CommitResponse,
+                ),
+            )
+        send_events.close()
+        nursery.cancel_scope.cancel()

@@ -22,6 +22,13 @@ def add_parser(sub: Any) -> None:
     enclave.add_argument("--max-sessions", type=int, default=10_000)
     enclave.add_argument("--session-ttl", type=float, default=60.0, metavar="SECONDS")
     enclave.add_argument("--drain-grace", type=float, default=10.0, metavar="SECONDS")
+    enclave.add_argument(
+        "--gateway-url", metavar="URL", help="Sign Gateway base URL for the SSE event stream"
+    )
+    enclave.add_argument("--node-id", default="enclave-0", help="this node's id at the gateway")
+    enclave.add_argument(
+        "--sse-via", metavar="URL", help="address the SSE stream travels over (the parent relay)"
+    )
     enclave.add_argument("--dev", action="store_true", help="development mode (never in the EIF)")
     enclave.add_argument(
         "--dev-plaintext-shares",
@@ -49,6 +56,9 @@ def cmd_enclave(args: argparse.Namespace) -> int:
         max_sessions=args.max_sessions,
         session_ttl_s=args.session_ttl,
         drain_grace_s=args.drain_grace,
+        gateway_url=args.gateway_url,
+        node_id=args.node_id,
+        sse_via=args.sse_via,
         dev=True,
         dev_plaintext_shares=args.dev_plaintext_shares,
     )

@@ -19,6 +19,13 @@ class EnclaveConfig:
         session_ttl_s: lifetime of a session from Commit; nonces are zeroed when it ends.
         drain_grace_s: on SIGTERM/SIGINT, how long open calls may finish before cancellation.
         max_receive_message_size: largest gRPC request accepted (RESOURCE_EXHAUSTED above).
+        gateway_url: the Sign Gateway's base URL; its SSE stream is
+            ``{gateway_url}/v1/enclaves/{node_id}/events``. None: no SSE subscription.
+        node_id: this enclave node's id at the gateway.
+        sse_via: the address the SSE bytes travel over: the parent's relay
+            (``vsock://3:PORT``) in production; in development it defaults to the gateway's
+            own host and port.
+        sse_keepalive_timeout_s: a stream silent this long is reconnected.
         dev: development mode. Required for ``dev_plaintext_shares``; never set in the EIF.
         dev_plaintext_shares: a plaintext share file to serve, bypassing NSM and KMS.
     """
@@ -28,5 +35,9 @@ class EnclaveConfig:
     session_ttl_s: float = DEFAULT_SESSION_TTL_S
     drain_grace_s: float = 10.0
     max_receive_message_size: int = DEFAULT_MAX_RECEIVE_MESSAGE_SIZE
+    gateway_url: str | None = None
+    node_id: str = "enclave-0"
+    sse_via: str | None = None
+    sse_keepalive_timeout_s: float = 45.0
     dev: bool = False
     dev_plaintext_shares: Path | None = None

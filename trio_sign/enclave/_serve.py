@@ -6,6 +6,7 @@
     serve_dev_enclave
     ├── load the plaintext share file (worker thread)  -> ShareStore
     ├── SessionPool.run_reaper                          (expires sessions, zeroes nonces)
+    ├── run_sse_client (if gateway_url)                 (probe/abort/freeze/unfreeze/drain)
     └── serve_grpc on config.grpc_listen               (SignService handlers)
 
 The production tree (NSM, attested KMS preload, status/log channels, SSE client) grows from
@@ -17,13 +18,15 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from urllib.parse import urlsplit
 
 import trio
 
 from .._errors import TrioSignError
 from ..rpc import GrpcServer, serve_grpc
 from ..shares import ShareStore
-from ..transport import open_listeners
+from ..sse import SseClientStatus, SseEventHandler, events_url, parse_events_url, run_sse_client
+from ..transport import connect, open_listeners
 from ._config import EnclaveConfig
 from ._pool import SessionPool
 from ._service import SignService
@@ -35,11 +38,17 @@ class EnclaveHandle:
     """What ``nursery.start(serve_dev_enclave, ...)`` returns: the running service."""
 
     def __init__(
-        self, service: SignService, server: GrpcServer, addresses: list[str], config: EnclaveConfig
+        self,
+        service: SignService,
+        server: GrpcServer,
+        addresses: list[str],
+        config: EnclaveConfig,
+        sse: SseClientStatus | None,
     ) -> None:
         self.service = service
         self.server = server
         self.addresses = addresses
+        self.sse = sse
         self._config = config
         self._stop = trio.Event()
 
@@ -107,6 +116,7 @@ async def serve_dev_enclave(
         service = SignService(store, pool, frozen=frozen)
         async with trio.open_nursery() as nursery:
             await nursery.start(pool.run_reaper)
+            sse = await _start_sse(nursery, config, service)
             listeners = await open_listeners(config.grpc_listen)
             scheme = config.grpc_listen.split(":", 1)[0]
             addresses = [_listener_url(listener, scheme) for listener in listeners]
@@ -118,7 +128,7 @@ async def serve_dev_enclave(
                     max_receive_message_size=config.max_receive_message_size,
                 )
             )
-            handle = EnclaveHandle(service, server, addresses, config)
+            handle = EnclaveHandle(service, server, addresses, config, sse)
             log.info(
                 "enclave ready",
                 extra={
@@ -134,3 +144,33 @@ async def serve_dev_enclave(
     finally:
         store.close()
         log.info("enclave stopped; shares zeroed")
+
+
+def _sse_via(config: EnclaveConfig, url: str) -> str:
+    if config.sse_via is not None:
+        return config.sse_via
+    parse_events_url(url)  # validates
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"tcp://{parts.hostname}:{port}"
+
+
+async def _start_sse(
+    nursery: trio.Nursery, config: EnclaveConfig, service: SignService
+) -> SseClientStatus | None:
+    """Subscribe to the gateway's events; never blocks readiness on the gateway being up."""
+    if config.gateway_url is None:
+        return None
+    url = events_url(config.gateway_url, config.node_id)
+    via = _sse_via(config, url)
+    status: SseClientStatus = await nursery.start(
+        functools.partial(
+            run_sse_client,
+            url,
+            connect=functools.partial(connect, via),
+            on_event=SseEventHandler(service),
+            keepalive_timeout_s=config.sse_keepalive_timeout_s,
+        )
+    )
+    log.info("sse subscription started", extra={"url": url, "via": via})
+    return status
