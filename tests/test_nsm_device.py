@@ -13,15 +13,23 @@ from typing import Any
 import cbor2
 import pytest
 import trio
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from trio_sign import TrioSignError
+from trio_sign.crypto._sodium import memzero
 from trio_sign.nitro import (
     NSM_IOCTL_RAW,
     AsyncNsm,
     EntropySeed,
+    EphemeralRecipientKey,
+    LocalNsm,
     NsmDevice,
     NsmError,
+    NsmLike,
     _nsm_device,
+    decode_attestation,
+    encrypt_for_recipient,
     seed_entropy,
 )
 from trio_sign.nitro._nsm_device import (
@@ -414,3 +422,37 @@ async def test_real_device_async() -> None:  # pragma: no cover - only inside a 
             assert (await AsyncNsm(device).describe_nsm())["max_pcrs"] >= 16
         finally:
             device.close()
+
+
+# -- the local stand-in through the same interfaces ---------------------------------------
+
+
+async def test_async_wrapper_drives_local_nsm() -> None:
+    local: NsmLike = LocalNsm()  # mypy checks LocalNsm has NsmDevice's method shapes
+    nsm = AsyncNsm(local)
+    assert len(await nsm.get_random()) > 0
+    assert (await nsm.describe_pcr(0))[0] is True
+    new = await nsm.extend_pcr(16, hashlib.sha384(b"manifest").digest())
+    await nsm.lock_pcr(16)
+    assert await nsm.describe_pcr(16) == (True, new)
+    doc = await nsm.attestation(nonce=b"n" * 32, public_key=b"spki")
+    assert decode_attestation(doc).public_key == b"spki"
+
+
+async def test_kms_recipient_flow_with_local_nsm() -> None:
+    """Enclave key -> attestation doc -> (KMS stand-in) envelope for the doc's key -> unwrap."""
+    nsm = AsyncNsm(LocalNsm())
+    recipient = await trio.to_thread.run_sync(EphemeralRecipientKey.generate)
+    with recipient:
+        doc = await nsm.attestation(public_key=recipient.public_key_der)
+        spki = decode_attestation(doc).public_key
+        assert spki is not None
+        public = serialization.load_der_public_key(spki)
+        assert isinstance(public, rsa.RSAPublicKey)
+        blob = encrypt_for_recipient(public, b"\x01" * 32)
+        data_key = recipient.decrypt_recipient_ciphertext(blob)
+        try:
+            assert data_key == b"\x01" * 32
+        finally:
+            memzero(data_key)
+        assert data_key == bytes(32)

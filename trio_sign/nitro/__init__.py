@@ -41,6 +41,7 @@ from ._nsm_device import AsyncNsm as AsyncNsm
 from ._nsm_device import EntropySeed as EntropySeed
 from ._nsm_device import NsmDevice as NsmDevice
 from ._nsm_device import NsmError as NsmError
+from ._nsm_device import NsmLike as NsmLike
 from ._nsm_device import seed_entropy as seed_entropy
 
 __all__ = [
@@ -73,6 +74,7 @@ __all__ = [
     "NSM_IOCTL_RAW",
     "NsmDevice",
     "NsmError",
+    "NsmLike",
     "PreloadResultMessage",
     "REASONS",
     "RecipientCiphertextMessage",
