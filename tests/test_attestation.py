@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
+import base64
 import hashlib
+import io
 import json
+import sys
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -17,12 +21,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from trio_sign import TrioSignError
+from trio_sign.cli import _attestation
 from trio_sign.nitro import (
     AWS_NITRO_ROOT_PEM,
     AWS_NITRO_ROOT_SHA256,
     MAX_DOCUMENT_BYTES,
     REASONS,
     AttestationError,
+    LocalNsm,
     decode_attestation,
     verify_attestation,
 )
@@ -453,3 +459,180 @@ def test_random_corruption_only_ever_raises_attestation_error(
     except AttestationError as exc:
         reason = exc.reason
     assert reason == "ok" or reason in REASONS
+
+
+# -- the CLI (trio-sign attestation verify; _main.py wires it, so drive add_parser directly) ------
+
+
+def _cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="trio-sign")
+    _attestation.add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["attestation", "verify", *argv])
+    code: int = args.func(args)
+    return code
+
+
+def test_cli_prints_the_fields(vectors_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = vectors_dir / "nitro" / "attestation" / "blocky_debug.cose"
+    pcr4 = decode_attestation(path.read_bytes()).pcrs[4].hex()
+    assert pcr4.startswith("45706d7b621e4620")
+    assert _cli([str(path), "--at", "document", "--pcr", f"4={pcr4}"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(
+        "attestation document OK (signature; chain; validity at 2024-09-07T14:38:06.508Z; PCR 4)"
+    )
+    assert "module_id   i-0a22e5c5f24d22174-enc0191ccebaf8feaba\n" in out
+    assert "timestamp   2024-09-07T14:38:06.508Z  (1725719886508 ms)\n" in out
+    assert "mode        DEBUG (PCR0, PCR1, PCR2 are zero)\n" in out
+    assert f"  PCR0   {'00' * 48}  (debug)\n" in out
+    assert f"  PCR4   {pcr4}  (pinned)\n" in out
+    assert f"sha256 {AWS_NITRO_ROOT_SHA256} (the AWS root)" in out
+    assert "user_data   1024 bytes  " + "01" * 16 + "...\n" in out
+    assert "  root         CN=aws.nitro-enclaves,OU=AWS,O=Amazon,C=US\n" in out
+    assert "valid 2024-09-07T14:38:03Z .. 2024-09-07T17:38:06Z" in out
+
+
+def test_cli_json(vectors_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = vectors_dir / "nitro" / "attestation" / "evervault_beta_prod.cose"
+    assert _cli([str(path), "--at", "document", "--production", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["valid"] is True
+    assert info["debug_mode"] is False
+    assert info["timestamp"] == "2022-10-13T08:58:02.136Z"
+    assert info["pcrs"]["0"].startswith("f4d48b81a460c991")
+    assert info["nonce"]["length"] == 256
+    assert info["user_data"] is None
+    assert [c["role"] for c in info["chain"]] == [
+        "leaf",
+        "cabundle[3]",
+        "cabundle[2]",
+        "cabundle[1]",
+        "root",
+    ]
+    assert info["root"]["sha256"] == AWS_NITRO_ROOT_SHA256
+
+
+@pytest.mark.parametrize("encoding", ["raw", "base64", "base64-lines", "urlsafe"])
+def test_cli_reads_raw_or_base64(
+    vectors_dir: Path, tmp_path: Path, encoding: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw = _doc(vectors_dir, "signal_svr2_prod")
+    data = {
+        "raw": raw,
+        "base64": base64.b64encode(raw) + b"\n",
+        "base64-lines": base64.encodebytes(raw),
+        "urlsafe": base64.urlsafe_b64encode(raw).rstrip(b"="),
+    }[encoding]
+    path = tmp_path / "doc"
+    path.write_bytes(data)
+    assert _cli([str(path), "--at", "document"]) == 0
+    assert "i-09b153b9b6859a1de" in capsys.readouterr().out
+
+
+def test_cli_reads_stdin(
+    vectors_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw = _doc(vectors_dir, "blocky_prod")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(raw)))
+    assert _cli(["-", "--at", "document"]) == 0
+    assert "i-0a22e5c5f24d22174-enc0191cceb4289903f" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        ([], "cert_expired"),
+        (["--at", "now"], "cert_expired"),
+        (["--at", "2024-09-07T14:00:00"], "cert_not_yet_valid"),
+        (["--at", "document", "--production"], "debug_mode"),
+        (["--at", "document", "--pcr", f"3={'11' * 48}"], "pcr_mismatch"),
+        (["--at", "document", "--nonce", "00"], "nonce_mismatch"),
+        (["--at", "document", "--max-age", "0"], None),
+    ],
+)
+def test_cli_failures_raise_with_the_reason(
+    vectors_dir: Path, extra: list[str], reason: str | None
+) -> None:
+    path = vectors_dir / "nitro" / "attestation" / "blocky_debug.cose"
+    if reason is None:
+        assert _cli([str(path), *extra]) == 0
+        return
+    with pytest.raises(AttestationError) as exc:
+        _cli([str(path), *extra])
+    assert str(exc.value).startswith(f"{reason}: ")
+
+
+def test_cli_explicit_time_naive_is_utc(vectors_dir: Path) -> None:
+    path = vectors_dir / "nitro" / "attestation" / "blocky_debug.cose"
+    assert _cli([str(path), "--at", "2024-09-07T17:38:00"]) == 0
+    assert _cli([str(path), "--at", "2024-09-07T19:38:00+02:00"]) == 0
+    with pytest.raises(AttestationError) as exc:
+        _cli([str(path), "--at", "2024-09-07T17:39:00Z"])
+    assert exc.value.reason == "cert_expired"
+
+
+def test_cli_matching_nonce(vectors_dir: Path) -> None:
+    path = vectors_dir / "nitro" / "attestation" / "blocky_prod.cose"
+    nonce = decode_attestation(path.read_bytes()).nonce
+    assert nonce is not None
+    assert _cli([str(path), "--at", "document", "--nonce", nonce.hex()]) == 0
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--pcr", "4"],
+        ["--pcr", "x=00"],
+        ["--pcr", "32=" + "00" * 48],
+        ["--pcr", "4=" + "00" * 47],
+        ["--pcr", "4=zz"],
+        ["--pcr", f"4={'00' * 48}", "--pcr", f"4={'11' * 48}"],
+        ["--at", "yesterday"],
+        ["--nonce", "xyz"],
+        ["--max-age", "-1"],
+        ["--max-age", "soon"],
+    ],
+)
+def test_cli_usage_errors(
+    vectors_dir: Path, extra: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = vectors_dir / "nitro" / "attestation" / "blocky_prod.cose"
+    with pytest.raises(SystemExit) as exc:
+        _cli([str(path), *extra])
+    assert exc.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_cli_same_pcr_twice_with_the_same_value_is_fine(vectors_dir: Path) -> None:
+    path = vectors_dir / "nitro" / "attestation" / "blocky_prod.cose"
+    pcr1 = decode_attestation(path.read_bytes()).pcrs[1].hex()
+    assert _cli([str(path), "--at", "document", "--pcr", f"1={pcr1}", "--pcr", f"1=0x{pcr1}"]) == 0
+
+
+def test_cli_with_a_local_nsm_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    nsm = LocalNsm.from_dir(tmp_path / "nsm", create=True)
+    path = tmp_path / "doc.cose"
+    path.write_bytes(nsm.attestation(nonce=b"\x01\x02"))
+    root = tmp_path / "nsm" / "local-nsm-root.pem"
+    assert _cli([str(path), "--root", str(root), "--production", "--nonce", "0102"]) == 0
+    out = capsys.readouterr().out
+    assert f"root        {root}, sha256 " in out
+    assert "(the AWS root)" not in out
+    assert "nonce       2 bytes  0102\n" in out
+    with pytest.raises(AttestationError) as exc:
+        _cli([str(path)])
+    assert exc.value.reason == "chain_untrusted"
+
+
+def test_cli_garbage_and_oversized_files(tmp_path: Path) -> None:
+    path = tmp_path / "doc"
+    for data in (b"hello world", b"QUJD", b"\x00\x01"):
+        path.write_bytes(data)
+        with pytest.raises(AttestationError) as exc:
+            _cli([str(path)])
+        assert exc.value.reason == "bad_cose"
+    path.write_bytes(b"A" * (2 * MAX_DOCUMENT_BYTES + 1))
+    with pytest.raises(AttestationError) as exc:
+        _cli([str(path)])
+    assert exc.value.reason == "bad_cose"
+    assert "larger than" in exc.value.message
