@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trio_sign import TrioSignError
+from trio_sign import TrioSignError, nitro
 from trio_sign.cli import _attestation
 from trio_sign.nitro import (
     AWS_NITRO_ROOT_PEM,
@@ -32,7 +32,13 @@ from trio_sign.nitro import (
     decode_attestation,
     verify_attestation,
 )
-from trio_sign.nitro._cose import decode_sign1, der_to_raw, raw_to_der, sig_structure
+from trio_sign.nitro._cose import (
+    decode_sign1,
+    der_to_raw,
+    raw_to_der,
+    sig_structure,
+    sign1_es384,
+)
 
 NOW = datetime(2026, 11, 24, 13, 0, tzinfo=UTC)
 
@@ -636,3 +642,151 @@ def test_cli_garbage_and_oversized_files(tmp_path: Path) -> None:
         _cli([str(path)])
     assert exc.value.reason == "bad_cose"
     assert "larger than" in exc.value.message
+
+
+# -- certificate roles (a hand-built chain: root -> intermediates -> leaf) ------------------------
+
+
+def _key_usage(*, ds: bool = False, kcs: bool = False) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=ds,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=kcs,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _cert(
+    name: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
+    *,
+    ca: bool | None,
+    path_length: int | None = None,
+    usage: x509.KeyUsage | None,
+    digest: hashes.SHA256 | hashes.SHA384 | None = None,
+) -> x509.Certificate:
+    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)])
+    issuer_name, issuer_key = issuer or (subject, key)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - timedelta(hours=1))
+        .not_valid_after(NOW + timedelta(hours=1))
+    )
+    if ca is not None:
+        builder = builder.add_extension(
+            x509.BasicConstraints(ca=ca, path_length=path_length), critical=True
+        )
+    if usage is not None:
+        builder = builder.add_extension(usage, critical=False)
+    return builder.sign(issuer_key, digest or hashes.SHA384())
+
+
+def _signed_document(
+    intermediates: list[dict[str, Any]], leaf: dict[str, Any], leaf_curve: Any = None
+) -> tuple[bytes, bytes]:
+    """(document, root PEM) for root -> intermediates (top first) -> leaf; kwargs per cert."""
+    root_key = ec.generate_private_key(ec.SECP384R1())
+    root = _cert("root", root_key, None, ca=True, usage=_key_usage(kcs=True))
+    issuer = (root.subject, root_key)
+    bundle = [root]
+    for i, spec in enumerate(intermediates):
+        key = ec.generate_private_key(ec.SECP384R1())
+        cert = _cert(f"ca{i}", key, issuer, **spec)
+        bundle.append(cert)
+        issuer = (cert.subject, key)
+    leaf_key = ec.generate_private_key(leaf_curve or ec.SECP384R1())
+    leaf_cert = _cert("leaf", leaf_key, issuer, **leaf)
+    payload = {
+        "module_id": "i-0-enc0",
+        "digest": "SHA384",
+        "timestamp": int(NOW.timestamp() * 1000),
+        "pcrs": {0: b"\1" * 48},
+        "certificate": leaf_cert.public_bytes(serialization.Encoding.DER),
+        "cabundle": [c.public_bytes(serialization.Encoding.DER) for c in bundle],
+        "public_key": None,
+        "user_data": None,
+        "nonce": None,
+    }
+    signer = leaf_key if isinstance(leaf_key.curve, ec.SECP384R1) else root_key
+    document = sign1_es384(cbor2.dumps(payload), signer)
+    return document, root.public_bytes(serialization.Encoding.PEM)
+
+
+_CA = {"ca": True, "usage": _key_usage(kcs=True)}
+_LEAF = {"ca": False, "usage": _key_usage(ds=True)}
+
+
+def test_hand_built_chain_passes() -> None:
+    document, root = _signed_document([_CA, {**_CA, "path_length": 0}], _LEAF)
+    doc = verify_attestation(document, root_pem=root, at=NOW, production=True)
+    assert [c.subject for c in doc.chain] == ["CN=leaf", "CN=ca1", "CN=ca0", "CN=root"]
+    # A leaf without basicConstraints is an end entity too.
+    document, root = _signed_document([_CA], {**_LEAF, "ca": None})
+    verify_attestation(document, root_pem=root, at=NOW)
+
+
+@pytest.mark.parametrize(
+    ("intermediates", "leaf", "needle"),
+    [
+        ([{**_CA, "ca": False}], _LEAF, "CN=ca0 is not a CA"),
+        ([{**_CA, "ca": None}], _LEAF, "CN=ca0 is not a CA"),
+        ([{**_CA, "usage": _key_usage(ds=True)}], _LEAF, "CN=ca0 does not allow keyCertSign"),
+        ([{**_CA, "usage": None}], _LEAF, "CN=ca0 does not allow keyCertSign"),
+        ([{**_CA, "path_length": 0}, _CA], _LEAF, "CN=ca0 allows pathLen 0 but 1 CAs follow"),
+        ([_CA], {**_LEAF, "ca": True}, "CN=leaf is a CA"),
+        ([_CA], {**_LEAF, "usage": _key_usage(kcs=True)}, "CN=leaf does not allow digital"),
+        ([_CA], {**_LEAF, "usage": None}, "CN=leaf does not allow digitalSignature"),
+    ],
+)
+def test_certificate_roles_are_enforced(
+    intermediates: list[dict[str, Any]], leaf: dict[str, Any], needle: str
+) -> None:
+    document, root = _signed_document(intermediates, leaf)
+    with pytest.raises(AttestationError) as exc:
+        verify_attestation(document, root_pem=root, at=NOW)
+    assert _reason(exc) == "bad_cert_usage"
+    assert needle in exc.value.message
+
+
+def test_non_p384_or_non_sha384_certificates_are_bad_cert() -> None:
+    document, root = _signed_document([_CA], _LEAF, leaf_curve=ec.SECP256R1())
+    with pytest.raises(AttestationError) as exc:
+        verify_attestation(document, root_pem=root, at=NOW)
+    assert _reason(exc) == "bad_cert"
+    assert "CN=leaf does not have a P-384 key" in exc.value.message
+    document, root = _signed_document([{**_CA, "digest": hashes.SHA256()}], _LEAF)
+    with pytest.raises(AttestationError) as exc:
+        verify_attestation(document, root_pem=root, at=NOW)
+    assert _reason(exc) == "bad_cert"
+    assert "CN=ca0 is not signed with ECDSA-SHA384" in exc.value.message
+
+
+def test_nitro_exports_the_attestation_api() -> None:
+    mine = {
+        "AWS_NITRO_ROOT_PEM",
+        "AWS_NITRO_ROOT_SHA256",
+        "MAX_DOCUMENT_BYTES",
+        "MAX_USER_FIELD_BYTES",
+        "REASONS",
+        "AttestationDocument",
+        "AttestationError",
+        "CertificateInfo",
+        "VerifiedAttestation",
+        "decode_attestation",
+        "verify_attestation",
+        "DEFAULT_LOCAL_PCRS",
+        "LocalNsm",
+        "load_pcr_json",
+    }
+    assert mine <= set(nitro.__all__)
+    assert all(hasattr(nitro, name) for name in nitro.__all__)

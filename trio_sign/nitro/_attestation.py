@@ -228,11 +228,9 @@ def verify_attestation(
             ``debug_mode``, ``pcr_mismatch``, ``nonce_mismatch``, ``stale_document``.
         ValueError: ``at`` is a naive datetime or an unknown string (a caller bug).
     """
-    when = _resolve_time(at)
+    fixed_time = _resolve_time(at)  # first: a bad ``at`` is a caller bug, whatever the document
     sign1, doc = _decode(document)
-    if at == "document":
-        when = doc.timestamp
-    assert when is not None
+    when = doc.timestamp if fixed_time is None else fixed_time
     root = _load_root(root_pem)
 
     chain = _build_chain(doc, root)
@@ -240,8 +238,7 @@ def verify_attestation(
     _check_validity(chain, when)
     _check_usage(chain)
     leaf_key = chain[0][1].public_key()
-    assert isinstance(leaf_key, ec.EllipticCurvePublicKey)  # _build_chain checked it
-    if not sign1.verify(leaf_key):
+    if not isinstance(leaf_key, ec.EllipticCurvePublicKey) or not sign1.verify(leaf_key):
         raise AttestationError(
             "the ES384 signature over the document does not verify with the leaf key",
             reason="bad_signature",
@@ -284,7 +281,7 @@ def _decode(document: bytes) -> tuple[CoseSign1, AttestationDocument]:
     try:
         payload = loads_one(sign1.payload, "payload")
     except CoseError as exc:
-        raise AttestationError(f"payload: {exc}", reason="bad_payload") from exc
+        raise AttestationError(str(exc), reason="bad_payload") from exc
     return sign1, _parse_payload(payload)
 
 
