@@ -790,3 +790,33 @@ def test_nitro_exports_the_attestation_api() -> None:
     }
     assert mine <= set(nitro.__all__)
     assert all(hasattr(nitro, name) for name in nitro.__all__)
+
+
+_CBOR_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.binary(max_size=64)
+    | st.text(max_size=12)
+    | st.floats(allow_nan=False),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.integers(-2, 40) | st.text(max_size=4), inner, max_size=4)
+    ),
+    max_leaves=8,
+)
+_KEYS = ["module_id", "digest", "timestamp", "pcrs", "certificate", "cabundle", "nonce"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(replacements=st.dictionaries(st.sampled_from(_KEYS), _CBOR_VALUES, min_size=1))
+def test_arbitrary_payload_values_are_decoded_or_refused_cleanly(
+    vectors_dir: Path, replacements: dict[str, Any]
+) -> None:
+    document = _with_payload(_doc(vectors_dir, "blocky_prod"), lambda p: p.update(replacements))
+    try:
+        doc = decode_attestation(document)
+    except AttestationError as exc:
+        assert exc.reason == "bad_payload"  # noqa: PT017 - hypothesis body, not a raises block
+    else:
+        assert isinstance(doc.module_id, str)
