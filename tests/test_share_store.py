@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import trio_sign.shares._store as store_mod
 from trio_sign import ShareFileError
@@ -17,6 +19,7 @@ from trio_sign.shares import (
     DevKeyFile,
     Event,
     SealedDecoder,
+    SealedLoader,
     ShareRecord,
     ShareStore,
     encode_bundle,
@@ -319,3 +322,41 @@ def test_empty_bundle(key: DevKeyFile) -> None:
     store = ShareStore.load_sealed(io.BytesIO(encode_bundle([], key)), key)
     assert len(store) == 0
     store.close()
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(cuts=st.lists(st.integers(min_value=1, max_value=4096), max_size=30))
+def test_sealed_loader_any_feed_sizes(bundle: bytes, key: DevKeyFile, cuts: list[int]) -> None:
+    """Feeding the bundle in arbitrary pieces gives the same store as one file read."""
+    loader = SealedLoader(key)
+    pos = 0
+    for n in cuts:
+        loader.feed(bundle[pos : pos + n])
+        pos += n
+    loader.feed(bundle[pos:])
+    store = loader.finish()
+    with ShareStore.load_sealed(io.BytesIO(bundle), key) as reference:
+        assert len(store) == len(reference)
+        assert store.fingerprint == reference.fingerprint
+        for account_id in reference._index:
+            a, b = store[account_id], reference[account_id]
+            assert bytes(a.signing_share) == bytes(b.signing_share)
+            assert a.verifying_share == b.verifying_share
+    store.close()
+
+
+def test_sealed_loader_abort_zeroes_partial_store(key: DevKeyFile, spy: Any) -> None:
+    records = [make_record(f"acct-{i}") for i in range(300)]
+    data = encode_bundle(records, key, chunk_size=MIN_CHUNK_SIZE)
+    loader = SealedLoader(key)
+    loader.feed(data[: len(data) // 2])
+    partial = loader._store
+    assert partial is not None
+    assert len(partial) > 0
+    arena = partial._arena
+    assert arena != bytearray(len(arena))
+    loader.abort()
+    assert arena == bytearray(len(arena))
+    loader.abort()  # idempotent

@@ -20,6 +20,7 @@ from ._sealed import read_sealed_header as read_sealed_header
 from ._sealed import reseal as reseal
 from ._sealed import seal_file as seal_file
 from ._store import AccountShare as AccountShare
+from ._store import SealedLoader as SealedLoader
 from ._store import ShareStore as ShareStore
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "SealResult",
     "SealedDecoder",
     "SealedEncoder",
+    "SealedLoader",
     "ShareRecord",
     "ShareStore",
     "encode_bundle",

@@ -140,71 +140,21 @@ class ShareStore:
             verify: ``"lazy"`` (default) or ``"full"``; see the class docstring.
 
         Cancellation:
-            Synchronous and CPU-bound (about 2.3 s per million accounts on a 2-core machine):
-            call it from ``trio.to_thread.run_sync`` at boot. It cannot be interrupted midway;
-            ``progress`` is then called from that worker thread.
+            Synchronous and CPU-bound (about 2.3 s per million accounts on a 2-core machine).
+            To load from a network stream, feed a :class:`SealedLoader` instead.
 
         Error handling:
             ``ShareFileError`` (format, integrity and record codes, records numbered from 1)
             or ``KeyWrapError``. On any error the partial arena is zeroed.
         """
-        if verify not in ("lazy", "full"):
-            raise ValueError("verify must be 'lazy' or 'full'")
-        full = verify == "full"
-        t0 = time.perf_counter()
-        decoder = SealedDecoder()
-        store: ShareStore | None = None
-        header: dict[str, Any] | None = None
-        events: list[Any] = []
-        i = 0
+        loader = SealedLoader(provider, verify=verify, progress=progress)
         try:
-            while True:
-                data = fileobj.read(READ_SIZE)
-                events = decoder.receive_data(data) if data else decoder.receive_eof()
-                i = 0
-                while i < len(events):
-                    ev = events[i]
-                    i += 1
-                    if isinstance(ev, ChunkDecrypted):
-                        try:
-                            if store is None:
-                                # Chunk 0 authenticated the header: only now trust its count.
-                                assert header is not None
-                                store = cls(header["accounts"])
-                            store._ingest(ev.plaintext, full=full)
-                        finally:
-                            _sodium.memzero(ev.plaintext)
-                        if progress is not None:
-                            assert header is not None
-                            progress(store._count, header["accounts"])
-                    elif isinstance(ev, HeaderReceived):
-                        header = ev.header
-                        key = unwrap_data_key(header, provider)
-                        try:
-                            decoder.set_data_key(key)
-                        finally:
-                            _sodium.memzero(key)
-                        events.extend(decoder.receive_data(b""))
-                    elif isinstance(ev, EndOfBundle):
-                        if store is None or header is None:  # pragma: no cover
-                            raise InternalError("EndOfBundle before any chunk")
-                        check_record_count(header, store._count)
-                        store.fingerprint = ev.sha256_hex
-                if not data:
-                    break
+            while data := fileobj.read(READ_SIZE):
+                loader.feed(data)
+            return loader.finish()
         except BaseException:
-            for ev in events[i:]:
-                if isinstance(ev, ChunkDecrypted):
-                    _sodium.memzero(ev.plaintext)
-            if store is not None:
-                store.close()
+            loader.abort()
             raise
-        finally:
-            decoder.close()
-        if store is None:  # pragma: no cover - receive_eof raises first
-            raise InternalError("sealed load ended without a bundle")
-        store.load_seconds = time.perf_counter() - t0
-        return store
 
     @classmethod
     def load_plaintext(cls, fileobj: IO[bytes], *, progress: Progress | None = None) -> ShareStore:
@@ -417,8 +367,117 @@ class ShareStore:
         n += sys.getsizeof(1 << 20) * max(0, self._count - 257)
         return n
 
+    def __enter__(self) -> ShareStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def close(self) -> None:
         """Zero the signing-share arena and drop the index. Idempotent."""
         _sodium.memzero(self._arena)
         self._index.clear()
         self._closed = True
+
+
+class SealedLoader:
+    """Incremental loading of a sealed bundle into a new :class:`ShareStore`, bytes in.
+
+    The sans-io form of :meth:`ShareStore.load_sealed`: feed the bundle's bytes as they arrive
+    (from a file, or from the parent over the boot channel), then :meth:`finish`. Each call to
+    :meth:`feed` does at most the work for the bytes given, so a Trio caller can feed ~1 MiB
+    at a time and stay responsive. Every decrypted chunk is zeroed right after it is parsed.
+
+    Args:
+        provider: unwraps the bundle's data key when the header arrives.
+        verify: ``"lazy"`` (default) or ``"full"``; see :class:`ShareStore`.
+        progress: called as ``progress(accounts_done, accounts_total)`` after every chunk.
+
+    Error handling:
+        ``ShareFileError`` or ``KeyWrapError`` from :meth:`feed` or :meth:`finish`; the caller
+        then calls :meth:`abort`, which zeroes the partial store. After an error the loader is
+        unusable.
+    """
+
+    def __init__(
+        self,
+        provider: DataKeyProvider,
+        *,
+        verify: Literal["lazy", "full"] = "lazy",
+        progress: Progress | None = None,
+    ) -> None:
+        if verify not in ("lazy", "full"):
+            raise ValueError("verify must be 'lazy' or 'full'")
+        self._provider = provider
+        self._full = verify == "full"
+        self._progress = progress
+        self._decoder = SealedDecoder()
+        self._store: ShareStore | None = None
+        self.header: dict[str, Any] | None = None
+        self._fingerprint: str | None = None
+        self._t0 = time.perf_counter()
+
+    @property
+    def accounts_loaded(self) -> int:
+        return 0 if self._store is None else self._store._count
+
+    def feed(self, data: bytes) -> None:
+        """Process the next bytes of the bundle (an empty ``data`` is a no-op)."""
+        if data:
+            self._handle(self._decoder.receive_data(data))
+
+    def finish(self) -> ShareStore:
+        """The end of the bundle: check it is complete and return the loaded store."""
+        self._handle(self._decoder.receive_eof())
+        self._decoder.close()
+        store = self._store
+        if store is None or self._fingerprint is None:  # pragma: no cover - eof raises first
+            raise InternalError("sealed load ended without a bundle")
+        store.fingerprint = self._fingerprint
+        store.load_seconds = time.perf_counter() - self._t0
+        self._store = None
+        return store
+
+    def abort(self) -> None:
+        """Zero everything loaded so far and the decoder's key state. Idempotent."""
+        self._decoder.close()
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    def _handle(self, events: list[Any]) -> None:
+        i = 0
+        try:
+            while i < len(events):
+                ev = events[i]
+                i += 1
+                if isinstance(ev, ChunkDecrypted):
+                    try:
+                        if self._store is None:
+                            # Chunk 0 authenticated the header: only now trust its count.
+                            assert self.header is not None
+                            self._store = ShareStore(self.header["accounts"])
+                        self._store._ingest(ev.plaintext, full=self._full)
+                    finally:
+                        _sodium.memzero(ev.plaintext)
+                    if self._progress is not None:
+                        assert self.header is not None
+                        self._progress(self._store._count, self.header["accounts"])
+                elif isinstance(ev, HeaderReceived):
+                    self.header = ev.header
+                    key = unwrap_data_key(ev.header, self._provider)
+                    try:
+                        self._decoder.set_data_key(key)
+                    finally:
+                        _sodium.memzero(key)
+                    events.extend(self._decoder.receive_data(b""))
+                elif isinstance(ev, EndOfBundle):
+                    if self._store is None or self.header is None:  # pragma: no cover
+                        raise InternalError("EndOfBundle before any chunk")
+                    check_record_count(self.header, self._store._count)
+                    self._fingerprint = ev.sha256_hex
+        except BaseException:
+            for ev in events[i:]:
+                if isinstance(ev, ChunkDecrypted):
+                    _sodium.memzero(ev.plaintext)
+            raise
