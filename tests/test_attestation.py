@@ -361,6 +361,7 @@ def test_nonce(vectors_dir: Path) -> None:
         (b"\x83\x40\xa0\x40", "4-element"),
         (cbor2.dumps({"a": 1}), "4-element"),
         (b"\xd3\x84\x44\xa1\x01\x38\x22\xa0\x40\x40", "tag 19"),
+        (b"\xd8\x12\x84\x44\xa1\x01\x38\x22\xa0\x40\x40", "one byte"),
         (cbor2.dumps([b"\xa1\x01\x26", {}, b"", bytes(96)]), "ES384"),
         (cbor2.dumps([b"", {}, b"", bytes(96)]), "ES384"),
         (cbor2.dumps([b"\xa1\x01\x38\x22", {}, None, bytes(96)]), "detached"),

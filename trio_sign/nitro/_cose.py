@@ -124,6 +124,8 @@ def decode_sign1(data: bytes) -> CoseSign1:
         data = data[1:]
     item = loads_one(data, "COSE_Sign1")
     if isinstance(item, cbor2.CBORTag):
+        if item.tag == COSE_SIGN1_TAG:
+            raise CoseError("COSE_Sign1 tag 18 must be encoded in one byte (0xd2)")
         raise CoseError(f"CBOR tag {item.tag} is not COSE_Sign1 (18)")
     if not isinstance(item, list) or len(item) != 4:
         raise CoseError("COSE_Sign1 is not a 4-element CBOR array")
