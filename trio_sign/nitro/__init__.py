@@ -36,6 +36,8 @@ from ._cms import subject_key_identifier as subject_key_identifier
 from ._local_nsm import DEFAULT_LOCAL_PCRS as DEFAULT_LOCAL_PCRS
 from ._local_nsm import LocalNsm as LocalNsm
 from ._local_nsm import load_pcr_json as load_pcr_json
+from ._message_stream import ChannelClosed as ChannelClosed
+from ._message_stream import MessageStream as MessageStream
 from ._nsm_device import NSM_IOCTL_RAW as NSM_IOCTL_RAW
 from ._nsm_device import AsyncNsm as AsyncNsm
 from ._nsm_device import EntropySeed as EntropySeed
@@ -54,6 +56,7 @@ __all__ = [
     "BundleChunkMessage",
     "BundleEndMessage",
     "CertificateInfo",
+    "ChannelClosed",
     "ChannelMessage",
     "ChannelProtocolError",
     "CmsError",
@@ -67,6 +70,7 @@ __all__ = [
     "HelloMessage",
     "LocalNsm",
     "LogMessage",
+    "MessageStream",
     "MAX_DOCUMENT_BYTES",
     "MAX_FRAME_BYTES",
     "MAX_RECIPIENT_CIPHERTEXT_BYTES",
