@@ -19,6 +19,7 @@ arena, so :meth:`ShareStore.close` wipes what they show too.
 
 from __future__ import annotations
 
+import functools
 import struct
 import sys
 import time
@@ -390,6 +391,9 @@ class SealedLoader:
 
     Args:
         provider: unwraps the bundle's data key when the header arrives.
+        unwrap: instead of ``provider``: called with the (not yet authenticated) header, returns
+            the 32-byte data key, which the loader zeroes after use. The enclave uses this: its
+            data key arrives as KMS ``CiphertextForRecipient``. A wrong key fails chunk 0.
         verify: ``"lazy"`` (default) or ``"full"``; see :class:`ShareStore`.
         progress: called as ``progress(accounts_done, accounts_total)`` after every chunk.
 
@@ -401,14 +405,20 @@ class SealedLoader:
 
     def __init__(
         self,
-        provider: DataKeyProvider,
+        provider: DataKeyProvider | None = None,
         *,
+        unwrap: Callable[[dict[str, Any]], bytearray] | None = None,
         verify: Literal["lazy", "full"] = "lazy",
         progress: Progress | None = None,
     ) -> None:
         if verify not in ("lazy", "full"):
             raise ValueError("verify must be 'lazy' or 'full'")
-        self._provider = provider
+        if (provider is None) == (unwrap is None):
+            raise ValueError("give exactly one of provider and unwrap")
+        if unwrap is None:
+            assert provider is not None
+            unwrap = functools.partial(unwrap_data_key, provider=provider)
+        self._unwrap = unwrap
         self._full = verify == "full"
         self._progress = progress
         self._decoder = SealedDecoder()
@@ -465,7 +475,7 @@ class SealedLoader:
                         self._progress(self._store._count, self.header["accounts"])
                 elif isinstance(ev, HeaderReceived):
                     self.header = ev.header
-                    key = unwrap_data_key(ev.header, self._provider)
+                    key = self._unwrap(ev.header)
                     try:
                         self._decoder.set_data_key(key)
                     finally:

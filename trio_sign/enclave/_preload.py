@@ -1,0 +1,213 @@
+"""Scheme A preload, the enclave's side: attested key release, then stream the sealed bundle.
+
+The exchange on the boot channel (framing and messages: :mod:`trio_sign.nitro._channel`)::
+
+    enclave                                   parent
+    hello {channel: "preload"}          ->
+    attestation {document}              ->    KMS Decrypt(CiphertextBlob = the bundle header's
+                                              encrypted data key, Recipient = {document,
+                                              RSAES_OAEP_SHA_256})
+                                        <-    recipient_ciphertext {CiphertextForRecipient}
+                                        <-    bundle_chunk {data} ... (the sealed file's bytes)
+                                        <-    bundle_end {total_bytes}
+    preload_result {ok, accounts, ...}  ->
+
+The attestation document carries a fresh RSA-2048 public key; only this process can open the
+CMS envelope KMS returns, so the parent never sees the data key. The parent is untrusted: a
+wrong data key, a swapped or truncated bundle or a changed header all fail authentication in
+the sealed format, and a bad envelope fails here. The data key, the RSA key and every
+decrypted chunk are dropped or zeroed before this function returns, whatever happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from .._errors import KeyWrapError, ShareFileError, TrioSignError
+from ..crypto import _sodium
+from ..nitro import (
+    AsyncNsm,
+    AttestationMessage,
+    BundleChunkMessage,
+    BundleEndMessage,
+    ChannelProtocolError,
+    CmsError,
+    EphemeralRecipientKey,
+    HelloMessage,
+    MessageStream,
+    PreloadResultMessage,
+    RecipientCiphertextMessage,
+)
+from ..shares import SealedLoader, ShareStore
+
+log = logging.getLogger("trio_sign.preload")
+
+
+class PreloadError(TrioSignError):
+    """Preload failed; nothing will be served.
+
+    Attributes:
+        reason: a stable code for the status channel: the underlying ``ShareFileError`` reason
+            (``tampered``, ``truncated``, ``duplicate_account``, ...), ``key_unwrap`` (the CMS
+            envelope or the data key was refused), ``memory`` (the bundle does not fit),
+            ``protocol`` (the parent broke the boot exchange) or ``timeout``.
+    """
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class PreloadReport:
+    accounts: int
+    sha256: str
+    preload_ms: int
+    bundle_bytes: int
+    attestation_document: bytes = field(repr=False)
+
+
+#: Called with the header's account count before the store is allocated; raises to refuse.
+MemoryCheck = Callable[[int], None]
+
+
+async def preload_shares(
+    channel: MessageStream,
+    nsm: AsyncNsm,
+    *,
+    verify: str = "lazy",
+    memory_check: MemoryCheck | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[ShareStore, PreloadReport]:
+    """Run the enclave side of the boot exchange and return the loaded store.
+
+    Cancellation:
+        Safe at every await (the caller's preload timeout lands here): the RSA key is closed,
+        the data key and the partial store are zeroed.
+
+    Error handling:
+        :class:`PreloadError` with a stable ``reason``. A ``preload_result`` with ``ok=false``
+        is sent to the parent on a best-effort basis before raising.
+    """
+    started = time.monotonic()
+    data_key = bytearray(32)
+    loader: SealedLoader | None = None
+    try:
+        await channel.send(HelloMessage(channel="preload"))
+        key = await trio.to_thread.run_sync(EphemeralRecipientKey.generate)
+        try:
+            document = await nsm.attestation(public_key=key.public_key_der)
+            await channel.send(AttestationMessage(document=document))
+            envelope = await channel.receive_expected(RecipientCiphertextMessage)
+            unwrapped = key.decrypt_recipient_ciphertext(envelope.ciphertext)
+        finally:
+            key.close()
+        try:
+            if len(unwrapped) != 32:
+                raise PreloadError(
+                    f"the KMS envelope holds {len(unwrapped)} bytes, not a 32-byte data key",
+                    reason="key_unwrap",
+                )
+            data_key[:] = unwrapped
+        finally:
+            _sodium.memzero(unwrapped)
+
+        def unwrap(header: dict[str, Any]) -> bytearray:
+            if memory_check is not None:
+                memory_check(int(header["accounts"]))
+            return bytearray(data_key)  # the loader zeroes its copy
+
+        loader = SealedLoader(unwrap=unwrap, verify=verify, progress=progress)  # type: ignore[arg-type]
+        received = 0
+        while True:
+            message = await channel.receive()
+            if isinstance(message, BundleChunkMessage):
+                loader.feed(message.data)
+                received += len(message.data)
+                await trio.lowlevel.checkpoint()  # stay responsive: status and logs run too
+            elif isinstance(message, BundleEndMessage):
+                if message.total_bytes != received:
+                    raise PreloadError(
+                        f"parent says it sent {message.total_bytes} bundle bytes, "
+                        f"{received} arrived",
+                        reason="truncated",
+                    )
+                break
+            else:
+                raise PreloadError(
+                    f"unexpected {type(message).__name__} during the bundle stream",
+                    reason="protocol",
+                )
+        store = loader.finish()
+        loader = None
+    except BaseException as exc:
+        if loader is not None:
+            loader.abort()
+        error = _as_preload_error(exc)
+        if error is not None:
+            with (
+                trio.move_on_after(1.0, shield=True),
+                contextlib.suppress(
+                    trio.BrokenResourceError, trio.ClosedResourceError, TrioSignError
+                ),
+            ):
+                await channel.send(PreloadResultMessage(ok=False, reason=error.reason))
+            raise error from (None if error is exc else exc)
+        raise
+    finally:
+        _sodium.memzero(data_key)
+
+    assert store.fingerprint is not None
+    report = PreloadReport(
+        accounts=store.accounts,
+        sha256=store.fingerprint,
+        preload_ms=round((time.monotonic() - started) * 1000),
+        bundle_bytes=received,
+        attestation_document=document,
+    )
+    try:
+        await channel.send(
+            PreloadResultMessage(
+                ok=True,
+                accounts=report.accounts,
+                sha256=report.sha256,
+                preload_ms=report.preload_ms,
+            )
+        )
+    except BaseException:
+        store.close()
+        raise
+    log.info(
+        "preload complete",
+        extra={
+            "accounts": report.accounts,
+            "sha256": report.sha256,
+            "preload_ms": report.preload_ms,
+            "bundle_bytes": report.bundle_bytes,
+        },
+    )
+    return store, report
+
+
+def _as_preload_error(exc: BaseException) -> PreloadError | None:
+    """Map what preload can raise onto one error with a stable reason (None: not ours)."""
+    if isinstance(exc, PreloadError):
+        return exc
+    if isinstance(exc, ShareFileError):
+        return PreloadError(f"sealed bundle refused: {exc}", reason=exc.reason)
+    if isinstance(exc, (CmsError, KeyWrapError)):
+        return PreloadError(f"data key refused: {exc}", reason="key_unwrap")
+    if isinstance(exc, ChannelProtocolError):
+        return PreloadError(f"boot channel: {exc}", reason="protocol")
+    if isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError)):
+        return PreloadError("the parent closed the boot channel", reason="protocol")
+    if isinstance(exc, TrioSignError) and hasattr(exc, "reason"):
+        return PreloadError(str(exc), reason=str(exc.reason))
+    return None

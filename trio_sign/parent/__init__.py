@@ -1,0 +1,9 @@
+"""The parent (host) side: preload service and the development KMS stand-in."""
+
+from ._dev_kms import DevRecipientKms as DevRecipientKms
+from ._preload import CHUNK_BYTES as CHUNK_BYTES
+from ._preload import PreloadRefused as PreloadRefused
+from ._preload import RecipientKms as RecipientKms
+from ._preload import serve_preload as serve_preload
+
+__all__ = ["CHUNK_BYTES", "DevRecipientKms", "PreloadRefused", "RecipientKms", "serve_preload"]
