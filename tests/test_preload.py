@@ -26,8 +26,8 @@ from trio_sign.nitro import (
     decode_attestation,
     encrypt_for_recipient,
 )
-from trio_sign.parent import DevRecipientKms, PreloadRefused, serve_preload
-from trio_sign.shares import DevKeyFile, ShareRecord, encode_bundle
+from trio_sign.parent import DevRecipientKms, PreloadRefused, RecipientKms, serve_preload
+from trio_sign.shares import DevKeyFile, SealedLoader, ShareRecord, encode_bundle
 
 from .enclave_helpers import make_accounts
 
@@ -87,7 +87,7 @@ async def run_both(nsm: LocalNsm, parent: Parent, **enclave_kw: Any) -> tuple[An
     return results["enclave"], results["parent"]
 
 
-def _dev_parent(path: Path, kms: DevRecipientKms, **kw: Any) -> Parent:
+def _dev_parent(path: Path, kms: RecipientKms, **kw: Any) -> Parent:
     return lambda channel: serve_preload(channel, path, kms, **kw)
 
 
@@ -265,7 +265,7 @@ async def test_timeout_cancels_cleanly(
     loaders: list[Any] = []
     zeroed: list[bytearray] = []
 
-    class SpyLoader(preload_mod.SealedLoader):
+    class SpyLoader(SealedLoader):
         def __init__(self, *a: Any, **kw: Any) -> None:
             super().__init__(*a, **kw)
             loaders.append(self)
