@@ -228,3 +228,21 @@ async def test_frozen_account(world: tuple[ShareStore, dict[str, Account]]) -> N
         pool.sign("s", b"m", sorted_commitments(r.commitment, peer.commitment))
     frozen.discard("acct-0")
     pool.sign("s", b"m", sorted_commitments(r.commitment, peer.commitment))
+
+
+async def test_overloaded_refuses_new_sessions_only(
+    world: tuple[ShareStore, dict[str, Account]],
+) -> None:
+    store, accounts = world
+    reason: list[str | None] = [None]
+    pool = SessionPool(store.get, overloaded=lambda: reason[0])
+    r = pool.commit("acct-0", "open")
+    reason[0] = "memory above the hard watermark (91% of 1024 MiB)"
+    with _expect(PoolErrorKind.RESOURCE_EXHAUSTED) as info:
+        pool.commit("acct-1", "new")
+    assert "hard watermark" in str(info.value)
+    assert pool.commit("acct-0", "open") == r  # a retry of an open session still answers
+    peer = Peer(accounts["acct-0"])
+    pool.sign("open", b"m", sorted_commitments(r.commitment, peer.commitment))
+    reason[0] = None
+    pool.commit("acct-1", "new")

@@ -103,6 +103,8 @@ class SessionPool:
             with RESOURCE_EXHAUSTED rather than queued, so the gateway can go elsewhere.
         session_ttl_s: how long a session (and a signed session's retry record) lives.
         is_frozen: ``account_id -> bool``; frozen accounts refuse Commit and Sign.
+        overloaded: ``() -> str | None``; when it returns a reason (memory above the hard
+            watermark), new sessions are refused with RESOURCE_EXHAUSTED. Open sessions finish.
 
     Run :meth:`run_reaper` in the service's nursery; it zeroes nonces of expired sessions.
     """
@@ -114,6 +116,7 @@ class SessionPool:
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         session_ttl_s: float = DEFAULT_SESSION_TTL_S,
         is_frozen: Callable[[str], bool] = lambda _account_id: False,
+        overloaded: Callable[[], str | None] = lambda: None,
     ) -> None:
         if max_sessions < 1:
             raise ValueError("max_sessions must be >= 1")
@@ -121,6 +124,7 @@ class SessionPool:
             raise ValueError("session_ttl_s must be > 0")
         self._lookup = lookup
         self._is_frozen = is_frozen
+        self._overloaded = overloaded
         self._limiter = trio.CapacityLimiter(max_sessions)
         self._ttl = session_ttl_s
         # Insertion order is expiry order because the TTL is the same for every session.
@@ -166,6 +170,11 @@ class SessionPool:
             return CommitResult(existing.commitment, existing.expires_at_unix_ms)
         if not self._accepting:
             raise PoolError(PoolErrorKind.UNAVAILABLE, "draining: not taking new sessions")
+        overload = self._overloaded()
+        if overload is not None:
+            raise PoolError(
+                PoolErrorKind.RESOURCE_EXHAUSTED, f"not taking new sessions: {overload}"
+            )
         account = self._account(account_id)
         token = object()
         try:
