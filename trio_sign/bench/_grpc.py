@@ -43,10 +43,10 @@ TARGET_OPEN_P99_MS = 7.0
 @dataclass(frozen=True)
 class GrpcBenchOptions:
     accounts: int = 1000
-    rounds: int = 2
+    rounds: int = 3
     concurrency: tuple[int, ...] = (1, 64, 256)
     warmup_s: float = 1.0
-    duration_s: float = 5.0
+    duration_s: float = 4.0
     open_factor: float = 0.5
     open_base: int = 64
     channels: int = 1
@@ -380,6 +380,8 @@ def _report(runs: dict[str, list[_Run]], opts: GrpcBenchOptions) -> None:
         row("  p99 ms", None, "p99_ms", "{:.2f}")
         row("  p99.9 ms", None, "p999_ms", "{:.2f}")
         row("  server CPU µs/session", None, "server_cpu_us_per_session")
+        row("  client loop lag p99 ms", None, "client_loop_lag_p99_ms", "{:.2f}")
+        row("  client loop lag max ms", None, "client_loop_lag_max_ms", "{:.2f}")
     for kind, rs in runs.items():
         errors: Counter[str] = Counter()
         verified = failed = sessions = 0

@@ -300,6 +300,15 @@ class _Cpu:
         }
 
 
+async def _loop_lag(out: list[float], period_s: float = 0.001) -> None:
+    """How late this process's event loop wakes a 1 ms sleeper: if the client stalls, open-
+    loop sessions scheduled meanwhile start late, and that lateness is in their latency."""
+    while True:
+        before = time.perf_counter()
+        await asyncio.sleep(period_s)
+        out.append(max(0.0, time.perf_counter() - before - period_s))
+
+
 async def _timed_closed(
     gen: LoadGenerator, concurrency: int, warmup_s: float, duration_s: float, server_pid: int
 ) -> dict[str, Any]:
@@ -347,12 +356,18 @@ async def _run(args: argparse.Namespace) -> None:
                 base = capacity.get(args.open_base) or max(capacity.values())
                 rate = args.open_factor * base
             cpu = _Cpu(args.server_pid)
+            lag: list[float] = []
+            monitor = asyncio.create_task(_loop_lag(lag))
             window, seconds, shed = await gen.open_loop(rate, args.duration)
+            monitor.cancel()
+            lag.sort()
             result = {
                 "phase": "open",
                 "offered_per_s": rate,
                 "shed": shed,
                 **_summary(window, seconds),
+                "client_loop_lag_p99_ms": _percentile(lag, 0.99) * 1000,
+                "client_loop_lag_max_ms": (lag[-1] if lag else float("nan")) * 1000,
             }
             result.update(cpu.stop(result["sessions"]))
             print(json.dumps(result), flush=True)
