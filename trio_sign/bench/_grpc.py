@@ -449,6 +449,21 @@ def _report(runs: dict[str, list[_Run]], opts: GrpcBenchOptions) -> None:
         )
 
 
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM raises SystemExit (like Ctrl-C raises KeyboardInterrupt), so the ``finally``
+    blocks stop the child processes instead of leaving them behind."""
+
+    def exit_now(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, exit_now)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def bench_grpc(opts: GrpcBenchOptions) -> dict[str, list[_Run]]:
     """Run the whole comparison and print it; returns the raw per-phase results."""
     from ..testing import generate_share_files
@@ -461,7 +476,7 @@ def bench_grpc(opts: GrpcBenchOptions) -> dict[str, list[_Run]]:
         flush=True,
     )
     runs: dict[str, list[_Run]] = {k: [] for k in KINDS}
-    with tempfile.TemporaryDirectory(prefix="trio-sign-bench-grpc-") as tmp:
+    with _sigterm_unwinds(), tempfile.TemporaryDirectory(prefix="trio-sign-bench-grpc-") as tmp:
         work = Path(tmp)
         gen = generate_share_files(work, opts.accounts, force=True)
         files = (gen.service_file, gen.participant_files[2])
