@@ -19,6 +19,7 @@ from trio_sign.enclave._logchannel import (
     ChannelLogHandler,
     attach_log_handler,
     detach_log_handler,
+    flush_log_channel,
     run_log_channel,
 )
 from trio_sign.nitro import (
@@ -37,10 +38,13 @@ class FakeParent:
         self._send, self.accepted = trio.open_memory_channel[MessageStream](100)
         self.attempts = 0
         self.lockstep = lockstep
+        self.refuse = False
 
     async def connect(self) -> trio.abc.Stream:
         self.attempts += 1
         await trio.lowlevel.checkpoint()
+        if self.refuse:
+            raise OSError("connection refused")
         pair = (
             trio.testing.lockstep_stream_pair if self.lockstep else trio.testing.memory_stream_pair
         )
@@ -266,3 +270,60 @@ def test_bad_settings() -> None:
         ChannelLogHandler(capacity=0)
     with pytest.raises(ValueError, match="max_line_chars"):
         ChannelLogHandler(max_line_chars=10**7)
+
+
+async def test_flush_sends_the_last_lines_after_the_channel_task_is_gone(
+    logger: logging.Logger, autojump_clock: trio.testing.MockClock
+) -> None:
+    handler = make_handler(logger)
+    parent = FakeParent()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(start_logs(parent, handler))
+        first = await parent.accepted.receive()
+        await first.receive_expected(HelloMessage)
+        logger.info("serving")
+        assert [line["msg"] for line in await receive_lines(first, 1)] == ["serving"]
+        nursery.cancel_scope.cancel()  # teardown cancels the channel task...
+    logger.error("enclave failed")  # ...and then logs why
+    with trio.CancelScope() as scope:
+        scope.cancel()  # flush runs inside the cancelled teardown
+        assert await flush_log_channel(handler, timeout_s=1.0)
+    second = await parent.accepted.receive()
+    await second.receive_expected(HelloMessage)
+    assert [line["msg"] for line in await receive_lines(second, 1)] == ["enclave failed"]
+    assert await receive_until_closed(second) == []
+
+
+async def test_flush_with_the_channel_running_waits_for_it(logger: logging.Logger) -> None:
+    handler = make_handler(logger)
+    parent = FakeParent()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(start_logs(parent, handler))
+        conn = await parent.accepted.receive()
+        await conn.receive_expected(HelloMessage)
+        for i in range(3):
+            logger.info("line %d", i)
+        assert await flush_log_channel(handler, timeout_s=1.0)
+        assert handler.buffered == 0
+        assert len(await receive_lines(conn, 3)) == 3
+        assert parent.attempts == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_flush_is_bounded_when_the_parent_is_away(
+    logger: logging.Logger, autojump_clock: trio.testing.MockClock
+) -> None:
+    handler = make_handler(logger)
+    logger.info("nobody hears this")
+    assert not await flush_log_channel(handler, timeout_s=1.0)  # run_log_channel never ran
+    assert trio.current_time() == 0
+    parent = FakeParent()
+    parent.refuse = True
+    async with trio.open_nursery() as nursery:
+        await nursery.start(start_logs(parent, handler))
+        assert not await flush_log_channel(handler, timeout_s=2.0)
+        assert trio.current_time() == pytest.approx(2.0)
+        nursery.cancel_scope.cancel()
+    assert not await flush_log_channel(handler, timeout_s=1.5, retry_s=0.1)
+    assert trio.current_time() == pytest.approx(3.5)
+    assert handler.buffered >= 1

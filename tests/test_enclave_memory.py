@@ -16,6 +16,7 @@ from trio_sign.enclave._memory import (
     preload_fits,
     read_memory_limit_bytes,
     read_rss_bytes,
+    read_system_used_bytes,
     run_memory_monitor,
 )
 
@@ -59,6 +60,9 @@ def test_reads_rss_and_limits(tmp_path: Path) -> None:
     assert read_memory_limit_bytes(cgroup_paths=(v2, v1), meminfo_path=meminfo) == 2048000 * 1024
     v2.write_text("536870912\n")
     assert read_memory_limit_bytes(cgroup_paths=(v2, v1), meminfo_path=meminfo) == 512 * MIB
+    meminfo.write_text("MemTotal:       2048000 kB\nMemFree:  1 kB\nMemAvailable: 1048000 kB\n")
+    assert read_system_used_bytes(meminfo) == 1000000 * 1024
+    assert 0 < read_system_used_bytes() < read_memory_limit_bytes() * 2
     with pytest.raises(ValueError, match="VmRSS"):
         read_rss_bytes(meminfo)
     assert read_rss_bytes() > 0  # the real /proc/self/status

@@ -342,3 +342,24 @@ async def test_bad_backoff_settings() -> None:
     parent = FakeParent()
     with pytest.raises(ValueError, match="backoff"):
         await run_status_channel(parent.connect, backoff_initial_s=5, backoff_max_s=1)
+
+
+async def test_a_second_report_final_is_delivered_too(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    parent = FakeParent()
+    async with trio.open_nursery() as nursery:
+        reporter: StatusReporter = await nursery.start(start_status(parent))
+        conn = await parent.accepted.receive()
+        await conn.receive_expected(HelloMessage)
+        await states(conn, 1)
+        assert await report_final(reporter, "failed", code=2, reason="boom", timeout_s=1)
+        assert await report_final(reporter, "exiting", code=2, timeout_s=1)
+        got = [await conn.receive() for _ in range(4)]
+        assert got == [
+            StateMessage(state="failed", reason="boom"),
+            ExitMessage(code=2),
+            StateMessage(state="exiting"),
+            ExitMessage(code=2),
+        ]
+        nursery.cancel_scope.cancel()

@@ -28,6 +28,7 @@ Design, in order of importance:
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import random
@@ -45,6 +46,7 @@ from ._status import (
     DEFAULT_CONNECT_TIMEOUT_S,
     Connect,
     check_backoff,
+    one_connection,
     run_reconnecting_channel,
 )
 
@@ -102,6 +104,9 @@ class ChannelLogHandler(logging.Handler):
         self._chars = 0
         self._dropped = 0  # since the last dropped() frame
         self._waiter: tuple[trio.lowlevel.TrioToken, trio.Event] | None = None
+        self._sent = trio.Event()  # replaced after every batch written (flush waits on it)
+        self._connect: Connect | None = None
+        self._runners = 0
 
     @property
     def buffered(self) -> int:
@@ -191,9 +196,16 @@ class ChannelLogHandler(logging.Handler):
             self._chars -= chars
             self._dropped -= dropped
 
-    async def _converse(self, messages: MessageStream) -> NoReturn:
+    @property
+    def _empty(self) -> bool:
+        with self._mutex:
+            return not self._lines and not self._dropped
+
+    async def _converse(self, messages: MessageStream, *, until_empty: bool = False) -> str:
         encoder = FrameChannel()
         while True:
+            if until_empty and self._empty:
+                return "flushed"
             await self._wait_for_work()
             lines, dropped = self._peek_batch()
             frames: list[bytes] = []
@@ -207,6 +219,8 @@ class ChannelLogHandler(logging.Handler):
             # One writer: only this task writes to the stream after the hello.
             await messages.stream.send_all(b"".join(frames))
             self._commit(len(lines), sum(map(len, lines)), dropped)
+            self._sent.set()
+            self._sent = trio.Event()
 
     def _count_unsendable(self) -> None:  # pragma: no cover - defensive
         """A buffered line could not be encoded: report it as dropped."""
@@ -241,16 +255,57 @@ async def run_log_channel(
     ``started``.
     """
     check_backoff(backoff_initial_s, backoff_max_s, connect_timeout_s)
-    task_status.started(handler)
-    await run_reconnecting_channel(
-        "logs",
-        connect,
-        handler._converse,
-        backoff_initial_s=backoff_initial_s,
-        backoff_max_s=backoff_max_s,
-        connect_timeout_s=connect_timeout_s,
-        rng=rng,
-    )
+    handler._connect = connect
+    handler._runners += 1
+    try:
+        task_status.started(handler)
+        await run_reconnecting_channel(
+            "logs",
+            connect,
+            handler._converse,
+            backoff_initial_s=backoff_initial_s,
+            backoff_max_s=backoff_max_s,
+            connect_timeout_s=connect_timeout_s,
+            rng=rng,
+        )
+    finally:
+        handler._runners -= 1
+        handler._sent.set()
+        handler._sent = trio.Event()
+
+
+async def flush_log_channel(
+    handler: ChannelLogHandler, *, timeout_s: float, retry_s: float = DEFAULT_BACKOFF_INITIAL_S
+) -> bool:
+    """Last words for the logs: send what is still buffered, then return.
+
+    Call it at the very end of teardown (after the last log line worth sending, such as why the
+    enclave failed). If :func:`run_log_channel` is still running, this waits for it to empty
+    the buffer; if it is gone (cancelled with the rest of the tree), this opens connections of
+    its own with the same ``connect`` (every ``retry_s``) until the buffer is empty. Lines
+    logged meanwhile are sent too.
+
+    Returns True if the buffer was emptied (drops reported), False if ``timeout_s`` ran out or
+    :func:`run_log_channel` never ran.
+
+    Cancellation: shielded; returns within ``timeout_s`` whatever happens around it.
+    """
+    with trio.move_on_after(timeout_s, shield=True):
+        while not handler._empty:
+            if handler._runners > 0:
+                await handler._sent.wait()
+            elif handler._connect is not None:
+                await one_connection(
+                    "logs",
+                    handler._connect,
+                    functools.partial(handler._converse, until_empty=True),
+                    connect_timeout_s=timeout_s,
+                )
+                if not handler._empty:
+                    await trio.sleep(retry_s)
+            else:
+                break
+    return handler._empty
 
 
 def _logger(logger: logging.Logger | str) -> logging.Logger:

@@ -101,6 +101,20 @@ def read_rss_bytes(path: str | Path = "/proc/self/status") -> int:
     return _read_kib_field(Path(path), "VmRSS")
 
 
+def read_system_used_bytes(meminfo_path: str | Path = "/proc/meminfo") -> int:
+    """Memory in use by the whole system, ``MemTotal - MemAvailable``, in bytes.
+
+    The better ``read_used`` inside a Nitro Enclave: the process is the only tenant, and the
+    kernel and the in-memory root file system (the EIF's initramfs) use the same memory as the
+    shares, which RSS does not see. On a shared development machine it counts other processes;
+    use :func:`read_rss_bytes` there.
+
+    Error handling: ``OSError``/``ValueError`` as :func:`read_rss_bytes`.
+    """
+    path = Path(meminfo_path)
+    return _read_kib_field(path, "MemTotal") - _read_kib_field(path, "MemAvailable")
+
+
 def _read_cgroup_limit(path: Path) -> int | None:
     try:
         text = path.read_text(encoding="ascii").strip()

@@ -85,13 +85,13 @@ async def _read_until_closed(messages: MessageStream) -> str:
         log.debug("ignoring a %r frame from the parent", frame.type[:64])
 
 
-async def _one_connection(
+async def one_connection(
     channel: str,
     connect: Connect,
     converse: Callable[[MessageStream], Awaitable[object]],
     *,
     connect_timeout_s: float,
-    on_up: Callable[[bool], None],
+    on_up: Callable[[bool], None] = lambda up: None,
 ) -> tuple[str, bool]:
     """Connect, say hello, run ``converse`` until it returns or the connection fails.
 
@@ -163,7 +163,7 @@ async def run_reconnecting_channel(
     rng = rng if rng is not None else random.Random()
     failures = 0
     while True:
-        reason, was_up = await _one_connection(
+        reason, was_up = await one_connection(
             channel, connect, converse, connect_timeout_s=connect_timeout_s, on_up=on_up
         )
         if was_up:
@@ -207,7 +207,7 @@ class StatusReporter:
     Attributes:
         state: the current :class:`~trio_sign.nitro.StateMessage` (as it is sent).
         memory_level: the last level given to :meth:`set_memory_level`.
-        exit_delivered: True once :func:`report_final`'s ``exit`` frame was written.
+        exit_delivered: True once the last :func:`report_final`'s ``exit`` frame was written.
     """
 
     def __init__(self) -> None:
@@ -219,7 +219,8 @@ class StatusReporter:
         self._up = trio.Event()
         self._progress = trio.Event()
         self._exit_code: int | None = None
-        self.exit_delivered = False
+        self._exit_seq = 0  # report_final calls so far
+        self._exit_delivered_seq = 0
         self._connect: Connect | None = None
         self._runners = 0
 
@@ -282,6 +283,10 @@ class StatusReporter:
             self.set_state(self.state.state, reason=self._reason)
 
     @property
+    def exit_delivered(self) -> bool:
+        return self._exit_seq > 0 and self._exit_delivered_seq == self._exit_seq
+
+    @property
     def connected(self) -> bool:
         """True while a status connection is up (its hello was written)."""
         return self._up.is_set()
@@ -316,7 +321,7 @@ class StatusReporter:
         queue = self._queue
         if not queue:
             queue.append(self.state)  # a new connection always starts with the current state
-        exit_sent = False
+        exit_sent_seq = 0  # per connection: a new one repeats the exit frame
         while True:
             changed = self._changed
             if queue:
@@ -326,11 +331,12 @@ class StatusReporter:
                 if queue and queue[0] is message:
                     queue.popleft()
                 continue
-            if self._exit_code is not None and not exit_sent:
+            if self._exit_code is not None and exit_sent_seq < self._exit_seq:
+                seq = self._exit_seq
                 await messages.send(ExitMessage(code=self._exit_code))
-                exit_sent = True
-                if not self.exit_delivered:
-                    self.exit_delivered = True
+                exit_sent_seq = seq
+                if self._exit_delivered_seq < seq:
+                    self._exit_delivered_seq = seq
                     self._signal_progress()
                 if until_exit:
                     return "exit delivered"
@@ -412,13 +418,14 @@ async def report_final(
     """
     reporter.set_state(state, reason=reason)
     reporter._exit_code = code
+    reporter._exit_seq += 1
     reporter._wake()
     with trio.move_on_after(timeout_s, shield=True):
         while not reporter.exit_delivered:
             if reporter._runners > 0:
                 await reporter._progress.wait()
             elif reporter._connect is not None:
-                reason_, _ = await _one_connection(
+                reason_, _ = await one_connection(
                     "status",
                     reporter._connect,
                     lambda messages: reporter._converse(messages, until_exit=True),
