@@ -1,13 +1,15 @@
-"""``trio-sign enclave``: the enclave process.
+"""``trio-sign enclave``: the enclave process (the EIF's command).
 
-Exit codes: 0 drained cleanly after SIGTERM/SIGINT; 1 failed to start or crashed (the reason
-is the last log line and the one-line error on stderr); 2 bad usage.
+Exit codes (see :mod:`trio_sign.enclave._exit`): 0 drained cleanly after SIGTERM/SIGINT;
+1 internal error; 2 bad usage; 3 preload refused; 4 preload timed out; 5 memory; 6 NSM;
+7 a service failed at run time.
 """
 
 from __future__ import annotations
 
 import argparse
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,12 @@ from .._errors import TrioSignError
 
 
 def add_parser(sub: Any) -> None:
-    enclave = sub.add_parser("enclave", help="run the enclave signing service")
+    enclave = sub.add_parser(
+        "enclave",
+        help="run the enclave signing service",
+        description="Production: attested preload of the sealed bundle from the parent, then "
+        "serve the SignService. Development: --dev --dev-plaintext-shares FILE.",
+    )
     enclave.add_argument("--grpc-listen", default="vsock://ANY:50051", metavar="URL")
     enclave.add_argument("--max-sessions", type=int, default=10_000)
     enclave.add_argument("--session-ttl", type=float, default=60.0, metavar="SECONDS")
@@ -28,6 +35,21 @@ def add_parser(sub: Any) -> None:
     enclave.add_argument("--node-id", default="enclave-0", help="this node's id at the gateway")
     enclave.add_argument(
         "--sse-via", metavar="URL", help="address the SSE stream travels over (the parent relay)"
+    )
+    enclave.add_argument(
+        "--nsm", default="device", help="'device' (/dev/nsm) or 'local:DIR' (local stand-in)"
+    )
+    enclave.add_argument("--preload-address", default="vsock://3:5000", metavar="URL")
+    enclave.add_argument("--status-address", default="vsock://3:5001", metavar="URL")
+    enclave.add_argument("--log-address", default="vsock://3:5002", metavar="URL")
+    enclave.add_argument("--preload-timeout", type=float, default=300.0, metavar="SECONDS")
+    enclave.add_argument("--verify-shares", choices=["lazy", "full"], default="lazy")
+    enclave.add_argument(
+        "--memory-limit",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="the enclave's memory (default: cgroup limit or MemTotal)",
     )
     enclave.add_argument("--dev", action="store_true", help="development mode (never in the EIF)")
     enclave.add_argument(
@@ -40,16 +62,11 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_enclave(args: argparse.Namespace) -> int:
-    from ..enclave import EnclaveConfig, serve_dev_enclave
+    from ..enclave import EnclaveConfig, EnclaveExit, serve_dev_enclave, serve_enclave
 
     if args.dev_plaintext_shares is not None and not args.dev:
         raise TrioSignError("--dev-plaintext-shares is for development only; it needs --dev")
-    if not args.dev:
-        raise TrioSignError(
-            "the production enclave (NSM attestation and KMS preload) is not built yet; "
-            "use --dev --dev-plaintext-shares FILE for development"
-        )
-    if args.dev_plaintext_shares is None:
+    if args.dev and args.dev_plaintext_shares is None:
         raise TrioSignError("--dev needs --dev-plaintext-shares FILE")
     config = EnclaveConfig(
         grpc_listen=args.grpc_listen,
@@ -59,17 +76,46 @@ def cmd_enclave(args: argparse.Namespace) -> int:
         gateway_url=args.gateway_url,
         node_id=args.node_id,
         sse_via=args.sse_via,
-        dev=True,
+        nsm=args.nsm,
+        preload_address=args.preload_address,
+        status_address=args.status_address,
+        log_address=args.log_address,
+        preload_timeout_s=args.preload_timeout,
+        verify_shares=args.verify_shares,
+        memory_limit_bytes=args.memory_limit,
+        dev=args.dev,
         dev_plaintext_shares=args.dev_plaintext_shares,
     )
+    serve = serve_dev_enclave if args.dev else serve_enclave
 
     async def run() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
-                handle = await nursery.start(serve_dev_enclave, config)
+                handle = await nursery.start(serve, config)
                 async for _ in signals:
                     await handle.drain()
                     break
 
-    trio.run(run)
+    try:
+        trio.run(run)
+    except (EnclaveExit, BaseExceptionGroup) as exc:
+        failure = _enclave_exit(exc)
+        if failure is None:
+            raise
+        print(f"trio-sign: enclave failed ({failure.reason}): {failure}", file=sys.stderr)
+        return int(failure.code)
     return 0
+
+
+def _enclave_exit(exc: BaseException) -> Any:
+    """The ``EnclaveExit`` inside ``exc`` (the nurseries wrap it in groups), or None."""
+    from ..enclave import EnclaveExit
+
+    if isinstance(exc, EnclaveExit):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            found = _enclave_exit(sub)
+            if found is not None:
+                return found
+    return None

@@ -1,13 +1,19 @@
 """The enclave side: session pool, SignService handlers, and the process's supervision tree."""
 
 from ._config import EnclaveConfig as EnclaveConfig
+from ._exit import EnclaveExit as EnclaveExit
+from ._exit import ExitCode as ExitCode
 from ._pool import DEFAULT_MAX_SESSIONS as DEFAULT_MAX_SESSIONS
 from ._pool import DEFAULT_SESSION_TTL_S as DEFAULT_SESSION_TTL_S
 from ._pool import CommitResult as CommitResult
 from ._pool import PoolError as PoolError
 from ._pool import PoolErrorKind as PoolErrorKind
 from ._pool import SessionPool as SessionPool
+from ._preload import PreloadError as PreloadError
+from ._preload import PreloadReport as PreloadReport
+from ._serve import EnclaveHandle as EnclaveHandle
 from ._serve import serve_dev_enclave as serve_dev_enclave
+from ._serve import serve_enclave as serve_enclave
 from ._service import SignService as SignService
 
 __all__ = [
@@ -15,9 +21,15 @@ __all__ = [
     "DEFAULT_SESSION_TTL_S",
     "CommitResult",
     "EnclaveConfig",
+    "EnclaveExit",
+    "EnclaveHandle",
+    "ExitCode",
     "PoolError",
     "PoolErrorKind",
+    "PreloadError",
+    "PreloadReport",
     "SessionPool",
     "SignService",
     "serve_dev_enclave",
+    "serve_enclave",
 ]

@@ -26,6 +26,17 @@ class EnclaveConfig:
             (``vsock://3:PORT``) in production; in development it defaults to the gateway's
             own host and port.
         sse_keepalive_timeout_s: a stream silent this long is reconnected.
+        nsm: ``"device"`` (``/dev/nsm``) or ``"local:DIR"`` (the local NSM stand-in whose root
+            lives in DIR, for running off AWS).
+        preload_address, status_address, log_address: the parent's boot, status and log
+            channels (vsock to the parent, CID 3, in production; UNIX sockets locally).
+        preload_timeout_s: the whole preload (attestation, KMS, bundle) must finish in this.
+        verify_shares: ``"lazy"`` or ``"full"`` point checks on the sealed bundle.
+        memory_limit_bytes: the enclave's memory (None: cgroup limit or MemTotal).
+        memory_alarm_fraction, memory_hard_fraction: watermarks (alarm logs and reports;
+            hard refuses new sessions).
+        shares_pcr: the PCR extended with the bundle's SHA-256 and locked after preload.
+        final_report_timeout_s: how long the last status (failed/exiting) may take to send.
         dev: development mode. Required for ``dev_plaintext_shares``; never set in the EIF.
         dev_plaintext_shares: a plaintext share file to serve, bypassing NSM and KMS.
     """
@@ -39,5 +50,16 @@ class EnclaveConfig:
     node_id: str = "enclave-0"
     sse_via: str | None = None
     sse_keepalive_timeout_s: float = 45.0
+    nsm: str = "device"
+    preload_address: str = "vsock://3:5000"
+    status_address: str = "vsock://3:5001"
+    log_address: str = "vsock://3:5002"
+    preload_timeout_s: float = 300.0
+    verify_shares: str = "lazy"
+    memory_limit_bytes: int | None = None
+    memory_alarm_fraction: float = 0.70
+    memory_hard_fraction: float = 0.90
+    shares_pcr: int = 16
+    final_report_timeout_s: float = 3.0
     dev: bool = False
     dev_plaintext_shares: Path | None = None

@@ -46,6 +46,7 @@ from ..nitro import (
     RecipientCiphertextMessage,
 )
 from ..shares import SealedLoader, ShareStore
+from ._memory import MemoryLimitError
 
 log = logging.getLogger("trio_sign.preload")
 
@@ -208,6 +209,8 @@ def _as_preload_error(exc: BaseException) -> PreloadError | None:
         return PreloadError(f"boot channel: {exc}", reason="protocol")
     if isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError)):
         return PreloadError("the parent closed the boot channel", reason="protocol")
+    if isinstance(exc, MemoryLimitError):
+        return PreloadError(str(exc), reason="memory")
     if isinstance(exc, TrioSignError) and hasattr(exc, "reason"):
         return PreloadError(str(exc), reason=str(exc.reason))
     return None

@@ -1,41 +1,75 @@
-"""The enclave process's supervision tree (development mode for now).
+"""The enclave process's supervision tree, drawn in one function per mode.
 
-``serve_dev_enclave`` draws the whole tree in one function, each service started with
-``nursery.start`` so readiness reads top to bottom::
+Production (:func:`serve_enclave`), each service started with ``nursery.start`` so readiness
+reads top to bottom::
 
-    serve_dev_enclave
-    ├── load the plaintext share file (worker thread)  -> ShareStore
-    ├── SessionPool.run_reaper                          (expires sessions, zeroes nonces)
-    ├── run_sse_client (if gateway_url)                 (probe/abort/freeze/unfreeze/drain)
-    └── serve_grpc on config.grpc_listen               (SignService handlers)
+    serve_enclave
+    ├── run_child_reaper                (only as PID 1)
+    ├── run_status_channel              (parent: state changes, readiness, failure, exit)
+    ├── run_log_channel                 (parent: redacted JSON lines, bounded, never blocks)
+    ├── open the NSM; seed entropy       (device only)
+    ├── run_memory_monitor              (alarm at 70%, refuse new sessions at 90%)
+    ├── preload (bounded by preload_timeout_s): attestation -> KMS envelope -> sealed bundle
+    ├── extend PCR 16 with the bundle's SHA-256 and lock it; the audit record
+    ├── SessionPool.run_reaper          (expires sessions, zeroes nonces)
+    ├── run_sse_client                  (gateway events through the parent relay)
+    └── serve_grpc                      (SignService; only after preload succeeded)
 
-The production tree (NSM, attested KMS preload, status/log channels, SSE client) grows from
-this one with the enclave-runtime work.
+Development (:func:`serve_dev_enclave`): a plaintext share file instead of the first six
+steps. Any failure before serving cancels the whole nursery: nothing is served, the status
+channel says why, and the exit code says what (:mod:`trio_sign.enclave._exit`). An unexpected
+exception in a long-lived task does the same (fail fast; the parent restarts us). The SSE and
+the parent channels reconnect by themselves instead.
 """
 
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
 import logging
+import os
 import time
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 import trio
 
 from .._errors import TrioSignError
+from ..nitro import AsyncNsm, LocalNsm, MessageStream, NsmDevice, NsmError, NsmLike, seed_entropy
 from ..rpc import GrpcServer, serve_grpc
 from ..shares import ShareStore
 from ..sse import SseClientStatus, SseEventHandler, events_url, parse_events_url, run_sse_client
 from ..transport import connect, open_listeners
 from ._config import EnclaveConfig
+from ._exit import EnclaveExit, ExitCode
+from ._logchannel import (
+    ChannelLogHandler,
+    attach_log_handler,
+    detach_log_handler,
+    run_log_channel,
+)
+from ._memory import (
+    MemoryLimitError,
+    MemoryWatermark,
+    check_preload_fits,
+    read_memory_limit_bytes,
+    run_memory_monitor,
+)
+from ._pid1 import run_child_reaper
 from ._pool import SessionPool
-from ._service import SignService
+from ._preload import PreloadError, PreloadReport, preload_shares
+from ._service import Attestor, SignService
+from ._status import StatusReporter, report_final, run_status_channel
 
 log = logging.getLogger("trio_sign.enclave")
+audit_log = logging.getLogger("trio_sign.audit")
+# Every boot must leave its audit record (DESIGN §7), whatever level the operator chose.
+audit_log.setLevel(logging.INFO)
 
 
 class EnclaveHandle:
-    """What ``nursery.start(serve_dev_enclave, ...)`` returns: the running service."""
+    """What ``nursery.start(serve_..._enclave, ...)`` returns: the running service."""
 
     def __init__(
         self,
@@ -77,15 +111,52 @@ def _listener_url(listener: trio.SocketListener, scheme: str) -> str:
     return f"vsock://{name[0]}:{name[1]}"
 
 
+async def _serve_loaded(
+    nursery: trio.Nursery,
+    config: EnclaveConfig,
+    store: ShareStore,
+    *,
+    attestor: Attestor | None = None,
+    overloaded: Callable[[], str | None] = lambda: None,
+    on_drain: Callable[[], None] = lambda: None,
+) -> EnclaveHandle:
+    """Start the pool reaper, the SSE client and the gRPC server for a loaded store."""
+    frozen: set[str] = set()
+    pool = SessionPool(
+        store.get,
+        max_sessions=config.max_sessions,
+        session_ttl_s=config.session_ttl_s,
+        is_frozen=frozen.__contains__,
+        overloaded=overloaded,
+    )
+    service = SignService(store, pool, frozen=frozen, attestor=attestor, on_drain=on_drain)
+    await nursery.start(pool.run_reaper)
+    sse = await _start_sse(nursery, config, service)
+    listeners = await open_listeners(config.grpc_listen)
+    scheme = config.grpc_listen.split(":", 1)[0]
+    addresses = [_listener_url(listener, scheme) for listener in listeners]
+    server: GrpcServer = await nursery.start(
+        functools.partial(
+            serve_grpc,
+            listeners,
+            service.handlers(),
+            max_receive_message_size=config.max_receive_message_size,
+        )
+    )
+    return EnclaveHandle(service, server, addresses, config, sse)
+
+
+# -- development ---------------------------------------------------------------------------
+
+
 async def serve_dev_enclave(
     config: EnclaveConfig,
     *,
     task_status: trio.TaskStatus[EnclaveHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the SignService from a plaintext share file (development only).
+    """Serve the SignService from a plaintext share file (development only: no NSM, no KMS).
 
-    Returns after :meth:`EnclaveHandle.drain`; the share store is zeroed on the way out,
-    whatever the reason.
+    Returns after :meth:`EnclaveHandle.drain`; the share store is zeroed on the way out.
 
     Error handling:
         ``TrioSignError`` if the configuration is not a development one, the share file is
@@ -106,33 +177,12 @@ async def serve_dev_enclave(
             "shares loaded",
             extra={"accounts": store.accounts, "load_ms": round(store.load_seconds * 1000)},
         )
-        frozen: set[str] = set()
-        pool = SessionPool(
-            store.get,
-            max_sessions=config.max_sessions,
-            session_ttl_s=config.session_ttl_s,
-            is_frozen=frozen.__contains__,
-        )
-        service = SignService(store, pool, frozen=frozen)
         async with trio.open_nursery() as nursery:
-            await nursery.start(pool.run_reaper)
-            sse = await _start_sse(nursery, config, service)
-            listeners = await open_listeners(config.grpc_listen)
-            scheme = config.grpc_listen.split(":", 1)[0]
-            addresses = [_listener_url(listener, scheme) for listener in listeners]
-            server: GrpcServer = await nursery.start(
-                functools.partial(
-                    serve_grpc,
-                    listeners,
-                    service.handlers(),
-                    max_receive_message_size=config.max_receive_message_size,
-                )
-            )
-            handle = EnclaveHandle(service, server, addresses, config, sse)
+            handle = await _serve_loaded(nursery, config, store)
             log.info(
                 "enclave ready",
                 extra={
-                    "grpc": ",".join(addresses),
+                    "grpc": ",".join(handle.addresses),
                     "accounts": store.accounts,
                     "mode": "dev",
                     "boot_ms": round((time.monotonic() - started) * 1000),
@@ -144,6 +194,252 @@ async def serve_dev_enclave(
     finally:
         store.close()
         log.info("enclave stopped; shares zeroed")
+
+
+# -- production ------------------------------------------------------------------------------
+
+
+def open_nsm(spec: str) -> NsmLike:
+    """``"device"`` -> ``/dev/nsm``; ``"local:DIR"`` -> the local NSM with its root in DIR."""
+    try:
+        if spec == "device":
+            return NsmDevice.open()
+        if spec.startswith("local:"):
+            return LocalNsm.from_dir(spec.removeprefix("local:"), create=True)
+    except (OSError, NsmError) as exc:
+        raise EnclaveExit(
+            f"cannot open the NSM ({spec}): {exc}", code=ExitCode.NSM, reason="nsm_unavailable"
+        ) from exc
+    raise EnclaveExit(
+        f"unknown NSM {spec!r}: use 'device' or 'local:DIR'", code=ExitCode.USAGE, reason="usage"
+    )
+
+
+def _connector(address: str) -> Callable[[], Awaitable[trio.abc.Stream]]:
+    return functools.partial(connect, address)
+
+
+async def serve_enclave(
+    config: EnclaveConfig,
+    *,
+    nsm: NsmLike | None = None,
+    task_status: trio.TaskStatus[EnclaveHandle] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The production enclave: attested preload, then serve until drained.
+
+    Returns normally after a drain. Any failure raises :class:`EnclaveExit` with the exit code
+    and reason, after the status channel was given ``failed`` and ``exit`` (bounded by
+    ``final_report_timeout_s``). The share store, nonces and keys are zeroed on every path.
+
+    Args:
+        config: the settings.
+        nsm: an already-open NSM (tests); otherwise ``config.nsm`` is opened.
+    """
+    started = time.monotonic()
+    reporter = StatusReporter()
+    status_connect = _connector(config.status_address)
+    store: ShareStore | None = None
+    outcome: EnclaveExit | None = None
+    log_handler: ChannelLogHandler | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            if os.getpid() == 1:
+                await nursery.start(run_child_reaper)
+            await nursery.start(functools.partial(run_status_channel, status_connect, reporter))
+            log_handler = await _start_log_channel(nursery, config)
+            device = nsm if nsm is not None else open_nsm(config.nsm)
+            anv = AsyncNsm(device)
+            if isinstance(device, NsmDevice):
+                seeded = await trio.to_thread.run_sync(seed_entropy, device)
+                log.info(
+                    "entropy seeded from NSM",
+                    extra={"bytes": seeded.nbytes, "credited": seeded.credited},
+                )
+            limit = config.memory_limit_bytes or read_memory_limit_bytes()
+            watermark = MemoryWatermark(
+                limit,
+                alarm_fraction=config.memory_alarm_fraction,
+                hard_fraction=config.memory_hard_fraction,
+            )
+            await nursery.start(
+                functools.partial(
+                    run_memory_monitor, watermark, on_change=reporter.set_memory_level
+                )
+            )
+
+            reporter.set_state("preloading")
+            store, report = await _preload(config, anv, watermark)
+            fingerprint = bytes.fromhex(report.sha256)
+            pcr = await _lock_shares_pcr(anv, config.shares_pcr, fingerprint)
+            audit_doc = await anv.attestation(user_data=fingerprint)
+            audit_log.info(
+                "boot audit",
+                extra={
+                    "audit": "boot",
+                    "accounts": report.accounts,
+                    "shares_sha256": report.sha256,
+                    "preload_ms": report.preload_ms,
+                    "bundle_bytes": report.bundle_bytes,
+                    "boot_ms": round((time.monotonic() - started) * 1000),
+                    "shares_pcr": config.shares_pcr,
+                    "shares_pcr_value": pcr.hex(),
+                    "attestation_document_b64": base64.b64encode(audit_doc).decode(),
+                },
+            )
+
+            async def attest(nonce: bytes) -> bytes:
+                return await anv.attestation(user_data=fingerprint, nonce=nonce or None)
+
+            handle = await _serve_loaded(
+                nursery,
+                config,
+                store,
+                attestor=attest,
+                overloaded=functools.partial(_overload_reason, watermark),
+                on_drain=lambda: reporter.set_state("draining"),
+            )
+            reporter.set_state(
+                "serving",
+                accounts=report.accounts,
+                sha256=report.sha256,
+                preload_ms=report.preload_ms,
+            )
+            log.info(
+                "enclave ready",
+                extra={
+                    "grpc": ",".join(handle.addresses),
+                    "accounts": report.accounts,
+                    "shares_sha256": report.sha256,
+                    "mode": "nitro" if config.nsm == "device" else "local",
+                    "boot_ms": round((time.monotonic() - started) * 1000),
+                },
+            )
+            task_status.started(handle)
+            await handle._stop.wait()
+            nursery.cancel_scope.cancel()
+    except BaseException as exc:
+        outcome = _classify(exc)
+        if outcome is None:
+            raise  # Cancelled or KeyboardInterrupt from outside: not ours to report
+    finally:
+        if store is not None:
+            store.close()
+        final_state = "exiting" if outcome is None else "failed"
+        code = ExitCode.OK if outcome is None else outcome.code
+        reason = None if outcome is None else outcome.reason
+        if outcome is not None:
+            log.error(
+                "enclave failed",
+                extra={"reason": reason, "exit_code": int(code), "detail": str(outcome)},
+            )
+        await report_final(
+            reporter,
+            final_state,
+            code=int(code),
+            reason=reason,
+            timeout_s=config.final_report_timeout_s,
+        )
+        log.info("enclave stopped; shares zeroed", extra={"exit_code": int(code)})
+        if log_handler is not None:
+            detach_log_handler(log_handler)
+    if outcome is not None:
+        raise outcome
+
+
+def _overload_reason(watermark: MemoryWatermark) -> str | None:
+    if not watermark.refuse_new_sessions:
+        return None
+    pct = 100 * watermark.used_bytes / watermark.limit_bytes
+    return f"memory above the hard watermark ({pct:.0f}% of the limit)"
+
+
+async def _preload(
+    config: EnclaveConfig, nsm: AsyncNsm, watermark: MemoryWatermark
+) -> tuple[ShareStore, PreloadReport]:
+    def memory_check(accounts: int) -> None:
+        check_preload_fits(
+            accounts,
+            limit_bytes=watermark.limit_bytes,
+            used_bytes=watermark.used_bytes,
+            hard_fraction=watermark.hard_fraction,
+        )
+
+    with trio.fail_after(config.preload_timeout_s):
+        stream = await connect(config.preload_address)
+        try:
+            return await preload_shares(
+                MessageStream(stream),
+                nsm,
+                verify=config.verify_shares,
+                memory_check=memory_check,
+            )
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+
+async def _lock_shares_pcr(nsm: AsyncNsm, index: int, fingerprint: bytes) -> bytes:
+    """Extend PCR ``index`` with the bundle's SHA-256 and lock it, so verifiers and KMS
+    policies can pin what was loaded. Returns the PCR's final value."""
+    value = await nsm.extend_pcr(index, fingerprint)
+    await nsm.lock_pcr(index)
+    expected = hashlib.sha384(bytes(48) + fingerprint).digest()
+    if value != expected:
+        log.warning(
+            "shares PCR was not fresh at boot",
+            extra={"pcr": index, "value": value.hex()},
+        )
+    return value
+
+
+def _classify(exc: BaseException) -> EnclaveExit | None:
+    """The exit code and reason for what ended the tree (None: an outside cancellation)."""
+    leaves = _leaves(exc)
+    for leaf in leaves:
+        if isinstance(leaf, EnclaveExit):
+            return leaf
+    for leaf in leaves:
+        if isinstance(leaf, trio.TooSlowError):
+            return EnclaveExit("preload timed out", code=ExitCode.PRELOAD_TIMEOUT, reason="timeout")
+        if isinstance(leaf, MemoryLimitError):
+            return EnclaveExit(str(leaf), code=ExitCode.MEMORY, reason="memory")
+        if isinstance(leaf, PreloadError):
+            code = ExitCode.MEMORY if leaf.reason == "memory" else ExitCode.PRELOAD_FAILED
+            return EnclaveExit(str(leaf), code=code, reason=leaf.reason)
+        if isinstance(leaf, NsmError):
+            return EnclaveExit(f"NSM: {leaf}", code=ExitCode.NSM, reason="nsm")
+        if isinstance(leaf, TrioSignError):
+            reason = str(getattr(leaf, "reason", "service_failed"))
+            return EnclaveExit(str(leaf), code=ExitCode.SERVICE_FAILED, reason=reason)
+    if all(isinstance(leaf, (trio.Cancelled, KeyboardInterrupt)) for leaf in leaves):
+        return None
+    first = next(leaf for leaf in leaves if not isinstance(leaf, trio.Cancelled))
+    log.error("unexpected exception", exc_info=first)
+    return EnclaveExit(
+        f"internal error: {type(first).__name__}: {first}",
+        code=ExitCode.INTERNAL,
+        reason="internal",
+    )
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        out: list[BaseException] = []
+        for sub in exc.exceptions:
+            out.extend(_leaves(sub))
+        return out
+    return [exc]
+
+
+async def _start_log_channel(nursery: trio.Nursery, config: EnclaveConfig) -> ChannelLogHandler:
+    """Forward ``trio_sign.*`` logs to the parent (bounded: a slow parent never blocks signing).
+
+    The handler stays attached for the life of the tree; the caller detaches it.
+    """
+    handler = ChannelLogHandler()
+    attach_log_handler(handler)
+    await nursery.start(functools.partial(run_log_channel, _connector(config.log_address), handler))
+    return handler
 
 
 def _sse_via(config: EnclaveConfig, url: str) -> str:
@@ -174,3 +470,6 @@ async def _start_sse(
     )
     log.info("sse subscription started", extra={"url": url, "via": via})
     return status
+
+
+__all__ = ["EnclaveHandle", "open_nsm", "serve_dev_enclave", "serve_enclave"]

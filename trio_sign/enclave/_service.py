@@ -85,6 +85,7 @@ class SignService:
         *,
         frozen: set[str] | None = None,
         attestor: Attestor | None = None,
+        on_drain: Callable[[], None] = lambda: None,
     ) -> None:
         self.store = store
         self.pool = pool
@@ -92,10 +93,15 @@ class SignService:
         self.state = "serving"
         self.frozen: set[str] = frozen if frozen is not None else set()
         self.last_sse_probe = ""
+        self._on_drain = on_drain
 
     def start_draining(self) -> None:
+        """Stop taking new sessions; open ones may still sign (SIGTERM or the SSE ``drain``)."""
+        if self.state == "draining":
+            return
         self.state = "draining"
         self.pool.stop_accepting()
+        self._on_drain()
 
     def handlers(self) -> dict[str, UnaryHandler]:
         """The method table for :class:`trio_sign.rpc.GrpcServer`."""

@@ -1,0 +1,407 @@
+"""The production enclave tree (serve_enclave) against a parent over UNIX sockets: attested
+preload, PCR 16, audit, serving, drain, and every way boot can fail, with its exit code and
+the status the parent sees. Also the real process as PID 1 under ``unshare``."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from proto_min import sign_service_pb2 as pb
+from trio_sign.enclave import EnclaveConfig, EnclaveExit, ExitCode, SessionPool, serve_enclave
+from trio_sign.enclave._serve import EnclaveHandle
+from trio_sign.nitro import (
+    ChannelMessage,
+    ExitMessage,
+    LocalNsm,
+    LogMessage,
+    MessageStream,
+    StateMessage,
+    verify_attestation,
+)
+from trio_sign.parent import (
+    DevRecipientKms,
+    serve_log_connection,
+    serve_preload,
+    serve_status_connection,
+)
+from trio_sign.rpc import open_grpc_channel
+from trio_sign.shares import DevKeyFile, ShareRecord, encode_bundle
+from trio_sign.transport import TransportError, connect, open_listeners
+
+from .enclave_helpers import Account, Peer, make_accounts, sorted_commitments
+
+S = "/trio_sign.v1.SignService/"
+
+
+@dataclass
+class FakeParent:
+    dir: Path
+    bundle: Path
+    kms: Any
+    states: list[StateMessage] = field(default_factory=list)
+    exits: list[int] = field(default_factory=list)
+    logs: list[dict[str, Any]] = field(default_factory=list)
+    preload_errors: list[BaseException] = field(default_factory=list)
+    boot_silent: bool = False
+
+    def on_status(self, message: ChannelMessage) -> None:
+        if isinstance(message, StateMessage):
+            self.states.append(message)
+        elif isinstance(message, ExitMessage):
+            self.exits.append(message.code)
+
+    def on_log(self, message: ChannelMessage) -> None:
+        if isinstance(message, LogMessage):
+            self.logs.append(json.loads(message.line))
+
+    async def boot(self, stream: trio.SocketStream) -> None:
+        if self.boot_silent:
+            await trio.sleep_forever()
+        try:
+            await serve_preload(MessageStream(stream), self.bundle, self.kms)
+        except Exception as exc:
+            self.preload_errors.append(exc)
+        finally:
+            await stream.aclose()
+
+    def config(self, **kw: Any) -> EnclaveConfig:
+        return EnclaveConfig(
+            grpc_listen=f"unix://{self.dir}/grpc.sock",
+            nsm="local",
+            preload_address=f"unix://{self.dir}/boot.sock",
+            status_address=f"unix://{self.dir}/status.sock",
+            log_address=f"unix://{self.dir}/logs.sock",
+            preload_timeout_s=kw.pop("preload_timeout_s", 20.0),
+            drain_grace_s=1.0,
+            **kw,
+        )
+
+
+@pytest.fixture(scope="module")
+def accounts() -> dict[str, Account]:
+    store, accounts = make_accounts(12)
+    store.close()
+    return accounts
+
+
+@pytest.fixture(scope="module")
+def nsm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("nsm")
+    LocalNsm.from_dir(path, create=True).close()
+    return path
+
+
+@asynccontextmanager
+async def parent(
+    tmp_path: Path,
+    records: list[ShareRecord],
+    nsm_dir: Path,
+    *,
+    tamper: bool = False,
+    boot_silent: bool = False,
+) -> AsyncIterator[FakeParent]:
+    d = Path(tmp_path) / "sock"
+    d.mkdir()
+    key = DevKeyFile.create(d / "dev.key")
+    data = bytearray(encode_bundle(records, key, chunk_size=1024))
+    if tamper:
+        data[-40] ^= 1
+    bundle = d / "bundle.enc"
+    bundle.write_bytes(bytes(data))
+    root_pem = (nsm_dir / "local-nsm-root.pem").read_bytes()
+    fake = FakeParent(d, bundle, DevRecipientKms(key, root_pem=root_pem), boot_silent=boot_silent)
+    async with trio.open_nursery() as nursery:
+        for name, handler in (
+            ("boot", fake.boot),
+            ("status", functools.partial(serve_status_connection, on=fake.on_status)),
+            ("logs", functools.partial(serve_log_connection, on=fake.on_log)),
+        ):
+            listeners = await open_listeners(f"unix://{d}/{name}.sock")
+            await nursery.start(trio.serve_listeners, handler, listeners)
+        yield fake
+        nursery.cancel_scope.cancel()
+
+
+async def test_boot_serve_attest_drain(
+    tmp_path: Path, accounts: dict[str, Account], nsm_dir: Path
+) -> None:
+    records = [a.service for a in accounts.values()]
+    nsm = LocalNsm.from_dir(nsm_dir)
+    async with parent(tmp_path, records, nsm_dir) as fake, trio.open_nursery() as nursery:
+        handle: EnclaveHandle = await nursery.start(
+            functools.partial(serve_enclave, fake.config(), nsm=nsm)
+        )
+        sha = hashlib.sha256(fake.bundle.read_bytes()).hexdigest()
+        async with open_grpc_channel(await connect(handle.addresses[0])) as ch:
+            status = pb.GetStatusResponse.FromString(await ch.unary_unary(S + "GetStatus", b""))
+            assert status.state == "serving"
+            assert status.accounts == len(records)
+            assert status.shares_sha256 == sha
+
+            # a full signing session
+            acct = next(iter(accounts.values()))
+            committed = pb.CommitResponse.FromString(
+                await ch.unary_unary(
+                    S + "Commit",
+                    pb.CommitRequest(
+                        account_id=acct.account_id, session_id="s"
+                    ).SerializeToString(),
+                )
+            )
+            from trio_sign.crypto import SigningCommitment
+
+            mine = SigningCommitment(committed.identifier, committed.hiding, committed.binding)
+            peer = Peer(acct)
+            cs = sorted_commitments(mine, peer.commitment)
+            signed = pb.SignResponse.FromString(
+                await ch.unary_unary(
+                    S + "Sign",
+                    pb.SignRequest(
+                        session_id="s",
+                        message=b"m",
+                        commitments=[
+                            pb.SigningCommitment(
+                                identifier=c.identifier, hiding=c.hiding, binding=c.binding
+                            )
+                            for c in cs
+                        ],
+                    ).SerializeToString(),
+                )
+            )
+            peer.aggregate(
+                b"m",
+                cs,
+                {
+                    signed.identifier: signed.signature_share,
+                    acct.peer.identifier: peer.sign(b"m", cs),
+                },
+            )
+
+            # attestation binds the nonce, the shares fingerprint and PCR 16
+            doc = pb.GetAttestationResponse.FromString(
+                await ch.unary_unary(
+                    S + "GetAttestation",
+                    pb.GetAttestationRequest(nonce=b"n0nce").SerializeToString(),
+                )
+            ).document
+            verified = verify_attestation(
+                doc,
+                root_pem=nsm.root_pem,
+                expected_nonce=b"n0nce",
+                expected_pcrs={16: hashlib.sha384(bytes(48) + bytes.fromhex(sha)).digest()},
+            )
+            assert verified.user_data == bytes.fromhex(sha)
+        locked, _ = nsm.describe_pcr(16)
+        assert locked
+        await handle.drain()
+    states = [s.state for s in fake.states]
+    assert states[0] == "booting"
+    assert "preloading" in states
+    serving = next(s for s in fake.states if s.state == "serving")
+    assert serving.accounts == len(records)
+    assert serving.sha256 == sha
+    assert states[-1] == "exiting"
+    assert fake.exits == [0]
+    audit = [r for r in fake.logs if r.get("audit") == "boot"]
+    assert len(audit) == 1
+    assert audit[0]["shares_sha256"] == sha
+    assert audit[0]["accounts"] == len(records)
+    boot_doc = base64.b64decode(audit[0]["attestation_document_b64"])
+    assert verify_attestation(boot_doc, root_pem=nsm.root_pem).user_data == bytes.fromhex(sha)
+    for line in fake.logs:  # nothing secret crossed to the parent
+        for rec in records:
+            assert bytes(rec.signing_share).hex() not in json.dumps(line)
+
+
+async def _boot_failure(
+    tmp_path: Path, records: list[ShareRecord], nsm_dir: Path, **kw: Any
+) -> tuple[EnclaveExit, FakeParent]:
+    cfg_kw = {k: kw.pop(k) for k in list(kw) if k in ("preload_timeout_s", "memory_limit_bytes")}
+    async with parent(tmp_path, records, nsm_dir, **kw) as fake:
+        with pytest.raises(EnclaveExit) as info:
+            await serve_enclave(fake.config(**cfg_kw), nsm=LocalNsm.from_dir(nsm_dir))
+        assert not (fake.dir / "grpc.sock").exists()  # nothing was ever served
+    return info.value, fake
+
+
+async def test_tampered_bundle_is_never_served(
+    tmp_path: Path, accounts: dict[str, Account], nsm_dir: Path
+) -> None:
+    records = [a.service for a in accounts.values()]
+    exit_, fake = await _boot_failure(tmp_path, records, nsm_dir, tamper=True)
+    assert exit_.code == ExitCode.PRELOAD_FAILED
+    assert exit_.reason == "tampered"
+    assert fake.states[-1].state == "failed"
+    assert fake.states[-1].reason == "tampered"
+    assert fake.exits == [3]
+
+
+async def test_duplicate_accounts_fail_boot(
+    tmp_path: Path, accounts: dict[str, Account], nsm_dir: Path
+) -> None:
+    records = [a.service for a in accounts.values()]
+    exit_, fake = await _boot_failure(tmp_path, [*records, records[0]], nsm_dir)
+    assert exit_.code == ExitCode.PRELOAD_FAILED
+    assert exit_.reason == "duplicate_account"
+    assert fake.exits == [3]
+
+
+async def test_preload_timeout(tmp_path: Path, accounts: dict[str, Account], nsm_dir: Path) -> None:
+    records = [a.service for a in accounts.values()]
+    exit_, fake = await _boot_failure(
+        tmp_path, records, nsm_dir, boot_silent=True, preload_timeout_s=0.5
+    )
+    assert exit_.code == ExitCode.PRELOAD_TIMEOUT
+    assert exit_.reason == "timeout"
+    assert fake.states[-1].state == "failed"
+    assert fake.exits == [4]
+
+
+async def test_memory_limit_breach(
+    tmp_path: Path, accounts: dict[str, Account], nsm_dir: Path
+) -> None:
+    records = [a.service for a in accounts.values()]
+    # a limit far below what this process already uses: the bundle cannot fit
+    exit_, fake = await _boot_failure(
+        tmp_path, records, nsm_dir, memory_limit_bytes=16 * 1024 * 1024
+    )
+    assert exit_.code == ExitCode.MEMORY
+    assert exit_.reason == "memory"
+    assert fake.exits == [5]
+
+
+async def test_a_failing_long_lived_task_tears_everything_down(
+    tmp_path: Path,
+    accounts: dict[str, Account],
+    nsm_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Chaos: the session reaper raises after the enclave is serving: the whole tree goes,
+    the status says failed/internal, exit code 1, and the gRPC socket is closed."""
+    records = [a.service for a in accounts.values()]
+    boom = trio.Event()
+    original = SessionPool.run_reaper
+
+    async def exploding_reaper(
+        self: SessionPool, *, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with trio.open_nursery() as inner:
+            await inner.start(functools.partial(original, self))
+            task_status.started()
+            await boom.wait()
+            raise RuntimeError("reaper bug")
+
+    monkeypatch.setattr(SessionPool, "run_reaper", exploding_reaper)
+    caught: list[EnclaveExit] = []
+
+    async def run(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await serve_enclave(cfg, nsm=LocalNsm.from_dir(nsm_dir), task_status=task_status)
+        except EnclaveExit as exc:
+            caught.append(exc)
+
+    async with parent(tmp_path, records, nsm_dir) as fake:
+        cfg = fake.config()
+        async with trio.open_nursery() as nursery:
+            handle = await nursery.start(run)
+            handle.service.pool.commit(records[0].account_id, "open-session")
+            boom.set()
+    (exit_,) = caught
+    assert exit_.code == ExitCode.INTERNAL
+    assert fake.states[-1].state == "failed"
+    assert fake.states[-1].reason == "internal"
+    assert fake.exits == [1]
+    with pytest.raises(TransportError, match=r"refused|No such file"):  # gone with the tree
+        await connect(f"unix://{fake.dir}/grpc.sock")
+
+
+def _only_child(pid: int) -> int:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    assert len(children) == 1, children
+    return int(children[0])
+
+
+def _unshare_works() -> str | None:
+    if shutil.which("unshare") is None:
+        return "unshare(1) is not installed"
+    probe = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True, text=True
+    )
+    if probe.returncode != 0:
+        return f"the kernel refuses new PID namespaces here: {probe.stderr.strip()}"
+    return None
+
+
+async def test_enclave_process_as_pid1_under_unshare(
+    tmp_path: Path, accounts: dict[str, Account], nsm_dir: Path
+) -> None:
+    """The real command in fresh PID and network namespaces (no network at all, PID 1),
+    talking to the parent over UNIX sockets; SIGTERM drains and exits 0."""
+    reason = _unshare_works()
+    if reason is not None:
+        pytest.skip(reason)
+    records = [a.service for a in accounts.values()]
+    exe = Path(sys.executable).with_name("trio-sign")
+    async with parent(tmp_path, records, nsm_dir) as fake:
+        cfg = fake.config()
+        wrapped = True
+        cmd = [
+            *["unshare", "--net", "--pid", "--fork", "--mount-proc", "--kill-child"],
+            str(exe),
+            "enclave",
+            "--nsm",
+            f"local:{nsm_dir}",
+            "--grpc-listen",
+            cfg.grpc_listen,
+            "--preload-address",
+            cfg.preload_address,
+            "--status-address",
+            cfg.status_address,
+            "--log-address",
+            cfg.log_address,
+            "--drain-grace",
+            "1",
+        ]
+        stderr_path = fake.dir / "enclave.stderr"
+        stderr_file = stderr_path.open("wb")
+        proc = await trio.lowlevel.open_process(
+            cmd, stderr=stderr_file, env={**os.environ, "PYTHONWARNINGS": "error"}
+        )
+        try:
+            with trio.fail_after(30):
+                while not any(s.state == "serving" for s in fake.states):  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+                async with open_grpc_channel(await connect(cfg.grpc_listen)) as ch:
+                    assert await ch.unary_unary(
+                        S + "Ping", pb.PingRequest(payload=b"pid1").SerializeToString(), timeout=5
+                    )
+                pid1 = [r for r in fake.logs if r.get("msg") == "enclave ready"]
+                assert pid1
+                # ``unshare --fork`` ignores SIGTERM while it waits for its child: signal the
+                # enclave itself, by its own pid, and let unshare pass its exit status on.
+                os.kill(_only_child(proc.pid) if wrapped else proc.pid, signal.SIGTERM)
+                code = await proc.wait()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            stderr_file.close()
+    assert code == 0, stderr_path.read_text()
+    assert fake.states[-1].state == "exiting"
+    assert fake.exits == [0]

@@ -1,0 +1,45 @@
+"""What the enclave process's exit status means (documented for operators and the parent).
+
+======  ===================  =========================================================
+code    name                 meaning
+======  ===================  =========================================================
+0       OK                   drained and stopped after SIGTERM/SIGINT (or a ``drain``)
+1       INTERNAL             a bug: an unexpected exception; the log has the traceback
+2       USAGE                bad command line or configuration
+3       PRELOAD_FAILED       the bundle, its key or the boot exchange was refused
+4       PRELOAD_TIMEOUT      preload did not finish within ``preload_timeout_s``
+5       MEMORY               the bundle does not fit the enclave's memory
+6       NSM                  the Nitro Security Module could not be opened or used
+7       SERVICE_FAILED       a long-lived service (listener, channel) failed at run time
+======  ===================  =========================================================
+
+In every non-zero case the status channel's last state is ``failed`` with a stable reason,
+followed by ``exit`` with the code; then the process exits (in an EIF, the AWS init reboots
+the enclave, which the parent sees as the enclave going away).
+"""
+
+from __future__ import annotations
+
+import enum
+
+from .._errors import TrioSignError
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    INTERNAL = 1
+    USAGE = 2
+    PRELOAD_FAILED = 3
+    PRELOAD_TIMEOUT = 4
+    MEMORY = 5
+    NSM = 6
+    SERVICE_FAILED = 7
+
+
+class EnclaveExit(TrioSignError):
+    """The enclave stops with ``code``; ``reason`` is the stable code sent on the status channel."""
+
+    def __init__(self, message: str, *, code: ExitCode, reason: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
