@@ -246,3 +246,29 @@ async def test_overloaded_refuses_new_sessions_only(
     pool.sign("open", b"m", sorted_commitments(r.commitment, peer.commitment))
     reason[0] = None
     pool.commit("acct-1", "new")
+
+
+async def test_signed_sessions_are_kept_as_untracked_tuples(
+    world: tuple[ShareStore, dict[str, Account]], autojump_clock: trio.testing.MockClock
+) -> None:
+    """Retry records cost the garbage collector nothing, and the reaper drops them."""
+    import gc
+
+    store, accounts = world
+    pool = _pool(store, session_ttl_s=60.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run_reaper)
+        for i in range(3):
+            r = pool.commit("acct-0", f"s{i}")
+            peer = Peer(accounts["acct-0"])
+            pool.sign(f"s{i}", b"m", sorted_commitments(r.commitment, peer.commitment))
+        assert pool.tracked_sessions == 3
+        assert pool.open_sessions == 0
+        gc.collect()
+        assert not any(gc.is_tracked(record) for record in pool._signed.values())
+        await trio.sleep(60)
+        await trio.testing.wait_all_tasks_blocked()
+        assert pool.tracked_sessions == 0
+        with _expect(PoolErrorKind.NOT_FOUND):
+            pool.abort("s0")
+        nursery.cancel_scope.cancel()

@@ -65,8 +65,6 @@ class _Session:
         "deadline",
         "expires_at_unix_ms",
         "nonces",
-        "request_digest",
-        "share",
         "token",
     )
 
@@ -79,8 +77,13 @@ class _Session:
         self.deadline = deadline
         self.expires_at_unix_ms = expires_at_unix_ms
         self.token: object | None = None  # the limiter borrower while the slot is held
-        self.request_digest: bytes | None = None
-        self.share: bytes | None = None
+
+
+#: A signed session, kept only for byte-identical retries until its deadline. A plain tuple of
+#: str/bytes/numbers: CPython's GC stops tracking such tuples, so tens of thousands of them
+#: (60 s of traffic) add nothing to full collections. Fields: deadline, account_id, request
+#: digest, signature share, identifier, hiding, binding, expires_at_unix_ms.
+_Signed = tuple[float, str, bytes, bytes, bytes, bytes, bytes, int]
 
 
 def _request_digest(message: bytes, commitments: Sequence[SigningCommitment]) -> bytes:
@@ -127,8 +130,10 @@ class SessionPool:
         self._overloaded = overloaded
         self._limiter = trio.CapacityLimiter(max_sessions)
         self._ttl = session_ttl_s
-        # Insertion order is expiry order because the TTL is the same for every session.
+        # Open sessions hold nonces. Insertion order is expiry order (one TTL for all).
         self._sessions: dict[str, _Session] = {}
+        # Signed sessions, in signing order: expiry order up to one TTL (access checks exact).
+        self._signed: dict[str, _Signed] = {}
         self._wakeup = trio.Event()
         self._accepting = True
 
@@ -146,7 +151,7 @@ class SessionPool:
     @property
     def tracked_sessions(self) -> int:
         """Sessions the pool remembers, including signed ones kept for retries."""
-        return len(self._sessions)
+        return len(self._sessions) + len(self._signed)
 
     def stop_accepting(self) -> None:
         """Drain: refuse new sessions (UNAVAILABLE); open ones may still sign."""
@@ -168,6 +173,15 @@ class SessionPool:
                     "session_id is already in use for another account",
                 )
             return CommitResult(existing.commitment, existing.expires_at_unix_ms)
+        signed = self._live_signed(session_id)
+        if signed is not None:
+            _deadline, signed_account, _digest, _share, ident, hiding, binding, ms = signed
+            if signed_account != account_id:
+                raise PoolError(
+                    PoolErrorKind.ALREADY_EXISTS,
+                    "session_id is already in use for another account",
+                )
+            return CommitResult(SigningCommitment(ident, hiding, binding), ms)
         if not self._accepting:
             raise PoolError(PoolErrorKind.UNAVAILABLE, "draining: not taking new sessions")
         overload = self._overloaded()
@@ -195,8 +209,7 @@ class SessionPool:
         session = _Session(account_id, nonces, now + self._ttl, expires_ms)
         session.token = token
         self._sessions[session_id] = session
-        if len(self._sessions) == 1:
-            self._wakeup.set()
+        self._wakeup.set()
         return CommitResult(nonces.commitment, expires_ms)
 
     def sign(
@@ -210,13 +223,14 @@ class SessionPool:
         Returns:
             ``(identifier, signature_share)``: this signer's identifier and its share.
         """
-        session = self._live(session_id)
-        if session is None:
-            raise PoolError(PoolErrorKind.NOT_FOUND, "unknown or expired session_id")
         digest = _request_digest(message, commitments)
-        if session.nonces is None:
-            if session.request_digest == digest and session.share is not None:
-                return session.commitment.identifier, session.share
+        session = self._live(session_id)
+        if session is None or session.nonces is None:
+            signed = self._live_signed(session_id)
+            if signed is None:
+                raise PoolError(PoolErrorKind.NOT_FOUND, "unknown or expired session_id")
+            if signed[2] == digest:
+                return signed[4], signed[3]
             raise PoolError(
                 PoolErrorKind.FAILED_PRECONDITION,
                 "session already signed a different request; open a new session",
@@ -244,19 +258,32 @@ class SessionPool:
             nonces.zero()
             self._release(session)
             raise
-        session.request_digest = digest
-        session.share = share
         self._release(session)
-        return session.commitment.identifier, share
+        del self._sessions[session_id]
+        c = session.commitment
+        self._signed[session_id] = (
+            session.deadline,
+            session.account_id,
+            digest,
+            share,
+            c.identifier,
+            c.hiding,
+            c.binding,
+            session.expires_at_unix_ms,
+        )
+        return c.identifier, share
 
     def abort(self, session_id: str) -> None:
         """Drop the session and zero its nonces (also forgets a signed session)."""
         session = self._sessions.pop(session_id, None)
-        if session is None or self._expired(session):
-            if session is not None:
-                self._release(session)
-            raise PoolError(PoolErrorKind.NOT_FOUND, "unknown or expired session_id")
-        self._release(session)
+        if session is not None:
+            self._release(session)
+            if session.deadline > trio.current_time():
+                return
+        signed = self._signed.pop(session_id, None)
+        if signed is not None and signed[0] > trio.current_time():
+            return
+        raise PoolError(PoolErrorKind.NOT_FOUND, "unknown or expired session_id")
 
     def abort_all(self) -> int:
         """Zero every session's nonces and free every slot (shutdown). Returns how many held
@@ -267,6 +294,7 @@ class SessionPool:
                 count += 1
             self._release(session)
         self._sessions.clear()
+        self._signed.clear()
         return count
 
     # -- expiry ----------------------------------------------------------------------------
@@ -281,20 +309,38 @@ class SessionPool:
         task_status.started()
         try:
             while True:
-                first = next(iter(self._sessions.values()), None)
-                if first is None:
+                deadline = self._next_deadline()
+                if deadline is None:
                     self._wakeup = trio.Event()
                     await self._wakeup.wait()
                     continue
-                await trio.sleep_until(first.deadline)
+                await trio.sleep_until(deadline)
                 self.expire(trio.current_time())
         finally:
             dropped = self.abort_all()
             if dropped:
                 log.info("zeroed nonces of open sessions at shutdown", extra={"sessions": dropped})
 
+    def _next_deadline(self) -> float | None:
+        first_open = next(iter(self._sessions.values()), None)
+        first_signed = next(iter(self._signed.values()), None)
+        deadlines = [
+            d
+            for d in (
+                None if first_open is None else first_open.deadline,
+                None if first_signed is None else first_signed[0],
+            )
+            if d is not None
+        ]
+        return min(deadlines, default=None)
+
     def expire(self, now: float) -> int:
-        """Drop every session whose deadline is at or before ``now``; returns how many."""
+        """Drop every session whose deadline is at or before ``now``; returns how many.
+
+        Open sessions go exactly on time (their nonces are zeroed); signed ones are kept in
+        signing order, so one may outlive its deadline by up to a TTL, but it is refused as
+        expired from its deadline on.
+        """
         expired = 0
         while self._sessions:
             session_id, session = next(iter(self._sessions.items()))
@@ -302,6 +348,12 @@ class SessionPool:
                 break
             del self._sessions[session_id]
             self._release(session)
+            expired += 1
+        while self._signed:
+            session_id, signed = next(iter(self._signed.items()))
+            if signed[0] > now:
+                break
+            del self._signed[session_id]
             expired += 1
         return expired
 
@@ -324,6 +376,13 @@ class SessionPool:
             self.expire(trio.current_time())
             return None
         return session
+
+    def _live_signed(self, session_id: str) -> _Signed | None:
+        signed = self._signed.get(session_id)
+        if signed is not None and signed[0] <= trio.current_time():
+            del self._signed[session_id]
+            return None
+        return signed
 
     def _release(self, session: _Session) -> None:
         """Zero the nonces and free the slot (idempotent)."""
