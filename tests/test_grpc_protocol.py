@@ -89,7 +89,10 @@ class RawClient:
         self.server = server
         self.h2 = h2.connection.H2Connection(
             h2.config.H2Configuration(
-                client_side=True, header_encoding=None, validate_outbound_headers=False
+                client_side=True,
+                header_encoding=None,
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
             )
         )
         self.h2.initiate_connection()
@@ -340,24 +343,51 @@ def test_missing_te_trailers() -> None:
     )
 
 
-def test_missing_path_is_an_http2_protocol_error() -> None:
-    """h2 treats a request without :path as malformed: connection error PROTOCOL_ERROR."""
+def _malformed_request_is_reset(headers: list[tuple[bytes, bytes]]) -> None:
+    """RFC 9113 §8.1.1: a malformed request is a stream error PROTOCOL_ERROR; the connection
+    and other streams carry on."""
     server = GrpcServerConnection(methods=METHODS)
     raw = RawClient(server)
     sid = raw.h2.get_next_available_stream_id()
-    raw.h2.send_headers(
-        sid,
-        [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"x")],
-        end_stream=True,
-    )
+    raw.h2.send_headers(sid, headers, end_stream=True)
     raw.flush()
-    assert len(raw.server_events) == 1
-    term = raw.server_events[0]
-    assert isinstance(term, ConnectionTerminated)
-    assert term.error_code == ErrorCodes.PROTOCOL_ERROR
-    assert server.terminated
-    goaways = [e for e in raw.h2_events if isinstance(e, h2.events.ConnectionTerminated)]
-    assert goaways[0].error_code == ErrorCodes.PROTOCOL_ERROR
+    assert not raw.server_events  # the handler layer never hears of it
+    assert not server.terminated
+    resets = [e for e in raw.h2_events if isinstance(e, h2.events.StreamReset)]
+    assert [(r.stream_id, r.error_code) for r in resets] == [(sid, ErrorCodes.PROTOCOL_ERROR)]
+    ok = raw.request(framed(b"x"))
+    assert ok != sid  # a good request on the same connection still works
+    assert any(isinstance(e, RequestReceived) for e in raw.server_events)
+
+
+_GOOD_HEADERS = [
+    (b":method", b"POST"),
+    (b":scheme", b"http"),
+    (b":path", b"/pkg.Svc/M"),
+    (b":authority", b"x"),
+    (b"content-type", b"application/grpc"),
+    (b"te", b"trailers"),
+]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param([h for h in _GOOD_HEADERS if h[0] != b":path"], id="missing-path"),
+        pytest.param([h for h in _GOOD_HEADERS if h[0] != b":scheme"], id="missing-scheme"),
+        pytest.param([*_GOOD_HEADERS[:2], (b":path", b"")] + _GOOD_HEADERS[3:], id="empty-path"),
+        pytest.param([*_GOOD_HEADERS, (b":path", b"/a/b")], id="pseudo-after-regular"),
+        pytest.param([(b":method", b"POST"), *_GOOD_HEADERS], id="duplicate-pseudo"),
+        pytest.param([(b":status", b"200"), *_GOOD_HEADERS], id="response-pseudo"),
+        pytest.param([*_GOOD_HEADERS, (b"X-Upper", b"v")], id="upper-case-name"),
+        pytest.param([*_GOOD_HEADERS, (b"connection", b"close")], id="connection-header"),
+        pytest.param([*_GOOD_HEADERS[:5], (b"te", b"gzip")], id="te-not-trailers"),
+        pytest.param([*_GOOD_HEADERS, (b"x-a", b"v\r\nx-b: w")], id="crlf-in-value"),
+        pytest.param([*_GOOD_HEADERS, (b"x-a", b"v\x00")], id="nul-in-value"),
+    ],
+)
+def test_malformed_request_headers_reset_the_stream(headers: list[tuple[bytes, bytes]]) -> None:
+    _malformed_request_is_reset(headers)
 
 
 def test_relative_path_is_unimplemented() -> None:

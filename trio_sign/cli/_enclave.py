@@ -8,6 +8,7 @@ Exit codes (see :mod:`trio_sign.enclave._exit`): 0 drained cleanly after SIGTERM
 from __future__ import annotations
 
 import argparse
+import gc
 import signal
 import sys
 from pathlib import Path
@@ -87,6 +88,10 @@ def cmd_enclave(args: argparse.Namespace) -> int:
         dev_plaintext_shares=args.dev_plaintext_shares,
     )
     serve = serve_dev_enclave if args.dev else serve_enclave
+    # Per-request garbage (h2 frames, protobuf messages) is short-lived: collect the young
+    # generation less often, so full collections (pauses that scale with live objects) are
+    # rare. Measured by scripts/bench --grpc: open-loop p99 improved, CPU/session unchanged.
+    gc.set_threshold(20_000, 10, 10)
 
     async def run() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
