@@ -375,7 +375,7 @@ _GOOD_HEADERS = [
     [
         pytest.param([h for h in _GOOD_HEADERS if h[0] != b":path"], id="missing-path"),
         pytest.param([h for h in _GOOD_HEADERS if h[0] != b":scheme"], id="missing-scheme"),
-        pytest.param([*_GOOD_HEADERS[:2], (b":path", b"")] + _GOOD_HEADERS[3:], id="empty-path"),
+        pytest.param([*_GOOD_HEADERS[:2], (b":path", b""), *_GOOD_HEADERS[3:]], id="empty-path"),
         pytest.param([*_GOOD_HEADERS, (b":path", b"/a/b")], id="pseudo-after-regular"),
         pytest.param([(b":method", b"POST"), *_GOOD_HEADERS], id="duplicate-pseudo"),
         pytest.param([(b":status", b"200"), *_GOOD_HEADERS], id="response-pseudo"),
