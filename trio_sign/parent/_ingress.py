@@ -1,0 +1,298 @@
+"""The gRPC ingress proxy: mTLS from the Sign Gateway, raw bytes to the enclave's gRPC port.
+
+Per connection: TLS 1.3 handshake with a client certificate from the configured CA required
+and ``h2`` negotiated by ALPN (bounded by ``handshake_timeout_s``), then, if the
+`AttestationGate` is verified, a connection to the enclave (vsock in production, UNIX/TCP
+locally) and two pumps moving bytes both ways. The proxy never parses HTTP/2: the h2
+connection runs end to end between the gateway and the enclave's gRPC server, so deadlines
+and statuses pass through untouched.
+
+When the gate is not verified the proxy completes the TLS handshake and closes the connection
+at once (TLS close_notify, no HTTP/2 bytes): a gRPC client sees the connection drop before
+the server's SETTINGS and reports UNAVAILABLE, as for a server that is down. Speaking h2 just
+to send GOAWAY would need an h2 stack in the proxy for no gain to the client. When a periodic
+check fails, connections being forwarded are closed too (their in-flight calls fail
+UNAVAILABLE), since the enclave behind them is no longer trusted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final
+
+import trio
+from cryptography import x509
+
+from ..transport import TransportError, connect, open_listeners
+from ._attestation_gate import AttestationGate
+
+log = logging.getLogger("trio_sign.parent.ingress")
+
+#: The only application protocol served.
+ALPN_H2: Final = "h2"
+_CHUNK: Final = 64 * 1024
+
+
+@dataclass(frozen=True)
+class IngressSettings:
+    """Limits of the ingress proxy.
+
+    Attributes:
+        handshake_timeout_s: a client must finish the TLS handshake within this.
+        idle_timeout_s: a forwarded connection with no bytes either way for this long is
+            closed (gRPC clients keep busy connections alive with HTTP/2 PINGs).
+        enclave_connect_timeout_s: bound on connecting to the enclave's port.
+        close_timeout_s: bound on a graceful close (TLS close_notify) before dropping.
+        max_connections: connections served at once; further ones are closed on accept.
+    """
+
+    handshake_timeout_s: float = 10.0
+    idle_timeout_s: float = 600.0
+    enclave_connect_timeout_s: float = 5.0
+    close_timeout_s: float = 1.0
+    max_connections: int = 1024
+
+
+def make_server_ssl_context(
+    cert_pem: bytes | str, key_pem: bytes | str, client_ca_pem: bytes | str
+) -> ssl.SSLContext:
+    """A server context for the ingress: TLS 1.3 only, client certificates required and
+    checked against ``client_ca_pem``, ALPN ``h2``.
+
+    Args:
+        cert_pem: the server certificate chain, PEM (leaf first).
+        key_pem: its private key, PEM, unencrypted.
+        client_ca_pem: the CA(s) whose client certificates are accepted, PEM.
+
+    Raises:
+        ssl.SSLError: a certificate or key does not load (or they do not match).
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.verify_mode = ssl.CERT_REQUIRED
+    ca = client_ca_pem.decode() if isinstance(client_ca_pem, bytes) else client_ca_pem
+    context.load_verify_locations(cadata=ca)
+    context.set_alpn_protocols([ALPN_H2])
+    # load_cert_chain reads files only; an anonymous in-memory file (memfd, Linux) keeps the
+    # key off the disk.
+    _load_cert_chain(context, cert_pem, key_pem)
+    return context
+
+
+def _load_cert_chain(context: ssl.SSLContext, cert_pem: bytes | str, key_pem: bytes | str) -> None:
+    cert = cert_pem.encode() if isinstance(cert_pem, str) else cert_pem
+    key = key_pem.encode() if isinstance(key_pem, str) else key_pem
+    cert_fd = os.memfd_create("ingress-cert", 0)
+    key_fd = os.memfd_create("ingress-key", 0)
+    try:
+        os.write(cert_fd, cert)
+        os.write(key_fd, key)
+        context.load_cert_chain(f"/proc/self/fd/{cert_fd}", f"/proc/self/fd/{key_fd}")
+    finally:
+        os.close(cert_fd)
+        os.close(key_fd)
+
+
+ConnectEnclave = Callable[[], Awaitable[trio.abc.Stream]]
+
+
+async def serve_ingress(
+    listen_url: str,
+    enclave_url: str,
+    ssl_context: ssl.SSLContext,
+    gate: AttestationGate,
+    *,
+    settings: IngressSettings = IngressSettings(),
+    connect_enclave: ConnectEnclave | None = None,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept mTLS gRPC connections on ``listen_url`` and forward them to ``enclave_url``.
+
+    Args:
+        listen_url: e.g. ``tcp://0.0.0.0:50051``.
+        enclave_url: the enclave's gRPC port, e.g. ``vsock://16:50051`` (or ``unix://`` locally).
+        ssl_context: from `make_server_ssl_context`.
+        gate: forwarding happens only while ``gate.verified`` (run `run_attestation_gate`
+            beside this).
+        settings: limits and timeouts.
+        connect_enclave: overrides how the enclave is reached (default ``connect(enclave_url)``).
+
+    ``nursery.start`` returns the listeners once they are bound.
+
+    Raises:
+        TransportError: the listen address cannot be bound.
+
+    Cancellation: stops accepting and closes every connection.
+    """
+    opener: ConnectEnclave = connect_enclave or (lambda: connect(enclave_url))
+    limiter = trio.CapacityLimiter(settings.max_connections)
+    listeners = await open_listeners(listen_url)
+
+    async def handler(stream: trio.SocketStream) -> None:
+        peer = _peer_name(stream)
+        try:
+            limiter.acquire_nowait()
+        except trio.WouldBlock:
+            log.warning(
+                "ingress connection refused: max_connections reached",
+                extra={"peer": peer, "max_connections": settings.max_connections},
+            )
+            await trio.aclose_forcefully(stream)
+            return
+        try:
+            await _serve_connection(stream, peer, enclave_url, opener, ssl_context, gate, settings)
+        finally:
+            limiter.release()
+
+    log.info(
+        "ingress listening",
+        extra={"listen": listen_url, "enclave": enclave_url},
+    )
+    await trio.serve_listeners(handler, listeners, task_status=task_status)
+
+
+def _peer_name(stream: trio.SocketStream) -> str:
+    try:
+        address = stream.socket.getpeername()
+    except OSError:
+        return "?"
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{address[0]}:{address[1]}"
+    return str(address) or "unix"
+
+
+def _client_subject(tls: trio.SSLStream[trio.SocketStream]) -> str:
+    der = tls.getpeercert(binary_form=True)
+    if not der:
+        return ""
+    try:
+        return x509.load_der_x509_certificate(der).subject.rfc4514_string()
+    except ValueError:
+        return "?"
+
+
+async def _close(stream: trio.abc.AsyncResource, timeout_s: float) -> None:
+    # aclose closes the resource even when cancelled; the bound only stops a graceful
+    # close_notify from waiting on a peer that does not read.
+    with trio.move_on_after(timeout_s, shield=True):
+        await stream.aclose()
+
+
+async def _serve_connection(
+    tcp: trio.SocketStream,
+    peer: str,
+    enclave_url: str,
+    opener: ConnectEnclave,
+    ssl_context: ssl.SSLContext,
+    gate: AttestationGate,
+    settings: IngressSettings,
+) -> None:
+    tls = trio.SSLStream(tcp, ssl_context, server_side=True)
+    try:
+        with trio.move_on_after(settings.handshake_timeout_s) as handshake:
+            try:
+                await tls.do_handshake()
+            except trio.BrokenResourceError as exc:
+                log.debug(
+                    "ingress TLS handshake refused",
+                    extra={"peer": peer, "error": str(exc.__cause__ or exc)},
+                )
+                return
+        if handshake.cancelled_caught:
+            log.debug("ingress TLS handshake timed out", extra={"peer": peer})
+            return
+        subject = _client_subject(tls)
+        alpn = tls.selected_alpn_protocol()
+        if alpn != ALPN_H2:
+            log.warning(
+                "ingress connection refused: ALPN h2 not negotiated",
+                extra={"peer": peer, "client": subject, "alpn": alpn},
+            )
+            return
+        if not gate.verified:
+            log.warning(
+                "ingress connection refused: enclave not attested",
+                extra={"peer": peer, "client": subject, "reason": gate.last_failure},
+            )
+            return
+        log.debug("ingress connection opened", extra={"peer": peer, "client": subject})
+        try:
+            with trio.fail_after(settings.enclave_connect_timeout_s):
+                enclave = await opener()
+        except (TransportError, trio.TooSlowError) as exc:
+            log.warning(
+                "ingress cannot reach the enclave",
+                extra={"peer": peer, "enclave": enclave_url, "error": str(exc) or "timeout"},
+            )
+            return
+        try:
+            counts = await _pump_both_ways(tls, enclave, gate, settings)
+        finally:
+            await _close(enclave, settings.close_timeout_s)
+        log.debug(
+            "ingress connection closed",
+            extra={
+                "peer": peer,
+                "client": subject,
+                "bytes_in": counts[0],
+                "bytes_out": counts[1],
+                "end": counts[2],
+            },
+        )
+    finally:
+        await _close(tls, settings.close_timeout_s)
+
+
+async def _pump_both_ways(
+    client: trio.abc.Stream,
+    enclave: trio.abc.Stream,
+    gate: AttestationGate,
+    settings: IngressSettings,
+) -> tuple[int, int, str]:
+    """Move bytes both ways until either side ends; return (bytes in, bytes out, why)."""
+    counts = [0, 0]
+    ended = ["idle"]
+    scope = trio.CancelScope(deadline=trio.current_time() + settings.idle_timeout_s)
+
+    def finish(why: str) -> None:
+        if not scope.cancel_called:
+            ended[0] = why
+        scope.cancel()
+
+    async def pump(source: trio.abc.Stream, sink: trio.abc.Stream, index: int) -> None:
+        try:
+            while True:
+                data = await source.receive_some(_CHUNK)
+                if not data:
+                    break
+                # Back-pressure: the next receive waits until the other side took this.
+                await sink.send_all(data)
+                counts[index] += len(data)
+                scope.deadline = trio.current_time() + settings.idle_timeout_s
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            finish("broken")
+            return
+        if index == 0 and isinstance(sink, trio.abc.HalfCloseableStream):
+            # The client finished sending: pass the half-close on and keep the reply flowing.
+            try:
+                await sink.send_eof()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                finish("broken")
+            return
+        # TLS has no half-close in Trio (close_notify ends both directions): end it all.
+        finish("client_eof" if index == 0 else "enclave_eof")
+
+    async def watch_gate() -> None:
+        await gate.wait_revoked()
+        finish("attestation_failed")
+
+    with scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump, client, enclave, 0)
+            nursery.start_soon(pump, enclave, client, 1)
+            nursery.start_soon(watch_gate)
+    return counts[0], counts[1], ended[0]
