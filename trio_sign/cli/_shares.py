@@ -46,16 +46,47 @@ def add_parser(sub: Any) -> None:
     )
     seal.add_argument("--in", dest="input", type=Path, required=True, metavar="FILE")
     seal.add_argument("--out", type=Path, required=True, metavar="FILE.enc")
-    seal.add_argument(
+    wrap = seal.add_mutually_exclusive_group(required=True)
+    wrap.add_argument(
         "--dev-key",
         type=Path,
-        required=True,
         metavar="KEYFILE",
         help="development key file standing in for KMS (created if missing)",
     )
+    wrap.add_argument(
+        "--kms-key-id",
+        metavar="ID",
+        help="wrap the data key with this KMS key (id or ARN; GenerateDataKey AES_256)",
+    )
+    _add_kms_endpoint_args(seal)
     seal.add_argument("--chunk-size", type=int, default=64 * 1024, metavar="BYTES")
     seal.add_argument("--force", action="store_true", help="overwrite an existing output")
     seal.set_defaults(func=cmd_seal)
+
+    reencrypt = cmds.add_parser(
+        "reencrypt",
+        help="re-seal a sealed bundle under a new data key wrapped by a new KMS key",
+        description="Decrypt a sealed bundle chunk by chunk (its data key unwrapped by the "
+        "provider its header names: KMS with the header's key id, or --old-dev-key) and "
+        "re-encrypt it under a fresh data key from --new-kms-key-id (or --new-dev-key). "
+        "Records and chunk boundaries are kept; the new file has a new fingerprint.",
+    )
+    reencrypt.add_argument("--in", dest="input", type=Path, required=True, metavar="FILE.enc")
+    reencrypt.add_argument("--out", type=Path, required=True, metavar="FILE.enc")
+    new_wrap = reencrypt.add_mutually_exclusive_group(required=True)
+    new_wrap.add_argument("--new-kms-key-id", metavar="ID", help="the KMS key to move to")
+    new_wrap.add_argument(
+        "--new-dev-key", type=Path, metavar="KEYFILE", help="a development key file to move to"
+    )
+    reencrypt.add_argument(
+        "--old-dev-key",
+        type=Path,
+        metavar="KEYFILE",
+        help="the development key file of a bundle sealed with --dev-key",
+    )
+    _add_kms_endpoint_args(reencrypt)
+    reencrypt.add_argument("--force", action="store_true", help="overwrite an existing output")
+    reencrypt.set_defaults(func=cmd_reencrypt)
 
     inspect = cmds.add_parser(
         "inspect", help="show a sealed bundle's header, counts and fingerprint (no secrets)"
@@ -97,10 +128,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_seal(args: argparse.Namespace) -> int:
-    from ..shares import DevKeyFile, seal_file
+def _add_kms_endpoint_args(parser: Any) -> None:
+    parser.add_argument(
+        "--kms-endpoint",
+        metavar="URL",
+        help="KMS endpoint (e.g. the local KMS, http://127.0.0.1:4599); default: AWS's "
+        "regional endpoint. Credentials come from the usual AWS chain",
+    )
+    parser.add_argument(
+        "--kms-region", default="us-east-1", metavar="REGION", help="default us-east-1"
+    )
 
-    if args.dev_key.exists():
+
+def _kms_provider(args: argparse.Namespace, key_id: str) -> Any:
+    from ..kms import KmsDataKeyProvider, make_kms_client
+
+    client = make_kms_client(args.kms_endpoint, region=args.kms_region)
+    return KmsDataKeyProvider(client, key_id)
+
+
+def cmd_seal(args: argparse.Namespace) -> int:
+    from .._errors import TrioSignError
+    from ..shares import DataKeyProvider, DevKeyFile, seal_file
+
+    provider: DataKeyProvider
+    if args.kms_key_id is not None:
+        provider = _kms_provider(args, args.kms_key_id)
+    elif args.kms_endpoint is not None:
+        raise TrioSignError("--kms-endpoint needs --kms-key-id (it does not apply to --dev-key)")
+    elif args.dev_key.exists():
         provider = DevKeyFile.load(args.dev_key)
     else:
         provider = DevKeyFile.create(args.dev_key)
@@ -117,7 +173,8 @@ def cmd_seal(args: argparse.Namespace) -> int:
         )
     finally:
         progress.close()
-        provider.close()
+        if isinstance(provider, DevKeyFile):
+            provider.close()
     log.info(
         "sealed shares",
         extra={
@@ -128,6 +185,52 @@ def cmd_seal(args: argparse.Namespace) -> int:
         },
     )
     print(f"sealed {report.accounts:,} accounts into {args.out}")
+    print(f"sha256 {report.sha256}")
+    return 0
+
+
+def cmd_reencrypt(args: argparse.Namespace) -> int:
+    from .._errors import TrioSignError
+    from ..kms import KMS_PROVIDER
+    from ..shares import DataKeyProvider, DevKeyFile, read_sealed_header, reseal
+
+    with args.input.open("rb") as f:
+        header, old_sha256 = read_sealed_header(f)
+    kind = header["key_provider"]
+    providers: list[DevKeyFile] = []
+    try:
+        old: DataKeyProvider
+        if kind == KMS_PROVIDER:
+            old = _kms_provider(args, header["kms_key_id"])
+        elif kind == DevKeyFile.provider:
+            if args.old_dev_key is None:
+                raise TrioSignError(f"{args.input} was sealed with a dev key: pass --old-dev-key")
+            old = DevKeyFile.load(args.old_dev_key)
+            providers.append(old)
+        else:
+            raise TrioSignError(f"{args.input}: unknown key_provider {kind!r} in its header")
+        new: DataKeyProvider
+        if args.new_kms_key_id is not None:
+            new = _kms_provider(args, args.new_kms_key_id)
+        else:
+            new = DevKeyFile.load(args.new_dev_key)
+            providers.append(new)
+        report = reseal(args.input, args.out, old, new, overwrite=args.force)
+    finally:
+        for p in providers:
+            p.close()
+    log.info(
+        "re-encrypted shares",
+        extra={
+            "accounts": report.accounts,
+            "old_key": header["kms_key_id"],
+            "new_key": new.key_id,
+            "old_sha256": old_sha256,
+            "sha256": report.sha256,
+            "out": str(args.out),
+        },
+    )
+    print(f"re-encrypted {report.accounts:,} accounts into {args.out} under {new.key_id}")
     print(f"sha256 {report.sha256}")
     return 0
 
