@@ -597,6 +597,7 @@ class _Relay:
     async def _relay(
         self, request: RelayRequest, enclave: trio.abc.Stream, upstream: trio.abc.Stream
     ) -> None:
+        failure: _UpstreamFailed | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_enclave, enclave, nursery.cancel_scope)
             try:
@@ -696,6 +697,16 @@ class _Relay:
         with trio.move_on_after(self.request_timeout_s):
             with contextlib.suppress(*_IO_ERRORS):
                 await enclave.send_all(error_response(status, message))
+                if isinstance(enclave, trio.abc.HalfCloseableStream):
+                    await enclave.send_eof()
+                # Lingering close: read what the enclave still sends (bounded), so that closing
+                # with unread bytes does not reset the connection before it reads the answer.
+                drained = 0
+                while drained <= 4 * self.max_request_head_bytes:
+                    data = await enclave.receive_some(self.max_request_head_bytes)
+                    if not data:
+                        break
+                    drained += len(data)
 
 
 def _describe(exc: BaseException) -> str:
