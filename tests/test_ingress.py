@@ -1,0 +1,766 @@
+"""The gRPC ingress proxy and its attestation gate.
+
+Gate tests run against a fake enclave (a LocalNsm answering GetAttestation) over memory streams
+with the autojump clock. Proxy tests use real loopback TCP with TLS certificates made here,
+a stock grpcio client in worker threads (every channel closed before the test ends), and
+either the fake enclave or the real production enclave (``serve_enclave``) over UNIX sockets.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import hashlib
+import importlib
+import ipaddress
+import logging
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from trio_sign.crypto import SigningCommitment
+from trio_sign.enclave import serve_enclave
+from trio_sign.enclave._serve import EnclaveHandle
+from trio_sign.nitro import LocalNsm
+from trio_sign.parent._attestation_gate import (
+    AttestationGate,
+    AttestationPolicy,
+    run_attestation_gate,
+)
+from trio_sign.parent._ingress import IngressSettings, make_server_ssl_context, serve_ingress
+from trio_sign.rpc import (
+    CallContext,
+    GrpcServer,
+    RpcError,
+    StatusCode,
+    open_grpc_channel,
+    protobuf_handler,
+    serve_grpc,
+)
+from trio_sign.transport import TransportError, connect, open_listeners
+
+from .enclave_helpers import Account, Peer, make_accounts, sorted_commitments
+from .test_enclave_runtime import parent
+
+grpc: Any = pytest.importorskip("grpc", reason="grpcio is a test dependency")
+# See tests/test_proto.py for why the generated module is imported dynamically.
+pb: Any = importlib.import_module("proto_min.sign_service_pb2")
+
+S = "/trio_sign.v1.SignService/"
+FINGERPRINT = bytes(range(32))
+
+
+# -- certificates ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pki:
+    dir: Path
+    ca_pem: bytes
+    server_cert_pem: bytes
+    server_key_pem: bytes
+    client_cert_pem: bytes
+    client_key_pem: bytes
+    other_cert_pem: bytes
+    other_key_pem: bytes
+
+    def path(self, name: str) -> str:
+        return str(self.dir / name)
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _ca(cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = _key()
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(_name(cn))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def _leaf(
+    ca: tuple[ec.EllipticCurvePrivateKey, x509.Certificate], cn: str, *, server: bool
+) -> tuple[bytes, bytes]:
+    ca_key, ca_cert = ca
+    key = _key()
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+    )
+    if server:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.DNSName("localhost"),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                ]
+            ),
+            critical=False,
+        )
+    cert = builder.sign(ca_key, hashes.SHA256())
+    return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    ca = _ca("trio-sign test gateway CA")
+    other = _ca("some other CA")
+    server = _leaf(ca, "parent.local", server=True)
+    client = _leaf(ca, "sign-gateway", server=False)
+    stranger = _leaf(other, "sign-gateway", server=False)
+    d = tmp_path_factory.mktemp("pki")
+    files = {
+        "ca.pem": ca[1].public_bytes(serialization.Encoding.PEM),
+        "client.pem": client[0],
+        "client.key": client[1],
+        "other.pem": stranger[0],
+        "other.key": stranger[1],
+    }
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+    return Pki(d, files["ca.pem"], *server, *client, *stranger)
+
+
+# -- a fake enclave: GetAttestation from a LocalNsm, and Ping ---------------------------------
+
+
+@dataclass
+class FakeEnclave:
+    nsm: LocalNsm
+    canned: bytes | None = None  # answer this document whatever the nonce
+    hang: bool = False
+
+    async def get_attestation(self, request: Any, context: CallContext) -> Any:
+        if self.hang:
+            await trio.sleep_forever()
+        document = self.canned or self.nsm.attestation(user_data=FINGERPRINT, nonce=request.nonce)
+        return pb.GetAttestationResponse(document=document)
+
+    async def ping(self, request: Any, context: CallContext) -> Any:
+        return pb.PingResponse(payload=request.payload)
+
+    def handlers(self) -> dict[str, Any]:
+        return {
+            S + "GetAttestation": protobuf_handler(
+                pb.GetAttestationRequest.FromString, self.get_attestation
+            ),
+            S + "Ping": protobuf_handler(pb.PingRequest.FromString, self.ping),
+        }
+
+
+ConnectEnclave = Callable[[], Awaitable[trio.abc.Stream]]
+
+
+@asynccontextmanager
+async def memory_enclave(fake: FakeEnclave) -> AsyncIterator[ConnectEnclave]:
+    """Each connect() is a new memory stream served by the fake."""
+    server = GrpcServer(fake.handlers())
+    async with trio.open_nursery() as nursery:
+
+        async def connect_enclave() -> trio.abc.Stream:
+            client, served = trio.testing.memory_stream_pair()
+            nursery.start_soon(server.serve_stream, served)
+            return client
+
+        yield connect_enclave
+        nursery.cancel_scope.cancel()
+
+
+def pins(nsm: LocalNsm, *indexes: int) -> dict[int, bytes]:
+    return {i: nsm.describe_pcr(i)[1] for i in indexes or (0, 1, 2)}
+
+
+def policy_for(nsm: LocalNsm, **kw: Any) -> AttestationPolicy:
+    return AttestationPolicy(root_pem=nsm.root_pem, pcrs=pins(nsm), **kw)
+
+
+ROOT_KEY = ec.generate_private_key(ec.SECP384R1())
+OTHER_PCRS = {i: hashlib.sha384(b"another image %d" % i).digest() for i in (0, 1, 2)}
+
+
+@pytest.fixture(scope="module")
+def nsm() -> LocalNsm:
+    """The enclave image the parent pins."""
+    return LocalNsm(root_key=ROOT_KEY)
+
+
+def image(nsm: LocalNsm, **kw: Any) -> LocalNsm:
+    """Another enclave under the same (local) root: another image, debug mode, another clock."""
+    return LocalNsm(root_key=ROOT_KEY, root_cert=nsm.root_certificate, **kw)
+
+
+def alerts(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.__dict__["reason"]
+        for r in caplog.records
+        if r.__dict__.get("alert") == "attestation_failed" and r.levelno == logging.ERROR
+    ]
+
+
+# -- the gate -------------------------------------------------------------------------------------
+
+
+async def test_gate_passes_and_binds_a_fresh_nonce(nsm: LocalNsm) -> None:
+    seen: list[bytes] = []
+    fake = FakeEnclave(nsm)
+    original = fake.get_attestation
+
+    async def recording(request: Any, context: CallContext) -> Any:
+        seen.append(request.nonce)
+        return await original(request, context)
+
+    fake.get_attestation = recording  # type: ignore[method-assign]
+    async with memory_enclave(fake) as connect_enclave:
+        gate = AttestationGate(policy_for(nsm), connect_enclave)
+        assert not gate.verified
+        assert await gate.check()
+        assert await gate.check()
+    assert gate.verified
+    assert gate.checks == 2
+    assert gate.last_failure is None
+    assert gate.shares_sha256 == FINGERPRINT.hex()
+    assert gate.last_attestation is not None
+    assert gate.last_attestation.module_id == nsm.module_id
+    assert [len(n) for n in seen] == [32, 32]
+    assert seen[0] != seen[1]
+    assert gate.last_attestation.nonce == seen[1]
+
+
+def _wrong_pcr0(nsm: LocalNsm) -> tuple[LocalNsm, AttestationPolicy]:
+    return image(nsm, pcrs={**pins(nsm), 0: b"\x01" * 48}), policy_for(nsm)
+
+
+def _debug(nsm: LocalNsm) -> tuple[LocalNsm, AttestationPolicy]:
+    return image(nsm, debug=True), policy_for(nsm)
+
+
+def _other_root(nsm: LocalNsm) -> tuple[LocalNsm, AttestationPolicy]:
+    return LocalNsm(pcrs=pins(nsm)), policy_for(nsm)
+
+
+def _pcr8_pinned(nsm: LocalNsm) -> tuple[LocalNsm, AttestationPolicy]:
+    policy = policy_for(nsm)
+    return nsm, replace(policy, pcrs={**policy.pcrs, 8: b"\x08" * 48})
+
+
+def _stale(nsm: LocalNsm) -> tuple[LocalNsm, AttestationPolicy]:
+    five_minutes_ago = lambda: dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)  # noqa: E731
+    return image(nsm, clock=five_minutes_ago), policy_for(nsm)
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        (_wrong_pcr0, "pcr_mismatch"),
+        (_debug, "debug_mode"),
+        (_other_root, "chain_untrusted"),
+        (_pcr8_pinned, "pcr_mismatch"),
+        (_stale, "stale_document"),
+    ],
+)
+async def test_gate_refuses(
+    nsm: LocalNsm,
+    caplog: pytest.LogCaptureFixture,
+    case: Callable[[LocalNsm], tuple[LocalNsm, AttestationPolicy]],
+    reason: str,
+) -> None:
+    enclave_nsm, policy = case(nsm)
+    alerted: list[tuple[str, str]] = []
+    async with memory_enclave(FakeEnclave(enclave_nsm)) as connect_enclave:
+        gate = AttestationGate(
+            policy, connect_enclave, on_alert=lambda r, m: alerted.append((r, m))
+        )
+        with caplog.at_level(logging.ERROR, "trio_sign.parent.attestation"):
+            assert not await gate.check()
+    assert not gate.verified
+    assert gate.last_failure == reason
+    assert alerts(caplog) == [reason]
+    assert [r for r, _ in alerted] == [reason]
+    assert gate.last_attestation is None
+
+
+async def test_gate_allows_debug_only_when_told(nsm: LocalNsm) -> None:
+    debug = image(nsm, debug=True)
+    policy = AttestationPolicy(root_pem=nsm.root_pem, pcrs=pins(debug))  # zeros
+    async with memory_enclave(FakeEnclave(debug)) as connect_enclave:
+        gate = AttestationGate(policy, connect_enclave)
+        assert not await gate.check()
+        assert gate.last_failure == "debug_mode"
+        gate.policy = replace(policy, allow_debug=True)
+        assert await gate.check()
+    assert gate.last_attestation is not None
+    assert gate.last_attestation.debug_mode
+
+
+async def test_gate_refuses_a_canned_document(nsm: LocalNsm) -> None:
+    """A replayed document (valid, fresh, right PCRs) that does not answer our nonce."""
+    canned = nsm.attestation(user_data=FINGERPRINT, nonce=b"\x00" * 32)
+    async with memory_enclave(FakeEnclave(nsm, canned=canned)) as connect_enclave:
+        gate = AttestationGate(policy_for(nsm), connect_enclave)
+        assert not await gate.check()
+    assert gate.last_failure == "nonce_mismatch"
+
+
+async def test_gate_unreachable_and_timeout(
+    nsm: LocalNsm, autojump_clock: trio.testing.MockClock
+) -> None:
+    async def refused() -> trio.abc.Stream:
+        raise TransportError("cannot connect to vsock://16:50051: Connection refused")
+
+    gate = AttestationGate(policy_for(nsm), refused)
+    assert not await gate.check()
+    assert gate.last_failure == "unreachable"
+
+    async def wrong_protocol() -> trio.abc.Stream:
+        client, server = trio.testing.memory_stream_pair()
+        await server.send_all(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        await server.aclose()
+        return client
+
+    gate.connect_enclave = wrong_protocol
+    assert not await gate.check()
+    assert gate.last_failure == "unreachable"
+
+    async with memory_enclave(FakeEnclave(nsm, hang=True)) as connect_enclave:
+        gate = AttestationGate(policy_for(nsm, check_timeout_s=7.0), connect_enclave)
+        start = trio.current_time()
+        assert not await gate.check()
+        assert trio.current_time() - start == 7.0
+    assert gate.last_failure == "timeout"
+
+
+def test_policy_requires_pcr_0_1_2(nsm: LocalNsm) -> None:
+    with pytest.raises(ValueError, match="PCR2"):
+        AttestationPolicy(root_pem=nsm.root_pem, pcrs=pins(nsm, 0, 1))
+
+
+async def test_periodic_check_closes_and_reopens(
+    nsm: LocalNsm, autojump_clock: trio.testing.MockClock
+) -> None:
+    bad = image(nsm, pcrs=OTHER_PCRS)
+    fake = FakeEnclave(bad)
+    revoked_at: list[float] = []
+    async with memory_enclave(fake) as connect_enclave, trio.open_nursery() as nursery:
+        gate = AttestationGate(policy_for(nsm), connect_enclave)
+        start = trio.current_time()
+        await nursery.start(functools.partial(run_attestation_gate, gate, interval_s=30.0))
+        assert (gate.checks, gate.verified, gate.last_failure) == (1, False, "pcr_mismatch")
+
+        fake.nsm = nsm  # the right image is deployed
+        await trio.sleep(29.5)
+        assert not gate.verified
+        await trio.sleep(1)
+        assert (gate.checks, gate.verified) == (2, True)
+
+        async def watch() -> None:
+            await gate.wait_revoked()
+            revoked_at.append(trio.current_time() - start)
+
+        nursery.start_soon(watch)
+        fake.nsm = bad
+        await trio.sleep(30)
+        assert (gate.checks, gate.verified, gate.last_failure) == (3, False, "pcr_mismatch")
+        nursery.cancel_scope.cancel()
+    assert revoked_at == [60.0]
+
+
+# -- the proxy ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Proxy:
+    port: int
+    gate: AttestationGate
+    enclave_connects: list[int]
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@asynccontextmanager
+async def running_proxy(
+    pki: Pki,
+    gate: AttestationGate,
+    enclave_url: str,
+    settings: IngressSettings | None = None,
+) -> AsyncIterator[Proxy]:
+    connects: list[int] = []
+
+    async def counting_connect() -> trio.abc.Stream:
+        connects.append(1)
+        return await connect(enclave_url)
+
+    context = make_server_ssl_context(pki.server_cert_pem, pki.server_key_pem, pki.ca_pem)
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(
+                serve_ingress,
+                "tcp://127.0.0.1:0",
+                enclave_url,
+                context,
+                gate,
+                settings=settings or IngressSettings(),
+                connect_enclave=counting_connect,
+            )
+        )
+        yield Proxy(listeners[0].socket.getsockname()[1], gate, connects)
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def unix_fake_enclave(tmp_path: Path, fake: FakeEnclave) -> AsyncIterator[str]:
+    url = f"unix://{tmp_path}/enclave.sock"
+    listeners = await open_listeners(url)
+    async with trio.open_nursery() as nursery:
+        server: GrpcServer = await nursery.start(
+            functools.partial(serve_grpc, listeners, fake.handlers())
+        )
+        yield url
+        await server.aclose()
+
+
+def grpcio_channel(pki: Pki, target: str, *, client: str | None = "client") -> Any:
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=pki.ca_pem,
+        private_key=None if client is None else (pki.dir / f"{client}.key").read_bytes(),
+        certificate_chain=None if client is None else (pki.dir / f"{client}.pem").read_bytes(),
+    )
+    return grpc.secure_channel(
+        target,
+        creds,
+        options=[
+            ("grpc.ssl_target_name_override", "localhost"),
+            ("grpc.use_local_subchannel_pool", 1),
+        ],
+    )
+
+
+def grpcio_ping(channel: Any, payload: bytes = b"hello") -> Any:
+    call = channel.unary_unary(
+        S + "Ping",
+        request_serializer=lambda m: m.SerializeToString(),
+        response_deserializer=pb.PingResponse.FromString,
+    )
+    return call(pb.PingRequest(payload=payload), timeout=10)
+
+
+async def grpcio_ping_status(pki: Pki, target: str, *, client: str | None = "client") -> Any:
+    """Ping through a fresh grpcio channel; return the status code (closing the channel)."""
+    channel = grpcio_channel(pki, target, client=client)
+    try:
+        await trio.to_thread.run_sync(grpcio_ping, channel)
+        return grpc.StatusCode.OK
+    except grpc.RpcError as exc:
+        return exc.code()
+    finally:
+        await trio.to_thread.run_sync(channel.close)
+
+
+def client_context(
+    pki: Pki,
+    *,
+    client: str | None = "client",
+    alpn: list[str] | None = None,
+    tls12_only: bool = False,
+) -> ssl.SSLContext:
+    context = ssl.create_default_context(cadata=pki.ca_pem.decode())
+    if client is not None:
+        context.load_cert_chain(pki.path(f"{client}.pem"), pki.path(f"{client}.key"))
+    context.set_alpn_protocols(["h2"] if alpn is None else alpn)
+    if tls12_only:
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+async def tls_connect(port: int, context: ssl.SSLContext) -> trio.SSLStream[trio.SocketStream]:
+    tcp = await trio.open_tcp_stream("127.0.0.1", port)
+    tls = trio.SSLStream(tcp, context, server_hostname="localhost")
+    try:
+        await tls.do_handshake()
+    except BaseException:
+        await trio.aclose_forcefully(tls)
+        raise
+    return tls
+
+
+async def assert_tls_refused(port: int, context: ssl.SSLContext) -> None:
+    """The handshake fails (TLS 1.2), or, TLS 1.3 sending the client's certificate after the
+    client considers the handshake done, the first read gets the server's alert."""
+
+    async def handshake_and_read() -> None:
+        tls = await tls_connect(port, context)
+        try:
+            await tls.send_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            await tls.receive_some(1)
+        finally:
+            await trio.aclose_forcefully(tls)
+
+    with pytest.raises(trio.BrokenResourceError) as info:
+        await handshake_and_read()
+    assert isinstance(info.value.__cause__, ssl.SSLError)
+
+
+async def test_mtls_refusals(tmp_path: Path, pki: Pki, nsm: LocalNsm) -> None:
+    async with (
+        unix_fake_enclave(tmp_path, FakeEnclave(nsm)) as enclave_url,
+        memory_enclave(FakeEnclave(nsm)) as connect_enclave,
+    ):
+        gate = AttestationGate(policy_for(nsm), connect_enclave)
+        assert await gate.check()
+        async with running_proxy(pki, gate, enclave_url) as proxy:
+            # The right client works, with our own client and with grpcio.
+            tls = await tls_connect(proxy.port, client_context(pki))
+            assert tls.selected_alpn_protocol() == "h2"
+            async with open_grpc_channel(tls) as ch:
+                ping = pb.PingRequest(payload=b"x").SerializeToString()
+                assert await ch.unary_unary(S + "Ping", ping) == ping
+            assert await grpcio_ping_status(pki, proxy.target) == grpc.StatusCode.OK
+            assert len(proxy.enclave_connects) == 2
+
+            await assert_tls_refused(proxy.port, client_context(pki, client=None))
+            await assert_tls_refused(proxy.port, client_context(pki, client="other"))
+            await assert_tls_refused(proxy.port, client_context(pki, tls12_only=True))
+            for client in (None, "other"):
+                status = await grpcio_ping_status(pki, proxy.target, client=client)
+                assert status == grpc.StatusCode.UNAVAILABLE
+
+            # TLS is fine but the client does not speak h2: closed, nothing forwarded.
+            tls = await tls_connect(proxy.port, client_context(pki, alpn=["http/1.1"]))
+            assert tls.selected_alpn_protocol() is None
+            assert await tls.receive_some(1) == b""
+            await tls.aclose()
+            assert len(proxy.enclave_connects) == 2
+
+
+async def test_unverified_gate_refuses_then_recovers(
+    tmp_path: Path, pki: Pki, nsm: LocalNsm, caplog: pytest.LogCaptureFixture
+) -> None:
+    other_image = image(nsm, pcrs=OTHER_PCRS)
+    fake = FakeEnclave(nsm)
+    async with (
+        unix_fake_enclave(tmp_path, fake) as enclave_url,
+        memory_enclave(fake) as connect_enclave,
+    ):
+        gate = AttestationGate(policy_for(nsm), connect_enclave)
+        async with running_proxy(pki, gate, enclave_url) as proxy:
+            # never checked yet: closed after the handshake, like a server that is down
+            tls = await tls_connect(proxy.port, client_context(pki))
+            assert await tls.receive_some(1) == b""
+            await tls.aclose()
+            assert await grpcio_ping_status(pki, proxy.target) == grpc.StatusCode.UNAVAILABLE
+
+            assert await gate.check()
+            # a forwarded connection, open when the enclave stops attesting
+            tls = await tls_connect(proxy.port, client_context(pki))
+            async with open_grpc_channel(tls) as ch:
+                ping = pb.PingRequest(payload=b"x").SerializeToString()
+                assert await ch.unary_unary(S + "Ping", ping) == ping
+                fake.nsm = other_image
+                with caplog.at_level(logging.ERROR, "trio_sign.parent.attestation"):
+                    assert not await gate.check()
+                assert alerts(caplog) == ["pcr_mismatch"]
+                await trio.testing.wait_all_tasks_blocked(0.01)  # the proxy closed it
+                with pytest.raises(RpcError) as info:
+                    with trio.fail_after(5):
+                        await ch.unary_unary(S + "Ping", ping)
+                assert info.value.status == StatusCode.UNAVAILABLE
+            assert await grpcio_ping_status(pki, proxy.target) == grpc.StatusCode.UNAVAILABLE
+            assert len(proxy.enclave_connects) == 1
+
+            fake.nsm = nsm  # the right image is back: the next check re-opens forwarding
+            assert await gate.check()
+            assert await grpcio_ping_status(pki, proxy.target) == grpc.StatusCode.OK
+            assert len(proxy.enclave_connects) == 2
+
+
+async def test_limits_handshake_timeout_and_max_connections(
+    tmp_path: Path, pki: Pki, nsm: LocalNsm
+) -> None:
+    settings = IngressSettings(handshake_timeout_s=0.2, max_connections=1)
+    async with (
+        unix_fake_enclave(tmp_path, FakeEnclave(nsm)) as enclave_url,
+        memory_enclave(FakeEnclave(nsm)) as connect_enclave,
+    ):
+        gate = AttestationGate(policy_for(nsm), connect_enclave)
+        assert await gate.check()
+        async with running_proxy(pki, gate, enclave_url, settings) as proxy:
+            # silent client: dropped after handshake_timeout_s (it also holds the only slot)
+            silent = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+            await trio.testing.wait_all_tasks_blocked(0.01)  # accepted, in its handshake
+            with trio.fail_after(5):
+                # the second connection is refused while the first holds the slot
+                extra = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+                assert await extra.receive_some(1) == b""
+                await extra.aclose()
+                assert await silent.receive_some(1) == b""
+            await silent.aclose()
+            # the slot is free again
+            assert await grpcio_ping_status(pki, proxy.target) == grpc.StatusCode.OK
+
+
+# -- end to end: grpcio -> proxy -> the production enclave ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def accounts() -> dict[str, Account]:
+    store, accounts = make_accounts(4)
+    store.close()
+    return accounts
+
+
+@pytest.fixture(scope="module")
+def nsm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("nsm")
+    LocalNsm.from_dir(path, create=True).close()
+    return path
+
+
+def _commit_and_sign(pki: Pki, target: str, account: Account) -> tuple[Any, Any, Any]:
+    """A whole FROST session with stock grpcio, in a worker thread."""
+    channel = grpcio_channel(pki, target)
+    try:
+
+        def call(name: str, request: Any, response: Any) -> Any:
+            stub = channel.unary_unary(
+                S + name,
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=response.FromString,
+            )
+            return stub(request, timeout=10)
+
+        pong = call("Ping", pb.PingRequest(payload=b"through the proxy"), pb.PingResponse)
+        committed = call(
+            "Commit",
+            pb.CommitRequest(account_id=account.account_id, session_id="s-1"),
+            pb.CommitResponse,
+        )
+        mine = SigningCommitment(committed.identifier, committed.hiding, committed.binding)
+        peer = Peer(account)
+        cs = sorted_commitments(mine, peer.commitment)
+        request = pb.SignRequest(
+            session_id="s-1",
+            message=b"pay 1 coin",
+            commitments=[
+                pb.SigningCommitment(identifier=c.identifier, hiding=c.hiding, binding=c.binding)
+                for c in cs
+            ],
+        )
+        signed = call("Sign", request, pb.SignResponse)
+        signature = peer.aggregate(
+            b"pay 1 coin",
+            cs,
+            {
+                signed.identifier: signed.signature_share,
+                account.peer.identifier: peer.sign(b"pay 1 coin", cs),
+            },
+        )
+        try:
+            call("Sign", replace_commitments(request), pb.SignResponse)
+            reused = None
+        except grpc.RpcError as exc:
+            reused = exc.code()
+        return pong, signature, reused
+    finally:
+        channel.close()
+
+
+def replace_commitments(request: Any) -> Any:
+    other = pb.SignRequest()
+    other.CopyFrom(request)
+    other.message = b"pay 2 coins"
+    return other
+
+
+async def test_grpcio_signs_through_the_proxy_with_the_real_enclave(
+    tmp_path: Path, pki: Pki, accounts: dict[str, Account], nsm_dir: Path
+) -> None:
+    records = [a.service for a in accounts.values()]
+    nsm = LocalNsm.from_dir(nsm_dir)
+    async with parent(tmp_path, records, nsm_dir) as fake, trio.open_nursery() as nursery:
+        handle: EnclaveHandle = await nursery.start(
+            functools.partial(serve_enclave, fake.config(), nsm=nsm)
+        )
+        enclave_url = str(handle.addresses[0])
+        gate = AttestationGate(
+            AttestationPolicy(root_pem=nsm.root_pem, pcrs=pins(nsm)),
+            functools.partial(connect, enclave_url),
+        )
+        assert await gate.check()
+        assert gate.shares_sha256 == hashlib.sha256(fake.bundle.read_bytes()).hexdigest()
+        async with running_proxy(pki, gate, enclave_url) as proxy:
+            account = next(iter(accounts.values()))
+            pong, signature, reused = await trio.to_thread.run_sync(
+                _commit_and_sign, pki, proxy.target, account
+            )
+        assert pong.payload == b"through the proxy"
+        assert len(signature) == 64
+        # gRPC statuses pass through the proxy untouched
+        assert reused == grpc.StatusCode.FAILED_PRECONDITION
+        await handle.drain()
