@@ -49,6 +49,7 @@ from ..enclave import (
     SessionPool,
     SignService,
     _pool,
+    configure_gc_for_serving,
     serve_dev_enclave,
 )
 from ..rpc import DEFAULT_MAX_RECEIVE_MESSAGE_SIZE, CallContext, RpcError
@@ -211,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("kind", choices=["ours", "grpcio"])
     parser.add_argument("shares", type=Path, help="plaintext service share file")
     args = parser.parse_args(argv)
+    configure_gc_for_serving()  # both servers: what `trio-sign enclave` runs with
     stats = _GcStats()
     gc.callbacks.append(stats)
     try:

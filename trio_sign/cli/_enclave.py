@@ -8,7 +8,6 @@ Exit codes (see :mod:`trio_sign.enclave._exit`): 0 drained cleanly after SIGTERM
 from __future__ import annotations
 
 import argparse
-import gc
 import signal
 import sys
 from pathlib import Path
@@ -63,7 +62,13 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_enclave(args: argparse.Namespace) -> int:
-    from ..enclave import EnclaveConfig, EnclaveExit, serve_dev_enclave, serve_enclave
+    from ..enclave import (
+        EnclaveConfig,
+        EnclaveExit,
+        configure_gc_for_serving,
+        serve_dev_enclave,
+        serve_enclave,
+    )
 
     if args.dev_plaintext_shares is not None and not args.dev:
         raise TrioSignError("--dev-plaintext-shares is for development only; it needs --dev")
@@ -88,10 +93,7 @@ def cmd_enclave(args: argparse.Namespace) -> int:
         dev_plaintext_shares=args.dev_plaintext_shares,
     )
     serve = serve_dev_enclave if args.dev else serve_enclave
-    # Per-request garbage (h2 frames, protobuf messages) is short-lived: collect the young
-    # generation less often, so full collections (pauses that scale with live objects) are
-    # rare. Measured by scripts/bench --grpc: open-loop p99 improved, CPU/session unchanged.
-    gc.set_threshold(20_000, 10, 10)
+    configure_gc_for_serving()
 
     async def run() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

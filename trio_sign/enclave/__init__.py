@@ -12,6 +12,7 @@ from ._pool import SessionPool as SessionPool
 from ._preload import PreloadError as PreloadError
 from ._preload import PreloadReport as PreloadReport
 from ._serve import EnclaveHandle as EnclaveHandle
+from ._serve import configure_gc_for_serving as configure_gc_for_serving
 from ._serve import serve_dev_enclave as serve_dev_enclave
 from ._serve import serve_enclave as serve_enclave
 from ._service import SignService as SignService
@@ -30,6 +31,7 @@ __all__ = [
     "PreloadReport",
     "SessionPool",
     "SignService",
+    "configure_gc_for_serving",
     "serve_dev_enclave",
     "serve_enclave",
 ]

@@ -89,22 +89,24 @@ _REQUEST_PSEUDO: Final = frozenset({b":method", b":path", b":authority", b":sche
 _CONNECTION_SPECIFIC: Final = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
 )
-_ILLEGAL_IN_HEADER: Final = (b"\r", b"\n", b"\x00")
+#: A lower-case RFC 9110 token (HTTP/2 field names must be lower case).
+_FIELD_NAME: Final = re.compile(rb"[a-z0-9!#$%&'*+.^_`|~-]+")
+_ILLEGAL_IN_VALUE: Final = re.compile(rb"[\r\n\x00]")
 
 
 def _bad_request_header(name: bytes, value: bytes, seen_regular: bool, seen: set[bytes]) -> bool:
     """RFC 9113 §8.2-8.3 checks h2 would make on an inbound request header (the server turns
     h2's own inbound validation off and calls this instead)."""
-    if not name or name != name.lower():
-        return True
-    if any(c in name or c in value for c in _ILLEGAL_IN_HEADER):
+    if _ILLEGAL_IN_VALUE.search(value) is not None:
         return True
     if name[:1] == b":":
-        if seen_regular or name not in _REQUEST_PSEUDO or name in seen:
+        if seen_regular or name not in _REQUEST_PSEUDO or name in seen or not value:
             return True
         seen.add(name)
-        return not value
-    return name in _CONNECTION_SPECIFIC or (name == b"te" and value != b"trailers")
+        return False
+    if _FIELD_NAME.fullmatch(name) is None or name in _CONNECTION_SPECIFIC:
+        return True
+    return name == b"te" and value != b"trailers"
 
 
 _RESERVED_RESPONSE: Final = frozenset(
