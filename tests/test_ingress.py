@@ -38,7 +38,12 @@ from trio_sign.parent._attestation_gate import (
     AttestationPolicy,
     run_attestation_gate,
 )
-from trio_sign.parent._ingress import IngressSettings, make_server_ssl_context, serve_ingress
+from trio_sign.parent._ingress import (
+    IngressSettings,
+    _pump_both_ways,
+    make_server_ssl_context,
+    serve_ingress,
+)
 from trio_sign.rpc import (
     CallContext,
     GrpcServer,
@@ -347,15 +352,28 @@ async def test_gate_refuses(
 
 async def test_gate_allows_debug_only_when_told(nsm: LocalNsm) -> None:
     debug = image(nsm, debug=True)
-    policy = AttestationPolicy(root_pem=nsm.root_pem, pcrs=pins(debug))  # zeros
+    zeros = pins(debug)
+    with pytest.raises(ValueError, match="debug-mode"):
+        AttestationPolicy(root_pem=nsm.root_pem, pcrs=zeros)
     async with memory_enclave(FakeEnclave(debug)) as connect_enclave:
-        gate = AttestationGate(policy, connect_enclave)
+        gate = AttestationGate(policy_for(nsm), connect_enclave)
         assert not await gate.check()
         assert gate.last_failure == "debug_mode"
-        gate.policy = replace(policy, allow_debug=True)
+        gate.policy = AttestationPolicy(root_pem=nsm.root_pem, pcrs=zeros, allow_debug=True)
         assert await gate.check()
     assert gate.last_attestation is not None
     assert gate.last_attestation.debug_mode
+
+
+async def test_gate_pins_the_shares_fingerprint(nsm: LocalNsm) -> None:
+    async with memory_enclave(FakeEnclave(nsm)) as connect_enclave:
+        gate = AttestationGate(
+            policy_for(nsm, shares_sha256=FINGERPRINT.hex().upper()), connect_enclave
+        )
+        assert await gate.check()
+        gate.policy = policy_for(nsm, shares_sha256="ab" * 32)
+        assert not await gate.check()
+    assert gate.last_failure == "shares_mismatch"
 
 
 async def test_gate_refuses_a_canned_document(nsm: LocalNsm) -> None:
@@ -395,9 +413,15 @@ async def test_gate_unreachable_and_timeout(
     assert gate.last_failure == "timeout"
 
 
-def test_policy_requires_pcr_0_1_2(nsm: LocalNsm) -> None:
+def test_policy_is_checked_when_built(nsm: LocalNsm) -> None:
     with pytest.raises(ValueError, match="PCR2"):
         AttestationPolicy(root_pem=nsm.root_pem, pcrs=pins(nsm, 0, 1))
+    with pytest.raises(ValueError, match="PCR8 is 20 bytes"):
+        AttestationPolicy(root_pem=nsm.root_pem, pcrs={**pins(nsm), 8: b"x" * 20})
+    with pytest.raises(ValueError, match="shares_sha256"):
+        policy_for(nsm, shares_sha256="not hex")
+    with pytest.raises(ValueError, match="max_age_s"):
+        policy_for(nsm, max_age_s=0)
 
 
 async def test_periodic_check_closes_and_reopens(
@@ -428,6 +452,55 @@ async def test_periodic_check_closes_and_reopens(
         assert (gate.checks, gate.verified, gate.last_failure) == (3, False, "pcr_mismatch")
         nursery.cancel_scope.cancel()
     assert revoked_at == [60.0]
+
+
+# -- the byte pump (memory streams, virtual time) -----------------------------------------------
+
+
+async def _idle_gate(nsm: LocalNsm) -> AttestationGate:
+    async def unused() -> trio.abc.Stream:
+        raise AssertionError("not called")
+
+    return AttestationGate(policy_for(nsm), unused)
+
+
+async def test_pump_passes_half_close_and_ends_with_the_enclave(
+    nsm: LocalNsm, autojump_clock: trio.testing.MockClock
+) -> None:
+    client, client_side = trio.testing.memory_stream_pair()
+    enclave_side, enclave = trio.testing.memory_stream_pair()
+    gate = await _idle_gate(nsm)
+    gate.verified = True  # as if a check had passed
+    result: list[tuple[int, int, str]] = []
+    async with trio.open_nursery() as nursery:
+
+        async def pump() -> None:
+            result.append(await _pump_both_ways(client_side, enclave_side, gate, IngressSettings()))
+
+        nursery.start_soon(pump)
+        await client.send_all(b"request")
+        await client.send_eof()
+        assert await enclave.receive_some(100) == b"request"
+        assert await enclave.receive_some(100) == b""  # the half-close was passed on
+        await enclave.send_all(b"reply")  # ...and the other direction still flows
+        assert await client.receive_some(100) == b"reply"
+        await enclave.aclose()
+    assert result == [(7, 5, "enclave_eof")]
+
+
+async def test_pump_idle_timeout(nsm: LocalNsm, autojump_clock: trio.testing.MockClock) -> None:
+    client, client_side = trio.testing.memory_stream_pair()
+    enclave_side, enclave = trio.testing.memory_stream_pair()
+    gate = await _idle_gate(nsm)
+    gate.verified = True
+    settings = IngressSettings(idle_timeout_s=10.0)
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_pump_both_ways, client_side, enclave_side, gate, settings)
+        await trio.sleep(6)
+        await client.send_all(b"ping")  # activity pushes the idle deadline to t=16
+        assert await enclave.receive_some(100) == b"ping"
+    assert trio.current_time() - start == 16.0
 
 
 # -- the proxy ------------------------------------------------------------------------------------
@@ -567,7 +640,10 @@ async def assert_tls_refused(port: int, context: ssl.SSLContext) -> None:
     assert isinstance(info.value.__cause__, ssl.SSLError)
 
 
-async def test_mtls_refusals(tmp_path: Path, pki: Pki, nsm: LocalNsm) -> None:
+async def test_mtls_refusals(
+    tmp_path: Path, pki: Pki, nsm: LocalNsm, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, "trio_sign.parent.ingress")
     async with (
         unix_fake_enclave(tmp_path, FakeEnclave(nsm)) as enclave_url,
         memory_enclave(FakeEnclave(nsm)) as connect_enclave,
@@ -579,10 +655,17 @@ async def test_mtls_refusals(tmp_path: Path, pki: Pki, nsm: LocalNsm) -> None:
             tls = await tls_connect(proxy.port, client_context(pki))
             assert tls.selected_alpn_protocol() == "h2"
             async with open_grpc_channel(tls) as ch:
-                ping = pb.PingRequest(payload=b"x").SerializeToString()
+                ping = pb.PingRequest(payload=b"payload-7f3a").SerializeToString()
                 assert await ch.unary_unary(S + "Ping", ping) == ping
             assert await grpcio_ping_status(pki, proxy.target) == grpc.StatusCode.OK
             assert len(proxy.enclave_connects) == 2
+            await trio.testing.wait_all_tasks_blocked(0.01)
+            opened = [r for r in caplog.records if r.msg == "ingress connection opened"]
+            closed = [r for r in caplog.records if r.msg == "ingress connection closed"]
+            assert [r.__dict__["client"] for r in opened] == ["CN=sign-gateway"] * 2
+            assert len(closed) == 2
+            assert closed[0].__dict__["bytes_in"] > 0
+            assert all("payload-7f3a" not in str(vars(r)) for r in caplog.records)
 
             await assert_tls_refused(proxy.port, client_context(pki, client=None))
             await assert_tls_refused(proxy.port, client_context(pki, client="other"))
@@ -590,6 +673,12 @@ async def test_mtls_refusals(tmp_path: Path, pki: Pki, nsm: LocalNsm) -> None:
             for client in (None, "other"):
                 status = await grpcio_ping_status(pki, proxy.target, client=client)
                 assert status == grpc.StatusCode.UNAVAILABLE
+            await trio.testing.wait_all_tasks_blocked(0.01)
+            refusals = [r.__dict__["tls"] for r in caplog.records if "tls" in r.__dict__]
+            no_cert, bad_cert = "PEER_DID_NOT_RETURN_A_CERTIFICATE", "CERTIFICATE_VERIFY_FAILED"
+            assert sorted(refusals) == sorted(
+                [no_cert, bad_cert, "UNSUPPORTED_PROTOCOL", no_cert, bad_cert]
+            )
 
             # TLS is fine but the client does not speak h2: closed, nothing forwarded.
             tls = await tls_connect(proxy.port, client_context(pki, alpn=["http/1.1"]))
@@ -748,12 +837,13 @@ async def test_grpcio_signs_through_the_proxy_with_the_real_enclave(
             functools.partial(serve_enclave, fake.config(), nsm=nsm)
         )
         enclave_url = str(handle.addresses[0])
+        sha = hashlib.sha256(fake.bundle.read_bytes()).hexdigest()
         gate = AttestationGate(
-            AttestationPolicy(root_pem=nsm.root_pem, pcrs=pins(nsm)),
+            AttestationPolicy(root_pem=nsm.root_pem, pcrs=pins(nsm), shares_sha256=sha),
             functools.partial(connect, enclave_url),
         )
         assert await gate.check()
-        assert gate.shares_sha256 == hashlib.sha256(fake.bundle.read_bytes()).hexdigest()
+        assert gate.shares_sha256 == sha
         async with running_proxy(pki, gate, enclave_url) as proxy:
             account = next(iter(accounts.values()))
             pong, signature, reused = await trio.to_thread.run_sync(

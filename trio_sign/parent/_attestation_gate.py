@@ -43,6 +43,7 @@ GATE_REASONS: Final[Mapping[str, str]] = MappingProxyType(
         "unreachable": "the enclave could not be connected to, or GetAttestation failed",
         "timeout": "the check did not finish within check_timeout_s",
         "bad_response": "the GetAttestation response is not a valid message",
+        "shares_mismatch": "the enclave bound another shares fingerprint than the pinned one",
     }
 )
 
@@ -63,6 +64,8 @@ class AttestationPolicy:
             a debug enclave's memory can be read by the parent.
         max_age_s: the document's timestamp must be within this many seconds of the check.
         check_timeout_s: bound on one whole check (connect, call, verify).
+        shares_sha256: when set (hex), the enclave's ``user_data`` must be exactly this
+            fingerprint of the sealed bundle: the enclave loaded the shares the parent served.
     """
 
     root_pem: bytes | str
@@ -70,6 +73,7 @@ class AttestationPolicy:
     allow_debug: bool = False
     max_age_s: float = 60.0
     check_timeout_s: float = 10.0
+    shares_sha256: str | None = None
 
     def __post_init__(self) -> None:
         missing = REQUIRED_PCRS - set(self.pcrs)
@@ -78,11 +82,34 @@ class AttestationPolicy:
                 f"attestation policy: pin PCR{', PCR'.join(map(str, sorted(missing)))} "
                 "(set the pinned PCR values in the parent config)"
             )
+        for index, value in self.pcrs.items():
+            if len(value) not in (32, 48, 64):
+                raise ValueError(
+                    f"attestation policy: pinned PCR{index} is {len(value)} bytes "
+                    "(expected 48, hex-encoded SHA-384 in the parent config)"
+                )
+        if not self.allow_debug and not any(any(self.pcrs[i]) for i in REQUIRED_PCRS):
+            raise ValueError(
+                "attestation policy: the pinned PCR0/1/2 are all zero, a debug-mode enclave's; "
+                "pin the EIF's measurements (or set allow_debug for development only)"
+            )
+        if self.shares_sha256 is not None and (
+            len(self.shares_sha256) != 64 or not _is_hex(self.shares_sha256)
+        ):
+            raise ValueError("attestation policy: shares_sha256 must be 64 hex digits")
         if self.max_age_s <= 0 or self.check_timeout_s <= 0:
             raise ValueError("attestation policy: max_age_s and check_timeout_s must be > 0")
         object.__setattr__(
             self, "pcrs", MappingProxyType({i: bytes(v) for i, v in self.pcrs.items()})
         )
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        bytes.fromhex(text)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(eq=False)
@@ -175,7 +202,7 @@ class AttestationGate:
         except DecodeError as exc:
             return ("bad_response", f"GetAttestationResponse does not decode: {exc}")
         try:
-            return verify_attestation(
+            verified = verify_attestation(
                 document,
                 root_pem=policy.root_pem,
                 # A live check: certificates must be valid now, and the document must be
@@ -189,6 +216,15 @@ class AttestationGate:
             )
         except AttestationError as exc:
             return (exc.reason, exc.message)
+        if policy.shares_sha256 is not None and (
+            verified.user_data is None or verified.user_data.hex() != policy.shares_sha256.lower()
+        ):
+            bound = "nothing" if verified.user_data is None else verified.user_data.hex()[:16]
+            return (
+                "shares_mismatch",
+                f"the enclave bound {bound}, expected shares_sha256 {policy.shares_sha256[:16]}",
+            )
+        return verified
 
     def _pass(self, verified: VerifiedAttestation) -> None:
         was = self.verified

@@ -20,8 +20,10 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final
 
 import trio
@@ -86,6 +88,14 @@ def make_server_ssl_context(
 def _load_cert_chain(context: ssl.SSLContext, cert_pem: bytes | str, key_pem: bytes | str) -> None:
     cert = cert_pem.encode() if isinstance(cert_pem, str) else cert_pem
     key = key_pem.encode() if isinstance(key_pem, str) else key_pem
+    if not hasattr(os, "memfd_create"):  # not Linux: a private directory, removed at once
+        with tempfile.TemporaryDirectory(prefix="trio-sign-tls-") as directory:
+            cert_path, key_path = Path(directory, "cert.pem"), Path(directory, "key.pem")
+            cert_path.write_bytes(cert)
+            key_path.touch(mode=0o600)
+            key_path.write_bytes(key)
+            context.load_cert_chain(cert_path, key_path)
+        return
     cert_fd = os.memfd_create("ingress-cert", 0)
     key_fd = os.memfd_create("ingress-key", 0)
     try:
@@ -145,6 +155,10 @@ async def serve_ingress(
             return
         try:
             await _serve_connection(stream, peer, enclave_url, opener, ssl_context, gate, settings)
+        except Exception:
+            # A bug while serving one connection closes that connection only: one client
+            # must not be able to stop the ingress for every other (as GrpcServer does).
+            log.exception("ingress connection failed unexpectedly; closed it", extra={"peer": peer})
         finally:
             limiter.release()
 
@@ -175,6 +189,20 @@ def _client_subject(tls: trio.SSLStream[trio.SocketStream]) -> str:
         return "?"
 
 
+def _log_handshake_failure(peer: str, exc: trio.BrokenResourceError) -> None:
+    cause = exc.__cause__
+    if isinstance(cause, ssl.SSLError) and cause.reason:
+        # A TLS-level refusal (no or untrusted client certificate, TLS < 1.3, ...): worth
+        # an operator's attention. A bare disconnect (load balancer TCP probe) is not.
+        log.info(
+            "ingress TLS handshake refused (%s)",
+            cause.reason,
+            extra={"peer": peer, "tls": cause.reason},
+        )
+    else:
+        log.debug("ingress TLS handshake aborted by the peer", extra={"peer": peer})
+
+
 async def _close(stream: trio.abc.AsyncResource, timeout_s: float) -> None:
     # aclose closes the resource even when cancelled; the bound only stops a graceful
     # close_notify from waiting on a peer that does not read.
@@ -197,10 +225,7 @@ async def _serve_connection(
             try:
                 await tls.do_handshake()
             except trio.BrokenResourceError as exc:
-                log.debug(
-                    "ingress TLS handshake refused",
-                    extra={"peer": peer, "error": str(exc.__cause__ or exc)},
-                )
+                _log_handshake_failure(peer, exc)
                 return
         if handshake.cancelled_caught:
             log.debug("ingress TLS handshake timed out", extra={"peer": peer})
