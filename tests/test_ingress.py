@@ -511,6 +511,7 @@ class Proxy:
     port: int
     gate: AttestationGate
     enclave_connects: list[int]
+    scope: trio.CancelScope
 
     @property
     def target(self) -> str:
@@ -543,18 +544,22 @@ async def running_proxy(
                 connect_enclave=counting_connect,
             )
         )
-        yield Proxy(listeners[0].socket.getsockname()[1], gate, connects)
+        yield Proxy(listeners[0].socket.getsockname()[1], gate, connects, nursery.cancel_scope)
         nursery.cancel_scope.cancel()
 
 
 @asynccontextmanager
-async def unix_fake_enclave(tmp_path: Path, fake: FakeEnclave) -> AsyncIterator[str]:
+async def unix_fake_enclave(
+    tmp_path: Path, fake: FakeEnclave, servers: list[GrpcServer] | None = None
+) -> AsyncIterator[str]:
     url = f"unix://{tmp_path}/enclave.sock"
     listeners = await open_listeners(url)
     async with trio.open_nursery() as nursery:
         server: GrpcServer = await nursery.start(
             functools.partial(serve_grpc, listeners, fake.handlers())
         )
+        if servers is not None:
+            servers.append(server)
         yield url
         await server.aclose()
 
@@ -752,6 +757,43 @@ async def test_limits_handshake_timeout_and_max_connections(
             await silent.aclose()
             # the slot is free again
             assert await grpcio_ping_status(pki, proxy.target) == grpc.StatusCode.OK
+
+
+async def test_enclave_unreachable(
+    tmp_path: Path, pki: Pki, nsm: LocalNsm, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with memory_enclave(FakeEnclave(nsm)) as connect_enclave:
+        gate = AttestationGate(policy_for(nsm), connect_enclave)
+        assert await gate.check()
+        async with running_proxy(pki, gate, f"unix://{tmp_path}/nobody.sock") as proxy:
+            with caplog.at_level(logging.WARNING, "trio_sign.parent.ingress"):
+                status = await grpcio_ping_status(pki, proxy.target)
+            assert status == grpc.StatusCode.UNAVAILABLE
+    assert any(r.msg == "ingress cannot reach the enclave" for r in caplog.records)
+
+
+async def test_cancelling_the_proxy_closes_forwarded_connections(
+    tmp_path: Path, pki: Pki, nsm: LocalNsm
+) -> None:
+    servers: list[GrpcServer] = []
+    async with (
+        unix_fake_enclave(tmp_path, FakeEnclave(nsm), servers) as enclave_url,
+        memory_enclave(FakeEnclave(nsm)) as connect_enclave,
+    ):
+        gate = AttestationGate(policy_for(nsm), connect_enclave)
+        assert await gate.check()
+        async with running_proxy(pki, gate, enclave_url) as proxy:
+            tls = await tls_connect(proxy.port, client_context(pki))
+            async with open_grpc_channel(tls) as ch:
+                ping = pb.PingRequest(payload=b"x").SerializeToString()
+                assert await ch.unary_unary(S + "Ping", ping) == ping
+                assert servers[0].connection_count == 1
+                proxy.scope.cancel()
+                await trio.testing.wait_all_tasks_blocked(0.01)
+                assert servers[0].connection_count == 0
+                with pytest.raises(RpcError) as info:
+                    await ch.unary_unary(S + "Ping", ping)
+                assert info.value.status == StatusCode.UNAVAILABLE
 
 
 # -- end to end: grpcio -> proxy -> the production enclave ---------------------------------------

@@ -136,7 +136,14 @@ async def serve_ingress(
     Raises:
         TransportError: the listen address cannot be bound.
 
-    Cancellation: stops accepting and closes every connection.
+    Error handling: a refused or failed connection (TLS refusal, no ``h2``, gate closed,
+    enclave unreachable, either side breaking) is logged and closed; it never stops the
+    service. While the gate is not verified, connections are closed right after the TLS
+    handshake (clients see UNAVAILABLE); when the gate closes, forwarded connections are
+    closed too.
+
+    Cancellation: stops accepting and closes every connection (a TLS close_notify is
+    attempted for at most ``close_timeout_s``).
     """
     opener: ConnectEnclave = connect_enclave or (lambda: connect(enclave_url))
     limiter = trio.CapacityLimiter(settings.max_connections)
