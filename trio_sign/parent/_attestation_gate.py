@@ -161,7 +161,7 @@ class AttestationGate:
         Error handling: every failure (unreachable enclave, timeout, malformed response,
         refused document) closes the gate, is logged at ERROR with ``alert`` =
         ``"attestation_failed"`` and ``reason``, and is passed to ``on_alert``; nothing is
-        raised.
+        raised (except what ``on_alert`` itself raises: a bug, left to fail the tree).
 
         Cancellation: a cancelled check leaves the gate as it was.
         """
