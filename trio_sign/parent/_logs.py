@@ -351,6 +351,7 @@ class CloudWatchStats:
 class _Event:
     timestamp_ms: int
     message: str
+    queued_at: float
     size: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -370,7 +371,7 @@ class CloudWatchSink:
         client: a boto3 ``logs`` client (or a fake with the same two methods).
         max_queue: events held while CloudWatch is slow; beyond it the oldest are dropped.
         max_requests_per_s: at most this many ``PutLogEvents`` calls per second.
-        flush_interval_s: how long the first queued event waits for company before a send
+        flush_interval_s: how long the oldest queued event waits for company before a send
             (a full batch goes at once).
         in_thread: run the blocking boto3 calls in a worker thread (tests with a fake pass
             False).
@@ -427,7 +428,7 @@ class CloudWatchSink:
         # CloudWatch refuses events older than 14 days or over 2 hours ahead: use now instead.
         if timestamp_ms is None or not now - 13 * 86_400_000 < timestamp_ms < now + 3_600_000:
             timestamp_ms = now
-        event = _Event(timestamp_ms, message)
+        event = _Event(timestamp_ms, message, trio.current_time())
         self._queue.append(event)
         self._queued_bytes += event.size
         while len(self._queue) > self._max_queue:
@@ -481,7 +482,8 @@ class CloudWatchSink:
                 self._wakeup = trio.Event()
                 await self._wakeup.wait()
             if not self._full_batch_waiting():
-                with trio.move_on_after(self._flush_interval):
+                # The oldest event waits at most flush_interval_s for company.
+                with trio.move_on_at(self._queue[0].queued_at + self._flush_interval):
                     while not self._full_batch_waiting():
                         self._wakeup = trio.Event()
                         await self._wakeup.wait()
@@ -504,7 +506,6 @@ class CloudWatchSink:
     async def _ensure_stream(self) -> None:
         if self._stream_ready:
             return
-        await self._pace()
         try:
             await self._call(
                 self._client.create_log_stream,

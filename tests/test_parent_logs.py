@@ -1,0 +1,351 @@
+"""The parent's log forwarder: redaction, the JSON-lines sink, the CloudWatch sink against a fake
+client (virtual time, no network), the live tail's bounded subscribers."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from botocore.exceptions import ClientError  # type: ignore[import-untyped]
+
+from trio_sign.nitro import DroppedMessage, LogMessage
+from trio_sign.parent._logs import (
+    EVENT_OVERHEAD_BYTES,
+    MAX_BATCH_BYTES,
+    REDACTED,
+    CloudWatchSink,
+    JsonLinesSink,
+    LogForwarder,
+    LogTail,
+    Redactor,
+    TailFull,
+)
+
+HEX64 = "ab" * 32
+HEX128 = "0123456789abcdef" * 8
+NOW_MS = 1_790_000_000_000
+
+
+def line(**fields: Any) -> str:
+    return json.dumps({"ts": "2026-09-21T10:00:00.000Z", "level": "INFO", **fields})
+
+
+# -- redaction ---------------------------------------------------------------------------------
+
+
+def test_secret_field_names_are_redacted() -> None:
+    out = Redactor().redact(line(msg="x", signing_share=HEX64, data_key="k", Nonce=1))
+    obj = json.loads(out.text)
+    assert obj["signing_share"] == REDACTED
+    assert obj["data_key"] == REDACTED
+    assert obj["Nonce"] == REDACTED
+    assert out.redactions == 3
+    assert HEX64 not in out.text
+
+
+def test_long_opaque_runs_are_redacted_except_in_kept_fields() -> None:
+    doc = "hEAREQ" + "A1b2" * 100
+    out = Redactor().redact(
+        line(
+            msg=f"leaked {HEX128} here",
+            shares_sha256=HEX64,
+            sha256=HEX64,
+            attestation_document_b64=doc,
+            nested={"blob": HEX128, "items": [HEX128, "short"]},
+        )
+    )
+    obj = json.loads(out.text)
+    assert obj["msg"] == f"leaked {REDACTED} here"
+    assert obj["shares_sha256"] == HEX64
+    assert obj["sha256"] == HEX64
+    assert obj["attestation_document_b64"] == doc
+    assert obj["nested"] == {"blob": REDACTED, "items": [REDACTED, "short"]}
+    assert out.redactions == 3
+    assert obj["source"] == "enclave"
+    assert out.timestamp_ms == 1_789_984_800_000
+
+
+def test_ordinary_text_is_kept() -> None:
+    text = "sse relay: forwarding to https://gateway.internal:8443/v1/enclaves/node-1/events"
+    long_word = "x" * 100  # no digit: not random hex/base64
+    out = Redactor().redact(line(msg=text, note=long_word, accounts=100_000))
+    obj = json.loads(out.text)
+    assert (obj["msg"], obj["note"], obj["accounts"]) == (text, long_word, 100_000)
+    assert out.redactions == 0
+
+
+def test_non_json_lines_are_wrapped_and_redacted() -> None:
+    out = Redactor().redact(f"panic: key {HEX128}")
+    obj = json.loads(out.text)
+    assert obj == {"msg": f"panic: key {REDACTED}", "unparsed": True, "source": "enclave"}
+    assert out.timestamp_ms is None
+    assert json.loads(Redactor().redact("[1, 2]").text)["unparsed"] is True
+
+
+# -- stdout / file -----------------------------------------------------------------------------
+
+
+def test_json_lines_sink_stdout_and_file(tmp_path: Path) -> None:
+    buffer = io.StringIO()
+    path = tmp_path / "enclave.log"
+    with path.open("a", encoding="utf-8") as file:
+        forwarder = LogForwarder(sinks=[JsonLinesSink(buffer), JsonLinesSink(file)])
+        forwarder.on_message(LogMessage(line(msg="one")))
+        forwarder.on_message(LogMessage(line(msg="two", signing_share=HEX64)))
+        forwarder.on_message(DroppedMessage(7))
+        # Flushed per line: readable before the file is closed.
+        on_disk = path.read_text("utf-8").splitlines()
+    assert on_disk == buffer.getvalue().splitlines()
+    objs = [json.loads(x) for x in on_disk]
+    assert [o["msg"] for o in objs[:2]] == ["one", "two"]
+    assert objs[1]["signing_share"] == REDACTED
+    assert objs[2]["count"] == 7
+    assert forwarder.stats.received == 2
+    assert forwarder.stats.forwarded == 3
+    assert forwarder.stats.enclave_dropped == 7
+    assert forwarder.stats.redactions == 1
+
+
+def test_sink_write_failure_is_counted_not_raised() -> None:
+    stream = io.StringIO()
+    stream.close()
+    sink = JsonLinesSink(stream)
+    sink("x")
+    sink("y")
+    assert sink.write_errors == 2
+
+
+# -- CloudWatch --------------------------------------------------------------------------------
+
+
+def client_error(code: str, message: str = "", **extra: Any) -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": message}, **extra}, "PutLogEvents")
+
+
+class FakeLogs:
+    """Records calls (with their virtual time); raises the queued errors first."""
+
+    def __init__(self) -> None:
+        self.puts: list[tuple[float, dict[str, Any]]] = []
+        self.creates = 0
+        self.put_errors: list[Exception] = []
+        self.create_errors: list[Exception] = []
+
+    def put_log_events(self, **kwargs: Any) -> dict[str, Any]:
+        self.puts.append((trio.current_time(), kwargs))
+        if self.put_errors:
+            raise self.put_errors.pop(0)
+        return {"nextSequenceToken": f"t{len(self.puts)}"}
+
+    def create_log_stream(self, **kwargs: Any) -> dict[str, Any]:
+        assert kwargs == {"logGroupName": "g", "logStreamName": "s"}
+        self.creates += 1
+        if self.create_errors:
+            raise self.create_errors.pop(0)
+        return {}
+
+    def events(self) -> list[dict[str, Any]]:
+        return [event for _, put in self.puts for event in put["logEvents"]]
+
+
+def sink(client: FakeLogs, **kwargs: Any) -> CloudWatchSink:
+    return CloudWatchSink(
+        client, log_group="g", log_stream="s", in_thread=False, clock=lambda: NOW_MS, **kwargs
+    )
+
+
+async def test_cloudwatch_batches_by_count_and_sorts(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    client = FakeLogs()
+    cw = sink(client, max_requests_per_s=2.0, max_queue=30_000)
+    for i in range(25_000):
+        cw.submit(f"m{i}", NOW_MS - (i % 7))
+    start = trio.current_time()
+    await nursery.start(cw.run)
+    await trio.sleep(10)
+    sizes = [len(put["logEvents"]) for _, put in client.puts]
+    assert sizes == [10_000, 10_000, 5_000]
+    for _, put in client.puts:
+        stamps = [e["timestamp"] for e in put["logEvents"]]
+        assert stamps == sorted(stamps)
+    assert sorted(e["message"] for e in client.events()) == sorted(f"m{i}" for i in range(25_000))
+    # The stream is created first; then at most 2 PutLogEvents per second.
+    assert client.creates == 1
+    assert [t - start for t, _ in client.puts] == pytest.approx([0.0, 0.5, 1.0])
+    assert cw.stats.sent == 25_000
+    assert cw.stats.queued == 0
+
+
+async def test_cloudwatch_batch_byte_limit_counts_26_bytes_per_event(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    client = FakeLogs()
+    cw = sink(client)
+    size = 100_000 - EVENT_OVERHEAD_BYTES
+    # 10 events of exactly 100,000 bytes with overhead fit in 1 MiB; the 11th would not.
+    per_batch = MAX_BATCH_BYTES // 100_000
+    for i in range(25):
+        cw.submit(str(i % 10) * size, NOW_MS + i)
+    await nursery.start(cw.run)
+    await trio.sleep(10)
+    sizes = [len(put["logEvents"]) for _, put in client.puts]
+    assert sizes == [per_batch, per_batch, 25 - 2 * per_batch]
+    for _, put in client.puts:
+        total = sum(len(e["message"].encode()) + EVENT_OVERHEAD_BYTES for e in put["logEvents"])
+        assert total <= MAX_BATCH_BYTES
+
+
+async def test_cloudwatch_flush_interval_and_order(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    client = FakeLogs()
+    cw = sink(client, flush_interval_s=2.0)
+    await nursery.start(cw.run)
+    start = trio.current_time()
+    cw.submit("late", NOW_MS + 5)
+    cw.submit("early", NOW_MS + 1)
+    cw.submit("no-ts", None)
+    await trio.sleep(1)
+    assert client.puts == []
+    await trio.sleep(1.5)
+    ((at, put),) = client.puts
+    assert at - start == pytest.approx(2.0)
+    assert [e["message"] for e in put["logEvents"]] == ["no-ts", "early", "late"]
+    assert [e["timestamp"] for e in put["logEvents"]] == [NOW_MS, NOW_MS + 1, NOW_MS + 5]
+
+
+async def test_cloudwatch_retries_throttling_with_backoff(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    client = FakeLogs()
+    client.put_errors = [
+        client_error("ThrottlingException", "Rate exceeded"),
+        client_error("ServiceUnavailableException"),
+    ]
+    cw = sink(client, flush_interval_s=0.1, backoff_initial_s=1.0, max_requests_per_s=100)
+    await nursery.start(cw.run)
+    cw.submit("x", NOW_MS)
+    await trio.sleep(10)
+    times = [t for t, _ in client.puts]
+    assert len(times) == 3
+    assert times[1] - times[0] == pytest.approx(1.0)
+    assert times[2] - times[1] == pytest.approx(2.0)
+    assert cw.stats.retries == 2
+    assert cw.stats.sent == 1
+    assert [e["message"] for e in client.events()] == ["x", "x", "x"]
+
+
+async def test_cloudwatch_gives_up_after_max_attempts_and_on_fatal_errors(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    client = FakeLogs()
+    client.put_errors = [client_error("ThrottlingException") for _ in range(3)]
+    client.put_errors.append(client_error("AccessDeniedException", "no"))
+    cw = sink(client, flush_interval_s=0.1, max_attempts=3, max_requests_per_s=100)
+    await nursery.start(cw.run)
+    cw.submit("a", NOW_MS)
+    await trio.sleep(30)
+    cw.submit("b", NOW_MS)
+    await trio.sleep(30)
+    cw.submit("c", NOW_MS)
+    await trio.sleep(30)
+    assert [e["message"] for e in client.events()] == ["a", "a", "a", "b", "c"]
+    assert cw.stats.failed_batches == 2
+    assert cw.stats.dropped == 2
+    assert cw.stats.sent == 1
+
+
+async def test_cloudwatch_sequence_token_and_missing_stream(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    client = FakeLogs()
+    client.create_errors = [client_error("ResourceAlreadyExistsException")]
+    client.put_errors = [
+        client_error("InvalidSequenceTokenException", expectedSequenceToken="tok-9"),
+        client_error("ResourceNotFoundException", "The specified log stream does not exist."),
+    ]
+    cw = sink(client, flush_interval_s=0.1, max_requests_per_s=100)
+    await nursery.start(cw.run)
+    cw.submit("x", NOW_MS)
+    await trio.sleep(10)
+    tokens = [put.get("sequenceToken") for _, put in client.puts]
+    assert tokens == [None, "tok-9", "tok-9"]
+    assert client.creates == 2  # already existed; then recreated after ResourceNotFound
+    cw.submit("y", NOW_MS)
+    await trio.sleep(10)
+    assert client.puts[-1][1]["sequenceToken"] == "t3"
+    assert cw.stats.sent == 2
+
+
+async def test_cloudwatch_drops_oldest_when_slow(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    client = FakeLogs()
+    # CloudWatch throttles for a long while; the log channel keeps submitting.
+    client.put_errors = [client_error("ThrottlingException") for _ in range(5)]
+    cw = sink(client, max_queue=100, flush_interval_s=0.1, backoff_initial_s=5.0)
+    await nursery.start(cw.run)
+    cw.submit("first", NOW_MS)
+    await trio.sleep(0.5)  # the first batch (1 event) is now being retried
+    for i in range(250):
+        cw.submit(f"n{i}", NOW_MS + i)  # never blocks
+    assert cw.stats.queued == 100
+    assert cw.stats.dropped == 150
+    await trio.sleep(300)
+    messages = [e["message"] for _, put in client.puts[-2:] for e in put["logEvents"]]
+    assert messages == ["first"] + [f"n{i}" for i in range(150, 250)]
+
+
+async def test_cloudwatch_refuses_out_of_range_timestamps() -> None:
+    cw = sink(FakeLogs())
+    cw.submit("ancient", NOW_MS - 20 * 86_400_000)
+    cw.submit("future", NOW_MS + 10 * 3_600_000)
+    assert [e.timestamp_ms for e in cw.take_batch()] == [NOW_MS, NOW_MS]
+
+
+async def test_forwarder_feeds_cloudwatch_and_tail() -> None:
+    client = FakeLogs()
+    cw = sink(client)
+    tail = LogTail(queue_size=4)
+    forwarder = LogForwarder(cloudwatch=cw, tail=tail)
+    async with tail.subscribe() as lines:
+        forwarder.on_message(LogMessage(line(msg="hello", private_key=HEX64)))
+        received = json.loads(lines.receive_nowait())
+    assert received["msg"] == "hello"
+    assert received["private_key"] == REDACTED
+    (event,) = cw.take_batch()
+    assert json.loads(event.message) == received
+    assert event.timestamp_ms == 1_789_984_800_000
+
+
+# -- live tail ---------------------------------------------------------------------------------
+
+
+async def test_tail_drops_a_slow_subscriber_without_waiting() -> None:
+    tail = LogTail(queue_size=2, max_subscribers=2)
+    async with tail.subscribe() as slow, tail.subscribe() as fast:
+        for i in range(3):
+            tail.publish(f"l{i}")
+            assert fast.receive_nowait() == f"l{i}"
+        assert tail.subscribers == 1
+        assert tail.dropped_subscribers == 1
+        assert [x async for x in slow] == ["l0", "l1"]  # then the stream ends
+        tail.publish("l3")
+        assert fast.receive_nowait() == "l3"
+    assert tail.subscribers == 0
+
+
+async def test_tail_subscriber_limit() -> None:
+    tail = LogTail(max_subscribers=1)
+    async with tail.subscribe():
+        with pytest.raises(TailFull):
+            async with tail.subscribe():
+                pass
+    async with tail.subscribe():
+        pass
