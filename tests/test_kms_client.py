@@ -34,7 +34,13 @@ from trio_sign.kms import (
 )
 from trio_sign.nitro import AsyncNsm, LocalNsm, MessageStream
 from trio_sign.parent import serve_preload
-from trio_sign.shares import ShareRecord, ShareStore, encode_bundle, read_sealed_header
+from trio_sign.shares import (
+    DataKeyProvider,
+    ShareRecord,
+    ShareStore,
+    encode_bundle,
+    read_sealed_header,
+)
 from trio_sign.testing import generate_share_files
 
 from .enclave_helpers import make_accounts
@@ -138,6 +144,7 @@ async def test_provider_errors(tmp_path: Path, nsm: LocalNsm) -> None:
     async with local_kms(tmp_path / "keys.json", nsm) as kms:
         key_id = await _new_key(kms)
         provider = KmsDataKeyProvider(kms.client, key_id)
+        assert isinstance(provider, DataKeyProvider)
         assert provider.provider == "aws-kms"
         assert "key_id" in repr(provider)
         key, blob = await trio.to_thread.run_sync(provider.generate_data_key, {"format": "x"})

@@ -519,3 +519,34 @@ async def test_wire_matches_botocore_model(
         assert name in members, f"the server reads {name}, which KMS does not define"
         assert members[name].type_name in _PY_TO_SHAPE[py_type], (name, py_type)
     assert recipient_shape.members["KeyEncryptionAlgorithm"].enum == [_server.RECIPIENT_ALGORITHM]
+
+
+def test_core_disabled_key_and_internal_error(
+    tmp_path: Path, nsm: LocalNsm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sync core directly: a disabled key, and an unexpected failure (500, still serving)."""
+    path = tmp_path / "keys.json"
+    store = KeyStore(path)
+    key = store.create()
+    kms = LocalKms(store, root_pem=nsm.root_pem)
+    status, enc = kms.handle(
+        "Encrypt", json.dumps({"KeyId": key.key_id, "Plaintext": "AAAA"}).encode()
+    )
+    assert status == 200
+    key.enabled = False
+    for op, body in [
+        ("Encrypt", {"KeyId": key.key_id, "Plaintext": "AAAA"}),
+        ("Decrypt", {"CiphertextBlob": enc["CiphertextBlob"]}),
+    ]:
+        status, err = kms.handle(op, json.dumps(body).encode())
+        assert (status, err["__type"]) == (400, "DisabledException")
+
+    def broken(**_: Any) -> Any:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store, "create", broken)
+    status, err = kms.handle("CreateKey", b"{}")
+    assert (status, err) == (500, {"__type": "KMSInternalException", "message": "internal error"})
+    status, _ = kms.handle("DescribeKey", json.dumps({"KeyId": key.arn}).encode())
+    assert status == 200
+    store.close()

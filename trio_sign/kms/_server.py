@@ -279,6 +279,10 @@ class LocalKms:
         except KmsError as exc:
             log.info("kms %s refused: %s", operation, exc.code)
             return exc.status, {"__type": exc.code, "message": exc.message}
+        except Exception:
+            # A bug or a failing key file: answer as KMS does (500, retryable), keep serving.
+            log.exception("kms %s failed", operation)
+            return 500, {"__type": "KMSInternalException", "message": "internal error"}
         return 200, response
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -383,9 +387,11 @@ class LocalKms:
             raise invalid
         key_id = blob[head : head + n].decode("ascii", errors="replace")
         key = self.store.resolve(key_id)
-        if key is None or not key.enabled:
+        if key is None:
             # Like KMS: a blob for a key we do not hold is just an invalid ciphertext.
             raise invalid
+        if not key.enabled:
+            raise KmsError("DisabledException", f"{key.arn} is disabled.")
         if key_ref is not None and self._key(key_ref, for_use=False) is not key:
             raise KmsError(
                 "IncorrectKeyException",
@@ -527,8 +533,8 @@ class KmsApp:
     """ASGI app: checks the HTTP envelope, bounds the body, runs :meth:`LocalKms.handle` in a
     worker thread (at most ``concurrency`` at once).
 
-    Cancellation: a cancelled request abandons its worker thread's result (the thread finishes
-    its few milliseconds of work; no state is half-updated because the store writes atomically).
+    Cancellation: a cancelled request waits for its worker thread (milliseconds of work; the
+    thread is not abandoned, so a key file write is never left half done).
     """
 
     def __init__(
