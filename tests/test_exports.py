@@ -11,6 +11,7 @@ PACKAGES = [
     "trio_sign.crypto",
     "trio_sign.enclave",
     "trio_sign.nitro",
+    "trio_sign.parent",
     "trio_sign.rpc",
     "trio_sign.shares",
     "trio_sign.sse",

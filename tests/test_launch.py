@@ -1,0 +1,150 @@
+"""Launch backends: nitro-cli (against a fake nitro-cli printing its documented JSON) and the
+local process launcher (a real enclave, in fresh namespaces where the kernel allows)."""
+
+from __future__ import annotations
+
+import json
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from trio_sign.parent import LaunchError, LocalLauncher, NitroCliLauncher, namespaces_available
+
+from .enclave_helpers import make_accounts
+from .test_enclave_runtime import nsm_dir as nsm_dir
+from .test_enclave_runtime import parent
+
+FAKE_NITRO_CLI = r"""#!PYTHON
+import json, sys, pathlib
+state = pathlib.Path(__file__).with_name("state.json")
+data = json.loads(state.read_text()) if state.exists() else {}
+cmd = sys.argv[1]
+args = dict(zip(sys.argv[2::2], sys.argv[3::2]))
+if data.get("mode") == "garbage":
+    print("this is not json"); sys.exit(0)
+if data.get("mode") == "fail":
+    print("[ E26 ] Insufficient memory requested", file=sys.stderr); sys.exit(26)
+if cmd == "run-enclave":
+    data["running"] = True
+    data["args"] = sys.argv[2:]
+    state.write_text(json.dumps(data))
+    cid = int(args["--enclave-cid"]) + data.get("cid_skew", 0)
+    print(json.dumps({"EnclaveName": "trio-sign", "EnclaveID": "i-abc-enc123",
+                      "ProcessID": 4242, "EnclaveCID": cid,
+                      "NumberOfCPUs": int(args["--cpu-count"]), "CPUIDs": [1, 3],
+                      "MemoryMiB": int(args["--memory"])}))
+elif cmd == "describe-enclaves":
+    running = data.get("running", False)
+    print(json.dumps([{"EnclaveID": "i-abc-enc123", "State": "RUNNING"}] if running else []))
+elif cmd == "terminate-enclave":
+    data["running"] = False
+    state.write_text(json.dumps(data))
+    print(json.dumps({"EnclaveID": args["--enclave-id"], "Terminated": True}))
+"""
+
+
+def _fake_cli(tmp_path: Path, **state: object) -> Path:
+    script = tmp_path / "nitro-cli"
+    script.write_text(FAKE_NITRO_CLI.replace("PYTHON", sys.executable))
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    return script
+
+
+def _launcher(cli: Path, **kw: object) -> NitroCliLauncher:
+    return NitroCliLauncher(
+        eif_path=Path("/opt/trio-sign/enclave.eif"),
+        cpu_count=2,
+        memory_mib=4096,
+        cid=16,
+        nitro_cli=str(cli),
+        poll_interval_s=0.05,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+async def test_nitro_cli_run_describe_terminate(tmp_path: Path) -> None:
+    cli = _fake_cli(tmp_path)
+    enclave = await _launcher(cli).start()
+    assert enclave.enclave_id == "i-abc-enc123"
+    assert enclave.cid == 16
+    args = json.loads((tmp_path / "state.json").read_text())["args"]
+    assert args == [
+        "--eif-path",
+        "/opt/trio-sign/enclave.eif",
+        "--cpu-count",
+        "2",
+        "--memory",
+        "4096",
+        "--enclave-cid",
+        "16",
+    ]
+    async with trio.open_nursery() as nursery:
+        gone = trio.Event()
+
+        async def watch() -> None:
+            await enclave.wait()
+            gone.set()
+
+        nursery.start_soon(watch)
+        await trio.sleep(0.2)
+        assert not gone.is_set()  # still RUNNING
+        await enclave.terminate(grace_s=1.0)
+        with trio.fail_after(5):
+            await gone.wait()
+
+
+async def test_nitro_cli_failures_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(LaunchError, match="did not print JSON"):
+        await _launcher(_fake_cli(tmp_path, mode="garbage")).start()
+    with pytest.raises(LaunchError, match=r"run-enclave failed \(26\): .*Insufficient memory"):
+        await _launcher(_fake_cli(tmp_path, mode="fail")).start()
+    with pytest.raises(LaunchError, match="expected 16"):
+        await _launcher(_fake_cli(tmp_path, cid_skew=1)).start()
+    with pytest.raises(LaunchError, match="cannot run"):
+        await _launcher(tmp_path / "no-such-nitro-cli").start()
+
+
+@pytest.mark.parametrize("namespaces", ["auto", "never"])
+async def test_local_launcher_runs_a_real_enclave(
+    tmp_path: Path, nsm_dir: Path, namespaces: str
+) -> None:
+    if namespaces == "auto" and namespaces_available() is not None:
+        pytest.skip(f"no fresh namespaces here: {namespaces_available()}")
+    store, accounts = make_accounts(4)
+    store.close()
+    async with parent(tmp_path, [a.service for a in accounts.values()], nsm_dir) as fake:
+        cfg = fake.config()
+        launcher = LocalLauncher(
+            [
+                "--nsm",
+                f"local:{nsm_dir}",
+                "--grpc-listen",
+                cfg.grpc_listen,
+                "--preload-address",
+                cfg.preload_address,
+                "--status-address",
+                cfg.status_address,
+                "--log-address",
+                cfg.log_address,
+                "--drain-grace",
+                "1",
+            ],
+            use_namespaces=namespaces,
+            log_path=tmp_path / "enclave.log",
+        )
+        enclave = await launcher.start()
+        assert enclave.in_namespaces == (namespaces == "auto")
+        try:
+            with trio.fail_after(30):
+                while not any(s.state == "serving" for s in fake.states):  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            assert str(enclave.pid) in enclave.description
+        finally:
+            await enclave.terminate(grace_s=5.0)
+        assert await enclave.wait() == 0
+    assert fake.states[-1].state == "exiting"
+    assert fake.exits == [0]
