@@ -1,0 +1,299 @@
+"""The parent's health server over real loopback HTTP (hypercorn, Trio worker): liveness,
+readiness flipping with the state, Prometheus text, and the live log tail as SSE."""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from typing import Any
+
+import pytest
+import trio
+
+from trio_sign.nitro import ExitMessage, LogMessage, StateMessage
+from trio_sign.parent._health import MetricsWriter, ParentState, render_metrics, serve_health
+from trio_sign.parent._logs import CloudWatchStats, LogForwarder, LogTail
+from trio_sign.sse import BodyData, MessageEvent, ResponseHead, ResponseParser, run_sse_client
+
+SHA = "cd" * 32
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_790_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def http(port: int, path: str, method: str = "GET") -> tuple[ResponseHead, bytes]:
+    """A tiny HTTP/1.1 client: one request, ``Connection: close``, the whole response."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        request = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        await stream.send_all(request.encode())
+        parser = ResponseParser()
+        head: ResponseHead | None = None
+        body = b""
+        while True:
+            data = await stream.receive_some()
+            events = parser.receive_data(data) if data else parser.receive_eof()
+            for event in events:
+                if isinstance(event, ResponseHead):
+                    head = event
+                elif isinstance(event, BodyData):
+                    body += event.data
+                else:
+                    assert head is not None
+                    return head, body
+            assert data, "connection closed before the end of the response"
+
+
+@pytest.fixture
+async def server(nursery: trio.Nursery) -> tuple[int, ParentState]:
+    state = ParentState(wall_clock=Clock(), tail=LogTail(queue_size=8))
+    binds = await nursery.start(serve_health, "tcp://127.0.0.1:0", state)
+    port = int(binds[0].rsplit(":", 1)[1])
+    return port, state
+
+
+async def get_json(port: int, path: str) -> tuple[int, dict[str, Any]]:
+    head, body = await http(port, path)
+    assert head.get("content-type") == "application/json"
+    result: dict[str, Any] = json.loads(body)
+    return head.status, result
+
+
+async def test_healthz_is_always_ok(server: tuple[int, ParentState]) -> None:
+    port, _ = server
+    with trio.fail_after(5):
+        head, body = await http(port, "/healthz")
+    assert head.status == 200
+    assert json.loads(body) == {"status": "alive"}
+
+
+async def test_readiness_flips_with_state(server: tuple[int, ParentState]) -> None:
+    port, state = server
+    with trio.fail_after(10):
+        status, report = await get_json(port, "/readyz")
+        assert status == 503
+        assert report["enclave_state"] == "unknown"
+        assert report["attestation_verified"] is False
+        for key in (
+            "enclave_state",
+            "accounts",
+            "shares_sha256",
+            "preload_ms",
+            "attestation_verified",
+            "attestation_checked_at",
+            "last_alert",
+        ):
+            assert key in report
+
+        state.on_status_message(StateMessage("preloading"))
+        state.on_status_message(StateMessage("serving", accounts=1000, sha256=SHA, preload_ms=1234))
+        status, report = await get_json(port, "/readyz")
+        assert status == 503  # serving, but attestation not verified yet
+        assert report["accounts"] == 1000
+
+        state.set_attestation(True)
+        status, report = await get_json(port, "/readyz")
+        assert status == 200
+        assert report == {
+            "ready": True,
+            "enclave_state": "serving",
+            "enclave_reason": None,
+            "accounts": 1000,
+            "shares_sha256": SHA,
+            "preload_ms": 1234,
+            "attestation_verified": True,
+            "attestation_checked_at": "2026-09-21T14:13:20.000Z",
+            "attestation_fresh": True,
+            "last_alert": None,
+            "last_alert_at": None,
+        }
+
+        state.on_status_message(StateMessage("draining"))
+        status, report = await get_json(port, "/readyz")
+        assert status == 503
+        assert report["shares_sha256"] == SHA  # preload facts survive state changes
+
+        state.on_status_message(StateMessage("serving"))
+        state.set_attestation(False, reason="PCR0 mismatch")
+        status, report = await get_json(port, "/readyz")
+        assert status == 503
+        assert report["last_alert"] == "attestation check failed: PCR0 mismatch"
+
+        state.set_attestation(True)
+        state.on_status_message(StateMessage("failed", reason="bundle truncated"))
+        state.on_status_message(ExitMessage(3))
+        status, report = await get_json(port, "/readyz")
+        assert status == 503
+        assert report["enclave_state"] == "exited"
+        assert report["last_alert"] == "enclave exited with code 3"
+
+
+async def test_stale_attestation_is_not_ready() -> None:
+    clock = Clock()
+    state = ParentState(wall_clock=clock, attestation_max_age_s=60)
+    state.set_enclave_state("serving")
+    state.set_attestation(True)
+    assert state.ready
+    clock.now += 61
+    assert not state.ready
+    state.set_attestation(True)
+    assert state.ready
+
+
+async def test_unknown_paths_and_methods(server: tuple[int, ParentState]) -> None:
+    port, _ = server
+    with trio.fail_after(5):
+        assert (await http(port, "/nope"))[0].status == 404
+        assert (await http(port, "/readyz", "POST"))[0].status == 405
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            raw = b""
+            while data := await stream.receive_some():
+                raw += data
+    assert raw.startswith(b"HTTP/1.1 200 ")
+    assert raw.endswith(b"\r\n\r\n")  # the head only
+
+
+# -- metrics -----------------------------------------------------------------------------------
+
+_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+_LABELS = r'\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:\\[\\"n]|[^"\\\n])*",?)*\}'
+_SAMPLE = re.compile(rf"({_NAME})({_LABELS})? (-?[0-9]+(?:\.[0-9]+)?(?:e[+-]?[0-9]+)?|NaN|[+-]Inf)")
+_HELP = re.compile(rf"# HELP ({_NAME}) (?:[^\\\n]|\\[\\n])*")
+_TYPE = re.compile(rf"# TYPE ({_NAME}) (counter|gauge|histogram|summary|untyped)")
+
+
+def parse_exposition(text: str) -> dict[str, float]:
+    """Check every line against the text format; return {name{labels}: value}."""
+    assert text.endswith("\n")
+    samples: dict[str, float] = {}
+    helped: set[str] = set()
+    typed: dict[str, str] = {}
+    for line in text.splitlines():
+        if match := _HELP.fullmatch(line):
+            assert match.group(1) not in helped
+            helped.add(match.group(1))
+        elif match := _TYPE.fullmatch(line):
+            assert match.group(1) in helped
+            assert match.group(1) not in typed
+            typed[match.group(1)] = match.group(2)
+        else:
+            match = _SAMPLE.fullmatch(line)
+            assert match is not None, f"not exposition format: {line!r}"
+            name = match.group(1)
+            assert name in typed, f"{name} has no # TYPE"
+            if typed[name] == "counter":
+                assert name.endswith("_total")
+            samples[name + (match.group(2) or "")] = float(match.group(3))
+    return samples
+
+
+async def test_metrics_over_http(server: tuple[int, ParentState]) -> None:
+    port, state = server
+    state.set_enclave_state("serving", accounts=500, shares_sha256=SHA, preload_ms=2500)
+    state.set_attestation(True)
+    state.relay.active = 1
+    state.relay.refused = 4
+    state.proxy_connection_opened()
+    state.proxy_connection_opened()
+    state.proxy_connection_closed()
+    forwarder = LogForwarder(stats=state.logs, tail=state.tail)
+    forwarder.on_message(LogMessage('{"msg":"x"}'))
+    with trio.fail_after(5):
+        head, body = await http(port, "/metrics")
+    assert head.status == 200
+    assert head.get("content-type") == "text/plain; version=0.0.4; charset=utf-8"
+    samples = parse_exposition(body.decode())
+    assert samples['trio_sign_enclave_state{state="serving"}'] == 1
+    assert samples['trio_sign_enclave_state{state="booting"}'] == 0
+    assert samples["trio_sign_ready"] == 1
+    assert samples["trio_sign_enclave_accounts"] == 500
+    assert samples["trio_sign_enclave_preload_seconds"] == 2.5
+    assert samples["trio_sign_attestation_verified"] == 1
+    assert samples["trio_sign_attestation_last_check_timestamp_seconds"] == 1_790_000_000
+    assert samples["trio_sign_log_lines_forwarded_total"] == 1
+    assert samples['trio_sign_log_lines_dropped_total{where="enclave"}'] == 0
+    assert samples["trio_sign_relay_connections_active"] == 1
+    assert samples["trio_sign_relay_refused_total"] == 4
+    assert samples["trio_sign_proxy_connections_active"] == 1
+    assert samples["trio_sign_proxy_connections_total"] == 2
+    assert samples["trio_sign_log_tail_subscribers"] == 0
+
+
+def test_metrics_escaping_and_optional_families() -> None:
+    state = ParentState(cloudwatch=CloudWatchStats(sent=3, dropped=2))
+    state.set_enclave_state('we"ird\\state\nx')
+    samples = parse_exposition(render_metrics(state))
+    assert samples['trio_sign_enclave_state{state="we\\"ird\\\\state\\nx"}'] == 1
+    assert samples['trio_sign_log_lines_dropped_total{where="cloudwatch"}'] == 2
+    assert samples["trio_sign_cloudwatch_events_sent_total"] == 3
+    writer = MetricsWriter()
+    writer.gauge("g", "line one\nback\\slash", 0.25)
+    assert writer.text() == "# HELP g line one\\nback\\\\slash\n# TYPE g gauge\ng 0.25\n"
+    with pytest.raises(ValueError, match="_total"):
+        writer.counter("c", "no suffix", 1)
+
+
+# -- live tail ---------------------------------------------------------------------------------
+
+
+async def test_live_tail_streams_lines_over_sse(server: tuple[int, ParentState]) -> None:
+    port, state = server
+    assert state.tail is not None
+    forwarder = LogForwarder(stats=state.logs, tail=state.tail)
+    received: list[MessageEvent] = []
+    done = trio.Event()
+
+    def on_event(event: MessageEvent) -> None:
+        received.append(event)
+        if len(received) == 2:
+            done.set()
+
+    async def connect() -> trio.abc.Stream:
+        return await trio.open_tcp_stream("127.0.0.1", port)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                functools.partial(
+                    run_sse_client,
+                    f"http://127.0.0.1:{port}/v1/logs/tail",
+                    connect=connect,
+                    on_event=on_event,
+                )
+            )
+            while state.tail.subscribers == 0:  # noqa: ASYNC110  (real sockets: no event to wait on)
+                await trio.sleep(0.01)
+            forwarder.on_message(LogMessage('{"msg":"one"}'))
+            forwarder.on_message(LogMessage('{"msg":"two","signing_share":"%s"}' % ("ab" * 32)))
+            await done.wait()
+            nursery.cancel_scope.cancel()
+    assert [json.loads(e.data)["msg"] for e in received] == ["one", "two"]
+    assert json.loads(received[1].data)["signing_share"] == "<redacted>"
+
+
+async def test_live_tail_without_a_tail_is_404(nursery: trio.Nursery) -> None:
+    binds = await nursery.start(serve_health, "tcp://127.0.0.1:0", ParentState())
+    port = int(binds[0].rsplit(":", 1)[1])
+    with trio.fail_after(5):
+        head, _ = await http(port, "/v1/logs/tail")
+    assert head.status == 404
+
+
+async def test_live_tail_subscriber_limit_is_503(nursery: trio.Nursery) -> None:
+    state = ParentState(tail=LogTail(max_subscribers=1))
+    binds = await nursery.start(serve_health, "tcp://127.0.0.1:0", state)
+    port = int(binds[0].rsplit(":", 1)[1])
+    assert state.tail is not None
+    async with state.tail.subscribe():
+        with trio.fail_after(5):
+            head, body = await http(port, "/v1/logs/tail")
+    assert head.status == 503
+    assert b"max_subscribers" in body
