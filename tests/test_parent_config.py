@@ -1,0 +1,108 @@
+"""parent.toml: a full example parses; every kind of mistake names its key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from trio_sign.parent._config import ConfigError, load_parent_config, parse_parent_config
+
+PCR = "ab" * 48
+
+GOOD = f"""
+[bundle]
+source = "s3://bucket/service_key_shares.json.enc"
+work_dir = "/run/trio-sign"
+
+[kms]
+mode = "local"
+endpoint_url = "http://127.0.0.1:4599"
+
+[enclave]
+backend = "local"
+nsm_dir = "nsm"
+preload_timeout_s = 120
+
+[ingress]
+listen = "tcp://0.0.0.0:50051"
+cert = "certs/server.pem"
+key = "certs/server.key"
+client_ca = "certs/ca.pem"
+
+[attestation]
+root = "nsm/local-nsm-root.pem"
+pcr0 = "{PCR}"
+pcr1 = "{PCR}"
+pcr2 = "{PCR}"
+interval_s = 30
+
+[failure]
+restart = true
+alert_command = ["/usr/local/bin/page", "--team", "custody"]
+
+[relay]
+allowlist = ["https://gateway.internal:8443/v1/enclaves/"]
+"""
+
+
+def test_full_example(tmp_path: Path) -> None:
+    path = tmp_path / "parent.toml"
+    path.write_text(GOOD)
+    cfg = load_parent_config(path)
+    assert cfg.bundle.source.startswith("s3://")
+    assert cfg.kms.mode == "local"
+    assert cfg.enclave.nsm_dir == tmp_path / "nsm"
+    assert cfg.enclave.preload_timeout_s == 120.0
+    assert cfg.ingress is not None
+    assert cfg.ingress.cert == tmp_path / "certs/server.pem"
+    assert cfg.attestation is not None
+    assert cfg.attestation.pcrs[0] == bytes.fromhex(PCR)
+    assert 8 not in cfg.attestation.pcrs
+    assert cfg.failure.alert_command == ("/usr/local/bin/page", "--team", "custody")
+    assert cfg.relay_allowlist == ("https://gateway.internal:8443/v1/enclaves/",)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.replace('mode = "local"', 'mode = "cloud"'), r"\[kms\] mode must be one of"),
+        (
+            lambda t: t.replace('endpoint_url = "http://127.0.0.1:4599"\n', ""),
+            r"\[kms\] endpoint_url is required",
+        ),
+        (lambda t: t.replace('nsm_dir = "nsm"\n', ""), r"\[enclave\] nsm_dir is required"),
+        (
+            lambda t: t.replace("preload_timeout_s = 120", 'preload_timeout_s = "soon"'),
+            r"\[enclave\] preload_timeout_s must be a float",
+        ),
+        (lambda t: t.replace(f'pcr2 = "{PCR}"\n', ""), r"\[attestation\] pcr2 is required"),
+        (
+            lambda t: t.replace(f'pcr1 = "{PCR}"', 'pcr1 = "zz"'),
+            r"\[attestation\] pcr1 must be hex",
+        ),
+        (
+            lambda t: t.replace("[attestation]", "[attestation]\nbogus = 1"),
+            r"\[attestation\] has unknown key 'bogus'",
+        ),
+        (
+            lambda t: t.replace("[bundle]\n", "[bundle]\nsourcee = 1\n"),
+            r"\[bundle\] has unknown key 'sourcee'",
+        ),
+        (lambda t: t.split("[attestation]")[0], r"\[ingress\] needs \[attestation\]"),
+        (lambda t: t.replace("[kms]", "[kms"), "not valid TOML"),
+        (
+            lambda t: t.replace("restart = true", "restart = 1"),
+            r"\[failure\] restart must be a bool",
+        ),
+    ],
+)
+def test_errors_name_the_key(edit: object, message: str) -> None:
+    text = edit(GOOD)  # type: ignore[operator]
+    with pytest.raises(ConfigError, match=message):
+        parse_parent_config(text)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_parent_config(tmp_path / "nope.toml")

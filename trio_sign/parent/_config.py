@@ -1,0 +1,317 @@
+"""``parent.toml``: the parent supervisor's settings, parsed into one frozen object.
+
+Every error names the key and says what is expected. Example (local development)::
+
+    [bundle]
+    source = "demo-out/service_key_shares.json.enc"    # or "s3://bucket/key"
+    work_dir = "/run/trio-sign"                          # tmpfs; the copy is deleted after preload
+
+    [kms]
+    mode = "local"                                       # "aws" | "local" | "dev-key"
+    endpoint_url = "http://127.0.0.1:4599"               # local KMS (trio-sign kms-local)
+    region = "us-east-1"
+
+    [enclave]
+    backend = "local"                                    # "local" | "nitro-cli"
+    nsm_dir = "demo-out/nsm"                             # local: the local NSM's root
+    namespaces = "auto"                                  # local: "auto" | "always" | "never"
+    # nitro-cli: eif_path, cpu_count, memory_mib, cid
+    preload_timeout_s = 300
+    grpc_port = 50051
+
+    [ingress]
+    listen = "tcp://0.0.0.0:50051"
+    cert = "certs/server.pem"
+    key = "certs/server.key"
+    client_ca = "certs/ca.pem"
+
+    [attestation]
+    root = "demo-out/nsm/local-nsm-root.pem"             # default: the AWS Nitro root
+    pcr0 = "..."                                         # hex; pcr1, pcr2 required, pcr8 optional
+    allow_debug = false
+    interval_s = 60
+
+    [failure]
+    restart = false
+    alert_command = ["/usr/local/bin/page-oncall"]
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .._errors import TrioSignError
+
+
+class ConfigError(TrioSignError):
+    """``parent.toml`` is invalid; the message names the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class BundleConfig:
+    source: str
+    work_dir: Path
+
+
+@dataclass(frozen=True, slots=True)
+class KmsConfig:
+    mode: str  # "aws" | "local" | "dev-key"
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    dev_key: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EnclaveLaunchConfig:
+    backend: str  # "local" | "nitro-cli"
+    preload_timeout_s: float = 300.0
+    grpc_port: int = 50051
+    # local
+    nsm_dir: Path | None = None
+    namespaces: str = "auto"
+    # nitro-cli
+    eif_path: Path | None = None
+    cpu_count: int = 2
+    memory_mib: int = 4096
+    cid: int = 16
+
+
+@dataclass(frozen=True, slots=True)
+class IngressConfig:
+    listen: str
+    cert: Path
+    key: Path
+    client_ca: Path
+
+
+@dataclass(frozen=True, slots=True)
+class AttestationConfig:
+    root: Path | None  # None: the AWS Nitro root
+    pcrs: Mapping[int, bytes]
+    allow_debug: bool = False
+    interval_s: float = 60.0
+    max_age_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class FailureConfig:
+    restart: bool = False
+    backoff_initial_s: float = 5.0
+    backoff_max_s: float = 300.0
+    alert_command: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ParentConfig:
+    bundle: BundleConfig
+    kms: KmsConfig
+    enclave: EnclaveLaunchConfig
+    ingress: IngressConfig | None
+    attestation: AttestationConfig | None
+    failure: FailureConfig = field(default_factory=FailureConfig)
+    health_listen: str = "tcp://127.0.0.1:8080"
+    relay_allowlist: tuple[str, ...] = ()
+    log_file: Path | None = None
+
+
+def _table(data: Mapping[str, Any], name: str, *, required: bool = True) -> dict[str, Any]:
+    value = data.get(name)
+    if value is None:
+        if required:
+            raise ConfigError(f"missing section [{name}]")
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{name}] must be a table")
+    return value
+
+
+def _get(table: Mapping[str, Any], section: str, key: str, kind: type, default: Any = ...) -> Any:
+    if key not in table:
+        if default is ...:
+            raise ConfigError(f"[{section}] {key} is required")
+        return default
+    value = table[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"[{section}] {key} must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def _choice(
+    table: Mapping[str, Any], section: str, key: str, choices: tuple[str, ...], default: Any = ...
+) -> str:
+    value: str = _get(table, section, key, str, default)
+    if value not in choices:
+        raise ConfigError(f"[{section}] {key} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def _unknown(table: Mapping[str, Any], section: str, known: set[str]) -> None:
+    extra = sorted(set(table) - known)
+    if extra:
+        raise ConfigError(f"[{section}] has unknown key {extra[0]!r}")
+
+
+def parse_parent_config(text: str, *, base: Path = Path(".")) -> ParentConfig:
+    """Parse ``parent.toml`` text; relative paths are relative to ``base``."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}") from None
+    _unknown(
+        data,
+        "top level",
+        {
+            "bundle",
+            "kms",
+            "enclave",
+            "ingress",
+            "attestation",
+            "failure",
+            "health",
+            "relay",
+            "logs",
+        },
+    )
+
+    b = _table(data, "bundle")
+    _unknown(b, "bundle", {"source", "work_dir"})
+    bundle = BundleConfig(
+        source=_get(b, "bundle", "source", str),
+        work_dir=base / _get(b, "bundle", "work_dir", str, "/run/trio-sign"),
+    )
+
+    k = _table(data, "kms")
+    _unknown(k, "kms", {"mode", "endpoint_url", "region", "dev_key"})
+    mode = _choice(k, "kms", "mode", ("aws", "local", "dev-key"))
+    kms = KmsConfig(
+        mode=mode,
+        endpoint_url=_get(k, "kms", "endpoint_url", str, None),
+        region=_get(k, "kms", "region", str, "us-east-1"),
+        dev_key=(base / k["dev_key"]) if "dev_key" in k else None,
+    )
+    if mode == "local" and kms.endpoint_url is None:
+        raise ConfigError('[kms] endpoint_url is required with mode = "local"')
+    if mode == "dev-key" and kms.dev_key is None:
+        raise ConfigError('[kms] dev_key is required with mode = "dev-key"')
+
+    e = _table(data, "enclave")
+    _unknown(
+        e,
+        "enclave",
+        {
+            "backend",
+            "preload_timeout_s",
+            "grpc_port",
+            "nsm_dir",
+            "namespaces",
+            "eif_path",
+            "cpu_count",
+            "memory_mib",
+            "cid",
+        },
+    )
+    backend = _choice(e, "enclave", "backend", ("local", "nitro-cli"))
+    enclave = EnclaveLaunchConfig(
+        backend=backend,
+        preload_timeout_s=_get(e, "enclave", "preload_timeout_s", float, 300.0),
+        grpc_port=_get(e, "enclave", "grpc_port", int, 50051),
+        nsm_dir=(base / e["nsm_dir"]) if "nsm_dir" in e else None,
+        namespaces=_choice(e, "enclave", "namespaces", ("auto", "always", "never"), "auto"),
+        eif_path=(base / e["eif_path"]) if "eif_path" in e else None,
+        cpu_count=_get(e, "enclave", "cpu_count", int, 2),
+        memory_mib=_get(e, "enclave", "memory_mib", int, 4096),
+        cid=_get(e, "enclave", "cid", int, 16),
+    )
+    if backend == "local" and enclave.nsm_dir is None:
+        raise ConfigError('[enclave] nsm_dir is required with backend = "local"')
+    if backend == "nitro-cli" and enclave.eif_path is None:
+        raise ConfigError('[enclave] eif_path is required with backend = "nitro-cli"')
+
+    ingress = None
+    i = _table(data, "ingress", required=False)
+    if i:
+        _unknown(i, "ingress", {"listen", "cert", "key", "client_ca"})
+        ingress = IngressConfig(
+            listen=_get(i, "ingress", "listen", str, "tcp://0.0.0.0:50051"),
+            cert=base / _get(i, "ingress", "cert", str),
+            key=base / _get(i, "ingress", "key", str),
+            client_ca=base / _get(i, "ingress", "client_ca", str),
+        )
+
+    attestation = None
+    a = _table(data, "attestation", required=False)
+    if a:
+        _unknown(
+            a,
+            "attestation",
+            {"root", "pcr0", "pcr1", "pcr2", "pcr8", "allow_debug", "interval_s", "max_age_s"},
+        )
+        pcrs: dict[int, bytes] = {}
+        for index in (0, 1, 2, 8):
+            key = f"pcr{index}"
+            if key not in a:
+                if index == 8:
+                    continue
+                raise ConfigError(f"[attestation] {key} is required (hex, from the EIF build)")
+            try:
+                pcrs[index] = bytes.fromhex(_get(a, "attestation", key, str))
+            except ValueError:
+                raise ConfigError(f"[attestation] {key} must be hex") from None
+        attestation = AttestationConfig(
+            root=(base / a["root"]) if "root" in a else None,
+            pcrs=pcrs,
+            allow_debug=_get(a, "attestation", "allow_debug", bool, False),
+            interval_s=_get(a, "attestation", "interval_s", float, 60.0),
+            max_age_s=_get(a, "attestation", "max_age_s", float, 60.0),
+        )
+    if ingress is not None and attestation is None:
+        raise ConfigError(
+            "[ingress] needs [attestation]: the proxy forwards only to a verified enclave"
+        )
+
+    f = _table(data, "failure", required=False)
+    _unknown(f, "failure", {"restart", "backoff_initial_s", "backoff_max_s", "alert_command"})
+    alert_command = _get(f, "failure", "alert_command", list, [])
+    if not all(isinstance(part, str) for part in alert_command):
+        raise ConfigError("[failure] alert_command must be a list of strings")
+    failure = FailureConfig(
+        restart=_get(f, "failure", "restart", bool, False),
+        backoff_initial_s=_get(f, "failure", "backoff_initial_s", float, 5.0),
+        backoff_max_s=_get(f, "failure", "backoff_max_s", float, 300.0),
+        alert_command=tuple(alert_command),
+    )
+
+    h = _table(data, "health", required=False)
+    _unknown(h, "health", {"listen"})
+    r = _table(data, "relay", required=False)
+    _unknown(r, "relay", {"allowlist"})
+    allowlist = _get(r, "relay", "allowlist", list, [])
+    if not all(isinstance(entry, str) for entry in allowlist):
+        raise ConfigError("[relay] allowlist must be a list of URL strings")
+    logs = _table(data, "logs", required=False)
+    _unknown(logs, "logs", {"file"})
+    return ParentConfig(
+        bundle=bundle,
+        kms=kms,
+        enclave=enclave,
+        ingress=ingress,
+        attestation=attestation,
+        failure=failure,
+        health_listen=_get(h, "health", "listen", str, "tcp://127.0.0.1:8080"),
+        relay_allowlist=tuple(allowlist),
+        log_file=(base / logs["file"]) if "file" in logs else None,
+    )
+
+
+def load_parent_config(path: Path) -> ParentConfig:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    return parse_parent_config(text, base=path.parent)
