@@ -48,9 +48,15 @@ class Pki:
         context = ssl.create_default_context(cadata=self.ca_pem.decode("ascii"))
         return context
 
-    def server_context(self) -> ssl.SSLContext:
+    def server_context(self, sni: list[str | None] | None = None) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(self.cert_file, self.key_file)
+        if sni is not None:
+
+            def record(_: object, name: str | None, __: object) -> None:
+                sni.append(name)
+
+            context.sni_callback = record
         return context
 
 
@@ -185,6 +191,7 @@ class Stack:
     relay_path: str
     stats: RelayStats
     upstream_connects: list[tuple[str, int]]
+    sni: list[str | None]
 
     async def connect(self) -> trio.abc.Stream:
         return await trio.open_unix_socket(self.relay_path)
@@ -207,9 +214,9 @@ async def stack(pki: Pki, tmp_path: Path, nursery: trio.Nursery) -> Stack:
     gateway = Gateway()
     tcp = await trio.open_tcp_listeners(0, host="127.0.0.1")
     gateway.port = tcp[0].socket.getsockname()[1]
-    tls = [
-        trio.SSLListener(listener, pki.server_context(), https_compatible=True) for listener in tcp
-    ]
+    sni: list[str | None] = []
+    context = pki.server_context(sni)
+    tls = [trio.SSLListener(t, context, https_compatible=True) for t in tcp]
     await nursery.start(trio.serve_listeners, gateway.handle, tls)
     connects: list[tuple[str, int]] = []
 
@@ -233,7 +240,7 @@ async def stack(pki: Pki, tmp_path: Path, nursery: trio.Nursery) -> Stack:
             connect_upstream=connect_upstream,
         )
     )
-    return Stack(gateway, path, stats, connects)
+    return Stack(gateway, path, stats, connects, sni)
 
 
 def get(target: str, host: str, *extra: str) -> bytes:
@@ -278,6 +285,7 @@ async def test_allowed_url_streams_events_end_to_end(stack: Stack) -> None:
     assert b"Last-Event-ID: 7\r\n" in request
     assert b"Accept: text/event-stream\r\n" in request
     assert stack.upstream_connects == [(GATEWAY_HOST, stack.gateway.port)]
+    assert stack.sni == [GATEWAY_HOST]
     assert stack.stats.forwarded == 1
     assert stack.stats.bytes_relayed == len(EVENTS)
 
@@ -364,6 +372,8 @@ async def test_malformed_and_oversized_requests(stack: Stack) -> None:
         assert status_of(await stack.ask(b"POST /v1/enclaves/n HTTP/1.1\r\nHost: x\r\n\r\n")) == 405
         assert status_of(await stack.ask(b"GET /v1/enclaves/n HTTP/1.1\r\n\r\n")) == 400
         assert status_of(await stack.ask(b"nonsense\r\n\r\n")) == 400
+        http10 = get("/v1/enclaves/n", host).replace(b"HTTP/1.1", b"HTTP/1.0")
+        assert status_of(await stack.ask(http10)) == 400
         huge = get("/v1/enclaves/n", host, "User-Agent: " + "a" * 9000)
         assert status_of(await stack.ask(huge)) == 431
         body = get("/v1/enclaves/n", host, "Content-Length: 5") + b"hello"
@@ -597,6 +607,57 @@ async def test_enclave_hangup_closes_upstream(
     assert trio.current_time() == start
     await trio.testing.wait_all_tasks_blocked()
     assert stats.active == 0
+
+
+async def test_cancelling_the_relay_closes_both_sides(
+    pki: Pki, autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    upstream_closed = trio.Event()
+
+    async def gateway(stream: trio.abc.Stream) -> None:
+        await read_head(stream)
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + chunk(b"data: 1\n\n")
+        )
+        try:
+            while await stream.receive_some():
+                pass
+        except trio.BrokenResourceError:
+            pass
+        upstream_closed.set()
+
+    async def connect_upstream(host: str, port: int) -> trio.abc.Stream:
+        relay_end, gateway_end = trio.testing.memory_stream_pair()
+        nursery.start_soon(
+            gateway, trio.SSLStream(gateway_end, pki.server_context(), server_side=True)
+        )
+        return relay_end
+
+    listener = MemoryListener()
+    async with trio.open_nursery() as relay_nursery:
+        stats = await relay_nursery.start(
+            functools.partial(
+                serve_sse_relay,
+                [listener],
+                [f"https://{GATEWAY_HOST}/v1/"],
+                ssl_context_for_upstream=pki.client_context(),
+                connect_upstream=connect_upstream,
+            )
+        )
+        enclave, relay_side = trio.testing.memory_stream_pair()
+        await listener.send.send(relay_side)
+        await enclave.send_all(get("/v1/x", GATEWAY_HOST))
+        assert (await read_head(enclave)).startswith(b"HTTP/1.1 200 ")
+        await trio.testing.wait_all_tasks_blocked()
+        assert stats.active == 1
+        relay_nursery.cancel_scope.cancel()
+    assert stats.active == 0
+    rest = b""
+    while data := await enclave.receive_some():
+        rest += data
+    assert rest == chunk(b"data: 1\n\n")  # then EOF without the last chunk
+    await upstream_closed.wait()
 
 
 async def test_connect_timeout(

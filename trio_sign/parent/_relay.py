@@ -292,6 +292,8 @@ def parse_relay_request(
     match = _REQUEST_LINE.fullmatch(lines[0])
     if match is None:
         raise RelayRefused("malformed request line", status=400)
+    if match.group(3) != b"1":
+        raise RelayRefused("HTTP/1.1 is required (the response is chunked)", status=400)
     if match.group(1) != b"GET":
         raise RelayRefused(f"method {match.group(1).decode('ascii')} is not relayed", status=405)
     if len(lines) - 1 > max_headers:
