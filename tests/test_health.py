@@ -3,9 +3,11 @@ readiness flipping with the state, Prometheus text, and the live log tail as SSE
 
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -109,6 +111,7 @@ async def test_readiness_flips_with_state(server: tuple[int, ParentState]) -> No
             "preload_ms": 1234,
             "attestation_verified": True,
             "attestation_checked_at": "2026-09-21T14:13:20.000Z",
+            "attestation_failure": None,
             "attestation_fresh": True,
             "last_alert": None,
             "last_alert_at": None,
@@ -144,6 +147,33 @@ async def test_stale_attestation_is_not_ready() -> None:
     assert not state.ready
     state.set_attestation(True)
     assert state.ready
+
+
+@dataclass
+class FakeGate:
+    verified: bool = False
+    last_checked: datetime.datetime | None = None
+    last_failure: str | None = None
+
+
+async def test_attestation_read_live_from_the_gate() -> None:
+    clock = Clock()
+    gate = FakeGate()
+    state = ParentState(wall_clock=clock, attestation_gate=gate, attestation_max_age_s=120)
+    state.set_enclave_state("serving")
+    assert not state.ready
+    gate.verified = True
+    gate.last_checked = datetime.datetime.fromtimestamp(clock.now - 10, datetime.UTC)
+    assert state.ready
+    assert state.report()["attestation_checked_at"] == "2026-09-21T14:13:10.000Z"
+    assert parse_exposition(render_metrics(state))["trio_sign_attestation_verified"] == 1
+    gate.verified = False
+    gate.last_failure = "pcr_mismatch"
+    state.on_attestation_alert("pcr_mismatch", "PCR 0 differs")
+    report = state.report()
+    assert not report["ready"]
+    assert report["attestation_failure"] == "pcr_mismatch"
+    assert report["last_alert"] == "attestation check failed (pcr_mismatch): PCR 0 differs"
 
 
 async def test_unknown_paths_and_methods(server: tuple[int, ParentState]) -> None:

@@ -13,13 +13,14 @@ supervisor creates it and passes it around. Its setters are synchronous and neve
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -50,6 +51,20 @@ DEFAULT_TAIL_KEEPALIVE_S: Final = 15.0
 DEFAULT_GRACEFUL_TIMEOUT_S: Final = 1.0
 
 
+class AttestationSource(Protocol):
+    """What health reads from the ingress proxy's attestation gate
+    (:class:`~trio_sign.parent.AttestationGate` satisfies it)."""
+
+    @property
+    def verified(self) -> bool: ...
+
+    @property
+    def last_checked(self) -> datetime.datetime | None: ...
+
+    @property
+    def last_failure(self) -> str | None: ...
+
+
 @dataclass(slots=True)
 class ParentState:
     """What the parent knows, for ``/readyz`` and ``/metrics``. Written by the parent's services
@@ -59,6 +74,8 @@ class ParentState:
         enclave_state: the last ``state`` from the enclave's status channel (``"unknown"`` before
             the first one), or ``"exited"`` after its exit message.
         attestation_max_age_s: if set, readiness also needs an attestation check this recent.
+        attestation_gate: if set, the attestation facts are read from it (live) instead of the
+            ``attestation_*`` fields that :meth:`set_attestation` writes.
         relay, logs, cloudwatch: counters owned by the SSE relay and the log forwarder (the
             supervisor passes the same objects to those services).
         tail: the live tail behind ``/v1/logs/tail`` (404 when None).
@@ -83,6 +100,7 @@ class ParentState:
     logs: LogStats = field(default_factory=LogStats)
     cloudwatch: CloudWatchStats | None = None
     tail: LogTail | None = None
+    attestation_gate: AttestationSource | None = None
     wall_clock: Callable[[], float] = time.time
 
     # -- setters ---------------------------------------------------------------------------
@@ -139,6 +157,10 @@ class ParentState:
         if not verified:
             self.alert(f"attestation check failed: {reason or 'no reason given'}")
 
+    def on_attestation_alert(self, reason: str, message: str) -> None:
+        """Pass as the attestation gate's ``on_alert``: records the alert."""
+        self.alert(f"attestation check failed ({reason}): {message}")
+
     def alert(self, message: str) -> None:
         """Record an alert (shown in ``/readyz``) and log it at ERROR."""
         self.last_alert = message
@@ -157,13 +179,30 @@ class ParentState:
 
     # -- readers ---------------------------------------------------------------------------
 
+    def attestation(self) -> tuple[bool, float | None, str | None]:
+        """(verified, checked at as Unix time, failure reason): from the gate if attached."""
+        gate = self.attestation_gate
+        if gate is None:
+            return (
+                self.attestation_verified,
+                self.attestation_checked_at,
+                self.attestation_reason,
+            )
+        checked = gate.last_checked
+        return (
+            gate.verified,
+            checked.timestamp() if checked is not None else None,
+            gate.last_failure,
+        )
+
     @property
     def attestation_fresh(self) -> bool:
-        if not self.attestation_verified or self.attestation_checked_at is None:
+        verified, checked_at, _ = self.attestation()
+        if not verified or checked_at is None:
             return False
         if self.attestation_max_age_s is None:
             return True
-        return self.wall_clock() - self.attestation_checked_at <= self.attestation_max_age_s
+        return self.wall_clock() - checked_at <= self.attestation_max_age_s
 
     @property
     def ready(self) -> bool:
@@ -172,6 +211,7 @@ class ParentState:
 
     def report(self) -> dict[str, Any]:
         """The readiness report (JSON-ready; public facts only)."""
+        verified, checked_at, failure = self.attestation()
         return {
             "ready": self.ready,
             "enclave_state": self.enclave_state,
@@ -179,8 +219,9 @@ class ParentState:
             "accounts": self.accounts,
             "shares_sha256": self.shares_sha256,
             "preload_ms": self.preload_ms,
-            "attestation_verified": self.attestation_verified,
-            "attestation_checked_at": _rfc3339(self.attestation_checked_at),
+            "attestation_verified": verified,
+            "attestation_checked_at": _rfc3339(checked_at),
+            "attestation_failure": failure,
             "attestation_fresh": self.attestation_fresh,
             "last_alert": self.last_alert,
             "last_alert_at": _rfc3339(self.last_alert_at),
@@ -255,6 +296,7 @@ class MetricsWriter:
 def render_metrics(state: ParentState) -> str:
     """The ``/metrics`` body for ``state``."""
     m = MetricsWriter()
+    verified, checked_at, _ = state.attestation()
     known = list(ENCLAVE_STATES)
     if state.enclave_state not in known:
         known.append(state.enclave_state)
@@ -282,12 +324,12 @@ def render_metrics(state: ParentState) -> str:
     m.gauge(
         "trio_sign_attestation_verified",
         "1 if the last attestation check of the enclave succeeded.",
-        1 if state.attestation_verified else 0,
+        1 if verified else 0,
     )
     m.gauge(
         "trio_sign_attestation_last_check_timestamp_seconds",
         "Unix time of the last attestation check (0 if none yet).",
-        state.attestation_checked_at or 0,
+        checked_at or 0,
     )
     logs = state.logs
     m.counter(
