@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from trio_sign.parent._logs import (
     LogTail,
     Redactor,
     TailFull,
+    cloudwatch_logs_client,
 )
 
 HEX64 = "ab" * 32
@@ -349,3 +351,87 @@ async def test_tail_subscriber_limit() -> None:
                 pass
     async with tail.subscribe():
         pass
+
+
+# -- real boto3 against a loopback stand-in (no network) ---------------------------------------
+
+
+class LoopbackLogs:
+    """A minimal CloudWatch Logs JSON endpoint: records each call; answers the queued errors
+    (HTTP status, ``__type``) first."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.errors: list[tuple[int, str]] = []
+
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        buffer = b""
+        async with stream:
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    data = await stream.receive_some()
+                    if not data:
+                        return
+                    buffer += data
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                headers = dict(
+                    line.split(b": ", 1) for line in head.split(b"\r\n")[1:] if b": " in line
+                )
+                lowered = {k.lower(): v for k, v in headers.items()}
+                length = int(lowered[b"content-length"])
+                while len(buffer) < length:
+                    buffer += await stream.receive_some()
+                body, buffer = buffer[:length], buffer[length:]
+                target = lowered[b"x-amz-target"].decode().rsplit(".", 1)[1]
+                self.calls.append((target, json.loads(body)))
+                status, payload = 200, b"{}"
+                if target == "PutLogEvents":
+                    payload = b'{"nextSequenceToken": "t1"}'
+                    if self.errors:
+                        status, code = self.errors.pop(0)
+                        payload = json.dumps({"__type": code, "message": "m"}).encode()
+                await stream.send_all(
+                    b"HTTP/1.1 %d X\r\nContent-Type: application/x-amz-json-1.1\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (status, len(payload), payload)
+                )
+
+
+async def test_cloudwatch_sink_with_boto3_over_loopback(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.setenv(name, "/dev/null")
+    server = LoopbackLogs()
+    server.errors = [(400, "ThrottlingException"), (503, "ServiceUnavailableException")]
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    await nursery.start(trio.serve_listeners, server.handle, listeners)
+    client = cloudwatch_logs_client(
+        region_name="eu-west-1",
+        endpoint_url=f"http://127.0.0.1:{port}",
+        aws_access_key_id="AKIDTEST",
+        aws_secret_access_key="test-secret",
+    )
+    cw = CloudWatchSink(
+        client,
+        log_group="trio-sign",
+        log_stream="node-1",
+        flush_interval_s=0.01,
+        backoff_initial_s=0.01,
+        max_requests_per_s=1000,
+    )
+    await nursery.start(cw.run)
+    now_ms = int(time.time() * 1000)  # the real clock: the sink refuses far-off timestamps
+    cw.submit(line(msg="b"), now_ms + 1)
+    cw.submit(line(msg="a"), now_ms)
+    with trio.fail_after(20):
+        while cw.stats.sent < 2:  # noqa: ASYNC110  (a worker thread does the work)
+            await trio.sleep(0.01)
+    targets = [target for target, _ in server.calls]
+    # botocore's own retries are off: every attempt is ours (and counted).
+    assert targets == ["CreateLogStream", "PutLogEvents", "PutLogEvents", "PutLogEvents"]
+    assert server.calls[0][1] == {"logGroupName": "trio-sign", "logStreamName": "node-1"}
+    events = server.calls[-1][1]["logEvents"]
+    assert [json.loads(e["message"])["msg"] for e in events] == ["a", "b"]
+    assert [e["timestamp"] for e in events] == [now_ms, now_ms + 1]
+    assert cw.stats.retries == 2

@@ -306,9 +306,16 @@ class CloudWatchLogsClient(Protocol):
 
 
 def cloudwatch_logs_client(**kwargs: Any) -> CloudWatchLogsClient:
-    """``boto3.client("logs", **kwargs)`` (``region_name``, ``endpoint_url``, ...)."""
-    import boto3  # type: ignore[import-untyped]  # boto3 ships no types
+    """``boto3.client("logs", **kwargs)`` (``region_name``, ``endpoint_url``, ...).
 
+    Unless ``config`` is given, botocore's own retries are off (one attempt per call): the sink
+    retries with its own back-off and counts the retries, and a worker thread is not held
+    through botocore's sleeps.
+    """
+    import boto3  # type: ignore[import-untyped]  # boto3 ships no types
+    from botocore.config import Config  # type: ignore[import-untyped]
+
+    kwargs.setdefault("config", Config(retries={"total_max_attempts": 1}))
     client: CloudWatchLogsClient = boto3.client("logs", **kwargs)
     return client
 
@@ -493,7 +500,8 @@ class CloudWatchSink:
 
     async def _call(self, method: Callable[..., Any], **kwargs: Any) -> Any:
         if self._in_thread:
-            return await trio.to_thread.run_sync(lambda: method(**kwargs))
+            # Abandoned on cancel: shutdown does not wait for botocore's socket timeouts.
+            return await trio.to_thread.run_sync(lambda: method(**kwargs), abandon_on_cancel=True)
         return method(**kwargs)
 
     async def _pace(self) -> None:
