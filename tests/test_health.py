@@ -181,6 +181,7 @@ async def test_unknown_paths_and_methods(server: tuple[int, ParentState]) -> Non
     with trio.fail_after(5):
         assert (await http(port, "/nope"))[0].status == 404
         assert (await http(port, "/readyz", "POST"))[0].status == 405
+        assert (await http(port, "/v1/logs/tail", "DELETE"))[0].status == 405
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         async with stream:
             await stream.send_all(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")

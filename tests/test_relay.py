@@ -660,6 +660,33 @@ async def test_cancelling_the_relay_closes_both_sides(
     await upstream_closed.wait()
 
 
+async def test_request_timeout_and_connection_limit(
+    pki: Pki, autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    listener = MemoryListener()
+    stats = await nursery.start(
+        functools.partial(
+            serve_sse_relay,
+            [listener],
+            [f"https://{GATEWAY_HOST}/v1/"],
+            ssl_context_for_upstream=pki.client_context(),
+            request_timeout_s=5,
+            max_connections=1,
+        )
+    )
+    first, relay_side = trio.testing.memory_stream_pair()
+    await listener.send.send(relay_side)
+    await first.send_all(b"GET /v1/x HTTP/1.1\r\n")  # and then nothing
+    await trio.testing.wait_all_tasks_blocked()
+    second, relay_side = trio.testing.memory_stream_pair()
+    await listener.send.send(relay_side)
+    assert (await read_head(second)).startswith(b"HTTP/1.1 503 ")
+    start = trio.current_time()
+    assert (await read_head(first)).startswith(b"HTTP/1.1 408 ")
+    assert trio.current_time() - start == pytest.approx(5)
+    assert stats.refused == 2
+
+
 async def test_connect_timeout(
     pki: Pki, autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
 ) -> None:

@@ -443,6 +443,9 @@ class HealthApp:
         if method not in ("GET", "HEAD"):
             await _respond(send, 405, _TEXT, b"method not allowed\n", [(b"allow", b"GET, HEAD")])
             return
+        if path == "/v1/logs/tail" and method != "GET":
+            await _respond(send, 405, _TEXT, b"method not allowed\n", [(b"allow", b"GET")])
+            return
         head_only = method == "HEAD"
         if path == "/healthz":
             await _respond(send, 200, _JSON, b'{"status":"alive"}\n', head_only=head_only)

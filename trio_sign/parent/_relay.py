@@ -769,6 +769,8 @@ async def serve_sse_relay(
     if min(connect_timeout_s, request_timeout_s, idle_timeout_s) <= 0:
         raise ValueError("relay timeouts must be positive")
     allow = allowlist if isinstance(allowlist, Allowlist) else Allowlist(allowlist)
+    if not allow.entries:
+        log.warning("sse relay: the allowlist is empty; every request will be refused")
     for entry in allow.entries:
         if entry.scheme == "http":
             log.warning("sse relay: allowlist entry %s is plain http (development only)", entry)
