@@ -12,12 +12,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from trio_sign._errors import KeyWrapError
 from trio_sign.cli import _kms as cli_kms
@@ -430,3 +432,31 @@ def test_parser_registers() -> None:
     args = parser.parse_args(["kms-local", "--keys", "k.json", "--nsm-root", "r.pem"])
     assert args.listen == "tcp://127.0.0.1:4599"
     assert args.func is cli_kms.cmd_kms_local
+
+
+async def test_recipient_kms_cancellation() -> None:
+    """Cancelling the parent mid-call abandons the blocked boto3 thread at once (its own
+    timeouts bound it) and returns nothing."""
+    release = threading.Event()
+
+    class BlockedKms(FakeKms):
+        def decrypt(self, **kwargs: Any) -> dict[str, Any]:
+            release.wait(30)
+            return super().decrypt(**kwargs)
+
+    kms = KmsRecipientKms(BlockedKms({"KeyId": ARN, "CiphertextForRecipient": b"x"}))
+    result: list[bytes] = []
+    try:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+
+                async def call() -> None:
+                    result.append(await kms(b"doc", HEADER))
+
+                nursery.start_soon(call)
+                await trio.testing.wait_all_tasks_blocked()
+                scope.cancel()
+        assert scope.cancelled_caught
+        assert result == []
+    finally:
+        release.set()
