@@ -136,13 +136,14 @@ class FakeLogs:
         self.puts: list[tuple[float, dict[str, Any]]] = []
         self.creates = 0
         self.put_errors: list[Exception] = []
+        self.extra: dict[str, Any] = {}
         self.create_errors: list[Exception] = []
 
     def put_log_events(self, **kwargs: Any) -> dict[str, Any]:
         self.puts.append((trio.current_time(), kwargs))
         if self.put_errors:
             raise self.put_errors.pop(0)
-        return {"nextSequenceToken": f"t{len(self.puts)}"}
+        return {"nextSequenceToken": f"t{len(self.puts)}", **self.extra}
 
     def create_log_stream(self, **kwargs: Any) -> dict[str, Any]:
         assert kwargs == {"logGroupName": "g", "logStreamName": "s"}
@@ -302,6 +303,22 @@ async def test_cloudwatch_drops_oldest_when_slow(
     await trio.sleep(300)
     messages = [e["message"] for _, put in client.puts[-2:] for e in put["logEvents"]]
     assert messages == ["first"] + [f"n{i}" for i in range(150, 250)]
+
+
+async def test_cloudwatch_counts_rejected_events(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    client = FakeLogs()
+    # Events 0..1 too old, 4.. too new (AWS: inclusive end index, start index).
+    client.extra = {
+        "rejectedLogEventsInfo": {"tooOldLogEventEndIndex": 1, "tooNewLogEventStartIndex": 4}
+    }
+    cw = sink(client, flush_interval_s=0.1)
+    await nursery.start(cw.run)
+    for i in range(6):
+        cw.submit(f"e{i}", NOW_MS + i)
+    await trio.sleep(1)
+    assert (cw.stats.sent, cw.stats.rejected) == (2, 4)
 
 
 async def test_cloudwatch_refuses_out_of_range_timestamps() -> None:
