@@ -765,6 +765,17 @@ def test_normalise_path() -> None:
         assert info.value.status == status, bad
 
 
+def test_resolve_prefers_https_and_falls_back_to_explicit_http() -> None:
+    both = Allowlist(["https://gw:8443/v1/", "http://gw:8443/v1/", "http://dev/v1/"])
+    request = parse_relay_request(b"GET /v1/x HTTP/1.1\r\nHost: gw:8443")
+    assert both.resolve(request) == request
+    resolved = both.resolve(parse_relay_request(b"GET /v1/x HTTP/1.1\r\nHost: dev"))
+    assert resolved is not None
+    assert (resolved.scheme, resolved.port, resolved.url()) == ("http", 80, "http://dev/v1/x")
+    assert both.resolve(parse_relay_request(b"GET https://dev/v1/x HTTP/1.1\r\nHost: dev")) is None
+    assert both.resolve(parse_relay_request(b"GET /v1/x HTTP/1.1\r\nHost: dev:443")) is None
+
+
 def test_parse_request_absolute_form_must_agree_with_host() -> None:
     request = parse_relay_request(
         b"GET http://gw:8080/v1/x?a=1 HTTP/1.1\r\nHost: GW:8080\r\nCookie: c"
@@ -786,7 +797,7 @@ def test_parse_request_absolute_form_must_agree_with_host() -> None:
         parse_relay_request(b"GET /x HTTP/1.1\r\nHost: a\r\nHost: b")
 
 
-async def test_plain_http_entry_forwards_absolute_form_only(
+async def test_plain_http_entry(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
 ) -> None:
     requests: list[bytes] = []
@@ -820,10 +831,16 @@ async def test_plain_http_entry_forwards_absolute_form_only(
             response += data
         return response
 
-    assert status_of(await ask(get("/v1/x", "localhost:8080"))) == 403  # origin-form = https
+    # Origin-form (what run_sse_client sends) uses the explicit http entry; so does an
+    # absolute-form http request. Absolute-form https, another port or path: refused.
+    assert (await ask(get("/v1/x", "localhost:8080"))).startswith(b"HTTP/1.1 204 ")
     response = await ask(get("http://localhost:8080/v1/x", "localhost:8080"))
     assert response.startswith(b"HTTP/1.1 204 ")
-    assert requests == [
+    assert status_of(await ask(get("https://localhost:8080/v1/x", "localhost:8080"))) == 403
+    assert status_of(await ask(get("/v1/x", "localhost"))) == 403  # port 80 (or 443)
+    assert status_of(await ask(get("/v2/x", "localhost:8080"))) == 403
+    expected = (
         b"GET /v1/x HTTP/1.1\r\nHost: localhost:8080\r\nAccept: text/event-stream\r\n"
         b"Connection: close\r\n\r\n"
-    ]
+    )
+    assert requests == [expected, expected]

@@ -14,14 +14,16 @@ client's strict :class:`~trio_sign.sse.ResponseParser` and re-framed as chunked 
 enclave.
 
 Scheme: an origin-form request (``GET /path``; what :func:`trio_sign.sse.run_sse_client` sends)
-always means ``https``. An absolute-form request (``GET http://host:port/path``) names its scheme;
-plain ``http`` is forwarded only when an allowlist entry explicitly says ``http://`` (local
-development).
+means ``https``, except that when no ``https`` entry matches but an entry that explicitly says
+``http://`` matches the same host, port and path, that entry's plain ``http`` is used (local
+development only; the relay warns about such entries at start). An absolute-form request
+(``GET http://host:port/path``) names its scheme, which must match an entry's exactly.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import re
 import ssl
@@ -178,6 +180,21 @@ class Allowlist:
                 return entry
         return None
 
+    def resolve(self, request: RelayRequest) -> RelayRequest | None:
+        """The request as it will be forwarded (scheme and port settled), or None if refused.
+
+        An origin-form request is ``https``; if nothing matches that, an explicit ``http://``
+        entry for the same host, port (80 when the ``Host`` has none) and path is used.
+        """
+        if self.match(request.scheme, request.host, request.port, request.path) is not None:
+            return request
+        if not request.origin_form:
+            return None
+        port = request.port if request.explicit_port else _DEFAULT_PORTS["http"]
+        if self.match("http", request.host, port, request.path) is None:
+            return None
+        return dataclasses.replace(request, scheme="http", port=port)
+
 
 def normalise_path(path: str) -> str:
     """Normalise a request path (RFC 3986 §6.2.2) and refuse the tricky ones.
@@ -232,6 +249,8 @@ class RelayRequest:
     Attributes:
         headers: the forwardable headers only (lower-case name, value), in wire order.
         dropped: names of headers that were dropped because they carry credentials.
+        origin_form: the request target was a path (the scheme is assumed, not given).
+        explicit_port: the port was written out (not the scheme's default).
     """
 
     scheme: str
@@ -241,6 +260,8 @@ class RelayRequest:
     query: str
     headers: tuple[tuple[str, str], ...]
     dropped: tuple[str, ...]
+    origin_form: bool = True
+    explicit_port: bool = True
 
     @property
     def authority(self) -> str:
@@ -267,7 +288,7 @@ def _canonical(name: str) -> str:
     return "-".join(part.capitalize() for part in name.split("-")).replace("-Id", "-ID")
 
 
-def _parse_authority(text: str, scheme: str) -> tuple[str, int]:
+def _parse_authority(text: str, scheme: str) -> tuple[str, int, bool]:
     match = _AUTHORITY.fullmatch(text)
     if match is None:
         raise RelayRefused(f"malformed host {text[:80]!r}", status=400)
@@ -276,7 +297,7 @@ def _parse_authority(text: str, scheme: str) -> tuple[str, int]:
     port = int(port_text) if port_text else _DEFAULT_PORTS[scheme]
     if not 0 < port < 65536:
         raise RelayRefused(f"port {port} out of range", status=400)
-    return host, port
+    return host, port, bool(port_text)
 
 
 def parse_relay_request(
@@ -324,7 +345,8 @@ def parse_relay_request(
     if len(host_values) != 1:
         raise RelayRefused("exactly one Host header is required", status=400)
     target = match.group(2).decode("ascii")
-    if target.startswith("/"):
+    origin_form = target.startswith("/")
+    if origin_form:
         scheme = "https"
         authority = host_values[0]
     else:
@@ -338,9 +360,9 @@ def parse_relay_request(
         if "@" in authority:
             raise RelayRefused("credentials in the request target", status=403)
         target = slash + path_rest if slash else "/"
-        if _parse_authority(authority, scheme) != _parse_authority(host_values[0], scheme):
+        if _parse_authority(authority, scheme)[:2] != _parse_authority(host_values[0], scheme)[:2]:
             raise RelayRefused("the Host header does not match the request target", status=400)
-    host, port = _parse_authority(authority, scheme)
+    host, port, explicit_port = _parse_authority(authority, scheme)
     raw_path, _, query = target.partition("?")
     if "#" in target:
         raise RelayRefused("a fragment in the request target", status=400)
@@ -355,6 +377,8 @@ def parse_relay_request(
         query=query,
         headers=tuple(headers),
         dropped=tuple(dropped),
+        origin_form=origin_form,
+        explicit_port=explicit_port,
     )
 
 
@@ -504,10 +528,11 @@ class _Relay:
             head = await self._read_head(enclave)
             if head is None:
                 return
-            request = parse_relay_request(head)
-            entry = self.allowlist.match(request.scheme, request.host, request.port, request.path)
-            if entry is None:
-                raise RelayRefused(f"{request.url()} is not on the relay allowlist", status=403)
+            parsed = parse_relay_request(head)
+            resolved = self.allowlist.resolve(parsed)
+            if resolved is None:
+                raise RelayRefused(f"{parsed.url()} is not on the relay allowlist", status=403)
+            request = resolved
         except RelayRefused as exc:
             self.stats.refused += 1
             log.warning("sse relay: refused the enclave's request (%d): %s", exc.status, exc)
