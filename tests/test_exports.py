@@ -10,6 +10,7 @@ PACKAGES = [
     "trio_sign",
     "trio_sign.crypto",
     "trio_sign.enclave",
+    "trio_sign.kms",
     "trio_sign.nitro",
     "trio_sign.parent",
     "trio_sign.rpc",

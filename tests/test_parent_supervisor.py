@@ -1,0 +1,139 @@
+"""The parent supervisor end to end: it fetches the bundle, launches a real local enclave (in
+fresh namespaces where allowed), serves preload through the development KMS, deletes its copy,
+verifies the enclave's attestation against pinned PCRs, reports readiness, and alerts when
+the enclave dies or preload fails."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from trio_sign.nitro import DEFAULT_LOCAL_PCRS, LocalNsm
+from trio_sign.parent._config import parse_parent_config
+from trio_sign.parent._supervisor import ParentExit, serve_parent
+from trio_sign.shares import DevKeyFile, encode_bundle
+
+from .enclave_helpers import make_accounts
+from .test_health import http
+
+
+def _setup(tmp_path: Path, *, tamper: bool = False, restart: bool = False) -> tuple[Any, Path]:
+    nsm_dir = tmp_path / "nsm"
+    LocalNsm.from_dir(nsm_dir, create=True).close()
+    store, accounts = make_accounts(5)
+    store.close()
+    key = DevKeyFile.create(tmp_path / "dev.key")
+    data = bytearray(encode_bundle([a.service for a in accounts.values()], key))
+    if tamper:
+        data[-30] ^= 1
+    bundle = tmp_path / "service_key_shares.json.enc"
+    bundle.write_bytes(bytes(data))
+    pcr = {i: DEFAULT_LOCAL_PCRS[i].hex() for i in (0, 1, 2)}
+    text = f"""
+[bundle]
+source = "{bundle}"
+work_dir = "{tmp_path / "run"}"
+[kms]
+mode = "dev-key"
+dev_key = "{tmp_path / "dev.key"}"
+[enclave]
+backend = "local"
+nsm_dir = "{nsm_dir}"
+preload_timeout_s = 30
+[attestation]
+root = "{nsm_dir / "local-nsm-root.pem"}"
+pcr0 = "{pcr[0]}"
+pcr1 = "{pcr[1]}"
+pcr2 = "{pcr[2]}"
+interval_s = 5
+[failure]
+restart = {str(restart).lower()}
+[health]
+listen = "tcp://127.0.0.1:0"
+[logs]
+file = "{tmp_path / "enclave-logs.jsonl"}"
+"""
+    return parse_parent_config(text), bundle
+
+
+def _port(urls: list[str]) -> int:
+    return int(urls[0].rsplit(":", 1)[1])
+
+
+def _enclave_pid(work_dir: Path) -> int:
+    """The enclave the supervisor started for this test (found by its unique socket path)."""
+    needle = f"{work_dir}/enclave-grpc.sock"
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        mine = b"trio_sign.cli" in cmdline and any(needle.encode() in p for p in cmdline)
+        if mine and cmdline[0] != b"unshare":
+            return int(proc.name)
+    raise AssertionError("enclave process not found")
+
+
+async def test_boot_ready_then_enclave_death_alerts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config, bundle = _setup(tmp_path)
+    caplog.set_level(logging.ERROR, logger="trio_sign.parent")
+    with pytest.raises(BaseException) as info:  # noqa: PT011, PT012 - unwrapped below
+        async with trio.open_nursery() as nursery:
+            _state, urls = await nursery.start(functools.partial(serve_parent, config))
+            port = _port(urls)
+            with trio.fail_after(60):
+                while True:
+                    head, body = await http(port, "/readyz")
+                    if head.status == 200:
+                        break
+                    await trio.sleep(0.1)
+            report = json.loads(body)
+            assert report["enclave_state"] == "serving"
+            assert report["accounts"] == 5
+            assert report["shares_sha256"] == hashlib.sha256(bundle.read_bytes()).hexdigest()
+            assert report["attestation_verified"] is True
+            # the parent's copy of the bundle is gone; only ciphertext ever touched the parent
+            assert not (config.bundle.work_dir / "service_key_shares.json.enc").exists()
+            # enclave logs reached the parent's sink
+            lines = (tmp_path / "enclave-logs.jsonl").read_text().splitlines()
+            assert any(json.loads(line).get("audit") == "boot" for line in lines)
+
+            os.kill(_enclave_pid(config.bundle.work_dir), signal.SIGKILL)
+            with trio.fail_after(30):
+                await trio.sleep_forever()
+    failure = info.value
+    while isinstance(failure, BaseExceptionGroup):
+        failure = failure.exceptions[0]
+    assert isinstance(failure, ParentExit), repr(info.value)
+    assert failure.alert == "enclave_exited"
+    assert any(getattr(r, "alert", None) == "enclave_exited" for r in caplog.records)
+
+
+async def test_tampered_bundle_is_refused_and_alerted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config, _ = _setup(tmp_path, tamper=True)
+    caplog.set_level(logging.ERROR, logger="trio_sign.parent")
+    with pytest.raises(BaseException) as info:  # noqa: PT011 - unwrapped below
+        with trio.fail_after(60):
+            await serve_parent(config)
+    failure = info.value
+    while isinstance(failure, BaseExceptionGroup):
+        failure = failure.exceptions[0]
+    assert isinstance(failure, ParentExit), repr(info.value)
+    assert failure.alert == "preload_failed"
+    assert "tampered" in str(failure)
+    assert any(getattr(r, "alert", None) == "preload_failed" for r in caplog.records)

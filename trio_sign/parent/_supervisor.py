@@ -1,0 +1,363 @@
+"""The parent supervisor: the seed's startup order as one supervision tree.
+
+::
+
+    serve_parent
+    ├── serve_health                        /healthz, /readyz, /metrics, /v1/logs/tail
+    └── one enclave run (again, with back-off, only if [failure] restart = true)
+        ├── fetch the bundle                local path or s3:// into work_dir (tmpfs)
+        ├── status and log channel servers  (the enclave's words, relayed to operators)
+        ├── SSE relay                       (allowlisted gateway URLs only)
+        ├── launch the enclave              nitro-cli run-enclave | local process in namespaces
+        ├── serve preload                   KMS Decrypt with Recipient; the copy is then deleted
+        ├── run_attestation_gate            fresh document, pinned root and PCRs, periodically
+        ├── serve_ingress                   mTLS gRPC, forwarded only while the gate is open
+        └── wait for the enclave to exit
+
+A preload failure or the enclave's death ends the run: the enclave is terminated, an alert is
+raised (an ERROR record with a stable ``alert`` field, ``/readyz`` and the optional command
+hook), the proxy goes with the run so gateways get UNAVAILABLE, and the parent either retries
+with back-off (``[failure] restart``) or exits non-zero. The parent never holds a plaintext
+share or data key: it moves ciphertext and forwards attestation documents to KMS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import random
+import ssl
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .._errors import TrioSignError
+from ..nitro import AWS_NITRO_ROOT_PEM, MessageStream
+from ..shares import DevKeyFile
+from ..transport import connect, open_listeners
+from ._attestation_gate import AttestationGate, AttestationPolicy, run_attestation_gate
+from ._channels import serve_log_connection, serve_status_connection
+from ._config import ParentConfig
+from ._dev_kms import DevRecipientKms
+from ._health import ParentState, serve_health
+from ._ingress import make_server_ssl_context, serve_ingress
+from ._launch import LocalLauncher, NitroCliLauncher, RunningEnclave
+from ._logs import JsonLinesSink, LogForwarder, LogTail
+from ._preload import RecipientKms, serve_preload
+from ._relay import serve_sse_relay
+
+log = logging.getLogger("trio_sign.parent")
+
+#: vsock ports the parent listens on for the enclave (CID 3 is the parent, from inside).
+PRELOAD_PORT, STATUS_PORT, LOG_PORT, SSE_PORT = 5000, 5001, 5002, 5003
+
+
+class ParentExit(TrioSignError):
+    """The supervisor gave up (no restart configured, or a configuration problem)."""
+
+    def __init__(self, message: str, *, alert: str) -> None:
+        super().__init__(message)
+        self.alert = alert
+
+
+class _Addresses:
+    """Where each channel lives: vsock ports for Nitro, UNIX sockets under work_dir locally."""
+
+    def __init__(self, config: ParentConfig) -> None:
+        e = config.enclave
+        if e.backend == "local":
+            run = config.bundle.work_dir
+            self.listen = {
+                n: f"unix://{run}/{n}.sock" for n in ("preload", "status", "logs", "sse")
+            }
+            self.enclave_side = dict(self.listen)
+            self.enclave_grpc = f"unix://{run}/enclave-grpc.sock"
+        else:
+            ports = {
+                "preload": PRELOAD_PORT,
+                "status": STATUS_PORT,
+                "logs": LOG_PORT,
+                "sse": SSE_PORT,
+            }
+            self.listen = {n: f"vsock://ANY:{p}" for n, p in ports.items()}
+            self.enclave_side = {n: f"vsock://3:{p}" for n, p in ports.items()}
+            self.enclave_grpc = f"vsock://{e.cid}:{e.grpc_port}"
+
+
+def _alert(
+    state: ParentState, config: ParentConfig, code: str, message: str, nursery: trio.Nursery | None
+) -> None:
+    """An alert: an ERROR record with a stable ``alert`` field, ``/readyz``, and the hook."""
+    log.error(message, extra={"alert": code})
+    state.last_alert = f"{code}: {message}"
+    state.last_alert_at = state.wall_clock()
+    if config.failure.alert_command and nursery is not None:
+        nursery.start_soon(_run_alert_command, config.failure.alert_command, code, message)
+
+
+async def _run_alert_command(command: tuple[str, ...], code: str, message: str) -> None:
+    env = {**os.environ, "TRIO_SIGN_ALERT": code, "TRIO_SIGN_ALERT_MESSAGE": message}
+    with trio.move_on_after(30):
+        try:
+            result = await trio.run_process(
+                list(command), env=env, check=False, capture_stdout=True, capture_stderr=True
+            )
+        except OSError as exc:
+            log.error("alert command could not run", extra={"error": str(exc)})
+            return
+        if result.returncode != 0:
+            log.error("alert command failed", extra={"exit_code": result.returncode})
+
+
+async def fetch_bundle(source: str, work_dir: Path) -> Path:
+    """Copy the sealed bundle (ciphertext) into ``work_dir``: a local path, or ``s3://``."""
+    await trio.to_thread.run_sync(functools.partial(work_dir.mkdir, parents=True, exist_ok=True))
+    target = work_dir / "service_key_shares.json.enc"
+    if source.startswith("s3://"):
+        bucket, _, key = source.removeprefix("s3://").partition("/")
+        if not bucket or not key:
+            raise ParentExit(f"bad bundle URL {source!r}: expected s3://bucket/key", alert="config")
+        import boto3  # type: ignore[import-untyped]
+
+        def download() -> None:
+            boto3.client("s3").download_file(bucket, key, str(target))
+
+        await trio.to_thread.run_sync(download)
+    else:
+        src = Path(source)
+
+        def copy() -> None:
+            with src.open("rb") as f_in, target.open("wb") as f_out:
+                while chunk := f_in.read(1 << 20):
+                    f_out.write(chunk)
+
+        try:
+            await trio.to_thread.run_sync(copy)
+        except OSError as exc:
+            raise ParentExit(
+                f"cannot read the bundle {source}: {exc.strerror}", alert="bundle_unavailable"
+            ) from exc
+    log.info("bundle fetched", extra={"source": source, "bytes": target.stat().st_size})
+    return target
+
+
+def _recipient_kms(config: ParentConfig) -> RecipientKms:
+    k = config.kms
+    if k.mode == "dev-key":
+        assert k.dev_key is not None
+        if config.enclave.nsm_dir is None:
+            raise ParentExit(
+                "[kms] mode dev-key needs the local NSM ([enclave] nsm_dir)", alert="config"
+            )
+        root = (config.enclave.nsm_dir / "local-nsm-root.pem").read_bytes()
+        return DevRecipientKms(DevKeyFile.load(k.dev_key), root_pem=root)
+    from ..kms import KmsRecipientKms, make_kms_client
+
+    return KmsRecipientKms(make_kms_client(k.endpoint_url, region=k.region))
+
+
+def _launcher(config: ParentConfig, addresses: _Addresses) -> Any:
+    e = config.enclave
+    if e.backend == "nitro-cli":
+        assert e.eif_path is not None
+        return NitroCliLauncher(e.eif_path, e.cpu_count, e.memory_mib, e.cid)
+    assert e.nsm_dir is not None
+    side = addresses.enclave_side
+    args = [
+        "--nsm",
+        f"local:{e.nsm_dir}",
+        "--grpc-listen",
+        addresses.enclave_grpc,
+        "--preload-address",
+        side["preload"],
+        "--status-address",
+        side["status"],
+        "--log-address",
+        side["logs"],
+        "--preload-timeout",
+        str(e.preload_timeout_s),
+    ]
+    return LocalLauncher(
+        args, use_namespaces=e.namespaces, log_path=config.bundle.work_dir / "enclave.stderr"
+    )
+
+
+async def _serve_channel(
+    url: str,
+    handler: Callable[[trio.abc.Stream], Awaitable[None]],
+    *,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    listeners = await open_listeners(url)
+    await trio.serve_listeners(handler, listeners, task_status=task_status)
+
+
+async def _run_enclave_once(
+    config: ParentConfig,
+    state: ParentState,
+    forwarder: LogForwarder,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """One enclave boot from bundle fetch to death. Raises :class:`ParentExit` on failure."""
+    addresses = _Addresses(config)
+    kms = _recipient_kms(config)
+    async with trio.open_nursery() as nursery:
+        bundle = await fetch_bundle(config.bundle.source, config.bundle.work_dir)
+        await nursery.start(
+            _serve_channel,
+            addresses.listen["status"],
+            functools.partial(serve_status_connection, on=state.on_status_message),
+        )
+        await nursery.start(
+            _serve_channel,
+            addresses.listen["logs"],
+            functools.partial(serve_log_connection, on=forwarder.on_message),
+        )
+        if config.relay_allowlist:
+            relay_listeners = await open_listeners(addresses.listen["sse"])
+            await nursery.start(
+                functools.partial(
+                    serve_sse_relay,
+                    relay_listeners,
+                    config.relay_allowlist,
+                    ssl_context_for_upstream=ssl.create_default_context(),
+                    stats=state.relay,
+                )
+            )
+        preload_listeners = await open_listeners(addresses.listen["preload"])
+        enclave: RunningEnclave = await _launcher(config, addresses).start()
+        try:
+            state.set_enclave_state("preloading")
+            with trio.fail_after(config.enclave.preload_timeout_s + 30):
+                stream = await preload_listeners[0].accept()
+                try:
+                    result = await serve_preload(MessageStream(stream), bundle, kms)
+                finally:
+                    await trio.aclose_forcefully(stream)
+            bundle.unlink()  # the parent's copy goes as soon as the enclave holds the shares
+            log.info(
+                "preload served; the parent's bundle copy is deleted",
+                extra={"accounts": result.accounts, "sha256": result.sha256},
+            )
+            gate = None
+            if config.attestation is not None:
+                a = config.attestation
+                root = a.root.read_bytes() if a.root is not None else AWS_NITRO_ROOT_PEM
+                gate = AttestationGate(
+                    AttestationPolicy(
+                        root_pem=root,
+                        pcrs=a.pcrs,
+                        allow_debug=a.allow_debug,
+                        max_age_s=a.max_age_s,
+                        shares_sha256=result.sha256,
+                    ),
+                    functools.partial(connect, addresses.enclave_grpc),
+                    on_alert=state.on_attestation_alert,
+                )
+                state.attestation_gate = gate
+                await nursery.start(
+                    functools.partial(run_attestation_gate, gate, interval_s=a.interval_s)
+                )
+            if config.ingress is not None and gate is not None:
+                i = config.ingress
+                ctx = make_server_ssl_context(
+                    i.cert.read_bytes(), i.key.read_bytes(), i.client_ca.read_bytes()
+                )
+                await nursery.start(
+                    functools.partial(serve_ingress, i.listen, addresses.enclave_grpc, ctx, gate)
+                )
+            task_status.started()
+            code = await enclave.wait()
+            raise ParentExit(f"the enclave exited (code {code})", alert="enclave_exited")
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await enclave.terminate(grace_s=10.0)
+            bundle.unlink(missing_ok=True)
+            raise
+        finally:
+            for listener in preload_listeners:
+                await trio.aclose_forcefully(listener)
+            nursery.cancel_scope.cancel()
+
+
+async def serve_parent(
+    config: ParentConfig,
+    *,
+    task_status: trio.TaskStatus[tuple[ParentState, list[str]]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the parent until cancelled, or until it gives up (raises :class:`ParentExit`).
+
+    ``task_status.started((state, health_urls))`` once the health server is up; readiness
+    (enclave serving, attestation verified) is ``/readyz``'s business.
+    """
+    state = ParentState()
+    with contextlib.ExitStack() as files:
+        stream: Any = (
+            sys.stdout
+            if config.log_file is None
+            else files.enter_context(config.log_file.open("a"))
+        )
+        forwarder = LogForwarder(sinks=[JsonLinesSink(stream)], tail=LogTail(), stats=state.logs)
+        state.tail = forwarder.tail
+        await _supervise(config, state, forwarder, task_status)
+
+
+async def _supervise(
+    config: ParentConfig,
+    state: ParentState,
+    forwarder: LogForwarder,
+    task_status: trio.TaskStatus[tuple[ParentState, list[str]]],
+) -> None:
+    delay = config.failure.backoff_initial_s
+    async with trio.open_nursery() as nursery:
+        health = await nursery.start(functools.partial(serve_health, config.health_listen, state))
+        task_status.started((state, list(health)))
+        while True:
+            try:
+                await _run_enclave_once(config, state, forwarder)
+            except BaseException as exc:
+                failure = _failure_of(exc)
+                if failure is None:
+                    raise
+                _alert(state, config, failure.alert, str(failure), nursery)
+                state.attestation_gate = None
+                state.attestation_verified = False
+                if not config.failure.restart:
+                    nursery.cancel_scope.cancel()
+                    raise failure from exc
+            wait = random.uniform(0, delay)
+            log.warning("restarting the enclave after back-off", extra={"delay_s": round(wait, 1)})
+            await trio.sleep(wait)
+            delay = min(delay * 2, config.failure.backoff_max_s)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+def _failure_of(exc: BaseException) -> ParentExit | None:
+    """What ended an enclave run, as an alert (None: an outside cancellation to re-raise)."""
+    leaves = _leaves(exc)
+    for leaf in leaves:
+        if isinstance(leaf, ParentExit):
+            return leaf
+    for leaf in leaves:
+        if isinstance(leaf, trio.TooSlowError):
+            return ParentExit("the enclave did not finish preload in time", alert="preload_timeout")
+        if isinstance(leaf, TrioSignError):
+            reason = getattr(leaf, "reason", None)
+            alert = "preload_failed" if reason is not None else "parent_failed"
+            return ParentExit(f"{type(leaf).__name__}: {leaf}", alert=alert)
+    if all(isinstance(leaf, (trio.Cancelled, KeyboardInterrupt)) for leaf in leaves):
+        return None
+    first = next(leaf for leaf in leaves if not isinstance(leaf, trio.Cancelled))
+    log.error("unexpected exception in the parent", exc_info=first)
+    return ParentExit(f"internal error: {type(first).__name__}: {first}", alert="internal")
