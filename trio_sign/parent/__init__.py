@@ -7,6 +7,8 @@ from ._attestation_gate import run_attestation_gate as run_attestation_gate
 from ._channels import serve_log_connection as serve_log_connection
 from ._channels import serve_status_connection as serve_status_connection
 from ._dev_kms import DevRecipientKms as DevRecipientKms
+from ._health import ParentState as ParentState
+from ._health import serve_health as serve_health
 from ._ingress import IngressSettings as IngressSettings
 from ._ingress import make_server_ssl_context as make_server_ssl_context
 from ._ingress import serve_ingress as serve_ingress
@@ -14,13 +16,30 @@ from ._launch import LaunchError as LaunchError
 from ._launch import LocalLauncher as LocalLauncher
 from ._launch import NitroCliLauncher as NitroCliLauncher
 from ._launch import namespaces_available as namespaces_available
+from ._logs import CloudWatchSink as CloudWatchSink
+from ._logs import JsonLinesSink as JsonLinesSink
+from ._logs import LogForwarder as LogForwarder
+from ._logs import LogTail as LogTail
+from ._logs import Redactor as Redactor
 from ._preload import CHUNK_BYTES as CHUNK_BYTES
 from ._preload import PreloadRefused as PreloadRefused
 from ._preload import RecipientKms as RecipientKms
 from ._preload import serve_preload as serve_preload
+from ._relay import Allowlist as Allowlist
+from ._relay import serve_sse_relay as serve_sse_relay
+from ._supervisor import ParentExit as ParentExit
+from ._supervisor import serve_parent as serve_parent
 
 __all__ = [
     "CHUNK_BYTES",
+    "Allowlist",
+    "CloudWatchSink",
+    "JsonLinesSink",
+    "LogForwarder",
+    "LogTail",
+    "ParentExit",
+    "ParentState",
+    "Redactor",
     "GATE_REASONS",
     "AttestationGate",
     "AttestationPolicy",
@@ -34,7 +53,10 @@ __all__ = [
     "make_server_ssl_context",
     "namespaces_available",
     "run_attestation_gate",
+    "serve_health",
     "serve_ingress",
+    "serve_parent",
+    "serve_sse_relay",
     "serve_log_connection",
     "serve_preload",
     "serve_status_connection",

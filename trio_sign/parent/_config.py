@@ -34,6 +34,17 @@ Every error names the key and says what is expected. Example (local development)
     [failure]
     restart = false
     alert_command = ["/usr/local/bin/page-oncall"]
+
+    [logs]
+    file = "/var/log/trio-sign/enclave.jsonl"            # default: stdout
+    cloudwatch_group = "/trio-sign/enclave"              # optional
+    cloudwatch_stream = "i-0123456789abcdef0"
+
+    [relay]
+    allowlist = ["https://gateway.internal:8443/v1/enclaves/"]
+
+    [health]
+    listen = "tcp://127.0.0.1:8080"
 """
 
 from __future__ import annotations
@@ -116,6 +127,9 @@ class ParentConfig:
     health_listen: str = "tcp://127.0.0.1:8080"
     relay_allowlist: tuple[str, ...] = ()
     log_file: Path | None = None
+    cloudwatch_group: str | None = None
+    cloudwatch_stream: str | None = None
+    cloudwatch_region: str | None = None
 
 
 def _table(data: Mapping[str, Any], name: str, *, required: bool = True) -> dict[str, Any]:
@@ -295,7 +309,10 @@ def parse_parent_config(text: str, *, base: Path = Path(".")) -> ParentConfig:
     if not all(isinstance(entry, str) for entry in allowlist):
         raise ConfigError("[relay] allowlist must be a list of URL strings")
     logs = _table(data, "logs", required=False)
-    _unknown(logs, "logs", {"file"})
+    _unknown(logs, "logs", {"file", "cloudwatch_group", "cloudwatch_stream", "cloudwatch_region"})
+    group = _get(logs, "logs", "cloudwatch_group", str, None)
+    if group is not None and "cloudwatch_stream" not in logs:
+        raise ConfigError("[logs] cloudwatch_stream is required with cloudwatch_group")
     return ParentConfig(
         bundle=bundle,
         kms=kms,
@@ -306,6 +323,9 @@ def parse_parent_config(text: str, *, base: Path = Path(".")) -> ParentConfig:
         health_listen=_get(h, "health", "listen", str, "tcp://127.0.0.1:8080"),
         relay_allowlist=tuple(allowlist),
         log_file=(base / logs["file"]) if "file" in logs else None,
+        cloudwatch_group=group,
+        cloudwatch_stream=_get(logs, "logs", "cloudwatch_stream", str, None),
+        cloudwatch_region=_get(logs, "logs", "cloudwatch_region", str, None),
     )
 
 

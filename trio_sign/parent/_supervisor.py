@@ -47,7 +47,7 @@ from ._dev_kms import DevRecipientKms
 from ._health import ParentState, serve_health
 from ._ingress import make_server_ssl_context, serve_ingress
 from ._launch import LocalLauncher, NitroCliLauncher, RunningEnclave
-from ._logs import JsonLinesSink, LogForwarder, LogTail
+from ._logs import CloudWatchSink, JsonLinesSink, LogForwarder, LogTail, cloudwatch_logs_client
 from ._preload import RecipientKms, serve_preload
 from ._relay import serve_sse_relay
 
@@ -303,7 +303,18 @@ async def serve_parent(
             if config.log_file is None
             else files.enter_context(config.log_file.open("a"))
         )
-        forwarder = LogForwarder(sinks=[JsonLinesSink(stream)], tail=LogTail(), stats=state.logs)
+        cloudwatch = None
+        if config.cloudwatch_group is not None and config.cloudwatch_stream is not None:
+            kwargs = {"region_name": config.cloudwatch_region} if config.cloudwatch_region else {}
+            cloudwatch = CloudWatchSink(
+                cloudwatch_logs_client(**kwargs),
+                log_group=config.cloudwatch_group,
+                log_stream=config.cloudwatch_stream,
+            )
+            state.cloudwatch = cloudwatch.stats
+        forwarder = LogForwarder(
+            sinks=[JsonLinesSink(stream)], cloudwatch=cloudwatch, tail=LogTail(), stats=state.logs
+        )
         state.tail = forwarder.tail
         await _supervise(config, state, forwarder, task_status)
 
@@ -316,6 +327,8 @@ async def _supervise(
 ) -> None:
     delay = config.failure.backoff_initial_s
     async with trio.open_nursery() as nursery:
+        if forwarder.cloudwatch is not None:
+            await nursery.start(forwarder.cloudwatch.run)
         health = await nursery.start(functools.partial(serve_health, config.health_listen, state))
         task_status.started((state, list(health)))
         while True:
