@@ -5,8 +5,10 @@ the enclave dies or preload fails."""
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
+import io
 import json
 import logging
 import os
@@ -20,10 +22,16 @@ import trio
 from trio_sign.nitro import DEFAULT_LOCAL_PCRS, LocalNsm
 from trio_sign.parent._config import parse_parent_config
 from trio_sign.parent._supervisor import ParentExit, serve_parent
-from trio_sign.shares import DevKeyFile, encode_bundle
+from trio_sign.shares import DevKeyFile, encode_bundle, read_sealed_header
 
 from .enclave_helpers import make_accounts
 from .test_health import http
+
+SECRETS: list[bytes] = []
+
+
+def _secret_forms(secret: bytes) -> list[bytes]:
+    return [secret, secret.hex().encode(), base64.b64encode(secret), base64.b64encode(secret)[:40]]
 
 
 def _setup(tmp_path: Path, *, tamper: bool = False, restart: bool = False) -> tuple[Any, Path]:
@@ -33,6 +41,14 @@ def _setup(tmp_path: Path, *, tamper: bool = False, restart: bool = False) -> tu
     store.close()
     key = DevKeyFile.create(tmp_path / "dev.key")
     data = bytearray(encode_bundle([a.service for a in accounts.values()], key))
+    SECRETS.clear()
+    SECRETS.extend(bytes(a.service.signing_share) for a in accounts.values())
+    with io.BytesIO(bytes(data)) as f:
+        header, _ = read_sealed_header(f)
+    data_key = key.decrypt_data_key(
+        base64.b64decode(header["encrypted_data_key"]), header["encryption_context"]
+    )
+    SECRETS.append(bytes(data_key))
     if tamper:
         data[-30] ^= 1
     bundle = tmp_path / "service_key_shares.json.enc"
@@ -110,6 +126,14 @@ async def test_boot_ready_then_enclave_death_alerts(
             # enclave logs reached the parent's sink
             lines = (tmp_path / "enclave-logs.jsonl").read_text().splitlines()
             assert any(json.loads(line).get("audit") == "boot" for line in lines)
+            # no share and no data key in anything the parent holds or wrote
+            haystacks = [p.read_bytes() for p in config.bundle.work_dir.rglob("*") if p.is_file()]
+            haystacks.append((tmp_path / "enclave-logs.jsonl").read_bytes())
+            haystacks.append(json.dumps(_state.report()).encode())
+            haystacks.append(repr(_state).encode())
+            for secret in SECRETS:
+                for form in _secret_forms(secret):
+                    assert not any(form in h for h in haystacks)
 
             os.kill(_enclave_pid(config.bundle.work_dir), signal.SIGKILL)
             with trio.fail_after(30):
