@@ -45,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--frost", action="store_true", help="FROST operation timings")
     parser.add_argument("--load", action="store_true", help="sealed bundle preload")
+    parser.add_argument(
+        "--boot",
+        action="store_true",
+        help="boot-to-ready of the enclave process (10k, 100k; 1M with --big)",
+    )
     parser.add_argument("--big", action="store_true", help="include 1M accounts in --load")
     parser.add_argument(
         "--sizes",
@@ -84,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         "--grpc-no-profile", action="store_true", help="skip the py-spy profile of our server"
     )
     args = parser.parse_args(argv)
-    everything = not (args.frost or args.load or args.grpc)
+    everything = not (args.boot or args.frost or args.load or args.grpc)
     print(f"machine: {_machine()}")
     if args.frost or everything:
         bench_frost()
@@ -96,6 +101,15 @@ def main(argv: list[str] | None = None) -> int:
         from ._load import bench_load
 
         bench_load(sizes, args.cache, verify=args.verify)
+    if args.boot or everything:
+        from ._boot import bench_boot
+
+        boot_sizes = (
+            [int(s) for s in args.sizes.split(",")]
+            if args.sizes
+            else ([10_000, 100_000] + ([1_000_000] if args.big else []))
+        )
+        bench_boot(boot_sizes, args.cache)
     if args.grpc or everything:
         concurrency = tuple(int(n) for n in args.grpc_concurrency.split(",") if n)
         bench_grpc(
