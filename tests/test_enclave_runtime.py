@@ -405,3 +405,128 @@ async def test_enclave_process_as_pid1_under_unshare(
     assert code == 0, stderr_path.read_text()
     assert fake.states[-1].state == "exiting"
     assert fake.exits == [0]
+
+
+def _lying_kms(fake: FakeParent, how: str) -> Any:
+    """A parent that asks KMS honestly, then misbehaves in the way ``how`` names."""
+    import os as _os
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from trio_sign.nitro import decode_attestation, encrypt_for_recipient
+
+    honest = fake.kms
+
+    async def kms(document: bytes, header: dict[str, Any]) -> bytes:
+        envelope: bytes = await honest(document, header)
+        data = fake.bundle.read_bytes()
+        if how == "truncated":
+            fake.bundle.write_bytes(data[: len(data) - 700])
+        elif how == "corrupt":
+            fake.bundle.write_bytes(b"NOTSEAL!" + data[8:])
+        elif how == "wrong_key":
+            public = serialization.load_der_public_key(
+                decode_attestation(document).public_key or b""
+            )
+            assert isinstance(public, rsa.RSAPublicKey)
+            envelope = encrypt_for_recipient(public, _os.urandom(32))
+        elif how == "foreign_envelope":
+            other = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+            envelope = encrypt_for_recipient(other, _os.urandom(32))
+        return envelope
+
+    return kms
+
+
+@pytest.mark.parametrize(
+    ("how", "reason"),
+    [
+        ("truncated", "truncated"),
+        ("corrupt", "bad_magic"),
+        ("wrong_key", "tampered"),
+        ("foreign_envelope", "key_unwrap"),
+    ],
+)
+async def test_every_preload_failure_ends_non_zero_with_reason(
+    tmp_path: Path, accounts: dict[str, Account], nsm_dir: Path, how: str, reason: str
+) -> None:
+    records = [a.service for a in accounts.values()]
+    async with parent(tmp_path, records, nsm_dir) as fake:
+        fake.kms = _lying_kms(fake, how)
+        with pytest.raises(EnclaveExit) as info:
+            await serve_enclave(fake.config(), nsm=LocalNsm.from_dir(nsm_dir))
+        assert not (fake.dir / "grpc.sock").exists()
+    assert info.value.code == ExitCode.PRELOAD_FAILED
+    assert info.value.reason == reason
+    assert fake.states[-1].state == "failed"
+    assert fake.states[-1].reason == reason
+    assert fake.exits == [3]
+
+
+async def test_sigterm_mid_session_drains_and_zeroes_nonces(
+    tmp_path: Path, accounts: dict[str, Account], nsm_dir: Path
+) -> None:
+    """An open session when the drain starts: its nonces are zeroed on the way out, and the
+    drain finishes within the grace deadline."""
+    records = [a.service for a in accounts.values()]
+    async with parent(tmp_path, records, nsm_dir) as fake:
+        async with trio.open_nursery() as nursery:
+            handle: EnclaveHandle = await nursery.start(
+                functools.partial(serve_enclave, fake.config(), nsm=LocalNsm.from_dir(nsm_dir))
+            )
+            pool = handle.service.pool
+            pool.commit(records[0].account_id, "open")
+            nonces = pool._sessions["open"].nonces
+            assert nonces is not None
+            buffer = nonces._buf
+            assert buffer != bytearray(64)
+            start = trio.current_time()
+            await handle.drain()
+            assert trio.current_time() - start < fake.config().drain_grace_s + 1
+        assert buffer == bytearray(64)
+        assert pool.open_sessions == 0
+    assert fake.states[-1].state == "exiting"
+    assert fake.exits == [0]
+
+
+async def test_a_failing_memory_monitor_tears_everything_down(
+    tmp_path: Path,
+    accounts: dict[str, Account],
+    nsm_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Chaos: the memory monitor raises while serving: teardown, failed/internal, exit 1."""
+    import trio_sign.enclave._serve as serve_mod
+
+    original = serve_mod.run_memory_monitor  # type: ignore[attr-defined]
+    boom = trio.Event()
+
+    async def exploding_monitor(
+        *args: Any, task_status: Any = trio.TASK_STATUS_IGNORED, **kw: Any
+    ) -> None:
+        async with trio.open_nursery() as inner:
+            await inner.start(functools.partial(original, *args, **kw))
+            task_status.started()
+            await boom.wait()
+            raise RuntimeError("monitor bug")
+
+    monkeypatch.setattr(serve_mod, "run_memory_monitor", exploding_monitor)
+    records = [a.service for a in accounts.values()]
+    caught: list[EnclaveExit] = []
+
+    async def run(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await serve_enclave(
+                fake.config(), nsm=LocalNsm.from_dir(nsm_dir), task_status=task_status
+            )
+        except EnclaveExit as exc:
+            caught.append(exc)
+
+    async with parent(tmp_path, records, nsm_dir) as fake, trio.open_nursery() as nursery:
+        await nursery.start(run)
+        boom.set()
+    (exit_,) = caught
+    assert exit_.code == ExitCode.INTERNAL
+    assert fake.states[-1].state == "failed"
+    assert fake.exits == [1]
