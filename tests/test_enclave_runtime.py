@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nacl.signing
 import pytest
 import trio
 
@@ -331,6 +332,40 @@ async def test_a_failing_long_lived_task_tears_everything_down(
         await connect(f"unix://{fake.dir}/grpc.sock")
 
 
+async def _sign_once(ch: Any, acct: Account, message: bytes) -> None:
+    """A full FROST session over gRPC with the counterpart signing locally; verifies."""
+    from trio_sign.crypto import SigningCommitment
+
+    committed = pb.CommitResponse.FromString(
+        await ch.unary_unary(
+            S + "Commit",
+            pb.CommitRequest(account_id=acct.account_id, session_id="pid1").SerializeToString(),
+        )
+    )
+    peer = Peer(acct)
+    cs = sorted_commitments(
+        SigningCommitment(committed.identifier, committed.hiding, committed.binding),
+        peer.commitment,
+    )
+    request = pb.SignRequest(
+        session_id="pid1",
+        message=message,
+        commitments=[
+            pb.SigningCommitment(identifier=c.identifier, hiding=c.hiding, binding=c.binding)
+            for c in cs
+        ],
+    )
+    signed = pb.SignResponse.FromString(
+        await ch.unary_unary(S + "Sign", request.SerializeToString())
+    )
+    signature = peer.aggregate(
+        message,
+        cs,
+        {signed.identifier: signed.signature_share, acct.peer.identifier: peer.sign(message, cs)},
+    )
+    nacl.signing.VerifyKey(acct.group_public_key).verify(message, signature)
+
+
 def _only_child(pid: int) -> int:
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     assert len(children) == 1, children
@@ -391,6 +426,7 @@ async def test_enclave_process_as_pid1_under_unshare(
                     assert await ch.unary_unary(
                         S + "Ping", pb.PingRequest(payload=b"pid1").SerializeToString(), timeout=5
                     )
+                    await _sign_once(ch, next(iter(accounts.values())), b"signed by PID 1")
                 pid1 = [r for r in fake.logs if r.get("msg") == "enclave ready"]
                 assert pid1
                 # ``unshare --fork`` ignores SIGTERM while it waits for its child: signal the
