@@ -34,7 +34,9 @@ def _secret_forms(secret: bytes) -> list[bytes]:
     return [secret, secret.hex().encode(), base64.b64encode(secret), base64.b64encode(secret)[:40]]
 
 
-def _setup(tmp_path: Path, *, tamper: bool = False, restart: bool = False) -> tuple[Any, Path]:
+def _setup(
+    tmp_path: Path, *, tamper: bool = False, restart: bool = False, hook: str = ""
+) -> tuple[Any, Path]:
     nsm_dir = tmp_path / "nsm"
     LocalNsm.from_dir(nsm_dir, create=True).close()
     store, accounts = make_accounts(5)
@@ -73,6 +75,9 @@ pcr2 = "{pcr[2]}"
 interval_s = 5
 [failure]
 restart = {str(restart).lower()}
+backoff_initial_s = 0.2
+backoff_max_s = 0.5
+{hook}
 [health]
 listen = "tcp://127.0.0.1:0"
 [logs]
@@ -161,3 +166,33 @@ async def test_tampered_bundle_is_refused_and_alerted(
     assert failure.alert == "preload_failed"
     assert "tampered" in str(failure)
     assert any(getattr(r, "alert", None) == "preload_failed" for r in caplog.records)
+
+
+async def test_alert_hook_runs_even_when_giving_up(tmp_path: Path) -> None:
+    out = tmp_path / "alerts.txt"
+    hook = (
+        f'alert_command = ["/bin/sh", "-c", '
+        f'"echo $TRIO_SIGN_ALERT: $TRIO_SIGN_ALERT_MESSAGE >> {out}"]'
+    )
+    config, _ = _setup(tmp_path, tamper=True, hook=hook)
+    with pytest.raises(BaseException):  # noqa: B017, PT011 - ParentExit, possibly grouped
+        with trio.fail_after(60):
+            await serve_parent(config)
+    text = out.read_text()
+    assert text.startswith("preload_failed: ")
+    assert "tampered" in text
+
+
+async def test_restart_with_backoff_alerts_each_time(tmp_path: Path) -> None:
+    """With [failure] restart = true a bad bundle is retried (with back-off), alerting each
+    time, until an operator stops the parent."""
+    out = tmp_path / "alerts.txt"
+    hook = f'alert_command = ["/bin/sh", "-c", "echo $TRIO_SIGN_ALERT >> {out}"]'
+    config, _ = _setup(tmp_path, tamper=True, restart=True, hook=hook)
+    with trio.move_on_after(40):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_parent, config)
+            while not out.exists() or len(out.read_text().splitlines()) < 2:  # noqa: ASYNC110
+                await trio.sleep(0.1)
+            nursery.cancel_scope.cancel()
+    assert out.read_text().splitlines()[:2] == ["preload_failed", "preload_failed"]

@@ -81,6 +81,8 @@ class EnclaveLaunchConfig:
     backend: str  # "local" | "nitro-cli"
     preload_timeout_s: float = 300.0
     grpc_port: int = 50051
+    gateway_url: str | None = None
+    node_id: str = "enclave-0"
     # local
     nsm_dir: Path | None = None
     namespaces: str = "auto"
@@ -228,6 +230,8 @@ def parse_parent_config(text: str, *, base: Path = Path(".")) -> ParentConfig:
             "cpu_count",
             "memory_mib",
             "cid",
+            "gateway_url",
+            "node_id",
         },
     )
     backend = _choice(e, "enclave", "backend", ("local", "nitro-cli"))
@@ -235,6 +239,8 @@ def parse_parent_config(text: str, *, base: Path = Path(".")) -> ParentConfig:
         backend=backend,
         preload_timeout_s=_get(e, "enclave", "preload_timeout_s", float, 300.0),
         grpc_port=_get(e, "enclave", "grpc_port", int, 50051),
+        gateway_url=_get(e, "enclave", "gateway_url", str, None),
+        node_id=_get(e, "enclave", "node_id", str, "enclave-0"),
         nsm_dir=(base / e["nsm_dir"]) if "nsm_dir" in e else None,
         namespaces=_choice(e, "enclave", "namespaces", ("auto", "always", "never"), "auto"),
         eif_path=(base / e["eif_path"]) if "eif_path" in e else None,

@@ -89,15 +89,16 @@ class _Addresses:
             self.enclave_grpc = f"vsock://{e.cid}:{e.grpc_port}"
 
 
-def _alert(
-    state: ParentState, config: ParentConfig, code: str, message: str, nursery: trio.Nursery | None
-) -> None:
-    """An alert: an ERROR record with a stable ``alert`` field, ``/readyz``, and the hook."""
+async def _alert(state: ParentState, config: ParentConfig, code: str, message: str) -> None:
+    """An alert: an ERROR record with a stable ``alert`` field, ``/readyz``, and the command
+    hook, which is awaited (shielded, at most 30 s) so it runs even when the parent is about
+    to exit."""
     log.error(message, extra={"alert": code})
     state.last_alert = f"{code}: {message}"
     state.last_alert_at = state.wall_clock()
-    if config.failure.alert_command and nursery is not None:
-        nursery.start_soon(_run_alert_command, config.failure.alert_command, code, message)
+    if config.failure.alert_command:
+        with trio.CancelScope(shield=True):
+            await _run_alert_command(config.failure.alert_command, code, message)
 
 
 async def _run_alert_command(command: tuple[str, ...], code: str, message: str) -> None:
@@ -182,6 +183,8 @@ def _launcher(config: ParentConfig, addresses: _Addresses) -> Any:
         "--preload-timeout",
         str(e.preload_timeout_s),
     ]
+    if e.gateway_url is not None:
+        args += ["--gateway-url", e.gateway_url, "--node-id", e.node_id, "--sse-via", side["sse"]]
     return LocalLauncher(
         args, use_namespaces=e.namespaces, log_path=config.bundle.work_dir / "enclave.stderr"
     )
@@ -338,7 +341,7 @@ async def _supervise(
                 failure = _failure_of(exc)
                 if failure is None:
                     raise
-                _alert(state, config, failure.alert, str(failure), nursery)
+                await _alert(state, config, failure.alert, str(failure))
                 state.attestation_gate = None
                 state.attestation_verified = False
                 if not config.failure.restart:
