@@ -524,6 +524,7 @@ async def running_proxy(
     gate: AttestationGate,
     enclave_url: str,
     settings: IngressSettings | None = None,
+    observer: Any = None,
 ) -> AsyncIterator[Proxy]:
     connects: list[int] = []
 
@@ -542,6 +543,7 @@ async def running_proxy(
                 gate,
                 settings=settings or IngressSettings(),
                 connect_enclave=counting_connect,
+                observer=observer,
             )
         )
         yield Proxy(listeners[0].socket.getsockname()[1], gate, connects, nursery.cancel_scope)
@@ -757,6 +759,30 @@ async def test_limits_handshake_timeout_and_max_connections(
             await silent.aclose()
             # the slot is free again
             assert await grpcio_ping_status(pki, proxy.target) == grpc.StatusCode.OK
+
+
+async def test_connection_counts_reach_the_parent_state(
+    tmp_path: Path, pki: Pki, nsm: LocalNsm
+) -> None:
+    """Forwarded and refused connections are counted for /metrics."""
+    from trio_sign.parent import ParentState
+
+    state = ParentState()
+    async with (
+        unix_fake_enclave(tmp_path, FakeEnclave(nsm)) as enclave_url,
+        memory_enclave(FakeEnclave(nsm)) as connect_enclave,
+    ):
+        gate = AttestationGate(policy_for(nsm), connect_enclave)
+        assert await gate.check()
+        async with running_proxy(pki, gate, enclave_url, observer=state) as proxy:
+            assert await grpcio_ping_status(pki, proxy.target) == grpc.StatusCode.OK
+            gate.verified = False  # as a failed check would leave it
+            assert await grpcio_ping_status(pki, proxy.target) == grpc.StatusCode.UNAVAILABLE
+            with trio.fail_after(5):
+                while state.proxy_connections_active:  # noqa: ASYNC110 - real sockets
+                    await trio.sleep(0.01)
+    assert state.proxy_connections_total == 1
+    assert state.proxy_connections_refused >= 1
 
 
 async def test_enclave_unreachable(

@@ -43,6 +43,7 @@ alert_command = ["/usr/local/bin/page", "--team", "custody"]
 
 [relay]
 allowlist = ["https://gateway.internal:8443/v1/enclaves/"]
+ca = "certs/gateway-ca.pem"
 """
 
 
@@ -61,6 +62,7 @@ def test_full_example(tmp_path: Path) -> None:
     assert 8 not in cfg.attestation.pcrs
     assert cfg.failure.alert_command == ("/usr/local/bin/page", "--team", "custody")
     assert cfg.relay_allowlist == ("https://gateway.internal:8443/v1/enclaves/",)
+    assert cfg.relay_ca == tmp_path / "certs/gateway-ca.pem"
 
 
 @pytest.mark.parametrize(

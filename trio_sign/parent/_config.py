@@ -42,6 +42,7 @@ Every error names the key and says what is expected. Example (local development)
 
     [relay]
     allowlist = ["https://gateway.internal:8443/v1/enclaves/"]
+    ca = "certs/gateway-ca.pem"                          # optional: a private CA for the gateway
 
     [health]
     listen = "tcp://127.0.0.1:8080"
@@ -128,6 +129,7 @@ class ParentConfig:
     failure: FailureConfig = field(default_factory=FailureConfig)
     health_listen: str = "tcp://127.0.0.1:8080"
     relay_allowlist: tuple[str, ...] = ()
+    relay_ca: Path | None = None
     log_file: Path | None = None
     cloudwatch_group: str | None = None
     cloudwatch_stream: str | None = None
@@ -310,7 +312,7 @@ def parse_parent_config(text: str, *, base: Path = Path(".")) -> ParentConfig:
     h = _table(data, "health", required=False)
     _unknown(h, "health", {"listen"})
     r = _table(data, "relay", required=False)
-    _unknown(r, "relay", {"allowlist"})
+    _unknown(r, "relay", {"allowlist", "ca"})
     allowlist = _get(r, "relay", "allowlist", list, [])
     if not all(isinstance(entry, str) for entry in allowlist):
         raise ConfigError("[relay] allowlist must be a list of URL strings")
@@ -328,6 +330,7 @@ def parse_parent_config(text: str, *, base: Path = Path(".")) -> ParentConfig:
         failure=failure,
         health_listen=_get(h, "health", "listen", str, "tcp://127.0.0.1:8080"),
         relay_allowlist=tuple(allowlist),
+        relay_ca=(base / r["ca"]) if "ca" in r else None,
         log_file=(base / logs["file"]) if "file" in logs else None,
         cloudwatch_group=group,
         cloudwatch_stream=_get(logs, "logs", "cloudwatch_stream", str, None),

@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
 import trio
 from cryptography import x509
@@ -118,6 +118,7 @@ async def serve_ingress(
     *,
     settings: IngressSettings = IngressSettings(),
     connect_enclave: ConnectEnclave | None = None,
+    observer: IngressObserver | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept mTLS gRPC connections on ``listen_url`` and forward them to ``enclave_url``.
@@ -130,6 +131,8 @@ async def serve_ingress(
             beside this).
         settings: limits and timeouts.
         connect_enclave: overrides how the enclave is reached (default ``connect(enclave_url)``).
+        observer: told about every forwarded connection (opened/closed) and every refusal,
+            for metrics (the parent's ``ParentState``).
 
     ``nursery.start`` returns the listeners once they are bound.
 
@@ -146,6 +149,7 @@ async def serve_ingress(
     attempted for at most ``close_timeout_s``).
     """
     opener: ConnectEnclave = connect_enclave or (lambda: connect(enclave_url))
+    watch: IngressObserver = observer if observer is not None else _NoObserver()
     limiter = trio.CapacityLimiter(settings.max_connections)
     listeners = await open_listeners(listen_url)
 
@@ -158,10 +162,13 @@ async def serve_ingress(
                 "ingress connection refused: max_connections reached",
                 extra={"peer": peer, "max_connections": settings.max_connections},
             )
+            watch.proxy_connection_refused()
             await trio.aclose_forcefully(stream)
             return
         try:
-            await _serve_connection(stream, peer, enclave_url, opener, ssl_context, gate, settings)
+            await _serve_connection(
+                stream, peer, enclave_url, opener, ssl_context, gate, settings, watch
+            )
         except Exception:
             # A bug while serving one connection closes that connection only: one client
             # must not be able to stop the ingress for every other (as GrpcServer does).
@@ -174,6 +181,27 @@ async def serve_ingress(
         extra={"listen": listen_url, "enclave": enclave_url},
     )
     await trio.serve_listeners(handler, listeners, task_status=task_status)
+
+
+class IngressObserver(Protocol):
+    """What the proxy reports for metrics (``ParentState`` implements it)."""
+
+    def proxy_connection_opened(self) -> None: ...
+
+    def proxy_connection_closed(self) -> None: ...
+
+    def proxy_connection_refused(self) -> None: ...
+
+
+class _NoObserver:
+    def proxy_connection_opened(self) -> None:
+        pass
+
+    def proxy_connection_closed(self) -> None:
+        pass
+
+    def proxy_connection_refused(self) -> None:
+        pass
 
 
 def _peer_name(stream: trio.SocketStream) -> str:
@@ -225,6 +253,7 @@ async def _serve_connection(
     ssl_context: ssl.SSLContext,
     gate: AttestationGate,
     settings: IngressSettings,
+    watch: IngressObserver,
 ) -> None:
     tls = trio.SSLStream(tcp, ssl_context, server_side=True)
     try:
@@ -233,6 +262,7 @@ async def _serve_connection(
                 await tls.do_handshake()
             except trio.BrokenResourceError as exc:
                 _log_handshake_failure(peer, exc)
+                watch.proxy_connection_refused()
                 return
         if handshake.cancelled_caught:
             log.debug("ingress TLS handshake timed out", extra={"peer": peer})
@@ -244,12 +274,14 @@ async def _serve_connection(
                 "ingress connection refused: ALPN h2 not negotiated",
                 extra={"peer": peer, "client": subject, "alpn": alpn},
             )
+            watch.proxy_connection_refused()
             return
         if not gate.verified:
             log.warning(
                 "ingress connection refused: enclave not attested",
                 extra={"peer": peer, "client": subject, "reason": gate.last_failure},
             )
+            watch.proxy_connection_refused()
             return
         log.debug("ingress connection opened", extra={"peer": peer, "client": subject})
         try:
@@ -261,9 +293,11 @@ async def _serve_connection(
                 extra={"peer": peer, "enclave": enclave_url, "error": str(exc) or "timeout"},
             )
             return
+        watch.proxy_connection_opened()
         try:
             counts = await _pump_both_ways(tls, enclave, gate, settings)
         finally:
+            watch.proxy_connection_closed()
             await _close(enclave, settings.close_timeout_s)
         log.debug(
             "ingress connection closed",

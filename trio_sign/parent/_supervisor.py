@@ -229,7 +229,9 @@ async def _run_enclave_once(
                     serve_sse_relay,
                     relay_listeners,
                     config.relay_allowlist,
-                    ssl_context_for_upstream=ssl.create_default_context(),
+                    ssl_context_for_upstream=ssl.create_default_context(
+                        cafile=None if config.relay_ca is None else str(config.relay_ca)
+                    ),
                     stats=state.relay,
                 )
             )
@@ -273,7 +275,9 @@ async def _run_enclave_once(
                     i.cert.read_bytes(), i.key.read_bytes(), i.client_ca.read_bytes()
                 )
                 await nursery.start(
-                    functools.partial(serve_ingress, i.listen, addresses.enclave_grpc, ctx, gate)
+                    functools.partial(
+                        serve_ingress, i.listen, addresses.enclave_grpc, ctx, gate, observer=state
+                    )
                 )
             task_status.started()
             code = await enclave.wait()
