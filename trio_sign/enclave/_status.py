@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import math
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -36,6 +35,7 @@ from typing import Final, NoReturn
 
 import trio
 
+from .._backoff import full_jitter_delay
 from ..nitro import (
     ChannelClosed,
     ChannelProtocolError,
@@ -168,8 +168,9 @@ async def run_reconnecting_channel(
         )
         if was_up:
             failures = 0
-        ceiling = min(backoff_max_s, backoff_initial_s * math.pow(2.0, min(failures, 64)))
-        delay = rng.uniform(0, ceiling)
+        delay = full_jitter_delay(
+            rng, base=backoff_initial_s, maximum=backoff_max_s, failures=failures
+        )
         failures += 1
         log.warning(
             "%s channel down (%s); reconnecting in %.3f s",

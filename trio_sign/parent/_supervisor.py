@@ -36,6 +36,7 @@ from typing import Any
 
 import trio
 
+from .._backoff import full_jitter_delay
 from .._errors import TrioSignError
 from ..nitro import AWS_NITRO_ROOT_PEM, MessageStream
 from ..shares import DevKeyFile
@@ -332,7 +333,8 @@ async def _supervise(
     forwarder: LogForwarder,
     task_status: trio.TaskStatus[tuple[ParentState, list[str]]],
 ) -> None:
-    delay = config.failure.backoff_initial_s
+    failures = 0
+    rng = random.Random()
     async with trio.open_nursery() as nursery:
         if forwarder.cloudwatch is not None:
             await nursery.start(forwarder.cloudwatch.run)
@@ -351,10 +353,15 @@ async def _supervise(
                 if not config.failure.restart:
                     nursery.cancel_scope.cancel()
                     raise failure from exc
-            wait = random.uniform(0, delay)
+            wait = full_jitter_delay(
+                rng,
+                base=config.failure.backoff_initial_s,
+                maximum=config.failure.backoff_max_s,
+                failures=failures,
+            )
+            failures += 1
             log.warning("restarting the enclave after back-off", extra={"delay_s": round(wait, 1)})
             await trio.sleep(wait)
-            delay = min(delay * 2, config.failure.backoff_max_s)
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:

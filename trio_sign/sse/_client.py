@@ -14,6 +14,7 @@ from typing import Final
 
 import trio
 
+from .._backoff import full_jitter_delay
 from ..transport import TransportError
 from ._events import MessageEvent, RetryChanged, SseProtocolError, SseResponseError
 from ._http import (
@@ -163,8 +164,7 @@ async def run_sse_client(
         base = backoff_initial_s
         if client.retry_ms is not None:
             base = min(max(client.retry_ms / 1000, MIN_RETRY_S), backoff_max_s)
-        ceiling = min(backoff_max_s, base * 2.0 ** min(failures, 64))
-        delay = rng.uniform(0, ceiling)
+        delay = full_jitter_delay(rng, base=base, maximum=backoff_max_s, failures=failures)
         failures += 1
         log.warning(
             "sse: connection ended (%s); reconnecting in %.3f s (failure %d)",
