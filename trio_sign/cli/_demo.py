@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import logging
 import random
-import resource
 import statistics
 import time
 from pathlib import Path
@@ -47,10 +46,6 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[k]
 
 
-def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..crypto import aggregate, commit, sign
     from ..shares import DevKeyFile, ShareStore, seal_file
@@ -83,7 +78,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         progress.close()
 
     print("[3/4] preloading every share from the sealed bundle (Scheme A)")
-    rss_before = _rss_mib()
     progress = Progress("      loading")
     try:
         with sealed_path.open("rb") as f:
@@ -148,7 +142,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "accounts": len(store),
         "sealed_sha256": store.fingerprint,
         "preload_seconds": round(store.load_seconds, 3),
-        "rss_growth_mib": round(_rss_mib() - rss_before, 1),
+        "store_mib": round(store.nbytes() / 2**20, 2),
+        "store_bytes_per_account": round(store.nbytes() / max(1, len(store))),
         "signatures": args.signatures,
         "verified": args.signatures - failures,
         "failures": failures,
