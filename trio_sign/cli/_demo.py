@@ -158,7 +158,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print()
     print("trio-sign demo report (single process; FROST 2-of-3, Ed25519-verified)")
     for key, value in report.items():
-        print(f"  {key:<20} {value}")
+        print(f"  {key:<24} {value}")
     match = "fingerprint matches seal" if sealed.sha256 == store.fingerprint else "MISMATCH"
-    print(f"  {'sealed bundle':<20} {match}")
+    print(f"  {'sealed bundle':<24} {match}")
     return 0 if failures == 0 else 1
