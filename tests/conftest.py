@@ -23,3 +23,13 @@ def vectors_dir() -> Path:
     if not path.is_dir():
         raise RuntimeError(f"test vectors not found at {path}; set TRIO_SIGN_VECTORS")
     return path
+
+
+@pytest.fixture(scope="session")
+def nsm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A local NSM root shared by the tests that boot a real enclave."""
+    from trio_sign.nitro import LocalNsm
+
+    path = tmp_path_factory.mktemp("nsm")
+    LocalNsm.from_dir(path, create=True).close()
+    return path

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import io
-from dataclasses import dataclass
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
 
 from trio_sign.crypto import (
     SigningCommitment,
@@ -13,7 +21,16 @@ from trio_sign.crypto import (
     sign,
     trusted_dealer_keygen,
 )
-from trio_sign.shares import ShareRecord, ShareStore, write_plaintext
+from trio_sign.enclave import EnclaveConfig
+from trio_sign.nitro import ChannelMessage, ExitMessage, LogMessage, MessageStream, StateMessage
+from trio_sign.parent import (
+    DevRecipientKms,
+    serve_log_connection,
+    serve_preload,
+    serve_status_connection,
+)
+from trio_sign.shares import DevKeyFile, ShareRecord, ShareStore, encode_bundle, write_plaintext
+from trio_sign.transport import open_listeners
 
 
 @dataclass
@@ -90,3 +107,78 @@ class Peer:
 
 def sorted_commitments(*cs: SigningCommitment) -> list[SigningCommitment]:
     return sorted(cs, key=lambda c: int.from_bytes(c.identifier, "little"))
+
+
+@dataclass
+class FakeParent:
+    dir: Path
+    bundle: Path
+    kms: Any
+    states: list[StateMessage] = field(default_factory=list)
+    exits: list[int] = field(default_factory=list)
+    logs: list[dict[str, Any]] = field(default_factory=list)
+    preload_errors: list[BaseException] = field(default_factory=list)
+    boot_silent: bool = False
+
+    def on_status(self, message: ChannelMessage) -> None:
+        if isinstance(message, StateMessage):
+            self.states.append(message)
+        elif isinstance(message, ExitMessage):
+            self.exits.append(message.code)
+
+    def on_log(self, message: ChannelMessage) -> None:
+        if isinstance(message, LogMessage):
+            self.logs.append(json.loads(message.line))
+
+    async def boot(self, stream: trio.SocketStream) -> None:
+        if self.boot_silent:
+            await trio.sleep_forever()
+        try:
+            await serve_preload(MessageStream(stream), self.bundle, self.kms)
+        except Exception as exc:
+            self.preload_errors.append(exc)
+        finally:
+            await stream.aclose()
+
+    def config(self, **kw: Any) -> EnclaveConfig:
+        return EnclaveConfig(
+            grpc_listen=f"unix://{self.dir}/grpc.sock",
+            nsm="local",
+            preload_address=f"unix://{self.dir}/boot.sock",
+            status_address=f"unix://{self.dir}/status.sock",
+            log_address=f"unix://{self.dir}/logs.sock",
+            preload_timeout_s=kw.pop("preload_timeout_s", 20.0),
+            drain_grace_s=1.0,
+            **kw,
+        )
+
+
+@asynccontextmanager
+async def parent(
+    tmp_path: Path,
+    records: list[ShareRecord],
+    nsm_dir: Path,
+    *,
+    tamper: bool = False,
+    boot_silent: bool = False,
+) -> AsyncIterator[FakeParent]:
+    d = Path(tmp_path) / "sock"
+    d.mkdir()
+    key = DevKeyFile.create(d / "dev.key")
+    data = bytearray(encode_bundle(records, key, chunk_size=1024))
+    if tamper:
+        data[-40] ^= 1
+    bundle = d / "bundle.enc"
+    bundle.write_bytes(bytes(data))
+    root_pem = (nsm_dir / "local-nsm-root.pem").read_bytes()
+    fake = FakeParent(d, bundle, DevRecipientKms(key, root_pem=root_pem), boot_silent=boot_silent)
+    async with trio.open_nursery() as nursery:
+        for name, handler in (
+            ("boot", fake.boot),
+            ("status", functools.partial(serve_status_connection, on=fake.on_status)),
+            ("logs", functools.partial(serve_log_connection, on=fake.on_log)),
+        ):
+            listeners = await open_listeners(f"unix://{d}/{name}.sock")
+            await nursery.start(trio.serve_listeners, handler, listeners)
+        yield fake
+        nursery.cancel_scope.cancel()

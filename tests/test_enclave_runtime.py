@@ -13,9 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,74 +21,26 @@ import pytest
 import trio
 
 from proto_min import sign_service_pb2 as pb
-from trio_sign.enclave import EnclaveConfig, EnclaveExit, ExitCode, SessionPool, serve_enclave
+from trio_sign.enclave import EnclaveExit, ExitCode, SessionPool, serve_enclave
 from trio_sign.enclave._serve import EnclaveHandle
 from trio_sign.nitro import (
-    ChannelMessage,
-    ExitMessage,
     LocalNsm,
-    LogMessage,
-    MessageStream,
-    StateMessage,
     verify_attestation,
 )
-from trio_sign.parent import (
-    DevRecipientKms,
-    serve_log_connection,
-    serve_preload,
-    serve_status_connection,
-)
 from trio_sign.rpc import open_grpc_channel
-from trio_sign.shares import DevKeyFile, ShareRecord, encode_bundle
-from trio_sign.transport import TransportError, connect, open_listeners
+from trio_sign.shares import ShareRecord
+from trio_sign.transport import TransportError, connect
 
-from .enclave_helpers import Account, Peer, make_accounts, sorted_commitments
+from .enclave_helpers import (
+    Account,
+    FakeParent,
+    Peer,
+    make_accounts,
+    parent,
+    sorted_commitments,
+)
 
 S = "/trio_sign.v1.SignService/"
-
-
-@dataclass
-class FakeParent:
-    dir: Path
-    bundle: Path
-    kms: Any
-    states: list[StateMessage] = field(default_factory=list)
-    exits: list[int] = field(default_factory=list)
-    logs: list[dict[str, Any]] = field(default_factory=list)
-    preload_errors: list[BaseException] = field(default_factory=list)
-    boot_silent: bool = False
-
-    def on_status(self, message: ChannelMessage) -> None:
-        if isinstance(message, StateMessage):
-            self.states.append(message)
-        elif isinstance(message, ExitMessage):
-            self.exits.append(message.code)
-
-    def on_log(self, message: ChannelMessage) -> None:
-        if isinstance(message, LogMessage):
-            self.logs.append(json.loads(message.line))
-
-    async def boot(self, stream: trio.SocketStream) -> None:
-        if self.boot_silent:
-            await trio.sleep_forever()
-        try:
-            await serve_preload(MessageStream(stream), self.bundle, self.kms)
-        except Exception as exc:
-            self.preload_errors.append(exc)
-        finally:
-            await stream.aclose()
-
-    def config(self, **kw: Any) -> EnclaveConfig:
-        return EnclaveConfig(
-            grpc_listen=f"unix://{self.dir}/grpc.sock",
-            nsm="local",
-            preload_address=f"unix://{self.dir}/boot.sock",
-            status_address=f"unix://{self.dir}/status.sock",
-            log_address=f"unix://{self.dir}/logs.sock",
-            preload_timeout_s=kw.pop("preload_timeout_s", 20.0),
-            drain_grace_s=1.0,
-            **kw,
-        )
 
 
 @pytest.fixture(scope="module")
@@ -99,44 +48,6 @@ def accounts() -> dict[str, Account]:
     store, accounts = make_accounts(12)
     store.close()
     return accounts
-
-
-@pytest.fixture(scope="module")
-def nsm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("nsm")
-    LocalNsm.from_dir(path, create=True).close()
-    return path
-
-
-@asynccontextmanager
-async def parent(
-    tmp_path: Path,
-    records: list[ShareRecord],
-    nsm_dir: Path,
-    *,
-    tamper: bool = False,
-    boot_silent: bool = False,
-) -> AsyncIterator[FakeParent]:
-    d = Path(tmp_path) / "sock"
-    d.mkdir()
-    key = DevKeyFile.create(d / "dev.key")
-    data = bytearray(encode_bundle(records, key, chunk_size=1024))
-    if tamper:
-        data[-40] ^= 1
-    bundle = d / "bundle.enc"
-    bundle.write_bytes(bytes(data))
-    root_pem = (nsm_dir / "local-nsm-root.pem").read_bytes()
-    fake = FakeParent(d, bundle, DevRecipientKms(key, root_pem=root_pem), boot_silent=boot_silent)
-    async with trio.open_nursery() as nursery:
-        for name, handler in (
-            ("boot", fake.boot),
-            ("status", functools.partial(serve_status_connection, on=fake.on_status)),
-            ("logs", functools.partial(serve_log_connection, on=fake.on_log)),
-        ):
-            listeners = await open_listeners(f"unix://{d}/{name}.sock")
-            await nursery.start(trio.serve_listeners, handler, listeners)
-        yield fake
-        nursery.cancel_scope.cancel()
 
 
 async def test_boot_serve_attest_drain(

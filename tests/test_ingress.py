@@ -55,8 +55,7 @@ from trio_sign.rpc import (
 )
 from trio_sign.transport import TransportError, connect, open_listeners
 
-from .enclave_helpers import Account, Peer, make_accounts, sorted_commitments
-from .test_enclave_runtime import parent
+from .enclave_helpers import Account, Peer, make_accounts, parent, sorted_commitments
 
 grpc: Any = pytest.importorskip("grpc", reason="grpcio is a test dependency")
 # See tests/test_proto.py for why the generated module is imported dynamically.

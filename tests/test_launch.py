@@ -13,9 +13,7 @@ import trio
 
 from trio_sign.parent import LaunchError, LocalLauncher, NitroCliLauncher, namespaces_available
 
-from .enclave_helpers import make_accounts
-from .test_enclave_runtime import nsm_dir as nsm_dir
-from .test_enclave_runtime import parent
+from .enclave_helpers import make_accounts, parent
 
 FAKE_NITRO_CLI = r"""#!PYTHON
 import json, sys, pathlib
