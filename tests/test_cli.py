@@ -127,8 +127,6 @@ def test_demo_small(tmp_path: Path) -> None:
         env={**os.environ, "PYTHONWARNINGS": "error"},
     )
     assert proc.returncode == 0, proc.stderr
-    report = dict(
-        line.split(None, 1) for line in proc.stdout.splitlines() if line.startswith("  ")
-    )
+    report = dict(line.split(None, 1) for line in proc.stdout.splitlines() if line.startswith("  "))
     assert report["verified"].strip() == "40"
     assert report["failures"].strip() == "0"
