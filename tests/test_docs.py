@@ -1,0 +1,213 @@
+"""Keep the docs honest.
+
+* Every ``trio-sign ...`` command quoted in a fenced code block of ``docs/runbook.md`` and
+  ``docs/operations.md`` parses with the real argument parser (``build_parser``), so a renamed
+  flag or subcommand breaks the build, not the operator at 3 a.m.
+* Every relative link between the Markdown files (``docs/*.md`` and ``README.md``) resolves to
+  an existing file, and a ``#fragment`` to a heading of that file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trio_sign.cli._main import build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+COMMAND_DOCS = ("runbook.md", "operations.md")
+LINKED_DOCS = [*sorted(DOCS.glob("*.md")), ROOT / "README.md"]
+
+_FENCE = re.compile(r"^(\s*)```")
+_LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _code_lines(text: str) -> list[str]:
+    """Logical lines inside fenced code blocks: backslash continuations joined."""
+    out: list[str] = []
+    inside = False
+    pending = ""
+    for raw in text.splitlines():
+        if _FENCE.match(raw):
+            inside = not inside
+            pending = ""
+            continue
+        if not inside:
+            continue
+        line = raw.strip()
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        out.append(pending + line)
+        pending = ""
+    return out
+
+
+def _commands(text: str, program: str) -> list[str]:
+    """Each shell segment of a code line that runs ``program`` (after ``|``, ``&&``, ``;``)."""
+    found = []
+    for line in _code_lines(text):
+        line = line.removeprefix("$ ")
+        for segment in re.split(r"\s(?:\|\||\||&&|;)\s", line):
+            segment = segment.strip()
+            if segment.startswith("sudo "):
+                segment = segment[5:]
+            if segment.startswith(program + " ") or segment == program:
+                found.append(segment)
+    return found
+
+
+def _argv(command: str) -> list[str]:
+    """shlex-split a command, dropping a trailing comment and output redirections."""
+    words = shlex.split(command, comments=True)
+    argv = []
+    skip = False
+    for word in words:
+        if skip:
+            skip = False
+            continue
+        if word in (">", ">>", "<", "2>", "2>&1"):
+            skip = word != "2>&1"
+            continue
+        if word.startswith((">", "<")):
+            continue
+        argv.append(word)
+    return argv
+
+
+def _trio_sign_commands() -> list[tuple[str, str]]:
+    return [
+        (name, command)
+        for name in COMMAND_DOCS
+        if (DOCS / name).exists()
+        for command in _commands((DOCS / name).read_text(), "trio-sign")
+    ]
+
+
+def test_docs_quote_commands() -> None:
+    commands = _trio_sign_commands()
+    assert (DOCS / "runbook.md").exists()
+    by_doc = {name: sum(1 for doc, _ in commands if doc == name) for name in COMMAND_DOCS}
+    assert by_doc["runbook.md"] >= 8, by_doc
+    # every subcommand an operator uses appears somewhere
+    joined = "\n".join(command for _, command in commands)
+    for needed in (
+        "trio-sign shares seal",
+        "trio-sign shares inspect",
+        "trio-sign shares reencrypt",
+        "trio-sign attestation verify",
+    ):
+        assert needed in joined, needed
+
+
+@pytest.mark.parametrize(
+    ("doc", "command"), _trio_sign_commands(), ids=lambda v: v if len(v) < 60 else v[:60]
+)
+def test_quoted_command_parses(doc: str, command: str) -> None:
+    argv = _argv(command)
+    assert argv[0] == "trio-sign"
+    assert not any(re.fullmatch(r"<[^>]+>|\$\w+|\$\{\w+\}|\.\.\.", w) for w in argv), (
+        f"{doc}: use concrete example values, not placeholders: {command}"
+    )
+    parser = build_parser()
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            args = parser.parse_args(argv[1:])
+    except SystemExit as exc:  # pragma: no cover - the failure path
+        pytest.fail(f"{doc}: `{command}` does not parse: {stderr.getvalue().strip()} ({exc})")
+    assert callable(getattr(args, "func", None)), f"{doc}: `{command}` names no command"
+
+
+def _ops_commands() -> list[tuple[str, str]]:
+    return [
+        (name, command)
+        for name in COMMAND_DOCS
+        if (DOCS / name).exists()
+        for command in _commands((DOCS / name).read_text(), "python -m trio_sign.ops")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("doc", "command"), _ops_commands(), ids=lambda v: v if len(v) < 60 else v[:60]
+)
+def test_quoted_ops_subcommand_exists(doc: str, command: str) -> None:
+    """``python -m trio_sign.ops SUBCOMMAND`` names a subcommand the tool has (``--help``)."""
+    if importlib.util.find_spec("trio_sign.ops") is None:
+        pytest.skip("trio_sign.ops is not in this tree yet")
+    argv = _argv(command)
+    subcommand = argv[3]
+    result = subprocess.run(
+        [sys.executable, "-m", "trio_sign.ops", subcommand, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, f"{doc}: {subcommand}: {result.stderr.strip()[-300:]}"
+    for flag in (w.split("=", 1)[0] for w in argv[4:] if w.startswith("--")):
+        assert flag in result.stdout, f"{doc}: `{command}`: {subcommand} has no {flag}"
+
+
+def _slug(heading: str) -> str:
+    """GitHub's heading anchor: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"`([^`]*)`", r"\1", heading.strip()).lower()
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def _anchors(path: Path) -> set[str]:
+    anchors: set[str] = set()
+    inside = False
+    for line in path.read_text().splitlines():
+        if _FENCE.match(line):
+            inside = not inside
+            continue
+        if not inside and (m := re.match(r"#{1,6}\s+(.*?)\s*#*\s*$", line)):
+            slug = _slug(m.group(1))
+            n = 0
+            while (candidate := slug if n == 0 else f"{slug}-{n}") in anchors:
+                n += 1
+            anchors.add(candidate)
+    return anchors
+
+
+def _links(path: Path) -> list[str]:
+    links = []
+    inside = False
+    for line in path.read_text().splitlines():
+        if _FENCE.match(line):
+            inside = not inside
+            continue
+        if not inside:
+            links += _LINK.findall(re.sub(r"`[^`]*`", "", line))
+    return links
+
+
+@pytest.mark.parametrize("doc", LINKED_DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(doc: Path) -> None:
+    for target in _links(doc):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto:
+            continue
+        file_part, _, fragment = target.partition("#")
+        resolved = (doc.parent / file_part).resolve() if file_part else doc
+        assert resolved.exists(), f"{doc.name}: link {target!r} points at nothing"
+        if fragment and resolved.suffix == ".md":
+            assert fragment in _anchors(resolved), (
+                f"{doc.name}: link {target!r}: no heading #{fragment} in {resolved.name}"
+            )
+
+
+def test_slug_rules() -> None:
+    assert _slug("What the parent can and cannot do") == "what-the-parent-can-and-cannot-do"
+    assert _slug("4a. Automatic rotation (same key id)") == "4a-automatic-rotation-same-key-id"
+    assert _slug("The `parent.toml` keys") == "the-parenttoml-keys"
