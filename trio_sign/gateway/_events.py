@@ -1,0 +1,623 @@
+"""The gateway's Server-Sent Events endpoint, one stream per enclave node (DESIGN §5).
+
+``GET /v1/enclaves/{node_id}/events`` streams ``probe``, ``abort``, ``freeze``, ``unfreeze`` and
+``drain`` events to the enclave (through the parent's relay). Layers:
+
+- :mod:`._sse_format` (sans-io) turns an event into bytes.
+- :class:`EventHub` (no I/O, no ``await``): the coordinator and the prober publish into it
+  synchronously; per node it keeps a bounded replay buffer of the last events, so that a
+  reconnecting enclave's ``Last-Event-ID`` resumes exactly after what it saw, and fans events out
+  to the node's subscribers through bounded queues.
+- :class:`GatewayEventsApp` (ASGI) and :func:`serve_gateway_events` (hypercorn's Trio worker)
+  only move the hub's bytes to the HTTP response.
+
+Event ids are ``{epoch}-{seq}``: ``seq`` counts up from 1 per node, ``epoch`` is random per hub,
+so after a gateway restart an enclave's old ``Last-Event-ID`` is recognised as foreign (and
+everything the new hub kept is replayed) instead of being compared with unrelated numbers.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import re
+import secrets
+from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from .._errors import TrioSignError
+from ..transport import parse_address
+from ._sse_format import KEEPALIVE_COMMENT, format_event, format_retry
+
+log = logging.getLogger("trio_sign.gateway.events")
+
+#: Events kept per node for replay to a reconnecting enclave.
+DEFAULT_REPLAY_EVENTS: Final = 256
+#: Events queued per subscriber; a subscriber that falls further behind is disconnected (it
+#: reconnects with ``Last-Event-ID`` and is replayed from the buffer).
+DEFAULT_SUBSCRIBER_QUEUE: Final = 64
+#: Concurrent subscriptions per node; one is normal, a second one appears while a dead
+#: connection has not been noticed yet. A new one beyond this evicts the oldest.
+DEFAULT_MAX_SUBSCRIBERS_PER_NODE: Final = 4
+#: Concurrent subscriptions over all nodes; more are answered ``503``.
+DEFAULT_MAX_SUBSCRIBERS: Final = 1024
+#: Seconds of silence after which a comment is sent; well under the enclave's 45 s
+#: ``sse_keepalive_timeout_s`` and the relay's 90 s idle timeout.
+DEFAULT_EVENTS_KEEPALIVE_S: Final = 15.0
+#: The ``retry:`` sent at the start of every stream: the base of the enclave's reconnect back-off.
+DEFAULT_EVENTS_RETRY_MS: Final = 1000
+#: Grace period for open streams when the server is cancelled.
+DEFAULT_EVENTS_GRACEFUL_TIMEOUT_S: Final = 1.0
+
+#: A node id as it appears in the URL (DESIGN §5).
+NODE_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_PATH: Final = re.compile(r"/v1/enclaves/(?P<node_id>[^/]*)/events")
+_EVENT_ID: Final = re.compile(r"(?P<epoch>[0-9a-f]{8})-(?P<seq>[1-9][0-9]{0,18})")
+
+
+class SubscriberLimitError(TrioSignError):
+    """The hub already has ``max_subscribers`` subscriptions (raise the setting, or find out why
+    so many enclaves are connected)."""
+
+
+def valid_node_id(node_id: str) -> bool:
+    """Whether ``node_id`` is ``[A-Za-z0-9._-]{1,128}`` and not ``.`` or ``..``."""
+    return NODE_ID_PATTERN.fullmatch(node_id) is not None and node_id not in (".", "..")
+
+
+def _check_node_id(node_id: str) -> None:
+    if not valid_node_id(node_id):
+        raise ValueError(f"node id {node_id[:140]!r} is not [A-Za-z0-9._-]{{1,128}}")
+
+
+@dataclass(frozen=True, slots=True)
+class HubEvent:
+    """One published event.
+
+    Attributes:
+        seq: its position in the node's stream (1, 2, ...).
+        id: the SSE id, ``{epoch}-{seq}``.
+        type: the event type (``probe``, ...).
+        wire: the encoded event, ready to write.
+    """
+
+    seq: int
+    id: str
+    type: str
+    wire: bytes
+
+
+class Subscription:
+    """One subscriber of one node's events: first :attr:`backlog`, then :meth:`receive`.
+
+    Created by :meth:`EventHub.subscribe`. If the subscriber falls more than the hub's
+    ``subscriber_queue`` events behind, or is evicted by a newer subscription, :attr:`dropped`
+    is set, :attr:`cancel_scope` is cancelled (so a writer blocked on a stuck peer is not waited
+    on) and :meth:`receive` raises ``trio.EndOfChannel`` once the queue is empty.
+
+    Attributes:
+        node_id: the node.
+        backlog: events to send before any received ones (the replay after ``Last-Event-ID``).
+        cancel_scope: run the writer in it.
+        dropped: why the hub disconnected this subscriber (``""`` while subscribed).
+    """
+
+    def __init__(self, node_id: str, backlog: tuple[HubEvent, ...], queue_size: int) -> None:
+        self.node_id = node_id
+        self.backlog = backlog
+        self.cancel_scope = trio.CancelScope()
+        self.dropped = ""
+        self._send, self._receive = trio.open_memory_channel[HubEvent](queue_size)
+
+    async def receive(self) -> HubEvent:
+        """The next live event.
+
+        Error handling: ``trio.EndOfChannel`` after the hub dropped this subscriber (or it was
+        closed) and the queue is empty.
+        """
+        return await self._receive.receive()
+
+    def _offer(self, event: HubEvent) -> bool:
+        try:
+            self._send.send_nowait(event)
+        except trio.WouldBlock:
+            return False
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return True  # already dropped or closed; nothing to do
+        return True
+
+    def _drop(self, reason: str) -> None:
+        if not self.dropped:
+            self.dropped = reason
+        self._send.close()
+        self.cancel_scope.cancel()
+
+    def _close(self) -> None:
+        self._send.close()
+        self._receive.close()
+
+
+@dataclass(slots=True)
+class _Node:
+    buffer: collections.deque[HubEvent]
+    next_seq: int = 1
+    subscribers: list[Subscription] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class HubStats:
+    """Counters for metrics; updated in place by the hub.
+
+    Attributes:
+        published: events published.
+        subscriptions: subscriptions opened.
+        dropped_slow: subscribers disconnected for falling behind.
+        evicted: subscribers disconnected by a newer one for the same node.
+        refused: subscriptions refused (``max_subscribers``).
+        replayed: events replayed to reconnecting subscribers.
+        gaps: reconnects whose ``Last-Event-ID`` was older than the replay buffer.
+    """
+
+    published: int = 0
+    subscriptions: int = 0
+    dropped_slow: int = 0
+    evicted: int = 0
+    refused: int = 0
+    replayed: int = 0
+    gaps: int = 0
+
+
+class EventHub:
+    """Per-node event streams with replay; publish synchronously, subscribe per connection.
+
+    Args:
+        replay_events: events kept per node for ``Last-Event-ID`` replay.
+        subscriber_queue: events queued per subscriber before it is disconnected.
+        max_subscribers_per_node: a new subscription beyond this evicts the node's oldest one.
+        max_subscribers: subscriptions over all nodes; beyond this :meth:`subscribe` raises.
+
+    Nothing here awaits; the publish methods may be called from any Trio task (or from
+    synchronous code running in the Trio thread). Memory is bounded by the number of nodes
+    published to times ``replay_events``; nodes that were only subscribed to are forgotten when
+    their last subscriber leaves.
+    """
+
+    def __init__(
+        self,
+        *,
+        replay_events: int = DEFAULT_REPLAY_EVENTS,
+        subscriber_queue: int = DEFAULT_SUBSCRIBER_QUEUE,
+        max_subscribers_per_node: int = DEFAULT_MAX_SUBSCRIBERS_PER_NODE,
+        max_subscribers: int = DEFAULT_MAX_SUBSCRIBERS,
+    ) -> None:
+        if min(replay_events, subscriber_queue, max_subscribers_per_node, max_subscribers) < 1:
+            raise ValueError("every EventHub limit must be at least 1")
+        self.replay_events = replay_events
+        self.subscriber_queue = subscriber_queue
+        self.max_subscribers_per_node = max_subscribers_per_node
+        self.max_subscribers = max_subscribers
+        self.epoch = secrets.token_hex(4)
+        self.stats = HubStats()
+        self._nodes: dict[str, _Node] = {}
+        self._total_subscribers = 0
+
+    # -- publishing ----------------------------------------------------------------------------
+
+    def probe(self, node_id: str) -> str:
+        """Publish a ``probe`` with a fresh random nonce and return the nonce (the enclave echoes
+        it in ``GetStatus.last_sse_probe``)."""
+        nonce = secrets.token_urlsafe(16)
+        self.publish(node_id, "probe", {"nonce": nonce})
+        return nonce
+
+    def abort(self, node_id: str, session_id: str) -> str:
+        """Publish ``abort``: the node drops the session. Returns the event id."""
+        return self.publish(node_id, "abort", {"session_id": _non_empty("session_id", session_id)})
+
+    def freeze(self, node_id: str, account_id: str) -> str:
+        """Publish ``freeze``: the node refuses ``Commit``/``Sign`` for the account."""
+        return self.publish(node_id, "freeze", {"account_id": _non_empty("account_id", account_id)})
+
+    def unfreeze(self, node_id: str, account_id: str) -> str:
+        """Publish ``unfreeze``: the node serves the account again."""
+        return self.publish(
+            node_id, "unfreeze", {"account_id": _non_empty("account_id", account_id)}
+        )
+
+    def drain(self, node_id: str) -> str:
+        """Publish ``drain``: the node takes no new sessions and finishes the open ones."""
+        return self.publish(node_id, "drain", {})
+
+    def publish(self, node_id: str, event: str, data: Mapping[str, Any]) -> str:
+        """Append an event to the node's stream and offer it to every subscriber; returns its id.
+
+        A subscriber whose queue is full is disconnected (never waited on); it will reconnect
+        with ``Last-Event-ID`` and get the event from the replay buffer.
+
+        Error handling: ``ValueError`` for a bad node id or event (see
+        :func:`~trio_sign.gateway.format_event`).
+        """
+        _check_node_id(node_id)
+        node = self._node(node_id)
+        seq = node.next_seq
+        event_id = f"{self.epoch}-{seq}"
+        hub_event = HubEvent(seq, event_id, event, format_event(event, data, id=event_id))
+        node.next_seq += 1
+        node.buffer.append(hub_event)
+        self.stats.published += 1
+        for sub in list(node.subscribers):
+            if not sub._offer(hub_event):
+                self.stats.dropped_slow += 1
+                log.warning(
+                    "events: subscriber of node %r is %d events behind; disconnecting it",
+                    node_id,
+                    self.subscriber_queue,
+                )
+                self._remove(node_id, node, sub, "fell behind")
+        log.debug(
+            "events: %s %s to node %r (%d subscribers)",
+            event,
+            event_id,
+            node_id,
+            len(node.subscribers),
+        )
+        return event_id
+
+    # -- subscribing ---------------------------------------------------------------------------
+
+    def subscribers(self, node_id: str) -> int:
+        """How many subscriptions the node has now."""
+        node = self._nodes.get(node_id)
+        return len(node.subscribers) if node is not None else 0
+
+    def last_event_id(self, node_id: str) -> str | None:
+        """The id of the node's latest event, or None if nothing was published to it."""
+        node = self._nodes.get(node_id)
+        return node.buffer[-1].id if node is not None and node.buffer else None
+
+    @contextmanager
+    def subscribe(self, node_id: str, last_event_id: str = "") -> Iterator[Subscription]:
+        """Subscribe to a node's events, resuming after ``last_event_id``.
+
+        The replay and the registration happen together (nothing awaits in between), so the
+        subscriber sees every event after ``last_event_id`` exactly once, in order:
+
+        - ``""``: live events only.
+        - an id of this hub still in the buffer (or the latest one): the events after it.
+        - an id of this hub older than the buffer: everything kept, with a WARNING (events
+          between it and the oldest kept one are lost).
+        - an id of another hub (a gateway restart): everything kept.
+        - anything else (garbage, or an id from the future): live events only, with a WARNING.
+
+        Error handling: ``ValueError`` for a bad node id; :class:`SubscriberLimitError` when
+        ``max_subscribers`` are open.
+        """
+        _check_node_id(node_id)
+        if self._total_subscribers >= self.max_subscribers:
+            self.stats.refused += 1
+            raise SubscriberLimitError(
+                f"{self._total_subscribers} event subscriptions are open (max_subscribers)"
+            )
+        node = self._node(node_id)
+        backlog = self._replay(node_id, node, last_event_id)
+        sub = Subscription(node_id, backlog, self.subscriber_queue)
+        while len(node.subscribers) >= self.max_subscribers_per_node:
+            self.stats.evicted += 1
+            log.warning(
+                "events: node %r has %d subscriptions; dropping the oldest for a new one",
+                node_id,
+                len(node.subscribers),
+            )
+            self._remove(node_id, node, node.subscribers[0], "replaced by a newer subscription")
+        node.subscribers.append(sub)
+        self._total_subscribers += 1
+        self.stats.subscriptions += 1
+        self.stats.replayed += len(backlog)
+        try:
+            yield sub
+        finally:
+            if sub in node.subscribers:
+                self._remove(node_id, node, sub, "")
+            sub._close()
+
+    def _replay(self, node_id: str, node: _Node, last_event_id: str) -> tuple[HubEvent, ...]:
+        buffer = node.buffer
+        if not last_event_id:
+            return ()
+        match = _EVENT_ID.fullmatch(last_event_id)
+        if match is None or (match["epoch"] == self.epoch and int(match["seq"]) >= node.next_seq):
+            log.warning(
+                "events: node %r resumed from unknown Last-Event-ID %r; sending new events only",
+                node_id,
+                last_event_id[:80],
+            )
+            return ()
+        if match["epoch"] != self.epoch:
+            log.info(
+                "events: node %r resumed from another gateway's event id %r; replaying all %d"
+                " kept events",
+                node_id,
+                last_event_id,
+                len(buffer),
+            )
+            return tuple(buffer)
+        seq = int(match["seq"])
+        if buffer and seq < buffer[0].seq - 1:
+            self.stats.gaps += 1
+            log.warning(
+                "events: node %r resumed from event %s but the oldest kept is %s: events %d..%d"
+                " may have been missed (replay_events=%d)",
+                node_id,
+                last_event_id,
+                buffer[0].id,
+                seq + 1,
+                buffer[0].seq - 1,
+                self.replay_events,
+            )
+            return tuple(buffer)
+        return tuple(e for e in buffer if e.seq > seq)
+
+    def _node(self, node_id: str) -> _Node:
+        node = self._nodes.get(node_id)
+        if node is None:
+            node = self._nodes[node_id] = _Node(collections.deque(maxlen=self.replay_events))
+        return node
+
+    def _remove(self, node_id: str, node: _Node, sub: Subscription, reason: str) -> None:
+        node.subscribers.remove(sub)
+        self._total_subscribers -= 1
+        if reason:
+            sub._drop(reason)
+        if not node.subscribers and not node.buffer:
+            # Only subscribed to, never published to: nothing worth keeping (and a client
+            # must not be able to grow the hub by inventing node ids).
+            del self._nodes[node_id]
+
+
+def _non_empty(name: str, value: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a non-empty string")
+    return value
+
+
+# -- the ASGI application ----------------------------------------------------------------------
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_TEXT: Final = b"text/plain; charset=utf-8"
+_EVENT_STREAM: Final = "text/event-stream"
+
+
+def accepts_event_stream(accept: str | None) -> bool:
+    """Whether an ``Accept`` header allows ``text/event-stream`` (RFC 9110 §12.5.1: no header
+    accepts anything; ``text/*`` and ``*/*`` count; ``q=0`` excludes)."""
+    if accept is None:
+        return True
+    best: tuple[int, float] | None = None  # (specificity, q) of the most specific match
+    for item in accept.split(","):
+        media, *params = (part.strip() for part in item.split(";"))
+        media = media.lower()
+        if media == _EVENT_STREAM:
+            specificity = 2
+        elif media == "text/*":
+            specificity = 1
+        elif media == "*/*":
+            specificity = 0
+        else:
+            continue
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value.strip())
+                except ValueError:
+                    q = 0.0
+        if best is None or specificity > best[0]:
+            best = (specificity, q)
+    return best is not None and best[1] > 0
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    values = [value for key, value in scope.get("headers", []) if key.lower() == name]
+    if not values:
+        return None
+    return b",".join(values).decode("latin-1")
+
+
+class GatewayEventsApp:
+    """The ASGI app behind :func:`serve_gateway_events` (no framework).
+
+    ``GET /v1/enclaves/{node_id}/events``: ``200 text/event-stream``, a ``retry:`` block, the
+    replay after ``Last-Event-ID``, then live events, with a comment after every ``keepalive_s``
+    of silence. ``400`` for a malformed node id, ``404`` for any other path, ``405`` for other
+    methods, ``406`` when ``Accept`` rules out ``text/event-stream``, ``503`` when the hub is at
+    ``max_subscribers``.
+    """
+
+    def __init__(
+        self,
+        hub: EventHub,
+        *,
+        keepalive_s: float = DEFAULT_EVENTS_KEEPALIVE_S,
+        retry_ms: int = DEFAULT_EVENTS_RETRY_MS,
+    ) -> None:
+        if keepalive_s <= 0:
+            raise ValueError("keepalive_s must be positive")
+        self.hub = hub
+        self.keepalive_s = keepalive_s
+        self.retry_block = format_retry(retry_ms)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        match = _PATH.fullmatch(scope.get("path", ""))
+        if match is None:
+            await _respond(send, 404, b"not found\n")
+            return
+        if scope.get("method") != "GET":
+            await _respond(send, 405, b"method not allowed\n", [(b"allow", b"GET")])
+            return
+        node_id = match["node_id"]
+        if not valid_node_id(node_id):
+            await _respond(send, 400, b"malformed node id: [A-Za-z0-9._-]{1,128} expected\n")
+            return
+        if not accepts_event_stream(_header(scope, b"accept")):
+            await _respond(send, 406, b"only text/event-stream is served here\n")
+            return
+        raw_last = _header(scope, b"last-event-id") or ""
+        try:
+            last_event_id = raw_last.encode("latin-1").decode("utf-8")
+        except UnicodeDecodeError:
+            last_event_id = "\ufffd"  # garbage: live events only
+        try:
+            with self.hub.subscribe(node_id, last_event_id) as sub:
+                await self._stream(sub, receive, send)
+        except SubscriberLimitError as exc:
+            log.warning("events: refusing node %r: %s", node_id, exc)
+            await _respond(send, 503, f"{exc}\n".encode(), [(b"retry-after", b"5")])
+
+    async def _stream(self, sub: Subscription, receive: Receive, send: Send) -> None:
+        log.info("events: node %r subscribed (replaying %d events)", sub.node_id, len(sub.backlog))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+            with sub.cancel_scope:
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 200,
+                        "headers": [
+                            (b"content-type", b"text/event-stream"),
+                            (b"cache-control", b"no-cache"),
+                            (b"x-accel-buffering", b"no"),
+                        ],
+                    }
+                )
+                await _body(send, self.retry_block + b"".join(e.wire for e in sub.backlog))
+                while True:
+                    with trio.move_on_after(self.keepalive_s) as idle:
+                        try:
+                            event = await sub.receive()
+                        except trio.EndOfChannel:
+                            break
+                    if idle.cancelled_caught:
+                        await _body(send, KEEPALIVE_COMMENT)
+                    else:
+                        await _body(send, event.wire)
+            if sub.dropped:
+                # Possibly stuck in a write: end abruptly (hypercorn closes the connection);
+                # the enclave reconnects with Last-Event-ID and gets the rest replayed.
+                log.info("events: node %r disconnected: %s", sub.node_id, sub.dropped)
+            else:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            nursery.cancel_scope.cancel()
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            scope.cancel()
+            return
+
+
+async def _body(send: Send, data: bytes) -> None:
+    await send({"type": "http.response.body", "body": data, "more_body": True})
+
+
+async def _respond(
+    send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    headers = [
+        (b"content-type", _TEXT),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+        *(extra or []),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+# -- the server --------------------------------------------------------------------------------
+
+
+def _hypercorn_bind(listen_url: str) -> str:
+    address = parse_address(listen_url)
+    if address.scheme == "tcp":
+        host = address.host or "0.0.0.0"
+        host = f"[{host}]" if ":" in host else host
+        return f"{host}:{address.port}"
+    if address.scheme == "unix":
+        return f"unix:{address.path}"
+    raise ValueError(f"the gateway events server listens on tcp:// or unix://, not {listen_url!r}")
+
+
+async def serve_gateway_events(
+    listen_url: str,
+    hub: EventHub,
+    *,
+    keepalive_s: float = DEFAULT_EVENTS_KEEPALIVE_S,
+    retry_ms: int = DEFAULT_EVENTS_RETRY_MS,
+    certfile: str | None = None,
+    keyfile: str | None = None,
+    graceful_timeout_s: float = DEFAULT_EVENTS_GRACEFUL_TIMEOUT_S,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``GET /v1/enclaves/{node_id}/events`` from ``hub`` until cancelled.
+
+    Args:
+        listen_url: ``tcp://host:port`` (port 0 picks one) or ``unix:///path``.
+        keepalive_s: a comment after this many seconds of silence (keep it well under the
+            enclave's ``sse_keepalive_timeout_s``, 45 s by default).
+        retry_ms: the ``retry:`` sent first on every stream (the enclave's back-off base).
+        certfile, keyfile: PEM certificate chain and key to serve HTTPS (both or neither); the
+            parent's relay only speaks HTTPS to the gateway in production.
+
+    Readiness: ``task_status.started(binds)`` once listening; ``binds`` are hypercorn's
+    ``http(s)://host:port`` strings with the real ports.
+
+    Cancellation: stops the server; open streams get ``graceful_timeout_s``, then are cut (the
+    enclaves reconnect with ``Last-Event-ID``).
+
+    Error handling: a bad ``listen_url`` raises :class:`~trio_sign.transport.TransportError` or
+    ``ValueError``, only one of ``certfile``/``keyfile`` ``ValueError``, a bind failure or
+    unreadable certificate ``OSError``/``ssl.SSLError``, all before ``started``.
+    """
+    if (certfile is None) != (keyfile is None):
+        raise ValueError("give both certfile and keyfile to serve HTTPS, or neither")
+    config = HypercornConfig()
+    config.bind = [_hypercorn_bind(listen_url)]
+    config.accesslog = None
+    config.errorlog = log
+    config.graceful_timeout = graceful_timeout_s
+    config.include_server_header = False
+    if certfile is not None and keyfile is not None:
+        config.certfile = certfile
+        config.keyfile = keyfile
+    app = GatewayEventsApp(hub, keepalive_s=keepalive_s, retry_ms=retry_ms)
+    async with trio.open_nursery() as nursery:
+        binds: list[str] = await nursery.start(hypercorn_serve, app, config)
+        log.info("gateway events listening on %s", ", ".join(binds))
+        task_status.started(binds)
