@@ -1,6 +1,11 @@
 """The Sign Gateway's side of the service: the coordinator, the prober and the enclaves' event
 streams (DESIGN §5)."""
 
+from ._coordinator import GATEWAY_REASONS as GATEWAY_REASONS
+from ._coordinator import Coordinator as Coordinator
+from ._coordinator import CoordinatorSettings as CoordinatorSettings
+from ._coordinator import GatewayError as GatewayError
+from ._coordinator import load_participant_files as load_participant_files
 from ._events import DEFAULT_EVENTS_GRACEFUL_TIMEOUT_S as DEFAULT_EVENTS_GRACEFUL_TIMEOUT_S
 from ._events import DEFAULT_EVENTS_KEEPALIVE_S as DEFAULT_EVENTS_KEEPALIVE_S
 from ._events import DEFAULT_EVENTS_RETRY_MS as DEFAULT_EVENTS_RETRY_MS
@@ -17,10 +22,18 @@ from ._events import Subscription as Subscription
 from ._events import accepts_event_stream as accepts_event_stream
 from ._events import serve_gateway_events as serve_gateway_events
 from ._events import valid_node_id as valid_node_id
+from ._node import EnclaveNode as EnclaveNode
+from ._node import NodeSettings as NodeSettings
+from ._prober import ProbedNode as ProbedNode
+from ._prober import SendProbe as SendProbe
+from ._prober import run_prober as run_prober
 from ._sse_format import KEEPALIVE_COMMENT as KEEPALIVE_COMMENT
 from ._sse_format import format_comment as format_comment
 from ._sse_format import format_event as format_event
 from ._sse_format import format_retry as format_retry
+from ._tls import ALPN_H2 as ALPN_H2
+from ._tls import connect_tls as connect_tls
+from ._tls import make_client_ssl_context as make_client_ssl_context
 
 __all__ = [
     "DEFAULT_EVENTS_GRACEFUL_TIMEOUT_S",
@@ -43,4 +56,17 @@ __all__ = [
     "format_retry",
     "serve_gateway_events",
     "valid_node_id",
+    "ALPN_H2",
+    "GATEWAY_REASONS",
+    "Coordinator",
+    "CoordinatorSettings",
+    "EnclaveNode",
+    "GatewayError",
+    "NodeSettings",
+    "ProbedNode",
+    "SendProbe",
+    "connect_tls",
+    "load_participant_files",
+    "make_client_ssl_context",
+    "run_prober",
 ]

@@ -1,0 +1,488 @@
+"""The gateway's FROST coordination: one Ed25519 signature from the enclave and the local
+counterpart participant(s).
+
+A signature is one *session* on one enclave node:
+
+1. pick a node (`Coordinator` routing below) and a fresh random ``session_id``;
+2. ``Commit`` on the enclave and `commit` locally for every counterpart share;
+3. sort the commitment list by identifier; ``Sign`` on the enclave, `sign` locally;
+4. `aggregate` with the verifying shares (the enclave's from ``GetAccount``, cached per
+   account; the counterparts' from their share files), which names a faulty share, and verify
+   the result with libsodium (``nacl.signing.VerifyKey``) under the group key.
+
+Any failure once ``Commit`` was sent aborts the session on the enclave (best effort, shielded,
+bounded by the node's ``abort_timeout_s``) so its pool slot and nonces are freed at once
+instead of at the session TTL.
+
+Retries (DESIGN §4): a ``Sign`` that failed UNAVAILABLE or DEADLINE_EXCEEDED is retried
+byte-identically on the same session (the enclave answers the same share, or consumes the
+nonces exactly once if the first attempt never arrived). Other transient failures
+(UNAVAILABLE, DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED at ``Commit``, NOT_FOUND at ``Sign``: the
+session expired or the enclave restarted) abort the session and start a new one, preferably on
+another node, up to ``max_sessions_per_signature``. Refusals that a new session would not fix
+(INVALID_ARGUMENT, FAILED_PRECONDITION such as a frozen account, a bad share) are raised.
+
+Routing: Scheme A preloads every account into every enclave of a deployment, so any node can
+sign for any account. The coordinator picks, among the nodes not evicted by the prober, a
+healthy one with the fewest sessions in flight (failing-but-not-yet-evicted nodes only if no
+healthy one is left). Sharding accounts across enclave groups is future work: it would replace
+`Coordinator._choose_node` with a lookup from account to node group.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nacl.exceptions
+import nacl.signing
+import trio
+
+from .._errors import FrostError, InvalidSignatureShareError, ShareFileError, TrioSignError
+from ..crypto import SigningCommitment, SigningNonces, aggregate, commit, sign
+from ..rpc import RpcError, StatusCode
+from ..shares import AccountShare, ShareStore
+from ._node import EnclaveNode
+
+log = logging.getLogger("trio_sign.gateway.coordinator")
+
+#: The stable reasons of `GatewayError`.
+GATEWAY_REASONS = frozenset(
+    {
+        "no_healthy_node",
+        "enclave_refused",
+        "bad_share",
+        "verify_failed",
+        "unknown_account",
+        "key_mismatch",
+        "too_few_signers",
+    }
+)
+
+_SIGN_RETRY = frozenset({StatusCode.UNAVAILABLE, StatusCode.DEADLINE_EXCEEDED})
+_NEW_SESSION_AT_COMMIT = frozenset(
+    {StatusCode.UNAVAILABLE, StatusCode.DEADLINE_EXCEEDED, StatusCode.RESOURCE_EXHAUSTED}
+)
+_NEW_SESSION_AT_SIGN = frozenset(
+    {StatusCode.UNAVAILABLE, StatusCode.DEADLINE_EXCEEDED, StatusCode.NOT_FOUND}
+)
+
+
+class GatewayError(TrioSignError):
+    """A signature could not be produced.
+
+    Attributes:
+        reason: a stable code: ``no_healthy_node`` (every node evicted or unreachable),
+            ``enclave_refused`` (a gRPC refusal, see ``status``), ``bad_share`` (a signature
+            share or commitment failed verification; ``identifier`` names whose),
+            ``verify_failed`` (the aggregate did not verify, with no share to blame),
+            ``unknown_account`` (no counterpart share, or the enclave does not know it),
+            ``key_mismatch`` (the enclave's group key for the account differs from the
+            counterparts'), ``too_few_signers`` (fewer participants than ``min_signers``).
+        status: the gRPC status for ``enclave_refused`` (and the last one seen for
+            ``no_healthy_node``), else None.
+        identifier: the 32-byte identifier of the faulty signer for ``bad_share``, else None.
+        node_id: the node involved, if any.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str,
+        status: StatusCode | None = None,
+        identifier: bytes | None = None,
+        node_id: str | None = None,
+    ) -> None:
+        assert reason in GATEWAY_REASONS, reason
+        super().__init__(message)
+        self.reason = reason
+        self.status = status
+        self.identifier = identifier
+        self.node_id = node_id
+
+
+@dataclass(frozen=True, slots=True)
+class CoordinatorSettings:
+    """Limits of the coordinator.
+
+    Attributes:
+        max_concurrent_signatures: signatures in progress at once; more wait for a slot.
+        max_sessions_per_signature: sessions (each a fresh Commit) tried for one signature
+            before giving up.
+        sign_retries: byte-identical ``Sign`` retries on the same session after UNAVAILABLE
+            or DEADLINE_EXCEEDED.
+        account_cache_size: accounts whose enclave verifying share is cached.
+    """
+
+    max_concurrent_signatures: int = 256
+    max_sessions_per_signature: int = 3
+    sign_retries: int = 2
+    account_cache_size: int = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class _EnclaveAccount:
+    identifier: bytes
+    verifying_share: bytes
+    group_public_key: bytes
+
+
+class _NewSession(Exception):  # internal control flow: never escapes sign_message
+    def __init__(self, error: RpcError, node: EnclaveNode) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.node = node
+
+
+def load_participant_files(paths: Iterable[str | os.PathLike[str]]) -> list[ShareStore]:
+    """Load counterpart participants' plaintext share files (``participant-N_key_shares.json``
+    from ``trio-sign shares generate``), fully verified. Blocking: run it in a thread.
+
+    Raises:
+        ShareFileError: a file is refused (with line and reason); stores already loaded are
+            closed (zeroed).
+    """
+    stores: list[ShareStore] = []
+    try:
+        for path in paths:
+            with Path(path).open("rb") as f:
+                stores.append(ShareStore.load_plaintext(f))
+    except BaseException:
+        for store in stores:
+            store.close()
+        raise
+    return stores
+
+
+class Coordinator:
+    """Drives FROST sessions between enclave nodes and local counterpart shares.
+
+    Args:
+        nodes: the enclave nodes (each running: ``nursery.start(node.run)``); all hold every
+            account (Scheme A). Their health comes from `run_prober`.
+        counterparts: the local participants' share stores (one per participant file); every
+            store holding the account signs with the enclave.
+        settings: limits.
+
+    The coordinator does not own the stores: close them after it is done.
+    """
+
+    def __init__(
+        self,
+        nodes: Sequence[EnclaveNode],
+        counterparts: Sequence[ShareStore],
+        *,
+        settings: CoordinatorSettings = CoordinatorSettings(),
+    ) -> None:
+        if not nodes:
+            raise ValueError("a Coordinator needs at least one enclave node")
+        self.nodes = list(nodes)
+        self.counterparts = list(counterparts)
+        self.settings = settings
+        self.limiter = trio.CapacityLimiter(settings.max_concurrent_signatures)
+        self._accounts: OrderedDict[str, _EnclaveAccount] = OrderedDict()
+        self.signatures = 0
+        self.aborted_sessions = 0
+
+    # -- public --------------------------------------------------------------------------------
+
+    async def sign_message(self, account_id: str, message: bytes) -> bytes:
+        """Produce the account's 64-byte Ed25519 signature of ``message`` (verified).
+
+        Error handling: raises `GatewayError` with a stable ``reason`` (see there). Transient
+        enclave failures are retried as described in the module docstring.
+
+        Cancellation: safe; an open session is aborted on the enclave (shielded, bounded).
+        """
+        shares = self._local_shares(account_id)
+        async with self.limiter:
+            tried: set[str] = set()
+            last: _NewSession | None = None
+            for _attempt in range(self.settings.max_sessions_per_signature):
+                node = self._choose_node(avoid=tried)
+                if node is None:
+                    break
+                tried.add(node.node_id)
+                try:
+                    signature = await self._session(node, account_id, message, shares)
+                except _NewSession as retry:
+                    last = retry
+                    log.info(
+                        "session failed; trying a new one",
+                        extra={
+                            "node": retry.node.node_id,
+                            "account_id": account_id,
+                            "status": retry.error.status.name,
+                        },
+                    )
+                    continue
+                self.signatures += 1
+                return signature
+        if last is None:
+            raise GatewayError(
+                "no enclave node is available (all evicted); see the prober's node_evicted alerts",
+                reason="no_healthy_node",
+            )
+        raise GatewayError(
+            f"no enclave node could sign after {self.settings.max_sessions_per_signature} "
+            f"sessions; last: node {last.node.node_id}: {last.error}",
+            reason="no_healthy_node",
+            status=last.error.status,
+            node_id=last.node.node_id,
+        )
+
+    # -- the parts -----------------------------------------------------------------------------
+
+    def _local_shares(self, account_id: str) -> list[AccountShare]:
+        try:
+            shares = [s for s in (store.get(account_id) for store in self.counterparts) if s]
+        except ShareFileError as exc:
+            raise GatewayError(
+                f"account {account_id!r}: counterpart share refused: {exc}", reason="bad_share"
+            ) from exc
+        if not shares:
+            raise GatewayError(
+                f"account {account_id!r} has no counterpart share in the participant files",
+                reason="unknown_account",
+            )
+        group_keys = {s.group_public_key for s in shares}
+        if len(group_keys) != 1:
+            raise GatewayError(
+                f"account {account_id!r}: the participant files disagree on the group key",
+                reason="key_mismatch",
+            )
+        if len({s.identifier for s in shares}) != len(shares):
+            raise GatewayError(
+                f"account {account_id!r}: two participant files hold the same identifier",
+                reason="key_mismatch",
+            )
+        if len(shares) + 1 < shares[0].min_signers:
+            raise GatewayError(
+                f"account {account_id!r} needs {shares[0].min_signers} signers; the enclave "
+                f"and {len(shares)} counterpart(s) are too few: add participant files",
+                reason="too_few_signers",
+            )
+        return shares
+
+    def _choose_node(self, *, avoid: set[str]) -> EnclaveNode | None:
+        live = [n for n in self.nodes if not n.evicted]
+        if not live:
+            return None
+        fresh = [n for n in live if n.node_id not in avoid] or live
+        healthy = [n for n in fresh if n.healthy] or fresh
+        return min(healthy, key=lambda n: n.in_flight)
+
+    async def _enclave_account(self, node: EnclaveNode, account_id: str) -> _EnclaveAccount:
+        cached = self._accounts.get(account_id)
+        if cached is not None:
+            self._accounts.move_to_end(account_id)
+            return cached
+        try:
+            info = await node.get_account(account_id)
+        except RpcError as exc:
+            raise self._refused(exc, node, "GetAccount", account_id) from exc
+        account = _EnclaveAccount(
+            bytes(info.identifier), bytes(info.verifying_share), bytes(info.group_public_key)
+        )
+        self._accounts[account_id] = account
+        if len(self._accounts) > self.settings.account_cache_size:
+            self._accounts.popitem(last=False)
+        return account
+
+    def _refused(
+        self, exc: RpcError, node: EnclaveNode, what: str, account_id: str
+    ) -> GatewayError | _NewSession:
+        if what in ("Commit", "GetAccount") and exc.status in _NEW_SESSION_AT_COMMIT:
+            return _NewSession(exc, node)
+        if what == "Sign" and exc.status in _NEW_SESSION_AT_SIGN:
+            return _NewSession(exc, node)
+        if exc.status == StatusCode.NOT_FOUND and what in ("Commit", "GetAccount"):
+            return GatewayError(
+                f"account {account_id!r} is unknown to enclave node {node.node_id}",
+                reason="unknown_account",
+                status=exc.status,
+                node_id=node.node_id,
+            )
+        return GatewayError(
+            f"enclave node {node.node_id} refused {what}: {exc}",
+            reason="enclave_refused",
+            status=exc.status,
+            node_id=node.node_id,
+        )
+
+    async def _session(
+        self, node: EnclaveNode, account_id: str, message: bytes, shares: list[AccountShare]
+    ) -> bytes:
+        group_key = shares[0].group_public_key
+        enclave = await self._enclave_account(node, account_id)
+        if enclave.group_public_key != group_key:
+            raise GatewayError(
+                f"account {account_id!r}: enclave node {node.node_id} holds a share of another "
+                "group key than the participant files",
+                reason="key_mismatch",
+                node_id=node.node_id,
+            )
+        session_id = secrets.token_hex(16)
+        nonces: list[SigningNonces] = []
+        committed = False
+        node.in_flight += 1
+        try:
+            committed = True  # from here the enclave may hold a session: abort on failure
+            try:
+                reply = await node.commit(account_id, session_id)
+            except RpcError as exc:
+                raise self._refused(exc, node, "Commit", account_id) from exc
+            own = SigningCommitment(
+                bytes(reply.identifier), bytes(reply.hiding), bytes(reply.binding)
+            )
+            if own.identifier != enclave.identifier:
+                # The node's share for this account is not the one cached (another bundle?):
+                # forget the cache entry so the next signature re-reads it.
+                self._accounts.pop(account_id, None)
+                raise GatewayError(
+                    f"enclave node {node.node_id} committed as identifier "
+                    f"{own.identifier.hex()}, not {enclave.identifier.hex()} from GetAccount",
+                    reason="bad_share",
+                    identifier=own.identifier,
+                    node_id=node.node_id,
+                )
+            nonces = [commit(s.identifier, s.signing_share) for s in shares]
+            commitments = sorted(
+                [own, *(n.commitment for n in nonces)],
+                key=lambda c: int.from_bytes(c.identifier, "little"),
+            )
+            local = self._sign_locally(nonces, shares, message, commitments, enclave, node)
+            enclave_share = await self._sign_on_enclave(
+                node, session_id, message, commitments, account_id
+            )
+            signature = self._aggregate(
+                commitments, message, group_key, enclave, enclave_share, local, shares, node
+            )
+            committed = False  # signed: the enclave already freed the slot
+            return signature
+        finally:
+            node.in_flight -= 1
+            for n in nonces:
+                n.zero()
+            if committed:
+                await self._abort(node, session_id)
+
+    def _sign_locally(
+        self,
+        nonces: list[SigningNonces],
+        shares: list[AccountShare],
+        message: bytes,
+        commitments: list[SigningCommitment],
+        enclave: _EnclaveAccount,
+        node: EnclaveNode,
+    ) -> dict[bytes, bytes]:
+        out: dict[bytes, bytes] = {}
+        for n, s in zip(nonces, shares, strict=True):
+            try:
+                out[s.identifier] = sign(
+                    n,
+                    signing_share=s.signing_share,
+                    group_public_key=s.group_public_key,
+                    message=message,
+                    commitments=commitments,
+                    min_signers=s.min_signers,
+                    max_signers=s.max_signers,
+                )
+            except FrostError as exc:
+                # Our own commitments are well formed: the enclave's is what was refused.
+                raise GatewayError(
+                    f"enclave node {node.node_id}'s commitment was refused: {exc}",
+                    reason="bad_share",
+                    identifier=enclave.identifier,
+                    node_id=node.node_id,
+                ) from exc
+        return out
+
+    async def _sign_on_enclave(
+        self,
+        node: EnclaveNode,
+        session_id: str,
+        message: bytes,
+        commitments: list[SigningCommitment],
+        account_id: str,
+    ) -> bytes:
+        for attempt in range(self.settings.sign_retries + 1):
+            try:
+                reply = await node.sign(session_id, message, commitments)
+            except RpcError as exc:
+                if exc.status in _SIGN_RETRY and attempt < self.settings.sign_retries:
+                    log.info(
+                        "Sign failed; retrying it on the same session",
+                        extra={"node": node.node_id, "status": exc.status.name},
+                    )
+                    continue
+                raise self._refused(exc, node, "Sign", account_id) from exc
+            return bytes(reply.signature_share)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _aggregate(
+        self,
+        commitments: list[SigningCommitment],
+        message: bytes,
+        group_key: bytes,
+        enclave: _EnclaveAccount,
+        enclave_share: bytes,
+        local: dict[bytes, bytes],
+        shares: list[AccountShare],
+        node: EnclaveNode,
+    ) -> bytes:
+        verifying = {s.identifier: s.verifying_share for s in shares}
+        verifying[enclave.identifier] = enclave.verifying_share
+        try:
+            signature = aggregate(
+                commitments=commitments,
+                message=message,
+                group_public_key=group_key,
+                signature_shares={**local, enclave.identifier: enclave_share},
+                verifying_shares=verifying,
+            )
+        except InvalidSignatureShareError as exc:
+            whose = (
+                f"enclave node {node.node_id}"
+                if exc.identifier == enclave.identifier
+                else "a participant file"
+            )
+            raise GatewayError(
+                f"the signature share of identifier {exc.identifier.hex()} ({whose}) is invalid",
+                reason="bad_share",
+                identifier=exc.identifier,
+                node_id=node.node_id,
+            ) from exc
+        except FrostError as exc:
+            raise GatewayError(
+                f"the aggregate signature was refused: {exc}",
+                reason="verify_failed",
+                node_id=node.node_id,
+            ) from exc
+        try:
+            nacl.signing.VerifyKey(group_key).verify(message, signature)
+        except nacl.exceptions.BadSignatureError as exc:  # pragma: no cover - aggregate checked
+            raise GatewayError(
+                "the aggregate signature does not verify under the group key",
+                reason="verify_failed",
+                node_id=node.node_id,
+            ) from exc
+        return signature
+
+    async def _abort(self, node: EnclaveNode, session_id: str) -> None:
+        self.aborted_sessions += 1
+        with trio.move_on_after(node.settings.abort_timeout_s, shield=True):
+            try:
+                await node.abort(session_id)
+            except RpcError as exc:
+                # NOT_FOUND: the Commit never arrived or the session already expired.
+                log.debug(
+                    "abort not done",
+                    extra={"node": node.node_id, "status": exc.status.name},
+                )
