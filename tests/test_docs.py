@@ -211,3 +211,33 @@ def test_slug_rules() -> None:
     assert _slug("What the parent can and cannot do") == "what-the-parent-can-and-cannot-do"
     assert _slug("4a. Automatic rotation (same key id)") == "4a-automatic-rotation-same-key-id"
     assert _slug("The `parent.toml` keys") == "the-parenttoml-keys"
+
+
+def _toml_blocks(text: str) -> list[str]:
+    return re.findall(r"^```toml\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)
+
+
+@pytest.mark.parametrize("doc", COMMAND_DOCS)
+def test_quoted_parent_toml_parses(doc: str, tmp_path: Path) -> None:
+    """A ``parent.toml`` quoted in a ```toml block is accepted by the real config parser."""
+    from trio_sign.parent._config import parse_parent_config  # not re-exported (yet)
+
+    blocks = _toml_blocks((DOCS / doc).read_text())
+    if doc == "operations.md":
+        assert blocks, "operations.md should quote a production parent.toml"
+    for block in blocks:
+        config = parse_parent_config(block, base=tmp_path)
+        assert config.enclave.backend in ("nitro-cli", "local")
+
+
+def test_runbook_has_the_procedures_the_seed_asks_for() -> None:
+    headings = _anchors(DOCS / "runbook.md")
+    for needed in (
+        "1-first-boot-of-a-node",
+        "2-eif-upgrade",
+        "3-share-re-encryption",
+        "4-kms-key-rotation",
+        "5-an-alert-fired",
+        "6-rollback-at-a-glance",
+    ):
+        assert needed in headings, needed
