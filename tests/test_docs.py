@@ -16,6 +16,7 @@ import re
 import shlex
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -214,7 +215,11 @@ def test_slug_rules() -> None:
 
 
 def _toml_blocks(text: str) -> list[str]:
-    return re.findall(r"^```toml\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)
+    """Fenced ```toml blocks, dedented (they may sit inside a list item)."""
+    return [
+        textwrap.dedent(block)
+        for block in re.findall(r"^[ ]*```toml\n(.*?)^[ ]*```", text, flags=re.M | re.S)
+    ]
 
 
 @pytest.mark.parametrize("doc", COMMAND_DOCS)
