@@ -1,0 +1,485 @@
+"""The reference Sign Gateway's coordinator, end to end against real enclaves.
+
+A development enclave (``serve_dev_enclave``) over loopback TCP, and the production enclave
+(``serve_enclave`` with a LocalNsm, booted through the fake parent) behind the real mTLS
+ingress (``serve_ingress`` + a verified ``AttestationGate``) reached with the gateway's own
+``connect_tls``. Faults (a failing or corrupted Sign) come from `EnclaveNode` subclasses that
+wrap the real calls; the enclave's pool is checked afterwards.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import ipaddress
+import logging
+import ssl
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nacl.signing
+import pytest
+import trio
+import trio.testing
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from proto_min import sign_service_pb2 as pb
+from trio_sign import gateway
+from trio_sign.crypto import SigningCommitment
+from trio_sign.enclave import EnclaveConfig, EnclaveHandle, serve_dev_enclave, serve_enclave
+from trio_sign.gateway import (
+    Coordinator,
+    CoordinatorSettings,
+    EnclaveNode,
+    GatewayError,
+    NodeSettings,
+    connect_tls,
+    load_participant_files,
+    make_client_ssl_context,
+)
+from trio_sign.nitro import LocalNsm
+from trio_sign.parent import (
+    AttestationGate,
+    AttestationPolicy,
+    make_server_ssl_context,
+    serve_ingress,
+)
+from trio_sign.rpc import RpcError, StatusCode
+from trio_sign.shares import ShareRecord, ShareStore, read_plaintext
+from trio_sign.testing import generate_share_files
+from trio_sign.transport import TransportError, connect
+
+from .enclave_helpers import parent
+
+N_ACCOUNTS = 6
+
+
+@dataclass(frozen=True)
+class Shares:
+    service: Path
+    participants: dict[int, Path]
+
+    def account_ids(self) -> list[str]:
+        with self.service.open("rb") as f:
+            return [r.account_id for r in read_plaintext(f)]
+
+    def group_keys(self) -> dict[str, bytes]:
+        with self.service.open("rb") as f:
+            return {r.account_id: r.group_public_key for r in read_plaintext(f)}
+
+
+@pytest.fixture(scope="module")
+def shares(tmp_path_factory: pytest.TempPathFactory) -> Shares:
+    report = generate_share_files(tmp_path_factory.mktemp("shares"), N_ACCOUNTS)
+    return Shares(report.service_file, report.participant_files)
+
+
+@asynccontextmanager
+async def dev_enclave(shares: Shares, **config: Any) -> AsyncIterator[EnclaveHandle]:
+    cfg = EnclaveConfig(
+        grpc_listen="tcp://127.0.0.1:0", dev=True, dev_plaintext_shares=shares.service, **config
+    )
+    async with trio.open_nursery() as nursery:
+        handle: EnclaveHandle = await nursery.start(serve_dev_enclave, cfg)
+        yield handle
+        await handle.drain()
+
+
+@asynccontextmanager
+async def running(
+    nodes: Sequence[EnclaveNode],
+    stores: Sequence[ShareStore],
+    settings: CoordinatorSettings | None = None,
+) -> AsyncIterator[Coordinator]:
+    try:
+        async with trio.open_nursery() as nursery:
+            for node in nodes:
+                await nursery.start(node.run)
+            yield Coordinator(nodes, stores, settings=settings or CoordinatorSettings())
+            nursery.cancel_scope.cancel()
+    finally:
+        for store in stores:
+            store.close()
+
+
+def verify(group_key: bytes, message: bytes, signature: bytes) -> None:
+    assert len(signature) == 64
+    nacl.signing.VerifyKey(group_key).verify(message, signature)
+
+
+# -- the development enclave over TCP ---------------------------------------------------------
+
+
+async def test_many_concurrent_signatures_through_a_dev_enclave(shares: Shares) -> None:
+    keys = shares.group_keys()
+    ids = sorted(keys)
+    stores = load_participant_files([shares.participants[2]])
+    async with dev_enclave(shares) as handle:
+        node = EnclaveNode("enclave-0", handle.addresses[0])
+        settings = CoordinatorSettings(max_concurrent_signatures=16)
+        async with running([node], stores, settings) as coordinator:
+            jobs = [(ids[i % len(ids)], b"transfer %d" % i) for i in range(64)]
+            results: dict[int, bytes] = {}
+
+            async def one(i: int, account_id: str, message: bytes) -> None:
+                results[i] = await coordinator.sign_message(account_id, message)
+
+            async with trio.open_nursery() as nursery:
+                for i, (account_id, message) in enumerate(jobs):
+                    nursery.start_soon(one, i, account_id, message)
+            for i, (account_id, message) in enumerate(jobs):
+                verify(keys[account_id], message, results[i])
+            assert coordinator.signatures == 64
+            assert coordinator.aborted_sessions == 0
+            assert node.connects == 1  # one channel, kept open across calls
+            assert handle.service.pool.open_sessions == 0
+
+
+async def test_three_signers_with_two_counterparts(shares: Shares) -> None:
+    keys = shares.group_keys()
+    stores = load_participant_files([shares.participants[2], shares.participants[3]])
+    async with (
+        dev_enclave(shares) as handle,
+        running([EnclaveNode("e", handle.addresses[0])], stores) as coordinator,
+    ):
+        account_id = next(iter(keys))
+        verify(keys[account_id], b"m", await coordinator.sign_message(account_id, b"m"))
+
+
+async def test_reconnects_after_the_channel_dies(shares: Shares) -> None:
+    keys = shares.group_keys()
+    account_id = next(iter(keys))
+    stores = load_participant_files([shares.participants[2]])
+    async with dev_enclave(shares) as handle:
+        node = EnclaveNode("e", handle.addresses[0])
+        async with running([node], stores) as coordinator:
+            await coordinator.sign_message(account_id, b"one")
+            await node.aclose()  # as if the connection had dropped
+            verify(keys[account_id], b"two", await coordinator.sign_message(account_id, b"two"))
+            assert node.connects == 2
+
+
+async def test_unknown_account_and_no_node(shares: Shares, tmp_path: Path) -> None:
+    stores = load_participant_files([shares.participants[2]])
+    async with dev_enclave(shares) as handle:
+        node = EnclaveNode("e", handle.addresses[0])
+        nowhere = EnclaveNode("gone", f"unix://{tmp_path}/nobody.sock")
+        async with running([node, nowhere], stores) as coordinator:
+            with pytest.raises(GatewayError) as info:
+                await coordinator.sign_message("no-such-account", b"m")
+            assert info.value.reason == "unknown_account"
+
+            account_id = shares.account_ids()[0]
+            node.evicted = True
+            with pytest.raises(GatewayError) as info:
+                await coordinator.sign_message(account_id, b"m")
+            assert info.value.reason == "no_healthy_node"
+            assert info.value.status == StatusCode.UNAVAILABLE
+            assert info.value.node_id == "gone"
+            nowhere.evicted = True
+            with pytest.raises(GatewayError) as info:
+                await coordinator.sign_message(account_id, b"m")
+            assert info.value.reason == "no_healthy_node"
+            assert info.value.status is None
+
+            # an unreachable node is skipped for a live one
+            node.evicted = nowhere.evicted = False
+            nowhere.in_flight = -1  # preferred by load, so it is tried first
+            await coordinator.sign_message(account_id, b"m")
+            assert coordinator.signatures == 1
+
+
+# -- faults around Sign: abort, retry, a corrupted share ---------------------------------------
+
+
+class FlakySign(EnclaveNode):
+    """Fails Sign in a chosen way; everything else is the real call."""
+
+    def __init__(self, *args: Any, mode: str, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.mode = mode
+        self.sign_calls = 0
+        self.sessions: list[str] = []
+        self.hung = trio.Event()
+
+    async def sign(
+        self, session_id: str, message: bytes, commitments: Sequence[SigningCommitment]
+    ) -> pb.SignResponse:
+        self.sign_calls += 1
+        self.sessions.append(session_id)
+        if self.mode == "bad_point":
+            bad = [
+                c
+                if c.identifier == commitments[0].identifier
+                else SigningCommitment(c.identifier, b"\xff" * 32, c.binding)
+                for c in commitments
+            ]
+            return await super().sign(session_id, message, bad)
+        if self.mode == "hang":
+            self.hung.set()
+            await trio.sleep_forever()
+        if self.mode == "lost_reply" and self.sign_calls == 1:
+            await super().sign(session_id, message, commitments)  # consumed, reply "lost"
+            raise RpcError(StatusCode.UNAVAILABLE, "connection reset")
+        if self.mode == "not_sent" and self.sign_calls == 1:
+            raise RpcError(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded (client side)")
+        reply = await super().sign(session_id, message, commitments)
+        if self.mode == "flip":
+            share = bytearray(reply.signature_share)
+            share[0] ^= 1
+            return pb.SignResponse(identifier=reply.identifier, signature_share=bytes(share))
+        return reply
+
+
+async def test_sign_refused_after_commit_aborts_the_session(shares: Shares) -> None:
+    account_id = shares.account_ids()[0]
+    stores = load_participant_files([shares.participants[2]])
+    async with dev_enclave(shares) as handle:
+        node = FlakySign("e", handle.addresses[0], mode="bad_point")
+        async with running([node], stores) as coordinator:
+            with pytest.raises(GatewayError) as info:
+                await coordinator.sign_message(account_id, b"m")
+            assert info.value.reason == "enclave_refused"
+            assert info.value.status == StatusCode.INVALID_ARGUMENT
+            assert node.sign_calls == 1  # not retried: a new session would not help
+            assert coordinator.aborted_sessions == 1
+            pool = handle.service.pool
+            assert pool.open_sessions == 0
+            assert pool.tracked_sessions == 0
+
+
+async def test_cancelled_signature_aborts_the_session(shares: Shares) -> None:
+    account_id = shares.account_ids()[0]
+    stores = load_participant_files([shares.participants[2]])
+    async with dev_enclave(shares) as handle:
+        node = FlakySign("e", handle.addresses[0], mode="hang")
+        async with running([node], stores) as coordinator:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(coordinator.sign_message, account_id, b"m")
+                with trio.fail_after(5):
+                    await node.hung.wait()
+                assert handle.service.pool.open_sessions == 1  # the slot is held
+                nursery.cancel_scope.cancel()
+            assert handle.service.pool.open_sessions == 0
+            assert coordinator.limiter.borrowed_tokens == 0
+
+
+@pytest.mark.parametrize("mode", ["lost_reply", "not_sent"])
+async def test_sign_is_retried_byte_identically_on_the_same_session(
+    shares: Shares, mode: str
+) -> None:
+    keys = shares.group_keys()
+    account_id = shares.account_ids()[1]
+    stores = load_participant_files([shares.participants[2]])
+    async with dev_enclave(shares) as handle:
+        node = FlakySign("e", handle.addresses[0], mode=mode)
+        async with running([node], stores) as coordinator:
+            signature = await coordinator.sign_message(account_id, b"retry me")
+            verify(keys[account_id], b"retry me", signature)
+            assert node.sign_calls == 2
+            assert len(set(node.sessions)) == 1
+            assert coordinator.aborted_sessions == 0
+
+
+async def test_corrupted_enclave_share_is_named(shares: Shares) -> None:
+    account_id = shares.account_ids()[2]
+    with shares.service.open("rb") as f:
+        enclave_id = next(r.identifier for r in read_plaintext(f) if r.account_id == account_id)
+    stores = load_participant_files([shares.participants[2]])
+    async with dev_enclave(shares) as handle:
+        node = FlakySign("enclave-7", handle.addresses[0], mode="flip")
+        async with running([node], stores) as coordinator:
+            with pytest.raises(GatewayError) as info:
+                await coordinator.sign_message(account_id, b"m")
+    assert info.value.reason == "bad_share"
+    assert info.value.identifier == enclave_id
+    assert info.value.node_id == "enclave-7"
+    assert enclave_id.hex() in str(info.value)
+    assert "enclave node enclave-7" in str(info.value)
+    assert handle.service.pool.open_sessions == 0
+
+
+async def test_key_mismatch_between_enclave_and_participant_file(
+    shares: Shares, tmp_path: Path
+) -> None:
+    other = generate_share_files(tmp_path / "other", N_ACCOUNTS)  # same ids, other keys
+    stores = load_participant_files([other.participant_files[2]])
+    async with (
+        dev_enclave(shares) as handle,
+        running([EnclaveNode("e", handle.addresses[0])], stores) as coordinator,
+    ):
+        with pytest.raises(GatewayError) as info:
+            await coordinator.sign_message(shares.account_ids()[0], b"m")
+        assert info.value.reason == "key_mismatch"
+        assert handle.service.pool.open_sessions == 0
+
+
+# -- the production enclave behind the real mTLS ingress ----------------------------------------
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca_pem: bytes
+    server_cert_pem: bytes
+    server_key_pem: bytes
+    client_cert_pem: bytes
+    client_key_pem: bytes
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _cert(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: tuple[str, ec.EllipticCurvePrivateKey] | None,
+    usage: x509.ObjectIdentifier | None,
+) -> x509.Certificate:
+    now = dt.datetime.now(dt.UTC)
+    issuer_name, issuer_key = issuer or (subject, key)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=usage is None, path_length=None), critical=True)
+    )
+    if usage is not None:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    if usage == ExtendedKeyUsageOID.SERVER_AUTH:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("parent.local"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+@pytest.fixture(scope="module")
+def pki() -> Pki:
+    ca_key, server_key, client_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    ca = _cert("gateway test CA", ca_key, None, None)
+    server = _cert(
+        "parent.local", server_key, ("gateway test CA", ca_key), ExtendedKeyUsageOID.SERVER_AUTH
+    )
+    client = _cert(
+        "sign-gateway", client_key, ("gateway test CA", ca_key), ExtendedKeyUsageOID.CLIENT_AUTH
+    )
+    pem = serialization.Encoding.PEM
+    return Pki(
+        ca.public_bytes(pem),
+        server.public_bytes(pem),
+        _key_pem(server_key),
+        client.public_bytes(pem),
+        _key_pem(client_key),
+    )
+
+
+def _records(shares: Shares) -> list[ShareRecord]:
+    with shares.service.open("rb") as f:
+        return list(read_plaintext(f))
+
+
+async def test_signs_through_the_mtls_ingress_with_the_production_enclave(
+    tmp_path: Path,
+    shares: Shares,
+    pki: Pki,
+    nsm_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "trio_sign.parent.ingress")
+    keys = shares.group_keys()
+    nsm = LocalNsm.from_dir(nsm_dir)
+    async with parent(tmp_path, _records(shares), nsm_dir) as fake, trio.open_nursery() as nursery:
+        handle: EnclaveHandle = await nursery.start(
+            functools.partial(serve_enclave, fake.config(), nsm=nsm)
+        )
+        enclave_url = str(handle.addresses[0])
+        gate = AttestationGate(
+            AttestationPolicy(
+                root_pem=nsm.root_pem, pcrs={i: nsm.describe_pcr(i)[1] for i in (0, 1, 2)}
+            ),
+            functools.partial(connect, enclave_url),
+        )
+        assert await gate.check()
+        server_context = make_server_ssl_context(
+            pki.server_cert_pem, pki.server_key_pem, pki.ca_pem
+        )
+        listeners = await nursery.start(
+            serve_ingress, "tcp://127.0.0.1:0", enclave_url, server_context, gate
+        )
+        ingress = f"tcp://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        client_context = make_client_ssl_context(
+            pki.ca_pem, pki.client_cert_pem, pki.client_key_pem
+        )
+
+        # connect_tls on its own: h2 negotiated, TLS 1.3, server name checked
+        tls = await connect_tls(ingress, client_context, server_hostname="parent.local")
+        assert tls.selected_alpn_protocol() == "h2"
+        assert tls.version() == "TLSv1.3"
+        await tls.aclose()
+        with pytest.raises(TransportError, match="TLS handshake"):
+            await connect_tls(ingress, client_context, server_hostname="someone-else.example")
+
+        node = EnclaveNode(
+            "enclave-0", ingress, ssl_context=client_context, server_hostname="parent.local"
+        )
+        # a client with no certificate: the ingress refuses it (TLS 1.3 reports the refusal
+        # on the first read, so the call fails UNAVAILABLE)
+        anonymous = ssl.create_default_context(cadata=pki.ca_pem.decode())
+        anonymous.minimum_version = ssl.TLSVersion.TLSv1_3
+        anonymous.set_alpn_protocols(["h2"])
+        no_cert = EnclaveNode(
+            "no-cert",
+            ingress,
+            ssl_context=anonymous,
+            server_hostname="parent.local",
+            settings=NodeSettings(ping_timeout_s=5.0),
+        )
+        stores = load_participant_files([shares.participants[2]])
+        async with running([node, no_cert], stores) as coordinator:
+            with pytest.raises(RpcError) as refused:
+                await no_cert.ping(b"x")
+            assert refused.value.status == StatusCode.UNAVAILABLE
+            await trio.testing.wait_all_tasks_blocked(0.01)  # the ingress logged it
+            refusals = [r.__dict__.get("tls") for r in caplog.records]
+            assert "PEER_DID_NOT_RETURN_A_CERTIFICATE" in refusals
+            no_cert.evicted = True
+
+            assert (await node.ping(b"hello")).payload == b"hello"
+            status = await node.get_status()
+            assert status.state == "serving"
+            assert status.accounts == N_ACCOUNTS
+            ids = sorted(keys)
+            results: dict[int, bytes] = {}
+
+            async def one(i: int) -> None:
+                results[i] = await coordinator.sign_message(ids[i % len(ids)], b"tx %d" % i)
+
+            async with trio.open_nursery() as signing:
+                for i in range(16):
+                    signing.start_soon(one, i)
+            for i in range(16):
+                verify(keys[ids[i % len(ids)]], b"tx %d" % i, results[i])
+            assert node.connects == 1
+            assert handle.service.pool.open_sessions == 0
+        await handle.drain()
+        nursery.cancel_scope.cancel()
+
+
+def test_public_api() -> None:
+    for name in gateway.__all__:
+        assert hasattr(gateway, name), name
