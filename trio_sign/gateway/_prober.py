@@ -8,12 +8,15 @@ Every ``interval_s``, for each node, concurrently:
   ``last_sse_probe``, the nonce published on the node's SSE stream in the *previous* round
   (so the subscription has one interval to deliver it); then a fresh nonce is published.
 
-A round where either check fails (or does not finish within the interval) is a failed round.
-A node whose failed rounds have lasted ``evict_after_s`` since the first of them is
-*evicted*: `Coordinator` stops using it, and an ERROR record with ``alert="node_evicted"`` is
-logged. The first passing round re-admits it (INFO, ``alert="node_readmitted"``). Checks are
-made at round boundaries, so with ``evict_after_s`` a multiple of ``interval_s`` eviction
-happens exactly ``evict_after_s`` after the first failure (otherwise at the first round after).
+A round where either check fails (or does not finish within the interval) is a failed round
+for that node, recorded when it is observed (the answer, or the interval's end for a node that
+does not answer). A node whose failures have lasted ``evict_after_s`` since the first of them
+is *evicted*: `Coordinator` stops using it, and an ERROR record with ``alert="node_evicted"``
+is logged. The first passing round re-admits it (INFO, ``alert="node_readmitted"``). Checks
+happen once per interval, so with ``evict_after_s`` a multiple of ``interval_s`` eviction
+happens exactly ``evict_after_s`` after the first observed failure (otherwise at the first
+check after that). After a node recovers, the SSE nonce published while it was down was not
+echoed: re-admission takes one more round than the Ping alone would.
 """
 
 from __future__ import annotations
@@ -122,33 +125,32 @@ async def run_prober(
         raise ValueError("interval_s must be > 0 and evict_after_s >= 0")
     expected: dict[str, str | None] = {node.node_id: None for node in nodes}
 
-    async def one(node: ProbedNode, results: dict[str, str | None]) -> None:
-        # The whole of a node's round (checks, then publishing the next nonce) is bounded by
-        # the interval, so a hanging node cannot delay the others' next round.
-        results[node.node_id] = "timeout"
-        with trio.move_on_after(interval_s):
-            results[node.node_id] = await probe_node(node, expected[node.node_id])
-            if send_probe is not None:
-                nonce = secrets.token_hex(16)
-                expected[node.node_id] = nonce
-                try:
-                    await send_probe(node.node_id, nonce)
-                except Exception as exc:
-                    log.warning(
-                        "cannot publish the SSE probe",
-                        extra={"node": node.node_id, "error": type(exc).__name__},
-                    )
+    async def one(node: ProbedNode, round_deadline: float) -> None:
+        # A node's checks are bounded by the round, so a hanging node cannot delay the
+        # others' next round; its failure is recorded when it is observed.
+        failure: str | None = "timeout"
+        with trio.move_on_at(round_deadline):
+            failure = await probe_node(node, expected[node.node_id])
+        record_result(node, failure, trio.current_time(), evict_after_s)
+        if send_probe is None:
+            return
+        nonce = secrets.token_hex(16)
+        expected[node.node_id] = nonce
+        with trio.move_on_at(round_deadline):
+            try:
+                await send_probe(node.node_id, nonce)
+            except Exception as exc:
+                log.warning(
+                    "cannot publish the SSE probe",
+                    extra={"node": node.node_id, "error": type(exc).__name__},
+                )
 
     started = False
     next_round = trio.current_time()
     while True:
-        results: dict[str, str | None] = {}
-        round_start = trio.current_time()
         async with trio.open_nursery() as nursery:
             for node in nodes:
-                nursery.start_soon(one, node, results)
-        for node in nodes:
-            record_result(node, results[node.node_id], round_start, evict_after_s)
+                nursery.start_soon(one, node, next_round + interval_s)
         if not started:
             task_status.started()
             started = True
