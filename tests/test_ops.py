@@ -188,6 +188,26 @@ def test_key_policy_semantics() -> None:
     assert all(evaluate(bare, w, "kms:GenerateDataKey", {}) != "allow" for w in (ADMIN, PARENT))
 
 
+def test_rollout_allows_each_eif_as_a_whole() -> None:
+    old = {i: f"{i + 0xB0:02x}" * 48 for i in (0, 1, 2)}
+    doc = policy(previous=[old])
+    sids = [s["Sid"] for s in doc["Statement"]]
+    assert "EnclaveDecryptWithAttestationPrevious1" in sids
+    assert evaluate(doc, PARENT, "kms:Decrypt", attested(PCRS)) == "allow"
+    assert evaluate(doc, PARENT, "kms:Decrypt", attested(old)) == "allow"
+    mixed = attested({0: PCRS[0], 1: old[1], 2: PCRS[2]})
+    assert evaluate(doc, PARENT, "kms:Decrypt", mixed) == "implicit-deny"
+    assert evaluate(doc, PARENT, "kms:Decrypt", {}) == "deny"
+    with pytest.raises(PolicyRenderError, match="PCR1"):
+        policy(previous=[{0: old[0], 2: old[2]}])
+    iam = render_parent_iam_policy(
+        PCRS, account=ACCOUNT, region="eu-west-1", previous=[old],
+        key_id="1234abcd-12ab-34cd-56ef-1234567890ab", bundle="s3://b-1/k",
+    )  # fmt: skip
+    conditions = [s["Condition"] for s in iam["Statement"] if s["Action"] == "kms:Decrypt"]
+    assert [c["StringEqualsIgnoreCase"][IMAGE_KEY] for c in conditions] == [PCRS[0], old[0]]
+
+
 def test_local_kms_enforces_the_rendered_policy(tmp_path: Path) -> None:
     """The parent's statements, loaded into the local KMS: plain Decrypt refused, Recipient
     with the built EIF's PCRs answered, another image refused."""
@@ -392,6 +412,12 @@ def test_cli_render(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert json.loads(capsys.readouterr().out) == policy()
     assert main(["render-key-policy", *base, "--admin-role", ADMIN, "--for-local-kms"]) == 0
     KeyPolicy.from_json(capsys.readouterr().out)  # loads in trio-sign kms-local
+    old = tmp_path / "old.pcrs.json"
+    old.write_text(json.dumps({f"PCR{i}": f"{i + 0xB0:02x}" * 48 for i in (0, 1, 2)}))
+    assert (
+        main(["render-key-policy", *base, "--admin-role", ADMIN, "--previous-pcrs", str(old)]) == 0
+    )
+    assert len(json.loads(capsys.readouterr().out)["Statement"]) == 5
     assert main(["render-key-policy", *base, "--admin-role", PARENT]) == 1
     assert "different principals" in capsys.readouterr().err
     assert main(["render-key-policy", "--pcrs", str(tmp_path / "none"), "--account", ACCOUNT,

@@ -52,6 +52,15 @@ def _parser() -> argparse.ArgumentParser:
         help="the ceremony role that seals bundles (kms:GenerateDataKey); omit to add none",
     )
     key.add_argument(
+        "--previous-pcrs",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="OLD.pcrs.json",
+        help="PCRs of an EIF still running during a rollout (repeatable); each is allowed as "
+        "a whole, in its own statement",
+    )
+    key.add_argument(
         "--for-local-kms",
         action="store_true",
         help="development: only the parent role's statements, in the subset trio-sign "
@@ -69,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     iam.add_argument("--bundle", required=True, metavar="s3://BUCKET/KEY")
     iam.add_argument("--log-group", help="CloudWatch log group ([logs] cloudwatch_group)")
     iam.add_argument("--partition", default="aws", choices=["aws", "aws-cn", "aws-us-gov"])
+    iam.add_argument("--previous-pcrs", type=Path, action="append", default=[])
 
     mem = sub.add_parser(
         "enclave-memory",
@@ -107,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parent_role_arn=args.parent_role,
                 admin_role_arn=args.admin_role,
                 sealing_role_arn=args.sealing_role,
+                previous=[load_pcrs(_read(p)) for p in args.previous_pcrs],
             )
             if args.for_local_kms:
                 document = local_kms_policy(document, args.parent_role)
@@ -120,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 bundle=args.bundle,
                 log_group=args.log_group,
                 partition=args.partition,
+                previous=[load_pcrs(_read(p)) for p in args.previous_pcrs],
             )
             out = json.dumps(document, indent=2) + "\n"
         else:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from .._errors import TrioSignError
@@ -114,6 +114,13 @@ def load_pcrs(text: str) -> dict[int, str]:
     return pcrs
 
 
+def _check_required(*pcr_sets: Mapping[int, str]) -> None:
+    for pcrs in pcr_sets:
+        for index in (0, 1, 2):
+            if index not in pcrs:
+                raise PolicyRenderError(f"PCR{index} is required")
+
+
 def attestation_condition(pcrs: Mapping[int, str]) -> dict[str, str]:
     """The ``StringEqualsIgnoreCase`` block pinning PCR0 (as ImageSha384), PCR1, PCR2, PCR8."""
     condition = {f"{RECIPIENT_PREFIX}ImageSha384": pcrs[0]}
@@ -141,8 +148,13 @@ def render_key_policy(
     parent_role_arn: str,
     admin_role_arn: str,
     sealing_role_arn: str | None = None,
+    previous: Sequence[Mapping[int, str]] = (),
 ) -> dict[str, Any]:
     """The KMS key policy for the bundle key (see the module docstring for each statement).
+
+    ``previous``: the PCRs of EIFs still running during a rollout; each gets its own attested
+    Decrypt statement (``EnclaveDecryptWithAttestationPrevious<n>``), so a document must match
+    one EIF's measurements as a whole, never a mix of two.
 
     Error handling:
         :class:`PolicyRenderError` for a malformed account or role ARN, a role outside
@@ -157,9 +169,7 @@ def render_key_policy(
         roles.append(_role(sealing_role_arn, "--sealing-role", account))
     if len(set(roles)) != len(roles):
         raise PolicyRenderError("the parent, admin and sealing roles must be different principals")
-    for index in (0, 1, 2):
-        if index not in pcrs:
-            raise PolicyRenderError(f"PCR{index} is required")
+    _check_required(pcrs, *previous)
     image = f"{RECIPIENT_PREFIX}ImageSha384"
     statements: list[dict[str, Any]] = [
         {
@@ -177,6 +187,17 @@ def render_key_policy(
             "Resource": "*",
             "Condition": {"StringEqualsIgnoreCase": attestation_condition(pcrs)},
         },
+        *(
+            {
+                "Sid": f"EnclaveDecryptWithAttestationPrevious{n}",
+                "Effect": "Allow",
+                "Principal": {"AWS": parent},
+                "Action": "kms:Decrypt",
+                "Resource": "*",
+                "Condition": {"StringEqualsIgnoreCase": attestation_condition(old)},
+            }
+            for n, old in enumerate(previous, 1)
+        ),
         {
             "Sid": "DenyDecryptWithoutAttestation",
             "Effect": "Deny",
@@ -217,6 +238,7 @@ def render_parent_iam_policy(
     bundle: str,
     log_group: str | None = None,
     partition: str = "aws",
+    previous: Sequence[Mapping[int, str]] = (),
 ) -> dict[str, Any]:
     """The IAM policy of the parent instance's role.
 
@@ -240,17 +262,19 @@ def render_parent_iam_policy(
     if match is None:
         raise PolicyRenderError(f"--bundle must be s3://BUCKET/KEY, got {bundle!r}")
     bucket, obj = match.groups()
-    for index in (0, 1, 2):
-        if index not in pcrs:
-            raise PolicyRenderError(f"PCR{index} is required")
+    _check_required(pcrs, *previous)
+    key_arn = f"arn:{partition}:kms:{region}:{account}:key/{key_id}"
     statements: list[dict[str, Any]] = [
         {
-            "Sid": "BundleKeyDecryptForEnclave",
+            "Sid": "BundleKeyDecryptForEnclave" + (f"Previous{n}" if n else ""),
             "Effect": "Allow",
             "Action": "kms:Decrypt",
-            "Resource": f"arn:{partition}:kms:{region}:{account}:key/{key_id}",
-            "Condition": {"StringEqualsIgnoreCase": attestation_condition(pcrs)},
-        },
+            "Resource": key_arn,
+            "Condition": {"StringEqualsIgnoreCase": attestation_condition(values)},
+        }
+        for n, values in enumerate([pcrs, *previous])
+    ]
+    statements += [
         {
             "Sid": "FetchSealedBundle",
             "Effect": "Allow",
@@ -286,7 +310,8 @@ def local_kms_policy(policy: Mapping[str, Any], principal_arn: str) -> dict[str,
     """
     kept = []
     for statement in policy["Statement"]:
-        aws = statement.get("Principal", {}).get("AWS", [])
+        principal = statement.get("Principal", {})
+        aws = principal.get("AWS", []) if isinstance(principal, dict) else principal
         principals = [aws] if isinstance(aws, str) else list(aws)
         if principal_arn not in principals and "*" not in principals:
             continue
