@@ -30,6 +30,7 @@ from ._prober import run_prober as run_prober
 from ._sse_format import KEEPALIVE_COMMENT as KEEPALIVE_COMMENT
 from ._sse_format import format_comment as format_comment
 from ._sse_format import format_event as format_event
+from ._sse_format import format_id as format_id
 from ._sse_format import format_retry as format_retry
 from ._tls import ALPN_H2 as ALPN_H2
 from ._tls import connect_tls as connect_tls
@@ -53,6 +54,7 @@ __all__ = [
     "accepts_event_stream",
     "format_comment",
     "format_event",
+    "format_id",
     "format_retry",
     "serve_gateway_events",
     "valid_node_id",

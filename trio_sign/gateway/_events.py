@@ -14,6 +14,12 @@
 Event ids are ``{epoch}-{seq}``: ``seq`` counts up from 1 per node, ``epoch`` is random per hub,
 so after a gateway restart an enclave's old ``Last-Event-ID`` is recognised as foreign (and
 everything the new hub kept is replayed) instead of being compared with unrelated numbers.
+
+Every stream starts with an id-only block (``id: {epoch}-{cursor}``, no event), the position
+just before what this connection will send. It sets the enclave's last event ID without
+dispatching anything, so even an enclave that subscribed without ``Last-Event-ID`` and was
+disconnected before its first event resumes at the right place (``{epoch}-0`` means "before
+the first event").
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from .._errors import TrioSignError
 from ..transport import parse_address
-from ._sse_format import KEEPALIVE_COMMENT, format_event, format_retry
+from ._sse_format import KEEPALIVE_COMMENT, format_event, format_id, format_retry
 
 log = logging.getLogger("trio_sign.gateway.events")
 
@@ -58,7 +64,7 @@ DEFAULT_EVENTS_GRACEFUL_TIMEOUT_S: Final = 1.0
 #: A node id as it appears in the URL (DESIGN §5).
 NODE_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _PATH: Final = re.compile(r"/v1/enclaves/(?P<node_id>[^/]*)/events")
-_EVENT_ID: Final = re.compile(r"(?P<epoch>[0-9a-f]{8})-(?P<seq>[1-9][0-9]{0,18})")
+_EVENT_ID: Final = re.compile(r"(?P<epoch>[0-9a-f]{8})-(?P<seq>0|[1-9][0-9]{0,18})")
 
 
 class SubscriberLimitError(TrioSignError):
@@ -103,13 +109,18 @@ class Subscription:
 
     Attributes:
         node_id: the node.
+        cursor: the id just before :attr:`backlog` (or before the next live event): send it
+            first, as an id-only block.
         backlog: events to send before any received ones (the replay after ``Last-Event-ID``).
         cancel_scope: run the writer in it.
         dropped: why the hub disconnected this subscriber (``""`` while subscribed).
     """
 
-    def __init__(self, node_id: str, backlog: tuple[HubEvent, ...], queue_size: int) -> None:
+    def __init__(
+        self, node_id: str, cursor: str, backlog: tuple[HubEvent, ...], queue_size: int
+    ) -> None:
         self.node_id = node_id
+        self.cursor = cursor
         self.backlog = backlog
         self.cancel_scope = trio.CancelScope()
         self.dropped = ""
@@ -306,7 +317,8 @@ class EventHub:
             )
         node = self._node(node_id)
         backlog = self._replay(node_id, node, last_event_id)
-        sub = Subscription(node_id, backlog, self.subscriber_queue)
+        cursor = backlog[0].seq - 1 if backlog else node.next_seq - 1
+        sub = Subscription(node_id, f"{self.epoch}-{cursor}", backlog, self.subscriber_queue)
         while len(node.subscribers) >= self.max_subscribers_per_node:
             self.stats.evicted += 1
             log.warning(
@@ -437,8 +449,9 @@ def _header(scope: Scope, name: bytes) -> str | None:
 class GatewayEventsApp:
     """The ASGI app behind :func:`serve_gateway_events` (no framework).
 
-    ``GET /v1/enclaves/{node_id}/events``: ``200 text/event-stream``, a ``retry:`` block, the
-    replay after ``Last-Event-ID``, then live events, with a comment after every ``keepalive_s``
+    ``GET /v1/enclaves/{node_id}/events``: ``200 text/event-stream``, a ``retry:`` block, an
+    id-only block (:attr:`Subscription.cursor`), the replay after ``Last-Event-ID``, then live
+    events, with a comment after every ``keepalive_s``
     of silence. ``400`` for a malformed node id, ``404`` for any other path, ``405`` for other
     methods, ``406`` when ``Accept`` rules out ``text/event-stream``, ``503`` when the hub is at
     ``max_subscribers``.
@@ -505,7 +518,8 @@ class GatewayEventsApp:
                         ],
                     }
                 )
-                await _body(send, self.retry_block + b"".join(e.wire for e in sub.backlog))
+                replay = b"".join(e.wire for e in sub.backlog)
+                await _body(send, self.retry_block + format_id(sub.cursor) + replay)
                 while True:
                     with trio.move_on_after(self.keepalive_s) as idle:
                         try:

@@ -58,7 +58,16 @@ def format_event(
         lines.append(_retry_line(retry_ms))
     payload = json.dumps(dict(data), separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     lines.append(f"data: {payload}")
-    return ("\n".join(lines) + "\n\n").encode("ascii")
+    return ("\n".join(lines) + "\n\n").encode("utf-8")
+
+
+def format_id(id: str) -> bytes:
+    """A block with only ``id:``: it sets the client's last event ID without dispatching an
+    event (WHATWG "dispatch the event" step 1), so that a reconnect resumes from there."""
+    if not id:
+        raise ValueError("an SSE event id must not be empty (it would reset Last-Event-ID)")
+    _check_field("event id", id)
+    return f"id: {id}\n\n".encode()
 
 
 def format_retry(retry_ms: int) -> bytes:

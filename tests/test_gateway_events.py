@@ -1,0 +1,821 @@
+"""The gateway's SSE endpoint: the sans-io encoder (against the enclave's own parser), the
+EventHub's replay and back-pressure rules, and the server over real loopback HTTP (hypercorn,
+Trio worker) with the enclave's real client, up to a real dev enclave."""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import ipaddress
+import itertools
+import json
+import logging
+import random
+import ssl
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.lowlevel
+from hypothesis import given
+from hypothesis import strategies as st
+
+from trio_sign.gateway import (
+    KEEPALIVE_COMMENT,
+    EventHub,
+    SubscriberLimitError,
+    accepts_event_stream,
+    format_comment,
+    format_event,
+    format_id,
+    format_retry,
+    serve_gateway_events,
+    valid_node_id,
+)
+from trio_sign.sse import (
+    BodyData,
+    EventStreamParser,
+    MessageEvent,
+    ResponseHead,
+    ResponseParser,
+    RetryChanged,
+    SseClientStatus,
+    SseEventHandler,
+    events_url,
+    run_sse_client,
+)
+
+NODE = "node-7"
+
+
+# -- the encoder -------------------------------------------------------------------------------
+
+
+def test_format_event_bytes() -> None:
+    wire = format_event("probe", {"nonce": "n-1"}, id="abc-1", retry_ms=250)
+    assert wire == b'id: abc-1\nevent: probe\nretry: 250\ndata: {"nonce":"n-1"}\n\n'
+    assert format_event("drain", {}) == b"event: drain\ndata: {}\n\n"
+    assert format_retry(1000) == b"retry: 1000\n\n"
+    assert format_id("abc-0") == b"id: abc-0\n\n"
+    assert EventStreamParser().receive_data(format_id("abc-0")) == []
+    assert format_comment() == b":\n\n"
+    assert format_comment("keepalive") == KEEPALIVE_COMMENT == b": keepalive\n\n"
+
+
+@given(
+    event=st.text(min_size=1).filter(lambda s: not set(s) & set("\r\n\x00")),
+    event_id=st.text(min_size=1).filter(lambda s: not set(s) & set("\r\n\x00")),
+    data=st.dictionaries(st.text(), st.text() | st.integers() | st.none()),
+)
+def test_format_event_round_trips_through_the_enclave_parser(
+    event: str, event_id: str, data: dict[str, Any]
+) -> None:
+    parsed = EventStreamParser().receive_data(format_event(event, data, id=event_id))
+    assert len(parsed) == 1
+    message = parsed[0]
+    assert isinstance(message, MessageEvent)
+    assert (message.type, message.last_event_id) == (event, event_id)
+    assert json.loads(message.data) == data
+
+
+def test_comments_and_retry_dispatch_nothing_but_retry() -> None:
+    parser = EventStreamParser()
+    assert parser.receive_data(KEEPALIVE_COMMENT + format_comment()) == []
+    assert parser.receive_data(format_retry(1500)) == [RetryChanged(1500)]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"event": "a\nb", "data": {}}, ValueError),
+        ({"event": "a\rb", "data": {}}, ValueError),
+        ({"event": "a\x00", "data": {}}, ValueError),
+        ({"event": "", "data": {}}, ValueError),
+        ({"event": "probe", "data": {}, "id": "1\n2"}, ValueError),
+        ({"event": "probe", "data": {}, "id": "\x00"}, ValueError),
+        ({"event": "probe", "data": {}, "id": ""}, ValueError),
+        ({"event": "probe", "data": {}, "retry_ms": -1}, ValueError),
+        ({"event": "probe", "data": {"x": float("nan")}}, ValueError),
+        ({"event": "probe", "data": ["not", "an", "object"]}, TypeError),
+    ],
+)
+def test_format_event_refuses(kwargs: dict[str, Any], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        format_event(**kwargs)
+
+
+def test_format_comment_and_id_refuse_line_breaks() -> None:
+    with pytest.raises(ValueError, match="CR, LF or NUL"):
+        format_comment("a\nevent: drain")
+    with pytest.raises(ValueError, match="CR, LF or NUL"):
+        format_id("1\rdata: x")
+    with pytest.raises(ValueError, match="must not be empty"):
+        format_id("")
+
+
+# -- the hub (no I/O) --------------------------------------------------------------------------
+
+
+def _ids(events: Any) -> list[str]:
+    return [e.id for e in events]
+
+
+async def _drain_queue(sub: Any) -> list[Any]:
+    out = []
+    while True:
+        try:
+            out.append(sub._receive.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            return out
+
+
+async def test_hub_publishes_in_order_with_increasing_ids() -> None:
+    hub = EventHub()
+    with hub.subscribe(NODE) as sub:
+        assert hub.subscribers(NODE) == 1
+        nonce = hub.probe(NODE)
+        hub.freeze(NODE, "acct-0")
+        hub.unfreeze(NODE, "acct-0")
+        hub.abort(NODE, "s-1")
+        hub.drain(NODE)
+        got = [await sub.receive() for _ in range(5)]
+    assert hub.subscribers(NODE) == 0
+    assert [e.type for e in got] == ["probe", "freeze", "unfreeze", "abort", "drain"]
+    assert [e.seq for e in got] == [1, 2, 3, 4, 5]
+    assert _ids(got) == [f"{hub.epoch}-{n}" for n in range(1, 6)]
+    assert hub.last_event_id(NODE) == got[-1].id
+    parsed = EventStreamParser().receive_data(b"".join(e.wire for e in got))
+    assert [(e.type, json.loads(e.data)) for e in parsed if isinstance(e, MessageEvent)] == [
+        ("probe", {"nonce": nonce}),
+        ("freeze", {"account_id": "acct-0"}),
+        ("unfreeze", {"account_id": "acct-0"}),
+        ("abort", {"session_id": "s-1"}),
+        ("drain", {}),
+    ]
+    assert len(nonce) >= 16
+    assert hub.probe(NODE) != nonce
+    assert hub.stats.published == 6
+
+
+async def test_hub_streams_are_per_node() -> None:
+    hub = EventHub()
+    with hub.subscribe("a") as a, hub.subscribe("b") as b:
+        hub.drain("a")
+        hub.freeze("b", "x")
+        assert (await a.receive()).type == "drain"
+        assert (await b.receive()).type == "freeze"
+        assert await _drain_queue(a) == []
+        assert await _drain_queue(b) == []
+
+
+async def test_hub_replays_exactly_after_last_event_id() -> None:
+    hub = EventHub(replay_events=8)
+    ids = [hub.freeze(NODE, f"acct-{n}") for n in range(5)]
+    with hub.subscribe(NODE, ids[1]) as sub:
+        assert _ids(sub.backlog) == ids[2:]
+        later = hub.drain(NODE)
+        assert (await sub.receive()).id == later
+    with hub.subscribe(NODE, later) as sub:
+        assert sub.backlog == ()
+    with hub.subscribe(NODE) as sub:  # no Last-Event-ID: live events only
+        assert sub.backlog == ()
+    assert hub.stats.replayed == 3
+
+
+async def test_hub_too_old_last_event_id_replays_all_kept_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    hub = EventHub(replay_events=3)
+    ids = [hub.freeze(NODE, f"acct-{n}") for n in range(6)]
+    with caplog.at_level(logging.WARNING, "trio_sign.gateway.events"):
+        with hub.subscribe(NODE, ids[0]) as sub:
+            assert _ids(sub.backlog) == ids[3:]
+        assert "may have been missed" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "trio_sign.gateway.events"):
+        with hub.subscribe(NODE, ids[2]) as sub:  # the one just before the oldest: no gap
+            assert _ids(sub.backlog) == ids[3:]
+        assert "missed" not in caplog.text
+    assert hub.stats.gaps == 1
+
+
+@pytest.mark.parametrize(
+    "last_event_id", ["garbage", "1", "-1", "zz-1", "\ufffd", "{epoch}-00", "{epoch}-99"]
+)
+async def test_hub_unknown_last_event_id_gets_new_events_only(
+    last_event_id: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    hub = EventHub()
+    hub.drain(NODE)
+    with (
+        caplog.at_level(logging.WARNING, "trio_sign.gateway.events"),
+        hub.subscribe(NODE, last_event_id.format(epoch=hub.epoch)) as sub,
+    ):
+        assert sub.backlog == ()
+        new = hub.probe(NODE)
+        event = await sub.receive()
+    assert json.loads(event.wire.split(b"data: ")[1]) == {"nonce": new}
+    assert "unknown Last-Event-ID" in caplog.text
+
+
+async def test_hub_id_of_another_gateway_replays_everything_kept() -> None:
+    old = EventHub()
+    old_id = old.drain(NODE)
+    new = EventHub()
+    assert new.epoch != old.epoch
+    ids = [new.freeze(NODE, "a"), new.unfreeze(NODE, "a")]
+    with new.subscribe(NODE, old_id) as sub:
+        assert _ids(sub.backlog) == ids
+
+
+async def test_hub_disconnects_a_slow_subscriber_who_then_resumes_by_replay() -> None:
+    hub = EventHub(subscriber_queue=2, replay_events=16)
+    with hub.subscribe(NODE) as slow, hub.subscribe(NODE) as fast:
+        assert slow.cursor == f"{hub.epoch}-0"
+        ids = []
+        for account in "ab":  # fast keeps up; slow's queue fills
+            ids.append(hub.freeze(NODE, account))
+            assert (await fast.receive()).id == ids[-1]
+        assert slow.dropped == ""
+        ids.append(hub.freeze(NODE, "c"))  # never waited on: dropped at once
+        assert slow.dropped == "fell behind"
+        assert slow.cancel_scope.cancel_called
+        assert not fast.dropped
+        assert hub.subscribers(NODE) == 1
+        assert (await fast.receive()).id == ids[-1]
+        assert hub.stats.dropped_slow == 1
+        seen = [(await slow.receive()).id, (await slow.receive()).id]
+        assert seen == ids[:2]
+        with pytest.raises(trio.EndOfChannel):
+            await slow.receive()
+        with hub.subscribe(NODE, seen[-1]) as again:
+            assert again.cursor == seen[-1]
+            assert _ids(again.backlog) == ids[2:]
+        with hub.subscribe(NODE, slow.cursor) as again:  # dropped before its first event
+            assert _ids(again.backlog) == ids
+    assert hub.subscribers(NODE) == 0
+
+
+async def test_hub_cursor_is_the_position_before_what_is_sent() -> None:
+    hub = EventHub(replay_events=2)
+    with hub.subscribe(NODE) as sub:
+        assert sub.cursor == f"{hub.epoch}-0"
+        assert sub.backlog == ()
+    ids = [hub.drain(NODE) for _ in range(3)]
+    with hub.subscribe(NODE) as sub:  # live only: after the latest
+        assert sub.cursor == ids[-1]
+        assert sub.backlog == ()
+    with hub.subscribe(NODE, "garbage") as sub:
+        assert sub.cursor == ids[-1]
+        assert sub.backlog == ()
+    with hub.subscribe(NODE, f"{hub.epoch}-0") as sub:  # too old: from the oldest kept
+        assert sub.cursor == ids[0]
+        assert _ids(sub.backlog) == ids[1:]
+
+
+async def test_hub_a_new_subscription_beyond_the_limit_evicts_the_oldest() -> None:
+    hub = EventHub(max_subscribers_per_node=2)
+    with hub.subscribe(NODE) as first, hub.subscribe(NODE) as second:
+        with hub.subscribe(NODE) as third:
+            assert first.dropped == "replaced by a newer subscription"
+            assert not second.dropped
+            assert not third.dropped
+            assert hub.subscribers(NODE) == 2
+        assert hub.subscribers(NODE) == 1
+    assert hub.subscribers(NODE) == 0
+    assert hub.stats.evicted == 1
+
+
+async def test_hub_total_subscriber_limit_and_forgetting_unpublished_nodes() -> None:
+    hub = EventHub(max_subscribers=2)
+    with (
+        hub.subscribe("a"),
+        hub.subscribe("b"),
+        pytest.raises(SubscriberLimitError, match="max_subscribers"),
+        hub.subscribe("c"),
+    ):
+        pass
+    assert hub.stats.refused == 1
+    assert hub._nodes == {}  # only subscribed to: forgotten
+    hub.drain("a")
+    with hub.subscribe("a"):
+        pass
+    assert list(hub._nodes) == ["a"]  # published to: the replay buffer is kept
+
+
+@pytest.mark.parametrize("node_id", ["", ".", "..", "a/b", "a b", "ä", "x" * 129, "a\n"])
+def test_hub_refuses_bad_node_ids(node_id: str) -> None:
+    hub = EventHub()
+    assert not valid_node_id(node_id)
+    with pytest.raises(ValueError, match="node id"):
+        hub.drain(node_id)
+    with pytest.raises(ValueError, match="node id"), hub.subscribe(node_id):
+        pass
+
+
+def test_hub_refuses_empty_ids_and_bad_limits() -> None:
+    hub = EventHub()
+    assert valid_node_id("Node_1.eu-west-1")
+    assert valid_node_id("x" * 128)
+    with pytest.raises(ValueError, match="account_id"):
+        hub.freeze(NODE, "")
+    with pytest.raises(ValueError, match="session_id"):
+        hub.abort(NODE, "")
+    with pytest.raises(ValueError, match="at least 1"):
+        EventHub(subscriber_queue=0)
+
+
+@pytest.mark.parametrize(
+    ("accept", "ok"),
+    [
+        (None, True),
+        ("text/event-stream", True),
+        ("Text/Event-Stream; charset=utf-8", True),
+        ("*/*", True),
+        ("text/*", True),
+        ("application/json, text/event-stream;q=0.5", True),
+        ("application/json", False),
+        ("text/event-stream;q=0", False),
+        ("text/event-stream;q=0, */*", False),
+        ("text/*;q=0, */*", False),
+        ("text/event-stream;q=bogus", False),
+        ("", False),
+    ],
+)
+def test_accepts_event_stream(accept: str | None, ok: bool) -> None:
+    assert accepts_event_stream(accept) is ok
+
+
+# -- over loopback HTTP ------------------------------------------------------------------------
+
+
+class _RecordingSet(set[str]):
+    def __init__(self, log: list[tuple[str, str]]) -> None:
+        super().__init__()
+        self._log = log
+
+    def add(self, item: str) -> None:
+        self._log.append(("freeze", item))
+        super().add(item)
+
+    def discard(self, item: object) -> None:
+        self._log.append(("unfreeze", str(item)))
+        super().discard(item)
+
+
+class FakePool:
+    def __init__(self, log: list[tuple[str, str]]) -> None:
+        self._log = log
+
+    def abort(self, session_id: str) -> None:
+        self._log.append(("abort", session_id))
+
+
+class FakeEnclave:
+    """Satisfies ``trio_sign.sse.SseControlled`` and records what was applied, in order."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, str]] = []
+        self.frozen: set[str] = _RecordingSet(self.log)
+        self._pool = FakePool(self.log)
+        self._probe = ""
+
+    @property
+    def last_sse_probe(self) -> str:
+        return self._probe
+
+    @last_sse_probe.setter
+    def last_sse_probe(self, nonce: str) -> None:
+        self.log.append(("probe", nonce))
+        self._probe = nonce
+
+    @property
+    def pool(self) -> FakePool:
+        return self._pool
+
+    def start_draining(self) -> None:
+        self.log.append(("drain", ""))
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    # Real sockets: poll, bounded.
+    with trio.fail_after(5):
+        while not predicate():  # noqa: ASYNC110
+            await trio.sleep(0.005)
+
+
+@asynccontextmanager
+async def running_gateway(hub: EventHub, **kwargs: Any) -> AsyncIterator[int]:
+    kwargs.setdefault("retry_ms", 10)
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(
+            functools.partial(serve_gateway_events, "tcp://127.0.0.1:0", hub, **kwargs)
+        )
+        yield int(binds[0].rsplit(":", 1)[1])
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def enclave_client(
+    port: int, target: FakeEnclave, *, last_event_id: str = "", node_id: str = NODE
+) -> AsyncIterator[SseClientStatus]:
+    """The enclave's real SSE client and handler, straight to the gateway (no relay)."""
+    async with trio.open_nursery() as nursery:
+        status = await nursery.start(
+            functools.partial(
+                run_sse_client,
+                events_url(f"http://127.0.0.1:{port}", node_id),
+                connect=functools.partial(trio.open_tcp_stream, "127.0.0.1", port),
+                on_event=SseEventHandler(target),
+                last_event_id=last_event_id,
+                keepalive_timeout_s=5,
+                rng=random.Random(7),
+            )
+        )
+        yield status
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_enclave_client_applies_every_event_in_order() -> None:
+    hub = EventHub()
+    enclave = FakeEnclave()
+    async with running_gateway(hub) as port, enclave_client(port, enclave) as status:
+        await until(lambda: hub.subscribers(NODE) == 1)
+        nonce = hub.probe(NODE)
+        hub.freeze(NODE, "acct-0")
+        hub.unfreeze(NODE, "acct-0")
+        hub.abort(NODE, "sess-9")
+        hub.publish(NODE, "mystery", {"x": 1})  # ignored by the enclave
+        hub.freeze(NODE, "acct-1")
+        last = hub.drain(NODE)
+        await until(lambda: len(enclave.log) == 6)
+        assert enclave.log == [
+            ("probe", nonce),
+            ("freeze", "acct-0"),
+            ("unfreeze", "acct-0"),
+            ("abort", "sess-9"),
+            ("freeze", "acct-1"),
+            ("drain", ""),
+        ]
+        assert enclave.frozen == {"acct-1"}
+        await until(lambda: status.last_event_id == last)
+        assert status.connects == 1
+        assert status.reconnects == 0
+
+
+async def test_reconnect_with_last_event_id_replays_without_duplicates_or_gaps() -> None:
+    hub = EventHub()
+    enclave = FakeEnclave()
+    async with running_gateway(hub) as port:
+        async with enclave_client(port, enclave) as status:
+            await until(lambda: hub.subscribers(NODE) == 1)
+            hub.freeze(NODE, "a")
+            hub.freeze(NODE, "b")
+            await until(lambda: len(enclave.log) == 2)
+            await until(lambda: status.last_event_id == hub.last_event_id(NODE))
+            resume_from = status.last_event_id
+        await until(lambda: hub.subscribers(NODE) == 0)
+        hub.freeze(NODE, "c")  # published while the enclave is away
+        hub.freeze(NODE, "d")
+        async with enclave_client(port, enclave, last_event_id=resume_from):
+            await until(lambda: len(enclave.log) == 4)
+            hub.freeze(NODE, "e")  # live again
+            await until(lambda: len(enclave.log) == 5)
+    assert enclave.log == [("freeze", x) for x in "abcde"]
+
+
+async def test_a_too_old_last_event_id_replays_from_the_oldest_kept(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    hub = EventHub(replay_events=3)
+    ids = [hub.freeze(NODE, f"acct-{n}") for n in range(6)]
+    enclave = FakeEnclave()
+    with caplog.at_level(logging.WARNING, "trio_sign.gateway.events"):
+        async with (
+            running_gateway(hub) as port,
+            enclave_client(port, enclave, last_event_id=ids[0]) as status,
+        ):
+            await until(lambda: len(enclave.log) == 3)
+            await until(lambda: status.last_event_id == ids[-1])
+    assert enclave.log == [("freeze", f"acct-{n}") for n in (3, 4, 5)]
+    assert "may have been missed" in caplog.text
+
+
+async def _open_raw(port: int, request: bytes) -> tuple[trio.SocketStream, ResponseParser]:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(request)
+    return stream, ResponseParser()
+
+
+def _get(path: str, *headers: str, method: str = "GET") -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+async def test_stream_head_retry_and_keepalive_comments_at_the_interval() -> None:
+    hub = EventHub()
+    interval = 0.05
+    async with running_gateway(hub, keepalive_s=interval, retry_ms=1234) as port:
+        stream, http = await _open_raw(
+            port, _get(f"/v1/enclaves/{NODE}/events", "Accept: text/event-stream")
+        )
+        async with stream:
+            head: ResponseHead | None = None
+            body = b""
+            arrivals: list[float] = []
+            with trio.move_on_after(interval * 6.5):
+                while True:
+                    for item in http.receive_data(await stream.receive_some()):
+                        if isinstance(item, ResponseHead):
+                            head = item
+                        elif isinstance(item, BodyData):
+                            body += item.data
+                            if KEEPALIVE_COMMENT in item.data:
+                                arrivals.append(trio.current_time())
+    assert head is not None
+    assert head.status == 200
+    assert head.get("content-type") == "text/event-stream"
+    assert head.get("cache-control") == "no-cache"
+    assert body.startswith(f"retry: 1234\n\nid: {hub.epoch}-0\n\n".encode())
+    assert body.count(KEEPALIVE_COMMENT) == len(arrivals)
+    assert 4 <= len(arrivals) <= 7, arrivals
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    assert all(interval * 0.8 <= gap <= interval * 3 for gap in gaps), gaps
+    assert EventStreamParser().receive_data(body) == [RetryChanged(1234)]
+
+
+async def test_events_reset_the_keepalive_timer() -> None:
+    hub = EventHub()
+    async with running_gateway(hub, keepalive_s=0.3) as port:
+        stream, http = await _open_raw(port, _get(f"/v1/enclaves/{NODE}/events"))
+        async with stream:
+            body = b""
+            await until(lambda: hub.subscribers(NODE) == 1)
+            with trio.move_on_after(0.5):
+                while True:
+                    hub.drain(NODE)
+                    for item in http.receive_data(await stream.receive_some()):
+                        if isinstance(item, BodyData):
+                            body += item.data
+                    await trio.sleep(0.1)
+    assert body.count(b"event: drain") >= 3
+    assert KEEPALIVE_COMMENT not in body
+
+
+async def test_a_slow_subscriber_is_disconnected_and_recovers_by_replay() -> None:
+    hub = EventHub(subscriber_queue=2)
+    enclave = FakeEnclave()
+    async with running_gateway(hub) as port, enclave_client(port, enclave) as status:
+        await until(lambda: hub.subscribers(NODE) == 1)
+        for n in range(8):  # a burst larger than the queue: the subscriber cannot keep up
+            hub.freeze(NODE, f"acct-{n}")
+        assert hub.stats.dropped_slow == 1
+        await until(lambda: len(enclave.log) == 8)
+        hub.drain(NODE)
+        await until(lambda: len(enclave.log) == 9)
+        assert status.reconnects >= 1
+        assert status.connects >= 2
+    assert enclave.log == [("freeze", f"acct-{n}") for n in range(8)] + [("drain", "")]
+
+
+async def test_a_stuck_reader_is_not_waited_on() -> None:
+    """A peer that never reads: once its queue overflows the handler gives up at once."""
+    hub = EventHub(subscriber_queue=4)
+    async with running_gateway(hub) as port:
+        stream, _http = await _open_raw(port, _get(f"/v1/enclaves/{NODE}/events"))
+        async with stream:
+            await until(lambda: hub.subscribers(NODE) == 1)
+            with trio.fail_after(5):
+                while hub.stats.dropped_slow == 0:
+                    hub.publish(NODE, "filler", {"x": "y" * 4000})
+                    await trio.lowlevel.checkpoint()
+            assert hub.subscribers(NODE) == 0
+
+
+async def test_a_closed_connection_unsubscribes() -> None:
+    hub = EventHub()
+    async with running_gateway(hub) as port:
+        stream, _http = await _open_raw(port, _get(f"/v1/enclaves/{NODE}/events"))
+        await until(lambda: hub.subscribers(NODE) == 1)
+        await stream.aclose()
+        await until(lambda: hub.subscribers(NODE) == 0)
+
+
+async def test_two_subscribers_of_one_node_both_get_events() -> None:
+    hub = EventHub()
+    first, second = FakeEnclave(), FakeEnclave()
+    async with (
+        running_gateway(hub) as port,
+        enclave_client(port, first),
+        enclave_client(port, second),
+    ):
+        await until(lambda: hub.subscribers(NODE) == 2)
+        hub.freeze(NODE, "z")
+        await until(lambda: first.log == second.log == [("freeze", "z")])
+
+
+async def _request(port: int, request: bytes) -> tuple[ResponseHead, bytes]:
+    head_only = request.startswith(b"HEAD ")
+    stream, http = await _open_raw(port, request)
+    async with stream:
+        head: ResponseHead | None = None
+        body = b""
+        with trio.fail_after(5):
+            while True:
+                data = await stream.receive_some()
+                for item in http.receive_data(data) if data else http.receive_eof():
+                    if isinstance(item, ResponseHead):
+                        head = item
+                        if head_only:
+                            return head, b""
+                    elif isinstance(item, BodyData):
+                        body += item.data
+                    else:
+                        assert head is not None
+                        return head, body
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (_get("/"), 404),
+        (_get("/v1/enclaves/node-7"), 404),
+        (_get("/v1/enclaves/node-7/events/"), 404),
+        (_get("/v1/enclaves/node-7/other"), 404),
+        (_get("/v1/enclaves//events"), 400),
+        (_get("/v1/enclaves/bad!id/events"), 400),
+        (_get("/v1/enclaves/a%20b/events"), 400),
+        (_get("/v1/enclaves/" + "x" * 129 + "/events"), 400),
+        (_get("/v1/enclaves/node-7/events", method="POST"), 405),
+        (_get("/v1/enclaves/node-7/events", method="HEAD"), 405),
+        (_get("/v1/enclaves/node-7/events", "Accept: application/json"), 406),
+        (_get("/v1/enclaves/node-7/events", "Accept: text/event-stream;q=0"), 406),
+    ],
+)
+async def test_refusals(request_bytes: bytes, status: int) -> None:
+    hub = EventHub()
+    async with running_gateway(hub) as port:
+        head, _body = await _request(port, request_bytes)
+    assert head.status == status
+    if status == 405:
+        assert head.get("allow") == "GET"
+    assert hub.subscribers(NODE) == 0
+    assert hub._nodes == {}
+
+
+async def test_over_the_subscriber_limit_is_503() -> None:
+    hub = EventHub(max_subscribers=1)
+    async with running_gateway(hub) as port:
+        stream, _http = await _open_raw(port, _get("/v1/enclaves/a/events"))
+        async with stream:
+            await until(lambda: hub.subscribers("a") == 1)
+            head, _body = await _request(port, _get("/v1/enclaves/b/events"))
+    assert head.status == 503
+    assert head.get("retry-after") == "5"
+
+
+async def test_serve_refuses_half_a_tls_config() -> None:
+    with pytest.raises(ValueError, match="certfile and keyfile"):
+        await serve_gateway_events("tcp://127.0.0.1:0", EventHub(), certfile="cert.pem")
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "gateway.pem", tmp_path / "gateway.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+async def test_https(tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    context = ssl.create_default_context(cafile=str(cert))
+    hub = EventHub()
+    enclave = FakeEnclave()
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(
+            functools.partial(
+                serve_gateway_events,
+                "tcp://127.0.0.1:0",
+                hub,
+                certfile=str(cert),
+                keyfile=str(key),
+            )
+        )
+        assert binds[0].startswith("https://")
+        port = int(binds[0].rsplit(":", 1)[1])
+
+        async def connect() -> trio.abc.Stream:
+            return await trio.open_ssl_over_tcp_stream(
+                "127.0.0.1", port, ssl_context=context, https_compatible=True
+            )
+
+        status = await nursery.start(
+            functools.partial(
+                run_sse_client,
+                f"https://127.0.0.1:{port}/v1/enclaves/{NODE}/events",
+                connect=connect,
+                on_event=SseEventHandler(enclave),
+                rng=random.Random(1),
+            )
+        )
+        await until(lambda: hub.subscribers(NODE) == 1)
+        nonce = hub.probe(NODE)
+        await until(lambda: enclave.last_sse_probe == nonce)
+        assert status.connected
+        nursery.cancel_scope.cancel()
+
+
+# -- end to end with a real dev enclave --------------------------------------------------------
+
+
+async def test_a_dev_enclave_follows_the_gateway(tmp_path: Path) -> None:
+    from proto_min import sign_service_pb2 as pb
+    from trio_sign.enclave import EnclaveConfig, serve_dev_enclave
+    from trio_sign.rpc import RpcError, StatusCode, open_grpc_channel
+    from trio_sign.shares import write_plaintext
+    from trio_sign.transport import connect
+
+    from .enclave_helpers import make_accounts
+
+    store, accounts = make_accounts(2)
+    store.close()
+    shares = tmp_path / "service_key_shares.json"
+    with shares.open("wb") as f:
+        write_plaintext(f, [a.service for a in accounts.values()])
+    service = "/trio_sign.v1.SignService/"
+
+    async def call(ch: Any, method: str, request: Any, response_type: Any) -> Any:
+        raw = await ch.unary_unary(service + method, request.SerializeToString())
+        return response_type.FromString(raw)
+
+    hub = EventHub()
+    async with running_gateway(hub) as port:
+        config = EnclaveConfig(
+            grpc_listen="tcp://127.0.0.1:0",
+            dev=True,
+            dev_plaintext_shares=shares,
+            gateway_url=f"http://127.0.0.1:{port}",
+            node_id=NODE,
+        )
+        async with trio.open_nursery() as nursery:
+            handle = await nursery.start(serve_dev_enclave, config)
+            async with open_grpc_channel(await connect(handle.addresses[0])) as ch:
+                await until(lambda: hub.subscribers(NODE) == 1)
+                nonce = hub.probe(NODE)
+                await until(lambda: handle.service.last_sse_probe == nonce)
+                status = await call(ch, "GetStatus", pb.GetStatusRequest(), pb.GetStatusResponse)
+                assert status.last_sse_probe == nonce
+
+                hub.freeze(NODE, "acct-0")
+                await until(lambda: "acct-0" in handle.service.frozen)
+                with pytest.raises(RpcError) as info:
+                    await call(
+                        ch,
+                        "Commit",
+                        pb.CommitRequest(account_id="acct-0", session_id="s"),
+                        pb.CommitResponse,
+                    )
+                assert info.value.status == StatusCode.FAILED_PRECONDITION
+
+                hub.unfreeze(NODE, "acct-0")
+                await until(lambda: "acct-0" not in handle.service.frozen)
+                await call(
+                    ch,
+                    "Commit",
+                    pb.CommitRequest(account_id="acct-0", session_id="s"),
+                    pb.CommitResponse,
+                )
+            await handle.drain()
+            nursery.cancel_scope.cancel()
