@@ -221,6 +221,8 @@ class FlakySign(EnclaveNode):
                 for c in commitments
             ]
             return await super().sign(session_id, message, bad)
+        if self.mode == "always_unavailable":
+            raise RpcError(StatusCode.UNAVAILABLE, "connection reset")
         if self.mode == "hang":
             self.hung.set()
             await trio.sleep_forever()
@@ -234,6 +236,12 @@ class FlakySign(EnclaveNode):
             share = bytearray(reply.signature_share)
             share[0] ^= 1
             return pb.SignResponse(identifier=reply.identifier, signature_share=bytes(share))
+        return reply
+
+    async def commit(self, account_id: str, session_id: str) -> pb.CommitResponse:
+        reply = await super().commit(account_id, session_id)
+        if self.mode == "bad_commitment":
+            reply.hiding = b"\xff" * 32  # not a valid point encoding
         return reply
 
 
@@ -268,6 +276,40 @@ async def test_cancelled_signature_aborts_the_session(shares: Shares) -> None:
                 nursery.cancel_scope.cancel()
             assert handle.service.pool.open_sessions == 0
             assert coordinator.limiter.borrowed_tokens == 0
+
+
+async def test_unavailable_sign_gets_new_sessions_then_gives_up(shares: Shares) -> None:
+    account_id = shares.account_ids()[0]
+    stores = load_participant_files([shares.participants[2]])
+    async with dev_enclave(shares) as handle:
+        node = FlakySign("e", handle.addresses[0], mode="always_unavailable")
+        async with running([node], stores) as coordinator:
+            with pytest.raises(GatewayError) as info:
+                await coordinator.sign_message(account_id, b"m")
+            assert info.value.reason == "no_healthy_node"
+            assert info.value.status == StatusCode.UNAVAILABLE
+            settings = coordinator.settings
+            sessions = settings.max_sessions_per_signature
+            assert len(set(node.sessions)) == sessions
+            assert node.sign_calls == sessions * (settings.sign_retries + 1)
+            assert coordinator.aborted_sessions == sessions
+            assert handle.service.pool.open_sessions == 0
+
+
+async def test_bad_enclave_commitment_is_named_and_aborted(shares: Shares) -> None:
+    account_id = shares.account_ids()[3]
+    with shares.service.open("rb") as f:
+        enclave_id = next(r.identifier for r in read_plaintext(f) if r.account_id == account_id)
+    stores = load_participant_files([shares.participants[2]])
+    async with dev_enclave(shares) as handle:
+        node = FlakySign("e", handle.addresses[0], mode="bad_commitment")
+        async with running([node], stores) as coordinator:
+            with pytest.raises(GatewayError) as info:
+                await coordinator.sign_message(account_id, b"m")
+            assert info.value.reason == "bad_share"
+            assert info.value.identifier == enclave_id
+            assert node.sign_calls == 0  # refused before round two
+            assert handle.service.pool.open_sessions == 0
 
 
 @pytest.mark.parametrize("mode", ["lost_reply", "not_sent"])

@@ -330,10 +330,10 @@ class Coordinator:
             )
         session_id = secrets.token_hex(16)
         nonces: list[SigningNonces] = []
-        committed = False
+        must_abort = False
         node.in_flight += 1
         try:
-            committed = True  # from here the enclave may hold a session: abort on failure
+            must_abort = True  # from here the enclave may hold a session: abort on failure
             try:
                 reply = await node.commit(account_id, session_id)
             except RpcError as exc:
@@ -364,13 +364,13 @@ class Coordinator:
             signature = self._aggregate(
                 commitments, message, group_key, enclave, enclave_share, local, shares, node
             )
-            committed = False  # signed: the enclave already freed the slot
+            must_abort = False  # signed: the enclave already freed the slot
             return signature
         finally:
             node.in_flight -= 1
             for n in nonces:
                 n.zero()
-            if committed:
+            if must_abort:
                 await self._abort(node, session_id)
 
     def _sign_locally(
