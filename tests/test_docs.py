@@ -246,3 +246,37 @@ def test_runbook_has_the_procedures_the_seed_asks_for() -> None:
         "6-rollback-at-a-glance",
     ):
         assert needed in headings, needed
+
+
+def _table_rows(text: str, heading: str) -> list[list[str]]:
+    """Cells of the first Markdown table after ``heading``."""
+    section = text.split(heading, 1)[1]
+    rows = []
+    for line in section.splitlines():
+        if line.startswith("|"):
+            rows.append([cell.strip().strip("`") for cell in line.strip("|").split("|")])
+        elif rows:
+            break
+    return rows[2:]  # header and separator
+
+
+def test_exit_code_tables_match_the_code() -> None:
+    from trio_sign.enclave import ExitCode
+
+    expected = {(str(int(code)), code.name) for code in ExitCode}
+    for doc, heading in (("contracts.md", "## Status states"), ("operations.md", "## Enclave")):
+        rows = _table_rows((DOCS / doc).read_text(), heading)
+        assert {(row[0], row[1]) for row in rows} == expected, doc
+
+
+def test_ports_and_states_match_the_code() -> None:
+    from trio_sign.nitro._channel import STATES
+    from trio_sign.parent._supervisor import LOG_PORT, PRELOAD_PORT, SSE_PORT, STATUS_PORT
+
+    architecture = (DOCS / "architecture.md").read_text()
+    contracts = (DOCS / "contracts.md").read_text()
+    for port in (PRELOAD_PORT, STATUS_PORT, LOG_PORT, SSE_PORT, 50051):
+        assert f"**{port}**" in architecture, port
+        assert str(port) in contracts, port
+    for state in STATES:
+        assert f"`{state}`" in contracts, state
