@@ -195,6 +195,58 @@ async def test_unknown_account_and_no_node(shares: Shares, tmp_path: Path) -> No
             assert coordinator.signatures == 1
 
 
+async def test_participant_file_problems(shares: Shares, tmp_path: Path) -> None:
+    account_id = shares.account_ids()[0]
+    other = generate_share_files(tmp_path / "other", 1)
+    strict = generate_share_files(tmp_path / "3of3", 1, min_signers=3, max_signers=3)
+    idle = [EnclaveNode("e", f"unix://{tmp_path}/unused.sock")]  # never contacted
+    cases = [
+        ([shares.participants[2], other.participant_files[3]], "key_mismatch"),
+        ([shares.participants[2], shares.participants[2]], "key_mismatch"),
+        ([strict.participant_files[2]], "too_few_signers"),
+    ]
+    for files, reason in cases:
+        async with running(idle, load_participant_files(files)) as coordinator:
+            with pytest.raises(GatewayError) as info:
+                await coordinator.sign_message(account_id, b"m")
+            assert info.value.reason == reason, files
+    with pytest.raises(ValueError, match="at least one"):
+        Coordinator([], [])
+
+
+async def test_enclave_refusals_and_unknown_accounts(shares: Shares, tmp_path: Path) -> None:
+    more = generate_share_files(tmp_path / "more", N_ACCOUNTS + 1)  # one account the enclave lacks
+    missing = f"acct-{N_ACCOUNTS:08d}"
+    async with dev_enclave(shares) as handle:
+        node = FlakySign("e", handle.addresses[0], mode="")
+        async with running([node], load_participant_files([more.participant_files[2]])) as c:
+            with pytest.raises(GatewayError) as info:
+                await c.sign_message(missing, b"m")
+            assert info.value.reason == "unknown_account"
+            assert info.value.status == StatusCode.NOT_FOUND
+        node = FlakySign("e", handle.addresses[0], mode="frozen")
+        async with running([node], load_participant_files([shares.participants[2]])) as c:
+            with pytest.raises(GatewayError) as info:
+                await c.sign_message(shares.account_ids()[0], b"m")
+            assert info.value.reason == "enclave_refused"
+            assert info.value.status == StatusCode.FAILED_PRECONDITION
+            assert "account is frozen" in str(info.value)
+        assert handle.service.pool.open_sessions == 0
+
+
+async def test_account_cache_is_bounded(shares: Shares) -> None:
+    keys = shares.group_keys()
+    stores = load_participant_files([shares.participants[2]])
+    async with dev_enclave(shares) as handle:
+        node = EnclaveNode("e", handle.addresses[0])
+        settings = CoordinatorSettings(account_cache_size=2)
+        async with running([node], stores, settings) as coordinator:
+            for account_id in sorted(keys):
+                signature = await coordinator.sign_message(account_id, b"m")
+                verify(keys[account_id], b"m", signature)
+            assert coordinator.cached_accounts == 2
+
+
 # -- faults around Sign: abort, retry, a corrupted share ---------------------------------------
 
 
@@ -239,6 +291,8 @@ class FlakySign(EnclaveNode):
         return reply
 
     async def commit(self, account_id: str, session_id: str) -> pb.CommitResponse:
+        if self.mode == "frozen":
+            raise RpcError(StatusCode.FAILED_PRECONDITION, "account is frozen")
         reply = await super().commit(account_id, session_id)
         if self.mode == "bad_commitment":
             reply.hiding = b"\xff" * 32  # not a valid point encoding
@@ -475,6 +529,8 @@ async def test_signs_through_the_mtls_ingress_with_the_production_enclave(
         await tls.aclose()
         with pytest.raises(TransportError, match="TLS handshake"):
             await connect_tls(ingress, client_context, server_hostname="someone-else.example")
+        with pytest.raises(TransportError, match="cannot connect"):
+            await connect_tls(f"unix://{tmp_path}/nobody.sock", client_context, server_hostname="x")
 
         node = EnclaveNode(
             "enclave-0", ingress, ssl_context=client_context, server_hostname="parent.local"
@@ -520,6 +576,41 @@ async def test_signs_through_the_mtls_ingress_with_the_production_enclave(
             assert handle.service.pool.open_sessions == 0
         await handle.drain()
         nursery.cancel_scope.cancel()
+
+
+async def test_connect_tls_refuses_a_server_without_h2(pki: Pki) -> None:
+    """A TLS server that does not agree to h2 (say, an HTTPS endpoint) is not spoken to."""
+    server_context = make_server_ssl_context(pki.server_cert_pem, pki.server_key_pem, pki.ca_pem)
+    server_context.set_alpn_protocols(["http/1.1"])
+
+    async def handler(stream: trio.SocketStream) -> None:
+        tls = trio.SSLStream(stream, server_context, server_side=True)
+        try:
+            await tls.do_handshake()
+            await tls.receive_some(1)
+        except trio.BrokenResourceError:
+            pass
+        finally:
+            await trio.aclose_forcefully(tls)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1")
+        )
+        url = f"tcp://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        context = make_client_ssl_context(pki.ca_pem, pki.client_cert_pem, pki.client_key_pem)
+        with pytest.raises(TransportError, match="ALPN h2"):
+            await connect_tls(url, context, server_hostname="parent.local")
+        nursery.cancel_scope.cancel()
+
+
+def test_client_context_settings(pki: Pki) -> None:
+    context = make_client_ssl_context(pki.ca_pem, pki.client_cert_pem, pki.client_key_pem)
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_3
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert context.check_hostname
+    with pytest.raises(ssl.SSLError):
+        make_client_ssl_context(pki.ca_pem, pki.client_cert_pem, pki.server_key_pem)
 
 
 def test_public_api() -> None:

@@ -192,6 +192,11 @@ class Coordinator:
 
     # -- public --------------------------------------------------------------------------------
 
+    @property
+    def cached_accounts(self) -> int:
+        """Accounts whose enclave verifying share is cached (at most ``account_cache_size``)."""
+        return len(self._accounts)
+
     async def sign_message(self, account_id: str, message: bytes) -> bytes:
         """Produce the account's 64-byte Ed25519 signature of ``message`` (verified).
 
