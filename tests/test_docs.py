@@ -280,3 +280,18 @@ def test_ports_and_states_match_the_code() -> None:
         assert str(port) in contracts, port
     for state in STATES:
         assert f"`{state}`" in contracts, state
+
+
+def test_enclave_image_commands_and_units_exist() -> None:
+    """``enclave_image/build`` flags and the systemd units the docs name are the real ones."""
+    build = ROOT / "enclave_image" / "build"
+    if not build.exists():
+        pytest.skip("enclave_image/build is not in this tree yet")
+    script = build.read_text()
+    for name in COMMAND_DOCS:
+        text = (DOCS / name).read_text()
+        for command in _commands(text, "enclave_image/build"):
+            for flag in (w for w in _argv(command)[1:] if w.startswith("--")):
+                assert f"{flag})" in script, f"{name}: enclave_image/build has no {flag}"
+        for unit in set(re.findall(r"\b(trio-sign[\w-]*\.service)\b", text)):
+            assert (ROOT / "enclave_image" / "systemd" / unit).exists(), f"{name}: {unit}"
