@@ -20,12 +20,14 @@ from typing import Any
 import pytest
 import trio
 import trio.lowlevel
+import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
 from trio_sign.gateway import (
     KEEPALIVE_COMMENT,
     EventHub,
+    GatewayEventsApp,
     SubscriberLimitError,
     accepts_event_stream,
     format_comment,
@@ -289,6 +291,16 @@ async def test_hub_a_new_subscription_beyond_the_limit_evicts_the_oldest() -> No
     assert hub.stats.evicted == 1
 
 
+async def test_hub_one_subscriber_per_node_replaced_before_anything_was_published() -> None:
+    hub = EventHub(max_subscribers_per_node=1)
+    with hub.subscribe(NODE) as first, hub.subscribe(NODE) as second:
+        assert first.dropped
+        assert hub.subscribers(NODE) == 1
+        event_id = hub.drain(NODE)
+        assert (await second.receive()).id == event_id
+    assert hub.subscribers(NODE) == 0
+
+
 async def test_hub_total_subscriber_limit_and_forgetting_unpublished_nodes() -> None:
     hub = EventHub(max_subscribers=2)
     with (
@@ -347,6 +359,114 @@ def test_hub_refuses_empty_ids_and_bad_limits() -> None:
 )
 def test_accepts_event_stream(accept: str | None, ok: bool) -> None:
     assert accepts_event_stream(accept) is ok
+
+
+# -- the ASGI app alone, in virtual time ---------------------------------------------------------
+
+
+class FakeAsgi:
+    """A fake server for :class:`GatewayEventsApp`: records what is sent, and when; ``send`` can
+    be made to block like a stuck peer."""
+
+    def __init__(self, *headers: tuple[bytes, bytes]) -> None:
+        self.scope: dict[str, Any] = {
+            "type": "http",
+            "method": "GET",
+            "path": f"/v1/enclaves/{NODE}/events",
+            "headers": [(b"accept", b"text/event-stream"), *headers],
+        }
+        self.sent: list[tuple[float, dict[str, Any]]] = []
+        self.disconnected = trio.Event()
+        self.stuck = False
+        self._requested = False
+
+    async def receive(self) -> dict[str, Any]:
+        if not self._requested:
+            self._requested = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await self.disconnected.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: Any) -> None:
+        if self.stuck:
+            await trio.sleep_forever()
+        self.sent.append((trio.current_time(), dict(message)))
+
+    def bodies(self) -> list[tuple[float, bytes]]:
+        return [(t, m["body"]) for t, m in self.sent if m["type"] == "http.response.body"]
+
+    async def run(self, app: GatewayEventsApp) -> None:
+        await app(self.scope, self.receive, self.send)
+
+
+async def test_app_keepalive_comments_at_exact_virtual_times(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    hub = EventHub()
+    app = GatewayEventsApp(hub, keepalive_s=15, retry_ms=500)
+    fake = FakeAsgi()
+    async with trio.open_nursery() as nursery:
+        start = trio.current_time()
+        nursery.start_soon(fake.run, app)
+        await trio.sleep(46)
+        event_id = hub.drain(NODE)
+        await trio.sleep(20)
+        assert hub.subscribers(NODE) == 1
+        fake.disconnected.set()
+    assert hub.subscribers(NODE) == 0
+    head = fake.sent[0][1]
+    assert head["status"] == 200
+    assert (b"content-type", b"text/event-stream") in head["headers"]
+    assert (b"cache-control", b"no-cache") in head["headers"]
+    drain = f"id: {event_id}\nevent: drain\ndata: {{}}\n\n".encode()
+    assert [(t - start, body) for t, body in fake.bodies()] == [
+        (0, f"retry: 500\n\nid: {hub.epoch}-0\n\n".encode()),
+        (15, KEEPALIVE_COMMENT),
+        (30, KEEPALIVE_COMMENT),
+        (45, KEEPALIVE_COMMENT),
+        (46, drain),  # an event restarts the keepalive timer
+        (61, KEEPALIVE_COMMENT),
+    ]
+
+
+async def test_app_does_not_wait_on_a_stuck_peer(autojump_clock: trio.testing.MockClock) -> None:
+    hub = EventHub(subscriber_queue=2)
+    app = GatewayEventsApp(hub, keepalive_s=15)
+    fake = FakeAsgi()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fake.run, app)
+        await trio.testing.wait_all_tasks_blocked()
+        fake.stuck = True
+        hub.drain(NODE)  # the writer blocks sending this one
+        await trio.testing.wait_all_tasks_blocked()
+        start = trio.current_time()
+        for _ in range(3):
+            hub.drain(NODE)
+        with trio.fail_after(1):
+            while hub.subscribers(NODE):
+                await trio.lowlevel.checkpoint()
+    assert trio.current_time() == start  # the app returned at once, without a final body
+    assert [m["type"] for _, m in fake.sent] == ["http.response.start", "http.response.body"]
+    assert hub.stats.dropped_slow == 1
+
+
+async def test_app_cancelled_mid_stream_unsubscribes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    hub = EventHub()
+    fake = FakeAsgi((b"last-event-id", b"\xff\xfe"))  # not UTF-8: new events only
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fake.run, GatewayEventsApp(hub))
+        await trio.testing.wait_all_tasks_blocked()
+        assert hub.subscribers(NODE) == 1
+        nursery.cancel_scope.cancel()
+    assert hub.subscribers(NODE) == 0
+    assert hub._nodes == {}
+
+
+def test_app_refuses_a_bad_keepalive() -> None:
+    with pytest.raises(ValueError, match="keepalive_s"):
+        GatewayEventsApp(EventHub(), keepalive_s=0)
 
 
 # -- over loopback HTTP ------------------------------------------------------------------------
@@ -682,6 +802,9 @@ async def test_serve_refuses_half_a_tls_config() -> None:
         await serve_gateway_events("tcp://127.0.0.1:0", EventHub(), certfile="cert.pem")
 
 
+GATEWAY_HOST = "gateway.test"
+
+
 def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -700,7 +823,9 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
         .not_valid_before(now - datetime.timedelta(minutes=1))
         .not_valid_after(now + datetime.timedelta(hours=1))
         .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName(GATEWAY_HOST)]
+            ),
             critical=False,
         )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
@@ -754,6 +879,63 @@ async def test_https(tmp_path: Path) -> None:
         nonce = hub.probe(NODE)
         await until(lambda: enclave.last_sse_probe == nonce)
         assert status.connected
+        nursery.cancel_scope.cancel()
+
+
+async def test_through_the_parent_relay_over_https(tmp_path: Path) -> None:
+    """Enclave client -> the parent's real relay -> HTTPS gateway: events arrive, and a dropped
+    stream resumes through the relay with ``Last-Event-ID`` (which the relay forwards)."""
+    from trio_sign.parent import serve_sse_relay
+
+    cert, key = _self_signed(tmp_path)
+    hub = EventHub(subscriber_queue=2)
+    enclave = FakeEnclave()
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(
+            functools.partial(
+                serve_gateway_events,
+                "tcp://127.0.0.1:0",
+                hub,
+                retry_ms=10,
+                certfile=str(cert),
+                keyfile=str(key),
+            )
+        )
+        port = int(binds[0].rsplit(":", 1)[1])
+
+        async def connect_upstream(host: str, upstream_port: int) -> trio.abc.Stream:
+            assert (host, upstream_port) == (GATEWAY_HOST, port)
+            return await trio.open_tcp_stream("127.0.0.1", port)
+
+        relay_listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        relay_port = relay_listeners[0].socket.getsockname()[1]
+        await nursery.start(
+            functools.partial(
+                serve_sse_relay,
+                relay_listeners,
+                [f"https://{GATEWAY_HOST}:{port}/v1/enclaves/"],
+                ssl_context_for_upstream=ssl.create_default_context(cafile=str(cert)),
+                connect_upstream=connect_upstream,
+            )
+        )
+        status = await nursery.start(
+            functools.partial(
+                run_sse_client,
+                events_url(f"https://{GATEWAY_HOST}:{port}", NODE),
+                connect=functools.partial(trio.open_tcp_stream, "127.0.0.1", relay_port),
+                on_event=SseEventHandler(enclave),
+                rng=random.Random(3),
+            )
+        )
+        await until(lambda: hub.subscribers(NODE) == 1)
+        nonce = hub.probe(NODE)
+        await until(lambda: enclave.last_sse_probe == nonce)
+        for n in range(5):  # a burst over the queue: the gateway drops the stream
+            hub.freeze(NODE, f"acct-{n}")
+        await until(lambda: len(enclave.log) == 6)
+        assert status.reconnects >= 1
+        assert hub.stats.dropped_slow == 1
+        assert enclave.log == [("probe", nonce)] + [("freeze", f"acct-{n}") for n in range(5)]
         nursery.cancel_scope.cancel()
 
 

@@ -315,18 +315,19 @@ class EventHub:
             raise SubscriberLimitError(
                 f"{self._total_subscribers} event subscriptions are open (max_subscribers)"
             )
-        node = self._node(node_id)
-        backlog = self._replay(node_id, node, last_event_id)
-        cursor = backlog[0].seq - 1 if backlog else node.next_seq - 1
-        sub = Subscription(node_id, f"{self.epoch}-{cursor}", backlog, self.subscriber_queue)
-        while len(node.subscribers) >= self.max_subscribers_per_node:
+        old = self._nodes.get(node_id)
+        while old is not None and len(old.subscribers) >= self.max_subscribers_per_node:
             self.stats.evicted += 1
             log.warning(
                 "events: node %r has %d subscriptions; dropping the oldest for a new one",
                 node_id,
-                len(node.subscribers),
+                len(old.subscribers),
             )
-            self._remove(node_id, node, node.subscribers[0], "replaced by a newer subscription")
+            self._remove(node_id, old, old.subscribers[0], "replaced by a newer subscription")
+        node = self._node(node_id)  # after the evictions, which may have forgotten the node
+        backlog = self._replay(node_id, node, last_event_id)
+        cursor = backlog[0].seq - 1 if backlog else node.next_seq - 1
+        sub = Subscription(node_id, f"{self.epoch}-{cursor}", backlog, self.subscriber_queue)
         node.subscribers.append(sub)
         self._total_subscribers += 1
         self.stats.subscriptions += 1
