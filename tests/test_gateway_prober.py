@@ -16,7 +16,7 @@ import trio
 import trio.testing
 
 from trio_sign.enclave import EnclaveConfig, EnclaveHandle, serve_dev_enclave
-from trio_sign.gateway import EnclaveNode, run_prober
+from trio_sign.gateway import EnclaveNode, EventHub, run_prober, serve_gateway_events
 from trio_sign.rpc import RpcError, StatusCode
 from trio_sign.testing import generate_share_files
 
@@ -239,4 +239,62 @@ async def test_real_node_is_evicted_when_its_enclave_drains(tmp_path: Path) -> N
             while not node.evicted:  # noqa: ASYNC110 - real sockets, real time
                 await trio.sleep(0.01)
         assert node.failing_since is not None
+        nursery.cancel_scope.cancel()
+
+
+async def test_end_to_end_with_the_sse_server_and_a_subscribed_dev_enclave(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The gateway's real SSE server publishes the probes; the dev enclave's real SSE client
+    echoes them in GetStatus. When the event stream goes away, the node is evicted although
+    Ping still answers."""
+    caplog.set_level(logging.INFO, "trio_sign.gateway.prober")
+    hub = EventHub()
+
+    async def send_probe(node_id: str, nonce: str) -> None:
+        hub.publish(node_id, "probe", {"nonce": nonce})
+
+    report = generate_share_files(tmp_path, 1, counterparts=False)
+    async with trio.open_nursery() as nursery:
+        events_scope = trio.CancelScope()
+
+        async def events(*, task_status: trio.TaskStatus[list[str]]) -> None:
+            with events_scope:
+                await serve_gateway_events(
+                    "tcp://127.0.0.1:0", hub, retry_ms=10, task_status=task_status
+                )
+
+        binds: list[str] = await nursery.start(events)
+        port = int(binds[0].rsplit(":", 1)[1])
+        config = EnclaveConfig(
+            grpc_listen="tcp://127.0.0.1:0",
+            dev=True,
+            dev_plaintext_shares=report.service_file,
+            gateway_url=f"http://127.0.0.1:{port}",
+            node_id="enclave-0",
+        )
+        handle: EnclaveHandle = await nursery.start(serve_dev_enclave, config)
+        with trio.fail_after(5):
+            while hub.subscribers("enclave-0") == 0:  # noqa: ASYNC110 - real sockets
+                await trio.sleep(0.005)
+        node = EnclaveNode("enclave-0", handle.addresses[0])
+        await nursery.start(node.run)
+        await nursery.start(
+            functools.partial(
+                run_prober, [node], interval_s=0.25, evict_after_s=1.0, send_probe=send_probe
+            )
+        )
+        await trio.sleep(1.0)  # four rounds, each checking the previous round's nonce
+        assert node.healthy
+        assert not node.evicted
+        assert handle.service.last_sse_probe != ""
+
+        events_scope.cancel()  # the event stream is gone; gRPC is fine
+        with trio.fail_after(5):
+            while not node.evicted:  # noqa: ASYNC110 - real sockets, real time
+                await trio.sleep(0.01)
+        assert (await node.ping(b"still here")).payload == b"still here"
+        evicted = [r for r in caplog.records if r.__dict__.get("alert") == "node_evicted"]
+        assert [r.__dict__["reason"] for r in evicted] == ["sse_probe_not_echoed"]
+        await handle.drain()
         nursery.cancel_scope.cancel()
