@@ -167,8 +167,9 @@ async def test_sse_probe_never_echoed_evicts(autojump_clock: trio.testing.MockCl
 
 
 async def test_draining_node_and_broken_sse_hook_fail(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG, "trio_sign.gateway.prober")
     draining, unheard = FakeNode("draining"), FakeNode("unheard")
     draining.state = "draining"
     sse = FakeSse([draining, unheard])
@@ -179,6 +180,10 @@ async def test_draining_node_and_broken_sse_hook_fail(
         await trio.sleep(EVICT_AFTER + 2 * INTERVAL + 1)
     assert draining.evictions == [t0 + INTERVAL + EVICT_AFTER]
     assert unheard.evictions == [t0 + 2 * INTERVAL + EVICT_AFTER]
+    warnings = [r for r in caplog.records if r.msg == "cannot publish the SSE probe"]
+    assert [r.levelno for r in warnings[:2]] == [logging.WARNING] * 2  # one per node
+    assert len(warnings) > 2
+    assert all(r.levelno == logging.DEBUG for r in warnings[2:])
 
 
 async def test_hanging_node_times_out_without_delaying_the_others(

@@ -124,6 +124,7 @@ async def run_prober(
     if interval_s <= 0 or evict_after_s < 0:
         raise ValueError("interval_s must be > 0 and evict_after_s >= 0")
     expected: dict[str, str | None] = {node.node_id: None for node in nodes}
+    publish_failing: set[str] = set()
 
     async def one(node: ProbedNode, round_deadline: float) -> None:
         # A node's checks are bounded by the round, so a hanging node cannot delay the
@@ -140,10 +141,17 @@ async def run_prober(
             try:
                 await send_probe(node.node_id, nonce)
             except Exception as exc:
-                log.warning(
+                # Once per failing run, not every round: the failed checks that follow say
+                # the rest.
+                level = logging.DEBUG if node.node_id in publish_failing else logging.WARNING
+                publish_failing.add(node.node_id)
+                log.log(
+                    level,
                     "cannot publish the SSE probe",
                     extra={"node": node.node_id, "error": type(exc).__name__},
                 )
+            else:
+                publish_failing.discard(node.node_id)
 
     started = False
     next_round = trio.current_time()
