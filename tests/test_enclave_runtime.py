@@ -477,3 +477,21 @@ async def test_a_failing_memory_monitor_tears_everything_down(
     assert exit_.code == ExitCode.INTERNAL
     assert fake.states[-1].state == "failed"
     assert fake.exits == [1]
+
+
+def test_loopback_is_brought_up_in_a_fresh_network_namespace() -> None:
+    import subprocess
+    import sys
+
+    reason = _unshare_works()
+    if reason is not None:
+        pytest.skip(reason)
+    code = "from trio_sign.enclave._pid1 import bring_up_loopback as up; print(up(), up())"
+    out = subprocess.run(
+        ["unshare", "--net", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert out.stdout.split() == ["True", "False"]  # it was down; then it is up

@@ -7,9 +7,12 @@ ourselves, but a library or a debugging shell might; their zombies are reaped he
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
+import socket
+import struct
 
 import trio
 
@@ -40,3 +43,28 @@ async def run_child_reaper(
             count = reap_zombies()
             if count:
                 log.debug("reaped children", extra={"count": count})
+
+
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
+_IFREQ = struct.Struct("16sH22x")
+
+
+def bring_up_loopback() -> bool | None:
+    """Set ``lo`` up if it is down (a fresh enclave or network namespace starts with it down).
+
+    Returns True if it was brought up, False if it already was, None if not permitted or not
+    possible here (best effort: nothing in the enclave needs ``lo``, but libraries may).
+    """
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            result = fcntl.ioctl(sock, _SIOCGIFFLAGS, _IFREQ.pack(b"lo", 0))
+            flags = _IFREQ.unpack(result)[1]
+            if flags & _IFF_UP:
+                return False
+            fcntl.ioctl(sock, _SIOCSIFFLAGS, _IFREQ.pack(b"lo", flags | _IFF_UP))
+            return True
+    except OSError as exc:
+        log.debug("cannot bring lo up", extra={"error": str(exc)})
+        return None

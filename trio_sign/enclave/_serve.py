@@ -57,7 +57,7 @@ from ._memory import (
     read_memory_limit_bytes,
     run_memory_monitor,
 )
-from ._pid1 import run_child_reaper
+from ._pid1 import bring_up_loopback, run_child_reaper
 from ._pool import SessionPool
 from ._preload import PreloadError, PreloadReport, preload_shares
 from ._service import Attestor, SignService
@@ -264,6 +264,8 @@ async def serve_enclave(
         async with trio.open_nursery() as nursery:
             if os.getpid() == 1:
                 await nursery.start(run_child_reaper)
+            if bring_up_loopback():
+                log.info("brought the loopback interface up")
             await nursery.start(functools.partial(run_status_channel, status_connect, reporter))
             log_handler = await _start_log_channel(nursery, config)
             device = nsm if nsm is not None else open_nsm(config.nsm)

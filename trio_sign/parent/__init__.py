@@ -6,6 +6,10 @@ from ._attestation_gate import AttestationPolicy as AttestationPolicy
 from ._attestation_gate import run_attestation_gate as run_attestation_gate
 from ._channels import serve_log_connection as serve_log_connection
 from ._channels import serve_status_connection as serve_status_connection
+from ._config import ConfigError as ConfigError
+from ._config import ParentConfig as ParentConfig
+from ._config import load_parent_config as load_parent_config
+from ._config import parse_parent_config as parse_parent_config
 from ._dev_kms import DevRecipientKms as DevRecipientKms
 from ._health import ParentState as ParentState
 from ._health import serve_health as serve_health
@@ -34,9 +38,11 @@ __all__ = [
     "CHUNK_BYTES",
     "Allowlist",
     "CloudWatchSink",
+    "ConfigError",
     "JsonLinesSink",
     "LogForwarder",
     "LogTail",
+    "ParentConfig",
     "ParentExit",
     "ParentState",
     "Redactor",
@@ -50,8 +56,10 @@ __all__ = [
     "NitroCliLauncher",
     "PreloadRefused",
     "RecipientKms",
+    "load_parent_config",
     "make_server_ssl_context",
     "namespaces_available",
+    "parse_parent_config",
     "run_attestation_gate",
     "serve_health",
     "serve_ingress",

@@ -102,6 +102,21 @@ async def _alert(state: ParentState, config: ParentConfig, code: str, message: s
             await _run_alert_command(config.failure.alert_command, code, message)
 
 
+def _attestation_alert(
+    state: ParentState, config: ParentConfig, nursery: trio.Nursery, reason: str, message: str
+) -> None:
+    """The gate's ``on_alert`` (synchronous): record it and run the command hook in the
+    background (the gate must not block; forwarding has already stopped)."""
+    state.on_attestation_alert(reason, message)
+    if config.failure.alert_command:
+        nursery.start_soon(
+            _run_alert_command,
+            config.failure.alert_command,
+            "attestation_failed",
+            f"{reason}: {message}",
+        )
+
+
 async def _run_alert_command(command: tuple[str, ...], code: str, message: str) -> None:
     env = {**os.environ, "TRIO_SIGN_ALERT": code, "TRIO_SIGN_ALERT_MESSAGE": message}
     with trio.move_on_after(30):
@@ -264,9 +279,11 @@ async def _run_enclave_once(
                         shares_sha256=result.sha256,
                     ),
                     functools.partial(connect, addresses.enclave_grpc),
-                    on_alert=state.on_attestation_alert,
+                    on_alert=functools.partial(_attestation_alert, state, config, nursery),
                 )
                 state.attestation_gate = gate
+                # /readyz: a verification older than two check intervals no longer counts
+                state.attestation_max_age_s = 2 * a.interval_s + 10
                 await nursery.start(
                     functools.partial(run_attestation_gate, gate, interval_s=a.interval_s)
                 )
