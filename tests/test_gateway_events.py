@@ -378,6 +378,7 @@ class FakeAsgi:
         self.sent: list[tuple[float, dict[str, Any]]] = []
         self.disconnected = trio.Event()
         self.stuck = False
+        self.before_first_send: Callable[[], None] | None = None
         self._requested = False
 
     async def receive(self) -> dict[str, Any]:
@@ -388,6 +389,9 @@ class FakeAsgi:
         return {"type": "http.disconnect"}
 
     async def send(self, message: Any) -> None:
+        if self.before_first_send is not None:
+            self.before_first_send()
+            self.before_first_send = None
         if self.stuck:
             await trio.sleep_forever()
         self.sent.append((trio.current_time(), dict(message)))
@@ -448,6 +452,30 @@ async def test_app_does_not_wait_on_a_stuck_peer(autojump_clock: trio.testing.Mo
     assert trio.current_time() == start  # the app returned at once, without a final body
     assert [m["type"] for _, m in fake.sent] == ["http.response.start", "http.response.body"]
     assert hub.stats.dropped_slow == 1
+
+
+async def test_app_dropped_before_its_first_write_still_sends_the_cursor(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Events burst in between the subscription and the stream's first write: the subscriber
+    is dropped, but the enclave still learns where it stands and resumes without a gap."""
+    hub = EventHub(subscriber_queue=2)
+    ids: list[str] = []
+    fake = FakeAsgi()
+    fake.before_first_send = lambda: ids.extend(hub.freeze(NODE, f"a{n}") for n in range(4))
+    await fake.run(GatewayEventsApp(hub))
+    assert hub.stats.dropped_slow == 1
+    assert hub.subscribers(NODE) == 0
+    assert [m["type"] for _, m in fake.sent] == ["http.response.start", "http.response.body"]
+    parser = EventStreamParser()
+    assert parser.receive_data(fake.bodies()[0][1]) == [RetryChanged(1000)]
+    again = FakeAsgi((b"last-event-id", parser.last_event_id.encode()))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(again.run, GatewayEventsApp(hub))
+        await trio.testing.wait_all_tasks_blocked()
+        again.disconnected.set()
+    replayed = EventStreamParser().receive_data(again.bodies()[0][1])
+    assert [e.last_event_id for e in replayed if isinstance(e, MessageEvent)] == ids
 
 
 async def test_app_cancelled_mid_stream_unsubscribes(

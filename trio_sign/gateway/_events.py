@@ -507,7 +507,11 @@ class GatewayEventsApp:
         log.info("events: node %r subscribed (replaying %d events)", sub.node_id, len(sub.backlog))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
-            with sub.cancel_scope:
+            # The head, retry and cursor go out even if the hub drops this subscriber in the
+            # meantime: without the cursor, an enclave that subscribed without Last-Event-ID
+            # and was dropped at once could not resume. Bounded, since a peer that cannot take
+            # a few hundred bytes within keepalive_s is dead.
+            with trio.move_on_after(self.keepalive_s) as opening:
                 await send(
                     {
                         "type": "http.response.start",
@@ -521,7 +525,10 @@ class GatewayEventsApp:
                 )
                 replay = b"".join(e.wire for e in sub.backlog)
                 await _body(send, self.retry_block + format_id(sub.cursor) + replay)
-                while True:
+            if opening.cancelled_caught:
+                sub.dropped = sub.dropped or f"the stream's opening took over {self.keepalive_s} s"
+            with sub.cancel_scope:
+                while not sub.dropped:
                     with trio.move_on_after(self.keepalive_s) as idle:
                         try:
                             event = await sub.receive()
