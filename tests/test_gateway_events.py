@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime
 import functools
 import ipaddress
-import itertools
 import json
 import logging
 import random
@@ -28,6 +27,7 @@ from trio_sign.gateway import (
     KEEPALIVE_COMMENT,
     EventHub,
     GatewayEventsApp,
+    SendProbe,
     SubscriberLimitError,
     accepts_event_stream,
     format_comment,
@@ -160,6 +160,24 @@ async def test_hub_publishes_in_order_with_increasing_ids() -> None:
     assert len(nonce) >= 16
     assert hub.probe(NODE) != nonce
     assert hub.stats.published == 6
+
+
+async def test_hub_probe_with_the_probers_nonce_and_the_send_probe_hook() -> None:
+    hub = EventHub()
+    with hub.subscribe(NODE) as sub:
+        assert hub.probe(NODE, "n-1") == "n-1"
+        await hub.send_probe(NODE, "n-2")
+        got = [await sub.receive(), await sub.receive()]
+    assert [json.loads(e.wire.split(b"data: ")[1]) for e in got] == [
+        {"nonce": "n-1"},
+        {"nonce": "n-2"},
+    ]
+    await hub.send_probe(NODE, "n-3")  # no subscriber: kept for replay, not an error
+    with hub.subscribe(NODE, got[-1].id) as sub:
+        assert [e.type for e in sub.backlog] == ["probe"]
+    for bad in ("", "x" * 1025):
+        with pytest.raises(ValueError, match="nonce"):
+            hub.probe(NODE, bad)
 
 
 async def test_hub_streams_are_per_node() -> None:
@@ -663,7 +681,9 @@ def _get(path: str, *headers: str, method: str = "GET") -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-async def test_stream_head_retry_and_keepalive_comments_at_the_interval() -> None:
+async def test_stream_head_retry_cursor_and_keepalive_comments_over_http() -> None:
+    """Exact keepalive timing is checked in virtual time above; here, on a real socket, only
+    that comments flow at about the interval (loose bounds: loaded CI machines stall)."""
     hub = EventHub()
     interval = 0.05
     async with running_gateway(hub, keepalive_s=interval, retry_ms=1234) as port:
@@ -673,7 +693,6 @@ async def test_stream_head_retry_and_keepalive_comments_at_the_interval() -> Non
         async with stream:
             head: ResponseHead | None = None
             body = b""
-            arrivals: list[float] = []
             with trio.move_on_after(interval * 6.5):
                 while True:
                     for item in http.receive_data(await stream.receive_some()):
@@ -681,36 +700,15 @@ async def test_stream_head_retry_and_keepalive_comments_at_the_interval() -> Non
                             head = item
                         elif isinstance(item, BodyData):
                             body += item.data
-                            if KEEPALIVE_COMMENT in item.data:
-                                arrivals.append(trio.current_time())
     assert head is not None
     assert head.status == 200
     assert head.get("content-type") == "text/event-stream"
     assert head.get("cache-control") == "no-cache"
     assert body.startswith(f"retry: 1234\n\nid: {hub.epoch}-0\n\n".encode())
-    assert body.count(KEEPALIVE_COMMENT) == len(arrivals)
-    assert 4 <= len(arrivals) <= 7, arrivals
-    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
-    assert all(interval * 0.8 <= gap <= interval * 3 for gap in gaps), gaps
-    assert EventStreamParser().receive_data(body) == [RetryChanged(1234)]
-
-
-async def test_events_reset_the_keepalive_timer() -> None:
-    hub = EventHub()
-    async with running_gateway(hub, keepalive_s=0.3) as port:
-        stream, http = await _open_raw(port, _get(f"/v1/enclaves/{NODE}/events"))
-        async with stream:
-            body = b""
-            await until(lambda: hub.subscribers(NODE) == 1)
-            with trio.move_on_after(0.5):
-                while True:
-                    hub.drain(NODE)
-                    for item in http.receive_data(await stream.receive_some()):
-                        if isinstance(item, BodyData):
-                            body += item.data
-                    await trio.sleep(0.1)
-    assert body.count(b"event: drain") >= 3
-    assert KEEPALIVE_COMMENT not in body
+    assert 2 <= body.count(KEEPALIVE_COMMENT) <= 6
+    parser = EventStreamParser()
+    assert parser.receive_data(body) == [RetryChanged(1234)]
+    assert parser.last_event_id == f"{hub.epoch}-0"
 
 
 async def test_a_slow_subscriber_is_disconnected_and_recovers_by_replay() -> None:
@@ -1007,6 +1005,9 @@ async def test_a_dev_enclave_follows_the_gateway(tmp_path: Path) -> None:
                 await until(lambda: handle.service.last_sse_probe == nonce)
                 status = await call(ch, "GetStatus", pb.GetStatusRequest(), pb.GetStatusResponse)
                 assert status.last_sse_probe == nonce
+                send_probe: SendProbe = hub.send_probe  # the prober's hook
+                await send_probe(NODE, "prober-nonce-1")
+                await until(lambda: handle.service.last_sse_probe == "prober-nonce-1")
 
                 hub.freeze(NODE, "acct-0")
                 await until(lambda: "acct-0" in handle.service.frozen)

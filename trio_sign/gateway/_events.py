@@ -38,6 +38,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from .._errors import TrioSignError
+from ..sse import MAX_EVENT_ID_LENGTH
 from ..transport import parse_address
 from ._sse_format import KEEPALIVE_COMMENT, format_event, format_id, format_retry
 
@@ -220,12 +221,30 @@ class EventHub:
 
     # -- publishing ----------------------------------------------------------------------------
 
-    def probe(self, node_id: str) -> str:
-        """Publish a ``probe`` with a fresh random nonce and return the nonce (the enclave echoes
-        it in ``GetStatus.last_sse_probe``)."""
-        nonce = secrets.token_urlsafe(16)
+    def probe(self, node_id: str, nonce: str | None = None) -> str:
+        """Publish a ``probe`` and return its nonce (the enclave echoes it in
+        ``GetStatus.last_sse_probe``): ``nonce``, or a fresh random one if None.
+
+        Error handling: ``ValueError`` for an empty nonce or one over
+        :data:`~trio_sign.sse.MAX_EVENT_ID_LENGTH` characters (the enclave would ignore it).
+        """
+        if nonce is None:
+            nonce = secrets.token_urlsafe(16)
+        elif not isinstance(nonce, str) or not 0 < len(nonce) <= MAX_EVENT_ID_LENGTH:
+            raise ValueError(f"a probe nonce must be 1..{MAX_EVENT_ID_LENGTH} characters")
         self.publish(node_id, "probe", {"nonce": nonce})
         return nonce
+
+    async def send_probe(self, node_id: str, nonce: str) -> None:
+        """The prober's ``send_probe`` hook (:data:`~trio_sign.gateway.SendProbe`): publish a
+        ``probe`` with the prober's nonce.
+
+        A node with no subscriber right now is not an error: the probe is kept for replay, and
+        the prober's echo check reports the node anyway.
+        """
+        self.probe(node_id, nonce)
+        if not self.subscribers(node_id):
+            log.debug("events: probe for node %r, which has no subscriber now", node_id)
 
     def abort(self, node_id: str, session_id: str) -> str:
         """Publish ``abort``: the node drops the session. Returns the event id."""
