@@ -472,6 +472,19 @@ async def test_app_does_not_wait_on_a_stuck_peer(autojump_clock: trio.testing.Mo
     assert hub.stats.dropped_slow == 1
 
 
+async def test_app_gives_up_on_a_peer_stuck_from_the_start(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    hub = EventHub()
+    fake = FakeAsgi()
+    fake.stuck = True
+    start = trio.current_time()
+    await fake.run(GatewayEventsApp(hub, keepalive_s=15))
+    assert trio.current_time() - start == 15
+    assert hub.subscribers(NODE) == 0
+    assert fake.sent == []
+
+
 async def test_app_dropped_before_its_first_write_still_sends_the_cursor(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -821,6 +834,23 @@ async def test_over_the_subscriber_limit_is_503() -> None:
             head, _body = await _request(port, _get("/v1/enclaves/b/events"))
     assert head.status == 503
     assert head.get("retry-after") == "5"
+
+
+async def test_serve_on_a_unix_socket(tmp_path: Path) -> None:
+    hub = EventHub()
+    path = tmp_path / "events.sock"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_gateway_events, f"unix://{path}", hub)
+        stream = await trio.open_unix_socket(str(path))
+        async with stream:
+            await stream.send_all(_get(f"/v1/enclaves/{NODE}/events"))
+            await until(lambda: hub.subscribers(NODE) == 1)
+        nursery.cancel_scope.cancel()
+
+
+async def test_serve_refuses_other_schemes() -> None:
+    with pytest.raises(ValueError, match=r"tcp:// or unix://"):
+        await serve_gateway_events("vsock://3:5000", EventHub())
 
 
 async def test_serve_refuses_half_a_tls_config() -> None:

@@ -319,11 +319,15 @@ class EventHub:
         subscriber sees every event after ``last_event_id`` exactly once, in order:
 
         - ``""``: live events only.
-        - an id of this hub still in the buffer (or the latest one): the events after it.
+        - an id of this hub still in the buffer (or the latest one, or a
+          :attr:`Subscription.cursor`, ``{epoch}-0`` included): the events after it.
         - an id of this hub older than the buffer: everything kept, with a WARNING (events
           between it and the oldest kept one are lost).
         - an id of another hub (a gateway restart): everything kept.
         - anything else (garbage, or an id from the future): live events only, with a WARNING.
+
+        A node that already has ``max_subscribers_per_node`` subscriptions loses its oldest one
+        (a dead connection not noticed yet must not lock a reconnecting enclave out).
 
         Error handling: ``ValueError`` for a bad node id; :class:`SubscriberLimitError` when
         ``max_subscribers`` are open.
@@ -557,12 +561,10 @@ class GatewayEventsApp:
                         await _body(send, KEEPALIVE_COMMENT)
                     else:
                         await _body(send, event.wire)
-            if sub.dropped:
-                # Possibly stuck in a write: end abruptly (hypercorn closes the connection);
-                # the enclave reconnects with Last-Event-ID and gets the rest replayed.
-                log.info("events: node %r disconnected: %s", sub.node_id, sub.dropped)
-            else:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            # Only a drop ends the loop (a disconnect or a shutdown cancels it instead). The
+            # writer may have been stuck, so end abruptly: hypercorn closes the connection and
+            # the enclave reconnects with Last-Event-ID to get the rest replayed.
+            log.info("events: node %r disconnected: %s", sub.node_id, sub.dropped)
             nursery.cancel_scope.cancel()
 
 
