@@ -136,12 +136,11 @@ class Subscription:
         return await self._receive.receive()
 
     def _offer(self, event: HubEvent) -> bool:
+        # Only registered subscribers are offered events, and their channels are open.
         try:
             self._send.send_nowait(event)
         except trio.WouldBlock:
             return False
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            return True  # already dropped or closed; nothing to do
         return True
 
     def _drop(self, reason: str) -> None:
