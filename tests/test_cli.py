@@ -130,3 +130,37 @@ def test_demo_small(tmp_path: Path) -> None:
     report = dict(line.split(None, 1) for line in proc.stdout.splitlines() if line.startswith("  "))
     assert report["verified"].strip() == "40"
     assert report["failures"].strip() == "0"
+
+
+def test_demo_full_stack(tmp_path: Path) -> None:
+    """The whole system as `trio-sign demo --stack full` runs it: local KMS, parent, enclave
+    (in fresh namespaces where allowed), attestation, mTLS ingress and the reference gateway;
+    every signature verified, nothing logged at ERROR."""
+    exe = Path(sys.executable).with_name("trio-sign")
+    proc = subprocess.run(
+        [
+            str(exe),
+            "demo",
+            "--stack",
+            "full",
+            "--accounts",
+            "60",
+            "--signatures",
+            "80",
+            "--concurrency",
+            "8",
+            "--workdir",
+            str(tmp_path / "demo"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "PYTHONWARNINGS": "error"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = dict(line.split(None, 1) for line in proc.stdout.splitlines() if line.startswith("  "))
+    assert report["verified"].strip() == "80"
+    assert report["failures"].strip() == "0"
+    assert "matches" in report["fingerprint"]
+    errors = [line for line in proc.stderr.splitlines() if '"level":"ERROR"' in line]
+    assert not errors, errors

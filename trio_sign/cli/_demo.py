@@ -36,6 +36,17 @@ def add_parser(sub: Any) -> None:
         "--workdir", type=Path, default=Path("demo-out"), help="where files go (default ./demo-out)"
     )
     demo.add_argument("--seed", type=int, default=None, help="seed for picking accounts")
+    demo.add_argument(
+        "--stack",
+        choices=["local", "full"],
+        default="local",
+        help="local: one process; full: local KMS, parent, enclave (namespaces where allowed), "
+        "mTLS ingress and the reference gateway (default local)",
+    )
+    demo.add_argument(
+        "--concurrency", type=int, default=16, help="full stack: signatures in flight"
+    )
+    demo.add_argument("--ready-timeout", type=float, default=180.0, metavar="SECONDS")
     demo.set_defaults(func=cmd_demo)
 
 
@@ -51,10 +62,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ..shares import DevKeyFile, ShareStore, seal_file
     from ..testing import generate_share_files
 
-    if args.accounts < 1 or args.signatures < 0:
-        raise SystemExit("trio-sign demo: --accounts must be >= 1 and --signatures >= 0")
+    if args.accounts < 1 or args.signatures < 0 or args.concurrency < 1:
+        raise SystemExit(
+            "trio-sign demo: --accounts and --concurrency must be >= 1, --signatures >= 0"
+        )
     work: Path = args.workdir
     work.mkdir(parents=True, exist_ok=True)
+    if args.stack == "full":
+        return _full(args, work.resolve())
     rng = random.Random(args.seed)
 
     print(f"[1/4] generating {args.accounts:,} accounts (2-of-3) into {work}/")
@@ -162,3 +177,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     match = "fingerprint matches seal" if sealed.sha256 == store.fingerprint else "MISMATCH"
     print(f"  {'sealed bundle':<24} {match}")
     return 0 if failures == 0 else 1
+
+
+def _full(args: argparse.Namespace, work: Path) -> int:
+    import trio
+
+    from ._demo_full import run_full_stack
+
+    report = trio.run(run_full_stack, args, work)
+    log.info("demo finished", extra=report)
+    print()
+    print("trio-sign demo report (full stack: local KMS, parent, enclave, mTLS ingress, gateway)")
+    for key, value in report.items():
+        if key == "first_failure" and not value:
+            continue
+        print(f"  {key:<24} {value}")
+    match = "matches" if report["sealed_sha256"] == report["enclave_sha256"] else "MISMATCH"
+    print(f"  {'fingerprint':<24} sealed bundle {match} what the enclave loaded")
+    return 0 if report["failures"] == 0 and match == "matches" else 1

@@ -266,6 +266,16 @@ async def _run_enclave_once(
                 "preload served; the parent's bundle copy is deleted",
                 extra={"accounts": result.accounts, "sha256": result.sha256},
             )
+            # The enclave opens its gRPC port only after preload (PCR 16, audit): attest it
+            # once it says it is serving, not before (that would be a false alarm).
+            with trio.fail_after(60):
+                while state.enclave_state != "serving":
+                    if state.enclave_state in ("failed", "exiting", "exited"):
+                        raise ParentExit(
+                            f"the enclave stopped after preload ({state.enclave_reason})",
+                            alert="enclave_exited",
+                        )
+                    await trio.sleep(0.05)
             gate = None
             if config.attestation is not None:
                 a = config.attestation

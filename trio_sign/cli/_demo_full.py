@@ -1,0 +1,268 @@
+"""``trio-sign demo --stack full``: the whole system on one machine.
+
+Steps, each a real component talking over real sockets:
+
+1. generate test shares (service + counterpart participants);
+2. start the local KMS (the KMS JSON protocol over HTTP, with a key policy that pins the local
+   NSM's PCRs for ``Decrypt`` with ``Recipient``) and seal the service's shares through it
+   with boto3;
+3. start the gateway's SSE event server;
+4. start the parent supervisor, which launches the local enclave (fresh namespaces where the
+   kernel allows), serves its attested preload through KMS, verifies its attestation and
+   opens the mTLS ingress;
+5. the reference gateway signs M messages on random accounts at concurrency C through the
+   ingress (every signature verified), with the health prober and its SSE probes running;
+6. report, and shut everything down (the parent terminates the enclave).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+log = logging.getLogger("trio_sign.demo")
+
+
+def _policy_json(pcrs: dict[int, bytes]) -> str:
+    """A key policy like the one ``python -m trio_sign.ops render-key-policy`` renders."""
+    conditions = {"kms:RecipientAttestation:ImageSha384": pcrs[0].hex()}
+    conditions |= {f"kms:RecipientAttestation:PCR{i}": pcrs[i].hex() for i in (1, 2)}
+    return json.dumps(
+        {
+            "Version": "2012-10-17",
+            "Statement": [
+                {
+                    "Sid": "KeyAdministrationAndSealing",
+                    "Effect": "Allow",
+                    "Principal": {"AWS": "demo"},
+                    "Action": ["kms:CreateKey", "kms:DescribeKey", "kms:GenerateDataKey"],
+                    "Resource": "*",
+                },
+                {
+                    "Sid": "ParentDecryptOnlyForTheAttestedEnclave",
+                    "Effect": "Allow",
+                    "Principal": {"AWS": "demo"},
+                    "Action": "kms:Decrypt",
+                    "Resource": "*",
+                    "Condition": {"StringEqualsIgnoreCase": conditions},
+                },
+            ],
+        }
+    )
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+async def run_full_stack(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from ..gateway import (
+        Coordinator,
+        CoordinatorSettings,
+        EnclaveNode,
+        EventHub,
+        load_participant_files,
+        make_client_ssl_context,
+        run_prober,
+        serve_gateway_events,
+    )
+    from ..kms import KmsDataKeyProvider, make_kms_client
+    from ..kms._server import KeyPolicy, LocalKms, serve_kms_local
+    from ..kms._store import KeyStore
+    from ..nitro import DEFAULT_LOCAL_PCRS, LocalNsm
+    from ..parent import parse_parent_config, serve_parent
+    from ..shares import seal_file
+    from ..testing import generate_share_files, make_dev_pki
+
+    n_accounts: int = args.accounts
+    _say(f"[1/6] generating {n_accounts:,} accounts (2-of-3) into {work}/")
+    gen = await trio.to_thread.run_sync(
+        functools.partial(generate_share_files, work / "shares", n_accounts, force=True)
+    )
+    nsm_dir = work / "nsm"
+    await trio.to_thread.run_sync(lambda: LocalNsm.from_dir(nsm_dir, create=True).close())
+    root_pem = (nsm_dir / "local-nsm-root.pem").read_bytes()
+    pki = await trio.to_thread.run_sync(make_dev_pki, work / "pki")
+
+    async with trio.open_nursery() as nursery:
+        _say("[2/6] starting the local KMS and sealing the service's shares through it (boto3)")
+        (work / "kms-keys.json").unlink(missing_ok=True)
+        kms = LocalKms(
+            KeyStore(work / "kms-keys.json"),
+            root_pem=root_pem,
+            policy=KeyPolicy.from_json(_policy_json(dict(DEFAULT_LOCAL_PCRS))),
+        )
+        kms_url = await nursery.start(serve_kms_local, kms, "tcp://127.0.0.1:0")
+        client = make_kms_client(kms_url, aws_access_key_id="demo", aws_secret_access_key="demo")
+        key_id = (await trio.to_thread.run_sync(lambda: client.create_key()))["KeyMetadata"][
+            "KeyId"
+        ]
+        sealed = work / "service_key_shares.json.enc"
+        seal = await trio.to_thread.run_sync(
+            functools.partial(
+                seal_file,
+                gen.service_file,
+                sealed,
+                KmsDataKeyProvider(client, key_id),
+                overwrite=True,
+            )
+        )
+
+        _say("[3/6] starting the gateway's SSE event server")
+        hub = EventHub()
+        binds = await nursery.start(serve_gateway_events, "tcp://127.0.0.1:0", hub)
+        events_url = binds[0]
+        events_origin = events_url.rstrip("/")
+
+        _say("[4/6] starting the parent; it launches the enclave and serves the attested preload")
+        run_dir = work / "run"
+        pcrs = {i: DEFAULT_LOCAL_PCRS[i].hex() for i in (0, 1, 2)}
+        config = parse_parent_config(
+            f"""
+[bundle]
+source = "{sealed}"
+work_dir = "{run_dir}"
+[kms]
+mode = "local"
+endpoint_url = "{kms_url}"
+[enclave]
+backend = "local"
+nsm_dir = "{nsm_dir}"
+gateway_url = "{events_origin}"
+node_id = "node-1"
+preload_timeout_s = 120
+[ingress]
+listen = "unix://{run_dir}/ingress.sock"
+cert = "{pki.server_cert}"
+key = "{pki.server_key}"
+client_ca = "{pki.ca}"
+[attestation]
+root = "{nsm_dir / "local-nsm-root.pem"}"
+pcr0 = "{pcrs[0]}"
+pcr1 = "{pcrs[1]}"
+pcr2 = "{pcrs[2]}"
+interval_s = 30
+[relay]
+allowlist = ["{events_origin}/v1/enclaves/"]
+[health]
+listen = "tcp://127.0.0.1:0"
+[logs]
+file = "{work / "enclave-logs.jsonl"}"
+"""
+        )
+        import os
+
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "demo")
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "demo")
+        state, health = await nursery.start(serve_parent, config)
+        started = time.monotonic()
+        with trio.fail_after(args.ready_timeout):
+            while not state.ready:
+                print(
+                    f"\r      waiting for readiness: enclave {state.enclave_state}, "
+                    f"attestation {'verified' if state.attestation_verified else 'pending'} "
+                    f"({time.monotonic() - started:4.1f} s)",
+                    end="",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                await trio.sleep(0.2)
+        print(file=sys.stderr)
+        report = state.report()
+        _say(
+            f"      ready: {report['accounts']:,} accounts, shares "
+            f"{report['shares_sha256'][:16]}…, preload {report['preload_ms']} ms; "
+            f"health at {health[0]}"
+        )
+
+        _say(
+            f"[5/6] signing {args.signatures:,} messages on random accounts through the gateway "
+            f"(mTLS ingress, concurrency {args.concurrency})"
+        )
+        node = EnclaveNode(
+            "node-1",
+            f"unix://{run_dir}/ingress.sock",
+            ssl_context=make_client_ssl_context(
+                pki.ca.read_bytes(), pki.client_cert.read_bytes(), pki.client_key.read_bytes()
+            ),
+            server_hostname="localhost",
+        )
+        await nursery.start(node.run)
+        await nursery.start(
+            functools.partial(
+                run_prober, [node], interval_s=2.0, evict_after_s=10.0, send_probe=hub.send_probe
+            )
+        )
+        counterparts = await trio.to_thread.run_sync(
+            load_participant_files, [gen.participant_files[2]]
+        )
+        coordinator = Coordinator(
+            [node],
+            counterparts,
+            settings=CoordinatorSettings(max_concurrent_signatures=args.concurrency),
+        )
+        width = max(8, len(str(n_accounts)))
+        ids = [f"acct-{i:0{width}d}" for i in range(n_accounts)]
+        rng = random.Random(args.seed)
+        latencies: list[float] = []
+        failures: list[str] = []
+        next_index = 0
+        t0 = time.perf_counter()
+
+        async def worker() -> None:
+            nonlocal next_index
+            while next_index < args.signatures:
+                i = next_index
+                next_index += 1
+                account = rng.choice(ids)
+                start = time.perf_counter()
+                try:
+                    await coordinator.sign_message(account, f"demo transfer {i}".encode())
+                except Exception as exc:  # counted and reported, the run goes on
+                    failures.append(f"{type(exc).__name__}: {exc}")
+                    continue
+                latencies.append(time.perf_counter() - start)
+                done = len(latencies) + len(failures)
+                if done % 250 == 0 and sys.stderr.isatty():
+                    print(f"\r      {done:,}/{args.signatures:,}", end="", file=sys.stderr)
+
+        async with trio.open_nursery() as workers:
+            for _ in range(args.concurrency):
+                workers.start_soon(worker)
+        elapsed = time.perf_counter() - t0
+        if sys.stderr.isatty():
+            print(file=sys.stderr)
+        latencies.sort()
+
+        def pct(q: float) -> float:
+            if not latencies:
+                return 0.0
+            return latencies[min(len(latencies) - 1, round(q * (len(latencies) - 1)))] * 1e3
+
+        _say("[6/6] shutting down (the parent terminates the enclave)")
+        nursery.cancel_scope.cancel()
+    return {
+        "accounts": report["accounts"],
+        "sealed_sha256": seal.sha256,
+        "enclave_sha256": report["shares_sha256"],
+        "preload_ms": report["preload_ms"],
+        "signatures": args.signatures,
+        "verified": len(latencies),
+        "failures": len(failures),
+        "first_failure": failures[0] if failures else "",
+        "concurrency": args.concurrency,
+        "sessions_per_second": round(len(latencies) / elapsed, 1) if elapsed else 0.0,
+        "p50_ms": round(pct(0.50), 2),
+        "p99_ms": round(pct(0.99), 2),
+        "mean_ms": round(statistics.fmean(latencies) * 1e3, 2) if latencies else 0.0,
+    }
