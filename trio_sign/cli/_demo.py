@@ -39,9 +39,9 @@ def add_parser(sub: Any) -> None:
     demo.add_argument(
         "--stack",
         choices=["local", "full"],
-        default="local",
-        help="local: one process; full: local KMS, parent, enclave (namespaces where allowed), "
-        "mTLS ingress and the reference gateway (default local)",
+        default="full",
+        help="full (default): local KMS, parent, enclave (in fresh namespaces where allowed), "
+        "mTLS ingress and the reference gateway; local: everything in one process",
     )
     demo.add_argument(
         "--concurrency", type=int, default=16, help="full stack: signatures in flight"
