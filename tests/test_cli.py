@@ -164,3 +164,68 @@ def test_demo_full_stack(tmp_path: Path) -> None:
     assert "matches" in report["fingerprint"]
     errors = [line for line in proc.stderr.splitlines() if '"level":"ERROR"' in line]
     assert not errors, errors
+
+
+def test_dev_up_serves_until_interrupted(tmp_path: Path) -> None:
+    """`trio-sign dev up --shares F`: the stack comes up, a stock grpcio client with the printed
+    client certificate reaches the enclave through the mTLS ingress, Ctrl-C stops it all."""
+    import signal
+
+    import grpc
+
+    from proto_min import sign_service_pb2 as pb
+    from trio_sign.testing import generate_share_files
+
+    gen = generate_share_files(tmp_path / "shares", 5, counterparts=False)
+    exe = Path(sys.executable).with_name("trio-sign")
+    proc = subprocess.Popen(
+        [
+            str(exe),
+            "dev",
+            "up",
+            "--shares",
+            str(gen.service_file),
+            "--workdir",
+            str(tmp_path / "stack"),
+            "--health",
+            "tcp://127.0.0.1:0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        info: dict[str, str] = {}
+        for line in proc.stdout:
+            if line.startswith("Ctrl-C"):
+                break
+            if line.startswith("  "):
+                key, value = line.split(None, 1)
+                info[key] = value.strip()
+        assert info["accounts"] == "5"
+        target = info["grpc"].split()[0]
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=Path(info["client_ca"]).read_bytes(),
+            private_key=Path(info["client_key"]).read_bytes(),
+            certificate_chain=Path(info["client_cert"]).read_bytes(),
+        )
+        with grpc.secure_channel(
+            target, credentials, options=[("grpc.ssl_target_name_override", "localhost")]
+        ) as channel:
+            ping = channel.unary_unary(
+                "/trio_sign.v1.SignService/GetStatus",
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=pb.GetStatusResponse.FromString,
+            )
+            status = ping(pb.GetStatusRequest(), timeout=10)
+        assert status.state == "serving"
+        assert status.accounts == 5
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()

@@ -21,10 +21,14 @@ import argparse
 import functools
 import json
 import logging
+import os
 import random
 import statistics
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,37 +69,51 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-async def run_full_stack(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from ..gateway import (
-        Coordinator,
-        CoordinatorSettings,
-        EnclaveNode,
-        EventHub,
-        load_participant_files,
-        make_client_ssl_context,
-        run_prober,
-        serve_gateway_events,
-    )
+@dataclass
+class LocalStack:
+    """A running local stack (what :func:`local_stack` yields)."""
+
+    work: Path
+    kms_url: str
+    events_url: str
+    ingress_url: str
+    health_url: str
+    pki: Any
+    hub: Any
+    state: Any
+    sealed_sha256: str
+    nursery: trio.Nursery
+
+
+@asynccontextmanager
+async def local_stack(
+    work: Path,
+    service_shares: Path,
+    *,
+    ready_timeout: float,
+    ingress_listen: str | None = None,
+    health_listen: str = "tcp://127.0.0.1:0",
+) -> AsyncIterator[LocalStack]:
+    """Start local KMS, seal ``service_shares`` through it, the gateway event server, and the
+    parent (which launches the local enclave); yield once ``/readyz`` would say ready. On exit
+    everything stops (the parent terminates the enclave)."""
+    from ..gateway import EventHub, serve_gateway_events
     from ..kms import KmsDataKeyProvider, make_kms_client
     from ..kms._server import KeyPolicy, LocalKms, serve_kms_local
     from ..kms._store import KeyStore
     from ..nitro import DEFAULT_LOCAL_PCRS, LocalNsm
     from ..parent import parse_parent_config, serve_parent
     from ..shares import seal_file
-    from ..testing import generate_share_files, make_dev_pki
+    from ..testing import make_dev_pki
 
-    n_accounts: int = args.accounts
-    _say(f"[1/6] generating {n_accounts:,} accounts (2-of-3) into {work}/")
-    gen = await trio.to_thread.run_sync(
-        functools.partial(generate_share_files, work / "shares", n_accounts, force=True)
-    )
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "local-development")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local-development")
     nsm_dir = work / "nsm"
     await trio.to_thread.run_sync(lambda: LocalNsm.from_dir(nsm_dir, create=True).close())
     root_pem = (nsm_dir / "local-nsm-root.pem").read_bytes()
     pki = await trio.to_thread.run_sync(make_dev_pki, work / "pki")
-
     async with trio.open_nursery() as nursery:
-        _say("[2/6] starting the local KMS and sealing the service's shares through it (boto3)")
+        _say("      starting the local KMS and sealing the service's shares through it (boto3)")
         (work / "kms-keys.json").unlink(missing_ok=True)
         kms = LocalKms(
             KeyStore(work / "kms-keys.json"),
@@ -103,29 +121,26 @@ async def run_full_stack(args: argparse.Namespace, work: Path) -> dict[str, Any]
             policy=KeyPolicy.from_json(_policy_json(dict(DEFAULT_LOCAL_PCRS))),
         )
         kms_url = await nursery.start(serve_kms_local, kms, "tcp://127.0.0.1:0")
-        client = make_kms_client(kms_url, aws_access_key_id="demo", aws_secret_access_key="demo")
-        key_id = (await trio.to_thread.run_sync(lambda: client.create_key()))["KeyMetadata"][
-            "KeyId"
-        ]
+        client = make_kms_client(kms_url)
+        created = await trio.to_thread.run_sync(lambda: client.create_key())
+        key_id = created["KeyMetadata"]["KeyId"]
         sealed = work / "service_key_shares.json.enc"
         seal = await trio.to_thread.run_sync(
             functools.partial(
                 seal_file,
-                gen.service_file,
+                service_shares,
                 sealed,
                 KmsDataKeyProvider(client, key_id),
                 overwrite=True,
             )
         )
-
-        _say("[3/6] starting the gateway's SSE event server")
+        _say("      starting the gateway's SSE event server")
         hub = EventHub()
         binds = await nursery.start(serve_gateway_events, "tcp://127.0.0.1:0", hub)
-        events_url = binds[0]
-        events_origin = events_url.rstrip("/")
-
-        _say("[4/6] starting the parent; it launches the enclave and serves the attested preload")
+        events_origin = binds[0].rstrip("/")
+        _say("      starting the parent; it launches the enclave and serves the attested preload")
         run_dir = work / "run"
+        ingress_url = ingress_listen or f"unix://{run_dir}/ingress.sock"
         pcrs = {i: DEFAULT_LOCAL_PCRS[i].hex() for i in (0, 1, 2)}
         config = parse_parent_config(
             f"""
@@ -140,9 +155,9 @@ backend = "local"
 nsm_dir = "{nsm_dir}"
 gateway_url = "{events_origin}"
 node_id = "node-1"
-preload_timeout_s = 120
+preload_timeout_s = 300
 [ingress]
-listen = "unix://{run_dir}/ingress.sock"
+listen = "{ingress_url}"
 cert = "{pki.server_cert}"
 key = "{pki.server_key}"
 client_ca = "{pki.ca}"
@@ -155,52 +170,88 @@ interval_s = 30
 [relay]
 allowlist = ["{events_origin}/v1/enclaves/"]
 [health]
-listen = "tcp://127.0.0.1:0"
+listen = "{health_listen}"
 [logs]
 file = "{work / "enclave-logs.jsonl"}"
 """
         )
-        import os
-
-        os.environ.setdefault("AWS_ACCESS_KEY_ID", "demo")
-        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "demo")
         state, health = await nursery.start(serve_parent, config)
         started = time.monotonic()
-        with trio.fail_after(args.ready_timeout):
+        with trio.fail_after(ready_timeout):
             while not state.ready:
-                print(
-                    f"\r      waiting for readiness: enclave {state.enclave_state}, "
-                    f"attestation {'verified' if state.attestation_verified else 'pending'} "
-                    f"({time.monotonic() - started:4.1f} s)",
-                    end="",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                if sys.stderr.isatty():
+                    print(
+                        f"\r      waiting for readiness: enclave {state.enclave_state}, "
+                        f"attestation {'verified' if state.attestation_verified else 'pending'} "
+                        f"({time.monotonic() - started:4.1f} s)",
+                        end="",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 await trio.sleep(0.2)
-        print(file=sys.stderr)
-        report = state.report()
+        if sys.stderr.isatty():
+            print(file=sys.stderr)
+        yield LocalStack(
+            work=work,
+            kms_url=kms_url,
+            events_url=events_origin,
+            ingress_url=ingress_url,
+            health_url=health[0],
+            pki=pki,
+            hub=hub,
+            state=state,
+            sealed_sha256=seal.sha256,
+            nursery=nursery,
+        )
+        _say("      shutting down (the parent terminates the enclave)")
+        nursery.cancel_scope.cancel()
+
+
+async def run_full_stack(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from ..gateway import (
+        Coordinator,
+        CoordinatorSettings,
+        EnclaveNode,
+        load_participant_files,
+        make_client_ssl_context,
+        run_prober,
+    )
+    from ..testing import generate_share_files
+
+    n_accounts: int = args.accounts
+    _say(f"[1/3] generating {n_accounts:,} accounts (2-of-3) into {work}/")
+    gen = await trio.to_thread.run_sync(
+        functools.partial(generate_share_files, work / "shares", n_accounts, force=True)
+    )
+    _say("[2/3] starting the stack: local KMS, gateway events, parent, enclave, mTLS ingress")
+    async with local_stack(work, gen.service_file, ready_timeout=args.ready_timeout) as stack:
+        report = stack.state.report()
         _say(
             f"      ready: {report['accounts']:,} accounts, shares "
             f"{report['shares_sha256'][:16]}…, preload {report['preload_ms']} ms; "
-            f"health at {health[0]}"
+            f"health at {stack.health_url}"
         )
-
         _say(
-            f"[5/6] signing {args.signatures:,} messages on random accounts through the gateway "
+            f"[3/3] signing {args.signatures:,} messages on random accounts through the gateway "
             f"(mTLS ingress, concurrency {args.concurrency})"
         )
+        pki = stack.pki
         node = EnclaveNode(
             "node-1",
-            f"unix://{run_dir}/ingress.sock",
+            stack.ingress_url,
             ssl_context=make_client_ssl_context(
                 pki.ca.read_bytes(), pki.client_cert.read_bytes(), pki.client_key.read_bytes()
             ),
             server_hostname="localhost",
         )
-        await nursery.start(node.run)
-        await nursery.start(
+        await stack.nursery.start(node.run)
+        await stack.nursery.start(
             functools.partial(
-                run_prober, [node], interval_s=2.0, evict_after_s=10.0, send_probe=hub.send_probe
+                run_prober,
+                [node],
+                interval_s=2.0,
+                evict_after_s=10.0,
+                send_probe=stack.hub.send_probe,
             )
         )
         counterparts = await trio.to_thread.run_sync(
@@ -249,11 +300,9 @@ file = "{work / "enclave-logs.jsonl"}"
                 return 0.0
             return latencies[min(len(latencies) - 1, round(q * (len(latencies) - 1)))] * 1e3
 
-        _say("[6/6] shutting down (the parent terminates the enclave)")
-        nursery.cancel_scope.cancel()
     return {
         "accounts": report["accounts"],
-        "sealed_sha256": seal.sha256,
+        "sealed_sha256": stack.sealed_sha256,
         "enclave_sha256": report["shares_sha256"],
         "preload_ms": report["preload_ms"],
         "signatures": args.signatures,
