@@ -93,6 +93,7 @@ async def local_stack(
     ready_timeout: float,
     ingress_listen: str | None = None,
     health_listen: str = "tcp://127.0.0.1:0",
+    restart: bool = False,
 ) -> AsyncIterator[LocalStack]:
     """Start local KMS, seal ``service_shares`` through it, the gateway event server, and the
     parent (which launches the local enclave); yield once ``/readyz`` would say ready. On exit
@@ -169,6 +170,10 @@ pcr2 = "{pcrs[2]}"
 interval_s = 30
 [relay]
 allowlist = ["{events_origin}/v1/enclaves/"]
+[failure]
+restart = {"true" if restart else "false"}
+backoff_initial_s = 0.5
+backoff_max_s = 2.0
 [health]
 listen = "{health_listen}"
 [logs]
