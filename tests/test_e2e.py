@@ -76,3 +76,38 @@ async def test_enclave_killed_mid_run(tmp_path: Path, caplog: pytest.LogCaptureF
             await coordinator.sign_message(accounts[i], b"after the restart")
     assert any(getattr(r, "alert", None) == "node_evicted" for r in caplog.records)
     assert any(getattr(r, "alert", None) == "node_readmitted" for r in caplog.records)
+
+
+async def test_sse_stream_cut_reconnects_and_probe_recovers(tmp_path: Path) -> None:
+    """The enclave's event stream (gateway → parent relay → enclave) is cut: the enclave
+    reconnects through the relay with Last-Event-ID, the probe published while it was away is
+    replayed and echoed in GetStatus, and events flow again."""
+    gen = generate_share_files(tmp_path / "shares", 5, counterparts=False)
+    async with local_stack(tmp_path / "stack", gen.service_file, ready_timeout=60) as stack:
+        pki = stack.pki
+        node = EnclaveNode(
+            "node-1",
+            stack.ingress_url,
+            ssl_context=make_client_ssl_context(
+                pki.ca.read_bytes(), pki.client_cert.read_bytes(), pki.client_key.read_bytes()
+            ),
+            server_hostname="localhost",
+        )
+        await stack.nursery.start(node.run)
+        hub = stack.hub
+
+        async def echoed(nonce: str) -> None:
+            with trio.fail_after(30):
+                while (await node.get_status()).last_sse_probe != nonce:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+
+        with trio.fail_after(30):
+            while hub.subscribers("node-1") != 1:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        await echoed(hub.probe("node-1"))
+
+        assert hub.disconnect("node-1") == 1
+        missed = hub.probe("node-1")  # published while the stream is down
+        await echoed(missed)  # replayed after the reconnect
+        assert hub.subscribers("node-1") == 1
+        await echoed(hub.probe("node-1"))  # and live events flow again

@@ -1060,3 +1060,18 @@ async def test_a_dev_enclave_follows_the_gateway(tmp_path: Path) -> None:
                 )
             await handle.drain()
             nursery.cancel_scope.cancel()
+
+
+async def test_publish_right_after_disconnect_does_not_raise() -> None:
+    """A cut subscription stays listed until its stream task cleans up; publishing in that
+    window must not raise, and the event is kept for replay."""
+    from trio_sign.gateway import EventHub
+
+    hub = EventHub()
+    with hub.subscribe("node-1") as sub:
+        assert hub.disconnect("node-1") == 1
+        assert sub.dropped
+        event_id = hub.probe("node-1")  # no ClosedResourceError
+        assert hub.last_event_id("node-1") is not None
+        assert event_id
+    assert hub.disconnect("nobody") == 0

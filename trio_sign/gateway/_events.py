@@ -136,10 +136,13 @@ class Subscription:
         return await self._receive.receive()
 
     def _offer(self, event: HubEvent) -> bool:
-        # Only registered subscribers are offered events, and their channels are open.
+        # Registered subscribers only; one just cut may still be listed until its stream task
+        # cleans up (see `disconnect` and the slow-subscriber drop).
+        if self.dropped:
+            return False  # cut but not yet cleaned up by its stream task: nothing to offer to
         try:
             self._send.send_nowait(event)
-        except trio.WouldBlock:
+        except (trio.WouldBlock, trio.ClosedResourceError):
             return False
         return True
 
@@ -304,6 +307,18 @@ class EventHub:
         """How many subscriptions the node has now."""
         node = self._nodes.get(node_id)
         return len(node.subscribers) if node is not None else 0
+
+    def disconnect(self, node_id: str) -> int:
+        """Cut every subscription of the node (operators: force a resubscription). The enclave
+        reconnects with its ``Last-Event-ID`` and gets what it missed replayed. Returns how
+        many were cut."""
+        node = self._nodes.get(node_id)
+        if node is None:
+            return 0
+        subscriptions = list(node.subscribers)
+        for sub in subscriptions:
+            sub._drop("disconnected by the gateway")
+        return len(subscriptions)
 
     def last_event_id(self, node_id: str) -> str | None:
         """The id of the node's latest event, or None if nothing was published to it."""
