@@ -50,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="boot-to-ready of the enclave process (10k, 100k; 1M with --big)",
     )
+    parser.add_argument(
+        "--e2e",
+        action="store_true",
+        help="the full local stack end to end (10k accounts; 100k with --big)",
+    )
     parser.add_argument("--big", action="store_true", help="include 1M accounts in --load")
     parser.add_argument(
         "--sizes",
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         "--grpc-no-profile", action="store_true", help="skip the py-spy profile of our server"
     )
     args = parser.parse_args(argv)
-    everything = not (args.boot or args.frost or args.load or args.grpc)
+    everything = not (args.e2e or args.boot or args.frost or args.load or args.grpc)
     print(f"machine: {_machine()}")
     if args.frost or everything:
         bench_frost()
@@ -110,6 +115,15 @@ def main(argv: list[str] | None = None) -> int:
             else ([10_000, 100_000] + ([1_000_000] if args.big else []))
         )
         bench_boot(boot_sizes, args.cache)
+    if args.e2e or everything:
+        from ._e2e import bench_e2e
+
+        e2e_sizes = (
+            [int(s) for s in args.sizes.split(",")]
+            if args.sizes
+            else ([10_000] + ([100_000] if args.big else []))
+        )
+        bench_e2e(e2e_sizes, args.cache)
     if args.grpc or everything:
         concurrency = tuple(int(n) for n in args.grpc_concurrency.split(",") if n)
         bench_grpc(

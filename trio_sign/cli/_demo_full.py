@@ -83,6 +83,7 @@ class LocalStack:
     state: Any
     sealed_sha256: str
     nursery: trio.Nursery
+    boot_to_ready_s: float = 0.0
 
 
 @asynccontextmanager
@@ -107,6 +108,8 @@ async def local_stack(
     from ..shares import seal_file
     from ..testing import make_dev_pki
 
+    work = work.resolve()  # UNIX socket URLs need absolute paths
+    service_shares = service_shares.resolve()
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "local-development")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local-development")
     nsm_dir = work / "nsm"
@@ -180,8 +183,8 @@ listen = "{health_listen}"
 file = "{work / "enclave-logs.jsonl"}"
 """
         )
-        state, health = await nursery.start(serve_parent, config)
         started = time.monotonic()
+        state, health = await nursery.start(serve_parent, config)
         with trio.fail_after(ready_timeout):
             while not state.ready:
                 if sys.stderr.isatty():
@@ -207,6 +210,7 @@ file = "{work / "enclave-logs.jsonl"}"
             state=state,
             sealed_sha256=seal.sha256,
             nursery=nursery,
+            boot_to_ready_s=time.monotonic() - started,
         )
         _say("      shutting down (the parent terminates the enclave)")
         nursery.cancel_scope.cancel()
