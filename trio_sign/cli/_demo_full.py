@@ -108,8 +108,8 @@ async def local_stack(
     from ..shares import seal_file
     from ..testing import make_dev_pki
 
-    work = work.resolve()  # UNIX socket URLs need absolute paths
-    service_shares = service_shares.resolve()
+    work = Path(await trio.Path(work).resolve())  # UNIX socket URLs need absolute paths
+    service_shares = Path(await trio.Path(service_shares).resolve())
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "local-development")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local-development")
     nsm_dir = work / "nsm"

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from .. import __version__
 from .._errors import TrioSignError
 from .._logging import configure_logging
-from . import _attestation, _demo, _dev, _enclave, _kms, _parent, _shares
+from . import _attestation, _demo, _dev, _enclave, _gateway, _kms, _parent, _shares
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     _attestation.add_parser(sub)
     _kms.add_parser(sub)
     _parent.add_parser(sub)
+    _gateway.add_parser(sub)
     _demo.add_parser(sub)
     _dev.add_parser(sub)
     return parser

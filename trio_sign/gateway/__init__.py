@@ -27,6 +27,12 @@ from ._node import NodeSettings as NodeSettings
 from ._prober import ProbedNode as ProbedNode
 from ._prober import SendProbe as SendProbe
 from ._prober import run_prober as run_prober
+from ._service import GatewayApi as GatewayApi
+from ._service import GatewayConfig as GatewayConfig
+from ._service import GatewayConfigError as GatewayConfigError
+from ._service import GatewayHandle as GatewayHandle
+from ._service import parse_gateway_config as parse_gateway_config
+from ._service import serve_gateway as serve_gateway
 from ._sse_format import KEEPALIVE_COMMENT as KEEPALIVE_COMMENT
 from ._sse_format import format_comment as format_comment
 from ._sse_format import format_event as format_event
@@ -50,8 +56,12 @@ __all__ = [
     "EnclaveNode",
     "EventHub",
     "GATEWAY_REASONS",
+    "GatewayApi",
+    "GatewayConfig",
+    "GatewayConfigError",
     "GatewayError",
     "GatewayEventsApp",
+    "GatewayHandle",
     "HubEvent",
     "HubStats",
     "KEEPALIVE_COMMENT",
@@ -68,7 +78,9 @@ __all__ = [
     "format_retry",
     "load_participant_files",
     "make_client_ssl_context",
+    "parse_gateway_config",
     "run_prober",
+    "serve_gateway",
     "serve_gateway_events",
     "valid_node_id",
 ]

@@ -9,12 +9,16 @@ from ._address import TransportError as TransportError
 from ._address import connect as connect
 from ._address import open_listeners as open_listeners
 from ._address import parse_address as parse_address
+from ._asgi import hypercorn_bind as hypercorn_bind
+from ._asgi import serve_asgi as serve_asgi
 
 __all__ = [
     "VMADDR_CID_ANY",
     "Address",
     "TransportError",
     "connect",
+    "hypercorn_bind",
     "open_listeners",
     "parse_address",
+    "serve_asgi",
 ]

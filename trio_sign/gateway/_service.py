@@ -1,0 +1,325 @@
+"""``trio-sign gateway``: the reference Sign Gateway as a process.
+
+``gateway.toml``::
+
+    [api]                       # the sign API this reference gateway offers its clients
+    listen = "tcp://127.0.0.1:8443"
+    [events]                    # the SSE endpoint the enclaves subscribe to (via their relay)
+    listen = "tcp://127.0.0.1:8444"
+    # certfile = "...", keyfile = "..."   (HTTPS: the parent's relay speaks HTTPS upstream)
+    [tls]                       # mTLS to the parents' ingress proxies (omit for a dev enclave)
+    ca = "pki/ca.pem"
+    cert = "pki/gateway.pem"
+    key = "pki/gateway.key"
+    server_name = "localhost"
+    [shares]                    # the counterpart participants' plaintext share files
+    participant_files = ["shares/participant-2_key_shares.json"]
+    [prober]
+    interval_s = 5
+    evict_after_s = 15
+    [[node]]
+    id = "node-1"
+    address = "tcp://10.0.1.5:50051"
+
+Tree::
+
+    serve_gateway
+    ├── serve_gateway_events   (probe / abort / freeze / unfreeze / drain, per node)
+    ├── EnclaveNode.run        (one per node: a kept-open gRPC channel, mTLS when configured)
+    ├── run_prober             (Ping + the SSE probe echo; eviction and re-admission)
+    └── the sign API           POST /v1/sign, GET /v1/nodes, POST /v1/nodes/{id}/{freeze,
+                               unfreeze,drain}, GET /healthz
+
+The API is deliberately small and unauthenticated: it is a reference for integrators and a
+driver for demos and tests, to be bound to loopback. A production gateway brings its own
+authentication, policy and audit in front of :class:`Coordinator`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .._errors import TrioSignError
+from ..transport import serve_asgi
+from ._coordinator import Coordinator, GatewayError, load_participant_files
+from ._events import EventHub, serve_gateway_events, valid_node_id
+from ._node import EnclaveNode
+from ._prober import run_prober
+from ._tls import make_client_ssl_context
+
+log = logging.getLogger("trio_sign.gateway")
+
+MAX_BODY_BYTES = 64 * 1024
+MAX_MESSAGE_BYTES = 32 * 1024
+
+#: GatewayError.reason -> HTTP status of the sign API.
+_HTTP_STATUS = {
+    "unknown_account": 404,
+    "no_healthy_node": 503,
+    "enclave_refused": 502,
+    "bad_share": 502,
+    "verify_failed": 502,
+    "key_mismatch": 500,
+    "too_few_signers": 500,
+}
+
+
+class GatewayConfigError(TrioSignError):
+    """``gateway.toml`` is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    id: str
+    address: str
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    api_listen: str
+    events_listen: str
+    events_certfile: str | None
+    events_keyfile: str | None
+    tls_ca: Path | None
+    tls_cert: Path | None
+    tls_key: Path | None
+    tls_server_name: str | None
+    participant_files: tuple[Path, ...]
+    nodes: tuple[NodeConfig, ...]
+    probe_interval_s: float = 5.0
+    evict_after_s: float = 15.0
+
+
+def _str(table: Mapping[str, Any], section: str, key: str, default: Any = ...) -> Any:
+    if key not in table:
+        if default is ...:
+            raise GatewayConfigError(f"[{section}] {key} is required")
+        return default
+    value = table[key]
+    if not isinstance(value, str) or not value:
+        raise GatewayConfigError(f"[{section}] {key} must be a non-empty string")
+    return value
+
+
+def _num(table: Mapping[str, Any], section: str, key: str, default: float) -> float:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise GatewayConfigError(f"[{section}] {key} must be a positive number")
+    return float(value)
+
+
+def parse_gateway_config(text: str, *, base: Path = Path(".")) -> GatewayConfig:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise GatewayConfigError(f"not valid TOML: {exc}") from None
+    extra = sorted(set(data) - {"api", "events", "tls", "shares", "prober", "node"})
+    if extra:
+        raise GatewayConfigError(f"unknown section [{extra[0]}]")
+    api = data.get("api", {})
+    events = data.get("events", {})
+    tls = data.get("tls")
+    shares = data.get("shares", {})
+    prober = data.get("prober", {})
+    files = shares.get("participant_files")
+    if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
+        raise GatewayConfigError("[shares] participant_files must be a non-empty list of paths")
+    raw_nodes = data.get("node")
+    if not isinstance(raw_nodes, list) or not raw_nodes:
+        raise GatewayConfigError("at least one [[node]] (id, address) is required")
+    nodes = []
+    for raw in raw_nodes:
+        node_id = _str(raw, "node", "id")
+        if not valid_node_id(node_id):
+            raise GatewayConfigError(f"[[node]] id {node_id!r}: use [A-Za-z0-9._-], 1..128")
+        nodes.append(NodeConfig(node_id, _str(raw, "node", "address")))
+    if len({n.id for n in nodes}) != len(nodes):
+        raise GatewayConfigError("[[node]] ids must be unique")
+    return GatewayConfig(
+        api_listen=_str(api, "api", "listen", "tcp://127.0.0.1:8443"),
+        events_listen=_str(events, "events", "listen", "tcp://127.0.0.1:8444"),
+        events_certfile=_str(events, "events", "certfile", None),
+        events_keyfile=_str(events, "events", "keyfile", None),
+        tls_ca=base / _str(tls, "tls", "ca") if tls else None,
+        tls_cert=base / _str(tls, "tls", "cert") if tls else None,
+        tls_key=base / _str(tls, "tls", "key") if tls else None,
+        tls_server_name=_str(tls, "tls", "server_name", None) if tls else None,
+        participant_files=tuple(base / f for f in files),
+        nodes=tuple(nodes),
+        probe_interval_s=_num(prober, "prober", "interval_s", 5.0),
+        evict_after_s=_num(prober, "prober", "evict_after_s", 15.0),
+    )
+
+
+@dataclass
+class GatewayHandle:
+    api_urls: list[str]
+    events_urls: list[str]
+    nodes: list[EnclaveNode]
+    hub: EventHub
+    coordinator: Coordinator
+
+
+class GatewayApi:
+    """The reference sign API (ASGI)."""
+
+    def __init__(self, coordinator: Coordinator, nodes: list[EnclaveNode], hub: EventHub):
+        self._coordinator = coordinator
+        self._nodes = {n.node_id: n for n in nodes}
+        self._hub = hub
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        status, body = await self._route(scope, receive)
+        data = json.dumps(body, separators=(",", ":")).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(data)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": data})
+
+    async def _body(self, receive: Any) -> Any:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise ValueError(f"body over {MAX_BODY_BYTES} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return json.loads(b"".join(chunks) or b"{}")
+
+    async def _route(self, scope: dict[str, Any], receive: Any) -> tuple[int, Any]:
+        method, path = scope["method"], scope["path"]
+        if path == "/healthz" and method == "GET":
+            return 200, {"ok": True}
+        if path == "/v1/nodes" and method == "GET":
+            return 200, [
+                {
+                    "id": n.node_id,
+                    "healthy": n.healthy,
+                    "evicted": n.evicted,
+                    "subscribers": self._hub.subscribers(n.node_id),
+                }
+                for n in self._nodes.values()
+            ]
+        if method != "POST":
+            return (405 if path.startswith("/v1/") else 404), {"error": "not found"}
+        try:
+            body = await self._body(receive)
+        except ValueError as exc:
+            return 400, {"error": f"bad request body: {exc}"}
+        if not isinstance(body, dict):
+            return 400, {"error": "the body must be a JSON object"}
+        if path == "/v1/sign":
+            return await self._sign(body)
+        parts = path.strip("/").split("/")
+        if len(parts) == 4 and parts[:2] == ["v1", "nodes"] and parts[2] in self._nodes:
+            node_id, action = parts[2], parts[3]
+            if action == "drain":
+                return 200, {"event_id": self._hub.drain(node_id)}
+            account_id = body.get("account_id")
+            if action in ("freeze", "unfreeze") and isinstance(account_id, str) and account_id:
+                publish = self._hub.freeze if action == "freeze" else self._hub.unfreeze
+                return 200, {"event_id": publish(node_id, account_id)}
+            return 400, {"error": 'freeze/unfreeze need {"account_id": ...}'}
+        return 404, {"error": "not found"}
+
+    async def _sign(self, body: dict[str, Any]) -> tuple[int, Any]:
+        account_id, message_hex = body.get("account_id"), body.get("message_hex")
+        if not isinstance(account_id, str) or not account_id or not isinstance(message_hex, str):
+            return 400, {"error": 'need {"account_id": str, "message_hex": hex}'}
+        try:
+            message = bytes.fromhex(message_hex)
+        except ValueError:
+            return 400, {"error": "message_hex is not hex"}
+        if len(message) > MAX_MESSAGE_BYTES:
+            return 400, {"error": f"message over {MAX_MESSAGE_BYTES} bytes"}
+        try:
+            signature = await self._coordinator.sign_message(account_id, message)
+        except GatewayError as exc:
+            status = _HTTP_STATUS.get(exc.reason, 500)
+            return status, {"error": str(exc), "reason": exc.reason}
+        return 200, {"account_id": account_id, "signature_hex": signature.hex()}
+
+
+async def serve_gateway(
+    config: GatewayConfig,
+    *,
+    task_status: trio.TaskStatus[GatewayHandle] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the reference gateway until cancelled."""
+    hub = EventHub()
+    ssl_context = None
+    if config.tls_ca is not None and config.tls_cert is not None and config.tls_key is not None:
+        ssl_context = make_client_ssl_context(
+            config.tls_ca.read_bytes(), config.tls_cert.read_bytes(), config.tls_key.read_bytes()
+        )
+    nodes = [
+        EnclaveNode(
+            n.id, n.address, ssl_context=ssl_context, server_hostname=config.tls_server_name
+        )
+        for n in config.nodes
+    ]
+    counterparts = await trio.to_thread.run_sync(
+        load_participant_files, list(config.participant_files)
+    )
+    coordinator = Coordinator(nodes, counterparts)
+    async with trio.open_nursery() as nursery:
+        events = await nursery.start(
+            functools.partial(
+                serve_gateway_events,
+                config.events_listen,
+                hub,
+                certfile=config.events_certfile,
+                keyfile=config.events_keyfile,
+            )
+        )
+        for node in nodes:
+            await nursery.start(node.run)
+        await nursery.start(
+            functools.partial(
+                run_prober,
+                nodes,
+                interval_s=config.probe_interval_s,
+                evict_after_s=config.evict_after_s,
+                send_probe=hub.send_probe,
+            )
+        )
+        api = await nursery.start(
+            functools.partial(
+                serve_asgi, GatewayApi(coordinator, nodes, hub), config.api_listen, logger=log
+            )
+        )
+        log.info(
+            "gateway ready",
+            extra={"api": ",".join(api), "events": ",".join(events), "nodes": len(nodes)},
+        )
+        task_status.started(GatewayHandle(list(api), list(events), nodes, hub, coordinator))
