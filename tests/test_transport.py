@@ -180,7 +180,9 @@ def test_public_api() -> None:
         "TransportError",
         "VMADDR_CID_ANY",
         "connect",
+        "hypercorn_bind",
         "open_listeners",
         "parse_address",
+        "serve_asgi",
     ]
     assert issubclass(TransportError, trio_sign.TrioSignError)
