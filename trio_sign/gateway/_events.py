@@ -25,6 +25,7 @@ the first event").
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import re
 import secrets
@@ -34,12 +35,10 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
 
 from .._errors import TrioSignError
 from ..sse import MAX_EVENT_ID_LENGTH
-from ..transport import parse_address
+from ..transport import hypercorn_bind, serve_asgi
 from ._sse_format import KEEPALIVE_COMMENT, format_event, format_id, format_retry
 
 log = logging.getLogger("trio_sign.gateway.events")
@@ -620,17 +619,6 @@ async def _respond(
 # -- the server --------------------------------------------------------------------------------
 
 
-def _hypercorn_bind(listen_url: str) -> str:
-    address = parse_address(listen_url)
-    if address.scheme == "tcp":
-        host = address.host or "0.0.0.0"
-        host = f"[{host}]" if ":" in host else host
-        return f"{host}:{address.port}"
-    if address.scheme == "unix":
-        return f"unix:{address.path}"
-    raise ValueError(f"the gateway events server listens on tcp:// or unix://, not {listen_url!r}")
-
-
 async def serve_gateway_events(
     listen_url: str,
     hub: EventHub,
@@ -662,19 +650,22 @@ async def serve_gateway_events(
     ``ValueError``, only one of ``certfile``/``keyfile`` ``ValueError``, a bind failure or
     unreadable certificate ``OSError``/``ssl.SSLError``, all before ``started``.
     """
+    # Refuse bad settings here, before any nursery would wrap the error in a group.
     if (certfile is None) != (keyfile is None):
         raise ValueError("give both certfile and keyfile to serve HTTPS, or neither")
-    config = HypercornConfig()
-    config.bind = [_hypercorn_bind(listen_url)]
-    config.accesslog = None
-    config.errorlog = log
-    config.graceful_timeout = graceful_timeout_s
-    config.include_server_header = False
-    if certfile is not None and keyfile is not None:
-        config.certfile = certfile
-        config.keyfile = keyfile
+    hypercorn_bind(listen_url)
     app = GatewayEventsApp(hub, keepalive_s=keepalive_s, retry_ms=retry_ms)
     async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(hypercorn_serve, app, config)
+        binds: list[str] = await nursery.start(
+            functools.partial(
+                serve_asgi,
+                app,
+                listen_url,
+                logger=log,
+                certfile=certfile,
+                keyfile=keyfile,
+                graceful_timeout_s=graceful_timeout_s,
+            )
+        )
         log.info("gateway events listening on %s", ", ".join(binds))
         task_status.started(binds)

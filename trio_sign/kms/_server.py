@@ -40,6 +40,7 @@ from __future__ import annotations
 import base64
 import binascii
 import fnmatch
+import functools
 import json
 import logging
 import re
@@ -56,7 +57,7 @@ from .._errors import TrioSignError
 from ..crypto import _sodium, _stream
 from ..nitro import AttestationError, encrypt_for_recipient, verify_attestation
 from ..shares._keywrap import canonical_json
-from ..transport import parse_address
+from ..transport import hypercorn_bind, serve_asgi
 from ._store import KeyStore, LocalKey
 
 log = logging.getLogger("trio_sign.kms")
@@ -612,17 +613,6 @@ class KmsApp:
         }
 
 
-def _hypercorn_bind(listen: str) -> str:
-    address = parse_address(listen)
-    if address.scheme == "tcp":
-        host = address.host or "0.0.0.0"
-        host = f"[{host}]" if ":" in host else host
-        return f"{host}:{address.port}"
-    if address.scheme == "unix":
-        return f"unix:{address.path}"
-    raise TrioSignError(f"kms-local cannot listen on {listen}: use tcp:// or unix://")
-
-
 async def serve_kms_local(
     kms: LocalKms,
     listen: str,
@@ -638,22 +628,14 @@ async def serve_kms_local(
     Cancellation: cancelling stops the server (hypercorn's own graceful period applies to
     requests in flight).
     """
-    from hypercorn.config import Config
-    from hypercorn.trio import serve
-
-    config = Config()
-    config.bind = [_hypercorn_bind(listen)]
-    config.accesslog = None
-    config.errorlog = logging.getLogger("trio_sign.kms.http")
-    config.graceful_timeout = 1.0
+    hypercorn_bind(listen)  # a bad URL raises here, not wrapped by the nursery below
     app = KmsApp(kms, max_request_bytes=max_request_bytes)
-
-    async def run(*, task_status: trio.TaskStatus[list[str]]) -> None:
-        framework: Any = app  # hypercorn's ASGI types are narrower than our plain dicts
-        await serve(framework, config, mode="asgi", task_status=task_status)
-
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(run)
+        binds = await nursery.start(
+            functools.partial(
+                serve_asgi, app, listen, logger=logging.getLogger("trio_sign.kms.http")
+            )
+        )
         url = binds[0] if binds else listen
         log.info("local KMS listening on %s (%d keys)", url, len(kms.store))
         task_status.started(url)

@@ -14,6 +14,7 @@ supervisor creates it and passes it around. Its setters are synchronous and neve
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import logging
 import math
@@ -23,11 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
 
 from ..nitro import ChannelMessage, ExitMessage, StateMessage
-from ..transport import parse_address
+from ..transport import hypercorn_bind, serve_asgi
 from ._logs import CloudWatchStats, LogStats, LogTail, TailFull
 from ._relay import RelayStats
 
@@ -543,17 +542,6 @@ async def _respond(
 # -- the server --------------------------------------------------------------------------------
 
 
-def _hypercorn_bind(listen_url: str) -> str:
-    address = parse_address(listen_url)
-    if address.scheme == "tcp":
-        host = address.host or "0.0.0.0"
-        host = f"[{host}]" if ":" in host else host
-        return f"{host}:{address.port}"
-    if address.scheme == "unix":
-        return f"unix:{address.path}"
-    raise ValueError(f"the health server listens on tcp:// or unix://, not {listen_url!r}")
-
-
 async def serve_health(
     listen_url: str,
     state: ParentState,
@@ -575,14 +563,13 @@ async def serve_health(
     Error handling: a bad ``listen_url`` raises :class:`~trio_sign.transport.TransportError` or
     ``ValueError``; a bind failure ``OSError``, before ``started``.
     """
-    config = HypercornConfig()
-    config.bind = [_hypercorn_bind(listen_url)]
-    config.accesslog = None
-    config.errorlog = log
-    config.graceful_timeout = graceful_timeout_s
-    config.include_server_header = False
+    hypercorn_bind(listen_url)  # a bad URL raises here, not wrapped by the nursery below
     app = HealthApp(state, tail_keepalive_s=tail_keepalive_s)
     async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(hypercorn_serve, app, config)
+        binds: list[str] = await nursery.start(
+            functools.partial(
+                serve_asgi, app, listen_url, logger=log, graceful_timeout_s=graceful_timeout_s
+            )
+        )
         log.info("health server listening on %s", ", ".join(binds))
         task_status.started(binds)
