@@ -16,10 +16,8 @@ import trio
 from trio_sign.cli._demo_full import local_stack
 from trio_sign.gateway import (
     Coordinator,
-    EnclaveNode,
     GatewayError,
     load_participant_files,
-    make_client_ssl_context,
     run_prober,
 )
 from trio_sign.testing import generate_share_files
@@ -33,15 +31,7 @@ async def test_enclave_killed_mid_run(tmp_path: Path, caplog: pytest.LogCaptureF
     counterparts = load_participant_files([gen.participant_files[2]])
     work = tmp_path / "stack"
     async with local_stack(work, gen.service_file, ready_timeout=60, restart=True) as stack:
-        pki = stack.pki
-        node = EnclaveNode(
-            "node-1",
-            stack.ingress_url,
-            ssl_context=make_client_ssl_context(
-                pki.ca.read_bytes(), pki.client_cert.read_bytes(), pki.client_key.read_bytes()
-            ),
-            server_hostname="localhost",
-        )
+        node = stack.gateway_node()
         await stack.nursery.start(node.run)
         await stack.nursery.start(
             functools.partial(
@@ -84,15 +74,7 @@ async def test_sse_stream_cut_reconnects_and_probe_recovers(tmp_path: Path) -> N
     replayed and echoed in GetStatus, and events flow again."""
     gen = generate_share_files(tmp_path / "shares", 5, counterparts=False)
     async with local_stack(tmp_path / "stack", gen.service_file, ready_timeout=60) as stack:
-        pki = stack.pki
-        node = EnclaveNode(
-            "node-1",
-            stack.ingress_url,
-            ssl_context=make_client_ssl_context(
-                pki.ca.read_bytes(), pki.client_cert.read_bytes(), pki.client_key.read_bytes()
-            ),
-            server_hostname="localhost",
-        )
+        node = stack.gateway_node()
         await stack.nursery.start(node.run)
         hub = stack.hub
 

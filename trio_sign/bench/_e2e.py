@@ -54,9 +54,7 @@ async def _measure(n: int, cache: Path, duration_s: float) -> dict[str, Any]:
     from ..gateway import (
         Coordinator,
         CoordinatorSettings,
-        EnclaveNode,
         load_participant_files,
-        make_client_ssl_context,
     )
 
     d = cache / f"e2e-{n}"
@@ -70,15 +68,7 @@ async def _measure(n: int, cache: Path, duration_s: float) -> dict[str, Any]:
     async with local_stack(d / "stack", service, ready_timeout=900) as stack:
         out["boot_to_ready_s"] = stack.boot_to_ready_s
         out["preload_ms"] = stack.state.report()["preload_ms"]
-        pki = stack.pki
-        node = EnclaveNode(
-            "node-1",
-            stack.ingress_url,
-            ssl_context=make_client_ssl_context(
-                pki.ca.read_bytes(), pki.client_cert.read_bytes(), pki.client_key.read_bytes()
-            ),
-            server_hostname="localhost",
-        )
+        node = stack.gateway_node()
         await stack.nursery.start(node.run)
         coordinator = Coordinator(
             [node], counterparts, settings=CoordinatorSettings(max_concurrent_signatures=1024)

@@ -85,6 +85,20 @@ class LocalStack:
     nursery: trio.Nursery
     boot_to_ready_s: float = 0.0
 
+    def gateway_node(self, node_id: str = "node-1") -> Any:
+        """An :class:`~trio_sign.gateway.EnclaveNode` for this stack's ingress, with the
+        development client certificate (mTLS)."""
+        from ..gateway import EnclaveNode, make_client_ssl_context
+
+        ssl_context = make_client_ssl_context(
+            self.pki.ca.read_bytes(),
+            self.pki.client_cert.read_bytes(),
+            self.pki.client_key.read_bytes(),
+        )
+        return EnclaveNode(
+            node_id, self.ingress_url, ssl_context=ssl_context, server_hostname="localhost"
+        )
+
 
 @asynccontextmanager
 async def local_stack(
@@ -220,9 +234,7 @@ async def run_full_stack(args: argparse.Namespace, work: Path) -> dict[str, Any]
     from ..gateway import (
         Coordinator,
         CoordinatorSettings,
-        EnclaveNode,
         load_participant_files,
-        make_client_ssl_context,
         run_prober,
     )
     from ..testing import generate_share_files
@@ -244,15 +256,7 @@ async def run_full_stack(args: argparse.Namespace, work: Path) -> dict[str, Any]
             f"[3/3] signing {args.signatures:,} messages on random accounts through the gateway "
             f"(mTLS ingress, concurrency {args.concurrency})"
         )
-        pki = stack.pki
-        node = EnclaveNode(
-            "node-1",
-            stack.ingress_url,
-            ssl_context=make_client_ssl_context(
-                pki.ca.read_bytes(), pki.client_cert.read_bytes(), pki.client_key.read_bytes()
-            ),
-            server_hostname="localhost",
-        )
+        node = stack.gateway_node()
         await stack.nursery.start(node.run)
         await stack.nursery.start(
             functools.partial(
