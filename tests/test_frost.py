@@ -21,11 +21,12 @@ from trio_sign.crypto import (
 from trio_sign.crypto import _sodium as na
 from trio_sign.crypto._frost import DealerOutput, lagrange_coefficient
 
+from .share_helpers import ORDER_8
+
 P = 2**255 - 19
 #: (x=0, y=-1), the point of order 2.
 ORDER_2 = (P - 1).to_bytes(32, "little")
 #: A point of order 8.
-ORDER_8 = bytes.fromhex("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a")
 
 
 def _plus_torsion(point: bytes, torsion: bytes) -> bytes:

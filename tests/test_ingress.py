@@ -12,7 +12,6 @@ import datetime as dt
 import functools
 import hashlib
 import importlib
-import ipaddress
 import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,10 +23,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from trio_sign.crypto import SigningCommitment
 from trio_sign.enclave import serve_enclave
@@ -53,6 +49,7 @@ from trio_sign.rpc import (
     protobuf_handler,
     serve_grpc,
 )
+from trio_sign.testing import make_ca, make_leaf
 from trio_sign.transport import TransportError, connect, open_listeners
 
 from .enclave_helpers import Account, Peer, make_accounts, parent, sorted_commitments
@@ -83,104 +80,16 @@ class Pki:
         return str(self.dir / name)
 
 
-def _key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _ca(cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = _key()
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(_name(cn))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
-
-
-def _leaf(
-    ca: tuple[ec.EllipticCurvePrivateKey, x509.Certificate], cn: str, *, server: bool
-) -> tuple[bytes, bytes]:
-    ca_key, ca_cert = ca
-    key = _key()
-    now = dt.datetime.now(dt.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
-    )
-    if server:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.DNSName("localhost"),
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                ]
-            ),
-            critical=False,
-        )
-    cert = builder.sign(ca_key, hashes.SHA256())
-    return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    ca = _ca("trio-sign test gateway CA")
-    other = _ca("some other CA")
-    server = _leaf(ca, "parent.local", server=True)
-    client = _leaf(ca, "sign-gateway", server=False)
-    stranger = _leaf(other, "sign-gateway", server=False)
+    ca = make_ca("trio-sign test gateway CA", days=1)
+    other = make_ca("some other CA", days=1)
+    server = make_leaf(ca, "parent.local", server=True, days=1)
+    client = make_leaf(ca, "sign-gateway", server=False, days=1)
+    stranger = make_leaf(other, "sign-gateway", server=False, days=1)
     d = tmp_path_factory.mktemp("pki")
     files = {
-        "ca.pem": ca[1].public_bytes(serialization.Encoding.PEM),
+        "ca.pem": ca.pem,
         "client.pem": client[0],
         "client.key": client[1],
         "other.pem": stranger[0],

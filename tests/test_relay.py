@@ -4,7 +4,6 @@ on virtual time."""
 
 from __future__ import annotations
 
-import datetime
 import functools
 import ssl
 from dataclasses import dataclass, field
@@ -13,10 +12,6 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from trio_sign.parent._relay import (
     AllowedUrl,
@@ -29,6 +24,7 @@ from trio_sign.parent._relay import (
     serve_sse_relay,
 )
 from trio_sign.sse import MessageEvent, run_sse_client
+from trio_sign.testing import make_ca, make_leaf
 from trio_sign.transport import open_listeners
 
 GATEWAY_HOST = "gateway.internal"
@@ -60,73 +56,16 @@ class Pki:
         return context
 
 
-def _name(common: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(_name("trio-sign test CA"))
-        .issuer_name(_name("trio-sign test CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(GATEWAY_HOST))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(GATEWAY_HOST)]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
-        .add_extension(
-            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
+    ca = make_ca("trio-sign test CA", days=1)
+    cert, key = make_leaf(ca, GATEWAY_HOST, server=True, hosts=[GATEWAY_HOST], days=1)
     directory = tmp_path_factory.mktemp("pki")
     cert_file = directory / "gateway.pem"
     key_file = directory / "gateway.key"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return Pki(ca.public_bytes(serialization.Encoding.PEM), cert_file, key_file)
+    cert_file.write_bytes(cert)
+    key_file.write_bytes(key)
+    return Pki(ca.pem, cert_file, key_file)
 
 
 # -- the gateway -------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import secrets
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,35 +26,13 @@ from trio_sign.shares import (
 )
 from trio_sign.shares._sealed import MIN_CHUNK_SIZE
 
-ORDER_8 = bytes.fromhex("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a")
-
-
-def random_scalar() -> bytearray:
-    return bytearray((secrets.randbelow(_sodium.L - 1) + 1).to_bytes(32, "little"))
-
-
-def point_of(s: bytes | bytearray) -> bytes:
-    out = bytearray(32)
-    assert _sodium.base_mult(out, s)
-    return bytes(out)
-
-
-GROUP_KEY = point_of(random_scalar())
+from .share_helpers import ORDER_8, point_of, random_scalar
+from .share_helpers import make_record as _make_record
 
 
 def make_record(account_id: str, **over: Any) -> ShareRecord:
-    share = random_scalar()
-    fields: dict[str, Any] = {
-        "account_id": account_id,
-        "identifier": (secrets.randbelow(5) + 1).to_bytes(32, "little"),
-        "signing_share": share,
-        "verifying_share": point_of(share),
-        "group_public_key": GROUP_KEY,
-        "min_signers": 2,
-        "max_signers": 3 + len(account_id) % 5,
-    }
-    fields.update(over)
-    return ShareRecord(**fields)
+    over.setdefault("max_signers", 3 + len(account_id) % 5)  # vary the thresholds stored
+    return _make_record(account_id, **over)
 
 
 RECORDS = [make_record(f"acct-{i:04d}") for i in range(50)]

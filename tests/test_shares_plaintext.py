@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import secrets
 from typing import Any
 
 import pytest
@@ -16,38 +15,22 @@ from trio_sign import ShareFileError
 from trio_sign.crypto import _sodium
 from trio_sign.shares import ShareRecord, read_plaintext, write_plaintext
 
+from .share_helpers import ORDER_8_HEX, point_of, random_scalar
+from .share_helpers import make_record as _make_record
+
 HEADER = {"format": "trio-sign/key-shares", "version": 1, "ciphersuite": "FROST-ED25519-SHA512-v1"}
 IDENTITY = "01" + "00" * 31
 ORDER_2 = "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"
-ORDER_8 = "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a"
+
+ORDER_8 = ORDER_8_HEX
 NON_CANONICAL_Y = "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"
 ZF_INVALID = "123456f9e9d319cad973b84cc4c835c8ee73281f5e2638d2d2b352c09edccbfb"
 L_HEX = _sodium.L.to_bytes(32, "little").hex()
 
 
-def random_scalar() -> bytearray:
-    return bytearray((secrets.randbelow(_sodium.L - 1) + 1).to_bytes(32, "little"))
-
-
-def point_of(s: bytes | bytearray) -> bytes:
-    out = bytearray(32)
-    assert _sodium.base_mult(out, s)
-    return bytes(out)
-
-
 def make_record(account_id: str = "acct-1", **over: Any) -> ShareRecord:
-    share = random_scalar()
-    fields: dict[str, Any] = {
-        "account_id": account_id,
-        "identifier": (secrets.randbelow(5) + 1).to_bytes(32, "little"),
-        "signing_share": share,
-        "verifying_share": point_of(share),
-        "group_public_key": point_of(random_scalar()),
-        "min_signers": 2,
-        "max_signers": 3,
-    }
-    fields.update(over)
-    return ShareRecord(**fields)
+    over.setdefault("group_public_key", point_of(random_scalar()))  # a fresh key per record
+    return _make_record(account_id, **over)
 
 
 def record_obj(rec: ShareRecord | None = None, /, **over: Any) -> dict[str, Any]:

@@ -8,7 +8,6 @@ import io
 import itertools
 import json
 import os
-import secrets
 import stat
 import struct
 from collections.abc import Mapping
@@ -45,35 +44,7 @@ from trio_sign.shares._sealed import (
     encryption_context_for,
 )
 
-ORDER_8 = bytes.fromhex("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a")
-
-
-def random_scalar() -> bytearray:
-    return bytearray((secrets.randbelow(_sodium.L - 1) + 1).to_bytes(32, "little"))
-
-
-def point_of(s: bytes | bytearray) -> bytes:
-    out = bytearray(32)
-    assert _sodium.base_mult(out, s)
-    return bytes(out)
-
-
-GROUP_KEY = point_of(random_scalar())
-
-
-def make_record(account_id: str, **over: Any) -> ShareRecord:
-    share = random_scalar()
-    fields: dict[str, Any] = {
-        "account_id": account_id,
-        "identifier": (secrets.randbelow(5) + 1).to_bytes(32, "little"),
-        "signing_share": share,
-        "verifying_share": point_of(share),
-        "group_public_key": GROUP_KEY,
-        "min_signers": 2,
-        "max_signers": 3,
-    }
-    fields.update(over)
-    return ShareRecord(**fields)
+from .share_helpers import ORDER_8, make_record, point_of, random_scalar
 
 
 @pytest.fixture(scope="module")
