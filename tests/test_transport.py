@@ -181,6 +181,7 @@ def test_public_api() -> None:
         "VMADDR_CID_ANY",
         "connect",
         "hypercorn_bind",
+        "load_cert_chain",
         "open_listeners",
         "parse_address",
         "serve_asgi",

@@ -19,8 +19,7 @@ from typing import Final
 
 import trio
 
-from ..parent._ingress import _load_cert_chain  # one memfd loader for the key, shared
-from ..transport import TransportError, connect
+from ..transport import TransportError, connect, load_cert_chain
 
 #: The only application protocol the ingress serves.
 ALPN_H2: Final = "h2"
@@ -48,7 +47,7 @@ def make_client_ssl_context(
     ca = ca_pem.decode() if isinstance(ca_pem, bytes) else ca_pem
     context.load_verify_locations(cadata=ca)
     context.set_alpn_protocols([ALPN_H2])
-    _load_cert_chain(context, cert_pem, key_pem)
+    load_cert_chain(context, cert_pem, key_pem)
     return context
 
 

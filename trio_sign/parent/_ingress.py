@@ -18,18 +18,15 @@ UNAVAILABLE), since the enclave behind them is no longer trusted.
 from __future__ import annotations
 
 import logging
-import os
 import ssl
-import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Final, Protocol
 
 import trio
 from cryptography import x509
 
-from ..transport import TransportError, connect, open_listeners
+from ..transport import TransportError, connect, load_cert_chain, open_listeners
 from ._attestation_gate import AttestationGate
 
 log = logging.getLogger("trio_sign.parent.ingress")
@@ -81,30 +78,8 @@ def make_server_ssl_context(
     context.set_alpn_protocols([ALPN_H2])
     # load_cert_chain reads files only; an anonymous in-memory file (memfd, Linux) keeps the
     # key off the disk.
-    _load_cert_chain(context, cert_pem, key_pem)
+    load_cert_chain(context, cert_pem, key_pem)
     return context
-
-
-def _load_cert_chain(context: ssl.SSLContext, cert_pem: bytes | str, key_pem: bytes | str) -> None:
-    cert = cert_pem.encode() if isinstance(cert_pem, str) else cert_pem
-    key = key_pem.encode() if isinstance(key_pem, str) else key_pem
-    if not hasattr(os, "memfd_create"):  # not Linux: a private directory, removed at once
-        with tempfile.TemporaryDirectory(prefix="trio-sign-tls-") as directory:
-            cert_path, key_path = Path(directory, "cert.pem"), Path(directory, "key.pem")
-            cert_path.write_bytes(cert)
-            key_path.touch(mode=0o600)
-            key_path.write_bytes(key)
-            context.load_cert_chain(cert_path, key_path)
-        return
-    cert_fd = os.memfd_create("ingress-cert", 0)
-    key_fd = os.memfd_create("ingress-key", 0)
-    try:
-        os.write(cert_fd, cert)
-        os.write(key_fd, key)
-        context.load_cert_chain(f"/proc/self/fd/{cert_fd}", f"/proc/self/fd/{key_fd}")
-    finally:
-        os.close(cert_fd)
-        os.close(key_fd)
 
 
 ConnectEnclave = Callable[[], Awaitable[trio.abc.Stream]]

@@ -11,6 +11,7 @@ from ._address import open_listeners as open_listeners
 from ._address import parse_address as parse_address
 from ._asgi import hypercorn_bind as hypercorn_bind
 from ._asgi import serve_asgi as serve_asgi
+from ._tls import load_cert_chain as load_cert_chain
 
 __all__ = [
     "VMADDR_CID_ANY",
@@ -18,6 +19,7 @@ __all__ = [
     "TransportError",
     "connect",
     "hypercorn_bind",
+    "load_cert_chain",
     "open_listeners",
     "parse_address",
     "serve_asgi",
