@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,3 +35,14 @@ def nsm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("nsm")
     LocalNsm.from_dir(path, create=True).close()
     return path
+
+
+@pytest.fixture(autouse=True)
+def _restore_trio_sign_logger() -> Iterator[None]:
+    """Tests that call the CLI in-process run ``configure_logging``, which points the
+    ``trio_sign`` logger at that test's captured stderr and stops propagation. Put it back
+    afterwards, so later tests' records reach ``caplog`` and never a closed capture file."""
+    logger = logging.getLogger("trio_sign")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved

@@ -30,7 +30,12 @@ async def test_enclave_killed_mid_run(tmp_path: Path, caplog: pytest.LogCaptureF
     gen = generate_share_files(tmp_path / "shares", 20)
     counterparts = load_participant_files([gen.participant_files[2]])
     work = tmp_path / "stack"
-    async with local_stack(work, gen.service_file, ready_timeout=60, restart=True) as stack:
+    # The relaunch waits 1 s, so the node is down for longer than the prober's 0.3 s eviction
+    # threshold whatever the machine's speed (a ~0 s jittered restart once let the node recover
+    # before it could be evicted).
+    async with local_stack(
+        work, gen.service_file, ready_timeout=60, restart=True, restart_backoff_s=1.0
+    ) as stack:
         node = stack.gateway_node()
         await stack.nursery.start(node.run)
         await stack.nursery.start(

@@ -113,6 +113,7 @@ async def test_readiness_flips_with_state(server: tuple[int, ParentState]) -> No
             "attestation_checked_at": "2026-09-21T14:13:20.000Z",
             "attestation_failure": None,
             "attestation_fresh": True,
+            "ingress_listening": None,
             "last_alert": None,
             "last_alert_at": None,
         }
@@ -147,6 +148,21 @@ async def test_stale_attestation_is_not_ready() -> None:
     assert not state.ready
     state.set_attestation(True)
     assert state.ready
+
+
+def test_a_configured_ingress_must_be_listening_to_be_ready() -> None:
+    """Serving and attested is not ready while the ingress socket is not bound yet: a gateway
+    that waits for /readyz would be refused at the door (a race CI once hit)."""
+    state = ParentState(ingress_required=True)
+    state.set_enclave_state("serving")
+    state.set_attestation(True)
+    assert not state.ready
+    assert state.report()["ingress_listening"] is False
+    state.ingress_listening = True
+    assert state.ready
+    report = state.report()
+    assert report["ready"] is True
+    assert report["ingress_listening"] is True
 
 
 @dataclass

@@ -109,10 +109,12 @@ async def local_stack(
     ingress_listen: str | None = None,
     health_listen: str = "tcp://127.0.0.1:0",
     restart: bool = False,
+    restart_backoff_s: float = 0.5,
 ) -> AsyncIterator[LocalStack]:
     """Start local KMS, seal ``service_shares`` through it, the gateway event server, and the
     parent (which launches the local enclave); yield once ``/readyz`` would say ready. On exit
-    everything stops (the parent terminates the enclave)."""
+    everything stops (the parent terminates the enclave). With ``restart``, a dead enclave is
+    relaunched after ``restart_backoff_s`` (then jittered, doubling up to 2 s)."""
     from ..gateway import EventHub, serve_gateway_events
     from ..kms import KmsDataKeyProvider, make_kms_client
     from ..kms._server import KeyPolicy, LocalKms, serve_kms_local
@@ -189,8 +191,8 @@ interval_s = 30
 allowlist = ["{events_origin}/v1/enclaves/"]
 [failure]
 restart = {"true" if restart else "false"}
-backoff_initial_s = 0.5
-backoff_max_s = 2.0
+backoff_initial_s = {restart_backoff_s}
+backoff_max_s = {max(2.0, restart_backoff_s)}
 [health]
 listen = "{health_listen}"
 [logs]

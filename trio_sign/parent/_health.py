@@ -75,6 +75,9 @@ class ParentState:
         attestation_max_age_s: if set, readiness also needs an attestation check this recent.
         attestation_gate: if set, the attestation facts are read from it (live) instead of the
             ``attestation_*`` fields that :meth:`set_attestation` writes.
+        ingress_required: an ingress is configured, so readiness also needs it listening
+            (``ingress_listening``, set by the supervisor once its socket is bound): a load
+            balancer or gateway that waits for ``/readyz`` must not be refused at the door.
         relay, logs, cloudwatch: counters owned by the SSE relay and the log forwarder (the
             supervisor passes the same objects to those services).
         tail: the live tail behind ``/v1/logs/tail`` (404 when None).
@@ -100,6 +103,8 @@ class ParentState:
     cloudwatch: CloudWatchStats | None = None
     tail: LogTail | None = None
     attestation_gate: AttestationSource | None = None
+    ingress_required: bool = False
+    ingress_listening: bool = False
     wall_clock: Callable[[], float] = time.time
 
     # -- setters ---------------------------------------------------------------------------
@@ -205,8 +210,10 @@ class ParentState:
 
     @property
     def ready(self) -> bool:
-        """Serving and attested: the parent may route signing traffic to the enclave."""
-        return self.enclave_state == "serving" and self.attestation_fresh
+        """Serving, attested, and (when configured) the ingress listening: the parent may route
+        signing traffic to the enclave."""
+        ingress_ok = self.ingress_listening or not self.ingress_required
+        return self.enclave_state == "serving" and self.attestation_fresh and ingress_ok
 
     def report(self) -> dict[str, Any]:
         """The readiness report (JSON-ready; public facts only)."""
@@ -222,6 +229,7 @@ class ParentState:
             "attestation_checked_at": _rfc3339(checked_at),
             "attestation_failure": failure,
             "attestation_fresh": self.attestation_fresh,
+            "ingress_listening": self.ingress_listening if self.ingress_required else None,
             "last_alert": self.last_alert,
             "last_alert_at": _rfc3339(self.last_alert_at),
         }

@@ -307,6 +307,7 @@ async def _run_enclave_once(
                         serve_ingress, i.listen, addresses.enclave_grpc, ctx, gate, observer=state
                     )
                 )
+                state.ingress_listening = True  # /readyz: only now can traffic get in
             task_status.started()
             code = await enclave.wait()
             raise ParentExit(f"the enclave exited (code {code})", alert="enclave_exited")
@@ -316,6 +317,7 @@ async def _run_enclave_once(
             bundle.unlink(missing_ok=True)
             raise
         finally:
+            state.ingress_listening = False
             for listener in preload_listeners:
                 await trio.aclose_forcefully(listener)
             nursery.cancel_scope.cancel()
@@ -362,6 +364,7 @@ async def _supervise(
 ) -> None:
     failures = 0
     rng = random.Random()
+    state.ingress_required = config.ingress is not None
     async with trio.open_nursery() as nursery:
         if forwarder.cloudwatch is not None:
             await nursery.start(forwarder.cloudwatch.run)
@@ -385,6 +388,7 @@ async def _supervise(
                 base=config.failure.backoff_initial_s,
                 maximum=config.failure.backoff_max_s,
                 failures=failures,
+                at_least=config.failure.backoff_initial_s,
             )
             failures += 1
             log.warning("restarting the enclave after back-off", extra={"delay_s": round(wait, 1)})
