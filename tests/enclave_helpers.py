@@ -22,7 +22,14 @@ from trio_sign.crypto import (
     trusted_dealer_keygen,
 )
 from trio_sign.enclave import EnclaveConfig
-from trio_sign.nitro import ChannelMessage, ExitMessage, LogMessage, MessageStream, StateMessage
+from trio_sign.nitro import (
+    ChannelMessage,
+    EventsConfigMessage,
+    ExitMessage,
+    LogMessage,
+    MessageStream,
+    StateMessage,
+)
 from trio_sign.parent import (
     DevRecipientKms,
     serve_log_connection,
@@ -119,6 +126,7 @@ class FakeParent:
     logs: list[dict[str, Any]] = field(default_factory=list)
     preload_errors: list[BaseException] = field(default_factory=list)
     boot_silent: bool = False
+    events: EventsConfigMessage | None = None
 
     def on_status(self, message: ChannelMessage) -> None:
         if isinstance(message, StateMessage):
@@ -134,7 +142,7 @@ class FakeParent:
         if self.boot_silent:
             await trio.sleep_forever()
         try:
-            await serve_preload(MessageStream(stream), self.bundle, self.kms)
+            await serve_preload(MessageStream(stream), self.bundle, self.kms, events=self.events)
         except Exception as exc:
             self.preload_errors.append(exc)
         finally:

@@ -225,6 +225,9 @@ def test_dockerfile_runs_the_production_enclave() -> None:
         "vsock://3:5001",
         "vsock://3:5002",
     )
+    # the SSE relay; where to subscribe comes over the boot channel, never baked into PCR0
+    assert args.sse_via == "vsock://3:5003"
+    assert args.gateway_url is None
 
 
 # -- build script ------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from proto_min import sign_service_pb2 as pb
 from trio_sign.enclave import EnclaveExit, ExitCode, SessionPool, serve_enclave
 from trio_sign.enclave._serve import EnclaveHandle
 from trio_sign.nitro import (
+    EventsConfigMessage,
     LocalNsm,
     verify_attestation,
 )
@@ -495,3 +496,46 @@ def test_loopback_is_brought_up_in_a_fresh_network_namespace() -> None:
         check=True,
     )
     assert out.stdout.split() == ["True", "False"]  # it was down; then it is up
+
+
+@pytest.mark.parametrize(
+    ("cli_url", "parent_node", "want"),
+    [
+        # no --gateway-url (the EIF's case): the parent's settings over the boot channel
+        (None, "node-b", "http://127.0.0.1:9/v1/enclaves/node-b/events"),
+        # --gateway-url is on the measured command line: it wins, the parent's are ignored
+        ("http://127.0.0.1:7", "node-b", "http://127.0.0.1:7/v1/enclaves/enclave-0/events"),
+        # the parent sends a node id the enclave refuses: no subscription, signing unaffected
+        (None, "../admin", None),
+    ],
+    ids=["from-parent", "command-line-wins", "refused"],
+)
+async def test_events_settings_from_the_boot_channel(
+    tmp_path: Path,
+    accounts: dict[str, Account],
+    nsm_dir: Path,
+    cli_url: str | None,
+    parent_node: str,
+    want: str | None,
+) -> None:
+    records = [a.service for a in accounts.values()]
+    async with parent(tmp_path, records, nsm_dir) as fake, trio.open_nursery() as nursery:
+        fake.events = EventsConfigMessage(gateway_url="http://127.0.0.1:9", node_id=parent_node)
+        handle: EnclaveHandle = await nursery.start(
+            functools.partial(
+                serve_enclave, fake.config(gateway_url=cli_url), nsm=LocalNsm.from_dir(nsm_dir)
+            )
+        )
+        assert (handle.sse.url if handle.sse is not None else None) == want
+        async with open_grpc_channel(await connect(handle.addresses[0])) as ch:
+            status = pb.GetStatusResponse.FromString(await ch.unary_unary(S + "GetStatus", b""))
+            assert status.state == "serving"
+        await handle.drain()
+    messages = [(line["level"], line["msg"]) for line in fake.logs]
+    if cli_url is not None:
+        assert (
+            "WARNING",
+            "ignoring the parent's events settings: --gateway-url was given",
+        ) in messages
+    if want is None:
+        assert any(level == "ERROR" and "events settings" in msg for level, msg in messages)

@@ -97,12 +97,42 @@ def test_full_example(tmp_path: Path) -> None:
             lambda t: t.replace("restart = true", "restart = 1"),
             r"\[failure\] restart must be a bool",
         ),
+        (
+            lambda t: t.replace("preload_timeout_s = 120", 'node_id = "node a"'),
+            r"\[enclave\] node_id 'node a': use 1 to 128 letters",
+        ),
+        (
+            lambda t: t.replace(
+                "preload_timeout_s = 120", 'gateway_url = "https://other.internal:8443"'
+            ),
+            r"not covered by \[relay\] allowlist",
+        ),
+        (
+            lambda t: t.replace(
+                "preload_timeout_s = 120", 'gateway_url = "https://u:p@gateway.internal:8443"'
+            ),
+            r"\[enclave\] gateway_url: .*credentials",
+        ),
+        (
+            lambda t: t.replace('allowlist = ["https://', 'allowlist = ["ftp://'),
+            r"\[relay\] allowlist: .*scheme must be https",
+        ),
     ],
 )
 def test_errors_name_the_key(edit: object, message: str) -> None:
     text = edit(GOOD)  # type: ignore[operator]
     with pytest.raises(ConfigError, match=message):
         parse_parent_config(text)
+
+
+def test_gateway_url_under_the_allowlist(tmp_path: Path) -> None:
+    text = GOOD.replace(
+        "preload_timeout_s = 120",
+        'gateway_url = "https://gateway.internal:8443"\nnode_id = "node-a.eu_1"',
+    )
+    cfg = parse_parent_config(text)
+    assert cfg.enclave.gateway_url == "https://gateway.internal:8443"
+    assert cfg.enclave.node_id == "node-a.eu_1"
 
 
 def test_missing_file(tmp_path: Path) -> None:

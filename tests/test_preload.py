@@ -19,6 +19,7 @@ from trio_sign.nitro import (
     AsyncNsm,
     AttestationError,
     AttestationMessage,
+    EventsConfigMessage,
     HelloMessage,
     LocalNsm,
     MessageStream,
@@ -27,7 +28,13 @@ from trio_sign.nitro import (
     encrypt_for_recipient,
 )
 from trio_sign.parent import DevRecipientKms, PreloadRefused, RecipientKms, serve_preload
-from trio_sign.shares import DevKeyFile, SealedLoader, ShareRecord, encode_bundle
+from trio_sign.shares import (
+    DevKeyFile,
+    SealedLoader,
+    ShareRecord,
+    encode_bundle,
+    read_sealed_header,
+)
 
 from .enclave_helpers import make_accounts
 
@@ -112,7 +119,48 @@ async def test_preload_success(
     public = serialization.load_der_public_key(doc.public_key)
     assert isinstance(public, rsa.RSAPublicKey)
     assert public.key_size == 2048
+    assert report.events is None  # the parent did not say where the gateway's events are
     store.close()
+
+
+async def test_events_settings_travel_before_the_envelope(
+    tmp_path: Path, nsm: LocalNsm, key: DevKeyFile, records: list[ShareRecord]
+) -> None:
+    """The parent tells the enclave where the gateway's events are (so the EIF need not)."""
+    path = _write(tmp_path, encode_bundle(records, key))
+    kms = DevRecipientKms(key, root_pem=nsm.root_pem)
+    events = EventsConfigMessage(gateway_url="https://gw.internal:8443", node_id="node-b")
+    (store, report), result = await run_both(nsm, _dev_parent(path, kms, events=events))
+    assert result.ok
+    assert report.events == events
+    assert len(store) == N
+    store.close()
+
+
+@pytest.mark.parametrize("where", ["twice", "after_the_envelope"])
+async def test_events_out_of_place_is_a_protocol_error(
+    tmp_path: Path, nsm: LocalNsm, key: DevKeyFile, records: list[ShareRecord], where: str
+) -> None:
+    path = _write(tmp_path, encode_bundle(records, key))
+    kms = DevRecipientKms(key, root_pem=nsm.root_pem)
+    events = EventsConfigMessage(gateway_url="https://gw.internal", node_id="n")
+
+    async def parent(channel: MessageStream) -> None:
+        await channel.receive_expected(HelloMessage)
+        attestation = await channel.receive_expected(AttestationMessage)
+        with path.open("rb") as f:
+            header, _ = read_sealed_header(f)
+        envelope = await kms(attestation.document, header)
+        await channel.send(events)
+        if where == "twice":
+            await channel.send(events)
+        await channel.send(RecipientCiphertextMessage(ciphertext=envelope))
+        if where == "after_the_envelope":
+            await channel.send(events)
+        await channel.receive()
+
+    error, _ = await _expect_failure(nsm, parent, "protocol")
+    assert "EventsConfigMessage" in str(error)
 
 
 async def _expect_failure(

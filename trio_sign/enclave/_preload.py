@@ -7,6 +7,7 @@ The exchange on the boot channel (framing and messages: :mod:`trio_sign.nitro._c
     attestation {document}              ->    KMS Decrypt(CiphertextBlob = the bundle header's
                                               encrypted data key, Recipient = {document,
                                               RSAES_OAEP_SHA_256})
+                                        <-    events {gateway_url, node_id}   (optional)
                                         <-    recipient_ciphertext {CiphertextForRecipient}
                                         <-    bundle_chunk {data} ... (the sealed file's bytes)
                                         <-    bundle_end {total_bytes}
@@ -40,6 +41,7 @@ from ..nitro import (
     ChannelProtocolError,
     CmsError,
     EphemeralRecipientKey,
+    EventsConfigMessage,
     HelloMessage,
     MessageStream,
     PreloadResultMessage,
@@ -73,6 +75,8 @@ class PreloadReport:
     preload_ms: int
     bundle_bytes: int
     attestation_document: bytes = field(repr=False)
+    #: Where the parent says the gateway's events are (None: it did not say).
+    events: EventsConfigMessage | None = None
 
 
 #: Called with the header's account count before the store is allocated; raises to refuse.
@@ -100,13 +104,25 @@ async def preload_shares(
     started = time.monotonic()
     data_key = bytearray(32)
     loader: SealedLoader | None = None
+    events: EventsConfigMessage | None = None
     try:
         await channel.send(HelloMessage(channel="preload"))
         key = await trio.to_thread.run_sync(EphemeralRecipientKey.generate)
         try:
             document = await nsm.attestation(public_key=key.public_key_der)
             await channel.send(AttestationMessage(document=document))
-            envelope = await channel.receive_expected(RecipientCiphertextMessage)
+            first = await channel.receive()
+            if isinstance(first, EventsConfigMessage):
+                events = first
+                envelope = await channel.receive_expected(RecipientCiphertextMessage)
+            elif isinstance(first, RecipientCiphertextMessage):
+                envelope = first
+            else:
+                raise ChannelProtocolError(
+                    "expected a RecipientCiphertextMessage (or EventsConfigMessage) message, "
+                    f"got {type(first).__name__}",
+                    reason="unexpected_message",
+                )
             unwrapped = key.decrypt_recipient_ciphertext(envelope.ciphertext)
         finally:
             key.close()
@@ -172,6 +188,7 @@ async def preload_shares(
         preload_ms=round((time.monotonic() - started) * 1000),
         bundle_bytes=received,
         attestation_document=document,
+        events=events,
     )
     try:
         await channel.send(

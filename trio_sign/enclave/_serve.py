@@ -25,6 +25,7 @@ the parent channels reconnect by themselves instead.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 import gc
 import hashlib
@@ -37,11 +38,27 @@ from urllib.parse import urlsplit
 import trio
 
 from .._errors import TrioSignError
-from ..nitro import AsyncNsm, LocalNsm, MessageStream, NsmDevice, NsmError, NsmLike, seed_entropy
+from ..nitro import (
+    AsyncNsm,
+    EventsConfigMessage,
+    LocalNsm,
+    MessageStream,
+    NsmDevice,
+    NsmError,
+    NsmLike,
+    seed_entropy,
+)
 from ..rpc import GrpcServer, serve_grpc
 from ..shares import ShareStore
-from ..sse import SseClientStatus, SseEventHandler, events_url, parse_events_url, run_sse_client
-from ..transport import connect, open_listeners
+from ..sse import (
+    SseClientStatus,
+    SseEventHandler,
+    events_url,
+    parse_events_url,
+    run_sse_client,
+    valid_node_id,
+)
+from ..transport import TransportError, connect, open_listeners
 from ._config import EnclaveConfig
 from ._exit import EnclaveExit, ExitCode
 from ._logchannel import (
@@ -313,7 +330,7 @@ async def serve_enclave(
 
             handle = await _serve_loaded(
                 nursery,
-                config,
+                _with_parent_events(config, report.events),
                 store,
                 attestor=attest,
                 overloaded=functools.partial(_overload_reason, watermark),
@@ -461,6 +478,30 @@ async def _start_log_channel(nursery: trio.Nursery, config: EnclaveConfig) -> Ch
     attach_log_handler(handler)
     await nursery.start(functools.partial(run_log_channel, _connector(config.log_address), handler))
     return handler
+
+
+def _with_parent_events(config: EnclaveConfig, events: EventsConfigMessage | None) -> EnclaveConfig:
+    """Where to subscribe: ``--gateway-url`` on the (measured) command line wins; otherwise
+    what the parent sent on the boot channel, if both values pass the checks. A bad value is
+    logged and leaves the enclave without a subscription (the gateway's prober will notice);
+    it never stops signing."""
+    if events is None:
+        return config
+    if config.gateway_url is not None:
+        if (events.gateway_url, events.node_id) != (config.gateway_url, config.node_id):
+            log.warning(
+                "ignoring the parent's events settings: --gateway-url was given",
+                extra={"parent_gateway_url": events.gateway_url, "parent_node": events.node_id},
+            )
+        return config
+    try:
+        if not valid_node_id(events.node_id):
+            raise TransportError(f"node id {events.node_id[:128]!r} is not 1-128 URL-safe chars")
+        parse_events_url(events_url(events.gateway_url, events.node_id))
+    except TransportError as exc:
+        log.error("refusing the parent's events settings: %s", exc)
+        return config
+    return dataclasses.replace(config, gateway_url=events.gateway_url, node_id=events.node_id)
 
 
 def _sse_via(config: EnclaveConfig, url: str) -> str:

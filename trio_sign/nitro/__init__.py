@@ -18,6 +18,7 @@ from ._channel import BundleEndMessage as BundleEndMessage
 from ._channel import ChannelMessage as ChannelMessage
 from ._channel import ChannelProtocolError as ChannelProtocolError
 from ._channel import DroppedMessage as DroppedMessage
+from ._channel import EventsConfigMessage as EventsConfigMessage
 from ._channel import ExitMessage as ExitMessage
 from ._channel import Frame as Frame
 from ._channel import FrameChannel as FrameChannel
@@ -64,6 +65,7 @@ __all__ = [
     "DroppedMessage",
     "EntropySeed",
     "EphemeralRecipientKey",
+    "EventsConfigMessage",
     "ExitMessage",
     "Frame",
     "FrameChannel",

@@ -45,6 +45,10 @@ type                       direction             fields
 ``bundle_chunk``           parent -> enclave     ``data`` (bytes, the next piece of the sealed
                                                  bundle)
 ``bundle_end``             parent -> enclave     ``total_bytes`` (int, bytes sent in chunks)
+``events``                 parent -> enclave     optional, just before ``recipient_ciphertext``:
+                                                 ``gateway_url`` (text), ``node_id`` (text),
+                                                 where the enclave's SSE client subscribes
+                                                 (through the parent's relay)
 ``preload_result``         enclave -> parent     ``ok`` (bool), ``reason`` (text|null),
                                                  ``accounts`` (int), ``sha256`` (hex|null),
                                                  ``preload_ms`` (int)
@@ -426,6 +430,36 @@ class RecipientCiphertextMessage(ChannelMessage):
     ciphertext: bytes = field(repr=False)
 
 
+#: Longest ``gateway_url`` / ``node_id`` an ``events`` message may carry.
+MAX_EVENTS_URL_CHARS = 2048
+MAX_NODE_ID_CHARS = 128
+
+
+@dataclass(frozen=True, slots=True)
+class EventsConfigMessage(ChannelMessage):
+    """Where the enclave subscribes to the gateway's events: sent by the parent, so that one
+    image (one PCR0) serves every node. The parent is untrusted, but it relays the event stream
+    anyway; the enclave still checks both values (:func:`trio_sign.sse.events_url` and
+    :func:`trio_sign.sse.valid_node_id`) and a ``--gateway-url`` on its measured command line
+    wins."""
+
+    TYPE: ClassVar[str] = "events"
+    _FIELDS: ClassVar[tuple[_Field, ...]] = _fields(
+        (
+            "gateway_url",
+            lambda v: isinstance(v, str) and 0 < len(v) <= MAX_EVENTS_URL_CHARS,
+            f"a text string of 1 to {MAX_EVENTS_URL_CHARS} characters",
+        ),
+        (
+            "node_id",
+            lambda v: isinstance(v, str) and 0 < len(v) <= MAX_NODE_ID_CHARS,
+            f"a text string of 1 to {MAX_NODE_ID_CHARS} characters",
+        ),
+    )
+    gateway_url: str
+    node_id: str
+
+
 @dataclass(frozen=True, slots=True)
 class BundleChunkMessage(ChannelMessage):
     """The next piece of the sealed share bundle."""
@@ -516,6 +550,7 @@ MESSAGE_TYPES: Mapping[str, type[ChannelMessage]] = {
         HelloMessage,
         AttestationMessage,
         RecipientCiphertextMessage,
+        EventsConfigMessage,
         BundleChunkMessage,
         BundleEndMessage,
         PreloadResultMessage,

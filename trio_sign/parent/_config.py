@@ -55,6 +55,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .._errors import TrioSignError
 
@@ -316,6 +317,7 @@ def parse_parent_config(text: str, *, base: Path = Path(".")) -> ParentConfig:
     allowlist = _get(r, "relay", "allowlist", list, [])
     if not all(isinstance(entry, str) for entry in allowlist):
         raise ConfigError("[relay] allowlist must be a list of URL strings")
+    _check_events_settings(enclave, allowlist)
     logs = _table(data, "logs", required=False)
     _unknown(logs, "logs", {"file", "cloudwatch_group", "cloudwatch_stream", "cloudwatch_region"})
     group = _get(logs, "logs", "cloudwatch_group", str, None)
@@ -344,3 +346,39 @@ def load_parent_config(path: Path) -> ParentConfig:
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
     return parse_parent_config(text, base=path.parent)
+
+
+def _check_events_settings(enclave: EnclaveLaunchConfig, allowlist: list[str]) -> None:
+    """``[enclave] node_id`` and ``gateway_url`` are sent to the enclave on the boot channel;
+    refuse here, not at 3 a.m. in the enclave's log, what it would refuse or the relay would
+    not forward."""
+    from ..sse import events_url, parse_events_url, valid_node_id
+    from ..transport import TransportError
+    from ._relay import Allowlist, RelayConfigError, RelayRefused, normalise_path
+
+    if not valid_node_id(enclave.node_id):
+        raise ConfigError(
+            f"[enclave] node_id {enclave.node_id!r}: use 1 to 128 letters, digits, '.', '_', "
+            "'~' or '-'"
+        )
+    try:
+        entries = Allowlist(allowlist)
+    except RelayConfigError as exc:
+        raise ConfigError(f"[relay] allowlist: {exc}") from None
+    if enclave.gateway_url is None:
+        return
+    url = events_url(enclave.gateway_url, enclave.node_id)
+    try:
+        parse_events_url(url)
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        port = parts.port or (443 if scheme == "https" else 80)
+        path = normalise_path(parts.path)
+    except (TransportError, RelayRefused, ValueError) as exc:
+        raise ConfigError(f"[enclave] gateway_url: {exc}") from None
+    assert parts.hostname is not None  # parse_events_url checked
+    if entries.match(scheme, parts.hostname.lower(), port, path) is None:
+        raise ConfigError(
+            f"[enclave] gateway_url: the events URL {url} is not covered by [relay] allowlist, "
+            "so the relay would refuse the enclave's subscription"
+        )

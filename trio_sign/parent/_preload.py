@@ -21,6 +21,7 @@ from ..nitro import (
     AttestationMessage,
     BundleChunkMessage,
     BundleEndMessage,
+    EventsConfigMessage,
     HelloMessage,
     MessageStream,
     PreloadResultMessage,
@@ -52,11 +53,16 @@ async def serve_preload(
     bundle: Path,
     kms: RecipientKms,
     *,
+    events: EventsConfigMessage | None = None,
     chunk_bytes: int = CHUNK_BYTES,
 ) -> PreloadResultMessage:
     """Run the parent side of the boot exchange for one enclave boot.
 
     Returns the enclave's successful ``preload_result``.
+
+    ``events``, if given, is sent just before the KMS envelope: where the enclave subscribes to
+    the gateway's events (``[enclave] gateway_url`` and ``node_id``), so that the image, and
+    its PCR0, need not name the node.
 
     Error handling:
         :class:`PreloadRefused` if the enclave reports failure; ``ChannelProtocolError`` and
@@ -70,6 +76,8 @@ async def serve_preload(
         header, sha256 = await trio.to_thread.run_sync(read_sealed_header, f)
     attestation = await channel.receive_expected(AttestationMessage)
     envelope = await kms(attestation.document, header)
+    if events is not None:
+        await channel.send(events)
     await channel.send(RecipientCiphertextMessage(ciphertext=envelope))
     total = 0
     try:

@@ -38,7 +38,7 @@ import trio
 
 from .._backoff import full_jitter_delay
 from .._errors import TrioSignError
-from ..nitro import AWS_NITRO_ROOT_PEM, MessageStream
+from ..nitro import AWS_NITRO_ROOT_PEM, EventsConfigMessage, MessageStream
 from ..shares import DevKeyFile
 from ..transport import connect, open_listeners
 from ._attestation_gate import AttestationGate, AttestationPolicy, run_attestation_gate
@@ -200,10 +200,19 @@ def _launcher(config: ParentConfig, addresses: _Addresses) -> Any:
         str(e.preload_timeout_s),
     ]
     if e.gateway_url is not None:
-        args += ["--gateway-url", e.gateway_url, "--node-id", e.node_id, "--sse-via", side["sse"]]
+        # Where to subscribe comes over the boot channel, as on Nitro (whose EIF passes only
+        # --sse-via), so local runs take the production path.
+        args += ["--sse-via", side["sse"]]
     return LocalLauncher(
         args, use_namespaces=e.namespaces, log_path=config.bundle.work_dir / "enclave.stderr"
     )
+
+
+def _events_config(config: ParentConfig) -> EventsConfigMessage | None:
+    e = config.enclave
+    if e.gateway_url is None:
+        return None
+    return EventsConfigMessage(gateway_url=e.gateway_url, node_id=e.node_id)
 
 
 async def _serve_channel(
@@ -258,7 +267,9 @@ async def _run_enclave_once(
             with trio.fail_after(config.enclave.preload_timeout_s + 30):
                 stream = await preload_listeners[0].accept()
                 try:
-                    result = await serve_preload(MessageStream(stream), bundle, kms)
+                    result = await serve_preload(
+                        MessageStream(stream), bundle, kms, events=_events_config(config)
+                    )
                 finally:
                     await trio.aclose_forcefully(stream)
             bundle.unlink()  # the parent's copy goes as soon as the enclave holds the shares

@@ -47,6 +47,7 @@ from ._http import check_event_stream as check_event_stream
 from ._http import events_url as events_url
 from ._http import parse_events_url as parse_events_url
 from ._http import valid_last_event_id as valid_last_event_id
+from ._http import valid_node_id as valid_node_id
 from ._parser import DEFAULT_MAX_EVENT_SIZE as DEFAULT_MAX_EVENT_SIZE
 from ._parser import DEFAULT_MAX_LINE_LENGTH as DEFAULT_MAX_LINE_LENGTH
 from ._parser import MAX_RETRY_MS as MAX_RETRY_MS
@@ -85,4 +86,5 @@ __all__ = [
     "parse_events_url",
     "run_sse_client",
     "valid_last_event_id",
+    "valid_node_id",
 ]

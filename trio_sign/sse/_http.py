@@ -68,6 +68,16 @@ def parse_events_url(url: str) -> EventsUrl:
     return EventsUrl(host=parts.netloc, target=target)
 
 
+_NODE_ID: Final = re.compile(r"[A-Za-z0-9._~-]{1,128}")
+
+
+def valid_node_id(node_id: str) -> bool:
+    """Whether ``node_id`` is 1 to 128 URL-unreserved characters (letters, digits, ``.``,
+    ``_``, ``~``, ``-``): it names the node in the events path, in logs and in metrics, so
+    parent config, gateway config and the enclave all hold it to this."""
+    return _NODE_ID.fullmatch(node_id) is not None and node_id not in (".", "..")
+
+
 def events_url(gateway: str, node_id: str) -> str:
     """``{gateway}/v1/enclaves/{node_id}/events`` (DESIGN §5), the node id percent-encoded."""
     return f"{gateway.rstrip('/')}/v1/enclaves/{quote(node_id, safe='')}/events"
