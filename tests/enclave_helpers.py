@@ -32,6 +32,7 @@ from trio_sign.nitro import (
 )
 from trio_sign.parent import (
     DevRecipientKms,
+    StatusLink,
     serve_log_connection,
     serve_preload,
     serve_status_connection,
@@ -127,6 +128,7 @@ class FakeParent:
     preload_errors: list[BaseException] = field(default_factory=list)
     boot_silent: bool = False
     events: EventsConfigMessage | None = None
+    status_link: StatusLink = field(default_factory=StatusLink)
 
     def on_status(self, message: ChannelMessage) -> None:
         if isinstance(message, StateMessage):
@@ -183,7 +185,12 @@ async def parent(
     async with trio.open_nursery() as nursery:
         for name, handler in (
             ("boot", fake.boot),
-            ("status", functools.partial(serve_status_connection, on=fake.on_status)),
+            (
+                "status",
+                functools.partial(
+                    serve_status_connection, on=fake.on_status, link=fake.status_link
+                ),
+            ),
             ("logs", functools.partial(serve_log_connection, on=fake.on_log)),
         ):
             listeners = await open_listeners(f"unix://{d}/{name}.sock")

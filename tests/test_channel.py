@@ -19,6 +19,7 @@ from trio_sign.nitro import (
     BundleEndMessage,
     ChannelMessage,
     ChannelProtocolError,
+    DrainMessage,
     DroppedMessage,
     EventsConfigMessage,
     ExitMessage,
@@ -51,6 +52,7 @@ MESSAGES: list[ChannelMessage] = [
     StateMessage(state="failed", reason="truncated bundle"),
     ExitMessage(code=0),
     ExitMessage(code=-15),
+    DrainMessage(),
     LogMessage(line='{"level":"info","msg":"ready"}'),
     DroppedMessage(count=12),
 ]
@@ -80,6 +82,7 @@ def test_every_message_type_is_covered() -> None:
         "preload_result",
         "state",
         "exit",
+        "drain",
         "log",
         "dropped",
     }

@@ -8,6 +8,7 @@ import base64
 import functools
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -150,6 +151,9 @@ async def _boot_failure(
         with pytest.raises(EnclaveExit) as info:
             await serve_enclave(fake.config(**cfg_kw), nsm=LocalNsm.from_dir(nsm_dir))
         assert not (fake.dir / "grpc.sock").exists()  # nothing was ever served
+    # the last log lines (why it failed) are flushed to the parent before the process ends
+    failed = [line for line in fake.logs if line["msg"] == "enclave failed"]
+    assert [line["reason"] for line in failed] == [info.value.reason]
     return info.value, fake
 
 
@@ -539,3 +543,29 @@ async def test_events_settings_from_the_boot_channel(
         ) in messages
     if want is None:
         assert any(level == "ERROR" and "events settings" in msg for level, msg in messages)
+
+
+async def test_drain_requested_by_the_parent_on_the_status_channel(
+    tmp_path: Path, accounts: dict[str, Account], nsm_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The parent's orderly stop (on Nitro there are no signals): ``drain`` on the status
+    channel drains the enclave like SIGTERM, and serve_enclave returns by itself (exit 0)."""
+    caplog.set_level(logging.INFO, "trio_sign")
+    records = [a.service for a in accounts.values()]
+    async with parent(tmp_path, records, nsm_dir) as fake:
+        assert not await fake.status_link.request_drain()  # no enclave connected yet
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                handle: EnclaveHandle = await nursery.start(
+                    functools.partial(serve_enclave, fake.config(), nsm=LocalNsm.from_dir(nsm_dir))
+                )
+                handle.service.pool.commit(records[0].account_id, "open")
+                assert await fake.status_link.request_drain()
+            # the nursery closed without anyone cancelling it: serve_enclave returned
+        assert handle.service.state == "draining"
+        assert handle.service.pool.open_sessions == 0  # nonces zeroed on the way out
+    assert fake.states[-1].state == "exiting"  # "draining" may be coalesced away: it was quick
+    assert fake.exits == [0]
+    assert any(line["msg"] == "the parent asked for a drain" for line in fake.logs), [
+        line["msg"] for line in fake.logs
+    ]

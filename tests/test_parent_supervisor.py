@@ -12,7 +12,13 @@ import io
 import json
 import logging
 import os
+import re
 import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +89,7 @@ listen = "tcp://127.0.0.1:0"
 [logs]
 file = "{tmp_path / "enclave-logs.jsonl"}"
 """
+    (tmp_path / "parent.toml").write_text(text)
     return parse_parent_config(text), bundle
 
 
@@ -196,3 +203,76 @@ async def test_restart_with_backoff_alerts_each_time(tmp_path: Path) -> None:
                 await trio.sleep(0.1)
             nursery.cancel_scope.cancel()
     assert out.read_text().splitlines()[:2] == ["preload_failed", "preload_failed"]
+
+
+async def test_orderly_stop_drains_the_enclave_then_returns(tmp_path: Path) -> None:
+    """``stop`` (the first SIGTERM of ``trio-sign parent``): the serving enclave is asked to
+    drain over the status channel, exits 0 by itself, and serve_parent returns: no alert, no
+    restart. This is the only graceful path on Nitro, where the parent cannot signal."""
+    config, _ = _setup(tmp_path, restart=True)
+    stop = trio.Event()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            state, _urls = await nursery.start(functools.partial(serve_parent, config, stop=stop))
+            while not state.ready:  # noqa: ASYNC110 - a real enclave process
+                await trio.sleep(0.05)
+            stop.set()
+        # the nursery closed without a cancel: serve_parent returned by itself
+    assert state.enclave_exit_code == 0
+    assert state.last_alert is None
+    logs = [json.loads(line) for line in (tmp_path / "enclave-logs.jsonl").read_text().splitlines()]
+    messages = [line.get("msg") for line in logs]
+    assert "the parent asked for a drain" in messages  # not SIGTERM: the status channel
+    assert "enclave stopped; shares zeroed" in messages
+
+
+async def test_stop_while_booting_terminates_at_once(tmp_path: Path) -> None:
+    """Nothing is served yet, so there is nothing to drain: the enclave is terminated."""
+    config, _ = _setup(tmp_path)
+    stop = trio.Event()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            state, _urls = await nursery.start(functools.partial(serve_parent, config, stop=stop))
+            stop.set()
+    assert not state.ready
+    assert state.last_alert is None
+
+
+def test_trio_sign_parent_first_sigterm_drains_then_exits_0(tmp_path: Path) -> None:
+    """The command as systemd runs it: the first SIGTERM drains the enclave over the status
+    channel and the parent exits 0 once it is gone."""
+    _setup(tmp_path)
+    exe = Path(sys.executable).with_name("trio-sign")
+    err_path = tmp_path / "parent.stderr"
+    with err_path.open("w") as err:
+        proc = subprocess.Popen(
+            [str(exe), "parent", "--config", str(tmp_path / "parent.toml")],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        port = None
+        while time.monotonic() < deadline:
+            found = re.search(
+                r"health server listening on http://127\.0\.0\.1:(\d+)", err_path.read_text()
+            )
+            if found:
+                port = int(found.group(1))
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5):
+                        break  # 200: serving and attested
+                except urllib.error.HTTPError:
+                    pass
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"never ready: {err_path.read_text()[-2000:]}")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, err_path.read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "stopping: draining the enclave" in err_path.read_text()
+    logs = (tmp_path / "enclave-logs.jsonl").read_text()
+    assert "the parent asked for a drain" in logs

@@ -98,7 +98,14 @@ def cmd_enclave(args: argparse.Namespace) -> int:
     async def run() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
-                handle = await nursery.start(serve, config)
+
+                async def serve_then_exit(*, task_status: trio.TaskStatus[Any]) -> None:
+                    # A drain asked for by the parent or the gateway (no signal) ends the
+                    # service too: then stop waiting for signals and exit.
+                    await serve(config, task_status=task_status)
+                    nursery.cancel_scope.cancel()
+
+                handle = await nursery.start(serve_then_exit)
                 async for _ in signals:
                     await handle.drain()
                     break

@@ -38,10 +38,26 @@ def cmd_parent(args: argparse.Namespace) -> int:
         return 2
 
     async def run() -> None:
+        stop = trio.Event()
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(serve_parent, config)
+
+                async def supervise() -> None:
+                    await serve_parent(config, stop=stop)
+                    nursery.cancel_scope.cancel()  # done: stop listening for signals
+
+                nursery.start_soon(supervise)
                 async for _ in signals:
+                    if not stop.is_set():
+                        print(
+                            "trio-sign: stopping: draining the enclave "
+                            f"(up to {config.enclave.drain_timeout_s:g} s; "
+                            "signal again to stop at once)",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                        stop.set()
+                        continue
                     nursery.cancel_scope.cancel()
                     break
 

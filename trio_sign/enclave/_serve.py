@@ -65,6 +65,7 @@ from ._logchannel import (
     ChannelLogHandler,
     attach_log_handler,
     detach_log_handler,
+    flush_log_channel,
     run_log_channel,
 )
 from ._memory import (
@@ -352,6 +353,7 @@ async def serve_enclave(
                     "boot_ms": round((time.monotonic() - started) * 1000),
                 },
             )
+            nursery.start_soon(_drain_when_the_parent_asks, reporter, handle)
             task_status.started(handle)
             await handle._stop.wait()
             nursery.cancel_scope.cancel()
@@ -379,6 +381,9 @@ async def serve_enclave(
         )
         log.info("enclave stopped; shares zeroed", extra={"exit_code": int(code)})
         if log_handler is not None:
+            # The last lines (why it failed, the drain) are the ones an operator needs most:
+            # send what is buffered, bounded and shielded like the final status report.
+            await flush_log_channel(log_handler, timeout_s=config.final_report_timeout_s)
             detach_log_handler(log_handler)
     if outcome is not None:
         raise outcome
@@ -478,6 +483,13 @@ async def _start_log_channel(nursery: trio.Nursery, config: EnclaveConfig) -> Ch
     attach_log_handler(handler)
     await nursery.start(functools.partial(run_log_channel, _connector(config.log_address), handler))
     return handler
+
+
+async def _drain_when_the_parent_asks(reporter: StatusReporter, handle: EnclaveHandle) -> None:
+    """The parent's orderly stop (a ``drain`` frame on the status channel) drains like SIGTERM:
+    on Nitro there are no signals, and ``nitro-cli terminate-enclave`` would cut open sessions."""
+    await reporter.drain_requested.wait()
+    await handle.drain()
 
 
 def _with_parent_events(config: EnclaveConfig, events: EventsConfigMessage | None) -> EnclaveConfig:

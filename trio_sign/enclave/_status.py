@@ -6,7 +6,9 @@ Protocol (frames from :mod:`trio_sign.nitro._channel`), enclave to parent::
 
     hello(channel="status")  state  state ...  [state(failed|exiting)  exit(code)]
 
-Frames from the parent are read (so that a close is noticed at once) and ignored.
+Frames from the parent are read (so that a close is noticed at once). On the status channel a
+``drain`` frame sets :attr:`StatusReporter.drain_requested` (the parent's orderly stop: the
+enclave drains and exits 0); anything else is ignored.
 
 Design:
 
@@ -27,6 +29,7 @@ The reconnecting loop (:func:`run_reconnecting_channel`) is shared with the log 
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import random
 from collections import deque
@@ -39,7 +42,9 @@ from .._backoff import full_jitter_delay
 from ..nitro import (
     ChannelClosed,
     ChannelProtocolError,
+    DrainMessage,
     ExitMessage,
+    Frame,
     HelloMessage,
     MessageStream,
     StateMessage,
@@ -75,14 +80,19 @@ def _describe(exc: BaseException) -> str:
 # The reconnecting loop shared by the status and log channels
 
 
-async def _read_until_closed(messages: MessageStream) -> str:
-    """Read and ignore whatever the parent sends; return why the channel ended."""
+#: Called with each frame the parent sends; returns False to have it logged as ignored.
+OnParentFrame = Callable[[Frame], bool]
+
+
+async def _read_until_closed(messages: MessageStream, on_frame: OnParentFrame | None) -> str:
+    """Read what the parent sends (handed to ``on_frame``); return why the channel ended."""
     while True:
         try:
             frame = await messages.receive_frame()
         except ChannelClosed:
             return "the parent closed the channel"
-        log.debug("ignoring a %r frame from the parent", frame.type[:64])
+        if on_frame is None or not on_frame(frame):
+            log.debug("ignoring a %r frame from the parent", frame.type[:64])
 
 
 async def one_connection(
@@ -92,6 +102,7 @@ async def one_connection(
     *,
     connect_timeout_s: float,
     on_up: Callable[[bool], None] = lambda up: None,
+    on_frame: OnParentFrame | None = None,
 ) -> tuple[str, bool]:
     """Connect, say hello, run ``converse`` until it returns or the connection fails.
 
@@ -126,7 +137,7 @@ async def one_connection(
             nursery.cancel_scope.cancel()
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(guarded, _read_until_closed)
+            nursery.start_soon(guarded, functools.partial(_read_until_closed, on_frame=on_frame))
             nursery.start_soon(guarded, converse)
     finally:
         if up:
@@ -145,15 +156,17 @@ async def run_reconnecting_channel(
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
     rng: random.Random | None = None,
     on_up: Callable[[bool], None] = lambda up: None,
+    on_frame: OnParentFrame | None = None,
 ) -> NoReturn:
     """Keep one enclave-to-parent channel up forever.
 
     Each round: ``connect()`` (bounded by ``connect_timeout_s``), send
     ``HelloMessage(channel)``, call ``on_up(True)``, then run ``converse(messages)`` while
-    reading and ignoring the parent's frames; the round ends when the parent closes, an I/O or
-    framing error happens, or ``converse`` returns. Then ``on_up(False)``, the stream is closed
-    and, after ``uniform(0, min(backoff_max_s, backoff_initial_s * 2**n))`` seconds (``n``:
-    failed rounds in a row, reset by a round that got its hello out), the next round starts.
+    reading the parent's frames (each given to ``on_frame``, if any); the round ends when the
+    parent closes, an I/O or framing error happens, or ``converse`` returns. Then
+    ``on_up(False)``, the stream is closed and, after
+    ``uniform(0, min(backoff_max_s, backoff_initial_s * 2**n))`` seconds (``n``: failed rounds
+    in a row, reset by a round that got its hello out), the next round starts.
 
     Cancellation: safe at any point; the stream is closed before this returns.
 
@@ -164,7 +177,12 @@ async def run_reconnecting_channel(
     failures = 0
     while True:
         reason, was_up = await one_connection(
-            channel, connect, converse, connect_timeout_s=connect_timeout_s, on_up=on_up
+            channel,
+            connect,
+            converse,
+            connect_timeout_s=connect_timeout_s,
+            on_up=on_up,
+            on_frame=on_frame,
         )
         if was_up:
             failures = 0
@@ -209,6 +227,7 @@ class StatusReporter:
         state: the current :class:`~trio_sign.nitro.StateMessage` (as it is sent).
         memory_level: the last level given to :meth:`set_memory_level`.
         exit_delivered: True once the last :func:`report_final`'s ``exit`` frame was written.
+        drain_requested: set when the parent sends ``drain`` (the enclave's tree waits on it).
     """
 
     def __init__(self) -> None:
@@ -224,6 +243,7 @@ class StatusReporter:
         self._exit_delivered_seq = 0
         self._connect: Connect | None = None
         self._runners = 0
+        self.drain_requested = trio.Event()
 
     # --- what the enclave calls
 
@@ -297,6 +317,14 @@ class StatusReporter:
         await self._up.wait()
 
     # --- internals shared with the sender
+
+    def _on_parent_frame(self, frame: Frame) -> bool:
+        if frame.type != DrainMessage.TYPE:
+            return False
+        if not self.drain_requested.is_set():
+            log.info("the parent asked for a drain")
+            self.drain_requested.set()
+        return True
 
     def _effective_reason(self, state: str, reason: str | None) -> str | None:
         if reason is None and state in ("serving", "draining") and self.memory_level != "ok":
@@ -386,6 +414,7 @@ async def run_status_channel(
             connect_timeout_s=connect_timeout_s,
             rng=rng,
             on_up=reporter._set_up,
+            on_frame=reporter._on_parent_frame,
         )
     finally:
         reporter._runners -= 1

@@ -17,6 +17,7 @@ from ._channel import BundleChunkMessage as BundleChunkMessage
 from ._channel import BundleEndMessage as BundleEndMessage
 from ._channel import ChannelMessage as ChannelMessage
 from ._channel import ChannelProtocolError as ChannelProtocolError
+from ._channel import DrainMessage as DrainMessage
 from ._channel import DroppedMessage as DroppedMessage
 from ._channel import EventsConfigMessage as EventsConfigMessage
 from ._channel import ExitMessage as ExitMessage
@@ -62,6 +63,7 @@ __all__ = [
     "ChannelProtocolError",
     "CmsError",
     "DEFAULT_LOCAL_PCRS",
+    "DrainMessage",
     "DroppedMessage",
     "EntropySeed",
     "EphemeralRecipientKey",

@@ -56,6 +56,8 @@ type                       direction             fields
                                                  (text|null), ``accounts``, ``sha256``,
                                                  ``preload_ms`` (each null until known)
 ``exit``                   enclave -> parent     ``code`` (int, the process exit status)
+``drain``                  parent -> enclave     (status channel) no fields: stop taking new
+                                                 sessions, finish open ones, exit 0
 ``log``                    enclave -> parent     ``line`` (text, one redacted JSON log line)
 ``dropped``                enclave -> parent     ``count`` (int, log lines dropped since the
                                                  last ``dropped``)
@@ -526,6 +528,15 @@ class ExitMessage(ChannelMessage):
 
 
 @dataclass(frozen=True, slots=True)
+class DrainMessage(ChannelMessage):
+    """The parent asks the enclave to drain and exit (an orderly stop: a rolling restart, a
+    host shutdown). Availability only: the parent can stop the enclave anyway."""
+
+    TYPE: ClassVar[str] = "drain"
+    _FIELDS: ClassVar[tuple[_Field, ...]] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class LogMessage(ChannelMessage):
     """One redacted JSON log line (no trailing newline)."""
 
@@ -556,6 +567,7 @@ MESSAGE_TYPES: Mapping[str, type[ChannelMessage]] = {
         PreloadResultMessage,
         StateMessage,
         ExitMessage,
+        DrainMessage,
         LogMessage,
         DroppedMessage,
     )

@@ -4,6 +4,7 @@ from ._attestation_gate import GATE_REASONS as GATE_REASONS
 from ._attestation_gate import AttestationGate as AttestationGate
 from ._attestation_gate import AttestationPolicy as AttestationPolicy
 from ._attestation_gate import run_attestation_gate as run_attestation_gate
+from ._channels import StatusLink as StatusLink
 from ._channels import serve_log_connection as serve_log_connection
 from ._channels import serve_status_connection as serve_status_connection
 from ._config import ConfigError as ConfigError
@@ -46,6 +47,7 @@ __all__ = [
     "ParentExit",
     "ParentState",
     "Redactor",
+    "StatusLink",
     "GATE_REASONS",
     "AttestationGate",
     "AttestationPolicy",

@@ -18,6 +18,9 @@ Every error names the key and says what is expected. Example (local development)
     # nitro-cli: eif_path, cpu_count, memory_mib, cid
     preload_timeout_s = 300
     grpc_port = 50051
+    gateway_url = "https://gateway.internal:8443"        # sent to the enclave for its SSE stream
+    node_id = "node-a"                                   # ... /v1/enclaves/node-a/events
+    drain_timeout_s = 20                                 # on stop: drain, then terminate
 
     [ingress]
     listen = "tcp://0.0.0.0:50051"
@@ -85,6 +88,7 @@ class EnclaveLaunchConfig:
     grpc_port: int = 50051
     gateway_url: str | None = None
     node_id: str = "enclave-0"
+    drain_timeout_s: float = 20.0
     # local
     nsm_dir: Path | None = None
     namespaces: str = "auto"
@@ -235,6 +239,7 @@ def parse_parent_config(text: str, *, base: Path = Path(".")) -> ParentConfig:
             "cid",
             "gateway_url",
             "node_id",
+            "drain_timeout_s",
         },
     )
     backend = _choice(e, "enclave", "backend", ("local", "nitro-cli"))
@@ -244,6 +249,7 @@ def parse_parent_config(text: str, *, base: Path = Path(".")) -> ParentConfig:
         grpc_port=_get(e, "enclave", "grpc_port", int, 50051),
         gateway_url=_get(e, "enclave", "gateway_url", str, None),
         node_id=_get(e, "enclave", "node_id", str, "enclave-0"),
+        drain_timeout_s=_get(e, "enclave", "drain_timeout_s", float, 20.0),
         nsm_dir=(base / e["nsm_dir"]) if "nsm_dir" in e else None,
         namespaces=_choice(e, "enclave", "namespaces", ("auto", "always", "never"), "auto"),
         eif_path=(base / e["eif_path"]) if "eif_path" in e else None,

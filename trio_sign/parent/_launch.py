@@ -174,6 +174,7 @@ class NitroEnclave:
     launcher: NitroCliLauncher
     enclave_id: str
     cid: int
+    gone: bool = False  # wait() saw it leave RUNNING: nothing left to terminate
 
     @property
     def description(self) -> str:
@@ -185,9 +186,12 @@ class NitroEnclave:
             states = await self.launcher.describe()
             mine = [e for e in states if e.get("EnclaveID") == self.enclave_id]
             if not mine or mine[0].get("State") not in ("RUNNING", "STARTING"):
+                self.gone = True
                 return None
 
     async def terminate(self, grace_s: float) -> None:
+        if self.gone:
+            return
         with trio.move_on_after(grace_s + 30), trio.CancelScope(shield=True):
             out = await self.launcher._run(
                 ["terminate-enclave", "--enclave-id", self.enclave_id],

@@ -42,7 +42,7 @@ from ..nitro import AWS_NITRO_ROOT_PEM, EventsConfigMessage, MessageStream
 from ..shares import DevKeyFile
 from ..transport import connect, open_listeners
 from ._attestation_gate import AttestationGate, AttestationPolicy, run_attestation_gate
-from ._channels import serve_log_connection, serve_status_connection
+from ._channels import StatusLink, serve_log_connection, serve_status_connection
 from ._config import ParentConfig
 from ._dev_kms import DevRecipientKms
 from ._health import ParentState, serve_health
@@ -64,6 +64,18 @@ class ParentExit(TrioSignError):
     def __init__(self, message: str, *, alert: str) -> None:
         super().__init__(message)
         self.alert = alert
+
+
+class _Stopped(Exception):
+    """The run ended because the operator asked the parent to stop (internal)."""
+
+
+class _RunPhase:
+    """Whether the current run is past startup and waiting on the enclave (where a stop
+    drains it instead of cutting everything)."""
+
+    def __init__(self) -> None:
+        self.waiting = False
 
 
 class _Addresses:
@@ -225,22 +237,73 @@ async def _serve_channel(
     await trio.serve_listeners(handler, listeners, task_status=task_status)
 
 
+async def _run_gate(
+    scope: trio.CancelScope,
+    gate: AttestationGate,
+    *,
+    interval_s: float,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """``run_attestation_gate`` under ``scope``, which the orderly stop cancels."""
+    with scope:
+        await run_attestation_gate(gate, interval_s=interval_s, task_status=task_status)
+
+
+async def _exit_or_stop(enclave: RunningEnclave, stop: trio.Event) -> tuple[bool, int | None]:
+    """Wait for the enclave to exit (True, its code) or for a stop request (False, None)."""
+    outcome: list[tuple[bool, int | None]] = []
+    async with trio.open_nursery() as nursery:
+
+        async def exited() -> None:
+            outcome.append((True, await enclave.wait()))
+            nursery.cancel_scope.cancel()
+
+        async def stopped() -> None:
+            await stop.wait()
+            outcome.append((False, None))
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(exited)
+        nursery.start_soon(stopped)
+    return outcome[0]
+
+
+async def _drain_enclave(config: ParentConfig, link: StatusLink, enclave: RunningEnclave) -> None:
+    """The orderly stop: ``drain`` on the status channel, then wait (bounded) for the enclave
+    to finish its open sessions and exit; the caller terminates it either way."""
+    timeout = config.enclave.drain_timeout_s
+    log.info("stopping: asking the enclave to drain", extra={"timeout_s": timeout})
+    with trio.move_on_after(timeout):
+        if await link.request_drain():
+            code = await enclave.wait()
+            log.info("the enclave drained and exited", extra={"code": code})
+            return
+        log.warning("no status connection to ask for a drain; terminating the enclave")
+        return
+    log.warning("the enclave did not drain in time; terminating it", extra={"timeout_s": timeout})
+
+
 async def _run_enclave_once(
     config: ParentConfig,
     state: ParentState,
     forwarder: LogForwarder,
+    stop: trio.Event,
+    phase: _RunPhase,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """One enclave boot from bundle fetch to death. Raises :class:`ParentExit` on failure."""
+    """One enclave boot from bundle fetch to death. Raises :class:`ParentExit` on failure and
+    :class:`_Stopped` after an orderly stop (``stop`` set while serving)."""
     addresses = _Addresses(config)
     kms = _recipient_kms(config)
+    link = StatusLink()
+    gate_scope = trio.CancelScope()
     async with trio.open_nursery() as nursery:
         bundle = await fetch_bundle(config.bundle.source, config.bundle.work_dir)
         await nursery.start(
             _serve_channel,
             addresses.listen["status"],
-            functools.partial(serve_status_connection, on=state.on_status_message),
+            functools.partial(serve_status_connection, on=state.on_status_message, link=link),
         )
         await nursery.start(
             _serve_channel,
@@ -306,7 +369,7 @@ async def _run_enclave_once(
                 # /readyz: a verification older than two check intervals no longer counts
                 state.attestation_max_age_s = 2 * a.interval_s + 10
                 await nursery.start(
-                    functools.partial(run_attestation_gate, gate, interval_s=a.interval_s)
+                    functools.partial(_run_gate, gate_scope, gate, interval_s=a.interval_s)
                 )
             if config.ingress is not None and gate is not None:
                 i = config.ingress
@@ -320,7 +383,15 @@ async def _run_enclave_once(
                 )
                 state.ingress_listening = True  # /readyz: only now can traffic get in
             task_status.started()
-            code = await enclave.wait()
+            phase.waiting = True
+            exited, code = await _exit_or_stop(enclave, stop)
+            if not exited:
+                # Stop re-attesting (the gate keeps its verdict, so forwarded connections stay
+                # open): a draining enclave closes its port, which must not read as an attack
+                # and cut the sessions the drain is letting finish.
+                gate_scope.cancel()
+                await _drain_enclave(config, link, enclave)
+                raise _Stopped
             raise ParentExit(f"the enclave exited (code {code})", alert="enclave_exited")
         except BaseException:
             with trio.CancelScope(shield=True):
@@ -328,6 +399,7 @@ async def _run_enclave_once(
             bundle.unlink(missing_ok=True)
             raise
         finally:
+            phase.waiting = False
             state.ingress_listening = False
             for listener in preload_listeners:
                 await trio.aclose_forcefully(listener)
@@ -337,12 +409,20 @@ async def _run_enclave_once(
 async def serve_parent(
     config: ParentConfig,
     *,
+    stop: trio.Event | None = None,
     task_status: trio.TaskStatus[tuple[ParentState, list[str]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the parent until cancelled, or until it gives up (raises :class:`ParentExit`).
+    """Run the parent until cancelled, until ``stop`` is set, or until it gives up (raises
+    :class:`ParentExit`).
 
     ``task_status.started((state, health_urls))`` once the health server is up; readiness
     (enclave serving, attestation verified) is ``/readyz``'s business.
+
+    ``stop`` is the orderly stop (``trio-sign parent`` sets it on the first SIGTERM/SIGINT):
+    a serving enclave is asked to drain over the status channel (open sessions finish, new
+    ones get ``UNAVAILABLE``) and given ``[enclave] drain_timeout_s`` to exit before it is
+    terminated; an enclave still booting is terminated at once. Then this returns. Cancelling
+    instead terminates the enclave at once.
     """
     state = ParentState()
     with contextlib.ExitStack() as files:
@@ -364,27 +444,42 @@ async def serve_parent(
             sinks=[JsonLinesSink(stream)], cloudwatch=cloudwatch, tail=LogTail(), stats=state.logs
         )
         state.tail = forwarder.tail
-        await _supervise(config, state, forwarder, task_status)
+        await _supervise(
+            config, state, forwarder, stop if stop is not None else trio.Event(), task_status
+        )
 
 
 async def _supervise(
     config: ParentConfig,
     state: ParentState,
     forwarder: LogForwarder,
+    stop: trio.Event,
     task_status: trio.TaskStatus[tuple[ParentState, list[str]]],
 ) -> None:
     failures = 0
     rng = random.Random()
+    phase = _RunPhase()
     state.ingress_required = config.ingress is not None
     async with trio.open_nursery() as nursery:
         if forwarder.cloudwatch is not None:
             await nursery.start(forwarder.cloudwatch.run)
         health = await nursery.start(functools.partial(serve_health, config.health_listen, state))
         task_status.started((state, list(health)))
+
+        async def stop_while_booting() -> None:
+            await stop.wait()
+            if not phase.waiting:  # nothing is served yet: nothing to drain
+                log.info("stopping: the enclave is not serving yet; terminating it")
+                nursery.cancel_scope.cancel()
+
+        nursery.start_soon(stop_while_booting)
         while True:
             try:
-                await _run_enclave_once(config, state, forwarder)
+                await _run_enclave_once(config, state, forwarder, stop, phase)
             except BaseException as exc:
+                if any(isinstance(leaf, _Stopped) for leaf in _leaves(exc)):
+                    nursery.cancel_scope.cancel()
+                    return
                 failure = _failure_of(exc)
                 if failure is None:
                     raise
@@ -394,6 +489,9 @@ async def _supervise(
                 if not config.failure.restart:
                     nursery.cancel_scope.cancel()
                     raise failure from exc
+                if stop.is_set():
+                    nursery.cancel_scope.cancel()
+                    return
             wait = full_jitter_delay(
                 rng,
                 base=config.failure.backoff_initial_s,
