@@ -416,7 +416,8 @@ def _report(runs: dict[str, list[_Run]], opts: GrpcBenchOptions) -> None:
             total2 = _median([g["total_ms"][2] for g in gcs])
             max2 = max(g["max_ms"][2] for g in gcs)
             print(
-                f"  {LABELS[kind]} server GC per run (median): {n0:.0f} gen0 collections, "
+                f"  {LABELS[kind]} server GC while serving, per run (median): "
+                f"{n0:.0f} gen0 collections, "
                 f"{n2:.0f} full (gen2) taking {total2:.0f} ms in all; longest full pause "
                 f"{max2:.1f} ms"
             )
