@@ -78,6 +78,80 @@ async def _new_key(kms: Running) -> str:
 # -- the data-key provider and the CLI --------------------------------------------------------
 
 
+async def test_an_alias_is_resolved_to_the_key_arn_at_sealing(
+    tmp_path: Path, nsm: LocalNsm
+) -> None:
+    """Operators name keys by alias. The header records the key ARN the alias named at
+    sealing (so the parent's check of KMS's answer compares ARNs, and re-pointing the alias
+    later cannot change which key opens an existing bundle); a provider given the alias still
+    opens it; an alias for another key is refused by KMS itself."""
+    shares = tmp_path / "shares"
+    generate_share_files(shares, 4, counterparts=False)
+    sealed = tmp_path / "bundle.enc"
+    async with local_kms(tmp_path / "keys.json", nsm) as kms:
+        key, other = await _new_key(kms), await _new_key(kms)
+        await kms.call("create_alias", AliasName="alias/trio-sign", TargetKeyId=key)
+        await kms.call("create_alias", AliasName="alias/other", TargetKeyId=other)
+        with pytest.raises(ClientError) as exc:
+            await kms.call("create_alias", AliasName="alias/trio-sign", TargetKeyId=other)
+        assert error_code(exc) == "AlreadyExistsException"
+        described = await kms.call("describe_key", KeyId="alias/trio-sign")
+        assert described["KeyMetadata"]["KeyId"] == key
+
+        endpoint = ["--kms-endpoint", kms.url, "--kms-region", "us-east-1"]
+        args = ["shares", "seal", "--in", str(shares / "service_key_shares.json")]
+        args += ["--out", str(sealed), "--kms-key-id", "alias/trio-sign", *endpoint]
+        assert await trio.to_thread.run_sync(main, args) == 0
+        with sealed.open("rb") as f:
+            header, _ = read_sealed_header(f)
+        assert header["kms_key_id"] == f"arn:aws:kms:us-east-1:111122223333:key/{key}"
+
+        for ref in ("alias/trio-sign", "arn:aws:kms:us-east-1:111122223333:alias/trio-sign", key):
+            with sealed.open("rb") as f:
+                store = await trio.to_thread.run_sync(
+                    ShareStore.load_sealed, f, KmsDataKeyProvider(kms.client, ref)
+                )
+            assert len(store) == 4
+            store.close()
+        with sealed.open("rb") as f, pytest.raises(KeyWrapError, match="IncorrectKeyException"):
+            await trio.to_thread.run_sync(
+                ShareStore.load_sealed, f, KmsDataKeyProvider(kms.client, "alias/other")
+            )
+        with sealed.open("rb") as f, pytest.raises(KeyWrapError, match="sealed under key"):
+            await trio.to_thread.run_sync(
+                ShareStore.load_sealed, f, KmsDataKeyProvider(kms.client, other)
+            )
+
+
+def test_a_kms_answer_for_another_key_is_refused_at_sealing() -> None:
+    """GenerateDataKey must say which key wrapped the data key, and it must be the one asked
+    for (a misrouted endpoint or a wrong alias must not produce a bundle nobody expects)."""
+
+    class Kms:
+        def __init__(self, answer_key: str | None) -> None:
+            self.answer_key = answer_key
+
+        def generate_data_key(self, **kw: Any) -> dict[str, Any]:
+            answer: dict[str, Any] = {"Plaintext": bytes(32), "CiphertextBlob": b"blob"}
+            if self.answer_key is not None:
+                answer["KeyId"] = self.answer_key
+            return answer
+
+    mine = "0b6f6a52-1c1e-4c55-9a37-5f2e8a0c0001"
+    arn = f"arn:aws:kms:us-east-1:111122223333:key/{mine}"
+    other = "arn:aws:kms:us-east-1:111122223333:key/0b6f6a52-1c1e-4c55-9a37-5f2e8a0c0002"
+    provider = KmsDataKeyProvider(Kms(arn), mine)
+    provider.generate_data_key({"format": "x"})
+    assert provider.key_id == arn
+    with pytest.raises(KeyWrapError, match="answered for key"):
+        KmsDataKeyProvider(Kms(other), mine).generate_data_key({"format": "x"})
+    with pytest.raises(KeyWrapError, match="did not say which key"):
+        KmsDataKeyProvider(Kms(None), mine).generate_data_key({"format": "x"})
+    aliased = KmsDataKeyProvider(Kms(other), "alias/anything")
+    aliased.generate_data_key({"format": "x"})
+    assert aliased.key_id == other
+
+
 async def test_seal_inspect_load_reencrypt(
     tmp_path: Path, nsm: LocalNsm, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -94,7 +168,8 @@ async def test_seal_inspect_load_reencrypt(
         with sealed.open("rb") as f:
             header, _ = read_sealed_header(f)
         assert header["key_provider"] == KMS_PROVIDER == "aws-kms"
-        assert header["kms_key_id"] == old_key
+        # the header records the key ARN KMS answered with, whatever form was given
+        assert header["kms_key_id"] == f"arn:aws:kms:us-east-1:111122223333:key/{old_key}"
 
         old = KmsDataKeyProvider(kms.client, old_key)
         with sealed.open("rb") as f:
@@ -104,10 +179,11 @@ async def test_seal_inspect_load_reencrypt(
 
         args = ["shares", "reencrypt", "--in", str(sealed), "--out", str(moved), *endpoint]
         assert await trio.to_thread.run_sync(main, [*args, "--new-kms-key-id", new_key]) == 0
-        assert f"under {new_key}" in capsys.readouterr().out
+        assert f"under arn:aws:kms:us-east-1:111122223333:key/{new_key}" in capsys.readouterr().out
         with moved.open("rb") as f:
             header2, _ = read_sealed_header(f)
-        assert header2["kms_key_id"] == new_key
+        assert same_key(header2["kms_key_id"], new_key)
+        assert header2["kms_key_id"].startswith("arn:aws:kms:")
         assert header2["encryption_context"] == header["encryption_context"]
         assert header2["accounts"] == 12
 

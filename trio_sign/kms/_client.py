@@ -82,6 +82,15 @@ def make_kms_client(
     return session.client("kms", endpoint_url=endpoint_url, config=config)
 
 
+def is_alias(key_ref: str) -> bool:
+    """Whether a KMS key reference is an alias (``alias/NAME`` or an alias ARN)."""
+    return key_ref.startswith("alias/") or (key_ref.startswith("arn:") and ":alias/" in key_ref)
+
+
+def _is_key_arn(key_ref: str) -> bool:
+    return key_ref.startswith("arn:") and ":key/" in key_ref
+
+
 def same_key(a: str, b: str) -> bool:
     """Whether two KMS key references name the same key: ids and key ARNs compare by the id
     (``arn:aws:kms:REGION:ACCOUNT:key/ID`` vs ``ID``); two ARNs must be equal."""
@@ -106,7 +115,10 @@ class KmsDataKeyProvider:
 
     Args:
         kms_client: a boto3 KMS client (see :func:`make_kms_client`).
-        key_id: the KMS key id or ARN recorded in the bundle header.
+        key_id: the KMS key: an id, key ARN, alias name (``alias/...``) or alias ARN. After
+            ``GenerateDataKey`` it becomes the **key ARN** KMS answered with, which is what
+            the bundle header records: an alias is resolved once, at sealing, and the parent's
+            check of KMS's answer compares key ARNs.
     """
 
     provider: str = KMS_PROVIDER
@@ -114,6 +126,12 @@ class KmsDataKeyProvider:
     def __init__(self, kms_client: Any, key_id: str) -> None:
         self._kms = kms_client
         self.key_id = key_id
+
+    def names_key(self, key_ref: str) -> bool:
+        """Whether a header's ``kms_key_id`` may be this provider's key: the same key id or
+        ARN, or, when this provider was given an alias, any key (KMS ``Decrypt`` refuses a
+        ciphertext of another key than the alias names)."""
+        return same_key(key_ref, self.key_id) or is_alias(self.key_id)
 
     def __repr__(self) -> str:
         return f"KmsDataKeyProvider(key_id={self.key_id!r})"
@@ -131,6 +149,14 @@ class KmsDataKeyProvider:
         plaintext, blob = response.get("Plaintext"), response.get("CiphertextBlob")
         if not isinstance(plaintext, bytes) or len(plaintext) != 32 or not blob:
             raise KeyWrapError("KMS GenerateDataKey returned no 32-byte data key")
+        arn = response.get("KeyId")
+        if not isinstance(arn, str) or not _is_key_arn(arn):
+            raise KeyWrapError("KMS GenerateDataKey did not say which key (no key ARN in KeyId)")
+        if not (is_alias(self.key_id) or same_key(arn, self.key_id)):
+            raise KeyWrapError(f"KMS GenerateDataKey answered for key {arn}, not {self.key_id}")
+        if arn != self.key_id:
+            log.info("sealing under the key ARN KMS answered with", extra={"kms_key_id": arn})
+            self.key_id = arn
         # boto3 returns immutable bytes we cannot zero; keep our copy mutable and zeroable.
         return bytearray(plaintext), bytes(blob)
 

@@ -26,7 +26,10 @@ What it does like KMS:
 
 What it does NOT do: SigV4 signatures are not checked (an ``Authorization`` header must be
 present, as KMS requires one, but anything is accepted), principals in the policy are ignored,
-there are no aliases, grants, key rotation or deletion. The key file holds keys in clear.
+and the policy governs only ``Encrypt``, ``GenerateDataKey`` and ``Decrypt`` (``CreateKey``,
+``CreateAlias`` and ``DescribeKey`` are always allowed); there are no grants, key rotation or
+deletion. Aliases (``CreateAlias``) work wherever a ``KeyId`` is taken, as in KMS. The key file
+holds keys in clear.
 
 Ciphertext blob (our own format, opaque to callers as KMS's is)::
 
@@ -259,6 +262,7 @@ class LocalKms:
         self._ops: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "CreateKey": self.create_key,
             "DescribeKey": self.describe_key,
+            "CreateAlias": self.create_alias,
             "GenerateDataKey": self.generate_data_key,
             "Encrypt": self.encrypt,
             "Decrypt": self.decrypt,
@@ -436,6 +440,22 @@ class LocalKms:
         key = self.store.create(description=description)
         log.info("kms created key %s", key.key_id)
         return {"KeyMetadata": self._metadata(key)}
+
+    def create_alias(self, request: dict[str, Any]) -> dict[str, Any]:
+        name = _field(request, "AliasName", str, True)
+        target = self._key(_field(request, "TargetKeyId", str, True), for_use=False)
+        try:
+            self.store.create_alias(name, target.key_id)
+        except ValueError as exc:
+            raise KmsError("ValidationException", str(exc)) from None
+        except KeyError:
+            raise KmsError(
+                "AlreadyExistsException",
+                f"An alias with the name arn:aws:kms:{self.store.region}:{self.store.account}:"
+                f"{name} already exists",
+            ) from None
+        log.info("kms created alias %s for key %s", name, target.key_id)
+        return {}
 
     def describe_key(self, request: dict[str, Any]) -> dict[str, Any]:
         key = self._key(_field(request, "KeyId", str, True), for_use=False)

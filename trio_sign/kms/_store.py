@@ -5,7 +5,8 @@ File (mode 0600, rewritten atomically on every change)::
     {"format": "trio-sign/kms-local-keys", "version": 1,
      "account": "111122223333", "region": "us-east-1",
      "keys": [{"key_id": "<uuid4>", "material": "<64 hex>", "created": <epoch seconds>,
-               "description": "...", "enabled": true}, ...]}
+               "description": "...", "enabled": true}, ...],
+     "aliases": {"alias/<name>": "<uuid4>", ...}}      (optional)
 
 Key material lives in ``bytearray`` objects that :meth:`KeyStore.close` zeroes. The hex text read
 from and written to the file passes through immutable ``str`` objects CPython cannot zero, and
@@ -41,6 +42,8 @@ MAX_KEYS_FILE_BYTES: Final = 8 * 1024 * 1024
 KEY_BYTES: Final = 32
 
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+#: KMS alias names: ``alias/`` then 1 to 250 of ``[A-Za-z0-9/_-]``; ``alias/aws/`` is reserved.
+_ALIAS = re.compile(r"alias/[A-Za-z0-9/_-]{1,250}")
 _HEX_KEY = re.compile(r"[0-9a-f]{64}")
 
 
@@ -71,6 +74,12 @@ def is_key_id(text: str) -> bool:
     return _UUID.fullmatch(text) is not None
 
 
+def is_alias_name(text: str) -> bool:
+    """True if ``text`` is a valid alias name a customer may create (``alias/...``, not
+    ``alias/aws/...``)."""
+    return _ALIAS.fullmatch(text) is not None and not text.startswith("alias/aws/")
+
+
 class KeyStore:
     """The local KMS's keys, persisted in a JSON file (created if missing).
 
@@ -93,6 +102,7 @@ class KeyStore:
         self.path = Path(path)
         self._lock = threading.Lock()
         self._keys: dict[str, LocalKey] = {}
+        self._aliases: dict[str, str] = {}  # alias name -> key id
         self.account = account
         self.region = region
         if self.path.exists():
@@ -104,15 +114,44 @@ class KeyStore:
         return f"arn:aws:kms:{self.region}:{self.account}:key/{key_id}"
 
     def resolve(self, key_ref: str) -> LocalKey | None:
-        """The key named by a key id or key ARN (of this account and region), else None."""
+        """The key named by a key id, key ARN, alias name or alias ARN (of this account and
+        region), else None."""
         key_id = key_ref
+        arn_prefix = f"arn:aws:kms:{self.region}:{self.account}:"
         if key_ref.startswith("arn:"):
-            prefix = f"arn:aws:kms:{self.region}:{self.account}:key/"
-            if not key_ref.startswith(prefix):
+            if not key_ref.startswith(arn_prefix):
                 return None
-            key_id = key_ref[len(prefix) :]
+            key_id = key_ref[len(arn_prefix) :]
+            if key_id.startswith("key/"):
+                key_id = key_id[len("key/") :]
+            elif not key_id.startswith("alias/"):
+                return None
         with self._lock:
+            if key_id.startswith("alias/"):
+                target = self._aliases.get(key_id)
+                return None if target is None else self._keys.get(target)
             return self._keys.get(key_id)
+
+    def create_alias(self, alias_name: str, key_id: str) -> None:
+        """Point ``alias_name`` at the key ``key_id`` (persisted).
+
+        Raises:
+            ValueError: an invalid or reserved alias name, or an unknown key.
+            KeyError: the alias exists already (KMS's ``AlreadyExistsException``).
+        """
+        if not is_alias_name(alias_name):
+            raise ValueError(f"{alias_name!r} is not a valid alias name (alias/...)")
+        with self._lock:
+            if key_id not in self._keys:
+                raise ValueError(f"key {key_id} does not exist")
+            if alias_name in self._aliases:
+                raise KeyError(alias_name)
+            self._aliases[alias_name] = key_id
+            try:
+                self._save_locked()
+            except BaseException:
+                del self._aliases[alias_name]
+                raise
 
     def create(self, *, description: str = "") -> LocalKey:
         """A new random key, persisted before it is returned."""
@@ -187,7 +226,19 @@ class KeyStore:
             for k in loaded.values():
                 k.zero()
             raise
+        aliases = obj.get("aliases", {})
+        if not isinstance(aliases, dict) or not all(
+            isinstance(name, str)
+            and is_alias_name(name)
+            and isinstance(target, str)
+            and target in loaded
+            for name, target in aliases.items()
+        ):
+            for k in loaded.values():
+                k.zero()
+            raise self._bad("aliases must map alias/... names to key ids in this file")
         self._keys = loaded
+        self._aliases = dict(aliases)
 
     def _parse_key(self, i: int, entry: Any) -> LocalKey:
         if not isinstance(entry, dict):
@@ -217,7 +268,7 @@ class KeyStore:
             self._save_locked()
 
     def _save_locked(self) -> None:
-        doc = {
+        doc: dict[str, Any] = {
             "format": KEYS_FORMAT,
             "version": KEYS_VERSION,
             "account": self.account,
@@ -233,6 +284,8 @@ class KeyStore:
                 for k in self._keys.values()
             ],
         }
+        if self._aliases:
+            doc["aliases"] = dict(self._aliases)
         data = json.dumps(doc, indent=1, sort_keys=True).encode("utf-8") + b"\n"
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
