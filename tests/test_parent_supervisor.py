@@ -276,3 +276,23 @@ def test_trio_sign_parent_first_sigterm_drains_then_exits_0(tmp_path: Path) -> N
     assert "stopping: draining the enclave" in err_path.read_text()
     logs = (tmp_path / "enclave-logs.jsonl").read_text()
     assert "the parent asked for a drain" in logs
+
+
+async def test_a_hard_stop_still_hears_the_enclave_out(tmp_path: Path) -> None:
+    """Cancelling the parent terminates the enclave at once, but the status and log channels
+    stay up until it is gone: its final state, exit code and last log lines arrive (they are
+    what an operator reads afterwards), and it exits promptly instead of retrying a parent
+    that has stopped listening."""
+    config, _ = _setup(tmp_path)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            state, _urls = await nursery.start(serve_parent, config)
+            while not state.ready:  # noqa: ASYNC110 - a real enclave process
+                await trio.sleep(0.05)
+            stopped_at = trio.current_time()
+            nursery.cancel_scope.cancel()
+    assert trio.current_time() - stopped_at < 2.5  # no final-report timeout (3 s) was waited
+    assert state.enclave_state == "exited"
+    assert state.enclave_exit_code == 0  # SIGTERM: drained, exit message delivered
+    logs = (tmp_path / "enclave-logs.jsonl").read_text()
+    assert "enclave stopped; shares zeroed" in logs

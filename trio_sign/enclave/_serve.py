@@ -372,7 +372,7 @@ async def serve_enclave(
                 "enclave failed",
                 extra={"reason": reason, "exit_code": int(code), "detail": str(outcome)},
             )
-        await report_final(
+        delivered = await report_final(
             reporter,
             final_state,
             code=int(code),
@@ -382,8 +382,10 @@ async def serve_enclave(
         log.info("enclave stopped; shares zeroed", extra={"exit_code": int(code)})
         if log_handler is not None:
             # The last lines (why it failed, the drain) are the ones an operator needs most:
-            # send what is buffered, bounded and shielded like the final status report.
-            await flush_log_channel(log_handler, timeout_s=config.final_report_timeout_s)
+            # send what is buffered, bounded and shielded like the final status report; but
+            # if the parent did not take that report, it is gone: do not wait for it again.
+            if delivered:
+                await flush_log_channel(log_handler, timeout_s=config.final_report_timeout_s)
             detach_log_handler(log_handler)
     if outcome is not None:
         raise outcome

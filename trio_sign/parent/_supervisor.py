@@ -289,121 +289,156 @@ async def _run_enclave_once(
     forwarder: LogForwarder,
     stop: trio.Event,
     phase: _RunPhase,
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """One enclave boot from bundle fetch to death. Raises :class:`ParentExit` on failure and
     :class:`_Stopped` after an orderly stop (``stop`` set while serving)."""
-    addresses = _Addresses(config)
-    kms = _recipient_kms(config)
     link = StatusLink()
     gate_scope = trio.CancelScope()
+    # The status and log channels outlive a cancellation of this run until the enclave is
+    # terminated, so that its last words (final state, exit code, last log lines) still
+    # arrive; they are closed in the ``finally`` below whatever happens.
+    channel_scopes = [trio.CancelScope(shield=True), trio.CancelScope(shield=True)]
     async with trio.open_nursery() as nursery:
-        bundle = await fetch_bundle(config.bundle.source, config.bundle.work_dir)
+        try:
+            await _run_enclave_in(
+                nursery, config, state, forwarder, stop, phase, link, gate_scope, channel_scopes
+            )
+        finally:
+            for scope in channel_scopes:
+                scope.cancel()
+            nursery.cancel_scope.cancel()
+
+
+async def _serve_channel_until(
+    scope: trio.CancelScope,
+    url: str,
+    handler: Callable[[trio.abc.Stream], Awaitable[None]],
+    *,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """:func:`_serve_channel` until ``scope`` (shielded) is cancelled by the run's owner."""
+    with scope:
+        await _serve_channel(url, handler, task_status=task_status)
+
+
+async def _run_enclave_in(
+    nursery: trio.Nursery,
+    config: ParentConfig,
+    state: ParentState,
+    forwarder: LogForwarder,
+    stop: trio.Event,
+    phase: _RunPhase,
+    link: StatusLink,
+    gate_scope: trio.CancelScope,
+    channel_scopes: list[trio.CancelScope],
+) -> None:
+    addresses = _Addresses(config)
+    kms = _recipient_kms(config)
+    bundle = await fetch_bundle(config.bundle.source, config.bundle.work_dir)
+    await nursery.start(
+        _serve_channel_until,
+        channel_scopes[0],
+        addresses.listen["status"],
+        functools.partial(serve_status_connection, on=state.on_status_message, link=link),
+    )
+    await nursery.start(
+        _serve_channel_until,
+        channel_scopes[1],
+        addresses.listen["logs"],
+        functools.partial(serve_log_connection, on=forwarder.on_message),
+    )
+    if config.relay_allowlist:
+        relay_listeners = await open_listeners(addresses.listen["sse"])
         await nursery.start(
-            _serve_channel,
-            addresses.listen["status"],
-            functools.partial(serve_status_connection, on=state.on_status_message, link=link),
+            functools.partial(
+                serve_sse_relay,
+                relay_listeners,
+                config.relay_allowlist,
+                ssl_context_for_upstream=ssl.create_default_context(
+                    cafile=None if config.relay_ca is None else str(config.relay_ca)
+                ),
+                stats=state.relay,
+            )
         )
-        await nursery.start(
-            _serve_channel,
-            addresses.listen["logs"],
-            functools.partial(serve_log_connection, on=forwarder.on_message),
+    preload_listeners = await open_listeners(addresses.listen["preload"])
+    enclave: RunningEnclave = await _launcher(config, addresses).start()
+    try:
+        state.set_enclave_state("preloading")
+        with trio.fail_after(config.enclave.preload_timeout_s + 30):
+            stream = await preload_listeners[0].accept()
+            try:
+                result = await serve_preload(
+                    MessageStream(stream), bundle, kms, events=_events_config(config)
+                )
+            finally:
+                await trio.aclose_forcefully(stream)
+        bundle.unlink()  # the parent's copy goes as soon as the enclave holds the shares
+        log.info(
+            "preload served; the parent's bundle copy is deleted",
+            extra={"accounts": result.accounts, "sha256": result.sha256},
         )
-        if config.relay_allowlist:
-            relay_listeners = await open_listeners(addresses.listen["sse"])
+        # The enclave opens its gRPC port only after preload (PCR 16, audit): attest it
+        # once it says it is serving, not before (that would be a false alarm).
+        with trio.fail_after(60):
+            while state.enclave_state != "serving":
+                if state.enclave_state in ("failed", "exiting", "exited"):
+                    raise ParentExit(
+                        f"the enclave stopped after preload ({state.enclave_reason})",
+                        alert="enclave_exited",
+                    )
+                await trio.sleep(0.05)
+        gate = None
+        if config.attestation is not None:
+            a = config.attestation
+            root = a.root.read_bytes() if a.root is not None else AWS_NITRO_ROOT_PEM
+            gate = AttestationGate(
+                AttestationPolicy(
+                    root_pem=root,
+                    pcrs=a.pcrs,
+                    allow_debug=a.allow_debug,
+                    max_age_s=a.max_age_s,
+                    shares_sha256=result.sha256,
+                ),
+                functools.partial(connect, addresses.enclave_grpc),
+                on_alert=functools.partial(_attestation_alert, state, config, nursery),
+            )
+            state.attestation_gate = gate
+            # /readyz: a verification older than two check intervals no longer counts
+            state.attestation_max_age_s = 2 * a.interval_s + 10
+            await nursery.start(
+                functools.partial(_run_gate, gate_scope, gate, interval_s=a.interval_s)
+            )
+        if config.ingress is not None and gate is not None:
+            i = config.ingress
+            ctx = make_server_ssl_context(
+                i.cert.read_bytes(), i.key.read_bytes(), i.client_ca.read_bytes()
+            )
             await nursery.start(
                 functools.partial(
-                    serve_sse_relay,
-                    relay_listeners,
-                    config.relay_allowlist,
-                    ssl_context_for_upstream=ssl.create_default_context(
-                        cafile=None if config.relay_ca is None else str(config.relay_ca)
-                    ),
-                    stats=state.relay,
+                    serve_ingress, i.listen, addresses.enclave_grpc, ctx, gate, observer=state
                 )
             )
-        preload_listeners = await open_listeners(addresses.listen["preload"])
-        enclave: RunningEnclave = await _launcher(config, addresses).start()
-        try:
-            state.set_enclave_state("preloading")
-            with trio.fail_after(config.enclave.preload_timeout_s + 30):
-                stream = await preload_listeners[0].accept()
-                try:
-                    result = await serve_preload(
-                        MessageStream(stream), bundle, kms, events=_events_config(config)
-                    )
-                finally:
-                    await trio.aclose_forcefully(stream)
-            bundle.unlink()  # the parent's copy goes as soon as the enclave holds the shares
-            log.info(
-                "preload served; the parent's bundle copy is deleted",
-                extra={"accounts": result.accounts, "sha256": result.sha256},
-            )
-            # The enclave opens its gRPC port only after preload (PCR 16, audit): attest it
-            # once it says it is serving, not before (that would be a false alarm).
-            with trio.fail_after(60):
-                while state.enclave_state != "serving":
-                    if state.enclave_state in ("failed", "exiting", "exited"):
-                        raise ParentExit(
-                            f"the enclave stopped after preload ({state.enclave_reason})",
-                            alert="enclave_exited",
-                        )
-                    await trio.sleep(0.05)
-            gate = None
-            if config.attestation is not None:
-                a = config.attestation
-                root = a.root.read_bytes() if a.root is not None else AWS_NITRO_ROOT_PEM
-                gate = AttestationGate(
-                    AttestationPolicy(
-                        root_pem=root,
-                        pcrs=a.pcrs,
-                        allow_debug=a.allow_debug,
-                        max_age_s=a.max_age_s,
-                        shares_sha256=result.sha256,
-                    ),
-                    functools.partial(connect, addresses.enclave_grpc),
-                    on_alert=functools.partial(_attestation_alert, state, config, nursery),
-                )
-                state.attestation_gate = gate
-                # /readyz: a verification older than two check intervals no longer counts
-                state.attestation_max_age_s = 2 * a.interval_s + 10
-                await nursery.start(
-                    functools.partial(_run_gate, gate_scope, gate, interval_s=a.interval_s)
-                )
-            if config.ingress is not None and gate is not None:
-                i = config.ingress
-                ctx = make_server_ssl_context(
-                    i.cert.read_bytes(), i.key.read_bytes(), i.client_ca.read_bytes()
-                )
-                await nursery.start(
-                    functools.partial(
-                        serve_ingress, i.listen, addresses.enclave_grpc, ctx, gate, observer=state
-                    )
-                )
-                state.ingress_listening = True  # /readyz: only now can traffic get in
-            task_status.started()
-            phase.waiting = True
-            exited, code = await _exit_or_stop(enclave, stop)
-            if not exited:
-                # Stop re-attesting (the gate keeps its verdict, so forwarded connections stay
-                # open): a draining enclave closes its port, which must not read as an attack
-                # and cut the sessions the drain is letting finish.
-                gate_scope.cancel()
-                await _drain_enclave(config, link, enclave)
-                raise _Stopped
-            raise ParentExit(f"the enclave exited (code {code})", alert="enclave_exited")
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await enclave.terminate(grace_s=10.0)
-            bundle.unlink(missing_ok=True)
-            raise
-        finally:
-            phase.waiting = False
-            state.ingress_listening = False
-            for listener in preload_listeners:
-                await trio.aclose_forcefully(listener)
-            nursery.cancel_scope.cancel()
+            state.ingress_listening = True  # /readyz: only now can traffic get in
+        phase.waiting = True
+        exited, code = await _exit_or_stop(enclave, stop)
+        if not exited:
+            # Stop re-attesting (the gate keeps its verdict, so forwarded connections stay
+            # open): a draining enclave closes its port, which must not read as an attack
+            # and cut the sessions the drain is letting finish.
+            gate_scope.cancel()
+            await _drain_enclave(config, link, enclave)
+            raise _Stopped
+        raise ParentExit(f"the enclave exited (code {code})", alert="enclave_exited")
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await enclave.terminate(grace_s=10.0)
+        bundle.unlink(missing_ok=True)
+        raise
+    finally:
+        phase.waiting = False
+        state.ingress_listening = False
+        for listener in preload_listeners:
+            await trio.aclose_forcefully(listener)
 
 
 async def serve_parent(
