@@ -1026,6 +1026,7 @@ async def test_a_dev_enclave_follows_the_gateway(tmp_path: Path) -> None:
             dev_plaintext_shares=shares,
             gateway_url=f"http://127.0.0.1:{port}",
             node_id=NODE,
+            drain_grace_s=1.0,  # the test leaves a session open
         )
         async with trio.open_nursery() as nursery:
             handle = await nursery.start(serve_dev_enclave, config)

@@ -173,6 +173,38 @@ async def test_ttl_expiry_zeroes_nonces(
         nursery.cancel_scope.cancel()
 
 
+async def test_wait_idle_returns_when_the_last_open_session_ends(
+    world: tuple[ShareStore, dict[str, Account]], autojump_clock: trio.testing.MockClock
+) -> None:
+    """What a drain waits for: every open session signed, aborted or expired."""
+    store, accounts = world
+    pool = _pool(store, session_ttl_s=60.0)
+    await pool.wait_idle()  # nothing open: returns at once
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run_reaper)
+        t0 = trio.current_time()
+        signed = pool.commit("acct-0", "signed")
+        pool.commit("acct-1", "aborted")
+        pool.commit("acct-2", "expires")
+        idle_at: list[float] = []
+
+        async def waiter() -> None:
+            await pool.wait_idle()
+            idle_at.append(trio.current_time())
+
+        nursery.start_soon(waiter)
+        await trio.sleep(1)
+        peer = Peer(accounts["acct-0"])
+        pool.sign("signed", b"m", sorted_commitments(signed.commitment, peer.commitment))
+        await trio.sleep(1)
+        pool.abort("aborted")
+        await trio.sleep(1)
+        assert idle_at == []  # "expires" still holds its slot
+        await trio.sleep_until(t0 + 61)
+        assert idle_at == [pytest.approx(t0 + 60)]  # woken by the reaper's expiry
+        nursery.cancel_scope.cancel()
+
+
 async def test_expired_session_refused_even_before_reaper_runs(
     world: tuple[ShareStore, dict[str, Account]], autojump_clock: trio.testing.MockClock
 ) -> None:

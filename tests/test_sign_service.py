@@ -52,6 +52,7 @@ async def running_enclave(
     tmp_path: Path, n: int = 3, **config: Any
 ) -> AsyncIterator[tuple[EnclaveHandle, dict[str, Account], GrpcChannel]]:
     path, accounts = _share_file(tmp_path, n)
+    config.setdefault("drain_grace_s", 1.0)  # a test may leave a session open: bound the wait
     cfg = EnclaveConfig(
         grpc_listen="tcp://127.0.0.1:0", dev=True, dev_plaintext_shares=path, **config
     )
@@ -79,6 +80,51 @@ async def _expect(code: StatusCode, coro: Any) -> str:
         await coro
     assert info.value.status == code, info.value
     return str(info.value)
+
+
+async def test_a_drain_lets_open_sessions_sign_then_stops(tmp_path: Path) -> None:
+    """SIGTERM or the parent's drain: new sessions get UNAVAILABLE at once, but a session
+    committed before the drain still signs over the same connection (no GOAWAY while sessions
+    are open), and the drain ends as soon as it has, not at the end of the grace period."""
+    async with running_enclave(tmp_path, drain_grace_s=30.0) as (handle, accounts, ch):
+        acct = accounts["acct-1"]
+        committed = await call(
+            ch, "Commit", pb.CommitRequest(account_id="acct-1", session_id="s"), pb.CommitResponse
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(handle.drain)
+            while handle.service.state != "draining":  # noqa: ASYNC110
+                await trio.sleep(0.01)
+            await _expect(
+                StatusCode.UNAVAILABLE,
+                call(
+                    ch,
+                    "Commit",
+                    pb.CommitRequest(account_id="acct-2", session_id="t"),
+                    pb.CommitResponse,
+                ),
+            )
+            await trio.sleep(0.2)
+            assert not handle._stop.is_set()  # still waiting for the open session
+            peer = Peer(acct)
+            commitments = sorted_commitments(_commitment(committed), peer.commitment)
+            signed = await call(
+                ch,
+                "Sign",
+                pb.SignRequest(session_id="s", message=b"m", commitments=_to_pb(commitments)),
+                pb.SignResponse,
+            )
+            sig = peer.aggregate(
+                b"m",
+                commitments,
+                {
+                    signed.identifier: signed.signature_share,
+                    acct.peer.identifier: peer.sign(b"m", commitments),
+                },
+            )
+            nacl.signing.VerifyKey(acct.group_public_key).verify(b"m", sig)
+            with trio.fail_after(5):  # far less than the 30 s grace
+                await handle._stop.wait()
 
 
 async def test_full_session_over_grpc(tmp_path: Path) -> None:

@@ -136,6 +136,7 @@ class SessionPool:
         self._signed: dict[str, _Signed] = {}
         self._wakeup = trio.Event()
         self._accepting = True
+        self._idle: trio.Event | None = None  # set when the last slot is freed, if awaited
 
     # -- introspection ---------------------------------------------------------------------
 
@@ -156,6 +157,14 @@ class SessionPool:
     def stop_accepting(self) -> None:
         """Drain: refuse new sessions (UNAVAILABLE); open ones may still sign."""
         self._accepting = False
+
+    async def wait_idle(self) -> None:
+        """Return once no session holds a slot: every open one has signed, been aborted or
+        expired (a drain waits for this, bounded by its grace, before closing the server)."""
+        while self.open_sessions:
+            if self._idle is None or self._idle.is_set():
+                self._idle = trio.Event()
+            await self._idle.wait()
 
     # -- the three operations --------------------------------------------------------------
 
@@ -202,7 +211,7 @@ class SessionPool:
         try:
             nonces = commit(account.identifier, account.signing_share)
         except BaseException:
-            self._limiter.release_on_behalf_of(token)
+            self._free(token)
             raise
         now = trio.current_time()
         expires_ms = int((time.time() + self._ttl) * 1000)
@@ -390,8 +399,13 @@ class SessionPool:
             session.nonces.zero()
             session.nonces = None
         if session.token is not None:
-            self._limiter.release_on_behalf_of(session.token)
+            self._free(session.token)
             session.token = None
+
+    def _free(self, token: object) -> None:
+        self._limiter.release_on_behalf_of(token)
+        if self._idle is not None and not self._limiter.borrowed_tokens:
+            self._idle.set()
 
 
 def _check_session_id(session_id: str) -> None:

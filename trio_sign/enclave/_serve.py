@@ -106,16 +106,32 @@ class EnclaveHandle:
         self._stop = trio.Event()
 
     async def drain(self) -> None:
-        """Stop taking sessions, let open calls finish within ``drain_grace_s``, then stop.
+        """Stop taking sessions (``Commit`` answers ``UNAVAILABLE``); let the open ones finish
+        (sign, abort or expire) and the calls in flight complete, all within
+        ``drain_grace_s``; then stop.
 
+        The server keeps its connections while sessions are open, so a gateway's ``Sign`` for
+        a session it committed before the drain still arrives; only then is GOAWAY sent.
         Idempotent; returns once the gRPC server has closed every connection.
         """
         if self._stop.is_set():
             return
-        log.info("draining", extra={"grace_s": self._config.drain_grace_s})
+        grace = self._config.drain_grace_s
+        log.info(
+            "draining",
+            extra={"grace_s": grace, "open_sessions": self.service.pool.open_sessions},
+        )
         self.service.start_draining()
+        deadline = trio.current_time() + grace
         try:
-            await self.server.drain(self._config.drain_grace_s)
+            with trio.move_on_at(deadline) as waited:
+                await self.service.pool.wait_idle()
+            if waited.cancelled_caught:
+                log.warning(
+                    "drain grace over with sessions still open; their nonces are zeroed",
+                    extra={"open_sessions": self.service.pool.open_sessions},
+                )
+            await self.server.drain(max(0.0, deadline - trio.current_time()))
         finally:
             self._stop.set()
 
