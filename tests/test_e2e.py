@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -16,6 +17,7 @@ import trio
 from trio_sign.cli._demo_full import local_stack
 from trio_sign.gateway import (
     Coordinator,
+    EnclaveNode,
     GatewayError,
     load_participant_files,
     run_prober,
@@ -98,3 +100,72 @@ async def test_sse_stream_cut_reconnects_and_probe_recovers(tmp_path: Path) -> N
         await echoed(missed)  # replayed after the reconnect
         assert hub.subscribers("node-1") == 1
         await echoed(hub.probe("node-1"))  # and live events flow again
+
+
+class _HeldNode(EnclaveNode):
+    """Holds the first ``Sign`` it is asked for until ``release`` is set: a session committed
+    before a drain and signed during it, deterministically."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.holding = trio.Event()
+        self.release = trio.Event()
+
+    async def sign(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.holding.is_set():
+            self.holding.set()
+            await self.release.wait()
+        return await super().sign(*args, **kwargs)
+
+
+async def test_orderly_stop_under_load_loses_no_committed_session(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rolling restart as operators run it: the gateway keeps signing while the parent is
+    told to stop. The enclave refuses new sessions (the gateway sees UNAVAILABLE), but a
+    session committed before the drain still signs and verifies during it, and no Sign is
+    ever refused; then the enclave exits 0."""
+    caplog.set_level(logging.INFO, logger="trio_sign.gateway")
+    gen = generate_share_files(tmp_path / "shares", 20)
+    counterparts = load_participant_files([gen.participant_files[2]])
+    accounts = [f"acct-{i:08d}" for i in range(20)]
+    signed: list[int] = []
+    refused: list[str] = []
+    async with local_stack(tmp_path / "stack", gen.service_file, ready_timeout=60) as stack:
+        node = stack.gateway_node(node_class=_HeldNode)
+        await stack.nursery.start(node.run)
+        coordinator = Coordinator([node], counterparts)
+        held: list[bytes] = []
+
+        async def held_session() -> None:  # commits, then waits in Sign for the release
+            held.append(await coordinator.sign_message(accounts[0], b"committed before"))
+
+        async def client(k: int) -> None:
+            for i in range(10_000):
+                try:
+                    await coordinator.sign_message(accounts[(k + i) % 20], b"rolling %d" % i)
+                except GatewayError as exc:
+                    refused.append(str(exc))
+                    return
+                signed.append(k)
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as clients:
+                clients.start_soon(held_session)
+                await node.holding.wait()
+                for k in range(8):
+                    clients.start_soon(client, k)
+                while len(signed) < 40:  # noqa: ASYNC110 - real processes and sockets
+                    await trio.sleep(0.01)
+                stack.stop.set()
+                while stack.state.enclave_state != "draining":  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+                node.release.set()  # its Sign reaches the draining enclave
+            while stack.state.enclave_state != "exited":  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        assert stack.state.enclave_exit_code == 0
+    assert len(held) == 1  # signed and verified by the coordinator during the drain
+    assert len(refused) == 8  # every other client was eventually turned away, at Commit
+    assert all("UNAVAILABLE" in r for r in refused), refused
+    retried = [r for r in caplog.records if r.getMessage().startswith("Sign failed")]
+    assert retried == []  # no Sign was ever refused: no committed session was lost

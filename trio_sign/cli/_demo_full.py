@@ -83,11 +83,12 @@ class LocalStack:
     state: Any
     sealed_sha256: str
     nursery: trio.Nursery
+    stop: trio.Event
     boot_to_ready_s: float = 0.0
 
-    def gateway_node(self, node_id: str = "node-1") -> Any:
-        """An :class:`~trio_sign.gateway.EnclaveNode` for this stack's ingress, with the
-        development client certificate (mTLS)."""
+    def gateway_node(self, node_id: str = "node-1", *, node_class: Any = None) -> Any:
+        """An :class:`~trio_sign.gateway.EnclaveNode` (or ``node_class``, a subclass) for this
+        stack's ingress, with the development client certificate (mTLS)."""
         from ..gateway import EnclaveNode, make_client_ssl_context
 
         ssl_context = make_client_ssl_context(
@@ -95,9 +96,8 @@ class LocalStack:
             self.pki.client_cert.read_bytes(),
             self.pki.client_key.read_bytes(),
         )
-        return EnclaveNode(
-            node_id, self.ingress_url, ssl_context=ssl_context, server_hostname="localhost"
-        )
+        cls = EnclaveNode if node_class is None else node_class
+        return cls(node_id, self.ingress_url, ssl_context=ssl_context, server_hostname="localhost")
 
 
 @asynccontextmanager
@@ -200,7 +200,8 @@ file = "{work / "enclave-logs.jsonl"}"
 """
         )
         started = time.monotonic()
-        state, health = await nursery.start(serve_parent, config)
+        stop = trio.Event()  # set it for the parent's orderly stop (drain, then terminate)
+        state, health = await nursery.start(functools.partial(serve_parent, config, stop=stop))
         with trio.fail_after(ready_timeout):
             while not state.ready:
                 if sys.stderr.isatty():
@@ -226,6 +227,7 @@ file = "{work / "enclave-logs.jsonl"}"
             state=state,
             sealed_sha256=seal.sha256,
             nursery=nursery,
+            stop=stop,
             boot_to_ready_s=time.monotonic() - started,
         )
         _say("      shutting down (the parent terminates the enclave)")
