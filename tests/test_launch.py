@@ -35,6 +35,10 @@ if cmd == "run-enclave":
                       "NumberOfCPUs": int(args["--cpu-count"]), "CPUIDs": [1, 3],
                       "MemoryMiB": int(args["--memory"])}))
 elif cmd == "describe-enclaves":
+    if data.get("describe_fail", 0) > 0:
+        data["describe_fail"] -= 1
+        state.write_text(json.dumps(data))
+        print("[ E39 ] Enclave process connection failure", file=sys.stderr); sys.exit(39)
     running = data.get("running", False)
     print(json.dumps([{"EnclaveID": "i-abc-enc123", "State": "RUNNING"}] if running else []))
 elif cmd == "terminate-enclave":
@@ -93,6 +97,26 @@ async def test_nitro_cli_run_describe_terminate(tmp_path: Path) -> None:
         await enclave.terminate(grace_s=1.0)
         with trio.fail_after(5):
             await gone.wait()
+
+
+async def test_nitro_cli_describe_hiccups_do_not_end_the_watch(tmp_path: Path) -> None:
+    """describe-enclaves failing now and then must not read as the enclave's death (the
+    supervisor would terminate a healthy enclave); failing every time, in a row, does."""
+    cli = _fake_cli(tmp_path)
+    enclave = await _launcher(cli).start()
+    state = json.loads((tmp_path / "state.json").read_text())
+    state["describe_fail"] = 4  # one short of describe_failures_max
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    with trio.move_on_after(1.0) as watching:
+        await enclave.wait()
+    assert watching.cancelled_caught  # still watching a RUNNING enclave
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["describe_fail"] == 0
+    state["describe_fail"] = 5
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    with trio.fail_after(5), pytest.raises(LaunchError, match="describe-enclaves failed"):
+        await enclave.wait()
+    await enclave.terminate(grace_s=1.0)
 
 
 async def test_nitro_cli_failures_are_clear(tmp_path: Path) -> None:

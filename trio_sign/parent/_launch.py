@@ -181,9 +181,27 @@ class NitroEnclave:
         return f"Nitro enclave {self.enclave_id} (CID {self.cid})"
 
     async def wait(self) -> int | None:
+        """Poll ``describe-enclaves`` until this enclave is no longer RUNNING/STARTING.
+
+        A failing ``describe-enclaves`` (nitro-cli busy, killed, a transient error) is retried:
+        a healthy enclave must not be torn down because its watcher hiccuped. Only
+        ``describe_failures_max`` failures in a row raise :class:`LaunchError`.
+        """
+        failures = 0
         while True:
             await trio.sleep(self.launcher.poll_interval_s)
-            states = await self.launcher.describe()
+            try:
+                states = await self.launcher.describe()
+            except LaunchError as exc:
+                failures += 1
+                if failures >= self.launcher.describe_failures_max:
+                    raise
+                log.warning(
+                    "nitro-cli describe-enclaves failed; retrying",
+                    extra={"failures": failures, "error": str(exc)},
+                )
+                continue
+            failures = 0
             mine = [e for e in states if e.get("EnclaveID") == self.enclave_id]
             if not mine or mine[0].get("State") not in ("RUNNING", "STARTING"):
                 self.gone = True
@@ -216,6 +234,7 @@ class NitroCliLauncher:
     debug_mode: bool = False
     nitro_cli: str = "nitro-cli"
     poll_interval_s: float = 2.0
+    describe_failures_max: int = 5  # in a row, polls poll_interval_s apart
 
     async def _run(self, args: list[str], what: str, *, check: bool = True) -> Any:
         try:

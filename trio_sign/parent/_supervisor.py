@@ -47,7 +47,7 @@ from ._config import ParentConfig
 from ._dev_kms import DevRecipientKms
 from ._health import ParentState, serve_health
 from ._ingress import make_server_ssl_context, serve_ingress
-from ._launch import LocalLauncher, NitroCliLauncher, RunningEnclave
+from ._launch import LaunchError, LocalLauncher, NitroCliLauncher, RunningEnclave
 from ._logs import CloudWatchSink, JsonLinesSink, LogForwarder, LogTail, cloudwatch_logs_client
 from ._preload import RecipientKms, serve_preload
 from ._relay import serve_sse_relay
@@ -275,7 +275,11 @@ async def _drain_enclave(config: ParentConfig, link: StatusLink, enclave: Runnin
     log.info("stopping: asking the enclave to drain", extra={"timeout_s": timeout})
     with trio.move_on_after(timeout):
         if await link.request_drain():
-            code = await enclave.wait()
+            try:
+                code = await enclave.wait()
+            except LaunchError as exc:  # cannot watch it any more: terminate it
+                log.warning("cannot watch the draining enclave (%s); terminating it", exc)
+                return
             log.info("the enclave drained and exited", extra={"code": code})
             return
         log.warning("no status connection to ask for a drain; terminating the enclave")
