@@ -60,8 +60,7 @@ def _commands(text: str, program: str) -> list[str]:
         line = line.removeprefix("$ ")
         for segment in re.split(r"\s(?:\|\||\||&&|;)\s", line):
             segment = segment.strip()
-            if segment.startswith("sudo "):
-                segment = segment[5:]
+            segment = re.sub(r"^sudo (?:-u \S+ )?", "", segment)
             if segment.startswith(program + " ") or segment == program:
                 found.append(segment)
     return found

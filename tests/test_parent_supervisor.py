@@ -296,3 +296,30 @@ async def test_a_hard_stop_still_hears_the_enclave_out(tmp_path: Path) -> None:
     assert state.enclave_exit_code == 0  # SIGTERM: drained, exit message delivered
     logs = (tmp_path / "enclave-logs.jsonl").read_text()
     assert "enclave stopped; shares zeroed" in logs
+
+
+def test_parent_check_validates_config_and_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``trio-sign parent --config F --check``: what would run, and every file it would fail
+    to read later, before the unit is restarted."""
+    from trio_sign.cli import main
+
+    _setup(tmp_path)
+    path = tmp_path / "parent.toml"
+    assert main(["parent", "--config", str(path), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "enclave      local (namespaces auto); preload timeout 30 s" in out
+    assert "PCR0 " in out
+    assert "debug refused" in out
+    assert out.rstrip().endswith(": OK")
+
+    (tmp_path / "dev.key").unlink()
+    assert main(["parent", "--config", str(path), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert "[kms] dev_key" in err
+    assert "No such file or directory" in err
+
+    path.write_text(path.read_text().replace("[enclave]", "[enclave]\nnode_id = 'a b'"))
+    assert main(["parent", "--config", str(path), "--check"]) == 2
+    assert "node_id 'a b'" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """``trio-sign parent --config parent.toml``: the host-side supervisor.
 
-Exit codes: 0 stopped by SIGTERM/SIGINT (the enclave is terminated on the way out); 1 it gave
-up (the alert code and reason are on stderr and in the log); 2 bad usage or configuration.
+Exit codes: 0 stopped by SIGTERM/SIGINT (the first one drains the enclave, a second stops at
+once), or ``--check`` found nothing wrong; 1 it gave up (the alert code and reason are on
+stderr and in the log); 2 bad usage or configuration.
 """
 
 from __future__ import annotations
@@ -24,7 +25,85 @@ def add_parser(sub: Any) -> None:
         "See trio_sign/parent/_config.py for parent.toml.",
     )
     parent.add_argument("--config", type=Path, required=True, metavar="parent.toml")
+    parent.add_argument(
+        "--check",
+        action="store_true",
+        help="check parent.toml and the files it names, print what would run, and exit "
+        "(0 good, 2 not): run it after every edit, before restarting the unit",
+    )
     parent.set_defaults(func=cmd_parent)
+
+
+def _config_problems(config: Any) -> list[str]:
+    """What would make the parent fail after it has started: files it will read."""
+    problems: list[str] = []
+
+    def readable(path: Path | None, what: str) -> None:
+        if path is None:
+            return
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as exc:
+            problems.append(f"{what} {path}: {exc.strerror or exc}")
+
+    if not config.bundle.source.startswith("s3://"):
+        readable(Path(config.bundle.source), "[bundle] source")
+    if config.enclave.backend == "nitro-cli":
+        readable(config.enclave.eif_path, "[enclave] eif_path")
+    if config.kms.mode == "dev-key":
+        readable(config.kms.dev_key, "[kms] dev_key")
+    if config.ingress is not None:
+        readable(config.ingress.cert, "[ingress] cert")
+        readable(config.ingress.key, "[ingress] key")
+        readable(config.ingress.client_ca, "[ingress] client_ca")
+    if config.attestation is not None:
+        readable(config.attestation.root, "[attestation] root")
+    readable(config.relay_ca, "[relay] ca")
+    return problems
+
+
+def _describe_config(config: Any) -> list[str]:
+    e = config.enclave
+    lines = [
+        f"bundle       {config.bundle.source} (work_dir {config.bundle.work_dir})",
+        f"kms          {config.kms.mode}"
+        + (f" at {config.kms.endpoint_url}" if config.kms.endpoint_url else ""),
+        f"enclave      {e.backend}"
+        + (
+            f" {e.eif_path}, {e.cpu_count} CPUs, {e.memory_mib} MiB, CID {e.cid}"
+            if e.backend == "nitro-cli"
+            else f" (namespaces {e.namespaces})"
+        )
+        + f"; preload timeout {e.preload_timeout_s:g} s, drain timeout {e.drain_timeout_s:g} s",
+        "events       "
+        + (
+            f"{e.gateway_url} as node {e.node_id}"
+            if e.gateway_url
+            else "none (no SSE subscription)"
+        ),
+        "ingress      " + (config.ingress.listen if config.ingress else "none"),
+    ]
+    a = config.attestation
+    if a is not None:
+        pins = ", ".join(f"PCR{i} {v.hex()[:16]}…" for i, v in sorted(a.pcrs.items()))
+        root = str(a.root) if a.root is not None else "the AWS Nitro root"
+        lines.append(
+            f"attestation  {pins}; root {root}; debug {'ALLOWED' if a.allow_debug else 'refused'}"
+        )
+    lines.append("relay        " + (", ".join(config.relay_allowlist) or "nothing allowed"))
+    f = config.failure
+    lines.append(
+        "failure      "
+        + (
+            f"restart (back-off {f.backoff_initial_s:g}..{f.backoff_max_s:g} s)"
+            if f.restart
+            else "no restart"
+        )
+        + (f"; alert command {f.alert_command[0]}" if f.alert_command else "")
+    )
+    lines.append(f"health       {config.health_listen}")
+    return lines
 
 
 def cmd_parent(args: argparse.Namespace) -> int:
@@ -36,6 +115,15 @@ def cmd_parent(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"trio-sign: error: {args.config}: {exc}", file=sys.stderr)
         return 2
+    if args.check:
+        for line in _describe_config(config):
+            print(line)
+        problems = _config_problems(config)
+        for problem in problems:
+            print(f"trio-sign: error: {args.config}: {problem}", file=sys.stderr)
+        if not problems:
+            print(f"{args.config}: OK")
+        return 2 if problems else 0
 
     async def run() -> None:
         stop = trio.Event()
