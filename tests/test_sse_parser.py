@@ -24,6 +24,7 @@ from trio_sign.sse import (
     check_event_stream,
     events_url,
     parse_events_url,
+    valid_node_id,
 )
 from trio_sign.transport import TransportError
 
@@ -306,6 +307,22 @@ def test_events_url() -> None:
     assert events_url("https://gw/", "node 1/x") == "https://gw/v1/enclaves/node%201%2Fx/events"
     assert parse_events_url("https://gw?a=b").target == "/?a=b"
     assert str(parse_events_url("HTTP://gw:80/p#frag")) == "http://gw:80/p"
+
+
+@given(st.text(max_size=140))
+def test_a_valid_node_id_is_its_own_path_segment(node_id: str) -> None:
+    """What parent.toml and the boot channel's ``events`` accept: URL-unreserved characters
+    only, so the id appears verbatim as one path segment, never as ``.``/``..``."""
+    if not valid_node_id(node_id):
+        assert (
+            not 1 <= len(node_id) <= 128
+            or node_id in (".", "..")
+            or any(not (c.isascii() and (c.isalnum() or c in "._~-")) for c in node_id)
+        )
+        return
+    url = events_url("https://gw.internal:8443", node_id)
+    assert url == f"https://gw.internal:8443/v1/enclaves/{node_id}/events"
+    assert parse_events_url(url).target == f"/v1/enclaves/{node_id}/events"
 
 
 @pytest.mark.parametrize(
