@@ -70,6 +70,16 @@ def _restore_logging() -> Iterator[None]:
     logger.handlers[:], logger.level, logger.propagate = saved
 
 
+async def _accounts_loaded(path: Path, provider: DataKeyProvider) -> int:
+    """Load a sealed bundle with ``provider`` (in a thread, as the CLI does); its size."""
+    with path.open("rb") as f:
+        store = await trio.to_thread.run_sync(ShareStore.load_sealed, f, provider)
+    try:
+        return len(store)
+    finally:
+        store.close()
+
+
 async def _new_key(kms: Running) -> str:
     key_id: str = (await kms.call("create_key"))["KeyMetadata"]["KeyId"]
     return key_id
@@ -107,12 +117,7 @@ async def test_an_alias_is_resolved_to_the_key_arn_at_sealing(
         assert header["kms_key_id"] == f"arn:aws:kms:us-east-1:111122223333:key/{key}"
 
         for ref in ("alias/trio-sign", "arn:aws:kms:us-east-1:111122223333:alias/trio-sign", key):
-            with sealed.open("rb") as f:
-                store = await trio.to_thread.run_sync(
-                    ShareStore.load_sealed, f, KmsDataKeyProvider(kms.client, ref)
-                )
-            assert len(store) == 4
-            store.close()
+            assert await _accounts_loaded(sealed, KmsDataKeyProvider(kms.client, ref)) == 4
         with sealed.open("rb") as f, pytest.raises(KeyWrapError, match="IncorrectKeyException"):
             await trio.to_thread.run_sync(
                 ShareStore.load_sealed, f, KmsDataKeyProvider(kms.client, "alias/other")
@@ -188,12 +193,7 @@ async def test_seal_inspect_load_reencrypt(
         assert header2["accounts"] == 12
 
         # the new file opens with the new key only
-        with moved.open("rb") as f:
-            store = await trio.to_thread.run_sync(
-                ShareStore.load_sealed, f, KmsDataKeyProvider(kms.client, new_key)
-            )
-        assert len(store) == 12
-        store.close()
+        assert await _accounts_loaded(moved, KmsDataKeyProvider(kms.client, new_key)) == 12
         with moved.open("rb") as f, pytest.raises(KeyWrapError, match="sealed under key"):
             await trio.to_thread.run_sync(ShareStore.load_sealed, f, old)
         # and KMS itself cannot open the new wrapped key under the old key
