@@ -26,6 +26,7 @@ import pytest
 import trio
 
 from trio_sign.nitro import DEFAULT_LOCAL_PCRS, LocalNsm
+from trio_sign.parent import ParentState
 from trio_sign.parent._config import parse_parent_config
 from trio_sign.parent._supervisor import ParentExit, serve_parent
 from trio_sign.shares import DevKeyFile, encode_bundle, read_sealed_header
@@ -323,3 +324,20 @@ def test_parent_check_validates_config_and_files(
     path.write_text(path.read_text().replace("[enclave]", "[enclave]\nnode_id = 'a b'"))
     assert main(["parent", "--config", str(path), "--check"]) == 2
     assert "node_id 'a b'" in capsys.readouterr().err
+
+
+async def test_a_periodic_attestation_failure_runs_the_alert_hook(tmp_path: Path) -> None:
+    """The gate's alert (a later check failed: forwarding already stopped) is recorded for
+    /readyz and runs [failure] alert_command in the background, never blocking the gate."""
+    from trio_sign.parent._supervisor import _attestation_alert
+
+    out = tmp_path / "alerts.txt"
+    echo = f"echo $TRIO_SIGN_ALERT $TRIO_SIGN_ALERT_MESSAGE >> {out}"
+    hook = f'alert_command = ["/bin/sh", "-c", "{echo}"]'
+    config, _ = _setup(tmp_path, hook=hook)
+    state = ParentState()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            _attestation_alert(state, config, nursery, "pcr_mismatch", "PCR 0 differs")
+            assert state.last_alert == "attestation check failed (pcr_mismatch): PCR 0 differs"
+    assert out.read_text() == "attestation_failed pcr_mismatch: PCR 0 differs\n"

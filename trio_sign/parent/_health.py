@@ -315,8 +315,13 @@ def render_metrics(state: ParentState) -> str:
     )
     m.gauge(
         "trio_sign_ready",
-        "1 when the enclave is serving and attested (the /readyz result).",
+        "1 when the enclave is serving and attested and the ingress listens (the /readyz result).",
         1 if state.ready else 0,
+    )
+    m.gauge(
+        "trio_sign_ingress_listening",
+        "1 while the mTLS ingress proxy's socket is bound (0 without an [ingress]).",
+        1 if state.ingress_listening else 0,
     )
     m.gauge(
         "trio_sign_enclave_accounts",
