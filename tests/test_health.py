@@ -261,6 +261,7 @@ async def test_metrics_over_http(server: tuple[int, ParentState]) -> None:
     assert samples['trio_sign_enclave_state{state="serving"}'] == 1
     assert samples['trio_sign_enclave_state{state="booting"}'] == 0
     assert samples["trio_sign_ready"] == 1
+    assert samples["trio_sign_ingress_listening"] == 0  # no [ingress] in this state
     assert samples["trio_sign_enclave_accounts"] == 500
     assert samples["trio_sign_enclave_preload_seconds"] == 2.5
     assert samples["trio_sign_attestation_verified"] == 1
