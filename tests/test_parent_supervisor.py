@@ -292,7 +292,8 @@ async def test_a_hard_stop_still_hears_the_enclave_out(tmp_path: Path) -> None:
                 await trio.sleep(0.05)
             stopped_at = trio.current_time()
             nursery.cancel_scope.cancel()
-    assert trio.current_time() - stopped_at < 2.5  # no final-report timeout (3 s) was waited
+    assert trio.current_time() - stopped_at < 10  # SIGTERM's drain, not the kill after 10 s
+    # Only possible with the channels still up while the enclave was being terminated:
     assert state.enclave_state == "exited"
     assert state.enclave_exit_code == 0  # SIGTERM: drained, exit message delivered
     logs = (tmp_path / "enclave-logs.jsonl").read_text()
