@@ -30,11 +30,16 @@ def add_parser(sub: Any) -> None:
     enclave.add_argument("--session-ttl", type=float, default=60.0, metavar="SECONDS")
     enclave.add_argument("--drain-grace", type=float, default=10.0, metavar="SECONDS")
     enclave.add_argument(
-        "--gateway-url", metavar="URL", help="Sign Gateway base URL for the SSE event stream"
+        "--gateway-url",
+        metavar="URL",
+        help="Sign Gateway base URL for the SSE event stream. Usually left out: the parent "
+        "sends it (and the node id) at boot; given here, it wins over the parent's",
     )
     enclave.add_argument("--node-id", default="enclave-0", help="this node's id at the gateway")
     enclave.add_argument(
-        "--sse-via", metavar="URL", help="address the SSE stream travels over (the parent relay)"
+        "--sse-via",
+        metavar="URL",
+        help="address the SSE stream travels over (the parent relay, vsock://3:5003 on Nitro)",
     )
     enclave.add_argument(
         "--nsm", default="device", help="'device' (/dev/nsm) or 'local:DIR' (local stand-in)"
