@@ -28,11 +28,12 @@ import trio
 from trio_sign.nitro import DEFAULT_LOCAL_PCRS, LocalNsm
 from trio_sign.parent import ParentState
 from trio_sign.parent._config import parse_parent_config
+from trio_sign.parent._health import render_metrics
 from trio_sign.parent._supervisor import ParentExit, serve_parent
 from trio_sign.shares import DevKeyFile, encode_bundle, read_sealed_header
 
 from .enclave_helpers import make_accounts
-from .test_health import http
+from .test_health import http, parse_exposition
 
 SECRETS: list[bytes] = []
 
@@ -215,8 +216,17 @@ async def test_orderly_stop_drains_the_enclave_then_returns(tmp_path: Path) -> N
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             state, _urls = await nursery.start(functools.partial(serve_parent, config, stop=stop))
-            while not state.ready:  # noqa: ASYNC110 - a real enclave process
+            while not state.ready or state.enclave_status_at is None:  # noqa: ASYNC110
                 await trio.sleep(0.05)
+            # the parent reads the enclave's GetStatus for /metrics (capacity, memory)
+            assert state.enclave_sessions_max == 10_000
+            assert state.enclave_sessions_open == 0
+            limit = state.enclave_memory_limit_bytes
+            assert limit is not None
+            assert 0 < (state.enclave_memory_used_bytes or 0) <= limit
+            samples = parse_exposition(render_metrics(state))
+            assert samples["trio_sign_enclave_sessions_max"] == 10_000
+            assert samples["trio_sign_enclave_memory_limit_bytes"] == limit
             stop.set()
         # the nursery closed without a cancel: serve_parent returned by itself
     assert state.enclave_exit_code == 0

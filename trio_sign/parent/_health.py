@@ -75,6 +75,9 @@ class ParentState:
         attestation_max_age_s: if set, readiness also needs an attestation check this recent.
         attestation_gate: if set, the attestation facts are read from it (live) instead of the
             ``attestation_*`` fields that :meth:`set_attestation` writes.
+        enclave_sessions_open, enclave_sessions_max, enclave_memory_used_bytes,
+            enclave_memory_limit_bytes: from the enclave's last ``GetStatus`` (polled by
+            :func:`run_enclave_status_poller`), at Unix time ``enclave_status_at``.
         ingress_required: an ingress is configured, so readiness also needs it listening
             (``ingress_listening``, set by the supervisor once its socket is bound): a load
             balancer or gateway that waits for ``/readyz`` must not be refused at the door.
@@ -98,6 +101,11 @@ class ParentState:
     proxy_connections_active: int = 0
     proxy_connections_total: int = 0
     proxy_connections_refused: int = 0
+    enclave_sessions_open: int | None = None
+    enclave_sessions_max: int | None = None
+    enclave_memory_used_bytes: int | None = None
+    enclave_memory_limit_bytes: int | None = None
+    enclave_status_at: float | None = None
     relay: RelayStats = field(default_factory=RelayStats)
     logs: LogStats = field(default_factory=LogStats)
     cloudwatch: CloudWatchStats | None = None
@@ -343,6 +351,32 @@ def render_metrics(state: ParentState) -> str:
         "Unix time of the last attestation check (0 if none yet).",
         checked_at or 0,
     )
+    if state.enclave_status_at is not None:
+        m.gauge(
+            "trio_sign_enclave_sessions_open",
+            "Signing sessions open in the enclave (its last GetStatus).",
+            state.enclave_sessions_open or 0,
+        )
+        m.gauge(
+            "trio_sign_enclave_sessions_max",
+            "The enclave's session pool size.",
+            state.enclave_sessions_max or 0,
+        )
+        m.gauge(
+            "trio_sign_enclave_memory_used_bytes",
+            "Memory the enclave uses (its last GetStatus).",
+            state.enclave_memory_used_bytes or 0,
+        )
+        m.gauge(
+            "trio_sign_enclave_memory_limit_bytes",
+            "The enclave's memory limit.",
+            state.enclave_memory_limit_bytes or 0,
+        )
+        m.gauge(
+            "trio_sign_enclave_status_timestamp_seconds",
+            "Unix time of the enclave's last GetStatus answer.",
+            state.enclave_status_at,
+        )
     logs = state.logs
     m.counter(
         "trio_sign_log_lines_received_total",

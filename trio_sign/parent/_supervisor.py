@@ -32,15 +32,19 @@ import ssl
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import trio
+from google.protobuf.message import DecodeError
+
+from proto_min import sign_service_pb2 as pb
 
 from .._backoff import full_jitter_delay
 from .._errors import TrioSignError
 from ..nitro import AWS_NITRO_ROOT_PEM, EventsConfigMessage, MessageStream
+from ..rpc import RpcError, open_grpc_channel
 from ..shares import DevKeyFile
-from ..transport import connect, open_listeners
+from ..transport import TransportError, connect, open_listeners
 from ._attestation_gate import AttestationGate, AttestationPolicy, run_attestation_gate
 from ._channels import StatusLink, serve_log_connection, serve_status_connection
 from ._config import ParentConfig
@@ -249,6 +253,46 @@ async def _run_gate(
         await run_attestation_gate(gate, interval_s=interval_s, task_status=task_status)
 
 
+#: How often the parent reads the enclave's GetStatus for /metrics (sessions, memory).
+ENCLAVE_STATUS_INTERVAL_S: Final = 10.0
+_GET_STATUS: Final = "/trio_sign.v1.SignService/GetStatus"
+
+
+async def _poll_enclave_status(
+    state: ParentState,
+    connect_enclave: Callable[[], Awaitable[trio.abc.Stream]],
+    *,
+    interval_s: float = ENCLAVE_STATUS_INTERVAL_S,
+) -> None:
+    """Read the enclave's ``GetStatus`` now and every ``interval_s`` into ``state`` (open
+    sessions, memory used and limit: what /metrics shows for capacity alerts). A failed read
+    changes nothing (the timestamp shows staleness); reachability is the attestation gate's
+    business, and it alerts."""
+    while True:
+        with trio.move_on_after(5.0):
+            try:
+                async with open_grpc_channel(await connect_enclave()) as channel:
+                    raw = await channel.unary_unary(_GET_STATUS, b"")
+                status = pb.GetStatusResponse.FromString(raw)
+            except (
+                TransportError,
+                RpcError,
+                OSError,
+                trio.BrokenResourceError,
+                DecodeError,
+            ) as exc:
+                log.debug("enclave GetStatus failed: %s", exc)
+            except ExceptionGroup as group:
+                log.debug("enclave GetStatus failed: %r", group)
+            else:
+                state.enclave_sessions_open = status.sessions_open
+                state.enclave_sessions_max = status.sessions_max
+                state.enclave_memory_used_bytes = status.memory_used_bytes
+                state.enclave_memory_limit_bytes = status.memory_limit_bytes
+                state.enclave_status_at = state.wall_clock()
+        await trio.sleep(interval_s)
+
+
 async def _exit_or_stop(enclave: RunningEnclave, stop: trio.Event) -> tuple[bool, int | None]:
     """Wait for the enclave to exit (True, its code) or for a stop request (False, None)."""
     outcome: list[tuple[bool, int | None]] = []
@@ -423,6 +467,9 @@ async def _run_enclave_in(
                 )
             )
             state.ingress_listening = True  # /readyz: only now can traffic get in
+        nursery.start_soon(
+            _poll_enclave_status, state, functools.partial(connect, addresses.enclave_grpc)
+        )
         phase.waiting = True
         exited, code = await _exit_or_stop(enclave, stop)
         if not exited:
