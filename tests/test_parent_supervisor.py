@@ -352,3 +352,21 @@ async def test_a_periodic_attestation_failure_runs_the_alert_hook(tmp_path: Path
             _attestation_alert(state, config, nursery, "pcr_mismatch", "PCR 0 differs")
             assert state.last_alert == "attestation check failed (pcr_mismatch): PCR 0 differs"
     assert out.read_text() == "attestation_failed pcr_mismatch: PCR 0 differs\n"
+
+
+async def test_the_status_poller_never_fails_the_run(autojump_clock: trio.abc.Clock) -> None:
+    """Reading GetStatus for /metrics is an observer: whatever goes wrong (here even an
+    unexpected exception type), it keeps polling and leaves the last numbers as they were."""
+    from trio_sign.parent._supervisor import _poll_enclave_status
+
+    calls: list[float] = []
+
+    async def broken_connect() -> trio.abc.Stream:
+        calls.append(trio.current_time())
+        raise RuntimeError("something nobody planned for")
+
+    state = ParentState()
+    with trio.move_on_after(35):
+        await _poll_enclave_status(state, broken_connect, interval_s=10)
+    assert calls == [0, 10, 20, 30]
+    assert state.enclave_status_at is None
