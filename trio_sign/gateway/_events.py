@@ -29,7 +29,7 @@ import functools
 import logging
 import re
 import secrets
-from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -39,6 +39,15 @@ import trio
 from .._errors import TrioSignError
 from ..sse import MAX_EVENT_ID_LENGTH
 from ..transport import hypercorn_bind, serve_asgi
+from ..transport._asgi import (
+    Receive,
+    Scope,
+    Send,
+    asgi_lifespan,
+    cancel_on_disconnect,
+    respond,
+    send_chunk,
+)
 from ._sse_format import KEEPALIVE_COMMENT, format_event, format_id, format_retry
 
 log = logging.getLogger("trio_sign.gateway.events")
@@ -437,10 +446,6 @@ def _non_empty(name: str, value: str) -> str:
 
 # -- the ASGI application ----------------------------------------------------------------------
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 _TEXT: Final = b"text/plain; charset=utf-8"
 _EVENT_STREAM: Final = "text/event-stream"
@@ -509,7 +514,7 @@ class GatewayEventsApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await asgi_lifespan(receive, send)
             return
         if scope["type"] != "http":
             return
@@ -542,7 +547,7 @@ class GatewayEventsApp:
     async def _stream(self, sub: Subscription, receive: Receive, send: Send) -> None:
         log.info("events: node %r subscribed (replaying %d events)", sub.node_id, len(sub.backlog))
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+            nursery.start_soon(cancel_on_disconnect, receive, nursery.cancel_scope)
             # The head, retry and cursor go out even if the hub drops this subscriber in the
             # meantime: without the cursor, an enclave that subscribed without Last-Event-ID
             # and was dropped at once could not resume. Bounded, since a peer that cannot take
@@ -560,7 +565,7 @@ class GatewayEventsApp:
                     }
                 )
                 replay = b"".join(e.wire for e in sub.backlog)
-                await _body(send, self.retry_block + format_id(sub.cursor) + replay)
+                await send_chunk(send, self.retry_block + format_id(sub.cursor) + replay)
             if opening.cancelled_caught:
                 sub.dropped = sub.dropped or f"the stream's opening took over {self.keepalive_s} s"
             with sub.cancel_scope:
@@ -571,9 +576,9 @@ class GatewayEventsApp:
                         except trio.EndOfChannel:
                             break
                     if idle.cancelled_caught:
-                        await _body(send, KEEPALIVE_COMMENT)
+                        await send_chunk(send, KEEPALIVE_COMMENT)
                     else:
-                        await _body(send, event.wire)
+                        await send_chunk(send, event.wire)
             # Only a drop ends the loop (a disconnect or a shutdown cancels it instead). The
             # writer may have been stuck, so end abruptly: hypercorn closes the connection and
             # the enclave reconnects with Last-Event-ID to get the rest replayed.
@@ -581,39 +586,10 @@ class GatewayEventsApp:
             nursery.cancel_scope.cancel()
 
 
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-
-
-async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            scope.cancel()
-            return
-
-
-async def _body(send: Send, data: bytes) -> None:
-    await send({"type": "http.response.body", "body": data, "more_body": True})
-
-
 async def _respond(
     send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None
 ) -> None:
-    headers = [
-        (b"content-type", _TEXT),
-        (b"content-length", str(len(body)).encode()),
-        (b"cache-control", b"no-store"),
-        *(extra or []),
-    ]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await respond(send, status, _TEXT, body, extra, no_store=True)
 
 
 # -- the server --------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ import trio
 
 from .._errors import TrioSignError
 from ..transport import serve_asgi
+from ..transport._asgi import asgi_lifespan, respond
 from ._coordinator import Coordinator, GatewayError, load_participant_files
 from ._events import EventHub, serve_gateway_events, valid_node_id
 from ._node import EnclaveNode
@@ -179,28 +180,13 @@ class GatewayApi:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await asgi_lifespan(receive, send)
         if scope["type"] != "http":
             return
         status, body = await self._route(scope, receive)
-        data = json.dumps(body, separators=(",", ":")).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(data)).encode()),
-                ],
-            }
+        await respond(
+            send, status, b"application/json", json.dumps(body, separators=(",", ":")).encode()
         )
-        await send({"type": "http.response.body", "body": data})
 
     async def _body(self, receive: Any) -> Any:
         chunks: list[bytes] = []

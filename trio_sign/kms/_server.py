@@ -48,7 +48,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any, Final
 
@@ -61,6 +61,7 @@ from ..crypto import _sodium, _stream
 from ..nitro import AttestationError, encrypt_for_recipient, verify_attestation
 from ..shares._keywrap import canonical_json
 from ..transport import hypercorn_bind, serve_asgi
+from ..transport._asgi import Receive, Scope, Send, asgi_lifespan, respond
 from ._store import KeyStore, LocalKey
 
 log = logging.getLogger("trio_sign.kms")
@@ -545,10 +546,6 @@ def _ad(key_id: str, ctx: Mapping[str, str]) -> bytes:
 # ---------------------------------------------------------------------------------------------
 # HTTP: a minimal ASGI app served by hypercorn's Trio worker
 
-Scope = Mapping[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-
 
 class KmsApp:
     """ASGI app: checks the HTTP envelope, bounds the body, runs :meth:`LocalKms.handle` in a
@@ -571,26 +568,15 @@ class KmsApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await asgi_lifespan(receive, send)
         if scope["type"] != "http":
             return
         status, response = await self._http(scope, receive)
-        body = json.dumps(response).encode("utf-8")
-        headers = [
-            (b"content-type", JSON_CONTENT_TYPE.encode()),
-            (b"content-length", str(len(body)).encode()),
-            (b"x-amzn-requestid", str(uuid.uuid4()).encode()),
-        ]
+        headers = [(b"x-amzn-requestid", str(uuid.uuid4()).encode())]
         if status != 200:
             headers.append((b"x-amzn-errortype", str(response.get("__type", "")).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        body = json.dumps(response).encode("utf-8")
+        await respond(send, status, JSON_CONTENT_TYPE.encode(), body, headers)
 
     async def _http(self, scope: Scope, receive: Receive) -> tuple[int, dict[str, Any]]:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}

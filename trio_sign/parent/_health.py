@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -27,6 +27,15 @@ import trio
 
 from ..nitro import ChannelMessage, ExitMessage, StateMessage
 from ..transport import hypercorn_bind, serve_asgi
+from ..transport._asgi import (
+    Receive,
+    Scope,
+    Send,
+    asgi_lifespan,
+    cancel_on_disconnect,
+    respond,
+    send_chunk,
+)
 from ._logs import CloudWatchStats, LogStats, LogTail, TailFull
 from ._relay import RelayStats
 
@@ -456,10 +465,6 @@ def render_metrics(state: ParentState) -> str:
 
 # -- the ASGI application ----------------------------------------------------------------------
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 _JSON: Final = b"application/json"
 _TEXT: Final = b"text/plain; charset=utf-8"
@@ -477,7 +482,7 @@ class HealthApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
+            await asgi_lifespan(receive, send)
             return
         if scope["type"] != "http":
             return
@@ -505,15 +510,6 @@ class HealthApp:
         else:
             await self._tail(receive, send)
 
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-
     async def _tail(self, receive: Receive, send: Send) -> None:
         tail = self.state.tail
         if tail is None:
@@ -529,7 +525,7 @@ class HealthApp:
         self, lines: trio.MemoryReceiveChannel[str], receive: Receive, send: Send
     ) -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+            nursery.start_soon(cancel_on_disconnect, receive, nursery.cancel_scope)
             await send(
                 {
                     "type": "http.response.start",
@@ -540,7 +536,7 @@ class HealthApp:
                     ],
                 }
             )
-            await _body(send, b": trio-sign log tail\n\n")
+            await send_chunk(send, b": trio-sign log tail\n\n")
             while True:
                 with trio.move_on_after(self.tail_keepalive_s) as idle:
                     try:
@@ -548,42 +544,15 @@ class HealthApp:
                     except trio.EndOfChannel:
                         break  # fell behind and was dropped
                 if idle.cancelled_caught:
-                    await _body(send, b": keepalive\n\n")
+                    await send_chunk(send, b": keepalive\n\n")
                     continue
-                await _body(send, b"data: " + line.encode("utf-8") + b"\n\n")
+                await send_chunk(send, b"data: " + line.encode("utf-8") + b"\n\n")
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             nursery.cancel_scope.cancel()
 
 
-async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            scope.cancel()
-            return
-
-
-async def _body(send: Send, data: bytes) -> None:
-    await send({"type": "http.response.body", "body": data, "more_body": True})
-
-
-async def _respond(
-    send: Send,
-    status: int,
-    content_type: bytes,
-    body: bytes,
-    extra: list[tuple[bytes, bytes]] | None = None,
-    *,
-    head_only: bool = False,
-) -> None:
-    headers = [
-        (b"content-type", content_type),
-        (b"content-length", str(len(body)).encode()),
-        (b"cache-control", b"no-store"),
-        *(extra or []),
-    ]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": b"" if head_only else body})
+#: Health answers are never cached.
+_respond = functools.partial(respond, no_store=True)
 
 
 # -- the server --------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
-"""Serving a small ASGI app with hypercorn's Trio worker on an address URL."""
+"""Serving a small ASGI app with hypercorn's Trio worker on an address URL, and the few ASGI
+steps every one of our apps takes (lifespan, plain responses, streamed chunks, disconnects)."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from typing import Any, Final
 
 import trio
 
@@ -55,3 +57,59 @@ async def serve_asgi(
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(hypercorn_serve, app, config)
         task_status.started(binds)
+
+
+# -- ASGI helpers shared by the health server, the local KMS and the gateway's apps ------------
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+#: A response header that keeps caches (and proxies) from storing an answer.
+NO_STORE: Final = (b"cache-control", b"no-store")
+
+
+async def asgi_lifespan(receive: Receive, send: Send) -> None:
+    """Answer the ``lifespan`` protocol (nothing to set up or tear down) until shutdown."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
+    """Cancel ``scope`` when the client goes away (for streamed responses)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            scope.cancel()
+            return
+
+
+async def send_chunk(send: Send, data: bytes) -> None:
+    """One piece of a streamed response body (more follows)."""
+    await send({"type": "http.response.body", "body": data, "more_body": True})
+
+
+async def respond(
+    send: Send,
+    status: int,
+    content_type: bytes,
+    body: bytes,
+    extra: Sequence[tuple[bytes, bytes]] | None = None,
+    *,
+    head_only: bool = False,
+    no_store: bool = False,
+) -> None:
+    """A whole response: ``content-type``, ``content-length``, optionally ``cache-control:
+    no-store``, then ``extra`` headers; the body is left out for HEAD (``head_only``)."""
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    if no_store:
+        headers.append(NO_STORE)
+    headers.extend(extra or ())
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": b"" if head_only else body})
