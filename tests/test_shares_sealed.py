@@ -266,6 +266,9 @@ class _FileChangingKey:
     def decrypt_data_key(self, blob: bytes, context: Mapping[str, str]) -> bytearray:
         return self.inner.decrypt_data_key(blob, context)
 
+    def names_key(self, key_id: str) -> bool:
+        return self.inner.names_key(key_id)
+
 
 @pytest.mark.parametrize("change", ["same_count", "bad_record"])
 def test_seal_detects_input_changed_between_passes(

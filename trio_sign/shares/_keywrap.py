@@ -49,6 +49,11 @@ class DataKeyProvider(Protocol):
         """Unwrap ``blob`` bound to ``context``; raise ``KeyWrapError`` if that is impossible."""
         ...
 
+    def names_key(self, key_id: str) -> bool:
+        """Whether a header's ``kms_key_id`` may name this provider's key (checked before
+        unwrapping; KMS accepts several names for one key)."""
+        ...
+
 
 def canonical_json(obj: Any) -> bytes:
     """Sorted keys, compact separators, UTF-8: the form we authenticate."""
@@ -159,6 +164,10 @@ class DevKeyFile:
     def _check_open(self) -> None:
         if self._closed:
             raise KeyWrapError(f"dev key {self.key_id} is closed")
+
+    def names_key(self, key_id: str) -> bool:
+        """A development key has one name: its ``key_id``."""
+        return key_id == self.key_id
 
     def _ad(self, context: Mapping[str, str]) -> bytes:
         return canonical_json(

@@ -173,15 +173,6 @@ def encryption_context_for(extra: Mapping[str, str] | None = None) -> dict[str, 
     return ctx
 
 
-def _names_key(provider: DataKeyProvider, key_id: str) -> bool:
-    """Whether ``provider`` holds the key a header names: the provider's own ``names_key``
-    if it has one (KMS: key ids, ARNs and aliases name keys), else the same ``key_id``."""
-    names_key = getattr(provider, "names_key", None)
-    if callable(names_key):
-        return bool(names_key(key_id))
-    return key_id == provider.key_id
-
-
 def unwrap_data_key(header: Mapping[str, Any], provider: DataKeyProvider) -> bytearray:
     """Ask ``provider`` for the bundle's data key; the caller zeroes it.
 
@@ -194,7 +185,7 @@ def unwrap_data_key(header: Mapping[str, Any], provider: DataKeyProvider) -> byt
             f"bundle was sealed with key provider {header['key_provider']}, "
             f"but {provider.provider} was given"
         )
-    if not _names_key(provider, header["kms_key_id"]):
+    if not provider.names_key(header["kms_key_id"]):
         raise KeyWrapError(
             f"bundle was sealed under key {header['kms_key_id']}, "
             f"but the key file holds {provider.key_id}"
