@@ -53,10 +53,10 @@ from ..shares import ShareStore
 from ..sse import (
     SseClientStatus,
     SseEventHandler,
+    checked_events_url,
     events_url,
     parse_events_url,
     run_sse_client,
-    valid_node_id,
 )
 from ..transport import TransportError, connect, open_listeners
 from ._config import EnclaveConfig
@@ -525,9 +525,7 @@ def _with_parent_events(config: EnclaveConfig, events: EventsConfigMessage | Non
             )
         return config
     try:
-        if not valid_node_id(events.node_id):
-            raise TransportError(f"node id {events.node_id[:128]!r} is not 1-128 URL-safe chars")
-        parse_events_url(events_url(events.gateway_url, events.node_id))
+        checked_events_url(events.gateway_url, events.node_id)
     except TransportError as exc:
         log.error("refusing the parent's events settings: %s", exc)
         return config

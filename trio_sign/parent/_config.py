@@ -58,7 +58,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from .._errors import TrioSignError
 
@@ -358,9 +357,9 @@ def _check_events_settings(enclave: EnclaveLaunchConfig, allowlist: list[str]) -
     """``[enclave] node_id`` and ``gateway_url`` are sent to the enclave on the boot channel;
     refuse here, not at 3 a.m. in the enclave's log, what it would refuse or the relay would
     not forward."""
-    from ..sse import events_url, parse_events_url, valid_node_id
+    from ..sse import checked_events_url, valid_node_id
     from ..transport import TransportError
-    from ._relay import Allowlist, RelayConfigError, RelayRefused, normalise_path
+    from ._relay import Allowlist, RelayConfigError, RelayRefused
 
     if not valid_node_id(enclave.node_id):
         raise ConfigError(
@@ -373,17 +372,12 @@ def _check_events_settings(enclave: EnclaveLaunchConfig, allowlist: list[str]) -
         raise ConfigError(f"[relay] allowlist: {exc}") from None
     if enclave.gateway_url is None:
         return
-    url = events_url(enclave.gateway_url, enclave.node_id)
     try:
-        parse_events_url(url)
-        parts = urlsplit(url)
-        scheme = parts.scheme.lower()
-        port = parts.port or (443 if scheme == "https" else 80)
-        path = normalise_path(parts.path)
+        url = checked_events_url(enclave.gateway_url, enclave.node_id)
+        allowed = entries.allows(url)
     except (TransportError, RelayRefused, ValueError) as exc:
         raise ConfigError(f"[enclave] gateway_url: {exc}") from None
-    assert parts.hostname is not None  # parse_events_url checked
-    if entries.match(scheme, parts.hostname.lower(), port, path) is None:
+    if not allowed:
         raise ConfigError(
             f"[enclave] gateway_url: the events URL {url} is not covered by [relay] allowlist, "
             "so the relay would refuse the enclave's subscription"

@@ -180,6 +180,22 @@ class Allowlist:
                 return entry
         return None
 
+    def allows(self, url: str) -> bool:
+        """Whether an absolute ``http(s)://`` URL falls under an entry, its path normalised as
+        a request's would be.
+
+        Raises:
+            RelayRefused: a path the relay refuses outright (dot segments, encoded slashes).
+            ValueError: not a URL.
+        """
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in _DEFAULT_PORTS or not parts.hostname:
+            return False
+        port = parts.port or _DEFAULT_PORTS[scheme]
+        path = normalise_path(parts.path or "/")
+        return self.match(scheme, parts.hostname.lower(), port, path) is not None
+
     def resolve(self, request: RelayRequest) -> RelayRequest | None:
         """The request as it will be forwarded (scheme and port settled), or None if refused.
 

@@ -44,6 +44,7 @@ from ._http import ResponseHead as ResponseHead
 from ._http import ResponseParser as ResponseParser
 from ._http import build_request as build_request
 from ._http import check_event_stream as check_event_stream
+from ._http import checked_events_url as checked_events_url
 from ._http import events_url as events_url
 from ._http import parse_events_url as parse_events_url
 from ._http import valid_last_event_id as valid_last_event_id
@@ -82,6 +83,7 @@ __all__ = [
     "SseResponseError",
     "build_request",
     "check_event_stream",
+    "checked_events_url",
     "events_url",
     "parse_events_url",
     "run_sse_client",

@@ -83,6 +83,22 @@ def events_url(gateway: str, node_id: str) -> str:
     return f"{gateway.rstrip('/')}/v1/enclaves/{quote(node_id, safe='')}/events"
 
 
+def checked_events_url(gateway: str, node_id: str) -> str:
+    """:func:`events_url` for a node id :func:`valid_node_id` accepts and a URL
+    :func:`parse_events_url` accepts (what the parent's config and the enclave both require).
+
+    Raises:
+        TransportError: saying which of the two is wrong.
+    """
+    if not valid_node_id(node_id):
+        raise TransportError(
+            f"node id {node_id[:128]!r}: use 1 to 128 letters, digits, '.', '_', '~' or '-'"
+        )
+    url = events_url(gateway, node_id)
+    parse_events_url(url)
+    return url
+
+
 def valid_last_event_id(last_event_id: str) -> bool:
     """Whether the ID can go into a ``Last-Event-ID`` header (no control characters)."""
     return not any((ord(c) < 0x20 and c != "\t") or c == "\x7f" for c in last_event_id)
