@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,15 +58,6 @@ from .test_kms_local import (
 @pytest.fixture(scope="module")
 def nsm() -> LocalNsm:
     return LocalNsm()
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """``main()`` points the trio_sign logger at this test's (soon closed) stderr: undo it."""
-    logger = logging.getLogger("trio_sign")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved
 
 
 async def _accounts_loaded(path: Path, provider: DataKeyProvider) -> int:
