@@ -240,16 +240,17 @@ async def _serve_channel(
     await trio.serve_listeners(handler, listeners, task_status=task_status)
 
 
-async def _run_gate(
+async def _run_in(
     scope: trio.CancelScope,
-    gate: AttestationGate,
-    *,
-    interval_s: float,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    async_fn: Callable[..., Awaitable[object]],
+    *args: object,
+    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+    **kwargs: object,
 ) -> None:
-    """``run_attestation_gate`` under ``scope``, which the orderly stop cancels."""
+    """``async_fn(*args, task_status=..., **kwargs)`` under ``scope``, which the run's owner
+    cancels on its own terms (for ``nursery.start``)."""
     with scope:
-        await run_attestation_gate(gate, interval_s=interval_s, task_status=task_status)
+        await async_fn(*args, task_status=task_status, **kwargs)
 
 
 #: How often the parent reads the enclave's GetStatus for /metrics (sessions, memory).
@@ -348,18 +349,6 @@ async def _run_enclave_once(
             nursery.cancel_scope.cancel()
 
 
-async def _serve_channel_until(
-    scope: trio.CancelScope,
-    url: str,
-    handler: Callable[[trio.abc.Stream], Awaitable[None]],
-    *,
-    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """:func:`_serve_channel` until ``scope`` (shielded) is cancelled by the run's owner."""
-    with scope:
-        await _serve_channel(url, handler, task_status=task_status)
-
-
 async def _run_enclave_in(
     nursery: trio.Nursery,
     config: ParentConfig,
@@ -375,14 +364,16 @@ async def _run_enclave_in(
     kms = _recipient_kms(config)
     bundle = await fetch_bundle(config.bundle.source, config.bundle.work_dir)
     await nursery.start(
-        _serve_channel_until,
+        _run_in,
         channel_scopes[0],
+        _serve_channel,
         addresses.listen["status"],
         functools.partial(serve_status_connection, on=state.on_status_message, link=link),
     )
     await nursery.start(
-        _serve_channel_until,
+        _run_in,
         channel_scopes[1],
+        _serve_channel,
         addresses.listen["logs"],
         functools.partial(serve_log_connection, on=forwarder.on_message),
     )
@@ -445,7 +436,9 @@ async def _run_enclave_in(
             # /readyz: a verification older than two check intervals no longer counts
             state.attestation_max_age_s = 2 * a.interval_s + 10
             await nursery.start(
-                functools.partial(_run_gate, gate_scope, gate, interval_s=a.interval_s)
+                functools.partial(
+                    _run_in, gate_scope, run_attestation_gate, gate, interval_s=a.interval_s
+                )
             )
         if config.ingress is not None and gate is not None:
             i = config.ingress
