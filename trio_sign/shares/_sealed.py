@@ -851,20 +851,7 @@ def seal_file(
     total = planner.records
     if progress is not None:
         progress(total, 0)
-    ctx = encryption_context_for(encryption_context)
-    data_key, blob = provider.generate_data_key(ctx)
-    try:
-        header = build_header(
-            provider=provider,
-            encrypted_data_key=blob,
-            encryption_context=ctx,
-            chunk_size=chunk_size,
-            accounts=planner.records,
-            chunks=planner.chunks,
-        )
-        encoder = SealedEncoder(header, data_key)
-    finally:
-        _sodium.memzero(data_key)
+    encoder = _new_encoder(provider, planner, chunk_size, encryption_context)
     try:
         with _atomic_output(dst_s, overwrite) as out, open(src_s, "rb") as f:
             w = _HashingWriter(out)
@@ -890,6 +877,30 @@ def seal_file(
     return SealResult(dst_s, planner.records, planner.chunks, w.sha.hexdigest())
 
 
+def _new_encoder(
+    provider: DataKeyProvider,
+    planner: ChunkPlanner,
+    chunk_size: int,
+    encryption_context: Mapping[str, str] | None,
+) -> SealedEncoder:
+    """A fresh data key from ``provider``, the header for what ``planner`` counted, and the
+    encoder (which keeps its own copy of the key: ours is zeroed here)."""
+    ctx = encryption_context_for(encryption_context)
+    data_key, blob = provider.generate_data_key(ctx)
+    try:
+        header = build_header(
+            provider=provider,
+            encrypted_data_key=blob,
+            encryption_context=ctx,
+            chunk_size=chunk_size,
+            accounts=planner.records,
+            chunks=planner.chunks,
+        )
+        return SealedEncoder(header, data_key)
+    finally:
+        _sodium.memzero(data_key)
+
+
 def encode_bundle(
     records: Iterable[ShareRecord],
     provider: DataKeyProvider,
@@ -905,20 +916,7 @@ def encode_bundle(
     planner = ChunkPlanner(chunk_size)
     for rec in recs:
         planner.add(rec.binary_size())
-    ctx = encryption_context_for(encryption_context)
-    data_key, blob = provider.generate_data_key(ctx)
-    try:
-        header = build_header(
-            provider=provider,
-            encrypted_data_key=blob,
-            encryption_context=ctx,
-            chunk_size=chunk_size,
-            accounts=planner.records,
-            chunks=planner.chunks,
-        )
-        encoder = SealedEncoder(header, data_key)
-    finally:
-        _sodium.memzero(data_key)
+    encoder = _new_encoder(provider, planner, chunk_size, encryption_context)
     parts = [encoder.start()]
     parts.extend(encoder.add_record(rec) for rec in recs)
     parts.append(encoder.finish())
