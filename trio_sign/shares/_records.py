@@ -18,7 +18,7 @@ import json
 import re
 import struct
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from .._errors import ShareFileError
 from ..crypto import _sodium
@@ -52,6 +52,32 @@ def record_error(message: str, *, reason: str, record: int | None) -> ShareFileE
     return ShareFileError(message, reason=reason, line=record, unit="record")
 
 
+class _PublicShareFields(Protocol):
+    @property
+    def account_id(self) -> str: ...
+    @property
+    def identifier(self) -> bytes: ...
+    @property
+    def verifying_share(self) -> bytes: ...
+    @property
+    def group_public_key(self) -> bytes: ...
+    @property
+    def min_signers(self) -> int: ...
+    @property
+    def max_signers(self) -> int: ...
+
+
+def public_repr(share: _PublicShareFields) -> str:
+    """A share record's repr: every public field, and ``<secret>`` for the signing share."""
+    return (
+        f"{type(share).__name__}(account_id={share.account_id!r}, "
+        f"identifier={share.identifier.hex()}, signing_share=<secret>, "
+        f"verifying_share={share.verifying_share.hex()}, "
+        f"group_public_key={share.group_public_key.hex()}, "
+        f"min_signers={share.min_signers}, max_signers={share.max_signers})"
+    )
+
+
 @dataclass(slots=True, eq=False)
 class ShareRecord:
     """One account's key share.
@@ -70,12 +96,7 @@ class ShareRecord:
     max_signers: int
 
     def __repr__(self) -> str:
-        return (
-            f"ShareRecord(account_id={self.account_id!r}, identifier={self.identifier.hex()}, "
-            f"signing_share=<secret>, verifying_share={self.verifying_share.hex()}, "
-            f"group_public_key={self.group_public_key.hex()}, "
-            f"min_signers={self.min_signers}, max_signers={self.max_signers})"
-        )
+        return public_repr(self)
 
     def zero(self) -> None:
         """Overwrite the signing share with zeros."""

@@ -38,6 +38,7 @@ from ._records import (
     check_points,
     check_scalars,
     check_threshold,
+    public_repr,
     record_error,
 )
 from ._sealed import (
@@ -77,12 +78,7 @@ class AccountShare:
     max_signers: int
 
     def __repr__(self) -> str:
-        return (
-            f"AccountShare(account_id={self.account_id!r}, identifier={self.identifier.hex()}, "
-            f"signing_share=<secret>, verifying_share={self.verifying_share.hex()}, "
-            f"group_public_key={self.group_public_key.hex()}, "
-            f"min_signers={self.min_signers}, max_signers={self.max_signers})"
-        )
+        return public_repr(self)
 
 
 class ShareStore:
