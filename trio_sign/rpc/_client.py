@@ -19,7 +19,7 @@ from ._events import (
     StreamReset,
     TrailersReceived,
 )
-from ._io import Writer
+from ._io import Writer, receive_bytes
 from ._protocol import (
     DEFAULT_INITIAL_WINDOW_SIZE,
     DEFAULT_MAX_RECEIVE_MESSAGE_SIZE,
@@ -28,8 +28,6 @@ from ._protocol import (
 from ._status import RpcError, StatusCode
 
 logger = logging.getLogger("trio_sign.rpc")
-
-_RECEIVE_SIZE = 65536
 
 
 class _Call:
@@ -182,14 +180,9 @@ class GrpcChannel:
         core = self._core
         calls = self._calls
         while True:
-            try:
-                data = await self._stream.receive_some(_RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
+            data = await receive_bytes(self._stream)
             if not data:
                 return
-            if not isinstance(data, bytes):  # memory streams hand out bytearrays
-                data = bytes(data)
             for ev in core.receive_data(data):
                 if isinstance(ev, MessageReceived):
                     call = calls.get(ev.stream_id)

@@ -11,6 +11,20 @@ class _Core(Protocol):
     def data_to_send(self) -> bytes: ...
 
 
+#: How much one read asks the transport for.
+RECEIVE_SIZE = 65536
+
+
+async def receive_bytes(stream: trio.abc.ReceiveStream) -> bytes:
+    """The next bytes from ``stream``, or ``b""`` once it is closed or broken (the read loops
+    of both drivers end there). Memory streams hand out ``bytearray``: h2 wants ``bytes``."""
+    try:
+        data = await stream.receive_some(RECEIVE_SIZE)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return b""
+    return data if isinstance(data, bytes) else bytes(data)
+
+
 class Writer:
     """Single writer task for one connection (STYLE rule 9).
 

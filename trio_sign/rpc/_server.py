@@ -21,7 +21,7 @@ from ._events import (
     StreamError,
     StreamReset,
 )
-from ._io import Writer
+from ._io import Writer, receive_bytes
 from ._protocol import (
     DEFAULT_INITIAL_WINDOW_SIZE,
     DEFAULT_MAX_CONCURRENT_STREAMS,
@@ -31,8 +31,6 @@ from ._protocol import (
 from ._status import RpcError, StatusCode
 
 logger = logging.getLogger("trio_sign.rpc")
-
-_RECEIVE_SIZE = 65536
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,14 +176,9 @@ class _ServerConnection:
         core = self._core
         calls = self._calls
         while not self._closing:
-            try:
-                data = await self._stream.receive_some(_RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
+            data = await receive_bytes(self._stream)
             if not data:
                 return
-            if not isinstance(data, bytes):  # memory streams hand out bytearrays
-                data = bytes(data)
             for ev in core.receive_data(data):
                 if isinstance(ev, MessageReceived):
                     call = calls.get(ev.stream_id)
