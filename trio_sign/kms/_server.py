@@ -234,6 +234,17 @@ def _context(body: Mapping[str, Any]) -> dict[str, str]:
     return dict(ctx)
 
 
+def _release(
+    response: dict[str, Any], recipient: rsa.RSAPublicKey | None, secret: bytearray
+) -> None:
+    """Put ``secret`` into ``response`` as KMS does: enveloped (``CiphertextForRecipient``)
+    for an attested ``Recipient``, else in clear (``Plaintext``)."""
+    if recipient is not None:
+        response["CiphertextForRecipient"] = _b64(encrypt_for_recipient(recipient, secret))
+    else:
+        response["Plaintext"] = _b64(secret)
+
+
 def _b64(data: bytes | bytearray) -> str:
     return base64.b64encode(data).decode("ascii")
 
@@ -500,12 +511,7 @@ class LocalKms:
         try:
             _sodium.random_bytes(data_key)
             response = {"CiphertextBlob": _b64(self._seal(key, data_key, ctx)), "KeyId": key.arn}
-            if recipient is not None:
-                response["CiphertextForRecipient"] = _b64(
-                    encrypt_for_recipient(recipient, data_key)
-                )
-            else:
-                response["Plaintext"] = _b64(data_key)
+            _release(response, recipient, data_key)
         finally:
             _sodium.memzero(data_key)
         log.info("kms generated a data key under %s (recipient=%s)", key.key_id, bool(recipient))
@@ -527,12 +533,7 @@ class LocalKms:
         try:
             self._authorize("kms:Decrypt", ctx, attestation)
             response = {"KeyId": key.arn, "EncryptionAlgorithm": SYMMETRIC_DEFAULT}
-            if recipient is not None:
-                response["CiphertextForRecipient"] = _b64(
-                    encrypt_for_recipient(recipient, plaintext)
-                )
-            else:
-                response["Plaintext"] = _b64(plaintext)
+            _release(response, recipient, plaintext)
         finally:
             _sodium.memzero(plaintext)
         log.info("kms decrypted under %s (recipient=%s)", key.key_id, bool(recipient))
