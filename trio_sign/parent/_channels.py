@@ -42,10 +42,6 @@ class StatusLink:
         self._messages: MessageStream | None = None
         self._lock = trio.Lock()
 
-    @property
-    def connected(self) -> bool:
-        return self._messages is not None
-
     async def request_drain(self) -> bool:
         """Send ``drain``; True if it was written (the enclave then drains and exits 0),
         False if no status connection is up or it broke."""
