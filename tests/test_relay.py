@@ -5,6 +5,7 @@ on virtual time."""
 from __future__ import annotations
 
 import functools
+import logging
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -783,3 +784,126 @@ async def test_plain_http_entry(
         b"Connection: close\r\n\r\n"
     )
     assert requests == [expected, expected]
+
+
+# -- the node's credential ---------------------------------------------------------------------
+
+PARENT_TOKEN = "node-1-token-from-parent-toml-0123456789"
+
+
+async def test_the_parent_adds_its_token_and_the_enclave_cannot_supply_one(
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The gateway authenticates subscriptions; the parent (not the enclave) holds the node's
+    token and adds it upstream. An ``Authorization`` from the enclave is still dropped, so
+    exactly one, the parent's, goes out. The token never reaches a log line."""
+    caplog.set_level(logging.DEBUG, "trio_sign.parent.relay")
+    requests: list[bytes] = []
+
+    async def gateway(stream: trio.abc.Stream) -> None:
+        requests.append(await read_head(stream))
+        await stream.send_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+
+    async def connect_upstream(host: str, port: int) -> trio.abc.Stream:
+        relay_end, gateway_end = trio.testing.memory_stream_pair()
+        nursery.start_soon(gateway, gateway_end)
+        return relay_end
+
+    listener = MemoryListener()
+    await nursery.start(
+        functools.partial(
+            serve_sse_relay,
+            [listener],
+            ["http://localhost:8080/v1/"],
+            ssl_context_for_upstream=ssl.create_default_context(),
+            connect_upstream=connect_upstream,
+            upstream_token=PARENT_TOKEN,
+        )
+    )
+    enclave, relay_side = trio.testing.memory_stream_pair()
+    await listener.send.send(relay_side)
+    await enclave.send_all(
+        get("/v1/enclaves/node-1/events", "localhost:8080", "Authorization: Bearer forged")
+    )
+    response = b""
+    while data := await enclave.receive_some():
+        response += data
+    assert response.startswith(b"HTTP/1.1 204 ")
+    (seen,) = requests
+    assert seen.lower().count(b"authorization:") == 1
+    assert f"Authorization: Bearer {PARENT_TOKEN}\r\n".encode() in seen
+    assert b"forged" not in seen
+    assert PARENT_TOKEN not in caplog.text
+    assert "dropped credential headers" in caplog.text
+
+
+def test_upstream_request_without_a_token_has_no_authorization() -> None:
+    request = parse_relay_request(b"GET /v1/x HTTP/1.1\r\nHost: gw:8443")
+    assert b"uthorization" not in request.upstream_request()
+    assert b"Authorization: Bearer " + PARENT_TOKEN.encode() in request.upstream_request(
+        token=PARENT_TOKEN
+    )
+
+
+@pytest.mark.parametrize("token", ["short", "has space in it 0123456789", "x" * 1025, ""])
+async def test_a_bad_upstream_token_is_refused_without_quoting_it(token: str) -> None:
+    with pytest.raises(RelayConfigError, match="upstream token must be") as info:
+        await serve_sse_relay(
+            [], [], ssl_context_for_upstream=ssl.create_default_context(), upstream_token=token
+        )
+    if token:
+        assert token not in str(info.value)
+
+
+# -- parent.toml: [relay] token / token_file ---------------------------------------------------
+
+_PARENT_TOML = """
+[bundle]
+source = "s3://bucket/service_key_shares.json.enc"
+[kms]
+mode = "aws"
+[enclave]
+backend = "local"
+nsm_dir = "nsm"
+gateway_url = "https://gateway.internal:8443"
+node_id = "node-1"
+[relay]
+allowlist = ["https://gateway.internal:8443/v1/enclaves/"]
+"""
+
+
+def test_parent_config_token_inline_and_from_a_file(tmp_path: Path) -> None:
+    from trio_sign.parent._config import parse_parent_config
+
+    assert parse_parent_config(_PARENT_TOML).relay_token is None
+    cfg = parse_parent_config(_PARENT_TOML + f'token = "{PARENT_TOKEN}"\n')
+    assert cfg.relay_token == PARENT_TOKEN
+    assert PARENT_TOKEN not in repr(cfg)
+    (tmp_path / "events.token").write_text(PARENT_TOKEN + "\n")
+    cfg = parse_parent_config(_PARENT_TOML + 'token_file = "events.token"\n', base=tmp_path)
+    assert cfg.relay_token == PARENT_TOKEN
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ('token = "short"\n', r"^\[relay\] token: the token must be 16 to 1024 characters"),
+        ("token = 5\n", r"^\[relay\] token: the token must be"),
+        ('token_file = "missing.token"\n', r"^\[relay\] token_file: cannot read .*missing"),
+        ('token_file = "bad.token"\n', r"^\[relay\] token_file: the token must be"),
+        (f'token = "{PARENT_TOKEN}"\ntoken_file = "x"\n', r"^\[relay\] give token or token_file"),
+    ],
+)
+def test_parent_config_token_errors_are_one_line_and_never_quote_it(
+    tmp_path: Path, extra: str, message: str
+) -> None:
+    from trio_sign.parent._config import ConfigError, parse_parent_config
+
+    (tmp_path / "bad.token").write_text("not a token at all\n")
+    with pytest.raises(ConfigError, match=message) as info:
+        parse_parent_config(_PARENT_TOML + extra, base=tmp_path)
+    assert "\n" not in str(info.value)
+    assert "not a token" not in str(info.value)
+    assert "short" not in str(info.value)

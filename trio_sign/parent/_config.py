@@ -46,6 +46,7 @@ Every error names the key and says what is expected. Example (local development)
     [relay]
     allowlist = ["https://gateway.internal:8443/v1/enclaves/"]
     ca = "certs/gateway-ca.pem"                          # optional: a private CA for the gateway
+    token_file = "/etc/trio-sign/events.token"           # this node's bearer token at the gateway
 
     [health]
     listen = "tcp://127.0.0.1:8080"
@@ -134,6 +135,7 @@ class ParentConfig:
     health_listen: str = "tcp://127.0.0.1:8080"
     relay_allowlist: tuple[str, ...] = ()
     relay_ca: Path | None = None
+    relay_token: str | None = field(default=None, repr=False)  # a secret: never in reprs
     log_file: Path | None = None
     cloudwatch_group: str | None = None
     cloudwatch_stream: str | None = None
@@ -318,10 +320,11 @@ def parse_parent_config(text: str, *, base: Path = Path(".")) -> ParentConfig:
     h = _table(data, "health", required=False)
     _unknown(h, "health", {"listen"})
     r = _table(data, "relay", required=False)
-    _unknown(r, "relay", {"allowlist", "ca"})
+    _unknown(r, "relay", {"allowlist", "ca", "token", "token_file"})
     allowlist = _get(r, "relay", "allowlist", list, [])
     if not all(isinstance(entry, str) for entry in allowlist):
         raise ConfigError("[relay] allowlist must be a list of URL strings")
+    relay_token = _relay_token(r, base)
     _check_events_settings(enclave, allowlist)
     logs = _table(data, "logs", required=False)
     _unknown(logs, "logs", {"file", "cloudwatch_group", "cloudwatch_stream", "cloudwatch_region"})
@@ -338,6 +341,7 @@ def parse_parent_config(text: str, *, base: Path = Path(".")) -> ParentConfig:
         health_listen=_get(h, "health", "listen", str, "tcp://127.0.0.1:8080"),
         relay_allowlist=tuple(allowlist),
         relay_ca=(base / r["ca"]) if "ca" in r else None,
+        relay_token=relay_token,
         log_file=(base / logs["file"]) if "file" in logs else None,
         cloudwatch_group=group,
         cloudwatch_stream=_get(logs, "logs", "cloudwatch_stream", str, None),
@@ -351,6 +355,31 @@ def load_parent_config(path: Path) -> ParentConfig:
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
     return parse_parent_config(text, base=path.parent)
+
+
+def _relay_token(r: Mapping[str, Any], base: Path) -> str | None:
+    """``[relay] token`` or ``token_file`` (one line; read now): the bearer token the relay adds
+    to the enclave's subscription. Errors never quote the token."""
+    from ._relay import UPSTREAM_TOKEN_RULE, valid_upstream_token
+
+    if "token" in r and "token_file" in r:
+        raise ConfigError("[relay] give token or token_file, not both")
+    if "token_file" in r:
+        path = base / _get(r, "relay", "token_file", str)
+        try:
+            token = path.read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not ASCII"
+            raise ConfigError(f"[relay] token_file: cannot read {path}: {reason}") from None
+        knob = "token_file"
+    elif "token" in r:
+        token = r["token"]
+        knob = "token"
+    else:
+        return None
+    if not isinstance(token, str) or not valid_upstream_token(token):
+        raise ConfigError(f"[relay] {knob}: the token must be {UPSTREAM_TOKEN_RULE}")
+    return token
 
 
 def _check_events_settings(enclave: EnclaveLaunchConfig, allowlist: list[str]) -> None:

@@ -4,9 +4,16 @@ The enclave connects (vsock; a UNIX socket locally) and sends one HTTP/1.1 ``GET
 maps it to an upstream URL, ``https://{Host}{path}``, and forwards it only if that URL matches an
 allowlist entry exactly on scheme, host and port and on a segment-aware path prefix. It opens TLS
 to the upstream with certificate verification and SNI, forwards only a few harmless request
-headers (never credentials), never follows redirects, and streams the response back with
-back-pressure: each piece read from the upstream is written to the enclave before the next read,
-so at most one receive buffer is held per connection.
+headers (never the enclave's own credentials), never follows redirects, and streams the response
+back with back-pressure: each piece read from the upstream is written to the enclave before the
+next read, so at most one receive buffer is held per connection.
+
+Credentials: the gateway authenticates each node's subscription with a bearer token (DESIGN
+§16). The parent holds it (``[relay] token`` or ``token_file`` in ``parent.toml``), and the
+relay adds ``Authorization: Bearer <token>`` to every request it forwards (so only to
+allowlisted URLs: list nothing but your gateway). The enclave never sees the token; any
+``Authorization``, ``Cookie`` or ``Proxy-*`` header it sends is dropped, as before. Without a
+token the relay forwards no ``Authorization`` at all (and the gateway answers ``401``).
 
 Layers: :class:`Allowlist` and :func:`parse_relay_request` are sans-io (no ``await``); the Trio
 code in :func:`serve_sse_relay` only moves bytes. The upstream response is parsed with the SSE
@@ -57,6 +64,9 @@ DEFAULT_REQUEST_TIMEOUT_S: Final = 10.0
 DEFAULT_IDLE_TIMEOUT_S: Final = 90.0
 #: Concurrent relayed connections; more are answered ``503``.
 DEFAULT_MAX_CONNECTIONS: Final = 16
+#: A bearer token the relay may send (RFC 6750 ``b64token``), long enough to be a secret.
+UPSTREAM_TOKEN_PATTERN: Final = re.compile(r"[A-Za-z0-9._~+/-]{16,1024}=*")
+UPSTREAM_TOKEN_RULE: Final = "16 to 1024 characters of A-Z a-z 0-9 - . _ ~ + / (then optional =)"
 
 #: Request headers forwarded upstream (lower case). Everything else is dropped.
 FORWARDED_REQUEST_HEADERS: Final = frozenset(
@@ -94,6 +104,11 @@ class RelayRefused(TrioSignError):
     def __init__(self, message: str, *, status: int) -> None:
         super().__init__(message)
         self.status = status
+
+
+def valid_upstream_token(token: str) -> bool:
+    """Whether ``token`` can be sent as ``Authorization: Bearer`` (:data:`UPSTREAM_TOKEN_RULE`)."""
+    return isinstance(token, str) and UPSTREAM_TOKEN_PATTERN.fullmatch(token) is not None
 
 
 # -- allowlist (sans-io) -----------------------------------------------------------------------
@@ -292,10 +307,13 @@ class RelayRequest:
     def url(self) -> str:
         return f"{self.scheme}://{self.authority}{self.target}"
 
-    def upstream_request(self) -> bytes:
-        """The bytes sent upstream: ``GET``, ``Host``, the forwarded headers, ``close``."""
+    def upstream_request(self, *, token: str | None = None) -> bytes:
+        """The bytes sent upstream: ``GET``, ``Host``, the forwarded headers, then
+        ``Authorization: Bearer <token>`` when the parent has a ``token``, ``close``."""
         lines = [f"GET {self.target} HTTP/1.1", f"Host: {self.authority}"]
         lines += [f"{_canonical(name)}: {value}" for name, value in self.headers]
+        if token is not None:
+            lines.append(f"Authorization: Bearer {token}")
         lines.append("Connection: close")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
@@ -504,8 +522,10 @@ class _Relay:
         request_timeout_s: float,
         idle_timeout_s: float,
         max_connections: int,
+        upstream_token: str | None,
     ) -> None:
         self.allowlist = allowlist
+        self._upstream_token = upstream_token  # never logged
         self.ssl_context = ssl_context
         self.connect_upstream = connect_upstream
         self.stats = stats
@@ -622,7 +642,7 @@ class _Relay:
                     )
                     stream = tls
                     await tls.do_handshake()
-                await stream.send_all(request.upstream_request())
+                await stream.send_all(request.upstream_request(token=self._upstream_token))
             except (*_IO_ERRORS, ssl.SSLError) as exc:
                 if stream is not None:
                     await trio.aclose_forcefully(stream)
@@ -773,6 +793,7 @@ async def serve_sse_relay(
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    upstream_token: str | None = None,
     task_status: trio.TaskStatus[RelayStats] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the enclave's SSE connections on ``listeners`` until cancelled.
@@ -785,6 +806,9 @@ async def serve_sse_relay(
         connect_upstream: ``(host, port) -> Stream``, the raw TCP connection (default
             :func:`trio.open_tcp_stream`); tests point it at loopback. TLS is layered on top.
         stats: counters to update (a fresh :class:`RelayStats` if None).
+        upstream_token: this node's bearer token at the gateway, sent as ``Authorization:
+            Bearer`` with every forwarded request (never logged, never shown to the enclave);
+            None sends no ``Authorization``.
 
     Readiness: ``task_status.started(stats)`` once the accept loops run.
 
@@ -797,8 +821,9 @@ async def serve_sse_relay(
 
     Cancellation: closes every connection, both sides.
 
-    Error handling: a bad allowlist entry raises :class:`RelayConfigError`, an unverifying
-    ``ssl_context_for_upstream`` ``ValueError``, both before ``started``. Nothing that a peer does
+    Error handling: a bad allowlist entry or ``upstream_token`` raises
+    :class:`RelayConfigError`, an unverifying ``ssl_context_for_upstream`` ``ValueError``, all
+    before ``started``. Nothing that a peer does
     raises out of the relay.
     """
     if ssl_context_for_upstream.verify_mode != ssl.CERT_REQUIRED or not (
@@ -809,6 +834,8 @@ async def serve_sse_relay(
         raise ValueError("relay sizes and max_connections must be positive")
     if min(connect_timeout_s, request_timeout_s, idle_timeout_s) <= 0:
         raise ValueError("relay timeouts must be positive")
+    if upstream_token is not None and not valid_upstream_token(upstream_token):
+        raise RelayConfigError(f"the relay's upstream token must be {UPSTREAM_TOKEN_RULE}")
     allow = allowlist if isinstance(allowlist, Allowlist) else Allowlist(allowlist)
     if not allow.entries:
         log.warning("sse relay: the allowlist is empty; every request will be refused")
@@ -827,6 +854,7 @@ async def serve_sse_relay(
         request_timeout_s=request_timeout_s,
         idle_timeout_s=idle_timeout_s,
         max_connections=max_connections,
+        upstream_token=upstream_token,
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, relay.handle, list(listeners))

@@ -388,6 +388,7 @@ async def _run_enclave_in(
                     cafile=None if config.relay_ca is None else str(config.relay_ca)
                 ),
                 stats=state.relay,
+                upstream_token=config.relay_token,
             )
         )
     preload_listeners = await open_listeners(addresses.listen["preload"])
