@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import Protocol
 
 import trio
 
@@ -31,6 +32,10 @@ log = logging.getLogger("trio_sign.pool")
 DEFAULT_MAX_SESSIONS = 10_000
 DEFAULT_SESSION_TTL_S = 60.0
 MAX_SESSION_ID_BYTES = 128
+#: Wire sizes of a commitment's fields in FROST(Ed25519, SHA-512): a scalar identifier and two
+#: compressed Edwards points (DESIGN §4). Checked before any commitment object is built.
+IDENTIFIER_BYTES = 32
+ELEMENT_BYTES = 32
 
 
 class PoolErrorKind(Enum):
@@ -86,15 +91,59 @@ class _Session:
 _Signed = tuple[float, str, bytes, bytes, bytes, bytes, bytes, int]
 
 
-def _request_digest(message: bytes, commitments: Sequence[SigningCommitment]) -> bytes:
+class CommitmentFields(Protocol):
+    """What :meth:`SessionPool.sign` reads of each commitment: a
+    :class:`~trio_sign.crypto.SigningCommitment` or the ``SigningCommitment`` protobuf message
+    as received (so nothing is built before the list is known to be in bounds)."""
+
+    @property
+    def identifier(self) -> bytes: ...
+
+    @property
+    def hiding(self) -> bytes: ...
+
+    @property
+    def binding(self) -> bytes: ...
+
+
+def _request_digest(message: bytes, commitments: Sequence[CommitmentFields]) -> bytes:
+    """A digest of the whole Sign request, for recognising a byte-identical retry.
+
+    Every part is length-prefixed with 8 bytes, so no field size can overflow the prefix (a
+    2-byte prefix once made a 64 KiB field an OverflowError) and no two requests collide by
+    moving bytes between fields.
+    """
     h = hashlib.sha256()
     h.update(len(message).to_bytes(8, "big"))
     h.update(message)
+    h.update(len(commitments).to_bytes(8, "big"))
     for c in commitments:
         for part in (c.identifier, c.hiding, c.binding):
-            h.update(len(part).to_bytes(2, "big"))
+            h.update(len(part).to_bytes(8, "big"))
             h.update(part)
     return h.digest()
+
+
+def _commitments_problem(
+    commitments: Sequence[CommitmentFields], min_signers: int, max_signers: int
+) -> str | None:
+    """Why the list is out of bounds for the account, or None; the work is bounded by
+    ``max_signers``, never by the request (the length is checked before any element is read).
+    """
+    n = len(commitments)
+    if n < min_signers:
+        return f"too few signers: {n} commitments, at least {min_signers} required"
+    if n > max_signers:
+        return f"too many signers: {n} commitments, at most {max_signers} allowed"
+    for index, c in enumerate(commitments):
+        for name, value, size in (
+            ("identifier", c.identifier, IDENTIFIER_BYTES),
+            ("hiding", c.hiding, ELEMENT_BYTES),
+            ("binding", c.binding, ELEMENT_BYTES),
+        ):
+            if len(value) != size:
+                return f"commitment {index}: {name} must be {size} bytes, got {len(value)}"
+    return None
 
 
 class SessionPool:
@@ -222,23 +271,28 @@ class SessionPool:
         return CommitResult(nonces.commitment, expires_ms)
 
     def sign(
-        self, session_id: str, message: bytes, commitments: Sequence[SigningCommitment]
+        self, session_id: str, message: bytes, commitments: Sequence[CommitmentFields]
     ) -> tuple[bytes, bytes]:
         """FROST round two: consume the session's nonces exactly once; free its slot.
 
         A byte-identical retry returns the same share; any other request for a signed session
         is FAILED_PRECONDITION. Invalid input (INVALID_ARGUMENT) leaves the session usable.
 
+        The work is bounded before it starts: the session id's length, then the session, then
+        the list's length against the account's ``min_signers``/``max_signers`` and every
+        field's length, all before a commitment object is built or anything is hashed. The
+        caller bounds ``message`` (the service's ``MAX_MESSAGE_BYTES``).
+
         Returns:
             ``(identifier, signature_share)``: this signer's identifier and its share.
         """
-        digest = _request_digest(message, commitments)
+        _check_session_id(session_id)
         session = self._live(session_id)
         if session is None or session.nonces is None:
             signed = self._live_signed(session_id)
             if signed is None:
                 raise PoolError(PoolErrorKind.NOT_FOUND, "unknown or expired session_id")
-            if signed[2] == digest:
+            if self._is_signed_retry(signed, message, commitments):
                 return signed[4], signed[3]
             raise PoolError(
                 PoolErrorKind.FAILED_PRECONDITION,
@@ -247,6 +301,13 @@ class SessionPool:
         if self._is_frozen(session.account_id):
             raise PoolError(PoolErrorKind.FAILED_PRECONDITION, "account is frozen")
         account = self._account(session.account_id)
+        problem = _commitments_problem(commitments, account.min_signers, account.max_signers)
+        if problem is not None:
+            raise PoolError(PoolErrorKind.INVALID_ARGUMENT, problem)
+        parsed = [
+            SigningCommitment(bytes(c.identifier), bytes(c.hiding), bytes(c.binding))
+            for c in commitments
+        ]
         nonces = session.nonces
         try:
             share = sign(
@@ -254,7 +315,7 @@ class SessionPool:
                 signing_share=account.signing_share,
                 group_public_key=account.group_public_key,
                 message=message,
-                commitments=commitments,
+                commitments=parsed,
                 min_signers=account.min_signers,
                 max_signers=account.max_signers,
             )
@@ -273,7 +334,7 @@ class SessionPool:
         self._signed[session_id] = (
             session.deadline,
             session.account_id,
-            digest,
+            _request_digest(message, parsed),
             share,
             c.identifier,
             c.hiding,
@@ -282,8 +343,21 @@ class SessionPool:
         )
         return c.identifier, share
 
+    def _is_signed_retry(
+        self, signed: _Signed, message: bytes, commitments: Sequence[CommitmentFields]
+    ) -> bool:
+        """Whether the request is byte-identical to the one the session signed. The signed
+        request was in bounds, so one that is not cannot match: refused without hashing."""
+        account = self._lookup(signed[1])
+        if account is None:  # pragma: no cover - the store does not shrink while serving
+            return False
+        if _commitments_problem(commitments, account.min_signers, account.max_signers) is not None:
+            return False
+        return signed[2] == _request_digest(message, commitments)
+
     def abort(self, session_id: str) -> None:
         """Drop the session and zero its nonces (also forgets a signed session)."""
+        _check_session_id(session_id)
         session = self._sessions.pop(session_id, None)
         if session is not None:
             self._release(session)
@@ -409,7 +483,13 @@ class SessionPool:
 
 
 def _check_session_id(session_id: str) -> None:
-    if not session_id or len(session_id.encode("utf-8")) > MAX_SESSION_ID_BYTES:
+    # The character count first: a string longer than the limit in characters is longer in
+    # bytes too, and is refused without encoding it.
+    if (
+        not session_id
+        or len(session_id) > MAX_SESSION_ID_BYTES
+        or len(session_id.encode("utf-8")) > MAX_SESSION_ID_BYTES
+    ):
         raise PoolError(
             PoolErrorKind.INVALID_ARGUMENT,
             f"session_id must be 1..{MAX_SESSION_ID_BYTES} bytes",
