@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 
-from trio_sign.enclave import PoolError, PoolErrorKind, SignService
+from trio_sign.enclave import PoolError, PoolErrorKind, SessionPool, SignService
 from trio_sign.sse import (
     MIN_RETRY_S,
     MessageEvent,
@@ -22,7 +22,10 @@ from trio_sign.sse import (
     SseEventHandler,
     run_sse_client,
 )
+from trio_sign.sse import _handler as sse_handler
 from trio_sign.transport import TransportError, connect, open_listeners
+
+from .enclave_helpers import make_accounts
 
 URL = "http://gateway.internal/v1/enclaves/node-1/events"
 OK_HEAD = (
@@ -683,6 +686,81 @@ def test_handler_logs_other_abort_errors(caplog: pytest.LogCaptureFixture) -> No
     enclave.pool.refuse = True
     SseEventHandler(enclave)(ev("abort", {"session_id": "s1"}))
     assert "refused: pool closed" in caplog.text
+
+
+class FakeEnclaveWithAccounts(FakeEnclave):
+    """A target that can say which accounts exist, as the real SignService can."""
+
+    def __init__(self, accounts: set[str]) -> None:
+        super().__init__()
+        self.accounts = accounts
+
+    def has_account(self, account_id: str) -> bool:
+        return account_id in self.accounts
+
+
+def test_freeze_ignores_accounts_the_enclave_does_not_hold(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, "trio_sign.sse")
+    enclave = FakeEnclaveWithAccounts({"acct-1"})
+    handle = SseEventHandler(enclave, max_frozen_accounts=1)
+    for i in range(10_000):
+        handle(ev("freeze", {"account_id": f"hostile-{i}"}))
+    assert enclave.frozen == set()
+    assert "freeze of unknown account 'hostile-9999' ignored" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    handle(ev("freeze", {"account_id": "acct-1"}))
+    handle(ev("freeze", {"account_id": "acct-1"}))
+    assert enclave.frozen == {"acct-1"}
+    assert handle.freezes_ignored_at_cap == 0  # the cap is for targets without a directory
+
+
+def test_freeze_through_the_real_service() -> None:
+    store, _ = make_accounts(2)
+    frozen: set[str] = set()
+    pool = SessionPool(store.get, is_frozen=frozen.__contains__)
+    service = SignService(store, pool, frozen=frozen)
+    handle = SseEventHandler(service)
+    handle(ev("freeze", {"account_id": "nobody"}))
+    handle(ev("freeze", {"account_id": "acct-0"}))
+    assert service.frozen == {"acct-0"}
+    with pytest.raises(PoolError) as info:
+        pool.commit("acct-0", "s")
+    assert info.value.kind is PoolErrorKind.FAILED_PRECONDITION
+    store.close()
+    handle(ev("freeze", {"account_id": "acct-1"}))  # a closed store holds nothing; no raise
+    assert service.frozen == {"acct-0"}
+
+
+def test_freeze_is_capped_without_a_directory(caplog: pytest.LogCaptureFixture) -> None:
+    assert sse_handler.MAX_FROZEN_ACCOUNTS == 100_000
+    now = [0.0]
+    enclave = FakeEnclave()
+    handle = SseEventHandler(enclave, max_frozen_accounts=3, clock=lambda: now[0])
+
+    def warnings() -> int:
+        return sum(r.levelno == logging.WARNING for r in caplog.records)
+
+    for i in range(1000):
+        handle(ev("freeze", {"account_id": f"a{i}"}))
+    assert enclave.frozen == {"a0", "a1", "a2"}
+    assert handle.freezes_ignored_at_cap == 997
+    assert warnings() == 1  # once per interval, not once per event
+    assert "max_frozen_accounts" in caplog.text
+    handle(ev("freeze", {"account_id": "a1"}))  # already frozen: not a refusal
+    assert handle.freezes_ignored_at_cap == 997
+    now[0] = 59.0
+    handle(ev("freeze", {"account_id": "b"}))
+    assert warnings() == 1
+    now[0] = 60.0
+    handle(ev("freeze", {"account_id": "b"}))
+    assert warnings() == 2
+    handle(ev("unfreeze", {"account_id": "a0"}))
+    handle(ev("freeze", {"account_id": "b"}))
+    assert enclave.frozen == {"a1", "a2", "b"}
+    with pytest.raises(ValueError, match="max_frozen_accounts"):
+        SseEventHandler(enclave, max_frozen_accounts=0)
 
 
 async def test_handler_through_the_client(autojump_clock: trio.abc.Clock) -> None:

@@ -1,15 +1,18 @@
 """DESIGN §5 events onto the enclave: ``probe``, ``abort``, ``freeze``, ``unfreeze``, ``drain``.
 
 The handler never raises for what the gateway sent: bad JSON, wrong types and unknown event types
-are logged and ignored, so a gateway bug cannot take the enclave down.
+are logged and ignored, so a gateway bug cannot take the enclave down. Nothing an event carries
+grows without bound: ``freeze`` adds only accounts the enclave holds (or, for a target that
+cannot tell, at most ``max_frozen_accounts``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
-from typing import Final, Protocol
+from typing import Final, Protocol, runtime_checkable
 
 from .._errors import TrioSignError
 from ._events import MessageEvent
@@ -18,6 +21,12 @@ log = logging.getLogger("trio_sign.sse")
 
 #: Longest id (nonce, session id, account id) accepted in an event, in characters.
 MAX_EVENT_ID_LENGTH: Final = 1024
+#: Most account ids frozen at once on a target that cannot say which accounts exist (one
+#: without ``has_account``); further ``freeze`` events are ignored with a warning. The
+#: enclave's service can say, so its frozen set is bounded by its store instead.
+MAX_FROZEN_ACCOUNTS: Final = 100_000
+#: At most one warning per this many seconds about ``freeze`` events ignored at the cap.
+FROZEN_CAP_WARNING_INTERVAL_S: Final = 60.0
 
 
 class SessionAborter(Protocol):
@@ -41,16 +50,46 @@ class SseControlled(Protocol):
     def start_draining(self) -> None: ...
 
 
+@runtime_checkable
+class AccountDirectory(Protocol):
+    """Optional on an :class:`SseControlled` target: which accounts exist. When the target has
+    it (:class:`trio_sign.enclave.SignService` does), ``freeze`` of any other id is ignored."""
+
+    def has_account(self, account_id: str) -> bool: ...
+
+
 class SseEventHandler:
     """Apply gateway events to an :class:`SseControlled`; pass it as ``on_event``.
 
+    Args:
+        target: what the events act on.
+        max_frozen_accounts: the cap on ``target.frozen`` when the target is not an
+            :class:`AccountDirectory` (default :data:`MAX_FROZEN_ACCOUNTS`).
+        clock: seconds, for spacing the warnings about the cap (``time.monotonic``).
+
     Error handling: never raises for bad input; logs a warning (ids and sizes only) and ignores
     the event. Aborting an unknown or expired session is normal (the gateway may abort a session
-    that never reached this node) and logged at debug.
+    that never reached this node) and logged at debug, as is freezing an account this enclave
+    does not hold (its store is fixed once loaded, so such an account can never sign here).
+    Freezes ignored at the cap are logged at warning at most once per
+    :data:`FROZEN_CAP_WARNING_INTERVAL_S`, and counted in ``freezes_ignored_at_cap``.
     """
 
-    def __init__(self, target: SseControlled) -> None:
+    def __init__(
+        self,
+        target: SseControlled,
+        *,
+        max_frozen_accounts: int = MAX_FROZEN_ACCOUNTS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_frozen_accounts < 1:
+            raise ValueError("max_frozen_accounts must be >= 1")
         self._target = target
+        self._has_account = target.has_account if isinstance(target, AccountDirectory) else None
+        self._max_frozen = max_frozen_accounts
+        self._clock = clock
+        self._cap_warned_at: float | None = None
+        self.freezes_ignored_at_cap = 0
 
     def __call__(self, event: MessageEvent) -> None:
         handler = _HANDLERS.get(event.type)
@@ -108,8 +147,43 @@ class SseEventHandler:
         log.info("sse: aborted session %r (event id %r)", session_id, event.last_event_id)
 
     def _freeze(self, account_id: str, event: MessageEvent) -> None:
-        self._target.frozen.add(account_id)
+        frozen = self._target.frozen
+        if account_id in frozen:
+            log.debug(
+                "sse: account %r already frozen (event id %r)", account_id, event.last_event_id
+            )
+            return
+        if self._has_account is not None:
+            if not self._has_account(account_id):
+                log.debug(
+                    "sse: freeze of unknown account %r ignored (event id %r)",
+                    account_id,
+                    event.last_event_id,
+                )
+                return
+        elif len(frozen) >= self._max_frozen:
+            self._ignored_at_cap(account_id, event)
+            return
+        frozen.add(account_id)
         log.info("sse: froze account %r (event id %r)", account_id, event.last_event_id)
+
+    def _ignored_at_cap(self, account_id: str, event: MessageEvent) -> None:
+        self.freezes_ignored_at_cap += 1
+        now = self._clock()
+        if (
+            self._cap_warned_at is not None
+            and now - self._cap_warned_at < FROZEN_CAP_WARNING_INTERVAL_S
+        ):
+            log.debug("sse: freeze of account %r ignored at the cap", account_id)
+            return
+        self._cap_warned_at = now
+        log.warning(
+            "sse: %d accounts frozen (max_frozen_accounts); ignoring freeze events for other "
+            "accounts (%d so far, latest id %r)",
+            self._max_frozen,
+            self.freezes_ignored_at_cap,
+            event.last_event_id,
+        )
 
     def _unfreeze(self, account_id: str, event: MessageEvent) -> None:
         self._target.frozen.discard(account_id)
