@@ -688,6 +688,22 @@ def test_handler_logs_other_abort_errors(caplog: pytest.LogCaptureFixture) -> No
     assert "refused: pool closed" in caplog.text
 
 
+def test_abort_of_an_overlong_session_id_is_not_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The real pool refuses ids over 128 bytes as INVALID_ARGUMENT: no such session can
+    exist, so the abort is as ignorable as one of an unknown session (debug, not warning)."""
+    caplog.set_level(logging.DEBUG, "trio_sign.sse")
+    store, _ = make_accounts(1)
+    service = SignService(store, SessionPool(store.get))
+    handle = SseEventHandler(service)
+    for i in range(100):
+        handle(ev("abort", {"session_id": f"{i}" + "s" * 500}))
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "invalid_argument" in caplog.text
+    store.close()
+
+
 class FakeEnclaveWithAccounts(FakeEnclave):
     """A target that can say which accounts exist, as the real SignService can."""
 

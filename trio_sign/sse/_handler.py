@@ -34,7 +34,9 @@ class SessionAborter(Protocol):
 
     def abort(self, session_id: str) -> None:
         """Drop the session; raise a ``TrioSignError`` whose ``kind.value`` is ``"not_found"``
-        if there is no such session (as :class:`trio_sign.enclave.PoolError` does)."""
+        if there is no such session, or ``"invalid_argument"`` if there could be none (a
+        session id over the pool's length limit), as :class:`trio_sign.enclave.PoolError`
+        does."""
 
 
 class SseControlled(Protocol):
@@ -139,8 +141,10 @@ class SseEventHandler:
             self._target.pool.abort(session_id)
         except TrioSignError as exc:
             kind = getattr(getattr(exc, "kind", None), "value", None)
-            if kind == "not_found":
-                log.debug("sse: abort of unknown session %r ignored", session_id)
+            if kind in ("not_found", "invalid_argument"):
+                # A session id the pool could never have opened (too long) is as unknown as
+                # an expired one: not worth a warning per event.
+                log.debug("sse: abort of unknown session %r ignored (%s)", session_id, kind)
                 return
             log.warning("sse: abort of session %r refused: %s", session_id, exc)
             return
