@@ -16,11 +16,15 @@ from ._events import StreamEnded as StreamEnded
 from ._events import StreamError as StreamError
 from ._events import StreamReset as StreamReset
 from ._events import TrailersReceived as TrailersReceived
+from ._limits import RateLimitedLog as RateLimitedLog
+from ._limits import ServerLimits as ServerLimits
+from ._limits import connection_limit as connection_limit
 from ._protocol import DEFAULT_MAX_RECEIVE_MESSAGE_SIZE as DEFAULT_MAX_RECEIVE_MESSAGE_SIZE
 from ._protocol import GrpcClientConnection as GrpcClientConnection
 from ._protocol import GrpcServerConnection as GrpcServerConnection
 from ._server import CallContext as CallContext
 from ._server import GrpcServer as GrpcServer
+from ._server import ServerStats as ServerStats
 from ._server import SupportsSerializeToString as SupportsSerializeToString
 from ._server import UnaryHandler as UnaryHandler
 from ._server import protobuf_handler as protobuf_handler
@@ -39,11 +43,14 @@ __all__ = [
     "GrpcProtocolError",
     "GrpcServer",
     "GrpcServerConnection",
+    "RateLimitedLog",
     "MessageReceived",
     "Metadata",
     "RequestReceived",
     "ResponseReceived",
     "RpcError",
+    "ServerLimits",
+    "ServerStats",
     "StatusCode",
     "StreamEnded",
     "StreamError",
@@ -51,6 +58,7 @@ __all__ = [
     "SupportsSerializeToString",
     "TrailersReceived",
     "UnaryHandler",
+    "connection_limit",
     "open_grpc_channel",
     "protobuf_handler",
     "serve_grpc",

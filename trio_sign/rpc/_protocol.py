@@ -20,7 +20,8 @@ import collections
 import contextlib
 import re
 import struct
-from collections.abc import Collection, Iterable
+import time
+from collections.abc import Collection, Iterable, Mapping
 from typing import Final
 
 import h2.config
@@ -43,6 +44,7 @@ from ._events import (
     StreamReset,
     TrailersReceived,
 )
+from ._limits import FloodCounter, FrameGate, ReceiveBudget, ServerLimits
 from ._status import (
     GrpcProtocolError,
     StatusCode,
@@ -64,6 +66,7 @@ DEFAULT_MAX_CONCURRENT_STREAMS: Final = 128
 #: message size, since we acknowledge data as soon as it is deframed.
 DEFAULT_INITIAL_WINDOW_SIZE: Final = 1024 * 1024
 DEFAULT_MAX_HEADER_LIST_SIZE: Final = 16 * 1024
+DEFAULT_MAX_SEND_BYTES: Final = 1024 * 1024
 
 _PREFIX: Final = struct.Struct(">BI")
 _H2_DEFAULT_WINDOW: Final = 65535
@@ -122,9 +125,10 @@ _VALUE: Final = re.compile(rb"[\x20-\x7e]*")
 class _Stream:
     """Per-stream state: inbound deframing buffer and the outbound queue."""
 
-    __slots__ = ("headers_sent", "inbuf", "out", "out_end", "remote_ended", "trailers")
+    __slots__ = ("headers_sent", "inbuf", "limit", "out", "out_end", "remote_ended", "trailers")
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit  # largest message accepted on this stream
         self.inbuf = bytearray()
         self.out: collections.deque[memoryview] = collections.deque()
         self.out_end = False  # end the stream after the queued data (client request)
@@ -178,6 +182,8 @@ class _GrpcConnection:
         max_receive_message_size: int,
         max_concurrent_streams: int,
         initial_window_size: int,
+        max_buffered: int | None = None,
+        budget: ReceiveBudget | None = None,
     ) -> None:
         if max_receive_message_size < 0:
             raise ValueError("max_receive_message_size must be >= 0")
@@ -208,10 +214,17 @@ class _GrpcConnection:
         self._initial_window_size = initial_window_size
         self._max_concurrent_streams = max_concurrent_streams
         self._max_receive = max_receive_message_size
-        # Incomplete inbound messages across all streams of the connection: room for two
-        # maximum-size messages arriving interleaved, plus slack.
-        self._max_buffered = 2 * max_receive_message_size + 65536
+        # Incomplete inbound messages across all streams of the connection: by default room for
+        # two maximum-size messages arriving interleaved, plus slack.
+        if max_buffered is None:
+            max_buffered = 2 * max_receive_message_size + 65536
+        self._max_buffered = max_buffered
         self._buffered = 0
+        # Shared by every connection of a server (a private one otherwise).
+        self._budget = budget if budget is not None else ReceiveBudget(max_buffered)
+        self._queued_out = 0  # response bytes waiting in the streams' queues
+        #: Message bytes handed to h2 so far (grows whenever flow control lets data out).
+        self.sent_message_bytes = 0
         self._streams: dict[int, _Stream] = {}
         self._blocked: set[int] = set()
         self._raw_out = b""  # frames written around h2 (the drain GOAWAY)
@@ -254,6 +267,16 @@ class _GrpcConnection:
         """Streams the core still tracks (not yet finished or reset)."""
         return len(self._streams)
 
+    @property
+    def buffered_receive_bytes(self) -> int:
+        """Bytes of incomplete inbound messages this connection holds."""
+        return self._buffered
+
+    @property
+    def queued_send_bytes(self) -> int:
+        """Message bytes queued on streams, waiting for the peer's flow-control window."""
+        return self._queued_out
+
     def send_message(self, stream_id: int, data: bytes, *, end_stream: bool = False) -> None:
         """Queue one length-prefixed message; sent as the flow-control windows allow."""
         st = self._get(stream_id)
@@ -261,6 +284,7 @@ class _GrpcConnection:
         if st.out_end or st.trailers is not None:
             raise GrpcProtocolError(f"stream {stream_id}: message after the end of the stream")
         st.out.append(memoryview(_PREFIX.pack(0, len(data)) + data))
+        self._queued_out += 5 + len(data)
         st.out_end = end_stream
         self._flush(stream_id, st)
 
@@ -296,14 +320,25 @@ class _GrpcConnection:
         """Forget a stream, releasing its share of the receive budget."""
         st = self._streams.pop(stream_id, None)
         if st is not None:
-            self._buffered -= len(st.inbuf)
+            self._unbuffer(len(st.inbuf))
+            self._drop_output(st)
             self._blocked.discard(stream_id)
         return st
 
     def _forget_all(self) -> None:
         self._streams.clear()
         self._blocked.clear()
-        self._buffered = 0
+        self._unbuffer(self._buffered)
+        self._queued_out = 0
+
+    def _unbuffer(self, n: int) -> None:
+        self._buffered -= n
+        self._budget.used -= n
+
+    def _drop_output(self, st: _Stream) -> None:
+        if st.out:
+            self._queued_out -= sum(len(chunk) for chunk in st.out)
+            st.out.clear()
 
     def _get(self, stream_id: int) -> _Stream:
         st = self._streams.get(stream_id)
@@ -317,7 +352,7 @@ class _GrpcConnection:
         except _STREAM_GONE:
             # h2 processes a whole batch of frames before we see its events, so the peer may
             # have closed or reset this stream already; the event about that follows.
-            st.out.clear()
+            self._drop_output(st)
             st.trailers = None
             self._blocked.discard(stream_id)
 
@@ -335,6 +370,8 @@ class _GrpcConnection:
             else:
                 out[0] = chunk[window:]
                 chunk = chunk[:window]
+            self._queued_out -= len(chunk)
+            self.sent_message_bytes += len(chunk)
             h2c.send_data(stream_id, chunk, end_stream=st.out_end and not out)
         self._blocked.discard(stream_id)
         if st.trailers is not None:
@@ -355,14 +392,16 @@ class _GrpcConnection:
         if the peer broke the framing or the receive budget; `_fail_stream` has then been
         called."""
         buf = st.inbuf
+        limit = st.limit
         if not buf and len(data) >= 5:
             # Fast path: a whole single message in one DATA frame, no intermediate buffer.
             flag, length = _PREFIX.unpack_from(data)
-            if len(data) == 5 + length and flag == 0 and length <= self._max_receive:
+            if len(data) == 5 + length and flag == 0 and length <= limit:
                 events.append(MessageReceived(stream_id, data[5:]))
                 return True
         buf += data
         self._buffered += len(data)
+        self._budget.used += len(data)
         while len(buf) >= 5:
             flag, length = _PREFIX.unpack_from(buf)
             if flag != 0:
@@ -372,11 +411,12 @@ class _GrpcConnection:
                     message = f"invalid message flags {flag:#x}"
                 self._fail_stream(stream_id, StatusCode.INTERNAL, message, events)
                 return False
-            if length > self._max_receive:
+            if length > limit:
+                # Refused on the length prefix, before the message is buffered.
                 self._fail_stream(
                     stream_id,
                     StatusCode.RESOURCE_EXHAUSTED,
-                    f"received message larger than max ({length} vs. {self._max_receive})",
+                    f"received message larger than max ({length} vs. {limit})",
                     events,
                 )
                 return False
@@ -385,16 +425,20 @@ class _GrpcConnection:
                 break
             events.append(MessageReceived(stream_id, bytes(buf[5:end])))
             del buf[:end]
-            self._buffered -= end
-        if self._buffered > self._max_buffered:
+            self._unbuffer(end)
+        if self._buffered > self._max_buffered or self._budget.exhausted:
             # Received data is acknowledged at once (so a big message never stalls), which
             # means flow control does not bound what incomplete messages hold across streams.
-            # This budget does.
+            # These budgets do: one per connection, one for the whole server.
+            where = (
+                f"this connection (over {self._max_buffered} bytes)"
+                if self._buffered > self._max_buffered
+                else f"this server (over {self._budget.limit} bytes)"
+            )
             self._fail_stream(
                 stream_id,
                 StatusCode.RESOURCE_EXHAUSTED,
-                f"too much incomplete message data on this connection (over {self._max_buffered}"
-                " bytes)",
+                f"too much incomplete message data on {where}",
                 events,
             )
             return False
@@ -451,8 +495,19 @@ class GrpcServerConnection(_GrpcConnection):
         methods: the ``:path`` values that exist (e.g. ``/trio_sign.v1.SignService/Ping``);
             others are answered UNIMPLEMENTED by the core. ``None`` lets every path through.
         max_receive_message_size: larger request messages are answered RESOURCE_EXHAUSTED.
-        max_concurrent_streams: advertised SETTINGS_MAX_CONCURRENT_STREAMS.
+        max_concurrent_streams: advertised SETTINGS_MAX_CONCURRENT_STREAMS, and enforced from
+            the first frame: streams beyond it are refused with REFUSED_STREAM.
         initial_window_size: advertised per-stream (and initial connection) receive window.
+        method_limits: a largest request message per method (``:path``), checked against each
+            message's length prefix before anything is buffered; other methods get
+            ``max_receive_message_size``.
+        max_buffered: incomplete request bytes this connection may hold (default: twice the
+            largest message cap plus 64 KiB).
+        budget: incomplete request bytes all connections of a server may hold together.
+        max_send_bytes: while more response bytes than this wait for the peer's window, new
+            streams are refused.
+        flood: counts resets, PINGs and SETTINGS; when it trips the connection is closed with
+            GOAWAY ENHANCE_YOUR_CALM (default: `ServerLimits` defaults on ``time.monotonic``).
     """
 
     def __init__(
@@ -462,15 +517,30 @@ class GrpcServerConnection(_GrpcConnection):
         max_receive_message_size: int = DEFAULT_MAX_RECEIVE_MESSAGE_SIZE,
         max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS,
         initial_window_size: int = DEFAULT_INITIAL_WINDOW_SIZE,
+        method_limits: Mapping[str, int] | None = None,
+        max_buffered: int | None = None,
+        budget: ReceiveBudget | None = None,
+        max_send_bytes: int = DEFAULT_MAX_SEND_BYTES,
+        flood: FloodCounter | None = None,
     ) -> None:
+        method_limits = dict(method_limits or {})
+        largest = max([max_receive_message_size, *method_limits.values()])
         super().__init__(
             client_side=False,
             max_receive_message_size=max_receive_message_size,
             max_concurrent_streams=max_concurrent_streams,
             initial_window_size=initial_window_size,
+            max_buffered=2 * largest + 65536 if max_buffered is None else max_buffered,
+            budget=budget,
         )
         self._methods = None if methods is None else frozenset(methods)
+        self._method_limits = method_limits
+        self._max_send_bytes = max_send_bytes
+        self._flood = flood if flood is not None else FloodCounter(ServerLimits(), time.monotonic)
+        self._gate = FrameGate(self._flood)
         self._drain_last_stream_id: int | None = None
+        #: Streams refused because the connection was at its stream or send limit.
+        self.refused_streams = 0
 
     # -- commands ---------------------------------------------------------------------------
 
@@ -510,6 +580,7 @@ class GrpcServerConnection(_GrpcConnection):
             trailers.append((b"grpc-message", encode_grpc_message(message)))
         trailers += _encode_metadata(metadata)
         st.trailers = trailers
+        self._flood.call_completed()
         self._flush(stream_id, st)
 
     def send_response(
@@ -536,6 +607,16 @@ class GrpcServerConnection(_GrpcConnection):
         """True once `start_drain` was called."""
         return self._drain_last_stream_id is not None
 
+    @property
+    def abuse(self) -> str | None:
+        """Why the connection was closed with ENHANCE_YOUR_CALM (a flood), or None."""
+        return self._flood.tripped
+
+    @property
+    def preface_received(self) -> bool:
+        """True once the client's preface and first SETTINGS frame arrived."""
+        return self._peer_settings_received
+
     def close(self, error_code: int = ErrorCodes.NO_ERROR) -> None:
         if self._terminated:
             return
@@ -549,14 +630,31 @@ class GrpcServerConnection(_GrpcConnection):
     # -- input ------------------------------------------------------------------------------
 
     def receive_data(self, data: bytes) -> list[Event]:
-        """Process bytes from the client; return the events they complete."""
+        """Process bytes from the client; return the events they complete.
+
+        The bytes reach ``h2`` through the `FrameGate`, one new stream at a time, so that a
+        stream over the limit is refused before the next one is parsed; a flood of resets,
+        PINGs or SETTINGS ends the connection with GOAWAY ENHANCE_YOUR_CALM at the frame that
+        crossed the limit (nothing after it is processed).
+        """
         if self._terminated:
             return []
-        try:
-            h2_events = self._h2.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
-            return self._protocol_failure(exc)
         events: list[Event] = []
+        for chunk in self._gate.feed(data):
+            try:
+                h2_events = self._h2.receive_data(chunk)
+            except h2.exceptions.ProtocolError as exc:
+                return events + self._protocol_failure(exc)
+            self._on_h2_events(h2_events, events)
+            if self._terminated or self._flood.tripped is not None:
+                break
+        if self._flood.tripped is not None and not self._terminated:
+            reason = self._flood.tripped
+            self.close(ErrorCodes.ENHANCE_YOUR_CALM)
+            events.append(ConnectionTerminated(int(ErrorCodes.ENHANCE_YOUR_CALM), 0, reason))
+        return events
+
+    def _on_h2_events(self, h2_events: list[h2.events.Event], events: list[Event]) -> None:
         for ev in h2_events:
             if isinstance(ev, h2.events.RequestReceived):
                 self._on_request(ev, events)
@@ -586,13 +684,22 @@ class GrpcServerConnection(_GrpcConnection):
                 )
             else:
                 self._handle_common(ev, events)
-        return events
 
     def _on_request(self, ev: h2.events.RequestReceived, events: list[Event]) -> None:
         stream_id = ev.stream_id
         ended = ev.stream_ended is not None
         if self._drain_last_stream_id is not None and stream_id > self._drain_last_stream_id:
             self._reset_h2(stream_id, ErrorCodes.REFUSED_STREAM)
+            return
+        if (
+            len(self._streams) >= self._max_concurrent_streams
+            or self._queued_out > self._max_send_bytes
+        ):
+            # Our own count, O(1): the limit holds from the first frame, before the peer has
+            # acknowledged the SETTINGS that announce it. Refusals count as resets.
+            self._reset_h2(stream_id, ErrorCodes.REFUSED_STREAM)
+            self.refused_streams += 1
+            self._flood.reset()
             return
         method = path = authority = content_type = te = timeout = encoding = None
         metadata: list[tuple[str, str | bytes]] = []
@@ -676,7 +783,7 @@ class GrpcServerConnection(_GrpcConnection):
         if self._methods is not None and method_name not in self._methods:
             self._early(stream_id, ended, StatusCode.UNIMPLEMENTED, f"unknown method {method_name}")
             return
-        st = _Stream()
+        st = _Stream(self._method_limits.get(method_name, self._max_receive))
         st.remote_ended = ended
         self._streams[stream_id] = st
         events.append(
@@ -728,10 +835,10 @@ class GrpcServerConnection(_GrpcConnection):
     ) -> None:
         st = self._streams[stream_id]
         # Drop unsent output: the response is being cut short.
-        st.out.clear()
+        self._drop_output(st)
         st.out_end = False
         st.trailers = None
-        self._buffered -= len(st.inbuf)
+        self._unbuffer(len(st.inbuf))
         st.inbuf.clear()
         self.send_trailers(stream_id, status, message)
         if stream_id in self._streams:  # blocked on flow control: give up on it
@@ -871,7 +978,7 @@ class GrpcClientConnection(_GrpcConnection):
             self._h2.send_headers(stream_id, headers)
         except h2.exceptions.TooManyStreamsError as exc:
             raise GrpcProtocolError("the server's MAX_CONCURRENT_STREAMS is reached") from exc
-        self._streams[stream_id] = _Stream()
+        self._streams[stream_id] = _Stream(self._max_receive)
         return stream_id
 
     def end_stream(self, stream_id: int) -> None:
@@ -956,8 +1063,9 @@ class GrpcClientConnection(_GrpcConnection):
         *,
         remote_ended: bool,
     ) -> None:
-        st = self._pop(stream_id)
+        st = self._streams.get(stream_id)
         request_done = st is not None and st.out_end and not st.out
+        self._pop(stream_id)
         if not remote_ended or not request_done:
             # Either side still open: close it, so that the stream stops counting against the
             # server's MAX_CONCURRENT_STREAMS (h2 counts it until both sides are closed).

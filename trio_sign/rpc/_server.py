@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -22,15 +23,12 @@ from ._events import (
     StreamReset,
 )
 from ._io import Writer, receive_bytes
-from ._protocol import (
-    DEFAULT_INITIAL_WINDOW_SIZE,
-    DEFAULT_MAX_CONCURRENT_STREAMS,
-    DEFAULT_MAX_RECEIVE_MESSAGE_SIZE,
-    GrpcServerConnection,
-)
+from ._limits import FloodCounter, RateLimitedLog, ReceiveBudget, ServerLimits, connection_limit
+from ._protocol import DEFAULT_INITIAL_WINDOW_SIZE, GrpcServerConnection
 from ._status import RpcError, StatusCode
 
 logger = logging.getLogger("trio_sign.rpc")
+log = logger
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,30 +104,57 @@ def _as_rpc_error(exc: Exception) -> RpcError | None:
 
 
 class _Call:
-    __slots__ = ("error", "gone", "ready", "request", "scope")
+    __slots__ = ("arrived", "error", "gone", "request", "request_event", "scope", "started")
 
-    def __init__(self, deadline: float) -> None:
+    def __init__(self, request_event: RequestReceived, deadline: float, now: float) -> None:
+        self.request_event = request_event
         self.scope = trio.CancelScope(deadline=deadline)
-        self.ready = trio.Event()  # the request is complete (or refused: see `error`)
+        self.arrived = now
         self.request: bytes | None = None
         self.error: RpcError | None = None
         self.gone = False  # the stream was reset or failed: answer nothing
+        self.started = False  # the handler task runs (the request is complete or refused)
+
+
+@dataclass
+class ServerStats:
+    """What the server refused or cut, since it started (for metrics and the logs)."""
+
+    connections_refused: int = 0
+    connections_evicted: int = 0
+    preface_timeouts: int = 0
+    idle_closed: int = 0
+    request_timeouts: int = 0
+    send_stalls: int = 0
+    floods: int = 0
+    streams_refused: int = 0
 
 
 class _ServerConnection:
     def __init__(self, server: GrpcServer, stream: trio.abc.Stream) -> None:
         self._server = server
         self._stream = stream
+        limits = server.limits
+        self._limits = limits
         self._core = GrpcServerConnection(
             methods=server._handlers.keys(),
-            max_receive_message_size=server._max_receive_message_size,
-            max_concurrent_streams=server._max_concurrent_streams,
+            max_receive_message_size=limits.max_receive_message_size,
+            max_concurrent_streams=limits.max_concurrent_streams,
             initial_window_size=server._initial_window_size,
+            method_limits=server._method_limits,
+            max_buffered=limits.max_connection_receive_bytes,
+            budget=server._budget,
+            max_send_bytes=limits.max_connection_send_bytes,
+            flood=FloodCounter(limits, trio.current_time),
         )
         self._writer = Writer(self._core, stream)
         self._calls: dict[int, _Call] = {}
         self._scope = trio.CancelScope()
         self._closing = False
+        self._nursery: trio.Nursery | None = None
+        self.started_at = trio.current_time()
+        #: Since when the connection has had no call open (eviction picks the oldest).
+        self.idle_since: float | None = self.started_at
 
     @property
     def open_calls(self) -> int:
@@ -140,15 +165,18 @@ class _ServerConnection:
         try:
             with self._scope:
                 async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
                     nursery.start_soon(self._write_then_stop)
+                    nursery.start_soon(self._watchdog)
                     if self._server._draining:
                         self.start_drain()
-                    await self._read_loop(nursery)
+                    await self._read_loop()
                     if not self._closing:
                         # The peer went away: nothing more can be answered.
                         self._scope.cancel()
                     # Otherwise the writer flushes the final GOAWAY, then cancels the scope.
         finally:
+            self._server._refused_streams(self._core.refused_streams)
             await trio.aclose_forcefully(self._stream)
 
     def start_drain(self) -> None:
@@ -172,9 +200,90 @@ class _ServerConnection:
             self._core.close()
             self._writer.close_after_flush()
 
-    async def _read_loop(self, nursery: trio.Nursery) -> None:
+    async def _watchdog(self) -> None:
+        """Enforce the connection's timers: preface, idle, request completion, send stall.
+
+        One task per connection waking at a quarter of the shortest timeout: cheaper than a
+        timer per call, and precise enough for limits measured in seconds.
+        """
+        limits = self._limits
+        tick = (
+            min(
+                limits.preface_timeout_s,
+                limits.request_timeout_s,
+                limits.send_timeout_s,
+                limits.idle_timeout_s,
+            )
+            / 4
+        )
+        core = self._core
+        writer = self._writer
+        stats = self._server.stats
+        sent_mark = (core.sent_message_bytes, trio.current_time())
+        while True:
+            await trio.sleep(tick)
+            now = trio.current_time()
+            if not core.preface_received:
+                if now - self.started_at >= limits.preface_timeout_s:
+                    stats.preface_timeouts += 1
+                    self._server._log_preface_timeout(timeout_s=limits.preface_timeout_s)
+                    self._scope.cancel()
+                    return
+                continue
+            if self.idle_since is not None and now - self.idle_since >= limits.idle_timeout_s:
+                stats.idle_closed += 1
+                log.debug("gRPC connection idle for %.0f s; closing", limits.idle_timeout_s)
+                self.start_drain()
+            self._expire_incomplete(now)
+            # No sending progress while output waits: the peer does not read (socket full) or
+            # gives no flow-control window.
+            if core.sent_message_bytes != sent_mark[0] or not core.queued_send_bytes:
+                sent_mark = (core.sent_message_bytes, now)
+            socket_stalled = writer.pending and now - writer.last_write >= limits.send_timeout_s
+            window_stalled = now - sent_mark[1] >= limits.send_timeout_s
+            if socket_stalled or window_stalled:
+                stats.send_stalls += 1
+                self._server._log_send_stall(timeout_s=limits.send_timeout_s)
+                self._scope.cancel()
+                return
+
+    def _expire_incomplete(self, now: float) -> None:
+        limit = self._limits.request_timeout_s
+        expired = [
+            (stream_id, call)
+            for stream_id, call in self._calls.items()
+            if not call.started and (now - call.arrived >= limit or now >= call.scope.deadline)
+        ]
+        for stream_id, call in expired:
+            del self._calls[stream_id]
+            if now >= call.scope.deadline:
+                status, message = StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
+            else:
+                self._server.stats.request_timeouts += 1
+                self._server._log_request_timeout(timeout_s=limit)
+                status = StatusCode.DEADLINE_EXCEEDED
+                message = f"request not complete within {limit:g} s (request_timeout_s)"
+            if not self._core.terminated:
+                self._core.send_trailers(stream_id, status, message)
+        if expired:
+            self._call_done()
+
+    def _call_done(self) -> None:
+        if not self._calls:
+            self.idle_since = trio.current_time()
+        self._writer.kick()
+        self._maybe_finish()
+
+    def _start(self, stream_id: int, call: _Call) -> None:
+        call.started = True
+        assert self._nursery is not None
+        self._nursery.start_soon(self._run_call, stream_id, call)
+
+    async def _read_loop(self) -> None:
         core = self._core
         calls = self._calls
+        writer = self._writer
+        send_limit = self._limits.max_connection_send_bytes
         while not self._closing:
             data = await receive_bytes(self._stream)
             if not data:
@@ -182,39 +291,51 @@ class _ServerConnection:
             for ev in core.receive_data(data):
                 if isinstance(ev, MessageReceived):
                     call = calls.get(ev.stream_id)
-                    if call is not None:
-                        if call.request is None and call.error is None:
+                    if call is not None and not call.started:
+                        if call.request is None:
                             call.request = ev.data
-                        elif call.error is None:
+                        else:
                             call.error = RpcError(
                                 StatusCode.INTERNAL, "unary method got more than one request"
                             )
-                            call.ready.set()
+                            self._start(ev.stream_id, call)
                 elif isinstance(ev, RequestReceived):
-                    deadline = (
-                        math.inf if ev.deadline_s is None else trio.current_time() + ev.deadline_s
-                    )
-                    call = _Call(deadline)
-                    calls[ev.stream_id] = call
-                    nursery.start_soon(self._run_call, ev, call)
+                    now = trio.current_time()
+                    deadline = math.inf if ev.deadline_s is None else now + ev.deadline_s
+                    calls[ev.stream_id] = _Call(ev, deadline, now)
+                    self.idle_since = None
                 elif isinstance(ev, StreamEnded):
                     call = calls.get(ev.stream_id)
-                    if call is not None:
-                        call.ready.set()
+                    if call is not None and not call.started:
+                        self._start(ev.stream_id, call)
                 elif isinstance(ev, StreamReset | StreamError):
                     call = calls.get(ev.stream_id)
                     if call is not None:
                         call.gone = True
-                        call.scope.cancel()
+                        if call.started:
+                            call.scope.cancel()
+                        else:
+                            # No task was ever started for it: a reset costs no more than this.
+                            del calls[ev.stream_id]
+                            if not calls:
+                                self.idle_since = trio.current_time()
                 elif isinstance(ev, ConnectionTerminated):
-                    logger.debug("gRPC connection terminated by peer: code %d", ev.error_code)
-            self._writer.kick()
+                    if core.abuse is not None:
+                        self._server.stats.floods += 1
+                        self._server._log_flood(reason=core.abuse)
+                    else:
+                        logger.debug("gRPC connection terminated by peer: code %d", ev.error_code)
+            writer.kick()
             if core.terminated:
                 self._maybe_finish()
+            # A peer that does not read: stop reading it too, so that what it makes us
+            # answer (PING and SETTINGS acknowledgements, refusals) cannot pile up. The
+            # watchdog closes the connection if this lasts.
+            await writer.wait_pending_at_most(send_limit)
 
-    async def _run_call(self, ev: RequestReceived, call: _Call) -> None:
+    async def _run_call(self, stream_id: int, call: _Call) -> None:
         core = self._core
-        stream_id = ev.stream_id
+        ev = call.request_event
         handler = self._server._handlers[ev.method]
         context = CallContext(ev.method, ev.metadata, ev.authority, call.scope.deadline)
         answered = False
@@ -223,7 +344,6 @@ class _ServerConnection:
         try:
             try:
                 with call.scope:
-                    await call.ready.wait()
                     if call.error is not None:
                         raise call.error
                     if call.request is None:
@@ -247,11 +367,10 @@ class _ServerConnection:
                 core.send_trailers(stream_id, error.status, error.details)
             answered = True
         finally:
-            del self._calls[stream_id]
+            self._calls.pop(stream_id, None)
             if not answered and not call.gone and not core.terminated:
                 core.reset(stream_id, ErrorCodes.CANCEL)
-            self._writer.kick()
-            self._maybe_finish()
+            self._call_done()
 
 
 class GrpcServer:
@@ -260,8 +379,11 @@ class GrpcServer:
     Args:
         handlers: method path (``/package.Service/Method``) to `UnaryHandler`. Other paths are
             answered UNIMPLEMENTED.
-        max_receive_message_size: larger requests are answered RESOURCE_EXHAUSTED.
-        max_concurrent_streams: advertised per connection; the peer must not exceed it.
+        limits: every bound under hostile load (`ServerLimits`; DESIGN §16).
+        method_limits: the largest request message per method path, enforced on the length
+            prefix before anything is buffered; other methods get
+            ``limits.max_receive_message_size``.
+        max_receive_message_size, max_concurrent_streams: override those fields of ``limits``.
         initial_window_size: per-stream receive window advertised to clients.
 
     Use `serve` (or `serve_grpc`) for listeners, or `serve_stream` for one stream you accepted
@@ -272,21 +394,64 @@ class GrpcServer:
         self,
         handlers: Mapping[str, UnaryHandler],
         *,
-        max_receive_message_size: int = DEFAULT_MAX_RECEIVE_MESSAGE_SIZE,
-        max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS,
+        limits: ServerLimits | None = None,
+        method_limits: Mapping[str, int] | None = None,
+        max_receive_message_size: int | None = None,
+        max_concurrent_streams: int | None = None,
         initial_window_size: int = DEFAULT_INITIAL_WINDOW_SIZE,
     ) -> None:
         for name in handlers:
             if not name.startswith("/") or name.count("/") != 2:
                 raise ValueError(f"method {name!r} is not of the form /package.Service/Method")
+        limits = limits if limits is not None else ServerLimits()
+        if max_receive_message_size is not None:
+            limits = dataclasses.replace(limits, max_receive_message_size=max_receive_message_size)
+        if max_concurrent_streams is not None:
+            limits = dataclasses.replace(limits, max_concurrent_streams=max_concurrent_streams)
+        wanted = limits.max_connections
+        limits = dataclasses.replace(limits, max_connections=connection_limit(wanted))
+        if limits.max_connections < wanted:
+            logger.warning(
+                "gRPC max_connections lowered from %d to %d to fit the open-file limit",
+                wanted,
+                limits.max_connections,
+            )
+        self.limits = limits
         self._handlers = dict(handlers)
-        self._max_receive_message_size = max_receive_message_size
-        self._max_concurrent_streams = max_concurrent_streams
+        self._method_limits = dict(method_limits or {})
         self._initial_window_size = initial_window_size
+        self._budget = ReceiveBudget(limits.max_server_receive_bytes)
         self._connections: set[_ServerConnection] = set()
         self._changed = trio.Event()
         self._accept_scope = trio.CancelScope()
         self._draining = False
+        self.stats = ServerStats()
+
+        def rated(message: str, level: int = logging.WARNING) -> RateLimitedLog:
+            return RateLimitedLog(
+                logger,
+                message,
+                interval_s=limits.log_interval_s,
+                clock=trio.current_time,
+                level=level,
+            )
+
+        self._log_refused = rated("gRPC connection refused: max_connections, every one busy")
+        self._log_evicted = rated(
+            "gRPC connection limit reached: closed the longest-idle connection", logging.INFO
+        )
+        self._log_preface_timeout = rated("gRPC connection closed: no HTTP/2 preface in time")
+        self._log_request_timeout = rated("gRPC request not completed in time; answered")
+        self._log_send_stall = rated("gRPC connection closed: the peer does not read")
+        self._log_flood = rated("gRPC connection closed with ENHANCE_YOUR_CALM (flood)")
+        self._log_streams_refused = rated(
+            "gRPC streams refused: a connection exceeded its stream or send limit"
+        )
+
+    def _refused_streams(self, count: int) -> None:
+        if count:
+            self.stats.streams_refused += count
+            self._log_streams_refused(count=count)
 
     @property
     def draining(self) -> bool:
@@ -298,10 +463,33 @@ class GrpcServer:
         """Open connections."""
         return len(self._connections)
 
+    @property
+    def buffered_receive_bytes(self) -> int:
+        """Incomplete request bytes all connections hold now."""
+        return self._budget.used
+
+    def _admit(self) -> bool:
+        """Room for one more connection: evict the longest-idle one at the limit."""
+        if len(self._connections) < self.limits.max_connections:
+            return True
+        idle = [c for c in self._connections if c.idle_since is not None and not c.open_calls]
+        if not idle:
+            self.stats.connections_refused += 1
+            self._log_refused(max_connections=self.limits.max_connections)
+            return False
+        victim = min(idle, key=lambda c: c.idle_since or 0.0)
+        self._connections.discard(victim)
+        victim.cancel()
+        self.stats.connections_evicted += 1
+        self._log_evicted(max_connections=self.limits.max_connections)
+        return True
+
     async def serve_stream(self, stream: trio.abc.Stream) -> None:
         """Serve gRPC on one connected stream until the peer leaves or the server stops.
 
-        The stream is closed on return.
+        The stream is closed on return. At ``max_connections`` the connection that has been
+        idle longest is closed to make room; if every connection has calls open, this one is
+        closed at once instead.
 
         Cancellation: cancelling this task cancels the connection's call handlers and closes
         the stream.
@@ -310,6 +498,9 @@ class GrpcServer:
         and closes this connection only; one client must not be able to stop the whole server.
         Handler exceptions never get here: they become gRPC statuses.
         """
+        if not self._admit():
+            await trio.aclose_forcefully(stream)
+            return
         conn = _ServerConnection(self, stream)
         self._connections.add(conn)
         self._notify()
@@ -385,15 +576,20 @@ async def serve_grpc(
     listeners: Sequence[trio.abc.Listener[trio.abc.Stream]],
     handlers: Mapping[str, UnaryHandler],
     *,
-    max_receive_message_size: int = DEFAULT_MAX_RECEIVE_MESSAGE_SIZE,
-    max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS,
+    limits: ServerLimits | None = None,
+    method_limits: Mapping[str, int] | None = None,
+    max_receive_message_size: int | None = None,
+    max_concurrent_streams: int | None = None,
     initial_window_size: int = DEFAULT_INITIAL_WINDOW_SIZE,
     task_status: trio.TaskStatus[GrpcServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``handlers`` on ``listeners``; ``nursery.start`` returns the `GrpcServer` (call
-    its ``drain``/``aclose`` to stop) once listening. Returns after the server stopped."""
+    its ``drain``/``aclose`` to stop) once listening. Returns after the server stopped.
+    Arguments as for `GrpcServer`."""
     server = GrpcServer(
         handlers,
+        limits=limits,
+        method_limits=method_limits,
         max_receive_message_size=max_receive_message_size,
         max_concurrent_streams=max_concurrent_streams,
         initial_window_size=initial_window_size,

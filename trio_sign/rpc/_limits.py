@@ -1,0 +1,317 @@
+"""Limits of the gRPC server under hostile load (DESIGN §16), and the sans-io pieces that
+enforce them below ``h2``: a frame gate that sees every frame header before ``h2`` does, the
+per-connection flood counters, and the server-wide receive budget.
+
+Nothing here awaits or reads a clock of its own: the clock is injected (``trio.current_time``
+in the server, a fake in tests).
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+#: Client connection preface (RFC 9113 §3.4).
+PREFACE_LEN: Final = 24
+
+_HEADERS: Final = 0x1
+_RST_STREAM: Final = 0x3
+_SETTINGS: Final = 0x4
+_PING: Final = 0x6
+_CONTINUATION: Final = 0x9
+_END_HEADERS: Final = 0x4
+_FRAME_HEADER_LEN: Final = 9
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    """Every bound of the gRPC server, one named setting each (docs/operations.md lists them).
+
+    Attributes:
+        max_connections: connections served at once. At the limit a new connection evicts the
+            connection that has been idle (no open call) longest, or is refused if every
+            connection is busy. Clamped below the process's open-file limit.
+        max_concurrent_streams: calls per connection, enforced from the first frame (before the
+            peer acknowledges our SETTINGS); streams beyond it are refused (REFUSED_STREAM).
+        max_receive_message_size: largest request message of a method without its own cap.
+        max_connection_receive_bytes: incomplete request data one connection may hold; None:
+            twice the largest message cap plus 64 KiB.
+        max_server_receive_bytes: incomplete request data all connections together may hold.
+        max_connection_send_bytes: response bytes one connection may have waiting (for the
+            peer's flow-control window or for the socket); above it the connection takes no
+            new calls and is not read until it drains.
+        preface_timeout_s: a new connection must send the HTTP/2 preface and SETTINGS within this.
+        idle_timeout_s: a connection with no open call for this long is closed (GOAWAY).
+        request_timeout_s: a request must be complete (END_STREAM) this long after its headers.
+        send_timeout_s: a connection with responses waiting that makes no sending progress for
+            this long is closed (a peer that never reads, or advertises a zero window).
+        flood_interval_s: the interval the three flood limits below count over.
+        max_resets: streams the peer may reset, or that we refuse, per interval beyond the
+            calls it completed in that interval (rapid reset, CVE-2023-44487).
+        max_pings: PING frames per interval.
+        max_settings: SETTINGS frames per interval.
+        log_interval_s: refusals of one kind are logged at most once per this.
+    """
+
+    max_connections: int = 1000
+    max_concurrent_streams: int = 128
+    max_receive_message_size: int = 4 * 1024 * 1024
+    max_connection_receive_bytes: int | None = None
+    max_server_receive_bytes: int = 32 * 1024 * 1024
+    max_connection_send_bytes: int = 1024 * 1024  # = _protocol.DEFAULT_MAX_SEND_BYTES
+    preface_timeout_s: float = 10.0
+    idle_timeout_s: float = 300.0
+    request_timeout_s: float = 10.0
+    send_timeout_s: float = 10.0
+    flood_interval_s: float = 10.0
+    max_resets: int = 500
+    max_pings: int = 1000
+    max_settings: int = 100
+    log_interval_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_connections",
+            "max_concurrent_streams",
+            "max_server_receive_bytes",
+            "max_connection_send_bytes",
+            "max_resets",
+            "max_pings",
+            "max_settings",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.max_receive_message_size < 0:
+            raise ValueError("max_receive_message_size must be >= 0")
+        for name in (
+            "preface_timeout_s",
+            "idle_timeout_s",
+            "request_timeout_s",
+            "send_timeout_s",
+            "flood_interval_s",
+            "log_interval_s",
+        ):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive")
+
+
+def connection_limit(wanted: int, *, reserve: int = 64) -> int:
+    """``wanted``, lowered so that that many connections plus ``reserve`` descriptors fit the
+    process's open-file limit (a server out of descriptors cannot even refuse politely)."""
+    try:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):  # pragma: no cover - no rlimit
+        return wanted
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(1, min(wanted, soft - reserve))
+
+
+class ReceiveBudget:
+    """Bytes of incomplete request messages held by all connections of one server."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    @property
+    def exhausted(self) -> bool:
+        return self.used > self.limit
+
+
+class FloodCounter:
+    """Per-connection counts of resets, PINGs and SETTINGS over a fixed interval.
+
+    ``tripped`` names the limit that was crossed (the connection is then closed with
+    GOAWAY ENHANCE_YOUR_CALM); it stays set.
+    """
+
+    __slots__ = (
+        "_clock",
+        "_interval",
+        "_max_pings",
+        "_max_resets",
+        "_max_settings",
+        "_window_end",
+        "completed",
+        "pings",
+        "resets",
+        "settings",
+        "tripped",
+    )
+
+    def __init__(self, limits: ServerLimits, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._interval = limits.flood_interval_s
+        self._max_resets = limits.max_resets
+        self._max_pings = limits.max_pings
+        self._max_settings = limits.max_settings
+        self._window_end = clock() + self._interval
+        self.resets = self.pings = self.settings = self.completed = 0
+        self.tripped: str | None = None
+
+    def _roll(self) -> None:
+        now = self._clock()
+        if now >= self._window_end:
+            self._window_end = now + self._interval
+            self.resets = self.pings = self.settings = self.completed = 0
+
+    def reset(self) -> bool:
+        """A stream was reset by the peer or refused by us. True if that crossed the limit."""
+        self._roll()
+        self.resets += 1
+        if self.resets > self._max_resets + self.completed:
+            self.tripped = "too many stream resets"
+        return self.tripped is not None
+
+    def ping(self) -> bool:
+        self._roll()
+        self.pings += 1
+        if self.pings > self._max_pings:
+            self.tripped = "too many PINGs"
+        return self.tripped is not None
+
+    def setting(self) -> bool:
+        self._roll()
+        self.settings += 1
+        if self.settings > self._max_settings:
+            self.tripped = "too many SETTINGS"
+        return self.tripped is not None
+
+    def call_completed(self) -> None:
+        """A call was answered: legitimate work that earns room for one more reset."""
+        self._roll()
+        self.completed += 1
+
+
+class FrameGate:
+    """Sees every inbound frame header before ``h2`` does and cuts the byte stream so that
+    each chunk opens at most one new stream, at its end.
+
+    ``h2`` processes a whole chunk before reporting its events, and counts open streams with
+    a scan of all of them for every new one; fed a 300 KB burst of HEADERS frames in one
+    piece it would create 20,000 streams (quadratic CPU) before we could refuse the first
+    excess one. Cut after each stream-opening header block, the core refuses excess streams
+    as they come, so h2 never holds more than the limit.
+
+    It also counts PING, SETTINGS and RST_STREAM frames (`FloodCounter`); when a limit is
+    crossed it stops passing bytes at that frame (``counter.tripped`` says why). Only frame
+    headers are read; payloads pass through as slices of the input.
+    """
+
+    __slots__ = ("_counter", "_cut_after", "_highest", "_in_block", "_pending", "_preface", "_skip")
+
+    def __init__(self, counter: FloodCounter) -> None:
+        self._counter = counter
+        self._preface = PREFACE_LEN
+        self._skip = 0  # bytes of the current frame still to pass through
+        self._cut_after = False  # cut once the current frame has passed
+        self._in_block = False  # inside a new stream's header block (CONTINUATION follows)
+        self._highest = 0
+        self._pending = b""  # an incomplete frame header
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Chunks to hand to ``h2`` in order. Empty once the flood counter has tripped."""
+        counter = self._counter
+        if counter.tripped is not None:
+            return []
+        if self._pending:
+            data, self._pending = self._pending + data, b""
+        out: list[bytes] = []
+        n = len(data)
+        pos = start = 0
+        if self._preface:
+            pos = min(self._preface, n)
+            self._preface -= pos
+        while pos < n:
+            if self._skip:
+                step = min(self._skip, n - pos)
+                pos += step
+                self._skip -= step
+                if not self._skip and self._cut_after:
+                    self._cut_after = False
+                    out.append(data[start:pos])
+                    start = pos
+                continue
+            if n - pos < _FRAME_HEADER_LEN:
+                self._pending = data[pos:]
+                break
+            length = int.from_bytes(data[pos : pos + 3], "big")
+            ftype = data[pos + 3]
+            cut = tripped = False
+            if ftype == _HEADERS:
+                stream_id = int.from_bytes(data[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
+                if stream_id > self._highest and stream_id & 1:
+                    self._highest = stream_id
+                    if data[pos + 4] & _END_HEADERS:
+                        cut = True
+                    else:
+                        self._in_block = True
+            elif ftype == _CONTINUATION:
+                if self._in_block and data[pos + 4] & _END_HEADERS:
+                    self._in_block = False
+                    cut = True
+            elif ftype == _PING:
+                tripped = counter.ping()
+            elif ftype == _SETTINGS:
+                tripped = counter.setting()
+            elif ftype == _RST_STREAM:
+                tripped = counter.reset()
+            if tripped:
+                if pos > start:
+                    out.append(data[start:pos])
+                self._pending = b""
+                return out
+            self._skip = _FRAME_HEADER_LEN + length
+            self._cut_after = cut
+        end = n - len(self._pending)
+        if end > start:
+            out.append(data if start == 0 and end == n else data[start:end])
+        return out
+
+
+class RateLimitedLog:
+    """Logs one kind of refusal at most once per interval, with the count since the last line.
+
+    A flood of refusals must not become a flood of log lines (1381 WARNING lines in 30 s was
+    one of the attacks).
+    """
+
+    __slots__ = ("_clock", "_interval", "_level", "_logger", "_message", "_next", "_suppressed")
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        message: str,
+        *,
+        interval_s: float,
+        clock: Callable[[], float],
+        level: int = logging.WARNING,
+    ) -> None:
+        self._logger = logger
+        self._message = message
+        self._interval = interval_s
+        self._clock = clock
+        self._level = level
+        self._next = -float("inf")
+        self._suppressed = 0
+
+    def __call__(self, **extra: object) -> None:
+        now = self._clock()
+        if now < self._next:
+            self._suppressed += 1
+            return
+        self._next = now + self._interval
+        suppressed, self._suppressed = self._suppressed, 0
+        self._logger.log(
+            self._level,
+            "%s (%d more like it since the last such line)",
+            self._message,
+            suppressed,
+            extra={**extra, "suppressed": suppressed},
+        )
