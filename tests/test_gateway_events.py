@@ -27,6 +27,7 @@ from trio_sign.gateway import (
     KEEPALIVE_COMMENT,
     EventHub,
     GatewayEventsApp,
+    NodeSubscriberLimitError,
     SendProbe,
     SubscriberLimitError,
     accepts_event_stream,
@@ -51,6 +52,14 @@ from trio_sign.sse import (
 )
 
 NODE = "node-7"
+TOKEN = "node-7-events-token-0123456789abcdef"
+#: What the gateway's config would hold: a token per node id.
+CREDENTIALS = {
+    NODE: TOKEN,
+    "a": "node-a-events-token-0123456789",
+    "b": "node-b-events-token-012345",
+}
+AUTH = (b"authorization", f"Bearer {TOKEN}".encode())
 
 
 # -- the encoder -------------------------------------------------------------------------------
@@ -296,24 +305,36 @@ async def test_hub_cursor_is_the_position_before_what_is_sent() -> None:
         assert _ids(sub.backlog) == ids[1:]
 
 
-async def test_hub_a_new_subscription_beyond_the_limit_evicts_the_oldest() -> None:
+async def test_hub_a_subscription_beyond_the_node_limit_is_refused_not_displacing() -> None:
+    """Attack (c): a holder of the node's token opens more subscriptions than the node may have;
+    the extra ones are refused and the subscribers already there keep their slots and events
+    (the old hub evicted the oldest, i.e. the enclave)."""
     hub = EventHub(max_subscribers_per_node=2)
     with hub.subscribe(NODE) as first, hub.subscribe(NODE) as second:
-        with hub.subscribe(NODE) as third:
-            assert first.dropped == "replaced by a newer subscription"
-            assert not second.dropped
-            assert not third.dropped
-            assert hub.subscribers(NODE) == 2
-        assert hub.subscribers(NODE) == 1
+        for _ in range(5):
+            with (
+                pytest.raises(NodeSubscriberLimitError, match="max_subscribers_per_node"),
+                hub.subscribe(NODE),
+            ):
+                pass
+        assert not first.dropped
+        assert not second.dropped
+        assert hub.subscribers(NODE) == 2
+        event_id = hub.drain(NODE)
+        assert (await first.receive()).id == event_id
+        assert (await second.receive()).id == event_id
     assert hub.subscribers(NODE) == 0
-    assert hub.stats.evicted == 1
+    assert hub.stats.refused_node == 5
+    assert hub.stats.refused == 0
 
 
-async def test_hub_one_subscriber_per_node_replaced_before_anything_was_published() -> None:
+async def test_hub_one_subscriber_per_node_keeps_its_slot_until_it_leaves() -> None:
     hub = EventHub(max_subscribers_per_node=1)
-    with hub.subscribe(NODE) as first, hub.subscribe(NODE) as second:
-        assert first.dropped
-        assert hub.subscribers(NODE) == 1
+    with hub.subscribe(NODE) as first:
+        with pytest.raises(NodeSubscriberLimitError), hub.subscribe(NODE):
+            pass
+        assert not first.dropped
+    with hub.subscribe(NODE) as second:  # the slot is free again
         event_id = hub.drain(NODE)
         assert (await second.receive()).id == event_id
     assert hub.subscribers(NODE) == 0
@@ -391,7 +412,7 @@ class FakeAsgi:
             "type": "http",
             "method": "GET",
             "path": f"/v1/enclaves/{NODE}/events",
-            "headers": [(b"accept", b"text/event-stream"), *headers],
+            "headers": [(b"accept", b"text/event-stream"), AUTH, *headers],
         }
         self.sent: list[tuple[float, dict[str, Any]]] = []
         self.disconnected = trio.Event()
@@ -425,7 +446,7 @@ async def test_app_keepalive_comments_at_exact_virtual_times(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     hub = EventHub()
-    app = GatewayEventsApp(hub, keepalive_s=15, retry_ms=500)
+    app = GatewayEventsApp(hub, credentials=CREDENTIALS, keepalive_s=15, retry_ms=500)
     fake = FakeAsgi()
     async with trio.open_nursery() as nursery:
         start = trio.current_time()
@@ -453,7 +474,7 @@ async def test_app_keepalive_comments_at_exact_virtual_times(
 
 async def test_app_does_not_wait_on_a_stuck_peer(autojump_clock: trio.testing.MockClock) -> None:
     hub = EventHub(subscriber_queue=2)
-    app = GatewayEventsApp(hub, keepalive_s=15)
+    app = GatewayEventsApp(hub, credentials=CREDENTIALS, keepalive_s=15)
     fake = FakeAsgi()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(fake.run, app)
@@ -479,7 +500,7 @@ async def test_app_gives_up_on_a_peer_stuck_from_the_start(
     fake = FakeAsgi()
     fake.stuck = True
     start = trio.current_time()
-    await fake.run(GatewayEventsApp(hub, keepalive_s=15))
+    await fake.run(GatewayEventsApp(hub, credentials=CREDENTIALS, keepalive_s=15))
     assert trio.current_time() - start == 15
     assert hub.subscribers(NODE) == 0
     assert fake.sent == []
@@ -494,7 +515,7 @@ async def test_app_dropped_before_its_first_write_still_sends_the_cursor(
     ids: list[str] = []
     fake = FakeAsgi()
     fake.before_first_send = lambda: ids.extend(hub.freeze(NODE, f"a{n}") for n in range(4))
-    await fake.run(GatewayEventsApp(hub))
+    await fake.run(GatewayEventsApp(hub, credentials=CREDENTIALS))
     assert hub.stats.dropped_slow == 1
     assert hub.subscribers(NODE) == 0
     assert [m["type"] for _, m in fake.sent] == ["http.response.start", "http.response.body"]
@@ -502,7 +523,7 @@ async def test_app_dropped_before_its_first_write_still_sends_the_cursor(
     assert parser.receive_data(fake.bodies()[0][1]) == [RetryChanged(1000)]
     again = FakeAsgi((b"last-event-id", parser.last_event_id.encode()))
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(again.run, GatewayEventsApp(hub))
+        nursery.start_soon(again.run, GatewayEventsApp(hub, credentials=CREDENTIALS))
         await trio.testing.wait_all_tasks_blocked()
         again.disconnected.set()
     replayed = EventStreamParser().receive_data(again.bodies()[0][1])
@@ -515,7 +536,7 @@ async def test_app_cancelled_mid_stream_unsubscribes(
     hub = EventHub()
     fake = FakeAsgi((b"last-event-id", b"\xff\xfe"))  # not UTF-8: new events only
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(fake.run, GatewayEventsApp(hub))
+        nursery.start_soon(fake.run, GatewayEventsApp(hub, credentials=CREDENTIALS))
         await trio.testing.wait_all_tasks_blocked()
         assert hub.subscribers(NODE) == 1
         nursery.cancel_scope.cancel()
@@ -525,7 +546,7 @@ async def test_app_cancelled_mid_stream_unsubscribes(
 
 def test_app_refuses_a_bad_keepalive() -> None:
     with pytest.raises(ValueError, match="keepalive_s"):
-        GatewayEventsApp(EventHub(), keepalive_s=0)
+        GatewayEventsApp(EventHub(), credentials=CREDENTIALS, keepalive_s=0)
 
 
 # -- over loopback HTTP ------------------------------------------------------------------------
@@ -589,6 +610,7 @@ async def until(predicate: Callable[[], bool]) -> None:
 @asynccontextmanager
 async def running_gateway(hub: EventHub, **kwargs: Any) -> AsyncIterator[int]:
     kwargs.setdefault("retry_ms", 10)
+    kwargs.setdefault("credentials", CREDENTIALS)
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(
             functools.partial(serve_gateway_events, "tcp://127.0.0.1:0", hub, **kwargs)
@@ -598,16 +620,42 @@ async def running_gateway(hub: EventHub, **kwargs: Any) -> AsyncIterator[int]:
 
 
 @asynccontextmanager
-async def enclave_client(
-    port: int, target: FakeEnclave, *, last_event_id: str = "", node_id: str = NODE
-) -> AsyncIterator[SseClientStatus]:
-    """The enclave's real SSE client and handler, straight to the gateway (no relay)."""
+async def running_relay(port: int, token: str | None = TOKEN) -> AsyncIterator[int]:
+    """The parent's real relay in front of the gateway on ``port``, adding ``token`` upstream
+    (what ``[relay] token`` in parent.toml gives it); yields the relay's own port."""
+    from trio_sign.parent import serve_sse_relay
+
     async with trio.open_nursery() as nursery:
+        relay_listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        await nursery.start(
+            functools.partial(
+                serve_sse_relay,
+                relay_listeners,
+                [f"http://127.0.0.1:{port}/v1/enclaves/"],
+                ssl_context_for_upstream=ssl.create_default_context(),
+                upstream_token=token,
+            )
+        )
+        yield relay_listeners[0].socket.getsockname()[1]
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def enclave_client(
+    port: int,
+    target: FakeEnclave,
+    *,
+    last_event_id: str = "",
+    node_id: str = NODE,
+    token: str | None = TOKEN,
+) -> AsyncIterator[SseClientStatus]:
+    """The enclave's real SSE client and handler, through the parent's real relay."""
+    async with running_relay(port, token) as relay_port, trio.open_nursery() as nursery:
         status = await nursery.start(
             functools.partial(
                 run_sse_client,
                 events_url(f"http://127.0.0.1:{port}", node_id),
-                connect=functools.partial(trio.open_tcp_stream, "127.0.0.1", port),
+                connect=functools.partial(trio.open_tcp_stream, "127.0.0.1", relay_port),
                 on_event=SseEventHandler(target),
                 last_event_id=last_event_id,
                 keepalive_timeout_s=5,
@@ -689,8 +737,10 @@ async def _open_raw(port: int, request: bytes) -> tuple[trio.SocketStream, Respo
     return stream, ResponseParser()
 
 
-def _get(path: str, *headers: str, method: str = "GET") -> bytes:
+def _get(path: str, *headers: str, method: str = "GET", token: str | None = TOKEN) -> bytes:
     lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close", *headers]
+    if token is not None:
+        lines.append(f"Authorization: Bearer {token}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
@@ -828,10 +878,12 @@ async def test_refusals(request_bytes: bytes, status: int) -> None:
 async def test_over_the_subscriber_limit_is_503() -> None:
     hub = EventHub(max_subscribers=1)
     async with running_gateway(hub) as port:
-        stream, _http = await _open_raw(port, _get("/v1/enclaves/a/events"))
+        stream, _http = await _open_raw(port, _get("/v1/enclaves/a/events", token=CREDENTIALS["a"]))
         async with stream:
             await until(lambda: hub.subscribers("a") == 1)
-            head, _body = await _request(port, _get("/v1/enclaves/b/events"))
+            head, _body = await _request(
+                port, _get("/v1/enclaves/b/events", token=CREDENTIALS["b"])
+            )
     assert head.status == 503
     assert head.get("retry-after") == "5"
 
@@ -840,7 +892,9 @@ async def test_serve_on_a_unix_socket(tmp_path: Path) -> None:
     hub = EventHub()
     path = tmp_path / "events.sock"
     async with trio.open_nursery() as nursery:
-        await nursery.start(serve_gateway_events, f"unix://{path}", hub)
+        await nursery.start(
+            functools.partial(serve_gateway_events, f"unix://{path}", hub, credentials=CREDENTIALS)
+        )
         stream = await trio.open_unix_socket(str(path))
         async with stream:
             await stream.send_all(_get(f"/v1/enclaves/{NODE}/events"))
@@ -850,12 +904,14 @@ async def test_serve_on_a_unix_socket(tmp_path: Path) -> None:
 
 async def test_serve_refuses_other_schemes() -> None:
     with pytest.raises(ValueError, match=r"tcp:// or unix://"):
-        await serve_gateway_events("vsock://3:5000", EventHub())
+        await serve_gateway_events("vsock://3:5000", EventHub(), credentials=CREDENTIALS)
 
 
 async def test_serve_refuses_half_a_tls_config() -> None:
     with pytest.raises(ValueError, match="certfile and keyfile"):
-        await serve_gateway_events("tcp://127.0.0.1:0", EventHub(), certfile="cert.pem")
+        await serve_gateway_events(
+            "tcp://127.0.0.1:0", EventHub(), credentials=CREDENTIALS, certfile="cert.pem"
+        )
 
 
 GATEWAY_HOST = "gateway.test"
@@ -903,38 +959,34 @@ async def test_https(tmp_path: Path) -> None:
     cert, key = _self_signed(tmp_path)
     context = ssl.create_default_context(cafile=str(cert))
     hub = EventHub()
-    enclave = FakeEnclave()
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(
             functools.partial(
                 serve_gateway_events,
                 "tcp://127.0.0.1:0",
                 hub,
+                credentials=CREDENTIALS,
                 certfile=str(cert),
                 keyfile=str(key),
             )
         )
         assert binds[0].startswith("https://")
         port = int(binds[0].rsplit(":", 1)[1])
-
-        async def connect() -> trio.abc.Stream:
-            return await trio.open_ssl_over_tcp_stream(
-                "127.0.0.1", port, ssl_context=context, https_compatible=True
-            )
-
-        status = await nursery.start(
-            functools.partial(
-                run_sse_client,
-                f"https://127.0.0.1:{port}/v1/enclaves/{NODE}/events",
-                connect=connect,
-                on_event=SseEventHandler(enclave),
-                rng=random.Random(1),
-            )
+        stream = await trio.open_ssl_over_tcp_stream(
+            "127.0.0.1", port, ssl_context=context, https_compatible=True
         )
-        await until(lambda: hub.subscribers(NODE) == 1)
-        nonce = hub.probe(NODE)
-        await until(lambda: enclave.last_sse_probe == nonce)
-        assert status.connected
+        async with stream:
+            await stream.send_all(_get(f"/v1/enclaves/{NODE}/events"))
+            await until(lambda: hub.subscribers(NODE) == 1)
+            nonce = hub.probe(NODE)
+            http, body = ResponseParser(), b""
+            with trio.fail_after(5):
+                while nonce.encode() not in body:
+                    for item in http.receive_data(await stream.receive_some()):
+                        if isinstance(item, ResponseHead):
+                            assert item.status == 200
+                        elif isinstance(item, BodyData):
+                            body += item.data
         nursery.cancel_scope.cancel()
 
 
@@ -952,6 +1004,7 @@ async def test_through_the_parent_relay_over_https(tmp_path: Path) -> None:
                 serve_gateway_events,
                 "tcp://127.0.0.1:0",
                 hub,
+                credentials=CREDENTIALS,
                 retry_ms=10,
                 certfile=str(cert),
                 keyfile=str(key),
@@ -972,6 +1025,7 @@ async def test_through_the_parent_relay_over_https(tmp_path: Path) -> None:
                 [f"https://{GATEWAY_HOST}:{port}/v1/enclaves/"],
                 ssl_context_for_upstream=ssl.create_default_context(cafile=str(cert)),
                 connect_upstream=connect_upstream,
+                upstream_token=TOKEN,
             )
         )
         status = await nursery.start(
@@ -1019,13 +1073,14 @@ async def test_a_dev_enclave_follows_the_gateway(tmp_path: Path) -> None:
         return response_type.FromString(raw)
 
     hub = EventHub()
-    async with running_gateway(hub) as port:
+    async with running_gateway(hub) as port, running_relay(port) as relay_port:
         config = EnclaveConfig(
             grpc_listen="tcp://127.0.0.1:0",
             dev=True,
             dev_plaintext_shares=shares,
             gateway_url=f"http://127.0.0.1:{port}",
             node_id=NODE,
+            sse_via=f"tcp://127.0.0.1:{relay_port}",
             drain_grace_s=1.0,  # the test leaves a session open
         )
         async with trio.open_nursery() as nursery:
@@ -1076,3 +1131,167 @@ async def test_publish_right_after_disconnect_does_not_raise() -> None:
         assert hub.last_event_id("node-1") is not None
         assert event_id
     assert hub.disconnect("nobody") == 0
+
+
+# -- hostile subscribers (DESIGN §16) ------------------------------------------------------------
+
+
+def _response_without_date(head: ResponseHead) -> tuple[int, list[tuple[str, str]]]:
+    return head.status, [(k, v) for k, v in head.headers if k != "date"]
+
+
+@pytest.mark.parametrize(
+    "auth",
+    [
+        None,
+        "Bearer wrong-token-0123456789abcdef",
+        f"Bearer {TOKEN}x",
+        f"Bearer {CREDENTIALS['a']}",  # another node's token
+        f"Basic {TOKEN}",
+        f"bearer  {TOKEN[:-1]}",
+    ],
+)
+async def test_an_unauthenticated_subscriber_gets_401_and_takes_no_slot(auth: str | None) -> None:
+    """Attack (a): without the node's token, nothing is subscribed (not even counted towards
+    the hub's limits), and the answer does not say whether the node exists."""
+    hub = EventHub(max_subscribers=1)
+    async with running_gateway(hub) as port:
+        extra = () if auth is None else (f"Authorization: {auth}",)
+        head, body = await _request(port, _get(f"/v1/enclaves/{NODE}/events", *extra, token=None))
+        unknown, unknown_body = await _request(
+            port, _get("/v1/enclaves/nobody/events", *extra, token=None)
+        )
+        assert head.status == 401
+        assert head.get("www-authenticate") == "Bearer"
+        assert (_response_without_date(head), body) == (
+            _response_without_date(unknown),
+            unknown_body,
+        )
+        assert hub._total_subscribers == 0
+        assert hub._nodes == {}
+        assert hub.stats.unauthorized == 2
+        enclave = FakeEnclave()  # the one slot is still there for the real node
+        async with enclave_client(port, enclave):
+            await until(lambda: hub.subscribers(NODE) == 1)
+
+
+async def test_a_token_in_two_headers_or_from_the_enclave_alone_is_401() -> None:
+    hub = EventHub()
+    async with running_gateway(hub) as port:
+        twice = _get(f"/v1/enclaves/{NODE}/events", f"Authorization: Bearer {TOKEN}")
+        assert (await _request(port, twice))[0].status == 401
+        # The relay has no token: what the enclave itself sends is dropped, so still 401.
+        enclave = FakeEnclave()
+        async with enclave_client(port, enclave, token=None) as status:
+            await until(lambda: status.last_error != "")
+            assert "401" in status.last_error
+            assert hub.subscribers(NODE) == 0
+
+
+async def test_a_thousand_bad_subscriptions_do_not_evict_the_real_node(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Attack (b), as reproduced: 1019 fake subscriptions and 4 for the real node id, all with
+    wrong or no tokens, held open concurrently, while the real enclave is subscribed through
+    its relay. Before, they pushed it out and hit the global limit; now every one is a 401,
+    the enclave keeps its one subscription and keeps receiving events, and the refusals make
+    one log line, not a thousand."""
+    caplog.set_level(logging.WARNING, "trio_sign.gateway.events")
+    hub = EventHub(max_subscribers=8)
+    enclave = FakeEnclave()
+    attempts = [(f"fake-{n}", f"Bearer guess-{n:04d}-0123456789abcdef") for n in range(1019)]
+    attempts += [(NODE, f"Bearer guess-{n}-0123456789abcdef") for n in range(3)] + [(NODE, "")]
+    statuses: list[int] = []
+    async with running_gateway(hub) as port, enclave_client(port, enclave) as client:
+        await until(lambda: hub.subscribers(NODE) == 1)
+        gate = trio.Semaphore(64)  # at most 64 sockets of ours at once
+
+        async def attack(node_id: str, auth: str) -> None:
+            extra = (f"Authorization: {auth}",) if auth else ()
+            async with gate:
+                head, _ = await _request(
+                    port, _get(f"/v1/enclaves/{node_id}/events", *extra, token=None)
+                )
+            statuses.append(head.status)
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for node_id, auth in attempts:
+                    nursery.start_soon(attack, node_id, auth)
+                hub.freeze(NODE, "during-the-attack")
+        assert statuses == [401] * len(attempts)
+        nonce = hub.probe(NODE)
+        await until(lambda: enclave.last_sse_probe == nonce)
+        assert hub.subscribers(NODE) == 1
+        assert hub._total_subscribers == 1
+        assert client.connects == 1
+        assert client.reconnects == 0
+        assert enclave.log[0] == ("freeze", "during-the-attack")
+    assert hub.stats.unauthorized == len(attempts)
+    assert hub.stats.refused == hub.stats.refused_node == 0
+    refusal_lines = [r for r in caplog.records if "unauthenticated" in r.getMessage()]
+    assert 1 <= len(refusal_lines) <= 2  # at most once per 10 s
+    assert "guess-" not in caplog.text
+
+
+async def test_authenticated_duplicates_beyond_the_node_limit_get_429_and_displace_nobody() -> None:
+    """Attack (c) over HTTP: with the node's own token, subscriptions beyond
+    ``max_subscribers_per_node`` are refused with 429; the enclave's stays and gets events."""
+    hub = EventHub(max_subscribers_per_node=2)
+    enclave = FakeEnclave()
+    async with running_gateway(hub) as port, enclave_client(port, enclave) as client:
+        await until(lambda: hub.subscribers(NODE) == 1)
+        second, _http = await _open_raw(port, _get(f"/v1/enclaves/{NODE}/events"))
+        async with second:
+            await until(lambda: hub.subscribers(NODE) == 2)
+            for _ in range(4):
+                head, body = await _request(port, _get(f"/v1/enclaves/{NODE}/events"))
+                assert head.status == 429
+                assert head.get("retry-after") == "5"
+                assert b"max_subscribers_per_node" in body
+            assert hub.subscribers(NODE) == 2
+            nonce = hub.probe(NODE)
+            await until(lambda: enclave.last_sse_probe == nonce)
+        assert client.reconnects == 0
+    assert hub.stats.refused_node == 4
+
+
+async def test_refusals_are_logged_at_most_once_per_interval(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "trio_sign.gateway.events")
+    hub = EventHub()
+    app = GatewayEventsApp(hub, credentials=CREDENTIALS, refusal_log_interval_s=10)
+
+    async def knock() -> int:
+        fake = FakeAsgi()
+        fake.scope["headers"] = [(b"authorization", b"Bearer nope-0123456789abcdef")]
+        await fake.run(app)
+        return int(fake.sent[0][1]["status"])
+
+    for _ in range(50):
+        assert await knock() == 401
+    await trio.sleep(10)
+    assert await knock() == 401
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2
+    assert "49 more" in lines[1]
+    assert hub.stats.unauthorized == 51
+
+
+@pytest.mark.parametrize(
+    ("credentials", "message"),
+    [
+        ({NODE: "short"}, "events token of node 'node-7'"),
+        ({NODE: "has spaces in it 0123456789"}, "events token of node 'node-7'"),
+        ({"bad id": TOKEN}, "node id"),
+    ],
+)
+def test_app_refuses_bad_credentials_without_quoting_the_token(
+    credentials: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message) as info:
+        GatewayEventsApp(EventHub(), credentials=credentials)
+    assert "has spaces" not in str(info.value)
+    assert TOKEN not in str(info.value)
+    assert TOKEN not in repr(GatewayEventsApp(EventHub(), credentials=CREDENTIALS))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,10 +18,12 @@ import trio.testing
 
 from trio_sign.enclave import EnclaveConfig, EnclaveHandle, serve_dev_enclave
 from trio_sign.gateway import EnclaveNode, EventHub, run_prober, serve_gateway_events
+from trio_sign.parent import serve_sse_relay
 from trio_sign.rpc import RpcError, StatusCode
 from trio_sign.testing import generate_share_files
 
 INTERVAL = 5.0
+TOKEN = "enclave-0-events-token-0123456789"
 EVICT_AFTER = 30.0
 
 
@@ -266,17 +269,33 @@ async def test_end_to_end_with_the_sse_server_and_a_subscribed_dev_enclave(
         async def events(*, task_status: trio.TaskStatus[list[str]]) -> None:
             with events_scope:
                 await serve_gateway_events(
-                    "tcp://127.0.0.1:0", hub, retry_ms=10, task_status=task_status
+                    "tcp://127.0.0.1:0",
+                    hub,
+                    credentials={"enclave-0": TOKEN},
+                    retry_ms=10,
+                    task_status=task_status,
                 )
 
         binds: list[str] = await nursery.start(events)
         port = int(binds[0].rsplit(":", 1)[1])
+        # The enclave subscribes through the parent's relay, which holds the node's token.
+        relay_listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        await nursery.start(
+            functools.partial(
+                serve_sse_relay,
+                relay_listeners,
+                [f"http://127.0.0.1:{port}/v1/enclaves/"],
+                ssl_context_for_upstream=ssl.create_default_context(),
+                upstream_token=TOKEN,
+            )
+        )
         config = EnclaveConfig(
             grpc_listen="tcp://127.0.0.1:0",
             dev=True,
             dev_plaintext_shares=report.service_file,
             gateway_url=f"http://127.0.0.1:{port}",
             node_id="enclave-0",
+            sse_via=f"tcp://127.0.0.1:{relay_listeners[0].socket.getsockname()[1]}",
         )
         handle: EnclaveHandle = await nursery.start(serve_dev_enclave, config)
         with trio.fail_after(5):

@@ -6,7 +6,9 @@ Steps, each a real component talking over real sockets:
 2. start the local KMS (the KMS JSON protocol over HTTP, with a key policy that pins the local
    NSM's PCRs for ``Decrypt`` with ``Recipient``) and seal the service's shares through it
    with boto3;
-3. start the gateway's SSE event server;
+3. start the gateway's SSE event server, with a fresh bearer token for the node (written
+   0600 into the work directory; the parent's ``[relay] token_file`` points at it, so the
+   relay adds it to the enclave's subscription);
 4. start the parent supervisor, which launches the local enclave (fresh namespaces where the
    kernel allows), serves its attested preload through KMS, verifies its attestation and
    opens the mTLS ingress;
@@ -23,6 +25,7 @@ import json
 import logging
 import os
 import random
+import secrets
 import statistics
 import sys
 import time
@@ -85,6 +88,7 @@ class LocalStack:
     nursery: trio.Nursery
     stop: trio.Event
     boot_to_ready_s: float = 0.0
+    events_token_file: Path | None = None  # node-1's bearer token at the event server (0600)
 
     def gateway_node(self, node_id: str = "node-1", *, node_class: Any = None) -> Any:
         """An :class:`~trio_sign.gateway.EnclaveNode` (or ``node_class``, a subclass) for this
@@ -98,6 +102,14 @@ class LocalStack:
         )
         cls = EnclaveNode if node_class is None else node_class
         return cls(node_id, self.ingress_url, ssl_context=ssl_context, server_hostname="localhost")
+
+
+def write_secret(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by the owner only (0600, also over an older file)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(text + "\n")
 
 
 @asynccontextmanager
@@ -154,9 +166,19 @@ async def local_stack(
                 overwrite=True,
             )
         )
-        _say("      starting the gateway's SSE event server")
+        _say("      starting the gateway's SSE event server (node-1 authenticates with a token)")
         hub = EventHub()
-        binds = await nursery.start(serve_gateway_events, "tcp://127.0.0.1:0", hub)
+        events_token = secrets.token_urlsafe(32)
+        events_token_file = work / "node-1-events.token"
+        await trio.to_thread.run_sync(write_secret, events_token_file, events_token)
+        binds = await nursery.start(
+            functools.partial(
+                serve_gateway_events,
+                "tcp://127.0.0.1:0",
+                hub,
+                credentials={"node-1": events_token},
+            )
+        )
         events_origin = binds[0].rstrip("/")
         _say("      starting the parent; it launches the enclave and serves the attested preload")
         run_dir = work / "run"
@@ -189,6 +211,7 @@ pcr2 = "{pcrs[2]}"
 interval_s = 30
 [relay]
 allowlist = ["{events_origin}/v1/enclaves/"]
+token_file = "{events_token_file}"
 [failure]
 restart = {"true" if restart else "false"}
 backoff_initial_s = {restart_backoff_s}
@@ -229,6 +252,7 @@ file = "{work / "enclave-logs.jsonl"}"
             nursery=nursery,
             stop=stop,
             boot_to_ready_s=time.monotonic() - started,
+            events_token_file=events_token_file,
         )
         _say("      shutting down (the parent terminates the enclave)")
         nursery.cancel_scope.cancel()

@@ -4,7 +4,8 @@ own Sign Gateway against it.
 It seals FILE (a plaintext service share file) through the local KMS, starts the parent,
 which launches the enclave and verifies its attestation, and prints where to connect: the
 mTLS gRPC ingress (with the client certificate to use), the health endpoints and the event
-server the enclave subscribes to. Ctrl-C (or SIGTERM) stops everything.
+server the enclave subscribes to (through the parent's relay, which adds node-1's bearer token
+from the 0600 file printed as ``events_token``). Ctrl-C (or SIGTERM) stops everything.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                     ("client_key", pki.client_key),
                     ("health", f"{stack.health_url}/readyz"),
                     ("events", f"{stack.events_url}/v1/enclaves/node-1/events"),
+                    ("events_token", f"{stack.events_token_file}  (Authorization: Bearer)"),
                     ("accounts", report["accounts"]),
                     ("shares_sha256", report["shares_sha256"]),
                 ):

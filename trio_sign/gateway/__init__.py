@@ -11,16 +11,19 @@ from ._events import DEFAULT_EVENTS_KEEPALIVE_S as DEFAULT_EVENTS_KEEPALIVE_S
 from ._events import DEFAULT_EVENTS_RETRY_MS as DEFAULT_EVENTS_RETRY_MS
 from ._events import DEFAULT_MAX_SUBSCRIBERS as DEFAULT_MAX_SUBSCRIBERS
 from ._events import DEFAULT_MAX_SUBSCRIBERS_PER_NODE as DEFAULT_MAX_SUBSCRIBERS_PER_NODE
+from ._events import DEFAULT_REFUSAL_LOG_INTERVAL_S as DEFAULT_REFUSAL_LOG_INTERVAL_S
 from ._events import DEFAULT_REPLAY_EVENTS as DEFAULT_REPLAY_EVENTS
 from ._events import DEFAULT_SUBSCRIBER_QUEUE as DEFAULT_SUBSCRIBER_QUEUE
 from ._events import EventHub as EventHub
 from ._events import GatewayEventsApp as GatewayEventsApp
 from ._events import HubEvent as HubEvent
 from ._events import HubStats as HubStats
+from ._events import NodeSubscriberLimitError as NodeSubscriberLimitError
 from ._events import SubscriberLimitError as SubscriberLimitError
 from ._events import Subscription as Subscription
 from ._events import accepts_event_stream as accepts_event_stream
 from ._events import serve_gateway_events as serve_gateway_events
+from ._events import valid_bearer_token as valid_bearer_token
 from ._events import valid_node_id as valid_node_id
 from ._node import EnclaveNode as EnclaveNode
 from ._node import NodeSettings as NodeSettings
@@ -51,6 +54,7 @@ __all__ = [
     "DEFAULT_EVENTS_RETRY_MS",
     "DEFAULT_MAX_SUBSCRIBERS",
     "DEFAULT_MAX_SUBSCRIBERS_PER_NODE",
+    "DEFAULT_REFUSAL_LOG_INTERVAL_S",
     "DEFAULT_REPLAY_EVENTS",
     "DEFAULT_SUBSCRIBER_QUEUE",
     "EnclaveNode",
@@ -66,6 +70,7 @@ __all__ = [
     "HubStats",
     "KEEPALIVE_COMMENT",
     "NodeSettings",
+    "NodeSubscriberLimitError",
     "ProbedNode",
     "SendProbe",
     "SubscriberLimitError",
@@ -82,5 +87,6 @@ __all__ = [
     "run_prober",
     "serve_gateway",
     "serve_gateway_events",
+    "valid_bearer_token",
     "valid_node_id",
 ]

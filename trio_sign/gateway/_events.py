@@ -15,6 +15,14 @@ Event ids are ``{epoch}-{seq}``: ``seq`` counts up from 1 per node, ``epoch`` is
 so after a gateway restart an enclave's old ``Last-Event-ID`` is recognised as foreign (and
 everything the new hub kept is replayed) instead of being compared with unrelated numbers.
 
+Subscribers authenticate (DESIGN §16): the gateway holds one bearer token per node id, and a
+request must carry ``Authorization: Bearer <that node's token>``. In production the enclave
+never sees it: the parent's relay adds it upstream from ``[relay] token`` in ``parent.toml``.
+An unknown node and a wrong token get the same ``401``, checked (in constant time) before the
+hub is touched, so unauthenticated clients take no subscription slot. A node already at
+``max_subscribers_per_node`` is refused (``429``): a new subscription never displaces one that
+authenticated before it.
+
 Every stream starts with an id-only block (``id: {epoch}-{cursor}``, no event), the position
 just before what this connection will send. It sets the enclave's last event ID without
 dispatching anything, so even an enclave that subscribed without ``Last-Event-ID`` and was
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import hmac
 import logging
 import re
 import secrets
@@ -58,10 +67,15 @@ DEFAULT_REPLAY_EVENTS: Final = 256
 #: reconnects with ``Last-Event-ID`` and is replayed from the buffer).
 DEFAULT_SUBSCRIBER_QUEUE: Final = 64
 #: Concurrent subscriptions per node; one is normal, a second one appears while a dead
-#: connection has not been noticed yet. A new one beyond this evicts the oldest.
+#: connection has not been noticed yet. A new one beyond this is refused (``429``), never
+#: allowed to displace a subscriber that is already there.
 DEFAULT_MAX_SUBSCRIBERS_PER_NODE: Final = 4
-#: Concurrent subscriptions over all nodes; more are answered ``503``.
+#: Concurrent subscriptions over all nodes; more are answered ``503``. Only authenticated
+#: subscribers count, so at most (nodes x ``max_subscribers_per_node``) can be reached.
 DEFAULT_MAX_SUBSCRIBERS: Final = 1024
+#: Refused subscriptions (``401``, ``429``) are logged at most once per this many seconds, with
+#: the count since the last line: a flood of bad requests must not become a flood of log lines.
+DEFAULT_REFUSAL_LOG_INTERVAL_S: Final = 10.0
 #: Seconds of silence after which a comment is sent; well under the enclave's 45 s
 #: ``sse_keepalive_timeout_s`` and the relay's 90 s idle timeout.
 DEFAULT_EVENTS_KEEPALIVE_S: Final = 15.0
@@ -74,11 +88,24 @@ DEFAULT_EVENTS_GRACEFUL_TIMEOUT_S: Final = 1.0
 NODE_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _PATH: Final = re.compile(r"/v1/enclaves/(?P<node_id>[^/]*)/events")
 _EVENT_ID: Final = re.compile(r"(?P<epoch>[0-9a-f]{8})-(?P<seq>0|[1-9][0-9]{0,18})")
+#: A bearer token as configured (RFC 6750 ``b64token``), long enough to be a secret.
+BEARER_TOKEN_PATTERN: Final = re.compile(r"[A-Za-z0-9._~+/-]{16,1024}=*")
+BEARER_TOKEN_RULE: Final = "16 to 1024 characters of A-Z a-z 0-9 - . _ ~ + / (then optional =)"
 
 
 class SubscriberLimitError(TrioSignError):
     """The hub already has ``max_subscribers`` subscriptions (raise the setting, or find out why
     so many enclaves are connected)."""
+
+
+class NodeSubscriberLimitError(SubscriberLimitError):
+    """The node already has ``max_subscribers_per_node`` subscriptions; the new one is refused
+    (the old ones end when their connections are found dead, and the enclave retries)."""
+
+
+def valid_bearer_token(token: str) -> bool:
+    """Whether ``token`` is a usable bearer token (:data:`BEARER_TOKEN_RULE`)."""
+    return isinstance(token, str) and BEARER_TOKEN_PATTERN.fullmatch(token) is not None
 
 
 def valid_node_id(node_id: str) -> bool:
@@ -112,7 +139,7 @@ class Subscription:
     """One subscriber of one node's events: first :attr:`backlog`, then :meth:`receive`.
 
     Created by :meth:`EventHub.subscribe`. If the subscriber falls more than the hub's
-    ``subscriber_queue`` events behind, or is evicted by a newer subscription, :attr:`dropped`
+    ``subscriber_queue`` events behind, or is cut by :meth:`EventHub.disconnect`, :attr:`dropped`
     is set, :attr:`cancel_scope` is cancelled (so a writer blocked on a stuck peer is not waited
     on) and :meth:`receive` raises ``trio.EndOfChannel`` once the queue is empty.
 
@@ -180,8 +207,11 @@ class HubStats:
         published: events published.
         subscriptions: subscriptions opened.
         dropped_slow: subscribers disconnected for falling behind.
-        evicted: subscribers disconnected by a newer one for the same node.
         refused: subscriptions refused (``max_subscribers``).
+        refused_node: subscriptions refused because their node was at
+            ``max_subscribers_per_node``.
+        unauthorized: requests refused ``401`` (unknown node or wrong token; counted by
+            :class:`GatewayEventsApp`).
         replayed: events replayed to reconnecting subscribers.
         gaps: reconnects whose ``Last-Event-ID`` was older than the replay buffer.
     """
@@ -189,8 +219,9 @@ class HubStats:
     published: int = 0
     subscriptions: int = 0
     dropped_slow: int = 0
-    evicted: int = 0
     refused: int = 0
+    refused_node: int = 0
+    unauthorized: int = 0
     replayed: int = 0
     gaps: int = 0
 
@@ -201,8 +232,11 @@ class EventHub:
     Args:
         replay_events: events kept per node for ``Last-Event-ID`` replay.
         subscriber_queue: events queued per subscriber before it is disconnected.
-        max_subscribers_per_node: a new subscription beyond this evicts the node's oldest one.
+        max_subscribers_per_node: subscriptions per node; beyond this :meth:`subscribe` raises.
         max_subscribers: subscriptions over all nodes; beyond this :meth:`subscribe` raises.
+
+    The hub does not authenticate: it trusts its caller (:class:`GatewayEventsApp`) to have
+    checked the node's credential before :meth:`subscribe`.
 
     Nothing here awaits; the publish methods may be called from any Trio task (or from
     synchronous code running in the Trio thread). Memory is bounded by the number of nodes
@@ -348,10 +382,12 @@ class EventHub:
         - an id of another hub (a gateway restart): everything kept.
         - anything else (garbage, or an id from the future): live events only, with a WARNING.
 
-        A node that already has ``max_subscribers_per_node`` subscriptions loses its oldest one
-        (a dead connection not noticed yet must not lock a reconnecting enclave out).
+        A node that already has ``max_subscribers_per_node`` subscriptions gets no new one: a
+        newcomer never displaces a subscriber (whoever holds a slot keeps it until its
+        connection ends, is found dead by a keepalive write, or falls behind).
 
-        Error handling: ``ValueError`` for a bad node id; :class:`SubscriberLimitError` when
+        Error handling: ``ValueError`` for a bad node id; :class:`NodeSubscriberLimitError`
+        when the node has ``max_subscribers_per_node``, :class:`SubscriberLimitError` when
         ``max_subscribers`` are open.
         """
         _check_node_id(node_id)
@@ -360,16 +396,13 @@ class EventHub:
             raise SubscriberLimitError(
                 f"{self._total_subscribers} event subscriptions are open (max_subscribers)"
             )
-        old = self._nodes.get(node_id)
-        while old is not None and len(old.subscribers) >= self.max_subscribers_per_node:
-            self.stats.evicted += 1
-            log.warning(
-                "events: node %r has %d subscriptions; dropping the oldest for a new one",
-                node_id,
-                len(old.subscribers),
+        if self.subscribers(node_id) >= self.max_subscribers_per_node:
+            self.stats.refused_node += 1
+            raise NodeSubscriberLimitError(
+                f"node {node_id!r} already has {self.subscribers(node_id)} event subscriptions"
+                " (max_subscribers_per_node)"
             )
-            self._remove(node_id, old, old.subscribers[0], "replaced by a newer subscription")
-        node = self._node(node_id)  # after the evictions, which may have forgotten the node
+        node = self._node(node_id)
         backlog = self._replay(node_id, node, last_event_id)
         cursor = backlog[0].seq - 1 if backlog else node.next_seq - 1
         sub = Subscription(node_id, f"{self.epoch}-{cursor}", backlog, self.subscriber_queue)
@@ -488,29 +521,96 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return b",".join(values).decode("latin-1")
 
 
+class _Throttle:
+    """Lets a log line through at most once per ``interval_s`` (Trio time) and counts the rest."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._next = float("-inf")
+        self._suppressed = 0
+
+    def allow(self) -> int | None:
+        """None to stay quiet; else how many lines were held back since the last one."""
+        now = trio.current_time()
+        if now < self._next:
+            self._suppressed += 1
+            return None
+        held, self._suppressed = self._suppressed, 0
+        self._next = now + self.interval_s
+        return held
+
+
+def bearer_token(scope: Mapping[str, Any]) -> bytes:
+    """The token of the request's single ``Authorization: Bearer`` header, or ``b""`` (no
+    header, several, another scheme, or an empty token)."""
+    values = [value for key, value in scope.get("headers", []) if key.lower() == b"authorization"]
+    if len(values) != 1:
+        return b""
+    scheme, _, token = bytes(values[0]).strip().partition(b" ")
+    return token.strip() if scheme.lower() == b"bearer" else b""
+
+
 class GatewayEventsApp:
     """The ASGI app behind :func:`serve_gateway_events` (no framework).
 
-    ``GET /v1/enclaves/{node_id}/events``: ``200 text/event-stream``, a ``retry:`` block, an
-    id-only block (:attr:`Subscription.cursor`), the replay after ``Last-Event-ID``, then live
-    events, with a comment after every ``keepalive_s``
-    of silence. ``400`` for a malformed node id, ``404`` for any other path, ``405`` for other
-    methods, ``406`` when ``Accept`` rules out ``text/event-stream``, ``503`` when the hub is at
-    ``max_subscribers``.
+    ``GET /v1/enclaves/{node_id}/events`` with ``Authorization: Bearer <the node's token>``:
+    ``200 text/event-stream``, a ``retry:`` block, an id-only block
+    (:attr:`Subscription.cursor`), the replay after ``Last-Event-ID``, then live events, with a
+    comment after every ``keepalive_s`` of silence. ``400`` for a malformed node id, ``401``
+    (the same for an unknown node as for a wrong or missing token) before anything else about
+    the node is looked at, ``404`` for any other path, ``405`` for other methods, ``406`` when
+    ``Accept`` rules out ``text/event-stream``, ``429`` when the node is at
+    ``max_subscribers_per_node``, ``503`` when the hub is at ``max_subscribers``.
+
+    Args:
+        hub: where the events come from.
+        credentials: node id -> bearer token; a node not listed cannot subscribe. Tokens are
+            compared with :func:`hmac.compare_digest` and never logged.
+        keepalive_s: a comment after this many seconds of silence.
+        retry_ms: the ``retry:`` sent first on every stream.
+        refusal_log_interval_s: ``401``/``429`` are logged at most once per this many seconds.
+
+    Error handling: ``ValueError`` for a bad node id or a token that is not
+    :data:`BEARER_TOKEN_RULE` in ``credentials`` (the message names the node, never the token).
     """
 
     def __init__(
         self,
         hub: EventHub,
         *,
+        credentials: Mapping[str, str],
         keepalive_s: float = DEFAULT_EVENTS_KEEPALIVE_S,
         retry_ms: int = DEFAULT_EVENTS_RETRY_MS,
+        refusal_log_interval_s: float = DEFAULT_REFUSAL_LOG_INTERVAL_S,
     ) -> None:
         if keepalive_s <= 0:
             raise ValueError("keepalive_s must be positive")
+        if refusal_log_interval_s < 0:
+            raise ValueError("refusal_log_interval_s must not be negative")
+        self._credentials: dict[str, bytes] = {}
+        for node_id, token in credentials.items():
+            _check_node_id(node_id)
+            if not valid_bearer_token(token):
+                raise ValueError(f"the events token of node {node_id!r}: use {BEARER_TOKEN_RULE}")
+            self._credentials[node_id] = token.encode("ascii")
+        # Compared against when the node is unknown, so that both refusals cost the same.
+        self._decoy = secrets.token_urlsafe(32).encode("ascii")
         self.hub = hub
         self.keepalive_s = keepalive_s
         self.retry_block = format_retry(retry_ms)
+        self._unauthorized_log = _Throttle(refusal_log_interval_s)
+        self._busy_log = _Throttle(refusal_log_interval_s)
+
+    def __repr__(self) -> str:
+        return f"GatewayEventsApp(nodes={sorted(self._credentials)!r})"
+
+    def authorized(self, scope: Scope, node_id: str) -> bool:
+        """Whether the request carries ``node_id``'s bearer token (constant time in the token;
+        an unknown node is checked against a decoy so it looks the same from outside)."""
+        presented = bearer_token(scope)
+        expected = self._credentials.get(node_id)
+        match = hmac.compare_digest(presented, self._decoy if expected is None else expected)
+        return match and expected is not None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -529,6 +629,18 @@ class GatewayEventsApp:
         if not valid_node_id(node_id):
             await _respond(send, 400, b"malformed node id: [A-Za-z0-9._-]{1,128} expected\n")
             return
+        if not self.authorized(scope, node_id):
+            self.hub.stats.unauthorized += 1
+            held = self._unauthorized_log.allow()
+            if held is not None:
+                log.warning(
+                    "events: refused an unauthenticated subscription for node %r (401; %d more"
+                    " since the last such line)",
+                    node_id,
+                    held,
+                )
+            await _respond(send, 401, b"unauthorized\n", [(b"www-authenticate", b"Bearer")])
+            return
         if not accepts_event_stream(_header(scope, b"accept")):
             await _respond(send, 406, b"only text/event-stream is served here\n")
             return
@@ -541,8 +653,17 @@ class GatewayEventsApp:
             with self.hub.subscribe(node_id, last_event_id) as sub:
                 await self._stream(sub, receive, send)
         except SubscriberLimitError as exc:
-            log.warning("events: refusing node %r: %s", node_id, exc)
-            await _respond(send, 503, f"{exc}\n".encode(), [(b"retry-after", b"5")])
+            status = 429 if isinstance(exc, NodeSubscriberLimitError) else 503
+            held = self._busy_log.allow()
+            if held is not None:
+                log.warning(
+                    "events: refusing node %r (%d): %s (%d more refusals since the last line)",
+                    node_id,
+                    status,
+                    exc,
+                    held,
+                )
+            await _respond(send, status, f"{exc}\n".encode(), [(b"retry-after", b"5")])
 
     async def _stream(self, sub: Subscription, receive: Receive, send: Send) -> None:
         log.info("events: node %r subscribed (replaying %d events)", sub.node_id, len(sub.backlog))
@@ -599,6 +720,7 @@ async def serve_gateway_events(
     listen_url: str,
     hub: EventHub,
     *,
+    credentials: Mapping[str, str],
     keepalive_s: float = DEFAULT_EVENTS_KEEPALIVE_S,
     retry_ms: int = DEFAULT_EVENTS_RETRY_MS,
     certfile: str | None = None,
@@ -610,6 +732,8 @@ async def serve_gateway_events(
 
     Args:
         listen_url: ``tcp://host:port`` (port 0 picks one) or ``unix:///path``.
+        credentials: node id -> bearer token (see :class:`GatewayEventsApp`); the parent's
+            relay of each node sends that node's token (``[relay] token`` in ``parent.toml``).
         keepalive_s: a comment after this many seconds of silence (keep it well under the
             enclave's ``sse_keepalive_timeout_s``, 45 s by default).
         retry_ms: the ``retry:`` sent first on every stream (the enclave's back-off base).
@@ -623,14 +747,14 @@ async def serve_gateway_events(
     enclaves reconnect with ``Last-Event-ID``).
 
     Error handling: a bad ``listen_url`` raises :class:`~trio_sign.transport.TransportError` or
-    ``ValueError``, only one of ``certfile``/``keyfile`` ``ValueError``, a bind failure or
-    unreadable certificate ``OSError``/``ssl.SSLError``, all before ``started``.
+    ``ValueError``, only one of ``certfile``/``keyfile`` or a bad credential ``ValueError``, a
+    bind failure or unreadable certificate ``OSError``/``ssl.SSLError``, all before ``started``.
     """
     # Refuse bad settings here, before any nursery would wrap the error in a group.
     if (certfile is None) != (keyfile is None):
         raise ValueError("give both certfile and keyfile to serve HTTPS, or neither")
     hypercorn_bind(listen_url)
-    app = GatewayEventsApp(hub, keepalive_s=keepalive_s, retry_ms=retry_ms)
+    app = GatewayEventsApp(hub, credentials=credentials, keepalive_s=keepalive_s, retry_ms=retry_ms)
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(
             functools.partial(

@@ -4,6 +4,9 @@
 
     [api]                       # the sign API this reference gateway offers its clients
     listen = "tcp://127.0.0.1:8443"
+    # token = "..."             # clients send Authorization: Bearer <token>; without one, the
+    # token_file = "gateway-api.token"    file's token is used, or one is generated into it (0600)
+    # allowed_hosts = ["gateway.internal:8443"]   # Host values accepted (default: loopback forms)
     [events]                    # the SSE endpoint the enclaves subscribe to (via their relay)
     listen = "tcp://127.0.0.1:8444"
     # certfile = "...", keyfile = "..."   (HTTPS: the parent's relay speaks HTTPS upstream)
@@ -20,6 +23,7 @@
     [[node]]
     id = "node-1"
     address = "tcp://10.0.1.5:50051"
+    events_token = "..."        # the same as that node's parent.toml [relay] token
 
 Tree::
 
@@ -30,21 +34,30 @@ Tree::
     └── the sign API           POST /v1/sign, GET /v1/nodes, POST /v1/nodes/{id}/{freeze,
                                unfreeze,drain}, GET /healthz
 
-The API is deliberately small and unauthenticated: it is a reference for integrators and a
-driver for demos and tests, to be bound to loopback. A production gateway brings its own
-authentication, policy and audit in front of :class:`Coordinator`.
+The API is deliberately small: it is a reference for integrators and a driver for demos and
+tests, to be bound to loopback. Still, a web page must not be able to drive it (DESIGN §16):
+every request needs ``Authorization: Bearer <[api] token>`` (``GET /healthz`` excepted), a
+``Host`` from ``[api] allowed_hosts`` (else ``421``; this stops DNS rebinding), and no
+``Origin`` other than its own ``Host`` (else ``403``; this stops CSRF); a ``POST`` must be
+``Content-Type: application/json`` (else ``415``: a form or ``text/plain`` post cannot pass).
+A production gateway brings its own authentication, policy and audit in front of
+:class:`Coordinator`.
 """
 
 from __future__ import annotations
 
 import functools
+import hmac
 import json
 import logging
+import os
+import secrets
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
+from urllib.parse import urlsplit
 
 import trio
 
@@ -52,7 +65,14 @@ from .._errors import TrioSignError
 from ..transport import serve_asgi
 from ..transport._asgi import asgi_lifespan, respond
 from ._coordinator import Coordinator, GatewayError, load_participant_files
-from ._events import EventHub, serve_gateway_events, valid_node_id
+from ._events import (
+    BEARER_TOKEN_RULE,
+    EventHub,
+    bearer_token,
+    serve_gateway_events,
+    valid_bearer_token,
+    valid_node_id,
+)
 from ._node import EnclaveNode
 from ._prober import run_prober
 from ._tls import make_client_ssl_context
@@ -61,6 +81,10 @@ log = logging.getLogger("trio_sign.gateway")
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_MESSAGE_BYTES = 32 * 1024
+#: Where a token is kept (or generated, 0600) when ``[api] token`` is not set; next to the config.
+DEFAULT_API_TOKEN_FILE: Final = "gateway-api.token"
+#: The loopback names a request's ``Host`` may use when ``[api] allowed_hosts`` is not set.
+_LOOPBACK_HOSTS: Final = ("localhost", "127.0.0.1", "[::1]")
 
 #: GatewayError.reason -> HTTP status of the sign API.
 _HTTP_STATUS = {
@@ -82,6 +106,7 @@ class GatewayConfigError(TrioSignError):
 class NodeConfig:
     id: str
     address: str
+    events_token: str = field(default="", repr=False)  # a secret: never in reprs
 
 
 @dataclass(frozen=True)
@@ -98,6 +123,9 @@ class GatewayConfig:
     nodes: tuple[NodeConfig, ...]
     probe_interval_s: float = 5.0
     evict_after_s: float = 15.0
+    api_token: str | None = field(default=None, repr=False)  # a secret: never in reprs
+    api_token_file: Path = Path(DEFAULT_API_TOKEN_FILE)
+    api_allowed_hosts: tuple[str, ...] = ()  # empty: the listen address and loopback forms
 
 
 def _str(table: Mapping[str, Any], section: str, key: str, default: Any = ...) -> Any:
@@ -116,6 +144,47 @@ def _num(table: Mapping[str, Any], section: str, key: str, default: float) -> fl
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise GatewayConfigError(f"[{section}] {key} must be a positive number")
     return float(value)
+
+
+def _allowed_hosts(api: Mapping[str, Any]) -> tuple[str, ...]:
+    hosts = api.get("allowed_hosts", [])
+    if (
+        not isinstance(hosts, list)
+        or not all(isinstance(h, str) and h and h.isprintable() for h in hosts)
+        or any(c in h for h in hosts for c in " /@,")
+    ):
+        raise GatewayConfigError(
+            '[api] allowed_hosts must be a list of "host[:port]" strings (as clients send Host)'
+        )
+    return tuple(h.lower() for h in hosts)
+
+
+def load_api_token(path: Path) -> tuple[str, bool]:
+    """The API token kept in ``path``, or a fresh one written there (mode 0600, never over an
+    existing file); returns ``(token, generated)``. Blocking file I/O: run it in a thread.
+
+    Error handling: :class:`GatewayConfigError` (naming ``[api] token_file``, never the token)
+    when the file cannot be read or written or holds no valid token.
+    """
+    try:
+        token = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        pass
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not ASCII"
+        raise GatewayConfigError(f"[api] token_file: cannot read {path}: {reason}") from None
+    else:
+        if not valid_bearer_token(token):
+            raise GatewayConfigError(f"[api] token_file: {path} must hold {BEARER_TOKEN_RULE}")
+        return token, False
+    token = secrets.token_urlsafe(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(token + "\n")
+    except OSError as exc:
+        raise GatewayConfigError(f"[api] token_file: cannot write {path}: {exc.strerror}") from None
+    return token, True
 
 
 def parse_gateway_config(text: str, *, base: Path = Path(".")) -> GatewayConfig:
@@ -142,11 +211,30 @@ def parse_gateway_config(text: str, *, base: Path = Path(".")) -> GatewayConfig:
         node_id = _str(raw, "node", "id")
         if not valid_node_id(node_id):
             raise GatewayConfigError(f"[[node]] id {node_id!r}: use [A-Za-z0-9._-], 1..128")
-        nodes.append(NodeConfig(node_id, _str(raw, "node", "address")))
+        address = _str(raw, "node", "address")
+        if "events_token" not in raw:
+            raise GatewayConfigError(
+                f"[[node]] {node_id}: events_token is required (the bearer token its parent's"
+                " relay sends: [relay] token in that parent.toml)"
+            )
+        token = raw["events_token"]
+        if not isinstance(token, str) or not valid_bearer_token(token):
+            raise GatewayConfigError(
+                f"[[node]] {node_id}: events_token must be {BEARER_TOKEN_RULE}"
+            )
+        nodes.append(NodeConfig(node_id, address, token))
     if len({n.id for n in nodes}) != len(nodes):
         raise GatewayConfigError("[[node]] ids must be unique")
+    api_token = api.get("token")
+    if api_token is not None and (
+        not isinstance(api_token, str) or not valid_bearer_token(api_token)
+    ):
+        raise GatewayConfigError(f"[api] token must be {BEARER_TOKEN_RULE}")
     return GatewayConfig(
         api_listen=_str(api, "api", "listen", "tcp://127.0.0.1:8443"),
+        api_token=api_token,
+        api_token_file=base / _str(api, "api", "token_file", DEFAULT_API_TOKEN_FILE),
+        api_allowed_hosts=_allowed_hosts(api),
         events_listen=_str(events, "events", "listen", "tcp://127.0.0.1:8444"),
         events_certfile=_str(events, "events", "certfile", None),
         events_keyfile=_str(events, "events", "keyfile", None),
@@ -168,25 +256,103 @@ class GatewayHandle:
     nodes: list[EnclaveNode]
     hub: EventHub
     coordinator: Coordinator
+    api_token: str = field(default="", repr=False)  # a secret: never in reprs
+    api_token_file: Path | None = None  # where it was read from or generated into
+
+
+def _one_header(scope: Mapping[str, Any], name: bytes) -> str | None:
+    values = [v for k, v in scope.get("headers", []) if k.lower() == name]
+    return bytes(values[0]).decode("latin-1").strip() if len(values) == 1 else None
 
 
 class GatewayApi:
-    """The reference sign API (ASGI)."""
+    """The reference sign API (ASGI).
 
-    def __init__(self, coordinator: Coordinator, nodes: list[EnclaveNode], hub: EventHub):
+    Args:
+        coordinator, nodes, hub: what the routes drive.
+        api_token: the bearer token every request but ``GET /healthz`` must carry.
+        allowed_hosts: ``host[:port]`` values a request's ``Host`` may have (lower case). Empty:
+            the address the connection came in on and ``localhost``/``127.0.0.1``/``[::1]``,
+            each with its port; on a UNIX socket (no browser reaches one) any ``Host``.
+
+    Refusals, in this order: ``421`` a ``Host`` not allowed (or none, or several); ``403`` an
+    ``Origin`` whose ``host[:port]`` is not the request's ``Host`` (``null`` included);
+    ``401`` no or a wrong token; then routing, and ``415`` for a ``POST`` that is not
+    ``Content-Type: application/json``.
+    """
+
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        nodes: list[EnclaveNode],
+        hub: EventHub,
+        *,
+        api_token: str,
+        allowed_hosts: tuple[str, ...] = (),
+    ) -> None:
+        if not valid_bearer_token(api_token):
+            raise ValueError(f"api_token must be {BEARER_TOKEN_RULE}")
         self._coordinator = coordinator
         self._nodes = {n.node_id: n for n in nodes}
         self._hub = hub
+        self._token = api_token.encode("ascii")
+        self._allowed_hosts = frozenset(h.lower() for h in allowed_hosts)
+
+    def __repr__(self) -> str:
+        return f"GatewayApi(nodes={sorted(self._nodes)!r})"
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
             await asgi_lifespan(receive, send)
         if scope["type"] != "http":
             return
-        status, body = await self._route(scope, receive)
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            status, body = refusal
+        else:
+            status, body = await self._route(scope, receive)
+        extra = [(b"www-authenticate", b"Bearer")] if status == 401 else None
         await respond(
-            send, status, b"application/json", json.dumps(body, separators=(",", ":")).encode()
+            send,
+            status,
+            b"application/json",
+            json.dumps(body, separators=(",", ":")).encode(),
+            extra,
+            no_store=True,
         )
+
+    def _host_allowed(self, scope: Mapping[str, Any], host: str) -> bool:
+        if self._allowed_hosts:
+            return host in self._allowed_hosts
+        server = scope.get("server")
+        if not server or server[1] is None:
+            return True  # a UNIX socket: no browser (and no rebound DNS name) reaches it
+        server_host, port = server
+        names = {*_LOOPBACK_HOSTS, f"[{server_host}]" if ":" in server_host else server_host}
+        allowed = {f"{name}:{port}" for name in names}
+        if port == 80:
+            allowed |= names
+        return host in allowed
+
+    def _refusal(self, scope: Mapping[str, Any]) -> tuple[int, Any] | None:
+        """Why the request is refused before routing, or None (DESIGN §16)."""
+        host = _one_header(scope, b"host")
+        if host is None or not self._host_allowed(scope, host.lower()):
+            return 421, {"error": "this Host is not served here ([api] allowed_hosts)"}
+        origin = _one_header(scope, b"origin")
+        if origin is not None:
+            try:
+                parts = urlsplit(origin)
+                same = parts.scheme in ("http", "https") and parts.netloc.lower() == host.lower()
+            except ValueError:
+                same = False
+            if not same:
+                return 403, {"error": "cross-origin requests are refused"}
+        if scope.get("method") == "GET" and scope.get("path") == "/healthz":
+            return None
+        if not hmac.compare_digest(bearer_token(scope), self._token):
+            return 401, {"error": "unauthorized"}
+        return None
 
     async def _body(self, receive: Any) -> Any:
         chunks: list[bytes] = []
@@ -218,6 +384,9 @@ class GatewayApi:
             ]
         if method != "POST":
             return (405 if path.startswith("/v1/") else 404), {"error": "not found"}
+        content_type = _one_header(scope, b"content-type") or ""
+        if content_type.partition(";")[0].strip().lower() != "application/json":
+            return 415, {"error": "Content-Type must be application/json"}
         try:
             body = await self._body(receive)
         except ValueError as exc:
@@ -261,8 +430,27 @@ async def serve_gateway(
     *,
     task_status: trio.TaskStatus[GatewayHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the reference gateway until cancelled."""
+    """Run the reference gateway until cancelled.
+
+    Without ``[api] token`` the token is read from ``[api] token_file``, or generated into it
+    (0600) if the file does not exist; the path is logged, the token never is.
+
+    Error handling: :class:`GatewayConfigError` for an unreadable or unwritable token file, a
+    bad listen URL or bind failure as :func:`serve_gateway_events` says; all before ``started``.
+    """
     hub = EventHub()
+    token_file: Path | None = None
+    if config.api_token is not None:
+        api_token = config.api_token
+    else:
+        token_file = config.api_token_file
+        api_token, generated = await trio.to_thread.run_sync(load_api_token, token_file)
+        log.info(
+            "gateway: API token %s %s",
+            "generated into" if generated else "read from",
+            token_file,
+            extra={"token_file": str(token_file)},
+        )
     ssl_context = None
     if config.tls_ca is not None and config.tls_cert is not None and config.tls_key is not None:
         ssl_context = make_client_ssl_context(
@@ -284,6 +472,7 @@ async def serve_gateway(
                 serve_gateway_events,
                 config.events_listen,
                 hub,
+                credentials={n.id: n.events_token for n in config.nodes},
                 certfile=config.events_certfile,
                 keyfile=config.events_keyfile,
             )
@@ -299,13 +488,18 @@ async def serve_gateway(
                 send_probe=hub.send_probe,
             )
         )
-        api = await nursery.start(
-            functools.partial(
-                serve_asgi, GatewayApi(coordinator, nodes, hub), config.api_listen, logger=log
-            )
+        app = GatewayApi(
+            coordinator,
+            nodes,
+            hub,
+            api_token=api_token,
+            allowed_hosts=config.api_allowed_hosts,
         )
+        api = await nursery.start(functools.partial(serve_asgi, app, config.api_listen, logger=log))
         log.info(
             "gateway ready",
             extra={"api": ",".join(api), "events": ",".join(events), "nodes": len(nodes)},
         )
-        task_status.started(GatewayHandle(list(api), list(events), nodes, hub, coordinator))
+        task_status.started(
+            GatewayHandle(list(api), list(events), nodes, hub, coordinator, api_token, token_file)
+        )
