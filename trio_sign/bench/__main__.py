@@ -8,6 +8,10 @@ Sections (all by default, or pick with flags):
             open-loop Poisson load of half capacity, from a load generator process, against our
             server and a grpcio aio server running the same handlers; ratios, targets, and a
             py-spy profile of our server (if py-spy is installed). About 2 minutes.
+  --hostile each attack of issue 11 (bounded, loopback only) against the dev enclave and the
+            full local stack's mTLS ingress while a grpcio client keeps an open-loop load:
+            its success rate, p99 and recovery, and the server's RSS growth and CPU, against
+            the targets (not part of the default set; about 5 minutes, --hostile-quick ~2)
 
 Every load is measured in a fresh child process so that RSS numbers are not polluted by the
 generator. The machine is shared and noisy: FROST timings are the median of several batches.
@@ -93,8 +97,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--grpc-no-profile", action="store_true", help="skip the py-spy profile of our server"
     )
+    parser.add_argument("--hostile", action="store_true", help="attacks while a client measures")
+    parser.add_argument(
+        "--hostile-quick",
+        action="store_true",
+        help="--hostile with 3 s attacks and smaller counts",
+    )
+    parser.add_argument(
+        "--hostile-duration", type=float, default=None, help="seconds per attack (default 10)"
+    )
+    parser.add_argument(
+        "--hostile-target",
+        choices=["enclave", "stack", "both"],
+        default="both",
+        help="which server to attack",
+    )
+    parser.add_argument(
+        "--hostile-attacks",
+        type=str,
+        default="",
+        help="comma-separated subset of: bare, stream-flood, rapid-reset, partial, zero-window,"
+        " idle, ping-flood, settings-flood, huge-sign",
+    )
+    parser.add_argument(
+        "--hostile-rate", type=float, default=100.0, help="legitimate sessions/s (Poisson)"
+    )
     args = parser.parse_args(argv)
-    everything = not (args.e2e or args.boot or args.frost or args.load or args.grpc)
+    hostile = args.hostile or args.hostile_quick
+    everything = not (args.e2e or args.boot or args.frost or args.load or args.grpc or hostile)
     print(f"machine: {_machine()}")
     if args.frost or everything:
         bench_frost()
@@ -136,6 +166,25 @@ def main(argv: list[str] | None = None) -> int:
                 open_base=64 if 64 in concurrency else max(concurrency),
                 channels=args.grpc_channels,
                 profile=not args.grpc_no_profile,
+            )
+        )
+    if hostile:
+        from ._hostile import ATTACK_KEYS, HostileOptions, bench_hostile
+
+        only = tuple(k for k in args.hostile_attacks.split(",") if k)
+        unknown = set(only) - set(ATTACK_KEYS)
+        if unknown:
+            parser.error(f"unknown --hostile-attacks: {', '.join(sorted(unknown))}")
+        duration = args.hostile_duration or (3.0 if args.hostile_quick else 10.0)
+        bench_hostile(
+            HostileOptions(
+                duration_s=duration,
+                quick=args.hostile_quick,
+                targets=("enclave", "stack")
+                if args.hostile_target == "both"
+                else (args.hostile_target,),
+                rate=args.hostile_rate,
+                only=only,
             )
         )
     return 0
