@@ -8,6 +8,7 @@ Exit codes (see :mod:`trio_sign.enclave._exit`): 0 drained cleanly after SIGTERM
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import trio
 
 from .._errors import TrioSignError
+from ..rpc import ServerLimits
 
 
 def add_parser(sub: Any) -> None:
@@ -29,6 +31,29 @@ def add_parser(sub: Any) -> None:
     enclave.add_argument("--max-sessions", type=int, default=10_000)
     enclave.add_argument("--session-ttl", type=float, default=60.0, metavar="SECONDS")
     enclave.add_argument("--drain-grace", type=float, default=10.0, metavar="SECONDS")
+    limits = ServerLimits()
+    enclave.add_argument(
+        "--max-sign-request-bytes",
+        type=int,
+        default=256 * 1024,
+        metavar="BYTES",
+        help="largest Sign request, refused on its length prefix before parsing (default"
+        " %(default)s)",
+    )
+    enclave.add_argument(
+        "--max-connections",
+        type=int,
+        default=limits.max_connections,
+        help="gRPC connections at once; at the limit the longest-idle one is closed"
+        " (default %(default)s; lowered to fit the open-file limit)",
+    )
+    enclave.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=limits.idle_timeout_s,
+        metavar="SECONDS",
+        help="close a gRPC connection with no open call after this (default %(default)s)",
+    )
     enclave.add_argument(
         "--gateway-url",
         metavar="URL",
@@ -84,6 +109,10 @@ def cmd_enclave(args: argparse.Namespace) -> int:
         max_sessions=args.max_sessions,
         session_ttl_s=args.session_ttl,
         drain_grace_s=args.drain_grace,
+        max_sign_request_bytes=args.max_sign_request_bytes,
+        grpc_limits=dataclasses.replace(
+            ServerLimits(), max_connections=args.max_connections, idle_timeout_s=args.idle_timeout
+        ),
         gateway_url=args.gateway_url,
         node_id=args.node_id,
         sse_via=args.sse_via,

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..rpc import DEFAULT_MAX_RECEIVE_MESSAGE_SIZE
+from ..rpc import DEFAULT_MAX_RECEIVE_MESSAGE_SIZE, ServerLimits
 from ._pool import DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_TTL_S
 
 
@@ -18,7 +18,12 @@ class EnclaveConfig:
         max_sessions: concurrent FROST sessions holding nonces; more are RESOURCE_EXHAUSTED.
         session_ttl_s: lifetime of a session from Commit; nonces are zeroed when it ends.
         drain_grace_s: on SIGTERM/SIGINT, how long open calls may finish before cancellation.
-        max_receive_message_size: largest gRPC request accepted (RESOURCE_EXHAUSTED above).
+        max_receive_message_size: largest gRPC request of a method without its own cap
+            (every SignService method has one; RESOURCE_EXHAUSTED above).
+        max_sign_request_bytes: largest ``Sign`` request, checked on the frames as they arrive
+            (before any parsing); the largest signed message (64 KiB) must fit below it.
+        grpc_limits: the gRPC server's bounds under hostile load (connections, buffers,
+            timeouts, floods; DESIGN §16, docs/operations.md).
         gateway_url: the Sign Gateway's base URL; its SSE stream is
             ``{gateway_url}/v1/enclaves/{node_id}/events``. None: no SSE subscription.
         node_id: this enclave node's id at the gateway.
@@ -46,6 +51,8 @@ class EnclaveConfig:
     session_ttl_s: float = DEFAULT_SESSION_TTL_S
     drain_grace_s: float = 10.0
     max_receive_message_size: int = DEFAULT_MAX_RECEIVE_MESSAGE_SIZE
+    max_sign_request_bytes: int = 256 * 1024
+    grpc_limits: ServerLimits = field(default_factory=ServerLimits)
     gateway_url: str | None = None
     node_id: str = "enclave-0"
     sse_via: str | None = None

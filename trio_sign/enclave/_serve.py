@@ -182,7 +182,14 @@ async def _serve_loaded(
         is_frozen=frozen.__contains__,
         overloaded=overloaded,
     )
-    service = SignService(store, pool, frozen=frozen, attestor=attestor, on_drain=on_drain)
+    service = SignService(
+        store,
+        pool,
+        frozen=frozen,
+        attestor=attestor,
+        on_drain=on_drain,
+        max_sign_request_bytes=config.max_sign_request_bytes,
+    )
     await nursery.start(pool.run_reaper)
     sse = await _start_sse(nursery, config, service)
     listeners = await open_listeners(config.grpc_listen)
@@ -193,6 +200,8 @@ async def _serve_loaded(
             serve_grpc,
             listeners,
             service.handlers(),
+            limits=config.grpc_limits,
+            method_limits=service.receive_limits(),
             max_receive_message_size=config.max_receive_message_size,
         )
     )
