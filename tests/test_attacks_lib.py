@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import hpack
 import pytest
@@ -26,7 +27,10 @@ from hyperframe.frame import (
 )
 
 from proto_min import sign_service_pb2 as pb
+from trio_sign.gateway import make_client_ssl_context
+from trio_sign.parent import make_server_ssl_context
 from trio_sign.testing import _attacks as attacks
+from trio_sign.testing import make_dev_pki
 
 PATH_PING = "/trio_sign.v1.SignService/Ping"
 
@@ -424,3 +428,32 @@ async def test_connect_failures_are_counted(autojump_clock: object) -> None:
 def test_bounds_are_validated() -> None:
     with pytest.raises(ValueError, match="streams"):
         trio.run(attacks.stream_flood_no_settings_ack, attacks.tcp_connector("127.0.0.1", 1), -1)
+
+
+# -- TLS ---------------------------------------------------------------------------------------
+
+
+async def test_tls_connector_carries_an_attack_over_mtls(tmp_path: Path) -> None:
+    pki = make_dev_pki(tmp_path)
+    server_context = make_server_ssl_context(
+        pki.server_cert.read_bytes(), pki.server_key.read_bytes(), pki.ca.read_bytes()
+    )
+    client_context = make_client_ssl_context(
+        pki.ca.read_bytes(), pki.client_cert.read_bytes(), pki.client_key.read_bytes()
+    )
+    alpn: list[str | None] = []
+
+    async def tls_server(stream: trio.abc.Stream, buf: bytearray) -> None:
+        tls = trio.SSLStream(stream, server_context, server_side=True)
+        await tls.do_handshake()
+        alpn.append(tls.selected_alpn_protocol())
+        await record(tls, buf)
+
+    async with trio.open_nursery() as nursery:
+        server = FakeServer(nursery, tls_server)
+        connect = attacks.tls_connector(server.connect, client_context, "localhost")
+        stats = await attacks.idle_connections(connect, 2, 0.2)
+        nursery.cancel_scope.cancel()
+    assert stats.connections == 2
+    assert alpn == ["h2", "h2"]
+    assert [type(f) for f in parse(server.received[0])] == [SettingsFrame]
