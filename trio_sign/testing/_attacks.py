@@ -319,8 +319,9 @@ class _Conn:
 
     # writing
 
-    async def send(self, data: bytes | bytearray, frames: int) -> None:
-        """Write ``data`` (``frames`` frames); raises `_ServerClosed` if the connection broke."""
+    async def send(self, data: bytes | bytearray, frames: int, *, streams: int = 0) -> None:
+        """Write ``data`` (``frames`` frames opening ``streams`` streams); raises
+        `_ServerClosed` if the connection broke."""
         if self.closed.is_set():
             raise _ServerClosed
         async with self._lock:
@@ -336,6 +337,7 @@ class _Conn:
                 raise _ServerClosed from exc
         self._tally.frames_sent += frames
         self._tally.bytes_sent += len(data)
+        self._tally.streams_opened += streams
 
     async def open_h2(self, settings: Sequence[tuple[int, int]] = (), *, blind_ack: bool) -> None:
         """Client preface and SETTINGS; with ``blind_ack`` a SETTINGS ACK right away (for
@@ -347,7 +349,6 @@ class _Conn:
 
     def open_stream(self, stream_id: int) -> None:
         self._stream_windows[stream_id] = self._initial_window
-        self._tally.streams_opened += 1
 
     async def reserve(self, stream_id: int, want: int) -> int:
         """Wait until ``stream_id`` may send DATA; returns how many bytes (1..want) it may
@@ -620,7 +621,7 @@ async def _send_headers_burst(conn: _Conn, block: bytes, streams: int) -> None:
             batch += block
             conn.open_stream(stream_id)
             stream_id += 2
-        await conn.send(batch, n)
+        await conn.send(batch, n, streams=n)
         sent += n
 
 
@@ -688,8 +689,7 @@ async def rapid_reset(
                             batch += _FRAME_HEAD.pack(4 << 8 | RST_STREAM, 0, stream_id)
                             batch += rst_payload
                             stream_id += 2
-                        tally.streams_opened += n
-                        await conn.send(batch, 2 * n)
+                        await conn.send(batch, 2 * n, streams=n)
                         sent += n
                 except _ServerClosed:
                     pass
@@ -768,7 +768,7 @@ async def _send_partial(
     remaining = total
     while remaining > 0:
         conn.open_stream(stream_id)
-        await conn.send(frame(HEADERS, END_HEADERS, stream_id, block), 1)
+        await conn.send(frame(HEADERS, END_HEADERS, stream_id, block), 1, streams=1)
         left = min(per_stream, remaining)
         first = True
         while left > 0:
@@ -823,7 +823,7 @@ async def zero_window(
                     stream_id = 1
                     for _ in range(requests):
                         conn.open_stream(stream_id)
-                        await conn.send(frame(HEADERS, END_HEADERS, stream_id, block), 1)
+                        await conn.send(frame(HEADERS, END_HEADERS, stream_id, block), 1, streams=1)
                         await _send_body(conn, stream_id, message)
                         stream_id += 2
                 except _ServerClosed:
@@ -992,6 +992,7 @@ async def huge_sign_request(
                             HEADERS, END_HEADERS, 1, request_header_block(SIGN_PATH, scheme=scheme)
                         ),
                         1,
+                        streams=1,
                     )
                     await _send_body(conn, 1, message)
                     while conn.responses_done == 0 and not conn.closed.is_set():
