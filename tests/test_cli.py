@@ -13,6 +13,9 @@ import pytest
 from trio_sign.cli import main
 from trio_sign.shares import DevKeyFile, ShareStore
 
+from .forged_bundles import forged_bundle
+from .share_helpers import make_record
+
 
 def test_generate_seal_inspect_load(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "shares"
@@ -99,6 +102,50 @@ def test_seal_reports_bad_record_with_line(
 def test_inspect_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["shares", "inspect", str(tmp_path / "nope.enc")]) == 1
     assert "No such file" in capsys.readouterr().err
+
+
+def test_inspect_and_reencrypt_refuse_a_forged_account_count(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A header claiming 2**24 accounts over 3 records: one line naming both counts."""
+    key_path = tmp_path / "dev.key"
+    key = DevKeyFile.create(key_path)
+    forged = tmp_path / "forged.enc"
+    forged.write_bytes(
+        forged_bundle(key, [make_record(f"acct-{i}") for i in range(3)], accounts=1 << 24)
+    )
+    key.close()
+    size = forged.stat().st_size
+    expected = (
+        f"the header declares 16777216 accounts, but a {size}-byte bundle holds 3 at most "
+        "(truncated, or a forged header)"
+    )
+    assert main(["shares", "inspect", str(forged)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert expected in err
+    out = tmp_path / "out.enc"
+    args = ["shares", "reencrypt", "--in", str(forged), "--out", str(out)]
+    assert main([*args, "--old-dev-key", str(key_path), "--new-dev-key", str(key_path)]) == 1
+    assert expected in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_host_memory_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trio_sign.cli import _shares
+    from trio_sign.enclave import _memory
+
+    monkeypatch.setattr(_memory, "read_memory_limit_bytes", lambda: 1000 * 1024 * 1024)
+    monkeypatch.setattr(_memory, "read_rss_bytes", lambda: 100 * 1024 * 1024)
+    _shares.host_memory_check(1000)  # 0.4 MB: fits
+    with pytest.raises(_memory.MemoryLimitError, match="16777216 accounts need"):
+        _shares.host_memory_check(1 << 24)  # ~6.4 GB over a 900 MB hard limit
+
+    def unreadable() -> int:
+        raise OSError("no /proc")
+
+    monkeypatch.setattr(_memory, "read_rss_bytes", unreadable)
+    _shares.host_memory_check(1 << 24)  # not checkable: not refused
 
 
 def test_usage_error_exit_code() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -12,7 +14,7 @@ from hypothesis import strategies as st
 
 import trio_sign.shares._store as store_mod
 from trio_sign import ShareFileError
-from trio_sign.crypto import _sodium
+from trio_sign.crypto import _sodium, _stream
 from trio_sign.shares import (
     ChunkDecrypted,
     DevKeyFile,
@@ -26,6 +28,7 @@ from trio_sign.shares import (
 )
 from trio_sign.shares._sealed import MIN_CHUNK_SIZE
 
+from .forged_bundles import forged_bundle
 from .share_helpers import ORDER_8, point_of, random_scalar
 from .share_helpers import make_record as _make_record
 
@@ -162,7 +165,7 @@ def test_close_zeroes_arena_and_refuses_access(bundle: bytes, key: DevKeyFile) -
     assert "closed" in repr(store)
 
 
-def test_arena_sized_from_header_never_reallocated(bundle: bytes, key: DevKeyFile) -> None:
+def test_arena_ends_sized_to_the_header_count(bundle: bytes, key: DevKeyFile) -> None:
     store = ShareStore.load_sealed(io.BytesIO(bundle), key)
     assert len(store._arena) == 32 * 50
     assert len(store._public) == 96 * 50
@@ -230,19 +233,25 @@ def test_failed_load_zeroes_everything(key: DevKeyFile, spy: Any) -> None:
     data = encode_bundle([*RECORDS[:20], bad], key, chunk_size=MIN_CHUNK_SIZE)
     arenas: list[bytearray] = []
     real_init = ShareStore.__init__
+    real_grow = ShareStore._grow
 
     def init(self: ShareStore, capacity: int = 0) -> None:
         real_init(self, capacity)
         arenas.append(self._arena)
 
+    def grow(self: ShareStore, need: int, limit: int | None = None) -> None:
+        real_grow(self, need, limit)
+        arenas.append(self._arena)
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ShareStore, "__init__", init)
+        mp.setattr(ShareStore, "_grow", grow)
         with pytest.raises(ShareFileError) as info:
             ShareStore.load_sealed(io.BytesIO(data), key)
     assert (info.value.reason, info.value.line) == ("duplicate_account", 21)
     assert "first seen at record 3" in str(info.value)
-    (arena,) = arenas
-    assert arena == bytes(len(arena))
+    assert len(arenas[-1]) == 32 * 21
+    assert all(arena == bytes(len(arena)) for arena in arenas)
     assert all(c == bytes(len(c)) for c in spy.chunks)
 
 
@@ -337,3 +346,187 @@ def test_sealed_loader_abort_zeroes_partial_store(key: DevKeyFile, spy: Any) -> 
     loader.abort()
     assert arena == bytearray(len(arena))
     loader.abort()  # idempotent
+
+
+# -- hostile bundles: no decrypted chunk left behind, nothing sized from the header's count ---
+
+
+@pytest.fixture
+def decrypted(monkeypatch: pytest.MonkeyPatch) -> list[bytearray | memoryview]:
+    """Every buffer the decoder decrypts a chunk into, in order."""
+    buffers: list[bytearray | memoryview] = []
+    real = _stream.SecretStreamPull.pull_into
+
+    def spy(
+        self: _stream.SecretStreamPull,
+        out: bytearray | memoryview,
+        ciphertext: Any,
+        *,
+        ad: Any,
+    ) -> int | None:
+        buffers.append(out)
+        return real(self, out, ciphertext, ad=ad)
+
+    monkeypatch.setattr(_stream.SecretStreamPull, "pull_into", spy)
+    return buffers
+
+
+def test_one_byte_appended_zeroes_every_decrypted_chunk(
+    bundle: bytes, key: DevKeyFile, decrypted: list[bytearray]
+) -> None:
+    """The whole bundle plus one byte arrives in one feed: every chunk is decrypted in that
+    call, then the trailing byte fails it; none of those chunks may stay in memory."""
+    arenas: list[bytearray] = []
+    real_grow = ShareStore._grow
+
+    def grow(self: ShareStore, need: int, limit: int | None = None) -> None:
+        real_grow(self, need, limit)
+        arenas.append(self._arena)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ShareStore, "_grow", grow)
+        with pytest.raises(ShareFileError) as info:
+            ShareStore.load_sealed(io.BytesIO(bundle + b"\0"), key)
+    assert info.value.reason == "trailing_data"
+    assert len(decrypted) > 5
+    assert all(len(b) > 0 and b == bytes(len(b)) for b in decrypted)
+    assert all(a == bytes(len(a)) for a in arenas)
+
+
+def test_failed_feed_zeroes_the_partial_store_without_abort(
+    key: DevKeyFile, decrypted: list[bytearray]
+) -> None:
+    """A caller that forgets :meth:`SealedLoader.abort` still leaves nothing in clear."""
+    records = [make_record(f"acct-{i}") for i in range(40)]
+    data = encode_bundle([*records, make_record("acct-3")], key, chunk_size=MIN_CHUNK_SIZE)
+    loader = SealedLoader(key)
+    loader.feed(data[: len(data) // 2])
+    partial = loader._store
+    assert partial is not None
+    arena = partial._arena
+    assert arena != bytes(len(arena))
+    with pytest.raises(ShareFileError) as info:
+        loader.feed(data[len(data) // 2 :])
+    assert info.value.reason == "duplicate_account"
+    assert arena == bytes(len(arena))
+    assert loader._store is None
+    assert all(b == bytes(len(b)) for b in decrypted)
+    loader.abort()  # still fine
+
+
+@pytest.fixture
+def no_big_store(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Refuse (rather than make) any store of more than 2**20 slots, so that a regression
+    fails this test without first allocating gigabytes."""
+    real_init = ShareStore.__init__
+    real_grow = ShareStore._grow
+
+    def init(self: ShareStore, capacity: int = 0) -> None:
+        assert capacity <= 1 << 20, f"store preallocated for {capacity} accounts"
+        real_init(self, capacity)
+
+    def grow(self: ShareStore, need: int, limit: int | None = None) -> None:
+        assert need <= 1 << 20, f"store grown to {need} accounts"
+        real_grow(self, need, limit)
+        assert self._capacity <= 1 << 20, f"store grown to {self._capacity} accounts"
+
+    monkeypatch.setattr(ShareStore, "__init__", init)
+    monkeypatch.setattr(ShareStore, "_grow", grow)
+    tracemalloc.start()
+    try:
+        yield
+    finally:
+        tracemalloc.stop()
+
+
+def _peak_mib() -> float:
+    return tracemalloc.get_traced_memory()[1] / (1 << 20)
+
+
+def test_forged_account_count_fails_fast_from_a_file(key: DevKeyFile, no_big_store: None) -> None:
+    """A header claiming 2**24 accounts over 3 records (about 2 GB if sized from the header)
+    is refused at the header: the file is far too small for that count."""
+    data = forged_bundle(key, [make_record(f"acct-{i}") for i in range(3)], accounts=1 << 24)
+    unwrapped: list[object] = []
+
+    def unwrap(header: dict[str, Any]) -> bytearray:
+        unwrapped.append(header)
+        raise AssertionError("the data key was asked for")
+
+    tracemalloc.reset_peak()
+    with pytest.raises(ShareFileError) as info:
+        ShareStore.load_sealed(io.BytesIO(data), key)
+    assert info.value.reason == "truncated"
+    assert "declares 16777216 accounts" in str(info.value)
+    assert "holds 3 at most" in str(info.value)
+    loader = SealedLoader(unwrap=unwrap, total_bytes=len(data))
+    with pytest.raises(ShareFileError):
+        loader.feed(data)
+    assert not unwrapped
+    assert _peak_mib() < 50
+
+
+def test_forged_account_count_streamed_grows_with_records_only(
+    key: DevKeyFile, no_big_store: None
+) -> None:
+    """Streamed without a known size (the enclave's boot channel), the same bundle fails at
+    its end, having allocated for the records it held, not for the count it claimed."""
+    data = forged_bundle(key, [make_record(f"acct-{i}") for i in range(3)], accounts=1 << 24)
+    tracemalloc.reset_peak()
+    loader = SealedLoader(key)
+    loader.feed(data)
+    partial = loader._store
+    assert partial is not None
+    assert len(partial) == 3
+    assert partial._capacity == 1024
+    with pytest.raises(ShareFileError) as info:
+        loader.finish()
+    assert info.value.reason == "count_mismatch"
+    assert "holds 3 records, but the header declares 16777216" in str(info.value)
+    assert partial._arena == bytes(len(partial._arena))
+    assert _peak_mib() < 50
+
+
+def test_sealed_arena_grows_with_records_and_zeroes_the_old_ones(key: DevKeyFile) -> None:
+    records = [make_record(f"g{i}") for i in range(1100)]
+    data = encode_bundle(records, key, chunk_size=64 * 1024)
+    arenas: list[bytearray] = []
+    real_grow = ShareStore._grow
+
+    def grow(self: ShareStore, need: int, limit: int | None = None) -> None:
+        arenas.append(self._arena)
+        real_grow(self, need, limit)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ShareStore, "_grow", grow)
+        store = ShareStore.load_sealed(io.BytesIO(data), key)
+    assert len(arenas) == 2  # 0 -> 1024 -> 1100 slots (capped at the header's count)
+    assert all(a == bytes(len(a)) for a in arenas)
+    assert len(store._arena) == 32 * 1100
+    assert len(store._public) == 96 * 1100
+    assert_same(store, records)
+    store.close()
+
+
+def test_memory_check_runs_before_the_key_is_unwrapped(bundle: bytes, key: DevKeyFile) -> None:
+    seen: list[int] = []
+
+    class TooBig(Exception):
+        pass
+
+    def memory_check(accounts: int) -> None:
+        seen.append(accounts)
+        raise TooBig
+
+    def unwrap(header: dict[str, Any]) -> bytearray:
+        raise AssertionError("the data key was asked for")
+
+    with pytest.raises(TooBig):
+        ShareStore.load_sealed(io.BytesIO(bundle), key, memory_check=memory_check)
+    loader = SealedLoader(unwrap=unwrap, memory_check=memory_check)
+    with pytest.raises(TooBig):
+        loader.feed(bundle)
+    assert seen == [50, 50]
+    store = ShareStore.load_sealed(io.BytesIO(bundle), key, memory_check=seen.append)
+    assert seen[-1] == 50
+    store.close()

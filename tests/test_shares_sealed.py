@@ -44,6 +44,7 @@ from trio_sign.shares._sealed import (
     encryption_context_for,
 )
 
+from .forged_bundles import forged_bundle
 from .share_helpers import ORDER_8, make_record, point_of, random_scalar
 
 
@@ -755,3 +756,162 @@ def test_dev_key_bad_files(tmp_path: Path, content: bytes) -> None:
         DevKeyFile.load(path)
     with pytest.raises(KeyWrapError, match="cannot read"):
         DevKeyFile.load(tmp_path / "missing")
+
+
+# -- hostile input: no decrypted chunk left behind, no count trusted ---------------------------
+
+
+@pytest.fixture
+def decrypted(monkeypatch: pytest.MonkeyPatch) -> list[bytearray | memoryview]:
+    """Every buffer the decoder decrypts a chunk into, in order."""
+    buffers: list[bytearray | memoryview] = []
+    real = _stream.SecretStreamPull.pull_into
+
+    def spy(
+        self: _stream.SecretStreamPull,
+        out: bytearray | memoryview,
+        ciphertext: Any,
+        *,
+        ad: Any,
+    ) -> int | None:
+        buffers.append(out)
+        return real(self, out, ciphertext, ad=ad)
+
+    monkeypatch.setattr(_stream.SecretStreamPull, "pull_into", spy)
+    return buffers
+
+
+def _damage(bundle: bytes, how: str) -> tuple[bytes, str]:
+    _, fr = frames(bundle)
+    last_start, last_end = fr[-1]
+    if how == "one_byte_appended":
+        return bundle + b"\0", "trailing_data"
+    if how == "final_chunk_tampered":
+        flipped = bytes([bundle[last_end - 1] ^ 1])
+        return bundle[: last_end - 1] + flipped, "tampered"
+    assert how == "final_chunk_too_large"
+    return (
+        bundle[:last_start] + struct.pack(">I", 1 << 30) + bundle[last_start + 4 :],
+        "chunk_too_large",
+    )
+
+
+@pytest.mark.parametrize(
+    "how", ["one_byte_appended", "final_chunk_tampered", "final_chunk_too_large"]
+)
+def test_failed_receive_zeroes_every_chunk_it_decrypted(
+    bundle: bytes, key: DevKeyFile, decrypted: list[bytearray], how: str
+) -> None:
+    """A call that raises hands out no events, so it must zero the chunks it decrypted."""
+    data, reason = _damage(bundle, how)
+    dec = SealedDecoder()
+    (ev,) = dec.receive_data(data)  # the whole bundle in one call; it waits for the key
+    assert isinstance(ev, HeaderReceived)
+    dk = key.decrypt_data_key(
+        base64.b64decode(ev.header["encrypted_data_key"]), ev.header["encryption_context"]
+    )
+    dec.set_data_key(dk)
+    _sodium.memzero(dk)
+    with pytest.raises(ShareFileError) as info:
+        dec.receive_data(b"")  # decrypts chunks 0..3 (and 4), then fails in the same call
+    assert info.value.reason == reason
+    assert len(decrypted) >= 4
+    assert all(len(b) > 0 for b in decrypted)
+    assert all(b == bytes(len(b)) for b in decrypted)
+
+
+def test_read_sealed_zeroes_unread_chunks_when_a_record_fails(
+    key: DevKeyFile, decrypted: list[bytearray]
+) -> None:
+    """One 1 MiB read decrypts every chunk; a bad record in chunk 1 must not strand 2..n."""
+    records = [make_record(f"acct-{i:03d}") for i in range(12)]
+    records[3] = make_record("acct-000")  # duplicate, in chunk 1 of 6
+    data = encode_bundle(records, key, chunk_size=MIN_CHUNK_SIZE)
+    got: list[ShareRecord] = []
+    with pytest.raises(ShareFileError) as info:
+        got.extend(read_sealed(io.BytesIO(data), key))
+    assert (info.value.reason, info.value.line) == ("duplicate_account", 4)
+    for rec in got:
+        rec.zero()
+    assert len(decrypted) == 6
+    assert all(b == bytes(len(b)) for b in decrypted)
+
+
+def test_read_sealed_closed_early_zeroes_every_chunk(
+    bundle: bytes, key: DevKeyFile, decrypted: list[bytearray]
+) -> None:
+    gen = read_sealed(io.BytesIO(bundle), key)
+    first = next(gen)
+    gen.close()
+    first.zero()
+    assert len(decrypted) == 5
+    assert all(b == bytes(len(b)) for b in decrypted)
+
+
+def test_header_count_checked_against_the_bundle_size(key: DevKeyFile) -> None:
+    """2**24 accounts claimed, 3 records present: refused at the header, naming both."""
+    data = forged_bundle(key, [make_record(f"acct-{i}") for i in range(3)], accounts=1 << 24)
+    dec = SealedDecoder(total_bytes=len(data))
+    with pytest.raises(ShareFileError) as info:
+        dec.receive_data(data)
+    assert info.value.reason == "truncated"
+    assert str(info.value) == (
+        f"the header declares 16777216 accounts, but a {len(data)}-byte bundle holds 3 at most "
+        "(truncated, or a forged header)"
+    )
+    assert dec.header is not None  # parsed, then refused before any key is asked for
+    with pytest.raises(ShareFileError) as info:
+        read_sealed_header(io.BytesIO(data))  # shares inspect
+    assert "declares 16777216 accounts" in str(info.value)
+
+    class Pipe(io.BytesIO):
+        def seekable(self) -> bool:
+            return False
+
+    header, _ = read_sealed_header(Pipe(data))  # no size known: the framing walk still works
+    assert header["accounts"] == 1 << 24
+    # Without the size, the full read fails at the end, having held one chunk at a time.
+    got: list[ShareRecord] = []
+    with pytest.raises(ShareFileError) as info:
+        got.extend(read_sealed(io.BytesIO(data), key))
+    assert info.value.reason == "count_mismatch"
+    assert len(got) == 3
+    for rec in got:
+        rec.zero()
+
+
+def test_header_count_check_bounds(key: DevKeyFile) -> None:
+    """The bound is exact: the most records a size can hold passes, one more is refused."""
+    recs = [make_record(c) for c in "abc"]  # 1-byte ids: the smallest records
+    exact = forged_bundle(key, recs, accounts=3)
+    assert [r.account_id for r in records_of(exact, key)] == ["a", "b", "c"]
+    SealedDecoder(total_bytes=len(exact)).receive_data(exact)
+    over = forged_bundle(key, recs, accounts=4)
+    with pytest.raises(ShareFileError) as info:
+        SealedDecoder(total_bytes=len(over)).receive_data(over)
+    assert "declares 4 accounts" in str(info.value)
+    assert "holds 3 at most" in str(info.value)
+    with pytest.raises(ShareFileError) as info:
+        SealedDecoder(total_bytes=len(exact) - 1).receive_data(exact)
+    assert "holds 2 at most" in str(info.value)
+    with pytest.raises(ValueError, match="total_bytes"):
+        SealedDecoder(total_bytes=-1)
+
+
+def test_reseal_refuses_a_forged_count_before_asking_for_a_key(
+    tmp_path: Path, key: DevKeyFile, other_key: DevKeyFile
+) -> None:
+    src = tmp_path / "forged.enc"
+    src.write_bytes(forged_bundle(key, [make_record("a")], accounts=1 << 24))
+
+    class NoKey(DevKeyFile):
+        def __init__(self) -> None:
+            pass
+
+        def generate_data_key(self, context: Mapping[str, str]) -> tuple[bytearray, bytes]:
+            raise AssertionError("asked for a data key")
+
+    with pytest.raises(ShareFileError) as info:
+        reseal(src, tmp_path / "out.enc", key, NoKey())
+    assert info.value.reason == "truncated"
+    assert not (tmp_path / "out.enc").exists()

@@ -235,6 +235,27 @@ def cmd_reencrypt(args: argparse.Namespace) -> int:
     return 0
 
 
+def host_memory_check(accounts: int) -> None:
+    """The CLI's counterpart of the enclave's preload check, for ``ShareStore.load_sealed``'s
+    ``memory_check``: refuse, before the data key is unwrapped or anything is allocated, a
+    bundle whose header declares more accounts than fit below the hard watermark of this
+    process's memory limit (cgroup or ``MemTotal``; RSS as the use).
+
+    Error handling:
+        ``MemoryLimitError`` (a ``TrioSignError``: the CLI prints its one line). If the limits
+        cannot be read (not Linux), nothing is checked: the loader still only grows with the
+        records it decrypts.
+    """
+    from ..enclave._memory import check_preload_fits, read_memory_limit_bytes, read_rss_bytes
+
+    try:
+        limit, used = read_memory_limit_bytes(), read_rss_bytes()
+    except (OSError, ValueError):
+        log.debug("memory limits unreadable; bundle not checked against them")
+        return
+    check_preload_fits(accounts, limit_bytes=limit, used_bytes=used)
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from ..shares import read_sealed_header
 

@@ -15,7 +15,8 @@ duplicated chunks; the FINAL tag on the last chunk detects truncation at a chunk
 Chunk plaintext is whole ``binary-v1`` records only (records never span chunks); the last chunk
 carries ``TAG_FINAL``, the others ``TAG_MESSAGE``; zero accounts is a single empty FINAL chunk.
 
-``ShareFileError.reason`` codes raised here: ``bad_magic``, ``bad_header``, ``truncated``,
+``ShareFileError.reason`` codes raised here: ``bad_magic``, ``bad_header``, ``truncated`` (also
+a header whose counts cannot fit in the bundle's size, when the size is known up front),
 ``tampered`` (a reordered chunk is indistinguishable from a tampered one and is reported as
 ``tampered`` at its position), ``trailing_data``, ``count_mismatch``, ``chunk_too_large``,
 ``bad_record`` (a chunk does not end on a record boundary), ``output_exists`` and
@@ -32,7 +33,8 @@ import hashlib
 import json
 import os
 import struct
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any, Final
 
@@ -61,9 +63,14 @@ DEFAULT_CHUNK_SIZE: Final = 64 * 1024
 #: Smallest chunk that still holds the largest possible record.
 MIN_CHUNK_SIZE: Final = 1 + MAX_ACCOUNT_ID_BYTES + BINARY_FIXED_BYTES
 MAX_CHUNK_SIZE: Final = 16 * 1024 * 1024
-#: A sanity bound so a forged header cannot ask for an absurd allocation.
+#: A sanity bound on the header's count. Nothing is allocated from the count (a forged header
+#: is refused against the bundle's size when known, and loaders grow with the records found).
 MAX_ACCOUNTS: Final = 1 << 28
 READ_SIZE: Final = 1 << 20
+#: The smallest ``binary-v1`` record (a 1-byte account id).
+MIN_RECORD_BYTES: Final = 1 + 1 + BINARY_FIXED_BYTES
+#: The smallest chunk frame: its length and the authentication tag, no plaintext.
+MIN_FRAME_BYTES: Final = 4 + _stream.ABYTES
 
 _PREFIX_FIXED = len(MAGIC) + 4
 _U32 = struct.Struct(">I")
@@ -137,6 +144,49 @@ def check_sealed_header(header: Any) -> dict[str, Any]:
     if not _is_int(chunks) or not 1 <= chunks <= max(1, accounts):
         raise _header_error("chunks must be an integer in 1..max(1, accounts)")
     return header
+
+
+def check_header_fits(header: Mapping[str, Any], *, prefix_bytes: int, total_bytes: int) -> None:
+    """Refuse a header whose counts cannot fit in a bundle of ``total_bytes`` bytes.
+
+    A bundle of N bytes holds at most ``(N - prefix - stream header - chunks * 21) / 134``
+    records (every record is at least 134 bytes, every chunk frame at least 21), so a forged
+    count is refused before anything is decrypted or sized from it.
+
+    Error handling:
+        ``ShareFileError`` with reason ``truncated`` (the bytes are too few for what the header
+        declares: a cut file, or a forged count), naming the claimed and the largest possible
+        count.
+    """
+    room = total_bytes - prefix_bytes - _stream.HEADER_BYTES
+    chunks, accounts = header["chunks"], header["accounts"]
+    max_chunks = max(0, room) // MIN_FRAME_BYTES
+    if chunks > max_chunks:
+        raise ShareFileError(
+            f"the header declares {chunks} chunks, but a {total_bytes}-byte bundle holds "
+            f"{max_chunks} at most (truncated, or a forged header)",
+            reason="truncated",
+        )
+    max_records = (room - chunks * MIN_FRAME_BYTES) // MIN_RECORD_BYTES
+    if accounts > max_records:
+        raise ShareFileError(
+            f"the header declares {accounts} accounts, but a {total_bytes}-byte bundle holds "
+            f"{max_records} at most (truncated, or a forged header)",
+            reason="truncated",
+        )
+
+
+def input_size(fileobj: IO[bytes]) -> int | None:
+    """Bytes left in ``fileobj`` from its position, or None if it cannot tell (a pipe)."""
+    try:
+        if not fileobj.seekable():
+            return None
+        pos = fileobj.tell()
+        end = fileobj.seek(0, os.SEEK_END)
+        fileobj.seek(pos)
+    except (OSError, ValueError):
+        return None
+    return max(0, end - pos)
 
 
 def build_header(
@@ -371,15 +421,22 @@ class SealedDecoder:
     Args:
         decrypt: False walks the framing only (no key needed): it checks the header, the frame
             sizes and count and computes the fingerprint, but yields no ``ChunkDecrypted``.
+        total_bytes: the bundle's size, if known (a file): a header whose counts cannot fit
+            in it is refused (``truncated``) as soon as it is parsed. Callers that allocate
+            per account pass it; nothing in the decoder itself is sized from the counts.
 
     Error handling:
         Raises ``ShareFileError`` (reason ``bad_magic``, ``bad_header``, ``truncated``,
         ``tampered``, ``trailing_data``, ``count_mismatch``, ``chunk_too_large``). After an error
-        the decoder is closed and re-raises the same error.
+        the decoder is closed and re-raises the same error. A call that raises returns no
+        events: every chunk it had decrypted before the error is zeroed first.
     """
 
-    def __init__(self, *, decrypt: bool = True) -> None:
+    def __init__(self, *, decrypt: bool = True, total_bytes: int | None = None) -> None:
+        if total_bytes is not None and total_bytes < 0:
+            raise ValueError("total_bytes must be >= 0")
         self._decrypt = decrypt
+        self._total_bytes = total_bytes
         self._buf = bytearray()
         self._state = _MAGIC
         self._sha = hashlib.sha256()
@@ -442,13 +499,15 @@ class SealedDecoder:
         events: list[Event] = []
         try:
             step(events)
-        except ShareFileError as exc:
-            if self._error is None:
-                self._error = exc
+        except BaseException as exc:
+            # The events never reach the caller: zero the chunks decrypted in this call.
+            zero_events(events)
+            if isinstance(exc, ShareFileError):
+                if self._error is None:
+                    self._error = exc
+                    self.close()
+            else:
                 self.close()
-            raise
-        except BaseException:
-            self.close()
             raise
         return events
 
@@ -478,6 +537,10 @@ class SealedDecoder:
                     self._prefix = bytes(buf[pos : pos + end])
                     pos += end
                     self.header = self._parse_header(self._prefix[_PREFIX_FIXED:])
+                    if self._total_bytes is not None:
+                        check_header_fits(
+                            self.header, prefix_bytes=end, total_bytes=self._total_bytes
+                        )
                     self._state = _STREAM_HEADER
                     events.append(HeaderReceived(dict(self.header)))
                 elif self._state == _STREAM_HEADER:
@@ -556,8 +619,12 @@ class SealedDecoder:
             return index == expected - 1
         assert self._pull is not None
         out = bytearray(clen - _stream.ABYTES)
-        with memoryview(buf) as mv, mv[start : start + clen] as ct:
-            tag = self._pull.pull_into(out, ct, ad=self._prefix)
+        try:
+            with memoryview(buf) as mv, mv[start : start + clen] as ct:
+                tag = self._pull.pull_into(out, ct, ad=self._prefix)
+        except BaseException:
+            _sodium.memzero(out)
+            raise
         if tag is None:
             if index == 0:
                 msg = "chunk 0 failed authentication: wrong data key or tampered header"
@@ -606,6 +673,13 @@ class SealedDecoder:
             where = f"inside chunk {self._index}" if buffered else "before the FINAL chunk"
             msg = f"file ends {where}, after {self._index} of {self.header['chunks']} chunks"
         raise ShareFileError(msg, reason="truncated")
+
+
+def zero_events(events: Iterable[Event]) -> None:
+    """Zero the plaintext of every ``ChunkDecrypted`` in ``events`` (ones nobody will use)."""
+    for ev in events:
+        if isinstance(ev, ChunkDecrypted):
+            _sodium.memzero(ev.plaintext)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -664,19 +738,25 @@ def check_record_count(header: Mapping[str, Any], records: int) -> None:
 
 def read_sealed(
     fileobj: IO[bytes], provider: DataKeyProvider, *, verify_points: bool = True
-) -> Iterator[ShareRecord]:
+) -> Generator[ShareRecord, None, None]:
     """Stream, decrypt and validate every record of a sealed bundle.
 
-    Yields fresh :class:`ShareRecord` objects the caller zeroes. The records are fully
-    validated (as in the plaintext reader, with ``record N`` positions; duplicates included)
-    unless ``verify_points`` is False, which skips the two point checks and ``s·G``.
+    Yields fresh :class:`ShareRecord` objects the caller zeroes (a caller that stops early
+    should ``close()`` the generator: that zeroes the chunks decrypted but not read). The
+    records are fully validated (as in the plaintext reader, with ``record N`` positions;
+    duplicates included) unless ``verify_points`` is False, which skips the two point checks
+    and ``s·G``.
     ``ShareStore.load_sealed`` is the fast path for loading a service.
+
+    Nothing here is sized from the header's count (records are yielded one at a time), so the
+    file's size is not checked against it up front: a record-level defect is reported as such.
     """
     decoder = SealedDecoder()
+    feed = _feed_with_key(fileobj, decoder, provider)
     seen: dict[str, int] = {}
     number = 1
     try:
-        for ev in _feed_with_key(fileobj, decoder, provider):
+        for ev in feed:
             if isinstance(ev, ChunkDecrypted):
                 try:
                     for rec in iter_chunk_records(ev.plaintext, first_record=number):
@@ -693,6 +773,7 @@ def read_sealed(
                 assert decoder.header is not None
                 check_record_count(decoder.header, number - 1)
     finally:
+        feed.close()
         decoder.close()
 
 
@@ -715,24 +796,35 @@ def _check_binary_record(
 
 def _feed_with_key(
     fileobj: IO[bytes], decoder: SealedDecoder, provider: DataKeyProvider
-) -> Iterator[Event]:
-    """Like :func:`_feed`, answering ``HeaderReceived`` with the provider's data key."""
-    while True:
-        data = fileobj.read(READ_SIZE)
-        events = decoder.receive_data(data) if data else decoder.receive_eof()
-        for i, ev in enumerate(events):
-            yield ev
-            if isinstance(ev, HeaderReceived):
-                key = unwrap_data_key(ev.header, provider)
-                try:
-                    decoder.set_data_key(key)
-                finally:
-                    _sodium.memzero(key)
-                # Events after HeaderReceived cannot exist yet (we waited for the key).
-                assert i == len(events) - 1
-                yield from decoder.receive_data(b"")
-        if not data:
-            return
+) -> Generator[Event, None, None]:
+    """Feed ``fileobj`` to ``decoder``, answering ``HeaderReceived`` with the provider's key.
+
+    The consumer owns (and zeroes) each ``ChunkDecrypted`` it is given; the ones a read
+    decrypted but that were not yet given out are zeroed here when the consumer stops early
+    (an error, or :meth:`close` on this generator: consumers close it in ``finally``).
+    """
+    pending: deque[Event] = deque()
+    try:
+        while True:
+            data = fileobj.read(READ_SIZE)
+            pending.extend(decoder.receive_data(data) if data else decoder.receive_eof())
+            while pending:
+                ev = pending.popleft()
+                yield ev
+                if isinstance(ev, HeaderReceived):
+                    # Events after HeaderReceived cannot exist yet (we waited for the key).
+                    assert not pending
+                    key = unwrap_data_key(ev.header, provider)
+                    try:
+                        decoder.set_data_key(key)
+                    finally:
+                        _sodium.memzero(key)
+                    pending.extend(decoder.receive_data(b""))
+            if not data:
+                return
+    except BaseException:
+        zero_events(pending)
+        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -758,10 +850,11 @@ def read_sealed_header(fileobj: IO[bytes]) -> tuple[dict[str, Any], str]:
     """Walk a sealed bundle's framing without a key (for ``shares inspect``).
 
     Returns:
-        ``(header, sha256_hex)``; the header's frame count and sizes were checked, nothing was
-        decrypted or authenticated.
+        ``(header, sha256_hex)``; the header's frame count and sizes were checked (and its
+        counts against the file's size, when it has one), nothing was decrypted or
+        authenticated.
     """
-    decoder = SealedDecoder(decrypt=False)
+    decoder = SealedDecoder(decrypt=False, total_bytes=input_size(fileobj))
     header: dict[str, Any] | None = None
     while True:
         data = fileobj.read(READ_SIZE)
@@ -939,13 +1032,15 @@ def reseal(
     """
     src_s, dst_s = os.fspath(src), os.fspath(dst)
     _check_output(dst_s, overwrite)
-    decoder = SealedDecoder()
+    decoder = SealedDecoder(total_bytes=os.path.getsize(src_s))
     encoder: SealedEncoder | None = None
+    feed: Generator[Event, None, None] | None = None
     records = 0
     try:
         with open(src_s, "rb") as f, _atomic_output(dst_s, overwrite) as out:
             w = _HashingWriter(out)
-            for ev in _feed_with_key(f, decoder, old_provider):
+            feed = _feed_with_key(f, decoder, old_provider)
+            for ev in feed:
                 if isinstance(ev, HeaderReceived):
                     ctx = dict(ev.header["encryption_context"])
                     data_key, blob = new_provider.generate_data_key(ctx)
@@ -974,6 +1069,8 @@ def reseal(
                     assert decoder.header is not None
                     check_record_count(decoder.header, records)
     finally:
+        if feed is not None:
+            feed.close()
         decoder.close()
         if encoder is not None:
             encoder.close()

@@ -3,10 +3,12 @@
 Layout (per account, about 300 bytes including the index):
 
 * ``_index``: ``dict[str, int]`` account_id → slot;
-* ``_arena``: one preallocated ``bytearray(32 * n)`` of signing shares (SECRET). It is sized
-  once from the sealed header's ``accounts`` and never resized, because a reallocation could
-  leave copies of secrets in freed memory. The plaintext (dev) path has no count up front: it
-  grows by allocating a bigger arena, copying, and zeroing the old one;
+* ``_arena``: one ``bytearray(32 * capacity)`` of signing shares (SECRET). It grows with the
+  records actually decrypted, never from the (untrusted) header count alone: a forged header
+  claiming 2**24 accounts must not cost 2 GB. Growing allocates a bigger arena (doubling, at
+  least 1024 slots, never beyond the header's count on a sealed load, so a genuine bundle ends
+  with an arena of exactly its size), copies, and zeroes the old one: a ``bytearray`` resize
+  could leave copies of secrets in freed memory;
 * ``_public``: ``bytearray(96 * n)``, identifier ‖ verifying_share ‖ group_public_key per slot;
 * ``_thresholds``: ``array('H')``, min_signers and max_signers per slot;
 * ``_flags``: one byte per slot (bit 0 = verified; bit 1 reserved for "frozen").
@@ -42,16 +44,22 @@ from ._records import (
     record_error,
 )
 from ._sealed import (
+    MIN_RECORD_BYTES,
     READ_SIZE,
     ChunkDecrypted,
     EndOfBundle,
     HeaderReceived,
     SealedDecoder,
     check_record_count,
+    input_size,
     unwrap_data_key,
+    zero_events,
 )
 
 Progress = Callable[[int, int], None]
+#: Called with the header's account count before any key is unwrapped or memory sized from
+#: it; raises (e.g. ``MemoryLimitError``) to refuse the bundle.
+MemoryCheck = Callable[[int], None]
 
 VERIFIED: Final = 1
 FROZEN: Final = 2  # reserved
@@ -127,14 +135,18 @@ class ShareStore:
         *,
         progress: Progress | None = None,
         verify: Literal["lazy", "full"] = "lazy",
+        memory_check: MemoryCheck | None = None,
     ) -> ShareStore:
         """Stream a sealed bundle into a new store (1 MiB reads, one chunk in clear at a time).
 
         Args:
-            fileobj: the sealed bundle, opened for binary reading.
+            fileobj: the sealed bundle, opened for binary reading. If it is seekable, its size
+                bounds the header's counts (a forged count is refused before anything else).
             provider: unwraps the bundle's data key.
             progress: called as ``progress(accounts_done, accounts_total)`` after every chunk.
             verify: ``"lazy"`` (default) or ``"full"``; see the class docstring.
+            memory_check: called with the header's account count before the data key is
+                unwrapped; raises to refuse a bundle that would not fit (as the enclave does).
 
         Cancellation:
             Synchronous and CPU-bound (about 2.3 s per million accounts on a 2-core machine).
@@ -144,7 +156,13 @@ class ShareStore:
             ``ShareFileError`` (format, integrity and record codes, records numbered from 1)
             or ``KeyWrapError``. On any error the partial arena is zeroed.
         """
-        loader = SealedLoader(provider, verify=verify, progress=progress)
+        loader = SealedLoader(
+            provider,
+            verify=verify,
+            progress=progress,
+            total_bytes=input_size(fileobj),
+            memory_check=memory_check,
+        )
         try:
             while data := fileobj.read(READ_SIZE):
                 loader.feed(data)
@@ -177,8 +195,13 @@ class ShareStore:
         store.load_seconds = time.perf_counter() - t0
         return store
 
-    def _grow(self, need: int) -> None:
+    def _grow(self, need: int, limit: int | None = None) -> None:
+        """Make room for ``need`` slots (doubling, at least 1024, at most ``limit``)."""
         cap = max(need, 2 * self._capacity, 1024)
+        if limit is not None:
+            cap = max(need, min(cap, limit))
+        if cap <= self._capacity:
+            return
         arena = bytearray(32 * cap)
         arena[: len(self._arena)] = self._arena
         _sodium.memzero(self._arena)
@@ -384,6 +407,8 @@ class SealedLoader:
     (from a file, or from the parent over the boot channel), then :meth:`finish`. Each call to
     :meth:`feed` does at most the work for the bytes given, so a Trio caller can feed ~1 MiB
     at a time and stay responsive. Every decrypted chunk is zeroed right after it is parsed.
+    The store grows with the records decrypted (never sized from the header's count alone),
+    so memory follows the bytes actually received.
 
     Args:
         provider: unwraps the bundle's data key when the header arrives.
@@ -392,11 +417,16 @@ class SealedLoader:
             data key arrives as KMS ``CiphertextForRecipient``. A wrong key fails chunk 0.
         verify: ``"lazy"`` (default) or ``"full"``; see :class:`ShareStore`.
         progress: called as ``progress(accounts_done, accounts_total)`` after every chunk.
+        total_bytes: the bundle's size, if known up front: a header whose counts cannot fit in
+            it is refused (``truncated``) before the key is unwrapped.
+        memory_check: called with the header's account count before the key is unwrapped;
+            raises to refuse the bundle.
 
     Error handling:
-        ``ShareFileError`` or ``KeyWrapError`` from :meth:`feed` or :meth:`finish`; the caller
-        then calls :meth:`abort`, which zeroes the partial store. After an error the loader is
-        unusable.
+        ``ShareFileError`` or ``KeyWrapError`` from :meth:`feed` or :meth:`finish` (or what
+        ``memory_check`` raises). The loader aborts itself first (the partial store and every
+        decrypted chunk are zeroed); :meth:`abort` is idempotent, so callers may still call it.
+        After an error the loader is unusable.
     """
 
     def __init__(
@@ -406,6 +436,8 @@ class SealedLoader:
         unwrap: Callable[[dict[str, Any]], bytearray] | None = None,
         verify: Literal["lazy", "full"] = "lazy",
         progress: Progress | None = None,
+        total_bytes: int | None = None,
+        memory_check: MemoryCheck | None = None,
     ) -> None:
         if verify not in ("lazy", "full"):
             raise ValueError("verify must be 'lazy' or 'full'")
@@ -417,7 +449,8 @@ class SealedLoader:
         self._unwrap = unwrap
         self._full = verify == "full"
         self._progress = progress
-        self._decoder = SealedDecoder()
+        self._memory_check = memory_check
+        self._decoder = SealedDecoder(total_bytes=total_bytes)
         self._store: ShareStore | None = None
         self.header: dict[str, Any] | None = None
         self._fingerprint: str | None = None
@@ -430,11 +463,19 @@ class SealedLoader:
     def feed(self, data: bytes) -> None:
         """Process the next bytes of the bundle (an empty ``data`` is a no-op)."""
         if data:
-            self._handle(self._decoder.receive_data(data))
+            try:
+                self._handle(self._decoder.receive_data(data))
+            except BaseException:
+                self.abort()
+                raise
 
     def finish(self) -> ShareStore:
         """The end of the bundle: check it is complete and return the loaded store."""
-        self._handle(self._decoder.receive_eof())
+        try:
+            self._handle(self._decoder.receive_eof())
+        except BaseException:
+            self.abort()
+            raise
         self._decoder.close()
         store = self._store
         if store is None or self._fingerprint is None:  # pragma: no cover - eof raises first
@@ -459,11 +500,19 @@ class SealedLoader:
                 i += 1
                 if isinstance(ev, ChunkDecrypted):
                     try:
+                        assert self.header is not None
                         if self._store is None:
-                            # Chunk 0 authenticated the header: only now trust its count.
-                            assert self.header is not None
-                            self._store = ShareStore(self.header["accounts"])
-                        self._store._ingest(ev.plaintext, full=self._full)
+                            self._store = ShareStore(0)
+                        # Room for as many records as this chunk can hold, never more than
+                        # the header declares (so an extra record is still count_mismatch).
+                        store = self._store
+                        need = min(
+                            self.header["accounts"],
+                            store._count + len(ev.plaintext) // MIN_RECORD_BYTES,
+                        )
+                        if need > store._capacity:
+                            store._grow(need, limit=self.header["accounts"])
+                        store._ingest(ev.plaintext, full=self._full)
                     finally:
                         _sodium.memzero(ev.plaintext)
                     if self._progress is not None:
@@ -471,6 +520,8 @@ class SealedLoader:
                         self._progress(self._store._count, self.header["accounts"])
                 elif isinstance(ev, HeaderReceived):
                     self.header = ev.header
+                    if self._memory_check is not None:
+                        self._memory_check(int(ev.header["accounts"]))
                     key = self._unwrap(ev.header)
                     try:
                         self._decoder.set_data_key(key)
@@ -483,7 +534,5 @@ class SealedLoader:
                     check_record_count(self.header, self._store._count)
                     self._fingerprint = ev.sha256_hex
         except BaseException:
-            for ev in events[i:]:
-                if isinstance(ev, ChunkDecrypted):
-                    _sodium.memzero(ev.plaintext)
+            zero_events(events[i:])
             raise
