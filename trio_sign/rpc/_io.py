@@ -43,8 +43,8 @@ class Writer:
         "_event",
         "_progress",
         "_stream",
-        "last_write",
         "pending",
+        "waiting_since",
     )
 
     def __init__(self, core: _Core, stream: trio.abc.SendStream) -> None:
@@ -56,12 +56,14 @@ class Writer:
         self._chunks: list[bytes] = []
         #: Bytes taken from the core and not yet written to the stream.
         self.pending = 0
-        #: Trio time of the last completed write (or of creation).
-        self.last_write = trio.current_time()
+        #: Trio time since which `pending` has been non-zero (meaningless while it is zero).
+        self.waiting_since = trio.current_time()
 
     def _take(self) -> None:
         data = self._core.data_to_send()
         if data:
+            if not self.pending:
+                self.waiting_since = trio.current_time()
             self._chunks.append(data)
             self.pending += len(data)
 
@@ -96,7 +98,8 @@ class Writer:
                     self._chunks = []
                     await self._stream.send_all(data)
                     self.pending -= len(data)
-                    self.last_write = trio.current_time()
+                    if self.pending:
+                        self.waiting_since = trio.current_time()
                     self._progress.set()
                     self._progress = trio.Event()
                     continue

@@ -239,7 +239,7 @@ class _ServerConnection:
             # gives no flow-control window.
             if core.sent_message_bytes != sent_mark[0] or not core.queued_send_bytes:
                 sent_mark = (core.sent_message_bytes, now)
-            socket_stalled = writer.pending and now - writer.last_write >= limits.send_timeout_s
+            socket_stalled = writer.pending and now - writer.waiting_since >= limits.send_timeout_s
             window_stalled = now - sent_mark[1] >= limits.send_timeout_s
             if socket_stalled or window_stalled:
                 stats.send_stalls += 1
