@@ -54,6 +54,7 @@ Every error names the key and says what is expected. Example (local development)
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -61,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import TrioSignError
+from ._ingress import IngressSettings
 
 
 class ConfigError(TrioSignError):
@@ -105,6 +107,7 @@ class IngressConfig:
     cert: Path
     key: Path
     client_ca: Path
+    settings: IngressSettings = field(default_factory=IngressSettings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,12 +269,27 @@ def parse_parent_config(text: str, *, base: Path = Path(".")) -> ParentConfig:
     ingress = None
     i = _table(data, "ingress", required=False)
     if i:
-        _unknown(i, "ingress", {"listen", "cert", "key", "client_ca"})
+        limits = {
+            "max_connections": int,
+            "max_handshakes": int,
+            "handshake_timeout_s": float,
+            "idle_timeout_s": float,
+            "evict_quiet_s": float,
+        }
+        _unknown(i, "ingress", {"listen", "cert", "key", "client_ca", *limits})
+        defaults = IngressSettings()
+        values = {}
+        for key, kind in limits.items():
+            value = _get(i, "ingress", key, kind, getattr(defaults, key))
+            if not value > 0:
+                raise ConfigError(f"[ingress] {key} must be positive, got {value!r}")
+            values[key] = value
         ingress = IngressConfig(
             listen=_get(i, "ingress", "listen", str, "tcp://0.0.0.0:50051"),
             cert=base / _get(i, "ingress", "cert", str),
             key=base / _get(i, "ingress", "key", str),
             client_ca=base / _get(i, "ingress", "client_ca", str),
+            settings=dataclasses.replace(defaults, **values),
         )
 
     attestation = None

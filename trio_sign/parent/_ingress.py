@@ -26,6 +26,7 @@ from typing import Final, Protocol
 import trio
 from cryptography import x509
 
+from ..rpc import RateLimitedLog
 from ..transport import TransportError, connect, load_cert_chain, open_listeners
 from ._attestation_gate import AttestationGate
 
@@ -42,18 +43,29 @@ class IngressSettings:
 
     Attributes:
         handshake_timeout_s: a client must finish the TLS handshake within this.
+        max_handshakes: TLS handshakes in progress at once (they take no connection slot).
+            At the limit a new connection ends the oldest handshake in progress: bare TCP
+            connections that never say hello cannot keep a real client out.
         idle_timeout_s: a forwarded connection with no bytes either way for this long is
             closed (gRPC clients keep busy connections alive with HTTP/2 PINGs).
         enclave_connect_timeout_s: bound on connecting to the enclave's port.
         close_timeout_s: bound on a graceful close (TLS close_notify) before dropping.
-        max_connections: connections served at once; further ones are closed on accept.
+        max_connections: forwarded connections at once. At the limit a newly authenticated
+            connection closes the forwarded one that has been quiet longest, if it has been
+            quiet at least ``evict_quiet_s``; otherwise the newcomer is closed.
+        evict_quiet_s: how long a forwarded connection must have moved no bytes before a
+            newcomer may take its slot.
+        log_interval_s: refusals of one kind are logged at most once per this.
     """
 
-    handshake_timeout_s: float = 10.0
+    handshake_timeout_s: float = 5.0
+    max_handshakes: int = 256
     idle_timeout_s: float = 600.0
     enclave_connect_timeout_s: float = 5.0
     close_timeout_s: float = 1.0
     max_connections: int = 1024
+    evict_quiet_s: float = 1.0
+    log_interval_s: float = 10.0
 
 
 def make_server_ssl_context(
@@ -125,37 +137,102 @@ async def serve_ingress(
     """
     opener: ConnectEnclave = connect_enclave or (lambda: connect(enclave_url))
     watch: IngressObserver = observer if observer is not None else _NoObserver()
-    limiter = trio.CapacityLimiter(settings.max_connections)
+    slots = _Slots(settings, watch)
     listeners = await open_listeners(listen_url)
 
     async def handler(stream: trio.SocketStream) -> None:
         peer = _peer_name(stream)
         try:
-            limiter.acquire_nowait()
-        except trio.WouldBlock:
-            log.warning(
-                "ingress connection refused: max_connections reached",
-                extra={"peer": peer, "max_connections": settings.max_connections},
-            )
-            watch.proxy_connection_refused()
-            await trio.aclose_forcefully(stream)
-            return
-        try:
             await _serve_connection(
-                stream, peer, enclave_url, opener, ssl_context, gate, settings, watch
+                stream, peer, enclave_url, opener, ssl_context, gate, settings, watch, slots
             )
         except Exception:
             # A bug while serving one connection closes that connection only: one client
             # must not be able to stop the ingress for every other (as GrpcServer does).
             log.exception("ingress connection failed unexpectedly; closed it", extra={"peer": peer})
-        finally:
-            limiter.release()
 
     log.info(
         "ingress listening",
         extra={"listen": listen_url, "enclave": enclave_url},
     )
     await trio.serve_listeners(handler, listeners, task_status=task_status)
+
+
+class _Conn:
+    """One connection's place in `_Slots`: its cancel scope and when it last moved bytes."""
+
+    __slots__ = ("last_active", "scope")
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+        self.last_active = trio.current_time()
+
+
+class _Slots:
+    """Admission for the ingress: handshakes in progress and forwarded connections, each
+    bounded, each making room by ending the stalest holder rather than refusing newcomers
+    (an attacker's connections are the stale ones; a real gateway's are busy)."""
+
+    def __init__(self, settings: IngressSettings, watch: IngressObserver) -> None:
+        self._settings = settings
+        self._watch = watch
+        self.handshaking: dict[_Conn, None] = {}  # insertion order: oldest first
+        self.forwarding: set[_Conn] = set()
+        self.handshakes_evicted = 0
+        self.connections_evicted = 0
+        self.connections_refused = 0
+
+        def rated(message: str, level: int = logging.WARNING) -> RateLimitedLog:
+            return RateLimitedLog(
+                log,
+                message,
+                interval_s=settings.log_interval_s,
+                clock=trio.current_time,
+                level=level,
+            )
+
+        self.log_handshake_evicted = rated(
+            "ingress: max_handshakes in progress; ended the oldest handshake", logging.INFO
+        )
+        self.log_evicted = rated(
+            "ingress: max_connections reached; closed the quietest connection", logging.INFO
+        )
+        self.log_refused = rated("ingress connection refused: max_connections, all busy")
+        self.log_tls_refused = rated("ingress TLS handshake refused", logging.INFO)
+        self.log_not_attested = rated("ingress connection refused: enclave not attested")
+        self.log_no_h2 = rated("ingress connection refused: ALPN h2 not negotiated")
+        self.log_unreachable = rated("ingress cannot reach the enclave")
+
+    def start_handshake(self, conn: _Conn) -> None:
+        if len(self.handshaking) >= self._settings.max_handshakes:
+            oldest = next(iter(self.handshaking))
+            del self.handshaking[oldest]
+            oldest.scope.cancel()
+            self.handshakes_evicted += 1
+            self._watch.proxy_connection_refused()
+            self.log_handshake_evicted(max_handshakes=self._settings.max_handshakes)
+        self.handshaking[conn] = None
+
+    def end_handshake(self, conn: _Conn) -> None:
+        self.handshaking.pop(conn, None)
+
+    def start_forwarding(self, conn: _Conn) -> bool:
+        if len(self.forwarding) >= self._settings.max_connections:
+            quietest = min(self.forwarding, key=lambda c: c.last_active)
+            if trio.current_time() - quietest.last_active < self._settings.evict_quiet_s:
+                self.connections_refused += 1
+                self._watch.proxy_connection_refused()
+                self.log_refused(max_connections=self._settings.max_connections)
+                return False
+            self.forwarding.discard(quietest)
+            quietest.scope.cancel()
+            self.connections_evicted += 1
+            self.log_evicted(max_connections=self._settings.max_connections)
+        self.forwarding.add(conn)
+        return True
+
+    def end_forwarding(self, conn: _Conn) -> None:
+        self.forwarding.discard(conn)
 
 
 class IngressObserver(Protocol):
@@ -199,16 +276,12 @@ def _client_subject(tls: trio.SSLStream[trio.SocketStream]) -> str:
         return "?"
 
 
-def _log_handshake_failure(peer: str, exc: trio.BrokenResourceError) -> None:
+def _log_handshake_failure(peer: str, exc: trio.BrokenResourceError, slots: _Slots) -> None:
     cause = exc.__cause__
     if isinstance(cause, ssl.SSLError) and cause.reason:
         # A TLS-level refusal (no or untrusted client certificate, TLS < 1.3, ...): worth
         # an operator's attention. A bare disconnect (load balancer TCP probe) is not.
-        log.info(
-            "ingress TLS handshake refused (%s)",
-            cause.reason,
-            extra={"peer": peer, "tls": cause.reason},
-        )
+        slots.log_tls_refused(peer=peer, tls=cause.reason)
     else:
         log.debug("ingress TLS handshake aborted by the peer", extra={"peer": peer})
 
@@ -229,48 +302,71 @@ async def _serve_connection(
     gate: AttestationGate,
     settings: IngressSettings,
     watch: IngressObserver,
+    slots: _Slots,
 ) -> None:
     tls = trio.SSLStream(tcp, ssl_context, server_side=True)
+    conn = _Conn()
     try:
-        with trio.move_on_after(settings.handshake_timeout_s) as handshake:
-            try:
-                await tls.do_handshake()
-            except trio.BrokenResourceError as exc:
-                _log_handshake_failure(peer, exc)
-                watch.proxy_connection_refused()
-                return
-        if handshake.cancelled_caught:
-            log.debug("ingress TLS handshake timed out", extra={"peer": peer})
+        slots.start_handshake(conn)
+        try:
+            with conn.scope, trio.move_on_after(settings.handshake_timeout_s) as handshake:
+                try:
+                    await tls.do_handshake()
+                except trio.BrokenResourceError as exc:
+                    _log_handshake_failure(peer, exc, slots)
+                    watch.proxy_connection_refused()
+                    return
+        finally:
+            slots.end_handshake(conn)
+        if handshake.cancelled_caught or conn.scope.cancelled_caught:
+            log.debug("ingress TLS handshake timed out or made room", extra={"peer": peer})
             return
         subject = _client_subject(tls)
         alpn = tls.selected_alpn_protocol()
         if alpn != ALPN_H2:
-            log.warning(
-                "ingress connection refused: ALPN h2 not negotiated",
-                extra={"peer": peer, "client": subject, "alpn": alpn},
-            )
+            slots.log_no_h2(peer=peer, client=subject, alpn=alpn)
             watch.proxy_connection_refused()
             return
         if not gate.verified:
-            log.warning(
-                "ingress connection refused: enclave not attested",
-                extra={"peer": peer, "client": subject, "reason": gate.last_failure},
-            )
+            slots.log_not_attested(peer=peer, client=subject, reason=gate.last_failure)
             watch.proxy_connection_refused()
             return
-        log.debug("ingress connection opened", extra={"peer": peer, "client": subject})
+        conn = _Conn()
+        if not slots.start_forwarding(conn):
+            return
+        try:
+            await _forward(
+                tls, peer, subject, enclave_url, opener, gate, settings, watch, slots, conn
+            )
+        finally:
+            slots.end_forwarding(conn)
+    finally:
+        await _close(tls, settings.close_timeout_s)
+
+
+async def _forward(
+    tls: trio.SSLStream[trio.SocketStream],
+    peer: str,
+    subject: str,
+    enclave_url: str,
+    opener: ConnectEnclave,
+    gate: AttestationGate,
+    settings: IngressSettings,
+    watch: IngressObserver,
+    slots: _Slots,
+    conn: _Conn,
+) -> None:
+    log.debug("ingress connection opened", extra={"peer": peer, "client": subject})
+    with conn.scope:
         try:
             with trio.fail_after(settings.enclave_connect_timeout_s):
                 enclave = await opener()
         except (TransportError, trio.TooSlowError) as exc:
-            log.warning(
-                "ingress cannot reach the enclave",
-                extra={"peer": peer, "enclave": enclave_url, "error": str(exc) or "timeout"},
-            )
+            slots.log_unreachable(peer=peer, enclave=enclave_url, error=str(exc) or "timeout")
             return
         watch.proxy_connection_opened()
         try:
-            counts = await _pump_both_ways(tls, enclave, gate, settings)
+            counts = await _pump_both_ways(tls, enclave, gate, settings, conn)
         finally:
             watch.proxy_connection_closed()
             await _close(enclave, settings.close_timeout_s)
@@ -284,8 +380,6 @@ async def _serve_connection(
                 "end": counts[2],
             },
         )
-    finally:
-        await _close(tls, settings.close_timeout_s)
 
 
 async def _pump_both_ways(
@@ -293,8 +387,10 @@ async def _pump_both_ways(
     enclave: trio.abc.Stream,
     gate: AttestationGate,
     settings: IngressSettings,
+    conn: _Conn | None = None,
 ) -> tuple[int, int, str]:
     """Move bytes both ways until either side ends; return (bytes in, bytes out, why)."""
+    conn = conn if conn is not None else _Conn()
     counts = [0, 0]
     ended = ["idle"]
     scope = trio.CancelScope(deadline=trio.current_time() + settings.idle_timeout_s)
@@ -313,7 +409,8 @@ async def _pump_both_ways(
                 # Back-pressure: the next receive waits until the other side took this.
                 await sink.send_all(data)
                 counts[index] += len(data)
-                scope.deadline = trio.current_time() + settings.idle_timeout_s
+                conn.last_active = trio.current_time()
+                scope.deadline = conn.last_active + settings.idle_timeout_s
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             finish("broken")
             return

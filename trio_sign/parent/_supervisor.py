@@ -448,7 +448,13 @@ async def _run_enclave_in(
             )
             await nursery.start(
                 functools.partial(
-                    serve_ingress, i.listen, addresses.enclave_grpc, ctx, gate, observer=state
+                    serve_ingress,
+                    i.listen,
+                    addresses.enclave_grpc,
+                    ctx,
+                    gate,
+                    settings=i.settings,
+                    observer=state,
                 )
             )
             state.ingress_listening = True  # /readyz: only now can traffic get in

@@ -276,7 +276,8 @@ class FrameGate:
 
 
 class RateLimitedLog:
-    """Logs one kind of refusal at most once per interval, with the count since the last line.
+    """Logs one kind of refusal at most once per interval; the record's ``suppressed`` field
+    counts the lines held back since the previous one.
 
     A flood of refusals must not become a flood of log lines (1381 WARNING lines in 30 s was
     one of the attacks).
@@ -308,10 +309,5 @@ class RateLimitedLog:
             return
         self._next = now + self._interval
         suppressed, self._suppressed = self._suppressed, 0
-        self._logger.log(
-            self._level,
-            "%s (%d more like it since the last such line)",
-            self._message,
-            suppressed,
-            extra={**extra, "suppressed": suppressed},
-        )
+        # The count of lines held back since the last one travels as a field.
+        self._logger.log(self._level, self._message, extra={**extra, "suppressed": suppressed})
