@@ -11,6 +11,7 @@ import functools
 import logging
 import struct
 from collections.abc import Callable
+from pathlib import Path
 
 import h2.connection
 import pytest
@@ -513,3 +514,42 @@ async def _legitimate_call(port: int) -> None:
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with open_grpc_channel(stream) as channel:
         assert await channel.unary_unary(PING, b"hello", timeout=5.0) == b"hello"
+
+
+def test_the_connection_limit_fits_the_open_file_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    import resource
+
+    from trio_sign.rpc import connection_limit
+
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (1024, 4096))
+    assert connection_limit(1000) == 1024 - 64
+    assert connection_limit(100) == 100
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (resource.RLIM_INFINITY, 0))
+    assert connection_limit(5000) == 5000
+
+
+async def test_the_dev_enclave_refuses_a_huge_sign_on_its_length_prefix(tmp_path: Path) -> None:
+    """Issue 11 item 6 through the real enclave wiring: 2,000,000 empty commitments are refused
+    RESOURCE_EXHAUSTED on the message's length prefix (the Sign cap), with nothing parsed, and
+    a Ping on another connection is answered meanwhile."""
+    from trio_sign.enclave import EnclaveConfig, serve_dev_enclave
+    from trio_sign.testing import generate_share_files
+
+    report = generate_share_files(tmp_path, 3)
+    config = EnclaveConfig(
+        grpc_listen="tcp://127.0.0.1:0", dev=True, dev_plaintext_shares=report.service_file
+    )
+    async with trio.open_nursery() as nursery:
+        handle = await nursery.start(serve_dev_enclave, config)
+        port = int(handle.addresses[0].rsplit(":", 1)[1])
+        stats = await atk.huge_sign_request(
+            atk.tcp_connector("127.0.0.1", port), commitments=2_000_000, duration_s=2.0
+        )
+        assert dict(stats.grpc_statuses) == {int(StatusCode.RESOURCE_EXHAUSTED): 1}
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        from trio_sign.rpc import open_grpc_channel
+
+        async with open_grpc_channel(stream) as channel:
+            with trio.fail_after(5):
+                await channel.unary_unary("/trio_sign.v1.SignService/Ping", b"", timeout=5.0)
+        await handle.drain()
