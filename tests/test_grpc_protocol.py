@@ -910,6 +910,7 @@ def test_public_api() -> None:
             "connection_limit",
             "open_grpc_channel",
             "protobuf_handler",
+            "raise_open_file_limit",
             "serve_grpc",
         ]
     )

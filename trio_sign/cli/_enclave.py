@@ -17,7 +17,7 @@ from typing import Any
 import trio
 
 from .._errors import TrioSignError
-from ..rpc import ServerLimits
+from ..rpc import ServerLimits, raise_open_file_limit
 
 
 def add_parser(sub: Any) -> None:
@@ -128,6 +128,7 @@ def cmd_enclave(args: argparse.Namespace) -> int:
     )
     serve = serve_dev_enclave if args.dev else serve_enclave
     configure_gc_for_serving()
+    raise_open_file_limit()  # one descriptor per gRPC connection (max_connections)
 
     async def run() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

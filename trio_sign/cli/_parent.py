@@ -124,6 +124,9 @@ def cmd_parent(args: argparse.Namespace) -> int:
         if not problems:
             print(f"{args.config}: OK")
         return 2 if problems else 0
+    from ..rpc import raise_open_file_limit
+
+    raise_open_file_limit()  # the ingress holds two descriptors per forwarded connection
 
     async def run() -> None:
         stop = trio.Event()

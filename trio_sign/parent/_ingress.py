@@ -17,6 +17,7 @@ UNAVAILABLE), since the enclave behind them is no longer trusted.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -26,7 +27,7 @@ from typing import Final, Protocol
 import trio
 from cryptography import x509
 
-from ..rpc import RateLimitedLog
+from ..rpc import RateLimitedLog, connection_limit
 from ..transport import TransportError, connect, load_cert_chain, open_listeners
 from ._attestation_gate import AttestationGate
 
@@ -137,6 +138,7 @@ async def serve_ingress(
     """
     opener: ConnectEnclave = connect_enclave or (lambda: connect(enclave_url))
     watch: IngressObserver = observer if observer is not None else _NoObserver()
+    settings = _fit_open_file_limit(settings)
     slots = _Slots(settings, watch)
     listeners = await open_listeners(listen_url)
 
@@ -156,6 +158,23 @@ async def serve_ingress(
         extra={"listen": listen_url, "enclave": enclave_url},
     )
     await trio.serve_listeners(handler, listeners, task_status=task_status)
+
+
+def _fit_open_file_limit(settings: IngressSettings) -> IngressSettings:
+    """Lower the limits so that every handshake (one descriptor) and every forwarded
+    connection (two) fits the open-file limit: out of descriptors, the ingress could not even
+    accept a connection to refuse it."""
+    wanted = settings.max_handshakes + 2 * settings.max_connections
+    room = connection_limit(wanted)
+    if room >= wanted:
+        return settings
+    handshakes = max(1, min(settings.max_handshakes, room // 4))
+    connections = max(1, (room - handshakes) // 2)
+    log.warning(
+        "ingress limits lowered to fit the open-file limit",
+        extra={"max_handshakes": handshakes, "max_connections": connections},
+    )
+    return dataclasses.replace(settings, max_handshakes=handshakes, max_connections=connections)
 
 
 class _Conn:

@@ -19,6 +19,7 @@ from ._events import TrailersReceived as TrailersReceived
 from ._limits import RateLimitedLog as RateLimitedLog
 from ._limits import ServerLimits as ServerLimits
 from ._limits import connection_limit as connection_limit
+from ._limits import raise_open_file_limit as raise_open_file_limit
 from ._protocol import DEFAULT_MAX_RECEIVE_MESSAGE_SIZE as DEFAULT_MAX_RECEIVE_MESSAGE_SIZE
 from ._protocol import GrpcClientConnection as GrpcClientConnection
 from ._protocol import GrpcServerConnection as GrpcServerConnection
@@ -61,5 +62,6 @@ __all__ = [
     "connection_limit",
     "open_grpc_channel",
     "protobuf_handler",
+    "raise_open_file_limit",
     "serve_grpc",
 ]

@@ -110,6 +110,20 @@ def connection_limit(wanted: int, *, reserve: int = 64) -> int:
     return max(1, min(wanted, soft - reserve))
 
 
+def raise_open_file_limit() -> int:
+    """Raise the soft open-file limit to the hard one (servers start with 1024 on most
+    systems); return the soft limit now in force."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    except (OSError, ValueError):  # pragma: no cover - not permitted
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return int(soft)
+
+
 class ReceiveBudget:
     """Bytes of incomplete request messages held by all connections of one server."""
 
