@@ -516,6 +516,28 @@ async def _hold(conn: _Conn, deadline: float) -> None:
         await conn.read_until_closed()
 
 
+async def _attack(
+    conn: _Conn,
+    work: Callable[[], Awaitable[None]],
+    *,
+    read: bool = True,
+    hold_until: float | None = None,
+) -> None:
+    """Run ``work`` on ``conn``, with the connection's reader beside it when ``read``; a
+    server that closes the connection mid-attack ends the attack quietly. Then, with
+    ``hold_until``, keep the connection until that time or until the server closes it.
+    Closing ``conn`` is the caller's."""
+    async with trio.open_nursery() as nursery:
+        if read:
+            nursery.start_soon(conn.read_until_closed)
+        with contextlib.suppress(_ServerClosed):
+            await work()
+        if hold_until is not None:
+            with trio.move_on_at(hold_until):
+                await conn.closed.wait()
+        nursery.cancel_scope.cancel()
+
+
 def _check_positive(**values: float) -> None:
     for name, value in values.items():
         if value < 0:
@@ -591,17 +613,13 @@ async def stream_flood_no_settings_ack(
         conn = await _connect(connect, tally, ack_settings=False)
         if conn is None:
             return
+
+        async def work() -> None:
+            await conn.open_h2(blind_ack=False)
+            await _send_headers_burst(conn, block, streams)
+
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(conn.read_until_closed)
-                try:
-                    await conn.open_h2(blind_ack=False)
-                    await _send_headers_burst(conn, block, streams)
-                except _ServerClosed:
-                    pass
-                with trio.move_on_at(deadline):
-                    await conn.closed.wait()
-                nursery.cancel_scope.cancel()
+            await _attack(conn, work, hold_until=deadline)
         finally:
             await conn.aclose()
 
@@ -673,27 +691,25 @@ async def rapid_reset(
         if conn is None:
             await trio.sleep(_RECONNECT_PAUSE_S)
             return
+
+        async def work() -> None:
+            await conn.open_h2(blind_ack=False)
+            stream_id = 1
+            sent = 0
+            while sent < streams_per_connection and trio.current_time() < deadline:
+                n = min(per_batch, streams_per_connection - sent)
+                batch = bytearray()
+                for _ in range(n):
+                    batch += _FRAME_HEAD.pack(len(block) << 8 | HEADERS, 0x4, stream_id)
+                    batch += block
+                    batch += _FRAME_HEAD.pack(4 << 8 | RST_STREAM, 0, stream_id)
+                    batch += rst_payload
+                    stream_id += 2
+                await conn.send(batch, 2 * n, streams=n)
+                sent += n
+
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(conn.read_until_closed)
-                try:
-                    await conn.open_h2(blind_ack=False)
-                    stream_id = 1
-                    sent = 0
-                    while sent < streams_per_connection and trio.current_time() < deadline:
-                        n = min(per_batch, streams_per_connection - sent)
-                        batch = bytearray()
-                        for _ in range(n):
-                            batch += _FRAME_HEAD.pack(len(block) << 8 | HEADERS, 0x4, stream_id)
-                            batch += block
-                            batch += _FRAME_HEAD.pack(4 << 8 | RST_STREAM, 0, stream_id)
-                            batch += rst_payload
-                            stream_id += 2
-                        await conn.send(batch, 2 * n, streams=n)
-                        sent += n
-                except _ServerClosed:
-                    pass
-                nursery.cancel_scope.cancel()
+            await _attack(conn, work)
         finally:
             await conn.aclose()
 
@@ -740,20 +756,14 @@ async def partial_messages(
         conn = await _connect(connect, tally)
         if conn is None:
             return
+
+        async def work() -> None:
+            await conn.open_h2(blind_ack=False)
+            with trio.move_on_at(deadline):
+                await _send_partial(conn, block, prefix, filler, per_stream, bytes_per_connection)
+
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(conn.read_until_closed)
-                try:
-                    await conn.open_h2(blind_ack=False)
-                    with trio.move_on_at(deadline):
-                        await _send_partial(
-                            conn, block, prefix, filler, per_stream, bytes_per_connection
-                        )
-                except _ServerClosed:
-                    pass
-                with trio.move_on_at(deadline):
-                    await conn.closed.wait()
-                nursery.cancel_scope.cancel()
+            await _attack(conn, work, hold_until=deadline)
         finally:
             await conn.aclose()
 
@@ -814,23 +824,20 @@ async def zero_window(
     conn = await _connect(connect, tally)
     if conn is None:
         return tally.freeze()
+
+    async def work() -> None:
+        await conn.open_h2([(SETTINGS_INITIAL_WINDOW_SIZE, 0)], blind_ack=False)
+        stream_id = 1
+        for _ in range(requests):
+            conn.open_stream(stream_id)
+            await conn.send(frame(HEADERS, END_HEADERS, stream_id, block), 1, streams=1)
+            await _send_body(conn, stream_id, message)
+            stream_id += 2
+
     try:
         with trio.move_on_at(deadline):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(conn.read_until_closed)
-                try:
-                    await conn.open_h2([(SETTINGS_INITIAL_WINDOW_SIZE, 0)], blind_ack=False)
-                    stream_id = 1
-                    for _ in range(requests):
-                        conn.open_stream(stream_id)
-                        await conn.send(frame(HEADERS, END_HEADERS, stream_id, block), 1, streams=1)
-                        await _send_body(conn, stream_id, message)
-                        stream_id += 2
-                except _ServerClosed:
-                    pass
-                nursery.cancel_scope.cancel()  # stop reading
-            with trio.move_on_at(deadline):
-                await conn.closed.wait()
+            await _attack(conn, work)  # then stop reading
+            await conn.closed.wait()
         await conn.drain(DEFAULT_DRAIN_S)
     finally:
         await conn.aclose()
@@ -881,12 +888,9 @@ async def idle_connections(connect: Connect, count: int, duration_s: float) -> A
             return
         try:
             with trio.move_on_at(deadline):
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(conn.read_until_closed)
-                    with contextlib.suppress(_ServerClosed):
-                        await conn.open_h2(blind_ack=False)
-                    await conn.closed.wait()
-                    nursery.cancel_scope.cancel()
+                await _attack(
+                    conn, functools.partial(conn.open_h2, blind_ack=False), hold_until=deadline
+                )
         finally:
             await conn.aclose()
 
@@ -927,22 +931,19 @@ async def _flood(
     conn = await _connect(connect, tally)
     if conn is None:
         return tally.freeze()
+
+    async def work() -> None:
+        # Not reading: the server's SETTINGS can only be acknowledged blindly.
+        await conn.open_h2(blind_ack=not read)
+        sent = 0
+        while sent < count:
+            n = min(per_batch, count - sent)
+            await conn.send(full if n == per_batch else unit * n, n)
+            sent += n
+
     try:
         with trio.move_on_at(deadline):
-            async with trio.open_nursery() as nursery:
-                if read:
-                    nursery.start_soon(conn.read_until_closed)
-                try:
-                    # Not reading: the server's SETTINGS can only be acknowledged blindly.
-                    await conn.open_h2(blind_ack=not read)
-                    sent = 0
-                    while sent < count:
-                        n = min(per_batch, count - sent)
-                        await conn.send(full if n == per_batch else unit * n, n)
-                        sent += n
-                except _ServerClosed:
-                    pass
-                nursery.cancel_scope.cancel()
+            await _attack(conn, work, read=read)
         if not read:
             with trio.move_on_at(deadline + DEFAULT_DRAIN_S):
                 await conn.drain(DEFAULT_DRAIN_S)
@@ -980,26 +981,19 @@ async def huge_sign_request(
     conn = await _connect(connect, tally)
     if conn is None:
         return tally.freeze()
+
+    async def work() -> None:
+        await conn.open_h2(blind_ack=False)
+        conn.open_stream(1)
+        headers = frame(HEADERS, END_HEADERS, 1, request_header_block(SIGN_PATH, scheme=scheme))
+        await conn.send(headers, 1, streams=1)
+        await _send_body(conn, 1, message)
+        while conn.responses_done == 0 and not conn.closed.is_set():
+            await conn.response_event.wait()
+
     try:
         with trio.move_on_at(deadline):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(conn.read_until_closed)
-                try:
-                    await conn.open_h2(blind_ack=False)
-                    conn.open_stream(1)
-                    await conn.send(
-                        frame(
-                            HEADERS, END_HEADERS, 1, request_header_block(SIGN_PATH, scheme=scheme)
-                        ),
-                        1,
-                        streams=1,
-                    )
-                    await _send_body(conn, 1, message)
-                    while conn.responses_done == 0 and not conn.closed.is_set():
-                        await conn.response_event.wait()
-                except _ServerClosed:
-                    pass
-                nursery.cancel_scope.cancel()
+            await _attack(conn, work)
     finally:
         await conn.aclose()
     return tally.freeze()
