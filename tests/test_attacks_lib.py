@@ -45,19 +45,10 @@ def server_settings(**values: int) -> bytes:
 
 def parse(data: bytes | bytearray, *, preface: bool = True) -> list[Frame]:
     """Every frame in ``data`` (after the client preface), parsed by hyperframe."""
-    view = memoryview(bytes(data))
-    pos = 0
     if preface:
-        assert bytes(view[:24]) == attacks.CONNECTION_PREFACE
-        pos = 24
-    frames = []
-    while pos < len(view):
-        frame, length = Frame.parse_frame_header(view[pos : pos + 9])
-        frame.parse_body(view[pos + 9 : pos + 9 + length])
-        frames.append(frame)
-        pos += 9 + length
-    assert pos == len(view)
-    return frames
+        assert bytes(data[:24]) == attacks.CONNECTION_PREFACE
+        data = data[24:]
+    return attacks.parse_frames(data)
 
 
 class FakeServer:

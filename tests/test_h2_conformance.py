@@ -10,7 +10,6 @@ import pytest
 from h2.errors import ErrorCodes
 from hyperframe.frame import (
     DataFrame,
-    Frame,
     GoAwayFrame,
     HeadersFrame,
     PingFrame,
@@ -36,17 +35,6 @@ DATA, HEADERS, RST, SETTINGS, PINGF, GOAWAY, WINDOW_UPDATE, CONTINUATION = (
 END_STREAM, END_HEADERS, ACK = 0x1, 0x4, 0x1
 
 
-def _frames(data: bytes) -> list[Frame]:
-    out = []
-    pos = 0
-    while pos + 9 <= len(data):
-        f, length = Frame.parse_frame_header(memoryview(data[pos : pos + 9]))
-        f.parse_body(memoryview(data[pos + 9 : pos + 9 + length]))
-        out.append(f)
-        pos += 9 + length
-    return out
-
-
 def _server(settings: tuple[tuple[int, int], ...] = ()) -> GrpcServerConnection:
     core = GrpcServerConnection(methods=[PING])
     core.initiate()
@@ -61,7 +49,9 @@ def _headers(stream_id: int, flags: int = END_HEADERS) -> bytes:
 
 def _goaway_code(core: GrpcServerConnection, data: bytes) -> int | None:
     core.receive_data(data)
-    codes = [f.error_code for f in _frames(core.data_to_send()) if isinstance(f, GoAwayFrame)]
+    codes = [
+        f.error_code for f in atk.parse_frames(core.data_to_send()) if isinstance(f, GoAwayFrame)
+    ]
     return codes[-1] if codes else None
 
 
@@ -74,7 +64,9 @@ def test_settings_are_acknowledged() -> None:
     core.data_to_send()
     core.receive_data(PREFACE + atk.settings_frame(((0x3, 100),)))
     acks = [
-        f for f in _frames(core.data_to_send()) if isinstance(f, SettingsFrame) and "ACK" in f.flags
+        f
+        for f in atk.parse_frames(core.data_to_send())
+        if isinstance(f, SettingsFrame) and "ACK" in f.flags
     ]
     assert len(acks) == 1
 
@@ -109,7 +101,7 @@ def test_invalid_settings_are_connection_errors(frame: bytes, code: int) -> None
 def test_ping_is_answered_with_the_same_payload() -> None:
     core = _server()
     core.receive_data(atk.frame(PINGF, 0, 0, b"abcdefgh"))
-    pongs = [f for f in _frames(core.data_to_send()) if isinstance(f, PingFrame)]
+    pongs = [f for f in atk.parse_frames(core.data_to_send()) if isinstance(f, PingFrame)]
     assert [(p.opaque_data, "ACK" in p.flags) for p in pongs] == [(b"abcdefgh", True)]
 
 
@@ -156,7 +148,7 @@ def test_data_after_end_stream_is_stream_closed() -> None:
     core.receive_data(_headers(1) + atk.frame(DATA, END_STREAM, 1, message))
     core.data_to_send()
     core.receive_data(atk.frame(DATA, 0, 1, b"x"))
-    out = _frames(core.data_to_send())
+    out = atk.parse_frames(core.data_to_send())
     rst = [f.error_code for f in out if isinstance(f, RstStreamFrame)]
     goaway = [f.error_code for f in out if isinstance(f, GoAwayFrame)]
     assert ErrorCodes.STREAM_CLOSED in rst + goaway
@@ -202,11 +194,11 @@ def test_responses_respect_the_clients_window() -> None:
     core.receive_data(_headers(1) + atk.frame(DATA, END_STREAM, 1, atk.grpc_message(b"hi")))
     core.data_to_send()
     core.send_response(1, b"y" * 100)
-    sent = [f for f in _frames(core.data_to_send()) if isinstance(f, DataFrame)]
+    sent = [f for f in atk.parse_frames(core.data_to_send()) if isinstance(f, DataFrame)]
     assert sum(len(f.data) for f in sent) == 10
     assert core.queued_send_bytes == 95
     core.receive_data(atk.frame(WINDOW_UPDATE, 0, 1, struct.pack(">I", 1000)))
-    out = _frames(core.data_to_send())
+    out = atk.parse_frames(core.data_to_send())
     assert sum(len(f.data) for f in out if isinstance(f, DataFrame)) == 95
     assert any(isinstance(f, HeadersFrame) and "END_STREAM" in f.flags for f in out)
     assert core.queued_send_bytes == 0
@@ -219,7 +211,7 @@ def test_received_data_is_acknowledged() -> None:
         atk.frame(DATA, 0, 1, body[i : i + 16_000]) for i in range(0, len(body), 16_000)
     )
     core.receive_data(_headers(1) + frames)
-    updates = [f for f in _frames(core.data_to_send()) if f.type == WINDOW_UPDATE]
+    updates = [f for f in atk.parse_frames(core.data_to_send()) if f.type == WINDOW_UPDATE]
     # More than half of the 1 MiB windows consumed: both are opened again.
     assert {f.stream_id for f in updates} == {0, 1}
 

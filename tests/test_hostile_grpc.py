@@ -18,7 +18,7 @@ import pytest
 import trio
 import trio.testing
 from h2.errors import ErrorCodes
-from hyperframe.frame import Frame, GoAwayFrame, RstStreamFrame
+from hyperframe.frame import GoAwayFrame, RstStreamFrame
 
 from trio_sign.rpc import (
     CallContext,
@@ -53,17 +53,6 @@ def _data(stream_id: int, payload: bytes, end_stream: bool = False) -> bytes:
 
 def _opening(settings: tuple[tuple[int, int], ...] = ()) -> bytes:
     return PREFACE + atk.settings_frame(settings)
-
-
-def _frames(data: bytes) -> list[Frame]:
-    out = []
-    pos = 0
-    while pos + 9 <= len(data):
-        f, length = Frame.parse_frame_header(memoryview(data[pos : pos + 9]))
-        f.parse_body(memoryview(data[pos + 9 : pos + 9 + length]))
-        out.append(f)
-        pos += 9 + length
-    return out
 
 
 class _Clock:
@@ -117,7 +106,7 @@ def test_stream_flood_without_settings_ack_is_refused_stream_by_stream(
     # h2 never held more than the limit plus the stream being refused: linear, not quadratic.
     assert max(seen) <= 9 + 1
     # The refusals are counted like resets; past the budget the connection is cut.
-    out = _frames(core.data_to_send())
+    out = atk.parse_frames(core.data_to_send())
     refused = [f for f in out if isinstance(f, RstStreamFrame)]
     assert len(refused) == 51
     assert all(f.error_code == ErrorCodes.REFUSED_STREAM for f in refused)
@@ -133,7 +122,7 @@ def test_a_stream_over_the_limit_is_refused_and_the_connection_goes_on() -> None
     core, _ = _core(max_concurrent_streams=2)
     events = core.receive_data(_opening() + _headers(1) + _headers(3) + _headers(5))
     assert [e.stream_id for e in events if isinstance(e, RequestReceived)] == [1, 3]
-    out = _frames(core.data_to_send())
+    out = atk.parse_frames(core.data_to_send())
     assert [(f.stream_id, f.error_code) for f in out if isinstance(f, RstStreamFrame)] == [
         (5, ErrorCodes.REFUSED_STREAM)
     ]
@@ -167,7 +156,7 @@ def test_rapid_reset_is_cut_with_enhance_your_calm() -> None:
     assert core.terminated
     assert core.abuse == "too many stream resets"
     assert sum(isinstance(e, RequestReceived) for e in events) <= 101
-    goaway = [f for f in _frames(core.data_to_send()) if isinstance(f, GoAwayFrame)]
+    goaway = [f for f in atk.parse_frames(core.data_to_send()) if isinstance(f, GoAwayFrame)]
     assert [f.error_code for f in goaway] == [ErrorCodes.ENHANCE_YOUR_CALM]
 
 
@@ -319,7 +308,7 @@ async def test_an_unfinished_request_is_answered_after_request_timeout(
             await trio.sleep(0.1)
         assert 4.0 <= trio.current_time() - start <= 6.0
         received = bytes(await client.receive_some())
-        headers = [f for f in _frames(received) if f.stream_id == 1]
+        headers = [f for f in atk.parse_frames(received) if f.stream_id == 1]
         assert headers
         assert "END_STREAM" in headers[0].flags
         assert server.buffered_receive_bytes == 0
@@ -416,7 +405,7 @@ async def test_preface_and_idle_timeouts(autojump_clock: trio.testing.MockClock)
         assert 2.0 <= trio.current_time() - start <= 3.0
         received = await _until_closed(idle)
         assert 20.0 <= trio.current_time() - start <= 26.0
-        goaways = [f for f in _frames(received) if isinstance(f, GoAwayFrame)]
+        goaways = [f for f in atk.parse_frames(received) if isinstance(f, GoAwayFrame)]
         assert [f.error_code for f in goaways][-1] == ErrorCodes.NO_ERROR
     assert server.stats.preface_timeouts == 1
     assert server.stats.idle_closed == 1

@@ -33,6 +33,7 @@ from typing import Final
 
 import hpack
 import trio
+from hyperframe.frame import Frame
 
 __all__ = [
     "CONNECTION_PREFACE",
@@ -106,6 +107,27 @@ _CONNECTION_ERRORS: Final = (trio.BrokenResourceError, trio.ClosedResourceError,
 def frame(frame_type: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
     """One HTTP/2 frame: 9-byte header and ``payload``."""
     return _FRAME_HEAD.pack(len(payload) << 8 | frame_type, flags, stream_id) + payload
+
+
+def parse_frames(data: bytes | bytearray) -> list[Frame]:
+    """Every frame in ``data``, parsed by hyperframe (for tests reading what a server sent).
+
+    Raises:
+        ValueError: ``data`` ends inside a frame.
+    """
+    view = memoryview(bytes(data))
+    frames: list[Frame] = []
+    pos = 0
+    while pos < len(view):
+        if len(view) - pos < 9:
+            raise ValueError(f"{len(view) - pos} bytes left: not a whole frame header")
+        parsed, length = Frame.parse_frame_header(view[pos : pos + 9])
+        if len(view) - pos - 9 < length:
+            raise ValueError(f"frame of {length} bytes cut short")
+        parsed.parse_body(view[pos + 9 : pos + 9 + length])
+        frames.append(parsed)
+        pos += 9 + length
+    return frames
 
 
 def settings_frame(settings: Sequence[tuple[int, int]] = ()) -> bytes:
