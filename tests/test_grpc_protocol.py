@@ -892,6 +892,7 @@ def test_public_api() -> None:
             "GrpcProtocolError",
             "GrpcServer",
             "GrpcServerConnection",
+            "LogThrottle",
             "MessageReceived",
             "Metadata",
             "RequestReceived",

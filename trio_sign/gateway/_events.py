@@ -46,6 +46,7 @@ from typing import Any, Final
 import trio
 
 from .._errors import TrioSignError
+from ..rpc import LogThrottle
 from ..sse import MAX_EVENT_ID_LENGTH
 from ..transport import hypercorn_bind, serve_asgi
 from ..transport._asgi import (
@@ -521,25 +522,6 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return b",".join(values).decode("latin-1")
 
 
-class _Throttle:
-    """Lets a log line through at most once per ``interval_s`` (Trio time) and counts the rest."""
-
-    def __init__(self, interval_s: float) -> None:
-        self.interval_s = interval_s
-        self._next = float("-inf")
-        self._suppressed = 0
-
-    def allow(self) -> int | None:
-        """None to stay quiet; else how many lines were held back since the last one."""
-        now = trio.current_time()
-        if now < self._next:
-            self._suppressed += 1
-            return None
-        held, self._suppressed = self._suppressed, 0
-        self._next = now + self.interval_s
-        return held
-
-
 def bearer_token(scope: Mapping[str, Any]) -> bytes:
     """The token of the request's single ``Authorization: Bearer`` header, or ``b""`` (no
     header, several, another scheme, or an empty token)."""
@@ -598,8 +580,8 @@ class GatewayEventsApp:
         self.hub = hub
         self.keepalive_s = keepalive_s
         self.retry_block = format_retry(retry_ms)
-        self._unauthorized_log = _Throttle(refusal_log_interval_s)
-        self._busy_log = _Throttle(refusal_log_interval_s)
+        self._unauthorized_log = LogThrottle(refusal_log_interval_s, trio.current_time)
+        self._busy_log = LogThrottle(refusal_log_interval_s, trio.current_time)
 
     def __repr__(self) -> str:
         return f"GatewayEventsApp(nodes={sorted(self._credentials)!r})"

@@ -16,6 +16,7 @@ from ._events import StreamEnded as StreamEnded
 from ._events import StreamError as StreamError
 from ._events import StreamReset as StreamReset
 from ._events import TrailersReceived as TrailersReceived
+from ._limits import LogThrottle as LogThrottle
 from ._limits import RateLimitedLog as RateLimitedLog
 from ._limits import ServerLimits as ServerLimits
 from ._limits import connection_limit as connection_limit
@@ -44,6 +45,7 @@ __all__ = [
     "GrpcProtocolError",
     "GrpcServer",
     "GrpcServerConnection",
+    "LogThrottle",
     "RateLimitedLog",
     "MessageReceived",
     "Metadata",

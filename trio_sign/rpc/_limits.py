@@ -289,6 +289,28 @@ class FrameGate:
         return out
 
 
+class LogThrottle:
+    """Lets one kind of log line through at most once per interval and counts the rest."""
+
+    __slots__ = ("_clock", "_interval", "_next", "_suppressed")
+
+    def __init__(self, interval_s: float, clock: Callable[[], float]) -> None:
+        self._interval = interval_s
+        self._clock = clock
+        self._next = -float("inf")
+        self._suppressed = 0
+
+    def allow(self) -> int | None:
+        """None to stay quiet; else how many lines were held back since the last one."""
+        now = self._clock()
+        if now < self._next:
+            self._suppressed += 1
+            return None
+        self._next = now + self._interval
+        held, self._suppressed = self._suppressed, 0
+        return held
+
+
 class RateLimitedLog:
     """Logs one kind of refusal at most once per interval; the record's ``suppressed`` field
     counts the lines held back since the previous one.
@@ -297,7 +319,7 @@ class RateLimitedLog:
     one of the attacks).
     """
 
-    __slots__ = ("_clock", "_interval", "_level", "_logger", "_message", "_next", "_suppressed")
+    __slots__ = ("_level", "_logger", "_message", "_throttle")
 
     def __init__(
         self,
@@ -310,18 +332,10 @@ class RateLimitedLog:
     ) -> None:
         self._logger = logger
         self._message = message
-        self._interval = interval_s
-        self._clock = clock
         self._level = level
-        self._next = -float("inf")
-        self._suppressed = 0
+        self._throttle = LogThrottle(interval_s, clock)
 
     def __call__(self, **extra: object) -> None:
-        now = self._clock()
-        if now < self._next:
-            self._suppressed += 1
-            return
-        self._next = now + self._interval
-        suppressed, self._suppressed = self._suppressed, 0
-        # The count of lines held back since the last one travels as a field.
-        self._logger.log(self._level, self._message, extra={**extra, "suppressed": suppressed})
+        held = self._throttle.allow()
+        if held is not None:
+            self._logger.log(self._level, self._message, extra={**extra, "suppressed": held})

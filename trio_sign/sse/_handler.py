@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Final, Protocol, runtime_checkable
 
 from .._errors import TrioSignError
+from ..rpc import LogThrottle
 from ._events import MessageEvent
 
 log = logging.getLogger("trio_sign.sse")
@@ -89,8 +90,7 @@ class SseEventHandler:
         self._target = target
         self._has_account = target.has_account if isinstance(target, AccountDirectory) else None
         self._max_frozen = max_frozen_accounts
-        self._clock = clock
-        self._cap_warned_at: float | None = None
+        self._cap_log = LogThrottle(FROZEN_CAP_WARNING_INTERVAL_S, clock)
         self.freezes_ignored_at_cap = 0
 
     def __call__(self, event: MessageEvent) -> None:
@@ -173,14 +173,9 @@ class SseEventHandler:
 
     def _ignored_at_cap(self, account_id: str, event: MessageEvent) -> None:
         self.freezes_ignored_at_cap += 1
-        now = self._clock()
-        if (
-            self._cap_warned_at is not None
-            and now - self._cap_warned_at < FROZEN_CAP_WARNING_INTERVAL_S
-        ):
+        if self._cap_log.allow() is None:
             log.debug("sse: freeze of account %r ignored at the cap", account_id)
             return
-        self._cap_warned_at = now
         log.warning(
             "sse: %d accounts frozen (max_frozen_accounts); ignoring freeze events for other "
             "accounts (%d so far, latest id %r)",
