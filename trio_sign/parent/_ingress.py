@@ -18,6 +18,7 @@ UNAVAILABLE), since the enclave behind them is no longer trusted.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -201,23 +202,18 @@ class _Slots:
         self.connections_evicted = 0
         self.connections_refused = 0
 
-        def rated(message: str, level: int = logging.WARNING) -> RateLimitedLog:
-            return RateLimitedLog(
-                log,
-                message,
-                interval_s=settings.log_interval_s,
-                clock=trio.current_time,
-                level=level,
-            )
+        rated = functools.partial(
+            RateLimitedLog, log, interval_s=settings.log_interval_s, clock=trio.current_time
+        )
 
         self.log_handshake_evicted = rated(
-            "ingress: max_handshakes in progress; ended the oldest handshake", logging.INFO
+            "ingress: max_handshakes in progress; ended the oldest handshake", level=logging.INFO
         )
         self.log_evicted = rated(
-            "ingress: max_connections reached; closed the quietest connection", logging.INFO
+            "ingress: max_connections reached; closed the quietest connection", level=logging.INFO
         )
         self.log_refused = rated("ingress connection refused: max_connections, all busy")
-        self.log_tls_refused = rated("ingress TLS handshake refused", logging.INFO)
+        self.log_tls_refused = rated("ingress TLS handshake refused", level=logging.INFO)
         self.log_not_attested = rated("ingress connection refused: enclave not attested")
         self.log_no_h2 = rated("ingress connection refused: ALPN h2 not negotiated")
         self.log_unreachable = rated("ingress cannot reach the enclave")

@@ -176,7 +176,6 @@ class _ServerConnection:
                         self._scope.cancel()
                     # Otherwise the writer flushes the final GOAWAY, then cancels the scope.
         finally:
-            self._server._refused_streams(self._core.refused_streams)
             await trio.aclose_forcefully(self._stream)
 
     def start_drain(self) -> None:
@@ -284,6 +283,7 @@ class _ServerConnection:
         calls = self._calls
         writer = self._writer
         send_limit = self._limits.max_connection_send_bytes
+        refused = 0
         while not self._closing:
             data = await receive_bytes(self._stream)
             if not data:
@@ -325,6 +325,9 @@ class _ServerConnection:
                         self._server._log_flood(reason=core.abuse)
                     else:
                         logger.debug("gRPC connection terminated by peer: code %d", ev.error_code)
+            if core.refused_streams != refused:  # counted as they happen, for the metrics
+                self._server._refused_streams(core.refused_streams - refused)
+                refused = core.refused_streams
             writer.kick()
             if core.terminated:
                 self._maybe_finish()
@@ -427,18 +430,13 @@ class GrpcServer:
         self._draining = False
         self.stats = ServerStats()
 
-        def rated(message: str, level: int = logging.WARNING) -> RateLimitedLog:
-            return RateLimitedLog(
-                logger,
-                message,
-                interval_s=limits.log_interval_s,
-                clock=trio.current_time,
-                level=level,
-            )
+        rated = functools.partial(
+            RateLimitedLog, logger, interval_s=limits.log_interval_s, clock=trio.current_time
+        )
 
         self._log_refused = rated("gRPC connection refused: max_connections, every one busy")
         self._log_evicted = rated(
-            "gRPC connection limit reached: closed the longest-idle connection", logging.INFO
+            "gRPC connection limit reached: closed the longest-idle connection", level=logging.INFO
         )
         self._log_preface_timeout = rated("gRPC connection closed: no HTTP/2 preface in time")
         self._log_request_timeout = rated("gRPC request not completed in time; answered")
