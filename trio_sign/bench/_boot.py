@@ -17,13 +17,7 @@ from ..parent import DevRecipientKms, serve_log_connection, serve_preload, serve
 from ..shares import DevKeyFile
 from ..transport import open_listeners
 from ._load import _prepare
-
-
-def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+from ._proc import rss_mib
 
 
 async def _boot_once(sealed: Path, key: Path) -> dict[str, float]:
@@ -82,7 +76,7 @@ async def _boot_once(sealed: Path, key: Path) -> dict[str, float]:
                 with trio.fail_after(600):
                     await serving.wait()
                 facts["boot_to_ready_s"] = time.perf_counter() - start
-                facts["rss_mib"] = _rss_mib(proc.pid)
+                facts["rss_mib"] = rss_mib(proc.pid)
             finally:
                 proc.terminate()
                 await proc.wait()

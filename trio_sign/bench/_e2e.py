@@ -18,13 +18,7 @@ from typing import Any
 import trio
 
 from ..testing import generate_share_files
-
-
-def _rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+from ._proc import rss_mib
 
 
 def _enclave_pid(run_dir: Path) -> int | None:
@@ -138,7 +132,7 @@ async def _measure(n: int, cache: Path, duration_s: float) -> dict[str, Any]:
         out["open_p99_ms"] = _pct(open_latencies, 0.99)
         out["open_failures"] = open_failures
         pid = _enclave_pid(d / "stack" / "run")
-        rss = _rss_kib(pid) * 1024 if pid else 0
+        rss = rss_mib(pid) * 2**20 if pid else 0
         out["enclave_rss_mib"] = rss / 2**20
         out["enclave_bytes_per_account"] = rss / n if n else 0.0
     return out

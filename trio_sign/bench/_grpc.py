@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from ._proc import sigterm_unwinds, stop_child
+
 KINDS = ("ours", "grpcio")
 LABELS = {"ours": "ours", "grpcio": "grpcio aio"}
 STOP_GRACE_S = 5.0
@@ -77,21 +79,6 @@ class _Run:
 # -- processes -----------------------------------------------------------------------------
 
 
-def _stop(proc: subprocess.Popen[str]) -> None:
-    """End a child we started, by its pid: SIGTERM, then SIGKILL after ``STOP_GRACE_S``."""
-    try:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    finally:
-        if proc.stdout is not None:
-            proc.stdout.close()
-
-
 @dataclass
 class _Server:
     pid: int
@@ -122,7 +109,7 @@ def _server(kind: str, shares: Path, log: IO[str]) -> Iterator[_Server]:
             for line in tail.splitlines():
                 server.gc = json.loads(line).get("gc", server.gc)
     finally:
-        _stop(proc)
+        stop_child(proc, STOP_GRACE_S)
 
 
 def _loadgen(
@@ -202,7 +189,7 @@ def _run_one(
             if gen.wait() != 0:
                 raise RuntimeError(f"load generator failed ({gen.returncode}); see {log.name}")
         finally:
-            _stop(gen)
+            stop_child(gen, STOP_GRACE_S)
     run.gc = server.gc
     return run
 
@@ -321,8 +308,8 @@ def _profile_ours(
             phases = [json.loads(line) for line in out.splitlines() if line.strip()]
         finally:
             if spy is not None:
-                _stop(spy)
-            _stop(gen)
+                stop_child(spy, STOP_GRACE_S)
+            stop_child(gen, STOP_GRACE_S)
     if spy.returncode != 0 or not raw.exists():
         return [f"    py-spy failed ({spy.returncode}); see {log.name}"]
     lines = [_phase_line("ours", p) + "  (while sampled)" for p in phases]
@@ -450,21 +437,6 @@ def _report(runs: dict[str, list[_Run]], opts: GrpcBenchOptions) -> None:
         )
 
 
-@contextlib.contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
-    """SIGTERM raises SystemExit (like Ctrl-C raises KeyboardInterrupt), so the ``finally``
-    blocks stop the child processes instead of leaving them behind."""
-
-    def exit_now(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, exit_now)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def bench_grpc(opts: GrpcBenchOptions) -> dict[str, list[_Run]]:
     """Run the whole comparison and print it; returns the raw per-phase results."""
     from ..testing import generate_share_files
@@ -477,7 +449,7 @@ def bench_grpc(opts: GrpcBenchOptions) -> dict[str, list[_Run]]:
         flush=True,
     )
     runs: dict[str, list[_Run]] = {k: [] for k in KINDS}
-    with _sigterm_unwinds(), tempfile.TemporaryDirectory(prefix="trio-sign-bench-grpc-") as tmp:
+    with sigterm_unwinds(), tempfile.TemporaryDirectory(prefix="trio-sign-bench-grpc-") as tmp:
         work = Path(tmp)
         gen = generate_share_files(work, opts.accounts, force=True)
         files = (gen.service_file, gen.participant_files[2])

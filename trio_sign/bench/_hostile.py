@@ -28,7 +28,6 @@ import contextlib
 import json
 import os
 import queue
-import resource
 import signal
 import socket
 import subprocess
@@ -36,15 +35,17 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import trio
 
+from ..rpc import raise_open_file_limit
 from ..testing import _attacks as attacks
 from ._e2e import _enclave_pid
+from ._proc import cpu_seconds, rss_mib, sigterm_unwinds, stop_child
 
 #: The issue's targets.
 TARGET_SUCCESS = 0.99
@@ -59,7 +60,6 @@ CALL_TIMEOUT_S = 2.0
 PROBE_LIMIT_S = 20.0
 SAMPLE_INTERVAL_S = 0.05
 BASELINE_S = 3.0
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -77,24 +77,6 @@ class HostileOptions:
 # -- /proc ------------------------------------------------------------------------------------
 
 
-def _rss_mib(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
-def _cpu_s(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-
-
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -108,14 +90,14 @@ class _Sampler:
 
     def __init__(self, pids: list[int]) -> None:
         self._pids = pids
-        self.peak = sum(map(_rss_mib, pids))
+        self.peak = sum(map(rss_mib, pids))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(SAMPLE_INTERVAL_S):
-            self.peak = max(self.peak, sum(map(_rss_mib, self._pids)))
+            self.peak = max(self.peak, sum(map(rss_mib, self._pids)))
 
     def stop(self) -> float:
         self._stop.set()
@@ -124,21 +106,6 @@ class _Sampler:
 
 
 # -- child processes ----------------------------------------------------------------------------
-
-
-def _stop_proc(proc: subprocess.Popen[str]) -> None:
-    """End a child we started, by its pid: SIGTERM, then SIGKILL after ``STOP_GRACE_S``."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    for pipe in (proc.stdin, proc.stdout):
-        if pipe is not None:
-            with contextlib.suppress(OSError):
-                pipe.close()
 
 
 class _Lines:
@@ -194,7 +161,7 @@ class _Target:
 
     def stop(self) -> None:
         if self._proc is not None:
-            _stop_proc(self._proc)
+            stop_child(self._proc, STOP_GRACE_S)
             self._proc = None
 
     def connect(self) -> attacks.Connect:
@@ -372,7 +339,7 @@ class _Legit:
             return [s for s in self.sessions if t0 <= s["t"] < t1]
 
     def stop(self) -> None:
-        _stop_proc(self._proc)
+        stop_child(self._proc, STOP_GRACE_S)
 
 
 # -- attacks --------------------------------------------------------------------------------
@@ -572,14 +539,14 @@ class _Session:
         assert self.legit is not None
         time.sleep(1.0)  # warm-up
         pids = self.target.pids()
-        cpu0 = sum(map(_cpu_s, pids))
-        rss0 = sum(map(_rss_mib, pids))
+        cpu0 = sum(map(cpu_seconds, pids))
+        rss0 = sum(map(rss_mib, pids))
         sampler = _Sampler(pids)
         t0 = time.time()
         time.sleep(BASELINE_S)
         t1 = time.time()
         peak = sampler.stop()
-        self.baseline_cpu_per_s = (sum(map(_cpu_s, pids)) - cpu0) / (t1 - t0)
+        self.baseline_cpu_per_s = (sum(map(cpu_seconds, pids)) - cpu0) / (t1 - t0)
         time.sleep(2 * CALL_TIMEOUT_S + 0.5)
         result = _Result("baseline (no attack)", baseline=True)
         _legit_numbers(result, self.legit.window(t0, t1))
@@ -596,8 +563,8 @@ class _Session:
             self.restart()
         assert self.legit is not None
         pids = self.target.pids()
-        rss0 = sum(map(_rss_mib, pids))
-        cpu0 = sum(map(_cpu_s, pids))
+        rss0 = sum(map(rss_mib, pids))
+        cpu0 = sum(map(cpu_seconds, pids))
         sampler = _Sampler(pids)
         fn = attack.run(self.target, self._opts)
         t0 = time.time()
@@ -612,7 +579,7 @@ class _Session:
         result.recovery_s = None if died else self.legit.probe()
         t2 = time.time()
         result.rss_mib = sampler.stop() - rss0
-        result.cpu_s = sum(map(_cpu_s, pids)) - cpu0 - self.baseline_cpu_per_s * (t2 - t0)
+        result.cpu_s = sum(map(cpu_seconds, pids)) - cpu0 - self.baseline_cpu_per_s * (t2 - t0)
         # Sessions scheduled before t1 end by t1 + 2 call timeouts.
         settle = t1 + 2 * CALL_TIMEOUT_S + 0.5 - time.time()
         if settle > 0:
@@ -660,26 +627,6 @@ def _header(target: _Target, opts: HostileOptions) -> None:
     )
 
 
-@contextlib.contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
-    def exit_now(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, exit_now)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _raise_fd_limit() -> None:
-    """1500 idle connections and 1030 bare ones need more descriptors than a default 1024
-    soft limit; children (the servers) inherit the raised limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 def bench_hostile(opts: HostileOptions) -> dict[str, list[_Result]]:
     """Run every attack against every target and print the table; returns the results."""
     from ..testing import generate_share_files
@@ -697,12 +644,12 @@ def bench_hostile(opts: HostileOptions) -> dict[str, list[_Result]]:
         f"server CPU <= {TARGET_CPU_S:g} s (attack start to recovery, less the legit load's)",
         flush=True,
     )
-    _raise_fd_limit()
+    raise_open_file_limit()  # 1500 idle + 1030 bare connections; the servers inherit it
     table = _attack_table()
     if opts.only:
         table = [a for a in table if a.key in opts.only]
     results: dict[str, list[_Result]] = {}
-    with _sigterm_unwinds(), tempfile.TemporaryDirectory(prefix="trio-sign-bench-hostile-") as tmp:
+    with sigterm_unwinds(), tempfile.TemporaryDirectory(prefix="trio-sign-bench-hostile-") as tmp:
         work = Path(tmp)
         gen = generate_share_files(work / "shares", opts.accounts, force=True)
         peer = gen.participant_files[2]

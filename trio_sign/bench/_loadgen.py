@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import sys
 import time
@@ -38,22 +37,12 @@ from proto_min import sign_service_pb2 as pb
 
 from ..crypto import SigningCommitment, SigningNonces, aggregate, commit, sign
 from ..shares import ShareRecord, read_plaintext
+from ._proc import cpu_seconds
 
 SERVICE = "/trio_sign.v1.SignService/"
 CALL_TIMEOUT_S = 10.0
 #: Open loop: sessions in flight beyond this are not started (counted as ``client_shed``).
 MAX_OUTSTANDING = 20_000
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` (all its threads), from /proc."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return float("nan")
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -285,11 +274,11 @@ class _Cpu:
 
     def __init__(self, server_pid: int) -> None:
         self._pid = server_pid
-        self._server = _cpu_seconds(server_pid)
+        self._server = cpu_seconds(server_pid, missing=float("nan"))
         self._client = time.process_time()
 
     def stop(self, sessions: int) -> dict[str, float]:
-        server = _cpu_seconds(self._pid) - self._server
+        server = cpu_seconds(self._pid, missing=float("nan")) - self._server
         client = time.process_time() - self._client
         per = max(sessions, 1)
         return {
