@@ -1,4 +1,5 @@
-"""Sealed bundles whose header says what a test wants (bypassing the encoder's count checks)."""
+"""Sealed bundles whose header and chunks say what a test wants (bypassing the encoder's
+checks). Authentic: whoever holds the key can make them."""
 
 from __future__ import annotations
 
@@ -7,16 +8,28 @@ import struct
 from trio_sign.crypto import _sodium, _stream
 from trio_sign.shares import DevKeyFile, ShareRecord
 from trio_sign.shares._keywrap import canonical_json
-from trio_sign.shares._sealed import MAGIC, build_header, encryption_context_for
+from trio_sign.shares._sealed import MAGIC, MIN_CHUNK_SIZE, build_header, encryption_context_for
 
 
-def forged_bundle(
-    provider: DevKeyFile, records: list[ShareRecord], *, accounts: int, chunk_size: int = 4096
+def packed(*recs: ShareRecord) -> bytes:
+    """The records' binary form, back to back (a chunk's plaintext)."""
+    buf = bytearray(sum(r.binary_size() for r in recs))
+    pos = 0
+    for r in recs:
+        pos = r.pack_into(buf, pos)
+    return bytes(buf)
+
+
+def raw_bundle(
+    provider: DevKeyFile,
+    chunks: list[tuple[bytes, int]],
+    *,
+    accounts: int,
+    n_chunks: int | None = None,
+    chunk_size: int = MIN_CHUNK_SIZE,
 ) -> bytes:
-    """``records`` in one FINAL chunk, under a valid key, with a header declaring ``accounts``.
-
-    Authentic (whoever holds the key can make it): only the count is a lie.
-    """
+    """A bundle with arbitrary chunk plaintexts and tags and a header declaring ``accounts``
+    and ``n_chunks`` (default: as many as given)."""
     ctx = encryption_context_for()
     dk, blob = provider.generate_data_key(ctx)
     try:
@@ -26,20 +39,28 @@ def forged_bundle(
             encryption_context=ctx,
             chunk_size=chunk_size,
             accounts=accounts,
-            chunks=1,
+            chunks=n_chunks if n_chunks is not None else len(chunks),
         )
         hb = canonical_json(header)
         prefix = MAGIC + struct.pack(">I", len(hb)) + hb
-        plaintext = bytearray(sum(r.binary_size() for r in records))
-        pos = 0
-        for r in records:
-            pos = r.pack_into(plaintext, pos)
         push = _stream.SecretStreamPush(dk)
         try:
-            ct = push.push(plaintext, ad=prefix, tag=_stream.TAG_FINAL)
-            return prefix + push.header + struct.pack(">I", len(ct)) + ct
+            out = [prefix, push.header]
+            for pt, tag in chunks:
+                ct = push.push(pt, ad=prefix, tag=tag)
+                out.append(struct.pack(">I", len(ct)) + ct)
+            return b"".join(out)
         finally:
             push.close()
-            _sodium.memzero(plaintext)
     finally:
         _sodium.memzero(dk)
+
+
+def forged_bundle(
+    provider: DevKeyFile, records: list[ShareRecord], *, accounts: int, chunk_size: int = 4096
+) -> bytes:
+    """``records`` in one FINAL chunk, under a valid key, with a header declaring ``accounts``:
+    only the count is a lie."""
+    return raw_bundle(
+        provider, [(packed(*records), _stream.TAG_FINAL)], accounts=accounts, chunk_size=chunk_size
+    )

@@ -44,7 +44,7 @@ from trio_sign.shares._sealed import (
     encryption_context_for,
 )
 
-from .forged_bundles import forged_bundle
+from .forged_bundles import forged_bundle, packed, raw_bundle
 from .share_helpers import ORDER_8, make_record, point_of, random_scalar
 
 
@@ -119,43 +119,6 @@ def sealed_error(data: bytes, provider: DevKeyFile) -> ShareFileError:
     with pytest.raises(ShareFileError) as info:
         records_of(data, provider)
     return info.value
-
-
-def raw_bundle(
-    provider: DevKeyFile,
-    chunks: list[tuple[bytes, int]],
-    *,
-    accounts: int,
-    n_chunks: int | None = None,
-    chunk_size: int = MIN_CHUNK_SIZE,
-) -> bytes:
-    """A bundle with arbitrary chunk plaintexts and tags (bypasses every check)."""
-    ctx = encryption_context_for()
-    dk, blob = provider.generate_data_key(ctx)
-    header = build_header(
-        provider=provider,
-        encrypted_data_key=blob,
-        encryption_context=ctx,
-        chunk_size=chunk_size,
-        accounts=accounts,
-        chunks=n_chunks if n_chunks is not None else len(chunks),
-    )
-    hb = canonical_json(header)
-    prefix = MAGIC + struct.pack(">I", len(hb)) + hb
-    push = _stream.SecretStreamPush(dk)
-    out = [prefix, push.header]
-    for pt, tag in chunks:
-        ct = push.push(pt, ad=prefix, tag=tag)
-        out.append(struct.pack(">I", len(ct)) + ct)
-    return b"".join(out)
-
-
-def packed(*recs: ShareRecord) -> bytes:
-    buf = bytearray(sum(r.binary_size() for r in recs))
-    pos = 0
-    for r in recs:
-        pos = r.pack_into(buf, pos)
-    return bytes(buf)
 
 
 # -- round trips ---------------------------------------------------------------------------
