@@ -4,8 +4,11 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from trio_sign.crypto import _stream
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,3 +49,23 @@ def _restore_trio_sign_logger() -> Iterator[None]:
     saved = (list(logger.handlers), logger.level, logger.propagate)
     yield
     logger.handlers[:], logger.level, logger.propagate = saved
+
+
+@pytest.fixture
+def decrypted(monkeypatch: pytest.MonkeyPatch) -> list[bytearray | memoryview]:
+    """Every buffer the decoder decrypts a chunk into, in order."""
+    buffers: list[bytearray | memoryview] = []
+    real = _stream.SecretStreamPull.pull_into
+
+    def spy(
+        self: _stream.SecretStreamPull,
+        out: bytearray | memoryview,
+        ciphertext: Any,
+        *,
+        ad: Any,
+    ) -> int | None:
+        buffers.append(out)
+        return real(self, out, ciphertext, ad=ad)
+
+    monkeypatch.setattr(_stream.SecretStreamPull, "pull_into", spy)
+    return buffers

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import trio_sign.shares._store as store_mod
 from trio_sign import ShareFileError
-from trio_sign.crypto import _sodium, _stream
+from trio_sign.crypto import _sodium
 from trio_sign.shares import (
     ChunkDecrypted,
     DevKeyFile,
@@ -349,26 +349,6 @@ def test_sealed_loader_abort_zeroes_partial_store(key: DevKeyFile, spy: Any) -> 
 
 
 # -- hostile bundles: no decrypted chunk left behind, nothing sized from the header's count ---
-
-
-@pytest.fixture
-def decrypted(monkeypatch: pytest.MonkeyPatch) -> list[bytearray | memoryview]:
-    """Every buffer the decoder decrypts a chunk into, in order."""
-    buffers: list[bytearray | memoryview] = []
-    real = _stream.SecretStreamPull.pull_into
-
-    def spy(
-        self: _stream.SecretStreamPull,
-        out: bytearray | memoryview,
-        ciphertext: Any,
-        *,
-        ad: Any,
-    ) -> int | None:
-        buffers.append(out)
-        return real(self, out, ciphertext, ad=ad)
-
-    monkeypatch.setattr(_stream.SecretStreamPull, "pull_into", spy)
-    return buffers
 
 
 def test_one_byte_appended_zeroes_every_decrypted_chunk(

@@ -724,26 +724,6 @@ def test_dev_key_bad_files(tmp_path: Path, content: bytes) -> None:
 # -- hostile input: no decrypted chunk left behind, no count trusted ---------------------------
 
 
-@pytest.fixture
-def decrypted(monkeypatch: pytest.MonkeyPatch) -> list[bytearray | memoryview]:
-    """Every buffer the decoder decrypts a chunk into, in order."""
-    buffers: list[bytearray | memoryview] = []
-    real = _stream.SecretStreamPull.pull_into
-
-    def spy(
-        self: _stream.SecretStreamPull,
-        out: bytearray | memoryview,
-        ciphertext: Any,
-        *,
-        ad: Any,
-    ) -> int | None:
-        buffers.append(out)
-        return real(self, out, ciphertext, ad=ad)
-
-    monkeypatch.setattr(_stream.SecretStreamPull, "pull_into", spy)
-    return buffers
-
-
 def _damage(bundle: bytes, how: str) -> tuple[bytes, str]:
     _, fr = frames(bundle)
     last_start, last_end = fr[-1]
