@@ -7,8 +7,10 @@ from __future__ import annotations
 import functools
 import logging
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -737,9 +739,12 @@ def test_parse_request_absolute_form_must_agree_with_host() -> None:
         parse_relay_request(b"GET /x HTTP/1.1\r\nHost: a\r\nHost: b")
 
 
-async def test_plain_http_entry(
-    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
-) -> None:
+async def _relay_to_a_recording_gateway(
+    nursery: trio.Nursery, **relay: Any
+) -> tuple[Callable[[bytes], Awaitable[bytes]], list[bytes]]:
+    """A relay for ``http://localhost:8080/v1/`` whose upstream is a gateway that records
+    each request head and answers 204. Returns ``ask`` (one request from the enclave's side,
+    the whole response back) and the recorded heads."""
     requests: list[bytes] = []
 
     async def gateway(stream: trio.abc.Stream) -> None:
@@ -759,6 +764,7 @@ async def test_plain_http_entry(
             ["http://localhost:8080/v1/"],
             ssl_context_for_upstream=ssl.create_default_context(),
             connect_upstream=connect_upstream,
+            **relay,
         )
     )
 
@@ -770,6 +776,14 @@ async def test_plain_http_entry(
         while data := await enclave.receive_some():
             response += data
         return response
+
+    return ask, requests
+
+
+async def test_plain_http_entry(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    ask, requests = await _relay_to_a_recording_gateway(nursery)
 
     # Origin-form (what run_sse_client sends) uses the explicit http entry; so does an
     # absolute-form http request. Absolute-form https, another port or path: refused.
@@ -800,36 +814,10 @@ async def test_the_parent_adds_its_token_and_the_enclave_cannot_supply_one(
     token and adds it upstream. An ``Authorization`` from the enclave is still dropped, so
     exactly one, the parent's, goes out. The token never reaches a log line."""
     caplog.set_level(logging.DEBUG, "trio_sign.parent.relay")
-    requests: list[bytes] = []
-
-    async def gateway(stream: trio.abc.Stream) -> None:
-        requests.append(await read_head(stream))
-        await stream.send_all(b"HTTP/1.1 204 No Content\r\n\r\n")
-
-    async def connect_upstream(host: str, port: int) -> trio.abc.Stream:
-        relay_end, gateway_end = trio.testing.memory_stream_pair()
-        nursery.start_soon(gateway, gateway_end)
-        return relay_end
-
-    listener = MemoryListener()
-    await nursery.start(
-        functools.partial(
-            serve_sse_relay,
-            [listener],
-            ["http://localhost:8080/v1/"],
-            ssl_context_for_upstream=ssl.create_default_context(),
-            connect_upstream=connect_upstream,
-            upstream_token=PARENT_TOKEN,
-        )
-    )
-    enclave, relay_side = trio.testing.memory_stream_pair()
-    await listener.send.send(relay_side)
-    await enclave.send_all(
+    ask, requests = await _relay_to_a_recording_gateway(nursery, upstream_token=PARENT_TOKEN)
+    response = await ask(
         get("/v1/enclaves/node-1/events", "localhost:8080", "Authorization: Bearer forged")
     )
-    response = b""
-    while data := await enclave.receive_some():
-        response += data
     assert response.startswith(b"HTTP/1.1 204 ")
     (seen,) = requests
     assert seen.lower().count(b"authorization:") == 1
