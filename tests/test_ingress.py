@@ -460,6 +460,25 @@ async def running_proxy(
 
 
 @asynccontextmanager
+async def attested_proxy(
+    tmp_path: Path,
+    pki: Pki,
+    nsm: LocalNsm,
+    settings: IngressSettings | None = None,
+    observer: Any = None,
+) -> AsyncIterator[Proxy]:
+    """A proxy in front of a fake enclave on a UNIX socket, its gate checked and open."""
+    async with (
+        unix_fake_enclave(tmp_path, FakeEnclave(nsm)) as enclave_url,
+        memory_enclave(FakeEnclave(nsm)) as connect_enclave,
+    ):
+        gate = AttestationGate(policy_for(nsm), connect_enclave)
+        assert await gate.check()
+        async with running_proxy(pki, gate, enclave_url, settings, observer) as proxy:
+            yield proxy
+
+
+@asynccontextmanager
 async def unix_fake_enclave(
     tmp_path: Path, fake: FakeEnclave, servers: list[GrpcServer] | None = None
 ) -> AsyncIterator[str]:
@@ -560,47 +579,41 @@ async def test_mtls_refusals(
     tmp_path: Path, pki: Pki, nsm: LocalNsm, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, "trio_sign.parent.ingress")
-    async with (
-        unix_fake_enclave(tmp_path, FakeEnclave(nsm)) as enclave_url,
-        memory_enclave(FakeEnclave(nsm)) as connect_enclave,
-    ):
-        gate = AttestationGate(policy_for(nsm), connect_enclave)
-        assert await gate.check()
-        async with running_proxy(pki, gate, enclave_url) as proxy:
-            # The right client works, with our own client and with grpcio.
-            tls = await tls_connect(proxy.port, client_context(pki))
-            assert tls.selected_alpn_protocol() == "h2"
-            async with open_grpc_channel(tls) as ch:
-                ping = pb.PingRequest(payload=b"payload-7f3a").SerializeToString()
-                assert await ch.unary_unary(S + "Ping", ping) == ping
-            assert await grpcio_ping_status(pki, proxy.target) == grpc.StatusCode.OK
-            assert len(proxy.enclave_connects) == 2
-            await trio.testing.wait_all_tasks_blocked(0.01)
-            opened = [r for r in caplog.records if r.msg == "ingress connection opened"]
-            closed = [r for r in caplog.records if r.msg == "ingress connection closed"]
-            assert [r.__dict__["client"] for r in opened] == ["CN=sign-gateway"] * 2
-            assert len(closed) == 2
-            assert closed[0].__dict__["bytes_in"] > 0
-            assert all("payload-7f3a" not in str(vars(r)) for r in caplog.records)
+    async with attested_proxy(tmp_path, pki, nsm) as proxy:
+        # The right client works, with our own client and with grpcio.
+        tls = await tls_connect(proxy.port, client_context(pki))
+        assert tls.selected_alpn_protocol() == "h2"
+        async with open_grpc_channel(tls) as ch:
+            ping = pb.PingRequest(payload=b"payload-7f3a").SerializeToString()
+            assert await ch.unary_unary(S + "Ping", ping) == ping
+        assert await grpcio_ping_status(pki, proxy.target) == grpc.StatusCode.OK
+        assert len(proxy.enclave_connects) == 2
+        await trio.testing.wait_all_tasks_blocked(0.01)
+        opened = [r for r in caplog.records if r.msg == "ingress connection opened"]
+        closed = [r for r in caplog.records if r.msg == "ingress connection closed"]
+        assert [r.__dict__["client"] for r in opened] == ["CN=sign-gateway"] * 2
+        assert len(closed) == 2
+        assert closed[0].__dict__["bytes_in"] > 0
+        assert all("payload-7f3a" not in str(vars(r)) for r in caplog.records)
 
-            await assert_tls_refused(proxy.port, client_context(pki, client=None))
-            await assert_tls_refused(proxy.port, client_context(pki, client="other"))
-            await assert_tls_refused(proxy.port, client_context(pki, tls12_only=True))
-            for client in (None, "other"):
-                status = await grpcio_ping_status(pki, proxy.target, client=client)
-                assert status == grpc.StatusCode.UNAVAILABLE
-            await trio.testing.wait_all_tasks_blocked(0.01)
-            # Five refusals, one log line: refusals are logged at most once per interval (a
-            # flood of them must not become a flood of lines); the first names its reason.
-            refusals = [r.__dict__["tls"] for r in caplog.records if "tls" in r.__dict__]
-            assert refusals == ["PEER_DID_NOT_RETURN_A_CERTIFICATE"]
+        await assert_tls_refused(proxy.port, client_context(pki, client=None))
+        await assert_tls_refused(proxy.port, client_context(pki, client="other"))
+        await assert_tls_refused(proxy.port, client_context(pki, tls12_only=True))
+        for client in (None, "other"):
+            status = await grpcio_ping_status(pki, proxy.target, client=client)
+            assert status == grpc.StatusCode.UNAVAILABLE
+        await trio.testing.wait_all_tasks_blocked(0.01)
+        # Five refusals, one log line: refusals are logged at most once per interval (a
+        # flood of them must not become a flood of lines); the first names its reason.
+        refusals = [r.__dict__["tls"] for r in caplog.records if "tls" in r.__dict__]
+        assert refusals == ["PEER_DID_NOT_RETURN_A_CERTIFICATE"]
 
-            # TLS is fine but the client does not speak h2: closed, nothing forwarded.
-            tls = await tls_connect(proxy.port, client_context(pki, alpn=["http/1.1"]))
-            assert tls.selected_alpn_protocol() is None
-            assert await tls.receive_some(1) == b""
-            await tls.aclose()
-            assert len(proxy.enclave_connects) == 2
+        # TLS is fine but the client does not speak h2: closed, nothing forwarded.
+        tls = await tls_connect(proxy.port, client_context(pki, alpn=["http/1.1"]))
+        assert tls.selected_alpn_protocol() is None
+        assert await tls.receive_some(1) == b""
+        await tls.aclose()
+        assert len(proxy.enclave_connects) == 2
 
 
 async def test_unverified_gate_refuses_then_recovers(
@@ -648,25 +661,19 @@ async def test_limits_handshake_timeout_and_max_connections(
     tmp_path: Path, pki: Pki, nsm: LocalNsm
 ) -> None:
     settings = IngressSettings(handshake_timeout_s=0.2, max_connections=1)
-    async with (
-        unix_fake_enclave(tmp_path, FakeEnclave(nsm)) as enclave_url,
-        memory_enclave(FakeEnclave(nsm)) as connect_enclave,
-    ):
-        gate = AttestationGate(policy_for(nsm), connect_enclave)
-        assert await gate.check()
-        async with running_proxy(pki, gate, enclave_url, settings) as proxy:
-            # silent client: dropped after handshake_timeout_s (it also holds the only slot)
-            silent = await trio.open_tcp_stream("127.0.0.1", proxy.port)
-            await trio.testing.wait_all_tasks_blocked(0.01)  # accepted, in its handshake
-            with trio.fail_after(5):
-                # the second connection is refused while the first holds the slot
-                extra = await trio.open_tcp_stream("127.0.0.1", proxy.port)
-                assert await extra.receive_some(1) == b""
-                await extra.aclose()
-                assert await silent.receive_some(1) == b""
-            await silent.aclose()
-            # the slot is free again
-            assert await grpcio_ping_status(pki, proxy.target) == grpc.StatusCode.OK
+    async with attested_proxy(tmp_path, pki, nsm, settings) as proxy:
+        # silent client: dropped after handshake_timeout_s (it also holds the only slot)
+        silent = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+        await trio.testing.wait_all_tasks_blocked(0.01)  # accepted, in its handshake
+        with trio.fail_after(5):
+            # the second connection is refused while the first holds the slot
+            extra = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+            assert await extra.receive_some(1) == b""
+            await extra.aclose()
+            assert await silent.receive_some(1) == b""
+        await silent.aclose()
+        # the slot is free again
+        assert await grpcio_ping_status(pki, proxy.target) == grpc.StatusCode.OK
 
 
 async def test_connection_counts_reach_the_parent_state(
@@ -676,19 +683,13 @@ async def test_connection_counts_reach_the_parent_state(
     from trio_sign.parent import ParentState
 
     state = ParentState()
-    async with (
-        unix_fake_enclave(tmp_path, FakeEnclave(nsm)) as enclave_url,
-        memory_enclave(FakeEnclave(nsm)) as connect_enclave,
-    ):
-        gate = AttestationGate(policy_for(nsm), connect_enclave)
-        assert await gate.check()
-        async with running_proxy(pki, gate, enclave_url, observer=state) as proxy:
-            assert await grpcio_ping_status(pki, proxy.target) == grpc.StatusCode.OK
-            gate.verified = False  # as a failed check would leave it
-            assert await grpcio_ping_status(pki, proxy.target) == grpc.StatusCode.UNAVAILABLE
-            with trio.fail_after(5):
-                while state.proxy_connections_active:  # noqa: ASYNC110 - real sockets
-                    await trio.sleep(0.01)
+    async with attested_proxy(tmp_path, pki, nsm, observer=state) as proxy:
+        assert await grpcio_ping_status(pki, proxy.target) == grpc.StatusCode.OK
+        proxy.gate.verified = False  # as a failed check would leave it
+        assert await grpcio_ping_status(pki, proxy.target) == grpc.StatusCode.UNAVAILABLE
+        with trio.fail_after(5):
+            while state.proxy_connections_active:  # noqa: ASYNC110 - real sockets
+                await trio.sleep(0.01)
     assert state.proxy_connections_total == 1
     assert state.proxy_connections_refused >= 1
 
@@ -845,28 +846,22 @@ async def test_bare_tcp_connections_cannot_keep_a_gateway_out(
 
     caplog.set_level(logging.DEBUG, "trio_sign.parent.ingress")
     settings = IngressSettings(max_handshakes=16, max_connections=16, handshake_timeout_s=10.0)
-    async with (
-        unix_fake_enclave(tmp_path, FakeEnclave(nsm)) as enclave_url,
-        memory_enclave(FakeEnclave(nsm)) as connect_enclave,
-    ):
-        gate = AttestationGate(policy_for(nsm), connect_enclave)
-        assert await gate.check()
-        async with running_proxy(pki, gate, enclave_url, settings=settings) as proxy:
-            bare = atk.tcp_connector("127.0.0.1", proxy.port)
-            served = 0
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(
-                    functools.partial(atk.hold_bare_connections, bare, 40, 4.0, reopen=True)
-                )
-                await trio.sleep(0.5)  # every slot is held by the attacker now
-                for _ in range(5):
-                    with trio.fail_after(2):
-                        tls = await tls_connect(proxy.port, client_context(pki))
-                        async with open_grpc_channel(tls) as ch:
-                            ping = pb.PingRequest(payload=b"x").SerializeToString()
-                            assert await ch.unary_unary(S + "Ping", ping) == ping
-                    served += 1
-                    await trio.sleep(0.2)
+    async with attested_proxy(tmp_path, pki, nsm, settings=settings) as proxy:
+        bare = atk.tcp_connector("127.0.0.1", proxy.port)
+        served = 0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                functools.partial(atk.hold_bare_connections, bare, 40, 4.0, reopen=True)
+            )
+            await trio.sleep(0.5)  # every slot is held by the attacker now
+            for _ in range(5):
+                with trio.fail_after(2):
+                    tls = await tls_connect(proxy.port, client_context(pki))
+                    async with open_grpc_channel(tls) as ch:
+                        ping = pb.PingRequest(payload=b"x").SerializeToString()
+                        assert await ch.unary_unary(S + "Ping", ping) == ping
+                served += 1
+                await trio.sleep(0.2)
     assert served == 5
     warnings = [r for r in caplog.records if r.levelno >= logging.INFO and "ingress" in r.msg]
     assert len(warnings) <= 4
@@ -878,38 +873,32 @@ async def test_idle_forwarded_connections_make_room_for_a_busy_one(
     """At max_connections a newly authenticated connection takes the slot of the connection
     that has been quiet longest; a connection that moved bytes recently is never taken."""
     settings = IngressSettings(max_connections=3, evict_quiet_s=0.2)
-    async with (
-        unix_fake_enclave(tmp_path, FakeEnclave(nsm)) as enclave_url,
-        memory_enclave(FakeEnclave(nsm)) as connect_enclave,
-    ):
-        gate = AttestationGate(policy_for(nsm), connect_enclave)
-        assert await gate.check()
-        async with running_proxy(pki, gate, enclave_url, settings=settings) as proxy:
-            idle = [await tls_connect(proxy.port, client_context(pki)) for _ in range(3)]
-            await trio.sleep(0.5)
-            ping = pb.PingRequest(payload=b"x").SerializeToString()
-            async with contextlib.AsyncExitStack() as stack:
-                channels = []
-                for _ in range(3):
-                    tls = await tls_connect(proxy.port, client_context(pki))
-                    ch = await stack.enter_async_context(open_grpc_channel(tls))
-                    assert await ch.unary_unary(S + "Ping", ping) == ping
-                    channels.append(ch)
-                # The three idle ones were closed to make room.
-                for stream in idle:
-                    with trio.fail_after(2):
-                        while True:
-                            try:
-                                if not await stream.receive_some(65536):
-                                    break
-                            except trio.BrokenResourceError:
-                                break
-                # Three busy connections: a fourth arriving now is refused instead.
-                late = await tls_connect(proxy.port, client_context(pki))
-                with trio.fail_after(2):
-                    assert await late.receive_some(65536) == b""
-                await trio.aclose_forcefully(late)
-                for ch in channels:
-                    assert await ch.unary_unary(S + "Ping", ping) == ping
+    async with attested_proxy(tmp_path, pki, nsm, settings=settings) as proxy:
+        idle = [await tls_connect(proxy.port, client_context(pki)) for _ in range(3)]
+        await trio.sleep(0.5)
+        ping = pb.PingRequest(payload=b"x").SerializeToString()
+        async with contextlib.AsyncExitStack() as stack:
+            channels = []
+            for _ in range(3):
+                tls = await tls_connect(proxy.port, client_context(pki))
+                ch = await stack.enter_async_context(open_grpc_channel(tls))
+                assert await ch.unary_unary(S + "Ping", ping) == ping
+                channels.append(ch)
+            # The three idle ones were closed to make room.
             for stream in idle:
-                await trio.aclose_forcefully(stream)
+                with trio.fail_after(2):
+                    while True:
+                        try:
+                            if not await stream.receive_some(65536):
+                                break
+                        except trio.BrokenResourceError:
+                            break
+            # Three busy connections: a fourth arriving now is refused instead.
+            late = await tls_connect(proxy.port, client_context(pki))
+            with trio.fail_after(2):
+                assert await late.receive_some(65536) == b""
+            await trio.aclose_forcefully(late)
+            for ch in channels:
+                assert await ch.unary_unary(S + "Ping", ping) == ping
+        for stream in idle:
+            await trio.aclose_forcefully(stream)
