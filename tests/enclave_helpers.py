@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nacl.signing
 import trio
 
 from trio_sign.crypto import (
@@ -111,6 +112,26 @@ class Peer:
                 self.account.peer.identifier: self.account.peer.verifying_share,
             },
         )
+
+    def complete_and_verify(
+        self,
+        message: bytes,
+        commitments: list[SigningCommitment],
+        service_identifier: bytes,
+        service_share: bytes,
+    ) -> bytes:
+        """Add this participant's share to the service's, aggregate, and check the result as a
+        plain Ed25519 signature under the group key (libsodium). Returns the signature."""
+        sig = self.aggregate(
+            message,
+            commitments,
+            {
+                service_identifier: service_share,
+                self.account.peer.identifier: self.sign(message, commitments),
+            },
+        )
+        nacl.signing.VerifyKey(self.account.group_public_key).verify(message, sig)
+        return sig
 
 
 def sorted_commitments(*cs: SigningCommitment) -> list[SigningCommitment]:

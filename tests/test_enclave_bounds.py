@@ -12,7 +12,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import nacl.signing
 import pytest
 import trio
 import trio.testing
@@ -114,15 +113,7 @@ async def _sign_and_verify(
     commitments = sorted_commitments(own, peer.commitment)
     request = pb.SignRequest(session_id=session_id, message=b"m", commitments=_pb(commitments))
     signed = pb.SignResponse.FromString(await _call(service, "Sign", request))
-    sig = peer.aggregate(
-        b"m",
-        commitments,
-        {
-            signed.identifier: signed.signature_share,
-            acct.peer.identifier: peer.sign(b"m", commitments),
-        },
-    )
-    nacl.signing.VerifyKey(acct.group_public_key).verify(b"m", sig)
+    peer.complete_and_verify(b"m", commitments, signed.identifier, signed.signature_share)
 
 
 # -- item 6: Sign is bounded by the account, not by the request ------------------------------
