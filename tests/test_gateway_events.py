@@ -51,6 +51,8 @@ from trio_sign.sse import (
     run_sse_client,
 )
 
+from .relay_helpers import running_relay
+
 NODE = "node-7"
 TOKEN = "node-7-events-token-0123456789abcdef"
 #: What the gateway's config would hold: a token per node id.
@@ -620,27 +622,6 @@ async def running_gateway(hub: EventHub, **kwargs: Any) -> AsyncIterator[int]:
 
 
 @asynccontextmanager
-async def running_relay(port: int, token: str | None = TOKEN) -> AsyncIterator[int]:
-    """The parent's real relay in front of the gateway on ``port``, adding ``token`` upstream
-    (what ``[relay] token`` in parent.toml gives it); yields the relay's own port."""
-    from trio_sign.parent import serve_sse_relay
-
-    async with trio.open_nursery() as nursery:
-        relay_listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        await nursery.start(
-            functools.partial(
-                serve_sse_relay,
-                relay_listeners,
-                [f"http://127.0.0.1:{port}/v1/enclaves/"],
-                ssl_context_for_upstream=ssl.create_default_context(),
-                upstream_token=token,
-            )
-        )
-        yield relay_listeners[0].socket.getsockname()[1]
-        nursery.cancel_scope.cancel()
-
-
-@asynccontextmanager
 async def enclave_client(
     port: int,
     target: FakeEnclave,
@@ -1073,7 +1054,7 @@ async def test_a_dev_enclave_follows_the_gateway(tmp_path: Path) -> None:
         return response_type.FromString(raw)
 
     hub = EventHub()
-    async with running_gateway(hub) as port, running_relay(port) as relay_port:
+    async with running_gateway(hub) as port, running_relay(port, TOKEN) as relay_port:
         config = EnclaveConfig(
             grpc_listen="tcp://127.0.0.1:0",
             dev=True,

@@ -3,9 +3,9 @@ times; and one real node against a development enclave."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,9 +18,10 @@ import trio.testing
 
 from trio_sign.enclave import EnclaveConfig, EnclaveHandle, serve_dev_enclave
 from trio_sign.gateway import EnclaveNode, EventHub, run_prober, serve_gateway_events
-from trio_sign.parent import serve_sse_relay
 from trio_sign.rpc import RpcError, StatusCode
 from trio_sign.testing import generate_share_files
+
+from .relay_helpers import running_relay
 
 INTERVAL = 5.0
 TOKEN = "enclave-0-events-token-0123456789"
@@ -263,7 +264,7 @@ async def test_end_to_end_with_the_sse_server_and_a_subscribed_dev_enclave(
         hub.publish(node_id, "probe", {"nonce": nonce})
 
     report = generate_share_files(tmp_path, 1, counterparts=False)
-    async with trio.open_nursery() as nursery:
+    async with trio.open_nursery() as nursery, contextlib.AsyncExitStack() as stack:
         events_scope = trio.CancelScope()
 
         async def events(*, task_status: trio.TaskStatus[list[str]]) -> None:
@@ -279,23 +280,14 @@ async def test_end_to_end_with_the_sse_server_and_a_subscribed_dev_enclave(
         binds: list[str] = await nursery.start(events)
         port = int(binds[0].rsplit(":", 1)[1])
         # The enclave subscribes through the parent's relay, which holds the node's token.
-        relay_listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        await nursery.start(
-            functools.partial(
-                serve_sse_relay,
-                relay_listeners,
-                [f"http://127.0.0.1:{port}/v1/enclaves/"],
-                ssl_context_for_upstream=ssl.create_default_context(),
-                upstream_token=TOKEN,
-            )
-        )
+        relay_port = await stack.enter_async_context(running_relay(port, TOKEN))
         config = EnclaveConfig(
             grpc_listen="tcp://127.0.0.1:0",
             dev=True,
             dev_plaintext_shares=report.service_file,
             gateway_url=f"http://127.0.0.1:{port}",
             node_id="enclave-0",
-            sse_via=f"tcp://127.0.0.1:{relay_listeners[0].socket.getsockname()[1]}",
+            sse_via=f"tcp://127.0.0.1:{relay_port}",
         )
         handle: EnclaveHandle = await nursery.start(serve_dev_enclave, config)
         with trio.fail_after(5):
