@@ -42,6 +42,10 @@ HEADERS, DATA, RST, SETTINGS, PINGF = 0x1, 0x0, 0x3, 0x4, 0x6
 END_STREAM, END_HEADERS, ACK = 0x1, 0x4, 0x1
 
 
+async def _echo(data: bytes, ctx: CallContext) -> bytes:
+    return data
+
+
 def _headers(stream_id: int, path: str = PING, end_stream: bool = False) -> bytes:
     flags = END_HEADERS | (END_STREAM if end_stream else 0)
     return atk.frame(HEADERS, flags, stream_id, atk.request_header_block(path))
@@ -322,11 +326,8 @@ async def test_an_unfinished_request_is_answered_after_request_timeout(
 async def test_zero_window_responses_do_not_pile_up(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    async def echo(data: bytes, ctx: CallContext) -> bytes:
-        return data
-
     limits = ServerLimits(max_connection_send_bytes=200_000, send_timeout_s=5.0)
-    server = GrpcServer({PING: echo}, limits=limits)
+    server = GrpcServer({PING: _echo}, limits=limits)
     client, server_side = trio.testing.memory_stream_pair()
     conn_done = trio.Event()
 
@@ -356,11 +357,8 @@ async def test_zero_window_responses_do_not_pile_up(
 async def test_a_peer_that_never_reads_stops_being_read(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    async def echo(data: bytes, ctx: CallContext) -> bytes:
-        return data
-
     limits = ServerLimits(max_connection_send_bytes=10_000, send_timeout_s=5.0)
-    server = GrpcServer({PING: echo}, limits=limits)
+    server = GrpcServer({PING: _echo}, limits=limits)
     client, server_side = trio.testing.lockstep_stream_pair()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.serve_stream, server_side)
@@ -389,11 +387,8 @@ async def test_a_peer_that_never_reads_stops_being_read(
 
 
 async def test_preface_and_idle_timeouts(autojump_clock: trio.testing.MockClock) -> None:
-    async def echo(data: bytes, ctx: CallContext) -> bytes:
-        return data
-
     limits = ServerLimits(preface_timeout_s=2.0, idle_timeout_s=20.0)
-    server = GrpcServer({PING: echo}, limits=limits)
+    server = GrpcServer({PING: _echo}, limits=limits)
     silent, silent_server = trio.testing.memory_stream_pair()
     idle, idle_server = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
@@ -469,9 +464,6 @@ async def test_at_the_connection_limit_the_longest_idle_connection_makes_room(
 async def test_attacks_over_loopback_leave_a_legitimate_client_served() -> None:
     """The attack library against a real server on loopback, a legitimate call after each."""
 
-    async def echo(data: bytes, ctx: CallContext) -> bytes:
-        return data
-
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
     connect = atk.tcp_connector("127.0.0.1", port)
@@ -479,7 +471,7 @@ async def test_attacks_over_loopback_leave_a_legitimate_client_served() -> None:
     async with trio.open_nursery() as nursery:
         server: GrpcServer = await nursery.start(
             functools.partial(
-                serve_grpc, listeners, {PING: echo}, limits=limits, method_limits={PING: 1024}
+                serve_grpc, listeners, {PING: _echo}, limits=limits, method_limits={PING: 1024}
             )
         )
         flood = await atk.stream_flood_no_settings_ack(
