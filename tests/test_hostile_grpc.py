@@ -534,3 +534,25 @@ async def test_the_dev_enclave_refuses_a_huge_sign_on_its_length_prefix(tmp_path
             with trio.fail_after(5):
                 await channel.unary_unary("/trio_sign.v1.SignService/Ping", b"", timeout=5.0)
         await handle.drain()
+
+
+async def test_a_draining_connection_closes_when_its_unfinished_request_is_reset(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A request that never started a handler still holds a drain open; when the client
+    resets it the connection finishes at once, not at the end of the grace period."""
+    server = GrpcServer({PING: _echo})
+    client, server_side = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.serve_stream, server_side)
+        await client.send_all(
+            _opening() + atk.SETTINGS_ACK + _headers(1) + _data(1, struct.pack(">BI", 0, 9000))
+        )
+        await trio.testing.wait_all_tasks_blocked()
+        start = trio.current_time()
+        nursery.start_soon(server.drain, 30.0)
+        await trio.testing.wait_all_tasks_blocked()
+        assert server.connection_count == 1  # the unfinished request keeps it
+        await client.send_all(atk.frame(RST, 0, 1, struct.pack(">I", ErrorCodes.CANCEL)))
+        await _until_closed(client)
+        assert trio.current_time() - start < 1.0

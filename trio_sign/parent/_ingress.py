@@ -320,11 +320,11 @@ async def _serve_connection(
     slots: _Slots,
 ) -> None:
     tls = trio.SSLStream(tcp, ssl_context, server_side=True)
-    conn = _Conn()
+    hello = _Conn()  # its place among the handshakes (a scope is entered once: two places)
     try:
-        slots.start_handshake(conn)
+        slots.start_handshake(hello)
         try:
-            with conn.scope, trio.move_on_after(settings.handshake_timeout_s) as handshake:
+            with hello.scope, trio.move_on_after(settings.handshake_timeout_s) as handshake:
                 try:
                     await tls.do_handshake()
                 except trio.BrokenResourceError as exc:
@@ -332,8 +332,8 @@ async def _serve_connection(
                     watch.proxy_connection_refused()
                     return
         finally:
-            slots.end_handshake(conn)
-        if handshake.cancelled_caught or conn.scope.cancelled_caught:
+            slots.end_handshake(hello)
+        if handshake.cancelled_caught or hello.scope.cancelled_caught:
             log.debug("ingress TLS handshake timed out or made room", extra={"peer": peer})
             return
         subject = _client_subject(tls)

@@ -24,6 +24,7 @@ _PING: Final = 0x6
 _CONTINUATION: Final = 0x9
 _END_HEADERS: Final = 0x4
 _FRAME_HEADER_LEN: Final = 9
+DEFAULT_MAX_SEND_BYTES: Final = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +62,7 @@ class ServerLimits:
     max_receive_message_size: int = 4 * 1024 * 1024
     max_connection_receive_bytes: int | None = None
     max_server_receive_bytes: int = 32 * 1024 * 1024
-    max_connection_send_bytes: int = 1024 * 1024  # = _protocol.DEFAULT_MAX_SEND_BYTES
+    max_connection_send_bytes: int = DEFAULT_MAX_SEND_BYTES
     preface_timeout_s: float = 10.0
     idle_timeout_s: float = 300.0
     request_timeout_s: float = 10.0

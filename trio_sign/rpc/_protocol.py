@@ -44,7 +44,13 @@ from ._events import (
     StreamReset,
     TrailersReceived,
 )
-from ._limits import FloodCounter, FrameGate, ReceiveBudget, ServerLimits
+from ._limits import (
+    DEFAULT_MAX_SEND_BYTES,
+    FloodCounter,
+    FrameGate,
+    ReceiveBudget,
+    ServerLimits,
+)
 from ._status import (
     GrpcProtocolError,
     StatusCode,
@@ -66,7 +72,6 @@ DEFAULT_MAX_CONCURRENT_STREAMS: Final = 128
 #: message size, since we acknowledge data as soon as it is deframed.
 DEFAULT_INITIAL_WINDOW_SIZE: Final = 1024 * 1024
 DEFAULT_MAX_HEADER_LIST_SIZE: Final = 16 * 1024
-DEFAULT_MAX_SEND_BYTES: Final = 1024 * 1024
 
 _PREFIX: Final = struct.Struct(">BI")
 _H2_DEFAULT_WINDOW: Final = 65535

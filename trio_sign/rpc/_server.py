@@ -28,7 +28,6 @@ from ._protocol import DEFAULT_INITIAL_WINDOW_SIZE, GrpcServerConnection
 from ._status import RpcError, StatusCode
 
 logger = logging.getLogger("trio_sign.rpc")
-log = logger
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,7 +230,7 @@ class _ServerConnection:
                 continue
             if self.idle_since is not None and now - self.idle_since >= limits.idle_timeout_s:
                 stats.idle_closed += 1
-                log.debug("gRPC connection idle for %.0f s; closing", limits.idle_timeout_s)
+                logger.debug("gRPC connection idle for %.0f s; closing", limits.idle_timeout_s)
                 self.start_drain()
             self._expire_incomplete(now)
             # No sending progress while output waits: the peer does not read (socket full) or
@@ -317,8 +316,7 @@ class _ServerConnection:
                         else:
                             # No task was ever started for it: a reset costs no more than this.
                             del calls[ev.stream_id]
-                            if not calls:
-                                self.idle_since = trio.current_time()
+                            self._call_done()
                 elif isinstance(ev, ConnectionTerminated):
                     if core.abuse is not None:
                         self._server.stats.floods += 1
