@@ -5,6 +5,7 @@ Every error names the key and says what is expected. Example (local development)
     [bundle]
     source = "demo-out/service_key_shares.json.enc"    # or "s3://bucket/key"
     work_dir = "/run/trio-sign"                          # tmpfs; the copy is deleted after preload
+    fetch_timeout_s = 600                                # the copy (local or S3) must end by then
 
     [kms]
     mode = "local"                                       # "aws" | "local" | "dev-key"
@@ -16,7 +17,9 @@ Every error names the key and says what is expected. Example (local development)
     nsm_dir = "demo-out/nsm"                             # local: the local NSM's root
     namespaces = "auto"                                  # local: "auto" | "always" | "never"
     # nitro-cli: eif_path, cpu_count, memory_mib, cid
-    preload_timeout_s = 300
+    launch_timeout_s = 120                               # nitro-cli run-enclave / process start
+    preload_timeout_s = 300                              # the enclave's whole preload
+    start_timeout_s = 60                                 # after preload, until it says "serving"
     grpc_port = 50051
     gateway_url = "https://gateway.internal:8443"        # sent to the enclave for its SSE stream
     node_id = "node-a"                                   # ... /v1/enclaves/node-a/events
@@ -55,6 +58,7 @@ Every error names the key and says what is expected. Example (local development)
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -63,6 +67,9 @@ from typing import Any
 
 from .._errors import TrioSignError
 from ._ingress import IngressSettings
+
+#: Bytes of a PCR value (SHA-384).
+PCR_BYTES = 48
 
 
 class ConfigError(TrioSignError):
@@ -73,6 +80,7 @@ class ConfigError(TrioSignError):
 class BundleConfig:
     source: str
     work_dir: Path
+    fetch_timeout_s: float = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +99,8 @@ class EnclaveLaunchConfig:
     gateway_url: str | None = None
     node_id: str = "enclave-0"
     drain_timeout_s: float = 20.0
+    launch_timeout_s: float = 120.0
+    start_timeout_s: float = 60.0
     # local
     nsm_dir: Path | None = None
     namespaces: str = "auto"
@@ -169,6 +179,40 @@ def _get(table: Mapping[str, Any], section: str, key: str, kind: type, default: 
     return value
 
 
+def _number(
+    table: Mapping[str, Any],
+    section: str,
+    key: str,
+    kind: type,
+    default: Any,
+    *,
+    low: float,
+    high: float | None = None,
+    low_inclusive: bool = False,
+) -> Any:
+    """A number in range: above ``low`` (or at it, if ``low_inclusive``), at most ``high``."""
+    value = _get(table, section, key, kind, default)
+    too_low = value < low if low_inclusive else value <= low
+    if too_low or (high is not None and value > high) or value != value:
+        bound = f">= {low:g}" if low_inclusive else f"> {low:g}"
+        if high is not None:
+            bound += f" and <= {high:g}"
+        raise ConfigError(f"[{section}] {key} must be {bound}, got {value!r}")
+    return value
+
+
+def _address(table: Mapping[str, Any], section: str, key: str, default: str) -> str:
+    """An address URL (tcp://, unix://, vsock://) that parses, with a port in range."""
+    from ..transport import TransportError, parse_address
+
+    value: str = _get(table, section, key, str, default)
+    try:
+        parse_address(value)
+    except TransportError as exc:
+        raise ConfigError(f"[{section}] {key}: {exc}") from None
+    return value
+
+
 def _choice(
     table: Mapping[str, Any], section: str, key: str, choices: tuple[str, ...], default: Any = ...
 ) -> str:
@@ -207,11 +251,16 @@ def parse_parent_config(text: str, *, base: Path = Path(".")) -> ParentConfig:
     )
 
     b = _table(data, "bundle")
-    _unknown(b, "bundle", {"source", "work_dir"})
+    _unknown(b, "bundle", {"source", "work_dir", "fetch_timeout_s"})
     bundle = BundleConfig(
         source=_get(b, "bundle", "source", str),
         work_dir=base / _get(b, "bundle", "work_dir", str, "/run/trio-sign"),
+        fetch_timeout_s=_number(b, "bundle", "fetch_timeout_s", float, 600.0, low=0),
     )
+    if bundle.source.startswith("s3://"):
+        bucket, _, key = bundle.source.removeprefix("s3://").partition("/")
+        if not bucket or not key:
+            raise ConfigError(f"[bundle] source {bundle.source!r}: expected s3://bucket/key")
 
     k = _table(data, "kms")
     _unknown(k, "kms", {"mode", "endpoint_url", "region", "dev_key"})
@@ -222,6 +271,8 @@ def parse_parent_config(text: str, *, base: Path = Path(".")) -> ParentConfig:
         region=_get(k, "kms", "region", str, "us-east-1"),
         dev_key=(base / k["dev_key"]) if "dev_key" in k else None,
     )
+    if kms.endpoint_url is not None and not kms.endpoint_url.startswith(("http://", "https://")):
+        raise ConfigError(f"[kms] endpoint_url {kms.endpoint_url!r}: expected http(s)://HOST:PORT")
     if mode == "local" and kms.endpoint_url is None:
         raise ConfigError('[kms] endpoint_url is required with mode = "local"')
     if mode == "dev-key" and kms.dev_key is None:
@@ -244,22 +295,31 @@ def parse_parent_config(text: str, *, base: Path = Path(".")) -> ParentConfig:
             "gateway_url",
             "node_id",
             "drain_timeout_s",
+            "launch_timeout_s",
+            "start_timeout_s",
         },
     )
     backend = _choice(e, "enclave", "backend", ("local", "nitro-cli"))
     enclave = EnclaveLaunchConfig(
         backend=backend,
-        preload_timeout_s=_get(e, "enclave", "preload_timeout_s", float, 300.0),
-        grpc_port=_get(e, "enclave", "grpc_port", int, 50051),
+        preload_timeout_s=_number(e, "enclave", "preload_timeout_s", float, 300.0, low=0),
+        grpc_port=_number(
+            e, "enclave", "grpc_port", int, 50051, low=1, high=65535, low_inclusive=True
+        ),
         gateway_url=_get(e, "enclave", "gateway_url", str, None),
         node_id=_get(e, "enclave", "node_id", str, "enclave-0"),
-        drain_timeout_s=_get(e, "enclave", "drain_timeout_s", float, 20.0),
+        drain_timeout_s=_number(
+            e, "enclave", "drain_timeout_s", float, 20.0, low=0, low_inclusive=True
+        ),
+        launch_timeout_s=_number(e, "enclave", "launch_timeout_s", float, 120.0, low=0),
+        start_timeout_s=_number(e, "enclave", "start_timeout_s", float, 60.0, low=0),
         nsm_dir=(base / e["nsm_dir"]) if "nsm_dir" in e else None,
         namespaces=_choice(e, "enclave", "namespaces", ("auto", "always", "never"), "auto"),
         eif_path=(base / e["eif_path"]) if "eif_path" in e else None,
-        cpu_count=_get(e, "enclave", "cpu_count", int, 2),
-        memory_mib=_get(e, "enclave", "memory_mib", int, 4096),
-        cid=_get(e, "enclave", "cid", int, 16),
+        cpu_count=_number(e, "enclave", "cpu_count", int, 2, low=1, low_inclusive=True),
+        memory_mib=_number(e, "enclave", "memory_mib", int, 4096, low=64, low_inclusive=True),
+        # CIDs 0-2 are the hypervisor, the local loopback and the parent
+        cid=_number(e, "enclave", "cid", int, 16, low=3, high=2**32 - 2, low_inclusive=True),
     )
     if backend == "local" and enclave.nsm_dir is None:
         raise ConfigError('[enclave] nsm_dir is required with backend = "local"')
@@ -285,7 +345,7 @@ def parse_parent_config(text: str, *, base: Path = Path(".")) -> ParentConfig:
                 raise ConfigError(f"[ingress] {key} must be positive, got {value!r}")
             values[key] = value
         ingress = IngressConfig(
-            listen=_get(i, "ingress", "listen", str, "tcp://0.0.0.0:50051"),
+            listen=_address(i, "ingress", "listen", "tcp://0.0.0.0:50051"),
             cert=base / _get(i, "ingress", "cert", str),
             key=base / _get(i, "ingress", "key", str),
             client_ca=base / _get(i, "ingress", "client_ca", str),
@@ -311,12 +371,17 @@ def parse_parent_config(text: str, *, base: Path = Path(".")) -> ParentConfig:
                 pcrs[index] = bytes.fromhex(_get(a, "attestation", key, str))
             except ValueError:
                 raise ConfigError(f"[attestation] {key} must be hex") from None
+            if len(pcrs[index]) != PCR_BYTES:
+                raise ConfigError(
+                    f"[attestation] {key} must be {PCR_BYTES} bytes ({2 * PCR_BYTES} hex "
+                    f"digits, SHA-384), got {len(pcrs[index])}"
+                )
         attestation = AttestationConfig(
             root=(base / a["root"]) if "root" in a else None,
             pcrs=pcrs,
             allow_debug=_get(a, "attestation", "allow_debug", bool, False),
-            interval_s=_get(a, "attestation", "interval_s", float, 60.0),
-            max_age_s=_get(a, "attestation", "max_age_s", float, 60.0),
+            interval_s=_number(a, "attestation", "interval_s", float, 60.0, low=0),
+            max_age_s=_number(a, "attestation", "max_age_s", float, 60.0, low=0),
         )
     if ingress is not None and attestation is None:
         raise ConfigError(
@@ -330,10 +395,12 @@ def parse_parent_config(text: str, *, base: Path = Path(".")) -> ParentConfig:
         raise ConfigError("[failure] alert_command must be a list of strings")
     failure = FailureConfig(
         restart=_get(f, "failure", "restart", bool, False),
-        backoff_initial_s=_get(f, "failure", "backoff_initial_s", float, 5.0),
-        backoff_max_s=_get(f, "failure", "backoff_max_s", float, 300.0),
+        backoff_initial_s=_number(f, "failure", "backoff_initial_s", float, 5.0, low=0),
+        backoff_max_s=_number(f, "failure", "backoff_max_s", float, 300.0, low=0),
         alert_command=tuple(alert_command),
     )
+    if failure.backoff_max_s < failure.backoff_initial_s:
+        raise ConfigError("[failure] backoff_max_s must be >= backoff_initial_s")
 
     h = _table(data, "health", required=False)
     _unknown(h, "health", {"listen"})
@@ -356,7 +423,7 @@ def parse_parent_config(text: str, *, base: Path = Path(".")) -> ParentConfig:
         ingress=ingress,
         attestation=attestation,
         failure=failure,
-        health_listen=_get(h, "health", "listen", str, "tcp://127.0.0.1:8080"),
+        health_listen=_address(h, "health", "listen", "tcp://127.0.0.1:8080"),
         relay_allowlist=tuple(allowlist),
         relay_ca=(base / r["ca"]) if "ca" in r else None,
         relay_token=relay_token,
@@ -365,6 +432,110 @@ def parse_parent_config(text: str, *, base: Path = Path(".")) -> ParentConfig:
         cloudwatch_stream=_get(logs, "logs", "cloudwatch_stream", str, None),
         cloudwatch_region=_get(logs, "logs", "cloudwatch_region", str, None),
     )
+
+
+def preflight(config: ParentConfig) -> tuple[list[str], list[str]]:
+    """Everything a start would try before it launches an enclave, tried now: (problems,
+    warnings), each naming its key. ``trio-sign parent --check`` prints them and a start
+    refuses to run with a problem (exit 2: systemd does not restart on it)."""
+    import ipaddress
+    import ssl
+
+    from ..transport import parse_address
+
+    problems: list[str] = []
+    warnings: list[str] = []
+
+    def read(path: Path | None, what: str) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            problems.append(f"{what} {path}: {exc.strerror or exc}")
+            return None
+
+    if not config.bundle.source.startswith("s3://"):
+        source = Path(config.bundle.source)
+        try:
+            with source.open("rb"):
+                pass
+        except OSError as exc:
+            problems.append(f"[bundle] source {source}: {exc.strerror or exc}")
+    _writable_dir(config.bundle.work_dir, "[bundle] work_dir", problems)
+    e = config.enclave
+    if e.backend == "nitro-cli":
+        read(e.eif_path, "[enclave] eif_path")
+    elif e.nsm_dir is not None:
+        read(e.nsm_dir / "local-nsm-root.pem", "[enclave] nsm_dir")
+    if config.kms.mode == "dev-key":
+        read(config.kms.dev_key, "[kms] dev_key")
+    if config.ingress is not None:
+        from ._ingress import make_server_ssl_context
+
+        i = config.ingress
+        cert = read(i.cert, "[ingress] cert")
+        key = read(i.key, "[ingress] key")
+        ca = read(i.client_ca, "[ingress] client_ca")
+        if ca is not None:
+            try:
+                ssl.create_default_context().load_verify_locations(cadata=ca.decode("latin-1"))
+            except (ssl.SSLError, ValueError) as exc:
+                problems.append(f"[ingress] client_ca {i.client_ca}: not a PEM certificate ({exc})")
+                ca = None
+        if cert is not None and key is not None and ca is not None:
+            try:
+                make_server_ssl_context(cert, key, ca)
+            except (ssl.SSLError, ValueError, OSError) as exc:
+                problems.append(
+                    f"[ingress] cert {i.cert} and key {i.key} do not load as a pair ({exc})"
+                )
+    if config.attestation is not None and config.attestation.root is not None:
+        root = read(config.attestation.root, "[attestation] root")
+        if root is not None:
+            from cryptography import x509
+
+            try:
+                x509.load_pem_x509_certificate(root)
+            except ValueError:
+                problems.append(
+                    f"[attestation] root {config.attestation.root}: not a PEM certificate"
+                )
+    read(config.relay_ca, "[relay] ca")
+    if config.log_file is not None:
+        try:
+            with config.log_file.open("a"):
+                pass
+        except OSError as exc:
+            problems.append(f"[logs] file {config.log_file}: {exc.strerror or exc}")
+    health = parse_address(config.health_listen)
+    if health.scheme == "tcp":
+        try:
+            loopback = (
+                health.host == "localhost"
+                or ipaddress.ip_address(health.host or "0.0.0.0").is_loopback
+            )
+        except ValueError:
+            loopback = False
+        if not loopback:
+            warnings.append(
+                f"[health] listen {config.health_listen} is not loopback: /metrics and the "
+                "live log tail are then reachable from the network"
+            )
+    return problems, warnings
+
+
+def _writable_dir(path: Path, what: str, problems: list[str]) -> None:
+    """``path`` exists as a writable directory, or can be created (it is not created here)."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        problems.append(f"{what} {path}: {probe} is not a directory")
+    elif not os.access(probe, os.W_OK | os.X_OK):
+        problems.append(f"{what} {path}: {probe} is not writable")
 
 
 def load_parent_config(path: Path) -> ParentConfig:
