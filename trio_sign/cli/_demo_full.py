@@ -27,7 +27,6 @@ import os
 import random
 import secrets
 import statistics
-import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -36,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import trio
+
+from .._progress import Progress
 
 log = logging.getLogger("trio_sign.demo")
 
@@ -82,13 +83,14 @@ class LocalStack:
     ingress_url: str
     health_url: str
     pki: Any
-    hub: Any
+    hub: Any  # the private event server's EventHub; None with an external gateway
     state: Any
     sealed_sha256: str
     nursery: trio.Nursery
     stop: trio.Event
     boot_to_ready_s: float = 0.0
-    events_token_file: Path | None = None  # node-1's bearer token at the event server (0600)
+    events_token_file: Path | None = None  # the node's bearer token at the event server (0600)
+    node_id: str = "node-1"
 
     def gateway_node(self, node_id: str = "node-1", *, node_class: Any = None) -> Any:
         """An :class:`~trio_sign.gateway.EnclaveNode` (or ``node_class``, a subclass) for this
@@ -122,11 +124,21 @@ async def local_stack(
     health_listen: str = "tcp://127.0.0.1:0",
     restart: bool = False,
     restart_backoff_s: float = 0.5,
+    gateway_url: str | None = None,
+    node_id: str = "node-1",
+    events_token_file: Path | None = None,
+    gateway_ca: Path | None = None,
 ) -> AsyncIterator[LocalStack]:
     """Start local KMS, seal ``service_shares`` through it, the gateway event server, and the
     parent (which launches the local enclave); yield once ``/readyz`` would say ready. On exit
     everything stops (the parent terminates the enclave). With ``restart``, a dead enclave is
-    relaunched after ``restart_backoff_s`` (then jittered, doubling up to 2 s)."""
+    relaunched after ``restart_backoff_s`` (then jittered, doubling up to 2 s).
+
+    With ``gateway_url`` (the events origin of a gateway running elsewhere, ``http://`` or
+    ``https://``), no private event server is started: the enclave subscribes to
+    ``{gateway_url}/v1/enclaves/{node_id}/events`` through the parent's relay, which adds the
+    token in ``events_token_file`` (if given) and trusts ``gateway_ca`` (if given) for HTTPS.
+    """
     from ..gateway import EventHub, serve_gateway_events
     from ..kms import KmsDataKeyProvider, make_kms_client
     from ..kms._server import KeyPolicy, LocalKms, serve_kms_local
@@ -166,20 +178,33 @@ async def local_stack(
                 overwrite=True,
             )
         )
-        _say("      starting the gateway's SSE event server (node-1 authenticates with a token)")
-        hub = EventHub()
-        events_token = secrets.token_urlsafe(32)
-        events_token_file = work / "node-1-events.token"
-        await trio.to_thread.run_sync(write_secret, events_token_file, events_token)
-        binds = await nursery.start(
-            functools.partial(
-                serve_gateway_events,
-                "tcp://127.0.0.1:0",
-                hub,
-                credentials={"node-1": events_token},
+        hub: EventHub | None = None
+        if gateway_url is None:
+            _say(
+                f"      starting the gateway's SSE event server ({node_id} authenticates "
+                "with a token)"
             )
+            hub = EventHub()
+            events_token = secrets.token_urlsafe(32)
+            events_token_file = work / f"{node_id}-events.token"
+            await trio.to_thread.run_sync(write_secret, events_token_file, events_token)
+            binds = await nursery.start(
+                functools.partial(
+                    serve_gateway_events,
+                    "tcp://127.0.0.1:0",
+                    hub,
+                    credentials={node_id: events_token},
+                )
+            )
+            events_origin = binds[0].rstrip("/")
+        else:
+            events_origin = gateway_url.rstrip("/")
+            _say(f"      the enclave will subscribe to the gateway at {events_origin} as {node_id}")
+        relay_extra = "".join(
+            f'{key} = "{value}"\n'
+            for key, value in (("token_file", events_token_file), ("ca", gateway_ca))
+            if value is not None
         )
-        events_origin = binds[0].rstrip("/")
         _say("      starting the parent; it launches the enclave and serves the attested preload")
         run_dir = work / "run"
         ingress_url = ingress_listen or f"unix://{run_dir}/ingress.sock"
@@ -196,7 +221,7 @@ endpoint_url = "{kms_url}"
 backend = "local"
 nsm_dir = "{nsm_dir}"
 gateway_url = "{events_origin}"
-node_id = "node-1"
+node_id = "{node_id}"
 preload_timeout_s = 300
 [ingress]
 listen = "{ingress_url}"
@@ -211,8 +236,7 @@ pcr2 = "{pcrs[2]}"
 interval_s = 30
 [relay]
 allowlist = ["{events_origin}/v1/enclaves/"]
-token_file = "{events_token_file}"
-[failure]
+{relay_extra}[failure]
 restart = {"true" if restart else "false"}
 backoff_initial_s = {restart_backoff_s}
 backoff_max_s = {max(2.0, restart_backoff_s)}
@@ -225,20 +249,14 @@ file = "{work / "enclave-logs.jsonl"}"
         started = time.monotonic()
         stop = trio.Event()  # set it for the parent's orderly stop (drain, then terminate)
         state, health = await nursery.start(functools.partial(serve_parent, config, stop=stop))
-        with trio.fail_after(ready_timeout):
+        with trio.fail_after(ready_timeout), Progress("      waiting for readiness") as waiting:
             while not state.ready:
-                if sys.stderr.isatty():
-                    print(
-                        f"\r      waiting for readiness: enclave {state.enclave_state}, "
-                        f"attestation {'verified' if state.attestation_verified else 'pending'} "
-                        f"({time.monotonic() - started:4.1f} s)",
-                        end="",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+                waiting.status(
+                    f"enclave {state.enclave_state}, attestation "
+                    f"{'verified' if state.attestation_verified else 'pending'} "
+                    f"({time.monotonic() - started:4.1f} s)"
+                )
                 await trio.sleep(0.2)
-        if sys.stderr.isatty():
-            print(file=sys.stderr)
         yield LocalStack(
             work=work,
             kms_url=kms_url,
@@ -253,6 +271,7 @@ file = "{work / "enclave-logs.jsonl"}"
             stop=stop,
             boot_to_ready_s=time.monotonic() - started,
             events_token_file=events_token_file,
+            node_id=node_id,
         )
         _say("      shutting down (the parent terminates the enclave)")
         nursery.cancel_scope.cancel()
@@ -309,6 +328,7 @@ async def run_full_stack(args: argparse.Namespace, work: Path) -> dict[str, Any]
         latencies: list[float] = []
         failures: list[str] = []
         next_index = 0
+        progress = Progress("      signing")
         t0 = time.perf_counter()
 
         async def worker() -> None:
@@ -324,16 +344,13 @@ async def run_full_stack(args: argparse.Namespace, work: Path) -> dict[str, Any]
                     failures.append(f"{type(exc).__name__}: {exc}")
                     continue
                 latencies.append(time.perf_counter() - start)
-                done = len(latencies) + len(failures)
-                if done % 250 == 0 and sys.stderr.isatty():
-                    print(f"\r      {done:,}/{args.signatures:,}", end="", file=sys.stderr)
+                progress(len(latencies) + len(failures), args.signatures)
 
-        async with trio.open_nursery() as workers:
-            for _ in range(args.concurrency):
-                workers.start_soon(worker)
+        with progress:
+            async with trio.open_nursery() as workers:
+                for _ in range(args.concurrency):
+                    workers.start_soon(worker)
         elapsed = time.perf_counter() - t0
-        if sys.stderr.isatty():
-            print(file=sys.stderr)
         latencies.sort()
 
         def pct(q: float) -> float:

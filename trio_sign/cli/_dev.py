@@ -3,9 +3,18 @@ own Sign Gateway against it.
 
 It seals FILE (a plaintext service share file) through the local KMS, starts the parent,
 which launches the enclave and verifies its attestation, and prints where to connect: the
-mTLS gRPC ingress (with the client certificate to use), the health endpoints and the event
-server the enclave subscribes to (through the parent's relay, which adds node-1's bearer token
-from the 0600 file printed as ``events_token``). Ctrl-C (or SIGTERM) stops everything.
+mTLS gRPC ingress (with the client certificate to use) and the health endpoints.
+
+Events (SSE): by default a private event server is started and the enclave subscribes to it
+through the parent's relay, which adds node-1's bearer token from the 0600 file printed as
+``events_token``. To drive the enclave from your own gateway instead, give its events origin
+with ``--gateway-url`` (``http://`` for a gateway on this machine, or ``https://``, with
+``--gateway-ca`` for a private CA), this node's id at that gateway with ``--node-id``, and the
+token that gateway expects for it with ``--events-token-file``: the enclave then subscribes to
+``GATEWAY_URL/v1/enclaves/NODE_ID/events`` through the relay, and no private event server runs.
+
+Ctrl-C (or SIGTERM) stops everything; the command exits 0 then. A port already in use or a
+missing file is one line on stderr and exit 1.
 """
 
 from __future__ import annotations
@@ -16,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import trio
+
+from .._errors import TrioSignError
 
 
 def add_parser(sub: Any) -> None:
@@ -44,47 +55,109 @@ def add_parser(sub: Any) -> None:
     )
     up.add_argument("--health", default="tcp://127.0.0.1:8080", metavar="URL")
     up.add_argument("--ready-timeout", type=float, default=300.0, metavar="SECONDS")
+    up.add_argument(
+        "--gateway-url",
+        metavar="URL",
+        help="events origin of your own gateway (e.g. http://127.0.0.1:8444): the enclave "
+        "subscribes to URL/v1/enclaves/NODE_ID/events through the parent's relay instead of "
+        "a private event server",
+    )
+    up.add_argument(
+        "--node-id",
+        default="node-1",
+        metavar="ID",
+        help="this node's id at the gateway (default node-1)",
+    )
+    up.add_argument(
+        "--events-token-file",
+        type=Path,
+        metavar="FILE",
+        help="with --gateway-url: a file holding the bearer token your gateway expects from "
+        "this node (its [[node]] events_token); the relay adds it upstream",
+    )
+    up.add_argument(
+        "--gateway-ca",
+        type=Path,
+        metavar="PEM",
+        help="with an https:// --gateway-url: the CA that signed the gateway's certificate",
+    )
     up.set_defaults(func=cmd_up)
 
 
+def _check_file(path: Path | None, flag: str) -> None:
+    if path is not None and not path.is_file():
+        raise TrioSignError(f"{flag} {path}: no such file")
+
+
 def cmd_up(args: argparse.Namespace) -> int:
+    from ..rpc import raise_open_file_limit
     from ._demo_full import local_stack
 
-    if not args.shares.is_file():
-        raise SystemExit(f"trio-sign dev up: {args.shares} is not a file")
+    _check_file(args.shares, "--shares")
+    if args.gateway_url is None and (args.events_token_file or args.gateway_ca):
+        raise TrioSignError("--events-token-file and --gateway-ca need --gateway-url")
+    _check_file(args.events_token_file, "--events-token-file")
+    _check_file(args.gateway_ca, "--gateway-ca")
+    raise_open_file_limit()  # the ingress holds two descriptors per forwarded connection
     work: Path = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
 
+    ready = False
+
     async def run() -> None:
+        nonlocal ready
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with local_stack(
-                work,
-                args.shares.resolve(),
-                ready_timeout=args.ready_timeout,
-                ingress_listen=args.ingress,
-                health_listen=args.health,
-            ) as stack:
-                report = stack.state.report()
-                pki = stack.pki
-                print("local stack ready", flush=True)
-                for key, value in (
-                    (
-                        "grpc",
-                        f"{stack.ingress_url}  (mTLS, TLS 1.3, ALPN h2; server name localhost)",
+            async with trio.open_nursery() as nursery:
+
+                async def stop_on_signal() -> None:
+                    async for _ in signals:  # also while the stack is still booting
+                        nursery.cancel_scope.cancel()
+                        return
+
+                nursery.start_soon(stop_on_signal)
+                async with local_stack(
+                    work,
+                    args.shares.resolve(),
+                    ready_timeout=args.ready_timeout,
+                    ingress_listen=args.ingress,
+                    health_listen=args.health,
+                    gateway_url=args.gateway_url,
+                    node_id=args.node_id,
+                    events_token_file=(
+                        args.events_token_file.resolve() if args.events_token_file else None
                     ),
-                    ("client_ca", pki.ca),
-                    ("client_cert", pki.client_cert),
-                    ("client_key", pki.client_key),
-                    ("health", f"{stack.health_url}/readyz"),
-                    ("events", f"{stack.events_url}/v1/enclaves/node-1/events"),
-                    ("events_token", f"{stack.events_token_file}  (Authorization: Bearer)"),
-                    ("accounts", report["accounts"]),
-                    ("shares_sha256", report["shares_sha256"]),
-                ):
-                    print(f"  {key:<14} {value}", flush=True)
-                print("Ctrl-C stops everything.", flush=True)
-                async for _ in signals:
-                    break
+                    gateway_ca=args.gateway_ca.resolve() if args.gateway_ca else None,
+                ) as stack:
+                    ready = True
+                    _print_stack(stack)
+                    await trio.sleep_forever()
 
     trio.run(run)
+    if not ready:  # stopped before it was up: say so (exit 130), after everything stopped
+        raise KeyboardInterrupt
     return 0
+
+
+def _print_stack(stack: Any) -> None:
+    report = stack.state.report()
+    pki = stack.pki
+    token = (
+        f"{stack.events_token_file}  (Authorization: Bearer)"
+        if stack.events_token_file is not None
+        else "none (the relay sends no token)"
+    )
+    print("local stack ready", flush=True)
+    for key, value in (
+        ("grpc", f"{stack.ingress_url}  (mTLS, TLS 1.3, ALPN h2; server name localhost)"),
+        ("client_ca", pki.ca),
+        ("client_cert", pki.client_cert),
+        ("client_key", pki.client_key),
+        ("health", f"{stack.health_url}/readyz"),
+        ("events", f"{stack.events_url}/v1/enclaves/{stack.node_id}/events"),
+        ("events_token", token),
+        ("node_id", stack.node_id),
+        ("accounts", report["accounts"]),
+        ("shares_sha256", report["shares_sha256"]),
+    ):
+        print(f"  {key:<14} {value}", flush=True)
+    print("Ctrl-C stops everything.", flush=True)

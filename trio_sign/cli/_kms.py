@@ -65,6 +65,7 @@ def add_parser(sub: Any) -> None:
 
 def cmd_kms_local(args: argparse.Namespace) -> int:
     from ..kms import KeyPolicy, KeyStore, LocalKms, PolicyError, serve_kms_local
+    from ._main import ADDRESS_IN_USE, address_in_use
 
     try:
         root_pem = args.nsm_root.read_bytes()
@@ -91,7 +92,14 @@ def cmd_kms_local(args: argparse.Namespace) -> int:
         async def run() -> None:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async with trio.open_nursery() as nursery:
-                    url = await nursery.start(serve_kms_local, kms, args.listen)
+                    try:
+                        url = await nursery.start(serve_kms_local, kms, args.listen)
+                    except (OSError, BaseExceptionGroup) as exc:
+                        if not address_in_use(exc):
+                            raise
+                        raise TrioSignError(
+                            f"cannot listen on {args.listen}: {ADDRESS_IN_USE} (--listen)"
+                        ) from None
                     print(f"endpoint {url}", flush=True)
                     async for _ in signals:
                         nursery.cancel_scope.cancel()
