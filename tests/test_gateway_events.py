@@ -154,11 +154,12 @@ async def test_hub_publishes_in_order_with_increasing_ids() -> None:
         hub.unfreeze(NODE, "acct-0")
         hub.abort(NODE, "s-1")
         hub.drain(NODE)
-        got = [await sub.receive() for _ in range(5)]
+        hub.undrain(NODE)
+        got = [await sub.receive() for _ in range(6)]
     assert hub.subscribers(NODE) == 0
-    assert [e.type for e in got] == ["probe", "freeze", "unfreeze", "abort", "drain"]
-    assert [e.seq for e in got] == [1, 2, 3, 4, 5]
-    assert _ids(got) == [f"{hub.epoch}-{n}" for n in range(1, 6)]
+    assert [e.type for e in got] == ["probe", "freeze", "unfreeze", "abort", "drain", "undrain"]
+    assert [e.seq for e in got] == [1, 2, 3, 4, 5, 6]
+    assert _ids(got) == [f"{hub.epoch}-{n}" for n in range(1, 7)]
     assert hub.last_event_id(NODE) == got[-1].id
     parsed = EventStreamParser().receive_data(b"".join(e.wire for e in got))
     assert [(e.type, json.loads(e.data)) for e in parsed if isinstance(e, MessageEvent)] == [
@@ -167,10 +168,11 @@ async def test_hub_publishes_in_order_with_increasing_ids() -> None:
         ("unfreeze", {"account_id": "acct-0"}),
         ("abort", {"session_id": "s-1"}),
         ("drain", {}),
+        ("undrain", {}),
     ]
     assert len(nonce) >= 16
     assert hub.probe(NODE) != nonce
-    assert hub.stats.published == 6
+    assert hub.stats.published == 7
 
 
 async def test_hub_probe_with_the_probers_nonce_and_the_send_probe_hook() -> None:
@@ -598,8 +600,12 @@ class FakeEnclave:
     def pool(self) -> FakePool:
         return self._pool
 
-    def start_draining(self) -> None:
-        self.log.append(("drain", ""))
+    def start_draining(self, *, reversible: bool = False) -> None:
+        self.log.append(("drain" if reversible else "stop", ""))
+
+    def stop_draining(self) -> bool:
+        self.log.append(("undrain", ""))
+        return True
 
 
 async def until(predicate: Callable[[], bool]) -> None:
@@ -658,8 +664,9 @@ async def test_the_enclave_client_applies_every_event_in_order() -> None:
         hub.abort(NODE, "sess-9")
         hub.publish(NODE, "mystery", {"x": 1})  # ignored by the enclave
         hub.freeze(NODE, "acct-1")
-        last = hub.drain(NODE)
-        await until(lambda: len(enclave.log) == 6)
+        hub.drain(NODE)
+        last = hub.undrain(NODE)
+        await until(lambda: len(enclave.log) == 7)
         assert enclave.log == [
             ("probe", nonce),
             ("freeze", "acct-0"),
@@ -667,6 +674,7 @@ async def test_the_enclave_client_applies_every_event_in_order() -> None:
             ("abort", "sess-9"),
             ("freeze", "acct-1"),
             ("drain", ""),
+            ("undrain", ""),
         ]
         assert enclave.frozen == {"acct-1"}
         await until(lambda: status.last_event_id == last)

@@ -611,8 +611,13 @@ class FakeEnclave:
     def pool(self) -> FakePool:
         return self._pool
 
-    def start_draining(self) -> None:
+    def start_draining(self, *, reversible: bool = False) -> None:
+        assert reversible  # the gateway's drain can be undone
         self.draining += 1
+
+    def stop_draining(self) -> bool:
+        self.draining -= 1
+        return True
 
 
 def _sign_service_is_controlled(service: SignService) -> SseControlled:
@@ -640,6 +645,8 @@ def test_handler_applies_each_event(caplog: pytest.LogCaptureFixture) -> None:
     assert enclave.pool.aborted == ["s1"]
     handle(ev("drain", {}))
     assert enclave.draining == 1
+    handle(ev("undrain", {}))
+    assert enclave.draining == 0
     assert "secret-ish-nonce-42" not in caplog.text
 
 
@@ -797,3 +804,39 @@ async def test_handler_through_the_client(autojump_clock: trio.abc.Clock) -> Non
         assert (enclave.frozen, enclave.last_sse_probe, enclave.draining) == ({"a"}, "n-2", 1)
         assert enclave.pool.aborted == ["s2"]
         nursery.cancel_scope.cancel()
+
+
+async def test_undrain_ends_the_gateways_drain_of_the_real_service_but_not_a_stop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``drain`` then ``undrain`` from the gateway: new sessions are refused, then taken again
+    (state, pool and the callbacks follow). A drain for good (SIGTERM, the parent's stop) is
+    never undone by the gateway, also when the gateway had drained first."""
+    store, _ = make_accounts(1)
+    pool = SessionPool(store.get)
+    calls: list[str] = []
+    service = SignService(
+        store,
+        pool,
+        on_drain=lambda: calls.append("drain"),
+        on_undrain=lambda: calls.append("undrain"),
+    )
+    handle = SseEventHandler(service)
+    handle(ev("drain", {}))
+    assert (service.state, pool.accepting) == ("draining", False)
+    with pytest.raises(PoolError) as refused:
+        pool.commit("acct-0", "s-1")
+    assert refused.value.kind is PoolErrorKind.UNAVAILABLE
+    handle(ev("undrain", {}))
+    assert (service.state, pool.accepting) == ("serving", True)
+    pool.commit("acct-0", "s-1")
+    handle(ev("undrain", {}))  # not draining: nothing to do
+    assert calls == ["drain", "undrain"]
+
+    handle(ev("drain", {}))
+    service.start_draining()  # the process is stopping
+    handle(ev("undrain", {}))
+    assert (service.state, pool.accepting) == ("draining", False)
+    assert "undrain ignored: this enclave is stopping" in caplog.text
+    assert calls == ["drain", "undrain", "drain"]
+    store.close()

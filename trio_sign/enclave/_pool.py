@@ -91,6 +91,35 @@ class _Session:
 _Signed = tuple[float, str, bytes, bytes, bytes, bytes, bytes, int]
 
 
+@dataclass(slots=True)
+class PoolStats:
+    """What the pool did since it started, for metrics; updated in place, never reset.
+
+    Attributes:
+        opened: sessions opened by a Commit (retries of a Commit not counted).
+        signed: sessions whose nonces a Sign consumed (retries of a Sign not counted).
+        aborted: open sessions ended by Abort (the gateway's call or its SSE event).
+        expired: open sessions whose TTL ran out before they signed.
+        closed_at_shutdown: open sessions zeroed when the pool stopped.
+        failed: sessions whose nonces were dropped after an unexpected error in Sign.
+        refused_full: Commits refused because every slot was taken (``max_sessions``).
+        refused_draining: Commits refused while draining.
+        refused_memory: Commits refused above the memory hard watermark.
+        refused_frozen: Commits and Signs refused for a frozen account.
+    """
+
+    opened: int = 0
+    signed: int = 0
+    aborted: int = 0
+    expired: int = 0
+    closed_at_shutdown: int = 0
+    failed: int = 0
+    refused_full: int = 0
+    refused_draining: int = 0
+    refused_memory: int = 0
+    refused_frozen: int = 0
+
+
 class CommitmentFields(Protocol):
     """What :meth:`SessionPool.sign` reads of each commitment: a
     :class:`~trio_sign.crypto.SigningCommitment` or the ``SigningCommitment`` protobuf message
@@ -159,6 +188,9 @@ class SessionPool:
             watermark), new sessions are refused with RESOURCE_EXHAUSTED. Open sessions finish.
 
     Run :meth:`run_reaper` in the service's nursery; it zeroes nonces of expired sessions.
+
+    Attributes:
+        stats: counts of sessions opened and ended, and of refusals (:class:`PoolStats`).
     """
 
     def __init__(
@@ -186,6 +218,7 @@ class SessionPool:
         self._wakeup = trio.Event()
         self._accepting = True
         self._idle: trio.Event | None = None  # set when the last slot is freed, if awaited
+        self.stats = PoolStats()
 
     # -- introspection ---------------------------------------------------------------------
 
@@ -203,9 +236,18 @@ class SessionPool:
         """Sessions the pool remembers, including signed ones kept for retries."""
         return len(self._sessions) + len(self._signed)
 
+    @property
+    def accepting(self) -> bool:
+        """Whether new sessions are taken (False while draining)."""
+        return self._accepting
+
     def stop_accepting(self) -> None:
         """Drain: refuse new sessions (UNAVAILABLE); open ones may still sign."""
         self._accepting = False
+
+    def start_accepting(self) -> None:
+        """Undo :meth:`stop_accepting` (the gateway's ``undrain``): take new sessions again."""
+        self._accepting = True
 
     async def wait_idle(self) -> None:
         """Return once no session holds a slot: every open one has signed, been aborted or
@@ -241,9 +283,11 @@ class SessionPool:
                 )
             return CommitResult(SigningCommitment(ident, hiding, binding), ms)
         if not self._accepting:
+            self.stats.refused_draining += 1
             raise PoolError(PoolErrorKind.UNAVAILABLE, "draining: not taking new sessions")
         overload = self._overloaded()
         if overload is not None:
+            self.stats.refused_memory += 1
             raise PoolError(
                 PoolErrorKind.RESOURCE_EXHAUSTED, f"not taking new sessions: {overload}"
             )
@@ -252,6 +296,7 @@ class SessionPool:
         try:
             self._limiter.acquire_on_behalf_of_nowait(token)
         except trio.WouldBlock:
+            self.stats.refused_full += 1
             raise PoolError(
                 PoolErrorKind.RESOURCE_EXHAUSTED,
                 f"session pool full ({self.max_sessions} open sessions); retry later "
@@ -267,6 +312,7 @@ class SessionPool:
         session = _Session(account_id, nonces, now + self._ttl, expires_ms)
         session.token = token
         self._sessions[session_id] = session
+        self.stats.opened += 1
         self._wakeup.set()
         return CommitResult(nonces.commitment, expires_ms)
 
@@ -299,6 +345,7 @@ class SessionPool:
                 "session already signed a different request; open a new session",
             )
         if self._is_frozen(session.account_id):
+            self.stats.refused_frozen += 1
             raise PoolError(PoolErrorKind.FAILED_PRECONDITION, "account is frozen")
         account = self._account(session.account_id)
         problem = _commitments_problem(commitments, account.min_signers, account.max_signers)
@@ -327,8 +374,10 @@ class SessionPool:
             # Anything unexpected after the nonces may have been touched: drop them for good.
             nonces.zero()
             self._release(session)
+            self.stats.failed += 1
             raise
         self._release(session)
+        self.stats.signed += 1
         del self._sessions[session_id]
         c = session.commitment
         self._signed[session_id] = (
@@ -360,8 +409,11 @@ class SessionPool:
         _check_session_id(session_id)
         session = self._sessions.pop(session_id, None)
         if session is not None:
+            held_nonces = session.nonces is not None
             self._release(session)
             if session.deadline > trio.current_time():
+                if held_nonces:
+                    self.stats.aborted += 1
                 return
         signed = self._signed.pop(session_id, None)
         if signed is not None and signed[0] > trio.current_time():
@@ -377,6 +429,7 @@ class SessionPool:
                 count += 1
             self._release(session)
         self._sessions.clear()
+        self.stats.closed_at_shutdown += count
         self._signed.clear()
         return count
 
@@ -430,6 +483,8 @@ class SessionPool:
             if session.deadline > now:
                 break
             del self._sessions[session_id]
+            if session.nonces is not None:
+                self.stats.expired += 1
             self._release(session)
             expired += 1
         while self._signed:
@@ -444,6 +499,7 @@ class SessionPool:
 
     def _account(self, account_id: str) -> AccountShare:
         if self._is_frozen(account_id):
+            self.stats.refused_frozen += 1
             raise PoolError(PoolErrorKind.FAILED_PRECONDITION, "account is frozen")
         account = self._lookup(account_id)
         if account is None:
@@ -502,5 +558,6 @@ __all__ = [
     "CommitResult",
     "PoolError",
     "PoolErrorKind",
+    "PoolStats",
     "SessionPool",
 ]

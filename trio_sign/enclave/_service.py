@@ -6,6 +6,11 @@ pool full; FAILED_PRECONDITION used session or frozen account; UNAVAILABLE drain
 ready; DEADLINE_EXCEEDED comes from the server's deadline handling. A share that fails its
 lazy verification is DATA_LOSS (the bundle is corrupt for that account). No message contains
 key material.
+
+Every call is counted by method and status code, Commit and Sign also as sessions and
+signatures by outcome, with their latency, in :attr:`SignService.metrics` (a
+:class:`~trio_sign._metrics.Registry`; docs/operations.md, "Metrics"). Its labels are
+bounded: methods, status codes, outcomes and refusal reasons, never an account or session id.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
+from typing import Final
 
 import trio
 
@@ -21,9 +26,18 @@ from proto_min import sign_service_pb2 as pb
 
 from .. import __version__
 from .._errors import ShareFileError
+from .._metrics import Registry
 from ..crypto import CIPHERSUITE
-from ..rpc import CallContext, RpcError, StatusCode, UnaryHandler, protobuf_handler
+from ..rpc import (
+    CallContext,
+    RpcError,
+    ServerStats,
+    StatusCode,
+    UnaryHandler,
+    protobuf_handler,
+)
 from ..shares import AccountShare, ShareStore
+from ._memory import MemoryWatermark, read_memory_limit_bytes, read_rss_bytes
 from ._pool import (
     ELEMENT_BYTES,
     IDENTIFIER_BYTES,
@@ -105,30 +119,62 @@ class _TokenBucket:
         return True
 
 
+#: The status codes a caller caused (its input, the session's state, or the node's load).
+_REFUSED: Final = frozenset(
+    {
+        StatusCode.INVALID_ARGUMENT,
+        StatusCode.NOT_FOUND,
+        StatusCode.ALREADY_EXISTS,
+        StatusCode.FAILED_PRECONDITION,
+        StatusCode.RESOURCE_EXHAUSTED,
+        StatusCode.UNAVAILABLE,
+        StatusCode.PERMISSION_DENIED,
+        StatusCode.UNAUTHENTICATED,
+        StatusCode.OUT_OF_RANGE,
+    }
+)
+_CANCELLED: Final = frozenset({StatusCode.CANCELLED, StatusCode.DEADLINE_EXCEEDED})
+#: Methods whose latency is measured (a histogram each): the two rounds of a signing session.
+_TIMED: Final = frozenset({"Commit", "Sign"})
+
+
+def _outcome(code: StatusCode, ok: str) -> str:
+    """``ok`` for OK; ``refused`` for what the caller caused; ``cancelled`` for a deadline or
+    a cancelled call; ``failed`` for the rest (INTERNAL, DATA_LOSS, UNKNOWN: our side)."""
+    if code == StatusCode.OK:
+        return ok
+    if code in _REFUSED:
+        return "refused"
+    if code in _CANCELLED:
+        return "cancelled"
+    return "failed"
+
+
+def _status_of(exc: BaseException, context: CallContext) -> StatusCode:
+    """The status the server answers for a handler that raised ``exc``."""
+    if isinstance(exc, RpcError):
+        return exc.status
+    if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        return _status_of(exc.exceptions[0], context)
+    if isinstance(exc, trio.Cancelled):
+        if trio.current_time() >= context.deadline:
+            return StatusCode.DEADLINE_EXCEEDED
+        return StatusCode.CANCELLED
+    return StatusCode.INTERNAL
+
+
 def _memory_used_bytes() -> int:
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:  # pragma: no cover - non-Linux
-        pass
-    return 0
+        return read_rss_bytes()
+    except (OSError, ValueError):  # pragma: no cover - non-Linux
+        return 0
 
 
 def _memory_limit_bytes() -> int:
     try:
-        raw = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if raw != "max":
-            return int(raw)
-    except (OSError, ValueError):
-        pass
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    except OSError:  # pragma: no cover
-        pass
-    return 0
+        return read_memory_limit_bytes()
+    except (OSError, ValueError):  # pragma: no cover - non-Linux
+        return 0
 
 
 class SignService:
@@ -145,6 +191,10 @@ class SignService:
         frozen: the set of frozen account ids, shared with the pool's ``is_frozen``.
         attestor: ``nonce -> document`` from the NSM; None in development mode.
         on_drain: called once when draining starts.
+        on_undrain: called when the gateway's ``undrain`` ends a drain it asked for.
+        memory: the watermark that refuses new sessions; GetStatus reports its limit and its
+            last sample (the numbers that are enforced). None (development): the process's
+            RSS and the cgroup or ``MemTotal`` limit, read on each call.
         max_sign_request_bytes: the largest Sign request message accepted, in bytes (default
             :data:`DEFAULT_MAX_SIGN_REQUEST_BYTES`, 256 KiB); larger ones are refused by the
             server before parsing. It must leave room for a ``MAX_MESSAGE_BYTES`` message and a
@@ -161,6 +211,9 @@ class SignService:
 
     Attributes:
         state: ``"serving"`` or ``"draining"``.
+        metrics: this service's metrics (calls, sessions, signatures, latency, pool
+            occupancy, refusals, build info); ``metrics.snapshot()`` is what travels to the
+            parent.
         frozen: account ids that refuse Commit and Sign (set by the gateway's SSE events).
         last_sse_probe: the nonce of the last SSE ``probe`` event, echoed by GetStatus.
         attestations_refused: GetAttestation calls refused by the rate limit so far.
@@ -174,6 +227,8 @@ class SignService:
         frozen: set[str] | None = None,
         attestor: Attestor | None = None,
         on_drain: Callable[[], None] = lambda: None,
+        on_undrain: Callable[[], None] = lambda: None,
+        memory: MemoryWatermark | None = None,
         max_sign_request_bytes: int = DEFAULT_MAX_SIGN_REQUEST_BYTES,
         attestation_rate_per_s: float = DEFAULT_ATTESTATION_RATE_PER_S,
         attestation_burst: int = DEFAULT_ATTESTATION_BURST,
@@ -199,10 +254,17 @@ class SignService:
         self.frozen: set[str] = frozen if frozen is not None else set()
         self.last_sse_probe = ""
         self.attestations_refused = 0
+        self.memory = memory
         self._on_drain = on_drain
+        self._on_undrain = on_undrain
+        self._drain_is_final = False
+        self._frozen_refused = 0
+        self._server_stats: list[ServerStats] = []
         self._max_sign_request_bytes = max_sign_request_bytes
         self._attestation_bucket = _TokenBucket(attestation_rate_per_s, attestation_burst)
         self._attestation_limiter = trio.CapacityLimiter(max_concurrent_attestations)
+        self.metrics = Registry()
+        self._init_metrics()
 
     def has_account(self, account_id: str) -> bool:
         """Whether the store holds ``account_id`` (the SSE handler freezes only these)."""
@@ -211,17 +273,43 @@ class SignService:
         except ShareFileError:  # closed at shutdown: nothing to freeze any more
             return False
 
-    def start_draining(self) -> None:
-        """Stop taking new sessions; open ones may still sign (SIGTERM or the SSE ``drain``)."""
+    def start_draining(self, *, reversible: bool = False) -> None:
+        """Stop taking new sessions; open ones may still sign.
+
+        Args:
+            reversible: the gateway's SSE ``drain``, which its ``undrain`` may end
+                (:meth:`stop_draining`). False (SIGTERM, the parent's stop): for good, also
+                when the gateway had drained first.
+        """
+        if not reversible:
+            self._drain_is_final = True
         if self.state == "draining":
             return
         self.state = "draining"
         self.pool.stop_accepting()
         self._on_drain()
 
+    def stop_draining(self) -> bool:
+        """Take new sessions again after a reversible drain (the SSE ``undrain``); returns
+        whether the service is serving now. A drain for good (the process is stopping) is not
+        undone: returns False."""
+        if self.state != "draining":
+            return True
+        if self._drain_is_final:
+            return False
+        self.state = "serving"
+        self.pool.start_accepting()
+        self._on_undrain()
+        return True
+
+    def observe_server(self, stats: ServerStats) -> None:
+        """Count the gRPC server's refusals (``GrpcServer.stats``) in :attr:`metrics` too."""
+        self._server_stats.append(stats)
+
     def handlers(self) -> dict[str, UnaryHandler]:
-        """The method table for :class:`trio_sign.rpc.GrpcServer`."""
-        return {
+        """The method table for :class:`trio_sign.rpc.GrpcServer`; every handler is counted
+        in :attr:`metrics` (a request that does not parse too)."""
+        table: dict[str, UnaryHandler] = {
             SERVICE + "Ping": protobuf_handler(pb.PingRequest.FromString, self.ping),
             SERVICE + "GetStatus": protobuf_handler(
                 pb.GetStatusRequest.FromString, self.get_status
@@ -236,6 +324,7 @@ class SignService:
             SERVICE + "Sign": protobuf_handler(pb.SignRequest.FromString, self.sign),
             SERVICE + "Abort": protobuf_handler(pb.AbortRequest.FromString, self.abort),
         }
+        return {path: self._counted(path, handler) for path, handler in table.items()}
 
     def receive_limits(self) -> dict[str, int]:
         """The largest request message accepted per method, in bytes, keyed like
@@ -268,8 +357,12 @@ class SignService:
             preload_ms=round(self.store.load_seconds * 1000),
             sessions_open=self.pool.open_sessions,
             sessions_max=self.pool.max_sessions,
-            memory_used_bytes=_memory_used_bytes(),
-            memory_limit_bytes=_memory_limit_bytes(),
+            memory_used_bytes=(
+                self.memory.used_bytes if self.memory is not None else _memory_used_bytes()
+            ),
+            memory_limit_bytes=(
+                self.memory.limit_bytes if self.memory is not None else _memory_limit_bytes()
+            ),
             last_sse_probe=self.last_sse_probe,
             version=__version__,
         )
@@ -311,6 +404,7 @@ class SignService:
     async def commit(self, request: pb.CommitRequest, context: CallContext) -> pb.CommitResponse:
         _check_account_id(request.account_id)
         if request.account_id in self.frozen:
+            self._frozen_refused += 1
             raise RpcError(StatusCode.FAILED_PRECONDITION, "account is frozen")
         with _map_errors():
             result = self.pool.commit(request.account_id, request.session_id)
@@ -340,6 +434,108 @@ class SignService:
             self.pool.abort(request.session_id)
         return pb.AbortResponse()
 
+    # -- metrics ---------------------------------------------------------------------------
+
+    def _init_metrics(self) -> None:
+        m = self.metrics
+        m.build_info("enclave", __version__)
+        self._requests = m.counter(
+            "trio_sign_requests_total",
+            "SignService calls answered, by method and gRPC status code.",
+            ("method", "code"),
+        )
+        self._sessions = m.counter(
+            "trio_sign_sessions_total",
+            "Commit calls (sessions opened or refused), by outcome and gRPC status code.",
+            ("outcome", "code"),
+        )
+        self._signatures = m.counter(
+            "trio_sign_signatures_total",
+            "Sign calls (signature shares made or refused), by outcome and gRPC status code.",
+            ("outcome", "code"),
+        )
+        self._latency = m.histogram(
+            "trio_sign_request_duration_seconds",
+            "Time a Commit or Sign call spent in its handler (parsing included), in seconds.",
+            ("method",),
+        )
+        ended = m.counter(
+            "trio_sign_sessions_ended_total",
+            "Sessions that held a pool slot and ended, by how (signed, aborted, expired, "
+            "shutdown, failed).",
+            ("outcome",),
+        )
+        refusals = m.counter(
+            "trio_sign_refusals_total",
+            "Requests and connections refused to protect the enclave, by reason.",
+            ("reason",),
+        )
+        open_ = m.gauge("trio_sign_pool_sessions_open", "Sessions holding a pool slot now.")
+        max_ = m.gauge("trio_sign_pool_sessions_max", "Pool slots (max_sessions).")
+        tracked = m.gauge(
+            "trio_sign_pool_sessions_tracked",
+            "Sessions the pool remembers now, signed ones kept for retries included.",
+        )
+        frozen = m.gauge("trio_sign_frozen_accounts", "Accounts frozen by the gateway now.")
+        draining = m.gauge("trio_sign_draining", "1 while not taking new sessions (draining).")
+
+        def collect() -> None:
+            pool = self.pool
+            stats = pool.stats
+            open_.set(pool.open_sessions)
+            max_.set(pool.max_sessions)
+            tracked.set(pool.tracked_sessions)
+            frozen.set(len(self.frozen))
+            draining.set(1 if self.state == "draining" else 0)
+            for outcome, n in (
+                ("signed", stats.signed),
+                ("aborted", stats.aborted),
+                ("expired", stats.expired),
+                ("shutdown", stats.closed_at_shutdown),
+                ("failed", stats.failed),
+            ):
+                ended.labels(outcome=outcome).set_total(n)
+            reasons = {
+                "pool_full": stats.refused_full,
+                "draining": stats.refused_draining,
+                "memory_hard": stats.refused_memory,
+                "account_frozen": stats.refused_frozen + self._frozen_refused,
+                "attestation_rate": self.attestations_refused,
+            }
+            for server in self._server_stats:
+                for reason, n in _server_refusals(server):
+                    reasons[reason] = reasons.get(reason, 0) + n
+            for reason, n in reasons.items():
+                refusals.labels(reason=reason).set_total(n)
+
+        m.on_collect(collect)
+
+    def _counted(self, path: str, handler: UnaryHandler) -> UnaryHandler:
+        method = path.removeprefix(SERVICE)
+        timed = method in _TIMED
+        kind = {"Commit": self._sessions, "Sign": self._signatures}.get(method)
+        ok = "opened" if method == "Commit" else "signed"
+
+        async def counted(data: bytes, context: CallContext) -> bytes:
+            started = trio.current_time()
+            code = StatusCode.OK
+            try:
+                return await handler(data, context)
+            except BaseException as exc:  # only to count it; re-raised as it was
+                code = _status_of(exc, context)
+                raise
+            finally:
+                name = code.name
+                self._requests.labels(method=method, code=name).inc()
+                if kind is not None:
+                    kind.labels(outcome=_outcome(code, ok), code=name).inc()
+                if timed:
+                    self._latency.labels(method=method).observe(
+                        max(0.0, trio.current_time() - started)
+                    )
+
+        return counted
+
     # -- helpers ---------------------------------------------------------------------------
 
     def _account(self, account_id: str) -> AccountShare:
@@ -363,6 +559,20 @@ def _map_errors() -> Iterator[None]:
         raise RpcError(
             StatusCode.DATA_LOSS, f"account share failed verification ({exc.reason})"
         ) from None
+
+
+def _server_refusals(stats: ServerStats) -> tuple[tuple[str, int], ...]:
+    """The gRPC server's refusal counters under their ``reason`` label."""
+    return (
+        ("connection_limit", stats.connections_refused),
+        ("connection_evicted", stats.connections_evicted),
+        ("preface_timeout", stats.preface_timeouts),
+        ("idle_timeout", stats.idle_closed),
+        ("request_timeout", stats.request_timeouts),
+        ("send_stall", stats.send_stalls),
+        ("flood", stats.floods),
+        ("stream_refused", stats.streams_refused),
+    )
 
 
 def _check_account_id(account_id: str) -> None:

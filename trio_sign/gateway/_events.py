@@ -1,7 +1,7 @@
 """The gateway's Server-Sent Events endpoint, one stream per enclave node (DESIGN §5).
 
-``GET /v1/enclaves/{node_id}/events`` streams ``probe``, ``abort``, ``freeze``, ``unfreeze`` and
-``drain`` events to the enclave (through the parent's relay). Layers:
+``GET /v1/enclaves/{node_id}/events`` streams ``probe``, ``abort``, ``freeze``, ``unfreeze``,
+``drain`` and ``undrain`` events to the enclave (through the parent's relay). Layers:
 
 - :mod:`._sse_format` (sans-io) turns an event into bytes.
 - :class:`EventHub` (no I/O, no ``await``): the coordinator and the prober publish into it
@@ -308,6 +308,11 @@ class EventHub:
     def drain(self, node_id: str) -> str:
         """Publish ``drain``: the node takes no new sessions and finishes the open ones."""
         return self.publish(node_id, "drain", {})
+
+    def undrain(self, node_id: str) -> str:
+        """Publish ``undrain``: the node takes new sessions again after a ``drain`` (an
+        enclave that is stopping stays drained)."""
+        return self.publish(node_id, "undrain", {})
 
     def publish(self, node_id: str, event: str, data: Mapping[str, Any]) -> str:
         """Append an event to the node's stream and offer it to every subscriber; returns its id.

@@ -3,8 +3,8 @@
 Layers: :class:`EventStreamParser` (sans-io, the WHATWG event-stream rules, bounded), a sans-io
 HTTP/1.1 client side (:func:`build_request`, :class:`ResponseParser`), the Trio driver
 :func:`run_sse_client` (reconnects forever with full-jitter back-off, keepalive, status), and
-:class:`SseEventHandler`, which applies ``probe``/``abort``/``freeze``/``unfreeze``/``drain`` to
-anything that satisfies :class:`SseControlled` (the enclave's ``SignService`` does).
+:class:`SseEventHandler`, which applies ``probe``/``abort``/``freeze``/``unfreeze``/``drain``/
+``undrain`` to anything that satisfies :class:`SseControlled` (the enclave's ``SignService`` does).
 
 Deliberate differences from a browser's ``EventSource`` (the spec's processing model):
 

@@ -1,4 +1,5 @@
-"""DESIGN §5 events onto the enclave: ``probe``, ``abort``, ``freeze``, ``unfreeze``, ``drain``.
+"""DESIGN §5 events onto the enclave: ``probe``, ``abort``, ``freeze``, ``unfreeze``, ``drain``,
+``undrain``.
 
 The handler never raises for what the gateway sent: bad JSON, wrong types and unknown event types
 are logged and ignored, so a gateway bug cannot take the enclave down. Nothing an event carries
@@ -50,7 +51,12 @@ class SseControlled(Protocol):
     @property
     def pool(self) -> SessionAborter: ...
 
-    def start_draining(self) -> None: ...
+    def start_draining(self, *, reversible: bool = False) -> None:
+        """Stop taking new sessions; ``reversible`` (the gateway's ``drain``) may be undone by
+        :meth:`stop_draining`, a drain for good (the process is stopping) may not."""
+
+    def stop_draining(self) -> bool:
+        """Take new sessions again after a reversible drain; False if the drain is for good."""
 
 
 @runtime_checkable
@@ -190,7 +196,19 @@ class SseEventHandler:
 
     def _drain(self, _value: str, event: MessageEvent) -> None:
         log.warning("sse: drain requested by the gateway (event id %r)", event.last_event_id)
-        self._target.start_draining()
+        self._target.start_draining(reversible=True)
+
+    def _undrain(self, _value: str, event: MessageEvent) -> None:
+        if self._target.stop_draining():
+            log.warning(
+                "sse: undrain requested by the gateway: taking new sessions (event id %r)",
+                event.last_event_id,
+            )
+        else:
+            log.warning(
+                "sse: undrain ignored: this enclave is stopping (event id %r)",
+                event.last_event_id,
+            )
 
 
 _HANDLERS: Final[dict[str, Callable[[SseEventHandler, str, MessageEvent], None]]] = {
@@ -199,6 +217,7 @@ _HANDLERS: Final[dict[str, Callable[[SseEventHandler, str, MessageEvent], None]]
     "freeze": SseEventHandler._freeze,
     "unfreeze": SseEventHandler._unfreeze,
     "drain": SseEventHandler._drain,
+    "undrain": SseEventHandler._undrain,
 }
 _FIELDS: Final[dict[str, str | None]] = {
     "probe": "nonce",
@@ -206,4 +225,5 @@ _FIELDS: Final[dict[str, str | None]] = {
     "freeze": "account_id",
     "unfreeze": "account_id",
     "drain": None,
+    "undrain": None,
 }
