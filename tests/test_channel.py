@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from trio_sign import TrioSignError
 from trio_sign.nitro import (
     MAX_FRAME_BYTES,
+    MAX_METRICS_BYTES,
     AttestationMessage,
     BundleChunkMessage,
     BundleEndMessage,
@@ -27,6 +28,7 @@ from trio_sign.nitro import (
     FrameChannel,
     HelloMessage,
     LogMessage,
+    MetricsMessage,
     PreloadResultMessage,
     RecipientCiphertextMessage,
     StateMessage,
@@ -55,6 +57,15 @@ MESSAGES: list[ChannelMessage] = [
     DrainMessage(),
     LogMessage(line='{"level":"info","msg":"ready"}'),
     DroppedMessage(count=12),
+    MetricsMessage(
+        snapshot={
+            "trio_sign_sessions_total": {"outcome=signed": 12, "outcome=expired": 1},
+            "trio_sign_sign_seconds": {"buckets": [[0.001, 3], [float("inf"), 4]], "sum": 0.5},
+            "trio_sign_build_info": {"version": "1.0", "labels": None, "up": True},
+            "pool_open": 0,
+        }
+    ),
+    MetricsMessage(snapshot={}),
 ]
 
 
@@ -85,6 +96,7 @@ def test_every_message_type_is_covered() -> None:
         "drain",
         "log",
         "dropped",
+        "metrics",
     }
 
 
@@ -344,6 +356,10 @@ def test_garbage_payloads_only_raise_protocol_errors(payload: bytes) -> None:
         ({"type": "exit", "code": "1"}, "code"),
         ({"type": "log", "line": b"x"}, "line"),
         ({"type": "dropped", "count": False}, "count"),
+        ({"type": "metrics"}, "snapshot"),
+        ({"type": "metrics", "snapshot": [1, 2]}, "snapshot"),
+        ({"type": "metrics", "snapshot": {"a": b"bytes"}}, "snapshot"),
+        ({"type": "metrics", "snapshot": {"a": "x" * MAX_METRICS_BYTES}}, "snapshot"),
     ],
 )
 def test_message_field_validation(frame: dict[str, Any], match: str) -> None:
@@ -367,3 +383,77 @@ def test_unknown_fields_are_ignored_and_unknown_types_refused() -> None:
     assert info.value.reason == "unknown_type"
     with pytest.raises(ChannelProtocolError, match="expected a 'exit' frame"):
         ExitMessage.from_frame({"type": "log", "code": 1})
+
+
+def _snapshot_of(size: int) -> dict[str, Any]:
+    """A snapshot whose CBOR encoding is exactly ``size`` bytes."""
+    overhead = len(cbor2.dumps({"m": ""}))
+    value = "x" * (size - overhead)
+    snapshot = {"m": value}
+    # Text lengths of 24, 256 and 65536 characters take longer headers: adjust to the byte.
+    while len(cbor2.dumps(snapshot)) > size:
+        value = value[:-1]
+        snapshot = {"m": value}
+    assert len(cbor2.dumps(snapshot)) == size
+    return snapshot
+
+
+def test_metrics_snapshot_size_bound_on_both_sides() -> None:
+    """A snapshot of exactly MAX_METRICS_BYTES goes through; one byte more is refused by the
+    sender (nothing is sent, the channel stays usable) and by the receiver."""
+    channel = FrameChannel()
+    fits = MetricsMessage(snapshot=_snapshot_of(MAX_METRICS_BYTES))
+    (frame,) = FrameChannel().receive_data(channel.send(fits))
+    assert decode_message(frame) == fits
+    too_big = MetricsMessage(snapshot=_snapshot_of(MAX_METRICS_BYTES + 1))
+    with pytest.raises(ChannelProtocolError, match="snapshot") as info:
+        channel.send(too_big)
+    assert info.value.reason == "bad_field"
+    assert channel.send(ExitMessage(code=0))  # still usable
+    # A peer that does not check (a raw map) still meets the receiver's check.
+    wire = FrameChannel().send({"type": "metrics", "snapshot": too_big.snapshot})
+    (raw,) = FrameChannel().receive_data(wire)
+    with pytest.raises(ChannelProtocolError, match="snapshot"):
+        decode_message(raw)
+    assert MAX_METRICS_BYTES == 64 * 1024 < MAX_FRAME_BYTES
+
+
+def test_metrics_snapshot_values_are_json_like() -> None:
+    for bad in ({"a": {1: 2}}, {"a": {1, 2}}, {"a": b"x"}, {"a": object()}):
+        with pytest.raises(ChannelProtocolError, match="snapshot"):
+            MetricsMessage(snapshot=bad).to_frame()
+
+
+def test_metrics_snapshot_nesting_is_bounded() -> None:
+    deep: dict[str, Any] = {"v": 1}
+    for _ in range(MAX_CBOR_DEPTH):
+        deep = {"d": deep}
+    with pytest.raises(ChannelProtocolError, match="snapshot"):
+        MetricsMessage(snapshot=deep).to_frame()
+    shallow: dict[str, Any] = {"v": 1}
+    for _ in range(MAX_CBOR_DEPTH - 2):
+        shallow = {"d": shallow}
+    message = MetricsMessage(snapshot=shallow)
+    (frame,) = FrameChannel().receive_data(FrameChannel().send(message))
+    assert decode_message(frame) == message
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=30,
+)
+
+
+@given(st.dictionaries(st.text(max_size=12), json_values, max_size=8))
+@settings(max_examples=200)
+def test_any_json_like_snapshot_round_trips(snapshot: dict[str, Any]) -> None:
+    message = MetricsMessage(snapshot=snapshot)
+    (frame,) = FrameChannel().receive_data(FrameChannel().send(message))
+    assert decode_message(frame) == message

@@ -12,6 +12,7 @@ from ._attestation import VerifiedAttestation as VerifiedAttestation
 from ._attestation import decode_attestation as decode_attestation
 from ._attestation import verify_attestation as verify_attestation
 from ._channel import MAX_FRAME_BYTES as MAX_FRAME_BYTES
+from ._channel import MAX_METRICS_BYTES as MAX_METRICS_BYTES
 from ._channel import AttestationMessage as AttestationMessage
 from ._channel import BundleChunkMessage as BundleChunkMessage
 from ._channel import BundleEndMessage as BundleEndMessage
@@ -25,6 +26,7 @@ from ._channel import Frame as Frame
 from ._channel import FrameChannel as FrameChannel
 from ._channel import HelloMessage as HelloMessage
 from ._channel import LogMessage as LogMessage
+from ._channel import MetricsMessage as MetricsMessage
 from ._channel import PreloadResultMessage as PreloadResultMessage
 from ._channel import RecipientCiphertextMessage as RecipientCiphertextMessage
 from ._channel import StateMessage as StateMessage
@@ -75,8 +77,10 @@ __all__ = [
     "LocalNsm",
     "LogMessage",
     "MessageStream",
+    "MetricsMessage",
     "MAX_DOCUMENT_BYTES",
     "MAX_FRAME_BYTES",
+    "MAX_METRICS_BYTES",
     "MAX_RECIPIENT_CIPHERTEXT_BYTES",
     "MAX_USER_FIELD_BYTES",
     "NSM_IOCTL_RAW",

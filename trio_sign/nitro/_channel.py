@@ -61,6 +61,12 @@ type                       direction             fields
 ``log``                    enclave -> parent     ``line`` (text, one redacted JSON log line)
 ``dropped``                enclave -> parent     ``count`` (int, log lines dropped since the
                                                  last ``dropped``)
+``metrics``                enclave -> parent     (status channel) ``snapshot`` (map with text
+                                                 keys of JSON-like values: text, int, float,
+                                                 bool, null, arrays, maps; at most
+                                                 :data:`MAX_METRICS_BYTES` encoded), the
+                                                 enclave's numbers for the parent's
+                                                 ``/metrics``, every ``metrics_interval_s``
 =========================  ====================  =============================================
 """
 
@@ -85,6 +91,8 @@ PROTOCOL_VERSION = 1
 CHANNELS = frozenset({"preload", "status", "logs"})
 #: Enclave states reported on the status channel.
 STATES = frozenset({"booting", "preloading", "serving", "draining", "failed", "exiting"})
+#: Largest ``metrics`` snapshot (its CBOR encoding), far below :data:`MAX_FRAME_BYTES`.
+MAX_METRICS_BYTES = 64 * 1024
 
 _LENGTH = struct.Struct(">I")
 
@@ -554,6 +562,50 @@ class DroppedMessage(ChannelMessage):
     count: int
 
 
+def _is_json_like(value: object, depth: int = 0) -> bool:
+    """Text, int, float, bool, null, or arrays and text-keyed maps of them (bounded depth)."""
+    if value is None or isinstance(value, (str, int, float)):
+        return True  # bool is an int
+    if depth >= MAX_CBOR_DEPTH:
+        return False
+    if isinstance(value, (list, tuple)):
+        return all(_is_json_like(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_json_like(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def _is_snapshot(value: object) -> bool:
+    # Depth 1: the snapshot sits inside the frame's own map.
+    if not isinstance(value, dict) or not _is_json_like(value, 1):
+        return False
+    try:
+        encoded = cbor2.dumps(dict(value))
+    except (TypeError, ValueError):  # pragma: no cover - _is_json_like admits only encodables
+        return False
+    return len(encoded) <= MAX_METRICS_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsMessage(ChannelMessage):
+    """The enclave's numbers (sessions, signatures, latency, pool, refusals), for the parent to
+    serve on its ``/metrics``. Sent on the status channel every ``metrics_interval_s``.
+
+    ``snapshot`` is whatever the enclave's metrics registry reports, as JSON-like values; the
+    parent reads it for reporting only. A snapshot over :data:`MAX_METRICS_BYTES` is refused
+    (``ChannelProtocolError``, ``reason="bad_field"``) on both sides."""
+
+    TYPE: ClassVar[str] = "metrics"
+    _FIELDS: ClassVar[tuple[_Field, ...]] = _fields(
+        (
+            "snapshot",
+            _is_snapshot,
+            f"a map of JSON-like values of at most {MAX_METRICS_BYTES} bytes",
+        ),
+    )
+    snapshot: dict[str, Any]
+
+
 #: Every message class by its ``"type"``.
 MESSAGE_TYPES: Mapping[str, type[ChannelMessage]] = {
     cls.TYPE: cls
@@ -570,6 +622,7 @@ MESSAGE_TYPES: Mapping[str, type[ChannelMessage]] = {
         DrainMessage,
         LogMessage,
         DroppedMessage,
+        MetricsMessage,
     )
 }
 
