@@ -92,12 +92,15 @@ def _check_file(path: Path | None, flag: str) -> None:
 def cmd_up(args: argparse.Namespace) -> int:
     from ..rpc import raise_open_file_limit
     from ._demo_full import local_stack
+    from ._listen import check_port_free
 
     _check_file(args.shares, "--shares")
     if args.gateway_url is None and (args.events_token_file or args.gateway_ca):
         raise TrioSignError("--events-token-file and --gateway-ca need --gateway-url")
     _check_file(args.events_token_file, "--events-token-file")
     _check_file(args.gateway_ca, "--gateway-ca")
+    check_port_free(args.health, "--health")
+    check_port_free(args.ingress, "--ingress")
     raise_open_file_limit()  # the ingress holds two descriptors per forwarded connection
     work: Path = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)

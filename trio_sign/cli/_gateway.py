@@ -23,12 +23,15 @@ def add_parser(sub: Any) -> None:
 
 def cmd_gateway(args: argparse.Namespace) -> int:
     from ..gateway._service import GatewayConfigError, parse_gateway_config, serve_gateway
+    from ._listen import check_port_free
 
     try:
         config = parse_gateway_config(args.config.read_text(), base=args.config.parent)
     except (OSError, GatewayConfigError) as exc:
         print(f"trio-sign: error: {args.config}: {exc}", file=sys.stderr)
         return 2
+    check_port_free(config.api_listen, f"[api] listen in {args.config}")
+    check_port_free(config.events_listen, f"[events] listen in {args.config}")
 
     async def run() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

@@ -65,7 +65,9 @@ def add_parser(sub: Any) -> None:
 
 def cmd_kms_local(args: argparse.Namespace) -> int:
     from ..kms import KeyPolicy, KeyStore, LocalKms, PolicyError, serve_kms_local
-    from ._main import ADDRESS_IN_USE, address_in_use
+    from ._listen import check_port_free
+
+    check_port_free(args.listen, "--listen")
 
     try:
         root_pem = args.nsm_root.read_bytes()
@@ -92,14 +94,7 @@ def cmd_kms_local(args: argparse.Namespace) -> int:
         async def run() -> None:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async with trio.open_nursery() as nursery:
-                    try:
-                        url = await nursery.start(serve_kms_local, kms, args.listen)
-                    except (OSError, BaseExceptionGroup) as exc:
-                        if not address_in_use(exc):
-                            raise
-                        raise TrioSignError(
-                            f"cannot listen on {args.listen}: {ADDRESS_IN_USE} (--listen)"
-                        ) from None
+                    url = await nursery.start(serve_kms_local, kms, args.listen)
                     print(f"endpoint {url}", flush=True)
                     async for _ in signals:
                         nursery.cancel_scope.cancel()

@@ -25,6 +25,7 @@ from .. import __version__
 from .._errors import TrioSignError
 from .._logging import LOG_FORMATS, configure_logging, default_log_format
 from . import _attestation, _demo, _dev, _enclave, _gateway, _kms, _parent, _shares
+from ._listen import ADDRESS_IN_USE
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -142,20 +143,6 @@ def _report(exc: BaseException) -> int | None:
     first = next((leaf for leaf in leaves if isinstance(leaf, TrioSignError)), leaves[0])
     _error_line(describe_error(first))
     return EXIT_FAILED
-
-
-#: What a bind refused with EADDRINUSE means, for the one-line error.
-ADDRESS_IN_USE = (
-    "address already in use (another process is listening there: stop it, or choose another "
-    "listen address)"
-)
-
-
-def address_in_use(exc: BaseException) -> bool:
-    """Whether ``exc`` (or an exception in its group) is a bind refused with EADDRINUSE."""
-    return any(
-        isinstance(leaf, OSError) and leaf.errno == errno.EADDRINUSE for leaf in _leaves(exc)
-    )
 
 
 def describe_error(exc: BaseException) -> str:
