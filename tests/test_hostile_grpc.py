@@ -31,7 +31,7 @@ from trio_sign.rpc import (
     StreamError,
     serve_grpc,
 )
-from trio_sign.rpc._limits import FloodCounter, FrameGate
+from trio_sign.rpc._limits import FloodCounter, FloodGuard, FrameGate
 from trio_sign.testing import _attacks as atk
 
 PING = "/test.Svc/Ping"
@@ -186,6 +186,100 @@ def test_resets_are_allowed_in_proportion_to_completed_calls() -> None:
         core.receive_data(_headers(sid) + atk.frame(RST, 0, sid, struct.pack(">I", 8)))
         sid += 2
     assert not core.terminated
+
+
+def _pair(stream_id: int) -> bytes:
+    return _headers(stream_id) + atk.frame(RST, 0, stream_id, struct.pack(">I", ErrorCodes.CANCEL))
+
+
+def _resets_until_cut(core: GrpcServerConnection) -> int:
+    """Feed a rapid-reset attacker's pairs one at a time; how many got through before the cut."""
+    core.receive_data(_opening() + atk.SETTINGS_ACK)
+    sid = 1
+    while not core.terminated:
+        core.receive_data(_pair(sid))
+        sid += 2
+    return (sid - 1) // 2 - 1
+
+
+def test_a_reconnecting_rapid_reset_attacker_is_cut_sooner() -> None:
+    """Issue 11: the reset budget survives reconnects. After a flood cut the server's next
+    connections get max_resets_after_flood, not a fresh max_resets; connections opened before
+    the cut keep theirs, and the memory fades after flood_interval_s."""
+    clock = _Clock()
+    limits = ServerLimits(max_resets=100, max_resets_after_flood=8)
+    guard = FloodGuard(limits, clock)
+    legit = GrpcServerConnection(methods=METHODS, flood=guard.counter())
+    assert _resets_until_cut(GrpcServerConnection(methods=METHODS, flood=guard.counter())) == 100
+    guard.cut()
+    assert guard.alert
+    assert _resets_until_cut(GrpcServerConnection(methods=METHODS, flood=guard.counter())) == 8
+    assert _resets_until_cut(legit) == 100  # opened before the cut: its budget is its own
+    clock.now += limits.flood_interval_s
+    assert not guard.alert
+    assert _resets_until_cut(GrpcServerConnection(methods=METHODS, flood=guard.counter())) == 100
+
+
+def test_after_a_flood_new_connections_start_one_per_slot_in_arrival_order() -> None:
+    clock = _Clock()
+    guard = FloodGuard(ServerLimits(connections_per_s_after_flood=10.0), clock)
+    assert [guard.start_time() for _ in range(3)] == [0.0, 0.0, 0.0]  # no flood: at once
+    guard.cut()
+    assert [guard.start_time() for _ in range(3)] == pytest.approx([0.0, 0.1, 0.2])
+    clock.now = 1.0  # the queue has emptied: the next starts at once again
+    assert guard.start_time() == 1.0
+    clock.now = 10.5  # the flood is forgotten
+    assert [guard.start_time() for _ in range(3)] == [10.5] * 3
+
+
+async def test_the_server_remembers_a_rapid_reset_flood_across_reconnects(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Through `GrpcServer`: the attacker's first connection is cut after max_resets, its next
+    ones after max_resets_after_flood, and they start one per 1/connections_per_s_after_flood
+    seconds (so reconnecting in a loop costs the server little)."""
+    limits = ServerLimits(
+        max_resets=100, max_resets_after_flood=8, connections_per_s_after_flood=10.0
+    )
+    server = GrpcServer({PING: _echo}, limits=limits)
+
+    async def attack(stream: trio.abc.Stream, started: list[float]) -> int:
+        """Pairs sent, one per write, until the server closed the connection."""
+        first = await stream.receive_some()  # the server's SETTINGS: it has started
+        started.append(trio.current_time())
+        assert first
+        await stream.send_all(_opening() + atk.SETTINGS_ACK)
+        sent = 0
+        try:
+            while True:
+                await stream.send_all(_pair(2 * sent + 1))
+                await trio.testing.wait_all_tasks_blocked()
+                sent += 1
+        except trio.BrokenResourceError:
+            return sent
+
+    async with trio.open_nursery() as nursery:
+        client, server_side = trio.testing.memory_stream_pair()
+        nursery.start_soon(server.serve_stream, server_side)
+        started: list[float] = []
+        assert await attack(client, started) == 101
+        assert server.stats.floods == 1
+        results: list[int] = []
+        t0 = trio.current_time()
+
+        async def reconnect() -> None:
+            client, server_side = trio.testing.memory_stream_pair()
+            nursery.start_soon(server.serve_stream, server_side)
+            results.append(await attack(client, started))
+
+        async with trio.open_nursery() as attackers:
+            for _ in range(3):
+                attackers.start_soon(reconnect)
+        assert results == [9, 9, 9]
+        assert [t - t0 for t in started[1:]] == pytest.approx([0.0, 0.1, 0.2])
+        assert server.stats.floods == 4
+        assert server.stats.connections_paced == 2
+        nursery.cancel_scope.cancel()
 
 
 async def test_reset_requests_start_no_handler() -> None:

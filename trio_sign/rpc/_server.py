@@ -23,7 +23,7 @@ from ._events import (
     StreamReset,
 )
 from ._io import Writer, receive_bytes
-from ._limits import FloodCounter, RateLimitedLog, ReceiveBudget, ServerLimits, connection_limit
+from ._limits import FloodGuard, RateLimitedLog, ReceiveBudget, ServerLimits, connection_limit
 from ._protocol import DEFAULT_INITIAL_WINDOW_SIZE, GrpcServerConnection
 from ._status import RpcError, StatusCode
 
@@ -127,6 +127,8 @@ class ServerStats:
     send_stalls: int = 0
     floods: int = 0
     streams_refused: int = 0
+    #: Connections that waited for their turn to start after a flood (`FloodGuard`).
+    connections_paced: int = 0
 
 
 class _ServerConnection:
@@ -144,7 +146,7 @@ class _ServerConnection:
             max_buffered=limits.max_connection_receive_bytes,
             budget=server._budget,
             max_send_bytes=limits.max_connection_send_bytes,
-            flood=FloodCounter(limits, trio.current_time),
+            flood=server._flood_guard.counter(),
         )
         self._writer = Writer(self._core, stream)
         self._calls: dict[int, _Call] = {}
@@ -320,6 +322,7 @@ class _ServerConnection:
                 elif isinstance(ev, ConnectionTerminated):
                     if core.abuse is not None:
                         self._server.stats.floods += 1
+                        self._server._flood_guard.cut()
                         self._server._log_flood(reason=core.abuse)
                     else:
                         logger.debug("gRPC connection terminated by peer: code %d", ev.error_code)
@@ -422,8 +425,11 @@ class GrpcServer:
         self._method_limits = dict(method_limits or {})
         self._initial_window_size = initial_window_size
         self._budget = ReceiveBudget(limits.max_server_receive_bytes)
+        self._flood_guard = FloodGuard(limits, trio.current_time)
         self._connections: set[_ServerConnection] = set()
+        self._waiting = 0  # admitted connections waiting for their turn to start
         self._changed = trio.Event()
+        self._stopping = trio.Event()
         self._accept_scope = trio.CancelScope()
         self._draining = False
         self.stats = ServerStats()
@@ -466,7 +472,7 @@ class GrpcServer:
 
     def _admit(self) -> bool:
         """Room for one more connection: evict the longest-idle one at the limit."""
-        if len(self._connections) < self.limits.max_connections:
+        if len(self._connections) + self._waiting < self.limits.max_connections:
             return True
         idle = [c for c in self._connections if c.idle_since is not None and not c.open_calls]
         if not idle:
@@ -485,7 +491,8 @@ class GrpcServer:
 
         The stream is closed on return. At ``max_connections`` the connection that has been
         idle longest is closed to make room; if every connection has calls open, this one is
-        closed at once instead.
+        closed at once instead. Shortly after a flood was cut, the connection may first wait
+        for its turn to start (`FloodGuard`).
 
         Cancellation: cancelling this task cancels the connection's call handlers and closes
         the stream.
@@ -497,6 +504,18 @@ class GrpcServer:
         if not self._admit():
             await trio.aclose_forcefully(stream)
             return
+        start = self._flood_guard.start_time()
+        if start > trio.current_time():
+            self.stats.connections_paced += 1
+            self._waiting += 1
+            try:
+                with trio.move_on_at(start):
+                    await self._stopping.wait()
+            finally:
+                self._waiting -= 1
+            if self._stopping.is_set():
+                await trio.aclose_forcefully(stream)
+                return
         conn = _ServerConnection(self, stream)
         self._connections.add(conn)
         self._notify()
@@ -538,6 +557,7 @@ class GrpcServer:
         Cancellation: if the caller is cancelled, the grace period ends early the same way.
         """
         self._draining = True
+        self._stopping.set()
         self._accept_scope.cancel()
         for conn in list(self._connections):
             conn.start_drain()
@@ -553,6 +573,7 @@ class GrpcServer:
     async def aclose(self) -> None:
         """Stop now: stop accepting and cancel every connection. Idempotent."""
         self._draining = True
+        self._stopping.set()
         self._accept_scope.cancel()
         for conn in list(self._connections):
             conn.cancel()
