@@ -15,6 +15,7 @@ import trio
 
 from trio_sign.nitro import ExitMessage, LogMessage, StateMessage
 from trio_sign.parent._health import MetricsWriter, ParentState, render_metrics, serve_health
+from trio_sign.parent._lifecycle import Lifecycle, ParentPhase
 from trio_sign.parent._logs import CloudWatchStats, LogForwarder, LogTail
 from trio_sign.sse import BodyData, MessageEvent, ResponseHead, ResponseParser, run_sse_client
 
@@ -52,9 +53,34 @@ async def http(port: int, path: str, method: str = "GET") -> tuple[ResponseHead,
             assert data, "connection closed before the end of the response"
 
 
+@dataclass
+class FakeGate:
+    verified: bool = False
+    last_checked: datetime.datetime | None = None
+    last_failure: str | None = None
+
+
+def to_serving(state: ParentState) -> None:
+    """Walk the parent's machine to ``serving`` the legal way (as a run would)."""
+    for phase in ("fetching", "launching", "preloading", "attesting", "serving"):
+        state.lifecycle.advance(ParentPhase(phase))
+
+
+def attest(state: ParentState, verified: bool = True, failure: str | None = None) -> FakeGate:
+    """Attach a gate that has just checked (at the state's clock)."""
+    gate = FakeGate(
+        verified, datetime.datetime.fromtimestamp(state.wall_clock(), datetime.UTC), failure
+    )
+    state.attestation_gate = gate
+    return gate
+
+
 @pytest.fixture
 async def server(nursery: trio.Nursery) -> tuple[int, ParentState]:
-    state = ParentState(wall_clock=Clock(), tail=LogTail(queue_size=8))
+    clock = Clock()
+    state = ParentState(
+        wall_clock=clock, lifecycle=Lifecycle(clock=clock), tail=LogTail(queue_size=8)
+    )
     binds = await nursery.start(serve_health, "tcp://127.0.0.1:0", state)
     port = int(binds[0].rsplit(":", 1)[1])
     return port, state
@@ -93,19 +119,27 @@ async def test_readiness_flips_with_state(server: tuple[int, ParentState]) -> No
         ):
             assert key in report
 
-        state.on_status_message(StateMessage("preloading"))
-        state.on_status_message(StateMessage("serving", accounts=1000, sha256=SHA, preload_ms=1234))
+        to_serving(state)
+        lifecycle = state.lifecycle
+        lifecycle.on_status_message(StateMessage("preloading"))
+        lifecycle.on_status_message(
+            StateMessage("serving", accounts=1000, sha256=SHA, preload_ms=1234)
+        )
         status, report = await get_json(port, "/readyz")
         assert status == 503  # serving, but attestation not verified yet
         assert report["accounts"] == 1000
 
-        state.set_attestation(True)
+        gate = attest(state)
         status, report = await get_json(port, "/readyz")
         assert status == 200
         assert report == {
             "ready": True,
+            "phase": "serving",
+            "phase_since": "2026-09-21T14:13:20.000Z",
+            "restarts": 0,
             "enclave_state": "serving",
             "enclave_reason": None,
+            "enclave_exit": None,
             "accounts": 1000,
             "shares_sha256": SHA,
             "preload_ms": 1234,
@@ -115,38 +149,43 @@ async def test_readiness_flips_with_state(server: tuple[int, ParentState]) -> No
             "attestation_fresh": True,
             "ingress_listening": None,
             "last_alert": None,
+            "last_alert_code": None,
             "last_alert_at": None,
         }
 
-        state.on_status_message(StateMessage("draining"))
+        lifecycle.on_status_message(StateMessage("draining"))
         status, report = await get_json(port, "/readyz")
         assert status == 503
         assert report["shares_sha256"] == SHA  # preload facts survive state changes
 
-        state.on_status_message(StateMessage("serving"))
-        state.set_attestation(False, reason="PCR0 mismatch")
+        lifecycle.on_status_message(StateMessage("serving"))
+        gate.verified, gate.last_failure = False, "pcr_mismatch"
+        state.alerts.raise_alert("attestation_failed", "pcr_mismatch: PCR0 differs")
         status, report = await get_json(port, "/readyz")
         assert status == 503
-        assert report["last_alert"] == "attestation check failed: PCR0 mismatch"
+        assert report["last_alert"] == "attestation_failed: pcr_mismatch: PCR0 differs"
+        assert report["last_alert_code"] == "attestation_failed"
 
-        state.set_attestation(True)
-        state.on_status_message(StateMessage("failed", reason="bundle truncated"))
-        state.on_status_message(ExitMessage(3))
+        gate.verified, gate.last_failure = True, None
+        lifecycle.on_status_message(StateMessage("failed", reason="bundle truncated"))
+        lifecycle.on_status_message(ExitMessage(3))
         status, report = await get_json(port, "/readyz")
         assert status == 503
         assert report["enclave_state"] == "exited"
-        assert report["last_alert"] == "enclave exited with code 3"
+        assert report["enclave_reason"] == "bundle truncated"
+        assert report["enclave_exit"] == "the enclave exited with code 3: preload refused"
 
 
 async def test_stale_attestation_is_not_ready() -> None:
     clock = Clock()
     state = ParentState(wall_clock=clock, attestation_max_age_s=60)
-    state.set_enclave_state("serving")
-    state.set_attestation(True)
+    to_serving(state)
+    state.lifecycle.enclave_reported("serving")
+    attest(state)
     assert state.ready
     clock.now += 61
     assert not state.ready
-    state.set_attestation(True)
+    attest(state)
     assert state.ready
 
 
@@ -154,8 +193,9 @@ def test_a_configured_ingress_must_be_listening_to_be_ready() -> None:
     """Serving and attested is not ready while the ingress socket is not bound yet: a gateway
     that waits for /readyz would be refused at the door (a race CI once hit)."""
     state = ParentState(ingress_required=True)
-    state.set_enclave_state("serving")
-    state.set_attestation(True)
+    to_serving(state)
+    state.lifecycle.enclave_reported("serving")
+    attest(state)
     assert not state.ready
     assert state.report()["ingress_listening"] is False
     state.ingress_listening = True
@@ -165,18 +205,12 @@ def test_a_configured_ingress_must_be_listening_to_be_ready() -> None:
     assert report["ingress_listening"] is True
 
 
-@dataclass
-class FakeGate:
-    verified: bool = False
-    last_checked: datetime.datetime | None = None
-    last_failure: str | None = None
-
-
 async def test_attestation_read_live_from_the_gate() -> None:
     clock = Clock()
     gate = FakeGate()
     state = ParentState(wall_clock=clock, attestation_gate=gate, attestation_max_age_s=120)
-    state.set_enclave_state("serving")
+    to_serving(state)
+    state.lifecycle.enclave_reported("serving")
     assert not state.ready
     gate.verified = True
     gate.last_checked = datetime.datetime.fromtimestamp(clock.now - 10, datetime.UTC)
@@ -185,11 +219,11 @@ async def test_attestation_read_live_from_the_gate() -> None:
     assert parse_exposition(render_metrics(state))["trio_sign_attestation_verified"] == 1
     gate.verified = False
     gate.last_failure = "pcr_mismatch"
-    state.on_attestation_alert("pcr_mismatch", "PCR 0 differs")
+    state.alerts.raise_alert("attestation_failed", "pcr_mismatch: PCR 0 differs")
     report = state.report()
     assert not report["ready"]
     assert report["attestation_failure"] == "pcr_mismatch"
-    assert report["last_alert"] == "attestation check failed (pcr_mismatch): PCR 0 differs"
+    assert report["last_alert"] == "attestation_failed: pcr_mismatch: PCR 0 differs"
 
 
 async def test_unknown_paths_and_methods(server: tuple[int, ParentState]) -> None:
@@ -244,8 +278,10 @@ def parse_exposition(text: str) -> dict[str, float]:
 
 async def test_metrics_over_http(server: tuple[int, ParentState]) -> None:
     port, state = server
-    state.set_enclave_state("serving", accounts=500, shares_sha256=SHA, preload_ms=2500)
-    state.set_attestation(True)
+    to_serving(state)
+    state.lifecycle.enclave_reported("serving", accounts=500, shares_sha256=SHA, preload_ms=2500)
+    attest(state)
+    state.alerts.raise_alert("enclave_killed", "kill -9")
     state.relay.active = 1
     state.relay.refused = 4
     state.proxy_connection_opened()
@@ -273,11 +309,16 @@ async def test_metrics_over_http(server: tuple[int, ParentState]) -> None:
     assert samples["trio_sign_proxy_connections_active"] == 1
     assert samples["trio_sign_proxy_connections_total"] == 2
     assert samples["trio_sign_log_tail_subscribers"] == 0
+    assert samples['trio_sign_parent_phase{phase="serving"}'] == 1
+    assert samples['trio_sign_parent_phase{phase="starting"}'] == 0
+    assert samples['trio_sign_alerts_total{alert="enclave_killed"}'] == 1
+    assert samples['trio_sign_alerts_total{alert="config"}'] == 0
+    assert samples["trio_sign_enclave_restarts_total"] == 0
 
 
 def test_metrics_escaping_and_optional_families() -> None:
     state = ParentState(cloudwatch=CloudWatchStats(sent=3, dropped=2))
-    state.set_enclave_state('we"ird\\state\nx')
+    state.lifecycle.enclave_reported('we"ird\\state\nx')
     samples = parse_exposition(render_metrics(state))
     assert samples['trio_sign_enclave_state{state="we\\"ird\\\\state\\nx"}'] == 1
     assert samples['trio_sign_log_lines_dropped_total{where="cloudwatch"}'] == 2

@@ -156,8 +156,10 @@ async def test_boot_ready_then_enclave_death_alerts(
     while isinstance(failure, BaseExceptionGroup):
         failure = failure.exceptions[0]
     assert isinstance(failure, ParentExit), repr(info.value)
-    assert failure.alert == "enclave_exited"
-    assert any(getattr(r, "alert", None) == "enclave_exited" for r in caplog.records)
+    # kill -9 leaves no last word: its own alert, never "an internal error in the enclave"
+    assert failure.alert == "enclave_killed"
+    assert "without a word" in str(failure) or "SIGKILL" in str(failure)
+    assert [getattr(r, "alert", None) for r in caplog.records].count("enclave_killed") == 1
 
 
 async def test_tampered_bundle_is_refused_and_alerted(
@@ -230,7 +232,7 @@ async def test_orderly_stop_drains_the_enclave_then_returns(tmp_path: Path) -> N
             stop.set()
         # the nursery closed without a cancel: serve_parent returned by itself
     assert state.enclave_exit_code == 0
-    assert state.last_alert is None
+    assert state.alerts.last is None
     logs = [json.loads(line) for line in (tmp_path / "enclave-logs.jsonl").read_text().splitlines()]
     messages = [line.get("msg") for line in logs]
     assert "the parent asked for a drain" in messages  # not SIGTERM: the status channel
@@ -246,7 +248,7 @@ async def test_stop_while_booting_terminates_at_once(tmp_path: Path) -> None:
             state, _urls = await nursery.start(functools.partial(serve_parent, config, stop=stop))
             stop.set()
     assert not state.ready
-    assert state.last_alert is None
+    assert state.alerts.last is None
 
 
 def test_trio_sign_parent_first_sigterm_drains_then_exits_0(tmp_path: Path) -> None:
@@ -337,21 +339,29 @@ def test_parent_check_validates_config_and_files(
     assert "node_id 'a b'" in capsys.readouterr().err
 
 
-async def test_a_periodic_attestation_failure_runs_the_alert_hook(tmp_path: Path) -> None:
+async def test_a_periodic_attestation_failure_runs_the_alert_hook(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """The gate's alert (a later check failed: forwarding already stopped) is recorded for
-    /readyz and runs [failure] alert_command in the background, never blocking the gate."""
-    from trio_sign.parent._supervisor import _attestation_alert
+    /readyz, logged once with its alert field, and runs [failure] alert_command in the
+    background, never blocking the gate."""
+    from trio_sign.parent._lifecycle import Alerts
 
     out = tmp_path / "alerts.txt"
-    echo = f"echo $TRIO_SIGN_ALERT $TRIO_SIGN_ALERT_MESSAGE >> {out}"
-    hook = f'alert_command = ["/bin/sh", "-c", "{echo}"]'
-    config, _ = _setup(tmp_path, hook=hook)
-    state = ParentState()
+    alerts = Alerts(("/bin/sh", "-c", f"echo $TRIO_SIGN_ALERT $TRIO_SIGN_ALERT_MESSAGE >> {out}"))
+    caplog.set_level(logging.INFO)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            _attestation_alert(state, config, nursery, "pcr_mismatch", "PCR 0 differs")
-            assert state.last_alert == "attestation check failed (pcr_mismatch): PCR 0 differs"
+            await nursery.start(alerts.run)
+            alerts.raise_alert("attestation_failed", "pcr_mismatch: PCR 0 differs")
+            assert alerts.last == ("attestation_failed", "pcr_mismatch: PCR 0 differs")
+            while not out.exists():  # noqa: ASYNC110 - a real hook process
+                await trio.sleep(0.02)
+            nursery.cancel_scope.cancel()
     assert out.read_text() == "attestation_failed pcr_mismatch: PCR 0 differs\n"
+    flagged = [r for r in caplog.records if getattr(r, "alert", None) == "attestation_failed"]
+    assert len(flagged) == 1
+    assert alerts.counts["attestation_failed"] == 1
 
 
 async def test_the_status_poller_never_fails_the_run(autojump_clock: trio.abc.Clock) -> None:

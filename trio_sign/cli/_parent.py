@@ -2,7 +2,8 @@
 
 Exit codes: 0 stopped by SIGTERM/SIGINT (the first one drains the enclave, a second stops at
 once), or ``--check`` found nothing wrong; 1 it gave up (the alert code and reason are on
-stderr and in the log); 2 bad usage or configuration.
+stderr and in the log); 2 bad usage or configuration, found by ``--check`` or at start (the
+unit does not restart on 2). SIGHUP reopens the log file (for logrotate).
 """
 
 from __future__ import annotations
@@ -32,35 +33,6 @@ def add_parser(sub: Any) -> None:
         "(0 good, 2 not): run it after every edit, before restarting the unit",
     )
     parent.set_defaults(func=cmd_parent)
-
-
-def _config_problems(config: Any) -> list[str]:
-    """What would make the parent fail after it has started: files it will read."""
-    problems: list[str] = []
-
-    def readable(path: Path | None, what: str) -> None:
-        if path is None:
-            return
-        try:
-            with path.open("rb"):
-                pass
-        except OSError as exc:
-            problems.append(f"{what} {path}: {exc.strerror or exc}")
-
-    if not config.bundle.source.startswith("s3://"):
-        readable(Path(config.bundle.source), "[bundle] source")
-    if config.enclave.backend == "nitro-cli":
-        readable(config.enclave.eif_path, "[enclave] eif_path")
-    if config.kms.mode == "dev-key":
-        readable(config.kms.dev_key, "[kms] dev_key")
-    if config.ingress is not None:
-        readable(config.ingress.cert, "[ingress] cert")
-        readable(config.ingress.key, "[ingress] key")
-        readable(config.ingress.client_ca, "[ingress] client_ca")
-    if config.attestation is not None:
-        readable(config.attestation.root, "[attestation] root")
-    readable(config.relay_ca, "[relay] ca")
-    return problems
 
 
 def _describe_config(config: Any) -> list[str]:
@@ -107,8 +79,9 @@ def _describe_config(config: Any) -> list[str]:
 
 
 def cmd_parent(args: argparse.Namespace) -> int:
-    from ..parent._config import ConfigError, load_parent_config
-    from ..parent._supervisor import ParentExit, serve_parent
+    from ..parent._config import ConfigError, load_parent_config, preflight
+    from ..parent._lifecycle import ParentExit
+    from ..parent._supervisor import ParentSupervisor
 
     try:
         config = load_parent_config(args.config)
@@ -118,7 +91,9 @@ def cmd_parent(args: argparse.Namespace) -> int:
     if args.check:
         for line in _describe_config(config):
             print(line)
-        problems = _config_problems(config)
+        problems, warnings = preflight(config)
+        for warning in warnings:
+            print(f"trio-sign: warning: {args.config}: {warning}", file=sys.stderr)
         for problem in problems:
             print(f"trio-sign: error: {args.config}: {problem}", file=sys.stderr)
         if not problems:
@@ -127,18 +102,22 @@ def cmd_parent(args: argparse.Namespace) -> int:
     from ..rpc import raise_open_file_limit
 
     raise_open_file_limit()  # the ingress holds two descriptors per forwarded connection
+    supervisor = ParentSupervisor(config)
 
     async def run() -> None:
         stop = trio.Event()
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
 
                 async def supervise() -> None:
-                    await serve_parent(config, stop=stop)
+                    await supervisor.run(stop)
                     nursery.cancel_scope.cancel()  # done: stop listening for signals
 
                 nursery.start_soon(supervise)
-                async for _ in signals:
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        supervisor.reopen_logs()  # logrotate moved the file
+                        continue
                     if not stop.is_set():
                         print(
                             "trio-sign: stopping: draining the enclave "
@@ -160,6 +139,7 @@ def cmd_parent(args: argparse.Namespace) -> int:
             failure = failure.exceptions[0]
         if not isinstance(failure, ParentExit):
             raise
-        print(f"trio-sign: parent gave up ({failure.alert}): {failure}", file=sys.stderr)
-        return 1
+        where = f"{args.config}: " if failure.exit_code == 2 else ""
+        print(f"trio-sign: parent gave up ({failure.alert}): {where}{failure}", file=sys.stderr)
+        return failure.exit_code
     return 0

@@ -121,7 +121,8 @@ class AttestationGate:
             config reload); the next check uses the new one.
         connect_enclave: opens a new stream to the enclave's gRPC port (vsock in production).
         on_alert: called as ``on_alert(reason, message)`` after every failed check (must not
-            block; hand off to a channel if it needs to await).
+            block; hand off to a channel if it needs to await). It is then the only report of
+            the failure (without it, the gate logs an ERROR with ``alert`` itself).
         clock: the wall clock the documents are checked at; default UTC now.
 
     Attributes:
@@ -145,6 +146,12 @@ class AttestationGate:
     shares_sha256: str | None = field(default=None, init=False)
     checks: int = field(default=0, init=False)
     _revoked: trio.Event = field(default_factory=trio.Event, init=False, repr=False)
+    _opened: trio.Event = field(default_factory=trio.Event, init=False, repr=False)
+
+    async def wait_verified(self) -> None:
+        """Return when the gate is open (a check passed), or at once if it is."""
+        while not self.verified:
+            await self._opened.wait()
 
     async def wait_revoked(self) -> None:
         """Return when the gate closes (a check fails), or at once if it is not verified."""
@@ -229,6 +236,8 @@ class AttestationGate:
     def _pass(self, verified: VerifiedAttestation) -> None:
         was = self.verified
         self.verified = True
+        self._opened.set()
+        self._opened = trio.Event()
         self.last_attestation = verified
         self.last_failure = None
         self.shares_sha256 = None if verified.user_data is None else verified.user_data.hex()
@@ -250,14 +259,15 @@ class AttestationGate:
             self._revoked.set()
             self._revoked = trio.Event()
         self.last_failure = reason
+        if self.on_alert is not None:
+            self.on_alert(reason, message)  # the owner's alert is the one log line
+            return
         log.error(
             "enclave attestation failed (%s): forwarding stopped: %s",
             reason,
             message,
             extra={"alert": "attestation_failed", "reason": reason},
         )
-        if self.on_alert is not None:
-            self.on_alert(reason, message)
 
 
 async def run_attestation_gate(

@@ -25,7 +25,6 @@ from typing import Any, Final, Protocol
 
 import trio
 
-from ..nitro import ChannelMessage, ExitMessage, StateMessage
 from ..transport import hypercorn_bind, serve_asgi
 from ..transport._asgi import (
     Receive,
@@ -36,23 +35,12 @@ from ..transport._asgi import (
     respond,
     send_chunk,
 )
+from ._lifecycle import ALERTS, ENCLAVE_STATES, Alerts, Lifecycle, ParentPhase
 from ._logs import CloudWatchStats, LogStats, LogTail, TailFull
 from ._relay import RelayStats
 
 log = logging.getLogger("trio_sign.parent.health")
 
-#: Every state the enclave reports (the status channel's ``STATES``), plus the parent's own
-#: ``unknown`` (nothing heard yet) and ``exited``: each gets a sample in ``/metrics``.
-ENCLAVE_STATES: Final = (
-    "unknown",
-    "booting",
-    "preloading",
-    "serving",
-    "draining",
-    "failed",
-    "exiting",
-    "exited",
-)
 #: Seconds between comment lines on an idle ``/v1/logs/tail`` stream.
 DEFAULT_TAIL_KEEPALIVE_S: Final = 15.0
 #: Grace period for open health requests when the server is cancelled.
@@ -75,38 +63,29 @@ class AttestationSource(Protocol):
 
 @dataclass(slots=True)
 class ParentState:
-    """What the parent knows, for ``/readyz`` and ``/metrics``. Written by the parent's services
-    through the setters below; read by the health server.
+    """What health reports: the parent's :class:`Lifecycle` (its phase and its view of the
+    enclave) and :class:`Alerts`, read live, never copied; plus the counters the parent's
+    services own (the supervisor passes these same objects to them).
 
     Attributes:
-        enclave_state: the last ``state`` from the enclave's status channel (``"unknown"`` before
-            the first one), or ``"exited"`` after its exit message.
+        lifecycle: the parent's phase machine and the enclave's reported state.
+        alerts: every alert raised (the last one, counts per code).
+        attestation_gate: the live gate (None before the first run attests).
         attestation_max_age_s: if set, readiness also needs an attestation check this recent.
-        attestation_gate: if set, the attestation facts are read from it (live) instead of the
-            ``attestation_*`` fields that :meth:`set_attestation` writes.
         enclave_sessions_open, enclave_sessions_max, enclave_memory_used_bytes,
-            enclave_memory_limit_bytes: from the enclave's last ``GetStatus`` (polled by
-            :func:`run_enclave_status_poller`), at Unix time ``enclave_status_at``.
+            enclave_memory_limit_bytes: from the enclave's last ``GetStatus``, at Unix time
+            ``enclave_status_at``.
         ingress_required: an ingress is configured, so readiness also needs it listening
             (``ingress_listening``, set by the supervisor once its socket is bound): a load
             balancer or gateway that waits for ``/readyz`` must not be refused at the door.
-        relay, logs, cloudwatch: counters owned by the SSE relay and the log forwarder (the
-            supervisor passes the same objects to those services).
+        relay, logs, cloudwatch: counters owned by the SSE relay and the log forwarder.
         tail: the live tail behind ``/v1/logs/tail`` (404 when None).
     """
 
-    enclave_state: str = "unknown"
-    enclave_reason: str | None = None
-    enclave_exit_code: int | None = None
-    accounts: int | None = None
-    shares_sha256: str | None = None
-    preload_ms: int | None = None
-    attestation_verified: bool = False
-    attestation_checked_at: float | None = None
-    attestation_reason: str | None = None
+    lifecycle: Lifecycle = field(default_factory=Lifecycle)
+    alerts: Alerts = field(default_factory=Alerts)
+    attestation_gate: AttestationSource | None = None
     attestation_max_age_s: float | None = None
-    last_alert: str | None = None
-    last_alert_at: float | None = None
     proxy_connections_active: int = 0
     proxy_connections_total: int = 0
     proxy_connections_refused: int = 0
@@ -119,74 +98,11 @@ class ParentState:
     logs: LogStats = field(default_factory=LogStats)
     cloudwatch: CloudWatchStats | None = None
     tail: LogTail | None = None
-    attestation_gate: AttestationSource | None = None
     ingress_required: bool = False
     ingress_listening: bool = False
     wall_clock: Callable[[], float] = time.time
 
-    # -- setters ---------------------------------------------------------------------------
-
-    def set_enclave_state(
-        self,
-        state: str,
-        *,
-        reason: str | None = None,
-        accounts: int | None = None,
-        shares_sha256: str | None = None,
-        preload_ms: int | None = None,
-    ) -> None:
-        """Record the enclave's lifecycle state; ``failed`` also raises an alert. Preload facts
-        are kept from earlier states when not given again."""
-        self.enclave_state = state
-        self.enclave_reason = reason
-        if accounts is not None:
-            self.accounts = accounts
-        if shares_sha256 is not None:
-            self.shares_sha256 = shares_sha256
-        if preload_ms is not None:
-            self.preload_ms = preload_ms
-        if state == "failed":
-            self.alert(f"enclave failed: {reason or 'no reason given'}")
-
-    def on_status_message(self, message: ChannelMessage) -> None:
-        """Pass as ``on`` to :func:`~trio_sign.parent.serve_status_connection`."""
-        if isinstance(message, StateMessage):
-            self.set_enclave_state(
-                message.state,
-                reason=message.reason,
-                accounts=message.accounts,
-                shares_sha256=message.sha256,
-                preload_ms=message.preload_ms,
-            )
-        elif isinstance(message, ExitMessage):
-            self.set_enclave_exited(message.code)
-
-    def set_enclave_exited(self, code: int) -> None:
-        """The enclave process exited (its exit message, or the launcher saw it go)."""
-        self.enclave_state = "exited"
-        self.enclave_exit_code = code
-        if code != 0:
-            self.alert(f"enclave exited with code {code}")
-
-    def set_attestation(
-        self, verified: bool, *, reason: str | None = None, checked_at: float | None = None
-    ) -> None:
-        """Record an attestation check (by the ingress proxy); a failure raises an alert."""
-        self.attestation_verified = verified
-        self.attestation_reason = reason
-        self.attestation_checked_at = checked_at if checked_at is not None else self.wall_clock()
-        if not verified:
-            self.alert(f"attestation check failed: {reason or 'no reason given'}")
-
-    def on_attestation_alert(self, reason: str, message: str) -> None:
-        """Pass as the attestation gate's ``on_alert``: records the alert."""
-        self.alert(f"attestation check failed ({reason}): {message}")
-
-    def alert(self, message: str) -> None:
-        """Record an alert (shown in ``/readyz``) and log it at ERROR."""
-        self.last_alert = message
-        self.last_alert_at = self.wall_clock()
-        log.error("alert: %s", message)
+    # -- the ingress proxy's observer ------------------------------------------------------
 
     def proxy_connection_opened(self) -> None:
         self.proxy_connections_active += 1
@@ -198,17 +114,31 @@ class ParentState:
     def proxy_connection_refused(self) -> None:
         self.proxy_connections_refused += 1
 
+    # -- readers (of the machine) ----------------------------------------------------------
+
+    @property
+    def enclave_state(self) -> str:
+        return self.lifecycle.enclave.state
+
+    @property
+    def enclave_exit_code(self) -> int | None:
+        return self.lifecycle.enclave.exit_code
+
+    @property
+    def phase(self) -> ParentPhase:
+        return self.lifecycle.phase
+
+    @property
+    def attestation_verified(self) -> bool:
+        return self.attestation()[0]
+
     # -- readers ---------------------------------------------------------------------------
 
     def attestation(self) -> tuple[bool, float | None, str | None]:
         """(verified, checked at as Unix time, failure reason): from the gate if attached."""
         gate = self.attestation_gate
         if gate is None:
-            return (
-                self.attestation_verified,
-                self.attestation_checked_at,
-                self.attestation_reason,
-            )
+            return False, None, None
         checked = gate.last_checked
         return (
             gate.verified,
@@ -230,25 +160,38 @@ class ParentState:
         """Serving, attested, and (when configured) the ingress listening: the parent may route
         signing traffic to the enclave."""
         ingress_ok = self.ingress_listening or not self.ingress_required
-        return self.enclave_state == "serving" and self.attestation_fresh and ingress_ok
+        return (
+            self.lifecycle.phase is ParentPhase.SERVING
+            and self.enclave_state == "serving"
+            and self.attestation_fresh
+            and ingress_ok
+        )
 
     def report(self) -> dict[str, Any]:
         """The readiness report (JSON-ready; public facts only)."""
         verified, checked_at, failure = self.attestation()
+        lifecycle = self.lifecycle
+        enclave = lifecycle.enclave
+        last = self.alerts.last
         return {
             "ready": self.ready,
-            "enclave_state": self.enclave_state,
-            "enclave_reason": self.enclave_reason,
-            "accounts": self.accounts,
-            "shares_sha256": self.shares_sha256,
-            "preload_ms": self.preload_ms,
+            "phase": lifecycle.phase.value,
+            "phase_since": _rfc3339(lifecycle.phase_since),
+            "restarts": lifecycle.restarts,
+            "enclave_state": enclave.state,
+            "enclave_reason": enclave.reason,
+            "enclave_exit": enclave.exit_description,
+            "accounts": enclave.accounts,
+            "shares_sha256": enclave.shares_sha256,
+            "preload_ms": enclave.preload_ms,
             "attestation_verified": verified,
             "attestation_checked_at": _rfc3339(checked_at),
             "attestation_failure": failure,
             "attestation_fresh": self.attestation_fresh,
             "ingress_listening": self.ingress_listening if self.ingress_required else None,
-            "last_alert": self.last_alert,
-            "last_alert_at": _rfc3339(self.last_alert_at),
+            "last_alert": None if last is None else f"{last[0]}: {last[1]}",
+            "last_alert_code": None if last is None else last[0],
+            "last_alert_at": _rfc3339(self.alerts.last_at),
         }
 
 
@@ -330,6 +273,29 @@ def render_metrics(state: ParentState) -> str:
         "The enclave's lifecycle state (1 for the current state, 0 for the others).",
         [({"state": s}, 1 if s == state.enclave_state else 0) for s in known],
     )
+    lifecycle = state.lifecycle
+    m.family(
+        "trio_sign_parent_phase",
+        "gauge",
+        "The parent's lifecycle phase (1 for the current phase, 0 for the others).",
+        [({"phase": p.value}, 1 if p is lifecycle.phase else 0) for p in ParentPhase],
+    )
+    m.counter(
+        "trio_sign_enclave_restarts_total",
+        "Enclave runs started again after a failure ([failure] restart).",
+        lifecycle.restarts,
+    )
+    m.family(
+        "trio_sign_alerts_total",
+        "counter",
+        "Alerts raised, by their stable code (the log's alert field).",
+        [({"alert": code}, state.alerts.counts.get(code, 0)) for code in ALERTS],
+    )
+    m.counter(
+        "trio_sign_alert_hook_failures_total",
+        "Alert command hooks that failed, timed out or could not run.",
+        state.alerts.hooks_failed,
+    )
     m.gauge(
         "trio_sign_ready",
         "1 when the enclave is serving and attested and the ingress listens (the /readyz result).",
@@ -343,12 +309,12 @@ def render_metrics(state: ParentState) -> str:
     m.gauge(
         "trio_sign_enclave_accounts",
         "Accounts preloaded by the enclave (0 before preload).",
-        state.accounts or 0,
+        state.lifecycle.enclave.accounts or 0,
     )
     m.gauge(
         "trio_sign_enclave_preload_seconds",
         "How long the enclave's preload took, in seconds (0 before preload).",
-        (state.preload_ms or 0) / 1000,
+        (state.lifecycle.enclave.preload_ms or 0) / 1000,
     )
     m.gauge(
         "trio_sign_attestation_verified",

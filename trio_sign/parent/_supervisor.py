@@ -1,24 +1,28 @@
-"""The parent supervisor: the seed's startup order as one supervision tree.
+"""The parent supervisor: the seed's startup order as one object and one supervision tree.
 
 ::
 
-    serve_parent
+    ParentSupervisor.run
+    ├── alerts' hook runner, CloudWatch shipper
     ├── serve_health                        /healthz, /readyz, /metrics, /v1/logs/tail
     └── one enclave run (again, with back-off, only if [failure] restart = true)
-        ├── fetch the bundle                local path or s3:// into work_dir (tmpfs)
-        ├── status and log channel servers  (the enclave's words, relayed to operators)
+        ├── status and log channel servers  (outlive the run until the enclave is gone)
+        ├── fetching    the bundle          local path or s3:// into work_dir (tmpfs)
         ├── SSE relay                       (allowlisted gateway URLs only)
-        ├── launch the enclave              nitro-cli run-enclave | local process in namespaces
-        ├── serve preload                   KMS Decrypt with Recipient; the copy is then deleted
-        ├── run_attestation_gate            fresh document, pinned root and PCRs, periodically
-        ├── serve_ingress                   mTLS gRPC, forwarded only while the gate is open
-        └── wait for the enclave to exit
+        ├── launching   the enclave         Launcher.start(): nitro-cli | local process
+        ├── watch its exit                  in every phase from here on
+        ├── preloading                      KMS Decrypt with Recipient; the copy is then deleted
+        ├── attesting                       fresh document, pinned root and PCRs, periodically
+        └── serving                         mTLS ingress, forwarded only while the gate is open
 
-A preload failure or the enclave's death ends the run: the enclave is terminated, an alert is
-raised (an ERROR record with a stable ``alert`` field, ``/readyz`` and the optional command
-hook), the proxy goes with the run so gateways get UNAVAILABLE, and the parent either retries
-with back-off (``[failure] restart``) or exits non-zero. The parent never holds a plaintext
-share or data key: it moves ciphertext and forwards attestation documents to KMS.
+Each phase is a method that owns its named timeout and raises a typed
+:class:`~trio_sign.parent._lifecycle.ParentExit` carrying its alert code; the enclave's
+exit, watched from launch on, ends whatever phase the run is in. The phases move
+:class:`~trio_sign.parent._lifecycle.Lifecycle` along its transition table, and health
+reads that machine. The launcher, the preload exchange and the bundle copy are injected
+(:class:`Launcher`, :class:`Preloader`, :data:`Fetcher`), so the supervisor runs in virtual
+time with fakes in the tests. The parent never holds a plaintext share or data key: it
+moves ciphertext and forwards attestation documents to KMS.
 """
 
 from __future__ import annotations
@@ -26,13 +30,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 import random
 import ssl
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import trio
 
@@ -40,17 +44,30 @@ from proto_min import sign_service_pb2 as pb
 
 from .._backoff import full_jitter_delay
 from .._errors import TrioSignError
-from ..nitro import AWS_NITRO_ROOT_PEM, EventsConfigMessage, MessageStream
+from ..nitro import AWS_NITRO_ROOT_PEM, EventsConfigMessage, MessageStream, PreloadResultMessage
 from ..rpc import open_grpc_channel
 from ..shares import DevKeyFile
 from ..transport import connect, open_listeners
 from ._attestation_gate import AttestationGate, AttestationPolicy, run_attestation_gate
 from ._channels import StatusLink, serve_log_connection, serve_status_connection
-from ._config import ParentConfig
+from ._config import ParentConfig, preflight
 from ._dev_kms import DevRecipientKms
 from ._health import ParentState, serve_health
 from ._ingress import make_server_ssl_context, serve_ingress
-from ._launch import LaunchError, LocalLauncher, NitroCliLauncher, RunningEnclave
+from ._launch import Launcher, LaunchError, LocalLauncher, NitroCliLauncher, RunningEnclave
+from ._lifecycle import (
+    BundleUnavailable,
+    ConfigProblem,
+    EnclaveExited,
+    EnclaveFailed,
+    LaunchFailed,
+    ListenFailed,
+    ParentExit,
+    ParentPhase,
+    PreloadFailed,
+    PreloadTimeout,
+    StartTimeout,
+)
 from ._logs import CloudWatchSink, JsonLinesSink, LogForwarder, LogTail, cloudwatch_logs_client
 from ._preload import RecipientKms, serve_preload
 from ._relay import serve_sse_relay
@@ -59,26 +76,29 @@ log = logging.getLogger("trio_sign.parent")
 
 #: vsock ports the parent listens on for the enclave (CID 3 is the parent, from inside).
 PRELOAD_PORT, STATUS_PORT, LOG_PORT, SSE_PORT = 5000, 5001, 5002, 5003
+#: Preload may take this much longer than the enclave's own preload_timeout_s (its start).
+PRELOAD_MARGIN_S: Final = 30.0
+#: How long the parent waits for the enclave's exit message once its process is gone.
+LAST_WORD_GRACE_S: Final = 0.5
+#: How long a terminated enclave gets to stop by itself before it is killed.
+TERMINATE_GRACE_S: Final = 10.0
 
-
-class ParentExit(TrioSignError):
-    """The supervisor gave up (no restart configured, or a configuration problem)."""
-
-    def __init__(self, message: str, *, alert: str) -> None:
-        super().__init__(message)
-        self.alert = alert
+__all__ = ["ParentExit", "ParentSupervisor", "serve_parent"]
 
 
 class _Stopped(Exception):
     """The run ended because the operator asked the parent to stop (internal)."""
 
 
-class _RunPhase:
-    """Whether the current run is past startup and waiting on the enclave (where a stop
-    drains it instead of cutting everything)."""
+class Preloader(Protocol):
+    """Serve one preload exchange on ``stream`` (the enclave's boot connection) for
+    ``bundle``; return what the enclave reported."""
 
-    def __init__(self) -> None:
-        self.waiting = False
+    async def __call__(self, stream: trio.abc.Stream, bundle: Path) -> PreloadResultMessage: ...
+
+
+#: Copy the sealed bundle from ``source`` into ``work_dir``; return the copy's path.
+Fetcher = Callable[[str, Path], Awaitable[Path]]
 
 
 class _Addresses:
@@ -105,55 +125,12 @@ class _Addresses:
             self.enclave_grpc = f"vsock://{e.cid}:{e.grpc_port}"
 
 
-async def _alert(state: ParentState, config: ParentConfig, code: str, message: str) -> None:
-    """An alert: an ERROR record with a stable ``alert`` field, ``/readyz``, and the command
-    hook, which is awaited (shielded, at most 30 s) so it runs even when the parent is about
-    to exit."""
-    log.error(message, extra={"alert": code})
-    state.last_alert = f"{code}: {message}"
-    state.last_alert_at = state.wall_clock()
-    if config.failure.alert_command:
-        with trio.CancelScope(shield=True):
-            await _run_alert_command(config.failure.alert_command, code, message)
-
-
-def _attestation_alert(
-    state: ParentState, config: ParentConfig, nursery: trio.Nursery, reason: str, message: str
-) -> None:
-    """The gate's ``on_alert`` (synchronous): record it and run the command hook in the
-    background (the gate must not block; forwarding has already stopped)."""
-    state.on_attestation_alert(reason, message)
-    if config.failure.alert_command:
-        nursery.start_soon(
-            _run_alert_command,
-            config.failure.alert_command,
-            "attestation_failed",
-            f"{reason}: {message}",
-        )
-
-
-async def _run_alert_command(command: tuple[str, ...], code: str, message: str) -> None:
-    env = {**os.environ, "TRIO_SIGN_ALERT": code, "TRIO_SIGN_ALERT_MESSAGE": message}
-    with trio.move_on_after(30):
-        try:
-            result = await trio.run_process(
-                list(command), env=env, check=False, capture_stdout=True, capture_stderr=True
-            )
-        except OSError as exc:
-            log.error("alert command could not run", extra={"error": str(exc)})
-            return
-        if result.returncode != 0:
-            log.error("alert command failed", extra={"exit_code": result.returncode})
-
-
 async def fetch_bundle(source: str, work_dir: Path) -> Path:
     """Copy the sealed bundle (ciphertext) into ``work_dir``: a local path, or ``s3://``."""
     await trio.to_thread.run_sync(functools.partial(work_dir.mkdir, parents=True, exist_ok=True))
     target = work_dir / "service_key_shares.json.enc"
     if source.startswith("s3://"):
         bucket, _, key = source.removeprefix("s3://").partition("/")
-        if not bucket or not key:
-            raise ParentExit(f"bad bundle URL {source!r}: expected s3://bucket/key", alert="config")
         import boto3  # type: ignore[import-untyped]
 
         def download() -> None:
@@ -168,24 +145,18 @@ async def fetch_bundle(source: str, work_dir: Path) -> Path:
                 while chunk := f_in.read(1 << 20):
                     f_out.write(chunk)
 
-        try:
-            await trio.to_thread.run_sync(copy)
-        except OSError as exc:
-            raise ParentExit(
-                f"cannot read the bundle {source}: {exc.strerror}", alert="bundle_unavailable"
-            ) from exc
+        await trio.to_thread.run_sync(copy)
     log.info("bundle fetched", extra={"source": source, "bytes": target.stat().st_size})
     return target
 
 
-def _recipient_kms(config: ParentConfig) -> RecipientKms:
+def recipient_kms(config: ParentConfig) -> RecipientKms:
+    """The KMS the preload uses: AWS (or the local stand-in, by endpoint) or the dev key."""
     k = config.kms
     if k.mode == "dev-key":
         assert k.dev_key is not None
         if config.enclave.nsm_dir is None:
-            raise ParentExit(
-                "[kms] mode dev-key needs the local NSM ([enclave] nsm_dir)", alert="config"
-            )
+            raise ConfigProblem("[kms] mode dev-key needs the local NSM ([enclave] nsm_dir)")
         root = (config.enclave.nsm_dir / "local-nsm-root.pem").read_bytes()
         return DevRecipientKms(DevKeyFile.load(k.dev_key), root_pem=root)
     from ..kms import KmsRecipientKms, make_kms_client
@@ -193,12 +164,31 @@ def _recipient_kms(config: ParentConfig) -> RecipientKms:
     return KmsRecipientKms(make_kms_client(k.endpoint_url, region=k.region))
 
 
-def _launcher(config: ParentConfig, addresses: _Addresses) -> Any:
+def kms_preloader(config: ParentConfig, kms: RecipientKms) -> Preloader:
+    """The production :class:`Preloader`: :func:`serve_preload` through ``kms``, telling the
+    enclave where to subscribe for events."""
+    e = config.enclave
+    events = (
+        None
+        if e.gateway_url is None
+        else EventsConfigMessage(gateway_url=e.gateway_url, node_id=e.node_id)
+    )
+
+    async def preload(stream: trio.abc.Stream, bundle: Path) -> PreloadResultMessage:
+        return await serve_preload(MessageStream(stream), bundle, kms, events=events)
+
+    return preload
+
+
+def default_launcher(config: ParentConfig) -> Launcher:
+    """``nitro-cli`` for ``backend = "nitro-cli"``; else the local enclave process, given the
+    addresses of its channels on the command line (as the EIF's are fixed vsock ports)."""
     e = config.enclave
     if e.backend == "nitro-cli":
         assert e.eif_path is not None
         return NitroCliLauncher(e.eif_path, e.cpu_count, e.memory_mib, e.cid)
     assert e.nsm_dir is not None
+    addresses = _Addresses(config)
     side = addresses.enclave_side
     args = [
         "--nsm",
@@ -221,36 +211,6 @@ def _launcher(config: ParentConfig, addresses: _Addresses) -> Any:
     return LocalLauncher(
         args, use_namespaces=e.namespaces, log_path=config.bundle.work_dir / "enclave.stderr"
     )
-
-
-def _events_config(config: ParentConfig) -> EventsConfigMessage | None:
-    e = config.enclave
-    if e.gateway_url is None:
-        return None
-    return EventsConfigMessage(gateway_url=e.gateway_url, node_id=e.node_id)
-
-
-async def _serve_channel(
-    url: str,
-    handler: Callable[[trio.abc.Stream], Awaitable[None]],
-    *,
-    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    listeners = await open_listeners(url)
-    await trio.serve_listeners(handler, listeners, task_status=task_status)
-
-
-async def _run_in(
-    scope: trio.CancelScope,
-    async_fn: Callable[..., Awaitable[object]],
-    *args: object,
-    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
-    **kwargs: object,
-) -> None:
-    """``async_fn(*args, task_status=..., **kwargs)`` under ``scope``, which the run's owner
-    cancels on its own terms (for ``nursery.start``)."""
-    with scope:
-        await async_fn(*args, task_status=task_status, **kwargs)
 
 
 #: How often the parent reads the enclave's GetStatus for /metrics (sessions, memory).
@@ -285,202 +245,507 @@ async def _poll_enclave_status(
         await trio.sleep(interval_s)
 
 
-async def _exit_or_stop(enclave: RunningEnclave, stop: trio.Event) -> tuple[bool, int | None]:
-    """Wait for the enclave to exit (True, its code) or for a stop request (False, None)."""
-    outcome: list[tuple[bool, int | None]] = []
-    async with trio.open_nursery() as nursery:
-
-        async def exited() -> None:
-            outcome.append((True, await enclave.wait()))
-            nursery.cancel_scope.cancel()
-
-        async def stopped() -> None:
-            await stop.wait()
-            outcome.append((False, None))
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(exited)
-        nursery.start_soon(stopped)
-    return outcome[0]
-
-
-async def _drain_enclave(config: ParentConfig, link: StatusLink, enclave: RunningEnclave) -> None:
-    """The orderly stop: ``drain`` on the status channel, then wait (bounded) for the enclave
-    to finish its open sessions and exit; the caller terminates it either way."""
-    timeout = config.enclave.drain_timeout_s
-    log.info("stopping: asking the enclave to drain", extra={"timeout_s": timeout})
-    with trio.move_on_after(timeout):
-        if await link.request_drain():
-            try:
-                code = await enclave.wait()
-            except LaunchError as exc:  # cannot watch it any more: terminate it
-                log.warning("cannot watch the draining enclave (%s); terminating it", exc)
-                return
-            log.info("the enclave drained and exited", extra={"code": code})
-            return
-        log.warning("no status connection to ask for a drain; terminating the enclave")
-        return
-    log.warning("the enclave did not drain in time; terminating it", extra={"timeout_s": timeout})
-
-
-async def _run_enclave_once(
-    config: ParentConfig,
-    state: ParentState,
-    forwarder: LogForwarder,
-    stop: trio.Event,
-    phase: _RunPhase,
+async def _run_in(
+    scope: trio.CancelScope,
+    async_fn: Callable[..., Awaitable[object]],
+    *args: object,
+    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+    **kwargs: object,
 ) -> None:
-    """One enclave boot from bundle fetch to death. Raises :class:`ParentExit` on failure and
-    :class:`_Stopped` after an orderly stop (``stop`` set while serving)."""
-    link = StatusLink()
-    gate_scope = trio.CancelScope()
-    # The status and log channels outlive a cancellation of this run until the enclave is
-    # terminated, so that its last words (final state, exit code, last log lines) still
-    # arrive; they are closed in the ``finally`` below whatever happens.
-    channel_scopes = [trio.CancelScope(shield=True), trio.CancelScope(shield=True)]
-    async with trio.open_nursery() as nursery:
-        try:
-            await _run_enclave_in(
-                nursery, config, state, forwarder, stop, phase, link, gate_scope, channel_scopes
-            )
-        finally:
-            for scope in channel_scopes:
-                scope.cancel()
-            nursery.cancel_scope.cancel()
+    """``async_fn(*args, task_status=..., **kwargs)`` under ``scope``, which the run's owner
+    cancels on its own terms (for ``nursery.start``)."""
+    with scope:
+        await async_fn(*args, task_status=task_status, **kwargs)
 
 
-async def _run_enclave_in(
-    nursery: trio.Nursery,
-    config: ParentConfig,
-    state: ParentState,
-    forwarder: LogForwarder,
-    stop: trio.Event,
-    phase: _RunPhase,
-    link: StatusLink,
-    gate_scope: trio.CancelScope,
-    channel_scopes: list[trio.CancelScope],
-) -> None:
-    addresses = _Addresses(config)
-    kms = _recipient_kms(config)
-    bundle = await fetch_bundle(config.bundle.source, config.bundle.work_dir)
-    await nursery.start(
-        _run_in,
-        channel_scopes[0],
-        _serve_channel,
-        addresses.listen["status"],
-        functools.partial(serve_status_connection, on=state.on_status_message, link=link),
-    )
-    await nursery.start(
-        _run_in,
-        channel_scopes[1],
-        _serve_channel,
-        addresses.listen["logs"],
-        functools.partial(serve_log_connection, on=forwarder.on_message),
-    )
-    if config.relay_allowlist:
-        relay_listeners = await open_listeners(addresses.listen["sse"])
-        await nursery.start(
-            functools.partial(
-                serve_sse_relay,
-                relay_listeners,
-                config.relay_allowlist,
-                ssl_context_for_upstream=ssl.create_default_context(
-                    cafile=None if config.relay_ca is None else str(config.relay_ca)
-                ),
-                stats=state.relay,
-                upstream_token=config.relay_token,
-            )
-        )
-    preload_listeners = await open_listeners(addresses.listen["preload"])
-    enclave: RunningEnclave = await _launcher(config, addresses).start()
+async def _listen(url: str, what: str) -> list[trio.SocketListener]:
     try:
-        state.set_enclave_state("preloading")
-        with trio.fail_after(config.enclave.preload_timeout_s + 30):
-            stream = await preload_listeners[0].accept()
+        return await open_listeners(url)
+    except (OSError, TrioSignError) as exc:
+        raise ListenFailed(f"cannot listen for the {what} on {url}: {exc}") from exc
+
+
+@dataclass
+class _Run:
+    """One enclave boot: what its finally-clause must clean up."""
+
+    link: StatusLink
+    watch: trio.CancelScope
+    enclave: RunningEnclave | None = None
+    bundle: Path | None = None
+    exited: trio.Event | None = None
+
+
+class ParentSupervisor:
+    """The parent's run: health, then enclave runs until stopped or given up.
+
+    Args:
+        config: the parsed ``parent.toml``.
+        launcher, preloader, fetch: the collaborators a run uses (default: from ``config``).
+        state: what health reads (default: a new one).
+        forwarder: where the enclave's log lines go (default: from ``config [logs]``, opened
+            by :meth:`run`).
+        rng: for the restart back-off's jitter.
+    """
+
+    def __init__(
+        self,
+        config: ParentConfig,
+        *,
+        launcher: Launcher | None = None,
+        preloader: Preloader | None = None,
+        fetch: Fetcher | None = None,
+        state: ParentState | None = None,
+        forwarder: LogForwarder | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.addresses = _Addresses(config)
+        self._launcher = launcher
+        self._preloader = preloader
+        self._fetch_fn = fetch if fetch is not None else fetch_bundle
+        self.state = state if state is not None else ParentState()
+        self.state.alerts.command = config.failure.alert_command
+        self.state.ingress_required = config.ingress is not None
+        self.forwarder = forwarder
+        self._rng = rng if rng is not None else random.Random()
+
+    @property
+    def lifecycle(self) -> Any:
+        return self.state.lifecycle
+
+    def reopen_logs(self) -> None:
+        """Reopen the log file (SIGHUP, after logrotate moved it)."""
+        if self.forwarder is not None:
+            reopen = getattr(self.forwarder, "reopen", None)
+            if reopen is not None:
+                reopen()
+
+    # -- the whole parent --------------------------------------------------------------------
+
+    async def run(
+        self,
+        stop: trio.Event | None = None,
+        *,
+        task_status: trio.TaskStatus[tuple[ParentState, list[str]]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run until cancelled, until ``stop`` is set (orderly: a serving enclave drains), or
+        until it gives up (raises :class:`ParentExit`: ``exit_code`` says how the process
+        should end, ``alert`` why). Configuration problems raise before anything starts."""
+        stop = stop if stop is not None else trio.Event()
+        problems, _warnings = preflight(self.config)
+        if problems:
+            raise ConfigProblem(problems[0])
+        with contextlib.ExitStack() as files:
+            if self.forwarder is None:
+                self.forwarder = self._open_forwarder(files)
+                gave_up = await self._supervise(stop, task_status)
+        if gave_up is not None:
+            raise gave_up
+
+    def _open_forwarder(self, files: contextlib.ExitStack) -> LogForwarder:
+        config = self.config
+        stream: Any = (
+            sys.stdout
+            if config.log_file is None
+            else files.enter_context(config.log_file.open("a"))
+        )
+        cloudwatch = None
+        if config.cloudwatch_group is not None and config.cloudwatch_stream is not None:
+            kwargs = {"region_name": config.cloudwatch_region} if config.cloudwatch_region else {}
+            cloudwatch = CloudWatchSink(
+                cloudwatch_logs_client(**kwargs),
+                log_group=config.cloudwatch_group,
+                log_stream=config.cloudwatch_stream,
+            )
+            self.state.cloudwatch = cloudwatch.stats
+        forwarder = LogForwarder(
+            sinks=[JsonLinesSink(stream)],
+            cloudwatch=cloudwatch,
+            tail=LogTail(),
+            stats=self.state.logs,
+        )
+        self.state.tail = forwarder.tail
+        return forwarder
+
+    async def _supervise(
+        self,
+        stop: trio.Event,
+        task_status: trio.TaskStatus[tuple[ParentState, list[str]]],
+    ) -> ParentExit | None:
+        lifecycle = self.state.lifecycle
+        result: list[ParentExit] = []
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.state.alerts.run)
+                assert self.forwarder is not None
+                if self.forwarder.cloudwatch is not None:
+                    await nursery.start(self.forwarder.cloudwatch.run)
+                try:
+                    health = await nursery.start(
+                        functools.partial(serve_health, self.config.health_listen, self.state)
+                    )
+                except (OSError, TrioSignError) as exc:
+                    failure = ListenFailed(
+                        f"cannot listen for health on {self.config.health_listen}: {exc}"
+                    )
+                    await self._give_up(failure)
+                    result.append(failure)
+                    nursery.cancel_scope.cancel()
+                    return failure
+                task_status.started((self.state, list(health)))
+                nursery.start_soon(self._stop_while_booting, stop, nursery.cancel_scope)
+                gave_up = await self._runs(stop)
+                nursery.cancel_scope.cancel()
+                return gave_up
+        finally:
+            if not lifecycle.final:
+                lifecycle.advance(ParentPhase.STOPPED)
+
+    async def _runs(self, stop: trio.Event) -> ParentExit | None:
+        """Enclave runs, with back-off between them, until stopped (None) or given up."""
+        lifecycle = self.state.lifecycle
+        failures = 0
+        while True:
+            lifecycle.advance(ParentPhase.FETCHING)
             try:
-                result = await serve_preload(
-                    MessageStream(stream), bundle, kms, events=_events_config(config)
-                )
+                await self._run_once(stop)
+            except BaseException as exc:
+                if any(isinstance(leaf, _Stopped) for leaf in _leaves(exc)):
+                    lifecycle.advance(ParentPhase.STOPPED)
+                    return None
+                failure = _failure_of(exc)
+                if failure is None:
+                    raise
+                self.state.attestation_gate = None
+                if not self.config.failure.restart or isinstance(failure, ConfigProblem):
+                    await self._give_up(failure)
+                    return failure
+                self.state.alerts.raise_alert(failure.alert, str(failure))
+                if stop.is_set():
+                    lifecycle.advance(ParentPhase.STOPPED)
+                    return None
+            lifecycle.advance(ParentPhase.RESTARTING)
+            wait = full_jitter_delay(
+                self._rng,
+                base=self.config.failure.backoff_initial_s,
+                maximum=self.config.failure.backoff_max_s,
+                failures=failures,
+                at_least=self.config.failure.backoff_initial_s,
+            )
+            failures += 1
+            log.warning("restarting the enclave after back-off", extra={"delay_s": round(wait, 1)})
+            await trio.sleep(wait)
+
+    async def _give_up(self, failure: ParentExit) -> None:
+        self.state.lifecycle.advance(ParentPhase.FAILED)
+        await self.state.alerts.raise_and_wait(failure.alert, str(failure))
+
+    async def _stop_while_booting(self, stop: trio.Event, scope: trio.CancelScope) -> None:
+        await stop.wait()
+        if self.state.lifecycle.phase not in (ParentPhase.SERVING, ParentPhase.DRAINING):
+            log.info("stopping: the enclave is not serving yet; terminating it")
+            scope.cancel()
+
+    # -- one enclave run ---------------------------------------------------------------------
+
+    async def _run_once(self, stop: trio.Event) -> None:
+        """One enclave boot from bundle fetch to death. Raises a :class:`ParentExit` on failure
+        and :class:`_Stopped` after an orderly stop (``stop`` set while serving)."""
+        run = _Run(link=StatusLink(), watch=trio.CancelScope())
+        # The status and log channels outlive a cancellation of this run until the enclave is
+        # terminated, so that its last words (final state, exit code, last log lines) still
+        # arrive; they are closed in the ``finally`` below whatever happens.
+        channels = trio.CancelScope(shield=True)
+        gate_scope = trio.CancelScope()
+        async with trio.open_nursery() as nursery:
+            try:
+                await self._boot_and_serve(nursery, run, channels, gate_scope, stop)
             finally:
-                await trio.aclose_forcefully(stream)
-        bundle.unlink()  # the parent's copy goes as soon as the enclave holds the shares
+                run.watch.cancel()  # the exit we cause below is not news
+                with trio.CancelScope(shield=True):
+                    if run.enclave is not None:
+                        await run.enclave.terminate(grace_s=TERMINATE_GRACE_S)
+                    if run.bundle is not None:
+                        run.bundle.unlink(missing_ok=True)
+                self.state.ingress_listening = False
+                channels.cancel()
+                nursery.cancel_scope.cancel()
+
+    async def _boot_and_serve(
+        self,
+        nursery: trio.Nursery,
+        run: _Run,
+        channels: trio.CancelScope,
+        gate_scope: trio.CancelScope,
+        stop: trio.Event,
+    ) -> None:
+        lifecycle = self.state.lifecycle
+        run.bundle = await self._fetch()
+        await nursery.start(_run_in, channels, self._serve_channels, run.link)
+        await self._start_relay(nursery)
+        preload_listeners = await _listen(self.addresses.listen["preload"], "enclave's preload")
+        try:
+            lifecycle.advance(ParentPhase.LAUNCHING)
+            run.enclave = await self._launch()
+            run.exited = trio.Event()
+            nursery.start_soon(_run_in, run.watch, self._watch_exit, run.enclave, run.exited)
+            lifecycle.advance(ParentPhase.PRELOADING)
+            result = await self._preload(preload_listeners, run.bundle)
+        finally:
+            for listener in preload_listeners:
+                await trio.aclose_forcefully(listener)
+        run.bundle.unlink()  # the parent's copy goes as soon as the enclave holds the shares
+        run.bundle = None
         log.info(
             "preload served; the parent's bundle copy is deleted",
             extra={"accounts": result.accounts, "sha256": result.sha256},
         )
-        # The enclave opens its gRPC port only after preload (PCR 16, audit): attest it
-        # once it says it is serving, not before (that would be a false alarm).
-        with trio.fail_after(60):
-            while state.enclave_state != "serving":
-                if state.enclave_state in ("failed", "exiting", "exited"):
-                    raise ParentExit(
-                        f"the enclave stopped after preload ({state.enclave_reason})",
-                        alert="enclave_exited",
-                    )
-                await trio.sleep(0.05)
-        gate = None
-        if config.attestation is not None:
-            a = config.attestation
-            root = a.root.read_bytes() if a.root is not None else AWS_NITRO_ROOT_PEM
-            gate = AttestationGate(
-                AttestationPolicy(
-                    root_pem=root,
-                    pcrs=a.pcrs,
-                    allow_debug=a.allow_debug,
-                    max_age_s=a.max_age_s,
-                    shares_sha256=result.sha256,
-                ),
-                functools.partial(connect, addresses.enclave_grpc),
-                on_alert=functools.partial(_attestation_alert, state, config, nursery),
+        await self._wait_serving()
+        lifecycle.advance(ParentPhase.ATTESTING)
+        gate = await self._attest(nursery, gate_scope, result.sha256)
+        lifecycle.advance(ParentPhase.SERVING)
+        await self._start_ingress(nursery, gate)
+        nursery.start_soon(
+            _poll_enclave_status,
+            self.state,
+            functools.partial(connect, self.addresses.enclave_grpc),
+        )
+        await stop.wait()  # the enclave's exit ends this run through _watch_exit instead
+        lifecycle.advance(ParentPhase.DRAINING)
+        # Stop re-attesting (the gate keeps its verdict, so forwarded connections stay open):
+        # a draining enclave closes its port, which must not read as an attack and cut the
+        # sessions the drain is letting finish.
+        gate_scope.cancel()
+        await self._drain(run)
+        raise _Stopped
+
+    async def _fetch(self) -> Path:
+        b = self.config.bundle
+        with trio.move_on_after(b.fetch_timeout_s) as scope:
+            try:
+                return await self._fetch_fn(b.source, b.work_dir)
+            except ParentExit:
+                raise
+            except Exception as exc:  # OSError, botocore's errors: the copy failed
+                detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+                raise BundleUnavailable(f"cannot copy the bundle {b.source}: {detail}") from exc
+        assert scope.cancelled_caught
+        raise BundleUnavailable(
+            f"copying the bundle {b.source} did not finish in {b.fetch_timeout_s:g} s "
+            "([bundle] fetch_timeout_s)"
+        )
+
+    async def _launch(self) -> RunningEnclave:
+        launcher = self._launcher if self._launcher is not None else default_launcher(self.config)
+        timeout = self.config.enclave.launch_timeout_s
+        with trio.move_on_after(timeout) as scope:
+            try:
+                return await launcher.start()
+            except LaunchError as exc:
+                raise LaunchFailed(str(exc)) from exc
+        assert scope.cancelled_caught
+        raise LaunchFailed(
+            f"the enclave did not start in {timeout:g} s ([enclave] launch_timeout_s)"
+        )
+
+    async def _watch_exit(
+        self,
+        enclave: RunningEnclave,
+        exited: trio.Event,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """From launch on, in every phase: the enclave's exit is an event that ends the run
+        (except while draining, where it is the point)."""
+        try:
+            code = await enclave.wait()
+        except LaunchError as exc:  # cannot watch it any more: the run cannot go on blind
+            raise LaunchFailed(f"lost track of the enclave: {exc}") from exc
+        lifecycle = self.state.lifecycle
+        view = lifecycle.enclave
+        # Its last word (the exit message) may still be in the channel: give it a moment.
+        with trio.move_on_after(LAST_WORD_GRACE_S):
+            await lifecycle.wait_for(lambda lc: lc.enclave.exit_code is not None)
+        said = view.exit_code is not None
+        reported = view.exit_code if said else code
+        lifecycle.enclave_exited(reported)
+        exited.set()
+        if lifecycle.phase is ParentPhase.DRAINING:
+            return
+        error = EnclaveExited(reported, reason=view.reason, said=said)
+        if error.alert == "enclave_exited" and lifecycle.phase is ParentPhase.PRELOADING:
+            if reported == 4:
+                raise PreloadTimeout(str(error)) from None
+            raise PreloadFailed(str(error)) from None
+        if error.alert == "enclave_exited" and view.reason is not None:
+            raise EnclaveFailed(str(error)) from None
+        raise error
+
+    async def _preload(
+        self, listeners: list[trio.SocketListener], bundle: Path
+    ) -> PreloadResultMessage:
+        if self._preloader is None:
+            self._preloader = kms_preloader(self.config, recipient_kms(self.config))
+        timeout = self.config.enclave.preload_timeout_s + PRELOAD_MARGIN_S
+        with trio.move_on_after(timeout) as scope:
+            stream = await listeners[0].accept()
+            try:
+                return await self._preloader(stream, bundle)
+            except (TrioSignError, OSError, trio.BrokenResourceError) as exc:
+                if isinstance(exc, ParentExit):
+                    raise
+                raise PreloadFailed(f"{type(exc).__name__}: {exc}") from exc
+            finally:
+                await trio.aclose_forcefully(stream)
+        assert scope.cancelled_caught
+        raise PreloadTimeout(
+            f"the enclave did not finish preload in {timeout:g} s "
+            "([enclave] preload_timeout_s, plus the parent's margin)"
+        )
+
+    async def _wait_serving(self) -> None:
+        """The enclave opens its gRPC port only after preload (PCR 16, audit): wait until it
+        says it is serving before attesting it (attesting earlier would be a false alarm)."""
+        lifecycle = self.state.lifecycle
+        timeout = self.config.enclave.start_timeout_s
+        ends = ("serving", "failed", "exiting", "exited")
+        with trio.move_on_after(timeout):
+            await lifecycle.wait_for(lambda lc: lc.enclave.state in ends)
+        view = lifecycle.enclave
+        if view.state == "serving":
+            return
+        if view.state == "failed":
+            raise EnclaveFailed(f"the enclave failed after preload: {view.reason}")
+        if view.state in ("exiting", "exited"):
+            raise EnclaveExited(view.exit_code, reason=view.reason)
+        raise StartTimeout(
+            f"the enclave did not say serving {timeout:g} s after preload "
+            f"([enclave] start_timeout_s; it last said {view.state})"
+        )
+
+    async def _attest(
+        self, nursery: trio.Nursery, gate_scope: trio.CancelScope, shares_sha256: str | None
+    ) -> AttestationGate | None:
+        """Start the periodic attestation check; return once a check has passed (the gate
+        alerts on every failure meanwhile). None without ``[attestation]``."""
+        a = self.config.attestation
+        if a is None:
+            return None
+        root = a.root.read_bytes() if a.root is not None else AWS_NITRO_ROOT_PEM
+        alerts = self.state.alerts
+        gate = AttestationGate(
+            AttestationPolicy(
+                root_pem=root,
+                pcrs=a.pcrs,
+                allow_debug=a.allow_debug,
+                max_age_s=a.max_age_s,
+                shares_sha256=shares_sha256,
+            ),
+            functools.partial(connect, self.addresses.enclave_grpc),
+            on_alert=lambda reason, message: alerts.raise_alert(
+                "attestation_failed", f"{reason}: {message}"
+            ),
+        )
+        self.state.attestation_gate = gate
+        # /readyz: a verification older than two check intervals no longer counts
+        self.state.attestation_max_age_s = 2 * a.interval_s + 10
+        await nursery.start(
+            functools.partial(
+                _run_in, gate_scope, run_attestation_gate, gate, interval_s=a.interval_s
             )
-            state.attestation_gate = gate
-            # /readyz: a verification older than two check intervals no longer counts
-            state.attestation_max_age_s = 2 * a.interval_s + 10
-            await nursery.start(
-                functools.partial(
-                    _run_in, gate_scope, run_attestation_gate, gate, interval_s=a.interval_s
-                )
-            )
-        if config.ingress is not None and gate is not None:
-            i = config.ingress
+        )
+        await gate.wait_verified()
+        return gate
+
+    async def _start_ingress(self, nursery: trio.Nursery, gate: AttestationGate | None) -> None:
+        i = self.config.ingress
+        if i is None or gate is None:
+            return
+        try:
             ctx = make_server_ssl_context(
                 i.cert.read_bytes(), i.key.read_bytes(), i.client_ca.read_bytes()
             )
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigProblem(f"[ingress] TLS material does not load: {exc}") from exc
+        try:
             await nursery.start(
                 functools.partial(
                     serve_ingress,
                     i.listen,
-                    addresses.enclave_grpc,
+                    self.addresses.enclave_grpc,
                     ctx,
                     gate,
                     settings=i.settings,
-                    observer=state,
+                    observer=self.state,
                 )
             )
-            state.ingress_listening = True  # /readyz: only now can traffic get in
-        nursery.start_soon(
-            _poll_enclave_status, state, functools.partial(connect, addresses.enclave_grpc)
+        except (OSError, TrioSignError) as exc:
+            if isinstance(exc, ParentExit):
+                raise
+            raise ListenFailed(f"cannot listen for the ingress on {i.listen}: {exc}") from exc
+        self.state.ingress_listening = True  # /readyz: only now can traffic get in
+
+    async def _drain(self, run: _Run) -> None:
+        """The orderly stop: ``drain`` on the status channel, then wait (bounded) for the
+        enclave to finish its open sessions and exit; the run's end terminates it either way."""
+        timeout = self.config.enclave.drain_timeout_s
+        log.info("stopping: asking the enclave to drain", extra={"timeout_s": timeout})
+        assert run.exited is not None
+        with trio.move_on_after(timeout):
+            if await run.link.request_drain():
+                await run.exited.wait()
+                log.info(
+                    "the enclave drained and exited",
+                    extra={"code": self.state.lifecycle.enclave.exit_code},
+                )
+                return
+            log.warning("no status connection to ask for a drain; terminating the enclave")
+            return
+        log.warning(
+            "the enclave did not drain in time; terminating it", extra={"timeout_s": timeout}
         )
-        phase.waiting = True
-        exited, code = await _exit_or_stop(enclave, stop)
-        if not exited:
-            # Stop re-attesting (the gate keeps its verdict, so forwarded connections stay
-            # open): a draining enclave closes its port, which must not read as an attack
-            # and cut the sessions the drain is letting finish.
-            gate_scope.cancel()
-            await _drain_enclave(config, link, enclave)
-            raise _Stopped
-        raise ParentExit(f"the enclave exited (code {code})", alert="enclave_exited")
-    except BaseException:
-        with trio.CancelScope(shield=True):
-            await enclave.terminate(grace_s=10.0)
-        bundle.unlink(missing_ok=True)
-        raise
-    finally:
-        phase.waiting = False
-        state.ingress_listening = False
-        for listener in preload_listeners:
-            await trio.aclose_forcefully(listener)
+
+    async def _serve_channels(
+        self,
+        link: StatusLink,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        assert self.forwarder is not None
+        status = await _listen(self.addresses.listen["status"], "enclave's status channel")
+        logs = await _listen(self.addresses.listen["logs"], "enclave's log channel")
+        on_status = self.state.lifecycle.on_status_message
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                trio.serve_listeners,
+                functools.partial(serve_status_connection, on=on_status, link=link),
+                status,
+            )
+            nursery.start_soon(
+                trio.serve_listeners,
+                functools.partial(serve_log_connection, on=self.forwarder.on_message),
+                logs,
+            )
+            task_status.started()
+
+    async def _start_relay(self, nursery: trio.Nursery) -> None:
+        config = self.config
+        if not config.relay_allowlist:
+            return
+        listeners = await _listen(self.addresses.listen["sse"], "enclave's SSE relay")
+        await nursery.start(
+            functools.partial(
+                serve_sse_relay,
+                listeners,
+                config.relay_allowlist,
+                ssl_context_for_upstream=ssl.create_default_context(
+                    cafile=None if config.relay_ca is None else str(config.relay_ca)
+                ),
+                stats=self.state.relay,
+                upstream_token=config.relay_token,
+            )
+        )
 
 
 async def serve_parent(
@@ -501,84 +766,7 @@ async def serve_parent(
     terminated; an enclave still booting is terminated at once. Then this returns. Cancelling
     instead terminates the enclave at once.
     """
-    state = ParentState()
-    with contextlib.ExitStack() as files:
-        stream: Any = (
-            sys.stdout
-            if config.log_file is None
-            else files.enter_context(config.log_file.open("a"))
-        )
-        cloudwatch = None
-        if config.cloudwatch_group is not None and config.cloudwatch_stream is not None:
-            kwargs = {"region_name": config.cloudwatch_region} if config.cloudwatch_region else {}
-            cloudwatch = CloudWatchSink(
-                cloudwatch_logs_client(**kwargs),
-                log_group=config.cloudwatch_group,
-                log_stream=config.cloudwatch_stream,
-            )
-            state.cloudwatch = cloudwatch.stats
-        forwarder = LogForwarder(
-            sinks=[JsonLinesSink(stream)], cloudwatch=cloudwatch, tail=LogTail(), stats=state.logs
-        )
-        state.tail = forwarder.tail
-        await _supervise(
-            config, state, forwarder, stop if stop is not None else trio.Event(), task_status
-        )
-
-
-async def _supervise(
-    config: ParentConfig,
-    state: ParentState,
-    forwarder: LogForwarder,
-    stop: trio.Event,
-    task_status: trio.TaskStatus[tuple[ParentState, list[str]]],
-) -> None:
-    failures = 0
-    rng = random.Random()
-    phase = _RunPhase()
-    state.ingress_required = config.ingress is not None
-    async with trio.open_nursery() as nursery:
-        if forwarder.cloudwatch is not None:
-            await nursery.start(forwarder.cloudwatch.run)
-        health = await nursery.start(functools.partial(serve_health, config.health_listen, state))
-        task_status.started((state, list(health)))
-
-        async def stop_while_booting() -> None:
-            await stop.wait()
-            if not phase.waiting:  # nothing is served yet: nothing to drain
-                log.info("stopping: the enclave is not serving yet; terminating it")
-                nursery.cancel_scope.cancel()
-
-        nursery.start_soon(stop_while_booting)
-        while True:
-            try:
-                await _run_enclave_once(config, state, forwarder, stop, phase)
-            except BaseException as exc:
-                if any(isinstance(leaf, _Stopped) for leaf in _leaves(exc)):
-                    nursery.cancel_scope.cancel()
-                    return
-                failure = _failure_of(exc)
-                if failure is None:
-                    raise
-                await _alert(state, config, failure.alert, str(failure))
-                state.attestation_gate = None
-                state.attestation_verified = False
-                if not config.failure.restart:
-                    nursery.cancel_scope.cancel()
-                    raise failure from exc
-                if stop.is_set():
-                    nursery.cancel_scope.cancel()
-                    return
-            wait = full_jitter_delay(
-                rng,
-                base=config.failure.backoff_initial_s,
-                maximum=config.failure.backoff_max_s,
-                failures=failures,
-                at_least=config.failure.backoff_initial_s,
-            )
-            failures += 1
-            log.warning("restarting the enclave after back-off", extra={"delay_s": round(wait, 1)})
-            await trio.sleep(wait)
+    await ParentSupervisor(config).run(stop, task_status=task_status)
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:
@@ -588,18 +776,14 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 
 
 def _failure_of(exc: BaseException) -> ParentExit | None:
-    """What ended an enclave run, as an alert (None: an outside cancellation to re-raise)."""
+    """What ended an enclave run (None: an outside cancellation to re-raise). The phase that
+    failed raised a typed error with its alert code; the enclave's exit racing it counts only
+    when nothing more specific did. Anything else is a bug: ``internal``, with its traceback."""
     leaves = _leaves(exc)
-    for leaf in leaves:
-        if isinstance(leaf, ParentExit):
-            return leaf
-    for leaf in leaves:
-        if isinstance(leaf, trio.TooSlowError):
-            return ParentExit("the enclave did not finish preload in time", alert="preload_timeout")
-        if isinstance(leaf, TrioSignError):
-            reason = getattr(leaf, "reason", None)
-            alert = "preload_failed" if reason is not None else "parent_failed"
-            return ParentExit(f"{type(leaf).__name__}: {leaf}", alert=alert)
+    typed = [leaf for leaf in leaves if isinstance(leaf, ParentExit)]
+    specific = [leaf for leaf in typed if not isinstance(leaf, EnclaveExited)]
+    if specific or typed:
+        return (specific or typed)[0]
     if all(isinstance(leaf, (trio.Cancelled, KeyboardInterrupt)) for leaf in leaves):
         return None
     first = next(leaf for leaf in leaves if not isinstance(leaf, trio.Cancelled))
