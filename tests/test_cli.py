@@ -31,7 +31,8 @@ def test_generate_seal_inspect_load(tmp_path: Path, capsys: pytest.CaptureFixtur
         "version": 1,
         "ciphersuite": "FROST-ED25519-SHA512-v1",
     }
-    assert len(lines) == 26
+    assert len(lines) == 27
+    assert json.loads(lines[-1]) == {"end": True, "accounts": 25}
 
     sealed = tmp_path / "service_key_shares.json.enc"
     key = tmp_path / "dev-key.json"
@@ -46,7 +47,7 @@ def test_generate_seal_inspect_load(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert info["sha256"] == sha
     assert "encrypted_data_key" not in info
     text = json.dumps(info)
-    for line in lines[1:]:
+    for line in lines[1:-1]:
         assert json.loads(line)["signing_share"] not in text
 
     provider = DevKeyFile.load(key)

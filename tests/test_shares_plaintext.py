@@ -48,6 +48,11 @@ def record_obj(rec: ShareRecord | None = None, /, **over: Any) -> dict[str, Any]
     return obj
 
 
+def end(accounts: int) -> dict[str, Any]:
+    """The trailer line of a file with ``accounts`` records."""
+    return {"end": True, "accounts": accounts}
+
+
 def jsonl(*lines: Any) -> io.BytesIO:
     text = "".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines)
     return io.BytesIO(text.encode("utf-8"))
@@ -108,9 +113,9 @@ def test_round_trip_any_account_ids(account_ids: list[str], max_signers: int) ->
 
 
 def test_empty_account_list_and_blank_lines() -> None:
-    assert load_all(jsonl(HEADER)) == []
+    assert load_all(jsonl(HEADER, end(0))) == []
     rec = make_record()
-    got = load_all(jsonl("", HEADER, "  ", record_obj(rec), ""))
+    got = load_all(jsonl("", HEADER, "  ", record_obj(rec), "", end(1)))
     assert len(got) == 1
     assert got[0].same_as(rec)
 
@@ -118,7 +123,7 @@ def test_empty_account_list_and_blank_lines() -> None:
 def test_uppercase_hex_accepted() -> None:
     rec = make_record()
     obj = record_obj(rec, signing_share=rec.signing_share.hex().upper())
-    assert load_all(jsonl(HEADER, obj))[0].same_as(rec)
+    assert load_all(jsonl(HEADER, obj, end(1)))[0].same_as(rec)
 
 
 def test_reader_streams() -> None:
@@ -254,7 +259,7 @@ def test_bad_account_id(account_id: str) -> None:
 
 def test_account_id_limits_accepted() -> None:
     for account_id in ("x" * 255, "é" * 127 + "x", "a b"):
-        assert load_all(jsonl(HEADER, record_obj(make_record(account_id))))
+        assert load_all(jsonl(HEADER, record_obj(make_record(account_id)), end(1)))
 
 
 def test_zero_identifier() -> None:
@@ -307,8 +312,8 @@ def test_bad_threshold(mn: int, mx: int) -> None:
 
 
 def test_threshold_limits_accepted() -> None:
-    assert load_all(jsonl(HEADER, record_obj(min_signers=65535, max_signers=65535)))
-    assert load_all(jsonl(HEADER, record_obj(min_signers=2, max_signers=2)))
+    assert load_all(jsonl(HEADER, record_obj(min_signers=65535, max_signers=65535), end(1)))
+    assert load_all(jsonl(HEADER, record_obj(min_signers=2, max_signers=2), end(1)))
 
 
 def test_duplicate_account() -> None:
@@ -334,8 +339,9 @@ def test_line_too_long() -> None:
 
 def test_line_limit_is_configurable_and_exact() -> None:
     line = json.dumps(record_obj()).encode()
+    trailer = json.dumps(end(1)).encode()
     for limit, ok in ((len(line) + 1, True), (len(line), False)):
-        f = io.BytesIO(json.dumps(HEADER).encode() + b"\n" + line + b"\n")
+        f = io.BytesIO(json.dumps(HEADER).encode() + b"\n" + line + b"\n" + trailer + b"\n")
         if ok:
             assert list(read_plaintext(f, max_line_bytes=limit))
         else:
@@ -343,8 +349,8 @@ def test_line_limit_is_configurable_and_exact() -> None:
                 list(read_plaintext(f, max_line_bytes=limit))
             assert info.value.reason == "line_too_long"
     # the last line may lack its newline
-    f = io.BytesIO(json.dumps(HEADER).encode() + b"\n" + line)
-    assert list(read_plaintext(f, max_line_bytes=len(line)))
+    f = io.BytesIO(json.dumps(HEADER).encode() + b"\n" + line + b"\n" + trailer)
+    assert list(read_plaintext(f, max_line_bytes=len(line) + 1))
 
 
 def test_messages_are_one_line_and_secret_free() -> None:

@@ -89,9 +89,13 @@ def add_parser(sub: Any) -> None:
     reencrypt.set_defaults(func=cmd_reencrypt)
 
     inspect = cmds.add_parser(
-        "inspect", help="show a sealed bundle's header, counts and fingerprint (no secrets)"
+        "inspect",
+        help="show a sealed bundle's header, counts and fingerprint (no secrets)",
+        description="Show a sealed bundle's header, counts and fingerprint, or check a "
+        "plaintext share file to its trailer line and show its counts and SHA-256. No secret "
+        "is ever shown.",
     )
-    inspect.add_argument("file", type=Path, metavar="FILE.enc")
+    inspect.add_argument("file", type=Path, metavar="FILE")
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
     inspect.set_defaults(func=cmd_inspect)
 
@@ -257,14 +261,25 @@ def host_memory_check(accounts: int) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from ..shares import read_sealed_header
+    from ..shares import inspect_plaintext, read_sealed_header
 
+    info: dict[str, Any]
     with args.file.open("rb") as f:
-        header, sha256 = read_sealed_header(f)
-    info: dict[str, Any] = {k: v for k, v in sorted(header.items()) if k != "encrypted_data_key"}
-    info["encrypted_data_key_bytes"] = len(str(header.get("encrypted_data_key", ""))) * 3 // 4
-    info["file_bytes"] = args.file.stat().st_size
-    info["sha256"] = sha256
+        if f.read(64).lstrip().startswith(b"{"):
+            # A plaintext share file (JSON Lines): checked to its trailer, no secret shown.
+            f.seek(0)
+            info = dict(sorted(inspect_plaintext(f).items()))
+            info["sealed"] = False
+            info["file_bytes"] = args.file.stat().st_size
+        else:
+            f.seek(0)
+            header, sha256 = read_sealed_header(f)
+            info = {k: v for k, v in sorted(header.items()) if k != "encrypted_data_key"}
+            info["encrypted_data_key_bytes"] = (
+                len(str(header.get("encrypted_data_key", ""))) * 3 // 4
+            )
+            info["file_bytes"] = args.file.stat().st_size
+            info["sha256"] = sha256
     if args.json:
         json.dump(info, sys.stdout, sort_keys=True)
         sys.stdout.write("\n")

@@ -3,8 +3,11 @@
 from ._keywrap import DataKeyProvider as DataKeyProvider
 from ._keywrap import DevKeyFile as DevKeyFile
 from ._plaintext import MAX_LINE_BYTES as MAX_LINE_BYTES
+from ._plaintext import PlaintextEncoder as PlaintextEncoder
+from ._plaintext import inspect_plaintext as inspect_plaintext
 from ._plaintext import read_plaintext as read_plaintext
 from ._plaintext import write_plaintext as write_plaintext
+from ._plaintext import write_plaintext_file as write_plaintext_file
 from ._records import ShareRecord as ShareRecord
 from ._sealed import DEFAULT_CHUNK_SIZE as DEFAULT_CHUNK_SIZE
 from ._sealed import ChunkDecrypted as ChunkDecrypted
@@ -33,6 +36,7 @@ __all__ = [
     "EndOfBundle",
     "Event",
     "HeaderReceived",
+    "PlaintextEncoder",
     "SealResult",
     "SealedDecoder",
     "SealedEncoder",
@@ -40,10 +44,12 @@ __all__ = [
     "ShareRecord",
     "ShareStore",
     "encode_bundle",
+    "inspect_plaintext",
     "read_plaintext",
     "read_sealed",
     "read_sealed_header",
     "reseal",
     "seal_file",
     "write_plaintext",
+    "write_plaintext_file",
 ]

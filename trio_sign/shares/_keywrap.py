@@ -12,8 +12,10 @@ import json
 import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Final, Protocol, runtime_checkable
 
+from .._atomic import atomic_file
 from .._errors import KeyWrapError
 from ..crypto import _sodium, _stream
 
@@ -100,7 +102,8 @@ class DevKeyFile:
 
     @classmethod
     def create(cls, path: str | os.PathLike[str]) -> DevKeyFile:
-        """Make a new random key file at ``path`` (mode 0600); refuses to overwrite."""
+        """Make a new random key file at ``path`` (mode 0600, written atomically); refuses to
+        overwrite."""
         key = bytearray(_stream.KEY_BYTES)
         _sodium.random_bytes(key)
         kid = bytearray(8)
@@ -115,14 +118,16 @@ class DevKeyFile:
             }
         )
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with atomic_file(Path(path)) as f:
+                f.write(text + b"\n")
         except FileExistsError:
             _sodium.memzero(key)
             raise KeyWrapError(
                 f"refusing to overwrite existing key file {os.fspath(path)}"
             ) from None
-        with os.fdopen(fd, "wb") as f:
-            f.write(text + b"\n")
+        except BaseException:
+            _sodium.memzero(key)
+            raise
         return cls(key_id, key)
 
     @classmethod

@@ -7,7 +7,9 @@ defect has one stable ``ShareFileError.reason`` code wherever it is found:
 ``bad_json``, ``bad_header``, ``missing_field``, ``unknown_field``, ``bad_type``, ``bad_hex``,
 ``bad_account_id``, ``zero_identifier``, ``non_canonical_scalar``, ``zero_signing_share``,
 ``invalid_point``, ``share_mismatch``, ``bad_threshold``, ``duplicate_account``,
-``line_too_long`` (plus the sealed-format codes in :mod:`trio_sign.shares._sealed`).
+``line_too_long``; for the plaintext file as a whole ``missing_trailer``, ``bad_trailer``,
+``count_mismatch``, ``after_trailer``, ``truncated`` (plus the sealed-format codes in
+:mod:`trio_sign.shares._sealed`).
 
 Messages are one line, name the field, and never contain secret values.
 """
@@ -26,6 +28,8 @@ from ..crypto import _sodium
 CIPHERSUITE: Final = "FROST-ED25519-SHA512-v1"
 PLAINTEXT_FORMAT: Final = "trio-sign/key-shares"
 PLAINTEXT_VERSION: Final = 1
+#: The key that marks the plaintext file's last line, ``{"end": true, "accounts": N}``.
+TRAILER_KEY: Final = "end"
 
 MAX_ACCOUNT_ID_BYTES: Final = 255
 MAX_SIGNERS_LIMIT: Final = 65535
@@ -299,6 +303,33 @@ def check_plaintext_header(obj: Any, *, line: int = 1) -> None:
     if extra:
         raise ShareFileError(
             f"header has unknown field {sorted(extra)[0]!r}", reason="bad_header", line=line
+        )
+
+
+def trailer_line(accounts: int) -> str:
+    """The plaintext file's last line (no newline): ``{"end": true, "accounts": N}``."""
+    return json.dumps({TRAILER_KEY: True, "accounts": int(accounts)})
+
+
+def check_trailer(obj: dict[str, Any], *, records: int, line: int) -> None:
+    """The trailer must be exactly ``{"end": true, "accounts": N}`` with N the records read."""
+    if obj.get(TRAILER_KEY) is not True:
+        raise ShareFileError('trailer "end" must be true', reason="bad_trailer", line=line)
+    extra = set(obj) - {TRAILER_KEY, "accounts"}
+    if extra:
+        raise ShareFileError(
+            f"trailer has unknown field {sorted(extra)[0]!r}", reason="bad_trailer", line=line
+        )
+    accounts = obj.get("accounts")
+    if type(accounts) is not int or accounts < 0:
+        raise ShareFileError(
+            'trailer "accounts" must be a non-negative integer', reason="bad_trailer", line=line
+        )
+    if accounts != records:
+        raise ShareFileError(
+            f"trailer says {accounts} accounts but the file has {records} records",
+            reason="count_mismatch",
+            line=line,
         )
 
 

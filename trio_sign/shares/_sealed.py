@@ -36,8 +36,10 @@ import struct
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Any, Final
 
+from .._atomic import atomic_file
 from .._errors import InternalError, KeyWrapError, ShareFileError
 from ..crypto import _sodium, _stream
 from ._keywrap import DataKeyProvider, canonical_json
@@ -876,20 +878,14 @@ def _check_output(dst: str, overwrite: bool) -> None:
 
 @contextlib.contextmanager
 def _atomic_output(dst: str, overwrite: bool) -> Iterator[IO[bytes]]:
-    """Write ``dst + ".tmp"`` (mode 0600), fsync, then rename over ``dst``."""
+    """Write ``dst`` atomically (mode 0600): a temporary name in its directory, fsync, rename,
+    fsync the directory (:func:`trio_sign._atomic.atomic_file`)."""
     _check_output(dst, overwrite)
-    tmp = dst + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        with os.fdopen(fd, "wb") as out:
+        with atomic_file(Path(dst), overwrite=overwrite) as out:
             yield out
-            out.flush()
-            os.fsync(out.fileno())
+    except FileExistsError:
         _check_output(dst, overwrite)
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         raise
 
 

@@ -8,18 +8,17 @@ participants (the user's device, a backup) that the gateway drives.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
+from .._atomic import atomic_files
 from .._errors import TrioSignError
 from ..crypto import trusted_dealer_keygen
-from ..shares._plaintext import HEADER_LINE
-from ..shares._records import ShareRecord, record_to_json_text
+from ..shares._plaintext import PlaintextEncoder
+from ..shares._records import ShareRecord
 
 
 def service_file_name() -> str:
@@ -38,15 +37,6 @@ class GenerateReport:
     seconds: float
 
 
-def _open_new(path: Path, force: bool) -> IO[bytes]:
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
-    try:
-        fd = os.open(path, flags, 0o600)
-    except FileExistsError:
-        raise TrioSignError(f"{path} already exists; pass --force to overwrite it") from None
-    return os.fdopen(fd, "wb", buffering=1 << 20)
-
-
 def generate_share_files(
     out_dir: str | os.PathLike[str],
     accounts: int,
@@ -63,8 +53,11 @@ def generate_share_files(
 
     Participants have identifiers 1..max_signers; ``service_identifier`` picks the service's.
     Account ids are ``{account_prefix}{n:08d}``. Files are created with mode 0600 and never
-    overwritten unless ``force``. Every signing share is zeroed after it is written (the JSON
-    text itself is an immutable str that CPython cannot zero; see docs/security.md).
+    overwritten unless ``force``. Each ends with the trailer line (DESIGN §6) and all are
+    written atomically (:func:`trio_sign._atomic.atomic_files`): an interrupted run leaves no
+    file, or the previous ones, under their names, never a truncated one. Every signing share
+    is zeroed after it is written (the JSON text itself is an immutable str that CPython cannot
+    zero; see docs/security.md).
     """
     if accounts < 0:
         raise TrioSignError("--accounts must be >= 0")
@@ -77,11 +70,15 @@ def generate_share_files(
     paths[service_identifier] = out / service_file_name()
     if not counterparts:
         paths = {service_identifier: paths[service_identifier]}
+    for path in paths.values():
+        if not force and path.exists():
+            raise TrioSignError(f"{path} already exists; pass --force to overwrite it")
     start = time.monotonic()
-    with contextlib.ExitStack() as stack:
-        files = {i: stack.enter_context(_open_new(p, force)) for i, p in paths.items()}
-        for f in files.values():
-            f.write(HEADER_LINE.encode() + b"\n")
+    with atomic_files(list(paths.values()), overwrite=force) as opened:
+        files = dict(zip(paths, opened, strict=True))
+        encoders = {i: PlaintextEncoder() for i in files}
+        for i, f in files.items():
+            f.write(encoders[i].start())
         width = max(8, len(str(accounts)))
         for n in range(accounts):
             account_id = f"{account_prefix}{n:0{width}d}"
@@ -97,10 +94,12 @@ def generate_share_files(
                         min_signers,
                         max_signers,
                     )
-                    files[ident].write(record_to_json_text(rec).encode() + b"\n")
+                    files[ident].write(encoders[ident].add_record(rec))
                 share.zero()
             if progress is not None and (n & 1023 == 0 or n + 1 == accounts):
                 progress(n + 1, accounts)
+        for i, f in files.items():
+            f.write(encoders[i].finish())
     return GenerateReport(
         accounts=accounts,
         service_file=paths[service_identifier],
