@@ -18,6 +18,7 @@ import nacl.signing
 import pytest
 import trio
 
+from trio_sign import __version__
 from trio_sign.enclave import EnclaveConfig, serve_dev_enclave
 from trio_sign.gateway import (
     GatewayConfigError,
@@ -33,7 +34,8 @@ NODE_TOKEN = "node-1-events-token-0123456789abcdef"
 API_TOKEN = "api-token-for-the-tests-0123456789"
 
 
-async def raw_request(url: str, head: str, data: bytes = b"") -> tuple[int, Any]:
+async def raw_response(url: str, head: str, data: bytes = b"") -> tuple[int, bytes, bytes]:
+    """(status, head, body) of one request sent as bytes."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
     stream = await trio.open_tcp_stream(host, int(port))
     async with stream:
@@ -43,7 +45,23 @@ async def raw_request(url: str, head: str, data: bytes = b"") -> tuple[int, Any]
             while chunk := await stream.receive_some():
                 raw += chunk
     head_bytes, _, payload = raw.partition(b"\r\n\r\n")
-    return int(head_bytes.split()[1]), json.loads(payload)
+    return int(head_bytes.split()[1]), head_bytes, payload
+
+
+async def raw_request(url: str, head: str, data: bytes = b"") -> tuple[int, Any]:
+    status, _, payload = await raw_response(url, head, data)
+    return status, json.loads(payload)
+
+
+async def metrics(url: str) -> str:
+    """``GET /metrics`` as a scraper sends it (no token); the Prometheus text."""
+    authority = url.removeprefix("http://")
+    status, head, body = await raw_response(
+        url, f"GET /metrics HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+    )
+    assert status == 200
+    assert b"content-type: text/plain; version=0.0.4" in head.lower()
+    return body.decode()
 
 
 async def request(
@@ -163,6 +181,28 @@ async def test_gateway_signs_through_its_api(tmp_path: Path) -> None:
             while (await sign(api, account, "01"))[0] != 200:  # noqa: ASYNC110
                 await trio.sleep(0.05)
 
+        # drain, then undrain (DESIGN §5): the enclave refuses new sessions, then takes them.
+        assert (await request(api, "POST", "/v1/nodes/node-1/drain", {}))[0] == 200
+        with trio.fail_after(30):
+            while (await sign(api, account, "02"))[0] == 200:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        assert (await request(api, "POST", "/v1/nodes/node-1/undrain", {}))[0] == 200
+        with trio.fail_after(30):
+            while (await sign(api, account, "03"))[0] != 200:  # noqa: ASYNC110
+                await trio.sleep(0.1)
+
+        text = await metrics(api)
+        assert 'trio_sign_gateway_sign_requests_total{outcome="unknown_account"}' not in text
+        signed = next(
+            line
+            for line in text.splitlines()
+            if line.startswith('trio_sign_gateway_sign_requests_total{outcome="signed"}')
+        )
+        assert int(signed.rsplit(" ", 1)[1]) >= 3
+        assert "trio_sign_gateway_nodes_known 1\n" in text
+        assert "trio_sign_gateway_sse_subscribers 1\n" in text
+        assert "trio_sign_gateway_sign_duration_seconds_count " in text
+
         assert (await sign(api, "nobody", "00"))[0] == 404
         assert (await request(api, "POST", "/v1/sign", {"account_id": "x"}))[0] == 400
         assert (await request(api, "POST", "/v1/sign", [1, 2]))[0] == 400
@@ -178,6 +218,16 @@ async def test_gateway_signs_through_its_api(tmp_path: Path) -> None:
         ('[shares]\nparticipant_files = ["p"]\n[[node]]\nid = "a b"\naddress = "x"\n', "id"),
         ('[shares]\nparticipant_files = ["p"]\n[[node]]\nid = "a"\n', "address is required"),
         ("[bogus]\n", "unknown section"),
+        ('[api]\nlisen = "tcp://127.0.0.1:1"\n', r"\[api\] has unknown key 'lisen'"),
+        ('[events]\nlisten = "x"\ncertfil = "c"\n', r"\[events\] has unknown key 'certfil'"),
+        ("[prober]\ninterval = 1\n", r"\[prober\] has unknown key 'interval'"),
+        ('[tls]\nca = "a"\ncert = "b"\nkey = "c"\nsni = "d"\n', r"\[tls\] has unknown key"),
+        ('[shares]\nparticipant_file = ["p"]\n', r"\[shares\] has unknown key"),
+        ('api = "x"\n', r"\[api\] must be a table"),
+        (
+            '[shares]\nparticipant_files = ["p"]\n[[node]]\nid = "a"\nadress = "x"\n',
+            r"\[\[node\]\] #1 has unknown key 'adress'",
+        ),
         ("[api", "not valid TOML"),
     ],
 )
@@ -220,7 +270,30 @@ async def test_a_well_formed_request_passes_the_checks(idle_gateway: GatewayHand
     assert (await sign(api, "acct", "00", content_type=json_utf8))[0] == 404
     assert (await request(api, "GET", "/healthz", token=None, content_type=None))[0] == 200
     assert (await request(api, "POST", "/v1/nodes/node-1/drain", {}))[0] == 200
-    assert published_by_the_api(idle_gateway) == ["drain"]
+    assert (await request(api, "POST", "/v1/nodes/node-1/undrain", {}))[0] == 200
+    assert published_by_the_api(idle_gateway) == ["drain", "undrain"]
+
+
+async def test_metrics_count_sign_requests_by_outcome_without_a_token(
+    idle_gateway: GatewayHandle,
+) -> None:
+    api = idle_gateway.api_urls[0]
+    assert (await sign(api, "acct", "00"))[0] == 404
+    assert (await sign(api, "acct", "zz"))[0] == 400
+    assert (await request(api, "POST", "/v1/sign", {"account_id": "x"}))[0] == 400
+    text = await metrics(api)
+    assert (
+        "# TYPE trio_sign_gateway_sign_requests_total counter\n"
+        'trio_sign_gateway_sign_requests_total{outcome="unknown_account"} 1\n'
+        'trio_sign_gateway_sign_requests_total{outcome="bad_request"} 2\n'
+    ) in text
+    assert "trio_sign_gateway_nodes_known 1\n" in text
+    assert "trio_sign_gateway_sse_subscribers 0\n" in text
+    assert 'trio_sign_gateway_sse_refusals_total{reason="unauthorized"} 0\n' in text
+    assert f'trio_sign_build_info{{component="gateway",version="{__version__}"}} 1\n' in text
+    # Host and Origin are still checked; nothing secret is in it.
+    assert API_TOKEN not in text
+    assert (await request(api, "GET", "/metrics", token=None, host="evil.example"))[0] == 421
 
 
 @pytest.mark.parametrize(
@@ -371,3 +444,17 @@ def test_node_token_config_errors(token_line: str, message: str) -> None:
     with pytest.raises(GatewayConfigError, match=message) as info:
         parse_gateway_config(text)
     assert "short" not in str(info.value)
+
+
+def test_the_gateway_command_exits_2_naming_an_unknown_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``[api] lisen`` once silently served on the default port; now nothing starts."""
+    from trio_sign.cli._main import main
+
+    config = tmp_path / "gateway.toml"
+    config.write_text('[api]\nlisen = "tcp://127.0.0.1:9"\n')
+    assert main(["gateway", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "[api] has unknown key 'lisen'" in err

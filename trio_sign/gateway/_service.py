@@ -1,6 +1,7 @@
 """``trio-sign gateway``: the reference Sign Gateway as a process.
 
-``gateway.toml``::
+``gateway.toml`` (every key in docs/gateway.md; an unknown key or section is refused, naming
+it)::
 
     [api]                       # the sign API this reference gateway offers its clients
     listen = "tcp://127.0.0.1:8443"
@@ -28,15 +29,16 @@
 Tree::
 
     serve_gateway
-    ├── serve_gateway_events   (probe / abort / freeze / unfreeze / drain, per node)
+    ├── serve_gateway_events   (probe / abort / freeze / unfreeze / drain / undrain, per node)
     ├── EnclaveNode.run        (one per node: a kept-open gRPC channel, mTLS when configured)
     ├── run_prober             (Ping + the SSE probe echo; eviction and re-admission)
     └── the sign API           POST /v1/sign, GET /v1/nodes, POST /v1/nodes/{id}/{freeze,
-                               unfreeze,drain}, GET /healthz
+                               unfreeze,drain,undrain}, GET /healthz, GET /metrics
 
 The API is deliberately small: it is a reference for integrators and a driver for demos and
 tests, to be bound to loopback. Still, a web page must not be able to drive it (DESIGN §16):
-every request needs ``Authorization: Bearer <[api] token>`` (``GET /healthz`` excepted), a
+every request needs ``Authorization: Bearer <[api] token>`` (``GET /healthz`` and
+``GET /metrics`` excepted: they carry counts, never ids or keys), a
 ``Host`` from ``[api] allowed_hosts`` (else ``421``; this stops DNS rebinding), and no
 ``Origin`` other than its own ``Host`` (else ``403``; this stops CSRF); a ``POST`` must be
 ``Content-Type: application/json`` (else ``415``: a form or ``text/plain`` post cannot pass).
@@ -53,7 +55,7 @@ import logging
 import os
 import secrets
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -61,7 +63,9 @@ from urllib.parse import urlsplit
 
 import trio
 
+from .. import __version__
 from .._errors import TrioSignError
+from .._metrics import Registry
 from ..transport import serve_asgi
 from ..transport._asgi import asgi_lifespan, respond
 from ._coordinator import Coordinator, GatewayError, load_participant_files
@@ -85,6 +89,17 @@ MAX_MESSAGE_BYTES = 32 * 1024
 DEFAULT_API_TOKEN_FILE: Final = "gateway-api.token"
 #: The loopback names a request's ``Host`` may use when ``[api] allowed_hosts`` is not set.
 _LOOPBACK_HOSTS: Final = ("localhost", "127.0.0.1", "[::1]")
+
+#: Every key ``gateway.toml`` takes, per section (docs/gateway.md); anything else is refused.
+_KEYS: Final[dict[str, frozenset[str]]] = {
+    "api": frozenset({"listen", "token", "token_file", "allowed_hosts"}),
+    "events": frozenset({"listen", "certfile", "keyfile"}),
+    "tls": frozenset({"ca", "cert", "key", "server_name"}),
+    "shares": frozenset({"participant_files"}),
+    "prober": frozenset({"interval_s", "evict_after_s"}),
+    "node": frozenset({"id", "address", "events_token"}),
+}
+_PROMETHEUS_TEXT: Final = b"text/plain; version=0.0.4; charset=utf-8"
 
 #: GatewayError.reason -> HTTP status of the sign API.
 _HTTP_STATUS = {
@@ -187,19 +202,44 @@ def load_api_token(path: Path) -> tuple[str, bool]:
     return token, True
 
 
+def _table(data: Mapping[str, Any], section: str) -> dict[str, Any] | None:
+    """The section's table with its keys checked (None if absent)."""
+    table = data.get(section)
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise GatewayConfigError(f"[{section}] must be a table")
+    _unknown_keys(table, f"[{section}]", _KEYS[section])
+    return table
+
+
+def _unknown_keys(table: Mapping[str, Any], where: str, known: Set[str]) -> None:
+    extra = sorted(set(table) - known)
+    if extra:
+        raise GatewayConfigError(
+            f"{where} has unknown key {extra[0]!r} (known: {', '.join(sorted(known))})"
+        )
+
+
 def parse_gateway_config(text: str, *, base: Path = Path(".")) -> GatewayConfig:
+    """Parse ``gateway.toml`` (every key in docs/gateway.md).
+
+    Error handling: :class:`GatewayConfigError` naming the section and key for invalid TOML,
+    an unknown section or key (a typo such as ``[api] lisen`` must not silently fall back to
+    a default), a missing required key or a bad value.
+    """
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise GatewayConfigError(f"not valid TOML: {exc}") from None
-    extra = sorted(set(data) - {"api", "events", "tls", "shares", "prober", "node"})
+    extra = sorted(set(data) - set(_KEYS))
     if extra:
         raise GatewayConfigError(f"unknown section [{extra[0]}]")
-    api = data.get("api", {})
-    events = data.get("events", {})
-    tls = data.get("tls")
-    shares = data.get("shares", {})
-    prober = data.get("prober", {})
+    api = _table(data, "api") or {}
+    events = _table(data, "events") or {}
+    tls = _table(data, "tls")
+    shares = _table(data, "shares") or {}
+    prober = _table(data, "prober") or {}
     files = shares.get("participant_files")
     if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
         raise GatewayConfigError("[shares] participant_files must be a non-empty list of paths")
@@ -207,7 +247,10 @@ def parse_gateway_config(text: str, *, base: Path = Path(".")) -> GatewayConfig:
     if not isinstance(raw_nodes, list) or not raw_nodes:
         raise GatewayConfigError("at least one [[node]] (id, address) is required")
     nodes = []
-    for raw in raw_nodes:
+    for index, raw in enumerate(raw_nodes, 1):
+        if not isinstance(raw, dict):
+            raise GatewayConfigError("[[node]] must be an array of tables")
+        _unknown_keys(raw, f"[[node]] #{index}", _KEYS["node"])
         node_id = _str(raw, "node", "id")
         if not valid_node_id(node_id):
             raise GatewayConfigError(f"[[node]] id {node_id!r}: use [A-Za-z0-9._-], 1..128")
@@ -277,8 +320,13 @@ class GatewayApi:
 
     Refusals, in this order: ``421`` a ``Host`` not allowed (or none, or several); ``403`` an
     ``Origin`` whose ``host[:port]`` is not the request's ``Host`` (``null`` included);
-    ``401`` no or a wrong token; then routing, and ``415`` for a ``POST`` that is not
-    ``Content-Type: application/json``.
+    ``401`` no or a wrong token (``GET /healthz`` and ``GET /metrics`` need none); then
+    routing, and ``415`` for a ``POST`` that is not ``Content-Type: application/json``.
+
+    Attributes:
+        metrics: the gateway's metrics (sign requests by outcome, their latency, nodes known,
+            healthy and evicted, event subscribers and refusals, build info), served as
+            Prometheus text on ``GET /metrics``.
     """
 
     def __init__(
@@ -297,6 +345,58 @@ class GatewayApi:
         self._hub = hub
         self._token = api_token.encode("ascii")
         self._allowed_hosts = frozenset(h.lower() for h in allowed_hosts)
+        self.metrics = Registry()
+        self._init_metrics()
+
+    def _init_metrics(self) -> None:
+        m = self.metrics
+        m.build_info("gateway", __version__)
+        self._sign_requests = m.counter(
+            "trio_sign_gateway_sign_requests_total",
+            "POST /v1/sign requests answered, by outcome: signed, bad_request, or the "
+            "GatewayError reason (no_healthy_node, enclave_refused, ...).",
+            ("outcome",),
+        )
+        self._sign_latency = m.histogram(
+            "trio_sign_gateway_sign_duration_seconds",
+            "Time to coordinate one signature (both rounds, aggregation, verification), "
+            "in seconds.",
+        )
+        known = m.gauge("trio_sign_gateway_nodes_known", "Enclave nodes configured.")
+        healthy = m.gauge(
+            "trio_sign_gateway_nodes_healthy", "Nodes the prober finds healthy (not evicted)."
+        )
+        evicted = m.gauge("trio_sign_gateway_nodes_evicted", "Nodes evicted by the prober.")
+        subscribers = m.gauge(
+            "trio_sign_gateway_sse_subscribers", "Event-stream subscriptions open now."
+        )
+        published = m.counter(
+            "trio_sign_gateway_sse_events_published_total",
+            "Events published to the nodes' streams (probe, abort, freeze, drain, ...).",
+        )
+        refused = m.counter(
+            "trio_sign_gateway_sse_refusals_total",
+            "Event subscriptions refused or cut, by reason.",
+            ("reason",),
+        )
+
+        def collect() -> None:
+            nodes = list(self._nodes.values())
+            known.set(len(nodes))
+            healthy.set(sum(1 for n in nodes if n.healthy and not n.evicted))
+            evicted.set(sum(1 for n in nodes if n.evicted))
+            subscribers.set(sum(self._hub.subscribers(n) for n in self._nodes))
+            stats = self._hub.stats
+            published.labels().set_total(stats.published)
+            for reason, n in (
+                ("unauthorized", stats.unauthorized),
+                ("node_limit", stats.refused_node),
+                ("hub_limit", stats.refused),
+                ("fell_behind", stats.dropped_slow),
+            ):
+                refused.labels(reason=reason).set_total(n)
+
+        m.on_collect(collect)
 
     def __repr__(self) -> str:
         return f"GatewayApi(nodes={sorted(self._nodes)!r})"
@@ -307,6 +407,11 @@ class GatewayApi:
         if scope["type"] != "http":
             return
         refusal = self._refusal(scope)
+        if refusal is None and (scope.get("method"), scope.get("path")) == ("GET", "/metrics"):
+            await respond(
+                send, 200, _PROMETHEUS_TEXT, self.metrics.render().encode(), None, no_store=True
+            )
+            return
         if refusal is not None:
             status, body = refusal
         else:
@@ -348,7 +453,7 @@ class GatewayApi:
                 same = False
             if not same:
                 return 403, {"error": "cross-origin requests are refused"}
-        if scope.get("method") == "GET" and scope.get("path") == "/healthz":
+        if scope.get("method") == "GET" and scope.get("path") in ("/healthz", "/metrics"):
             return None
         if not hmac.compare_digest(bearer_token(scope), self._token):
             return 401, {"error": "unauthorized"}
@@ -400,6 +505,8 @@ class GatewayApi:
             node_id, action = parts[2], parts[3]
             if action == "drain":
                 return 200, {"event_id": self._hub.drain(node_id)}
+            if action == "undrain":
+                return 200, {"event_id": self._hub.undrain(node_id)}
             account_id = body.get("account_id")
             if action in ("freeze", "unfreeze") and isinstance(account_id, str) and account_id:
                 publish = self._hub.freeze if action == "freeze" else self._hub.unfreeze
@@ -408,6 +515,12 @@ class GatewayApi:
         return 404, {"error": "not found"}
 
     async def _sign(self, body: dict[str, Any]) -> tuple[int, Any]:
+        status, answer = await self._sign_checked(body)
+        outcome = "signed" if status == 200 else answer.get("reason", "bad_request")
+        self._sign_requests.labels(outcome=outcome).inc()
+        return status, answer
+
+    async def _sign_checked(self, body: dict[str, Any]) -> tuple[int, Any]:
         account_id, message_hex = body.get("account_id"), body.get("message_hex")
         if not isinstance(account_id, str) or not account_id or not isinstance(message_hex, str):
             return 400, {"error": 'need {"account_id": str, "message_hex": hex}'}
@@ -417,11 +530,14 @@ class GatewayApi:
             return 400, {"error": "message_hex is not hex"}
         if len(message) > MAX_MESSAGE_BYTES:
             return 400, {"error": f"message over {MAX_MESSAGE_BYTES} bytes"}
+        started = trio.current_time()
         try:
             signature = await self._coordinator.sign_message(account_id, message)
         except GatewayError as exc:
             status = _HTTP_STATUS.get(exc.reason, 500)
             return status, {"error": str(exc), "reason": exc.reason}
+        finally:
+            self._sign_latency.observe(max(0.0, trio.current_time() - started))
         return 200, {"account_id": account_id, "signature_hex": signature.hex()}
 
 
