@@ -19,7 +19,6 @@ from trio_sign.enclave._logchannel import (
     ChannelLogHandler,
     attach_log_handler,
     detach_log_handler,
-    flush_log_channel,
     run_log_channel,
 )
 from trio_sign.nitro import (
@@ -272,29 +271,9 @@ def test_bad_settings() -> None:
         ChannelLogHandler(max_line_chars=10**7)
 
 
-async def test_flush_sends_the_last_lines_after_the_channel_task_is_gone(
-    logger: logging.Logger, autojump_clock: trio.testing.MockClock
+async def test_wait_flushed_with_the_channel_running_waits_for_it(
+    logger: logging.Logger,
 ) -> None:
-    handler = make_handler(logger)
-    parent = FakeParent()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(start_logs(parent, handler))
-        first = await parent.accepted.receive()
-        await first.receive_expected(HelloMessage)
-        logger.info("serving")
-        assert [line["msg"] for line in await receive_lines(first, 1)] == ["serving"]
-        nursery.cancel_scope.cancel()  # teardown cancels the channel task...
-    logger.error("enclave failed")  # ...and then logs why
-    with trio.CancelScope() as scope:
-        scope.cancel()  # flush runs inside the cancelled teardown
-        assert await flush_log_channel(handler, timeout_s=1.0)
-    second = await parent.accepted.receive()
-    await second.receive_expected(HelloMessage)
-    assert [line["msg"] for line in await receive_lines(second, 1)] == ["enclave failed"]
-    assert await receive_until_closed(second) == []
-
-
-async def test_flush_with_the_channel_running_waits_for_it(logger: logging.Logger) -> None:
     handler = make_handler(logger)
     parent = FakeParent()
     async with trio.open_nursery() as nursery:
@@ -303,27 +282,31 @@ async def test_flush_with_the_channel_running_waits_for_it(logger: logging.Logge
         await conn.receive_expected(HelloMessage)
         for i in range(3):
             logger.info("line %d", i)
-        assert await flush_log_channel(handler, timeout_s=1.0)
+        assert not handler.empty
+        assert await handler.wait_flushed()
+        assert handler.empty
         assert handler.buffered == 0
         assert len(await receive_lines(conn, 3)) == 3
         assert parent.attempts == 1
         nursery.cancel_scope.cancel()
 
 
-async def test_flush_is_bounded_when_the_parent_is_away(
+async def test_wait_flushed_is_bounded_by_the_caller_and_ends_with_the_sender(
     logger: logging.Logger, autojump_clock: trio.testing.MockClock
 ) -> None:
     handler = make_handler(logger)
     logger.info("nobody hears this")
-    assert not await flush_log_channel(handler, timeout_s=1.0)  # run_log_channel never ran
+    assert not await handler.wait_flushed()  # run_log_channel never ran: nothing to wait for
     assert trio.current_time() == 0
     parent = FakeParent()
     parent.refuse = True
     async with trio.open_nursery() as nursery:
         await nursery.start(start_logs(parent, handler))
-        assert not await flush_log_channel(handler, timeout_s=2.0)
+        with trio.move_on_after(2.0):
+            await handler.wait_flushed()
         assert trio.current_time() == pytest.approx(2.0)
-        nursery.cancel_scope.cancel()
-    assert not await flush_log_channel(handler, timeout_s=1.5, retry_s=0.1)
-    assert trio.current_time() == pytest.approx(3.5)
+        nursery.start_soon(handler.wait_flushed)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()  # the sender is gone: the waiter returns (no hang)
+    assert not handler.empty
     assert handler.buffered >= 1

@@ -1,10 +1,11 @@
-"""The status channel: state reporting, coalescing, reconnects and the final report."""
+"""The status channel: state reporting, coalescing, reconnects, the exit frame and metrics."""
 
 from __future__ import annotations
 
 import functools
 import random
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 import trio
@@ -12,15 +13,16 @@ import trio.testing
 
 from trio_sign.enclave._status import (
     StatusReporter,
-    report_final,
     run_status_channel,
 )
 from trio_sign.nitro import (
+    MAX_METRICS_BYTES,
     ChannelClosed,
     ChannelMessage,
     ExitMessage,
     HelloMessage,
     MessageStream,
+    MetricsMessage,
     StateMessage,
 )
 
@@ -222,7 +224,7 @@ async def test_frames_from_the_parent_are_ignored() -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_report_final_delivers_state_and_exit(
+async def test_exit_frame_follows_the_final_state(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     parent = FakeParent()
@@ -241,12 +243,12 @@ async def test_report_final_delivers_state_and_exit(
         reporter: StatusReporter = await nursery.start(start_status(parent))
         await reporter.wait_connected()
         await trio.testing.wait_all_tasks_blocked()  # "booting" is out
-        delivered = await report_final(
-            reporter, "failed", code=3, reason="preload: wrong key", timeout_s=2.0
-        )
-        assert delivered
+        reporter.set_state("failed", reason="preload: wrong key")
+        reporter.request_exit(3)
+        assert not reporter.exit_delivered
+        assert await reporter.wait_exit_delivered()
         assert reporter.exit_delivered
-        assert trio.current_time() < 0.001
+        assert trio.current_time() == 0
         await trio.testing.wait_all_tasks_blocked()
         nursery.cancel_scope.cancel()
     assert received == [
@@ -257,48 +259,228 @@ async def test_report_final_delivers_state_and_exit(
     ]
 
 
-async def test_report_final_is_shielded_and_works_after_the_channel_task_is_gone(
+async def test_wait_exit_delivered_returns_when_no_sender_runs(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
+    lonely = StatusReporter()
+    lonely.request_exit(0)
+    assert not await lonely.wait_exit_delivered()  # never ran: nobody to wait for
+    parent = FakeParent()
+    parent.fail = 10**6
+    async with trio.open_nursery() as nursery:
+        reporter: StatusReporter = await nursery.start(start_status(parent))
+        reporter.request_exit(1)
+        with trio.move_on_after(2.5):
+            await reporter.wait_exit_delivered()  # the parent is away: it keeps trying
+        assert trio.current_time() == pytest.approx(2.5)
+        nursery.start_soon(reporter.wait_exit_delivered)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()  # the sender is gone: the waiter returns (no hang)
+    assert not reporter.exit_delivered
+
+
+async def test_a_new_connection_repeats_the_exit_frame() -> None:
     parent = FakeParent()
     async with trio.open_nursery() as nursery:
         reporter: StatusReporter = await nursery.start(start_status(parent))
         first = await parent.accepted.receive()
         await first.receive_expected(HelloMessage)
         await states(first, 1)
-        nursery.cancel_scope.cancel()  # the whole tree is being torn down
-    with trio.CancelScope() as scope:
-        scope.cancel()  # report_final runs inside a cancelled scope
-        delivered = await report_final(reporter, "exiting", code=0, timeout_s=1.0)
-    assert delivered
-    second = await parent.accepted.receive()
-    await second.receive_expected(HelloMessage)
-    assert await states(second, 1) == ["exiting"]
-    assert await second.receive() == ExitMessage(code=0)
-    with pytest.raises(ChannelClosed):
-        await second.receive()
+        reporter.set_state("exiting")
+        reporter.request_exit(0)
+        assert await states(first, 1) == ["exiting"]
+        assert await first.receive() == ExitMessage(code=0)
+        await first.aclose()
+        second = await parent.accepted.receive()
+        await second.receive_expected(HelloMessage)
+        assert await states(second, 1) == ["exiting"]
+        assert await second.receive() == ExitMessage(code=0)
+        nursery.cancel_scope.cancel()
 
 
-async def test_report_final_gives_up_after_the_timeout_when_the_channel_is_down(
+async def test_a_second_exit_request_is_delivered_too(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     parent = FakeParent()
-    parent.fail = 10**6
     async with trio.open_nursery() as nursery:
         reporter: StatusReporter = await nursery.start(start_status(parent))
-        start = trio.current_time()
-        delivered = await report_final(reporter, "failed", code=1, reason="x", timeout_s=2.5)
-        assert not delivered
-        assert trio.current_time() - start == pytest.approx(2.5)
+        conn = await parent.accepted.receive()
+        await conn.receive_expected(HelloMessage)
+        await states(conn, 1)
+        reporter.set_state("failed", reason="boom")
+        reporter.request_exit(2)
+        assert await reporter.wait_exit_delivered()
+        reporter.set_state("exiting")
+        reporter.request_exit(2)
+        assert not reporter.exit_delivered
+        assert await reporter.wait_exit_delivered()
+        got = [await conn.receive() for _ in range(4)]
+        assert got == [
+            StateMessage(state="failed", reason="boom"),
+            ExitMessage(code=2),
+            StateMessage(state="exiting"),
+            ExitMessage(code=2),
+        ]
         nursery.cancel_scope.cancel()
-    # Without the channel task it retries on its own connections, still bounded.
-    start = trio.current_time()
-    assert not await report_final(reporter, "failed", code=1, timeout_s=1.5, retry_s=0.1)
-    assert trio.current_time() - start == pytest.approx(1.5)
-    # Never connected at all: just records the state.
-    lonely = StatusReporter()
-    assert not await report_final(lonely, "exiting", code=0, timeout_s=5)
-    assert lonely.state.state == "exiting"
+
+
+async def test_hurry_cuts_the_back_off_to_the_initial_delay(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The last words must not wait out a 10 s back-off: once hurried, the channel retries
+    at least every backoff_initial_s."""
+    parent = FakeParent()
+    parent.fail = 8
+    hurry = trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            functools.partial(
+                run_status_channel,
+                parent.connect,
+                backoff_initial_s=0.5,
+                backoff_max_s=60.0,
+                rng=random.Random(7),
+                hurry=hurry,
+            )
+        )
+        while parent.attempts < 7:  # noqa: ASYNC110 - virtual time; counting attempts
+            await trio.sleep(0.001)
+        hurry.set()
+        hurried_at, attempts = trio.current_time(), parent.attempts
+        await parent.accepted.receive()  # the 9th attempt gets through
+        assert parent.attempts == 9
+        assert trio.current_time() - hurried_at <= 0.5 * (9 - attempts) + 0.01
+        nursery.cancel_scope.cancel()
+
+
+# ------------------------------------------------------------------------------------------
+# metrics
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self) -> dict[str, Any]:
+        self.calls += 1
+        return {"trio_sign_snapshots_total": self.calls}
+
+
+async def metrics_and_states(conn: MessageStream, n: int) -> list[tuple[float, ChannelMessage]]:
+    out = []
+    for _ in range(n):
+        message = await conn.receive()
+        out.append((trio.current_time(), message))
+    return out
+
+
+async def test_metrics_every_interval_while_connected(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    parent = FakeParent()
+    source = Counter()
+    reporter = StatusReporter(metrics_source=source, metrics_interval_s=10.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(start_status(parent, reporter))
+        conn = await parent.accepted.receive()
+        await conn.receive_expected(HelloMessage)
+        assert await states(conn, 1) == ["booting"]
+        got = await metrics_and_states(conn, 2)
+        assert got == [
+            (10.0, MetricsMessage(snapshot={"trio_sign_snapshots_total": 1})),
+            (20.0, MetricsMessage(snapshot={"trio_sign_snapshots_total": 2})),
+        ]
+        reporter.set_state("serving")  # states go out at once, between snapshots
+        assert await metrics_and_states(conn, 2) == [
+            (20.0, StateMessage(state="serving")),
+            (30.0, MetricsMessage(snapshot={"trio_sign_snapshots_total": 3})),
+        ]
+        assert reporter.metrics_sent == 3
+        await conn.aclose()  # the parent goes away: no snapshots while disconnected
+        second = await parent.accepted.receive()
+        reconnected = trio.current_time()
+        assert source.calls == 3
+        await second.receive_expected(HelloMessage)
+        assert await states(second, 1) == ["serving"]
+        ((at, message),) = await metrics_and_states(second, 1)
+        assert at == pytest.approx(reconnected + 10.0)
+        assert message == MetricsMessage(snapshot={"trio_sign_snapshots_total": 4})
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_metrics_source_set_late_is_sent_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    parent = FakeParent()
+    async with trio.open_nursery() as nursery:
+        reporter: StatusReporter = await nursery.start(start_status(parent))
+        conn = await parent.accepted.receive()
+        await conn.receive_expected(HelloMessage)
+        await states(conn, 1)
+        await trio.sleep(25)  # no source yet: nothing to send
+        reporter.metrics_source = Counter()
+        assert await metrics_and_states(conn, 2) == [
+            (25.0, MetricsMessage(snapshot={"trio_sign_snapshots_total": 1})),
+            (35.0, MetricsMessage(snapshot={"trio_sign_snapshots_total": 2})),
+        ]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_bad_snapshot_is_skipped_logged_once_and_never_breaks_the_channel(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    snapshots: list[Any] = [
+        {"big": "x" * (MAX_METRICS_BYTES + 1)},  # over the bound
+        {"bytes": b"raw"},  # not JSON-like
+        RuntimeError("registry bug"),  # the source itself fails
+        {"ok": 1},
+    ]
+
+    def source() -> dict[str, Any]:
+        item = snapshots.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        assert isinstance(item, dict)
+        return item
+
+    parent = FakeParent()
+    reporter = StatusReporter(metrics_source=source, metrics_interval_s=1.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(start_status(parent, reporter))
+        conn = await parent.accepted.receive()
+        await conn.receive_expected(HelloMessage)
+        await states(conn, 1)
+        assert await metrics_and_states(conn, 1) == [(4.0, MetricsMessage(snapshot={"ok": 1}))]
+        assert parent.attempts == 1  # the same connection throughout
+        nursery.cancel_scope.cancel()
+    errors = [r for r in caplog.records if r.msg.startswith("metrics snapshot not sent")]
+    assert len(errors) == 1  # once per failing streak, not once per interval
+    assert "snapshot" in errors[0].getMessage()
+
+
+async def test_no_metrics_once_the_exit_is_requested(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    parent = FakeParent()
+    source = Counter()
+    reporter = StatusReporter(metrics_source=source, metrics_interval_s=1.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(start_status(parent, reporter))
+        conn = await parent.accepted.receive()
+        await conn.receive_expected(HelloMessage)
+        await states(conn, 1)
+        reporter.set_state("exiting")
+        reporter.request_exit(0)
+        assert await states(conn, 1) == ["exiting"]
+        assert await conn.receive() == ExitMessage(code=0)
+        await trio.sleep(5)
+        assert source.calls == 0
+        nursery.cancel_scope.cancel()
+
+
+def test_metrics_interval_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="metrics_interval_s"):
+        StatusReporter(metrics_interval_s=0)
 
 
 async def test_memory_level_shows_in_the_reason() -> None:
@@ -342,24 +524,3 @@ async def test_bad_backoff_settings() -> None:
     parent = FakeParent()
     with pytest.raises(ValueError, match="backoff"):
         await run_status_channel(parent.connect, backoff_initial_s=5, backoff_max_s=1)
-
-
-async def test_a_second_report_final_is_delivered_too(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    parent = FakeParent()
-    async with trio.open_nursery() as nursery:
-        reporter: StatusReporter = await nursery.start(start_status(parent))
-        conn = await parent.accepted.receive()
-        await conn.receive_expected(HelloMessage)
-        await states(conn, 1)
-        assert await report_final(reporter, "failed", code=2, reason="boom", timeout_s=1)
-        assert await report_final(reporter, "exiting", code=2, timeout_s=1)
-        got = [await conn.receive() for _ in range(4)]
-        assert got == [
-            StateMessage(state="failed", reason="boom"),
-            ExitMessage(code=2),
-            StateMessage(state="exiting"),
-            ExitMessage(code=2),
-        ]
-        nursery.cancel_scope.cancel()

@@ -3,6 +3,12 @@
 from ._config import EnclaveConfig as EnclaveConfig
 from ._exit import EnclaveExit as EnclaveExit
 from ._exit import ExitCode as ExitCode
+from ._lifecycle import TRANSITIONS as TRANSITIONS
+from ._lifecycle import EnclaveEvent as EnclaveEvent
+from ._lifecycle import EnclaveLifecycle as EnclaveLifecycle
+from ._lifecycle import EnclaveState as EnclaveState
+from ._lifecycle import LifecycleError as LifecycleError
+from ._link import ParentLink as ParentLink
 from ._pool import DEFAULT_MAX_SESSIONS as DEFAULT_MAX_SESSIONS
 from ._pool import DEFAULT_SESSION_TTL_S as DEFAULT_SESSION_TTL_S
 from ._pool import CommitResult as CommitResult
@@ -20,11 +26,17 @@ from ._service import SignService as SignService
 __all__ = [
     "DEFAULT_MAX_SESSIONS",
     "DEFAULT_SESSION_TTL_S",
+    "TRANSITIONS",
     "CommitResult",
     "EnclaveConfig",
+    "EnclaveEvent",
     "EnclaveExit",
     "EnclaveHandle",
+    "EnclaveLifecycle",
+    "EnclaveState",
     "ExitCode",
+    "LifecycleError",
+    "ParentLink",
     "PoolError",
     "PoolErrorKind",
     "PreloadError",

@@ -23,12 +23,15 @@ Design, in order of importance:
 4. **Any thread may log.** ``emit`` takes a ``threading.Lock``; when the sender is parked
    waiting for lines, ``emit`` wakes it through ``TrioToken.run_sync_soon``, which is safe from
    any thread (at most one wake-up per batch, not one per line).
+
+The last lines (why the enclave failed, the drain) are what an operator needs most:
+:class:`~trio_sign.enclave.ParentLink` keeps :func:`run_log_channel` running until the process
+has said them, and waits for them with :meth:`ChannelLogHandler.wait_flushed`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import logging
 import random
@@ -46,7 +49,6 @@ from ._status import (
     DEFAULT_CONNECT_TIMEOUT_S,
     Connect,
     check_backoff,
-    one_connection,
     run_reconnecting_channel,
 )
 
@@ -105,13 +107,28 @@ class ChannelLogHandler(logging.Handler):
         self._dropped = 0  # since the last dropped() frame
         self._waiter: tuple[trio.lowlevel.TrioToken, trio.Event] | None = None
         self._sent = trio.Event()  # replaced after every batch written (flush waits on it)
-        self._connect: Connect | None = None
         self._runners = 0
 
     @property
     def buffered(self) -> int:
         """Lines waiting to be sent."""
         return len(self._lines)
+
+    @property
+    def empty(self) -> bool:
+        """True when no line and no drop count waits to be sent."""
+        with self._mutex:
+            return not self._lines and not self._dropped
+
+    async def wait_flushed(self) -> bool:
+        """Wait until everything buffered (lines logged meanwhile too) is written, or until no
+        :func:`run_log_channel` is running; return :attr:`empty`.
+
+        Bound it with a cancel scope: a parent that is away keeps the sender reconnecting.
+        """
+        while not self.empty and self._runners > 0:
+            await self._sent.wait()
+        return self.empty
 
     # --- producer side (any thread)
 
@@ -196,16 +213,9 @@ class ChannelLogHandler(logging.Handler):
             self._chars -= chars
             self._dropped -= dropped
 
-    @property
-    def _empty(self) -> bool:
-        with self._mutex:
-            return not self._lines and not self._dropped
-
-    async def _converse(self, messages: MessageStream, *, until_empty: bool = False) -> str:
+    async def _converse(self, messages: MessageStream) -> NoReturn:
         encoder = FrameChannel()
         while True:
-            if until_empty and self._empty:
-                return "flushed"
             await self._wait_for_work()
             lines, dropped = self._peek_batch()
             frames: list[bytes] = []
@@ -237,6 +247,7 @@ async def run_log_channel(
     backoff_max_s: float = DEFAULT_BACKOFF_MAX_S,
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
     rng: random.Random | None = None,
+    hurry: trio.Event | None = None,
     task_status: trio.TaskStatus[ChannelLogHandler] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Forward ``handler``'s buffered lines to the parent over ``connect()`` connections.
@@ -246,7 +257,8 @@ async def run_log_channel(
 
     Each connection sends ``hello(channel="logs")``, then ``log`` frames in batches, each batch
     followed by ``dropped(count)`` if lines were dropped since the last report. After a failure
-    it reconnects with back-off (see :func:`~trio_sign.enclave._status.run_reconnecting_channel`).
+    it reconnects with back-off (see :func:`~trio_sign.enclave._status.run_reconnecting_channel`,
+    which also says what ``hurry`` does).
 
     Cancellation: safe at any point; the stream is closed and unsent lines stay buffered.
 
@@ -255,7 +267,6 @@ async def run_log_channel(
     ``started``.
     """
     check_backoff(backoff_initial_s, backoff_max_s, connect_timeout_s)
-    handler._connect = connect
     handler._runners += 1
     try:
         task_status.started(handler)
@@ -267,45 +278,12 @@ async def run_log_channel(
             backoff_max_s=backoff_max_s,
             connect_timeout_s=connect_timeout_s,
             rng=rng,
+            hurry=hurry,
         )
     finally:
         handler._runners -= 1
         handler._sent.set()
         handler._sent = trio.Event()
-
-
-async def flush_log_channel(
-    handler: ChannelLogHandler, *, timeout_s: float, retry_s: float = DEFAULT_BACKOFF_INITIAL_S
-) -> bool:
-    """Last words for the logs: send what is still buffered, then return.
-
-    Call it at the very end of teardown (after the last log line worth sending, such as why the
-    enclave failed). If :func:`run_log_channel` is still running, this waits for it to empty
-    the buffer; if it is gone (cancelled with the rest of the tree), this opens connections of
-    its own with the same ``connect`` (every ``retry_s``) until the buffer is empty. Lines
-    logged meanwhile are sent too.
-
-    Returns True if the buffer was emptied (drops reported), False if ``timeout_s`` ran out or
-    :func:`run_log_channel` never ran.
-
-    Cancellation: shielded; returns within ``timeout_s`` whatever happens around it.
-    """
-    with trio.move_on_after(timeout_s, shield=True):
-        while not handler._empty:
-            if handler._runners > 0:
-                await handler._sent.wait()
-            elif handler._connect is not None:
-                await one_connection(
-                    "logs",
-                    handler._connect,
-                    functools.partial(handler._converse, until_empty=True),
-                    connect_timeout_s=timeout_s,
-                )
-                if not handler._empty:
-                    await trio.sleep(retry_s)
-            else:
-                break
-    return handler._empty
 
 
 def _logger(logger: logging.Logger | str) -> logging.Logger:

@@ -4,22 +4,28 @@ Production (:func:`serve_enclave`), each service started with ``nursery.start`` 
 reads top to bottom::
 
     serve_enclave
-    ├── run_child_reaper                (only as PID 1)
-    ├── run_status_channel              (parent: state changes, readiness, failure, exit)
-    ├── run_log_channel                 (parent: redacted JSON lines, bounded, never blocks)
-    ├── open the NSM; seed entropy       (device only)
-    ├── run_memory_monitor              (alarm at 70%, refuse new sessions at 90%)
-    ├── preload (bounded by preload_timeout_s): attestation -> KMS envelope -> sealed bundle
-    ├── extend PCR 16 with the bundle's SHA-256 and lock it; the audit record
-    ├── SessionPool.run_reaper          (expires sessions, zeroes nonces)
-    ├── run_sse_client                  (gateway events through the parent relay)
-    └── serve_grpc                      (SignService; only after preload succeeded)
+    ├── ParentLink.run                  (outer nursery: outlives every service below)
+    │   ├── run_status_channel          (parent: lifecycle states, metrics, exit code)
+    │   └── run_log_channel             (parent: redacted JSON lines, bounded, never blocks)
+    └── services
+        ├── run_child_reaper            (only as PID 1)
+        ├── open the NSM; seed entropy   (device only)
+        ├── run_memory_monitor          (alarm at 70%, refuse new sessions at 90%)
+        ├── preload (bounded by preload_timeout_s): attestation -> KMS envelope -> sealed bundle
+        ├── extend PCR 16 with the bundle's SHA-256 and lock it; the audit record
+        ├── SessionPool.run_reaper      (expires sessions, zeroes nonces)
+        ├── serve_grpc                  (SignService; only after preload succeeded)
+        └── run_sse_client              (gateway events through the parent relay)
 
-Development (:func:`serve_dev_enclave`): a plaintext share file instead of the first six
-steps. Any failure before serving cancels the whole nursery: nothing is served, the status
-channel says why, and the exit code says what (:mod:`trio_sign.enclave._exit`). An unexpected
-exception in a long-lived task does the same (fail fast; the parent restarts us). The SSE and
-the parent channels reconnect by themselves instead.
+Development (:func:`serve_dev_enclave`): a plaintext share file instead of the NSM, the
+preload and the PCR; a :class:`ParentLink` without channels unless asked to report.
+
+The lifecycle (:mod:`trio_sign.enclave._lifecycle`) moves ``booting -> preloading -> serving
+-> draining`` as the tree comes up and drains. Any failure cancels the services' nursery:
+nothing is served, the link says why (``failed``, reason, exit code, last log lines) and
+the exit code says what (:mod:`trio_sign.enclave._exit`). An unexpected exception in a
+long-lived task does the same (fail fast; the parent restarts us). The SSE and the parent
+channels reconnect by themselves instead.
 """
 
 from __future__ import annotations
@@ -32,12 +38,13 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
 
 import trio
 
-from .._errors import TrioSignError
+from .._errors import InternalError, ShareFileError, TrioSignError
 from ..nitro import (
     AsyncNsm,
     EventsConfigMessage,
@@ -61,13 +68,8 @@ from ..sse import (
 from ..transport import TransportError, connect, open_listeners
 from ._config import EnclaveConfig
 from ._exit import EnclaveExit, ExitCode
-from ._logchannel import (
-    ChannelLogHandler,
-    attach_log_handler,
-    detach_log_handler,
-    flush_log_channel,
-    run_log_channel,
-)
+from ._lifecycle import EnclaveEvent
+from ._link import ParentLink
 from ._memory import (
     MemoryLimitError,
     MemoryWatermark,
@@ -79,7 +81,7 @@ from ._pid1 import bring_up_loopback, run_child_reaper
 from ._pool import SessionPool
 from ._preload import PreloadError, PreloadReport, preload_shares
 from ._service import Attestor, SignService
-from ._status import StatusReporter, report_final, run_status_channel
+from ._status import MetricsSource
 
 log = logging.getLogger("trio_sign.enclave")
 audit_log = logging.getLogger("trio_sign.audit")
@@ -88,7 +90,15 @@ audit_log.setLevel(logging.INFO)
 
 
 class EnclaveHandle:
-    """What ``nursery.start(serve_..._enclave, ...)`` returns: the running service."""
+    """What ``nursery.start(serve_..._enclave, ...)`` returns: the running service.
+
+    Attributes:
+        service: the SignService (its pool, its metrics).
+        server: the gRPC server.
+        addresses: where the gRPC server listens, as address URLs.
+        sse: the SSE subscription's status, or None without one.
+        link: the :class:`ParentLink` (read ``link.state`` for the lifecycle).
+    """
 
     def __init__(
         self,
@@ -97,11 +107,13 @@ class EnclaveHandle:
         addresses: list[str],
         config: EnclaveConfig,
         sse: SseClientStatus | None,
+        link: ParentLink,
     ) -> None:
         self.service = service
         self.server = server
         self.addresses = addresses
         self.sse = sse
+        self.link = link
         self._config = config
         self._stop = trio.Event()
 
@@ -135,6 +147,10 @@ class EnclaveHandle:
         finally:
             self._stop.set()
 
+    async def wait_stopped(self) -> None:
+        """Return once :meth:`drain` has finished."""
+        await self._stop.wait()
+
 
 def _listener_url(listener: trio.SocketListener, scheme: str) -> str:
     name = listener.socket.getsockname()
@@ -167,13 +183,22 @@ async def _serve_loaded(
     nursery: trio.Nursery,
     config: EnclaveConfig,
     store: ShareStore,
+    link: ParentLink,
     *,
+    preload_ms: int,
     attestor: Attestor | None = None,
     overloaded: Callable[[], str | None] = lambda: None,
-    on_drain: Callable[[], None] = lambda: None,
 ) -> EnclaveHandle:
-    """Start the pool reaper, the SSE client and the gRPC server for a loaded store."""
+    """Start the pool reaper, the gRPC server and the SSE client for a loaded store.
+
+    The lifecycle becomes ``serving`` once the gRPC server listens and before the SSE client
+    starts: the gateway's ``drain`` event (``serving -> draining``) can only come after.
+    """
     _freeze_loaded_objects()
+
+    def on_drain() -> None:
+        link.advance(EnclaveEvent.DRAIN)
+
     frozen: set[str] = set()
     pool = SessionPool(
         store.get,
@@ -191,8 +216,11 @@ async def _serve_loaded(
         max_sign_request_bytes=config.max_sign_request_bytes,
     )
     await nursery.start(pool.run_reaper)
-    sse = await _start_sse(nursery, config, service)
-    listeners = await open_listeners(config.grpc_listen)
+    try:
+        listeners = await open_listeners(config.grpc_listen)
+    except TransportError as exc:
+        # The one-line reason an operator needs (the address, "Address already in use").
+        raise EnclaveExit(str(exc), code=ExitCode.SERVICE_FAILED, reason="listen") from exc
     scheme = config.grpc_listen.split(":", 1)[0]
     addresses = [_listener_url(listener, scheme) for listener in listeners]
     server: GrpcServer = await nursery.start(
@@ -205,42 +233,133 @@ async def _serve_loaded(
             max_receive_message_size=config.max_receive_message_size,
         )
     )
-    return EnclaveHandle(service, server, addresses, config, sse)
+    link.advance(
+        EnclaveEvent.READY,
+        accounts=store.accounts,
+        sha256=store.fingerprint,
+        preload_ms=preload_ms,
+    )
+    _wire_metrics(link, service)
+    sse = await _start_sse(nursery, config, service)
+    return EnclaveHandle(service, server, addresses, config, sse, link)
+
+
+def _wire_metrics(link: ParentLink, service: SignService) -> None:
+    """Send the service's numbers to the parent, unless the link was given a source."""
+    if link.metrics_source is None:
+        link.metrics_source = _service_metrics(service)
+
+
+def _service_metrics(service: SignService) -> MetricsSource | None:
+    # The SignService's metrics registry (its ``snapshot``), where this version has one.
+    metrics = getattr(service, "metrics", None)
+    snapshot = getattr(metrics, "snapshot", None)
+    return snapshot if callable(snapshot) else None
+
+
+@asynccontextmanager
+async def _linked(link: ParentLink) -> AsyncIterator[list[ShareStore]]:
+    """Run ``link`` around the body (the services) and give the last words when it ends.
+
+    Yields a list: append the share store once loaded, and it is zeroed before the last
+    words. A failure of the body is classified (:func:`_classify`), reported through
+    ``link.close`` and raised as :class:`EnclaveExit`; a cancellation from outside is
+    reported as ``exiting`` with code 0 and re-raised.
+    """
+    stores: list[ShareStore] = []
+    outcome: EnclaveExit | None = None
+    async with trio.open_nursery() as outer:
+        await outer.start(link.run)
+        try:
+            yield stores
+        except BaseException as exc:
+            outcome = _classify(exc)
+            if outcome is None:
+                raise  # Cancelled or KeyboardInterrupt from outside: not ours to report
+        finally:
+            for store in stores:
+                store.close()
+            code = ExitCode.OK if outcome is None else outcome.code
+            reason = None if outcome is None else outcome.reason
+            if outcome is not None:
+                log.error(
+                    "enclave failed",
+                    extra={"reason": reason, "exit_code": int(code), "detail": str(outcome)},
+                )
+            log.info("enclave stopped; shares zeroed", extra={"exit_code": int(code)})
+            await link.close(int(code), reason=reason)
+    if outcome is not None:
+        raise outcome
 
 
 # -- development ---------------------------------------------------------------------------
 
 
+def _load_dev_shares(config: EnclaveConfig) -> ShareStore:
+    """The plaintext share file, or :class:`EnclaveExit` (``PRELOAD_FAILED``) in one line."""
+    if not config.dev or config.dev_plaintext_shares is None:
+        raise EnclaveExit(
+            "--dev-plaintext-shares needs --dev (development only)",
+            code=ExitCode.USAGE,
+            reason="usage",
+        )
+    path = config.dev_plaintext_shares
+    try:
+        with path.open("rb") as f:
+            return ShareStore.load_plaintext(f)
+    except OSError as exc:
+        raise EnclaveExit(
+            f"cannot read the shares file {path}: {exc.strerror or exc}",
+            code=ExitCode.PRELOAD_FAILED,
+            reason="shares_unreadable",
+        ) from exc
+    except ShareFileError as exc:
+        raise EnclaveExit(
+            f"shares file {path} refused: {exc}", code=ExitCode.PRELOAD_FAILED, reason=exc.reason
+        ) from exc
+
+
 async def serve_dev_enclave(
     config: EnclaveConfig,
     *,
+    report_to_parent: bool = False,
     task_status: trio.TaskStatus[EnclaveHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the SignService from a plaintext share file (development only: no NSM, no KMS).
 
     Returns after :meth:`EnclaveHandle.drain`; the share store is zeroed on the way out.
 
+    Args:
+        config: the settings (``dev`` and ``dev_plaintext_shares`` required).
+        report_to_parent: run a :class:`ParentLink` to ``config.status_address`` and
+            ``config.log_address``, as the production enclave does; by default the link has
+            no channels (there is no parent in development) and only keeps the lifecycle.
+
     Error handling:
-        ``TrioSignError`` if the configuration is not a development one, the share file is
-        refused (``ShareFileError`` with line and reason) or the address cannot be bound.
+        :class:`EnclaveExit`, with a one-line message: ``USAGE`` if the configuration is not
+        a development one, ``PRELOAD_FAILED`` if the share file cannot be read or is refused
+        (the reason is the file's: ``bad_json``, ``duplicate_account``... or
+        ``shares_unreadable``), ``SERVICE_FAILED`` (reason ``listen``) if the gRPC address
+        cannot be bound, and as :func:`serve_enclave` for the rest.
     """
-    if not config.dev or config.dev_plaintext_shares is None:
-        raise TrioSignError("--dev-plaintext-shares needs --dev (development only)")
-    path = config.dev_plaintext_shares
+    link = (
+        ParentLink.from_config(config)
+        if report_to_parent
+        else ParentLink(None, None, final_report_timeout_s=config.final_report_timeout_s)
+    )
     started = time.monotonic()
-
-    def load() -> ShareStore:
-        with path.open("rb") as f:
-            return ShareStore.load_plaintext(f)
-
-    store = await trio.to_thread.run_sync(load)
-    try:
+    async with _linked(link) as stores:
+        link.advance(EnclaveEvent.PRELOAD)
+        store = await trio.to_thread.run_sync(functools.partial(_load_dev_shares, config))
+        stores.append(store)
         log.info(
             "shares loaded",
             extra={"accounts": store.accounts, "load_ms": round(store.load_seconds * 1000)},
         )
         async with trio.open_nursery() as nursery:
-            handle = await _serve_loaded(nursery, config, store)
+            handle = await _serve_loaded(
+                nursery, config, store, link, preload_ms=round(store.load_seconds * 1000)
+            )
             log.info(
                 "enclave ready",
                 extra={
@@ -250,12 +369,11 @@ async def serve_dev_enclave(
                     "boot_ms": round((time.monotonic() - started) * 1000),
                 },
             )
+            if report_to_parent:
+                nursery.start_soon(_drain_when_the_parent_asks, link, handle)
             task_status.started(handle)
-            await handle._stop.wait()
+            await handle.wait_stopped()
             nursery.cancel_scope.cancel()
-    finally:
-        store.close()
-        log.info("enclave stopped; shares zeroed")
 
 
 # -- production ------------------------------------------------------------------------------
@@ -277,10 +395,6 @@ def open_nsm(spec: str) -> NsmLike:
     )
 
 
-def _connector(address: str) -> Callable[[], Awaitable[trio.abc.Stream]]:
-    return functools.partial(connect, address)
-
-
 async def serve_enclave(
     config: EnclaveConfig,
     *,
@@ -290,130 +404,86 @@ async def serve_enclave(
     """The production enclave: attested preload, then serve until drained.
 
     Returns normally after a drain. Any failure raises :class:`EnclaveExit` with the exit code
-    and reason, after the status channel was given ``failed`` and ``exit`` (bounded by
-    ``final_report_timeout_s``). The share store, nonces and keys are zeroed on every path.
+    and reason, after the :class:`ParentLink` was given ``failed``, ``exit`` and the last log
+    lines (bounded by ``final_report_timeout_s``). The share store, nonces and keys are zeroed
+    on every path. While serving, the service's metrics go to the parent every 10 s.
 
     Args:
         config: the settings.
         nsm: an already-open NSM (tests); otherwise ``config.nsm`` is opened.
     """
     started = time.monotonic()
-    reporter = StatusReporter()
-    status_connect = _connector(config.status_address)
-    store: ShareStore | None = None
-    outcome: EnclaveExit | None = None
-    log_handler: ChannelLogHandler | None = None
-    try:
-        async with trio.open_nursery() as nursery:
-            if os.getpid() == 1:
-                await nursery.start(run_child_reaper)
-            if bring_up_loopback():
-                log.info("brought the loopback interface up")
-            await nursery.start(functools.partial(run_status_channel, status_connect, reporter))
-            log_handler = await _start_log_channel(nursery, config)
-            device = nsm if nsm is not None else open_nsm(config.nsm)
-            anv = AsyncNsm(device)
-            if isinstance(device, NsmDevice):
-                seeded = await trio.to_thread.run_sync(seed_entropy, device)
-                log.info(
-                    "entropy seeded from NSM",
-                    extra={"bytes": seeded.nbytes, "credited": seeded.credited},
-                )
-            limit = config.memory_limit_bytes or read_memory_limit_bytes()
-            watermark = MemoryWatermark(
-                limit,
-                alarm_fraction=config.memory_alarm_fraction,
-                hard_fraction=config.memory_hard_fraction,
-            )
-            await nursery.start(
-                functools.partial(
-                    run_memory_monitor, watermark, on_change=reporter.set_memory_level
-                )
-            )
-
-            reporter.set_state("preloading")
-            store, report = await _preload(config, anv, watermark)
-            fingerprint = bytes.fromhex(report.sha256)
-            pcr = await _lock_shares_pcr(anv, config.shares_pcr, fingerprint)
-            audit_doc = await anv.attestation(user_data=fingerprint)
-            audit_log.info(
-                "boot audit",
-                extra={
-                    "audit": "boot",
-                    "accounts": report.accounts,
-                    "shares_sha256": report.sha256,
-                    "preload_ms": report.preload_ms,
-                    "bundle_bytes": report.bundle_bytes,
-                    "boot_ms": round((time.monotonic() - started) * 1000),
-                    "shares_pcr": config.shares_pcr,
-                    "shares_pcr_value": pcr.hex(),
-                    "attestation_document_b64": base64.b64encode(audit_doc).decode(),
-                },
-            )
-
-            async def attest(nonce: bytes) -> bytes:
-                return await anv.attestation(user_data=fingerprint, nonce=nonce or None)
-
-            handle = await _serve_loaded(
-                nursery,
-                _with_parent_events(config, report.events),
-                store,
-                attestor=attest,
-                overloaded=functools.partial(_overload_reason, watermark),
-                on_drain=lambda: reporter.set_state("draining"),
-            )
-            reporter.set_state(
-                "serving",
-                accounts=report.accounts,
-                sha256=report.sha256,
-                preload_ms=report.preload_ms,
-            )
+    link = ParentLink.from_config(config)
+    async with _linked(link) as stores, trio.open_nursery() as nursery:
+        if os.getpid() == 1:
+            await nursery.start(run_child_reaper)
+        if bring_up_loopback():
+            log.info("brought the loopback interface up")
+        device = nsm if nsm is not None else open_nsm(config.nsm)
+        anv = AsyncNsm(device)
+        if isinstance(device, NsmDevice):
+            seeded = await trio.to_thread.run_sync(seed_entropy, device)
             log.info(
-                "enclave ready",
-                extra={
-                    "grpc": ",".join(handle.addresses),
-                    "accounts": report.accounts,
-                    "shares_sha256": report.sha256,
-                    "mode": "nitro" if config.nsm == "device" else "local",
-                    "boot_ms": round((time.monotonic() - started) * 1000),
-                },
+                "entropy seeded from NSM",
+                extra={"bytes": seeded.nbytes, "credited": seeded.credited},
             )
-            nursery.start_soon(_drain_when_the_parent_asks, reporter, handle)
-            task_status.started(handle)
-            await handle._stop.wait()
-            nursery.cancel_scope.cancel()
-    except BaseException as exc:
-        outcome = _classify(exc)
-        if outcome is None:
-            raise  # Cancelled or KeyboardInterrupt from outside: not ours to report
-    finally:
-        if store is not None:
-            store.close()
-        final_state = "exiting" if outcome is None else "failed"
-        code = ExitCode.OK if outcome is None else outcome.code
-        reason = None if outcome is None else outcome.reason
-        if outcome is not None:
-            log.error(
-                "enclave failed",
-                extra={"reason": reason, "exit_code": int(code), "detail": str(outcome)},
-            )
-        delivered = await report_final(
-            reporter,
-            final_state,
-            code=int(code),
-            reason=reason,
-            timeout_s=config.final_report_timeout_s,
+        limit = config.memory_limit_bytes or read_memory_limit_bytes()
+        watermark = MemoryWatermark(
+            limit,
+            alarm_fraction=config.memory_alarm_fraction,
+            hard_fraction=config.memory_hard_fraction,
         )
-        log.info("enclave stopped; shares zeroed", extra={"exit_code": int(code)})
-        if log_handler is not None:
-            # The last lines (why it failed, the drain) are the ones an operator needs most:
-            # send what is buffered, bounded and shielded like the final status report; but
-            # if the parent did not take that report, it is gone: do not wait for it again.
-            if delivered:
-                await flush_log_channel(log_handler, timeout_s=config.final_report_timeout_s)
-            detach_log_handler(log_handler)
-    if outcome is not None:
-        raise outcome
+        await nursery.start(
+            functools.partial(run_memory_monitor, watermark, on_change=link.set_memory_level)
+        )
+
+        link.advance(EnclaveEvent.PRELOAD)
+        store, report = await _preload(config, anv, watermark)
+        stores.append(store)
+        fingerprint = bytes.fromhex(report.sha256)
+        pcr = await _lock_shares_pcr(anv, config.shares_pcr, fingerprint)
+        audit_doc = await anv.attestation(user_data=fingerprint)
+        audit_log.info(
+            "boot audit",
+            extra={
+                "audit": "boot",
+                "accounts": report.accounts,
+                "shares_sha256": report.sha256,
+                "preload_ms": report.preload_ms,
+                "bundle_bytes": report.bundle_bytes,
+                "boot_ms": round((time.monotonic() - started) * 1000),
+                "shares_pcr": config.shares_pcr,
+                "shares_pcr_value": pcr.hex(),
+                "attestation_document_b64": base64.b64encode(audit_doc).decode(),
+            },
+        )
+
+        async def attest(nonce: bytes) -> bytes:
+            return await anv.attestation(user_data=fingerprint, nonce=nonce or None)
+
+        handle = await _serve_loaded(
+            nursery,
+            _with_parent_events(config, report.events),
+            store,
+            link,
+            preload_ms=report.preload_ms,
+            attestor=attest,
+            overloaded=functools.partial(_overload_reason, watermark),
+        )
+        log.info(
+            "enclave ready",
+            extra={
+                "grpc": ",".join(handle.addresses),
+                "accounts": report.accounts,
+                "shares_sha256": report.sha256,
+                "mode": "nitro" if config.nsm == "device" else "local",
+                "boot_ms": round((time.monotonic() - started) * 1000),
+            },
+        )
+        nursery.start_soon(_drain_when_the_parent_asks, link, handle)
+        task_status.started(handle)
+        await handle.wait_stopped()
+        nursery.cancel_scope.cancel()
 
 
 def _overload_reason(watermark: MemoryWatermark) -> str | None:
@@ -434,18 +504,25 @@ async def _preload(
             hard_fraction=watermark.hard_fraction,
         )
 
-    with trio.fail_after(config.preload_timeout_s):
-        stream = await connect(config.preload_address)
-        try:
-            return await preload_shares(
-                MessageStream(stream),
-                nsm,
-                verify=config.verify_shares,
-                memory_check=memory_check,
-            )
-        finally:
-            with trio.CancelScope(shield=True):
-                await stream.aclose()
+    try:
+        with trio.fail_after(config.preload_timeout_s):
+            stream = await connect(config.preload_address)
+            try:
+                return await preload_shares(
+                    MessageStream(stream),
+                    nsm,
+                    verify=config.verify_shares,
+                    memory_check=memory_check,
+                )
+            finally:
+                with trio.CancelScope(shield=True):
+                    await stream.aclose()
+    except trio.TooSlowError:
+        raise EnclaveExit(
+            f"preload did not finish within {config.preload_timeout_s} s (--preload-timeout)",
+            code=ExitCode.PRELOAD_TIMEOUT,
+            reason="timeout",
+        ) from None
 
 
 async def _lock_shares_pcr(nsm: AsyncNsm, index: int, fingerprint: bytes) -> bytes:
@@ -469,8 +546,6 @@ def _classify(exc: BaseException) -> EnclaveExit | None:
         if isinstance(leaf, EnclaveExit):
             return leaf
     for leaf in leaves:
-        if isinstance(leaf, trio.TooSlowError):
-            return EnclaveExit("preload timed out", code=ExitCode.PRELOAD_TIMEOUT, reason="timeout")
         if isinstance(leaf, MemoryLimitError):
             return EnclaveExit(str(leaf), code=ExitCode.MEMORY, reason="memory")
         if isinstance(leaf, PreloadError):
@@ -478,6 +553,9 @@ def _classify(exc: BaseException) -> EnclaveExit | None:
             return EnclaveExit(str(leaf), code=code, reason=leaf.reason)
         if isinstance(leaf, NsmError):
             return EnclaveExit(f"NSM: {leaf}", code=ExitCode.NSM, reason="nsm")
+        if isinstance(leaf, InternalError):  # a bug (an illegal lifecycle move, ...)
+            log.error("internal error", exc_info=leaf)
+            return EnclaveExit(f"internal error: {leaf}", code=ExitCode.INTERNAL, reason="internal")
         if isinstance(leaf, TrioSignError):
             reason = str(getattr(leaf, "reason", "service_failed"))
             return EnclaveExit(str(leaf), code=ExitCode.SERVICE_FAILED, reason=reason)
@@ -501,21 +579,10 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     return [exc]
 
 
-async def _start_log_channel(nursery: trio.Nursery, config: EnclaveConfig) -> ChannelLogHandler:
-    """Forward ``trio_sign.*`` logs to the parent (bounded: a slow parent never blocks signing).
-
-    The handler stays attached for the life of the tree; the caller detaches it.
-    """
-    handler = ChannelLogHandler()
-    attach_log_handler(handler)
-    await nursery.start(functools.partial(run_log_channel, _connector(config.log_address), handler))
-    return handler
-
-
-async def _drain_when_the_parent_asks(reporter: StatusReporter, handle: EnclaveHandle) -> None:
+async def _drain_when_the_parent_asks(link: ParentLink, handle: EnclaveHandle) -> None:
     """The parent's orderly stop (a ``drain`` frame on the status channel) drains like SIGTERM:
     on Nitro there are no signals, and ``nitro-cli terminate-enclave`` would cut open sessions."""
-    await reporter.drain_requested.wait()
+    await link.drain_requested.wait()
     await handle.drain()
 
 

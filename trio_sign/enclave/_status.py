@@ -4,7 +4,7 @@ The parent supervises the enclave through this channel (DESIGN.md section 3): it
 the enclave boots, preloads, serves, drains, fails (and why) and exits (and with which code).
 Protocol (frames from :mod:`trio_sign.nitro._channel`), enclave to parent::
 
-    hello(channel="status")  state  state ...  [state(failed|exiting)  exit(code)]
+    hello(channel="status")  state  metrics  state ...  [state(failed|exiting)  exit(code)]
 
 Frames from the parent are read (so that a close is noticed at once). On the status channel a
 ``drain`` frame sets :attr:`StatusReporter.drain_requested` (the parent's orderly stop: the
@@ -15,14 +15,18 @@ Design:
 - :class:`StatusReporter` holds the latest state. :meth:`StatusReporter.set_state` is
   synchronous and never blocks: the sender sends the newest state, and intermediate states
   nobody has sent yet are coalesced away, except ``failed`` and ``exiting``, which are kept
-  until sent (they are why the parent restarts us).
+  until sent (they are why the parent restarts us). :meth:`StatusReporter.request_exit`
+  queues the ``exit`` frame, sent after every state; :meth:`StatusReporter.wait_exit_delivered`
+  waits for it.
+- With a ``metrics_source``, each connection also sends a ``metrics`` snapshot every
+  ``metrics_interval_s`` (the parent serves the numbers on its ``/metrics``).
 - :func:`run_status_channel` is the sender. It connects, says hello, sends the current state
   and then every change; when the connection fails it reconnects with full-jitter exponential
   back-off and sends the current state again. A broken status connection never takes the
   enclave down.
-- :func:`report_final` is the process's last words: the final state and an ``exit`` frame,
-  bounded in time and shielded from the cancellation that is tearing the process down.
 
+:class:`~trio_sign.enclave.ParentLink` runs this channel and the log channel for the whole
+life of the process and gives the last words (final state, exit code, last log lines).
 The reconnecting loop (:func:`run_reconnecting_channel`) is shared with the log channel.
 """
 
@@ -31,10 +35,11 @@ from __future__ import annotations
 import enum
 import functools
 import logging
+import math
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Final, NoReturn
+from typing import Any, Final, NoReturn
 
 import trio
 
@@ -47,6 +52,7 @@ from ..nitro import (
     Frame,
     HelloMessage,
     MessageStream,
+    MetricsMessage,
     StateMessage,
 )
 from ..nitro._channel import STATES
@@ -55,6 +61,8 @@ from ..transport import TransportError
 log = logging.getLogger("trio_sign.enclave.status")
 
 Connect = Callable[[], Awaitable[trio.abc.Stream]]
+#: Where the ``metrics`` snapshots come from (``Registry.snapshot``): JSON-like values.
+MetricsSource = Callable[[], dict[str, Any]]
 
 #: First reconnect delay ceiling (the delay is uniform in ``[0, ceiling]``).
 DEFAULT_BACKOFF_INITIAL_S: Final = 0.5
@@ -62,6 +70,8 @@ DEFAULT_BACKOFF_INITIAL_S: Final = 0.5
 DEFAULT_BACKOFF_MAX_S: Final = 10.0
 #: How long ``connect()`` may take before the attempt counts as failed.
 DEFAULT_CONNECT_TIMEOUT_S: Final = 5.0
+#: How often a connected status channel sends a ``metrics`` snapshot.
+DEFAULT_METRICS_INTERVAL_S: Final = 10.0
 #: Longest ``reason`` text sent; longer ones are cut (frames are bounded).
 MAX_REASON_CHARS: Final = 2048
 #: States that are never coalesced away before being sent.
@@ -146,6 +156,17 @@ async def one_connection(
     return (ended[0] if ended else "done"), True
 
 
+async def _back_off(delay: float, hurry: trio.Event | None, hurried_s: float) -> None:
+    """Sleep ``delay``; once ``hurry`` is set, at most ``hurried_s`` from then on."""
+    if hurry is None:
+        await trio.sleep(delay)
+        return
+    deadline = trio.current_time() + delay
+    with trio.move_on_at(deadline):
+        await hurry.wait()
+    await trio.sleep_until(min(deadline, trio.current_time() + hurried_s))
+
+
 async def run_reconnecting_channel(
     channel: str,
     connect: Connect,
@@ -157,6 +178,7 @@ async def run_reconnecting_channel(
     rng: random.Random | None = None,
     on_up: Callable[[bool], None] = lambda up: None,
     on_frame: OnParentFrame | None = None,
+    hurry: trio.Event | None = None,
 ) -> NoReturn:
     """Keep one enclave-to-parent channel up forever.
 
@@ -166,7 +188,9 @@ async def run_reconnecting_channel(
     parent closes, an I/O or framing error happens, or ``converse`` returns. Then
     ``on_up(False)``, the stream is closed and, after
     ``uniform(0, min(backoff_max_s, backoff_initial_s * 2**n))`` seconds (``n``: failed rounds
-    in a row, reset by a round that got its hello out), the next round starts.
+    in a row, reset by a round that got its hello out), the next round starts. Once ``hurry``
+    is set (the process is giving its last words), no wait is longer than
+    ``backoff_initial_s``.
 
     Cancellation: safe at any point; the stream is closed before this returns.
 
@@ -197,7 +221,7 @@ async def run_reconnecting_channel(
             delay,
             extra={"channel": channel, "failures": failures},
         )
-        await trio.sleep(delay)
+        await _back_off(delay, hurry, backoff_initial_s)
 
 
 def check_backoff(backoff_initial_s: float, backoff_max_s: float, connect_timeout_s: float) -> None:
@@ -223,14 +247,27 @@ class StatusReporter:
     Use it from the Trio thread. :meth:`set_state` never blocks and never awaits; it may be
     called before :func:`run_status_channel` runs (the state is sent once it connects).
 
+    Args:
+        metrics_source: called every ``metrics_interval_s`` while a connection is up; what it
+            returns is sent as a ``metrics`` message. None: no metrics (settable later).
+        metrics_interval_s: seconds between snapshots on one connection (the first comes one
+            interval after the connection is up, or at once when a source is set late).
+
     Attributes:
         state: the current :class:`~trio_sign.nitro.StateMessage` (as it is sent).
         memory_level: the last level given to :meth:`set_memory_level`.
-        exit_delivered: True once the last :func:`report_final`'s ``exit`` frame was written.
         drain_requested: set when the parent sends ``drain`` (the enclave's tree waits on it).
+        metrics_sent: ``metrics`` messages written so far.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        metrics_source: MetricsSource | None = None,
+        metrics_interval_s: float = DEFAULT_METRICS_INTERVAL_S,
+    ) -> None:
+        if not metrics_interval_s > 0:
+            raise ValueError("metrics_interval_s must be positive")
         self.state = StateMessage(state="booting")
         self._reason: str | None = None  # as the caller gave it (state.reason may add memory)
         self.memory_level = "ok"
@@ -239,10 +276,13 @@ class StatusReporter:
         self._up = trio.Event()
         self._progress = trio.Event()
         self._exit_code: int | None = None
-        self._exit_seq = 0  # report_final calls so far
-        self._exit_delivered_seq = 0
-        self._connect: Connect | None = None
+        self._exit_requests = 0
+        self._exit_delivered = False
         self._runners = 0
+        self._metrics_source = metrics_source
+        self._metrics_failing = False
+        self.metrics_interval_s = metrics_interval_s
+        self.metrics_sent = 0
         self.drain_requested = trio.Event()
 
     # --- what the enclave calls
@@ -303,9 +343,39 @@ class StatusReporter:
         if self._effective_reason(self.state.state, self._reason) != self.state.reason:
             self.set_state(self.state.state, reason=self._reason)
 
+    def request_exit(self, code: int) -> None:
+        """Queue the ``exit(code)`` frame, sent after every state set before it; never blocks.
+
+        A later call replaces the code (and sends it again). Every new connection repeats it.
+        """
+        self._exit_code = code
+        self._exit_requests += 1
+        self._exit_delivered = False
+        self._wake()
+
     @property
     def exit_delivered(self) -> bool:
-        return self._exit_seq > 0 and self._exit_delivered_seq == self._exit_seq
+        """True once the last requested ``exit`` frame was written (to the socket: the parent
+        may still miss it if it dies too)."""
+        return self._exit_delivered
+
+    async def wait_exit_delivered(self) -> bool:
+        """Wait until the requested ``exit`` frame is written or no sender is running; return
+        :attr:`exit_delivered`. Bound it with a cancel scope: a parent that is away keeps the
+        sender reconnecting."""
+        while not self._exit_delivered and self._runners > 0:
+            await self._progress.wait()
+        return self._exit_delivered
+
+    @property
+    def metrics_source(self) -> MetricsSource | None:
+        """Where ``metrics`` snapshots come from; setting it takes effect on a live connection."""
+        return self._metrics_source
+
+    @metrics_source.setter
+    def metrics_source(self, source: MetricsSource | None) -> None:
+        self._metrics_source = source
+        self._wake()
 
     @property
     def connected(self) -> bool:
@@ -345,12 +415,37 @@ class StatusReporter:
         elif self._up.is_set():
             self._up = trio.Event()
 
-    async def _converse(self, messages: MessageStream, *, until_exit: bool = False) -> str:
-        """Send the current state, then every change (and the exit frame once requested)."""
+    def _metrics_message(self, source: MetricsSource) -> MetricsMessage | None:
+        """The next snapshot as a checked message, or None (logged once per failing streak).
+
+        Metrics are for operators, never a reason to stop signing: a snapshot that cannot be
+        taken or is refused (too big, not JSON-like) is skipped, not raised.
+        """
+        try:
+            message = MetricsMessage(snapshot=source())
+            message.to_frame()  # the size bound and the value types, before anything is sent
+        except ChannelProtocolError as exc:
+            problem: str = str(exc)
+            exc_info = False
+        except Exception as exc:  # a bug in the source: report it, keep the channel up
+            problem = f"the metrics source failed: {type(exc).__name__}"
+            exc_info = True
+        else:
+            self._metrics_failing = False
+            return message
+        if not self._metrics_failing:
+            self._metrics_failing = True
+            log.error("metrics snapshot not sent: %s", problem, exc_info=exc_info)
+        return None
+
+    async def _converse(self, messages: MessageStream) -> str:
+        """Send the current state, then every change, the exit frame once requested, and a
+        metrics snapshot every interval."""
         queue = self._queue
         if not queue:
             queue.append(self.state)  # a new connection always starts with the current state
-        exit_sent_seq = 0  # per connection: a new one repeats the exit frame
+        exit_sent = 0  # exit requests sent on this connection: a new one repeats the frame
+        next_metrics = trio.current_time() + self.metrics_interval_s
         while True:
             changed = self._changed
             if queue:
@@ -360,17 +455,27 @@ class StatusReporter:
                 if queue and queue[0] is message:
                     queue.popleft()
                 continue
-            if self._exit_code is not None and exit_sent_seq < self._exit_seq:
-                seq = self._exit_seq
-                await messages.send(ExitMessage(code=self._exit_code))
-                exit_sent_seq = seq
-                if self._exit_delivered_seq < seq:
-                    self._exit_delivered_seq = seq
+            code, requests = self._exit_code, self._exit_requests
+            if code is not None and exit_sent < requests:
+                await messages.send(ExitMessage(code=code))
+                exit_sent = requests
+                if self._exit_requests == requests and not self._exit_delivered:
+                    self._exit_delivered = True
                     self._signal_progress()
-                if until_exit:
-                    return "exit delivered"
                 continue
-            await changed.wait()
+            source = self._metrics_source
+            wake_at = math.inf
+            if source is not None and code is None:  # no snapshots in the last words
+                if trio.current_time() >= next_metrics:
+                    next_metrics = trio.current_time() + self.metrics_interval_s
+                    snapshot = self._metrics_message(source)
+                    if snapshot is not None:
+                        await messages.send(snapshot)
+                        self.metrics_sent += 1
+                    continue
+                wake_at = next_metrics
+            with trio.move_on_at(wake_at):
+                await changed.wait()
 
 
 async def run_status_channel(
@@ -381,6 +486,7 @@ async def run_status_channel(
     backoff_max_s: float = DEFAULT_BACKOFF_MAX_S,
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
     rng: random.Random | None = None,
+    hurry: trio.Event | None = None,
     task_status: trio.TaskStatus[StatusReporter] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Push ``reporter``'s state to the parent over ``connect()`` connections, forever.
@@ -390,18 +496,19 @@ async def run_status_channel(
     ``reporter.wait_connected()`` under its own timeout.
 
     Each connection sends ``hello(channel="status")``, the current state, then every change
-    (coalesced, see :class:`StatusReporter`); after a failure it reconnects with back-off (see
-    :func:`run_reconnecting_channel`) and sends the current state again.
+    (coalesced, see :class:`StatusReporter`), the ``exit`` frame once requested, and metrics
+    snapshots; after a failure it reconnects with back-off (see
+    :func:`run_reconnecting_channel`, which also says what ``hurry`` does) and sends the
+    current state again.
 
-    Cancellation: safe at any point; the stream is closed. States set meanwhile are kept, and
-    :func:`report_final` delivers them on its own connection if this task is gone.
+    Cancellation: safe at any point; the stream is closed. States set meanwhile are kept for
+    the next run.
 
     Error handling: connection failures are logged and retried, never raised; ``ValueError``
     for bad back-off settings, before ``started``.
     """
     check_backoff(backoff_initial_s, backoff_max_s, connect_timeout_s)
     reporter = reporter if reporter is not None else StatusReporter()
-    reporter._connect = connect
     reporter._runners += 1
     try:
         task_status.started(reporter)
@@ -415,60 +522,8 @@ async def run_status_channel(
             rng=rng,
             on_up=reporter._set_up,
             on_frame=reporter._on_parent_frame,
+            hurry=hurry,
         )
     finally:
         reporter._runners -= 1
         reporter._signal_progress()
-
-
-async def report_final(
-    reporter: StatusReporter,
-    state: str,
-    *,
-    code: int,
-    reason: str | None = None,
-    timeout_s: float,
-    retry_s: float = DEFAULT_BACKOFF_INITIAL_S,
-) -> bool:
-    """The process's last words: set ``state``, then wait until it and ``exit(code)`` are sent.
-
-    Call it while tearing down (``failed`` with the reason, or ``exiting``), just before the
-    process exits. If :func:`run_status_channel` is running, it does the sending; if it is not
-    (already cancelled with the rest of the tree), this opens connections of its own with the
-    same ``connect`` (every ``retry_s`` until the time is up). Without any ``connect`` ever
-    given, it only records the state.
-
-    Returns True if the ``exit`` frame was written (to the socket: the parent may still miss it
-    if it dies too), False if ``timeout_s`` ran out first.
-
-    Cancellation: shielded; returns within ``timeout_s`` whatever happens around it.
-
-    Error handling: ``ValueError`` for a bad state (as :meth:`StatusReporter.set_state`);
-    connection failures just use up the time.
-    """
-    reporter.set_state(state, reason=reason)
-    reporter._exit_code = code
-    reporter._exit_seq += 1
-    reporter._wake()
-    with trio.move_on_after(timeout_s, shield=True):
-        while not reporter.exit_delivered:
-            if reporter._runners > 0:
-                await reporter._progress.wait()
-            elif reporter._connect is not None:
-                reason_, _ = await one_connection(
-                    "status",
-                    reporter._connect,
-                    lambda messages: reporter._converse(messages, until_exit=True),
-                    connect_timeout_s=timeout_s,
-                    on_up=reporter._set_up,
-                )
-                if not reporter.exit_delivered:
-                    log.warning("cannot deliver the final state (%s); retrying", reason_)
-                    await trio.sleep(retry_s)
-            else:
-                break
-    if not reporter.exit_delivered:
-        log.warning(
-            "final state %r and exit code %d not delivered within %s s", state, code, timeout_s
-        )
-    return reporter.exit_delivered
