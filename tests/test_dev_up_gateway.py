@@ -10,7 +10,6 @@ console script in a child process that the test starts and stops.
 from __future__ import annotations
 
 import functools
-import os
 import resource
 import secrets
 import signal
