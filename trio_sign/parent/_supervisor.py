@@ -335,11 +335,13 @@ class ParentSupervisor:
         stop = stop if stop is not None else trio.Event()
         problems, _warnings = preflight(self.config)
         if problems:
-            raise ConfigProblem(problems[0])
+            failure = ConfigProblem(problems[0])
+            await self._give_up(failure)
+            raise failure
         with contextlib.ExitStack() as files:
             if self.forwarder is None:
                 self.forwarder = self._open_forwarder(files)
-                gave_up = await self._supervise(stop, task_status)
+            gave_up = await self._supervise(stop, task_status)
         if gave_up is not None:
             raise gave_up
 
