@@ -12,12 +12,15 @@ import dataclasses
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from .._errors import TrioSignError
 from ..rpc import ServerLimits, raise_open_file_limit
+
+if TYPE_CHECKING:
+    from ..enclave import EnclaveExit
 
 
 def add_parser(sub: Any) -> None:
@@ -94,7 +97,6 @@ def add_parser(sub: Any) -> None:
 def cmd_enclave(args: argparse.Namespace) -> int:
     from ..enclave import (
         EnclaveConfig,
-        EnclaveExit,
         configure_gc_for_serving,
         serve_dev_enclave,
         serve_enclave,
@@ -147,16 +149,17 @@ def cmd_enclave(args: argparse.Namespace) -> int:
 
     try:
         trio.run(run)
-    except (EnclaveExit, BaseExceptionGroup) as exc:
+    except BaseException as exc:
         failure = _enclave_exit(exc)
         if failure is None:
             raise
+        # One line: the log (stderr, and the parent's log channel) has the details.
         print(f"trio-sign: enclave failed ({failure.reason}): {failure}", file=sys.stderr)
         return int(failure.code)
     return 0
 
 
-def _enclave_exit(exc: BaseException) -> Any:
+def _enclave_exit(exc: BaseException) -> EnclaveExit | None:
     """The ``EnclaveExit`` inside ``exc`` (the nurseries wrap it in groups), or None."""
     from ..enclave import EnclaveExit
 

@@ -315,7 +315,7 @@ def _load_dev_shares(config: EnclaveConfig) -> ShareStore:
         ) from exc
     except ShareFileError as exc:
         raise EnclaveExit(
-            f"shares file {path} refused: {exc}", code=ExitCode.PRELOAD_FAILED, reason=exc.reason
+            f"shares file refused: {exc}", code=ExitCode.PRELOAD_FAILED, reason=exc.reason
         ) from exc
 
 
