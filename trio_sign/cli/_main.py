@@ -24,7 +24,17 @@ from collections.abc import Sequence
 from .. import __version__
 from .._errors import TrioSignError
 from .._logging import LOG_FORMATS, configure_logging, default_log_format
-from . import _attestation, _demo, _dev, _enclave, _gateway, _kms, _parent, _shares
+from . import (
+    _attestation,
+    _demo,
+    _dev,
+    _enclave,
+    _gateway,
+    _kms,
+    _parent,
+    _shares,
+    _status,
+)
 from ._listen import ADDRESS_IN_USE
 
 EXIT_OK = 0
@@ -35,7 +45,7 @@ EXIT_INTERRUPTED = 130
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 #: Each module adds its subcommand with ``add_parser(subparsers)``, in ``--help`` order.
-_COMMANDS = (_shares, _enclave, _attestation, _kms, _parent, _gateway, _demo, _dev)
+_COMMANDS = (_shares, _enclave, _attestation, _kms, _parent, _status, _gateway, _demo, _dev)
 
 
 def _add_logging_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
