@@ -902,3 +902,109 @@ async def test_idle_forwarded_connections_make_room_for_a_busy_one(
                 assert await ch.unary_unary(S + "Ping", ping) == ping
         for stream in idle:
             await trio.aclose_forcefully(stream)
+
+
+class _Refusals:
+    """An `IngressObserver` that counts refusals (and evictions) only."""
+
+    def __init__(self) -> None:
+        self.refused = 0
+
+    def proxy_connection_opened(self) -> None:
+        pass
+
+    def proxy_connection_closed(self) -> None:
+        pass
+
+    def proxy_connection_refused(self) -> None:
+        self.refused += 1
+
+
+async def _ping_through(port: int, pki: Pki) -> None:
+    tls = await tls_connect(port, client_context(pki))
+    async with open_grpc_channel(tls) as ch:
+        ping = pb.PingRequest(payload=b"x").SerializeToString()
+        assert await ch.unary_unary(S + "Ping", ping) == ping
+
+
+async def test_bare_tcp_connections_take_no_handshake_slot(
+    tmp_path: Path, pki: Pki, nsm: LocalNsm
+) -> None:
+    """Issue 11 (bench: bare TCP churn cost 5.8 s of CPU and +178 MiB): a connection that has
+    sent nothing holds no TLS state and no handshake slot, so holding more bare connections
+    than there are handshake slots evicts nothing and churns nothing."""
+    watch = _Refusals()
+    settings = IngressSettings(max_handshakes=2, handshake_timeout_s=10.0)
+    async with attested_proxy(tmp_path, pki, nsm, settings=settings, observer=watch) as proxy:
+        bare = [await trio.open_tcp_stream("127.0.0.1", proxy.port) for _ in range(20)]
+        await trio.sleep(0.2)
+        with trio.fail_after(5):
+            await _ping_through(proxy.port, pki)
+        assert watch.refused == 0  # nothing was ended to make room
+        for stream in bare:
+            await stream.aclose()
+
+
+async def test_at_max_pending_the_oldest_bare_connection_is_closed(
+    tmp_path: Path, pki: Pki, nsm: LocalNsm
+) -> None:
+    watch = _Refusals()
+    settings = IngressSettings(max_pending=4, handshake_timeout_s=10.0)
+    async with attested_proxy(tmp_path, pki, nsm, settings=settings, observer=watch) as proxy:
+        bare = []
+        for _ in range(6):
+            bare.append(await trio.open_tcp_stream("127.0.0.1", proxy.port))
+            await trio.sleep(0.05)  # accepted in this order
+        with trio.fail_after(5):
+            for stream in bare[:2]:
+                assert await stream.receive_some(1) == b""
+            await _ping_through(proxy.port, pki)  # took the oldest remaining one's place
+        assert watch.refused == 3
+        for stream in bare:
+            await stream.aclose()
+
+
+async def test_a_burst_of_handshakes_waits_for_slots_instead_of_ending_each_other(
+    tmp_path: Path, pki: Pki, nsm: LocalNsm
+) -> None:
+    """Issue 11 (bench: 1500 connections through the stack, 263-366 of their handshakes
+    ended by newer ones, a real gateway's among them): beyond max_handshakes, connections
+    wait for a slot in arrival order; a young handshake is never ended to make room."""
+    watch = _Refusals()
+    settings = IngressSettings(max_handshakes=2, handshake_evict_age_s=5.0)
+    async with attested_proxy(tmp_path, pki, nsm, settings=settings, observer=watch) as proxy:
+        done = 0
+
+        async def one() -> None:
+            nonlocal done
+            await _ping_through(proxy.port, pki)
+            done += 1
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                for _ in range(12):
+                    nursery.start_soon(one)
+        assert done == 12
+        assert watch.refused == 0
+
+
+async def test_a_stalled_handshake_gives_its_slot_up_after_handshake_evict_age_s(
+    tmp_path: Path, pki: Pki, nsm: LocalNsm
+) -> None:
+    """A client that starts a handshake (one byte of ClientHello) and stalls holds its slot
+    only until it is handshake_evict_age_s old and someone is waiting."""
+    watch = _Refusals()
+    settings = IngressSettings(
+        max_handshakes=1, handshake_evict_age_s=0.5, handshake_timeout_s=10.0
+    )
+    async with attested_proxy(tmp_path, pki, nsm, settings=settings, observer=watch) as proxy:
+        stalled = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+        await stalled.send_all(b"\x16")
+        await trio.sleep(0.1)  # it holds the only slot now
+        start = trio.current_time()
+        with trio.fail_after(5):
+            await _ping_through(proxy.port, pki)
+            assert trio.current_time() - start >= 0.35
+            assert await stalled.receive_some(1) == b""
+        assert watch.refused == 1
+        await stalled.aclose()

@@ -44,10 +44,19 @@ class IngressSettings:
     """Limits of the ingress proxy.
 
     Attributes:
-        handshake_timeout_s: a client must finish the TLS handshake within this.
+        handshake_timeout_s: a client must finish the TLS handshake within this (counted
+            from the TCP accept, waiting included).
+        max_pending: connections accepted but not in a TLS handshake yet: those that have
+            sent nothing, and those waiting for a handshake slot. No TLS state exists for
+            them (a descriptor and a sleeping task each), so bare TCP connections are cheap
+            to hold. At the limit the oldest pending connection is closed.
         max_handshakes: TLS handshakes in progress at once (they take no connection slot).
-            At the limit a new connection ends the oldest handshake in progress: bare TCP
-            connections that never say hello cannot keep a real client out.
+            Connections that have sent their first bytes wait for a slot in arrival order;
+            at the limit the oldest handshake in progress is ended once it is older than
+            ``handshake_evict_age_s`` (a client that starts a handshake and stalls cannot
+            keep a real client out, and a burst of real handshakes is not thrown away).
+        handshake_evict_age_s: how old a handshake in progress must be before a waiting
+            connection may end it to take its slot.
         idle_timeout_s: a forwarded connection with no bytes either way for this long is
             closed (gRPC clients keep busy connections alive with HTTP/2 PINGs).
         enclave_connect_timeout_s: bound on connecting to the enclave's port.
@@ -61,7 +70,9 @@ class IngressSettings:
     """
 
     handshake_timeout_s: float = 5.0
+    max_pending: int = 4096
     max_handshakes: int = 256
+    handshake_evict_age_s: float = 1.0
     idle_timeout_s: float = 600.0
     enclave_connect_timeout_s: float = 5.0
     close_timeout_s: float = 1.0
@@ -162,42 +173,55 @@ async def serve_ingress(
 
 
 def _fit_open_file_limit(settings: IngressSettings) -> IngressSettings:
-    """Lower the limits so that every handshake (one descriptor) and every forwarded
-    connection (two) fits the open-file limit: out of descriptors, the ingress could not even
-    accept a connection to refuse it."""
-    wanted = settings.max_handshakes + 2 * settings.max_connections
+    """Lower the limits so that every pending connection and handshake (one descriptor
+    each) and every forwarded connection (two) fits the open-file limit: out of descriptors,
+    the ingress could not even accept a connection to refuse it."""
+    wanted = settings.max_pending + settings.max_handshakes + 2 * settings.max_connections
     room = connection_limit(wanted)
     if room >= wanted:
         return settings
-    handshakes = max(1, min(settings.max_handshakes, room // 4))
-    connections = max(1, (room - handshakes) // 2)
+    pending = max(1, min(settings.max_pending, room // 4))
+    handshakes = max(1, min(settings.max_handshakes, room // 8))
+    connections = max(1, (room - pending - handshakes) // 2)
     log.warning(
         "ingress limits lowered to fit the open-file limit",
-        extra={"max_handshakes": handshakes, "max_connections": connections},
+        extra={
+            "max_pending": pending,
+            "max_handshakes": handshakes,
+            "max_connections": connections,
+        },
     )
-    return dataclasses.replace(settings, max_handshakes=handshakes, max_connections=connections)
+    return dataclasses.replace(
+        settings, max_pending=pending, max_handshakes=handshakes, max_connections=connections
+    )
 
 
 class _Conn:
-    """One connection's place in `_Slots`: its cancel scope and when it last moved bytes."""
+    """One connection's place in `_Slots`: its cancel scope, when it last moved bytes (or
+    entered its place), and the event that tells a waiting connection to look again."""
 
-    __slots__ = ("last_active", "scope")
+    __slots__ = ("last_active", "scope", "wake")
 
     def __init__(self) -> None:
         self.scope = trio.CancelScope()
         self.last_active = trio.current_time()
+        self.wake = trio.Event()
 
 
 class _Slots:
-    """Admission for the ingress: handshakes in progress and forwarded connections, each
-    bounded, each making room by ending the stalest holder rather than refusing newcomers
-    (an attacker's connections are the stale ones; a real gateway's are busy)."""
+    """Admission for the ingress: pending connections, handshakes in progress and forwarded
+    connections, each bounded, each making room by ending the stalest holder rather than
+    refusing newcomers (an attacker's connections are the stale ones; a real gateway's are
+    busy)."""
 
     def __init__(self, settings: IngressSettings, watch: IngressObserver) -> None:
         self._settings = settings
         self._watch = watch
-        self.handshaking: dict[_Conn, None] = {}  # insertion order: oldest first
+        self.pending: dict[_Conn, None] = {}  # insertion order: oldest first
+        self.queue: dict[_Conn, None] = {}  # pending and ready for a handshake: first first
+        self.handshaking: dict[_Conn, None] = {}  # oldest first
         self.forwarding: set[_Conn] = set()
+        self.pending_evicted = 0
         self.handshakes_evicted = 0
         self.connections_evicted = 0
         self.connections_refused = 0
@@ -206,6 +230,9 @@ class _Slots:
             RateLimitedLog, log, interval_s=settings.log_interval_s, clock=trio.current_time
         )
 
+        self.log_pending_evicted = rated(
+            "ingress: max_pending connections; closed the oldest", level=logging.INFO
+        )
         self.log_handshake_evicted = rated(
             "ingress: max_handshakes in progress; ended the oldest handshake", level=logging.INFO
         )
@@ -218,18 +245,57 @@ class _Slots:
         self.log_no_h2 = rated("ingress connection refused: ALPN h2 not negotiated")
         self.log_unreachable = rated("ingress cannot reach the enclave")
 
-    def start_handshake(self, conn: _Conn) -> None:
-        if len(self.handshaking) >= self._settings.max_handshakes:
-            oldest = next(iter(self.handshaking))
-            del self.handshaking[oldest]
+    def start_pending(self, conn: _Conn) -> None:
+        if len(self.pending) >= self._settings.max_pending:
+            oldest = next(iter(self.pending))
+            self.end_pending(oldest)
             oldest.scope.cancel()
-            self.handshakes_evicted += 1
+            self.pending_evicted += 1
             self._watch.proxy_connection_refused()
-            self.log_handshake_evicted(max_handshakes=self._settings.max_handshakes)
+            self.log_pending_evicted(max_pending=self._settings.max_pending)
+        self.pending[conn] = None
+
+    def end_pending(self, conn: _Conn) -> None:
+        self.pending.pop(conn, None)
+        if self.queue.pop(conn, 0) is None:
+            self._wake_first()
+
+    async def start_handshake(self, conn: _Conn) -> None:
+        """Take a handshake slot; wait for one in arrival order while all are taken.
+
+        Cancellation: the connection leaves the queue (the next in line is told).
+        """
+        settings = self._settings
+        self.queue[conn] = None
+        while True:
+            if next(iter(self.queue)) is conn:
+                if len(self.handshaking) < settings.max_handshakes:
+                    break
+                oldest = next(iter(self.handshaking))
+                evict_at = oldest.last_active + settings.handshake_evict_age_s
+                if trio.current_time() >= evict_at:
+                    del self.handshaking[oldest]
+                    oldest.scope.cancel()
+                    self.handshakes_evicted += 1
+                    self._watch.proxy_connection_refused()
+                    self.log_handshake_evicted(max_handshakes=settings.max_handshakes)
+                    break
+                with trio.move_on_at(evict_at):
+                    await conn.wake.wait()
+            else:
+                await conn.wake.wait()
+            conn.wake = trio.Event()
+        self.end_pending(conn)
+        conn.last_active = trio.current_time()
         self.handshaking[conn] = None
 
     def end_handshake(self, conn: _Conn) -> None:
-        self.handshaking.pop(conn, None)
+        if self.handshaking.pop(conn, 0) is None:
+            self._wake_first()
+
+    def _wake_first(self) -> None:
+        if self.queue:
+            next(iter(self.queue)).wake.set()
 
     def start_forwarding(self, conn: _Conn) -> bool:
         if len(self.forwarding) >= self._settings.max_connections:
@@ -319,12 +385,17 @@ async def _serve_connection(
     watch: IngressObserver,
     slots: _Slots,
 ) -> None:
-    tls = trio.SSLStream(tcp, ssl_context, server_side=True)
-    hello = _Conn()  # its place among the handshakes (a scope is entered once: two places)
+    hello = _Conn()  # pending, then handshaking (a scope is entered once: two places)
+    tls: trio.SSLStream[trio.SocketStream] | None = None
     try:
-        slots.start_handshake(hello)
+        slots.start_pending(hello)
         try:
             with hello.scope, trio.move_on_after(settings.handshake_timeout_s) as handshake:
+                # No TLS state until the client says something: a bare TCP connection costs
+                # a descriptor and this sleeping task, nothing more.
+                await trio.lowlevel.wait_readable(tcp.socket)
+                await slots.start_handshake(hello)
+                tls = trio.SSLStream(tcp, ssl_context, server_side=True)
                 try:
                     await tls.do_handshake()
                 except trio.BrokenResourceError as exc:
@@ -332,8 +403,9 @@ async def _serve_connection(
                     watch.proxy_connection_refused()
                     return
         finally:
+            slots.end_pending(hello)
             slots.end_handshake(hello)
-        if handshake.cancelled_caught or hello.scope.cancelled_caught:
+        if tls is None or handshake.cancelled_caught or hello.scope.cancelled_caught:
             log.debug("ingress TLS handshake timed out or made room", extra={"peer": peer})
             return
         subject = _client_subject(tls)
@@ -356,7 +428,7 @@ async def _serve_connection(
         finally:
             slots.end_forwarding(conn)
     finally:
-        await _close(tls, settings.close_timeout_s)
+        await _close(tcp if tls is None else tls, settings.close_timeout_s)
 
 
 async def _forward(
