@@ -23,7 +23,7 @@ cmd = sys.argv[1]
 args = dict(zip(sys.argv[2::2], sys.argv[3::2]))
 if data.get("mode") == "garbage":
     print("this is not json"); sys.exit(0)
-if data.get("mode") == "fail":
+if data.get("mode") == "fail" and cmd == "run-enclave":
     print("[ E26 ] Insufficient memory requested", file=sys.stderr); sys.exit(26)
 if cmd == "run-enclave":
     data["running"] = True
@@ -40,8 +40,11 @@ elif cmd == "describe-enclaves":
         state.write_text(json.dumps(data))
         print("[ E39 ] Enclave process connection failure", file=sys.stderr); sys.exit(39)
     running = data.get("running", False)
-    print(json.dumps([{"EnclaveID": "i-abc-enc123", "State": "RUNNING"}] if running else []))
+    mine = [{"EnclaveID": "i-abc-enc123", "State": "RUNNING", "EnclaveCID": 16}]
+    print(json.dumps(data.get("others", []) + (mine if running else [])))
 elif cmd == "terminate-enclave":
+    data.setdefault("terminated", []).append(args["--enclave-id"])
+    data["others"] = [e for e in data.get("others", []) if e["EnclaveID"] != args["--enclave-id"]]
     data["running"] = False
     state.write_text(json.dumps(data))
     print(json.dumps({"EnclaveID": args["--enclave-id"], "Terminated": True}))
@@ -145,6 +148,87 @@ async def test_nitro_cli_failures_are_clear(tmp_path: Path) -> None:
         await _launcher(_fake_cli(tmp_path, cid_skew=1)).start()
     with pytest.raises(LaunchError, match="cannot run"):
         await _launcher(tmp_path / "no-such-nitro-cli").start()
+
+
+async def test_nitro_cli_terminates_the_enclave_a_dead_parent_left(tmp_path: Path) -> None:
+    """A new parent first ends an enclave still running at its CID (its predecessor died and
+    the enclave holds the shares); enclaves at other CIDs are not its business."""
+    orphan = {"EnclaveID": "i-old-enc999", "State": "RUNNING", "EnclaveCID": 16}
+    foreign = {"EnclaveID": "i-foreign-enc1", "State": "RUNNING", "EnclaveCID": 20}
+    cli = _fake_cli(tmp_path, others=[orphan, foreign])
+    enclave = await _launcher(cli).start()
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["terminated"] == ["i-old-enc999"]
+    assert [e["EnclaveID"] for e in state["others"]] == ["i-foreign-enc1"]
+    assert enclave.enclave_id == "i-abc-enc123"
+
+
+PARENT_THAT_DIES = """
+import sys, trio
+from trio_sign.parent import LocalLauncher
+
+async def main():
+    launcher = LocalLauncher(
+        [], use_namespaces=sys.argv[1],
+        program=[sys.executable, "-c", "import time; time.sleep(120)"],
+    )
+    enclave = await launcher.start()
+    print(enclave.pid, flush=True)
+    await trio.sleep(120)
+
+trio.run(main)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("namespaces", ["auto", "never"])
+def test_the_local_enclave_dies_with_its_parent(tmp_path: Path, namespaces: str) -> None:
+    """kill -9 of the parent takes its enclave with it: no orphan holding the shares (a new
+    parent would loop on "another process is listening")."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    if namespaces == "auto" and namespaces_available() is not None:
+        pytest.skip(f"no fresh namespaces here: {namespaces_available()}")
+    parent_process = subprocess.Popen(
+        [sys.executable, "-c", PARENT_THAT_DIES, namespaces],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    enclave_pid = 0
+    try:
+        assert parent_process.stdout is not None
+        enclave_pid = int(parent_process.stdout.readline())
+        deadline = time.monotonic() + 10
+        while namespaces == "auto" and time.monotonic() < deadline:
+            # the enclave inside unshare is a grandchild; wait until it exists
+            if _alive(enclave_pid):
+                break
+            time.sleep(0.05)
+        assert _alive(enclave_pid)
+        parent_process.kill()
+        parent_process.wait()
+        deadline = time.monotonic() + 10
+        while _alive(enclave_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(enclave_pid), "the enclave outlived its parent"
+    finally:
+        if parent_process.poll() is None:
+            parent_process.kill()
+            parent_process.wait()
+        if enclave_pid and _alive(enclave_pid):
+            os.kill(enclave_pid, signal.SIGKILL)
+        if parent_process.stdout is not None:
+            parent_process.stdout.close()
 
 
 @pytest.mark.parametrize("namespaces", ["auto", "never"])

@@ -7,6 +7,8 @@ whatever the backend.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -68,12 +70,22 @@ def namespaces_available() -> str | None:
     return None
 
 
+def _die_with_parent() -> None:
+    """``preexec_fn`` where setpriv(1) is missing: SIGKILL this child when the parent dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+#: prctl(2) option: the signal a process gets when its parent (the forking thread) dies.
+PR_SET_PDEATHSIG = 1
+
+
 @dataclass
 class LocalEnclave:
     """An enclave process (possibly inside ``unshare``). Signals go to the enclave's own pid:
     ``unshare --fork`` ignores SIGTERM while it waits for its child."""
 
-    process: trio.Process
+    process: subprocess.Popen[bytes]
     in_namespaces: bool
 
     @property
@@ -93,23 +105,43 @@ class LocalEnclave:
         where = "in fresh namespaces" if self.in_namespaces else "as a plain process"
         return f"local enclave pid {self.pid} ({where})"
 
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
     async def wait(self) -> int | None:
-        return await self.process.wait()
+        """Its exit status once it is gone (reaped here; a pidfd wakes us, no polling)."""
+        if self.process.returncode is not None:
+            return self.process.returncode
+        try:
+            fd = os.pidfd_open(self.process.pid)
+        except (AttributeError, OSError):  # no pidfd (old kernel): poll
+            while self.process.poll() is None:  # noqa: ASYNC110 - nothing to wait on
+                await trio.sleep(0.1)
+            return self.process.returncode
+        try:
+            await trio.lowlevel.wait_readable(fd)
+        finally:
+            trio.lowlevel.notify_closing(fd)
+            os.close(fd)
+        return self.process.wait()
 
     async def terminate(self, grace_s: float) -> None:
-        if self.process.returncode is not None:
+        if self.process.poll() is not None:
             return
         try:
             os.kill(self.pid, signal.SIGTERM)
         except ProcessLookupError:
             return
         with trio.move_on_after(grace_s) as scope, trio.CancelScope(shield=True):
-            await self.process.wait()
+            await self.wait()
         if scope.cancelled_caught and self.process.returncode is None:
             log.warning("enclave did not stop in time; killing it", extra={"grace_s": grace_s})
             with trio.CancelScope(shield=True):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
                 self.process.kill()
-                await self.process.wait()
+                await self.wait()
 
 
 @dataclass
@@ -117,15 +149,22 @@ class LocalLauncher:
     """Runs ``trio-sign enclave`` as a local process, in fresh namespaces where the kernel
     allows (no network at all, PID 1), talking to us over UNIX sockets only.
 
+    The enclave never outlives the parent: it is started with a parent-death signal
+    (``setpriv --pdeathsig KILL``, or ``prctl`` where setpriv is missing) from the parent's
+    main thread, and ``unshare --kill-child`` passes that on to the enclave inside. A parent
+    killed with ``kill -9`` takes its enclave (and the shares it holds) with it.
+
     Args:
         enclave_args: the enclave's command-line arguments after ``trio-sign enclave``.
         use_namespaces: ``"auto"`` (use them if available), ``"always"`` or ``"never"``.
         log_path: where the enclave's own stderr goes (its logs also reach us on the channel).
+        program: what to run (default ``python -m trio_sign.cli enclave``; tests substitute).
     """
 
     enclave_args: Sequence[str]
     use_namespaces: str = "auto"
     log_path: Path | None = None
+    program: Sequence[str] = (sys.executable, "-m", "trio_sign.cli", "enclave")
 
     async def start(self) -> LocalEnclave:
         why_not = namespaces_available() if self.use_namespaces != "never" else "disabled"
@@ -138,13 +177,22 @@ class LocalLauncher:
         )
         if why_not is not None and self.use_namespaces == "auto":
             log.warning("starting the local enclave without namespaces", extra={"why": why_not})
-        cmd = [*wrap, sys.executable, "-m", "trio_sign.cli", "enclave", *self.enclave_args]
+        tether = shutil.which("setpriv")
+        cmd = [*wrap, *self.program, *self.enclave_args]
+        if tether is not None:
+            cmd = [tether, "--pdeathsig", "KILL", "--", *cmd]
         stderr: Any = subprocess.DEVNULL
         if self.log_path is not None:
             stderr = self.log_path.open("ab")
         try:
-            process = await trio.lowlevel.open_process(
-                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
+            # Forked here, on the parent's main thread, not in a worker thread: the death
+            # signal follows the thread that forked, and trio's workers come and go.
+            process = subprocess.Popen(  # noqa: ASYNC220 - fork/exec, deliberately here
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                preexec_fn=None if tether is not None else _die_with_parent,
             )
         except OSError as exc:
             raise LaunchError(f"cannot start the local enclave: {exc}") from exc
@@ -257,7 +305,32 @@ class NitroCliLauncher:
             raise LaunchError("nitro-cli describe-enclaves did not print a JSON list")
         return [e for e in out if isinstance(e, dict)]
 
+    async def reconcile(self) -> list[str]:
+        """Terminate enclaves a previous parent left at our CID (it died; they still hold the
+        shares): an enclave never outlives its parent, and a new one cannot start on a CID in
+        use. Returns the ids terminated."""
+        left = [
+            e
+            for e in await self.describe()
+            if e.get("EnclaveCID") == self.cid and e.get("State") in ("RUNNING", "STARTING")
+        ]
+        ended = []
+        for e in left:
+            enclave_id = str(e.get("EnclaveID"))
+            log.warning(
+                "terminating an enclave a previous parent left running",
+                extra={"enclave_id": enclave_id, "cid": self.cid},
+            )
+            out = await self._run(
+                ["terminate-enclave", "--enclave-id", enclave_id], "terminate-enclave"
+            )
+            if not isinstance(out, dict) or not out.get("Terminated", False):
+                raise LaunchError(f"nitro-cli could not terminate the orphan enclave {enclave_id}")
+            ended.append(enclave_id)
+        return ended
+
     async def start(self) -> NitroEnclave:
+        await self.reconcile()
         args = [
             "run-enclave",
             "--eif-path",
