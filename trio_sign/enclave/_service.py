@@ -26,7 +26,7 @@ from proto_min import sign_service_pb2 as pb
 
 from .. import __version__
 from .._errors import ShareFileError
-from .._metrics import Registry
+from .._metrics import CounterChild, Registry
 from ..crypto import CIPHERSUITE
 from ..rpc import (
     CallContext,
@@ -512,9 +512,23 @@ class SignService:
 
     def _counted(self, path: str, handler: UnaryHandler) -> UnaryHandler:
         method = path.removeprefix(SERVICE)
-        timed = method in _TIMED
         kind = {"Commit": self._sessions, "Sign": self._signatures}.get(method)
         ok = "opened" if method == "Commit" else "signed"
+        latency = self._latency.labels(method=method) if method in _TIMED else None
+        # The series of each status code, bound on first use: a call costs two increments.
+        series: dict[StatusCode, tuple[CounterChild, CounterChild | None]] = {}
+
+        def count(code: StatusCode) -> None:
+            bound = series.get(code)
+            if bound is None:
+                name = code.name
+                bound = series[code] = (
+                    self._requests.labels(method=method, code=name),
+                    None if kind is None else kind.labels(outcome=_outcome(code, ok), code=name),
+                )
+            bound[0].inc()
+            if bound[1] is not None:
+                bound[1].inc()
 
         async def counted(data: bytes, context: CallContext) -> bytes:
             started = trio.current_time()
@@ -525,14 +539,9 @@ class SignService:
                 code = _status_of(exc, context)
                 raise
             finally:
-                name = code.name
-                self._requests.labels(method=method, code=name).inc()
-                if kind is not None:
-                    kind.labels(outcome=_outcome(code, ok), code=name).inc()
-                if timed:
-                    self._latency.labels(method=method).observe(
-                        max(0.0, trio.current_time() - started)
-                    )
+                count(code)
+                if latency is not None:
+                    latency.observe(max(0.0, trio.current_time() - started))
 
         return counted
 
