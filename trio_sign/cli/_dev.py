@@ -83,6 +83,33 @@ def add_parser(sub: Any) -> None:
     )
     up.set_defaults(func=cmd_up)
 
+    nsm = cmds.add_parser(
+        "local-nsm",
+        help="create the local NSM root and write its PCRs and a local KMS key policy",
+        description="Local mode's stand-ins for what AWS provides. Creates DIR with the local "
+        "NSM's root (local-nsm-root.key.pem, 0600, and local-nsm-root.pem: the root to pin in "
+        "[attestation] root and to give `trio-sign kms-local --nsm-root`), unless it is there "
+        "already; writes DIR/local.pcrs.json, the PCR0/1/2 a local enclave reports (fixed "
+        "values, in the format of enclave_image/build's trio-sign.pcrs.json, so "
+        "`python -m trio_sign.ops` accepts it), and DIR/kms-policy.json, a key policy for "
+        "`trio-sign kms-local --policy` that allows key creation and sealing and lets Decrypt "
+        "through only with a Recipient attestation of those PCRs. Prints the PCRs.",
+    )
+    nsm.add_argument("--dir", type=Path, required=True, metavar="DIR")
+    nsm.set_defaults(func=cmd_local_nsm)
+
+    pki = cmds.add_parser(
+        "pki",
+        help="write a development CA, ingress server and gateway client certificate",
+        description="Writes DIR/ca.pem, DIR/ingress.pem and DIR/ingress.key (the parent's "
+        "[ingress] cert and key; server name localhost), DIR/gateway.pem and DIR/gateway.key "
+        "(the client certificate a gateway presents; gateway.toml [tls]); keys 0600. "
+        "Development only: the CA key is not kept.",
+    )
+    pki.add_argument("--dir", type=Path, required=True, metavar="DIR")
+    pki.add_argument("--days", type=int, default=7, help="validity (default 7)")
+    pki.set_defaults(func=cmd_pki)
+
 
 def _check_file(path: Path | None, flag: str) -> None:
     if path is not None and not path.is_file():
@@ -164,3 +191,42 @@ def _print_stack(stack: Any) -> None:
     ):
         print(f"  {key:<14} {value}", flush=True)
     print("Ctrl-C stops everything.", flush=True)
+
+
+def cmd_local_nsm(args: argparse.Namespace) -> int:
+    import json
+
+    from ..nitro import DEFAULT_LOCAL_PCRS, LocalNsm
+    from ..nitro._local_nsm import ROOT_CERT_FILE
+    from ._demo_full import _policy_json
+
+    directory: Path = args.dir
+    LocalNsm.from_dir(directory, create=True).close()
+    pcrs = {f"PCR{i}": DEFAULT_LOCAL_PCRS[i].hex() for i in (0, 1, 2)}
+    pcr_file = directory / "local.pcrs.json"
+    pcr_file.write_text(json.dumps(pcrs, indent=2, sort_keys=True) + "\n")
+    policy_file = directory / "kms-policy.json"
+    policy_file.write_text(_policy_json(dict(DEFAULT_LOCAL_PCRS)) + "\n")
+    print(f"root      {directory / ROOT_CERT_FILE}")
+    print(f"pcrs      {pcr_file}")
+    print(f"policy    {policy_file}")
+    for name, value in pcrs.items():
+        print(f"{name:<9} {value}")
+    return 0
+
+
+def cmd_pki(args: argparse.Namespace) -> int:
+    from ..testing import make_dev_pki
+
+    if args.days < 1:
+        raise TrioSignError("--days must be at least 1")
+    pki = make_dev_pki(args.dir, days=args.days)
+    for key, value in (
+        ("client_ca", pki.ca),
+        ("server_cert", pki.server_cert),
+        ("server_key", pki.server_key),
+        ("client_cert", pki.client_cert),
+        ("client_key", pki.client_key),
+    ):
+        print(f"{key:<12} {value}")
+    return 0
