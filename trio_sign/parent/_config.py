@@ -252,8 +252,11 @@ def parse_parent_config(text: str, *, base: Path = Path(".")) -> ParentConfig:
 
     b = _table(data, "bundle")
     _unknown(b, "bundle", {"source", "work_dir", "fetch_timeout_s"})
+    source = _get(b, "bundle", "source", str)
+    if not source.startswith("s3://"):
+        source = str(base / source)  # relative to parent.toml, like every other path
     bundle = BundleConfig(
-        source=_get(b, "bundle", "source", str),
+        source=source,
         work_dir=base / _get(b, "bundle", "work_dir", str, "/run/trio-sign"),
         fetch_timeout_s=_number(b, "bundle", "fetch_timeout_s", float, 600.0, low=0),
     )

@@ -1,0 +1,118 @@
+"""``trio-sign parent --check`` tries everything a start would, and a start refuses the same
+configs the same way: exit 2 naming the key, one line, no enclave launched (issue 12 defect 1).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from trio_sign.cli import main
+from trio_sign.nitro import DEFAULT_LOCAL_PCRS
+from trio_sign.testing import make_ca, make_leaf
+
+GOOD_PCR = DEFAULT_LOCAL_PCRS[0].hex()
+
+
+def write_config(tmp_path: Path, **edits: str) -> Path:
+    """A config that passes --check (local mode, ingress with a real TLS pair), then edits:
+    ``section.key=value`` replacements or additions (value as TOML)."""
+    ca = make_ca("check test CA", days=1)
+    server = make_leaf(ca, "parent.local", server=True, days=1)
+    other = make_leaf(make_ca("another CA", days=1), "parent.local", server=True, days=1)
+    files = {
+        "ca.pem": ca.pem,
+        "server.pem": server[0],
+        "server.key": server[1],
+        "other.key": other[1],
+        "garbage.pem": b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END"
+        b" CERTIFICATE-----\n",
+        "bundle.enc": b"ciphertext",
+        "dev.key": b"{}",
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "nsm").mkdir(exist_ok=True)
+    (tmp_path / "nsm" / "local-nsm-root.pem").write_bytes(ca.pem)
+    sections: dict[str, dict[str, str]] = {
+        "bundle": {"source": '"bundle.enc"', "work_dir": '"run"'},
+        "kms": {"mode": '"dev-key"', "dev_key": '"dev.key"'},
+        "enclave": {"backend": '"local"', "nsm_dir": '"nsm"'},
+        "ingress": {
+            "listen": '"tcp://127.0.0.1:0"',
+            "cert": '"server.pem"',
+            "key": '"server.key"',
+            "client_ca": '"ca.pem"',
+        },
+        "attestation": {
+            "root": '"nsm/local-nsm-root.pem"',
+            "pcr0": f'"{GOOD_PCR}"',
+            "pcr1": f'"{GOOD_PCR}"',
+            "pcr2": f'"{GOOD_PCR}"',
+        },
+        "logs": {"file": '"enclave.jsonl"'},
+        "health": {"listen": '"tcp://127.0.0.1:0"'},
+    }
+    for dotted, value in edits.items():
+        section, key = dotted.split(".")
+        sections.setdefault(section, {})[key] = value
+    text = "".join(
+        f"[{name}]\n" + "".join(f"{k} = {v}\n" for k, v in table.items())
+        for name, table in sections.items()
+    )
+    path = tmp_path / "parent.toml"
+    path.write_text(text)
+    return path
+
+
+def test_a_good_config_checks_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["parent", "--config", str(write_config(tmp_path)), "--check"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.rstrip().endswith(": OK")
+    assert "warning" not in captured.err
+
+
+BAD = [
+    ("attestation.pcr0", '"abcd"', "[attestation] pcr0 must be 48 bytes"),
+    ("ingress.key", '"other.key"', "[ingress] cert"),
+    ("ingress.client_ca", '"garbage.pem"', "[ingress] client_ca"),
+    ("ingress.listen", '"127.0.0.1:50051"', "[ingress] listen"),
+    ("health.listen", '"tcp://127.0.0.1:99999"', "[health] listen"),
+    ("enclave.preload_timeout_s", "-1", "[enclave] preload_timeout_s must be > 0"),
+    ("logs.file", '"no/such/dir/enclave.jsonl"', "[logs] file"),
+    ("enclave.grpc_port", "0", "[enclave] grpc_port"),
+    ("failure.backoff_initial_s", "0", "[failure] backoff_initial_s"),
+    ("bundle.source", '"s3://bucket-only"', "[bundle] source"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "named"), BAD, ids=[b[0] for b in BAD])
+def test_check_and_start_refuse_the_same_configs_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], key: str, value: str, named: str
+) -> None:
+    """Each of these once said OK and then failed after an enclave was launched (or with a
+    traceback and exit 1, relaunching with restart on)."""
+    path = write_config(tmp_path, **{key: value})
+    assert main(["parent", "--config", str(path), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert named in err, err
+    assert "Traceback" not in err
+
+    assert main(["parent", "--config", str(path)]) == 2  # a real start: the same verdict
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("trio-sign")]
+    assert len(lines) == 1, err
+    assert named in lines[0], err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run" / "enclave.stderr").exists(), "an enclave was launched"
+
+
+def test_check_warns_about_a_health_listener_off_loopback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path, **{"health.listen": '"tcp://0.0.0.0:8080"'})
+    assert main(["parent", "--config", str(path), "--check"]) == 0
+    err = capsys.readouterr().err
+    assert "warning" in err
+    assert "[health] listen tcp://0.0.0.0:8080 is not loopback" in err
