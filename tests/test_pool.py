@@ -304,3 +304,64 @@ async def test_signed_sessions_are_kept_as_untracked_tuples(
         with _expect(PoolErrorKind.NOT_FOUND):
             pool.abort("s0")
         nursery.cancel_scope.cancel()
+
+
+async def test_stats_count_every_way_a_session_starts_ends_or_is_refused(
+    world: tuple[ShareStore, dict[str, Account]], autojump_clock: trio.testing.MockClock
+) -> None:
+    """What the enclave's metrics read: opened, and ended by signing, abort, expiry, shutdown;
+    refused for a full pool, a drain, memory and a frozen account. Retries count once."""
+    from trio_sign.enclave._pool import PoolStats
+
+    store, accounts = world
+    overload: list[str] = []
+    frozen: set[str] = set()
+    pool = _pool(
+        store,
+        max_sessions=2,
+        session_ttl_s=10,
+        is_frozen=frozen.__contains__,
+        overloaded=lambda: overload[0] if overload else None,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run_reaper)
+        acct = accounts["acct-0"]
+        mine = pool.commit("acct-0", "signed").commitment
+        pool.commit("acct-0", "signed")  # a retry: no new session
+        peer = Peer(acct)
+        cs = sorted_commitments(mine, peer.commitment)
+        pool.sign("signed", b"m", cs)
+        pool.sign("signed", b"m", cs)  # a retry: signed once
+        pool.commit("acct-1", "aborted")
+        pool.abort("aborted")
+        pool.commit("acct-1", "expires")
+        pool.commit("acct-2", "fills")
+        with _expect(PoolErrorKind.RESOURCE_EXHAUSTED):
+            pool.commit("acct-2", "no-room")
+        await trio.sleep(11)  # "expires" and "fills" run out
+        frozen.add("acct-2")
+        with _expect(PoolErrorKind.FAILED_PRECONDITION):
+            pool.commit("acct-2", "frozen")
+        overload.append("memory")
+        with _expect(PoolErrorKind.RESOURCE_EXHAUSTED):
+            pool.commit("acct-1", "heavy")
+        overload.clear()
+        pool.stop_accepting()
+        with _expect(PoolErrorKind.UNAVAILABLE):
+            pool.commit("acct-1", "late")
+        pool.start_accepting()
+        assert pool.accepting
+        pool.commit("acct-1", "at-shutdown")
+        nursery.cancel_scope.cancel()
+    assert pool.stats == PoolStats(
+        opened=5,
+        signed=1,
+        aborted=1,
+        expired=2,
+        closed_at_shutdown=1,
+        failed=0,
+        refused_full=1,
+        refused_draining=1,
+        refused_memory=1,
+        refused_frozen=1,
+    )
