@@ -33,6 +33,7 @@ def test_the_table_is_exactly_the_documented_one() -> None:
         (S.SERVING, E.DRAIN): S.DRAINING,
         (S.SERVING, E.STOP): S.EXITING,
         (S.SERVING, E.FAIL): S.FAILED,
+        (S.DRAINING, E.UNDRAIN): S.SERVING,
         (S.DRAINING, E.STOP): S.EXITING,
         (S.DRAINING, E.FAIL): S.FAILED,
         (S.EXITING, E.EXIT): S.EXITED,
@@ -114,6 +115,16 @@ def test_every_illegal_transition_raises_and_changes_nothing(
     assert machine.history == history
 
 
+def test_a_gateway_drain_can_be_undone_many_times() -> None:
+    machine = _reach(S.SERVING)
+    for _ in range(3):
+        machine.process(E.DRAIN)
+        machine.process(E.UNDRAIN)
+    assert machine.state is S.SERVING
+    with pytest.raises(LifecycleError):
+        machine.process(E.UNDRAIN)  # not draining
+
+
 def test_illegal_examples_name_what_is_allowed() -> None:
     with pytest.raises(LifecycleError, match=r"'drain' is not allowed in state 'preloading'"):
         _reach(S.PRELOADING).process(E.DRAIN)
@@ -147,10 +158,11 @@ def test_random_event_sequences(events: list[EnclaveEvent]) -> None:
     if S.EXITED in history:
         assert history[-1] is S.EXITED
         assert history[-2] in (S.EXITING, S.FAILED)
-    # the live states appear in their one order, each at most once
-    live = [s for s in history if s in (S.BOOTING, S.PRELOADING, S.SERVING, S.DRAINING)]
-    order = [S.BOOTING, S.PRELOADING, S.SERVING, S.DRAINING]
-    assert live == order[: len(live)]
+    # boot happens once: booting and preloading never come back; serving only after preloading
+    assert history.count(S.BOOTING) == 1
+    assert history.count(S.PRELOADING) <= 1
+    if S.SERVING in history:
+        assert history.index(S.PRELOADING) < history.index(S.SERVING)
 
 
 def _steps(

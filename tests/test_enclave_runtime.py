@@ -22,16 +22,17 @@ import pytest
 import trio
 
 from proto_min import sign_service_pb2 as pb
-from trio_sign.enclave import EnclaveExit, ExitCode, SessionPool, serve_enclave
+from trio_sign.enclave import EnclaveExit, EnclaveState, ExitCode, SessionPool, serve_enclave
 from trio_sign.enclave._serve import EnclaveHandle
 from trio_sign.nitro import (
     EventsConfigMessage,
     LocalNsm,
+    MetricsMessage,
     verify_attestation,
 )
 from trio_sign.rpc import open_grpc_channel
 from trio_sign.shares import ShareRecord
-from trio_sign.transport import TransportError, connect
+from trio_sign.transport import TransportError, connect, open_listeners
 
 from .enclave_helpers import (
     Account,
@@ -569,3 +570,78 @@ async def test_drain_requested_by_the_parent_on_the_status_channel(
     assert any(line["msg"] == "the parent asked for a drain" for line in fake.logs), [
         line["msg"] for line in fake.logs
     ]
+
+
+async def test_a_busy_grpc_address_fails_boot_with_exit_7_and_says_why(
+    tmp_path: Path, accounts: dict[str, Account], nsm_dir: Path
+) -> None:
+    """Issue 12 defect 5: the listener's failure is SERVICE_FAILED (reason ``listen``), named
+    in one line, and the parent still hears ``failed``, ``exit(7)`` and the last log lines:
+    the link outlives the services that failed."""
+    records = [a.service for a in accounts.values()]
+    async with parent(tmp_path, records, nsm_dir) as fake:
+        cfg = fake.config()
+        busy = await open_listeners(cfg.grpc_listen)  # someone else listens there
+        try:
+            with pytest.raises(EnclaveExit) as info:
+                await serve_enclave(cfg, nsm=LocalNsm.from_dir(nsm_dir))
+        finally:
+            for listener in busy:
+                await listener.aclose()
+    assert info.value.code == ExitCode.SERVICE_FAILED
+    assert info.value.reason == "listen"
+    assert str(info.value).startswith(f"cannot listen on {cfg.grpc_listen}")
+    assert "\n" not in str(info.value)
+    assert fake.states[-1].state == "failed"
+    assert fake.states[-1].reason == "listen"
+    assert fake.exits == [7]
+    failed = [line for line in fake.logs if line["msg"] == "enclave failed"]
+    assert [line["reason"] for line in failed] == ["listen"]
+
+
+async def test_the_lifecycle_follows_drain_undrain_and_the_metrics_fit_the_channel(
+    tmp_path: Path, accounts: dict[str, Account], nsm_dir: Path
+) -> None:
+    """The tree wires the service to its ParentLink: the gateway's reversible drain and its
+    undrain move the lifecycle (and the parent sees them), SIGTERM's drain is for good, and
+    the service's metrics are what the link sends (a snapshot the channel accepts)."""
+    records = [a.service for a in accounts.values()]
+    async with parent(tmp_path, records, nsm_dir) as fake, trio.open_nursery() as nursery:
+        handle: EnclaveHandle = await nursery.start(
+            functools.partial(serve_enclave, fake.config(), nsm=LocalNsm.from_dir(nsm_dir))
+        )
+        link = handle.link
+        assert link.state is EnclaveState.SERVING
+        assert link.metrics_source == handle.service.metrics.snapshot
+        handle.service.pool.commit(records[0].account_id, "s")
+        MetricsMessage(snapshot=handle.service.metrics.snapshot()).to_frame()  # fits
+        handle.service.start_draining(reversible=True)  # the gateway's SSE drain
+        assert _state(handle) is EnclaveState.DRAINING
+        await _until(lambda: fake.states[-1].state == "draining")
+        assert handle.service.stop_draining()  # its undrain
+        assert _state(handle) is EnclaveState.SERVING
+        await _until(lambda: fake.states[-1].state == "serving")
+        await handle.drain()  # SIGTERM: for good
+        assert not handle.service.stop_draining()
+    assert link.lifecycle.history == [
+        EnclaveState.BOOTING,
+        EnclaveState.PRELOADING,
+        EnclaveState.SERVING,
+        EnclaveState.DRAINING,
+        EnclaveState.SERVING,
+        EnclaveState.DRAINING,
+        EnclaveState.EXITING,
+        EnclaveState.EXITED,
+    ]
+    assert fake.states[-1].state == "exiting"
+    assert fake.exits == [0]
+
+
+def _state(handle: EnclaveHandle) -> EnclaveState:
+    return handle.link.state  # a call: each assert reads it afresh (no narrowing)
+
+
+async def _until(condition: Any) -> None:
+    with trio.fail_after(10):
+        while not condition():  # noqa: ASYNC110 - the parent's reader runs on real sockets
+            await trio.sleep(0.01)

@@ -5,6 +5,7 @@ entry of :data:`TRANSITIONS`, and anything else raises :class:`LifecycleError` (
 enclave's code, which must fail loudly in tests rather than report a state that is not true)::
 
     booting ──PRELOAD──▶ preloading ──READY──▶ serving ──DRAIN──▶ draining
+       │                     │                    │ ◀──UNDRAIN───────┤
        │                     │                    │                  │
        └──────── STOP (exiting) / FAIL (failed), from any of these ──┘
                                      │
@@ -52,6 +53,7 @@ class EnclaveEvent(enum.Enum):
     PRELOAD = "preload"  # the shares start loading (attested preload, or the dev file)
     READY = "ready"  # the shares are loaded and the gRPC server listens
     DRAIN = "drain"  # SIGTERM, the parent's drain, or the gateway's SSE drain
+    UNDRAIN = "undrain"  # the gateway's SSE undrain ends a drain it asked for
     STOP = "stop"  # the tree ended without a failure (after a drain, or cancelled)
     FAIL = "fail"  # the tree ended with a failure (exit code and reason known)
     EXIT = "exit"  # the last words were given (or their time ran out)
@@ -72,6 +74,7 @@ TRANSITIONS: Final[Mapping[tuple[EnclaveState, EnclaveEvent], EnclaveState]] = M
         (_S.SERVING, _E.DRAIN): _S.DRAINING,
         (_S.SERVING, _E.STOP): _S.EXITING,
         (_S.SERVING, _E.FAIL): _S.FAILED,
+        (_S.DRAINING, _E.UNDRAIN): _S.SERVING,
         (_S.DRAINING, _E.STOP): _S.EXITING,
         (_S.DRAINING, _E.FAIL): _S.FAILED,
         (_S.EXITING, _E.EXIT): _S.EXITED,

@@ -153,9 +153,9 @@ class ParentLink:
         sha256: str | _Keep | None = KEEP,
         preload_ms: int | _Keep | None = KEEP,
     ) -> EnclaveState:
-        """Move the lifecycle by ``event`` (``PRELOAD``, ``READY`` or ``DRAIN``) and report the
-        new state; never blocks. ``accounts``, ``sha256`` and ``preload_ms`` go with the state
-        (``READY`` carries them) and are kept afterwards.
+        """Move the lifecycle by ``event`` (``PRELOAD``, ``READY``, ``DRAIN`` or ``UNDRAIN``) and
+        report the new state; never blocks. ``accounts``, ``sha256`` and ``preload_ms`` go with
+        the state (``READY`` carries them) and are kept afterwards.
 
         Error handling: :class:`~trio_sign.enclave.LifecycleError` for a move the lifecycle
         does not allow (a bug); ``ValueError`` for ``STOP``, ``FAIL`` and ``EXIT``, which only

@@ -38,7 +38,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
 
@@ -81,7 +81,6 @@ from ._pid1 import bring_up_loopback, run_child_reaper
 from ._pool import SessionPool
 from ._preload import PreloadError, PreloadReport, preload_shares
 from ._service import Attestor, SignService
-from ._status import MetricsSource
 
 log = logging.getLogger("trio_sign.enclave")
 audit_log = logging.getLogger("trio_sign.audit")
@@ -187,18 +186,23 @@ async def _serve_loaded(
     *,
     preload_ms: int,
     attestor: Attestor | None = None,
-    overloaded: Callable[[], str | None] = lambda: None,
+    memory: MemoryWatermark | None = None,
 ) -> EnclaveHandle:
     """Start the pool reaper, the gRPC server and the SSE client for a loaded store.
 
     The lifecycle becomes ``serving`` once the gRPC server listens and before the SSE client
-    starts: the gateway's ``drain`` event (``serving -> draining``) can only come after.
+    starts: the gateway's ``drain`` event (``serving -> draining``) can only come after. The
+    service's metrics go to the parent from then on.
     """
     _freeze_loaded_objects()
 
     def on_drain() -> None:
         link.advance(EnclaveEvent.DRAIN)
 
+    def on_undrain() -> None:
+        link.advance(EnclaveEvent.UNDRAIN)
+
+    overloaded = (lambda: None) if memory is None else functools.partial(_overload_reason, memory)
     frozen: set[str] = set()
     pool = SessionPool(
         store.get,
@@ -213,6 +217,8 @@ async def _serve_loaded(
         frozen=frozen,
         attestor=attestor,
         on_drain=on_drain,
+        on_undrain=on_undrain,
+        memory=memory,
         max_sign_request_bytes=config.max_sign_request_bytes,
     )
     await nursery.start(pool.run_reaper)
@@ -233,28 +239,17 @@ async def _serve_loaded(
             max_receive_message_size=config.max_receive_message_size,
         )
     )
+    service.observe_server(server.stats)
     link.advance(
         EnclaveEvent.READY,
         accounts=store.accounts,
         sha256=store.fingerprint,
         preload_ms=preload_ms,
     )
-    _wire_metrics(link, service)
+    if link.metrics_source is None:
+        link.metrics_source = service.metrics.snapshot
     sse = await _start_sse(nursery, config, service)
     return EnclaveHandle(service, server, addresses, config, sse, link)
-
-
-def _wire_metrics(link: ParentLink, service: SignService) -> None:
-    """Send the service's numbers to the parent, unless the link was given a source."""
-    if link.metrics_source is None:
-        link.metrics_source = _service_metrics(service)
-
-
-def _service_metrics(service: SignService) -> MetricsSource | None:
-    # The SignService's metrics registry (its ``snapshot``), where this version has one.
-    metrics = getattr(service, "metrics", None)
-    snapshot = getattr(metrics, "snapshot", None)
-    return snapshot if callable(snapshot) else None
 
 
 @asynccontextmanager
@@ -468,7 +463,7 @@ async def serve_enclave(
             link,
             preload_ms=report.preload_ms,
             attestor=attest,
-            overloaded=functools.partial(_overload_reason, watermark),
+            memory=watermark,
         )
         log.info(
             "enclave ready",
