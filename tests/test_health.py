@@ -269,6 +269,10 @@ def parse_exposition(text: str) -> dict[str, float]:
             match = _SAMPLE.fullmatch(line)
             assert match is not None, f"not exposition format: {line!r}"
             name = match.group(1)
+            family = re.sub(r"_(bucket|sum|count)$", "", name)
+            if family != name and typed.get(family) == "histogram":
+                samples[name + (match.group(2) or "")] = float(match.group(3))
+                continue
             assert name in typed, f"{name} has no # TYPE"
             if typed[name] == "counter":
                 assert name.endswith("_total")
@@ -386,3 +390,34 @@ async def test_live_tail_subscriber_limit_is_503(nursery: trio.Nursery) -> None:
             head, body = await http(port, "/v1/logs/tail")
     assert head.status == 503
     assert b"max_subscribers" in body
+
+
+def test_the_enclaves_numbers_travel_to_the_parents_metrics() -> None:
+    """The enclave's metrics message (sessions, signatures, latency) is served by the parent
+    beside its own families, with both build infos; a malformed snapshot is left out and the
+    scrape still answers."""
+    from trio_sign import __version__
+    from trio_sign._metrics import Registry
+    from trio_sign.nitro import MetricsMessage
+
+    enclave = Registry()
+    enclave.build_info("enclave", __version__)
+    sessions = enclave.counter("trio_sign_sessions_total", "Sessions.", ["outcome"])
+    sessions.labels(outcome="signed").inc(7)
+    enclave.histogram("trio_sign_sign_duration_seconds", "Sign latency.").observe(0.003)
+    state = ParentState()
+    state.lifecycle.on_status_message(MetricsMessage(enclave.snapshot()))
+    text = render_metrics(state)
+    samples = parse_exposition(text)
+    assert samples['trio_sign_sessions_total{outcome="signed"}'] == 7
+    assert samples["trio_sign_sign_duration_seconds_count"] == 1
+    builds = [line for line in text.splitlines() if line.startswith("trio_sign_build_info{")]
+    assert len(builds) == 2
+    assert any('component="parent"' in b for b in builds)
+    assert any('component="enclave"' in b for b in builds)
+    assert text.count("# TYPE trio_sign_build_info ") == 1
+
+    state.lifecycle.enclave_metrics = {"format": "trio_sign.metrics/1", "families": [{}]}
+    samples = parse_exposition(render_metrics(state))
+    assert "trio_sign_sessions_total" not in str(samples)
+    assert samples["trio_sign_ready"] == 0

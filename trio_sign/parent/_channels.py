@@ -23,6 +23,7 @@ from ..nitro import (
     HelloMessage,
     LogMessage,
     MessageStream,
+    MetricsMessage,
     StateMessage,
 )
 
@@ -94,9 +95,9 @@ async def _serve_channel(
 async def serve_status_connection(
     stream: trio.abc.Stream, on: OnMessage, link: StatusLink | None = None
 ) -> None:
-    """One status connection: ``state`` and ``exit`` messages go to ``on``; ``link`` (if
-    given) can send ``drain`` on it while it is up."""
-    await _serve_channel(stream, "status", (StateMessage, ExitMessage), on, link)
+    """One status connection: ``state``, ``exit`` and ``metrics`` messages go to ``on``;
+    ``link`` (if given) can send ``drain`` on it while it is up."""
+    await _serve_channel(stream, "status", (StateMessage, ExitMessage, MetricsMessage), on, link)
 
 
 async def serve_log_connection(stream: trio.abc.Stream, on: OnMessage) -> None:

@@ -25,6 +25,9 @@ from typing import Any, Final, Protocol
 
 import trio
 
+from .. import __version__
+from .._metrics import MetricsSnapshotError, Registry, merge_snapshots, render_snapshot
+from ..rpc import RateLimitedLog
 from ..transport import hypercorn_bind, serve_asgi
 from ..transport._asgi import (
     Receive,
@@ -256,12 +259,39 @@ class MetricsWriter:
     def counter(self, name: str, help_text: str, value: float) -> None:
         self.family(name, "counter", help_text, [({}, value)])
 
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(self._names)
+
     def text(self) -> str:
         return "\n".join(self._lines) + "\n"
 
 
 def render_metrics(state: ParentState) -> str:
-    """The ``/metrics`` body for ``state``."""
+    """The ``/metrics`` body for ``state``: the parent's own families, its build info, and the
+    enclave's numbers from its last ``metrics`` message (sessions, signatures, latency, pool,
+    refusals). The enclave's snapshot is checked before it is rendered; a bad one is left
+    out (and logged), never a reason to fail the scrape."""
+    own = _parent_families(state)
+    registry = Registry()
+    registry.build_info("parent", __version__)
+    extra = registry.snapshot()
+    enclave = state.lifecycle.enclave_metrics
+    if enclave is not None:
+        try:
+            extra = merge_snapshots(extra, enclave)
+        except MetricsSnapshotError as exc:
+            _bad_snapshot_log(error=str(exc)[:200])
+    families = [f for f in extra["families"] if f["name"] not in own.names]
+    return own.text() + render_snapshot({**extra, "families": families})
+
+
+_bad_snapshot_log = RateLimitedLog(
+    log, "the enclave's metrics snapshot is refused", interval_s=60.0, clock=time.monotonic
+)
+
+
+def _parent_families(state: ParentState) -> MetricsWriter:
     m = MetricsWriter()
     verified, checked_at, _ = state.attestation()
     known = list(ENCLAVE_STATES)
@@ -426,7 +456,7 @@ def render_metrics(state: ParentState) -> str:
         "gRPC ingress proxy connections refused (not ready, attestation failed).",
         state.proxy_connections_refused,
     )
-    return m.text()
+    return m
 
 
 # -- the ASGI application ----------------------------------------------------------------------

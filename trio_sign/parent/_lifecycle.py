@@ -38,7 +38,7 @@ from typing import Any, Final
 import trio
 
 from .._errors import TrioSignError
-from ..nitro import ChannelMessage, ExitMessage, StateMessage
+from ..nitro import ChannelMessage, ExitMessage, MetricsMessage, StateMessage
 
 log = logging.getLogger("trio_sign.parent")
 
@@ -288,11 +288,8 @@ class Lifecycle:
             )
         elif isinstance(message, ExitMessage):
             self.enclave_exited(message.code)
-        else:
-            kind = getattr(message, "TYPE", None)
-            snapshot = getattr(message, "snapshot", None)
-            if kind == "metrics" and isinstance(snapshot, Mapping):
-                self.enclave_metrics = snapshot
+        elif isinstance(message, MetricsMessage):
+            self.enclave_metrics = message.snapshot  # rendered (and checked) by /metrics
 
     def enclave_reported(
         self,
