@@ -4,10 +4,12 @@ them; a small snapshot with bounded labels; GetStatus reports the enforced memor
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,12 +20,14 @@ from proto_min import sign_service_pb2 as pb
 from trio_sign import __version__
 from trio_sign._metrics import render_snapshot
 from trio_sign.crypto import SigningCommitment
-from trio_sign.enclave import SessionPool, SignService
+from trio_sign.enclave import EnclaveHandle, SessionPool, SignService, serve_enclave
 from trio_sign.enclave._memory import MemoryWatermark
+from trio_sign.nitro import LocalNsm
 from trio_sign.rpc import GrpcChannel, GrpcServer, RpcError, StatusCode, open_grpc_channel
 from trio_sign.shares import ShareStore
+from trio_sign.transport import connect
 
-from .enclave_helpers import Account, Peer, make_accounts, sorted_commitments
+from .enclave_helpers import Account, Peer, make_accounts, parent, sorted_commitments
 
 S = "/trio_sign.v1.SignService/"
 MIB = 1024 * 1024
@@ -264,3 +268,31 @@ async def test_without_a_watermark_get_status_reads_the_same_limit_the_watermark
         status = await call(ch, "GetStatus", pb.GetStatusRequest(), pb.GetStatusResponse)
     assert status.memory_limit_bytes == read_memory_limit_bytes()
     assert 0 < status.memory_used_bytes < math.inf
+
+
+async def test_the_production_enclave_reports_its_memory_limit_and_server_refusals(
+    tmp_path: Path, nsm_dir: Path
+) -> None:
+    """End to end through ``serve_enclave`` (local NSM, a fake parent): ``--memory-limit
+    512MiB`` is what GetStatus says (defect 8), and the gRPC server's refusals reach the
+    snapshot the parent is sent."""
+    store, accounts = make_accounts(2)
+    store.close()
+    records = [a.service for a in accounts.values()]
+    async with parent(tmp_path, records, nsm_dir) as fake, trio.open_nursery() as nursery:
+        handle: EnclaveHandle = await nursery.start(
+            functools.partial(
+                serve_enclave,
+                fake.config(memory_limit_bytes=512 * MIB),
+                nsm=LocalNsm.from_dir(nsm_dir),
+            )
+        )
+        async with open_grpc_channel(await connect(handle.addresses[0])) as ch:
+            status = await call(ch, "GetStatus", pb.GetStatusRequest(), pb.GetStatusResponse)
+        assert status.memory_limit_bytes == 512 * MIB
+        assert 0 < status.memory_used_bytes < 512 * MIB
+        handle.server.stats.floods += 1
+        snapshot = handle.service.metrics.snapshot()
+        assert samples(snapshot, "trio_sign_refusals_total")[("flood",)] == 1
+        assert samples(snapshot, "trio_sign_requests_total")[("GetStatus", "OK")] == 1
+        await handle.drain()
