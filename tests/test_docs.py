@@ -1,14 +1,18 @@
 """Keep the docs honest.
 
-* Every ``trio-sign ...`` command quoted in a fenced code block of ``docs/runbook.md`` and
-  ``docs/operations.md`` parses with the real argument parser (``build_parser``), so a renamed
-  flag or subcommand breaks the build, not the operator at 3 a.m.
+* Every ``trio-sign ...`` command quoted in a fenced code block of ``docs/runbook.md``,
+  ``docs/operations.md``, ``docs/parent.md`` and ``README.md`` parses with the real argument
+  parser (``build_parser``), so a renamed flag or subcommand breaks the build, not the operator
+  at 3 a.m.; the options of the top level and of ``dev up`` are all documented.
+* The alert tables of ``parent.md``, ``operations.md`` and the runbook name exactly the
+  parent's alert codes (``ALERTS``).
 * Every relative link between the Markdown files (``docs/*.md`` and ``README.md``) resolves to
   an existing file, and a ``#fragment`` to a heading of that file.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib.util
 import io
@@ -25,8 +29,9 @@ from trio_sign.cli._main import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
-COMMAND_DOCS = ("runbook.md", "operations.md")
-LINKED_DOCS = [*sorted(DOCS.glob("*.md")), ROOT / "README.md"]
+COMMAND_DOCS = ("runbook.md", "operations.md", "parent.md")
+README = ROOT / "README.md"
+LINKED_DOCS = [*sorted(DOCS.glob("*.md")), README]
 
 _FENCE = re.compile(r"^(\s*)```")
 _LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
@@ -90,7 +95,7 @@ def _trio_sign_commands() -> list[tuple[str, str]]:
         for name in COMMAND_DOCS
         if (DOCS / name).exists()
         for command in _commands((DOCS / name).read_text(), "trio-sign")
-    ]
+    ] + [("README.md", command) for command in _commands(README.read_text(), "trio-sign")]
 
 
 def test_docs_quote_commands() -> None:
@@ -98,6 +103,7 @@ def test_docs_quote_commands() -> None:
     assert (DOCS / "runbook.md").exists()
     by_doc = {name: sum(1 for doc, _ in commands if doc == name) for name in COMMAND_DOCS}
     assert by_doc["runbook.md"] >= 8, by_doc
+    assert by_doc["parent.md"] >= 6, by_doc  # local mode, step by step
     # every subcommand an operator uses appears somewhere
     joined = "\n".join(command for _, command in commands)
     for needed in (
@@ -105,6 +111,11 @@ def test_docs_quote_commands() -> None:
         "trio-sign shares inspect",
         "trio-sign shares reencrypt",
         "trio-sign attestation verify",
+        "trio-sign dev up",
+        "trio-sign dev local-nsm",
+        "trio-sign kms-local",
+        "trio-sign parent --config",
+        "trio-sign status",
     ):
         assert needed in joined, needed
 
@@ -294,3 +305,61 @@ def test_enclave_image_commands_and_units_exist() -> None:
                 assert f"{flag})" in script, f"{name}: enclave_image/build has no {flag}"
         for unit in set(re.findall(r"\b(trio-sign[\w-]*\.service)\b", text)):
             assert (ROOT / "enclave_image" / "systemd" / unit).exists(), f"{name}: {unit}"
+
+
+def _options(parser: argparse.ArgumentParser) -> set[str]:
+    return {
+        option
+        for action in parser._actions
+        for option in action.option_strings
+        if option.startswith("--") and option not in ("--help", "--version")
+    }
+
+
+def test_new_options_are_documented() -> None:
+    """The top-level options and every ``dev up`` option appear in README.md or docs/."""
+    text = README.read_text() + "".join(path.read_text() for path in sorted(DOCS.glob("*.md")))
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    dev = next(a for a in sub.choices["dev"]._actions if isinstance(a, argparse._SubParsersAction))
+    wanted = _options(parser) | {f"dev up {o}" for o in _options(dev.choices["up"])}
+    for option in sorted(wanted):
+        flag = option.removeprefix("dev up ")
+        assert flag in text, f"{option} is not documented in README.md or docs/"
+    assert {"--log-format", "--log-level"} <= _options(parser)
+
+
+def _alert_codes(doc: str, heading: str) -> list[str]:
+    """The alert code each row of the first table after ``heading`` is about (its first cell's
+    first backquoted word)."""
+    section = (DOCS / doc).read_text().split(heading, 1)[1]
+    codes = []
+    rows = 0
+    for line in section.splitlines():
+        if line.startswith("|"):
+            rows += 1
+            if rows > 2:  # header and separator
+                first_cell = line.strip("|").split("|")[0]
+                match = re.search(r"`([a-z_]+)`", first_cell)
+                assert match is not None, f"{doc}: a row without an alert code: {line[:80]}"
+                codes.append(match.group(1))
+        elif rows:
+            break
+    return codes
+
+
+@pytest.mark.parametrize(
+    ("doc", "heading"),
+    [
+        ("parent.md", "## Failure handling and alerts"),
+        ("operations.md", "## Alerts"),
+        ("runbook.md", "## 5. An alert fired"),
+    ],
+)
+def test_alert_tables_match_the_code(doc: str, heading: str) -> None:
+    from trio_sign.parent._lifecycle import ALERTS
+
+    codes = _alert_codes(doc, heading)
+    assert set(codes) == set(ALERTS), doc
+    if doc != "runbook.md":  # the runbook has a row per alert and reason
+        assert len(codes) == len(ALERTS), doc
