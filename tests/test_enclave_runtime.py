@@ -645,3 +645,49 @@ async def _until(condition: Any) -> None:
     with trio.fail_after(10):
         while not condition():  # noqa: ASYNC110 - the parent's reader runs on real sockets
             await trio.sleep(0.01)
+
+
+async def test_a_dev_enclave_reporting_to_a_parent_gives_the_same_last_words(
+    tmp_path: Path,
+    accounts: dict[str, Account],
+    nsm_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``serve_dev_enclave(report_to_parent=True)`` runs the same ParentLink: the parent sees
+    preloading, serving, then (its ``drain``) exiting and exit 0."""
+    caplog.set_level(logging.INFO, "trio_sign")
+    from trio_sign.enclave import serve_dev_enclave
+    from trio_sign.shares import write_plaintext
+
+    records = [a.service for a in accounts.values()]
+    shares = tmp_path / "service_key_shares.json"
+    with shares.open("wb") as f:
+        write_plaintext(f, records)
+    async with parent(tmp_path, records, nsm_dir) as fake:
+        cfg = fake.config(dev=True, dev_plaintext_shares=shares)
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                handle: EnclaveHandle = await nursery.start(
+                    functools.partial(serve_dev_enclave, cfg, report_to_parent=True)
+                )
+                assert handle.link.state is EnclaveState.SERVING
+                await _until(lambda: fake.states[-1].state == "serving")
+                assert await fake.status_link.request_drain()
+            # serve_dev_enclave returned by itself after the parent's drain
+    assert fake.states[-1].state == "exiting"
+    assert fake.states[-1].accounts == len(records)
+    assert fake.exits == [0]
+    assert any(line["msg"] == "the parent asked for a drain" for line in fake.logs)
+
+
+def test_an_internal_error_in_the_tree_is_exit_1() -> None:
+    """A LifecycleError (an illegal move: a bug) anywhere in the tree ends it INTERNAL."""
+    from trio_sign.enclave import EnclaveEvent, LifecycleError
+    from trio_sign.enclave._lifecycle import EnclaveState as S
+    from trio_sign.enclave._serve import _classify
+
+    bug = LifecycleError(S.BOOTING, EnclaveEvent.DRAIN)
+    outcome = _classify(ExceptionGroup("tree", [bug]))
+    assert outcome is not None
+    assert (outcome.code, outcome.reason) == (ExitCode.INTERNAL, "internal")
+    assert "'drain' is not allowed in state 'booting'" in str(outcome)

@@ -4,18 +4,25 @@
 code    name                 meaning
 ======  ===================  =========================================================
 0       OK                   drained and stopped after SIGTERM/SIGINT (or a ``drain``)
-1       INTERNAL             a bug: an unexpected exception; the log has the traceback
+1       INTERNAL             a bug: an unexpected exception (or an illegal lifecycle
+                             move); the log has the traceback
 2       USAGE                bad command line or configuration
-3       PRELOAD_FAILED       the bundle, its key or the boot exchange was refused
+3       PRELOAD_FAILED       the bundle, its key or the boot exchange was refused (with
+                             ``--dev``: the plaintext share file cannot be read or is
+                             refused)
 4       PRELOAD_TIMEOUT      preload did not finish within ``preload_timeout_s``
 5       MEMORY               the bundle does not fit the enclave's memory
 6       NSM                  the Nitro Security Module could not be opened or used
-7       SERVICE_FAILED       a long-lived service (listener, channel) failed at run time
+7       SERVICE_FAILED       a long-lived service failed: the gRPC address cannot be
+                             bound (reason ``listen``), a listener or channel failed
 ======  ===================  =========================================================
 
 In every non-zero case the status channel's last state is ``failed`` with a stable reason,
-followed by ``exit`` with the code; then the process exits (in an EIF, the AWS init reboots
-the enclave, which the parent sees as the enclave going away).
+followed by ``exit`` with the code and the last log lines (the enclave's
+:class:`~trio_sign.enclave.ParentLink` gives these last words); then the process exits (in an
+EIF, the AWS init reboots the enclave, which the parent sees as the enclave going away). The
+command prints one line, ``trio-sign: enclave failed (REASON): MESSAGE``, never a traceback
+for these.
 """
 
 from __future__ import annotations

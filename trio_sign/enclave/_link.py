@@ -41,9 +41,9 @@ from ._status import (
     DEFAULT_METRICS_INTERVAL_S,
     KEEP,
     Connect,
+    Keep,
     MetricsSource,
     StatusReporter,
-    _Keep,
     check_backoff,
     run_status_channel,
 )
@@ -149,9 +149,9 @@ class ParentLink:
         self,
         event: EnclaveEvent,
         *,
-        accounts: int | _Keep | None = KEEP,
-        sha256: str | _Keep | None = KEEP,
-        preload_ms: int | _Keep | None = KEEP,
+        accounts: int | Keep | None = KEEP,
+        sha256: str | Keep | None = KEEP,
+        preload_ms: int | Keep | None = KEEP,
     ) -> EnclaveState:
         """Move the lifecycle by ``event`` (``PRELOAD``, ``READY``, ``DRAIN`` or ``UNDRAIN``) and
         report the new state; never blocks. ``accounts``, ``sha256`` and ``preload_ms`` go with

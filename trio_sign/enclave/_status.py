@@ -234,11 +234,13 @@ def check_backoff(backoff_initial_s: float, backoff_max_s: float, connect_timeou
 # The status reporter
 
 
-class _Keep(enum.Enum):
+class Keep(enum.Enum):
+    """The type of :data:`KEEP`: "leave this field as it was" (None would clear it)."""
+
     KEEP = enum.auto()
 
 
-KEEP: Final = _Keep.KEEP
+KEEP: Final = Keep.KEEP
 
 
 class StatusReporter:
@@ -292,9 +294,9 @@ class StatusReporter:
         state: str,
         *,
         reason: str | None = None,
-        accounts: int | _Keep | None = KEEP,
-        sha256: str | _Keep | None = KEEP,
-        preload_ms: int | _Keep | None = KEEP,
+        accounts: int | Keep | None = KEEP,
+        sha256: str | Keep | None = KEEP,
+        preload_ms: int | Keep | None = KEEP,
     ) -> None:
         """Make ``state`` current and schedule it for sending; never blocks.
 
@@ -313,9 +315,9 @@ class StatusReporter:
         message = StateMessage(
             state=state,
             reason=self._effective_reason(state, reason),
-            accounts=current.accounts if isinstance(accounts, _Keep) else accounts,
-            sha256=current.sha256 if isinstance(sha256, _Keep) else sha256,
-            preload_ms=current.preload_ms if isinstance(preload_ms, _Keep) else preload_ms,
+            accounts=current.accounts if isinstance(accounts, Keep) else accounts,
+            sha256=current.sha256 if isinstance(sha256, Keep) else sha256,
+            preload_ms=current.preload_ms if isinstance(preload_ms, Keep) else preload_ms,
         )
         try:
             message.to_frame()  # validates every field
