@@ -21,6 +21,7 @@ import nacl.exceptions
 import nacl.signing
 
 from .._progress import Progress
+from ._listen import UsageError
 
 log = logging.getLogger("trio_sign.demo")
 
@@ -63,9 +64,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ..testing import generate_share_files
 
     if args.accounts < 1 or args.signatures < 0 or args.concurrency < 1:
-        raise SystemExit(
-            "trio-sign demo: --accounts and --concurrency must be >= 1, --signatures >= 0"
-        )
+        raise UsageError("--accounts and --concurrency must be >= 1, --signatures >= 0")
     work: Path = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     if args.stack == "full":

@@ -1,4 +1,4 @@
-"""A listen address's port, checked before a command starts anything.
+"""A listen address's port, checked before a command starts anything; usage errors.
 
 Some listeners (the hypercorn ones: KMS, gateway API and events, the parent's health server)
 report a port in use as a bare ``OSError`` that does not say which address was refused. A
@@ -13,6 +13,13 @@ import errno
 import socket
 
 from .._errors import TrioSignError
+
+
+class UsageError(TrioSignError):
+    """The command line asks for something impossible (exit 2, like an argparse error)."""
+
+    exit_code = 2
+
 
 #: What a bind refused with EADDRINUSE means, for the one-line error.
 ADDRESS_IN_USE = (

@@ -6,9 +6,10 @@ document them.
 
 Error handling: whatever a command lets escape, possibly inside Trio's exception groups, is
 turned into that one line here: :class:`~trio_sign.TrioSignError` and ``OSError`` (a port in
-use, a missing file) exit 1, ``KeyboardInterrupt`` (Ctrl-C) exits 130 after the command's own
-cleanup ran, and a reader that closed our stdout (``trio-sign ... | head -1``) ends the command
-quietly, as Python's note on SIGPIPE recommends. Anything else is a bug: its traceback is kept.
+use, a missing file) exit 1 (or the error's ``exit_code``: 2 for a usage error);
+``KeyboardInterrupt`` (Ctrl-C) exits 130 after the command's own cleanup ran; a reader that
+closed our stdout (``trio-sign ... | head -1``) ends the command quietly, as Python's note on
+SIGPIPE recommends. Anything else is a bug: its traceback is kept.
 """
 
 from __future__ import annotations
@@ -152,7 +153,8 @@ def _report(exc: BaseException) -> int | None:
         return None  # a bug somewhere: keep its traceback
     first = next((leaf for leaf in leaves if isinstance(leaf, TrioSignError)), leaves[0])
     _error_line(describe_error(first))
-    return EXIT_FAILED
+    code = getattr(first, "exit_code", EXIT_FAILED)  # e.g. UsageError, the parent's exits
+    return code if isinstance(code, int) and 0 < code < 128 else EXIT_FAILED
 
 
 def describe_error(exc: BaseException) -> str:
