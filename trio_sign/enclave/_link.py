@@ -102,7 +102,10 @@ class ParentLink:
         self.reporter = StatusReporter(
             metrics_source=metrics_source, metrics_interval_s=metrics_interval_s
         )
-        self.log_handler = None if log_connect is None else log_handler or ChannelLogHandler()
+        if log_connect is None:
+            self.log_handler: ChannelLogHandler | None = None
+        else:
+            self.log_handler = log_handler if log_handler is not None else ChannelLogHandler()
         self.drain_requested = self.reporter.drain_requested
         self.final_report_timeout_s = final_report_timeout_s
         self._status_connect = status_connect
