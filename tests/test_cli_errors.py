@@ -281,3 +281,49 @@ def test_missing_file_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[s
         capsys.readouterr().err
         == f"trio-sign: error: --shares {tmp_path / 'x.json'}: no such file\n"
     )
+
+
+def test_ctrl_c_while_dev_up_boots(tmp_path: Path, shares: Path) -> None:
+    """Ctrl-C before the stack is ready stops it at once (it used to wait for readiness, up
+    to --ready-timeout): one line, exit 130, nothing left running."""
+    proc = subprocess.Popen(
+        [
+            EXE,
+            "--log-format",
+            "json",
+            "dev",
+            "up",
+            "--shares",
+            str(shares / "service_key_shares.json"),
+            "--workdir",
+            str(tmp_path / "stack"),
+            "--health",
+            "tcp://127.0.0.1:0",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "starting the parent" in line:
+                break
+        os.killpg(proc.pid, signal.SIGINT)
+        out, stderr = proc.communicate(timeout=60)
+        assert "local stack ready" not in out
+        assert "Traceback" not in stderr, stderr[-3000:]
+        assert _error_lines(stderr) == ["trio-sign: interrupted"], stderr[-3000:]
+        assert proc.returncode == EXIT_INTERRUPTED
+        deadline = time.monotonic() + 10
+        while _group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _group_alive(proc.pid), "a process dev up started outlived it"
+    finally:
+        if _group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
