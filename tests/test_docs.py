@@ -363,3 +363,15 @@ def test_alert_tables_match_the_code(doc: str, heading: str) -> None:
     assert set(codes) == set(ALERTS), doc
     if doc != "runbook.md":  # the runbook has a row per alert and reason
         assert len(codes) == len(ALERTS), doc
+
+
+def test_readyz_fields_and_phases_match_the_code() -> None:
+    from trio_sign.parent._health import ParentState
+    from trio_sign.parent._lifecycle import ParentPhase
+
+    text = (DOCS / "operations.md").read_text()
+    paragraph = text.split("its JSON body", 1)[1].split("\n\n", 1)[0]
+    phases = paragraph.split("`phase` (", 1)[1].split(")", 1)[0]
+    assert set(re.findall(r"`([a-z_]+)`", phases)) == {phase.value for phase in ParentPhase}
+    fields = set(re.findall(r"`([a-z_0-9]+)`", paragraph.replace(phases, "")))
+    assert fields == set(ParentState().report()), paragraph
