@@ -116,3 +116,18 @@ def test_check_warns_about_a_health_listener_off_loopback(
     err = capsys.readouterr().err
     assert "warning" in err
     assert "[health] listen tcp://0.0.0.0:8080 is not loopback" in err
+
+
+def test_a_relative_work_dir_is_made_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relative [bundle] work_dir (with --config parent.toml, relative) passed --check and
+    then failed at start (its unix:// socket URLs must be absolute)."""
+    from trio_sign.parent._config import load_parent_config
+    from trio_sign.parent._supervisor import _Addresses
+
+    write_config(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    config = load_parent_config(Path("parent.toml"))
+    assert config.bundle.work_dir == (tmp_path / "run").absolute()
+    assert _Addresses(config).listen["status"] == f"unix://{tmp_path.absolute()}/run/status.sock"

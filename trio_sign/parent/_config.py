@@ -257,7 +257,8 @@ def parse_parent_config(text: str, *, base: Path = Path(".")) -> ParentConfig:
         source = str(base / source)  # relative to parent.toml, like every other path
     bundle = BundleConfig(
         source=source,
-        work_dir=base / _get(b, "bundle", "work_dir", str, "/run/trio-sign"),
+        # absolute: the local backend makes unix:// socket URLs from it
+        work_dir=(base / _get(b, "bundle", "work_dir", str, "/run/trio-sign")).absolute(),
         fetch_timeout_s=_number(b, "bundle", "fetch_timeout_s", float, 600.0, low=0),
     )
     if bundle.source.startswith("s3://"):
