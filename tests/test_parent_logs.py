@@ -3,8 +3,11 @@ client (virtual time, no network), the live tail's bounded subscribers."""
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import os
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ from trio_sign.parent._logs import (
     REDACTED,
     CloudWatchSink,
     JsonLinesSink,
+    LogFileSink,
     LogForwarder,
     LogTail,
     Redactor,
@@ -116,10 +120,180 @@ def test_json_lines_sink_stdout_and_file(tmp_path: Path) -> None:
 def test_sink_write_failure_is_counted_not_raised() -> None:
     stream = io.StringIO()
     stream.close()
-    sink = JsonLinesSink(stream)
-    sink("x")
-    sink("y")
-    assert sink.write_errors == 2
+    errors: list[OSError] = []
+    forwarder = LogForwarder(sinks=[JsonLinesSink(stream)], on_write_error=errors.append)
+    forwarder.forward(line(msg="x"))
+    forwarder.forward(line(msg="y"))
+    assert (forwarder.stats.write_errors, forwarder.stats.sink_dropped) == (2, 2)
+    assert forwarder.stats.forwarded == 0
+    assert len(errors) == 1  # once per streak
+    assert errors[0].errno == errno.EBADF
+
+
+# -- durability (issue 12 defect 3) ------------------------------------------------------------
+
+
+class FillingDisk:
+    """``os.write`` on a disk with ``free`` bytes left: a short write, then ``ENOSPC``."""
+
+    def __init__(self, free: int) -> None:
+        self.free = free
+
+    def __call__(self, fd: int, data: bytes | memoryview) -> int:
+        if self.free <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        n = os.write(fd, bytes(data[: self.free]))
+        self.free -= n
+        return n
+
+
+def numbered(n: int) -> list[str]:
+    return [line(msg=f"line {i}", n=i) for i in range(n)]
+
+
+def test_disk_full_never_leaves_half_a_line_and_counts_every_loss(tmp_path: Path) -> None:
+    """The issue's report: 12 lines, the disk fills during the 8th. The file must hold 7 whole
+    lines (not 8 with the last cut mid-JSON) and the metrics must say 5 lost."""
+    path = tmp_path / "enclave.log"
+    lines = numbered(12)
+    sizes = [len(Redactor().redact(x).text) + 1 for x in lines]
+    disk = FillingDisk(sum(sizes[:7]) + sizes[7] // 2)
+    errors: list[OSError] = []
+    with LogFileSink(path, write=disk) as sink:
+        forwarder = LogForwarder(sinks=[sink], on_write_error=errors.append)
+        for x in lines:
+            forwarder.forward(x)
+    text = path.read_text("utf-8")
+    assert text.endswith("\n")
+    got = [json.loads(x)["n"] for x in text.splitlines()]
+    assert got == list(range(7))
+    stats = forwarder.stats
+    assert (stats.forwarded, stats.sink_dropped, stats.write_errors) == (7, 5, 5)
+    assert [e.errno for e in errors] == [errno.ENOSPC]
+
+
+def test_a_recovered_sink_reports_its_next_failure_again(tmp_path: Path) -> None:
+    disk = FillingDisk(0)
+    errors: list[OSError] = []
+    with LogFileSink(tmp_path / "x.log", write=disk) as sink:
+        forwarder = LogForwarder(sinks=[sink], on_write_error=errors.append)
+        forwarder.forward(line(msg="a"))
+        forwarder.forward(line(msg="b"))
+        disk.free = 10_000
+        forwarder.forward(line(msg="c"))
+        disk.free = 0
+        forwarder.forward(line(msg="d"))
+    assert len(errors) == 2
+    assert (forwarder.stats.forwarded, forwarder.stats.sink_dropped) == (1, 3)
+    assert [json.loads(x)["msg"] for x in (tmp_path / "x.log").read_text().splitlines()] == ["c"]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_dev_full_is_counted_and_other_sinks_still_get_the_line() -> None:
+    buffer = io.StringIO()
+    errors: list[OSError] = []
+    with LogFileSink("/dev/full") as full:
+        forwarder = LogForwarder(sinks=[full, JsonLinesSink(buffer)], on_write_error=errors.append)
+        forwarder.forward(line(msg="one"))
+    assert [e.errno for e in errors] == [errno.ENOSPC]
+    assert json.loads(buffer.getvalue())["msg"] == "one"
+    assert (forwarder.stats.write_errors, forwarder.stats.sink_dropped) == (1, 1)
+    assert forwarder.stats.forwarded == 0
+
+
+def test_rename_then_reopen_sends_new_lines_to_the_new_file(tmp_path: Path) -> None:
+    path, rotated = tmp_path / "enclave.log", tmp_path / "enclave.log.1"
+    with LogFileSink(path) as sink:
+        forwarder = LogForwarder(sinks=[sink])
+        forwarder.forward(line(msg="before"))
+        path.rename(rotated)  # logrotate
+        forwarder.forward(line(msg="between"))  # still the old inode, as with any open file
+        forwarder.reopen()  # SIGHUP
+        forwarder.forward(line(msg="after"))
+    msgs = [json.loads(x)["msg"] for x in rotated.read_text().splitlines()]
+    assert msgs == ["before", "between"]
+    assert [json.loads(x)["msg"] for x in path.read_text().splitlines()] == ["after"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert forwarder.stats.write_errors == 0
+
+
+def test_a_failed_reopen_keeps_the_old_file_and_is_reported(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    errors: list[OSError] = []
+    with LogFileSink(logs / "enclave.log") as sink:
+        forwarder = LogForwarder(sinks=[sink], on_write_error=errors.append)
+        logs.rename(tmp_path / "gone")
+        forwarder.reopen()
+        forwarder.forward(line(msg="still written"))
+    assert [e.errno for e in errors] == [errno.ENOENT]
+    assert forwarder.stats.write_errors == 1
+    assert forwarder.stats.forwarded == 1
+    assert "still written" in (tmp_path / "gone" / "enclave.log").read_text()
+
+
+def test_boot_audit_record_is_fsynced_before_it_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "enclave.log"
+    synced: list[str] = []
+
+    def fsync(fd: int) -> None:
+        synced.append(path.read_text("utf-8").splitlines()[-1])  # written before the fsync
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with LogFileSink(path) as sink:
+        forwarder = LogForwarder(sinks=[sink])
+        forwarder.forward(line(msg="ordinary"))
+        forwarder.forward(line(msg="sign", audit="sign"))
+        assert synced == []
+        assert forwarder.stats.forwarded == 2
+        forwarder.forward(line(msg="boot audit", audit="boot", shares_sha256=HEX64))
+    assert len(synced) == 1
+    assert json.loads(synced[0])["audit"] == "boot"
+    assert (forwarder.stats.forwarded, forwarder.stats.audit_synced) == (3, 1)
+
+
+def test_a_failed_fsync_of_the_audit_record_is_not_counted_forwarded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    errors: list[OSError] = []
+    with LogFileSink(tmp_path / "enclave.log") as sink:
+        forwarder = LogForwarder(sinks=[sink], on_write_error=errors.append)
+        forwarder.forward(line(msg="boot audit", audit="boot"))
+    assert [e.errno for e in errors] == [errno.EIO]
+    stats = forwarder.stats
+    assert (stats.forwarded, stats.audit_synced, stats.sink_dropped) == (0, 0, 1)
+
+
+def test_stream_sink_syncs_files_and_skips_pipes(tmp_path: Path) -> None:
+    with (tmp_path / "out.log").open("a") as f:
+        sink = JsonLinesSink(f)
+        sink(line(msg="x"))
+        sink.sync()
+    JsonLinesSink(io.StringIO()).sync()  # no descriptor: nothing to do
+    read_fd, write_fd = os.pipe()
+    try:
+        with os.fdopen(write_fd, "w") as w:
+            pipe_sink = JsonLinesSink(w)
+            pipe_sink(line(msg="y"))
+            pipe_sink.sync()  # EINVAL from fsync(pipe): nothing to make durable
+            pipe_sink.reopen()
+        assert json.loads(os.read(read_fd, 4096))["msg"] == "y"
+    finally:
+        os.close(read_fd)
+
+
+def test_closed_file_sink_raises_and_close_is_idempotent(tmp_path: Path) -> None:
+    sink = LogFileSink(tmp_path / "x.log")
+    sink.close()
+    sink.close()
+    with pytest.raises(OSError, match="closed"):
+        sink(line(msg="x"))
 
 
 # -- CloudWatch --------------------------------------------------------------------------------

@@ -5,9 +5,15 @@ makes a last redaction pass anyway (DESIGN §7: nothing secret in logs): it pars
 JSON, replaces the values of fields whose names suggest secrets, and replaces any long hex or
 base64 run in a string value except in a few fields known to hold public digests or documents.
 
-Fan-out never blocks the enclave's log channel: the stdout/file sink writes one flushed line, the
+Fan-out never blocks the enclave's log channel: the stdout/file sinks write one whole line, the
 CloudWatch sink queues (bounded, drop-oldest, counted) for its own task, and the live tail hands
 each line to bounded per-subscriber queues and drops a subscriber that falls behind.
+
+Durability (issue 12): the file sink is opened by path and :meth:`LogFileSink.reopen` follows a
+rotated file (the parent calls :meth:`LogForwarder.reopen` on SIGHUP); a line is written whole
+or not at all (a write cut short by a full disk is truncated away); a failed write is counted
+(``LogStats.write_errors``, ``LogStats.sink_dropped``) and reported to ``on_write_error``; the
+enclave's boot audit record (``"audit": "boot"``) is fsynced before it counts as forwarded.
 """
 
 from __future__ import annotations
@@ -15,13 +21,17 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime
+import errno
+import io
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any, Final, Protocol
+from pathlib import Path
+from typing import IO, Any, Final, Protocol, runtime_checkable
 
 import trio
 
@@ -63,6 +73,10 @@ KEEP_FIELDS: Final = frozenset(
 #: A run of hex or base64 characters at least this long is redacted outside ``KEEP_FIELDS``.
 DEFAULT_MAX_OPAQUE_RUN: Final = 64
 REDACTED: Final = "<redacted>"
+#: ``audit`` values of the records a file sink fsyncs before they count as forwarded (DESIGN
+#: §7: every boot leaves its audit record). Per-signature audit records are not fsynced: one
+#: fsync per session would bound the signing rate by the disk.
+DURABLE_AUDIT: Final = frozenset({"boot"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,11 +87,14 @@ class RedactedLine:
         text: the JSON line to forward (no newline).
         timestamp_ms: the line's ``ts`` as Unix milliseconds, or None if it had none.
         redactions: how many values were replaced.
+        durable: an audit record that must reach the disk (``audit`` in
+            :data:`DURABLE_AUDIT`): sinks fsync it.
     """
 
     text: str
     timestamp_ms: int | None
     redactions: int
+    durable: bool = False
 
 
 class Redactor:
@@ -117,10 +134,12 @@ class Redactor:
         out = self._object(value, counter)
         for key, extra in self._extra.items():
             out.setdefault(key, extra)
+        audit = value.get("audit")
         return RedactedLine(
             text=json.dumps(out, separators=(",", ":"), ensure_ascii=False),
             timestamp_ms=_timestamp_ms(out.get("ts")),
             redactions=counter[0],
+            durable=isinstance(audit, str) and audit in DURABLE_AUDIT,
         )
 
     def _secret_name(self, key: str) -> bool:
@@ -173,29 +192,153 @@ def _timestamp_ms(ts: object) -> int | None:
 # -- stdout / file -----------------------------------------------------------------------------
 
 
-class JsonLinesSink:
-    """Write each line plus ``\\n`` to a text stream and flush (stdout, or a file in append mode).
+@runtime_checkable
+class DurableSink(Protocol):
+    """A line sink that can also fsync what it wrote and reopen its file.
 
-    Error handling: a failing write (disk full, closed pipe) is counted in ``write_errors`` and
-    logged once per streak; it never raises into the log channel.
+    ``__call__`` writes one line (no newline) and raises ``OSError`` if it could not; the
+    :class:`LogForwarder` counts and reports the failure.
+    """
+
+    def __call__(self, line: str, /) -> None: ...
+
+    def sync(self) -> None: ...
+
+    def reopen(self) -> None: ...
+
+
+#: fsync of a pipe, a terminal or a socket fails with these: there is nothing to make durable.
+_NOT_SYNCABLE: Final = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EROFS})
+
+
+class JsonLinesSink:
+    """Write each line plus ``\\n`` to a text stream and flush (stdout, usually journald).
+
+    For a log file use :class:`LogFileSink`: it is opened by path (so it can be reopened), and
+    it never leaves half a line.
+
+    Error handling: a failing write (disk full, closed pipe, closed stream) raises ``OSError``
+    for the forwarder to count and report.
     """
 
     def __init__(self, stream: IO[str]) -> None:
         self._stream = stream
-        self.write_errors = 0
-        self._failing = False
 
     def __call__(self, line: str) -> None:
         try:
             self._stream.write(line + "\n")
             self._stream.flush()
-        except (OSError, ValueError) as exc:
-            self.write_errors += 1
-            if not self._failing:
-                log.error("log sink write failed: %s", exc)
-            self._failing = True
-        else:
-            self._failing = False
+        except ValueError as exc:  # a closed stream
+            raise OSError(errno.EBADF, f"log stream unusable: {exc}") from None
+
+    def sync(self) -> None:
+        """fsync the stream's file if it is one (a pipe or terminal has nothing to sync)."""
+        try:
+            self._stream.flush()
+            fd = self._stream.fileno()
+        except io.UnsupportedOperation:  # no descriptor behind it (StringIO)
+            return
+        except ValueError as exc:  # a closed stream
+            raise OSError(errno.EBADF, f"log stream unusable: {exc}") from None
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            if exc.errno not in _NOT_SYNCABLE:
+                raise
+
+    def reopen(self) -> None:
+        """Nothing to reopen: the stream is not ours."""
+
+
+WriteCall = Callable[[int, bytes | memoryview], int]
+
+
+class LogFileSink:
+    """Append whole JSON lines to a log file opened by path.
+
+    Args:
+        path: the log file; created (``mode``) if missing, always appended to.
+        mode: permission bits of a new file.
+        write: the ``os.write`` system call (tests inject one that fails after N bytes).
+
+    A line is one ``write`` of its bytes and newline (more only if the kernel writes short);
+    if the file system refuses part of it (``ENOSPC``, ``EDQUOT``, ``EIO``), the bytes that did
+    reach the file are truncated away, so a reader never sees half a line: the file holds
+    whole lines only, and the lost ones are counted by the forwarder. The parent is the only
+    writer of this file (``O_APPEND``; ``logrotate``'s ``copytruncate`` is also fine).
+
+    :meth:`reopen` opens ``path`` again (after ``logrotate`` renamed the file away, new lines
+    go to the new file, not to the old inode). :meth:`sync` fsyncs. Error handling: every
+    method raises ``OSError``; none of them blocks for long, except ``sync`` on a slow disk.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, mode: int = 0o640, write: WriteCall = os.write
+    ) -> None:
+        self.path = Path(path)
+        self._mode = mode
+        self._write = write
+        self._fd: int | None = self._open()
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, self._mode)
+
+    def _require_fd(self) -> int:
+        if self._fd is None:
+            raise OSError(errno.EBADF, f"log file {self.path} is closed")
+        return self._fd
+
+    def __call__(self, line: str) -> None:
+        fd = self._require_fd()
+        data = memoryview((line + "\n").encode("utf-8"))
+        written = 0
+        try:
+            while written < len(data):
+                n = self._write(fd, data[written:])
+                if n <= 0:
+                    raise OSError(errno.EIO, f"write to {self.path} returned {n}")
+                written += n
+        except OSError:
+            if written:
+                self._take_back(fd, written)
+            raise
+
+    def _take_back(self, fd: int, written: int) -> None:
+        """Truncate away the ``written`` bytes of a line that could not be finished."""
+        try:
+            size = os.fstat(fd).st_size
+            os.ftruncate(fd, max(0, size - written))
+        except OSError as exc:
+            log.error(
+                "log file %s: could not remove a partly written line (%s)", self.path, exc.strerror
+            )
+
+    def sync(self) -> None:
+        """fsync the file (data and size)."""
+        os.fsync(self._require_fd())
+
+    def reopen(self) -> None:
+        """Open ``path`` again and switch to it (logrotate, SIGHUP).
+
+        Error handling: if ``path`` cannot be opened (its directory is gone, permissions),
+        ``OSError`` is raised and the sink keeps writing to the file it had.
+        """
+        fd = self._open()
+        old, self._fd = self._fd, fd
+        if old is not None:
+            os.close(old)
+
+    def close(self) -> None:
+        """Close the file; idempotent. Later writes raise ``OSError`` (counted)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __enter__(self) -> LogFileSink:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 # -- live tail ---------------------------------------------------------------------------------
@@ -629,17 +772,27 @@ class LogStats:
 
     Attributes:
         received: enclave log lines received.
-        forwarded: lines handed to the sinks.
+        forwarded: lines every line sink wrote (a boot audit record: wrote and fsynced).
         redactions: values the parent's pass replaced (should stay 0: the enclave redacts).
         enclave_dropped: lines the enclave reported dropped (its queue was full).
+        write_errors: failed writes, fsyncs and reopens of the line sinks (disk full, a
+            closed pipe, a missing directory).
+        sink_dropped: lines at least one line sink lost (they may still have reached
+            CloudWatch and the live tail).
+        audit_synced: boot audit records written and fsynced by every line sink.
     """
 
     received: int = 0
     forwarded: int = 0
     redactions: int = 0
     enclave_dropped: int = 0
+    write_errors: int = 0
+    sink_dropped: int = 0
+    audit_synced: int = 0
 
 
+#: A line writer: a :class:`DurableSink` (``JsonLinesSink``, ``LogFileSink``) or any callable
+#: that writes one line and raises ``OSError`` when it cannot.
 LineSink = Callable[[str], None]
 
 
@@ -649,9 +802,18 @@ class LogForwarder:
     Pass :meth:`on_message` to :func:`~trio_sign.parent.serve_log_connection`.
 
     Args:
-        sinks: synchronous line writers (a :class:`JsonLinesSink` on stdout or a file).
+        sinks: synchronous line writers (a :class:`JsonLinesSink` on stdout, a
+            :class:`LogFileSink`).
         cloudwatch: queued for its own task (run :meth:`CloudWatchSink.run` in the nursery).
         tail: the live tail behind ``GET /v1/logs/tail``.
+        on_write_error: called with the ``OSError`` when a line sink starts failing (once per
+            streak of failures of that sink, and again after it recovered and failed anew);
+            the supervisor raises an alert from it. It must not block.
+
+    Error handling:
+        A line sink's ``OSError`` never reaches the log channel: it is counted in
+        ``stats.write_errors`` (and the line in ``stats.sink_dropped``), logged once per
+        streak and reported to ``on_write_error``. The other sinks still get the line.
     """
 
     def __init__(
@@ -662,12 +824,15 @@ class LogForwarder:
         tail: LogTail | None = None,
         redactor: Redactor | None = None,
         stats: LogStats | None = None,
+        on_write_error: Callable[[OSError], None] | None = None,
     ) -> None:
         self._sinks = tuple(sinks)
         self.cloudwatch = cloudwatch
         self.tail = tail
         self._redactor = redactor if redactor is not None else Redactor()
         self.stats = stats if stats is not None else LogStats()
+        self._on_write_error = on_write_error
+        self._failing: set[int] = set()  # id() of the sinks in a failure streak
 
     def on_message(self, message: ChannelMessage) -> None:
         """Handle one ``log`` or ``dropped`` message from the enclave."""
@@ -690,18 +855,62 @@ class LogForwarder:
             )
 
     def forward(self, line: str) -> None:
-        """Redact one line and hand it to every sink."""
+        """Redact one line and hand it to every sink.
+
+        A boot audit record (:data:`DURABLE_AUDIT`) is fsynced by every line sink that can
+        (:class:`DurableSink`) before it counts as forwarded.
+        """
         redacted = self._redactor.redact(line)
         if redacted.redactions:
             self.stats.redactions += redacted.redactions
             log.warning("redacted %d values in an enclave log line", redacted.redactions)
+        written = True
         for sink in self._sinks:
-            sink(redacted.text)
+            written = self._write(sink, redacted.text, redacted.durable) and written
         if self.cloudwatch is not None:
             self.cloudwatch.submit(redacted.text, redacted.timestamp_ms)
         if self.tail is not None:
             self.tail.publish(redacted.text)
-        self.stats.forwarded += 1
+        if written:
+            self.stats.forwarded += 1
+            if redacted.durable:
+                self.stats.audit_synced += 1
+        else:
+            self.stats.sink_dropped += 1
+
+    def _write(self, sink: LineSink, text: str, durable: bool) -> bool:
+        try:
+            sink(text)
+            if durable and isinstance(sink, DurableSink):
+                sink.sync()
+        except OSError as exc:
+            self._failed(sink, exc, "write")
+            return False
+        self._failing.discard(id(sink))
+        return True
+
+    def _failed(self, sink: object, exc: OSError, what: str) -> None:
+        self.stats.write_errors += 1
+        if id(sink) in self._failing:
+            return
+        self._failing.add(id(sink))
+        log.error("log sink %s failed: %s", what, exc.strerror or exc)
+        if self._on_write_error is not None:
+            self._on_write_error(exc)
+
+    def reopen(self) -> None:
+        """Reopen every line sink's file (SIGHUP after logrotate).
+
+        Error handling: a sink that cannot reopen keeps its old file; the failure is counted
+        and reported like a write failure. Never raises ``OSError``.
+        """
+        for sink in self._sinks:
+            if isinstance(sink, DurableSink):
+                try:
+                    sink.reopen()
+                except OSError as exc:
+                    self._failed(sink, exc, "reopen")
+        log.info("log sinks reopened")
 
 
 def _now_rfc3339() -> str:
