@@ -650,3 +650,33 @@ async def test_a_draining_connection_closes_when_its_unfinished_request_is_reset
         await client.send_all(atk.frame(RST, 0, 1, struct.pack(">I", ErrorCodes.CANCEL)))
         await _until_closed(client)
         assert trio.current_time() - start < 1.0
+
+
+async def test_a_burst_of_connections_is_accepted_in_one_pass() -> None:
+    """Issue 11 (bench: 1500 connections at once through the stack): trio's accept yields
+    after each connection, so under load the kernel's accept queue filled and a legitimate
+    client's SYN was dropped (a 1 s retransmission). `BurstListener` takes every waiting
+    connection once one arrives, and sizes the accept queue."""
+    from trio_sign.rpc import BurstListener
+
+    inner = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = inner.socket.getsockname()[1]
+    listener = BurstListener(inner, backlog=64)
+    # Connected: all 40 wait in the kernel's accept queue.
+    clients = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(40)]
+    accepted = [await listener.accept()]
+    with trio.testing.assert_no_checkpoints():
+        accepted += [await listener.accept() for _ in range(39)]  # taken in that one pass
+    for stream in accepted:
+        await stream.send_all(b"x")
+    for client in clients:
+        assert await client.receive_some(1) == b"x"
+        await client.aclose()
+    late = await trio.open_tcp_stream("127.0.0.1", port)
+    with trio.fail_after(5):
+        accepted.append(await listener.accept())  # and waits again once the queue is empty
+    await late.aclose()
+    for stream in accepted:
+        await stream.aclose()
+    await listener.aclose()
+    assert inner.socket.fileno() == -1

@@ -21,6 +21,7 @@ from ._limits import RateLimitedLog as RateLimitedLog
 from ._limits import ServerLimits as ServerLimits
 from ._limits import connection_limit as connection_limit
 from ._limits import raise_open_file_limit as raise_open_file_limit
+from ._listen import BurstListener as BurstListener
 from ._protocol import DEFAULT_MAX_RECEIVE_MESSAGE_SIZE as DEFAULT_MAX_RECEIVE_MESSAGE_SIZE
 from ._protocol import GrpcClientConnection as GrpcClientConnection
 from ._protocol import GrpcServerConnection as GrpcServerConnection
@@ -37,6 +38,7 @@ from ._status import StatusCode as StatusCode
 
 __all__ = [
     "DEFAULT_MAX_RECEIVE_MESSAGE_SIZE",
+    "BurstListener",
     "CallContext",
     "ConnectionTerminated",
     "Event",
