@@ -248,7 +248,9 @@ def verify_channel(
         )
     try:
         binding = decode_binding(verified.user_data)
-    except BindingError as exc:
+    # The decoder parses what the enclave sent: any failure of it is a bad binding (a map with
+    # keys of mixed types once made it raise TypeError).
+    except (BindingError, TypeError, ValueError) as exc:
         raise AttestedChannelError(str(exc), reason="bad_binding") from exc
     if not hmac.compare_digest(binding.shares, policy.shares_sha256):
         raise AttestedChannelError(
