@@ -497,13 +497,21 @@ def _legit_numbers(result: _Result, sessions: list[dict[str, Any]]) -> None:
         result.success = sum(1 for s in sessions if s["ok"]) / len(sessions)
         result.p99_ms = _p99([float(s["lat"]) for s in sessions]) * 1000
         errors: dict[str, int] = {}
+        fresh = 0
         for s in sessions:
             if not s["ok"]:
                 errors[s["err"]] = errors.get(s["err"], 0) + 1
+                fresh += bool(s.get("fresh"))
         if errors:
             result.notes.append(
-                "legit errors " + ", ".join(f"{k} {v}" for k, v in sorted(errors.items()))
+                "legit errors "
+                + ", ".join(f"{k} {v}" for k, v in sorted(errors.items()))
+                + f" ({fresh} on a fresh connection)"
             )
+        slow = [s for s in sessions if float(s["lat"]) * 1000 > TARGET_P99_MS]
+        if slow:
+            on_fresh = sum(1 for s in slow if s.get("fresh"))
+            result.notes.append(f"{len(slow)} over {TARGET_P99_MS:g} ms ({on_fresh} fresh)")
 
 
 async def _bounded(fn: Callable[[], Awaitable[attacks.AttackStats]], limit: float) -> Any:
