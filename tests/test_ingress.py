@@ -969,7 +969,7 @@ async def test_a_burst_of_handshakes_waits_for_slots_instead_of_ending_each_othe
 ) -> None:
     """Issue 11 (bench: 1500 connections through the stack, 263-366 of their handshakes
     ended by newer ones, a real gateway's among them): beyond max_handshakes, connections
-    wait for a slot in arrival order; a young handshake is never ended to make room."""
+    wait for a slot (newest first); a young handshake is never ended to make room."""
     watch = _Refusals()
     settings = IngressSettings(max_handshakes=2, handshake_evict_age_s=5.0)
     async with attested_proxy(tmp_path, pki, nsm, settings=settings, observer=watch) as proxy:
@@ -1008,3 +1008,35 @@ async def test_a_stalled_handshake_gives_its_slot_up_after_handshake_evict_age_s
             assert await stalled.receive_some(1) == b""
         assert watch.refused == 1
         await stalled.aclose()
+
+
+async def test_handshake_slots_go_to_the_newest_waiting_connection(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Under a burst, a connection that arrives later (a gateway reconnecting) gets the next
+    free handshake slot instead of queueing behind the whole burst; each waiter gets one."""
+    from trio_sign.parent._ingress import _Conn, _NoObserver, _Slots
+
+    slots = _Slots(IngressSettings(max_handshakes=2, handshake_evict_age_s=100.0), _NoObserver())
+    order: list[int] = []
+
+    async def one(i: int) -> None:
+        conn = _Conn()
+        slots.start_pending(conn)
+        try:
+            with conn.scope:
+                await slots.start_handshake(conn)
+                order.append(i)
+                await trio.sleep(1.0)  # the handshake
+        finally:
+            slots.end_pending(conn)
+            slots.end_handshake(conn)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(6):
+            nursery.start_soon(one, i)
+            await trio.sleep(0.01)
+    assert order == [0, 1, 5, 4, 3, 2]
+    assert not slots.handshaking
+    assert not slots.queue
+    assert not slots.pending
