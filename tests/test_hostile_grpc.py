@@ -215,21 +215,24 @@ def test_a_reconnecting_rapid_reset_attacker_is_cut_sooner() -> None:
     assert guard.alert
     assert _resets_until_cut(GrpcServerConnection(methods=METHODS, flood=guard.counter())) == 8
     assert _resets_until_cut(legit) == 100  # opened before the cut: its budget is its own
-    clock.now += limits.flood_interval_s
+    clock.now += limits.flood_alert_s
     assert not guard.alert
     assert _resets_until_cut(GrpcServerConnection(methods=METHODS, flood=guard.counter())) == 100
 
 
 def test_after_a_flood_new_connections_start_one_per_slot_in_arrival_order() -> None:
     clock = _Clock()
-    guard = FloodGuard(ServerLimits(connections_per_s_after_flood=10.0), clock)
+    limits = ServerLimits(connections_per_s_after_flood=10.0, max_paced_wait_s=0.25)
+    guard = FloodGuard(limits, clock)
     assert [guard.start_time() for _ in range(3)] == [0.0, 0.0, 0.0]  # no flood: at once
     guard.cut()
     assert [guard.start_time() for _ in range(3)] == pytest.approx([0.0, 0.1, 0.2])
+    # A burst beyond that: nobody waits more than max_paced_wait_s (and takes no slot).
+    assert [guard.start_time() for _ in range(2)] == pytest.approx([0.25, 0.25])
     clock.now = 1.0  # the queue has emptied: the next starts at once again
     assert guard.start_time() == 1.0
-    clock.now = 10.5  # the flood is forgotten
-    assert [guard.start_time() for _ in range(3)] == [10.5] * 3
+    clock.now = 2.5  # no cut for flood_alert_s: the flood is forgotten
+    assert [guard.start_time() for _ in range(3)] == [2.5] * 3
 
 
 async def test_the_server_remembers_a_rapid_reset_flood_across_reconnects(

@@ -54,12 +54,17 @@ class ServerLimits:
             calls it completed in that interval (rapid reset, CVE-2023-44487).
         max_pings: PING frames per interval.
         max_settings: SETTINGS frames per interval.
-        max_resets_after_flood: ``max_resets`` of a connection opened less than
-            ``flood_interval_s`` after the server cut any connection for a flood: an attacker
-            who reconnects does not start with a fresh budget (`FloodGuard`).
-        connections_per_s_after_flood: while a flood cut is that recent, new connections
-            start at most this many per second, in arrival order (the others wait, holding
-            only a descriptor): reconnecting cannot make flooding cheap.
+        flood_alert_s: how long after the server cut any connection for a flood new
+            connections are treated as an attacker's reconnects (`FloodGuard`): the two
+            limits below apply to them.
+        max_resets_after_flood: ``max_resets`` of a connection opened in that time: an
+            attacker who reconnects does not start with a fresh budget.
+        connections_per_s_after_flood: in that time new connections start at most this many
+            per second, in arrival order (the others wait, holding only a descriptor):
+            reconnecting cannot make flooding cheap.
+        max_paced_wait_s: no new connection waits longer than this for its turn; beyond
+            that many waiting, the rate above is not enforced (a burst of connections
+            during a flood must not keep a client out for long).
         log_interval_s: refusals of one kind are logged at most once per this.
     """
 
@@ -77,8 +82,10 @@ class ServerLimits:
     max_resets: int = 500
     max_pings: int = 1000
     max_settings: int = 100
+    flood_alert_s: float = 2.0
     max_resets_after_flood: int = 32
     connections_per_s_after_flood: float = 50.0
+    max_paced_wait_s: float = 0.25
     log_interval_s: float = 10.0
 
     def __post_init__(self) -> None:
@@ -102,7 +109,9 @@ class ServerLimits:
             "request_timeout_s",
             "send_timeout_s",
             "flood_interval_s",
+            "flood_alert_s",
             "connections_per_s_after_flood",
+            "max_paced_wait_s",
             "log_interval_s",
         ):
             if not getattr(self, name) > 0:
@@ -156,13 +165,14 @@ class FloodGuard:
     attacker whose connection is cut can open another at once with a fresh budget: the
     rapid-reset bench reconnected 3,226 times in 10 s, and what each new connection cost
     (setup, and reading up to ``max_resets`` frames) added up to 7 s of CPU. For
-    ``flood_interval_s`` after any connection was cut for a flood, new connections therefore
-    get ``max_resets_after_flood`` instead of ``max_resets`` and start at most
-    ``connections_per_s_after_flood`` per second, in arrival order. The peer cannot be told
-    apart (behind the ingress every connection comes from the parent), so this is server-wide;
-    a legitimate client's connections that are already open keep their budgets, and one it
-    opens meanwhile waits its turn (milliseconds: attackers hold one connection each while
-    they wait) and needs no more than a few resets.
+    ``flood_alert_s`` after any connection was cut for a flood (an attacker that keeps
+    reconnecting keeps that going), new connections therefore get ``max_resets_after_flood``
+    instead of ``max_resets`` and start at most ``connections_per_s_after_flood`` per second,
+    in arrival order, none waiting more than ``max_paced_wait_s``. The peers cannot be told
+    apart (behind the ingress every connection comes from the parent), so this is
+    server-wide; a legitimate client's connections that are already open keep their budgets,
+    and one it opens meanwhile waits its turn (one slot per attacking connection waiting)
+    and needs no more than a few resets.
     """
 
     __slots__ = ("_clock", "_interval", "_last_cut", "_limits", "_next_start", "cuts")
@@ -183,16 +193,19 @@ class FloodGuard:
 
     @property
     def alert(self) -> bool:
-        """True while the last flood cut is less than ``flood_interval_s`` old."""
-        return self._clock() - self._last_cut < self._limits.flood_interval_s
+        """True while the last flood cut is less than ``flood_alert_s`` old."""
+        return self._clock() - self._last_cut < self._limits.flood_alert_s
 
     def start_time(self) -> float:
         """When a connection that arrives now may start: now, or while `alert`, the next free
-        slot (one per ``1 / connections_per_s_after_flood`` s, first come first served)."""
+        slot (one per ``1 / connections_per_s_after_flood`` s, first come first served), or
+        if that is more than ``max_paced_wait_s`` away, then (taking no slot)."""
         now = self._clock()
         if not self.alert:
             return now
         start = max(now, self._next_start)
+        if start - now > self._limits.max_paced_wait_s:
+            return now + self._limits.max_paced_wait_s
         self._next_start = start + self._interval
         return start
 
