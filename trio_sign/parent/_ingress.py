@@ -305,14 +305,25 @@ class _Slots:
         if self.queue:
             next(reversed(self.queue)).wake.set()
 
+    def refuse_if_full(self) -> bool:
+        """At max_connections with every forwarded connection busy, count and log a refusal
+        and return True: a connection arriving now would be refused, so it is refused before
+        its handshake costs anything (in the bench's burst of 1500, about 500 handshakes)."""
+        if len(self.forwarding) < self._settings.max_connections:
+            return False
+        quietest = min(self.forwarding, key=lambda c: c.last_active)
+        if trio.current_time() - quietest.last_active >= self._settings.evict_quiet_s:
+            return False
+        self.connections_refused += 1
+        self._watch.proxy_connection_refused()
+        self.log_refused(max_connections=self._settings.max_connections)
+        return True
+
     def start_forwarding(self, conn: _Conn) -> bool:
         if len(self.forwarding) >= self._settings.max_connections:
-            quietest = min(self.forwarding, key=lambda c: c.last_active)
-            if trio.current_time() - quietest.last_active < self._settings.evict_quiet_s:
-                self.connections_refused += 1
-                self._watch.proxy_connection_refused()
-                self.log_refused(max_connections=self._settings.max_connections)
+            if self.refuse_if_full():
                 return False
+            quietest = min(self.forwarding, key=lambda c: c.last_active)
             self.forwarding.discard(quietest)
             quietest.scope.cancel()
             self.connections_evicted += 1
@@ -403,6 +414,8 @@ async def _serve_connection(
                 # a descriptor and this sleeping task, nothing more.
                 await trio.lowlevel.wait_readable(tcp.socket)
                 await slots.start_handshake(hello)
+                if slots.refuse_if_full():
+                    return
                 tls = trio.SSLStream(tcp, ssl_context, server_side=True)
                 try:
                     await tls.do_handshake()
