@@ -127,6 +127,15 @@ class FakeEnclave:
         self.cert_pem, self.key_pem, self.spki = self_signed_p256()
         self.server = GrpcServer(self.handlers())
 
+    async def reboot(self, *, shares: bytes | None = None, nsm: LocalNsm | None = None) -> None:
+        """A new boot: every connection closed, a new TLS key, maybe another bundle or NSM."""
+        await self.server.aclose()
+        if shares is not None:
+            self.shares = shares
+        if nsm is not None:
+            self.nsm = nsm
+        self.__post_init__()
+
     def handlers(self) -> dict[str, UnaryHandler]:
         return {
             SERVICE + "GetAttestation": protobuf_handler(

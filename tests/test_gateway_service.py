@@ -105,6 +105,8 @@ participant_files = ["{participant_file}"]
 [prober]
 interval_s = 0.5
 evict_after_s = 5
+[dev]
+skip_attestation = true
 [[node]]
 id = "node-1"
 address = "{grpc_url}"
@@ -166,7 +168,15 @@ async def test_gateway_signs_through_its_api(tmp_path: Path) -> None:
                 await trio.sleep(0.1)
         status, nodes = await request(api, "GET", "/v1/nodes")
         assert status == 200
-        assert nodes == [{"id": "node-1", "healthy": True, "evicted": False, "subscribers": 1}]
+        assert nodes == [
+            {
+                "id": "node-1",
+                "healthy": True,
+                "evicted": False,
+                "attestation": "off",
+                "subscribers": 1,
+            }
+        ]
 
         status, _ = await request(api, "POST", "/v1/nodes/node-1/freeze", {"account_id": account})
         assert status == 200
@@ -200,6 +210,7 @@ async def test_gateway_signs_through_its_api(tmp_path: Path) -> None:
         )
         assert int(signed.rsplit(" ", 1)[1]) >= 3
         assert "trio_sign_gateway_nodes_known 1\n" in text
+        assert "trio_sign_gateway_nodes_unattested 1\n" in text
         assert "trio_sign_gateway_sse_subscribers 1\n" in text
         assert "trio_sign_gateway_sign_duration_seconds_count " in text
 

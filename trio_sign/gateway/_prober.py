@@ -15,8 +15,11 @@ is *evicted*: `Coordinator` stops using it, and an ERROR record with ``alert="no
 is logged. The first passing round re-admits it (INFO, ``alert="node_readmitted"``). Checks
 happen once per interval, so with ``evict_after_s`` a multiple of ``interval_s`` eviction
 happens exactly ``evict_after_s`` after the first observed failure (otherwise at the first
-check after that). After a node recovers, the SSE nonce published while it was down was not
-echoed: re-admission takes one more round than the Ping alone would.
+check after that). A node whose attested channel is refused (DESIGN §10) is evicted at once,
+without waiting (`record_refusal`); every round reconnects it, so it is re-admitted as soon as
+a new connection passes the check and the round's probes pass. After a node recovers, the SSE
+nonce published while it was down was not echoed: re-admission takes one more round than the
+Ping alone would.
 """
 
 from __future__ import annotations
@@ -100,6 +103,17 @@ def record_result(node: ProbedNode, failure: str | None, now: float, evict_after
             failure,
             extra={"alert": "node_evicted", "node": node.node_id, "reason": failure},
         )
+
+
+def record_refusal(node: ProbedNode, now: float) -> None:
+    """A node whose attested channel was refused is evicted at once (pure; the node logs the
+    alert). No grace period: it answered, and what it answered is not the pinned enclave (or
+    not this connection's), which waiting will not fix. The first round whose checks pass
+    again, over a new connection whose attestation passes, re-admits it (`record_result`)."""
+    if node.healthy or node.failing_since is None:
+        node.failing_since = now
+    node.healthy = False
+    node.evicted = True
 
 
 async def run_prober(

@@ -11,11 +11,13 @@ it)::
     [events]                    # the SSE endpoint the enclaves subscribe to (via their relay)
     listen = "tcp://127.0.0.1:8444"
     # certfile = "...", keyfile = "..."   (HTTPS: the parent's relay speaks HTTPS upstream)
-    [tls]                       # mTLS to the parents' ingress proxies (omit for a dev enclave)
-    ca = "pki/ca.pem"
-    cert = "pki/gateway.pem"
+    [tls]                       # how node connections are secured (docs/gateway.md)
+    mode = "attested"           # TLS ends in the enclave, checked by its attestation (default);
+    cert = "pki/gateway.pem"    # "ingress": the parents' mTLS ingress, checked against `ca`
     key = "pki/gateway.key"
-    server_name = "localhost"
+    [attestation]               # pins every node shares (a [[node]] may set its own)
+    root = "nsm/local-nsm-root.pem"   # default: the AWS Nitro Enclaves root
+    pcrs = "enclave.pcrs.json"  # or { PCR0 = "...", PCR1 = "...", PCR2 = "..." }
     [shares]                    # the counterpart participants' plaintext share files
     participant_files = ["shares/participant-2_key_shares.json"]
     [prober]
@@ -25,12 +27,14 @@ it)::
     id = "node-1"
     address = "tcp://10.0.1.5:50051"
     events_token = "..."        # the same as that node's parent.toml [relay] token
+    shares_sha256 = "..."       # the shard's base-bundle fingerprint the enclave must bind
+    # [dev] skip_attestation = true   # development only: node connections are not attested
 
 Tree::
 
     serve_gateway
     ├── serve_gateway_events   (probe / abort / freeze / unfreeze / drain / undrain, per node)
-    ├── EnclaveNode.run        (one per node: a kept-open gRPC channel, mTLS when configured)
+    ├── EnclaveNode.run        (one per node: a kept-open gRPC channel, attested by default)
     ├── run_prober             (Ping + the SSE probe echo; eviction and re-admission)
     └── the sign API           POST /v1/sign, GET /v1/nodes, POST /v1/nodes/{id}/{freeze,
                                unfreeze,drain,undrain}, GET /healthz, GET /metrics
@@ -66,6 +70,8 @@ import trio
 from .. import __version__
 from .._errors import TrioSignError
 from .._metrics import Registry
+from ..attested import ChannelPolicy, make_attested_client_context
+from ..nitro import load_pcr_json
 from ..transport import serve_asgi
 from ..transport._asgi import asgi_lifespan, respond
 from ._coordinator import Coordinator, GatewayError, load_participant_files
@@ -77,7 +83,7 @@ from ._events import (
     valid_bearer_token,
     valid_node_id,
 )
-from ._node import EnclaveNode
+from ._node import EnclaveNode, NodeSettings
 from ._prober import run_prober
 from ._tls import make_client_ssl_context
 
@@ -94,11 +100,19 @@ _LOOPBACK_HOSTS: Final = ("localhost", "127.0.0.1", "[::1]")
 _KEYS: Final[dict[str, frozenset[str]]] = {
     "api": frozenset({"listen", "token", "token_file", "allowed_hosts"}),
     "events": frozenset({"listen", "certfile", "keyfile"}),
-    "tls": frozenset({"ca", "cert", "key", "server_name"}),
+    "tls": frozenset({"mode", "ca", "cert", "key", "server_name"}),
+    "attestation": frozenset({"root", "pcrs", "max_age_s", "check_timeout_s"}),
     "shares": frozenset({"participant_files"}),
     "prober": frozenset({"interval_s", "evict_after_s"}),
-    "node": frozenset({"id", "address", "events_token"}),
+    "node": frozenset(
+        {"id", "address", "events_token", "shares_sha256", "config_sha256", "root", "pcrs"}
+    ),
+    "dev": frozenset({"skip_attestation"}),
 }
+#: ``[tls] mode`` values: TLS that ends in the enclave and is checked by its attestation (the
+#: default), or the parent's mTLS ingress (TLS ends at the parent; until the enclaves serve
+#: attested TLS).
+TLS_MODES: Final = ("attested", "ingress")
 _PROMETHEUS_TEXT: Final = b"text/plain; version=0.0.4; charset=utf-8"
 
 #: GatewayError.reason -> HTTP status of the sign API.
@@ -117,11 +131,19 @@ class GatewayConfigError(TrioSignError):
     """``gateway.toml`` is invalid; the message names the key."""
 
 
+#: ``pcrs`` as written: an inline table (index -> value) or a JSON file (relative path resolved).
+PcrSource = dict[int, bytes] | Path
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     id: str
     address: str
     events_token: str = field(default="", repr=False)  # a secret: never in reprs
+    shares_sha256: bytes | None = None
+    config_sha256: bytes | None = None
+    root: Path | None = None  # overrides [attestation] root
+    pcrs: PcrSource | None = None  # overrides [attestation] pcrs
 
 
 @dataclass(frozen=True)
@@ -141,6 +163,17 @@ class GatewayConfig:
     api_token: str | None = field(default=None, repr=False)  # a secret: never in reprs
     api_token_file: Path = Path(DEFAULT_API_TOKEN_FILE)
     api_allowed_hosts: tuple[str, ...] = ()  # empty: the listen address and loopback forms
+    tls_mode: str | None = None  # TLS_MODES, or None without [tls] (h2c, development only)
+    attestation_root: Path | None = None  # None: the AWS Nitro Enclaves root
+    attestation_pcrs: PcrSource | None = None
+    attestation_max_age_s: float = 60.0
+    attestation_check_timeout_s: float = 10.0
+    dev_skip_attestation: bool = False
+
+    @property
+    def attested(self) -> bool:
+        """Node connections are attested channels checked by the gateway (DESIGN §10)."""
+        return self.tls_mode == "attested" and not self.dev_skip_attestation
 
 
 def _str(table: Mapping[str, Any], section: str, key: str, default: Any = ...) -> Any:
@@ -159,6 +192,35 @@ def _num(table: Mapping[str, Any], section: str, key: str, default: float) -> fl
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise GatewayConfigError(f"[{section}] {key} must be a positive number")
     return float(value)
+
+
+def _digest(table: Mapping[str, Any], where: str, key: str) -> bytes | None:
+    value = table.get(key)
+    if value is None:
+        return None
+    try:
+        digest = bytes.fromhex(value) if isinstance(value, str) else b""
+    except ValueError:
+        digest = b""
+    if len(digest) != 32:
+        raise GatewayConfigError(f"{where} {key} must be 64 hex digits (a SHA-256)")
+    return digest
+
+
+def _pcrs(table: Mapping[str, Any], where: str, base: Path) -> PcrSource | None:
+    value = table.get("pcrs")
+    if value is None:
+        return None
+    if isinstance(value, str) and value:
+        return base / value
+    if isinstance(value, dict):
+        try:
+            return load_pcr_json(value)
+        except ValueError as exc:
+            raise GatewayConfigError(f"{where} pcrs: {exc}") from None
+    raise GatewayConfigError(
+        f'{where} pcrs must be a table {{ PCR0 = "hex", ... }} or the path of a PCR JSON file'
+    )
 
 
 def _allowed_hosts(api: Mapping[str, Any]) -> tuple[str, ...]:
@@ -238,6 +300,8 @@ def parse_gateway_config(text: str, *, base: Path = Path(".")) -> GatewayConfig:
     api = _table(data, "api") or {}
     events = _table(data, "events") or {}
     tls = _table(data, "tls")
+    attestation = _table(data, "attestation") or {}
+    dev = _table(data, "dev") or {}
     shares = _table(data, "shares") or {}
     prober = _table(data, "prober") or {}
     files = shares.get("participant_files")
@@ -265,9 +329,38 @@ def parse_gateway_config(text: str, *, base: Path = Path(".")) -> GatewayConfig:
             raise GatewayConfigError(
                 f"[[node]] {node_id}: events_token must be {BEARER_TOKEN_RULE}"
             )
-        nodes.append(NodeConfig(node_id, address, token))
+        where = f"[[node]] {node_id}:"
+        root = raw.get("root")
+        if root is not None and (not isinstance(root, str) or not root):
+            raise GatewayConfigError(f"{where} root must be the path of a PEM certificate")
+        nodes.append(
+            NodeConfig(
+                node_id,
+                address,
+                token,
+                shares_sha256=_digest(raw, where, "shares_sha256"),
+                config_sha256=_digest(raw, where, "config_sha256"),
+                root=None if root is None else base / root,
+                pcrs=_pcrs(raw, where, base),
+            )
+        )
     if len({n.id for n in nodes}) != len(nodes):
         raise GatewayConfigError("[[node]] ids must be unique")
+    tls_mode, skip = _channel_mode(tls, dev)
+    default_root = _str(attestation, "attestation", "root", None)
+    default_pcrs = _pcrs(attestation, "[attestation]", base)
+    if tls_mode == "attested" and not skip:
+        for node in nodes:
+            if node.shares_sha256 is None:
+                raise GatewayConfigError(
+                    f"[[node]] {node.id}: shares_sha256 is required: the fingerprint of the "
+                    "base bundle that shard must serve (its GetStatus shares_sha256)"
+                )
+            if node.pcrs is None and default_pcrs is None:
+                raise GatewayConfigError(
+                    f"[[node]] {node.id}: no PCRs pinned: set [attestation] pcrs (or the "
+                    "node's own pcrs) to the enclave image's measurements"
+                )
     api_token = api.get("token")
     if api_token is not None and (
         not isinstance(api_token, str) or not valid_bearer_token(api_token)
@@ -281,15 +374,45 @@ def parse_gateway_config(text: str, *, base: Path = Path(".")) -> GatewayConfig:
         events_listen=_str(events, "events", "listen", "tcp://127.0.0.1:8444"),
         events_certfile=_str(events, "events", "certfile", None),
         events_keyfile=_str(events, "events", "keyfile", None),
-        tls_ca=base / _str(tls, "tls", "ca") if tls else None,
-        tls_cert=base / _str(tls, "tls", "cert") if tls else None,
-        tls_key=base / _str(tls, "tls", "key") if tls else None,
-        tls_server_name=_str(tls, "tls", "server_name", None) if tls else None,
+        tls_ca=base / _str(tls or {}, "tls", "ca") if tls_mode == "ingress" else None,
+        tls_cert=base / _str(tls, "tls", "cert") if tls is not None else None,
+        tls_key=base / _str(tls, "tls", "key") if tls is not None else None,
+        tls_server_name=_str(tls, "tls", "server_name", None) if tls is not None else None,
+        tls_mode=tls_mode,
+        attestation_root=None if default_root is None else base / default_root,
+        attestation_pcrs=default_pcrs,
+        attestation_max_age_s=_num(attestation, "attestation", "max_age_s", 60.0),
+        attestation_check_timeout_s=_num(attestation, "attestation", "check_timeout_s", 10.0),
+        dev_skip_attestation=skip,
         participant_files=tuple(base / f for f in files),
         nodes=tuple(nodes),
         probe_interval_s=_num(prober, "prober", "interval_s", 5.0),
         evict_after_s=_num(prober, "prober", "evict_after_s", 15.0),
     )
+
+
+def _channel_mode(tls: Mapping[str, Any] | None, dev: Mapping[str, Any]) -> tuple[str | None, bool]:
+    """``([tls] mode or None, [dev] skip_attestation)``, checked against each other."""
+    skip = dev.get("skip_attestation", False)
+    if not isinstance(skip, bool):
+        raise GatewayConfigError("[dev] skip_attestation must be true or false")
+    if tls is None:
+        if not skip:
+            raise GatewayConfigError(
+                "[tls] is required: node connections are attested TLS by default (cert, key "
+                "and each [[node]] shares_sha256); for a development enclave over plain h2c "
+                "set [dev] skip_attestation = true"
+            )
+        return None, skip
+    mode = tls.get("mode", "attested")
+    if mode not in TLS_MODES:
+        raise GatewayConfigError(f"[tls] mode must be one of {', '.join(map(repr, TLS_MODES))}")
+    if mode == "attested" and "ca" in tls:
+        raise GatewayConfigError(
+            '[tls] ca is only for mode = "ingress": an enclave\'s certificate is self-signed and '
+            'is checked by its attestation instead; remove ca (or set mode = "ingress")'
+        )
+    return mode, skip
 
 
 @dataclass
@@ -325,8 +448,9 @@ class GatewayApi:
 
     Attributes:
         metrics: the gateway's metrics (sign requests by outcome, their latency, nodes known,
-            healthy and evicted, event subscribers and refusals, build info), served as
-            Prometheus text on ``GET /metrics``.
+            healthy, evicted and not attested, attested channels verified and refused by
+            reason, event subscribers and refusals, build info), served as Prometheus text on
+            ``GET /metrics``.
     """
 
     def __init__(
@@ -367,6 +491,21 @@ class GatewayApi:
             "trio_sign_gateway_nodes_healthy", "Nodes the prober finds healthy (not evicted)."
         )
         evicted = m.gauge("trio_sign_gateway_nodes_evicted", "Nodes evicted by the prober.")
+        unattested = m.gauge(
+            "trio_sign_gateway_nodes_unattested",
+            "Nodes whose connections this gateway does not attest ([dev] skip_attestation, "
+            "or [tls] mode ingress).",
+        )
+        verified = m.counter(
+            "trio_sign_gateway_attestations_verified_total",
+            "Node connections whose attested channel passed the check.",
+        )
+        refused_attestations = m.counter(
+            "trio_sign_gateway_attestation_failures_total",
+            "Node connections refused by the attested-channel check, by reason (an alert each: "
+            "the node is evicted until a new connection passes).",
+            ("reason",),
+        )
         subscribers = m.gauge(
             "trio_sign_gateway_sse_subscribers", "Event-stream subscriptions open now."
         )
@@ -385,6 +524,14 @@ class GatewayApi:
             known.set(len(nodes))
             healthy.set(sum(1 for n in nodes if n.healthy and not n.evicted))
             evicted.set(sum(1 for n in nodes if n.evicted))
+            unattested.set(sum(1 for n in nodes if not n.attested))
+            verified.labels().set_total(sum(n.attestations_verified for n in nodes))
+            reasons: dict[str, int] = {}
+            for node in nodes:
+                for reason, count in node.attestation_failures.items():
+                    reasons[reason] = reasons.get(reason, 0) + count
+            for reason, total in sorted(reasons.items()):
+                refused_attestations.labels(reason=reason).set_total(total)
             subscribers.set(sum(self._hub.subscribers(n) for n in self._nodes))
             stats = self._hub.stats
             published.labels().set_total(stats.published)
@@ -483,6 +630,7 @@ class GatewayApi:
                     "id": n.node_id,
                     "healthy": n.healthy,
                     "evicted": n.evicted,
+                    "attestation": n.attestation,
                     "subscribers": self._hub.subscribers(n.node_id),
                 }
                 for n in self._nodes.values()
@@ -541,6 +689,94 @@ class GatewayApi:
         return 200, {"account_id": account_id, "signature_hex": signature.hex()}
 
 
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise GatewayConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
+
+
+def node_policy(config: GatewayConfig, node: NodeConfig) -> ChannelPolicy:
+    """The pins of one node's attested channel: its own ``root``/``pcrs`` or ``[attestation]``'s,
+    its ``shares_sha256`` and ``config_sha256``. Blocking file I/O.
+
+    Error handling: :class:`GatewayConfigError` naming the node for an unreadable file or pins
+    that do not make a policy (PCR0/1/2 missing, all zero).
+    """
+    where = f"[[node]] {node.id}"
+    root_path = node.root or config.attestation_root
+    root = None if root_path is None else _read(root_path, f"{where} root")
+    pcrs = node.pcrs if node.pcrs is not None else config.attestation_pcrs
+    if isinstance(pcrs, Path):
+        try:
+            pcrs = load_pcr_json(pcrs)
+        except (OSError, ValueError) as exc:
+            raise GatewayConfigError(f"{where} pcrs: {pcrs}: {exc}") from None
+    if pcrs is None or node.shares_sha256 is None:  # parse_gateway_config requires both
+        raise GatewayConfigError(f"{where}: shares_sha256 and pcrs are required")
+    try:
+        return ChannelPolicy(
+            shares_sha256=node.shares_sha256,
+            pcrs=pcrs,
+            root_pem=root,
+            config_sha256=node.config_sha256,
+            max_age_s=config.attestation_max_age_s,
+        )
+    except ValueError as exc:
+        raise GatewayConfigError(f"{where}: {exc}") from None
+
+
+def make_nodes(config: GatewayConfig) -> list[EnclaveNode]:
+    """The configured nodes, each connecting the way ``[tls]`` and ``[dev]`` say. Logs, loudly,
+    every way in which node connections are not attested by this gateway. Blocking file I/O.
+
+    Error handling: :class:`GatewayConfigError` for an unreadable file or bad pins.
+    """
+    settings = NodeSettings(attest_timeout_s=config.attestation_check_timeout_s)
+    ssl_context = None
+    if config.tls_cert is not None and config.tls_key is not None:
+        cert = _read(config.tls_cert, "[tls] cert")
+        key = _read(config.tls_key, "[tls] key")
+        if config.tls_mode == "ingress" and config.tls_ca is not None:
+            ssl_context = make_client_ssl_context(_read(config.tls_ca, "[tls] ca"), cert, key)
+        else:
+            ssl_context = make_attested_client_context(cert, key)
+    if config.dev_skip_attestation:
+        how = {
+            None: "plain h2c",
+            "ingress": "TLS to the parents' ingress",
+            "attested": "TLS whose server certificate is NOT verified",
+        }[config.tls_mode]
+        log.warning(
+            "DEVELOPMENT MODE ([dev] skip_attestation = true): node connections are %s and the "
+            "enclaves' attestation is NOT checked; anyone on the path can read and forge the "
+            "signing traffic. Never run this in production.",
+            how,
+            extra={"alert": "attestation_skipped", "nodes": len(config.nodes)},
+        )
+    elif config.tls_mode == "ingress":
+        log.warning(
+            '[tls] mode = "ingress": TLS ends at the parents, and this gateway does not check '
+            'the enclaves\' attestation itself; switch to mode = "attested" once the enclaves '
+            "serve attested TLS (docs/gateway.md)",
+            extra={"nodes": len(config.nodes)},
+        )
+    nodes = []
+    for n in config.nodes:
+        policy = node_policy(config, n) if config.attested else None
+        nodes.append(
+            EnclaveNode(
+                n.id,
+                n.address,
+                ssl_context=ssl_context,
+                server_hostname=config.tls_server_name,
+                attestation=policy,
+                settings=settings,
+            )
+        )
+    return nodes
+
+
 async def serve_gateway(
     config: GatewayConfig,
     *,
@@ -567,17 +803,7 @@ async def serve_gateway(
             token_file,
             extra={"token_file": str(token_file)},
         )
-    ssl_context = None
-    if config.tls_ca is not None and config.tls_cert is not None and config.tls_key is not None:
-        ssl_context = make_client_ssl_context(
-            config.tls_ca.read_bytes(), config.tls_cert.read_bytes(), config.tls_key.read_bytes()
-        )
-    nodes = [
-        EnclaveNode(
-            n.id, n.address, ssl_context=ssl_context, server_hostname=config.tls_server_name
-        )
-        for n in config.nodes
-    ]
+    nodes = await trio.to_thread.run_sync(make_nodes, config)
     counterparts = await trio.to_thread.run_sync(
         load_participant_files, list(config.participant_files)
     )
