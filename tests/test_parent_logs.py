@@ -288,6 +288,15 @@ def test_stream_sink_syncs_files_and_skips_pipes(tmp_path: Path) -> None:
         os.close(read_fd)
 
 
+def test_a_lone_surrogate_is_escaped_not_a_crash(tmp_path: Path) -> None:
+    with LogFileSink(tmp_path / "x.log") as sink:
+        forwarder = LogForwarder(sinks=[sink])
+        forwarder.forward('{"msg": "bad \\ud800 text", "word": "caf\u00e9"}')
+    text = (tmp_path / "x.log").read_text("utf-8")
+    assert json.loads(text)["msg"] == "bad \ud800 text"
+    assert forwarder.stats.forwarded == 1
+
+
 def test_closed_file_sink_raises_and_close_is_idempotent(tmp_path: Path) -> None:
     sink = LogFileSink(tmp_path / "x.log")
     sink.close()

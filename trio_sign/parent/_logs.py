@@ -135,8 +135,14 @@ class Redactor:
         for key, extra in self._extra.items():
             out.setdefault(key, extra)
         audit = value.get("audit")
+        text = json.dumps(out, separators=(",", ":"), ensure_ascii=False)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate (from a "\\udXXX" escape) cannot be written as UTF-8: escape all.
+            text = json.dumps(out, separators=(",", ":"))
         return RedactedLine(
-            text=json.dumps(out, separators=(",", ":"), ensure_ascii=False),
+            text=text,
             timestamp_ms=_timestamp_ms(out.get("ts")),
             redactions=counter[0],
             durable=isinstance(audit, str) and audit in DURABLE_AUDIT,
