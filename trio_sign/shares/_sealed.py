@@ -916,7 +916,8 @@ def seal_file(
     so nothing is written for a bad file; pass 2 encrypts, repeating the cheap checks but not
     the point checks, and proves it read the same bytes (SHA-256 of the input in both passes,
     compared before the output is renamed into place; otherwise ``input_changed``). Never holds
-    more than one chunk of plaintext. Writes ``dst.tmp`` then renames.
+    more than one chunk of plaintext. Writes ``dst`` atomically (a hidden temporary name in
+    its directory, fsync, rename, directory fsync; see :mod:`trio_sign._atomic`).
 
     ``progress(done, total)`` is called every 1024 records and at the end of each pass: with
     ``total == 0`` (unknown) during pass 1, then with the real total during pass 2.
