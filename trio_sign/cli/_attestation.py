@@ -1,4 +1,10 @@
-"""``trio-sign attestation verify``: check an NSM attestation document and show what it says."""
+"""``trio-sign attestation verify``: check an NSM attestation document and show what it says.
+
+``--expect-spki`` and ``--expect-shares`` check what an attested-channel document binds
+(DESIGN §10): its ``public_key`` is the enclave's TLS key, and its ``user_data`` the binding map
+whose ``shares`` is the base bundle's SHA-256. A failure is one line with the reason code of
+:data:`trio_sign.attested.CHANNEL_REASONS` (``spki_mismatch``, ``shares_mismatch``,
+``bad_binding``)."""
 
 from __future__ import annotations
 
@@ -6,11 +12,17 @@ import argparse
 import base64
 import binascii
 import hashlib
+import hmac
 import json
 import sys
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 
 from ..nitro import (
     AWS_NITRO_ROOT_SHA256,
@@ -19,6 +31,7 @@ from ..nitro import (
     VerifiedAttestation,
     verify_attestation,
 )
+from ..nitro._binding import Binding, BindingError, decode_binding
 
 #: Bytes shown of public_key / user_data / nonce in the text output.
 HEX_PREFIX_BYTES = 16
@@ -81,6 +94,20 @@ def add_parser(sub: Any) -> None:
         metavar="SECONDS",
         help="require the document's timestamp within SECONDS of --at",
     )
+    verify.add_argument(
+        "--expect-spki",
+        type=_spki_arg,
+        metavar="FILE|HEX",
+        help="require public_key to be this key: a certificate or public key file (PEM or "
+        "DER; e.g. the enclave's TLS certificate), or the DER SubjectPublicKeyInfo in hex",
+    )
+    verify.add_argument(
+        "--expect-shares",
+        type=_sha256_arg,
+        metavar="HEX",
+        help="require user_data to be the attested-channel binding whose shares is this "
+        "SHA-256 (the sealed bundle's fingerprint, as `shares inspect` prints it)",
+    )
     verify.add_argument("--json", action="store_true", help="print one JSON object")
     verify.set_defaults(func=cmd_verify)
 
@@ -98,13 +125,48 @@ def cmd_verify(args: argparse.Namespace) -> int:
         production=args.production,
         max_age=args.max_age,
     )
+    expected = _check_binding(doc, args.expect_spki, args.expect_shares)
     root_source = str(args.root) if args.root is not None else "AWS Nitro Enclaves root (built in)"
     if args.json:
         json.dump(_as_json(doc, root_source, sorted(pins)), sys.stdout, sort_keys=True)
         sys.stdout.write("\n")
     else:
-        _print_text(doc, root_source, sorted(pins), args.production)
+        _print_text(doc, root_source, sorted(pins), args.production, expected)
     return 0
+
+
+def _check_binding(doc: VerifiedAttestation, spki: bytes | None, shares: bytes | None) -> list[str]:
+    """Apply ``--expect-spki`` and ``--expect-shares``; return the names of the checks made.
+
+    Raises:
+        AttestedChannelError: ``spki_mismatch``, ``bad_binding`` or ``shares_mismatch``.
+    """
+    from ..attested import AttestedChannelError  # not at import: it brings Trio and gRPC
+
+    checks = []
+    if spki is not None:
+        if doc.public_key is None:
+            raise AttestedChannelError("the document binds no public_key", reason="spki_mismatch")
+        if not hmac.compare_digest(doc.public_key, spki):
+            raise AttestedChannelError(
+                f"public_key is sha256 {hashlib.sha256(doc.public_key).hexdigest()[:16]}..., "
+                f"--expect-spki is sha256 {hashlib.sha256(spki).hexdigest()[:16]}...",
+                reason="spki_mismatch",
+            )
+        checks.append("public_key")
+    if shares is not None:
+        try:
+            binding = decode_binding(doc.user_data)
+        except (BindingError, TypeError, ValueError) as exc:
+            raise AttestedChannelError(str(exc), reason="bad_binding") from exc
+        if not hmac.compare_digest(binding.shares, shares):
+            raise AttestedChannelError(
+                f"the document binds shares {binding.shares.hex()}, --expect-shares is "
+                f"{shares.hex()}",
+                reason="shares_mismatch",
+            )
+        checks.append("shares")
+    return checks
 
 
 # -- arguments ------------------------------------------------------------------------------------
@@ -160,6 +222,48 @@ def _at_arg(text: str) -> datetime | str:
             f"expected now, document or an ISO-8601 time, got {text[:40]!r}"
         ) from None
     return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def _sha256_arg(text: str) -> bytes:
+    value = _hex_arg(text)
+    if len(value) != 32:
+        raise argparse.ArgumentTypeError(
+            f"expected 64 hex digits (a SHA-256), got {len(value)} bytes"
+        )
+    return value
+
+
+def _spki_arg(text: str) -> bytes:
+    """A DER SubjectPublicKeyInfo from a certificate or key file (PEM or DER), or hex."""
+    path = Path(text)
+    if not path.is_file():
+        value = _hex_arg(text)
+        try:
+            serialization.load_der_public_key(value)
+        except (ValueError, UnsupportedAlgorithm):
+            raise argparse.ArgumentTypeError(
+                f"{text[:20]!r} is neither a file nor a hex DER SubjectPublicKeyInfo"
+            ) from None
+        return value
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {text}: {exc.strerror}") from None
+    loaders = (
+        lambda d: x509.load_pem_x509_certificate(d).public_key(),
+        lambda d: x509.load_der_x509_certificate(d).public_key(),
+        serialization.load_pem_public_key,
+        serialization.load_der_public_key,
+    )
+    for load in loaders:
+        try:
+            key = load(data)
+        except (ValueError, UnsupportedAlgorithm):
+            continue
+        return key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    raise argparse.ArgumentTypeError(f"{text} holds no certificate or public key (PEM or DER)")
 
 
 def _seconds_arg(text: str) -> timedelta:
@@ -224,8 +328,20 @@ def _field_summary(value: bytes | None) -> str:
     return f"{len(value)} bytes  {shown}{more}"
 
 
+def _binding(doc: VerifiedAttestation) -> Binding | None:
+    """The attested-channel binding in ``user_data``, or None when it is something else."""
+    try:
+        return decode_binding(doc.user_data)
+    except (BindingError, TypeError, ValueError):
+        return None
+
+
 def _print_text(
-    doc: VerifiedAttestation, root_source: str, pinned: list[int], production: bool
+    doc: VerifiedAttestation,
+    root_source: str,
+    pinned: list[int],
+    production: bool,
+    expected: Sequence[str] = (),
 ) -> None:
     root_sha = hashlib.sha256(doc.cabundle[0]).hexdigest()
     aws = " (the AWS root)" if root_sha == AWS_NITRO_ROOT_SHA256 else ""
@@ -234,6 +350,7 @@ def _print_text(
         checks.append("PCR " + ",".join(str(i) for i in pinned))
     if production:
         checks.append("production")
+    checks += list(expected)
     print(f"attestation document OK ({'; '.join(checks)})")
     rows = [
         ("module_id", doc.module_id),
@@ -246,6 +363,13 @@ def _print_text(
         ("user_data", _field_summary(doc.user_data)),
         ("nonce", _field_summary(doc.nonce)),
     ]
+    binding = _binding(doc)
+    if binding is not None:
+        rows += [
+            ("shares", binding.shares.hex()),
+            ("deltas", binding.deltas.hex()),
+            ("config", binding.config.hex()),
+        ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
@@ -271,6 +395,7 @@ def _as_json(doc: VerifiedAttestation, root_source: str, pinned: list[int]) -> d
     def field(value: bytes | None) -> dict[str, Any] | None:
         return None if value is None else {"length": len(value), "hex": value.hex()}
 
+    binding = _binding(doc)
     return {
         "valid": True,
         "module_id": doc.module_id,
@@ -298,4 +423,11 @@ def _as_json(doc: VerifiedAttestation, root_source: str, pinned: list[int]) -> d
         "public_key": field(doc.public_key),
         "user_data": field(doc.user_data),
         "nonce": field(doc.nonce),
+        "binding": None
+        if binding is None
+        else {
+            "shares": binding.shares.hex(),
+            "deltas": binding.deltas.hex(),
+            "config": binding.config.hex(),
+        },
     }
