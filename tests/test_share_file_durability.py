@@ -184,6 +184,15 @@ def test_share_store_refuses(cut_file: Path) -> None:
     assert str(cut_file) in str(info.value)
 
 
+def test_dev_enclave_refuses(cut_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``trio-sign enclave --dev --dev-plaintext-shares`` exits non-zero before serving."""
+    args = ["enclave", "--dev", "--dev-plaintext-shares", str(cut_file)]
+    assert main([*args, "--grpc-listen", "tcp://127.0.0.1:0"]) != 0
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{cut_file}: line 4: no trailer line" in last
+    assert "missing_trailer" in last
+
+
 def test_cli_seal_and_inspect_print_one_line_naming_the_file(
     tmp_path: Path, cut_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
