@@ -288,3 +288,15 @@ def test_a_malformed_binding_is_bad_binding(nsm: LocalNsm, user_data: bytes) -> 
             now=NOW,
         )
     assert info.value.reason == "bad_binding"
+
+
+def test_the_public_api_is_all_and_only_all() -> None:
+    """As tests/test_exports.py does for the other packages."""
+    import trio_sign.attested as package
+
+    exported = package.__all__
+    assert len(exported) == len(set(exported))
+    assert all(hasattr(package, name) for name in exported)
+    public = {a for a in vars(package) if not a.startswith("_")}
+    modules = {a for a in public if type(getattr(package, a)).__name__ == "module"}
+    assert public - modules - {"annotations"} <= set(exported)

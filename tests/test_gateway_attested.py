@@ -372,3 +372,43 @@ async def test_the_gateway_refuses_a_node_and_says_so_in_its_api_and_metrics(
             await trio.sleep(0.05)
     text_metrics = await metrics(api)
     assert "trio_sign_gateway_attestations_verified_total 1\n" in text_metrics
+
+
+async def test_an_enclave_that_never_answers_its_attestation_is_timed_out_not_used(
+    autojump_clock: trio.testing.MockClock, nsm: LocalNsm, pki: GatewayPki
+) -> None:
+    """The check is bounded (attest_timeout_s, and the prober's round): a node whose enclave
+    takes the handshake and never answers GetAttestation fails its rounds, is never sent
+    anything else, and leaves no connection behind."""
+    enclave = FakeEnclave(nsm, pki.ca.pem)
+    hung = trio.Event()
+
+    async def never(request: object, context: object) -> object:
+        hung.set()
+        await trio.sleep_forever()
+
+    enclave.server = type(enclave.server)(
+        {**enclave.handlers(), "/trio_sign.v1.SignService/GetAttestation": never}  # type: ignore[dict-item]
+    )
+    async with trio.open_nursery() as nursery:
+        node = attested_node(enclave, pki, nsm, nursery)
+        await nursery.start(node.run)
+        await nursery.start(
+            functools.partial(run_prober, [node], interval_s=INTERVAL, evict_after_s=10.0)
+        )
+        assert hung.is_set()
+        assert trio.current_time() == INTERVAL  # the round's deadline ended the check
+        assert (node.healthy, node.attestation, node.attestation_failures) == (
+            False,
+            "pending",
+            {},
+        )
+        await trio.testing.wait_all_tasks_blocked()
+        # The cancelled check closed its connection: only the next round's is open.
+        assert (enclave.handshakes, enclave.server.connection_count) == (2, 1)
+        assert enclave.calls == []
+        await trio.sleep(2 * INTERVAL)
+        await trio.testing.wait_all_tasks_blocked()
+        assert node.evicted
+        assert enclave.calls == []
+        nursery.cancel_scope.cancel()
