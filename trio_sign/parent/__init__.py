@@ -4,6 +4,8 @@ from ._attestation_gate import GATE_REASONS as GATE_REASONS
 from ._attestation_gate import AttestationGate as AttestationGate
 from ._attestation_gate import AttestationPolicy as AttestationPolicy
 from ._attestation_gate import run_attestation_gate as run_attestation_gate
+from ._bundle_copy import BundleCopyError as BundleCopyError
+from ._bundle_copy import copy_bundle as copy_bundle
 from ._channels import StatusLink as StatusLink
 from ._channels import serve_log_connection as serve_log_connection
 from ._channels import serve_status_connection as serve_status_connection
@@ -23,6 +25,7 @@ from ._launch import NitroCliLauncher as NitroCliLauncher
 from ._launch import namespaces_available as namespaces_available
 from ._logs import CloudWatchSink as CloudWatchSink
 from ._logs import JsonLinesSink as JsonLinesSink
+from ._logs import LogFileSink as LogFileSink
 from ._logs import LogForwarder as LogForwarder
 from ._logs import LogTail as LogTail
 from ._logs import Redactor as Redactor
@@ -37,6 +40,9 @@ from ._supervisor import serve_parent as serve_parent
 
 __all__ = [
     "CHUNK_BYTES",
+    "BundleCopyError",
+    "LogFileSink",
+    "copy_bundle",
     "Allowlist",
     "CloudWatchSink",
     "ConfigError",

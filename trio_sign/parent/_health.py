@@ -393,7 +393,10 @@ def _parent_families(state: ParentState) -> MetricsWriter:
         "Log lines forwarded to the sinks.",
         logs.forwarded,
     )
-    dropped = [({"where": "enclave"}, float(logs.enclave_dropped))]
+    dropped = [
+        ({"where": "enclave"}, float(logs.enclave_dropped)),
+        ({"where": "file"}, float(logs.sink_dropped)),
+    ]
     if state.cloudwatch is not None:
         dropped.append(({"where": "cloudwatch"}, float(state.cloudwatch.dropped)))
     m.family(
@@ -401,6 +404,16 @@ def _parent_families(state: ParentState) -> MetricsWriter:
         "counter",
         "Log lines dropped: in the enclave (its queue was full) or before CloudWatch.",
         dropped,
+    )
+    m.counter(
+        "trio_sign_log_write_errors_total",
+        "Failed writes, fsyncs and reopens of the log file or stdout (disk full, permissions).",
+        logs.write_errors,
+    )
+    m.counter(
+        "trio_sign_audit_records_synced_total",
+        "Boot audit records written to the log file and fsynced.",
+        logs.audit_synced,
     )
     m.counter(
         "trio_sign_log_redactions_total",
