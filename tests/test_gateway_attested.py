@@ -289,6 +289,8 @@ def test_pins_that_make_no_policy_are_a_config_error_naming_the_node(
     for pcrs, message in (
         (zeros, r"^\[\[node\]\] node-1: channel policy: .*debug-mode"),
         ('"missing.json"', r"^\[\[node\]\] node-1 pcrs: .*missing.json"),
+        ('"pcrs.json"\nroot = "gateway.key"', r"^\[\[node\]\] node-1 root: .* not a PEM cert"),
+        ('"pcrs.json"\nroot = "none.pem"', r"^\[\[node\]\] node-1 root: cannot read"),
     ):
         text = _toml(
             tmp_path / "p", tls=tls, nodes=_node(shares_sha256=f'"{SHARES.hex()}"', pcrs=pcrs)

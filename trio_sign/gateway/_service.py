@@ -66,6 +66,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 import trio
+from cryptography import x509
 
 from .. import __version__
 from .._errors import TrioSignError
@@ -706,6 +707,13 @@ def node_policy(config: GatewayConfig, node: NodeConfig) -> ChannelPolicy:
     where = f"[[node]] {node.id}"
     root_path = node.root or config.attestation_root
     root = None if root_path is None else _read(root_path, f"{where} root")
+    if root is not None:
+        try:
+            x509.load_pem_x509_certificate(root)
+        except ValueError:
+            raise GatewayConfigError(
+                f"{where} root: {root_path} is not a PEM certificate"
+            ) from None
     pcrs = node.pcrs if node.pcrs is not None else config.attestation_pcrs
     if isinstance(pcrs, Path):
         try:
