@@ -122,6 +122,9 @@ class FakeEnclave:
     calls: list[str] = field(default_factory=list)
     client_certs: list[bytes | None] = field(default_factory=list)
     handshakes: int = 0
+    #: More methods (e.g. a real ``SignService``'s handlers): served and recorded; its own
+    #: ``GetAttestation`` stays the double's.
+    service: dict[str, UnaryHandler] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.cert_pem, self.key_pem, self.spki = self_signed_p256()
@@ -137,13 +140,22 @@ class FakeEnclave:
         self.__post_init__()
 
     def handlers(self) -> dict[str, UnaryHandler]:
-        return {
-            SERVICE + "GetAttestation": protobuf_handler(
-                pb.GetAttestationRequest.FromString, self._get_attestation
-            ),
+        table = {
             SERVICE + "Ping": protobuf_handler(pb.PingRequest.FromString, self._ping),
             SERVICE + "GetStatus": protobuf_handler(pb.GetStatusRequest.FromString, self._status),
         }
+        table |= {name: self._recorded(name, handler) for name, handler in self.service.items()}
+        table[SERVICE + "GetAttestation"] = protobuf_handler(
+            pb.GetAttestationRequest.FromString, self._get_attestation
+        )
+        return table
+
+    def _recorded(self, name: str, handler: UnaryHandler) -> UnaryHandler:
+        async def recorded(request: bytes, context: CallContext) -> bytes:
+            self.calls.append(name.rsplit("/", 1)[1])
+            return await handler(request, context)
+
+        return recorded
 
     def document(self, nonce: bytes, *, public_key: bytes | None = None) -> bytes:
         binding = Binding(shares=self.shares, deltas=self.deltas, config=self.config)

@@ -414,3 +414,48 @@ async def test_an_enclave_that_never_answers_its_attestation_is_timed_out_not_us
         assert node.evicted
         assert enclave.calls == []
         nursery.cancel_scope.cancel()
+
+
+async def test_no_session_goes_to_a_refused_node_and_it_signs_again_once_it_passes(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path, nsm: LocalNsm, pki: GatewayPki
+) -> None:
+    """Real FROST behind the double's attested TLS: the coordinator sends a refused node
+    nothing (no_healthy_node), and signs through it once a new connection passes."""
+    import nacl.signing
+
+    from trio_sign.enclave._pool import SessionPool
+    from trio_sign.enclave._service import SignService
+    from trio_sign.gateway import Coordinator, GatewayError, load_participant_files
+    from trio_sign.shares import ShareStore
+
+    gen = generate_share_files(tmp_path / "shares", 2)
+    with gen.service_file.open("rb") as f:
+        store = ShareStore.load_plaintext(f)
+    record = json.loads(gen.service_file.read_text().splitlines()[1])
+    account, group_key = record["account_id"], bytes.fromhex(record["group_public_key"])
+    service = SignService(store, SessionPool(store.get))
+    enclave = FakeEnclave(nsm, pki.ca.pem, shares=OLD_SHARES, service=service.handlers())
+    counterparts = load_participant_files([gen.participant_files[2]])
+    async with trio.open_nursery() as nursery:
+        node = attested_node(enclave, pki, nsm, nursery)
+        await nursery.start(node.run)
+        await nursery.start(
+            functools.partial(run_prober, [node], interval_s=INTERVAL, evict_after_s=60.0)
+        )
+        coordinator = Coordinator([node], counterparts)
+        assert node.evicted
+        with pytest.raises(GatewayError) as info:
+            await coordinator.sign_message(account, b"pay 1")
+        assert info.value.reason == "no_healthy_node"
+        assert enclave.calls == ["GetAttestation"]
+
+        await enclave.reboot(shares=SHARES)
+        await trio.sleep(INTERVAL)
+        await trio.testing.wait_all_tasks_blocked()
+        assert (node.evicted, node.attestation) == (False, "verified")
+        signature = await coordinator.sign_message(account, b"pay 1")
+        nacl.signing.VerifyKey(group_key).verify(b"pay 1", signature)
+        assert enclave.calls[-2:] == ["Commit", "Sign"]
+        assert enclave.calls.count("GetAttestation") == 2  # one per connection, first on each
+        nursery.cancel_scope.cancel()
+    store.close()
