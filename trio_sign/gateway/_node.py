@@ -196,6 +196,7 @@ class EnclaveNode:
         task_status: trio.TaskStatus[GrpcChannel] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         assert self._ssl_context is not None  # checked in __init__
+        verified: VerifiedChannel | None = None
         try:
             async with open_attested_channel(
                 stream,
@@ -204,11 +205,13 @@ class EnclaveNode:
                 server_hostname=self._server_hostname,
                 authority=self._authority(),
             ) as attested:
-                self.verified = attested.verified
+                self.verified = verified = attested.verified
                 task_status.started(attested.channel)
                 await release.wait()
         finally:
-            self.verified = None
+            # A newer connection may have replaced this one already: clear only our own.
+            if verified is not None and self.verified is verified:
+                self.verified = None
 
     def _authority(self) -> str:
         if self._server_hostname:
