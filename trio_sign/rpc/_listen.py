@@ -15,10 +15,12 @@ class BurstListener(trio.abc.Listener[trio.SocketStream]):
     queue for a burst.
 
     Trio's own ``accept`` yields to the scheduler after each connection. Under a burst (1500
-    connections at once in ``scripts/bench --hostile``) the accept loop then took one
+    connections at once in ``scripts/bench --hostile``) the parent's ingress then took one
     connection per pass of a long run queue, the kernel's queue filled, new SYNs were dropped
-    and a legitimate client's connect waited for its 1 s retransmission. Accepted, a
-    connection costs the servers here a descriptor and a sleeping task until it is served.
+    and a legitimate client's connect waited for its 1 s retransmission. Use it where an
+    accepted connection is cheap until it is served (the ingress: a descriptor and a sleeping
+    task before the first byte); where each one starts expensive work at once, taking a
+    whole burst in one pass stalls everything else for that pass.
 
     Args:
         inner: the listener to accept from (its socket is shared, not taken over).

@@ -24,7 +24,6 @@ from ._events import (
 )
 from ._io import Writer, receive_bytes
 from ._limits import FloodGuard, RateLimitedLog, ReceiveBudget, ServerLimits, connection_limit
-from ._listen import BurstListener
 from ._protocol import DEFAULT_INITIAL_WINDOW_SIZE, GrpcServerConnection
 from ._status import RpcError, StatusCode
 
@@ -537,14 +536,6 @@ class GrpcServer:
         """Accept connections on ``listeners`` until `drain` or `aclose`; return when every
         connection is finished. Reports this server through ``task_status`` once listening.
         """
-        # Socket listeners take a burst of connections in one pass (`BurstListener`), into
-        # an accept queue as long as max_connections.
-        wrapped: list[trio.abc.Listener[trio.abc.Stream]] = [
-            BurstListener(listener, backlog=self.limits.max_connections)
-            if isinstance(listener, trio.SocketListener)
-            else listener
-            for listener in listeners
-        ]
         async with trio.open_nursery() as connections:
             with self._accept_scope:
                 async with trio.open_nursery() as accept:
@@ -552,7 +543,7 @@ class GrpcServer:
                         functools.partial(
                             trio.serve_listeners,
                             self.serve_stream,
-                            wrapped,
+                            list(listeners),
                             handler_nursery=connections,
                         )
                     )
