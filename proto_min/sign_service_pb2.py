@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cproto_min/sign_service.proto\x12\x0ctrio_sign.v1\"\x1e\n\x0bPingRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\x1f\n\x0cPingResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\x12\n\x10GetStatusRequest\"\xec\x01\n\x11GetStatusResponse\x12\r\n\x05state\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63\x63ounts\x18\x02 \x01(\x04\x12\x15\n\rshares_sha256\x18\x03 \x01(\t\x12\x12\n\npreload_ms\x18\x04 \x01(\x04\x12\x15\n\rsessions_open\x18\x05 \x01(\r\x12\x14\n\x0csessions_max\x18\x06 \x01(\r\x12\x19\n\x11memory_used_bytes\x18\x07 \x01(\x04\x12\x1a\n\x12memory_limit_bytes\x18\x08 \x01(\x04\x12\x16\n\x0elast_sse_probe\x18\t \x01(\t\x12\x0f\n\x07version\x18\n \x01(\t\"&\n\x15GetAttestationRequest\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"*\n\x16GetAttestationResponse\x12\x10\n\x08\x64ocument\x18\x01 \x01(\x0c\"\'\n\x11GetAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"\xae\x01\n\x12GetAccountResponse\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63iphersuite\x18\x02 \x01(\t\x12\x18\n\x10group_public_key\x18\x03 \x01(\x0c\x12\x12\n\nidentifier\x18\x04 \x01(\x0c\x12\x17\n\x0fverifying_share\x18\x05 \x01(\x0c\x12\x13\n\x0bmin_signers\x18\x06 \x01(\r\x12\x13\n\x0bmax_signers\x18\x07 \x01(\r\"7\n\rCommitRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"a\n\x0e\x43ommitResponse\x12\x12\n\nidentifier\x18\x01 \x01(\x0c\x12\x0e\n\x06hiding\x18\x02 \x01(\x0c\x12\x0f\n\x07\x62inding\x18\x03 \x01(\x0c\x12\x1a\n\x12\x65xpires_at_unix_ms\x18\x04 \x01(\x03\"H\n\x11SigningCommitment\x12\x12\n\nidentifier\x18\x01 \x01(\x0c\x12\x0e\n\x06hiding\x18\x02 \x01(\x0c\x12\x0f\n\x07\x62inding\x18\x03 \x01(\x0c\"h\n\x0bSignRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\x0c\x12\x34\n\x0b\x63ommitments\x18\x03 \x03(\x0b\x32\x1f.trio_sign.v1.SigningCommitment\";\n\x0cSignResponse\x12\x12\n\nidentifier\x18\x01 \x01(\x0c\x12\x17\n\x0fsignature_share\x18\x02 \x01(\x0c\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x0f\n\rAbortResponse2\x8e\x04\n\x0bSignService\x12=\n\x04Ping\x12\x19.trio_sign.v1.PingRequest\x1a\x1a.trio_sign.v1.PingResponse\x12L\n\tGetStatus\x12\x1e.trio_sign.v1.GetStatusRequest\x1a\x1f.trio_sign.v1.GetStatusResponse\x12[\n\x0eGetAttestation\x12#.trio_sign.v1.GetAttestationRequest\x1a$.trio_sign.v1.GetAttestationResponse\x12O\n\nGetAccount\x12\x1f.trio_sign.v1.GetAccountRequest\x1a .trio_sign.v1.GetAccountResponse\x12\x43\n\x06\x43ommit\x12\x1b.trio_sign.v1.CommitRequest\x1a\x1c.trio_sign.v1.CommitResponse\x12=\n\x04Sign\x12\x19.trio_sign.v1.SignRequest\x1a\x1a.trio_sign.v1.SignResponse\x12@\n\x05\x41\x62ort\x12\x1a.trio_sign.v1.AbortRequest\x1a\x1b.trio_sign.v1.AbortResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cproto_min/sign_service.proto\x12\x0ctrio_sign.v1\"\x1e\n\x0bPingRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\x1f\n\x0cPingResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\x12\n\x10GetStatusRequest\"\xa8\x02\n\x11GetStatusResponse\x12\r\n\x05state\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63\x63ounts\x18\x02 \x01(\x04\x12\x15\n\rshares_sha256\x18\x03 \x01(\t\x12\x12\n\npreload_ms\x18\x04 \x01(\x04\x12\x15\n\rsessions_open\x18\x05 \x01(\r\x12\x14\n\x0csessions_max\x18\x06 \x01(\r\x12\x19\n\x11memory_used_bytes\x18\x07 \x01(\x04\x12\x1a\n\x12memory_limit_bytes\x18\x08 \x01(\x04\x12\x16\n\x0elast_sse_probe\x18\t \x01(\t\x12\x0f\n\x07version\x18\n \x01(\t\x12\x0e\n\x06\x64\x65ltas\x18\x0b \x01(\r\x12\x13\n\x0b\x64\x65ltas_head\x18\x0c \x01(\t\x12\x15\n\rconfig_sha256\x18\r \x01(\t\"&\n\x15GetAttestationRequest\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"*\n\x16GetAttestationResponse\x12\x10\n\x08\x64ocument\x18\x01 \x01(\x0c\"\'\n\x11GetAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"\xae\x01\n\x12GetAccountResponse\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63iphersuite\x18\x02 \x01(\t\x12\x18\n\x10group_public_key\x18\x03 \x01(\x0c\x12\x12\n\nidentifier\x18\x04 \x01(\x0c\x12\x17\n\x0fverifying_share\x18\x05 \x01(\x0c\x12\x13\n\x0bmin_signers\x18\x06 \x01(\r\x12\x13\n\x0bmax_signers\x18\x07 \x01(\r\"7\n\rCommitRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"a\n\x0e\x43ommitResponse\x12\x12\n\nidentifier\x18\x01 \x01(\x0c\x12\x0e\n\x06hiding\x18\x02 \x01(\x0c\x12\x0f\n\x07\x62inding\x18\x03 \x01(\x0c\x12\x1a\n\x12\x65xpires_at_unix_ms\x18\x04 \x01(\x03\"H\n\x11SigningCommitment\x12\x12\n\nidentifier\x18\x01 \x01(\x0c\x12\x0e\n\x06hiding\x18\x02 \x01(\x0c\x12\x0f\n\x07\x62inding\x18\x03 \x01(\x0c\"h\n\x0bSignRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\x0c\x12\x34\n\x0b\x63ommitments\x18\x03 \x03(\x0b\x32\x1f.trio_sign.v1.SigningCommitment\";\n\x0cSignResponse\x12\x12\n\nidentifier\x18\x01 \x01(\x0c\x12\x17\n\x0fsignature_share\x18\x02 \x01(\x0c\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x0f\n\rAbortResponse2\x8e\x04\n\x0bSignService\x12=\n\x04Ping\x12\x19.trio_sign.v1.PingRequest\x1a\x1a.trio_sign.v1.PingResponse\x12L\n\tGetStatus\x12\x1e.trio_sign.v1.GetStatusRequest\x1a\x1f.trio_sign.v1.GetStatusResponse\x12[\n\x0eGetAttestation\x12#.trio_sign.v1.GetAttestationRequest\x1a$.trio_sign.v1.GetAttestationResponse\x12O\n\nGetAccount\x12\x1f.trio_sign.v1.GetAccountRequest\x1a .trio_sign.v1.GetAccountResponse\x12\x43\n\x06\x43ommit\x12\x1b.trio_sign.v1.CommitRequest\x1a\x1c.trio_sign.v1.CommitResponse\x12=\n\x04Sign\x12\x19.trio_sign.v1.SignRequest\x1a\x1a.trio_sign.v1.SignResponse\x12@\n\x05\x41\x62ort\x12\x1a.trio_sign.v1.AbortRequest\x1a\x1b.trio_sign.v1.AbortResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,29 +38,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSTATUSREQUEST']._serialized_start=111
   _globals['_GETSTATUSREQUEST']._serialized_end=129
   _globals['_GETSTATUSRESPONSE']._serialized_start=132
-  _globals['_GETSTATUSRESPONSE']._serialized_end=368
-  _globals['_GETATTESTATIONREQUEST']._serialized_start=370
-  _globals['_GETATTESTATIONREQUEST']._serialized_end=408
-  _globals['_GETATTESTATIONRESPONSE']._serialized_start=410
-  _globals['_GETATTESTATIONRESPONSE']._serialized_end=452
-  _globals['_GETACCOUNTREQUEST']._serialized_start=454
-  _globals['_GETACCOUNTREQUEST']._serialized_end=493
-  _globals['_GETACCOUNTRESPONSE']._serialized_start=496
-  _globals['_GETACCOUNTRESPONSE']._serialized_end=670
-  _globals['_COMMITREQUEST']._serialized_start=672
-  _globals['_COMMITREQUEST']._serialized_end=727
-  _globals['_COMMITRESPONSE']._serialized_start=729
-  _globals['_COMMITRESPONSE']._serialized_end=826
-  _globals['_SIGNINGCOMMITMENT']._serialized_start=828
-  _globals['_SIGNINGCOMMITMENT']._serialized_end=900
-  _globals['_SIGNREQUEST']._serialized_start=902
-  _globals['_SIGNREQUEST']._serialized_end=1006
-  _globals['_SIGNRESPONSE']._serialized_start=1008
-  _globals['_SIGNRESPONSE']._serialized_end=1067
-  _globals['_ABORTREQUEST']._serialized_start=1069
-  _globals['_ABORTREQUEST']._serialized_end=1103
-  _globals['_ABORTRESPONSE']._serialized_start=1105
-  _globals['_ABORTRESPONSE']._serialized_end=1120
-  _globals['_SIGNSERVICE']._serialized_start=1123
-  _globals['_SIGNSERVICE']._serialized_end=1649
+  _globals['_GETSTATUSRESPONSE']._serialized_end=428
+  _globals['_GETATTESTATIONREQUEST']._serialized_start=430
+  _globals['_GETATTESTATIONREQUEST']._serialized_end=468
+  _globals['_GETATTESTATIONRESPONSE']._serialized_start=470
+  _globals['_GETATTESTATIONRESPONSE']._serialized_end=512
+  _globals['_GETACCOUNTREQUEST']._serialized_start=514
+  _globals['_GETACCOUNTREQUEST']._serialized_end=553
+  _globals['_GETACCOUNTRESPONSE']._serialized_start=556
+  _globals['_GETACCOUNTRESPONSE']._serialized_end=730
+  _globals['_COMMITREQUEST']._serialized_start=732
+  _globals['_COMMITREQUEST']._serialized_end=787
+  _globals['_COMMITRESPONSE']._serialized_start=789
+  _globals['_COMMITRESPONSE']._serialized_end=886
+  _globals['_SIGNINGCOMMITMENT']._serialized_start=888
+  _globals['_SIGNINGCOMMITMENT']._serialized_end=960
+  _globals['_SIGNREQUEST']._serialized_start=962
+  _globals['_SIGNREQUEST']._serialized_end=1066
+  _globals['_SIGNRESPONSE']._serialized_start=1068
+  _globals['_SIGNRESPONSE']._serialized_end=1127
+  _globals['_ABORTREQUEST']._serialized_start=1129
+  _globals['_ABORTREQUEST']._serialized_end=1163
+  _globals['_ABORTRESPONSE']._serialized_start=1165
+  _globals['_ABORTRESPONSE']._serialized_end=1180
+  _globals['_SIGNSERVICE']._serialized_start=1183
+  _globals['_SIGNSERVICE']._serialized_end=1709
 # @@protoc_insertion_point(module_scope)

@@ -23,7 +23,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("state", "accounts", "shares_sha256", "preload_ms", "sessions_open", "sessions_max", "memory_used_bytes", "memory_limit_bytes", "last_sse_probe", "version")
+    __slots__ = ("state", "accounts", "shares_sha256", "preload_ms", "sessions_open", "sessions_max", "memory_used_bytes", "memory_limit_bytes", "last_sse_probe", "version", "deltas", "deltas_head", "config_sha256")
     STATE_FIELD_NUMBER: _ClassVar[int]
     ACCOUNTS_FIELD_NUMBER: _ClassVar[int]
     SHARES_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,9 @@ class GetStatusResponse(_message.Message):
     MEMORY_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
     LAST_SSE_PROBE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    DELTAS_FIELD_NUMBER: _ClassVar[int]
+    DELTAS_HEAD_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_SHA256_FIELD_NUMBER: _ClassVar[int]
     state: str
     accounts: int
     shares_sha256: str
@@ -44,7 +47,10 @@ class GetStatusResponse(_message.Message):
     memory_limit_bytes: int
     last_sse_probe: str
     version: str
-    def __init__(self, state: _Optional[str] = ..., accounts: _Optional[int] = ..., shares_sha256: _Optional[str] = ..., preload_ms: _Optional[int] = ..., sessions_open: _Optional[int] = ..., sessions_max: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., last_sse_probe: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+    deltas: int
+    deltas_head: str
+    config_sha256: str
+    def __init__(self, state: _Optional[str] = ..., accounts: _Optional[int] = ..., shares_sha256: _Optional[str] = ..., preload_ms: _Optional[int] = ..., sessions_open: _Optional[int] = ..., sessions_max: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., last_sse_probe: _Optional[str] = ..., version: _Optional[str] = ..., deltas: _Optional[int] = ..., deltas_head: _Optional[str] = ..., config_sha256: _Optional[str] = ...) -> None: ...
 
 class GetAttestationRequest(_message.Message):
     __slots__ = ("nonce",)

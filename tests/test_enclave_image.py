@@ -5,6 +5,7 @@ writes the PCRs, and the systemd units, sysusers, allocator and parent.toml exam
 from __future__ import annotations
 
 import configparser
+import hashlib
 import json
 import os
 import re
@@ -228,6 +229,30 @@ def test_dockerfile_runs_the_production_enclave() -> None:
     # the SSE relay; where to subscribe comes over the boot channel, never baked into PCR0
     assert args.sse_via == "vsock://3:5003"
     assert args.gateway_url is None
+    # the measured configuration decides trust and limits (DESIGN §9): the file the image
+    # installs, and no limit flag that would win over it
+    assert args.config == Path("/etc/trio-sign/enclave.toml")
+    assert args.public_listen == "vsock://ANY:50052"
+    assert args.tls is False  # a --dev flag; TLS is always on without --dev
+    for flag in ("max_sessions", "session_ttl", "preload_timeout", "verify_shares"):
+        assert getattr(args, flag) is None, flag
+
+
+def test_dockerfile_installs_the_measured_config() -> None:
+    """enclave.toml is copied to where the command reads it, before the last RUN (which
+    parses it with the enclave's strict parser and normalises its mtime)."""
+    instructions = dockerfile_instructions()
+    final = instructions[[w for w, _ in instructions].index("FROM", 1) :]
+    copies = [rest for word, rest in final if word == "COPY"]
+    assert "enclave_image/enclave.toml /etc/trio-sign/enclave.toml" in copies
+    copy_at = final.index(("COPY", "enclave_image/enclave.toml /etc/trio-sign/enclave.toml"))
+    runs = [i for i, (word, _) in enumerate(final) if word == "RUN"]
+    assert runs
+    assert runs[-1] > copy_at
+    last_run = final[runs[-1]][1]
+    assert "load_measured_config" in last_run
+    assert "/etc/trio-sign/enclave.toml" in last_run
+    assert "/etc/trio-sign -xdev -exec touch" in last_run
 
 
 # -- build script ------------------------------------------------------------------------------
@@ -239,7 +264,7 @@ def _tool_dir(tmp_path: Path, *, docker: bool, nitro_cli: bool) -> Path:
     """A PATH with only what the script needs, plus stub docker / nitro-cli that log argv."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for tool in ("bash", "dirname", "mkdir", "cat", "sed", "git"):
+    for tool in ("bash", "dirname", "mkdir", "cat", "sed", "git", "grep"):
         found = shutil.which(tool)
         if found is not None:
             (bin_dir / tool).symlink_to(found)
@@ -261,10 +286,32 @@ def _tool_dir(tmp_path: Path, *, docker: bool, nitro_cli: bool) -> Path:
     return bin_dir
 
 
-def _run_build(tmp_path: Path, bin_dir: Path) -> subprocess.CompletedProcess[str]:
+def _filled_config() -> str:
+    """enclave_image/enclave.toml with its placeholder filled by a real CA."""
+    from trio_sign.testing import make_ca
+
+    ca = make_ca("gateway client CA").pem.decode()
+    text = (IMAGE / "enclave.toml").read_text()
+    start = text.index('client_ca_pem = """') + len('client_ca_pem = """\n')
+    end = text.index('"""', start)
+    return text[:start] + ca + text[end:]
+
+
+def _repo_copy(tmp_path: Path, config: str | None) -> Path:
+    """A copy of enclave_image/ (with ``config`` as its enclave.toml) under a fake root."""
+    root = tmp_path / "repo"
+    shutil.copytree(IMAGE, root / "enclave_image", ignore=shutil.ignore_patterns("out"))
+    if config is not None:
+        (root / "enclave_image" / "enclave.toml").write_text(config)
+    return root
+
+
+def _run_build(
+    tmp_path: Path, bin_dir: Path, image: Path = IMAGE
+) -> subprocess.CompletedProcess[str]:
     env = {"PATH": str(bin_dir), "SOURCE_DATE_EPOCH": "1700000000", "HOME": str(tmp_path)}
     return subprocess.run(
-        [str(bin_dir / "bash"), str(IMAGE / "build"), "--out", str(tmp_path / "out")],
+        [str(bin_dir / "bash"), str(image / "build"), "--out", str(tmp_path / "out")],
         env=env,
         capture_output=True,
         text=True,
@@ -289,9 +336,47 @@ def test_build_fails_clearly_without_tools(
     assert not (tmp_path / "out" / "trio-sign.eif").exists()
 
 
-def test_build_writes_pcrs(tmp_path: Path) -> None:
+def test_build_refuses_the_unedited_config(tmp_path: Path) -> None:
+    """The repository's enclave.toml is a template: a build with its placeholder left fails
+    before docker runs, naming the file and the key."""
+    assert "REPLACE" in (IMAGE / "enclave.toml").read_text()
     result = _run_build(tmp_path, _tool_dir(tmp_path, docker=True, nitro_cli=True))
+    assert result.returncode == 1
+    assert "enclave.toml still has a REPLACE placeholder" in result.stderr
+    assert "[gateway] client_ca_pem" in result.stderr
+    calls = tmp_path / "calls.log"
+    assert not calls.exists() or "docker build" not in calls.read_text()  # never built
+
+
+def test_build_refuses_a_missing_config(tmp_path: Path) -> None:
+    root = _repo_copy(tmp_path, None)
+    (root / "enclave_image" / "enclave.toml").unlink()
+    result = _run_build(
+        tmp_path, _tool_dir(tmp_path, docker=True, nitro_cli=True), root / "enclave_image"
+    )
+    assert result.returncode == 1
+    assert "enclave.toml is missing" in result.stderr
+
+
+def test_enclave_toml_template_is_strict_once_filled() -> None:
+    """The template names only keys the enclave accepts: filled in, it parses."""
+    from trio_sign.enclave._measured import MeasuredConfigError, parse_measured_config
+
+    with pytest.raises(MeasuredConfigError, match=r"\[gateway\] client_ca_pem"):
+        parse_measured_config((IMAGE / "enclave.toml").read_bytes())
+    measured = parse_measured_config(_filled_config().encode())
+    assert measured.client_ca_pem is not None
+    assert measured.limits["max_tls_handshakes"] == 64
+
+
+def test_build_writes_pcrs(tmp_path: Path) -> None:
+    config = _filled_config()
+    root = _repo_copy(tmp_path, config)
+    IMAGE_COPY = root / "enclave_image"
+    result = _run_build(tmp_path, _tool_dir(tmp_path, docker=True, nitro_cli=True), IMAGE_COPY)
     assert result.returncode == 0, result.stderr
+    config_sha = (tmp_path / "out" / "trio-sign.config.sha256").read_text().strip()
+    assert config_sha == hashlib.sha256(config.encode()).hexdigest()
     pcrs = json.loads((tmp_path / "out" / "trio-sign.pcrs.json").read_text())
     assert pcrs == {
         "HashAlgorithm": "Sha384 { ... }",
@@ -301,8 +386,8 @@ def test_build_writes_pcrs(tmp_path: Path) -> None:
     build = next(c for c in calls if c.startswith("docker build"))
     assert "--build-arg SOURCE_DATE_EPOCH=1700000000" in build
     assert "--tag trio-sign-enclave:eif-build" in build
-    assert f"--file {IMAGE}/Dockerfile" in build
-    assert build.endswith(str(ROOT))
+    assert f"--file {IMAGE_COPY}/Dockerfile" in build
+    assert build.endswith(str(root))
     nitro = next(c for c in calls if c.startswith("nitro-cli"))
     assert nitro == (
         "nitro-cli build-enclave --docker-uri trio-sign-enclave:eif-build "

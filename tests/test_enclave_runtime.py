@@ -23,6 +23,7 @@ import trio
 
 from proto_min import sign_service_pb2 as pb
 from trio_sign.enclave import EnclaveExit, EnclaveState, ExitCode, SessionPool, serve_enclave
+from trio_sign.enclave._measured import DEVELOPMENT_CONFIG
 from trio_sign.enclave._serve import EnclaveHandle
 from trio_sign.nitro import (
     EventsConfigMessage,
@@ -30,6 +31,7 @@ from trio_sign.nitro import (
     MetricsMessage,
     verify_attestation,
 )
+from trio_sign.nitro._binding import NO_DELTAS, decode_binding
 from trio_sign.rpc import open_grpc_channel
 from trio_sign.shares import ShareRecord
 from trio_sign.transport import TransportError, connect, open_listeners
@@ -121,7 +123,11 @@ async def test_boot_serve_attest_drain(
                 expected_nonce=b"n0nce",
                 expected_pcrs={16: hashlib.sha384(bytes(48) + bytes.fromhex(sha)).digest()},
             )
-            assert verified.user_data == bytes.fromhex(sha)
+            bound = decode_binding(verified.user_data)
+            assert bound.shares == bytes.fromhex(sha)
+            assert bound.deltas == NO_DELTAS
+            assert bound.config == fake.config().measured.sha256
+            assert status.config_sha256 == bound.config.hex()
         locked, _ = nsm.describe_pcr(16)
         assert locked
         await handle.drain()
@@ -138,7 +144,8 @@ async def test_boot_serve_attest_drain(
     assert audit[0]["shares_sha256"] == sha
     assert audit[0]["accounts"] == len(records)
     boot_doc = base64.b64decode(audit[0]["attestation_document_b64"])
-    assert verify_attestation(boot_doc, root_pem=nsm.root_pem).user_data == bytes.fromhex(sha)
+    audit_bound = decode_binding(verify_attestation(boot_doc, root_pem=nsm.root_pem).user_data)
+    assert audit_bound.shares == bytes.fromhex(sha)
     for line in fake.logs:  # nothing secret crossed to the parent
         for rec in records:
             assert bytes(rec.signing_share).hex() not in json.dumps(line)
@@ -313,14 +320,20 @@ async def test_enclave_process_as_pid1_under_unshare(
     async with parent(tmp_path, records, nsm_dir) as fake:
         cfg = fake.config()
         wrapped = True
+        enclave_toml = fake.dir / "enclave.toml"
+        enclave_toml.write_bytes(DEVELOPMENT_CONFIG)
         cmd = [
             *["unshare", "--net", "--pid", "--fork", "--mount-proc", "--kill-child"],
             str(exe),
             "enclave",
+            "--config",
+            str(enclave_toml),
             "--nsm",
             f"local:{nsm_dir}",
             "--grpc-listen",
             cfg.grpc_listen,
+            "--public-listen",
+            f"unix://{fake.dir}/enclave-public.sock",
             "--preload-address",
             cfg.preload_address,
             "--status-address",

@@ -30,6 +30,7 @@ from trio_sign.crypto import SigningCommitment
 from trio_sign.enclave import serve_enclave
 from trio_sign.enclave._serve import EnclaveHandle
 from trio_sign.nitro import LocalNsm
+from trio_sign.nitro._binding import NO_DELTAS, Binding, encode_binding
 from trio_sign.parent._attestation_gate import (
     AttestationGate,
     AttestationPolicy,
@@ -61,6 +62,8 @@ pb: Any = importlib.import_module("proto_min.sign_service_pb2")
 
 S = "/trio_sign.v1.SignService/"
 FINGERPRINT = bytes(range(32))
+#: What the enclave binds (DESIGN §4): the shares fingerprint in the binding map.
+BINDING = encode_binding(Binding(shares=FINGERPRINT, deltas=NO_DELTAS, config=bytes(32)))
 
 
 # -- certificates ---------------------------------------------------------------------------------
@@ -109,11 +112,14 @@ class FakeEnclave:
     nsm: LocalNsm
     canned: bytes | None = None  # answer this document whatever the nonce
     hang: bool = False
+    user_data: bytes = BINDING
 
     async def get_attestation(self, request: Any, context: CallContext) -> Any:
         if self.hang:
             await trio.sleep_forever()
-        document = self.canned or self.nsm.attestation(user_data=FINGERPRINT, nonce=request.nonce)
+        document = self.canned or self.nsm.attestation(
+            user_data=self.user_data, nonce=request.nonce
+        )
         return pb.GetAttestationResponse(document=document)
 
     async def ping(self, request: Any, context: CallContext) -> Any:
@@ -285,9 +291,22 @@ async def test_gate_pins_the_shares_fingerprint(nsm: LocalNsm) -> None:
     assert gate.last_failure == "shares_mismatch"
 
 
+async def test_gate_reads_the_shares_from_the_binding_map(nsm: LocalNsm) -> None:
+    """The gate compares the binding's ``shares`` digest (DESIGN §4), not the raw user_data:
+    a document binding the bare fingerprint (the old form) is refused."""
+    async with memory_enclave(FakeEnclave(nsm, user_data=FINGERPRINT)) as connect_enclave:
+        gate = AttestationGate(policy_for(nsm, shares_sha256=FINGERPRINT.hex()), connect_enclave)
+        assert not await gate.check()
+    assert gate.last_failure == "shares_mismatch"
+    async with memory_enclave(FakeEnclave(nsm)) as connect_enclave:
+        gate = AttestationGate(policy_for(nsm, shares_sha256=FINGERPRINT.hex()), connect_enclave)
+        assert await gate.check()
+    assert gate.shares_sha256 == FINGERPRINT.hex()
+
+
 async def test_gate_refuses_a_canned_document(nsm: LocalNsm) -> None:
     """A replayed document (valid, fresh, right PCRs) that does not answer our nonce."""
-    canned = nsm.attestation(user_data=FINGERPRINT, nonce=b"\x00" * 32)
+    canned = nsm.attestation(user_data=BINDING, nonce=b"\x00" * 32)
     async with memory_enclave(FakeEnclave(nsm, canned=canned)) as connect_enclave:
         gate = AttestationGate(policy_for(nsm), connect_enclave)
         assert not await gate.check()

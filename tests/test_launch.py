@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from trio_sign.enclave._measured import DEVELOPMENT_CONFIG
 from trio_sign.parent import LaunchError, LocalLauncher, NitroCliLauncher, namespaces_available
 
 from .enclave_helpers import make_accounts, parent
@@ -241,12 +242,18 @@ async def test_local_launcher_runs_a_real_enclave(
     store.close()
     async with parent(tmp_path, [a.service for a in accounts.values()], nsm_dir) as fake:
         cfg = fake.config()
+        enclave_toml = tmp_path / "enclave.toml"  # the measured configuration (issue 13)
+        enclave_toml.write_bytes(DEVELOPMENT_CONFIG)
         launcher = LocalLauncher(
             [
+                "--config",
+                str(enclave_toml),
                 "--nsm",
                 f"local:{nsm_dir}",
                 "--grpc-listen",
                 cfg.grpc_listen,
+                "--public-listen",
+                f"unix://{tmp_path}/enclave-public.sock",
                 "--preload-address",
                 cfg.preload_address,
                 "--status-address",

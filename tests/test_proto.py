@@ -34,6 +34,10 @@ EXPECTED: dict[str, list[tuple[str, int, int, bool, str | None]]] = {
         ("memory_limit_bytes", 8, _T.TYPE_UINT64, False, None),
         ("last_sse_probe", 9, _T.TYPE_STRING, False, None),
         ("version", 10, _T.TYPE_STRING, False, None),
+        # version 2 (DESIGN §4): delta chain and the measured configuration (§9, §12)
+        ("deltas", 11, _T.TYPE_UINT32, False, None),
+        ("deltas_head", 12, _T.TYPE_STRING, False, None),
+        ("config_sha256", 13, _T.TYPE_STRING, False, None),
     ],
     "GetAttestationRequest": [("nonce", 1, _T.TYPE_BYTES, False, None)],
     "GetAttestationResponse": [("document", 1, _T.TYPE_BYTES, False, None)],

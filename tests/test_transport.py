@@ -176,7 +176,12 @@ async def test_vsock_connect_failure_is_transport_error() -> None:
 
 def test_public_api() -> None:
     assert sorted(trio_sign.transport.__all__) == [
+        "ALPN_H2",
         "Address",
+        "ServerIdentity",
+        "TlsListener",
+        "TlsSettings",
+        "TlsStats",
         "TransportError",
         "VMADDR_CID_ANY",
         "connect",
@@ -184,6 +189,7 @@ def test_public_api() -> None:
         "load_cert_chain",
         "open_listeners",
         "parse_address",
+        "self_signed_server_context",
         "serve_asgi",
     ]
     assert issubclass(TransportError, trio_sign.TrioSignError)

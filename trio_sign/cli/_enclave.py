@@ -1,5 +1,10 @@
 """``trio-sign enclave``: the enclave process (the EIF's command).
 
+Settings come from the measured configuration (``--config``, default
+``/etc/trio-sign/enclave.toml``, DESIGN §9); a limit flag that is given (``--max-sessions``...)
+wins over the file's ``[limits]``. ``--dev`` without ``--config`` runs the built-in
+development configuration and says so.
+
 Exit codes (see :mod:`trio_sign.enclave._exit`): 0 drained cleanly after SIGTERM/SIGINT;
 1 internal error; 2 bad usage; 3 preload refused; 4 preload timed out; 5 memory; 6 NSM;
 7 a service failed at run time.
@@ -8,7 +13,7 @@ Exit codes (see :mod:`trio_sign.enclave._exit`): 0 drained cleanly after SIGTERM
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -18,9 +23,12 @@ import trio
 
 from .._errors import TrioSignError
 from ..rpc import ServerLimits, raise_open_file_limit
+from ._listen import UsageError
 
 if TYPE_CHECKING:
     from ..enclave import EnclaveExit
+
+log = logging.getLogger("trio_sign.enclave")
 
 
 def add_parser(sub: Any) -> None:
@@ -30,32 +38,69 @@ def add_parser(sub: Any) -> None:
         description="Production: attested preload of the sealed bundle from the parent, then "
         "serve the SignService. Development: --dev --dev-plaintext-shares FILE.",
     )
-    enclave.add_argument("--grpc-listen", default="vsock://ANY:50051", metavar="URL")
-    enclave.add_argument("--max-sessions", type=int, default=10_000)
-    enclave.add_argument("--session-ttl", type=float, default=60.0, metavar="SECONDS")
-    enclave.add_argument("--drain-grace", type=float, default=10.0, metavar="SECONDS")
     limits = ServerLimits()
+    enclave.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="the measured configuration (default /etc/trio-sign/enclave.toml; with --dev: the"
+        " built-in development configuration)",
+    )
+    enclave.add_argument(
+        "--grpc-listen",
+        default="vsock://ANY:50051",
+        metavar="URL",
+        help="the full API: TLS 1.3 with a client certificate from the configured CA (plain"
+        " h2c with --dev unless --tls)",
+    )
+    enclave.add_argument(
+        "--public-listen",
+        metavar="URL",
+        help="the public h2c listener (Ping, GetStatus, GetAttestation only); default"
+        " vsock://ANY:50052, none with --dev",
+    )
+    enclave.add_argument(
+        "--tls",
+        action="store_true",
+        help="with --dev: serve --grpc-listen behind TLS too (needs a --config with"
+        " [gateway] client_ca_pem); always on without --dev",
+    )
+    # Limits: None = not given, so the measured file's [limits] (or the default) applies.
+    enclave.add_argument(
+        "--max-sessions", type=int, help="default: [limits] max_sessions, else 10000"
+    )
+    enclave.add_argument(
+        "--session-ttl",
+        type=float,
+        metavar="SECONDS",
+        help="default: [limits] session_ttl_s, else 60",
+    )
+    enclave.add_argument(
+        "--drain-grace",
+        type=float,
+        metavar="SECONDS",
+        help="default: [limits] drain_grace_s, else 10",
+    )
     enclave.add_argument(
         "--max-sign-request-bytes",
         type=int,
-        default=256 * 1024,
         metavar="BYTES",
-        help="largest Sign request, refused on its length prefix before parsing (default"
-        " %(default)s)",
+        help="largest Sign request, refused on its length prefix before parsing (default:"
+        " [limits] max_sign_request_bytes, else 262144)",
     )
     enclave.add_argument(
         "--max-connections",
         type=int,
-        default=limits.max_connections,
         help="gRPC connections at once; at the limit the longest-idle one is closed"
-        " (default %(default)s; lowered to fit the open-file limit)",
+        f" (default: [limits] max_connections, else {limits.max_connections}; lowered to fit"
+        " the open-file limit)",
     )
     enclave.add_argument(
         "--idle-timeout",
         type=float,
-        default=limits.idle_timeout_s,
         metavar="SECONDS",
-        help="close a gRPC connection with no open call after this (default %(default)s)",
+        help="close a gRPC connection with no open call after this (default: [limits]"
+        f" idle_timeout_s, else {limits.idle_timeout_s:g})",
     )
     enclave.add_argument(
         "--gateway-url",
@@ -75,8 +120,17 @@ def add_parser(sub: Any) -> None:
     enclave.add_argument("--preload-address", default="vsock://3:5000", metavar="URL")
     enclave.add_argument("--status-address", default="vsock://3:5001", metavar="URL")
     enclave.add_argument("--log-address", default="vsock://3:5002", metavar="URL")
-    enclave.add_argument("--preload-timeout", type=float, default=300.0, metavar="SECONDS")
-    enclave.add_argument("--verify-shares", choices=["lazy", "full"], default="lazy")
+    enclave.add_argument(
+        "--preload-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="default: [limits] preload_timeout_s, else 300",
+    )
+    enclave.add_argument(
+        "--verify-shares",
+        choices=["lazy", "full"],
+        help="default: [limits] verify_shares, else lazy",
+    )
     enclave.add_argument(
         "--memory-limit",
         type=int,
@@ -95,26 +149,53 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_enclave(args: argparse.Namespace) -> int:
-    from ..enclave import (
-        EnclaveConfig,
-        configure_gc_for_serving,
-        serve_dev_enclave,
-        serve_enclave,
+    from ..enclave import configure_gc_for_serving, serve_dev_enclave, serve_enclave
+    from ..enclave._config import enclave_config
+    from ..enclave._measured import (
+        DEFAULT_CONFIG_PATH,
+        development_config,
+        load_measured_config,
     )
 
     if args.dev_plaintext_shares is not None and not args.dev:
         raise TrioSignError("--dev-plaintext-shares is for development only; it needs --dev")
     if args.dev and args.dev_plaintext_shares is None:
         raise TrioSignError("--dev needs --dev-plaintext-shares FILE")
-    config = EnclaveConfig(
+    if args.tls and not args.dev:
+        raise UsageError("--tls is for --dev (TLS is always on without --dev)")
+    if args.dev and args.config is None:
+        measured = development_config()
+        log.warning(
+            "DEVELOPMENT CONFIGURATION: no --config, so this enclave runs the built-in"
+            " development configuration (no gateway CA, no bundle keys). Never in production.",
+            extra={"config_sha256": measured.sha256.hex()},
+        )
+    else:
+        measured = load_measured_config(args.config or DEFAULT_CONFIG_PATH)
+        log.info(
+            "measured configuration loaded",
+            extra={"config": measured.source, "config_sha256": measured.sha256.hex()},
+        )
+    public_listen = args.public_listen
+    if public_listen is None and not args.dev:
+        public_listen = "vsock://ANY:50052"
+    config = enclave_config(
+        measured,
+        limits={
+            "max_sessions": args.max_sessions,
+            "session_ttl_s": args.session_ttl,
+            "drain_grace_s": args.drain_grace,
+            "max_sign_request_bytes": args.max_sign_request_bytes,
+            "max_connections": args.max_connections,
+            "idle_timeout_s": args.idle_timeout,
+            "preload_timeout_s": args.preload_timeout,
+            "verify_shares": args.verify_shares,
+        },
         grpc_listen=args.grpc_listen,
-        max_sessions=args.max_sessions,
-        session_ttl_s=args.session_ttl,
-        drain_grace_s=args.drain_grace,
-        max_sign_request_bytes=args.max_sign_request_bytes,
-        grpc_limits=dataclasses.replace(
-            ServerLimits(), max_connections=args.max_connections, idle_timeout_s=args.idle_timeout
-        ),
+        public_listen=public_listen,
+        # TLS in production follows with the parent's byte pipe (issue 13, step 3): until then
+        # the parent terminates the gateway's mTLS and forwards h2c to this port.
+        tls=args.tls,
         gateway_url=args.gateway_url,
         node_id=args.node_id,
         sse_via=args.sse_via,
@@ -122,8 +203,6 @@ def cmd_enclave(args: argparse.Namespace) -> int:
         preload_address=args.preload_address,
         status_address=args.status_address,
         log_address=args.log_address,
-        preload_timeout_s=args.preload_timeout,
-        verify_shares=args.verify_shares,
         memory_limit_bytes=args.memory_limit,
         dev=args.dev,
         dev_plaintext_shares=args.dev_plaintext_shares,

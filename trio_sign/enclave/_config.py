@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..rpc import DEFAULT_MAX_RECEIVE_MESSAGE_SIZE, ServerLimits
+from ..transport import TlsSettings
+from ._measured import LIMITS, MeasuredConfig, development_config
 from ._pool import DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_TTL_S
 
 
@@ -14,7 +19,17 @@ class EnclaveConfig:
     """Settings for ``trio-sign enclave``.
 
     Attributes:
-        grpc_listen: where the SignService listens (``vsock://ANY:50051`` in the EIF).
+        grpc_listen: where the SignService listens (``vsock://ANY:50051`` in the EIF): the
+            full API, behind TLS when ``tls`` is set.
+        public_listen: where the public h2c listener serves ``Ping``, ``GetStatus`` and
+            ``GetAttestation`` only (``vsock://ANY:50052`` in the EIF); None: none.
+        measured: the measured configuration (``enclave.toml``, DESIGN §9): the gateway
+            client CA, the bundle keys, and the limits it set (already applied to the fields
+            here); its SHA-256 is in GetStatus and in every attestation's binding.
+        tls: serve ``grpc_listen`` behind TLS 1.3 with a per-boot P-256 key and client
+            certificates checked against ``measured.client_ca_pem`` (DESIGN §10). The command
+            turns it on everywhere but ``--dev`` (where ``--tls`` asks for it).
+        tls_settings: the TLS handshake bounds (deadline, handshakes in progress).
         max_sessions: concurrent FROST sessions holding nonces; more are RESOURCE_EXHAUSTED.
         session_ttl_s: lifetime of a session from Commit; nonces are zeroed when it ends.
         drain_grace_s: on SIGTERM/SIGINT, how long open calls may finish before cancellation.
@@ -47,6 +62,10 @@ class EnclaveConfig:
     """
 
     grpc_listen: str = "vsock://ANY:50051"
+    public_listen: str | None = None
+    measured: MeasuredConfig = field(default_factory=development_config)
+    tls: bool = False
+    tls_settings: TlsSettings = field(default_factory=TlsSettings)
     max_sessions: int = DEFAULT_MAX_SESSIONS
     session_ttl_s: float = DEFAULT_SESSION_TTL_S
     drain_grace_s: float = 10.0
@@ -70,3 +89,42 @@ class EnclaveConfig:
     final_report_timeout_s: float = 3.0
     dev: bool = False
     dev_plaintext_shares: Path | None = None
+
+
+def enclave_config(
+    measured: MeasuredConfig,
+    *,
+    limits: Mapping[str, int | float | str | None] | None = None,
+    **fields: Any,
+) -> EnclaveConfig:
+    """An :class:`EnclaveConfig` for ``measured``: its ``[limits]``, then ``limits`` (the
+    command line's flags; None = not given) winning key by key, then the other ``fields``.
+
+    ``limits`` keys are the ``[limits]`` names (:data:`~trio_sign.enclave._measured.LIMITS`);
+    ``max_connections`` and ``idle_timeout_s`` land in ``grpc_limits``,
+    ``tls_handshake_timeout_s`` and ``max_tls_handshakes`` in ``tls_settings``.
+
+    Raises:
+        ValueError: an unknown limit name.
+    """
+    chosen: dict[str, int | float | str] = dict(measured.limits)
+    for name, value in (limits or {}).items():
+        if name not in LIMITS:
+            raise ValueError(f"unknown limit {name!r}")
+        if value is not None:
+            chosen[name] = value
+    grpc = fields.pop("grpc_limits", None) or ServerLimits()
+    tls = fields.pop("tls_settings", None) or TlsSettings()
+    direct: dict[str, Any] = {}
+    for name, value in chosen.items():
+        if name == "max_connections":
+            grpc = dataclasses.replace(grpc, max_connections=int(value))
+        elif name == "idle_timeout_s":
+            grpc = dataclasses.replace(grpc, idle_timeout_s=float(value))
+        elif name == "tls_handshake_timeout_s":
+            tls = dataclasses.replace(tls, handshake_timeout_s=float(value))
+        elif name == "max_tls_handshakes":
+            tls = dataclasses.replace(tls, max_handshakes=int(value))
+        else:
+            direct[name] = value
+    return EnclaveConfig(measured=measured, grpc_limits=grpc, tls_settings=tls, **direct, **fields)

@@ -14,8 +14,14 @@ reads top to bottom::
         ├── preload (bounded by preload_timeout_s): attestation -> KMS envelope -> sealed bundle
         ├── extend PCR 16 with the bundle's SHA-256 and lock it; the audit record
         ├── SessionPool.run_reaper      (expires sessions, zeroes nonces)
-        ├── serve_grpc                  (SignService; only after preload succeeded)
+        ├── TlsListener.run             (bounded TLS 1.3 handshakes, client CA from enclave.toml)
+        ├── serve_grpc                  (SignService behind TLS; only after preload succeeded)
+        ├── serve_grpc (public)         (h2c: Ping, GetStatus, GetAttestation only)
         └── run_sse_client              (gateway events through the parent relay)
+
+The measured configuration (``enclave.toml``, :mod:`trio_sign.enclave._measured`) is read by
+the command before the tree starts; its SHA-256 is in GetStatus and in every attestation
+document's binding, with the TLS key's SPKI as the document's ``public_key`` (DESIGN §9-10).
 
 Development (:func:`serve_dev_enclave`): a plaintext share file instead of the NSM, the
 preload and the PCR; a :class:`ParentLink` without channels unless asked to report.
@@ -55,6 +61,8 @@ from ..nitro import (
     NsmLike,
     seed_entropy,
 )
+from ..nitro._binding import NO_DELTAS, Binding, encode_binding
+from ..nitro._local_nsm import local_pcrs
 from ..rpc import GrpcServer, serve_grpc
 from ..shares import ShareStore
 from ..sse import (
@@ -65,7 +73,14 @@ from ..sse import (
     parse_events_url,
     run_sse_client,
 )
-from ..transport import TransportError, connect, open_listeners
+from ..transport import (
+    ServerIdentity,
+    TlsListener,
+    TransportError,
+    connect,
+    open_listeners,
+    self_signed_server_context,
+)
 from ._config import EnclaveConfig
 from ._exit import EnclaveExit, ExitCode
 from ._lifecycle import EnclaveEvent
@@ -93,10 +108,14 @@ class EnclaveHandle:
 
     Attributes:
         service: the SignService (its pool, its metrics).
-        server: the gRPC server.
+        server: the gRPC server of the full API (behind TLS when ``tls`` is not None).
         addresses: where the gRPC server listens, as address URLs.
         sse: the SSE subscription's status, or None without one.
         link: the :class:`ParentLink` (read ``link.state`` for the lifecycle).
+        tls: the TLS listener in front of ``server`` (its handshake counters), or None (h2c).
+        identity: the per-boot TLS identity (its SPKI is what attestations bind), or None.
+        public_server: the public h2c server (Ping, GetStatus, GetAttestation), or None.
+        public_addresses: where it listens, as address URLs.
     """
 
     def __init__(
@@ -107,12 +126,21 @@ class EnclaveHandle:
         config: EnclaveConfig,
         sse: SseClientStatus | None,
         link: ParentLink,
+        *,
+        tls: TlsListener | None = None,
+        identity: ServerIdentity | None = None,
+        public_server: GrpcServer | None = None,
+        public_addresses: list[str] | None = None,
     ) -> None:
         self.service = service
         self.server = server
         self.addresses = addresses
         self.sse = sse
         self.link = link
+        self.tls = tls
+        self.identity = identity
+        self.public_server = public_server
+        self.public_addresses = public_addresses or []
         self._config = config
         self._stop = trio.Event()
 
@@ -142,7 +170,11 @@ class EnclaveHandle:
                     "drain grace over with sessions still open; their nonces are zeroed",
                     extra={"open_sessions": self.service.pool.open_sessions},
                 )
-            await self.server.drain(max(0.0, deadline - trio.current_time()))
+            remaining = max(0.0, deadline - trio.current_time())
+            async with trio.open_nursery() as servers:
+                servers.start_soon(self.server.drain, remaining)
+                if self.public_server is not None:
+                    servers.start_soon(self.public_server.drain, remaining)
         finally:
             self._stop.set()
 
@@ -187,10 +219,16 @@ async def _serve_loaded(
     preload_ms: int,
     attestor: Attestor | None = None,
     memory: MemoryWatermark | None = None,
+    identity: ServerIdentity | None = None,
 ) -> EnclaveHandle:
-    """Start the pool reaper, the gRPC server and the SSE client for a loaded store.
+    """Start the pool reaper, the gRPC servers and the SSE client for a loaded store.
 
-    The lifecycle becomes ``serving`` once the gRPC server listens and before the SSE client
+    With ``identity`` the full API is served behind a :class:`TlsListener` (bounded
+    handshakes, client certificates from the pinned CA); without it, plain h2c
+    (development). The public listener, if configured, serves ``Ping``, ``GetStatus`` and
+    ``GetAttestation`` only, in h2c.
+
+    The lifecycle becomes ``serving`` once the gRPC servers listen and before the SSE client
     starts: the gateway's ``drain`` event (``serving -> draining``) can only come after. The
     service's metrics go to the parent from then on.
     """
@@ -220,19 +258,23 @@ async def _serve_loaded(
         on_undrain=on_undrain,
         memory=memory,
         max_sign_request_bytes=config.max_sign_request_bytes,
+        config_sha256=config.measured.sha256,
     )
     await nursery.start(pool.run_reaper)
-    try:
-        listeners = await open_listeners(config.grpc_listen)
-    except TransportError as exc:
-        # The one-line reason an operator needs (the address, "Address already in use").
-        raise EnclaveExit(str(exc), code=ExitCode.SERVICE_FAILED, reason="listen") from exc
-    scheme = config.grpc_listen.split(":", 1)[0]
-    addresses = [_listener_url(listener, scheme) for listener in listeners]
+    listeners, addresses = await _listen(config.grpc_listen)
+    public: tuple[list[trio.SocketListener], list[str]] | None = None
+    if config.public_listen is not None:
+        public = await _listen(config.public_listen)
+    tls: TlsListener | None = None
+    served: list[trio.abc.Listener[trio.abc.Stream]] = list(listeners)
+    if identity is not None:
+        tls = TlsListener(listeners, identity.context, settings=config.tls_settings)
+        await nursery.start(tls.run)
+        served = [tls]
     server: GrpcServer = await nursery.start(
         functools.partial(
             serve_grpc,
-            listeners,
+            served,
             service.handlers(),
             limits=config.grpc_limits,
             method_limits=service.receive_limits(),
@@ -240,6 +282,19 @@ async def _serve_loaded(
         )
     )
     service.observe_server(server.stats)
+    public_server: GrpcServer | None = None
+    if public is not None:
+        public_server = await nursery.start(
+            functools.partial(
+                serve_grpc,
+                public[0],
+                service.public_handlers(),
+                limits=config.grpc_limits,
+                method_limits=service.receive_limits(),
+                max_receive_message_size=config.max_receive_message_size,
+            )
+        )
+        service.observe_server(public_server.stats)
     link.advance(
         EnclaveEvent.READY,
         accounts=store.accounts,
@@ -249,7 +304,61 @@ async def _serve_loaded(
     if link.metrics_source is None:
         link.metrics_source = service.metrics.snapshot
     sse = await _start_sse(nursery, config, service)
-    return EnclaveHandle(service, server, addresses, config, sse, link)
+    return EnclaveHandle(
+        service,
+        server,
+        addresses,
+        config,
+        sse,
+        link,
+        tls=tls,
+        identity=identity,
+        public_server=public_server,
+        public_addresses=None if public is None else public[1],
+    )
+
+
+async def _listen(url: str) -> tuple[list[trio.SocketListener], list[str]]:
+    """Bind ``url``; :class:`EnclaveExit` (``SERVICE_FAILED``, reason ``listen``) if it cannot."""
+    try:
+        listeners = await open_listeners(url)
+    except TransportError as exc:
+        # The one-line reason an operator needs (the address, "Address already in use").
+        raise EnclaveExit(str(exc), code=ExitCode.SERVICE_FAILED, reason="listen") from exc
+    scheme = url.split(":", 1)[0]
+    return listeners, [_listener_url(listener, scheme) for listener in listeners]
+
+
+def make_identity(config: EnclaveConfig) -> ServerIdentity | None:
+    """The per-boot TLS identity when ``config.tls`` (None otherwise).
+
+    Raises:
+        EnclaveExit: ``USAGE`` (reason ``config``) if the measured configuration pins no
+            gateway client CA (``[gateway] client_ca_pem``).
+    """
+    if not config.tls:
+        return None
+    ca = config.measured.client_ca_pem
+    if ca is None:
+        raise EnclaveExit(
+            f"TLS needs a gateway client CA: {config.measured.source} has no "
+            "[gateway] client_ca_pem",
+            code=ExitCode.USAGE,
+            reason="config",
+        )
+    identity = self_signed_server_context(ca)
+    log.info(
+        "TLS identity made for this boot",
+        extra={"spki_sha256": hashlib.sha256(identity.spki_der).hexdigest()},
+    )
+    return identity
+
+
+def binding_of(config: EnclaveConfig, fingerprint: bytes) -> bytes:
+    """The attestation ``user_data`` (DESIGN §4): shares, delta head, measured config."""
+    return encode_binding(
+        Binding(shares=fingerprint, deltas=NO_DELTAS, config=config.measured.sha256)
+    )
 
 
 @asynccontextmanager
@@ -351,14 +460,23 @@ async def serve_dev_enclave(
             "shares loaded",
             extra={"accounts": store.accounts, "load_ms": round(store.load_seconds * 1000)},
         )
+        identity = make_identity(config)
         async with trio.open_nursery() as nursery:
             handle = await _serve_loaded(
-                nursery, config, store, link, preload_ms=round(store.load_seconds * 1000)
+                nursery,
+                config,
+                store,
+                link,
+                preload_ms=round(store.load_seconds * 1000),
+                identity=identity,
             )
             log.info(
                 "enclave ready",
                 extra={
                     "grpc": ",".join(handle.addresses),
+                    "public": ",".join(handle.public_addresses),
+                    "tls": identity is not None,
+                    "config_sha256": config.measured.sha256.hex(),
                     "accounts": store.accounts,
                     "mode": "dev",
                     "boot_ms": round((time.monotonic() - started) * 1000),
@@ -374,13 +492,17 @@ async def serve_dev_enclave(
 # -- production ------------------------------------------------------------------------------
 
 
-def open_nsm(spec: str) -> NsmLike:
-    """``"device"`` -> ``/dev/nsm``; ``"local:DIR"`` -> the local NSM with its root in DIR."""
+def open_nsm(spec: str, *, config_sha256: bytes | None = None) -> NsmLike:
+    """``"device"`` -> ``/dev/nsm``; ``"local:DIR"`` -> the local NSM with its root in DIR,
+    reporting the local PCRs of this code and of the measured configuration whose SHA-256 is
+    ``config_sha256`` (:func:`trio_sign.nitro._local_nsm.local_pcrs`; default: the built-in
+    development configuration's)."""
     try:
         if spec == "device":
             return NsmDevice.open()
         if spec.startswith("local:"):
-            return LocalNsm.from_dir(spec.removeprefix("local:"), create=True)
+            pcrs = None if config_sha256 is None else local_pcrs(config_sha256)
+            return LocalNsm.from_dir(spec.removeprefix("local:"), create=True, pcrs=pcrs)
     except (OSError, NsmError) as exc:
         raise EnclaveExit(
             f"cannot open the NSM ({spec}): {exc}", code=ExitCode.NSM, reason="nsm_unavailable"
@@ -414,7 +536,10 @@ async def serve_enclave(
             await nursery.start(run_child_reaper)
         if bring_up_loopback():
             log.info("brought the loopback interface up")
-        device = nsm if nsm is not None else open_nsm(config.nsm)
+        identity = make_identity(config)
+        device = (
+            nsm if nsm is not None else open_nsm(config.nsm, config_sha256=config.measured.sha256)
+        )
         anv = AsyncNsm(device)
         if isinstance(device, NsmDevice):
             seeded = await trio.to_thread.run_sync(seed_entropy, device)
@@ -437,7 +562,9 @@ async def serve_enclave(
         stores.append(store)
         fingerprint = bytes.fromhex(report.sha256)
         pcr = await _lock_shares_pcr(anv, config.shares_pcr, fingerprint)
-        audit_doc = await anv.attestation(user_data=fingerprint)
+        binding = binding_of(config, fingerprint)
+        spki = None if identity is None else identity.spki_der
+        audit_doc = await anv.attestation(user_data=binding, public_key=spki)
         audit_log.info(
             "boot audit",
             extra={
@@ -449,12 +576,16 @@ async def serve_enclave(
                 "boot_ms": round((time.monotonic() - started) * 1000),
                 "shares_pcr": config.shares_pcr,
                 "shares_pcr_value": pcr.hex(),
+                "config_sha256": config.measured.sha256.hex(),
+                "config": config.measured.source,
                 "attestation_document_b64": base64.b64encode(audit_doc).decode(),
             },
         )
 
         async def attest(nonce: bytes) -> bytes:
-            return await anv.attestation(user_data=fingerprint, nonce=nonce or None)
+            # public_key: the TLS key of this boot, so a verifier can check that the
+            # connection it asked on ends here (DESIGN §10).
+            return await anv.attestation(user_data=binding, nonce=nonce or None, public_key=spki)
 
         handle = await _serve_loaded(
             nursery,
@@ -464,11 +595,15 @@ async def serve_enclave(
             preload_ms=report.preload_ms,
             attestor=attest,
             memory=watermark,
+            identity=identity,
         )
         log.info(
             "enclave ready",
             extra={
                 "grpc": ",".join(handle.addresses),
+                "public": ",".join(handle.public_addresses),
+                "tls": identity is not None,
+                "config_sha256": config.measured.sha256.hex(),
                 "accounts": report.accounts,
                 "shares_sha256": report.sha256,
                 "mode": "nitro" if config.nsm == "device" else "local",
@@ -635,6 +770,8 @@ async def _start_sse(
 
 __all__ = [
     "EnclaveHandle",
+    "binding_of",
+    "make_identity",
     "configure_gc_for_serving",
     "open_nsm",
     "serve_dev_enclave",

@@ -28,6 +28,7 @@ from .. import __version__
 from .._errors import ShareFileError
 from .._metrics import CounterChild, Registry
 from ..crypto import CIPHERSUITE
+from ..nitro._binding import NO_DELTAS
 from ..rpc import (
     CallContext,
     RpcError,
@@ -53,6 +54,8 @@ SERVICE = "/trio_sign.v1.SignService/"
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_ACCOUNT_ID_BYTES = 255
 MAX_NONCE_BYTES = 512
+#: The methods the public listener serves (DESIGN §10): health and attestation, nothing else.
+PUBLIC_METHODS: Final = ("Ping", "GetStatus", "GetAttestation")
 
 #: Largest Sign request message accepted by default (``max_sign_request_bytes``): room for a
 #: ``MAX_MESSAGE_BYTES`` message and well over a thousand commitments.
@@ -205,6 +208,8 @@ class SignService:
         attestation_burst: GetAttestation calls allowed at once after a quiet period.
         max_concurrent_attestations: NSM requests in flight at once; callers within the rate
             limit wait for a turn (bounded by their own deadline).
+        config_sha256: SHA-256 of the measured configuration file (32 bytes), reported by
+            GetStatus (``config_sha256``); None: reported empty.
 
     Raises:
         ValueError: a limit is not positive, or ``max_sign_request_bytes`` is too small.
@@ -233,6 +238,7 @@ class SignService:
         attestation_rate_per_s: float = DEFAULT_ATTESTATION_RATE_PER_S,
         attestation_burst: int = DEFAULT_ATTESTATION_BURST,
         max_concurrent_attestations: int = DEFAULT_MAX_CONCURRENT_ATTESTATIONS,
+        config_sha256: bytes | None = None,
     ) -> None:
         smallest = largest_sign_request_bytes(2)
         if max_sign_request_bytes < smallest:
@@ -255,6 +261,10 @@ class SignService:
         self.last_sse_probe = ""
         self.attestations_refused = 0
         self.memory = memory
+        self.config_sha256 = "" if config_sha256 is None else config_sha256.hex()
+        #: Delta bundles loaded and the head of their chain (DESIGN §12); none yet.
+        self.deltas = 0
+        self.deltas_head = NO_DELTAS.hex()
         self._on_drain = on_drain
         self._on_undrain = on_undrain
         self._drain_is_final = False
@@ -326,6 +336,12 @@ class SignService:
         }
         return {path: self._counted(path, handler) for path, handler in table.items()}
 
+    def public_handlers(self) -> dict[str, UnaryHandler]:
+        """The method table of the public (h2c) listener: ``Ping``, ``GetStatus`` and
+        ``GetAttestation`` only (DESIGN §10); the server answers UNIMPLEMENTED to the rest."""
+        table = self.handlers()
+        return {SERVICE + name: table[SERVICE + name] for name in PUBLIC_METHODS}
+
     def receive_limits(self) -> dict[str, int]:
         """The largest request message accepted per method, in bytes, keyed like
         :meth:`handlers`; the gRPC server refuses larger ones as the frames arrive."""
@@ -365,6 +381,9 @@ class SignService:
             ),
             last_sse_probe=self.last_sse_probe,
             version=__version__,
+            deltas=self.deltas,
+            deltas_head=self.deltas_head,
+            config_sha256=self.config_sha256,
         )
 
     async def get_attestation(

@@ -31,11 +31,11 @@ import json
 import os
 import secrets
 import threading
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any, Final
 
 import cbor2
@@ -68,10 +68,115 @@ _PATH_LENGTHS = {"regional": 2, "zonal": 1, "instance": 0}
 #: File names inside a :meth:`LocalNsm.from_dir` directory.
 ROOT_BUNDLE_FILE: Final = "local-nsm-root.key.pem"
 ROOT_CERT_FILE: Final = "local-nsm-root.pem"
-#: Default boot measurements of a non-debug local enclave (PCR0/1/2), so configs can pin them.
-DEFAULT_LOCAL_PCRS: Final[Mapping[int, bytes]] = MappingProxyType(
-    {i: hashlib.sha384(f"trio-sign local NSM PCR{i}".encode()).digest() for i in (0, 1, 2)}
-)
+#: PCR1 of a local enclave: a fixed stand-in for the kernel and boot ramdisk (there is none).
+LOCAL_KERNEL_PCR1: Final = hashlib.sha384(b"trio-sign local NSM PCR1").digest()
+#: PCR0 of a local enclave run from a source checkout (see :func:`local_image_digest`).
+SOURCE_TREE_PCR0: Final = hashlib.sha384(b"trio-sign local NSM PCR0").digest()
+
+
+def local_image_digest() -> bytes:
+    """PCR0 of a local enclave: the stand-in for an EIF's image measurement.
+
+    For an installed package (a wheel, the image): :func:`package_files_digest` of the
+    installed ``trio_sign`` and ``proto_min``, so any change to the code changes it. Run from a
+    source checkout (a ``.git`` above the package), whose files change under a running test
+    suite while one process pins and another boots: the fixed :data:`SOURCE_TREE_PCR0`.
+    """
+    import proto_min
+    import trio_sign
+
+    roots = [Path(p.__file__ or "").resolve().parent for p in (trio_sign, proto_min)]
+    if any((parent / ".git").exists() for parent in roots[0].parents):
+        return SOURCE_TREE_PCR0
+    return package_files_digest(roots)
+
+
+def package_files_digest(roots: list[Path]) -> bytes:
+    """SHA-384 over the files under ``roots``, in sorted order of their paths (each named
+    ``<root name>/<relative path>``, then its length and bytes; ``__pycache__`` left out)."""
+    digest = hashlib.sha384(b"trio-sign local image v1\0")
+    files: list[tuple[str, Path]] = []
+    for root in roots:
+        for path in root.rglob("*"):
+            if "__pycache__" in path.parts or path.suffix in (".pyc", ".pyo"):
+                continue
+            if path.is_file():
+                files.append((f"{root.name}/{path.relative_to(root).as_posix()}", path))
+    for name, path in sorted(files):
+        data = path.read_bytes()
+        encoded = name.encode()
+        digest.update(len(encoded).to_bytes(4, "big") + encoded)
+        digest.update(len(data).to_bytes(8, "big") + data)
+    return digest.digest()
+
+
+def local_pcrs(config_sha256: bytes, *, image_digest: bytes | None = None) -> dict[int, bytes]:
+    """The boot measurements (PCR0, PCR1, PCR2) of a local enclave running the measured
+    configuration whose file's SHA-256 is ``config_sha256`` (DESIGN §9).
+
+    PCR0 is :func:`local_image_digest` (the installed code), PCR1 :data:`LOCAL_KERNEL_PCR1`,
+    PCR2 ``SHA-384(PCR0 || SHA-256(config))``: a changed configuration file changes PCR2, a
+    changed installed package changes PCR0 and PCR2, and a KMS key policy or a parent that pins them
+    refuses the enclave. The local enclave's NSM reports exactly these
+    (``trio-sign enclave --nsm local:DIR --config FILE``).
+
+    Args:
+        config_sha256: SHA-256 of the configuration file's exact bytes (32 bytes).
+        image_digest: PCR0 if already computed (default: computed now).
+    """
+    if len(config_sha256) != 32:
+        raise ValueError("config_sha256 must be 32 bytes")
+    pcr0 = image_digest if image_digest is not None else local_image_digest()
+    pcr2 = hashlib.sha384(pcr0 + config_sha256).digest()
+    return {0: pcr0, 1: LOCAL_KERNEL_PCR1, 2: pcr2}
+
+
+def local_pcrs_for_config(path: str | os.PathLike[str]) -> dict[int, bytes]:
+    """:func:`local_pcrs` of the configuration file at ``path``: what tools pin (a
+    ``pcrs.json``, a kms-local key policy, parent.toml's ``[attestation]``) for a local enclave
+    started with ``--config path``.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    return local_pcrs(hashlib.sha256(Path(path).read_bytes()).digest())
+
+
+class _DefaultLocalPcrs(Mapping[int, bytes]):
+    """:func:`local_pcrs` of the built-in development configuration, computed on each read
+    (the code may change between two reads in a development tree; a pin taken just before a
+    launch matches the enclave it launches)."""
+
+    def __init__(self) -> None:
+        self._cached: tuple[float, dict[int, bytes]] | None = None
+
+    def _values(self) -> dict[int, bytes]:
+        from ..enclave._measured import DEVELOPMENT_CONFIG  # the enclave imports nitro first
+
+        # Reading the package's files takes ~10 ms: one read serves the reads of one second
+        # (``dict(DEFAULT_LOCAL_PCRS)`` reads three values).
+        now = time.monotonic()
+        if self._cached is None or now - self._cached[0] > 1.0:
+            self._cached = (now, local_pcrs(hashlib.sha256(DEVELOPMENT_CONFIG).digest()))
+        return self._cached[1]
+
+    def __getitem__(self, index: int) -> bytes:
+        return self._values()[index]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter((0, 1, 2))
+
+    def __len__(self) -> int:
+        return 3
+
+    def __repr__(self) -> str:
+        return "DEFAULT_LOCAL_PCRS(<local_pcrs of the development configuration>)"
+
+
+#: Boot measurements of a non-debug local enclave whose measured configuration is the built-in
+#: development one (``DEVELOPMENT_CONFIG``): what a :class:`LocalNsm` reports by default and
+#: what the local tools pin when no configuration file is given. Read lazily: ``dict(...)``.
+DEFAULT_LOCAL_PCRS: Final[Mapping[int, bytes]] = _DefaultLocalPcrs()
 
 Clock = Callable[[], datetime]
 

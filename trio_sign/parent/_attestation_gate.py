@@ -27,6 +27,7 @@ from google.protobuf.message import DecodeError
 from proto_min import sign_service_pb2 as pb
 
 from ..nitro import AttestationError, VerifiedAttestation, verify_attestation
+from ..nitro._binding import BindingError, decode_binding
 from ..rpc import GrpcProtocolError, RpcError, open_grpc_channel
 from ..transport import TransportError
 
@@ -64,8 +65,9 @@ class AttestationPolicy:
             a debug enclave's memory can be read by the parent.
         max_age_s: the document's timestamp must be within this many seconds of the check.
         check_timeout_s: bound on one whole check (connect, call, verify).
-        shares_sha256: when set (hex), the enclave's ``user_data`` must be exactly this
-            fingerprint of the sealed bundle: the enclave loaded the shares the parent served.
+        shares_sha256: when set (hex), the ``shares`` digest of the enclave's binding
+            (``user_data``, DESIGN §4) must be exactly this fingerprint of the sealed bundle:
+            the enclave loaded the shares the parent served.
     """
 
     root_pem: bytes | str
@@ -130,7 +132,7 @@ class AttestationGate:
         last_attestation: the last document that passed, verified, or None.
         last_failure: the reason code of the last failed check (None after a pass).
         last_checked: when the last check finished (from ``clock``), or None.
-        shares_sha256: hex of the ``user_data`` the enclave bound (its shares fingerprint)
+        shares_sha256: hex of the ``shares`` digest the enclave bound (its bundle fingerprint)
             in the last passing document, or None.
         checks: how many checks finished.
     """
@@ -223,14 +225,18 @@ class AttestationGate:
             )
         except AttestationError as exc:
             return (exc.reason, exc.message)
-        if policy.shares_sha256 is not None and (
-            verified.user_data is None or verified.user_data.hex() != policy.shares_sha256.lower()
-        ):
-            bound = "nothing" if verified.user_data is None else verified.user_data.hex()[:16]
-            return (
-                "shares_mismatch",
-                f"the enclave bound {bound}, expected shares_sha256 {policy.shares_sha256[:16]}",
-            )
+        if policy.shares_sha256 is not None:
+            # user_data is the binding map of DESIGN §4 (shares, deltas, config digests).
+            try:
+                bound = decode_binding(verified.user_data).shares.hex()
+            except BindingError as exc:
+                return ("shares_mismatch", f"the enclave bound no shares fingerprint: {exc}")
+            if bound != policy.shares_sha256.lower():
+                return (
+                    "shares_mismatch",
+                    f"the enclave bound {bound[:16]}, expected shares_sha256 "
+                    f"{policy.shares_sha256[:16]}",
+                )
         return verified
 
     def _pass(self, verified: VerifiedAttestation) -> None:
@@ -240,7 +246,10 @@ class AttestationGate:
         self._opened = trio.Event()
         self.last_attestation = verified
         self.last_failure = None
-        self.shares_sha256 = None if verified.user_data is None else verified.user_data.hex()
+        try:
+            self.shares_sha256 = decode_binding(verified.user_data).shares.hex()
+        except BindingError:
+            self.shares_sha256 = None
         log.log(
             logging.INFO if not was else logging.DEBUG,
             "enclave attestation verified; forwarding %s",

@@ -16,6 +16,9 @@ Every error names the key and says what is expected. Example (local development)
     backend = "local"                                    # "local" | "nitro-cli"
     nsm_dir = "demo-out/nsm"                             # local: the local NSM's root
     namespaces = "auto"                                  # local: "auto" | "always" | "never"
+    config = "enclave.toml"                              # local: the measured configuration the
+                                                         # local enclave runs (its PCRs follow it);
+                                                         # default: the built-in development one
     # nitro-cli: eif_path, cpu_count, memory_mib, cid
     launch_timeout_s = 120                               # nitro-cli run-enclave / process start
     preload_timeout_s = 300                              # the enclave's whole preload
@@ -104,6 +107,7 @@ class EnclaveLaunchConfig:
     # local
     nsm_dir: Path | None = None
     namespaces: str = "auto"
+    config: Path | None = None
     # nitro-cli
     eif_path: Path | None = None
     cpu_count: int = 2
@@ -292,6 +296,7 @@ def parse_parent_config(text: str, *, base: Path = Path(".")) -> ParentConfig:
             "grpc_port",
             "nsm_dir",
             "namespaces",
+            "config",
             "eif_path",
             "cpu_count",
             "memory_mib",
@@ -319,6 +324,7 @@ def parse_parent_config(text: str, *, base: Path = Path(".")) -> ParentConfig:
         start_timeout_s=_number(e, "enclave", "start_timeout_s", float, 60.0, low=0),
         nsm_dir=(base / e["nsm_dir"]) if "nsm_dir" in e else None,
         namespaces=_choice(e, "enclave", "namespaces", ("auto", "always", "never"), "auto"),
+        config=(base / _get(e, "enclave", "config", str, "")) if "config" in e else None,
         eif_path=(base / e["eif_path"]) if "eif_path" in e else None,
         cpu_count=_number(e, "enclave", "cpu_count", int, 2, low=1, low_inclusive=True),
         memory_mib=_number(e, "enclave", "memory_mib", int, 4096, low=64, low_inclusive=True),
@@ -329,6 +335,10 @@ def parse_parent_config(text: str, *, base: Path = Path(".")) -> ParentConfig:
         raise ConfigError('[enclave] nsm_dir is required with backend = "local"')
     if backend == "nitro-cli" and enclave.eif_path is None:
         raise ConfigError('[enclave] eif_path is required with backend = "nitro-cli"')
+    if backend == "nitro-cli" and enclave.config is not None:
+        raise ConfigError(
+            '[enclave] config is for backend = "local": an EIF carries its own enclave.toml'
+        )
 
     ingress = None
     i = _table(data, "ingress", required=False)
@@ -472,6 +482,13 @@ def preflight(config: ParentConfig) -> tuple[list[str], list[str]]:
         read(e.eif_path, "[enclave] eif_path")
     elif e.nsm_dir is not None:
         read(e.nsm_dir / "local-nsm-root.pem", "[enclave] nsm_dir")
+    if e.config is not None:
+        from ..enclave._measured import MeasuredConfigError, load_measured_config
+
+        try:
+            load_measured_config(e.config)
+        except MeasuredConfigError as exc:
+            problems.append(f"[enclave] config {exc}")
     if config.kms.mode == "dev-key":
         read(config.kms.dev_key, "[kms] dev_key")
     if config.ingress is not None:

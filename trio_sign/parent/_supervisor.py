@@ -76,6 +76,8 @@ log = logging.getLogger("trio_sign.parent")
 
 #: vsock ports the parent listens on for the enclave (CID 3 is the parent, from inside).
 PRELOAD_PORT, STATUS_PORT, LOG_PORT, SSE_PORT = 5000, 5001, 5002, 5003
+#: The enclave's public h2c port (Ping, GetStatus, GetAttestation; DESIGN §10).
+ENCLAVE_PUBLIC_PORT: Final = 50052
 #: Preload may take this much longer than the enclave's own preload_timeout_s (its start).
 PRELOAD_MARGIN_S: Final = 30.0
 #: How long the parent waits for the enclave's exit message once its process is gone.
@@ -113,6 +115,7 @@ class _Addresses:
             }
             self.enclave_side = dict(self.listen)
             self.enclave_grpc = f"unix://{run}/enclave-grpc.sock"
+            self.enclave_public = f"unix://{run}/enclave-public.sock"
         else:
             ports = {
                 "preload": PRELOAD_PORT,
@@ -123,6 +126,7 @@ class _Addresses:
             self.listen = {n: f"vsock://ANY:{p}" for n, p in ports.items()}
             self.enclave_side = {n: f"vsock://3:{p}" for n, p in ports.items()}
             self.enclave_grpc = f"vsock://{e.cid}:{e.grpc_port}"
+            self.enclave_public = f"vsock://{e.cid}:{ENCLAVE_PUBLIC_PORT}"
 
 
 async def fetch_bundle(source: str, work_dir: Path) -> Path:
@@ -182,7 +186,10 @@ def kms_preloader(config: ParentConfig, kms: RecipientKms) -> Preloader:
 
 def default_launcher(config: ParentConfig) -> Launcher:
     """``nitro-cli`` for ``backend = "nitro-cli"``; else the local enclave process, given the
-    addresses of its channels on the command line (as the EIF's are fixed vsock ports)."""
+    addresses of its channels on the command line (as the EIF's are fixed vsock ports) and its
+    measured configuration (``[enclave] config``; without one, the built-in development
+    configuration, written to ``work_dir/enclave.toml``, so the local PCRs are the
+    ``DEFAULT_LOCAL_PCRS``)."""
     e = config.enclave
     if e.backend == "nitro-cli":
         assert e.eif_path is not None
@@ -193,8 +200,12 @@ def default_launcher(config: ParentConfig) -> Launcher:
     args = [
         "--nsm",
         f"local:{e.nsm_dir}",
+        "--config",
+        str(_local_enclave_config(config)),
         "--grpc-listen",
         addresses.enclave_grpc,
+        "--public-listen",
+        addresses.enclave_public,
         "--preload-address",
         side["preload"],
         "--status-address",
@@ -211,6 +222,22 @@ def default_launcher(config: ParentConfig) -> Launcher:
     return LocalLauncher(
         args, use_namespaces=e.namespaces, log_path=config.bundle.work_dir / "enclave.stderr"
     )
+
+
+def _local_enclave_config(config: ParentConfig) -> Path:
+    """The measured configuration file the local enclave is started with."""
+    if config.enclave.config is not None:
+        return config.enclave.config
+    from ..enclave._measured import DEVELOPMENT_CONFIG
+
+    path = config.bundle.work_dir / "enclave.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(DEVELOPMENT_CONFIG)
+    log.warning(
+        "no [enclave] config: the local enclave runs the built-in development configuration",
+        extra={"config": str(path)},
+    )
+    return path
 
 
 #: How often the parent reads the enclave's GetStatus for /metrics (sessions, memory).

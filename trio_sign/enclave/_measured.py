@@ -1,0 +1,332 @@
+"""The measured configuration (DESIGN §9): one TOML file baked into the EIF, parsed strictly.
+
+``/etc/trio-sign/enclave.toml`` is part of the image, so it is measured (PCR2 on Nitro; the
+local NSM derives its PCRs from the image and this file, :func:`trio_sign.nitro.local_pcrs`).
+It holds what decides trust and bounds; nothing the parent sends can change it. Its SHA-256
+(of the exact bytes) is :attr:`MeasuredConfig.sha256`: ``GetStatus.config_sha256`` and the
+``config`` digest of every attestation document's binding (:mod:`trio_sign.nitro._binding`).
+
+Sections (anything else is refused, naming it)::
+
+    [gateway]
+    client_ca_pem = '''
+    -----BEGIN CERTIFICATE-----
+    ...
+    -----END CERTIFICATE-----
+    '''                              # the CA of the gateways' client certificates (inline, so
+                                     # the file's one hash covers it); required for TLS
+
+    [bundles]
+    signing_keys = ["<64 hex>", ...] # Ed25519 public keys whose signatures a base bundle may carry
+    delta_identity_key = "<64 hex>"  # optional: the enclave's delta identity key (public half)
+
+    [limits]                         # every key optional; defaults in docs/attested-channel.md
+    max_sessions = 10000
+    session_ttl_s = 60.0
+    ...
+
+``[approvers]`` and ``[policies]`` (issue 14) and ``[dkg]`` (issue 16) are reserved: refused
+until the code that enforces them exists, so a file can never claim a protection the enclave
+does not give.
+
+Where a command-line flag exists for a ``[limits]`` key (``--max-sessions``...), a flag that
+is given wins over the file: in the EIF the command line is the image's ``CMD``, measured into
+PCR0 just as this file is into PCR2, and it sets none of these.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import ssl
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from cryptography import x509
+
+from .._errors import TrioSignError
+from ..crypto._sodium import is_valid_point
+
+#: Where the EIF installs the file (``enclave_image/Dockerfile``); ``--config`` changes it.
+DEFAULT_CONFIG_PATH: Final = Path("/etc/trio-sign/enclave.toml")
+#: Largest configuration file read (a CA bundle and a few hundred keys fit many times over).
+MAX_CONFIG_BYTES: Final = 1024 * 1024
+#: Most bundle signing keys accepted.
+MAX_SIGNING_KEYS: Final = 64
+#: What ``--dev`` without ``--config`` runs with: no gateway CA (so no TLS), no bundle keys.
+DEVELOPMENT_CONFIG: Final = b"""\
+# trio-sign: the built-in DEVELOPMENT configuration (trio-sign enclave --dev without --config).
+# No gateway client CA (the gRPC port speaks plain h2c) and no bundle signing keys.
+# Never for production: the EIF installs its own /etc/trio-sign/enclave.toml.
+
+[limits]
+max_sessions = 10000
+session_ttl_s = 60.0
+"""
+
+#: Sections reserved for later work: refused with the issue that will add them.
+_RESERVED: Final = {
+    "approvers": "issue 14 (authorization inside the enclave)",
+    "policies": "issue 14 (authorization inside the enclave)",
+    "dkg": "issue 16 (key lifecycle inside the enclave)",
+}
+
+
+class MeasuredConfigError(TrioSignError):
+    """The measured configuration file was refused (one line naming the key; exit 2)."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+
+
+@dataclass(frozen=True, slots=True)
+class _Int:
+    minimum: int
+    maximum: int = 2**63 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class _Float:
+    minimum: float
+    exclusive: bool = True  # the minimum itself is refused
+    maximum: float = math.inf
+
+
+@dataclass(frozen=True, slots=True)
+class _Choice:
+    values: tuple[str, ...]
+
+
+#: ``[limits]``: key -> what it must be. Each is an :class:`~trio_sign.enclave.EnclaveConfig`
+#: field (``max_connections`` and ``idle_timeout_s`` are the gRPC server's, in ``grpc_limits``).
+LIMITS: Final[Mapping[str, _Int | _Float | _Choice]] = {
+    "max_sessions": _Int(1, 10_000_000),
+    "session_ttl_s": _Float(0.0),
+    "drain_grace_s": _Float(0.0, exclusive=False),
+    "max_sign_request_bytes": _Int(1, 64 * 1024 * 1024),
+    "max_connections": _Int(1, 1_000_000),
+    "idle_timeout_s": _Float(0.0),
+    "tls_handshake_timeout_s": _Float(0.0),
+    "max_tls_handshakes": _Int(1, 100_000),
+    "preload_timeout_s": _Float(0.0),
+    "verify_shares": _Choice(("lazy", "full")),
+    "memory_alarm_fraction": _Float(0.0, maximum=1.0),
+    "memory_hard_fraction": _Float(0.0, maximum=1.0),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class MeasuredConfig:
+    """A parsed ``enclave.toml``.
+
+    Attributes:
+        source: where it came from (a path, or ``"built-in development configuration"``).
+        sha256: SHA-256 of the file's exact bytes (32 bytes; ``.hex()`` for display).
+        client_ca_pem: the gateway client CA(s), PEM; None: no TLS possible (development).
+        signing_keys: the Ed25519 public keys (32 bytes each) a base bundle may be signed by.
+        delta_identity_key: the delta identity key's Ed25519 public key, or None.
+        limits: the ``[limits]`` keys the file sets (others keep their defaults).
+        development: the built-in development configuration (``--dev`` without ``--config``).
+    """
+
+    source: str
+    sha256: bytes
+    client_ca_pem: str | None = None
+    signing_keys: tuple[bytes, ...] = ()
+    delta_identity_key: bytes | None = None
+    limits: Mapping[str, int | float | str] = field(default_factory=dict)
+    development: bool = False
+
+    def __repr__(self) -> str:
+        return (
+            f"MeasuredConfig(source={self.source!r}, sha256={self.sha256.hex()}, "
+            f"client_ca={'yes' if self.client_ca_pem else 'no'}, "
+            f"signing_keys={len(self.signing_keys)}, limits={dict(self.limits)!r})"
+        )
+
+
+def load_measured_config(path: str | Path) -> MeasuredConfig:
+    """Read and parse the file at ``path`` (see :func:`parse_measured_config`).
+
+    Raises:
+        MeasuredConfigError: the file cannot be read, is too large, or is refused.
+    """
+    name = str(path)
+    try:
+        with Path(path).open("rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise MeasuredConfigError(
+            f"cannot read the measured configuration: {exc.strerror or exc} (--config FILE)",
+            path=name,
+        ) from exc
+    return parse_measured_config(data, source=name)
+
+
+def development_config() -> MeasuredConfig:
+    """The built-in development configuration (:data:`DEVELOPMENT_CONFIG`)."""
+    parsed = parse_measured_config(DEVELOPMENT_CONFIG, source="built-in development configuration")
+    return MeasuredConfig(
+        source=parsed.source,
+        sha256=parsed.sha256,
+        limits=parsed.limits,
+        development=True,
+    )
+
+
+def parse_measured_config(data: bytes, *, source: str = "enclave.toml") -> MeasuredConfig:
+    """Parse ``enclave.toml`` bytes strictly.
+
+    Unknown sections and keys, wrong types (a boolean is not a number), values out of range,
+    a CA that does not load or is not a CA, and keys that are not 64 hex digits of a valid
+    Ed25519 point are refused, each naming the key.
+
+    Raises:
+        MeasuredConfigError: what was wrong, in one line.
+    """
+    if len(data) > MAX_CONFIG_BYTES:
+        raise MeasuredConfigError(f"larger than {MAX_CONFIG_BYTES} bytes", path=source)
+    digest = hashlib.sha256(data).digest()
+    try:
+        text = data.decode("utf-8")
+        document = tomllib.loads(text)
+    except UnicodeDecodeError:
+        raise MeasuredConfigError("not UTF-8 text", path=source) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise MeasuredConfigError(f"not valid TOML: {exc}", path=source) from None
+
+    def fail(message: str) -> MeasuredConfigError:
+        return MeasuredConfigError(message, path=source)
+
+    for name, value in document.items():
+        if name in _RESERVED:
+            raise fail(f"[{name}] is not supported yet ({_RESERVED[name]})")
+        if name not in ("gateway", "bundles", "limits"):
+            raise fail(f"unknown section [{name}] (known: [gateway], [bundles], [limits])")
+        if not isinstance(value, dict):
+            raise fail(f"{name} must be a table ([{name}])")
+    gateway = document.get("gateway", {})
+    bundles = document.get("bundles", {})
+    limits = document.get("limits", {})
+    _known_keys(gateway, "gateway", ("client_ca_pem",), fail)
+    _known_keys(bundles, "bundles", ("signing_keys", "delta_identity_key"), fail)
+    _known_keys(limits, "limits", tuple(LIMITS), fail)
+
+    client_ca = gateway.get("client_ca_pem")
+    if client_ca is not None:
+        client_ca = _check_ca(client_ca, fail)
+    keys: list[bytes] = []
+    raw_keys = bundles.get("signing_keys", [])
+    if not isinstance(raw_keys, list):
+        raise fail("[bundles] signing_keys must be a list of hex Ed25519 public keys")
+    if len(raw_keys) > MAX_SIGNING_KEYS:
+        raise fail(f"[bundles] signing_keys has more than {MAX_SIGNING_KEYS} keys")
+    for i, value in enumerate(raw_keys):
+        key = _ed25519_key(value, f"[bundles] signing_keys[{i}]", fail)
+        if key in keys:
+            raise fail(f"[bundles] signing_keys[{i}] repeats an earlier key")
+        keys.append(key)
+    identity = bundles.get("delta_identity_key")
+    delta_key = (
+        None if identity is None else _ed25519_key(identity, "[bundles] delta_identity_key", fail)
+    )
+    checked: dict[str, int | float | str] = {}
+    for name, value in limits.items():
+        checked[name] = _check_limit(name, value, fail)
+    alarm = checked.get("memory_alarm_fraction")
+    hard = checked.get("memory_hard_fraction")
+    if isinstance(alarm, float) and isinstance(hard, float) and alarm >= hard:
+        raise fail("[limits] memory_alarm_fraction must be below memory_hard_fraction")
+    return MeasuredConfig(
+        source=source,
+        sha256=digest,
+        client_ca_pem=client_ca,
+        signing_keys=tuple(keys),
+        delta_identity_key=delta_key,
+        limits=checked,
+    )
+
+
+def _known_keys(table: Mapping[str, Any], section: str, known: tuple[str, ...], fail: Any) -> None:
+    for key in table:
+        if key not in known:
+            raise fail(f"unknown key {key!r} in [{section}] (known: {', '.join(known)})")
+
+
+def _check_ca(value: object, fail: Any) -> str:
+    where = "[gateway] client_ca_pem"
+    if not isinstance(value, str) or "-----BEGIN CERTIFICATE-----" not in value:
+        raise fail(f"{where} must be PEM text (-----BEGIN CERTIFICATE----- ...)")
+    try:
+        certificates = x509.load_pem_x509_certificates(value.encode())
+    except ValueError as exc:
+        raise fail(f"{where} is not a PEM certificate: {exc}") from None
+    for cert in certificates:
+        try:
+            constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        except x509.ExtensionNotFound:
+            constraints = None
+        if constraints is None or not constraints.ca:
+            raise fail(
+                f"{where}: {cert.subject.rfc4514_string() or 'a certificate'} is not a CA "
+                "(basicConstraints CA:TRUE)"
+            )
+    try:  # what the TLS server will do with it
+        ssl.create_default_context(cadata=value)
+    except ssl.SSLError as exc:
+        raise fail(f"{where} does not load as a CA: {exc.reason or exc}") from None
+    return value
+
+
+def _ed25519_key(value: object, where: str, fail: Any) -> bytes:
+    if not isinstance(value, str) or len(value) != 64:
+        raise fail(f"{where} must be 64 hex digits (an Ed25519 public key)")
+    try:
+        key = bytes.fromhex(value)
+    except ValueError:
+        raise fail(f"{where} must be 64 hex digits (an Ed25519 public key)") from None
+    if not is_valid_point(key):
+        raise fail(f"{where} is not a valid Ed25519 public key")
+    return key
+
+
+def _check_limit(name: str, value: object, fail: Any) -> int | float | str:
+    rule = LIMITS[name]
+    where = f"[limits] {name}"
+    if isinstance(rule, _Choice):
+        if not isinstance(value, str) or value not in rule.values:
+            raise fail(f"{where} must be one of {', '.join(repr(v) for v in rule.values)}")
+        return value
+    if isinstance(rule, _Int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail(f"{where} must be an integer")
+        if not rule.minimum <= value <= rule.maximum:
+            raise fail(f"{where} must be in {rule.minimum}..{rule.maximum}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise fail(f"{where} must be a number")
+    number = float(value)
+    low_ok = number > rule.minimum if rule.exclusive else number >= rule.minimum
+    if not math.isfinite(number) or not low_ok or number > rule.maximum:
+        bound = ">" if rule.exclusive else ">="
+        top = "" if math.isinf(rule.maximum) else f" and <= {rule.maximum:g}"
+        raise fail(f"{where} must be {bound} {rule.minimum:g}{top}")
+    return number
+
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "DEVELOPMENT_CONFIG",
+    "LIMITS",
+    "MeasuredConfig",
+    "MeasuredConfigError",
+    "development_config",
+    "load_measured_config",
+    "parse_measured_config",
+]
