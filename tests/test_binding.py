@@ -57,6 +57,7 @@ def test_the_exact_bytes() -> None:
         # the right map, not in canonical key order
         cbor2.dumps({"shares": b"\x01" * 32, "deltas": NO_DELTAS, "config": b"\x02" * 32}),
         b"\xff" * 40,
+        cbor2.dumps({1: b"\x01" * 32, "deltas": NO_DELTAS, "config": b"\x02" * 32}),
     ],
 )
 def test_anything_else_is_refused(user_data: bytes | None) -> None:

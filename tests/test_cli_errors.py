@@ -95,6 +95,8 @@ token = "{TOKEN}"
 listen = "tcp://127.0.0.1:0"
 [shares]
 participant_files = ["{participant}"]
+[dev]
+skip_attestation = true
 [[node]]
 id = "node-1"
 address = "tcp://127.0.0.1:9"

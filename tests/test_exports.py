@@ -9,6 +9,7 @@ import pytest
 PACKAGES = [
     "trio_sign",
     "trio_sign.crypto",
+    "trio_sign.attested",
     "trio_sign.enclave",
     "trio_sign.gateway",
     "trio_sign.kms",

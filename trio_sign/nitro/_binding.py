@@ -69,7 +69,7 @@ def decode_binding(user_data: bytes | None) -> Binding:
         value = cbor2.loads(user_data)
     except (cbor2.CBORDecodeError, ValueError, TypeError) as exc:
         raise BindingError(f"user_data is not CBOR: {exc}") from None
-    if not isinstance(value, dict) or sorted(value) != sorted(_KEYS):
+    if not isinstance(value, dict) or set(value) != set(_KEYS):
         raise BindingError(f"user_data must be a map with exactly the keys {', '.join(_KEYS)}")
     try:
         binding = Binding(shares=value["shares"], deltas=value["deltas"], config=value["config"])
