@@ -18,10 +18,18 @@ from ._sealed import SealedDecoder as SealedDecoder
 from ._sealed import SealedEncoder as SealedEncoder
 from ._sealed import SealResult as SealResult
 from ._sealed import encode_bundle as encode_bundle
+from ._sealed import inspect_sealed as inspect_sealed
 from ._sealed import read_sealed as read_sealed
 from ._sealed import read_sealed_header as read_sealed_header
 from ._sealed import reseal as reseal
 from ._sealed import seal_file as seal_file
+from ._sealed import sign_bundle as sign_bundle
+from ._signature import BundleSignature as BundleSignature
+from ._signature import BundleSigner as BundleSigner
+from ._signature import BundleTrust as BundleTrust
+from ._signature import CeremonyKey as CeremonyKey
+from ._signature import SigningError as SigningError
+from ._signature import verify_digest as verify_digest
 from ._store import AccountShare as AccountShare
 from ._store import SealedLoader as SealedLoader
 from ._store import ShareStore as ShareStore
@@ -30,6 +38,10 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "MAX_LINE_BYTES",
     "AccountShare",
+    "BundleSignature",
+    "BundleSigner",
+    "BundleTrust",
+    "CeremonyKey",
     "ChunkDecrypted",
     "DataKeyProvider",
     "DevKeyFile",
@@ -43,13 +55,17 @@ __all__ = [
     "SealedLoader",
     "ShareRecord",
     "ShareStore",
+    "SigningError",
     "encode_bundle",
     "inspect_plaintext",
+    "inspect_sealed",
     "read_plaintext",
     "read_sealed",
     "read_sealed_header",
     "reseal",
     "seal_file",
+    "sign_bundle",
+    "verify_digest",
     "write_plaintext",
     "write_plaintext_file",
 ]

@@ -5,6 +5,12 @@ Layout::
     b"TSSEALv1" ‖ u32be header_len ‖ header (canonical JSON, <= 64 KiB)
     ‖ secretstream header (24 bytes)
     ‖ chunk* where chunk = u32be ct_len ‖ secretstream ciphertext
+    [‖ signature record (104 bytes)]
+
+Everything up to the end of the FINAL chunk is the bundle's **body**; its SHA-256 is the
+bundle's fingerprint. The optional signature record after it (DESIGN §12,
+:mod:`trio_sign.shares._signature`) is an Ed25519 signature over that fingerprint and names
+its key; it is not part of the fingerprint, so re-signing a bundle does not change it.
 
 The secretstream is XChaCha20-Poly1305 (libsodium ``crypto_secretstream``) under a fresh data
 key wrapped by a :class:`~trio_sign.shares._keywrap.DataKeyProvider`. The associated data of
@@ -18,7 +24,8 @@ carries ``TAG_FINAL``, the others ``TAG_MESSAGE``; zero accounts is a single emp
 ``ShareFileError.reason`` codes raised here: ``bad_magic``, ``bad_header``, ``truncated`` (also
 a header whose counts cannot fit in the bundle's size, when the size is known up front),
 ``tampered`` (a reordered chunk is indistinguishable from a tampered one and is reported as
-``tampered`` at its position), ``trailing_data``, ``count_mismatch``, ``chunk_too_large``,
+``tampered`` at its position), ``trailing_data`` (bytes after the FINAL chunk that cannot be a
+signature record), ``bad_signature_record``, ``count_mismatch``, ``chunk_too_large``,
 ``bad_record`` (a chunk does not end on a record boundary), ``output_exists`` and
 ``input_changed`` (:func:`seal_file`), and every record-level code of
 :mod:`trio_sign.shares._records` with the 1-based record number.
@@ -30,6 +37,7 @@ import base64
 import binascii
 import contextlib
 import hashlib
+import io
 import json
 import os
 import struct
@@ -54,6 +62,15 @@ from ._records import (
     check_scalars,
     check_threshold,
     record_error,
+)
+from ._signature import (
+    KIND_BASE,
+    KINDS,
+    SIGNATURE_MAGIC,
+    SIGNATURE_RECORD_BYTES,
+    BundleSignature,
+    BundleSigner,
+    sign_bundle_digest,
 )
 
 MAGIC: Final = b"TSSEALv1"
@@ -91,6 +108,8 @@ _HEADER_FIELDS: Final = frozenset(
         "chunks",
     }
 )
+#: Header fields a reader accepts but does not require (bundles sealed before they existed).
+_OPTIONAL_FIELDS: Final = frozenset({"kind"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,7 +131,7 @@ def check_sealed_header(header: Any) -> dict[str, Any]:
     missing = sorted(_HEADER_FIELDS - set(header))
     if missing:
         raise _header_error(f"missing field {missing[0]!r}")
-    extra = sorted(set(header) - _HEADER_FIELDS)
+    extra = sorted(set(header) - _HEADER_FIELDS - _OPTIONAL_FIELDS)
     if extra:
         raise _header_error(f"unknown field {extra[0]!r}")
     if header["format"] != SEALED_FORMAT:
@@ -123,6 +142,8 @@ def check_sealed_header(header: Any) -> dict[str, Any]:
         raise _header_error(f"ciphersuite must be {CIPHERSUITE!r}")
     if header["record_format"] != RECORD_FORMAT:
         raise _header_error(f"record_format must be {RECORD_FORMAT!r}")
+    if "kind" in header and header["kind"] not in KINDS:
+        raise _header_error(f"kind must be one of {', '.join(KINDS)}")
     for name in ("key_provider", "kms_key_id", "encrypted_data_key"):
         if not isinstance(header[name], str) or not header[name]:
             raise _header_error(f"{name} must be a non-empty string")
@@ -199,11 +220,13 @@ def build_header(
     chunk_size: int,
     accounts: int,
     chunks: int,
+    kind: str = KIND_BASE,
 ) -> dict[str, Any]:
-    """A sealed header (validated)."""
+    """A sealed header (validated); ``kind`` is ``base`` (a ceremony) or ``delta`` (§13)."""
     return check_sealed_header(
         {
             "format": SEALED_FORMAT,
+            "kind": kind,
             "version": SEALED_VERSION,
             "ciphersuite": CIPHERSUITE,
             "record_format": RECORD_FORMAT,
@@ -401,11 +424,22 @@ class ChunkDecrypted:
 
 @dataclass(frozen=True, slots=True)
 class EndOfBundle:
-    """The FINAL chunk was followed by end of file; ``sha256_hex`` covers every byte."""
+    """The bundle ended after its FINAL chunk (and its signature record, if any).
+
+    ``sha256_hex`` is the fingerprint: the SHA-256 of the body (every byte up to the end of
+    the FINAL chunk; the whole file of an unsigned bundle). ``signature`` is the record that
+    followed, parsed but not verified (:class:`~trio_sign.shares.BundleTrust` does that).
+    """
 
     accounts: int
     chunks: int
     sha256_hex: str
+    signature: BundleSignature | None = None
+
+    @property
+    def digest(self) -> bytes:
+        """The fingerprint as 32 bytes (what the signature signs)."""
+        return bytes.fromhex(self.sha256_hex)
 
 
 Event = HeaderReceived | ChunkDecrypted | EndOfBundle
@@ -429,7 +463,8 @@ class SealedDecoder:
 
     Error handling:
         Raises ``ShareFileError`` (reason ``bad_magic``, ``bad_header``, ``truncated``,
-        ``tampered``, ``trailing_data``, ``count_mismatch``, ``chunk_too_large``). After an error
+        ``tampered``, ``trailing_data``, ``bad_signature_record``, ``count_mismatch``,
+        ``chunk_too_large``). After an error
         the decoder is closed and re-raises the same error. A call that raises returns no
         events: every chunk it had decrypted before the error is zeroed first.
     """
@@ -463,9 +498,11 @@ class SealedDecoder:
         """Feed more bytes; ``b""`` just resumes processing of buffered bytes."""
         self._check_usable()
         if data:
-            self._sha.update(data)
             if self._state == _DONE:
-                self._fail(ShareFileError("bytes follow the FINAL chunk", reason="trailing_data"))
+                head = (bytes(self._buf) + bytes(data[: len(SIGNATURE_MAGIC)]))[:8]
+                error = _after_final_error(head, len(self._buf) + len(data))
+                if error is not None:
+                    self._fail(error)
             self._buf += data
         return self._run(self._process)
 
@@ -575,15 +612,18 @@ class SealedDecoder:
                             self._pull.close()
                             self._pull = None
                 elif self._state == _DONE:
-                    if avail:
-                        raise ShareFileError(
-                            f"{avail} bytes follow the FINAL chunk", reason="trailing_data"
-                        )
+                    # The signature record waits in the buffer (unhashed) for end of file.
+                    error = _after_final_error(bytes(buf[pos : pos + 8]), avail)
+                    if error is not None:
+                        raise error
                     return
                 else:  # pragma: no cover
                     raise InternalError(f"SealedDecoder in unexpected state {self._state}")
         finally:
             if pos:
+                # The fingerprint covers exactly the body bytes consumed here.
+                with memoryview(buf) as mv, mv[:pos] as body:
+                    self._sha.update(body)
                 del buf[:pos]
 
     def _parse_header(self, raw: bytes) -> dict[str, Any]:
@@ -657,8 +697,23 @@ class SealedDecoder:
         buffered = len(self._buf)
         if self._state == _DONE:
             assert self.header is not None
+            signature = None
+            if buffered:
+                if buffered != SIGNATURE_RECORD_BYTES:
+                    raise ShareFileError(
+                        f"the signature record after the FINAL chunk is cut short ({buffered} "
+                        f"of {SIGNATURE_RECORD_BYTES} bytes)",
+                        reason="bad_signature_record",
+                    )
+                signature = BundleSignature.decode(self._buf)
+                self._buf.clear()
             events.append(
-                EndOfBundle(self.header["accounts"], self.header["chunks"], self._sha.hexdigest())
+                EndOfBundle(
+                    self.header["accounts"],
+                    self.header["chunks"],
+                    self._sha.hexdigest(),
+                    signature,
+                )
             )
             self.close()
             return
@@ -675,6 +730,24 @@ class SealedDecoder:
             where = f"inside chunk {self._index}" if buffered else "before the FINAL chunk"
             msg = f"file ends {where}, after {self._index} of {self.header['chunks']} chunks"
         raise ShareFileError(msg, reason="truncated")
+
+
+def _after_final_error(head: bytes, total: int) -> ShareFileError | None:
+    """Only one signature record may follow the FINAL chunk: anything else is refused as soon
+    as it is seen (``head`` is its first bytes, ``total`` its length so far), so a parent that
+    streams garbage there is not buffered."""
+    if total > SIGNATURE_RECORD_BYTES:
+        return ShareFileError(
+            f"{total} bytes follow the FINAL chunk (a signature record is "
+            f"{SIGNATURE_RECORD_BYTES})",
+            reason="trailing_data",
+        )
+    if head != SIGNATURE_MAGIC[: len(head)]:
+        return ShareFileError(
+            "bytes follow the FINAL chunk that are not a signature record",
+            reason="trailing_data",
+        )
+    return None
 
 
 def zero_events(events: Iterable[Event]) -> None:
@@ -835,12 +908,14 @@ def _feed_with_key(
 
 @dataclass(frozen=True, slots=True)
 class SealResult:
-    """What :func:`seal_file` / :func:`reseal` wrote."""
+    """What :func:`seal_file` / :func:`reseal` wrote (``signer``: the signing key's public key,
+    None for an unsigned bundle)."""
 
     path: str
     accounts: int
     chunks: int
     sha256_hex: str
+    signer: bytes | None = None
 
     @property
     def sha256(self) -> str:
@@ -854,8 +929,16 @@ def read_sealed_header(fileobj: IO[bytes]) -> tuple[dict[str, Any], str]:
     Returns:
         ``(header, sha256_hex)``; the header's frame count and sizes were checked (and its
         counts against the file's size, when it has one), nothing was decrypted or
-        authenticated.
+        authenticated. ``sha256_hex`` is the fingerprint (the body, without the signature).
     """
+    header, end = inspect_sealed(fileobj)
+    return header, end.sha256_hex
+
+
+def inspect_sealed(fileobj: IO[bytes]) -> tuple[dict[str, Any], EndOfBundle]:
+    """Like :func:`read_sealed_header`, with the whole :class:`EndOfBundle`: the fingerprint
+    and the signature record (parsed, not verified; check it with ``BundleTrust`` or
+    ``BundleSignature.verifies(end.digest)``)."""
     decoder = SealedDecoder(decrypt=False, total_bytes=input_size(fileobj))
     header: dict[str, Any] | None = None
     while True:
@@ -866,7 +949,7 @@ def read_sealed_header(fileobj: IO[bytes]) -> tuple[dict[str, Any], str]:
                 header = ev.header
             elif isinstance(ev, EndOfBundle):
                 assert header is not None
-                return header, ev.sha256_hex
+                return header, ev
 
 
 def _check_output(dst: str, overwrite: bool) -> None:
@@ -899,6 +982,15 @@ class _HashingWriter:
             self.sha.update(data)
             self.out.write(data)
 
+    def sign(self, signer: BundleSigner | None) -> bytes | None:
+        """After the FINAL chunk: append the signature record over the body written so far
+        (not hashed: it is not part of the fingerprint). Returns the signer's public key."""
+        if signer is None:
+            return None
+        record = sign_bundle_digest(signer, self.sha.digest())
+        self.out.write(record.encode())
+        return record.public_key
+
 
 def seal_file(
     src: str | os.PathLike[str],
@@ -909,8 +1001,9 @@ def seal_file(
     encryption_context: Mapping[str, str] | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    signer: BundleSigner | None = None,
 ) -> SealResult:
-    """Seal a plaintext key-share file.
+    """Seal a plaintext key-share file into a ``base`` bundle, signed by ``signer`` if given.
 
     Two streaming passes: pass 1 validates every record fully and counts records and chunks,
     so nothing is written for a bad file; pass 2 encrypts, repeating the cheap checks but not
@@ -922,9 +1015,14 @@ def seal_file(
     ``progress(done, total)`` is called every 1024 records and at the end of each pass: with
     ``total == 0`` (unknown) during pass 1, then with the real total during pass 2.
 
+    ``signer`` signs the bundle's fingerprint (a ceremony key file or KMS ``Sign``); the
+    signature is checked against the signer's public key before the file is renamed into
+    place. Without one the bundle is unsigned, which only a development enclave loads.
+
     Error handling:
         ``ShareFileError`` for any defect in the input (with its line), ``output_exists`` if
-        ``dst`` exists and not ``overwrite``; ``KeyWrapError`` from the provider.
+        ``dst`` exists and not ``overwrite``; ``KeyWrapError`` from the provider;
+        ``SigningError`` (or the signer's own error) if signing fails: nothing is written.
     """
     src_s, dst_s = os.fspath(src), os.fspath(dst)
     _check_output(dst_s, overwrite)
@@ -960,11 +1058,12 @@ def seal_file(
                     reason="input_changed",
                 )
             w.write(encoder.finish())
+            signed_by = w.sign(signer)
     finally:
         encoder.close()
     if progress is not None:
         progress(total, total)
-    return SealResult(dst_s, planner.records, planner.chunks, w.sha.hexdigest())
+    return SealResult(dst_s, planner.records, planner.chunks, w.sha.hexdigest(), signed_by)
 
 
 def _new_encoder(
@@ -972,6 +1071,7 @@ def _new_encoder(
     planner: ChunkPlanner,
     chunk_size: int,
     encryption_context: Mapping[str, str] | None,
+    kind: str = KIND_BASE,
 ) -> SealedEncoder:
     """A fresh data key from ``provider``, the header for what ``planner`` counted, and the
     encoder (which keeps its own copy of the key: ours is zeroed here)."""
@@ -985,6 +1085,7 @@ def _new_encoder(
             chunk_size=chunk_size,
             accounts=planner.records,
             chunks=planner.chunks,
+            kind=kind,
         )
         return SealedEncoder(header, data_key)
     finally:
@@ -997,8 +1098,11 @@ def encode_bundle(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     encryption_context: Mapping[str, str] | None = None,
+    signer: BundleSigner | None = None,
+    kind: str = KIND_BASE,
 ) -> bytes:
-    """Seal ``records`` into bytes in memory, WITHOUT validating them (tests and tools).
+    """Seal ``records`` into bytes in memory, WITHOUT validating them (tests and tools),
+    signed by ``signer`` if given.
 
     Holds everything in memory; use :func:`seal_file` for real files.
     """
@@ -1006,11 +1110,28 @@ def encode_bundle(
     planner = ChunkPlanner(chunk_size)
     for rec in recs:
         planner.add(rec.binary_size())
-    encoder = _new_encoder(provider, planner, chunk_size, encryption_context)
-    parts = [encoder.start()]
-    parts.extend(encoder.add_record(rec) for rec in recs)
-    parts.append(encoder.finish())
-    return b"".join(parts)
+    encoder = _new_encoder(provider, planner, chunk_size, encryption_context, kind)
+    try:
+        parts = [encoder.start()]
+        parts.extend(encoder.add_record(rec) for rec in recs)
+        parts.append(encoder.finish())
+    finally:
+        encoder.close()
+    body = b"".join(parts)
+    if signer is None:
+        return body
+    return sign_bundle(body, signer)
+
+
+def sign_bundle(bundle: bytes, signer: BundleSigner) -> bytes:
+    """``bundle`` (signed or not) with its signature record replaced by one from ``signer``.
+
+    The fingerprint does not change: it covers the body, not the record. In memory; the
+    framing is walked (no key needed) to find where the body ends.
+    """
+    _, end = inspect_sealed(io.BytesIO(bundle))
+    body = bundle[: len(bundle) - (0 if end.signature is None else SIGNATURE_RECORD_BYTES)]
+    return body + sign_bundle_digest(signer, end.digest).encode()
 
 
 def reseal(
@@ -1020,12 +1141,18 @@ def reseal(
     new_provider: DataKeyProvider,
     *,
     overwrite: bool = False,
+    signer: BundleSigner | None = None,
 ) -> SealResult:
     """Re-encrypt a sealed bundle under a new data key wrapped by ``new_provider``.
 
     Chunks are decrypted and re-encrypted one at a time with the same boundaries (so the
     counts carry over); records are checked structurally (layout and count) but not
     re-validated, since the source is authenticated and was validated when sealed.
+
+    The result is a new body (a new data key, new ciphertext), so it has a new fingerprint and
+    the source's signature cannot carry over: it is signed afresh by ``signer``, or unsigned
+    without one. The source's ``kind`` is kept. The source's signature is not checked here
+    (the enclave checks what it loads); ``shares inspect`` shows it.
     """
     src_s, dst_s = os.fspath(src), os.fspath(dst)
     _check_output(dst_s, overwrite)
@@ -1065,6 +1192,7 @@ def reseal(
                 elif isinstance(ev, EndOfBundle):
                     assert decoder.header is not None
                     check_record_count(decoder.header, records)
+                    signed_by = w.sign(signer)
     finally:
         if feed is not None:
             feed.close()
@@ -1072,4 +1200,4 @@ def reseal(
         if encoder is not None:
             encoder.close()
     assert encoder is not None
-    return SealResult(dst_s, records, encoder.header["chunks"], w.sha.hexdigest())
+    return SealResult(dst_s, records, encoder.header["chunks"], w.sha.hexdigest(), signed_by)

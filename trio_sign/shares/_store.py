@@ -55,6 +55,7 @@ from ._sealed import (
     unwrap_data_key,
     zero_events,
 )
+from ._signature import BundleTrust
 
 Progress = Callable[[int, int], None]
 #: Called with the header's account count before any key is unwrapped or memory sized from
@@ -105,7 +106,9 @@ class ShareStore:
     boot. Plaintext loads always verify fully.
 
     Attributes:
-        fingerprint: SHA-256 (hex) of the sealed file's bytes, or None for plaintext loads.
+        fingerprint: SHA-256 (hex) of the sealed bundle's body (every byte but the signature
+            record; the whole file if unsigned), or None for plaintext loads.
+        signer: the Ed25519 public key that signed the bundle, or None (unsigned or plaintext).
         load_seconds: wall time the load took.
     """
 
@@ -119,6 +122,7 @@ class ShareStore:
         self._count = 0
         self._closed = False
         self.fingerprint: str | None = None
+        self.signer: bytes | None = None
         self.load_seconds = 0.0
 
     def __repr__(self) -> str:
@@ -136,6 +140,7 @@ class ShareStore:
         progress: Progress | None = None,
         verify: Literal["lazy", "full"] = "lazy",
         memory_check: MemoryCheck | None = None,
+        trust: BundleTrust | None = None,
     ) -> ShareStore:
         """Stream a sealed bundle into a new store (1 MiB reads, one chunk in clear at a time).
 
@@ -147,6 +152,7 @@ class ShareStore:
             verify: ``"lazy"`` (default) or ``"full"``; see the class docstring.
             memory_check: called with the header's account count before the data key is
                 unwrapped; raises to refuse a bundle that would not fit (as the enclave does).
+            trust: which signers to accept (see :class:`SealedLoader`); None checks none.
 
         Cancellation:
             Synchronous and CPU-bound (about 2.3 s per million accounts on a 2-core machine).
@@ -162,6 +168,7 @@ class ShareStore:
             progress=progress,
             total_bytes=input_size(fileobj),
             memory_check=memory_check,
+            trust=trust,
         )
         try:
             while data := fileobj.read(READ_SIZE):
@@ -421,11 +428,19 @@ class SealedLoader:
             it is refused (``truncated``) before the key is unwrapped.
         memory_check: called with the header's account count before the key is unwrapped;
             raises to refuse the bundle.
+        trust: the bundle's kind and the signers accepted (:class:`BundleTrust`); None (tools
+            that only read, tests) checks no signature. The enclave always passes one.
+
+    Signature check: the signature record comes after the FINAL chunk, so it is checked in
+    :meth:`finish`, before the store is returned. Until then nothing decrypted has left the
+    loader (the store is private to it); if the check fails, the store is zeroed and nothing
+    is loaded.
 
     Error handling:
         ``ShareFileError`` or ``KeyWrapError`` from :meth:`feed` or :meth:`finish` (or what
-        ``memory_check`` raises). The loader aborts itself first (the partial store and every
-        decrypted chunk are zeroed); :meth:`abort` is idempotent, so callers may still call it.
+        ``memory_check`` raises; :class:`BundleTrust`'s reasons from :meth:`finish`). The
+        loader aborts itself first (the partial store and every decrypted chunk are zeroed);
+        :meth:`abort` is idempotent, so callers may still call it.
         After an error the loader is unusable.
     """
 
@@ -438,6 +453,7 @@ class SealedLoader:
         progress: Progress | None = None,
         total_bytes: int | None = None,
         memory_check: MemoryCheck | None = None,
+        trust: BundleTrust | None = None,
     ) -> None:
         if verify not in ("lazy", "full"):
             raise ValueError("verify must be 'lazy' or 'full'")
@@ -450,6 +466,8 @@ class SealedLoader:
         self._full = verify == "full"
         self._progress = progress
         self._memory_check = memory_check
+        self._trust = trust
+        self._signer: bytes | None = None
         self._decoder = SealedDecoder(total_bytes=total_bytes)
         self._store: ShareStore | None = None
         self.header: dict[str, Any] | None = None
@@ -481,6 +499,7 @@ class SealedLoader:
         if store is None or self._fingerprint is None:  # pragma: no cover - eof raises first
             raise InternalError("sealed load ended without a bundle")
         store.fingerprint = self._fingerprint
+        store.signer = self._signer
         store.load_seconds = time.perf_counter() - self._t0
         self._store = None
         return store
@@ -520,6 +539,8 @@ class SealedLoader:
                         self._progress(self._store._count, self.header["accounts"])
                 elif isinstance(ev, HeaderReceived):
                     self.header = ev.header
+                    if self._trust is not None:
+                        self._trust.check_kind(ev.header)
                     if self._memory_check is not None:
                         self._memory_check(int(ev.header["accounts"]))
                     key = self._unwrap(ev.header)
@@ -532,6 +553,9 @@ class SealedLoader:
                     if self._store is None or self.header is None:  # pragma: no cover
                         raise InternalError("EndOfBundle before any chunk")
                     check_record_count(self.header, self._store._count)
+                    if self._trust is not None:
+                        self._trust.check(self.header, ev.digest, ev.signature)
+                    self._signer = None if ev.signature is None else ev.signature.public_key
                     self._fingerprint = ev.sha256_hex
         except BaseException:
             zero_events(events[i:])
