@@ -17,6 +17,27 @@ code    name                 meaning
                              bound (reason ``listen``), a listener or channel failed
 ======  ===================  =========================================================
 
+Reasons of ``PRELOAD_FAILED`` that say who made the bundle (DESIGN §12; outside development,
+:func:`trio_sign.enclave._preload.bundle_signing_keys`):
+
+============================  ================================================================
+reason                        meaning
+============================  ================================================================
+``bundle_unsigned``           the bundle carries no signature record, and signing keys are
+                              pinned (``[bundles] signing_keys``), or this is the Nitro NSM
+``bundle_signer_unknown``     signed by a key that is not pinned: a bundle someone else made
+                              (a hostile parent encrypting to the attestation's RSA key)
+``bundle_signature_invalid``  the record names a pinned key but its signature does not verify
+                              over the bundle's fingerprint (a tampered signature)
+``bundle_kind``               a ``delta`` bundle offered as the base
+``bad_signature_record``      bytes after the FINAL chunk that are not one whole record
+``identity_key_mismatch``     the delta identity key KMS released is not the public key
+                              pinned in ``[bundles] delta_identity_key``
+============================  ================================================================
+
+Each refusal is decided before anything decrypted is used: the store is zeroed and nothing is
+served.
+
 In every non-zero case the status channel's last state is ``failed`` with a stable reason,
 followed by ``exit`` with the code and the last log lines (the enclave's
 :class:`~trio_sign.enclave.ParentLink` gives these last words); then the process exits (in an

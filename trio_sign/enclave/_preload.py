@@ -18,16 +18,28 @@ CMS envelope KMS returns, so the parent never sees the data key. The parent is u
 wrong data key, a swapped or truncated bundle or a changed header all fail authentication in
 the sealed format, and a bad envelope fails here. The data key, the RSA key and every
 decrypted chunk are dropped or zeroed before this function returns, whatever happens.
+
+Authentication is not authorship: anyone can encrypt to the RSA key in the attestation
+document, so a hostile parent can skip KMS, wrap a data key of its own and stream a bundle it
+sealed itself, and it would decrypt. What stops it is the bundle's signature (DESIGN §12,
+:mod:`trio_sign.shares._signature`): the bundle must be signed by one of the keys pinned in the
+measured configuration (``[bundles] signing_keys``), which the parent does not hold. The
+signature record follows the FINAL chunk; it is checked when the bundle ends, before the
+store leaves the loader, and a refusal zeroes everything decrypted. Reasons:
+``bundle_unsigned``, ``bundle_signer_unknown``, ``bundle_signature_invalid``, ``bundle_kind``.
+An older bundle signed by a pinned key still loads here: rollback is stopped by the gateway,
+which pins each shard's fingerprint (DESIGN §10, §12).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -47,8 +59,12 @@ from ..nitro import (
     PreloadResultMessage,
     RecipientCiphertextMessage,
 )
-from ..shares import SealedLoader, ShareStore
+from ..shares import BundleTrust, SealedLoader, ShareStore
+from ._measured import DEVELOPMENT_CONFIG
 from ._memory import MemoryLimitError
+
+if TYPE_CHECKING:
+    from ._config import EnclaveConfig
 
 log = logging.getLogger("trio_sign.preload")
 
@@ -58,9 +74,11 @@ class PreloadError(TrioSignError):
 
     Attributes:
         reason: a stable code for the status channel: the underlying ``ShareFileError`` reason
-            (``tampered``, ``truncated``, ``duplicate_account``, ...), ``key_unwrap`` (the CMS
-            envelope or the data key was refused), ``memory`` (the bundle does not fit),
-            ``protocol`` (the parent broke the boot exchange) or ``timeout``.
+            (``tampered``, ``truncated``, ``duplicate_account``, ...; for the signature
+            ``bundle_unsigned``, ``bundle_signer_unknown``, ``bundle_signature_invalid``,
+            ``bundle_kind``, ``bad_signature_record``), ``key_unwrap`` (the CMS envelope or the
+            data key was refused), ``memory`` (the bundle does not fit), ``protocol`` (the
+            parent broke the boot exchange) or ``timeout``.
     """
 
     def __init__(self, message: str, *, reason: str) -> None:
@@ -77,10 +95,33 @@ class PreloadReport:
     attestation_document: bytes = field(repr=False)
     #: Where the parent says the gateway's events are (None: it did not say).
     events: EventsConfigMessage | None = None
+    #: The Ed25519 public key that signed the bundle (None: unsigned, development only).
+    signer: bytes | None = None
 
 
 #: Called with the header's account count before the store is allocated; raises to refuse.
 MemoryCheck = Callable[[int], None]
+
+_DEVELOPMENT_CONFIG_SHA256 = hashlib.sha256(DEVELOPMENT_CONFIG).digest()
+
+
+def bundle_signing_keys(config: EnclaveConfig) -> tuple[bytes, ...] | None:
+    """The keys a base bundle must be signed by for ``config``, or None (development).
+
+    The pinned ``[bundles] signing_keys`` of the measured configuration when it has any. A
+    configuration that pins none is development only where the NSM is the local stand-in
+    (whose attestations no real KMS accepts) or it is the built-in development
+    configuration: there an unsigned bundle loads, with a warning. On the Nitro NSM device a
+    configuration without keys accepts no bundle at all (``()``): production never falls
+    back to unsigned.
+    """
+    measured = config.measured
+    if measured.signing_keys:
+        return tuple(measured.signing_keys)
+    development = measured.development or measured.sha256 == _DEVELOPMENT_CONFIG_SHA256
+    if development or config.nsm != "device":
+        return None
+    return ()
 
 
 async def preload_shares(
@@ -90,8 +131,16 @@ async def preload_shares(
     verify: str = "lazy",
     memory_check: MemoryCheck | None = None,
     progress: Callable[[int, int], None] | None = None,
+    signing_keys: Sequence[bytes] | None = None,
 ) -> tuple[ShareStore, PreloadReport]:
     """Run the enclave side of the boot exchange and return the loaded store.
+
+    Args:
+        signing_keys: the Ed25519 public keys a base bundle must be signed by (the measured
+            configuration's ``[bundles] signing_keys``: :func:`bundle_signing_keys`); None is
+            development: an unsigned bundle is accepted with a warning (a signed one must
+            still verify). The signature is checked when the bundle ends, before the store
+            is returned; a refusal zeroes everything decrypted.
 
     Cancellation:
         Safe at every await (the caller's preload timeout lands here): the RSA key is closed,
@@ -141,7 +190,12 @@ async def preload_shares(
                 memory_check(int(header["accounts"]))
             return bytearray(data_key)  # the loader zeroes its copy
 
-        loader = SealedLoader(unwrap=unwrap, verify=verify, progress=progress)  # type: ignore[arg-type]
+        loader = SealedLoader(
+            unwrap=unwrap,
+            verify=verify,  # type: ignore[arg-type]
+            progress=progress,
+            trust=BundleTrust.pinned(signing_keys),
+        )
         received = 0
         while True:
             message = await channel.receive()
@@ -189,6 +243,7 @@ async def preload_shares(
         bundle_bytes=received,
         attestation_document=document,
         events=events,
+        signer=store.signer,
     )
     try:
         await channel.send(
@@ -209,6 +264,7 @@ async def preload_shares(
             "sha256": report.sha256,
             "preload_ms": report.preload_ms,
             "bundle_bytes": report.bundle_bytes,
+            "signer": "unsigned" if report.signer is None else report.signer.hex(),
         },
     )
     return store, report

@@ -94,7 +94,7 @@ from ._memory import (
 )
 from ._pid1 import bring_up_loopback, run_child_reaper
 from ._pool import SessionPool
-from ._preload import PreloadError, PreloadReport, preload_shares
+from ._preload import PreloadError, PreloadReport, bundle_signing_keys, preload_shares
 from ._service import Attestor, SignService
 
 log = logging.getLogger("trio_sign.enclave")
@@ -643,6 +643,7 @@ async def _preload(
                     nsm,
                     verify=config.verify_shares,
                     memory_check=memory_check,
+                    signing_keys=bundle_signing_keys(config),
                 )
             finally:
                 with trio.CancelScope(shield=True):
