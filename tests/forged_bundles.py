@@ -3,6 +3,7 @@ checks). Authentic: whoever holds the key can make them."""
 
 from __future__ import annotations
 
+import io
 import struct
 
 from trio_sign.crypto import _sodium, _stream
@@ -64,3 +65,23 @@ def forged_bundle(
     return raw_bundle(
         provider, [(packed(*records), _stream.TAG_FINAL)], accounts=accounts, chunk_size=chunk_size
     )
+
+
+def with_signature_record(bundle: bytes, public_key: bytes, signature: bytes) -> bytes:
+    """``bundle`` with its signature record (if any) replaced by one that says what a test
+    wants: any key, any 64 bytes (not checked here)."""
+    from trio_sign.shares import BundleSignature, inspect_sealed
+    from trio_sign.shares._signature import SIGNATURE_RECORD_BYTES
+
+    _, end = inspect_sealed(io.BytesIO(bundle))
+    body = bundle[: len(bundle) - (0 if end.signature is None else SIGNATURE_RECORD_BYTES)]
+    return body + BundleSignature(public_key, signature).encode()
+
+
+def unsigned(bundle: bytes) -> bytes:
+    """``bundle``'s body without its signature record (the fingerprint is unchanged)."""
+    from trio_sign.shares import inspect_sealed
+    from trio_sign.shares._signature import SIGNATURE_RECORD_BYTES
+
+    _, end = inspect_sealed(io.BytesIO(bundle))
+    return bundle[: len(bundle) - (0 if end.signature is None else SIGNATURE_RECORD_BYTES)]

@@ -119,10 +119,14 @@ def verify_digest(public_key: bytes, digest: bytes, signature: bytes) -> bool:
         or not _sodium.is_valid_point(public_key)
     ):
         return False
-    rc = lib.crypto_sign_verify_detached(
-        ffi.from_buffer(signature),
-        ffi.from_buffer(digest),
-        len(digest),
+    signed = bytes(signature) + bytes(digest)  # libsodium's combined form: sig ‖ message
+    out = bytearray(len(signed))
+    out_len = ffi.new("unsigned long long *")
+    rc = lib.crypto_sign_open(
+        ffi.from_buffer(out, require_writable=True),
+        out_len,
+        ffi.from_buffer(signed),
+        len(signed),
         ffi.from_buffer(public_key),
     )
     return bool(rc == 0)
@@ -371,15 +375,15 @@ class CeremonyKey:
 
     def sign_digest(self, digest: bytes) -> bytes:
         self._check_open()
-        sig = bytearray(SIGNATURE_BYTES)
-        lib.crypto_sign_detached(
-            ffi.from_buffer(sig, require_writable=True),
+        signed = bytearray(SIGNATURE_BYTES + len(digest))  # sig ‖ message (libsodium)
+        lib.crypto_sign(
+            ffi.from_buffer(signed, require_writable=True),
             ffi.NULL,
             ffi.from_buffer(digest),
             len(digest),
             ffi.from_buffer(self._sk),
         )
-        return bytes(sig)
+        return bytes(signed[:SIGNATURE_BYTES])
 
     def close(self) -> None:
         """Zero the secret key. Idempotent; later signing raises ``SigningError``."""
