@@ -49,11 +49,12 @@ from ..rpc import open_grpc_channel
 from ..shares import DevKeyFile
 from ..transport import connect, open_listeners
 from ._attestation_gate import AttestationGate, AttestationPolicy, run_attestation_gate
+from ._bundle_copy import BundleCopyError, copy_bundle
 from ._channels import StatusLink, serve_log_connection, serve_status_connection
 from ._config import ParentConfig, preflight
 from ._dev_kms import DevRecipientKms
 from ._health import ParentState, serve_health
-from ._ingress import make_server_ssl_context, serve_ingress
+from ._ingress import serve_ingress
 from ._launch import Launcher, LaunchError, LocalLauncher, NitroCliLauncher, RunningEnclave
 from ._lifecycle import (
     BundleUnavailable,
@@ -68,7 +69,14 @@ from ._lifecycle import (
     PreloadTimeout,
     StartTimeout,
 )
-from ._logs import CloudWatchSink, JsonLinesSink, LogForwarder, LogTail, cloudwatch_logs_client
+from ._logs import (
+    CloudWatchSink,
+    JsonLinesSink,
+    LogFileSink,
+    LogForwarder,
+    LogTail,
+    cloudwatch_logs_client,
+)
 from ._preload import RecipientKms, serve_preload
 from ._relay import serve_sse_relay
 
@@ -129,31 +137,6 @@ class _Addresses:
             self.enclave_public = f"vsock://{e.cid}:{ENCLAVE_PUBLIC_PORT}"
 
 
-async def fetch_bundle(source: str, work_dir: Path) -> Path:
-    """Copy the sealed bundle (ciphertext) into ``work_dir``: a local path, or ``s3://``."""
-    await trio.to_thread.run_sync(functools.partial(work_dir.mkdir, parents=True, exist_ok=True))
-    target = work_dir / "service_key_shares.json.enc"
-    if source.startswith("s3://"):
-        bucket, _, key = source.removeprefix("s3://").partition("/")
-        import boto3  # type: ignore[import-untyped]
-
-        def download() -> None:
-            boto3.client("s3").download_file(bucket, key, str(target))
-
-        await trio.to_thread.run_sync(download)
-    else:
-        src = Path(source)
-
-        def copy() -> None:
-            with src.open("rb") as f_in, target.open("wb") as f_out:
-                while chunk := f_in.read(1 << 20):
-                    f_out.write(chunk)
-
-        await trio.to_thread.run_sync(copy)
-    log.info("bundle fetched", extra={"source": source, "bytes": target.stat().st_size})
-    return target
-
-
 def recipient_kms(config: ParentConfig) -> RecipientKms:
     """The KMS the preload uses: AWS (or the local stand-in, by endpoint) or the dev key."""
     k = config.kms
@@ -187,9 +170,11 @@ def kms_preloader(config: ParentConfig, kms: RecipientKms) -> Preloader:
 def default_launcher(config: ParentConfig) -> Launcher:
     """``nitro-cli`` for ``backend = "nitro-cli"``; else the local enclave process, given the
     addresses of its channels on the command line (as the EIF's are fixed vsock ports) and its
-    measured configuration (``[enclave] config``; without one, the built-in development
-    configuration, written to ``work_dir/enclave.toml``, so the local PCRs are the
-    ``DEFAULT_LOCAL_PCRS``)."""
+    measured configuration (``[enclave] config``, as the EIF's is baked in): the local NSM
+    derives the enclave's PCRs from it (``trio_sign.nitro._local_nsm.local_pcrs_for_config``).
+    Without one, the built-in development configuration is written to
+    ``work_dir/enclave.toml``: its PCRs are ``DEFAULT_LOCAL_PCRS`` and its gateway CA is a
+    placeholder no client certificate chains to (the TLS port accepts no gateway)."""
     e = config.enclave
     if e.backend == "nitro-cli":
         assert e.eif_path is not None
@@ -234,7 +219,8 @@ def _local_enclave_config(config: ParentConfig) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(DEVELOPMENT_CONFIG)
     log.warning(
-        "no [enclave] config: the local enclave runs the built-in development configuration",
+        "no [enclave] config: the local enclave runs the built-in development configuration"
+        " (its TLS port accepts no gateway)",
         extra={"config": str(path)},
     )
     return path
@@ -330,7 +316,7 @@ class ParentSupervisor:
         self.addresses = _Addresses(config)
         self._launcher = launcher
         self._preloader = preloader
-        self._fetch_fn = fetch if fetch is not None else fetch_bundle
+        self._fetch_fn = fetch if fetch is not None else copy_bundle
         self.state = state if state is not None else ParentState()
         self.state.alerts.command = config.failure.alert_command
         self.state.ingress_required = config.ingress is not None
@@ -374,10 +360,10 @@ class ParentSupervisor:
 
     def _open_forwarder(self, files: contextlib.ExitStack) -> LogForwarder:
         config = self.config
-        stream: Any = (
-            sys.stdout
+        sink: JsonLinesSink | LogFileSink = (
+            JsonLinesSink(sys.stdout)
             if config.log_file is None
-            else files.enter_context(config.log_file.open("a"))
+            else files.enter_context(LogFileSink(config.log_file))
         )
         cloudwatch = None
         if config.cloudwatch_group is not None and config.cloudwatch_stream is not None:
@@ -388,11 +374,21 @@ class ParentSupervisor:
                 log_stream=config.cloudwatch_stream,
             )
             self.state.cloudwatch = cloudwatch.stats
+        alerts = self.state.alerts
+        where = "stdout" if config.log_file is None else str(config.log_file)
+
+        def write_failed(exc: OSError) -> None:  # once per streak of failures; never blocks
+            alerts.raise_alert(
+                "log_write_failed",
+                f"cannot write the enclave's log lines to {where}: {exc.strerror or exc}",
+            )
+
         forwarder = LogForwarder(
-            sinks=[JsonLinesSink(stream)],
+            sinks=[sink],
             cloudwatch=cloudwatch,
             tail=LogTail(),
             stats=self.state.logs,
+            on_write_error=write_failed,
         )
         self.state.tail = forwarder.tail
         return forwarder
@@ -538,7 +534,7 @@ class ParentSupervisor:
         nursery.start_soon(
             _poll_enclave_status,
             self.state,
-            functools.partial(connect, self.addresses.enclave_grpc),
+            functools.partial(connect, self.addresses.enclave_public),
         )
         await stop.wait()  # the enclave's exit ends this run through _watch_exit instead
         lifecycle.advance(ParentPhase.DRAINING)
@@ -556,6 +552,10 @@ class ParentSupervisor:
                 return await self._fetch_fn(b.source, b.work_dir)
             except ParentExit:
                 raise
+            except BundleCopyError as exc:
+                if exc.alert == "config":
+                    raise ConfigProblem(str(exc)) from exc
+                raise BundleUnavailable(str(exc)) from exc
             except Exception as exc:  # OSError, botocore's errors: the copy failed
                 detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
                 raise BundleUnavailable(f"cannot copy the bundle {b.source}: {detail}") from exc
@@ -671,7 +671,9 @@ class ParentSupervisor:
                 max_age_s=a.max_age_s,
                 shares_sha256=shares_sha256,
             ),
-            functools.partial(connect, self.addresses.enclave_grpc),
+            # The public port (h2c: Ping, GetStatus, GetAttestation): the gRPC port's TLS ends
+            # inside the enclave and takes gateway certificates only.
+            functools.partial(connect, self.addresses.enclave_public),
             on_alert=lambda reason, message: alerts.raise_alert(
                 "attestation_failed", f"{reason}: {message}"
             ),
@@ -692,18 +694,11 @@ class ParentSupervisor:
         if i is None or gate is None:
             return
         try:
-            ctx = make_server_ssl_context(
-                i.cert.read_bytes(), i.key.read_bytes(), i.client_ca.read_bytes()
-            )
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigProblem(f"[ingress] TLS material does not load: {exc}") from exc
-        try:
             await nursery.start(
                 functools.partial(
                     serve_ingress,
                     i.listen,
                     self.addresses.enclave_grpc,
-                    ctx,
                     gate,
                     settings=i.settings,
                     observer=self.state,
