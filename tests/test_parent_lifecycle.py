@@ -513,3 +513,47 @@ def test_alert_codes_are_documented_and_checked() -> None:
     assert {"enclave_killed", "enclave_exited", "preload_timeout", "config"} <= set(ALERTS)
     with pytest.raises(ValueError, match="unknown alert code"):
         ParentExit("x", alert="no_such_alert")
+
+
+# -- the log file: logrotate and a full disk ---------------------------------------------------
+
+
+def test_sighup_reopens_the_log_file_and_a_full_disk_is_one_alert(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parent's log file follows logrotate (``reopen_logs``, which SIGHUP calls), and a
+    write that fails (ENOSPC) is the ``log_write_failed`` alert, once per streak, with the
+    lines counted as dropped."""
+    import contextlib
+    import errno
+    import json
+    import os
+
+    from trio_sign.nitro import LogMessage
+
+    log_file = tmp_path / "enclave.jsonl"
+    config = make_config(tmp_path, extra=f'[logs]\nfile = "{log_file}"')
+    supervisor = ParentSupervisor(config)
+    with contextlib.ExitStack() as files:
+        forwarder = supervisor._open_forwarder(files)
+        supervisor.forwarder = forwarder
+        forwarder.on_message(LogMessage(json.dumps({"msg": "before rotation"})))
+        log_file.rename(tmp_path / "enclave.jsonl.1")
+        supervisor.reopen_logs()
+        forwarder.on_message(LogMessage(json.dumps({"msg": "after rotation"})))
+        assert "before rotation" in (tmp_path / "enclave.jsonl.1").read_text()
+        assert "after rotation" in log_file.read_text()
+
+        def full(fd: int, data: bytes | memoryview) -> int:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        sink = forwarder._sinks[0]
+        monkeypatch.setattr(sink, "_write", full)
+        for i in range(3):
+            forwarder.on_message(LogMessage(json.dumps({"msg": f"lost {i}"})))
+    alerts = supervisor.state.alerts
+    assert alerts.counts == {"log_write_failed": 1}
+    assert alerts.last is not None
+    assert "No space left on device" in alerts.last[1]
+    assert supervisor.state.logs.write_errors >= 1
+    assert supervisor.state.logs.sink_dropped == 3
