@@ -280,6 +280,14 @@ def test_trio_sign_parent_first_sigterm_drains_then_exits_0(tmp_path: Path) -> N
             time.sleep(0.1)
         else:
             raise AssertionError(f"never ready: {err_path.read_text()[-2000:]}")
+        # logrotate: move the file away, SIGHUP; the parent lives on and writes a new file
+        logs_path = tmp_path / "enclave-logs.jsonl"
+        logs_path.rename(tmp_path / "enclave-logs.jsonl.1")
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        assert proc.poll() is None, "SIGHUP killed the parent"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as ready:
+            assert ready.status == 200
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, err_path.read_text()[-2000:]
     finally:
@@ -287,8 +295,9 @@ def test_trio_sign_parent_first_sigterm_drains_then_exits_0(tmp_path: Path) -> N
             proc.kill()
             proc.wait()
     assert "stopping: draining the enclave" in err_path.read_text()
-    logs = (tmp_path / "enclave-logs.jsonl").read_text()
+    logs = (tmp_path / "enclave-logs.jsonl").read_text()  # the new file after the SIGHUP
     assert "the parent asked for a drain" in logs
+    assert "the parent asked for a drain" not in (tmp_path / "enclave-logs.jsonl.1").read_text()
 
 
 async def test_a_hard_stop_still_hears_the_enclave_out(tmp_path: Path) -> None:
