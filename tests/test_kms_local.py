@@ -195,7 +195,12 @@ def recorded_reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
     return reads
 
 
-_PY_TO_SHAPE = {"str": {"string", "blob"}, "dict": {"map", "structure"}, "int": {"integer"}}
+_PY_TO_SHAPE = {
+    "str": {"string", "blob"},
+    "dict": {"map", "structure"},
+    "int": {"integer"},
+    "bool": {"boolean"},
+}
 
 
 # -- tests ------------------------------------------------------------------------------------
@@ -605,3 +610,189 @@ def test_core_disabled_key_and_internal_error(
     status, _ = kms.handle("DescribeKey", json.dumps({"KeyId": key.arn}).encode())
     assert status == 200
     store.close()
+
+
+# -- asymmetric signing: Ed25519 keys for bundle signatures (DESIGN §12) ---------------------
+
+
+def _signing_policy() -> dict[str, Any]:
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "ceremony",
+                "Effect": "Allow",
+                "Principal": {"AWS": "arn:aws:iam::111122223333:role/ceremony"},
+                "Action": ["kms:Sign", "kms:GetPublicKey"],
+                "Resource": "*",
+            },
+            {
+                "Sid": "sealer",
+                "Effect": "Allow",
+                "Principal": {"AWS": "arn:aws:iam::111122223333:role/sealer"},
+                "Action": ["kms:GenerateDataKey", "kms:Encrypt", "kms:Decrypt"],
+                "Resource": "*",
+            },
+        ],
+    }
+
+
+async def test_ed25519_sign_and_get_public_key_match_botocore(
+    tmp_path: Path, nsm: LocalNsm, recorded_reads: list[tuple[str, str]]
+) -> None:
+    """CreateKey ECC_NIST_EDWARDS25519, GetPublicKey and Sign (ED25519_SHA_512, RAW) through
+    boto3: every request and response conforms to botocore's KMS model, the signature is plain
+    RFC 8032 Ed25519 over the message, and the server reads only members KMS defines."""
+    import nacl.signing
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    async with local_kms(tmp_path / "keys.json", nsm, _signing_policy()) as kms:
+        meta = (
+            await kms.call(
+                "create_key",
+                KeySpec="ECC_NIST_EDWARDS25519",
+                KeyUsage="SIGN_VERIFY",
+                Description="ceremony key",
+            )
+        )["KeyMetadata"]
+        assert meta["KeySpec"] == "ECC_NIST_EDWARDS25519"
+        assert meta["KeyUsage"] == "SIGN_VERIFY"
+        assert meta["SigningAlgorithms"] == ["ED25519_SHA_512"]
+        await kms.call("create_alias", AliasName="alias/ceremony", TargetKeyId=meta["KeyId"])
+        for ref in (meta["KeyId"], meta["Arn"], "alias/ceremony"):
+            public = await kms.call("get_public_key", KeyId=ref)
+            assert public["KeyId"] == meta["Arn"]
+        assert public["KeySpec"] == "ECC_NIST_EDWARDS25519"
+        assert public["SigningAlgorithms"] == ["ED25519_SHA_512"]
+        key = serialization.load_der_public_key(public["PublicKey"])
+        assert isinstance(key, Ed25519PublicKey)
+        raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        digest = os.urandom(32)
+        signed = await kms.call(
+            "sign",
+            KeyId="alias/ceremony",
+            Message=digest,
+            MessageType="RAW",
+            SigningAlgorithm="ED25519_SHA_512",
+        )
+        assert signed["KeyId"] == meta["Arn"]
+        assert signed["SigningAlgorithm"] == "ED25519_SHA_512"
+        nacl.signing.VerifyKey(raw).verify(digest, signed["Signature"])  # RFC 8032, pure
+        # a key survives a restart, and signs the same (Ed25519 is deterministic)
+        symmetric = (await kms.call("create_key"))["KeyMetadata"]
+        refusals = {
+            "ED25519_PH_SHA_512": ("InvalidKeyUsageException", {"MessageType": "DIGEST"}),
+            "ED25519_SHA_512": ("ValidationException", {"MessageType": "DIGEST"}),
+        }
+        for algorithm, (code, extra) in refusals.items():
+            with pytest.raises(ClientError) as info:
+                await kms.call(
+                    "sign",
+                    KeyId=meta["KeyId"],
+                    Message=digest,
+                    SigningAlgorithm=algorithm,
+                    **extra,
+                )
+            assert error_code(info) == code
+        with pytest.raises(ClientError) as info:
+            await kms.call(
+                "sign", KeyId=symmetric["KeyId"], Message=digest, SigningAlgorithm="ED25519_SHA_512"
+            )
+        assert error_code(info) == "InvalidKeyUsageException"
+        with pytest.raises(ClientError) as info:
+            await kms.call("get_public_key", KeyId=symmetric["KeyId"])
+        assert error_code(info) == "UnsupportedOperationException"
+        for op, kwargs in (
+            ("encrypt", {"Plaintext": b"x"}),
+            ("generate_data_key", {"KeySpec": "AES_256"}),
+        ):
+            with pytest.raises(ClientError) as info:
+                await kms.call(op, KeyId=meta["KeyId"], **kwargs)
+            assert error_code(info) == "InvalidKeyUsageException"
+        with pytest.raises(ClientError) as info:
+            await kms.call(
+                "create_key", KeySpec="ECC_NIST_EDWARDS25519", KeyUsage="ENCRYPT_DECRYPT"
+            )
+        assert error_code(info) == "ValidationException"
+        with pytest.raises(ClientError) as info:
+            await kms.call("create_key", KeySpec="ECC_NIST_P256", KeyUsage="SIGN_VERIFY")
+        assert error_code(info) == "UnsupportedOperationException"
+        with pytest.raises(ClientError) as info:
+            await kms.call(
+                "sign", KeyId=meta["KeyId"], Message=bytes(4097), SigningAlgorithm="ED25519_SHA_512"
+            )
+        assert error_code(info) == "ValidationException"
+        seen = check_exchanges(kms.kms.exchanges)
+    assert {"CreateKey", "GetPublicKey", "Sign"} <= seen
+    members: dict[str, Any] = {}
+    for op in seen:
+        members.update(KMS_MODEL.operation_model(op).input_shape.members)
+    for name, py_type in set(recorded_reads):
+        assert name in members, f"the server reads {name}, which KMS does not define"
+        assert members[name].type_name in _PY_TO_SHAPE[py_type], (name, py_type)
+    assert "ED25519_SHA_512" in KMS_MODEL.shape_for("SigningAlgorithmSpec").enum
+    async with local_kms(tmp_path / "keys.json", nsm, _signing_policy()) as kms:
+        again = await kms.call(
+            "sign", KeyId=meta["Arn"], Message=digest, SigningAlgorithm="ED25519_SHA_512"
+        )
+        assert again["Signature"] == signed["Signature"]
+
+
+async def test_sign_is_governed_by_the_key_policy(tmp_path: Path, nsm: LocalNsm) -> None:
+    policy = _signing_policy()
+    policy["Statement"][0]["Action"] = ["kms:GetPublicKey"]
+    async with local_kms(tmp_path / "keys.json", nsm, policy) as kms:
+        meta = (await kms.call("create_key", KeySpec="ECC_NIST_EDWARDS25519"))["KeyMetadata"]
+        assert meta["KeyUsage"] == "SIGN_VERIFY"  # the default for the spec, as in KMS
+        await kms.call("get_public_key", KeyId=meta["KeyId"])
+        with pytest.raises(ClientError) as info:
+            await kms.call(
+                "sign", KeyId=meta["KeyId"], Message=b"m", SigningAlgorithm="ED25519_SHA_512"
+            )
+        assert error_code(info) == "AccessDeniedException"
+
+
+async def test_kms_bundle_signer_seals_a_bundle_the_enclave_accepts(
+    tmp_path: Path, nsm: LocalNsm
+) -> None:
+    """shares seal --signing-kms-key-id's path: KmsBundleSigner over boto3 signs a bundle's
+    fingerprint; the loader pinning the KMS key's public half accepts it, and the signature
+    record names that key."""
+    import io
+
+    from trio_sign.kms import KmsBundleSigner
+    from trio_sign.shares import (
+        BundleTrust,
+        DevKeyFile,
+        ShareStore,
+        SigningError,
+        encode_bundle,
+        inspect_sealed,
+    )
+
+    from .enclave_helpers import make_accounts
+
+    store, accounts = make_accounts(5)
+    store.close()
+    records = [a.service for a in accounts.values()]
+    dev = DevKeyFile.create(tmp_path / "dev.key")
+    async with local_kms(tmp_path / "keys.json", nsm, _signing_policy()) as kms:
+        meta = (await kms.call("create_key", KeySpec="ECC_NIST_EDWARDS25519"))["KeyMetadata"]
+        signer = await trio.to_thread.run_sync(KmsBundleSigner, kms.client, meta["KeyId"])
+        assert signer.key_id == meta["Arn"]
+        bundle = await trio.to_thread.run_sync(lambda: encode_bundle(records, dev, signer=signer))
+        symmetric = (await kms.call("create_key"))["KeyMetadata"]
+        with pytest.raises(SigningError, match="UnsupportedOperationException"):
+            await trio.to_thread.run_sync(KmsBundleSigner, kms.client, symmetric["KeyId"])
+    _, end = inspect_sealed(io.BytesIO(bundle))
+    assert end.signature is not None
+    assert end.signature.public_key == signer.public_key
+    loaded = ShareStore.load_sealed(
+        io.BytesIO(bundle), dev, trust=BundleTrust.pinned([signer.public_key])
+    )
+    assert loaded.signer == signer.public_key
+    loaded.close()
+    dev.close()
+    for r in records:
+        r.zero()

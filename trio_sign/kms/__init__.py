@@ -2,7 +2,9 @@
 KMS stand-in that speaks the real KMS JSON protocol (development and tests only)."""
 
 from ._client import KMS_PROVIDER as KMS_PROVIDER
+from ._client import KmsBundleSigner as KmsBundleSigner
 from ._client import KmsDataKeyProvider as KmsDataKeyProvider
+from ._client import KmsRecipientDataKey as KmsRecipientDataKey
 from ._client import KmsRecipientError as KmsRecipientError
 from ._client import KmsRecipientKms as KmsRecipientKms
 from ._client import make_kms_client as make_kms_client
@@ -25,8 +27,10 @@ __all__ = [
     "KeyStore",
     "KeyStoreError",
     "KmsApp",
+    "KmsBundleSigner",
     "KmsDataKeyProvider",
     "KmsError",
+    "KmsRecipientDataKey",
     "KmsRecipientError",
     "KmsRecipientKms",
     "LocalKey",

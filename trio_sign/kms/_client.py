@@ -28,6 +28,9 @@ log = logging.getLogger("trio_sign.kms.client")
 #: The provider kind recorded in a sealed header for bundles wrapped by KMS.
 KMS_PROVIDER: Final = "aws-kms"
 RECIPIENT_ALGORITHM: Final = "RSAES_OAEP_SHA_256"
+#: A bundle signing key in KMS, and how it signs (DESIGN §12).
+ED25519_KEY_SPEC: Final = "ECC_NIST_EDWARDS25519"
+ED25519_SIGNING_ALGORITHM: Final = "ED25519_SHA_512"
 #: Defaults of :func:`make_kms_client` (seconds, attempts).
 DEFAULT_CONNECT_TIMEOUT_S: Final = 5.0
 DEFAULT_READ_TIMEOUT_S: Final = 10.0
@@ -249,3 +252,130 @@ class KmsRecipientKms:
             )
         log.info("kms envelope received for the enclave", extra={"kms_key_id": got})
         return envelope
+
+
+class KmsBundleSigner:
+    """A :class:`~trio_sign.shares.BundleSigner` backed by a KMS Ed25519 key (``shares seal
+    --signing-kms-key-id``): ``Sign`` with ``SigningAlgorithm=ED25519_SHA_512`` and
+    ``MessageType=RAW`` over the bundle's 32-byte fingerprint (pure Ed25519, RFC 8032), so the
+    signature verifies with the key's public half as any Ed25519 signature does.
+
+    The public key is read once with ``GetPublicKey`` (a DER SubjectPublicKeyInfo), which also
+    checks that the key is ``ECC_NIST_EDWARDS25519`` with usage ``SIGN_VERIFY``.
+
+    Args:
+        kms_client: a boto3 KMS client (see :func:`make_kms_client`).
+        key_id: the KMS key: an id, key ARN, alias name or alias ARN.
+
+    Error handling:
+        :class:`~trio_sign.shares.SigningError` naming the KMS error code or what was wrong
+        with the answer.
+    """
+
+    def __init__(self, kms_client: Any, key_id: str) -> None:
+        from ..shares import SigningError
+        from ..shares._signature import ed25519_from_spki
+
+        self._kms = kms_client
+        self.key_id = key_id
+        client_error, boto_error = _botocore_errors()
+        try:
+            response = kms_client.get_public_key(KeyId=key_id)
+        except (client_error, boto_error) as exc:
+            raise SigningError(
+                f"KMS GetPublicKey for signing key {key_id} failed: {_describe(exc)}"
+            ) from exc
+        if response.get("KeySpec") != ED25519_KEY_SPEC or response.get("KeyUsage") != "SIGN_VERIFY":
+            raise SigningError(
+                f"KMS key {key_id} is {response.get('KeySpec')} {response.get('KeyUsage')}; a "
+                f"bundle signing key must be {ED25519_KEY_SPEC} SIGN_VERIFY"
+            )
+        if ED25519_SIGNING_ALGORITHM not in (response.get("SigningAlgorithms") or []):
+            raise SigningError(f"KMS key {key_id} does not offer {ED25519_SIGNING_ALGORITHM}")
+        self._public_key = ed25519_from_spki(bytes(response.get("PublicKey") or b""))
+        arn = response.get("KeyId")
+        if isinstance(arn, str) and _is_key_arn(arn):
+            self.key_id = arn  # what later answers are checked against
+
+    def __repr__(self) -> str:
+        return f"KmsBundleSigner(key_id={self.key_id!r}, public_key={self._public_key.hex()})"
+
+    @property
+    def public_key(self) -> bytes:
+        return self._public_key
+
+    def sign_digest(self, digest: bytes) -> bytes:
+        from ..shares import SigningError
+
+        client_error, boto_error = _botocore_errors()
+        try:
+            response = self._kms.sign(
+                KeyId=self.key_id,
+                Message=bytes(digest),
+                MessageType="RAW",
+                SigningAlgorithm=ED25519_SIGNING_ALGORITHM,
+            )
+        except (client_error, boto_error) as exc:
+            raise SigningError(f"KMS Sign with key {self.key_id} failed: {_describe(exc)}") from exc
+        got = response.get("KeyId")
+        if not isinstance(got, str) or not same_key(got, self.key_id):
+            raise SigningError(f"KMS Sign answered for key {got!r}, not {self.key_id!r}")
+        signature = response.get("Signature")
+        if not isinstance(signature, bytes) or len(signature) != 64:
+            raise SigningError("KMS Sign returned no 64-byte Ed25519 signature")
+        return signature
+
+
+class KmsRecipientDataKey:
+    """KMS ``GenerateDataKey`` with ``Recipient``: a fresh data key that only the attested
+    enclave can open (``CiphertextForRecipient``), and its KMS-wrapped form
+    (``CiphertextBlob``) for the enclave to keep. The delta identity key's genesis
+    (:mod:`trio_sign.enclave._identity`) seals under it.
+
+    The parent relays and never holds the key: an answer with a ``Plaintext`` is refused.
+
+    Cancellation: the boto3 call runs in a worker thread; cancelling abandons it.
+    """
+
+    def __init__(self, kms_client: Any, key_id: str) -> None:
+        self._kms = kms_client
+        self.key_id = key_id
+
+    async def __call__(
+        self, document: bytes, context: Mapping[str, str]
+    ) -> tuple[str, bytes, bytes]:
+        """``(key_arn, ciphertext_blob, ciphertext_for_recipient)`` for ``document``."""
+        client_error, boto_error = _botocore_errors()
+
+        def call() -> Any:
+            return self._kms.generate_data_key(
+                KeyId=self.key_id,
+                KeySpec="AES_256",
+                EncryptionContext=dict(context),
+                Recipient={
+                    "AttestationDocument": bytes(document),
+                    "KeyEncryptionAlgorithm": RECIPIENT_ALGORITHM,
+                },
+            )
+
+        try:
+            response = await trio.to_thread.run_sync(call, abandon_on_cancel=True)
+        except (client_error, boto_error) as exc:
+            raise KmsRecipientError(
+                f"KMS GenerateDataKey with Recipient for key {self.key_id} failed: {_describe(exc)}"
+            ) from exc
+        if response.pop("Plaintext", None):
+            raise KmsRecipientError(
+                "KMS GenerateDataKey returned a Plaintext data key to the parent; refusing it"
+            )
+        arn, blob = response.get("KeyId"), response.get("CiphertextBlob")
+        envelope = response.get("CiphertextForRecipient")
+        if not isinstance(arn, str) or not _is_key_arn(arn):
+            raise KmsRecipientError("KMS GenerateDataKey did not say which key (no key ARN)")
+        if not (is_alias(self.key_id) or same_key(arn, self.key_id)):
+            raise KmsRecipientError(f"KMS answered for key {arn}, not {self.key_id}")
+        if not isinstance(blob, bytes) or not blob:
+            raise KmsRecipientError("KMS GenerateDataKey returned no CiphertextBlob")
+        if not isinstance(envelope, bytes) or not envelope:
+            raise KmsRecipientError("KMS GenerateDataKey returned no CiphertextForRecipient")
+        return arn, blob, envelope

@@ -5,7 +5,13 @@ It speaks the wire protocol boto3 speaks to KMS (``POST /`` with
 JSON bodies with base64 blobs, errors as HTTP 4xx with ``{"__type": ..., "message": ...}``), so
 the parent uses the same boto3 client with ``endpoint_url``. Operations: ``CreateKey``,
 ``DescribeKey``, ``GenerateDataKey``, ``Encrypt`` and ``Decrypt``; ``GenerateDataKey`` and
-``Decrypt`` take ``Recipient`` as KMS does for Nitro enclaves.
+``Decrypt`` take ``Recipient`` as KMS does for Nitro enclaves. Asymmetric signing with Ed25519
+keys, for bundle signatures (DESIGN §12): ``CreateKey`` with ``KeySpec=ECC_NIST_EDWARDS25519``
+and ``KeyUsage=SIGN_VERIFY``, ``GetPublicKey`` (the DER SubjectPublicKeyInfo) and ``Sign``
+with ``SigningAlgorithm=ED25519_SHA_512`` and ``MessageType=RAW`` (pure Ed25519, RFC 8032, over
+the message as given; KMS's ``ED25519_PH_SHA_512`` pre-hash variant is not implemented). A key
+is used only as its usage says: ``Sign`` with a symmetric key, or ``Encrypt``,
+``GenerateDataKey`` and ``Decrypt`` with a signing key, is ``InvalidKeyUsageException``.
 
 What it does like KMS:
 
@@ -26,10 +32,10 @@ What it does like KMS:
 
 What it does NOT do: SigV4 signatures are not checked (an ``Authorization`` header must be
 present, as KMS requires one, but anything is accepted), principals in the policy are ignored,
-and the policy governs only ``Encrypt``, ``GenerateDataKey`` and ``Decrypt`` (``CreateKey``,
-``CreateAlias`` and ``DescribeKey`` are always allowed); there are no grants, key rotation or
-deletion. Aliases (``CreateAlias``) work wherever a ``KeyId`` is taken, as in KMS. The key file
-holds keys in clear.
+and the policy governs only ``Encrypt``, ``GenerateDataKey``, ``Decrypt`` and ``Sign``
+(``CreateKey``, ``CreateAlias``, ``DescribeKey`` and ``GetPublicKey`` are always allowed);
+there are no grants, key rotation or deletion. Aliases (``CreateAlias``) work wherever a
+``KeyId`` is taken, as in KMS. The key file holds keys in clear.
 
 Ciphertext blob (our own format, opaque to callers as KMS's is)::
 
@@ -60,9 +66,10 @@ from .._errors import TrioSignError
 from ..crypto import _sodium, _stream
 from ..nitro import AttestationError, encrypt_for_recipient, verify_attestation
 from ..shares._keywrap import canonical_json
+from ..shares._signature import CeremonyKey, ed25519_spki
 from ..transport import hypercorn_bind, serve_asgi
 from ..transport._asgi import Receive, Scope, Send, asgi_lifespan, respond
-from ._store import KeyStore, LocalKey
+from ._store import ED25519_SPEC, KeyStore, LocalKey
 
 log = logging.getLogger("trio_sign.kms")
 
@@ -78,6 +85,10 @@ MAX_ATTESTATION_AGE: Final = timedelta(minutes=5)
 DEFAULT_CONCURRENCY: Final = 4
 RECIPIENT_ALGORITHM: Final = "RSAES_OAEP_SHA_256"
 SYMMETRIC_DEFAULT: Final = "SYMMETRIC_DEFAULT"
+#: The signing algorithm of an ``ECC_NIST_EDWARDS25519`` key that the local KMS implements.
+ED25519_ALGORITHM: Final = "ED25519_SHA_512"
+#: KMS's ``Sign`` message limit (``MessageType=RAW``).
+MAX_SIGN_MESSAGE_BYTES: Final = 4096
 JSON_CONTENT_TYPE: Final = "application/x-amz-json-1.1"
 TARGET_PREFIX: Final = "TrentService."
 
@@ -278,6 +289,8 @@ class LocalKms:
             "GenerateDataKey": self.generate_data_key,
             "Encrypt": self.encrypt,
             "Decrypt": self.decrypt,
+            "GetPublicKey": self.get_public_key,
+            "Sign": self.sign,
         }
 
     def handle(self, operation: str, body: bytes) -> tuple[int, dict[str, Any]]:
@@ -315,6 +328,22 @@ class LocalKms:
         return key
 
     def _metadata(self, key: LocalKey) -> dict[str, Any]:
+        if key.signing:
+            return {
+                "AWSAccountId": self.store.account,
+                "KeyId": key.key_id,
+                "Arn": key.arn,
+                "CreationDate": key.created,
+                "Enabled": key.enabled,
+                "Description": key.description,
+                "KeyUsage": "SIGN_VERIFY",
+                "KeyState": "Enabled" if key.enabled else "Disabled",
+                "Origin": "AWS_KMS",
+                "KeyManager": "CUSTOMER",
+                "KeySpec": key.key_spec,
+                "SigningAlgorithms": [ED25519_ALGORITHM],
+                "MultiRegion": False,
+            }
         return {
             "AWSAccountId": self.store.account,
             "KeyId": key.key_id,
@@ -331,6 +360,15 @@ class LocalKms:
             "EncryptionAlgorithms": [SYMMETRIC_DEFAULT],
             "MultiRegion": False,
         }
+
+    def _encryption_key(self, key_ref: Any) -> LocalKey:
+        key = self._key(key_ref)
+        if key.signing:
+            raise KmsError(
+                "InvalidKeyUsageException",
+                f"{key.arn} key usage is SIGN_VERIFY, not ENCRYPT_DECRYPT",
+            )
+        return key
 
     def _authorize(
         self, action: str, ctx: Mapping[str, str], attestation: Mapping[str, str] | None
@@ -409,6 +447,8 @@ class LocalKms:
             raise invalid
         if not key.enabled:
             raise KmsError("DisabledException", f"{key.arn} is disabled.")
+        if key.signing:
+            raise invalid
         if key_ref is not None and self._key(key_ref, for_use=False) is not key:
             raise KmsError(
                 "IncorrectKeyException",
@@ -435,22 +475,32 @@ class LocalKms:
                 "UnsupportedOperationException",
                 "the local KMS takes its key policy from --policy, not CreateKey",
             )
-        usage = _field(request, "KeyUsage", str, False) or "ENCRYPT_DECRYPT"
         spec = (
             _field(request, "KeySpec", str, False)
             or _field(request, "CustomerMasterKeySpec", str, False)
             or SYMMETRIC_DEFAULT
         )
-        if usage != "ENCRYPT_DECRYPT" or spec != SYMMETRIC_DEFAULT:
+        usage = _field(request, "KeyUsage", str, False) or (
+            "SIGN_VERIFY" if spec == ED25519_SPEC else "ENCRYPT_DECRYPT"
+        )
+        if (spec, usage) not in (
+            (SYMMETRIC_DEFAULT, "ENCRYPT_DECRYPT"),
+            (ED25519_SPEC, "SIGN_VERIFY"),
+        ):
+            if spec in (SYMMETRIC_DEFAULT, ED25519_SPEC):
+                raise KmsError(
+                    "ValidationException", f"KeyUsage {usage} is not compatible with KeySpec {spec}"
+                )
             raise KmsError(
                 "UnsupportedOperationException",
-                "the local KMS only makes SYMMETRIC_DEFAULT ENCRYPT_DECRYPT keys",
+                "the local KMS only makes SYMMETRIC_DEFAULT ENCRYPT_DECRYPT and "
+                "ECC_NIST_EDWARDS25519 SIGN_VERIFY keys",
             )
         description = _field(request, "Description", str, False) or ""
         if len(description) > 8192:
             raise KmsError("ValidationException", "Description is longer than 8192 characters")
-        key = self.store.create(description=description)
-        log.info("kms created key %s", key.key_id)
+        key = self.store.create(description=description, key_spec=spec)
+        log.info("kms created key %s (%s)", key.key_id, spec)
         return {"KeyMetadata": self._metadata(key)}
 
     def create_alias(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -474,7 +524,7 @@ class LocalKms:
         return {"KeyMetadata": self._metadata(key)}
 
     def encrypt(self, request: dict[str, Any]) -> dict[str, Any]:
-        key = self._key(_field(request, "KeyId", str, True))
+        key = self._encryption_key(_field(request, "KeyId", str, True))
         algorithm = _field(request, "EncryptionAlgorithm", str, False) or SYMMETRIC_DEFAULT
         if algorithm != SYMMETRIC_DEFAULT:
             raise KmsError("InvalidKeyUsageException", f"{algorithm} is not valid for {key.arn}")
@@ -489,7 +539,7 @@ class LocalKms:
         }
 
     def generate_data_key(self, request: dict[str, Any]) -> dict[str, Any]:
-        key = self._key(_field(request, "KeyId", str, True))
+        key = self._encryption_key(_field(request, "KeyId", str, True))
         spec = _field(request, "KeySpec", str, False)
         count = _field(request, "NumberOfBytes", int, False)
         if (spec is None) == (count is None):
@@ -538,6 +588,55 @@ class LocalKms:
             _sodium.memzero(plaintext)
         log.info("kms decrypted under %s (recipient=%s)", key.key_id, bool(recipient))
         return response
+
+    def get_public_key(self, request: dict[str, Any]) -> dict[str, Any]:
+        key = self._key(_field(request, "KeyId", str, True), for_use=False)
+        if not key.signing:
+            raise KmsError(
+                "UnsupportedOperationException",
+                f"{key.arn} is a symmetric key; GetPublicKey needs an asymmetric key",
+            )
+        with CeremonyKey.from_seed(key.material) as pair:
+            public = pair.public_key
+        return {
+            "KeyId": key.arn,
+            "PublicKey": _b64(ed25519_spki(public)),
+            "KeySpec": key.key_spec,
+            "KeyUsage": "SIGN_VERIFY",
+            "SigningAlgorithms": [ED25519_ALGORITHM],
+        }
+
+    def sign(self, request: dict[str, Any]) -> dict[str, Any]:
+        key = self._key(_field(request, "KeyId", str, True))
+        message = _blob(request, "Message", required=True, limit=MAX_SIGN_MESSAGE_BYTES)
+        assert message is not None
+        algorithm = _field(request, "SigningAlgorithm", str, True)
+        message_type = _field(request, "MessageType", str, False) or "RAW"
+        if message_type not in ("RAW", "DIGEST", "EXTERNAL_MU"):
+            raise KmsError("ValidationException", "MessageType must be RAW, DIGEST or EXTERNAL_MU")
+        if _field(request, "DryRun", bool, False):
+            raise KmsError("DryRunOperationException", "the local KMS does not do dry runs")
+        if not key.signing:
+            raise KmsError(
+                "InvalidKeyUsageException",
+                f"{key.arn} key usage is ENCRYPT_DECRYPT, not SIGN_VERIFY",
+            )
+        if algorithm != ED25519_ALGORITHM:
+            raise KmsError(
+                "InvalidKeyUsageException",
+                f"{algorithm} is not valid for {key.arn} (the local KMS signs {ED25519_ALGORITHM})",
+            )
+        if message_type != "RAW":
+            raise KmsError("ValidationException", f"{ED25519_ALGORITHM} signs MessageType RAW only")
+        self._authorize("kms:Sign", {}, None)
+        with CeremonyKey.from_seed(key.material) as pair:
+            signature = pair.sign_digest(message)  # pure Ed25519 over the message as given
+        log.info("kms signed %d bytes with %s", len(message), key.key_id)
+        return {
+            "KeyId": key.arn,
+            "Signature": _b64(signature),
+            "SigningAlgorithm": ED25519_ALGORITHM,
+        }
 
 
 def _ad(key_id: str, ctx: Mapping[str, str]) -> bytes:

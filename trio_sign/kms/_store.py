@@ -1,12 +1,18 @@
-"""Key persistence for the local KMS: a JSON file of symmetric keys (development only).
+"""Key persistence for the local KMS: a JSON file of keys (development only).
 
 File (mode 0600, rewritten atomically on every change)::
 
     {"format": "trio-sign/kms-local-keys", "version": 1,
      "account": "111122223333", "region": "us-east-1",
      "keys": [{"key_id": "<uuid4>", "material": "<64 hex>", "created": <epoch seconds>,
-               "description": "...", "enabled": true}, ...],
+               "description": "...", "enabled": true,
+               "key_spec": "SYMMETRIC_DEFAULT" | "ECC_NIST_EDWARDS25519"}, ...],
      "aliases": {"alias/<name>": "<uuid4>", ...}}      (optional)
+
+``key_spec`` is optional (files written before asymmetric keys existed hold symmetric keys).
+A ``SYMMETRIC_DEFAULT`` key's material is its 32-byte AES-256-equivalent key (XChaCha20-Poly1305
+here); an ``ECC_NIST_EDWARDS25519`` key's material is its 32-byte Ed25519 seed (RFC 8032), used
+for ``Sign`` and ``GetPublicKey``.
 
 Key material lives in ``bytearray`` objects that :meth:`KeyStore.close` zeroes. The hex text read
 from and written to the file passes through immutable ``str`` objects CPython cannot zero, and
@@ -40,6 +46,9 @@ DEFAULT_REGION: Final = "us-east-1"
 #: Refuse key files larger than this (about 40,000 keys).
 MAX_KEYS_FILE_BYTES: Final = 8 * 1024 * 1024
 KEY_BYTES: Final = 32
+SYMMETRIC_DEFAULT: Final = "SYMMETRIC_DEFAULT"
+ED25519_SPEC: Final = "ECC_NIST_EDWARDS25519"
+KEY_SPECS: Final = (SYMMETRIC_DEFAULT, ED25519_SPEC)
 
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 #: KMS alias names: ``alias/`` then 1 to 250 of ``[A-Za-z0-9/_-]``; ``alias/aws/`` is reserved.
@@ -53,7 +62,8 @@ class KeyStoreError(TrioSignError):
 
 @dataclass(eq=False)
 class LocalKey:
-    """One symmetric KMS key. ``material`` is secret; :meth:`zero` wipes it."""
+    """One KMS key (symmetric, or an Ed25519 signing key). ``material`` is secret;
+    :meth:`zero` wipes it."""
 
     key_id: str
     arn: str
@@ -61,6 +71,12 @@ class LocalKey:
     created: float
     description: str = ""
     enabled: bool = True
+    key_spec: str = SYMMETRIC_DEFAULT
+
+    @property
+    def signing(self) -> bool:
+        """An asymmetric signing key (``SIGN_VERIFY``), not an encryption key."""
+        return self.key_spec != SYMMETRIC_DEFAULT
 
     def zero(self) -> None:
         _sodium.memzero(self.material)
@@ -153,12 +169,17 @@ class KeyStore:
                 del self._aliases[alias_name]
                 raise
 
-    def create(self, *, description: str = "") -> LocalKey:
-        """A new random key, persisted before it is returned."""
+    def create(self, *, description: str = "", key_spec: str = SYMMETRIC_DEFAULT) -> LocalKey:
+        """A new random key (32 random bytes: a symmetric key or an Ed25519 seed), persisted
+        before it is returned."""
+        if key_spec not in KEY_SPECS:
+            raise ValueError(f"key_spec must be one of {KEY_SPECS}")
         material = bytearray(KEY_BYTES)
         _sodium.random_bytes(material)
         key_id = str(uuid.uuid4())
-        key = LocalKey(key_id, self.arn_for(key_id), material, time.time(), description)
+        key = LocalKey(
+            key_id, self.arn_for(key_id), material, time.time(), description, key_spec=key_spec
+        )
         with self._lock:
             self._keys[key_id] = key
             try:
@@ -246,6 +267,9 @@ class KeyStore:
         key_id, material = entry.get("key_id"), entry.get("material")
         created, description = entry.get("created"), entry.get("description", "")
         enabled = entry.get("enabled", True)
+        key_spec = entry.get("key_spec", SYMMETRIC_DEFAULT)
+        if key_spec not in KEY_SPECS:
+            raise self._bad(f"keys[{i}].key_spec must be one of {', '.join(KEY_SPECS)}")
         if not isinstance(key_id, str) or not is_key_id(key_id):
             raise self._bad(f"keys[{i}].key_id must be a lowercase UUID")
         if not isinstance(material, str) or _HEX_KEY.fullmatch(material) is None:
@@ -261,6 +285,7 @@ class KeyStore:
             float(created),
             description,
             enabled,
+            key_spec,
         )
 
     def _save(self) -> None:
@@ -280,6 +305,7 @@ class KeyStore:
                     "created": k.created,
                     "description": k.description,
                     "enabled": k.enabled,
+                    **({"key_spec": k.key_spec} if k.signing else {}),
                 }
                 for k in self._keys.values()
             ],

@@ -132,6 +132,27 @@ def verify_digest(public_key: bytes, digest: bytes, signature: bytes) -> bool:
     return bool(rc == 0)
 
 
+#: DER of an Ed25519 SubjectPublicKeyInfo (RFC 8410) before its 32 key bytes: what KMS
+#: ``GetPublicKey`` returns for an ``ECC_NIST_EDWARDS25519`` key.
+ED25519_SPKI_PREFIX: Final = bytes.fromhex("302a300506032b6570032100")
+
+
+def ed25519_spki(public_key: bytes) -> bytes:
+    """The DER SubjectPublicKeyInfo of a 32-byte Ed25519 public key."""
+    if len(public_key) != PUBLIC_KEY_BYTES:
+        raise ValueError("an Ed25519 public key is 32 bytes")
+    return ED25519_SPKI_PREFIX + bytes(public_key)
+
+
+def ed25519_from_spki(der: bytes) -> bytes:
+    """The 32-byte key of an Ed25519 SubjectPublicKeyInfo (``SigningError`` if it is not one)."""
+    if len(der) != len(ED25519_SPKI_PREFIX) + PUBLIC_KEY_BYTES or not der.startswith(
+        ED25519_SPKI_PREFIX
+    ):
+        raise SigningError("the public key is not an Ed25519 SubjectPublicKeyInfo")
+    return bytes(der[len(ED25519_SPKI_PREFIX) :])
+
+
 class BundleSigner(Protocol):
     """Something that signs a bundle's 32-byte fingerprint with Ed25519.
 
