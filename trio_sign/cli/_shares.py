@@ -1,4 +1,5 @@
-"""``trio-sign shares ...``: generate test shares, seal them, inspect a sealed bundle."""
+"""``trio-sign shares ...``: generate test shares, seal and sign them, inspect a sealed bundle,
+make a ceremony signing key."""
 
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ def add_parser(sub: Any) -> None:
         help="wrap the data key with this KMS key (id or ARN; GenerateDataKey AES_256)",
     )
     _add_kms_endpoint_args(seal)
+    _add_signing_args(seal)
     seal.add_argument("--chunk-size", type=int, default=64 * 1024, metavar="BYTES")
     seal.add_argument("--force", action="store_true", help="overwrite an existing output")
     seal.set_defaults(func=cmd_seal)
@@ -69,7 +71,9 @@ def add_parser(sub: Any) -> None:
         description="Decrypt a sealed bundle chunk by chunk (its data key unwrapped by the "
         "provider its header names: KMS with the header's key id, or --old-dev-key) and "
         "re-encrypt it under a fresh data key from --new-kms-key-id (or --new-dev-key). "
-        "Records and chunk boundaries are kept; the new file has a new fingerprint.",
+        "Records and chunk boundaries are kept; the new file has a new fingerprint, so the old "
+        "signature cannot carry over: it is re-signed with --signing-key or "
+        "--signing-kms-key-id (unsigned without one, which only a development enclave loads).",
     )
     reencrypt.add_argument("--in", dest="input", type=Path, required=True, metavar="FILE.enc")
     reencrypt.add_argument("--out", type=Path, required=True, metavar="FILE.enc")
@@ -85,6 +89,7 @@ def add_parser(sub: Any) -> None:
         help="the development key file of a bundle sealed with --dev-key",
     )
     _add_kms_endpoint_args(reencrypt)
+    _add_signing_args(reencrypt)
     reencrypt.add_argument("--force", action="store_true", help="overwrite an existing output")
     reencrypt.set_defaults(func=cmd_reencrypt)
 
@@ -97,7 +102,32 @@ def add_parser(sub: Any) -> None:
     )
     inspect.add_argument("file", type=Path, metavar="FILE")
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
+    inspect.add_argument(
+        "--signing-key",
+        metavar="HEX",
+        help="the Ed25519 public key (64 hex digits) the bundle must be signed by: exit 1 "
+        "unless its signature is by this key and verifies",
+    )
     inspect.set_defaults(func=cmd_inspect)
+
+    ceremony = cmds.add_parser(
+        "ceremony-key",
+        help="make or show a ceremony signing key file (Ed25519) for shares seal --signing-key",
+        description="A ceremony key signs base bundles (DESIGN §12). Its public key goes into "
+        "enclave.toml's [bundles] signing_keys. Keep the file offline; KMS "
+        "(--signing-kms-key-id) is the alternative.",
+    )
+    ceremony_cmds = ceremony.add_subparsers(
+        dest="ceremony_command", required=True, metavar="SUBCOMMAND"
+    )
+    generate = ceremony_cmds.add_parser(
+        "generate", help="make a new key file (mode 0600) and print its public key in hex"
+    )
+    generate.add_argument("--out", type=Path, required=True, metavar="FILE")
+    generate.set_defaults(func=cmd_ceremony_generate)
+    show = ceremony_cmds.add_parser("public-key", help="print a key file's public key in hex")
+    show.add_argument("file", type=Path, metavar="FILE")
+    show.set_defaults(func=cmd_ceremony_public_key)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -144,6 +174,68 @@ def _add_kms_endpoint_args(parser: Any) -> None:
     )
 
 
+def _add_signing_args(parser: Any) -> None:
+    sign = parser.add_mutually_exclusive_group()
+    sign.add_argument(
+        "--signing-key",
+        type=Path,
+        metavar="FILE",
+        help="sign the bundle with this ceremony key file (shares ceremony-key generate)",
+    )
+    sign.add_argument(
+        "--signing-kms-key-id",
+        metavar="ID",
+        help="sign the bundle with this KMS key (ECC_NIST_EDWARDS25519; Sign ED25519_SHA_512, "
+        "MessageType RAW, over the bundle's fingerprint); --kms-endpoint applies",
+    )
+
+
+def _signer(args: argparse.Namespace) -> Any:
+    """The signer the options name (the caller closes a ``CeremonyKey``), or None, which is
+    logged: an unsigned bundle loads only in a development enclave."""
+    from ..shares import CeremonyKey
+
+    if args.signing_key is not None:
+        return CeremonyKey.load(args.signing_key)
+    if args.signing_kms_key_id is not None:
+        from ..kms import KmsBundleSigner, make_kms_client
+
+        client = make_kms_client(args.kms_endpoint, region=args.kms_region)
+        return KmsBundleSigner(client, args.signing_kms_key_id)
+    log.warning(
+        "the bundle will be UNSIGNED: only a development enclave loads it (pass --signing-key "
+        "FILE or --signing-kms-key-id ID)"
+    )
+    return None
+
+
+def _close_signer(signer: Any) -> None:
+    from ..shares import CeremonyKey
+
+    if isinstance(signer, CeremonyKey):
+        signer.close()
+
+
+def cmd_ceremony_generate(args: argparse.Namespace) -> int:
+    from ..shares import CeremonyKey
+
+    with CeremonyKey.generate() as key:
+        key.save(args.out)
+        public = key.public_key.hex()
+    log.info("ceremony key written", extra={"path": str(args.out), "public_key": public})
+    print(f"public key {public}")
+    print(f'enclave.toml: [bundles] signing_keys = ["{public}"]')
+    return 0
+
+
+def cmd_ceremony_public_key(args: argparse.Namespace) -> int:
+    from ..shares import CeremonyKey
+
+    with CeremonyKey.load(args.file) as key:
+        print(key.public_key.hex())
+    return 0
+
+
 def _kms_provider(args: argparse.Namespace, key_id: str) -> Any:
     from ..kms import KmsDataKeyProvider, make_kms_client
 
@@ -158,15 +250,17 @@ def cmd_seal(args: argparse.Namespace) -> int:
     provider: DataKeyProvider
     if args.kms_key_id is not None:
         provider = _kms_provider(args, args.kms_key_id)
-    elif args.kms_endpoint is not None:
+    elif args.kms_endpoint is not None and args.signing_kms_key_id is None:
         raise TrioSignError("--kms-endpoint needs --kms-key-id (it does not apply to --dev-key)")
     elif args.dev_key.exists():
         provider = DevKeyFile.load(args.dev_key)
     else:
         provider = DevKeyFile.create(args.dev_key)
         log.info("created development key file", extra={"path": str(args.dev_key)})
+    signer: Any = None
     progress = Progress("sealing")
     try:
+        signer = _signer(args)
         report = seal_file(
             args.input,
             args.out,
@@ -174,9 +268,11 @@ def cmd_seal(args: argparse.Namespace) -> int:
             chunk_size=args.chunk_size,
             overwrite=args.force,
             progress=progress,
+            signer=signer,
         )
     finally:
         progress.close()
+        _close_signer(signer)
         if isinstance(provider, DevKeyFile):
             provider.close()
     log.info(
@@ -186,10 +282,12 @@ def cmd_seal(args: argparse.Namespace) -> int:
             "chunks": report.chunks,
             "sha256": report.sha256,
             "out": str(args.out),
+            "signer": "unsigned" if report.signer is None else report.signer.hex(),
         },
     )
     print(f"sealed {report.accounts:,} accounts into {args.out}")
     print(f"sha256 {report.sha256}")
+    print(f"signed by {report.signer.hex()}" if report.signer else "unsigned")
     return 0
 
 
@@ -202,6 +300,7 @@ def cmd_reencrypt(args: argparse.Namespace) -> int:
         header, old_sha256 = read_sealed_header(f)
     kind = header["key_provider"]
     providers: list[DevKeyFile] = []
+    signer: Any = None
     try:
         old: DataKeyProvider
         if kind == KMS_PROVIDER:
@@ -219,8 +318,10 @@ def cmd_reencrypt(args: argparse.Namespace) -> int:
         else:
             new = DevKeyFile.load(args.new_dev_key)
             providers.append(new)
-        report = reseal(args.input, args.out, old, new, overwrite=args.force)
+        signer = _signer(args)
+        report = reseal(args.input, args.out, old, new, overwrite=args.force, signer=signer)
     finally:
+        _close_signer(signer)
         for p in providers:
             p.close()
     log.info(
@@ -236,6 +337,7 @@ def cmd_reencrypt(args: argparse.Namespace) -> int:
     )
     print(f"re-encrypted {report.accounts:,} accounts into {args.out} under {new.key_id}")
     print(f"sha256 {report.sha256}")
+    print(f"signed by {report.signer.hex()}" if report.signer else "unsigned")
     return 0
 
 
@@ -261,25 +363,57 @@ def host_memory_check(accounts: int) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from ..shares import inspect_plaintext, read_sealed_header
+    from .._errors import TrioSignError
+    from ..shares import inspect_plaintext, inspect_sealed
+    from ._listen import UsageError
 
+    expected: bytes | None = None
+    if args.signing_key is not None:
+        try:
+            expected = bytes.fromhex(args.signing_key)
+        except ValueError:
+            expected = None
+        if expected is None or len(expected) != 32:
+            raise UsageError("--signing-key must be 64 hex digits (an Ed25519 public key)")
+    verdict: str | None = None
     info: dict[str, Any]
     with args.file.open("rb") as f:
         if f.read(64).lstrip().startswith(b"{"):
             # A plaintext share file (JSON Lines): checked to its trailer, no secret shown.
+            if expected is not None:
+                raise UsageError("--signing-key applies to a sealed bundle, not a plaintext file")
             f.seek(0)
             info = dict(sorted(inspect_plaintext(f).items()))
             info["sealed"] = False
             info["file_bytes"] = args.file.stat().st_size
         else:
             f.seek(0)
-            header, sha256 = read_sealed_header(f)
+            header, end = inspect_sealed(f)
             info = {k: v for k, v in sorted(header.items()) if k != "encrypted_data_key"}
+            info.setdefault("kind", "base")
             info["encrypted_data_key_bytes"] = (
                 len(str(header.get("encrypted_data_key", ""))) * 3 // 4
             )
             info["file_bytes"] = args.file.stat().st_size
-            info["sha256"] = sha256
+            info["sha256"] = end.sha256_hex
+            signature = end.signature
+            if signature is None:
+                info["signer"] = None
+                info["signature"] = "unsigned"
+            else:
+                info["signer"] = signature.public_key.hex()
+                info["signature"] = "valid" if signature.verifies(end.digest) else "INVALID"
+            if expected is not None:
+                if signature is None:
+                    verdict = "the bundle is unsigned"
+                elif signature.public_key != expected:
+                    verdict = (
+                        f"the bundle is signed by {signature.public_key.hex()}, "
+                        "not by --signing-key"
+                    )
+                elif info["signature"] != "valid":
+                    verdict = "the signature does not verify over the bundle's fingerprint"
+                info["signed_by_expected_key"] = verdict is None
     if args.json:
         json.dump(info, sys.stdout, sort_keys=True)
         sys.stdout.write("\n")
@@ -288,4 +422,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         for key, value in info.items():
             shown = json.dumps(value) if isinstance(value, dict) else value
             print(f"{key:<{width}}  {shown}")
+    if verdict is not None:
+        raise TrioSignError(f"{args.file}: {verdict}")
     return 0
