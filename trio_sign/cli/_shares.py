@@ -191,8 +191,7 @@ def _add_signing_args(parser: Any) -> None:
 
 
 def _signer(args: argparse.Namespace) -> Any:
-    """The signer the options name (the caller closes a ``CeremonyKey``), or None, which is
-    logged: an unsigned bundle loads only in a development enclave."""
+    """The signer the options name (the caller closes a ``CeremonyKey``), or None."""
     from ..shares import CeremonyKey
 
     if args.signing_key is not None:
@@ -202,11 +201,15 @@ def _signer(args: argparse.Namespace) -> Any:
 
         client = make_kms_client(args.kms_endpoint, region=args.kms_region)
         return KmsBundleSigner(client, args.signing_kms_key_id)
-    log.warning(
-        "the bundle will be UNSIGNED: only a development enclave loads it (pass --signing-key "
-        "FILE or --signing-kms-key-id ID)"
-    )
     return None
+
+
+def _warn_unsigned(signer: bytes | None) -> None:
+    if signer is None:
+        log.warning(
+            "the bundle is UNSIGNED: only a development enclave loads it (pass --signing-key "
+            "FILE or --signing-kms-key-id ID)"
+        )
 
 
 def _close_signer(signer: Any) -> None:
@@ -285,6 +288,7 @@ def cmd_seal(args: argparse.Namespace) -> int:
             "signer": "unsigned" if report.signer is None else report.signer.hex(),
         },
     )
+    _warn_unsigned(report.signer)
     print(f"sealed {report.accounts:,} accounts into {args.out}")
     print(f"sha256 {report.sha256}")
     print(f"signed by {report.signer.hex()}" if report.signer else "unsigned")
@@ -335,6 +339,7 @@ def cmd_reencrypt(args: argparse.Namespace) -> int:
             "out": str(args.out),
         },
     )
+    _warn_unsigned(report.signer)
     print(f"re-encrypted {report.accounts:,} accounts into {args.out} under {new.key_id}")
     print(f"sha256 {report.sha256}")
     print(f"signed by {report.signer.hex()}" if report.signer else "unsigned")
