@@ -55,7 +55,7 @@ class ServerLimits:
         max_pings: PING frames per interval.
         max_settings: SETTINGS frames per interval.
         flood_alert_s: how long after the server cut any connection for a flood new
-            connections are treated as an attacker's reconnects (`FloodGuard`): the two
+            connections are treated as an attacker's reconnects (`FloodGuard`): the three
             limits below apply to them.
         max_resets_after_flood: ``max_resets`` of a connection opened in that time: an
             attacker who reconnects does not start with a fresh budget.
@@ -175,7 +175,7 @@ class FloodGuard:
     and needs no more than a few resets.
     """
 
-    __slots__ = ("_clock", "_interval", "_last_cut", "_limits", "_next_start", "cuts")
+    __slots__ = ("_clock", "_interval", "_last_cut", "_limits", "_next_start")
 
     def __init__(self, limits: ServerLimits, clock: Callable[[], float]) -> None:
         self._limits = limits
@@ -183,13 +183,10 @@ class FloodGuard:
         self._interval = 1.0 / limits.connections_per_s_after_flood
         self._last_cut = -float("inf")
         self._next_start = -float("inf")
-        #: Connections cut for a flood since the server started.
-        self.cuts = 0
 
     def cut(self) -> None:
-        """A connection was cut for a flood."""
+        """A connection was cut for a flood (`GrpcServer.stats` counts them: ``floods``)."""
         self._last_cut = self._clock()
-        self.cuts += 1
 
     @property
     def alert(self) -> bool:
