@@ -8,6 +8,7 @@ import base64
 import functools
 import hashlib
 import io
+import itertools
 import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -18,6 +19,8 @@ import trio
 import trio.testing
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from proto_min import sign_service_pb2 as pb
 from trio_sign._errors import ShareFileError
@@ -613,3 +616,54 @@ async def test_the_enclave_serves_a_bundle_its_pinned_key_signed(
         assert status.shares_sha256 == hashlib.sha256(unsigned(signed)).hexdigest()
         await handle.drain()
     assert fake.exits == [0]
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    cuts=st.lists(st.integers(min_value=0, max_value=1 << 16), max_size=6),
+    extra=st.binary(max_size=120),
+)
+def test_any_split_gives_the_same_end_and_only_one_record_may_follow(
+    signed_bundle: bytes, cuts: list[int], extra: bytes
+) -> None:
+    """However the parent frames the bytes, the decoder ends with the same fingerprint and
+    record; and whatever else follows the FINAL chunk is refused, never buffered into a
+    second record."""
+
+    def run(data: bytes) -> EndOfBundle:
+        decoder = SealedDecoder(decrypt=False)
+        points = sorted({min(c, len(data)) for c in cuts} | {0, len(data)})
+        events = []
+        for a, b in itertools.pairwise(points):
+            events += decoder.receive_data(data[a:b])
+        events += decoder.receive_eof()
+        end = events[-1]
+        assert isinstance(end, EndOfBundle)
+        return end
+
+    end = run(signed_bundle)
+    assert end.sha256_hex == hashlib.sha256(unsigned(signed_bundle)).hexdigest()
+    assert end.signature is not None
+    assert end.signature.verifies(end.digest)
+    if extra:
+        with pytest.raises(ShareFileError) as info:
+            run(signed_bundle + extra)
+        assert info.value.reason == "trailing_data"
+        body = unsigned(signed_bundle)
+        if len(extra) != SIGNATURE_RECORD_BYTES or not extra.startswith(b"TSSIGv1\0"):
+            with pytest.raises(ShareFileError) as info:
+                run(body + extra)
+            assert info.value.reason in ("trailing_data", "bad_signature_record")
+
+
+@pytest.fixture(scope="module")
+def signed_bundle(
+    records: list[ShareRecord], ceremony: CeremonyKey, tmp_path_factory: pytest.TempPathFactory
+) -> bytes:
+    key = DevKeyFile.create(tmp_path_factory.mktemp("k") / "dev.key")
+    try:
+        return encode_bundle(records, key, chunk_size=1024, signer=ceremony)
+    finally:
+        key.close()
