@@ -155,3 +155,34 @@ async def test_seal_signs_with_a_kms_key(
     assert loaded.signer.hex() == public
     loaded.close()
     provider.close()
+
+
+def test_sign_adds_or_replaces_the_signature_and_keeps_the_fingerprint(
+    tmp_path: Path, service: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sealed = tmp_path / "plain.enc"
+    seal = ["shares", "seal", "--in", str(service), "--out", str(sealed),
+            "--dev-key", str(tmp_path / "dev.key")]  # fmt: skip
+    assert main(seal) == 0
+    sha = capsys.readouterr().out.split("sha256 ")[1].split()[0]
+    keys = []
+    for name in ("a.key", "b.key"):
+        assert main(["shares", "ceremony-key", "generate", "--out", str(tmp_path / name)]) == 0
+        keys.append(capsys.readouterr().out.split("public key ")[1].split()[0])
+    a, b = tmp_path / "a.enc", tmp_path / "b.enc"
+    assert main(["shares", "sign", "--in", str(sealed), "--out", str(a),
+                 "--signing-key", str(tmp_path / "a.key")]) == 0  # fmt: skip
+    assert f"sha256 {sha}" in capsys.readouterr().out
+    assert main(["shares", "sign", "--in", str(a), "--out", str(b),
+                 "--signing-key", str(tmp_path / "b.key")]) == 0  # fmt: skip
+    capsys.readouterr()
+    for path, key in ((a, keys[0]), (b, keys[1])):
+        code, info = _inspect(path, capsys, "--signing-key", key)
+        assert code == 0
+        assert info["sha256"] == sha
+    assert b.stat().st_size == a.stat().st_size == sealed.stat().st_size + 104
+    # a signing option is required, and an existing output is not overwritten
+    with pytest.raises(SystemExit):
+        main(["shares", "sign", "--in", str(sealed), "--out", str(tmp_path / "c.enc")])
+    assert main(["shares", "sign", "--in", str(a), "--out", str(b),
+                 "--signing-key", str(tmp_path / "a.key")]) == 1  # fmt: skip

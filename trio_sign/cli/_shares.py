@@ -93,6 +93,20 @@ def add_parser(sub: Any) -> None:
     reencrypt.add_argument("--force", action="store_true", help="overwrite an existing output")
     reencrypt.set_defaults(func=cmd_reencrypt)
 
+    sign = cmds.add_parser(
+        "sign",
+        help="(re-)sign a sealed bundle without re-encrypting it (the fingerprint is kept)",
+        description="Replace a sealed bundle's signature record (or add one) with a signature "
+        "by --signing-key or --signing-kms-key-id over its fingerprint. Nothing is decrypted; "
+        "the body and so the fingerprint are unchanged, so gateway pins do not move.",
+    )
+    sign.add_argument("--in", dest="input", type=Path, required=True, metavar="FILE.enc")
+    sign.add_argument("--out", type=Path, required=True, metavar="FILE.enc")
+    _add_kms_endpoint_args(sign)
+    _add_signing_args(sign, required=True)
+    sign.add_argument("--force", action="store_true", help="overwrite an existing output")
+    sign.set_defaults(func=cmd_sign)
+
     inspect = cmds.add_parser(
         "inspect",
         help="show a sealed bundle's header, counts and fingerprint (no secrets)",
@@ -174,8 +188,8 @@ def _add_kms_endpoint_args(parser: Any) -> None:
     )
 
 
-def _add_signing_args(parser: Any) -> None:
-    sign = parser.add_mutually_exclusive_group()
+def _add_signing_args(parser: Any, *, required: bool = False) -> None:
+    sign = parser.add_mutually_exclusive_group(required=required)
     sign.add_argument(
         "--signing-key",
         type=Path,
@@ -292,6 +306,24 @@ def cmd_seal(args: argparse.Namespace) -> int:
     print(f"sealed {report.accounts:,} accounts into {args.out}")
     print(f"sha256 {report.sha256}")
     print(f"signed by {report.signer.hex()}" if report.signer else "unsigned")
+    return 0
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    from ..shares import sign_file
+
+    signer = _signer(args)
+    try:
+        report = sign_file(args.input, args.out, signer, overwrite=args.force)
+    finally:
+        _close_signer(signer)
+    assert report.signer is not None
+    log.info(
+        "signed shares",
+        extra={"sha256": report.sha256, "signer": report.signer.hex(), "out": str(args.out)},
+    )
+    print(f"signed {args.out} by {report.signer.hex()}")
+    print(f"sha256 {report.sha256}")
     return 0
 
 

@@ -24,6 +24,7 @@ from ._sealed import read_sealed_header as read_sealed_header
 from ._sealed import reseal as reseal
 from ._sealed import seal_file as seal_file
 from ._sealed import sign_bundle as sign_bundle
+from ._sealed import sign_file as sign_file
 from ._signature import BundleSignature as BundleSignature
 from ._signature import BundleSigner as BundleSigner
 from ._signature import BundleTrust as BundleTrust
@@ -65,6 +66,7 @@ __all__ = [
     "reseal",
     "seal_file",
     "sign_bundle",
+    "sign_file",
     "verify_digest",
     "write_plaintext",
     "write_plaintext_file",

@@ -1134,6 +1134,48 @@ def sign_bundle(bundle: bytes, signer: BundleSigner) -> bytes:
     return body + sign_bundle_digest(signer, end.digest).encode()
 
 
+def sign_file(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    signer: BundleSigner,
+    *,
+    overwrite: bool = False,
+) -> SealResult:
+    """Write ``src`` (signed or not) to ``dst`` with a signature record from ``signer``.
+
+    The body is copied unchanged, so the fingerprint is the same: gateways' pins and
+    attestation bindings do not move. Nothing is decrypted (no data key is needed); the
+    framing is walked once to find the body's end and its digest, and the copy is hashed
+    again to prove it is the body that was signed (``input_changed`` otherwise).
+
+    Error handling:
+        ``ShareFileError`` for a malformed bundle or ``output_exists``; what the signer raises.
+    """
+    src_s, dst_s = os.fspath(src), os.fspath(dst)
+    _check_output(dst_s, overwrite)
+    with open(src_s, "rb") as f:
+        header, end = inspect_sealed(f)
+        body_bytes = f.seek(0, os.SEEK_END) - (
+            0 if end.signature is None else SIGNATURE_RECORD_BYTES
+        )
+    with _atomic_output(dst_s, overwrite) as out, open(src_s, "rb") as f:
+        w = _HashingWriter(out)
+        left = body_bytes
+        while left > 0:
+            data = f.read(min(READ_SIZE, left))
+            if not data:
+                break
+            w.write(data)
+            left -= len(data)
+        if w.sha.hexdigest() != end.sha256_hex:
+            raise ShareFileError(
+                f"{src_s} changed while it was being signed; nothing was written",
+                reason="input_changed",
+            )
+        signed_by = w.sign(signer)
+    return SealResult(dst_s, header["accounts"], header["chunks"], end.sha256_hex, signed_by)
+
+
 def reseal(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
