@@ -224,3 +224,21 @@ def test_sealed_identity_file_is_parsed_strictly() -> None:
         with pytest.raises(IdentityKeyError) as info:
             SealedIdentity.from_json(json.dumps(obj).encode())
         assert info.value.reason == "identity_sealed_bad"
+
+
+async def test_genesis_refuses_a_kms_answer_that_hands_the_parent_the_key(nsm: LocalNsm) -> None:
+    """KmsRecipientDataKey is the parent's side: an answer with a Plaintext data key (a KMS
+    that ignored Recipient) is refused, so the enclave never seals under a key the parent saw."""
+
+    class LeakyKms:
+        def generate_data_key(self, **kwargs: Any) -> dict[str, Any]:
+            assert kwargs["Recipient"]["KeyEncryptionAlgorithm"] == "RSAES_OAEP_SHA_256"
+            return {
+                "KeyId": "arn:aws:kms:us-east-1:111122223333:key/k",
+                "CiphertextBlob": b"blob",
+                "Plaintext": bytes(32),
+                "CiphertextForRecipient": b"envelope",
+            }
+
+    with pytest.raises(KmsRecipientError, match="Plaintext"):
+        await genesis(AsyncNsm(nsm), KmsRecipientDataKey(LeakyKms(), "k"))
