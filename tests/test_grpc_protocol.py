@@ -884,6 +884,7 @@ def test_public_api() -> None:
     assert sorted(trio_sign.rpc.__all__) == sorted(
         [
             "DEFAULT_MAX_RECEIVE_MESSAGE_SIZE",
+            "BurstListener",
             "CallContext",
             "ConnectionTerminated",
             "Event",

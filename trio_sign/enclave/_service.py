@@ -600,6 +600,7 @@ def _server_refusals(stats: ServerStats) -> tuple[tuple[str, int], ...]:
         ("send_stall", stats.send_stalls),
         ("flood", stats.floods),
         ("stream_refused", stats.streams_refused),
+        ("connection_paced", stats.connections_paced),
     )
 
 
