@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,6 @@ import trio
 
 from proto_min import sign_service_pb2 as pb
 from trio_sign.enclave import EnclaveExit, EnclaveState, ExitCode, SessionPool, serve_enclave
-from trio_sign.enclave._measured import DEVELOPMENT_CONFIG
 from trio_sign.enclave._serve import EnclaveHandle
 from trio_sign.nitro import (
     EventsConfigMessage,
@@ -34,7 +34,8 @@ from trio_sign.nitro import (
 from trio_sign.nitro._binding import NO_DELTAS, decode_binding
 from trio_sign.rpc import open_grpc_channel
 from trio_sign.shares import ShareRecord
-from trio_sign.transport import TransportError, connect, open_listeners
+from trio_sign.testing import make_ca, make_leaf
+from trio_sign.transport import TransportError, connect, load_cert_chain, open_listeners
 
 from .enclave_helpers import (
     Account,
@@ -320,8 +321,12 @@ async def test_enclave_process_as_pid1_under_unshare(
     async with parent(tmp_path, records, nsm_dir) as fake:
         cfg = fake.config()
         wrapped = True
+        # the measured configuration pins this test's gateway CA: the production command
+        # serves its gRPC port behind TLS 1.3 with client certificates from it
+        ca = make_ca("pid1 test gateway CA", days=1)
+        client_cert, client_key = make_leaf(ca, "gateway", server=False, days=1)
         enclave_toml = fake.dir / "enclave.toml"
-        enclave_toml.write_bytes(DEVELOPMENT_CONFIG)
+        enclave_toml.write_bytes(b"[gateway]\nclient_ca_pem = '''\n" + ca.pem + b"'''\n")
         cmd = [
             *["unshare", "--net", "--pid", "--fork", "--mount-proc", "--kill-child"],
             str(exe),
@@ -352,11 +357,28 @@ async def test_enclave_process_as_pid1_under_unshare(
             with trio.fail_after(30):
                 while not any(s.state == "serving" for s in fake.states):  # noqa: ASYNC110
                     await trio.sleep(0.05)
-                async with open_grpc_channel(await connect(cfg.grpc_listen)) as ch:
+                context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE  # the test pins nothing; attestation would
+                context.set_alpn_protocols(["h2"])
+                load_cert_chain(context, client_cert, client_key)
+                tls = trio.SSLStream(await connect(cfg.grpc_listen), context)
+                async with open_grpc_channel(tls) as ch:
                     assert await ch.unary_unary(
                         S + "Ping", pb.PingRequest(payload=b"pid1").SerializeToString(), timeout=5
                     )
                     await _sign_once(ch, next(iter(accounts.values())), b"signed by PID 1")
+                # the public port (h2c) answers GetStatus, naming the measured file
+                async with open_grpc_channel(
+                    await connect(f"unix://{fake.dir}/enclave-public.sock")
+                ) as ch:
+                    status = pb.GetStatusResponse.FromString(
+                        await ch.unary_unary(S + "GetStatus", b"", timeout=5)
+                    )
+                    assert (
+                        status.config_sha256
+                        == hashlib.sha256(enclave_toml.read_bytes()).hexdigest()
+                    )
                 pid1 = [r for r in fake.logs if r.get("msg") == "enclave ready"]
                 assert pid1
                 # ``unshare --fork`` ignores SIGTERM while it waits for its child: signal the

@@ -271,8 +271,10 @@ async def test_production_tls_without_a_ca_is_a_usage_exit(tmp_path: Path, nsm_d
     store, accounts = make_accounts(1)
     store.close()
     async with parent(tmp_path, [a.service for a in accounts.values()], nsm_dir) as fake:
+        no_ca = parse_measured_config(b"[limits]\nmax_sessions = 5\n")
+        config = fake.config(tls=True, measured=no_ca)
         with pytest.raises(BaseException) as caught:  # noqa: PT011 - unwrapped below
-            await serve_enclave(fake.config(tls=True), nsm=LocalNsm.from_dir(nsm_dir))
+            await serve_enclave(config, nsm=LocalNsm.from_dir(nsm_dir))
         exc: BaseException = caught.value
         while isinstance(exc, BaseExceptionGroup):
             exc = exc.exceptions[0]
@@ -392,3 +394,37 @@ async def test_silent_connections_are_bounded(
             await client.aclose()
         await listener.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_handshake_slots_go_to_the_newest_waiting_connection(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Under a burst, a connection that arrives later (a gateway reconnecting) gets the next
+    free handshake slot instead of queueing behind the whole burst; each waiter gets one.
+    (The parent's ingress did this before TLS moved into the enclave.)"""
+    from trio_sign.transport._tls_listener import TlsStats, _Conn, _Slots
+
+    settings = TlsSettings(max_handshakes=2, handshake_evict_age_s=100.0)
+    slots = _Slots(settings, TlsStats(), lambda what: None)
+    order: list[int] = []
+
+    async def one(i: int) -> None:
+        conn = _Conn()
+        slots.start_pending(conn)
+        try:
+            with conn.scope:
+                await slots.start_handshake(conn)
+                order.append(i)
+                await trio.sleep(1.0)  # the handshake
+        finally:
+            slots.end_pending(conn)
+            slots.end_handshake(conn)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(6):
+            nursery.start_soon(one, i)
+            await trio.sleep(0.01)
+    assert order == [0, 1, 5, 4, 3, 2]
+    assert not slots.handshaking
+    assert not slots.queue
+    assert not slots.pending

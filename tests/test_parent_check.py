@@ -29,6 +29,8 @@ def write_config(tmp_path: Path, **edits: str) -> Path:
         "garbage.pem": b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END"
         b" CERTIFICATE-----\n",
         "bundle.enc": b"ciphertext",
+        "enclave.toml": b"[gateway]\nclient_ca_pem = '''\n" + ca.pem + b"'''\n",
+        "bad-enclave.toml": b"[limits]\nmax_sesions = 5\n",
         "dev.key": b"{}",
     }
     for name, data in files.items():
@@ -38,13 +40,8 @@ def write_config(tmp_path: Path, **edits: str) -> Path:
     sections: dict[str, dict[str, str]] = {
         "bundle": {"source": '"bundle.enc"', "work_dir": '"run"'},
         "kms": {"mode": '"dev-key"', "dev_key": '"dev.key"'},
-        "enclave": {"backend": '"local"', "nsm_dir": '"nsm"'},
-        "ingress": {
-            "listen": '"tcp://127.0.0.1:0"',
-            "cert": '"server.pem"',
-            "key": '"server.key"',
-            "client_ca": '"ca.pem"',
-        },
+        "enclave": {"backend": '"local"', "nsm_dir": '"nsm"', "config": '"enclave.toml"'},
+        "ingress": {"listen": '"tcp://127.0.0.1:0"'},
         "attestation": {
             "root": '"nsm/local-nsm-root.pem"',
             "pcr0": f'"{GOOD_PCR}"',
@@ -75,8 +72,8 @@ def test_a_good_config_checks_ok(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 BAD = [
     ("attestation.pcr0", '"abcd"', "[attestation] pcr0 must be 48 bytes"),
-    ("ingress.key", '"other.key"', "[ingress] cert"),
-    ("ingress.client_ca", '"garbage.pem"', "[ingress] client_ca"),
+    ("enclave.config", '"bad-enclave.toml"', "unknown key 'max_sesions' in [limits]"),
+    ("enclave.config", '"missing.toml"', "[enclave] config"),
     ("ingress.listen", '"127.0.0.1:50051"', "[ingress] listen"),
     ("health.listen", '"tcp://127.0.0.1:99999"', "[health] listen"),
     ("enclave.preload_timeout_s", "-1", "[enclave] preload_timeout_s must be > 0"),
@@ -87,7 +84,7 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize(("key", "value", "named"), BAD, ids=[b[0] for b in BAD])
+@pytest.mark.parametrize(("key", "value", "named"), BAD, ids=[f"{b[0]}={b[1]}" for b in BAD])
 def test_check_and_start_refuse_the_same_configs_with_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], key: str, value: str, named: str
 ) -> None:
@@ -106,6 +103,27 @@ def test_check_and_start_refuse_the_same_configs_with_exit_2(
     assert named in lines[0], err
     assert "Traceback" not in err
     assert not (tmp_path / "run" / "enclave.stderr").exists(), "an enclave was launched"
+
+
+def test_ingress_tls_keys_are_ignored_with_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The ingress is a byte pipe now (TLS ends in the enclave): an older parent.toml's TLS
+    keys still parse, and the warning says where the client CA went."""
+    path = write_config(
+        tmp_path,
+        **{
+            "ingress.cert": '"server.pem"',
+            "ingress.key": '"server.key"',
+            "ingress.client_ca": '"ca.pem"',
+            "ingress.max_handshakes": "64",
+        },
+    )
+    assert main(["parent", "--config", str(path), "--check"]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "ignored" in line]
+    assert len(warned) == 1
+    assert "[ingress] cert, client_ca, key, max_handshakes ignored" in warned[0]
+    assert "enclave.toml" in warned[0]
 
 
 def test_check_warns_about_a_health_listener_off_loopback(

@@ -26,9 +26,7 @@ preload_timeout_s = 120
 
 [ingress]
 listen = "tcp://0.0.0.0:50051"
-cert = "certs/server.pem"
-key = "certs/server.key"
-client_ca = "certs/ca.pem"
+first_byte_timeout_s = 3
 
 [attestation]
 root = "nsm/local-nsm-root.pem"
@@ -56,7 +54,8 @@ def test_full_example(tmp_path: Path) -> None:
     assert cfg.enclave.nsm_dir == tmp_path / "nsm"
     assert cfg.enclave.preload_timeout_s == 120.0
     assert cfg.ingress is not None
-    assert cfg.ingress.cert == tmp_path / "certs/server.pem"
+    assert cfg.ingress.listen == "tcp://0.0.0.0:50051"
+    assert cfg.ingress.settings.first_byte_timeout_s == 3.0
     assert cfg.attestation is not None
     assert cfg.attestation.pcrs[0] == bytes.fromhex(PCR)
     assert 8 not in cfg.attestation.pcrs

@@ -61,7 +61,8 @@ def test_example_parses(monkeypatch: pytest.MonkeyPatch) -> None:
     assert config.enclave.node_id == "node-a"
     assert config.relay_allowlist == ("https://gateway.internal:8443/v1/enclaves/",)
     assert config.ingress is not None
-    assert config.ingress.settings.max_handshakes == 256
+    assert config.ingress.settings.max_pending == 4096
+    assert config.ingress.settings.first_byte_timeout_s == 5.0
 
 
 def test_example_refuses_unfilled_pcrs() -> None:

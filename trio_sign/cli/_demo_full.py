@@ -91,19 +91,29 @@ class LocalStack:
     boot_to_ready_s: float = 0.0
     events_token_file: Path | None = None  # the node's bearer token at the event server (0600)
     node_id: str = "node-1"
+    enclave_config: Path | None = None  # the local enclave's measured enclave.toml
+    pcrs: dict[int, bytes] | None = None  # the local PCRs of the enclave (from enclave_config)
+    nsm_root_pem: bytes = b""
 
     def gateway_node(self, node_id: str = "node-1", *, node_class: Any = None) -> Any:
         """An :class:`~trio_sign.gateway.EnclaveNode` (or ``node_class``, a subclass) for this
-        stack's ingress, with the development client certificate (mTLS)."""
-        from ..gateway import EnclaveNode, make_client_ssl_context
+        stack's enclave: TLS through the parent's byte pipe to the enclave itself, with the
+        development client certificate, attested on every connection (DESIGN §10: the local
+        NSM root, the local PCRs, this bundle's fingerprint)."""
+        from ..attested import ChannelPolicy, make_attested_client_context
+        from ..gateway import EnclaveNode
 
-        ssl_context = make_client_ssl_context(
-            self.pki.ca.read_bytes(),
-            self.pki.client_cert.read_bytes(),
-            self.pki.client_key.read_bytes(),
+        assert self.pcrs is not None
+        ssl_context = make_attested_client_context(
+            self.pki.client_cert.read_bytes(), self.pki.client_key.read_bytes()
+        )
+        policy = ChannelPolicy(
+            shares_sha256=bytes.fromhex(self.sealed_sha256),
+            pcrs=self.pcrs,
+            root_pem=self.nsm_root_pem,
         )
         cls = EnclaveNode if node_class is None else node_class
-        return cls(node_id, self.ingress_url, ssl_context=ssl_context, server_hostname="localhost")
+        return cls(node_id, self.ingress_url, ssl_context=ssl_context, attestation=policy)
 
 
 def write_secret(path: Path, text: str) -> None:
@@ -143,7 +153,8 @@ async def local_stack(
     from ..kms import KmsDataKeyProvider, make_kms_client
     from ..kms._server import KeyPolicy, LocalKms, serve_kms_local
     from ..kms._store import KeyStore
-    from ..nitro import DEFAULT_LOCAL_PCRS, LocalNsm
+    from ..nitro import LocalNsm
+    from ..nitro._local_nsm import local_pcrs_for_config
     from ..parent import parse_parent_config, serve_parent
     from ..shares import seal_file
     from ..testing import make_dev_pki
@@ -156,13 +167,18 @@ async def local_stack(
     await trio.to_thread.run_sync(lambda: LocalNsm.from_dir(nsm_dir, create=True).close())
     root_pem = (nsm_dir / "local-nsm-root.pem").read_bytes()
     pki = await trio.to_thread.run_sync(make_dev_pki, work / "pki")
+    # The local enclave's measured configuration (DESIGN §9): the development CA is the
+    # gateway client CA its TLS port checks; the local PCRs follow this file.
+    enclave_toml = work / "enclave.toml"
+    enclave_toml.write_text(f"[gateway]\nclient_ca_pem = '''\n{pki.ca.read_text()}'''\n")
+    local_pcrs = local_pcrs_for_config(enclave_toml)
     async with trio.open_nursery() as nursery:
         _say("      starting the local KMS and sealing the service's shares through it (boto3)")
         (work / "kms-keys.json").unlink(missing_ok=True)
         kms = LocalKms(
             KeyStore(work / "kms-keys.json"),
             root_pem=root_pem,
-            policy=KeyPolicy.from_json(_policy_json(dict(DEFAULT_LOCAL_PCRS))),
+            policy=KeyPolicy.from_json(_policy_json(local_pcrs)),
         )
         kms_url = await nursery.start(serve_kms_local, kms, "tcp://127.0.0.1:0")
         client = make_kms_client(kms_url)
@@ -208,7 +224,7 @@ async def local_stack(
         _say("      starting the parent; it launches the enclave and serves the attested preload")
         run_dir = work / "run"
         ingress_url = ingress_listen or f"unix://{run_dir}/ingress.sock"
-        pcrs = {i: DEFAULT_LOCAL_PCRS[i].hex() for i in (0, 1, 2)}
+        pcrs = {i: local_pcrs[i].hex() for i in (0, 1, 2)}
         config = parse_parent_config(
             f"""
 [bundle]
@@ -220,14 +236,12 @@ endpoint_url = "{kms_url}"
 [enclave]
 backend = "local"
 nsm_dir = "{nsm_dir}"
+config = "{enclave_toml}"
 gateway_url = "{events_origin}"
 node_id = "{node_id}"
 preload_timeout_s = 300
 [ingress]
 listen = "{ingress_url}"
-cert = "{pki.server_cert}"
-key = "{pki.server_key}"
-client_ca = "{pki.ca}"
 [attestation]
 root = "{nsm_dir / "local-nsm-root.pem"}"
 pcr0 = "{pcrs[0]}"
@@ -272,6 +286,9 @@ file = "{work / "enclave-logs.jsonl"}"
             boot_to_ready_s=time.monotonic() - started,
             events_token_file=events_token_file,
             node_id=node_id,
+            enclave_config=enclave_toml,
+            pcrs=local_pcrs,
+            nsm_root_pem=root_pem,
         )
         _say("      shutting down (the parent terminates the enclave)")
         nursery.cancel_scope.cancel()

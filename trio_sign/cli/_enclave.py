@@ -163,11 +163,14 @@ def cmd_enclave(args: argparse.Namespace) -> int:
         raise TrioSignError("--dev needs --dev-plaintext-shares FILE")
     if args.tls and not args.dev:
         raise UsageError("--tls is for --dev (TLS is always on without --dev)")
+    if args.tls and args.config is None:
+        raise UsageError("--tls needs --config FILE with [gateway] client_ca_pem (your gateway CA)")
     if args.dev and args.config is None:
         measured = development_config()
         log.warning(
             "DEVELOPMENT CONFIGURATION: no --config, so this enclave runs the built-in"
-            " development configuration (no gateway CA, no bundle keys). Never in production.",
+            " development configuration (no bundle keys, a placeholder gateway CA). Never in"
+            " production.",
             extra={"config_sha256": measured.sha256.hex()},
         )
     else:
@@ -193,9 +196,7 @@ def cmd_enclave(args: argparse.Namespace) -> int:
         },
         grpc_listen=args.grpc_listen,
         public_listen=public_listen,
-        # TLS in production follows with the parent's byte pipe (issue 13, step 3): until then
-        # the parent terminates the gateway's mTLS and forwards h2c to this port.
-        tls=args.tls,
+        tls=args.tls or not args.dev,
         gateway_url=args.gateway_url,
         node_id=args.node_id,
         sse_via=args.sse_via,

@@ -36,6 +36,7 @@ PCR0 just as this file is into PCR2, and it sets none of these.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import ssl
@@ -56,11 +57,31 @@ DEFAULT_CONFIG_PATH: Final = Path("/etc/trio-sign/enclave.toml")
 MAX_CONFIG_BYTES: Final = 1024 * 1024
 #: Most bundle signing keys accepted.
 MAX_SIGNING_KEYS: Final = 64
-#: What ``--dev`` without ``--config`` runs with: no gateway CA (so no TLS), no bundle keys.
+#: What ``--dev`` without ``--config`` runs with, and the local enclave without ``[enclave]
+#: config``: the gateway client CA is a placeholder whose private key was discarded when it was
+#: made, so the TLS port accepts no client (the public port and the parent's checks work); no
+#: bundle keys. Its local PCRs are ``DEFAULT_LOCAL_PCRS``.
 DEVELOPMENT_CONFIG: Final = b"""\
-# trio-sign: the built-in DEVELOPMENT configuration (trio-sign enclave --dev without --config).
-# No gateway client CA (the gRPC port speaks plain h2c) and no bundle signing keys.
+# trio-sign: the built-in DEVELOPMENT configuration (no --config / no [enclave] config).
 # Never for production: the EIF installs its own /etc/trio-sign/enclave.toml.
+# The gateway client CA below is a placeholder whose private key was discarded when it was
+# made: no client certificate chains to it, so the TLS port (50051) accepts no gateway.
+# Give the enclave your own file (--config, parent.toml [enclave] config) to serve one.
+
+[gateway]
+client_ca_pem = '''
+-----BEGIN CERTIFICATE-----
+MIIBpTCCAUugAwIBAgIBATAKBggqhkjOPQQDAjBHMUUwQwYDVQQDDDx0cmlvLXNp
+Z24gZGV2ZWxvcG1lbnQgcGxhY2Vob2xkZXIgQ0EgKHByaXZhdGUga2V5IGRpc2Nh
+cmRlZCkwIBcNMjYwMTAxMDAwMDAwWhgPMjA1NTEyMjUwMDAwMDBaMEcxRTBDBgNV
+BAMMPHRyaW8tc2lnbiBkZXZlbG9wbWVudCBwbGFjZWhvbGRlciBDQSAocHJpdmF0
+ZSBrZXkgZGlzY2FyZGVkKTBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABEZCcyj1
+RBNXrsPzhg7wtZGChTBokOHa0lSBCXVa8cquqHxIDyJ5irH8+8+W7FgrUW176AqP
+d18cTBsIAr6YP6WjJjAkMBIGA1UdEwEB/wQIMAYBAf8CAQAwDgYDVR0PAQH/BAQD
+AgEGMAoGCCqGSM49BAMCA0gAMEUCIQDRMJaYwTXwPhyOd91wKJCeZWY4kGsOxpU2
+1stjXZNIZwIgYiGWJMbyyUNoHyky0/J+j+Mqewa0jRk4Pj7AqCdGU5w=
+-----END CERTIFICATE-----
+'''
 
 [limits]
 max_sessions = 10000
@@ -172,12 +193,7 @@ def load_measured_config(path: str | Path) -> MeasuredConfig:
 def development_config() -> MeasuredConfig:
     """The built-in development configuration (:data:`DEVELOPMENT_CONFIG`)."""
     parsed = parse_measured_config(DEVELOPMENT_CONFIG, source="built-in development configuration")
-    return MeasuredConfig(
-        source=parsed.source,
-        sha256=parsed.sha256,
-        limits=parsed.limits,
-        development=True,
-    )
+    return dataclasses.replace(parsed, development=True)
 
 
 def parse_measured_config(data: bytes, *, source: str = "enclave.toml") -> MeasuredConfig:

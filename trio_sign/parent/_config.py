@@ -17,8 +17,9 @@ Every error names the key and says what is expected. Example (local development)
     nsm_dir = "demo-out/nsm"                             # local: the local NSM's root
     namespaces = "auto"                                  # local: "auto" | "always" | "never"
     config = "enclave.toml"                              # local: the measured configuration the
-                                                         # local enclave runs (its PCRs follow it);
-                                                         # default: the built-in development one
+                                                         # local enclave runs (its gateway CA; its
+                                                         # PCRs follow it); default: the built-in
+                                                         # development one (no gateway accepted)
     # nitro-cli: eif_path, cpu_count, memory_mib, cid
     launch_timeout_s = 120                               # nitro-cli run-enclave / process start
     preload_timeout_s = 300                              # the enclave's whole preload
@@ -28,11 +29,8 @@ Every error names the key and says what is expected. Example (local development)
     node_id = "node-a"                                   # ... /v1/enclaves/node-a/events
     drain_timeout_s = 20                                 # on stop: drain, then terminate
 
-    [ingress]
+    [ingress]                                            # a byte pipe: TLS ends in the enclave
     listen = "tcp://0.0.0.0:50051"
-    cert = "certs/server.pem"
-    key = "certs/server.key"
-    client_ca = "certs/ca.pem"
 
     [attestation]
     root = "demo-out/nsm/local-nsm-root.pem"             # default: the AWS Nitro root
@@ -61,15 +59,18 @@ Every error names the key and says what is expected. Example (local development)
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from .._errors import TrioSignError
 from ._ingress import IngressSettings
+
+log = logging.getLogger("trio_sign.parent")
 
 #: Bytes of a PCR value (SHA-384).
 PCR_BYTES = 48
@@ -117,11 +118,16 @@ class EnclaveLaunchConfig:
 
 @dataclass(frozen=True, slots=True)
 class IngressConfig:
+    """The byte pipe to the enclave's gRPC port (TLS ends inside the enclave)."""
+
     listen: str
-    cert: Path
-    key: Path
-    client_ca: Path
     settings: IngressSettings = field(default_factory=IngressSettings)
+
+
+#: ``[ingress]`` keys of the TLS-terminating ingress, accepted and ignored with a warning.
+INGRESS_RETIRED: Final = frozenset(
+    {"cert", "key", "client_ca", "max_handshakes", "handshake_timeout_s"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,12 +351,24 @@ def parse_parent_config(text: str, *, base: Path = Path(".")) -> ParentConfig:
     if i:
         limits = {
             "max_connections": int,
-            "max_handshakes": int,
-            "handshake_timeout_s": float,
+            "max_pending": int,
+            "first_byte_timeout_s": float,
             "idle_timeout_s": float,
             "evict_quiet_s": float,
         }
-        _unknown(i, "ingress", {"listen", "cert", "key", "client_ca", *limits})
+        retired = sorted(key for key in i if key in INGRESS_RETIRED)
+        # Retired keys are tolerated (an older parent.toml still starts), not settings.
+        _unknown(
+            {k: v for k, v in i.items() if k not in INGRESS_RETIRED}, "ingress", {"listen", *limits}
+        )
+        if retired:
+            # TLS ends inside the enclave (issue 13): the enclave checks the gateway's
+            # certificate against the CA in its measured enclave.toml, and bounds handshakes.
+            log.warning(
+                "[ingress] %s ignored: the ingress is a byte pipe and TLS ends inside the "
+                "enclave (the gateway client CA and the handshake limits are in enclave.toml)",
+                ", ".join(retired),
+            )
         defaults = IngressSettings()
         values = {}
         for key, kind in limits.items():
@@ -360,9 +378,6 @@ def parse_parent_config(text: str, *, base: Path = Path(".")) -> ParentConfig:
             values[key] = value
         ingress = IngressConfig(
             listen=_address(i, "ingress", "listen", "tcp://0.0.0.0:50051"),
-            cert=base / _get(i, "ingress", "cert", str),
-            key=base / _get(i, "ingress", "key", str),
-            client_ca=base / _get(i, "ingress", "client_ca", str),
             settings=dataclasses.replace(defaults, **values),
         )
 
@@ -453,7 +468,6 @@ def preflight(config: ParentConfig) -> tuple[list[str], list[str]]:
     warnings), each naming its key. ``trio-sign parent --check`` prints them and a start
     refuses to run with a problem (exit 2: systemd does not restart on it)."""
     import ipaddress
-    import ssl
 
     from ..transport import parse_address
 
@@ -491,26 +505,6 @@ def preflight(config: ParentConfig) -> tuple[list[str], list[str]]:
             problems.append(f"[enclave] config {exc}")
     if config.kms.mode == "dev-key":
         read(config.kms.dev_key, "[kms] dev_key")
-    if config.ingress is not None:
-        from ._ingress import make_server_ssl_context
-
-        i = config.ingress
-        cert = read(i.cert, "[ingress] cert")
-        key = read(i.key, "[ingress] key")
-        ca = read(i.client_ca, "[ingress] client_ca")
-        if ca is not None:
-            try:
-                ssl.create_default_context().load_verify_locations(cadata=ca.decode("latin-1"))
-            except (ssl.SSLError, ValueError) as exc:
-                problems.append(f"[ingress] client_ca {i.client_ca}: not a PEM certificate ({exc})")
-                ca = None
-        if cert is not None and key is not None and ca is not None:
-            try:
-                make_server_ssl_context(cert, key, ca)
-            except (ssl.SSLError, ValueError, OSError) as exc:
-                problems.append(
-                    f"[ingress] cert {i.cert} and key {i.key} do not load as a pair ({exc})"
-                )
     if config.attestation is not None and config.attestation.root is not None:
         root = read(config.attestation.root, "[attestation] root")
         if root is not None:

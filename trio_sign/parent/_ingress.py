@@ -1,18 +1,20 @@
-"""The gRPC ingress proxy: mTLS from the Sign Gateway, raw bytes to the enclave's gRPC port.
+"""The gRPC ingress: a byte pipe from the Sign Gateway to the enclave's gRPC port.
 
-Per connection: TLS 1.3 handshake with a client certificate from the configured CA required
-and ``h2`` negotiated by ALPN (bounded by ``handshake_timeout_s``), then, if the
-`AttestationGate` is verified, a connection to the enclave (vsock in production, UNIX/TCP
-locally) and two pumps moving bytes both ways. The proxy never parses HTTP/2: the h2
-connection runs end to end between the gateway and the enclave's gRPC server, so deadlines
-and statuses pass through untouched.
+TLS ends inside the enclave (DESIGN §10): the gateway's TLS 1.3 connection, with its client
+certificate, runs end to end to the enclave, which checks the certificate against the CA in
+its measured configuration and proves its own key by attestation. The parent cannot read,
+change or inject anything: it forwards the bytes of each connection as they come, TLS records
+it has no key for. What it keeps is the bounding (DESIGN §16): connections that have not sent
+their first byte are pending (a descriptor and a sleeping task each, no enclave connection;
+``max_pending``, the oldest closed, ``first_byte_timeout_s``); forwarded connections are
+bounded by ``max_connections`` (the quietest one makes room) and closed after
+``idle_timeout_s`` without a byte either way. Handshake bounds are the enclave's own
+(``enclave.toml`` ``[limits]``: ``tls_handshake_timeout_s``, ``max_tls_handshakes``).
 
-When the gate is not verified the proxy completes the TLS handshake and closes the connection
-at once (TLS close_notify, no HTTP/2 bytes): a gRPC client sees the connection drop before
-the server's SETTINGS and reports UNAVAILABLE, as for a server that is down. Speaking h2 just
-to send GOAWAY would need an h2 stack in the proxy for no gain to the client. When a periodic
-check fails, connections being forwarded are closed too (their in-flight calls fail
-UNAVAILABLE), since the enclave behind them is no longer trusted.
+The parent's `AttestationGate` (over the enclave's public port) stays as defence in depth and
+for health, never as the security boundary: while it is not verified new connections are
+closed at once (a client sees UNAVAILABLE), and when a periodic check fails the connections
+being forwarded are closed too.
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final, Protocol
 
 import trio
-from cryptography import x509
 
 from ..rpc import BurstListener, RateLimitedLog, connection_limit
 from ..transport import TransportError, connect, load_cert_chain, open_listeners
@@ -34,45 +36,35 @@ from ._attestation_gate import AttestationGate
 
 log = logging.getLogger("trio_sign.parent.ingress")
 
-#: The only application protocol served.
+#: The application protocol the enclave serves (the pipe does not look).
 ALPN_H2: Final = "h2"
 _CHUNK: Final = 64 * 1024
 
 
 @dataclass(frozen=True)
 class IngressSettings:
-    """Limits of the ingress proxy.
+    """Limits of the ingress pipe.
 
     Attributes:
-        handshake_timeout_s: a client must finish the TLS handshake within this (counted
-            from the TCP accept, waiting included).
-        max_pending: connections accepted but not in a TLS handshake yet: those that have
-            sent nothing, and those waiting for a handshake slot. No TLS state exists for
-            them (a descriptor and a sleeping task each), so bare TCP connections are cheap
-            to hold. At the limit the oldest pending connection is closed.
-        max_handshakes: TLS handshakes in progress at once (they take no connection slot).
-            Connections that have sent their first bytes wait for a slot, newest first; at
-            the limit the oldest handshake in progress is ended once it is older than
-            ``handshake_evict_age_s`` (a client that starts a handshake and stalls cannot
-            keep a real client out, and a burst of real handshakes is not thrown away).
-        handshake_evict_age_s: how old a handshake in progress must be before a waiting
-            connection may end it to take its slot.
+        first_byte_timeout_s: a connection that has sent nothing for this long after its
+            accept is closed (it never reached the enclave).
+        max_pending: accepted connections that have not sent their first byte: no enclave
+            connection exists for them (a descriptor and a sleeping task each), so bare TCP
+            connections are cheap to hold. At the limit the oldest pending one is closed.
         idle_timeout_s: a forwarded connection with no bytes either way for this long is
             closed (gRPC clients keep busy connections alive with HTTP/2 PINGs).
         enclave_connect_timeout_s: bound on connecting to the enclave's port.
-        close_timeout_s: bound on a graceful close (TLS close_notify) before dropping.
-        max_connections: forwarded connections at once. At the limit a newly authenticated
-            connection closes the forwarded one that has been quiet longest, if it has been
-            quiet at least ``evict_quiet_s``; otherwise the newcomer is closed.
+        close_timeout_s: bound on a close before dropping.
+        max_connections: forwarded connections at once. At the limit a new connection closes
+            the forwarded one that has been quiet longest, if it has been quiet at least
+            ``evict_quiet_s``; otherwise the newcomer is closed.
         evict_quiet_s: how long a forwarded connection must have moved no bytes before a
             newcomer may take its slot.
         log_interval_s: refusals of one kind are logged at most once per this.
     """
 
-    handshake_timeout_s: float = 5.0
+    first_byte_timeout_s: float = 5.0
     max_pending: int = 4096
-    max_handshakes: int = 64
-    handshake_evict_age_s: float = 1.0
     idle_timeout_s: float = 600.0
     enclave_connect_timeout_s: float = 5.0
     close_timeout_s: float = 1.0
@@ -84,13 +76,9 @@ class IngressSettings:
 def make_server_ssl_context(
     cert_pem: bytes | str, key_pem: bytes | str, client_ca_pem: bytes | str
 ) -> ssl.SSLContext:
-    """A server context for the ingress: TLS 1.3 only, client certificates required and
-    checked against ``client_ca_pem``, ALPN ``h2``.
-
-    Args:
-        cert_pem: the server certificate chain, PEM (leaf first).
-        key_pem: its private key, PEM, unencrypted.
-        client_ca_pem: the CA(s) whose client certificates are accepted, PEM.
+    """A TLS 1.3 server context (client certificates required and checked against
+    ``client_ca_pem``, ALPN ``h2``) for a development TLS terminator. The ingress no longer
+    terminates TLS (the enclave does); kept for tools that check a development PKI.
 
     Raises:
         ssl.SSLError: a certificate or key does not load (or they do not match).
@@ -101,8 +89,6 @@ def make_server_ssl_context(
     ca = client_ca_pem.decode() if isinstance(client_ca_pem, bytes) else client_ca_pem
     context.load_verify_locations(cadata=ca)
     context.set_alpn_protocols([ALPN_H2])
-    # load_cert_chain reads files only; an anonymous in-memory file (memfd, Linux) keeps the
-    # key off the disk.
     load_cert_chain(context, cert_pem, key_pem)
     return context
 
@@ -113,7 +99,6 @@ ConnectEnclave = Callable[[], Awaitable[trio.abc.Stream]]
 async def serve_ingress(
     listen_url: str,
     enclave_url: str,
-    ssl_context: ssl.SSLContext,
     gate: AttestationGate,
     *,
     settings: IngressSettings = IngressSettings(),
@@ -121,12 +106,12 @@ async def serve_ingress(
     observer: IngressObserver | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept mTLS gRPC connections on ``listen_url`` and forward them to ``enclave_url``.
+    """Accept connections on ``listen_url`` and pipe their bytes to ``enclave_url``.
 
     Args:
         listen_url: e.g. ``tcp://0.0.0.0:50051``.
-        enclave_url: the enclave's gRPC port, e.g. ``vsock://16:50051`` (or ``unix://`` locally).
-        ssl_context: from `make_server_ssl_context`.
+        enclave_url: the enclave's gRPC port, e.g. ``vsock://16:50051`` (or ``unix://`` locally),
+            where TLS ends.
         gate: forwarding happens only while ``gate.verified`` (run `run_attestation_gate`
             beside this).
         settings: limits and timeouts.
@@ -139,14 +124,11 @@ async def serve_ingress(
     Raises:
         TransportError: the listen address cannot be bound.
 
-    Error handling: a refused or failed connection (TLS refusal, no ``h2``, gate closed,
+    Error handling: a refused or failed connection (silent too long, gate closed, limits,
     enclave unreachable, either side breaking) is logged and closed; it never stops the
-    service. While the gate is not verified, connections are closed right after the TLS
-    handshake (clients see UNAVAILABLE); when the gate closes, forwarded connections are
-    closed too.
+    service. When the gate closes, forwarded connections are closed too.
 
-    Cancellation: stops accepting and closes every connection (a TLS close_notify is
-    attempted for at most ``close_timeout_s``).
+    Cancellation: stops accepting and closes every connection.
     """
     opener: ConnectEnclave = connect_enclave or (lambda: connect(enclave_url))
     watch: IngressObserver = observer if observer is not None else _NoObserver()
@@ -157,16 +139,14 @@ async def serve_ingress(
     async def handler(stream: trio.SocketStream) -> None:
         peer = _peer_name(stream)
         try:
-            await _serve_connection(
-                stream, peer, enclave_url, opener, ssl_context, gate, settings, watch, slots
-            )
+            await _serve_connection(stream, peer, enclave_url, opener, gate, settings, watch, slots)
         except Exception:
             # A bug while serving one connection closes that connection only: one client
             # must not be able to stop the ingress for every other (as GrpcServer does).
             log.exception("ingress connection failed unexpectedly; closed it", extra={"peer": peer})
 
     log.info(
-        "ingress listening",
+        "ingress listening (byte pipe: TLS ends in the enclave)",
         extra={"listen": listen_url, "enclave": enclave_url},
     )
     async with trio.open_nursery() as nursery:
@@ -177,56 +157,44 @@ async def serve_ingress(
 
 
 def _fit_open_file_limit(settings: IngressSettings) -> IngressSettings:
-    """Lower the limits so that every pending connection and handshake (one descriptor
-    each) and every forwarded connection (two) fits the open-file limit: out of descriptors,
-    the ingress could not even accept a connection to refuse it."""
-    wanted = settings.max_pending + settings.max_handshakes + 2 * settings.max_connections
+    """Lower the limits so that every pending connection (one descriptor) and every
+    forwarded connection (two) fits the open-file limit: out of descriptors, the ingress could
+    not even accept a connection to refuse it."""
+    wanted = settings.max_pending + 2 * settings.max_connections
     room = connection_limit(wanted)
     if room >= wanted:
         return settings
     pending = max(1, min(settings.max_pending, room // 4))
-    handshakes = max(1, min(settings.max_handshakes, room // 8))
-    connections = max(1, (room - pending - handshakes) // 2)
+    connections = max(1, (room - pending) // 2)
     log.warning(
         "ingress limits lowered to fit the open-file limit",
-        extra={
-            "max_pending": pending,
-            "max_handshakes": handshakes,
-            "max_connections": connections,
-        },
+        extra={"max_pending": pending, "max_connections": connections},
     )
-    return dataclasses.replace(
-        settings, max_pending=pending, max_handshakes=handshakes, max_connections=connections
-    )
+    return dataclasses.replace(settings, max_pending=pending, max_connections=connections)
 
 
 class _Conn:
-    """One connection's place in `_Slots`: its cancel scope, when it last moved bytes (or
-    entered its place), and the event that tells a waiting connection to look again."""
+    """One connection's place in `_Slots`: its cancel scope and when it last moved bytes (or
+    entered its place)."""
 
-    __slots__ = ("last_active", "scope", "wake")
+    __slots__ = ("last_active", "scope")
 
     def __init__(self) -> None:
         self.scope = trio.CancelScope()
         self.last_active = trio.current_time()
-        self.wake = trio.Event()
 
 
 class _Slots:
-    """Admission for the ingress: pending connections, handshakes in progress and forwarded
-    connections, each bounded, each making room by ending the stalest holder rather than
-    refusing newcomers (an attacker's connections are the stale ones; a real gateway's are
-    busy)."""
+    """Admission for the ingress: pending connections and forwarded connections, each bounded,
+    each making room by ending the stalest holder rather than refusing newcomers (an
+    attacker's connections are the stale ones; a real gateway's are busy)."""
 
     def __init__(self, settings: IngressSettings, watch: IngressObserver) -> None:
         self._settings = settings
         self._watch = watch
         self.pending: dict[_Conn, None] = {}  # insertion order: oldest first
-        self.queue: dict[_Conn, None] = {}  # pending and ready for a handshake: newest last
-        self.handshaking: dict[_Conn, None] = {}  # oldest first
         self.forwarding: set[_Conn] = set()
         self.pending_evicted = 0
-        self.handshakes_evicted = 0
         self.connections_evicted = 0
         self.connections_refused = 0
 
@@ -237,16 +205,11 @@ class _Slots:
         self.log_pending_evicted = rated(
             "ingress: max_pending connections; closed the oldest", level=logging.INFO
         )
-        self.log_handshake_evicted = rated(
-            "ingress: max_handshakes in progress; ended the oldest handshake", level=logging.INFO
-        )
         self.log_evicted = rated(
             "ingress: max_connections reached; closed the quietest connection", level=logging.INFO
         )
         self.log_refused = rated("ingress connection refused: max_connections, all busy")
-        self.log_tls_refused = rated("ingress TLS handshake refused", level=logging.INFO)
         self.log_not_attested = rated("ingress connection refused: enclave not attested")
-        self.log_no_h2 = rated("ingress connection refused: ALPN h2 not negotiated")
         self.log_unreachable = rated("ingress cannot reach the enclave")
 
     def start_pending(self, conn: _Conn) -> None:
@@ -261,69 +224,15 @@ class _Slots:
 
     def end_pending(self, conn: _Conn) -> None:
         self.pending.pop(conn, None)
-        if self.queue.pop(conn, 0) is None:
-            self._wake_first()
-
-    async def start_handshake(self, conn: _Conn) -> None:
-        """Take a handshake slot; while all are taken, wait, newest first.
-
-        Newest first: under a burst of handshakes (1500 at once in the bench) a client that
-        arrives later, such as a gateway reconnecting, does not queue behind the whole burst;
-        the oldest waiters are the ones that reach ``handshake_timeout_s``.
-
-        Cancellation: the connection leaves the queue (the next in line is told).
-        """
-        settings = self._settings
-        self.queue[conn] = None
-        while True:
-            if next(reversed(self.queue)) is conn:
-                if len(self.handshaking) < settings.max_handshakes:
-                    break
-                oldest = next(iter(self.handshaking))
-                evict_at = oldest.last_active + settings.handshake_evict_age_s
-                if trio.current_time() >= evict_at:
-                    del self.handshaking[oldest]
-                    oldest.scope.cancel()
-                    self.handshakes_evicted += 1
-                    self._watch.proxy_connection_refused()
-                    self.log_handshake_evicted(max_handshakes=settings.max_handshakes)
-                    break
-                with trio.move_on_at(evict_at):
-                    await conn.wake.wait()
-            else:
-                await conn.wake.wait()
-            conn.wake = trio.Event()
-        self.end_pending(conn)
-        conn.last_active = trio.current_time()
-        self.handshaking[conn] = None
-
-    def end_handshake(self, conn: _Conn) -> None:
-        if self.handshaking.pop(conn, 0) is None:
-            self._wake_first()
-
-    def _wake_first(self) -> None:
-        if self.queue:
-            next(reversed(self.queue)).wake.set()
-
-    def refuse_if_full(self) -> bool:
-        """At max_connections with every forwarded connection busy, count and log a refusal
-        and return True: a connection arriving now would be refused, so it is refused before
-        its handshake costs anything (in the bench's burst of 1500, about 500 handshakes)."""
-        if len(self.forwarding) < self._settings.max_connections:
-            return False
-        quietest = min(self.forwarding, key=lambda c: c.last_active)
-        if trio.current_time() - quietest.last_active >= self._settings.evict_quiet_s:
-            return False
-        self.connections_refused += 1
-        self._watch.proxy_connection_refused()
-        self.log_refused(max_connections=self._settings.max_connections)
-        return True
 
     def start_forwarding(self, conn: _Conn) -> bool:
         if len(self.forwarding) >= self._settings.max_connections:
-            if self.refuse_if_full():
-                return False
             quietest = min(self.forwarding, key=lambda c: c.last_active)
+            if trio.current_time() - quietest.last_active < self._settings.evict_quiet_s:
+                self.connections_refused += 1
+                self._watch.proxy_connection_refused()
+                self.log_refused(max_connections=self._settings.max_connections)
+                return False
             self.forwarding.discard(quietest)
             quietest.scope.cancel()
             self.connections_evicted += 1
@@ -366,96 +275,64 @@ def _peer_name(stream: trio.SocketStream) -> str:
     return str(address) or "unix"
 
 
-def _client_subject(tls: trio.SSLStream[trio.SocketStream]) -> str:
-    der = tls.getpeercert(binary_form=True)
-    if not der:
-        return ""
-    try:
-        return x509.load_der_x509_certificate(der).subject.rfc4514_string()
-    except ValueError:
-        return "?"
-
-
-def _log_handshake_failure(peer: str, exc: trio.BrokenResourceError, slots: _Slots) -> None:
-    cause = exc.__cause__
-    if isinstance(cause, ssl.SSLError) and cause.reason:
-        # A TLS-level refusal (no or untrusted client certificate, TLS < 1.3, ...): worth
-        # an operator's attention. A bare disconnect (load balancer TCP probe) is not.
-        slots.log_tls_refused(peer=peer, tls=cause.reason)
-    else:
-        log.debug("ingress TLS handshake aborted by the peer", extra={"peer": peer})
-
-
 async def _close(stream: trio.abc.AsyncResource, timeout_s: float) -> None:
-    # aclose closes the resource even when cancelled; the bound only stops a graceful
-    # close_notify from waiting on a peer that does not read.
+    # aclose closes the resource even when cancelled; the bound is a safety net.
     with trio.move_on_after(timeout_s, shield=True):
         await stream.aclose()
 
 
 async def _serve_connection(
-    tcp: trio.SocketStream,
+    client: trio.SocketStream,
     peer: str,
     enclave_url: str,
     opener: ConnectEnclave,
-    ssl_context: ssl.SSLContext,
     gate: AttestationGate,
     settings: IngressSettings,
     watch: IngressObserver,
     slots: _Slots,
 ) -> None:
-    hello = _Conn()  # pending, then handshaking (a scope is entered once: two places)
-    tls: trio.SSLStream[trio.SocketStream] | None = None
+    hello = _Conn()
     try:
         slots.start_pending(hello)
         try:
-            with hello.scope, trio.move_on_after(settings.handshake_timeout_s) as handshake:
-                # No TLS state until the client says something: a bare TCP connection costs
-                # a descriptor and this sleeping task, nothing more.
-                await trio.lowlevel.wait_readable(tcp.socket)
-                await slots.start_handshake(hello)
-                if slots.refuse_if_full():
-                    return
-                tls = trio.SSLStream(tcp, ssl_context, server_side=True)
-                try:
-                    await tls.do_handshake()
-                except trio.BrokenResourceError as exc:
-                    _log_handshake_failure(peer, exc, slots)
-                    watch.proxy_connection_refused()
-                    return
+            with hello.scope, trio.move_on_after(settings.first_byte_timeout_s) as waited:
+                # Nothing is opened toward the enclave until the client says something: a
+                # bare TCP connection costs a descriptor and this sleeping task.
+                await trio.lowlevel.wait_readable(client.socket)
         finally:
             slots.end_pending(hello)
-            slots.end_handshake(hello)
-        if tls is None or handshake.cancelled_caught or hello.scope.cancelled_caught:
-            log.debug("ingress TLS handshake timed out or made room", extra={"peer": peer})
+        if waited.cancelled_caught or hello.scope.cancelled_caught:
+            log.debug("ingress connection silent too long or made room", extra={"peer": peer})
             return
-        subject = _client_subject(tls)
-        alpn = tls.selected_alpn_protocol()
-        if alpn != ALPN_H2:
-            slots.log_no_h2(peer=peer, client=subject, alpn=alpn)
-            watch.proxy_connection_refused()
-            return
+        if await _closed_without_a_byte(client):
+            return  # readable, but only its end: nothing to open toward the enclave for
         if not gate.verified:
-            slots.log_not_attested(peer=peer, client=subject, reason=gate.last_failure)
+            slots.log_not_attested(peer=peer, reason=gate.last_failure)
             watch.proxy_connection_refused()
             return
         conn = _Conn()
         if not slots.start_forwarding(conn):
             return
         try:
-            await _forward(
-                tls, peer, subject, enclave_url, opener, gate, settings, watch, slots, conn
-            )
+            await _forward(client, peer, enclave_url, opener, gate, settings, watch, slots, conn)
         finally:
             slots.end_forwarding(conn)
     finally:
-        await _close(tcp if tls is None else tls, settings.close_timeout_s)
+        await _close(client, settings.close_timeout_s)
+
+
+async def _closed_without_a_byte(client: trio.SocketStream) -> bool:
+    """Whether a readable connection is readable only because the peer closed it (a peek;
+    the bytes stay for the pipe)."""
+    try:
+        return await client.socket.recv(1, socket.MSG_PEEK) == b""
+    except OSError:  # reset: gone as well
+        return True
 
 
 async def _forward(
-    tls: trio.SSLStream[trio.SocketStream],
+    client: trio.SocketStream,
     peer: str,
-    subject: str,
     enclave_url: str,
     opener: ConnectEnclave,
     gate: AttestationGate,
@@ -464,7 +341,7 @@ async def _forward(
     slots: _Slots,
     conn: _Conn,
 ) -> None:
-    log.debug("ingress connection opened", extra={"peer": peer, "client": subject})
+    log.debug("ingress connection opened", extra={"peer": peer})
     with conn.scope:
         try:
             with trio.fail_after(settings.enclave_connect_timeout_s):
@@ -474,19 +351,13 @@ async def _forward(
             return
         watch.proxy_connection_opened()
         try:
-            counts = await _pump_both_ways(tls, enclave, gate, settings, conn)
+            counts = await _pump_both_ways(client, enclave, gate, settings, conn)
         finally:
             watch.proxy_connection_closed()
             await _close(enclave, settings.close_timeout_s)
         log.debug(
             "ingress connection closed",
-            extra={
-                "peer": peer,
-                "client": subject,
-                "bytes_in": counts[0],
-                "bytes_out": counts[1],
-                "end": counts[2],
-            },
+            extra={"peer": peer, "bytes_in": counts[0], "bytes_out": counts[1], "end": counts[2]},
         )
 
 
@@ -529,7 +400,7 @@ async def _pump_both_ways(
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 finish("broken")
             return
-        # TLS has no half-close in Trio (close_notify ends both directions): end it all.
+        # The enclave closed (its TLS close_notify went through already): end it all.
         finish("client_eof" if index == 0 else "enclave_eof")
 
     async def watch_gate() -> None:
