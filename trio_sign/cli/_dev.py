@@ -89,13 +89,21 @@ def add_parser(sub: Any) -> None:
         description="Local mode's stand-ins for what AWS provides. Creates DIR with the local "
         "NSM's root (local-nsm-root.key.pem, 0600, and local-nsm-root.pem: the root to pin in "
         "[attestation] root and to give `trio-sign kms-local --nsm-root`), unless it is there "
-        "already; writes DIR/local.pcrs.json, the PCR0/1/2 a local enclave reports (fixed "
-        "values, in the format of enclave_image/build's trio-sign.pcrs.json, so "
+        "already; writes DIR/local.pcrs.json, the PCR0/1/2 a local enclave reports when it runs "
+        "the measured configuration --enclave-config FILE (default: the built-in development "
+        "one), in the format of enclave_image/build's trio-sign.pcrs.json, so "
         "`python -m trio_sign.ops` accepts it), and DIR/kms-policy.json, a key policy for "
         "`trio-sign kms-local --policy` that allows key creation and sealing and lets Decrypt "
         "through only with a Recipient attestation of those PCRs. Prints the PCRs.",
     )
     nsm.add_argument("--dir", type=Path, required=True, metavar="DIR")
+    nsm.add_argument(
+        "--enclave-config",
+        type=Path,
+        metavar="FILE",
+        help="the enclave.toml the local enclave runs (parent.toml [enclave] config); its PCRs "
+        "follow it (default: the built-in development configuration)",
+    )
     nsm.set_defaults(func=cmd_local_nsm)
 
     pki = cmds.add_parser(
@@ -196,17 +204,23 @@ def _print_stack(stack: Any) -> None:
 def cmd_local_nsm(args: argparse.Namespace) -> int:
     import json
 
+    from ..enclave._measured import load_measured_config
     from ..nitro import DEFAULT_LOCAL_PCRS, LocalNsm
-    from ..nitro._local_nsm import ROOT_CERT_FILE
+    from ..nitro._local_nsm import ROOT_CERT_FILE, local_pcrs_for_config
     from ._demo_full import _policy_json
 
     directory: Path = args.dir
+    if args.enclave_config is not None:
+        load_measured_config(args.enclave_config)  # refused (exit 2, naming the key) if bad
+        values = local_pcrs_for_config(args.enclave_config)
+    else:
+        values = dict(DEFAULT_LOCAL_PCRS)
     LocalNsm.from_dir(directory, create=True).close()
-    pcrs = {f"PCR{i}": DEFAULT_LOCAL_PCRS[i].hex() for i in (0, 1, 2)}
+    pcrs = {f"PCR{i}": values[i].hex() for i in (0, 1, 2)}
     pcr_file = directory / "local.pcrs.json"
     pcr_file.write_text(json.dumps(pcrs, indent=2, sort_keys=True) + "\n")
     policy_file = directory / "kms-policy.json"
-    policy_file.write_text(_policy_json(dict(DEFAULT_LOCAL_PCRS)) + "\n")
+    policy_file.write_text(_policy_json(values) + "\n")
     print(f"root      {directory / ROOT_CERT_FILE}")
     print(f"pcrs      {pcr_file}")
     print(f"policy    {policy_file}")
