@@ -1,6 +1,7 @@
 """The enclave side: session pool, SignService handlers, and the process's supervision tree."""
 
 from ._config import EnclaveConfig as EnclaveConfig
+from ._config import enclave_config as enclave_config
 from ._exit import EnclaveExit as EnclaveExit
 from ._exit import ExitCode as ExitCode
 from ._lifecycle import TRANSITIONS as TRANSITIONS
@@ -9,6 +10,13 @@ from ._lifecycle import EnclaveLifecycle as EnclaveLifecycle
 from ._lifecycle import EnclaveState as EnclaveState
 from ._lifecycle import LifecycleError as LifecycleError
 from ._link import ParentLink as ParentLink
+from ._measured import DEFAULT_CONFIG_PATH as DEFAULT_CONFIG_PATH
+from ._measured import DEVELOPMENT_CONFIG as DEVELOPMENT_CONFIG
+from ._measured import MeasuredConfig as MeasuredConfig
+from ._measured import MeasuredConfigError as MeasuredConfigError
+from ._measured import development_config as development_config
+from ._measured import load_measured_config as load_measured_config
+from ._measured import parse_measured_config as parse_measured_config
 from ._pool import DEFAULT_MAX_SESSIONS as DEFAULT_MAX_SESSIONS
 from ._pool import DEFAULT_SESSION_TTL_S as DEFAULT_SESSION_TTL_S
 from ._pool import CommitResult as CommitResult
@@ -24,8 +32,10 @@ from ._serve import serve_enclave as serve_enclave
 from ._service import SignService as SignService
 
 __all__ = [
+    "DEFAULT_CONFIG_PATH",
     "DEFAULT_MAX_SESSIONS",
     "DEFAULT_SESSION_TTL_S",
+    "DEVELOPMENT_CONFIG",
     "TRANSITIONS",
     "CommitResult",
     "EnclaveConfig",
@@ -36,6 +46,8 @@ __all__ = [
     "EnclaveState",
     "ExitCode",
     "LifecycleError",
+    "MeasuredConfig",
+    "MeasuredConfigError",
     "ParentLink",
     "PoolError",
     "PoolErrorKind",
@@ -44,6 +56,10 @@ __all__ = [
     "SessionPool",
     "SignService",
     "configure_gc_for_serving",
+    "development_config",
+    "enclave_config",
+    "load_measured_config",
+    "parse_measured_config",
     "serve_dev_enclave",
     "serve_enclave",
 ]
