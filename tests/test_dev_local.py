@@ -82,7 +82,13 @@ def test_parent_md_local_config_pins_the_local_nsm(tmp_path: Path) -> None:
     assert config.attestation is not None
     assert config.attestation.root is not None
     assert config.attestation.root.name == "local-nsm-root.pem"
-    assert dict(config.attestation.pcrs) == dict(DEFAULT_LOCAL_PCRS)
+    pcrs = dict(config.attestation.pcrs)
+    assert pcrs[0] == DEFAULT_LOCAL_PCRS[0]  # the installed package (a stand-in locally)
+    assert pcrs[1] == DEFAULT_LOCAL_PCRS[1]
+    assert len(pcrs[2]) == 48  # measures the reader's own enclave.toml: theirs differs
+    assert config.enclave.config is not None
+    assert config.enclave.config.name == "enclave.toml"
+    assert config.ingress is not None
     assert config.kms.mode == "local"
     assert config.kms.endpoint_url == "http://127.0.0.1:4599"  # kms-local's default --listen
     assert "export AWS_ACCESS_KEY_ID=" in text  # boto3 needs credentials, even for kms-local
