@@ -520,7 +520,7 @@ def test_enclave_refuses_bad_flags(
 ) -> None:
     from trio_sign.cli import main
 
-    assert main(["enclave", *args]) == 1
+    assert main(["enclave", *args]) == 2  # USAGE, as documented (enclave/_exit.py)
     assert message in capsys.readouterr().err
 
 

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .._errors import TrioSignError
 from ..rpc import ServerLimits, raise_open_file_limit
 from ._listen import UsageError
 
@@ -158,9 +157,9 @@ def cmd_enclave(args: argparse.Namespace) -> int:
     )
 
     if args.dev_plaintext_shares is not None and not args.dev:
-        raise TrioSignError("--dev-plaintext-shares is for development only; it needs --dev")
+        raise UsageError("--dev-plaintext-shares is for development only; it needs --dev")
     if args.dev and args.dev_plaintext_shares is None:
-        raise TrioSignError("--dev needs --dev-plaintext-shares FILE")
+        raise UsageError("--dev needs --dev-plaintext-shares FILE")
     if args.tls and not args.dev:
         raise UsageError("--tls is for --dev (TLS is always on without --dev)")
     if args.tls and args.config is None:

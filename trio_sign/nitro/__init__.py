@@ -11,6 +11,11 @@ from ._attestation import CertificateInfo as CertificateInfo
 from ._attestation import VerifiedAttestation as VerifiedAttestation
 from ._attestation import decode_attestation as decode_attestation
 from ._attestation import verify_attestation as verify_attestation
+from ._binding import NO_DELTAS as NO_DELTAS
+from ._binding import Binding as Binding
+from ._binding import BindingError as BindingError
+from ._binding import decode_binding as decode_binding
+from ._binding import encode_binding as encode_binding
 from ._channel import MAX_FRAME_BYTES as MAX_FRAME_BYTES
 from ._channel import MAX_METRICS_BYTES as MAX_METRICS_BYTES
 from ._channel import AttestationMessage as AttestationMessage
@@ -40,6 +45,8 @@ from ._cms import subject_key_identifier as subject_key_identifier
 from ._local_nsm import DEFAULT_LOCAL_PCRS as DEFAULT_LOCAL_PCRS
 from ._local_nsm import LocalNsm as LocalNsm
 from ._local_nsm import load_pcr_json as load_pcr_json
+from ._local_nsm import local_pcrs as local_pcrs
+from ._local_nsm import local_pcrs_for_config as local_pcrs_for_config
 from ._message_stream import ChannelClosed as ChannelClosed
 from ._message_stream import MessageStream as MessageStream
 from ._nsm_device import NSM_IOCTL_RAW as NSM_IOCTL_RAW
@@ -65,6 +72,13 @@ __all__ = [
     "ChannelProtocolError",
     "CmsError",
     "DEFAULT_LOCAL_PCRS",
+    "NO_DELTAS",
+    "Binding",
+    "BindingError",
+    "decode_binding",
+    "encode_binding",
+    "local_pcrs",
+    "local_pcrs_for_config",
     "DrainMessage",
     "DroppedMessage",
     "EntropySeed",

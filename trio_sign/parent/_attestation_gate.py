@@ -26,8 +26,13 @@ from google.protobuf.message import DecodeError
 
 from proto_min import sign_service_pb2 as pb
 
-from ..nitro import AttestationError, VerifiedAttestation, verify_attestation
-from ..nitro._binding import BindingError, decode_binding
+from ..nitro import (
+    AttestationError,
+    BindingError,
+    VerifiedAttestation,
+    decode_binding,
+    verify_attestation,
+)
 from ..rpc import GrpcProtocolError, RpcError, open_grpc_channel
 from ..transport import TransportError
 
