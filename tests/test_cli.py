@@ -181,9 +181,12 @@ def test_demo_small(tmp_path: Path) -> None:
 
 
 def test_demo_full_stack(tmp_path: Path) -> None:
-    """The whole system as `trio-sign demo --stack full` runs it: local KMS, parent, enclave
-    (in fresh namespaces where allowed), attestation, mTLS ingress and the reference gateway;
-    every signature verified, nothing logged at ERROR."""
+    """The whole system as `trio-sign demo --stack full` runs it: local KMS, a bundle signed by
+    a ceremony key the enclave.toml pins, parent, enclave (in fresh namespaces where allowed),
+    attested TLS ending in the enclave checked by the reference gateway; every signature
+    verified, the enclave loaded the bundle under the production signature check, nothing
+    logged at ERROR."""
+    import hashlib
     exe = Path(sys.executable).with_name("trio-sign")
     proc = subprocess.run(
         [
@@ -210,13 +213,37 @@ def test_demo_full_stack(tmp_path: Path) -> None:
     assert report["verified"].strip() == "80"
     assert report["failures"].strip() == "0"
     assert "matches" in report["fingerprint"]
+    assert "attested TLS ending in the enclave" in proc.stdout
+    assert "mTLS" not in proc.stdout
+    # the gateway's check: the document bound this connection's key, the bundle, the config
+    # and the PCRs (each pinned)
+    assert report["attested_channel"].strip() == "verified (SPKI, shares, config, PCRs)"
+    assert int(report["attested_connections"]) >= 1
+    # the bundle is signed by the ceremony key, the one key the enclave's configuration pins
+    work = tmp_path / "demo"
+    signer = report["bundle_signer"].strip()
+    assert Path(report["signing_key_file"].strip()) == work / "ceremony-key.json"
+    enclave_toml = Path(report["enclave_config"].strip())
+    assert f'signing_keys = ["{signer}"]' in enclave_toml.read_text()
+    assert report["enclave_config_sha256"].strip() == (
+        hashlib.sha256(enclave_toml.read_bytes()).hexdigest()
+    )
+    assert signer in report["bundle_signature"]
+    sealed = work / "service_key_shares.json.enc"
+    assert main(["shares", "inspect", str(sealed), "--signing-key", signer]) == 0
+    # ... so the enclave ran the production check, not the unsigned development fallback
+    logs = proc.stderr + (work / "enclave-logs.jsonl").read_text()
+    assert '"preload complete"' in logs
+    assert "DEVELOPMENT: unsigned" not in logs
     errors = [line for line in proc.stderr.splitlines() if '"level":"ERROR"' in line]
     assert not errors, errors
 
 
 def test_dev_up_serves_until_interrupted(tmp_path: Path) -> None:
-    """`trio-sign dev up --shares F`: the stack comes up, a stock grpcio client with the printed
-    client certificate reaches the enclave through the mTLS ingress, Ctrl-C stops it all."""
+    """`trio-sign dev up --shares F`: the stack comes up with a signed bundle, a stock grpcio
+    client with the printed client certificate reaches the enclave over TLS ending in the
+    enclave, pinning the enclave certificate dev up verified by its attestation (server_cert),
+    and Ctrl-C stops it all."""
     import signal
 
     import grpc
@@ -253,14 +280,19 @@ def test_dev_up_serves_until_interrupted(tmp_path: Path) -> None:
                 info[key] = value.strip()
         assert info["accounts"] == "5"
         target = info["grpc"].split()[0]
+        server_cert = Path(info["server_cert"].split()[0])
+        assert server_cert == (tmp_path / "stack" / "enclave-cert.pem").resolve()
+        # the bundle is signed by the ceremony key pinned in the stack's enclave.toml
+        signer = info["bundle_signer"].split()[0]
+        enclave_toml = Path(info["enclave_config"].split()[0]).read_text()
+        assert f'signing_keys = ["{signer}"]' in enclave_toml
         credentials = grpc.ssl_channel_credentials(
-            root_certificates=Path(info["client_ca"]).read_bytes(),
+            root_certificates=server_cert.read_bytes(),
             private_key=Path(info["client_key"]).read_bytes(),
             certificate_chain=Path(info["client_cert"]).read_bytes(),
         )
-        with grpc.secure_channel(
-            target, credentials, options=[("grpc.ssl_target_name_override", "localhost")]
-        ) as channel:
+        name = [("grpc.ssl_target_name_override", info["server_name"])]
+        with grpc.secure_channel(target, credentials, options=name) as channel:
             ping = channel.unary_unary(
                 "/trio_sign.v1.SignService/GetStatus",
                 request_serializer=lambda m: m.SerializeToString(),

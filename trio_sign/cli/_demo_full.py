@@ -4,23 +4,29 @@ Steps, each a real component talking over real sockets:
 
 1. generate test shares (service + counterpart participants);
 2. start the local KMS (the KMS JSON protocol over HTTP, with a key policy that pins the local
-   NSM's PCRs for ``Decrypt`` with ``Recipient``) and seal the service's shares through it
-   with boto3;
-3. start the gateway's SSE event server, with a fresh bearer token for the node (written
+   NSM's PCRs for ``Decrypt`` with ``Recipient``), generate a ceremony signing key in the work
+   directory, and seal the service's shares through KMS with boto3, signed by that key;
+3. write the enclave's measured configuration (``enclave.toml``: the development gateway CA
+   its TLS port checks, and the ceremony key pinned in ``[bundles] signing_keys``, so the
+   enclave runs the production signature check, not the unsigned development fallback);
+4. start the gateway's SSE event server, with a fresh bearer token for the node (written
    0600 into the work directory; the parent's ``[relay] token_file`` points at it, so the
    relay adds it to the enclave's subscription);
-4. start the parent supervisor, which launches the local enclave (fresh namespaces where the
+5. start the parent supervisor, which launches the local enclave (fresh namespaces where the
    kernel allows), serves its attested preload through KMS, verifies its attestation and
-   opens the mTLS ingress;
-5. the reference gateway signs M messages on random accounts at concurrency C through the
-   ingress (every signature verified), with the health prober and its SSE probes running;
-6. report, and shut everything down (the parent terminates the enclave).
+   opens the ingress, a byte pipe to the enclave's TLS port;
+6. the reference gateway signs M messages on random accounts at concurrency C over attested
+   TLS ending in the enclave (each connection checked before use: the attestation's key is
+   the TLS certificate's, the bundle, the configuration and the PCRs are the pinned ones;
+   every signature verified), with the health prober and its SSE probes running;
+7. report, and shut everything down (the parent terminates the enclave).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -94,26 +100,36 @@ class LocalStack:
     enclave_config: Path | None = None  # the local enclave's measured enclave.toml
     pcrs: dict[int, bytes] | None = None  # the local PCRs of the enclave (from enclave_config)
     nsm_root_pem: bytes = b""
+    enclave_config_sha256: str = ""  # SHA-256 of enclave_config's bytes (what the enclave binds)
+    ceremony_key_file: Path | None = None  # the key that signed the bundle (0600)
+    bundle_signer: str = ""  # its Ed25519 public key, hex (pinned in [bundles] signing_keys)
 
     def gateway_node(self, node_id: str = "node-1", *, node_class: Any = None) -> Any:
         """An :class:`~trio_sign.gateway.EnclaveNode` (or ``node_class``, a subclass) for this
         stack's enclave: TLS through the parent's byte pipe to the enclave itself, with the
         development client certificate, attested on every connection (DESIGN §10: the local
-        NSM root, the local PCRs, this bundle's fingerprint)."""
-        from ..attested import ChannelPolicy, make_attested_client_context
+        NSM root, the local PCRs, this bundle's fingerprint, this enclave.toml's SHA-256)."""
+        from ..attested import make_attested_client_context
         from ..gateway import EnclaveNode
 
-        assert self.pcrs is not None
         ssl_context = make_attested_client_context(
             self.pki.client_cert.read_bytes(), self.pki.client_key.read_bytes()
         )
-        policy = ChannelPolicy(
+        policy = self.channel_policy()
+        cls = EnclaveNode if node_class is None else node_class
+        return cls(node_id, self.ingress_url, ssl_context=ssl_context, attestation=policy)
+
+    def channel_policy(self) -> Any:
+        """The :class:`~trio_sign.attested.ChannelPolicy` this stack's enclave must meet."""
+        from ..attested import ChannelPolicy
+
+        assert self.pcrs is not None
+        return ChannelPolicy(
             shares_sha256=bytes.fromhex(self.sealed_sha256),
             pcrs=self.pcrs,
             root_pem=self.nsm_root_pem,
+            config_sha256=bytes.fromhex(self.enclave_config_sha256),
         )
-        cls = EnclaveNode if node_class is None else node_class
-        return cls(node_id, self.ingress_url, ssl_context=ssl_context, attestation=policy)
 
 
 def write_secret(path: Path, text: str) -> None:
@@ -156,7 +172,7 @@ async def local_stack(
     from ..nitro import LocalNsm
     from ..nitro._local_nsm import local_pcrs_for_config
     from ..parent import parse_parent_config, serve_parent
-    from ..shares import seal_file
+    from ..shares import CeremonyKey, seal_file
     from ..testing import make_dev_pki
 
     work = Path(await trio.Path(work).resolve())  # UNIX socket URLs need absolute paths
@@ -167,13 +183,28 @@ async def local_stack(
     await trio.to_thread.run_sync(lambda: LocalNsm.from_dir(nsm_dir, create=True).close())
     root_pem = (nsm_dir / "local-nsm-root.pem").read_bytes()
     pki = await trio.to_thread.run_sync(make_dev_pki, work / "pki")
+    # The ceremony key that signs the bundle (DESIGN §12), fresh for every run like the KMS
+    # key; the enclave only loads a bundle signed by a key its measured configuration pins.
+    ceremony_key_file = work / "ceremony-key.json"
+    ceremony_key_file.unlink(missing_ok=True)
+    with CeremonyKey.generate() as ceremony_key:
+        ceremony_key.save(ceremony_key_file)
+        bundle_signer = ceremony_key.public_key.hex()
     # The local enclave's measured configuration (DESIGN §9): the development CA is the
-    # gateway client CA its TLS port checks; the local PCRs follow this file.
+    # gateway client CA its TLS port checks, the ceremony key is the one signing key a bundle
+    # may carry (so the production check runs); the local PCRs follow this file.
     enclave_toml = work / "enclave.toml"
-    enclave_toml.write_text(f"[gateway]\nclient_ca_pem = '''\n{pki.ca.read_text()}'''\n")
+    enclave_toml.write_text(
+        f"[gateway]\nclient_ca_pem = '''\n{pki.ca.read_text()}'''\n\n"
+        f'[bundles]\nsigning_keys = ["{bundle_signer}"]\n'
+    )
+    enclave_config_sha256 = hashlib.sha256(enclave_toml.read_bytes()).hexdigest()
     local_pcrs = local_pcrs_for_config(enclave_toml)
     async with trio.open_nursery() as nursery:
-        _say("      starting the local KMS and sealing the service's shares through it (boto3)")
+        _say(
+            "      starting the local KMS and sealing the service's shares through it (boto3), "
+            f"signed by the ceremony key {bundle_signer[:16]}…"
+        )
         (work / "kms-keys.json").unlink(missing_ok=True)
         kms = LocalKms(
             KeyStore(work / "kms-keys.json"),
@@ -185,15 +216,17 @@ async def local_stack(
         created = await trio.to_thread.run_sync(lambda: client.create_key())
         key_id = created["KeyMetadata"]["KeyId"]
         sealed = work / "service_key_shares.json.enc"
-        seal = await trio.to_thread.run_sync(
-            functools.partial(
-                seal_file,
-                service_shares,
-                sealed,
-                KmsDataKeyProvider(client, key_id),
-                overwrite=True,
+        with await trio.to_thread.run_sync(CeremonyKey.load, ceremony_key_file) as signer:
+            seal = await trio.to_thread.run_sync(
+                functools.partial(
+                    seal_file,
+                    service_shares,
+                    sealed,
+                    KmsDataKeyProvider(client, key_id),
+                    overwrite=True,
+                    signer=signer,
+                )
             )
-        )
         hub: EventHub | None = None
         if gateway_url is None:
             _say(
@@ -289,6 +322,9 @@ file = "{work / "enclave-logs.jsonl"}"
             enclave_config=enclave_toml,
             pcrs=local_pcrs,
             nsm_root_pem=root_pem,
+            enclave_config_sha256=enclave_config_sha256,
+            ceremony_key_file=ceremony_key_file,
+            bundle_signer=bundle_signer,
         )
         _say("      shutting down (the parent terminates the enclave)")
         nursery.cancel_scope.cancel()
@@ -308,7 +344,10 @@ async def run_full_stack(args: argparse.Namespace, work: Path) -> dict[str, Any]
     gen = await trio.to_thread.run_sync(
         functools.partial(generate_share_files, work / "shares", n_accounts, force=True)
     )
-    _say("[2/3] starting the stack: local KMS, gateway events, parent, enclave, mTLS ingress")
+    _say(
+        "[2/3] starting the stack: local KMS, signed bundle, gateway events, parent, enclave "
+        "(attested TLS ending in the enclave)"
+    )
     async with local_stack(work, gen.service_file, ready_timeout=args.ready_timeout) as stack:
         report = stack.state.report()
         _say(
@@ -318,7 +357,7 @@ async def run_full_stack(args: argparse.Namespace, work: Path) -> dict[str, Any]
         )
         _say(
             f"[3/3] signing {args.signatures:,} messages on random accounts through the gateway "
-            f"(mTLS ingress, concurrency {args.concurrency})"
+            f"(attested TLS ending in the enclave, concurrency {args.concurrency})"
         )
         node = stack.gateway_node()
         await stack.nursery.start(node.run)
@@ -375,6 +414,8 @@ async def run_full_stack(args: argparse.Namespace, work: Path) -> dict[str, Any]
                 return 0.0
             return latencies[min(len(latencies) - 1, round(q * (len(latencies) - 1)))] * 1e3
 
+        channel = attested_channel_report(node, stack)
+
     return {
         "accounts": report["accounts"],
         "sealed_sha256": stack.sealed_sha256,
@@ -389,4 +430,35 @@ async def run_full_stack(args: argparse.Namespace, work: Path) -> dict[str, Any]
         "p50_ms": round(pct(0.50), 2),
         "p99_ms": round(pct(0.99), 2),
         "mean_ms": round(statistics.fmean(latencies) * 1e3, 2) if latencies else 0.0,
+        "bundle_signer": stack.bundle_signer,
+        "signing_key_file": str(stack.ceremony_key_file),
+        "enclave_config": str(stack.enclave_config),
+        "enclave_config_sha256": stack.enclave_config_sha256,
+        **channel,
+    }
+
+
+def attested_channel_report(node: Any, stack: LocalStack) -> dict[str, Any]:
+    """What the gateway's check proved about ``node``'s current connection, for the report:
+    ``attested_channel`` is ``verified`` only if the enclave's document bound this
+    connection's TLS key, the sealed bundle, this stack's enclave.toml and the local PCRs
+    (the policy pinned all of them; anything else was refused before any call was sent)."""
+    verified = node.verified
+    if verified is None:
+        return {"attested_channel": "NOT VERIFIED", "attested_connections": 0}
+    checks = {
+        "SPKI": verified.attestation.public_key == verified.peer_spki_der,
+        "shares": verified.binding.shares.hex() == stack.sealed_sha256,
+        "config": verified.binding.config.hex() == stack.enclave_config_sha256,
+        "PCRs": stack.pcrs is not None
+        and all(verified.attestation.pcrs.get(i) == stack.pcrs[i] for i in (0, 1, 2)),
+    }
+    failed = [name for name, ok in checks.items() if not ok]
+    return {
+        "attested_channel": (
+            "verified (" + ", ".join(checks) + ")" if not failed else f"MISMATCH {failed}"
+        ),
+        "attested_connections": node.attestations_verified,
+        "enclave_spki_sha256": hashlib.sha256(verified.peer_spki_der).hexdigest(),
+        "enclave_module_id": verified.attestation.module_id,
     }

@@ -1,9 +1,24 @@
 """``trio-sign dev up --shares FILE``: keep the local stack running for people testing their
 own Sign Gateway against it.
 
-It seals FILE (a plaintext service share file) through the local KMS, starts the parent,
-which launches the enclave and verifies its attestation, and prints where to connect: the
-mTLS gRPC ingress (with the client certificate to use) and the health endpoints.
+It generates a ceremony key in the work directory, seals FILE (a plaintext service share
+file) through the local KMS signed by that key, writes the enclave's measured configuration
+(enclave.toml: the development gateway CA, and the ceremony key pinned in [bundles]
+signing_keys, so the enclave runs the production signature check), starts the parent, which
+launches the enclave and verifies its attestation, and prints where to connect: gRPC over
+attested TLS ending in the enclave (the parent's ingress is a byte pipe to it), the client
+certificate to present, and the health endpoints.
+
+The enclave's certificate is self-signed, made at boot: what vouches for it is its attestation
+document, which binds the certificate's key. A client built on trio_sign.attested (or any
+client that checks the binding, docs/attested-channel.md) verifies it on every connection
+and needs nothing more. A stock gRPC client cannot check the binding itself; for it, dev up
+opens one attested channel once the stack is ready, checks it (the key in the attestation is
+the TLS certificate's, the bundle, this enclave.toml and the local PCRs are the pinned ones),
+and writes the verified certificate to WORKDIR/enclave-cert.pem (printed as server_cert). Such
+a client pins that certificate as its only root (grpcio: root_certificates, with
+grpc.ssl_target_name_override set to the printed server_name): it trusts a node it verified
+once, until the enclave restarts with a new key.
 
 Events (SSE): by default a private event server is started and the enclave subscribes to it
 through the parent's relay, which adds node-1's bearer token from the 0600 file printed as
@@ -34,7 +49,8 @@ def add_parser(sub: Any) -> None:
     cmds = dev.add_subparsers(dest="dev_command", required=True, metavar="SUBCOMMAND")
     up = cmds.add_parser(
         "up",
-        help="run the local stack (KMS, parent, enclave, mTLS ingress) until Ctrl-C",
+        help="run the local stack (KMS, signed bundle, parent, enclave, attested TLS ending in "
+        "the enclave) until Ctrl-C",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -50,8 +66,8 @@ def add_parser(sub: Any) -> None:
         "--ingress",
         default=None,
         metavar="URL",
-        help="where the mTLS gRPC ingress listens (default a UNIX socket in workdir;"
-        " e.g. tcp://127.0.0.1:50051)",
+        help="where the parent's ingress (a byte pipe to the enclave's TLS port) listens"
+        " (default a UNIX socket in workdir; e.g. tcp://127.0.0.1:50051)",
     )
     up.add_argument("--health", default="tcp://127.0.0.1:8080", metavar="URL")
     up.add_argument("--ready-timeout", type=float, default=300.0, metavar="SECONDS")
@@ -166,8 +182,9 @@ def cmd_up(args: argparse.Namespace) -> int:
                     ),
                     gateway_ca=args.gateway_ca.resolve() if args.gateway_ca else None,
                 ) as stack:
+                    pinned = await pin_enclave_certificate(stack, work / ENCLAVE_CERT_FILE)
                     ready = True
-                    _print_stack(stack)
+                    _print_stack(stack, pinned)
                     await trio.sleep_forever()
 
     trio.run(run)
@@ -176,9 +193,78 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_stack(stack: Any) -> None:
+#: Where ``dev up`` writes the enclave certificate it verified (for stock gRPC clients).
+ENCLAVE_CERT_FILE = "enclave-cert.pem"
+#: Bound on the one attested channel ``dev up`` opens once the stack is ready.
+PIN_TIMEOUT_S = 30.0
+
+
+async def pin_enclave_certificate(stack: Any, path: Path) -> tuple[Path, str]:
+    """Verify the stack's enclave over one attested channel and write its TLS certificate to
+    ``path`` (PEM): the pin for a stock client that cannot check the attestation binding.
+
+    The channel (:func:`~trio_sign.attested.open_attested_channel`) proves the enclave's
+    attestation binds the SPKI of the certificate it presented, and the pinned bundle, enclave.toml
+    and PCRs. The certificate itself is read on a second connection with the same client
+    context and accepted only if its SPKI is the one the attestation bound (the enclave has one
+    key per boot; a relay with its own key is refused).
+
+    Returns:
+        ``(path, server name)``: the certificate file and the DNS name it carries (what a
+        client sets as ``grpc.ssl_target_name_override``).
+
+    Raises:
+        TrioSignError: the check failed, or the second connection presented another key.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from ..attested import (
+        AttestedChannelError,
+        make_attested_client_context,
+        open_attested_channel,
+        spki_of_certificate,
+    )
+    from ..transport import TransportError, connect
+
+    context = make_attested_client_context(
+        stack.pki.client_cert.read_bytes(), stack.pki.client_key.read_bytes()
+    )
+    try:
+        with trio.fail_after(PIN_TIMEOUT_S):
+            stream = await connect(stack.ingress_url)
+            async with open_attested_channel(
+                stream, policy=stack.channel_policy(), ssl_context=context
+            ) as attested:
+                verified_spki = attested.verified.peer_spki_der
+            tls = trio.SSLStream(await connect(stack.ingress_url), context)
+            try:
+                await tls.do_handshake()
+                der = tls.getpeercert(binary_form=True)
+            finally:
+                await trio.aclose_forcefully(tls)
+    except (AttestedChannelError, TransportError, trio.BrokenResourceError) as exc:
+        raise TrioSignError(f"the enclave's attested channel did not verify: {exc}") from exc
+    except trio.TooSlowError:
+        raise TrioSignError(
+            f"the enclave's attested channel did not open within {PIN_TIMEOUT_S:g} s"
+        ) from None
+    if not der or spki_of_certificate(der) != verified_spki:
+        raise TrioSignError(
+            "the enclave presented another TLS key than the one its attestation bound"
+        )
+    certificate = x509.load_der_x509_certificate(der)
+    names = certificate.extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    ).value.get_values_for_type(x509.DNSName)
+    await trio.Path(path).write_bytes(certificate.public_bytes(Encoding.PEM))
+    return path, names[0]
+
+
+def _print_stack(stack: Any, pinned: tuple[Path, str]) -> None:
     report = stack.state.report()
     pki = stack.pki
+    cert_file, server_name = pinned
     token = (
         f"{stack.events_token_file}  (Authorization: Bearer)"
         if stack.events_token_file is not None
@@ -186,7 +272,9 @@ def _print_stack(stack: Any) -> None:
     )
     print("local stack ready", flush=True)
     for key, value in (
-        ("grpc", f"{stack.ingress_url}  (mTLS, TLS 1.3, ALPN h2; server name localhost)"),
+        ("grpc", f"{stack.ingress_url}  (attested TLS ending in the enclave; TLS 1.3, h2)"),
+        ("server_cert", f"{cert_file}  (verified by its attestation; pin as the only root)"),
+        ("server_name", server_name),
         ("client_ca", pki.ca),
         ("client_cert", pki.client_cert),
         ("client_key", pki.client_key),
@@ -196,6 +284,8 @@ def _print_stack(stack: Any) -> None:
         ("node_id", stack.node_id),
         ("accounts", report["accounts"]),
         ("shares_sha256", report["shares_sha256"]),
+        ("bundle_signer", f"{stack.bundle_signer}  ({stack.ceremony_key_file})"),
+        ("enclave_config", f"{stack.enclave_config}  (sha256 {stack.enclave_config_sha256})"),
     ):
         print(f"  {key:<14} {value}", flush=True)
     print("Ctrl-C stops everything.", flush=True)
