@@ -4,12 +4,14 @@ Two targets, each its own process tree started here and ended by pid:
 
 * ``enclave``: the development enclave tree (``_servers ours``: what ``trio-sign enclave
   --dev`` serves), attacked over plain TCP h2c.
-* ``stack``: the full local stack (``trio-sign dev up``: local KMS, parent, enclave), attacked
-  through the parent's mTLS ingress with the development client certificate (and, for the
-  pre-TLS attack, with bare TCP connections). The attacked processes are the parent and the
-  enclave; RSS and CPU are their sums.
+* ``stack``: the full local stack (``trio-sign dev up``: local KMS, signed bundle, parent,
+  enclave), attacked through the parent's ingress, a byte pipe to the enclave's TLS port, with
+  the development client certificate (and, for the pre-TLS attack, with bare TCP
+  connections). The attacked processes are the parent and the enclave; RSS and CPU are their
+  sums.
 
-Throughout, a stock grpcio ``aio`` client process (``_hostile_child``) keeps an open-loop
+Throughout, a stock grpcio ``aio`` client process (``_hostile_child``; against the stack it
+pins the enclave certificate ``dev up`` verified by its attestation) keeps an open-loop
 Poisson load of Commit+Sign sessions. Per attack the report gives, for the sessions scheduled
 while the attack ran (and at least ``MIN_WINDOW_S`` from its start), the success rate and the
 p99 latency (failed sessions count with the time they took to fail); the recovery time (from
@@ -153,7 +155,9 @@ class _Target:
         self._log = log
         self._proc: subprocess.Popen[str] | None = None
         self.port = 0
-        self.tls_files: tuple[str, str, str] | None = None  # ca, cert, key
+        # the server's certificate to pin (or its CA), the client certificate and key
+        self.tls_files: tuple[str, str, str] | None = None
+        self.tls_server_name = "localhost"  # the name the server's certificate carries
 
     def start(self) -> None:
         raise NotImplementedError
@@ -170,14 +174,19 @@ class _Target:
             self._proc = None
 
     def connect(self) -> attacks.Connect:
-        """h2 connections (TLS for the ingress)."""
+        """h2 connections (TLS to the enclave, through the stack's ingress pipe).
+
+        The attacks do not check the enclave's attestation (the context trusts any server):
+        they only need the client certificate the enclave requires to get past its handshake.
+        """
         tcp = attacks.tcp_connector("127.0.0.1", self.port)
         if self.tls_files is None:
             return tcp
-        from ..gateway import make_client_ssl_context
+        from ..attested import make_attested_client_context
 
-        ca, cert, key = (Path(p).read_bytes() for p in self.tls_files)
-        return attacks.tls_connector(tcp, make_client_ssl_context(ca, cert, key), "localhost")
+        _, cert, key = (Path(p).read_bytes() for p in self.tls_files)
+        context = make_attested_client_context(cert, key)
+        return attacks.tls_connector(tcp, context, self.tls_server_name)
 
     def connect_tcp(self) -> attacks.Connect:
         return attacks.tcp_connector("127.0.0.1", self.port)
@@ -208,7 +217,7 @@ class _EnclaveTarget(_Target):
 
 class _StackTarget(_Target):
     name = "stack"
-    description = "full local stack: parent mTLS ingress (TCP) -> enclave"
+    description = "full local stack: parent ingress (TCP pipe) -> enclave's attested TLS"
     tls = True
 
     def __init__(self, work: Path, shares: Path, log: IO[str]) -> None:
@@ -244,7 +253,8 @@ class _StackTarget(_Target):
         lines = _Lines(self._proc)
         found: dict[str, str] = {}
         deadline = time.monotonic() + READY_TIMEOUT_S
-        while "client_key" not in found:
+        wanted = ("server_cert", "server_name", "client_cert", "client_key")
+        while not all(key in found for key in wanted):
             try:
                 line = lines.get(max(0.0, deadline - time.monotonic()))
             except queue.Empty:
@@ -253,9 +263,11 @@ class _StackTarget(_Target):
                 self.stop()
                 raise RuntimeError("the local stack did not become ready; see the process log")
             parts = line.split()
-            if len(parts) >= 2 and parts[0] in ("client_ca", "client_cert", "client_key"):
+            if len(parts) >= 2 and parts[0] in wanted:
                 found[parts[0]] = parts[1]
-        self.tls_files = (found["client_ca"], found["client_cert"], found["client_key"])
+        # a stock client pins the enclave certificate dev up verified by its attestation
+        self.tls_files = (found["server_cert"], found["client_cert"], found["client_key"])
+        self.tls_server_name = found["server_name"]
         self._enclave = _enclave_pid((workdir / "run").resolve())
 
     def pids(self) -> list[int]:
@@ -291,6 +303,7 @@ class _Legit:
         if target.tls_files is not None:
             ca, cert, key = target.tls_files
             args += ["--tls-ca", ca, "--tls-cert", cert, "--tls-key", key]
+            args += ["--tls-server-name", target.tls_server_name]
         self._proc = subprocess.Popen(
             args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True
         )

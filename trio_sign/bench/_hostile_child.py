@@ -57,7 +57,7 @@ class _Client:
                 private_key=Path(args.tls_key).read_bytes(),
                 certificate_chain=Path(args.tls_cert).read_bytes(),
             )
-            self._options.append(("grpc.ssl_target_name_override", "localhost"))
+            self._options.append(("grpc.ssl_target_name_override", args.tls_server_name))
         self.channel = self.open_channel()
 
     def open_channel(self) -> Any:
@@ -203,9 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--call-timeout", type=float, default=2.0, help="seconds per call")
     parser.add_argument("--fresh-every", type=int, default=20, help="new connection every N")
     parser.add_argument("--probe-limit", type=float, default=20.0, help="give up after (s)")
-    parser.add_argument("--tls-ca", default=None)
+    parser.add_argument(
+        "--tls-ca", default=None, help="the root to trust: a CA, or the pinned server certificate"
+    )
     parser.add_argument("--tls-cert", default=None)
     parser.add_argument("--tls-key", default=None)
+    parser.add_argument(
+        "--tls-server-name", default="localhost", help="the name the server certificate carries"
+    )
     args = parser.parse_args(argv)
     asyncio.run(_run(args))
     return 0
