@@ -1,18 +1,19 @@
 """The reference Sign Gateway's coordinator, end to end against real enclaves.
 
 A development enclave (``serve_dev_enclave``) over loopback TCP, and the production enclave
-(``serve_enclave`` with a LocalNsm, booted through the fake parent) behind the real mTLS
-ingress (``serve_ingress`` + a verified ``AttestationGate``) reached with the gateway's own
-``connect_tls``. Faults (a failing or corrupted Sign) come from `EnclaveNode` subclasses that
-wrap the real calls; the enclave's pool is checked afterwards.
+(``serve_enclave`` with a LocalNsm, booted through the fake parent, TLS ending in it) behind
+the real ingress, a byte pipe (``serve_ingress`` + a verified ``AttestationGate`` over the
+enclave's public port), reached over the gateway's attested channel. Faults (a failing or
+corrupted Sign) come from `EnclaveNode` subclasses that wrap the real calls; the enclave's
+pool is checked afterwards.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import functools
+import hashlib
 import ipaddress
-import logging
 import ssl
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -31,8 +32,15 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from proto_min import sign_service_pb2 as pb
 from trio_sign import gateway
+from trio_sign.attested import ChannelPolicy, make_attested_client_context
 from trio_sign.crypto import SigningCommitment
-from trio_sign.enclave import EnclaveConfig, EnclaveHandle, serve_dev_enclave, serve_enclave
+from trio_sign.enclave import (
+    EnclaveConfig,
+    EnclaveHandle,
+    parse_measured_config,
+    serve_dev_enclave,
+    serve_enclave,
+)
 from trio_sign.gateway import (
     Coordinator,
     CoordinatorSettings,
@@ -416,7 +424,7 @@ async def test_key_mismatch_between_enclave_and_participant_file(
         assert handle.service.pool.open_sessions == 0
 
 
-# -- the production enclave behind the real mTLS ingress ----------------------------------------
+# -- the production enclave behind the real ingress (a byte pipe) --------------------------------
 
 
 @dataclass(frozen=True)
@@ -489,77 +497,123 @@ def _records(shares: Shares) -> list[ShareRecord]:
         return list(read_plaintext(f))
 
 
-async def test_signs_through_the_mtls_ingress_with_the_production_enclave(
-    tmp_path: Path,
-    shares: Shares,
-    pki: Pki,
-    nsm_dir: Path,
-    caplog: pytest.LogCaptureFixture,
+class _Tee(trio.abc.Stream):
+    """The ingress's stream to the enclave, recording what the pipe sends through it."""
+
+    def __init__(self, inner: trio.abc.Stream, seen: bytearray) -> None:
+        self._inner = inner
+        self._seen = seen
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self._seen += data
+        await self._inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self._inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+async def test_signs_through_the_byte_pipe_ingress_with_the_production_enclave(
+    tmp_path: Path, shares: Shares, pki: Pki, nsm_dir: Path
 ) -> None:
-    caplog.set_level(logging.INFO, "trio_sign.parent.ingress")
+    """The production enclave serves TLS itself (its per-boot certificate, client certificates
+    from the gateway CA its measured configuration pins); the parent's ingress only pipes bytes
+    to it once its gate verified the enclave over the public port. The gateway's node opens the
+    attested channel through the pipe (the document binds the connection's key, the bundle,
+    the configuration and the PCRs) and signs; what crossed the parent is ciphertext. A client
+    without a certificate, and a node pinning another configuration, are sent nothing."""
     keys = shares.group_keys()
     nsm = LocalNsm.from_dir(nsm_dir)
+    pcrs = {i: nsm.describe_pcr(i)[1] for i in (0, 1, 2)}
+    measured = parse_measured_config(b"[gateway]\nclient_ca_pem = '''\n" + pki.ca_pem + b"'''\n")
     async with parent(tmp_path, _records(shares), nsm_dir) as fake, trio.open_nursery() as nursery:
+        config = fake.config(
+            measured=measured, tls=True, public_listen=f"unix://{fake.dir}/public.sock"
+        )
         handle: EnclaveHandle = await nursery.start(
-            functools.partial(serve_enclave, fake.config(), nsm=nsm)
+            functools.partial(serve_enclave, config, nsm=nsm)
         )
         enclave_url = str(handle.addresses[0])
-        gate = AttestationGate(
-            AttestationPolicy(
-                root_pem=nsm.root_pem, pcrs={i: nsm.describe_pcr(i)[1] for i in (0, 1, 2)}
-            ),
-            functools.partial(connect, enclave_url),
+        fingerprint = hashlib.sha256(fake.bundle.read_bytes()).digest()
+        gate = AttestationGate(  # over the public port, as the parent does
+            AttestationPolicy(root_pem=nsm.root_pem, pcrs=pcrs, shares_sha256=fingerprint.hex()),
+            functools.partial(connect, handle.public_addresses[0]),
         )
         assert await gate.check()
-        server_context = make_server_ssl_context(
-            pki.server_cert_pem, pki.server_key_pem, pki.ca_pem
-        )
+        carried: list[bytearray] = []
+
+        async def recording_connect() -> trio.abc.Stream:
+            carried.append(bytearray())
+            return _Tee(await connect(enclave_url), carried[-1])
+
         listeners = await nursery.start(
-            serve_ingress, "tcp://127.0.0.1:0", enclave_url, server_context, gate
+            functools.partial(
+                serve_ingress,
+                "tcp://127.0.0.1:0",
+                enclave_url,
+                gate,
+                connect_enclave=recording_connect,
+            )
         )
         ingress = f"tcp://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
-        client_context = make_client_ssl_context(
-            pki.ca_pem, pki.client_cert_pem, pki.client_key_pem
+        policy = ChannelPolicy(
+            shares_sha256=fingerprint,
+            pcrs=pcrs,
+            root_pem=nsm.root_pem,
+            config_sha256=measured.sha256,
         )
-
-        # connect_tls on its own: h2 negotiated, TLS 1.3, server name checked
-        tls = await connect_tls(ingress, client_context, server_hostname="parent.local")
-        assert tls.selected_alpn_protocol() == "h2"
-        assert tls.version() == "TLSv1.3"
-        await tls.aclose()
-        with pytest.raises(TransportError, match="TLS handshake"):
-            await connect_tls(ingress, client_context, server_hostname="someone-else.example")
-        with pytest.raises(TransportError, match="cannot connect"):
-            await connect_tls(f"unix://{tmp_path}/nobody.sock", client_context, server_hostname="x")
-
-        node = EnclaveNode(
-            "enclave-0", ingress, ssl_context=client_context, server_hostname="parent.local"
-        )
-        # a client with no certificate: the ingress refuses it (TLS 1.3 reports the refusal
-        # on the first read, so the call fails UNAVAILABLE)
-        anonymous = ssl.create_default_context(cadata=pki.ca_pem.decode())
+        attested = make_attested_client_context(pki.client_cert_pem, pki.client_key_pem)
+        node = EnclaveNode("enclave-0", ingress, ssl_context=attested, attestation=policy)
+        # a client with no certificate: the enclave refuses it (TLS 1.3 reports the refusal on
+        # the first read, so the attested channel fails as a connection failure)
+        anonymous = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        anonymous.check_hostname = False
+        anonymous.verify_mode = ssl.CERT_NONE
         anonymous.minimum_version = ssl.TLSVersion.TLSv1_3
         anonymous.set_alpn_protocols(["h2"])
         no_cert = EnclaveNode(
             "no-cert",
             ingress,
             ssl_context=anonymous,
-            server_hostname="parent.local",
+            attestation=policy,
+            settings=NodeSettings(ping_timeout_s=5.0),
+        )
+        # a node pinning another enclave.toml: refused by the check (config_mismatch)
+        other_config = ChannelPolicy(
+            shares_sha256=fingerprint, pcrs=pcrs, root_pem=nsm.root_pem, config_sha256=bytes(32)
+        )
+        wrong = EnclaveNode(
+            "wrong-config",
+            ingress,
+            ssl_context=attested,
+            attestation=other_config,
             settings=NodeSettings(ping_timeout_s=5.0),
         )
         stores = load_participant_files([shares.participants[2]])
-        async with running([node, no_cert], stores) as coordinator:
+        async with running([node, no_cert, wrong], stores) as coordinator:
             with pytest.raises(RpcError) as refused:
                 await no_cert.ping(b"x")
             assert refused.value.status == StatusCode.UNAVAILABLE
-            await trio.testing.wait_all_tasks_blocked(0.01)  # the ingress logged it
-            # TLS refusals are logged at most once per interval (the first one may be an
-            # earlier, unrelated disconnect), so look for the line, not this reason.
-            refusals = [r.__dict__.get("tls") for r in caplog.records]
-            assert any(refusals)
+            assert no_cert.verified is None
             no_cert.evicted = True
+            with pytest.raises(RpcError) as mismatch:
+                await wrong.ping(b"x")
+            assert mismatch.value.status == StatusCode.UNAVAILABLE
+            assert wrong.attestation_failures == {"config_mismatch": 1}
+            assert wrong.verified is None
+            wrong.evicted = True
 
             assert (await node.ping(b"hello")).payload == b"hello"
+            assert node.verified is not None
+            assert node.verified.binding.config == measured.sha256
+            assert node.verified.binding.shares == fingerprint
+            assert handle.identity is not None
+            assert node.verified.peer_spki_der == handle.identity.spki_der
             status = await node.get_status()
             assert status.state == "serving"
             assert status.accounts == N_ACCOUNTS
@@ -575,7 +629,14 @@ async def test_signs_through_the_mtls_ingress_with_the_production_enclave(
             for i in range(16):
                 verify(keys[ids[i % len(ids)]], b"tx %d" % i, results[i])
             assert node.connects == 1
+            assert node.attestations_verified == 1
             assert handle.service.pool.open_sessions == 0
+        # the FROST sessions crossed the parent encrypted
+        assert carried
+        for seen in carried:
+            assert b"tx 0" not in seen
+            assert not any(account.encode() in seen for account in ids)
+            assert b"GetAttestation" not in seen
         await handle.drain()
         nursery.cancel_scope.cancel()
 

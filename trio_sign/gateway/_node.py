@@ -78,9 +78,8 @@ class EnclaveNode:
       :func:`~trio_sign.attested.make_attested_client_context`: the attested channel to the
       enclave through its parent's byte pipe (any address URL); ``server_hostname`` is only
       sent as SNI. The default of the reference gateway.
-    * ``ssl_context`` alone: TLS as that context checks it, e.g. the parent's mTLS ingress
-      (``tcp://host:port``; the server certificate verified against a CA, ``server_hostname``
-      checked). The gateway does not check the enclave's attestation itself then.
+    * ``ssl_context`` alone: TLS as that context checks it, ALPN ``h2`` required; the gateway
+      does not check the enclave's attestation (``[dev] skip_attestation`` with ``[tls]``).
     * neither: h2c to a development enclave (``tcp://`` or ``unix://``).
 
     The node owns no tasks until :meth:`run` is started in a nursery (``await

@@ -11,10 +11,9 @@ it)::
     [events]                    # the SSE endpoint the enclaves subscribe to (via their relay)
     listen = "tcp://127.0.0.1:8444"
     # certfile = "...", keyfile = "..."   (HTTPS: the parent's relay speaks HTTPS upstream)
-    [tls]                       # how node connections are secured (docs/gateway.md)
-    mode = "attested"           # TLS ends in the enclave, checked by its attestation (default);
-    cert = "pki/gateway.pem"    # "ingress": the parents' mTLS ingress, checked against `ca`
-    key = "pki/gateway.key"
+    [tls]                       # node connections: TLS that ends in the enclave, checked by
+    cert = "pki/gateway.pem"    # its attestation (docs/gateway.md); the client certificate
+    key = "pki/gateway.key"     # the enclaves' [gateway] client_ca_pem issued
     [attestation]               # pins every node shares (a [[node]] may set its own)
     root = "nsm/local-nsm-root.pem"   # default: the AWS Nitro Enclaves root
     pcrs = "enclave.pcrs.json"  # or { PCR0 = "...", PCR1 = "...", PCR2 = "..." }
@@ -86,7 +85,6 @@ from ._events import (
 )
 from ._node import EnclaveNode, NodeSettings
 from ._prober import run_prober
-from ._tls import make_client_ssl_context
 
 log = logging.getLogger("trio_sign.gateway")
 
@@ -110,10 +108,10 @@ _KEYS: Final[dict[str, frozenset[str]]] = {
     ),
     "dev": frozenset({"skip_attestation"}),
 }
-#: ``[tls] mode`` values: TLS that ends in the enclave and is checked by its attestation (the
-#: default), or the parent's mTLS ingress (TLS ends at the parent; until the enclaves serve
-#: attested TLS).
-TLS_MODES: Final = ("attested", "ingress")
+#: ``[tls] mode`` values: TLS that ends in the enclave and is checked by its attestation, the
+#: only one. (``"ingress"``, TLS ending at the parent, was removed when the parent's ingress
+#: became a byte pipe to the enclave: no parent terminates TLS any more.)
+TLS_MODES: Final = ("attested",)
 _PROMETHEUS_TEXT: Final = b"text/plain; version=0.0.4; charset=utf-8"
 
 #: GatewayError.reason -> HTTP status of the sign API.
@@ -153,7 +151,6 @@ class GatewayConfig:
     events_listen: str
     events_certfile: str | None
     events_keyfile: str | None
-    tls_ca: Path | None
     tls_cert: Path | None
     tls_key: Path | None
     tls_server_name: str | None
@@ -375,7 +372,6 @@ def parse_gateway_config(text: str, *, base: Path = Path(".")) -> GatewayConfig:
         events_listen=_str(events, "events", "listen", "tcp://127.0.0.1:8444"),
         events_certfile=_str(events, "events", "certfile", None),
         events_keyfile=_str(events, "events", "keyfile", None),
-        tls_ca=base / _str(tls or {}, "tls", "ca") if tls_mode == "ingress" else None,
         tls_cert=base / _str(tls, "tls", "cert") if tls is not None else None,
         tls_key=base / _str(tls, "tls", "key") if tls is not None else None,
         tls_server_name=_str(tls, "tls", "server_name", None) if tls is not None else None,
@@ -406,13 +402,14 @@ def _channel_mode(tls: Mapping[str, Any] | None, dev: Mapping[str, Any]) -> tupl
             )
         return None, skip
     mode = tls.get("mode", "attested")
+    if mode == "ingress" or "ca" in tls:
+        raise GatewayConfigError(
+            '[tls] mode = "ingress" and [tls] ca were removed: TLS ends in the enclave now (the '
+            "parent's ingress is a byte pipe) and its self-signed certificate is checked by its "
+            'attestation; remove them (mode = "attested" is the default; docs/gateway.md)'
+        )
     if mode not in TLS_MODES:
         raise GatewayConfigError(f"[tls] mode must be one of {', '.join(map(repr, TLS_MODES))}")
-    if mode == "attested" and "ca" in tls:
-        raise GatewayConfigError(
-            '[tls] ca is only for mode = "ingress": an enclave\'s certificate is self-signed and '
-            'is checked by its attestation instead; remove ca (or set mode = "ingress")'
-        )
     return mode, skip
 
 
@@ -494,8 +491,7 @@ class GatewayApi:
         evicted = m.gauge("trio_sign_gateway_nodes_evicted", "Nodes evicted by the prober.")
         unattested = m.gauge(
             "trio_sign_gateway_nodes_unattested",
-            "Nodes whose connections this gateway does not attest ([dev] skip_attestation, "
-            "or [tls] mode ingress).",
+            "Nodes whose connections this gateway does not attest ([dev] skip_attestation).",
         )
         verified = m.counter(
             "trio_sign_gateway_attestations_verified_total",
@@ -745,14 +741,10 @@ def make_nodes(config: GatewayConfig) -> list[EnclaveNode]:
     if config.tls_cert is not None and config.tls_key is not None:
         cert = _read(config.tls_cert, "[tls] cert")
         key = _read(config.tls_key, "[tls] key")
-        if config.tls_mode == "ingress" and config.tls_ca is not None:
-            ssl_context = make_client_ssl_context(_read(config.tls_ca, "[tls] ca"), cert, key)
-        else:
-            ssl_context = make_attested_client_context(cert, key)
+        ssl_context = make_attested_client_context(cert, key)
     if config.dev_skip_attestation:
         how = {
             None: "plain h2c",
-            "ingress": "TLS to the parents' ingress",
             "attested": "TLS whose server certificate is NOT verified",
         }[config.tls_mode]
         log.warning(
@@ -761,13 +753,6 @@ def make_nodes(config: GatewayConfig) -> list[EnclaveNode]:
             "signing traffic. Never run this in production.",
             how,
             extra={"alert": "attestation_skipped", "nodes": len(config.nodes)},
-        )
-    elif config.tls_mode == "ingress":
-        log.warning(
-            '[tls] mode = "ingress": TLS ends at the parents, and this gateway does not check '
-            'the enclaves\' attestation itself; switch to mode = "attested" once the enclaves '
-            "serve attested TLS (docs/gateway.md)",
-            extra={"nodes": len(config.nodes)},
         )
     nodes = []
     for n in config.nodes:

@@ -1,10 +1,15 @@
-"""The gateway's side of the parent's mTLS ingress: a client TLS context and a connector.
+"""TLS to a node without the gateway's attestation check, and a CA-verified client context.
 
-The parent's ingress (``trio_sign.parent._ingress``) accepts TLS 1.3 only, requires a client
-certificate from its configured CA and serves only ``h2`` by ALPN. The context built here
-matches that, verifies the parent's server certificate against the given CA, and the
-connector refuses a connection where ``h2`` was not negotiated (a gRPC client must not speak
-HTTP/2 over a connection the server did not agree to).
+Node connections are attested channels (:mod:`trio_sign.attested`): TLS that ends in the
+enclave, checked by its attestation. :func:`connect_tls` is how a node connects when that check
+is skipped (``[dev] skip_attestation`` with ``[tls]``: the context from
+``make_attested_client_context`` then trusts any server). The parent terminated TLS once (the
+gateway's former ``[tls] mode = "ingress"``); it is a byte pipe now, so nothing in the gateway
+uses :func:`make_client_ssl_context` any more: it stays as a helper for tools and tests that
+speak mTLS to a server with a CA-issued certificate.
+
+The connector refuses a connection where ``h2`` was not negotiated (a gRPC client must not
+speak HTTP/2 over a connection the server did not agree to).
 
 A refused *client* certificate shows up differently by TLS version: in TLS 1.3 the client
 considers the handshake done before the server checks the client's certificate, so
@@ -21,21 +26,23 @@ import trio
 
 from ..transport import TransportError, connect, load_cert_chain
 
-#: The only application protocol the ingress serves.
+#: The only application protocol an enclave serves.
 ALPN_H2: Final = "h2"
 
 
 def make_client_ssl_context(
     ca_pem: bytes | str, cert_pem: bytes | str, key_pem: bytes | str
 ) -> ssl.SSLContext:
-    """A client context for the parent's ingress: TLS 1.3 minimum, the server's certificate
-    verified against ``ca_pem`` (host name checked), our client certificate, ALPN ``h2``.
+    """A client context for an mTLS server with a CA-issued certificate: TLS 1.3 minimum, the
+    server's certificate verified against ``ca_pem`` (host name checked), our client
+    certificate, ALPN ``h2``. Not for enclaves: their certificate is self-signed and checked by
+    their attestation (:func:`trio_sign.attested.make_attested_client_context`).
 
     The private key is loaded through an anonymous in-memory file (Linux ``memfd``), so it is
     never written to disk (elsewhere: a private temporary directory removed at once).
 
     Args:
-        ca_pem: the CA(s) that issued the parent's server certificate, PEM.
+        ca_pem: the CA(s) that issued the server's certificate, PEM.
         cert_pem: the gateway's client certificate chain, PEM (leaf first).
         key_pem: its private key, PEM, unencrypted.
 
@@ -57,8 +64,8 @@ async def connect_tls(
     """Connect to ``url`` (``tcp://host:port``), complete the TLS handshake and check ALPN.
 
     Args:
-        url: the parent's ingress address.
-        ssl_context: from `make_client_ssl_context`.
+        url: the node's address (``tcp://`` or ``unix://``).
+        ssl_context: a client context (ALPN ``h2`` offered).
         server_hostname: the name the server's certificate must carry (also sent as SNI).
 
     Returns:
@@ -85,7 +92,7 @@ async def connect_tls(
         if alpn != ALPN_H2:
             raise TransportError(
                 f"TLS connection to {url} did not negotiate ALPN h2 (got {alpn!r}); "
-                "is it the parent's gRPC ingress?"
+                "is it an enclave's gRPC port?"
             )
     except BaseException:
         await trio.aclose_forcefully(tls)
