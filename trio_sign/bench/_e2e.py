@@ -1,9 +1,11 @@
-"""``scripts/bench --e2e``: the full local stack (local KMS, parent, enclave in namespaces where
-allowed, mTLS ingress, reference gateway) measured end to end.
+"""``scripts/bench --e2e``: the full local stack (local KMS, a signed bundle, parent, enclave in
+namespaces where allowed, attested TLS ending in the enclave, reference gateway) measured end
+to end.
 
 The load runs in this process as the reference gateway would: its FROST work (the
-counterpart's commit and share, aggregation, verification), the parent's TLS proxy and the
-load generator share one process, and the enclave has its own, on 2 cores. Numbers are for
+counterpart's commit and share, aggregation, verification, its side of TLS and the attested
+channel's check), the parent's ingress (a byte pipe) and the load generator share one process,
+and the enclave (which terminates TLS) has its own, on 2 cores. Numbers are for
 the whole path, not for the enclave alone (``--grpc`` isolates the server).
 """
 
@@ -131,6 +133,7 @@ async def _measure(n: int, cache: Path, duration_s: float) -> dict[str, Any]:
         out["open_p50_ms"] = _pct(open_latencies, 0.5)
         out["open_p99_ms"] = _pct(open_latencies, 0.99)
         out["open_failures"] = open_failures
+        out["attested_connections"] = node.attestations_verified
         pid = _enclave_pid(d / "stack" / "run")
         rss = rss_mib(pid) * 2**20 if pid else 0
         out["enclave_rss_mib"] = rss / 2**20
@@ -140,15 +143,16 @@ async def _measure(n: int, cache: Path, duration_s: float) -> dict[str, Any]:
 
 def bench_e2e(sizes: list[int], cache: Path, *, duration_s: float = 5.0) -> None:
     print(
-        "\nFull stack (local KMS, parent, enclave, mTLS ingress, reference gateway; "
-        "gateway and load in this process)"
+        "\nFull stack (local KMS, signed bundle, parent, enclave, attested TLS ending in the "
+        "enclave, reference gateway; gateway and load in this process)"
     )
     for n in sizes:
         r = trio.run(_measure, n, cache, duration_s)
         print(
             f"  {n:>9,} accounts: boot to ready {r['boot_to_ready_s']:5.2f} s "
             f"(preload {r['preload_ms']} ms); enclave RSS {r['enclave_rss_mib']:6.1f} MiB "
-            f"({r['enclave_bytes_per_account']:,.0f} B/account incl. the runtime)",
+            f"({r['enclave_bytes_per_account']:,.0f} B/account incl. the runtime); "
+            f"attested connections {r['attested_connections']}",
             flush=True,
         )
         for c in (64, 256):
