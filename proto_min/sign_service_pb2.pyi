@@ -118,15 +118,27 @@ class SigningCommitment(_message.Message):
     binding: bytes
     def __init__(self, identifier: _Optional[bytes] = ..., hiding: _Optional[bytes] = ..., binding: _Optional[bytes] = ...) -> None: ...
 
+class Approval(_message.Message):
+    __slots__ = ("key_id", "signature", "expires_at_unix_ms")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    signature: bytes
+    expires_at_unix_ms: int
+    def __init__(self, key_id: _Optional[str] = ..., signature: _Optional[bytes] = ..., expires_at_unix_ms: _Optional[int] = ...) -> None: ...
+
 class SignRequest(_message.Message):
-    __slots__ = ("session_id", "message", "commitments")
+    __slots__ = ("session_id", "message", "commitments", "approvals")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     COMMITMENTS_FIELD_NUMBER: _ClassVar[int]
+    APPROVALS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     message: bytes
     commitments: _containers.RepeatedCompositeFieldContainer[SigningCommitment]
-    def __init__(self, session_id: _Optional[str] = ..., message: _Optional[bytes] = ..., commitments: _Optional[_Iterable[_Union[SigningCommitment, _Mapping]]] = ...) -> None: ...
+    approvals: _containers.RepeatedCompositeFieldContainer[Approval]
+    def __init__(self, session_id: _Optional[str] = ..., message: _Optional[bytes] = ..., commitments: _Optional[_Iterable[_Union[SigningCommitment, _Mapping]]] = ..., approvals: _Optional[_Iterable[_Union[Approval, _Mapping]]] = ...) -> None: ...
 
 class SignResponse(_message.Message):
     __slots__ = ("identifier", "signature_share")

@@ -70,6 +70,13 @@ EXPECTED: dict[str, list[tuple[str, int, int, bool, str | None]]] = {
         ("session_id", 1, _T.TYPE_STRING, False, None),
         ("message", 2, _T.TYPE_BYTES, False, None),
         ("commitments", 3, _T.TYPE_MESSAGE, True, "trio_sign.v1.SigningCommitment"),
+        # version 2 (DESIGN §4, §11): approvals checked against the account's policy
+        ("approvals", 4, _T.TYPE_MESSAGE, True, "trio_sign.v1.Approval"),
+    ],
+    "Approval": [
+        ("key_id", 1, _T.TYPE_STRING, False, None),
+        ("signature", 2, _T.TYPE_BYTES, False, None),
+        ("expires_at_unix_ms", 3, _T.TYPE_INT64, False, None),
     ],
     "SignResponse": [
         ("identifier", 1, _T.TYPE_BYTES, False, None),
