@@ -124,11 +124,13 @@ def add_parser(sub: Any) -> None:
 
     pki = cmds.add_parser(
         "pki",
-        help="write a development CA, ingress server and gateway client certificate",
-        description="Writes DIR/ca.pem, DIR/ingress.pem and DIR/ingress.key (the parent's "
-        "[ingress] cert and key; server name localhost), DIR/gateway.pem and DIR/gateway.key "
-        "(the client certificate a gateway presents; gateway.toml [tls]); keys 0600. "
-        "Development only: the CA key is not kept.",
+        help="write a development CA, a gateway client certificate and a server certificate",
+        description="Writes DIR/ca.pem (the gateway CA: an enclave.toml's [gateway] "
+        "client_ca_pem), DIR/gateway.pem and DIR/gateway.key (the client certificate a gateway "
+        "presents; gateway.toml [tls]), and DIR/ingress.pem and DIR/ingress.key (a server "
+        "certificate, server name localhost, for tools that need a CA-issued server: the "
+        "parent's ingress takes none, TLS ends in the enclave); keys 0600. Development only: "
+        "the CA key is not kept.",
     )
     pki.add_argument("--dir", type=Path, required=True, metavar="DIR")
     pki.add_argument("--days", type=int, default=7, help="validity (default 7)")
