@@ -51,20 +51,27 @@ def test_local_nsm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert (nsm / "local-nsm-root.pem").read_bytes() == root
 
 
-def test_dev_pki_is_usable_by_the_ingress(tmp_path: Path) -> None:
-    from trio_sign.gateway import make_client_ssl_context
+def test_dev_pki_is_usable_by_an_enclave_and_a_gateway(tmp_path: Path) -> None:
+    """The CA is what an enclave.toml pins as its gateway CA, the gateway certificate loads in
+    the attested client context, and the server certificate still loads for tools."""
+    from trio_sign.attested import make_attested_client_context
+    from trio_sign.enclave import parse_measured_config
     from trio_sign.parent._ingress import make_server_ssl_context
+    from trio_sign.transport import self_signed_server_context
 
     pki = tmp_path / "pki"
     assert main(["dev", "pki", "--dir", str(pki), "--days", "2"]) == 0
     assert _mode(pki / "ingress.key") == 0o600
     assert _mode(pki / "gateway.key") == 0o600
     ca = (pki / "ca.pem").read_bytes()
+    measured = parse_measured_config(b'[gateway]\nclient_ca_pem = """\n' + ca + b'"""\n')
+    assert measured.client_ca_pem is not None
+    self_signed_server_context(measured.client_ca_pem)
+    make_attested_client_context(
+        (pki / "gateway.pem").read_bytes(), (pki / "gateway.key").read_bytes()
+    )
     make_server_ssl_context(
         (pki / "ingress.pem").read_bytes(), (pki / "ingress.key").read_bytes(), ca
-    )
-    make_client_ssl_context(
-        ca, (pki / "gateway.pem").read_bytes(), (pki / "gateway.key").read_bytes()
     )
 
 
