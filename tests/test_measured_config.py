@@ -69,6 +69,19 @@ def full_config(ca_pem: str) -> bytes:
         'verify_shares = "full"\n'
         "memory_alarm_fraction = 0.5\n"
         "memory_hard_fraction = 0.8\n"
+        "approval_clock_tolerance_s = 10\n"
+        "approval_max_lifetime_s = 120\n\n"
+        "[approvers.ops-1]\n"
+        'type = "ed25519"\n'
+        f'public_key = "{ED25519_KEY}"\n\n'
+        "[approvers.ops-2]\n"
+        'type = "ed25519"\n'
+        f'public_key = "{OTHER_KEY}"\n\n'
+        "[policies.default]\n"
+        'approvers = ["ops-1", "ops-2"]\n'
+        "threshold = 2\n"
+        "max_message_bytes = 1024\n"
+        "rate_per_minute = 60\n"
     ).encode()
 
 
@@ -82,6 +95,11 @@ def test_a_full_file_parses(ca_pem: str) -> None:
     assert measured.delta_identity_key == bytes.fromhex(OTHER_KEY)
     assert set(measured.limits) == set(LIMITS)  # the file above sets every limit
     assert not measured.development
+    policy = measured.policies.policies["default"]
+    assert policy.approvers == ("ops-1", "ops-2")
+    assert (policy.threshold, policy.max_message_bytes, policy.rate_per_minute) == (2, 1024, 60)
+    assert measured.policies.approvers["ops-2"].public_key == bytes.fromhex(OTHER_KEY)
+    assert not measured.policies.development
     # no key material in the repr (the CA is public, but still not dumped)
     assert "BEGIN" not in repr(measured)
 
@@ -103,8 +121,7 @@ def test_the_hash_is_of_the_exact_bytes(ca_pem: str) -> None:
         ("[limits]\ngrpc_listen = 'tcp://0:1'\n", "unknown key 'grpc_listen' in [limits]"),
         ("[tls]\n", "unknown section [tls]"),
         ("top_level = 1\n", "unknown section [top_level]"),
-        ("[approvers]\n", "[approvers] is not supported yet (issue 14"),
-        ("[policies]\n", "[policies] is not supported yet (issue 14"),
+        ("[policies.default]\napprovers = ['x']\nthreshold = 1\n", "not in [approvers]"),
         ("[dkg]\n", "[dkg] is not supported yet (issue 16"),
         ("limits = 3\n", "limits must be a table"),
         ("[limits\n", "not valid TOML"),
@@ -298,3 +315,65 @@ def test_installed_image_digest_covers_every_file(tmp_path: Path) -> None:
     (pkg / "sub" / "b.py").write_text("B = 2\n")
     (pkg / "sub" / "b.py").rename(pkg / "sub" / "c.py")
     assert package_files_digest([pkg]) != first
+
+
+# -- issue 14: approvers and policies --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("[policies.default]\napprovers = ['nobody']\nthreshold = 1\n", "unknown_approver"),
+        (
+            f"[approvers.a]\ntype = 'ed25519'\npublic_key = '{ED25519_KEY}'\n"
+            "[policies.default]\napprovers = ['a']\nthreshold = 2\n",
+            "impossible_threshold",
+        ),
+        (f"[approvers.a]\ntype = 'rsa'\npublic_key = '{ED25519_KEY}'\n", "unknown_key_type"),
+        ("[approvers.a]\ntype = 'p256'\npublic_key = '04'\n", "bad_approver"),
+    ],
+)
+def test_policy_refusals_have_their_own_reason(text: str, reason: str) -> None:
+    with pytest.raises(MeasuredConfigError) as caught:
+        parse_measured_config(text.encode(), source="e.toml")
+    assert caught.value.reason == reason
+    assert caught.value.exit_code == 2
+    assert str(caught.value).startswith("e.toml: [")
+
+
+def test_development_policy_is_open_and_a_file_has_no_default() -> None:
+    dev = development_config()
+    assert dev.policies.development
+    assert dev.policies.policies["default"].threshold == 0
+    # the same bytes from a file are not the development configuration: no open default
+    parsed = parse_measured_config(DEVELOPMENT_CONFIG)
+    assert parsed.policies.policies == {}
+    assert parsed.policies.unknown({"default"}) == ["default"]
+
+
+def test_enclave_refuses_an_impossible_policy_at_boot(tmp_path: Path) -> None:
+    config = tmp_path / "enclave.toml"
+    config.write_text("[policies.default]\napprovers = []\nthreshold = 1\n")
+    shares = tmp_path / "none.json"
+    shares.write_text("")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trio_sign.cli",
+            "enclave",
+            "--dev",
+            "--config",
+            str(config),
+            "--dev-plaintext-shares",
+            str(shares),
+            "--grpc-listen",
+            "tcp://127.0.0.1:0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "trio-sign: enclave failed (impossible_threshold):" in done.stderr

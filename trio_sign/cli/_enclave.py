@@ -152,6 +152,7 @@ def cmd_enclave(args: argparse.Namespace) -> int:
     from ..enclave._config import enclave_config
     from ..enclave._measured import (
         DEFAULT_CONFIG_PATH,
+        MeasuredConfigError,
         development_config,
         load_measured_config,
     )
@@ -169,11 +170,20 @@ def cmd_enclave(args: argparse.Namespace) -> int:
         log.warning(
             "DEVELOPMENT CONFIGURATION: no --config, so this enclave runs the built-in"
             " development configuration (no bundle keys, a placeholder gateway CA). Never in"
-            " production.",
-            extra={"config_sha256": measured.sha256.hex()},
+            " production. NO AUTHORIZATION: its policy 'default' needs no approvals, so this"
+            " enclave signs any message for any account (DESIGN §11); give it --config with"
+            " [approvers] and [policies] to check approvals.",
+            extra={"config_sha256": measured.sha256.hex(), "policy": "default", "approvals": 0},
         )
     else:
-        measured = load_measured_config(args.config or DEFAULT_CONFIG_PATH)
+        try:
+            measured = load_measured_config(args.config or DEFAULT_CONFIG_PATH)
+        except MeasuredConfigError as exc:
+            if exc.reason == "config":
+                raise
+            # A policy refused: its own reason, as the enclave's other boot refusals.
+            print(f"trio-sign: enclave failed ({exc.reason}): {exc}", file=sys.stderr)
+            return int(exc.exit_code)
         log.info(
             "measured configuration loaded",
             extra={"config": measured.source, "config_sha256": measured.sha256.hex()},

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..authz import DEFAULT_CLOCK_TOLERANCE_S, DEFAULT_MAX_LIFETIME_S
 from ..rpc import DEFAULT_MAX_RECEIVE_MESSAGE_SIZE, ServerLimits
 from ..transport import TlsSettings
 from ._measured import LIMITS, MeasuredConfig, development_config
@@ -57,6 +58,10 @@ class EnclaveConfig:
             hard refuses new sessions).
         shares_pcr: the PCR extended with the bundle's SHA-256 and locked after preload.
         final_report_timeout_s: how long the last status (failed/exiting) may take to send.
+        approval_clock_tolerance_s: how far the approvers' clocks may be from the enclave's:
+            an approval is accepted this long after its ``expires_at_unix_ms`` (DESIGN §11).
+        approval_max_lifetime_s: an approval expiring further ahead than this (plus the
+            tolerance) is refused as ``future_dated``.
         dev: development mode. Required for ``dev_plaintext_shares``; never set in the EIF.
         dev_plaintext_shares: a plaintext share file to serve, bypassing NSM and KMS.
     """
@@ -87,6 +92,8 @@ class EnclaveConfig:
     memory_hard_fraction: float = 0.90
     shares_pcr: int = 16
     final_report_timeout_s: float = 3.0
+    approval_clock_tolerance_s: float = DEFAULT_CLOCK_TOLERANCE_S
+    approval_max_lifetime_s: float = DEFAULT_MAX_LIFETIME_S
     dev: bool = False
     dev_plaintext_shares: Path | None = None
 

@@ -23,11 +23,25 @@ Sections (anything else is refused, naming it)::
     [limits]                         # every key optional; defaults in docs/attested-channel.md
     max_sessions = 10000
     session_ttl_s = 60.0
+    approval_clock_tolerance_s = 30.0
+    approval_max_lifetime_s = 600.0
     ...
 
-``[approvers]`` and ``[policies]`` (issue 14) and ``[dkg]`` (issue 16) are reserved: refused
-until the code that enforces them exists, so a file can never claim a protection the enclave
-does not give.
+    [approvers.<key_id>]             # issue 14 (DESIGN §11), docs/approvals.md
+    type = "ed25519"                 # or "p256"
+    public_key = "<hex>"
+
+    [policies.<name>]                # accounts pick one by name in their share record
+    approvers = ["<key_id>", ...]
+    threshold = 2                    # k of n
+    max_message_bytes = 65536        # optional
+    rate_per_minute = 60             # optional
+
+Without a ``[policies.default]`` no account may leave its record's ``policy`` out (the
+preload refuses it): only the built-in development configuration has an open ``default``
+(no approvals), and it says so loudly. ``[dkg]`` (issue 16) is reserved: refused until the
+code that enforces it exists, so a file can never claim a protection the enclave does not
+give.
 
 Where a command-line flag exists for a ``[limits]`` key (``--max-sessions``...), a flag that
 is given wins over the file: in the EIF the command line is the image's ``CMD``, measured into
@@ -49,6 +63,7 @@ from typing import Any, Final
 from cryptography import x509
 
 from .._errors import TrioSignError
+from ..authz import DEVELOPMENT_POLICIES, PolicyConfigError, PolicySet, parse_policies
 from ..crypto._sodium import is_valid_point
 
 #: Where the EIF installs the file (``enclave_image/Dockerfile``); ``--config`` changes it.
@@ -90,20 +105,25 @@ session_ttl_s = 60.0
 
 #: Sections reserved for later work: refused with the issue that will add them.
 _RESERVED: Final = {
-    "approvers": "issue 14 (authorization inside the enclave)",
-    "policies": "issue 14 (authorization inside the enclave)",
     "dkg": "issue 16 (key lifecycle inside the enclave)",
 }
+_SECTIONS: Final = ("gateway", "bundles", "limits", "approvers", "policies")
 
 
 class MeasuredConfigError(TrioSignError):
-    """The measured configuration file was refused (one line naming the key; exit 2)."""
+    """The measured configuration file was refused (one line naming the key; exit 2).
+
+    ``reason`` is ``config``, or for ``[approvers]``/``[policies]`` the policy refusal's own
+    (``unknown_approver``, ``impossible_threshold``, ``unknown_key_type``, ``bad_approver``,
+    ``bad_policy``: :mod:`trio_sign.authz._policy`).
+    """
 
     exit_code = 2
 
-    def __init__(self, message: str, *, path: str) -> None:
+    def __init__(self, message: str, *, path: str, reason: str = "config") -> None:
         super().__init__(f"{path}: {message}")
         self.path = path
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +159,8 @@ LIMITS: Final[Mapping[str, _Int | _Float | _Choice]] = {
     "verify_shares": _Choice(("lazy", "full")),
     "memory_alarm_fraction": _Float(0.0, maximum=1.0),
     "memory_hard_fraction": _Float(0.0, maximum=1.0),
+    "approval_clock_tolerance_s": _Float(0.0, exclusive=False, maximum=3600.0),
+    "approval_max_lifetime_s": _Float(0.0, maximum=7 * 24 * 3600.0),
 }
 
 
@@ -153,6 +175,8 @@ class MeasuredConfig:
         signing_keys: the Ed25519 public keys (32 bytes each) a base bundle may be signed by.
         delta_identity_key: the delta identity key's Ed25519 public key, or None.
         limits: the ``[limits]`` keys the file sets (others keep their defaults).
+        policies: the ``[approvers]`` and ``[policies]`` (DESIGN §11); the development
+            configuration's is an open ``default`` (no approvals).
         development: the built-in development configuration (``--dev`` without ``--config``).
     """
 
@@ -162,13 +186,15 @@ class MeasuredConfig:
     signing_keys: tuple[bytes, ...] = ()
     delta_identity_key: bytes | None = None
     limits: Mapping[str, int | float | str] = field(default_factory=dict)
+    policies: PolicySet = field(default_factory=PolicySet)
     development: bool = False
 
     def __repr__(self) -> str:
         return (
             f"MeasuredConfig(source={self.source!r}, sha256={self.sha256.hex()}, "
             f"client_ca={'yes' if self.client_ca_pem else 'no'}, "
-            f"signing_keys={len(self.signing_keys)}, limits={dict(self.limits)!r})"
+            f"signing_keys={len(self.signing_keys)}, limits={dict(self.limits)!r}, "
+            f"policies={sorted(self.policies.policies)!r})"
         )
 
 
@@ -193,7 +219,7 @@ def load_measured_config(path: str | Path) -> MeasuredConfig:
 def development_config() -> MeasuredConfig:
     """The built-in development configuration (:data:`DEVELOPMENT_CONFIG`)."""
     parsed = parse_measured_config(DEVELOPMENT_CONFIG, source="built-in development configuration")
-    return dataclasses.replace(parsed, development=True)
+    return dataclasses.replace(parsed, development=True, policies=DEVELOPMENT_POLICIES)
 
 
 def parse_measured_config(data: bytes, *, source: str = "enclave.toml") -> MeasuredConfig:
@@ -223,8 +249,9 @@ def parse_measured_config(data: bytes, *, source: str = "enclave.toml") -> Measu
     for name, value in document.items():
         if name in _RESERVED:
             raise fail(f"[{name}] is not supported yet ({_RESERVED[name]})")
-        if name not in ("gateway", "bundles", "limits"):
-            raise fail(f"unknown section [{name}] (known: [gateway], [bundles], [limits])")
+        if name not in _SECTIONS:
+            known = ", ".join(f"[{n}]" for n in _SECTIONS)
+            raise fail(f"unknown section [{name}] (known: {known})")
         if not isinstance(value, dict):
             raise fail(f"{name} must be a table ([{name}])")
     gateway = document.get("gateway", {})
@@ -259,6 +286,10 @@ def parse_measured_config(data: bytes, *, source: str = "enclave.toml") -> Measu
     hard = checked.get("memory_hard_fraction")
     if isinstance(alarm, float) and isinstance(hard, float) and alarm >= hard:
         raise fail("[limits] memory_alarm_fraction must be below memory_hard_fraction")
+    try:
+        policies = parse_policies(document.get("approvers", {}), document.get("policies", {}))
+    except PolicyConfigError as exc:
+        raise MeasuredConfigError(str(exc), path=source, reason=exc.reason) from None
     return MeasuredConfig(
         source=source,
         sha256=digest,
@@ -266,6 +297,7 @@ def parse_measured_config(data: bytes, *, source: str = "enclave.toml") -> Measu
         signing_keys=tuple(keys),
         delta_identity_key=delta_key,
         limits=checked,
+        policies=policies,
     )
 
 
