@@ -1,6 +1,7 @@
-"""End to end on the local stack (local KMS, parent, enclave, mTLS ingress, gateway): the
-enclave is killed mid-run; the parent alerts, the gateway's prober evicts the node, the
-parent relaunches the enclave ([failure] restart), and signing resumes once re-admitted."""
+"""End to end on the local stack (local KMS, signed bundle, parent, enclave, attested TLS ending
+in the enclave, gateway): the enclave is killed mid-run; the parent alerts, the gateway's
+prober evicts the node, the parent relaunches the enclave ([failure] restart), and signing
+resumes once re-admitted (over a new attested channel: the new enclave has a new key)."""
 
 from __future__ import annotations
 
@@ -54,6 +55,8 @@ async def test_enclave_killed_mid_run(tmp_path: Path, caplog: pytest.LogCaptureF
         for i in range(5):
             await coordinator.sign_message(accounts[i], b"before the crash")
 
+        assert node.verified is not None
+        first_key = node.verified.peer_spki_der
         first_pid = _enclave_pid(work / "run")
         os.kill(first_pid, signal.SIGKILL)
 
@@ -71,6 +74,10 @@ async def test_enclave_killed_mid_run(tmp_path: Path, caplog: pytest.LogCaptureF
         assert _enclave_pid(work / "run") != first_pid
         for i in range(5):
             await coordinator.sign_message(accounts[i], b"after the restart")
+        # the relaunched enclave made a new TLS key, and the gateway checked it anew
+        assert node.verified is not None
+        assert node.verified.peer_spki_der != first_key
+        assert node.attestations_verified >= 2
     assert any(getattr(r, "alert", None) == "node_evicted" for r in caplog.records)
     assert any(getattr(r, "alert", None) == "node_readmitted" for r in caplog.records)
 

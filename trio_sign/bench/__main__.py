@@ -9,7 +9,8 @@ Sections (all by default, or pick with flags):
             server and a grpcio aio server running the same handlers; ratios, targets, and a
             py-spy profile of our server (if py-spy is installed). About 2 minutes.
   --hostile each attack of issue 11 (bounded, loopback only) against the dev enclave and the
-            full local stack's mTLS ingress while a grpcio client keeps an open-loop load:
+            full local stack (attested TLS in the enclave through the parent's byte pipe)
+            while a grpcio client keeps an open-loop load:
             its success rate, p99 and recovery, and the server's RSS growth and CPU, against
             the targets (not part of the default set; about 5 minutes, --hostile-quick ~2)
 
