@@ -5,7 +5,8 @@ sealed bundle, in-memory store) funnels its input through the checks here, so ea
 defect has one stable ``ShareFileError.reason`` code wherever it is found:
 
 ``bad_json``, ``bad_header``, ``missing_field``, ``unknown_field``, ``bad_type``, ``bad_hex``,
-``bad_account_id``, ``zero_identifier``, ``non_canonical_scalar``, ``zero_signing_share``,
+``bad_account_id``, ``bad_policy``, ``zero_identifier``, ``non_canonical_scalar``,
+``zero_signing_share``,
 ``invalid_point``, ``share_mismatch``, ``bad_threshold``, ``duplicate_account``,
 ``line_too_long``; for the plaintext file as a whole ``missing_trailer``, ``bad_trailer``,
 ``count_mismatch``, ``after_trailer``, ``truncated`` (plus the sealed-format codes in
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from .._errors import ShareFileError
+from ..authz._policy import DEFAULT_POLICY, check_policy_name
 from ..crypto import _sodium
 
 CIPHERSUITE: Final = "FROST-ED25519-SHA512-v1"
@@ -35,6 +37,12 @@ MAX_ACCOUNT_ID_BYTES: Final = 255
 MAX_SIGNERS_LIMIT: Final = 65535
 #: Fixed part of a binary record after the account id: 4 x 32 bytes + 2 x u16.
 BINARY_FIXED_BYTES: Final = 4 * 32 + 4
+#: The sealed record layouts: ``binary-v1`` (no policy: every account's is ``default``) and
+#: ``binary-v2`` (``u8 len ‖ policy`` after the account id; length 0 = ``default``).
+RECORD_FORMAT_V1: Final = "binary-v1"
+RECORD_FORMAT_V2: Final = "binary-v2"
+RECORD_FORMATS: Final = (RECORD_FORMAT_V1, RECORD_FORMAT_V2)
+MAX_POLICY_BYTES: Final = 64
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _HEX = re.compile(r"[0-9a-fA-F]*")
@@ -49,6 +57,8 @@ RECORD_FIELDS: Final = (
     "min_signers",
     "max_signers",
 )
+#: Fields a record may carry (version 2, DESIGN §6): the account's policy (default ``default``).
+OPTIONAL_RECORD_FIELDS: Final = ("policy",)
 
 
 def record_error(message: str, *, reason: str, record: int | None) -> ShareFileError:
@@ -69,6 +79,8 @@ class _PublicShareFields(Protocol):
     def min_signers(self) -> int: ...
     @property
     def max_signers(self) -> int: ...
+    @property
+    def policy(self) -> str: ...
 
 
 def public_repr(share: _PublicShareFields) -> str:
@@ -78,7 +90,8 @@ def public_repr(share: _PublicShareFields) -> str:
         f"identifier={share.identifier.hex()}, signing_share=<secret>, "
         f"verifying_share={share.verifying_share.hex()}, "
         f"group_public_key={share.group_public_key.hex()}, "
-        f"min_signers={share.min_signers}, max_signers={share.max_signers})"
+        f"min_signers={share.min_signers}, max_signers={share.max_signers}, "
+        f"policy={share.policy!r})"
     )
 
 
@@ -98,6 +111,7 @@ class ShareRecord:
     group_public_key: bytes
     min_signers: int
     max_signers: int
+    policy: str = DEFAULT_POLICY
 
     def __repr__(self) -> str:
         return public_repr(self)
@@ -116,23 +130,36 @@ class ShareRecord:
             and self.group_public_key == other.group_public_key
             and self.min_signers == other.min_signers
             and self.max_signers == other.max_signers
+            and self.policy == other.policy
         )
 
-    def binary_size(self) -> int:
-        """Length of this record in the sealed ``binary-v1`` layout."""
-        return 1 + len(self.account_id.encode("utf-8")) + BINARY_FIXED_BYTES
+    def _policy_bytes(self) -> bytes:
+        return b"" if self.policy == DEFAULT_POLICY else self.policy.encode("utf-8")
 
-    def pack_into(self, out: bytearray | memoryview, offset: int) -> int:
-        """Write the ``binary-v1`` layout at ``out[offset:]``; returns the new offset.
+    def binary_size(self, record_format: str = RECORD_FORMAT_V1) -> int:
+        """Length of this record in the sealed layout ``record_format``."""
+        extra = 1 + len(self._policy_bytes()) if record_format == RECORD_FORMAT_V2 else 0
+        return 1 + len(self.account_id.encode("utf-8")) + extra + BINARY_FIXED_BYTES
 
-        Layout: ``u8 len`` ‖ account_id ‖ identifier ‖ signing_share ‖ verifying_share ‖
-        group_public_key ‖ ``u16be min_signers`` ‖ ``u16be max_signers``. Only the structure is
-        checked here (lengths and ranges that the layout cannot express); validation is the
-        reader's job.
+    def pack_into(
+        self, out: bytearray | memoryview, offset: int, record_format: str = RECORD_FORMAT_V1
+    ) -> int:
+        """Write the ``record_format`` layout at ``out[offset:]``; returns the new offset.
+
+        ``binary-v1``: ``u8 len`` ‖ account_id ‖ identifier ‖ signing_share ‖ verifying_share ‖
+        group_public_key ‖ ``u16be min_signers`` ‖ ``u16be max_signers``. ``binary-v2``: the
+        same with ``u8 len`` ‖ policy after the account id (length 0: ``default``). Only the
+        structure is checked here (lengths and ranges that the layout cannot express);
+        validation is the reader's job.
         """
         aid = self.account_id.encode("utf-8")
         if not 1 <= len(aid) <= MAX_ACCOUNT_ID_BYTES:
             raise ValueError("account_id must be 1..255 UTF-8 bytes")
+        policy = self._policy_bytes()
+        if record_format == RECORD_FORMAT_V1 and policy:
+            raise ValueError("binary-v1 cannot carry a policy other than 'default'")
+        if len(policy) > MAX_POLICY_BYTES:
+            raise ValueError(f"policy must be at most {MAX_POLICY_BYTES} bytes")
         for name in ("identifier", "signing_share", "verifying_share", "group_public_key"):
             if len(getattr(self, name)) != 32:
                 raise ValueError(f"{name} must be 32 bytes")
@@ -142,6 +169,10 @@ class ShareRecord:
         p = offset + 1
         out[p : p + len(aid)] = aid
         p += len(aid)
+        if record_format == RECORD_FORMAT_V2:
+            out[p] = len(policy)
+            out[p + 1 : p + 1 + len(policy)] = policy
+            p += 1 + len(policy)
         out[p : p + 32] = self.identifier
         out[p + 32 : p + 64] = self.signing_share
         out[p + 64 : p + 96] = self.verifying_share
@@ -180,6 +211,14 @@ def check_account_id(
         )
     if not account_id.isprintable() and _CONTROL.search(account_id):
         raise _err("account_id contains control characters", "bad_account_id", line, record)
+
+
+def check_policy(policy: str, *, line: int | None = None, record: int | None = None) -> None:
+    """A policy name (DESIGN §6, §11): 1..64 characters of ``A-Z a-z 0-9 . _ -``. Whether
+    the enclave's configuration has it is checked at preload, not here."""
+    problem = check_policy_name(policy)
+    if problem is not None:
+        raise _err(f"policy {problem}", "bad_policy", line, record)
 
 
 def check_scalars(
@@ -265,6 +304,7 @@ def check_points(
 def check_record(rec: ShareRecord, *, line: int | None = None, record: int | None = None) -> None:
     """Every check except duplicates (which need the reader's context)."""
     check_account_id(rec.account_id, line=line, record=record)
+    check_policy(rec.policy, line=line, record=record)
     check_scalars(rec.identifier, rec.signing_share, line=line, record=record)
     check_threshold(rec.min_signers, rec.max_signers, line=line, record=record)
     check_points(
@@ -369,12 +409,17 @@ def record_from_json(obj: Any, *, line: int, points: bool = True) -> ShareRecord
         if name not in obj:
             raise ShareFileError(f"missing field {name!r}", reason="missing_field", line=line)
     if len(obj) != len(RECORD_FIELDS):
-        extra = sorted(set(obj) - set(RECORD_FIELDS))
-        raise ShareFileError(f"unknown field {extra[0]!r}", reason="unknown_field", line=line)
+        extra = sorted(set(obj) - set(RECORD_FIELDS) - set(OPTIONAL_RECORD_FIELDS))
+        if extra:
+            raise ShareFileError(f"unknown field {extra[0]!r}", reason="unknown_field", line=line)
     account_id = obj["account_id"]
     if not isinstance(account_id, str):
         raise ShareFileError("account_id must be a string", reason="bad_type", line=line)
     check_account_id(account_id, line=line)
+    policy = obj.get("policy", DEFAULT_POLICY)
+    if not isinstance(policy, str):
+        raise ShareFileError("policy must be a string", reason="bad_type", line=line)
+    check_policy(policy, line=line)
     ident_hex = _hex_field(obj, "identifier", line)
     share_hex = _hex_field(obj, "signing_share", line)
     vs_hex = _hex_field(obj, "verifying_share", line)
@@ -389,6 +434,7 @@ def record_from_json(obj: Any, *, line: int, points: bool = True) -> ShareRecord
         group_public_key=bytes.fromhex(gk_hex),
         min_signers=min_signers,
         max_signers=max_signers,
+        policy=policy,
     )
     try:
         check_scalars(rec.identifier, rec.signing_share, line=line)
@@ -410,7 +456,9 @@ def record_to_json_text(rec: ShareRecord) -> str:
         + f', "signing_share": "{rec.signing_share.hex()}"'
         + f', "verifying_share": "{rec.verifying_share.hex()}"'
         + f', "group_public_key": "{rec.group_public_key.hex()}"'
-        + f', "min_signers": {int(rec.min_signers)}, "max_signers": {int(rec.max_signers)}}}'
+        + f', "min_signers": {int(rec.min_signers)}, "max_signers": {int(rec.max_signers)}'
+        + ("" if rec.policy == DEFAULT_POLICY else ', "policy": ' + _json_str(rec.policy))
+        + "}"
     )
 
 

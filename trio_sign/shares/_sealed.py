@@ -18,8 +18,11 @@ every chunk is the exact prefix bytes ``MAGIC ‖ header_len ‖ header``, so an
 header fails authentication of chunk 0. The stream's own chaining detects reordered, dropped or
 duplicated chunks; the FINAL tag on the last chunk detects truncation at a chunk boundary.
 
-Chunk plaintext is whole ``binary-v1`` records only (records never span chunks); the last chunk
-carries ``TAG_FINAL``, the others ``TAG_MESSAGE``; zero accounts is a single empty FINAL chunk.
+Chunk plaintext is whole ``binary-v1`` records only (``binary-v2`` when some account has a
+policy other than ``default``: the header's ``record_format`` says which; a bundle whose
+accounts all use ``default`` is written ``binary-v1``, byte for byte as before). Records
+never span chunks; the last chunk carries ``TAG_FINAL``, the others ``TAG_MESSAGE``; zero
+accounts is a single empty FINAL chunk.
 
 ``ShareFileError.reason`` codes raised here: ``bad_magic``, ``bad_header``, ``truncated`` (also
 a header whose counts cannot fit in the bundle's size, when the size is known up front),
@@ -56,9 +59,13 @@ from ._records import (
     BINARY_FIXED_BYTES,
     CIPHERSUITE,
     MAX_ACCOUNT_ID_BYTES,
+    RECORD_FORMAT_V1,
+    RECORD_FORMAT_V2,
+    RECORD_FORMATS,
     ShareRecord,
     check_account_id,
     check_points,
+    check_policy,
     check_scalars,
     check_threshold,
     record_error,
@@ -76,7 +83,7 @@ from ._signature import (
 MAGIC: Final = b"TSSEALv1"
 SEALED_FORMAT: Final = "trio-sign/sealed-key-shares"
 SEALED_VERSION: Final = 1
-RECORD_FORMAT: Final = "binary-v1"
+RECORD_FORMAT: Final = RECORD_FORMAT_V1
 MAX_HEADER_BYTES: Final = 64 * 1024
 DEFAULT_CHUNK_SIZE: Final = 64 * 1024
 #: Smallest chunk that still holds the largest possible record.
@@ -140,8 +147,8 @@ def check_sealed_header(header: Any) -> dict[str, Any]:
         raise _header_error(f"version must be {SEALED_VERSION}")
     if header["ciphersuite"] != CIPHERSUITE:
         raise _header_error(f"ciphersuite must be {CIPHERSUITE!r}")
-    if header["record_format"] != RECORD_FORMAT:
-        raise _header_error(f"record_format must be {RECORD_FORMAT!r}")
+    if header["record_format"] not in RECORD_FORMATS:
+        raise _header_error(f"record_format must be one of {', '.join(RECORD_FORMATS)}")
     if "kind" in header and header["kind"] not in KINDS:
         raise _header_error(f"kind must be one of {', '.join(KINDS)}")
     for name in ("key_provider", "kms_key_id", "encrypted_data_key"):
@@ -221,6 +228,7 @@ def build_header(
     accounts: int,
     chunks: int,
     kind: str = KIND_BASE,
+    record_format: str = RECORD_FORMAT_V1,
 ) -> dict[str, Any]:
     """A sealed header (validated); ``kind`` is ``base`` (a ceremony) or ``delta`` (§13)."""
     return check_sealed_header(
@@ -229,7 +237,7 @@ def build_header(
             "kind": kind,
             "version": SEALED_VERSION,
             "ciphersuite": CIPHERSUITE,
-            "record_format": RECORD_FORMAT,
+            "record_format": record_format,
             "key_provider": provider.provider,
             "kms_key_id": provider.key_id,
             "encrypted_data_key": base64.b64encode(encrypted_data_key).decode("ascii"),
@@ -334,6 +342,7 @@ class SealedEncoder:
         self.prefix = MAGIC + _U32.pack(len(header_bytes)) + header_bytes
         self._push = _stream.SecretStreamPush(data_key)
         self._planner = ChunkPlanner(self.header["chunk_size"])
+        self._format = self.header["record_format"]
         self._chunk = bytearray(self.header["chunk_size"])
         self._fill = 0
         self._emitted = 0
@@ -359,9 +368,9 @@ class SealedEncoder:
         if not self._started or self._finished:
             raise InternalError("SealedEncoder.add_record() outside start()..finish()")
         out = b""
-        if self._planner.add(rec.binary_size()):
+        if self._planner.add(rec.binary_size(self._format)):
             out = self._emit(_stream.TAG_MESSAGE)
-        self._fill = rec.pack_into(self._chunk, self._fill)
+        self._fill = rec.pack_into(self._chunk, self._fill, self._format)
         return out
 
     def finish(self) -> bytes:
@@ -761,27 +770,40 @@ def zero_events(events: Iterable[Event]) -> None:
 # Records inside chunks
 
 
-def iter_chunk_records(plaintext: bytearray, *, first_record: int) -> Iterator[ShareRecord]:
-    """Decode the ``binary-v1`` records of one chunk (structure only, no validation).
+def iter_chunk_records(
+    plaintext: bytearray, *, first_record: int, record_format: str = RECORD_FORMAT_V1
+) -> Iterator[ShareRecord]:
+    """Decode the ``binary-v1`` (or ``binary-v2``) records of one chunk (structure only, no
+    validation).
 
     Each yielded record's ``signing_share`` is a fresh ``bytearray`` the caller zeroes.
     ``first_record`` is the 1-based number of the chunk's first record, for errors.
     """
     mv = memoryview(plaintext)
     pos, end, number = 0, len(plaintext), first_record
+    v2 = record_format == RECORD_FORMAT_V2
     try:
         while pos < end:
             alen = plaintext[pos]
-            stop = pos + 1 + alen + BINARY_FIXED_BYTES
+            p = pos + 1 + alen
+            policy = "default"
+            if v2 and p < end:
+                plen = plaintext[p]
+                raw_policy = bytes(mv[p + 1 : p + 1 + plen])
+                p += 1 + plen
+                if plen:
+                    policy = raw_policy.decode("ascii", "replace")
+            elif v2:
+                p = end + 1  # no room for the policy's length: does not fit
+            stop = p + BINARY_FIXED_BYTES
             if alen == 0 or stop > end:
                 raise record_error(
                     "record does not fit in its chunk" if alen else "account_id is empty",
                     reason="bad_record" if alen else "bad_account_id",
                     record=number,
                 )
-            p = pos + 1 + alen
             try:
-                account_id = bytes(mv[pos + 1 : p]).decode("utf-8")
+                account_id = bytes(mv[pos + 1 : pos + 1 + alen]).decode("utf-8")
             except UnicodeDecodeError:
                 raise record_error(
                     "account_id is not valid UTF-8", reason="bad_account_id", record=number
@@ -795,6 +817,7 @@ def iter_chunk_records(plaintext: bytearray, *, first_record: int) -> Iterator[S
                 group_public_key=bytes(mv[p + 96 : p + 128]),
                 min_signers=mn,
                 max_signers=mx,
+                policy=policy,
             )
             pos = stop
             number += 1
@@ -834,7 +857,12 @@ def read_sealed(
         for ev in feed:
             if isinstance(ev, ChunkDecrypted):
                 try:
-                    for rec in iter_chunk_records(ev.plaintext, first_record=number):
+                    assert decoder.header is not None
+                    for rec in iter_chunk_records(
+                        ev.plaintext,
+                        first_record=number,
+                        record_format=decoder.header["record_format"],
+                    ):
                         try:
                             _check_binary_record(rec, number, seen, verify_points)
                         except BaseException:
@@ -856,6 +884,7 @@ def _check_binary_record(
     rec: ShareRecord, number: int, seen: dict[str, int], verify_points: bool
 ) -> None:
     check_account_id(rec.account_id, record=number)
+    check_policy(rec.policy, record=number)
     check_scalars(rec.identifier, rec.signing_share, record=number)
     check_threshold(rec.min_signers, rec.max_signers, record=number)
     if verify_points:
@@ -1029,17 +1058,26 @@ def seal_file(
     if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
         raise ValueError(f"chunk_size must be in {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}")
     planner = ChunkPlanner(chunk_size)
+    planner_v2 = ChunkPlanner(chunk_size)  # used if some account names a policy
+    policies = False
     with open(src_s, "rb") as f:
         records, pass1 = read_plaintext_hashed(f, points=True)
         for rec in records:
             planner.add(rec.binary_size())
+            planner_v2.add(rec.binary_size(RECORD_FORMAT_V2))
+            policies = policies or rec.policy != "default"
             rec.zero()
             if progress is not None and planner.records & 1023 == 0:
                 progress(planner.records, 0)
+    record_format = RECORD_FORMAT_V1
+    if policies:
+        planner, record_format = planner_v2, RECORD_FORMAT_V2
     total = planner.records
     if progress is not None:
         progress(total, 0)
-    encoder = _new_encoder(provider, planner, chunk_size, encryption_context)
+    encoder = _new_encoder(
+        provider, planner, chunk_size, encryption_context, record_format=record_format
+    )
     try:
         with _atomic_output(dst_s, overwrite) as out, open(src_s, "rb") as f:
             w = _HashingWriter(out)
@@ -1072,6 +1110,8 @@ def _new_encoder(
     chunk_size: int,
     encryption_context: Mapping[str, str] | None,
     kind: str = KIND_BASE,
+    *,
+    record_format: str = RECORD_FORMAT_V1,
 ) -> SealedEncoder:
     """A fresh data key from ``provider``, the header for what ``planner`` counted, and the
     encoder (which keeps its own copy of the key: ours is zeroed here)."""
@@ -1086,6 +1126,7 @@ def _new_encoder(
             accounts=planner.records,
             chunks=planner.chunks,
             kind=kind,
+            record_format=record_format,
         )
         return SealedEncoder(header, data_key)
     finally:
@@ -1108,9 +1149,14 @@ def encode_bundle(
     """
     recs = list(records)
     planner = ChunkPlanner(chunk_size)
+    record_format = (
+        RECORD_FORMAT_V2 if any(rec.policy != "default" for rec in recs) else RECORD_FORMAT_V1
+    )
     for rec in recs:
-        planner.add(rec.binary_size())
-    encoder = _new_encoder(provider, planner, chunk_size, encryption_context, kind)
+        planner.add(rec.binary_size(record_format))
+    encoder = _new_encoder(
+        provider, planner, chunk_size, encryption_context, kind, record_format=record_format
+    )
     try:
         parts = [encoder.start()]
         parts.extend(encoder.add_record(rec) for rec in recs)
@@ -1224,7 +1270,11 @@ def reseal(
                 elif isinstance(ev, ChunkDecrypted):
                     assert encoder is not None
                     try:
-                        for rec in iter_chunk_records(ev.plaintext, first_record=records + 1):
+                        for rec in iter_chunk_records(
+                            ev.plaintext,
+                            first_record=records + 1,
+                            record_format=encoder.header["record_format"],
+                        ):
                             rec.zero()
                             records += 1
                         final = ev.index == encoder.header["chunks"] - 1

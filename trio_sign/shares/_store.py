@@ -11,7 +11,9 @@ Layout (per account, about 300 bytes including the index):
   could leave copies of secrets in freed memory;
 * ``_public``: ``bytearray(96 * n)``, identifier ‖ verifying_share ‖ group_public_key per slot;
 * ``_thresholds``: ``array('H')``, min_signers and max_signers per slot;
-* ``_flags``: one byte per slot (bit 0 = verified; bit 1 reserved for "frozen").
+* ``_flags``: one byte per slot (bit 0 = verified; bit 1 reserved for "frozen");
+* ``_policy``: one byte per slot, an index into ``_policy_names`` (the account's policy,
+  DESIGN §6 and §11; at most 255 distinct names, index 0 is ``default``).
 
 What CPython cannot guarantee: account ids are ``str`` (not secret); the signing shares only
 ever live in the arena, in decrypted chunk buffers (zeroed right after parsing) and in the
@@ -35,9 +37,11 @@ from ..crypto import _sodium
 from ._keywrap import DataKeyProvider
 from ._plaintext import read_plaintext
 from ._records import (
+    RECORD_FORMAT_V2,
     ShareRecord,
     check_account_id,
     check_points,
+    check_policy,
     check_scalars,
     check_threshold,
     public_repr,
@@ -85,9 +89,14 @@ class AccountShare:
     group_public_key: bytes
     min_signers: int
     max_signers: int
+    policy: str = "default"
 
     def __repr__(self) -> str:
         return public_repr(self)
+
+
+#: Most distinct policy names one store holds (one byte per account indexes them).
+MAX_POLICIES_PER_STORE: Final = 255
 
 
 class ShareStore:
@@ -118,6 +127,9 @@ class ShareStore:
         self._public = bytearray(_PUB * capacity)
         self._thresholds = array("H", bytes(4 * capacity))
         self._flags = bytearray(capacity)
+        self._policy = bytearray(capacity)
+        self._policy_names: list[str] = ["default"]
+        self._policy_index: dict[bytes, int] = {b"": 0, b"default": 0}
         self._capacity = capacity
         self._count = 0
         self._closed = False
@@ -217,6 +229,7 @@ class ShareStore:
         self._public += bytes(_PUB * extra)
         self._thresholds.frombytes(bytes(4 * extra))
         self._flags += bytes(extra)
+        self._policy += bytes(extra)
         self._capacity = cap
 
     def _add_record(self, rec: ShareRecord) -> None:
@@ -234,11 +247,36 @@ class ShareStore:
         self._thresholds[2 * slot] = rec.min_signers
         self._thresholds[2 * slot + 1] = rec.max_signers
         self._flags[slot] = VERIFIED
+        self._policy[slot] = self._policy_slot(rec.policy.encode("utf-8"), None)
         self._index[rec.account_id] = slot
         self._count = slot + 1
 
-    def _ingest(self, pt: bytearray, *, full: bool) -> None:
-        """Parse one decrypted chunk of ``binary-v1`` records into the next slots.
+    def _policy_slot(self, raw: bytes, record: int | None) -> int:
+        """The index of policy ``raw`` (b"" = default), adding it (checked) if new."""
+        found = self._policy_index.get(raw)
+        if found is not None:
+            return found
+        name = raw.decode("utf-8", "replace")
+        check_policy(name, record=record)
+        if len(self._policy_names) >= MAX_POLICIES_PER_STORE:
+            raise record_error(
+                f"more than {MAX_POLICIES_PER_STORE} distinct policies",
+                reason="bad_policy",
+                record=record,
+            )
+        self._policy_index[raw] = len(self._policy_names)
+        self._policy_names.append(name)
+        return self._policy_index[raw]
+
+    def policies(self) -> frozenset[str]:
+        """The policy names the loaded accounts use (the enclave checks each is configured)."""
+        self._check_open()
+        used = set(self._policy[: self._count])
+        return frozenset(self._policy_names[i] for i in used)
+
+    def _ingest(self, pt: bytearray, *, full: bool, v2: bool = False) -> None:
+        """Parse one decrypted chunk of ``binary-v1`` (``v2``: ``binary-v2``) records into the
+        next slots.
 
         The hot loop of a sealed load: memoryview slices straight into the arena, no per-record
         objects other than the account id ``str`` and its slot ``int`` (which the index keeps).
@@ -246,6 +284,8 @@ class ShareStore:
         index = self._index
         thresholds = self._thresholds
         flags = self._flags
+        policy = self._policy
+        policy_index = self._policy_index
         capacity = self._capacity
         slot = self._count
         pos, end = 0, len(pt)
@@ -258,6 +298,14 @@ class ShareStore:
                 number = slot + 1
                 alen = pt[pos]
                 p = pos + 1 + alen
+                pslot = 0
+                if v2:
+                    plen = pt[p] if p < end else 0
+                    if p < end and plen:
+                        raw = bytes(mv[p + 1 : p + 1 + plen])
+                        found = policy_index.get(raw)
+                        pslot = found if found is not None else self._policy_slot(raw, number)
+                    p += 1 + plen
                 stop = p + 132
                 if alen == 0 or stop > end:
                     if alen == 0:
@@ -274,7 +322,7 @@ class ShareStore:
                         record=number,
                     )
                 try:
-                    account_id = str(mv[pos + 1 : p], "utf-8")
+                    account_id = str(mv[pos + 1 : pos + 1 + alen], "utf-8")
                 except UnicodeDecodeError:
                     raise record_error(
                         "account_id is not valid UTF-8", reason="bad_account_id", record=number
@@ -314,6 +362,7 @@ class ShareStore:
                 public[o + 32 : o + 96] = mv[p + 64 : p + 128]
                 thresholds[2 * slot] = mn
                 thresholds[2 * slot + 1] = mx
+                policy[slot] = pslot
                 slot += 1
                 pos = stop
             self._count = slot
@@ -372,6 +421,7 @@ class ShareStore:
             group_public_key=gk,
             min_signers=self._thresholds[2 * slot],
             max_signers=self._thresholds[2 * slot + 1],
+            policy=self._policy_names[self._policy[slot]],
         )
 
     def is_verified(self, account_id: str) -> bool:
@@ -387,6 +437,7 @@ class ShareStore:
             + sys.getsizeof(self._public)
             + sys.getsizeof(self._thresholds)
             + sys.getsizeof(self._flags)
+            + sys.getsizeof(self._policy)
             + sys.getsizeof(self._index)
         )
         n += sum(sys.getsizeof(k) for k in self._index)
@@ -531,7 +582,11 @@ class SealedLoader:
                         )
                         if need > store._capacity:
                             store._grow(need, limit=self.header["accounts"])
-                        store._ingest(ev.plaintext, full=self._full)
+                        store._ingest(
+                            ev.plaintext,
+                            full=self._full,
+                            v2=self.header["record_format"] == RECORD_FORMAT_V2,
+                        )
                     finally:
                         _sodium.memzero(ev.plaintext)
                     if self._progress is not None:
