@@ -187,6 +187,7 @@ def test_demo_full_stack(tmp_path: Path) -> None:
     verified, the enclave loaded the bundle under the production signature check, nothing
     logged at ERROR."""
     import hashlib
+
     exe = Path(sys.executable).with_name("trio-sign")
     proc = subprocess.run(
         [
