@@ -261,9 +261,6 @@ def test_attested_is_the_default_mode_and_each_node_gets_its_pins(
         ("TLS", _node(pcrs='{ PCR0 = "00" }'), "", r"pcrs: PCR0 is 1 bytes"),
         ("TLS", _node(pcrs="3"), "", r"pcrs must be a table"),
         ("TLS", _node(root="3"), "", r"root must be the path"),
-        ('TLS\nca = "ca.pem"', _node(), "", r"\[tls\] ca is only for mode = \"ingress\""),
-        ('TLS\nmode = "mtls"', _node(), "", r"\[tls\] mode must be one of 'attested', 'ingress'"),
-        ('TLS\nmode = "ingress"', _node(), "", r"\[tls\] ca is required"),
         ("", _node(), "[dev]\nskip_attestation = 1", r"skip_attestation must be true or false"),
         ("", _node(), "[dev]\nskip = true", r"\[dev\] has unknown key 'skip'"),
         ("", _node(), "[attestation]\npcr = 1", r"\[attestation\] has unknown key 'pcr'"),
@@ -315,22 +312,6 @@ def test_skipping_attestation_says_so_loudly(
         assert record.levelno == logging.WARNING
         assert "DEVELOPMENT MODE" in record.getMessage()
         assert how in record.getMessage()
-
-
-def test_ingress_mode_is_explicit_and_warns(
-    tmp_path: Path, pki: GatewayPki, nsm: LocalNsm, caplog: pytest.LogCaptureFixture
-) -> None:
-    tls = _write_pki(tmp_path, pki, nsm) + 'mode = "ingress"\nca = "root.pem"\n'
-    text = _toml(tmp_path / "p", tls=tls, nodes=_node())
-    config = parse_gateway_config(text, base=tmp_path)
-    assert (config.tls_mode, config.attested, config.tls_ca) == (
-        "ingress",
-        False,
-        tmp_path / "root.pem",
-    )
-    nodes = make_nodes(config)
-    assert [n.attestation for n in nodes] == ["off"]
-    assert 'mode = "ingress"' in caplog.text
 
 
 async def test_the_gateway_refuses_a_node_and_says_so_in_its_api_and_metrics(
