@@ -350,7 +350,8 @@ def _cfg(**policy: object) -> tuple[dict[str, object], dict[str, object]]:
         ({"a": {"type": "ed25519", "public_key": "00" * 32, "x": 1}}, {}, "bad_approver", "x"),
         (*_cfg(approvers=["a", "b"]), "unknown_approver", "'b'"),
         (*_cfg(threshold=2), "impossible_threshold", "threshold 2 is impossible with 1"),
-        (*_cfg(threshold=0), "impossible_threshold", "threshold 0"),
+        (*_cfg(threshold=0), "impossible_threshold", "threshold 0 with approvers"),
+        (*_cfg(threshold=-1), "impossible_threshold", "threshold -1"),
         (*_cfg(threshold=True), "bad_policy", "integer"),
         (*_cfg(max_message_bytes=65537), "bad_policy", "max_message_bytes"),
         (*_cfg(rate_per_minute=0), "bad_policy", "rate_per_minute"),
@@ -374,6 +375,13 @@ def test_same_key_under_two_ids_is_refused() -> None:
     with pytest.raises(PolicyConfigError, match="same public key") as info:
         parse_policies(approvers, {})
     assert info.value.reason == "bad_approver"
+
+
+def test_an_open_policy_is_written_out() -> None:
+    ps = parse_policies({}, {"default": {"approvers": [], "threshold": 0}})
+    assert ps.open_policies() == ["default"]
+    assert not ps.development
+    assert decide(make(ps), []) == "allowed"
 
 
 def test_policy_set_unknown_names() -> None:

@@ -15,6 +15,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -257,9 +258,15 @@ async def test_a_failing_long_lived_task_tears_everything_down(
         await connect(f"unix://{fake.dir}/grpc.sock")
 
 
-async def _sign_once(ch: Any, acct: Account, message: bytes) -> None:
-    """A full FROST session over gRPC with the counterpart signing locally; verifies."""
+async def _sign_once(
+    ch: Any, acct: Account, message: bytes, approver: nacl.signing.SigningKey | None = None
+) -> None:
+    """A full FROST session over gRPC with the counterpart signing locally; verifies. With
+    ``approver``, the first Sign carries no approval and is refused (PERMISSION_DENIED), then
+    the same session signs with the approval of key ``ops-1`` (issue 14)."""
+    from trio_sign.authz import approval_payload
     from trio_sign.crypto import SigningCommitment
+    from trio_sign.rpc import RpcError, StatusCode
 
     committed = pb.CommitResponse.FromString(
         await ch.unary_unary(
@@ -280,6 +287,20 @@ async def _sign_once(ch: Any, acct: Account, message: bytes) -> None:
             for c in cs
         ],
     )
+    if approver is not None:
+        with pytest.raises(RpcError) as refused:
+            await ch.unary_unary(S + "Sign", request.SerializeToString())
+        assert refused.value.status == StatusCode.PERMISSION_DENIED
+        assert "no_approvals" in refused.value.details
+        expires = int(time.time() * 1000) + 60_000
+        payload = approval_payload(acct.account_id, "pid1", message, expires)
+        request.approvals.append(
+            pb.Approval(
+                key_id="ops-1",
+                signature=approver.sign(payload).signature,
+                expires_at_unix_ms=expires,
+            )
+        )
     signed = pb.SignResponse.FromString(
         await ch.unary_unary(S + "Sign", request.SerializeToString())
     )
@@ -326,7 +347,14 @@ async def test_enclave_process_as_pid1_under_unshare(
         ca = make_ca("pid1 test gateway CA", days=1)
         client_cert, client_key = make_leaf(ca, "gateway", server=False, days=1)
         enclave_toml = fake.dir / "enclave.toml"
-        enclave_toml.write_bytes(b"[gateway]\nclient_ca_pem = '''\n" + ca.pem + b"'''\n")
+        approver = nacl.signing.SigningKey.generate()
+        enclave_toml.write_bytes(
+            b"[gateway]\nclient_ca_pem = '''\n"
+            + ca.pem
+            + b"'''\n\n[approvers.ops-1]\ntype = 'ed25519'\npublic_key = '"
+            + approver.verify_key.encode().hex().encode()
+            + b"'\n\n[policies.default]\napprovers = ['ops-1']\nthreshold = 1\n"
+        )
         cmd = [
             *["unshare", "--net", "--pid", "--fork", "--mount-proc", "--kill-child"],
             str(exe),
@@ -367,7 +395,9 @@ async def test_enclave_process_as_pid1_under_unshare(
                     assert await ch.unary_unary(
                         S + "Ping", pb.PingRequest(payload=b"pid1").SerializeToString(), timeout=5
                     )
-                    await _sign_once(ch, next(iter(accounts.values())), b"signed by PID 1")
+                    await _sign_once(
+                        ch, next(iter(accounts.values())), b"signed by PID 1", approver
+                    )
                 # the public port (h2c) answers GetStatus, naming the measured file
                 async with open_grpc_channel(
                     await connect(f"unix://{fake.dir}/enclave-public.sock")

@@ -8,7 +8,9 @@
 
     [policies.default]                # the policy of every account whose record names none
     approvers = ["ops-1", "ops-2", "risk-1"]
-    threshold = 2                     # k of the n approvers above (1 <= k <= n)
+    threshold = 2                     # k of the n approvers above (1 <= k <= n); a policy
+                                      # that needs no approvals says so: approvers = [],
+                                      # threshold = 0 (measured, and logged loudly at boot)
     max_message_bytes = 1024          # optional; default and maximum 65536
     rate_per_minute = 60              # optional: Signs per account per minute (burst as many);
                                       # absent = no rate limit
@@ -60,8 +62,8 @@ class Policy:
     Attributes:
         name: the policy's name (accounts choose it in their record's ``policy`` field).
         approvers: the key ids that may approve, in the file's order.
-        threshold: how many distinct approvers must approve (0 only in the built-in
-            development configuration: nothing to approve).
+        threshold: how many distinct approvers must approve; 0 (with no approvers): none,
+            written out in the file (or the built-in development configuration's).
         max_message_bytes: the largest message a Sign under this policy may carry.
         rate_per_minute: Signs per account per minute, or None (no limit).
     """
@@ -92,6 +94,10 @@ class PolicySet:
             f"PolicySet(approvers={sorted(self.approvers)!r}, policies={sorted(self.policies)!r}"
             f"{', development' if self.development else ''})"
         )
+
+    def open_policies(self) -> list[str]:
+        """The policies that need no approvals (threshold 0), for the loud boot warning."""
+        return sorted(name for name, p in self.policies.items() if p.threshold == 0)
 
     def unknown(self, names: set[str] | frozenset[str]) -> list[str]:
         """The names in ``names`` that no account may use: not a policy here, or ``create``."""
@@ -220,7 +226,13 @@ def _policy(name: str, table: object, keys: Mapping[str, ApproverKey]) -> Policy
     threshold = table["threshold"]
     if isinstance(threshold, bool) or not isinstance(threshold, int):
         raise PolicyConfigError(f"{where} threshold must be an integer", reason="bad_policy")
-    if not 1 <= threshold <= len(approvers):
+    if threshold == 0 and approvers:
+        raise PolicyConfigError(
+            f"{where} threshold 0 with approvers listed: give 1..{len(approvers)}, or"
+            " approvers = [] for a policy that needs no approvals",
+            reason="impossible_threshold",
+        )
+    if not 0 <= threshold <= len(approvers):
         raise PolicyConfigError(
             f"{where} threshold {threshold} is impossible with {len(approvers)} approvers"
             f" (need 1 <= threshold <= {len(approvers)})",

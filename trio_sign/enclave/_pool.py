@@ -317,12 +317,24 @@ class SessionPool:
         return CommitResult(nonces.commitment, expires_ms)
 
     def sign(
-        self, session_id: str, message: bytes, commitments: Sequence[CommitmentFields]
+        self,
+        session_id: str,
+        message: bytes,
+        commitments: Sequence[CommitmentFields],
+        *,
+        authorize: Callable[[AccountShare], None] | None = None,
     ) -> tuple[bytes, bytes]:
         """FROST round two: consume the session's nonces exactly once; free its slot.
 
         A byte-identical retry returns the same share; any other request for a signed session
         is FAILED_PRECONDITION. Invalid input (INVALID_ARGUMENT) leaves the session usable.
+
+        ``authorize(account)`` (the account's policy, DESIGN §11) runs once the request is
+        known to be well formed for a live session and before the nonces or the signing share
+        are touched; whatever it raises propagates and leaves the session usable, so a
+        corrected request still signs. A byte-identical retry of a signed session returns the
+        share it already released for that exact request without asking again (no secret is
+        touched, and the message and commitments are the ones that were authorized).
 
         The work is bounded before it starts: the session id's length, then the session, then
         the list's length against the account's ``min_signers``/``max_signers`` and every
@@ -351,6 +363,8 @@ class SessionPool:
         problem = _commitments_problem(commitments, account.min_signers, account.max_signers)
         if problem is not None:
             raise PoolError(PoolErrorKind.INVALID_ARGUMENT, problem)
+        if authorize is not None:
+            authorize(account)
         parsed = [
             SigningCommitment(bytes(c.identifier), bytes(c.hiding), bytes(c.binding))
             for c in commitments

@@ -51,6 +51,7 @@ from urllib.parse import urlsplit
 import trio
 
 from .._errors import InternalError, ShareFileError, TrioSignError
+from ..authz import DEVELOPMENT_POLICIES, Authorizer
 from ..nitro import (
     AsyncNsm,
     EventsConfigMessage,
@@ -249,9 +250,16 @@ async def _serve_loaded(
         is_frozen=frozen.__contains__,
         overloaded=overloaded,
     )
+    measured = config.measured
+    authorizer = Authorizer(
+        measured.policies,
+        clock_tolerance_s=config.approval_clock_tolerance_s,
+        max_lifetime_s=config.approval_max_lifetime_s,
+    )
     service = SignService(
         store,
         pool,
+        authorizer=authorizer,
         frozen=frozen,
         attestor=attestor,
         on_drain=on_drain,
@@ -315,6 +323,55 @@ async def _serve_loaded(
         identity=identity,
         public_server=public_server,
         public_addresses=None if public is None else public[1],
+    )
+
+
+def check_account_policies(config: EnclaveConfig, store: ShareStore) -> None:
+    """Refuse a store in which some account names a policy the measured configuration does
+    not have (DESIGN §6, §11): :class:`EnclaveExit` ``PRELOAD_FAILED``, reason
+    ``unknown_policy``. ``create`` is never an account's signing policy. Outside the built-in
+    development configuration there is no implicit ``default``: accounts without a
+    ``policy`` need a ``[policies.default]``."""
+    policies = config.measured.policies
+    unknown = policies.unknown(set(store.policies()))
+    if unknown:
+        configured = ", ".join(sorted(policies.policies)) or "none"
+        raise EnclaveExit(
+            f"accounts name policies that {config.measured.source} does not configure for "
+            f"signing: {', '.join(unknown)} (configured: {configured}; add "
+            f"[policies.{unknown[0]}])",
+            code=ExitCode.PRELOAD_FAILED,
+            reason="unknown_policy",
+        )
+    used = store.policies()
+    log.info(
+        "authorization policies",
+        extra={
+            "policies": ",".join(sorted(policies.policies)),
+            "approvers": len(policies.approvers),
+            "used": ",".join(sorted(used)),
+            "development": policies.development,
+        },
+    )
+    open_ = [name for name in policies.open_policies() if name in used]
+    if open_:
+        log.warning(
+            "NO AUTHORIZATION: accounts under policies %s sign without any approval (threshold"
+            " 0%s); DESIGN §11",
+            ", ".join(open_),
+            ", the development configuration" if policies.development else " in the file",
+            extra={"policies": ",".join(open_)},
+        )
+
+
+def _development_policies(config: EnclaveConfig) -> EnclaveConfig:
+    """``--dev`` with a configuration that has no ``[policies]``: the open development
+    ``default`` (announced loudly by :func:`check_account_policies`). Never outside ``--dev``."""
+    if not config.dev or config.measured.policies.policies:
+        return config
+    return dataclasses.replace(
+        config,
+        measured=dataclasses.replace(config.measured, policies=DEVELOPMENT_POLICIES),
     )
 
 
@@ -456,6 +513,8 @@ async def serve_dev_enclave(
         link.advance(EnclaveEvent.PRELOAD)
         store = await trio.to_thread.run_sync(functools.partial(_load_dev_shares, config))
         stores.append(store)
+        config = _development_policies(config)
+        check_account_policies(config, store)
         log.info(
             "shares loaded",
             extra={"accounts": store.accounts, "load_ms": round(store.load_seconds * 1000)},
@@ -560,6 +619,7 @@ async def serve_enclave(
         link.advance(EnclaveEvent.PRELOAD)
         store, report = await _preload(config, anv, watermark)
         stores.append(store)
+        check_account_policies(config, store)
         fingerprint = bytes.fromhex(report.sha256)
         pcr = await _lock_shares_pcr(anv, config.shares_pcr, fingerprint)
         binding = binding_of(config, fingerprint)

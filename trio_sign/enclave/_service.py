@@ -7,6 +7,12 @@ ready; DEADLINE_EXCEEDED comes from the server's deadline handling. A share that
 lazy verification is DATA_LOSS (the bundle is corrupt for that account). No message contains
 key material.
 
+``Sign`` is authorized (DESIGN §11): once the request is well formed for a live session, its
+approvals are checked against the account's policy (:class:`~trio_sign.authz.Authorizer`)
+before the nonces or the share are touched; a refusal is PERMISSION_DENIED naming what is
+missing and leaves the session usable. Every decision is an audit record (logger
+``trio_sign.audit``, ``"audit": "sign"``) and is counted by policy and outcome.
+
 Every call is counted by method and status code, Commit and Sign also as sessions and
 signatures by outcome, with their latency, in :attr:`SignService.metrics` (a
 :class:`~trio_sign._metrics.Registry`; docs/operations.md, "Metrics"). Its labels are
@@ -27,6 +33,7 @@ from proto_min import sign_service_pb2 as pb
 from .. import __version__
 from .._errors import ShareFileError
 from .._metrics import CounterChild, Registry
+from ..authz import DEVELOPMENT_POLICIES, ApprovalDenied, Authorizer
 from ..crypto import CIPHERSUITE
 from ..nitro._binding import NO_DELTAS
 from ..rpc import (
@@ -49,6 +56,9 @@ from ._pool import (
 )
 
 log = logging.getLogger("trio_sign.service")
+audit_log = logging.getLogger("trio_sign.audit")
+# Every authorization decision must leave its audit record, whatever level is chosen.
+audit_log.setLevel(logging.INFO)
 
 SERVICE = "/trio_sign.v1.SignService/"
 MAX_MESSAGE_BYTES = 64 * 1024
@@ -210,6 +220,10 @@ class SignService:
             limit wait for a turn (bounded by their own deadline).
         config_sha256: SHA-256 of the measured configuration file (32 bytes), reported by
             GetStatus (``config_sha256``); None: reported empty.
+        authorizer: decides every Sign against the account's policy (built from the measured
+            configuration's ``[approvers]`` and ``[policies]``). None: the development
+            policies, where ``default`` needs no approvals (tests and ``--dev``; the enclave
+            always passes its configuration's).
 
     Raises:
         ValueError: a limit is not positive, or ``max_sign_request_bytes`` is too small.
@@ -239,6 +253,7 @@ class SignService:
         attestation_burst: int = DEFAULT_ATTESTATION_BURST,
         max_concurrent_attestations: int = DEFAULT_MAX_CONCURRENT_ATTESTATIONS,
         config_sha256: bytes | None = None,
+        authorizer: Authorizer | None = None,
     ) -> None:
         smallest = largest_sign_request_bytes(2)
         if max_sign_request_bytes < smallest:
@@ -273,6 +288,7 @@ class SignService:
         self._max_sign_request_bytes = max_sign_request_bytes
         self._attestation_bucket = _TokenBucket(attestation_rate_per_s, attestation_burst)
         self._attestation_limiter = trio.CapacityLimiter(max_concurrent_attestations)
+        self.authorizer = authorizer if authorizer is not None else Authorizer(DEVELOPMENT_POLICIES)
         self.metrics = Registry()
         self._init_metrics()
 
@@ -440,13 +456,46 @@ class SignService:
             raise RpcError(
                 StatusCode.INVALID_ARGUMENT, f"message must be at most {MAX_MESSAGE_BYTES} bytes"
             )
+        session_id = request.session_id
+
+        def authorize(account: AccountShare) -> None:
+            self._authorize(account, session_id, request)
+
         # The commitments go to the pool as received: it checks the session, the list's length
-        # and every field's size before building anything (work bounded by max_signers).
+        # and every field's size before building anything (work bounded by max_signers), then
+        # asks ``authorize`` before it touches the nonces.
         with _map_errors():
             identifier, share = self.pool.sign(
-                request.session_id, request.message, request.commitments
+                session_id, request.message, request.commitments, authorize=authorize
             )
         return pb.SignResponse(identifier=identifier, signature_share=share)
+
+    def _authorize(self, account: AccountShare, session_id: str, request: pb.SignRequest) -> None:
+        """Decide, write the audit record, count; raise :class:`ApprovalDenied` on refusal."""
+        decision = self.authorizer.decide(
+            account_id=account.account_id,
+            policy=account.policy,
+            session_id=session_id,
+            message=request.message,
+            approvals=request.approvals,
+            now=trio.current_time(),
+        )
+        audit_log.info(
+            "sign authorization",
+            extra={
+                "audit": "sign",
+                "account_id": account.account_id,
+                "session_id": session_id,
+                "message_sha256": decision.message_sha256,
+                "approvers": ",".join(decision.approvers),
+                "policy": decision.policy,
+                "outcome": "allowed" if decision.allowed else "refused",
+                "reason": decision.reason,
+            },
+        )
+        self._authorizations.labels(policy=decision.policy, outcome=decision.reason).inc()
+        if not decision.allowed:
+            raise ApprovalDenied(decision)
 
     async def abort(self, request: pb.AbortRequest, context: CallContext) -> pb.AbortResponse:
         with _map_errors():
@@ -472,6 +521,12 @@ class SignService:
             "trio_sign_signatures_total",
             "Sign calls (signature shares made or refused), by outcome and gRPC status code.",
             ("outcome", "code"),
+        )
+        self._authorizations = m.counter(
+            "trio_sign_authorizations_total",
+            "Sign authorization decisions (DESIGN §11), by the account's policy and outcome "
+            "(allowed, or the refusal reason).",
+            ("policy", "outcome"),
         )
         self._latency = m.histogram(
             "trio_sign_request_duration_seconds",
@@ -582,6 +637,10 @@ def _map_errors() -> Iterator[None]:
         yield
     except PoolError as exc:
         raise RpcError(_STATUS[exc.kind], str(exc)) from None
+    except ApprovalDenied as exc:
+        raise RpcError(
+            StatusCode.PERMISSION_DENIED, f"not authorized ({exc.reason}): {exc}"
+        ) from None
     except ShareFileError as exc:
         log.error("account share failed verification", extra={"reason": exc.reason})
         raise RpcError(
