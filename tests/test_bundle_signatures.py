@@ -534,8 +534,12 @@ async def test_an_older_bundle_signed_by_the_pinned_key_still_loads(
 # -- which keys the enclave pins ------------------------------------------------------------
 
 
+#: An open default policy, written out (issue 14): these tests are about bundles, not approvals.
+OPEN_DEFAULT = "\n[policies.default]\napprovers = []\nthreshold = 0\n"
+
+
 def _measured(text: str, *, development: bool = False) -> MeasuredConfig:
-    parsed = parse_measured_config(text.encode(), source="test enclave.toml")
+    parsed = parse_measured_config((text + OPEN_DEFAULT).encode(), source="test enclave.toml")
     if development:
         return MeasuredConfig(source=parsed.source, sha256=parsed.sha256, development=True)
     return parsed

@@ -55,6 +55,8 @@ def pki() -> Pki:
     ca = make_ca("gateway client CA")
     other = make_ca("some other CA")
     text = f"[gateway]\nclient_ca_pem = '''\n{ca.pem.decode()}'''\n"
+    # an open default policy, written out (issue 14): these tests are about TLS, not approvals
+    text += "\n[policies.default]\napprovers = []\nthreshold = 0\n"
     return Pki(
         ca=ca,
         measured=parse_measured_config(text.encode(), source="test enclave.toml"),

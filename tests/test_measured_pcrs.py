@@ -126,12 +126,14 @@ async def test_a_changed_enclave_toml_is_refused_by_the_pinned_key_policy(
     tmp_path: Path,
 ) -> None:
     pinned = tmp_path / "enclave.toml"
-    pinned.write_text("[limits]\nmax_sessions = 100\n")
+    # an open default policy, written out (issue 14): the test is about PCRs, not approvals
+    open_default = "\n[policies.default]\napprovers = []\nthreshold = 0\n"
+    pinned.write_text("[limits]\nmax_sessions = 100\n" + open_default)
     # the file the policy pins boots
     assert await _boot(tmp_path / "same", pinned, pinned) == (None, [])
     # one byte changed: other PCRs, and the policy refuses the Decrypt: the preload fails
     changed = tmp_path / "changed.toml"
-    changed.write_text("[limits]\nmax_sessions = 101\n")
+    changed.write_text("[limits]\nmax_sessions = 101\n" + open_default)
     assert local_pcrs_for_config(changed)[2] != local_pcrs_for_config(pinned)[2]
     failure, refusals = await _boot(tmp_path / "changed", changed, pinned)
     assert failure is not None
