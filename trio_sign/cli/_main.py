@@ -26,6 +26,7 @@ from .. import __version__
 from .._errors import TrioSignError
 from .._logging import LOG_FORMATS, configure_logging, default_log_format
 from . import (
+    _approver,
     _attestation,
     _demo,
     _dev,
@@ -46,7 +47,18 @@ EXIT_INTERRUPTED = 130
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 #: Each module adds its subcommand with ``add_parser(subparsers)``, in ``--help`` order.
-_COMMANDS = (_shares, _enclave, _attestation, _kms, _parent, _status, _gateway, _demo, _dev)
+_COMMANDS = (
+    _shares,
+    _enclave,
+    _attestation,
+    _kms,
+    _parent,
+    _status,
+    _gateway,
+    _demo,
+    _dev,
+    _approver,
+)
 
 
 def _add_logging_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
