@@ -345,10 +345,13 @@ def test_development_policy_is_open_and_a_file_has_no_default() -> None:
     dev = development_config()
     assert dev.policies.development
     assert dev.policies.policies["default"].threshold == 0
-    # the same bytes from a file are not the development configuration: no open default
-    parsed = parse_measured_config(DEVELOPMENT_CONFIG)
-    assert parsed.policies.policies == {}
-    assert parsed.policies.unknown({"default"}) == ["default"]
+    # the development file says so in its measured bytes, and is the same read from a path
+    assert b"NO AUTHORIZATION" in DEVELOPMENT_CONFIG
+    assert parse_measured_config(DEVELOPMENT_CONFIG).policies.development
+    # another file has no implicit default
+    other = parse_measured_config(DEVELOPMENT_CONFIG.split(b"[policies.default]")[0])
+    assert other.policies.policies == {}
+    assert other.policies.unknown({"default"}) == ["default"]
 
 
 def test_enclave_refuses_an_impossible_policy_at_boot(tmp_path: Path) -> None:
