@@ -1,6 +1,12 @@
 """The Sign Gateway's side of the service: the coordinator, the prober and the enclaves' event
 streams (DESIGN §5)."""
 
+from ._approvals import APPROVER_KEY_FORMAT as APPROVER_KEY_FORMAT
+from ._approvals import DEFAULT_APPROVAL_LIFETIME_S as DEFAULT_APPROVAL_LIFETIME_S
+from ._approvals import Approval as Approval
+from ._approvals import ApproverKeyFileError as ApproverKeyFileError
+from ._approvals import ApproverSigningKey as ApproverSigningKey
+from ._approvals import GatewayApprover as GatewayApprover
 from ._coordinator import GATEWAY_REASONS as GATEWAY_REASONS
 from ._coordinator import Coordinator as Coordinator
 from ._coordinator import CoordinatorSettings as CoordinatorSettings
@@ -47,6 +53,11 @@ from ._tls import make_client_ssl_context as make_client_ssl_context
 
 __all__ = [
     "ALPN_H2",
+    "APPROVER_KEY_FORMAT",
+    "Approval",
+    "ApproverKeyFileError",
+    "ApproverSigningKey",
+    "DEFAULT_APPROVAL_LIFETIME_S",
     "Coordinator",
     "CoordinatorSettings",
     "DEFAULT_EVENTS_GRACEFUL_TIMEOUT_S",
@@ -60,6 +71,7 @@ __all__ = [
     "EnclaveNode",
     "EventHub",
     "GATEWAY_REASONS",
+    "GatewayApprover",
     "GatewayApi",
     "GatewayConfig",
     "GatewayConfigError",

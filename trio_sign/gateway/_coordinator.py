@@ -10,6 +10,13 @@ A signature is one *session* on one enclave node:
    account; the counterparts' from their share files), which names a faulty share, and verify
    the result with libsodium (``nacl.signing.VerifyKey``) under the group key.
 
+Approvals (DESIGN §11): the enclave signs only when ``Sign`` carries approvals that satisfy
+the account's policy. Every ``Sign`` carries the caller's approvals (``sign_message(...,
+approvals=, session_id=)``: an approval names its session, so a caller who brings approvals
+also names the session they approve) and, with a `GatewayApprover`, this gateway's own, one per
+key it holds that the caller did not bring. A refusal (PERMISSION_DENIED) is ``not_authorized``
+with the enclave's reason; the session is aborted, so a corrected request may reuse its id.
+
 Any failure once ``Commit`` was sent aborts the session on the enclave (best effort, shielded,
 bounded by the node's ``abort_timeout_s``) so its pool slot and nonces are freed at once
 instead of at the session TTL.
@@ -47,6 +54,7 @@ from .._errors import FrostError, InvalidSignatureShareError, ShareFileError, Tr
 from ..crypto import SigningCommitment, SigningNonces, aggregate, commit, sign
 from ..rpc import RpcError, StatusCode
 from ..shares import AccountShare, ShareStore
+from ._approvals import Approval, GatewayApprover
 from ._node import EnclaveNode
 
 log = logging.getLogger("trio_sign.gateway.coordinator")
@@ -61,6 +69,7 @@ GATEWAY_REASONS = frozenset(
         "unknown_account",
         "key_mismatch",
         "too_few_signers",
+        "not_authorized",
     }
 )
 
@@ -83,7 +92,9 @@ class GatewayError(TrioSignError):
             ``verify_failed`` (the aggregate did not verify, with no share to blame),
             ``unknown_account`` (no counterpart share, or the enclave does not know it),
             ``key_mismatch`` (the enclave's group key for the account differs from the
-            counterparts'), ``too_few_signers`` (fewer participants than ``min_signers``).
+            counterparts'), ``too_few_signers`` (fewer participants than ``min_signers``),
+            ``not_authorized`` (the enclave refused ``Sign`` with PERMISSION_DENIED: the
+            approvals do not satisfy the account's policy; the message says what is missing).
         status: the gRPC status for ``enclave_refused`` (and the last one seen for
             ``no_healthy_node``), else None.
         identifier: the 32-byte identifier of the faulty signer for ``bad_share``, else None.
@@ -169,8 +180,14 @@ class Coordinator:
         counterparts: the local participants' share stores (one per participant file); every
             store holding the account signs with the enclave.
         settings: limits.
+        approver: the approver keys this gateway holds and its automatic policy; None: only
+            the approvals callers bring are sent.
 
-    The coordinator does not own the stores: close them after it is done.
+    The coordinator does not own the stores or the approver: close them after it is done.
+
+    Attributes:
+        approvals_sent: approvals attached to ``Sign`` requests that signed, by key id (the
+            caller's and this gateway's).
     """
 
     def __init__(
@@ -179,6 +196,7 @@ class Coordinator:
         counterparts: Sequence[ShareStore],
         *,
         settings: CoordinatorSettings = CoordinatorSettings(),
+        approver: GatewayApprover | None = None,
     ) -> None:
         if not nodes:
             raise ValueError("a Coordinator needs at least one enclave node")
@@ -187,8 +205,10 @@ class Coordinator:
         self.settings = settings
         self.limiter = trio.CapacityLimiter(settings.max_concurrent_signatures)
         self._accounts: OrderedDict[str, _EnclaveAccount] = OrderedDict()
+        self.approver = approver
         self.signatures = 0
         self.aborted_sessions = 0
+        self.approvals_sent: dict[str, int] = {}
 
     # -- public --------------------------------------------------------------------------------
 
@@ -197,25 +217,48 @@ class Coordinator:
         """Accounts whose enclave verifying share is cached (at most ``account_cache_size``)."""
         return len(self._accounts)
 
-    async def sign_message(self, account_id: str, message: bytes) -> bytes:
+    async def sign_message(
+        self,
+        account_id: str,
+        message: bytes,
+        *,
+        approvals: Sequence[Approval] = (),
+        session_id: str | None = None,
+    ) -> bytes:
         """Produce the account's 64-byte Ed25519 signature of ``message`` (verified).
 
+        Args:
+            approvals: approvals the caller brings (for ``session_id``); the approver's are
+                added for the key ids not among them.
+            session_id: the session to use (the one ``approvals`` name); None: a fresh random
+                one per session tried. A given session is tried once (its approvals are valid
+                for it alone), on one node.
+
         Error handling: raises `GatewayError` with a stable ``reason`` (see there). Transient
-        enclave failures are retried as described in the module docstring.
+        enclave failures are retried as described in the module docstring. ``ValueError`` for
+        ``approvals`` without ``session_id``, or two approvals by one key.
 
         Cancellation: safe; an open session is aborted on the enclave (shielded, bounded).
         """
+        if approvals and session_id is None:
+            raise ValueError("approvals name their session: give the session_id they approve")
+        if len({a.key_id for a in approvals}) != len(approvals):
+            raise ValueError("two approvals by the same key id (one key counts once)")
         shares = self._local_shares(account_id)
+        sessions = self.settings.max_sessions_per_signature if session_id is None else 1
         async with self.limiter:
             tried: set[str] = set()
             last: _NewSession | None = None
-            for _attempt in range(self.settings.max_sessions_per_signature):
+            for _attempt in range(sessions):
                 node = self._choose_node(avoid=tried)
                 if node is None:
                     break
                 tried.add(node.node_id)
+                session = secrets.token_hex(16) if session_id is None else session_id
                 try:
-                    signature = await self._session(node, account_id, message, shares)
+                    signature = await self._session(
+                        node, account_id, message, shares, session, approvals
+                    )
                 except _NewSession as retry:
                     last = retry
                     log.info(
@@ -235,8 +278,8 @@ class Coordinator:
                 reason="no_healthy_node",
             )
         raise GatewayError(
-            f"no enclave node could sign after {self.settings.max_sessions_per_signature} "
-            f"sessions; last: node {last.node.node_id}: {last.error}",
+            f"no enclave node could sign after {sessions} session(s); last: node "
+            f"{last.node.node_id}: {last.error}",
             reason="no_healthy_node",
             status=last.error.status,
             node_id=last.node.node_id,
@@ -307,6 +350,13 @@ class Coordinator:
             return _NewSession(exc, node)
         if what == "Sign" and exc.status in _NEW_SESSION_AT_SIGN:
             return _NewSession(exc, node)
+        if what == "Sign" and exc.status == StatusCode.PERMISSION_DENIED:
+            return GatewayError(
+                f"enclave node {node.node_id} refused Sign for account {account_id!r}: {exc}",
+                reason="not_authorized",
+                status=exc.status,
+                node_id=node.node_id,
+            )
         if exc.status == StatusCode.NOT_FOUND and what in ("Commit", "GetAccount"):
             return GatewayError(
                 f"account {account_id!r} is unknown to enclave node {node.node_id}",
@@ -321,8 +371,25 @@ class Coordinator:
             node_id=node.node_id,
         )
 
+    def _approvals(
+        self, account_id: str, session_id: str, message: bytes, brought: Sequence[Approval]
+    ) -> list[Approval]:
+        """The caller's approvals, then this gateway's for the keys the caller did not bring."""
+        if self.approver is None:
+            return list(brought)
+        own = self.approver.approve(
+            account_id, session_id, message, skip={a.key_id for a in brought}
+        )
+        return [*brought, *own]
+
     async def _session(
-        self, node: EnclaveNode, account_id: str, message: bytes, shares: list[AccountShare]
+        self,
+        node: EnclaveNode,
+        account_id: str,
+        message: bytes,
+        shares: list[AccountShare],
+        session_id: str,
+        brought: Sequence[Approval],
     ) -> bytes:
         group_key = shares[0].group_public_key
         enclave = await self._enclave_account(node, account_id)
@@ -333,7 +400,7 @@ class Coordinator:
                 reason="key_mismatch",
                 node_id=node.node_id,
             )
-        session_id = secrets.token_hex(16)
+        approvals = self._approvals(account_id, session_id, message, brought)
         nonces: list[SigningNonces] = []
         must_abort = False
         node.in_flight += 1
@@ -364,12 +431,14 @@ class Coordinator:
             )
             local = self._sign_locally(nonces, shares, message, commitments, enclave, node)
             enclave_share = await self._sign_on_enclave(
-                node, session_id, message, commitments, account_id
+                node, session_id, message, commitments, account_id, approvals
             )
             signature = self._aggregate(
                 commitments, message, group_key, enclave, enclave_share, local, shares, node
             )
             must_abort = False  # signed: the enclave already freed the slot
+            for a in approvals:
+                self.approvals_sent[a.key_id] = self.approvals_sent.get(a.key_id, 0) + 1
             return signature
         finally:
             node.in_flight -= 1
@@ -416,10 +485,12 @@ class Coordinator:
         message: bytes,
         commitments: list[SigningCommitment],
         account_id: str,
+        approvals: Sequence[Approval] = (),
     ) -> bytes:
+        wire = [a.to_proto() for a in approvals]
         for attempt in range(self.settings.sign_retries + 1):
             try:
-                reply = await node.sign(session_id, message, commitments)
+                reply = await node.sign(session_id, message, commitments, wire)
             except RpcError as exc:
                 if exc.status in _SIGN_RETRY and attempt < self.settings.sign_retries:
                     log.info(

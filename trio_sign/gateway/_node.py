@@ -377,9 +377,15 @@ class EnclaveNode:
         )
 
     async def sign(
-        self, session_id: str, message: bytes, commitments: Sequence[SigningCommitment]
+        self,
+        session_id: str,
+        message: bytes,
+        commitments: Sequence[SigningCommitment],
+        approvals: Sequence[pb.Approval] = (),
     ) -> pb.SignResponse:
-        """``Sign`` (FROST round two). A byte-identical retry returns the same share."""
+        """``Sign`` (FROST round two) with the ``approvals`` the account's policy needs
+        (DESIGN §11; PERMISSION_DENIED without enough). A byte-identical retry returns the
+        same share."""
         request = pb.SignRequest(
             session_id=session_id,
             message=message,
@@ -387,6 +393,7 @@ class EnclaveNode:
                 pb.SigningCommitment(identifier=c.identifier, hiding=c.hiding, binding=c.binding)
                 for c in commitments
             ],
+            approvals=approvals,
         )
         return await self._call("Sign", request, pb.SignResponse, self.settings.sign_timeout_s)
 

@@ -19,6 +19,10 @@ it)::
     pcrs = "enclave.pcrs.json"  # or { PCR0 = "...", PCR1 = "...", PCR2 = "..." }
     [shares]                    # the counterpart participants' plaintext share files
     participant_files = ["shares/participant-2_key_shares.json"]
+    [approvers]                 # approver keys this gateway holds (DESIGN §11), files 0600
+    keys = { ops-1 = "approvers/ops-1.key", ops-2 = "approvers/ops-2.key" }
+    lifetime_s = 60             # each approval expires this long after it is made
+    accounts = ["*"]            # fnmatch patterns of the accounts this gateway approves
     [prober]
     interval_s = 5
     evict_after_s = 15
@@ -35,8 +39,9 @@ Tree::
     ├── serve_gateway_events   (probe / abort / freeze / unfreeze / drain / undrain, per node)
     ├── EnclaveNode.run        (one per node: a kept-open gRPC channel, attested by default)
     ├── run_prober             (Ping + the SSE probe echo; eviction and re-admission)
-    └── the sign API           POST /v1/sign, GET /v1/nodes, POST /v1/nodes/{id}/{freeze,
-                               unfreeze,drain,undrain}, GET /healthz, GET /metrics
+    └── the sign API           POST /v1/sign (optional session_id and approvals), GET /v1/nodes,
+                               POST /v1/nodes/{id}/{freeze,unfreeze,drain,undrain},
+                               GET /healthz, GET /metrics
 
 The API is deliberately small: it is a reference for integrators and a driver for demos and
 tests, to be bound to loopback. Still, a web page must not be able to drive it (DESIGN §16):
@@ -71,9 +76,16 @@ from .. import __version__
 from .._errors import TrioSignError
 from .._metrics import Registry
 from ..attested import ChannelPolicy, make_attested_client_context
+from ..authz._keys import KEY_ID_PATTERN
 from ..nitro import load_pcr_json
 from ..transport import serve_asgi
 from ..transport._asgi import asgi_lifespan, respond
+from ._approvals import (
+    DEFAULT_APPROVAL_LIFETIME_S,
+    Approval,
+    ApproverKeyFileError,
+    GatewayApprover,
+)
 from ._coordinator import Coordinator, GatewayError, load_participant_files
 from ._events import (
     BEARER_TOKEN_RULE,
@@ -102,6 +114,7 @@ _KEYS: Final[dict[str, frozenset[str]]] = {
     "tls": frozenset({"mode", "ca", "cert", "key", "server_name"}),
     "attestation": frozenset({"root", "pcrs", "max_age_s", "check_timeout_s"}),
     "shares": frozenset({"participant_files"}),
+    "approvers": frozenset({"keys", "lifetime_s", "accounts"}),
     "prober": frozenset({"interval_s", "evict_after_s"}),
     "node": frozenset(
         {"id", "address", "events_token", "shares_sha256", "config_sha256", "root", "pcrs"}
@@ -123,7 +136,12 @@ _HTTP_STATUS = {
     "verify_failed": 502,
     "key_mismatch": 500,
     "too_few_signers": 500,
+    "not_authorized": 403,
 }
+#: The longest session id a caller may name (the enclave's own limit).
+MAX_SESSION_ID_BYTES: Final = 128
+#: Most approvals one ``POST /v1/sign`` may carry.
+MAX_APPROVALS: Final = 16
 
 
 class GatewayConfigError(TrioSignError):
@@ -167,6 +185,9 @@ class GatewayConfig:
     attestation_max_age_s: float = 60.0
     attestation_check_timeout_s: float = 10.0
     dev_skip_attestation: bool = False
+    approver_keys: Mapping[str, Path] = field(default_factory=dict)  # key id -> key file
+    approval_lifetime_s: float = DEFAULT_APPROVAL_LIFETIME_S
+    approval_accounts: tuple[str, ...] = ("*",)
 
     @property
     def attested(self) -> bool:
@@ -359,6 +380,7 @@ def parse_gateway_config(text: str, *, base: Path = Path(".")) -> GatewayConfig:
                     f"[[node]] {node.id}: no PCRs pinned: set [attestation] pcrs (or the "
                     "node's own pcrs) to the enclave image's measurements"
                 )
+    approver_keys, lifetime_s, approve_accounts = _approvers(_table(data, "approvers"), base)
     api_token = api.get("token")
     if api_token is not None and (
         not isinstance(api_token, str) or not valid_bearer_token(api_token)
@@ -385,7 +407,44 @@ def parse_gateway_config(text: str, *, base: Path = Path(".")) -> GatewayConfig:
         nodes=tuple(nodes),
         probe_interval_s=_num(prober, "prober", "interval_s", 5.0),
         evict_after_s=_num(prober, "prober", "evict_after_s", 15.0),
+        approver_keys=approver_keys,
+        approval_lifetime_s=lifetime_s,
+        approval_accounts=approve_accounts,
     )
+
+
+def _approvers(
+    table: Mapping[str, Any] | None, base: Path
+) -> tuple[dict[str, Path], float, tuple[str, ...]]:
+    """``[approvers]``: ``(key id -> key file, lifetime_s, accounts)``."""
+    if table is None:
+        return {}, DEFAULT_APPROVAL_LIFETIME_S, ("*",)
+    keys = table.get("keys")
+    if (
+        not isinstance(keys, dict)
+        or not keys
+        or not all(isinstance(v, str) and v for v in keys.values())
+    ):
+        raise GatewayConfigError(
+            '[approvers] keys must be a table of key id = "key file", e.g. '
+            '{ ops-1 = "approvers/ops-1.key" } (the ids the enclaves\' [approvers] pin)'
+        )
+    for key_id in keys:
+        if not KEY_ID_PATTERN.fullmatch(key_id):
+            raise GatewayConfigError(
+                f"[approvers] keys: {key_id!r} is not a key id (1..64 of A-Z a-z 0-9 . _ : @ -)"
+            )
+    lifetime = _num(table, "approvers", "lifetime_s", DEFAULT_APPROVAL_LIFETIME_S)
+    accounts = table.get("accounts", ["*"])
+    if (
+        not isinstance(accounts, list)
+        or not accounts
+        or not all(isinstance(a, str) and a for a in accounts)
+    ):
+        raise GatewayConfigError(
+            '[approvers] accounts must be a non-empty list of account patterns (["*"]: all)'
+        )
+    return {k: base / v for k, v in keys.items()}, lifetime, tuple(accounts)
 
 
 def _channel_mode(tls: Mapping[str, Any] | None, dev: Mapping[str, Any]) -> tuple[str | None, bool]:
@@ -675,9 +734,32 @@ class GatewayApi:
             return 400, {"error": "message_hex is not hex"}
         if len(message) > MAX_MESSAGE_BYTES:
             return 400, {"error": f"message over {MAX_MESSAGE_BYTES} bytes"}
+        session_id = body.get("session_id")
+        if session_id is not None and (
+            not isinstance(session_id, str)
+            or not session_id
+            or not session_id.isprintable()
+            or len(session_id.encode()) > MAX_SESSION_ID_BYTES
+        ):
+            return 400, {
+                "error": f"session_id must be 1..{MAX_SESSION_ID_BYTES} bytes of printable text"
+            }
+        raw = body.get("approvals", [])
+        if not isinstance(raw, list) or len(raw) > MAX_APPROVALS:
+            return 400, {"error": f"approvals must be a list of at most {MAX_APPROVALS}"}
+        try:
+            approvals = [Approval.from_json(a) for a in raw]
+        except ValueError as exc:
+            return 400, {"error": str(exc)}
+        if approvals and session_id is None:
+            return 400, {"error": "approvals name their session: give the session_id they approve"}
+        if len({a.key_id for a in approvals}) != len(approvals):
+            return 400, {"error": "two approvals by the same key_id (one key counts once)"}
         started = trio.current_time()
         try:
-            signature = await self._coordinator.sign_message(account_id, message)
+            signature = await self._coordinator.sign_message(
+                account_id, message, approvals=approvals, session_id=session_id
+            )
         except GatewayError as exc:
             status = _HTTP_STATUS.get(exc.reason, 500)
             return status, {"error": str(exc), "reason": exc.reason}
@@ -780,8 +862,13 @@ async def serve_gateway(
     Without ``[api] token`` the token is read from ``[api] token_file``, or generated into it
     (0600) if the file does not exist; the path is logged, the token never is.
 
-    Error handling: :class:`GatewayConfigError` for an unreadable or unwritable token file, a
-    bad listen URL or bind failure as :func:`serve_gateway_events` says; all before ``started``.
+    With ``[approvers] keys`` the key files are loaded (each must be mode 0600) and every
+    ``Sign`` carries this gateway's approvals (:class:`GatewayApprover`); the keys are zeroed
+    when the gateway stops.
+
+    Error handling: :class:`GatewayConfigError` for an unreadable or unwritable token file, an
+    approver key file refused (naming it, never the key), a bad listen URL or bind failure as
+    :func:`serve_gateway_events` says; all before ``started``.
     """
     hub = EventHub()
     token_file: Path | None = None
@@ -797,10 +884,52 @@ async def serve_gateway(
             extra={"token_file": str(token_file)},
         )
     nodes = await trio.to_thread.run_sync(make_nodes, config)
-    counterparts = await trio.to_thread.run_sync(
-        load_participant_files, list(config.participant_files)
-    )
-    coordinator = Coordinator(nodes, counterparts)
+    approver = None
+    if config.approver_keys:
+        approver = await trio.to_thread.run_sync(
+            functools.partial(
+                _load_approver,
+                config.approver_keys,
+                lifetime_s=config.approval_lifetime_s,
+                accounts=config.approval_accounts,
+            )
+        )
+        log.info(
+            "gateway: approving as %s (accounts %s, lifetime %g s)",
+            ", ".join(approver.key_ids),
+            ", ".join(approver.accounts),
+            config.approval_lifetime_s,
+            extra={"approvers": ",".join(approver.key_ids)},
+        )
+    try:
+        counterparts = await trio.to_thread.run_sync(
+            load_participant_files, list(config.participant_files)
+        )
+        coordinator = Coordinator(nodes, counterparts, approver=approver)
+        await _serve(config, hub, nodes, coordinator, api_token, token_file, task_status)
+    finally:
+        if approver is not None:
+            approver.close()
+
+
+def _load_approver(
+    files: Mapping[str, Path], *, lifetime_s: float, accounts: tuple[str, ...]
+) -> GatewayApprover:
+    try:
+        return GatewayApprover.load(files, lifetime_s=lifetime_s, accounts=accounts)
+    except ApproverKeyFileError as exc:
+        raise GatewayConfigError(f"[approvers] keys: {exc}") from None
+
+
+async def _serve(
+    config: GatewayConfig,
+    hub: EventHub,
+    nodes: list[EnclaveNode],
+    coordinator: Coordinator,
+    api_token: str,
+    token_file: Path | None,
+    task_status: trio.TaskStatus[GatewayHandle],
+) -> None:
     async with trio.open_nursery() as nursery:
         events = await nursery.start(
             functools.partial(
