@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from trio_sign._errors import ShareFileError
 from trio_sign.shares import (
@@ -142,3 +144,22 @@ def test_a_bad_policy_in_a_sealed_record_is_refused(key: DevKeyFile) -> None:
     with pytest.raises(ShareFileError) as caught:
         list(read_sealed(io.BytesIO(bundle), key))
     assert caught.value.reason == "bad_policy"
+
+
+_NAMES = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", fullmatch=True)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.one_of(st.just("default"), _NAMES), min_size=1, max_size=12))
+def test_any_policies_round_trip_through_a_sealed_bundle(
+    key: DevKeyFile, policies: list[str]
+) -> None:
+    """Every valid name, any mix with ``default``, across chunk boundaries (a small chunk
+    size puts records of every length at the edges)."""
+    records = [make_record(f"acct-{i}", policy=p) for i, p in enumerate(policies)]
+    bundle = encode_bundle(records, key, chunk_size=600)
+    store = ShareStore.load_sealed(io.BytesIO(bundle), key, verify="full")
+    assert [store[f"acct-{i}"].policy for i in range(len(policies))] == policies
+    assert store.policies() == set(policies)
+    expected = "binary-v1" if set(policies) == {"default"} else "binary-v2"
+    assert read_sealed_header(io.BytesIO(bundle))[0]["record_format"] == expected
