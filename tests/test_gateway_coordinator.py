@@ -42,9 +42,11 @@ from trio_sign.enclave import (
     serve_enclave,
 )
 from trio_sign.gateway import (
+    ApproverSigningKey,
     Coordinator,
     CoordinatorSettings,
     EnclaveNode,
+    GatewayApprover,
     GatewayError,
     NodeSettings,
     connect_tls,
@@ -66,6 +68,8 @@ from trio_sign.transport import TransportError, connect
 from .enclave_helpers import parent
 
 N_ACCOUNTS = 6
+#: The approvers of the production enclave's measured configuration (one P-256).
+APPROVER_KEY_TYPES = {"ops-1": "ed25519", "ops-2": "ed25519", "risk-1": "p256"}
 
 
 @dataclass(frozen=True)
@@ -104,12 +108,15 @@ async def running(
     nodes: Sequence[EnclaveNode],
     stores: Sequence[ShareStore],
     settings: CoordinatorSettings | None = None,
+    approver: GatewayApprover | None = None,
 ) -> AsyncIterator[Coordinator]:
     try:
         async with trio.open_nursery() as nursery:
             for node in nodes:
                 await nursery.start(node.run)
-            yield Coordinator(nodes, stores, settings=settings or CoordinatorSettings())
+            yield Coordinator(
+                nodes, stores, settings=settings or CoordinatorSettings(), approver=approver
+            )
             nursery.cancel_scope.cancel()
     finally:
         for store in stores:
@@ -269,7 +276,11 @@ class FlakySign(EnclaveNode):
         self.hung = trio.Event()
 
     async def sign(
-        self, session_id: str, message: bytes, commitments: Sequence[SigningCommitment]
+        self,
+        session_id: str,
+        message: bytes,
+        commitments: Sequence[SigningCommitment],
+        approvals: Sequence[pb.Approval] = (),
     ) -> pb.SignResponse:
         self.sign_calls += 1
         self.sessions.append(session_id)
@@ -280,18 +291,19 @@ class FlakySign(EnclaveNode):
                 else SigningCommitment(c.identifier, b"\xff" * 32, c.binding)
                 for c in commitments
             ]
-            return await super().sign(session_id, message, bad)
+            return await super().sign(session_id, message, bad, approvals)
         if self.mode == "always_unavailable":
             raise RpcError(StatusCode.UNAVAILABLE, "connection reset")
         if self.mode == "hang":
             self.hung.set()
             await trio.sleep_forever()
         if self.mode == "lost_reply" and self.sign_calls == 1:
-            await super().sign(session_id, message, commitments)  # consumed, reply "lost"
+            # consumed, reply "lost"
+            await super().sign(session_id, message, commitments, approvals)
             raise RpcError(StatusCode.UNAVAILABLE, "connection reset")
         if self.mode == "not_sent" and self.sign_calls == 1:
             raise RpcError(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded (client side)")
-        reply = await super().sign(session_id, message, commitments)
+        reply = await super().sign(session_id, message, commitments, approvals)
         if self.mode == "flip":
             share = bytearray(reply.signature_share)
             share[0] ^= 1
@@ -525,12 +537,22 @@ async def test_signs_through_the_byte_pipe_ingress_with_the_production_enclave(
     from the gateway CA its measured configuration pins); the parent's ingress only pipes bytes
     to it once its gate verified the enclave over the public port. The gateway's node opens the
     attested channel through the pipe (the document binds the connection's key, the bundle,
-    the configuration and the PCRs) and signs; what crossed the parent is ciphertext. A client
-    without a certificate, and a node pinning another configuration, are sent nothing."""
+    the configuration and the PCRs) and signs, with the approvals of the two approver keys it
+    holds (the configuration's default policy is 2 of 3, DESIGN §11); what crossed the parent
+    is ciphertext. A client without a certificate, and a node pinning another configuration,
+    are sent nothing."""
     keys = shares.group_keys()
     nsm = LocalNsm.from_dir(nsm_dir)
     pcrs = {i: nsm.describe_pcr(i)[1] for i in (0, 1, 2)}
-    measured = parse_measured_config(b"[gateway]\nclient_ca_pem = '''\n" + pki.ca_pem + b"'''\n")
+    approver_keys = {k: ApproverSigningKey.generate(t) for k, t in APPROVER_KEY_TYPES.items()}
+    approver = GatewayApprover({k: approver_keys[k] for k in ("ops-1", "risk-1")})
+    measured = parse_measured_config(
+        b"[gateway]\nclient_ca_pem = '''\n"
+        + pki.ca_pem
+        + b"'''\n"
+        + "".join(key.enclave_toml(k) for k, key in approver_keys.items()).encode()
+        + b'[policies.default]\napprovers = ["ops-1", "ops-2", "risk-1"]\nthreshold = 2\n'
+    )
     async with parent(tmp_path, _records(shares), nsm_dir) as fake, trio.open_nursery() as nursery:
         config = fake.config(
             measured=measured, tls=True, public_listen=f"unix://{fake.dir}/public.sock"
@@ -595,7 +617,7 @@ async def test_signs_through_the_byte_pipe_ingress_with_the_production_enclave(
             settings=NodeSettings(ping_timeout_s=5.0),
         )
         stores = load_participant_files([shares.participants[2]])
-        async with running([node, no_cert, wrong], stores) as coordinator:
+        async with running([node, no_cert, wrong], stores, approver=approver) as coordinator:
             with pytest.raises(RpcError) as refused:
                 await no_cert.ping(b"x")
             assert refused.value.status == StatusCode.UNAVAILABLE
@@ -631,6 +653,8 @@ async def test_signs_through_the_byte_pipe_ingress_with_the_production_enclave(
             assert node.connects == 1
             assert node.attestations_verified == 1
             assert handle.service.pool.open_sessions == 0
+            assert coordinator.approvals_sent == {"ops-1": 16, "risk-1": 16}
+        approver.close()
         # the FROST sessions crossed the parent encrypted
         assert carried
         for seen in carried:
