@@ -232,6 +232,26 @@ def test_demo_full_stack(tmp_path: Path) -> None:
     assert signer in report["bundle_signature"]
     sealed = work / "service_key_shares.json.enc"
     assert main(["shares", "inspect", str(sealed), "--signing-key", signer]) == 0
+    # issue 14: the enclave.toml pins three approvers and a 2-of-3 default policy; the gateway
+    # held two keys and approved every Sign; one Sign with one approval was refused, and its
+    # session then signed (the refusal did not consume the nonces)
+    toml = enclave_toml.read_text()
+    assert "[approvers.ops-1]" in toml
+    assert 'type = "p256"' in toml
+    assert 'approvers = ["ops-1", "ops-2", "risk-1"]\nthreshold = 2' in toml
+    assert report["policy"].startswith("default: 2 of ops-1 (ed25519), ops-2 (ed25519), risk-1")
+    assert report["approved_by"].strip() == (
+        "ops-1 (ed25519): 81 approvals, risk-1 (p256): 81 approvals"
+    )
+    assert report["refused"].strip() == (
+        "PERMISSION_DENIED: not authorized (too_few_approvals): 1 approval(s) (ops-1); "
+        "policy 'default' needs 2 of [ops-1, ops-2, risk-1]"
+    )
+    assert "signed with 2 approvals; signature verified" in report["then"]
+    assert "was refused without consuming" in report["authorization"]
+    for key_file in (work / "approvers").iterdir():
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        assert json.loads(key_file.read_text())["private_key"] not in proc.stdout + proc.stderr
     # ... so the enclave ran the production check, not the unsigned development fallback
     logs = proc.stderr + (work / "enclave-logs.jsonl").read_text()
     assert '"preload complete"' in logs

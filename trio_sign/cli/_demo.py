@@ -6,7 +6,8 @@ FROST sessions on random accounts between the service's shares and a counterpart
 and verify every signature with libsodium's Ed25519 (``--stack local``). The default,
 ``--stack full`` (:mod:`trio_sign.cli._demo_full`), runs the whole attested path: local KMS, a
 bundle signed by a ceremony key the enclave's measured configuration pins, the parent and the
-enclave, and the reference gateway over attested TLS ending in the enclave.
+enclave, and the reference gateway over attested TLS ending in the enclave, every Sign
+approved under a 2-of-3 approver policy, and one request with too few approvals refused.
 """
 
 from __future__ import annotations
@@ -204,5 +205,16 @@ def _full(args: argparse.Namespace, work: Path) -> int:
         "the enclave.toml [bundles] signing_keys: the enclave loaded it under the production "
         "signature check"
     )
+    refused = report["refused"].startswith("PERMISSION_DENIED")
+    print(
+        f"  {'authorization':<24} every Sign carried the approvals the policy needs "
+        "(approved_by); "
+        + (
+            "a Sign with too few was refused without consuming its session's nonces"
+            if refused
+            else "the Sign with too few approvals was NOT refused"
+        )
+    )
     attested = report["attested_channel"].startswith("verified")
-    return 0 if report["failures"] == 0 and match == "matches" and attested else 1
+    ok = report["failures"] == 0 and match == "matches" and attested and refused
+    return 0 if ok else 1

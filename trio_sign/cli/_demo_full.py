@@ -6,19 +6,26 @@ Steps, each a real component talking over real sockets:
 2. start the local KMS (the KMS JSON protocol over HTTP, with a key policy that pins the local
    NSM's PCRs for ``Decrypt`` with ``Recipient``), generate a ceremony signing key in the work
    directory, and seal the service's shares through KMS with boto3, signed by that key;
-3. write the enclave's measured configuration (``enclave.toml``: the development gateway CA
-   its TLS port checks, and the ceremony key pinned in ``[bundles] signing_keys``, so the
-   enclave runs the production signature check, not the unsigned development fallback);
+3. generate three approver keys (``approvers/``: ``ops-1`` and ``ops-2`` Ed25519, ``risk-1``
+   P-256, files 0600) and write the enclave's measured configuration (``enclave.toml``: the
+   development gateway CA its TLS port checks, the ceremony key pinned in ``[bundles]
+   signing_keys``, so the enclave runs the production signature check, not the unsigned
+   development fallback, and the three approvers with a 2-of-3 ``[policies.default]``, so
+   every Sign needs two approvals, DESIGN §11);
 4. start the gateway's SSE event server, with a fresh bearer token for the node (written
    0600 into the work directory; the parent's ``[relay] token_file`` points at it, so the
    relay adds it to the enclave's subscription);
 5. start the parent supervisor, which launches the local enclave (fresh namespaces where the
    kernel allows), serves its attested preload through KMS, verifies its attestation and
    opens the ingress, a byte pipe to the enclave's TLS port;
-6. the reference gateway signs M messages on random accounts at concurrency C over attested
-   TLS ending in the enclave (each connection checked before use: the attestation's key is
-   the TLS certificate's, the bundle, the configuration and the PCRs are the pinned ones;
-   every signature verified), with the health prober and its SSE probes running;
+6. the reference gateway, holding two of the approver keys (``ops-1`` and ``risk-1``), first
+   sends one Sign with a single approval and shows it refused (PERMISSION_DENIED, with the
+   enclave's reason), then signs that same session with both approvals (a refusal does not
+   consume the nonces); then it signs M messages on random accounts at concurrency C over
+   attested TLS ending in the enclave (each connection checked before use: the attestation's
+   key is the TLS certificate's, the bundle, the configuration and the PCRs are the pinned
+   ones; every Sign approved by its two keys, every signature verified), with the health
+   prober and its SSE probes running;
 7. report, and shut everything down (the parent terminates the enclave).
 """
 
@@ -36,7 +43,7 @@ import statistics
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +82,37 @@ def _policy_json(pcrs: dict[int, bytes]) -> str:
     )
 
 
+#: The local stack's approvers (DESIGN §11): key id -> key type; its enclave.toml's
+#: ``[policies.default]`` needs :data:`POLICY_THRESHOLD` of them.
+APPROVERS: dict[str, str] = {"ops-1": "ed25519", "ops-2": "ed25519", "risk-1": "p256"}
+POLICY_THRESHOLD = 2
+#: The approver keys the stack's gateway holds (the third stays outside it).
+GATEWAY_APPROVERS: tuple[str, ...] = ("ops-1", "risk-1")
+
+
+def make_approver_keys(directory: Path) -> tuple[dict[str, Path], str]:
+    """Fresh approver keys (:data:`APPROVERS`) in ``directory`` (files 0600, older ones
+    replaced), and the ``enclave.toml`` text that pins them with a 2-of-3 ``default`` policy.
+    Blocking file I/O."""
+    from ..gateway import ApproverSigningKey
+
+    directory.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    tables: list[str] = []
+    for key_id, kind in APPROVERS.items():
+        path = directory / f"{key_id}.key"
+        path.unlink(missing_ok=True)
+        with ApproverSigningKey.generate(kind) as key:
+            key.save(path)
+            tables.append(key.enclave_toml(key_id))
+        files[key_id] = path
+    names = ", ".join(f'"{k}"' for k in APPROVERS)
+    toml = "\n".join(tables) + (
+        f"\n[policies.default]\napprovers = [{names}]\nthreshold = {POLICY_THRESHOLD}\n"
+    )
+    return files, toml
+
+
 def _say(text: str) -> None:
     print(text, flush=True)
 
@@ -103,6 +141,22 @@ class LocalStack:
     enclave_config_sha256: str = ""  # SHA-256 of enclave_config's bytes (what the enclave binds)
     ceremony_key_file: Path | None = None  # the key that signed the bundle (0600)
     bundle_signer: str = ""  # its Ed25519 public key, hex (pinned in [bundles] signing_keys)
+    approver_key_files: dict[str, Path] = field(default_factory=dict)  # key id -> file (0600)
+    approver_types: dict[str, str] = field(default_factory=dict)  # key id -> ed25519 / p256
+    policy_threshold: int = 0  # [policies.default]: this many of the approvers
+
+    @property
+    def gateway_approver_ids(self) -> tuple[str, ...]:
+        """The approver keys the stack's gateway holds (:data:`GATEWAY_APPROVERS`)."""
+        return tuple(k for k in GATEWAY_APPROVERS if k in self.approver_key_files)
+
+    def gateway_approver(self, key_ids: tuple[str, ...] | None = None) -> Any:
+        """A :class:`~trio_sign.gateway.GatewayApprover` holding ``key_ids`` (default: the
+        gateway's two); the caller closes it (the keys are zeroed). Blocking file I/O."""
+        from ..gateway import GatewayApprover
+
+        ids = self.gateway_approver_ids if key_ids is None else key_ids
+        return GatewayApprover.load({k: self.approver_key_files[k] for k in ids})
 
     def gateway_node(self, node_id: str = "node-1", *, node_class: Any = None) -> Any:
         """An :class:`~trio_sign.gateway.EnclaveNode` (or ``node_class``, a subclass) for this
@@ -190,13 +244,18 @@ async def local_stack(
     with CeremonyKey.generate() as ceremony_key:
         ceremony_key.save(ceremony_key_file)
         bundle_signer = ceremony_key.public_key.hex()
+    # The approvers (DESIGN §11): three keys, a 2-of-3 default policy; the gateway holds two.
+    approver_files, policies_toml = await trio.to_thread.run_sync(
+        make_approver_keys, work / "approvers"
+    )
     # The local enclave's measured configuration (DESIGN §9): the development CA is the
     # gateway client CA its TLS port checks, the ceremony key is the one signing key a bundle
-    # may carry (so the production check runs); the local PCRs follow this file.
+    # may carry (so the production check runs), the approvers and the policy every account
+    # signs under; the local PCRs follow this file.
     enclave_toml = work / "enclave.toml"
     enclave_toml.write_text(
         f"[gateway]\nclient_ca_pem = '''\n{pki.ca.read_text()}'''\n\n"
-        f'[bundles]\nsigning_keys = ["{bundle_signer}"]\n'
+        f'[bundles]\nsigning_keys = ["{bundle_signer}"]\n\n' + policies_toml
     )
     enclave_config_sha256 = hashlib.sha256(enclave_toml.read_bytes()).hexdigest()
     local_pcrs = local_pcrs_for_config(enclave_toml)
@@ -325,6 +384,9 @@ file = "{work / "enclave-logs.jsonl"}"
             enclave_config_sha256=enclave_config_sha256,
             ceremony_key_file=ceremony_key_file,
             bundle_signer=bundle_signer,
+            approver_key_files=approver_files,
+            approver_types=dict(APPROVERS),
+            policy_threshold=POLICY_THRESHOLD,
         )
         _say("      shutting down (the parent terminates the enclave)")
         nursery.cancel_scope.cancel()
@@ -357,9 +419,11 @@ async def run_full_stack(args: argparse.Namespace, work: Path) -> dict[str, Any]
         )
         _say(
             f"[3/3] signing {args.signatures:,} messages on random accounts through the gateway "
-            f"(attested TLS ending in the enclave, concurrency {args.concurrency})"
+            f"(attested TLS ending in the enclave, concurrency {args.concurrency}), approved by "
+            f"{', '.join(stack.gateway_approver_ids)} (policy: {stack.policy_threshold} of "
+            f"{', '.join(stack.approver_key_files)}); first, one Sign with too few approvals"
         )
-        node = stack.gateway_node()
+        node = stack.gateway_node(node_class=refused_first_node_class())
         await stack.nursery.start(node.run)
         await stack.nursery.start(
             functools.partial(
@@ -373,48 +437,57 @@ async def run_full_stack(args: argparse.Namespace, work: Path) -> dict[str, Any]
         counterparts = await trio.to_thread.run_sync(
             load_participant_files, [gen.participant_files[2]]
         )
-        coordinator = Coordinator(
-            [node],
-            counterparts,
-            settings=CoordinatorSettings(max_concurrent_signatures=args.concurrency),
-        )
-        width = max(8, len(str(n_accounts)))
-        ids = [f"acct-{i:0{width}d}" for i in range(n_accounts)]
-        rng = random.Random(args.seed)
-        latencies: list[float] = []
-        failures: list[str] = []
-        next_index = 0
-        progress = Progress("      signing")
-        t0 = time.perf_counter()
+        approver = await trio.to_thread.run_sync(stack.gateway_approver)
+        try:
+            coordinator = Coordinator(
+                [node],
+                counterparts,
+                settings=CoordinatorSettings(max_concurrent_signatures=args.concurrency),
+                approver=approver,
+            )
+            width = max(8, len(str(n_accounts)))
+            ids = [f"acct-{i:0{width}d}" for i in range(n_accounts)]
+            rng = random.Random(args.seed)
+            refusal = await refused_then_signed(coordinator, node, ids[0])
+            _say(f"      refused: {refusal['refused']}")
+            _say(f"      then:    {refusal['then']}")
+            latencies: list[float] = []
+            failures: list[str] = []
+            next_index = 0
+            progress = Progress("      signing")
+            t0 = time.perf_counter()
 
-        async def worker() -> None:
-            nonlocal next_index
-            while next_index < args.signatures:
-                i = next_index
-                next_index += 1
-                account = rng.choice(ids)
-                start = time.perf_counter()
-                try:
-                    await coordinator.sign_message(account, f"demo transfer {i}".encode())
-                except Exception as exc:  # counted and reported, the run goes on
-                    failures.append(f"{type(exc).__name__}: {exc}")
-                    continue
-                latencies.append(time.perf_counter() - start)
-                progress(len(latencies) + len(failures), args.signatures)
+            async def worker() -> None:
+                nonlocal next_index
+                while next_index < args.signatures:
+                    i = next_index
+                    next_index += 1
+                    account = rng.choice(ids)
+                    start = time.perf_counter()
+                    try:
+                        await coordinator.sign_message(account, f"demo transfer {i}".encode())
+                    except Exception as exc:  # counted and reported, the run goes on
+                        failures.append(f"{type(exc).__name__}: {exc}")
+                        continue
+                    latencies.append(time.perf_counter() - start)
+                    progress(len(latencies) + len(failures), args.signatures)
 
-        with progress:
-            async with trio.open_nursery() as workers:
-                for _ in range(args.concurrency):
-                    workers.start_soon(worker)
-        elapsed = time.perf_counter() - t0
-        latencies.sort()
+            with progress:
+                async with trio.open_nursery() as workers:
+                    for _ in range(args.concurrency):
+                        workers.start_soon(worker)
+            elapsed = time.perf_counter() - t0
+            latencies.sort()
 
-        def pct(q: float) -> float:
-            if not latencies:
-                return 0.0
-            return latencies[min(len(latencies) - 1, round(q * (len(latencies) - 1)))] * 1e3
+            def pct(q: float) -> float:
+                if not latencies:
+                    return 0.0
+                return latencies[min(len(latencies) - 1, round(q * (len(latencies) - 1)))] * 1e3
 
-        channel = attested_channel_report(node, stack)
+            channel = attested_channel_report(node, stack)
+            approvals = dict(coordinator.approvals_sent)
+        finally:
+            approver.close()  # the keys are zeroed
 
     return {
         "accounts": report["accounts"],
@@ -435,6 +508,70 @@ async def run_full_stack(args: argparse.Namespace, work: Path) -> dict[str, Any]
         "enclave_config": str(stack.enclave_config),
         "enclave_config_sha256": stack.enclave_config_sha256,
         **channel,
+        "policy": (
+            f"default: {stack.policy_threshold} of "
+            + ", ".join(f"{k} ({t})" for k, t in stack.approver_types.items())
+            + " (enclave.toml [approvers], [policies])"
+        ),
+        "approved_by": ", ".join(
+            f"{k} ({stack.approver_types.get(k, '?')}): {n:,} approvals"
+            for k, n in approvals.items()
+        )
+        or "none",
+        "approver_keys": str(stack.work / "approvers"),
+        **refusal,
+    }
+
+
+def refused_first_node_class() -> Any:
+    """An :class:`~trio_sign.gateway.EnclaveNode` whose first ``Sign`` that carries more than
+    one approval is first sent with only the first of them: the enclave must refuse it
+    (PERMISSION_DENIED, its reason recorded in ``refusal``), and the real request then signs
+    that same session (a refusal does not consume the nonces, DESIGN §11)."""
+    from ..gateway import EnclaveNode
+    from ..rpc import RpcError, StatusCode
+
+    class RefusedFirst(EnclaveNode):
+        refusal: str | None = None
+        refused_session: str | None = None
+
+        async def sign(
+            self,
+            session_id: str,
+            message: bytes,
+            commitments: Any,
+            approvals: Any = (),
+        ) -> Any:
+            if self.refused_session is None and len(approvals) > 1:
+                self.refused_session = session_id
+                try:
+                    await super().sign(session_id, message, commitments, approvals[:1])
+                except RpcError as exc:
+                    if exc.status != StatusCode.PERMISSION_DENIED:
+                        raise
+                    self.refusal = str(exc)
+                else:
+                    self.refusal = "NOT REFUSED: the enclave signed with one approval"
+            return await super().sign(session_id, message, commitments, approvals)
+
+    return RefusedFirst
+
+
+async def refused_then_signed(coordinator: Any, node: Any, account_id: str) -> dict[str, str]:
+    """One signature through ``node`` (a :func:`refused_first_node_class` node): its first
+    Sign carries one approval and is refused, the same session then signs with two. Returns
+    the report's ``refused`` and ``then`` lines."""
+    message = b"demo: a transfer that one approver alone may not sign"
+    try:
+        await coordinator.sign_message(account_id, message)
+    except Exception as exc:  # reported; the demo's exit status says it failed
+        return {"refused": node.refusal or "NOT REFUSED", "then": f"FAILED: {exc}"}
+    return {
+        "refused": node.refusal or "NOT REFUSED: no Sign carried two approvals",
+        "then": (
+            f"the same session ({node.refused_session}) signed with "
+            f"{len(coordinator.approver.key_ids)} approvals; signature verified"
+        ),
     }
 
 
