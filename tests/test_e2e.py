@@ -50,7 +50,13 @@ async def test_enclave_killed_mid_run(tmp_path: Path, caplog: pytest.LogCaptureF
                 send_probe=stack.hub.send_probe,
             )
         )
-        coordinator = Coordinator([node], counterparts)
+        # the stack's enclave.toml needs 2 of its 3 approvers: without approvals, refused
+        with pytest.raises(GatewayError) as unapproved:
+            await Coordinator([node], counterparts).sign_message("acct-00000000", b"no")
+        assert unapproved.value.reason == "not_authorized"
+        assert "no_approvals" in str(unapproved.value)
+        approver = stack.gateway_approver()
+        coordinator = Coordinator([node], counterparts, approver=approver)
         accounts = [f"acct-{i:08d}" for i in range(20)]
         for i in range(5):
             await coordinator.sign_message(accounts[i], b"before the crash")
@@ -78,6 +84,7 @@ async def test_enclave_killed_mid_run(tmp_path: Path, caplog: pytest.LogCaptureF
         assert node.verified is not None
         assert node.verified.peer_spki_der != first_key
         assert node.attestations_verified >= 2
+        approver.close()
     assert any(getattr(r, "alert", None) == "node_evicted" for r in caplog.records)
     assert any(getattr(r, "alert", None) == "node_readmitted" for r in caplog.records)
 
@@ -141,7 +148,8 @@ async def test_orderly_stop_under_load_loses_no_committed_session(
     async with local_stack(tmp_path / "stack", gen.service_file, ready_timeout=60) as stack:
         node = stack.gateway_node(node_class=_HeldNode)
         await stack.nursery.start(node.run)
-        coordinator = Coordinator([node], counterparts)
+        approver = stack.gateway_approver()
+        coordinator = Coordinator([node], counterparts, approver=approver)
         held: list[bytes] = []
 
         async def held_session() -> None:  # commits, then waits in Sign for the release
@@ -171,6 +179,7 @@ async def test_orderly_stop_under_load_loses_no_committed_session(
             while stack.state.enclave_state != "exited":  # noqa: ASYNC110
                 await trio.sleep(0.05)
         assert stack.state.enclave_exit_code == 0
+        approver.close()
     assert len(held) == 1  # signed and verified by the coordinator during the drain
     assert len(refused) == 8  # every other client was eventually turned away, at Commit
     assert all("UNAVAILABLE" in r for r in refused), refused
