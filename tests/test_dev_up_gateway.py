@@ -17,10 +17,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nacl.signing
+import pytest
 import trio
 
-from trio_sign.gateway import EventHub, serve_gateway_events
-from trio_sign.testing import generate_share_files
+from trio_sign.attested import make_attested_client_context
+from trio_sign.gateway import (
+    Coordinator,
+    EnclaveNode,
+    EventHub,
+    GatewayApprover,
+    GatewayError,
+    load_participant_files,
+    parse_gateway_config,
+    serve_gateway_events,
+)
+from trio_sign.shares import read_plaintext
+from trio_sign.testing import GenerateReport, generate_share_files
 
 EXE = str(Path(sys.executable).with_name("trio-sign"))
 LOW_NOFILE = 512
@@ -54,8 +67,56 @@ async def _read_until_ready(stdout: trio.abc.ReceiveStream) -> dict[str, str]:
     return info
 
 
+async def _external_gateway_signs_with_the_printed_approvers(
+    info: dict[str, str], gen: GenerateReport, tmp_path: Path
+) -> None:
+    """Issue 14: dev up says where the approver keys are (0600) and what the policy is; the
+    printed gateway.toml line gives an outside gateway two keys, which sign; without them the
+    enclave refuses (PERMISSION_DENIED, no_approvals)."""
+    assert info["policy"].startswith("default: 2 of ops-1, ops-2, risk-1")
+    directory = Path(info["approvers"].split()[0])
+    assert directory == tmp_path / "stack" / "approvers"
+    assert "ops-1.key ed25519, ops-2.key ed25519, risk-1.key p256" in info["approvers"]
+    for key_id in ("ops-1", "ops-2", "risk-1"):
+        assert (directory / f"{key_id}.key").stat().st_mode & 0o777 == 0o600
+    toml = f"""{info["gateway_toml"]}
+[shares]
+participant_files = ["{gen.participant_files[2]}"]
+[dev]
+skip_attestation = true
+[[node]]
+id = "node-7"
+address = "tcp://127.0.0.1:1"
+events_token = "{"x" * 32}"
+"""
+    config = parse_gateway_config(toml)
+    assert sorted(config.approver_keys) == ["ops-1", "risk-1"]
+    approver = await trio.to_thread.run_sync(GatewayApprover.load, config.approver_keys)
+    context = make_attested_client_context(
+        await trio.Path(info["client_cert"]).read_bytes(),
+        await trio.Path(info["client_key"]).read_bytes(),
+    )
+    node = EnclaveNode("node-7", info["grpc"].split()[0], ssl_context=context)
+    stores = load_participant_files([gen.participant_files[2]])
+    with gen.service_file.open("rb") as f:
+        record = next(iter(read_plaintext(f)))
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+            with pytest.raises(GatewayError, match="no_approvals"):
+                await Coordinator([node], stores).sign_message(record.account_id, b"none")
+            coordinator = Coordinator([node], stores, approver=approver)
+            signature = await coordinator.sign_message(record.account_id, b"approved")
+            nacl.signing.VerifyKey(record.group_public_key).verify(b"approved", signature)
+            nursery.cancel_scope.cancel()
+    finally:
+        approver.close()
+        for store in stores:
+            store.close()
+
+
 async def test_dev_up_serves_an_external_gateway(tmp_path: Path) -> None:
-    gen = generate_share_files(tmp_path / "shares", 5, counterparts=False)
+    gen = generate_share_files(tmp_path / "shares", 5)
     token = secrets.token_urlsafe(32)
     token_file = tmp_path / "node-7-events.token"
     token_file.write_text(token + "\n")
@@ -109,6 +170,7 @@ async def test_dev_up_serves_an_external_gateway(tmp_path: Path) -> None:
                 while hub.subscribers("node-7") != 1:  # noqa: ASYNC110 - real processes
                     await trio.sleep(0.05)
             assert hub.stats.unauthorized == 0
+            await _external_gateway_signs_with_the_printed_approvers(info, gen, tmp_path)
             # dev up raised its open-file limit (the ingress needs two per connection)
             if hard != resource.RLIM_INFINITY and hard > LOW_NOFILE:
                 assert _open_file_limits(proc.pid) == (hard, hard)

@@ -45,6 +45,40 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] * 1e3
 
 
+def approval_cost(stack: Any, rounds: int = 500) -> dict[str, Any]:
+    """The added cost per Sign of the approvals (DESIGN §11), measured in this process with the
+    stack's own keys and enclave.toml policy: the gateway making its approvals (one Ed25519
+    and one P-256 signature) and the enclave's decision (their verification), in µs. Blocking.
+    """
+    from ..authz import Authorizer
+    from ..enclave._measured import load_measured_config
+
+    approver = stack.gateway_approver()
+    try:
+        authorizer = Authorizer(load_measured_config(stack.enclave_config).policies)
+        message = b"closed loop"
+        t = time.perf_counter()
+        made = [approver.approve("acct-1", f"s-{i}", message) for i in range(rounds)]
+        make_us = (time.perf_counter() - t) / rounds * 1e6
+        wire = [[a.to_proto() for a in approvals] for approvals in made]
+        t = time.perf_counter()
+        for i in range(rounds):
+            decision = authorizer.decide(
+                account_id="acct-1",
+                policy="default",
+                session_id=f"s-{i}",
+                message=message,
+                approvals=wire[i],
+                now=float(i),
+            )
+            assert decision.allowed, decision.detail
+        check_us = (time.perf_counter() - t) / rounds * 1e6
+    finally:
+        approver.close()
+    kinds = " + ".join(stack.approver_types[k] for k in stack.gateway_approver_ids)
+    return {"approval_kinds": kinds, "approve_us": make_us, "check_us": check_us}
+
+
 async def _measure(n: int, cache: Path, duration_s: float) -> dict[str, Any]:
     from ..cli._demo_full import local_stack
     from ..gateway import (
@@ -66,8 +100,13 @@ async def _measure(n: int, cache: Path, duration_s: float) -> dict[str, Any]:
         out["preload_ms"] = stack.state.report()["preload_ms"]
         node = stack.gateway_node()
         await stack.nursery.start(node.run)
+        out |= await trio.to_thread.run_sync(approval_cost, stack)
+        approver = await trio.to_thread.run_sync(stack.gateway_approver)
         coordinator = Coordinator(
-            [node], counterparts, settings=CoordinatorSettings(max_concurrent_signatures=1024)
+            [node],
+            counterparts,
+            settings=CoordinatorSettings(max_concurrent_signatures=1024),
+            approver=approver,
         )
         width = max(8, len(str(n)))
         rng = random.Random(7)
@@ -138,6 +177,7 @@ async def _measure(n: int, cache: Path, duration_s: float) -> dict[str, Any]:
         rss = rss_mib(pid) * 2**20 if pid else 0
         out["enclave_rss_mib"] = rss / 2**20
         out["enclave_bytes_per_account"] = rss / n if n else 0.0
+        approver.close()
     return out
 
 
@@ -162,6 +202,12 @@ def bench_e2e(sizes: list[int], cache: Path, *, duration_s: float = 5.0) -> None
                 f"failures {r[f'closed_{c}_failures']}",
                 flush=True,
             )
+        print(
+            f"      approvals (2-of-3 policy; the gateway holds {r['approval_kinds']}): the "
+            f"gateway makes them in {r['approve_us']:.0f} us, the enclave checks them in "
+            f"{r['check_us']:.0f} us per Sign (in-process, one core)",
+            flush=True,
+        )
         print(
             f"      open loop at {r['open_rate']:.0f}/s (half the 64-concurrent capacity, "
             f"Poisson): achieved {r['open_achieved_sps']:.1f}/s  p50 {r['open_p50_ms']:.1f}  "

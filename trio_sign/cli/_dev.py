@@ -3,8 +3,9 @@ own Sign Gateway against it.
 
 It generates a ceremony key in the work directory, seals FILE (a plaintext service share
 file) through the local KMS signed by that key, writes the enclave's measured configuration
-(enclave.toml: the development gateway CA, and the ceremony key pinned in [bundles]
-signing_keys, so the enclave runs the production signature check), starts the parent, which
+(enclave.toml: the development gateway CA, the ceremony key pinned in [bundles]
+signing_keys, so the enclave runs the production signature check, and the approvers and
+policy below), starts the parent, which
 launches the enclave and verifies its attestation, and prints where to connect: gRPC over
 attested TLS ending in the enclave (the parent's ingress is a byte pipe to it), the client
 certificate to present, and the health endpoints.
@@ -27,6 +28,12 @@ with ``--gateway-url`` (``http://`` for a gateway on this machine, or ``https://
 ``--gateway-ca`` for a private CA), this node's id at that gateway with ``--node-id``, and the
 token that gateway expects for it with ``--events-token-file``: the enclave then subscribes to
 ``GATEWAY_URL/v1/enclaves/NODE_ID/events`` through the relay, and no private event server runs.
+
+Approvals (DESIGN §11): the enclave.toml also pins three approver keys (ops-1 and ops-2
+Ed25519, risk-1 P-256) with a 2-of-3 default policy, so every Sign needs two approvals. The
+private keys are in WORKDIR/approvers/ (0600, printed as ``approvers``); ``gateway_toml`` is
+a gateway.toml line (a dotted key: ``[approvers] keys``) that gives your gateway two of them (``trio-sign gateway`` then
+approves every Sign it sends), and ``trio-sign approver approve`` makes one by hand.
 
 Ctrl-C (or SIGTERM) stops everything; the command exits 0 then. A port already in use or a
 missing file is one line on stderr and exit 1.
@@ -288,6 +295,28 @@ def _print_stack(stack: Any, pinned: tuple[Path, str]) -> None:
         ("shares_sha256", report["shares_sha256"]),
         ("bundle_signer", f"{stack.bundle_signer}  ({stack.ceremony_key_file})"),
         ("enclave_config", f"{stack.enclave_config}  (sha256 {stack.enclave_config_sha256})"),
+        (
+            "policy",
+            f"default: {stack.policy_threshold} of {', '.join(stack.approver_key_files)}"
+            " (every Sign needs that many approvals)",
+        ),
+        (
+            "approvers",
+            f"{stack.work / 'approvers'}  ("
+            + ", ".join(
+                f"{path.name} {stack.approver_types[key_id]}"
+                for key_id, path in stack.approver_key_files.items()
+            )
+            + "; private keys, 0600)",
+        ),
+        (
+            "gateway_toml",
+            "approvers.keys = { "
+            + ", ".join(
+                f'{k} = "{stack.approver_key_files[k]}"' for k in stack.gateway_approver_ids
+            )
+            + " }",
+        ),
     ):
         print(f"  {key:<14} {value}", flush=True)
     print("Ctrl-C stops everything.", flush=True)
