@@ -169,11 +169,9 @@ def cmd_enclave(args: argparse.Namespace) -> int:
         measured = development_config()
         log.warning(
             "DEVELOPMENT CONFIGURATION: no --config, so this enclave runs the built-in"
-            " development configuration (no bundle keys, a placeholder gateway CA). Never in"
-            " production. NO AUTHORIZATION: its policy 'default' needs no approvals, so this"
-            " enclave signs any message for any account (DESIGN §11); give it --config with"
-            " [approvers] and [policies] to check approvals.",
-            extra={"config_sha256": measured.sha256.hex(), "policy": "default", "approvals": 0},
+            " development configuration (no bundle keys, a placeholder gateway CA, and a"
+            " default policy that needs no approvals). Never in production.",
+            extra={"config_sha256": measured.sha256.hex()},
         )
     else:
         try:

@@ -344,20 +344,12 @@ def check_account_policies(config: EnclaveConfig, store: ShareStore) -> None:
             reason="unknown_policy",
         )
     used = store.policies()
-    log.info(
-        "authorization policies",
-        extra={
-            "policies": ",".join(sorted(policies.policies)),
-            "approvers": len(policies.approvers),
-            "used": ",".join(sorted(used)),
-            "development": policies.development,
-        },
-    )
     open_ = [name for name in policies.open_policies() if name in used]
     if open_:
+        # Loud and once: the policies in force are also in the "enclave ready" line.
         log.warning(
             "NO AUTHORIZATION: accounts under policies %s sign without any approval (threshold"
-            " 0%s); DESIGN §11",
+            " 0%s); DESIGN §11, docs/approvals.md",
             ", ".join(open_),
             ", the development configuration" if policies.development else " in the file",
             extra={"policies": ",".join(open_)},
@@ -537,6 +529,7 @@ async def serve_dev_enclave(
                     "tls": identity is not None,
                     "config_sha256": config.measured.sha256.hex(),
                     "accounts": store.accounts,
+                    "policies": ",".join(sorted(config.measured.policies.policies)),
                     "mode": "dev",
                     "boot_ms": round((time.monotonic() - started) * 1000),
                 },
@@ -666,6 +659,7 @@ async def serve_enclave(
                 "config_sha256": config.measured.sha256.hex(),
                 "accounts": report.accounts,
                 "shares_sha256": report.sha256,
+                "policies": ",".join(sorted(config.measured.policies.policies)),
                 "mode": "nitro" if config.nsm == "device" else "local",
                 "boot_ms": round((time.monotonic() - started) * 1000),
             },
