@@ -49,6 +49,7 @@ from ..enclave import (
     SessionPool,
     SignService,
     _pool,
+    _service,
     configure_gc_for_serving,
     serve_dev_enclave,
 )
@@ -125,9 +126,10 @@ async def _serve_ours(shares: Path) -> None:
 
 
 class _TrioWithMonotonicClock:
-    """The ``trio`` module as ``SessionPool`` sees it in the grpcio process: no Trio run here,
-    so ``current_time`` is ``time.monotonic`` (any monotonic clock will do: the pool only
-    compares its own deadlines); every other name is the real module's."""
+    """The ``trio`` module as ``SessionPool`` and ``SignService`` see it in the grpcio process:
+    no Trio run here, so ``current_time`` is ``time.monotonic`` (any monotonic clock will do:
+    the pool only compares its own deadlines, the authorization's rate limit its own times);
+    every other name is the real module's."""
 
     current_time = staticmethod(time.monotonic)
 
@@ -179,6 +181,8 @@ async def _serve_grpcio(shares: Path) -> None:
     import grpc  # test dependency; imported here so ``ours`` does not need it
 
     vars(_pool)["trio"] = _TrioWithMonotonicClock()
+    # SignService reads the clock too: the rate limit of the Sign authorization (DESIGN §11)
+    vars(_service)["trio"] = _TrioWithMonotonicClock()
     with shares.open("rb") as f:  # as serve_dev_enclave does (there in a worker thread)
         store = ShareStore.load_plaintext(f)
     try:
