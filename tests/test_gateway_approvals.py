@@ -63,7 +63,7 @@ def test_a_key_file_round_trips_and_its_approvals_verify_in_the_enclaves_terms(
 ) -> None:
     path = tmp_path / "ops-1.key"
     with ApproverSigningKey.generate(kind) as key:
-        key.save(path)
+        key.save(path, key_id="ops-1")
         public = key.public_key
     assert os.stat(path).st_mode & 0o777 == 0o600
     with ApproverSigningKey.load(path) as loaded:
@@ -91,7 +91,7 @@ def test_a_key_file_round_trips_and_its_approvals_verify_in_the_enclaves_terms(
 def test_a_key_file_others_may_read_is_refused_naming_the_file(tmp_path: Path) -> None:
     path = tmp_path / "ops-1.key"
     with ApproverSigningKey.generate() as key:
-        key.save(path)
+        key.save(path, key_id="ops-1")
     os.chmod(path, 0o644)
     with pytest.raises(ApproverKeyFileError, match=r"ops-1.key is mode 0644.*chmod 600") as info:
         ApproverSigningKey.load(path)
@@ -111,7 +111,7 @@ def test_a_key_file_others_may_read_is_refused_naming_the_file(tmp_path: Path) -
 def test_a_bad_key_file_is_refused(tmp_path: Path, edit: Any, message: str) -> None:
     path = tmp_path / "k.key"
     with ApproverSigningKey.generate() as key:
-        key.save(path)
+        key.save(path, key_id="ops-1")
     obj = json.loads(path.read_text())
     edit(obj)
     path.write_text(json.dumps(obj))
@@ -123,15 +123,52 @@ def test_a_bad_key_file_is_refused(tmp_path: Path, edit: Any, message: str) -> N
 def test_save_refuses_to_overwrite_and_close_zeroes(tmp_path: Path) -> None:
     path = tmp_path / "k.key"
     key = ApproverSigningKey.generate()
-    key.save(path)
+    key.save(path, key_id="ops-1")
     with pytest.raises(ApproverKeyFileError, match="refusing to overwrite"):
-        key.save(path)
+        key.save(path, key_id="ops-1")
     secret = key._ed25519
     key.close()
     assert secret is not None
     assert not any(secret)
     with pytest.raises(ApproverKeyFileError, match="closed"):
         key.sign(b"x")
+
+
+@pytest.mark.parametrize("kind", ["ed25519", "p256"])
+def test_keys_are_shared_with_the_approver_command_both_ways(
+    tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A key from `trio-sign approver keygen` loads in the gateway (under its key id), and
+    `trio-sign approver approve` signs with a key the gateway wrote; each verifies."""
+    from trio_sign.cli._main import main
+
+    made = tmp_path / "risk-1.key"
+    assert main(["approver", "keygen", "--type", kind, "--out", str(made)]) == 0
+    capsys.readouterr()
+    with ApproverSigningKey.load(made, key_id="risk-1") as key:
+        approval = key.approve(
+            "risk-1", account_id="a", session_id="s", message=b"m", expires_at_unix_ms=9
+        )
+        verifier = key.verifier("risk-1")
+    assert verifier.check_signature(approval.signature, approval_payload("a", "s", b"m", 9)) is None
+    with pytest.raises(ApproverKeyFileError, match="is the key of 'risk-1', not 'ops-1'"):
+        ApproverSigningKey.load(made, key_id="ops-1")
+    ours = tmp_path / "ops-1.key"
+    with ApproverSigningKey.generate(kind) as key:
+        key.save(ours, key_id="ops-1")
+        verifier = key.verifier("ops-1")
+    (tmp_path / "m.bin").write_bytes(b"pay 3")
+    argv = ["approver", "approve", "--key", str(ours), "--account", "acct-1", "--session", "s-9"]
+    argv += ["--message-file", str(tmp_path / "m.bin"), "--expires-in", "60s"]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    # what `approve` prints is what POST /v1/sign takes (its extra fields checked or ignored)
+    parsed = Approval.from_json(printed, account_id="acct-1", session_id="s-9")
+    assert parsed.key_id == "ops-1"
+    payload = approval_payload("acct-1", "s-9", b"pay 3", parsed.expires_at_unix_ms)
+    assert verifier.check_signature(parsed.signature, payload) is None
+    with pytest.raises(ValueError, match="names session_id 's-9', not this request's 's-8'"):
+        Approval.from_json(printed, account_id="acct-1", session_id="s-8")
 
 
 # -- the approver and the enclave's decision ---------------------------------------------------
@@ -466,7 +503,7 @@ async def test_the_gateway_refuses_a_readable_key_file_at_start(
     tmp_path: Path, shares: Any
 ) -> None:
     with ApproverSigningKey.generate() as key:
-        key.save(tmp_path / "ops-1.key")
+        key.save(tmp_path / "ops-1.key", key_id="ops-1")
     os.chmod(tmp_path / "ops-1.key", 0o640)
     text = gateway_toml(
         shares.participant_files[2], "tcp://127.0.0.1:1", api=f'token = "{API_TOKEN}"'

@@ -45,6 +45,7 @@ from typing import IO, Any
 
 import trio
 
+from ..cli._demo_full import GATEWAY_APPROVERS
 from ..rpc import raise_open_file_limit
 from ..testing import _attacks as attacks
 from ._e2e import _enclave_pid
@@ -158,6 +159,9 @@ class _Target:
         # the server's certificate to pin (or its CA), the client certificate and key
         self.tls_files: tuple[str, str, str] | None = None
         self.tls_server_name = "localhost"  # the name the server's certificate carries
+        # approver key id -> key file: the legitimate client's approvals (DESIGN §11), where
+        # the target's policy needs them
+        self.approvers: dict[str, str] = {}
 
     def start(self) -> None:
         raise NotImplementedError
@@ -253,7 +257,7 @@ class _StackTarget(_Target):
         lines = _Lines(self._proc)
         found: dict[str, str] = {}
         deadline = time.monotonic() + READY_TIMEOUT_S
-        wanted = ("server_cert", "server_name", "client_cert", "client_key")
+        wanted = ("server_cert", "server_name", "client_cert", "client_key", "approvers")
         while not all(key in found for key in wanted):
             try:
                 line = lines.get(max(0.0, deadline - time.monotonic()))
@@ -268,6 +272,8 @@ class _StackTarget(_Target):
         # a stock client pins the enclave certificate dev up verified by its attestation
         self.tls_files = (found["server_cert"], found["client_cert"], found["client_key"])
         self.tls_server_name = found["server_name"]
+        # the stack's enclave.toml needs 2 of its 3 approvers: the client holds the gateway's two
+        self.approvers = {k: str(Path(found["approvers"]) / f"{k}.key") for k in GATEWAY_APPROVERS}
         self._enclave = _enclave_pid((workdir / "run").resolve())
 
     def pids(self) -> list[int]:
@@ -304,6 +310,8 @@ class _Legit:
             ca, cert, key = target.tls_files
             args += ["--tls-ca", ca, "--tls-cert", cert, "--tls-key", key]
             args += ["--tls-server-name", target.tls_server_name]
+        for key_id, path in target.approvers.items():
+            args += ["--approver", f"{key_id}={path}"]
         self._proc = subprocess.Popen(
             args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True
         )

@@ -6,7 +6,9 @@ It keeps an open-loop Poisson load of Commit+Sign sessions (as the gateway runs 
 ``{"t": scheduled arrival (time.time()), "lat": seconds from the scheduled arrival to the end,
 "ok": bool, "err": status name or null}``. Every ``--fresh-every``-th session runs on a fresh
 channel (a new connection, as a gateway reconnecting would), so an attack that keeps new
-connections out shows. Calls time out after ``--call-timeout`` seconds.
+connections out shows. Calls time out after ``--call-timeout`` seconds. With ``--approver
+KEY_ID=KEY_FILE`` (repeated) every Sign carries those keys' approvals, as the gateway's
+(DESIGN §11; the local stack's policy needs two).
 
 Commands on stdin, one per line:
 
@@ -35,6 +37,7 @@ import grpc
 from proto_min import sign_service_pb2 as pb
 
 from ..crypto import commit
+from ..gateway import GatewayApprover
 from ..shares import read_plaintext
 
 SERVICE = "/trio_sign.v1.SignService/"
@@ -51,6 +54,10 @@ class _Client:
         self._next = 0
         self._credentials = None
         self._options: list[tuple[str, Any]] = [("grpc.use_local_subchannel_pool", 1)]
+        keys = dict(item.split("=", 1) for item in args.approver)
+        self.approver = (
+            GatewayApprover.load({k: Path(v) for k, v in keys.items()}) if keys else None
+        )
         if args.tls_ca:
             self._credentials = grpc.ssl_channel_credentials(
                 root_certificates=Path(args.tls_ca).read_bytes(),
@@ -87,9 +94,18 @@ class _Client:
                 timeout=call_timeout_s,
             )
             mine = pb.SigningCommitment(identifier=r.identifier, hiding=r.hiding, binding=r.binding)
+            message = session_id.encode()
+            approvals = (
+                []
+                if self.approver is None
+                else [a.to_proto() for a in self.approver.approve(account_id, session_id, message)]
+            )
             await sign_call(
                 pb.SignRequest(
-                    session_id=session_id, message=session_id.encode(), commitments=[mine, peer]
+                    session_id=session_id,
+                    message=message,
+                    commitments=[mine, peer],
+                    approvals=approvals,
                 ),
                 timeout=call_timeout_s,
             )
@@ -192,6 +208,8 @@ async def _run(args: argparse.Namespace) -> None:
     for task in list(tasks):
         task.cancel()
     await client.channel.close()
+    if client.approver is not None:
+        client.approver.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,6 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-limit", type=float, default=20.0, help="give up after (s)")
     parser.add_argument(
         "--tls-ca", default=None, help="the root to trust: a CA, or the pinned server certificate"
+    )
+    parser.add_argument(
+        "--approver",
+        action="append",
+        default=[],
+        metavar="KEY_ID=KEY_FILE",
+        help="attach this approver key's approval to every Sign (repeat for more)",
     )
     parser.add_argument("--tls-cert", default=None)
     parser.add_argument("--tls-key", default=None)

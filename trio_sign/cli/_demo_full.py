@@ -103,7 +103,7 @@ def make_approver_keys(directory: Path) -> tuple[dict[str, Path], str]:
         path = directory / f"{key_id}.key"
         path.unlink(missing_ok=True)
         with ApproverSigningKey.generate(kind) as key:
-            key.save(path)
+            key.save(path, key_id=key_id)
             tables.append(key.enclave_toml(key_id))
         files[key_id] = path
     names = ", ".join(f'"{k}"' for k in APPROVERS)

@@ -32,8 +32,9 @@ token that gateway expects for it with ``--events-token-file``: the enclave then
 Approvals (DESIGN §11): the enclave.toml also pins three approver keys (ops-1 and ops-2
 Ed25519, risk-1 P-256) with a 2-of-3 default policy, so every Sign needs two approvals. The
 private keys are in WORKDIR/approvers/ (0600, printed as ``approvers``); ``gateway_toml`` is
-a gateway.toml line (a dotted key: ``[approvers] keys``) that gives your gateway two of them (``trio-sign gateway`` then
-approves every Sign it sends), and ``trio-sign approver approve`` makes one by hand.
+a gateway.toml line (a dotted key: ``[approvers] keys``) that gives your gateway two of them
+(``trio-sign gateway`` then approves every Sign it sends), and ``trio-sign approver approve``
+makes one by hand.
 
 Ctrl-C (or SIGTERM) stops everything; the command exits 0 then. A port already in use or a
 missing file is one line on stderr and exit 1.

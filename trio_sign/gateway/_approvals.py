@@ -10,17 +10,19 @@ message, expiry). This module is the signing side:
   its automatic policy (approve every request for an account matching ``accounts``, expiring
   ``lifetime_s`` from now);
 * :class:`Approval`: one approval as the gateway sends it, and as the sign API takes it from a
-  caller (JSON ``{"key_id", "signature_hex", "expires_at_unix_ms"}``).
+  caller (JSON ``{"key_id", "signature_hex", "expires_at_unix_ms"}``, or the whole object
+  ``trio-sign approver approve`` prints).
 
-Key file (JSON, mode 0600; a file that its group or others may read is refused)::
+Key file (JSON, mode 0600; a file that its group or others may read is refused), the format
+``trio-sign approver keygen`` writes::
 
-    {"format": "trio-sign/approver-key", "version": 1, "type": "ed25519" | "p256",
-     "public_key": "<hex>", "private_key": "<hex>"}
+    {"format": "trio-sign/approver-key", "version": 1, "key_id": "ops-1",
+     "type": "ed25519" | "p256", "public_key": "<hex>", "private_key": "<hex>"}
 
 ``public_key`` is what ``enclave.toml`` ``[approvers.<key_id>] public_key`` pins (32 bytes for
 Ed25519, 65 bytes uncompressed SEC1 for P-256); ``private_key`` is the Ed25519 seed or the
-P-256 scalar (32 bytes, big-endian). The key id is not in the file: ``gateway.toml`` names it,
-as ``enclave.toml`` does.
+P-256 scalar (32 bytes, big-endian). ``gateway.toml`` names each key's id too; a file whose
+``key_id`` says otherwise is refused (one of the two is a mistake).
 
 Secrets: the Ed25519 secret key lives in a ``bytearray`` that :meth:`ApproverSigningKey.close`
 zeroes; a P-256 key lives in ``cryptography``'s OpenSSL object, freed (not zeroed by us) when
@@ -63,6 +65,12 @@ _SCALAR_BYTES: Final = 32
 _SECRET_KEY_BYTES: Final = 64
 _P256_N: Final = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 _FILE_KEYS: Final = frozenset({"format", "version", "type", "public_key", "private_key"})
+#: What ``trio-sign approver approve`` prints besides an approval's three fields: informative,
+#: accepted in ``POST /v1/sign`` (``account_id``/``session_id`` are checked against the request).
+APPROVAL_INFO_FIELDS: Final = frozenset(
+    {"type", "account_id", "session_id", "message_sha256", "signature_base64", "payload_hex"}
+)
+_APPROVAL_FIELDS: Final = frozenset({"key_id", "signature_hex", "expires_at_unix_ms"})
 
 
 class ApproverKeyFileError(TrioSignError):
@@ -104,20 +112,30 @@ class Approval:
         }
 
     @classmethod
-    def from_json(cls, obj: object) -> Approval:
+    def from_json(
+        cls, obj: object, *, account_id: str | None = None, session_id: str | None = None
+    ) -> Approval:
         """Parse one approval of a ``POST /v1/sign`` body (shape only: the enclave verifies).
+        The informative fields ``trio-sign approver approve`` prints may come along; when
+        ``account_id`` or ``session_id`` is among them it must be the request's.
 
         Raises:
             ValueError: naming the field that is wrong.
         """
-        if not isinstance(obj, dict) or set(obj) != {
-            "key_id",
-            "signature_hex",
-            "expires_at_unix_ms",
-        }:
+        if (
+            not isinstance(obj, dict)
+            or not set(obj) >= _APPROVAL_FIELDS
+            or not set(obj) <= _APPROVAL_FIELDS | APPROVAL_INFO_FIELDS
+        ):
             raise ValueError(
                 'an approval is {"key_id": str, "signature_hex": hex, "expires_at_unix_ms": int}'
+                " (and what trio-sign approver approve prints)"
             )
+        for name, expected in (("account_id", account_id), ("session_id", session_id)):
+            if name in obj and expected is not None and obj[name] != expected:
+                raise ValueError(
+                    f"an approval names {name} {obj[name]!r}, not this request's {expected!r}"
+                )
         key_id, signature_hex, expires = (
             obj["key_id"],
             obj["signature_hex"],
@@ -194,8 +212,10 @@ class ApproverSigningKey:
         public = key.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
         return cls("p256", public, p256=key)
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the key file (mode 0600, atomically); refuses to overwrite."""
+    def save(self, path: str | os.PathLike[str], *, key_id: str) -> None:
+        """Write the key file for ``key_id`` (mode 0600, atomically); refuses to overwrite."""
+        if not KEY_ID_PATTERN.fullmatch(key_id):
+            raise ApproverKeyFileError(f"key id {key_id!r} is not a valid approver key id")
         self._check_open()
         if self._ed25519 is not None:
             secret = bytearray(self._ed25519[:_SCALAR_BYTES])
@@ -208,6 +228,7 @@ class ApproverSigningKey:
                 {
                     "format": APPROVER_KEY_FORMAT,
                     "version": APPROVER_KEY_VERSION,
+                    "key_id": key_id,
                     "type": self.type,
                     "public_key": self.public_key.hex(),
                     "private_key": secret.hex(),
@@ -225,13 +246,14 @@ class ApproverSigningKey:
             ) from None
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> ApproverSigningKey:
-        """Read a key file made by :meth:`save` (or ``trio-sign approver keygen``). Blocking.
+    def load(cls, path: str | os.PathLike[str], *, key_id: str | None = None) -> ApproverSigningKey:
+        """Read a key file made by :meth:`save` or ``trio-sign approver keygen``. Blocking.
 
         Raises:
             ApproverKeyFileError: the file cannot be read, its group or others may read or
-                write it (``chmod 600``), it is not an approver key file, or its public key
-                does not match its private key. The message names the file, never the key.
+                write it (``chmod 600``), it is not an approver key file, its ``key_id`` is not
+                ``key_id`` (when given), or its public key does not match its private key. The
+                message names the file, never the key.
         """
         where = os.fspath(path)
         try:
@@ -254,7 +276,7 @@ class ApproverSigningKey:
         if (
             len(raw) > _MAX_KEY_FILE_BYTES
             or not isinstance(obj, dict)
-            or set(obj) != _FILE_KEYS
+            or set(obj) - {"key_id"} != _FILE_KEYS
             or obj.get("format") != APPROVER_KEY_FORMAT
             or type(obj.get("version")) is not int
             or obj.get("version") != APPROVER_KEY_VERSION
@@ -263,6 +285,11 @@ class ApproverSigningKey:
                 f"{where} is not a {APPROVER_KEY_FORMAT} version {APPROVER_KEY_VERSION} file"
             )
         kind, pk_hex, sk_hex = obj["type"], obj["public_key"], obj["private_key"]
+        named = obj.get("key_id")
+        if named is not None and (not isinstance(named, str) or named != (key_id or named)):
+            raise ApproverKeyFileError(
+                f"approver key file {where} is the key of {named!r}, not {key_id!r}"
+            )
         if kind not in KEY_TYPES:
             raise ApproverKeyFileError(
                 f"approver key file {where}: type must be one of {', '.join(KEY_TYPES)}"
@@ -454,7 +481,7 @@ class GatewayApprover:
         keys: dict[str, ApproverSigningKey] = {}
         try:
             for key_id, path in files.items():
-                keys[key_id] = ApproverSigningKey.load(path)
+                keys[key_id] = ApproverSigningKey.load(path, key_id=key_id)
         except BaseException:
             for key in keys.values():
                 key.close()

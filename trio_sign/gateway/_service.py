@@ -748,7 +748,9 @@ class GatewayApi:
         if not isinstance(raw, list) or len(raw) > MAX_APPROVALS:
             return 400, {"error": f"approvals must be a list of at most {MAX_APPROVALS}"}
         try:
-            approvals = [Approval.from_json(a) for a in raw]
+            approvals = [
+                Approval.from_json(a, account_id=account_id, session_id=session_id) for a in raw
+            ]
         except ValueError as exc:
             return 400, {"error": str(exc)}
         if approvals and session_id is None:
