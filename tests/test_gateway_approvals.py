@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import secrets
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,7 +28,12 @@ import trio
 from proto_min import sign_service_pb2 as pb
 from trio_sign.authz import Authorizer, approval_payload, parse_policies
 from trio_sign.crypto import SigningCommitment
-from trio_sign.enclave import EnclaveConfig, EnclaveHandle, serve_dev_enclave
+from trio_sign.enclave import (
+    EnclaveConfig,
+    EnclaveHandle,
+    parse_measured_config,
+    serve_dev_enclave,
+)
 from trio_sign.gateway import (
     Approval,
     ApproverKeyFileError,
@@ -511,3 +517,63 @@ async def test_the_gateway_refuses_a_readable_key_file_at_start(
     config = parse_gateway_config(text, base=tmp_path)
     with pytest.raises(GatewayConfigError, match=r"\[approvers\] keys: .*mode 0640"):
         await serve_gateway(config)
+
+
+async def test_the_gateway_process_signs_under_an_enforcing_enclave(
+    tmp_path: Path, shares: Any
+) -> None:
+    """`serve_gateway` with `[approvers]` against a development enclave whose measured
+    configuration has a 2-of-3 default policy (the enclave's own check, no double): the
+    gateway's two keys sign; with one key, a caller's approval completes it through the API;
+    without it the API answers 403 not_authorized with the enclave's reason."""
+    keys = make_keys()
+    for key_id, key in keys.items():
+        key.save(tmp_path / f"{key_id}.key", key_id=key_id)
+    measured = parse_measured_config(
+        "".join(key.enclave_toml(k) for k, key in keys.items()).encode()
+        + b'[policies.default]\napprovers = ["ops-1", "ops-2", "risk-1"]\nthreshold = 2\n'
+    )
+    cfg = EnclaveConfig(
+        grpc_listen="tcp://127.0.0.1:0",
+        dev=True,
+        dev_plaintext_shares=shares.service_file,
+        measured=measured,
+    )
+    account, key = next(iter(group_keys(shares).items()))
+    async with trio.open_nursery() as nursery:
+        enclave: EnclaveHandle = await nursery.start(serve_dev_enclave, cfg)
+        for held, status_without_caller in (
+            ('ops-1 = "ops-1.key", risk-1 = "risk-1.key"', 200),
+            ('ops-1 = "ops-1.key"', 403),
+        ):
+            text = (
+                gateway_toml(
+                    shares.participant_files[2], enclave.addresses[0], api=f'token = "{API_TOKEN}"'
+                )
+                + f"[approvers]\nkeys = {{ {held} }}\nlifetime_s = 30\n"
+            )
+            config = parse_gateway_config(text, base=tmp_path)
+            async with trio.open_nursery() as inner:
+                gateway = await inner.start(serve_gateway, config)
+                api = gateway.api_urls[0]
+                body = {"account_id": account, "message_hex": b"pay 4".hex()}
+                status, answer = await request(api, "POST", "/v1/sign", body)
+                assert status == status_without_caller, answer
+                if status == 403:
+                    assert answer["reason"] == "not_authorized"
+                    assert "too_few_approvals" in answer["error"]
+                    outside = keys["ops-2"].approve(
+                        "ops-2",
+                        account_id=account,
+                        session_id="s-outside",
+                        message=b"pay 4",
+                        expires_at_unix_ms=time.time_ns() // 1_000_000 + 30_000,
+                    )
+                    body |= {"session_id": "s-outside", "approvals": [outside.to_json()]}
+                    status, answer = await request(api, "POST", "/v1/sign", body)
+                    assert status == 200, answer
+                signature = bytes.fromhex(answer["signature_hex"])
+                nacl.signing.VerifyKey(key).verify(b"pay 4", signature)
+                inner.cancel_scope.cancel()
+        assert enclave.service.pool.open_sessions == 0
+        nursery.cancel_scope.cancel()
