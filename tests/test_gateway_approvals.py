@@ -556,7 +556,7 @@ async def test_the_gateway_process_signs_under_an_enforcing_enclave(
             async with trio.open_nursery() as inner:
                 gateway = await inner.start(serve_gateway, config)
                 api = gateway.api_urls[0]
-                body = {"account_id": account, "message_hex": b"pay 4".hex()}
+                body: dict[str, Any] = {"account_id": account, "message_hex": b"pay 4".hex()}
                 status, answer = await request(api, "POST", "/v1/sign", body)
                 assert status == status_without_caller, answer
                 if status == 403:
