@@ -288,13 +288,22 @@ def _tool_dir(tmp_path: Path, *, docker: bool, nitro_cli: bool) -> Path:
 
 def _filled_config() -> str:
     """enclave_image/enclave.toml with its placeholder filled by a real CA."""
+    import re
+
+    from nacl.signing import SigningKey
+
     from trio_sign.testing import make_ca
 
     ca = make_ca("gateway client CA").pem.decode()
     text = (IMAGE / "enclave.toml").read_text()
     start = text.index('client_ca_pem = """') + len('client_ca_pem = """\n')
     end = text.index('"""', start)
-    return text[:start] + ca + text[end:]
+    text = text[:start] + ca + text[end:]
+    return re.sub(
+        r'"REPLACE_APPROVER_\d[^"]*"',
+        lambda _: f'"{SigningKey.generate().verify_key.encode().hex()}"',
+        text,
+    )
 
 
 def _repo_copy(tmp_path: Path, config: str | None) -> Path:
@@ -367,6 +376,7 @@ def test_enclave_toml_template_is_strict_once_filled() -> None:
     measured = parse_measured_config(_filled_config().encode())
     assert measured.client_ca_pem is not None
     assert measured.limits["max_tls_handshakes"] == 64
+    assert measured.policies.policies["default"].threshold == 2  # no open default in production
 
 
 def test_build_writes_pcrs(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ PACKAGES = [
     "trio_sign",
     "trio_sign.crypto",
     "trio_sign.attested",
+    "trio_sign.authz",
     "trio_sign.enclave",
     "trio_sign.gateway",
     "trio_sign.kms",

@@ -896,7 +896,11 @@ async def test_grpcio_signs_through_the_proxy_with_the_real_enclave(
 ) -> None:
     records = [a.service for a in accounts.values()]
     nsm = LocalNsm.from_dir(nsm_dir)
-    measured = parse_measured_config(b"[gateway]\nclient_ca_pem = '''\n" + pki.ca_pem + b"'''\n")
+    measured = parse_measured_config(
+        b"[gateway]\nclient_ca_pem = '''\n"
+        + pki.ca_pem
+        + b"'''\n[policies.default]\napprovers = []\nthreshold = 0\n"
+    )
     async with parent(tmp_path, records, nsm_dir) as fake, trio.open_nursery() as nursery:
         config = fake.config(
             measured=measured, tls=True, public_listen=f"unix://{fake.dir}/public.sock"
