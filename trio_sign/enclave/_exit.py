@@ -6,10 +6,13 @@ code    name                 meaning
 0       OK                   drained and stopped after SIGTERM/SIGINT (or a ``drain``)
 1       INTERNAL             a bug: an unexpected exception (or an illegal lifecycle
                              move); the log has the traceback
-2       USAGE                bad command line or configuration
+2       USAGE                bad command line or configuration (enclave.toml's policies:
+                             ``unknown_approver``, ``impossible_threshold``,
+                             ``unknown_key_type``, ``bad_approver``, ``bad_policy``)
 3       PRELOAD_FAILED       the bundle, its key or the boot exchange was refused (with
                              ``--dev``: the plaintext share file cannot be read or is
-                             refused)
+                             refused; ``unknown_policy``: an account names a policy
+                             enclave.toml does not define)
 4       PRELOAD_TIMEOUT      preload did not finish within ``preload_timeout_s``
 5       MEMORY               the bundle does not fit the enclave's memory
 6       NSM                  the Nitro Security Module could not be opened or used
