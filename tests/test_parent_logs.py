@@ -635,3 +635,27 @@ async def test_cloudwatch_sink_with_boto3_over_loopback(
     assert [json.loads(e["message"])["msg"] for e in events] == ["a", "b"]
     assert [e["timestamp"] for e in events] == [now_ms, now_ms + 1]
     assert cw.stats.retries == 2
+
+
+def test_sign_audit_digests_are_kept_and_redaction_warnings_are_rate_limited(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every Sign writes an audit record with the message's SHA-256: it is a public digest
+    (kept, not redacted), and a flood of lines that do need redaction is one warning a minute,
+    not one per line (the demo once wrote 10,006)."""
+    import json as _json
+    import logging as _logging
+
+    from trio_sign.nitro import LogMessage
+    from trio_sign.parent._logs import LogForwarder
+
+    lines: list[str] = []
+    forwarder = LogForwarder(sinks=[lines.append])
+    digest = "ab" * 32
+    forwarder.on_message(LogMessage(_json.dumps({"audit": "sign", "message_sha256": digest})))
+    assert _json.loads(lines[-1])["message_sha256"] == digest
+    caplog.set_level(_logging.WARNING, logger="trio_sign.parent.logs")
+    for _ in range(50):
+        forwarder.on_message(LogMessage(_json.dumps({"msg": "x", "signing_share": "ab"})))
+    assert forwarder.stats.redactions == 50
+    assert len([r for r in caplog.records if "redacted" in r.getMessage()]) <= 1

@@ -36,6 +36,7 @@ from typing import IO, Any, Final, Protocol, runtime_checkable
 import trio
 
 from ..nitro import ChannelMessage, DroppedMessage, LogMessage
+from ..rpc import RateLimitedLog
 
 log = logging.getLogger("trio_sign.parent.logs")
 
@@ -68,7 +69,17 @@ KEEP_FIELDS: Final = frozenset(
         "bundle_sha256",
         "shares_pcr_value",
         "pcr_value",
+        "message_sha256",  # the Sign audit record (issue 14): a digest, never the message
+        "config_sha256",
+        "spki_sha256",
+        "deltas_head",
     }
+)
+_redaction_log = RateLimitedLog(
+    logging.getLogger("trio_sign.parent.logs"),
+    "redacted values in enclave log lines (trio_sign_log_redactions_total counts them all)",
+    interval_s=60.0,
+    clock=time.monotonic,
 )
 #: A run of hex or base64 characters at least this long is redacted outside ``KEEP_FIELDS``.
 DEFAULT_MAX_OPAQUE_RUN: Final = 64
@@ -869,7 +880,7 @@ class LogForwarder:
         redacted = self._redactor.redact(line)
         if redacted.redactions:
             self.stats.redactions += redacted.redactions
-            log.warning("redacted %d values in an enclave log line", redacted.redactions)
+            _redaction_log(values=redacted.redactions)  # at most once a minute: counted in stats
         written = True
         for sink in self._sinks:
             written = self._write(sink, redacted.text, redacted.durable) and written
