@@ -160,6 +160,10 @@ class Secp256k1Suite:
     def h2(self, m: bytes) -> int:
         return _hash_to_scalar(m, self._context + b"chal")
 
+    def challenge(self, group_commitment: bytes, group_public_key: bytes, message: bytes) -> int:
+        """RFC 9591 §4.6 ``compute_challenge``: ``H2(SerializeElement(R) || PK || msg)``."""
+        return self.h2(group_commitment + group_public_key + message)
+
     def h3(self, m: bytes) -> int:
         return _hash_to_scalar(m, self._context + b"nonce")
 
@@ -231,6 +235,12 @@ def _tweak_mul(acc: bytearray, tweak: Buffer) -> None:
         GLOBAL_CONTEXT.ctx, _wbuf(acc), ffi.from_buffer(tweak)
     ):
         raise InternalError("secret scalar product with a zero or out-of-range factor")
+
+
+def _negate(acc: bytearray) -> None:
+    """``acc = -acc mod n`` in place (zero stays zero)."""
+    if not lib.secp256k1_ec_seckey_negate(GLOBAL_CONTEXT.ctx, _wbuf(acc)):  # pragma: no cover
+        raise InternalError("secret scalar out of range")
 
 
 def base_mult(secret: Buffer) -> bytes:
@@ -413,7 +423,7 @@ def _parse(
         if rho_e is not None:  # pragma: no branch - rho == 0 has negligible probability
             terms.append(rho_e)
     group_commitment = _sum_points(terms, "group commitment")
-    challenge = suite.h2(group_commitment + group_public_key + message)
+    challenge = suite.challenge(group_commitment, group_public_key, message)
     return _Parsed(ids, commitments, rhos, group_commitment, challenge)
 
 
@@ -600,7 +610,7 @@ def verify(
         z = suite.deserialize_scalar(signature[ELEMENT_SIZE:], "z")
     except FrostError:
         return False
-    c = suite.h2(r + pk + message)
+    c = suite.challenge(r, pk, message)
     terms = [_point(r)]
     c_pk = _mul_public(pk, c)
     if c_pk is not None:
