@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from trio_sign import FrostError, InternalError
 from trio_sign._errors import InvalidSignatureShareError
 from trio_sign.crypto import _secp256k1 as k1
-from trio_sign.crypto._suite import Ciphersuite
+from trio_sign.crypto._suite import Ciphersuite, suite_by_name
 
 SUITE = k1.SUITE
 N = k1.N
@@ -443,3 +443,49 @@ def test_random_quorums_verify(
     assert len(sig) == 65
     assert k1.verify(dealt.group_public_key, message, sig)
     assert not k1.verify(dealt.group_public_key, message + b"\x00", sig)
+
+
+# -- the interface over every suite -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "element_size", "vector_file", "order"),
+    [
+        ("FROST-ED25519-SHA512-v1", 32, "frost/rfc9591/frost-ed25519-sha512.json", "little"),
+        ("FROST-secp256k1-SHA256-v1", 33, "frost/rfc9591/frost-secp256k1-sha256.json", "big"),
+        (
+            "FROST-secp256k1-SHA256-TR-v1",
+            33,
+            "frost/zcash_frost/frost-secp256k1-tr/vectors.json",
+            "big",
+        ),
+    ],
+)
+def test_every_suite_through_the_interface(
+    vectors_dir: Path, name: str, element_size: int, vector_file: str, order: str
+) -> None:
+    """H1 and H3 through the interface reproduce each suite's vector (nonces, binding factors)."""
+    suite = suite_by_name(name)
+    assert isinstance(suite, Ciphersuite)
+    assert (suite.name, suite.element_size, suite.scalar_size) == (name, element_size, 32)
+    v = _load(vectors_dir, vector_file)
+    shares = {s["identifier"]: s["participant_share"] for s in v["inputs"]["participant_shares"]}
+    for o in v["round_one_outputs"]["outputs"]:
+        rand = bytes.fromhex(o["hiding_nonce_randomness"])
+        nonce = suite.h3(rand + bytes.fromhex(shares[o["identifier"]]))
+        assert suite.serialize_scalar(nonce).hex() == o["hiding_nonce"]
+        rho = suite.h1(bytes.fromhex(o["binding_factor_input"]))
+        assert suite.serialize_scalar(rho).hex() == o["binding_factor"]
+        d = suite.deserialize_element(bytes.fromhex(o["hiding_nonce_commitment"]))
+        assert suite.serialize_element(d).hex() == o["hiding_nonce_commitment"]
+        assert suite.deserialize_scalar(bytes.fromhex(o["binding_factor"])) == rho
+    with pytest.raises(FrostError, match="not a canonical scalar"):
+        suite.deserialize_scalar(suite.order.to_bytes(32, order))  # type: ignore[arg-type]
+    with pytest.raises(FrostError):
+        suite.deserialize_element(bytes(element_size))
+    assert len(suite.h4(b"m")) == len(suite.h5(b"m")) in (32, 64)
+
+
+def test_unknown_suite_is_refused() -> None:
+    with pytest.raises(FrostError, match="unknown ciphersuite 'FROST-P256-SHA256-v1'"):
+        suite_by_name("FROST-P256-SHA256-v1")

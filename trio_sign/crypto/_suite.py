@@ -20,7 +20,10 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Ciphersuite"]
+from .._errors import FrostError, InternalError
+from . import _frost, _sodium
+
+__all__ = ["Ciphersuite", "Ed25519Suite", "suite_by_name"]
 
 
 @runtime_checkable
@@ -71,3 +74,64 @@ class Ciphersuite(Protocol):
     def h5(self, m: bytes) -> bytes:
         """H5: the commitment list hash (``com``)."""
         ...
+
+
+class Ed25519Suite:
+    """``FROST-ED25519-SHA512-v1`` seen through :class:`Ciphersuite`.
+
+    A view of ``_frost`` (whose functions and numbers are unchanged): the same validation
+    (``crypto_core_ed25519_is_valid_point``, scalars below L, little-endian) and hashes.
+    """
+
+    name = _frost.CIPHERSUITE
+    element_size = 32
+    scalar_size = 32
+    order = _sodium.L
+
+    def __repr__(self) -> str:
+        return f"<Ed25519Suite {self.name}>"
+
+    def serialize_element(self, element: bytes) -> bytes:
+        return self.deserialize_element(element)
+
+    def deserialize_element(self, data: bytes, what: str = "element") -> bytes:
+        _frost._check_element(bytes(data), what)
+        return bytes(data)
+
+    def serialize_scalar(self, value: int) -> bytes:
+        if not 0 <= value < _sodium.L:
+            raise InternalError("scalar out of range")
+        return value.to_bytes(32, "little")
+
+    def deserialize_scalar(self, data: bytes, what: str = "scalar") -> int:
+        return _frost._scalar_int(bytes(data), what)
+
+    def h1(self, m: bytes) -> int:
+        return _frost.h1(m)
+
+    def h2(self, m: bytes) -> int:
+        return _frost.h2(m)
+
+    def h3(self, m: bytes) -> int:
+        return _frost._h_int(_frost.CONTEXT, b"nonce", m)
+
+    def h4(self, m: bytes) -> bytes:
+        return _frost.h4(m)
+
+    def h5(self, m: bytes) -> bytes:
+        return _frost.h5(m)
+
+
+def suite_by_name(name: str) -> Ciphersuite:
+    """The suite with this contextString; :class:`~trio_sign.FrostError` for an unknown one."""
+    from . import _secp256k1, _secp256k1_tr
+
+    suites: dict[str, Ciphersuite] = {
+        Ed25519Suite.name: Ed25519Suite(),
+        _secp256k1.SUITE.name: _secp256k1.SUITE,
+        _secp256k1_tr.SUITE.name: _secp256k1_tr.SUITE,
+    }
+    try:
+        return suites[name]
+    except KeyError:
+        raise FrostError(f"unknown ciphersuite {name!r}; known: {', '.join(suites)}") from None
