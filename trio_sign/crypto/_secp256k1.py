@@ -19,6 +19,9 @@ What coincurve does not allow, and what we accept instead:
   of ``expand_message_xmd``) reduces the nonce mod n with Python ints, and ``hashlib`` returns
   its digests as ``bytes``: the intermediate digests and ints of nonce derivation cannot be
   zeroed and the reduction is not constant time. The nonce itself is written into a buffer.
+* coincurve binds no random-bytes function: the 32 bytes of nonce randomness come from
+  ``secrets.token_bytes`` as immutable ``bytes`` (copied into a buffer we zero), where the
+  Ed25519 suite has libsodium write them straight into one.
 * libsecp256k1 has no scalar type for zero: a secret sum that reduces to zero makes
   ``tweak_add`` fail. That happens with negligible probability for honest inputs and is
   reported as :class:`~trio_sign.InternalError`.
