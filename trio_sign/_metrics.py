@@ -423,7 +423,7 @@ def format_number(value: float) -> str:
     return repr(float(value))
 
 
-def _label_part(pairs: Iterable[tuple[str, str]]) -> str:
+def label_part(pairs: Iterable[tuple[str, str]]) -> str:
     rendered = ",".join(f'{k}="{escape_label_value(v)}"' for k, v in pairs)
     return f"{{{rendered}}}" if rendered else ""
 
@@ -444,15 +444,15 @@ def render_snapshot(snapshot: Mapping[str, Any]) -> str:
         for sample in fam["samples"]:
             pairs = list(zip(names, sample[0], strict=True))
             if kind != "histogram":
-                lines.append(f"{name}{_label_part(pairs)} {format_number(sample[1])}")
+                lines.append(f"{name}{label_part(pairs)} {format_number(sample[1])}")
                 continue
             counts, total, count = sample[1], sample[2], sample[3]
             for bound, cumulative in zip(fam["buckets"], counts, strict=True):
-                le = _label_part([*pairs, ("le", format_number(bound))])
+                le = label_part([*pairs, ("le", format_number(bound))])
                 lines.append(f"{name}_bucket{le} {format_number(cumulative)}")
-            lines.append(f"{name}_bucket{_label_part([*pairs, ('le', '+Inf')])} {count}")
-            lines.append(f"{name}_sum{_label_part(pairs)} {format_number(total)}")
-            lines.append(f"{name}_count{_label_part(pairs)} {count}")
+            lines.append(f"{name}_bucket{label_part([*pairs, ('le', '+Inf')])} {count}")
+            lines.append(f"{name}_sum{label_part(pairs)} {format_number(total)}")
+            lines.append(f"{name}_count{label_part(pairs)} {count}")
     return "\n".join(lines) + "\n" if lines else ""
 
 

@@ -17,7 +17,6 @@ import datetime
 import functools
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -26,7 +25,15 @@ from typing import Any, Final, Protocol
 import trio
 
 from .. import __version__
-from .._metrics import MetricsSnapshotError, Registry, merge_snapshots, render_snapshot
+from .._metrics import (
+    MetricsSnapshotError,
+    Registry,
+    escape_help,
+    format_number,
+    label_part,
+    merge_snapshots,
+    render_snapshot,
+)
 from ..rpc import RateLimitedLog
 from ..transport import hypercorn_bind, serve_asgi
 from ..transport._asgi import (
@@ -208,24 +215,6 @@ def _rfc3339(ts: float | None) -> str | None:
 # -- Prometheus text exposition (sans-io) ------------------------------------------------------
 
 
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def _escape_label(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _number(value: float) -> str:
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if float(value).is_integer() and abs(value) < 2**53:
-        return str(int(value))
-    return repr(float(value))
-
-
 class MetricsWriter:
     """Build a Prometheus text exposition: one ``# HELP``/``# TYPE`` block per metric family."""
 
@@ -246,12 +235,10 @@ class MetricsWriter:
         if kind == "counter" and not name.endswith("_total"):
             raise ValueError(f"counter {name} must end in _total")
         self._names.add(name)
-        self._lines.append(f"# HELP {name} {_escape_help(help_text)}")
+        self._lines.append(f"# HELP {name} {escape_help(help_text)}")
         self._lines.append(f"# TYPE {name} {kind}")
         for labels, value in samples:
-            rendered = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels.items())
-            label_part = f"{{{rendered}}}" if rendered else ""
-            self._lines.append(f"{name}{label_part} {_number(value)}")
+            self._lines.append(f"{name}{label_part(labels.items())} {format_number(value)}")
 
     def gauge(self, name: str, help_text: str, value: float) -> None:
         self.family(name, "gauge", help_text, [({}, value)])
