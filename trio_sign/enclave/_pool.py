@@ -467,9 +467,11 @@ class SessionPool:
                 await trio.sleep_until(deadline)
                 self.expire(trio.current_time())
         finally:
-            dropped = self.abort_all()
-            if dropped:
-                log.info("zeroed nonces of open sessions at shutdown", extra={"sessions": dropped})
+            zeroed_count = self.abort_all()  # a count: nothing of the sessions is logged
+            if zeroed_count:
+                log.info(
+                    "zeroed nonces of open sessions at shutdown", extra={"sessions": zeroed_count}
+                )
 
     def _next_deadline(self) -> float | None:
         first_open = next(iter(self._sessions.values()), None)
