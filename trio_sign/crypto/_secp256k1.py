@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -579,6 +579,27 @@ def aggregate(
     :class:`~trio_sign.InvalidSignatureShareError` naming its identifier.
     """
     parsed = _parse(commitments, group_public_key, message, suite=suite)
+    z = sum_signature_shares(
+        parsed,
+        signature_shares,
+        verifying_shares,
+        lambda index, vs, z_i: _verify_share(parsed, index, vs, z_i, group_public_key, suite),
+        suite,
+    )
+    return parsed.group_commitment + z.to_bytes(32, "big")
+
+
+def sum_signature_shares(
+    parsed: _Parsed,
+    signature_shares: Mapping[bytes, bytes],
+    verifying_shares: Mapping[bytes, bytes] | None,
+    share_is_valid: Callable[[int, bytes, int], bool],
+    suite: Secp256k1Suite,
+) -> int:
+    """``sum z_i mod n`` over the commitment list's signers (RFC 9591 §5.3); with
+    ``verifying_shares`` each share is first checked by ``share_is_valid(index, verifying
+    share, z_i)`` and the first bad one raises :class:`~trio_sign.InvalidSignatureShareError`
+    naming its identifier. Shared by both secp256k1 suites."""
     ids = [c.identifier for c in parsed.commitments]
     if set(signature_shares) != set(ids):
         raise FrostError("signature shares do not match the commitment list")
@@ -592,13 +613,13 @@ def aggregate(
                     f"no verifying share for identifier {_describe(parsed.ids[index])}"
                 )
             suite.deserialize_element(vs, "verifying share")
-            if not _verify_share(parsed, index, vs, z_i, group_public_key, suite):
+            if not share_is_valid(index, vs, z_i):
                 raise InvalidSignatureShareError(
                     f"signature share of identifier {_describe(parsed.ids[index])} is invalid",
                     identifier=ident,
                 )
         z = (z + z_i) % N
-    return parsed.group_commitment + z.to_bytes(32, "big")
+    return z
 
 
 def verify(

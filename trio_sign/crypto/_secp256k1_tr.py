@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from coincurve import PublicKey, PublicKeyXOnly
 
-from .._errors import FrostError, InvalidSignatureShareError
+from .._errors import FrostError
 from . import _secp256k1 as k1
 from ._secp256k1 import (
     Buffer,
@@ -316,25 +316,13 @@ def aggregate(
     """
     plan = tweak_key(group_public_key, merkle_root)
     parsed = k1._parse(commitments, plan.group_public_key, message, suite=SUITE)
-    ids = [c.identifier for c in parsed.commitments]
-    if set(signature_shares) != set(ids):
-        raise FrostError("signature shares do not match the commitment list")
-    z = 0
-    for index, ident in enumerate(ids):
-        z_i = SUITE.deserialize_scalar(signature_shares[ident], "signature share")
-        if verifying_shares is not None:
-            vs = verifying_shares.get(ident)
-            if vs is None:
-                raise FrostError(
-                    f"no verifying share for identifier {k1._describe(parsed.ids[index])}"
-                )
-            SUITE.deserialize_element(vs, "verifying share")
-            if not _verify_share(parsed, index, vs, z_i, plan):
-                raise InvalidSignatureShareError(
-                    f"signature share of identifier {k1._describe(parsed.ids[index])} is invalid",
-                    identifier=ident,
-                )
-        z = (z + z_i) % N
+    z = k1.sum_signature_shares(
+        parsed,
+        signature_shares,
+        verifying_shares,
+        lambda index, vs, z_i: _verify_share(parsed, index, vs, z_i, plan),
+        SUITE,
+    )
     return parsed.group_commitment[1:] + z.to_bytes(32, "big")
 
 
