@@ -184,6 +184,29 @@ class EnclaveHandle:
         await self._stop.wait()
 
 
+def _log_ready(
+    handle: EnclaveHandle,
+    config: EnclaveConfig,
+    identity: object,
+    started: float,
+    **facts: object,
+) -> None:
+    """The one "enclave ready" line (both modes): where it listens, TLS, the measured
+    configuration, the policies in force, and ``facts`` (accounts, mode, fingerprint)."""
+    log.info(
+        "enclave ready",
+        extra={
+            "grpc": ",".join(handle.addresses),
+            "public": ",".join(handle.public_addresses),
+            "tls": identity is not None,
+            "config_sha256": config.measured.sha256.hex(),
+            "policies": ",".join(sorted(config.measured.policies.policies)),
+            "boot_ms": round((time.monotonic() - started) * 1000),
+            **facts,
+        },
+    )
+
+
 def _listener_url(listener: trio.SocketListener, scheme: str) -> str:
     name = listener.socket.getsockname()
     if scheme == "tcp":
@@ -521,19 +544,7 @@ async def serve_dev_enclave(
                 preload_ms=round(store.load_seconds * 1000),
                 identity=identity,
             )
-            log.info(
-                "enclave ready",
-                extra={
-                    "grpc": ",".join(handle.addresses),
-                    "public": ",".join(handle.public_addresses),
-                    "tls": identity is not None,
-                    "config_sha256": config.measured.sha256.hex(),
-                    "accounts": store.accounts,
-                    "policies": ",".join(sorted(config.measured.policies.policies)),
-                    "mode": "dev",
-                    "boot_ms": round((time.monotonic() - started) * 1000),
-                },
-            )
+            _log_ready(handle, config, identity, started, accounts=store.accounts, mode="dev")
             if report_to_parent:
                 nursery.start_soon(_drain_when_the_parent_asks, link, handle)
             task_status.started(handle)
@@ -650,19 +661,14 @@ async def serve_enclave(
             memory=watermark,
             identity=identity,
         )
-        log.info(
-            "enclave ready",
-            extra={
-                "grpc": ",".join(handle.addresses),
-                "public": ",".join(handle.public_addresses),
-                "tls": identity is not None,
-                "config_sha256": config.measured.sha256.hex(),
-                "accounts": report.accounts,
-                "shares_sha256": report.sha256,
-                "policies": ",".join(sorted(config.measured.policies.policies)),
-                "mode": "nitro" if config.nsm == "device" else "local",
-                "boot_ms": round((time.monotonic() - started) * 1000),
-            },
+        _log_ready(
+            handle,
+            config,
+            identity,
+            started,
+            accounts=report.accounts,
+            shares_sha256=report.sha256,
+            mode="nitro" if config.nsm == "device" else "local",
         )
         nursery.start_soon(_drain_when_the_parent_asks, link, handle)
         task_status.started(handle)
