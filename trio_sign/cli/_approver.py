@@ -17,28 +17,17 @@ import base64
 import hashlib
 import json
 import re
-import stat
 import sys
 import time
 from pathlib import Path
 from typing import Any, Final
 
-from .._atomic import atomic_file
-from .._errors import TrioSignError
 from ..authz import KEY_TYPES, approval_payload
 from ..authz._keys import KEY_ID_PATTERN
 
-KEY_FILE_FORMAT: Final = "trio-sign/approver-key"
-KEY_FILE_VERSION: Final = 1
 #: The largest message file ``approve`` reads (every policy's largest message fits).
 MAX_MESSAGE_FILE_BYTES: Final = 64 * 1024
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)?")
-
-
-class ApproverKeyFileError(TrioSignError):
-    """The key file cannot be read or is not an approver key (exit 2)."""
-
-    exit_code = 2
 
 
 def add_parser(sub: Any) -> None:
@@ -100,84 +89,6 @@ def parse_duration_ms(text: str) -> int:
     return round(float(match.group(1)) * scale)
 
 
-def _public_key(kind: str, private: bytes) -> bytes:
-    if kind == "ed25519":
-        from nacl.signing import SigningKey
-
-        return bytes(SigningKey(private).verify_key.encode())
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    key = ec.derive_private_key(int.from_bytes(private, "big"), ec.SECP256R1())
-    return key.public_key().public_bytes(
-        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
-    )
-
-
-def _new_private(kind: str) -> bytes:
-    if kind == "ed25519":
-        from nacl.signing import SigningKey
-
-        return bytes(SigningKey.generate().encode())
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    number = ec.generate_private_key(ec.SECP256R1()).private_numbers().private_value
-    return number.to_bytes(32, "big")
-
-
-def sign_payload(kind: str, private: bytes, payload: bytes) -> bytes:
-    """The 64-byte signature of ``payload``: RFC 8032 Ed25519, or P-256 ``r || s`` (ECDSA with
-    SHA-256, big-endian, 32 bytes each)."""
-    if kind == "ed25519":
-        from nacl.signing import SigningKey
-
-        return bytes(SigningKey(private).sign(payload).signature)
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-
-    key = ec.derive_private_key(int.from_bytes(private, "big"), ec.SECP256R1())
-    r, s = decode_dss_signature(key.sign(payload, ec.ECDSA(hashes.SHA256())))
-    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
-
-
-def toml_lines(key_id: str, kind: str, public_key: bytes) -> str:
-    """The ``enclave.toml`` lines that pin this approver."""
-    return f'[approvers.{key_id}]\ntype = "{kind}"\npublic_key = "{public_key.hex()}"\n'
-
-
-def load_key_file(path: Path) -> tuple[str, str, bytes]:
-    """``(key_id, type, private_key)`` from an approver key file.
-
-    Raises:
-        ApproverKeyFileError: unreadable, readable by others, or not an approver key.
-    """
-    try:
-        mode = path.stat().st_mode
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ApproverKeyFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ApproverKeyFileError(
-            f"{path} is readable by others (mode {stat.S_IMODE(mode):o}); chmod 600 it"
-        )
-    try:
-        obj = json.loads(data)
-        if obj.get("format") != KEY_FILE_FORMAT or obj.get("version") != KEY_FILE_VERSION:
-            raise ValueError
-        key_id, kind = obj["key_id"], obj["type"]
-        private = bytes.fromhex(obj["private_key"])
-        if kind not in KEY_TYPES or len(private) != 32 or not KEY_ID_PATTERN.fullmatch(key_id):
-            raise ValueError
-        if bytes.fromhex(obj["public_key"]) != _public_key(kind, private):
-            raise ValueError
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise ApproverKeyFileError(
-            f"{path} is not a trio-sign approver key file (trio-sign approver keygen)"
-        ) from None
-    return key_id, kind, private
-
-
 def cmd_keygen(args: argparse.Namespace) -> int:
     from ._listen import UsageError
 
@@ -187,30 +98,23 @@ def cmd_keygen(args: argparse.Namespace) -> int:
         raise UsageError(
             f"key id {key_id!r} must be 1..64 characters of A-Z a-z 0-9 . _ : @ - (--key-id)"
         )
-    private = _new_private(args.type)
-    public = _public_key(args.type, private)
-    document = {
-        "format": KEY_FILE_FORMAT,
-        "version": KEY_FILE_VERSION,
-        "key_id": key_id,
-        "type": args.type,
-        "public_key": public.hex(),
-        "private_key": private.hex(),
-    }
-    try:
-        with atomic_file(out, mode=0o600) as f:
-            f.write(json.dumps(document, indent=2).encode() + b"\n")
-    except FileExistsError:
-        raise UsageError(
-            f"{out} exists; refusing to overwrite a key (choose another --out)"
-        ) from None
+    if out.exists():
+        raise UsageError(f"{out} exists; refusing to overwrite a key (choose another --out)")
+    from ..gateway._approvals import ApproverKeyFileError, ApproverSigningKey
+
+    with ApproverSigningKey.generate(args.type) as key:
+        try:
+            key.save(out, key_id=key_id)
+        except ApproverKeyFileError as exc:
+            raise UsageError(str(exc)) from None
+        public, toml = key.public_key, key.enclave_toml(key_id)
     print(f"key id: {key_id}")
     print(f"type: {args.type}")
     print(f"public key: {public.hex()}")
     print(f"key file: {out} (mode 0600; keep it secret)")
     print()
     print("# enclave.toml: add this approver, then name it in a policy's approvers")
-    print(toml_lines(key_id, args.type, public), end="")
+    print(toml, end="")
     return 0
 
 
@@ -218,10 +122,20 @@ def make_approval(
     key_file: Path, *, account: str, session: str, message: bytes, expires_in_ms: int
 ) -> dict[str, Any]:
     """The approval as JSON-ready values (see :func:`cmd_approve`)."""
-    key_id, kind, private = load_key_file(key_file)
-    expires = time.time_ns() // 1_000_000 + expires_in_ms
-    payload = approval_payload(account, session, message, expires)
-    signature = sign_payload(kind, private, payload)
+    from ..gateway._approvals import ApproverKeyFileError, ApproverSigningKey
+    from ._listen import UsageError
+
+    try:
+        key = ApproverSigningKey.load(key_file)  # refuses a file others may read
+    except ApproverKeyFileError as exc:
+        raise UsageError(str(exc)) from None
+    with key:
+        key_id, kind = key.key_id, key.type
+        if key_id is None:
+            raise UsageError(f"{key_file} names no key_id (trio-sign approver keygen writes one)")
+        expires = time.time_ns() // 1_000_000 + expires_in_ms
+        payload = approval_payload(account, session, message, expires)
+        signature = key.sign(payload)
     return {
         "key_id": key_id,
         "type": kind,

@@ -176,6 +176,8 @@ class ApproverSigningKey:
         self._ed25519 = ed25519_secret
         self._p256 = p256
         self._closed = False
+        #: the key id its file names (set by :meth:`load` and :meth:`save`), else None
+        self.key_id: str | None = None
 
     def __repr__(self) -> str:
         return f"ApproverSigningKey({self.type}, public_key={self.public_key.hex()}, <secret>)"
@@ -244,6 +246,7 @@ class ApproverSigningKey:
             raise ApproverKeyFileError(
                 f"refusing to overwrite existing approver key file {os.fspath(path)}"
             ) from None
+        self.key_id = key_id
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, key_id: str | None = None) -> ApproverSigningKey:
@@ -282,7 +285,8 @@ class ApproverSigningKey:
             or obj.get("version") != APPROVER_KEY_VERSION
         ):
             raise ApproverKeyFileError(
-                f"{where} is not a {APPROVER_KEY_FORMAT} version {APPROVER_KEY_VERSION} file"
+                f"{where} is not a {APPROVER_KEY_FORMAT} version {APPROVER_KEY_VERSION} file "
+                "(not a trio-sign approver key: trio-sign approver keygen makes them)"
             )
         kind, pk_hex, sk_hex = obj["type"], obj["public_key"], obj["private_key"]
         named = obj.get("key_id")
@@ -323,6 +327,7 @@ class ApproverSigningKey:
             raise ApproverKeyFileError(
                 f"approver key file {where}: public_key does not match its private key"
             )
+        key.key_id = named if named is not None else key_id
         return key
 
     # -- using -----------------------------------------------------------------------------------
