@@ -246,6 +246,28 @@ def _negate(acc: bytearray) -> None:
         raise InternalError("secret scalar out of range")
 
 
+#: Public names for the other modules (dealer, DKG) doing secret arithmetic in buffers.
+scalar_add_into = _tweak_add
+scalar_mul_into = _tweak_mul
+scalar_negate = _negate
+
+
+def seckey_is_valid(secret: Buffer) -> bool:
+    """``0 < secret < n`` for 32 bytes, in constant time (``secp256k1_ec_seckey_verify``)."""
+    if len(secret) != 32:
+        return False
+    return bool(lib.secp256k1_ec_seckey_verify(GLOBAL_CONTEXT.ctx, ffi.from_buffer(secret)))
+
+
+def random_scalar(out: bytearray | memoryview) -> None:
+    """A uniformly random scalar in ``1..n-1`` written into ``out`` (rejection sampling on 32
+    bytes from the OS CSPRNG; the rejected bytes are overwritten by the next draw)."""
+    while True:
+        out[:] = secrets.token_bytes(32)
+        if seckey_is_valid(out):
+            return
+
+
 def base_mult(secret: Buffer) -> bytes:
     """``SerializeElement(secret * G)``; the scalar must be non-zero and below n."""
     pub = ffi.new("secp256k1_pubkey *")
