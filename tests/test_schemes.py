@@ -153,12 +153,15 @@ def test_share_checks_name_the_problem(scheme: Scheme) -> None:
     assert scheme.scalar_problem(s.identifier, b"\xff" * 32)[1] == "non_canonical_scalar"  # type: ignore[index]
     assert scheme.scalar_problem(s.identifier[:31], s.signing_share)[1] == "bad_length"  # type: ignore[index]
     problem = scheme.point_problem(s.signing_share, other.verifying_share, dealt.group_public_key)
-    assert problem is not None and problem[1] == "share_mismatch"
+    assert problem is not None
+    assert problem[1] == "share_mismatch"
     bad = b"\x05" + bytes(scheme.element_size - 1)
     problem = scheme.point_problem(s.signing_share, s.verifying_share, bad)
-    assert problem is not None and problem[1] == "invalid_point"
+    assert problem is not None
+    assert problem[1] == "invalid_point"
     problem = scheme.point_problem(s.signing_share, s.verifying_share[:-1], dealt.group_public_key)
-    assert problem is not None and problem[1] == "bad_length"
+    assert problem is not None
+    assert problem[1] == "bad_length"
 
 
 def test_lookup_by_name_and_code() -> None:
