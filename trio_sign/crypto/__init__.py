@@ -1,4 +1,9 @@
-"""FROST(Ed25519, SHA-512) per RFC 9591 and the libsodium primitives under it."""
+"""FROST per RFC 9591 (and ZF's Taproot variant) and the primitives under it.
+
+The Ed25519 names below are the original, unchanged API. For any ciphersuite, look the suite
+up with :func:`scheme_by_name` (``"FROST-ED25519-SHA512-v1"``, ``"FROST-secp256k1-SHA256-v1"``,
+``"FROST-secp256k1-SHA256-TR-v1"``) and use its methods: the same calls work for all three.
+"""
 
 from ._frost import CIPHERSUITE as CIPHERSUITE
 from ._frost import DealerOutput as DealerOutput
@@ -14,11 +19,26 @@ from ._frost import sign as sign
 from ._frost import trusted_dealer_keygen as trusted_dealer_keygen
 from ._frost import verify as verify
 from ._frost import verify_signature_share as verify_signature_share
+from ._schemes import ED25519 as ED25519
+from ._schemes import SCHEMES as SCHEMES
+from ._schemes import SECP256K1 as SECP256K1
+from ._schemes import SECP256K1_TR as SECP256K1_TR
+from ._schemes import Scheme as Scheme
+from ._schemes import scheme_by_code as scheme_by_code
+from ._schemes import scheme_by_name as scheme_by_name
+from ._suite import Ciphersuite as Ciphersuite
+from ._suite import suite_by_name as suite_by_name
 
 __all__ = [
     "CIPHERSUITE",
+    "ED25519",
+    "SCHEMES",
+    "SECP256K1",
+    "SECP256K1_TR",
+    "Ciphersuite",
     "DealerOutput",
     "DealerShare",
+    "Scheme",
     "SigningCommitment",
     "SigningNonces",
     "aggregate",
@@ -26,7 +46,10 @@ __all__ = [
     "group_commitment",
     "identifier_from_bytes",
     "identifier_to_bytes",
+    "scheme_by_code",
+    "scheme_by_name",
     "sign",
+    "suite_by_name",
     "trusted_dealer_keygen",
     "verify",
     "verify_signature_share",
