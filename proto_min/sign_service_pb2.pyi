@@ -129,16 +129,18 @@ class Approval(_message.Message):
     def __init__(self, key_id: _Optional[str] = ..., signature: _Optional[bytes] = ..., expires_at_unix_ms: _Optional[int] = ...) -> None: ...
 
 class SignRequest(_message.Message):
-    __slots__ = ("session_id", "message", "commitments", "approvals")
+    __slots__ = ("session_id", "message", "commitments", "approvals", "taproot_merkle_root")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     COMMITMENTS_FIELD_NUMBER: _ClassVar[int]
     APPROVALS_FIELD_NUMBER: _ClassVar[int]
+    TAPROOT_MERKLE_ROOT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     message: bytes
     commitments: _containers.RepeatedCompositeFieldContainer[SigningCommitment]
     approvals: _containers.RepeatedCompositeFieldContainer[Approval]
-    def __init__(self, session_id: _Optional[str] = ..., message: _Optional[bytes] = ..., commitments: _Optional[_Iterable[_Union[SigningCommitment, _Mapping]]] = ..., approvals: _Optional[_Iterable[_Union[Approval, _Mapping]]] = ...) -> None: ...
+    taproot_merkle_root: bytes
+    def __init__(self, session_id: _Optional[str] = ..., message: _Optional[bytes] = ..., commitments: _Optional[_Iterable[_Union[SigningCommitment, _Mapping]]] = ..., approvals: _Optional[_Iterable[_Union[Approval, _Mapping]]] = ..., taproot_merkle_root: _Optional[bytes] = ...) -> None: ...
 
 class SignResponse(_message.Message):
     __slots__ = ("identifier", "signature_share")

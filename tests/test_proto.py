@@ -72,6 +72,8 @@ EXPECTED: dict[str, list[tuple[str, int, int, bool, str | None]]] = {
         ("commitments", 3, _T.TYPE_MESSAGE, True, "trio_sign.v1.SigningCommitment"),
         # version 2 (DESIGN §4, §11): approvals checked against the account's policy
         ("approvals", 4, _T.TYPE_MESSAGE, True, "trio_sign.v1.Approval"),
+        # version 2 (DESIGN §4, §14): proto3 `optional`, so absent and empty differ
+        ("taproot_merkle_root", 5, _T.TYPE_BYTES, False, None),
     ],
     "Approval": [
         ("key_id", 1, _T.TYPE_STRING, False, None),
@@ -85,6 +87,8 @@ EXPECTED: dict[str, list[tuple[str, int, int, bool, str | None]]] = {
     "AbortRequest": [("session_id", 1, _T.TYPE_STRING, False, None)],
     "AbortResponse": [],
 }
+#: The contract's proto3 ``optional`` scalars (explicit presence): message -> field names.
+OPTIONAL: dict[str, set[str]] = {"SignRequest": {"taproot_merkle_root"}}
 
 EXPECTED_RPCS = {
     "Ping": ("PingRequest", "PingResponse"),
@@ -110,11 +114,19 @@ def test_message_fields(message: str) -> None:
     got = []
     for f in desc.fields:
         repeated = f.is_repeated
-        # proto3 implicit presence: no `optional` scalars in the contract.
-        assert f.has_presence == (f.type == _T.TYPE_MESSAGE and not repeated)
         sub = f.message_type.full_name if f.message_type is not None else None
         got.append((f.name, f.number, f.type, repeated, sub))
-        assert f.containing_oneof is None
+        if f.name in OPTIONAL.get(message, ()):
+            # proto3 `optional`: explicit presence through protoc's synthetic oneof, which
+            # stock clients see as a plain optional field (not a real oneof).
+            assert f.has_presence
+            assert f.containing_oneof is not None
+            assert f.containing_oneof.name == "_" + f.name
+            assert [x.name for x in f.containing_oneof.fields] == [f.name]
+        else:
+            # proto3 implicit presence everywhere else.
+            assert f.has_presence == (f.type == _T.TYPE_MESSAGE and not repeated)
+            assert f.containing_oneof is None
     assert got == EXPECTED[message]
 
 
@@ -136,6 +148,18 @@ def test_round_trip() -> None:
     )
     back = sign_service_pb2.SignRequest.FromString(req.SerializeToString())
     assert back == req
+
+
+def test_taproot_merkle_root_presence_survives_the_wire() -> None:
+    """Absent, empty and 32 bytes are three different requests on the wire (DESIGN §4)."""
+    absent = sign_service_pb2.SignRequest(session_id="s")
+    empty = sign_service_pb2.SignRequest(session_id="s", taproot_merkle_root=b"")
+    root = sign_service_pb2.SignRequest(session_id="s", taproot_merkle_root=b"\x07" * 32)
+    wires = [m.SerializeToString() for m in (absent, empty, root)]
+    assert len(set(wires)) == 3
+    back = [sign_service_pb2.SignRequest.FromString(w) for w in wires]
+    assert [m.HasField("taproot_merkle_root") for m in back] == [False, True, True]
+    assert [m.taproot_merkle_root for m in back] == [b"", b"", b"\x07" * 32]
 
 
 def test_generated_code_is_fresh(tmp_path: Path) -> None:
