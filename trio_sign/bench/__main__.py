@@ -1,7 +1,9 @@
 """``scripts/bench``: print the numbers the issues ask for.
 
 Sections (all by default, or pick with flags):
-  --frost   microseconds per FROST round-1 / round-2 operation (2 and 3 signers), aggregate, verify
+  --frost   microseconds per FROST operation for each ciphersuite, side by side (median and p99):
+            round 1, round 2 (2 and 3 signers; Taproot also with a merkle root), aggregate with
+            share verification, the independent verify; the round-2 target per secp256k1 suite
   --load    sealed-bundle preload time, RSS growth and peak for 10k and 100k accounts
             (add --big for 1M; generated bundles are cached under .bench-cache/)
   --grpc    SignService sessions/s at 1, 64 and 256 concurrent (closed loop) and p50/p99 at an
@@ -49,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--frost", action="store_true", help="FROST operation timings")
+    parser.add_argument(
+        "--frost-iterations", type=int, default=200, help="samples per FROST operation per round"
+    )
+    parser.add_argument(
+        "--frost-rounds", type=int, default=5, help="rounds (every suite in turn in each round)"
+    )
     parser.add_argument("--load", action="store_true", help="sealed bundle preload")
     parser.add_argument(
         "--boot",
@@ -128,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     everything = not (args.e2e or args.boot or args.frost or args.load or args.grpc or hostile)
     print(f"machine: {_machine()}")
     if args.frost or everything:
-        bench_frost()
+        bench_frost(iterations=args.frost_iterations, rounds=args.frost_rounds)
     if args.load or everything:
         if args.sizes:
             sizes = [int(s) for s in args.sizes.split(",")]
