@@ -50,7 +50,8 @@ from typing import Any, Final
 
 import trio
 
-from ..crypto import _sodium, _stream
+from .._errors import KeyWrapError
+from ..crypto import _kdf, _sodium, _stream
 from ..nitro import AsyncNsm, CmsError, EphemeralRecipientKey
 from ..shares._keywrap import canonical_json
 from ..shares._signature import DIGEST_BYTES, CeremonyKey
@@ -196,6 +197,90 @@ class SealedIdentity:
         return cls(bytes.fromhex(public_hex), kms_key_id, blob, nonce, ciphertext)
 
 
+#: The key provider name a delta bundle's header records (docs/key-lifecycle.md §2).
+DELTA_PROVIDER: Final = "enclave-identity"
+DELTA_KEK_INFO: Final = b"trio-sign/delta-kek/v1"
+_DELTA_BLOB_MAGIC: Final = b"TSDKW1"
+
+
+class DeltaKeyWrap:
+    """Wraps delta bundles' data keys under the identity key's derived key-encryption key.
+
+    A :class:`~trio_sign.shares.DataKeyProvider`: ``provider`` is ``"enclave-identity"``,
+    ``key_id`` the identity public key in hex. Blob: ``b"TSDKW1"`` ‖ nonce (24) ‖
+    XChaCha20-Poly1305(KEK, data key) with the canonical JSON of the key id and the
+    encryption context as associated data, so a blob opens only under the same identity key
+    and context. Every boot derives the KEK from the identity key KMS released, so the deltas
+    need no KMS call of their own. :meth:`close` zeroes the KEK.
+    """
+
+    provider: str = DELTA_PROVIDER
+
+    def __init__(self, public_key: bytes, kek: bytearray) -> None:
+        if len(kek) != _stream.KEY_BYTES:
+            raise ValueError("a key-encryption key is 32 bytes")
+        self.key_id = bytes(public_key).hex()
+        self._kek = kek
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"DeltaKeyWrap(key_id={self.key_id!r}, kek=<secret>)"
+
+    def names_key(self, key_id: str) -> bool:
+        return key_id == self.key_id
+
+    def _ad(self, context: Mapping[str, str]) -> bytes:
+        return canonical_json({"encryption_context": dict(context), "key_id": self.key_id})
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise KeyWrapError("the delta key-encryption key is closed")
+
+    def generate_data_key(self, context: Mapping[str, str]) -> tuple[bytearray, bytes]:
+        """A fresh random data key and its blob bound to ``context``; the caller zeroes it."""
+        self._check_open()
+        data_key = bytearray(_stream.KEY_BYTES)
+        _sodium.random_bytes(data_key)
+        nonce = bytearray(_stream.AEAD_NONCE_BYTES)
+        _sodium.random_bytes(nonce)
+        ct = _stream.aead_encrypt(data_key, ad=self._ad(context), nonce=nonce, key=self._kek)
+        return data_key, _DELTA_BLOB_MAGIC + bytes(nonce) + ct
+
+    def decrypt_data_key(self, blob: bytes, context: Mapping[str, str]) -> bytearray:
+        """Unwrap a blob made by :meth:`generate_data_key` under the same identity key."""
+        self._check_open()
+        n = len(_DELTA_BLOB_MAGIC)
+        if (
+            not blob.startswith(_DELTA_BLOB_MAGIC)
+            or len(blob) != n + _stream.AEAD_NONCE_BYTES + _stream.KEY_BYTES + _stream.AEAD_ABYTES
+        ):
+            raise KeyWrapError("encrypted data key is not an enclave-identity blob")
+        nonce = blob[n : n + _stream.AEAD_NONCE_BYTES]
+        out = bytearray(_stream.KEY_BYTES)
+        if not _stream.aead_decrypt_into(
+            out,
+            blob[n + _stream.AEAD_NONCE_BYTES :],
+            ad=self._ad(context),
+            nonce=nonce,
+            key=self._kek,
+        ):
+            raise KeyWrapError(
+                "cannot unwrap the delta's data key: it was made under another identity key, "
+                "for another encryption context, or the blob was changed"
+            )
+        return out
+
+    def close(self) -> None:
+        _sodium.memzero(self._kek)
+        self._closed = True
+
+    def __enter__(self) -> DeltaKeyWrap:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
 class IdentityKey:
     """The unsealed identity key, inside the enclave. :meth:`close` zeroes it."""
 
@@ -223,6 +308,19 @@ class IdentityKey:
                 "identity-signed messages start with b'trio-sign/' (domain separation)"
             )
         return self._pair.sign_digest(message)
+
+    def delta_key_wrap(self) -> DeltaKeyWrap:
+        """The data-key provider for delta bundles (docs/key-lifecycle.md §2): data keys
+        wrapped under ``HKDF-SHA256(seed, info="trio-sign/delta-kek/v1")``. Close it (or this
+        key) when done; it holds its own copy of the derived key."""
+        kek = bytearray(_stream.KEY_BYTES)
+        # The seed is the first half of libsodium's 64-byte Ed25519 secret key.
+        seed = memoryview(self._pair._sk)[:_SEED_BYTES]
+        try:
+            _kdf.hkdf_sha256_into(kek, seed, info=DELTA_KEK_INFO)
+        finally:
+            seed.release()
+        return DeltaKeyWrap(self.public_key, kek)
 
     def close(self) -> None:
         self._pair.close()
