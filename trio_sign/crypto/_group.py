@@ -198,6 +198,11 @@ class _Ed25519Group(Group):
     def identifier_to_bytes(self, value: int) -> bytes:
         return _frost.identifier_to_bytes(value)
 
+    def element(self, data: bytes, what: str) -> bytes:
+        if bytes(data) == _frost._IDENTITY:  # say so; libsodium only says "not valid"
+            raise FrostError(f"{what} is the identity element")
+        return super().element(data, what)
+
     def check_secret_scalar(self, buf: Buffer, what: str) -> None:
         if len(buf) != 32:
             raise FrostError(f"{what} must be 32 bytes, got {len(buf)}")
@@ -264,6 +269,12 @@ class _Secp256k1Group(Group):
 
     def identifier_to_bytes(self, value: int) -> bytes:
         return self._suite.identifier_to_bytes(value)
+
+    def element(self, data: bytes, what: str) -> bytes:
+        if bytes(data) == bytes(_secp256k1.ELEMENT_SIZE):
+            # ZF pads the identity's one-byte SEC1 encoding with zeros to 33 bytes.
+            raise FrostError(f"{what} is the identity element")
+        return super().element(data, what)
 
     def _valid_nonzero(self, buf: Buffer) -> bool:
         return bool(lib.secp256k1_ec_seckey_verify(GLOBAL_CONTEXT.ctx, ffi.from_buffer(buf)))
