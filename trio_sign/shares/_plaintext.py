@@ -2,9 +2,11 @@
 
 A header line ``{"format": "trio-sign/key-shares", "version": 1, "ciphersuite":
 "FROST-ED25519-SHA512-v1"}``, one object per account, then the trailer line ``{"end": true,
-"accounts": N}``. Readers stream (one bounded line at a time), validate every record fully,
-including the point checks and ``signing_share·G == verifying_share``, and refuse a file whose
-trailer is missing (an interrupted write), wrong, or followed by anything.
+"accounts": N}``. The header's ciphersuite (any suite of DESIGN §14) is every record's unless a
+record carries its own ``"ciphersuite"``, so one file can hold accounts of several suites.
+Readers stream (one bounded line at a time), validate every record fully, including the point
+checks and ``signing_share·G == verifying_share``, and refuse a file whose trailer is missing
+(an interrupted write), wrong, or followed by anything.
 
 Plaintext files are for key ceremonies, imports and development: JSON parsing makes immutable
 ``str`` copies of the signing-share hex that CPython cannot zero. Production loads sealed
@@ -16,12 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, Final, Protocol
 
 from .._atomic import atomic_file
 from .._errors import ShareFileError
+from ..crypto._schemes import ED25519, Scheme
 from ._records import (
     CIPHERSUITE,
     PLAINTEXT_FORMAT,
@@ -32,6 +35,7 @@ from ._records import (
     check_trailer,
     record_from_json,
     record_to_json_text,
+    scheme_named,
     trailer_line,
 )
 
@@ -44,9 +48,14 @@ class _LineSource(Protocol):
     def readline(self, limit: int = -1, /) -> bytes: ...
 
 
-HEADER_LINE: Final = json.dumps(
-    {"format": PLAINTEXT_FORMAT, "version": PLAINTEXT_VERSION, "ciphersuite": CIPHERSUITE}
-)
+def header_line(ciphersuite: str = CIPHERSUITE) -> str:
+    """The header line (no newline) of a file whose default suite is ``ciphersuite``."""
+    return json.dumps(
+        {"format": PLAINTEXT_FORMAT, "version": PLAINTEXT_VERSION, "ciphersuite": ciphersuite}
+    )
+
+
+HEADER_LINE: Final = header_line()
 
 
 def _lines(fileobj: _LineSource, max_line: int) -> Iterator[tuple[int, bytes]]:
@@ -109,10 +118,17 @@ def _name_of(fileobj: object, name: str | None) -> str | None:
 
 
 def _read(
-    fileobj: _LineSource, *, max_line_bytes: int, points: bool, name: str | None
+    fileobj: _LineSource,
+    *,
+    max_line_bytes: int,
+    points: bool,
+    name: str | None,
+    on_header: Callable[[Scheme], None] | None = None,
 ) -> Iterator[ShareRecord]:
     try:
-        yield from _read_lines(fileobj, max_line_bytes=max_line_bytes, points=points)
+        yield from _read_lines(
+            fileobj, max_line_bytes=max_line_bytes, points=points, on_header=on_header
+        )
     except ShareFileError as exc:
         if name is None:
             raise
@@ -127,9 +143,14 @@ def _in_file(exc: ShareFileError, name: str) -> ShareFileError:
 
 
 def _read_lines(
-    fileobj: _LineSource, *, max_line_bytes: int, points: bool
+    fileobj: _LineSource,
+    *,
+    max_line_bytes: int,
+    points: bool,
+    on_header: Callable[[Scheme], None] | None = None,
 ) -> Iterator[ShareRecord]:
     first_seen: dict[str, int] = {}
+    suite: Scheme = ED25519
     header_seen = False
     trailer_at: int | None = None
     lineno = 0
@@ -144,14 +165,16 @@ def _read_lines(
             continue
         obj = _parse_line(line, lineno)
         if not header_seen:
-            check_plaintext_header(obj, line=lineno)
+            suite = check_plaintext_header(obj, line=lineno)
             header_seen = True
+            if on_header is not None:
+                on_header(suite)
             continue
         if isinstance(obj, dict) and TRAILER_KEY in obj:
             check_trailer(obj, records=len(first_seen), line=lineno)
             trailer_at = lineno
             continue
-        rec = record_from_json(obj, line=lineno, points=points)
+        rec = record_from_json(obj, line=lineno, points=points, default=suite)
         first = first_seen.get(rec.account_id)
         if first is not None:
             rec.zero()
@@ -194,9 +217,13 @@ class PlaintextEncoder:
     write. The trailer counts the records added, so a file cut anywhere is refused by readers.
     Records are encoded as given (not validated). Each record line is a fresh ``bytes`` holding
     the signing-share hex, which CPython cannot zero.
+
+    ``ciphersuite`` is the header's (a known suite; ``ShareFileError`` ``unknown_ciphersuite``
+    otherwise): a record of another suite carries its own ``"ciphersuite"``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, ciphersuite: str = CIPHERSUITE) -> None:
+        self.ciphersuite = scheme_named(ciphersuite).name
         self.records = 0
         self._started = False
         self._finished = False
@@ -205,13 +232,13 @@ class PlaintextEncoder:
         if self._started:
             raise RuntimeError("PlaintextEncoder.start() called twice")
         self._started = True
-        return HEADER_LINE.encode("utf-8") + b"\n"
+        return header_line(self.ciphersuite).encode("utf-8") + b"\n"
 
     def add_record(self, rec: ShareRecord) -> bytes:
         if not self._started or self._finished:
             raise RuntimeError("PlaintextEncoder.add_record() outside start() .. finish()")
         self.records += 1
-        return record_to_json_text(rec).encode("utf-8") + b"\n"
+        return record_to_json_text(rec, self.ciphersuite).encode("utf-8") + b"\n"
 
     def finish(self) -> bytes:
         if not self._started or self._finished:
@@ -220,14 +247,19 @@ class PlaintextEncoder:
         return trailer_line(self.records).encode("utf-8") + b"\n"
 
 
-def write_plaintext(fileobj: IO[bytes], records: Iterable[ShareRecord]) -> int:
+def write_plaintext(
+    fileobj: IO[bytes], records: Iterable[ShareRecord], *, ciphersuite: str = CIPHERSUITE
+) -> int:
     """Write the header, one line per record and the trailer; returns the number of records.
+
+    ``ciphersuite`` is the header's, the default of every record (records of another suite
+    name theirs).
 
     Records are written as given (not validated): use it for tools and tests. Each line is a
     fresh ``str``/``bytes`` holding the signing-share hex, which CPython cannot zero. To make a
     file on disk, :func:`write_plaintext_file` writes it atomically.
     """
-    encoder = PlaintextEncoder()
+    encoder = PlaintextEncoder(ciphersuite)
     fileobj.write(encoder.start())
     for rec in records:
         fileobj.write(encoder.add_record(rec))
@@ -236,7 +268,11 @@ def write_plaintext(fileobj: IO[bytes], records: Iterable[ShareRecord]) -> int:
 
 
 def write_plaintext_file(
-    path: str | os.PathLike[str], records: Iterable[ShareRecord], *, overwrite: bool = False
+    path: str | os.PathLike[str],
+    records: Iterable[ShareRecord],
+    *,
+    overwrite: bool = False,
+    ciphersuite: str = CIPHERSUITE,
 ) -> int:
     """:func:`write_plaintext` into ``path`` atomically (mode 0600); returns the record count.
 
@@ -251,7 +287,7 @@ def write_plaintext_file(
     target = Path(path)
     try:
         with atomic_file(target, overwrite=overwrite) as f:
-            return write_plaintext(f, records)
+            return write_plaintext(f, records, ciphersuite=ciphersuite)
     except FileExistsError:
         raise ShareFileError(
             f"{target} exists; pass overwrite=True (--force) to replace it",
@@ -264,11 +300,18 @@ def _short(account_id: str) -> str:
 
 
 class HashingReader:
-    """Wraps a binary file object; SHA-256 of every byte read through ``readline``."""
+    """Wraps a binary file object; SHA-256 of every byte read through ``readline``.
+
+    ``header_suite`` is the file header's ciphersuite once the header line has been read.
+    """
 
     def __init__(self, fileobj: IO[bytes]) -> None:
         self._f = fileobj
         self.sha = hashlib.sha256()
+        self.header_suite = CIPHERSUITE
+
+    def _on_header(self, scheme: Scheme) -> None:
+        self.header_suite = scheme.name
 
     def readline(self, limit: int = -1, /) -> bytes:
         data = self._f.readline(limit)
@@ -287,7 +330,10 @@ def read_plaintext_hashed(
     """
     reader = HashingReader(fileobj)
     name = _name_of(fileobj, None)
-    return _read(reader, max_line_bytes=MAX_LINE_BYTES, points=points, name=name), reader
+    records = _read(
+        reader, max_line_bytes=MAX_LINE_BYTES, points=points, name=name, on_header=reader._on_header
+    )
+    return records, reader
 
 
 def inspect_plaintext(fileobj: IO[bytes]) -> dict[str, Any]:
@@ -297,22 +343,26 @@ def inspect_plaintext(fileobj: IO[bytes]) -> dict[str, Any]:
     about 45 µs per record, are skipped: ``seal`` runs them), zeroing each record at once.
 
     Returns:
-        ``format``, ``version``, ``ciphersuite``, ``accounts``, ``trailer`` (always true: a file
-        without one is refused), ``sha256`` of the file's bytes.
+        ``format``, ``version``, ``ciphersuite`` (the header's), ``accounts``, ``ciphersuites``
+        (accounts per suite, public), ``trailer`` (always true: a file without one is
+        refused), ``sha256`` of the file's bytes.
 
     Error handling:
         ``ShareFileError`` as :func:`read_plaintext`, naming the file.
     """
     records, reader = read_plaintext_hashed(fileobj, points=False)
     accounts = 0
+    suites: dict[str, int] = {}
     for rec in records:
         rec.zero()
         accounts += 1
+        suites[rec.ciphersuite] = suites.get(rec.ciphersuite, 0) + 1
     return {
         "format": PLAINTEXT_FORMAT,
         "version": PLAINTEXT_VERSION,
-        "ciphersuite": CIPHERSUITE,
+        "ciphersuite": reader.header_suite,
         "accounts": accounts,
+        "ciphersuites": dict(sorted(suites.items())),
         "trailer": True,
         "sha256": reader.sha.hexdigest(),
     }

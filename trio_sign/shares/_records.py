@@ -1,12 +1,19 @@
 """The key-share record and the validation every reader applies.
 
-A record holds one account's FROST(Ed25519) key share. Every reader (plaintext JSON Lines,
-sealed bundle, in-memory store) funnels its input through the checks here, so each kind of
-defect has one stable ``ShareFileError.reason`` code wherever it is found:
+A record holds one account's FROST key share in one of the ciphersuites of DESIGN §14
+(``ciphersuite``, default ``FROST-ED25519-SHA512-v1``). The identifier and the signing share
+are 32-byte scalars in every suite; the verifying share and the group key are the suite's
+elements (32 bytes for Ed25519, 33-byte compressed SEC1 points for both secp256k1 suites).
+The scalar and point checks are the suite's own (:class:`trio_sign.crypto.Scheme`'s
+``scalar_problem``/``point_problem``); this module attaches the line or record number.
+
+Every reader (plaintext JSON Lines, sealed bundle, in-memory store) funnels its input through
+the checks here, so each kind of defect has one stable ``ShareFileError.reason`` code wherever
+it is found:
 
 ``bad_json``, ``bad_header``, ``missing_field``, ``unknown_field``, ``bad_type``, ``bad_hex``,
-``bad_account_id``, ``bad_policy``, ``zero_identifier``, ``non_canonical_scalar``,
-``zero_signing_share``,
+``bad_account_id``, ``bad_policy``, ``unknown_ciphersuite``, ``zero_identifier``,
+``non_canonical_scalar``, ``zero_signing_share``,
 ``invalid_point``, ``share_mismatch``, ``bad_threshold``, ``duplicate_account``,
 ``line_too_long``; for the plaintext file as a whole ``missing_trailer``, ``bad_trailer``,
 ``count_mismatch``, ``after_trailer``, ``truncated`` (plus the sealed-format codes in
@@ -23,10 +30,12 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from .._errors import ShareFileError
+from .._errors import FrostError, ShareFileError
 from ..authz._policy import DEFAULT_POLICY, check_policy_name
 from ..crypto import _sodium
+from ..crypto._schemes import ED25519, Scheme, scheme_by_code, scheme_by_name
 
+#: The default ciphersuite: the plaintext header's usual one and a record's when it names none.
 CIPHERSUITE: Final = "FROST-ED25519-SHA512-v1"
 PLAINTEXT_FORMAT: Final = "trio-sign/key-shares"
 PLAINTEXT_VERSION: Final = 1
@@ -35,14 +44,27 @@ TRAILER_KEY: Final = "end"
 
 MAX_ACCOUNT_ID_BYTES: Final = 255
 MAX_SIGNERS_LIMIT: Final = 65535
-#: Fixed part of a binary record after the account id: 4 x 32 bytes + 2 x u16.
+#: Fixed part of an Ed25519 binary record after the account id: 4 x 32 bytes + 2 x u16.
 BINARY_FIXED_BYTES: Final = 4 * 32 + 4
-#: The sealed record layouts: ``binary-v1`` (no policy: every account's is ``default``) and
-#: ``binary-v2`` (``u8 len ‖ policy`` after the account id; length 0 = ``default``).
+#: The sealed record layouts: ``binary-v1`` (no policy: every account's is ``default``),
+#: ``binary-v2`` (``u8 len ‖ policy`` after the account id; length 0 = ``default``), both
+#: Ed25519 only, and ``binary-v3`` (``binary-v2`` with a ``u8`` suite code after the policy
+#: and the suite's element size for the two points), written only for a bundle that holds an
+#: account of another suite.
 RECORD_FORMAT_V1: Final = "binary-v1"
 RECORD_FORMAT_V2: Final = "binary-v2"
-RECORD_FORMATS: Final = (RECORD_FORMAT_V1, RECORD_FORMAT_V2)
+RECORD_FORMAT_V3: Final = "binary-v3"
+RECORD_FORMATS: Final = (RECORD_FORMAT_V1, RECORD_FORMAT_V2, RECORD_FORMAT_V3)
 MAX_POLICY_BYTES: Final = 64
+#: Largest element of any suite (a compressed SEC1 point); bounds a ``binary-v3`` record.
+MAX_ELEMENT_BYTES: Final = 33
+
+
+def binary_v3_fixed_bytes(element_size: int) -> int:
+    """Bytes of a ``binary-v3`` record after its policy, for a suite's ``element_size``: the
+    suite code, two 32-byte scalars, two elements and two u16."""
+    return 1 + 64 + 2 * element_size + 4
+
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _HEX = re.compile(r"[0-9a-fA-F]*")
@@ -57,8 +79,9 @@ RECORD_FIELDS: Final = (
     "min_signers",
     "max_signers",
 )
-#: Fields a record may carry (version 2, DESIGN §6): the account's policy (default ``default``).
-OPTIONAL_RECORD_FIELDS: Final = ("policy",)
+#: Fields a record may carry (version 2, DESIGN §6): the account's policy (default ``default``)
+#: and its ciphersuite (default: the header's).
+OPTIONAL_RECORD_FIELDS: Final = ("policy", "ciphersuite")
 
 
 def record_error(message: str, *, reason: str, record: int | None) -> ShareFileError:
@@ -81,6 +104,8 @@ class _PublicShareFields(Protocol):
     def max_signers(self) -> int: ...
     @property
     def policy(self) -> str: ...
+    @property
+    def ciphersuite(self) -> str: ...
 
 
 def public_repr(share: _PublicShareFields) -> str:
@@ -91,13 +116,18 @@ def public_repr(share: _PublicShareFields) -> str:
         f"verifying_share={share.verifying_share.hex()}, "
         f"group_public_key={share.group_public_key.hex()}, "
         f"min_signers={share.min_signers}, max_signers={share.max_signers}, "
-        f"policy={share.policy!r})"
+        f"policy={share.policy!r}, ciphersuite={share.ciphersuite!r})"
     )
 
 
 @dataclass(slots=True, eq=False)
 class ShareRecord:
     """One account's key share.
+
+    ``identifier`` and ``signing_share`` are 32 bytes in every suite; ``verifying_share`` and
+    ``group_public_key`` are the suite's ``element_size`` (33 for secp256k1). ``ciphersuite``
+    is the suite's name (DESIGN §14); it is last, with a default, so that records built before
+    it existed still are.
 
     ``signing_share`` is secret: it is a mutable ``bytearray`` so :meth:`zero` can wipe it, and
     the repr never shows it. Records are compared with :meth:`same_as`, not ``==`` (which would
@@ -112,9 +142,15 @@ class ShareRecord:
     min_signers: int
     max_signers: int
     policy: str = DEFAULT_POLICY
+    ciphersuite: str = CIPHERSUITE
 
     def __repr__(self) -> str:
         return public_repr(self)
+
+    @property
+    def scheme(self) -> Scheme:
+        """The record's :class:`~trio_sign.crypto.Scheme` (``FrostError`` if unknown)."""
+        return scheme_by_name(self.ciphersuite)
 
     def zero(self) -> None:
         """Overwrite the signing share with zeros."""
@@ -131,6 +167,7 @@ class ShareRecord:
             and self.min_signers == other.min_signers
             and self.max_signers == other.max_signers
             and self.policy == other.policy
+            and self.ciphersuite == other.ciphersuite
         )
 
     def _policy_bytes(self) -> bytes:
@@ -138,8 +175,12 @@ class ShareRecord:
 
     def binary_size(self, record_format: str = RECORD_FORMAT_V1) -> int:
         """Length of this record in the sealed layout ``record_format``."""
+        aid = 1 + len(self.account_id.encode("utf-8"))
+        if record_format == RECORD_FORMAT_V3:
+            element = scheme_by_name(self.ciphersuite).element_size
+            return aid + 1 + len(self._policy_bytes()) + binary_v3_fixed_bytes(element)
         extra = 1 + len(self._policy_bytes()) if record_format == RECORD_FORMAT_V2 else 0
-        return 1 + len(self.account_id.encode("utf-8")) + extra + BINARY_FIXED_BYTES
+        return aid + extra + BINARY_FIXED_BYTES
 
     def pack_into(
         self, out: bytearray | memoryview, offset: int, record_format: str = RECORD_FORMAT_V1
@@ -148,9 +189,11 @@ class ShareRecord:
 
         ``binary-v1``: ``u8 len`` ‖ account_id ‖ identifier ‖ signing_share ‖ verifying_share ‖
         group_public_key ‖ ``u16be min_signers`` ‖ ``u16be max_signers``. ``binary-v2``: the
-        same with ``u8 len`` ‖ policy after the account id (length 0: ``default``). Only the
-        structure is checked here (lengths and ranges that the layout cannot express);
-        validation is the reader's job.
+        same with ``u8 len`` ‖ policy after the account id (length 0: ``default``).
+        ``binary-v3``: ``binary-v2`` with ``u8`` suite code after the policy and the suite's
+        element size for verifying_share and group_public_key. ``binary-v1``/``-v2`` hold
+        Ed25519 records only. Only the structure is checked here (lengths and ranges that the
+        layout cannot express); validation is the reader's job.
         """
         aid = self.account_id.encode("utf-8")
         if not 1 <= len(aid) <= MAX_ACCOUNT_ID_BYTES:
@@ -160,25 +203,37 @@ class ShareRecord:
             raise ValueError("binary-v1 cannot carry a policy other than 'default'")
         if len(policy) > MAX_POLICY_BYTES:
             raise ValueError(f"policy must be at most {MAX_POLICY_BYTES} bytes")
-        for name in ("identifier", "signing_share", "verifying_share", "group_public_key"):
-            if len(getattr(self, name)) != 32:
-                raise ValueError(f"{name} must be 32 bytes")
+        scheme = scheme_by_name(self.ciphersuite)
+        if record_format != RECORD_FORMAT_V3 and scheme is not ED25519:
+            raise ValueError(f"{record_format} holds only {CIPHERSUITE} records")
+        n = scheme.element_size
+        for name, size in (
+            ("identifier", 32),
+            ("signing_share", 32),
+            ("verifying_share", n),
+            ("group_public_key", n),
+        ):
+            if len(getattr(self, name)) != size:
+                raise ValueError(f"{name} must be {size} bytes")
         if not (0 <= self.min_signers <= 0xFFFF and 0 <= self.max_signers <= 0xFFFF):
             raise ValueError("min_signers and max_signers must fit in 16 bits")
         out[offset] = len(aid)
         p = offset + 1
         out[p : p + len(aid)] = aid
         p += len(aid)
-        if record_format == RECORD_FORMAT_V2:
+        if record_format != RECORD_FORMAT_V1:
             out[p] = len(policy)
             out[p + 1 : p + 1 + len(policy)] = policy
             p += 1 + len(policy)
+        if record_format == RECORD_FORMAT_V3:
+            out[p] = scheme.code
+            p += 1
         out[p : p + 32] = self.identifier
         out[p + 32 : p + 64] = self.signing_share
-        out[p + 64 : p + 96] = self.verifying_share
-        out[p + 96 : p + 128] = self.group_public_key
-        _U16X2.pack_into(out, p + 128, self.min_signers, self.max_signers)
-        return p + 132
+        out[p + 64 : p + 64 + n] = self.verifying_share
+        out[p + 64 + n : p + 64 + 2 * n] = self.group_public_key
+        _U16X2.pack_into(out, p + 64 + 2 * n, self.min_signers, self.max_signers)
+        return p + 68 + 2 * n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,28 +276,35 @@ def check_policy(policy: str, *, line: int | None = None, record: int | None = N
         raise _err(f"policy {problem}", "bad_policy", line, record)
 
 
+def scheme_named(name: object, *, line: int | None = None, record: int | None = None) -> Scheme:
+    """The suite called ``name``; ``unknown_ciphersuite`` (naming it and the known ones) if
+    there is none."""
+    try:
+        return scheme_by_name(name)  # type: ignore[arg-type]
+    except FrostError as exc:
+        raise _err(str(exc), "unknown_ciphersuite", line, record) from None
+
+
+def scheme_coded(code: int, *, record: int | None = None) -> Scheme:
+    """The suite a sealed ``binary-v3`` record's code byte names; ``unknown_ciphersuite``."""
+    try:
+        return scheme_by_code(code)
+    except FrostError as exc:
+        raise _err(str(exc), "unknown_ciphersuite", None, record) from None
+
+
 def check_scalars(
     identifier: _sodium.Buffer,
     signing_share: _sodium.Buffer,
     *,
     line: int | None = None,
     record: int | None = None,
+    scheme: Scheme = ED25519,
 ) -> None:
-    """Identifier and signing share are canonical, non-zero scalars (mod L)."""
-    # The identifier is public, so a Python int is fine (and faster than two FFI calls).
-    ident = int.from_bytes(identifier, "little")
-    if ident == 0:
-        raise _err("identifier is zero", "zero_identifier", line, record)
-    if ident >= _sodium.L:
-        raise _err(
-            "identifier is not a canonical scalar (>= L)", "non_canonical_scalar", line, record
-        )
-    if not _sodium.scalar_is_canonical(signing_share):
-        raise _err(
-            "signing_share is not a canonical scalar (>= L)", "non_canonical_scalar", line, record
-        )
-    if _sodium.scalar_is_zero(signing_share):
-        raise _err("signing_share is zero", "zero_signing_share", line, record)
+    """Identifier and signing share are canonical, non-zero scalars of ``scheme``."""
+    problem = scheme.scalar_problem(identifier, signing_share)
+    if problem is not None:
+        raise _err(problem[0], problem[1], line, record)
 
 
 def check_threshold(
@@ -259,12 +321,6 @@ def check_threshold(
         )
 
 
-_INVALID_POINT = (
-    "is not a valid group element "
-    "(non-canonical, identity, small order or outside the prime-order subgroup)"
-)
-
-
 def check_points(
     signing_share: _sodium.Buffer,
     verifying_share: _sodium.Buffer,
@@ -272,43 +328,34 @@ def check_points(
     *,
     line: int | None = None,
     record: int | None = None,
+    scheme: Scheme = ED25519,
 ) -> None:
-    """Both points are valid prime-order-subgroup elements and ``signing_share·G`` matches.
+    """Both points are valid elements of ``scheme`` and ``signing_share·G`` matches.
 
-    The expensive part of validation: about 45 µs per record (one subgroup check at ~31 µs,
-    one base multiplication at ~12 µs). ``signing_share`` must already have passed
-    :func:`check_scalars`.
+    The expensive part of validation: for Ed25519 about 45 µs per record (one subgroup check
+    at ~31 µs, one base multiplication at ~12 µs). ``signing_share`` must already have passed
+    :func:`check_scalars`. A Taproot group key with odd Y is valid: dealt keys are stored as
+    dealt (the suite normalises Y when signing).
     """
-    if not _sodium.is_valid_point(group_public_key):
-        raise _err(f"group_public_key {_INVALID_POINT}", "invalid_point", line, record)
-    expected = bytearray(32)
-    try:
-        ok = _sodium.base_mult(expected, signing_share)
-        if ok and _sodium.ct_equal(expected, verifying_share):
-            # verifying_share is byte-for-byte the canonical encoding of s·G with s in 1..L-1,
-            # so it is a valid, non-identity element of the prime-order subgroup: its own
-            # (expensive) subgroup check would be redundant.
-            return
-    finally:
-        _sodium.memzero(expected)
-    if not _sodium.is_valid_point(verifying_share):
-        raise _err(f"verifying_share {_INVALID_POINT}", "invalid_point", line, record)
-    raise _err(
-        "verifying_share does not match signing_share (signing_share·G differs)",
-        "share_mismatch",
-        line,
-        record,
-    )
+    problem = scheme.point_problem(signing_share, verifying_share, group_public_key)
+    if problem is not None:
+        raise _err(problem[0], problem[1], line, record)
 
 
 def check_record(rec: ShareRecord, *, line: int | None = None, record: int | None = None) -> None:
     """Every check except duplicates (which need the reader's context)."""
     check_account_id(rec.account_id, line=line, record=record)
     check_policy(rec.policy, line=line, record=record)
-    check_scalars(rec.identifier, rec.signing_share, line=line, record=record)
+    scheme = scheme_named(rec.ciphersuite, line=line, record=record)
+    check_scalars(rec.identifier, rec.signing_share, line=line, record=record, scheme=scheme)
     check_threshold(rec.min_signers, rec.max_signers, line=line, record=record)
     check_points(
-        rec.signing_share, rec.verifying_share, rec.group_public_key, line=line, record=record
+        rec.signing_share,
+        rec.verifying_share,
+        rec.group_public_key,
+        line=line,
+        record=record,
+        scheme=scheme,
     )
 
 
@@ -316,8 +363,14 @@ def check_record(rec: ShareRecord, *, line: int | None = None, record: int | Non
 # JSON objects (plaintext format)
 
 
-def check_plaintext_header(obj: Any, *, line: int = 1) -> None:
-    """The first line must be exactly the DESIGN §6 header object."""
+def check_plaintext_header(obj: Any, *, line: int = 1) -> Scheme:
+    """The first line must be exactly the DESIGN §6 header object; returns its suite (every
+    record's unless the record names its own).
+
+    Error handling:
+        ``bad_header`` for a wrong shape, format, version or field; ``unknown_ciphersuite``
+        for a ``ciphersuite`` that names no suite this build knows (the message names it).
+    """
     if not isinstance(obj, dict):
         raise ShareFileError("header line is not a JSON object", reason="bad_header", line=line)
     if "format" not in obj:
@@ -335,15 +388,18 @@ def check_plaintext_header(obj: Any, *, line: int = 1) -> None:
         raise ShareFileError(
             f"header version must be {PLAINTEXT_VERSION}", reason="bad_header", line=line
         )
-    if obj.get("ciphersuite") != CIPHERSUITE:
-        raise ShareFileError(
-            f"header ciphersuite must be {CIPHERSUITE!r}", reason="bad_header", line=line
-        )
     extra = set(obj) - {"format", "version", "ciphersuite"}
     if extra:
         raise ShareFileError(
             f"header has unknown field {sorted(extra)[0]!r}", reason="bad_header", line=line
         )
+    if not isinstance(obj.get("ciphersuite"), str):
+        raise ShareFileError(
+            "header ciphersuite must be a ciphersuite name such as " + repr(CIPHERSUITE),
+            reason="bad_header",
+            line=line,
+        )
+    return scheme_named(obj["ciphersuite"], line=line)
 
 
 def trailer_line(accounts: int) -> str:
@@ -373,13 +429,14 @@ def check_trailer(obj: dict[str, Any], *, records: int, line: int) -> None:
         )
 
 
-def _hex_field(obj: dict[str, Any], name: str, line: int) -> str:
+def _hex_field(obj: dict[str, Any], name: str, line: int, nbytes: int = 32) -> str:
     value = obj[name]
     if not isinstance(value, str):
         raise ShareFileError(f"{name} must be a hex string", reason="bad_type", line=line)
-    if len(value) != 64 or _HEX.fullmatch(value) is None:
+    if len(value) != 2 * nbytes or _HEX.fullmatch(value) is None:
         raise ShareFileError(
-            f"{name} must be 64 hex characters (32 bytes), got {len(value)} characters"
+            f"{name} must be {2 * nbytes} hex characters ({nbytes} bytes), "
+            f"got {len(value)} characters"
             + ("" if _HEX.fullmatch(value) is not None else " including non-hex ones"),
             reason="bad_hex",
             line=line,
@@ -394,8 +451,13 @@ def _int_field(obj: dict[str, Any], name: str, line: int) -> int:
     return int(value)
 
 
-def record_from_json(obj: Any, *, line: int, points: bool = True) -> ShareRecord:
+def record_from_json(
+    obj: Any, *, line: int, points: bool = True, default: Scheme = ED25519
+) -> ShareRecord:
     """Validate a parsed JSON record object completely and build a :class:`ShareRecord`.
+
+    ``default`` is the header's suite, the record's unless it carries ``"ciphersuite"``; the
+    hex lengths and the scalar and point checks are that suite's.
 
     The caller zeroes the returned record's signing share when done. ``points=False`` skips the
     point checks; only :func:`~trio_sign.shares._sealed.seal_file`'s second pass uses it, on a
@@ -420,10 +482,17 @@ def record_from_json(obj: Any, *, line: int, points: bool = True) -> ShareRecord
     if not isinstance(policy, str):
         raise ShareFileError("policy must be a string", reason="bad_type", line=line)
     check_policy(policy, line=line)
+    scheme = default
+    if "ciphersuite" in obj:
+        suite = obj["ciphersuite"]
+        if not isinstance(suite, str):
+            raise ShareFileError("ciphersuite must be a string", reason="bad_type", line=line)
+        scheme = scheme_named(suite, line=line)
+    n = scheme.element_size
     ident_hex = _hex_field(obj, "identifier", line)
     share_hex = _hex_field(obj, "signing_share", line)
-    vs_hex = _hex_field(obj, "verifying_share", line)
-    gk_hex = _hex_field(obj, "group_public_key", line)
+    vs_hex = _hex_field(obj, "verifying_share", line, n)
+    gk_hex = _hex_field(obj, "group_public_key", line, n)
     min_signers = _int_field(obj, "min_signers", line)
     max_signers = _int_field(obj, "max_signers", line)
     rec = ShareRecord(
@@ -435,20 +504,31 @@ def record_from_json(obj: Any, *, line: int, points: bool = True) -> ShareRecord
         min_signers=min_signers,
         max_signers=max_signers,
         policy=policy,
+        ciphersuite=scheme.name,
     )
     try:
-        check_scalars(rec.identifier, rec.signing_share, line=line)
+        check_scalars(rec.identifier, rec.signing_share, line=line, scheme=scheme)
         check_threshold(min_signers, max_signers, line=line)
         if points:
-            check_points(rec.signing_share, rec.verifying_share, rec.group_public_key, line=line)
+            check_points(
+                rec.signing_share,
+                rec.verifying_share,
+                rec.group_public_key,
+                line=line,
+                scheme=scheme,
+            )
     except BaseException:
         rec.zero()
         raise
     return rec
 
 
-def record_to_json_text(rec: ShareRecord) -> str:
-    """One JSON Lines record (no newline). The hex of the secret is an unzeroable ``str``."""
+def record_to_json_text(rec: ShareRecord, header_suite: str = CIPHERSUITE) -> str:
+    """One JSON Lines record (no newline). The hex of the secret is an unzeroable ``str``.
+
+    ``"ciphersuite"`` is written only when the record's differs from ``header_suite``, the
+    file header's (which readers take as every record's default).
+    """
     return (
         '{"account_id": '
         + _json_str(rec.account_id)
@@ -458,6 +538,11 @@ def record_to_json_text(rec: ShareRecord) -> str:
         + f', "group_public_key": "{rec.group_public_key.hex()}"'
         + f', "min_signers": {int(rec.min_signers)}, "max_signers": {int(rec.max_signers)}'
         + ("" if rec.policy == DEFAULT_POLICY else ', "policy": ' + _json_str(rec.policy))
+        + (
+            ""
+            if rec.ciphersuite == header_suite
+            else ', "ciphersuite": ' + _json_str(rec.ciphersuite)
+        )
         + "}"
     )
 

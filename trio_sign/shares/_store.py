@@ -1,8 +1,14 @@
 """``ShareStore``: the compact in-memory index of every account's key share (Scheme A).
 
-Layout (per account, about 300 bytes including the index):
+Accounts live in one of two **lanes** by their suite's element size, so that an Ed25519
+account costs exactly what it did before other suites existed: the Ed25519 lane (the
+attributes below) and the wide lane (:class:`_Lane`, both secp256k1 suites: 33-byte elements
+and one suite-code byte per slot). The index's value says which: ``slot >= 0`` is Ed25519 slot
+``slot``, ``slot < 0`` wide slot ``~slot``.
 
-* ``_index``: ``dict[str, int]`` account_id → slot;
+Ed25519 layout (per account, about 300 bytes including the index):
+
+* ``_index``: ``dict[str, int]`` account_id → slot (see above for the wide lane);
 * ``_arena``: one ``bytearray(32 * capacity)`` of signing shares (SECRET). It grows with the
   records actually decrypted, never from the (untrusted) header count alone: a forged header
   claiming 2**24 accounts must not cost 2 GB. Growing allocates a bigger arena (doubling, at
@@ -14,6 +20,10 @@ Layout (per account, about 300 bytes including the index):
 * ``_flags``: one byte per slot (bit 0 = verified; bit 1 reserved for "frozen");
 * ``_policy``: one byte per slot, an index into ``_policy_names`` (the account's policy,
   DESIGN §6 and §11; at most 255 distinct names, index 0 is ``default``).
+
+The wide lane has the same arrays with a public stride of 98 bytes (identifier ‖
+verifying_share(33) ‖ group_public_key(33)) plus ``suite``, one code byte per slot (DESIGN
+§14: 1 secp256k1, 2 secp256k1-TR): about 270 bytes per account including the index.
 
 What CPython cannot guarantee: account ids are ``str`` (not secret); the signing shares only
 ever live in the arena, in decrypted chunk buffers (zeroed right after parsing) and in the
@@ -34,10 +44,14 @@ from typing import IO, Any, Final, Literal
 
 from .._errors import InternalError, ShareFileError
 from ..crypto import _sodium
+from ..crypto._schemes import ED25519, SCHEMES, Scheme
+from ..crypto._secp256k1 import N as _N
 from ._keywrap import DataKeyProvider
 from ._plaintext import read_plaintext
 from ._records import (
+    CIPHERSUITE,
     RECORD_FORMAT_V2,
+    RECORD_FORMAT_V3,
     ShareRecord,
     check_account_id,
     check_points,
@@ -46,6 +60,8 @@ from ._records import (
     check_threshold,
     public_repr,
     record_error,
+    scheme_coded,
+    scheme_named,
 )
 from ._sealed import (
     MIN_RECORD_BYTES,
@@ -80,6 +96,8 @@ class AccountShare:
 
     ``signing_share`` is a read-only ``memoryview`` into the store's arena: do not keep it past
     :meth:`ShareStore.close` (it will read as zeros) and do not copy it into ``bytes``.
+    ``ciphersuite`` names the account's suite (DESIGN §14); ``verifying_share`` and
+    ``group_public_key`` are that suite's elements (33 bytes for secp256k1).
     """
 
     account_id: str
@@ -90,9 +108,83 @@ class AccountShare:
     min_signers: int
     max_signers: int
     policy: str = "default"
+    ciphersuite: str = CIPHERSUITE
 
     def __repr__(self) -> str:
         return public_repr(self)
+
+    @property
+    def scheme(self) -> Scheme:
+        """The account's :class:`~trio_sign.crypto.Scheme`."""
+        return scheme_named(self.ciphersuite)
+
+
+class _Lane:
+    """The accounts of the suites whose elements are ``element_size`` bytes other than
+    Ed25519's: the same arrays as the Ed25519 lane, a wider public stride, and one suite code
+    per slot. Grows like the Ed25519 lane (a new arena, the old one zeroed)."""
+
+    __slots__ = (
+        "arena",
+        "capacity",
+        "count",
+        "element_size",
+        "flags",
+        "policy",
+        "public",
+        "stride",
+        "suite",
+        "thresholds",
+    )
+
+    def __init__(self, element_size: int) -> None:
+        self.element_size = element_size
+        self.stride = 32 + 2 * element_size
+        self.arena = bytearray()
+        self.public = bytearray()
+        self.thresholds = array("H")
+        self.flags = bytearray()
+        self.policy = bytearray()
+        self.suite = bytearray()
+        self.capacity = 0
+        self.count = 0
+
+    def grow(self, need: int, limit: int | None = None) -> None:
+        """Room for ``need`` slots (doubling, at least 1024, at most ``limit``)."""
+        cap = max(need, 2 * self.capacity, 1024)
+        if limit is not None:
+            cap = max(need, min(cap, limit))
+        if cap > self.capacity:
+            self.resize(cap)
+
+    def resize(self, cap: int) -> None:
+        """Exactly ``cap`` slots (at least ``count``); the old arena is zeroed."""
+        cap = max(cap, self.count)
+        arena = bytearray(32 * cap)
+        keep = 32 * min(cap, self.capacity)
+        arena[:keep] = memoryview(self.arena)[:keep]
+        _sodium.memzero(self.arena)
+        self.arena = arena
+        if cap >= self.capacity:
+            extra = cap - self.capacity
+            self.public += bytes(self.stride * extra)
+            self.thresholds.frombytes(bytes(4 * extra))
+            self.flags += bytes(extra)
+            self.policy += bytes(extra)
+            self.suite += bytes(extra)
+        else:
+            del self.public[self.stride * cap :]
+            del self.thresholds[2 * cap :]
+            del self.flags[cap:]
+            del self.policy[cap:]
+            del self.suite[cap:]
+        self.capacity = cap
+
+    def buffer_bytes(self) -> int:
+        return sum(
+            sys.getsizeof(b)
+            for b in (self.arena, self.public, self.thresholds, self.flags, self.policy, self.suite)
+        )
 
 
 #: Most distinct policy names one store holds (one byte per account indexes them).
@@ -132,13 +224,15 @@ class ShareStore:
         self._policy_index: dict[bytes, int] = {b"": 0, b"default": 0}
         self._capacity = capacity
         self._count = 0
+        # Both secp256k1 suites (33-byte elements); empty until such an account arrives.
+        self._wide = _Lane(33)
         self._closed = False
         self.fingerprint: str | None = None
         self.signer: bytes | None = None
         self.load_seconds = 0.0
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"{self._count} accounts"
+        state = "closed" if self._closed else f"{self._loaded} accounts"
         return f"<ShareStore {state} fingerprint={self.fingerprint}>"
 
     # -- loading ---------------------------------------------------------------------------
@@ -204,13 +298,13 @@ class ShareStore:
                     store._add_record(rec)
                 finally:
                     rec.zero()
-                if progress is not None and store._count % 1000 == 0:
-                    progress(store._count, 0)
+                if progress is not None and store._loaded % 1000 == 0:
+                    progress(store._loaded, 0)
         except BaseException:
             store.close()
             raise
         if progress is not None:
-            progress(store._count, store._count)
+            progress(store._loaded, store._loaded)
         store.load_seconds = time.perf_counter() - t0
         return store
 
@@ -232,8 +326,16 @@ class ShareStore:
         self._policy += bytes(extra)
         self._capacity = cap
 
+    @property
+    def _loaded(self) -> int:
+        """Accounts held, both lanes."""
+        return self._count + self._wide.count
+
     def _add_record(self, rec: ShareRecord) -> None:
         """Add a fully validated record (plaintext path); duplicates were refused upstream."""
+        if rec.ciphersuite != CIPHERSUITE:
+            self._add_wide_record(rec, scheme_named(rec.ciphersuite))
+            return
         slot = self._count
         if slot == self._capacity:
             self._grow(slot + 1)
@@ -250,6 +352,29 @@ class ShareStore:
         self._policy[slot] = self._policy_slot(rec.policy.encode("utf-8"), None)
         self._index[rec.account_id] = slot
         self._count = slot + 1
+
+    def _add_wide_record(self, rec: ShareRecord, scheme: Scheme) -> None:
+        lane = self._wide
+        if scheme.element_size != lane.element_size:  # pragma: no cover - two lanes suffice
+            raise InternalError(f"no store lane for {scheme.name}")
+        if rec.account_id in self._index:  # pragma: no cover - the reader refuses duplicates
+            raise InternalError("duplicate account reached ShareStore._add_record")
+        slot = lane.count
+        if slot == lane.capacity:
+            lane.grow(slot + 1)
+        n = lane.element_size
+        lane.arena[32 * slot : 32 * slot + 32] = rec.signing_share
+        o = lane.stride * slot
+        lane.public[o : o + 32] = rec.identifier
+        lane.public[o + 32 : o + 32 + n] = rec.verifying_share
+        lane.public[o + 32 + n : o + 32 + 2 * n] = rec.group_public_key
+        lane.thresholds[2 * slot] = rec.min_signers
+        lane.thresholds[2 * slot + 1] = rec.max_signers
+        lane.flags[slot] = VERIFIED
+        lane.policy[slot] = self._policy_slot(rec.policy.encode("utf-8"), None)
+        lane.suite[slot] = scheme.code
+        self._index[rec.account_id] = ~slot
+        lane.count = slot + 1
 
     def _policy_slot(self, raw: bytes, record: int | None) -> int:
         """The index of policy ``raw`` (b"" = default), adding it (checked) if new."""
@@ -271,8 +396,20 @@ class ShareStore:
     def policies(self) -> frozenset[str]:
         """The policy names the loaded accounts use (the enclave checks each is configured)."""
         self._check_open()
-        used = set(self._policy[: self._count])
+        used = set(self._policy[: self._count]) | set(self._wide.policy[: self._wide.count])
         return frozenset(self._policy_names[i] for i in used)
+
+    def ciphersuites(self) -> dict[str, int]:
+        """Accounts per ciphersuite name (only the suites present), in suite-code order."""
+        self._check_open()
+        wide = self._wide
+        counts = {
+            scheme.name: self._count
+            if scheme is ED25519
+            else wide.suite.count(scheme.code, 0, wide.count)
+            for scheme in SCHEMES
+        }
+        return {name: n for name, n in counts.items() if n}
 
     def _ingest(self, pt: bytearray, *, full: bool, v2: bool = False) -> None:
         """Parse one decrypted chunk of ``binary-v1`` (``v2``: ``binary-v2``) records into the
@@ -367,6 +504,146 @@ class ShareStore:
                 pos = stop
             self._count = slot
 
+    def _ingest_v3(self, pt: bytearray, *, full: bool, accounts: int) -> None:
+        """Parse one decrypted chunk of ``binary-v3`` records (a bundle with an account of a
+        suite other than Ed25519) into the next slot of each record's lane.
+
+        Every length is checked against the chunk before anything is read or allocated from
+        it. A lane grows on demand (doubling, never beyond what the header's ``accounts``
+        leaves for it), so nothing is sized from the header alone.
+        """
+        index = self._index
+        policy_index = self._policy_index
+        wide = self._wide
+        pos, end = 0, len(pt)
+        with memoryview(pt) as mv:
+            while pos < end:
+                loaded = self._count + wide.count
+                number = loaded + 1
+                alen = pt[pos]
+                p = pos + 1 + alen
+                if alen == 0:
+                    raise record_error(
+                        "account_id is empty", reason="bad_account_id", record=number
+                    )
+                # u8 policy length, the policy, then the u8 suite code, all inside the chunk.
+                if p >= end or p + 1 + pt[p] >= end:
+                    raise record_error(
+                        "record does not fit in its chunk", reason="bad_record", record=number
+                    )
+                plen = pt[p]
+                scheme = scheme_coded(pt[p + 1 + plen], record=number)
+                n = scheme.element_size
+                q = p + 2 + plen  # the identifier
+                stop = q + 68 + 2 * n
+                if stop > end:
+                    raise record_error(
+                        "record does not fit in its chunk", reason="bad_record", record=number
+                    )
+                if loaded == accounts:
+                    raise record_error(
+                        f"more records than the {accounts} the header declares",
+                        reason="count_mismatch",
+                        record=number,
+                    )
+                pslot = 0
+                if plen:
+                    raw = bytes(mv[p + 1 : p + 1 + plen])
+                    found = policy_index.get(raw)
+                    pslot = found if found is not None else self._policy_slot(raw, number)
+                try:
+                    account_id = str(mv[pos + 1 : pos + 1 + alen], "utf-8")
+                except UnicodeDecodeError:
+                    raise record_error(
+                        "account_id is not valid UTF-8", reason="bad_account_id", record=number
+                    ) from None
+                if not account_id.isprintable():
+                    check_account_id(account_id, record=number)
+                share = mv[q + 32 : q + 64]
+                if scheme is ED25519:
+                    # As in _ingest: share < 2**252 < L when its top byte is below 0x10.
+                    ident = int.from_bytes(mv[q : q + 32], "little")
+                    slow = ident == 0 or ident >= _L or pt[q + 63] >= 0x10
+                else:
+                    # Big-endian: a top byte below 0xFF means share < n.
+                    ident = int.from_bytes(mv[q : q + 32], "big")
+                    slow = ident == 0 or ident >= _N or pt[q + 32] == 0xFF
+                if slow or pt.count(0, q + 32, q + 64) == 32:
+                    check_scalars(mv[q : q + 32], share, record=number, scheme=scheme)
+                mn, mx = _U16X2.unpack_from(pt, q + 64 + 2 * n)
+                if not 2 <= mn <= mx:
+                    check_threshold(mn, mx, record=number)
+                if full:
+                    check_points(
+                        share,
+                        mv[q + 64 : q + 64 + n],
+                        mv[q + 64 + n : q + 64 + 2 * n],
+                        record=number,
+                        scheme=scheme,
+                    )
+                if scheme is ED25519:
+                    slot = self._count
+                    key = slot
+                else:
+                    if n != wide.element_size:  # pragma: no cover - two lanes suffice
+                        raise InternalError(f"no store lane for {scheme.name}")
+                    slot = wide.count
+                    key = ~slot
+                first = index.setdefault(account_id, key)
+                if first != key:
+                    raise record_error(
+                        "duplicate account_id", reason="duplicate_account", record=number
+                    )
+                if scheme is ED25519:
+                    if slot == self._capacity:
+                        self._grow(slot + 1, limit=accounts - wide.count)
+                    self._arena[slot << 5 : (slot << 5) + 32] = share
+                    o = slot * _PUB
+                    self._public[o : o + 32] = mv[q : q + 32]
+                    self._public[o + 32 : o + 96] = mv[q + 64 : q + 128]
+                    self._thresholds[2 * slot] = mn
+                    self._thresholds[2 * slot + 1] = mx
+                    self._policy[slot] = pslot
+                    if full:
+                        self._flags[slot] = VERIFIED
+                    self._count = slot + 1
+                else:
+                    if slot == wide.capacity:
+                        wide.grow(slot + 1, limit=accounts - self._count)
+                    wide.arena[slot << 5 : (slot << 5) + 32] = share
+                    o = slot * wide.stride
+                    wide.public[o : o + 32] = mv[q : q + 32]
+                    wide.public[o + 32 : o + 32 + 2 * n] = mv[q + 64 : q + 64 + 2 * n]
+                    wide.thresholds[2 * slot] = mn
+                    wide.thresholds[2 * slot + 1] = mx
+                    wide.policy[slot] = pslot
+                    wide.suite[slot] = scheme.code
+                    if full:
+                        wide.flags[slot] = VERIFIED
+                    wide.count = slot + 1
+                pos = stop
+
+    def _single_lane(self) -> bool:
+        """True while every account is in one lane, so a slot + 1 is its record number."""
+        return self._count == 0 or self._wide.count == 0
+
+    def _trim(self) -> None:
+        """Shrink both lanes to their counts (a ``binary-v3`` load's lanes grow by doubling).
+        Old arenas are zeroed."""
+        count = self._count
+        if self._capacity > count:
+            arena = bytearray(32 * count)
+            arena[:] = memoryview(self._arena)[: 32 * count]
+            _sodium.memzero(self._arena)
+            self._arena = arena
+            del self._public[_PUB * count :]
+            del self._thresholds[2 * count :]
+            del self._flags[count:]
+            del self._policy[count:]
+            self._capacity = count
+        if self._wide.capacity > self._wide.count:
+            self._wide.resize(self._wide.count)
+
     # -- access ----------------------------------------------------------------------------
 
     def _check_open(self) -> None:
@@ -375,7 +652,7 @@ class ShareStore:
 
     def __len__(self) -> int:
         self._check_open()
-        return self._count
+        return self._loaded
 
     @property
     def accounts(self) -> int:
@@ -396,14 +673,17 @@ class ShareStore:
         """The account's share view, or None if the account is unknown.
 
         Error handling:
-            On first access to a slot loaded with ``verify="lazy"``, runs the point checks and
-            raises ``ShareFileError`` (``invalid_point`` or ``share_mismatch``, with the record
-            number) if they fail; ``reason="closed"`` after :meth:`close`.
+            On first access to a slot loaded with ``verify="lazy"``, runs the suite's point
+            checks and raises ``ShareFileError`` (``invalid_point`` or ``share_mismatch``, with
+            the record number, or the account id in a store holding several suites) if they
+            fail; ``reason="closed"`` after :meth:`close`.
         """
         self._check_open()
         slot = self._index.get(account_id)
         if slot is None:
             return None
+        if slot < 0:
+            return self._get_wide(account_id, ~slot)
         a = slot << 5
         o = slot * _PUB
         arena = memoryview(self._arena)[a : a + 32].toreadonly()
@@ -411,7 +691,7 @@ class ShareStore:
         vs = bytes(pub[o + 32 : o + 64])
         gk = bytes(pub[o + 64 : o + 96])
         if not self._flags[slot] & VERIFIED:
-            check_points(arena, vs, gk, record=slot + 1)
+            self._verify(ED25519, arena, vs, gk, slot, account_id)
             self._flags[slot] |= VERIFIED
         return AccountShare(
             account_id=account_id,
@@ -424,10 +704,51 @@ class ShareStore:
             policy=self._policy_names[self._policy[slot]],
         )
 
+    def _get_wide(self, account_id: str, slot: int) -> AccountShare:
+        lane = self._wide
+        n = lane.element_size
+        scheme = SCHEMES[lane.suite[slot]]
+        a = slot << 5
+        o = slot * lane.stride
+        arena = memoryview(lane.arena)[a : a + 32].toreadonly()
+        pub = lane.public
+        vs = bytes(pub[o + 32 : o + 32 + n])
+        gk = bytes(pub[o + 32 + n : o + 32 + 2 * n])
+        if not lane.flags[slot] & VERIFIED:
+            self._verify(scheme, arena, vs, gk, slot, account_id)
+            lane.flags[slot] |= VERIFIED
+        return AccountShare(
+            account_id=account_id,
+            identifier=bytes(pub[o : o + 32]),
+            signing_share=arena,
+            verifying_share=vs,
+            group_public_key=gk,
+            min_signers=lane.thresholds[2 * slot],
+            max_signers=lane.thresholds[2 * slot + 1],
+            policy=self._policy_names[lane.policy[slot]],
+            ciphersuite=scheme.name,
+        )
+
+    def _verify(
+        self, scheme: Scheme, share: memoryview, vs: bytes, gk: bytes, slot: int, account_id: str
+    ) -> None:
+        """The lazy point check of one slot. The error names the record number while the
+        store has one lane (slot + 1 is then the record's number), else the account."""
+        if self._single_lane():
+            check_points(share, vs, gk, record=slot + 1, scheme=scheme)
+            return
+        problem = scheme.point_problem(share, vs, gk)
+        if problem is not None:
+            shown = account_id if len(account_id) <= 64 else account_id[:61] + "..."
+            raise ShareFileError(f"account {shown!r}: {problem[0]}", reason=problem[1])
+
     def is_verified(self, account_id: str) -> bool:
         """True if the account's points have been checked (always, after a full load)."""
         self._check_open()
-        return bool(self._flags[self._index[account_id]] & VERIFIED)
+        slot = self._index[account_id]
+        if slot < 0:
+            return bool(self._wide.flags[~slot] & VERIFIED)
+        return bool(self._flags[slot] & VERIFIED)
 
     def nbytes(self) -> int:
         """Estimated bytes held by the store (buffers, index, keys and slot ints)."""
@@ -439,10 +760,11 @@ class ShareStore:
             + sys.getsizeof(self._flags)
             + sys.getsizeof(self._policy)
             + sys.getsizeof(self._index)
+            + self._wide.buffer_bytes()
         )
         n += sum(sys.getsizeof(k) for k in self._index)
-        # Slot ints below 257 are shared singletons; the rest are one object per account.
-        n += sys.getsizeof(1 << 20) * max(0, self._count - 257)
+        # Slot ints in -5..256 are shared singletons; the rest are one object per account.
+        n += sys.getsizeof(1 << 20) * (max(0, self._count - 257) + max(0, self._wide.count - 5))
         return n
 
     def __enter__(self) -> ShareStore:
@@ -452,8 +774,9 @@ class ShareStore:
         self.close()
 
     def close(self) -> None:
-        """Zero the signing-share arena and drop the index. Idempotent."""
+        """Zero every lane's signing-share arena and drop the index. Idempotent."""
         _sodium.memzero(self._arena)
+        _sodium.memzero(self._wide.arena)
         self._index.clear()
         self._closed = True
 
@@ -527,7 +850,7 @@ class SealedLoader:
 
     @property
     def accounts_loaded(self) -> int:
-        return 0 if self._store is None else self._store._count
+        return 0 if self._store is None else self._store._loaded
 
     def feed(self, data: bytes) -> None:
         """Process the next bytes of the bundle (an empty ``data`` is a no-op)."""
@@ -549,6 +872,7 @@ class SealedLoader:
         store = self._store
         if store is None or self._fingerprint is None:  # pragma: no cover - eof raises first
             raise InternalError("sealed load ended without a bundle")
+        store._trim()
         store.fingerprint = self._fingerprint
         store.signer = self._signer
         store.load_seconds = time.perf_counter() - self._t0
@@ -576,22 +900,28 @@ class SealedLoader:
                         # Room for as many records as this chunk can hold, never more than
                         # the header declares (so an extra record is still count_mismatch).
                         store = self._store
-                        need = min(
-                            self.header["accounts"],
-                            store._count + len(ev.plaintext) // MIN_RECORD_BYTES,
-                        )
-                        if need > store._capacity:
-                            store._grow(need, limit=self.header["accounts"])
-                        store._ingest(
-                            ev.plaintext,
-                            full=self._full,
-                            v2=self.header["record_format"] == RECORD_FORMAT_V2,
-                        )
+                        record_format = self.header["record_format"]
+                        if record_format == RECORD_FORMAT_V3:
+                            store._ingest_v3(
+                                ev.plaintext, full=self._full, accounts=self.header["accounts"]
+                            )
+                        else:
+                            need = min(
+                                self.header["accounts"],
+                                store._count + len(ev.plaintext) // MIN_RECORD_BYTES,
+                            )
+                            if need > store._capacity:
+                                store._grow(need, limit=self.header["accounts"])
+                            store._ingest(
+                                ev.plaintext,
+                                full=self._full,
+                                v2=record_format == RECORD_FORMAT_V2,
+                            )
                     finally:
                         _sodium.memzero(ev.plaintext)
                     if self._progress is not None:
                         assert self.header is not None
-                        self._progress(self._store._count, self.header["accounts"])
+                        self._progress(self._store._loaded, self.header["accounts"])
                 elif isinstance(ev, HeaderReceived):
                     self.header = ev.header
                     if self._trust is not None:
@@ -607,7 +937,7 @@ class SealedLoader:
                 elif isinstance(ev, EndOfBundle):
                     if self._store is None or self.header is None:  # pragma: no cover
                         raise InternalError("EndOfBundle before any chunk")
-                    check_record_count(self.header, self._store._count)
+                    check_record_count(self.header, self._store._loaded)
                     if self._trust is not None:
                         self._trust.check(self.header, ev.digest, ev.signature)
                     self._signer = None if ev.signature is None else ev.signature.public_key

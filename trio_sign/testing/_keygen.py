@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .._atomic import atomic_files
-from .._errors import TrioSignError
-from ..crypto import trusted_dealer_keygen
+from .._errors import FrostError, TrioSignError
+from ..crypto._schemes import ED25519, Scheme, scheme_by_name
 from ..shares._plaintext import PlaintextEncoder
 from ..shares._records import ShareRecord
 
@@ -35,6 +35,27 @@ class GenerateReport:
     service_file: Path
     participant_files: dict[int, Path]
     seconds: float
+    #: Accounts per ciphersuite name, in the order the suites were given.
+    ciphersuites: dict[str, int] | None = None
+
+
+def resolve_ciphersuites(names: Sequence[str] | None) -> list[Scheme]:
+    """The suites named (default Ed25519 alone), each once, in the order given.
+
+    Error handling:
+        ``TrioSignError`` naming an unknown suite and the known ones.
+    """
+    if not names:
+        return [ED25519]
+    out: list[Scheme] = []
+    for name in names:
+        try:
+            scheme = scheme_by_name(name)
+        except FrostError as exc:
+            raise TrioSignError(f"--ciphersuite: {exc}") from None
+        if scheme not in out:
+            out.append(scheme)
+    return out
 
 
 def generate_share_files(
@@ -48,8 +69,14 @@ def generate_share_files(
     counterparts: bool = True,
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    ciphersuites: Sequence[str] | None = None,
 ) -> GenerateReport:
     """Write ``service_key_shares.json`` and one file per counterpart participant.
+
+    ``ciphersuites`` names the suites (DESIGN §14; default Ed25519 alone): account ``n`` is
+    dealt in suite ``n mod len(ciphersuites)``, so several suites give a mixed file. Every
+    participant's file holds the same accounts in the same suites; the header names the
+    first suite and the records of the others carry their own ``"ciphersuite"``.
 
     Participants have identifiers 1..max_signers; ``service_identifier`` picks the service's.
     Account ids are ``{account_prefix}{n:08d}``. Files are created with mode 0600 and never
@@ -63,6 +90,7 @@ def generate_share_files(
         raise TrioSignError("--accounts must be >= 0")
     if not 1 <= service_identifier <= max_signers:
         raise TrioSignError(f"--service-identifier must be in 1..{max_signers}")
+    suites = resolve_ciphersuites(ciphersuites)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ids = list(range(1, max_signers + 1))
@@ -76,13 +104,14 @@ def generate_share_files(
     start = time.monotonic()
     with atomic_files(list(paths.values()), overwrite=force) as opened:
         files = dict(zip(paths, opened, strict=True))
-        encoders = {i: PlaintextEncoder() for i in files}
+        encoders = {i: PlaintextEncoder(suites[0].name) for i in files}
         for i, f in files.items():
             f.write(encoders[i].start())
         width = max(8, len(str(accounts)))
         for n in range(accounts):
             account_id = f"{account_prefix}{n:0{width}d}"
-            dealer = trusted_dealer_keygen(min_signers, max_signers, identifiers=ids)
+            scheme = suites[n % len(suites)]
+            dealer = scheme.trusted_dealer_keygen(min_signers, max_signers, identifiers=ids)
             for share, ident in zip(dealer.shares, ids, strict=True):
                 if ident in files:
                     rec = ShareRecord(
@@ -93,6 +122,7 @@ def generate_share_files(
                         dealer.group_public_key,
                         min_signers,
                         max_signers,
+                        ciphersuite=scheme.name,
                     )
                     files[ident].write(encoders[ident].add_record(rec))
                 share.zero()
@@ -105,4 +135,5 @@ def generate_share_files(
         service_file=paths[service_identifier],
         participant_files={i: p for i, p in paths.items() if i != service_identifier},
         seconds=time.monotonic() - start,
+        ciphersuites={s.name: len(range(i, accounts, len(suites))) for i, s in enumerate(suites)},
     )
