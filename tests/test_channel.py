@@ -34,7 +34,22 @@ from trio_sign.nitro import (
     StateMessage,
     decode_message,
 )
-from trio_sign.nitro._channel import MAX_CBOR_DEPTH, MESSAGE_TYPES
+from trio_sign.nitro._channel import (
+    MAX_CBOR_DEPTH,
+    MAX_DELTA_CHUNK_BYTES,
+    MAX_DELTA_SEQUENCE,
+    MAX_REASON_CHARS,
+    MESSAGE_TYPES,
+    DeltaChunkMessage,
+    DeltaConflictMessage,
+    DeltaEndMessage,
+    DeltaLoadedMessage,
+    DeltaPushMessage,
+    DeltaRefusedMessage,
+    DeltaStoredMessage,
+    DeltaStoreFailedMessage,
+    DeltaStoreMessage,
+)
 
 SHA = "0123456789abcdef" * 4
 
@@ -66,6 +81,18 @@ MESSAGES: list[ChannelMessage] = [
         }
     ),
     MetricsMessage(snapshot={}),
+    HelloMessage(channel="deltas"),
+    BundleEndMessage(total_bytes=1024, deltas=3),
+    PreloadResultMessage(ok=True, accounts=5, sha256=SHA, deltas=2, deltas_head=SHA),
+    DeltaStoreMessage(sequence=1, total_bytes=4096),
+    DeltaChunkMessage(data=b"\x01" * MAX_DELTA_CHUNK_BYTES),
+    DeltaEndMessage(),
+    DeltaStoredMessage(sequence=MAX_DELTA_SEQUENCE, sha256=SHA),
+    DeltaConflictMessage(sequence=2),
+    DeltaStoreFailedMessage(sequence=2, reason="disk full"),
+    DeltaPushMessage(sequence=3, total_bytes=0),
+    DeltaLoadedMessage(sequence=3, head=SHA, accounts=10_001),
+    DeltaRefusedMessage(sequence=4, reason="delta_chain"),
 ]
 
 
@@ -97,6 +124,15 @@ def test_every_message_type_is_covered() -> None:
         "log",
         "dropped",
         "metrics",
+        "delta_store",
+        "delta_chunk",
+        "delta_end",
+        "delta_stored",
+        "delta_conflict",
+        "delta_store_failed",
+        "delta_push",
+        "delta_loaded",
+        "delta_refused",
     }
 
 
@@ -360,6 +396,27 @@ def test_garbage_payloads_only_raise_protocol_errors(payload: bytes) -> None:
         ({"type": "metrics", "snapshot": [1, 2]}, "snapshot"),
         ({"type": "metrics", "snapshot": {"a": b"bytes"}}, "snapshot"),
         ({"type": "metrics", "snapshot": {"a": "x" * MAX_METRICS_BYTES}}, "snapshot"),
+        ({"type": "bundle_end", "total_bytes": 1, "deltas": -1}, "deltas"),
+        ({"type": "bundle_end", "total_bytes": 1, "deltas": None}, "deltas"),
+        ({"type": "delta_store", "sequence": 0, "total_bytes": 1}, "sequence"),
+        ({"type": "delta_store", "sequence": MAX_DELTA_SEQUENCE + 1, "total_bytes": 1}, "sequence"),
+        ({"type": "delta_store", "sequence": True, "total_bytes": 1}, "sequence"),
+        ({"type": "delta_store", "sequence": 1, "total_bytes": -1}, "total_bytes"),
+        ({"type": "delta_store", "sequence": 1}, "total_bytes"),
+        ({"type": "delta_chunk", "data": b""}, "data"),
+        ({"type": "delta_chunk", "data": b"x" * (MAX_DELTA_CHUNK_BYTES + 1)}, "data"),
+        ({"type": "delta_chunk", "data": "text"}, "data"),
+        ({"type": "delta_stored", "sequence": 1, "sha256": "AB" * 32}, "sha256"),
+        ({"type": "delta_conflict", "sequence": "1"}, "sequence"),
+        ({"type": "delta_store_failed", "sequence": 1, "reason": ""}, "reason"),
+        (
+            {"type": "delta_store_failed", "sequence": 1, "reason": "x" * (MAX_REASON_CHARS + 1)},
+            "reason",
+        ),
+        ({"type": "delta_push", "sequence": 1, "total_bytes": 1.5}, "total_bytes"),
+        ({"type": "delta_loaded", "sequence": 1, "head": SHA, "accounts": -1}, "accounts"),
+        ({"type": "delta_loaded", "sequence": 1, "head": "00", "accounts": 1}, "head"),
+        ({"type": "delta_refused", "sequence": 1, "reason": None}, "reason"),
     ],
 )
 def test_message_field_validation(frame: dict[str, Any], match: str) -> None:
@@ -457,3 +514,34 @@ def test_any_json_like_snapshot_round_trips(snapshot: dict[str, Any]) -> None:
     message = MetricsMessage(snapshot=snapshot)
     (frame,) = FrameChannel().receive_data(FrameChannel().send(message))
     assert decode_message(frame) == message
+
+
+def test_optional_fields_take_their_defaults_when_an_older_peer_leaves_them_out() -> None:
+    """``bundle_end`` without ``deltas`` (a parent without a delta store) means no deltas
+    follow; a ``preload_result`` without ``deltas``/``deltas_head`` (an enclave that predates
+    deltas) says nothing about them. Both are still written on the way out."""
+    end = decode_message(
+        FrameChannel().receive_data(FrameChannel().send({"type": "bundle_end", "total_bytes": 9}))[
+            0
+        ]
+    )
+    assert end == BundleEndMessage(total_bytes=9, deltas=0)
+    old = {
+        "type": "preload_result",
+        "ok": True,
+        "reason": None,
+        "accounts": 1,
+        "sha256": SHA,
+        "preload_ms": 2,
+    }
+    result = PreloadResultMessage.from_frame(old)
+    assert (result.deltas, result.deltas_head) == (None, None)
+    assert BundleEndMessage(total_bytes=9).to_frame() == {
+        "type": "bundle_end",
+        "total_bytes": 9,
+        "deltas": 0,
+    }
+
+
+def test_delta_chunk_bytes_are_not_in_repr() -> None:
+    assert "data=" not in repr(DeltaChunkMessage(data=b"abc"))

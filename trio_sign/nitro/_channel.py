@@ -2,8 +2,8 @@
 
 Framing
 -------
-Every vsock channel between the parent and the enclave (preload, status, logs) carries the
-same frames, in both directions::
+Every vsock channel between the parent and the enclave (preload, status, logs, deltas) carries
+the same frames, in both directions::
 
     frame   = length payload
     length  = u32, big-endian: the number of payload bytes (not counting these 4)
@@ -31,27 +31,36 @@ Messages
 The message vocabulary is a set of frozen dataclasses, one per ``"type"``, with ``to_frame()``
 and ``from_frame()``. ``from_frame`` checks every field's type (``bool`` is not an integer;
 integers are non-negative where they count things) and ignores fields it does not know, so a
-newer peer can add optional fields. Byte strings are CBOR byte strings, text is CBOR text.
+newer peer can add optional fields. A field marked *optional* below may be absent (an older
+peer): ``from_frame`` then uses its default; ``to_frame`` always writes it. Byte strings are
+CBOR byte strings, text is CBOR text.
 
 =========================  ====================  =============================================
 type                       direction             fields
 =========================  ====================  =============================================
-``hello``                  both, first frame     ``channel`` ("preload"/"status"/"logs"),
-                                                 ``version`` (int, :data:`PROTOCOL_VERSION`)
+``hello``                  both, first frame     ``channel`` ("preload"/"status"/"logs"/
+                                                 "deltas"), ``version`` (int,
+                                                 :data:`PROTOCOL_VERSION`)
 ``attestation``            enclave -> parent     ``document`` (bytes, raw COSE_Sign1 whose
                                                  ``public_key`` is the recipient RSA key)
 ``recipient_ciphertext``   parent -> enclave     ``ciphertext`` (bytes, KMS
                                                  ``CiphertextForRecipient``)
 ``bundle_chunk``           parent -> enclave     ``data`` (bytes, the next piece of the sealed
                                                  bundle)
-``bundle_end``             parent -> enclave     ``total_bytes`` (int, bytes sent in chunks)
+``bundle_end``             parent -> enclave     ``total_bytes`` (int, bytes sent in chunks),
+                                                 ``deltas`` (int, optional, default 0: how many
+                                                 stored deltas follow on the preload channel,
+                                                 each as ``delta_push``, ``delta_chunk``...,
+                                                 ``delta_end``; docs/key-lifecycle.md §4)
 ``events``                 parent -> enclave     optional, just before ``recipient_ciphertext``:
                                                  ``gateway_url`` (text), ``node_id`` (text),
                                                  where the enclave's SSE client subscribes
                                                  (through the parent's relay)
 ``preload_result``         enclave -> parent     ``ok`` (bool), ``reason`` (text|null),
-                                                 ``accounts`` (int), ``sha256`` (hex|null),
-                                                 ``preload_ms`` (int)
+                                                 ``accounts`` (int), ``sha256`` (hex|null: the
+                                                 base's fingerprint), ``preload_ms`` (int);
+                                                 optional: ``deltas`` (int|null, the deltas
+                                                 loaded at boot), ``deltas_head`` (hex|null)
 ``state``                  enclave -> parent     ``state`` (one of :data:`STATES`), ``reason``
                                                  (text|null), ``accounts``, ``sha256``,
                                                  ``preload_ms`` (each null until known)
@@ -88,11 +97,17 @@ MAX_CBOR_DEPTH = 16
 #: The version a ``hello`` frame carries.
 PROTOCOL_VERSION = 1
 #: The channels a ``hello`` may name.
-CHANNELS = frozenset({"preload", "status", "logs"})
+CHANNELS = frozenset({"preload", "status", "logs", "deltas"})
 #: Enclave states reported on the status channel.
 STATES = frozenset({"booting", "preloading", "serving", "draining", "failed", "exiting"})
 #: Largest ``metrics`` snapshot (its CBOR encoding), far below :data:`MAX_FRAME_BYTES`.
 MAX_METRICS_BYTES = 64 * 1024
+#: Largest ``data`` of one ``delta_chunk`` (docs/key-lifecycle.md §4).
+MAX_DELTA_CHUNK_BYTES = 256 * 1024
+#: Largest delta sequence: object names carry it in 8 decimal digits (``delta-00000001.enc``).
+MAX_DELTA_SEQUENCE = 99_999_999
+#: Longest ``reason`` of a ``delta_store_failed`` or ``delta_refused``.
+MAX_REASON_CHARS = 1024
 
 _LENGTH = struct.Struct(">I")
 
@@ -354,11 +369,16 @@ def _optional(check: Callable[[object], bool]) -> Callable[[object], bool]:
     return lambda value: value is None or check(value)
 
 
+#: The default of a field that must be present.
+_REQUIRED: Any = object()
+
+
 @dataclass(frozen=True, slots=True)
 class _Field:
     name: str
     check: Callable[[object], bool]
     expected: str
+    default: Any = _REQUIRED  # optional fields: the value when an older peer leaves it out
 
 
 class ChannelMessage:
@@ -384,6 +404,8 @@ class ChannelMessage:
             )
         for f in cls._FIELDS:
             if f.name not in frame:
+                if f.default is not _REQUIRED:
+                    continue
                 raise _bad_field(cls.TYPE, f.name, f"present ({f.expected})")
             if not f.check(frame[f.name]):
                 raise _bad_field(cls.TYPE, f.name, f.expected)
@@ -394,11 +416,18 @@ class ChannelMessage:
         fields = frame.fields if isinstance(frame, Frame) else frame
         cls._validate(fields)
         ctor: Callable[..., _M] = cls
-        return ctor(**{f.name: fields[f.name] for f in cls._FIELDS})
+        return ctor(**{f.name: fields.get(f.name, f.default) for f in cls._FIELDS})
 
 
 def _fields(*spec: tuple[str, Callable[[object], bool], str]) -> tuple[_Field, ...]:
     return tuple(_Field(*s) for s in spec)
+
+
+def _optional_field(
+    name: str, check: Callable[[object], bool], expected: str, default: Any
+) -> _Field:
+    """A field an older peer may leave out (``default`` then)."""
+    return _Field(name, check, expected, default)
 
 
 _BYTES = (lambda v: isinstance(v, bytes), "a byte string")
@@ -481,30 +510,45 @@ class BundleChunkMessage(ChannelMessage):
 
 @dataclass(frozen=True, slots=True)
 class BundleEndMessage(ChannelMessage):
-    """No more chunks; ``total_bytes`` lets the enclave detect a transport-level loss."""
+    """No more chunks; ``total_bytes`` lets the enclave detect a transport-level loss.
+    ``deltas`` stored deltas follow, in sequence order from 1 (docs/key-lifecycle.md §4)."""
 
     TYPE: ClassVar[str] = "bundle_end"
-    _FIELDS: ClassVar[tuple[_Field, ...]] = _fields(("total_bytes", *_COUNT))
+    _FIELDS: ClassVar[tuple[_Field, ...]] = (
+        *_fields(("total_bytes", *_COUNT)),
+        _optional_field("deltas", *_COUNT, 0),
+    )
     total_bytes: int
+    deltas: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class PreloadResultMessage(ChannelMessage):
-    """The preload outcome: account count, bundle fingerprint, load time, or why it failed."""
+    """The preload outcome: account count, bundle fingerprint, load time, or why it failed.
+
+    ``sha256`` is the base bundle's fingerprint. ``deltas`` and ``deltas_head`` (optional: an
+    enclave that predates deltas leaves them out) are the deltas loaded at boot and the head
+    (docs/key-lifecycle.md §1)."""
 
     TYPE: ClassVar[str] = "preload_result"
-    _FIELDS: ClassVar[tuple[_Field, ...]] = _fields(
-        ("ok", lambda v: isinstance(v, bool), "a boolean"),
-        ("reason", *_OPT_TEXT),
-        ("accounts", *_COUNT),
-        ("sha256", *_OPT_SHA256),
-        ("preload_ms", *_COUNT),
+    _FIELDS: ClassVar[tuple[_Field, ...]] = (
+        *_fields(
+            ("ok", lambda v: isinstance(v, bool), "a boolean"),
+            ("reason", *_OPT_TEXT),
+            ("accounts", *_COUNT),
+            ("sha256", *_OPT_SHA256),
+            ("preload_ms", *_COUNT),
+        ),
+        _optional_field("deltas", *_OPT_COUNT, None),
+        _optional_field("deltas_head", *_OPT_SHA256, None),
     )
     ok: bool
     reason: str | None = None
     accounts: int = 0
     sha256: str | None = None
     preload_ms: int = 0
+    deltas: int | None = None
+    deltas_head: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -606,6 +650,122 @@ class MetricsMessage(ChannelMessage):
     snapshot: dict[str, Any]
 
 
+# -- the deltas channel (docs/key-lifecycle.md §4) ----------------------------------------------
+
+_SEQUENCE = (
+    lambda v: _is_int(v) and 1 <= v <= MAX_DELTA_SEQUENCE,
+    f"an integer from 1 to {MAX_DELTA_SEQUENCE}",
+)
+_SHA256 = (_is_sha256_hex, "64 lowercase hex digits")
+_REASON = (
+    lambda v: isinstance(v, str) and 0 < len(v) <= MAX_REASON_CHARS,
+    f"a text string of 1 to {MAX_REASON_CHARS} characters",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaStoreMessage(ChannelMessage):
+    """The enclave asks the parent to store delta ``sequence`` (``total_bytes`` long) durably;
+    the bundle follows in ``delta_chunk`` frames and a ``delta_end``."""
+
+    TYPE: ClassVar[str] = "delta_store"
+    _FIELDS: ClassVar[tuple[_Field, ...]] = _fields(
+        ("sequence", *_SEQUENCE), ("total_bytes", *_COUNT)
+    )
+    sequence: int
+    total_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaChunkMessage(ChannelMessage):
+    """The next piece of a delta bundle being stored or pushed (at most
+    :data:`MAX_DELTA_CHUNK_BYTES`, never empty)."""
+
+    TYPE: ClassVar[str] = "delta_chunk"
+    _FIELDS: ClassVar[tuple[_Field, ...]] = _fields(
+        (
+            "data",
+            lambda v: isinstance(v, bytes) and 0 < len(v) <= MAX_DELTA_CHUNK_BYTES,
+            f"a byte string of 1 to {MAX_DELTA_CHUNK_BYTES} bytes",
+        ),
+    )
+    data: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaEndMessage(ChannelMessage):
+    """The delta's last chunk was sent."""
+
+    TYPE: ClassVar[str] = "delta_end"
+    _FIELDS: ClassVar[tuple[_Field, ...]] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaStoredMessage(ChannelMessage):
+    """Delta ``sequence`` is durable in the parent's store (``sha256``: its fingerprint)."""
+
+    TYPE: ClassVar[str] = "delta_stored"
+    _FIELDS: ClassVar[tuple[_Field, ...]] = _fields(("sequence", *_SEQUENCE), ("sha256", *_SHA256))
+    sequence: int
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaConflictMessage(ChannelMessage):
+    """Another delta already holds ``sequence``; the parent pushes it next."""
+
+    TYPE: ClassVar[str] = "delta_conflict"
+    _FIELDS: ClassVar[tuple[_Field, ...]] = _fields(("sequence", *_SEQUENCE))
+    sequence: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaStoreFailedMessage(ChannelMessage):
+    """Delta ``sequence`` was not stored (I/O error, S3 refused, not a delta bundle)."""
+
+    TYPE: ClassVar[str] = "delta_store_failed"
+    _FIELDS: ClassVar[tuple[_Field, ...]] = _fields(("sequence", *_SEQUENCE), ("reason", *_REASON))
+    sequence: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaPushMessage(ChannelMessage):
+    """The parent sends stored delta ``sequence`` (``total_bytes`` long); ``delta_chunk``
+    frames and a ``delta_end`` follow."""
+
+    TYPE: ClassVar[str] = "delta_push"
+    _FIELDS: ClassVar[tuple[_Field, ...]] = _fields(
+        ("sequence", *_SEQUENCE), ("total_bytes", *_COUNT)
+    )
+    sequence: int
+    total_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaLoadedMessage(ChannelMessage):
+    """The enclave verified and loaded delta ``sequence``: its head is now ``head`` and it
+    holds ``accounts`` accounts."""
+
+    TYPE: ClassVar[str] = "delta_loaded"
+    _FIELDS: ClassVar[tuple[_Field, ...]] = _fields(
+        ("sequence", *_SEQUENCE), ("head", *_SHA256), ("accounts", *_COUNT)
+    )
+    sequence: int
+    head: str
+    accounts: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaRefusedMessage(ChannelMessage):
+    """The enclave refused pushed delta ``sequence`` (``reason``: its stable code)."""
+
+    TYPE: ClassVar[str] = "delta_refused"
+    _FIELDS: ClassVar[tuple[_Field, ...]] = _fields(("sequence", *_SEQUENCE), ("reason", *_REASON))
+    sequence: int
+    reason: str
+
+
 #: Every message class by its ``"type"``.
 MESSAGE_TYPES: Mapping[str, type[ChannelMessage]] = {
     cls.TYPE: cls
@@ -623,6 +783,15 @@ MESSAGE_TYPES: Mapping[str, type[ChannelMessage]] = {
         LogMessage,
         DroppedMessage,
         MetricsMessage,
+        DeltaStoreMessage,
+        DeltaChunkMessage,
+        DeltaEndMessage,
+        DeltaStoredMessage,
+        DeltaConflictMessage,
+        DeltaStoreFailedMessage,
+        DeltaPushMessage,
+        DeltaLoadedMessage,
+        DeltaRefusedMessage,
     )
 }
 
