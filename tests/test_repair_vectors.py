@@ -159,8 +159,23 @@ def test_step_1_refusals(suite: str) -> None:
     with pytest.raises(DkgError, match="helper identifier") as info:
         _repair.repair_share_step_1([one, bytes(32)], one, share, three, suite=suite)
     assert info.value.culprit == bytes(32)
+    with pytest.raises(DkgError, match="signing share is not a canonical scalar"):
+        _repair.repair_share_step_1([one, three], one, bytearray(b"\xff" * 32), two, suite=suite)
+    with pytest.raises(DkgError, match="random value must be 32 bytes"):
+        _repair.repair_share_step_1(
+            [one, three], one, share, two, suite=suite, random_values=[bytes(31)]
+        )
     with pytest.raises(DkgError, match="need 1 random values"):
         _repair.repair_share_step_1([one, three], one, share, two, suite=suite, random_values=[])
+
+
+def test_step_3_refuses_an_invalid_verifying_share(suite: str) -> None:
+    group = group_for(suite)
+    sigmas = {group.identifier_to_bytes(1): bytearray(group.scalar_bytes(5))}
+    with pytest.raises(DkgError, match="verifying share"):
+        _repair.repair_share_step_3(
+            sigmas, group.identifier_to_bytes(2), suite=suite, verifying_share=b"\x05" * 7
+        )
 
 
 def test_malformed_delta_or_sigma_names_the_helper(suite: str) -> None:

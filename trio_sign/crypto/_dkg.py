@@ -31,12 +31,14 @@ it succeeded or not, so a DKG that fails leaves no secret behind. Scratch buffer
 ``finally`` blocks. The caller zeroes the outgoing round-2 packages once sent (or encrypted) and
 the key package once stored.
 
-What CPython cannot guarantee: copies made outside these buffers. A ``bytes`` object passed in
-(a test vector's coefficient, say) cannot be zeroed; the garbage collector may have moved
-nothing (bytearrays do not move) but the interpreter may keep freed small objects around; and
-libsecp256k1's ``seckey`` functions refuse zero, so the secp256k1 adapter branches on a secret
-being exactly zero (see :mod:`._group`). Public values (identifiers, challenges, elements) are
-Python ints and ``bytes``.
+What CPython cannot guarantee: that no copy of a secret exists outside these buffers. A secret
+passed in as ``bytes`` (a test vector's coefficients) is immutable and cannot be zeroed; memory
+that the allocator reuses is not wiped by it (our buffers never grow, so they are never moved);
+and a received share is checked for canonical encoding in place (not through the suite's
+``deserialize_scalar``, which would copy it into a Python int). libsecp256k1's ``seckey``
+functions refuse zero, so the secp256k1 adapter branches on a secret being exactly zero (see
+:mod:`._group`). Public values (identifiers, challenges, elements) are Python ints and
+``bytes``, and the proof-of-knowledge challenge hashes only public values.
 
 Error handling: every refusal is a :class:`DkgError` (a :class:`~trio_sign.FrostError`) whose
 ``culprit`` is the serialized identifier of the participant whose package was wrong, or

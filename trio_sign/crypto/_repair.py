@@ -87,7 +87,10 @@ def repair_share_step_1(
         raise DkgError("this helper is not in the helper list")
     if lost in values:
         raise DkgError("the participant being repaired cannot be one of its helpers")
-    group.check_secret_scalar(signing_share, "signing share")
+    try:
+        group.check_secret_scalar(signing_share, "signing share")
+    except FrostError as exc:
+        raise DkgError(str(exc)) from None
     order = sorted(zip(values, helpers, strict=True))
     count = len(order) - 1
     if random_values is not None and len(random_values) != count:
@@ -102,7 +105,10 @@ def repair_share_step_1(
             if random_values is None:
                 group.random_scalar(delta)
             else:
-                group.check_secret_scalar(random_values[k], "random value")
+                try:
+                    group.check_secret_scalar(random_values[k], "random value")
+                except FrostError as exc:
+                    raise DkgError(str(exc)) from None
                 delta[:] = random_values[k]
             group.add(total, delta)
         last = group.new_scalar()
@@ -163,7 +169,10 @@ def repair_share_step_3(
     if verifying_share is None:
         return share
     try:
-        expected = group.element(verifying_share, "verifying share")
+        try:
+            expected = group.element(verifying_share, "verifying share")
+        except FrostError as exc:
+            raise DkgError(str(exc)) from None
         if group.is_zero(share) or group.base_mult(share) != expected:
             raise DkgError("repaired share does not match the participant's verifying share")
     except BaseException:
