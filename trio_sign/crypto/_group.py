@@ -153,7 +153,7 @@ class Group:
         terms: list[bytes] = []
         power = 1
         for phi in commitment:
-            term = self.mul_point(phi, power)
+            term = phi if power == 1 else self.mul_point(phi, power)
             if term is not None:  # pragma: no branch - x is a non-zero identifier
                 terms.append(term)
             power = power * x % self.order
