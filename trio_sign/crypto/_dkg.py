@@ -69,6 +69,7 @@ __all__ = [
     "part2",
     "part3",
     "verify_proof_of_knowledge",
+    "verifying_shares_from_commitment",
 ]
 
 
