@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from trio_sign.crypto import _repair
 from trio_sign.crypto._dkg import DkgError
@@ -192,3 +194,39 @@ def test_malformed_delta_or_sigma_names_the_helper(suite: str) -> None:
     with pytest.raises(DkgError, match="must be 32 bytes") as info:
         _repair.repair_share_step_2({one: good, two: bytearray(31)}, suite=suite)
     assert info.value.culprit == two
+
+
+@st.composite
+def _repairs(draw: st.DrawFn) -> tuple[int, int, int, list[int]]:
+    min_signers = draw(st.integers(2, 4))
+    max_signers = draw(st.integers(min_signers + 1, 6))
+    lost = draw(st.integers(0, max_signers - 1))
+    others = [k for k in range(max_signers) if k != lost]
+    count = draw(st.integers(min_signers, len(others)))
+    helpers = draw(st.permutations(others))[:count]
+    return min_signers, max_signers, lost, helpers
+
+
+@pytest.mark.parametrize("name", SUITES)
+@settings(max_examples=5, deadline=None)
+@given(shape=_repairs())
+def test_random_repairs(name: str, shape: tuple[int, int, int, list[int]]) -> None:
+    """Any lost participant, any helper set of at least min_signers (in any order)."""
+    min_signers, max_signers, lost, helpers = shape
+    run = run_dkg(name, min_signers, max_signers)
+    ids = run.identifiers
+    helper_ids = [ids[k] for k in helpers]
+    deltas = {
+        h: _repair.repair_share_step_1(
+            helper_ids, h, run.keys[h].signing_share, ids[lost], suite=name
+        )
+        for h in helper_ids
+    }
+    sigmas = {
+        j: _repair.repair_share_step_2({h: deltas[h][j] for h in helper_ids}, suite=name)
+        for j in helper_ids
+    }
+    repaired = _repair.repair_share_step_3(
+        sigmas, ids[lost], suite=name, verifying_share=run.verifying_shares[ids[lost]]
+    )
+    assert repaired == run.keys[ids[lost]].signing_share

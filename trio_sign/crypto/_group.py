@@ -12,8 +12,9 @@ functions for Ed25519, libsecp256k1's ``seckey`` tweaks for secp256k1. Public sc
 serializations (``bytes``).
 
 What libsecp256k1 does not allow, and what we do instead: it has no secret scalar for zero
-(``seckey_tweak_add`` fails when a sum reduces to zero and ``seckey_tweak_mul`` refuses a zero
-factor), so :meth:`Group.add` and :meth:`Group.mul` test their operands and the result for zero
+(``seckey_tweak_add`` fails when a sum reduces to zero, ``seckey_tweak_mul`` refuses a zero
+factor and ``seckey_negate`` a zero key), so :meth:`Group.add`, :meth:`Group.mul` and
+:meth:`Group.negate` test their operands and the result for zero
 (with a constant-time comparison) and handle it themselves. Which branch ran is therefore
 visible in timing, but only when a secret is exactly zero, which happens with negligible
 probability for honest inputs.
@@ -310,6 +311,8 @@ class _Secp256k1Group(Group):
         _secp256k1._tweak_mul(acc, b)
 
     def negate(self, acc: bytearray) -> None:
+        if self.is_zero(acc):  # seckey_negate refuses zero (returns 0)
+            return
         _secp256k1._negate(acc)
 
     def base_mult(self, secret: Buffer) -> bytes:
