@@ -27,7 +27,7 @@ import trio
 
 from proto_min import sign_service_pb2 as pb
 from trio_sign.authz import Authorizer, approval_payload, parse_policies
-from trio_sign.crypto import SigningCommitment
+from trio_sign.crypto._schemes import Commitment
 from trio_sign.enclave import (
     EnclaveConfig,
     EnclaveHandle,
@@ -280,8 +280,10 @@ class CheckingNode(EnclaveNode):
         self,
         session_id: str,
         message: bytes,
-        commitments: Sequence[SigningCommitment],
+        commitments: Sequence[Commitment],
         approvals: Sequence[pb.Approval] = (),
+        *,
+        taproot_merkle_root: bytes | None = None,
     ) -> pb.SignResponse:
         decision = self.authorizer.decide(
             account_id=self.accounts[session_id],
@@ -297,7 +299,9 @@ class CheckingNode(EnclaveNode):
                 StatusCode.PERMISSION_DENIED,
                 f"not authorized ({decision.reason}): {decision.detail}",
             )
-        return await super().sign(session_id, message, commitments, approvals)
+        return await super().sign(
+            session_id, message, commitments, approvals, taproot_merkle_root=taproot_merkle_root
+        )
 
     async def commit(self, account_id: str, session_id: str) -> pb.CommitResponse:
         self.accounts[session_id] = account_id

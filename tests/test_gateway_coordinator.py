@@ -34,6 +34,7 @@ from proto_min import sign_service_pb2 as pb
 from trio_sign import gateway
 from trio_sign.attested import ChannelPolicy, make_attested_client_context
 from trio_sign.crypto import SigningCommitment
+from trio_sign.crypto._schemes import Commitment
 from trio_sign.enclave import (
     EnclaveConfig,
     EnclaveHandle,
@@ -274,15 +275,19 @@ class FlakySign(EnclaveNode):
         self.sign_calls = 0
         self.sessions: list[str] = []
         self.hung = trio.Event()
+        self.merkle_roots: list[bytes | None] = []
 
     async def sign(
         self,
         session_id: str,
         message: bytes,
-        commitments: Sequence[SigningCommitment],
+        commitments: Sequence[Commitment],
         approvals: Sequence[pb.Approval] = (),
+        *,
+        taproot_merkle_root: bytes | None = None,
     ) -> pb.SignResponse:
         self.sign_calls += 1
+        self.merkle_roots.append(taproot_merkle_root)
         self.sessions.append(session_id)
         if self.mode == "bad_point":
             bad = [
@@ -291,7 +296,9 @@ class FlakySign(EnclaveNode):
                 else SigningCommitment(c.identifier, b"\xff" * 32, c.binding)
                 for c in commitments
             ]
-            return await super().sign(session_id, message, bad, approvals)
+            return await super().sign(
+                session_id, message, bad, approvals, taproot_merkle_root=taproot_merkle_root
+            )
         if self.mode == "always_unavailable":
             raise RpcError(StatusCode.UNAVAILABLE, "connection reset")
         if self.mode == "hang":
@@ -299,11 +306,15 @@ class FlakySign(EnclaveNode):
             await trio.sleep_forever()
         if self.mode == "lost_reply" and self.sign_calls == 1:
             # consumed, reply "lost"
-            await super().sign(session_id, message, commitments, approvals)
+            await super().sign(
+                session_id, message, commitments, approvals, taproot_merkle_root=taproot_merkle_root
+            )
             raise RpcError(StatusCode.UNAVAILABLE, "connection reset")
         if self.mode == "not_sent" and self.sign_calls == 1:
             raise RpcError(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded (client side)")
-        reply = await super().sign(session_id, message, commitments, approvals)
+        reply = await super().sign(
+            session_id, message, commitments, approvals, taproot_merkle_root=taproot_merkle_root
+        )
         if self.mode == "flip":
             share = bytearray(reply.signature_share)
             share[0] ^= 1

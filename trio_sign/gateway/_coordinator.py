@@ -1,14 +1,27 @@
-"""The gateway's FROST coordination: one Ed25519 signature from the enclave and the local
-counterpart participant(s).
+"""The gateway's FROST coordination: one signature from the enclave and the local
+counterpart participant(s), in the account's ciphersuite (DESIGN §14).
 
 A signature is one *session* on one enclave node:
 
 1. pick a node (`Coordinator` routing below) and a fresh random ``session_id``;
-2. ``Commit`` on the enclave and `commit` locally for every counterpart share;
-3. sort the commitment list by identifier; ``Sign`` on the enclave, `sign` locally;
-4. `aggregate` with the verifying shares (the enclave's from ``GetAccount``, cached per
-   account; the counterparts' from their share files), which names a faulty share, and verify
-   the result with libsodium (``nacl.signing.VerifyKey``) under the group key.
+2. ``GetAccount`` (cached per account): the enclave's identifier, verifying share, group key
+   and ``ciphersuite``, which must be the counterpart shares' own (a mismatch is refused as
+   ``ciphersuite_mismatch``); the suite's :class:`~trio_sign.crypto.Scheme` does the rest;
+3. ``Commit`` on the enclave and ``scheme.commit`` locally for every counterpart share;
+4. sort the commitment list by identifier (the suite's order); ``Sign`` on the enclave (with
+   ``taproot_merkle_root`` when the caller gave one), ``scheme.sign`` locally (with the same
+   root);
+5. ``scheme.aggregate`` with the verifying shares (the enclave's from ``GetAccount``, the
+   counterparts' from their share files): every share is checked against its verifying share
+   and a faulty one is named; then the final signature is checked with the suite's independent
+   verifier (``scheme.verify``: libsodium for Ed25519, libsecp256k1's BIP-340 verification
+   against the tweaked x-only output key for Taproot, RFC 9591 for plain secp256k1) before
+   it is returned.
+
+A Taproot merkle root (``taproot_merkle_root``: ``None`` for no tweak, ``b""`` or 32 bytes for
+the BIP-341 tweak, as ZF ``sign_with_tweak``) applies only to ``FROST-secp256k1-SHA256-TR-v1``
+accounts; for any other account it is refused before any call (``bad_merkle_root``). The
+signature then verifies under ``Signature.verifying_key``, the x-only output key.
 
 Approvals (DESIGN §11): the enclave signs only when ``Sign`` carries approvals that satisfy
 the account's policy. Every ``Sign`` carries the caller's approvals (``sign_message(...,
@@ -45,13 +58,12 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Final
 
-import nacl.exceptions
-import nacl.signing
 import trio
 
 from .._errors import FrostError, InvalidSignatureShareError, ShareFileError, TrioSignError
-from ..crypto import SigningCommitment, SigningNonces, aggregate, commit, sign
+from ..crypto import Scheme, scheme_by_name
 from ..rpc import RpcError, StatusCode
 from ..shares import AccountShare, ShareStore
 from ._approvals import Approval, GatewayApprover
@@ -70,8 +82,12 @@ GATEWAY_REASONS = frozenset(
         "key_mismatch",
         "too_few_signers",
         "not_authorized",
+        "ciphersuite_mismatch",
+        "bad_merkle_root",
     }
 )
+#: The length of a BIP-341 merkle root (a TapBranch hash); an empty root is allowed too.
+MERKLE_ROOT_BYTES: Final = 32
 
 _SIGN_RETRY = frozenset({StatusCode.UNAVAILABLE, StatusCode.DEADLINE_EXCEEDED})
 _NEW_SESSION_AT_COMMIT = frozenset(
@@ -94,7 +110,11 @@ class GatewayError(TrioSignError):
             ``key_mismatch`` (the enclave's group key for the account differs from the
             counterparts'), ``too_few_signers`` (fewer participants than ``min_signers``),
             ``not_authorized`` (the enclave refused ``Sign`` with PERMISSION_DENIED: the
-            approvals do not satisfy the account's policy; the message says what is missing).
+            approvals do not satisfy the account's policy; the message says what is missing),
+            ``ciphersuite_mismatch`` (the enclave's ``GetAccount.ciphersuite`` differs from the
+            counterpart shares', the participant files disagree, or a suite is unknown),
+            ``bad_merkle_root`` (a Taproot merkle root for an account of another suite, or
+            one that is neither empty nor 32 bytes).
         status: the gRPC status for ``enclave_refused`` (and the last one seen for
             ``no_healthy_node``), else None.
         identifier: the 32-byte identifier of the faulty signer for ``bad_share``, else None.
@@ -138,10 +158,46 @@ class CoordinatorSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class Signature:
+    """A verified signature from `Coordinator.sign`.
+
+    Attributes:
+        account_id: the account.
+        ciphersuite: the account's suite (DESIGN §14).
+        signature: the final signature (64 bytes Ed25519 or BIP-340, 65 bytes plain
+            secp256k1: the compressed ``R`` and ``z``).
+        group_public_key: the account's group key as its shares hold it.
+        verifying_key: the key the signature verifies under: the group key, or for Taproot
+            the 32-byte x-only output key (tweaked with ``taproot_merkle_root`` if given, as
+            BIP-341; the even-Y x-only group key if not).
+        taproot_merkle_root: the merkle root signed with, or None.
+    """
+
+    account_id: str
+    ciphersuite: str
+    signature: bytes
+    group_public_key: bytes
+    verifying_key: bytes
+    taproot_merkle_root: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class _EnclaveAccount:
     identifier: bytes
     verifying_share: bytes
     group_public_key: bytes
+    ciphersuite: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """One signature's inputs, fixed across the sessions tried for it."""
+
+    account_id: str
+    message: bytes
+    scheme: Scheme
+    shares: list[AccountShare]
+    merkle_root: bytes | None
 
 
 class _NewSession(Exception):  # internal control flow: never escapes sign_message
@@ -224,8 +280,29 @@ class Coordinator:
         *,
         approvals: Sequence[Approval] = (),
         session_id: str | None = None,
+        taproot_merkle_root: bytes | None = None,
     ) -> bytes:
-        """Produce the account's 64-byte Ed25519 signature of ``message`` (verified).
+        """The account's signature of ``message``, verified: `sign` without the details."""
+        signed = await self.sign(
+            account_id,
+            message,
+            approvals=approvals,
+            session_id=session_id,
+            taproot_merkle_root=taproot_merkle_root,
+        )
+        return signed.signature
+
+    async def sign(
+        self,
+        account_id: str,
+        message: bytes,
+        *,
+        approvals: Sequence[Approval] = (),
+        session_id: str | None = None,
+        taproot_merkle_root: bytes | None = None,
+    ) -> Signature:
+        """Produce the account's signature of ``message`` in its ciphersuite, verified by the
+        suite's independent verifier.
 
         Args:
             approvals: approvals the caller brings (for ``session_id``); the approver's are
@@ -233,6 +310,8 @@ class Coordinator:
             session_id: the session to use (the one ``approvals`` name); None: a fresh random
                 one per session tried. A given session is tried once (its approvals are valid
                 for it alone), on one node.
+            taproot_merkle_root: for a ``FROST-secp256k1-SHA256-TR-v1`` account, the BIP-341
+                merkle root to tweak the key with (``b""`` or 32 bytes); None: no tweak.
 
         Error handling: raises `GatewayError` with a stable ``reason`` (see there). Transient
         enclave failures are retried as described in the module docstring. ``ValueError`` for
@@ -245,6 +324,9 @@ class Coordinator:
         if len({a.key_id for a in approvals}) != len(approvals):
             raise ValueError("two approvals by the same key id (one key counts once)")
         shares = self._local_shares(account_id)
+        scheme = self._scheme(account_id, shares)
+        self._check_merkle_root(account_id, scheme, taproot_merkle_root)
+        job = _Job(account_id, message, scheme, shares, taproot_merkle_root)
         sessions = self.settings.max_sessions_per_signature if session_id is None else 1
         async with self.limiter:
             tried: set[str] = set()
@@ -256,9 +338,7 @@ class Coordinator:
                 tried.add(node.node_id)
                 session = secrets.token_hex(16) if session_id is None else session_id
                 try:
-                    signature = await self._session(
-                        node, account_id, message, shares, session, approvals
-                    )
+                    signature = await self._session(node, job, session, approvals)
                 except _NewSession as retry:
                     last = retry
                     log.info(
@@ -271,7 +351,16 @@ class Coordinator:
                     )
                     continue
                 self.signatures += 1
-                return signature
+                return Signature(
+                    account_id=account_id,
+                    ciphersuite=scheme.name,
+                    signature=signature,
+                    group_public_key=shares[0].group_public_key,
+                    verifying_key=scheme.verifying_key(
+                        shares[0].group_public_key, taproot_merkle_root
+                    ),
+                    taproot_merkle_root=taproot_merkle_root,
+                )
         if last is None:
             raise GatewayError(
                 "no enclave node is available (all evicted); see the prober's node_evicted alerts",
@@ -299,6 +388,13 @@ class Coordinator:
                 f"account {account_id!r} has no counterpart share in the participant files",
                 reason="unknown_account",
             )
+        suites = {s.ciphersuite for s in shares}
+        if len(suites) != 1:
+            raise GatewayError(
+                f"account {account_id!r}: the participant files disagree on the ciphersuite "
+                f"({', '.join(sorted(suites))})",
+                reason="ciphersuite_mismatch",
+            )
         group_keys = {s.group_public_key for s in shares}
         if len(group_keys) != 1:
             raise GatewayError(
@@ -318,6 +414,34 @@ class Coordinator:
             )
         return shares
 
+    @staticmethod
+    def _scheme(account_id: str, shares: list[AccountShare]) -> Scheme:
+        """The account's suite, as its counterpart shares name it (`_local_shares` checked
+        that they name the same one)."""
+        try:
+            return scheme_by_name(shares[0].ciphersuite)
+        except FrostError as exc:
+            raise GatewayError(
+                f"account {account_id!r}: {exc}", reason="ciphersuite_mismatch"
+            ) from exc
+
+    @staticmethod
+    def _check_merkle_root(account_id: str, scheme: Scheme, merkle_root: bytes | None) -> None:
+        if merkle_root is None:
+            return
+        if not scheme.taproot:
+            raise GatewayError(
+                f"account {account_id!r} is a {scheme.name} account: a taproot merkle root "
+                "applies only to FROST-secp256k1-SHA256-TR-v1 accounts",
+                reason="bad_merkle_root",
+            )
+        if len(merkle_root) not in (0, MERKLE_ROOT_BYTES):
+            raise GatewayError(
+                f"a taproot merkle root is empty or {MERKLE_ROOT_BYTES} bytes, "
+                f"not {len(merkle_root)}",
+                reason="bad_merkle_root",
+            )
+
     def _choose_node(self, *, avoid: set[str]) -> EnclaveNode | None:
         live = [n for n in self.nodes if not n.evicted]
         if not live:
@@ -336,7 +460,10 @@ class Coordinator:
         except RpcError as exc:
             raise self._refused(exc, node, "GetAccount", account_id) from exc
         account = _EnclaveAccount(
-            bytes(info.identifier), bytes(info.verifying_share), bytes(info.group_public_key)
+            bytes(info.identifier),
+            bytes(info.verifying_share),
+            bytes(info.group_public_key),
+            info.ciphersuite,
         )
         self._accounts[account_id] = account
         if len(self._accounts) > self.settings.account_cache_size:
@@ -385,14 +512,21 @@ class Coordinator:
     async def _session(
         self,
         node: EnclaveNode,
-        account_id: str,
-        message: bytes,
-        shares: list[AccountShare],
+        job: _Job,
         session_id: str,
         brought: Sequence[Approval],
     ) -> bytes:
-        group_key = shares[0].group_public_key
+        account_id, message, scheme = job.account_id, job.message, job.scheme
+        group_key = job.shares[0].group_public_key
         enclave = await self._enclave_account(node, account_id)
+        if enclave.ciphersuite != scheme.name:
+            raise GatewayError(
+                f"account {account_id!r}: enclave node {node.node_id} holds a "
+                f"{enclave.ciphersuite or '(unnamed)'} share, the participant files a "
+                f"{scheme.name} one",
+                reason="ciphersuite_mismatch",
+                node_id=node.node_id,
+            )
         if enclave.group_public_key != group_key:
             raise GatewayError(
                 f"account {account_id!r}: enclave node {node.node_id} holds a share of another "
@@ -401,7 +535,7 @@ class Coordinator:
                 node_id=node.node_id,
             )
         approvals = self._approvals(account_id, session_id, message, brought)
-        nonces: list[SigningNonces] = []
+        nonces: list[Any] = []
         must_abort = False
         node.in_flight += 1
         try:
@@ -410,7 +544,7 @@ class Coordinator:
                 reply = await node.commit(account_id, session_id)
             except RpcError as exc:
                 raise self._refused(exc, node, "Commit", account_id) from exc
-            own = SigningCommitment(
+            own = scheme.commitment(
                 bytes(reply.identifier), bytes(reply.hiding), bytes(reply.binding)
             )
             if own.identifier != enclave.identifier:
@@ -424,18 +558,16 @@ class Coordinator:
                     identifier=own.identifier,
                     node_id=node.node_id,
                 )
-            nonces = [commit(s.identifier, s.signing_share) for s in shares]
+            nonces = [scheme.commit(s.identifier, s.signing_share) for s in job.shares]
             commitments = sorted(
                 [own, *(n.commitment for n in nonces)],
-                key=lambda c: int.from_bytes(c.identifier, "little"),
+                key=lambda c: scheme.identifier_from_bytes(c.identifier),
             )
-            local = self._sign_locally(nonces, shares, message, commitments, enclave, node)
+            local = self._sign_locally(nonces, job, commitments, enclave, node)
             enclave_share = await self._sign_on_enclave(
-                node, session_id, message, commitments, account_id, approvals
+                node, session_id, job, commitments, approvals
             )
-            signature = self._aggregate(
-                commitments, message, group_key, enclave, enclave_share, local, shares, node
-            )
+            signature = self._aggregate(job, commitments, enclave, enclave_share, local, node)
             must_abort = False  # signed: the enclave already freed the slot
             for a in approvals:
                 self.approvals_sent[a.key_id] = self.approvals_sent.get(a.key_id, 0) + 1
@@ -449,24 +581,24 @@ class Coordinator:
 
     def _sign_locally(
         self,
-        nonces: list[SigningNonces],
-        shares: list[AccountShare],
-        message: bytes,
-        commitments: list[SigningCommitment],
+        nonces: list[Any],
+        job: _Job,
+        commitments: list[Any],
         enclave: _EnclaveAccount,
         node: EnclaveNode,
     ) -> dict[bytes, bytes]:
         out: dict[bytes, bytes] = {}
-        for n, s in zip(nonces, shares, strict=True):
+        for n, s in zip(nonces, job.shares, strict=True):
             try:
-                out[s.identifier] = sign(
+                out[s.identifier] = job.scheme.sign(
                     n,
                     signing_share=s.signing_share,
                     group_public_key=s.group_public_key,
-                    message=message,
+                    message=job.message,
                     commitments=commitments,
                     min_signers=s.min_signers,
                     max_signers=s.max_signers,
+                    merkle_root=job.merkle_root,
                 )
             except FrostError as exc:
                 # Our own commitments are well formed: the enclave's is what was refused.
@@ -482,15 +614,20 @@ class Coordinator:
         self,
         node: EnclaveNode,
         session_id: str,
-        message: bytes,
-        commitments: list[SigningCommitment],
-        account_id: str,
+        job: _Job,
+        commitments: list[Any],
         approvals: Sequence[Approval] = (),
     ) -> bytes:
         wire = [a.to_proto() for a in approvals]
         for attempt in range(self.settings.sign_retries + 1):
             try:
-                reply = await node.sign(session_id, message, commitments, wire)
+                reply = await node.sign(
+                    session_id,
+                    job.message,
+                    commitments,
+                    wire,
+                    taproot_merkle_root=job.merkle_root,
+                )
             except RpcError as exc:
                 if exc.status in _SIGN_RETRY and attempt < self.settings.sign_retries:
                     log.info(
@@ -498,30 +635,30 @@ class Coordinator:
                         extra={"node": node.node_id, "status": exc.status.name},
                     )
                     continue
-                raise self._refused(exc, node, "Sign", account_id) from exc
+                raise self._refused(exc, node, "Sign", job.account_id) from exc
             return bytes(reply.signature_share)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _aggregate(
         self,
-        commitments: list[SigningCommitment],
-        message: bytes,
-        group_key: bytes,
+        job: _Job,
+        commitments: list[Any],
         enclave: _EnclaveAccount,
         enclave_share: bytes,
         local: dict[bytes, bytes],
-        shares: list[AccountShare],
         node: EnclaveNode,
     ) -> bytes:
-        verifying = {s.identifier: s.verifying_share for s in shares}
+        scheme, group_key = job.scheme, job.shares[0].group_public_key
+        verifying = {s.identifier: s.verifying_share for s in job.shares}
         verifying[enclave.identifier] = enclave.verifying_share
         try:
-            signature = aggregate(
+            signature = scheme.aggregate(
                 commitments=commitments,
-                message=message,
+                message=job.message,
                 group_public_key=group_key,
                 signature_shares={**local, enclave.identifier: enclave_share},
                 verifying_shares=verifying,
+                merkle_root=job.merkle_root,
             )
         except InvalidSignatureShareError as exc:
             whose = (
@@ -541,14 +678,13 @@ class Coordinator:
                 reason="verify_failed",
                 node_id=node.node_id,
             ) from exc
-        try:
-            nacl.signing.VerifyKey(group_key).verify(message, signature)
-        except nacl.exceptions.BadSignatureError as exc:  # pragma: no cover - aggregate checked
+        if not scheme.verify(group_key, job.message, signature, job.merkle_root):
             raise GatewayError(
-                "the aggregate signature does not verify under the group key",
+                f"the aggregate signature does not verify ({scheme.name}'s independent "
+                "verifier, under the group key or its Taproot output key)",
                 reason="verify_failed",
                 node_id=node.node_id,
-            ) from exc
+            )
         return signature
 
     async def _abort(self, node: EnclaveNode, session_id: str) -> None:

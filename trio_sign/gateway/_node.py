@@ -27,7 +27,7 @@ from ..attested import (
     VerifiedChannel,
     open_attested_channel,
 )
-from ..crypto import SigningCommitment
+from ..crypto._schemes import Commitment
 from ..rpc import GrpcChannel, RpcError, StatusCode, open_grpc_channel
 from ..transport import TransportError, connect
 from ._prober import record_refusal
@@ -380,12 +380,17 @@ class EnclaveNode:
         self,
         session_id: str,
         message: bytes,
-        commitments: Sequence[SigningCommitment],
+        commitments: Sequence[Commitment],
         approvals: Sequence[pb.Approval] = (),
+        *,
+        taproot_merkle_root: bytes | None = None,
     ) -> pb.SignResponse:
         """``Sign`` (FROST round two) with the ``approvals`` the account's policy needs
         (DESIGN §11; PERMISSION_DENIED without enough). A byte-identical retry returns the
-        same share."""
+        same share.
+
+        ``taproot_merkle_root`` (a ``FROST-secp256k1-SHA256-TR-v1`` account only) is sent
+        only when given: absent and empty differ on the wire (DESIGN §4)."""
         request = pb.SignRequest(
             session_id=session_id,
             message=message,
@@ -395,6 +400,8 @@ class EnclaveNode:
             ],
             approvals=approvals,
         )
+        if taproot_merkle_root is not None:
+            request.taproot_merkle_root = taproot_merkle_root
         return await self._call("Sign", request, pb.SignResponse, self.settings.sign_timeout_s)
 
     async def abort(self, session_id: str) -> pb.AbortResponse:

@@ -39,7 +39,8 @@ Tree::
     ├── serve_gateway_events   (probe / abort / freeze / unfreeze / drain / undrain, per node)
     ├── EnclaveNode.run        (one per node: a kept-open gRPC channel, attested by default)
     ├── run_prober             (Ping + the SSE probe echo; eviction and re-admission)
-    └── the sign API           POST /v1/sign (optional session_id and approvals), GET /v1/nodes,
+    └── the sign API           POST /v1/sign (optional session_id, approvals and
+                               taproot_merkle_root), GET /v1/nodes,
                                POST /v1/nodes/{id}/{freeze,unfreeze,drain,undrain},
                                GET /healthz, GET /metrics
 
@@ -77,6 +78,7 @@ from .._errors import TrioSignError
 from .._metrics import Registry
 from ..attested import ChannelPolicy, make_attested_client_context
 from ..authz._keys import KEY_ID_PATTERN
+from ..crypto import SECP256K1_TR
 from ..nitro import load_pcr_json
 from ..transport import serve_asgi
 from ..transport._asgi import asgi_lifespan, respond
@@ -86,7 +88,12 @@ from ._approvals import (
     ApproverKeyFileError,
     GatewayApprover,
 )
-from ._coordinator import Coordinator, GatewayError, load_participant_files
+from ._coordinator import (
+    MERKLE_ROOT_BYTES,
+    Coordinator,
+    GatewayError,
+    load_participant_files,
+)
 from ._events import (
     BEARER_TOKEN_RULE,
     EventHub,
@@ -137,6 +144,8 @@ _HTTP_STATUS = {
     "key_mismatch": 500,
     "too_few_signers": 500,
     "not_authorized": 403,
+    "ciphersuite_mismatch": 500,
+    "bad_merkle_root": 400,
 }
 #: The longest session id a caller may name (the enclave's own limit).
 MAX_SESSION_ID_BYTES: Final = 128
@@ -757,17 +766,44 @@ class GatewayApi:
             return 400, {"error": "approvals name their session: give the session_id they approve"}
         if len({a.key_id for a in approvals}) != len(approvals):
             return 400, {"error": "two approvals by the same key_id (one key counts once)"}
+        root_hex = body.get("taproot_merkle_root")
+        merkle_root: bytes | None = None
+        if root_hex is not None:
+            if not isinstance(root_hex, str) or len(root_hex) not in (0, 2 * MERKLE_ROOT_BYTES):
+                return 400, {
+                    "error": f"taproot_merkle_root must be hex of 0 or {MERKLE_ROOT_BYTES} bytes",
+                    "reason": "bad_merkle_root",
+                }
+            try:
+                merkle_root = bytes.fromhex(root_hex)
+            except ValueError:
+                return 400, {"error": "taproot_merkle_root is not hex", "reason": "bad_merkle_root"}
         started = trio.current_time()
         try:
-            signature = await self._coordinator.sign_message(
-                account_id, message, approvals=approvals, session_id=session_id
+            signed = await self._coordinator.sign(
+                account_id,
+                message,
+                approvals=approvals,
+                session_id=session_id,
+                taproot_merkle_root=merkle_root,
             )
         except GatewayError as exc:
             status = _HTTP_STATUS.get(exc.reason, 500)
             return status, {"error": str(exc), "reason": exc.reason}
         finally:
             self._sign_latency.observe(max(0.0, trio.current_time() - started))
-        return 200, {"account_id": account_id, "signature_hex": signature.hex()}
+        answer = {
+            "account_id": account_id,
+            "ciphersuite": signed.ciphersuite,
+            "signature_hex": signed.signature.hex(),
+        }
+        if signed.ciphersuite == SECP256K1_TR.name:
+            # The x-only output key the BIP-340 signature verifies under (tweaked if a root
+            # was given), so a client need not compute the tweak to check it.
+            answer["output_key_hex"] = signed.verifying_key.hex()
+        if merkle_root is not None:
+            answer["taproot_merkle_root"] = merkle_root.hex()
+        return 200, answer
 
 
 def _read(path: Path, what: str) -> bytes:
