@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 
-import trio_sign.testing._keygen as keygen_mod
 from trio_sign import ShareFileError
 from trio_sign.cli import main
-from trio_sign.crypto import trusted_dealer_keygen
+from trio_sign.crypto import ED25519, Scheme
 from trio_sign.shares import (
     DevKeyFile,
     PlaintextEncoder,
@@ -263,26 +262,27 @@ def test_generate_interrupted_leaves_no_file(
 ) -> None:
     """A fault in the middle of writing (here: the 5th account's keygen) leaves nothing under
     the final names and no temporary file; with --force the previous files stay whole."""
-    real = trusted_dealer_keygen
+    suite = type(ED25519)  # the dealer generate_share_files calls for Ed25519 accounts
+    real = suite.trusted_dealer_keygen
     calls = [0]
 
-    def flaky(*args: object, **kwargs: object) -> object:
+    def flaky(self: Scheme, *args: object, **kwargs: object) -> object:
         calls[0] += 1
         if calls[0] == 5:
             raise KeyboardInterrupt
-        return real(*args, **kwargs)  # type: ignore[arg-type]
+        return real(self, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(keygen_mod, "trusted_dealer_keygen", flaky)
+    monkeypatch.setattr(suite, "trusted_dealer_keygen", flaky)
     out = tmp_path / "shares"
     with pytest.raises(KeyboardInterrupt):
         generate_share_files(out, 10)
     assert files_in(out) == []
 
-    monkeypatch.setattr(keygen_mod, "trusted_dealer_keygen", real)
+    monkeypatch.setattr(suite, "trusted_dealer_keygen", real)
     gen = generate_share_files(out, 2)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     calls[0] = 0
-    monkeypatch.setattr(keygen_mod, "trusted_dealer_keygen", flaky)
+    monkeypatch.setattr(suite, "trusted_dealer_keygen", flaky)
     with pytest.raises(KeyboardInterrupt):
         generate_share_files(out, 10, force=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

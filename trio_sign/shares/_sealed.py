@@ -19,8 +19,11 @@ header fails authentication of chunk 0. The stream's own chaining detects reorde
 duplicated chunks; the FINAL tag on the last chunk detects truncation at a chunk boundary.
 
 Chunk plaintext is whole ``binary-v1`` records only (``binary-v2`` when some account has a
-policy other than ``default``: the header's ``record_format`` says which; a bundle whose
-accounts all use ``default`` is written ``binary-v1``, byte for byte as before). Records
+policy other than ``default``, ``binary-v3`` when some account's suite is not Ed25519: the
+header's ``record_format`` says which; a bundle of Ed25519 accounts that all use ``default``
+is written ``binary-v1``, byte for byte as before, and an Ed25519-only bundle never
+``binary-v3``). A ``binary-v3`` header also carries ``ciphersuites``, the accounts per suite
+(public), which the loaders hold the records to. Records
 never span chunks; the last chunk carries ``TAG_FINAL``, the others ``TAG_MESSAGE``; zero
 accounts is a single empty FINAL chunk.
 
@@ -29,7 +32,8 @@ a header whose counts cannot fit in the bundle's size, when the size is known up
 ``tampered`` (a reordered chunk is indistinguishable from a tampered one and is reported as
 ``tampered`` at its position), ``trailing_data`` (bytes after the FINAL chunk that cannot be a
 signature record), ``bad_signature_record``, ``count_mismatch``, ``chunk_too_large``,
-``bad_record`` (a chunk does not end on a record boundary), ``output_exists`` and
+``bad_record`` (a chunk does not end on a record boundary), ``unknown_ciphersuite`` (a
+``binary-v3`` record's suite code), ``output_exists`` and
 ``input_changed`` (:func:`seal_file`), and every record-level code of
 :mod:`trio_sign.shares._records` with the 1-based record number.
 """
@@ -53,6 +57,7 @@ from typing import IO, Any, Final
 from .._atomic import atomic_file
 from .._errors import InternalError, KeyWrapError, ShareFileError
 from ..crypto import _sodium, _stream
+from ..crypto._schemes import ED25519, SCHEMES, Scheme, scheme_by_name
 from ._keywrap import DataKeyProvider, canonical_json
 from ._plaintext import read_plaintext_hashed
 from ._records import (
@@ -61,6 +66,7 @@ from ._records import (
     MAX_ACCOUNT_ID_BYTES,
     RECORD_FORMAT_V1,
     RECORD_FORMAT_V2,
+    RECORD_FORMAT_V3,
     RECORD_FORMATS,
     ShareRecord,
     check_account_id,
@@ -69,6 +75,7 @@ from ._records import (
     check_scalars,
     check_threshold,
     record_error,
+    scheme_coded,
 )
 from ._signature import (
     KIND_BASE,
@@ -115,8 +122,9 @@ _HEADER_FIELDS: Final = frozenset(
         "chunks",
     }
 )
-#: Header fields a reader accepts but does not require (bundles sealed before they existed).
-_OPTIONAL_FIELDS: Final = frozenset({"kind"})
+#: Header fields a reader accepts but does not require (bundles sealed before they existed;
+#: ``ciphersuites`` is in ``binary-v3`` headers only).
+_OPTIONAL_FIELDS: Final = frozenset({"kind", "ciphersuites"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,10 +153,9 @@ def check_sealed_header(header: Any) -> dict[str, Any]:
         raise _header_error(f"format must be {SEALED_FORMAT!r}")
     if not _is_int(header["version"]) or header["version"] != SEALED_VERSION:
         raise _header_error(f"version must be {SEALED_VERSION}")
-    if header["ciphersuite"] != CIPHERSUITE:
-        raise _header_error(f"ciphersuite must be {CIPHERSUITE!r}")
     if header["record_format"] not in RECORD_FORMATS:
         raise _header_error(f"record_format must be one of {', '.join(RECORD_FORMATS)}")
+    _check_header_suites(header)
     if "kind" in header and header["kind"] not in KINDS:
         raise _header_error(f"kind must be one of {', '.join(KINDS)}")
     for name in ("key_provider", "kms_key_id", "encrypted_data_key"):
@@ -174,6 +181,65 @@ def check_sealed_header(header: Any) -> dict[str, Any]:
     if not _is_int(chunks) or not 1 <= chunks <= max(1, accounts):
         raise _header_error("chunks must be an integer in 1..max(1, accounts)")
     return header
+
+
+def _check_header_suites(header: dict[str, Any]) -> None:
+    """``binary-v1``/``-v2`` hold Ed25519 accounts only; a ``binary-v3`` header names a known
+    suite and counts the accounts of each (``ciphersuites``, summing to ``accounts``)."""
+    v3 = header["record_format"] == RECORD_FORMAT_V3
+    if not v3:
+        if header["ciphersuite"] != CIPHERSUITE:
+            raise _header_error(f"ciphersuite must be {CIPHERSUITE!r}")
+        if "ciphersuites" in header:
+            raise _header_error(f"ciphersuites is only allowed with {RECORD_FORMAT_V3}")
+        return
+    known = {s.name for s in SCHEMES}
+    if header["ciphersuite"] not in known:
+        raise _header_error(
+            f"unknown ciphersuite {header['ciphersuite']!r}; known: {', '.join(sorted(known))}"
+        )
+    counts = header.get("ciphersuites")
+    if not isinstance(counts, dict):
+        raise _header_error(f"{RECORD_FORMAT_V3} needs ciphersuites, the accounts per suite")
+    for name, n in counts.items():
+        if name not in known:
+            raise _header_error(f"ciphersuites names an unknown ciphersuite {name!r}")
+        if not _is_int(n) or n < 0:
+            raise _header_error("ciphersuites counts must be non-negative integers")
+    if _is_int(header["accounts"]) and sum(counts.values()) != header["accounts"]:
+        raise _header_error("ciphersuites counts must add up to accounts")
+
+
+def header_suite_counts(header: Mapping[str, Any]) -> dict[str, int]:
+    """Accounts per suite a (checked) header declares: ``ciphersuites`` of a ``binary-v3``
+    header, else every account Ed25519."""
+    counts = header.get("ciphersuites")
+    if isinstance(counts, dict):
+        return {str(k): int(v) for k, v in counts.items()}
+    return {CIPHERSUITE: int(header["accounts"])}
+
+
+def check_suite_counts(header: Mapping[str, Any], counts: Mapping[str, int]) -> None:
+    """``count_mismatch`` unless the records' suites are what the header declares."""
+    declared = {k: v for k, v in header_suite_counts(header).items() if v}
+    found = {k: v for k, v in counts.items() if v}
+    if declared != found:
+        raise ShareFileError(
+            f"bundle holds {_counts_text(found)}, but the header declares {_counts_text(declared)}",
+            reason="count_mismatch",
+        )
+
+
+def _counts_text(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{n} {name}" for name, n in sorted(counts.items())) or "no accounts"
+
+
+def record_format_for(records_suites: Iterable[str], policies: bool) -> str:
+    """The layout a bundle of these accounts is written in: ``binary-v3`` if any suite is not
+    Ed25519, else ``binary-v2`` if any account names a policy, else ``binary-v1``."""
+    if any(name != CIPHERSUITE for name in records_suites):
+        return RECORD_FORMAT_V3
+    return RECORD_FORMAT_V2 if policies else RECORD_FORMAT_V1
 
 
 def check_header_fits(header: Mapping[str, Any], *, prefix_bytes: int, total_bytes: int) -> None:
@@ -229,24 +295,36 @@ def build_header(
     chunks: int,
     kind: str = KIND_BASE,
     record_format: str = RECORD_FORMAT_V1,
+    ciphersuites: Mapping[str, int] | None = None,
+    ciphersuite: str = CIPHERSUITE,
 ) -> dict[str, Any]:
-    """A sealed header (validated); ``kind`` is ``base`` (a ceremony) or ``delta`` (§13)."""
-    return check_sealed_header(
-        {
-            "format": SEALED_FORMAT,
-            "kind": kind,
-            "version": SEALED_VERSION,
-            "ciphersuite": CIPHERSUITE,
-            "record_format": record_format,
-            "key_provider": provider.provider,
-            "kms_key_id": provider.key_id,
-            "encrypted_data_key": base64.b64encode(encrypted_data_key).decode("ascii"),
-            "encryption_context": dict(encryption_context),
-            "chunk_size": chunk_size,
-            "accounts": accounts,
-            "chunks": chunks,
+    """A sealed header (validated); ``kind`` is ``base`` (a ceremony) or ``delta`` (§13).
+
+    A ``binary-v3`` header also takes ``ciphersuites`` (accounts per suite) and
+    ``ciphersuite`` (the bundle's default suite: the plaintext header's when sealed from a
+    file); other layouts are Ed25519 only and carry neither.
+    """
+    header: dict[str, Any] = {
+        "format": SEALED_FORMAT,
+        "kind": kind,
+        "version": SEALED_VERSION,
+        "ciphersuite": ciphersuite if record_format == RECORD_FORMAT_V3 else CIPHERSUITE,
+        "record_format": record_format,
+        "key_provider": provider.provider,
+        "kms_key_id": provider.key_id,
+        "encrypted_data_key": base64.b64encode(encrypted_data_key).decode("ascii"),
+        "encryption_context": dict(encryption_context),
+        "chunk_size": chunk_size,
+        "accounts": accounts,
+        "chunks": chunks,
+    }
+    if record_format == RECORD_FORMAT_V3:
+        header["ciphersuites"] = {
+            s.name: int((ciphersuites or {}).get(s.name, 0))
+            for s in SCHEMES
+            if (ciphersuites or {}).get(s.name)
         }
-    )
+    return check_sealed_header(header)
 
 
 def encryption_context_for(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -773,30 +851,38 @@ def zero_events(events: Iterable[Event]) -> None:
 def iter_chunk_records(
     plaintext: bytearray, *, first_record: int, record_format: str = RECORD_FORMAT_V1
 ) -> Iterator[ShareRecord]:
-    """Decode the ``binary-v1`` (or ``binary-v2``) records of one chunk (structure only, no
-    validation).
+    """Decode the ``binary-v1``, ``-v2`` or ``-v3`` records of one chunk (structure only, no
+    validation beyond a known suite code).
 
     Each yielded record's ``signing_share`` is a fresh ``bytearray`` the caller zeroes.
-    ``first_record`` is the 1-based number of the chunk's first record, for errors.
+    ``first_record`` is the 1-based number of the chunk's first record, for errors. Every
+    length is checked against the chunk before it is used.
     """
     mv = memoryview(plaintext)
     pos, end, number = 0, len(plaintext), first_record
-    v2 = record_format == RECORD_FORMAT_V2
+    v2 = record_format != RECORD_FORMAT_V1
+    v3 = record_format == RECORD_FORMAT_V3
     try:
         while pos < end:
             alen = plaintext[pos]
             p = pos + 1 + alen
             policy = "default"
-            if v2 and p < end:
-                plen = plaintext[p]
-                raw_policy = bytes(mv[p + 1 : p + 1 + plen])
-                p += 1 + plen
-                if plen:
-                    policy = raw_policy.decode("ascii", "replace")
-            elif v2:
-                p = end + 1  # no room for the policy's length: does not fit
-            stop = p + BINARY_FIXED_BYTES
-            if alen == 0 or stop > end:
+            scheme: Scheme = ED25519
+            fits = True
+            if v2:
+                fits = p < end and p + 1 + plaintext[p] + (1 if v3 else 0) <= end
+                if fits:
+                    plen = plaintext[p]
+                    if plen:
+                        policy = bytes(mv[p + 1 : p + 1 + plen]).decode("ascii", "replace")
+                    p += 1 + plen
+                    if v3:
+                        if alen:
+                            scheme = scheme_coded(plaintext[p], record=number)
+                        p += 1
+            n = scheme.element_size
+            stop = p + 68 + 2 * n
+            if alen == 0 or not fits or stop > end:
                 raise record_error(
                     "record does not fit in its chunk" if alen else "account_id is empty",
                     reason="bad_record" if alen else "bad_account_id",
@@ -808,16 +894,17 @@ def iter_chunk_records(
                 raise record_error(
                     "account_id is not valid UTF-8", reason="bad_account_id", record=number
                 ) from None
-            mn, mx = struct.unpack_from(">HH", plaintext, p + 128)
+            mn, mx = struct.unpack_from(">HH", plaintext, p + 64 + 2 * n)
             yield ShareRecord(
                 account_id=account_id,
                 identifier=bytes(mv[p : p + 32]),
                 signing_share=bytearray(mv[p + 32 : p + 64]),
-                verifying_share=bytes(mv[p + 64 : p + 96]),
-                group_public_key=bytes(mv[p + 96 : p + 128]),
+                verifying_share=bytes(mv[p + 64 : p + 64 + n]),
+                group_public_key=bytes(mv[p + 64 + n : p + 64 + 2 * n]),
                 min_signers=mn,
                 max_signers=mx,
                 policy=policy,
+                ciphersuite=scheme.name,
             )
             pos = stop
             number += 1
@@ -825,13 +912,18 @@ def iter_chunk_records(
         mv.release()
 
 
-def check_record_count(header: Mapping[str, Any], records: int) -> None:
-    """``count_mismatch`` unless ``records`` equals the header's ``accounts``."""
+def check_record_count(
+    header: Mapping[str, Any], records: int, suites: Mapping[str, int] | None = None
+) -> None:
+    """``count_mismatch`` unless ``records`` equals the header's ``accounts`` (and, if given,
+    the records' ``suites`` are the header's per-suite counts)."""
     if records != header["accounts"]:
         raise ShareFileError(
             f"bundle holds {records} records, but the header declares {header['accounts']}",
             reason="count_mismatch",
         )
+    if suites is not None:
+        check_suite_counts(header, suites)
 
 
 def read_sealed(
@@ -852,6 +944,7 @@ def read_sealed(
     decoder = SealedDecoder()
     feed = _feed_with_key(fileobj, decoder, provider)
     seen: dict[str, int] = {}
+    suites: dict[str, int] = {}
     number = 1
     try:
         for ev in feed:
@@ -869,12 +962,13 @@ def read_sealed(
                             rec.zero()
                             raise
                         number += 1
+                        suites[rec.ciphersuite] = suites.get(rec.ciphersuite, 0) + 1
                         yield rec
                 finally:
                     _sodium.memzero(ev.plaintext)
             elif isinstance(ev, EndOfBundle):
                 assert decoder.header is not None
-                check_record_count(decoder.header, number - 1)
+                check_record_count(decoder.header, number - 1, suites)
     finally:
         feed.close()
         decoder.close()
@@ -885,10 +979,17 @@ def _check_binary_record(
 ) -> None:
     check_account_id(rec.account_id, record=number)
     check_policy(rec.policy, record=number)
-    check_scalars(rec.identifier, rec.signing_share, record=number)
+    scheme = scheme_by_name(rec.ciphersuite)  # iter_chunk_records decoded a known code
+    check_scalars(rec.identifier, rec.signing_share, record=number, scheme=scheme)
     check_threshold(rec.min_signers, rec.max_signers, record=number)
     if verify_points:
-        check_points(rec.signing_share, rec.verifying_share, rec.group_public_key, record=number)
+        check_points(
+            rec.signing_share,
+            rec.verifying_share,
+            rec.group_public_key,
+            record=number,
+            scheme=scheme,
+        )
     first = seen.setdefault(rec.account_id, number)
     if first != number:
         raise record_error(
@@ -1057,26 +1158,42 @@ def seal_file(
     _check_output(dst_s, overwrite)
     if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
         raise ValueError(f"chunk_size must be in {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}")
-    planner = ChunkPlanner(chunk_size)
-    planner_v2 = ChunkPlanner(chunk_size)  # used if some account names a policy
+    # One planner per layout the file may need; the accounts decide which one is used.
+    # A record too large for a chunk matters only in the layout actually used.
+    planners = {fmt: ChunkPlanner(chunk_size) for fmt in RECORD_FORMATS}
+    too_large: dict[str, ValueError] = {}
+    suites: dict[str, int] = {}
     policies = False
     with open(src_s, "rb") as f:
         records, pass1 = read_plaintext_hashed(f, points=True)
         for rec in records:
-            planner.add(rec.binary_size())
-            planner_v2.add(rec.binary_size(RECORD_FORMAT_V2))
+            for fmt, plan in planners.items():
+                if fmt in too_large or (fmt != RECORD_FORMAT_V3 and rec.ciphersuite != CIPHERSUITE):
+                    continue
+                try:
+                    plan.add(rec.binary_size(fmt))
+                except ValueError as exc:
+                    too_large[fmt] = exc
             policies = policies or rec.policy != "default"
+            suites[rec.ciphersuite] = suites.get(rec.ciphersuite, 0) + 1
             rec.zero()
-            if progress is not None and planner.records & 1023 == 0:
-                progress(planner.records, 0)
-    record_format = RECORD_FORMAT_V1
-    if policies:
-        planner, record_format = planner_v2, RECORD_FORMAT_V2
+            if progress is not None and planners[RECORD_FORMAT_V3].records & 1023 == 0:
+                progress(planners[RECORD_FORMAT_V3].records, 0)
+    record_format = record_format_for(suites, policies)
+    if record_format in too_large:
+        raise too_large[record_format]
+    planner = planners[record_format]
     total = planner.records
     if progress is not None:
         progress(total, 0)
     encoder = _new_encoder(
-        provider, planner, chunk_size, encryption_context, record_format=record_format
+        provider,
+        planner,
+        chunk_size,
+        encryption_context,
+        record_format=record_format,
+        ciphersuites=suites,
+        ciphersuite=pass1.header_suite,
     )
     try:
         with _atomic_output(dst_s, overwrite) as out, open(src_s, "rb") as f:
@@ -1112,6 +1229,8 @@ def _new_encoder(
     kind: str = KIND_BASE,
     *,
     record_format: str = RECORD_FORMAT_V1,
+    ciphersuites: Mapping[str, int] | None = None,
+    ciphersuite: str = CIPHERSUITE,
 ) -> SealedEncoder:
     """A fresh data key from ``provider``, the header for what ``planner`` counted, and the
     encoder (which keeps its own copy of the key: ours is zeroed here)."""
@@ -1127,6 +1246,8 @@ def _new_encoder(
             chunks=planner.chunks,
             kind=kind,
             record_format=record_format,
+            ciphersuites=ciphersuites,
+            ciphersuite=ciphersuite,
         )
         return SealedEncoder(header, data_key)
     finally:
@@ -1149,13 +1270,21 @@ def encode_bundle(
     """
     recs = list(records)
     planner = ChunkPlanner(chunk_size)
-    record_format = (
-        RECORD_FORMAT_V2 if any(rec.policy != "default" for rec in recs) else RECORD_FORMAT_V1
-    )
+    suites: dict[str, int] = {}
+    for rec in recs:
+        suites[rec.ciphersuite] = suites.get(rec.ciphersuite, 0) + 1
+    record_format = record_format_for(suites, any(rec.policy != "default" for rec in recs))
     for rec in recs:
         planner.add(rec.binary_size(record_format))
     encoder = _new_encoder(
-        provider, planner, chunk_size, encryption_context, kind, record_format=record_format
+        provider,
+        planner,
+        chunk_size,
+        encryption_context,
+        kind,
+        record_format=record_format,
+        ciphersuites=suites,
+        ciphersuite=recs[0].ciphersuite if recs else CIPHERSUITE,
     )
     try:
         parts = [encoder.start()]
@@ -1248,6 +1377,7 @@ def reseal(
     encoder: SealedEncoder | None = None
     feed: Generator[Event, None, None] | None = None
     records = 0
+    suites: dict[str, int] = {}
     try:
         with open(src_s, "rb") as f, _atomic_output(dst_s, overwrite) as out:
             w = _HashingWriter(out)
@@ -1277,13 +1407,14 @@ def reseal(
                         ):
                             rec.zero()
                             records += 1
+                            suites[rec.ciphersuite] = suites.get(rec.ciphersuite, 0) + 1
                         final = ev.index == encoder.header["chunks"] - 1
                         w.write(encoder._reencrypt_chunk(ev.plaintext, final=final))
                     finally:
                         _sodium.memzero(ev.plaintext)
                 elif isinstance(ev, EndOfBundle):
                     assert decoder.header is not None
-                    check_record_count(decoder.header, records)
+                    check_record_count(decoder.header, records, suites)
                     signed_by = w.sign(signer)
     finally:
         if feed is not None:

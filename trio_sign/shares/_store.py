@@ -71,6 +71,7 @@ from ._sealed import (
     HeaderReceived,
     SealedDecoder,
     check_record_count,
+    header_suite_counts,
     input_size,
     unwrap_data_key,
     zero_events,
@@ -504,14 +505,18 @@ class ShareStore:
                 pos = stop
             self._count = slot
 
-    def _ingest_v3(self, pt: bytearray, *, full: bool, accounts: int) -> None:
+    def _ingest_v3(self, pt: bytearray, *, full: bool, limits: tuple[int, int]) -> None:
         """Parse one decrypted chunk of ``binary-v3`` records (a bundle with an account of a
         suite other than Ed25519) into the next slot of each record's lane.
 
+        ``limits`` is how many accounts the (authenticated) header declares for the Ed25519
+        lane and for the wide lane; a record beyond its lane's count is ``count_mismatch``.
         Every length is checked against the chunk before anything is read or allocated from
-        it. A lane grows on demand (doubling, never beyond what the header's ``accounts``
-        leaves for it), so nothing is sized from the header alone.
+        it. A lane grows with the records found (doubling, never beyond its declared count,
+        so a genuine bundle ends with arenas of exactly its size), never from the header
+        alone.
         """
+        ed_limit, wide_limit = limits
         index = self._index
         policy_index = self._policy_index
         wide = self._wide
@@ -540,9 +545,12 @@ class ShareStore:
                     raise record_error(
                         "record does not fit in its chunk", reason="bad_record", record=number
                     )
-                if loaded == accounts:
+                wide_record = scheme is not ED25519
+                if (wide.count if wide_record else self._count) == (
+                    wide_limit if wide_record else ed_limit
+                ):
                     raise record_error(
-                        f"more records than the {accounts} the header declares",
+                        f"more {scheme.name} records than the header declares",
                         reason="count_mismatch",
                         record=number,
                     )
@@ -596,7 +604,7 @@ class ShareStore:
                     )
                 if scheme is ED25519:
                     if slot == self._capacity:
-                        self._grow(slot + 1, limit=accounts - wide.count)
+                        self._grow(slot + 1, limit=ed_limit)
                     self._arena[slot << 5 : (slot << 5) + 32] = share
                     o = slot * _PUB
                     self._public[o : o + 32] = mv[q : q + 32]
@@ -609,7 +617,7 @@ class ShareStore:
                     self._count = slot + 1
                 else:
                     if slot == wide.capacity:
-                        wide.grow(slot + 1, limit=accounts - self._count)
+                        wide.grow(slot + 1, limit=wide_limit)
                     wide.arena[slot << 5 : (slot << 5) + 32] = share
                     o = slot * wide.stride
                     wide.public[o : o + 32] = mv[q : q + 32]
@@ -846,6 +854,7 @@ class SealedLoader:
         self._store: ShareStore | None = None
         self.header: dict[str, Any] | None = None
         self._fingerprint: str | None = None
+        self._lane_limits = (0, 0)
         self._t0 = time.perf_counter()
 
     @property
@@ -903,7 +912,7 @@ class SealedLoader:
                         record_format = self.header["record_format"]
                         if record_format == RECORD_FORMAT_V3:
                             store._ingest_v3(
-                                ev.plaintext, full=self._full, accounts=self.header["accounts"]
+                                ev.plaintext, full=self._full, limits=self._lane_limits
                             )
                         else:
                             need = min(
@@ -924,6 +933,9 @@ class SealedLoader:
                         self._progress(self._store._loaded, self.header["accounts"])
                 elif isinstance(ev, HeaderReceived):
                     self.header = ev.header
+                    counts = header_suite_counts(ev.header)
+                    ed = counts.get(ED25519.name, 0)
+                    self._lane_limits = (ed, sum(counts.values()) - ed)
                     if self._trust is not None:
                         self._trust.check_kind(ev.header)
                     if self._memory_check is not None:
@@ -937,7 +949,7 @@ class SealedLoader:
                 elif isinstance(ev, EndOfBundle):
                     if self._store is None or self.header is None:  # pragma: no cover
                         raise InternalError("EndOfBundle before any chunk")
-                    check_record_count(self.header, self._store._loaded)
+                    check_record_count(self.header, self._store._loaded, self._store.ciphersuites())
                     if self._trust is not None:
                         self._trust.check(self.header, ev.digest, ev.signature)
                     self._signer = None if ev.signature is None else ev.signature.public_key
