@@ -27,6 +27,13 @@ Steps, each a real component talking over real sockets:
    ones; every Sign approved by its two keys, every signature verified), with the health
    prober and its SSE probes running;
 7. report, and shut everything down (the parent terminates the enclave).
+
+The accounts are dealt in the suites ``--ciphersuite`` names (round-robin; Ed25519 alone by
+default). Every signature the gateway returns (which it verified already) is verified again
+here by the suite's own verifier (:func:`~trio_sign.cli._demo.verify_independently`): a
+Taproot signature as BIP-340 by libsecp256k1 under the x-only output key (tweaked with
+``--taproot-merkle-root`` when given, which the gateway then sends the enclave as
+``SignRequest.taproot_merkle_root``). The report counts them per suite.
 """
 
 from __future__ import annotations
@@ -399,12 +406,22 @@ async def run_full_stack(args: argparse.Namespace, work: Path) -> dict[str, Any]
         load_participant_files,
         run_prober,
     )
-    from ..testing import generate_share_files
+    from ._demo import (
+        SuiteTally,
+        generate_shares,
+        merkle_root_arg,
+        selected_suites,
+        suite_of_accounts,
+        verify_independently,
+    )
 
     n_accounts: int = args.accounts
-    _say(f"[1/3] generating {n_accounts:,} accounts (2-of-3) into {work}/")
+    suites = selected_suites(args)
+    root = merkle_root_arg(args, suites)
+    names = ", ".join(s.name for s in suites)
+    _say(f"[1/3] generating {n_accounts:,} accounts (2-of-3, {names}) into {work}/")
     gen = await trio.to_thread.run_sync(
-        functools.partial(generate_share_files, work / "shares", n_accounts, force=True)
+        functools.partial(generate_shares, work / "shares", n_accounts, suites)
     )
     _say(
         "[2/3] starting the stack: local KMS, signed bundle, gateway events, parent, enclave "
@@ -447,12 +464,17 @@ async def run_full_stack(args: argparse.Namespace, work: Path) -> dict[str, Any]
             )
             width = max(8, len(str(n_accounts)))
             ids = [f"acct-{i:0{width}d}" for i in range(n_accounts)]
+            suite_of = suite_of_accounts(counterparts[0], ids)
+            tallies = {s.name: SuiteTally() for s in suites}
+            for scheme in suite_of.values():
+                tallies[scheme.name].accounts += 1
             rng = random.Random(args.seed)
             refusal = await refused_then_signed(coordinator, node, ids[0])
             _say(f"      refused: {refusal['refused']}")
             _say(f"      then:    {refusal['then']}")
             latencies: list[float] = []
             failures: list[str] = []
+            taproot_sample: dict[str, str] = {}  # one signature for the report, to check by hand
             next_index = 0
             progress = Progress("      signing")
             t0 = time.perf_counter()
@@ -463,13 +485,35 @@ async def run_full_stack(args: argparse.Namespace, work: Path) -> dict[str, Any]
                     i = next_index
                     next_index += 1
                     account = rng.choice(ids)
+                    scheme = suite_of[account]
+                    tweak = root if scheme.taproot else None
+                    message = f"demo transfer {i}".encode()
                     start = time.perf_counter()
                     try:
-                        await coordinator.sign_message(account, f"demo transfer {i}".encode())
+                        signed = await coordinator.sign(account, message, taproot_merkle_root=tweak)
                     except Exception as exc:  # counted and reported, the run goes on
                         failures.append(f"{type(exc).__name__}: {exc}")
                         continue
-                    latencies.append(time.perf_counter() - start)
+                    elapsed_s = time.perf_counter() - start
+                    tally = tallies[scheme.name]
+                    tally.signatures += 1
+                    ok = signed.ciphersuite == scheme.name and verify_independently(
+                        scheme, signed.group_public_key, message, signed.signature, tweak
+                    )
+                    if not ok:
+                        failures.append(
+                            f"{scheme.name} signature for {account} did not verify independently"
+                        )
+                        continue
+                    tally.verified += 1
+                    if scheme.taproot and not taproot_sample:
+                        taproot_sample.update(
+                            account=account,
+                            message_hex=message.hex(),
+                            output_key_hex=signed.verifying_key.hex(),
+                            signature_hex=signed.signature.hex(),
+                        )
+                    latencies.append(elapsed_s)
                     progress(len(latencies) + len(failures), args.signatures)
 
             with progress:
@@ -520,6 +564,8 @@ async def run_full_stack(args: argparse.Namespace, work: Path) -> dict[str, Any]
         or "none",
         "approver_keys": str(stack.work / "approvers"),
         **refusal,
+        "ciphersuites": {s.name: tallies[s.name].line(s, root) for s in suites},
+        **({"taproot_sample": json.dumps(taproot_sample)} if taproot_sample else {}),
     }
 
 
@@ -541,18 +587,25 @@ def refused_first_node_class() -> Any:
             message: bytes,
             commitments: Any,
             approvals: Any = (),
+            *,
+            taproot_merkle_root: bytes | None = None,
         ) -> Any:
+            root = taproot_merkle_root
             if self.refused_session is None and len(approvals) > 1:
                 self.refused_session = session_id
                 try:
-                    await super().sign(session_id, message, commitments, approvals[:1])
+                    await super().sign(
+                        session_id, message, commitments, approvals[:1], taproot_merkle_root=root
+                    )
                 except RpcError as exc:
                     if exc.status != StatusCode.PERMISSION_DENIED:
                         raise
                     self.refusal = str(exc)
                 else:
                     self.refusal = "NOT REFUSED: the enclave signed with one approval"
-            return await super().sign(session_id, message, commitments, approvals)
+            return await super().sign(
+                session_id, message, commitments, approvals, taproot_merkle_root=root
+            )
 
     return RefusedFirst
 
