@@ -209,3 +209,12 @@ def test_secp256k1_dealer_quorums(scheme: Scheme, data: st.DataObject) -> None:
     assert total.format(compressed=True) == dealt.group_public_key
     sig = _sign(scheme, dealt, signers)
     assert scheme.verify(dealt.group_public_key, MESSAGE, sig)
+
+
+def test_negating_zero_keeps_zero() -> None:
+    zero = bytearray(32)
+    _secp256k1.scalar_negate(zero)
+    assert zero == bytearray(32)
+    one = bytearray((1).to_bytes(32, "big"))
+    _secp256k1.scalar_negate(one)
+    assert int.from_bytes(one, "big") == _secp256k1.N - 1

@@ -241,7 +241,10 @@ def _tweak_mul(acc: bytearray, tweak: Buffer) -> None:
 
 
 def _negate(acc: bytearray) -> None:
-    """``acc = -acc mod n`` in place (zero stays zero)."""
+    """``acc = -acc mod n`` in place (zero stays zero: libsecp256k1 refuses a zero key and
+    leaves the buffer unspecified, so zero is answered before the call)."""
+    if not any(acc):
+        return
     if not lib.secp256k1_ec_seckey_negate(GLOBAL_CONTEXT.ctx, _wbuf(acc)):  # pragma: no cover
         raise InternalError("secret scalar out of range")
 
