@@ -5,6 +5,7 @@ up with :func:`scheme_by_name` (``"FROST-ED25519-SHA512-v1"``, ``"FROST-secp256k
 ``"FROST-secp256k1-SHA256-TR-v1"``) and use its methods: the same calls work for all three.
 """
 
+from ._dkg import DkgError as DkgError
 from ._frost import CIPHERSUITE as CIPHERSUITE
 from ._frost import DealerOutput as DealerOutput
 from ._frost import DealerShare as DealerShare
@@ -38,6 +39,7 @@ __all__ = [
     "Ciphersuite",
     "DealerOutput",
     "DealerShare",
+    "DkgError",
     "Scheme",
     "SigningCommitment",
     "SigningNonces",
