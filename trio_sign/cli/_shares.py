@@ -15,6 +15,12 @@ from .._progress import Progress
 log = logging.getLogger("trio_sign.cli")
 
 
+# The suites' names for --help without importing the crypto modules at parse time (a test
+# holds them to trio_sign.crypto.SCHEMES).
+_ED25519 = "FROST-ED25519-SHA512-v1"
+_SUITE_NAMES = (_ED25519, "FROST-secp256k1-SHA256-v1", "FROST-secp256k1-SHA256-TR-v1")
+
+
 def add_parser(sub: Any) -> None:
     shares = sub.add_parser("shares", help="generate, seal and inspect key-share files")
     cmds = shares.add_subparsers(dest="shares_command", required=True, metavar="SUBCOMMAND")
@@ -22,8 +28,9 @@ def add_parser(sub: Any) -> None:
     gen = cmds.add_parser(
         "generate",
         help="test key material: the service's share file plus the counterparts' files",
-        description="Split a fresh Ed25519 key per account with a trusted dealer (test and "
-        "demo material only; production shares come from a key ceremony).",
+        description="Split a fresh key per account with a trusted dealer (test and demo "
+        "material only; production shares come from a key ceremony). With several "
+        "--ciphersuite options the accounts take the suites in turn (a mixed file).",
     )
     gen.add_argument("--accounts", type=int, required=True, metavar="N")
     gen.add_argument("--out", type=Path, required=True, metavar="DIR")
@@ -36,6 +43,14 @@ def add_parser(sub: Any) -> None:
         help="which participant (1..max-signers) the service is (default 1)",
     )
     gen.add_argument("--account-prefix", default="acct-")
+    gen.add_argument(
+        "--ciphersuite",
+        dest="ciphersuites",
+        action="append",
+        metavar="NAME",
+        help="deal accounts in this suite (repeatable: round-robin over the suites given; "
+        f"default {_ED25519}); one of {', '.join(_SUITE_NAMES)}",
+    )
     gen.add_argument("--force", action="store_true", help="overwrite existing files")
     gen.set_defaults(func=cmd_generate)
 
@@ -145,8 +160,15 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from .._errors import TrioSignError
     from ..testing import generate_share_files
+    from ..testing._keygen import resolve_ciphersuites
+    from ._listen import UsageError
 
+    try:
+        suites = [s.name for s in resolve_ciphersuites(args.ciphersuites)]
+    except TrioSignError as exc:
+        raise UsageError(str(exc)) from None
     progress = Progress("generating")
     try:
         report = generate_share_files(
@@ -158,6 +180,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             account_prefix=args.account_prefix,
             force=args.force,
             progress=progress,
+            ciphersuites=suites,
         )
     finally:
         progress.close()
@@ -165,11 +188,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "generated shares",
         extra={
             "accounts": report.accounts,
+            "ciphersuites": ",".join(f"{k}={v}" for k, v in (report.ciphersuites or {}).items()),
             "service_file": str(report.service_file),
             "participant_files": ",".join(str(p) for p in report.participant_files.values()),
             "seconds": round(report.seconds, 3),
         },
     )
+    for name, count in (report.ciphersuites or {}).items():
+        print(f"{name}: {count:,} accounts")
     print(f"service shares:     {report.service_file}")
     for ident, path in sorted(report.participant_files.items()):
         print(f"participant {ident} shares: {path}")
