@@ -17,7 +17,7 @@ import trio
 import trio.testing
 
 from proto_min import sign_service_pb2 as pb
-from trio_sign.crypto import SigningCommitment
+from trio_sign.crypto import SCHEMES, Scheme, SigningCommitment
 from trio_sign.enclave import SessionPool, SignService
 from trio_sign.enclave import _pool as pool_module
 from trio_sign.enclave import _service as service_module
@@ -53,11 +53,22 @@ def counts(monkeypatch: pytest.MonkeyPatch) -> Counts:
         seen.commitments += 1
         return SigningCommitment(identifier, hiding, binding)
 
-    def counting_digest(message: bytes, commitments: Any) -> bytes:
+    def counting_digest(message: bytes, commitments: Any, merkle_root: bytes | None) -> bytes:
         seen.digests += 1
-        return real_digest(message, commitments)
+        return real_digest(message, commitments, merkle_root)
 
-    monkeypatch.setattr(pool_module, "SigningCommitment", counting_commitment)
+    # The pool builds commitments through the account's suite (Scheme.commitment).
+    for scheme in SCHEMES:
+        real = type(scheme).commitment
+
+        def counting_method(
+            self: Scheme, identifier: bytes, hiding: bytes, binding: bytes, real: Any = real
+        ) -> Any:
+            seen.commitments += 1
+            return real(self, identifier, hiding, binding)
+
+        monkeypatch.setattr(type(scheme), "commitment", counting_method)
+    monkeypatch.setattr(pool_module, "SigningCommitment", counting_commitment, raising=False)
     monkeypatch.setattr(service_module, "SigningCommitment", counting_commitment, raising=False)
     monkeypatch.setattr(pool_module, "_request_digest", counting_digest)
     return seen
@@ -152,6 +163,9 @@ async def test_sign_with_too_many_commitments_keeps_the_session(
     # Invalid input leaves the session usable (the pool's contract): a correct retry signs.
     await _sign_and_verify(service, accounts["acct-0"], "s", own)
     assert pool.open_sessions == 0
+    # ... and only then were the two commitments built and the request hashed (which also
+    # shows the counters see the pool's work).
+    assert (counts.commitments, counts.digests) == (2, 1)
 
 
 @pytest.mark.parametrize(
@@ -349,13 +363,25 @@ async def test_a_field_over_64_kib_is_invalid_argument_and_logs_no_error(
 
 def test_request_digest_takes_any_field_size() -> None:
     c = SigningCommitment(bytes(32), bytes(70_000), bytes(32))
-    digest = pool_module._request_digest(b"m", [c])
+    digest = pool_module._request_digest(b"m", [c], None)
     assert len(digest) == 32
     # Moving bytes between fields, or between the message and a field, changes the digest.
     moved = SigningCommitment(bytes(33), bytes(69_999), bytes(32))
-    assert pool_module._request_digest(b"m", [moved]) != digest
-    assert pool_module._request_digest(b"", [SigningCommitment(b"m", b"", b"")]) != (
-        pool_module._request_digest(b"m", [SigningCommitment(b"", b"", b"")])
+    assert pool_module._request_digest(b"m", [moved], None) != digest
+    assert pool_module._request_digest(b"", [SigningCommitment(b"m", b"", b"")], None) != (
+        pool_module._request_digest(b"m", [SigningCommitment(b"", b"", b"")], None)
+    )
+
+
+def test_request_digest_covers_the_merkle_roots_presence_and_value() -> None:
+    """No root, an empty root and each 32-byte root sign differently: four digests."""
+    c = SigningCommitment(bytes(32), bytes(33), bytes(33))
+    roots: list[bytes | None] = [None, b"", bytes(32), b"\x01" * 32]
+    digests = {pool_module._request_digest(b"m", [c], root) for root in roots}
+    assert len(digests) == len(roots)
+    # The root is framed too: its bytes cannot pass for the message's or a commitment's.
+    assert pool_module._request_digest(b"m" + bytes(32), [c], b"") != (
+        pool_module._request_digest(b"m", [c], bytes(32))
     )
 
 

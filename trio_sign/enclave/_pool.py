@@ -8,6 +8,11 @@ After ``Sign`` the session keeps only public data (a digest of the request and t
 share) until its TTL ends, so a byte-identical retry gets the same share and any different
 request is refused: the nonces are never used twice.
 
+Every account signs with its own ciphersuite (DESIGN §14): the pool looks up the account's
+:class:`~trio_sign.crypto.Scheme` by the name its share carries and lets it draw the nonces,
+build the commitments and sign, so these guarantees hold alike for every suite. Only the
+Taproot suite takes a BIP-341 merkle root.
+
 All state changes happen without an ``await`` in between, so they are atomic under Trio.
 """
 
@@ -19,12 +24,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
 from .._errors import FrostError, TrioSignError
-from ..crypto import SigningCommitment, SigningNonces, commit, sign
+from ..crypto import SCHEMES, SECP256K1_TR, Scheme, scheme_by_name
 from ..shares import AccountShare
 
 log = logging.getLogger("trio_sign.pool")
@@ -32,10 +37,14 @@ log = logging.getLogger("trio_sign.pool")
 DEFAULT_MAX_SESSIONS = 10_000
 DEFAULT_SESSION_TTL_S = 60.0
 MAX_SESSION_ID_BYTES = 128
-#: Wire sizes of a commitment's fields in FROST(Ed25519, SHA-512): a scalar identifier and two
-#: compressed Edwards points (DESIGN §4). Checked before any commitment object is built.
+#: Wire size of a commitment's identifier in every suite (a 32-byte scalar, DESIGN §4); its two
+#: points are the account's suite's ``element_size`` (32 for Ed25519, 33 for secp256k1). Both
+#: are checked before any commitment object is built.
 IDENTIFIER_BYTES = 32
-ELEMENT_BYTES = 32
+#: The largest element of any suite (a compressed secp256k1 point), for request-size bounds.
+MAX_ELEMENT_BYTES = max(s.element_size for s in SCHEMES)
+#: A BIP-341 merkle root (a TapBranch hash); an empty root is allowed too (DESIGN §4).
+MERKLE_ROOT_BYTES = 32
 
 
 class PoolErrorKind(Enum):
@@ -57,9 +66,37 @@ class PoolError(TrioSignError):
         self.kind = kind
 
 
+class CommitmentFields(Protocol):
+    """What :meth:`SessionPool.sign` reads of each commitment: a suite's ``SigningCommitment``
+    or the ``SigningCommitment`` protobuf message as received (so nothing is built before the
+    list is known to be in bounds)."""
+
+    @property
+    def identifier(self) -> bytes: ...
+
+    @property
+    def hiding(self) -> bytes: ...
+
+    @property
+    def binding(self) -> bytes: ...
+
+
+class _Nonces(Protocol):
+    """A suite's round-one secret: single use, zeroed by :meth:`zero`."""
+
+    used: bool
+
+    @property
+    def commitment(self) -> Any: ...
+
+    def zero(self) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class CommitResult:
-    commitment: SigningCommitment
+    """A session's commitment (in its account's suite's encoding) and when it expires."""
+
+    commitment: CommitmentFields
     expires_at_unix_ms: int
 
 
@@ -74,11 +111,12 @@ class _Session:
     )
 
     def __init__(
-        self, account_id: str, nonces: SigningNonces, deadline: float, expires_at_unix_ms: int
+        self, account_id: str, nonces: _Nonces, deadline: float, expires_at_unix_ms: int
     ) -> None:
         self.account_id = account_id
-        self.commitment = nonces.commitment  # public; kept for Commit retries after Sign
-        self.nonces: SigningNonces | None = nonces
+        # public; kept for Commit retries after Sign
+        self.commitment: CommitmentFields = nonces.commitment
+        self.nonces: _Nonces | None = nonces
         self.deadline = deadline
         self.expires_at_unix_ms = expires_at_unix_ms
         self.token: object | None = None  # the limiter borrower while the slot is held
@@ -87,8 +125,9 @@ class _Session:
 #: A signed session, kept only for byte-identical retries until its deadline. A plain tuple of
 #: str/bytes/numbers: CPython's GC stops tracking such tuples, so tens of thousands of them
 #: (60 s of traffic) add nothing to full collections. Fields: deadline, account_id, request
-#: digest, signature share, identifier, hiding, binding, expires_at_unix_ms.
-_Signed = tuple[float, str, bytes, bytes, bytes, bytes, bytes, int]
+#: digest, signature share, identifier, hiding, binding, expires_at_unix_ms, and the suite's
+#: code (``Scheme.code``, to rebuild the commitment for a Commit retry).
+_Signed = tuple[float, str, bytes, bytes, bytes, bytes, bytes, int, int]
 
 
 @dataclass(slots=True)
@@ -120,27 +159,15 @@ class PoolStats:
     refused_frozen: int = 0
 
 
-class CommitmentFields(Protocol):
-    """What :meth:`SessionPool.sign` reads of each commitment: a
-    :class:`~trio_sign.crypto.SigningCommitment` or the ``SigningCommitment`` protobuf message
-    as received (so nothing is built before the list is known to be in bounds)."""
-
-    @property
-    def identifier(self) -> bytes: ...
-
-    @property
-    def hiding(self) -> bytes: ...
-
-    @property
-    def binding(self) -> bytes: ...
-
-
-def _request_digest(message: bytes, commitments: Sequence[CommitmentFields]) -> bytes:
+def _request_digest(
+    message: bytes, commitments: Sequence[CommitmentFields], merkle_root: bytes | None
+) -> bytes:
     """A digest of the whole Sign request, for recognising a byte-identical retry.
 
     Every part is length-prefixed with 8 bytes, so no field size can overflow the prefix (a
     2-byte prefix once made a 64 KiB field an OverflowError) and no two requests collide by
-    moving bytes between fields.
+    moving bytes between fields. The merkle root's presence is a byte of its own: no root,
+    an empty root and a 32-byte root are three different requests (they sign differently).
     """
     h = hashlib.sha256()
     h.update(len(message).to_bytes(8, "big"))
@@ -150,14 +177,21 @@ def _request_digest(message: bytes, commitments: Sequence[CommitmentFields]) -> 
         for part in (c.identifier, c.hiding, c.binding):
             h.update(len(part).to_bytes(8, "big"))
             h.update(part)
+    if merkle_root is None:
+        h.update(b"\x00")
+    else:
+        h.update(b"\x01")
+        h.update(len(merkle_root).to_bytes(8, "big"))
+        h.update(merkle_root)
     return h.digest()
 
 
 def _commitments_problem(
-    commitments: Sequence[CommitmentFields], min_signers: int, max_signers: int
+    commitments: Sequence[CommitmentFields], min_signers: int, max_signers: int, element_size: int
 ) -> str | None:
     """Why the list is out of bounds for the account, or None; the work is bounded by
     ``max_signers``, never by the request (the length is checked before any element is read).
+    ``element_size`` is the account's suite's (a commitment of another suite is refused here).
     """
     n = len(commitments)
     if n < min_signers:
@@ -167,12 +201,42 @@ def _commitments_problem(
     for index, c in enumerate(commitments):
         for name, value, size in (
             ("identifier", c.identifier, IDENTIFIER_BYTES),
-            ("hiding", c.hiding, ELEMENT_BYTES),
-            ("binding", c.binding, ELEMENT_BYTES),
+            ("hiding", c.hiding, element_size),
+            ("binding", c.binding, element_size),
         ):
             if len(value) != size:
                 return f"commitment {index}: {name} must be {size} bytes, got {len(value)}"
     return None
+
+
+def _merkle_root_problem(scheme: Scheme, merkle_root: bytes | None) -> str | None:
+    """Why ``merkle_root`` does not fit the account's suite, or None (checked by length only:
+    any 32 bytes are a merkle root)."""
+    if merkle_root is None:
+        return None
+    if not scheme.taproot:
+        return (
+            f"taproot_merkle_root applies only to {SECP256K1_TR.name} accounts; "
+            f"this account's ciphersuite is {scheme.name}"
+        )
+    if len(merkle_root) not in (0, MERKLE_ROOT_BYTES):
+        return (
+            f"taproot_merkle_root must be empty or {MERKLE_ROOT_BYTES} bytes, "
+            f"got {len(merkle_root)}"
+        )
+    return None
+
+
+def _problem(
+    scheme: Scheme,
+    account: AccountShare,
+    commitments: Sequence[CommitmentFields],
+    merkle_root: bytes | None,
+) -> str | None:
+    """Every bound of a Sign request for ``account``, checked by length only."""
+    return _merkle_root_problem(scheme, merkle_root) or _commitments_problem(
+        commitments, account.min_signers, account.max_signers, scheme.element_size
+    )
 
 
 class SessionPool:
@@ -275,13 +339,13 @@ class SessionPool:
             return CommitResult(existing.commitment, existing.expires_at_unix_ms)
         signed = self._live_signed(session_id)
         if signed is not None:
-            _deadline, signed_account, _digest, _share, ident, hiding, binding, ms = signed
+            _deadline, signed_account, _digest, _share, ident, hiding, binding, ms, code = signed
             if signed_account != account_id:
                 raise PoolError(
                     PoolErrorKind.ALREADY_EXISTS,
                     "session_id is already in use for another account",
                 )
-            return CommitResult(SigningCommitment(ident, hiding, binding), ms)
+            return CommitResult(SCHEMES[code].commitment(ident, hiding, binding), ms)
         if not self._accepting:
             self.stats.refused_draining += 1
             raise PoolError(PoolErrorKind.UNAVAILABLE, "draining: not taking new sessions")
@@ -292,6 +356,7 @@ class SessionPool:
                 PoolErrorKind.RESOURCE_EXHAUSTED, f"not taking new sessions: {overload}"
             )
         account = self._account(account_id)
+        scheme = scheme_by_name(account.ciphersuite)
         token = object()
         try:
             self._limiter.acquire_on_behalf_of_nowait(token)
@@ -303,7 +368,7 @@ class SessionPool:
                 "or raise max_sessions",
             ) from None
         try:
-            nonces = commit(account.identifier, account.signing_share)
+            nonces: _Nonces = scheme.commit(account.identifier, account.signing_share)
         except BaseException:
             self._free(token)
             raise
@@ -322,12 +387,20 @@ class SessionPool:
         message: bytes,
         commitments: Sequence[CommitmentFields],
         *,
+        merkle_root: bytes | None = None,
         authorize: Callable[[AccountShare], None] | None = None,
     ) -> tuple[bytes, bytes]:
         """FROST round two: consume the session's nonces exactly once; free its slot.
 
         A byte-identical retry returns the same share; any other request for a signed session
-        is FAILED_PRECONDITION. Invalid input (INVALID_ARGUMENT) leaves the session usable.
+        is FAILED_PRECONDITION (a different ``merkle_root``, or one given or left out, makes a
+        different request). Invalid input (INVALID_ARGUMENT) leaves the session usable.
+
+        ``merkle_root`` is the BIP-341 tweak's merkle root, only for a
+        ``FROST-secp256k1-SHA256-TR-v1`` account: None signs with the key as it is, ``b""``
+        or 32 bytes tweak it (DESIGN §4). Given for any other suite, or of another length, it
+        is INVALID_ARGUMENT, checked with the other bounds (before ``authorize`` and before
+        the nonces are touched, so the session still signs a corrected request).
 
         ``authorize(account)`` (the account's policy, DESIGN §11) runs once the request is
         known to be well formed for a live session and before the nonces or the signing share
@@ -337,9 +410,10 @@ class SessionPool:
         touched, and the message and commitments are the ones that were authorized).
 
         The work is bounded before it starts: the session id's length, then the session, then
-        the list's length against the account's ``min_signers``/``max_signers`` and every
-        field's length, all before a commitment object is built or anything is hashed. The
-        caller bounds ``message`` (the service's ``MAX_MESSAGE_BYTES``).
+        the merkle root against the account's suite, the list's length against the account's
+        ``min_signers``/``max_signers`` and every field's length against the suite's (element
+        size; identifiers 32 bytes), all before a commitment object is built or anything is
+        hashed. The caller bounds ``message`` (the service's ``MAX_MESSAGE_BYTES``).
 
         Returns:
             ``(identifier, signature_share)``: this signer's identifier and its share.
@@ -350,7 +424,7 @@ class SessionPool:
             signed = self._live_signed(session_id)
             if signed is None:
                 raise PoolError(PoolErrorKind.NOT_FOUND, "unknown or expired session_id")
-            if self._is_signed_retry(signed, message, commitments):
+            if self._is_signed_retry(signed, message, commitments, merkle_root):
                 return signed[4], signed[3]
             raise PoolError(
                 PoolErrorKind.FAILED_PRECONDITION,
@@ -360,18 +434,19 @@ class SessionPool:
             self.stats.refused_frozen += 1
             raise PoolError(PoolErrorKind.FAILED_PRECONDITION, "account is frozen")
         account = self._account(session.account_id)
-        problem = _commitments_problem(commitments, account.min_signers, account.max_signers)
+        scheme = scheme_by_name(account.ciphersuite)
+        problem = _problem(scheme, account, commitments, merkle_root)
         if problem is not None:
             raise PoolError(PoolErrorKind.INVALID_ARGUMENT, problem)
         if authorize is not None:
             authorize(account)
-        parsed = [
-            SigningCommitment(bytes(c.identifier), bytes(c.hiding), bytes(c.binding))
-            for c in commitments
-        ]
+        make = scheme.commitment
+        parsed = [make(bytes(c.identifier), bytes(c.hiding), bytes(c.binding)) for c in commitments]
+        if merkle_root is not None:
+            merkle_root = bytes(merkle_root)
         nonces = session.nonces
         try:
-            share = sign(
+            share = scheme.sign(
                 nonces,
                 signing_share=account.signing_share,
                 group_public_key=account.group_public_key,
@@ -379,6 +454,7 @@ class SessionPool:
                 commitments=parsed,
                 min_signers=account.min_signers,
                 max_signers=account.max_signers,
+                merkle_root=merkle_root,
             )
         except FrostError as exc:
             if nonces.used:  # pragma: no cover - sign() only fails before consuming
@@ -397,26 +473,31 @@ class SessionPool:
         self._signed[session_id] = (
             session.deadline,
             session.account_id,
-            _request_digest(message, parsed),
+            _request_digest(message, parsed, merkle_root),
             share,
             c.identifier,
             c.hiding,
             c.binding,
             session.expires_at_unix_ms,
+            scheme.code,
         )
         return c.identifier, share
 
     def _is_signed_retry(
-        self, signed: _Signed, message: bytes, commitments: Sequence[CommitmentFields]
+        self,
+        signed: _Signed,
+        message: bytes,
+        commitments: Sequence[CommitmentFields],
+        merkle_root: bytes | None,
     ) -> bool:
         """Whether the request is byte-identical to the one the session signed. The signed
         request was in bounds, so one that is not cannot match: refused without hashing."""
         account = self._lookup(signed[1])
         if account is None:  # pragma: no cover - the store does not shrink while serving
             return False
-        if _commitments_problem(commitments, account.min_signers, account.max_signers) is not None:
+        if _problem(SCHEMES[signed[8]], account, commitments, merkle_root) is not None:
             return False
-        return signed[2] == _request_digest(message, commitments)
+        return signed[2] == _request_digest(message, commitments, merkle_root)
 
     def abort(self, session_id: str) -> None:
         """Drop the session and zero its nonces (also forgets a signed session)."""

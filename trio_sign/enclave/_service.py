@@ -7,6 +7,11 @@ ready; DEADLINE_EXCEEDED comes from the server's deadline handling. A share that
 lazy verification is DATA_LOSS (the bundle is corrupt for that account). No message contains
 key material.
 
+Each account signs with its own ciphersuite (DESIGN §14): ``GetAccount`` names it, and the
+account's keys, identifiers and commitments travel in that suite's encodings. ``Sign`` passes
+``taproot_merkle_root`` on only when the request carries the field (proto3 ``optional``: an
+empty root is not an absent one), and the pool refuses it for any suite but Taproot.
+
 ``Sign`` is authorized (DESIGN §11): once the request is well formed for a live session, its
 approvals are checked against the account's policy (:class:`~trio_sign.authz.Authorizer`)
 before the nonces or the share are touched; a refusal is PERMISSION_DENIED naming what is
@@ -34,7 +39,6 @@ from .. import __version__
 from .._errors import ShareFileError
 from .._metrics import CounterChild, Registry
 from ..authz import DEVELOPMENT_POLICIES, ApprovalDenied, Authorizer
-from ..crypto import CIPHERSUITE
 from ..nitro._binding import NO_DELTAS
 from ..rpc import (
     CallContext,
@@ -47,9 +51,10 @@ from ..rpc import (
 from ..shares import AccountShare, ShareStore
 from ._memory import MemoryWatermark, read_memory_limit_bytes, read_rss_bytes
 from ._pool import (
-    ELEMENT_BYTES,
     IDENTIFIER_BYTES,
+    MAX_ELEMENT_BYTES,
     MAX_SESSION_ID_BYTES,
+    MERKLE_ROOT_BYTES,
     PoolError,
     PoolErrorKind,
     SessionPool,
@@ -96,17 +101,19 @@ Attestor = Callable[[bytes], Awaitable[bytes]]
 
 def largest_sign_request_bytes(signers: int) -> int:
     """The encoded size of the largest valid Sign request with ``signers`` commitments: the
-    longest session id and message, and full-size commitment fields. ``max_sign_request_bytes``
-    must be at least this for the largest ``max_signers`` of any account."""
+    longest session id and message, commitment fields of the largest suite's size (33-byte
+    secp256k1 points) and a 32-byte Taproot merkle root. ``max_sign_request_bytes`` must be at
+    least this for the largest ``max_signers`` of any account."""
     commitment = pb.SigningCommitment(
         identifier=bytes(IDENTIFIER_BYTES),
-        hiding=bytes(ELEMENT_BYTES),
-        binding=bytes(ELEMENT_BYTES),
+        hiding=bytes(MAX_ELEMENT_BYTES),
+        binding=bytes(MAX_ELEMENT_BYTES),
     )
     request = pb.SignRequest(
         session_id="s" * MAX_SESSION_ID_BYTES,
         message=bytes(MAX_MESSAGE_BYTES),
         commitments=[commitment] * signers,
+        taproot_merkle_root=bytes(MERKLE_ROOT_BYTES),
     )
     return int(request.ByteSize())
 
@@ -428,7 +435,7 @@ class SignService:
         account = self._account(request.account_id)
         return pb.GetAccountResponse(
             account_id=account.account_id,
-            ciphersuite=CIPHERSUITE,
+            ciphersuite=account.ciphersuite,
             group_public_key=account.group_public_key,
             identifier=account.identifier,
             verifying_share=account.verifying_share,
@@ -457,16 +464,25 @@ class SignService:
                 StatusCode.INVALID_ARGUMENT, f"message must be at most {MAX_MESSAGE_BYTES} bytes"
             )
         session_id = request.session_id
+        # Presence, not truthiness: an empty root is a BIP-341 tweak, an absent one is none.
+        merkle_root = (
+            request.taproot_merkle_root if request.HasField("taproot_merkle_root") else None
+        )
 
         def authorize(account: AccountShare) -> None:
             self._authorize(account, session_id, request)
 
-        # The commitments go to the pool as received: it checks the session, the list's length
-        # and every field's size before building anything (work bounded by max_signers), then
-        # asks ``authorize`` before it touches the nonces.
+        # The commitments go to the pool as received: it checks the session, the merkle root
+        # against the account's suite, the list's length and every field's size before building
+        # anything (work bounded by max_signers), then asks ``authorize`` before it touches the
+        # nonces.
         with _map_errors():
             identifier, share = self.pool.sign(
-                session_id, request.message, request.commitments, authorize=authorize
+                session_id,
+                request.message,
+                request.commitments,
+                merkle_root=merkle_root,
+                authorize=authorize,
             )
         return pb.SignResponse(identifier=identifier, signature_share=share)
 
