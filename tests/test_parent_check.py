@@ -81,6 +81,8 @@ BAD = [
     ("enclave.grpc_port", "0", "[enclave] grpc_port"),
     ("failure.backoff_initial_s", "0", "[failure] backoff_initial_s"),
     ("bundle.source", '"s3://bucket-only"', "[bundle] source"),
+    ("deltas.location", '"file://bundle.enc/deltas"', "[deltas] location"),
+    ("deltas.location", '"ftp://host/deltas/"', "[deltas] location"),
 ]
 
 
@@ -149,3 +151,58 @@ def test_a_relative_work_dir_is_made_absolute(
     config = load_parent_config(Path("parent.toml"))
     assert config.bundle.work_dir == (tmp_path / "run").absolute()
     assert _Addresses(config).listen["status"] == f"unix://{tmp_path.absolute()}/run/status.sock"
+
+
+def test_a_deltas_directory_checks_ok_and_is_not_created(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path, **{"deltas.location": '"file://deltas"'})
+    assert main(["parent", "--config", str(path), "--check"]) == 0
+    assert not (tmp_path / "deltas").exists()
+    (tmp_path / "deltas").mkdir()
+    assert main(["parent", "--config", str(path), "--check"]) == 0
+    assert list((tmp_path / "deltas").iterdir()) == []  # the link probe cleaned up
+    assert capsys.readouterr().out.rstrip().endswith(": OK")
+
+
+def test_a_deltas_directory_without_hard_links_is_a_problem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from trio_sign.parent._config import load_parent_config, preflight
+
+    (tmp_path / "deltas").mkdir()
+    config = load_parent_config(write_config(tmp_path, **{"deltas.location": '"file://deltas"'}))
+
+    def no_link(src: object, dst: object) -> None:
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_link)
+    problems, _ = preflight(config)
+    assert len(problems) == 1
+    assert problems[0].startswith(f"[deltas] location file://{tmp_path / 'deltas'}: ")
+    assert "link(2)" in problems[0]
+    assert list((tmp_path / "deltas").iterdir()) == []
+
+
+def test_the_deltas_port_must_not_clash_on_nitro(tmp_path: Path) -> None:
+    from trio_sign.parent._config import parse_parent_config, preflight
+
+    (tmp_path / "app.eif").write_bytes(b"eif")
+    path = write_config(
+        tmp_path,
+        **{
+            "enclave.backend": '"nitro-cli"',
+            "enclave.eif_path": '"app.eif"',
+            "deltas.location": '"s3://bucket/deltas/"',
+            "deltas.deltas_port": "5001",
+        },
+    )
+    text = path.read_text().replace('config = "enclave.toml"\n', "")
+    config = parse_parent_config(text.replace('nsm_dir = "nsm"\n', ""), base=tmp_path)
+    problems, _ = preflight(config)
+    assert problems == [
+        "[deltas] deltas_port 5001 is taken by another enclave channel (5000-5003); use "
+        "another (default 7003)"
+    ]

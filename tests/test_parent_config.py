@@ -137,3 +137,50 @@ def test_gateway_url_under_the_allowlist(tmp_path: Path) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_parent_config(tmp_path / "nope.toml")
+
+
+# -- [deltas] (issue 16) -----------------------------------------------------------------------
+
+
+def test_deltas_defaults_and_locations(tmp_path: Path) -> None:
+    assert parse_parent_config(GOOD).deltas is None
+    cfg = parse_parent_config(GOOD + '\n[deltas]\nlocation = "s3://bucket/shard-1/"\n')
+    assert cfg.deltas is not None
+    assert cfg.deltas.location == "s3://bucket/shard-1/"
+    assert cfg.deltas.directory is None
+    assert (cfg.deltas.poll_interval_s, cfg.deltas.max_delta_bytes) == (1.0, 16 * 1024 * 1024)
+    assert cfg.deltas.deltas_port == 7003
+    path = tmp_path / "parent.toml"
+    path.write_text(
+        GOOD + '\n[deltas]\nlocation = "file://deltas"\npoll_interval_s = 0.5\n'
+        "max_delta_bytes = 1024\ndeltas_port = 7100\n"
+    )
+    cfg = load_parent_config(path)
+    assert cfg.deltas is not None
+    assert cfg.deltas.directory == tmp_path / "deltas"  # relative to parent.toml
+    assert cfg.deltas.location == f"file://{tmp_path / 'deltas'}"
+    assert (cfg.deltas.poll_interval_s, cfg.deltas.max_delta_bytes) == (0.5, 1024)
+    assert cfg.deltas.deltas_port == 7100
+    absolute = parse_parent_config(GOOD + '\n[deltas]\nlocation = "file:///var/lib/d"\n')
+    assert absolute.deltas is not None
+    assert absolute.deltas.directory == Path("/var/lib/d")
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ("poll_interval_s = 1", r"\[deltas\] location is required"),
+        ('location = "https://x/"', r"\[deltas\] location 'https://x/': expected file:///"),
+        ('location = "file://"', r"\[deltas\] location \"file://\" names no directory"),
+        ('location = "s3:///p/"', r"\[deltas\] location 's3:///p/': expected s3://bucket"),
+        ('location = "s3://b/p"', r"\[deltas\] location 's3://b/p': the prefix must end in '/'"),
+        ('location = "s3://b/"\npoll_interval_s = 0', r"\[deltas\] poll_interval_s must be > 0"),
+        ('location = "s3://b/"\nmax_delta_bytes = 0', r"\[deltas\] max_delta_bytes must be >= 1"),
+        ('location = "s3://b/"\nmax_delta_bytes = 1.5', r"\[deltas\] max_delta_bytes must be a"),
+        ('location = "s3://b/"\ndeltas_port = 70000', r"\[deltas\] deltas_port must be"),
+        ('location = "s3://b/"\nport = 1', r"\[deltas\] has unknown key 'port'"),
+    ],
+)
+def test_deltas_errors_name_the_key(section: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_parent_config(GOOD + f"\n[deltas]\n{section}\n")

@@ -54,10 +54,17 @@ Every error names the key and says what is expected. Example (local development)
 
     [health]
     listen = "tcp://127.0.0.1:8080"
+
+    [deltas]                                             # optional: accounts made by DKG
+    location = "file:///var/lib/trio-sign/deltas"        # or "s3://bucket/prefix/"
+    poll_interval_s = 1                                  # how often the store is listed
+    max_delta_bytes = 16777216                           # largest delta stored or served
+    deltas_port = 7003                                   # the enclave's deltas channel (vsock)
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -147,6 +154,31 @@ class FailureConfig:
     alert_command: tuple[str, ...] = ()
 
 
+#: ``[deltas] max_delta_bytes`` by default, and its ceiling.
+DEFAULT_MAX_DELTA_BYTES: Final = 16 * 1024 * 1024
+MAX_MAX_DELTA_BYTES: Final = 1024 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class DeltasConfig:
+    """Where the delta bundles live (docs/key-lifecycle.md §3) and how they move.
+
+    ``location`` is ``file://`` followed by a path (relative paths are relative to
+    parent.toml, made absolute here) or ``s3://bucket/prefix/``."""
+
+    location: str
+    poll_interval_s: float = 1.0
+    max_delta_bytes: int = DEFAULT_MAX_DELTA_BYTES
+    deltas_port: int = 7003
+
+    @property
+    def directory(self) -> Path | None:
+        """The directory of a ``file://`` location (None for S3)."""
+        if self.location.startswith("file://"):
+            return Path(self.location.removeprefix("file://"))
+        return None
+
+
 @dataclass(frozen=True, slots=True)
 class ParentConfig:
     bundle: BundleConfig
@@ -163,6 +195,7 @@ class ParentConfig:
     cloudwatch_group: str | None = None
     cloudwatch_stream: str | None = None
     cloudwatch_region: str | None = None
+    deltas: DeltasConfig | None = None
 
 
 def _table(data: Mapping[str, Any], name: str, *, required: bool = True) -> dict[str, Any]:
@@ -257,6 +290,7 @@ def parse_parent_config(text: str, *, base: Path = Path(".")) -> ParentConfig:
             "health",
             "relay",
             "logs",
+            "deltas",
         },
     )
 
@@ -445,6 +479,7 @@ def parse_parent_config(text: str, *, base: Path = Path(".")) -> ParentConfig:
     group = _get(logs, "logs", "cloudwatch_group", str, None)
     if group is not None and "cloudwatch_stream" not in logs:
         raise ConfigError("[logs] cloudwatch_stream is required with cloudwatch_group")
+    deltas = _deltas_config(_table(data, "deltas", required=False), base)
     return ParentConfig(
         bundle=bundle,
         kms=kms,
@@ -460,6 +495,49 @@ def parse_parent_config(text: str, *, base: Path = Path(".")) -> ParentConfig:
         cloudwatch_group=group,
         cloudwatch_stream=_get(logs, "logs", "cloudwatch_stream", str, None),
         cloudwatch_region=_get(logs, "logs", "cloudwatch_region", str, None),
+        deltas=deltas,
+    )
+
+
+def _deltas_config(d: Mapping[str, Any], base: Path) -> DeltasConfig | None:
+    """``[deltas]``: absent (or empty), no delta store."""
+    if not d:
+        return None
+    _unknown(d, "deltas", {"location", "poll_interval_s", "max_delta_bytes", "deltas_port"})
+    location: str = _get(d, "deltas", "location", str)
+    if location.startswith("file://"):
+        path = location.removeprefix("file://")
+        if not path:
+            raise ConfigError('[deltas] location "file://" names no directory')
+        location = "file://" + str((base / path).absolute())
+    elif location.startswith("s3://"):
+        bucket, _, prefix = location.removeprefix("s3://").partition("/")
+        if not bucket:
+            raise ConfigError(f"[deltas] location {location!r}: expected s3://bucket/prefix/")
+        if prefix and not prefix.endswith("/"):
+            raise ConfigError(
+                f"[deltas] location {location!r}: the prefix must end in '/' (a folder)"
+            )
+    else:
+        raise ConfigError(
+            f"[deltas] location {location!r}: expected file:///path/to/dir or s3://bucket/prefix/"
+        )
+    return DeltasConfig(
+        location=location,
+        poll_interval_s=_number(d, "deltas", "poll_interval_s", float, 1.0, low=0),
+        max_delta_bytes=_number(
+            d,
+            "deltas",
+            "max_delta_bytes",
+            int,
+            DEFAULT_MAX_DELTA_BYTES,
+            low=1,
+            high=MAX_MAX_DELTA_BYTES,
+            low_inclusive=True,
+        ),
+        deltas_port=_number(
+            d, "deltas", "deltas_port", int, 7003, low=1, high=65535, low_inclusive=True
+        ),
     )
 
 
@@ -523,6 +601,7 @@ def preflight(config: ParentConfig) -> tuple[list[str], list[str]]:
                 pass
         except OSError as exc:
             problems.append(f"[logs] file {config.log_file}: {exc.strerror or exc}")
+    _check_deltas(config, problems)
     health = parse_address(config.health_listen)
     if health.scheme == "tcp":
         try:
@@ -538,6 +617,45 @@ def preflight(config: ParentConfig) -> tuple[list[str], list[str]]:
                 "live log tail are then reachable from the network"
             )
     return problems, warnings
+
+
+def _check_deltas(config: ParentConfig, problems: list[str]) -> None:
+    """``[deltas]``: a file location must be (or become) a writable directory on a file system
+    with hard links; its port must not be one the other channels use."""
+    d = config.deltas
+    if d is None:
+        return
+    directory = d.directory
+    if directory is not None:
+        _writable_dir(directory, "[deltas] location", problems)
+        if directory.is_dir() and os.access(directory, os.W_OK | os.X_OK):
+            problem = _hard_link_problem(directory)
+            if problem is not None:
+                problems.append(f"[deltas] location {d.location}: {problem}")
+    if config.enclave.backend == "nitro-cli" and d.deltas_port in (5000, 5001, 5002, 5003):
+        problems.append(
+            f"[deltas] deltas_port {d.deltas_port} is taken by another enclave channel "
+            "(5000-5003); use another (default 7003)"
+        )
+
+
+def _hard_link_problem(directory: Path) -> str | None:
+    """Put-if-absent needs link(2): try one, with names the store never uses."""
+    import secrets
+
+    probe = directory / f".link-probe.{secrets.token_hex(8)}"
+    target = probe.with_name(probe.name + ".linked")
+    try:
+        probe.write_bytes(b"")
+        os.link(probe, target)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        return f"cannot create and hard-link a file there ({reason}); the store needs link(2)"
+    finally:
+        for path in (probe, target):
+            with contextlib.suppress(OSError):
+                path.unlink()
+    return None
 
 
 def _writable_dir(path: Path, what: str, problems: list[str]) -> None:
