@@ -219,7 +219,8 @@ class SignService:
             :data:`DEFAULT_MAX_SIGN_REQUEST_BYTES`, 256 KiB); larger ones are refused by the
             server before parsing. It must leave room for a ``MAX_MESSAGE_BYTES`` message and a
             two-signer commitment list (:func:`largest_sign_request_bytes`); raise it if an
-            account's ``max_signers`` needs more (about 104 bytes per commitment).
+            account's ``max_signers`` needs more (about 104 bytes per Ed25519 commitment, 106
+            per secp256k1 one).
         attestation_rate_per_s: GetAttestation calls allowed per second on average (each
             one is an NSM request); more get RESOURCE_EXHAUSTED.
         attestation_burst: GetAttestation calls allowed at once after a quiet period.
