@@ -22,11 +22,15 @@ from botocore.response import StreamingBody  # type: ignore[import-untyped]
 from botocore.stub import Stubber  # type: ignore[import-untyped]
 
 from trio_sign.nitro import (
+    AttestationMessage,
+    BundleChunkMessage,
+    BundleEndMessage,
     ChannelClosed,
     ChannelMessage,
     HelloMessage,
     MessageStream,
     PreloadResultMessage,
+    RecipientCiphertextMessage,
 )
 from trio_sign.nitro._channel import (
     MAX_DELTA_CHUNK_BYTES,
@@ -55,6 +59,7 @@ from trio_sign.parent._deltas import (
     parse_object_name,
     serve_deltas_connection,
 )
+from trio_sign.parent._preload import serve_preload
 from trio_sign.shares import CeremonyKey, DevKeyFile, encode_bundle, inspect_sealed
 
 from .share_helpers import make_record
@@ -758,3 +763,139 @@ async def test_unexpected_messages_break_the_connection(tmp_path: Path, connect:
     await enclave.messages.send(LogMessage(line="wrong channel"))
     with pytest.raises(ChannelClosed):
         await enclave.receive()
+
+
+# -- boot: the base, then every stored delta, on the preload channel --------------------------
+
+
+async def _fake_enclave_boot(
+    stream: trio.abc.Stream, *, answer: Callable[[str, int], PreloadResultMessage]
+) -> tuple[bytes, BundleEndMessage, list[tuple[int, bytes]], int]:
+    """The enclave's side of the boot: returns the base, its end frame, the deltas and the
+    largest delta chunk seen."""
+    m = MessageStream(stream)
+    await m.send(HelloMessage(channel="preload"))
+    await m.send(AttestationMessage(document=b"attestation document"))
+    assert (await m.receive_expected(RecipientCiphertextMessage)).ciphertext == b"envelope"
+    base = bytearray()
+    while True:
+        message = await m.receive()
+        if isinstance(message, BundleEndMessage):
+            end = message
+            break
+        assert isinstance(message, BundleChunkMessage)
+        base += message.data
+    assert end.total_bytes == len(base)
+    received: list[tuple[int, bytes]] = []
+    largest = 0
+    for _ in range(end.deltas):
+        push = await m.receive_expected(DeltaPushMessage)
+        data = bytearray()
+        while not isinstance(message := await m.receive(), DeltaEndMessage):
+            assert isinstance(message, DeltaChunkMessage)
+            largest = max(largest, len(message.data))
+            data += message.data
+        assert len(data) == push.total_bytes
+        received.append((push.sequence, bytes(data)))
+    fingerprint = inspect_sealed(io.BytesIO(bytes(base)))[1].sha256_hex
+    await m.send(answer(fingerprint, end.deltas))
+    return bytes(base), end, received, largest
+
+
+async def _kms(document: bytes, header: dict[str, Any]) -> bytes:
+    assert document == b"attestation document"
+    return b"envelope"
+
+
+@pytest.mark.parametrize("enclave_says", [True, False])
+async def test_boot_streams_the_base_then_every_stored_delta_in_order(
+    tmp_path: Path,
+    dev_key: DevKeyFile,
+    make_delta: Callable[[str], bytes],
+    enclave_says: bool,
+) -> None:
+    base = encode_bundle([make_record(f"acct-{i}") for i in range(3)], dev_key)
+    (tmp_path / "base.enc").write_bytes(base)
+    store = file_store(tmp_path)
+    stored = {s: make_delta(f"acct-d{s}") for s in (1, 2, 3)}  # a few KiB each
+    for sequence, data in stored.items():
+        store.put(sequence, data)
+    store.put(5, make_delta("acct-beyond-the-gap"))  # not served: 4 is missing
+    alerts = Alerts()
+    deltas = hub(store, alerts)
+
+    def answer(fingerprint: str, n: int) -> PreloadResultMessage:
+        return PreloadResultMessage(
+            ok=True,
+            accounts=3 + n,
+            sha256=fingerprint,
+            deltas=n if enclave_says else None,
+            deltas_head=HEAD if enclave_says else None,
+        )
+
+    parent_end, enclave_end = trio.testing.memory_stream_pair()
+    seen: dict[str, Any] = {}
+    async with trio.open_nursery() as nursery:
+
+        async def enclave() -> None:
+            seen["boot"] = await _fake_enclave_boot(enclave_end, answer=answer)
+
+        nursery.start_soon(enclave)
+        result = await serve_preload(
+            MessageStream(parent_end), tmp_path / "base.enc", _kms, chunk_bytes=1000, deltas=deltas
+        )
+    got_base, end, received, largest = seen["boot"]
+    assert got_base == base
+    assert end.deltas == 3
+    assert received == sorted(stored.items())
+    assert largest <= 1000  # the caller's chunk size, never above 256 KiB
+    assert deltas.boot_streamed == 3
+    assert alerts.codes() == ["delta_gap"]
+    deltas.mark_booted(result)
+    assert deltas.stats.enclave_sequence == 3  # said, or taken to be all three
+    assert deltas.stats.store_head == 3
+
+
+async def test_boot_without_a_store_or_deltas_says_zero(
+    tmp_path: Path, dev_key: DevKeyFile
+) -> None:
+    base = encode_bundle([make_record("acct-0")], dev_key)
+    (tmp_path / "base.enc").write_bytes(base)
+    for deltas in (None, hub(file_store(tmp_path))):
+        parent_end, enclave_end = trio.testing.memory_stream_pair()
+        seen: dict[str, Any] = {}
+        async with trio.open_nursery() as nursery:
+
+            async def enclave(
+                enclave_end: trio.abc.Stream = enclave_end, seen: dict[str, Any] = seen
+            ) -> None:
+                seen["boot"] = await _fake_enclave_boot(
+                    enclave_end,
+                    answer=lambda fp, n: PreloadResultMessage(ok=True, accounts=1, sha256=fp),
+                )
+
+            nursery.start_soon(enclave)
+            await serve_preload(
+                MessageStream(parent_end), tmp_path / "base.enc", _kms, deltas=deltas
+            )
+        assert seen["boot"][1].deltas == 0
+        assert seen["boot"][2] == []
+
+
+async def test_boot_fails_when_the_store_cannot_be_listed(
+    tmp_path: Path, dev_key: DevKeyFile
+) -> None:
+    (tmp_path / "base.enc").write_bytes(encode_bundle([make_record("acct-0")], dev_key))
+    alerts = Alerts()
+    deltas = hub(FileDeltaStore(tmp_path / "unmounted", host_tag=TAG), alerts)
+    parent_end, enclave_end = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        m = MessageStream(enclave_end)
+        await m.send(HelloMessage(channel="preload"))
+        await m.send(AttestationMessage(document=b"attestation document"))
+        with pytest.raises(DeltaStoreError, match="cannot list"):
+            await serve_preload(
+                MessageStream(parent_end), tmp_path / "base.enc", _kms, deltas=deltas
+            )
+        nursery.cancel_scope.cancel()
+    assert alerts.codes() == ["delta_store_failed"]

@@ -1,10 +1,40 @@
 """Scheme A preload, the parent's side: answer the enclave's attestation with a KMS envelope,
-then stream the sealed bundle.
+then stream the sealed bundle, then every stored delta.
 
 The parent is not trusted with secrets and never holds one here: it forwards the enclave's
 attestation document to KMS (``Decrypt`` with ``Recipient``) and passes back the
 ``CiphertextForRecipient`` that only the enclave can open, then sends the sealed file's bytes
 unchanged. See :mod:`trio_sign.enclave._preload` for the exchange.
+
+With a delta store (``[deltas]``, docs/key-lifecycle.md §4), the base is followed on the same
+channel by every delta the store lists at that moment, in sequence order from 1 (a gap ends
+the list). The exact frames, which the doc leaves partly open::
+
+    enclave                                   parent
+    hello, attestation                  ->
+                                        <-    events (optional), recipient_ciphertext
+                                        <-    bundle_chunk {data} ... (the base's bytes)
+                                        <-    bundle_end {total_bytes, deltas: N}
+                                        <-    delta_push {sequence: 1, total_bytes}
+                                        <-    delta_chunk {data} ... (at most 256 KiB each)
+                                        <-    delta_end {}
+                                              ... the same for sequences 2 .. N
+    preload_result {ok, accounts, sha256,
+                    deltas, deltas_head} ->
+
+- ``bundle_end.deltas`` announces N, the number of deltas that follow (0, or absent from an
+  older parent, when there are none), so the enclave knows when the boot stream ends: no
+  other terminator is sent.
+- Each delta is announced by ``delta_push`` (the same frame the deltas channel uses), its
+  sequence is its position (1, 2, ... N) and ``total_bytes`` its length; the chunks add up to
+  exactly that.
+- ``preload_result`` comes once, after the last delta: ``sha256`` is still the base's
+  fingerprint (what the attestation gate and the gateways pin); ``deltas`` and
+  ``deltas_head`` say how many deltas the enclave loaded and its head. An enclave that omits
+  them is taken to have loaded all N. The deltas channel's watcher starts from there.
+- The list is read once, just before ``bundle_end``; a delta stored later reaches the enclave
+  on the deltas channel. If the store cannot be listed or a listed delta cannot be read, the
+  preload fails (a boot without the deltas would hide accounts the gateway was told exist).
 """
 
 from __future__ import annotations
@@ -27,8 +57,9 @@ from ..nitro import (
     PreloadResultMessage,
     RecipientCiphertextMessage,
 )
-from ..nitro._channel import MAX_FRAME_BYTES
+from ..nitro._channel import MAX_DELTA_CHUNK_BYTES, MAX_FRAME_BYTES
 from ..shares import read_sealed_header
+from ._deltas import Deltas, delta_frames
 
 log = logging.getLogger("trio_sign.parent.preload")
 
@@ -55,6 +86,7 @@ async def serve_preload(
     *,
     events: EventsConfigMessage | None = None,
     chunk_bytes: int = CHUNK_BYTES,
+    deltas: Deltas | None = None,
 ) -> PreloadResultMessage:
     """Run the parent side of the boot exchange for one enclave boot.
 
@@ -64,10 +96,14 @@ async def serve_preload(
     the gateway's events (``[enclave] gateway_url`` and ``node_id``), so that the image, and
     its PCR0, need not name the node.
 
+    ``deltas``, if given, is the delta store: its deltas follow the base (module docstring);
+    ``deltas.boot_streamed`` says how many were sent.
+
     Error handling:
         :class:`PreloadRefused` if the enclave reports failure; ``ChannelProtocolError`` and
         transport errors if it breaks the exchange; whatever ``kms`` raises (for example an
-        attestation the key policy refuses).
+        attestation the key policy refuses); :class:`~trio_sign.parent._deltas.DeltaStoreError`
+        if the delta store cannot be listed or read.
     """
     hello = await channel.receive_expected(HelloMessage)
     if hello.channel != "preload":
@@ -80,13 +116,18 @@ async def serve_preload(
         await channel.send(events)
     await channel.send(RecipientCiphertextMessage(ciphertext=envelope))
     total = 0
+    if deltas is not None:
+        deltas.boot_streamed = 0
     try:
         with bundle.open("rb") as f:
             while data := await trio.to_thread.run_sync(f.read, chunk_bytes):
                 await channel.send(BundleChunkMessage(data=data))
                 total += len(data)
-        await channel.send(BundleEndMessage(total_bytes=total))
+        sequences = () if deltas is None else (await deltas.listing()).sequences
+        await channel.send(BundleEndMessage(total_bytes=total, deltas=len(sequences)))
         log.info("bundle sent", extra={"bytes": total, "sha256": sha256})
+        if deltas is not None and sequences:
+            await _send_deltas(channel, deltas, sequences, min(chunk_bytes, MAX_DELTA_CHUNK_BYTES))
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         # The enclave stopped reading: it refused the bundle. Its verdict may be waiting.
         log.warning("enclave closed the boot channel mid-bundle", extra={"bytes_sent": total})
@@ -100,3 +141,17 @@ async def serve_preload(
             f"enclave loaded a bundle with fingerprint {result.sha256}, but {sha256} was sent"
         )
     return result
+
+
+async def _send_deltas(
+    channel: MessageStream, deltas: Deltas, sequences: tuple[int, ...], chunk_bytes: int
+) -> None:
+    """Every listed delta, in order: ``delta_push``, its chunks, ``delta_end``."""
+    sent_bytes = 0
+    for sequence in sequences:
+        data = await deltas.fetch(sequence)
+        for message in delta_frames(sequence, data, chunk_bytes):
+            await channel.send(message)
+        deltas.boot_streamed = sequence
+        sent_bytes += len(data)
+    log.info("deltas sent", extra={"deltas": len(sequences), "bytes": sent_bytes})
