@@ -465,3 +465,70 @@ def test_mixed_record_lists_through_bundles(
     store = load(data, key, "full")
     assert_store_holds(store, recs)
     store.close()
+
+
+# -- memory --------------------------------------------------------------------------------------
+
+
+def _secp_records(n: int, suite: str) -> list[ShareRecord]:
+    """``n`` valid secp256k1 records, quickly (one base multiplication each)."""
+    import secrets
+
+    from trio_sign.crypto import _secp256k1
+
+    group = _secp256k1.base_mult((7).to_bytes(32, "big"))
+    out = []
+    for i in range(n):
+        share = bytearray((secrets.randbelow(_secp256k1.N - 1) + 1).to_bytes(32, "big"))
+        out.append(
+            ShareRecord(
+                f"acct-{i:08d}",
+                (1).to_bytes(32, "big"),
+                share,
+                _secp256k1.base_mult(share),
+                group,
+                2,
+                3,
+                ciphersuite=suite,
+            )
+        )
+    return out
+
+
+def test_secp_store_memory_per_account(key: DevKeyFile) -> None:
+    """Issue 15's target: preload memory per secp256k1 account <= 400 B, index included,
+    measured as the Ed25519 store is (memory the load retains, traced, and ``nbytes``)."""
+    import tracemalloc
+
+    n = 10_000
+    data = encode_bundle(_secp_records(n, TR), key)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        store = ShareStore.load_sealed(io.BytesIO(data), key)
+        retained = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert retained / n <= 400
+    assert store.nbytes() / n <= 400
+    # The wide lane holds exactly the accounts; the Ed25519 lane stays empty.
+    assert len(store._wide.arena) == 32 * n
+    assert len(store._wide.public) == 98 * n
+    assert len(store._arena) == len(store._public) == 0
+    store.close()
+
+
+def test_ed25519_lane_layout_unchanged(key: DevKeyFile) -> None:
+    """An Ed25519-only store is laid out as before suites existed: 32 + 96 + 4 + 1 + 1 bytes
+    of buffers per account, and an empty wide lane."""
+    recs = [dealt(ED25519, f"e{i}") for i in range(50)]
+    store = load(encode_bundle(recs, key), key)
+    assert (len(store._arena), len(store._public), len(store._thresholds)) == (
+        32 * 50,
+        96 * 50,
+        100,
+    )
+    assert (len(store._flags), len(store._policy)) == (50, 50)
+    wide = store._wide
+    assert (len(wide.arena), len(wide.public), len(wide.suite), wide.capacity) == (0, 0, 0, 0)
+    store.close()
