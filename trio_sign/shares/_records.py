@@ -276,11 +276,11 @@ def check_policy(policy: str, *, line: int | None = None, record: int | None = N
         raise _err(f"policy {problem}", "bad_policy", line, record)
 
 
-def scheme_named(name: object, *, line: int | None = None, record: int | None = None) -> Scheme:
+def scheme_named(name: str, *, line: int | None = None, record: int | None = None) -> Scheme:
     """The suite called ``name``; ``unknown_ciphersuite`` (naming it and the known ones) if
     there is none."""
     try:
-        return scheme_by_name(name)  # type: ignore[arg-type]
+        return scheme_by_name(name)
     except FrostError as exc:
         raise _err(str(exc), "unknown_ciphersuite", line, record) from None
 

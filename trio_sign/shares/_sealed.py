@@ -866,15 +866,14 @@ def iter_chunk_records(
         while pos < end:
             alen = plaintext[pos]
             p = pos + 1 + alen
-            policy = "default"
+            policy_at = plen = 0
             scheme: Scheme = ED25519
             fits = True
             if v2:
                 fits = p < end and p + 1 + plaintext[p] + (1 if v3 else 0) <= end
                 if fits:
                     plen = plaintext[p]
-                    if plen:
-                        policy = bytes(mv[p + 1 : p + 1 + plen]).decode("ascii", "replace")
+                    policy_at = p + 1
                     p += 1 + plen
                     if v3:
                         if alen:
@@ -888,6 +887,10 @@ def iter_chunk_records(
                     reason="bad_record" if alen else "bad_account_id",
                     record=number,
                 )
+            # The whole record is inside the chunk: only now is anything copied out of it.
+            policy = "default"
+            if plen:
+                policy = bytes(mv[policy_at : policy_at + plen]).decode("ascii", "replace")
             try:
                 account_id = bytes(mv[pos + 1 : pos + 1 + alen]).decode("utf-8")
             except UnicodeDecodeError:
