@@ -3,6 +3,7 @@ Ed25519-only bundle is still written ``binary-v1``/``-v2`` exactly as before."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import struct
@@ -532,3 +533,34 @@ def test_ed25519_lane_layout_unchanged(key: DevKeyFile) -> None:
     wide = store._wide
     assert (len(wide.arena), len(wide.public), len(wide.suite), wide.capacity) == (0, 0, 0, 0)
     store.close()
+
+
+# -- hostile chunk contents ------------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    prefix=st.lists(st.sampled_from(SCHEMES), max_size=3),
+    noise=st.binary(max_size=300),
+    cut=st.integers(min_value=0, max_value=900),
+)
+def test_v3_parsers_refuse_any_bytes_cleanly(prefix: list[Scheme], noise: bytes, cut: int) -> None:
+    """Valid records followed by arbitrary bytes, or cut anywhere: both v3 parsers either
+    accept or raise ShareFileError (never IndexError, struct.error, ...), and a store that
+    refused zeroes its lanes on close."""
+    from trio_sign.shares._sealed import iter_chunk_records
+
+    recs = [dealt(s, f"p{i}") for i, s in enumerate(prefix)]
+    body = v3_packed(*recs)
+    pt = (body + noise)[:cut]
+    with contextlib.suppress(ShareFileError):
+        for rec in iter_chunk_records(
+            bytearray(pt), first_record=1, record_format=RECORD_FORMAT_V3
+        ):
+            rec.zero()
+    store = ShareStore(0)
+    with contextlib.suppress(ShareFileError):
+        store._ingest_v3(bytearray(pt), full=False, limits=(len(pt), len(pt)))
+    store.close()
+    assert not any(store._arena)
+    assert not any(store._wide.arena)
