@@ -159,3 +159,117 @@ class AbortRequest(_message.Message):
 class AbortResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class DkgParticipant(_message.Message):
+    __slots__ = ("identifier", "key_id")
+    IDENTIFIER_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    identifier: bytes
+    key_id: str
+    def __init__(self, identifier: _Optional[bytes] = ..., key_id: _Optional[str] = ...) -> None: ...
+
+class DkgRound1Package(_message.Message):
+    __slots__ = ("identifier", "commitment", "proof_of_knowledge", "encryption_key", "key_id", "signature")
+    IDENTIFIER_FIELD_NUMBER: _ClassVar[int]
+    COMMITMENT_FIELD_NUMBER: _ClassVar[int]
+    PROOF_OF_KNOWLEDGE_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPTION_KEY_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    identifier: bytes
+    commitment: _containers.RepeatedScalarFieldContainer[bytes]
+    proof_of_knowledge: bytes
+    encryption_key: bytes
+    key_id: str
+    signature: bytes
+    def __init__(self, identifier: _Optional[bytes] = ..., commitment: _Optional[_Iterable[bytes]] = ..., proof_of_knowledge: _Optional[bytes] = ..., encryption_key: _Optional[bytes] = ..., key_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class DkgRound1Request(_message.Message):
+    __slots__ = ("dkg_id", "account_id", "ciphersuite", "min_signers", "max_signers", "participants", "identifier", "policy", "approvals")
+    DKG_ID_FIELD_NUMBER: _ClassVar[int]
+    ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
+    CIPHERSUITE_FIELD_NUMBER: _ClassVar[int]
+    MIN_SIGNERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SIGNERS_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    IDENTIFIER_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    APPROVALS_FIELD_NUMBER: _ClassVar[int]
+    dkg_id: str
+    account_id: str
+    ciphersuite: str
+    min_signers: int
+    max_signers: int
+    participants: _containers.RepeatedCompositeFieldContainer[DkgParticipant]
+    identifier: bytes
+    policy: str
+    approvals: _containers.RepeatedCompositeFieldContainer[Approval]
+    def __init__(self, dkg_id: _Optional[str] = ..., account_id: _Optional[str] = ..., ciphersuite: _Optional[str] = ..., min_signers: _Optional[int] = ..., max_signers: _Optional[int] = ..., participants: _Optional[_Iterable[_Union[DkgParticipant, _Mapping]]] = ..., identifier: _Optional[bytes] = ..., policy: _Optional[str] = ..., approvals: _Optional[_Iterable[_Union[Approval, _Mapping]]] = ...) -> None: ...
+
+class DkgRound1Response(_message.Message):
+    __slots__ = ("package", "expires_at_unix_ms")
+    PACKAGE_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    package: DkgRound1Package
+    expires_at_unix_ms: int
+    def __init__(self, package: _Optional[_Union[DkgRound1Package, _Mapping]] = ..., expires_at_unix_ms: _Optional[int] = ...) -> None: ...
+
+class DkgRound2Request(_message.Message):
+    __slots__ = ("dkg_id", "packages")
+    DKG_ID_FIELD_NUMBER: _ClassVar[int]
+    PACKAGES_FIELD_NUMBER: _ClassVar[int]
+    dkg_id: str
+    packages: _containers.RepeatedCompositeFieldContainer[DkgRound1Package]
+    def __init__(self, dkg_id: _Optional[str] = ..., packages: _Optional[_Iterable[_Union[DkgRound1Package, _Mapping]]] = ...) -> None: ...
+
+class DkgEncryptedShare(_message.Message):
+    __slots__ = ("sender", "recipient", "ciphertext")
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    RECIPIENT_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    sender: bytes
+    recipient: bytes
+    ciphertext: bytes
+    def __init__(self, sender: _Optional[bytes] = ..., recipient: _Optional[bytes] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
+
+class DkgRound2Response(_message.Message):
+    __slots__ = ("shares",)
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    shares: _containers.RepeatedCompositeFieldContainer[DkgEncryptedShare]
+    def __init__(self, shares: _Optional[_Iterable[_Union[DkgEncryptedShare, _Mapping]]] = ...) -> None: ...
+
+class DkgRound3Request(_message.Message):
+    __slots__ = ("dkg_id", "shares")
+    DKG_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    dkg_id: str
+    shares: _containers.RepeatedCompositeFieldContainer[DkgEncryptedShare]
+    def __init__(self, dkg_id: _Optional[str] = ..., shares: _Optional[_Iterable[_Union[DkgEncryptedShare, _Mapping]]] = ...) -> None: ...
+
+class DkgVerifyingShare(_message.Message):
+    __slots__ = ("identifier", "verifying_share")
+    IDENTIFIER_FIELD_NUMBER: _ClassVar[int]
+    VERIFYING_SHARE_FIELD_NUMBER: _ClassVar[int]
+    identifier: bytes
+    verifying_share: bytes
+    def __init__(self, identifier: _Optional[bytes] = ..., verifying_share: _Optional[bytes] = ...) -> None: ...
+
+class DkgRound3Response(_message.Message):
+    __slots__ = ("account_id", "ciphersuite", "group_public_key", "identifier", "verifying_share", "verifying_shares", "delta_sequence", "deltas_head")
+    ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
+    CIPHERSUITE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    IDENTIFIER_FIELD_NUMBER: _ClassVar[int]
+    VERIFYING_SHARE_FIELD_NUMBER: _ClassVar[int]
+    VERIFYING_SHARES_FIELD_NUMBER: _ClassVar[int]
+    DELTA_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    DELTAS_HEAD_FIELD_NUMBER: _ClassVar[int]
+    account_id: str
+    ciphersuite: str
+    group_public_key: bytes
+    identifier: bytes
+    verifying_share: bytes
+    verifying_shares: _containers.RepeatedCompositeFieldContainer[DkgVerifyingShare]
+    delta_sequence: int
+    deltas_head: str
+    def __init__(self, account_id: _Optional[str] = ..., ciphersuite: _Optional[str] = ..., group_public_key: _Optional[bytes] = ..., identifier: _Optional[bytes] = ..., verifying_share: _Optional[bytes] = ..., verifying_shares: _Optional[_Iterable[_Union[DkgVerifyingShare, _Mapping]]] = ..., delta_sequence: _Optional[int] = ..., deltas_head: _Optional[str] = ...) -> None: ...
