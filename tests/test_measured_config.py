@@ -122,7 +122,7 @@ def test_the_hash_is_of_the_exact_bytes(ca_pem: str) -> None:
         ("[tls]\n", "unknown section [tls]"),
         ("top_level = 1\n", "unknown section [top_level]"),
         ("[policies.default]\napprovers = ['x']\nthreshold = 1\n", "not in [approvers]"),
-        ("[dkg]\n", "[dkg] is not supported yet (issue 16"),
+        ("[dkg]\n", "[dkg] participants must be a table"),
         ("limits = 3\n", "limits must be a table"),
         ("[limits\n", "not valid TOML"),
         ("[limits]\nmax_sessions = true\n", "[limits] max_sessions must be an integer"),

@@ -37,11 +37,20 @@ Sections (anything else is refused, naming it)::
     max_message_bytes = 65536        # optional
     rate_per_minute = 60             # optional
 
+    [dkg]                            # issue 16 (DESIGN §13, docs/key-lifecycle.md §5)
+    participants = { ops-signer = "<64 hex>", backup = "<64 hex>" }
+                                     # key_id -> the Ed25519 key that signs that participant's
+                                     # round-1 packages ("enclave" is reserved: the enclave's
+                                     # own packages are signed by its delta identity key)
+    ttl_s = 300.0                    # an open DKG expires (and its secrets are zeroed) after this
+    max_open = 64                    # open DKGs at once (each also takes a session-pool slot)
+    store_retries = 5                # re-seals after a delta_conflict before giving up
+
 Without a ``[policies.default]`` no account may leave its record's ``policy`` out (the
 preload refuses it): only the built-in development configuration has an open ``default``
-(no approvals), and it says so loudly. ``[dkg]`` (issue 16) is reserved: refused until the
-code that enforces it exists, so a file can never claim a protection the enclave does not
-give.
+(no approvals), and it says so loudly. Without ``[dkg]`` the enclave takes part in no DKG
+(the ``DkgRound`` RPCs answer FAILED_PRECONDITION); DKGs are authorized by the policy named
+``create`` (``[policies.create]``).
 
 Where a command-line flag exists for a ``[limits]`` key (``--max-sessions``...), a flag that
 is given wins over the file: in the EIF the command line is the image's ``CMD``, measured into
@@ -64,6 +73,7 @@ from cryptography import x509
 
 from .._errors import TrioSignError
 from ..authz import DEVELOPMENT_POLICIES, PolicyConfigError, PolicySet, parse_policies
+from ..authz._keys import KEY_ID_PATTERN
 from ..crypto._sodium import is_valid_point
 
 #: Where the EIF installs the file (``enclave_image/Dockerfile``); ``--config`` changes it.
@@ -112,11 +122,39 @@ threshold = 0
 
 _DEVELOPMENT_SHA256: Final = hashlib.sha256(DEVELOPMENT_CONFIG).digest()
 
-#: Sections reserved for later work: refused with the issue that will add them.
-_RESERVED: Final = {
-    "dkg": "issue 16 (key lifecycle inside the enclave)",
-}
-_SECTIONS: Final = ("gateway", "bundles", "limits", "approvers", "policies")
+_SECTIONS: Final = ("gateway", "bundles", "limits", "approvers", "policies", "dkg")
+#: The key id of the enclave itself in a DKG's participant list (docs/key-lifecycle.md §5).
+ENCLAVE_KEY_ID: Final = "enclave"
+#: Most DKG participant keys accepted in ``[dkg] participants``.
+MAX_DKG_PARTICIPANT_KEYS: Final = 256
+DEFAULT_DKG_TTL_S: Final = 300.0
+DEFAULT_DKG_MAX_OPEN: Final = 64
+DEFAULT_DKG_STORE_RETRIES: Final = 5
+
+
+@dataclass(frozen=True, slots=True)
+class DkgSettings:
+    """``[dkg]`` (DESIGN §13): who may take part in a DKG with this enclave, and its bounds.
+
+    Attributes:
+        participants: key id -> the Ed25519 public key (32 bytes) that signs that participant's
+            round-1 packages.
+        ttl_s: how long an open DKG lives from its round 1; then its secrets are zeroed.
+        max_open: DKGs open at once (each also holds a session-pool slot while open).
+        store_retries: how often a delta that lost a ``delta_conflict`` is sealed again on the
+            new head before the DKG fails (the delta writer's setting).
+    """
+
+    participants: Mapping[str, bytes] = field(default_factory=dict)
+    ttl_s: float = DEFAULT_DKG_TTL_S
+    max_open: int = DEFAULT_DKG_MAX_OPEN
+    store_retries: int = DEFAULT_DKG_STORE_RETRIES
+
+    def __repr__(self) -> str:
+        return (
+            f"DkgSettings(participants={sorted(self.participants)!r}, ttl_s={self.ttl_s:g}, "
+            f"max_open={self.max_open}, store_retries={self.store_retries})"
+        )
 
 
 class MeasuredConfigError(TrioSignError):
@@ -186,6 +224,7 @@ class MeasuredConfig:
         limits: the ``[limits]`` keys the file sets (others keep their defaults).
         policies: the ``[approvers]`` and ``[policies]`` (DESIGN §11); the development
             configuration's is an open ``default`` (no approvals).
+        dkg: the ``[dkg]`` section, or None (this enclave takes part in no DKG).
         development: the built-in development configuration (``--dev`` without ``--config``).
     """
 
@@ -196,6 +235,7 @@ class MeasuredConfig:
     delta_identity_key: bytes | None = None
     limits: Mapping[str, int | float | str] = field(default_factory=dict)
     policies: PolicySet = field(default_factory=PolicySet)
+    dkg: DkgSettings | None = None
     development: bool = False
 
     def __repr__(self) -> str:
@@ -203,7 +243,7 @@ class MeasuredConfig:
             f"MeasuredConfig(source={self.source!r}, sha256={self.sha256.hex()}, "
             f"client_ca={'yes' if self.client_ca_pem else 'no'}, "
             f"signing_keys={len(self.signing_keys)}, limits={dict(self.limits)!r}, "
-            f"policies={sorted(self.policies.policies)!r})"
+            f"policies={sorted(self.policies.policies)!r}, dkg={self.dkg!r})"
         )
 
 
@@ -256,8 +296,6 @@ def parse_measured_config(data: bytes, *, source: str = "enclave.toml") -> Measu
         return MeasuredConfigError(message, path=source)
 
     for name, value in document.items():
-        if name in _RESERVED:
-            raise fail(f"[{name}] is not supported yet ({_RESERVED[name]})")
         if name not in _SECTIONS:
             known = ", ".join(f"[{n}]" for n in _SECTIONS)
             raise fail(f"unknown section [{name}] (known: {known})")
@@ -299,6 +337,7 @@ def parse_measured_config(data: bytes, *, source: str = "enclave.toml") -> Measu
         policies = parse_policies(document.get("approvers", {}), document.get("policies", {}))
     except PolicyConfigError as exc:
         raise MeasuredConfigError(str(exc), path=source, reason=exc.reason) from None
+    dkg = None if "dkg" not in document else _dkg_settings(document["dkg"], fail)
     if digest == _DEVELOPMENT_SHA256:  # the development file, also when read from a path
         policies = DEVELOPMENT_POLICIES
     return MeasuredConfig(
@@ -309,6 +348,55 @@ def parse_measured_config(data: bytes, *, source: str = "enclave.toml") -> Measu
         delta_identity_key=delta_key,
         limits=checked,
         policies=policies,
+        dkg=dkg,
+    )
+
+
+def _dkg_settings(table: Mapping[str, Any], fail: Any) -> DkgSettings:
+    """``[dkg]``, every key checked and named when refused."""
+    _known_keys(table, "dkg", ("participants", "ttl_s", "max_open", "store_retries"), fail)
+    raw = table.get("participants")
+    if not isinstance(raw, dict) or not raw:
+        raise fail(
+            '[dkg] participants must be a table of key_id = "<64 hex Ed25519 public key>" '
+            "naming at least one participant"
+        )
+    if len(raw) > MAX_DKG_PARTICIPANT_KEYS:
+        raise fail(f"[dkg] participants has more than {MAX_DKG_PARTICIPANT_KEYS} keys")
+    participants: dict[str, bytes] = {}
+    for key_id, value in raw.items():
+        if not KEY_ID_PATTERN.fullmatch(key_id):
+            raise fail(
+                f"[dkg] participants: {key_id[:64]!r} is not a key id (1..64 of A-Z a-z 0-9 "
+                "._:@-, starting with a letter or digit)"
+            )
+        if key_id == ENCLAVE_KEY_ID:
+            raise fail(
+                f"[dkg] participants: {ENCLAVE_KEY_ID!r} is reserved for this enclave (its "
+                "round-1 packages are signed by [bundles] delta_identity_key)"
+            )
+        key = _ed25519_key(value, f"[dkg] participants.{key_id}", fail)
+        if key in participants.values():
+            raise fail(f"[dkg] participants.{key_id} repeats another participant's key")
+        participants[key_id] = key
+    ttl = table.get("ttl_s", DEFAULT_DKG_TTL_S)
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float):
+        raise fail("[dkg] ttl_s must be a number")
+    if not math.isfinite(ttl) or not 0 < ttl <= 24 * 3600:
+        raise fail("[dkg] ttl_s must be > 0 and <= 86400")
+    settings = {"max_open": DEFAULT_DKG_MAX_OPEN, "store_retries": DEFAULT_DKG_STORE_RETRIES}
+    for name, low, high in (("max_open", 1, 100_000), ("store_retries", 0, 100)):
+        value = table.get(name, settings[name])
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail(f"[dkg] {name} must be an integer")
+        if not low <= value <= high:
+            raise fail(f"[dkg] {name} must be in {low}..{high}")
+        settings[name] = value
+    return DkgSettings(
+        participants=participants,
+        ttl_s=float(ttl),
+        max_open=settings["max_open"],
+        store_retries=settings["store_retries"],
     )
 
 
@@ -382,7 +470,9 @@ def _check_limit(name: str, value: object, fail: Any) -> int | float | str:
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "DEVELOPMENT_CONFIG",
+    "ENCLAVE_KEY_ID",
     "LIMITS",
+    "DkgSettings",
     "MeasuredConfig",
     "MeasuredConfigError",
     "development_config",
