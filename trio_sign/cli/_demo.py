@@ -309,7 +309,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for key, value in report.items():
         print(f"  {key:<24} {value}")
     for scheme in suites:
-        print(f"  {scheme.name:<24} {tallies[scheme.name].line(scheme, root)}")
+        print(f"  {scheme.name:<29} {tallies[scheme.name].line(scheme, root)}")
     match = "fingerprint matches seal" if sealed.sha256 == store.fingerprint else "MISMATCH"
     print(f"  {'sealed bundle':<24} {match}")
     return 0 if failures == 0 else 1
@@ -373,7 +373,7 @@ def _full(args: argparse.Namespace, work: Path) -> int:
             continue
         print(f"  {key:<24} {value}")
     for name, line in suite_lines.items():
-        print(f"  {name:<24} {line}")
+        print(f"  {name:<29} {line}")
     match = "matches" if report["sealed_sha256"] == report["enclave_sha256"] else "MISMATCH"
     print(f"  {'fingerprint':<24} sealed bundle {match} what the enclave loaded")
     print(
