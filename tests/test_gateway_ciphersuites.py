@@ -185,6 +185,11 @@ async def test_an_enclave_of_another_suite_is_refused(mixed: Mixed, scheme: Sche
         assert claimed in str(info.value)
         assert scheme.name in str(info.value)
         assert node.calls("Commit") == []  # refused before a session was opened
+        # The refused answer is not cached: once the node names the right suite, it signs.
+        node.claim_suite = None
+        signed = await coordinator.sign(account, b"m", taproot_merkle_root=None)
+        assert signed.ciphersuite == scheme.name
+        assert len(node.calls("GetAccount")) == 2
 
 
 async def test_participant_files_that_disagree_on_the_suite(tmp_path: Path) -> None:

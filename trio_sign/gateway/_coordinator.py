@@ -519,6 +519,10 @@ class Coordinator:
         account_id, message, scheme = job.account_id, job.message, job.scheme
         group_key = job.shares[0].group_public_key
         enclave = await self._enclave_account(node, account_id)
+        if enclave.ciphersuite != scheme.name or enclave.group_public_key != group_key:
+            # Refused below; forget the cache entry so that once the node (or the participant
+            # files) serve the account's share, the next signature reads it afresh.
+            self._accounts.pop(account_id, None)
         if enclave.ciphersuite != scheme.name:
             raise GatewayError(
                 f"account {account_id!r}: enclave node {node.node_id} holds a "
