@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from trio_sign.bench.__main__ import main
-from trio_sign.bench._frost import OPERATIONS, ROUND2_TARGET_US, OpTiming, bench_frost
+from trio_sign.bench._frost import (
+    OPERATIONS,
+    ROUND2_TARGET_US,
+    OpTiming,
+    bench_frost,
+    profile_round2,
+)
 from trio_sign.crypto._schemes import ED25519, SCHEMES, SECP256K1, SECP256K1_TR
 
 
@@ -31,6 +37,32 @@ def test_every_suite_every_operation(capsys: pytest.CaptureFixture[str]) -> None
         met = result.target_met(scheme.name)
         assert f"{scheme.name}: {'MET' if met else 'MISSED'}" in out
     assert "with a merkle root" in out
+    # Only a suite that missed its target was profiled (this machine is shared: one may).
+    missed = {s.name for s in (SECP256K1, SECP256K1_TR) if not result.target_met(s.name)}
+    assert set(result.profiles) == missed
+
+
+def test_profile_of_round_two(capsys: pytest.CaptureFixture[str]) -> None:
+    result = bench_frost(iterations=2, rounds=1, schemes=(SECP256K1_TR,), profile=True)
+    text = result.profiles[SECP256K1_TR.name]
+    assert text in capsys.readouterr().out
+    assert "round 2 (with a merkle root, 500 calls, cProfile)" in text
+    assert "ncalls" in text
+    assert "sign" in text  # the suite's sign is among the functions listed
+    assert profile_round2(SECP256K1, iterations=3).startswith(
+        f"  profile of {SECP256K1.name} round 2 (2 signers, 3 calls"
+    )
+
+
+def test_a_missed_target_is_profiled(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("trio_sign.bench._frost.ROUND2_TARGET_US", 0.001)
+    result = bench_frost(iterations=2, rounds=1)
+    out = capsys.readouterr().out
+    assert out.count("MISSED") == 2
+    assert set(result.profiles) == {SECP256K1.name, SECP256K1_TR.name}
+    assert f"profile of {SECP256K1.name} round 2" in out
 
 
 def test_p99_and_median() -> None:

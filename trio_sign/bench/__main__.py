@@ -3,7 +3,8 @@
 Sections (all by default, or pick with flags):
   --frost   microseconds per FROST operation for each ciphersuite, side by side (median and p99):
             round 1, round 2 (2 and 3 signers; Taproot also with a merkle root), aggregate with
-            share verification, the independent verify; the round-2 target per secp256k1 suite
+            share verification, the independent verify; the round-2 target per secp256k1 suite,
+            and a cProfile of round 2 for a suite that misses it (--frost-profile: always)
   --load    sealed-bundle preload time, RSS growth and peak for 10k and 100k accounts
             (add --big for 1M; generated bundles are cached under .bench-cache/)
   --grpc    SignService sessions/s at 1, 64 and 256 concurrent (closed loop) and p50/p99 at an
@@ -56,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--frost-rounds", type=int, default=5, help="rounds (every suite in turn in each round)"
+    )
+    parser.add_argument(
+        "--frost-profile",
+        action="store_true",
+        help="profile round 2 of every secp256k1 suite (always done for one missing its target)",
     )
     parser.add_argument("--load", action="store_true", help="sealed bundle preload")
     parser.add_argument(
@@ -136,7 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     everything = not (args.e2e or args.boot or args.frost or args.load or args.grpc or hostile)
     print(f"machine: {_machine()}")
     if args.frost or everything:
-        bench_frost(iterations=args.frost_iterations, rounds=args.frost_rounds)
+        bench_frost(
+            iterations=args.frost_iterations,
+            rounds=args.frost_rounds,
+            profile=args.frost_profile,
+        )
     if args.load or everything:
         if args.sizes:
             sizes = [int(s) for s in args.sizes.split(",")]

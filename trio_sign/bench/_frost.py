@@ -20,7 +20,10 @@ The issue's target is round 2 with 2 signers ≤ 300 µs for each secp256k1 suit
 
 from __future__ import annotations
 
+import cProfile
 import hashlib
+import io
+import pstats
 import statistics
 import time
 from collections.abc import Callable
@@ -69,6 +72,8 @@ class FrostBench:
     rounds: int
     iterations: int
     timings: dict[str, dict[str, OpTiming]] = field(default_factory=dict)
+    #: Round-2 profiles (text) of the suites profiled: every one that missed its target.
+    profiles: dict[str, str] = field(default_factory=dict)
 
     def target_met(self, suite: str) -> bool | None:
         """Round 2 (2 signers) median within the target; None for suites without one."""
@@ -182,7 +187,11 @@ def _fmt(timing: OpTiming | None) -> str:
 
 
 def bench_frost(
-    iterations: int = 200, rounds: int = 5, schemes: tuple[Scheme, ...] = SCHEMES
+    iterations: int = 200,
+    rounds: int = 5,
+    schemes: tuple[Scheme, ...] = SCHEMES,
+    *,
+    profile: bool = False,
 ) -> FrostBench:
     """Time every FROST operation of every suite and print the table and the targets.
 
@@ -190,6 +199,9 @@ def bench_frost(
         iterations: samples per operation per round.
         rounds: rounds; each round runs every suite's batches in turn.
         schemes: the suites to time (default: all three).
+        profile: profile round 2 of every secp256k1 suite; without it, only of a suite that
+            misses its target. The profile (cProfile, the functions with the most time of
+            their own) says where the time goes.
     """
     result = FrostBench(rounds=rounds, iterations=iterations)
     samples: dict[str, dict[str, list[float]]] = {s.name: {} for s in schemes}
@@ -208,7 +220,40 @@ def bench_frost(
     for name, ops in samples.items():
         result.timings[name] = {op: OpTiming(tuple(v)) for op, v in ops.items()}
     _print(result, schemes)
+    for scheme in schemes:
+        met = result.target_met(scheme.name)
+        if met is not None and (profile or not met):
+            result.profiles[scheme.name] = profile_round2(scheme)
+            print(result.profiles[scheme.name])
     return result
+
+
+def profile_round2(scheme: Scheme, iterations: int = 500, top: int = 10) -> str:
+    """cProfile of ``iterations`` round-2 calls (2 signers, and with a merkle root for a
+    Taproot suite), as text: the ``top`` functions by their own time."""
+    q = _Quorum(scheme)
+    try:
+        prepared = [q.round1(2) for _ in range(iterations)]
+        root = _MERKLE_ROOT if scheme.taproot else None
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for nonces, commitments in prepared:
+            q.sign(nonces[0], 0, commitments, root)
+        profiler.disable()
+        for nonces, _ in prepared:
+            for n in nonces:
+                n.zero()
+    finally:
+        q.close()
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    stats.sort_stats("tottime").print_stats(top)
+    what = "with a merkle root" if root is not None else "2 signers"
+    lines = [line for line in out.getvalue().splitlines() if line.strip()]
+    # From the column headings on (pstats prints a preamble of totals and sort order first).
+    start = next(i for i, line in enumerate(lines) if line.lstrip().startswith("ncalls"))
+    body = "\n".join("    " + line for line in lines[start:])
+    return f"  profile of {scheme.name} round 2 ({what}, {iterations} calls, cProfile):\n{body}"
 
 
 def _print(result: FrostBench, schemes: tuple[Scheme, ...]) -> None:
