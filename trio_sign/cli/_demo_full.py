@@ -469,7 +469,13 @@ async def run_full_stack(args: argparse.Namespace, work: Path) -> dict[str, Any]
             for scheme in suite_of.values():
                 tallies[scheme.name].accounts += 1
             rng = random.Random(args.seed)
-            refusal = await refused_then_signed(coordinator, node, ids[0])
+            first = ids[0]
+            refusal = await refused_then_signed(
+                coordinator,
+                node,
+                first,
+                taproot_merkle_root=root if suite_of[first].taproot else None,
+            )
             _say(f"      refused: {refusal['refused']}")
             _say(f"      then:    {refusal['then']}")
             latencies: list[float] = []
@@ -610,13 +616,15 @@ def refused_first_node_class() -> Any:
     return RefusedFirst
 
 
-async def refused_then_signed(coordinator: Any, node: Any, account_id: str) -> dict[str, str]:
+async def refused_then_signed(
+    coordinator: Any, node: Any, account_id: str, *, taproot_merkle_root: bytes | None = None
+) -> dict[str, str]:
     """One signature through ``node`` (a :func:`refused_first_node_class` node): its first
     Sign carries one approval and is refused, the same session then signs with two. Returns
     the report's ``refused`` and ``then`` lines."""
     message = b"demo: a transfer that one approver alone may not sign"
     try:
-        await coordinator.sign_message(account_id, message)
+        await coordinator.sign_message(account_id, message, taproot_merkle_root=taproot_merkle_root)
     except Exception as exc:  # reported; the demo's exit status says it failed
         return {"refused": node.refusal or "NOT REFUSED", "then": f"FAILED: {exc}"}
     return {
