@@ -18,6 +18,15 @@ before the nonces or the share are touched; a refusal is PERMISSION_DENIED namin
 missing and leaves the session usable. Every decision is an audit record (logger
 ``trio_sign.audit``, ``"audit": "sign"``) and is counted by policy and outcome.
 
+The DKG rpcs (``DkgRound1``/``2``/``3``, DESIGN §13, docs/key-lifecycle.md §5) are served by
+the :class:`~trio_sign.enclave._dkg.DkgRegistry` given as ``dkg``: PERMISSION_DENIED for
+approvals that do not satisfy the ``create`` policy, INVALID_ARGUMENT naming the culprit
+participant for a bad package, proof, signature or share, NOT_FOUND for an unknown or expired
+dkg_id, ALREADY_EXISTS for an account that exists or a dkg_id in use with other parameters,
+RESOURCE_EXHAUSTED when ``[dkg] max_open`` DKGs are open or the pool is full, UNAVAILABLE when
+the delta could not be stored (nothing was created). Without a registry (no ``[dkg]``, no
+identity key or no delta writer) they answer FAILED_PRECONDITION.
+
 Every call is counted by method and status code, Commit and Sign also as sessions and
 signatures by outcome, with their latency, in :attr:`SignService.metrics` (a
 :class:`~trio_sign._metrics.Registry`; docs/operations.md, "Metrics"). Its labels are
@@ -49,6 +58,7 @@ from ..rpc import (
     protobuf_handler,
 )
 from ..shares import AccountShare, ShareStore
+from ._dkg import DkgRegistry, largest_dkg_requests
 from ._memory import MemoryWatermark, read_memory_limit_bytes, read_rss_bytes
 from ._pool import (
     IDENTIFIER_BYTES,
@@ -232,6 +242,8 @@ class SignService:
             configuration's ``[approvers]`` and ``[policies]``). None: the development
             policies, where ``default`` needs no approvals (tests and ``--dev``; the enclave
             always passes its configuration's).
+        dkg: the DKGs this enclave takes part in (``[dkg]``, the identity key and the delta
+            writer); None: the DKG rpcs answer FAILED_PRECONDITION.
 
     Raises:
         ValueError: a limit is not positive, or ``max_sign_request_bytes`` is too small.
@@ -262,6 +274,7 @@ class SignService:
         max_concurrent_attestations: int = DEFAULT_MAX_CONCURRENT_ATTESTATIONS,
         config_sha256: bytes | None = None,
         authorizer: Authorizer | None = None,
+        dkg: DkgRegistry | None = None,
     ) -> None:
         smallest = largest_sign_request_bytes(2)
         if max_sign_request_bytes < smallest:
@@ -297,6 +310,7 @@ class SignService:
         self._attestation_bucket = _TokenBucket(attestation_rate_per_s, attestation_burst)
         self._attestation_limiter = trio.CapacityLimiter(max_concurrent_attestations)
         self.authorizer = authorizer if authorizer is not None else Authorizer(DEVELOPMENT_POLICIES)
+        self.dkg = dkg
         self.metrics = Registry()
         self._init_metrics()
 
@@ -357,6 +371,15 @@ class SignService:
             SERVICE + "Commit": protobuf_handler(pb.CommitRequest.FromString, self.commit),
             SERVICE + "Sign": protobuf_handler(pb.SignRequest.FromString, self.sign),
             SERVICE + "Abort": protobuf_handler(pb.AbortRequest.FromString, self.abort),
+            SERVICE + "DkgRound1": protobuf_handler(
+                pb.DkgRound1Request.FromString, self.dkg_round1
+            ),
+            SERVICE + "DkgRound2": protobuf_handler(
+                pb.DkgRound2Request.FromString, self.dkg_round2
+            ),
+            SERVICE + "DkgRound3": protobuf_handler(
+                pb.DkgRound3Request.FromString, self.dkg_round3
+            ),
         }
         return {path: self._counted(path, handler) for path, handler in table.items()}
 
@@ -378,6 +401,7 @@ class SignService:
             SERVICE + "Commit": small,
             SERVICE + "Sign": self._max_sign_request_bytes,
             SERVICE + "Abort": small,
+            **{SERVICE + name: size for name, size in largest_dkg_requests().items()},
         }
 
     # -- handlers --------------------------------------------------------------------------
@@ -518,6 +542,36 @@ class SignService:
         with _map_errors():
             self.pool.abort(request.session_id)
         return pb.AbortResponse()
+
+    async def dkg_round1(
+        self, request: pb.DkgRound1Request, context: CallContext
+    ) -> pb.DkgRound1Response:
+        registry = self._dkg_registry()
+        with _map_errors():
+            return registry.round1(request)
+
+    async def dkg_round2(
+        self, request: pb.DkgRound2Request, context: CallContext
+    ) -> pb.DkgRound2Response:
+        registry = self._dkg_registry()
+        with _map_errors():
+            return registry.round2(request)
+
+    async def dkg_round3(
+        self, request: pb.DkgRound3Request, context: CallContext
+    ) -> pb.DkgRound3Response:
+        registry = self._dkg_registry()
+        with _map_errors():
+            return await registry.round3(request)
+
+    def _dkg_registry(self) -> DkgRegistry:
+        if self.dkg is None:
+            raise RpcError(
+                StatusCode.FAILED_PRECONDITION,
+                "this enclave takes part in no DKG (enclave.toml has no [dkg], or there is no "
+                "delta identity key or delta store)",
+            )
+        return self.dkg
 
     # -- metrics ---------------------------------------------------------------------------
 
