@@ -79,6 +79,7 @@ from ._records import (
 )
 from ._signature import (
     KIND_BASE,
+    KIND_DELTA,
     KINDS,
     SIGNATURE_MAGIC,
     SIGNATURE_RECORD_BYTES,
@@ -122,9 +123,22 @@ _HEADER_FIELDS: Final = frozenset(
         "chunks",
     }
 )
+#: The fields of a ``delta`` header (docs/key-lifecycle.md §1): refused in a ``base``.
+DELTA_FIELDS: Final = ("sequence", "previous", "operation", "dkg_id")
+#: What a delta does (docs/key-lifecycle.md §1).
+OPERATION_CREATE: Final = "create"
+OPERATION_REFRESH: Final = "refresh"
+OPERATION_REPAIR: Final = "repair"
+OPERATIONS: Final = (OPERATION_CREATE, OPERATION_REFRESH, OPERATION_REPAIR)
+#: Largest delta sequence (object names carry it in 8 decimal digits).
+MAX_DELTA_SEQUENCE: Final = 99_999_999
+#: Longest ``dkg_id`` a delta header may carry.
+MAX_DKG_ID_CHARS: Final = 128
 #: Header fields a reader accepts but does not require (bundles sealed before they existed;
-#: ``ciphersuites`` is in ``binary-v3`` headers only).
-_OPTIONAL_FIELDS: Final = frozenset({"kind", "ciphersuites"})
+#: ``ciphersuites`` is in ``binary-v3`` headers only; the delta fields in ``delta`` headers
+#: only, where :func:`check_delta_header` requires them).
+_OPTIONAL_FIELDS: Final = frozenset({"kind", "ciphersuites", *DELTA_FIELDS})
+_HEX64_CHARS: Final = frozenset("0123456789abcdef")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,6 +172,7 @@ def check_sealed_header(header: Any) -> dict[str, Any]:
     _check_header_suites(header)
     if "kind" in header and header["kind"] not in KINDS:
         raise _header_error(f"kind must be one of {', '.join(KINDS)}")
+    _check_delta_fields(header)
     for name in ("key_provider", "kms_key_id", "encrypted_data_key"):
         if not isinstance(header[name], str) or not header[name]:
             raise _header_error(f"{name} must be a non-empty string")
@@ -181,6 +196,44 @@ def check_sealed_header(header: Any) -> dict[str, Any]:
     if not _is_int(chunks) or not 1 <= chunks <= max(1, accounts):
         raise _header_error("chunks must be an integer in 1..max(1, accounts)")
     return header
+
+
+def _check_delta_fields(header: dict[str, Any]) -> None:
+    """The delta fields are refused in a ``base`` header and, where present, well-formed."""
+    present = [name for name in DELTA_FIELDS if name in header]
+    if header.get("kind", KIND_BASE) != KIND_DELTA:
+        if present:
+            raise _header_error(f"{present[0]} is only allowed in a delta bundle")
+        return
+    if "sequence" in header:
+        seq = header["sequence"]
+        if not _is_int(seq) or not 1 <= seq <= MAX_DELTA_SEQUENCE:
+            raise _header_error(f"sequence must be an integer in 1..{MAX_DELTA_SEQUENCE}")
+    if "previous" in header:
+        prev = header["previous"]
+        if not isinstance(prev, str) or len(prev) != 64 or not set(prev) <= _HEX64_CHARS:
+            raise _header_error("previous must be 64 lowercase hex digits (a SHA-256)")
+    if "operation" in header and header["operation"] not in OPERATIONS:
+        raise _header_error(f"operation must be one of {', '.join(OPERATIONS)}")
+    if "dkg_id" in header:
+        dkg_id = header["dkg_id"]
+        if not isinstance(dkg_id, str) or len(dkg_id) > MAX_DKG_ID_CHARS:
+            raise _header_error(f"dkg_id must be a text string of at most {MAX_DKG_ID_CHARS}")
+        if header.get("operation") == OPERATION_CREATE and not dkg_id:
+            raise _header_error("a create delta names the DKG that made it (dkg_id)")
+
+
+def check_delta_header(header: Mapping[str, Any]) -> None:
+    """A (checked) header is a ``delta`` with every delta field (what an enclave loads).
+
+    :func:`check_sealed_header` checks the fields' form where present; a delta an enclave
+    chains and applies must carry all four (``bad_header`` otherwise).
+    """
+    if header.get("kind", KIND_BASE) != KIND_DELTA:
+        raise _header_error("not a delta bundle (kind must be 'delta')")
+    missing = [name for name in DELTA_FIELDS if name not in header]
+    if missing:
+        raise _header_error(f"a delta bundle needs {missing[0]!r}")
 
 
 def _check_header_suites(header: dict[str, Any]) -> None:
@@ -297,8 +350,12 @@ def build_header(
     record_format: str = RECORD_FORMAT_V1,
     ciphersuites: Mapping[str, int] | None = None,
     ciphersuite: str = CIPHERSUITE,
+    delta: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A sealed header (validated); ``kind`` is ``base`` (a ceremony) or ``delta`` (§13).
+
+    ``delta`` holds a delta's ``sequence``, ``previous``, ``operation`` and ``dkg_id``
+    (docs/key-lifecycle.md §1), written into the header (so the signature covers them).
 
     A ``binary-v3`` header also takes ``ciphersuites`` (accounts per suite) and
     ``ciphersuite`` (the bundle's default suite: the plaintext header's when sealed from a
@@ -318,6 +375,11 @@ def build_header(
         "accounts": accounts,
         "chunks": chunks,
     }
+    if delta is not None:
+        unknown = sorted(set(delta) - set(DELTA_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown delta header field {unknown[0]!r}")
+        header.update(delta)
     if record_format == RECORD_FORMAT_V3:
         header["ciphersuites"] = {
             s.name: int((ciphersuites or {}).get(s.name, 0))
@@ -1234,6 +1296,7 @@ def _new_encoder(
     record_format: str = RECORD_FORMAT_V1,
     ciphersuites: Mapping[str, int] | None = None,
     ciphersuite: str = CIPHERSUITE,
+    delta: Mapping[str, Any] | None = None,
 ) -> SealedEncoder:
     """A fresh data key from ``provider``, the header for what ``planner`` counted, and the
     encoder (which keeps its own copy of the key: ours is zeroed here)."""
@@ -1251,6 +1314,7 @@ def _new_encoder(
             record_format=record_format,
             ciphersuites=ciphersuites,
             ciphersuite=ciphersuite,
+            delta=delta,
         )
         return SealedEncoder(header, data_key)
     finally:
@@ -1265,9 +1329,11 @@ def encode_bundle(
     encryption_context: Mapping[str, str] | None = None,
     signer: BundleSigner | None = None,
     kind: str = KIND_BASE,
+    delta: Mapping[str, Any] | None = None,
 ) -> bytes:
     """Seal ``records`` into bytes in memory, WITHOUT validating them (tests and tools),
-    signed by ``signer`` if given.
+    signed by ``signer`` if given. ``delta``: a delta header's fields (:func:`build_header`;
+    :func:`trio_sign.shares._deltas.seal_delta` is the enclave's checked way).
 
     Holds everything in memory; use :func:`seal_file` for real files.
     """
@@ -1288,6 +1354,7 @@ def encode_bundle(
         record_format=record_format,
         ciphersuites=suites,
         ciphersuite=recs[0].ciphersuite if recs else CIPHERSUITE,
+        delta=delta,
     )
     try:
         parts = [encoder.start()]

@@ -652,6 +652,164 @@ class ShareStore:
         if self._wide.capacity > self._wide.count:
             self._wide.resize(self._wide.count)
 
+    # -- deltas (docs/key-lifecycle.md §1) ---------------------------------------------------
+
+    def check_delta(self, delta: ShareStore, operation: str) -> None:
+        """Refuse ``delta`` (a verified delta bundle's records, loaded into a store of their
+        own) unless ``operation`` may apply it here; nothing is changed.
+
+        ``create`` adds accounts that do not exist; ``refresh`` and ``repair`` replace
+        existing accounts' shares, which must keep their ciphersuite, group key and
+        thresholds. A replacing record's points are checked here (a lazy check would find a
+        bad one only after the old share was gone).
+
+        Error handling:
+            ``ShareFileError``: ``delta_account_exists``, ``delta_account_mismatch``,
+            ``bad_header`` (an unknown operation), ``bad_policy`` (more than
+            :data:`MAX_POLICIES_PER_STORE` policies in all), or the point checks' codes.
+        """
+        self._check_open()
+        delta._check_open()
+        if operation not in ("create", "refresh", "repair"):
+            raise ShareFileError(f"unknown delta operation {operation!r}", reason="bad_header")
+        new_names = {delta._policy_names[i] for i in delta._used_policy_indices()}
+        new_names.difference_update(self._policy_names)
+        if len(self._policy_names) + len(new_names) > MAX_POLICIES_PER_STORE:
+            raise ShareFileError(
+                f"the delta would make more than {MAX_POLICIES_PER_STORE} distinct policies",
+                reason="bad_policy",
+            )
+        index = self._index
+        if operation == "create":
+            for account_id in delta._index:
+                if account_id in index:
+                    raise ShareFileError(
+                        f"a create delta names account {_shown(account_id)!r}, which exists",
+                        reason="delta_account_exists",
+                    )
+            return
+        for account_id in delta._index:
+            if account_id not in index:
+                raise ShareFileError(
+                    f"a {operation} delta names account {_shown(account_id)!r}, which does "
+                    "not exist",
+                    reason="delta_account_mismatch",
+                )
+            old, new = self._public_view(account_id), delta._public_view(account_id)
+            if old != new:
+                raise ShareFileError(
+                    f"a {operation} delta changes account {_shown(account_id)!r}'s "
+                    f"{_first_difference(old, new)}",
+                    reason="delta_account_mismatch",
+                )
+            delta.get(account_id)  # the point checks, now (raises on a bad record)
+
+    def apply_delta(self, delta: ShareStore, operation: str) -> None:
+        """Apply a verified delta: all of it or (on any refusal) nothing.
+
+        ``create`` appends ``delta``'s accounts; ``refresh``/``repair`` write each record over
+        its account's slot, the old share zeroed first. The new accounts and shares become
+        visible to :meth:`get` together, once every check passed (:meth:`check_delta` runs
+        first). ``delta`` is left as it was: the caller closes (zeroes) it. Slots keep the
+        verification state they had in ``delta`` (a lazily loaded delta is checked at first
+        use, as a lazily loaded base is).
+
+        Error handling: what :meth:`check_delta` raises; nothing has changed then.
+        """
+        self.check_delta(delta, operation)
+        table = bytes(
+            self._policy_slot(name.encode("utf-8"), None) if i < len(delta._policy_names) else 0
+            for i, name in enumerate(delta._policy_names + [""] * (256 - len(delta._policy_names)))
+        )
+        if operation == "create":
+            self._append(delta, table)
+        else:
+            self._replace(delta, table)
+
+    def _used_policy_indices(self) -> set[int]:
+        return set(self._policy[: self._count]) | set(self._wide.policy[: self._wide.count])
+
+    def _public_view(self, account_id: str) -> tuple[str, bytes, int, int]:
+        """(suite, group key, min, max) of an account: what a refresh must keep."""
+        slot = self._index[account_id]
+        if slot >= 0:
+            o = slot * _PUB
+            return (
+                ED25519.name,
+                bytes(self._public[o + 64 : o + 96]),
+                self._thresholds[2 * slot],
+                self._thresholds[2 * slot + 1],
+            )
+        lane, w = self._wide, ~slot
+        n = lane.element_size
+        o = w * lane.stride + 32 + n
+        return (
+            SCHEMES[lane.suite[w]].name,
+            bytes(lane.public[o : o + n]),
+            lane.thresholds[2 * w],
+            lane.thresholds[2 * w + 1],
+        )
+
+    def _append(self, delta: ShareStore, table: bytes) -> None:
+        """Copy every slot of ``delta`` after ours, lane by lane; the index last."""
+        n, base = delta._count, self._count
+        if n:
+            need = base + n
+            if need > self._capacity:
+                # Grow by an eighth (not double): a million-account store takes many small
+                # deltas without doubling its memory.
+                cap = max(need, self._capacity + self._capacity // 8 + 1024)
+                self._grow(cap, limit=cap)
+            self._arena[32 * base : 32 * need] = memoryview(delta._arena)[: 32 * n]
+            self._public[_PUB * base : _PUB * need] = memoryview(delta._public)[: _PUB * n]
+            self._thresholds[2 * base : 2 * need] = delta._thresholds[: 2 * n]
+            self._flags[base:need] = delta._flags[:n]
+            self._policy[base:need] = delta._policy[:n].translate(table)
+        wn, lane, wbase = delta._wide.count, self._wide, self._wide.count
+        if wn:
+            src = delta._wide
+            need = wbase + wn
+            if need > lane.capacity:
+                cap = max(need, lane.capacity + lane.capacity // 8 + 1024)
+                lane.grow(cap, limit=cap)
+            st = lane.stride
+            lane.arena[32 * wbase : 32 * need] = memoryview(src.arena)[: 32 * wn]
+            lane.public[st * wbase : st * need] = memoryview(src.public)[: st * wn]
+            lane.thresholds[2 * wbase : 2 * need] = src.thresholds[: 2 * wn]
+            lane.flags[wbase:need] = src.flags[:wn]
+            lane.policy[wbase:need] = src.policy[:wn].translate(table)
+            lane.suite[wbase:need] = src.suite[:wn]
+        self._count = base + n
+        lane.count = wbase + wn
+        index = self._index
+        for account_id, slot in delta._index.items():
+            index[account_id] = slot + base if slot >= 0 else ~(~slot + wbase)
+
+    def _replace(self, delta: ShareStore, table: bytes) -> None:
+        """Write each of ``delta``'s records over its account's slot (same lane: the suite is
+        the same), zeroing the old share first."""
+        for account_id, src_slot in delta._index.items():
+            slot = self._index[account_id]
+            if slot >= 0:
+                s = src_slot
+                arena, public, stride = self._arena, self._public, _PUB
+                src_arena, src_public = delta._arena, delta._public
+                self._policy[slot] = table[delta._policy[s]]
+                self._flags[slot] = delta._flags[s]
+            else:
+                slot, s = ~slot, ~src_slot
+                lane, src = self._wide, delta._wide
+                arena, public, stride = lane.arena, lane.public, lane.stride
+                src_arena, src_public = src.arena, src.public
+                lane.policy[slot] = table[src.policy[s]]
+                lane.flags[slot] = src.flags[s]
+            with memoryview(arena) as mv:
+                _sodium.memzero(mv[32 * slot : 32 * slot + 32])
+            arena[32 * slot : 32 * slot + 32] = memoryview(src_arena)[32 * s : 32 * s + 32]
+            public[stride * slot : stride * (slot + 1)] = memoryview(src_public)[
+                stride * s : stride * (s + 1)
+            ]
+
     # -- access ----------------------------------------------------------------------------
 
     def _check_open(self) -> None:
@@ -787,6 +945,19 @@ class ShareStore:
         _sodium.memzero(self._wide.arena)
         self._index.clear()
         self._closed = True
+
+
+def _shown(account_id: str) -> str:
+    return account_id if len(account_id) <= 64 else account_id[:61] + "..."
+
+
+def _first_difference(old: tuple[str, bytes, int, int], new: tuple[str, bytes, int, int]) -> str:
+    for name, a, b in zip(
+        ("ciphersuite", "group key", "min_signers", "max_signers"), old, new, strict=True
+    ):
+        if a != b:
+            return name
+    return "public data"  # pragma: no cover - called only when they differ
 
 
 class SealedLoader:
