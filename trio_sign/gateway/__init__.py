@@ -8,9 +8,11 @@ from ._approvals import ApproverKeyFileError as ApproverKeyFileError
 from ._approvals import ApproverSigningKey as ApproverSigningKey
 from ._approvals import GatewayApprover as GatewayApprover
 from ._coordinator import GATEWAY_REASONS as GATEWAY_REASONS
+from ._coordinator import MERKLE_ROOT_BYTES as MERKLE_ROOT_BYTES
 from ._coordinator import Coordinator as Coordinator
 from ._coordinator import CoordinatorSettings as CoordinatorSettings
 from ._coordinator import GatewayError as GatewayError
+from ._coordinator import Signature as Signature
 from ._coordinator import load_participant_files as load_participant_files
 from ._events import DEFAULT_EVENTS_GRACEFUL_TIMEOUT_S as DEFAULT_EVENTS_GRACEFUL_TIMEOUT_S
 from ._events import DEFAULT_EVENTS_KEEPALIVE_S as DEFAULT_EVENTS_KEEPALIVE_S
@@ -54,12 +56,7 @@ from ._tls import make_client_ssl_context as make_client_ssl_context
 __all__ = [
     "ALPN_H2",
     "APPROVER_KEY_FORMAT",
-    "Approval",
-    "ApproverKeyFileError",
-    "ApproverSigningKey",
     "DEFAULT_APPROVAL_LIFETIME_S",
-    "Coordinator",
-    "CoordinatorSettings",
     "DEFAULT_EVENTS_GRACEFUL_TIMEOUT_S",
     "DEFAULT_EVENTS_KEEPALIVE_S",
     "DEFAULT_EVENTS_RETRY_MS",
@@ -68,11 +65,18 @@ __all__ = [
     "DEFAULT_REFUSAL_LOG_INTERVAL_S",
     "DEFAULT_REPLAY_EVENTS",
     "DEFAULT_SUBSCRIBER_QUEUE",
+    "GATEWAY_REASONS",
+    "KEEPALIVE_COMMENT",
+    "MERKLE_ROOT_BYTES",
+    "Approval",
+    "ApproverKeyFileError",
+    "ApproverSigningKey",
+    "Coordinator",
+    "CoordinatorSettings",
     "EnclaveNode",
     "EventHub",
-    "GATEWAY_REASONS",
-    "GatewayApprover",
     "GatewayApi",
+    "GatewayApprover",
     "GatewayConfig",
     "GatewayConfigError",
     "GatewayError",
@@ -80,11 +84,11 @@ __all__ = [
     "GatewayHandle",
     "HubEvent",
     "HubStats",
-    "KEEPALIVE_COMMENT",
     "NodeSettings",
     "NodeSubscriberLimitError",
     "ProbedNode",
     "SendProbe",
+    "Signature",
     "SubscriberLimitError",
     "Subscription",
     "accepts_event_stream",
