@@ -29,6 +29,18 @@ store leaves the loader, and a refusal zeroes everything decrypted. Reasons:
 ``bundle_unsigned``, ``bundle_signer_unknown``, ``bundle_signature_invalid``, ``bundle_kind``.
 An older bundle signed by a pinned key still loads here: rollback is stopped by the gateway,
 which pins each shard's fingerprint (DESIGN §10, §12).
+
+Deltas (docs/key-lifecycle.md §1, §4): ``bundle_end {deltas: N}`` announces N stored deltas,
+which follow on the same channel, each as ``delta_push {sequence, total_bytes}``, its
+``delta_chunk`` frames and ``delta_end``. Each is verified (the identity key's signature, the
+chain on the base, every record) and applied, all of it or nothing, before the next one and
+before anything is served; ``preload_result`` then says how many were loaded (``deltas``) and
+the head (``deltas_head``). A delta that is refused (``delta_chain``, a bad signature, no
+identity key to open it, ...) stops the chain there: it and the deltas after it (which could
+only chain on it) are read and dropped, the refusal is logged, and the node serves the deltas
+before it (a parent can always withhold deltas; the head in GetStatus and the attestation shows
+what was loaded, and the deltas channel pushes the rest again). A broken frame sequence fails
+the preload (``protocol``).
 """
 
 from __future__ import annotations
@@ -50,6 +62,7 @@ from ..nitro import (
     AttestationMessage,
     BundleChunkMessage,
     BundleEndMessage,
+    ChannelMessage,
     ChannelProtocolError,
     CmsError,
     EphemeralRecipientKey,
@@ -59,7 +72,11 @@ from ..nitro import (
     PreloadResultMessage,
     RecipientCiphertextMessage,
 )
-from ..shares import BundleTrust, SealedLoader, ShareStore
+from ..nitro._channel import DeltaPushMessage
+from ..shares import BundleTrust, DataKeyProvider, SealedLoader, ShareStore
+from ..shares._deltas import NO_DELTAS_HEX, DeltaChain, DeltaCheck, apply_delta
+from ..shares._signature import KIND_DELTA
+from ._deltas import receive_delta, refusal_reason
 from ._measured import DEVELOPMENT_CONFIG
 from ._memory import MemoryLimitError
 
@@ -97,6 +114,13 @@ class PreloadReport:
     events: EventsConfigMessage | None = None
     #: The Ed25519 public key that signed the bundle (None: unsigned, development only).
     signer: bytes | None = None
+    #: Deltas loaded after the base, and the head (hex; 64 zeros for none).
+    deltas: int = 0
+    deltas_head: str = NO_DELTAS_HEX
+    #: The chain as loaded (the deltas channel continues it); None only if the base failed.
+    chain: DeltaChain | None = field(default=None, repr=False)
+    #: Deltas the parent announced (a refusal leaves ``deltas`` below it).
+    deltas_announced: int = 0
 
 
 #: Called with the header's account count before the store is allocated; raises to refuse.
@@ -132,6 +156,9 @@ async def preload_shares(
     memory_check: MemoryCheck | None = None,
     progress: Callable[[int, int], None] | None = None,
     signing_keys: Sequence[bytes] | None = None,
+    delta_provider: DataKeyProvider | None = None,
+    delta_keys: Sequence[bytes] | None = None,
+    delta_check: DeltaCheck | None = None,
 ) -> tuple[ShareStore, PreloadReport]:
     """Run the enclave side of the boot exchange and return the loaded store.
 
@@ -141,6 +168,12 @@ async def preload_shares(
             development: an unsigned bundle is accepted with a warning (a signed one must
             still verify). The signature is checked when the bundle ends, before the store
             is returned; a refusal zeroes everything decrypted.
+        delta_provider: the identity key's data-key wrap, which opens the deltas that follow
+            the base (None: no identity key; announced deltas are refused, module docstring).
+        delta_keys: the keys a delta must be signed by (``[bundles] delta_identity_key``);
+            None is development.
+        delta_check: called with each verified delta's records before it is applied; raises
+            to refuse it (the serving enclave's policy check).
 
     Cancellation:
         Safe at every await (the caller's preload timeout lands here): the RSA key is closed,
@@ -197,6 +230,7 @@ async def preload_shares(
             trust=BundleTrust.pinned(signing_keys),
         )
         received = 0
+        announced = 0
         while True:
             message = await channel.receive()
             if isinstance(message, BundleChunkMessage):
@@ -210,6 +244,7 @@ async def preload_shares(
                         f"{received} arrived",
                         reason="truncated",
                     )
+                announced = message.deltas
                 break
             else:
                 raise PreloadError(
@@ -218,6 +253,22 @@ async def preload_shares(
                 )
         store = loader.finish()
         loader = None
+        try:
+            assert store.fingerprint is not None
+            chain = DeltaChain(store.fingerprint)
+            await _load_boot_deltas(
+                channel,
+                store,
+                chain,
+                announced,
+                provider=delta_provider,
+                trust=BundleTrust.pinned(delta_keys, kind=KIND_DELTA),
+                verify=verify,
+                check=delta_check,
+            )
+        except BaseException:
+            store.close()
+            raise
     except BaseException as exc:
         if loader is not None:
             loader.abort()
@@ -244,6 +295,10 @@ async def preload_shares(
         attestation_document=document,
         events=events,
         signer=store.signer,
+        deltas=chain.count,
+        deltas_head=chain.head,
+        chain=chain,
+        deltas_announced=announced,
     )
     try:
         await channel.send(
@@ -252,6 +307,8 @@ async def preload_shares(
                 accounts=report.accounts,
                 sha256=report.sha256,
                 preload_ms=report.preload_ms,
+                deltas=report.deltas,
+                deltas_head=report.deltas_head,
             )
         )
     except BaseException:
@@ -265,9 +322,63 @@ async def preload_shares(
             "preload_ms": report.preload_ms,
             "bundle_bytes": report.bundle_bytes,
             "signer": "unsigned" if report.signer is None else report.signer.hex(),
+            "deltas": report.deltas,
+            "deltas_head": report.deltas_head,
         },
     )
     return store, report
+
+
+async def _load_boot_deltas(
+    channel: MessageStream,
+    store: ShareStore,
+    chain: DeltaChain,
+    announced: int,
+    *,
+    provider: DataKeyProvider | None,
+    trust: BundleTrust,
+    verify: str,
+    check: DeltaCheck | None,
+) -> None:
+    """Read the ``announced`` deltas after the base and apply each in order (module
+    docstring); the first refusal stops the chain, the rest are read and dropped."""
+    refused: str | None = None
+    for position in range(1, announced + 1):
+        message: ChannelMessage = await channel.receive()
+        if not isinstance(message, DeltaPushMessage):
+            raise PreloadError(
+                f"expected delta {position} of {announced} (delta_push), got {message.TYPE!r}",
+                reason="protocol",
+            )
+        data = await receive_delta(channel, message)
+        if refused is not None:
+            continue
+        if provider is None:
+            refused = "delta_no_identity"
+            log.error(
+                "the parent sent %d deltas, but this enclave holds no delta identity key "
+                "([bundles] delta_identity_key): none is loaded",
+                announced,
+                extra={"reason": refused},
+            )
+        else:
+            try:
+                apply_delta(
+                    store,
+                    chain,
+                    data,
+                    provider=provider,
+                    trust=trust,
+                    verify="full" if verify == "full" else "lazy",
+                    check=check,
+                )
+            except (ShareFileError, KeyWrapError) as exc:
+                refused = refusal_reason(exc)
+                log.error(
+                    "boot delta refused; the deltas after it are not loaded",
+                    extra={"sequence": message.sequence, "reason": refused, "error": str(exc)},
+                )
+        await trio.lowlevel.checkpoint()  # stay responsive: status and logs run too
 
 
 def _as_preload_error(exc: BaseException) -> PreloadError | None:

@@ -113,8 +113,12 @@ async def one_connection(
     connect_timeout_s: float,
     on_up: Callable[[bool], None] = lambda up: None,
     on_frame: OnParentFrame | None = None,
+    read: bool = True,
 ) -> tuple[str, bool]:
     """Connect, say hello, run ``converse`` until it returns or the connection fails.
+
+    ``read`` False: ``converse`` reads the parent's frames itself (the deltas channel), so no
+    reader runs beside it (``on_frame`` is then unused).
 
     Returns ``(why it ended, whether hello was sent)``. Only I/O and protocol errors are
     caught; anything else (a bug) propagates.
@@ -147,7 +151,10 @@ async def one_connection(
             nursery.cancel_scope.cancel()
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(guarded, functools.partial(_read_until_closed, on_frame=on_frame))
+            if read:
+                nursery.start_soon(
+                    guarded, functools.partial(_read_until_closed, on_frame=on_frame)
+                )
             nursery.start_soon(guarded, converse)
     finally:
         if up:
@@ -179,6 +186,7 @@ async def run_reconnecting_channel(
     on_up: Callable[[bool], None] = lambda up: None,
     on_frame: OnParentFrame | None = None,
     hurry: trio.Event | None = None,
+    read: bool = True,
 ) -> NoReturn:
     """Keep one enclave-to-parent channel up forever.
 
@@ -190,7 +198,8 @@ async def run_reconnecting_channel(
     ``uniform(0, min(backoff_max_s, backoff_initial_s * 2**n))`` seconds (``n``: failed rounds
     in a row, reset by a round that got its hello out), the next round starts. Once ``hurry``
     is set (the process is giving its last words), no wait is longer than
-    ``backoff_initial_s``.
+    ``backoff_initial_s``. ``read`` False leaves the reading to ``converse``
+    (:func:`one_connection`).
 
     Cancellation: safe at any point; the stream is closed before this returns.
 
@@ -207,6 +216,7 @@ async def run_reconnecting_channel(
             connect_timeout_s=connect_timeout_s,
             on_up=on_up,
             on_frame=on_frame,
+            read=read,
         )
         if was_up:
             failures = 0
