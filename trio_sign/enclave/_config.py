@@ -51,6 +51,11 @@ class EnclaveConfig:
             lives in DIR, for running off AWS).
         preload_address, status_address, log_address: the parent's boot, status and log
             channels (vsock to the parent, CID 3, in production; UNIX sockets locally).
+        deltas_address: the parent's deltas channel (docs/key-lifecycle.md §4; its
+            ``deltas_port``, 7003): the enclave stores its deltas and takes the pushed ones
+            there. Connected only when the enclave holds a delta identity key.
+        delta_store_timeout_s: how long storing one delta waits for the parent's answer (a
+            DKG's ``DkgRound3`` answers ``UNAVAILABLE`` after it).
         preload_timeout_s: the whole preload (attestation, KMS, bundle) must finish in this.
         verify_shares: ``"lazy"`` or ``"full"`` point checks on the sealed bundle.
         memory_limit_bytes: the enclave's memory (None: cgroup limit or MemTotal).
@@ -85,6 +90,8 @@ class EnclaveConfig:
     preload_address: str = "vsock://3:5000"
     status_address: str = "vsock://3:5001"
     log_address: str = "vsock://3:5002"
+    deltas_address: str = "vsock://3:7003"
+    delta_store_timeout_s: float = 30.0
     preload_timeout_s: float = 300.0
     verify_shares: str = "lazy"
     memory_limit_bytes: int | None = None

@@ -148,6 +148,19 @@ def bundle_signing_keys(config: EnclaveConfig) -> tuple[bytes, ...] | None:
     return ()
 
 
+def delta_signing_keys(config: EnclaveConfig) -> tuple[bytes, ...] | None:
+    """The keys a delta must be signed by: the pinned ``[bundles] delta_identity_key``; as
+    for the base (:func:`bundle_signing_keys`), None (development) where no key is pinned and
+    the configuration is a development one or the NSM the local stand-in, else ``()``."""
+    measured = config.measured
+    if measured.delta_identity_key is not None:
+        return (measured.delta_identity_key,)
+    development = measured.development or measured.sha256 == _DEVELOPMENT_CONFIG_SHA256
+    if development or config.nsm != "device":
+        return None
+    return ()
+
+
 async def preload_shares(
     channel: MessageStream,
     nsm: AsyncNsm,

@@ -12,12 +12,15 @@ reads top to bottom::
         ├── open the NSM; seed entropy   (device only)
         ├── run_memory_monitor          (alarm at 70%, refuse new sessions at 90%)
         ├── preload (bounded by preload_timeout_s): attestation -> KMS envelope -> sealed bundle
+    │                                   -> the stored deltas, each verified and applied
         ├── extend PCR 16 with the bundle's SHA-256 and lock it; the audit record
         ├── SessionPool.run_reaper      (expires sessions, zeroes nonces)
         ├── TlsListener.run             (bounded TLS 1.3 handshakes, client CA from enclave.toml)
         ├── serve_grpc                  (SignService behind TLS; only after preload succeeded)
         ├── serve_grpc (public)         (h2c: Ping, GetStatus, GetAttestation only)
-        └── run_sse_client              (gateway events through the parent relay)
+        ├── run_sse_client              (gateway events through the parent relay)
+        └── the deltas channel          (with a delta identity key: DeltaWriter.converse,
+                                         this enclave's deltas stored, the parent's pushed)
 
 The measured configuration (``enclave.toml``, :mod:`trio_sign.enclave._measured`) is read by
 the command before the tree starts; its SHA-256 is in GetStatus and in every attestation
@@ -65,7 +68,8 @@ from ..nitro import (
 from ..nitro._binding import NO_DELTAS, Binding, encode_binding
 from ..nitro._local_nsm import local_pcrs
 from ..rpc import GrpcServer, serve_grpc
-from ..shares import ShareStore
+from ..shares import DataKeyProvider, ShareStore
+from ..shares._deltas import DeltaChain, DeltaCheck
 from ..sse import (
     SseClientStatus,
     SseEventHandler,
@@ -83,7 +87,9 @@ from ..transport import (
     self_signed_server_context,
 )
 from ._config import EnclaveConfig
+from ._deltas import DeltaStatus, DeltaWriter, EnclaveDeltas
 from ._exit import EnclaveExit, ExitCode
+from ._identity import IdentityKey
 from ._lifecycle import EnclaveEvent
 from ._link import ParentLink
 from ._memory import (
@@ -95,8 +101,15 @@ from ._memory import (
 )
 from ._pid1 import bring_up_loopback, run_child_reaper
 from ._pool import SessionPool
-from ._preload import PreloadError, PreloadReport, bundle_signing_keys, preload_shares
+from ._preload import (
+    PreloadError,
+    PreloadReport,
+    bundle_signing_keys,
+    delta_signing_keys,
+    preload_shares,
+)
 from ._service import Attestor, SignService
+from ._status import run_reconnecting_channel
 
 log = logging.getLogger("trio_sign.enclave")
 audit_log = logging.getLogger("trio_sign.audit")
@@ -117,6 +130,9 @@ class EnclaveHandle:
         identity: the per-boot TLS identity (its SPKI is what attestations bind), or None.
         public_server: the public h2c server (Ping, GetStatus, GetAttestation), or None.
         public_addresses: where it listens, as address URLs.
+        deltas: the node's deltas (store, chain, identity key), or None (development).
+        delta_writer: stores this enclave's deltas through the parent (what ``DkgRound3``
+            calls: :meth:`DeltaWriter.store`), or None without a delta identity key.
     """
 
     def __init__(
@@ -132,8 +148,12 @@ class EnclaveHandle:
         identity: ServerIdentity | None = None,
         public_server: GrpcServer | None = None,
         public_addresses: list[str] | None = None,
+        deltas: EnclaveDeltas | None = None,
+        delta_writer: DeltaWriter | None = None,
     ) -> None:
         self.service = service
+        self.deltas = deltas
+        self.delta_writer = delta_writer
         self.server = server
         self.addresses = addresses
         self.sse = sse
@@ -426,10 +446,42 @@ def make_identity(config: EnclaveConfig) -> ServerIdentity | None:
     return identity
 
 
-def binding_of(config: EnclaveConfig, fingerprint: bytes) -> bytes:
+def binding_of(config: EnclaveConfig, fingerprint: bytes, deltas: bytes = NO_DELTAS) -> bytes:
     """The attestation ``user_data`` (DESIGN §4): shares, delta head, measured config."""
-    return encode_binding(
-        Binding(shares=fingerprint, deltas=NO_DELTAS, config=config.measured.sha256)
+    return encode_binding(Binding(shares=fingerprint, deltas=deltas, config=config.measured.sha256))
+
+
+def delta_policy_check(config: EnclaveConfig) -> DeltaCheck:
+    """A delta's accounts must name policies this configuration has (as the base's must,
+    :func:`check_account_policies`); otherwise the delta is refused (``unknown_policy``)."""
+    policies = config.measured.policies
+
+    def check(delta: ShareStore) -> None:
+        unknown = policies.unknown(set(delta.policies()))
+        if unknown:
+            raise ShareFileError(
+                f"the delta's accounts name policies that {config.measured.source} does not "
+                f"configure for signing: {', '.join(unknown)}",
+                reason="unknown_policy",
+            )
+
+    return check
+
+
+def _show_deltas(service: SignService, status: DeltaStatus) -> None:
+    """GetStatus's ``deltas``/``deltas_head`` (the service reads them for every call)."""
+    service.deltas = status.count
+    service.deltas_head = status.head
+
+
+async def _run_deltas_channel(config: EnclaveConfig, writer: DeltaWriter) -> None:
+    """Keep the deltas channel to the parent up (reconnecting like the status channel);
+    :meth:`DeltaWriter.converse` is its only reader."""
+    await run_reconnecting_channel(
+        "deltas",
+        functools.partial(connect, config.deltas_address),
+        writer.converse,
+        read=False,
     )
 
 
@@ -579,6 +631,7 @@ async def serve_enclave(
     config: EnclaveConfig,
     *,
     nsm: NsmLike | None = None,
+    identity_key: IdentityKey | None = None,
     task_status: trio.TaskStatus[EnclaveHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """The production enclave: attested preload, then serve until drained.
@@ -591,89 +644,143 @@ async def serve_enclave(
     Args:
         config: the settings.
         nsm: an already-open NSM (tests); otherwise ``config.nsm`` is opened.
+        identity_key: the unsealed delta identity key (``[bundles] delta_identity_key``):
+            with it the boot's deltas are opened and verified, the deltas channel runs
+            (pushes load without a restart) and ``handle.delta_writer`` stores new deltas.
+            Without it announced deltas are refused and nothing is stored. Closed (zeroed) on
+            the way out.
     """
     started = time.monotonic()
     link = ParentLink.from_config(config)
-    async with _linked(link) as stores, trio.open_nursery() as nursery:
-        if os.getpid() == 1:
-            await nursery.start(run_child_reaper)
-        if bring_up_loopback():
-            log.info("brought the loopback interface up")
-        identity = make_identity(config)
-        device = (
-            nsm if nsm is not None else open_nsm(config.nsm, config_sha256=config.measured.sha256)
-        )
-        anv = AsyncNsm(device)
-        if isinstance(device, NsmDevice):
-            seeded = await trio.to_thread.run_sync(seed_entropy, device)
-            log.info(
-                "entropy seeded from NSM",
-                extra={"bytes": seeded.nbytes, "credited": seeded.credited},
+    wrap = None if identity_key is None else identity_key.delta_key_wrap()
+    try:
+        async with _linked(link) as stores, trio.open_nursery() as nursery:
+            await _serve_enclave_tree(
+                config, nursery, link, stores, nsm, identity_key, wrap, started, task_status
             )
-        limit = config.memory_limit_bytes or read_memory_limit_bytes()
-        watermark = MemoryWatermark(
-            limit,
-            alarm_fraction=config.memory_alarm_fraction,
-            hard_fraction=config.memory_hard_fraction,
-        )
-        await nursery.start(
-            functools.partial(run_memory_monitor, watermark, on_change=link.set_memory_level)
-        )
+    finally:
+        if wrap is not None:
+            wrap.close()
+        if identity_key is not None:
+            identity_key.close()
 
-        link.advance(EnclaveEvent.PRELOAD)
-        store, report = await _preload(config, anv, watermark)
-        stores.append(store)
-        check_account_policies(config, store)
-        fingerprint = bytes.fromhex(report.sha256)
-        pcr = await _lock_shares_pcr(anv, config.shares_pcr, fingerprint)
-        binding = binding_of(config, fingerprint)
-        spki = None if identity is None else identity.spki_der
-        audit_doc = await anv.attestation(user_data=binding, public_key=spki)
-        audit_log.info(
-            "boot audit",
-            extra={
-                "audit": "boot",
-                "accounts": report.accounts,
-                "shares_sha256": report.sha256,
-                "preload_ms": report.preload_ms,
-                "bundle_bytes": report.bundle_bytes,
-                "boot_ms": round((time.monotonic() - started) * 1000),
-                "shares_pcr": config.shares_pcr,
-                "shares_pcr_value": pcr.hex(),
-                "config_sha256": config.measured.sha256.hex(),
-                "config": config.measured.source,
-                "attestation_document_b64": base64.b64encode(audit_doc).decode(),
-            },
-        )
 
-        async def attest(nonce: bytes) -> bytes:
-            # public_key: the TLS key of this boot, so a verifier can check that the
-            # connection it asked on ends here (DESIGN §10).
-            return await anv.attestation(user_data=binding, nonce=nonce or None, public_key=spki)
+async def _serve_enclave_tree(
+    config: EnclaveConfig,
+    nursery: trio.Nursery,
+    link: ParentLink,
+    stores: list[ShareStore],
+    nsm: NsmLike | None,
+    identity_key: IdentityKey | None,
+    wrap: DataKeyProvider | None,
+    started: float,
+    task_status: trio.TaskStatus[EnclaveHandle],
+) -> None:
+    """The body of :func:`serve_enclave` (its services, top to bottom)."""
+    if os.getpid() == 1:
+        await nursery.start(run_child_reaper)
+    if bring_up_loopback():
+        log.info("brought the loopback interface up")
+    identity = make_identity(config)
+    device = nsm if nsm is not None else open_nsm(config.nsm, config_sha256=config.measured.sha256)
+    anv = AsyncNsm(device)
+    if isinstance(device, NsmDevice):
+        seeded = await trio.to_thread.run_sync(seed_entropy, device)
+        log.info(
+            "entropy seeded from NSM",
+            extra={"bytes": seeded.nbytes, "credited": seeded.credited},
+        )
+    limit = config.memory_limit_bytes or read_memory_limit_bytes()
+    watermark = MemoryWatermark(
+        limit,
+        alarm_fraction=config.memory_alarm_fraction,
+        hard_fraction=config.memory_hard_fraction,
+    )
+    await nursery.start(
+        functools.partial(run_memory_monitor, watermark, on_change=link.set_memory_level)
+    )
 
-        handle = await _serve_loaded(
-            nursery,
-            _with_parent_events(config, report.events),
-            store,
-            link,
-            preload_ms=report.preload_ms,
-            attestor=attest,
-            memory=watermark,
-            identity=identity,
+    link.advance(EnclaveEvent.PRELOAD)
+    store, report = await _preload(config, anv, watermark, wrap)
+    stores.append(store)
+    check_account_policies(config, store)
+    fingerprint = bytes.fromhex(report.sha256)
+    pcr = await _lock_shares_pcr(anv, config.shares_pcr, fingerprint)
+    deltas = EnclaveDeltas(
+        store,
+        report.chain if report.chain is not None else DeltaChain(report.sha256),
+        provider=wrap,
+        signer=identity_key,
+        signing_keys=delta_signing_keys(config),
+        check=delta_policy_check(config),
+    )
+    binding = binding_of(config, fingerprint, deltas.chain.head_bytes)
+    spki = None if identity is None else identity.spki_der
+    audit_doc = await anv.attestation(user_data=binding, public_key=spki)
+    audit_log.info(
+        "boot audit",
+        extra={
+            "audit": "boot",
+            "accounts": report.accounts,
+            "shares_sha256": report.sha256,
+            "deltas": report.deltas,
+            "deltas_head": report.deltas_head,
+            "preload_ms": report.preload_ms,
+            "bundle_bytes": report.bundle_bytes,
+            "boot_ms": round((time.monotonic() - started) * 1000),
+            "shares_pcr": config.shares_pcr,
+            "shares_pcr_value": pcr.hex(),
+            "config_sha256": config.measured.sha256.hex(),
+            "config": config.measured.source,
+            "attestation_document_b64": base64.b64encode(audit_doc).decode(),
+        },
+    )
+
+    async def attest(nonce: bytes) -> bytes:
+        # public_key: the TLS key of this boot, so a verifier can check that the
+        # connection it asked on ends here (DESIGN §10). The delta head is read now: a
+        # delta loaded while serving shows in the next document.
+        live = binding_of(config, fingerprint, deltas.chain.head_bytes)
+        return await anv.attestation(user_data=live, nonce=nonce or None, public_key=spki)
+
+    handle = await _serve_loaded(
+        nursery,
+        _with_parent_events(config, report.events),
+        store,
+        link,
+        preload_ms=report.preload_ms,
+        attestor=attest,
+        memory=watermark,
+        identity=identity,
+    )
+    service = handle.service
+    _show_deltas(service, deltas.status)
+    deltas.on_change = functools.partial(_show_deltas, service)
+    handle.deltas = deltas
+    if wrap is not None and identity_key is not None:
+        writer = DeltaWriter(
+            deltas,
+            store_timeout_s=config.delta_store_timeout_s,
+            store_retries=(
+                config.measured.dkg.store_retries if config.measured.dkg is not None else 5
+            ),
         )
-        _log_ready(
-            handle,
-            config,
-            identity,
-            started,
-            accounts=report.accounts,
-            shares_sha256=report.sha256,
-            mode="nitro" if config.nsm == "device" else "local",
-        )
-        nursery.start_soon(_drain_when_the_parent_asks, link, handle)
-        task_status.started(handle)
-        await handle.wait_stopped()
-        nursery.cancel_scope.cancel()
+        handle.delta_writer = writer
+        nursery.start_soon(_run_deltas_channel, config, writer)
+    _log_ready(
+        handle,
+        config,
+        identity,
+        started,
+        accounts=report.accounts,
+        shares_sha256=report.sha256,
+        deltas=report.deltas,
+        mode="nitro" if config.nsm == "device" else "local",
+    )
+    nursery.start_soon(_drain_when_the_parent_asks, link, handle)
+    task_status.started(handle)
+    await handle.wait_stopped()
+    nursery.cancel_scope.cancel()
 
 
 def _overload_reason(watermark: MemoryWatermark) -> str | None:
@@ -684,7 +791,10 @@ def _overload_reason(watermark: MemoryWatermark) -> str | None:
 
 
 async def _preload(
-    config: EnclaveConfig, nsm: AsyncNsm, watermark: MemoryWatermark
+    config: EnclaveConfig,
+    nsm: AsyncNsm,
+    watermark: MemoryWatermark,
+    delta_provider: DataKeyProvider | None = None,
 ) -> tuple[ShareStore, PreloadReport]:
     def memory_check(accounts: int) -> None:
         check_preload_fits(
@@ -704,6 +814,9 @@ async def _preload(
                     verify=config.verify_shares,
                     memory_check=memory_check,
                     signing_keys=bundle_signing_keys(config),
+                    delta_provider=delta_provider,
+                    delta_keys=delta_signing_keys(config),
+                    delta_check=delta_policy_check(config),
                 )
             finally:
                 with trio.CancelScope(shield=True):
