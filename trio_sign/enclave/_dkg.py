@@ -652,6 +652,11 @@ class DkgRegistry:
                     raise _invalid(
                         f"participant {who} is this enclave; its key_id must be {ENCLAVE_KEY_ID!r}"
                     )
+            elif key_id == ENCLAVE_KEY_ID:
+                raise _invalid(
+                    f"participant {who} has key_id {ENCLAVE_KEY_ID!r}, but identifier (this "
+                    f"enclave's) is {group.describe_identifier(own)}"
+                )
             elif key_id not in self.settings.participants:
                 raise _invalid(
                     f"participant {who}: key_id {key_id!r} is not pinned in [dkg] participants"
@@ -1087,6 +1092,7 @@ class DkgRegistry:
             key.zero()
             record.zero()
             session.stored.set()
+            self._wakeup.set()  # its deadline counts again (done: forget it then)
         session.answer = pb.DkgRound3Response(
             account_id=session.account_id,
             ciphersuite=session.group.name,
