@@ -1157,3 +1157,53 @@ async def test_request_size_caps_are_enforced_by_the_server() -> None:
         huge = pb.DkgRound3Request(dkg_id="x", shares=[pb.DkgEncryptedShare(ciphertext=bytes(cap))])
         await node.refused("RESOURCE_EXHAUSTED", "DkgRound3", huge)
         assert limits[S + "DkgRound2"] >= 63 * (64 * 33)
+
+
+async def test_a_small_order_encryption_key_in_a_signed_package_fails_the_dkg() -> None:
+    async with enclave(over_grpc=False) as node:
+        c = ceremony(ED25519)
+        run = await round1(node, c)
+        cheat = run.locals[1]
+        p = cheat.package
+        # the all-zero X25519 key: every shared secret with it is zero
+        cheat.package = cheat.signed(
+            list(p.commitment), p.proof_of_knowledge, bytes(32), cheat.signing_key
+        )
+        session = node.registry.sessions[c.dkg_id]
+        details = await node.refused(
+            "INVALID_ARGUMENT",
+            "DkgRound2",
+            pb.DkgRound2Request(dkg_id=c.dkg_id, packages=run.packages_for_enclave()),
+        )
+        assert f"participant {c.group.describe_identifier(cheat.identifier)}" in details
+        assert "encryption_key refused" in details
+        assert session.state is DkgState.FAILED
+        assert_zeroed(session)
+        node.nothing_left()
+
+
+async def test_without_a_create_policy_no_dkg_opens() -> None:
+    measured = parse_measured_config(enclave_toml().replace(b"[policies.create]", b"[policies.x]"))
+    assert measured.dkg is not None
+    store = empty_store()
+    pool = SessionPool(store.get)
+    authorizer = Authorizer(measured.policies)
+    with IdentityKey(CeremonyKey.from_seed(IDENTITY_SEED)) as identity:
+        registry = DkgRegistry(
+            settings=measured.dkg,
+            identity=identity,
+            writer=FakeWriter(store),
+            authorizer=authorizer,
+            lookup=store.get,
+            slots=PoolSlots(pool),
+        )
+        client = DirectClient(SignService(store, pool, authorizer=authorizer, dkg=registry))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(registry.run)
+            details = await client.refused(
+                "PERMISSION_DENIED", "DkgRound1", ceremony(ED25519).round1_request()
+            )
+            assert "unknown_policy" in details
+            assert registry.sessions == {}
+            assert pool.open_sessions == 0
+            nursery.cancel_scope.cancel()
