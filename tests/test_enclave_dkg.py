@@ -441,12 +441,16 @@ class DirectClient:
 
 @asynccontextmanager
 async def enclave(
-    *, over_grpc: bool = True, max_sessions: int = 100, **toml: Any
+    *,
+    over_grpc: bool = True,
+    max_sessions: int = 100,
+    overloaded: Any = lambda: None,
+    **toml: Any,
 ) -> AsyncIterator[Node]:
     measured = config(**toml)
     assert measured.dkg is not None
     store = empty_store()
-    pool = SessionPool(store.get, max_sessions=max_sessions)
+    pool = SessionPool(store.get, max_sessions=max_sessions, overloaded=overloaded)
     writer = FakeWriter(store)
     identity = IdentityKey(CeremonyKey.from_seed(IDENTITY_SEED))
     authorizer = Authorizer(measured.policies)
@@ -1207,3 +1211,30 @@ async def test_without_a_create_policy_no_dkg_opens() -> None:
             assert registry.sessions == {}
             assert pool.open_sessions == 0
             nursery.cancel_scope.cancel()
+
+
+async def test_draining_and_memory_pressure_refuse_new_dkgs_and_a_drain_waits_for_open_ones(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    pressure: list[str] = []
+    async with enclave(
+        over_grpc=False, overloaded=lambda: pressure[0] if pressure else None, ttl_s=60.0
+    ) as node:
+        pressure.append("memory above the hard watermark")
+        details = await node.refused(
+            "RESOURCE_EXHAUSTED", "DkgRound1", ceremony(ED25519).round1_request()
+        )
+        assert "memory above the hard watermark" in details
+        assert node.pool.stats.refused_memory == 1
+        pressure.clear()
+        await node.call("DkgRound1", ceremony(ED25519).round1_request())
+        node.service.start_draining()
+        details = await node.refused(
+            "UNAVAILABLE", "DkgRound1", ceremony(ED25519, dkg_id="late").round1_request()
+        )
+        assert "draining" in details
+        # a drain waits for the open DKG's slot (it ends by its TTL here)
+        start = trio.current_time()
+        await node.pool.wait_idle()
+        assert trio.current_time() - start == 60
+        node.nothing_left()

@@ -329,15 +329,18 @@ class Slots(Protocol):
     @property
     def accepting(self) -> bool: ...
 
-    def take(self, owner: object) -> bool: ...
+    def take(self, owner: object) -> str | None:
+        """Take a slot for ``owner``; None, or why not (RESOURCE_EXHAUSTED)."""
+        ...
 
     def give_back(self, owner: object) -> None: ...
 
 
 class PoolSlots:
     """:class:`Slots` over a :class:`~trio_sign.enclave.SessionPool`: a DKG holds one of its
-    ``max_sessions`` slots while open (counted in ``sessions_open``, refused with the pool's
-    RESOURCE_EXHAUSTED when none is free, and awaited by a drain like a session).
+    ``max_sessions`` slots while open (counted in ``sessions_open``, refused with
+    RESOURCE_EXHAUSTED when none is free or memory is above the hard watermark, and awaited by
+    a drain like a session).
 
     The pool has no public slot API yet; this reaches into its limiter (the same calls its own
     ``commit`` makes) until it grows ``take_slot``/``free_slot``.
@@ -350,13 +353,21 @@ class PoolSlots:
     def accepting(self) -> bool:
         return self._pool.accepting
 
-    def take(self, owner: object) -> bool:
+    def take(self, owner: object) -> str | None:
+        pool = self._pool
+        overload = pool._overloaded()
+        if overload is not None:
+            pool.stats.refused_memory += 1
+            return f"not taking new DKGs: {overload}"
         try:
-            self._pool._limiter.acquire_on_behalf_of_nowait(owner)
+            pool._limiter.acquire_on_behalf_of_nowait(owner)
         except trio.WouldBlock:
-            self._pool.stats.refused_full += 1
-            return False
-        return True
+            pool.stats.refused_full += 1
+            return (
+                f"session pool full ({pool.max_sessions} slots; open DKGs take one each); "
+                "retry later or raise max_sessions"
+            )
+        return None
 
     def give_back(self, owner: object) -> None:
         self._pool._free(owner)
@@ -748,11 +759,9 @@ class DkgRegistry:
             expires_at_unix_ms=int((time.time() + ttl) * 1000),
         )
         token = object()
-        if not self._slots.take(token):
-            raise _refuse(
-                PoolErrorKind.RESOURCE_EXHAUSTED,
-                "session pool full (open DKGs take a slot each); retry later or raise max_sessions",
-            )
+        refused = self._slots.take(token)
+        if refused is not None:
+            raise _refuse(PoolErrorKind.RESOURCE_EXHAUSTED, refused)
         session.token = token
         try:
             secret, package = _dkg.part1(
