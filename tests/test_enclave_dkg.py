@@ -24,6 +24,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import nacl.signing
@@ -37,6 +38,7 @@ from trio_sign.authz import Authorizer, approval_payload
 from trio_sign.crypto import _dkg, _kdf, scheme_by_name
 from trio_sign.crypto._group import Group, group_for
 from trio_sign.enclave import SessionPool, SignService
+from trio_sign.enclave._deltas import DeltaWriter, EnclaveDeltas
 from trio_sign.enclave._dkg import (
     CreatedAccount,
     DkgRegistry,
@@ -44,6 +46,7 @@ from trio_sign.enclave._dkg import (
     DkgState,
     PoolSlots,
     decrypt_share_into,
+    deltas_finder,
     dkg_params,
     encrypt_share,
     round1_payload,
@@ -52,8 +55,16 @@ from trio_sign.enclave._dkg import (
 )
 from trio_sign.enclave._identity import IdentityKey
 from trio_sign.enclave._measured import MeasuredConfig, parse_measured_config
+from trio_sign.enclave._status import one_connection
+from trio_sign.parent._deltas import (
+    Deltas,
+    FileDeltaStore,
+    delta_fingerprint,
+    serve_deltas_connection,
+)
 from trio_sign.rpc import CallContext, RpcError, serve_grpc
 from trio_sign.shares import ShareRecord, ShareStore, write_plaintext
+from trio_sign.shares._deltas import DeltaChain
 from trio_sign.shares._signature import CeremonyKey
 from trio_sign.transport import open_listeners
 
@@ -382,7 +393,7 @@ class Node:
     pool: SessionPool
     registry: DkgRegistry
     service: SignService
-    writer: FakeWriter
+    writer: Any  # FakeWriter, or the real DeltaWriter
     identity: IdentityKey
     client: Any
 
@@ -1238,3 +1249,83 @@ async def test_draining_and_memory_pressure_refuse_new_dkgs_and_a_drain_waits_fo
         await node.pool.wait_idle()
         assert trio.current_time() - start == 60
         node.nothing_left()
+
+
+async def test_full_dkg_through_the_real_delta_writer_and_the_parents_file_store(
+    tmp_path: Path,
+) -> None:
+    """The real ``DeltaWriter`` (sealed, identity-signed delta on the chain) talking to the
+    parent's real deltas channel and ``FileDeltaStore`` over a memory stream: the answer
+    leaves only once the file is durable, the account signs, and a retried round 3 after the
+    DKG is forgotten is answered from the loaded delta."""
+    measured = config()
+    assert measured.dkg is not None
+    store = empty_store()
+    identity = IdentityKey(CeremonyKey.from_seed(IDENTITY_SEED))
+    wrap = identity.delta_key_wrap()
+    chain = DeltaChain(hashlib.sha256(b"the base bundle").hexdigest())
+    deltas = EnclaveDeltas(
+        store, chain, provider=wrap, signer=identity, signing_keys=(identity.public_key,)
+    )
+    writer = DeltaWriter(deltas, store_timeout_s=20.0)
+    files = FileDeltaStore(tmp_path / "deltas")
+    files.recover()
+    parent = Deltas(files)
+    pool = SessionPool(store.get)
+    authorizer = Authorizer(measured.policies)
+    registry = DkgRegistry(
+        settings=measured.dkg,
+        identity=identity,
+        writer=writer,
+        authorizer=authorizer,
+        lookup=store.get,
+        slots=PoolSlots(pool),
+        find_created=deltas_finder(deltas),
+    )
+    service = SignService(store, pool, authorizer=authorizer, dkg=registry)
+    enclave_end, parent_end = trio.testing.memory_stream_pair()
+
+    async def connect() -> trio.abc.Stream:
+        return enclave_end
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_deltas_connection, parent_end, parent)
+            nursery.start_soon(
+                functools.partial(
+                    one_connection,
+                    "deltas",
+                    connect,
+                    writer.converse,
+                    connect_timeout_s=5.0,
+                    read=False,
+                )
+            )
+            await nursery.start(pool.run_reaper)
+            await nursery.start(registry.run)
+            node = Node(store, pool, registry, service, writer, identity, DirectClient(service))
+            c = ceremony(TAPROOT)
+            run = await full_dkg(node, c)
+            check_answer(run)
+            assert run.answer.delta_sequence == 1
+            assert run.answer.deltas_head == chain.head
+            assert deltas.find_dkg(c.dkg_id) == (1, chain.head)
+            stored = (tmp_path / "deltas" / "delta-00000001.enc").read_bytes()
+            # durable before the answer, and the very delta the answer names
+            assert delta_fingerprint(stored, 1) == run.answer.deltas_head
+            await sign_with(node, run, b"signed with a DKG account stored as a delta", "s-r")
+            registry.expire(trio.current_time() + 10_000)  # the DKG is forgotten
+            assert c.dkg_id not in registry.sessions
+            retry = pb.DkgRound3Request(dkg_id=c.dkg_id, shares=run.shares_for_enclave())
+            got = await node.call("DkgRound3", retry)
+            assert (got.account_id, got.delta_sequence, got.deltas_head) == (
+                c.account_id,
+                1,
+                run.answer.deltas_head,
+            )
+            assert got.group_public_key == run.answer.group_public_key
+            nursery.cancel_scope.cancel()
+    finally:
+        wrap.close()
+        identity.close()
+        store.close()

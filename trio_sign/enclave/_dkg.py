@@ -311,9 +311,13 @@ class DeltaWriter(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class CreatedAccount:
-    """A loaded ``create`` delta that names a DKG (docs/key-lifecycle.md §6)."""
+    """A loaded ``create`` delta that names a DKG (docs/key-lifecycle.md §6).
 
-    account_id: str
+    ``account_id`` is None when the chain does not record which account the delta created;
+    the registry then knows it only for the DKGs it finished itself since boot.
+    """
+
+    account_id: str | None
     delta_sequence: int
     deltas_head: str
 
@@ -321,6 +325,25 @@ class CreatedAccount:
 #: ``dkg_id -> CreatedAccount | None``: the loaded delta whose header names this DKG, so a
 #: retried round 3 is answered after the DKG's state is gone (a reboot, the TTL).
 FindCreated = Callable[[str], CreatedAccount | None]
+
+
+class _FindsDkg(Protocol):
+    def find_dkg(self, dkg_id: str) -> tuple[int, str] | None: ...
+
+
+def deltas_finder(deltas: _FindsDkg) -> FindCreated:
+    """:data:`FindCreated` over the node's :class:`~trio_sign.enclave._deltas.EnclaveDeltas`
+    (``find_dkg``: the sequence and fingerprint of the delta a DKG made). Its chain does not
+    record the delta's account yet, so ``account_id`` is None (see :class:`CreatedAccount`)."""
+
+    def find(dkg_id: str) -> CreatedAccount | None:
+        found = deltas.find_dkg(dkg_id)
+        if found is None:
+            return None
+        sequence, fingerprint = found
+        return CreatedAccount(None, sequence, fingerprint)
+
+    return find
 
 
 class Slots(Protocol):
@@ -535,6 +558,9 @@ class DkgRegistry:
         self._slots = slots
         self._find_created = find_created
         self.sessions: dict[str, DkgSession] = {}
+        # dkg_id -> account_id of every DKG finished since boot (public; one entry per account
+        # created, as the store grows by one), for answers from a delta that names no account.
+        self._created: dict[str, str] = {}
         self._nursery: trio.Nursery | None = None
         self._wakeup = trio.Event()
 
@@ -1119,6 +1145,7 @@ class DkgRegistry:
             deltas_head=head,
         )
         self._move(session, DkgState.DONE)
+        self._created[session.dkg_id] = session.account_id
         session.zero()
         if session.token is not None:
             self._slots.give_back(session.token)
@@ -1156,8 +1183,15 @@ class DkgRegistry:
                 f"unknown or expired dkg_id {dkg_id!r}; no stored delta names it, so it created "
                 "no account",
             )
-        account = self._lookup(created.account_id)
-        if account is None:  # stored, not loaded yet
+        account_id = created.account_id or self._created.get(dkg_id)
+        if account_id is None:
+            raise _refuse(
+                PoolErrorKind.UNAVAILABLE,
+                f"dkg_id {dkg_id!r} created the account in delta {created.delta_sequence}, but "
+                "this enclave's delta chain does not record which account; ask GetAccount",
+            )
+        account = self._lookup(account_id)
+        if account is None:  # pragma: no cover - a loaded delta's account is in the store
             raise _refuse(
                 PoolErrorKind.UNAVAILABLE,
                 f"the delta of dkg_id {dkg_id!r} is not loaded yet; retry",
@@ -1301,6 +1335,7 @@ __all__ = [
     "Signer",
     "Slots",
     "decrypt_share_into",
+    "deltas_finder",
     "dkg_params",
     "encrypt_share",
     "largest_dkg_requests",

@@ -19,8 +19,10 @@ reads top to bottom::
         ├── serve_grpc                  (SignService behind TLS; only after preload succeeded)
         ├── serve_grpc (public)         (h2c: Ping, GetStatus, GetAttestation only)
         ├── run_sse_client              (gateway events through the parent relay)
-        └── the deltas channel          (with a delta identity key: DeltaWriter.converse,
-                                         this enclave's deltas stored, the parent's pushed)
+        ├── the deltas channel          (with a delta identity key: DeltaWriter.converse,
+        │                                this enclave's deltas stored, the parent's pushed)
+        └── DkgRegistry.run             (with [dkg] and the identity key: DkgRound1..3, DKG
+                                         expiry zeroing their secrets, their deltas' stores)
 
 The measured configuration (``enclave.toml``, :mod:`trio_sign.enclave._measured`) is read by
 the command before the tree starts; its SHA-256 is in GetStatus and in every attestation
@@ -88,6 +90,7 @@ from ..transport import (
 )
 from ._config import EnclaveConfig
 from ._deltas import DeltaStatus, DeltaWriter, EnclaveDeltas
+from ._dkg import DkgRegistry, PoolSlots, deltas_finder
 from ._exit import EnclaveExit, ExitCode
 from ._identity import IdentityKey
 from ._lifecycle import EnclaveEvent
@@ -767,6 +770,18 @@ async def _serve_enclave_tree(
         )
         handle.delta_writer = writer
         nursery.start_soon(_run_deltas_channel, config, writer)
+        if config.measured.dkg is not None:
+            registry = DkgRegistry(
+                settings=config.measured.dkg,
+                identity=identity_key,
+                writer=writer,
+                authorizer=service.authorizer,
+                lookup=store.get,
+                slots=PoolSlots(service.pool),
+                find_created=deltas_finder(deltas),
+            )
+            await nursery.start(registry.run)
+            service.dkg = registry
     _log_ready(
         handle,
         config,
