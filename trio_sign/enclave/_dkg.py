@@ -630,6 +630,7 @@ class DkgRegistry:
         if len(request.approvals) > MAX_DKG_APPROVALS:
             raise _invalid(f"at most {MAX_DKG_APPROVALS} approvals")
         policy = request.policy or DEFAULT_POLICY
+        self._check_policy(policy)
         participants = self._participants(group, request)
         params = dkg_params(group.name, t, n, policy, participants)
         request_key = _digest(
@@ -651,7 +652,6 @@ class DkgRegistry:
                 PoolErrorKind.ALREADY_EXISTS,
                 f"dkg_id {request.dkg_id!r} already created account {created.account_id!r}",
             )
-        self._check_policy(policy)
         self._check_new_account(request.account_id)
         self._check_capacity()
         self._authorize(request, params)
