@@ -290,16 +290,17 @@ class _Connection:
             return False
         return True
 
-    def close(self, code: int, reason: str) -> None:
+    def close(self, code: int, reason: str, *, fail_with: str = "disconnected") -> None:
         """Stop this connection (its handler closes the socket with ``code``) and fail every
-        request it holds with ``disconnected``."""
+        request it holds with ``fail_with`` (``disconnected``, or ``malformed`` when the
+        participant broke the protocol)."""
         if not self.closed:
             self.closed = True
             self.close_code = code
             self.close_reason = reason
             self.cancel_scope.cancel()
         for rid, slot in list(self.slots.items()):
-            slot.resolve(self.error(f"disconnected ({reason})", "disconnected", request_id=rid))
+            slot.resolve(self.error(f"the connection closed ({reason})", fail_with, request_id=rid))
 
     async def writer(self) -> None:
         async for frame in self.receive_channel:
@@ -328,13 +329,22 @@ class _Connection:
                 return
             self.last_heard = trio.current_time()
             if not isinstance(text, str):
-                self.close(m.CLOSE_UNSUPPORTED_DATA, "binary frames are not part of v1")
+                self.close(
+                    m.CLOSE_UNSUPPORTED_DATA,
+                    "binary frames are not part of v1",
+                    fail_with="malformed",
+                )
+                return
+            if len(text) > self.hub.settings.max_frame_bytes:
+                # serve() has trio-websocket enforce it too, on the bytes as they arrive
+                self.hub.counts["malformed"] += 1
+                self.close(m.CLOSE_TOO_BIG, "a frame over max_frame_bytes", fail_with="malformed")
                 return
             try:
                 message = m.parse_message(text)
             except m.MessageError as exc:
                 self.hub.counts["malformed"] += 1
-                self.close(exc.close_code, str(exc))
+                self.close(exc.close_code, str(exc), fail_with="malformed")
                 return
             self._dispatch(message)
             if self.closed:
@@ -349,7 +359,11 @@ class _Connection:
             return
         if m.SENDER[kind] == "g" or isinstance(message, (m.Hello, m.Auth)):
             self.hub.counts["malformed"] += 1
-            self.close(m.CLOSE_PROTOCOL_ERROR, f"{kind} is not a participant's message now")
+            self.close(
+                m.CLOSE_PROTOCOL_ERROR,
+                f"{kind} is not a participant's message now",
+                fail_with="malformed",
+            )
             return
         if isinstance(message, m.Error):
             rid = message.request_id

@@ -1,0 +1,591 @@
+"""The gateway's participant endpoint (ParticipantHub) over in-memory WebSockets, with Trio's
+autojump clock: the handshake (wrong key, replayed and expired challenges, timeouts), the
+registry, and a participant that answers late, twice, badly, or not at all.
+
+The fake participant is the sans-io ParticipantSession driven by hand, so a test can drop,
+delay, duplicate or corrupt any frame it would send.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    WebSocketConnection,
+    wrap_client_stream,
+    wrap_server_stream,
+)
+
+from tests.participant_helpers import (
+    SUITES,
+    Account,
+    Shares,
+    deal,
+    entries_of,
+    participant_keys,
+    round2,
+)
+from trio_sign.gateway._approvals import ApproverSigningKey
+from trio_sign.gateway._participants import (
+    SUBPROTOCOL,
+    HubSettings,
+    ParticipantConfigError,
+    ParticipantError,
+    ParticipantHub,
+    ParticipantKey,
+    check_signature_share,
+    parse_participants_table,
+)
+from trio_sign.participant import _messages as m
+from trio_sign.participant import _session as s
+
+WALL_MS = 1_800_000_000_000
+
+
+def close_code(exc: ConnectionClosed) -> int | None:
+    return exc.reason.code if exc.reason is not None else None
+
+
+def wall() -> int:
+    return WALL_MS + int(trio.current_time() * 1000)
+
+
+class Fake:
+    """One participant connection driven by hand."""
+
+    def __init__(
+        self, ws: WebSocketConnection, session: s.ParticipantSession, nursery: trio.Nursery
+    ) -> None:
+        self.ws, self.session, self.nursery = ws, session, nursery
+
+    async def flush(self) -> None:
+        for frame in self.session.frames_to_send():
+            await self.ws.send_message(frame)
+
+    async def feed(self) -> list[s.Event]:
+        text = await self.ws.get_message()
+        return self.session.receive_frame(text, wall())
+
+    async def authenticate(self) -> None:
+        await self.flush()  # hello
+        while self.session.state is not s.State.READY:
+            events = await self.feed()
+            await self.flush()
+            assert not any(isinstance(e, s.CloseConnection) for e in events), events
+
+    async def next_request(self) -> m.SignRequest:
+        while True:
+            events = await self.feed()
+            await self.flush()
+            for e in events:
+                if isinstance(e, s.SignRequested):
+                    return e.request
+
+    async def raw(self) -> m.Message:
+        return m.parse_message(await self.ws.get_message())
+
+    async def commit(self, request: m.SignRequest) -> list[str]:
+        """Accept: the frames it would send (not sent)."""
+        self.session.accept(request.request_id, wall())
+        return self.session.frames_to_send()
+
+    async def closed_code(self) -> int | None:
+        with trio.fail_after(120):
+            try:
+                while True:
+                    await self.ws.get_message()
+            except ConnectionClosed as exc:
+                return close_code(exc)
+
+
+class World:
+    def __init__(self, hub: ParticipantHub, nursery: trio.Nursery) -> None:
+        self.hub, self.nursery = hub, nursery
+        self.keys: dict[str, tuple[ApproverSigningKey, ParticipantKey]] = {}
+        self.approver = ApproverSigningKey.generate("ed25519")
+
+    async def open(
+        self,
+        path: str = "/v1/participants",
+        protocols: Any = (SUBPROTOCOL,),
+        client_nursery: trio.Nursery | None = None,
+    ) -> Any:
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+
+        async def serve() -> None:
+            request = await wrap_server_stream(self.nursery, server_stream)
+            await self.hub.handle_request(request)
+
+        self.nursery.start_soon(serve)
+        return await wrap_client_stream(
+            client_nursery or self.nursery,
+            client_stream,  # type: ignore[arg-type]
+            "gateway",
+            path,
+            subprotocols=list(protocols),
+        )
+
+    async def connect(
+        self,
+        pid: str,
+        accounts: list[Account] = (),  # type: ignore[assignment]
+        *,
+        auth_key: ApproverSigningKey | None = None,
+        authenticate: bool = True,
+    ) -> Fake:
+        key, pkey = self.keys[pid]
+        ws = await self.open()
+        session = s.ParticipantSession(
+            participant_id=pid,
+            key_id=pkey.key_id,
+            auth_key=auth_key or key,
+            shares=Shares(a.records[1] for a in accounts),
+            approver=self.approver,
+            approver_key_id="approver-1",
+        )
+        fake = Fake(ws, session, self.nursery)
+        if authenticate:
+            await fake.authenticate()
+        return fake
+
+
+@asynccontextmanager
+async def world(pids: tuple[str, ...] = ("ops-1",), **settings: Any) -> AsyncIterator[World]:
+    made = {pid: participant_keys(pid) for pid in pids}
+    hub = ParticipantHub(
+        {pid: k for pid, (_, k) in made.items()},
+        HubSettings(gateway_id="gw-1", **settings),
+        wall_clock_ms=wall,
+    )
+    async with trio.open_nursery() as nursery:
+        w = World(hub, nursery)
+        w.keys = made
+        try:
+            yield w
+        finally:
+            nursery.cancel_scope.cancel()
+            for key, _ in made.values():
+                key.close()
+            w.approver.close()
+
+
+async def start_sign(w: World, account: Account, pid: str = "ops-1", **kw: Any) -> Any:
+    """Start hub.sign in the background; returns a box filled with its result or error."""
+    box: dict[str, Any] = {}
+
+    async def run() -> None:
+        try:
+            box["ok"] = await w.hub.sign(
+                pid,
+                account_id=account.account_id,
+                session_id=kw.pop("session_id", "s-1"),
+                ciphersuite=account.scheme.name,
+                message=kw.pop("message", b"m"),
+                timeout_s=kw.pop("timeout_s", 5.0),
+            )
+        except ParticipantError as exc:
+            box["error"] = exc
+        box["at"] = trio.current_time()
+
+    w.nursery.start_soon(run)
+    await trio.testing.wait_all_tasks_blocked()
+    return box
+
+
+# -- handshake -----------------------------------------------------------------------------------
+
+
+async def test_authenticates_and_registers(autojump_clock: trio.abc.Clock) -> None:
+    async with world() as w:
+        fake = await w.connect("ops-1")
+        assert fake.session.welcome is not None
+        assert fake.session.welcome.max_in_flight == w.hub.settings.max_in_flight
+        assert w.hub.connected() == ["ops-1"]
+        assert w.hub.counts["auth_ok"] == 1
+
+
+async def test_wrong_key_and_unknown_participant_fail_alike(autojump_clock: trio.abc.Clock) -> None:
+    async with world(("ops-1",)) as w:
+        other, _ = participant_keys("x")
+        fake = await w.connect("ops-1", auth_key=other, authenticate=False)
+        await fake.flush()
+        await fake.feed()  # challenge
+        await fake.flush()  # auth, signed by the wrong key
+        assert await fake.closed_code() == m.CLOSE_AUTH_FAILED
+        # an id the gateway does not know: same code, same reason
+        w.keys["stranger"] = participant_keys("stranger")
+        fake2 = await w.connect("stranger", authenticate=False)
+        await fake2.flush()
+        await fake2.feed()
+        await fake2.flush()
+        assert await fake2.closed_code() == m.CLOSE_AUTH_FAILED
+        assert w.hub.connected() == []
+        assert w.hub.counts["auth_failed"] == 2
+        other.close()
+
+
+async def test_replayed_auth_is_refused(autojump_clock: trio.abc.Clock) -> None:
+    async with world() as w:
+        first = await w.connect("ops-1", authenticate=False)
+        await first.flush()
+        await first.feed()
+        frames = first.session.frames_to_send()
+        (auth_frame,) = frames
+        await first.ws.send_message(auth_frame)
+        await first.feed()  # welcome
+        # a second connection replays the captured auth against its own fresh challenge
+        ws = await w.open()
+        _, pkey = w.keys["ops-1"]
+        await ws.send_message(m.encode_message(m.Hello("ops-1", pkey.key_id)))
+        challenge = m.parse_message(await ws.get_message())
+        assert isinstance(challenge, m.Challenge)
+        await ws.send_message(auth_frame)
+        with pytest.raises(ConnectionClosed) as info:
+            await ws.get_message()
+        assert close_code(info.value) == m.CLOSE_AUTH_FAILED
+        assert w.hub.connected() == ["ops-1"]  # the first one is untouched
+
+
+async def test_expired_challenge_is_refused(autojump_clock: trio.abc.Clock) -> None:
+    async with world(challenge_ttl_s=5.0, handshake_timeout_s=10.0) as w:
+        fake = await w.connect("ops-1", authenticate=False)
+        await fake.flush()
+        await fake.feed()
+        challenge_at = trio.current_time()
+        await trio.sleep(5.5)
+        await fake.flush()  # a valid signature, too late
+        assert await fake.closed_code() == m.CLOSE_AUTH_FAILED
+        assert trio.current_time() - challenge_at == pytest.approx(5.5)
+        assert w.hub.connected() == []
+
+
+async def test_silent_connection_is_cut_at_the_handshake_deadline(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async with world(handshake_timeout_s=7.0) as w:
+        ws = await w.open()
+        start = trio.current_time()
+        with pytest.raises(ConnectionClosed) as info:
+            await ws.get_message()
+        assert close_code(info.value) == m.CLOSE_AUTH_TIMEOUT
+        assert trio.current_time() - start == pytest.approx(7.0)
+
+
+async def test_wrong_path_or_subprotocol_is_rejected(autojump_clock: trio.abc.Clock) -> None:
+    async with world() as w:
+
+        async def status(**kw: Any) -> int:
+            codes: list[int] = []
+            try:
+                async with trio.open_nursery() as nursery:
+                    await w.open(client_nursery=nursery, **kw)
+            except* ConnectionRejected as group:
+                codes += [
+                    int(e.status_code)
+                    for e in group.exceptions
+                    if isinstance(e, ConnectionRejected)
+                ]
+            assert len(codes) == 1, "not rejected"
+            return codes[0]
+
+        assert await status(path="/other") == 404
+        assert await status(protocols=()) == 400
+
+
+async def test_a_new_connection_replaces_the_old_only_once_authenticated(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    account = deal("acct-1", SUITES[0])
+    async with world() as w:
+        old = await w.connect("ops-1", [account])
+        box = await start_sign(w, account, timeout_s=60)
+        await old.next_request()  # pending at the old connection
+        impostor, _ = participant_keys("ops-1")
+        bad = await w.connect("ops-1", auth_key=impostor, authenticate=False)
+        await bad.flush()
+        await bad.feed()
+        await bad.flush()
+        assert await bad.closed_code() == m.CLOSE_AUTH_FAILED
+        assert "error" not in box  # the old connection still serves
+        new = await w.connect("ops-1", [account])
+        assert await old.closed_code() == m.CLOSE_REPLACED
+        await trio.testing.wait_all_tasks_blocked()
+        assert box["error"].reason == "disconnected"
+        assert w.hub.connected() == ["ops-1"]
+        assert w.hub.counts["replaced"] == 1
+        # and the new one serves
+        box2 = await start_sign(w, account)
+        request = await new.next_request()
+        for frame in await new.commit(request):
+            await new.ws.send_message(frame)
+        await trio.testing.wait_all_tasks_blocked()
+        assert "ok" in box2
+        impostor.close()
+
+
+# -- misbehaving participants --------------------------------------------------------------------
+
+
+async def test_timeout_names_the_participant_and_a_late_answer_is_ignored(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    account = deal("acct-1", SUITES[0])
+    async with world() as w:
+        fake = await w.connect("ops-1", [account])
+        start = trio.current_time()
+        box = await start_sign(w, account, timeout_s=5.0)
+        request = await fake.next_request()
+        late = await fake.commit(request)  # made, not sent yet
+        cancel = await fake.raw()
+        assert isinstance(cancel, m.Cancel)
+        assert cancel.request_id == request.request_id
+        assert box["error"].reason == "timeout"
+        assert box["error"].participant_id == "ops-1"
+        assert box["at"] - start == pytest.approx(5.0)
+        for frame in late:
+            await fake.ws.send_message(frame)
+        await trio.testing.wait_all_tasks_blocked()
+        assert w.hub.counts["late_answers"] == 1
+        assert w.hub.in_flight("ops-1") == 0
+        # the connection still works
+        box = await start_sign(w, account)
+        request = await fake.next_request()
+        for frame in await fake.commit(request):
+            await fake.ws.send_message(frame)
+        await trio.testing.wait_all_tasks_blocked()
+        assert box["ok"].request_id == request.request_id
+
+
+async def test_answers_twice(autojump_clock: trio.abc.Clock) -> None:
+    account = deal("acct-1", SUITES[1])
+    async with world() as w:
+        fake = await w.connect("ops-1", [account])
+        box = await start_sign(w, account)
+        request = await fake.next_request()
+        (frame,) = await fake.commit(request)
+        await fake.ws.send_message(frame)
+        await fake.ws.send_message(frame)
+        await trio.testing.wait_all_tasks_blocked()
+        theirs = box["ok"]
+        assert w.hub.counts["late_answers"] == 1
+        enclave = account.records[0]
+        ours = account.scheme.commit(enclave.identifier, enclave.signing_share)
+        done: dict[str, Any] = {}
+
+        async def second_round() -> None:
+            done["share"], _ = await round2(w.hub, theirs, account, ours, enclave, b"m", None, 5.0)
+
+        w.nursery.start_soon(second_round)
+        events = await fake.feed()
+        assert events == [s.Signed(request.request_id)]
+        (share_frame,) = fake.session.frames_to_send()
+        await fake.ws.send_message(share_frame)
+        await fake.ws.send_message(share_frame)
+        await trio.testing.wait_all_tasks_blocked()
+        assert done["share"].participant_id == "ops-1"
+        assert w.hub.counts["late_answers"] == 2
+        # and a second round two for the same request finds nothing at the participant
+        again = m.SignRound2(
+            request.request_id,
+            (theirs.commitment, m.CommitmentEntry(enclave.identifier, b"\x02" * 33, b"\x02" * 33)),
+            enclave.identifier,
+        )
+        assert fake.session.receive_frame(m.encode_message(again), wall()) == []
+        (error,) = fake.session.frames_to_send()
+        assert m.parse_message(error) == m.Error(
+            "unknown_request", "no committed request with this id", request.request_id
+        )
+        ours.zero()
+
+
+async def test_a_bad_signature_share_is_named(autojump_clock: trio.abc.Clock) -> None:
+    account = deal("acct-1", SUITES[0])
+    async with world() as w:
+        fake = await w.connect("ops-1", [account])
+        box = await start_sign(w, account)
+        request = await fake.next_request()
+        for frame in await fake.commit(request):
+            await fake.ws.send_message(frame)
+        await trio.testing.wait_all_tasks_blocked()
+        theirs = box["ok"]
+        enclave = account.records[0]
+        ours = account.scheme.commit(enclave.identifier, enclave.signing_share)
+        done: dict[str, Any] = {}
+
+        async def second_round() -> None:
+            done["r"] = await round2(w.hub, theirs, account, ours, enclave, b"m", None, 5.0)
+
+        w.nursery.start_soon(second_round)
+        await fake.feed()
+        (frame,) = fake.session.frames_to_send()
+        honest = m.parse_message(frame)
+        assert isinstance(honest, m.SignatureShare)
+        forged = m.SignatureShare(request.request_id, b"\x01" + bytes(31), honest.approval)
+        await fake.ws.send_message(m.encode_message(forged))
+        await trio.testing.wait_all_tasks_blocked()
+        share, commitments = done["r"]
+        with pytest.raises(ParticipantError) as info:
+            check_signature_share(
+                account.scheme,
+                share,
+                verifying_share=account.records[1].verifying_share,
+                commitments=commitments,
+                group_public_key=account.group_public_key,
+                message=b"m",
+            )
+        assert info.value.reason == "bad_share"
+        assert info.value.participant_id == "ops-1"
+        assert account.records[1].identifier.hex() in str(info.value)
+        ours.zero()
+
+
+async def test_a_malformed_frame_fails_the_requests_and_closes(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    account = deal("acct-1", SUITES[0])
+    async with world() as w:
+        fake = await w.connect("ops-1", [account])
+        box = await start_sign(w, account)
+        await fake.next_request()
+        await fake.ws.send_message('{"type": "commitment", "v": 1, "request_id": ')
+        assert await fake.closed_code() == m.CLOSE_PROTOCOL_ERROR
+        await trio.testing.wait_all_tasks_blocked()
+        assert box["error"].reason == "malformed"
+        assert box["error"].participant_id == "ops-1"
+        assert w.hub.connected() == []
+
+
+async def test_a_commitment_of_the_wrong_suite_size_is_malformed(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    account = deal("acct-1", SUITES[0])
+    async with world() as w:
+        fake = await w.connect("ops-1", [account])
+        box = await start_sign(w, account)
+        request = await fake.next_request()
+        (frame,) = await fake.commit(request)
+        c = m.parse_message(frame)
+        assert isinstance(c, m.Commitment)
+        wrong = m.Commitment(c.request_id, c.identifier, b"\x02" * 33, b"\x02" * 33)
+        await fake.ws.send_message(m.encode_message(wrong))
+        await trio.testing.wait_all_tasks_blocked()
+        assert box["error"].reason == "malformed"
+        assert w.hub.connected() == ["ops-1"]  # one bad answer, not a broken connection
+
+
+async def test_a_decline_names_the_reason(autojump_clock: trio.abc.Clock) -> None:
+    account = deal("acct-1", SUITES[2])
+    async with world() as w:
+        fake = await w.connect("ops-1", [account])
+        box = await start_sign(w, account)
+        request = await fake.next_request()
+        fake.session.decline(request.request_id, "rejected", "not today")
+        await fake.flush()
+        await trio.testing.wait_all_tasks_blocked()
+        error = box["error"]
+        assert (error.reason, error.decline_reason) == ("declined", "rejected")
+        assert "not today" in str(error)
+
+
+async def test_too_many_in_flight_is_refused_before_sending(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    account = deal("acct-1", SUITES[0])
+    async with world(max_in_flight=2) as w:
+        fake = await w.connect("ops-1", [account])
+        first = await start_sign(w, account, timeout_s=30)
+        second = await start_sign(w, account, timeout_s=30)
+        third = await start_sign(w, account, timeout_s=30)
+        assert third["error"].reason == "busy"
+        assert "ok" not in third
+        assert w.hub.in_flight("ops-1") == 2
+        seen = [await fake.next_request(), await fake.next_request()]
+        assert len({r.request_id for r in seen}) == 2
+        with trio.move_on_after(1):
+            await fake.feed()
+            raise AssertionError("a third request reached the participant")
+        assert "error" not in first
+        assert "error" not in second
+        assert w.hub.counts["busy"] == 1
+
+
+async def test_not_connected(autojump_clock: trio.abc.Clock) -> None:
+    async with world() as w:
+        box = await start_sign(w, deal("acct-1", SUITES[0]))
+        assert box["error"].reason == "not_connected"
+
+
+async def test_a_vanished_participant_does_not_stall_another(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    account = deal("acct-1", SUITES[0])
+    async with world(("ops-1", "ops-2")) as w:
+        silent = await w.connect("ops-1", [account])
+        live = await w.connect("ops-2", [account])
+        start = trio.current_time()
+        stuck = await start_sign(w, account, "ops-1", timeout_s=30)
+        await silent.next_request()  # and never answers
+        for _ in range(3):
+            box = await start_sign(w, account, "ops-2")
+            request = await live.next_request()
+            for frame in await live.commit(request):
+                await live.ws.send_message(frame)
+            await trio.testing.wait_all_tasks_blocked()
+            assert "ok" in box
+        assert trio.current_time() == start  # no virtual time passed for ops-2
+        assert "error" not in stuck
+        await trio.sleep(31)
+        assert stuck["error"].reason == "timeout"
+
+
+async def test_an_idle_participant_is_cut(autojump_clock: trio.abc.Clock) -> None:
+    async with world(ping_interval_s=10.0, idle_timeout_s=25.0) as w:
+        fake = await w.connect("ops-1")
+        start = trio.current_time()
+        # never reads, never answers the pings
+        with trio.fail_after(100):
+            await w.hub.wait_disconnected("ops-1")
+        assert trio.current_time() - start == pytest.approx(30.0)
+        assert await fake.closed_code() == m.CLOSE_GOING_AWAY
+
+
+async def test_frames_over_the_limit_close_with_1009(autojump_clock: trio.abc.Clock) -> None:
+    async with world(max_frame_bytes=4096) as w:
+        fake = await w.connect("ops-1")
+        await fake.ws.send_message("x" * 5000)
+        assert await fake.closed_code() == m.CLOSE_TOO_BIG
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+
+def test_participants_table() -> None:
+    pk = "ab" * 32
+    keys = parse_participants_table({"ops-1": {"key_id": "ops-1-auth", "public_key": pk}})
+    assert keys == {"ops-1": ParticipantKey("ops-1", "ops-1-auth", bytes.fromhex(pk))}
+    assert parse_participants_table(None) == {}
+    for bad, words in (
+        ([], "table"),
+        ({"bad id!": {"key_id": "k", "public_key": pk}}, "participant id"),
+        ({"ops-1": {"key_id": "k"}}, "exactly key_id and public_key"),
+        ({"ops-1": {"key_id": "k", "public_key": pk, "x": 1}}, "exactly"),
+        ({"ops-1": {"key_id": "", "public_key": pk}}, "key_id"),
+        ({"ops-1": {"key_id": "k", "public_key": "ab"}}, "64 hex digits"),
+    ):
+        with pytest.raises(ParticipantConfigError, match=words):
+            parse_participants_table(bad)
+
+
+def test_entries_of_is_exported_for_the_coordinator() -> None:
+    account = deal("acct-1", SUITES[0])
+    nonces = account.scheme.commit(account.records[0].identifier, account.records[0].signing_share)
+    (entry,) = entries_of([nonces.commitment])
+    assert entry.identifier == account.records[0].identifier
+    nonces.zero()
