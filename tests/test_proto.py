@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from .test_proto_dkg import DKG_EXPECTED, DKG_RPCS
+
 # Imported dynamically: the generated .pyi is not mypy --strict clean (bare Mapping, subclassing
 # an untyped Message without types-protobuf), and the generated files must stay byte-identical
 # to protoc's output.
@@ -87,6 +89,7 @@ EXPECTED: dict[str, list[tuple[str, int, int, bool, str | None]]] = {
     "AbortRequest": [("session_id", 1, _T.TYPE_STRING, False, None)],
     "AbortResponse": [],
 }
+EXPECTED.update(DKG_EXPECTED)
 #: The contract's proto3 ``optional`` scalars (explicit presence): message -> field names.
 OPTIONAL: dict[str, set[str]] = {"SignRequest": {"taproot_merkle_root"}}
 
@@ -99,6 +102,7 @@ EXPECTED_RPCS = {
     "Sign": ("SignRequest", "SignResponse"),
     "Abort": ("AbortRequest", "AbortResponse"),
 }
+EXPECTED_RPCS.update(DKG_RPCS)
 
 
 def test_package_and_syntax() -> None:
