@@ -363,11 +363,7 @@ class PoolSlots:
     """:class:`Slots` over a :class:`~trio_sign.enclave.SessionPool`: a DKG holds one of its
     ``max_sessions`` slots while open (counted in ``sessions_open``, refused with
     RESOURCE_EXHAUSTED when none is free or memory is above the hard watermark, and awaited by
-    a drain like a session).
-
-    The pool has no public slot API yet; this reaches into its limiter (the same calls its own
-    ``commit`` makes) until it grows ``take_slot``/``free_slot``.
-    """
+    a drain like a session)."""
 
     def __init__(self, pool: SessionPool) -> None:
         self._pool = pool
@@ -377,23 +373,10 @@ class PoolSlots:
         return self._pool.accepting
 
     def take(self, owner: object) -> str | None:
-        pool = self._pool
-        overload = pool._overloaded()
-        if overload is not None:
-            pool.stats.refused_memory += 1
-            return f"not taking new DKGs: {overload}"
-        try:
-            pool._limiter.acquire_on_behalf_of_nowait(owner)
-        except trio.WouldBlock:
-            pool.stats.refused_full += 1
-            return (
-                f"session pool full ({pool.max_sessions} slots; open DKGs take one each); "
-                "retry later or raise max_sessions"
-            )
-        return None
+        return self._pool.take_slot(owner, what="DKGs")
 
     def give_back(self, owner: object) -> None:
-        self._pool._free(owner)
+        self._pool.free_slot(owner)
 
 
 # -- one DKG ---------------------------------------------------------------------------------

@@ -629,6 +629,30 @@ class SessionPool:
             self._free(session.token)
             session.token = None
 
+    def take_slot(self, owner: object, *, what: str) -> str | None:
+        """Take one of the ``max_sessions`` slots for ``owner`` (an open DKG holds one, like a
+        signing session: counted in ``open_sessions``, awaited by a drain). Returns None, or
+        why not (memory above the hard watermark, or no slot free), counted like a refused
+        Commit. ``what`` names the refused thing in that message. :meth:`free_slot` returns it.
+        """
+        overload = self._overloaded()
+        if overload is not None:
+            self.stats.refused_memory += 1
+            return f"not taking new {what}: {overload}"
+        try:
+            self._limiter.acquire_on_behalf_of_nowait(owner)
+        except trio.WouldBlock:
+            self.stats.refused_full += 1
+            return (
+                f"session pool full ({self.max_sessions} slots, shared by signing sessions and "
+                f"open DKGs); retry later or raise max_sessions"
+            )
+        return None
+
+    def free_slot(self, owner: object) -> None:
+        """Give back the slot :meth:`take_slot` took for ``owner``."""
+        self._free(owner)
+
     def _free(self, token: object) -> None:
         self._limiter.release_on_behalf_of(token)
         if self._idle is not None and not self._limiter.borrowed_tokens:
