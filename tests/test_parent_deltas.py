@@ -899,3 +899,44 @@ async def test_boot_fails_when_the_store_cannot_be_listed(
             )
         nursery.cancel_scope.cancel()
     assert alerts.codes() == ["delta_store_failed"]
+
+
+# -- health --------------------------------------------------------------------------------------
+
+
+async def test_readyz_and_metrics_show_the_store_and_the_enclave(
+    tmp_path: Path, connect: Run, autojump_clock: trio.abc.Clock
+) -> None:
+    from trio_sign.parent._health import ParentState, render_metrics
+
+    from .test_health import parse_exposition
+
+    assert "deltas_stored" not in ParentState().report()  # no [deltas]
+    assert "trio_sign_parent_deltas_stored" not in render_metrics(ParentState())
+    store = file_store(tmp_path)
+    for sequence in (1, 2):
+        store.put(sequence, b"delta %d" % sequence)
+    state = ParentState()
+    deltas = Deltas(store, on_alert=state.alerts.raise_alert, offload=inline)
+    state.deltas = deltas.stats
+    enclave = await connect(deltas)
+    booted(deltas, loaded=1)
+    assert (await enclave.receive_push())[0] == 2
+    await enclave.loaded(2, accounts=9)
+    await enclave.store(3, b"not a delta")  # refused by the parent: counted nowhere
+    await enclave.receive()
+    await trio.testing.wait_all_tasks_blocked()
+    report = state.report()
+    assert (report["deltas_stored"], report["deltas_loaded"], report["deltas_head"]) == (
+        2,
+        2,
+        HEAD,
+    )
+    samples = parse_exposition(render_metrics(state))
+    assert samples["trio_sign_parent_deltas_stored"] == 2
+    assert samples["trio_sign_parent_deltas_loaded"] == 2
+    assert samples["trio_sign_parent_deltas_connected"] == 1
+    assert samples["trio_sign_parent_deltas_pushed_total"] == 1
+    assert samples["trio_sign_parent_deltas_conflicts_total"] == 0
+    assert samples["trio_sign_parent_deltas_written_total"] == 0
+    assert samples['trio_sign_alerts_total{alert="delta_refused"}'] == 0

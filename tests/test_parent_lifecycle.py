@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -557,3 +558,119 @@ def test_sighup_reopens_the_log_file_and_a_full_disk_is_one_alert(
     assert "No space left on device" in alerts.last[1]
     assert supervisor.state.logs.write_errors >= 1
     assert supervisor.state.logs.sink_dropped == 3
+
+
+# -- deltas (issue 16) -------------------------------------------------------------------------
+
+
+def _a_delta(tmp_path: Path, account: str) -> bytes:
+    from trio_sign.shares import DevKeyFile, encode_bundle
+
+    from .share_helpers import make_record
+
+    key_path = tmp_path / "delta-dev.key"
+    key = DevKeyFile.load(key_path) if key_path.exists() else DevKeyFile.create(key_path)
+    return encode_bundle([make_record(account)], key, kind="delta")
+
+
+async def test_a_serving_run_takes_the_enclaves_deltas_and_pushes_the_stores(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """With [deltas], the supervisor listens for the deltas channel from the start of the run;
+    once the preload is done the watcher pushes what the enclave lacks, and the enclave's own
+    delta is stored durably and acknowledged. /readyz and /metrics show both positions."""
+    from trio_sign.nitro._channel import (
+        DeltaChunkMessage,
+        DeltaEndMessage,
+        DeltaLoadedMessage,
+        DeltaPushMessage,
+        DeltaStoredMessage,
+        DeltaStoreMessage,
+    )
+    from trio_sign.parent._deltas import Deltas, FileDeltaStore
+    from trio_sign.parent._health import render_metrics
+
+    directory = tmp_path / "deltas"
+    store = FileDeltaStore(directory, host_tag="0123456789ab")
+    store.recover()
+    for sequence in (1, 2):
+        store.put(sequence, _a_delta(tmp_path, f"acct-other-{sequence}"))
+    mine = _a_delta(tmp_path, "acct-mine")
+    heard: dict[str, Any] = {"pushed": []}
+    done = trio.Event()
+
+    async def script(enclave: Enclave) -> None:
+        status = await enclave.connect_status()
+        await enclave.say("preloading")
+        channel = MessageStream(await trio.open_unix_socket(str(enclave.run_dir / "deltas.sock")))
+        try:
+            await channel.send(HelloMessage("deltas"))
+            await enclave.connect_preload()
+            await trio.sleep(2)
+            await enclave.say("serving", accounts=3, sha256=SHA, preload_ms=1000)
+            for _ in (1, 2):
+                push = await channel.receive_expected(DeltaPushMessage)
+                while not isinstance(await channel.receive(), DeltaEndMessage):
+                    pass
+                heard["pushed"].append(push.sequence)
+                await channel.send(
+                    DeltaLoadedMessage(sequence=push.sequence, head="ee" * 32, accounts=4)
+                )
+            await channel.send(DeltaStoreMessage(sequence=3, total_bytes=len(mine)))
+            await channel.send(DeltaChunkMessage(data=mine))
+            await channel.send(DeltaEndMessage())
+            heard["reply"] = await channel.receive()
+            done.set()
+            await status.receive_expected(DrainMessage)
+            await enclave.last_words(0)
+        finally:
+            with trio.CancelScope(shield=True):
+                await channel.aclose()
+
+    async def inline(fn: Any, *args: Any) -> Any:
+        return fn(*args)
+
+    config = make_config(tmp_path, extra=f'[deltas]\nlocation = "file://{directory}"\n')
+    state = ParentState(wall_clock=trio.current_time, lifecycle=Lifecycle(clock=trio.current_time))
+    deltas = Deltas(store, on_alert=state.alerts.raise_alert, offload=inline)
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        launcher = FakeLauncher(nursery, config.bundle.work_dir, [script])
+        supervisor = ParentSupervisor(
+            config,
+            launcher=launcher,
+            preloader=FakePreloader(),
+            fetch=copy_fetch,
+            state=state,
+            forwarder=LogForwarder(stats=state.logs),
+            deltas=deltas,
+        )
+        await nursery.start(supervisor.run, stop)
+        await state.lifecycle.wait_for(lambda lc: lc.phase is ParentPhase.SERVING)
+        with trio.fail_after(60):  # a deadline only now: the boot's threads would race it
+            await done.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        assert heard["pushed"] == [1, 2]
+        assert isinstance(heard["reply"], DeltaStoredMessage)
+        assert heard["reply"].sequence == 3
+        assert store.get(3) == mine
+        report = state.report()
+        assert (report["deltas_stored"], report["deltas_loaded"]) == (3, 2)
+        assert "trio_sign_parent_deltas_pushed_total 2" in render_metrics(state)
+        stop.set()
+    assert state.alerts.last is None
+
+
+async def test_the_deltas_store_is_opened_from_the_config(tmp_path: Path) -> None:
+    """``[deltas] location`` is opened at the start of run(): the directory is created and a
+    crash's leftovers are removed."""
+    from trio_sign.parent._deltas import FileDeltaStore
+
+    directory = tmp_path / "deltas"
+    config = make_config(tmp_path, extra=f'[deltas]\nlocation = "file://{directory}"\n')
+    supervisor = ParentSupervisor(config)
+    deltas = await supervisor._open_deltas()
+    assert isinstance(deltas.store, FileDeltaStore)
+    assert directory.is_dir()
+    assert supervisor.state.deltas is deltas.stats
+    assert deltas.poll_interval_s == 1.0

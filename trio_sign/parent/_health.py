@@ -45,6 +45,7 @@ from ..transport._asgi import (
     respond,
     send_chunk,
 )
+from ._deltas import DeltaStats
 from ._lifecycle import ALERTS, ENCLAVE_STATES, Alerts, Lifecycle, ParentPhase
 from ._logs import CloudWatchStats, LogStats, LogTail, TailFull
 from ._relay import RelayStats
@@ -90,6 +91,8 @@ class ParentState:
             balancer or gateway that waits for ``/readyz`` must not be refused at the door.
         relay, logs, cloudwatch: counters owned by the SSE relay and the log forwarder.
         tail: the live tail behind ``/v1/logs/tail`` (404 when None).
+        deltas: the delta store's head and the enclave's position, owned by the deltas
+            channel (None without ``[deltas]``).
     """
 
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
@@ -108,6 +111,7 @@ class ParentState:
     logs: LogStats = field(default_factory=LogStats)
     cloudwatch: CloudWatchStats | None = None
     tail: LogTail | None = None
+    deltas: DeltaStats | None = None
     ingress_required: bool = False
     ingress_listening: bool = False
     wall_clock: Callable[[], float] = time.time
@@ -183,7 +187,7 @@ class ParentState:
         lifecycle = self.lifecycle
         enclave = lifecycle.enclave
         last = self.alerts.last
-        return {
+        report = {
             "ready": self.ready,
             "phase": lifecycle.phase.value,
             "phase_since": _rfc3339(lifecycle.phase_since),
@@ -203,6 +207,11 @@ class ParentState:
             "last_alert_code": None if last is None else last[0],
             "last_alert_at": _rfc3339(self.alerts.last_at),
         }
+        if self.deltas is not None:  # with [deltas] only
+            report["deltas_stored"] = self.deltas.store_head  # the store's head sequence
+            report["deltas_loaded"] = self.deltas.enclave_sequence  # its last delta_loaded
+            report["deltas_head"] = self.deltas.enclave_head
+        return report
 
 
 def _rfc3339(ts: float | None) -> str | None:
@@ -369,6 +378,8 @@ def _parent_families(state: ParentState) -> MetricsWriter:
             "Unix time of the enclave's last GetStatus answer.",
             state.enclave_status_at,
         )
+    if state.deltas is not None:
+        _delta_families(m, state.deltas)
     logs = state.logs
     m.counter(
         "trio_sign_log_lines_received_total",
@@ -457,6 +468,49 @@ def _parent_families(state: ParentState) -> MetricsWriter:
         state.proxy_connections_refused,
     )
     return m
+
+
+def _delta_families(m: MetricsWriter, deltas: DeltaStats) -> None:
+    m.gauge(
+        "trio_sign_parent_deltas_stored",
+        "The delta store's head sequence at its last listing (deltas after a gap not counted).",
+        deltas.store_head or 0,
+    )
+    m.gauge(
+        "trio_sign_parent_deltas_loaded",
+        "The enclave's delta position: its last delta_loaded sequence (at boot, what it loaded).",
+        deltas.enclave_sequence or 0,
+    )
+    m.gauge(
+        "trio_sign_parent_deltas_connected",
+        "1 while the enclave's deltas channel is connected.",
+        1 if deltas.connected else 0,
+    )
+    m.counter(
+        "trio_sign_parent_deltas_pushed_total",
+        "Deltas pushed to the running enclave on the deltas channel.",
+        deltas.pushed_total,
+    )
+    m.counter(
+        "trio_sign_parent_deltas_written_total",
+        "New deltas this parent stored for its enclave.",
+        deltas.written_total,
+    )
+    m.counter(
+        "trio_sign_parent_deltas_conflicts_total",
+        "Delta stores that found another delta at their sequence (another replica won).",
+        deltas.conflicts_total,
+    )
+    m.counter(
+        "trio_sign_parent_deltas_refused_total",
+        "Pushed deltas the enclave refused or did not answer.",
+        deltas.refused_total,
+    )
+    m.counter(
+        "trio_sign_parent_deltas_store_failures_total",
+        "Failed delta store reads and writes (disk, S3).",
+        deltas.store_failures_total,
+    )
 
 
 # -- the ASGI application ----------------------------------------------------------------------

@@ -61,6 +61,10 @@ ALERTS: Final[Mapping[str, str]] = MappingProxyType(
         "enclave_killed": "the enclave process was killed by a signal (OOM killer, kill -9)",
         "attestation_failed": "a periodic attestation check failed; forwarding stopped",
         "log_write_failed": "the parent could not write the enclave's log lines to its file",
+        "delta_store_failed": "the delta store could not be read or written (disk, S3)",
+        "delta_gap": "a delta is missing from the store; the deltas after it are not served",
+        "delta_refused": "the enclave refused a delta the parent pushed (its reason is in the "
+        "message)",
         "internal": "a bug in the parent; the log has the traceback",
     }
 )

@@ -11,7 +11,10 @@
         ├── SSE relay                       (allowlisted gateway URLs only)
         ├── launching   the enclave         Launcher.start(): nitro-cli | local process
         ├── watch its exit                  in every phase from here on
-        ├── preloading                      KMS Decrypt with Recipient; the copy is then deleted
+        ├── deltas channel server           ([deltas]) stores the enclave's deltas; its watcher
+        │                                   pushes the store's new ones once the boot is done
+        ├── preloading                      KMS Decrypt with Recipient; the copy is then deleted;
+        │                                   then every stored delta ([deltas])
         ├── attesting                       fresh document, pinned root and PCRs, periodically
         └── serving                         mTLS ingress, forwarded only while the gate is open
 
@@ -52,6 +55,7 @@ from ._attestation_gate import AttestationGate, AttestationPolicy, run_attestati
 from ._bundle_copy import BundleCopyError, copy_bundle
 from ._channels import StatusLink, serve_log_connection, serve_status_connection
 from ._config import ParentConfig, preflight
+from ._deltas import Deltas, DeltaStoreError, open_delta_store, serve_deltas
 from ._dev_kms import DevRecipientKms
 from ._health import ParentState, serve_health
 from ._ingress import serve_ingress
@@ -84,6 +88,8 @@ log = logging.getLogger("trio_sign.parent")
 
 #: vsock ports the parent listens on for the enclave (CID 3 is the parent, from inside).
 PRELOAD_PORT, STATUS_PORT, LOG_PORT, SSE_PORT = 5000, 5001, 5002, 5003
+#: The deltas channel's default port (``[deltas] deltas_port``; docs/key-lifecycle.md §4).
+DELTAS_PORT: Final = 7003
 #: The enclave's public h2c port (Ping, GetStatus, GetAttestation; DESIGN §10).
 ENCLAVE_PUBLIC_PORT: Final = 50052
 #: Preload may take this much longer than the enclave's own preload_timeout_s (its start).
@@ -119,7 +125,7 @@ class _Addresses:
         if e.backend == "local":
             run = config.bundle.work_dir
             self.listen = {
-                n: f"unix://{run}/{n}.sock" for n in ("preload", "status", "logs", "sse")
+                n: f"unix://{run}/{n}.sock" for n in ("preload", "status", "logs", "sse", "deltas")
             }
             self.enclave_side = dict(self.listen)
             self.enclave_grpc = f"unix://{run}/enclave-grpc.sock"
@@ -130,6 +136,7 @@ class _Addresses:
                 "status": STATUS_PORT,
                 "logs": LOG_PORT,
                 "sse": SSE_PORT,
+                "deltas": DELTAS_PORT if config.deltas is None else config.deltas.deltas_port,
             }
             self.listen = {n: f"vsock://ANY:{p}" for n, p in ports.items()}
             self.enclave_side = {n: f"vsock://3:{p}" for n, p in ports.items()}
@@ -151,9 +158,11 @@ def recipient_kms(config: ParentConfig) -> RecipientKms:
     return KmsRecipientKms(make_kms_client(k.endpoint_url, region=k.region))
 
 
-def kms_preloader(config: ParentConfig, kms: RecipientKms) -> Preloader:
+def kms_preloader(
+    config: ParentConfig, kms: RecipientKms, deltas: Deltas | None = None
+) -> Preloader:
     """The production :class:`Preloader`: :func:`serve_preload` through ``kms``, telling the
-    enclave where to subscribe for events."""
+    enclave where to subscribe for events, and streaming the stored deltas after the base."""
     e = config.enclave
     events = (
         None
@@ -162,7 +171,7 @@ def kms_preloader(config: ParentConfig, kms: RecipientKms) -> Preloader:
     )
 
     async def preload(stream: trio.abc.Stream, bundle: Path) -> PreloadResultMessage:
-        return await serve_preload(MessageStream(stream), bundle, kms, events=events)
+        return await serve_preload(MessageStream(stream), bundle, kms, events=events, deltas=deltas)
 
     return preload
 
@@ -299,6 +308,8 @@ class ParentSupervisor:
         forwarder: where the enclave's log lines go (default: from ``config [logs]``, opened
             by :meth:`run`).
         rng: for the restart back-off's jitter.
+        deltas: the delta store as the runs use it (default: from ``config [deltas]``, opened
+            by :meth:`run`; None without it).
     """
 
     def __init__(
@@ -311,6 +322,7 @@ class ParentSupervisor:
         state: ParentState | None = None,
         forwarder: LogForwarder | None = None,
         rng: random.Random | None = None,
+        deltas: Deltas | None = None,
     ) -> None:
         self.config = config
         self.addresses = _Addresses(config)
@@ -322,6 +334,9 @@ class ParentSupervisor:
         self.state.ingress_required = config.ingress is not None
         self.forwarder = forwarder
         self._rng = rng if rng is not None else random.Random()
+        self.deltas = deltas
+        if deltas is not None:
+            self.state.deltas = deltas.stats
 
     @property
     def lifecycle(self) -> Any:
@@ -351,12 +366,35 @@ class ParentSupervisor:
             failure = ConfigProblem(problems[0])
             await self._give_up(failure)
             raise failure
+        if self.deltas is None and self.config.deltas is not None:
+            try:
+                self.deltas = await self._open_deltas()
+            except ConfigProblem as failure:
+                await self._give_up(failure)
+                raise
         with contextlib.ExitStack() as files:
             if self.forwarder is None:
                 self.forwarder = self._open_forwarder(files)
             gave_up = await self._supervise(stop, task_status)
         if gave_up is not None:
             raise gave_up
+
+    async def _open_deltas(self) -> Deltas:
+        """The ``[deltas]`` store (a file store's crash leftovers removed first)."""
+        d = self.config.deltas
+        assert d is not None
+        try:
+            store = await trio.to_thread.run_sync(
+                functools.partial(open_delta_store, d.location, max_delta_bytes=d.max_delta_bytes)
+            )
+        except (DeltaStoreError, ValueError) as exc:
+            raise ConfigProblem(f"[deltas] location {d.location}: {exc}") from exc
+        deltas = Deltas(
+            store, on_alert=self.state.alerts.raise_alert, poll_interval_s=d.poll_interval_s
+        )
+        self.state.deltas = deltas.stats
+        log.info("delta store opened", extra={"location": store.location})
+        return deltas
 
     def _open_forwarder(self, files: contextlib.ExitStack) -> LogForwarder:
         config = self.config
@@ -506,6 +544,8 @@ class ParentSupervisor:
         stop: trio.Event,
     ) -> None:
         lifecycle = self.state.lifecycle
+        if self.deltas is not None:
+            self.deltas.new_run()
         run.bundle = await self._fetch()
         await nursery.start(_run_in, channels, self._serve_channels, run.link)
         await self._start_relay(nursery)
@@ -520,6 +560,8 @@ class ParentSupervisor:
         finally:
             for listener in preload_listeners:
                 await trio.aclose_forcefully(listener)
+        if self.deltas is not None:
+            self.deltas.mark_booted(result)  # the deltas channel's watcher starts from here
         run.bundle.unlink()  # the parent's copy goes as soon as the enclave holds the shares
         run.bundle = None
         log.info(
@@ -615,7 +657,7 @@ class ParentSupervisor:
         self, listeners: list[trio.SocketListener], bundle: Path
     ) -> PreloadResultMessage:
         if self._preloader is None:
-            self._preloader = kms_preloader(self.config, recipient_kms(self.config))
+            self._preloader = kms_preloader(self.config, recipient_kms(self.config), self.deltas)
         timeout = self.config.enclave.preload_timeout_s + PRELOAD_MARGIN_S
         with trio.move_on_after(timeout) as scope:
             stream = await listeners[0].accept()
@@ -739,8 +781,16 @@ class ParentSupervisor:
         assert self.forwarder is not None
         status = await _listen(self.addresses.listen["status"], "enclave's status channel")
         logs = await _listen(self.addresses.listen["logs"], "enclave's log channel")
+        deltas = (
+            None
+            if self.deltas is None
+            else await _listen(self.addresses.listen["deltas"], "enclave's deltas channel")
+        )
         on_status = self.state.lifecycle.on_status_message
         async with trio.open_nursery() as nursery:
+            if deltas is not None:
+                assert self.deltas is not None
+                await nursery.start(serve_deltas, deltas, self.deltas)
             nursery.start_soon(
                 trio.serve_listeners,
                 functools.partial(serve_status_connection, on=on_status, link=link),
