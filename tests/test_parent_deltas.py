@@ -5,6 +5,7 @@ watcher's pushes in virtual time."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import subprocess
@@ -940,3 +941,137 @@ async def test_readyz_and_metrics_show_the_store_and_the_enclave(
     assert samples["trio_sign_parent_deltas_conflicts_total"] == 0
     assert samples["trio_sign_parent_deltas_written_total"] == 0
     assert samples['trio_sign_alerts_total{alert="delta_refused"}'] == 0
+
+
+async def _boot(
+    tmp_path: Path, deltas: Deltas, answer: Callable[[str, int], PreloadResultMessage]
+) -> tuple[PreloadResultMessage | BaseException, Any]:
+    parent_end, enclave_end = trio.testing.memory_stream_pair()
+    seen: dict[str, Any] = {}
+    async with trio.open_nursery() as nursery:
+
+        async def enclave() -> None:
+            try:
+                seen["boot"] = await _fake_enclave_boot(enclave_end, answer=answer)
+            except BaseException as exc:
+                seen["boot"] = exc
+                raise
+
+        nursery.start_soon(enclave)
+        try:
+            result: PreloadResultMessage | BaseException = await serve_preload(
+                MessageStream(parent_end), tmp_path / "base.enc", _kms, deltas=deltas
+            )
+        except DeltaStoreError as exc:
+            result = exc
+            nursery.cancel_scope.cancel()
+    return result, seen.get("boot")
+
+
+def _ok(fingerprint: str, n: int) -> PreloadResultMessage:
+    return PreloadResultMessage(ok=True, accounts=1 + n, sha256=fingerprint, deltas=n)
+
+
+async def test_boot_reads_deltas_ahead_and_still_sends_them_in_order(
+    tmp_path: Path, dev_key: DevKeyFile, autojump_clock: trio.abc.Clock
+) -> None:
+    """S3 round trips overlap (at most BOOT_PREFETCH at a time), the order on the wire does
+    not change, whichever read finishes first."""
+    from trio_sign.parent._preload import BOOT_PREFETCH
+
+    (tmp_path / "base.enc").write_bytes(encode_bundle([make_record("acct-0")], dev_key))
+    store = file_store(tmp_path)
+    n = 20
+    for sequence in range(1, n + 1):
+        store.put(sequence, b"delta %d" % sequence)
+    in_flight = [0, 0]  # now, most
+
+    async def slow(fn: Callable[..., Any], *args: Any) -> Any:
+        if fn == store.get:
+            in_flight[0] += 1
+            in_flight[1] = max(in_flight[1], in_flight[0])
+            await trio.sleep(1.0 + (n - args[0]) * 0.1)  # later deltas come back sooner
+            in_flight[0] -= 1
+        return fn(*args)
+
+    deltas = hub(store, offload=slow)
+    start = trio.current_time()
+    result, boot = await _boot(tmp_path, deltas, _ok)
+    assert isinstance(result, PreloadResultMessage)
+    assert [s for s, _ in boot[2]] == list(range(1, n + 1))
+    assert [d for _, d in boot[2]] == [b"delta %d" % s for s in range(1, n + 1)]
+    assert in_flight[1] == BOOT_PREFETCH
+    assert trio.current_time() - start < 0.5 * sum(1.0 + i * 0.1 for i in range(n))
+
+
+async def test_a_delta_that_cannot_be_read_fails_the_boot(
+    tmp_path: Path, dev_key: DevKeyFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "base.enc").write_bytes(encode_bundle([make_record("acct-0")], dev_key))
+    store = file_store(tmp_path)
+    for sequence in (1, 2, 3):
+        store.put(sequence, b"delta %d" % sequence)
+    (tmp_path / "deltas" / object_name(2)).chmod(0)
+    if os.access(tmp_path / "deltas" / object_name(2), os.R_OK):  # root reads anything
+        real_get = store.get
+
+        def get(sequence: int) -> bytes:
+            if sequence == 2:
+                raise DeltaStoreError("cannot read delta-00000002.enc: Permission denied")
+            return real_get(sequence)
+
+        monkeypatch.setattr(store, "get", get)
+    alerts = Alerts()
+    result, _ = await _boot(tmp_path, hub(store, alerts), _ok)
+    assert isinstance(result, DeltaStoreError)  # bare, not in an exception group
+    assert "delta-00000002.enc" in str(result)
+    assert alerts.codes() == ["delta_store_failed"]
+
+
+async def test_an_enclave_that_hangs_up_mid_deltas_still_gives_its_verdict(
+    tmp_path: Path, dev_key: DevKeyFile
+) -> None:
+    """The enclave refuses a delta at boot (a broken chain) and stops reading: the parent
+    reports the enclave's own reason, as it does for a refused base."""
+    from trio_sign.parent._preload import PreloadRefused
+
+    (tmp_path / "base.enc").write_bytes(encode_bundle([make_record("acct-0")], dev_key))
+    store = file_store(tmp_path)
+    for sequence in (1, 2):
+        store.put(sequence, b"x" * 300_000)  # more than one chunk each
+    parent_end, enclave_end = trio.testing.memory_stream_pair()
+
+    async def enclave() -> None:
+        m = MessageStream(enclave_end)
+        await m.send(HelloMessage(channel="preload"))
+        await m.send(AttestationMessage(document=b"attestation document"))
+        while not isinstance(await m.receive(), DeltaPushMessage):
+            pass
+        await m.send(PreloadResultMessage(ok=False, reason="delta_chain"))
+        await enclave_end.send_eof()
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await enclave_end.aclose()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(enclave)
+        with pytest.raises(PreloadRefused, match="delta_chain"):
+            await serve_preload(
+                MessageStream(parent_end), tmp_path / "base.enc", _kms, deltas=hub(store)
+            )
+
+
+def test_recover_reports_io_errors_as_store_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import trio_sign.parent._deltas as module
+
+    directory = tmp_path / "deltas"
+    directory.mkdir()
+    (directory / f".delta-00000001.enc.{TAG}.0011223344556677.tmp").write_bytes(b"x")
+
+    def broken(path: Path) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(module, "fsync_directory", broken)
+    with pytest.raises(DeltaStoreError, match="Input/output error"):
+        FileDeltaStore(directory, host_tag=TAG).recover()

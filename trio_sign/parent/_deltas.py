@@ -21,8 +21,10 @@ Objects are named ``delta-<sequence, 8 decimal digits>.enc`` and are at most
   parent left them) and other hosts' older than an hour (a location shared by replicas on a
   network file system: another parent may be writing its own right now).
 - :class:`S3DeltaStore` (``"s3://bucket/prefix/"``): ``PutObject`` with ``If-None-Match: *``;
-  a ``PreconditionFailed`` (412) fetches the object and compares. ``ListObjectsV2`` is read
-  page by page.
+  a ``PreconditionFailed`` (412) fetches the object and compares. Any other refusal,
+  ``ConditionalRequestConflict`` (409, a concurrent conditional write still in progress)
+  included, is a failure: nothing is known to be stored, so the enclave is told
+  ``delta_store_failed`` and creates nothing. ``ListObjectsV2`` is read page by page.
 
 ``list`` returns the sequences from 1 up to the first missing one (:class:`DeltaListing`);
 what lies beyond a gap is not served, and :class:`Deltas` raises the ``delta_gap`` alert once
@@ -273,12 +275,13 @@ class FileDeltaStore:
                         if ours or now - entry.stat().st_mtime > stale_after_s:
                             os.unlink(entry.path)
                             removed += 1
+            if removed:
+                fsync_directory(self.directory)
         except OSError as exc:
             raise DeltaStoreError(
                 f"cannot prepare the delta directory {self.directory}: {exc.strerror or exc}"
             ) from exc
         if removed:
-            fsync_directory(self.directory)
             log.warning(
                 "removed temporary delta files left by a crash",
                 extra={"count": removed, "location": self.location},

@@ -59,7 +59,7 @@ from ..nitro import (
 )
 from ..nitro._channel import MAX_DELTA_CHUNK_BYTES, MAX_FRAME_BYTES
 from ..shares import read_sealed_header
-from ._deltas import Deltas, delta_frames
+from ._deltas import Deltas, DeltaStoreError, delta_frames
 
 log = logging.getLogger("trio_sign.parent.preload")
 
@@ -69,6 +69,9 @@ RecipientKms = Callable[[bytes, dict[str, Any]], Awaitable[bytes]]
 
 #: Bundle bytes per frame: the frame limit less room for the CBOR map around the data.
 CHUNK_BYTES = MAX_FRAME_BYTES - 64
+#: Deltas read ahead of the one being sent at boot (each at most ``[deltas]
+#: max_delta_bytes`` in memory).
+BOOT_PREFETCH = 8
 
 
 class PreloadRefused(TrioSignError):
@@ -144,14 +147,69 @@ async def serve_preload(
 
 
 async def _send_deltas(
-    channel: MessageStream, deltas: Deltas, sequences: tuple[int, ...], chunk_bytes: int
+    channel: MessageStream,
+    deltas: Deltas,
+    sequences: tuple[int, ...],
+    chunk_bytes: int,
+    *,
+    prefetch: int = BOOT_PREFETCH,
 ) -> None:
-    """Every listed delta, in order: ``delta_push``, its chunks, ``delta_end``."""
+    """Every listed delta, in order: ``delta_push``, its chunks, ``delta_end``. Up to
+    ``prefetch`` deltas are read ahead, concurrently (an S3 round trip each), while earlier ones
+    are sent; at most that many are held in memory.
+
+    Error handling: the first store failure (``DeltaStoreError``) ends the stream and is raised.
+    """
+    results: dict[int, bytes] = {}
+    ready = {sequence: trio.Event() for sequence in sequences}
+    window = trio.Semaphore(prefetch)  # released when a fetched delta has been sent
+
+    async def fetch_all() -> None:
+        async with trio.open_nursery() as fetches:
+            for sequence in sequences:
+                await window.acquire()
+                fetches.start_soon(fetch_one, sequence)
+
+    async def fetch_one(sequence: int) -> None:
+        results[sequence] = await deltas.fetch(sequence)
+        ready[sequence].set()
+
     sent_bytes = 0
-    for sequence in sequences:
-        data = await deltas.fetch(sequence)
-        for message in delta_frames(sequence, data, chunk_bytes):
-            await channel.send(message)
-        deltas.boot_streamed = sequence
-        sent_bytes += len(data)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fetch_all)
+            for sequence in sequences:
+                await ready[sequence].wait()
+                data = results.pop(sequence)
+                for message in delta_frames(sequence, data, chunk_bytes):
+                    await channel.send(message)
+                window.release()
+                deltas.boot_streamed = sequence
+                sent_bytes += len(data)
+    except BaseExceptionGroup as group:
+        # The nursery wraps what ended it; callers handle the bare failure (a store error, or
+        # the enclave hanging up on a refused delta). Cancellation stays in its group.
+        failure = _first_failure(group)
+        if failure is None:
+            raise
+        raise failure from None
     log.info("deltas sent", extra={"deltas": len(sequences), "bytes": sent_bytes})
+
+
+def _first_failure(group: BaseExceptionGroup[BaseException]) -> Exception | None:
+    _cancelled, rest = group.split(trio.Cancelled)
+    if rest is None:
+        return None
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [rest]
+    while pending:
+        exc = pending.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(reversed(exc.exceptions))
+        else:
+            leaves.append(exc)
+    for kind in (DeltaStoreError, trio.BrokenResourceError, trio.ClosedResourceError):
+        for leaf in leaves:
+            if isinstance(leaf, kind):
+                return leaf
+    return None
