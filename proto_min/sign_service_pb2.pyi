@@ -185,7 +185,7 @@ class DkgRound1Package(_message.Message):
     def __init__(self, identifier: _Optional[bytes] = ..., commitment: _Optional[_Iterable[bytes]] = ..., proof_of_knowledge: _Optional[bytes] = ..., encryption_key: _Optional[bytes] = ..., key_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class DkgRound1Request(_message.Message):
-    __slots__ = ("dkg_id", "account_id", "ciphersuite", "min_signers", "max_signers", "participants", "identifier", "policy", "approvals")
+    __slots__ = ("dkg_id", "account_id", "ciphersuite", "min_signers", "max_signers", "participants", "identifier", "policy", "approvals", "operation")
     DKG_ID_FIELD_NUMBER: _ClassVar[int]
     ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
     CIPHERSUITE_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +195,7 @@ class DkgRound1Request(_message.Message):
     IDENTIFIER_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     APPROVALS_FIELD_NUMBER: _ClassVar[int]
+    OPERATION_FIELD_NUMBER: _ClassVar[int]
     dkg_id: str
     account_id: str
     ciphersuite: str
@@ -204,7 +205,8 @@ class DkgRound1Request(_message.Message):
     identifier: bytes
     policy: str
     approvals: _containers.RepeatedCompositeFieldContainer[Approval]
-    def __init__(self, dkg_id: _Optional[str] = ..., account_id: _Optional[str] = ..., ciphersuite: _Optional[str] = ..., min_signers: _Optional[int] = ..., max_signers: _Optional[int] = ..., participants: _Optional[_Iterable[_Union[DkgParticipant, _Mapping]]] = ..., identifier: _Optional[bytes] = ..., policy: _Optional[str] = ..., approvals: _Optional[_Iterable[_Union[Approval, _Mapping]]] = ...) -> None: ...
+    operation: str
+    def __init__(self, dkg_id: _Optional[str] = ..., account_id: _Optional[str] = ..., ciphersuite: _Optional[str] = ..., min_signers: _Optional[int] = ..., max_signers: _Optional[int] = ..., participants: _Optional[_Iterable[_Union[DkgParticipant, _Mapping]]] = ..., identifier: _Optional[bytes] = ..., policy: _Optional[str] = ..., approvals: _Optional[_Iterable[_Union[Approval, _Mapping]]] = ..., operation: _Optional[str] = ...) -> None: ...
 
 class DkgRound1Response(_message.Message):
     __slots__ = ("package", "expires_at_unix_ms")
@@ -273,3 +275,55 @@ class DkgRound3Response(_message.Message):
     delta_sequence: int
     deltas_head: str
     def __init__(self, account_id: _Optional[str] = ..., ciphersuite: _Optional[str] = ..., group_public_key: _Optional[bytes] = ..., identifier: _Optional[bytes] = ..., verifying_share: _Optional[bytes] = ..., verifying_shares: _Optional[_Iterable[_Union[DkgVerifyingShare, _Mapping]]] = ..., delta_sequence: _Optional[int] = ..., deltas_head: _Optional[str] = ...) -> None: ...
+
+class RepairKey(_message.Message):
+    __slots__ = ("identifier", "encryption_key", "key_id", "signature")
+    IDENTIFIER_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPTION_KEY_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    identifier: bytes
+    encryption_key: bytes
+    key_id: str
+    signature: bytes
+    def __init__(self, identifier: _Optional[bytes] = ..., encryption_key: _Optional[bytes] = ..., key_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class RepairStep1Request(_message.Message):
+    __slots__ = ("repair_id", "account_id", "helpers", "participant", "keys", "approvals")
+    REPAIR_ID_FIELD_NUMBER: _ClassVar[int]
+    ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
+    HELPERS_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    APPROVALS_FIELD_NUMBER: _ClassVar[int]
+    repair_id: str
+    account_id: str
+    helpers: _containers.RepeatedCompositeFieldContainer[DkgParticipant]
+    participant: DkgParticipant
+    keys: _containers.RepeatedCompositeFieldContainer[RepairKey]
+    approvals: _containers.RepeatedCompositeFieldContainer[Approval]
+    def __init__(self, repair_id: _Optional[str] = ..., account_id: _Optional[str] = ..., helpers: _Optional[_Iterable[_Union[DkgParticipant, _Mapping]]] = ..., participant: _Optional[_Union[DkgParticipant, _Mapping]] = ..., keys: _Optional[_Iterable[_Union[RepairKey, _Mapping]]] = ..., approvals: _Optional[_Iterable[_Union[Approval, _Mapping]]] = ...) -> None: ...
+
+class RepairStep1Response(_message.Message):
+    __slots__ = ("key", "deltas", "expires_at_unix_ms")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    DELTAS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    key: RepairKey
+    deltas: _containers.RepeatedCompositeFieldContainer[DkgEncryptedShare]
+    expires_at_unix_ms: int
+    def __init__(self, key: _Optional[_Union[RepairKey, _Mapping]] = ..., deltas: _Optional[_Iterable[_Union[DkgEncryptedShare, _Mapping]]] = ..., expires_at_unix_ms: _Optional[int] = ...) -> None: ...
+
+class RepairStep2Request(_message.Message):
+    __slots__ = ("repair_id", "deltas")
+    REPAIR_ID_FIELD_NUMBER: _ClassVar[int]
+    DELTAS_FIELD_NUMBER: _ClassVar[int]
+    repair_id: str
+    deltas: _containers.RepeatedCompositeFieldContainer[DkgEncryptedShare]
+    def __init__(self, repair_id: _Optional[str] = ..., deltas: _Optional[_Iterable[_Union[DkgEncryptedShare, _Mapping]]] = ...) -> None: ...
+
+class RepairStep2Response(_message.Message):
+    __slots__ = ("sigma",)
+    SIGMA_FIELD_NUMBER: _ClassVar[int]
+    sigma: DkgEncryptedShare
+    def __init__(self, sigma: _Optional[_Union[DkgEncryptedShare, _Mapping]] = ...) -> None: ...

@@ -44,6 +44,7 @@ DKG_EXPECTED: dict[str, list[tuple[str, int, int, bool, str | None]]] = {
         ("identifier", 7, _B, False, None),
         ("policy", 8, _S, False, None),
         ("approvals", 9, _M, True, _P + "Approval"),
+        ("operation", 10, _S, False, None),
     ],
     "DkgRound1Response": [
         ("package", 1, _M, False, _P + "DkgRound1Package"),
@@ -77,12 +78,39 @@ DKG_EXPECTED: dict[str, list[tuple[str, int, int, bool, str | None]]] = {
         ("delta_sequence", 7, _U64, False, None),
         ("deltas_head", 8, _S, False, None),
     ],
+    # repair (docs/refresh-repair.md)
+    "RepairKey": [
+        ("identifier", 1, _B, False, None),
+        ("encryption_key", 2, _B, False, None),
+        ("key_id", 3, _S, False, None),
+        ("signature", 4, _B, False, None),
+    ],
+    "RepairStep1Request": [
+        ("repair_id", 1, _S, False, None),
+        ("account_id", 2, _S, False, None),
+        ("helpers", 3, _M, True, _P + "DkgParticipant"),
+        ("participant", 4, _M, False, _P + "DkgParticipant"),
+        ("keys", 5, _M, True, _P + "RepairKey"),
+        ("approvals", 6, _M, True, _P + "Approval"),
+    ],
+    "RepairStep1Response": [
+        ("key", 1, _M, False, _P + "RepairKey"),
+        ("deltas", 2, _M, True, _P + "DkgEncryptedShare"),
+        ("expires_at_unix_ms", 3, _I64, False, None),
+    ],
+    "RepairStep2Request": [
+        ("repair_id", 1, _S, False, None),
+        ("deltas", 2, _M, True, _P + "DkgEncryptedShare"),
+    ],
+    "RepairStep2Response": [("sigma", 1, _M, False, _P + "DkgEncryptedShare")],
 }
 
 DKG_RPCS = {
     "DkgRound1": ("DkgRound1Request", "DkgRound1Response"),
     "DkgRound2": ("DkgRound2Request", "DkgRound2Response"),
     "DkgRound3": ("DkgRound3Request", "DkgRound3Response"),
+    "RepairStep1": ("RepairStep1Request", "RepairStep1Response"),
+    "RepairStep2": ("RepairStep2Request", "RepairStep2Response"),
 }
 
 
