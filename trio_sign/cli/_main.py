@@ -34,6 +34,7 @@ from . import (
     _gateway,
     _kms,
     _parent,
+    _participant,
     _shares,
     _status,
 )
@@ -58,6 +59,7 @@ _COMMANDS = (
     _demo,
     _dev,
     _approver,
+    _participant,
 )
 
 
