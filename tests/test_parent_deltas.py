@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -1075,3 +1076,29 @@ def test_recover_reports_io_errors_as_store_errors(
     monkeypatch.setattr(module, "fsync_directory", broken)
     with pytest.raises(DeltaStoreError, match="Input/output error"):
         FileDeltaStore(directory, host_tag=TAG).recover()
+
+
+async def test_a_hung_read_does_not_hold_up_a_stop(tmp_path: Path) -> None:
+    """Listing an unreachable S3 can hang in botocore for minutes: a cancelled read is
+    abandoned (its thread ends by itself), so a stop is not held up."""
+    release = threading.Event()
+    store = file_store(tmp_path)
+    real_list = store.list
+
+    def hung() -> DeltaListing:
+        release.wait(timeout=10)
+        return real_list()
+
+    store.list = hung  # type: ignore[method-assign]
+    deltas = Deltas(store)  # the default offload: worker threads
+    timer = threading.Timer(5.0, release.set)  # the thread ends even if this test fails
+    timer.start()
+    try:
+        start = time.monotonic()
+        with trio.move_on_after(0.2) as scope:
+            await deltas.listing()
+        assert scope.cancelled_caught
+        assert time.monotonic() - start < 2.0
+    finally:
+        release.set()
+        timer.cancel()

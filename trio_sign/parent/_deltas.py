@@ -579,7 +579,14 @@ class DeltaStats:
 
 
 async def _to_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    # A put is waited for even when cancelled: it finishes (or cleans up) before we go on.
     return await trio.to_thread.run_sync(fn, *args)
+
+
+async def _to_thread_abandoning(fn: Callable[..., Any], *args: Any) -> Any:
+    # A read may be abandoned on cancellation (a stop must not wait out botocore's timeouts
+    # on an unreachable S3); its thread ends by itself and its result is dropped.
+    return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
 
 
 def _no_alert(code: str, message: str) -> None:
@@ -604,8 +611,9 @@ class Deltas:
         answer_timeout_s: how long a push waits for ``delta_loaded``/``delta_refused``.
         refused_backoff_initial_s, refused_backoff_max_s: before a refused delta is pushed
             again.
-        offload: runs a blocking call (default: a Trio worker thread; tests pass an inline one
-            so that virtual time does not run while "disk" work happens).
+        offload: runs a blocking call (default: a Trio worker thread, abandoned on
+            cancellation for reads, waited for on puts; tests pass an inline one so that virtual
+            time does not run while "disk" work happens).
     """
 
     def __init__(
@@ -628,6 +636,7 @@ class Deltas:
         self.refused_backoff_initial_s = refused_backoff_initial_s
         self.refused_backoff_max_s = refused_backoff_max_s
         self._offload = offload
+        self._offload_read = _to_thread_abandoning if offload is _to_thread else offload
         self.boot_streamed = 0
         self._booted = trio.Event()
         self._alerted_gap: int | None = None
@@ -670,7 +679,7 @@ class Deltas:
     async def listing(self) -> DeltaListing:
         """The store's listing (also kept in the stats; a gap is alerted once)."""
         try:
-            listing: DeltaListing = await self._offload(self.store.list)
+            listing: DeltaListing = await self._offload_read(self.store.list)
         except DeltaStoreError as exc:
             self._store_failed(str(exc))
             raise
@@ -689,7 +698,7 @@ class Deltas:
 
     async def fetch(self, sequence: int) -> bytes:
         try:
-            data: bytes = await self._offload(self.store.get, sequence)
+            data: bytes = await self._offload_read(self.store.get, sequence)
         except DeltaStoreError as exc:
             self._store_failed(str(exc))
             raise
