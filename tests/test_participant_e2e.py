@@ -10,6 +10,7 @@ API and the enclave's part with a local share, then aggregates and verifies.
 from __future__ import annotations
 
 import functools
+import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -63,6 +64,7 @@ class GatewayThread:
     def __init__(self, hub: ParticipantHub) -> None:
         self.hub = hub
         self.port = 0
+        self.ssl_context: ssl.SSLContext | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._scope: trio.CancelScope | None = None
         self._ready = threading.Event()
@@ -75,7 +77,11 @@ class GatewayThread:
             with trio.CancelScope() as scope:
                 self._scope = scope
                 async with trio.open_nursery() as nursery:
-                    self.port = await nursery.start(self.hub.serve, "127.0.0.1", 0)
+                    self.port = await nursery.start(
+                        functools.partial(
+                            self.hub.serve, "127.0.0.1", 0, ssl_context=self.ssl_context
+                        )
+                    )
                     self._ready.set()
 
         try:
@@ -379,3 +385,58 @@ async def test_1000_concurrent_sessions_through_one_connection(
             f"connection: {elapsed:.2f} s ({SESSIONS / elapsed:.0f} sessions/s)"
         )
     assert wall < 120
+
+
+async def test_reconnects_after_the_gateway_drops_it(keys: Any) -> None:
+    auth, key, approver = keys
+    account = deal("acct-1", SUITES[2])
+    with gateway({key.participant_id: key}) as gw:
+        client = make_client(gw.url, auth, key, approver, [account])
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(client.run)
+            await wait_connected(gw, "ops-1")
+            first = client.session
+
+            async def kick() -> None:
+                assert gw.hub.disconnect("ops-1")
+                with trio.fail_after(10):
+                    await gw.hub.wait_disconnected("ops-1")
+
+            await gw.call(kick)
+            await wait_connected(gw, "ops-1")
+            await gw.call(sign_with_hub, gw.hub, "ops-1", account, b"after a reconnect")
+            assert client.session is not first
+            assert client.counts["welcomed"] == 2
+            tg.cancel_scope.cancel()
+
+
+async def test_over_tls(keys: Any, tmp_path: Any) -> None:
+    """wss://: the participant checks the gateway's certificate (anyio TLS), then signs."""
+    from trio_sign.testing._pki import make_ca, make_leaf
+    from trio_sign.transport._tls import load_cert_chain
+
+    auth, key, approver = keys
+    ca = make_ca("participants test CA")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    load_cert_chain(server_ctx, *make_leaf(ca, "gateway", server=True))
+    client_ctx = ssl.create_default_context(cadata=ca.pem.decode())
+    account = deal("acct-tls", SUITES[0])
+    gw = GatewayThread(ParticipantHub({key.participant_id: key}, HubSettings(gateway_id="gw-test")))
+    gw.ssl_context = server_ctx
+    gw.start()
+    try:
+        url = gw.url.replace("ws://", "wss://")
+        client = make_client(url, auth, key, approver, [account], ssl_context=client_ctx)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(client.run)
+            await wait_connected(gw, "ops-1")
+            await gw.call(sign_with_hub, gw.hub, "ops-1", account, b"over tls")
+            tg.cancel_scope.cancel()
+        # a participant that does not trust the gateway's CA never connects
+        stranger = make_client(
+            url, auth, key, approver, [account], ssl_context=ssl.create_default_context()
+        )
+        with pytest.raises(ParticipantConnectionError):
+            await stranger.run_once()
+    finally:
+        gw.stop()

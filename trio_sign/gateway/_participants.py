@@ -444,6 +444,15 @@ class ParticipantHub:
         while participant_id not in self._connections:
             await self._changed.wait()
 
+    def disconnect(self, participant_id: str, reason: str = "disconnected by the gateway") -> bool:
+        """Close ``participant_id``'s connection (1001; its requests fail ``disconnected``).
+        It may reconnect: to keep it out, remove its key first. False if not connected."""
+        conn = self._connections.get(participant_id)
+        if conn is None:
+            return False
+        conn.close(m.CLOSE_GOING_AWAY, reason)
+        return True
+
     async def wait_disconnected(self, participant_id: str) -> None:
         """Return once ``participant_id`` has no authenticated connection."""
         while participant_id in self._connections:

@@ -21,12 +21,11 @@ connection and zeroes every nonce the session held.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
 from urllib.parse import urlsplit
@@ -52,7 +51,7 @@ from .._errors import TrioSignError
 from ..gateway._approvals import ApproverSigningKey
 from . import _messages as m
 from . import _session as s
-from ._policy import Policy
+from ._policy import Decision, Policy
 
 log = logging.getLogger("trio_sign.participant")
 
@@ -127,6 +126,10 @@ class ParticipantClient:
         policy: decides each request.
         gateway_id: if given, a challenge from a gateway calling itself otherwise is refused.
         wall_clock_ms: Unix time in ms (tests pin it).
+        rng: the back-off's jitter (tests seed it).
+        connect: opens the byte stream to the gateway (default: TCP, and TLS for ``wss://``,
+            to the URL's host and port); tests and applications with their own transport
+            inject it.
 
     The keys and the store belong to the caller (close them after :meth:`run` ends).
     """
@@ -145,6 +148,7 @@ class ParticipantClient:
         gateway_id: str | None = None,
         wall_clock_ms: Callable[[], int] = _wall_clock_ms,
         rng: random.Random | None = None,
+        connect: Callable[[], Awaitable[anyio.abc.ByteStream]] | None = None,
     ) -> None:
         self.settings = settings
         self._endpoint = settings.endpoint()
@@ -158,6 +162,7 @@ class ParticipantClient:
         self._gateway_id = gateway_id
         self._wall_clock_ms = wall_clock_ms
         self._rng = rng or random.Random()
+        self._connect = connect or self._connect_tcp
         self._authenticated = anyio.Event()
         self.session: s.ParticipantSession | None = None
         #: counters (no secrets)
@@ -200,21 +205,11 @@ class ParticipantClient:
             ParticipantConnectionError: the connection could not be made, was refused, or
                 ended (with its close code).
         """
-        host, port, path, tls = self._endpoint
+        host, port, path, _ = self._endpoint
         self.counts["connections"] += 1
         try:
             with anyio.fail_after(self.settings.connect_timeout_s):
-                stream: anyio.abc.ByteStream
-                if tls:
-                    stream = await anyio.connect_tcp(
-                        host,
-                        port,
-                        tls=True,
-                        ssl_context=self.settings.ssl_context,
-                        tls_standard_compatible=False,
-                    )
-                else:
-                    stream = await anyio.connect_tcp(host, port)
+                stream = await self._connect()
         except TimeoutError:
             raise ParticipantConnectionError(f"connecting to {host}:{port} timed out") from None
         except OSError as exc:
@@ -223,6 +218,18 @@ class ParticipantClient:
             ) from None
         async with stream:
             await _Connection(self, stream, f"{host}:{port}", path).run()
+
+    async def _connect_tcp(self) -> anyio.abc.ByteStream:
+        host, port, _, tls = self._endpoint
+        if tls:
+            return await anyio.connect_tcp(
+                host,
+                port,
+                tls=True,
+                ssl_context=self.settings.ssl_context,
+                tls_standard_compatible=False,
+            )
+        return await anyio.connect_tcp(host, port)
 
 
 class _Connection:
@@ -253,12 +260,21 @@ class _Connection:
         return self.client._wall_clock_ms()
 
     async def _send_bytes(self, data: bytes) -> None:
+        """Send raw bytes (one writer: the lock). A dead connection is recorded, not raised:
+        the reader sees the end and the connection's task group winds down."""
         if data:
-            async with self.lock:
-                await self.stream.send(data)
+            try:
+                async with self.lock:
+                    await self.stream.send(data)
+            except _GONE:
+                if self.closing is None:
+                    self.closing = (m.CLOSE_GOING_AWAY, "the connection broke while sending")
 
     async def flush(self) -> None:
-        """Send every frame the session queued (one writer: the lock)."""
+        """Send every frame the session queued (one writer: the lock). Before the WebSocket
+        handshake completes (and after a close) they stay queued: nothing can be sent."""
+        if self.ws.state is not ConnectionState.OPEN or self.closing is not None:
+            return
         frames = self.session.frames_to_send()
         if frames:
             data = b"".join(self.ws.send(TextMessage(data=f)) for f in frames)
@@ -268,10 +284,9 @@ class _Connection:
         if self.closing is None:
             self.closing = (code, reason)
             if self.ws.state is ConnectionState.OPEN:
-                with contextlib.suppress(*_GONE):
-                    await self._send_bytes(
-                        self.ws.send(CloseConnection(code=code, reason=reason[:120]))
-                    )
+                await self._send_bytes(
+                    self.ws.send(CloseConnection(code=code, reason=reason[:120]))
+                )
 
     async def run(self) -> None:
         client = self.client
@@ -282,17 +297,13 @@ class _Connection:
             )
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._sweeper)
-                try:
-                    with anyio.fail_after(client.settings.connect_timeout_s) as handshake:
-                        self.handshake = handshake
-                        await self._reader(tg)
-                except TimeoutError:
-                    await self.close(m.CLOSE_AUTH_TIMEOUT, "handshake timed out")
-                    raise ParticipantConnectionError(
-                        "the WebSocket or auth handshake timed out"
-                    ) from None
-                finally:
-                    tg.cancel_scope.cancel()
+                with anyio.move_on_after(client.settings.connect_timeout_s) as handshake:
+                    self.handshake = handshake
+                    await self._reader(tg)
+                tg.cancel_scope.cancel()
+            if handshake.cancelled_caught:
+                await self.close(m.CLOSE_AUTH_TIMEOUT, "handshake timed out")
+                raise ParticipantConnectionError("the WebSocket or auth handshake timed out")
         finally:
             self.session.close()  # zero every nonce still held
             if client._authenticated.is_set():
@@ -344,8 +355,7 @@ class _Connection:
             await self._send_bytes(self.ws.send(event.response()))
         elif isinstance(event, CloseConnection):
             self.closing = (event.code, event.reason or "")
-            with contextlib.suppress(*_GONE):
-                await self._send_bytes(self.ws.send(event.response()))
+            await self._send_bytes(self.ws.send(event.response()))
 
     async def _on_session_event(self, event: s.Event, tg: anyio.abc.TaskGroup) -> None:
         if isinstance(event, s.Authenticated):
@@ -364,9 +374,18 @@ class _Connection:
 
     async def _decide(self, request: m.SignRequest) -> None:
         remaining = (request.deadline_unix_ms - self.now_ms()) / 1000
-        decision = None
+        decision: Decision | None = None
         with anyio.move_on_after(max(0.0, remaining)):
-            decision = await self.client.policy.decide(request)
+            try:
+                decision = await self.client.policy.decide(request)
+            except Exception as exc:  # a policy's bug declines its request, nothing more
+                log.warning(
+                    "participant %s: the policy failed (%s) on request %s",
+                    self.client.participant_id,
+                    type(exc).__name__,
+                    request.request_id,
+                )
+                decision = Decision(False, "internal", "the policy failed")
         self.client.counts["decisions"] += 1
         if decision is None:
             self.session.decline(request.request_id, "expired", "no decision before the deadline")

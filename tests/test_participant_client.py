@@ -1,0 +1,269 @@
+"""The participant client's timing with Trio's autojump clock: back-off between attempts,
+the handshake deadline, decisions that never come, nonces swept at the deadline, and one
+slow decision among many. The client runs on anyio; here on Trio, over an in-memory stream
+into the real hub (its transport is injected)."""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import anyio.abc
+import pytest
+import trio
+import trio.testing
+from trio_websocket import wrap_server_stream
+
+from tests.participant_helpers import SUITES, Account, Shares, deal, participant_keys
+from trio_sign._backoff import full_jitter_delay
+from trio_sign.gateway._approvals import ApproverSigningKey
+from trio_sign.gateway._participants import HubSettings, ParticipantError, ParticipantHub
+from trio_sign.participant import (
+    CallbackPolicy,
+    ClientSettings,
+    ParticipantClient,
+    ParticipantConnectionError,
+)
+from trio_sign.participant import _messages as m
+
+WALL_MS = 1_800_000_000_000
+
+
+def wall() -> int:
+    return WALL_MS + int(trio.current_time() * 1000)
+
+
+class TrioByteStream(anyio.abc.ByteStream):
+    """A trio stream seen as an anyio byte stream (the test's transport)."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        data = await self._stream.receive_some(max_bytes)
+        if not data:
+            raise anyio.EndOfStream
+        return bytes(data)
+
+    async def send(self, item: bytes) -> None:
+        try:
+            await self._stream.send_all(item)
+        except trio.BrokenResourceError as exc:
+            raise anyio.BrokenResourceError from exc
+
+    async def send_eof(self) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+@asynccontextmanager
+async def setup(
+    accounts: list[Account], *, policy: Any = None, silent_gateway: bool = False, **settings: Any
+) -> AsyncIterator[tuple[ParticipantHub, ParticipantClient]]:
+    auth, key = participant_keys("ops-1")
+    approver = ApproverSigningKey.generate()
+    hub = ParticipantHub({"ops-1": key}, HubSettings(gateway_id="gw"), wall_clock_ms=wall)
+    async with trio.open_nursery() as nursery:
+
+        async def connect() -> anyio.abc.ByteStream:
+            client_stream, server_stream = trio.testing.memory_stream_pair()
+
+            async def serve() -> None:
+                if silent_gateway:
+                    await trio.sleep_forever()
+                request = await wrap_server_stream(nursery, server_stream)
+                await hub.handle_request(request)
+
+            nursery.start_soon(serve)
+            return TrioByteStream(client_stream)
+
+        client = ParticipantClient(
+            ClientSettings("ws://gateway/v1/participants", **settings),
+            participant_id="ops-1",
+            key_id=key.key_id,
+            auth_key=auth,
+            approver=approver,
+            approver_key_id="approver-1",
+            shares=Shares(a.records[1] for a in accounts),
+            policy=policy or CallbackPolicy(lambda r: _true()),
+            wall_clock_ms=wall,
+            connect=connect,
+        )
+        try:
+            yield hub, client
+        finally:
+            nursery.cancel_scope.cancel()
+            auth.close()
+            approver.close()
+
+
+async def _true() -> bool:
+    return True
+
+
+async def test_back_off_between_attempts(autojump_clock: trio.abc.Clock) -> None:
+    attempts: list[float] = []
+
+    async def refused() -> anyio.abc.ByteStream:
+        attempts.append(trio.current_time())
+        raise OSError(errno.ECONNREFUSED, "Connection refused")
+
+    auth, key = participant_keys()
+    client = ParticipantClient(
+        ClientSettings(
+            "ws://127.0.0.1:9/v1/participants", reconnect_initial_s=0.5, reconnect_max_s=4.0
+        ),
+        participant_id="ops-1",
+        key_id=key.key_id,
+        auth_key=auth,
+        approver=auth,
+        approver_key_id="a",
+        shares=Shares([]),
+        policy=CallbackPolicy(lambda r: _true()),
+        rng=random.Random(7),
+        connect=refused,
+    )
+    with trio.move_on_after(60):
+        await client.run()
+    rng = random.Random(7)
+    expected, t = [0.0], 0.0
+    while True:
+        t += full_jitter_delay(rng, base=0.5, maximum=4.0, failures=len(expected) - 1)
+        if t >= 60:
+            break
+        expected.append(t)
+    assert attempts == pytest.approx(expected)
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
+    assert max(gaps) <= 4.0
+    assert len(attempts) > 15  # capped: it keeps trying
+    auth.close()
+
+
+async def test_handshake_deadline(autojump_clock: trio.abc.Clock) -> None:
+    async with setup([], silent_gateway=True, connect_timeout_s=3.0) as (_, client):
+        start = trio.current_time()
+        with pytest.raises(ParticipantConnectionError, match="handshake timed out"):
+            await client.run_once()
+        assert trio.current_time() - start == pytest.approx(3.0)
+
+
+async def test_a_decision_that_never_comes_is_declined_at_the_deadline(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    account = deal("acct-1", SUITES[0])
+    never = trio.Event()
+
+    async def person(request: m.SignRequest) -> bool:
+        await never.wait()
+        return True
+
+    async with setup([account], policy=CallbackPolicy(person)) as (hub, client):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.run)
+            await hub.wait_connected("ops-1")
+            start = trio.current_time()
+            with pytest.raises(ParticipantError) as info:
+                await hub.sign(
+                    "ops-1",
+                    account_id="acct-1",
+                    session_id="s",
+                    ciphersuite=SUITES[0],
+                    message=b"m",
+                    timeout_s=30,
+                )
+            # the participant declined 'expired' when its deadline (the hub's timeout) came
+            assert info.value.reason in ("declined", "timeout")
+            assert trio.current_time() - start == pytest.approx(30.0, abs=0.01)
+            await trio.testing.wait_all_tasks_blocked()
+            assert client.session is not None
+            assert client.session.in_flight == 0
+            assert client.session.counts["declined"] == 1  # 'expired', sent at its deadline
+            nursery.cancel_scope.cancel()
+
+
+async def test_committed_nonces_are_swept_at_the_deadline(autojump_clock: trio.abc.Clock) -> None:
+    account = deal("acct-1", SUITES[1])
+    async with (
+        setup([account], sweep_interval_s=0.5) as (hub, client),
+        trio.open_nursery() as nursery,
+    ):
+        if True:
+            nursery.start_soon(client.run)
+            await hub.wait_connected("ops-1")
+            await hub.sign(
+                "ops-1",
+                account_id="acct-1",
+                session_id="s",
+                ciphersuite=SUITES[1],
+                message=b"m",
+                timeout_s=10,
+            )
+            session = client.session
+            assert session is not None
+            (entry,) = session._requests.values()
+            nonces = entry.nonces
+            assert any(nonces._buf)
+            # round two never comes: the sweeper drops the request at its deadline
+            await trio.sleep(9.9)  # just before the deadline
+            assert session.in_flight == 1
+            assert any(nonces._buf)
+            await trio.sleep(0.6)  # the deadline, and the sweep (every 0.5 s) after it
+            assert session.in_flight == 0
+            assert not any(nonces._buf)
+            assert session.counts["expired"] == 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_one_slow_decision_among_many(autojump_clock: trio.abc.Clock) -> None:
+    accounts = [deal(f"acct-{i}", SUITES[i % 3]) for i in range(3)]
+    release = trio.Event()
+
+    async def person(request: m.SignRequest) -> bool:
+        if request.account_id == "acct-0":
+            await release.wait()
+        return True
+
+    async with (
+        setup(accounts, policy=CallbackPolicy(person)) as (hub, client),
+        trio.open_nursery() as nursery,
+    ):
+        if True:
+            nursery.start_soon(client.run)
+            await hub.wait_connected("ops-1")
+            slow: dict[str, Any] = {}
+
+            async def sign_slow() -> None:
+                slow["c"] = await hub.sign(
+                    "ops-1",
+                    account_id="acct-0",
+                    session_id="slow",
+                    ciphersuite=accounts[0].scheme.name,
+                    message=b"m",
+                    timeout_s=60,
+                )
+
+            nursery.start_soon(sign_slow)
+            start = trio.current_time()
+            for i in range(50):
+                account = accounts[1 + i % 2]
+                await hub.sign(
+                    "ops-1",
+                    account_id=account.account_id,
+                    session_id=f"s-{i}",
+                    ciphersuite=account.scheme.name,
+                    message=b"m",
+                    timeout_s=60,
+                )
+            assert trio.current_time() == start  # none of them waited for the slow one
+            assert "c" not in slow
+            release.set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert "c" in slow
+            nursery.cancel_scope.cancel()
