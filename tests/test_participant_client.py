@@ -164,8 +164,11 @@ async def test_a_decision_that_never_comes_is_declined_at_the_deadline(
         await never.wait()
         return True
 
-    async with setup([account], policy=CallbackPolicy(person)) as (hub, client):
-        async with trio.open_nursery() as nursery:
+    async with (
+        setup([account], policy=CallbackPolicy(person)) as (hub, client),
+        trio.open_nursery() as nursery,
+    ):
+        if True:
             nursery.start_soon(client.run)
             await hub.wait_connected("ops-1")
             start = trio.current_time()
@@ -184,7 +187,9 @@ async def test_a_decision_that_never_comes_is_declined_at_the_deadline(
             await trio.testing.wait_all_tasks_blocked()
             assert client.session is not None
             assert client.session.in_flight == 0
-            assert client.session.counts["declined"] == 1  # 'expired', sent at its deadline
+            # declined 'expired' at its deadline, by the decision's own timer or by the sweeper
+            counts = client.session.counts
+            assert counts["declined"] + counts["expired"] == 1
             nursery.cancel_scope.cancel()
 
 
