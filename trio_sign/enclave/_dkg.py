@@ -64,7 +64,7 @@ from proto_min import sign_service_pb2 as pb
 
 from .._errors import FrostError, InternalError
 from ..authz import CREATE_POLICY, DEFAULT_POLICY, ApprovalDenied, Authorizer
-from ..crypto import _dkg, _kdf, _sodium, _stream
+from ..crypto import _dkg, _kdf, _refresh, _sodium, _stream
 from ..crypto._group import Group, group_for
 from ..shares import AccountShare, ShareRecord
 from ._measured import ENCLAVE_KEY_ID, DkgSettings
@@ -78,6 +78,20 @@ audit_log.setLevel(logging.INFO)
 PARAMS_DOMAIN: Final = b"trio-sign/dkg-params/v1"
 ROUND1_DOMAIN: Final = b"trio-sign/dkg-round1/v1"
 SHARE_INFO: Final = b"trio-sign/dkg-share/v1"
+#: Repair (docs/refresh-repair.md): the approved parameters, the signed X25519 keys, and the
+#: HKDF labels of the deltas between helpers and of sigma to the repaired participant.
+REPAIR_PARAMS_DOMAIN: Final = b"trio-sign/repair-params/v1"
+REPAIR_KEY_DOMAIN: Final = b"trio-sign/repair-key/v1"
+REPAIR_DELTA_INFO: Final = b"trio-sign/repair-delta/v1"
+REPAIR_SIGMA_INFO: Final = b"trio-sign/repair-sigma/v1"
+#: What a DkgRound1 may do (``operation``; empty means create).
+CREATE: Final = "create"
+REFRESH: Final = "refresh"
+DKG_OPERATIONS: Final = (CREATE, REFRESH)
+#: The policies that authorize a refresh and a repair; like ``create``, no account's policy.
+REFRESH_POLICY: Final = "refresh"
+REPAIR_POLICY: Final = "repair"
+RESERVED_POLICIES: Final = frozenset({CREATE_POLICY, REFRESH_POLICY, REPAIR_POLICY})
 #: The suites a DKG may create (DESIGN §14).
 DKG_SUITES: Final = (
     "FROST-ED25519-SHA512-v1",
@@ -145,24 +159,37 @@ def _text(value: str, what: str) -> bytes:
     return encoded
 
 
+def _operation_tag(operation: str) -> list[bytes]:
+    """``0x00`` for ``create`` (the bytes of before refresh existed); ``0x01 ‖
+    u16be(len(operation)) ‖ operation`` for any other operation."""
+    if operation == CREATE:
+        return [b"\x00"]
+    op = _text(operation, "operation")
+    return [b"\x01", _u16(len(op)), op]
+
+
 def dkg_params(
     suite: str,
     min_signers: int,
     max_signers: int,
     policy: str,
     participants: Sequence[tuple[bytes, str]],
+    operation: str = CREATE,
 ) -> bytes:
     """The DKG parameters an approval covers (its ``message``)::
 
-        "trio-sign/dkg-params/v1" ‖ 0x00 ‖ u16be(len(suite)) ‖ suite ‖ u16be(min) ‖ u16be(max)
+        "trio-sign/dkg-params/v1" ‖ op ‖ u16be(len(suite)) ‖ suite ‖ u16be(min) ‖ u16be(max)
           ‖ u16be(len(policy)) ‖ policy ‖ u16be(n) ‖ n * (identifier(32) ‖ u16be(len(key_id))
           ‖ key_id)
 
-    ``participants`` are ``(identifier, key_id)`` pairs in the request's order.
+    where ``op`` is ``0x00`` for ``create`` and ``0x01 ‖ u16be(len(operation)) ‖ operation``
+    otherwise (``refresh``). ``participants`` are ``(identifier, key_id)`` pairs in the
+    request's order.
     """
     s = _text(suite, "ciphersuite")
     p = _text(policy, "policy")
-    parts = [PARAMS_DOMAIN, b"\x00", _u16(len(s)), s, _u16(min_signers), _u16(max_signers)]
+    parts = [PARAMS_DOMAIN, *_operation_tag(operation), _u16(len(s)), s]
+    parts += [_u16(min_signers), _u16(max_signers)]
     parts += [_u16(len(p)), p, _u16(len(participants))]
     for identifier, key_id in participants:
         if len(identifier) != IDENTIFIER_BYTES:
@@ -180,12 +207,15 @@ def round1_payload(
     commitment: Sequence[bytes],
     proof_of_knowledge: bytes,
     encryption_key: bytes,
+    operation: str = CREATE,
 ) -> bytes:
     """What a participant's long-term key signs in its round-1 package::
 
-    "trio-sign/dkg-round1/v1" ‖ 0x00 ‖ u16be(len(dkg_id)) ‖ dkg_id ‖ u16be(len(account_id))
+    "trio-sign/dkg-round1/v1" ‖ op ‖ u16be(len(dkg_id)) ‖ dkg_id ‖ u16be(len(account_id))
       ‖ account_id ‖ SHA-256(DKG parameters) ‖ identifier(32) ‖ u16be(t) ‖ t * element
       ‖ u16be(len(pok)) ‖ pok ‖ encryption_key(32)
+
+    ``op`` as in :func:`dkg_params`; for a refresh ``t`` is ``min_signers - 1``.
     """
     d = _text(dkg_id, "dkg_id")
     a = _text(account_id, "account_id")
@@ -193,7 +223,8 @@ def round1_payload(
         raise ValueError("the parameters' digest and the identifier are 32 bytes")
     if len(encryption_key) != X25519_BYTES:
         raise ValueError("an encryption key is 32 bytes")
-    parts = [ROUND1_DOMAIN, b"\x00", _u16(len(d)), d, _u16(len(a)), a, bytes(params_sha256)]
+    parts = [ROUND1_DOMAIN, *_operation_tag(operation), _u16(len(d)), d, _u16(len(a)), a]
+    parts.append(bytes(params_sha256))
     parts += [bytes(identifier), _u16(len(commitment)), *(bytes(e) for e in commitment)]
     parts += [_u16(len(proof_of_knowledge)), bytes(proof_of_knowledge), bytes(encryption_key)]
     return b"".join(parts)
@@ -214,15 +245,18 @@ def share_key_into(
     sender_public: bytes,
     recipient_public: bytes,
     peer_public: bytes,
+    label: bytes = SHARE_INFO,
 ) -> None:
     """The key of the share from ``sender`` to ``recipient``, either side's::
 
         shared = X25519(own secret, peer public)            (all-zero output refused)
         key    = HKDF-SHA256(ikm = shared, salt = SHA-256(dkg_id),
-                             info = "trio-sign/dkg-share/v1" ‖ id_i ‖ id_j ‖ pk_i ‖ pk_j)
+                             info = label ‖ id_i ‖ id_j ‖ pk_i ‖ pk_j)
 
-    ``i`` is the sender and ``j`` the recipient. Error handling: ``FrostError`` for a
-    small-order ``peer_public`` (``out`` is then zeroed)."""
+    ``i`` is the sender and ``j`` the recipient; ``label`` is ``"trio-sign/dkg-share/v1"``
+    for DKG shares, :data:`REPAIR_DELTA_INFO` and :data:`REPAIR_SIGMA_INFO` for a repair
+    (whose id stands in for ``dkg_id``). Error handling: ``FrostError`` for a small-order
+    ``peer_public`` (``out`` is then zeroed)."""
     shared = bytearray(X25519_BYTES)
     try:
         _kdf.x25519_into(shared, own_secret, peer_public)
@@ -230,7 +264,7 @@ def share_key_into(
             out,
             shared,
             salt=hashlib.sha256(_text(dkg_id, "dkg_id")).digest(),
-            info=SHARE_INFO + bytes(sender) + bytes(recipient) + sender_public + recipient_public,
+            info=label + bytes(sender) + bytes(recipient) + sender_public + recipient_public,
         )
     finally:
         _sodium.memzero(shared)
@@ -396,6 +430,8 @@ class DkgSession:
         "keys",
         "max_signers",
         "min_signers",
+        "old_verifying_share",
+        "operation",
         "outcome",
         "package",
         "params_sha256",
@@ -429,8 +465,13 @@ class DkgSession:
         request_key: bytes,
         deadline: float,
         expires_at_unix_ms: int,
+        operation: str = CREATE,
+        old_verifying_share: bytes = b"",
     ) -> None:
         self.dkg_id = dkg_id
+        self.operation = operation
+        # A refresh: the account's verifying share at round 1 (round 3 refuses another).
+        self.old_verifying_share = old_verifying_share
         self.account_id = account_id
         self.group = group
         self.min_signers = min_signers
@@ -459,13 +500,24 @@ class DkgSession:
 
     def __repr__(self) -> str:
         return (
-            f"<DkgSession {self.dkg_id!r} {self.state.value} account={self.account_id!r} "
+            f"<DkgSession {self.dkg_id!r} {'refresh ' if self.refresh else ''}"
+            f"{self.state.value} account={self.account_id!r} "
             f"{self.group.name} {self.min_signers}-of-{self.max_signers}>"
         )
 
     @property
     def others(self) -> list[tuple[bytes, str]]:
         return [(i, k) for i, k in self.participants if i != self.identifier]
+
+    @property
+    def refresh(self) -> bool:
+        return self.operation == REFRESH
+
+    @property
+    def commitment_length(self) -> int:
+        """Elements in a round-1 package: ``min_signers``, one fewer for a refresh (ZF leaves
+        the identity out)."""
+        return self.min_signers - 1 if self.refresh else self.min_signers
 
     def zero(self) -> None:
         """Zero every secret this DKG holds (idempotent)."""
@@ -612,10 +664,22 @@ class DkgRegistry:
             )
         if len(request.approvals) > MAX_DKG_APPROVALS:
             raise _invalid(f"at most {MAX_DKG_APPROVALS} approvals")
-        policy = request.policy or DEFAULT_POLICY
-        self._check_policy(policy)
+        operation = request.operation or CREATE
+        if operation not in DKG_OPERATIONS:
+            raise _invalid(
+                f"operation {operation[:64]!r} is not one of {', '.join(DKG_OPERATIONS)} "
+                "(empty means create)"
+            )
+        old_verifying_share = b""
+        if operation == REFRESH:
+            account = self._refreshable(request)
+            policy = account.policy
+            old_verifying_share = account.verifying_share
+        else:
+            policy = request.policy or DEFAULT_POLICY
+            self._check_policy(policy)
         participants = self._participants(group, request)
-        params = dkg_params(group.name, t, n, policy, participants)
+        params = dkg_params(group.name, t, n, policy, participants, operation)
         request_key = _digest(
             request.dkg_id.encode(), request.account_id.encode(), bytes(request.identifier), params
         )
@@ -633,12 +697,61 @@ class DkgRegistry:
         if created is not None:
             raise _refuse(
                 PoolErrorKind.ALREADY_EXISTS,
-                f"dkg_id {request.dkg_id!r} already created account {created.account_id!r}",
+                f"dkg_id {request.dkg_id!r} already created account {created.account_id!r} "
+                "(or stored its refresh)",
             )
-        self._check_new_account(request.account_id)
+        if operation == REFRESH:
+            self._check_not_busy(request.account_id)
+        else:
+            self._check_new_account(request.account_id)
         self._check_capacity()
-        self._authorize(request, params)
-        return self._open(request, group, policy, participants, params, request_key)
+        self._authorize(request, params, REFRESH_POLICY if operation == REFRESH else CREATE_POLICY)
+        return self._open(
+            request,
+            group,
+            policy,
+            participants,
+            params,
+            request_key,
+            operation=operation,
+            old_verifying_share=old_verifying_share,
+        )
+
+    def _refreshable(self, request: pb.DkgRound1Request) -> AccountShare:
+        """A refresh's account: it exists and keeps its suite, thresholds, identifier (this
+        enclave's) and policy; INVALID_ARGUMENT naming what differs."""
+        account = self._lookup(request.account_id)
+        if account is None:
+            raise _refuse(PoolErrorKind.NOT_FOUND, f"account {request.account_id!r} does not exist")
+        differs = []
+        if account.ciphersuite != request.ciphersuite:
+            differs.append(f"ciphersuite (the account's is {account.ciphersuite})")
+        if (account.min_signers, account.max_signers) != (
+            request.min_signers,
+            request.max_signers,
+        ):
+            differs.append(
+                f"min_signers/max_signers (the account's are {account.min_signers}/"
+                f"{account.max_signers})"
+            )
+        if bytes(account.identifier) != bytes(request.identifier):
+            differs.append("identifier (not the account's share of this enclave)")
+        if request.policy and request.policy != account.policy:
+            differs.append(f"policy (the account's is {account.policy!r}; leave it empty)")
+        if differs:
+            raise _invalid(
+                f"refresh of account {request.account_id!r}: {'; '.join(differs)} must match "
+                "the account"
+            )
+        return account
+
+    def _check_not_busy(self, account_id: str) -> None:
+        for other in self.sessions.values():
+            if other.account_id == account_id and other.state in _HOLDING:
+                raise _refuse(
+                    PoolErrorKind.ALREADY_EXISTS,
+                    f"account {account_id!r} is in DKG {other.dkg_id!r} ({other.operation})",
+                )
 
     def _participants(self, group: Group, request: pb.DkgRound1Request) -> list[tuple[bytes, str]]:
         """The participant list, checked: identifiers valid and ascending, key ids pinned (the
@@ -691,10 +804,10 @@ class DkgRegistry:
 
     def _check_policy(self, policy: str) -> None:
         known = self._authorizer.policies
-        if policy == CREATE_POLICY or policy not in known.policies:
+        if policy in RESERVED_POLICIES or policy not in known.policies:
             raise _invalid(
                 f"policy {policy[:64]!r} is not a signing policy of this enclave "
-                f"(known: {', '.join(sorted(set(known.policies) - {CREATE_POLICY}))})"
+                f"(known: {', '.join(sorted(set(known.policies) - RESERVED_POLICIES))})"
             )
 
     def _check_new_account(self, account_id: str) -> None:
@@ -718,21 +831,32 @@ class DkgRegistry:
                 f"{self.settings.max_open} DKGs are open ([dkg] max_open); retry later",
             )
 
-    def _authorize(self, request: pb.DkgRound1Request, params: bytes) -> None:
+    def _authorize(self, request: pb.DkgRound1Request, params: bytes, policy: str) -> None:
+        self._decide(request.account_id, request.dkg_id, params, request.approvals, policy)
+
+    def _decide(
+        self,
+        account_id: str,
+        session_id: str,
+        params: bytes,
+        approvals: Sequence[pb.Approval],
+        policy: str,
+    ) -> None:
         decision = self._authorizer.decide(
-            account_id=request.account_id,
-            policy=CREATE_POLICY,
-            session_id=request.dkg_id,
+            account_id=account_id,
+            policy=policy,
+            session_id=session_id,
             message=params,
-            approvals=request.approvals,
+            approvals=approvals,
             now=trio.current_time(),
         )
         audit_log.info(
-            "dkg authorization",
+            f"{policy} authorization",
             extra={
                 "audit": "dkg",
-                "account_id": request.account_id,
-                "dkg_id": request.dkg_id,
+                "operation": policy,
+                "account_id": account_id,
+                "dkg_id": session_id,
                 "params_sha256": decision.message_sha256,
                 "approvers": ",".join(decision.approvers),
                 "policy": decision.policy,
@@ -751,6 +875,9 @@ class DkgRegistry:
         participants: list[tuple[bytes, str]],
         params: bytes,
         request_key: bytes,
+        *,
+        operation: str,
+        old_verifying_share: bytes,
     ) -> pb.DkgRound1Response:
         ttl = self.settings.ttl_s
         session = DkgSession(
@@ -766,6 +893,8 @@ class DkgRegistry:
             request_key=request_key,
             deadline=trio.current_time() + ttl,
             expires_at_unix_ms=int((time.time() + ttl) * 1000),
+            operation=operation,
+            old_verifying_share=old_verifying_share,
         )
         token = object()
         refused = self._slots.take(token)
@@ -773,7 +902,8 @@ class DkgRegistry:
             raise _refuse(PoolErrorKind.RESOURCE_EXHAUSTED, refused)
         session.token = token
         try:
-            secret, package = _dkg.part1(
+            part1 = _refresh.refresh_part1 if session.refresh else _dkg.part1
+            secret, package = part1(
                 session.identifier, session.max_signers, session.min_signers, suite=group.name
             )
             session.r1_secret = secret
@@ -786,6 +916,7 @@ class DkgRegistry:
                 package.commitment,
                 package.proof_of_knowledge,
                 session.x25519_public,
+                session.operation,
             )
             session.package = pb.DkgRound1Package(
                 identifier=session.identifier,
@@ -807,6 +938,7 @@ class DkgRegistry:
             "DKG opened",
             extra={
                 "dkg_id": session.dkg_id,
+                "operation": session.operation,
                 "account_id": session.account_id,
                 "ciphersuite": group.name,
                 "min_signers": session.min_signers,
@@ -859,8 +991,9 @@ class DkgRegistry:
                     ) from None
             assert session.r1_secret is not None
             r1 = {ident: package for ident, (package, _pk) in received.items()}
+            part2 = _refresh.refresh_part2 if session.refresh else _dkg.part2
             try:
-                r2_secret, shares = _dkg.part2(session.r1_secret, r1)
+                r2_secret, shares = part2(session.r1_secret, r1)
             except _dkg.DkgError as exc:
                 raise self._fail(session, _invalid(_culprit_message(group, exc))) from None
             response = pb.DkgRound2Response(
@@ -924,14 +1057,14 @@ class DkgRegistry:
             if ident in out:
                 raise _invalid(f"participant {who}: two round-1 packages")
             if (
-                len(p.commitment) != session.min_signers
+                len(p.commitment) != session.commitment_length
                 or any(len(e) != group.element_size for e in p.commitment)
                 or len(p.proof_of_knowledge) != pok_bytes
                 or len(p.encryption_key) != X25519_BYTES
                 or len(p.signature) != SIGNATURE_BYTES
             ):
                 raise _invalid(
-                    f"participant {who}: round-1 package must have {session.min_signers} "
+                    f"participant {who}: round-1 package must have {session.commitment_length} "
                     f"commitment elements of {group.element_size} bytes, a {pok_bytes}-byte "
                     f"proof, a {X25519_BYTES}-byte encryption_key and a {SIGNATURE_BYTES}-byte "
                     "signature"
@@ -949,6 +1082,7 @@ class DkgRegistry:
                 list(p.commitment),
                 p.proof_of_knowledge,
                 p.encryption_key,
+                session.operation,
             )
             if not verify_ed25519(self.settings.participants[p.key_id], payload, p.signature):
                 raise _invalid(
@@ -983,16 +1117,23 @@ class DkgRegistry:
             )
         received = self._decrypt(session, request.shares)
         try:
-            if self._lookup(session.account_id) is not None:
-                raise self._fail(
-                    session,
-                    _refuse(PoolErrorKind.ALREADY_EXISTS, f"account {session.account_id!r} exists"),
-                )
-            assert session.r2_secret is not None
-            try:
-                key, public = _dkg.part3(session.r2_secret, session.r1_packages, received)
-            except _dkg.DkgError as exc:
-                raise self._fail(session, _invalid(_culprit_message(session.group, exc))) from None
+            if session.refresh:
+                key, public = self._refreshed(session, received)
+            else:
+                if self._lookup(session.account_id) is not None:
+                    raise self._fail(
+                        session,
+                        _refuse(
+                            PoolErrorKind.ALREADY_EXISTS, f"account {session.account_id!r} exists"
+                        ),
+                    )
+                assert session.r2_secret is not None
+                try:
+                    key, public = _dkg.part3(session.r2_secret, session.r1_packages, received)
+                except _dkg.DkgError as exc:
+                    raise self._fail(
+                        session, _invalid(_culprit_message(session.group, exc))
+                    ) from None
         finally:
             for package in received.values():
                 package.zero()
@@ -1003,6 +1144,46 @@ class DkgRegistry:
             raise self._fail(session, _refuse(PoolErrorKind.UNAVAILABLE, "not running"))
         self._nursery.start_soon(self._store, session, key, public)
         return await self._outcome(session)
+
+    def _refreshed(
+        self, session: DkgSession, received: dict[bytes, _dkg.Round2Package]
+    ) -> tuple[_dkg.KeyPackage, _dkg.PublicKeyPackage | None]:
+        """A refresh's round 3: the account's current share plus the zero-secret shares. The
+        account must be as it was at round 1 and the group key come out unchanged."""
+        account = self._lookup(session.account_id)
+        if account is None or account.verifying_share != session.old_verifying_share:
+            raise self._fail(
+                session,
+                _refuse(
+                    PoolErrorKind.FAILED_PRECONDITION,
+                    f"account {session.account_id!r} changed since round 1 (another refresh or "
+                    "repair delta loaded); start a new refresh",
+                ),
+            )
+        assert session.r2_secret is not None
+        try:
+            key, public = _refresh.refresh_part3(
+                session.r2_secret,
+                session.r1_packages,
+                received,
+                signing_share=account.signing_share,
+                verifying_share=account.verifying_share,
+                group_public_key=account.group_public_key,
+            )
+        except _dkg.DkgError as exc:
+            raise self._fail(session, _invalid(_culprit_message(session.group, exc))) from None
+        if key.verifying_key != account.group_public_key or key.verifying_share == (
+            account.verifying_share
+        ):
+            key.zero()
+            raise self._fail(
+                session,
+                _refuse(
+                    PoolErrorKind.FAILED_PRECONDITION,
+                    "the refresh would change the group key or keep the share; nothing stored",
+                ),
+            )
+        return key, public
 
     def _decrypt(
         self, session: DkgSession, shares: Sequence[pb.DkgEncryptedShare]
@@ -1072,9 +1253,11 @@ class DkgRegistry:
         return opened
 
     async def _store(
-        self, session: DkgSession, key: _dkg.KeyPackage, public: _dkg.PublicKeyPackage
+        self, session: DkgSession, key: _dkg.KeyPackage, public: _dkg.PublicKeyPackage | None
     ) -> None:
-        """Seal and store the account's delta; the session ends done or failed."""
+        """Seal and store the account's delta (``create`` or ``refresh``); the session ends
+        done or failed. A refresh's old share is replaced (and zeroed) by the writer, once the
+        delta is durable; until then, and whatever fails, the old share signs as before."""
         record = ShareRecord(
             session.account_id,
             key.identifier,
@@ -1087,7 +1270,7 @@ class DkgRegistry:
             ciphersuite=session.group.name,
         )
         try:
-            sequence, head = await self._writer.store([record], "create", session.dkg_id)
+            sequence, head = await self._writer.store([record], session.operation, session.dkg_id)
         except Exception as exc:  # the writer's: nothing was stored
             log.warning(
                 "DKG delta not stored",
@@ -1096,7 +1279,7 @@ class DkgRegistry:
             session.outcome = _refuse(
                 PoolErrorKind.UNAVAILABLE,
                 f"the delta could not be stored ({type(exc).__name__}: {str(exc)[:200]}); "
-                "nothing was created",
+                + ("the account keeps its old share" if session.refresh else "nothing was created"),
             )
             self._end(session, DkgState.FAILED)
             return
@@ -1114,10 +1297,12 @@ class DkgRegistry:
         session.answer = pb.DkgRound3Response(
             account_id=session.account_id,
             ciphersuite=session.group.name,
-            group_public_key=public.verifying_key,
+            group_public_key=key.verifying_key,
             identifier=key.identifier,
             verifying_share=key.verifying_share,
-            verifying_shares=[
+            verifying_shares=[]
+            if public is None
+            else [
                 pb.DkgVerifyingShare(identifier=ident, verifying_share=share)
                 for ident, share in sorted(
                     public.verifying_shares.items(),
@@ -1135,7 +1320,7 @@ class DkgRegistry:
             session.token = None
         self._forget_oldest_done()
         log.info(
-            "DKG created account",
+            "DKG refreshed account" if session.refresh else "DKG created account",
             extra={
                 "dkg_id": session.dkg_id,
                 "account_id": session.account_id,
