@@ -273,6 +273,17 @@ class Coordinator:
         """Accounts whose enclave verifying share is cached (at most ``account_cache_size``)."""
         return len(self._accounts)
 
+    def add_counterparts(self, stores: Iterable[ShareStore]) -> None:
+        """Sign with ``stores`` too from now on (the coordinator does not own them). A store
+        may keep growing while the gateway runs (accounts created by DKG, ``DkgShares``):
+        every signature looks its account up afresh."""
+        self.counterparts.extend(stores)
+
+    def learned(self, account_id: str) -> None:
+        """New counterpart shares for ``account_id`` (a DKG created it): drop any cached
+        enclave view of it, so the next signature reads ``GetAccount`` afresh."""
+        self._accounts.pop(account_id, None)
+
     async def sign_message(
         self,
         account_id: str,

@@ -19,6 +19,15 @@ it)::
     pcrs = "enclave.pcrs.json"  # or { PCR0 = "...", PCR1 = "...", PCR2 = "..." }
     [shares]                    # the counterpart participants' plaintext share files
     participant_files = ["shares/participant-2_key_shares.json"]
+    [participants.p2]           # a DKG participant whose key this gateway holds (issue 16):
+    key_id = "p2"               # the id enclave.toml [dkg] participants pins its key under
+    key_file = "participants/p2.key"   # Ed25519, the approver key format, 0600
+    # [participants.ops-phone]  # a remote participant (WebSocket, gateway/_participants.py)
+    # key_id = "ops-phone"
+    # public_key = "<64 hex>"
+    [dkg]                       # account creation: POST /v1/accounts (docs/gateway.md)
+    journal = "dkg-journal.jsonl"      # the local participants' new shares (0600, fsynced)
+    # enclave_identity_key = "<64 hex>"  # [bundles] delta_identity_key: checks round-1 packages
     [approvers]                 # approver keys this gateway holds (DESIGN §11), files 0600
     keys = { ops-1 = "approvers/ops-1.key", ops-2 = "approvers/ops-2.key" }
     lifetime_s = 60             # each approval expires this long after it is made
@@ -39,8 +48,10 @@ Tree::
     ├── serve_gateway_events   (probe / abort / freeze / unfreeze / drain / undrain, per node)
     ├── EnclaveNode.run        (one per node: a kept-open gRPC channel, attested by default)
     ├── run_prober             (Ping + the SSE probe echo; eviction and re-admission)
+    ├── DkgDriver.recover      (with [participants] key files: pending DKGs of the journal)
     └── the sign API           POST /v1/sign (optional session_id, approvals and
-                               taproot_merkle_root), GET /v1/nodes,
+                               taproot_merkle_root), POST /v1/accounts (create by DKG),
+                               GET /v1/nodes,
                                POST /v1/nodes/{id}/{freeze,unfreeze,drain,undrain},
                                GET /healthz, GET /metrics
 
@@ -74,7 +85,7 @@ import trio
 from cryptography import x509
 
 from .. import __version__
-from .._errors import TrioSignError
+from .._errors import ShareFileError, TrioSignError
 from .._metrics import Registry
 from ..attested import ChannelPolicy, make_attested_client_context
 from ..authz._keys import KEY_ID_PATTERN
@@ -94,6 +105,15 @@ from ._coordinator import (
     GatewayError,
     load_participant_files,
 )
+from ._dkg import (
+    DEFAULT_JOURNAL,
+    DkgDriver,
+    DkgFailed,
+    DkgSettings,
+    DkgShares,
+    LocalParticipant,
+    load_local_participants,
+)
 from ._events import (
     BEARER_TOKEN_RULE,
     EventHub,
@@ -103,6 +123,7 @@ from ._events import (
     valid_node_id,
 )
 from ._node import EnclaveNode, NodeSettings
+from ._participants import ParticipantConfigError, ParticipantKey, parse_participants_table
 from ._prober import run_prober
 
 log = logging.getLogger("trio_sign.gateway")
@@ -127,7 +148,13 @@ _KEYS: Final[dict[str, frozenset[str]]] = {
         {"id", "address", "events_token", "shares_sha256", "config_sha256", "root", "pcrs"}
     ),
     "dev": frozenset({"skip_attestation"}),
+    "dkg": frozenset({"journal", "enclave_identity_key", "max_concurrent", "round_timeout_s"}),
+    # per participant, in its own [participants.<id>] table (see _participants)
+    "participants": frozenset({"key_id", "key_file", "public_key"}),
 }
+#: Keys of a ``[participants.<id>]`` whose key this gateway holds (the others are the
+#: participant endpoint's: ``key_id`` and ``public_key``, :func:`parse_participants_table`).
+_LOCAL_PARTICIPANT_KEYS: Final = _KEYS["participants"]
 #: ``[tls] mode`` values: TLS that ends in the enclave and is checked by its attestation, the
 #: only one. (``"ingress"``, TLS ending at the parent, was removed when the parent's ingress
 #: became a byte pipe to the enclave: no parent terminates TLS any more.)
@@ -146,6 +173,17 @@ _HTTP_STATUS = {
     "not_authorized": 403,
     "ciphersuite_mismatch": 500,
     "bad_merkle_root": 400,
+}
+#: DkgFailed.reason -> HTTP status of ``POST /v1/accounts``.
+_DKG_HTTP_STATUS = {
+    "bad_request": 400,
+    "not_authorized": 403,
+    "account_exists": 409,
+    "no_healthy_node": 503,
+    "enclave_refused": 502,
+    "bad_package": 502,
+    "key_mismatch": 502,
+    "not_created": 502,
 }
 #: The longest session id a caller may name (the enclave's own limit).
 MAX_SESSION_ID_BYTES: Final = 128
@@ -197,6 +235,16 @@ class GatewayConfig:
     approver_keys: Mapping[str, Path] = field(default_factory=dict)  # key id -> key file
     approval_lifetime_s: float = DEFAULT_APPROVAL_LIFETIME_S
     approval_accounts: tuple[str, ...] = ("*",)
+    #: ``[participants.<id>]`` with ``key_file``: participant id -> (key id, key file).
+    local_participants: Mapping[str, tuple[str, Path]] = field(default_factory=dict)
+    #: their ``public_key``, where given (checked against the file at start).
+    local_participant_public_keys: Mapping[str, bytes] = field(default_factory=dict)
+    #: the other ``[participants.<id>]``: remote participants (WebSocket, DESIGN §15).
+    remote_participants: Mapping[str, ParticipantKey] = field(default_factory=dict)
+    dkg_journal: Path = Path(DEFAULT_JOURNAL)
+    dkg_enclave_identity_key: bytes | None = None
+    dkg_max_concurrent: int = 8
+    dkg_round_timeout_s: float = 30.0
 
     @property
     def attested(self) -> bool:
@@ -332,9 +380,18 @@ def parse_gateway_config(text: str, *, base: Path = Path(".")) -> GatewayConfig:
     dev = _table(data, "dev") or {}
     shares = _table(data, "shares") or {}
     prober = _table(data, "prober") or {}
-    files = shares.get("participant_files")
-    if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
-        raise GatewayConfigError("[shares] participant_files must be a non-empty list of paths")
+    local, local_keys, remote = _participants(data.get("participants"), base)
+    dkg = _table(data, "dkg") or {}
+    files = shares.get("participant_files", [] if local else None)
+    if (
+        not isinstance(files, list)
+        or not (files or local)
+        or not all(isinstance(f, str) for f in files)
+    ):
+        raise GatewayConfigError(
+            "[shares] participant_files must be a non-empty list of paths (it may be empty "
+            "when [participants] give this gateway DKG keys)"
+        )
     raw_nodes = data.get("node")
     if not isinstance(raw_nodes, list) or not raw_nodes:
         raise GatewayConfigError("at least one [[node]] (id, address) is required")
@@ -419,7 +476,76 @@ def parse_gateway_config(text: str, *, base: Path = Path(".")) -> GatewayConfig:
         approver_keys=approver_keys,
         approval_lifetime_s=lifetime_s,
         approval_accounts=approve_accounts,
+        local_participants=local,
+        local_participant_public_keys=local_keys,
+        remote_participants=remote,
+        dkg_journal=base / _str(dkg, "dkg", "journal", DEFAULT_JOURNAL),
+        dkg_enclave_identity_key=_hex_key(dkg, "[dkg] enclave_identity_key"),
+        dkg_max_concurrent=int(_num(dkg, "dkg", "max_concurrent", 8)),
+        dkg_round_timeout_s=_num(dkg, "dkg", "round_timeout_s", 30.0),
     )
+
+
+def _hex_key(
+    table: Mapping[str, Any], where: str, key: str = "enclave_identity_key"
+) -> bytes | None:
+    value = table.get(key)
+    if value is None:
+        return None
+    try:
+        raw = bytes.fromhex(value) if isinstance(value, str) else b""
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise GatewayConfigError(f"{where} must be 64 hex digits (an Ed25519 public key)")
+    return raw
+
+
+def _participants(
+    table: object, base: Path
+) -> tuple[dict[str, tuple[str, Path]], dict[str, bytes], dict[str, ParticipantKey]]:
+    """``[participants]``: one table shared with the participant endpoint. An entry with
+    ``key_file`` is a DKG participant whose key this gateway holds (``key_id``, ``key_file``,
+    optionally ``public_key`` to check the file against); any other entry is a remote
+    participant, parsed by :func:`parse_participants_table` (``key_id``, ``public_key``).
+    Returns ``(local: id -> (key_id, file), local public keys, remote)``."""
+    if table is None:
+        return {}, {}, {}
+    if not isinstance(table, dict):
+        raise GatewayConfigError("[participants] must be a table of participant tables")
+    local: dict[str, tuple[str, Path]] = {}
+    local_keys: dict[str, bytes] = {}
+    others: dict[str, Any] = {}
+    for pid, entry in table.items():
+        if not (isinstance(entry, dict) and "key_file" in entry):
+            others[pid] = entry
+            continue
+        where = f"[participants.{pid}]"
+        if not KEY_ID_PATTERN.fullmatch(pid):
+            raise GatewayConfigError(f"{where}: a participant id is 1-64 of A-Z a-z 0-9 . _ : @ -")
+        _unknown_keys(entry, where, _LOCAL_PARTICIPANT_KEYS)
+        key_id = entry.get("key_id")
+        if (
+            not isinstance(key_id, str)
+            or not KEY_ID_PATTERN.fullmatch(key_id)
+            or key_id == "enclave"
+        ):
+            raise GatewayConfigError(
+                f"{where} key_id must be the key id enclave.toml [dkg] participants pins "
+                "(not 'enclave')"
+            )
+        key_file = _str(entry, f"participants.{pid}", "key_file")
+        local[pid] = (key_id, base / key_file)
+        pk = _hex_key(entry, f"{where} public_key", "public_key")
+        if pk is not None:
+            local_keys[pid] = pk
+    if len({k for k, _ in local.values()}) != len(local):
+        raise GatewayConfigError("[participants] two entries name the same key_id")
+    try:
+        remote = parse_participants_table(others) if others else {}
+    except ParticipantConfigError as exc:
+        raise GatewayConfigError(str(exc)) from None
+    return local, local_keys, remote
 
 
 def _approvers(
@@ -490,6 +616,7 @@ class GatewayHandle:
     coordinator: Coordinator
     api_token: str = field(default="", repr=False)  # a secret: never in reprs
     api_token_file: Path | None = None  # where it was read from or generated into
+    dkg: DkgDriver | None = None  # with [participants] key files: POST /v1/accounts
 
 
 def _one_header(scope: Mapping[str, Any], name: bytes) -> str | None:
@@ -527,10 +654,12 @@ class GatewayApi:
         *,
         api_token: str,
         allowed_hosts: tuple[str, ...] = (),
+        dkg: DkgDriver | None = None,
     ) -> None:
         if not valid_bearer_token(api_token):
             raise ValueError(f"api_token must be {BEARER_TOKEN_RULE}")
         self._coordinator = coordinator
+        self._dkg = dkg
         self._nodes = {n.node_id: n for n in nodes}
         self._hub = hub
         self._token = api_token.encode("ascii")
@@ -551,6 +680,17 @@ class GatewayApi:
             "trio_sign_gateway_sign_duration_seconds",
             "Time to coordinate one signature (both rounds, aggregation, verification), "
             "in seconds.",
+        )
+        self._account_requests = m.counter(
+            "trio_sign_gateway_account_requests_total",
+            "POST /v1/accounts requests answered, by outcome: created, bad_request, or the "
+            "DKG failure reason (not_authorized, account_exists, ...).",
+            ("outcome",),
+        )
+        self._dkg_latency = m.histogram(
+            "trio_sign_gateway_dkg_duration_seconds",
+            "Time to create one account by DKG (three rounds, the enclave's durable store, the "
+            "journal's fsyncs), in seconds.",
         )
         known = m.gauge("trio_sign_gateway_nodes_known", "Enclave nodes configured.")
         healthy = m.gauge(
@@ -713,6 +853,8 @@ class GatewayApi:
             return 400, {"error": "the body must be a JSON object"}
         if path == "/v1/sign":
             return await self._sign(body)
+        if path == "/v1/accounts":
+            return await self._create_account(body)
         parts = path.strip("/").split("/")
         if len(parts) == 4 and parts[:2] == ["v1", "nodes"] and parts[2] in self._nodes:
             node_id, action = parts[2], parts[3]
@@ -804,6 +946,83 @@ class GatewayApi:
         if merkle_root is not None:
             answer["taproot_merkle_root"] = merkle_root.hex()
         return 200, answer
+
+    async def _create_account(self, body: dict[str, Any]) -> tuple[int, Any]:
+        status, answer = await self._create_checked(body)
+        outcome = "created" if status == 201 else answer.get("reason", "bad_request")
+        self._account_requests.labels(outcome=outcome).inc()
+        return status, answer
+
+    async def _create_checked(self, body: dict[str, Any]) -> tuple[int, Any]:
+        if self._dkg is None:
+            return 501, {
+                "error": "this gateway creates no accounts: give it DKG participant keys "
+                "([participants.<id>] key_file)",
+                "reason": "not_configured",
+            }
+        account_id, suite = body.get("account_id"), body.get("ciphersuite")
+        if not isinstance(account_id, str) or not account_id or not isinstance(suite, str):
+            return 400, {
+                "error": 'need {"account_id": str, "ciphersuite": str} (and optionally '
+                "min_signers, max_signers, policy, dkg_id, approvals)",
+                "reason": "bad_request",
+            }
+        counts: dict[str, int | None] = {}
+        for name in ("min_signers", "max_signers"):
+            value = body.get(name)
+            if value is not None and (type(value) is not int or not 0 < value < 2**16):
+                return 400, {
+                    "error": f"{name} must be a small positive integer",
+                    "reason": "bad_request",
+                }
+            counts[name] = value
+        policy = body.get("policy", "default")
+        if not isinstance(policy, str) or not policy:
+            return 400, {"error": "policy must be a policy name", "reason": "bad_request"}
+        dkg_id = body.get("dkg_id")
+        if dkg_id is not None and (
+            not isinstance(dkg_id, str)
+            or not dkg_id
+            or not dkg_id.isprintable()
+            or len(dkg_id.encode()) > MAX_SESSION_ID_BYTES
+        ):
+            return 400, {
+                "error": f"dkg_id must be 1..{MAX_SESSION_ID_BYTES} bytes of printable text",
+                "reason": "bad_request",
+            }
+        raw = body.get("approvals", [])
+        if not isinstance(raw, list) or len(raw) > MAX_APPROVALS:
+            return 400, {"error": f"approvals must be a list of at most {MAX_APPROVALS}"}
+        try:
+            approvals = [
+                Approval.from_json(a, account_id=account_id, session_id=dkg_id) for a in raw
+            ]
+        except ValueError as exc:
+            return 400, {"error": str(exc), "reason": "bad_request"}
+        if approvals and dkg_id is None:
+            return 400, {
+                "error": "approvals name their DKG: give the dkg_id they approve",
+                "reason": "bad_request",
+            }
+        started = trio.current_time()
+        try:
+            created = await self._dkg.create_account(
+                account_id,
+                suite,
+                min_signers=counts["min_signers"],
+                max_signers=counts["max_signers"],
+                policy=policy,
+                approvals=approvals,
+                dkg_id=dkg_id,
+            )
+        except DkgFailed as exc:
+            answer: dict[str, Any] = {"error": str(exc), "reason": exc.reason}
+            if exc.dkg_id is not None:
+                answer["dkg_id"] = exc.dkg_id
+            return _DKG_HTTP_STATUS.get(exc.reason, 500), answer
+        finally:
+            self._dkg_latency.observe(max(0.0, trio.current_time() - started))
+        return 201, created.to_json()
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -939,15 +1158,74 @@ async def serve_gateway(
             config.approval_lifetime_s,
             extra={"approvers": ",".join(approver.key_ids)},
         )
+    participants: list[LocalParticipant] = []
+    shares: DkgShares | None = None
     try:
         counterparts = await trio.to_thread.run_sync(
             load_participant_files, list(config.participant_files)
         )
         coordinator = Coordinator(nodes, counterparts, approver=approver)
-        await _serve(config, hub, nodes, coordinator, api_token, token_file, task_status)
+        driver = None
+        if config.local_participants:
+            participants = await trio.to_thread.run_sync(_load_participants, config)
+            shares = DkgShares(config.dkg_journal, [p.participant_id for p in participants])
+            await trio.to_thread.run_sync(_open_journal, shares)
+            coordinator.add_counterparts(shares.stores.values())
+            driver = DkgDriver(
+                nodes,
+                participants,
+                shares,
+                approver=approver,
+                enclave_identity_key=config.dkg_enclave_identity_key,
+                settings=DkgSettings(
+                    round_timeout_s=config.dkg_round_timeout_s,
+                    max_concurrent=config.dkg_max_concurrent,
+                ),
+                on_created=coordinator.learned,
+            )
+            log.info(
+                "gateway: creating accounts by DKG with %s (journal %s: %d accounts, %d pending)",
+                ", ".join(p.participant_id for p in participants),
+                config.dkg_journal,
+                shares.created,
+                len(shares.pending),
+                extra={"journal": str(config.dkg_journal)},
+            )
+        await _serve(config, hub, nodes, coordinator, api_token, token_file, task_status, driver)
     finally:
+        for p in participants:
+            p.close()
+        if shares is not None:
+            shares.close()
         if approver is not None:
             approver.close()
+
+
+def _load_participants(config: GatewayConfig) -> list[LocalParticipant]:
+    try:
+        participants = load_local_participants(config.local_participants)
+    except (ApproverKeyFileError, ValueError) as exc:
+        raise GatewayConfigError(f"[participants] key_file: {exc}") from None
+    for p in participants:
+        expected = config.local_participant_public_keys.get(p.participant_id)
+        if expected is not None and expected != p.public_key:
+            for q in participants:
+                q.close()
+            raise GatewayConfigError(
+                f"[participants.{p.participant_id}] public_key is not the key in its key_file"
+            )
+    return participants
+
+
+def _open_journal(shares: DkgShares) -> None:
+    try:
+        shares.open()
+    except OSError as exc:
+        raise GatewayConfigError(
+            f"[dkg] journal: cannot open {shares.journal}: {exc.strerror}"
+        ) from None
+    except ShareFileError as exc:
+        raise GatewayConfigError(f"[dkg] journal: {exc}") from None
 
 
 def _load_approver(
@@ -967,6 +1245,7 @@ async def _serve(
     api_token: str,
     token_file: Path | None,
     task_status: trio.TaskStatus[GatewayHandle],
+    driver: DkgDriver | None = None,
 ) -> None:
     async with trio.open_nursery() as nursery:
         events = await nursery.start(
@@ -996,12 +1275,18 @@ async def _serve(
             hub,
             api_token=api_token,
             allowed_hosts=config.api_allowed_hosts,
+            dkg=driver,
         )
         api = await nursery.start(functools.partial(serve_asgi, app, config.api_listen, logger=log))
         log.info(
             "gateway ready",
             extra={"api": ",".join(api), "events": ",".join(events), "nodes": len(nodes)},
         )
+        if driver is not None and driver.shares.pending:
+            # The crash rule (key-lifecycle §6) for DKGs a previous run left unanswered.
+            nursery.start_soon(driver.recover)
         task_status.started(
-            GatewayHandle(list(api), list(events), nodes, hub, coordinator, api_token, token_file)
+            GatewayHandle(
+                list(api), list(events), nodes, hub, coordinator, api_token, token_file, driver
+            )
         )
