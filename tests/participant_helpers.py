@@ -3,10 +3,16 @@ and the coordinator's part of a session (the test plays the enclave with local s
 
 from __future__ import annotations
 
+import functools
+import ssl
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+import anyio
+import trio
 
 from trio_sign.crypto import SCHEMES, Scheme, scheme_by_name
 from trio_sign.gateway._approvals import ApproverSigningKey
@@ -170,3 +176,73 @@ def entries_of(commitments: Sequence[Any]) -> list[m.CommitmentEntry]:
         m.CommitmentEntry(bytes(x.identifier), bytes(x.hiding), bytes(x.binding))
         for x in commitments
     ]
+
+
+T = TypeVar("T")
+
+
+class GatewayThread:
+    """A ParticipantHub served on 127.0.0.1 by trio in a thread of its own."""
+
+    def __init__(self, hub: ParticipantHub) -> None:
+        self.hub = hub
+        self.port = 0
+        self.ssl_context: ssl.SSLContext | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._scope: trio.CancelScope | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, daemon=True)
+
+    def _main(self) -> None:
+        async def main() -> None:
+            self._token = trio.lowlevel.current_trio_token()
+            with trio.CancelScope() as scope:
+                self._scope = scope
+                async with trio.open_nursery() as nursery:
+                    self.port = await nursery.start(
+                        functools.partial(
+                            self.hub.serve, "127.0.0.1", 0, ssl_context=self.ssl_context
+                        )
+                    )
+                    self._ready.set()
+
+        try:
+            trio.run(main)
+        except BaseException as exc:  # reported by stop()
+            self._error = exc
+            self._ready.set()
+
+    def start(self) -> None:
+        self._thread.start()
+        assert self._ready.wait(10), "the gateway thread did not start"
+        if self._error is not None:
+            raise self._error
+
+    def stop(self) -> None:
+        if self._scope is not None and self._token is not None:
+            # From a thread of its own: this one may be running the test's own trio loop,
+            # where trio's blocking from_thread calls are refused.
+            scope, token = self._scope, self._token
+            helper = threading.Thread(
+                target=lambda: trio.from_thread.run_sync(scope.cancel, trio_token=token)
+            )
+            helper.start()
+            helper.join(10)
+        self._thread.join(10)
+        assert not self._thread.is_alive()
+        if self._error is not None:
+            raise self._error
+
+    def call_blocking(self, fn: Callable[..., Awaitable[T]], *args: Any, **kw: Any) -> T:
+        return trio.from_thread.run(functools.partial(fn, *args, **kw), trio_token=self._token)
+
+    async def call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kw: Any) -> T:
+        """Run ``fn`` in the gateway's trio loop, from either backend."""
+        return await anyio.to_thread.run_sync(
+            functools.partial(self.call_blocking, fn, *args, **kw)
+        )
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1/participants"

@@ -11,6 +11,7 @@ from ._client import ClientSettings as ClientSettings
 from ._client import ParticipantClient as ParticipantClient
 from ._client import ParticipantConnectionError as ParticipantConnectionError
 from ._messages import MessageError as MessageError
+from ._messages import SignRequest as SignRequest
 from ._messages import encode_message as encode_message
 from ._messages import parse_message as parse_message
 from ._policy import AutoPolicy as AutoPolicy
@@ -37,6 +38,7 @@ __all__ = [
     "PassphraseKey",
     "Policy",
     "SealedShareStore",
+    "SignRequest",
     "encode_message",
     "parse_message",
 ]
