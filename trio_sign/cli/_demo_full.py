@@ -48,7 +48,7 @@ import random
 import secrets
 import statistics
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +95,45 @@ APPROVERS: dict[str, str] = {"ops-1": "ed25519", "ops-2": "ed25519", "risk-1": "
 POLICY_THRESHOLD = 2
 #: The approver keys the stack's gateway holds (the third stays outside it).
 GATEWAY_APPROVERS: tuple[str, ...] = ("ops-1", "risk-1")
+
+
+#: The DKG participants the stack's gateway holds (issue 16): participant id = key id; the
+#: enclave is identifier 1, these 2 and 3 (a new account is 2-of-3, like a dealt one).
+DKG_PARTICIPANTS: tuple[str, ...] = ("p2", "p3")
+
+
+def make_dkg_keys(work: Path) -> tuple[dict[str, Path], str, str]:
+    """The DKG side of the stack's measured configuration: fresh Ed25519 keys for the
+    gateway's participants (``participants/<id>.key``, the approver key format, 0600) and the
+    delta identity key (``identity-key.json``, 0600: the development stand-in for the key made
+    at genesis inside an enclave, DESIGN §12). Returns ``(participant key files, its public
+    key hex, the enclave.toml text: [dkg] participants and a 2-of-3 [policies.create])``.
+    Blocking file I/O."""
+    from ..gateway import ApproverSigningKey
+    from ..shares import CeremonyKey
+
+    directory = work / "participants"
+    directory.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    pins: list[str] = []
+    for pid in DKG_PARTICIPANTS:
+        path = directory / f"{pid}.key"
+        path.unlink(missing_ok=True)
+        with ApproverSigningKey.generate("ed25519") as key:
+            key.save(path, key_id=pid)
+            pins.append(f'{pid} = "{key.public_key.hex()}"')
+        files[pid] = path
+    identity_file = work / "identity-key.json"
+    identity_file.unlink(missing_ok=True)
+    with CeremonyKey.generate() as identity:
+        identity.save(identity_file)
+        identity_public = identity.public_key.hex()
+    names = ", ".join(f'"{k}"' for k in APPROVERS)
+    toml = (
+        f"\n[policies.create]\napprovers = [{names}]\nthreshold = {POLICY_THRESHOLD}\n"
+        "\n[dkg]\n[dkg.participants]\n" + "\n".join(pins) + "\n"
+    )
+    return files, identity_public, toml
 
 
 def make_approver_keys(directory: Path) -> tuple[dict[str, Path], str]:
@@ -151,6 +190,9 @@ class LocalStack:
     approver_key_files: dict[str, Path] = field(default_factory=dict)  # key id -> file (0600)
     approver_types: dict[str, str] = field(default_factory=dict)  # key id -> ed25519 / p256
     policy_threshold: int = 0  # [policies.default]: this many of the approvers
+    participant_key_files: dict[str, Path] = field(default_factory=dict)  # DKG, id -> (0600)
+    identity_public_key: str = ""  # [bundles] delta_identity_key, hex
+    deltas_dir: Path | None = None  # the parent's [deltas] location
 
     @property
     def gateway_approver_ids(self) -> tuple[str, ...]:
@@ -255,14 +297,20 @@ async def local_stack(
     approver_files, policies_toml = await trio.to_thread.run_sync(
         make_approver_keys, work / "approvers"
     )
+    # Accounts created by DKG (DESIGN §13): the gateway's participant keys pinned in [dkg],
+    # the create policy, and the delta identity key that signs the enclave's deltas.
+    participant_files, identity_public, dkg_toml = await trio.to_thread.run_sync(
+        make_dkg_keys, work
+    )
     # The local enclave's measured configuration (DESIGN §9): the development CA is the
     # gateway client CA its TLS port checks, the ceremony key is the one signing key a bundle
-    # may carry (so the production check runs), the approvers and the policy every account
-    # signs under; the local PCRs follow this file.
+    # may carry (so the production check runs), the delta identity key, the approvers and the
+    # policy every account signs under, the DKG participants; the local PCRs follow this file.
     enclave_toml = work / "enclave.toml"
     enclave_toml.write_text(
         f"[gateway]\nclient_ca_pem = '''\n{pki.ca.read_text()}'''\n\n"
-        f'[bundles]\nsigning_keys = ["{bundle_signer}"]\n\n' + policies_toml
+        f'[bundles]\nsigning_keys = ["{bundle_signer}"]\n'
+        f'delta_identity_key = "{identity_public}"\n\n' + policies_toml + dkg_toml
     )
     enclave_config_sha256 = hashlib.sha256(enclave_toml.read_bytes()).hexdigest()
     local_pcrs = local_pcrs_for_config(enclave_toml)
@@ -322,6 +370,7 @@ async def local_stack(
         )
         _say("      starting the parent; it launches the enclave and serves the attested preload")
         run_dir = work / "run"
+        deltas_dir = run_dir / "deltas"
         ingress_url = ingress_listen or f"unix://{run_dir}/ingress.sock"
         pcrs = {i: local_pcrs[i].hex() for i in (0, 1, 2)}
         config = parse_parent_config(
@@ -357,6 +406,8 @@ backoff_max_s = {max(2.0, restart_backoff_s)}
 listen = "{health_listen}"
 [logs]
 file = "{work / "enclave-logs.jsonl"}"
+[deltas]
+location = "file://{deltas_dir}"
 """
         )
         started = time.monotonic()
@@ -394,6 +445,9 @@ file = "{work / "enclave-logs.jsonl"}"
             approver_key_files=approver_files,
             approver_types=dict(APPROVERS),
             policy_threshold=POLICY_THRESHOLD,
+            participant_key_files=participant_files,
+            identity_public_key=identity_public,
+            deltas_dir=deltas_dir,
         )
         _say("      shutting down (the parent terminates the enclave)")
         nursery.cancel_scope.cancel()
@@ -534,6 +588,18 @@ async def run_full_stack(args: argparse.Namespace, work: Path) -> dict[str, Any]
                     return 0.0
                 return latencies[min(len(latencies) - 1, round(q * (len(latencies) - 1)))] * 1e3
 
+            dkg: dict[str, Any] = {}
+            create_n = int(getattr(args, "create_accounts", 0) or 0)
+            if create_n > 0:
+                _say(
+                    f"[+]   creating {create_n:,} accounts by DKG through the gateway "
+                    f"({', '.join(DKG_PARTICIPANTS)} and the enclave; {names}), then signing "
+                    "with each"
+                )
+                dkg = await create_accounts_by_dkg(
+                    stack, node, coordinator, approver, suites, create_n, args.concurrency
+                )
+                failures += dkg.pop("_failures")
             channel = attested_channel_report(node, stack)
             approvals = dict(coordinator.approvals_sent)
         finally:
@@ -572,6 +638,117 @@ async def run_full_stack(args: argparse.Namespace, work: Path) -> dict[str, Any]
         **refusal,
         "ciphersuites": {s.name: tallies[s.name].line(s, root) for s in suites},
         **({"taproot_sample": json.dumps(taproot_sample)} if taproot_sample else {}),
+        **dkg,
+    }
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def create_accounts_by_dkg(
+    stack: LocalStack,
+    node: Any,
+    coordinator: Any,
+    approver: Any,
+    suites: Sequence[Any],
+    count: int,
+    concurrency: int,
+) -> dict[str, Any]:
+    """``--create-accounts N``: N accounts by DKG (round-robin over ``suites``) through the
+    gateway's :class:`~trio_sign.gateway._dkg.DkgDriver` on ``node`` (the attested channel),
+    with the stack's participant keys and the gateway's approvers under the ``create`` policy;
+    then one signature per created account through ``coordinator`` (which learns their shares
+    at once, no restart), each verified again by the suite's own verifier. Returns the
+    report's ``dkg_*`` lines and ``_failures`` (failure lines, for the run's count)."""
+    from ..gateway._dkg import DkgDriver, DkgFailed, DkgSettings, DkgShares
+    from ..gateway._dkg import load_local_participants as load_participants
+    from ._demo import SuiteTally, verify_independently
+
+    journal = stack.work / "dkg-journal.jsonl"
+    journal.unlink(missing_ok=True)  # a fresh stack: the enclave knows none of the old ones
+    entries = {pid: (pid, path) for pid, path in stack.participant_key_files.items()}
+    participants = await trio.to_thread.run_sync(load_participants, entries)
+    shares = DkgShares(journal, list(entries))
+    await trio.to_thread.run_sync(shares.open)
+    failures: list[str] = []
+    tallies = {s.name: SuiteTally() for s in suites}
+    created: list[Any] = []
+    try:
+        coordinator.add_counterparts(shares.stores.values())
+        driver = DkgDriver(
+            [node],
+            participants,
+            shares,
+            approver=approver,
+            enclave_identity_key=bytes.fromhex(stack.identity_public_key),
+            settings=DkgSettings(max_concurrent=min(concurrency, 8)),
+            on_created=coordinator.learned,
+        )
+        next_index = 0
+        progress = Progress("      creating")
+
+        async def creator() -> None:
+            nonlocal next_index
+            while next_index < count:
+                i = next_index
+                next_index += 1
+                suite = suites[i % len(suites)]
+                try:
+                    account = await driver.create_account(f"dkg-{i:06d}", suite.name)
+                except DkgFailed as exc:
+                    failures.append(f"DKG {exc.reason}: {exc}")
+                else:
+                    created.append(account)
+                    tallies[suite.name].accounts += 1
+                progress(len(created) + len(failures), count)
+
+        t0 = time.perf_counter()
+        with progress:
+            async with trio.open_nursery() as workers:
+                for _ in range(min(concurrency, 8)):
+                    workers.start_soon(creator)
+        elapsed = time.perf_counter() - t0
+        by_name = {s.name: s for s in suites}
+        for account in created:
+            scheme = by_name[account.ciphersuite]
+            message = f"first transfer from {account.account_id}".encode()
+            try:
+                signed = await coordinator.sign(account.account_id, message)
+            except Exception as exc:  # counted and reported, the run goes on
+                failures.append(f"{type(exc).__name__}: {exc}")
+                continue
+            tally = tallies[scheme.name]
+            tally.signatures += 1
+            if verify_independently(
+                scheme, signed.group_public_key, message, signed.signature, None
+            ):
+                tally.verified += 1
+            else:
+                failures.append(f"{account.account_id}: signature did not verify independently")
+    finally:
+        for p in participants:
+            p.close()
+        shares.close()
+    enclave_ms = [a.enclave_ms for a in created]
+    total_ms = [a.total_ms for a in created]
+    return {
+        "dkg_accounts": f"{len(created):,} of {count:,} created by DKG ("
+        + ", ".join(f"{n}: {t.accounts}" for n, t in tallies.items())
+        + f"); journal {journal}",
+        "dkg_latency": (
+            f"enclave side (DkgRound1..3) p50 {_percentile(enclave_ms, 0.5):.1f} ms, p99 "
+            f"{_percentile(enclave_ms, 0.99):.1f} ms; end to end p50 "
+            f"{_percentile(total_ms, 0.5):.1f} ms, p99 {_percentile(total_ms, 0.99):.1f} ms"
+        ),
+        "dkg_accounts_per_second": round(len(created) / elapsed, 1) if elapsed else 0.0,
+        "dkg_signed": f"{sum(t.signatures for t in tallies.values()):,} signed, "
+        f"{sum(t.verified for t in tallies.values()):,} verified independently",
+        "dkg_first_failure": failures[0] if failures else "",
+        "_failures": failures,
     }
 
 
