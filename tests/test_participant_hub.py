@@ -589,3 +589,120 @@ def test_entries_of_is_exported_for_the_coordinator() -> None:
     (entry,) = entries_of([nonces.commitment])
     assert entry.identifier == account.records[0].identifier
     nonces.zero()
+
+
+async def test_a_cancelled_caller_frees_its_slot_and_tells_the_participant(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    account = deal("acct-1", SUITES[0])
+    async with world() as w:
+        fake = await w.connect("ops-1", [account])
+        scope = trio.CancelScope()
+
+        async def sign() -> None:
+            with scope:
+                await w.hub.sign(
+                    "ops-1",
+                    account_id="acct-1",
+                    session_id="s",
+                    ciphersuite=SUITES[0],
+                    message=b"m",
+                    timeout_s=60,
+                )
+
+        w.nursery.start_soon(sign)
+        request = await fake.next_request()
+        commitment_frames = await fake.commit(request)  # committed, answer not sent yet
+        assert fake.session.in_flight == 1
+        scope.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert w.hub.in_flight("ops-1") == 0
+        assert await fake.feed() == [s.RequestEnded(request.request_id, "cancelled")]
+        assert fake.session.in_flight == 0  # its nonces are gone
+        for frame in commitment_frames:  # the answer crossing the cancel is ignored
+            await fake.ws.send_message(frame)
+        await trio.testing.wait_all_tasks_blocked()
+        assert w.hub.counts["late_answers"] == 1
+
+
+async def test_a_malformed_commitment_is_cancelled_at_the_participant(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    account = deal("acct-1", SUITES[0])
+    async with world() as w:
+        fake = await w.connect("ops-1", [account])
+        box = await start_sign(w, account)
+        request = await fake.next_request()
+        (frame,) = await fake.commit(request)
+        c = m.parse_message(frame)
+        assert isinstance(c, m.Commitment)
+        await fake.ws.send_message(
+            m.encode_message(m.Commitment(c.request_id, c.identifier, b"\x02" * 33, c.binding))
+        )
+        await trio.testing.wait_all_tasks_blocked()
+        assert box["error"].reason == "malformed"
+        assert await fake.feed() == [s.RequestEnded(request.request_id, "cancelled")]
+        assert fake.session.in_flight == 0
+
+
+async def test_a_cancelled_round_two(autojump_clock: trio.abc.Clock) -> None:
+    account = deal("acct-1", SUITES[2])
+    async with world() as w:
+        fake = await w.connect("ops-1", [account])
+        box = await start_sign(w, account)
+        request = await fake.next_request()
+        for frame in await fake.commit(request):
+            await fake.ws.send_message(frame)
+        await trio.testing.wait_all_tasks_blocked()
+        theirs = box["ok"]
+        enclave = account.records[0]
+        ours = account.scheme.commit(enclave.identifier, enclave.signing_share)
+        scope = trio.CancelScope()
+
+        async def second() -> None:
+            with scope:
+                await round2(w.hub, theirs, account, ours, enclave, b"m", None, 60.0)
+
+        w.nursery.start_soon(second)
+        await trio.testing.wait_all_tasks_blocked()
+        scope.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert w.hub.in_flight("ops-1") == 0
+        # the participant got round two, then the cancel: it signed, and the share is ignored
+        assert await fake.feed() == [s.Signed(request.request_id)]
+        assert await fake.feed() == []  # the cancel finds nothing left to drop
+        await fake.flush()
+        await trio.testing.wait_all_tasks_blocked()
+        assert w.hub.counts["late_answers"] == 1
+        # hub.cancel on a commitment whose request is gone is a no-op
+        w.hub.cancel(theirs)
+        ours.zero()
+
+
+async def test_handshakes_in_progress_are_bounded(autojump_clock: trio.abc.Clock) -> None:
+    async with world(max_handshakes=2, handshake_timeout_s=5.0) as w:
+        silent = [await w.open(), await w.open()]  # never say hello
+
+        async def status() -> int:
+            codes: list[int] = []
+            try:
+                async with trio.open_nursery() as nursery:
+                    await w.open(client_nursery=nursery)
+            except* ConnectionRejected as group:
+                codes += [
+                    int(e.status_code)
+                    for e in group.exceptions
+                    if isinstance(e, ConnectionRejected)
+                ]
+            assert len(codes) == 1, "not rejected"
+            return codes[0]
+
+        assert await status() == 503
+        # an authenticated participant no longer counts
+        for ws in silent:
+            with pytest.raises(ConnectionClosed):
+                await ws.get_message()  # cut at the handshake deadline
+        await w.connect("ops-1")
+        extra = [await w.open(), await w.open()]
+        assert len(extra) == 2
+        assert await status() == 503

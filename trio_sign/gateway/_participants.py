@@ -149,6 +149,8 @@ class HubSettings:
     ping_interval_s: float = 15.0
     idle_timeout_s: float = 45.0
     max_connections: int = 1024
+    #: Connections still in the challenge/auth handshake (bounded separately, DESIGN §16).
+    max_handshakes: int = 64
 
     def __post_init__(self) -> None:
         if not _ID.fullmatch(self.gateway_id):
@@ -413,6 +415,7 @@ class ParticipantHub:
         self._wall_clock_ms = wall_clock_ms
         self._connections: dict[str, _Connection] = {}
         self._open_connections = 0
+        self._handshaking = 0
         self._changed = trio.Event()
         #: counters (no secrets)
         self.counts: dict[str, int] = {
@@ -499,17 +502,24 @@ class ParticipantHub:
         if SUBPROTOCOL not in request.proposed_subprotocols:
             await request.reject(400, body=f"subprotocol {SUBPROTOCOL} required".encode())
             return
-        if self._open_connections >= self.settings.max_connections:
+        if (
+            self._open_connections >= self.settings.max_connections
+            or self._handshaking >= self.settings.max_handshakes
+        ):
             await request.reject(503)
             return
         self._open_connections += 1
+        self._handshaking += 1
+        handshaking = [True]
         try:
             ws = await request.accept(subprotocol=SUBPROTOCOL)
-            await self._serve_connection(ws)
+            await self._serve_connection(ws, handshaking)
         finally:
             self._open_connections -= 1
+            if handshaking[0]:
+                self._handshaking -= 1
 
-    async def _serve_connection(self, ws: WebSocketConnection) -> None:
+    async def _serve_connection(self, ws: WebSocketConnection, handshaking: list[bool]) -> None:
         participant_id: str | None = None
         code, reason = m.CLOSE_AUTH_TIMEOUT, "authentication took too long"
         with trio.move_on_after(self.settings.handshake_timeout_s):
@@ -517,6 +527,8 @@ class ParticipantHub:
                 participant_id, code, reason = await self._authenticate(ws)
             except ConnectionClosed:
                 return
+        handshaking[0] = False
+        self._handshaking -= 1
         if participant_id is None:
             if code in (m.CLOSE_AUTH_FAILED, m.CLOSE_AUTH_TIMEOUT):
                 self.counts["auth_failed"] += 1
@@ -640,11 +652,12 @@ class ParticipantHub:
         )
         slot = _Slot(scheme)
         conn.slots[rid] = slot
-        keep = False
+        keep = sent = False
         try:
             if not conn.queue(request):
                 self.counts["busy"] += 1
                 raise conn.error("its outgoing queue is full", "busy", request_id=rid)
+            sent = True
             answer = await self._await(conn, slot, rid, timeout_s, "commitment")
             if isinstance(answer, m.Commitment):
                 n = scheme.element_size
@@ -660,7 +673,7 @@ class ParticipantHub:
             raise self._unexpected(conn, answer, rid, "commitment")
         finally:
             if not keep:
-                self._drop(conn, rid)
+                self._end(conn, slot, rid, sent)
 
     async def round2(
         self,
@@ -681,8 +694,10 @@ class ParticipantHub:
         """
         conn, rid = commitment._conn, commitment.request_id
         slot = conn.slots.get(rid)
+        if slot is None:
+            raise conn.error("disconnected since round one", "disconnected", request_id=rid)
         try:
-            if slot is None or conn.closed:
+            if conn.closed:
                 raise conn.error("disconnected since round one", "disconnected", request_id=rid)
             if not conn.queue(m.SignRound2(rid, tuple(commitments), enclave_identifier)):
                 raise conn.error("its outgoing queue is full", "busy", request_id=rid)
@@ -698,7 +713,7 @@ class ParticipantHub:
                 )
             raise self._unexpected(conn, answer, rid, "signature_share")
         finally:
-            self._drop(conn, rid)
+            self._end(conn, slot, rid, True)
 
     def cancel(self, commitment: ParticipantCommitment) -> None:
         """The session is over without round two (the enclave failed): tell the participant,
@@ -715,7 +730,6 @@ class ParticipantHub:
         answer = slot.answer
         if answer is None:
             self.counts["timeouts"] += 1
-            conn.queue(m.Cancel(rid))
             raise conn.error(f"no {what} within {timeout_s:g} s", "timeout", request_id=rid)
         if isinstance(answer, ParticipantError):
             raise answer
@@ -738,8 +752,14 @@ class ParticipantHub:
         )
 
     @staticmethod
-    def _drop(conn: _Connection, rid: str) -> None:
+    def _end(conn: _Connection, slot: _Slot, rid: str, sent: bool) -> None:
+        """A request leaves the hub (answered, refused, timed out, or its caller cancelled).
+        Unless the participant answered the step's final word (a signature share or a
+        decline), it may still hold nonces for it: tell it to drop them (``cancel``; never
+        blocks, and harmless if it already has)."""
         conn.slots.pop(rid, None)
+        if sent and not isinstance(slot.answer, (m.SignatureShare, m.Decline)):
+            conn.queue(m.Cancel(rid))
 
 
 def _verify(key: ParticipantKey, payload: bytes, auth: m.Auth) -> bool:
