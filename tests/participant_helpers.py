@@ -22,6 +22,7 @@ from trio_sign.gateway._participants import (
     ParticipantKey,
     ParticipantShare,
     check_signature_share,
+    commitment_entries,
 )
 from trio_sign.participant import _messages as m
 from trio_sign.shares import ShareRecord
@@ -161,9 +162,8 @@ async def round2(
     timeout_s: float,
 ) -> tuple[ParticipantShare, list[Any]]:
     scheme = account.scheme
-    c = theirs.commitment
     commitments = sorted(
-        [ours.commitment, scheme.commitment(c.identifier, c.hiding, c.binding)],
+        [ours.commitment, theirs.suite_commitment()],
         key=lambda x: scheme.identifier_from_bytes(x.identifier),
     )
     entries = entries_of(commitments)
@@ -172,10 +172,7 @@ async def round2(
 
 
 def entries_of(commitments: Sequence[Any]) -> list[m.CommitmentEntry]:
-    return [
-        m.CommitmentEntry(bytes(x.identifier), bytes(x.hiding), bytes(x.binding))
-        for x in commitments
-    ]
+    return commitment_entries(commitments)
 
 
 T = TypeVar("T")

@@ -281,3 +281,51 @@ def test_passphrase_repr_and_close() -> None:
     assert not any(key._passphrase)
     with pytest.raises(ParticipantStoreError, match="empty"):
         PassphraseKey("")
+
+
+_CRASH_CHILD = r"""
+import os, signal, sys
+from pathlib import Path
+from trio_sign import _atomic
+from trio_sign.participant import PassphraseKey, SealedShareStore
+from tests.participant_helpers import deal
+
+path = Path(sys.argv[1])
+store = SealedShareStore.open(path, PassphraseKey("pw"))
+store.put(deal("acct-new", "FROST-ED25519-SHA512-v1").records[1])
+
+class KilledAtRename:
+    # os as trio_sign._atomic sees it: the process dies (SIGKILL) just before the rename
+    def __getattr__(self, name):
+        if name in ("replace", "rename", "link"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return getattr(os, name)
+
+_atomic.os = KilledAtRename()
+store.save()
+"""
+
+
+def test_killed_during_save_leaves_the_old_file(tmp_path: Path) -> None:
+    """kill -9 after the new file is written and fsynced, before the rename: the store is
+    the old one, whole; the temporary is left under its hidden name (docs: _atomic)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "p.store"
+    first = records(2)
+    kept = copies(first)
+    SealedShareStore.create(path, "ops-1", first, PassphraseKey("pw", **FAST)).close()
+    before = path.read_bytes()
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, "-c", _CRASH_CHILD, str(path)], cwd=root, timeout=120, check=False
+    )
+    assert proc.returncode == -9
+    assert path.read_bytes() == before
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "p.store"]
+    assert len(leftovers) == 1
+    assert leftovers[0].startswith(".p.store.")
+    with SealedShareStore.open(path, PassphraseKey("pw")) as again:
+        assert sorted(again.accounts()) == sorted(r.account_id for r in kept)
+        assert "acct-new" not in again.accounts()

@@ -171,6 +171,20 @@ class ParticipantCommitment:
     _conn: _Connection = field(repr=False, compare=False)
     _scheme: Scheme = field(repr=False, compare=False)
 
+    def suite_commitment(self) -> Any:
+        """The commitment as the suite's object (what ``Scheme.sign``/``aggregate`` take)."""
+        c = self.commitment
+        return self._scheme.commitment(c.identifier, c.hiding, c.binding)
+
+
+def commitment_entries(commitments: Sequence[Any]) -> list[m.CommitmentEntry]:
+    """The wire form of a suite's commitment objects (for :meth:`ParticipantHub.round2`),
+    in the order given: sort them by ``scheme.identifier_from_bytes`` first."""
+    return [
+        m.CommitmentEntry(bytes(c.identifier), bytes(c.hiding), bytes(c.binding))
+        for c in commitments
+    ]
+
 
 @dataclass(frozen=True, slots=True)
 class ParticipantShare:
@@ -629,7 +643,10 @@ class ParticipantHub:
         commitment. ``timeout_s`` bounds the whole call (and is the request's deadline on the
         wire, so the participant declines or drops it after that).
 
-        Raises:
+        Cancellation: cancelling the call frees its slot and sends ``cancel`` (the
+        participant drops its nonces); it never blocks on the participant's socket.
+
+        Error handling:
             ParticipantError: ``not_connected``, ``busy`` (too many in flight, or its queue is
                 full), ``timeout``, ``declined``, ``disconnected``, ``malformed`` (a
                 commitment of the wrong size for the suite), ``error``.
@@ -688,7 +705,9 @@ class ParticipantHub:
         participant's signature share and approval (not yet verified: the coordinator calls
         :func:`check_signature_share`).
 
-        Raises:
+        Cancellation: as :meth:`sign`.
+
+        Error handling:
             ParticipantError: as :meth:`sign` (``disconnected`` too when the participant
                 reconnected since round one: its nonces went with the old connection).
         """
