@@ -15,6 +15,7 @@ reported.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -33,8 +34,10 @@ import trio.testing
 from trio_sign.authz import Authorizer
 from trio_sign.crypto import scheme_by_name
 from trio_sign.enclave import SessionPool, SignService
-from trio_sign.enclave._dkg import DkgRegistry, PoolSlots
+from trio_sign.enclave._deltas import DeltaWriter, EnclaveDeltas
+from trio_sign.enclave._dkg import DkgRegistry, PoolSlots, deltas_finder
 from trio_sign.enclave._identity import IdentityKey
+from trio_sign.enclave._status import one_connection
 from trio_sign.gateway import (
     ApproverSigningKey,
     Coordinator,
@@ -53,8 +56,15 @@ from trio_sign.gateway._dkg import (
     DkgShares,
     LocalParticipant,
 )
+from trio_sign.parent._deltas import (
+    Deltas,
+    FileDeltaStore,
+    delta_fingerprint,
+    serve_deltas_connection,
+)
 from trio_sign.rpc import RpcError, StatusCode, serve_grpc
 from trio_sign.shares import ShareRecord, ShareStore
+from trio_sign.shares._deltas import DeltaChain
 from trio_sign.shares._signature import CeremonyKey
 from trio_sign.transport import open_listeners
 
@@ -104,25 +114,59 @@ class SignalWriter(FakeWriter):
             self.done.set()
 
 
+class Watch:
+    """The real delta writer, watched like :class:`SignalWriter` (reset the events to watch
+    the next store)."""
+
+    def __init__(self, inner: DeltaWriter) -> None:
+        self.inner = inner
+        self.entered = trio.Event()
+        self.done = trio.Event()
+
+    async def store(
+        self, records: Sequence[ShareRecord], operation: str, dkg_id: str
+    ) -> tuple[int, str]:
+        self.entered.set()
+        try:
+            return await self.inner.store(records, operation, dkg_id)
+        finally:
+            self.done.set()
+
+
 @dataclass
 class Enclave:
     address: str
     store: ShareStore
     registry: DkgRegistry
-    writer: SignalWriter
+    writer: Any  # SignalWriter, or Watch around the real DeltaWriter
     identity: IdentityKey
 
 
 @asynccontextmanager
-async def dev_enclave() -> AsyncIterator[Enclave]:
-    """The DKG tests' enclave (SignService + DkgRegistry, a fake delta store) on loopback."""
+async def dev_enclave(durable: Path | None = None) -> AsyncIterator[Enclave]:
+    """The DKG tests' enclave (SignService + DkgRegistry) on loopback. Its delta store is the
+    fake one, or with ``durable`` the real ``DeltaWriter`` (sealed, identity-signed deltas on
+    the chain) talking to the parent's real deltas channel and ``FileDeltaStore`` in that
+    directory (put-if-absent with fsync; ``writer`` then only watches)."""
     measured = config()
     assert measured.dkg is not None
     store = empty_store()
     pool = SessionPool(store.get, max_sessions=100)
-    writer = SignalWriter(store)
+    watcher = SignalWriter(store)
     identity = IdentityKey(CeremonyKey.from_seed(IDENTITY_SEED))
+    wrap = identity.delta_key_wrap()
     authorizer = Authorizer(measured.policies)
+    writer: Any = watcher
+    find: Any = watcher.find
+    real: DeltaWriter | None = None
+    if durable is not None:
+        chain = DeltaChain(hashlib.sha256(b"the base bundle").hexdigest())
+        deltas = EnclaveDeltas(
+            store, chain, provider=wrap, signer=identity, signing_keys=(identity.public_key,)
+        )
+        real = DeltaWriter(deltas, store_timeout_s=20.0)
+        writer = Watch(real)
+        find = deltas_finder(deltas)
     registry = DkgRegistry(
         settings=measured.dkg,
         identity=identity,
@@ -130,11 +174,30 @@ async def dev_enclave() -> AsyncIterator[Enclave]:
         authorizer=authorizer,
         lookup=store.get,
         slots=PoolSlots(pool),
-        find_created=writer.find,
+        find_created=find,
     )
     service = SignService(store, pool, authorizer=authorizer, dkg=registry)
     try:
         async with trio.open_nursery() as nursery:
+            if durable is not None and real is not None:
+                files = FileDeltaStore(durable)
+                files.recover()
+                enclave_end, parent_end = trio.testing.memory_stream_pair()
+
+                async def connect() -> trio.abc.Stream:
+                    return enclave_end
+
+                nursery.start_soon(serve_deltas_connection, parent_end, Deltas(files))
+                nursery.start_soon(
+                    functools.partial(
+                        one_connection,
+                        "deltas",
+                        connect,
+                        real.converse,
+                        connect_timeout_s=5.0,
+                        read=False,
+                    )
+                )
             await nursery.start(pool.run_reaper)
             await nursery.start(registry.run)
             listeners = await open_listeners("tcp://127.0.0.1:0")
@@ -153,6 +216,7 @@ async def dev_enclave() -> AsyncIterator[Enclave]:
                 await server.aclose()
                 nursery.cancel_scope.cancel()
     finally:
+        wrap.close()
         identity.close()
         store.close()
 
@@ -251,6 +315,38 @@ async def test_the_driver_creates_an_account_the_coordinator_signs_with(
             assert again.shares.created == 1
             assert not again.shares.pending
             await sign_and_verify(again, "acct-dkg", suite)
+
+
+async def test_through_the_real_delta_writer_and_the_parents_file_store(tmp_path: Path) -> None:
+    """The enclave's real durable path: each answer names a delta file that is on disk (its
+    fingerprint is the answer's head); a gateway killed between round 3 sent and answered is
+    answered, after the enclave forgot the DKG, from the loaded delta that names it."""
+    deltas = tmp_path / "deltas"
+    journal = tmp_path / "j.jsonl"
+    async with dev_enclave(durable=deltas) as enclave:
+        async with gateway(enclave, journal) as gw:
+            for i, suite in enumerate(SUITES, 1):
+                created = await gw.driver.create_account(f"acct-durable-{i}", suite)
+                assert created.delta_sequence == i
+                stored = (deltas / f"delta-{i:08d}.enc").read_bytes()
+                assert delta_fingerprint(stored, i) == created.deltas_head
+                await sign_and_verify(gw, f"acct-durable-{i}", suite)
+            enclave.writer.entered, enclave.writer.done = trio.Event(), trio.Event()
+            with trio.CancelScope() as crash:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(gw.driver.create_account, "acct-durable-crash", SUITES[0])
+                    await enclave.writer.entered.wait()  # round 3 is at the enclave: die
+                    crash.cancel()
+        await enclave.writer.done.wait()  # the enclave's store finishes regardless
+        assert "acct-durable-crash" in enclave.store
+        enclave.registry.expire(math.inf)
+        async with gateway(enclave, journal) as restarted:
+            [outcome] = await restarted.driver.recover()
+            assert not isinstance(outcome, DkgFailed)
+            assert outcome.account_id == "acct-durable-crash"
+            assert outcome.delta_sequence == 4
+            await sign_and_verify(restarted, "acct-durable-crash", SUITES[0])
+            assert restarted.shares.created == 4
 
 
 async def test_a_three_of_four_account_and_many_accounts_at_once(tmp_path: Path) -> None:
