@@ -54,7 +54,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import nacl.exceptions
 import nacl.signing
@@ -64,7 +64,7 @@ from proto_min import sign_service_pb2 as pb
 
 from .._errors import FrostError, InternalError
 from ..authz import CREATE_POLICY, DEFAULT_POLICY, ApprovalDenied, Authorizer
-from ..crypto import _dkg, _kdf, _refresh, _sodium, _stream
+from ..crypto import _dkg, _kdf, _refresh, _repair, _sodium, _stream
 from ..crypto._group import Group, group_for
 from ..shares import AccountShare, ShareRecord
 from ._measured import ENCLAVE_KEY_ID, DkgSettings
@@ -135,6 +135,15 @@ TRANSITIONS: Final[Mapping[DkgState, frozenset[DkgState]]] = {
     DkgState.ROUND1_SENT: frozenset({DkgState.ROUND2_SENT, DkgState.FAILED, DkgState.EXPIRED}),
     DkgState.ROUND2_SENT: frozenset({DkgState.STORING, DkgState.FAILED, DkgState.EXPIRED}),
     DkgState.STORING: frozenset({DkgState.DONE, DkgState.FAILED}),
+    DkgState.DONE: frozenset({DkgState.EXPIRED}),
+    DkgState.FAILED: frozenset(),
+    DkgState.EXPIRED: frozenset(),
+}
+#: A repair's moves: ``open`` until step 1 answers (``round1_sent``), then ``done`` once step 2
+#: answered (nothing secret left; the answer kept for retries until the TTL).
+REPAIR_TRANSITIONS: Final[Mapping[DkgState, frozenset[DkgState]]] = {
+    DkgState.OPEN: frozenset({DkgState.ROUND1_SENT, DkgState.FAILED, DkgState.EXPIRED}),
+    DkgState.ROUND1_SENT: frozenset({DkgState.DONE, DkgState.FAILED, DkgState.EXPIRED}),
     DkgState.DONE: frozenset({DkgState.EXPIRED}),
     DkgState.FAILED: frozenset(),
     DkgState.EXPIRED: frozenset(),
@@ -227,6 +236,51 @@ def round1_payload(
     parts.append(bytes(params_sha256))
     parts += [bytes(identifier), _u16(len(commitment)), *(bytes(e) for e in commitment)]
     parts += [_u16(len(proof_of_knowledge)), bytes(proof_of_knowledge), bytes(encryption_key)]
+    return b"".join(parts)
+
+
+def repair_params(
+    suite: str, helpers: Sequence[tuple[bytes, str]], participant: tuple[bytes, str]
+) -> bytes:
+    """The repair parameters an approval covers (its ``message``; docs/refresh-repair.md)::
+
+        "trio-sign/repair-params/v1" ‖ 0x00 ‖ u16be(len(suite)) ‖ suite ‖ u16be(n)
+          ‖ n * (identifier(32) ‖ u16be(len(key_id)) ‖ key_id)
+          ‖ identifier(32) ‖ u16be(len(key_id)) ‖ key_id          (the participant repaired)
+
+    ``helpers`` are ``(identifier, key_id)`` pairs in the request's (ascending) order.
+    """
+    s = _text(suite, "ciphersuite")
+    parts = [REPAIR_PARAMS_DOMAIN, b"\x00", _u16(len(s)), s, _u16(len(helpers))]
+    for identifier, key_id in [*helpers, participant]:
+        if len(identifier) != IDENTIFIER_BYTES:
+            raise ValueError("an identifier is 32 bytes")
+        k = _text(key_id, "key_id")
+        parts += [bytes(identifier), _u16(len(k)), k]
+    return b"".join(parts)
+
+
+def repair_key_payload(
+    repair_id: str,
+    account_id: str,
+    params_sha256: bytes,
+    identifier: bytes,
+    encryption_key: bytes,
+) -> bytes:
+    """What a helper's or the participant's long-term key signs in its ``RepairKey``::
+
+    "trio-sign/repair-key/v1" ‖ 0x00 ‖ u16be(len(repair_id)) ‖ repair_id
+      ‖ u16be(len(account_id)) ‖ account_id ‖ SHA-256(repair parameters) ‖ identifier(32)
+      ‖ encryption_key(32)
+    """
+    r = _text(repair_id, "repair_id")
+    a = _text(account_id, "account_id")
+    if len(params_sha256) != 32 or len(identifier) != IDENTIFIER_BYTES:
+        raise ValueError("the parameters' digest and the identifier are 32 bytes")
+    if len(encryption_key) != X25519_BYTES:
+        raise ValueError("an encryption key is 32 bytes")
+    parts = [REPAIR_KEY_DOMAIN, b"\x00", _u16(len(r)), r, _u16(len(a)), a, bytes(params_sha256)]
+    parts += [bytes(identifier), bytes(encryption_key)]
     return b"".join(parts)
 
 
@@ -528,6 +582,94 @@ class DkgSession:
         _sodium.memzero(self.x25519_secret)
 
 
+class RepairSession:
+    """One repair the enclave helps with; secrets (its X25519 key, the delta it keeps for
+    itself) only in buffers that :meth:`zero` wipes. No secret in repr.
+
+    The attributes the registry's shared machinery reads (``dkg_id``, ``state``,
+    ``deadline``, ``token``, ``account_id``, ``zero``) have the meanings of
+    :class:`DkgSession`'s; ``dkg_id`` is the repair id.
+    """
+
+    __slots__ = (
+        "account_id",
+        "deadline",
+        "dkg_id",
+        "expires_at_unix_ms",
+        "group",
+        "helpers",
+        "identifier",
+        "keys",
+        "old_verifying_share",
+        "operation",
+        "own_delta",
+        "participant",
+        "request_key",
+        "response",
+        "state",
+        "step2_key",
+        "step2_response",
+        "token",
+        "x25519_public",
+        "x25519_secret",
+    )
+
+    def __init__(
+        self,
+        *,
+        repair_id: str,
+        account_id: str,
+        group: Group,
+        identifier: bytes,
+        helpers: list[tuple[bytes, str]],
+        participant: tuple[bytes, str],
+        keys: dict[bytes, bytes],
+        old_verifying_share: bytes,
+        request_key: bytes,
+        deadline: float,
+        expires_at_unix_ms: int,
+    ) -> None:
+        self.dkg_id = repair_id
+        self.operation = "repair"
+        self.account_id = account_id
+        self.group = group
+        self.identifier = identifier
+        self.helpers = helpers
+        self.participant = participant
+        self.keys = keys  # identifier -> X25519 public key (the others, the participant)
+        self.old_verifying_share = old_verifying_share
+        self.request_key = request_key
+        self.deadline = deadline
+        self.expires_at_unix_ms = expires_at_unix_ms
+        self.state = DkgState.OPEN
+        self.token: object | None = None
+        self.x25519_secret = bytearray(X25519_BYTES)
+        self.x25519_public = b""
+        self.own_delta = group.new_scalar()
+        self.response: pb.RepairStep1Response | None = None
+        self.step2_key = b""
+        self.step2_response: pb.RepairStep2Response | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<RepairSession {self.dkg_id!r} {self.state.value} account={self.account_id!r} "
+            f"{self.group.name} helpers={len(self.helpers)}>"
+        )
+
+    @property
+    def others(self) -> list[tuple[bytes, str]]:
+        """The other helpers."""
+        return [(i, k) for i, k in self.helpers if i != self.identifier]
+
+    def zero(self) -> None:
+        """Zero every secret this repair holds (idempotent)."""
+        _sodium.memzero(self.own_delta)
+        _sodium.memzero(self.x25519_secret)
+
+
+_Session = DkgSession | RepairSession
+
+
 # -- the registry ----------------------------------------------------------------------------
 
 
@@ -593,6 +735,8 @@ class DkgRegistry:
         self._slots = slots
         self._find_created = find_created
         self.sessions: dict[str, DkgSession] = {}
+        #: The repairs this enclave helps with, by repair_id (docs/refresh-repair.md).
+        self.repairs: dict[str, RepairSession] = {}
         # dkg_id -> account_id of every DKG finished since boot (public; one entry per account
         # created, as the store grows by one), for answers from a delta that names no account.
         self._created: dict[str, str] = {}
@@ -601,31 +745,43 @@ class DkgRegistry:
 
     @property
     def open_count(self) -> int:
-        """DKGs holding secrets and a slot."""
-        return sum(1 for s in self.sessions.values() if s.state in _HOLDING)
+        """DKGs and repairs holding secrets and a slot (``max_open`` bounds them together)."""
+        return sum(1 for s in self._all() if s.state in _HOLDING)
 
-    # -- state ---------------------------------------------------------------------------
+    # -- state (shared by DKGs and repairs) ------------------------------------------------
 
-    def _move(self, session: DkgSession, new: DkgState) -> None:
-        if new not in TRANSITIONS[session.state]:
+    def _all(self) -> list[_Session]:
+        return [*self.sessions.values(), *self.repairs.values()]
+
+    def _table(self, session: _Session) -> dict[str, Any]:
+        return self.repairs if isinstance(session, RepairSession) else self.sessions
+
+    def _move(self, session: _Session, new: DkgState) -> None:
+        table = REPAIR_TRANSITIONS if isinstance(session, RepairSession) else TRANSITIONS
+        if new not in table[session.state]:
             raise InternalError(f"DKG state {session.state.value} cannot become {new.value}")
         session.state = new
 
-    def _end(self, session: DkgSession, state: DkgState) -> None:
+    def _end(self, session: _Session, state: DkgState) -> None:
         """Failed or expired: zero, free the slot, forget."""
         self._move(session, state)
         session.zero()
+        self._give_back(session)
+        table = self._table(session)
+        if table.get(session.dkg_id) is session:
+            del table[session.dkg_id]
+
+    def _give_back(self, session: _Session) -> None:
         if session.token is not None:
             self._slots.give_back(session.token)
             session.token = None
-        if self.sessions.get(session.dkg_id) is session:
-            del self.sessions[session.dkg_id]
 
-    def _fail(self, session: DkgSession, error: PoolError) -> PoolError:
+    def _fail(self, session: _Session, error: PoolError) -> PoolError:
         log.info(
             "DKG failed",
             extra={
                 "dkg_id": session.dkg_id,
+                "operation": session.operation,
                 "state": session.state.value,
                 "kind": error.kind.value,
             },
@@ -638,6 +794,13 @@ class DkgRegistry:
         if session is not None and session.deadline <= trio.current_time():
             self.expire(trio.current_time())
             session = self.sessions.get(dkg_id)
+        return session
+
+    def _live_repair(self, repair_id: str) -> RepairSession | None:
+        session = self.repairs.get(repair_id)
+        if session is not None and session.deadline <= trio.current_time():
+            self.expire(trio.current_time())
+            session = self.repairs.get(repair_id)
         return session
 
     # -- round 1 -------------------------------------------------------------------------
@@ -746,7 +909,9 @@ class DkgRegistry:
         return account
 
     def _check_not_busy(self, account_id: str) -> None:
-        for other in self.sessions.values():
+        """One refresh or repair of an account at a time: a repair from a mix of shares from
+        before and after a refresh would restore a wrong share."""
+        for other in self._all():
             if other.account_id == account_id and other.state in _HOLDING:
                 raise _refuse(
                     PoolErrorKind.ALREADY_EXISTS,
@@ -1186,10 +1351,13 @@ class DkgRegistry:
         return key, public
 
     def _decrypt(
-        self, session: DkgSession, shares: Sequence[pb.DkgEncryptedShare]
+        self,
+        session: _Session,
+        shares: Sequence[pb.DkgEncryptedShare],
+        label: bytes = SHARE_INFO,
     ) -> dict[bytes, _dkg.Round2Package]:
-        """Every share addressed to us, opened; a refusal zeroes what was opened and leaves
-        the DKG as it was."""
+        """Every share (a repair: every delta) addressed to us, opened; a refusal zeroes what
+        was opened and leaves the DKG (the repair) as it was."""
         group = session.group
         others = dict(session.others)
         if len(shares) != len(others):
@@ -1229,6 +1397,7 @@ class DkgRegistry:
                     sender_public=session.keys[sender],
                     recipient_public=session.x25519_public,
                     peer_public=session.keys[sender],
+                    label=label,
                 )
                 plain = bytearray(SCALAR_BYTES)
                 if not decrypt_share_into(
@@ -1328,10 +1497,12 @@ class DkgRegistry:
             },
         )
 
-    def _forget_oldest_done(self) -> None:
-        """Keep at most ``max_open`` finished DKGs' answers (public data); older ones are
-        answered from their stored delta instead (:data:`FindCreated`)."""
-        done = [s for s in self.sessions.values() if s.state is DkgState.DONE]
+    def _forget_oldest_done(self, table: Mapping[str, _Session] | None = None) -> None:
+        """Keep at most ``max_open`` finished DKGs' (or repairs') answers (public data, or
+        ciphertexts); older DKGs are answered from their stored delta instead
+        (:data:`FindCreated`)."""
+        sessions = self.sessions if table is None else table
+        done = [s for s in sessions.values() if s.state is DkgState.DONE]
         for session in done[: max(0, len(done) - self.settings.max_open)]:
             self._end(session, DkgState.EXPIRED)
 
@@ -1381,13 +1552,347 @@ class DkgRegistry:
             raise _refuse(PoolErrorKind.NOT_FOUND, f"unknown or expired dkg_id {dkg_id!r}")
         return session
 
+    # -- repair (docs/refresh-repair.md) ---------------------------------------------------
+
+    def repair_step1(self, request: pb.RepairStep1Request) -> pb.RepairStep1Response:
+        """Help repair a participant's share: check the helpers, the participant and their
+        signed X25519 keys, authorize under the ``repair`` policy, then answer this enclave's
+        step-1 deltas, each encrypted to its helper, and its own X25519 key signed by the
+        identity key. A retry with the same request returns the same answer."""
+        _check_text(request.repair_id, "repair_id", MAX_DKG_ID_BYTES)
+        _check_text(request.account_id, "account_id", MAX_ACCOUNT_ID_BYTES)
+        if len(request.helpers) > MAX_DKG_SIGNERS or len(request.keys) > MAX_DKG_SIGNERS:
+            raise _invalid(f"at most {MAX_DKG_SIGNERS} helpers and keys")
+        if len(request.approvals) > MAX_DKG_APPROVALS:
+            raise _invalid(f"at most {MAX_DKG_APPROVALS} approvals")
+        account = self._lookup(request.account_id)
+        if account is None:
+            raise _refuse(PoolErrorKind.NOT_FOUND, f"account {request.account_id!r} does not exist")
+        if account.ciphersuite not in DKG_SUITES:  # pragma: no cover - every suite is one
+            raise _invalid(f"account {request.account_id!r}: no repair for its ciphersuite")
+        group = group_for(account.ciphersuite)
+        helpers, participant = self._repair_parties(group, request, account)
+        params = repair_params(group.name, helpers, participant)
+        params_sha256 = hashlib.sha256(params).digest()
+        keys = self._repair_keys(group, request, helpers, participant, params_sha256)
+        request_key = _digest(
+            request.repair_id.encode(),
+            request.account_id.encode(),
+            params,
+            *(k.SerializeToString(deterministic=True) for k in request.keys),
+        )
+        existing = self._live_repair(request.repair_id)
+        if existing is not None:
+            if existing.request_key != request_key or existing.response is None:
+                raise _refuse(
+                    PoolErrorKind.ALREADY_EXISTS,
+                    f"repair_id {request.repair_id!r} is in use with other parameters",
+                )
+            return existing.response
+        self._check_not_busy(request.account_id)
+        self._check_capacity()
+        self._decide(
+            request.account_id, request.repair_id, params, request.approvals, REPAIR_POLICY
+        )
+        ttl = self.settings.ttl_s
+        session = RepairSession(
+            repair_id=request.repair_id,
+            account_id=request.account_id,
+            group=group,
+            identifier=bytes(account.identifier),
+            helpers=helpers,
+            participant=participant,
+            keys=keys,
+            old_verifying_share=account.verifying_share,
+            request_key=request_key,
+            deadline=trio.current_time() + ttl,
+            expires_at_unix_ms=int((time.time() + ttl) * 1000),
+        )
+        token = object()
+        refused = self._slots.take(token)
+        if refused is not None:
+            raise _refuse(PoolErrorKind.RESOURCE_EXHAUSTED, refused)
+        session.token = token
+        try:
+            session.response = self._step1(session, account, params_sha256)
+        except BaseException:
+            session.zero()
+            self._give_back(session)
+            raise
+        self.repairs[session.dkg_id] = session
+        self._move(session, DkgState.ROUND1_SENT)
+        self._wakeup.set()
+        log.info(
+            "repair opened",
+            extra={
+                "dkg_id": session.dkg_id,
+                "account_id": session.account_id,
+                "helpers": len(helpers),
+            },
+        )
+        return session.response
+
+    def _repair_parties(
+        self, group: Group, request: pb.RepairStep1Request, account: AccountShare
+    ) -> tuple[list[tuple[bytes, str]], tuple[bytes, str]]:
+        """The helpers (ascending, this enclave's entry ``"enclave"`` with the account's
+        identifier, the others pinned, ``min_signers .. max_signers - 1`` of them) and the
+        participant (pinned, not a helper)."""
+        own = bytes(account.identifier)
+        n = len(request.helpers)
+        if not account.min_signers <= n <= account.max_signers - 1:
+            raise _invalid(
+                f"helpers must number min_signers..max_signers - 1 "
+                f"({account.min_signers}..{account.max_signers - 1}) for this account, got {n}"
+            )
+        helpers: list[tuple[bytes, str]] = []
+        seen_keys: set[str] = set()
+        previous = -1
+        for index, h in enumerate([*request.helpers, request.participant]):
+            last = index == n
+            what = "participant" if last else f"helper {index}"
+            ident = bytes(h.identifier)
+            if len(ident) != IDENTIFIER_BYTES:
+                raise _invalid(f"{what}: identifier must be {IDENTIFIER_BYTES} bytes")
+            try:
+                value = group.identifier_from_bytes(ident)
+            except FrostError as exc:
+                raise _invalid(f"{what}: {exc}") from None
+            who = group.describe(value)
+            if not last:
+                if value <= previous:
+                    raise _invalid(
+                        f"helpers must be ascending by identifier without repeats (helper "
+                        f"{who} at position {index})"
+                    )
+                previous = value
+            key_id = h.key_id
+            if ident == own:
+                if last:
+                    raise _invalid(
+                        f"participant {who} is this enclave, whose share is never repaired "
+                        "(it lives in the bundle chain)"
+                    )
+                if key_id != ENCLAVE_KEY_ID:
+                    raise _invalid(f"helper {who} is this enclave; its key_id must be 'enclave'")
+            elif key_id not in self.settings.participants:
+                raise _invalid(f"{what} {who}: key_id {key_id[:64]!r} is not pinned in [dkg]")
+            if key_id in seen_keys or (last and any(ident == i for i, _k in helpers)):
+                raise _invalid(f"{what} {who}: appears twice (key_id {key_id[:64]!r})")
+            seen_keys.add(key_id)
+            if not last:
+                helpers.append((ident, key_id))
+        if ENCLAVE_KEY_ID not in seen_keys:
+            raise _invalid("this enclave (the account's identifier) is not among the helpers")
+        return helpers, (bytes(request.participant.identifier), request.participant.key_id)
+
+    def _repair_keys(
+        self,
+        group: Group,
+        request: pb.RepairStep1Request,
+        helpers: list[tuple[bytes, str]],
+        participant: tuple[bytes, str],
+        params_sha256: bytes,
+    ) -> dict[bytes, bytes]:
+        """Every other helper's and the participant's X25519 key, each signed by the pinned
+        key its entry names over :func:`repair_key_payload`; a substituted one is refused
+        naming whose it claims to be."""
+        expected = {i: k for i, k in [*helpers, participant] if k != ENCLAVE_KEY_ID}
+        if len(request.keys) != len(expected):
+            raise _invalid(
+                f"keys must hold the {len(expected)} X25519 keys of the other helpers and the "
+                f"participant, got {len(request.keys)}"
+            )
+        out: dict[bytes, bytes] = {}
+        scratch = bytearray(X25519_BYTES)
+        probe = bytearray(X25519_BYTES)
+        try:
+            _kdf.x25519_keypair(probe)
+            for index, k in enumerate(request.keys):
+                ident = bytes(k.identifier)
+                if ident not in expected:
+                    raise _invalid(
+                        f"key {index}: identifier {group.describe_identifier(ident)} is not "
+                        "another helper or the participant of this repair"
+                    )
+                who = group.describe_identifier(ident)
+                if ident in out:
+                    raise _invalid(f"participant {who}: two keys")
+                if len(k.encryption_key) != X25519_BYTES or len(k.signature) != SIGNATURE_BYTES:
+                    raise _invalid(
+                        f"participant {who}: a key is {X25519_BYTES} bytes and its signature "
+                        f"{SIGNATURE_BYTES}"
+                    )
+                if k.key_id != expected[ident]:
+                    raise _invalid(
+                        f"participant {who}: key signed as key_id {k.key_id[:64]!r}, but the "
+                        f"request names {expected[ident]!r}"
+                    )
+                payload = repair_key_payload(
+                    request.repair_id,
+                    request.account_id,
+                    params_sha256,
+                    ident,
+                    bytes(k.encryption_key),
+                )
+                if not verify_ed25519(self.settings.participants[k.key_id], payload, k.signature):
+                    raise _invalid(
+                        f"participant {who}: key signature does not verify under key_id "
+                        f"{k.key_id!r} for this repair (a substituted key)"
+                    )
+                try:  # a small-order key would make the shared secret all zero
+                    _kdf.x25519_into(scratch, probe, bytes(k.encryption_key))
+                except FrostError as exc:
+                    raise _invalid(f"participant {who}: encryption_key refused: {exc}") from None
+                out[ident] = bytes(k.encryption_key)
+        finally:
+            _sodium.memzero(scratch)
+            _sodium.memzero(probe)
+        return out
+
+    def _step1(
+        self, session: RepairSession, account: AccountShare, params_sha256: bytes
+    ) -> pb.RepairStep1Response:
+        """ZF ``repair_share_step_1`` with the account's share; the others' deltas encrypted
+        and zeroed, our own kept for step 2."""
+        own = session.identifier
+        session.x25519_public = _kdf.x25519_keypair(session.x25519_secret)
+        deltas = _repair.repair_share_step_1(
+            [i for i, _k in session.helpers],
+            own,
+            account.signing_share,
+            session.participant[0],
+            suite=session.group.name,
+        )
+        key = bytearray(_stream.KEY_BYTES)
+        try:
+            out = []
+            for ident, _key_id in session.others:
+                share_key_into(
+                    key,
+                    dkg_id=session.dkg_id,
+                    sender=own,
+                    recipient=ident,
+                    own_secret=session.x25519_secret,
+                    sender_public=session.x25519_public,
+                    recipient_public=session.keys[ident],
+                    peer_public=session.keys[ident],
+                    label=REPAIR_DELTA_INFO,
+                )
+                ciphertext = encrypt_share(
+                    key, deltas[ident], dkg_id=session.dkg_id, sender=own, recipient=ident
+                )
+                out.append(pb.DkgEncryptedShare(sender=own, recipient=ident, ciphertext=ciphertext))
+            session.own_delta[:] = deltas[own]
+        finally:
+            _sodium.memzero(key)
+            for delta in deltas.values():
+                _sodium.memzero(delta)
+        payload = repair_key_payload(
+            session.dkg_id, session.account_id, params_sha256, own, session.x25519_public
+        )
+        return pb.RepairStep1Response(
+            key=pb.RepairKey(
+                identifier=own,
+                encryption_key=session.x25519_public,
+                key_id=ENCLAVE_KEY_ID,
+                signature=self._identity.sign(payload),
+            ),
+            deltas=out,
+            expires_at_unix_ms=session.expires_at_unix_ms,
+        )
+
+    def repair_step2(self, request: pb.RepairStep2Request) -> pb.RepairStep2Response:
+        """Sum our delta and the other helpers' (each decrypted and checked) into sigma and
+        answer it encrypted to the participant; every secret of the repair is then zeroed. A
+        delta that fails authentication is INVALID_ARGUMENT naming its sender and the repair
+        stays as it was; a retry with the same deltas returns the same answer."""
+        _check_text(request.repair_id, "repair_id", MAX_DKG_ID_BYTES)
+        session = self._live_repair(request.repair_id)
+        if session is None:
+            raise _refuse(
+                PoolErrorKind.NOT_FOUND, f"unknown or expired repair_id {request.repair_id!r}"
+            )
+        key = _digest(*(d.SerializeToString(deterministic=True) for d in request.deltas))
+        if session.state is DkgState.DONE:
+            if session.step2_key == key and session.step2_response is not None:
+                return session.step2_response
+            raise _refuse(
+                PoolErrorKind.FAILED_PRECONDITION,
+                f"repair {session.dkg_id!r} already ran step 2 with other deltas",
+            )
+        if session.state is not DkgState.ROUND1_SENT:  # pragma: no cover - no other live state
+            raise _refuse(PoolErrorKind.FAILED_PRECONDITION, "step 1 has not run")
+        account = self._lookup(session.account_id)
+        if account is None or account.verifying_share != session.old_verifying_share:
+            raise self._fail(
+                session,
+                _refuse(
+                    PoolErrorKind.FAILED_PRECONDITION,
+                    f"account {session.account_id!r} changed since step 1 (a refresh loaded); "
+                    "start a new repair",
+                ),
+            )
+        received = self._decrypt(session, request.deltas, REPAIR_DELTA_INFO)
+        sigma = bytearray(0)
+        try:
+            values = {ident: p.signing_share for ident, p in received.items()}
+            values[session.identifier] = session.own_delta
+            try:
+                sigma = _repair.repair_share_step_2(values, suite=session.group.name)
+            except _dkg.DkgError as exc:
+                raise self._fail(session, _invalid(_culprit_message(session.group, exc))) from None
+            participant = session.participant[0]
+            box = bytearray(_stream.KEY_BYTES)
+            try:
+                share_key_into(
+                    box,
+                    dkg_id=session.dkg_id,
+                    sender=session.identifier,
+                    recipient=participant,
+                    own_secret=session.x25519_secret,
+                    sender_public=session.x25519_public,
+                    recipient_public=session.keys[participant],
+                    peer_public=session.keys[participant],
+                    label=REPAIR_SIGMA_INFO,
+                )
+                ciphertext = encrypt_share(
+                    box,
+                    sigma,
+                    dkg_id=session.dkg_id,
+                    sender=session.identifier,
+                    recipient=participant,
+                )
+            finally:
+                _sodium.memzero(box)
+        finally:
+            _sodium.memzero(sigma)
+            for package in received.values():
+                package.zero()
+        response = pb.RepairStep2Response(
+            sigma=pb.DkgEncryptedShare(
+                sender=session.identifier, recipient=participant, ciphertext=ciphertext
+            )
+        )
+        session.zero()
+        session.step2_key = key
+        session.step2_response = response
+        self._move(session, DkgState.DONE)
+        self._give_back(session)
+        self._forget_oldest_done(self.repairs)
+        log.info(
+            "repair step 2 answered",
+            extra={"dkg_id": session.dkg_id, "account_id": session.account_id},
+        )
+        return response
+
     # -- expiry and the stores -------------------------------------------------------------
 
     def expire(self, now: float) -> int:
         """End every DKG whose deadline is at or before ``now`` (a storing one finishes first);
         returns how many."""
         ended = 0
-        for session in list(self.sessions.values()):
+        for session in self._all():
             if session.deadline > now or session.state is DkgState.STORING:
                 continue
             self._end(session, DkgState.EXPIRED)
@@ -1398,11 +1903,12 @@ class DkgRegistry:
         """Zero every DKG that holds secrets and forget them all (shutdown); returns how many
         held secrets."""
         count = 0
-        for session in list(self.sessions.values()):
+        for session in self._all():
             if session.state in (DkgState.OPEN, DkgState.ROUND1_SENT, DkgState.ROUND2_SENT):
                 self._end(session, DkgState.EXPIRED)
                 count += 1
         self.sessions.clear()
+        self.repairs.clear()
         return count
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -1416,11 +1922,7 @@ class DkgRegistry:
                 self._nursery = nursery
                 task_status.started()
                 while True:
-                    deadlines = [
-                        s.deadline
-                        for s in self.sessions.values()
-                        if s.state is not DkgState.STORING
-                    ]
+                    deadlines = [s.deadline for s in self._all() if s.state is not DkgState.STORING]
                     if not deadlines:
                         self._wakeup = trio.Event()
                         await self._wakeup.wait()
@@ -1451,6 +1953,7 @@ def largest_dkg_requests() -> dict[str, int]:
         identifier=bytes(IDENTIFIER_BYTES),
         policy="p" * 64,
         approvals=[approval] * MAX_DKG_APPROVALS,
+        operation=REFRESH,
     )
     package = pb.DkgRound1Package(
         identifier=bytes(IDENTIFIER_BYTES),
@@ -1471,10 +1974,29 @@ def largest_dkg_requests() -> dict[str, int]:
     round3 = pb.DkgRound3Request(
         dkg_id="d" * MAX_DKG_ID_BYTES, shares=[share] * (MAX_DKG_SIGNERS - 1)
     )
+    repair_key = pb.RepairKey(
+        identifier=bytes(IDENTIFIER_BYTES),
+        encryption_key=bytes(X25519_BYTES),
+        key_id="k" * MAX_KEY_ID_BYTES,
+        signature=bytes(SIGNATURE_BYTES),
+    )
+    step1 = pb.RepairStep1Request(
+        repair_id="d" * MAX_DKG_ID_BYTES,
+        account_id="a" * MAX_ACCOUNT_ID_BYTES,
+        helpers=[participant] * MAX_DKG_SIGNERS,
+        participant=participant,
+        keys=[repair_key] * MAX_DKG_SIGNERS,
+        approvals=[approval] * MAX_DKG_APPROVALS,
+    )
+    step2 = pb.RepairStep2Request(
+        repair_id="d" * MAX_DKG_ID_BYTES, deltas=[share] * (MAX_DKG_SIGNERS - 1)
+    )
     return {
         "DkgRound1": int(round1.ByteSize()),
         "DkgRound2": int(round2.ByteSize()),
         "DkgRound3": int(round3.ByteSize()),
+        "RepairStep1": int(step1.ByteSize()),
+        "RepairStep2": int(step2.ByteSize()),
     }
 
 
@@ -1489,9 +2011,18 @@ def _culprit_message(group: Group, exc: _dkg.DkgError) -> str:
 
 __all__ = [
     "CIPHERTEXT_BYTES",
+    "CREATE",
+    "DKG_OPERATIONS",
     "DKG_SUITES",
     "MAX_DKG_ID_BYTES",
     "MAX_DKG_SIGNERS",
+    "REFRESH",
+    "REFRESH_POLICY",
+    "REPAIR_DELTA_INFO",
+    "REPAIR_POLICY",
+    "REPAIR_SIGMA_INFO",
+    "REPAIR_TRANSITIONS",
+    "RESERVED_POLICIES",
     "TRANSITIONS",
     "CreatedAccount",
     "DeltaWriter",
@@ -1500,6 +2031,7 @@ __all__ = [
     "DkgState",
     "FindCreated",
     "PoolSlots",
+    "RepairSession",
     "Signer",
     "Slots",
     "decrypt_share_into",
@@ -1507,6 +2039,8 @@ __all__ = [
     "dkg_params",
     "encrypt_share",
     "largest_dkg_requests",
+    "repair_key_payload",
+    "repair_params",
     "round1_payload",
     "share_key_into",
     "verify_ed25519",

@@ -24,8 +24,11 @@ approvals that do not satisfy the ``create`` policy, INVALID_ARGUMENT naming the
 participant for a bad package, proof, signature or share, NOT_FOUND for an unknown or expired
 dkg_id, ALREADY_EXISTS for an account that exists or a dkg_id in use with other parameters,
 RESOURCE_EXHAUSTED when ``[dkg] max_open`` DKGs are open or the pool is full, UNAVAILABLE when
-the delta could not be stored (nothing was created). Without a registry (no ``[dkg]``, no
-identity key or no delta writer) they answer FAILED_PRECONDITION.
+the delta could not be stored (nothing was created). ``DkgRound1`` with ``operation =
+"refresh"`` refreshes an existing account's share under the ``refresh`` policy, and
+``RepairStep1``/``RepairStep2`` help repair another participant's share under the ``repair``
+policy, through the same registry (docs/refresh-repair.md). Without a registry (no ``[dkg]``,
+no identity key or no delta writer) they all answer FAILED_PRECONDITION.
 
 Every call is counted by method and status code, Commit and Sign also as sessions and
 signatures by outcome, with their latency, in :attr:`SignService.metrics` (a
@@ -380,6 +383,12 @@ class SignService:
             SERVICE + "DkgRound3": protobuf_handler(
                 pb.DkgRound3Request.FromString, self.dkg_round3
             ),
+            SERVICE + "RepairStep1": protobuf_handler(
+                pb.RepairStep1Request.FromString, self.repair_step1
+            ),
+            SERVICE + "RepairStep2": protobuf_handler(
+                pb.RepairStep2Request.FromString, self.repair_step2
+            ),
         }
         return {path: self._counted(path, handler) for path, handler in table.items()}
 
@@ -563,6 +572,20 @@ class SignService:
         registry = self._dkg_registry()
         with _map_errors():
             return await registry.round3(request)
+
+    async def repair_step1(
+        self, request: pb.RepairStep1Request, context: CallContext
+    ) -> pb.RepairStep1Response:
+        registry = self._dkg_registry()
+        with _map_errors():
+            return registry.repair_step1(request)
+
+    async def repair_step2(
+        self, request: pb.RepairStep2Request, context: CallContext
+    ) -> pb.RepairStep2Response:
+        registry = self._dkg_registry()
+        with _map_errors():
+            return registry.repair_step2(request)
 
     def _dkg_registry(self) -> DkgRegistry:
         if self.dkg is None:
