@@ -115,6 +115,37 @@ events_token = "{"x" * 32}"
             store.close()
 
 
+def _dkg_participants_are_pinned(info: dict[str, str], tmp_path: Path) -> None:
+    """Issue 16: dev up's enclave.toml pins the delta identity key, the two DKG participant
+    keys it printed (files 0600) and a create policy; the printed ``gateway_dkg`` line gives a
+    gateway those participants; the parent stores deltas in the work directory."""
+    from trio_sign.enclave._measured import load_measured_config
+    from trio_sign.gateway import ApproverSigningKey
+
+    work = tmp_path / "stack"
+    measured = load_measured_config(work / "enclave.toml")
+    assert measured.dkg is not None
+    assert measured.delta_identity_key is not None
+    assert measured.delta_identity_key.hex() in info["dkg"]
+    assert "create" in measured.policies.policies
+    config = parse_gateway_config(
+        f"""{info["gateway_dkg"]}
+[dev]
+skip_attestation = true
+[[node]]
+id = "node-7"
+address = "tcp://127.0.0.1:1"
+events_token = "{"x" * 32}"
+"""
+    )
+    assert sorted(config.local_participants) == ["p2", "p3"]
+    for key_id, path in config.local_participants.values():
+        assert path.stat().st_mode & 0o777 == 0o600
+        with ApproverSigningKey.load(path, key_id=key_id) as key:
+            assert measured.dkg.participants[key_id] == key.public_key
+    assert str(work / "run" / "deltas") in info["dkg"]
+
+
 async def test_dev_up_serves_an_external_gateway(tmp_path: Path) -> None:
     gen = generate_share_files(tmp_path / "shares", 5)
     token = secrets.token_urlsafe(32)
@@ -171,6 +202,7 @@ async def test_dev_up_serves_an_external_gateway(tmp_path: Path) -> None:
                     await trio.sleep(0.05)
             assert hub.stats.unauthorized == 0
             await _external_gateway_signs_with_the_printed_approvers(info, gen, tmp_path)
+            _dkg_participants_are_pinned(info, tmp_path)
             # dev up raised its open-file limit (the ingress needs two per connection)
             if hard != resource.RLIM_INFINITY and hard > LOW_NOFILE:
                 assert _open_file_limits(proc.pid) == (hard, hard)

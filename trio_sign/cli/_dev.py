@@ -36,6 +36,17 @@ a gateway.toml line (a dotted key: ``[approvers] keys``) that gives your gateway
 (``trio-sign gateway`` then approves every Sign it sends), and ``trio-sign approver approve``
 makes one by hand.
 
+Accounts by DKG (DESIGN §13, issue 16): the enclave.toml also pins a delta identity key
+(``[bundles] delta_identity_key``; a development key in WORKDIR/identity-key.json, 0600, the
+stand-in for the one made at genesis inside an enclave), two DKG participant keys in ``[dkg]
+participants`` (p2 and p3, private keys in WORKDIR/participants/, 0600, printed as
+``participants``) and a 2-of-3 ``[policies.create]`` over the same approvers; the parent
+stores delta bundles under WORKDIR/run/deltas (``[deltas] location``). ``gateway_dkg`` is a
+gateway.toml line that gives your gateway the participants, so its ``POST /v1/accounts``
+creates accounts by DKG (docs/gateway.md). The enclave takes part in a DKG only once its
+boot unseals the identity key (not wired into ``trio-sign enclave`` yet: until then
+DkgRound1 answers FAILED_PRECONDITION).
+
 Ctrl-C (or SIGTERM) stops everything; the command exits 0 then. A port already in use or a
 missing file is one line on stderr and exit 1.
 """
@@ -317,6 +328,25 @@ def _print_stack(stack: Any, pinned: tuple[Path, str]) -> None:
                 f'{k} = "{stack.approver_key_files[k]}"' for k in stack.gateway_approver_ids
             )
             + " }",
+        ),
+        (
+            "participants",
+            ", ".join(f"{pid} {path}" for pid, path in stack.participant_key_files.items())
+            + "  (DKG participant keys pinned in [dkg] participants; 0600)",
+        ),
+        (
+            "gateway_dkg",
+            "participants = { "
+            + ", ".join(
+                f'{pid} = {{ key_id = "{pid}", key_file = "{path}" }}'
+                for pid, path in stack.participant_key_files.items()
+            )
+            + " }",
+        ),
+        (
+            "dkg",
+            f"create policy {stack.policy_threshold} of {', '.join(stack.approver_key_files)}; "
+            f"delta identity key {stack.identity_public_key}; deltas in {stack.deltas_dir}",
         ),
     ):
         print(f"  {key:<14} {value}", flush=True)
