@@ -29,6 +29,20 @@ round does:
   naming the sender), the key package becomes a ``create`` record for the
   :class:`DeltaWriter`, and the answer leaves only once the writer reports the delta stored.
 
+**Refresh** (``operation = "refresh"``, docs/refresh-repair.md §7.1) runs the same three
+rounds on an existing account: the parameters must match it, the approvals are decided under
+the ``refresh`` policy over parameters and signed payloads that carry the operation, the
+rounds are ZF's ``refresh_dkg_*`` (``crypto/_refresh.py``: a zero constant term, left out of
+the commitment), and round 3 adds the received shares to the account's current share, refuses
+an account changed since round 1, and stores the result as a ``refresh`` delta, which replaces
+(and zeroes) the old share only once it is durable.
+
+**Repair** (``RepairStep1``/``RepairStep2``, §7.2): the enclave as one helper of ZF's
+repairable scheme (``crypto/_repair.py``). A :class:`RepairSession` lives in
+:attr:`DkgRegistry.repairs` and shares the DKGs' slots, ``max_open``, expiry, zeroing and
+shutdown (:data:`REPAIR_TRANSITIONS`: ``open -> round1_sent`` at step 1, ``-> done`` at step
+2). Nothing is stored.
+
 Retries are idempotent: the same round-1 parameters return the same package, the same round-2
 packages the same ciphertexts, and a round 3 after success (also after this DKG is forgotten,
 from the stored delta: :data:`FindCreated`) the same account. A round 3 that arrives while the
