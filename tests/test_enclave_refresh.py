@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,12 +37,14 @@ from trio_sign.crypto import _dkg, _kdf, scheme_by_name
 from trio_sign.crypto._group import Group, group_for
 from trio_sign.crypto._refresh import refresh_part1, refresh_part2, refresh_part3
 from trio_sign.enclave import SessionPool, SignService
+from trio_sign.enclave._deltas import DeltaWriter, EnclaveDeltas
 from trio_sign.enclave._dkg import (
     CreatedAccount,
     DkgRegistry,
     DkgState,
     PoolSlots,
     decrypt_share_into,
+    deltas_finder,
     dkg_params,
     encrypt_share,
     round1_payload,
@@ -50,8 +53,16 @@ from trio_sign.enclave._dkg import (
 )
 from trio_sign.enclave._identity import IdentityKey
 from trio_sign.enclave._measured import parse_measured_config
+from trio_sign.enclave._status import one_connection
+from trio_sign.parent._deltas import (
+    Deltas,
+    FileDeltaStore,
+    delta_fingerprint,
+    serve_deltas_connection,
+)
 from trio_sign.rpc import serve_grpc
 from trio_sign.shares import ShareRecord, ShareStore, write_plaintext
+from trio_sign.shares._deltas import DeltaChain
 from trio_sign.shares._signature import CeremonyKey
 from trio_sign.transport import open_listeners
 
@@ -894,3 +905,99 @@ def test_refresh_params_bytes_are_documented() -> None:
     assert refresh == tag + b"\x01\x00\x07refresh" + create[len(tag) + 1 :]
     payload = round1_payload("d", "a", bytes(32), ident, [b"e" * 32], b"p", bytes(32), "refresh")
     assert payload.startswith(b"trio-sign/dkg-round1/v1\x01\x00\x07refresh\x00\x01d\x00\x01a")
+
+
+async def test_refresh_through_the_real_delta_writer_and_the_parents_file_store(
+    tmp_path: Path,
+) -> None:
+    """The real ``DeltaWriter`` and the parent's ``FileDeltaStore``: a DKG's ``create`` delta,
+    then the refresh's ``refresh`` delta, both durable before their answers; after a "reboot"
+    (a fresh store on the same base, the stored deltas applied in order) the account holds the
+    refreshed share."""
+    measured = parse_measured_config(lifecycle_toml())
+    assert measured.dkg is not None
+    store = empty_store()
+    identity = IdentityKey(CeremonyKey.from_seed(IDENTITY_SEED))
+    wrap = identity.delta_key_wrap()
+    base = hashlib.sha256(b"the base bundle").hexdigest()
+    chain = DeltaChain(base)
+    deltas = EnclaveDeltas(
+        store, chain, provider=wrap, signer=identity, signing_keys=(identity.public_key,)
+    )
+    writer = DeltaWriter(deltas, store_timeout_s=20.0)
+    files = FileDeltaStore(tmp_path / "deltas")
+    files.recover()
+    parent = Deltas(files)
+    pool = SessionPool(store.get)
+    authorizer = Authorizer(measured.policies)
+    registry = DkgRegistry(
+        settings=measured.dkg,
+        identity=identity,
+        writer=writer,
+        authorizer=authorizer,
+        lookup=store.get,
+        slots=PoolSlots(pool),
+        find_created=deltas_finder(deltas),
+    )
+    service = SignService(store, pool, authorizer=authorizer, dkg=registry)
+    enclave_end, parent_end = trio.testing.memory_stream_pair()
+
+    async def connect() -> trio.abc.Stream:
+        return enclave_end
+
+    rebooted = empty_store()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_deltas_connection, parent_end, parent)
+            nursery.start_soon(
+                functools.partial(
+                    one_connection,
+                    "deltas",
+                    connect,
+                    writer.converse,
+                    connect_timeout_s=5.0,
+                    read=False,
+                )
+            )
+            await nursery.start(pool.run_reaper)
+            await nursery.start(registry.run)
+            node = Node(store, pool, registry, service, writer, identity, DirectClient(service))
+            a = await create_account(node, TAPROOT)
+            old = store.get(a.account_id)
+            assert old is not None
+            old_share = bytes(old.signing_share)
+            run = await full_refresh(node, a)
+            new = run.refreshed()
+            assert run.answer.delta_sequence == 2
+            assert run.answer.deltas_head == chain.head
+            assert deltas.find_dkg(run.r.dkg_id) == (2, chain.head)
+            stored = (tmp_path / "deltas" / "delta-00000002.enc").read_bytes()
+            assert delta_fingerprint(stored, 2) == run.answer.deltas_head
+            assert await signs_as_before(node, new)
+            assert not await signs_as_before(node, a)
+            assert old_share not in arenas(store)
+            # the "reboot": the stored chain on the same base gives the refreshed share
+            again = EnclaveDeltas(
+                rebooted,
+                DeltaChain(base),
+                provider=wrap,
+                signing_keys=(identity.public_key,),
+            )
+            ops = [
+                again.apply((tmp_path / "deltas" / f"delta-0000000{k}.enc").read_bytes()).operation
+                for k in (1, 2)
+            ]
+            assert ops == ["create", "refresh"]
+            loaded = rebooted.get(a.account_id)
+            current = store.get(a.account_id)
+            assert loaded is not None
+            assert current is not None
+            assert bytes(loaded.signing_share) == bytes(current.signing_share)
+            assert loaded.verifying_share == run.answer.verifying_share
+            assert loaded.group_public_key == a.group_public_key
+            nursery.cancel_scope.cancel()
+    finally:
+        rebooted.close()
+        wrap.close()
+        identity.close()
+        store.close()
