@@ -62,7 +62,7 @@ from trio_sign.parent._deltas import (
     delta_fingerprint,
     serve_deltas_connection,
 )
-from trio_sign.rpc import RpcError, StatusCode, serve_grpc
+from trio_sign.rpc import CallContext, RpcError, StatusCode, serve_grpc
 from trio_sign.shares import ShareRecord, ShareStore
 from trio_sign.shares._deltas import DeltaChain
 from trio_sign.shares._signature import CeremonyKey
@@ -140,10 +140,13 @@ class Enclave:
     registry: DkgRegistry
     writer: Any  # SignalWriter, or Watch around the real DeltaWriter
     identity: IdentityKey
+    service: SignService
 
 
 @asynccontextmanager
-async def dev_enclave(durable: Path | None = None) -> AsyncIterator[Enclave]:
+async def dev_enclave(
+    durable: Path | None = None, *, over_tcp: bool = True
+) -> AsyncIterator[Enclave]:
     """The DKG tests' enclave (SignService + DkgRegistry) on loopback. Its delta store is the
     fake one, or with ``durable`` the real ``DeltaWriter`` (sealed, identity-signed deltas on
     the chain) talking to the parent's real deltas channel and ``FileDeltaStore`` in that
@@ -200,6 +203,10 @@ async def dev_enclave(durable: Path | None = None) -> AsyncIterator[Enclave]:
                 )
             await nursery.start(pool.run_reaper)
             await nursery.start(registry.run)
+            if not over_tcp:  # called in-process (DirectNode): for the virtual clock
+                yield Enclave("", store, registry, writer, identity, service)
+                nursery.cancel_scope.cancel()
+                return
             listeners = await open_listeners("tcp://127.0.0.1:0")
             port = listeners[0].socket.getsockname()[1]
             server = await nursery.start(
@@ -211,7 +218,7 @@ async def dev_enclave(durable: Path | None = None) -> AsyncIterator[Enclave]:
                 )
             )
             try:
-                yield Enclave(f"tcp://127.0.0.1:{port}", store, registry, writer, identity)
+                yield Enclave(f"tcp://127.0.0.1:{port}", store, registry, writer, identity, service)
             finally:
                 await server.aclose()
                 nursery.cancel_scope.cancel()
@@ -219,6 +226,34 @@ async def dev_enclave(durable: Path | None = None) -> AsyncIterator[Enclave]:
         wrap.close()
         identity.close()
         store.close()
+
+
+async def inline(fn: Any, *args: Any) -> Any:
+    """Blocking file I/O on the event loop: with the virtual clock a worker thread would
+    let time jump to the enclave's next deadline."""
+    return fn(*args)
+
+
+class DirectNode(EnclaveNode):
+    """A node whose calls go straight to the enclave's handlers (no sockets: the virtual
+    clock holds); ``unavailable_round3`` DkgRound3 calls fail UNAVAILABLE first."""
+
+    def __init__(self, node_id: str, service: SignService) -> None:
+        super().__init__(node_id, "direct://")
+        self._handlers = service.handlers()
+        self.unavailable_round3 = 0
+        self.round3_calls = 0
+
+    async def _call(self, method: str, request: Any, response_type: Any, timeout_s: float) -> Any:
+        if method == "DkgRound3":
+            self.round3_calls += 1
+            if self.unavailable_round3 > 0:
+                self.unavailable_round3 -= 1
+                raise RpcError(StatusCode.UNAVAILABLE, "the parent's ingress is down")
+        path = "/trio_sign.v1.SignService/" + method
+        ctx = CallContext(method=path, metadata=(), authority="test", deadline=math.inf)
+        data = await self._handlers[path](request.SerializeToString(), ctx)
+        return response_type.FromString(data)
 
 
 @dataclass
@@ -237,13 +272,16 @@ async def gateway(
     approvers: tuple[str, ...] = ("ops-1", "ops-2"),
     keys: tuple[str, ...] = ("p2", "p3"),
     pin_identity: bool = True,
+    node: EnclaveNode | None = None,
+    settings: DkgSettings | None = None,
 ) -> AsyncIterator[Gateway]:
     """A gateway's DKG side: one node, local participants, the journal, a coordinator."""
     locals_ = participants(*keys)
     shares = DkgShares(journal, keys)
     shares.open()
     gate = approver(*approvers)
-    node = EnclaveNode("node-1", enclave.address)
+    if node is None:
+        node = EnclaveNode("node-1", enclave.address)
     coordinator = Coordinator([node], list(shares.stores.values()), approver=gate)
     driver = DkgDriver(
         [node],
@@ -251,7 +289,8 @@ async def gateway(
         shares,
         approver=gate,
         enclave_identity_key=enclave.identity.public_key if pin_identity else None,
-        settings=DkgSettings(round_timeout_s=20.0),
+        settings=settings or DkgSettings(round_timeout_s=20.0),
+        blocking=inline if isinstance(node, DirectNode) else trio.to_thread.run_sync,
         on_created=coordinator.learned,
     )
     try:
@@ -521,6 +560,49 @@ async def test_round3_is_retried_with_the_same_dkg_id_until_answered(tmp_path: P
             assert enclave.writer.calls == 1  # stored once
             await sign_and_verify(gw, "acct-flaky", SUITES[1])
             nursery.cancel_scope.cancel()
+
+
+async def test_the_crash_rule_backs_off_gives_up_and_run_settles_it_later(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Round 3 retried with full-jitter back-off (virtual time) until answered; one that
+    stays unanswered past ``round3_give_up_s`` is ``no_healthy_node`` and stays pending; the
+    driver's ``run`` settles it at its next round once the node answers, no restart."""
+    settings = DkgSettings(
+        round3_retry_base_s=1.0,
+        round3_retry_max_s=4.0,
+        round3_give_up_s=30.0,
+        recover_interval_s=60.0,
+    )
+    async with dev_enclave(over_tcp=False) as enclave:
+        node = DirectNode("node-1", enclave.service)
+        async with gateway(enclave, tmp_path / "j.jsonl", node=node, settings=settings) as gw:
+            node.unavailable_round3 = 3
+            t0 = trio.current_time()
+            created = await gw.driver.create_account("acct-backoff", SUITES[0])
+            waited = trio.current_time() - t0
+            assert created.recovered
+            assert node.round3_calls == 4
+            assert 0 < waited <= 2.0 + 4.0 + 4.0  # uniform(0, min(4, 1 * 2**k)), k = 1, 2, 3
+            await sign_and_verify(gw, "acct-backoff", SUITES[0])
+
+            async with trio.open_nursery() as nursery:
+                await nursery.start(gw.driver.run)  # its first round finds nothing pending
+                node.unavailable_round3 = 10**6
+                t0 = trio.current_time()
+                with pytest.raises(DkgFailed) as info:
+                    await gw.driver.create_account("acct-later", SUITES[1])
+                assert info.value.reason == "no_healthy_node"
+                assert trio.current_time() - t0 >= settings.round3_give_up_s
+                assert list(gw.shares.pending) == [info.value.dkg_id]
+                with pytest.raises(GatewayError):
+                    await gw.coordinator.sign("acct-later", b"not yet")
+                node.unavailable_round3 = 0  # the node answers again
+                await trio.sleep(settings.recover_interval_s)  # run's next round
+                assert not gw.shares.pending
+                assert gw.shares.stores["p2"].get("acct-later") is not None
+                await sign_and_verify(gw, "acct-later", SUITES[1])
+                nursery.cancel_scope.cancel()
 
 
 # -- the journal ---------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ import os
 import random
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -729,6 +729,9 @@ class DkgSettings:
         round3_give_up_s: how long the crash rule keeps retrying an unreachable node before
             the creation is reported unknown (the entry stays pending: a restart retries).
         max_concurrent: DKGs in flight at once (each holds an enclave pool slot).
+        recover_interval_s: how often :meth:`DkgDriver.run` settles the journal's pending
+            entries that no request is working on (a request cancelled or given up after
+            round 3 was sent).
     """
 
     round_timeout_s: float = 30.0
@@ -736,6 +739,7 @@ class DkgSettings:
     round3_retry_max_s: float = 5.0
     round3_give_up_s: float = 600.0
     max_concurrent: int = 8
+    recover_interval_s: float = 30.0
 
 
 _RETRY_ROUND3: Final = frozenset({StatusCode.UNAVAILABLE, StatusCode.DEADLINE_EXCEEDED})
@@ -755,6 +759,8 @@ class DkgDriver:
         settings: limits.
         on_created: called with each account created (the coordinator forgets any cached
             miss for it).
+        blocking: runs the journal's blocking writes (fsync): a worker thread by default;
+            tests on the virtual clock run them inline (a thread lets the clock jump).
     """
 
     def __init__(
@@ -767,6 +773,7 @@ class DkgDriver:
         enclave_identity_key: bytes | None = None,
         settings: DkgSettings = DkgSettings(),
         on_created: Callable[[str], None] | None = None,
+        blocking: Callable[..., Awaitable[Any]] = trio.to_thread.run_sync,
     ) -> None:
         if not participants:
             raise ValueError("a DKG needs at least one participant besides the enclave")
@@ -777,8 +784,10 @@ class DkgDriver:
         self.enclave_identity_key = enclave_identity_key
         self.settings = settings
         self._on_created = on_created
+        self._blocking = blocking
         self._limiter = trio.CapacityLimiter(settings.max_concurrent)
         self._rng = random.Random()
+        self._active: set[str] = set()  # dkg_ids a request or recovery is working on
         self.created = 0
         self.recovered = 0
         self.enclave_ms: list[float] = []
@@ -892,9 +901,11 @@ class DkgDriver:
         async with self._limiter:
             node = self._choose_node()
             node.in_flight += 1
+            self._active.add(c.dkg_id)
             try:
                 return await self._run(node, c, chosen, approvals)
             finally:
+                self._active.discard(c.dkg_id)
                 node.in_flight -= 1
                 for p in chosen:
                     p.forget(c.dkg_id)
@@ -970,7 +981,7 @@ class DkgDriver:
                     records[p.participant_id] = out.record
             self._check_agreement(c, outputs)
             to_enclave = [s for s in sent if bytes(s.recipient) == c.enclave_identifier]
-            entry = await trio.to_thread.run_sync(
+            entry = await self._blocking(
                 self.shares.write_pending, c, node.node_id, records, to_enclave
             )
         finally:
@@ -997,7 +1008,7 @@ class DkgDriver:
         """After round 3 was sent: anything but an unreachable node is a final answer (no
         account, or one this gateway's shares do not fit); the pending entry is closed."""
         if exc.reason != "no_healthy_node":
-            await trio.to_thread.run_sync(self.shares.write_failed, dkg_id, exc.reason)
+            await self._blocking(self.shares.write_failed, dkg_id, exc.reason)
 
     def _check_enclave_package(self, c: Ceremony, package: pb.DkgRound1Package) -> None:
         if bytes(package.identifier) != c.enclave_identifier or package.key_id != ENCLAVE_KEY_ID:
@@ -1149,7 +1160,7 @@ class DkgDriver:
                 reason="key_mismatch",
                 dkg_id=dkg_id,
             )
-        await trio.to_thread.run_sync(self.shares.write_created, entry, answer)
+        await self._blocking(self.shares.write_created, entry, answer)
         if self._on_created is not None:
             self._on_created(account_id)
         total_ms = (time.perf_counter() - started) * 1000
@@ -1190,17 +1201,43 @@ class DkgDriver:
 
     # -- the crash rule at start -------------------------------------------------------------
 
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Settle the journal's pending entries (:meth:`recover`) now and then every
+        ``recover_interval_s`` until cancelled: a gateway that restarted after a crash, or a
+        request that was cancelled or gave up after ``DkgRound3`` was sent, gets its answer
+        without a restart.
+
+        Cancellation: an entry being retried stays pending (the next start settles it).
+        """
+        task_status.started()
+        while True:
+            await self.recover()
+            await trio.sleep(self.settings.recover_interval_s)
+
     async def recover(self) -> list[CreatedAccount | DkgFailed]:
-        """Settle every pending journal entry (a gateway stopped between journalling its
-        shares and the ``DkgRound3`` answer): retry ``DkgRound3`` with the same dkg_id and
-        the journalled ciphertexts until an answer (the account is created: its shares are
-        learned) or ``NOT_FOUND`` (no account exists: the entry is marked failed). An entry
-        whose node stays unreachable stays pending.
+        """Settle every pending journal entry no request is working on (a gateway stopped
+        between journalling its shares and the ``DkgRound3`` answer): retry ``DkgRound3`` with
+        the same dkg_id and the journalled ciphertexts until an answer (the account is
+        created: its shares are learned) or ``NOT_FOUND`` (no account exists: the entry is
+        marked failed). An entry whose node stays unreachable stays pending.
 
         Returns one outcome per entry, in journal order.
         """
         outcomes: list[CreatedAccount | DkgFailed] = []
         for dkg_id, entry in list(self.shares.pending.items()):
+            if dkg_id in self._active:
+                continue
+            self._active.add(dkg_id)
+            try:
+                outcomes.append(await self._recover_one(dkg_id, entry))
+            finally:
+                self._active.discard(dkg_id)
+        return outcomes
+
+    async def _recover_one(
+        self, dkg_id: str, entry: Mapping[str, Any]
+    ) -> CreatedAccount | DkgFailed:
+        try:
             by_id = {n.node_id: n for n in self.nodes}
             node = by_id.get(entry["node"]) or self._choose_node()
             shares = [
@@ -1212,22 +1249,18 @@ class DkgDriver:
                 for s in entry["round3"]
             ]
             started = time.perf_counter()
-            try:
-                answer, _ = await self._round3(node, dkg_id, shares, entry["account_id"])
-                outcomes.append(
-                    await self._settle(
-                        entry, node, answer, None, recovered=True, enclave_s=0.0, started=started
-                    )
-                )
-            except DkgFailed as exc:
-                await self._resolve_failed(dkg_id, exc)
-                log.warning(
-                    "pending DKG not created: %s",
-                    exc.reason,
-                    extra={"dkg_id": dkg_id, "reason": exc.reason},
-                )
-                outcomes.append(exc)
-        return outcomes
+            answer, _ = await self._round3(node, dkg_id, shares, entry["account_id"])
+            return await self._settle(
+                entry, node, answer, None, recovered=True, enclave_s=0.0, started=started
+            )
+        except DkgFailed as exc:
+            await self._resolve_failed(dkg_id, exc)
+            log.warning(
+                "pending DKG not created: %s",
+                exc.reason,
+                extra={"dkg_id": dkg_id, "reason": exc.reason},
+            )
+            return exc
 
 
 def _expected(

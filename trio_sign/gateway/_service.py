@@ -48,7 +48,8 @@ Tree::
     ├── serve_gateway_events   (probe / abort / freeze / unfreeze / drain / undrain, per node)
     ├── EnclaveNode.run        (one per node: a kept-open gRPC channel, attested by default)
     ├── run_prober             (Ping + the SSE probe echo; eviction and re-admission)
-    ├── DkgDriver.recover      (with [participants] key files: pending DKGs of the journal)
+    ├── DkgDriver.run          (with [participants] key files: settles the journal's pending
+    │                           DKGs at start and every recover_interval_s)
     └── the sign API           POST /v1/sign (optional session_id, approvals and
                                taproot_merkle_root), POST /v1/accounts (create by DKG),
                                GET /v1/nodes,
@@ -1282,9 +1283,10 @@ async def _serve(
             "gateway ready",
             extra={"api": ",".join(api), "events": ",".join(events), "nodes": len(nodes)},
         )
-        if driver is not None and driver.shares.pending:
-            # The crash rule (key-lifecycle §6) for DKGs a previous run left unanswered.
-            nursery.start_soon(driver.recover)
+        if driver is not None:
+            # The crash rule (key-lifecycle §6) for DKGs left unanswered: by a previous run,
+            # or by a request cancelled after its DkgRound3 was sent.
+            await nursery.start(driver.run)
         task_status.started(
             GatewayHandle(
                 list(api), list(events), nodes, hub, coordinator, api_token, token_file, driver
