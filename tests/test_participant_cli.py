@@ -86,7 +86,7 @@ def test_seal_then_check(
     out = capsys.readouterr().out
     assert "participant ops-1: 3 account(s)" in out
     monkeypatch.setenv(PASS_ENV, "another passphrase")
-    assert main(["participant", "--config", str(config), "--check"]) == 1
+    assert main(["participant", "--config", str(config), "--check"]) == 2
     assert "wrong passphrase" in capsys.readouterr().err
     monkeypatch.delenv(PASS_ENV)
     assert main(["participant", "--config", str(config), "--check"]) == 2

@@ -49,6 +49,7 @@ def cmd_participant(args: argparse.Namespace) -> int:
         open_participant,
         parse_config,
     )
+    from .._errors import TrioSignError
     from ..participant._store import SealedShareStore
 
     try:
@@ -66,7 +67,13 @@ def cmd_participant(args: argparse.Namespace) -> int:
         print(f"sealed {len(store)} account(s) into {config.store_path}")
         store.close()
         return 0
-    opened = open_participant(config, source)
+    try:
+        opened = open_participant(config, source)
+    except TrioSignError as exc:
+        if not args.check:
+            raise  # a start that cannot open its keys or store: exit 1 with the reason
+        print(f"trio-sign: error: {args.config}: {exc}", file=sys.stderr)
+        return 2
     try:
         if args.check:
             print(
