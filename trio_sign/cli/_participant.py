@@ -43,13 +43,13 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_participant(args: argparse.Namespace) -> int:
+    from .._errors import TrioSignError
     from ..participant._config import (
         ParticipantConfigError,
         key_source,
         open_participant,
         parse_config,
     )
-    from .._errors import TrioSignError
     from ..participant._store import SealedShareStore
 
     try:
