@@ -597,7 +597,9 @@ class DkgShares:
         self, c: Ceremony, node_id: str, shares: Mapping[str, ShareRecord], round3: Sequence[Any]
     ) -> dict[str, Any]:
         """Journal the participants' new shares and the round-3 ciphertexts, fsynced, before
-        ``DkgRound3`` is sent. Blocking."""
+        ``DkgRound3`` is sent; returns the entry (:meth:`note_pending` it). Blocking: the
+        ``write_*`` methods only append (a worker thread may run them); the ``note_*`` ones
+        change what the stores hold, on the event loop, where the coordinator reads them."""
         entry = {
             "v": JOURNAL_VERSION,
             "event": "pending",
@@ -622,12 +624,13 @@ class DkgShares:
             ],
         }
         self._append(entry)
-        self.pending[c.dkg_id] = entry
         return entry
 
+    def note_pending(self, entry: dict[str, Any]) -> None:
+        self.pending[entry["dkg_id"]] = entry
+
     def write_created(self, entry: Mapping[str, Any], answer: pb.DkgRound3Response) -> None:
-        """Journal that the enclave created the account, fsynced, and add the participants'
-        shares to their stores (the coordinator signs with them from now on). Blocking."""
+        """Journal that the enclave created the account, fsynced. Blocking."""
         dkg_id = entry["dkg_id"]
         self._append(
             {
@@ -638,12 +641,18 @@ class DkgShares:
                 "deltas_head": answer.deltas_head,
             }
         )
-        self.pending.pop(dkg_id, None)
+
+    def note_created(self, entry: Mapping[str, Any]) -> None:
+        """Add the participants' shares of a created account to their stores: the
+        coordinator signs with them from now on."""
+        self.pending.pop(entry["dkg_id"], None)
         self._learn(entry, line=0)
 
     def write_failed(self, dkg_id: str, reason: str) -> None:
-        """Journal that no account was created: the pending shares are dropped. Blocking."""
+        """Journal that no account was created (the pending shares are dropped). Blocking."""
         self._append({"v": JOURNAL_VERSION, "event": "failed", "dkg_id": dkg_id, "reason": reason})
+
+    def note_failed(self, dkg_id: str) -> None:
         self.pending.pop(dkg_id, None)
 
     def holds(self, account_id: str) -> bool:
@@ -984,6 +993,7 @@ class DkgDriver:
             entry = await self._blocking(
                 self.shares.write_pending, c, node.node_id, records, to_enclave
             )
+            self.shares.note_pending(entry)
         finally:
             for r in records.values():
                 r.zero()
@@ -1009,6 +1019,7 @@ class DkgDriver:
         account, or one this gateway's shares do not fit); the pending entry is closed."""
         if exc.reason != "no_healthy_node":
             await self._blocking(self.shares.write_failed, dkg_id, exc.reason)
+            self.shares.note_failed(dkg_id)
 
     def _check_enclave_package(self, c: Ceremony, package: pb.DkgRound1Package) -> None:
         if bytes(package.identifier) != c.enclave_identifier or package.key_id != ENCLAVE_KEY_ID:
@@ -1161,6 +1172,7 @@ class DkgDriver:
                 dkg_id=dkg_id,
             )
         await self._blocking(self.shares.write_created, entry, answer)
+        self.shares.note_created(entry)
         if self._on_created is not None:
             self._on_created(account_id)
         total_ms = (time.perf_counter() - started) * 1000

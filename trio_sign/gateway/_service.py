@@ -149,7 +149,15 @@ _KEYS: Final[dict[str, frozenset[str]]] = {
         {"id", "address", "events_token", "shares_sha256", "config_sha256", "root", "pcrs"}
     ),
     "dev": frozenset({"skip_attestation"}),
-    "dkg": frozenset({"journal", "enclave_identity_key", "max_concurrent", "round_timeout_s"}),
+    "dkg": frozenset(
+        {
+            "journal",
+            "enclave_identity_key",
+            "max_concurrent",
+            "round_timeout_s",
+            "recover_interval_s",
+        }
+    ),
     # per participant, in its own [participants.<id>] table (see _participants)
     "participants": frozenset({"key_id", "key_file", "public_key"}),
 }
@@ -246,6 +254,7 @@ class GatewayConfig:
     dkg_enclave_identity_key: bytes | None = None
     dkg_max_concurrent: int = 8
     dkg_round_timeout_s: float = 30.0
+    dkg_recover_interval_s: float = 30.0
 
     @property
     def attested(self) -> bool:
@@ -484,6 +493,7 @@ def parse_gateway_config(text: str, *, base: Path = Path(".")) -> GatewayConfig:
         dkg_enclave_identity_key=_hex_key(dkg, "[dkg] enclave_identity_key"),
         dkg_max_concurrent=int(_num(dkg, "dkg", "max_concurrent", 8)),
         dkg_round_timeout_s=_num(dkg, "dkg", "round_timeout_s", 30.0),
+        dkg_recover_interval_s=_num(dkg, "dkg", "recover_interval_s", 30.0),
     )
 
 
@@ -1181,6 +1191,7 @@ async def serve_gateway(
                 settings=DkgSettings(
                     round_timeout_s=config.dkg_round_timeout_s,
                     max_concurrent=config.dkg_max_concurrent,
+                    recover_interval_s=config.dkg_recover_interval_s,
                 ),
                 on_created=coordinator.learned,
             )
