@@ -272,3 +272,37 @@ async def test_one_slow_decision_among_many(autojump_clock: trio.abc.Clock) -> N
             await trio.testing.wait_all_tasks_blocked()
             assert "c" in slow
             nursery.cancel_scope.cancel()
+
+
+async def test_cancelled_mid_handshake_and_mid_session(autojump_clock: trio.abc.Clock) -> None:
+    account = deal("acct-1", SUITES[0])
+    async with setup([account], silent_gateway=True) as (_, client):
+        with trio.move_on_after(1.0):
+            await client.run_once()
+        assert client.session is not None
+        assert client.session.state.value == "closed"
+    async with setup([account]) as (hub, client), trio.open_nursery() as nursery:
+        scope = trio.CancelScope()
+
+        async def run() -> None:
+            with scope:
+                await client.run()
+
+        nursery.start_soon(run)
+        await hub.wait_connected("ops-1")
+        await hub.sign(
+            "ops-1",
+            account_id="acct-1",
+            session_id="s",
+            ciphersuite=SUITES[0],
+            message=b"m",
+            timeout_s=30,
+        )
+        session = client.session
+        assert session is not None
+        (entry,) = session._requests.values()
+        nonces = entry.nonces
+        scope.cancel()
+        await hub.wait_disconnected("ops-1")
+        assert session.in_flight == 0
+        assert not any(nonces._buf)  # zeroed when the connection went
