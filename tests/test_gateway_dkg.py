@@ -20,6 +20,7 @@ import json
 import math
 import os
 import stat
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -31,11 +32,12 @@ import pytest
 import trio
 import trio.testing
 
-from trio_sign.authz import Authorizer
+from trio_sign.authz import Authorizer, approval_payload
 from trio_sign.crypto import scheme_by_name
+from trio_sign.crypto._group import group_for
 from trio_sign.enclave import SessionPool, SignService
 from trio_sign.enclave._deltas import DeltaWriter, EnclaveDeltas
-from trio_sign.enclave._dkg import DkgRegistry, PoolSlots, deltas_finder
+from trio_sign.enclave._dkg import DkgRegistry, PoolSlots, deltas_finder, dkg_params
 from trio_sign.enclave._identity import IdentityKey
 from trio_sign.enclave._status import one_connection
 from trio_sign.gateway import (
@@ -753,6 +755,32 @@ async def test_post_accounts_201_then_sign_400_403_409(tmp_path: Path) -> None:
         assert (status, body["reason"]) == (403, "not_authorized"), body
         assert "acct-403" not in enclave.store
         assert enclave.writer.calls == 0
+        # The caller brings the missing approval: over the DKG parameters as docs/gateway.md
+        # spells them (the enclave at identifier 1, the participants 2, 3 in file order).
+        group = group_for(SUITES[0])
+        params = dkg_params(
+            SUITES[0],
+            2,
+            3,
+            "default",
+            [(group.identifier_to_bytes(1), "enclave")]
+            + [(group.identifier_to_bytes(i), f"p{i}") for i in (2, 3)],
+        )
+        expires = int(time.time() * 1000) + 60_000
+        payload = approval_payload("acct-403", "dkg-by-caller", params, expires)
+        brought = {
+            "key_id": "ops-2",
+            "signature_hex": APPROVERS["ops-2"].sign(payload).signature.hex(),
+            "expires_at_unix_ms": expires,
+        }
+        body = {"account_id": "acct-403", "ciphersuite": SUITES[0], "approvals": [brought]}
+        status, answer = await create(handle.api_urls[0], body)
+        assert (status, answer["reason"]) == (400, "bad_request")  # no dkg_id to approve
+        body["dkg_id"] = "dkg-by-caller"
+        status, answer = await create(handle.api_urls[0], body)
+        assert status == 201, answer
+        assert answer["dkg_id"] == "dkg-by-caller"
+        assert "acct-403" in enclave.store
         nursery.cancel_scope.cancel()
 
 
