@@ -83,6 +83,14 @@ def add_parser(sub: Any) -> None:
         help="sign every Taproot account with this BIP-341 merkle root (64 hex digits, or '' "
         "for the empty root); the signatures verify under the tweaked output key",
     )
+    demo.add_argument(
+        "--create-accounts",
+        type=int,
+        default=0,
+        metavar="N",
+        help="--stack full: also create N accounts by DKG through the gateway, sign with each "
+        "and verify (report: dkg_*)",
+    )
     demo.set_defaults(func=cmd_demo)
 
 

@@ -589,7 +589,7 @@ async def run_full_stack(args: argparse.Namespace, work: Path) -> dict[str, Any]
                 return latencies[min(len(latencies) - 1, round(q * (len(latencies) - 1)))] * 1e3
 
             dkg: dict[str, Any] = {}
-            create_n = int(getattr(args, "create_accounts", 0) or 0)
+            create_n = int(args.create_accounts or 0)
             if create_n > 0:
                 _say(
                     f"[+]   creating {create_n:,} accounts by DKG through the gateway "

@@ -14,6 +14,13 @@ from ._coordinator import CoordinatorSettings as CoordinatorSettings
 from ._coordinator import GatewayError as GatewayError
 from ._coordinator import Signature as Signature
 from ._coordinator import load_participant_files as load_participant_files
+from ._dkg import CreatedAccount as CreatedAccount
+from ._dkg import DkgDriver as DkgDriver
+from ._dkg import DkgFailed as DkgFailed
+from ._dkg import DkgParticipant as DkgParticipant
+from ._dkg import DkgSettings as DkgSettings
+from ._dkg import DkgShares as DkgShares
+from ._dkg import LocalParticipant as LocalParticipant
 from ._events import DEFAULT_EVENTS_GRACEFUL_TIMEOUT_S as DEFAULT_EVENTS_GRACEFUL_TIMEOUT_S
 from ._events import DEFAULT_EVENTS_KEEPALIVE_S as DEFAULT_EVENTS_KEEPALIVE_S
 from ._events import DEFAULT_EVENTS_RETRY_MS as DEFAULT_EVENTS_RETRY_MS
@@ -54,6 +61,13 @@ from ._tls import connect_tls as connect_tls
 from ._tls import make_client_ssl_context as make_client_ssl_context
 
 __all__ = [
+    "CreatedAccount",
+    "DkgDriver",
+    "DkgFailed",
+    "DkgParticipant",
+    "DkgSettings",
+    "DkgShares",
+    "LocalParticipant",
     "ALPN_H2",
     "APPROVER_KEY_FORMAT",
     "DEFAULT_APPROVAL_LIFETIME_S",
