@@ -22,8 +22,6 @@ with ``error unknown_request``.
 from __future__ import annotations
 
 import enum
-import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -32,8 +30,6 @@ from ..crypto._schemes import Scheme, scheme_by_name
 from ..gateway._approvals import ApproverSigningKey
 from ..shares import ShareRecord
 from . import _messages as m
-
-log = logging.getLogger("trio_sign.participant")
 
 DEFAULT_MAX_IN_FLIGHT: Final = 1024
 #: How long an approval this participant makes is valid (the enclave's
@@ -448,6 +444,3 @@ class ParticipantSession:
 
 def _fields3(c: m.CommitmentEntry) -> tuple[bytes, bytes, bytes]:
     return c.identifier, c.hiding, c.binding
-
-
-WallClockMs = Callable[[], int]
