@@ -17,6 +17,7 @@ PACKAGES = [
     "trio_sign.nitro",
     "trio_sign.ops",
     "trio_sign.parent",
+    "trio_sign.participant",
     "trio_sign.rpc",
     "trio_sign.shares",
     "trio_sign.sse",
