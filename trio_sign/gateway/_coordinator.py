@@ -66,8 +66,17 @@ from .._errors import FrostError, InvalidSignatureShareError, ShareFileError, Tr
 from ..crypto import Scheme, scheme_by_name
 from ..rpc import RpcError, StatusCode
 from ..shares import AccountShare, ShareStore
+from ._accounts import AccountRegistry, RegisteredAccount, RemoteHolder
 from ._approvals import Approval, GatewayApprover
 from ._node import EnclaveNode
+from ._participants import (
+    ParticipantCommitment,
+    ParticipantError,
+    ParticipantHub,
+    ParticipantShare,
+    check_signature_share,
+    commitment_entries,
+)
 
 log = logging.getLogger("trio_sign.gateway.coordinator")
 
@@ -84,6 +93,7 @@ GATEWAY_REASONS = frozenset(
         "not_authorized",
         "ciphersuite_mismatch",
         "bad_merkle_root",
+        "participant_failed",
     }
 )
 #: The length of a BIP-341 merkle root (a TapBranch hash); an empty root is allowed too.
@@ -114,7 +124,9 @@ class GatewayError(TrioSignError):
             ``ciphersuite_mismatch`` (the enclave's ``GetAccount.ciphersuite`` differs from the
             counterpart shares', the participant files disagree, or a suite is unknown),
             ``bad_merkle_root`` (a Taproot merkle root for an account of another suite, or
-            one that is neither empty nor 32 bytes).
+            one that is neither empty nor 32 bytes), ``participant_failed`` (too few of the
+            account's remote participants answered: not connected, declined, timed out,
+            disconnected; the message names each and why).
         status: the gRPC status for ``enclave_refused`` (and the last one seen for
             ``no_healthy_node``), else None.
         identifier: the 32-byte identifier of the faulty signer for ``bad_share``, else None.
@@ -129,6 +141,7 @@ class GatewayError(TrioSignError):
         status: StatusCode | None = None,
         identifier: bytes | None = None,
         node_id: str | None = None,
+        participant_id: str | None = None,
     ) -> None:
         assert reason in GATEWAY_REASONS, reason
         super().__init__(message)
@@ -136,6 +149,7 @@ class GatewayError(TrioSignError):
         self.status = status
         self.identifier = identifier
         self.node_id = node_id
+        self.participant_id = participant_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,12 +163,17 @@ class CoordinatorSettings:
         sign_retries: byte-identical ``Sign`` retries on the same session after UNAVAILABLE
             or DEADLINE_EXCEEDED.
         account_cache_size: accounts whose enclave verifying share is cached.
+        participant_timeout_s: each remote participant's round one, and its round two; a
+            participant that does not answer in time fails only its session (the next
+            responsive one is used when the account has more).
     """
 
     max_concurrent_signatures: int = 256
     max_sessions_per_signature: int = 3
     sign_retries: int = 2
     account_cache_size: int = 100_000
+    #: Each remote participant's round one and round two (each a deadline on the wire too).
+    participant_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +217,13 @@ class _Job:
     scheme: Scheme
     shares: list[AccountShare]
     merkle_root: bytes | None
+    remote: RegisteredAccount | None = None
+
+    @property
+    def group_public_key(self) -> bytes:
+        if self.remote is not None:
+            return self.remote.group_public_key
+        return self.shares[0].group_public_key
 
 
 class _NewSession(Exception):  # internal control flow: never escapes sign_message
@@ -253,11 +279,17 @@ class Coordinator:
         *,
         settings: CoordinatorSettings = CoordinatorSettings(),
         approver: GatewayApprover | None = None,
+        participants: ParticipantHub | None = None,
+        registry: AccountRegistry | None = None,
     ) -> None:
         if not nodes:
             raise ValueError("a Coordinator needs at least one enclave node")
+        if (participants is None) != (registry is None):
+            raise ValueError("remote participants need both the hub and the account registry")
         self.nodes = list(nodes)
         self.counterparts = list(counterparts)
+        self.participants = participants
+        self.registry = registry
         self.settings = settings
         self.limiter = trio.CapacityLimiter(settings.max_concurrent_signatures)
         self._accounts: OrderedDict[str, _EnclaveAccount] = OrderedDict()
@@ -265,6 +297,8 @@ class Coordinator:
         self.signatures = 0
         self.aborted_sessions = 0
         self.approvals_sent: dict[str, int] = {}
+        #: remote participants' failures by participant id (no secrets)
+        self.participant_failures: dict[str, int] = {}
 
     # -- public --------------------------------------------------------------------------------
 
@@ -334,10 +368,17 @@ class Coordinator:
             raise ValueError("approvals name their session: give the session_id they approve")
         if len({a.key_id for a in approvals}) != len(approvals):
             raise ValueError("two approvals by the same key id (one key counts once)")
-        shares = self._local_shares(account_id)
-        scheme = self._scheme(account_id, shares)
+        remote = self.registry.get(account_id) if self.registry is not None else None
+        if remote is not None:
+            shares: list[AccountShare] = []
+            scheme = self._scheme_of(account_id, remote.ciphersuite)
+            group_key = remote.group_public_key
+        else:
+            shares = self._local_shares(account_id)
+            scheme = self._scheme(account_id, shares)
+            group_key = shares[0].group_public_key
         self._check_merkle_root(account_id, scheme, taproot_merkle_root)
-        job = _Job(account_id, message, scheme, shares, taproot_merkle_root)
+        job = _Job(account_id, message, scheme, shares, taproot_merkle_root, remote)
         sessions = self.settings.max_sessions_per_signature if session_id is None else 1
         async with self.limiter:
             tried: set[str] = set()
@@ -349,7 +390,10 @@ class Coordinator:
                 tried.add(node.node_id)
                 session = secrets.token_hex(16) if session_id is None else session_id
                 try:
-                    signature = await self._session(node, job, session, approvals)
+                    if remote is not None:
+                        signature = await self._remote_session(node, job, session, approvals)
+                    else:
+                        signature = await self._session(node, job, session, approvals)
                 except _NewSession as retry:
                     last = retry
                     log.info(
@@ -366,10 +410,8 @@ class Coordinator:
                     account_id=account_id,
                     ciphersuite=scheme.name,
                     signature=signature,
-                    group_public_key=shares[0].group_public_key,
-                    verifying_key=scheme.verifying_key(
-                        shares[0].group_public_key, taproot_merkle_root
-                    ),
+                    group_public_key=group_key,
+                    verifying_key=scheme.verifying_key(group_key, taproot_merkle_root),
                     taproot_merkle_root=taproot_merkle_root,
                 )
         if last is None:
@@ -431,6 +473,15 @@ class Coordinator:
         that they name the same one)."""
         try:
             return scheme_by_name(shares[0].ciphersuite)
+        except FrostError as exc:
+            raise GatewayError(
+                f"account {account_id!r}: {exc}", reason="ciphersuite_mismatch"
+            ) from exc
+
+    @staticmethod
+    def _scheme_of(account_id: str, suite: str) -> Scheme:
+        try:
+            return scheme_by_name(suite)
         except FrostError as exc:
             raise GatewayError(
                 f"account {account_id!r}: {exc}", reason="ciphersuite_mismatch"
@@ -528,51 +579,14 @@ class Coordinator:
         brought: Sequence[Approval],
     ) -> bytes:
         account_id, message, scheme = job.account_id, job.message, job.scheme
-        group_key = job.shares[0].group_public_key
-        enclave = await self._enclave_account(node, account_id)
-        if enclave.ciphersuite != scheme.name or enclave.group_public_key != group_key:
-            # Refused below; forget the cache entry so that once the node (or the participant
-            # files) serve the account's share, the next signature reads it afresh.
-            self._accounts.pop(account_id, None)
-        if enclave.ciphersuite != scheme.name:
-            raise GatewayError(
-                f"account {account_id!r}: enclave node {node.node_id} holds a "
-                f"{enclave.ciphersuite or '(unnamed)'} share, the participant files a "
-                f"{scheme.name} one",
-                reason="ciphersuite_mismatch",
-                node_id=node.node_id,
-            )
-        if enclave.group_public_key != group_key:
-            raise GatewayError(
-                f"account {account_id!r}: enclave node {node.node_id} holds a share of another "
-                "group key than the participant files",
-                reason="key_mismatch",
-                node_id=node.node_id,
-            )
+        enclave = await self._checked_enclave_account(node, job)
         approvals = self._approvals(account_id, session_id, message, brought)
         nonces: list[Any] = []
         must_abort = False
         node.in_flight += 1
         try:
             must_abort = True  # from here the enclave may hold a session: abort on failure
-            try:
-                reply = await node.commit(account_id, session_id)
-            except RpcError as exc:
-                raise self._refused(exc, node, "Commit", account_id) from exc
-            own = scheme.commitment(
-                bytes(reply.identifier), bytes(reply.hiding), bytes(reply.binding)
-            )
-            if own.identifier != enclave.identifier:
-                # The node's share for this account is not the one cached (another bundle?):
-                # forget the cache entry so the next signature re-reads it.
-                self._accounts.pop(account_id, None)
-                raise GatewayError(
-                    f"enclave node {node.node_id} committed as identifier "
-                    f"{own.identifier.hex()}, not {enclave.identifier.hex()} from GetAccount",
-                    reason="bad_share",
-                    identifier=own.identifier,
-                    node_id=node.node_id,
-                )
+            own = await self._commit_on_enclave(node, job, session_id, enclave)
             nonces = [scheme.commit(s.identifier, s.signing_share) for s in job.shares]
             commitments = sorted(
                 [own, *(n.commitment for n in nonces)],
@@ -593,6 +607,288 @@ class Coordinator:
                 n.zero()
             if must_abort:
                 await self._abort(node, session_id)
+
+    async def _checked_enclave_account(self, node: EnclaveNode, job: _Job) -> _EnclaveAccount:
+        """``GetAccount`` (cached), checked against the suite and group key the counterpart
+        shares or the registry name."""
+        account_id, scheme, group_key = job.account_id, job.scheme, job.group_public_key
+        source = "the participant files" if job.remote is None else "the account registry"
+        enclave = await self._enclave_account(node, account_id)
+        if enclave.ciphersuite != scheme.name or enclave.group_public_key != group_key:
+            # Refused below; forget the cache entry so that once the node (or the participant
+            # files) serve the account's share, the next signature reads it afresh.
+            self._accounts.pop(account_id, None)
+        if enclave.ciphersuite != scheme.name:
+            raise GatewayError(
+                f"account {account_id!r}: enclave node {node.node_id} holds a "
+                f"{enclave.ciphersuite or '(unnamed)'} share, {source} a {scheme.name} one",
+                reason="ciphersuite_mismatch",
+                node_id=node.node_id,
+            )
+        if enclave.group_public_key != group_key:
+            raise GatewayError(
+                f"account {account_id!r}: enclave node {node.node_id} holds a share of another "
+                f"group key than {source}",
+                reason="key_mismatch",
+                node_id=node.node_id,
+            )
+        return enclave
+
+    async def _commit_on_enclave(
+        self, node: EnclaveNode, job: _Job, session_id: str, enclave: _EnclaveAccount
+    ) -> Any:
+        try:
+            reply = await node.commit(job.account_id, session_id)
+        except RpcError as exc:
+            raise self._refused(exc, node, "Commit", job.account_id) from exc
+        own = job.scheme.commitment(
+            bytes(reply.identifier), bytes(reply.hiding), bytes(reply.binding)
+        )
+        if own.identifier != enclave.identifier:
+            # The node's share for this account is not the one cached (another bundle?):
+            # forget the cache entry so the next signature re-reads it.
+            self._accounts.pop(job.account_id, None)
+            raise GatewayError(
+                f"enclave node {node.node_id} committed as identifier "
+                f"{own.identifier.hex()}, not {enclave.identifier.hex()} from GetAccount",
+                reason="bad_share",
+                identifier=own.identifier,
+                node_id=node.node_id,
+            )
+        return own
+
+    # -- remote participants ---------------------------------------------------------------
+
+    async def _remote_session(
+        self,
+        node: EnclaveNode,
+        job: _Job,
+        session_id: str,
+        brought: Sequence[Approval],
+    ) -> bytes:
+        """One session with remote participants (DESIGN §15): round one on the enclave and on
+        every connected holder of the account at once, the first ``min_signers - 1``
+        commitments kept (the others cancelled); round two with those participants (each
+        signature share checked against its verifying share, a faulty one named); then the
+        enclave's ``Sign`` with the caller's, this gateway's and the participants' approvals;
+        aggregate and verify."""
+        assert job.remote is not None
+        assert self.participants is not None
+        account, hub, scheme = job.remote, self.participants, job.scheme
+        timeout_s = self.settings.participant_timeout_s
+        need = account.min_signers - 1
+        connected = set(hub.connected())
+        candidates = sorted(
+            (h for h in account.holders if h.participant_id in connected),
+            key=lambda h: hub.in_flight(h.participant_id),
+        )
+        if len(candidates) < need:
+            missing = [h.participant_id for h in account.holders if h not in candidates]
+            for pid in missing:
+                self._participant_failed(pid)
+            raise GatewayError(
+                f"account {job.account_id!r} needs {need} remote participant(s); "
+                f"not connected: {', '.join(missing)}",
+                reason="participant_failed",
+                participant_id=missing[0] if missing else None,
+            )
+        enclave = await self._checked_enclave_account(node, job)
+        chosen: list[ParticipantCommitment] = []
+        must_abort = False
+        node.in_flight += 1
+        try:
+            must_abort = True
+            own, chosen = await self._round_one(node, job, session_id, enclave, candidates, need)
+            commitments = sorted(
+                [own, *(c.suite_commitment() for c in chosen)],
+                key=lambda c: scheme.identifier_from_bytes(c.identifier),
+            )
+            answers = await self._round_two(job, chosen, commitments, enclave, timeout_s)
+            chosen = []  # round two ended every request (answered, or cancelled by the hub)
+            approvals = list(brought)
+            have = {a.key_id for a in approvals}
+            for answer in answers.values():
+                if answer.approval.key_id not in have:
+                    approvals.append(answer.approval)
+                    have.add(answer.approval.key_id)
+            if self.approver is not None:
+                approvals += self.approver.approve(
+                    job.account_id, session_id, job.message, skip=have
+                )
+            enclave_share = await self._sign_on_enclave(
+                node, session_id, job, commitments, approvals
+            )
+            local = {x.identifier: x.signature_share for x in answers.values()}
+            signature = self._aggregate(job, commitments, enclave, enclave_share, local, node)
+            must_abort = False
+            for a in approvals:
+                self.approvals_sent[a.key_id] = self.approvals_sent.get(a.key_id, 0) + 1
+            return signature
+        finally:
+            node.in_flight -= 1
+            for c in chosen:
+                hub.cancel(c)
+            if must_abort:
+                await self._abort(node, session_id)
+
+    async def _round_one(
+        self,
+        node: EnclaveNode,
+        job: _Job,
+        session_id: str,
+        enclave: _EnclaveAccount,
+        candidates: Sequence[RemoteHolder],
+        need: int,
+    ) -> tuple[Any, list[ParticipantCommitment]]:
+        """``Commit`` on the enclave and round one with every candidate at once; the first
+        ``need`` participants to commit are kept, the rest cancelled (so a slow or vanished
+        participant costs nothing when another holder answers)."""
+        assert self.participants is not None
+        hub, timeout_s = self.participants, self.settings.participant_timeout_s
+        got: list[ParticipantCommitment] = []
+        errors: list[ParticipantError] = []
+        own: list[Any] = []
+        done = trio.Event()
+
+        async def ask(holder: RemoteHolder) -> None:
+            try:
+                c = await hub.sign(
+                    holder.participant_id,
+                    account_id=job.account_id,
+                    session_id=session_id,
+                    ciphersuite=job.scheme.name,
+                    message=job.message,
+                    timeout_s=timeout_s,
+                    taproot_merkle_root=job.merkle_root,
+                )
+            except ParticipantError as exc:
+                errors.append(exc)
+                if len(errors) > len(candidates) - need:
+                    done.set()  # too few can still answer
+                return
+            if c.commitment.identifier != holder.identifier or len(got) >= need:
+                hub.cancel(c)
+                if c.commitment.identifier != holder.identifier:
+                    errors.append(
+                        ParticipantError(
+                            f"committed as identifier {c.commitment.identifier.hex()}, not "
+                            f"{holder.identifier.hex()} (the account registry's)",
+                            participant_id=holder.participant_id,
+                            reason="malformed",
+                            request_id=c.request_id,
+                        )
+                    )
+                    if len(errors) > len(candidates) - need:
+                        done.set()
+                return
+            got.append(c)
+            if len(got) >= need:
+                done.set()
+
+        failed: list[Exception] = []
+
+        async def enclave_commit() -> None:
+            try:
+                own.append(await self._commit_on_enclave(node, job, session_id, enclave))
+            except (GatewayError, _NewSession) as exc:  # raised below, outside the nursery
+                failed.append(exc)
+                done.set()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(enclave_commit)
+                async with trio.open_nursery() as asking:
+                    for holder in candidates:
+                        asking.start_soon(ask, holder)
+                    await done.wait()
+                    asking.cancel_scope.cancel()
+            if failed:
+                raise failed[0]
+        except BaseException:
+            for c in got:
+                hub.cancel(c)
+            raise
+        if len(got) < need:
+            for c in got:
+                hub.cancel(c)
+            for e in errors:
+                self._participant_failed(e.participant_id)
+            first = errors[0] if errors else None
+            raise GatewayError(
+                f"account {job.account_id!r}: {len(got)} of the {need} remote participant(s) "
+                "needed committed: " + "; ".join(str(e) for e in errors),
+                reason="participant_failed",
+                participant_id=first.participant_id if first else None,
+            ) from first
+        return own[0], got
+
+    async def _round_two(
+        self,
+        job: _Job,
+        chosen: Sequence[ParticipantCommitment],
+        commitments: list[Any],
+        enclave: _EnclaveAccount,
+        timeout_s: float,
+    ) -> dict[str, ParticipantShare]:
+        """Round two with each chosen participant at once; every share checked against the
+        registry's verifying share (a faulty participant named: ``bad_share``)."""
+        assert self.participants is not None
+        assert job.remote is not None
+        hub = self.participants
+        entries = commitment_entries(commitments)
+        verifying = {h.participant_id: h.verifying_share for h in job.remote.holders}
+        answers: dict[str, ParticipantShare] = {}
+        errors: list[ParticipantError] = []
+
+        async def ask(c: ParticipantCommitment) -> None:
+            try:
+                share = await hub.round2(c, entries, enclave.identifier, timeout_s=timeout_s)
+                check_signature_share(
+                    job.scheme,
+                    share,
+                    verifying_share=verifying[c.participant_id],
+                    commitments=commitments,
+                    group_public_key=job.group_public_key,
+                    message=job.message,
+                    merkle_root=job.merkle_root,
+                )
+            except ParticipantError as exc:
+                errors.append(exc)
+                return
+            answers[c.participant_id] = share
+
+        async with trio.open_nursery() as nursery:
+            for c in chosen:
+                nursery.start_soon(ask, c)
+        if errors:
+            for e in errors:
+                self._participant_failed(e.participant_id)
+            first = errors[0]
+            bad = next((e for e in errors if e.reason == "bad_share"), None)
+            if bad is not None:
+                ident = next(
+                    c.commitment.identifier
+                    for c in chosen
+                    if c.participant_id == bad.participant_id
+                )
+                raise GatewayError(
+                    str(bad),
+                    reason="bad_share",
+                    identifier=ident,
+                    participant_id=bad.participant_id,
+                ) from bad
+            raise GatewayError(
+                f"account {job.account_id!r}: round two failed: "
+                + "; ".join(str(e) for e in errors),
+                reason="participant_failed",
+                participant_id=first.participant_id,
+            ) from first
+        return answers
+
+    def _participant_failed(self, participant_id: str) -> None:
+        self.participant_failures[participant_id] = (
+            self.participant_failures.get(participant_id, 0) + 1
+        )
 
     def _sign_locally(
         self,
@@ -663,8 +959,10 @@ class Coordinator:
         local: dict[bytes, bytes],
         node: EnclaveNode,
     ) -> bytes:
-        scheme, group_key = job.scheme, job.shares[0].group_public_key
+        scheme, group_key = job.scheme, job.group_public_key
         verifying = {s.identifier: s.verifying_share for s in job.shares}
+        if job.remote is not None:
+            verifying.update({h.identifier: h.verifying_share for h in job.remote.holders})
         verifying[enclave.identifier] = enclave.verifying_share
         try:
             signature = scheme.aggregate(
@@ -676,9 +974,14 @@ class Coordinator:
                 merkle_root=job.merkle_root,
             )
         except InvalidSignatureShareError as exc:
+            holders = (
+                {h.identifier: h.participant_id for h in job.remote.holders} if job.remote else {}
+            )
             whose = (
                 f"enclave node {node.node_id}"
                 if exc.identifier == enclave.identifier
+                else f"participant {holders[exc.identifier]!r}"
+                if exc.identifier in holders
                 else "a participant file"
             )
             raise GatewayError(
