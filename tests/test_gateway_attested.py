@@ -186,6 +186,11 @@ async def test_an_unreachable_node_is_a_probe_failure_not_an_alert(
 
 
 def _toml(participant: Path, *, tls: str, nodes: str, extra: str = "") -> str:
+    # [shares] participant_files is development only (issue 17): allowed by [dev] share_files
+    if "[dev]" in extra:
+        extra = extra.replace("[dev]", "[dev]\nshare_files = true", 1)
+    else:
+        extra += "\n[dev]\nshare_files = true\n"
     return f"""
 [api]
 listen = "tcp://127.0.0.1:0"

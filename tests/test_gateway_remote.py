@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -310,3 +311,135 @@ def test_registry_is_durable_and_checked(dealt: Dealt, tmp_path: Path) -> None:
     path.write_text(text + '{"v": 1}\n')
     with pytest.raises(AccountRegistryError, match="line 4"):
         AccountRegistry(path).open()
+
+
+# -- the gateway process's configuration path ------------------------------------------------
+
+_WATCHED: set[str] = set()
+_OPENED: list[str] = []
+
+
+def _audit(event: str, args: tuple[Any, ...]) -> None:
+    path = args[0] if event == "open" and _WATCHED and args else None
+    if isinstance(path, (str, Path)) and str(path) in _WATCHED:
+        _OPENED.append(str(path))
+
+
+sys.addaudithook(_audit)
+
+
+def _gateway_toml(tmp_path: Path, address: str, keys: dict[str, ParticipantKey]) -> str:
+    participants = "".join(
+        f'[participants.{pid}]\nkey_id = "{k.key_id}"\npublic_key = "{k.public_key.hex()}"\n'
+        for pid, k in keys.items()
+    )
+    return f"""
+[api]
+listen = "tcp://127.0.0.1:0"
+token = "gateway-api-token-0123456789abcdef"
+[events]
+listen = "tcp://127.0.0.1:0"
+[participant_endpoint]
+listen = "tcp://127.0.0.1:0"
+gateway_id = "gw"
+timeout_s = 5
+[accounts]
+registry = "accounts.jsonl"
+{participants}
+[dev]
+skip_attestation = true
+[[node]]
+id = "node-1"
+address = "{address}"
+events_token = "node-1-events-token-0123456789abcdef"
+"""
+
+
+async def test_the_gateway_process_opens_no_share_file_and_signs_with_a_participant(
+    dealt: Dealt, tmp_path: Path
+) -> None:
+    """serve_gateway from a gateway.toml without [shares]: the participant endpoint is served,
+    the registry read, and no share file is ever opened (audited), yet it signs."""
+    from trio_sign.gateway import parse_gateway_config, serve_gateway
+    from trio_sign.gateway._service import GatewayHandle
+
+    keys = {pid: participant_keys(pid) for pid in PIDS}
+    dealt.registry(tmp_path / "accounts.jsonl").close()
+    report_dir = dealt.service.parent
+    cfg = EnclaveConfig(
+        grpc_listen="tcp://127.0.0.1:0", dev=True, dev_plaintext_shares=dealt.service
+    )
+    approver = ApproverSigningKey.generate()
+    try:
+        async with trio.open_nursery() as nursery:
+            enclave: EnclaveHandle = await nursery.start(serve_dev_enclave, cfg)
+            text = _gateway_toml(
+                tmp_path, enclave.addresses[0], {pid: k for pid, (_, k) in keys.items()}
+            )
+            config = parse_gateway_config(text, base=tmp_path)
+            assert config.participant_files == ()
+            _WATCHED.update(str(p) for p in report_dir.iterdir() if p != dealt.service)
+            _OPENED.clear()
+            handle: GatewayHandle = await nursery.start(serve_gateway, config)
+            assert handle.participant_url is not None
+            assert handle.coordinator.counterparts == []
+            auth, key = keys["ops-2"]
+            client = ParticipantClient(
+                ClientSettings(handle.participant_url),
+                participant_id="ops-2",
+                key_id=key.key_id,
+                auth_key=auth,
+                approver=approver,
+                approver_key_id="ops-2-approver",
+                shares=Shares(dealt.records["ops-2"]),
+                policy=AutoPolicy(),
+                gateway_id="gw",
+            )
+            nursery.start_soon(client.run)
+            assert handle.participants is not None
+            with trio.fail_after(10):
+                await handle.participants.wait_connected("ops-2")
+            signed = await handle.coordinator.sign(account(dealt), b"production path")
+            verify(dealt, account(dealt), b"production path", signed.signature)
+            assert _OPENED == []
+            nursery.cancel_scope.cancel()
+    finally:
+        _WATCHED.clear()
+        approver.close()
+        for auth, _ in keys.values():
+            auth.close()
+
+
+def test_share_files_are_a_development_flag() -> None:
+    from trio_sign.gateway import GatewayConfigError, parse_gateway_config
+
+    base = """
+[api]
+token = "gateway-api-token-0123456789abcdef"
+[tls]
+cert = "g.pem"
+key = "g.key"
+[attestation]
+pcrs = {{ PCR0 = "{}", PCR1 = "{}", PCR2 = "{}" }}
+[[node]]
+id = "node-1"
+address = "tcp://127.0.0.1:1"
+events_token = "node-1-events-token-0123456789abcdef"
+shares_sha256 = "{}"
+""".format("11" * 48, "22" * 48, "33" * 48, "ab" * 32)
+    shares = '[shares]\nparticipant_files = ["p.json"]\n'
+    with pytest.raises(GatewayConfigError, match=r"development only.*\[dev\] share_files"):
+        parse_gateway_config(shares + base)
+    assert parse_gateway_config(shares + base + "[dev]\nshare_files = true\n").participant_files
+    with pytest.raises(GatewayConfigError, match=r"\[participant_endpoint\] is required"):
+        parse_gateway_config(base)
+    with pytest.raises(GatewayConfigError, match="at least one remote"):
+        parse_gateway_config('[participant_endpoint]\nlisten = "tcp://127.0.0.1:0"\n' + base)
+    remote = (
+        '[participant_endpoint]\nlisten = "tcp://127.0.0.1:0"\n'
+        '[participants.ops-2]\nkey_id = "k"\npublic_key = "%s"\n' % ("cd" * 32)
+    )
+    config = parse_gateway_config(remote + base)
+    assert config.participant_files == ()
+    assert config.participant_listen == "tcp://127.0.0.1:0"
+    assert sorted(config.remote_participants) == ["ops-2"]

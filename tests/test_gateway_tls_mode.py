@@ -27,6 +27,8 @@ token = "gateway-api-token-0123456789abcdef"
 listen = "tcp://127.0.0.1:0"
 [shares]
 participant_files = ["p.json"]
+[dev]
+share_files = true
 [attestation]
 pcrs = {{ PCR0 = "{"11" * 48}", PCR1 = "{"22" * 48}", PCR2 = "{"33" * 48}" }}
 {tls}

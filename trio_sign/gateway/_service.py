@@ -17,8 +17,14 @@ it)::
     [attestation]               # pins every node shares (a [[node]] may set its own)
     root = "nsm/local-nsm-root.pem"   # default: the AWS Nitro Enclaves root
     pcrs = "enclave.pcrs.json"  # or { PCR0 = "...", PCR1 = "...", PCR2 = "..." }
-    [shares]                    # the counterpart participants' plaintext share files
-    participant_files = ["shares/participant-2_key_shares.json"]
+    [participant_endpoint]      # remote participants connect here (WebSocket, DESIGN §15)
+    listen = "tcp://127.0.0.1:8445"    # ws://HOST:PORT/v1/participants
+    # gateway_id = "gateway"    # the id in every challenge (participant.toml gateway_id)
+    # timeout_s = 10            # each participant's round one and round two
+    [accounts]                  # who holds each account's other shares (public data only)
+    registry = "accounts.jsonl" # appended by DKG, or written for imported accounts
+    # [shares]                  # DEVELOPMENT ONLY (with [dev] share_files = true): the
+    # participant_files = [...] # gateway then holds counterpart shares itself
     [participants.p2]           # a DKG participant whose key this gateway holds (issue 16):
     key_id = "p2"               # the id enclave.toml [dkg] participants pins its key under
     key_file = "participants/p2.key"   # Ed25519, the approver key format, 0600
@@ -92,8 +98,9 @@ from ..attested import ChannelPolicy, make_attested_client_context
 from ..authz._keys import KEY_ID_PATTERN
 from ..crypto import SECP256K1_TR
 from ..nitro import load_pcr_json
-from ..transport import serve_asgi
+from ..transport import TransportError, parse_address, serve_asgi
 from ..transport._asgi import asgi_lifespan, respond
+from ._accounts import DEFAULT_REGISTRY, AccountRegistry, AccountRegistryError
 from ._approvals import (
     DEFAULT_APPROVAL_LIFETIME_S,
     Approval,
@@ -103,6 +110,7 @@ from ._approvals import (
 from ._coordinator import (
     MERKLE_ROOT_BYTES,
     Coordinator,
+    CoordinatorSettings,
     GatewayError,
     load_participant_files,
 )
@@ -124,7 +132,13 @@ from ._events import (
     valid_node_id,
 )
 from ._node import EnclaveNode, NodeSettings
-from ._participants import ParticipantConfigError, ParticipantKey, parse_participants_table
+from ._participants import (
+    HubSettings,
+    ParticipantConfigError,
+    ParticipantHub,
+    ParticipantKey,
+    parse_participants_table,
+)
 from ._prober import run_prober
 
 log = logging.getLogger("trio_sign.gateway")
@@ -143,12 +157,14 @@ _KEYS: Final[dict[str, frozenset[str]]] = {
     "tls": frozenset({"mode", "ca", "cert", "key", "server_name"}),
     "attestation": frozenset({"root", "pcrs", "max_age_s", "check_timeout_s"}),
     "shares": frozenset({"participant_files"}),
+    "participant_endpoint": frozenset({"listen", "gateway_id", "timeout_s"}),
+    "accounts": frozenset({"registry"}),
     "approvers": frozenset({"keys", "lifetime_s", "accounts"}),
     "prober": frozenset({"interval_s", "evict_after_s"}),
     "node": frozenset(
         {"id", "address", "events_token", "shares_sha256", "config_sha256", "root", "pcrs"}
     ),
-    "dev": frozenset({"skip_attestation"}),
+    "dev": frozenset({"skip_attestation", "share_files"}),
     "dkg": frozenset(
         {
             "journal",
@@ -182,6 +198,7 @@ _HTTP_STATUS = {
     "not_authorized": 403,
     "ciphersuite_mismatch": 500,
     "bad_merkle_root": 400,
+    "participant_failed": 503,
 }
 #: DkgFailed.reason -> HTTP status of ``POST /v1/accounts``.
 _DKG_HTTP_STATUS = {
@@ -255,6 +272,12 @@ class GatewayConfig:
     dkg_max_concurrent: int = 8
     dkg_round_timeout_s: float = 30.0
     dkg_recover_interval_s: float = 30.0
+    #: ``[participant_endpoint]``: where remote participants connect (None: no endpoint).
+    participant_listen: str | None = None
+    participant_gateway_id: str = "gateway"
+    participant_timeout_s: float = 10.0
+    #: ``[accounts] registry``: the public account registry (remote participants' accounts).
+    account_registry: Path = Path(DEFAULT_REGISTRY)
 
     @property
     def attested(self) -> bool:
@@ -392,16 +415,40 @@ def parse_gateway_config(text: str, *, base: Path = Path(".")) -> GatewayConfig:
     prober = _table(data, "prober") or {}
     local, local_keys, remote = _participants(data.get("participants"), base)
     dkg = _table(data, "dkg") or {}
-    files = shares.get("participant_files", [] if local else None)
+    endpoint = _table(data, "participant_endpoint")
+    accounts = _table(data, "accounts") or {}
+    files = shares.get("participant_files", [] if (local or endpoint is not None) else None)
     if (
         not isinstance(files, list)
-        or not (files or local)
+        or not (files or local or endpoint is not None)
         or not all(isinstance(f, str) for f in files)
     ):
         raise GatewayConfigError(
-            "[shares] participant_files must be a non-empty list of paths (it may be empty "
-            "when [participants] give this gateway DKG keys)"
+            "[participant_endpoint] is required: the gateway holds no share, remote "
+            "participants sign (docs/participants.md); for development, [shares] "
+            "participant_files (a non-empty list of paths) with [dev] share_files = true"
         )
+    if endpoint is not None and not remote:
+        raise GatewayConfigError(
+            "[participant_endpoint] needs at least one remote [participants.<id>] "
+            "(key_id, public_key)"
+        )
+    participant_listen: str | None = None
+    participant_gateway_id = "gateway"
+    if endpoint is not None:
+        participant_listen = _str(endpoint, "participant_endpoint", "listen")
+        try:
+            if parse_address(participant_listen).scheme != "tcp":
+                raise TransportError("tcp only")
+        except TransportError:
+            raise GatewayConfigError(
+                "[participant_endpoint] listen must be tcp://HOST:PORT"
+            ) from None
+        participant_gateway_id = _str(endpoint, "participant_endpoint", "gateway_id", "gateway")
+        if not KEY_ID_PATTERN.fullmatch(participant_gateway_id):
+            raise GatewayConfigError(
+                "[participant_endpoint] gateway_id must be an id (A-Z a-z 0-9 . _ : @ -)"
+            )
     raw_nodes = data.get("node")
     if not isinstance(raw_nodes, list) or not raw_nodes:
         raise GatewayConfigError("at least one [[node]] (id, address) is required")
@@ -442,6 +489,15 @@ def parse_gateway_config(text: str, *, base: Path = Path(".")) -> GatewayConfig:
     if len({n.id for n in nodes}) != len(nodes):
         raise GatewayConfigError("[[node]] ids must be unique")
     tls_mode, skip = _channel_mode(tls, dev)
+    share_files_flag = dev.get("share_files", False)
+    if not isinstance(share_files_flag, bool):
+        raise GatewayConfigError("[dev] share_files must be true or false")
+    if files and not (share_files_flag or skip):
+        raise GatewayConfigError(
+            "[shares] participant_files makes the gateway hold counterpart shares: development "
+            "only; set [dev] share_files = true to allow it, or use remote participants "
+            "([participant_endpoint], docs/participants.md)"
+        )
     default_root = _str(attestation, "attestation", "root", None)
     default_pcrs = _pcrs(attestation, "[attestation]", base)
     if tls_mode == "attested" and not skip:
@@ -494,6 +550,10 @@ def parse_gateway_config(text: str, *, base: Path = Path(".")) -> GatewayConfig:
         dkg_max_concurrent=int(_num(dkg, "dkg", "max_concurrent", 8)),
         dkg_round_timeout_s=_num(dkg, "dkg", "round_timeout_s", 30.0),
         dkg_recover_interval_s=_num(dkg, "dkg", "recover_interval_s", 30.0),
+        participant_listen=participant_listen,
+        participant_gateway_id=participant_gateway_id,
+        participant_timeout_s=_num(endpoint or {}, "participant_endpoint", "timeout_s", 10.0),
+        account_registry=base / _str(accounts, "accounts", "registry", DEFAULT_REGISTRY),
     )
 
 
@@ -628,6 +688,8 @@ class GatewayHandle:
     api_token: str = field(default="", repr=False)  # a secret: never in reprs
     api_token_file: Path | None = None  # where it was read from or generated into
     dkg: DkgDriver | None = None  # with [participants] key files: POST /v1/accounts
+    participants: ParticipantHub | None = None  # with [participant_endpoint]
+    participant_url: str | None = None  # ws://HOST:PORT/v1/participants
 
 
 def _one_header(scope: Mapping[str, Any], name: bytes) -> str | None:
@@ -1171,11 +1233,33 @@ async def serve_gateway(
         )
     participants: list[LocalParticipant] = []
     shares: DkgShares | None = None
+    registry: AccountRegistry | None = None
+    remote_hub: ParticipantHub | None = None
     try:
-        counterparts = await trio.to_thread.run_sync(
-            load_participant_files, list(config.participant_files)
+        counterparts = []
+        if config.participant_files:
+            # Development only ([dev] share_files): the gateway then holds shares itself.
+            log.warning(
+                "gateway: DEVELOPMENT: loading counterpart share files ([shares] "
+                "participant_files); a production gateway holds no share (DESIGN §15)"
+            )
+            counterparts = await trio.to_thread.run_sync(
+                load_participant_files, list(config.participant_files)
+            )
+        if config.participant_listen is not None:
+            remote_hub = ParticipantHub(
+                config.remote_participants,
+                HubSettings(gateway_id=config.participant_gateway_id),
+            )
+            registry = await trio.to_thread.run_sync(_open_registry, config.account_registry)
+        coordinator = Coordinator(
+            nodes,
+            counterparts,
+            settings=CoordinatorSettings(participant_timeout_s=config.participant_timeout_s),
+            approver=approver,
+            participants=remote_hub,
+            registry=registry,
         )
-        coordinator = Coordinator(nodes, counterparts, approver=approver)
         driver = None
         if config.local_participants:
             participants = await trio.to_thread.run_sync(_load_participants, config)
@@ -1205,6 +1289,8 @@ async def serve_gateway(
             )
         await _serve(config, hub, nodes, coordinator, api_token, token_file, task_status, driver)
     finally:
+        if registry is not None:
+            registry.close()
         for p in participants:
             p.close()
         if shares is not None:
@@ -1227,6 +1313,17 @@ def _load_participants(config: GatewayConfig) -> list[LocalParticipant]:
                 f"[participants.{p.participant_id}] public_key is not the key in its key_file"
             )
     return participants
+
+
+def _open_registry(path: Path) -> AccountRegistry:
+    try:
+        return AccountRegistry(path).open()
+    except OSError as exc:
+        raise GatewayConfigError(
+            f"[accounts] registry: cannot open {path}: {exc.strerror}"
+        ) from None
+    except AccountRegistryError as exc:
+        raise GatewayConfigError(f"[accounts] registry: {exc}") from None
 
 
 def _open_journal(shares: DkgShares) -> None:
@@ -1294,12 +1391,37 @@ async def _serve(
             "gateway ready",
             extra={"api": ",".join(api), "events": ",".join(events), "nodes": len(nodes)},
         )
+        participant_url = None
+        remote = coordinator.participants
+        if remote is not None:
+            assert config.participant_listen is not None
+            where = parse_address(config.participant_listen)
+            port = await nursery.start(
+                functools.partial(remote.serve, where.host or "", where.port or 0)
+            )
+            host = where.host or "127.0.0.1"
+            participant_url = f"ws://{host}:{port}{remote.settings.path}"
+            log.info(
+                "gateway: remote participants at %s (%s)",
+                participant_url,
+                ", ".join(sorted(remote.keys)),
+                extra={"participants": participant_url},
+            )
         if driver is not None:
             # The crash rule (key-lifecycle §6) for DKGs left unanswered: by a previous run,
             # or by a request cancelled after its DkgRound3 was sent.
             await nursery.start(driver.run)
         task_status.started(
             GatewayHandle(
-                list(api), list(events), nodes, hub, coordinator, api_token, token_file, driver
+                list(api),
+                list(events),
+                nodes,
+                hub,
+                coordinator,
+                api_token,
+                token_file,
+                driver,
+                participants=remote,
+                participant_url=participant_url,
             )
         )
