@@ -29,6 +29,18 @@ from typing import Any, Final, TypeAlias
 from .._errors import TrioSignError
 
 VERSION: Final = 1
+#: The contract version that defines the DKG messages (``dkg_*``), and the highest this
+#: codec speaks. A message's ``"v"`` is the version that defines its shape: the version-1
+#: messages keep ``"v": 1``; the ``dkg_*`` messages are ``"v": 2``, sent only on a connection
+#: whose subprotocol is ``trio-sign-participant.v2``.
+DKG_VERSION: Final = 2
+MAX_VERSION: Final = DKG_VERSION
+#: Most participants of one DKG (the enclave's ``MAX_DKG_SIGNERS``).
+MAX_DKG_SIGNERS: Final = 64
+MAX_DKG_ID_BYTES: Final = 128
+MAX_POLICY_BYTES: Final = 64
+#: A round-2 ciphertext: nonce (24) + a scalar (32) + tag (16) = 72 bytes; bounded loosely.
+MAX_DKG_CIPHERTEXT_BYTES: Final = 256
 #: Largest text frame either side sends or accepts (UTF-8 bytes of the JSON text).
 MAX_FRAME_BYTES: Final = 128 * 1024
 #: Largest message a ``sign_request`` carries (the gateway's sign API takes 32 KiB).
@@ -74,7 +86,7 @@ DECLINE_REASONS: Final = frozenset(
 ERROR_CODES: Final = frozenset(
     {"unknown_request", "duplicate_request", "bad_message", "not_ready", "internal"}
 )
-#: Message types kept for the DKG messages of a later version; refused in version 1.
+#: The DKG messages' prefix: their ``"v"`` is :data:`DKG_VERSION`.
 RESERVED_PREFIX: Final = "dkg_"
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}")
@@ -240,6 +252,104 @@ class Error:
 
 
 @dataclass(frozen=True, slots=True)
+class DkgMember:
+    """One participant of a DKG: its identifier and the key id its round-1 package is signed
+    under (the enclave's is ``"enclave"``)."""
+
+    identifier: bytes
+    key_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class DkgRound1:
+    """gateway → participant (v2): take part in a DKG (key-lifecycle §5) as ``identifier``;
+    answer ``dkg_package`` (or ``decline``). ``deadline_unix_ms`` bounds the whole DKG."""
+
+    request_id: str
+    dkg_id: str
+    account_id: str
+    ciphersuite: str
+    min_signers: int
+    max_signers: int
+    policy: str
+    participants: tuple[DkgMember, ...]
+    enclave_identifier: bytes
+    identifier: bytes
+    deadline_unix_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class DkgPackageField:
+    """A round-1 package (``DkgRound1Package`` of key-lifecycle §5)."""
+
+    identifier: bytes
+    commitment: tuple[bytes, ...]
+    proof_of_knowledge: bytes
+    encryption_key: bytes
+    key_id: str
+    signature: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DkgPackage:
+    """participant → gateway (v2): its signed round-1 package."""
+
+    request_id: str
+    package: DkgPackageField
+
+
+@dataclass(frozen=True, slots=True)
+class DkgRound2:
+    """gateway → participant (v2): every participant's round-1 package (its own included)."""
+
+    request_id: str
+    packages: tuple[DkgPackageField, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DkgShareField:
+    """One encrypted round-2 share (``DkgEncryptedShare``)."""
+
+    sender: bytes
+    recipient: bytes
+    ciphertext: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DkgShares:
+    """participant → gateway (v2): its round-2 shares, each encrypted to its recipient."""
+
+    request_id: str
+    shares: tuple[DkgShareField, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DkgRound3:
+    """gateway → participant (v2): the round-2 shares addressed to it."""
+
+    request_id: str
+    shares: tuple[DkgShareField, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DkgVerifyingShareField:
+    identifier: bytes
+    verifying_share: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DkgDone:
+    """participant → gateway (v2): its key package is computed **and sealed durably in its
+    store**; the DKG's public output as it computed it."""
+
+    request_id: str
+    identifier: bytes
+    verifying_share: bytes
+    group_public_key: bytes
+    verifying_shares: tuple[DkgVerifyingShareField, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Ping:
     seq: int
 
@@ -263,6 +373,12 @@ Message: TypeAlias = (
     | Error
     | Ping
     | Pong
+    | DkgRound1
+    | DkgPackage
+    | DkgRound2
+    | DkgShares
+    | DkgRound3
+    | DkgDone
 )
 
 #: The type names, each with its class.
@@ -280,6 +396,12 @@ TYPES: Final[Mapping[str, type[Any]]] = {
     "error": Error,
     "ping": Ping,
     "pong": Pong,
+    "dkg_round1": DkgRound1,
+    "dkg_package": DkgPackage,
+    "dkg_round2": DkgRound2,
+    "dkg_shares": DkgShares,
+    "dkg_round3": DkgRound3,
+    "dkg_done": DkgDone,
 }
 _NAMES: Final = {cls: name for name, cls in TYPES.items()}
 #: Which side sends each type: "p" participant, "g" gateway, "*" either.
@@ -297,7 +419,18 @@ SENDER: Final[Mapping[str, str]] = {
     "error": "*",
     "ping": "*",
     "pong": "*",
+    "dkg_round1": "g",
+    "dkg_package": "p",
+    "dkg_round2": "g",
+    "dkg_shares": "p",
+    "dkg_round3": "g",
+    "dkg_done": "p",
 }
+
+
+def version_of(kind: str) -> int:
+    """The contract version that defines message type ``kind`` (its ``"v"``)."""
+    return DKG_VERSION if kind.startswith(RESERVED_PREFIX) else VERSION
 
 
 def type_name(message: Message) -> str:
@@ -441,6 +574,34 @@ _FIELDS: Final[Mapping[str, tuple[frozenset[str], frozenset[str]]]] = {
     "error": (frozenset({"code"}), frozenset({"detail", "request_id"})),
     "ping": (frozenset({"seq"}), frozenset()),
     "pong": (frozenset({"seq"}), frozenset()),
+    "dkg_round1": (
+        frozenset(
+            {
+                "request_id",
+                "dkg_id",
+                "account_id",
+                "ciphersuite",
+                "min_signers",
+                "max_signers",
+                "policy",
+                "participants",
+                "enclave_identifier",
+                "identifier",
+                "deadline_unix_ms",
+            }
+        ),
+        frozenset(),
+    ),
+    "dkg_package": (frozenset({"request_id", "package"}), frozenset()),
+    "dkg_round2": (frozenset({"request_id", "packages"}), frozenset()),
+    "dkg_shares": (frozenset({"request_id", "shares"}), frozenset()),
+    "dkg_round3": (frozenset({"request_id", "shares"}), frozenset()),
+    "dkg_done": (
+        frozenset(
+            {"request_id", "identifier", "verifying_share", "group_public_key", "verifying_shares"}
+        ),
+        frozenset(),
+    ),
 }
 
 
@@ -563,6 +724,145 @@ def _p_pong(o: _Obj) -> Pong:
     return Pong(_int(o, "pong", "seq", 0, INT64_MAX))
 
 
+def _list(o: _Obj, kind: str, name: str, low: int, high: int) -> list[Any]:
+    value = o.get(name)
+    if not isinstance(value, list) or not low <= len(value) <= high:
+        raise _fail(kind, name, f"a list of {low}..{high} entries")
+    return value
+
+
+def _obj(value: object, kind: str, where: str, keys: frozenset[str]) -> _Obj:
+    if not isinstance(value, dict) or set(value) != keys:
+        raise _fail(kind, where, "an object {" + ", ".join(f'"{k}"' for k in sorted(keys)) + "}")
+    return value
+
+
+def _suite(o: _Obj, kind: str) -> str:
+    suite = o.get("ciphersuite")
+    if not isinstance(suite, str) or not _ID.fullmatch(suite):
+        raise _fail(kind, "ciphersuite", "a ciphersuite name")
+    return suite
+
+
+_MEMBER_KEYS: Final = frozenset({"identifier", "key_id"})
+_PACKAGE_KEYS: Final = frozenset(
+    {"identifier", "commitment", "proof_of_knowledge", "encryption_key", "key_id", "signature"}
+)
+_SHARE_KEYS: Final = frozenset({"sender", "recipient", "ciphertext"})
+_VSHARE_KEYS: Final = frozenset({"identifier", "verifying_share"})
+
+
+def _p_dkg_round1(o: _Obj) -> DkgRound1:
+    k = "dkg_round1"
+    members = []
+    for i, raw in enumerate(_list(o, k, "participants", 2, MAX_DKG_SIGNERS)):
+        where = f"participants[{i}]"
+        e = _obj(raw, k, where, _MEMBER_KEYS)
+        members.append(
+            DkgMember(
+                _hex_at(e, k, where, "identifier", (IDENTIFIER_BYTES,)),
+                _id_at(e, k, where, "key_id"),
+            )
+        )
+    if len({mb.identifier for mb in members}) != len(members):
+        raise _fail(k, "participants", "a list with one entry per identifier")
+    return DkgRound1(
+        _id(o, k, "request_id"),
+        _text(o, k, "dkg_id", MAX_DKG_ID_BYTES),
+        _text(o, k, "account_id", MAX_ACCOUNT_ID_BYTES),
+        _suite(o, k),
+        _int(o, k, "min_signers", 2, MAX_DKG_SIGNERS),
+        _int(o, k, "max_signers", 2, MAX_DKG_SIGNERS),
+        _text(o, k, "policy", MAX_POLICY_BYTES),
+        tuple(members),
+        _hex(o, k, "enclave_identifier", (IDENTIFIER_BYTES,)),
+        _hex(o, k, "identifier", (IDENTIFIER_BYTES,)),
+        _int(o, k, "deadline_unix_ms", 0, INT64_MAX),
+    )
+
+
+def _package(raw: object, kind: str, where: str) -> DkgPackageField:
+    e = _obj(raw, kind, where, _PACKAGE_KEYS)
+    commitment = e["commitment"]
+    if not isinstance(commitment, list) or not 1 <= len(commitment) <= MAX_DKG_SIGNERS:
+        raise _fail(kind, f"{where}.commitment", f"a list of 1..{MAX_DKG_SIGNERS} elements")
+    elements = tuple(
+        _hex_at({"e": c}, kind, f"{where}.commitment[{i}]", "e", _element_sizes())
+        for i, c in enumerate(commitment)
+    )
+    return DkgPackageField(
+        _hex_at(e, kind, where, "identifier", (IDENTIFIER_BYTES,)),
+        elements,
+        _hex_at(e, kind, where, "proof_of_knowledge", (64, 65)),
+        _hex_at(e, kind, where, "encryption_key", (32,)),
+        _id_at(e, kind, where, "key_id"),
+        _hex_at(e, kind, where, "signature", (SIGNATURE_BYTES,)),
+    )
+
+
+def _shares(o: _Obj, kind: str) -> tuple[DkgShareField, ...]:
+    out = []
+    for i, raw in enumerate(_list(o, kind, "shares", 1, MAX_DKG_SIGNERS)):
+        where = f"shares[{i}]"
+        e = _obj(raw, kind, where, _SHARE_KEYS)
+        try:
+            ciphertext = _hex(e, kind, "ciphertext", range(1, MAX_DKG_CIPHERTEXT_BYTES + 1))
+        except MessageError as exc:
+            raise MessageError(str(exc).replace(f"{kind}.", f"{kind}.{where}.")) from None
+        out.append(
+            DkgShareField(
+                _hex_at(e, kind, where, "sender", (IDENTIFIER_BYTES,)),
+                _hex_at(e, kind, where, "recipient", (IDENTIFIER_BYTES,)),
+                ciphertext,
+            )
+        )
+    return tuple(out)
+
+
+def _p_dkg_package(o: _Obj) -> DkgPackage:
+    return DkgPackage(
+        _id(o, "dkg_package", "request_id"), _package(o.get("package"), "dkg_package", "package")
+    )
+
+
+def _p_dkg_round2(o: _Obj) -> DkgRound2:
+    k = "dkg_round2"
+    raw = _list(o, k, "packages", 2, MAX_DKG_SIGNERS)
+    packages = tuple(_package(p, k, f"packages[{i}]") for i, p in enumerate(raw))
+    if len({p.identifier for p in packages}) != len(packages):
+        raise _fail(k, "packages", "a list with one package per identifier")
+    return DkgRound2(_id(o, k, "request_id"), packages)
+
+
+def _p_dkg_shares(o: _Obj) -> DkgShares:
+    return DkgShares(_id(o, "dkg_shares", "request_id"), _shares(o, "dkg_shares"))
+
+
+def _p_dkg_round3(o: _Obj) -> DkgRound3:
+    return DkgRound3(_id(o, "dkg_round3", "request_id"), _shares(o, "dkg_round3"))
+
+
+def _p_dkg_done(o: _Obj) -> DkgDone:
+    k = "dkg_done"
+    shares = []
+    for i, raw in enumerate(_list(o, k, "verifying_shares", 2, MAX_DKG_SIGNERS)):
+        where = f"verifying_shares[{i}]"
+        e = _obj(raw, k, where, _VSHARE_KEYS)
+        shares.append(
+            DkgVerifyingShareField(
+                _hex_at(e, k, where, "identifier", (IDENTIFIER_BYTES,)),
+                _hex_at(e, k, where, "verifying_share", _element_sizes()),
+            )
+        )
+    return DkgDone(
+        _id(o, k, "request_id"),
+        _hex(o, k, "identifier", (IDENTIFIER_BYTES,)),
+        _hex(o, k, "verifying_share", _element_sizes()),
+        _hex(o, k, "group_public_key", _element_sizes()),
+        tuple(shares),
+    )
+
+
 _PARSERS: Final[Mapping[str, Callable[[_Obj], Any]]] = {
     "hello": _p_hello,
     "challenge": _p_challenge,
@@ -577,6 +877,12 @@ _PARSERS: Final[Mapping[str, Callable[[_Obj], Any]]] = {
     "error": _p_error,
     "ping": _p_ping,
     "pong": _p_pong,
+    "dkg_round1": _p_dkg_round1,
+    "dkg_package": _p_dkg_package,
+    "dkg_round2": _p_dkg_round2,
+    "dkg_shares": _p_dkg_shares,
+    "dkg_round3": _p_dkg_round3,
+    "dkg_done": _p_dkg_done,
 }
 
 
@@ -584,14 +890,18 @@ def _reject_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def parse_message(text: str | bytes) -> Message:
+def parse_message(text: str | bytes, *, max_version: int = VERSION) -> Message:
     """One frame's text (or its UTF-8 bytes) as a message.
+
+    ``max_version`` is the connection's contract version (its subprotocol's): 1 refuses the
+    ``dkg_*`` messages like unknown types; 2 takes them (with ``"v": 2``).
 
     Raises:
         MessageError: a frame over :data:`MAX_FRAME_BYTES` (``close_code`` 1009), a ``"v"``
-            other than 1 (4004), and anything else that is not a valid message (1002): not
-            JSON, not an object, an unknown or reserved (``dkg_*``) type, a missing or unknown
-            field, a field of the wrong type or out of its bound.
+            other than the one that defines the type (1, or 2 for ``dkg_*``; 4004), and
+            anything else that is not a valid message (1002): not JSON, not an object, an
+            unknown type (``dkg_*`` on a version-1 connection), a missing or unknown field, a
+            field of the wrong type or out of its bound.
     """
     size = len(text) if isinstance(text, bytes) else len(text.encode("utf-8", "surrogatepass"))
     if size > MAX_FRAME_BYTES:
@@ -611,13 +921,14 @@ def parse_message(text: str | bytes) -> Message:
         raise MessageError('a message needs "type", a string')
     if "v" not in obj or type(obj["v"]) is not int:
         raise MessageError(f'{kind[:32]!r} needs "v", an integer')
-    if obj["v"] != VERSION:
+    if kind.startswith(RESERVED_PREFIX) and max_version < DKG_VERSION:
+        raise MessageError(f"{kind[:32]!r} is reserved for DKG, which version 1 does not carry")
+    expected = version_of(kind) if kind in _FIELDS else VERSION
+    if obj["v"] != expected:
         raise MessageError(
-            f"message version {obj['v']} is not supported (this side speaks {VERSION})",
+            f"message version {obj['v']} is not supported for {kind[:32]!r} (it is {expected})",
             close_code=CLOSE_UNSUPPORTED_VERSION,
         )
-    if kind.startswith(RESERVED_PREFIX):
-        raise MessageError(f"{kind[:32]!r} is reserved for DKG, which version 1 does not carry")
     if kind not in _FIELDS:
         raise MessageError(f"unknown message type {kind[:32]!r}")
     required, optional = _FIELDS[kind]
@@ -648,7 +959,7 @@ def _to_json(value: Any) -> Any:
 def message_to_json(message: Message) -> dict[str, Any]:
     """The JSON object of ``message`` (optional fields left out when empty or ``None``)."""
     kind = type_name(message)
-    out: dict[str, Any] = {"type": kind, "v": VERSION}
+    out: dict[str, Any] = {"type": kind, "v": version_of(kind)}
     _, optional = _FIELDS[kind]
     for f in fields(message):
         value = getattr(message, f.name)
