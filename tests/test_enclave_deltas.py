@@ -593,17 +593,28 @@ def test_store_frames_cut_a_delta_into_chunks_of_at_most_256_kib(world: World) -
 # -- boot time ---------------------------------------------------------------------------------
 
 
+def _clones(prefix: str, n: int, template: ShareRecord) -> list[ShareRecord]:
+    """``n`` records named ``prefix-i`` that share one valid key share (the loaders do not
+    care, and dealing a million keys would take minutes)."""
+    return [dataclasses.replace(template, account_id=f"{prefix}-{i:07d}") for i in range(n)]
+
+
 @pytest.mark.slow
-def test_boot_time_base_alone_and_with_1000_deltas(world: World) -> None:
-    """100k base accounts alone vs. plus 1,000 deltas of 100 accounts (the issue's target is
-    1M + 100k: this is the same ratio at a tenth of the size). Prints both; target <= 2x."""
+@pytest.mark.parametrize("base_accounts", [100_000, 1_000_000])
+def test_boot_time_base_alone_and_with_1000_deltas(world: World, base_accounts: int) -> None:
+    """A base alone vs. the same base plus 1,000 deltas of 100 accounts each, through the
+    boot's code (the base fed in 1 MiB pieces to a SealedLoader, then each delta verified and
+    applied lazily, as the preload does). The issue's target is 1M + 100k in 1,000 deltas
+    <= 2x the base alone; with a 100k base the deltas double the accounts, so the records
+    alone make it 2x (both are printed; docs/enclave.md has the numbers)."""
     from trio_sign.shares import SealedLoader
+    from trio_sign.shares._deltas import apply_delta
 
     from .share_helpers import make_record
 
+    template = make_record("template")
     key = world.key
-    records = [make_record(f"base-{i:06d}") for i in range(100_000)]
-    base = encode_bundle(records, key)
+    base = encode_bundle(_clones("base", base_accounts, template), key)
     with ShareStore.load_sealed(io.BytesIO(base), key) as probe:
         assert probe.fingerprint is not None
         fingerprint = probe.fingerprint
@@ -611,9 +622,8 @@ def test_boot_time_base_alone_and_with_1000_deltas(world: World) -> None:
     deltas: list[bytes] = []
     with world.ident.delta_key_wrap() as wrap:
         for d in range(1000):
-            recs = [make_record(f"delta-{d:04d}-{i:03d}") for i in range(100)]
             sealed = seal_delta(
-                recs,
+                _clones(f"delta-{d:04d}", 100, template),
                 sequence=chain.next_sequence,
                 previous=chain.next_previous,
                 operation="create",
@@ -621,16 +631,14 @@ def test_boot_time_base_alone_and_with_1000_deltas(world: World) -> None:
                 provider=wrap,
                 signer=world.ident,
             )
-            chain.advance(
-                {
-                    "kind": "delta",
-                    "sequence": sealed.sequence,
-                    "previous": sealed.previous,
-                    "operation": "create",
-                    "dkg_id": sealed.dkg_id,
-                },
-                sealed.fingerprint,
-            )
+            header = {
+                "kind": "delta",
+                "sequence": sealed.sequence,
+                "previous": sealed.previous,
+                "operation": "create",
+                "dkg_id": sealed.dkg_id,
+            }
+            chain.advance(header, sealed.fingerprint)
             deltas.append(sealed.data)
         trust = BundleTrust.pinned([world.ident.public_key], kind="delta")
 
@@ -642,8 +650,6 @@ def test_boot_time_base_alone_and_with_1000_deltas(world: World) -> None:
             if with_deltas:
                 assert store.fingerprint is not None
                 boot_chain = DeltaChain(store.fingerprint)
-                from trio_sign.shares._deltas import apply_delta
-
                 for data in deltas:
                     apply_delta(store, boot_chain, data, provider=wrap, trust=trust, verify="lazy")
             return store
@@ -654,11 +660,11 @@ def test_boot_time_base_alone_and_with_1000_deltas(world: World) -> None:
             store = boot(with_deltas)
             elapsed = time.perf_counter() - t0
             times[with_deltas] = min(times.get(with_deltas, elapsed), elapsed)
-            assert len(store) == 100_000 + (100_000 if with_deltas else 0)
+            assert len(store) == base_accounts + (100_000 if with_deltas else 0)
             store.close()
     ratio = times[True] / times[False]
     print(
-        f"\nboot: base 100k accounts {times[False]:.3f} s; base + 1,000 deltas x 100 accounts "
-        f"{times[True]:.3f} s; ratio {ratio:.2f}"
+        f"\nboot: base {base_accounts:,} accounts {times[False]:.3f} s; plus 1,000 deltas x 100 "
+        f"accounts {times[True]:.3f} s; ratio {ratio:.2f}"
     )
-    assert ratio <= 2.0
+    assert ratio <= (2.0 if base_accounts >= 1_000_000 else 4.0)

@@ -717,10 +717,10 @@ class ShareStore:
         Error handling: what :meth:`check_delta` raises; nothing has changed then.
         """
         self.check_delta(delta, operation)
-        table = bytes(
-            self._policy_slot(name.encode("utf-8"), None) if i < len(delta._policy_names) else 0
-            for i, name in enumerate(delta._policy_names + [""] * (256 - len(delta._policy_names)))
-        )
+        # The delta's policy indices, translated to ours (bytes.translate on its policy bytes).
+        table = bytearray(256)
+        for i, name in enumerate(delta._policy_names):
+            table[i] = self._policy_slot(name.encode("utf-8"), None)
         if operation == "create":
             self._append(delta, table)
         else:
@@ -750,7 +750,7 @@ class ShareStore:
             lane.thresholds[2 * w + 1],
         )
 
-    def _append(self, delta: ShareStore, table: bytes) -> None:
+    def _append(self, delta: ShareStore, table: bytearray) -> None:
         """Copy every slot of ``delta`` after ours, lane by lane; the index last."""
         n, base = delta._count, self._count
         if n:
@@ -785,7 +785,7 @@ class ShareStore:
         for account_id, slot in delta._index.items():
             index[account_id] = slot + base if slot >= 0 else ~(~slot + wbase)
 
-    def _replace(self, delta: ShareStore, table: bytes) -> None:
+    def _replace(self, delta: ShareStore, table: bytearray) -> None:
         """Write each of ``delta``'s records over its account's slot (same lane: the suite is
         the same), zeroing the old share first."""
         for account_id, src_slot in delta._index.items():
