@@ -668,3 +668,127 @@ def test_boot_time_base_alone_and_with_1000_deltas(world: World, base_accounts: 
         f"accounts {times[True]:.3f} s; ratio {ratio:.2f}"
     )
     assert ratio <= (2.0 if base_accounts >= 1_000_000 else 4.0)
+
+
+# -- the production tree -----------------------------------------------------------------------
+
+
+async def test_serve_enclave_boots_the_deltas_shows_them_and_hot_adds(
+    tmp_path: Path, nsm_dir: Path
+) -> None:
+    """serve_enclave against the real parent code over UNIX sockets: the boot loads the base
+    and the stored deltas; GetStatus and each attestation show the head at that moment; a
+    delta another replica stores is pushed and becomes signable without a restart; the
+    enclave's own store() goes through the deltas channel."""
+    import functools
+    import hashlib
+
+    from proto_min import sign_service_pb2 as pb
+    from trio_sign.enclave import EnclaveConfig, serve_enclave
+    from trio_sign.enclave._measured import development_config
+    from trio_sign.nitro import LocalNsm, verify_attestation
+    from trio_sign.nitro._binding import decode_binding
+    from trio_sign.parent import DevRecipientKms, serve_log_connection, serve_status_connection
+    from trio_sign.parent._deltas import serve_deltas
+    from trio_sign.parent._preload import serve_preload
+    from trio_sign.rpc import open_grpc_channel
+    from trio_sign.transport import connect, open_listeners
+
+    d = tmp_path / "sock"
+    d.mkdir()
+    _, base_accounts = make_accounts(3)
+    _.close()
+    key = DevKeyFile.create(d / "dev.key")
+    bundle = d / "bundle.enc"
+    bundle.write_bytes(encode_bundle(records_of(base_accounts), key, chunk_size=1024))
+    fingerprint = hashlib.sha256(bundle.read_bytes()).hexdigest()
+    seed = 31
+    world = World(bundle.read_bytes(), key, _identity(seed), base_accounts, tmp_path)
+    maker = world.node()  # another replica: it seals the deltas the store holds
+    files = world.file_store()
+    for i in range(2):
+        sealed = maker.writer._seal(records_of(fresh_accounts(f"boot{i}", 1)), "create", f"b{i}")
+        maker.deltas.apply(sealed.data)
+        files.put(i + 1, sealed.data)
+    boot_head = maker.deltas.chain.head
+    hub = Deltas(files, poll_interval_s=0.5)
+    nsm = LocalNsm.from_dir(nsm_dir)
+    kms = DevRecipientKms(key, root_pem=(nsm_dir / "local-nsm-root.pem").read_bytes())
+
+    async def boot(stream: trio.SocketStream) -> None:
+        try:
+            hub.new_run()
+            result = await serve_preload(MessageStream(stream), bundle, kms, deltas=hub)
+            hub.mark_booted(result)
+        finally:
+            await stream.aclose()
+
+    config = EnclaveConfig(
+        grpc_listen=f"unix://{d}/grpc.sock",
+        nsm="local",
+        measured=dataclasses.replace(
+            development_config(), delta_identity_key=world.ident.public_key
+        ),
+        preload_address=f"unix://{d}/boot.sock",
+        status_address=f"unix://{d}/status.sock",
+        log_address=f"unix://{d}/logs.sock",
+        deltas_address=f"unix://{d}/deltas.sock",
+        preload_timeout_s=20.0,
+        drain_grace_s=1.0,
+    )
+    S = "/trio_sign.v1.SignService/"
+    async with trio.open_nursery() as nursery:
+        for name, handler in (
+            ("boot", boot),
+            ("status", functools.partial(serve_status_connection, on=lambda m: None)),
+            ("logs", functools.partial(serve_log_connection, on=lambda m: None)),
+        ):
+            listeners = await open_listeners(f"unix://{d}/{name}.sock")
+            await nursery.start(trio.serve_listeners, handler, listeners)
+        await nursery.start(serve_deltas, await open_listeners(f"unix://{d}/deltas.sock"), hub)
+        handle = await nursery.start(
+            functools.partial(serve_enclave, config, nsm=nsm, identity_key=_identity(seed))
+        )
+        assert handle.deltas is not None
+        assert handle.delta_writer is not None
+
+        async def status_and_binding(ch: Any) -> tuple[Any, Any]:
+            status = pb.GetStatusResponse.FromString(await ch.unary_unary(S + "GetStatus", b""))
+            doc = pb.GetAttestationResponse.FromString(
+                await ch.unary_unary(
+                    S + "GetAttestation", pb.GetAttestationRequest().SerializeToString()
+                )
+            ).document
+            bound = decode_binding(verify_attestation(doc, root_pem=nsm.root_pem).user_data)
+            return status, bound
+
+        async with open_grpc_channel(await connect(handle.addresses[0])) as ch:
+            status, bound = await status_and_binding(ch)
+            assert (status.deltas, status.deltas_head) == (2, boot_head)
+            assert status.shares_sha256 == fingerprint
+            assert status.accounts == 5
+            assert bound.deltas == bytes.fromhex(boot_head)
+            assert bound.shares == bytes.fromhex(fingerprint)
+            # another replica stores delta 3: pushed, loaded, signable, shown
+            hot = fresh_accounts("hot", 1)
+            third = maker.writer._seal(records_of(hot), "create", "b-hot")
+            maker.deltas.apply(third.data)
+            files.put(3, third.data)
+            with trio.fail_after(10):
+                await handle.deltas.wait_for(3)
+            sign_with(handle.service.pool, hot["hot-0"], "hot-session", b"hot add")
+            status, bound = await status_and_binding(ch)
+            assert (status.deltas, status.deltas_head) == (3, third.fingerprint)
+            assert bound.deltas == bytes.fromhex(third.fingerprint)
+            # the enclave's own delta goes through the parent's store
+            mine = fresh_accounts("mine", 1)
+            with trio.fail_after(10):
+                sequence, head = await handle.delta_writer.store(records_of(mine), "create", "m")
+            assert sequence == 4
+            assert files.list().sequences == (1, 2, 3, 4)
+            sign_with(handle.service.pool, mine["mine-0"], "mine-session", b"own delta")
+            status, bound = await status_and_binding(ch)
+            assert (status.deltas, status.deltas_head) == (4, head)
+        await handle.drain()
+        nursery.cancel_scope.cancel()
+    world.ident.close()
