@@ -46,6 +46,7 @@ opened. Nothing here logs a share, and no repr shows one.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -81,6 +82,7 @@ from ..enclave._dkg import (
 from ..rpc import RpcError, StatusCode
 from ..shares import ShareRecord, ShareStore, write_plaintext
 from ..shares._records import record_from_json, record_to_json_text
+from ._accounts import AccountRegistry, RegisteredAccount, RemoteHolder
 from ._approvals import Approval, ApproverSigningKey, GatewayApprover
 from ._node import EnclaveNode
 
@@ -103,6 +105,7 @@ DKG_REASONS: Final = frozenset(
         "bad_package",  # the enclave's package or shares failed a check here
         "key_mismatch",  # the enclave's answer is not the participants' group key or share
         "not_created",  # DkgRound3 NOT_FOUND: no account exists (the crash rule's end)
+        "participant_failed",  # a remote participant did not take part (named)
     }
 )
 _HEAD_ZERO: Final = "00" * 32
@@ -278,6 +281,21 @@ class LocalParticipant:
         return len(self._open)
 
     async def round1(self, c: Ceremony, identifier: bytes) -> pb.DkgRound1Package:
+        return self.round1_now(c, identifier)
+
+    async def round2(
+        self, c: Ceremony, packages: Sequence[pb.DkgRound1Package]
+    ) -> list[pb.DkgEncryptedShare]:
+        return self.round2_now(c, packages)
+
+    async def round3(
+        self, c: Ceremony, shares: Sequence[pb.DkgEncryptedShare]
+    ) -> ParticipantOutput:
+        return self.round3_now(c, shares)
+
+    # The rounds without await (the participant library's sans-io session calls these).
+
+    def round1_now(self, c: Ceremony, identifier: bytes) -> pb.DkgRound1Package:
         if c.dkg_id in self._open:
             raise DkgFailed(f"DKG {c.dkg_id} is open already", reason="bad_request")
         state = _LocalState(identifier)
@@ -293,7 +311,7 @@ class LocalParticipant:
         package.signature = self._key.sign(c.round1_payload(package))
         return package
 
-    async def round2(
+    def round2_now(
         self, c: Ceremony, packages: Sequence[pb.DkgRound1Package]
     ) -> list[pb.DkgEncryptedShare]:
         state = self._state(c)
@@ -341,9 +359,7 @@ class LocalParticipant:
         finally:
             _sodium.memzero(key)
 
-    async def round3(
-        self, c: Ceremony, shares: Sequence[pb.DkgEncryptedShare]
-    ) -> ParticipantOutput:
+    def round3_now(self, c: Ceremony, shares: Sequence[pb.DkgEncryptedShare]) -> ParticipantOutput:
         state = self._state(c)
         assert state.r2_secret is not None
         opened: dict[bytes, _dkg.Round2Package] = {}
@@ -594,7 +610,14 @@ class DkgShares:
         os.fsync(self._fd)
 
     def write_pending(
-        self, c: Ceremony, node_id: str, shares: Mapping[str, ShareRecord], round3: Sequence[Any]
+        self,
+        c: Ceremony,
+        node_id: str,
+        shares: Mapping[str, ShareRecord],
+        round3: Sequence[Any],
+        *,
+        group_public_key: bytes = b"",
+        remote: Sequence[tuple[str, bytes, bytes]] = (),
     ) -> dict[str, Any]:
         """Journal the participants' new shares and the round-3 ciphertexts, fsynced, before
         ``DkgRound3`` is sent; returns the entry (:meth:`note_pending` it). Blocking: the
@@ -613,6 +636,12 @@ class DkgShares:
             "shares": [
                 {"participant": pid, "record": json.loads(record_to_json_text(r, ""))}
                 for pid, r in shares.items()
+            ],
+            # remote participants keep their own shares: only their public part is here
+            "group_public_key": group_public_key.hex(),
+            "remote": [
+                {"participant": pid, "identifier": i.hex(), "verifying_share": v.hex()}
+                for pid, i, v in remote
             ],
             "round3": [
                 {
@@ -768,6 +797,9 @@ class DkgDriver:
         settings: limits.
         on_created: called with each account created (the coordinator forgets any cached
             miss for it).
+        registry: the public account registry; an account created with remote participants
+            (:class:`~trio_sign.gateway._remote_dkg.RemoteDkgParticipant`) is recorded there,
+            fsynced, before the journal says ``created``.
         blocking: runs the journal's blocking writes (fsync): a worker thread by default;
             tests on the virtual clock run them inline (a thread lets the clock jump).
     """
@@ -783,6 +815,7 @@ class DkgDriver:
         settings: DkgSettings = DkgSettings(),
         on_created: Callable[[str], None] | None = None,
         blocking: Callable[..., Awaitable[Any]] = trio.to_thread.run_sync,
+        registry: AccountRegistry | None = None,
     ) -> None:
         if not participants:
             raise ValueError("a DKG needs at least one participant besides the enclave")
@@ -794,6 +827,7 @@ class DkgDriver:
         self.settings = settings
         self._on_created = on_created
         self._blocking = blocking
+        self.registry = registry
         self._limiter = trio.CapacityLimiter(settings.max_concurrent)
         self._rng = random.Random()
         self._active: set[str] = set()  # dkg_ids a request or recovery is working on
@@ -830,7 +864,8 @@ class DkgDriver:
             raise DkgFailed(
                 f"account_id must be 1..{MAX_ACCOUNT_ID_BYTES} bytes", reason="bad_request"
             )
-        available = len(self.participants) + 1
+        pool = [p for p in self.participants if _available(p)]
+        available = len(pool) + 1
         n = available if max_signers is None else max_signers
         t = min(2, n) if min_signers is None else min_signers
         if not 2 <= t <= n <= min(available, MAX_DKG_SIGNERS):
@@ -844,7 +879,7 @@ class DkgDriver:
                 "policy must name a signing policy (not 'create')", reason="bad_request"
             )
         group = group_for(suite)
-        chosen = self.participants[: n - 1]
+        chosen = pool[: n - 1]
         members = [(group.identifier_to_bytes(ENCLAVE_IDENTIFIER), ENCLAVE_KEY_ID)]
         members += [
             (group.identifier_to_bytes(ENCLAVE_IDENTIFIER + 1 + i), p.key_id)
@@ -894,7 +929,9 @@ class DkgDriver:
         was sent means the outcome is unknown: the entry stays pending and :meth:`recover`
         settles it.
         """
-        if self.shares.holds(account_id):
+        if self.shares.holds(account_id) or (
+            self.registry is not None and account_id in self.registry
+        ):
             raise DkgFailed(
                 f"account {account_id!r} exists here already (its counterpart shares are held)",
                 reason="account_exists",
@@ -990,8 +1027,21 @@ class DkgDriver:
                     records[p.participant_id] = out.record
             self._check_agreement(c, outputs)
             to_enclave = [s for s in sent if bytes(s.recipient) == c.enclave_identifier]
+            remote = [
+                (p.participant_id, out.identifier, out.verifying_share)
+                for p, out in zip(chosen, outputs, strict=True)
+                if out.record is None
+            ]
             entry = await self._blocking(
-                self.shares.write_pending, c, node.node_id, records, to_enclave
+                functools.partial(
+                    self.shares.write_pending,
+                    c,
+                    node.node_id,
+                    records,
+                    to_enclave,
+                    group_public_key=outputs[0].group_public_key,
+                    remote=remote,
+                )
             )
             self.shares.note_pending(entry)
         finally:
@@ -1171,6 +1221,18 @@ class DkgDriver:
                 reason="key_mismatch",
                 dkg_id=dkg_id,
             )
+        account = _registered(entry, group_key)
+        if account is not None:
+            if self.registry is None:
+                raise DkgFailed(
+                    f"DKG {dkg_id} has remote participants but this gateway keeps no account "
+                    "registry ([accounts] registry)",
+                    reason="bad_request",
+                    dkg_id=dkg_id,
+                )
+            # Before "created": a crash in between replays round 3 and writes it again.
+            await self._blocking(self.registry.write, account)
+            self.registry.note(account)
         await self._blocking(self.shares.write_created, entry, answer)
         self.shares.note_created(entry)
         if self._on_created is not None:
@@ -1205,7 +1267,8 @@ class DkgDriver:
             verifying_shares=verifying,
             delta_sequence=answer.delta_sequence,
             deltas_head=answer.deltas_head or _HEAD_ZERO,
-            participants=tuple(s["participant"] for s in entry["shares"]),
+            participants=tuple(s["participant"] for s in entry["shares"])
+            + tuple(r["participant"] for r in entry.get("remote", ())),
             recovered=recovered,
             enclave_ms=enclave_s * 1000,
             total_ms=total_ms,
@@ -1280,11 +1343,43 @@ def _expected(
 ) -> tuple[bytes, bytes | None]:
     """The group key of the journalled shares and, when the participants' output is at hand,
     the enclave's verifying share it implies."""
-    record = entry["shares"][0]["record"]
-    group_key = bytes.fromhex(record["group_public_key"])
+    if entry["shares"]:
+        group_key = bytes.fromhex(entry["shares"][0]["record"]["group_public_key"])
+    else:
+        group_key = bytes.fromhex(entry["group_public_key"])
     if output is None:
         return group_key, None
     return group_key, output.verifying_shares.get(enclave_identifier)
+
+
+def _available(p: DkgParticipant) -> bool:
+    """A participant can take part now (a remote one: connected with DKG)."""
+    check = getattr(p, "available", None)
+    return True if check is None else bool(check())
+
+
+def _registered(entry: Mapping[str, Any], group_key: bytes) -> RegisteredAccount | None:
+    """The registry entry of a journalled DKG with remote participants, else None."""
+    remote = entry.get("remote") or []
+    if not remote:
+        return None
+    return RegisteredAccount(
+        entry["account_id"],
+        entry["ciphersuite"],
+        group_key,
+        entry["min_signers"],
+        entry["max_signers"],
+        tuple(
+            RemoteHolder(
+                r["participant"],
+                bytes.fromhex(r["identifier"]),
+                bytes.fromhex(r["verifying_share"]),
+            )
+            for r in remote
+        ),
+        entry["policy"],
+        "dkg",
+    )
 
 
 def _refusal(exc: RpcError, node: EnclaveNode, method: str, dkg_id: str) -> DkgFailed:

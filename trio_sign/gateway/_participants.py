@@ -57,6 +57,10 @@ from ._approvals import Approval
 log = logging.getLogger("trio_sign.gateway.participants")
 
 SUBPROTOCOL: Final = "trio-sign-participant.v1"
+#: Version 2 adds the DKG messages (``dkg_*``); preferred when a participant proposes it.
+SUBPROTOCOL_V2: Final = "trio-sign-participant.v2"
+#: subprotocol -> contract version, most preferred first.
+SUBPROTOCOLS: Final = {SUBPROTOCOL_V2: 2, SUBPROTOCOL: 1}
 DEFAULT_PATH: Final = "/v1/participants"
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}")
 
@@ -274,10 +278,13 @@ class _Slot:
 
 
 class _Connection:
-    def __init__(self, hub: ParticipantHub, ws: WebSocketConnection, participant_id: str):
+    def __init__(
+        self, hub: ParticipantHub, ws: WebSocketConnection, participant_id: str, version: int = 1
+    ):
         self.hub = hub
         self.ws = ws
         self.participant_id = participant_id
+        self.version = version
         self.slots: dict[str, _Slot] = {}
         self.send_channel, self.receive_channel = trio.open_memory_channel[str](
             hub.settings.max_queued_frames
@@ -357,7 +364,7 @@ class _Connection:
                 self.close(m.CLOSE_TOO_BIG, "a frame over max_frame_bytes", fail_with="malformed")
                 return
             try:
-                message = m.parse_message(text)
+                message = m.parse_message(text, max_version=self.version)
             except m.MessageError as exc:
                 self.hub.counts["malformed"] += 1
                 self.close(exc.close_code, str(exc), fail_with="malformed")
@@ -389,15 +396,44 @@ class _Connection:
                 return
             slot.resolve(self.error(f"answered error {message.code}", "error", request_id=rid))
             return
-        assert isinstance(message, (m.Commitment, m.Decline, m.SignatureShare)), message
+        assert isinstance(
+            message,
+            (m.Commitment, m.Decline, m.SignatureShare, m.DkgPackage, m.DkgShares, m.DkgDone),
+        ), message
         slot = self.slots.get(message.request_id)
         if isinstance(message, m.Commitment) and slot is not None and slot.phase != "commit":
             slot = None  # a second commitment: round one is over
+        if (
+            slot is not None
+            and type(message) in _DKG_PHASE_OF
+            and (_DKG_PHASE_OF[type(message)] != slot.phase)
+        ):
+            slot = None  # a DKG answer of another round: late, or twice
         if slot is None or slot.done.is_set():
             # Late (after a timeout) or twice: the session has moved on; never an answer.
             self.hub.counts["late_answers"] += 1
             return
         slot.resolve(message)
+
+
+#: A DKG round's phase -> the answer it waits for (besides ``decline``).
+_DKG_ANSWERS: Final[dict[str, type[Any]]] = {
+    "dkg1": m.DkgPackage,
+    "dkg2": m.DkgShares,
+    "dkg3": m.DkgDone,
+}
+_DKG_PHASE_OF: Final = {cls: phase for phase, cls in _DKG_ANSWERS.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteDkg:
+    """One DKG a remote participant is taking part in (from :meth:`ParticipantHub.dkg_round1`);
+    pass it to the next rounds, and to :meth:`ParticipantHub.dkg_cancel` if it ends early."""
+
+    participant_id: str
+    request_id: str
+    _conn: _Connection = field(repr=False, compare=False)
+    _slot: _Slot = field(repr=False, compare=False)
 
 
 # -- the hub -------------------------------------------------------------------------------------
@@ -513,7 +549,8 @@ class ParticipantHub:
         if request.path != self.settings.path:
             await request.reject(404)
             return
-        if SUBPROTOCOL not in request.proposed_subprotocols:
+        offered = [p for p in SUBPROTOCOLS if p in request.proposed_subprotocols]
+        if not offered:
             await request.reject(400, body=f"subprotocol {SUBPROTOCOL} required".encode())
             return
         if (
@@ -526,14 +563,16 @@ class ParticipantHub:
         self._handshaking += 1
         handshaking = [True]
         try:
-            ws = await request.accept(subprotocol=SUBPROTOCOL)
-            await self._serve_connection(ws, handshaking)
+            ws = await request.accept(subprotocol=offered[0])
+            await self._serve_connection(ws, handshaking, SUBPROTOCOLS[offered[0]])
         finally:
             self._open_connections -= 1
             if handshaking[0]:
                 self._handshaking -= 1
 
-    async def _serve_connection(self, ws: WebSocketConnection, handshaking: list[bool]) -> None:
+    async def _serve_connection(
+        self, ws: WebSocketConnection, handshaking: list[bool], version: int = 1
+    ) -> None:
         participant_id: str | None = None
         code, reason = m.CLOSE_AUTH_TIMEOUT, "authentication took too long"
         with trio.move_on_after(self.settings.handshake_timeout_s):
@@ -550,7 +589,7 @@ class ParticipantHub:
             with trio.move_on_after(2.0, shield=True):
                 await ws.aclose(code, reason)
             return
-        conn = _Connection(self, ws, participant_id)
+        conn = _Connection(self, ws, participant_id, version)
         old = self._connections.get(participant_id)
         if old is not None:
             self.counts["replaced"] += 1
@@ -734,6 +773,130 @@ class ParticipantHub:
         finally:
             self._end(conn, slot, rid, True)
 
+    # -- DKG (contract version 2) ---------------------------------------------------------------
+
+    def speaks_dkg(self, participant_id: str) -> bool:
+        """``participant_id`` is connected with contract version 2 (it can take part in DKGs)."""
+        conn = self._connections.get(participant_id)
+        return conn is not None and not conn.closed and conn.version >= m.DKG_VERSION
+
+    async def dkg_round1(
+        self,
+        participant_id: str,
+        *,
+        dkg_id: str,
+        account_id: str,
+        ciphersuite: str,
+        min_signers: int,
+        max_signers: int,
+        policy: str,
+        participants: Sequence[tuple[bytes, str]],
+        enclave_identifier: bytes,
+        identifier: bytes,
+        timeout_s: float,
+        dkg_timeout_s: float,
+    ) -> tuple[RemoteDkg, m.DkgPackageField]:
+        """Ask ``participant_id`` to take part in a DKG as ``identifier``; its signed round-1
+        package. ``dkg_timeout_s`` is the whole DKG's deadline on the wire (the participant
+        drops it after that); ``timeout_s`` bounds this call.
+
+        Error handling: :class:`ParticipantError` as :meth:`sign`, and ``error`` when the
+        participant's connection is version 1 (no DKG)."""
+        scheme_by_name(ciphersuite)
+        conn = self._connection(participant_id)
+        if conn.version < m.DKG_VERSION:
+            raise conn.error("its connection is version 1: it takes no part in DKGs", "error")
+        if len(conn.slots) >= self.settings.max_in_flight:
+            self.counts["busy"] += 1
+            raise conn.error(f"{len(conn.slots)} requests in flight (max_in_flight)", "busy")
+        rid = secrets.token_hex(12)
+        request = m.DkgRound1(
+            rid,
+            dkg_id,
+            account_id,
+            ciphersuite,
+            min_signers,
+            max_signers,
+            policy,
+            tuple(m.DkgMember(i, k) for i, k in participants),
+            enclave_identifier,
+            identifier,
+            self._wall_clock_ms() + math.ceil(dkg_timeout_s * 1000),
+        )
+        slot = _Slot(scheme_by_name(ciphersuite))
+        slot.phase = "dkg1"
+        conn.slots[rid] = slot
+        keep = sent = False
+        try:
+            if not conn.queue(request):
+                self.counts["busy"] += 1
+                raise conn.error("its outgoing queue is full", "busy", request_id=rid)
+            sent = True
+            answer = await self._await(conn, slot, rid, timeout_s, "DKG round-1 package")
+            if isinstance(answer, m.DkgPackage):
+                keep = True
+                return RemoteDkg(participant_id, rid, conn, slot), answer.package
+            raise self._unexpected(conn, answer, rid, "dkg_package")
+        finally:
+            if not keep:
+                self._end(conn, slot, rid, sent)
+
+    async def dkg_round2(
+        self, dkg: RemoteDkg, packages: Sequence[m.DkgPackageField], *, timeout_s: float
+    ) -> tuple[m.DkgShareField, ...]:
+        """Every participant's round-1 package to it; its encrypted round-2 shares."""
+        answer = await self._dkg_step(
+            dkg, "dkg2", m.DkgRound2(dkg.request_id, tuple(packages)), timeout_s
+        )
+        assert isinstance(answer, m.DkgShares)
+        return answer.shares
+
+    async def dkg_round3(
+        self, dkg: RemoteDkg, shares: Sequence[m.DkgShareField], *, timeout_s: float
+    ) -> m.DkgDone:
+        """The shares addressed to it; its public output, sent only once its new share is
+        sealed durably in its store. The request ends here (answered or not)."""
+        answer = await self._dkg_step(
+            dkg, "dkg3", m.DkgRound3(dkg.request_id, tuple(shares)), timeout_s, last=True
+        )
+        assert isinstance(answer, m.DkgDone)
+        return answer
+
+    async def _dkg_step(
+        self,
+        dkg: RemoteDkg,
+        phase: str,
+        request: m.Message,
+        timeout_s: float,
+        *,
+        last: bool = False,
+    ) -> m.Message:
+        conn, slot, rid = dkg._conn, dkg._slot, dkg.request_id
+        if conn.slots.get(rid) is not slot or conn.closed:
+            conn.slots.pop(rid, None)
+            raise conn.error("disconnected during the DKG", "disconnected", request_id=rid)
+        slot.next_phase(slot.identifier)
+        slot.phase = phase
+        keep = False
+        try:
+            if not conn.queue(request):
+                raise conn.error("its outgoing queue is full", "busy", request_id=rid)
+            answer = await self._await(conn, slot, rid, timeout_s, m.type_name(request))
+            if isinstance(answer, _DKG_ANSWERS[phase]):
+                keep = not last
+                result: m.Message = answer
+                return result
+            raise self._unexpected(conn, answer, rid, _DKG_ANSWERS[phase].__name__)
+        finally:
+            if not keep:
+                self._end(conn, slot, rid, True)
+
+    def dkg_cancel(self, dkg: RemoteDkg) -> None:
+        """The DKG ended early: tell the participant (its secrets go now). Never blocks."""
+        conn = dkg._conn
+        if conn.slots.pop(dkg.request_id, None) is not None:
+            conn.queue(m.Cancel(dkg.request_id))
+
     def cancel(self, commitment: ParticipantCommitment) -> None:
         """The session is over without round two (the enclave failed): tell the participant,
         so its nonces go now rather than at the deadline. Never blocks; best effort."""
@@ -777,7 +940,7 @@ class ParticipantHub:
         decline), it may still hold nonces for it: tell it to drop them (``cancel``; never
         blocks, and harmless if it already has)."""
         conn.slots.pop(rid, None)
-        if sent and not isinstance(slot.answer, (m.SignatureShare, m.Decline)):
+        if sent and not isinstance(slot.answer, (m.SignatureShare, m.Decline, m.DkgDone)):
             conn.queue(m.Cancel(rid))
 
 

@@ -118,6 +118,7 @@ from ._dkg import (
     DEFAULT_JOURNAL,
     DkgDriver,
     DkgFailed,
+    DkgParticipant,
     DkgSettings,
     DkgShares,
     LocalParticipant,
@@ -140,6 +141,7 @@ from ._participants import (
     parse_participants_table,
 )
 from ._prober import run_prober
+from ._remote_dkg import RemoteDkgParticipant
 
 log = logging.getLogger("trio_sign.gateway")
 
@@ -210,6 +212,7 @@ _DKG_HTTP_STATUS = {
     "bad_package": 502,
     "key_mismatch": 502,
     "not_created": 502,
+    "participant_failed": 503,
 }
 #: The longest session id a caller may name (the enclave's own limit).
 MAX_SESSION_ID_BYTES: Final = 128
@@ -1261,14 +1264,23 @@ async def serve_gateway(
             registry=registry,
         )
         driver = None
-        if config.local_participants:
-            participants = await trio.to_thread.run_sync(_load_participants, config)
+        if config.local_participants or remote_hub is not None:
+            if config.local_participants:
+                participants = await trio.to_thread.run_sync(_load_participants, config)
             shares = DkgShares(config.dkg_journal, [p.participant_id for p in participants])
             await trio.to_thread.run_sync(_open_journal, shares)
             coordinator.add_counterparts(shares.stores.values())
+            everyone: list[DkgParticipant] = list(participants)
+            if remote_hub is not None:
+                everyone += [
+                    RemoteDkgParticipant(
+                        remote_hub, pid, key.key_id, timeout_s=config.participant_timeout_s
+                    )
+                    for pid, key in config.remote_participants.items()
+                ]
             driver = DkgDriver(
                 nodes,
-                participants,
+                everyone,
                 shares,
                 approver=approver,
                 enclave_identity_key=config.dkg_enclave_identity_key,
@@ -1278,10 +1290,11 @@ async def serve_gateway(
                     recover_interval_s=config.dkg_recover_interval_s,
                 ),
                 on_created=coordinator.learned,
+                registry=registry,
             )
             log.info(
                 "gateway: creating accounts by DKG with %s (journal %s: %d accounts, %d pending)",
-                ", ".join(p.participant_id for p in participants),
+                ", ".join(p.participant_id for p in everyone),
                 config.dkg_journal,
                 shares.created,
                 len(shares.pending),

@@ -49,6 +49,7 @@ from wsproto.utilities import LocalProtocolError
 from .._backoff import full_jitter_delay
 from .._errors import TrioSignError
 from ..gateway._approvals import ApproverSigningKey
+from ..shares import ShareRecord
 from . import _messages as m
 from . import _session as s
 from ._policy import Decision, Policy
@@ -56,6 +57,9 @@ from ._policy import Decision, Policy
 log = logging.getLogger("trio_sign.participant")
 
 SUBPROTOCOL: Final = "trio-sign-participant.v1"
+#: Version 2 adds DKG (``dkg_*``); the client proposes both, the gateway picks.
+SUBPROTOCOL_V2: Final = "trio-sign-participant.v2"
+_VERSIONS: Final = {SUBPROTOCOL_V2: 2, SUBPROTOCOL: 1}
 _RECEIVE_BYTES: Final = 65536
 _GONE: Final = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, LocalProtocolError)
 
@@ -165,8 +169,19 @@ class ParticipantClient:
         self._connect = connect or self._connect_tcp
         self._authenticated = anyio.Event()
         self.session: s.ParticipantSession | None = None
+        # Group commit of new DKG shares: every put() bumps _generation; one save() covers
+        # every put before it (Argon2id costs about a second, so concurrent DKGs share it).
+        self._save_lock = anyio.Lock()
+        self._generation = 0
+        self._saved = 0
         #: counters (no secrets)
-        self.counts: dict[str, int] = {"connections": 0, "welcomed": 0, "decisions": 0}
+        self.counts: dict[str, int] = {
+            "connections": 0,
+            "welcomed": 0,
+            "decisions": 0,
+            "dkg_stored": 0,
+            "store_saves": 0,
+        }
 
     def __repr__(self) -> str:
         return f"ParticipantClient({self.participant_id!r}, url={self.settings.url!r})"
@@ -218,6 +233,27 @@ class ParticipantClient:
             ) from None
         async with stream:
             await _Connection(self, stream, f"{host}:{port}", path).run()
+
+    async def store_share(self, record: ShareRecord) -> None:
+        """Seal ``record`` into the store durably (``put`` then ``save`` in a worker thread,
+        group-committed with concurrent DKGs). Returns once it is on disk.
+
+        Error handling: :class:`~._store.ParticipantStoreError` (or ``OSError``) from the
+        store; a store without ``put``/``save`` raises :class:`TypeError`."""
+        put = getattr(self._shares, "put", None)
+        save = getattr(self._shares, "save", None)
+        if put is None or save is None:
+            raise TypeError("this participant's share source cannot keep new shares")
+        put(record)
+        self._generation += 1
+        mine = self._generation
+        async with self._save_lock:
+            if self._saved >= mine:
+                return  # another save after our put covered it
+            target = self._generation
+            await anyio.to_thread.run_sync(save)
+            self._saved = target
+            self.counts["store_saves"] += 1
 
     async def _connect_tcp(self) -> anyio.abc.ByteStream:
         host, port, _, tls = self._endpoint
@@ -293,7 +329,9 @@ class _Connection:
         client.session = self.session
         try:
             await self._send_bytes(
-                self.ws.send(Request(host=self.host, target=self.path, subprotocols=[SUBPROTOCOL]))
+                self.ws.send(
+                    Request(host=self.host, target=self.path, subprotocols=list(_VERSIONS))
+                )
             )
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._sweeper)
@@ -330,9 +368,10 @@ class _Connection:
 
     async def _on_ws_event(self, event: object, tg: anyio.abc.TaskGroup) -> None:
         if isinstance(event, AcceptConnection):
-            if event.subprotocol != SUBPROTOCOL:
-                await self.close(m.CLOSE_PROTOCOL_ERROR, "the gateway did not accept v1")
+            if event.subprotocol not in _VERSIONS:
+                await self.close(m.CLOSE_PROTOCOL_ERROR, "the gateway did not accept v1 or v2")
                 return
+            self.session.version = _VERSIONS[event.subprotocol]
             await self.flush()  # hello
         elif isinstance(event, (RejectConnection, RejectData)):
             status = getattr(event, "status_code", None)
@@ -365,6 +404,10 @@ class _Connection:
             log.info("participant %s: authenticated", self.client.participant_id)
         elif isinstance(event, s.SignRequested):
             tg.start_soon(self._decide, event.request)
+        elif isinstance(event, s.DkgRequested):
+            tg.start_soon(self._decide_dkg, event.request)
+        elif isinstance(event, s.DkgKeyReady):
+            tg.start_soon(self._store_dkg, event)
         elif isinstance(event, s.CloseConnection):
             await self.close(event.code, event.reason)
         elif isinstance(event, s.RemoteError):
@@ -393,6 +436,58 @@ class _Connection:
             self.session.accept(request.request_id, self.now_ms())
         else:
             self.session.decline(request.request_id, decision.reason, decision.detail)
+        await self.flush()
+
+    async def _decide_dkg(self, request: m.DkgRound1) -> None:
+        remaining = (request.deadline_unix_ms - self.now_ms()) / 1000
+        decision: Decision | None = None
+        decide = getattr(self.client.policy, "decide_dkg", None)
+        with anyio.move_on_after(max(0.0, remaining)):
+            if decide is None:
+                decision = Decision(False, "policy", "this participant takes no part in DKGs")
+            else:
+                try:
+                    decision = await decide(request)
+                except Exception as exc:
+                    log.warning(
+                        "participant %s: the DKG policy failed (%s) on request %s",
+                        self.client.participant_id,
+                        type(exc).__name__,
+                        request.request_id,
+                    )
+                    decision = Decision(False, "internal", "the policy failed")
+        self.client.counts["decisions"] += 1
+        if decision is None:
+            self.session.decline(request.request_id, "expired", "no decision before the deadline")
+        elif decision.approve:
+            self.session.accept_dkg(request.request_id, self.now_ms())
+        else:
+            self.session.decline(request.request_id, decision.reason, decision.detail)
+        await self.flush()
+
+    async def _store_dkg(self, event: s.DkgKeyReady) -> None:
+        """Seal the new share durably, then (only then) say ``dkg_done``. A store that fails
+        declines the DKG ``internal``: the gateway never hears "done" for a share not kept."""
+        try:
+            await self.client.store_share(event.record)
+        except (TrioSignError, OSError, TypeError) as exc:
+            log.error(
+                "participant %s: could not store the share of DKG request %s (%s)",
+                self.client.participant_id,
+                event.request_id,
+                type(exc).__name__,
+            )
+            if isinstance(exc, TypeError):
+                event.record.zero()  # never reached the store; otherwise the store owns it
+            self.session.decline(event.request_id, "internal", "the share could not be stored")
+        else:
+            self.client.counts["dkg_stored"] += 1
+            log.info(
+                "participant %s: stored a new share (DKG request %s)",
+                self.client.participant_id,
+                event.request_id,
+            )
+            self.session.dkg_stored(event.request_id)
         await self.flush()
 
     async def _sweeper(self) -> None:

@@ -119,6 +119,12 @@ class AutoPolicy:
     async def decide(self, request: m.SignRequest) -> Decision:
         return self.check(request)
 
+    async def decide_dkg(self, request: m.DkgRound1) -> Decision:
+        """Take part in creating an account the ``accounts`` patterns cover."""
+        if not any(fnmatch.fnmatchcase(request.account_id, p) for p in self.accounts):
+            return Decision(False, "policy", "account not covered by this participant's policy")
+        return APPROVE
+
 
 class CallbackPolicy:
     """An application's decision function: ``async callback(request) -> bool | Decision``.
@@ -128,11 +134,33 @@ class CallbackPolicy:
     Cancellation (the deadline) passes through.
     """
 
-    def __init__(self, callback: Callable[[m.SignRequest], Awaitable[bool | Decision]]) -> None:
+    def __init__(
+        self,
+        callback: Callable[[m.SignRequest], Awaitable[bool | Decision]],
+        dkg_callback: Callable[[m.DkgRound1], Awaitable[bool | Decision]] | None = None,
+    ) -> None:
         self._callback = callback
+        self._dkg_callback = dkg_callback
 
     def __repr__(self) -> str:
         return f"CallbackPolicy({getattr(self._callback, '__qualname__', 'callback')})"
+
+    async def decide_dkg(self, request: m.DkgRound1) -> Decision:
+        """``dkg_callback``'s answer; without one, DKGs are declined ``policy``."""
+        if self._dkg_callback is None:
+            return Decision(False, "policy", "this participant takes no part in DKGs")
+        try:
+            answer = await self._dkg_callback(request)
+        except Exception as exc:
+            log.warning(
+                "DKG decision callback failed (%s); declining request %s",
+                type(exc).__name__,
+                request.request_id,
+            )
+            return Decision(False, "internal", "the decision callback failed")
+        if isinstance(answer, Decision):
+            return answer
+        return APPROVE if answer is True else Decision(False, "rejected", "declined by a person")
 
     async def decide(self, request: m.SignRequest) -> Decision:
         try:

@@ -17,6 +17,15 @@ are zeroed, when it is signed, declined, cancelled by the gateway, expired
 (:meth:`~ParticipantSession.expire` past its deadline), or when the session closes. Nonces are
 therefore single use: a second ``sign_round2`` for a request finds nothing and is answered
 with ``error unknown_request``.
+
+DKG (contract version 2, key-lifecycle §5): ``dkg_round1`` → :class:`DkgRequested` (the
+policy decides: :meth:`~ParticipantSession.accept_dkg` or
+:meth:`~ParticipantSession.decline`) → ``dkg_package``; ``dkg_round2`` → ``dkg_shares``;
+``dkg_round3`` → :class:`DkgKeyReady` with the new share's record, which the caller must seal
+**durably** into its store before it calls :meth:`~ParticipantSession.dkg_stored`, which
+queues ``dkg_done`` (so the gateway never hears "done" for a share that a crash could lose).
+The DKG's secrets (its X25519 key, ZF's round secrets) live in a
+:class:`~trio_sign.gateway.LocalParticipant` keyed by request, zeroed when the DKG ends.
 """
 
 from __future__ import annotations
@@ -25,9 +34,12 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
-from .._errors import FrostError
+from proto_min import sign_service_pb2 as pb
+
+from .._errors import FrostError, TrioSignError
 from ..crypto._schemes import Scheme, scheme_by_name
 from ..gateway._approvals import ApproverSigningKey
+from ..gateway._dkg import Ceremony, LocalParticipant
 from ..shares import ShareRecord
 from . import _messages as m
 
@@ -41,6 +53,14 @@ class ShareSource(Protocol):
     """Where the session finds an account's share (:class:`._store.SealedShareStore`)."""
 
     def share(self, account_id: str) -> ShareRecord | None: ...
+
+
+#: The suites a DKG may create (the enclave's ``DKG_SUITES``).
+DKG_SUITES: Final = (
+    "FROST-ED25519-SHA512-v1",
+    "FROST-secp256k1-SHA256-v1",
+    "FROST-secp256k1-SHA256-TR-v1",
+)
 
 
 class State(enum.Enum):
@@ -104,6 +124,23 @@ class RemoteError:
 
 
 @dataclass(frozen=True, slots=True)
+class DkgRequested:
+    """A DKG the policy must decide: answer with ``accept_dkg`` or ``decline``."""
+
+    request: m.DkgRound1
+
+
+@dataclass(frozen=True, slots=True)
+class DkgKeyReady:
+    """Round 3 done: seal ``record`` durably, then call ``dkg_stored(request_id)`` (or
+    ``decline(request_id, "internal")`` if it could not be stored). The record belongs to the
+    caller from here (its store keeps it)."""
+
+    request_id: str
+    record: ShareRecord = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class CloseConnection:
     """A protocol violation (either side's): close the WebSocket with ``code``."""
 
@@ -118,8 +155,22 @@ Event = (
     | Declined
     | RequestEnded
     | RemoteError
+    | DkgRequested
+    | DkgKeyReady
     | (CloseConnection)
 )
+
+
+class _Dkg:
+    """One DKG this participant takes part in."""
+
+    __slots__ = ("ceremony", "done", "phase", "request")
+
+    def __init__(self, request: m.DkgRound1, ceremony: Ceremony) -> None:
+        self.request = request
+        self.ceremony = ceremony
+        self.phase = "pending"  # -> round1 -> round2 -> storing
+        self.done: m.DkgDone | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -154,6 +205,8 @@ class ParticipantSession:
         gateway_id: when given, a challenge naming another gateway is refused (a relay).
         max_in_flight: requests held at once; more are declined ``busy``.
         approval_lifetime_ms: an approval's validity from the moment it is made.
+        version: the connection's contract version (1 or 2; the client sets it from the
+            subprotocol the gateway accepted): version 1 refuses the ``dkg_*`` messages.
 
     Secrets: nonces live in the suite's zeroable objects and are zeroed as each request
     leaves; :meth:`close` zeroes every one still held. The keys and shares belong to the
@@ -172,6 +225,7 @@ class ParticipantSession:
         gateway_id: str | None = None,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         approval_lifetime_ms: int = DEFAULT_APPROVAL_LIFETIME_MS,
+        version: int = m.MAX_VERSION,
     ) -> None:
         if auth_key.type != "ed25519":
             raise ValueError("a participant's authentication key must be Ed25519")
@@ -185,13 +239,26 @@ class ParticipantSession:
         self._approver_key_id = approver_key_id
         self._gateway_id = gateway_id
         self.max_in_flight = max_in_flight
+        #: the contract version of the connection (its subprotocol's): 1 refuses dkg_*
+        self.version = version
         self._approval_lifetime_ms = approval_lifetime_ms
         self.state = State.HELLO
         self.welcome: m.Welcome | None = None
         self._requests: dict[str, _Request] = {}
+        self._dkgs: dict[str, _Dkg] = {}
+        #: the DKG rounds (the auth key is the participant's long-term DKG key, pinned in the
+        #: enclave's [dkg] participants under ``key_id``); never closed here: the key is the
+        #: caller's
+        self._dkg = LocalParticipant(participant_id, key_id, auth_key)
         self._out: list[str] = [m.encode_message(m.Hello(participant_id, key_id))]
         #: counters (no secrets): requests signed, declined, expired, cancelled
-        self.counts: dict[str, int] = {"signed": 0, "declined": 0, "expired": 0, "cancelled": 0}
+        self.counts: dict[str, int] = {
+            "signed": 0,
+            "declined": 0,
+            "expired": 0,
+            "cancelled": 0,
+            "dkg_done": 0,
+        }
 
     def __repr__(self) -> str:
         return (
@@ -201,7 +268,7 @@ class ParticipantSession:
 
     @property
     def in_flight(self) -> int:
-        return len(self._requests)
+        return len(self._requests) + len(self._dkgs)
 
     def request_state(self, request_id: str) -> RequestState | None:
         entry = self._requests.get(request_id)
@@ -224,7 +291,7 @@ class ParticipantSession:
         if self.state is State.CLOSED:
             return []
         try:
-            message = m.parse_message(text)
+            message = m.parse_message(text, max_version=self.version)
         except m.MessageError as exc:
             return self._violation(exc.close_code, str(exc))
         kind = m.type_name(message)
@@ -247,7 +314,15 @@ class ParticipantSession:
             return self._on_sign_request(message, now_ms)
         if isinstance(message, m.SignRound2):
             return self._on_round2(message, now_ms)
+        if isinstance(message, m.DkgRound1):
+            return self._on_dkg_round1(message, now_ms)
+        if isinstance(message, (m.DkgRound2, m.DkgRound3)):
+            return self._on_dkg_step(message, now_ms)
         assert isinstance(message, m.Cancel), message
+        if message.request_id in self._dkgs:
+            self._end_dkg(message.request_id)
+            self.counts["cancelled"] += 1
+            return [RequestEnded(message.request_id, "cancelled")]
         return self._end(message.request_id, "cancelled")
 
     def _violation(self, code: int, reason: str) -> list[Event]:
@@ -281,10 +356,10 @@ class ParticipantSession:
 
     def _on_sign_request(self, req: m.SignRequest, now_ms: int) -> list[Event]:
         rid = req.request_id
-        if rid in self._requests:
+        if rid in self._requests or rid in self._dkgs:
             self._send(m.Error("duplicate_request", "request_id is in flight", rid))
             return []
-        if len(self._requests) >= self.max_in_flight:
+        if self.in_flight >= self.max_in_flight:
             return self._decline_now(rid, "busy", f"{self.max_in_flight} requests in flight")
         if req.deadline_unix_ms <= now_ms:
             return self._decline_now(rid, "expired", "the deadline had passed on arrival")
@@ -324,9 +399,15 @@ class ParticipantSession:
         return []
 
     def decline(self, request_id: str, reason: str, detail: str = "") -> list[Event]:
-        """The policy said no (``reason`` from :data:`~._messages.DECLINE_REASONS`)."""
+        """The policy said no (``reason`` from :data:`~._messages.DECLINE_REASONS`); for a
+        signing request or a DKG."""
         if reason not in m.DECLINE_REASONS:
             raise SessionError(f"unknown decline reason {reason!r}")
+        if request_id in self._dkgs:
+            self._end_dkg(request_id)
+            if self.state is State.CLOSED:
+                return []
+            return self._decline_now(request_id, reason, detail[: m.MAX_DETAIL_CHARS])
         entry = self._requests.pop(request_id, None)
         if entry is None or self.state is State.CLOSED:
             return []
@@ -337,6 +418,13 @@ class ParticipantSession:
         """Drop every request whose deadline is at or before ``now_ms``: nonces zeroed; a
         pending one is declined ``expired`` (the gateway has given up on it anyway)."""
         events: list[Event] = []
+        for rid, dkg in list(self._dkgs.items()):
+            if dkg.request.deadline_unix_ms <= now_ms and dkg.phase != "storing":
+                self._end_dkg(rid)
+                self.counts["expired"] += 1
+                if self.state is not State.CLOSED:
+                    self._send(m.Decline(rid, "expired", "the DKG's deadline passed"))
+                events.append(RequestEnded(rid, "expired"))
         for rid, entry in list(self._requests.items()):
             if entry.request.deadline_unix_ms <= now_ms:
                 del self._requests[rid]
@@ -350,7 +438,9 @@ class ParticipantSession:
 
     def next_deadline_ms(self) -> int | None:
         """The earliest deadline of a request held, if any."""
-        return min((e.request.deadline_unix_ms for e in self._requests.values()), default=None)
+        deadlines = [e.request.deadline_unix_ms for e in self._requests.values()]
+        deadlines += [d.request.deadline_unix_ms for d in self._dkgs.values()]
+        return min(deadlines, default=None)
 
     # -- round two -------------------------------------------------------------------------------
 
@@ -434,13 +524,188 @@ class ParticipantSession:
         self.counts[why] += 1
         return [RequestEnded(request_id, why)]
 
+    # -- DKG (version 2) -------------------------------------------------------------------------
+
+    def _on_dkg_round1(self, req: m.DkgRound1, now_ms: int) -> list[Event]:
+        rid = req.request_id
+        if rid in self._requests or rid in self._dkgs:
+            self._send(m.Error("duplicate_request", "request_id is in flight", rid))
+            return []
+        if self.in_flight >= self.max_in_flight:
+            return self._decline_now(rid, "busy", f"{self.max_in_flight} requests in flight")
+        if req.deadline_unix_ms <= now_ms:
+            return self._decline_now(rid, "expired", "the deadline had passed on arrival")
+        problem = self._check_dkg(req)
+        if problem is not None:
+            return self._decline_now(rid, "bad_request", problem)
+        ceremony = Ceremony(
+            req.dkg_id,
+            req.account_id,
+            req.ciphersuite,
+            req.min_signers,
+            req.max_signers,
+            req.policy,
+            tuple((mb.identifier, mb.key_id) for mb in req.participants),
+            req.enclave_identifier,
+        )
+        self._dkgs[rid] = _Dkg(req, ceremony)
+        return [DkgRequested(req)]
+
+    def _check_dkg(self, req: m.DkgRound1) -> str | None:
+        if req.ciphersuite not in DKG_SUITES:
+            return f"DKG ciphersuite {req.ciphersuite} is not one of {', '.join(DKG_SUITES)}"
+        if not 2 <= req.min_signers <= req.max_signers == len(req.participants):
+            return "need 2 <= min_signers <= max_signers = the number of participants"
+        if self._shares.share(req.account_id) is not None:
+            return "this participant holds a share of the account already"
+        scheme = scheme_by_name(req.ciphersuite)
+        try:
+            values = [scheme.identifier_from_bytes(mb.identifier) for mb in req.participants]
+        except FrostError:
+            return "a participant's identifier is not a valid scalar"
+        if values != sorted(values):
+            return "the participants are not sorted by identifier"
+        members = {mb.identifier: mb.key_id for mb in req.participants}
+        if members.get(req.identifier) != self.key_id:
+            return f"the participant list does not name this participant's key {self.key_id!r}"
+        if (
+            req.enclave_identifier == req.identifier
+            or members.get(req.enclave_identifier) != "enclave"
+        ):
+            return "enclave_identifier is not the enclave's entry of the participant list"
+        if any(d.request.dkg_id == req.dkg_id for d in self._dkgs.values()):
+            return "this DKG is in progress here already"
+        return None
+
+    def accept_dkg(self, request_id: str, now_ms: int) -> list[Event]:
+        """The policy said yes to a DKG: round 1 (a fresh secret polynomial and X25519 key),
+        queue the signed package. Ignored if the DKG is no longer pending."""
+        dkg = self._dkgs.get(request_id)
+        if dkg is None or dkg.phase != "pending" or self.state is State.CLOSED:
+            return []
+        if dkg.request.deadline_unix_ms <= now_ms:
+            self._end_dkg(request_id)
+            self.counts["expired"] += 1
+            return self._decline_now(request_id, "expired", "decided after the deadline")
+        try:
+            package = self._dkg.round1_now(dkg.ceremony, dkg.request.identifier)
+        except (FrostError, TrioSignError) as exc:
+            self._end_dkg(request_id)
+            return self._decline_now(request_id, "internal", str(exc)[: m.MAX_DETAIL_CHARS])
+        dkg.phase = "round1"
+        self._send(m.DkgPackage(request_id, package_field(package)))
+        return []
+
+    def _on_dkg_step(self, msg: m.DkgRound2 | m.DkgRound3, now_ms: int) -> list[Event]:
+        rid = msg.request_id
+        dkg = self._dkgs.get(rid)
+        want = "round1" if isinstance(msg, m.DkgRound2) else "round2"
+        if dkg is None or dkg.phase != want:
+            self._send(m.Error("unknown_request", f"no DKG waiting for {m.type_name(msg)}", rid))
+            return []
+        if dkg.request.deadline_unix_ms <= now_ms:
+            self._end_dkg(rid)
+            self.counts["expired"] += 1
+            return self._decline_now(rid, "expired", "the DKG's deadline passed")
+        c = dkg.ceremony
+        try:
+            if isinstance(msg, m.DkgRound2):
+                ids = {mb.identifier for mb in dkg.request.participants}
+                if {p.identifier for p in msg.packages} != ids:
+                    raise _Refused("the packages are not one per participant of the DKG")
+                shares = self._dkg.round2_now(c, [package_pb(p) for p in msg.packages])
+                dkg.phase = "round2"
+                self._send(m.DkgShares(rid, tuple(share_field(x) for x in shares)))
+                return []
+            own = dkg.request.identifier
+            addressed = [x for x in msg.shares if x.recipient == own]
+            if len(addressed) != len(dkg.request.participants) - 1:
+                raise _Refused("round 3 needs one share from every other participant")
+            output = self._dkg.round3_now(c, [share_pb(x) for x in addressed])
+        except (FrostError, TrioSignError, _Refused) as exc:
+            self._end_dkg(rid)
+            return self._decline_now(rid, "bad_request", str(exc)[: m.MAX_DETAIL_CHARS])
+        self._dkg.forget(c.dkg_id)  # round secrets zeroed; the record is the caller's now
+        record = output.record
+        assert record is not None
+        dkg.phase = "storing"
+        dkg.done = m.DkgDone(
+            rid,
+            output.identifier,
+            output.verifying_share,
+            output.group_public_key,
+            tuple(
+                m.DkgVerifyingShareField(i, v)
+                for i, v in sorted(
+                    output.verifying_shares.items(),
+                    key=lambda kv: scheme_by_name(c.suite).identifier_from_bytes(kv[0]),
+                )
+            ),
+        )
+        return [DkgKeyReady(rid, record)]
+
+    def dkg_stored(self, request_id: str) -> list[Event]:
+        """The new share of ``request_id`` is sealed durably: queue ``dkg_done``."""
+        dkg = self._dkgs.pop(request_id, None)
+        if dkg is None or dkg.done is None:
+            raise SessionError(f"no DKG {request_id!r} waiting to be stored")
+        self.counts["dkg_done"] += 1
+        if self.state is not State.CLOSED:
+            self._send(dkg.done)
+        return []
+
+    def _end_dkg(self, request_id: str) -> None:
+        dkg = self._dkgs.pop(request_id, None)
+        if dkg is not None:
+            self._dkg.forget(dkg.ceremony.dkg_id)
+
     def close(self) -> None:
-        """Zero every nonce held and refuse further input. Idempotent."""
+        """Zero every nonce and DKG secret held and refuse further input. Idempotent."""
         self.state = State.CLOSED
         for entry in self._requests.values():
             entry.zero()
         self._requests.clear()
+        for rid in list(self._dkgs):
+            if self._dkgs[rid].phase != "storing":  # a share being sealed is the caller's
+                self._end_dkg(rid)
 
 
 def _fields3(c: m.CommitmentEntry) -> tuple[bytes, bytes, bytes]:
     return c.identifier, c.hiding, c.binding
+
+
+class _Refused(Exception):
+    """A DKG step refused here (declined ``bad_request`` with this text)."""
+
+
+# -- the wire form of the DKG's protobuf messages (both sides use these) ------------------------
+
+
+def package_field(p: pb.DkgRound1Package) -> m.DkgPackageField:
+    return m.DkgPackageField(
+        bytes(p.identifier),
+        tuple(bytes(e) for e in p.commitment),
+        bytes(p.proof_of_knowledge),
+        bytes(p.encryption_key),
+        p.key_id,
+        bytes(p.signature),
+    )
+
+
+def package_pb(p: m.DkgPackageField) -> pb.DkgRound1Package:
+    return pb.DkgRound1Package(
+        identifier=p.identifier,
+        commitment=list(p.commitment),
+        proof_of_knowledge=p.proof_of_knowledge,
+        encryption_key=p.encryption_key,
+        key_id=p.key_id,
+        signature=p.signature,
+    )
+
+
+def share_field(x: pb.DkgEncryptedShare) -> m.DkgShareField:
+    return m.DkgShareField(bytes(x.sender), bytes(x.recipient), bytes(x.ciphertext))
+
+
+def share_pb(x: m.DkgShareField) -> pb.DkgEncryptedShare:
+    return pb.DkgEncryptedShare(sender=x.sender, recipient=x.recipient, ciphertext=x.ciphertext)

@@ -1,0 +1,175 @@
+"""Remote participants in DKG (issue 17 part 2): the participant library, under asyncio AND
+Trio, takes part in account creation through the real hub with contract version 2; the
+gateway's DkgDriver drives it as a :class:`RemoteDkgParticipant` beside the DKG tests'
+enclave (real SignService + DkgRegistry on loopback gRPC); the participant's new share is
+sealed in its store (on disk) before the gateway hears ``dkg_done``; the account lands in
+the gateway's public registry, and the coordinator then signs with it (enclave + the
+participant's share and approval), every signature checked by the suite's own verifier."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import trio
+
+from tests.participant_helpers import GatewayThread
+from trio_sign.crypto import scheme_by_name
+from trio_sign.gateway._accounts import AccountRegistry
+from trio_sign.gateway._approvals import ApproverSigningKey
+from trio_sign.gateway._coordinator import Coordinator
+from trio_sign.gateway._dkg import DkgDriver, DkgFailed, DkgSettings, DkgShares
+from trio_sign.gateway._node import EnclaveNode
+from trio_sign.gateway._participants import HubSettings, ParticipantHub, ParticipantKey
+from trio_sign.gateway._remote_dkg import RemoteDkgParticipant
+from trio_sign.participant import (
+    AutoPolicy,
+    ClientSettings,
+    ParticipantClient,
+    PassphraseKey,
+    SealedShareStore,
+    _store,
+)
+
+from .test_enclave_dkg import PARTICIPANT_KEYS, SUITES
+from .test_gateway_dkg import approver, dev_enclave, signing_key
+
+pytest_plugins = ["tests.participant_anyio"]
+pytestmark = pytest.mark.anyio
+
+PASSPHRASE = "correct horse battery staple"
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def cheap_key() -> PassphraseKey:
+    return PassphraseKey(PASSPHRASE, opslimit=_store.MIN_OPSLIMIT, memlimit=_store.MIN_MEMLIMIT)
+
+
+def on_disk(path: Path) -> list[str]:
+    """The accounts the store file on disk holds (opened afresh)."""
+    with SealedShareStore.open(path, cheap_key()) as store:
+        return sorted(store.accounts())
+
+
+async def gateway_side(hub: ParticipantHub, tmp: Path, store_path: Path) -> dict[str, Any]:
+    """Runs in the gateway's Trio loop: the enclave, the DKG driver with the remote
+    participant, then the coordinator signing with each new account."""
+    out: dict[str, Any] = {"created": [], "on_disk_at_done": [], "signed": 0}
+    original = hub.dkg_round3
+
+    async def watched(*args: Any, **kw: Any) -> Any:
+        done = await original(*args, **kw)
+        # the participant said done: its share must already be sealed on disk
+        out["on_disk_at_done"].append(await trio.to_thread.run_sync(on_disk, store_path))
+        return done
+
+    hub.dkg_round3 = watched  # type: ignore[method-assign]
+    registry = AccountRegistry(tmp / "accounts.jsonl").open()
+    shares = DkgShares(tmp / "journal.jsonl", [])
+    shares.open()
+    gate = approver("ops-1", "ops-2")
+    try:
+        async with dev_enclave() as enclave, trio.open_nursery() as nursery:
+            node = EnclaveNode("node-1", enclave.address)
+            await nursery.start(node.run)
+            remote = RemoteDkgParticipant(hub, "p2", "p2", timeout_s=10.0)
+            driver = DkgDriver(
+                [node],
+                [remote],
+                shares,
+                approver=gate,
+                enclave_identity_key=enclave.identity.public_key,
+                settings=DkgSettings(round_timeout_s=20.0),
+                registry=registry,
+            )
+            coordinator = Coordinator(
+                [node], [], approver=gate, participants=hub, registry=registry
+            )
+            driver._on_created = coordinator.learned
+            for i, suite in enumerate(SUITES):
+                account_id = f"remote-dkg-{i}"
+                created = await driver.create_account(account_id, suite)
+                assert created.participants == ("p2",)
+                assert (created.min_signers, created.max_signers) == (2, 2)
+                out["created"].append(account_id)
+                entry = registry.get(account_id)
+                assert entry is not None
+                assert [h.participant_id for h in entry.holders] == ["p2"]
+                assert entry.group_public_key == created.group_public_key
+                message = f"signed by the enclave and p2 ({suite})".encode()
+                signed = await coordinator.sign(account_id, message)
+                assert scheme_by_name(suite).verify(
+                    signed.group_public_key, message, signed.signature, None
+                )
+                out["signed"] += 1
+            out["approvals"] = dict(coordinator.approvals_sent)
+            # the same account again: refused before any round (the registry knows it)
+            with pytest.raises(DkgFailed) as info:
+                await driver.create_account("remote-dkg-0", SUITES[0])
+            assert info.value.reason == "account_exists"
+            nursery.cancel_scope.cancel()
+    finally:
+        registry.close()
+        shares.close()
+        gate.close()
+    # the registry is durable: a fresh open sees the accounts, and holds no secret
+    again = AccountRegistry(tmp / "accounts.jsonl").open()
+    out["registry"] = sorted(again)
+    again.close()
+    return out
+
+
+async def test_remote_participant_dkg_then_signing(tmp_path: Path) -> None:
+    auth = signing_key(PARTICIPANT_KEYS["p2"])
+    approver_key = ApproverSigningKey.generate()
+    store_path = tmp_path / "p2.store"
+    store = await anyio.to_thread.run_sync(
+        lambda: SealedShareStore.create(store_path, "p2", [], cheap_key())
+    )
+    hub = ParticipantHub(
+        {"p2": ParticipantKey("p2", "p2", auth.public_key)}, HubSettings(gateway_id="gw")
+    )
+    gw = GatewayThread(hub)
+    gw.start()
+    try:
+        client = ParticipantClient(
+            ClientSettings(gw.url),
+            participant_id="p2",
+            key_id="p2",
+            auth_key=auth,
+            approver=approver_key,
+            approver_key_id="p2-approver",
+            shares=store,
+            policy=AutoPolicy(accounts=["remote-dkg-*"]),
+            gateway_id="gw",
+        )
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(client.run)
+            with anyio.fail_after(10):
+                await client.wait_authenticated()
+            assert client.session is not None
+            assert client.session.version == 2
+            result = await gw.call(gateway_side, hub, tmp_path, store_path)
+            tg.cancel_scope.cancel()
+    finally:
+        gw.stop()
+    names = [f"remote-dkg-{i}" for i in range(len(SUITES))]
+    assert result["created"] == names
+    assert result["signed"] == len(SUITES)
+    assert result["approvals"]["p2-approver"] == len(SUITES)
+    assert result["registry"] == names
+    # at each dkg_done, the participant's store on disk already held that account's share
+    for i, seen in enumerate(result["on_disk_at_done"]):
+        assert f"remote-dkg-{i}" in seen
+    assert await anyio.to_thread.run_sync(on_disk, store_path) == names
+    assert client.counts["dkg_stored"] == len(SUITES)
+    assert "signing_share" not in (tmp_path / "accounts.jsonl").read_text()
+    store.close()
+    auth.close()
+    approver_key.close()
