@@ -367,3 +367,50 @@ def test_load_delta_leaves_the_store_alone_and_lazy_equals_full(
         assert full.is_verified("n3")
         assert _snapshot(lazy) == _snapshot(full)
         assert lazy.policies() == {"default", "p"}
+
+
+def test_deltas_of_every_suite_land_in_their_lanes(ident: IdentityKey, tmp_path: Path) -> None:
+    """A mixed base (Ed25519 and both secp256k1 suites) takes a mixed create (binary-v3) into
+    both lanes, then a secp256k1 refresh over its wide slot; boot = live in every suite."""
+    from trio_sign.crypto import SCHEMES, SECP256K1_TR
+
+    from .test_share_ciphersuites import dealt
+
+    key = DevKeyFile.create(tmp_path / "mixed.key")
+    base = encode_bundle([dealt(SCHEMES[i % 3], f"base-{i}") for i in range(6)], key)
+    with ShareStore.load_sealed(io.BytesIO(base), key) as store:
+        assert store.fingerprint is not None
+        chain = DeltaChain(store.fingerprint)
+        new = [
+            dealt(SCHEMES[i % 3], f"new-{i}", policy="p" if i == 2 else "default") for i in range(5)
+        ]
+        create = _seal(ident, chain, new)
+        _apply(ident, store, chain, create.data)
+        assert store.ciphersuites() == {s.name: 4 if i < 2 else 3 for i, s in enumerate(SCHEMES)}
+        for rec in new:
+            got = store[rec.account_id]
+            assert got.ciphersuite == rec.ciphersuite
+            assert bytes(got.signing_share) == bytes(rec.signing_share)
+            assert got.group_public_key == rec.group_public_key
+            assert got.policy == rec.policy
+        old = store["base-2"]
+        assert old.ciphersuite == SECP256K1_TR.name
+        again = dealt(SECP256K1_TR, "base-2", group_public_key=old.group_public_key)
+        old_share = bytes(old.signing_share)
+        # (A refresh's new share is checked against its own verifying share; that it belongs
+        # to the group key is the DKG's proof, made before the delta is sealed.)
+        refresh = _seal(ident, chain, [again], operation="refresh", dkg_id="")
+        _apply(ident, store, chain, refresh.data)
+        assert bytes(store["base-2"].signing_share) == bytes(again.signing_share)
+        assert old_share not in bytes(store._wide.arena)
+        wrong_suite = dealt(SCHEMES[1], "base-2", group_public_key=old.group_public_key)
+        refused = _seal(ident, chain, [wrong_suite], operation="refresh", dkg_id="")
+        with pytest.raises(ShareFileError, match="ciphersuite") as info:
+            _apply(ident, store, chain, refused.data)
+        assert info.value.reason == "delta_account_mismatch"
+        live = _snapshot(store)
+        with ShareStore.load_sealed(io.BytesIO(base), key) as rebooted:
+            second = DeltaChain(store.fingerprint)
+            _apply(ident, rebooted, second, create.data)
+            _apply(ident, rebooted, second, refresh.data)
+            assert _snapshot(rebooted) == live

@@ -792,3 +792,28 @@ async def test_serve_enclave_boots_the_deltas_shows_them_and_hot_adds(
         await handle.drain()
         nursery.cancel_scope.cancel()
     world.ident.close()
+
+
+async def test_a_cancelled_store_drops_the_connection_and_applies_nothing(
+    world: World, autojump_clock: trio.abc.Clock
+) -> None:
+    node = world.node()
+    async with fake_connection(node) as (parent, _):
+        received = trio.Event()
+        late: list[int] = []
+
+        async def answer_late() -> None:
+            sequence, _data = await parent.receive_store()
+            late.append(sequence)
+            received.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(answer_late)
+            with trio.move_on_after(3):
+                await node.writer.store(records_of(fresh_accounts("c", 1)), "create", "dkg-c")
+        assert received.is_set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert not node.writer.connected  # dropped: the answer can never land
+        assert node.deltas.chain.count == 0
+        assert "c-0" not in node.store
+        assert node.writer._pending is None

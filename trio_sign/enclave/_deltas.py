@@ -436,6 +436,12 @@ class DeltaWriter:
                 f"the deltas connection broke while storing delta {sealed.sequence}",
                 reason="disconnected",
             ) from exc
+        except BaseException:
+            # Cancelled (the caller gave up) with the answer outstanding: drop the connection,
+            # so the parent's view of what we hold restarts from what we said we loaded.
+            if pending.reply is None:
+                self._drop()
+            raise
         if pending.reply is None:
             raise DeltaStoreError(
                 f"the deltas connection ended before delta {sealed.sequence} was answered "
