@@ -30,6 +30,7 @@ from trio_sign.crypto._repair import (
     repair_share_step_2,
     repair_share_step_3,
 )
+from trio_sign.enclave import SessionPool, SignService
 from trio_sign.enclave._dkg import (
     REPAIR_DELTA_INFO,
     REPAIR_SIGMA_INFO,
@@ -42,10 +43,21 @@ from trio_sign.enclave._dkg import (
     share_key_into,
     verify_ed25519,
 )
+from trio_sign.shares import ShareRecord
 
-from .test_enclave_dkg import APPROVERS, ED25519, PARTICIPANT_KEYS, SUITES, UNPINNED, Node
+from .test_enclave_dkg import (
+    APPROVERS,
+    ED25519,
+    PARTICIPANT_KEYS,
+    SUITES,
+    UNPINNED,
+    DirectClient,
+    Node,
+    empty_store,
+)
 from .test_enclave_refresh import (
     Account,
+    ApplyingWriter,
     Refresh,
     create_account,
     lifecycle_enclave,
@@ -569,3 +581,57 @@ async def test_shutdown_zeroes_open_repairs() -> None:
     assert repr(session) == (
         f"<RepairSession 'repair-1' expired account={a.account_id!r} {ED25519} helpers=3>"
     )
+
+
+async def test_a_share_changed_since_step1_fails_the_repair() -> None:
+    async with lifecycle_enclave(over_grpc=False) as node:
+        a = await create_account(node, ED25519, t=2, n=4)
+        r = plan(a)
+        s1 = await step1(node, r)
+        session = node.registry.repairs[r.repair_id]
+        # another replica's refresh of the account lands in between (a pushed delta)
+        scalar = bytearray(32)
+        a.group.random_scalar(scalar)
+        replaced = ShareRecord(
+            a.account_id,
+            a.enclave_identifier,
+            scalar,
+            a.group.base_mult(scalar),
+            a.group_public_key,
+            2,
+            4,
+            ciphersuite=ED25519,
+        )
+        await ApplyingWriter.store(node.writer, [replaced], "refresh", "elsewhere")
+        details = await node.refused(
+            "FAILED_PRECONDITION",
+            "RepairStep2",
+            pb.RepairStep2Request(repair_id=r.repair_id, deltas=to_enclave(s1)),
+        )
+        assert "changed since step 1" in details
+        assert session.state is DkgState.FAILED
+        assert not any(session.own_delta)
+        assert not any(session.x25519_secret)
+        node.nothing_left()
+
+
+async def test_a_draining_enclave_opens_no_repair() -> None:
+    async with lifecycle_enclave(over_grpc=False) as node:
+        a = await create_account(node, ED25519, t=2, n=4)
+        node.service.start_draining()
+        assert "draining" in await node.refused(
+            "UNAVAILABLE", "RepairStep1", plan(a).step1_request()
+        )
+        node.nothing_left()
+
+
+async def test_without_a_registry_the_repair_rpcs_are_refused() -> None:
+    store = empty_store()
+    try:
+        client = DirectClient(SignService(store, SessionPool(store.get)))
+        details = await client.refused(
+            "FAILED_PRECONDITION", "RepairStep2", pb.RepairStep2Request(repair_id="r")
+        )
+        assert "no DKG" in details
+    finally:
+        store.close()
