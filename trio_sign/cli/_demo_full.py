@@ -468,6 +468,14 @@ async def run_full_stack(args: argparse.Namespace, work: Path) -> dict[str, Any]
         suite_of_accounts,
         verify_independently,
     )
+    from ._demo_three import (
+        PARTICIPANT_APPROVER,
+        PARTICIPANT_ID,
+        THREE_PARTY_GATEWAY_APPROVERS,
+        Measured,
+        measure,
+        start_three_party,
+    )
 
     n_accounts: int = args.accounts
     suites = selected_suites(args)
@@ -588,18 +596,94 @@ async def run_full_stack(args: argparse.Namespace, work: Path) -> dict[str, Any]
                     return 0.0
                 return latencies[min(len(latencies) - 1, round(q * (len(latencies) - 1)))] * 1e3
 
-            dkg: dict[str, Any] = {}
-            create_n = int(args.create_accounts or 0)
-            if create_n > 0:
-                _say(
-                    f"[+]   creating {create_n:,} accounts by DKG through the gateway "
-                    f"({', '.join(DKG_PARTICIPANTS)} and the enclave; {names}), then signing "
-                    "with each"
-                )
-                dkg = await create_accounts_by_dkg(
-                    stack, node, coordinator, approver, suites, create_n, args.concurrency
-                )
-                failures += dkg.pop("_failures")
+            two_party = Measured(
+                closed_signed=len(latencies),
+                closed_seconds=elapsed,
+                closed_latencies=[x for x in latencies],
+                failures=list(failures),
+            )
+            _say(
+                "[+]   three parties: the gateway holds no share; participant "
+                f"{PARTICIPANT_ID} (its own process, `trio-sign participant`) approves "
+                f"({PARTICIPANT_APPROVER}) and signs with its sealed share; the gateway "
+                f"approves with {', '.join(THREE_PARTY_GATEWAY_APPROVERS)}"
+            )
+            three = await start_three_party(stack, node, gen, args.concurrency, stack.nursery)
+            try:
+
+                def signer(coord: Any) -> Any:
+                    async def sign(i: int) -> None:
+                        account = rng.choice(ids)
+                        scheme = suite_of[account]
+                        tweak = root if scheme.taproot else None
+                        message = f"demo transfer {i} ({'3' if coord is not coordinator else '2'}p)"
+                        signed = await coord.sign(
+                            account, message.encode(), taproot_merkle_root=tweak
+                        )
+                        if not verify_independently(
+                            scheme,
+                            signed.group_public_key,
+                            message.encode(),
+                            signed.signature,
+                            tweak,
+                        ):
+                            raise RuntimeError(f"{account}: did not verify independently")
+
+                    return sign
+
+                open_n = max(10, min(args.signatures, 1000))
+                with Progress("      three-party: closed loop, then open loop"):
+                    three_m = await measure(
+                        signer(three.coordinator),
+                        signatures=args.signatures,
+                        concurrency=args.concurrency,
+                        open_rate=None,
+                        open_count=open_n,
+                    )
+                with Progress("      two-party baseline: open loop at the same rate"):
+                    two_open = await measure(
+                        signer(coordinator),
+                        signatures=0,
+                        concurrency=args.concurrency,
+                        open_rate=three_m.open_rate,
+                        open_count=open_n,
+                    )
+                two_party.open_rate = two_open.open_rate
+                two_party.open_latencies = two_open.open_latencies
+                two_party.failures += two_open.failures
+                failures += three_m.failures + two_open.failures
+                three_party_report = {
+                    "three_party": three_m.line(),
+                    "two_party": two_party.line(),
+                    "three_party_approved_by": ", ".join(
+                        f"{k}: {n:,}" for k, n in three.coordinator.approvals_sent.items()
+                    )
+                    or "none",
+                    "three_party_participant": f"{PARTICIPANT_ID} at {three.participant_url} "
+                    f"(config {three.participant_config}, log {three.log_path}); the gateway "
+                    "loaded no share file for it",
+                }
+                dkg: dict[str, Any] = {}
+                create_n = int(args.create_accounts or 0)
+                if create_n > 0:
+                    _say(
+                        f"[+]   creating {create_n:,} accounts by DKG among the enclave and "
+                        f"participant {PARTICIPANT_ID} (the gateway coordinates, holds no "
+                        f"share; {names}), then signing with each"
+                    )
+                    dkg = await create_accounts_by_dkg(
+                        stack,
+                        node,
+                        three.coordinator,
+                        approver,
+                        suites,
+                        create_n,
+                        args.concurrency,
+                        remote=three,
+                    )
+                    failures += dkg.pop("_failures")
+            finally:
+                three.close()
             channel = attested_channel_report(node, stack)
             approvals = dict(coordinator.approvals_sent)
         finally:
@@ -636,6 +720,7 @@ async def run_full_stack(args: argparse.Namespace, work: Path) -> dict[str, Any]
         or "none",
         "approver_keys": str(stack.work / "approvers"),
         **refusal,
+        **three_party_report,
         "ciphersuites": {s.name: tallies[s.name].line(s, root) for s in suites},
         **({"taproot_sample": json.dumps(taproot_sample)} if taproot_sample else {}),
         **dkg,
@@ -657,13 +742,20 @@ async def create_accounts_by_dkg(
     suites: Sequence[Any],
     count: int,
     concurrency: int,
+    *,
+    remote: Any = None,
 ) -> dict[str, Any]:
     """``--create-accounts N``: N accounts by DKG (round-robin over ``suites``) through the
     gateway's :class:`~trio_sign.gateway._dkg.DkgDriver` on ``node`` (the attested channel),
     with the stack's participant keys and the gateway's approvers under the ``create`` policy;
     then one signature per created account through ``coordinator`` (which learns their shares
     at once, no restart), each verified again by the suite's own verifier. Returns the
-    report's ``dkg_*`` lines and ``_failures`` (failure lines, for the run's count)."""
+    report's ``dkg_*`` lines and ``_failures`` (failure lines, for the run's count).
+
+    With ``remote`` (the three-party setup, :mod:`._demo_three`) the other participant is the
+    participant process (a :class:`~trio_sign.gateway._remote_dkg.RemoteDkgParticipant`): the
+    accounts are 2-of-2 between the enclave and it, its share sealed in its store before it
+    answers, and only their public part lands here (the account registry)."""
     from ..gateway._dkg import DkgDriver, DkgFailed, DkgSettings, DkgShares
     from ..gateway._dkg import load_local_participants as load_participants
     from ._demo import SuiteTally, verify_independently
@@ -671,7 +763,17 @@ async def create_accounts_by_dkg(
     journal = stack.work / "dkg-journal.jsonl"
     journal.unlink(missing_ok=True)  # a fresh stack: the enclave knows none of the old ones
     entries = {pid: (pid, path) for pid, path in stack.participant_key_files.items()}
+    everyone: list[Any] = []
+    registry = None
+    if remote is not None:
+        from ..gateway._remote_dkg import RemoteDkgParticipant
+        from ._demo_three import PARTICIPANT_ID
+
+        entries = {}
+        everyone = [RemoteDkgParticipant(remote.hub, PARTICIPANT_ID, PARTICIPANT_ID)]
+        registry = remote.registry
     participants = await trio.to_thread.run_sync(load_participants, entries)
+    everyone = [*participants, *everyone]
     shares = DkgShares(journal, list(entries))
     await trio.to_thread.run_sync(shares.open)
     failures: list[str] = []
@@ -681,12 +783,13 @@ async def create_accounts_by_dkg(
         coordinator.add_counterparts(shares.stores.values())
         driver = DkgDriver(
             [node],
-            participants,
+            everyone,
             shares,
             approver=approver,
             enclave_identity_key=bytes.fromhex(stack.identity_public_key),
             settings=DkgSettings(max_concurrent=min(concurrency, 8)),
             on_created=coordinator.learned,
+            registry=registry,
         )
         next_index = 0
         progress = Progress("      creating")
