@@ -388,3 +388,16 @@ def test_policy_set_unknown_names() -> None:
     ps = parse_policies(*_cfg())
     assert ps.unknown({"default"}) == []
     assert ps.unknown({"default", "vip", "create"}) == ["create", "vip"]
+    # The reserved operation policies are never an account's, even when configured.
+    reserved = parse_policies(
+        _cfg()[0],
+        {
+            name: {"approvers": [], "threshold": 0}
+            for name in ("default", "create", "refresh", "repair")
+        },
+    )
+    assert reserved.unknown({"default", "refresh", "repair", "create"}) == [
+        "create",
+        "refresh",
+        "repair",
+    ]

@@ -18,6 +18,9 @@ from ._payload import approval_payload_for_digest as approval_payload_for_digest
 from ._policy import CREATE_POLICY as CREATE_POLICY
 from ._policy import DEFAULT_POLICY as DEFAULT_POLICY
 from ._policy import DEVELOPMENT_POLICIES as DEVELOPMENT_POLICIES
+from ._policy import REFRESH_POLICY as REFRESH_POLICY
+from ._policy import REPAIR_POLICY as REPAIR_POLICY
+from ._policy import RESERVED_POLICIES as RESERVED_POLICIES
 from ._policy import Policy as Policy
 from ._policy import PolicyConfigError as PolicyConfigError
 from ._policy import PolicySet as PolicySet
@@ -28,6 +31,9 @@ from ._ratelimit import AccountRateLimiter as AccountRateLimiter
 __all__ = [
     "APPROVAL_DOMAIN",
     "CREATE_POLICY",
+    "REFRESH_POLICY",
+    "REPAIR_POLICY",
+    "RESERVED_POLICIES",
     "DEFAULT_CLOCK_TOLERANCE_S",
     "DEFAULT_MAX_LIFETIME_S",
     "DEFAULT_POLICY",

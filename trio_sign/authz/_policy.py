@@ -38,6 +38,11 @@ from ._keys import KEY_TYPES, PUBLIC_KEY_BYTES, ApproverKey, ApproverKeyError
 DEFAULT_POLICY: Final = "default"
 #: The policy that authorizes account creation (DESIGN §13); not an account's signing policy.
 CREATE_POLICY: Final = "create"
+#: The reserved policies that authorize a refresh and a repair (docs/refresh-repair.md).
+REFRESH_POLICY: Final = "refresh"
+REPAIR_POLICY: Final = "repair"
+#: Policies that authorize operations, never an account's signing.
+RESERVED_POLICIES: Final = frozenset({CREATE_POLICY, REFRESH_POLICY, REPAIR_POLICY})
 #: Policy names: they are metric labels and audit fields, so short printable ASCII.
 POLICY_NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 #: The largest message any policy may allow (the service's own cap).
@@ -100,8 +105,9 @@ class PolicySet:
         return sorted(name for name, p in self.policies.items() if p.threshold == 0)
 
     def unknown(self, names: set[str] | frozenset[str]) -> list[str]:
-        """The names in ``names`` that no account may use: not a policy here, or ``create``."""
-        return sorted(n for n in names if n not in self.policies or n == CREATE_POLICY)
+        """The names in ``names`` that no account may use: not a policy here, or a reserved
+        one (``create``, ``refresh``, ``repair``)."""
+        return sorted(n for n in names if n not in self.policies or n in RESERVED_POLICIES)
 
 
 #: The built-in development configuration's policy: ``default``, no approvals needed.

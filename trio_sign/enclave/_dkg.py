@@ -77,7 +77,15 @@ import trio
 from proto_min import sign_service_pb2 as pb
 
 from .._errors import FrostError, InternalError
-from ..authz import CREATE_POLICY, DEFAULT_POLICY, ApprovalDenied, Authorizer
+from ..authz import (
+    CREATE_POLICY,
+    DEFAULT_POLICY,
+    REFRESH_POLICY,
+    REPAIR_POLICY,
+    RESERVED_POLICIES,
+    ApprovalDenied,
+    Authorizer,
+)
 from ..crypto import _dkg, _kdf, _refresh, _repair, _sodium, _stream
 from ..crypto._group import Group, group_for
 from ..shares import AccountShare, ShareRecord
@@ -102,10 +110,6 @@ REPAIR_SIGMA_INFO: Final = b"trio-sign/repair-sigma/v1"
 CREATE: Final = "create"
 REFRESH: Final = "refresh"
 DKG_OPERATIONS: Final = (CREATE, REFRESH)
-#: The policies that authorize a refresh and a repair; like ``create``, no account's policy.
-REFRESH_POLICY: Final = "refresh"
-REPAIR_POLICY: Final = "repair"
-RESERVED_POLICIES: Final = frozenset({CREATE_POLICY, REFRESH_POLICY, REPAIR_POLICY})
 #: The suites a DKG may create (DESIGN §14).
 DKG_SUITES: Final = (
     "FROST-ED25519-SHA512-v1",
