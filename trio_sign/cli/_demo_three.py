@@ -5,8 +5,8 @@
 * the participant's files in ``WORK/participant/``: ``participant.toml`` (its authentication
   key is the stack's DKG key ``p2``, pinned in the enclave's ``[dkg] participants``, so it can
   take part in DKGs; its approver key is ``ops-2`` of the enclave's ``[approvers]``), its
-  sealed store (``trio-sign participant --seal-shares``, Argon2id under a passphrase given
-  in the environment), its log;
+  sealed store (``trio-sign participant --seal-shares``, Argon2id under a fresh passphrase in
+  ``passphrase.txt``, 0600), its log;
 * the gateway's side: the participant endpoint (:class:`~trio_sign.gateway._participants.
   ParticipantHub` on loopback) and the public account registry (``WORK/accounts.jsonl``: for
   each dealt account the participant's identifier and verifying share, what an operator
@@ -39,7 +39,7 @@ import trio
 PARTICIPANT_ID = "p2"  # its auth key is the stack's DKG key p2 (enclave.toml [dkg] participants)
 PARTICIPANT_APPROVER = "ops-2"  # an enclave.toml [approvers] key the gateway does not hold
 THREE_PARTY_GATEWAY_APPROVERS: tuple[str, ...] = ("ops-1",)
-PASSPHRASE_ENV = "TRIO_SIGN_DEMO_PARTICIPANT_PASSPHRASE"
+PASSPHRASE_FILE = "passphrase.txt"  # in WORK/participant/, 0600, fresh every run
 
 
 @dataclass
@@ -81,6 +81,11 @@ def write_participant_files(
     directory = work / "participant"
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "p2.store").unlink(missing_ok=True)
+    passphrase = directory / PASSPHRASE_FILE
+    passphrase.unlink(missing_ok=True)
+    fd = os.open(passphrase, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(secrets.token_urlsafe(24) + "\n")
     config = directory / "participant.toml"
     config.write_text(
         f"""participant_id = "{PARTICIPANT_ID}"
@@ -97,7 +102,7 @@ key_id = "{PARTICIPANT_APPROVER}"
 
 [store]
 path = "p2.store"
-passphrase_env = "{PASSPHRASE_ENV}"
+passphrase_file = "{PASSPHRASE_FILE}"
 
 [policy]
 accounts = ["*"]
@@ -246,8 +251,6 @@ async def start_three_party(
         stack.approver_key_files[PARTICIPANT_APPROVER],
     )
     env = dict(os.environ)
-    env[PASSPHRASE_ENV] = os.environ.get(PASSPHRASE_ENV) or secrets.token_urlsafe(24)
-    os.environ[PASSPHRASE_ENV] = env[PASSPHRASE_ENV]  # the same for the sealing and the run
     cli = [sys.executable, "-m", "trio_sign.cli", "participant", "--config", str(config)]
     await trio.run_process(
         [*cli, "--seal-shares", str(gen.participant_files[2])], env=env, capture_stdout=True
