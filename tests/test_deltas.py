@@ -213,6 +213,8 @@ def test_deltas_apply_in_order_and_the_head_moves(
         assert chain.find_dkg("dkg-a") == (1, first.fingerprint)
         assert chain.find_dkg("dkg-b") == (2, second.fingerprint)
         assert chain.find_dkg("dkg-c") is None
+        assert chain.dkg_accounts("dkg-b") == ("new-2",)
+        assert chain.dkg_accounts("dkg-c") == ()
 
 
 def _refused(

@@ -570,6 +570,7 @@ async def test_a_crash_at_every_step_of_a_store_loses_no_reported_account(
         assert len(stored) == len(expected)
         if "new-0" in expected:
             assert chain.find_dkg("dkg-new") == (2, chain.head)  # a retried DkgRound3's answer
+            assert chain.dkg_accounts("dkg-new") == ("new-0",)
         else:
             assert chain.find_dkg("dkg-new") is None  # NOT_FOUND: no account
 

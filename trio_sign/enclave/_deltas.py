@@ -161,6 +161,11 @@ class EnclaveDeltas:
         """``(sequence, fingerprint)`` of the loaded delta the DKG ``dkg_id`` made, if any."""
         return self.chain.find_dkg(dkg_id)
 
+    def dkg_accounts(self, dkg_id: str) -> tuple[str, ...]:
+        """The accounts of the loaded delta the DKG ``dkg_id`` made (empty: none), so a
+        retried ``DkgRound3`` after a reboot can name its account."""
+        return self.chain.dkg_accounts(dkg_id)
+
     def verify(self, data: bytes) -> None:
         """Check ``data`` as the next delta here, without applying it (the writer's dry run:
         a delta the chain would refuse is never stored)."""

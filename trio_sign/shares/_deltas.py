@@ -156,7 +156,7 @@ class DeltaChain:
         base_fingerprint: the base bundle's fingerprint (hex), the ``previous`` of delta 1.
     """
 
-    __slots__ = ("_dkgs", "_head", "base_fingerprint", "count")
+    __slots__ = ("_dkg_accounts", "_dkgs", "_head", "base_fingerprint", "count")
 
     def __init__(self, base_fingerprint: str) -> None:
         if len(base_fingerprint) != 64 or not _is_hex(base_fingerprint):
@@ -165,6 +165,7 @@ class DeltaChain:
         self.count = 0
         self._head: str | None = None
         self._dkgs: dict[str, tuple[int, str]] = {}
+        self._dkg_accounts: dict[str, tuple[str, ...]] = {}
 
     def __repr__(self) -> str:
         return f"DeltaChain(count={self.count}, head={self.head})"
@@ -213,19 +214,28 @@ class DeltaChain:
                 "...): it belongs to another base or chain"
             )
 
-    def advance(self, header: Mapping[str, Any], fingerprint: str) -> None:
-        """Record that the delta with ``header`` and ``fingerprint`` was applied."""
+    def advance(
+        self, header: Mapping[str, Any], fingerprint: str, accounts: tuple[str, ...] = ()
+    ) -> None:
+        """Record that the delta with ``header`` and ``fingerprint`` (holding ``accounts``)
+        was applied."""
         self.check_next(header, fingerprint)
         self.count += 1
         self._head = fingerprint
         dkg_id = header.get("dkg_id")
-        if isinstance(dkg_id, str) and dkg_id:
-            self._dkgs.setdefault(dkg_id, (self.count, fingerprint))
+        if isinstance(dkg_id, str) and dkg_id and dkg_id not in self._dkgs:
+            self._dkgs[dkg_id] = (self.count, fingerprint)
+            if accounts:
+                self._dkg_accounts[dkg_id] = accounts
 
     def find_dkg(self, dkg_id: str) -> tuple[int, str] | None:
         """``(sequence, fingerprint)`` of the delta a DKG made, if it is loaded (a retried
         ``DkgRound3`` after a lost answer or a reboot answers from it)."""
         return self._dkgs.get(dkg_id)
+
+    def dkg_accounts(self, dkg_id: str) -> tuple[str, ...]:
+        """The accounts of the loaded delta the DKG ``dkg_id`` made (empty: none loaded)."""
+        return self._dkg_accounts.get(dkg_id, ())
 
 
 @dataclass(slots=True, eq=False)
@@ -345,14 +355,11 @@ def apply_delta(
     try:
         if check is not None:
             check(loaded.store)
+        accounts = tuple(loaded.store._index)
         store.apply_delta(loaded.store, loaded.operation)
-        chain.advance(loaded.header, loaded.fingerprint)
+        chain.advance(loaded.header, loaded.fingerprint, accounts)
         return AppliedDelta(
-            loaded.sequence,
-            loaded.fingerprint,
-            loaded.operation,
-            loaded.dkg_id,
-            tuple(loaded.store._index),
+            loaded.sequence, loaded.fingerprint, loaded.operation, loaded.dkg_id, accounts
         )
     finally:
         loaded.close()
