@@ -2,6 +2,9 @@
 
 from ._config import EnclaveConfig as EnclaveConfig
 from ._config import enclave_config as enclave_config
+from ._deltas import DeltaStoreError as DeltaStoreError
+from ._deltas import DeltaWriter as DeltaWriter
+from ._deltas import EnclaveDeltas as EnclaveDeltas
 from ._exit import EnclaveExit as EnclaveExit
 from ._exit import ExitCode as ExitCode
 from ._lifecycle import TRANSITIONS as TRANSITIONS
@@ -62,4 +65,7 @@ __all__ = [
     "parse_measured_config",
     "serve_dev_enclave",
     "serve_enclave",
+    "DeltaWriter",
+    "EnclaveDeltas",
+    "DeltaStoreError",
 ]

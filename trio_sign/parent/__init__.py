@@ -13,6 +13,11 @@ from ._config import ConfigError as ConfigError
 from ._config import ParentConfig as ParentConfig
 from ._config import load_parent_config as load_parent_config
 from ._config import parse_parent_config as parse_parent_config
+from ._deltas import Deltas as Deltas
+from ._deltas import DeltaStore as DeltaStore
+from ._deltas import FileDeltaStore as FileDeltaStore
+from ._deltas import S3DeltaStore as S3DeltaStore
+from ._deltas import serve_deltas_connection as serve_deltas_connection
 from ._dev_kms import DevRecipientKms as DevRecipientKms
 from ._health import ParentState as ParentState
 from ._health import serve_health as serve_health
@@ -76,4 +81,9 @@ __all__ = [
     "serve_log_connection",
     "serve_preload",
     "serve_status_connection",
+    "Deltas",
+    "DeltaStore",
+    "FileDeltaStore",
+    "S3DeltaStore",
+    "serve_deltas_connection",
 ]

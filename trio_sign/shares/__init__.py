@@ -1,5 +1,10 @@
 """Key-share files (plaintext JSON Lines and sealed bundles) and the in-memory ``ShareStore``."""
 
+from ._deltas import DeltaChain as DeltaChain
+from ._deltas import SealedDelta as SealedDelta
+from ._deltas import apply_delta as apply_delta
+from ._deltas import load_delta as load_delta
+from ._deltas import seal_delta as seal_delta
 from ._keywrap import DataKeyProvider as DataKeyProvider
 from ._keywrap import DevKeyFile as DevKeyFile
 from ._plaintext import MAX_LINE_BYTES as MAX_LINE_BYTES
@@ -70,4 +75,9 @@ __all__ = [
     "verify_digest",
     "write_plaintext",
     "write_plaintext_file",
+    "DeltaChain",
+    "SealedDelta",
+    "seal_delta",
+    "load_delta",
+    "apply_delta",
 ]
