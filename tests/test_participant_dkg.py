@@ -173,3 +173,96 @@ async def test_remote_participant_dkg_then_signing(tmp_path: Path) -> None:
     store.close()
     auth.close()
     approver_key.close()
+
+
+class NoSave:
+    """A share source that cannot keep new shares (its save always fails)."""
+
+    def __init__(self) -> None:
+        self.put_records: list[Any] = []
+
+    def share(self, account_id: str) -> Any:
+        return None
+
+    def put(self, record: Any) -> None:
+        self.put_records.append(record)
+
+    def save(self) -> None:
+        raise OSError(28, "No space left on device")
+
+
+async def failing_gateway_side(hub: ParticipantHub, tmp: Path, account_id: str) -> DkgFailed:
+    registry = AccountRegistry(tmp / "accounts.jsonl").open()
+    shares = DkgShares(tmp / "journal.jsonl", [])
+    shares.open()
+    gate = approver("ops-1", "ops-2")
+    try:
+        async with dev_enclave() as enclave, trio.open_nursery() as nursery:
+            node = EnclaveNode("node-1", enclave.address)
+            await nursery.start(node.run)
+            driver = DkgDriver(
+                [node],
+                [RemoteDkgParticipant(hub, "p2", "p2", timeout_s=10.0)],
+                shares,
+                approver=gate,
+                settings=DkgSettings(round_timeout_s=20.0),
+                registry=registry,
+            )
+            with pytest.raises(DkgFailed) as info:
+                await driver.create_account(account_id, SUITES[0])
+            assert account_id not in registry
+            assert shares.pending == {}  # failed before anything was journalled
+            assert enclave.store.get(account_id) is None  # DkgRound3 never sent
+            assert hub.in_flight("p2") == 0
+            nursery.cancel_scope.cancel()
+    finally:
+        registry.close()
+        shares.close()
+        gate.close()
+    return info.value
+
+
+@pytest.mark.parametrize("case", ["declined", "store_fails"])
+async def test_a_dkg_the_participant_refuses_or_cannot_store_is_named(
+    tmp_path: Path, case: str
+) -> None:
+    auth = signing_key(PARTICIPANT_KEYS["p2"])
+    approver_key = ApproverSigningKey.generate()
+    hub = ParticipantHub(
+        {"p2": ParticipantKey("p2", "p2", auth.public_key)}, HubSettings(gateway_id="gw")
+    )
+    gw = GatewayThread(hub)
+    gw.start()
+    source = NoSave()
+    try:
+        client = ParticipantClient(
+            ClientSettings(gw.url),
+            participant_id="p2",
+            key_id="p2",
+            auth_key=auth,
+            approver=approver_key,
+            approver_key_id="p2-approver",
+            shares=source,
+            policy=AutoPolicy(accounts=["ok-*"]),
+        )
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(client.run)
+            with anyio.fail_after(10):
+                await client.wait_authenticated()
+            account = "not-covered" if case == "declined" else "ok-1"
+            failed = await gw.call(failing_gateway_side, hub, tmp_path, account)
+            assert client.session is not None
+            assert client.session.in_flight == 0
+            tg.cancel_scope.cancel()
+    finally:
+        gw.stop()
+        auth.close()
+        approver_key.close()
+    assert failed.reason == "participant_failed"
+    assert "'p2'" in str(failed)
+    if case == "declined":
+        assert "declined (policy" in str(failed)
+        assert source.put_records == []
+    else:
+        assert "declined (internal: the share could not be stored)" in str(failed)
+        assert client.counts["dkg_stored"] == 0
