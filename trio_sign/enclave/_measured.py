@@ -19,6 +19,8 @@ Sections (anything else is refused, naming it)::
     [bundles]
     signing_keys = ["<64 hex>", ...] # Ed25519 public keys whose signatures a base bundle may carry
     delta_identity_key = "<64 hex>"  # optional: the enclave's delta identity key (public half)
+    compaction_kms_keys = ["arn:aws:kms:...:key/..."]  # optional: KMS keys a compaction may
+                                     # seal a new base under (docs/compaction.md)
 
     [limits]                         # every key optional; defaults in docs/attested-channel.md
     max_sessions = 10000
@@ -62,6 +64,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import re
 import ssl
 import tomllib
 from collections.abc import Mapping
@@ -82,6 +85,13 @@ DEFAULT_CONFIG_PATH: Final = Path("/etc/trio-sign/enclave.toml")
 MAX_CONFIG_BYTES: Final = 1024 * 1024
 #: Most bundle signing keys accepted.
 MAX_SIGNING_KEYS: Final = 64
+#: Most KMS keys ``[bundles] compaction_kms_keys`` may list.
+MAX_COMPACTION_KMS_KEYS: Final = 16
+#: A KMS key ARN (``arn:PARTITION:kms:REGION:ACCOUNT:key/ID``): aliases are refused, since
+#: whoever administers an alias can point it at another key.
+_KMS_KEY_ARN: Final = re.compile(
+    r"arn:[a-z0-9-]{1,32}:kms:[a-z0-9-]{1,32}:[0-9]{12}:key/[A-Za-z0-9-]{1,128}"
+)
 #: What ``--dev`` without ``--config`` runs with, and the local enclave without ``[enclave]
 #: config``: the gateway client CA is a placeholder whose private key was discarded when it was
 #: made, so the TLS port accepts no client (the public port and the parent's checks work); no
@@ -221,6 +231,8 @@ class MeasuredConfig:
         client_ca_pem: the gateway client CA(s), PEM; None: no TLS possible (development).
         signing_keys: the Ed25519 public keys (32 bytes each) a base bundle may be signed by.
         delta_identity_key: the delta identity key's Ed25519 public key, or None.
+        compaction_kms_keys: the KMS key ARNs a compaction may seal a new base under
+            (``[bundles] compaction_kms_keys``, docs/compaction.md); empty: no compaction.
         limits: the ``[limits]`` keys the file sets (others keep their defaults).
         policies: the ``[approvers]`` and ``[policies]`` (DESIGN §11); the development
             configuration's is an open ``default`` (no approvals).
@@ -233,6 +245,7 @@ class MeasuredConfig:
     client_ca_pem: str | None = None
     signing_keys: tuple[bytes, ...] = ()
     delta_identity_key: bytes | None = None
+    compaction_kms_keys: tuple[str, ...] = ()
     limits: Mapping[str, int | float | str] = field(default_factory=dict)
     policies: PolicySet = field(default_factory=PolicySet)
     dkg: DkgSettings | None = None
@@ -305,7 +318,9 @@ def parse_measured_config(data: bytes, *, source: str = "enclave.toml") -> Measu
     bundles = document.get("bundles", {})
     limits = document.get("limits", {})
     _known_keys(gateway, "gateway", ("client_ca_pem",), fail)
-    _known_keys(bundles, "bundles", ("signing_keys", "delta_identity_key"), fail)
+    _known_keys(
+        bundles, "bundles", ("signing_keys", "delta_identity_key", "compaction_kms_keys"), fail
+    )
     _known_keys(limits, "limits", tuple(LIMITS), fail)
 
     client_ca = gateway.get("client_ca_pem")
@@ -326,6 +341,7 @@ def parse_measured_config(data: bytes, *, source: str = "enclave.toml") -> Measu
     delta_key = (
         None if identity is None else _ed25519_key(identity, "[bundles] delta_identity_key", fail)
     )
+    compaction_keys = _compaction_kms_keys(bundles.get("compaction_kms_keys", []), fail)
     checked: dict[str, int | float | str] = {}
     for name, value in limits.items():
         checked[name] = _check_limit(name, value, fail)
@@ -346,10 +362,31 @@ def parse_measured_config(data: bytes, *, source: str = "enclave.toml") -> Measu
         client_ca_pem=client_ca,
         signing_keys=tuple(keys),
         delta_identity_key=delta_key,
+        compaction_kms_keys=compaction_keys,
         limits=checked,
         policies=policies,
         dkg=dkg,
     )
+
+
+def _compaction_kms_keys(raw: Any, fail: Any) -> tuple[str, ...]:
+    """``[bundles] compaction_kms_keys``: distinct KMS key ARNs (no aliases)."""
+    name = "[bundles] compaction_kms_keys"
+    if not isinstance(raw, list):
+        raise fail(f"{name} must be a list of KMS key ARNs")
+    if len(raw) > MAX_COMPACTION_KMS_KEYS:
+        raise fail(f"{name} has more than {MAX_COMPACTION_KMS_KEYS} keys")
+    keys: list[str] = []
+    for i, value in enumerate(raw):
+        if not isinstance(value, str) or _KMS_KEY_ARN.fullmatch(value) is None:
+            raise fail(
+                f"{name}[{i}] must be a KMS key ARN (arn:aws:kms:REGION:ACCOUNT:key/ID; "
+                "no alias, which its administrator could point at another key)"
+            )
+        if value in keys:
+            raise fail(f"{name}[{i}] repeats an earlier key")
+        keys.append(value)
+    return tuple(keys)
 
 
 def _dkg_settings(table: Mapping[str, Any], fail: Any) -> DkgSettings:

@@ -42,11 +42,13 @@ from ._records import (
     scheme_named,
 )
 from ._sealed import (
+    COMPACTS_FIELD,
     DEFAULT_CHUNK_SIZE,
     MAX_DELTA_SEQUENCE,
     MAX_DKG_ID_CHARS,
     OPERATION_CREATE,
     OPERATIONS,
+    check_compacts,
     check_delta_header,
     encode_bundle,
     unwrap_data_key,
@@ -154,21 +156,38 @@ class DeltaChain:
 
     Args:
         base_fingerprint: the base bundle's fingerprint (hex), the ``previous`` of delta 1.
+        compacts: a compacted base's header field (``{"base", "head", "deltas"}``,
+            docs/compaction.md): the chain then continues the compacted one. It starts at
+            ``count = deltas`` with that head, so the next delta is ``deltas + 1`` on the
+            recorded head, and a delta ``1..deltas`` is refused (``delta_compacted``: its
+            accounts are already in the base).
     """
 
-    __slots__ = ("_dkg_accounts", "_dkgs", "_head", "base_fingerprint", "count")
+    __slots__ = ("_dkg_accounts", "_dkgs", "_head", "base_fingerprint", "compacted", "count")
 
-    def __init__(self, base_fingerprint: str) -> None:
+    def __init__(self, base_fingerprint: str, *, compacts: Mapping[str, Any] | None = None) -> None:
         if len(base_fingerprint) != 64 or not _is_hex(base_fingerprint):
             raise ValueError("the base fingerprint is 64 hex digits")
         self.base_fingerprint = base_fingerprint.lower()
         self.count = 0
+        self.compacted = 0
         self._head: str | None = None
         self._dkgs: dict[str, tuple[int, str]] = {}
         self._dkg_accounts: dict[str, tuple[str, ...]] = {}
+        if compacts is not None:
+            check_compacts(compacts)
+            self.compacted = self.count = int(compacts["deltas"])
+            if self.compacted:
+                self._head = str(compacts["head"])
+
+    @classmethod
+    def for_base(cls, header: Mapping[str, Any], fingerprint: str) -> DeltaChain:
+        """The chain on a loaded base: its ``compacts`` continued, or a fresh chain."""
+        compacts = header.get(COMPACTS_FIELD)
+        return cls(fingerprint, compacts=compacts)
 
     def __repr__(self) -> str:
-        return f"DeltaChain(count={self.count}, head={self.head})"
+        return f"DeltaChain(count={self.count}, head={self.head}, compacted={self.compacted})"
 
     @property
     def head(self) -> str:
@@ -199,6 +218,12 @@ class DeltaChain:
         """
         check_delta_header(header)
         sequence, previous = header["sequence"], header["previous"]
+        if sequence <= self.compacted:
+            raise ShareFileError(
+                f"delta {sequence} is already contained in this node's compacted base (which "
+                f"holds deltas 1..{self.compacted})",
+                reason="delta_compacted",
+            )
         if fingerprint is not None and fingerprint in (self._head, self.base_fingerprint):
             raise _chain_error(f"delta {sequence} is a bundle already loaded (a duplicate)")
         expected = self.next_sequence

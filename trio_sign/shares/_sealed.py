@@ -134,10 +134,12 @@ OPERATIONS: Final = (OPERATION_CREATE, OPERATION_REFRESH, OPERATION_REPAIR)
 MAX_DELTA_SEQUENCE: Final = 99_999_999
 #: Longest ``dkg_id`` a delta header may carry.
 MAX_DKG_ID_CHARS: Final = 128
+#: A compacted base's record of what it holds (docs/compaction.md): only in a ``base``.
+COMPACTS_FIELD: Final = "compacts"
 #: Header fields a reader accepts but does not require (bundles sealed before they existed;
 #: ``ciphersuites`` is in ``binary-v3`` headers only; the delta fields in ``delta`` headers
-#: only, where :func:`check_delta_header` requires them).
-_OPTIONAL_FIELDS: Final = frozenset({"kind", "ciphersuites", *DELTA_FIELDS})
+#: only, where :func:`check_delta_header` requires them; ``compacts`` in a compacted base).
+_OPTIONAL_FIELDS: Final = frozenset({"kind", "ciphersuites", COMPACTS_FIELD, *DELTA_FIELDS})
 _HEX64_CHARS: Final = frozenset("0123456789abcdef")
 
 
@@ -173,6 +175,8 @@ def check_sealed_header(header: Any) -> dict[str, Any]:
     if "kind" in header and header["kind"] not in KINDS:
         raise _header_error(f"kind must be one of {', '.join(KINDS)}")
     _check_delta_fields(header)
+    if COMPACTS_FIELD in header:
+        check_compacts(header[COMPACTS_FIELD], kind=header.get("kind", KIND_BASE))
     for name in ("key_provider", "kms_key_id", "encrypted_data_key"):
         if not isinstance(header[name], str) or not header[name]:
             raise _header_error(f"{name} must be a non-empty string")
@@ -221,6 +225,29 @@ def _check_delta_fields(header: dict[str, Any]) -> None:
             raise _header_error(f"dkg_id must be a text string of at most {MAX_DKG_ID_CHARS}")
         if header.get("operation") == OPERATION_CREATE and not dkg_id:
             raise _header_error("a create delta names the DKG that made it (dkg_id)")
+
+
+def check_compacts(value: Any, *, kind: str = KIND_BASE) -> dict[str, Any]:
+    """A base header's ``compacts`` (docs/compaction.md): ``{"base": hex, "head": hex,
+    "deltas": n}``, exactly those keys; ``head`` is what delta ``n + 1`` names as its
+    ``previous`` (the last compacted delta's fingerprint, or ``base`` when ``n`` is 0).
+
+    Error handling: ``bad_header`` (also in a ``delta`` header, where it has no meaning).
+    """
+    if kind != KIND_BASE:
+        raise _header_error("compacts is only allowed in a base bundle")
+    if not isinstance(value, dict) or set(value) != {"base", "head", "deltas"}:
+        raise _header_error("compacts must be an object with exactly base, head and deltas")
+    for name in ("base", "head"):
+        digest = value[name]
+        if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= _HEX64_CHARS:
+            raise _header_error(f"compacts.{name} must be 64 lowercase hex digits (a SHA-256)")
+    deltas = value["deltas"]
+    if not _is_int(deltas) or not 0 <= deltas <= MAX_DELTA_SEQUENCE:
+        raise _header_error(f"compacts.deltas must be an integer in 0..{MAX_DELTA_SEQUENCE}")
+    if deltas == 0 and value["head"] != value["base"]:
+        raise _header_error("compacts.head must be compacts.base when no delta is compacted")
+    return value
 
 
 def check_delta_header(header: Mapping[str, Any]) -> None:
@@ -351,8 +378,12 @@ def build_header(
     ciphersuites: Mapping[str, int] | None = None,
     ciphersuite: str = CIPHERSUITE,
     delta: Mapping[str, Any] | None = None,
+    compacts: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A sealed header (validated); ``kind`` is ``base`` (a ceremony) or ``delta`` (§13).
+
+    ``compacts`` (a base only) records the base and deltas a compacted base holds
+    (:func:`check_compacts`, docs/compaction.md).
 
     ``delta`` holds a delta's ``sequence``, ``previous``, ``operation`` and ``dkg_id``
     (docs/key-lifecycle.md §1), written into the header (so the signature covers them).
@@ -380,6 +411,8 @@ def build_header(
         if unknown:
             raise ValueError(f"unknown delta header field {unknown[0]!r}")
         header.update(delta)
+    if compacts is not None:
+        header[COMPACTS_FIELD] = dict(compacts)
     if record_format == RECORD_FORMAT_V3:
         header["ciphersuites"] = {
             s.name: int((ciphersuites or {}).get(s.name, 0))
@@ -1297,6 +1330,7 @@ def _new_encoder(
     ciphersuites: Mapping[str, int] | None = None,
     ciphersuite: str = CIPHERSUITE,
     delta: Mapping[str, Any] | None = None,
+    compacts: Mapping[str, Any] | None = None,
 ) -> SealedEncoder:
     """A fresh data key from ``provider``, the header for what ``planner`` counted, and the
     encoder (which keeps its own copy of the key: ours is zeroed here)."""
@@ -1315,6 +1349,7 @@ def _new_encoder(
             ciphersuites=ciphersuites,
             ciphersuite=ciphersuite,
             delta=delta,
+            compacts=compacts,
         )
         return SealedEncoder(header, data_key)
     finally:

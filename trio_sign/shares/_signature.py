@@ -206,19 +206,41 @@ class BundleTrust:
             warning), a signed one must still verify under its own key. An empty tuple
             accepts nothing.
         kind: the kind being loaded (``base`` or ``delta``).
+        compaction_keys: keys that may also sign a **compacted** base (a ``base`` whose header
+            has ``compacts``, docs/compaction.md): the pinned delta identity key, so an
+            enclave's compaction loads, while a base without ``compacts`` (a ceremony's) still
+            needs a ceremony key. Ignored in development and for deltas.
     """
 
     signing_keys: tuple[bytes, ...] | None
     kind: str = KIND_BASE
+    compaction_keys: tuple[bytes, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}")
 
     @classmethod
-    def pinned(cls, keys: Sequence[bytes] | None, *, kind: str = KIND_BASE) -> BundleTrust:
+    def pinned(
+        cls,
+        keys: Sequence[bytes] | None,
+        *,
+        kind: str = KIND_BASE,
+        compaction_keys: Sequence[bytes] = (),
+    ) -> BundleTrust:
         """A policy from a sequence of keys (None: development)."""
-        return cls(None if keys is None else tuple(bytes(k) for k in keys), kind)
+        return cls(
+            None if keys is None else tuple(bytes(k) for k in keys),
+            kind,
+            tuple(bytes(k) for k in compaction_keys),
+        )
+
+    def _accepts_signer(self, header: dict[str, Any], public_key: bytes) -> bool:
+        assert self.signing_keys is not None
+        if any(_sodium.ct_equal(public_key, k) for k in self.signing_keys):
+            return True
+        compacted = self.kind == KIND_BASE and "compacts" in header
+        return compacted and any(_sodium.ct_equal(public_key, k) for k in self.compaction_keys)
 
     @property
     def development(self) -> bool:
@@ -256,9 +278,7 @@ class BundleTrust:
                 f"signed by its {len(self.signing_keys)} pinned key(s) ([bundles] in enclave.toml)",
                 reason="bundle_unsigned",
             )
-        if self.signing_keys is not None and not any(
-            _sodium.ct_equal(signature.public_key, k) for k in self.signing_keys
-        ):
+        if self.signing_keys is not None and not self._accepts_signer(header, signature.public_key):
             raise ShareFileError(
                 f"the {kind} bundle is signed by {signature.public_key.hex()}, which is not one "
                 f"of the {len(self.signing_keys)} pinned key(s) ([bundles] in enclave.toml)",
