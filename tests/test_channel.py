@@ -49,6 +49,12 @@ from trio_sign.nitro._channel import (
     DeltaStoredMessage,
     DeltaStoreFailedMessage,
     DeltaStoreMessage,
+    GenesisAttestationMessage,
+    GenesisDataKeyMessage,
+    IdentityGenesisMessage,
+    IdentityMessage,
+    IdentitySealedMessage,
+    IdentityStoredMessage,
 )
 
 SHA = "0123456789abcdef" * 4
@@ -93,6 +99,14 @@ MESSAGES: list[ChannelMessage] = [
     DeltaPushMessage(sequence=3, total_bytes=0),
     DeltaLoadedMessage(sequence=3, head=SHA, accounts=10_001),
     DeltaRefusedMessage(sequence=4, reason="delta_chain"),
+    IdentityMessage(sealed=b'{"format":"trio-sign/sealed-identity-key"}\n'),
+    IdentityGenesisMessage(),
+    GenesisAttestationMessage(document=b"\x84" + bytes(40), public_key=bytes(range(32))),
+    GenesisDataKeyMessage(
+        key_id="arn:aws:kms:us-east-1:1:key/k", ciphertext_blob=b"blob", ciphertext=b"\x30"
+    ),
+    IdentitySealedMessage(sealed=b"{}"),
+    IdentityStoredMessage(public_key=SHA),
 ]
 
 
@@ -133,6 +147,12 @@ def test_every_message_type_is_covered() -> None:
         "delta_push",
         "delta_loaded",
         "delta_refused",
+        "identity",
+        "identity_genesis",
+        "genesis_attestation",
+        "genesis_data_key",
+        "identity_sealed",
+        "identity_stored",
     }
 
 
@@ -545,3 +565,20 @@ def test_optional_fields_take_their_defaults_when_an_older_peer_leaves_them_out(
 
 def test_delta_chunk_bytes_are_not_in_repr() -> None:
     assert "data=" not in repr(DeltaChunkMessage(data=b"abc"))
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {"type": "identity", "sealed": b""},
+        {"type": "identity", "sealed": bytes(16 * 1024 + 1)},
+        {"type": "identity", "sealed": "text"},
+        {"type": "genesis_attestation", "document": b"d", "public_key": bytes(31)},
+        {"type": "genesis_data_key", "key_id": "", "ciphertext_blob": b"b", "ciphertext": b"c"},
+        {"type": "identity_stored", "public_key": "ab"},
+    ],
+)
+def test_identity_messages_are_checked(frame: dict[str, object]) -> None:
+    with pytest.raises(ChannelProtocolError) as info:
+        decode_message(Frame(str(frame["type"]), frame))
+    assert info.value.reason == "bad_field"

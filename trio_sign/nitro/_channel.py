@@ -45,6 +45,29 @@ type                       direction             fields
                                                  ``public_key`` is the recipient RSA key)
 ``recipient_ciphertext``   parent -> enclave     ``ciphertext`` (bytes, KMS
                                                  ``CiphertextForRecipient``)
+``identity``               parent -> enclave     optional, every boot with a delta identity
+                                                 key, right after the bundle's
+                                                 ``recipient_ciphertext``: ``sealed`` (bytes,
+                                                 the sealed identity file, public data, at
+                                                 most :data:`MAX_SEALED_IDENTITY_BYTES`). The
+                                                 enclave answers with a second
+                                                 ``attestation`` (a fresh RSA key), the parent
+                                                 with a second ``recipient_ciphertext`` (KMS
+                                                 Decrypt with Recipient of the file's data
+                                                 key); then the bundle follows
+``identity_genesis``       parent -> enclave     genesis boot only, instead of ``events`` and
+                                                 ``recipient_ciphertext``: no fields; create
+                                                 the identity key (docs/runbook.md §7)
+``genesis_attestation``    enclave -> parent     ``document`` (bytes, COSE_Sign1 with a fresh
+                                                 RSA key), ``public_key`` (bytes, 32: the new
+                                                 identity key, for the encryption context)
+``genesis_data_key``       parent -> enclave     ``key_id`` (text, the KMS key ARN),
+                                                 ``ciphertext_blob`` (bytes, KMS
+                                                 ``CiphertextBlob``), ``ciphertext`` (bytes,
+                                                 ``CiphertextForRecipient``)
+``identity_sealed``        enclave -> parent     ``sealed`` (bytes, the sealed identity file)
+``identity_stored``        parent -> enclave     ``public_key`` (hex): the file is durable; the
+                                                 genesis enclave exits 0 (reason ``genesis``)
 ``bundle_chunk``           parent -> enclave     ``data`` (bytes, the next piece of the sealed
                                                  bundle)
 ``bundle_end``             parent -> enclave     ``total_bytes`` (int, bytes sent in chunks),
@@ -108,6 +131,10 @@ MAX_DELTA_CHUNK_BYTES = 256 * 1024
 MAX_DELTA_SEQUENCE = 99_999_999
 #: Longest ``reason`` of a ``delta_store_failed`` or ``delta_refused``.
 MAX_REASON_CHARS = 1024
+#: Largest sealed identity file an ``identity`` or ``identity_sealed`` frame carries.
+MAX_SEALED_IDENTITY_BYTES = 16 * 1024
+#: An Ed25519 public key.
+_PUBLIC_KEY_BYTES = 32
 
 _LENGTH = struct.Struct(">I")
 
@@ -766,6 +793,88 @@ class DeltaRefusedMessage(ChannelMessage):
     reason: str
 
 
+# -- the delta identity key on the boot channel (docs/runbook.md §7) ----------------------------
+
+_SEALED = (
+    lambda v: isinstance(v, bytes) and 0 < len(v) <= MAX_SEALED_IDENTITY_BYTES,
+    f"a byte string of 1 to {MAX_SEALED_IDENTITY_BYTES} bytes",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityMessage(ChannelMessage):
+    """The sealed delta identity file (public data), sent every boot after the bundle's
+    ``recipient_ciphertext``; the enclave attests again for its data key."""
+
+    TYPE: ClassVar[str] = "identity"
+    _FIELDS: ClassVar[tuple[_Field, ...]] = _fields(("sealed", *_SEALED))
+    sealed: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityGenesisMessage(ChannelMessage):
+    """A genesis boot: create the delta identity key instead of loading a bundle."""
+
+    TYPE: ClassVar[str] = "identity_genesis"
+    _FIELDS: ClassVar[tuple[_Field, ...]] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GenesisAttestationMessage(ChannelMessage):
+    """Genesis: a fresh attestation document for KMS ``GenerateDataKey`` with ``Recipient``,
+    and the new identity public key (the encryption context names it)."""
+
+    TYPE: ClassVar[str] = "genesis_attestation"
+    _FIELDS: ClassVar[tuple[_Field, ...]] = _fields(
+        ("document", *_BYTES),
+        (
+            "public_key",
+            lambda v: isinstance(v, bytes) and len(v) == _PUBLIC_KEY_BYTES,
+            f"a byte string of {_PUBLIC_KEY_BYTES} bytes",
+        ),
+    )
+    document: bytes = field(repr=False)
+    public_key: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class GenesisDataKeyMessage(ChannelMessage):
+    """KMS's answer to ``GenerateDataKey`` with ``Recipient``: the key ARN, the wrapped data
+    key (``CiphertextBlob``) and ``CiphertextForRecipient`` (only the enclave opens it)."""
+
+    TYPE: ClassVar[str] = "genesis_data_key"
+    _FIELDS: ClassVar[tuple[_Field, ...]] = _fields(
+        (
+            "key_id",
+            lambda v: isinstance(v, str) and 0 < len(v) <= 2048,
+            "a text string of 1 to 2048 characters",
+        ),
+        ("ciphertext_blob", *_BYTES),
+        ("ciphertext", *_BYTES),
+    )
+    key_id: str
+    ciphertext_blob: bytes = field(repr=False)
+    ciphertext: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class IdentitySealedMessage(ChannelMessage):
+    """Genesis: the sealed identity file for the parent to store (public data)."""
+
+    TYPE: ClassVar[str] = "identity_sealed"
+    _FIELDS: ClassVar[tuple[_Field, ...]] = _fields(("sealed", *_SEALED))
+    sealed: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityStoredMessage(ChannelMessage):
+    """Genesis: the parent stored the sealed file durably (``public_key``: the key it names)."""
+
+    TYPE: ClassVar[str] = "identity_stored"
+    _FIELDS: ClassVar[tuple[_Field, ...]] = _fields(("public_key", *_SHA256))
+    public_key: str
+
+
 #: Every message class by its ``"type"``.
 MESSAGE_TYPES: Mapping[str, type[ChannelMessage]] = {
     cls.TYPE: cls
@@ -792,6 +901,12 @@ MESSAGE_TYPES: Mapping[str, type[ChannelMessage]] = {
         DeltaPushMessage,
         DeltaLoadedMessage,
         DeltaRefusedMessage,
+        IdentityMessage,
+        IdentityGenesisMessage,
+        GenesisAttestationMessage,
+        GenesisDataKeyMessage,
+        IdentitySealedMessage,
+        IdentityStoredMessage,
     )
 }
 
