@@ -40,6 +40,12 @@ from trio_sign.nitro._channel import (
     MAX_DELTA_SEQUENCE,
     MAX_REASON_CHARS,
     MESSAGE_TYPES,
+    BaseStoredMessage,
+    BaseStoreFailedMessage,
+    BaseStoreMessage,
+    CompactionKeyFailedMessage,
+    CompactionKeyMessage,
+    CompactionKeyRequestMessage,
     DeltaChunkMessage,
     DeltaConflictMessage,
     DeltaEndMessage,
@@ -107,6 +113,14 @@ MESSAGES: list[ChannelMessage] = [
     ),
     IdentitySealedMessage(sealed=b"{}"),
     IdentityStoredMessage(public_key=SHA),
+    CompactionKeyRequestMessage(document=b"\x84" + bytes(40), kms_key_id="arn:aws:kms:r:1:key/k"),
+    CompactionKeyMessage(
+        key_id="arn:aws:kms:us-east-1:1:key/k", ciphertext_blob=b"blob", ciphertext=b"\x30"
+    ),
+    CompactionKeyFailedMessage(reason="no KMS"),
+    BaseStoreMessage(sha256=SHA, total_bytes=1 << 32),
+    BaseStoredMessage(sha256=SHA, object="file:///var/lib/trio-sign/deltas/base-" + SHA + ".enc"),
+    BaseStoreFailedMessage(sha256=SHA, reason="disk full"),
 ]
 
 
@@ -153,6 +167,12 @@ def test_every_message_type_is_covered() -> None:
         "genesis_data_key",
         "identity_sealed",
         "identity_stored",
+        "compaction_key_request",
+        "compaction_key",
+        "compaction_key_failed",
+        "base_store",
+        "base_stored",
+        "base_store_failed",
     }
 
 

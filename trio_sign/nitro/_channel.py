@@ -875,6 +875,88 @@ class IdentityStoredMessage(ChannelMessage):
     public_key: str
 
 
+# -- compaction on the deltas channel (docs/compaction.md) ------------------------------------
+
+#: Longest KMS key ARN a compaction names.
+MAX_KMS_KEY_ID_CHARS = 2048
+_KMS_KEY_ID = (
+    lambda v: isinstance(v, str) and 0 < len(v) <= MAX_KMS_KEY_ID_CHARS,
+    f"a text string of 1 to {MAX_KMS_KEY_ID_CHARS} characters",
+)
+_OBJECT_NAME = (
+    lambda v: isinstance(v, str) and 0 < len(v) <= 1024,
+    "a text string of 1 to 1024 characters",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CompactionKeyRequestMessage(ChannelMessage):
+    """Compaction: the enclave asks for a data key under ``kms_key_id`` (KMS
+    ``GenerateDataKey`` with ``Recipient`` = ``document``, a fresh attestation)."""
+
+    TYPE: ClassVar[str] = "compaction_key_request"
+    _FIELDS: ClassVar[tuple[_Field, ...]] = _fields(
+        ("document", *_BYTES), ("kms_key_id", *_KMS_KEY_ID)
+    )
+    document: bytes = field(repr=False)
+    kms_key_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class CompactionKeyMessage(ChannelMessage):
+    """KMS's answer relayed: the key ARN, ``CiphertextBlob`` and ``CiphertextForRecipient``
+    (only the enclave opens it)."""
+
+    TYPE: ClassVar[str] = "compaction_key"
+    _FIELDS: ClassVar[tuple[_Field, ...]] = _fields(
+        ("key_id", *_KMS_KEY_ID), ("ciphertext_blob", *_BYTES), ("ciphertext", *_BYTES)
+    )
+    key_id: str
+    ciphertext_blob: bytes = field(repr=False)
+    ciphertext: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class CompactionKeyFailedMessage(ChannelMessage):
+    """The parent could not get a compaction data key (no KMS configured, KMS refused)."""
+
+    TYPE: ClassVar[str] = "compaction_key_failed"
+    _FIELDS: ClassVar[tuple[_Field, ...]] = _fields(("reason", *_REASON))
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class BaseStoreMessage(ChannelMessage):
+    """The enclave asks the parent to store a compacted base (fingerprint ``sha256``,
+    ``total_bytes`` long) put-if-absent as ``base-<sha256>.enc``; ``delta_chunk`` frames and
+    a ``delta_end`` follow."""
+
+    TYPE: ClassVar[str] = "base_store"
+    _FIELDS: ClassVar[tuple[_Field, ...]] = _fields(("sha256", *_SHA256), ("total_bytes", *_COUNT))
+    sha256: str
+    total_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class BaseStoredMessage(ChannelMessage):
+    """The compacted base ``sha256`` is durable, as ``object`` (its URL in the store)."""
+
+    TYPE: ClassVar[str] = "base_stored"
+    _FIELDS: ClassVar[tuple[_Field, ...]] = _fields(("sha256", *_SHA256), ("object", *_OBJECT_NAME))
+    sha256: str
+    object: str
+
+
+@dataclass(frozen=True, slots=True)
+class BaseStoreFailedMessage(ChannelMessage):
+    """The compacted base ``sha256`` was not stored (``reason``)."""
+
+    TYPE: ClassVar[str] = "base_store_failed"
+    _FIELDS: ClassVar[tuple[_Field, ...]] = _fields(("sha256", *_SHA256), ("reason", *_REASON))
+    sha256: str
+    reason: str
+
+
 #: Every message class by its ``"type"``.
 MESSAGE_TYPES: Mapping[str, type[ChannelMessage]] = {
     cls.TYPE: cls
@@ -907,6 +989,12 @@ MESSAGE_TYPES: Mapping[str, type[ChannelMessage]] = {
         GenesisDataKeyMessage,
         IdentitySealedMessage,
         IdentityStoredMessage,
+        CompactionKeyRequestMessage,
+        CompactionKeyMessage,
+        CompactionKeyFailedMessage,
+        BaseStoreMessage,
+        BaseStoredMessage,
+        BaseStoreFailedMessage,
     )
 }
 
