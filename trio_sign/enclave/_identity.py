@@ -31,10 +31,10 @@ Domain separation: a bundle signature is over a 32-byte digest (:meth:`IdentityK
 every other message the key signs (:meth:`IdentityKey.sign`) must start with ``trio-sign/``
 and be longer than 32 bytes, so one can never pass for the other.
 
-What is not here yet (issue 16): the boot-channel messages that carry these exchanges between
-enclave and parent, and where the parent keeps the sealed file. The functions take the KMS
-calls as parameters (:data:`RecipientDataKey`, the parent's ``RecipientKms``) so that
-wiring is all that is left.
+The functions take the KMS calls as parameters (:data:`RecipientDataKey`, the parent's
+``RecipientKms``); the boot channel carries them (:mod:`trio_sign.enclave._preload`: the
+``identity`` message every boot, ``identity_genesis`` for a genesis boot), and the parent keeps
+the sealed file at ``[identity] sealed_file``.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from ..crypto import _kdf, _sodium, _stream
 from ..nitro import AsyncNsm, CmsError, EphemeralRecipientKey
 from ..shares._keywrap import canonical_json
 from ..shares._signature import DIGEST_BYTES, CeremonyKey
-from ._preload import PreloadError
+from ._preload_error import PreloadError
 
 log = logging.getLogger("trio_sign.identity")
 

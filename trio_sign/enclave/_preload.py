@@ -9,6 +9,11 @@ The exchange on the boot channel (framing and messages: :mod:`trio_sign.nitro._c
                                               RSAES_OAEP_SHA_256})
                                         <-    events {gateway_url, node_id}   (optional)
                                         <-    recipient_ciphertext {CiphertextForRecipient}
+                                        <-    identity {sealed}     (optional: the delta
+                                              identity key's sealed file, every boot)
+    attestation {document}              ->    KMS Decrypt(CiphertextBlob = the sealed file's
+                                              encrypted data key, Recipient = {document})
+                                        <-    recipient_ciphertext {CiphertextForRecipient}
                                         <-    bundle_chunk {data} ... (the sealed file's bytes)
                                         <-    bundle_end {total_bytes}
     preload_result {ok, accounts, ...}  ->
@@ -41,6 +46,33 @@ only chain on it) are read and dropped, the refusal is logged, and the node serv
 before it (a parent can always withhold deltas; the head in GetStatus and the attestation shows
 what was loaded, and the deltas channel pushes the rest again). A broken frame sequence fails
 the preload (``protocol``).
+
+The delta identity key (DESIGN §12, docs/runbook.md §7): the parent sends the sealed identity
+file (``identity``) right after the bundle's envelope and before the bundle, so that a wrong
+key fails the boot before any share is decrypted and the boot's deltas can be opened. The
+enclave unseals it with :func:`~trio_sign.enclave._identity.unseal` (a second attestation
+document with a fresh RSA key; KMS ``Decrypt`` with ``Recipient`` through the parent) and
+checks it against ``[bundles] delta_identity_key``: a refusal fails the preload
+(``identity_key_mismatch``, ``identity_sealed_bad``, ``identity_key_unpinned``,
+``key_unwrap``) and nothing is served. A parent that sends no ``identity`` gets an enclave
+without the key (deltas refused, no DKG), as it could withhold the deltas anyway.
+
+Genesis (the parent was asked for it: ``trio-sign parent --genesis``): the parent answers the
+first attestation with ``identity_genesis`` instead of the bundle's envelope::
+
+    enclave                                   parent
+    hello, attestation                  ->
+                                        <-    identity_genesis {}
+    genesis_attestation {document,      ->    KMS GenerateDataKey(Recipient = {document},
+                         public_key}          EncryptionContext names public_key)
+                                        <-    genesis_data_key {key_id, ciphertext_blob,
+                                                                ciphertext}
+    identity_sealed {sealed}            ->    written durably to [identity] sealed_file
+                                        <-    identity_stored {public_key}
+
+and the enclave exits 0 with reason ``genesis``: it loads no bundle and serves nothing (its
+configuration cannot pin a key that did not exist when it was measured). Pin the public key
+and boot again (docs/runbook.md §7).
 """
 
 from __future__ import annotations
@@ -49,9 +81,9 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
 
@@ -72,35 +104,29 @@ from ..nitro import (
     PreloadResultMessage,
     RecipientCiphertextMessage,
 )
-from ..nitro._channel import DeltaPushMessage
+from ..nitro._channel import (
+    DeltaPushMessage,
+    GenesisAttestationMessage,
+    GenesisDataKeyMessage,
+    IdentityGenesisMessage,
+    IdentityMessage,
+    IdentitySealedMessage,
+    IdentityStoredMessage,
+)
 from ..shares import BundleTrust, DataKeyProvider, SealedLoader, ShareStore
 from ..shares._deltas import NO_DELTAS_HEX, DeltaChain, DeltaCheck, apply_delta
 from ..shares._signature import KIND_DELTA
 from ._deltas import receive_delta, refusal_reason
+from ._exit import EnclaveExit, ExitCode
+from ._identity import DeltaKeyWrap, IdentityKey, IdentityKeyError, SealedIdentity, genesis, unseal
 from ._measured import DEVELOPMENT_CONFIG
 from ._memory import MemoryLimitError
+from ._preload_error import PreloadError as PreloadError
 
 if TYPE_CHECKING:
     from ._config import EnclaveConfig
 
 log = logging.getLogger("trio_sign.preload")
-
-
-class PreloadError(TrioSignError):
-    """Preload failed; nothing will be served.
-
-    Attributes:
-        reason: a stable code for the status channel: the underlying ``ShareFileError`` reason
-            (``tampered``, ``truncated``, ``duplicate_account``, ...; for the signature
-            ``bundle_unsigned``, ``bundle_signer_unknown``, ``bundle_signature_invalid``,
-            ``bundle_kind``, ``bad_signature_record``), ``key_unwrap`` (the CMS envelope or the
-            data key was refused), ``memory`` (the bundle does not fit), ``protocol`` (the
-            parent broke the boot exchange) or ``timeout``.
-    """
-
-    def __init__(self, message: str, *, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +147,10 @@ class PreloadReport:
     chain: DeltaChain | None = field(default=None, repr=False)
     #: Deltas the parent announced (a refusal leaves ``deltas`` below it).
     deltas_announced: int = 0
+    #: The delta identity key the parent's ``identity`` unsealed, and its data-key wrap (the
+    #: deltas' provider); the caller owns both and closes them. None: no ``identity``.
+    identity_key: IdentityKey | None = field(default=None, repr=False)
+    delta_wrap: DeltaKeyWrap | None = field(default=None, repr=False)
 
 
 #: Called with the header's account count before the store is allocated; raises to refuse.
@@ -172,6 +202,7 @@ async def preload_shares(
     delta_provider: DataKeyProvider | None = None,
     delta_keys: Sequence[bytes] | None = None,
     delta_check: DeltaCheck | None = None,
+    identity_keys: Sequence[bytes] | None = None,
 ) -> tuple[ShareStore, PreloadReport]:
     """Run the enclave side of the boot exchange and return the loaded store.
 
@@ -187,6 +218,10 @@ async def preload_shares(
             None is development.
         delta_check: called with each verified delta's records before it is applied; raises
             to refuse it (the serving enclave's policy check).
+        identity_keys: the identity key an ``identity`` from the parent must unseal to
+            (:func:`delta_signing_keys`: ``(pinned,)``; ``()`` refuses any,
+            ``identity_key_unpinned``; None is development: any key, with a warning). The
+            unsealed key replaces ``delta_provider`` and is returned in the report.
 
     Cancellation:
         Safe at every await (the caller's preload timeout lands here): the RSA key is closed,
@@ -194,12 +229,16 @@ async def preload_shares(
 
     Error handling:
         :class:`PreloadError` with a stable ``reason``. A ``preload_result`` with ``ok=false``
-        is sent to the parent on a best-effort basis before raising.
+        is sent to the parent on a best-effort basis before raising. A genesis boot ends
+        with :class:`~trio_sign.enclave._exit.EnclaveExit` (code 0, reason ``genesis``) once
+        the parent stored the sealed file.
     """
     started = time.monotonic()
     data_key = bytearray(32)
     loader: SealedLoader | None = None
     events: EventsConfigMessage | None = None
+    identity: IdentityKey | None = None
+    wrap: DeltaKeyWrap | None = None
     try:
         await channel.send(HelloMessage(channel="preload"))
         key = await trio.to_thread.run_sync(EphemeralRecipientKey.generate)
@@ -207,6 +246,8 @@ async def preload_shares(
             document = await nsm.attestation(public_key=key.public_key_der)
             await channel.send(AttestationMessage(document=document))
             first = await channel.receive()
+            if isinstance(first, IdentityGenesisMessage):
+                await _genesis(channel, nsm)
             if isinstance(first, EventsConfigMessage):
                 events = first
                 envelope = await channel.receive_expected(RecipientCiphertextMessage)
@@ -230,6 +271,12 @@ async def preload_shares(
             data_key[:] = unwrapped
         finally:
             _sodium.memzero(unwrapped)
+        message = await channel.receive()
+        if isinstance(message, IdentityMessage):
+            identity = await _unseal_identity(channel, nsm, message, identity_keys)
+            wrap = identity.delta_key_wrap()
+            delta_provider = wrap
+            message = await channel.receive()
 
         def unwrap(header: dict[str, Any]) -> bytearray:
             if memory_check is not None:
@@ -245,7 +292,6 @@ async def preload_shares(
         received = 0
         announced = 0
         while True:
-            message = await channel.receive()
             if isinstance(message, BundleChunkMessage):
                 loader.feed(message.data)
                 received += len(message.data)
@@ -264,6 +310,7 @@ async def preload_shares(
                     f"unexpected {type(message).__name__} during the bundle stream",
                     reason="protocol",
                 )
+            message = await channel.receive()
         store = loader.finish()
         loader = None
         try:
@@ -285,6 +332,10 @@ async def preload_shares(
     except BaseException as exc:
         if loader is not None:
             loader.abort()
+        if wrap is not None:
+            wrap.close()
+        if identity is not None:
+            identity.close()
         error = _as_preload_error(exc)
         if error is not None:
             with (
@@ -312,6 +363,8 @@ async def preload_shares(
         deltas_head=chain.head,
         chain=chain,
         deltas_announced=announced,
+        identity_key=identity,
+        delta_wrap=wrap,
     )
     try:
         await channel.send(
@@ -326,6 +379,10 @@ async def preload_shares(
         )
     except BaseException:
         store.close()
+        if wrap is not None:
+            wrap.close()
+        if identity is not None:
+            identity.close()
         raise
     log.info(
         "preload complete",
@@ -337,9 +394,67 @@ async def preload_shares(
             "signer": "unsigned" if report.signer is None else report.signer.hex(),
             "deltas": report.deltas,
             "deltas_head": report.deltas_head,
+            "identity_key": None if identity is None else identity.public_key.hex(),
         },
     )
     return store, report
+
+
+async def _unseal_identity(
+    channel: MessageStream,
+    nsm: AsyncNsm,
+    message: IdentityMessage,
+    identity_keys: Sequence[bytes] | None,
+) -> IdentityKey:
+    """Unseal the parent's sealed identity file through a second attested KMS answer and
+    check it against the pin (module docstring)."""
+    sealed = SealedIdentity.from_json(message.sealed)
+    if identity_keys is not None and not identity_keys:
+        raise IdentityKeyError(
+            "the parent sent a delta identity key, but enclave.toml pins none "
+            "([bundles] delta_identity_key)",
+            reason="identity_key_unpinned",
+        )
+    pinned = None if identity_keys is None else identity_keys[0]
+
+    async def kms(document: bytes, header: dict[str, Any]) -> bytes:
+        del header  # the parent holds the file: it reads the header there
+        await channel.send(AttestationMessage(document=document))
+        answer = await channel.receive_expected(RecipientCiphertextMessage)
+        return answer.ciphertext
+
+    return await unseal(nsm, kms, sealed, pinned=pinned)
+
+
+async def _genesis(channel: MessageStream, nsm: AsyncNsm) -> NoReturn:
+    """A genesis boot (module docstring): create the identity key, hand the parent its sealed
+    file, wait until it is stored, and end the boot (``EnclaveExit``, code 0)."""
+
+    async def kms(document: bytes, context: Mapping[str, str]) -> tuple[str, bytes, bytes]:
+        public_key = bytes.fromhex(context["public_key"])
+        await channel.send(GenesisAttestationMessage(document=document, public_key=public_key))
+        answer = await channel.receive_expected(GenesisDataKeyMessage)
+        return answer.key_id, answer.ciphertext_blob, answer.ciphertext
+
+    key, sealed = await genesis(nsm, kms)
+    with key:
+        await channel.send(IdentitySealedMessage(sealed=sealed.to_json()))
+        stored = await channel.receive_expected(IdentityStoredMessage)
+        if stored.public_key != key.public_key.hex():
+            raise PreloadError(
+                f"the parent stored identity key {stored.public_key}, not {key.public_key.hex()}",
+                reason="protocol",
+            )
+    log.info(
+        "genesis complete: the sealed delta identity key is stored; pin it in enclave.toml "
+        "([bundles] delta_identity_key) and boot again",
+        extra={"public_key": sealed.public_key.hex()},
+    )
+    raise EnclaveExit(
+        f"genesis complete: delta identity key {sealed.public_key.hex()}",
+        code=ExitCode.OK,
+        reason="genesis",
+    )
 
 
 async def _load_boot_deltas(
@@ -396,6 +511,8 @@ async def _load_boot_deltas(
 
 def _as_preload_error(exc: BaseException) -> PreloadError | None:
     """Map what preload can raise onto one error with a stable reason (None: not ours)."""
+    if isinstance(exc, EnclaveExit):
+        return None  # a genesis boot's end: not a failure
     if isinstance(exc, PreloadError):
         return exc
     if isinstance(exc, ShareFileError):
