@@ -35,6 +35,21 @@ the list). The exact frames, which the doc leaves partly open::
 - The list is read once, just before ``bundle_end``; a delta stored later reaches the enclave
   on the deltas channel. If the store cannot be listed or a listed delta cannot be read, the
   preload fails (a boot without the deltas would hide accounts the gateway was told exist).
+
+The delta identity key (``[identity] sealed_file``, docs/runbook.md §7): every boot, right
+after the bundle's ``recipient_ciphertext`` and before the bundle, the parent sends the sealed
+identity file (``identity``, public data); the enclave answers with a second ``attestation``
+and the parent with KMS ``Decrypt`` with ``Recipient`` for the file's data key (the same
+``RecipientKms``, given :meth:`~trio_sign.enclave._identity.SealedIdentity.kms_header`). An
+enclave that refuses the key answers ``preload_result {ok: false, reason}`` instead
+(``identity_key_mismatch``, ``identity_sealed_bad``, ...): :class:`PreloadRefused`. A KMS
+refusal raises here, as for the bundle.
+
+Genesis (:func:`serve_genesis`, ``trio-sign parent --genesis``): instead of the bundle, the
+parent answers the enclave's first attestation with ``identity_genesis``, relays the
+enclave's ``genesis_attestation`` to KMS ``GenerateDataKey`` with ``Recipient`` and the
+encryption context naming the new public key, returns ``genesis_data_key``, stores the
+``identity_sealed`` file it gets back durably and says ``identity_stored``.
 """
 
 from __future__ import annotations
@@ -42,22 +57,38 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
 from .._errors import TrioSignError
+from ..enclave._identity import (
+    IdentityKeyError,
+    RecipientDataKey,
+    SealedIdentity,
+    identity_context,
+)
 from ..nitro import (
     AttestationMessage,
     BundleChunkMessage,
     BundleEndMessage,
+    ChannelMessage,
     EventsConfigMessage,
     HelloMessage,
     MessageStream,
     PreloadResultMessage,
     RecipientCiphertextMessage,
 )
-from ..nitro._channel import MAX_DELTA_CHUNK_BYTES, MAX_FRAME_BYTES
+from ..nitro._channel import (
+    MAX_DELTA_CHUNK_BYTES,
+    MAX_FRAME_BYTES,
+    GenesisAttestationMessage,
+    GenesisDataKeyMessage,
+    IdentityGenesisMessage,
+    IdentityMessage,
+    IdentitySealedMessage,
+    IdentityStoredMessage,
+)
 from ..shares import read_sealed_header
 from ._deltas import Deltas, DeltaStoreError, delta_frames
 
@@ -90,6 +121,7 @@ async def serve_preload(
     events: EventsConfigMessage | None = None,
     chunk_bytes: int = CHUNK_BYTES,
     deltas: Deltas | None = None,
+    identity: bytes | None = None,
 ) -> PreloadResultMessage:
     """Run the parent side of the boot exchange for one enclave boot.
 
@@ -102,6 +134,10 @@ async def serve_preload(
     ``deltas``, if given, is the delta store: its deltas follow the base (module docstring);
     ``deltas.boot_streamed`` says how many were sent.
 
+    ``identity``, if given, is the sealed identity file's bytes (``[identity] sealed_file``):
+    sent after the bundle's envelope, and its data key released to a second attestation
+    (module docstring).
+
     Error handling:
         :class:`PreloadRefused` if the enclave reports failure; ``ChannelProtocolError`` and
         transport errors if it breaks the exchange; whatever ``kms`` raises (for example an
@@ -113,11 +149,15 @@ async def serve_preload(
         raise TrioSignError(f"boot channel opened with hello for {hello.channel!r}")
     with bundle.open("rb") as f:
         header, sha256 = await trio.to_thread.run_sync(read_sealed_header, f)
+    sealed = None if identity is None else SealedIdentity.from_json(identity)
     attestation = await channel.receive_expected(AttestationMessage)
     envelope = await kms(attestation.document, header)
     if events is not None:
         await channel.send(events)
     await channel.send(RecipientCiphertextMessage(ciphertext=envelope))
+    if sealed is not None:
+        assert identity is not None
+        await _serve_identity(channel, kms, sealed, identity)
     total = 0
     if deltas is not None:
         deltas.boot_streamed = 0
@@ -144,6 +184,85 @@ async def serve_preload(
             f"enclave loaded a bundle with fingerprint {result.sha256}, but {sha256} was sent"
         )
     return result
+
+
+async def _serve_identity(
+    channel: MessageStream, kms: RecipientKms, sealed: SealedIdentity, data: bytes
+) -> None:
+    """Send the sealed identity file and answer the enclave's second attestation with KMS's
+    envelope for the file's data key (module docstring)."""
+    await channel.send(IdentityMessage(sealed=data))
+    answer = await channel.receive()
+    if isinstance(answer, PreloadResultMessage) and not answer.ok:
+        raise PreloadRefused(
+            f"enclave refused the delta identity key: {answer.reason}",
+            reason=answer.reason or "unknown",
+        )
+    if not isinstance(answer, AttestationMessage):
+        raise TrioSignError(
+            f"expected the enclave's attestation for its identity key, got {answer.TYPE!r}"
+        )
+    envelope = await kms(answer.document, sealed.kms_header())
+    await channel.send(RecipientCiphertextMessage(ciphertext=envelope))
+    log.info("delta identity key sent", extra={"public_key": sealed.public_key.hex()})
+
+
+#: Store the sealed identity file's bytes durably (``[identity] sealed_file``).
+SealedStore = Callable[[bytes], Awaitable[None]]
+
+
+async def serve_genesis(
+    channel: MessageStream, kms: RecipientDataKey, store: SealedStore
+) -> SealedIdentity:
+    """Run the parent side of a genesis boot (module docstring) and return the sealed identity
+    (public data) once ``store`` has written it durably and the enclave was told.
+
+    Error handling:
+        :class:`PreloadRefused` if the enclave reports failure; ``TrioSignError`` if it breaks
+        the exchange or hands back a file for another key (``IdentityKeyError``,
+        ``identity_sealed_bad``, for a malformed one); whatever ``kms`` (for example
+        ``AccessDeniedException``) or ``store`` raise. Nothing is stored unless the whole
+        exchange succeeded.
+    """
+    hello = await channel.receive_expected(HelloMessage)
+    if hello.channel != "preload":
+        raise TrioSignError(f"boot channel opened with hello for {hello.channel!r}")
+    await channel.receive_expected(AttestationMessage)  # the bundle's: no bundle at genesis
+    await channel.send(IdentityGenesisMessage())
+    request = await _expect(channel, GenesisAttestationMessage)
+    key_id, blob, envelope = await kms(request.document, identity_context(request.public_key))
+    await channel.send(
+        GenesisDataKeyMessage(key_id=key_id, ciphertext_blob=blob, ciphertext=envelope)
+    )
+    sealed_message = await _expect(channel, IdentitySealedMessage)
+    sealed = SealedIdentity.from_json(sealed_message.sealed)
+    if sealed.public_key != request.public_key or sealed.encrypted_data_key != blob:
+        raise IdentityKeyError(
+            "the enclave's sealed identity file is not for the key KMS sealed",
+            reason="identity_sealed_bad",
+        )
+    await store(sealed.to_json())
+    await channel.send(IdentityStoredMessage(public_key=sealed.public_key.hex()))
+    log.info(
+        "delta identity key created and its sealed file stored",
+        extra={"public_key": sealed.public_key.hex(), "kms_key_id": sealed.kms_key_id},
+    )
+    return sealed
+
+
+_T = TypeVar("_T", bound=ChannelMessage)
+
+
+async def _expect(channel: MessageStream, kind: type[_T]) -> _T:
+    """The next message, which must be a ``kind``; an enclave's failure report is raised."""
+    message = await channel.receive()
+    if isinstance(message, PreloadResultMessage) and not message.ok:
+        raise PreloadRefused(
+            f"enclave genesis failed: {message.reason}", reason=message.reason or "unknown"
+        )
+    if not isinstance(message, kind):
+        raise TrioSignError(f"expected {kind.TYPE!r} from the enclave, got {message.TYPE!r}")
+    return message
 
 
 async def _send_deltas(
