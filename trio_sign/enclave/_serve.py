@@ -11,8 +11,10 @@ reads top to bottom::
         ├── run_child_reaper            (only as PID 1)
         ├── open the NSM; seed entropy   (device only)
         ├── run_memory_monitor          (alarm at 70%, refuse new sessions at 90%)
-        ├── preload (bounded by preload_timeout_s): attestation -> KMS envelope -> sealed bundle
-    │                                   -> the stored deltas, each verified and applied
+        ├── preload (bounded by preload_timeout_s): attestation -> KMS envelope -> the delta
+    │                                   identity key (a second attested KMS answer, checked
+    │                                   against the pin) -> sealed bundle -> the stored
+    │                                   deltas, each verified and applied
         ├── extend PCR 16 with the bundle's SHA-256 and lock it; the audit record
         ├── SessionPool.run_reaper      (expires sessions, zeroes nonces)
         ├── TlsListener.run             (bounded TLS 1.3 handshakes, client CA from enclave.toml)
@@ -92,7 +94,7 @@ from ._config import EnclaveConfig
 from ._deltas import DeltaStatus, DeltaWriter, EnclaveDeltas
 from ._dkg import DkgRegistry, PoolSlots, deltas_finder
 from ._exit import EnclaveExit, ExitCode
-from ._identity import IdentityKey
+from ._identity import DeltaKeyWrap, IdentityKey
 from ._lifecycle import EnclaveEvent
 from ._link import ParentLink
 from ._memory import (
@@ -647,25 +649,30 @@ async def serve_enclave(
     Args:
         config: the settings.
         nsm: an already-open NSM (tests); otherwise ``config.nsm`` is opened.
-        identity_key: the unsealed delta identity key (``[bundles] delta_identity_key``):
-            with it the boot's deltas are opened and verified, the deltas channel runs
-            (pushes load without a restart) and ``handle.delta_writer`` stores new deltas.
-            Without it announced deltas are refused and nothing is stored. Closed (zeroed) on
-            the way out.
+        identity_key: an already unsealed delta identity key (tests). Normally the parent
+            sends the sealed file on the boot channel and the preload unseals it
+            (:mod:`trio_sign.enclave._preload`), which replaces this one. With a key the
+            boot's deltas are opened and verified, the deltas channel runs (pushes load
+            without a restart), ``handle.delta_writer`` stores new deltas and, with ``[dkg]``,
+            the DKG registry runs. Without one announced deltas are refused and nothing is
+            stored. Every key is closed (zeroed) on the way out.
     """
     started = time.monotonic()
     link = ParentLink.from_config(config)
+    keys: list[IdentityKey | DeltaKeyWrap] = []  # closed (zeroed) on the way out, in order
     wrap = None if identity_key is None else identity_key.delta_key_wrap()
+    if identity_key is not None and wrap is not None:
+        keys += [wrap, identity_key]
     try:
         async with _linked(link) as stores, trio.open_nursery() as nursery:
             await _serve_enclave_tree(
-                config, nursery, link, stores, nsm, identity_key, wrap, started, task_status
+                config, nursery, link, stores, nsm, identity_key, wrap, started, task_status, keys
             )
     finally:
-        if wrap is not None:
-            wrap.close()
-        if identity_key is not None:
-            identity_key.close()
+        for key in keys:
+            key.close()
+        if keys:
+            log.info("delta identity key zeroed")
 
 
 async def _serve_enclave_tree(
@@ -678,6 +685,7 @@ async def _serve_enclave_tree(
     wrap: DataKeyProvider | None,
     started: float,
     task_status: trio.TaskStatus[EnclaveHandle],
+    keys: list[IdentityKey | DeltaKeyWrap],
 ) -> None:
     """The body of :func:`serve_enclave` (its services, top to bottom)."""
     if os.getpid() == 1:
@@ -706,6 +714,10 @@ async def _serve_enclave_tree(
     link.advance(EnclaveEvent.PRELOAD)
     store, report = await _preload(config, anv, watermark, wrap)
     stores.append(store)
+    if report.identity_key is not None and report.delta_wrap is not None:
+        # The key the parent's sealed file unsealed (checked against the pin) is this boot's.
+        keys += [report.delta_wrap, report.identity_key]
+        identity_key, wrap = report.identity_key, report.delta_wrap
     check_account_policies(config, store)
     fingerprint = bytes.fromhex(report.sha256)
     pcr = await _lock_shares_pcr(anv, config.shares_pcr, fingerprint)
@@ -832,6 +844,7 @@ async def _preload(
                     delta_provider=delta_provider,
                     delta_keys=delta_signing_keys(config),
                     delta_check=delta_policy_check(config),
+                    identity_keys=delta_signing_keys(config),
                 )
             finally:
                 with trio.CancelScope(shield=True):
