@@ -120,6 +120,13 @@ def add_parser(sub: Any) -> None:
     enclave.add_argument("--status-address", default="vsock://3:5001", metavar="URL")
     enclave.add_argument("--log-address", default="vsock://3:5002", metavar="URL")
     enclave.add_argument(
+        "--deltas-address",
+        default="vsock://3:7003",
+        metavar="URL",
+        help="the parent's deltas channel (its [deltas] deltas_port); used with a delta "
+        "identity key",
+    )
+    enclave.add_argument(
         "--preload-timeout",
         type=float,
         metavar="SECONDS",
@@ -211,6 +218,7 @@ def cmd_enclave(args: argparse.Namespace) -> int:
         preload_address=args.preload_address,
         status_address=args.status_address,
         log_address=args.log_address,
+        deltas_address=args.deltas_address,
         memory_limit_bytes=args.memory_limit,
         dev=args.dev,
         dev_plaintext_shares=args.dev_plaintext_shares,

@@ -209,6 +209,9 @@ def default_launcher(config: ParentConfig) -> Launcher:
         "--preload-timeout",
         str(e.preload_timeout_s),
     ]
+    if config.deltas is not None:
+        # The enclave stores its deltas and takes the pushed ones there (docs/key-lifecycle.md).
+        args += ["--deltas-address", side["deltas"]]
     if e.gateway_url is not None:
         # Where to subscribe comes over the boot channel, as on Nitro (whose EIF passes only
         # --sse-via), so local runs take the production path.
