@@ -26,14 +26,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trio_sign.participant import CallbackPolicy, Decision, SignRequest
+from trio_sign.participant import CallbackPolicy, Decision, DkgRound1, SignRequest
 from trio_sign.participant._config import (
     OpenParticipant,
     key_source,
     open_participant,
     parse_config,
 )
-from trio_sign.participant._messages import DkgRound1
 
 
 @dataclass

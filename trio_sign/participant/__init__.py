@@ -3,13 +3,16 @@
 The same code runs under asyncio and under Trio (anyio). :class:`ParticipantClient` keeps a
 WebSocket to the gateway, authenticates with the participant's Ed25519 key, asks a
 :class:`Policy` about each signing request, and answers with commitments, signature shares
-and approvals from the shares in a :class:`SealedShareStore`. :class:`ParticipantSession` is
+and approvals from the shares in a :class:`SealedShareStore`; with contract version 2 it also
+takes part in DKGs (:class:`DkgRound1` is what a policy's ``decide_dkg`` is asked), sealing
+each new share durably before it answers. :class:`ParticipantSession` is
 the sans-io protocol underneath; the ``_messages`` codec is shared with the gateway's endpoint.
 """
 
 from ._client import ClientSettings as ClientSettings
 from ._client import ParticipantClient as ParticipantClient
 from ._client import ParticipantConnectionError as ParticipantConnectionError
+from ._messages import DkgRound1 as DkgRound1
 from ._messages import MessageError as MessageError
 from ._messages import SignRequest as SignRequest
 from ._messages import encode_message as encode_message
@@ -29,6 +32,7 @@ __all__ = [
     "CallbackPolicy",
     "ClientSettings",
     "Decision",
+    "DkgRound1",
     "KmsKey",
     "MessageError",
     "ParticipantClient",
