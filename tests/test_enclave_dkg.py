@@ -1324,6 +1324,24 @@ async def test_full_dkg_through_the_real_delta_writer_and_the_parents_file_store
                 run.answer.deltas_head,
             )
             assert got.group_public_key == run.answer.group_public_key
+            # a reboot: a new registry over the loaded chain alone (deltas_finder reads the
+            # account the chain recorded for the DKG) answers the same, not UNAVAILABLE
+            rebooted = DkgRegistry(
+                settings=measured.dkg,
+                identity=identity,
+                writer=writer,
+                authorizer=authorizer,
+                lookup=store.get,
+                slots=PoolSlots(pool),
+                find_created=deltas_finder(deltas),
+            )
+            again = await rebooted.round3(retry)
+            assert (again.account_id, again.delta_sequence, again.deltas_head) == (
+                c.account_id,
+                1,
+                run.answer.deltas_head,
+            )
+            assert again.verifying_share == run.answer.verifying_share
             nursery.cancel_scope.cancel()
     finally:
         wrap.close()

@@ -436,18 +436,24 @@ FindCreated = Callable[[str], CreatedAccount | None]
 class _FindsDkg(Protocol):
     def find_dkg(self, dkg_id: str) -> tuple[int, str] | None: ...
 
+    def dkg_accounts(self, dkg_id: str) -> tuple[str, ...]: ...
+
 
 def deltas_finder(deltas: _FindsDkg) -> FindCreated:
     """:data:`FindCreated` over the node's :class:`~trio_sign.enclave._deltas.EnclaveDeltas`
-    (``find_dkg``: the sequence and fingerprint of the delta a DKG made). Its chain does not
-    record the delta's account yet, so ``account_id`` is None (see :class:`CreatedAccount`)."""
+    (``find_dkg``: the sequence and fingerprint of the delta a DKG made; ``dkg_accounts``: the
+    accounts the chain records for it). A create delta holds one account, so a retried round 3
+    after a reboot answers with it; ``account_id`` is None only if the chain names none or
+    several (see :class:`CreatedAccount`)."""
 
     def find(dkg_id: str) -> CreatedAccount | None:
         found = deltas.find_dkg(dkg_id)
         if found is None:
             return None
         sequence, fingerprint = found
-        return CreatedAccount(None, sequence, fingerprint)
+        accounts = deltas.dkg_accounts(dkg_id)
+        account_id = accounts[0] if len(accounts) == 1 else None
+        return CreatedAccount(account_id, sequence, fingerprint)
 
     return find
 
