@@ -65,6 +65,14 @@ Rules the parent keeps and expects (the doc leaves them open):
 - A refused delta raises the ``delta_refused`` alert and is not pushed again before a back-off
   (``refused_backoff_initial_s``, doubling up to ``refused_backoff_max_s``) has passed.
 - A newer deltas connection replaces an older one (an enclave that reconnects).
+
+Compaction (docs/compaction.md) uses the same connection: ``compaction_key_request`` is
+relayed to KMS ``GenerateDataKey`` with ``Recipient`` (``compaction_kms``; the answer is
+``compaction_key`` or ``compaction_key_failed``), and ``base_store {sha256, total_bytes}``
+with its ``delta_chunk`` frames and ``delta_end`` is checked (a sealed base with
+``compacts`` whose fingerprint is ``sha256``, at most ``max_base_bytes``) and written
+put-if-absent as ``base-<sha256>.enc`` beside the deltas (``base_stored {sha256, object}``
+once durable, else ``base_store_failed``). Bases are never listed, served or pushed as deltas.
 """
 
 from __future__ import annotations
@@ -80,10 +88,10 @@ import re
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, runtime_checkable
 
 import trio
 
@@ -94,6 +102,12 @@ from ..nitro._channel import (
     MAX_DELTA_CHUNK_BYTES,
     MAX_DELTA_SEQUENCE,
     MAX_REASON_CHARS,
+    BaseStoredMessage,
+    BaseStoreFailedMessage,
+    BaseStoreMessage,
+    CompactionKeyFailedMessage,
+    CompactionKeyMessage,
+    CompactionKeyRequestMessage,
     DeltaChunkMessage,
     DeltaConflictMessage,
     DeltaEndMessage,
@@ -121,11 +135,36 @@ DEFAULT_REFUSED_BACKOFF_MAX_S: Final = 600.0
 STALE_TEMPORARY_S: Final = 3600.0
 
 _NAME = re.compile(r"delta-(\d{8})\.enc")
-_TEMPORARY = re.compile(r"\.delta-\d{8}\.enc\.([0-9a-f]{12})\.[0-9a-f]{16}\.tmp")
+_TEMPORARY = re.compile(
+    r"\.(?:delta-\d{8}|base-[0-9a-f]{64})\.enc\.([0-9a-f]{12})\.[0-9a-f]{16}\.tmp"
+)
+#: ``[deltas] max_base_bytes`` by default: the largest compacted base stored (held in memory
+#: while it arrives).
+DEFAULT_MAX_BASE_BYTES: Final = 1 << 30
 #: ``link(2)`` errors of file systems without hard links.
 _NO_HARD_LINKS: Final = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV})
 
 AlertFn = Callable[[str, str], None]
+#: A compaction's KMS call: ``(attestation_document, kms_key_id, encryption_context) ->
+#: (key_arn, ciphertext_blob, ciphertext_for_recipient)`` (``GenerateDataKey`` with
+#: ``Recipient``; :func:`kms_compaction_relay`).
+CompactionKms = Callable[[bytes, str, Mapping[str, str]], Awaitable[tuple[str, bytes, bytes]]]
+#: The encryption context of a compacted base's data key (the enclave writes it in the header).
+COMPACTION_CONTEXT: Final = {"format": "trio-sign/sealed-key-shares"}
+
+
+def kms_compaction_relay(kms_client: Any) -> CompactionKms:
+    """The parent's relay over boto3: :class:`~trio_sign.kms.KmsRecipientDataKey` for the key
+    the enclave names (the enclave checks it against its pinned list; KMS refuses an
+    attestation the key policy does not admit). The parent never holds the data key."""
+    from ..kms import KmsRecipientDataKey
+
+    async def relay(
+        document: bytes, kms_key_id: str, context: Mapping[str, str]
+    ) -> tuple[str, bytes, bytes]:
+        return await KmsRecipientDataKey(kms_client, kms_key_id)(document, context)
+
+    return relay
 
 
 def object_name(sequence: int) -> str:
@@ -210,6 +249,22 @@ class DeltaStore(Protocol):
     def list(self) -> DeltaListing: ...
 
     def get(self, sequence: int) -> bytes: ...
+
+
+def base_object_name(sha256: str) -> str:
+    """``base-<sha256>.enc``: a compacted base in the delta location (docs/compaction.md)."""
+    if re.fullmatch(r"[0-9a-f]{64}", sha256) is None:
+        raise ValueError("a base's name carries its 64 lowercase hex fingerprint")
+    return f"base-{sha256}.enc"
+
+
+@runtime_checkable
+class BaseStore(Protocol):
+    """A store that also keeps compacted bases (both built-in stores do)."""
+
+    def put_base(self, sha256: str, data: bytes) -> tuple[PutOutcome, str]:
+        """Put-if-absent ``base-<sha256>.enc``; the outcome and the object's URL."""
+        ...
 
 
 def _too_large(what: str, size: int, limit: int) -> DeltaStoreError:
@@ -327,6 +382,36 @@ class FileDeltaStore:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
 
+    def put_base(self, sha256: str, data: bytes) -> tuple[PutOutcome, str]:
+        """Put-if-absent a compacted base (as :meth:`put`: temporary name, ``fsync``,
+        ``link(2)``, directory ``fsync``): never visible half written."""
+        name = base_object_name(sha256)
+        final = self.directory / name
+        url = f"{self.location.rstrip('/')}/{name}"
+        tmp = self.directory / f".{name}.{self._tag}.{secrets.token_hex(8)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, final)
+            except FileExistsError:
+                if final.read_bytes() != data:
+                    return PutOutcome.CONFLICT, url
+                fsync_directory(self.directory)
+                return PutOutcome.ALREADY_STORED, url
+            fsync_directory(self.directory)
+            return PutOutcome.STORED, url
+        except OSError as exc:
+            raise DeltaStoreError(
+                f"cannot store {name} in {self.location}: {exc.strerror or exc}"
+            ) from exc
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
     def list(self) -> DeltaListing:
         try:
             names = os.listdir(self.directory)
@@ -436,6 +521,33 @@ class S3DeltaStore:
             return PutOutcome.ALREADY_STORED
         return PutOutcome.STORED
 
+    def put_base(self, sha256: str, data: bytes) -> tuple[PutOutcome, str]:
+        """``PutObject`` of ``base-<sha256>.enc`` with ``If-None-Match: *``."""
+        key = self.prefix + base_object_name(sha256)
+        url = f"s3://{self.bucket}/{key}"
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*")
+        except Exception as exc:  # botocore's ClientError and transport errors
+            code, status = _s3_error(exc)
+            if code != "PreconditionFailed" and status != 412:
+                raise DeltaStoreError(
+                    f"cannot store {key} in s3://{self.bucket}: {_s3_reason(exc)}"
+                ) from exc
+            body: Any = None
+            try:
+                body = self._client.get_object(Bucket=self.bucket, Key=key)["Body"]
+                same = body.read(len(data) + 1) == data
+            except Exception as read_exc:
+                raise DeltaStoreError(
+                    f"cannot read {key} in s3://{self.bucket}: {_s3_reason(read_exc)}"
+                ) from read_exc
+            finally:
+                if body is not None:
+                    with contextlib.suppress(Exception):
+                        body.close()
+            return (PutOutcome.ALREADY_STORED if same else PutOutcome.CONFLICT), url
+        return PutOutcome.STORED, url
+
     def list(self) -> DeltaListing:
         found: list[int] = []
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.prefix + "delta-"}
@@ -536,6 +648,25 @@ def delta_fingerprint(data: bytes, sequence: int) -> str:
     return end.sha256_hex
 
 
+def base_fingerprint(data: bytes, sha256: str) -> str:
+    """Check, without a key, that ``data`` is a compacted base (framing, a header of kind
+    ``base`` with ``compacts``) whose fingerprint is ``sha256``.
+
+    Error handling: :class:`NotADelta` says what is wrong.
+    """
+    from ..shares import inspect_sealed
+
+    try:
+        header, end = inspect_sealed(io.BytesIO(data))
+    except (ShareFileError, ValueError) as exc:
+        raise NotADelta(f"not a sealed bundle ({exc})") from None
+    if header.get("kind", "base") != "base" or "compacts" not in header:
+        raise NotADelta("not a compacted base (kind base with compacts)")
+    if end.sha256_hex != sha256:
+        raise NotADelta(f"its fingerprint is {end.sha256_hex}, not {sha256}")
+    return end.sha256_hex
+
+
 def delta_frames(
     sequence: int, data: bytes, chunk_bytes: int = MAX_DELTA_CHUNK_BYTES
 ) -> Iterator[ChannelMessage]:
@@ -614,6 +745,10 @@ class Deltas:
         offload: runs a blocking call (default: a Trio worker thread, abandoned on
             cancellation for reads, waited for on puts; tests pass an inline one so that virtual
             time does not run while "disk" work happens).
+        compaction_kms: relays a compaction's ``GenerateDataKey`` with ``Recipient``
+            (:func:`kms_compaction_relay`); None: compactions are refused
+            (``compaction_key_failed``).
+        max_base_bytes: the largest compacted base stored (``[deltas] max_base_bytes``).
     """
 
     def __init__(
@@ -627,8 +762,12 @@ class Deltas:
         refused_backoff_initial_s: float = DEFAULT_REFUSED_BACKOFF_INITIAL_S,
         refused_backoff_max_s: float = DEFAULT_REFUSED_BACKOFF_MAX_S,
         offload: Callable[..., Awaitable[Any]] = _to_thread,
+        compaction_kms: CompactionKms | None = None,
+        max_base_bytes: int = DEFAULT_MAX_BASE_BYTES,
     ) -> None:
         self.store = store
+        self.compaction_kms = compaction_kms
+        self.max_base_bytes = max_base_bytes
         self.stats = stats if stats is not None else DeltaStats()
         self.on_alert = on_alert
         self.poll_interval_s = poll_interval_s
@@ -737,6 +876,51 @@ class Deltas:
             },
         )
         return DeltaStoredMessage(sequence=sequence, sha256=fingerprint)
+
+    async def store_base(self, sha256: str, data: bytes) -> ChannelMessage:
+        """Check and put one compacted base; the reply for the enclave (never raises for the
+        store's failures: they are the reply, and an alert)."""
+        store = self.store
+        if not isinstance(store, BaseStore):
+            return BaseStoreFailedMessage(sha256=sha256, reason="this store keeps no bases")
+        try:
+            await self._offload(base_fingerprint, data, sha256)
+        except NotADelta as exc:
+            log.warning("refused to store a base", extra={"sha256": sha256, "error": str(exc)})
+            return BaseStoreFailedMessage(
+                sha256=sha256, reason=f"not_a_base: {exc}"[:MAX_REASON_CHARS]
+            )
+        try:
+            outcome, url = await self._offload(store.put_base, sha256, data)
+        except DeltaStoreError as exc:
+            self._store_failed(str(exc))
+            return BaseStoreFailedMessage(sha256=sha256, reason=str(exc)[:MAX_REASON_CHARS])
+        self._store_ok()
+        if outcome is PutOutcome.CONFLICT:  # another object under its own fingerprint
+            return BaseStoreFailedMessage(
+                sha256=sha256, reason=f"{url} holds other bytes (a damaged object?)"
+            )
+        log.info(
+            "compacted base stored",
+            extra={"sha256": sha256, "bytes": len(data), "object": url, "outcome": outcome.value},
+        )
+        return BaseStoredMessage(sha256=sha256, object=url)
+
+    async def compaction_key(self, request: CompactionKeyRequestMessage) -> ChannelMessage:
+        """Relay one ``GenerateDataKey`` with ``Recipient``; the reply for the enclave."""
+        if self.compaction_kms is None:
+            return CompactionKeyFailedMessage(
+                reason="this parent has no KMS client for compaction ([bundle] kms)"
+            )
+        try:
+            arn, blob, envelope = await self.compaction_kms(
+                request.document, request.kms_key_id, COMPACTION_CONTEXT
+            )
+        except TrioSignError as exc:
+            log.warning("compaction data key refused", extra={"error": str(exc)})
+            return CompactionKeyFailedMessage(reason=str(exc)[:MAX_REASON_CHARS] or "refused")
+        log.info("compaction data key relayed", extra={"kms_key_id": arn})
+        return CompactionKeyMessage(key_id=arn, ciphertext_blob=blob, ciphertext=envelope)
 
     def _store_failed(self, message: str) -> None:
         self.stats.store_failures_total += 1
@@ -848,6 +1032,10 @@ class _Connection:
                 )
                 if message.sequence == self._pushing:
                     self._answered.set()
+            elif isinstance(message, BaseStoreMessage):
+                await self._store_base(message)
+            elif isinstance(message, CompactionKeyRequestMessage):
+                await self.send([await self.deltas.compaction_key(message)])
             elif isinstance(message, DeltaRefusedMessage):
                 if message.sequence == self._pushing:
                     self.deltas.refused(message.sequence, message.reason)
@@ -899,6 +1087,37 @@ class _Connection:
             self._held = max(self._held, sequence)
         await self.send([reply])
         self.wake()  # a conflict's winner goes out now; a new head shows in the stats now
+
+    async def _store_base(self, request: BaseStoreMessage) -> None:
+        sha256, total = request.sha256, request.total_bytes
+        limit = self.deltas.max_base_bytes
+        if total > limit:
+            raise ChannelProtocolError(
+                f"base_store of {total} bytes exceeds max_base_bytes ({limit}; [deltas] "
+                "max_base_bytes)",
+                reason="oversized",
+            )
+        data = bytearray()
+        while True:
+            message = await self.messages.receive()
+            if isinstance(message, DeltaChunkMessage):
+                data += message.data
+                if len(data) > total:
+                    raise ChannelProtocolError(
+                        f"base_store: chunks exceed total_bytes ({total})", reason="bad_length"
+                    )
+            elif isinstance(message, DeltaEndMessage):
+                break
+            else:
+                raise ChannelProtocolError(
+                    f"unexpected {message.TYPE!r} inside base_store", reason="unexpected_message"
+                )
+        if len(data) != total:
+            raise ChannelProtocolError(
+                f"base_store: {len(data)} bytes received, total_bytes said {total}",
+                reason="bad_length",
+            )
+        await self.send([await self.deltas.store_base(sha256, bytes(data))])
 
     # -- to the enclave ------------------------------------------------------------------------
 
@@ -991,7 +1210,13 @@ async def serve_deltas(
 
 
 __all__ = [
+    "DEFAULT_MAX_BASE_BYTES",
     "DEFAULT_MAX_DELTA_BYTES",
+    "BaseStore",
+    "CompactionKms",
+    "base_fingerprint",
+    "base_object_name",
+    "kms_compaction_relay",
     "DEFAULT_POLL_INTERVAL_S",
     "DeltaListing",
     "DeltaStats",
