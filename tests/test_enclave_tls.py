@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import itertools
+import math
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -430,3 +432,55 @@ async def test_handshake_slots_go_to_the_newest_waiting_connection(
     assert not slots.handshaking
     assert not slots.queue
     assert not slots.pending
+
+
+async def test_handshake_starts_are_rate_limited_after_a_burst(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A flood of clients with valid certificates (each full handshake costs ~2.3 ms of server
+    CPU) gets at most ``max_handshake_rate`` handshakes per second after a burst of
+    ``max_handshakes``, so the connections already serving keep most of the event loop; the
+    newest waiting connection still goes first."""
+    from trio_sign.transport._tls_listener import TlsStats, _Conn, _Slots
+
+    settings = TlsSettings(max_handshakes=4, max_handshake_rate=10.0, handshake_timeout_s=60)
+    stats = TlsStats()
+    limited: list[str] = []
+    slots = _Slots(settings, stats, limited.append)
+    started: list[tuple[int, float]] = []
+
+    async def one(i: int) -> None:
+        conn = _Conn()
+        slots.start_pending(conn)
+        try:
+            with conn.scope:
+                await slots.start_handshake(conn)
+                started.append((i, trio.current_time()))
+                await trio.sleep(0.001)  # a fast handshake: the rate, not the slots, binds
+        finally:
+            slots.end_pending(conn)
+            slots.end_handshake(conn)
+
+    t0 = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for i in range(24):
+            nursery.start_soon(one, i)
+            await trio.sleep(0.001)  # arrivals 1 ms apart, so "newest" is well defined
+    times = [t - t0 for _, t in started]
+    assert len(times) == 24
+    # the burst of 4 starts on arrival, then one every 0.1 s: 20 more take about 2 s
+    assert times[:4] == pytest.approx([0.0, 0.001, 0.002, 0.003], abs=1e-6)
+    assert times[-1] == pytest.approx(2.003, abs=0.01)
+    for earlier, later in itertools.pairwise(times[4:]):
+        assert later - earlier == pytest.approx(0.1, abs=1e-6)
+    # newest first among those that waited
+    waited = [i for i, _ in started[4:]]
+    assert waited == sorted(waited, reverse=True)
+    assert stats.rate_limited == 20
+    assert set(limited) == {"rate"}
+
+
+def test_rate_limit_setting_is_checked() -> None:
+    with pytest.raises(ValueError, match="max_handshake_rate"):
+        TlsSettings(max_handshake_rate=0)
+    assert TlsSettings(max_handshake_rate=math.inf).max_handshake_rate == math.inf

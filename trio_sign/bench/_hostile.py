@@ -169,6 +169,10 @@ class _Target:
     def pids(self) -> list[int]:
         return [] if self._proc is None else [self._proc.pid]
 
+    def process_names(self) -> list[str]:
+        """Names of :meth:`pids`, in order."""
+        return ["server"]
+
     def alive(self) -> bool:
         return bool(self.pids()) and all(map(_alive, self.pids()))
 
@@ -279,6 +283,9 @@ class _StackTarget(_Target):
     def pids(self) -> list[int]:
         pids = super().pids()
         return pids + ([self._enclave] if pids and self._enclave else [])
+
+    def process_names(self) -> list[str]:
+        return ["dev up (parent, local KMS, event server)", "enclave"]
 
     def stop(self) -> None:
         super().stop()  # the parent stops the enclave on SIGTERM ...
@@ -598,7 +605,7 @@ class _Session:
         assert self.legit is not None
         pids = self.target.pids()
         rss0 = sum(map(rss_mib, pids))
-        cpu0 = sum(map(cpu_seconds, pids))
+        each0 = [cpu_seconds(pid) for pid in pids]
         sampler = _Sampler(pids)
         fn = attack.run(self.target, self._opts)
         t0 = time.time()
@@ -613,7 +620,13 @@ class _Session:
         result.recovery_s = None if died else self.legit.probe()
         t2 = time.time()
         result.rss_mib = sampler.stop() - rss0
-        result.cpu_s = sum(map(cpu_seconds, pids)) - cpu0 - self.baseline_cpu_per_s * (t2 - t0)
+        each = [cpu_seconds(pid) - c0 for pid, c0 in zip(pids, each0, strict=True)]
+        result.cpu_s = sum(each) - self.baseline_cpu_per_s * (t2 - t0)
+        if len(pids) > 1:
+            # Which server process spent it (legit load included): where to profile next.
+            names = self.target.process_names()
+            split = ", ".join(f"{n} {c:.2f}" for n, c in zip(names, each, strict=False))
+            result.notes.append(f"server CPU s by process incl. legit load: {split}")
         window_end = max(t1, t0 + MIN_WINDOW_S)
         # Sessions scheduled before the window's end end by then + 2 call timeouts.
         settle = window_end + 2 * CALL_TIMEOUT_S + 0.5 - time.time()

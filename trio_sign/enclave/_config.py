@@ -116,7 +116,8 @@ def enclave_config(
 
     ``limits`` keys are the ``[limits]`` names (:data:`~trio_sign.enclave._measured.LIMITS`);
     ``max_connections`` and ``idle_timeout_s`` land in ``grpc_limits``,
-    ``tls_handshake_timeout_s`` and ``max_tls_handshakes`` in ``tls_settings``.
+    ``tls_handshake_timeout_s``, ``max_tls_handshakes`` and ``max_tls_handshake_rate`` in
+    ``tls_settings``.
 
     Raises:
         ValueError: an unknown limit name.
@@ -139,6 +140,8 @@ def enclave_config(
             tls = dataclasses.replace(tls, handshake_timeout_s=float(value))
         elif name == "max_tls_handshakes":
             tls = dataclasses.replace(tls, max_handshakes=int(value))
+        elif name == "max_tls_handshake_rate":
+            tls = dataclasses.replace(tls, max_handshake_rate=float(value))
         else:
             direct[name] = value
     return EnclaveConfig(measured=measured, grpc_limits=grpc, tls_settings=tls, **direct, **fields)

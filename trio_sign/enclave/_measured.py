@@ -212,6 +212,7 @@ LIMITS: Final[Mapping[str, _Int | _Float | _Choice]] = {
     "idle_timeout_s": _Float(0.0),
     "tls_handshake_timeout_s": _Float(0.0),
     "max_tls_handshakes": _Int(1, 100_000),
+    "max_tls_handshake_rate": _Float(0.0),
     "preload_timeout_s": _Float(0.0),
     "verify_shares": _Choice(("lazy", "full")),
     "memory_alarm_fraction": _Float(0.0, maximum=1.0),
