@@ -327,3 +327,25 @@ class RepairStep2Response(_message.Message):
     SIGMA_FIELD_NUMBER: _ClassVar[int]
     sigma: DkgEncryptedShare
     def __init__(self, sigma: _Optional[_Union[DkgEncryptedShare, _Mapping]] = ...) -> None: ...
+
+class CompactRequest(_message.Message):
+    __slots__ = ("kms_key_id", "approvals", "request_id")
+    KMS_KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    APPROVALS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    kms_key_id: str
+    approvals: _containers.RepeatedCompositeFieldContainer[Approval]
+    request_id: str
+    def __init__(self, kms_key_id: _Optional[str] = ..., approvals: _Optional[_Iterable[_Union[Approval, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class CompactResponse(_message.Message):
+    __slots__ = ("sha256", "accounts", "deltas", "object")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    ACCOUNTS_FIELD_NUMBER: _ClassVar[int]
+    DELTAS_FIELD_NUMBER: _ClassVar[int]
+    OBJECT_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    accounts: int
+    deltas: int
+    object: str
+    def __init__(self, sha256: _Optional[str] = ..., accounts: _Optional[int] = ..., deltas: _Optional[int] = ..., object: _Optional[str] = ...) -> None: ...

@@ -103,6 +103,18 @@ DKG_EXPECTED: dict[str, list[tuple[str, int, int, bool, str | None]]] = {
         ("deltas", 2, _M, True, _P + "DkgEncryptedShare"),
     ],
     "RepairStep2Response": [("sigma", 1, _M, False, _P + "DkgEncryptedShare")],
+    # Compaction (docs/compaction.md).
+    "CompactRequest": [
+        ("kms_key_id", 1, _S, False, None),
+        ("approvals", 2, _M, True, _P + "Approval"),
+        ("request_id", 3, _S, False, None),
+    ],
+    "CompactResponse": [
+        ("sha256", 1, _S, False, None),
+        ("accounts", 2, _U64, False, None),
+        ("deltas", 3, _U32, False, None),
+        ("object", 4, _S, False, None),
+    ],
 }
 
 DKG_RPCS = {
@@ -111,6 +123,7 @@ DKG_RPCS = {
     "DkgRound3": ("DkgRound3Request", "DkgRound3Response"),
     "RepairStep1": ("RepairStep1Request", "RepairStep1Response"),
     "RepairStep2": ("RepairStep2Request", "RepairStep2Response"),
+    "Compact": ("CompactRequest", "CompactResponse"),
 }
 
 
