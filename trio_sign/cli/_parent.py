@@ -4,6 +4,10 @@ Exit codes: 0 stopped by SIGTERM/SIGINT (the first one drains the enclave, a sec
 once), or ``--check`` found nothing wrong; 1 it gave up (the alert code and reason are on
 stderr and in the log); 2 bad usage or configuration, found by ``--check`` or at start (the
 unit does not restart on 2). SIGHUP reopens the log file (for logrotate).
+
+``--genesis`` (docs/runbook.md §7): boot the enclave once to create the delta identity key
+inside it, write its sealed file to ``[identity] sealed_file`` (never over an existing one),
+print the public key to pin in ``enclave.toml`` (``[bundles] delta_identity_key``) and exit 0.
 """
 
 from __future__ import annotations
@@ -31,6 +35,12 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="check parent.toml and the files it names, print what would run, and exit "
         "(0 good, 2 not): run it after every edit, before restarting the unit",
+    )
+    parent.add_argument(
+        "--genesis",
+        action="store_true",
+        help="create the delta identity key in one enclave boot, write [identity] sealed_file "
+        "and print the public key to pin, then exit (docs/runbook.md §7)",
     )
     parent.set_defaults(func=cmd_parent)
 
@@ -75,6 +85,8 @@ def _describe_config(config: Any) -> list[str]:
         + (f"; alert command {f.alert_command[0]}" if f.alert_command else "")
     )
     lines.append(f"health       {config.health_listen}")
+    if config.identity is not None:
+        lines.append(f"identity     {config.identity.sealed_file}")
     return lines
 
 
@@ -91,7 +103,7 @@ def cmd_parent(args: argparse.Namespace) -> int:
     if args.check:
         for line in _describe_config(config):
             print(line)
-        problems, warnings = preflight(config)
+        problems, warnings = preflight(config, genesis=args.genesis)
         for warning in warnings:
             print(f"trio-sign: warning: {args.config}: {warning}", file=sys.stderr)
         for problem in problems:
@@ -102,7 +114,7 @@ def cmd_parent(args: argparse.Namespace) -> int:
     from ..rpc import raise_open_file_limit
 
     raise_open_file_limit()  # the ingress holds two descriptors per forwarded connection
-    supervisor = ParentSupervisor(config)
+    supervisor = ParentSupervisor(config, genesis=args.genesis)
 
     async def run() -> None:
         stop = trio.Event()
@@ -142,4 +154,13 @@ def cmd_parent(args: argparse.Namespace) -> int:
         where = f"{args.config}: " if failure.exit_code == 2 else ""
         print(f"trio-sign: parent gave up ({failure.alert}): {where}{failure}", file=sys.stderr)
         return failure.exit_code
+    if args.genesis:
+        sealed = supervisor.genesis_sealed
+        if sealed is None:
+            print("trio-sign: genesis did not complete (stopped)", file=sys.stderr)
+            return 1
+        assert config.identity is not None
+        print(f"delta identity key {sealed.public_key.hex()}")
+        print(f"sealed file        {config.identity.sealed_file}")
+        print(f'pin it in enclave.toml: [bundles] delta_identity_key = "{sealed.public_key.hex()}"')
     return 0

@@ -60,6 +60,15 @@ Every error names the key and says what is expected. Example (local development)
     poll_interval_s = 1                                  # how often the store is listed
     max_delta_bytes = 16777216                           # largest delta stored or served
     deltas_port = 7003                                   # the enclave's deltas channel (vsock)
+
+    [identity]                                           # optional: the delta identity key
+    sealed_file = "/var/lib/trio-sign/delta-identity.sealed.json"  # sent to the enclave every
+                                                         # boot; written by --genesis
+    kms_key_id = "arn:aws:kms:...:key/..."               # --genesis only: the KMS key that
+                                                         # seals it (GenerateDataKey, Recipient)
+
+``trio-sign parent --genesis`` (docs/runbook.md §7) boots the enclave once to create the key,
+writes ``sealed_file`` (never over an existing one) and exits.
 """
 
 from __future__ import annotations
@@ -180,6 +189,15 @@ class DeltasConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class IdentityConfig:
+    """The delta identity key's sealed file (public data, docs/runbook.md §7) and, for a
+    genesis, the KMS key that seals it."""
+
+    sealed_file: Path
+    kms_key_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ParentConfig:
     bundle: BundleConfig
     kms: KmsConfig
@@ -196,6 +214,7 @@ class ParentConfig:
     cloudwatch_stream: str | None = None
     cloudwatch_region: str | None = None
     deltas: DeltasConfig | None = None
+    identity: IdentityConfig | None = None
 
 
 def _table(data: Mapping[str, Any], name: str, *, required: bool = True) -> dict[str, Any]:
@@ -291,6 +310,7 @@ def parse_parent_config(text: str, *, base: Path = Path(".")) -> ParentConfig:
             "relay",
             "logs",
             "deltas",
+            "identity",
         },
     )
 
@@ -480,6 +500,7 @@ def parse_parent_config(text: str, *, base: Path = Path(".")) -> ParentConfig:
     if group is not None and "cloudwatch_stream" not in logs:
         raise ConfigError("[logs] cloudwatch_stream is required with cloudwatch_group")
     deltas = _deltas_config(_table(data, "deltas", required=False), base)
+    identity = _identity_config(_table(data, "identity", required=False), base)
     return ParentConfig(
         bundle=bundle,
         kms=kms,
@@ -496,7 +517,27 @@ def parse_parent_config(text: str, *, base: Path = Path(".")) -> ParentConfig:
         cloudwatch_stream=_get(logs, "logs", "cloudwatch_stream", str, None),
         cloudwatch_region=_get(logs, "logs", "cloudwatch_region", str, None),
         deltas=deltas,
+        identity=identity,
     )
+
+
+def _identity_config(d: Mapping[str, Any], base: Path) -> IdentityConfig | None:
+    """``[identity]``: absent (or empty), the enclave gets no delta identity key."""
+    if not d:
+        return None
+    _unknown(d, "identity", {"sealed_file", "kms_key_id"})
+    sealed: str = _get(d, "identity", "sealed_file", str)
+    if sealed.startswith("s3://") or "://" in sealed:
+        raise ConfigError(
+            f"[identity] sealed_file {sealed!r}: expected a file path (copy an S3 object "
+            "beside the bundle first)"
+        )
+    if not sealed:
+        raise ConfigError("[identity] sealed_file must name a file")
+    kms_key_id = _get(d, "identity", "kms_key_id", str, None)
+    if kms_key_id is not None and not kms_key_id:
+        raise ConfigError("[identity] kms_key_id must not be empty")
+    return IdentityConfig(sealed_file=base / sealed, kms_key_id=kms_key_id)
 
 
 def _deltas_config(d: Mapping[str, Any], base: Path) -> DeltasConfig | None:
@@ -541,10 +582,11 @@ def _deltas_config(d: Mapping[str, Any], base: Path) -> DeltasConfig | None:
     )
 
 
-def preflight(config: ParentConfig) -> tuple[list[str], list[str]]:
+def preflight(config: ParentConfig, *, genesis: bool = False) -> tuple[list[str], list[str]]:
     """Everything a start would try before it launches an enclave, tried now: (problems,
     warnings), each naming its key. ``trio-sign parent --check`` prints them and a start
-    refuses to run with a problem (exit 2: systemd does not restart on it)."""
+    refuses to run with a problem (exit 2: systemd does not restart on it). ``genesis``:
+    check for ``--genesis`` instead (``[identity]`` with ``kms_key_id``, no sealed file yet)."""
     import ipaddress
 
     from ..transport import parse_address
@@ -570,6 +612,7 @@ def preflight(config: ParentConfig) -> tuple[list[str], list[str]]:
             problems.append(f"[bundle] source {source}: {exc.strerror or exc}")
     _writable_dir(config.bundle.work_dir, "[bundle] work_dir", problems)
     e = config.enclave
+    pinned: bytes | None = None
     if e.backend == "nitro-cli":
         read(e.eif_path, "[enclave] eif_path")
     elif e.nsm_dir is not None:
@@ -578,9 +621,12 @@ def preflight(config: ParentConfig) -> tuple[list[str], list[str]]:
         from ..enclave._measured import MeasuredConfigError, load_measured_config
 
         try:
-            load_measured_config(e.config)
+            measured = load_measured_config(e.config)
         except MeasuredConfigError as exc:
             problems.append(f"[enclave] config {exc}")
+        else:
+            pinned = measured.delta_identity_key
+    _check_identity(config, problems, genesis=genesis, pinned=pinned)
     if config.kms.mode == "dev-key":
         read(config.kms.dev_key, "[kms] dev_key")
     if config.attestation is not None and config.attestation.root is not None:
@@ -617,6 +663,51 @@ def preflight(config: ParentConfig) -> tuple[list[str], list[str]]:
                 "live log tail are then reachable from the network"
             )
     return problems, warnings
+
+
+def _check_identity(
+    config: ParentConfig, problems: list[str], *, genesis: bool, pinned: bytes | None
+) -> None:
+    """``[identity]``: the sealed file is readable, well formed and, when the local enclave's
+    configuration pins a key, that key; for ``--genesis``, there is none yet and KMS can make
+    one."""
+    i = config.identity
+    if genesis:
+        if i is None:
+            problems.append("--genesis needs [identity] sealed_file and kms_key_id")
+            return
+        if i.kms_key_id is None:
+            problems.append("[identity] kms_key_id is required for --genesis (the KMS key)")
+        if config.kms.mode == "dev-key":
+            problems.append("--genesis needs [kms] mode aws or local (GenerateDataKey)")
+        if i.sealed_file.exists():
+            problems.append(
+                f"[identity] sealed_file {i.sealed_file} exists: genesis never replaces a key "
+                "(move it away to replace the key, docs/runbook.md §7)"
+            )
+        _writable_dir(i.sealed_file.parent, "[identity] sealed_file", problems)
+        return
+    if i is None:
+        return
+    from ..enclave._identity import IdentityKeyError, SealedIdentity
+
+    try:
+        sealed = SealedIdentity.from_json(i.sealed_file.read_bytes())
+    except OSError as exc:
+        problems.append(
+            f"[identity] sealed_file {i.sealed_file}: {exc.strerror or exc} "
+            "(run trio-sign parent --genesis once, docs/runbook.md §7)"
+        )
+        return
+    except IdentityKeyError as exc:
+        problems.append(f"[identity] sealed_file {i.sealed_file}: {exc}")
+        return
+    if pinned is not None and sealed.public_key != pinned:
+        problems.append(
+            f"[identity] sealed_file {i.sealed_file} holds key {sealed.public_key.hex()}, but "
+            f"[enclave] config pins {pinned.hex()} ([bundles] delta_identity_key): the "
+            "enclave would refuse it (identity_key_mismatch)"
+        )
 
 
 def _check_deltas(config: ParentConfig, problems: list[str]) -> None:

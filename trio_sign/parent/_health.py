@@ -93,6 +93,8 @@ class ParentState:
         tail: the live tail behind ``/v1/logs/tail`` (404 when None).
         deltas: the delta store's head and the enclave's position, owned by the deltas
             channel (None without ``[deltas]``).
+        identity_public_key: the delta identity key the parent sends the enclave (hex, from
+            ``[identity] sealed_file``; public), shown on ``/readyz``; None without one.
     """
 
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
@@ -112,6 +114,7 @@ class ParentState:
     cloudwatch: CloudWatchStats | None = None
     tail: LogTail | None = None
     deltas: DeltaStats | None = None
+    identity_public_key: str | None = None
     ingress_required: bool = False
     ingress_listening: bool = False
     wall_clock: Callable[[], float] = time.time
@@ -211,6 +214,8 @@ class ParentState:
             report["deltas_stored"] = self.deltas.store_head  # the store's head sequence
             report["deltas_loaded"] = self.deltas.enclave_sequence  # its last delta_loaded
             report["deltas_head"] = self.deltas.enclave_head
+        if self.identity_public_key is not None:  # with [identity] sealed_file only
+            report["identity_public_key"] = self.identity_public_key
         return report
 
 

@@ -45,8 +45,10 @@ import trio
 
 from proto_min import sign_service_pb2 as pb
 
+from .._atomic import atomic_file
 from .._backoff import full_jitter_delay
 from .._errors import TrioSignError
+from ..enclave._identity import RecipientDataKey, SealedIdentity
 from ..nitro import AWS_NITRO_ROOT_PEM, EventsConfigMessage, MessageStream, PreloadResultMessage
 from ..rpc import open_grpc_channel
 from ..shares import DevKeyFile
@@ -81,7 +83,7 @@ from ._logs import (
     LogTail,
     cloudwatch_logs_client,
 )
-from ._preload import RecipientKms, serve_preload
+from ._preload import RecipientKms, serve_genesis, serve_preload
 from ._relay import serve_sse_relay
 
 log = logging.getLogger("trio_sign.parent")
@@ -162,7 +164,8 @@ def kms_preloader(
     config: ParentConfig, kms: RecipientKms, deltas: Deltas | None = None
 ) -> Preloader:
     """The production :class:`Preloader`: :func:`serve_preload` through ``kms``, telling the
-    enclave where to subscribe for events, and streaming the stored deltas after the base."""
+    enclave where to subscribe for events, sending the sealed delta identity key (``[identity]
+    sealed_file``, read again every boot) and streaming the stored deltas after the base."""
     e = config.enclave
     events = (
         None
@@ -171,7 +174,12 @@ def kms_preloader(
     )
 
     async def preload(stream: trio.abc.Stream, bundle: Path) -> PreloadResultMessage:
-        return await serve_preload(MessageStream(stream), bundle, kms, events=events, deltas=deltas)
+        identity = None
+        if config.identity is not None:
+            identity = await trio.Path(config.identity.sealed_file).read_bytes()
+        return await serve_preload(
+            MessageStream(stream), bundle, kms, events=events, deltas=deltas, identity=identity
+        )
 
     return preload
 
@@ -313,6 +321,12 @@ class ParentSupervisor:
         rng: for the restart back-off's jitter.
         deltas: the delta store as the runs use it (default: from ``config [deltas]``, opened
             by :meth:`run`; None without it).
+        genesis: run one genesis boot instead (``trio-sign parent --genesis``,
+            docs/runbook.md §7): the enclave creates the delta identity key, its sealed file
+            is written to ``[identity] sealed_file`` (``genesis_sealed`` then holds it) and
+            :meth:`run` returns once the enclave has exited.
+        genesis_kms: KMS ``GenerateDataKey`` with ``Recipient`` for the genesis (default:
+            ``[kms]`` with ``[identity] kms_key_id``).
     """
 
     def __init__(
@@ -326,8 +340,13 @@ class ParentSupervisor:
         forwarder: LogForwarder | None = None,
         rng: random.Random | None = None,
         deltas: Deltas | None = None,
+        genesis: bool = False,
+        genesis_kms: RecipientDataKey | None = None,
     ) -> None:
         self.config = config
+        self.genesis = genesis
+        self._genesis_kms = genesis_kms
+        self.genesis_sealed: SealedIdentity | None = None
         self.addresses = _Addresses(config)
         self._launcher = launcher
         self._preloader = preloader
@@ -364,11 +383,16 @@ class ParentSupervisor:
         until it gives up (raises :class:`ParentExit`: ``exit_code`` says how the process
         should end, ``alert`` why). Configuration problems raise before anything starts."""
         stop = stop if stop is not None else trio.Event()
-        problems, _warnings = preflight(self.config)
+        problems, _warnings = preflight(self.config, genesis=self.genesis)
         if problems:
             failure = ConfigProblem(problems[0])
             await self._give_up(failure)
             raise failure
+        if self.config.identity is not None and not self.genesis:
+            data = await trio.Path(self.config.identity.sealed_file).read_bytes()
+            public_key = SealedIdentity.from_json(data).public_key.hex()
+            self.state.identity_public_key = public_key  # public: shown on /readyz
+            log.info("delta identity key", extra={"public_key": public_key})
         if self.deltas is None and self.config.deltas is not None:
             try:
                 self.deltas = await self._open_deltas()
@@ -547,6 +571,9 @@ class ParentSupervisor:
         stop: trio.Event,
     ) -> None:
         lifecycle = self.state.lifecycle
+        if self.genesis:
+            await self._genesis_boot(nursery, run, channels)
+            raise _Stopped
         if self.deltas is not None:
             self.deltas.new_run()
         run.bundle = await self._fetch()
@@ -589,6 +616,71 @@ class ParentSupervisor:
         gate_scope.cancel()
         await self._drain(run)
         raise _Stopped
+
+    async def _genesis_boot(
+        self, nursery: trio.Nursery, run: _Run, channels: trio.CancelScope
+    ) -> None:
+        """One genesis boot (``genesis``): launch, serve :func:`serve_genesis`, store the
+        sealed file, then let the enclave exit by itself (bounded)."""
+        lifecycle = self.state.lifecycle
+        await nursery.start(_run_in, channels, self._serve_channels, run.link)
+        listeners = await _listen(self.addresses.listen["preload"], "enclave's preload")
+        try:
+            lifecycle.advance(ParentPhase.LAUNCHING)
+            run.enclave = await self._launch()
+            run.exited = trio.Event()
+            nursery.start_soon(_run_in, run.watch, self._watch_exit, run.enclave, run.exited)
+            lifecycle.advance(ParentPhase.PRELOADING)
+            sealed = await self._serve_genesis(listeners)
+        finally:
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
+        self.genesis_sealed = sealed
+        self.state.identity_public_key = sealed.public_key.hex()
+        with trio.move_on_after(TERMINATE_GRACE_S):
+            await run.exited.wait()
+
+    async def _serve_genesis(self, listeners: list[trio.SocketListener]) -> SealedIdentity:
+        identity = self.config.identity
+        assert identity is not None  # preflight
+        kms = self._genesis_kms
+        if kms is None:
+            from ..kms import KmsRecipientDataKey, make_kms_client
+
+            assert identity.kms_key_id is not None  # preflight
+            k = self.config.kms
+            client = make_kms_client(k.endpoint_url, region=k.region)
+            kms = KmsRecipientDataKey(client, identity.kms_key_id)
+        path = identity.sealed_file
+
+        def write(data: bytes) -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_file(path, mode=0o644) as f:  # public data; never over another key
+                f.write(data)
+
+        async def store(data: bytes) -> None:
+            await trio.to_thread.run_sync(write, data)
+
+        timeout = self.config.enclave.preload_timeout_s + PRELOAD_MARGIN_S
+        with trio.move_on_after(timeout):
+            stream = await listeners[0].accept()
+            try:
+                sealed = await serve_genesis(MessageStream(stream), kms, store)
+            except (TrioSignError, OSError, trio.BrokenResourceError) as exc:
+                if isinstance(exc, ParentExit):
+                    raise
+                raise PreloadFailed(f"genesis: {type(exc).__name__}: {exc}") from exc
+            finally:
+                await trio.aclose_forcefully(stream)
+            log.info(
+                "delta identity key created; pin it in enclave.toml ([bundles] delta_identity_key)",
+                extra={"public_key": sealed.public_key.hex(), "sealed_file": str(path)},
+            )
+            return sealed
+        raise PreloadTimeout(
+            f"the genesis did not finish in {timeout:g} s ([enclave] preload_timeout_s, plus "
+            "the parent's margin)"
+        )
 
     async def _fetch(self) -> Path:
         b = self.config.bundle
@@ -645,8 +737,8 @@ class ParentSupervisor:
         reported = view.exit_code if said else code
         lifecycle.enclave_exited(reported)
         exited.set()
-        if lifecycle.phase is ParentPhase.DRAINING:
-            return
+        if lifecycle.phase is ParentPhase.DRAINING or self.genesis_sealed is not None:
+            return  # the point of a drain; the end of a genesis boot
         error = EnclaveExited(reported, reason=view.reason, said=said)
         if error.alert == "enclave_exited" and lifecycle.phase is ParentPhase.PRELOADING:
             if reported == 4:
