@@ -596,6 +596,8 @@ async def run_full_stack(args: argparse.Namespace, work: Path) -> dict[str, Any]
                     return 0.0
                 return latencies[min(len(latencies) - 1, round(q * (len(latencies) - 1)))] * 1e3
 
+            # who approved the two-party run (before the measurements below add more)
+            approvals = dict(coordinator.approvals_sent)
             two_party = Measured(
                 closed_signed=len(latencies),
                 closed_seconds=elapsed,
@@ -685,7 +687,6 @@ async def run_full_stack(args: argparse.Namespace, work: Path) -> dict[str, Any]
             finally:
                 three.close()
             channel = attested_channel_report(node, stack)
-            approvals = dict(coordinator.approvals_sent)
         finally:
             approver.close()  # the keys are zeroed
 
