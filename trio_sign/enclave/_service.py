@@ -30,6 +30,14 @@ the delta could not be stored (nothing was created). ``DkgRound1`` with ``operat
 policy, through the same registry (docs/refresh-repair.md). Without a registry (no ``[dkg]``,
 no identity key or no delta writer) they all answer FAILED_PRECONDITION.
 
+``Compact`` (docs/compaction.md) seals every account into a new base through the
+:class:`~trio_sign.enclave._compact.Compactor` given as ``compactor``, under the reserved
+``compact`` policy: PERMISSION_DENIED for a KMS key not in ``[bundles] compaction_kms_keys``
+or approvals that do not satisfy the policy, INVALID_ARGUMENT for a malformed request,
+ABORTED while another compaction runs or deltas keep arriving, UNAVAILABLE when KMS or the
+parent did not deliver (nothing was stored, or an unreferenced object was), and
+FAILED_PRECONDITION without a compactor (no identity key or no deltas channel).
+
 Every call is counted by method and status code, Commit and Sign also as sessions and
 signatures by outcome, with their latency, in :attr:`SignService.metrics` (a
 :class:`~trio_sign._metrics.Registry`; docs/operations.md, "Metrics"). Its labels are
@@ -61,6 +69,7 @@ from ..rpc import (
     protobuf_handler,
 )
 from ..shares import AccountShare, ShareStore
+from ._compact import COMPACT_POLICY, CompactionError, Compactor, compaction_approval_message
 from ._dkg import DkgRegistry, largest_dkg_requests
 from ._memory import MemoryWatermark, read_memory_limit_bytes, read_rss_bytes
 from ._pool import (
@@ -92,6 +101,18 @@ DEFAULT_MAX_SIGN_REQUEST_BYTES = 256 * 1024
 MAX_PING_REQUEST_BYTES = 64 * 1024
 #: Largest request of the other methods: ids (at most 255 + 128 bytes) or a 512-byte nonce.
 MAX_SMALL_REQUEST_BYTES = 4 * 1024
+#: The largest ``Compact`` request (a key ARN, a request id and the approvals).
+MAX_COMPACT_REQUEST_BYTES: Final = 64 * 1024
+#: The longest ``CompactRequest.request_id``.
+MAX_COMPACT_REQUEST_ID_CHARS: Final = 128
+#: ``Compact``'s status per :class:`CompactionError` reason (UNAVAILABLE otherwise).
+_COMPACTION_STATUS: Final = {
+    "kms_key_not_allowed": StatusCode.PERMISSION_DENIED,
+    "no_identity": StatusCode.FAILED_PRECONDITION,
+    "in_progress": StatusCode.ABORTED,
+    "busy": StatusCode.ABORTED,
+    "bad_base": StatusCode.INTERNAL,
+}
 
 #: GetAttestation rate limit (token bucket on the Trio clock): refill per second and burst.
 DEFAULT_ATTESTATION_RATE_PER_S = 20.0
@@ -278,6 +299,7 @@ class SignService:
         config_sha256: bytes | None = None,
         authorizer: Authorizer | None = None,
         dkg: DkgRegistry | None = None,
+        compactor: Compactor | None = None,
     ) -> None:
         smallest = largest_sign_request_bytes(2)
         if max_sign_request_bytes < smallest:
@@ -314,6 +336,7 @@ class SignService:
         self._attestation_limiter = trio.CapacityLimiter(max_concurrent_attestations)
         self.authorizer = authorizer if authorizer is not None else Authorizer(DEVELOPMENT_POLICIES)
         self.dkg = dkg
+        self.compactor = compactor
         self.metrics = Registry()
         self._init_metrics()
 
@@ -389,6 +412,7 @@ class SignService:
             SERVICE + "RepairStep2": protobuf_handler(
                 pb.RepairStep2Request.FromString, self.repair_step2
             ),
+            SERVICE + "Compact": protobuf_handler(pb.CompactRequest.FromString, self.compact),
         }
         return {path: self._counted(path, handler) for path, handler in table.items()}
 
@@ -411,6 +435,7 @@ class SignService:
             SERVICE + "Sign": self._max_sign_request_bytes,
             SERVICE + "Abort": small,
             **{SERVICE + name: size for name, size in largest_dkg_requests().items()},
+            SERVICE + "Compact": MAX_COMPACT_REQUEST_BYTES,
         }
 
     # -- handlers --------------------------------------------------------------------------
@@ -586,6 +611,64 @@ class SignService:
         registry = self._dkg_registry()
         with _map_errors():
             return registry.repair_step2(request)
+
+    async def compact(self, request: pb.CompactRequest, context: CallContext) -> pb.CompactResponse:
+        compactor = self.compactor
+        if compactor is None:
+            raise RpcError(
+                StatusCode.FAILED_PRECONDITION,
+                "this enclave cannot compact (no delta identity key or no deltas channel)",
+            )
+        kms_key_id, request_id = request.kms_key_id, request.request_id
+        if not 1 <= len(request_id) <= MAX_COMPACT_REQUEST_ID_CHARS:
+            raise RpcError(
+                StatusCode.INVALID_ARGUMENT,
+                f"request_id must be 1..{MAX_COMPACT_REQUEST_ID_CHARS} characters",
+            )
+        if kms_key_id not in compactor.allowed_kms_keys:
+            raise RpcError(
+                StatusCode.PERMISSION_DENIED,
+                "not authorized (kms_key_not_allowed): the KMS key is not in [bundles] "
+                "compaction_kms_keys of the measured configuration",
+            )
+        decision = self.authorizer.decide(
+            account_id="",
+            policy=COMPACT_POLICY,
+            session_id=request_id,
+            message=compaction_approval_message(kms_key_id),
+            approvals=request.approvals,
+            now=trio.current_time(),
+        )
+        audit_log.info(
+            "compact authorization",
+            extra={
+                "audit": "compact",
+                "request_id": request_id,
+                "kms_key_id": kms_key_id,
+                "approvers": ",".join(decision.approvers),
+                "policy": decision.policy,
+                "outcome": "allowed" if decision.allowed else "refused",
+                "reason": decision.reason,
+            },
+        )
+        if not decision.allowed:
+            raise RpcError(
+                StatusCode.PERMISSION_DENIED, f"not authorized ({decision.reason}): {decision}"
+            )
+        try:
+            with _map_errors():
+                result = await compactor.compact(kms_key_id)
+        except CompactionError as exc:
+            raise RpcError(
+                _COMPACTION_STATUS.get(exc.reason, StatusCode.UNAVAILABLE),
+                f"compaction failed ({exc.reason}): {exc}",
+            ) from None
+        return pb.CompactResponse(
+            sha256=result.sha256,
+            accounts=result.accounts,
+            deltas=result.deltas,
+            object=result.object,
+        )
 
     def _dkg_registry(self) -> DkgRegistry:
         if self.dkg is None:
