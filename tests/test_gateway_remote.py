@@ -443,3 +443,122 @@ shares_sha256 = "{}"
     assert config.participant_files == ()
     assert config.participant_listen == "tcp://127.0.0.1:0"
     assert sorted(config.remote_participants) == ["ops-2"]
+
+
+async def test_post_accounts_and_sign_over_http_with_a_remote_participant(tmp_path: Path) -> None:
+    """The gateway process with [participant_endpoint] and no share file: POST /v1/accounts
+    runs the DKG with the enclave and the remote participant (the account in the registry,
+    the share in the participant's sealed store), POST /v1/sign signs with it; with the
+    participant gone, signing is 503 participant_failed naming it."""
+    from trio_sign.crypto import scheme_by_name
+    from trio_sign.gateway import parse_gateway_config, serve_gateway
+    from trio_sign.gateway._service import GatewayHandle
+    from trio_sign.participant import PassphraseKey, SealedShareStore
+    from trio_sign.participant import _store as store_module
+
+    from .test_enclave_dkg import APPROVERS, PARTICIPANT_KEYS, SUITES
+    from .test_gateway_dkg import API_TOKEN, create, dev_enclave, signing_key, write_key
+    from .test_gateway_service import request
+
+    auth = signing_key(PARTICIPANT_KEYS["p2"])
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    approvers = ", ".join(
+        f'{n} = "{write_key(keys / f"{n}.key", APPROVERS[n], n)}"' for n in ("ops-1", "ops-2")
+    )
+    toml = f"""
+[api]
+listen = "tcp://127.0.0.1:0"
+token = "{API_TOKEN}"
+[events]
+listen = "tcp://127.0.0.1:0"
+[participant_endpoint]
+listen = "tcp://127.0.0.1:0"
+timeout_s = 10
+[accounts]
+registry = "accounts.jsonl"
+[participants.p2]
+key_id = "p2"
+public_key = "{auth.public_key.hex()}"
+[approvers]
+keys = {{ {approvers} }}
+[dkg]
+journal = "dkg.jsonl"
+[dev]
+skip_attestation = true
+[[node]]
+id = "node-1"
+address = "ADDRESS"
+events_token = "node-1-events-token-0123456789abcdef"
+"""
+    cheap = PassphraseKey(
+        "pw", opslimit=store_module.MIN_OPSLIMIT, memlimit=store_module.MIN_MEMLIMIT
+    )
+    store = SealedShareStore.create(tmp_path / "p2.store", "p2", [], cheap)
+    try:
+        async with dev_enclave() as enclave, trio.open_nursery() as nursery:
+            config = parse_gateway_config(toml.replace("ADDRESS", enclave.address), base=tmp_path)
+            assert config.participant_files == ()
+            handle: GatewayHandle = await nursery.start(serve_gateway, config)
+            assert handle.dkg is not None
+            assert handle.participants is not None
+            assert handle.participant_url is not None
+            client = ParticipantClient(
+                ClientSettings(handle.participant_url),
+                participant_id="p2",
+                key_id="p2",
+                auth_key=auth,
+                approver=auth,
+                approver_key_id="p2",
+                shares=store,
+                policy=AutoPolicy(),
+            )
+            scope = trio.CancelScope()
+
+            async def run_client() -> None:
+                with scope:
+                    await client.run()
+
+            nursery.start_soon(run_client)
+            with trio.fail_after(10):
+                await handle.participants.wait_connected("p2")
+            api = handle.api_urls[0]
+            status, body = await create(
+                api, {"account_id": "acct-remote", "ciphersuite": SUITES[1]}
+            )
+            assert status == 201, body
+            assert body["participants"] == ["p2"]
+            assert (body["min_signers"], body["max_signers"]) == (2, 2)
+            assert store.share("acct-remote") is not None
+            message = b"the gateway holds no share".hex()
+            status, signed = await request(
+                api,
+                "POST",
+                "/v1/sign",
+                {"account_id": "acct-remote", "message_hex": message},
+                token=API_TOKEN,
+            )
+            assert status == 200, signed
+            assert scheme_by_name(SUITES[1]).verify(
+                bytes.fromhex(body["group_public_key_hex"]),
+                bytes.fromhex(message),
+                bytes.fromhex(signed["signature_hex"]),
+                None,
+            )
+            scope.cancel()
+            with trio.fail_after(10):
+                await handle.participants.wait_disconnected("p2")
+            status, refused = await request(
+                api,
+                "POST",
+                "/v1/sign",
+                {"account_id": "acct-remote", "message_hex": message},
+                token=API_TOKEN,
+            )
+            assert (status, refused["reason"]) == (503, "participant_failed"), refused
+            assert "p2" in refused["error"]
+            nursery.cancel_scope.cancel()
+    finally:
+        store.close()
+        auth.close()
+    assert "acct-remote" in (tmp_path / "accounts.jsonl").read_text()

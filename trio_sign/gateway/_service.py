@@ -1032,8 +1032,8 @@ class GatewayApi:
     async def _create_checked(self, body: dict[str, Any]) -> tuple[int, Any]:
         if self._dkg is None:
             return 501, {
-                "error": "this gateway creates no accounts: give it DKG participant keys "
-                "([participants.<id>] key_file)",
+                "error": "this gateway creates no accounts: give it remote participants "
+                "([participant_endpoint]) or DKG participant keys ([participants.<id>] key_file)",
                 "reason": "not_configured",
             }
         account_id, suite = body.get("account_id"), body.get("ciphersuite")
