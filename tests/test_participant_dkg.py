@@ -26,12 +26,14 @@ from trio_sign.gateway._participants import HubSettings, ParticipantHub, Partici
 from trio_sign.gateway._remote_dkg import RemoteDkgParticipant
 from trio_sign.participant import (
     AutoPolicy,
+    CallbackPolicy,
     ClientSettings,
     ParticipantClient,
     PassphraseKey,
     SealedShareStore,
     _store,
 )
+from trio_sign.participant import _session as s
 
 from .test_enclave_dkg import PARTICIPANT_KEYS, SUITES
 from .test_gateway_dkg import approver, dev_enclave, signing_key
@@ -266,3 +268,97 @@ async def test_a_dkg_the_participant_refuses_or_cannot_store_is_named(
     else:
         assert "declined (internal: the share could not be stored)" in str(failed)
         assert client.counts["dkg_stored"] == 0
+
+
+class Twice(s.ParticipantSession):
+    """Sends every DKG answer twice (the hub must take the first, count the second)."""
+
+    def frames_to_send(self) -> list[str]:
+        out: list[str] = []
+        for frame in super().frames_to_send():
+            out.append(frame)
+            if '"type":"dkg_' in frame:
+                out.append(frame)
+        return out
+
+
+@pytest.mark.parametrize("case", ["twice", "disconnects"])
+async def test_dkg_answers_twice_or_a_participant_that_vanishes_mid_dkg(
+    tmp_path: Path, case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    auth = signing_key(PARTICIPANT_KEYS["p2"])
+    approver_key = ApproverSigningKey.generate()
+    store_path = tmp_path / "p2.store"
+    store = await anyio.to_thread.run_sync(
+        lambda: SealedShareStore.create(store_path, "p2", [], cheap_key())
+    )
+    hub = ParticipantHub(
+        {"p2": ParticipantKey("p2", "p2", auth.public_key)}, HubSettings(gateway_id="gw")
+    )
+    asked = anyio.Event()
+
+    async def ask(request: Any) -> bool:
+        asked.set()
+        await anyio.sleep_forever()
+        return True  # pragma: no cover
+
+    if case == "twice":
+        monkeypatch.setattr(s, "ParticipantSession", Twice)
+        policy: Any = AutoPolicy(accounts=["remote-dkg-*"])
+    else:
+        policy = CallbackPolicy(ask, dkg_callback=ask)
+    gw = GatewayThread(hub)
+    gw.start()
+    result: dict[str, Any] = {}
+    try:
+        client = ParticipantClient(
+            ClientSettings(gw.url),
+            participant_id="p2",
+            key_id="p2",
+            auth_key=auth,
+            approver=approver_key,
+            approver_key_id="p2-approver",
+            shares=store,
+            policy=policy,
+        )
+        async with anyio.create_task_group() as tg:
+            client_scope = anyio.CancelScope()
+
+            async def run_client() -> None:
+                with client_scope:
+                    await client.run()
+
+            tg.start_soon(run_client)
+            with anyio.fail_after(10):
+                await client.wait_authenticated()
+            if case == "twice":
+                result.update(await gw.call(gateway_side, hub, tmp_path, store_path))
+            else:
+                finished = anyio.Event()
+
+                async def gateway() -> None:
+                    result["failed"] = await gw.call(
+                        failing_gateway_side, hub, tmp_path, "ok-vanish"
+                    )
+                    finished.set()
+
+                tg.start_soon(gateway)
+                with anyio.fail_after(10):
+                    await asked.wait()
+                client_scope.cancel()  # the participant's process goes away mid-DKG
+                with anyio.fail_after(20):
+                    await finished.wait()
+            tg.cancel_scope.cancel()
+    finally:
+        gw.stop()
+        store.close()
+        auth.close()
+        approver_key.close()
+    if case == "twice":
+        assert result["created"] == [f"remote-dkg-{i}" for i in range(len(SUITES))]
+        assert hub.counts["late_answers"] >= 3 * len(SUITES)  # every second answer ignored
+    else:
+        failed = result["failed"]
+        assert failed.reason == "participant_failed"
+        assert "'p2'" in str(failed)
+        assert "disconnected" in str(failed) or "connection closed" in str(failed)
