@@ -603,7 +603,7 @@ def preflight(config: ParentConfig, *, genesis: bool = False) -> tuple[list[str]
             problems.append(f"{what} {path}: {exc.strerror or exc}")
             return None
 
-    if not config.bundle.source.startswith("s3://"):
+    if not genesis and not config.bundle.source.startswith("s3://"):  # genesis loads none
         source = Path(config.bundle.source)
         try:
             with source.open("rb"):

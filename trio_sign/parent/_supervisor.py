@@ -635,7 +635,6 @@ class ParentSupervisor:
         finally:
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
-        self.genesis_sealed = sealed
         self.state.identity_public_key = sealed.public_key.hex()
         with trio.move_on_after(TERMINATE_GRACE_S):
             await run.exited.wait()
@@ -660,6 +659,8 @@ class ParentSupervisor:
 
         async def store(data: bytes) -> None:
             await trio.to_thread.run_sync(write, data)
+            # Before identity_stored goes out: the enclave's exit that follows is expected.
+            self.genesis_sealed = SealedIdentity.from_json(data)
 
         timeout = self.config.enclave.preload_timeout_s + PRELOAD_MARGIN_S
         with trio.move_on_after(timeout):
