@@ -35,6 +35,7 @@ from tests.participant_helpers import (
 from trio_sign.gateway._approvals import ApproverSigningKey
 from trio_sign.gateway._participants import (
     SUBPROTOCOL,
+    SUBPROTOCOL_V2,
     HubSettings,
     ParticipantConfigError,
     ParticipantError,
@@ -706,3 +707,36 @@ async def test_handshakes_in_progress_are_bounded(autojump_clock: trio.abc.Clock
         extra = [await w.open(), await w.open()]
         assert len(extra) == 2
         assert await status() == 503
+
+
+async def test_version_negotiation_and_dkg_only_on_version_2(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A participant proposing v1 and v2 gets v2; one proposing v1 alone gets v1, and the hub
+    never sends it a DKG request (the call fails ``error``, nothing sent)."""
+    async with world() as w:
+        both = await w.open(protocols=(SUBPROTOCOL, SUBPROTOCOL_V2))
+        assert both.subprotocol == SUBPROTOCOL_V2
+        await both.aclose()
+        fake = await w.connect("ops-1")  # proposes v1 only
+        assert fake.ws.subprotocol == SUBPROTOCOL
+        assert not w.hub.speaks_dkg("ops-1")
+        member = (bytes(31) + b"\x01", "enclave")
+        with pytest.raises(ParticipantError) as info:
+            await w.hub.dkg_round1(
+                "ops-1",
+                dkg_id="dkg-1",
+                account_id="a",
+                ciphersuite="FROST-ED25519-SHA512-v1",
+                min_signers=2,
+                max_signers=2,
+                policy="default",
+                participants=[member, (bytes(31) + b"\x02", "ops-1-auth")],
+                enclave_identifier=member[0],
+                identifier=bytes(31) + b"\x02",
+                timeout_s=5,
+                dkg_timeout_s=5,
+            )
+        assert info.value.reason == "error"
+        assert "version 1" in str(info.value)
+        assert w.hub.in_flight("ops-1") == 0
