@@ -1365,10 +1365,12 @@ def encode_bundle(
     signer: BundleSigner | None = None,
     kind: str = KIND_BASE,
     delta: Mapping[str, Any] | None = None,
+    compacts: Mapping[str, Any] | None = None,
 ) -> bytes:
     """Seal ``records`` into bytes in memory, WITHOUT validating them (tests and tools),
     signed by ``signer`` if given. ``delta``: a delta header's fields (:func:`build_header`;
-    :func:`trio_sign.shares._deltas.seal_delta` is the enclave's checked way).
+    :func:`trio_sign.shares._deltas.seal_delta` is the enclave's checked way); ``compacts``: a
+    compacted base's (the enclave's way is :mod:`trio_sign.enclave._compact`).
 
     Holds everything in memory; use :func:`seal_file` for real files.
     """
@@ -1390,6 +1392,7 @@ def encode_bundle(
         ciphersuites=suites,
         ciphersuite=recs[0].ciphersuite if recs else CIPHERSUITE,
         delta=delta,
+        compacts=compacts,
     )
     try:
         parts = [encoder.start()]

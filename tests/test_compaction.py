@@ -1,0 +1,528 @@
+"""Compaction and re-encryption inside the enclave (docs/compaction.md; issue 16 deliverable 5):
+base + deltas of every suite sealed into a new base under a KMS key pinned in
+``[bundles] compaction_kms_keys`` (a data key from the local KMS's ``GenerateDataKey`` with
+``Recipient``, relayed by the real parent code), signed by the identity key, stored by the
+parent put-if-absent before the answer; the chain continuing across it; a fresh boot reading
+it through the real preload and ``Decrypt`` with ``Recipient``; the ``Compact`` rpc's
+authorization; the store failing, the parent not answering, and a KMS key not pinned."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nacl.signing
+import pytest
+import trio
+import trio.testing
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from proto_min import sign_service_pb2 as pb
+from trio_sign import ShareFileError
+from trio_sign.authz import Authorizer, approval_payload
+from trio_sign.crypto import SCHEMES, _sodium
+from trio_sign.enclave import SessionPool
+from trio_sign.enclave._compact import (
+    COMPACT_POLICY,
+    CompactionError,
+    Compactor,
+    compaction_approval_message,
+)
+from trio_sign.enclave._deltas import DeltaWriter, EnclaveDeltas
+from trio_sign.enclave._measured import MeasuredConfigError, parse_measured_config
+from trio_sign.enclave._preload import preload_shares
+from trio_sign.enclave._service import SignService
+from trio_sign.kms import (
+    KeyPolicy,
+    KeyStore,
+    KmsRecipientKms,
+    LocalKms,
+    make_kms_client,
+    serve_kms_local,
+)
+from trio_sign.nitro import AsyncNsm, HelloMessage, LocalNsm, MessageStream
+from trio_sign.nitro._channel import (
+    BaseStoredMessage,
+    BaseStoreMessage,
+    CompactionKeyMessage,
+    CompactionKeyRequestMessage,
+    DeltaChunkMessage,
+    DeltaEndMessage,
+)
+from trio_sign.parent import serve_preload
+from trio_sign.parent._deltas import (
+    Deltas,
+    DeltaStoreError,
+    FileDeltaStore,
+    PutOutcome,
+    kms_compaction_relay,
+    serve_deltas_connection,
+)
+from trio_sign.rpc import RpcError, StatusCode
+from trio_sign.shares import (
+    BundleTrust,
+    SealedLoader,
+    ShareRecord,
+    ShareStore,
+    encode_bundle,
+    inspect_sealed,
+)
+from trio_sign.shares._deltas import DeltaChain
+from trio_sign.shares._signature import CeremonyKey
+
+from .test_enclave_deltas import (
+    TAG,
+    World,
+    booted,
+    fresh_accounts,
+    records_of,
+    sign_with,
+    world,  # noqa: F401 - the fixture
+)
+from .test_identity_key import _no_aws_config, _policy  # noqa: F401 - autouse fixture
+from .test_share_ciphersuites import dealt
+
+ED, K1, TR = (s.name for s in SCHEMES)
+APPROVERS = {n: nacl.signing.SigningKey(bytes([i]) * 32) for i, n in ((7, "ops-1"), (8, "ops-2"))}
+
+
+# -- the world: a node on the real parent, the local KMS and NSM ---------------------------------
+
+
+@dataclass
+class Kms:
+    client: Any
+    target: str  # pinned in compaction_kms_keys
+    other: str  # a key of the same KMS, not pinned
+
+
+@asynccontextmanager
+async def local_kms(tmp_path: Path, nsm: LocalNsm) -> AsyncIterator[Kms]:
+    store = KeyStore(tmp_path / "kms-keys.json")
+    target, other = store.create(description="compaction"), store.create(description="other")
+    kms = LocalKms(store, root_pem=nsm.root_pem, policy=KeyPolicy(_policy()))
+    try:
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(serve_kms_local, kms, "tcp://127.0.0.1:0")
+            client = make_kms_client(url, region="us-east-1")
+            yield Kms(client, store.arn_for(target.key_id), store.arn_for(other.key_id))
+            nursery.cancel_scope.cancel()
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def nsm(nsm_dir: Path) -> LocalNsm:
+    return LocalNsm.from_dir(nsm_dir)
+
+
+@dataclass
+class Node:
+    store: ShareStore
+    deltas: EnclaveDeltas
+    writer: DeltaWriter
+    compactor: Compactor
+
+
+def node_of(
+    w: World, store: ShareStore, chain: DeltaChain, nsm: LocalNsm, allowed: tuple[str, ...]
+) -> Node:
+    deltas = EnclaveDeltas(
+        store,
+        chain,
+        provider=w.ident.delta_key_wrap(),
+        signer=w.ident,
+        signing_keys=(w.ident.public_key,),
+    )
+    writer = DeltaWriter(deltas)
+    compactor = Compactor(writer, nsm=AsyncNsm(nsm), allowed_kms_keys=allowed, chunk_size=1024)
+    return Node(store, deltas, writer, compactor)
+
+
+def old_node(w: World, nsm: LocalNsm, allowed: tuple[str, ...]) -> Node:
+    store = w.load_base()
+    assert store.fingerprint is not None
+    return node_of(w, store, DeltaChain(store.fingerprint), nsm, allowed)
+
+
+async def connect(nursery: trio.Nursery, node: Node, parent: Deltas) -> trio.CancelScope:
+    """The real parent's deltas connection to ``node`` (its compactor's converse)."""
+    parent_end, enclave_end = trio.testing.memory_stream_pair()
+    scope = trio.CancelScope()
+
+    async def run() -> None:
+        with scope:
+            async with trio.open_nursery() as inner:
+                inner.start_soon(serve_deltas_connection, parent_end, parent)
+                messages = MessageStream(enclave_end)
+                await messages.send(HelloMessage(channel="deltas"))
+                await node.compactor.converse(messages)
+
+    nursery.start_soon(run)
+    await trio.testing.wait_all_tasks_blocked()
+    booted(parent, node)  # type: ignore[arg-type]  # the fields booted() reads
+    return scope
+
+
+def suite_records(prefix: str) -> list[ShareRecord]:
+    """One account of each suite (the service's share of a dealt 2-of-3 key)."""
+    return [dealt(scheme, f"{prefix}-{i}") for i, scheme in enumerate(SCHEMES)]
+
+
+def same_accounts(old: ShareStore, new: ShareStore) -> None:
+    """Every account of ``new`` is in ``old`` with the same public data and the same share."""
+    for account_id in new._index:
+        x, y = old[account_id], new[account_id]
+        assert (x.ciphersuite, x.identifier, x.verifying_share, x.group_public_key) == (
+            y.ciphersuite,
+            y.identifier,
+            y.verifying_share,
+            y.group_public_key,
+        )
+        assert (x.min_signers, x.max_signers, x.policy) == (y.min_signers, y.max_signers, y.policy)
+        assert _sodium.ct_equal(x.signing_share, y.signing_share)
+
+
+async def boot_from(path: Path, kms: Kms, nsm: LocalNsm) -> tuple[ShareStore, Any]:
+    """A fresh enclave boot on ``path`` through the real preload on both sides (KMS
+    ``Decrypt`` with ``Recipient`` by the parent, the envelope opened in the enclave)."""
+    parent_end, enclave_end = trio.testing.memory_stream_pair()
+    out: dict[str, Any] = {}
+
+    async def enclave() -> None:
+        out["boot"] = await preload_shares(MessageStream(enclave_end), AsyncNsm(nsm))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(enclave)
+        await serve_preload(MessageStream(parent_end), path, KmsRecipientKms(kms.client))
+    store, report = out["boot"]
+    return store, report
+
+
+# -- the round trip ------------------------------------------------------------------------------
+
+
+async def test_compaction_holds_every_account_and_the_chain_continues(
+    world: World,  # noqa: F811 - the fixture
+    nsm: LocalNsm,
+    tmp_path: Path,
+) -> None:
+    """Base (4 Ed25519) + three deltas (Ed25519, one account of each suite, a policy) compact
+    into a base under the pinned KMS key that a fresh boot reads through KMS; it holds the same
+    accounts (public data and shares; signing works), is signed by the identity key and
+    accepted only as a compacted base; delta 4 made after it loads on the new node, delta 2
+    is refused as already contained, and the new node's own delta is sequence 5."""
+    async with local_kms(tmp_path, nsm) as kms:
+        node = old_node(world, nsm, (kms.target,))
+        parent = world.parent(compaction_kms=kms_compaction_relay(kms.client))
+        ed = fresh_accounts("ed", 2)
+        vip = fresh_accounts("vip", 1)
+        vip_records = [dataclasses.replace(r, policy="vip") for r in records_of(vip)]
+        async with trio.open_nursery() as nursery:
+            await connect(nursery, node, parent)
+            await node.writer.store(records_of(ed), "create", "dkg-1")
+            await node.writer.store(suite_records("mixed"), "create", "dkg-2")
+            await node.writer.store(vip_records, "create", "dkg-3")
+            assert node.deltas.chain.count == 3
+            head3 = node.deltas.chain.head
+
+            result = await node.compactor.compact(kms.target)
+
+            assert (result.accounts, result.deltas) == (4 + 2 + 3 + 1, 3)
+            path = world.dir / "deltas" / f"base-{result.sha256}.enc"
+            assert result.object == f"file://{path}"
+            data = path.read_bytes()  # durable before the answer
+            header, end = inspect_sealed(io.BytesIO(data))
+            assert end.sha256_hex == result.sha256
+            assert header["kind"] == "base"
+            assert header["key_provider"] == "aws-kms"
+            assert header["kms_key_id"] == kms.target
+            assert header["compacts"] == {
+                "base": world.load_base().fingerprint,
+                "head": head3,
+                "deltas": 3,
+            }
+            assert header["ciphersuites"] == {ED: 4 + 2 + 1 + 1, K1: 1, TR: 1}
+            assert end.signature is not None
+            assert end.signature.public_key == world.ident.public_key
+            assert not [p for p in (world.dir / "deltas").iterdir() if p.name.endswith(".tmp")]
+            # The old node keeps creating accounts on the same chain meanwhile.
+            late = fresh_accounts("late", 1)
+            assert (await node.writer.store(records_of(late), "create", "dkg-4"))[0] == 4
+            nursery.cancel_scope.cancel()
+
+        # A fresh enclave boots the new base: the parent's KMS Decrypt with Recipient under
+        # the new key, the envelope opened by the enclave's attestation key.
+        fresh, report = await boot_from(path, kms, nsm)
+        assert report.sha256 == result.sha256
+        assert fresh.signer == world.ident.public_key
+        assert len(fresh) == len(node.store) - 1
+        assert "late-0" not in fresh
+        same_accounts(node.store, fresh)
+        assert fresh.policies() == {"default", "vip"}
+        pool = SessionPool(fresh.get)
+        for account in {**world.accounts, **ed, **vip}.values():
+            sign_with(pool, account, f"s-{account.account_id}", b"after compaction")
+
+        # The chain continues across the compaction.
+        chain = DeltaChain.for_base(header, result.sha256)
+        assert (chain.count, chain.head, chain.next_sequence) == (3, head3, 4)
+        new = node_of(world, fresh, chain, nsm, (kms.target,))
+        files = FileDeltaStore(world.dir / "deltas", host_tag=TAG)
+        with pytest.raises(ShareFileError) as refused:
+            new.deltas.apply(files.get(2))
+        assert refused.value.reason == "delta_compacted"
+        applied = new.deltas.apply(files.get(4))
+        assert applied.accounts == ("late-0",)
+        sign_with(pool, late["late-0"], "s-late", b"made after the compaction")
+        async with trio.open_nursery() as nursery:
+            await connect(nursery, new, world.parent())
+            mine = fresh_accounts("mine", 1)
+            assert (await new.writer.store(records_of(mine), "create", "dkg-5"))[0] == 5
+            nursery.cancel_scope.cancel()
+        assert files.list().sequences == (1, 2, 3, 4, 5)  # the base is not a delta
+
+
+def test_identity_key_signs_only_a_compacted_base(world: World) -> None:  # noqa: F811
+    """Base trust: the pinned identity key is accepted for a base with ``compacts`` (beside the
+    ceremony keys), never for a base without it; other keys never."""
+    ident = world.ident
+    ceremony = CeremonyKey.from_seed(bytes([9]) * 32)
+    records = [a.service for a in world.accounts.values()]
+    compacts = {"base": "ab" * 32, "head": "cd" * 32, "deltas": 7}
+    trust = BundleTrust.pinned([ceremony.public_key], compaction_keys=[ident.public_key])
+
+    def load(data: bytes, trust: BundleTrust = trust) -> ShareStore:
+        loader = SealedLoader(provider=world.key, total_bytes=len(data), trust=trust)
+        loader.feed(data)
+        return loader.finish()
+
+    def refused(data: bytes, trust: BundleTrust = trust) -> str:
+        with pytest.raises(ShareFileError) as info:
+            load(data, trust)
+        return info.value.reason
+
+    compacted = encode_bundle(records, world.key, signer=ident, compacts=compacts)
+    assert len(load(compacted)) == 4
+    assert len(load(encode_bundle(records, world.key, signer=ceremony))) == 4
+    assert refused(encode_bundle(records, world.key, signer=ident)) == "bundle_signer_unknown"
+    assert refused(compacted, BundleTrust.pinned([ceremony.public_key])) == "bundle_signer_unknown"
+    other = CeremonyKey.from_seed(bytes([10]) * 32)
+    assert refused(encode_bundle(records, world.key, signer=other, compacts=compacts)) == (
+        "bundle_signer_unknown"
+    )
+    # compacts belongs in a base only, and is checked strictly
+    with pytest.raises(ShareFileError, match=r"compacts\.deltas"):
+        encode_bundle(records, world.key, compacts={**compacts, "deltas": -1})
+    with pytest.raises(ShareFileError, match=r"compacts\.head"):
+        encode_bundle(
+            records, world.key, compacts={"base": "ab" * 32, "head": "cd" * 32, "deltas": 0}
+        )
+    with pytest.raises(ShareFileError, match="only allowed in a base"):
+        encode_bundle(records, world.key, kind="delta", compacts=compacts)
+
+
+# -- refusals --------------------------------------------------------------------------------------
+
+
+async def test_a_kms_key_not_pinned_is_refused_before_anything_is_asked(
+    world: World,  # noqa: F811
+    nsm: LocalNsm,
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    node = old_node(world, nsm, ("arn:aws:kms:us-east-1:111122223333:key/pinned",))
+    with pytest.raises(CompactionError) as info:
+        await node.compactor.compact("arn:aws:kms:us-east-1:111122223333:key/parents-own")
+    assert info.value.reason == "kms_key_not_allowed"
+    assert trio.current_time() == 0
+
+
+def test_compaction_kms_keys_in_the_measured_config() -> None:
+    arn = "arn:aws:kms:us-east-1:111122223333:key/0b6f6a52-1c1e-4c55-9a37-5f2e8a0c0002"
+    config = parse_measured_config(f'[bundles]\ncompaction_kms_keys = ["{arn}"]\n'.encode())
+    assert config.compaction_kms_keys == (arn,)
+    assert parse_measured_config(b"").compaction_kms_keys == ()
+    for bad in ('"alias/trio-sign"', '"arn:aws:kms:us-east-1:111122223333:alias/x"', "1"):
+        with pytest.raises(MeasuredConfigError, match="compaction_kms_keys"):
+            parse_measured_config(f"[bundles]\ncompaction_kms_keys = [{bad}]\n".encode())
+    with pytest.raises(MeasuredConfigError, match="repeats"):
+        parse_measured_config(f'[bundles]\ncompaction_kms_keys = ["{arn}", "{arn}"]\n'.encode())
+
+
+class FailingBaseStore(FileDeltaStore):
+    def put_base(self, sha256: str, data: bytes) -> tuple[PutOutcome, str]:
+        raise DeltaStoreError("disk full")
+
+
+class FakeKmsParent:
+    """A parent that answers the data key request from a key it made (as KMS would, encrypted
+    to the attestation's RSA key), then does what ``store`` says with the base."""
+
+    def __init__(self, store: str) -> None:
+        self.store = store
+        self.requests = 0
+
+    async def run(self, stream: trio.abc.Stream) -> None:
+        from trio_sign.nitro import decode_attestation, encrypt_for_recipient
+
+        messages = MessageStream(stream)
+        await messages.receive_expected(HelloMessage)
+        while True:
+            message = await messages.receive()
+            if isinstance(message, CompactionKeyRequestMessage):
+                self.requests += 1
+                der = decode_attestation(message.document).public_key or b""
+                public = serialization.load_der_public_key(der)
+                assert isinstance(public, rsa.RSAPublicKey)
+                envelope = encrypt_for_recipient(public, bytes(32 * [5]))
+                await messages.send(
+                    CompactionKeyMessage(
+                        key_id=message.kms_key_id, ciphertext_blob=b"blob", ciphertext=envelope
+                    )
+                )
+            elif isinstance(message, BaseStoreMessage):
+                while not isinstance(await messages.receive(), DeltaEndMessage):
+                    pass
+                if self.store == "ok":
+                    await messages.send(
+                        BaseStoredMessage(sha256=message.sha256, object="file:///b")
+                    )
+                # "silent": never answers
+            elif isinstance(message, DeltaChunkMessage):
+                raise AssertionError("a chunk outside a store")
+
+
+ARN = "arn:aws:kms:us-east-1:111122223333:key/pinned"
+
+
+async def _with_fake(node: Node, parent: FakeKmsParent, nursery: trio.Nursery) -> None:
+    parent_end, enclave_end = trio.testing.memory_stream_pair()
+
+    async def enclave() -> None:
+        messages = MessageStream(enclave_end)
+        await messages.send(HelloMessage(channel="deltas"))
+        await node.compactor.converse(messages)
+
+    nursery.start_soon(parent.run, parent_end)
+    nursery.start_soon(enclave)
+    await trio.testing.wait_all_tasks_blocked()
+
+
+async def test_no_answer_until_stored_and_a_silent_parent_times_out(
+    world: World,  # noqa: F811
+    nsm: LocalNsm,
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    node = old_node(world, nsm, (ARN,))
+    node.compactor.timeout_s = 40.0
+    async with trio.open_nursery() as nursery:
+        await _with_fake(node, FakeKmsParent("silent"), nursery)
+        start = trio.current_time()
+        with pytest.raises(CompactionError) as info:
+            await node.compactor.compact(ARN)
+        assert info.value.reason == "timeout"
+        assert trio.current_time() - start == pytest.approx(40.0)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not node.writer.connected  # dropped: no late answer is taken for another
+        nursery.cancel_scope.cancel()
+    async with trio.open_nursery() as nursery:
+        await _with_fake(node, FakeKmsParent("ok"), nursery)
+        result = await node.compactor.compact(ARN)
+        assert (result.accounts, result.deltas, result.object) == (4, 0, "file:///b")
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_failing_store_is_unavailable_and_leaves_nothing(
+    world: World,  # noqa: F811
+    nsm: LocalNsm,
+    tmp_path: Path,
+) -> None:
+    async with local_kms(tmp_path, nsm) as kms:
+        node = old_node(world, nsm, (kms.target,))
+        files = FailingBaseStore(world.dir / "deltas", host_tag=TAG)
+        files.recover()
+        parent = Deltas(files, compaction_kms=kms_compaction_relay(kms.client))
+        service = compact_service(node)
+        async with trio.open_nursery() as nursery:
+            await connect(nursery, node, parent)
+            with pytest.raises(RpcError) as info:
+                await service.compact(compact_request(kms.target, "ops-1", "ops-2"), None)  # type: ignore[arg-type]
+            assert info.value.status == StatusCode.UNAVAILABLE
+            assert "store_failed" in str(info.value)
+            assert list((world.dir / "deltas").iterdir()) == []
+            nursery.cancel_scope.cancel()
+
+
+# -- the rpc: authorization ----------------------------------------------------------------------
+
+
+def compact_service(node: Node) -> SignService:
+    lines = []
+    for name, key in APPROVERS.items():
+        lines += [f"[approvers.{name}]", 'type = "ed25519"']
+        lines.append(f'public_key = "{key.verify_key.encode().hex()}"')
+    lines += ["[policies.default]", "approvers = []", "threshold = 0"]
+    lines += [f"[policies.{COMPACT_POLICY}]", 'approvers = ["ops-1", "ops-2"]', "threshold = 2"]
+    measured = parse_measured_config(("\n".join(lines) + "\n").encode())
+    return SignService(
+        node.store,
+        SessionPool(node.store.get),
+        authorizer=Authorizer(measured.policies),
+        compactor=node.compactor,
+    )
+
+
+def compact_request(kms_key_id: str, *approvers: str, request_id: str = "rotate-1") -> Any:
+    expires = int(time.time() * 1000) + 60_000
+    payload = approval_payload("", request_id, compaction_approval_message(kms_key_id), expires)
+    return pb.CompactRequest(
+        kms_key_id=kms_key_id,
+        request_id=request_id,
+        approvals=[
+            pb.Approval(
+                key_id=n, signature=APPROVERS[n].sign(payload).signature, expires_at_unix_ms=expires
+            )
+            for n in approvers
+        ],
+    )
+
+
+async def test_compact_needs_the_compact_policys_approvals(
+    world: World,  # noqa: F811
+    nsm: LocalNsm,
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    node = old_node(world, nsm, (ARN,))
+    service = compact_service(node)
+    parent = FakeKmsParent("ok")
+    async with trio.open_nursery() as nursery:
+        await _with_fake(node, parent, nursery)
+        for request, code in [
+            (compact_request(ARN, "ops-1"), StatusCode.PERMISSION_DENIED),  # 1 of 2
+            (pb.CompactRequest(kms_key_id=ARN, request_id="r"), StatusCode.PERMISSION_DENIED),
+            (compact_request(ARN + "x", "ops-1", "ops-2"), StatusCode.PERMISSION_DENIED),
+            (compact_request(ARN, "ops-1", "ops-2", request_id=""), StatusCode.INVALID_ARGUMENT),
+        ]:
+            with pytest.raises(RpcError) as info:
+                await service.compact(request, None)  # type: ignore[arg-type]
+            assert info.value.status == code
+        # approvals for another request id do not carry over
+        moved = compact_request(ARN, "ops-1", "ops-2", request_id="a")
+        moved.request_id = "b"
+        with pytest.raises(RpcError) as info:
+            await service.compact(moved, None)  # type: ignore[arg-type]
+        assert info.value.status == StatusCode.PERMISSION_DENIED
+        assert parent.requests == 0  # nothing was asked of KMS before authorization
+        answer = await service.compact(compact_request(ARN, "ops-1", "ops-2"), None)  # type: ignore[arg-type]
+        assert (answer.accounts, answer.deltas, answer.object) == (4, 0, "file:///b")
+        assert len(answer.sha256) == 64
+        assert hashlib.sha256(b"").hexdigest() != answer.sha256
+        nursery.cancel_scope.cancel()
