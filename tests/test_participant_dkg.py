@@ -362,3 +362,82 @@ async def test_dkg_answers_twice_or_a_participant_that_vanishes_mid_dkg(
         assert failed.reason == "participant_failed"
         assert "'p2'" in str(failed)
         assert "disconnected" in str(failed) or "connection closed" in str(failed)
+
+
+async def concurrent_gateway_side(hub: ParticipantHub, tmp: Path, n: int) -> list[str]:
+    registry = AccountRegistry(tmp / "accounts.jsonl").open()
+    shares = DkgShares(tmp / "journal.jsonl", [])
+    shares.open()
+    gate = approver("ops-1", "ops-2")
+    created: list[str] = []
+    try:
+        async with dev_enclave() as enclave, trio.open_nursery() as nursery:
+            node = EnclaveNode("node-1", enclave.address)
+            await nursery.start(node.run)
+            driver = DkgDriver(
+                [node],
+                [RemoteDkgParticipant(hub, "p2", "p2", timeout_s=20.0)],
+                shares,
+                approver=gate,
+                settings=DkgSettings(round_timeout_s=20.0, max_concurrent=n),
+                registry=registry,
+            )
+
+            async def one(i: int) -> None:
+                account = await driver.create_account(f"remote-dkg-c{i}", SUITES[i % 3])
+                created.append(account.account_id)
+
+            async with trio.open_nursery() as creators:
+                for i in range(n):
+                    creators.start_soon(one, i)
+            nursery.cancel_scope.cancel()
+    finally:
+        registry.close()
+        shares.close()
+        gate.close()
+    return sorted(created)
+
+
+async def test_concurrent_dkgs_share_the_store_saves(tmp_path: Path) -> None:
+    """Six DKGs at once through one participant connection: every share sealed before its
+    dkg_done, the saves group-committed (fewer saves than DKGs is allowed, never a lost
+    share), the store on disk holding all six."""
+    n = 6
+    auth = signing_key(PARTICIPANT_KEYS["p2"])
+    approver_key = ApproverSigningKey.generate()
+    store_path = tmp_path / "p2.store"
+    store = await anyio.to_thread.run_sync(
+        lambda: SealedShareStore.create(store_path, "p2", [], cheap_key())
+    )
+    hub = ParticipantHub(
+        {"p2": ParticipantKey("p2", "p2", auth.public_key)}, HubSettings(gateway_id="gw")
+    )
+    gw = GatewayThread(hub)
+    gw.start()
+    try:
+        client = ParticipantClient(
+            ClientSettings(gw.url),
+            participant_id="p2",
+            key_id="p2",
+            auth_key=auth,
+            approver=approver_key,
+            approver_key_id="p2-approver",
+            shares=store,
+            policy=AutoPolicy(),
+        )
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(client.run)
+            with anyio.fail_after(10):
+                await client.wait_authenticated()
+            created = await gw.call(concurrent_gateway_side, hub, tmp_path, n)
+            tg.cancel_scope.cancel()
+    finally:
+        gw.stop()
+        store.close()
+        auth.close()
+        approver_key.close()
+    names = sorted(f"remote-dkg-c{i}" for i in range(n))
+    assert created == names
+    assert client.counts["dkg_stored"] == n
+    assert 1 <= client.counts["store_saves"] <= n
+    assert await anyio.to_thread.run_sync(on_disk, store_path) == names

@@ -358,10 +358,13 @@ class SealedShareStore:
         replace the file atomically: after a crash the file is the old one or the new one,
         whole and fsynced, never a mix."""
         self._check_open()
+        # A snapshot first: save() runs in a worker thread while the event loop may put()
+        # another DKG's share (that one is covered by the next save).
+        records = list(self._records.values())
         header_key, data_key = self._key_source.new_key(self.participant_id)
         plain = io.BytesIO()
         try:
-            write_plaintext(plain, self._records.values())
+            write_plaintext(plain, records)
             header = {
                 "format": STORE_FORMAT,
                 "version": STORE_VERSION,
