@@ -4,9 +4,9 @@
 SignService and DkgRegistry on loopback, the real DeltaWriter and the parent's FileDeltaStore):
 N accounts round-robin over the suites, each signed once and verified by the suite's own
 verifier, and the report's lines. Then the whole stack (KMS, signed bundle, parent, enclave,
-attested TLS, gateway), which cannot create accounts yet: the production enclave's boot does
-not unseal the delta identity key, so DkgRound1 answers FAILED_PRECONDITION. That test is a
-strict xfail and turns into a pass once the boot wiring lands.
+attested TLS, gateway) with the delta identity key made at genesis inside an enclave (the
+parent's --genesis), pinned, and unsealed by the production enclave's boot over the boot
+channel: the accounts are created by DKG there and signed with.
 """
 
 from __future__ import annotations
@@ -70,13 +70,6 @@ async def test_the_demo_step_creates_signs_and_reports(tmp_path: Path) -> None:
     assert enclave.registry.open_count == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="the production enclave is not given the delta identity key at boot "
-    "(serve_enclave(identity_key=...) is never passed by `trio-sign enclave`): DkgRound1 "
-    "answers FAILED_PRECONDITION in the full stack",
-)
 def test_the_full_stack_demo_creates_accounts_by_dkg(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -102,15 +102,13 @@ GATEWAY_APPROVERS: tuple[str, ...] = ("ops-1", "risk-1")
 DKG_PARTICIPANTS: tuple[str, ...] = ("p2", "p3")
 
 
-def make_dkg_keys(work: Path) -> tuple[dict[str, Path], str, str]:
+def make_dkg_keys(work: Path) -> tuple[dict[str, Path], str]:
     """The DKG side of the stack's measured configuration: fresh Ed25519 keys for the
-    gateway's participants (``participants/<id>.key``, the approver key format, 0600) and the
-    delta identity key (``identity-key.json``, 0600: the development stand-in for the key made
-    at genesis inside an enclave, DESIGN §12). Returns ``(participant key files, its public
-    key hex, the enclave.toml text: [dkg] participants and a 2-of-3 [policies.create])``.
-    Blocking file I/O."""
+    gateway's participants (``participants/<id>.key``, the approver key format, 0600).
+    Returns ``(participant key files, the enclave.toml text: [dkg] participants and a 2-of-3
+    [policies.create])``. The delta identity key is made at genesis inside an enclave
+    (:func:`identity_genesis`). Blocking file I/O."""
     from ..gateway import ApproverSigningKey
-    from ..shares import CeremonyKey
 
     directory = work / "participants"
     directory.mkdir(parents=True, exist_ok=True)
@@ -123,17 +121,72 @@ def make_dkg_keys(work: Path) -> tuple[dict[str, Path], str, str]:
             key.save(path, key_id=pid)
             pins.append(f'{pid} = "{key.public_key.hex()}"')
         files[pid] = path
-    identity_file = work / "identity-key.json"
-    identity_file.unlink(missing_ok=True)
-    with CeremonyKey.generate() as identity:
-        identity.save(identity_file)
-        identity_public = identity.public_key.hex()
     names = ", ".join(f'"{k}"' for k in APPROVERS)
     toml = (
         f"\n[policies.create]\napprovers = [{names}]\nthreshold = {POLICY_THRESHOLD}\n"
         "\n[dkg]\n[dkg.participants]\n" + "\n".join(pins) + "\n"
     )
-    return files, identity_public, toml
+    return files, toml
+
+
+async def identity_genesis(
+    work: Path, *, nsm_dir: Path, enclave_toml: Path, root_pem: bytes, kms_keys: Path
+) -> tuple[Path, str]:
+    """Genesis of the stack's delta identity key (docs/runbook.md §7), as an operator runs it:
+    a local KMS with a key for it, and ``trio-sign parent --genesis`` (a
+    :class:`~trio_sign.parent.ParentSupervisor` with ``genesis``) booting the local enclave
+    with ``enclave_toml`` (the stack's configuration before the pin) once; the enclave makes
+    the key, KMS seals its data key to the enclave's attestation, and the parent writes the
+    sealed file into ``work/run``. The KMS's key store stays in ``kms_keys`` for the stack's
+    KMS, which opens the sealed file at every boot. Returns ``(sealed file, public key hex)``."""
+    from ..kms import make_kms_client
+    from ..kms._server import KeyPolicy, LocalKms, serve_kms_local
+    from ..kms._store import KeyStore
+    from ..nitro._local_nsm import local_pcrs_for_config
+    from ..parent import parse_parent_config
+    from ..parent._supervisor import ParentSupervisor
+
+    sealed_file = work / "run" / "delta-identity.sealed.json"
+    sealed_file.unlink(missing_ok=True)  # a fresh stack, a fresh key (like its KMS key)
+    store = KeyStore(kms_keys)
+    try:
+        pcrs = local_pcrs_for_config(enclave_toml)
+        kms = LocalKms(store, root_pem=root_pem, policy=KeyPolicy.from_json(_policy_json(pcrs)))
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(serve_kms_local, kms, "tcp://127.0.0.1:0")
+            client = make_kms_client(url)
+            created = await trio.to_thread.run_sync(lambda: client.create_key())
+            key_id = created["KeyMetadata"]["KeyId"]
+            config = parse_parent_config(
+                f"""
+[bundle]
+source = "{enclave_toml}"
+work_dir = "{work / "genesis"}"
+[kms]
+mode = "local"
+endpoint_url = "{url}"
+[enclave]
+backend = "local"
+nsm_dir = "{nsm_dir}"
+config = "{enclave_toml}"
+preload_timeout_s = 120
+[health]
+listen = "tcp://127.0.0.1:0"
+[logs]
+file = "{work / "enclave-logs.jsonl"}"
+[identity]
+sealed_file = "{sealed_file}"
+kms_key_id = "{key_id}"
+"""
+            )
+            supervisor = ParentSupervisor(config, genesis=True)
+            await supervisor.run()
+            nursery.cancel_scope.cancel()
+    finally:
+        store.close()
+    if supervisor.genesis_sealed is None:  # pragma: no cover - run() raised instead
+        raise RuntimeError("the identity key's genesis did not complete")
+    return sealed_file, supervisor.genesis_sealed.public_key.hex()
 
 
 def make_approver_keys(directory: Path) -> tuple[dict[str, Path], str]:
@@ -297,20 +350,38 @@ async def local_stack(
     approver_files, policies_toml = await trio.to_thread.run_sync(
         make_approver_keys, work / "approvers"
     )
-    # Accounts created by DKG (DESIGN §13): the gateway's participant keys pinned in [dkg],
-    # the create policy, and the delta identity key that signs the enclave's deltas.
-    participant_files, identity_public, dkg_toml = await trio.to_thread.run_sync(
-        make_dkg_keys, work
-    )
+    # Accounts created by DKG (DESIGN §13): the gateway's participant keys pinned in [dkg]
+    # and the create policy.
+    participant_files, dkg_toml = await trio.to_thread.run_sync(make_dkg_keys, work)
     # The local enclave's measured configuration (DESIGN §9): the development CA is the
     # gateway client CA its TLS port checks, the ceremony key is the one signing key a bundle
-    # may carry (so the production check runs), the delta identity key, the approvers and the
-    # policy every account signs under, the DKG participants; the local PCRs follow this file.
-    enclave_toml = work / "enclave.toml"
-    enclave_toml.write_text(
+    # may carry (so the production check runs), the approvers and the policy every account
+    # signs under, the DKG participants; the local PCRs follow this file.
+    gateway_and_bundles = (
         f"[gateway]\nclient_ca_pem = '''\n{pki.ca.read_text()}'''\n\n"
         f'[bundles]\nsigning_keys = ["{bundle_signer}"]\n'
-        f'delta_identity_key = "{identity_public}"\n\n' + policies_toml + dkg_toml
+    )
+    # The delta identity key that signs the enclave's deltas (DESIGN §12): created at genesis
+    # inside an enclave running this configuration without the pin, sealed under KMS; then
+    # pinned (the file below, whose PCRs the key policy names) and unsealed at every boot.
+    (work / "kms-keys.json").unlink(missing_ok=True)
+    genesis_toml = work / "enclave-genesis.toml"
+    genesis_toml.write_text(gateway_and_bundles + "\n" + policies_toml + dkg_toml)
+    _say("      genesis of the delta identity key inside an enclave (the parent's --genesis)")
+    identity_sealed, identity_public = await identity_genesis(
+        work,
+        nsm_dir=nsm_dir,
+        enclave_toml=genesis_toml,
+        root_pem=root_pem,
+        kms_keys=work / "kms-keys.json",
+    )
+    _say(f"      delta identity key {identity_public} (sealed in {identity_sealed})")
+    enclave_toml = work / "enclave.toml"
+    enclave_toml.write_text(
+        gateway_and_bundles
+        + f'delta_identity_key = "{identity_public}"\n\n'
+        + policies_toml
+        + dkg_toml
     )
     enclave_config_sha256 = hashlib.sha256(enclave_toml.read_bytes()).hexdigest()
     local_pcrs = local_pcrs_for_config(enclave_toml)
@@ -319,8 +390,7 @@ async def local_stack(
             "      starting the local KMS and sealing the service's shares through it (boto3), "
             f"signed by the ceremony key {bundle_signer[:16]}…"
         )
-        (work / "kms-keys.json").unlink(missing_ok=True)
-        kms = LocalKms(
+        kms = LocalKms(  # the key store keeps the identity's key from the genesis
             KeyStore(work / "kms-keys.json"),
             root_pem=root_pem,
             policy=KeyPolicy.from_json(_policy_json(local_pcrs)),
@@ -408,6 +478,8 @@ listen = "{health_listen}"
 file = "{work / "enclave-logs.jsonl"}"
 [deltas]
 location = "file://{deltas_dir}"
+[identity]
+sealed_file = "{identity_sealed}"
 """
         )
         started = time.monotonic()

@@ -623,6 +623,8 @@ class ParentSupervisor:
         """One genesis boot (``genesis``): launch, serve :func:`serve_genesis`, store the
         sealed file, then let the enclave exit by itself (bounded)."""
         lifecycle = self.state.lifecycle
+        # No bundle is copied, so nothing else makes the work directory (its sockets live there).
+        await trio.Path(self.config.bundle.work_dir).mkdir(parents=True, exist_ok=True)
         await nursery.start(_run_in, channels, self._serve_channels, run.link)
         listeners = await _listen(self.addresses.listen["preload"], "enclave's preload")
         try:
