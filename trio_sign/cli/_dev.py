@@ -36,16 +36,17 @@ a gateway.toml line (a dotted key: ``[approvers] keys``) that gives your gateway
 (``trio-sign gateway`` then approves every Sign it sends), and ``trio-sign approver approve``
 makes one by hand.
 
-Accounts by DKG (DESIGN §13, issue 16): the enclave.toml also pins a delta identity key
-(``[bundles] delta_identity_key``; a development key in WORKDIR/identity-key.json, 0600, the
-stand-in for the one made at genesis inside an enclave), two DKG participant keys in ``[dkg]
-participants`` (p2 and p3, private keys in WORKDIR/participants/, 0600, printed as
-``participants``) and a 2-of-3 ``[policies.create]`` over the same approvers; the parent
-stores delta bundles under WORKDIR/run/deltas (``[deltas] location``). ``gateway_dkg`` is a
-gateway.toml line that gives your gateway the participants, so its ``POST /v1/accounts``
-creates accounts by DKG (docs/gateway.md). The enclave takes part in a DKG only once its
-boot unseals the identity key (not wired into ``trio-sign enclave`` yet: until then
-DkgRound1 answers FAILED_PRECONDITION).
+Accounts by DKG (DESIGN §13, issue 16): at every ``dev up`` the delta identity key is made
+once at genesis inside the local enclave (the parent's ``--genesis``, docs/runbook.md §7:
+KMS seals its data key to the enclave's attestation; the sealed file, public data, is
+WORKDIR/run/delta-identity.sealed.json), then pinned in the enclave.toml (``[bundles]
+delta_identity_key``) and unsealed at every boot over the boot channel (``[identity]
+sealed_file``). The enclave.toml also pins two DKG participant keys in ``[dkg] participants``
+(p2 and p3, private keys in WORKDIR/participants/, 0600, printed as ``participants``) and a
+2-of-3 ``[policies.create]`` over the same approvers; the parent stores delta bundles under
+WORKDIR/run/deltas (``[deltas] location``). ``gateway_dkg`` is a gateway.toml line that gives
+your gateway the participants, so its ``POST /v1/accounts`` creates accounts by DKG
+(docs/gateway.md), with the enclave as one participant.
 
 Ctrl-C (or SIGTERM) stops everything; the command exits 0 then. A port already in use or a
 missing file is one line on stderr and exit 1.
