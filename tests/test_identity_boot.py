@@ -383,3 +383,43 @@ nsm_dir = "{tmp_path}"
         parse_parent_config(base + '[identity]\nsealed_file = "s3://b/k"\n', base=tmp_path)
     with pytest.raises(ConfigError, match="unknown key"):
         parse_parent_config(base + '[identity]\nsealed_file = "a"\nx = 1\n', base=tmp_path)
+
+
+def test_the_local_launcher_connects_the_deltas_channel_and_the_enclave_takes_it(
+    tmp_path: Path,
+) -> None:
+    """With [deltas], the local enclave is told where the parent's deltas socket is (it would
+    dial vsock otherwise), and ``trio-sign enclave --deltas-address`` sets it."""
+    import argparse
+
+    from trio_sign.cli import _enclave
+    from trio_sign.parent._launch import LocalLauncher
+    from trio_sign.parent._supervisor import default_launcher
+
+    base = f"""
+[bundle]
+source = "{tmp_path / "bundle.enc"}"
+work_dir = "{tmp_path / "run"}"
+[kms]
+mode = "local"
+endpoint_url = "http://127.0.0.1:1"
+[enclave]
+backend = "local"
+nsm_dir = "{tmp_path}"
+config = "{tmp_path / "enclave.toml"}"
+"""
+    without = default_launcher(parse_parent_config(base, base=tmp_path))
+    assert isinstance(without, LocalLauncher)
+    assert "--deltas-address" not in without.enclave_args
+    deltas = f'[deltas]\nlocation = "file://{tmp_path / "deltas"}"\n'
+    launcher = default_launcher(parse_parent_config(base + deltas, base=tmp_path))
+    assert isinstance(launcher, LocalLauncher)
+    args = list(launcher.enclave_args)
+    where = args[args.index("--deltas-address") + 1]
+    assert where == f"unix://{tmp_path / 'run'}/deltas.sock"
+
+    parser = argparse.ArgumentParser()
+    _enclave.add_parser(parser.add_subparsers())
+    parsed = parser.parse_args(["enclave", *args])
+    assert parsed.deltas_address == where
+    assert parser.parse_args(["enclave"]).deltas_address == "vsock://3:7003"
