@@ -526,3 +526,43 @@ async def test_compact_needs_the_compact_policys_approvals(
         assert len(answer.sha256) == 64
         assert hashlib.sha256(b"").hexdigest() != answer.sha256
         nursery.cancel_scope.cancel()
+
+
+async def test_the_cli_request_is_approved_by_its_key_files(
+    world: World,  # noqa: F811
+    nsm: LocalNsm,
+    tmp_path: Path,
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """``trio-sign compact`` builds its approvals from approver key files (a = "", s = the
+    request id, message = the key ARN); the enclave's compact policy accepts them."""
+    from trio_sign.cli._compact import compact_request as cli_request
+    from trio_sign.gateway._approvals import ApproverSigningKey
+
+    lines = []
+    files = []
+    for name in ("ops-1", "ops-2"):
+        with ApproverSigningKey.generate("ed25519") as key:
+            key.save(tmp_path / f"{name}.key", key_id=name)
+            lines.append(key.enclave_toml(name))
+        files.append(tmp_path / f"{name}.key")
+    lines += ["[policies.default]\napprovers = []\nthreshold = 0\n"]
+    lines += ['[policies.compact]\napprovers = ["ops-1", "ops-2"]\nthreshold = 2\n']
+    measured = parse_measured_config("".join(lines).encode())
+    node = old_node(world, nsm, (ARN,))
+    service = SignService(
+        node.store,
+        SessionPool(node.store.get),
+        authorizer=Authorizer(measured.policies),
+        compactor=node.compactor,
+    )
+    async with trio.open_nursery() as nursery:
+        await _with_fake(node, FakeKmsParent("ok"), nursery)
+        one = cli_request(ARN, "req-1", files[:1], expires_in_ms=60_000)
+        with pytest.raises(RpcError) as info:
+            await service.compact(one, None)  # type: ignore[arg-type]
+        assert info.value.status == StatusCode.PERMISSION_DENIED
+        both = cli_request(ARN, "req-2", files, expires_in_ms=60_000)
+        answer = await service.compact(both, None)  # type: ignore[arg-type]
+        assert answer.accounts == 4
+        nursery.cancel_scope.cancel()

@@ -28,6 +28,7 @@ from .._logging import LOG_FORMATS, configure_logging, default_log_format
 from . import (
     _approver,
     _attestation,
+    _compact,
     _demo,
     _dev,
     _enclave,
@@ -59,6 +60,7 @@ _COMMANDS = (
     _demo,
     _dev,
     _approver,
+    _compact,
     _participant,
 )
 
