@@ -423,3 +423,89 @@ config = "{tmp_path / "enclave.toml"}"
     parsed = parser.parse_args(["enclave", *args])
     assert parsed.deltas_address == where
     assert parser.parse_args(["enclave"]).deltas_address == "vsock://3:7003"
+
+
+async def test_the_production_tree_unseals_the_key_at_boot_stores_a_delta_and_zeroes_it(
+    tmp_path: Path, nsm_dir: Path, nsm: LocalNsm
+) -> None:
+    """serve_enclave (no key given) against the real parent code over UNIX sockets: the
+    parent's sealed file is unsealed at boot, so the deltas channel runs and the enclave's own
+    delta, signed by that key, lands in the parent's store and signs; /readyz-style state shows
+    the public key; after the drain the key is zeroed."""
+    import dataclasses
+    import functools
+
+    from trio_sign.enclave import EnclaveConfig, serve_enclave
+    from trio_sign.enclave._measured import development_config
+    from trio_sign.parent import serve_log_connection, serve_status_connection
+    from trio_sign.parent._deltas import Deltas, FileDeltaStore, serve_deltas
+    from trio_sign.parent._health import ParentState
+    from trio_sign.transport import open_listeners
+
+    from .test_enclave_deltas import fresh_accounts, records_of, sign_with
+
+    d = tmp_path / "sock"
+    d.mkdir()
+    dev = DevKeyFile.create(d / "dev.key")
+    base = fresh_accounts("base", 2)
+    bundle = d / "bundle.enc"
+    bundle.write_bytes(encode_bundle(records_of(base), dev))
+    files = FileDeltaStore(d / "deltas")
+    files.recover()
+    hub = Deltas(files, poll_interval_s=0.5)
+    async with local_kms(tmp_path, nsm) as (client, key_id):
+        sealed = await _genesis_file(nsm, client, key_id, d / "identity.json")
+        kms = BothKms(DevRecipientKms(dev, root_pem=nsm.root_pem), KmsRecipientKms(client))
+
+        async def boot(stream: trio.SocketStream) -> None:
+            try:
+                hub.new_run()
+                result = await serve_preload(
+                    MessageStream(stream), bundle, kms, deltas=hub, identity=sealed.to_json()
+                )
+                hub.mark_booted(result)
+            finally:
+                await stream.aclose()
+
+        config = EnclaveConfig(
+            grpc_listen=f"unix://{d}/grpc.sock",
+            nsm="local",
+            measured=dataclasses.replace(
+                development_config(), delta_identity_key=sealed.public_key
+            ),
+            preload_address=f"unix://{d}/boot.sock",
+            status_address=f"unix://{d}/status.sock",
+            log_address=f"unix://{d}/logs.sock",
+            deltas_address=f"unix://{d}/deltas.sock",
+            preload_timeout_s=20.0,
+            drain_grace_s=1.0,
+        )
+        async with trio.open_nursery() as nursery:
+            for name, handler in (
+                ("boot", boot),
+                ("status", functools.partial(serve_status_connection, on=lambda m: None)),
+                ("logs", functools.partial(serve_log_connection, on=lambda m: None)),
+            ):
+                listeners = await open_listeners(f"unix://{d}/{name}.sock")
+                await nursery.start(trio.serve_listeners, handler, listeners)
+            await nursery.start(serve_deltas, await open_listeners(f"unix://{d}/deltas.sock"), hub)
+            handle = await nursery.start(functools.partial(serve_enclave, config, nsm=nsm))
+            assert handle.delta_writer is not None  # the key came over the boot channel
+            assert handle.deltas is not None
+            key = handle.deltas.signer
+            assert key is not None
+            assert key.public_key == sealed.public_key
+            mine = fresh_accounts("mine", 1)
+            with trio.fail_after(10):
+                sequence, _head = await handle.delta_writer.store(records_of(mine), "create", "m")
+            assert sequence == 1
+            assert files.list().sequences == (1,)
+            sign_with(handle.service.pool, mine["mine-0"], "s-1", b"signed with a new account")
+            await handle.drain()
+            nursery.cancel_scope.cancel()
+    # zeroed on the way out (the seed half of libsodium's secret key, and the rest)
+    assert bytes(key._pair._sk) == bytes(len(key._pair._sk))
+    state = ParentState(identity_public_key=sealed.public_key.hex())
+    assert state.report()["identity_public_key"] == sealed.public_key.hex()
+    assert "identity_public_key" not in ParentState().report()
+    dev.close()
