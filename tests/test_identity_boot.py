@@ -509,3 +509,37 @@ async def test_the_production_tree_unseals_the_key_at_boot_stores_a_delta_and_ze
     assert state.report()["identity_public_key"] == sealed.public_key.hex()
     assert "identity_public_key" not in ParentState().report()
     dev.close()
+
+
+def test_parent_check_genesis_on_the_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``trio-sign parent --check --genesis``: the genesis's own preflight (exit 2 while a
+    sealed file exists; 0 when none does and a KMS key is named; no bundle needed)."""
+    from trio_sign.cli._main import build_parser
+
+    toml = tmp_path / "parent.toml"
+    toml.write_text(
+        f"""
+[bundle]
+source = "{tmp_path / "no-bundle-yet.enc"}"
+work_dir = "{tmp_path / "run"}"
+[kms]
+mode = "local"
+endpoint_url = "http://127.0.0.1:1"
+[enclave]
+backend = "local"
+nsm_dir = "{tmp_path}"
+[identity]
+sealed_file = "identity.json"
+kms_key_id = "k"
+"""
+    )
+    (tmp_path / "local-nsm-root.pem").write_bytes(b"")
+    parser = build_parser()
+    args = parser.parse_args(["parent", "--config", str(toml), "--check", "--genesis"])
+    assert args.func(args) == 0
+    assert "identity     " in capsys.readouterr().out
+    (tmp_path / "identity.json").write_text("{}")
+    assert args.func(args) == 2
+    assert "genesis never replaces a key" in capsys.readouterr().err
