@@ -323,11 +323,42 @@ def test_identity_key_signs_only_a_compacted_base(world: World) -> None:  # noqa
     with pytest.raises(ShareFileError, match=r"compacts\.deltas"):
         encode_bundle(records, world.key, compacts={**compacts, "deltas": -1})
     with pytest.raises(ShareFileError, match=r"compacts\.head"):
-        encode_bundle(
-            records, world.key, compacts={"base": "ab" * 32, "head": "cd" * 32, "deltas": 0}
-        )
+        encode_bundle(records, world.key, compacts={**compacts, "head": "CD" * 32})
+    with pytest.raises(ShareFileError, match="exactly base, head and deltas"):
+        encode_bundle(records, world.key, compacts={**compacts, "sequence": 1})
     with pytest.raises(ShareFileError, match="only allowed in a base"):
         encode_bundle(records, world.key, kind="delta", compacts=compacts)
+
+
+def test_the_chain_on_a_compacted_base() -> None:
+    """``count``/``head`` continue the compacted chain; deltas 1..n are ``delta_compacted``
+    (before any key is used), n+1 must name ``compacts.head``; with n = 0 (a pure
+    re-encryption) delta 1 names what it named on the old base."""
+    old, head, new = "aa" * 32, "bb" * 32, "cc" * 32
+
+    def header(sequence: int, previous: str) -> dict[str, Any]:
+        return {"kind": "delta", "sequence": sequence, "previous": previous}
+
+    def reason(chain: DeltaChain, h: dict[str, Any]) -> str:
+        with pytest.raises(ShareFileError) as info:
+            chain.check_next({**h, "operation": "create", "dkg_id": "d"})
+        return info.value.reason
+
+    chain = DeltaChain(new, compacts={"base": old, "head": head, "deltas": 3})
+    assert (chain.count, chain.head, chain.next_sequence, chain.next_previous) == (3, head, 4, head)
+    assert reason(chain, header(2, old)) == "delta_compacted"
+    assert reason(chain, header(3, old)) == "delta_compacted"
+    assert reason(chain, header(4, new)) == "delta_chain"
+    assert reason(chain, header(5, head)) == "delta_chain"
+    chain.check_next({**header(4, head), "operation": "create", "dkg_id": "d"})
+
+    again = DeltaChain(new, compacts={"base": old, "head": old, "deltas": 0})
+    assert (again.count, again.head, again.next_previous) == (0, "0" * 64, old)
+    assert reason(again, header(1, new)) == "delta_chain"
+    again.check_next({**header(1, old), "operation": "create", "dkg_id": "d"})
+    header_of_base = {"kind": "base", "compacts": {"base": old, "head": head, "deltas": 3}}
+    assert DeltaChain.for_base(header_of_base, new).count == 3
+    assert DeltaChain.for_base({"kind": "base"}, new).next_previous == new
 
 
 # -- refusals --------------------------------------------------------------------------------------

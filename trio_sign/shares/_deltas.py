@@ -163,7 +163,15 @@ class DeltaChain:
             accounts are already in the base).
     """
 
-    __slots__ = ("_dkg_accounts", "_dkgs", "_head", "base_fingerprint", "compacted", "count")
+    __slots__ = (
+        "_dkg_accounts",
+        "_dkgs",
+        "_head",
+        "_start",
+        "base_fingerprint",
+        "compacted",
+        "count",
+    )
 
     def __init__(self, base_fingerprint: str, *, compacts: Mapping[str, Any] | None = None) -> None:
         if len(base_fingerprint) != 64 or not _is_hex(base_fingerprint):
@@ -174,11 +182,14 @@ class DeltaChain:
         self._head: str | None = None
         self._dkgs: dict[str, tuple[int, str]] = {}
         self._dkg_accounts: dict[str, tuple[str, ...]] = {}
+        #: What the first delta loaded here must name as ``previous``.
+        self._start = self.base_fingerprint
         if compacts is not None:
             check_compacts(compacts)
             self.compacted = self.count = int(compacts["deltas"])
+            self._start = str(compacts["head"])
             if self.compacted:
-                self._head = str(compacts["head"])
+                self._head = self._start
 
     @classmethod
     def for_base(cls, header: Mapping[str, Any], fingerprint: str) -> DeltaChain:
@@ -204,8 +215,9 @@ class DeltaChain:
 
     @property
     def next_previous(self) -> str:
-        """What the next delta's ``previous`` must be: the head, or the base for the first."""
-        return self.base_fingerprint if self._head is None else self._head
+        """What the next delta's ``previous`` must be: the head, or for the first the base
+        (of a compacted base: ``compacts.head``, what the compacted chain's next delta names)."""
+        return self._start if self._head is None else self._head
 
     def check_next(self, header: Mapping[str, Any], fingerprint: str | None = None) -> None:
         """Refuse (``delta_chain``) a delta header that is not the next link.
@@ -233,7 +245,7 @@ class DeltaChain:
                 f"delta {sequence} is {what}: the next delta on this node is {expected}"
             )
         if previous != self.next_previous:
-            on = "the base" if self._head is None else f"delta {self.count}"
+            on = "the base" if self._head is None and not self.compacted else f"delta {self.count}"
             raise _chain_error(
                 f"delta {sequence} follows {previous[:16]}..., not {on} ({self.next_previous[:16]}"
                 "...): it belongs to another base or chain"

@@ -230,7 +230,8 @@ def _check_delta_fields(header: dict[str, Any]) -> None:
 def check_compacts(value: Any, *, kind: str = KIND_BASE) -> dict[str, Any]:
     """A base header's ``compacts`` (docs/compaction.md): ``{"base": hex, "head": hex,
     "deltas": n}``, exactly those keys; ``head`` is what delta ``n + 1`` names as its
-    ``previous`` (the last compacted delta's fingerprint, or ``base`` when ``n`` is 0).
+    ``previous`` (the last compacted delta's fingerprint; with ``n`` 0, what delta 1 on
+    ``base`` names: ``base``, or ``base``'s own ``compacts.head`` when it is compacted).
 
     Error handling: ``bad_header`` (also in a ``delta`` header, where it has no meaning).
     """
@@ -245,8 +246,6 @@ def check_compacts(value: Any, *, kind: str = KIND_BASE) -> dict[str, Any]:
     deltas = value["deltas"]
     if not _is_int(deltas) or not 0 <= deltas <= MAX_DELTA_SEQUENCE:
         raise _header_error(f"compacts.deltas must be an integer in 0..{MAX_DELTA_SEQUENCE}")
-    if deltas == 0 and value["head"] != value["base"]:
-        raise _header_error("compacts.head must be compacts.base when no delta is compacted")
     return value
 
 
