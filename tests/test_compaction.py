@@ -597,3 +597,73 @@ async def test_the_cli_request_is_approved_by_its_key_files(
         answer = await service.compact(both, None)  # type: ignore[arg-type]
         assert answer.accounts == 4
         nursery.cancel_scope.cancel()
+
+
+# -- the parent's end ------------------------------------------------------------------------------
+
+
+async def test_the_parent_stores_only_a_compacted_base_under_its_fingerprint(
+    world: World,  # noqa: F811
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    from trio_sign.nitro._channel import BaseStoreFailedMessage, CompactionKeyFailedMessage
+
+    records = [a.service for a in world.accounts.values()]
+    compacts = {"base": "ab" * 32, "head": "cd" * 32, "deltas": 2}
+    base = encode_bundle(records, world.key, signer=world.ident, compacts=compacts)
+    sha = hashlib.sha256(base[:-104]).hexdigest()
+    parent = world.parent()
+    stored = await parent.store_base(sha, base)
+    assert stored == BaseStoredMessage(
+        sha256=sha, object=f"file://{world.dir}/deltas/base-{sha}.enc"
+    )
+    assert await parent.store_base(sha, base) == stored  # the same bytes again: stored
+    ordinary = encode_bundle(records, world.key)
+    for data, claimed in ((ordinary, hashlib.sha256(ordinary).hexdigest()), (base, "0" * 64)):
+        answer = await parent.store_base(claimed, data)
+        assert isinstance(answer, BaseStoreFailedMessage)
+        assert answer.reason.startswith("not_a_base")
+    assert sorted(p.name for p in (world.dir / "deltas").iterdir()) == [f"base-{sha}.enc"]
+    assert parent.store.list().sequences == ()  # a base is never a delta
+    # A different object under the name is a conflict, not overwritten.
+    files = FileDeltaStore(world.dir / "deltas", host_tag=TAG)
+    assert files.put_base(sha, b"other bytes")[0] is PutOutcome.CONFLICT
+    # No KMS client: the compaction's data key is refused, not invented.
+    request = CompactionKeyRequestMessage(document=b"doc", kms_key_id=ARN)
+    assert isinstance(await parent.compaction_key(request), CompactionKeyFailedMessage)
+
+
+def test_a_crashed_base_write_leaves_no_visible_object(world: World) -> None:  # noqa: F811
+    """A temporary base file of a crashed parent is never an object, and the next start
+    removes it."""
+    deltas_dir = world.dir / "deltas"
+    deltas_dir.mkdir()
+    leftover = deltas_dir / f".base-{'ab' * 32}.enc.{TAG}.{'0' * 16}.tmp"
+    leftover.write_bytes(b"half a base")
+    files = FileDeltaStore(deltas_dir, host_tag=TAG)
+    assert files.recover() == 1
+    assert list(deltas_dir.iterdir()) == []
+
+
+async def test_a_kms_answer_for_another_key_is_refused(
+    world: World,  # noqa: F811
+    nsm: LocalNsm,
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    class OtherKey(FakeKmsParent):
+        async def run(self, stream: trio.abc.Stream) -> None:
+            messages = MessageStream(stream)
+            await messages.receive_expected(HelloMessage)
+            await messages.receive_expected(CompactionKeyRequestMessage)
+            await messages.send(
+                CompactionKeyMessage(key_id=ARN + "-parents", ciphertext_blob=b"b", ciphertext=b"c")
+            )
+            await trio.sleep_forever()
+
+    node = old_node(world, nsm, (ARN,))
+    async with trio.open_nursery() as nursery:
+        await _with_fake(node, OtherKey("ok"), nursery)
+        with pytest.raises(CompactionError) as info:
+            await node.compactor.compact(ARN)
+        assert info.value.reason == "kms_refused"
+        nursery.cancel_scope.cancel()
