@@ -26,7 +26,14 @@ Steps, each a real component talking over real sockets:
    key is the TLS certificate's, the bundle, the configuration and the PCRs are the pinned
    ones; every Sign approved by its two keys, every signature verified), with the health
    prober and its SSE probes running;
-7. report, and shut everything down (the parent terminates the enclave).
+7. three parties (:mod:`._demo_three`, issue 17): the participant endpoint, the public
+   account registry and ``trio-sign participant`` as a child process (its shares sealed in
+   its own store, approving as ``ops-2``); a coordinator that holds no share and one approver
+   key signs M messages again (every Sign needs the participant's approval and share), then
+   both configurations run open loop at the same rate; ``--create-accounts N`` creates its
+   accounts by DKG among the enclave and the participant process;
+8. report, and shut everything down (the parent terminates the enclave, the participant
+   process is ended).
 
 The accounts are dealt in the suites ``--ciphersuite`` names (round-robin; Ed25519 alone by
 default). Every signature the gateway returns (which it verified already) is verified again
@@ -245,6 +252,7 @@ class LocalStack:
     policy_threshold: int = 0  # [policies.default]: this many of the approvers
     participant_key_files: dict[str, Path] = field(default_factory=dict)  # DKG, id -> (0600)
     identity_public_key: str = ""  # [bundles] delta_identity_key, hex
+    identity_sealed_file: Path | None = None  # its sealed file ([identity] sealed_file)
     deltas_dir: Path | None = None  # the parent's [deltas] location
 
     @property
@@ -519,6 +527,7 @@ sealed_file = "{identity_sealed}"
             policy_threshold=POLICY_THRESHOLD,
             participant_key_files=participant_files,
             identity_public_key=identity_public,
+            identity_sealed_file=identity_sealed,
             deltas_dir=deltas_dir,
         )
         _say("      shutting down (the parent terminates the enclave)")
@@ -780,6 +789,10 @@ async def run_full_stack(args: argparse.Namespace, work: Path) -> dict[str, Any]
         "signing_key_file": str(stack.ceremony_key_file),
         "enclave_config": str(stack.enclave_config),
         "enclave_config_sha256": stack.enclave_config_sha256,
+        "delta_identity_key": (
+            f"{stack.identity_public_key}: made at genesis inside the enclave, sealed under "
+            f"KMS ({stack.identity_sealed_file}), pinned, unsealed at every boot"
+        ),
         **channel,
         "policy": (
             f"default: {stack.policy_threshold} of "
