@@ -54,6 +54,8 @@ Tree::
     ├── serve_gateway_events   (probe / abort / freeze / unfreeze / drain / undrain, per node)
     ├── EnclaveNode.run        (one per node: a kept-open gRPC channel, attested by default)
     ├── run_prober             (Ping + the SSE probe echo; eviction and re-admission)
+    ├── ParticipantHub.serve   (with [participant_endpoint]: remote participants' WebSocket,
+    │                           one handler per connection: reader, writer, heartbeat)
     ├── DkgDriver.run          (with [participants] key files: settles the journal's pending
     │                           DKGs at start and every recover_interval_s)
     └── the sign API           POST /v1/sign (optional session_id, approvals and
