@@ -400,6 +400,7 @@ class FakeKmsParent:
     def __init__(self, store: str) -> None:
         self.store = store
         self.requests = 0
+        self.base_seen = trio.Event()
 
     async def run(self, stream: trio.abc.Stream) -> None:
         from trio_sign.nitro import decode_attestation, encrypt_for_recipient
@@ -422,6 +423,7 @@ class FakeKmsParent:
             elif isinstance(message, BaseStoreMessage):
                 while not isinstance(await messages.receive(), DeltaEndMessage):
                     pass
+                self.base_seen.set()
                 if self.store == "ok":
                     await messages.send(
                         BaseStoredMessage(sha256=message.sha256, object="file:///b")
@@ -666,4 +668,97 @@ async def test_a_kms_answer_for_another_key_is_refused(
         with pytest.raises(CompactionError) as info:
             await node.compactor.compact(ARN)
         assert info.value.reason == "kms_refused"
+        nursery.cancel_scope.cancel()
+
+
+# -- concurrency and cancellation ------------------------------------------------------------------
+
+
+async def test_a_delta_applied_while_sealing_starts_the_seal_over(
+    world: World,  # noqa: F811
+    nsm: LocalNsm,
+    monkeypatch: pytest.MonkeyPatch,
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Sealing yields between slices (signing goes on); a delta pushed meanwhile makes it start
+    over, so the base and its ``compacts`` always describe one chain position."""
+    import trio_sign.enclave._compact as compact_module
+    from trio_sign.shares._deltas import seal_delta
+
+    monkeypatch.setattr(compact_module, "RECORDS_PER_SLICE", 1)
+    node = old_node(world, nsm, (ARN,))
+    chain = node.deltas.chain
+    with world.ident.delta_key_wrap() as wrap:
+        pushed = seal_delta(
+            records_of(fresh_accounts("pushed", 1)),
+            sequence=1,
+            previous=chain.next_previous,
+            operation="create",
+            dkg_id="elsewhere",
+            provider=wrap,
+            signer=world.ident,
+        )
+    passes = 0
+    real_plan = compact_module._plan
+
+    def counting_plan(*args: Any) -> Any:
+        nonlocal passes
+        passes += 1
+        return real_plan(*args)
+
+    monkeypatch.setattr(compact_module, "_plan", counting_plan)
+
+    async def push_once() -> None:
+        await trio.lowlevel.checkpoint()
+        node.deltas.apply(pushed.data)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(push_once)
+        base = await compact_module.seal_compacted(
+            node.store,
+            chain,
+            data_key=bytearray(32),
+            kms_key_id=ARN,
+            encrypted_data_key=b"blob",
+            signer=world.ident,
+            chunk_size=1024,
+        )
+    assert passes == 2
+    assert base.accounts == 5
+    assert base.compacts == {
+        "base": chain.base_fingerprint,
+        "head": pushed.fingerprint,
+        "deltas": 1,
+    }
+
+
+async def test_a_cancelled_compaction_releases_everything(
+    world: World,  # noqa: F811
+    nsm: LocalNsm,
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Cancelled while the parent has not answered: the locks are released (a DKG's store and
+    the next compaction go ahead) and nothing of it remains."""
+    node = old_node(world, nsm, (ARN,))
+    async with trio.open_nursery() as nursery:
+        silent = FakeKmsParent("silent")
+        await _with_fake(node, silent, nursery)
+        scope = trio.CancelScope()
+
+        async def compact() -> None:
+            with scope:
+                await node.compactor.compact(ARN)
+
+        nursery.start_soon(compact)
+        await silent.base_seen.wait()  # the base was sent, its answer outstanding
+        scope.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert scope.cancelled_caught
+        assert not node.writer.connected  # dropped: no late answer is taken for another
+        assert not node.writer._store_lock.locked()
+        assert not node.compactor._lock.locked()
+        nursery.cancel_scope.cancel()
+    async with trio.open_nursery() as nursery:
+        await _with_fake(node, FakeKmsParent("ok"), nursery)
+        assert (await node.compactor.compact(ARN)).accounts == 4
         nursery.cancel_scope.cancel()

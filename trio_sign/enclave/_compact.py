@@ -445,6 +445,13 @@ class Compactor:
                 )
             assert self._reply is not None
             return self._reply
+        except BaseException:
+            # Cancelled (or failed) with the answer outstanding, maybe mid-way through a base's
+            # frames: drop the connection, so the parent never reads a cut base as something
+            # else and no late answer is taken for another exchange.
+            if self._reply is None:
+                writer._drop()
+            raise
         finally:
             self._waiting = None
 
