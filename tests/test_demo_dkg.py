@@ -99,3 +99,4 @@ def test_the_full_stack_demo_creates_accounts_by_dkg(
     assert report["failures"] == 0, report["first_failure"]
     assert report["dkg_accounts"].startswith("3 of 3 created by DKG")
     assert report["dkg_signed"] == "3 signed, 3 verified independently"
+    assert "made at genesis inside the enclave" in report["delta_identity_key"]
