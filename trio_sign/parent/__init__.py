@@ -37,6 +37,7 @@ from ._logs import Redactor as Redactor
 from ._preload import CHUNK_BYTES as CHUNK_BYTES
 from ._preload import PreloadRefused as PreloadRefused
 from ._preload import RecipientKms as RecipientKms
+from ._preload import serve_genesis as serve_genesis
 from ._preload import serve_preload as serve_preload
 from ._relay import Allowlist as Allowlist
 from ._relay import serve_sse_relay as serve_sse_relay
@@ -86,4 +87,5 @@ __all__ = [
     "FileDeltaStore",
     "S3DeltaStore",
     "serve_deltas_connection",
+    "serve_genesis",
 ]
