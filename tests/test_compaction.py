@@ -9,6 +9,7 @@ authorization; the store failing, the parent not answering, and a KMS key not pi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import time
@@ -66,7 +67,7 @@ from trio_sign.parent._deltas import (
     kms_compaction_relay,
     serve_deltas_connection,
 )
-from trio_sign.rpc import RpcError, StatusCode
+from trio_sign.rpc import RpcError, StatusCode, serve_grpc
 from trio_sign.shares import (
     BundleTrust,
     SealedLoader,
@@ -434,6 +435,7 @@ class FakeKmsParent:
 
 
 ARN = "arn:aws:kms:us-east-1:111122223333:key/pinned"
+TOKEN = "compaction-test-token-0123456789"
 
 
 async def _with_fake(node: Node, parent: FakeKmsParent, nursery: trio.Nursery) -> None:
@@ -761,4 +763,73 @@ async def test_a_cancelled_compaction_releases_everything(
     async with trio.open_nursery() as nursery:
         await _with_fake(node, FakeKmsParent("ok"), nursery)
         assert (await node.compactor.compact(ARN)).accounts == 4
+        nursery.cancel_scope.cancel()
+
+
+async def test_trio_sign_compact_end_to_end(
+    world: World,  # noqa: F811
+    nsm: LocalNsm,
+    tmp_path: Path,
+) -> None:
+    """The command: approvals from key files, ``Compact`` on the node a (development)
+    gateway.toml names, the answer printed as JSON; exit 1 with one line when refused."""
+    import json
+    import sys
+
+    from trio_sign.gateway._approvals import ApproverSigningKey
+    from trio_sign.transport import open_listeners
+
+    lines, files = [], []
+    for name in ("ops-1", "ops-2"):
+        with ApproverSigningKey.generate("ed25519") as key:
+            key.save(tmp_path / f"{name}.key", key_id=name)
+            lines.append(key.enclave_toml(name))
+        files.append(str(tmp_path / f"{name}.key"))
+    lines += ['[policies.compact]\napprovers = ["ops-1", "ops-2"]\nthreshold = 2\n']
+    measured = parse_measured_config("".join(lines).encode())
+    node = old_node(world, nsm, (ARN,))
+    service = SignService(
+        node.store,
+        SessionPool(node.store.get),
+        authorizer=Authorizer(measured.policies),
+        compactor=node.compactor,
+    )
+    async with trio.open_nursery() as nursery:
+        await _with_fake(node, FakeKmsParent("ok"), nursery)
+        listeners = await open_listeners("tcp://127.0.0.1:0")
+        port = listeners[0].socket.getsockname()[1]  # type: ignore[attr-defined]
+        await nursery.start(
+            functools.partial(
+                serve_grpc, listeners, service.handlers(), method_limits=service.receive_limits()
+            )
+        )
+        config = tmp_path / "gateway.toml"
+        config.write_text(
+            f'[api]\nlisten = "tcp://127.0.0.1:0"\ntoken = "{TOKEN}"\n[events]\n'
+            'listen = "tcp://127.0.0.1:0"\n[shares]\nparticipant_files = ["unused.json"]\n'
+            "[dev]\nskip_attestation = true\nshare_files = true\n[[node]]\n"
+            f'id = "node-1"\naddress = "tcp://127.0.0.1:{port}"\nevents_token = "{TOKEN}"\n'
+        )
+        argv = [sys.executable, "-m", "trio_sign.cli", "compact", "--gateway-config", str(config)]
+        argv += ["--node", "node-1", "--kms-key-id", ARN, "--request-id", "r-1"]
+        one = await trio.run_process(
+            [*argv, "--approver-key", files[0]],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        assert one.returncode == 1
+        assert "PERMISSION_DENIED" in one.stderr.decode()
+        both = await trio.run_process(
+            [*argv, "--approver-key", files[0], "--approver-key", files[1]],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        assert both.returncode == 0, both.stderr.decode()[-2000:]
+        answer = json.loads(both.stdout)
+        assert answer["accounts"] == 4
+        assert answer["deltas"] == 0
+        assert answer["request_id"] == "r-1"
+        assert answer["object"] == "file:///b"
         nursery.cancel_scope.cancel()
