@@ -797,7 +797,7 @@ async def test_trio_sign_compact_end_to_end(
     async with trio.open_nursery() as nursery:
         await _with_fake(node, FakeKmsParent("ok"), nursery)
         listeners = await open_listeners("tcp://127.0.0.1:0")
-        port = listeners[0].socket.getsockname()[1]  # type: ignore[attr-defined]
+        port = listeners[0].socket.getsockname()[1]
         await nursery.start(
             functools.partial(
                 serve_grpc, listeners, service.handlers(), method_limits=service.receive_limits()
