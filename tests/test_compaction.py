@@ -36,10 +36,10 @@ from trio_sign.enclave._compact import (
     CompactionError,
     Compactor,
     compaction_approval_message,
+    open_compacted_key,
 )
 from trio_sign.enclave._deltas import DeltaWriter, EnclaveDeltas
 from trio_sign.enclave._measured import MeasuredConfigError, parse_measured_config
-from trio_sign.enclave._preload import preload_shares
 from trio_sign.enclave._service import SignService
 from trio_sign.kms import (
     KeyPolicy,
@@ -49,7 +49,7 @@ from trio_sign.kms import (
     make_kms_client,
     serve_kms_local,
 )
-from trio_sign.nitro import AsyncNsm, HelloMessage, LocalNsm, MessageStream
+from trio_sign.nitro import AsyncNsm, EphemeralRecipientKey, HelloMessage, LocalNsm, MessageStream
 from trio_sign.nitro._channel import (
     BaseStoredMessage,
     BaseStoreMessage,
@@ -58,7 +58,6 @@ from trio_sign.nitro._channel import (
     DeltaChunkMessage,
     DeltaEndMessage,
 )
-from trio_sign.parent import serve_preload
 from trio_sign.parent._deltas import (
     Deltas,
     DeltaStoreError,
@@ -192,20 +191,33 @@ def same_accounts(old: ShareStore, new: ShareStore) -> None:
         assert _sodium.ct_equal(x.signing_share, y.signing_share)
 
 
-async def boot_from(path: Path, kms: Kms, nsm: LocalNsm) -> tuple[ShareStore, Any]:
-    """A fresh enclave boot on ``path`` through the real preload on both sides (KMS
-    ``Decrypt`` with ``Recipient`` by the parent, the envelope opened in the enclave)."""
-    parent_end, enclave_end = trio.testing.memory_stream_pair()
-    out: dict[str, Any] = {}
+async def boot_from(path: Path, kms: Kms, nsm: LocalNsm, world: World) -> ShareStore:  # noqa: F811
+    """A fresh enclave boot on ``path``: the parent's real KMS ``Decrypt`` with ``Recipient``
+    (``KmsRecipientKms``) for a fresh attestation, the envelope opened with the enclave's RSA
+    key, the data key bound to the identity key (``open_compacted_key``), the base loaded
+    under compaction trust. The KMS data key alone (all a relaying parent could ever be
+    handed) does not open it."""
+    data = await trio.Path(path).read_bytes()
+    header, _ = inspect_sealed(io.BytesIO(data))
+    rsa_key = await trio.to_thread.run_sync(EphemeralRecipientKey.generate)
+    try:
+        document = await AsyncNsm(nsm).attestation(public_key=rsa_key.public_key_der)
+        envelope = await KmsRecipientKms(kms.client)(document, header)
+        kms_key = rsa_key.decrypt_recipient_ciphertext(envelope)
+    finally:
+        rsa_key.close()
+    trust = BundleTrust.pinned([], compaction_keys=[world.ident.public_key])
 
-    async def enclave() -> None:
-        out["boot"] = await preload_shares(MessageStream(enclave_end), AsyncNsm(nsm))
+    def load(key: bytearray) -> ShareStore:
+        loader = SealedLoader(unwrap=lambda h: bytearray(key), total_bytes=len(data), trust=trust)
+        loader.feed(data)
+        return loader.finish()
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(enclave)
-        await serve_preload(MessageStream(parent_end), path, KmsRecipientKms(kms.client))
-    store, report = out["boot"]
-    return store, report
+    with pytest.raises(ShareFileError):
+        load(kms_key)
+    with world.ident.delta_key_wrap() as wrap:
+        key = open_compacted_key(header, kms_key, wrap)
+    return load(key)
 
 
 # -- the round trip ------------------------------------------------------------------------------
@@ -262,8 +274,8 @@ async def test_compaction_holds_every_account_and_the_chain_continues(
 
         # A fresh enclave boots the new base: the parent's KMS Decrypt with Recipient under
         # the new key, the envelope opened by the enclave's attestation key.
-        fresh, report = await boot_from(path, kms, nsm)
-        assert report.sha256 == result.sha256
+        fresh = await boot_from(path, kms, nsm, world)
+        assert fresh.fingerprint == result.sha256
         assert fresh.signer == world.ident.public_key
         assert len(fresh) == len(node.store) - 1
         assert "late-0" not in fresh
@@ -402,6 +414,8 @@ class FakeKmsParent:
         self.store = store
         self.requests = 0
         self.base_seen = trio.Event()
+        self.base = b""
+        self.data_key = bytes(32 * [5])  # a key of its own, not KMS's
 
     async def run(self, stream: trio.abc.Stream) -> None:
         from trio_sign.nitro import decode_attestation, encrypt_for_recipient
@@ -415,15 +429,18 @@ class FakeKmsParent:
                 der = decode_attestation(message.document).public_key or b""
                 public = serialization.load_der_public_key(der)
                 assert isinstance(public, rsa.RSAPublicKey)
-                envelope = encrypt_for_recipient(public, bytes(32 * [5]))
+                envelope = encrypt_for_recipient(public, self.data_key)
                 await messages.send(
                     CompactionKeyMessage(
                         key_id=message.kms_key_id, ciphertext_blob=b"blob", ciphertext=envelope
                     )
                 )
             elif isinstance(message, BaseStoreMessage):
-                while not isinstance(await messages.receive(), DeltaEndMessage):
-                    pass
+                data = bytearray()
+                while not isinstance(chunk := await messages.receive(), DeltaEndMessage):
+                    assert isinstance(chunk, DeltaChunkMessage)
+                    data += chunk.data
+                self.base = bytes(data)
                 self.base_seen.set()
                 if self.store == "ok":
                     await messages.send(
@@ -833,3 +850,40 @@ async def test_trio_sign_compact_end_to_end(
         assert answer["request_id"] == "r-1"
         assert answer["object"] == "file:///b"
         nursery.cancel_scope.cancel()
+
+
+async def test_a_parent_that_substitutes_the_data_key_cannot_read_the_base(
+    world: World,  # noqa: F811
+    nsm: LocalNsm,
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The parent answers the KMS request itself, with a data key it knows, encrypted to the
+    RSA key in the attestation (anyone can): the base it then stores does not open under that
+    key; it opens only with the identity key's binding."""
+    node = old_node(world, nsm, (ARN,))
+    parent = FakeKmsParent("ok")
+    async with trio.open_nursery() as nursery:
+        await _with_fake(node, parent, nursery)
+        await node.compactor.compact(ARN)
+        nursery.cancel_scope.cancel()
+    data = parent.base
+    header, _ = inspect_sealed(io.BytesIO(data))
+
+    def load(key: bytes | bytearray) -> ShareStore:
+        loader = SealedLoader(unwrap=lambda h: bytearray(key), total_bytes=len(data))
+        loader.feed(data)
+        return loader.finish()
+
+    with pytest.raises(ShareFileError):
+        load(parent.data_key)
+    with world.ident.delta_key_wrap() as wrap:
+        assert len(load(open_compacted_key(header, parent.data_key, wrap))) == 4
+    other = CeremonyKey.from_seed(bytes([0x55]) * 32)
+    from trio_sign.enclave._identity import IdentityKey
+
+    with (
+        IdentityKey(other) as stranger,
+        stranger.delta_key_wrap() as wrap,
+        pytest.raises(ShareFileError),
+    ):
+        load(open_compacted_key(header, parent.data_key, wrap))

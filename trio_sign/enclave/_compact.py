@@ -12,7 +12,23 @@ key, with a header that records what it compacts::
                  "deltas": <deltas loaded on it>}
 
 so the delta chain continues across it (:class:`~trio_sign.shares._deltas.DeltaChain`
-``compacts=``). The new base goes to the parent over the deltas channel::
+``compacts=``).
+
+**The data key is bound to the identity key.** KMS's answer reaches the enclave through the
+parent, and ``CiphertextForRecipient`` is encrypted to the RSA key in the attestation
+document, which anyone can read: a hostile parent could answer with a data key of its own,
+encrypted to that RSA key, and read every share of the base it is then asked to store. So the
+base is not sealed under the KMS data key itself but under::
+
+    K = HKDF-SHA256(ikm = K_kms ‖ B, info = "trio-sign/compacted-base/v1" ‖ SHA-256(blob))
+    B = HKDF-SHA256(ikm = identity KEK, info = "trio-sign/compacted-base-binding/v1")
+
+(:func:`bind_data_key`; the identity KEK is the delta KEK of docs/key-lifecycle.md §2), so
+reading it takes both the KMS key's release to an attested enclave **and** the pinned identity
+key, which exists only inside enclaves. Every base with ``compacts`` is read this way
+(:func:`open_compacted_key`, for the boot).
+
+The new base goes to the parent over the deltas channel::
 
     enclave                                        parent
     compaction_key_request {document, kms_key_id} ->   KMS GenerateDataKey, Recipient
@@ -56,7 +72,7 @@ from typing import Any, Final
 import trio
 
 from .._errors import KeyWrapError, ShareFileError, TrioSignError
-from ..crypto import _sodium
+from ..crypto import _kdf, _sodium
 from ..nitro import AsyncNsm, ChannelMessage, CmsError, EphemeralRecipientKey, MessageStream
 from ..nitro._channel import (
     MAX_DELTA_CHUNK_BYTES,
@@ -83,6 +99,7 @@ from ..shares._sealed import (
 from ..shares._signature import sign_bundle_digest
 from ..shares._store import SealedLoader
 from ._deltas import DeltaWriter
+from ._identity import DeltaKeyWrap
 
 log = logging.getLogger("trio_sign.enclave.compact")
 
@@ -92,12 +109,54 @@ COMPACT_POLICY: Final = "compact"
 KMS_PROVIDER: Final = "aws-kms"
 #: The KMS encryption context of a compacted base's data key (a ceremony's default).
 COMPACTION_CONTEXT: Final = {"format": SEALED_FORMAT}
+#: HKDF info of the identity binding and of a compacted base's data key (module docstring).
+BINDING_INFO: Final = b"trio-sign/compacted-base-binding/v1"
+BASE_KEY_INFO: Final = b"trio-sign/compacted-base/v1"
 #: Accounts sealed between two checkpoints.
 RECORDS_PER_SLICE: Final = 2048
 #: How often sealing starts over after a delta arrived mid-way before giving up (``busy``).
 DEFAULT_ATTEMPTS: Final = 3
 #: How long a compaction waits for the parent's KMS answer and for ``base_stored``.
 DEFAULT_COMPACT_TIMEOUT_S: Final = 300.0
+
+
+def bind_data_key(kms_key: bytes | bytearray, wrap: DeltaKeyWrap, blob: bytes) -> bytearray:
+    """The data key a compacted base is sealed under, from the KMS data key ``kms_key``, the
+    identity key's ``wrap`` and the KMS ``blob`` (module docstring). The caller zeroes it.
+
+    Error handling: ``KeyWrapError`` if ``wrap`` is closed or ``kms_key`` is not 32 bytes.
+    """
+    wrap._check_open()
+    if len(kms_key) != 32:
+        raise KeyWrapError("a KMS data key is 32 bytes")
+    binding = bytearray(32)
+    ikm = bytearray(64)
+    out = bytearray(32)
+    try:
+        _kdf.hkdf_sha256_into(binding, wrap._kek, info=BINDING_INFO)
+        ikm[:32] = kms_key
+        ikm[32:] = binding
+        _kdf.hkdf_sha256_into(out, ikm, info=BASE_KEY_INFO + hashlib.sha256(blob).digest())
+    finally:
+        _sodium.memzero(binding)
+        _sodium.memzero(ikm)
+    return out
+
+
+def open_compacted_key(
+    header: Mapping[str, Any], kms_key: bytes | bytearray, wrap: DeltaKeyWrap
+) -> bytearray:
+    """At boot: the data key of a base whose header has ``compacts`` (KMS released
+    ``kms_key`` to this enclave; ``wrap`` is the unsealed identity key's). The caller zeroes it.
+
+    Error handling: ``KeyWrapError``.
+    """
+    import base64
+
+    if "compacts" not in header:
+        raise KeyWrapError("not a compacted base: its data key is KMS's own")
+    blob = base64.b64decode(header["encrypted_data_key"], validate=True)
+    return bind_data_key(kms_key, wrap, blob)
 
 
 class CompactionError(TrioSignError):
@@ -508,7 +567,8 @@ class Compactor:
             )
         deltas = self.writer.deltas
         signer = deltas.signer
-        if signer is None:
+        wrap = deltas.provider
+        if signer is None or not isinstance(wrap, DeltaKeyWrap):
             raise CompactionError(
                 "this enclave holds no delta identity key: nothing can sign a compacted base",
                 reason="no_identity",
@@ -516,7 +576,11 @@ class Compactor:
         if self._lock.locked():
             raise CompactionError("a compaction is already running", reason="in_progress")
         async with self._lock, self.writer._store_lock:
-            data_key, arn, blob = await self._data_key(kms_key_id)
+            kms_key, arn, blob = await self._data_key(kms_key_id)
+            try:
+                data_key = bind_data_key(kms_key, wrap, blob)
+            finally:
+                _sodium.memzero(kms_key)
             try:
                 base = await seal_compacted(
                     deltas.store,
@@ -590,8 +654,10 @@ __all__ = [
     "CompactionResult",
     "Compactor",
     "base_frames",
+    "bind_data_key",
     "check_loads",
     "compaction_approval_message",
     "compacts_of",
+    "open_compacted_key",
     "seal_compacted",
 ]
