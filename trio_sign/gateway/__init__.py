@@ -1,6 +1,10 @@
 """The Sign Gateway's side of the service: the coordinator, the prober and the enclaves' event
 streams (DESIGN §5)."""
 
+from ._accounts import AccountRegistry as AccountRegistry
+from ._accounts import AccountRegistryError as AccountRegistryError
+from ._accounts import RegisteredAccount as RegisteredAccount
+from ._accounts import RemoteHolder as RemoteHolder
 from ._approvals import APPROVER_KEY_FORMAT as APPROVER_KEY_FORMAT
 from ._approvals import DEFAULT_APPROVAL_LIFETIME_S as DEFAULT_APPROVAL_LIFETIME_S
 from ._approvals import Approval as Approval
@@ -42,9 +46,13 @@ from ._events import valid_bearer_token as valid_bearer_token
 from ._events import valid_node_id as valid_node_id
 from ._node import EnclaveNode as EnclaveNode
 from ._node import NodeSettings as NodeSettings
+from ._participants import HubSettings as HubSettings
+from ._participants import ParticipantError as ParticipantError
+from ._participants import ParticipantHub as ParticipantHub
 from ._prober import ProbedNode as ProbedNode
 from ._prober import SendProbe as SendProbe
 from ._prober import run_prober as run_prober
+from ._remote_dkg import RemoteDkgParticipant as RemoteDkgParticipant
 from ._service import GatewayApi as GatewayApi
 from ._service import GatewayConfig as GatewayConfig
 from ._service import GatewayConfigError as GatewayConfigError
@@ -119,4 +127,12 @@ __all__ = [
     "serve_gateway_events",
     "valid_bearer_token",
     "valid_node_id",
+    "AccountRegistry",
+    "AccountRegistryError",
+    "RegisteredAccount",
+    "RemoteHolder",
+    "HubSettings",
+    "ParticipantError",
+    "ParticipantHub",
+    "RemoteDkgParticipant",
 ]
