@@ -887,3 +887,28 @@ async def test_a_parent_that_substitutes_the_data_key_cannot_read_the_base(
         pytest.raises(ShareFileError),
     ):
         load(open_compacted_key(header, parent.data_key, wrap))
+
+
+async def test_compacting_a_compacted_base_keeps_the_chain_position(
+    world: World,  # noqa: F811
+) -> None:
+    """A node booted from a compacted base (3 deltas) and nothing since compacts to
+    ``{base: that base, head: the same head, deltas: 3}``: the chain still continues at 4."""
+    from trio_sign.enclave._compact import seal_compacted
+
+    store = world.load_base()
+    assert store.fingerprint is not None
+    head = "bb" * 32
+    chain = DeltaChain(store.fingerprint, compacts={"base": "aa" * 32, "head": head, "deltas": 3})
+    base = await seal_compacted(
+        store,
+        chain,
+        data_key=bytearray(32),
+        kms_key_id=ARN,
+        encrypted_data_key=b"blob",
+        signer=world.ident,
+        chunk_size=1024,
+    )
+    assert base.compacts == {"base": store.fingerprint, "head": head, "deltas": 3}
+    header, _ = inspect_sealed(io.BytesIO(base.data))
+    assert DeltaChain.for_base(header, base.fingerprint).next_previous == head
