@@ -393,10 +393,11 @@ def test_policy_set_unknown_names() -> None:
         _cfg()[0],
         {
             name: {"approvers": [], "threshold": 0}
-            for name in ("default", "create", "refresh", "repair")
+            for name in ("default", "create", "refresh", "repair", "compact")
         },
     )
-    assert reserved.unknown({"default", "refresh", "repair", "create"}) == [
+    assert reserved.unknown({"default", "refresh", "repair", "create", "compact"}) == [
+        "compact",
         "create",
         "refresh",
         "repair",

@@ -15,6 +15,7 @@ from ._keys import ApproverKeyError as ApproverKeyError
 from ._payload import APPROVAL_DOMAIN as APPROVAL_DOMAIN
 from ._payload import approval_payload as approval_payload
 from ._payload import approval_payload_for_digest as approval_payload_for_digest
+from ._policy import COMPACT_POLICY as COMPACT_POLICY
 from ._policy import CREATE_POLICY as CREATE_POLICY
 from ._policy import DEFAULT_POLICY as DEFAULT_POLICY
 from ._policy import DEVELOPMENT_POLICIES as DEVELOPMENT_POLICIES
@@ -30,6 +31,7 @@ from ._ratelimit import AccountRateLimiter as AccountRateLimiter
 
 __all__ = [
     "APPROVAL_DOMAIN",
+    "COMPACT_POLICY",
     "CREATE_POLICY",
     "REFRESH_POLICY",
     "REPAIR_POLICY",

@@ -41,8 +41,10 @@ CREATE_POLICY: Final = "create"
 #: The reserved policies that authorize a refresh and a repair (docs/refresh-repair.md).
 REFRESH_POLICY: Final = "refresh"
 REPAIR_POLICY: Final = "repair"
+#: The reserved policy that authorizes a compaction (docs/compaction.md).
+COMPACT_POLICY: Final = "compact"
 #: Policies that authorize operations, never an account's signing.
-RESERVED_POLICIES: Final = frozenset({CREATE_POLICY, REFRESH_POLICY, REPAIR_POLICY})
+RESERVED_POLICIES: Final = frozenset({CREATE_POLICY, REFRESH_POLICY, REPAIR_POLICY, COMPACT_POLICY})
 #: Policy names: they are metric labels and audit fields, so short printable ASCII.
 POLICY_NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 #: The largest message any policy may allow (the service's own cap).
@@ -106,7 +108,7 @@ class PolicySet:
 
     def unknown(self, names: set[str] | frozenset[str]) -> list[str]:
         """The names in ``names`` that no account may use: not a policy here, or a reserved
-        one (``create``, ``refresh``, ``repair``)."""
+        one (``create``, ``refresh``, ``repair``, ``compact``)."""
         return sorted(n for n in names if n not in self.policies or n in RESERVED_POLICIES)
 
 

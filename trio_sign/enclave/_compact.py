@@ -72,6 +72,7 @@ from typing import Any, Final
 import trio
 
 from .._errors import KeyWrapError, ShareFileError, TrioSignError
+from ..authz import COMPACT_POLICY
 from ..crypto import _kdf, _sodium
 from ..nitro import AsyncNsm, ChannelMessage, CmsError, EphemeralRecipientKey, MessageStream
 from ..nitro._channel import (
@@ -104,7 +105,6 @@ from ._identity import DeltaKeyWrap
 log = logging.getLogger("trio_sign.enclave.compact")
 
 #: The reserved policy that authorizes a compaction (docs/compaction.md).
-COMPACT_POLICY: Final = "compact"
 #: The key provider a compacted base records (the KMS provider of a ceremony's base).
 KMS_PROVIDER: Final = "aws-kms"
 #: The KMS encryption context of a compacted base's data key (a ceremony's default).
