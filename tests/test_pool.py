@@ -27,7 +27,8 @@ def _nonces_of(pool: SessionPool, session_id: str) -> bytearray:
     """The session's nonce buffer (to check it gets zeroed), via the private session record."""
     session = pool._sessions[session_id]
     assert session.nonces is not None
-    return session.nonces._buf
+    buf: bytearray = getattr(session.nonces, "_buf")  # noqa: B009 - the suite class is private
+    return buf
 
 
 def _expect(kind: PoolErrorKind) -> pytest.RaisesExc[PoolError]:
