@@ -47,6 +47,13 @@ before it (a parent can always withhold deltas; the head in GetStatus and the at
 what was loaded, and the deltas channel pushes the rest again). A broken frame sequence fails
 the preload (``protocol``).
 
+A compacted base (docs/compaction.md §5; its header has ``compacts``) is read with the identity
+key unsealed before it (below): its data key is KMS's bound to the identity key
+(:func:`~trio_sign.enclave._compact.open_compacted_key`; no ``identity``:
+``identity_required``), its signer may be the identity key, and the chain continues where the
+compacted one was (``DeltaChain.for_base``). The parent streams every stored delta; those the
+base already contains (``delta_compacted``) are skipped, not the end of the chain.
+
 The delta identity key (DESIGN §12, docs/runbook.md §7): the parent sends the sealed identity
 file (``identity``) right after the bundle's envelope and before the bundle, so that a wrong
 key fails the boot before any share is decrypted and the boot's deltas can be opened. The
@@ -115,7 +122,9 @@ from ..nitro._channel import (
 )
 from ..shares import BundleTrust, DataKeyProvider, SealedLoader, ShareStore
 from ..shares._deltas import NO_DELTAS_HEX, DeltaChain, DeltaCheck, apply_delta
+from ..shares._sealed import COMPACTS_FIELD
 from ..shares._signature import KIND_DELTA
+from ._compact import open_compacted_key
 from ._deltas import receive_delta, refusal_reason
 from ._exit import EnclaveExit, ExitCode
 from ._identity import DeltaKeyWrap, IdentityKey, IdentityKeyError, SealedIdentity, genesis, unseal
@@ -281,13 +290,26 @@ async def preload_shares(
         def unwrap(header: dict[str, Any]) -> bytearray:
             if memory_check is not None:
                 memory_check(int(header["accounts"]))
+            if COMPACTS_FIELD in header:
+                # A compacted base's key is bound to the identity key (docs/compaction.md
+                # §1a), which was unsealed above, before any share is decrypted.
+                if wrap is None:
+                    raise PreloadError(
+                        "the base is a compacted one, which only the delta identity key "
+                        "opens, and the parent sent no identity ([identity] sealed_file)",
+                        reason="identity_required",
+                    )
+                return open_compacted_key(header, data_key, wrap)  # the loader zeroes it
             return bytearray(data_key)  # the loader zeroes its copy
 
+        # A compacted base is signed by the identity key this boot unsealed (checked against
+        # the pin), accepted only with ``compacts`` in its header (docs/compaction.md §1).
+        compaction_keys = () if identity is None else (identity.public_key,)
         loader = SealedLoader(
             unwrap=unwrap,
             verify=verify,  # type: ignore[arg-type]
             progress=progress,
-            trust=BundleTrust.pinned(signing_keys),
+            trust=BundleTrust.pinned(signing_keys, compaction_keys=compaction_keys),
         )
         received = 0
         announced = 0
@@ -312,10 +334,13 @@ async def preload_shares(
                 )
             message = await channel.receive()
         store = loader.finish()
+        header = loader.header
         loader = None
         try:
             assert store.fingerprint is not None
-            chain = DeltaChain(store.fingerprint)
+            assert header is not None
+            # On a compacted base the chain continues where the compacted one was (§2).
+            chain = DeltaChain.for_base(header, store.fingerprint)
             await _load_boot_deltas(
                 channel,
                 store,
@@ -501,11 +526,23 @@ async def _load_boot_deltas(
                     check=check,
                 )
             except (ShareFileError, KeyWrapError) as exc:
-                refused = refusal_reason(exc)
-                log.error(
-                    "boot delta refused; the deltas after it are not loaded",
-                    extra={"sequence": message.sequence, "reason": refused, "error": str(exc)},
-                )
+                if isinstance(exc, ShareFileError) and exc.reason == "delta_compacted":
+                    # Already in the compacted base (the parent's store still holds the
+                    # deltas it contains, docs/compaction.md §2, §5): skipped, not the end.
+                    log.info(
+                        "boot delta already in the compacted base; skipped",
+                        extra={"sequence": message.sequence},
+                    )
+                else:
+                    refused = refusal_reason(exc)
+                    log.error(
+                        "boot delta refused; the deltas after it are not loaded",
+                        extra={
+                            "sequence": message.sequence,
+                            "reason": refused,
+                            "error": str(exc),
+                        },
+                    )
         await trio.lowlevel.checkpoint()  # stay responsive: status and logs run too
 
 

@@ -21,8 +21,9 @@ reads top to bottom::
         ├── serve_grpc                  (SignService behind TLS; only after preload succeeded)
         ├── serve_grpc (public)         (h2c: Ping, GetStatus, GetAttestation only)
         ├── run_sse_client              (gateway events through the parent relay)
-        ├── the deltas channel          (with a delta identity key: DeltaWriter.converse,
-        │                                this enclave's deltas stored, the parent's pushed)
+        ├── the deltas channel          (with a delta identity key: Compactor.converse over
+        │                                DeltaWriter.converse, this enclave's deltas stored,
+        │                                the parent's pushed, a Compact's base stored)
         └── DkgRegistry.run             (with [dkg] and the identity key: DkgRound1..3, DKG
                                          expiry zeroing their secrets, their deltas' stores)
 
@@ -90,6 +91,7 @@ from ..transport import (
     open_listeners,
     self_signed_server_context,
 )
+from ._compact import Compactor
 from ._config import EnclaveConfig
 from ._deltas import DeltaStatus, DeltaWriter, EnclaveDeltas
 from ._dkg import DkgRegistry, PoolSlots, deltas_finder
@@ -479,13 +481,14 @@ def _show_deltas(service: SignService, status: DeltaStatus) -> None:
     service.deltas_head = status.head
 
 
-async def _run_deltas_channel(config: EnclaveConfig, writer: DeltaWriter) -> None:
+async def _run_deltas_channel(config: EnclaveConfig, compactor: Compactor) -> None:
     """Keep the deltas channel to the parent up (reconnecting like the status channel);
-    :meth:`DeltaWriter.converse` is its only reader."""
+    :meth:`Compactor.converse` (the writer's loop, with the compaction answers taken out) is
+    its only reader."""
     await run_reconnecting_channel(
         "deltas",
         functools.partial(connect, config.deltas_address),
-        writer.converse,
+        compactor.converse,
         read=False,
     )
 
@@ -781,7 +784,10 @@ async def _serve_enclave_tree(
             ),
         )
         handle.delta_writer = writer
-        nursery.start_soon(_run_deltas_channel, config, writer)
+        # Compact (docs/compaction.md) shares the deltas connection and the writer's locks.
+        compactor = Compactor(writer, nsm=anv, allowed_kms_keys=config.measured.compaction_kms_keys)
+        service.compactor = compactor
+        nursery.start_soon(_run_deltas_channel, config, compactor)
         if config.measured.dkg is not None:
             registry = DkgRegistry(
                 settings=config.measured.dkg,

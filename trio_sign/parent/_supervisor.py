@@ -57,7 +57,14 @@ from ._attestation_gate import AttestationGate, AttestationPolicy, run_attestati
 from ._bundle_copy import BundleCopyError, copy_bundle
 from ._channels import StatusLink, serve_log_connection, serve_status_connection
 from ._config import ParentConfig, preflight
-from ._deltas import Deltas, DeltaStoreError, open_delta_store, serve_deltas
+from ._deltas import (
+    CompactionKms,
+    Deltas,
+    DeltaStoreError,
+    kms_compaction_relay,
+    open_delta_store,
+    serve_deltas,
+)
 from ._dev_kms import DevRecipientKms
 from ._health import ParentState, serve_health
 from ._ingress import serve_ingress
@@ -158,6 +165,19 @@ def recipient_kms(config: ParentConfig) -> RecipientKms:
     from ..kms import KmsRecipientKms, make_kms_client
 
     return KmsRecipientKms(make_kms_client(k.endpoint_url, region=k.region))
+
+
+def compaction_kms(config: ParentConfig) -> CompactionKms | None:
+    """The relay a ``Compact`` asks for its data key (KMS ``GenerateDataKey`` with
+    ``Recipient``, docs/compaction.md §3): the ``[kms]`` client (AWS, or the local stand-in by
+    endpoint); None with ``mode = "dev-key"``, which has no KMS (the enclave's ``Compact`` is
+    then ``UNAVAILABLE``, ``kms_refused``)."""
+    k = config.kms
+    if k.mode == "dev-key":
+        return None
+    from ..kms import make_kms_client
+
+    return kms_compaction_relay(make_kms_client(k.endpoint_url, region=k.region))
 
 
 def kms_preloader(
@@ -417,7 +437,10 @@ class ParentSupervisor:
         except (DeltaStoreError, ValueError) as exc:
             raise ConfigProblem(f"[deltas] location {d.location}: {exc}") from exc
         deltas = Deltas(
-            store, on_alert=self.state.alerts.raise_alert, poll_interval_s=d.poll_interval_s
+            store,
+            on_alert=self.state.alerts.raise_alert,
+            poll_interval_s=d.poll_interval_s,
+            compaction_kms=compaction_kms(self.config),
         )
         self.state.deltas = deltas.stats
         log.info("delta store opened", extra={"location": store.location})
