@@ -608,6 +608,7 @@ class _Session:
         each0 = [cpu_seconds(pid) for pid in pids]
         sampler = _Sampler(pids)
         fn = attack.run(self.target, self._opts)
+        own0 = os.times()
         t0 = time.time()
         try:
             result.stats = trio.run(_bounded, fn, self._opts.duration_s + 30.0)
@@ -616,6 +617,13 @@ class _Session:
         except Exception as exc:  # the attack client failing is reported, the bench goes on
             result.notes.append(f"attack client failed: {type(exc).__name__}: {exc}")
         t1 = time.time()
+        own1 = os.times()
+        # The attack client runs in this process, on the same 2 cores as the servers and the
+        # legit client: its CPU is what the servers and the legit client could not use.
+        attacker_cpu = (own1.user - own0.user) + (own1.system - own0.system)
+        result.notes.append(
+            f"attack client CPU {attacker_cpu:.2f} s over {t1 - t0:.1f} s on this machine"
+        )
         died = not self.target.alive()
         result.recovery_s = None if died else self.legit.probe()
         t2 = time.time()
