@@ -39,7 +39,9 @@ from trio_sign.enclave._compact import (
     open_compacted_key,
 )
 from trio_sign.enclave._deltas import DeltaWriter, EnclaveDeltas
+from trio_sign.enclave._identity import seal_identity
 from trio_sign.enclave._measured import MeasuredConfigError, parse_measured_config
+from trio_sign.enclave._preload import PreloadError, preload_shares
 from trio_sign.enclave._service import SignService
 from trio_sign.kms import (
     KeyPolicy,
@@ -49,7 +51,15 @@ from trio_sign.kms import (
     make_kms_client,
     serve_kms_local,
 )
-from trio_sign.nitro import AsyncNsm, EphemeralRecipientKey, HelloMessage, LocalNsm, MessageStream
+from trio_sign.nitro import (
+    AsyncNsm,
+    EphemeralRecipientKey,
+    HelloMessage,
+    LocalNsm,
+    MessageStream,
+    encrypt_for_recipient,
+    verify_attestation,
+)
 from trio_sign.nitro._channel import (
     BaseStoredMessage,
     BaseStoreMessage,
@@ -58,6 +68,7 @@ from trio_sign.nitro._channel import (
     DeltaChunkMessage,
     DeltaEndMessage,
 )
+from trio_sign.parent import serve_preload
 from trio_sign.parent._deltas import (
     Deltas,
     DeltaStoreError,
@@ -87,6 +98,7 @@ from .test_enclave_deltas import (
     sign_with,
     world,  # noqa: F401 - the fixture
 )
+from .test_identity_boot import run_both
 from .test_identity_key import _no_aws_config, _policy  # noqa: F401 - autouse fixture
 from .test_share_ciphersuites import dealt
 
@@ -912,3 +924,152 @@ async def test_compacting_a_compacted_base_keeps_the_chain_position(
     assert base.compacts == {"base": store.fingerprint, "head": head, "deltas": 3}
     header, _ = inspect_sealed(io.BytesIO(base.data))
     assert DeltaChain.for_base(header, base.fingerprint).next_previous == head
+
+
+# -- the boot: the real preload on both sides of the boot channel -------------------------------
+
+
+class IdentityAndKms:
+    """The parent's ``RecipientKms`` for a boot: the identity file's data key (a test key,
+    encrypted to the attestation's RSA key as KMS does) and the base's through the local KMS
+    (``KmsRecipientKms``, Decrypt with Recipient)."""
+
+    KEY_ID = "test-identity-key"
+
+    def __init__(self, client: Any, root_pem: bytes, data_key: bytes) -> None:
+        self.kms = KmsRecipientKms(client)
+        self.root_pem = root_pem
+        self.data_key = data_key
+
+    async def __call__(self, document: bytes, header: dict[str, Any]) -> bytes:
+        if header["kms_key_id"] != self.KEY_ID:
+            return await self.kms(document, header)
+        verified = verify_attestation(document, root_pem=self.root_pem)
+        assert verified.public_key is not None
+        public = serialization.load_der_public_key(verified.public_key)
+        assert isinstance(public, rsa.RSAPublicKey)
+        return encrypt_for_recipient(public, self.data_key)
+
+
+def sealed_identity(world: World) -> tuple[bytes, bytes]:  # noqa: F811
+    """The sealed file of ``world``'s identity key (seed 21, test_enclave_deltas), and the
+    data key it is sealed under."""
+    data_key = bytes(range(32))
+    key, sealed = seal_identity(
+        bytes([21]) * 32,
+        data_key,
+        kms_key_id=IdentityAndKms.KEY_ID,
+        encrypted_data_key=b"sealed-by-a-test",
+    )
+    with key:
+        assert key.public_key == world.ident.public_key
+    return sealed.to_json(), data_key
+
+
+async def test_the_boot_reads_a_compacted_base_and_skips_the_deltas_it_contains(
+    world: World,  # noqa: F811 - the fixture
+    nsm: LocalNsm,
+    tmp_path: Path,
+) -> None:
+    """docs/compaction.md §5 through the real preload (``serve_preload`` on the parent's side,
+    ``preload_shares`` on the enclave's): the identity key unsealed first opens the compacted
+    base (its data key bound to it), whose signer is the identity key (no ceremony key is
+    pinned here), the chain starts at ``compacts``; the parent streams every stored delta:
+    1 and 2 (in the base) are skipped, 3 (made after the compaction) is loaded. Without the
+    identity key the base is refused before any share is decrypted."""
+    async with local_kms(tmp_path, nsm) as kms:
+        node = old_node(world, nsm, (kms.target,))
+        parent = world.parent(compaction_kms=kms_compaction_relay(kms.client))
+        first, second, late = (fresh_accounts(p, 1) for p in ("one", "two", "late"))
+        async with trio.open_nursery() as nursery:
+            await connect(nursery, node, parent)
+            await node.writer.store(records_of(first), "create", "dkg-1")
+            await node.writer.store(records_of(second), "create", "dkg-2")
+            result = await node.compactor.compact(kms.target)
+            await node.writer.store(records_of(late), "create", "dkg-3")
+            nursery.cancel_scope.cancel()
+        base = world.dir / "deltas" / f"base-{result.sha256}.enc"
+        sealed, identity_key = sealed_identity(world)
+        parent_kms = IdentityAndKms(kms.client, nsm.root_pem, identity_key)
+        pinned = (world.ident.public_key,)
+
+        def boot(**kw: Any) -> Any:
+            return lambda channel: preload_shares(
+                channel,
+                AsyncNsm(nsm),
+                signing_keys=[],  # the ceremony's keys: none here
+                delta_keys=pinned,
+                identity_keys=pinned,
+                **kw,
+            )
+
+        booted, answer = await run_both(
+            boot(),
+            lambda channel: serve_preload(
+                channel, base, parent_kms, deltas=world.parent(), identity=sealed
+            ),
+        )
+        assert not isinstance(booted, Exception), booted
+        store, report = booted
+        try:
+            assert answer.ok
+            assert report.sha256 == result.sha256
+            assert report.signer == world.ident.public_key
+            assert report.deltas_announced == 3
+            assert (report.deltas, report.deltas_head) == (3, node.deltas.chain.head)
+            assert len(store) == len(node.store) == 4 + 3
+            same_accounts(node.store, store)
+            pool = SessionPool(store.get)
+            for account in {**world.accounts, **first, **second, **late}.values():
+                sign_with(pool, account, f"s-{account.account_id}", b"booted compacted")
+        finally:
+            store.close()
+            assert report.identity_key is not None
+            assert report.delta_wrap is not None
+            report.delta_wrap.close()
+            report.identity_key.close()
+
+        refused, _ = await run_both(
+            boot(), lambda channel: serve_preload(channel, base, parent_kms, deltas=world.parent())
+        )
+        assert isinstance(refused, PreloadError)
+        assert refused.reason == "identity_required"
+
+
+async def test_the_parents_delta_store_relays_compaction_through_its_kms(
+    world: World,  # noqa: F811 - the fixture
+    nsm: LocalNsm,
+    tmp_path: Path,
+) -> None:
+    """``trio-sign parent`` (the supervisor's ``[deltas]``) answers a ``Compact``'s key request
+    through its ``[kms]`` (here the local KMS, by endpoint): the enclave's base is sealed under
+    the pinned key. With ``mode = "dev-key"`` (no KMS) there is no relay."""
+    from trio_sign.parent import parse_parent_config
+    from trio_sign.parent._supervisor import ParentSupervisor, compaction_kms
+
+    async with local_kms(tmp_path, nsm) as kms:
+        config = parse_parent_config(
+            f"""
+[bundle]
+source = "{tmp_path / "bundle.enc"}"
+work_dir = "{tmp_path / "run"}"
+[kms]
+mode = "local"
+endpoint_url = "{kms.client.meta.endpoint_url}"
+[enclave]
+backend = "local"
+nsm_dir = "{tmp_path}"
+[deltas]
+location = "file://{world.dir / "deltas"}"
+"""
+        )
+        parent = await ParentSupervisor(config)._open_deltas()
+        assert parent.compaction_kms is not None
+        node = old_node(world, nsm, (kms.target,))
+        async with trio.open_nursery() as nursery:
+            await connect(nursery, node, parent)
+            result = await node.compactor.compact(kms.target)
+            nursery.cancel_scope.cancel()
+        assert result.object == f"file://{world.dir / 'deltas' / f'base-{result.sha256}.enc'}"
+        dev = dataclasses.replace(config, kms=dataclasses.replace(config.kms, mode="dev-key"))
+        assert compaction_kms(dev) is None
