@@ -45,6 +45,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import sys
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Final, Literal
@@ -86,6 +88,38 @@ DEFAULT_STORE_TIMEOUT_S: Final = 30.0
 DEFAULT_STORE_RETRIES: Final = 5
 #: Largest delta the enclave accepts from the parent (the parent's default limit).
 MAX_DELTA_BYTES: Final = 16 * 1024 * 1024
+
+
+#: Test only (tests/test_crash_dkg.py, docs/testing-crashes.md): the steps of a store at which
+#: the process dies with ``os._exit(137)``, named in this environment variable (comma-separated,
+#: ``enclave:before_seal``, ``enclave:after_seal``, ``enclave:after_store_sent``,
+#: ``enclave:after_ack``). Read only in a development enclave (``--dev`` or ``--nsm local:DIR``
+#: on its command line, and no ``/dev/nsm``): a production enclave's command line is the EIF's,
+#: measured, so its parent can never make it crash this way.
+CRASH_AT_ENV: Final = "TRIO_SIGN_TEST_CRASH_AT"
+
+
+@functools.cache
+def _development_process() -> bool:
+    argv = sys.argv[1:]
+    local_nsm = any(
+        arg.startswith("--nsm=local:") or (arg == "--nsm" and nxt.startswith("local:"))
+        for arg, nxt in zip(argv, [*argv[1:], ""], strict=True)
+    )
+    return ("--dev" in argv or local_nsm) and not os.path.exists("/dev/nsm")
+
+
+def crash_point(step: str) -> None:
+    """Test only: die here, like SIGKILL (no cleanup, exit 137), if :data:`CRASH_AT_ENV` names
+    ``enclave:<step>`` and this is a development enclave; otherwise do nothing."""
+    wanted = os.environ.get(CRASH_AT_ENV)
+    if not wanted or f"enclave:{step}" not in wanted.split(","):
+        return
+    if not _development_process():
+        log.warning("%s ignored: not a development enclave", CRASH_AT_ENV)
+        return
+    log.warning("test crash at enclave:%s", step)
+    os._exit(137)
 
 
 class DeltaStoreError(TrioSignError):
@@ -358,10 +392,14 @@ class DeltaWriter:
         recs = list(records)
         async with self._store_lock:
             for attempt in range(self.store_retries + 1):
+                crash_point("before_seal")
                 sealed = self._seal(recs, operation, dkg_id)
+                crash_point("after_seal")
                 reply = await self._attempt(sealed)
                 if isinstance(reply, DeltaStoredMessage):
-                    return await self._stored(sealed, reply)
+                    stored = await self._stored(sealed, reply)
+                    crash_point("after_ack")
+                    return stored
                 if isinstance(reply, DeltaStoreFailedMessage):
                     raise DeltaStoreError(
                         f"the parent could not store delta {sealed.sequence}: {reply.reason}",
@@ -428,6 +466,7 @@ class DeltaWriter:
                 async with self._send_lock:
                     for frame in store_frames(sealed):
                         await messages.send(frame)
+                crash_point("after_store_sent")
                 await pending.done.wait()
             finally:
                 if self._pending is pending:

@@ -87,7 +87,9 @@ import os
 import re
 import secrets
 import socket
+import sys
 import time
+import tomllib
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,6 +190,35 @@ def _check_sequence(sequence: int) -> None:
 
 
 # -- errors and results ------------------------------------------------------------------------
+
+
+#: Test only (tests/test_crash_dkg.py, docs/testing-crashes.md): ``parent:before_write`` or
+#: ``parent:after_write`` (the delta durable, ``delta_stored`` not sent) in this environment
+#: variable (comma-separated, beside the enclave's steps) make the parent die there with
+#: ``os._exit(137)``. Read only by a development parent: ``trio-sign parent --config FILE``
+#: whose ``[enclave] backend`` is ``"local"`` (the local NSM).
+CRASH_AT_ENV: Final = "TRIO_SIGN_TEST_CRASH_AT"
+
+
+def crash_point(step: str) -> None:
+    """Test only: die here, like SIGKILL (no cleanup, exit 137), if :data:`CRASH_AT_ENV` names
+    ``parent:<step>`` and this parent runs a local enclave; otherwise do nothing."""
+    wanted = os.environ.get(CRASH_AT_ENV)
+    if not wanted or f"parent:{step}" not in wanted.split(","):
+        return
+    argv = sys.argv[1:]
+    backend = None
+    if "parent" in argv and "--config" in argv[:-1]:
+        try:
+            with open(argv[argv.index("--config") + 1], "rb") as f:
+                backend = tomllib.load(f).get("enclave", {}).get("backend")
+        except (OSError, tomllib.TOMLDecodeError, AttributeError):
+            backend = None
+    if backend != "local":
+        log.warning("%s ignored: not a parent of a local enclave", CRASH_AT_ENV)
+        return
+    log.warning("test crash at parent:%s", step)
+    os._exit(137)
 
 
 class DeltaStoreError(TrioSignError):
@@ -854,6 +885,7 @@ class Deltas:
             return DeltaStoreFailedMessage(
                 sequence=sequence, reason=f"not_a_delta: {exc}"[:MAX_REASON_CHARS]
             )
+        crash_point("before_write")
         try:
             outcome: PutOutcome = await self._offload(self.store.put, sequence, data)
         except DeltaStoreError as exc:
@@ -866,6 +898,7 @@ class Deltas:
             return DeltaConflictMessage(sequence=sequence)
         if outcome is PutOutcome.STORED:
             self.stats.written_total += 1
+            crash_point("after_write")
         log.info(
             "delta stored",
             extra={
