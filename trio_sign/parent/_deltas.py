@@ -943,7 +943,7 @@ class Deltas:
         """Relay one ``GenerateDataKey`` with ``Recipient``; the reply for the enclave."""
         if self.compaction_kms is None:
             return CompactionKeyFailedMessage(
-                reason="this parent has no KMS client for compaction ([bundle] kms)"
+                reason="this parent has no KMS client for compaction ([kms] mode is dev-key)"
             )
         try:
             arn, blob, envelope = await self.compaction_kms(
