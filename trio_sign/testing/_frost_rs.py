@@ -25,7 +25,13 @@ the DKG's secrets), ``HKDF-SHA256(salt="FROST_RS", ikm=SerializeElement(shared),
 then AES-256-GCM with a random 12-byte nonce and no associated data over the JSON of the share
 (a quoted lowercase hex string); the package is ``nonce || ciphertext || tag``.
 :func:`transport_keys` derives those keys for our participant (from its round-1 secret, before
-:func:`~trio_sign.crypto._dkg.part2` zeroes it) so the tests can take part. This is a test-only
+:func:`~trio_sign.crypto._dkg.part2` zeroes it) so the tests can take part. When the other end
+is a participant whose secret we cannot read (the enclave), a relaying test harness derives the
+same key from the frost-rs side instead: :func:`round1_secret_coefficient` reads ``a_i0`` out of
+frost-rs's round-1 secret package (base64url of JSON; the Ed25519 build names the list
+``coefficient`` and writes each scalar as a JSON list of bytes, the secp256k1 build names it
+``coefficent`` and writes a quoted uppercase hex string) and :func:`transport_key` multiplies it
+by the other end's ``phi_0``. This is a test-only
 oracle format; DESIGN.md §13's transport (X25519, HKDF, XChaCha20-Poly1305) is what the enclave
 uses.
 
@@ -37,6 +43,7 @@ base64 strings, the JSON plaintexts and the AES keys' derivation inputs pass thr
 from __future__ import annotations
 
 import base64
+import json
 import secrets
 import zlib
 from collections.abc import Mapping
@@ -71,6 +78,8 @@ __all__ = [
     "encode_round1_package",
     "encrypt_round2",
     "header",
+    "round1_secret_coefficient",
+    "transport_key",
     "transport_keys",
 ]
 
@@ -257,19 +266,45 @@ def _shared_element(group: Group, secret: Buffer, point: bytes) -> bytes:
     return bytes(PublicKey(pub).format(compressed=True))
 
 
+def transport_key(suite: str, secret: Buffer, point: bytes) -> bytearray:
+    """frost-rs's AES-256-GCM key between the holder of constant term ``secret`` and the
+    participant whose ``phi_0`` is ``point`` (the same key from either end). Secret: zero it."""
+    shared = _shared_element(group_for(suite), secret, point)
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"FROST_RS", info=b"").derive(shared)
+    return bytearray(key)
+
+
 def transport_keys(
     secret: Round1Secret, round1_packages: Mapping[bytes, Round1Package]
 ) -> dict[bytes, bytearray]:
     """The AES-256-GCM key frost-rs uses between our participant and each other one; call it
     before ``part2`` consumes ``secret``. The keys are secret: zero them when done."""
-    group = secret.group
     a0 = secret._coefficients[0]  # test oracle only: frost-rs keys its transport on a_0
-    keys = {}
-    for ident, package in round1_packages.items():
-        shared = _shared_element(group, a0, package.verifying_key)
-        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"FROST_RS", info=b"").derive(shared)
-        keys[ident] = bytearray(key)
-    return keys
+    return {
+        ident: transport_key(secret.group.name, a0, package.verifying_key)
+        for ident, package in round1_packages.items()
+    }
+
+
+def round1_secret_coefficient(suite: str, text: str) -> bytearray:
+    """``a_i0``, the constant term of a frost-rs participant's polynomial, read from the
+    round-1 secret package ``text`` that frost-rs's ``round1`` returned (test oracle only:
+    it lets a relaying harness open and make that participant's round-2 ciphertexts)."""
+    group = group_for(suite)
+    document = json.loads(b64decode(text))
+    coefficients = document.get("coefficient", document.get("coefficent"))
+    if not isinstance(coefficients, list) or not coefficients:
+        raise ValueError("not a frost-rs round-1 secret package")
+    value = json.loads(coefficients[0])
+    if isinstance(value, str):
+        scalar = bytearray.fromhex(value)
+    elif isinstance(value, list) and all(isinstance(b, int) for b in value):
+        scalar = bytearray(value)
+    else:
+        raise ValueError("unknown frost-rs coefficient encoding")
+    if len(scalar) != group.scalar_size:
+        raise ValueError(f"a frost-rs coefficient of {len(scalar)} bytes")
+    return scalar
 
 
 def encrypt_round2(key: Buffer, package: Round2Package) -> str:
