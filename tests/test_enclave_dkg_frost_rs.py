@@ -28,27 +28,64 @@ Taproot DKG is covered against ZF's vectors and our own participants only.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import nacl.signing
 import pytest
+import trio
+import trio.testing
 
 from proto_min import sign_service_pb2 as pb
+from trio_sign.authz import Authorizer
 from trio_sign.cli._demo import verify_independently
 from trio_sign.crypto import _dkg, _kdf, scheme_by_name
+from trio_sign.crypto._group import group_for
+from trio_sign.enclave import SessionPool, SignService
+from trio_sign.enclave._deltas import DeltaWriter, EnclaveDeltas
 from trio_sign.enclave._dkg import (
+    DkgRegistry,
     DkgState,
+    PoolSlots,
     decrypt_share_into,
+    deltas_finder,
     encrypt_share,
     round1_payload,
     share_key_into,
     verify_ed25519,
 )
+from trio_sign.enclave._identity import IdentityKey
+from trio_sign.enclave._status import one_connection
+from trio_sign.parent._deltas import (
+    Deltas,
+    FileDeltaStore,
+    delta_fingerprint,
+    serve_deltas_connection,
+)
+from trio_sign.rpc import serve_grpc
+from trio_sign.shares._deltas import DeltaChain
+from trio_sign.shares._signature import CeremonyKey
 from trio_sign.testing import _frost_rs as zf
+from trio_sign.transport import open_listeners
 
-from .test_enclave_dkg import PARTICIPANT_KEYS, Ceremony, Node, ceremony, enclave
+from .test_enclave_dkg import (
+    IDENTITY_SEED,
+    PARTICIPANT_KEYS,
+    Ceremony,
+    GrpcClient,
+    Node,
+    ceremony,
+    config,
+    empty_store,
+    enclave,
+    grpc,
+)
 
 frost_rs = pytest.importorskip("frost_rs", reason="the frost-rs wheel (test extra) is missing")
 
@@ -435,5 +472,131 @@ async def test_frost_rs_package_with_an_altered_proof_is_refused_naming_its_send
             await node.refused(
                 "NOT_FOUND", "GetAccount", pb.GetAccountRequest(account_id=c.account_id)
             )
+        finally:
+            r.close()
+
+
+@pytest.mark.parametrize("suite", [ED25519, SECP256K1])
+def test_the_harness_reads_frost_rs_transport_as_frost_rs_does(suite: str) -> None:
+    """The helpers the relay relies on, checked against frost-rs alone: ``a_i0`` read from a
+    round-1 secret is the discrete log of that participant's ``phi_0``; both ends derive one
+    transport key; and the share opened from a frost-rs ciphertext lies on its sender's
+    commitment (``share * G == sum phi_k * x^k``)."""
+    m = getattr(frost_rs, UTILITY[suite])
+    group = group_for(suite)
+    ids = [group.identifier_to_bytes(v) for v in (1, 2, 3)]
+    r1 = {i: m.round1(zf.b64encode(i), 2, 3) for i in ids}
+    a0 = {i: zf.round1_secret_coefficient(suite, r1[i][0]) for i in ids}
+    packages = {i: zf.decode_round1_package(suite, r1[i][1]) for i in ids}
+    try:
+        for i in ids:
+            assert group.base_mult(a0[i]) == packages[i].verifying_key
+        a, b, _ = ids
+        r2 = m.round2(r1[a][0], {zf.b64encode(j): r1[j][1] for j in ids if j != a})[1]
+        key = zf.transport_key(suite, a0[a], packages[b].verifying_key)
+        other_end = zf.transport_key(suite, a0[b], packages[a].verifying_key)
+        assert key == other_end
+        share = zf.decrypt_round2(key, r2[zf.b64encode(b)])
+        expected = group.evaluate_commitment(
+            packages[a].commitment, group.identifier_from_bytes(b), "commitment"
+        )
+        assert group.base_mult(share.signing_share) == expected
+        share.zero()
+        _zero(key, other_end)
+        with pytest.raises(ValueError, match="frost-rs"):
+            zf.round1_secret_coefficient(suite, zf.b64encode(b'{"id": "x"}'))
+    finally:
+        _zero(*a0.values())
+
+
+@asynccontextmanager
+async def real_writer_enclave(tmp_path: Path) -> AsyncIterator[Node]:
+    """The enclave over loopback gRPC with the real ``DeltaWriter`` (sealed, identity-signed
+    delta on the chain) and the parent's real deltas channel and ``FileDeltaStore``."""
+    measured = config()
+    assert measured.dkg is not None
+    store = empty_store()
+    identity = IdentityKey(CeremonyKey.from_seed(IDENTITY_SEED))
+    wrap = identity.delta_key_wrap()
+    chain = DeltaChain(hashlib.sha256(b"the base bundle").hexdigest())
+    deltas = EnclaveDeltas(
+        store, chain, provider=wrap, signer=identity, signing_keys=(identity.public_key,)
+    )
+    writer = DeltaWriter(deltas, store_timeout_s=20.0)
+    files = FileDeltaStore(tmp_path / "deltas")
+    files.recover()
+    pool = SessionPool(store.get)
+    authorizer = Authorizer(measured.policies)
+    registry = DkgRegistry(
+        settings=measured.dkg,
+        identity=identity,
+        writer=writer,
+        authorizer=authorizer,
+        lookup=store.get,
+        slots=PoolSlots(pool),
+        find_created=deltas_finder(deltas),
+    )
+    service = SignService(store, pool, authorizer=authorizer, dkg=registry)
+    enclave_end, parent_end = trio.testing.memory_stream_pair()
+
+    async def connect() -> trio.abc.Stream:
+        return enclave_end
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_deltas_connection, parent_end, Deltas(files))
+            nursery.start_soon(
+                functools.partial(
+                    one_connection,
+                    "deltas",
+                    connect,
+                    writer.converse,
+                    connect_timeout_s=5.0,
+                    read=False,
+                )
+            )
+            await nursery.start(pool.run_reaper)
+            await nursery.start(registry.run)
+            listeners = await open_listeners("tcp://127.0.0.1:0")
+            port = listeners[0].socket.getsockname()[1]
+            server = await nursery.start(
+                functools.partial(
+                    serve_grpc,
+                    listeners,
+                    service.handlers(),
+                    method_limits=service.receive_limits(),
+                )
+            )
+            channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+            try:
+                yield Node(store, pool, registry, service, writer, identity, GrpcClient(channel))
+            finally:
+                await trio.to_thread.run_sync(channel.close)
+                await server.aclose()
+                nursery.cancel_scope.cancel()
+    finally:
+        wrap.close()
+        identity.close()
+        store.close()
+
+
+@pytest.mark.parametrize("suite", [ED25519, SECP256K1])
+async def test_dkg_with_frost_rs_stored_by_the_real_delta_writer_then_sign(
+    suite: str, tmp_path: Path
+) -> None:
+    """The same DKG with the new share sealed into a real delta that the parent's file store
+    holds durably before DkgRound3 answers; the account signs with frost-rs signers."""
+    async with real_writer_enclave(tmp_path) as node:
+        c = ceremony(suite, t=2, n=3, enclave_at=3, dkg_id="zf-real")
+        r = relay(node, c)
+        try:
+            await r.run()
+            check_agreement(r)
+            assert r.answer.delta_sequence == 1
+            stored = (tmp_path / "deltas" / "delta-00000001.enc").read_bytes()
+            assert delta_fingerprint(stored, 1) == r.answer.deltas_head
+            node.nothing_left()
+            await sign(r, r.zfs[:1], "s-zf-real-1")
+            await sign(r, r.zfs[1:], "s-zf-real-2")
         finally:
             r.close()
