@@ -386,7 +386,11 @@ async def test_kill_the_enclave_the_parent_or_both_at_every_step_of_a_dkg(
                 t = time.monotonic()
                 # short: the run directory holds UNIX sockets (108-byte paths)
                 case_dir = tmp_path / f"c{i}"
-                await run_case(w, case_dir, participants, case, crash_at, dies, stored)
+                try:
+                    await run_case(w, case_dir, participants, case, crash_at, dies, stored)
+                except BaseException as exc:
+                    exc.add_note(f"crash case {case} ({crash_at}); its files are in {case_dir}")
+                    raise
                 timings[case] = time.monotonic() - t
         finally:
             for p in participants:
