@@ -65,6 +65,7 @@ __all__ = [
     "Round2Package",
     "Round2Secret",
     "compute_proof_of_knowledge",
+    "evaluate_shares",
     "part1",
     "part2",
     "part3",
@@ -409,32 +410,42 @@ def part2(
             round1_packages,
             verify_proofs=True,
         )
-        coeffs = secret._coefficients
-        out: dict[bytes, Round2Package] = {}
-        try:
-            for s in senders:
-                share = group.new_scalar()
-                out[s.identifier] = Round2Package(share)
-                group.evaluate(share, coeffs, s.identifier)
-            own = group.new_scalar()
-            group.evaluate(own, coeffs, secret.identifier)
-        except BaseException:
-            for package in out.values():
-                package.zero()
-            raise
-        return (
-            Round2Secret(
-                group,
-                secret.identifier,
-                secret.commitment,
-                own,
-                secret.min_signers,
-                secret.max_signers,
-            ),
-            out,
-        )
+        return evaluate_shares(secret, [s.identifier for s in senders])
     finally:
         secret.zero()
+
+
+def evaluate_shares(
+    secret: Round1Secret, recipients: Sequence[bytes]
+) -> tuple[Round2Secret, dict[bytes, Round2Package]]:
+    """``f_i(l)`` for each recipient ``l`` and ``f_i(i)`` to keep, in zeroable buffers (part 2
+    of a DKG and of a refresh, once the packages are checked). The caller zeroes ``secret``;
+    on failure every share made so far is zeroed."""
+    group = secret.group
+    coeffs = secret._coefficients
+    out: dict[bytes, Round2Package] = {}
+    try:
+        for ident in recipients:
+            share = group.new_scalar()
+            out[ident] = Round2Package(share)
+            group.evaluate(share, coeffs, ident)
+        own = group.new_scalar()
+        group.evaluate(own, coeffs, secret.identifier)
+    except BaseException:
+        for package in out.values():
+            package.zero()
+        raise
+    return (
+        Round2Secret(
+            group,
+            secret.identifier,
+            secret.commitment,
+            own,
+            secret.min_signers,
+            secret.max_signers,
+        ),
+        out,
+    )
 
 
 # -- round three --------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from ._dkg import (
     Round2Secret,
     _check_counts,
     compute_proof_of_knowledge,
+    evaluate_shares,
 )
 from ._group import Group, group_for
 from ._sodium import Buffer
@@ -157,30 +158,7 @@ def refresh_part2(
         senders = _check_packages(
             group, secret.identifier, secret.min_signers, secret.max_signers, round1_packages
         )
-        coeffs = secret._coefficients
-        out: dict[bytes, Round2Package] = {}
-        try:
-            for ident in sorted(senders, key=lambda i: senders[i][0]):
-                share = group.new_scalar()
-                out[ident] = Round2Package(share)
-                group.evaluate(share, coeffs, ident)
-            own = group.new_scalar()
-            group.evaluate(own, coeffs, secret.identifier)
-        except BaseException:
-            for package in out.values():
-                package.zero()
-            raise
-        return (
-            Round2Secret(
-                group,
-                secret.identifier,
-                secret.commitment,
-                own,
-                secret.min_signers,
-                secret.max_signers,
-            ),
-            out,
-        )
+        return evaluate_shares(secret, sorted(senders, key=lambda i: senders[i][0]))
     finally:
         secret.zero()
 
