@@ -840,3 +840,21 @@ async def test_undrain_ends_the_gateways_drain_of_the_real_service_but_not_a_sto
     assert "undrain ignored: this enclave is stopping" in caplog.text
     assert calls == ["drain", "undrain", "drain"]
     store.close()
+
+
+def test_handler_logs_ids_bounded_and_the_probe_nonce_only_as_a_size(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Event ids come from the relayed stream: a log line shows at most 80 characters of one,
+    and a probe's nonce only as its length."""
+    caplog.set_level(logging.DEBUG, "trio_sign.sse")
+    enclave = FakeEnclave()
+    handle = SseEventHandler(enclave)
+    long_id = "x" * 900
+    handle(MessageEvent("probe", json.dumps({"nonce": "n" * 40}), long_id))
+    handle(MessageEvent("mystery", "{}", long_id))
+    assert enclave.last_sse_probe == "n" * 40
+    assert "n" * 40 not in caplog.text
+    assert "nonce of 40 characters" in caplog.text
+    assert "x" * 81 not in caplog.text
+    assert "x" * 70 in caplog.text

@@ -102,14 +102,16 @@ class SseEventHandler:
     def __call__(self, event: MessageEvent) -> None:
         handler = _HANDLERS.get(event.type)
         if handler is None:
-            log.info("sse: ignoring unknown event type %r (id %r)", event.type, event.last_event_id)
+            log.info(
+                "sse: ignoring unknown event type %r (id %.80r)", event.type, event.last_event_id
+            )
             return
         field = _FIELDS[event.type]
         try:
             payload = json.loads(event.data)
         except ValueError:
             log.warning(
-                "sse: %s event (id %r) is not JSON (%d characters); ignored",
+                "sse: %s event (id %.80r) is not JSON (%d characters); ignored",
                 event.type,
                 event.last_event_id,
                 len(event.data),
@@ -117,7 +119,7 @@ class SseEventHandler:
             return
         if not isinstance(payload, dict):
             log.warning(
-                "sse: %s event (id %r) is not a JSON object; ignored",
+                "sse: %s event (id %.80r) is not a JSON object; ignored",
                 event.type,
                 event.last_event_id,
             )
@@ -127,7 +129,7 @@ class SseEventHandler:
             raw = payload.get(field)
             if not isinstance(raw, str) or not raw or len(raw) > MAX_EVENT_ID_LENGTH:
                 log.warning(
-                    "sse: %s event (id %r): %r must be a non-empty string of at most %d"
+                    "sse: %s event (id %.80r): %r must be a non-empty string of at most %d"
                     " characters; ignored",
                     event.type,
                     event.last_event_id,
@@ -140,7 +142,9 @@ class SseEventHandler:
 
     def _probe(self, nonce: str, event: MessageEvent) -> None:
         self._target.last_sse_probe = nonce
-        log.debug("sse: probe (id %r, %d characters)", event.last_event_id, len(nonce))
+        log.debug(
+            "sse: probe (event id %.80r, nonce of %d characters)", event.last_event_id, len(nonce)
+        )
 
     def _abort(self, session_id: str, event: MessageEvent) -> None:
         try:
@@ -154,19 +158,19 @@ class SseEventHandler:
                 return
             log.warning("sse: abort of session %r refused: %s", session_id, exc)
             return
-        log.info("sse: aborted session %r (event id %r)", session_id, event.last_event_id)
+        log.info("sse: aborted session %r (event id %.80r)", session_id, event.last_event_id)
 
     def _freeze(self, account_id: str, event: MessageEvent) -> None:
         frozen = self._target.frozen
         if account_id in frozen:
             log.debug(
-                "sse: account %r already frozen (event id %r)", account_id, event.last_event_id
+                "sse: account %r already frozen (event id %.80r)", account_id, event.last_event_id
             )
             return
         if self._has_account is not None:
             if not self._has_account(account_id):
                 log.debug(
-                    "sse: freeze of unknown account %r ignored (event id %r)",
+                    "sse: freeze of unknown account %r ignored (event id %.80r)",
                     account_id,
                     event.last_event_id,
                 )
@@ -175,7 +179,7 @@ class SseEventHandler:
             self._ignored_at_cap(account_id, event)
             return
         frozen.add(account_id)
-        log.info("sse: froze account %r (event id %r)", account_id, event.last_event_id)
+        log.info("sse: froze account %r (event id %.80r)", account_id, event.last_event_id)
 
     def _ignored_at_cap(self, account_id: str, event: MessageEvent) -> None:
         self.freezes_ignored_at_cap += 1
@@ -184,7 +188,7 @@ class SseEventHandler:
             return
         log.warning(
             "sse: %d accounts frozen (max_frozen_accounts); ignoring freeze events for other "
-            "accounts (%d so far, latest id %r)",
+            "accounts (%d so far, latest id %.80r)",
             self._max_frozen,
             self.freezes_ignored_at_cap,
             event.last_event_id,
@@ -192,21 +196,21 @@ class SseEventHandler:
 
     def _unfreeze(self, account_id: str, event: MessageEvent) -> None:
         self._target.frozen.discard(account_id)
-        log.info("sse: unfroze account %r (event id %r)", account_id, event.last_event_id)
+        log.info("sse: unfroze account %r (event id %.80r)", account_id, event.last_event_id)
 
     def _drain(self, _value: str, event: MessageEvent) -> None:
-        log.warning("sse: drain requested by the gateway (event id %r)", event.last_event_id)
+        log.warning("sse: drain requested by the gateway (event id %.80r)", event.last_event_id)
         self._target.start_draining(reversible=True)
 
     def _undrain(self, _value: str, event: MessageEvent) -> None:
         if self._target.stop_draining():
             log.warning(
-                "sse: undrain requested by the gateway: taking new sessions (event id %r)",
+                "sse: undrain requested by the gateway: taking new sessions (event id %.80r)",
                 event.last_event_id,
             )
         else:
             log.warning(
-                "sse: undrain ignored: this enclave is stopping (event id %r)",
+                "sse: undrain ignored: this enclave is stopping (event id %.80r)",
                 event.last_event_id,
             )
 
