@@ -81,7 +81,13 @@ _INVALID_POINT = (
 
 
 class Scheme:
-    """The FROST operations of one ciphersuite; the three instances are module constants."""
+    """The FROST operations of one ciphersuite; the three instances are module constants.
+
+    The rounds are written once, here, over the suite's module (``_mod``: the same function
+    names and keywords in :mod:`._frost`, :mod:`._secp256k1` and :mod:`._secp256k1_tr`); a
+    suite only says how a merkle root reaches its module (:meth:`_root`) and provides its
+    encodings, share checks, dealer and independent verifier.
+    """
 
     name: str
     #: The byte a sealed ``binary-v3`` record stores for this suite.
@@ -91,9 +97,20 @@ class Scheme:
     signature_size: int
     #: Whether signing takes a BIP-341 merkle root.
     taproot: bool = False
+    #: The suite's module (commit, sign, verify_signature_share, aggregate, SigningCommitment).
+    _mod: Any
 
     def __repr__(self) -> str:
         return f"<Scheme {self.name}>"
+
+    def _root(self, merkle_root: bytes | None) -> dict[str, bytes | None]:
+        """The keywords that pass ``merkle_root`` to the suite's module: none, and a merkle
+        root refused, except for Taproot."""
+        if merkle_root is not None:
+            raise FrostError(
+                f"a taproot merkle root applies only to {SECP256K1_TR.name}, not to {self.name}"
+            )
+        return {}
 
     # identifiers and commitments
     def identifier_to_bytes(self, value: int) -> bytes:
@@ -104,11 +121,11 @@ class Scheme:
 
     def commitment(self, identifier: bytes, hiding: bytes, binding: bytes) -> Any:
         """This suite's commitment object (what :meth:`sign` and :meth:`aggregate` take)."""
-        raise NotImplementedError
+        return self._mod.SigningCommitment(identifier, hiding, binding)
 
     # rounds
     def commit(self, identifier: bytes, signing_share: Buffer) -> Any:
-        raise NotImplementedError
+        return self._mod.commit(identifier, signing_share)
 
     def sign(
         self,
@@ -122,7 +139,17 @@ class Scheme:
         max_signers: int | None = None,
         merkle_root: bytes | None = None,
     ) -> bytes:
-        raise NotImplementedError
+        share: bytes = self._mod.sign(
+            nonces,
+            signing_share=signing_share,
+            group_public_key=group_public_key,
+            message=message,
+            commitments=commitments,
+            min_signers=min_signers,
+            max_signers=max_signers,
+            **self._root(merkle_root),
+        )
+        return share
 
     def verify_signature_share(
         self,
@@ -135,7 +162,17 @@ class Scheme:
         message: bytes,
         merkle_root: bytes | None = None,
     ) -> bool:
-        raise NotImplementedError
+        return bool(
+            self._mod.verify_signature_share(
+                identifier=identifier,
+                verifying_share=verifying_share,
+                signature_share=signature_share,
+                commitments=commitments,
+                group_public_key=group_public_key,
+                message=message,
+                **self._root(merkle_root),
+            )
+        )
 
     def aggregate(
         self,
@@ -147,11 +184,19 @@ class Scheme:
         verifying_shares: Mapping[bytes, bytes] | None = None,
         merkle_root: bytes | None = None,
     ) -> bytes:
-        raise NotImplementedError
+        signature: bytes = self._mod.aggregate(
+            commitments=commitments,
+            message=message,
+            group_public_key=group_public_key,
+            signature_shares=signature_shares,
+            verifying_shares=verifying_shares,
+            **self._root(merkle_root),
+        )
+        return signature
 
     def verifying_key(self, group_public_key: bytes, merkle_root: bytes | None = None) -> bytes:
         """The key a final signature verifies under (Taproot: the x-only output key)."""
-        self._no_merkle_root(merkle_root)
+        self._root(merkle_root)
         return group_public_key
 
     def verify(
@@ -162,7 +207,9 @@ class Scheme:
         merkle_root: bytes | None = None,
     ) -> bool:
         """The suite's independent verifier of a final signature; never raises."""
-        raise NotImplementedError
+        if merkle_root is not None:
+            return False
+        return bool(self._mod.verify(group_public_key, message, signature))
 
     def trusted_dealer_keygen(
         self, min_signers: int, max_signers: int, *, identifiers: Sequence[int] | None = None
@@ -181,12 +228,6 @@ class Scheme:
         """Both elements are valid and ``signing_share·G == verifying_share``."""
         raise NotImplementedError
 
-    def _no_merkle_root(self, merkle_root: bytes | None) -> None:
-        if merkle_root is not None:
-            raise FrostError(
-                f"a taproot merkle root applies only to {SECP256K1_TR.name}, not to {self.name}"
-            )
-
 
 class _Ed25519(Scheme):
     name = _frost.CIPHERSUITE
@@ -194,92 +235,13 @@ class _Ed25519(Scheme):
     element_size = 32
     scalar_size = 32
     signature_size = 64
+    _mod = _frost
 
     def identifier_to_bytes(self, value: int) -> bytes:
         return _frost.identifier_to_bytes(value)
 
     def identifier_from_bytes(self, data: bytes) -> int:
         return _frost.identifier_from_bytes(data)
-
-    def commitment(self, identifier: bytes, hiding: bytes, binding: bytes) -> Any:
-        return _frost.SigningCommitment(identifier, hiding, binding)
-
-    def commit(self, identifier: bytes, signing_share: Buffer) -> Any:
-        return _frost.commit(identifier, signing_share)
-
-    def sign(
-        self,
-        nonces: Any,
-        *,
-        signing_share: Buffer,
-        group_public_key: bytes,
-        message: bytes,
-        commitments: Iterable[Any],
-        min_signers: int | None = None,
-        max_signers: int | None = None,
-        merkle_root: bytes | None = None,
-    ) -> bytes:
-        self._no_merkle_root(merkle_root)
-        return _frost.sign(
-            nonces,
-            signing_share=signing_share,
-            group_public_key=group_public_key,
-            message=message,
-            commitments=commitments,
-            min_signers=min_signers,
-            max_signers=max_signers,
-        )
-
-    def verify_signature_share(
-        self,
-        *,
-        identifier: bytes,
-        verifying_share: bytes,
-        signature_share: bytes,
-        commitments: Iterable[Any],
-        group_public_key: bytes,
-        message: bytes,
-        merkle_root: bytes | None = None,
-    ) -> bool:
-        self._no_merkle_root(merkle_root)
-        return _frost.verify_signature_share(
-            identifier=identifier,
-            verifying_share=verifying_share,
-            signature_share=signature_share,
-            commitments=commitments,
-            group_public_key=group_public_key,
-            message=message,
-        )
-
-    def aggregate(
-        self,
-        *,
-        commitments: Iterable[Any],
-        message: bytes,
-        group_public_key: bytes,
-        signature_shares: Mapping[bytes, bytes],
-        verifying_shares: Mapping[bytes, bytes] | None = None,
-        merkle_root: bytes | None = None,
-    ) -> bytes:
-        self._no_merkle_root(merkle_root)
-        return _frost.aggregate(
-            commitments=commitments,
-            message=message,
-            group_public_key=group_public_key,
-            signature_shares=signature_shares,
-            verifying_shares=verifying_shares,
-        )
-
-    def verify(
-        self,
-        group_public_key: bytes,
-        message: bytes,
-        signature: bytes,
-        merkle_root: bytes | None = None,
-    ) -> bool:
-        if merkle_root is not None:
-            return False
-        return _frost.verify(group_public_key, message, signature)
 
     def trusted_dealer_keygen(
         self, min_signers: int, max_signers: int, *, identifiers: Sequence[int] | None = None
@@ -336,6 +298,7 @@ class _Secp256k1(Scheme):
     element_size = _secp256k1.ELEMENT_SIZE
     scalar_size = _secp256k1.SCALAR_SIZE
     signature_size = _secp256k1.ELEMENT_SIZE + _secp256k1.SCALAR_SIZE
+    _mod = _secp256k1
     _suite: _secp256k1.Secp256k1Suite = _secp256k1.SUITE
 
     def identifier_to_bytes(self, value: int) -> bytes:
@@ -343,86 +306,6 @@ class _Secp256k1(Scheme):
 
     def identifier_from_bytes(self, data: bytes) -> int:
         return self._suite.identifier_from_bytes(data)
-
-    def commitment(self, identifier: bytes, hiding: bytes, binding: bytes) -> Any:
-        return _secp256k1.SigningCommitment(identifier, hiding, binding)
-
-    def commit(self, identifier: bytes, signing_share: Buffer) -> Any:
-        return _secp256k1.commit(identifier, signing_share, suite=self._suite)
-
-    def sign(
-        self,
-        nonces: Any,
-        *,
-        signing_share: Buffer,
-        group_public_key: bytes,
-        message: bytes,
-        commitments: Iterable[Any],
-        min_signers: int | None = None,
-        max_signers: int | None = None,
-        merkle_root: bytes | None = None,
-    ) -> bytes:
-        self._no_merkle_root(merkle_root)
-        return _secp256k1.sign(
-            nonces,
-            signing_share=signing_share,
-            group_public_key=group_public_key,
-            message=message,
-            commitments=commitments,
-            min_signers=min_signers,
-            max_signers=max_signers,
-        )
-
-    def verify_signature_share(
-        self,
-        *,
-        identifier: bytes,
-        verifying_share: bytes,
-        signature_share: bytes,
-        commitments: Iterable[Any],
-        group_public_key: bytes,
-        message: bytes,
-        merkle_root: bytes | None = None,
-    ) -> bool:
-        self._no_merkle_root(merkle_root)
-        return _secp256k1.verify_signature_share(
-            identifier=identifier,
-            verifying_share=verifying_share,
-            signature_share=signature_share,
-            commitments=commitments,
-            group_public_key=group_public_key,
-            message=message,
-        )
-
-    def aggregate(
-        self,
-        *,
-        commitments: Iterable[Any],
-        message: bytes,
-        group_public_key: bytes,
-        signature_shares: Mapping[bytes, bytes],
-        verifying_shares: Mapping[bytes, bytes] | None = None,
-        merkle_root: bytes | None = None,
-    ) -> bytes:
-        self._no_merkle_root(merkle_root)
-        return _secp256k1.aggregate(
-            commitments=commitments,
-            message=message,
-            group_public_key=group_public_key,
-            signature_shares=signature_shares,
-            verifying_shares=verifying_shares,
-        )
-
-    def verify(
-        self,
-        group_public_key: bytes,
-        message: bytes,
-        signature: bytes,
-        merkle_root: bytes | None = None,
-    ) -> bool:
-        if merkle_root is not None:
-            return False
-        return _secp256k1.verify(group_public_key, message, signature)
 
     def trusted_dealer_keygen(
         self, min_signers: int, max_signers: int, *, identifiers: Sequence[int] | None = None
@@ -468,76 +351,11 @@ class _Secp256k1Tr(_Secp256k1):
     code = 2
     signature_size = 64
     taproot = True
+    _mod = _secp256k1_tr
     _suite = _secp256k1_tr.SUITE
 
-    def commitment(self, identifier: bytes, hiding: bytes, binding: bytes) -> Any:
-        return _secp256k1.SigningCommitment(identifier, hiding, binding)
-
-    def commit(self, identifier: bytes, signing_share: Buffer) -> Any:
-        return _secp256k1_tr.commit(identifier, signing_share)
-
-    def sign(
-        self,
-        nonces: Any,
-        *,
-        signing_share: Buffer,
-        group_public_key: bytes,
-        message: bytes,
-        commitments: Iterable[Any],
-        min_signers: int | None = None,
-        max_signers: int | None = None,
-        merkle_root: bytes | None = None,
-    ) -> bytes:
-        return _secp256k1_tr.sign(
-            nonces,
-            signing_share=signing_share,
-            group_public_key=group_public_key,
-            message=message,
-            commitments=commitments,
-            merkle_root=merkle_root,
-            min_signers=min_signers,
-            max_signers=max_signers,
-        )
-
-    def verify_signature_share(
-        self,
-        *,
-        identifier: bytes,
-        verifying_share: bytes,
-        signature_share: bytes,
-        commitments: Iterable[Any],
-        group_public_key: bytes,
-        message: bytes,
-        merkle_root: bytes | None = None,
-    ) -> bool:
-        return _secp256k1_tr.verify_signature_share(
-            identifier=identifier,
-            verifying_share=verifying_share,
-            signature_share=signature_share,
-            commitments=commitments,
-            group_public_key=group_public_key,
-            message=message,
-            merkle_root=merkle_root,
-        )
-
-    def aggregate(
-        self,
-        *,
-        commitments: Iterable[Any],
-        message: bytes,
-        group_public_key: bytes,
-        signature_shares: Mapping[bytes, bytes],
-        verifying_shares: Mapping[bytes, bytes] | None = None,
-        merkle_root: bytes | None = None,
-    ) -> bytes:
-        return _secp256k1_tr.aggregate(
-            commitments=commitments,
-            message=message,
-            group_public_key=group_public_key,
-            signature_shares=signature_shares,
-            verifying_shares=verifying_shares,
-            merkle_root=merkle_root,
-        )
+    def _root(self, merkle_root: bytes | None) -> dict[str, bytes | None]:
+        return {"merkle_root": merkle_root}
 
     def verifying_key(self, group_public_key: bytes, merkle_root: bytes | None = None) -> bytes:
         return _secp256k1_tr.output_key(group_public_key, merkle_root)
