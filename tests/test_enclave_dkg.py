@@ -21,7 +21,7 @@ import hashlib
 import io
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -456,13 +456,18 @@ async def enclave(
     over_grpc: bool = True,
     max_sessions: int = 100,
     overloaded: Any = lambda: None,
+    measured: MeasuredConfig | None = None,
+    writer_factory: Callable[[ShareStore], FakeWriter] | None = None,
     **toml: Any,
 ) -> AsyncIterator[Node]:
-    measured = config(**toml)
+    """An enclave with the DKG service: ``measured`` (default: :func:`config` of ``toml``) and
+    a writer made by ``writer_factory`` (default :class:`FakeWriter`)."""
+    if measured is None:
+        measured = config(**toml)
     assert measured.dkg is not None
     store = empty_store()
     pool = SessionPool(store.get, max_sessions=max_sessions, overloaded=overloaded)
-    writer = FakeWriter(store)
+    writer = (writer_factory or FakeWriter)(store)
     identity = IdentityKey(CeremonyKey.from_seed(IDENTITY_SEED))
     authorizer = Authorizer(measured.policies)
     registry = DkgRegistry(

@@ -60,11 +60,9 @@ from trio_sign.parent._deltas import (
     delta_fingerprint,
     serve_deltas_connection,
 )
-from trio_sign.rpc import serve_grpc
 from trio_sign.shares import ShareRecord, ShareStore, write_plaintext
 from trio_sign.shares._deltas import DeltaChain
 from trio_sign.shares._signature import CeremonyKey
-from trio_sign.transport import open_listeners
 
 from .test_enclave_dkg import (
     APPROVERS,
@@ -77,11 +75,11 @@ from .test_enclave_dkg import (
     UNPINNED,
     DirectClient,
     FakeWriter,
-    GrpcClient,
     Node,
     Run,
     ceremony,
     empty_store,
+    enclave,
     enclave_toml,
     full_dkg,
 )
@@ -136,50 +134,10 @@ async def lifecycle_enclave(
 ) -> AsyncIterator[Node]:
     """test_enclave_dkg's ``enclave()`` with :func:`lifecycle_toml` and the applying writer."""
     measured = parse_measured_config(toml if toml is not None else lifecycle_toml(**kwargs))
-    assert measured.dkg is not None
-    store = empty_store()
-    pool = SessionPool(store.get, max_sessions=100)
-    writer = ApplyingWriter(store)
-    identity = IdentityKey(CeremonyKey.from_seed(IDENTITY_SEED))
-    authorizer = Authorizer(measured.policies)
-    registry = DkgRegistry(
-        settings=measured.dkg,
-        identity=identity,
-        writer=writer,
-        authorizer=authorizer,
-        lookup=store.get,
-        slots=PoolSlots(pool),
-        find_created=writer.find,
-    )
-    service = SignService(store, pool, authorizer=authorizer, dkg=registry)
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(pool.run_reaper)
-            await nursery.start(registry.run)
-            if not over_grpc:
-                yield Node(store, pool, registry, service, writer, identity, DirectClient(service))
-                nursery.cancel_scope.cancel()
-                return
-            listeners = await open_listeners("tcp://127.0.0.1:0")
-            port = listeners[0].socket.getsockname()[1]
-            server = await nursery.start(
-                functools.partial(
-                    serve_grpc,
-                    listeners,
-                    service.handlers(),
-                    method_limits=service.receive_limits(),
-                )
-            )
-            channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-            try:
-                yield Node(store, pool, registry, service, writer, identity, GrpcClient(channel))
-            finally:
-                await trio.to_thread.run_sync(channel.close)
-                await server.aclose()
-                nursery.cancel_scope.cancel()
-    finally:
-        identity.close()
-        store.close()
+    async with enclave(
+        over_grpc=over_grpc, measured=measured, writer_factory=ApplyingWriter
+    ) as node:
+        yield node
 
 
 # -- an account, and the other participants' keys ---------------------------------------------
