@@ -27,6 +27,7 @@ preload_timeout_s = 120
 [ingress]
 listen = "tcp://0.0.0.0:50051"
 first_byte_timeout_s = 3
+setups_per_batch = 8
 
 [attestation]
 root = "nsm/local-nsm-root.pem"
@@ -56,6 +57,7 @@ def test_full_example(tmp_path: Path) -> None:
     assert cfg.ingress is not None
     assert cfg.ingress.listen == "tcp://0.0.0.0:50051"
     assert cfg.ingress.settings.first_byte_timeout_s == 3.0
+    assert cfg.ingress.settings.setups_per_batch == 8
     assert cfg.attestation is not None
     assert cfg.attestation.pcrs[0] == bytes.fromhex(PCR)
     assert 8 not in cfg.attestation.pcrs

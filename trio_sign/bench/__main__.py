@@ -137,6 +137,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--hostile-rate", type=float, default=100.0, help="legitimate sessions/s (Poisson)"
     )
+    parser.add_argument(
+        "--hostile-profile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="profile the attacked processes (pyinstrument, by SIGUSR1) over the first"
+        " --hostile-profile-s of each attack; text reports go to DIR",
+    )
+    parser.add_argument(
+        "--hostile-profile-s", type=float, default=3.0, help="seconds profiled per attack"
+    )
     args = parser.parse_args(argv)
     hostile = args.hostile or args.hostile_quick
     everything = not (args.e2e or args.boot or args.frost or args.load or args.grpc or hostile)
@@ -204,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                 else (args.hostile_target,),
                 rate=args.hostile_rate,
                 only=only,
+                profile_dir=args.hostile_profile,
+                profile_s=args.hostile_profile_s,
             )
         )
     return 0

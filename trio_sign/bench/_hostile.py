@@ -45,6 +45,8 @@ from typing import IO, Any
 
 import trio
 
+from .._profile import ENV as PROFILE_ENV
+from .._profile import SIGNAL as PROFILE_SIGNAL
 from ..cli._demo_full import GATEWAY_APPROVERS
 from ..rpc import raise_open_file_limit
 from ..testing import _attacks as attacks
@@ -80,6 +82,8 @@ class HostileOptions:
     rate: float = 100.0
     accounts: int = 1000
     only: tuple[str, ...] = ()  # attack keys; empty: all
+    profile_dir: Path | None = None  # profile the attacked processes (TRIO_SIGN_PROFILE_DIR)
+    profile_s: float = 3.0  # ... over this long from each attack's start
 
 
 # -- /proc ------------------------------------------------------------------------------------
@@ -150,10 +154,15 @@ class _Target:
     description = ""
     tls = False
 
-    def __init__(self, work: Path, shares: Path, log: IO[str]) -> None:
+    def __init__(
+        self, work: Path, shares: Path, log: IO[str], profile_dir: Path | None = None
+    ) -> None:
         self._work = work
         self._shares = shares
         self._log = log
+        self._env = dict(os.environ)
+        if profile_dir is not None:
+            self._env[PROFILE_ENV] = str(profile_dir.resolve())
         self._proc: subprocess.Popen[str] | None = None
         self.port = 0
         # the server's certificate to pin (or its CA), the client certificate and key
@@ -211,6 +220,7 @@ class _EnclaveTarget(_Target):
             stdout=subprocess.PIPE,
             stderr=self._log,
             text=True,
+            env=self._env,
         )
         lines = _Lines(self._proc)
         try:
@@ -228,8 +238,10 @@ class _StackTarget(_Target):
     description = "full local stack: parent ingress (TCP pipe) -> enclave's attested TLS"
     tls = True
 
-    def __init__(self, work: Path, shares: Path, log: IO[str]) -> None:
-        super().__init__(work, shares, log)
+    def __init__(
+        self, work: Path, shares: Path, log: IO[str], profile_dir: Path | None = None
+    ) -> None:
+        super().__init__(work, shares, log, profile_dir)
         self._enclave: int | None = None
         self._runs = 0
 
@@ -257,6 +269,7 @@ class _StackTarget(_Target):
             stdout=subprocess.PIPE,
             stderr=self._log,
             text=True,
+            env=self._env,
         )
         lines = _Lines(self._proc)
         found: dict[str, str] = {}
@@ -539,7 +552,17 @@ def _legit_numbers(result: _Result, sessions: list[dict[str, Any]]) -> None:
         slow = [s for s in sessions if float(s["lat"]) * 1000 > TARGET_P99_MS]
         if slow:
             on_fresh = sum(1 for s in slow if s.get("fresh"))
-            result.notes.append(f"{len(slow)} over {TARGET_P99_MS:g} ms ({on_fresh} fresh)")
+            # When in the attack they were scheduled (second: count): a burst at its start
+            # and a steady cost point to different causes.
+            t0 = min(float(s["t"]) for s in sessions)
+            by_s: dict[int, int] = {}
+            for s in slow:
+                second = int(float(s["t"]) - t0)
+                by_s[second] = by_s.get(second, 0) + 1
+            when = " ".join(f"{k}s:{v}" for k, v in sorted(by_s.items()))
+            result.notes.append(
+                f"{len(slow)} over {TARGET_P99_MS:g} ms ({on_fresh} fresh; by second {when})"
+            )
 
 
 async def _bounded(fn: Callable[[], Awaitable[attacks.AttackStats]], limit: float) -> Any:
@@ -580,14 +603,15 @@ class _Session:
         assert self.legit is not None
         time.sleep(1.0)  # warm-up
         pids = self.target.pids()
-        cpu0 = sum(map(cpu_seconds, pids))
+        each0 = [cpu_seconds(pid) for pid in pids]
         rss0 = sum(map(rss_mib, pids))
         sampler = _Sampler(pids)
         t0 = time.time()
         time.sleep(BASELINE_S)
         t1 = time.time()
         peak = sampler.stop()
-        self.baseline_cpu_per_s = (sum(map(cpu_seconds, pids)) - cpu0) / (t1 - t0)
+        each = [(cpu_seconds(pid) - c0) / (t1 - t0) for pid, c0 in zip(pids, each0, strict=True)]
+        self.baseline_cpu_per_s = sum(each)
         time.sleep(2 * CALL_TIMEOUT_S + 0.5)
         result = _Result("baseline (no attack)", baseline=True)
         _legit_numbers(result, self.legit.window(t0, t1))
@@ -595,7 +619,27 @@ class _Session:
         result.rss_mib = peak - rss0
         result.cpu_s = self.baseline_cpu_per_s * (t1 - t0)
         result.notes.append(f"legit load alone costs {self.baseline_cpu_per_s:.2f} CPU s/s")
+        if len(pids) > 1:
+            names = self.target.process_names()
+            split = ", ".join(f"{n} {c:.2f}" for n, c in zip(names, each, strict=False))
+            result.notes.append(f"by process: {split}")
         return result
+
+    def _profile(self, pids: list[int]) -> threading.Thread | None:
+        """With ``profile_dir``: start each attacked process's profiler now and stop it
+        ``profile_s`` later (SIGUSR1 both times; see ``trio_sign._profile``)."""
+        if self._opts.profile_dir is None:
+            return None
+
+        def toggle() -> None:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, PROFILE_SIGNAL)
+
+        toggle()
+        timer = threading.Timer(self._opts.profile_s, toggle)
+        timer.start()
+        return timer
 
     def run(self, attack: _Attack) -> _Result:
         result = _Result(attack.label)
@@ -610,6 +654,7 @@ class _Session:
         fn = attack.run(self.target, self._opts)
         own0 = os.times()
         t0 = time.time()
+        profiling = self._profile(pids)
         try:
             result.stats = trio.run(_bounded, fn, self._opts.duration_s + 30.0)
             if result.stats is None:
@@ -618,6 +663,8 @@ class _Session:
             result.notes.append(f"attack client failed: {type(exc).__name__}: {exc}")
         t1 = time.time()
         own1 = os.times()
+        if profiling is not None:
+            profiling.join()
         # The attack client runs in this process, on the same 2 cores as the servers and the
         # legit client: its CPU is what the servers and the legit client could not use.
         attacker_cpu = (own1.user - own0.user) + (own1.system - own0.system)
@@ -712,7 +759,8 @@ def bench_hostile(opts: HostileOptions) -> dict[str, list[_Result]]:
         with (work / "processes.log").open("w") as log:
             for name in opts.targets:
                 cls = _EnclaveTarget if name == "enclave" else _StackTarget
-                session = _Session(cls(work, gen.service_file, log), peer, opts, log)
+                target = cls(work, gen.service_file, log, opts.profile_dir)
+                session = _Session(target, peer, opts, log)
                 rows: list[_Result] = []
                 results[name] = rows
                 try:

@@ -42,6 +42,7 @@ import trio
 
 from proto_min import sign_service_pb2 as pb
 
+from .._profile import install_profile_toggle
 from ..enclave import (
     DEFAULT_MAX_SESSIONS,
     DEFAULT_SESSION_TTL_S,
@@ -229,9 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     configure_gc_for_serving()  # both servers: what `trio-sign enclave` runs with
     stats = _GC_STATS
     gc.callbacks.append(stats)
+    instruments = install_profile_toggle(f"bench-{args.kind}")  # development: TRIO_SIGN_PROFILE_DIR
     try:
         if args.kind == "ours":
-            trio.run(functools.partial(_serve_ours, args.shares))
+            trio.run(functools.partial(_serve_ours, args.shares), instruments=instruments)
         else:
             asyncio.run(_serve_grpcio(args.shares))
     finally:

@@ -62,6 +62,7 @@ from typing import Any
 import trio
 
 from .._errors import TrioSignError
+from .._profile import install_profile_toggle
 
 
 def add_parser(sub: Any) -> None:
@@ -209,7 +210,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                     _print_stack(stack, pinned)
                     await trio.sleep_forever()
 
-    trio.run(run)
+    instruments = install_profile_toggle("dev-up")  # development: TRIO_SIGN_PROFILE_DIR
+    trio.run(run, instruments=instruments)
     if not ready:  # stopped before it was up: say so (exit 130), after everything stopped
         raise KeyboardInterrupt
     return 0

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from .._profile import install_profile_toggle
 from ..rpc import ServerLimits, raise_open_file_limit
 from ._listen import UsageError
 
@@ -242,8 +243,9 @@ def cmd_enclave(args: argparse.Namespace) -> int:
                     await handle.drain()
                     break
 
+    instruments = install_profile_toggle("enclave")  # development: TRIO_SIGN_PROFILE_DIR
     try:
-        trio.run(run)
+        trio.run(run, instruments=instruments)
     except BaseException as exc:
         failure = _enclave_exit(exc)
         if failure is None:

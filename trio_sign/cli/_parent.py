@@ -20,6 +20,8 @@ from typing import Any
 
 import trio
 
+from .._profile import install_profile_toggle
+
 
 def add_parser(sub: Any) -> None:
     parent = sub.add_parser(
@@ -143,8 +145,9 @@ def cmd_parent(args: argparse.Namespace) -> int:
                     nursery.cancel_scope.cancel()
                     break
 
+    instruments = install_profile_toggle("parent")  # development: TRIO_SIGN_PROFILE_DIR
     try:
-        trio.run(run)
+        trio.run(run, instruments=instruments)
     except (ParentExit, BaseExceptionGroup) as exc:
         failure = exc
         while isinstance(failure, BaseExceptionGroup):

@@ -409,6 +409,7 @@ def parse_parent_config(text: str, *, base: Path = Path(".")) -> ParentConfig:
             "first_byte_timeout_s": float,
             "idle_timeout_s": float,
             "evict_quiet_s": float,
+            "setups_per_batch": int,
         }
         retired = sorted(key for key in i if key in INGRESS_RETIRED)
         # Retired keys are tolerated (an older parent.toml still starts), not settings.

@@ -32,6 +32,7 @@ import trio
 
 from ..rpc import BurstListener, RateLimitedLog, connection_limit
 from ..transport import TransportError, connect, load_cert_chain, open_listeners
+from ..transport._pacer import BatchPacer
 from ._attestation_gate import AttestationGate
 
 log = logging.getLogger("trio_sign.parent.ingress")
@@ -60,6 +61,10 @@ class IngressSettings:
             ``evict_quiet_s``; otherwise the newcomer is closed.
         evict_quiet_s: how long a forwarded connection must have moved no bytes before a
             newcomer may take its slot.
+        setups_per_batch: connections that start forwarding (or end it) per pass of the
+            event loop; the others wait, newest first (`BatchPacer`). A burst of thousands
+            of connections otherwise lands in a few passes that every forwarded call waits
+            behind.
         log_interval_s: refusals of one kind are logged at most once per this.
     """
 
@@ -70,6 +75,7 @@ class IngressSettings:
     close_timeout_s: float = 1.0
     max_connections: int = 1024
     evict_quiet_s: float = 1.0
+    setups_per_batch: int = 16
     log_interval_s: float = 10.0
 
 
@@ -134,12 +140,15 @@ async def serve_ingress(
     watch: IngressObserver = observer if observer is not None else _NoObserver()
     settings = _fit_open_file_limit(settings)
     slots = _Slots(settings, watch)
+    pacer = BatchPacer(settings.setups_per_batch)
     listeners = await open_listeners(listen_url)
 
     async def handler(stream: trio.SocketStream) -> None:
         peer = _peer_name(stream)
         try:
-            await _serve_connection(stream, peer, enclave_url, opener, gate, settings, watch, slots)
+            await _serve_connection(
+                stream, peer, enclave_url, opener, gate, settings, watch, slots, pacer
+            )
         except Exception:
             # A bug while serving one connection closes that connection only: one client
             # must not be able to stop the ingress for every other (as GrpcServer does).
@@ -150,6 +159,7 @@ async def serve_ingress(
         extra={"listen": listen_url, "enclave": enclave_url},
     )
     async with trio.open_nursery() as nursery:
+        await nursery.start(pacer.run)
         # A burst is accepted in one pass, into an accept queue as long as max_pending.
         burst = [BurstListener(listener, backlog=settings.max_pending) for listener in listeners]
         await nursery.start(trio.serve_listeners, handler, burst)
@@ -177,11 +187,20 @@ class _Conn:
     """One connection's place in `_Slots`: its cancel scope and when it last moved bytes (or
     entered its place)."""
 
-    __slots__ = ("last_active", "scope")
+    __slots__ = ("last_active", "order", "scope")
 
     def __init__(self) -> None:
         self.scope = trio.CancelScope()
         self.last_active = trio.current_time()
+        # The forwarded connections, least recently active first (`_Slots.forwarding`).
+        self.order: dict[_Conn, None] | None = None
+
+    def touch(self) -> None:
+        """It moved bytes now: the last in line to be evicted as the quietest."""
+        self.last_active = trio.current_time()
+        order = self.order
+        if order is not None and order.pop(self, 0) is None:
+            order[self] = None
 
 
 class _Slots:
@@ -193,7 +212,8 @@ class _Slots:
         self._settings = settings
         self._watch = watch
         self.pending: dict[_Conn, None] = {}  # insertion order: oldest first
-        self.forwarding: set[_Conn] = set()
+        # Least recently active first (`_Conn.touch`): the quietest is found in O(1).
+        self.forwarding: dict[_Conn, None] = {}
         self.pending_evicted = 0
         self.connections_evicted = 0
         self.connections_refused = 0
@@ -227,21 +247,24 @@ class _Slots:
 
     def start_forwarding(self, conn: _Conn) -> bool:
         if len(self.forwarding) >= self._settings.max_connections:
-            quietest = min(self.forwarding, key=lambda c: c.last_active)
+            quietest = next(iter(self.forwarding))
             if trio.current_time() - quietest.last_active < self._settings.evict_quiet_s:
                 self.connections_refused += 1
                 self._watch.proxy_connection_refused()
                 self.log_refused(max_connections=self._settings.max_connections)
                 return False
-            self.forwarding.discard(quietest)
+            self.end_forwarding(quietest)
             quietest.scope.cancel()
             self.connections_evicted += 1
             self.log_evicted(max_connections=self._settings.max_connections)
-        self.forwarding.add(conn)
+        conn.last_active = trio.current_time()
+        conn.order = self.forwarding
+        self.forwarding[conn] = None
         return True
 
     def end_forwarding(self, conn: _Conn) -> None:
-        self.forwarding.discard(conn)
+        self.forwarding.pop(conn, None)
+        conn.order = None
 
 
 class IngressObserver(Protocol):
@@ -290,6 +313,7 @@ async def _serve_connection(
     settings: IngressSettings,
     watch: IngressObserver,
     slots: _Slots,
+    pacer: BatchPacer,
 ) -> None:
     hello = _Conn()
     try:
@@ -299,6 +323,8 @@ async def _serve_connection(
                 # Nothing is opened toward the enclave until the client says something: a
                 # bare TCP connection costs a descriptor and this sleeping task.
                 await trio.lowlevel.wait_readable(client.socket)
+                # Still pending (bounded, evictable) while it waits for its turn.
+                await pacer.turn()
         finally:
             slots.end_pending(hello)
         if waited.cancelled_caught or hello.scope.cancelled_caught:
@@ -388,7 +414,7 @@ async def _pump_both_ways(
                 # Back-pressure: the next receive waits until the other side took this.
                 await sink.send_all(data)
                 counts[index] += len(data)
-                conn.last_active = trio.current_time()
+                conn.touch()
                 scope.deadline = conn.last_active + settings.idle_timeout_s
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             finish("broken")

@@ -12,9 +12,10 @@ for a client that has not authenticated:
   ``handshake_evict_age_s`` old (a client that starts a handshake and stalls cannot keep a
   real one out, and a burst of real handshakes is not thrown away);
 * at most ``max_handshake_rate`` handshakes start per second (a token bucket holding
-  ``max_handshakes``): a full handshake costs the server about 2.3 ms of CPU with OpenSSL 3.0
-  on these machines, so an unthrottled flood of authenticated clients would take the whole
-  event loop from the connections already serving; the cap keeps handshakes to a share of it;
+  ``max_handshakes``): a full handshake costs the server about 0.65 ms of OpenSSL CPU (3.0,
+  no session tickets) and more in Python and trio on these machines, so an unthrottled
+  flood of authenticated clients would take the whole event loop from the connections
+  already serving; the cap keeps handshakes to a share of it;
 * each connection must finish its handshake within ``handshake_timeout_s`` of its accept.
 
 :func:`self_signed_server_context` makes the enclave's per-boot TLS identity (DESIGN §10): a
@@ -441,6 +442,11 @@ def self_signed_server_context(
     ca = client_ca_pem.decode() if isinstance(client_ca_pem, bytes) else client_ca_pem
     context.load_verify_locations(cadata=ca)
     context.set_alpn_protocols([ALPN_H2])
+    # No TLS 1.3 session tickets: a per-boot identity whose clients re-attest on every
+    # connection has no use for resumption, and minting the two default tickets is half the
+    # server's handshake CPU (1.27 -> 0.64 ms with OpenSSL 3.0 here), which an attacker's
+    # handshakes would spend (DESIGN §16).
+    context.num_tickets = 0
     key_pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
