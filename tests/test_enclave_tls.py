@@ -40,6 +40,7 @@ from trio_sign.transport import (
 
 from .enclave_helpers import make_accounts, parent
 from .share_helpers import make_record
+from .test_metrics_enclave import samples
 
 S = "/trio_sign.v1.SignService/"
 
@@ -169,6 +170,10 @@ async def test_full_api_needs_a_certificate_from_the_pinned_ca(
             await _ping(await connect(address))
         assert handle.tls.stats.handshakes == 1
         assert handle.server.stats.connections_refused == 0
+        # the TLS listener's refusals reach the enclave's metrics (issue 11)
+        refusals = samples(handle.service.metrics.snapshot(), "trio_sign_refusals_total")
+        assert refusals[("tls_refused",)] == handle.tls.stats.refused >= 3
+        assert refusals[("tls_handshake_timeout",)] == 0
 
 
 async def test_public_port_serves_only_three_methods(

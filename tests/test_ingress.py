@@ -387,25 +387,16 @@ async def test_periodic_check_closes_and_reopens(
 # -- the byte pump (memory streams, virtual time) -----------------------------------------------
 
 
-async def _idle_gate(nsm: LocalNsm) -> AttestationGate:
-    async def unused() -> trio.abc.Stream:
-        raise AssertionError("not called")
-
-    return AttestationGate(policy_for(nsm), unused)
-
-
 async def test_pump_passes_half_close_and_ends_with_the_enclave(
-    nsm: LocalNsm, autojump_clock: trio.testing.MockClock
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     client, client_side = trio.testing.memory_stream_pair()
     enclave_side, enclave = trio.testing.memory_stream_pair()
-    gate = await _idle_gate(nsm)
-    gate.verified = True  # as if a check had passed
     result: list[tuple[int, int, str]] = []
     async with trio.open_nursery() as nursery:
 
         async def pump() -> None:
-            result.append(await _pump_both_ways(client_side, enclave_side, gate, IngressSettings()))
+            result.append(await _pump_both_ways(client_side, enclave_side, IngressSettings()))
 
         nursery.start_soon(pump)
         await client.send_all(b"request")
@@ -418,15 +409,13 @@ async def test_pump_passes_half_close_and_ends_with_the_enclave(
     assert result == [(7, 5, "enclave_eof")]
 
 
-async def test_pump_idle_timeout(nsm: LocalNsm, autojump_clock: trio.testing.MockClock) -> None:
+async def test_pump_idle_timeout(autojump_clock: trio.testing.MockClock) -> None:
     client, client_side = trio.testing.memory_stream_pair()
     enclave_side, enclave = trio.testing.memory_stream_pair()
-    gate = await _idle_gate(nsm)
-    gate.verified = True
     settings = IngressSettings(idle_timeout_s=10.0)
     start = trio.current_time()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_pump_both_ways, client_side, enclave_side, gate, settings)
+        nursery.start_soon(_pump_both_ways, client_side, enclave_side, settings)
         await trio.sleep(6)
         await client.send_all(b"ping")  # activity pushes the idle deadline to t=16
         assert await enclave.receive_some(100) == b"ping"
@@ -719,6 +708,18 @@ async def test_unverified_gate_refuses_then_recovers(
             assert await gate.check()
             assert await grpcio_ping_status(pki, proxy.target) == grpc.StatusCode.OK
             assert len(proxy.enclave_connects) == 2
+
+            # and the next failure closes what is forwarded then, too
+            tls = await tls_connect(proxy.port, client_context(pki))
+            async with open_grpc_channel(tls) as ch:
+                assert await ch.unary_unary(S + "Ping", ping) == ping
+                fake.nsm = other_image
+                assert not await gate.check()
+                await trio.testing.wait_all_tasks_blocked(0.01)
+                with pytest.raises(RpcError) as info:
+                    with trio.fail_after(5):
+                        await ch.unary_unary(S + "Ping", ping)
+                assert info.value.status == StatusCode.UNAVAILABLE
 
 
 async def test_limits_first_byte_timeout_and_max_connections(

@@ -65,7 +65,7 @@ def full_config(ca_pem: str) -> bytes:
         "idle_timeout_s = 120.5\n"
         "tls_handshake_timeout_s = 3\n"
         "max_tls_handshakes = 8\n"
-        "max_tls_handshake_rate = 50\n"
+        "max_tls_handshake_rate = 75\n"
         "preload_timeout_s = 100\n"
         'verify_shares = "full"\n'
         "memory_alarm_fraction = 0.5\n"
@@ -219,7 +219,7 @@ def test_limits_apply_and_flags_win(ca_pem: str) -> None:
     assert config.grpc_limits.idle_timeout_s == 120.5
     assert config.tls_settings.handshake_timeout_s == 3.0
     assert config.tls_settings.max_handshakes == 8
-    assert config.tls_settings.max_handshake_rate == 50.0
+    assert config.tls_settings.max_handshake_rate == 75.0
     assert config.preload_timeout_s == 100.0
     assert config.verify_shares == "full"
     assert (config.memory_alarm_fraction, config.memory_hard_fraction) == (0.5, 0.8)

@@ -4,7 +4,8 @@
 parent's event loops spend the first seconds of an attack. py-spy cannot attach to the local
 enclave (it runs in its own pid namespace), and a profile of the whole run is dominated by boot.
 So a server process started with ``TRIO_SIGN_PROFILE_DIR`` set installs a ``SIGUSR1`` handler:
-the first signal starts pyinstrument (wall-clock samples of the main thread), the next writes
+the first signal starts pyinstrument (wall-clock samples of the main thread; not with
+``TRIO_SIGN_PROFILE_MODE=passes``), the next writes
 the text report to ``<dir>/<role>-<pid>-<n>.txt`` and stops, and so on. Beside the samples
 the report has the event loop's batches over the same time (`BatchRecorder`): how long the
 longest ran and how many task steps they held, which is the delay every task woke in them saw
@@ -29,6 +30,9 @@ import trio
 log = logging.getLogger("trio_sign.profile")
 
 ENV: Final = "TRIO_SIGN_PROFILE_DIR"
+#: ``passes``: record the loop's passes only, no samples (a profile of what the loop does
+#: doubles its CPU; its passes are what a waiting call sees).
+MODE_ENV: Final = "TRIO_SIGN_PROFILE_MODE"
 SIGNAL: Final = signal.SIGUSR1
 INTERVAL_S: Final = 0.0005
 
@@ -90,23 +94,29 @@ def install_profile_toggle(role: str) -> list[trio.abc.Instrument]:
     batches = BatchRecorder()
     state: dict[str, Any] = {"profiler": None, "n": 0, "started": 0.0}
 
+    # Samples cost every call a hook (CPU time roughly doubles); the passes alone are cheap.
+    sample = os.environ.get(MODE_ENV, "") != "passes"
+
     def toggle(signum: int, frame: FrameType | None) -> None:
-        profiler = state["profiler"]
-        if profiler is None:
+        if not batches.on:
             batches.batches = []
             batches.on = True
-            profiler = Profiler(interval=INTERVAL_S, async_mode="disabled")
-            profiler.start()
-            state["profiler"] = profiler
+            if sample:
+                profiler = Profiler(interval=INTERVAL_S, async_mode="disabled")
+                profiler.start()
+                state["profiler"] = profiler
             state["started"] = time.time()
             return
-        profiler.stop()
         batches.on = False
+        profiler = state["profiler"]
+        text = ""
+        if profiler is not None:
+            profiler.stop()
+            text = profiler.output_text(unicode=False, color=False, show_all=False)
         state["profiler"] = None
         state["n"] += 1
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"{role}-{os.getpid()}-{state['n']}.txt"
-        text = profiler.output_text(unicode=False, color=False, show_all=False)
         head = f"# {role} pid {os.getpid()} from {state['started']:.3f}\n"
         path.write_text(head + batches.report() + text)
 

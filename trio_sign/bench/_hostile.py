@@ -31,6 +31,7 @@ import contextlib
 import json
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
@@ -781,6 +782,10 @@ def bench_hostile(opts: HostileOptions) -> dict[str, list[_Result]]:
                     raise
                 finally:
                     session.stop()
+                    if opts.profile_dir is not None:  # the servers' logs beside their profiles
+                        log.flush()
+                        opts.profile_dir.mkdir(parents=True, exist_ok=True)
+                        shutil.copyfile(work / "processes.log", opts.profile_dir / "processes.log")
                 passed = sum(1 for r in rows if not r.baseline and not r.misses())
                 total = sum(1 for r in rows if not r.baseline)
                 print(f"  {name}: {passed}/{total} attacks within all targets", flush=True)

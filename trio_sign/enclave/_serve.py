@@ -327,6 +327,7 @@ async def _serve_loaded(
     served: list[trio.abc.Listener[trio.abc.Stream]] = list(listeners)
     if identity is not None:
         tls = TlsListener(listeners, identity.context, settings=config.tls_settings)
+        service.observe_tls(tls.stats)
         await nursery.start(tls.run)
         served = [tls]
     server: GrpcServer = await nursery.start(

@@ -69,6 +69,7 @@ from ..rpc import (
     protobuf_handler,
 )
 from ..shares import AccountShare, ShareStore
+from ..transport import TlsStats
 from ._compact import COMPACT_POLICY, CompactionError, Compactor, compaction_approval_message
 from ._dkg import DkgRegistry, largest_dkg_requests
 from ._memory import MemoryWatermark, read_memory_limit_bytes, read_rss_bytes
@@ -331,6 +332,7 @@ class SignService:
         self._drain_is_final = False
         self._frozen_refused = 0
         self._server_stats: list[ServerStats] = []
+        self._tls_stats: list[TlsStats] = []
         self._max_sign_request_bytes = max_sign_request_bytes
         self._attestation_bucket = _TokenBucket(attestation_rate_per_s, attestation_burst)
         self._attestation_limiter = trio.CapacityLimiter(max_concurrent_attestations)
@@ -379,6 +381,10 @@ class SignService:
     def observe_server(self, stats: ServerStats) -> None:
         """Count the gRPC server's refusals (``GrpcServer.stats``) in :attr:`metrics` too."""
         self._server_stats.append(stats)
+
+    def observe_tls(self, stats: TlsStats) -> None:
+        """Count the TLS listener's refusals (``TlsListener.stats``) in :attr:`metrics` too."""
+        self._tls_stats.append(stats)
 
     def handlers(self) -> dict[str, UnaryHandler]:
         """The method table for :class:`trio_sign.rpc.GrpcServer`; every handler is counted
@@ -756,6 +762,9 @@ class SignService:
             for server in self._server_stats:
                 for reason, n in _server_refusals(server):
                     reasons[reason] = reasons.get(reason, 0) + n
+            for tls in self._tls_stats:
+                for reason, n in _tls_refusals(tls):
+                    reasons[reason] = reasons.get(reason, 0) + n
             for reason, n in reasons.items():
                 refusals.labels(reason=reason).set_total(n)
 
@@ -837,6 +846,18 @@ def _server_refusals(stats: ServerStats) -> tuple[tuple[str, int], ...]:
         ("flood", stats.floods),
         ("stream_refused", stats.streams_refused),
         ("connection_paced", stats.connections_paced),
+    )
+
+
+def _tls_refusals(stats: TlsStats) -> tuple[tuple[str, int], ...]:
+    """The TLS listener's refusal counters under their ``reason`` label."""
+    return (
+        ("tls_refused", stats.refused),
+        ("tls_handshake_timeout", stats.timeouts),
+        ("tls_pending_evicted", stats.pending_evicted),
+        ("tls_handshake_evicted", stats.handshakes_evicted),
+        ("tls_no_h2", stats.no_h2),
+        ("tls_rate_limited", stats.rate_limited),
     )
 
 

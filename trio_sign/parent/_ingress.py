@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -73,7 +74,7 @@ class IngressSettings:
     idle_timeout_s: float = 600.0
     enclave_connect_timeout_s: float = 5.0
     close_timeout_s: float = 1.0
-    max_connections: int = 1024
+    max_connections: int = 4096
     evict_quiet_s: float = 1.0
     setups_per_batch: int = 16
     log_interval_s: float = 10.0
@@ -160,6 +161,7 @@ async def serve_ingress(
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(pacer.run)
+        nursery.start_soon(_end_forwarding_when_revoked, gate, slots)
         # A burst is accepted in one pass, into an accept queue as long as max_pending.
         burst = [BurstListener(listener, backlog=settings.max_pending) for listener in listeners]
         await nursery.start(trio.serve_listeners, handler, burst)
@@ -184,16 +186,23 @@ def _fit_open_file_limit(settings: IngressSettings) -> IngressSettings:
 
 
 class _Conn:
-    """One connection's place in `_Slots`: its cancel scope and when it last moved bytes (or
-    entered its place)."""
+    """One connection's place in `_Slots`: its cancel scope (which also carries its deadline),
+    when it last moved bytes (or entered its place), and why it ended."""
 
-    __slots__ = ("last_active", "order", "scope")
+    __slots__ = ("ended", "last_active", "order", "scope")
 
-    def __init__(self) -> None:
-        self.scope = trio.CancelScope()
+    def __init__(self, deadline: float = math.inf) -> None:
+        self.scope = trio.CancelScope(deadline=deadline)
         self.last_active = trio.current_time()
         # The forwarded connections, least recently active first (`_Slots.forwarding`).
         self.order: dict[_Conn, None] | None = None
+        self.ended = "idle"
+
+    def end(self, why: str) -> None:
+        """End it (its scope), remembering the first reason given."""
+        if not self.scope.cancel_called:
+            self.ended = why
+        self.scope.cancel()
 
     def touch(self) -> None:
         """It moved bytes now: the last in line to be evicted as the quietest."""
@@ -254,7 +263,7 @@ class _Slots:
                 self.log_refused(max_connections=self._settings.max_connections)
                 return False
             self.end_forwarding(quietest)
-            quietest.scope.cancel()
+            quietest.end("evicted")
             self.connections_evicted += 1
             self.log_evicted(max_connections=self._settings.max_connections)
         conn.last_active = trio.current_time()
@@ -265,6 +274,10 @@ class _Slots:
     def end_forwarding(self, conn: _Conn) -> None:
         self.forwarding.pop(conn, None)
         conn.order = None
+
+    def end_all_forwarding(self, why: str) -> None:
+        for conn in list(self.forwarding):
+            conn.end(why)
 
 
 class IngressObserver(Protocol):
@@ -299,6 +312,11 @@ def _peer_name(stream: trio.SocketStream) -> str:
 
 
 async def _close(stream: trio.abc.AsyncResource, timeout_s: float) -> None:
+    if isinstance(stream, trio.SocketStream):
+        # What its aclose does, less a checkpoint and the bound's cancel scope: a socket
+        # closes at once (and a burst of connections ends in bulk; DESIGN §16).
+        stream.socket.close()
+        return
     # aclose closes the resource even when cancelled; the bound is a safety net.
     with trio.move_on_after(timeout_s, shield=True):
         await stream.aclose()
@@ -315,11 +333,11 @@ async def _serve_connection(
     slots: _Slots,
     pacer: BatchPacer,
 ) -> None:
-    hello = _Conn()
+    hello = _Conn(deadline=trio.current_time() + settings.first_byte_timeout_s)
     try:
         slots.start_pending(hello)
         try:
-            with hello.scope, trio.move_on_after(settings.first_byte_timeout_s) as waited:
+            with hello.scope:
                 # Nothing is opened toward the enclave until the client says something: a
                 # bare TCP connection costs a descriptor and this sleeping task.
                 await trio.lowlevel.wait_readable(client.socket)
@@ -327,7 +345,7 @@ async def _serve_connection(
                 await pacer.turn()
         finally:
             slots.end_pending(hello)
-        if waited.cancelled_caught or hello.scope.cancelled_caught:
+        if hello.scope.cancelled_caught:
             log.debug("ingress connection silent too long or made room", extra={"peer": peer})
             return
         if await _closed_without_a_byte(client):
@@ -340,7 +358,7 @@ async def _serve_connection(
         if not slots.start_forwarding(conn):
             return
         try:
-            await _forward(client, peer, enclave_url, opener, gate, settings, watch, slots, conn)
+            await _forward(client, peer, enclave_url, opener, settings, watch, slots, conn)
         finally:
             slots.end_forwarding(conn)
     finally:
@@ -361,49 +379,55 @@ async def _forward(
     peer: str,
     enclave_url: str,
     opener: ConnectEnclave,
-    gate: AttestationGate,
     settings: IngressSettings,
     watch: IngressObserver,
     slots: _Slots,
     conn: _Conn,
 ) -> None:
     log.debug("ingress connection opened", extra={"peer": peer})
-    with conn.scope:
-        try:
-            with trio.fail_after(settings.enclave_connect_timeout_s):
-                enclave = await opener()
-        except (TransportError, trio.TooSlowError) as exc:
-            slots.log_unreachable(peer=peer, enclave=enclave_url, error=str(exc) or "timeout")
-            return
-        watch.proxy_connection_opened()
-        try:
-            counts = await _pump_both_ways(client, enclave, gate, settings, conn)
-        finally:
-            watch.proxy_connection_closed()
-            await _close(enclave, settings.close_timeout_s)
-        log.debug(
-            "ingress connection closed",
-            extra={"peer": peer, "bytes_in": counts[0], "bytes_out": counts[1], "end": counts[2]},
-        )
+    # Made room for (or the gate closed) while connecting: its scope is cancelled already,
+    # and the pumps below end at once.
+    try:
+        with trio.fail_after(settings.enclave_connect_timeout_s):
+            enclave = await opener()
+    except (TransportError, trio.TooSlowError) as exc:
+        slots.log_unreachable(peer=peer, enclave=enclave_url, error=str(exc) or "timeout")
+        return
+    watch.proxy_connection_opened()
+    try:
+        counts = await _pump_both_ways(client, enclave, settings, conn)
+    finally:
+        watch.proxy_connection_closed()
+        await _close(enclave, settings.close_timeout_s)
+    log.debug(
+        "ingress connection closed",
+        extra={"peer": peer, "bytes_in": counts[0], "bytes_out": counts[1], "end": counts[2]},
+    )
+
+
+async def _end_forwarding_when_revoked(gate: AttestationGate, slots: _Slots) -> None:
+    """Whenever the gate closes (a periodic check failed), end every forwarded connection:
+    one task for all of them, not one per connection."""
+    while True:
+        await gate.wait_verified()
+        await gate.wait_revoked()
+        slots.end_all_forwarding("attestation_failed")
 
 
 async def _pump_both_ways(
     client: trio.abc.Stream,
     enclave: trio.abc.Stream,
-    gate: AttestationGate,
     settings: IngressSettings,
     conn: _Conn | None = None,
 ) -> tuple[int, int, str]:
-    """Move bytes both ways until either side ends; return (bytes in, bytes out, why)."""
+    """Move bytes both ways until either side ends, ``conn`` is ended (made room for, the
+    gate closed) or ``idle_timeout_s`` passes without a byte; return (bytes in, bytes out,
+    why)."""
     conn = conn if conn is not None else _Conn()
     counts = [0, 0]
-    ended = ["idle"]
-    scope = trio.CancelScope(deadline=trio.current_time() + settings.idle_timeout_s)
-
-    def finish(why: str) -> None:
-        if not scope.cancel_called:
-            ended[0] = why
-        scope.cancel()
+    scope = conn.scope
+    scope.deadline = trio.current_time() + settings.idle_timeout_s
+    finish = conn.end
 
     async def pump(source: trio.abc.Stream, sink: trio.abc.Stream, index: int) -> None:
         try:
@@ -429,13 +453,8 @@ async def _pump_both_ways(
         # The enclave closed (its TLS close_notify went through already): end it all.
         finish("client_eof" if index == 0 else "enclave_eof")
 
-    async def watch_gate() -> None:
-        await gate.wait_revoked()
-        finish("attestation_failed")
-
     with scope:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(pump, client, enclave, 0)
             nursery.start_soon(pump, enclave, client, 1)
-            nursery.start_soon(watch_gate)
-    return counts[0], counts[1], ended[0]
+            await pump(client, enclave, 0)
+    return counts[0], counts[1], conn.ended

@@ -72,7 +72,7 @@ class TlsSettings:
     max_handshakes: int = 64
     handshake_evict_age_s: float = 1.0
     max_ready: int = 64
-    max_handshake_rate: float = 100.0
+    max_handshake_rate: float = 50.0
     log_interval_s: float = 10.0
 
     def __post_init__(self) -> None:
