@@ -315,11 +315,17 @@ async def gives_up(h: Harness) -> tuple[ParentExit, float]:
 
 
 async def test_a_healthy_run_walks_every_phase_and_a_stop_drains(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    tmp_path: Path, autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stop = trio.Event()
+    frozen_in: list[ParentPhase] = []
     async with trio.open_nursery() as nursery:
         h = harness(nursery, tmp_path, [healthy])
+        # what the run keeps leaves the full collections' walk once it serves (trio_sign._gc)
+        monkeypatch.setattr(
+            "trio_sign.parent._supervisor.freeze_long_lived",
+            lambda: frozen_in.append(h.lifecycle.phase),
+        )
         await nursery.start(h.supervisor.run, stop)
         await h.lifecycle.wait_for(lambda lc: lc.phase is ParentPhase.SERVING)
         assert h.state.enclave_state == "serving"
@@ -338,6 +344,7 @@ async def test_a_healthy_run_walks_every_phase_and_a_stop_drains(
     assert h.state.enclave_exit_code == 0
     assert h.state.alerts.last is None
     assert not (tmp_path / "run" / "bundle.enc").exists()  # the copy went after preload
+    assert frozen_in == [ParentPhase.SERVING]
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ it), and reports hold function names and line numbers, never a value.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -47,6 +48,20 @@ class BatchRecorder(trio.abc.Instrument):
         self._steps = 0
         self._t = 0.0
         self.batches: list[tuple[float, float, int]] = []  # (start, seconds, steps)
+        # The garbage collector's pauses in the same time: (start, seconds, generation).
+        self.collections: list[tuple[float, float, int]] = []
+        self._gc_t = 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if not self.on:
+            return
+        if phase == "start":
+            self._gc_t = time.perf_counter()
+        elif self._gc_t:
+            now = time.perf_counter()
+            self.collections.append((self._gc_t, now - self._gc_t, info["generation"]))
+            self._gc_t = 0.0
 
     def after_io_wait(self, timeout: float) -> None:
         if self.on:
@@ -75,6 +90,14 @@ class BatchRecorder(trio.abc.Instrument):
         ]
         for start, seconds, steps in sorted(ordered[-15:]):
             lines.append(f"  {start - t0:7.3f}  {seconds * 1000:7.1f}  {steps}")
+        pauses = sorted(self.collections, key=lambda c: c[1])
+        by_gen = {g: sum(1 for c in pauses if c[2] == g) for g in (0, 1, 2)}
+        lines.append(
+            f"gc collections: {len(pauses)} (by generation {by_gen}), "
+            f"{sum(c[1] for c in pauses) * 1000:.1f} ms in all; longest (offset s, ms, gen):"
+        )
+        for start, seconds, generation in sorted(pauses[-5:]):
+            lines.append(f"  {start - t0:7.3f}  {seconds * 1000:7.1f}  {generation}")
         return "\n".join(lines) + "\n"
 
 
@@ -100,6 +123,7 @@ def install_profile_toggle(role: str) -> list[trio.abc.Instrument]:
     def toggle(signum: int, frame: FrameType | None) -> None:
         if not batches.on:
             batches.batches = []
+            batches.collections = []
             batches.on = True
             if sample:
                 profiler = Profiler(interval=INTERVAL_S, async_mode="disabled")

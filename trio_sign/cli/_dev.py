@@ -62,6 +62,7 @@ from typing import Any
 import trio
 
 from .._errors import TrioSignError
+from .._gc import configure_gc_for_serving
 from .._profile import install_profile_toggle
 
 
@@ -210,6 +211,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                     _print_stack(stack, pinned)
                     await trio.sleep_forever()
 
+    configure_gc_for_serving()  # as the enclave: rare, short full collections
     instruments = install_profile_toggle("dev-up")  # development: TRIO_SIGN_PROFILE_DIR
     trio.run(run, instruments=instruments)
     if not ready:  # stopped before it was up: say so (exit 130), after everything stopped

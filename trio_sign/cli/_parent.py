@@ -20,6 +20,7 @@ from typing import Any
 
 import trio
 
+from .._gc import configure_gc_for_serving
 from .._profile import install_profile_toggle
 
 
@@ -145,6 +146,7 @@ def cmd_parent(args: argparse.Namespace) -> int:
                     nursery.cancel_scope.cancel()
                     break
 
+    configure_gc_for_serving()  # as the enclave: rare, short full collections
     instruments = install_profile_toggle("parent")  # development: TRIO_SIGN_PROFILE_DIR
     try:
         trio.run(run, instruments=instruments)

@@ -47,7 +47,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import functools
-import gc
 import hashlib
 import logging
 import os
@@ -59,6 +58,7 @@ from urllib.parse import urlsplit
 import trio
 
 from .._errors import InternalError, ShareFileError, TrioSignError
+from .._gc import configure_gc_for_serving, freeze_long_lived
 from ..authz import DEVELOPMENT_POLICIES, Authorizer
 from ..nitro import (
     AsyncNsm,
@@ -244,23 +244,6 @@ def _listener_url(listener: trio.SocketListener, scheme: str) -> str:
     return f"vsock://{name[0]}:{name[1]}"
 
 
-def configure_gc_for_serving() -> None:
-    """Process-wide GC settings for a signing server (the enclave command calls it first).
-
-    Per-request garbage (h2 frames, protobuf messages) is short-lived: collecting the young
-    generation less often makes full collections, whose pauses scale with live objects, rare.
-    Measured with ``scripts/bench --grpc`` (open-loop p99; CPU per session unchanged).
-    """
-    gc.set_threshold(20_000, 10, 10)
-
-
-def _freeze_loaded_objects() -> None:
-    """Move everything alive after preload (the share index above all: one dict entry per
-    account) into the GC's permanent generation, so full collections never walk it again."""
-    gc.collect()
-    gc.freeze()
-
-
 async def _serve_loaded(
     nursery: trio.Nursery,
     config: EnclaveConfig,
@@ -283,7 +266,7 @@ async def _serve_loaded(
     starts: the gateway's ``drain`` event (``serving -> draining``) can only come after. The
     service's metrics go to the parent from then on.
     """
-    _freeze_loaded_objects()
+    freeze_long_lived()  # the share index above all: one dict entry per account
 
     def on_drain() -> None:
         link.advance(EnclaveEvent.DRAIN)

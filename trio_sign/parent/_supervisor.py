@@ -48,6 +48,7 @@ from proto_min import sign_service_pb2 as pb
 from .._atomic import atomic_file
 from .._backoff import full_jitter_delay
 from .._errors import TrioSignError
+from .._gc import freeze_long_lived
 from ..enclave._identity import RecipientDataKey, SealedIdentity
 from ..nitro import AWS_NITRO_ROOT_PEM, EventsConfigMessage, MessageStream, PreloadResultMessage
 from ..rpc import open_grpc_channel
@@ -625,6 +626,9 @@ class ParentSupervisor:
         lifecycle.advance(ParentPhase.ATTESTING)
         gate = await self._attest(nursery, gate_scope, result.sha256)
         lifecycle.advance(ParentPhase.SERVING)
+        # What this run keeps (clients, configuration, the gate) leaves the full collections'
+        # walk before the first forwarded byte (trio_sign._gc).
+        freeze_long_lived()
         await self._start_ingress(nursery, gate)
         nursery.start_soon(
             _poll_enclave_status,

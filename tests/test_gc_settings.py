@@ -1,0 +1,35 @@
+"""The servers' garbage-collector settings (trio_sign._gc): fewer young collections, and what
+a server keeps moved out of full collections' walk."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+
+import pytest
+
+from trio_sign._gc import configure_gc_for_serving, freeze_long_lived
+
+
+@pytest.fixture
+def restore_gc() -> Iterator[None]:
+    threshold = gc.get_threshold()
+    try:
+        yield
+    finally:
+        gc.set_threshold(*threshold)
+        gc.unfreeze()
+
+
+@pytest.mark.usefixtures("restore_gc")
+def test_serving_settings_collect_the_young_generation_less_often() -> None:
+    configure_gc_for_serving()
+    assert gc.get_threshold() == (20_000, 10, 10)
+
+
+@pytest.mark.usefixtures("restore_gc")
+def test_what_is_alive_now_leaves_full_collections() -> None:
+    kept = [[i] for i in range(1000)]
+    before = gc.get_freeze_count()
+    freeze_long_lived()
+    assert gc.get_freeze_count() >= before + len(kept)
