@@ -683,3 +683,74 @@ async def test_a_burst_of_connections_is_accepted_in_one_pass() -> None:
         await stream.aclose()
     await listener.aclose()
     assert inner.socket.fileno() == -1
+
+
+async def test_a_burst_of_connections_starts_and_ends_a_few_per_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 11 (bench, idle connections x1500): when a thousand clients left at once, their
+    connections ended in the same few passes of the loop (60 ms each, 1,200 task steps) and
+    every call waited behind them. Connections now end after their peer left about
+    ``setups_per_batch`` per pass, and a legitimate call on a warm connection is answered
+    throughout. (They start one per pass already, the accept loop yielding after each: the
+    check on starts guards that, for a listener that would hand out a burst at once.)"""
+    import socket
+
+    class Passes(trio.abc.Instrument):
+        n = 0
+
+        def before_io_wait(self, timeout: float) -> None:
+            self.n += 1
+
+    passes = Passes()
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    limits = ServerLimits(setups_per_batch=4)
+    burst = 120
+    async with trio.open_nursery() as nursery:
+        server: GrpcServer = await nursery.start(
+            functools.partial(serve_grpc, listeners, {PING: _echo}, limits=limits)
+        )
+        started: list[int] = []
+        ended: list[int] = []
+        counts = [server.connection_count]
+        notify = server._notify
+
+        def counting() -> None:  # called as a connection starts and as it ends
+            (started if server.connection_count > counts[0] else ended).append(passes.n)
+            counts[0] = server.connection_count
+            notify()
+
+        monkeypatch.setattr(server, "_notify", counting)
+        from trio_sign.rpc import open_grpc_channel
+
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with open_grpc_channel(stream) as channel:
+            assert await channel.unary_unary(PING, b"warm", timeout=5.0) == b"warm"
+            trio.lowlevel.add_instrument(passes)
+            try:
+                # Blocking sockets: the whole burst connects (into the kernel's accept
+                # queue) and says its preface without the loop running in between.
+                socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(burst)]
+                for s in socks:
+                    s.sendall(_opening())
+                with trio.fail_after(10):
+                    while len(started) < 1 + burst:
+                        assert await channel.unary_unary(PING, b"x", timeout=5.0) == b"x"
+                for s in socks:  # and all of them leave at once
+                    s.close()
+                with trio.fail_after(10):
+                    while len(ended) < burst:
+                        assert await channel.unary_unary(PING, b"y", timeout=5.0) == b"y"
+            finally:
+                trio.lowlevel.remove_instrument(passes)
+        nursery.cancel_scope.cancel()
+
+    def most_in_one_pass(passes_seen: list[int]) -> int:
+        per: dict[int, int] = {}
+        for n in passes_seen:
+            per[n] = per.get(n, 0) + 1
+        return max(per.values())
+
+    assert most_in_one_pass(started[1:]) <= 2 * limits.setups_per_batch
+    assert most_in_one_pass(ended[:burst]) <= 2 * limits.setups_per_batch

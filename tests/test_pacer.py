@@ -24,6 +24,11 @@ class PassCounter(trio.abc.Instrument):
         self.steps += 1
 
 
+def _renewed_by_nobody(pacer: BatchPacer) -> None:
+    """As if run() were running but its task had not had its turn yet: turns queue up."""
+    pacer._running = True
+
+
 async def test_at_most_per_batch_turns_per_pass() -> None:
     counter = PassCounter()
     trio.lowlevel.add_instrument(counter)
@@ -61,6 +66,7 @@ async def test_the_newest_waiter_goes_first() -> None:
         order.append(i)
 
     async with trio.open_nursery() as nursery:
+        _renewed_by_nobody(pacer)
         await pacer.turn()  # the budget is spent, and nobody renews it until run() starts
         for i in range(5):
             nursery.start_soon(worker, i)
@@ -87,7 +93,7 @@ async def test_a_cancelled_waiter_leaves_the_queue() -> None:
             got.append(name)
 
     async with trio.open_nursery() as nursery:
-        # no run(): nobody hands out turns yet
+        _renewed_by_nobody(pacer)
         await pacer.turn()
         cancelled = trio.CancelScope()
         nursery.start_soon(worker, "kept")
@@ -117,6 +123,31 @@ async def test_idle_pacer_sleeps(autojump_clock: trio.testing.MockClock) -> None
         trio.lowlevel.remove_instrument(counter)
         nursery.cancel_scope.cancel()
     assert counter.steps <= 3
+
+
+async def test_without_run_turns_are_not_paced_and_stopping_frees_the_waiters() -> None:
+    pacer = BatchPacer(1)
+    for _ in range(5):  # nothing would renew the budget: turns do not wait
+        await pacer.turn()
+    got: list[int] = []
+
+    async def worker(i: int) -> None:
+        await pacer.turn()
+        got.append(i)
+
+    async with trio.open_nursery() as nursery:
+        _renewed_by_nobody(pacer)
+        pacer._budget = 0
+        for i in range(3):
+            nursery.start_soon(worker, i)
+        await trio.testing.wait_all_tasks_blocked()
+        assert pacer.waiting == 3
+        with trio.CancelScope() as stopped:
+            stopped.cancel()  # run() starts and stops at once: nobody is left waiting
+            await pacer.run()
+    assert sorted(got) == [0, 1, 2]
+    assert pacer.waiting == 0
+    await pacer.turn()  # and later turns do not wait
 
 
 def test_per_batch_is_checked() -> None:

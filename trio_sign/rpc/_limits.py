@@ -65,6 +65,10 @@ class ServerLimits:
         max_paced_wait_s: no new connection waits longer than this for its turn; beyond
             that many waiting, the rate above is not enforced (a burst of connections
             during a flood must not keep a client out for long).
+        setups_per_batch: connections that end after their peer left, per pass of the event
+            loop; the others wait their turn (`BatchPacer`): a thousand clients leaving at
+            once otherwise made passes of 60 ms that every call waited behind. (Connections
+            start one per pass already: the listeners hand them out one per checkpoint.)
         log_interval_s: refusals of one kind are logged at most once per this.
     """
 
@@ -86,6 +90,7 @@ class ServerLimits:
     max_resets_after_flood: int = 32
     connections_per_s_after_flood: float = 50.0
     max_paced_wait_s: float = 0.25
+    setups_per_batch: int = 16
     log_interval_s: float = 10.0
 
     def __post_init__(self) -> None:
@@ -98,6 +103,7 @@ class ServerLimits:
             "max_pings",
             "max_settings",
             "max_resets_after_flood",
+            "setups_per_batch",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")

@@ -13,6 +13,7 @@ from typing import Protocol, TypeVar
 import trio
 from h2.errors import ErrorCodes
 
+from ..transport._pacer import BatchPacer
 from ._events import (
     ConnectionTerminated,
     MessageReceived,
@@ -155,7 +156,19 @@ class _ServerConnection:
         self._nursery: trio.Nursery | None = None
         self.started_at = trio.current_time()
         #: Since when the connection has had no call open (eviction picks the oldest).
-        self.idle_since: float | None = self.started_at
+        self.idle_since: float | None = None
+        self._mark_idle()
+
+    def _mark_idle(self) -> None:
+        """No call open from now: last in the server's line of idle connections."""
+        self.idle_since = trio.current_time()
+        idle = self._server._idle
+        idle.pop(self, None)
+        idle[self] = None
+
+    def _mark_busy(self) -> None:
+        self.idle_since = None
+        self._server._idle.pop(self, None)
 
     @property
     def open_calls(self) -> int:
@@ -173,7 +186,9 @@ class _ServerConnection:
                         self.start_drain()
                     await self._read_loop()
                     if not self._closing:
-                        # The peer went away: nothing more can be answered.
+                        # The peer went away: nothing more can be answered. A thousand
+                        # peers leaving at once end a few per pass (`BatchPacer`).
+                        await self._server._pacer.turn()
                         self._scope.cancel()
                     # Otherwise the writer flushes the final GOAWAY, then cancels the scope.
         finally:
@@ -270,7 +285,7 @@ class _ServerConnection:
 
     def _call_done(self) -> None:
         if not self._calls:
-            self.idle_since = trio.current_time()
+            self._mark_idle()
         self._writer.kick()
         self._maybe_finish()
 
@@ -304,7 +319,8 @@ class _ServerConnection:
                     now = trio.current_time()
                     deadline = math.inf if ev.deadline_s is None else now + ev.deadline_s
                     calls[ev.stream_id] = _Call(ev, deadline, now)
-                    self.idle_since = None
+                    if self.idle_since is not None:
+                        self._mark_busy()
                 elif isinstance(ev, StreamEnded):
                     call = calls.get(ev.stream_id)
                     if call is not None and not call.started:
@@ -427,6 +443,9 @@ class GrpcServer:
         self._budget = ReceiveBudget(limits.max_server_receive_bytes)
         self._flood_guard = FloodGuard(limits, trio.current_time)
         self._connections: set[_ServerConnection] = set()
+        # Connections with no call open, longest idle first (`_ServerConnection._mark_idle`).
+        self._idle: dict[_ServerConnection, None] = {}
+        self._pacer = BatchPacer(limits.setups_per_batch)
         self._waiting = 0  # admitted connections waiting for their turn to start
         self._changed = trio.Event()
         self._stopping = trio.Event()
@@ -474,12 +493,12 @@ class GrpcServer:
         """Room for one more connection: evict the longest-idle one at the limit."""
         if len(self._connections) + self._waiting < self.limits.max_connections:
             return True
-        idle = [c for c in self._connections if c.idle_since is not None and not c.open_calls]
-        if not idle:
+        if not self._idle:
             self.stats.connections_refused += 1
             self._log_refused(max_connections=self.limits.max_connections)
             return False
-        victim = min(idle, key=lambda c: c.idle_since or 0.0)
+        victim = next(iter(self._idle))
+        del self._idle[victim]
         self._connections.discard(victim)
         victim.cancel()
         self.stats.connections_evicted += 1
@@ -525,6 +544,7 @@ class GrpcServer:
             logger.exception("gRPC connection failed unexpectedly; closed it")
         finally:
             self._connections.discard(conn)
+            self._idle.pop(conn, None)
             self._notify()
 
     async def serve(
@@ -536,18 +556,21 @@ class GrpcServer:
         """Accept connections on ``listeners`` until `drain` or `aclose`; return when every
         connection is finished. Reports this server through ``task_status`` once listening.
         """
-        async with trio.open_nursery() as connections:
-            with self._accept_scope:
-                async with trio.open_nursery() as accept:
-                    await accept.start(
-                        functools.partial(
-                            trio.serve_listeners,
-                            self.serve_stream,
-                            list(listeners),
-                            handler_nursery=connections,
+        async with trio.open_nursery() as pacing:
+            await pacing.start(self._pacer.run)
+            async with trio.open_nursery() as connections:
+                with self._accept_scope:
+                    async with trio.open_nursery() as accept:
+                        await accept.start(
+                            functools.partial(
+                                trio.serve_listeners,
+                                self.serve_stream,
+                                list(listeners),
+                                handler_nursery=connections,
+                            )
                         )
-                    )
-                    task_status.started(self)
+                        task_status.started(self)
+            pacing.cancel_scope.cancel()
 
     async def drain(self, grace_s: float) -> None:
         """Graceful stop: stop accepting, send GOAWAY on every connection, let open calls

@@ -36,6 +36,7 @@ class BatchPacer:
         self._budget = per_batch
         self._waiting: dict[trio.Event, None] = {}  # insertion order: newest last
         self._kick = trio.Event()
+        self._running = False
         self.paced = 0
 
     @property
@@ -44,11 +45,14 @@ class BatchPacer:
         return len(self._waiting)
 
     async def turn(self) -> None:
-        """Return once this caller may do its bulk work in the current pass.
+        """Return once this caller may do its bulk work in the current pass (at once while
+        :meth:`run` is not running: nothing would hand out later turns).
 
         Cancellation: a waiting caller leaves the queue (its turn goes to the next).
         """
         await trio.lowlevel.checkpoint_if_cancelled()
+        if not self._running:
+            return
         if self._budget > 0 and not self._waiting:
             self._budget -= 1
             self._kick.set()
@@ -66,22 +70,30 @@ class BatchPacer:
         """Give each pass its budget, handing turns to the newest waiters; sleeps while no
         one waits and the budget is whole.
 
-        Cancellation: stops; waiting callers stay waiting (cancel them with it).
+        Cancellation: stops pacing; every waiting caller gets its turn at once, and later
+        ones do not wait.
         """
+        self._running = True
         task_status.started()
-        while True:
-            self._budget = self._per_batch
-            while self._budget > 0 and self._waiting:
-                newest = next(reversed(self._waiting))
-                del self._waiting[newest]
-                newest.set()
-                self._budget -= 1
-            if self._waiting or self._budget < self._per_batch:
-                # Turns were used in this pass: a fresh budget in the next one.
-                await trio.lowlevel.checkpoint()
-            else:
-                await self._kick.wait()
-                self._kick = trio.Event()
+        try:
+            while True:
+                self._budget = self._per_batch
+                while self._budget > 0 and self._waiting:
+                    newest = next(reversed(self._waiting))
+                    del self._waiting[newest]
+                    newest.set()
+                    self._budget -= 1
+                if self._waiting or self._budget < self._per_batch:
+                    # Turns were used in this pass: a fresh budget in the next one.
+                    await trio.lowlevel.checkpoint()
+                else:
+                    await self._kick.wait()
+                    self._kick = trio.Event()
+        finally:
+            self._running = False
+            for granted in self._waiting:
+                granted.set()
+            self._waiting.clear()
 
 
 __all__ = ["BatchPacer"]
