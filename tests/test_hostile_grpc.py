@@ -696,13 +696,9 @@ async def test_a_burst_of_connections_starts_and_ends_a_few_per_pass(
     check on starts guards that, for a listener that would hand out a burst at once.)"""
     import socket
 
-    class Passes(trio.abc.Instrument):
-        n = 0
+    from .test_pacer import PassCounter
 
-        def before_io_wait(self, timeout: float) -> None:
-            self.n += 1
-
-    passes = Passes()
+    passes = PassCounter()
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
     limits = ServerLimits(setups_per_batch=4)
@@ -717,7 +713,7 @@ async def test_a_burst_of_connections_starts_and_ends_a_few_per_pass(
         notify = server._notify
 
         def counting() -> None:  # called as a connection starts and as it ends
-            (started if server.connection_count > counts[0] else ended).append(passes.n)
+            (started if server.connection_count > counts[0] else ended).append(passes.passes)
             counts[0] = server.connection_count
             notify()
 

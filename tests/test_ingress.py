@@ -57,6 +57,7 @@ from trio_sign.testing import make_ca, make_leaf
 from trio_sign.transport import TlsListener, TransportError, connect, open_listeners
 
 from .enclave_helpers import Account, Peer, make_accounts, parent, sorted_commitments
+from .test_pacer import PassCounter
 
 grpc: Any = pytest.importorskip("grpc", reason="grpcio is a test dependency")
 # See tests/test_proto.py for why the generated module is imported dynamically.
@@ -1095,19 +1096,12 @@ async def test_a_burst_of_connections_is_set_up_a_few_per_pass(
     ``setups_per_batch`` enclave connections are opened per pass, and a warm connection keeps
     answering while the burst is admitted."""
 
-    class Passes(trio.abc.Instrument):
-        def __init__(self) -> None:
-            self.n = 0
-
-        def before_io_wait(self, timeout: float) -> None:
-            self.n += 1
-
-    passes = Passes()
+    passes = PassCounter()
     opened_in_pass: list[int] = []
 
     class Observer:
         def proxy_connection_opened(self) -> None:
-            opened_in_pass.append(passes.n)
+            opened_in_pass.append(passes.passes)
 
         def proxy_connection_closed(self) -> None:
             pass
