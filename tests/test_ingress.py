@@ -1136,3 +1136,52 @@ async def test_a_burst_of_connections_is_set_up_a_few_per_pass(
         per_pass[n] = per_pass.get(n, 0) + 1
     assert max(per_pass.values()) <= 2 * settings.setups_per_batch
     assert len(per_pass) >= burst // (2 * settings.setups_per_batch)
+
+
+async def _in_flight(tmp_path: Path, nsm: LocalNsm, settings: IngressSettings) -> int:
+    """Bytes a client gets accepted through the pipe toward an enclave that never reads."""
+    url = f"unix://{tmp_path}/deaf-{settings.socket_buffer_bytes}.sock"
+    listeners = await open_listeners(url)
+    held: list[trio.abc.Stream] = []
+
+    async def deaf(stream: trio.abc.Stream) -> None:
+        held.append(stream)  # accepted, never read
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, deaf, listeners)
+        gate = AttestationGate(policy_for(nsm), _no_enclave)
+        gate.verified = True
+        async with running_proxy(gate, url, settings) as proxy:
+            client = socket.socket()
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
+            client.connect(("127.0.0.1", proxy.port))
+            client.setblocking(False)
+            sent, chunk, still = 0, b"\x00" * 65536, 0
+            with trio.fail_after(20):
+                while still < 20:  # until nothing more is taken for 20 rounds in a row
+                    try:
+                        sent += client.send(chunk)
+                        still = 0
+                    except BlockingIOError:
+                        still += 1
+                        await trio.sleep(0.01)
+            client.close()
+        nursery.cancel_scope.cancel()
+    return sent
+
+
+async def _no_enclave() -> trio.abc.Stream:
+    raise AssertionError("the gate is not checked here")
+
+
+async def test_a_client_cannot_push_megabytes_into_the_pipe(tmp_path: Path, nsm: LocalNsm) -> None:
+    """Issue 11 (bench, rapid reset through the stack): each connection the enclave cut for a
+    flood had pushed about 1 MB through the parent's pipe first (470 MiB in 10 s), which the
+    parent copied and the enclave's socket took. The pipe now fixes the kernel's buffers of a
+    forwarded connection (``socket_buffer_bytes``) instead of letting them grow: with the
+    enclave not reading, a client gets well under a megabyte accepted."""
+    bounded = await _in_flight(tmp_path, nsm, IngressSettings())
+    roomy = await _in_flight(tmp_path, nsm, IngressSettings(socket_buffer_bytes=4 * 1024 * 1024))
+    assert bounded < 1024 * 1024
+    assert bounded * 2 < roomy

@@ -410,6 +410,7 @@ def parse_parent_config(text: str, *, base: Path = Path(".")) -> ParentConfig:
             "idle_timeout_s": float,
             "evict_quiet_s": float,
             "setups_per_batch": int,
+            "socket_buffer_bytes": int,
         }
         retired = sorted(key for key in i if key in INGRESS_RETIRED)
         # Retired keys are tolerated (an older parent.toml still starts), not settings.

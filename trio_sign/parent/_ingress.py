@@ -19,6 +19,7 @@ being forwarded are closed too.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -66,6 +67,9 @@ class IngressSettings:
             event loop; the others wait, newest first (`BatchPacer`). A burst of thousands
             of connections otherwise lands in a few passes that every forwarded call waits
             behind.
+        socket_buffer_bytes: the kernel's receive buffer of a forwarded client connection and
+            send buffer toward the enclave (what a client can have in flight through the
+            pipe; the kernel doubles it for its bookkeeping).
         log_interval_s: refusals of one kind are logged at most once per this.
     """
 
@@ -77,6 +81,7 @@ class IngressSettings:
     max_connections: int = 4096
     evict_quiet_s: float = 1.0
     setups_per_batch: int = 16
+    socket_buffer_bytes: int = 64 * 1024
     log_interval_s: float = 10.0
 
 
@@ -394,6 +399,7 @@ async def _forward(
         slots.log_unreachable(peer=peer, enclave=enclave_url, error=str(exc) or "timeout")
         return
     watch.proxy_connection_opened()
+    _bound_buffers(client, enclave, settings.socket_buffer_bytes)
     try:
         counts = await _pump_both_ways(client, enclave, settings, conn)
     finally:
@@ -403,6 +409,19 @@ async def _forward(
         "ingress connection closed",
         extra={"peer": peer, "bytes_in": counts[0], "bytes_out": counts[1], "end": counts[2]},
     )
+
+
+def _bound_buffers(client: trio.abc.Stream, enclave: trio.abc.Stream, size: int) -> None:
+    """Fix the kernel's buffers of a forwarded connection (what the client may have in flight
+    toward the enclave) at ``size`` instead of letting them grow to megabytes: a client cut
+    by the enclave for a flood (which then reconnects) had pushed about 1 MB per connection
+    through the pipe before the cut reached it; a gateway's calls are a few KiB."""
+    for stream, option in ((client, socket.SO_RCVBUF), (enclave, socket.SO_SNDBUF)):
+        sock = getattr(stream, "socket", None)
+        if sock is None:
+            continue
+        with contextlib.suppress(OSError):  # vsock and friends: their own buffer settings
+            sock.setsockopt(socket.SOL_SOCKET, option, size)
 
 
 async def _end_forwarding_when_revoked(gate: AttestationGate, slots: _Slots) -> None:

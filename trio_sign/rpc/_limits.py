@@ -87,7 +87,7 @@ class ServerLimits:
     max_pings: int = 1000
     max_settings: int = 100
     flood_alert_s: float = 2.0
-    max_resets_after_flood: int = 32
+    max_resets_after_flood: int = 8
     connections_per_s_after_flood: float = 50.0
     max_paced_wait_s: float = 0.25
     setups_per_batch: int = 16
