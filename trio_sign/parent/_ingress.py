@@ -63,9 +63,9 @@ class IngressSettings:
             ``evict_quiet_s``; otherwise the newcomer is closed.
         evict_quiet_s: how long a forwarded connection must have moved no bytes before a
             newcomer may take its slot.
-        setups_per_batch: connections that start forwarding (or end it) per pass of the
-            event loop; the others wait, newest first (`BatchPacer`). A burst of thousands
-            of connections otherwise lands in a few passes that every forwarded call waits
+        setups_per_batch: connections that start forwarding per pass of the event loop; the
+            others wait, newest first, still pending (`BatchPacer`). A burst of thousands of
+            connections otherwise lands in a few passes that every forwarded call waits
             behind.
         socket_buffer_bytes: the kernel's receive buffer of a forwarded client connection and
             send buffer toward the enclave (what a client can have in flight through the

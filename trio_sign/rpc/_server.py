@@ -156,15 +156,16 @@ class _ServerConnection:
         self._nursery: trio.Nursery | None = None
         self.started_at = trio.current_time()
         #: Since when the connection has had no call open (eviction picks the oldest).
-        self.idle_since: float | None = None
-        self._mark_idle()
+        self.idle_since: float | None = self.started_at
 
     def _mark_idle(self) -> None:
-        """No call open from now: last in the server's line of idle connections."""
+        """No call open from now: last in the server's line of idle connections (unless it
+        has left the server's set already: evicted, it must not be picked again)."""
         self.idle_since = trio.current_time()
         idle = self._server._idle
         idle.pop(self, None)
-        idle[self] = None
+        if self in self._server._connections:
+            idle[self] = None
 
     def _mark_busy(self) -> None:
         self.idle_since = None
@@ -537,6 +538,7 @@ class GrpcServer:
                 return
         conn = _ServerConnection(self, stream)
         self._connections.add(conn)
+        self._idle[conn] = None  # no call open yet
         self._notify()
         try:
             await conn.run()
