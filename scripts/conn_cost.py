@@ -12,9 +12,12 @@ server process's CPU per connection for each kind, measured by ``getrusage`` ove
 client's CPU is not counted). ``--profile`` adds pyinstrument's tree of the server over both
 runs (it roughly doubles the CPU; read the proportions).
 
-Measured on the 2-core EPYC (issue 11): plain 2.5 - 2.65 ms, rapid reset 4.7 - 4.9 ms per
-connection; of the latter about 1.25 ms is OpenSSL's handshake and about 30% h2 decoding the
-~9 HEADERS it takes before the cut.
+Measured on the 2-core EPYC (issue 11): plain 2.3 - 2.65 ms, rapid reset 4.1 - 4.9 ms per
+connection, almost all of it user time. Under pyinstrument the rapid-reset run is about 30% h2
+(``H2Connection.receive_data``), 30% the TLS handshake and 20% writing; but letting the
+connection reset fewer streams before the cut (``max_resets_after_flood`` 2 instead of 8)
+saves only about 0.15 ms, so the h2 share is mostly per-connection work (preface, SETTINGS,
+GOAWAY), not the attacker's streams.
 """
 
 from __future__ import annotations
@@ -46,9 +49,9 @@ from trio_sign.transport import (
 )
 
 
-def _cpu() -> float:
+def _cpu() -> tuple[float, float]:
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    return usage.ru_utime, usage.ru_stime
 
 
 async def _echo(data: bytes, context: CallContext) -> bytes:
@@ -73,7 +76,8 @@ async def _serve(work: Path) -> None:
             line = await trio.to_thread.run_sync(sys.stdin.readline)
             if not line:
                 break
-            print(f"{_cpu():.6f} {tls.stats.handshakes}", flush=True)
+            user, system = _cpu()
+            print(f"{user:.6f} {system:.6f} {tls.stats.handshakes}", flush=True)
         nursery.cancel_scope.cancel()
 
 
@@ -155,25 +159,27 @@ def main() -> None:
         try:
             assert server.stdout.readline().strip() == "ready"
 
-            def server_cpu() -> tuple[float, int]:
+            def server_cpu() -> tuple[float, float, int]:
                 assert server.stdin is not None
                 assert server.stdout is not None
                 server.stdin.write("cpu\n")
                 server.stdin.flush()
-                cpu, handshakes = server.stdout.readline().split()
-                return float(cpu), int(handshakes)
+                user, system, handshakes = server.stdout.readline().split()
+                return float(user), float(system), int(handshakes)
 
             for kind, rapid in (("plain", False), ("rapid reset", True)):
-                cpu0, hs0 = server_cpu()
+                user0, system0, hs0 = server_cpu()
                 start = time.perf_counter()
                 trio.run(_clients, work, args.connections, args.concurrency, rapid)
                 wall = time.perf_counter() - start
                 time.sleep(0.3)  # let the server finish closing
-                cpu1, hs1 = server_cpu()
-                per = (cpu1 - cpu0) / max(1, hs1 - hs0) * 1000
+                user1, system1, hs1 = server_cpu()
+                n = max(1, hs1 - hs0)
+                user, system = (user1 - user0) / n * 1000, (system1 - system0) / n * 1000
                 print(
-                    f"{kind:12} {hs1 - hs0} connections in {wall:.2f} s: "
-                    f"server {per:.2f} ms CPU per connection",
+                    f"{kind:12} {hs1 - hs0} connections in {wall:.2f} s: server "
+                    f"{user + system:.2f} ms CPU per connection ({user:.2f} user, "
+                    f"{system:.2f} system)",
                     flush=True,
                 )
         finally:
