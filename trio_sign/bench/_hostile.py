@@ -621,10 +621,13 @@ class _Session:
         result.cpu_s = self.baseline_cpu_per_s * (t1 - t0)
         result.notes.append(f"legit load alone costs {self.baseline_cpu_per_s:.2f} CPU s/s")
         if len(pids) > 1:
-            names = self.target.process_names()
-            split = ", ".join(f"{n} {c:.2f}" for n, c in zip(names, each, strict=False))
-            result.notes.append(f"by process: {split}")
+            result.notes.append(f"by process: {self._by_process(each)}")
         return result
+
+    def _by_process(self, cpu: list[float]) -> str:
+        """``name 1.23, name 4.56``: a CPU figure per attacked process."""
+        names = self.target.process_names()
+        return ", ".join(f"{n} {c:.2f}" for n, c in zip(names, cpu, strict=False))
 
     def _profile(self, pids: list[int]) -> threading.Thread | None:
         """With ``profile_dir``: start each attacked process's profiler now and stop it
@@ -680,8 +683,7 @@ class _Session:
         result.cpu_s = sum(each) - self.baseline_cpu_per_s * (t2 - t0)
         if len(pids) > 1:
             # Which server process spent it (legit load included): where to profile next.
-            names = self.target.process_names()
-            split = ", ".join(f"{n} {c:.2f}" for n, c in zip(names, each, strict=False))
+            split = self._by_process(each)
             result.notes.append(f"server CPU s by process incl. legit load: {split}")
         window_end = max(t1, t0 + MIN_WINDOW_S)
         # Sessions scheduled before the window's end end by then + 2 call timeouts.
