@@ -338,8 +338,18 @@ def _check_round1(
     round1_packages: Mapping[bytes, Round1Package],
     *,
     verify_proofs: bool,
+    refresh: bool = False,
 ) -> list[_Sender]:
-    """Validate the other participants' round-1 packages; sorted by identifier."""
+    """Validate the other participants' round-1 packages; sorted by identifier. The count is
+    checked before any element is decoded. A ``refresh`` commitment leaves ``phi_0`` out: it
+    has ``min_signers - 1`` elements, numbered from 1 (:mod:`._refresh`)."""
+    if len(round1_packages) != max_signers - 1:
+        raise DkgError(
+            f"expected {max_signers - 1} round-1 packages from the other participants, "
+            f"got {len(round1_packages)}"
+        )
+    first = 1 if refresh else 0
+    length = min_signers - first
     own_value = group.identifier_from_bytes(own)
     senders: list[_Sender] = []
     seen: set[int] = set()
@@ -358,25 +368,20 @@ def _check_round1(
         if value in seen:  # pragma: no cover - canonical encodings make map keys unique
             raise DkgError(f"duplicate identifier {who}", culprit=ident)
         seen.add(value)
-        if len(package.commitment) != min_signers:
+        if len(package.commitment) != length:
             raise DkgError(
-                f"commitment of participant {who} has {len(package.commitment)} elements, "
-                f"expected {min_signers}",
+                f"{'refresh ' if refresh else ''}commitment of participant {who} has "
+                f"{len(package.commitment)} elements, expected {length}",
                 culprit=ident,
             )
         try:
             commitment = tuple(
                 group.element(phi, f"commitment element {k} of participant {who}")
-                for k, phi in enumerate(package.commitment)
+                for k, phi in enumerate(package.commitment, start=first)
             )
         except FrostError as exc:
             raise DkgError(str(exc), culprit=ident) from None
         senders.append(_Sender(ident, value, commitment))
-    if len(senders) != max_signers - 1:
-        raise DkgError(
-            f"expected {max_signers - 1} round-1 packages from the other participants, "
-            f"got {len(senders)}"
-        )
     senders.sort(key=lambda s: s.value)
     if verify_proofs:
         for s in senders:

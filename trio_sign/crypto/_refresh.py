@@ -46,6 +46,8 @@ from ._dkg import (
     Round2Package,
     Round2Secret,
     _check_counts,
+    _check_round1,
+    _Sender,
     compute_proof_of_knowledge,
     evaluate_shares,
 )
@@ -101,50 +103,6 @@ def refresh_part1(
     return secret, Round1Package(commitment, proof)
 
 
-def _check_packages(
-    group: Group,
-    own: bytes,
-    min_signers: int,
-    max_signers: int,
-    round1_packages: Mapping[bytes, Round1Package],
-) -> dict[bytes, tuple[int, tuple[bytes, ...]]]:
-    """The other participants' refresh packages: ``identifier -> (value, commitment)``."""
-    if len(round1_packages) != max_signers - 1:
-        raise DkgError(
-            f"expected {max_signers - 1} round-1 packages from the other participants, "
-            f"got {len(round1_packages)}"
-        )
-    own_value = group.identifier_from_bytes(own)
-    out: dict[bytes, tuple[int, tuple[bytes, ...]]] = {}
-    for ident, package in round1_packages.items():
-        ident = bytes(ident)
-        try:
-            value = group.identifier_from_bytes(ident)
-        except FrostError as exc:
-            raise DkgError(f"round-1 package identifier: {exc}", culprit=ident) from None
-        who = group.describe(value)
-        if value == own_value:
-            raise DkgError(
-                f"round-1 packages include this participant's own identifier {who}",
-                culprit=ident,
-            )
-        if len(package.commitment) != min_signers - 1:
-            raise DkgError(
-                f"refresh commitment of participant {who} has {len(package.commitment)} "
-                f"elements, expected {min_signers - 1}",
-                culprit=ident,
-            )
-        try:
-            commitment = tuple(
-                group.element(phi, f"commitment element {k + 1} of participant {who}")
-                for k, phi in enumerate(package.commitment)
-            )
-        except FrostError as exc:
-            raise DkgError(str(exc), culprit=ident) from None
-        out[ident] = (value, commitment)
-    return out
-
-
 def refresh_part2(
     secret: Round1Secret, round1_packages: Mapping[bytes, Round1Package]
 ) -> tuple[Round2Secret, dict[bytes, Round2Package]]:
@@ -155,10 +113,16 @@ def refresh_part2(
         raise DkgError("round-1 secret was already used; start a new refresh")
     group = secret.group
     try:
-        senders = _check_packages(
-            group, secret.identifier, secret.min_signers, secret.max_signers, round1_packages
+        senders = _check_round1(
+            group,
+            secret.identifier,
+            secret.min_signers,
+            secret.max_signers,
+            round1_packages,
+            verify_proofs=False,
+            refresh=True,
         )
-        return evaluate_shares(secret, sorted(senders, key=lambda i: senders[i][0]))
+        return evaluate_shares(secret, [s.identifier for s in senders])
     finally:
         secret.zero()
 
@@ -210,13 +174,20 @@ def refresh_part3(
         if secret.used:
             raise DkgError("round-2 secret was already used; start a new refresh")
         group = secret.group
-        senders = _check_packages(
-            group, secret.identifier, secret.min_signers, secret.max_signers, round1_packages
+        senders = _check_round1(
+            group,
+            secret.identifier,
+            secret.min_signers,
+            secret.max_signers,
+            round1_packages,
+            verify_proofs=False,
+            refresh=True,
         )
+        sent = {s.identifier for s in senders}
         received = {bytes(i) for i in round2_packages}
-        if len(received) != len(round2_packages) or received != set(senders):
-            missing = sorted(set(senders) - received)
-            extra = sorted(received - set(senders))
+        if len(received) != len(round2_packages) or received != sent:
+            missing = sorted(sent - received)
+            extra = sorted(received - sent)
             blamed = missing or extra
             raise DkgError(
                 f"round-2 packages must come from exactly the round-1 senders "
@@ -240,9 +211,9 @@ def refresh_part3(
             images: list[bytes | None] = [
                 refreshing_image(group, secret.commitment, own_value, "own refresh image")
             ]
-            for ident in sorted(senders, key=lambda i: senders[i][0]):
-                value, commitment = senders[ident]
-                who = group.describe(value)
+            for sender in senders:
+                ident, commitment = sender.identifier, sender.commitment
+                who = group.describe(sender.value)
                 share = round2_packages[ident].signing_share
                 try:
                     group.check_secret_scalar(share, f"share from participant {who}")
@@ -296,14 +267,14 @@ def refresh_part3(
 def _public(
     group: Group,
     secret: Round2Secret,
-    senders: Mapping[bytes, tuple[int, tuple[bytes, ...]]],
+    senders: Sequence[_Sender],
     old: Mapping[bytes, bytes],
     group_public_key: bytes,
 ) -> PublicKeyPackage:
     """ZF: ``from_dkg_commitments`` of the refreshing commitments (identity first), each
     verifying share added to the old one."""
-    commitments = [secret.commitment, *(c for _v, c in senders.values())]
-    idents = [secret.identifier, *senders]
+    commitments = [secret.commitment, *(s.commitment for s in senders)]
+    idents = [secret.identifier, *(s.identifier for s in senders)]
     if {bytes(i) for i in old} != set(idents):
         raise DkgError("verifying_shares must name exactly the refresh's participants")
     shares: dict[bytes, bytes] = {}
