@@ -306,3 +306,46 @@ async def test_cancelled_mid_handshake_and_mid_session(autojump_clock: trio.abc.
         await hub.wait_disconnected("ops-1")
         assert session.in_flight == 0
         assert not any(nonces._buf)  # zeroed when the connection went
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"not http at all\r\n\r\n",  # not an HTTP response
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: wrong\r\n\r\n",  # an upgrade with a wrong accept key
+        b"HTTP/1.1 200 OK\r\nX: " + b"a" * 100_000,  # a response head that never ends
+    ],
+)
+async def test_a_hostile_handshake_reply_ends_the_connection_not_the_client(
+    autojump_clock: trio.abc.Clock, reply: bytes
+) -> None:
+    """A hub that answers the WebSocket upgrade with garbage costs one connection: run_once
+    raises ParticipantConnectionError and run() goes on reconnecting."""
+    attempts = 0
+
+    async def connect() -> anyio.abc.ByteStream:
+        nonlocal attempts
+        attempts += 1
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+        await server_stream.send_all(reply)
+        return TrioByteStream(client_stream)
+
+    auth, key = participant_keys()
+    client = ParticipantClient(
+        ClientSettings("ws://gateway/v1/participants", reconnect_max_s=1.0),
+        participant_id="ops-1",
+        key_id=key.key_id,
+        auth_key=auth,
+        approver=auth,
+        approver_key_id="a",
+        shares=Shares([]),
+        policy=CallbackPolicy(lambda r: _true()),
+        connect=connect,
+    )
+    with pytest.raises(ParticipantConnectionError, match="1002"):
+        await client.run_once()
+    with trio.move_on_after(10):
+        await client.run()
+    assert attempts > 3  # it kept reconnecting
+    auth.close()

@@ -44,7 +44,7 @@ from wsproto.events import (
     Request,
     TextMessage,
 )
-from wsproto.utilities import LocalProtocolError
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from .._backoff import full_jitter_delay
 from .._errors import TrioSignError
@@ -360,7 +360,16 @@ class _Connection:
                 if self.closing is None:
                     self.closing = (m.CLOSE_GOING_AWAY, "the gateway went away")
                 return
-            self.ws.receive_data(data)
+            try:
+                self.ws.receive_data(data)
+            except RemoteProtocolError as exc:
+                # Only the HTTP upgrade raises (a bad response, a wrong accept key, a head
+                # over h11's limit); a bad frame after it becomes a CloseConnection event.
+                self.closing = (
+                    m.CLOSE_PROTOCOL_ERROR,
+                    f"the gateway's handshake is invalid: {exc}",
+                )
+                return
             for event in self.ws.events():
                 await self._on_ws_event(event, tg)
                 if self.closing is not None:
