@@ -760,6 +760,52 @@ async def test_a_newer_connection_replaces_the_old_one(
     assert (await new.receive_push())[0] == 1
 
 
+async def test_a_displacing_connection_only_delays_the_enclave(
+    tmp_path: Path,
+    connect: Run,
+    autojump_clock: trio.abc.Clock,
+    make_delta: Callable[[str], bytes],
+) -> None:
+    """The current bound of "a newer connection replaces the open one": a local process that
+    says ``hello {channel: "deltas"}`` while the enclave is mid-store displaces it. The put
+    already under way still finishes and is durable (its reply is lost), and when the enclave
+    reconnects it displaces the intruder in turn and is pushed the delta it sealed, so it
+    converges on the store. Refusing the newcomer instead would let a squatter that connected
+    first hold the channel for good."""
+    store = file_store(tmp_path)
+    putting = trio.Event()
+    release = trio.Event()
+
+    async def put_like_a_worker_thread(fn: Callable[..., Any], *args: Any) -> Any:
+        if fn == store.put:
+            putting.set()
+            with trio.CancelScope(shield=True):  # a worker thread is not abandoned
+                await release.wait()
+        return fn(*args)
+
+    deltas = hub(store, offload=put_like_a_worker_thread)
+    enclave = await connect(deltas)
+    booted(deltas, loaded=0)
+    delta = make_delta("acct-displaced")
+    await enclave.store(1, delta)
+    await putting.wait()
+    intruder = await connect(deltas)
+    await trio.testing.wait_all_tasks_blocked()
+    release.set()
+    with pytest.raises(ChannelClosed):  # no delta_stored: the enclave's store says disconnected
+        await until_closed(enclave)
+    assert store.get(1) == delta  # durable all the same
+    assert deltas.stats.connected
+    again = await connect(deltas)  # the enclave's reconnecting loop
+    with pytest.raises(ChannelClosed):
+        await until_closed(intruder)
+    assert await again.receive_push() == (1, delta)
+    await again.loaded(1)
+    await trio.testing.wait_all_tasks_blocked()
+    assert deltas.stats.enclave_sequence == 1
+    assert deltas.stats.pushed_total == 1
+
+
 async def test_unexpected_messages_break_the_connection(tmp_path: Path, connect: Run) -> None:
     enclave = await connect(hub(file_store(tmp_path)))
     await enclave.messages.send(LogMessage(line="wrong channel"))
