@@ -425,15 +425,32 @@ class _Connection:
             )
 
     async def _decide(self, request: m.SignRequest) -> None:
+        policy = self.client.policy
+        await self._decision(request, lambda: policy.decide(request), self.session.accept, "")
+
+    async def _decide_dkg(self, request: m.DkgRound1) -> None:
+        decide = getattr(self.client.policy, "decide_dkg", None) or _no_dkg
+        await self._decision(request, lambda: decide(request), self.session.accept_dkg, "DKG ")
+
+    async def _decision(
+        self,
+        request: m.SignRequest | m.DkgRound1,
+        decide: Callable[[], Awaitable[Decision]],
+        accept: Callable[[str, int], object],
+        what: str,
+    ) -> None:
+        """Wait for the policy's decision until the request's deadline, then answer: accept,
+        decline with the policy's reason, or decline ``expired`` when no decision came."""
         remaining = (request.deadline_unix_ms - self.now_ms()) / 1000
         decision: Decision | None = None
         with anyio.move_on_after(max(0.0, remaining)):
             try:
-                decision = await self.client.policy.decide(request)
+                decision = await decide()
             except Exception as exc:  # a policy's bug declines its request, nothing more
                 log.warning(
-                    "participant %s: the policy failed (%s) on request %s",
+                    "participant %s: the %spolicy failed (%s) on request %s",
                     self.client.participant_id,
+                    what,
                     type(exc).__name__,
                     request.request_id,
                 )
@@ -442,34 +459,7 @@ class _Connection:
         if decision is None:
             self.session.decline(request.request_id, "expired", "no decision before the deadline")
         elif decision.approve:
-            self.session.accept(request.request_id, self.now_ms())
-        else:
-            self.session.decline(request.request_id, decision.reason, decision.detail)
-        await self.flush()
-
-    async def _decide_dkg(self, request: m.DkgRound1) -> None:
-        remaining = (request.deadline_unix_ms - self.now_ms()) / 1000
-        decision: Decision | None = None
-        decide = getattr(self.client.policy, "decide_dkg", None)
-        with anyio.move_on_after(max(0.0, remaining)):
-            if decide is None:
-                decision = Decision(False, "policy", "this participant takes no part in DKGs")
-            else:
-                try:
-                    decision = await decide(request)
-                except Exception as exc:
-                    log.warning(
-                        "participant %s: the DKG policy failed (%s) on request %s",
-                        self.client.participant_id,
-                        type(exc).__name__,
-                        request.request_id,
-                    )
-                    decision = Decision(False, "internal", "the policy failed")
-        self.client.counts["decisions"] += 1
-        if decision is None:
-            self.session.decline(request.request_id, "expired", "no decision before the deadline")
-        elif decision.approve:
-            self.session.accept_dkg(request.request_id, self.now_ms())
+            accept(request.request_id, self.now_ms())
         else:
             self.session.decline(request.request_id, decision.reason, decision.detail)
         await self.flush()
@@ -504,3 +494,8 @@ class _Connection:
             await anyio.sleep(self.client.settings.sweep_interval_s)
             self.session.expire(self.now_ms())
             await self.flush()
+
+
+async def _no_dkg(request: m.DkgRound1) -> Decision:
+    """The decision of a policy without ``decide_dkg``."""
+    return Decision(False, "policy", "this participant takes no part in DKGs")
