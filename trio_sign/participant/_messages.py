@@ -520,7 +520,7 @@ def _commitment_entry(obj: object, kind: str, index: int) -> CommitmentEntry:
     )
 
 
-def _hex_at(obj: _Obj, kind: str, where: str, name: str, sizes: tuple[int, ...]) -> bytes:
+def _hex_at(obj: _Obj, kind: str, where: str, name: str, sizes: tuple[int, ...] | range) -> bytes:
     """:func:`_hex` of a nested object's field, the error naming ``kind.where.name``."""
     try:
         return _hex(obj, kind, name, sizes)
@@ -636,9 +636,7 @@ def _p_sign_request(o: _Obj) -> SignRequest:
     root: bytes | None = None
     if o.get("taproot_merkle_root") is not None:
         root = _hex(o, k, "taproot_merkle_root", (0, 32))
-    suite = o.get("ciphersuite")
-    if not isinstance(suite, str) or not _ID.fullmatch(suite):
-        raise _fail(k, "ciphersuite", "a ciphersuite name")
+    suite = _suite(o, k)
     return SignRequest(
         _id(o, k, "request_id"),
         _text(o, k, "account_id", MAX_ACCOUNT_ID_BYTES),
@@ -805,17 +803,10 @@ def _shares(o: _Obj, kind: str) -> tuple[DkgShareField, ...]:
     for i, raw in enumerate(_list(o, kind, "shares", 1, MAX_DKG_SIGNERS)):
         where = f"shares[{i}]"
         e = _obj(raw, kind, where, _SHARE_KEYS)
-        try:
-            ciphertext = _hex(e, kind, "ciphertext", range(1, MAX_DKG_CIPHERTEXT_BYTES + 1))
-        except MessageError as exc:
-            raise MessageError(str(exc).replace(f"{kind}.", f"{kind}.{where}.")) from None
-        out.append(
-            DkgShareField(
-                _hex_at(e, kind, where, "sender", (IDENTIFIER_BYTES,)),
-                _hex_at(e, kind, where, "recipient", (IDENTIFIER_BYTES,)),
-                ciphertext,
-            )
-        )
+        ciphertext = _hex_at(e, kind, where, "ciphertext", range(1, MAX_DKG_CIPHERTEXT_BYTES + 1))
+        sender = _hex_at(e, kind, where, "sender", (IDENTIFIER_BYTES,))
+        recipient = _hex_at(e, kind, where, "recipient", (IDENTIFIER_BYTES,))
+        out.append(DkgShareField(sender, recipient, ciphertext))
     return tuple(out)
 
 
