@@ -1093,29 +1093,8 @@ class _Connection:
                 "[deltas] max_delta_bytes)",
                 reason="oversized",
             )
-        data = bytearray()
-        while True:
-            message = await self.messages.receive()
-            if isinstance(message, DeltaChunkMessage):
-                data += message.data
-                if len(data) > total:
-                    raise ChannelProtocolError(
-                        f"delta_store {sequence}: chunks exceed total_bytes ({total})",
-                        reason="bad_length",
-                    )
-            elif isinstance(message, DeltaEndMessage):
-                break
-            else:
-                raise ChannelProtocolError(
-                    f"unexpected {message.TYPE!r} inside delta_store {sequence}",
-                    reason="unexpected_message",
-                )
-        if len(data) != total:
-            raise ChannelProtocolError(
-                f"delta_store {sequence}: {len(data)} bytes received, total_bytes said {total}",
-                reason="bad_length",
-            )
-        reply = await self.deltas.store_delta(sequence, bytes(data))
+        data = await self._receive_body(f"delta_store {sequence}", total)
+        reply = await self.deltas.store_delta(sequence, data)
         if isinstance(reply, DeltaStoredMessage):
             self._held = max(self._held, sequence)
         await self.send([reply])
@@ -1130,6 +1109,13 @@ class _Connection:
                 "max_base_bytes)",
                 reason="oversized",
             )
+        data = await self._receive_body("base_store", total)
+        await self.send([await self.deltas.store_base(sha256, data)])
+
+    async def _receive_body(self, what: str, total: int) -> bytes:
+        """The ``delta_chunk`` frames and ``delta_end`` after a ``delta_store`` or
+        ``base_store`` (``what``): exactly ``total`` bytes (checked against its limit by the
+        caller), never more held; anything else in between is a protocol error."""
         data = bytearray()
         while True:
             message = await self.messages.receive()
@@ -1137,20 +1123,20 @@ class _Connection:
                 data += message.data
                 if len(data) > total:
                     raise ChannelProtocolError(
-                        f"base_store: chunks exceed total_bytes ({total})", reason="bad_length"
+                        f"{what}: chunks exceed total_bytes ({total})", reason="bad_length"
                     )
             elif isinstance(message, DeltaEndMessage):
                 break
             else:
                 raise ChannelProtocolError(
-                    f"unexpected {message.TYPE!r} inside base_store", reason="unexpected_message"
+                    f"unexpected {message.TYPE!r} inside {what}", reason="unexpected_message"
                 )
         if len(data) != total:
             raise ChannelProtocolError(
-                f"base_store: {len(data)} bytes received, total_bytes said {total}",
+                f"{what}: {len(data)} bytes received, total_bytes said {total}",
                 reason="bad_length",
             )
-        await self.send([await self.deltas.store_base(sha256, bytes(data))])
+        return bytes(data)
 
     # -- to the enclave ------------------------------------------------------------------------
 
