@@ -8,8 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,22 +21,18 @@ from trio_sign.enclave import EnclaveExit
 from trio_sign.enclave._identity import SealedIdentity
 from trio_sign.enclave._preload import PreloadError, preload_shares
 from trio_sign.kms import (
-    KeyPolicy,
-    KeyStore,
     KmsRecipientDataKey,
     KmsRecipientError,
     KmsRecipientKms,
-    LocalKms,
-    make_kms_client,
-    serve_kms_local,
 )
-from trio_sign.nitro import DEFAULT_LOCAL_PCRS, AsyncNsm, LocalNsm, MessageStream
+from trio_sign.nitro import AsyncNsm, LocalNsm, MessageStream
 from trio_sign.parent import DevRecipientKms, PreloadRefused, serve_preload
 from trio_sign.parent._config import parse_parent_config, preflight
 from trio_sign.parent._preload import serve_genesis
 from trio_sign.shares import DevKeyFile, ShareRecord, encode_bundle
 
 from .enclave_helpers import make_accounts
+from .test_identity_key import kms_client as local_kms
 
 N = 6
 
@@ -51,41 +46,6 @@ def _no_aws_config(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-
-
-def _policy() -> dict[str, Any]:
-    """Only an enclave with the local PCRs gets a data key, at genesis and every boot."""
-    pcrs = {
-        "kms:RecipientAttestation:ImageSha384": DEFAULT_LOCAL_PCRS[0].hex(),
-        "kms:RecipientAttestation:PCR1": DEFAULT_LOCAL_PCRS[1].hex(),
-        "kms:RecipientAttestation:PCR2": DEFAULT_LOCAL_PCRS[2].hex(),
-    }
-    return {
-        "Version": "2012-10-17",
-        "Statement": [
-            {
-                "Sid": "enclave",
-                "Effect": "Allow",
-                "Action": ["kms:GenerateDataKey", "kms:Decrypt"],
-                "Resource": "*",
-                "Condition": {"StringEqualsIgnoreCase": pcrs},
-            },
-        ],
-    }
-
-
-@asynccontextmanager
-async def local_kms(tmp_path: Path, nsm: LocalNsm) -> AsyncIterator[tuple[Any, str]]:
-    store = KeyStore(tmp_path / "kms-keys.json")
-    key = store.create(description="delta identity key")
-    kms = LocalKms(store, root_pem=nsm.root_pem, policy=KeyPolicy(_policy()))
-    try:
-        async with trio.open_nursery() as nursery:
-            url = await nursery.start(serve_kms_local, kms, "tcp://127.0.0.1:0")
-            yield make_kms_client(url, region="us-east-1"), key.key_id
-            nursery.cancel_scope.cancel()
-    finally:
-        store.close()
 
 
 @pytest.fixture
