@@ -68,7 +68,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 import nacl.exceptions
 import nacl.signing
@@ -692,6 +692,8 @@ class RepairSession:
 
 
 _Session = DkgSession | RepairSession
+_S = TypeVar("_S", DkgSession, RepairSession)
+_T = TypeVar("_T")
 
 
 # -- the registry ----------------------------------------------------------------------------
@@ -813,19 +815,32 @@ class DkgRegistry:
         self._end(session, DkgState.FAILED)
         return error
 
-    def _live(self, dkg_id: str) -> DkgSession | None:
-        session = self.sessions.get(dkg_id)
+    def _live(self, table: dict[str, _S], session_id: str) -> _S | None:
+        """The DKG (or repair) of ``table`` with this id, unless it is past its deadline."""
+        session = table.get(session_id)
         if session is not None and session.deadline <= trio.current_time():
             self.expire(trio.current_time())
-            session = self.sessions.get(dkg_id)
+            session = table.get(session_id)
         return session
 
-    def _live_repair(self, repair_id: str) -> RepairSession | None:
-        session = self.repairs.get(repair_id)
-        if session is not None and session.deadline <= trio.current_time():
-            self.expire(trio.current_time())
-            session = self.repairs.get(repair_id)
-        return session
+    def _begin(self, session: _S, table: dict[str, _S], first: Callable[[], _T]) -> _T:
+        """Take a slot for a new DKG (or repair) and run its first step; if that raises, the
+        session is zeroed and its slot given back, else it is kept (``round1_sent``)."""
+        token = object()
+        refused = self._slots.take(token)
+        if refused is not None:
+            raise _refuse(PoolErrorKind.RESOURCE_EXHAUSTED, refused)
+        session.token = token
+        try:
+            answer = first()
+        except BaseException:
+            session.zero()
+            self._give_back(session)
+            raise
+        table[session.dkg_id] = session
+        self._move(session, DkgState.ROUND1_SENT)
+        self._wakeup.set()
+        return answer
 
     # -- round 1 -------------------------------------------------------------------------
 
@@ -870,7 +885,7 @@ class DkgRegistry:
         request_key = _digest(
             request.dkg_id.encode(), request.account_id.encode(), bytes(request.identifier), params
         )
-        existing = self._live(request.dkg_id)
+        existing = self._live(self.sessions, request.dkg_id)
         if existing is not None:
             if existing.request_key != request_key or existing.package is None:
                 raise _refuse(
@@ -892,7 +907,13 @@ class DkgRegistry:
         else:
             self._check_new_account(request.account_id)
         self._check_capacity()
-        self._authorize(request, params, REFRESH_POLICY if operation == REFRESH else CREATE_POLICY)
+        self._decide(
+            request.account_id,
+            request.dkg_id,
+            params,
+            request.approvals,
+            REFRESH_POLICY if operation == REFRESH else CREATE_POLICY,
+        )
         return self._open(
             request,
             group,
@@ -1020,9 +1041,6 @@ class DkgRegistry:
                 f"{self.settings.max_open} DKGs are open ([dkg] max_open); retry later",
             )
 
-    def _authorize(self, request: pb.DkgRound1Request, params: bytes, policy: str) -> None:
-        self._decide(request.account_id, request.dkg_id, params, request.approvals, policy)
-
     def _decide(
         self,
         account_id: str,
@@ -1085,44 +1103,7 @@ class DkgRegistry:
             operation=operation,
             old_verifying_share=old_verifying_share,
         )
-        token = object()
-        refused = self._slots.take(token)
-        if refused is not None:
-            raise _refuse(PoolErrorKind.RESOURCE_EXHAUSTED, refused)
-        session.token = token
-        try:
-            part1 = _refresh.refresh_part1 if session.refresh else _dkg.part1
-            secret, package = part1(
-                session.identifier, session.max_signers, session.min_signers, suite=group.name
-            )
-            session.r1_secret = secret
-            session.x25519_public = _kdf.x25519_keypair(session.x25519_secret)
-            payload = round1_payload(
-                session.dkg_id,
-                session.account_id,
-                session.params_sha256,
-                session.identifier,
-                package.commitment,
-                package.proof_of_knowledge,
-                session.x25519_public,
-                session.operation,
-            )
-            session.package = pb.DkgRound1Package(
-                identifier=session.identifier,
-                commitment=list(package.commitment),
-                proof_of_knowledge=package.proof_of_knowledge,
-                encryption_key=session.x25519_public,
-                key_id=ENCLAVE_KEY_ID,
-                signature=self._identity.sign(payload),
-            )
-        except BaseException:
-            session.zero()
-            self._slots.give_back(token)
-            session.token = None
-            raise
-        self.sessions[session.dkg_id] = session
-        self._move(session, DkgState.ROUND1_SENT)
-        self._wakeup.set()
+        session.package = self._begin(session, self.sessions, lambda: self._part1(session))
         log.info(
             "DKG opened",
             extra={
@@ -1136,6 +1117,34 @@ class DkgRegistry:
         )
         return pb.DkgRound1Response(
             package=session.package, expires_at_unix_ms=session.expires_at_unix_ms
+        )
+
+    def _part1(self, session: DkgSession) -> pb.DkgRound1Package:
+        """Draw the polynomial (``part1``) and the X25519 key pair into ``session``; the
+        package, signed by the identity key over :func:`round1_payload`."""
+        part1 = _refresh.refresh_part1 if session.refresh else _dkg.part1
+        secret, package = part1(
+            session.identifier, session.max_signers, session.min_signers, suite=session.group.name
+        )
+        session.r1_secret = secret
+        session.x25519_public = _kdf.x25519_keypair(session.x25519_secret)
+        payload = round1_payload(
+            session.dkg_id,
+            session.account_id,
+            session.params_sha256,
+            session.identifier,
+            package.commitment,
+            package.proof_of_knowledge,
+            session.x25519_public,
+            session.operation,
+        )
+        return pb.DkgRound1Package(
+            identifier=session.identifier,
+            commitment=list(package.commitment),
+            proof_of_knowledge=package.proof_of_knowledge,
+            encryption_key=session.x25519_public,
+            key_id=ENCLAVE_KEY_ID,
+            signature=self._identity.sign(payload),
         )
 
     # -- round 2 -------------------------------------------------------------------------
@@ -1294,7 +1303,7 @@ class DkgRegistry:
         running, and a retry waits for the same outcome.
         """
         _check_text(request.dkg_id, "dkg_id", MAX_DKG_ID_BYTES)
-        session = self._live(request.dkg_id)
+        session = self._live(self.sessions, request.dkg_id)
         if session is None:
             return self._from_delta(request.dkg_id)
         if session.state in (DkgState.STORING, DkgState.DONE):
@@ -1571,7 +1580,7 @@ class DkgRegistry:
 
     def _session(self, dkg_id: str) -> DkgSession:
         _check_text(dkg_id, "dkg_id", MAX_DKG_ID_BYTES)
-        session = self._live(dkg_id)
+        session = self._live(self.sessions, dkg_id)
         if session is None:
             raise _refuse(PoolErrorKind.NOT_FOUND, f"unknown or expired dkg_id {dkg_id!r}")
         return session
@@ -1605,7 +1614,7 @@ class DkgRegistry:
             params,
             *(k.SerializeToString(deterministic=True) for k in request.keys),
         )
-        existing = self._live_repair(request.repair_id)
+        existing = self._live(self.repairs, request.repair_id)
         if existing is not None:
             if existing.request_key != request_key or existing.response is None:
                 raise _refuse(
@@ -1632,20 +1641,9 @@ class DkgRegistry:
             deadline=trio.current_time() + ttl,
             expires_at_unix_ms=int((time.time() + ttl) * 1000),
         )
-        token = object()
-        refused = self._slots.take(token)
-        if refused is not None:
-            raise _refuse(PoolErrorKind.RESOURCE_EXHAUSTED, refused)
-        session.token = token
-        try:
-            session.response = self._step1(session, account, params_sha256)
-        except BaseException:
-            session.zero()
-            self._give_back(session)
-            raise
-        self.repairs[session.dkg_id] = session
-        self._move(session, DkgState.ROUND1_SENT)
-        self._wakeup.set()
+        session.response = self._begin(
+            session, self.repairs, lambda: self._step1(session, account, params_sha256)
+        )
         log.info(
             "repair opened",
             extra={
@@ -1832,7 +1830,7 @@ class DkgRegistry:
         delta that fails authentication is INVALID_ARGUMENT naming its sender and the repair
         stays as it was; a retry with the same deltas returns the same answer."""
         _check_text(request.repair_id, "repair_id", MAX_DKG_ID_BYTES)
-        session = self._live_repair(request.repair_id)
+        session = self._live(self.repairs, request.repair_id)
         if session is None:
             raise _refuse(
                 PoolErrorKind.NOT_FOUND, f"unknown or expired repair_id {request.repair_id!r}"
