@@ -8,6 +8,7 @@ delay, duplicate or corrupt any frame it would send.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -132,6 +133,19 @@ class World:
             path,
             subprotocols=list(protocols),
         )
+
+    async def rejected_status(self, **kw: Any) -> int:
+        """Open a connection (``open``'s arguments) that the hub must reject: its status."""
+        codes: list[int] = []
+        try:
+            async with trio.open_nursery() as nursery:
+                await self.open(client_nursery=nursery, **kw)
+        except* ConnectionRejected as group:
+            codes += [
+                int(e.status_code) for e in group.exceptions if isinstance(e, ConnectionRejected)
+            ]
+        assert len(codes) == 1, "not rejected"
+        return codes[0]
 
     async def connect(
         self,
@@ -281,23 +295,8 @@ async def test_silent_connection_is_cut_at_the_handshake_deadline(
 
 async def test_wrong_path_or_subprotocol_is_rejected(autojump_clock: trio.abc.Clock) -> None:
     async with world() as w:
-
-        async def status(**kw: Any) -> int:
-            codes: list[int] = []
-            try:
-                async with trio.open_nursery() as nursery:
-                    await w.open(client_nursery=nursery, **kw)
-            except* ConnectionRejected as group:
-                codes += [
-                    int(e.status_code)
-                    for e in group.exceptions
-                    if isinstance(e, ConnectionRejected)
-                ]
-            assert len(codes) == 1, "not rejected"
-            return codes[0]
-
-        assert await status(path="/other") == 404
-        assert await status(protocols=()) == 400
+        assert await w.rejected_status(path="/other") == 404
+        assert await w.rejected_status(protocols=()) == 400
 
 
 async def test_a_new_connection_replaces_the_old_only_once_authenticated(
@@ -683,22 +682,7 @@ async def test_a_cancelled_round_two(autojump_clock: trio.abc.Clock) -> None:
 async def test_handshakes_in_progress_are_bounded(autojump_clock: trio.abc.Clock) -> None:
     async with world(max_handshakes=2, handshake_timeout_s=5.0) as w:
         silent = [await w.open(), await w.open()]  # never say hello
-
-        async def status() -> int:
-            codes: list[int] = []
-            try:
-                async with trio.open_nursery() as nursery:
-                    await w.open(client_nursery=nursery)
-            except* ConnectionRejected as group:
-                codes += [
-                    int(e.status_code)
-                    for e in group.exceptions
-                    if isinstance(e, ConnectionRejected)
-                ]
-            assert len(codes) == 1, "not rejected"
-            return codes[0]
-
-        assert await status() == 503
+        assert await w.rejected_status() == 503
         # an authenticated participant no longer counts
         for ws in silent:
             with pytest.raises(ConnectionClosed):
@@ -706,7 +690,7 @@ async def test_handshakes_in_progress_are_bounded(autojump_clock: trio.abc.Clock
         await w.connect("ops-1")
         extra = [await w.open(), await w.open()]
         assert len(extra) == 2
-        assert await status() == 503
+        assert await w.rejected_status() == 503
 
 
 async def test_version_negotiation_and_dkg_only_on_version_2(
@@ -740,3 +724,41 @@ async def test_version_negotiation_and_dkg_only_on_version_2(
         assert info.value.reason == "error"
         assert "version 1" in str(info.value)
         assert w.hub.in_flight("ops-1") == 0
+
+
+UPGRADE = (
+    b"GET /v1/participants HTTP/1.1\r\nHost: gateway\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: " + SUBPROTOCOL.encode() + b"\r\n\r\n"
+)
+
+
+async def test_silent_sockets_before_the_upgrade_are_bounded() -> None:
+    """Sockets that never send their HTTP upgrade hold places from accept (max_connections +
+    max_handshakes in all): a further connection waits in the kernel's accept queue until
+    one is cut at the handshake deadline. Real loopback sockets, so the real clock."""
+    settings = HubSettings(max_connections=1, max_handshakes=1, handshake_timeout_s=0.5)
+    hub = ParticipantHub({}, settings)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(functools.partial(hub.serve, "127.0.0.1", 0))
+        streams = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(3)]
+        try:
+            start = trio.current_time()
+            await streams[2].send_all(UPGRADE)  # the first two stay silent
+            with trio.fail_after(5):
+                reply = await streams[2].receive_some()
+            assert reply.startswith(b"HTTP/1.1 101")
+            assert trio.current_time() - start >= 0.4  # accepted once a silent one was cut
+        finally:
+            for stream in streams:
+                await stream.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_connections_beyond_max_connections_are_refused(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async with world(("ops-1", "ops-2"), max_connections=1) as w:
+        await w.connect("ops-1")
+        assert await w.rejected_status() == 503
+        assert w.hub.connected() == ["ops-1"]

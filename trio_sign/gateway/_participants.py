@@ -19,17 +19,17 @@ disconnect, a malformed answer or too many requests in flight; nothing one parti
 (or fails to do) blocks a call to another, or another session of the same one beyond its own
 bounded queue.
 
-Supervision: :meth:`ParticipantHub.serve` runs ``trio_websocket.serve_websocket``; each
+Supervision: :meth:`ParticipantHub.serve` runs a ``trio_websocket.WebSocketServer``; each
 connection is one handler with three tasks (reader, writer, heartbeat) in its own nursery.
-Bounded: handshakes (``handshake_timeout_s``), frame size (``max_frame_bytes``, larger frames
-close with 1009), requests in flight per connection (``max_in_flight``; more are refused with
-``busy`` before anything is sent), the outgoing queue per connection, idle time
+Bounded: open sockets (``max_connections + max_handshakes``, counted from accept, before
+the HTTP upgrade), handshakes (``handshake_timeout_s``), frame size (``max_frame_bytes``,
+larger frames close with 1009), requests in flight per connection (``max_in_flight``; more
+are refused with ``busy`` before anything is sent), the outgoing queue per connection, idle time
 (``idle_timeout_s``, heartbeats every ``ping_interval_s``).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import re
@@ -45,7 +45,7 @@ from trio_websocket import (
     ConnectionClosed,
     WebSocketConnection,
     WebSocketRequest,
-    serve_websocket,
+    WebSocketServer,
 )
 
 from .._errors import FrostError, TrioSignError
@@ -526,22 +526,30 @@ class ParticipantHub:
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Listen on ``host:port`` (0: any free port) until cancelled; ``started`` with the
-        port once listening."""
+        port once listening (the first listener's, if ``host`` gives several).
 
+        At most ``max_connections + max_handshakes`` sockets are open at once, counted from
+        accept (a socket that never sends its HTTP upgrade holds a place for up to
+        ``handshake_timeout_s``); beyond that, new connections wait in the kernel's accept
+        queue. Past the upgrade, :meth:`handle_request` refuses with 503 beyond
+        ``max_connections`` or ``max_handshakes``."""
+
+        sockets = await trio.open_tcp_listeners(port, host=host)
+        listeners: list[trio.abc.Listener[Any]] = list(sockets)
+        if ssl_context is not None:
+            listeners = [trio.SSLListener(s, ssl_context, https_compatible=True) for s in sockets]
+        # One limit over every listener: a socket holds a place from accept to close.
+        limiter = trio.CapacityLimiter(self.settings.max_connections + self.settings.max_handshakes)
+        server = WebSocketServer(
+            self.handle_request,
+            [_BoundedListener(listener, limiter) for listener in listeners],  # type: ignore[misc]
+            max_message_size=self.settings.max_frame_bytes,
+            connect_timeout=self.settings.handshake_timeout_s,
+            disconnect_timeout=5.0,
+        )
         async with trio.open_nursery() as nursery:
-            server = await nursery.start(
-                functools.partial(
-                    serve_websocket,
-                    self.handle_request,
-                    host,
-                    port,
-                    ssl_context,
-                    max_message_size=self.settings.max_frame_bytes,
-                    connect_timeout=self.settings.handshake_timeout_s,
-                    disconnect_timeout=5.0,
-                )
-            )
-            task_status.started(server.port)
+            await nursery.start(server.run)
+            task_status.started(sockets[0].socket.getsockname()[1])
 
     async def handle_request(self, request: WebSocketRequest) -> None:
         """One WebSocket handshake request: check path, subprotocol and the connection
@@ -942,6 +950,60 @@ class ParticipantHub:
         conn.slots.pop(rid, None)
         if sent and not isinstance(slot.answer, (m.SignatureShare, m.Decline, m.DkgDone)):
             conn.queue(m.Cancel(rid))
+
+
+class _BoundedListener(trio.abc.Listener[trio.abc.Stream]):
+    """A listener whose sockets share a :class:`trio.CapacityLimiter`: ``accept`` waits
+    (the kernel's accept queue holds the rest) while every place is taken, and a socket
+    gives its place back when it is closed.
+
+    trio-websocket starts a connection's tasks at accept and calls the hub's handler only
+    once the HTTP upgrade has arrived, so without it silent sockets (each held for up to
+    ``handshake_timeout_s``) were unbounded in number, ahead of ``max_handshakes``.
+    """
+
+    def __init__(self, inner: trio.abc.Listener[Any], limiter: trio.CapacityLimiter) -> None:
+        self._inner = inner
+        self._limiter = limiter
+
+    async def accept(self) -> trio.abc.Stream:
+        place = object()
+        await self._limiter.acquire_on_behalf_of(place)
+        try:
+            stream = await self._inner.accept()
+        except BaseException:
+            self._limiter.release_on_behalf_of(place)
+            raise
+        return _PlaceStream(stream, self._limiter, place)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class _PlaceStream(trio.abc.Stream):
+    """An accepted socket holding one place of its listener's limiter until closed."""
+
+    def __init__(self, inner: trio.abc.Stream, limiter: trio.CapacityLimiter, place: object):
+        self._inner = inner
+        self._limiter = limiter
+        self._place: object | None = place
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self._inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        try:
+            await self._inner.aclose()
+        finally:
+            if self._place is not None:
+                self._limiter.release_on_behalf_of(self._place)
+                self._place = None
 
 
 def _verify(key: ParticipantKey, payload: bytes, auth: m.Auth) -> bool:
