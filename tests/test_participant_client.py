@@ -65,11 +65,18 @@ class TrioByteStream(anyio.abc.ByteStream):
 
 @asynccontextmanager
 async def setup(
-    accounts: list[Account], *, policy: Any = None, silent_gateway: bool = False, **settings: Any
+    accounts: list[Account],
+    *,
+    policy: Any = None,
+    silent_gateway: bool = False,
+    hub_settings: HubSettings | None = None,
+    **settings: Any,
 ) -> AsyncIterator[tuple[ParticipantHub, ParticipantClient]]:
     auth, key = participant_keys("ops-1")
     approver = ApproverSigningKey.generate()
-    hub = ParticipantHub({"ops-1": key}, HubSettings(gateway_id="gw"), wall_clock_ms=wall)
+    hub = ParticipantHub(
+        {"ops-1": key}, hub_settings or HubSettings(gateway_id="gw"), wall_clock_ms=wall
+    )
     async with trio.open_nursery() as nursery:
 
         async def connect() -> anyio.abc.ByteStream:
@@ -349,3 +356,21 @@ async def test_a_hostile_handshake_reply_ends_the_connection_not_the_client(
         await client.run()
     assert attempts > 3  # it kept reconnecting
     auth.close()
+
+
+async def test_a_gateway_gone_silent_is_left_at_idle_timeout(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A connection on which nothing arrives (a half-open TCP connection; here a hub whose
+    heartbeat is off) is closed 1001 after idle_timeout_s, so run() makes a new one."""
+    silent = HubSettings(gateway_id="gw", ping_interval_s=10_000.0, idle_timeout_s=30_000.0)
+    async with setup([], hub_settings=silent, idle_timeout_s=20.0) as (_, client):
+        start = trio.current_time()
+        with (
+            trio.fail_after(100),  # without the idle timeout, run_once never returns
+            pytest.raises(ParticipantConnectionError, match="nothing from the gateway") as info,
+        ):
+            await client.run_once()
+        assert info.value.close_code == m.CLOSE_GOING_AWAY
+        assert client.counts["welcomed"] == 1
+        assert trio.current_time() - start == pytest.approx(20.0)

@@ -88,6 +88,10 @@ class ClientSettings:
         max_in_flight: requests held at once.
         sweep_interval_s: how often requests past their deadline are dropped.
         approval_lifetime_s: how long each approval this participant makes is valid.
+        idle_timeout_s: a connection on which nothing arrives for this long is closed (1001)
+            and made again; the gateway pings every 15 s, so only a dead or half-open
+            connection (a gateway that vanished without a FIN) stays silent that long.
+        max_frame_bytes: the largest text message taken from the gateway (1009 above it).
     """
 
     url: str
@@ -98,6 +102,7 @@ class ClientSettings:
     max_in_flight: int = s.DEFAULT_MAX_IN_FLIGHT
     sweep_interval_s: float = 1.0
     approval_lifetime_s: float = 60.0
+    idle_timeout_s: float = 60.0
     max_frame_bytes: int = m.MAX_FRAME_BYTES
 
     def endpoint(self) -> tuple[str, int, str, bool]:
@@ -353,12 +358,19 @@ class _Connection:
             )
 
     async def _reader(self, tg: anyio.abc.TaskGroup) -> None:
+        idle_s = self.client.settings.idle_timeout_s
         while True:
+            data = None
             try:
-                data = await self.stream.receive(_RECEIVE_BYTES)
+                with anyio.move_on_after(idle_s):
+                    data = await self.stream.receive(_RECEIVE_BYTES)
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
                 if self.closing is None:
                     self.closing = (m.CLOSE_GOING_AWAY, "the gateway went away")
+                return
+            if data is None:
+                # No close frame: on a dead connection sending one could block as well.
+                self.closing = (m.CLOSE_GOING_AWAY, f"nothing from the gateway for {idle_s:g} s")
                 return
             try:
                 self.ws.receive_data(data)

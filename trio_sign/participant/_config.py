@@ -58,6 +58,7 @@ _SECTIONS: Mapping[str, frozenset[str]] = {
             "max_in_flight",
             "sweep_interval_s",
             "approval_lifetime_s",
+            "idle_timeout_s",
         }
     ),
 }
@@ -179,6 +180,7 @@ def parse_config(text: str, *, base: Path) -> ParticipantConfig:
         "max_in_flight": _num(conn, "[connection]", "max_in_flight", 1024, low=1),
         "sweep_interval_s": _num(conn, "[connection]", "sweep_interval_s", 1.0, low=0.01),
         "approval_lifetime_s": _num(conn, "[connection]", "approval_lifetime_s", 60.0, low=1),
+        "idle_timeout_s": _num(conn, "[connection]", "idle_timeout_s", 60.0, low=1),
     }
     return ParticipantConfig(
         participant_id=pid,
@@ -290,6 +292,7 @@ def open_participant(config: ParticipantConfig, source: KeySource) -> OpenPartic
         max_in_flight=int(c["max_in_flight"]),
         sweep_interval_s=c["sweep_interval_s"],
         approval_lifetime_s=c["approval_lifetime_s"],
+        idle_timeout_s=c["idle_timeout_s"],
     )
     client = ParticipantClient(
         settings,
