@@ -8,10 +8,14 @@ participant's share and approval), every signature checked by the suite's own ve
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import pytest
 import trio
 
@@ -57,6 +61,63 @@ def on_disk(path: Path) -> list[str]:
     """The accounts the store file on disk holds (opened afresh)."""
     with SealedShareStore.open(path, cheap_key()) as store:
         return sorted(store.accounts())
+
+
+@dataclass
+class Remote:
+    hub: ParticipantHub
+    gw: GatewayThread
+    client: ParticipantClient
+    #: cancelling it ends the participant's run() (its process going away)
+    client_scope: anyio.CancelScope
+    tg: anyio.abc.TaskGroup
+
+
+@asynccontextmanager
+async def remote_p2(shares: Any, policy: Any, **client_kw: Any) -> AsyncIterator[Remote]:
+    """Participant p2 (its keys made and closed here, ``shares`` the caller's) connected to a
+    hub in a gateway thread, authenticated; the task group is cancelled at the end."""
+    auth = signing_key(PARTICIPANT_KEYS["p2"])
+    approver_key = ApproverSigningKey.generate()
+    hub = ParticipantHub(
+        {"p2": ParticipantKey("p2", "p2", auth.public_key)}, HubSettings(gateway_id="gw")
+    )
+    gw = GatewayThread(hub)
+    gw.start()
+    try:
+        client = ParticipantClient(
+            ClientSettings(gw.url),
+            participant_id="p2",
+            key_id="p2",
+            auth_key=auth,
+            approver=approver_key,
+            approver_key_id="p2-approver",
+            shares=shares,
+            policy=policy,
+            **client_kw,
+        )
+        async with anyio.create_task_group() as tg:
+            client_scope = anyio.CancelScope()
+
+            async def run_client() -> None:
+                with client_scope:
+                    await client.run()
+
+            tg.start_soon(run_client)
+            with anyio.fail_after(10):
+                await client.wait_authenticated()
+            yield Remote(hub, gw, client, client_scope, tg)
+            tg.cancel_scope.cancel()
+    finally:
+        gw.stop()
+        auth.close()
+        approver_key.close()
+
+
+async def new_store(store_path: Path) -> SealedShareStore:
+    return await anyio.to_thread.run_sync(
+        lambda: SealedShareStore.create(store_path, "p2", [], cheap_key())
+    )
 
 
 async def gateway_side(hub: ParticipantHub, tmp: Path, store_path: Path) -> dict[str, Any]:
@@ -128,39 +189,14 @@ async def gateway_side(hub: ParticipantHub, tmp: Path, store_path: Path) -> dict
 
 
 async def test_remote_participant_dkg_then_signing(tmp_path: Path) -> None:
-    auth = signing_key(PARTICIPANT_KEYS["p2"])
-    approver_key = ApproverSigningKey.generate()
     store_path = tmp_path / "p2.store"
-    store = await anyio.to_thread.run_sync(
-        lambda: SealedShareStore.create(store_path, "p2", [], cheap_key())
-    )
-    hub = ParticipantHub(
-        {"p2": ParticipantKey("p2", "p2", auth.public_key)}, HubSettings(gateway_id="gw")
-    )
-    gw = GatewayThread(hub)
-    gw.start()
-    try:
-        client = ParticipantClient(
-            ClientSettings(gw.url),
-            participant_id="p2",
-            key_id="p2",
-            auth_key=auth,
-            approver=approver_key,
-            approver_key_id="p2-approver",
-            shares=store,
-            policy=AutoPolicy(accounts=["remote-dkg-*"]),
-            gateway_id="gw",
-        )
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(client.run)
-            with anyio.fail_after(10):
-                await client.wait_authenticated()
-            assert client.session is not None
-            assert client.session.version == 2
-            result = await gw.call(gateway_side, hub, tmp_path, store_path)
-            tg.cancel_scope.cancel()
-    finally:
-        gw.stop()
+    store = await new_store(store_path)
+    policy = AutoPolicy(accounts=["remote-dkg-*"])
+    async with remote_p2(store, policy, gateway_id="gw") as r:
+        client, hub = r.client, r.hub
+        assert client.session is not None
+        assert client.session.version == 2
+        result = await r.gw.call(gateway_side, hub, tmp_path, store_path)
     names = [f"remote-dkg-{i}" for i in range(len(SUITES))]
     assert result["created"] == names
     assert result["signed"] == len(SUITES)
@@ -173,8 +209,6 @@ async def test_remote_participant_dkg_then_signing(tmp_path: Path) -> None:
     assert client.counts["dkg_stored"] == len(SUITES)
     assert "signing_share" not in (tmp_path / "accounts.jsonl").read_text()
     store.close()
-    auth.close()
-    approver_key.close()
 
 
 class NoSave:
@@ -228,38 +262,13 @@ async def failing_gateway_side(hub: ParticipantHub, tmp: Path, account_id: str) 
 async def test_a_dkg_the_participant_refuses_or_cannot_store_is_named(
     tmp_path: Path, case: str
 ) -> None:
-    auth = signing_key(PARTICIPANT_KEYS["p2"])
-    approver_key = ApproverSigningKey.generate()
-    hub = ParticipantHub(
-        {"p2": ParticipantKey("p2", "p2", auth.public_key)}, HubSettings(gateway_id="gw")
-    )
-    gw = GatewayThread(hub)
-    gw.start()
     source = NoSave()
-    try:
-        client = ParticipantClient(
-            ClientSettings(gw.url),
-            participant_id="p2",
-            key_id="p2",
-            auth_key=auth,
-            approver=approver_key,
-            approver_key_id="p2-approver",
-            shares=source,
-            policy=AutoPolicy(accounts=["ok-*"]),
-        )
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(client.run)
-            with anyio.fail_after(10):
-                await client.wait_authenticated()
-            account = "not-covered" if case == "declined" else "ok-1"
-            failed = await gw.call(failing_gateway_side, hub, tmp_path, account)
-            assert client.session is not None
-            assert client.session.in_flight == 0
-            tg.cancel_scope.cancel()
-    finally:
-        gw.stop()
-        auth.close()
-        approver_key.close()
+    async with remote_p2(source, AutoPolicy(accounts=["ok-*"])) as r:
+        client = r.client
+        account = "not-covered" if case == "declined" else "ok-1"
+        failed = await r.gw.call(failing_gateway_side, r.hub, tmp_path, account)
+        assert client.session is not None
+        assert client.session.in_flight == 0
     assert failed.reason == "participant_failed"
     assert "'p2'" in str(failed)
     if case == "declined":
@@ -286,15 +295,8 @@ class Twice(s.ParticipantSession):
 async def test_dkg_answers_twice_or_a_participant_that_vanishes_mid_dkg(
     tmp_path: Path, case: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    auth = signing_key(PARTICIPANT_KEYS["p2"])
-    approver_key = ApproverSigningKey.generate()
     store_path = tmp_path / "p2.store"
-    store = await anyio.to_thread.run_sync(
-        lambda: SealedShareStore.create(store_path, "p2", [], cheap_key())
-    )
-    hub = ParticipantHub(
-        {"p2": ParticipantKey("p2", "p2", auth.public_key)}, HubSettings(gateway_id="gw")
-    )
+    store = await new_store(store_path)
     asked = anyio.Event()
 
     async def ask(request: Any) -> bool:
@@ -307,30 +309,10 @@ async def test_dkg_answers_twice_or_a_participant_that_vanishes_mid_dkg(
         policy: Any = AutoPolicy(accounts=["remote-dkg-*"])
     else:
         policy = CallbackPolicy(ask, dkg_callback=ask)
-    gw = GatewayThread(hub)
-    gw.start()
     result: dict[str, Any] = {}
     try:
-        client = ParticipantClient(
-            ClientSettings(gw.url),
-            participant_id="p2",
-            key_id="p2",
-            auth_key=auth,
-            approver=approver_key,
-            approver_key_id="p2-approver",
-            shares=store,
-            policy=policy,
-        )
-        async with anyio.create_task_group() as tg:
-            client_scope = anyio.CancelScope()
-
-            async def run_client() -> None:
-                with client_scope:
-                    await client.run()
-
-            tg.start_soon(run_client)
-            with anyio.fail_after(10):
-                await client.wait_authenticated()
+        async with remote_p2(store, policy) as r:
+            hub, gw = r.hub, r.gw
             if case == "twice":
                 result.update(await gw.call(gateway_side, hub, tmp_path, store_path))
             else:
@@ -342,18 +324,14 @@ async def test_dkg_answers_twice_or_a_participant_that_vanishes_mid_dkg(
                     )
                     finished.set()
 
-                tg.start_soon(gateway)
+                r.tg.start_soon(gateway)
                 with anyio.fail_after(10):
                     await asked.wait()
-                client_scope.cancel()  # the participant's process goes away mid-DKG
+                r.client_scope.cancel()  # the participant's process goes away mid-DKG
                 with anyio.fail_after(20):
                     await finished.wait()
-            tg.cancel_scope.cancel()
     finally:
-        gw.stop()
         store.close()
-        auth.close()
-        approver_key.close()
     if case == "twice":
         assert result["created"] == [f"remote-dkg-{i}" for i in range(len(SUITES))]
         assert hub.counts["late_answers"] >= 3 * len(SUITES)  # every second answer ignored
@@ -403,39 +381,14 @@ async def test_concurrent_dkgs_share_the_store_saves(tmp_path: Path) -> None:
     dkg_done, the saves group-committed (fewer saves than DKGs is allowed, never a lost
     share), the store on disk holding all six."""
     n = 6
-    auth = signing_key(PARTICIPANT_KEYS["p2"])
-    approver_key = ApproverSigningKey.generate()
     store_path = tmp_path / "p2.store"
-    store = await anyio.to_thread.run_sync(
-        lambda: SealedShareStore.create(store_path, "p2", [], cheap_key())
-    )
-    hub = ParticipantHub(
-        {"p2": ParticipantKey("p2", "p2", auth.public_key)}, HubSettings(gateway_id="gw")
-    )
-    gw = GatewayThread(hub)
-    gw.start()
+    store = await new_store(store_path)
     try:
-        client = ParticipantClient(
-            ClientSettings(gw.url),
-            participant_id="p2",
-            key_id="p2",
-            auth_key=auth,
-            approver=approver_key,
-            approver_key_id="p2-approver",
-            shares=store,
-            policy=AutoPolicy(),
-        )
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(client.run)
-            with anyio.fail_after(10):
-                await client.wait_authenticated()
-            created = await gw.call(concurrent_gateway_side, hub, tmp_path, n)
-            tg.cancel_scope.cancel()
+        async with remote_p2(store, AutoPolicy()) as r:
+            client = r.client
+            created = await r.gw.call(concurrent_gateway_side, r.hub, tmp_path, n)
     finally:
-        gw.stop()
         store.close()
-        auth.close()
-        approver_key.close()
     names = sorted(f"remote-dkg-c{i}" for i in range(n))
     assert created == names
     assert client.counts["dkg_stored"] == n
