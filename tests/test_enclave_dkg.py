@@ -179,8 +179,63 @@ def ceremony(
     )
 
 
+class Envelopes:
+    """The contract's share envelopes (:func:`share_key_into` and :func:`encrypt_share`) as a
+    participant other than the enclave uses them: its identifier, X25519 key pair and the
+    others' X25519 keys (``keys``, from their round-1 packages)."""
+
+    identifier: bytes
+    x_secret: bytearray
+    x_public: bytes
+    keys: dict[bytes, bytes]
+
+    def seal(self, recipient: bytes, share: Any, dkg_id: str) -> bytes:
+        key = bytearray(32)
+        share_key_into(
+            key,
+            dkg_id=dkg_id,
+            sender=self.identifier,
+            recipient=recipient,
+            own_secret=self.x_secret,
+            sender_public=self.x_public,
+            recipient_public=self.keys[recipient],
+            peer_public=self.keys[recipient],
+        )
+        return encrypt_share(key, share, dkg_id=dkg_id, sender=self.identifier, recipient=recipient)
+
+    def open_shares(self, shares: Sequence[Any], dkg_id: str) -> dict[bytes, Any]:
+        """The shares addressed to this participant, opened (each must authenticate)."""
+        opened = {}
+        for s in shares:
+            if s.recipient != self.identifier:
+                continue
+            sender = bytes(s.sender)
+            key = bytearray(32)
+            share_key_into(
+                key,
+                dkg_id=dkg_id,
+                sender=sender,
+                recipient=self.identifier,
+                own_secret=self.x_secret,
+                sender_public=self.keys[sender],
+                recipient_public=self.x_public,
+                peer_public=self.keys[sender],
+            )
+            plain = bytearray(32)
+            assert decrypt_share_into(
+                plain,
+                key,
+                bytes(s.ciphertext),
+                dkg_id=dkg_id,
+                sender=sender,
+                recipient=self.identifier,
+            )
+            opened[sender] = _dkg.Round2Package(plain)
+        return opened
+
+
 @dataclass
-class Local:
+class Local(Envelopes):
     """A participant other than the enclave, with ZF's DKG and the contract's envelopes."""
 
     c: Ceremony
@@ -275,48 +330,10 @@ class Local:
     def encrypt(
         self, recipient: bytes, share: bytes | bytearray, *, dkg_id: str | None = None
     ) -> bytes:
-        key = bytearray(32)
-        share_key_into(
-            key,
-            dkg_id=dkg_id or self.c.dkg_id,
-            sender=self.identifier,
-            recipient=recipient,
-            own_secret=self.x_secret,
-            sender_public=self.x_public,
-            recipient_public=self.keys[recipient],
-            peer_public=self.keys[recipient],
-        )
-        return encrypt_share(
-            key, share, dkg_id=dkg_id or self.c.dkg_id, sender=self.identifier, recipient=recipient
-        )
+        return self.seal(recipient, share, dkg_id or self.c.dkg_id)
 
     def round3(self, shares: Sequence[Any]) -> None:
-        opened = {}
-        for s in shares:
-            if s.recipient != self.identifier:
-                continue
-            sender = bytes(s.sender)
-            key = bytearray(32)
-            share_key_into(
-                key,
-                dkg_id=self.c.dkg_id,
-                sender=sender,
-                recipient=self.identifier,
-                own_secret=self.x_secret,
-                sender_public=self.keys[sender],
-                recipient_public=self.x_public,
-                peer_public=self.keys[sender],
-            )
-            plain = bytearray(32)
-            assert decrypt_share_into(
-                plain,
-                key,
-                bytes(s.ciphertext),
-                dkg_id=self.c.dkg_id,
-                sender=sender,
-                recipient=self.identifier,
-            )
-            opened[sender] = _dkg.Round2Package(plain)
+        opened = self.open_shares(shares, self.c.dkg_id)
         self.key, self.public = _dkg.part3(self.r2_secret, self.received, opened)
 
 

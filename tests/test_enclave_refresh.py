@@ -43,12 +43,9 @@ from trio_sign.enclave._dkg import (
     DkgRegistry,
     DkgState,
     PoolSlots,
-    decrypt_share_into,
     deltas_finder,
     dkg_params,
-    encrypt_share,
     round1_payload,
-    share_key_into,
     verify_ed25519,
 )
 from trio_sign.enclave._identity import IdentityKey
@@ -74,6 +71,7 @@ from .test_enclave_dkg import (
     TAPROOT,
     UNPINNED,
     DirectClient,
+    Envelopes,
     FakeWriter,
     Node,
     Run,
@@ -295,7 +293,7 @@ class Refresh:
 
 
 @dataclass
-class Refresher:
+class Refresher(Envelopes):
     """A participant other than the enclave running ZF's refresh with the contract's
     envelopes (the operation in the signed payload)."""
 
@@ -394,49 +392,11 @@ class Refresher:
         ]
 
     def encrypt(self, recipient: bytes, share: Any, *, dkg_id: str | None = None) -> bytes:
-        key = bytearray(32)
-        share_key_into(
-            key,
-            dkg_id=dkg_id or self.r.dkg_id,
-            sender=self.identifier,
-            recipient=recipient,
-            own_secret=self.x_secret,
-            sender_public=self.x_public,
-            recipient_public=self.keys[recipient],
-            peer_public=self.keys[recipient],
-        )
-        return encrypt_share(
-            key, share, dkg_id=dkg_id or self.r.dkg_id, sender=self.identifier, recipient=recipient
-        )
+        return self.seal(recipient, share, dkg_id or self.r.dkg_id)
 
     def round3(self, shares: Sequence[Any]) -> None:
         a = self.r.a
-        opened = {}
-        for s in shares:
-            if s.recipient != self.identifier:
-                continue
-            sender = bytes(s.sender)
-            key = bytearray(32)
-            share_key_into(
-                key,
-                dkg_id=self.r.dkg_id,
-                sender=sender,
-                recipient=self.identifier,
-                own_secret=self.x_secret,
-                sender_public=self.keys[sender],
-                recipient_public=self.x_public,
-                peer_public=self.keys[sender],
-            )
-            plain = bytearray(32)
-            assert decrypt_share_into(
-                plain,
-                key,
-                bytes(s.ciphertext),
-                dkg_id=self.r.dkg_id,
-                sender=sender,
-                recipient=self.identifier,
-            )
-            opened[sender] = _dkg.Round2Package(plain)
+        opened = self.open_shares(shares, self.r.dkg_id)
         self.key, self.public = refresh_part3(
             self.r2_secret,
             self.received,
