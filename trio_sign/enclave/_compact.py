@@ -76,15 +76,13 @@ from ..authz import COMPACT_POLICY
 from ..crypto import _kdf, _sodium
 from ..nitro import AsyncNsm, ChannelMessage, CmsError, EphemeralRecipientKey, MessageStream
 from ..nitro._channel import (
-    MAX_DELTA_CHUNK_BYTES,
     BaseStoredMessage,
     BaseStoreFailedMessage,
     BaseStoreMessage,
     CompactionKeyFailedMessage,
     CompactionKeyMessage,
     CompactionKeyRequestMessage,
-    DeltaChunkMessage,
-    DeltaEndMessage,
+    chunked_frames,
 )
 from ..shares import BundleSigner, BundleTrust, ShareRecord, ShareStore
 from ..shares._deltas import DeltaChain
@@ -631,14 +629,8 @@ class Compactor:
 
 def base_frames(base: CompactedBase) -> list[ChannelMessage]:
     """``base_store``, the ``delta_chunk`` frames, ``delta_end``: one base to store."""
-    data = base.data
-    frames: list[ChannelMessage] = [
-        BaseStoreMessage(sha256=base.fingerprint, total_bytes=len(data))
-    ]
-    for start in range(0, len(data), MAX_DELTA_CHUNK_BYTES):
-        frames.append(DeltaChunkMessage(data=data[start : start + MAX_DELTA_CHUNK_BYTES]))
-    frames.append(DeltaEndMessage())
-    return frames
+    head = BaseStoreMessage(sha256=base.fingerprint, total_bytes=len(base.data))
+    return list(chunked_frames(head, base.data))
 
 
 def compaction_approval_message(kms_key_id: str) -> bytes:

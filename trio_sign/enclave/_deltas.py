@@ -56,7 +56,6 @@ import trio
 from .._errors import KeyWrapError, ShareFileError, TrioSignError
 from ..nitro import ChannelMessage, ChannelProtocolError, MessageStream
 from ..nitro._channel import (
-    MAX_DELTA_CHUNK_BYTES,
     MAX_REASON_CHARS,
     DeltaChunkMessage,
     DeltaConflictMessage,
@@ -67,6 +66,7 @@ from ..nitro._channel import (
     DeltaStoredMessage,
     DeltaStoreFailedMessage,
     DeltaStoreMessage,
+    chunked_frames,
 )
 from ..shares import BundleSigner, BundleTrust, DataKeyProvider, ShareRecord, ShareStore
 from ..shares._deltas import (
@@ -307,14 +307,8 @@ async def receive_delta(messages: MessageStream, push: DeltaPushMessage) -> byte
 
 def store_frames(sealed: SealedDelta) -> list[ChannelMessage]:
     """``delta_store``, the ``delta_chunk`` frames, ``delta_end``: one delta to store."""
-    data = sealed.data
-    frames: list[ChannelMessage] = [
-        DeltaStoreMessage(sequence=sealed.sequence, total_bytes=len(data))
-    ]
-    for start in range(0, len(data), MAX_DELTA_CHUNK_BYTES):
-        frames.append(DeltaChunkMessage(data=data[start : start + MAX_DELTA_CHUNK_BYTES]))
-    frames.append(DeltaEndMessage())
-    return frames
+    head = DeltaStoreMessage(sequence=sealed.sequence, total_bytes=len(sealed.data))
+    return list(chunked_frames(head, sealed.data))
 
 
 Reply = DeltaStoredMessage | DeltaConflictMessage | DeltaStoreFailedMessage

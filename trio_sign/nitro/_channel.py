@@ -105,7 +105,7 @@ type                       direction             fields
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -725,6 +725,20 @@ class DeltaEndMessage(ChannelMessage):
 
     TYPE: ClassVar[str] = "delta_end"
     _FIELDS: ClassVar[tuple[_Field, ...]] = ()
+
+
+def chunked_frames(
+    head: ChannelMessage, data: bytes, chunk_bytes: int = MAX_DELTA_CHUNK_BYTES
+) -> Iterator[ChannelMessage]:
+    """``head`` (a ``delta_store``, ``base_store`` or ``delta_push`` naming ``len(data)``),
+    ``data`` in ``delta_chunk`` frames of at most ``chunk_bytes`` (never above
+    :data:`MAX_DELTA_CHUNK_BYTES`), then ``delta_end``. Lazy: one chunk is copied at a time."""
+    step = max(1, min(chunk_bytes, MAX_DELTA_CHUNK_BYTES))
+    yield head
+    view = memoryview(data)
+    for start in range(0, len(data), step):
+        yield DeltaChunkMessage(data=bytes(view[start : start + step]))
+    yield DeltaEndMessage()
 
 
 @dataclass(frozen=True, slots=True)

@@ -120,6 +120,7 @@ from ..nitro._channel import (
     DeltaStoreFailedMessage,
     DeltaStoreMessage,
     PreloadResultMessage,
+    chunked_frames,
 )
 
 log = logging.getLogger("trio_sign.parent.deltas")
@@ -702,12 +703,9 @@ def delta_frames(
     sequence: int, data: bytes, chunk_bytes: int = MAX_DELTA_CHUNK_BYTES
 ) -> Iterator[ChannelMessage]:
     """``delta_push``, the ``delta_chunk`` frames, ``delta_end``: one delta on the wire."""
-    step = max(1, min(chunk_bytes, MAX_DELTA_CHUNK_BYTES))
-    yield DeltaPushMessage(sequence=sequence, total_bytes=len(data))
-    view = memoryview(data)
-    for start in range(0, len(data), step):
-        yield DeltaChunkMessage(data=bytes(view[start : start + step]))
-    yield DeltaEndMessage()
+    return chunked_frames(
+        DeltaPushMessage(sequence=sequence, total_bytes=len(data)), data, chunk_bytes
+    )
 
 
 # -- the shared state: the store, what the enclave holds, counters, alerts ---------------------
