@@ -8,6 +8,7 @@ delay, duplicate or corrupt any frame it would send.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -118,8 +119,9 @@ class World:
         path: str = "/v1/participants",
         protocols: Any = (SUBPROTOCOL,),
         client_nursery: trio.Nursery | None = None,
+        stream_pair: Any = trio.testing.memory_stream_pair,
     ) -> Any:
-        client_stream, server_stream = trio.testing.memory_stream_pair()
+        client_stream, server_stream = stream_pair()
 
         async def serve() -> None:
             request = await wrap_server_stream(self.nursery, server_stream)
@@ -128,7 +130,7 @@ class World:
         self.nursery.start_soon(serve)
         return await wrap_client_stream(
             client_nursery or self.nursery,
-            client_stream,  # type: ignore[arg-type]
+            client_stream,
             "gateway",
             path,
             subprotocols=list(protocols),
@@ -154,9 +156,10 @@ class World:
         *,
         auth_key: ApproverSigningKey | None = None,
         authenticate: bool = True,
+        stream_pair: Any = trio.testing.memory_stream_pair,
     ) -> Fake:
         key, pkey = self.keys[pid]
-        ws = await self.open()
+        ws = await self.open(stream_pair=stream_pair)
         session = s.ParticipantSession(
             participant_id=pid,
             key_id=pkey.key_id,
@@ -514,6 +517,40 @@ async def test_too_many_in_flight_is_refused_before_sending(
         assert "error" not in first
         assert "error" not in second
         assert w.hub.counts["busy"] == 1
+
+
+async def test_a_participant_that_never_reads_gets_busy_not_a_growing_queue(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Its socket stops taking bytes (a lockstep stream: nothing is buffered), so the hub's
+    writer blocks; requests fill its outgoing queue (max_queued_frames) and the next is
+    refused ``busy`` at once, while another participant is served as usual."""
+    account = deal("acct-1", SUITES[0])
+    async with world(("ops-1", "ops-2"), max_queued_frames=2) as w:
+        slow = await w.connect("ops-1", [account], stream_pair=trio.testing.lockstep_stream_pair)
+        other = await w.connect("ops-2", [account])
+        boxes = [await start_sign(w, account, timeout_s=30) for _ in range(8)]
+        refused = [b for b in boxes if "error" in b]
+        assert refused, "every request was queued"
+        assert all(b["error"].reason == "busy" for b in refused)
+        assert all(b["at"] == 0 for b in refused)  # at once, not at the deadline
+        assert "queue is full" in str(refused[0]["error"])
+        # max_queued_frames, plus what the writer and the client's buffers already took
+        assert w.hub.in_flight("ops-1") == len(boxes) - len(refused) <= 2 + 3
+        box = await start_sign(w, account, "ops-2", timeout_s=30)
+        for frame in await other.commit(await other.next_request()):
+            await other.ws.send_message(frame)
+        await trio.testing.wait_all_tasks_blocked()
+        assert "ok" in box
+
+        async def drain() -> None:  # let the hub's writer finish before the teardown
+            with contextlib.suppress(ConnectionClosed):
+                while True:
+                    await slow.ws.get_message()
+
+        w.nursery.start_soon(drain)
+        await trio.sleep(31)
+        assert all("error" in b for b in boxes)
 
 
 async def test_not_connected(autojump_clock: trio.abc.Clock) -> None:
