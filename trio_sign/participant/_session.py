@@ -157,7 +157,7 @@ Event = (
     | RemoteError
     | DkgRequested
     | DkgKeyReady
-    | (CloseConnection)
+    | CloseConnection
 )
 
 
@@ -393,9 +393,10 @@ class ParticipantSession:
             return self._decline_now(request_id, "expired", "decided after the deadline")
         entry.nonces = entry.scheme.commit(entry.share.identifier, entry.share.signing_share)
         c = entry.nonces.commitment
-        entry.commitment = m.CommitmentEntry(bytes(c.identifier), bytes(c.hiding), bytes(c.binding))
+        own = m.CommitmentEntry(bytes(c.identifier), bytes(c.hiding), bytes(c.binding))
+        entry.commitment = own
         entry.state = RequestState.COMMITTED
-        self._send(m.Commitment(request_id, *_fields3(entry.commitment)))
+        self._send(m.Commitment(request_id, own.identifier, own.hiding, own.binding))
         return []
 
     def decline(self, request_id: str, reason: str, detail: str = "") -> list[Event]:
@@ -461,7 +462,7 @@ class ParticipantSession:
             scheme, share, req = entry.scheme, entry.share, entry.request
             try:
                 commitments = [
-                    scheme.commitment(c.identifier, c.hiding, c.binding) for c in (msg.commitments)
+                    scheme.commitment(c.identifier, c.hiding, c.binding) for c in msg.commitments
                 ]
                 signature_share = scheme.sign(
                     entry.nonces,
@@ -668,10 +669,6 @@ class ParticipantSession:
         for rid in list(self._dkgs):
             if self._dkgs[rid].phase != "storing":  # a share being sealed is the caller's
                 self._end_dkg(rid)
-
-
-def _fields3(c: m.CommitmentEntry) -> tuple[bytes, bytes, bytes]:
-    return c.identifier, c.hiding, c.binding
 
 
 class _Refused(Exception):
