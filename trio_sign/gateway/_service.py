@@ -308,17 +308,22 @@ def _num(table: Mapping[str, Any], section: str, key: str, default: float) -> fl
     return float(value)
 
 
-def _digest(table: Mapping[str, Any], where: str, key: str) -> bytes | None:
+def _hex32(table: Mapping[str, Any], key: str, error: str) -> bytes | None:
+    """``table[key]``, 64 hex digits, as 32 bytes; None when absent; ``error`` otherwise."""
     value = table.get(key)
     if value is None:
         return None
     try:
-        digest = bytes.fromhex(value) if isinstance(value, str) else b""
+        raw = bytes.fromhex(value) if isinstance(value, str) else b""
     except ValueError:
-        digest = b""
-    if len(digest) != 32:
-        raise GatewayConfigError(f"{where} {key} must be 64 hex digits (a SHA-256)")
-    return digest
+        raw = b""
+    if len(raw) != 32:
+        raise GatewayConfigError(error)
+    return raw
+
+
+def _digest(table: Mapping[str, Any], where: str, key: str) -> bytes | None:
+    return _hex32(table, key, f"{where} {key} must be 64 hex digits (a SHA-256)")
 
 
 def _pcrs(table: Mapping[str, Any], where: str, base: Path) -> PcrSource | None:
@@ -565,16 +570,7 @@ def parse_gateway_config(text: str, *, base: Path = Path(".")) -> GatewayConfig:
 def _hex_key(
     table: Mapping[str, Any], where: str, key: str = "enclave_identity_key"
 ) -> bytes | None:
-    value = table.get(key)
-    if value is None:
-        return None
-    try:
-        raw = bytes.fromhex(value) if isinstance(value, str) else b""
-    except ValueError:
-        raw = b""
-    if len(raw) != 32:
-        raise GatewayConfigError(f"{where} must be 64 hex digits (an Ed25519 public key)")
-    return raw
+    return _hex32(table, key, f"{where} must be 64 hex digits (an Ed25519 public key)")
 
 
 def _participants(
