@@ -18,6 +18,8 @@ import pytest
 import trio
 import trio.testing
 from trio_websocket import wrap_server_stream
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Request, TextMessage
 
 from tests.participant_helpers import SUITES, Account, Shares, deal, participant_keys
 from trio_sign._backoff import full_jitter_delay
@@ -374,3 +376,49 @@ async def test_a_gateway_gone_silent_is_left_at_idle_timeout(
         assert info.value.close_code == m.CLOSE_GOING_AWAY
         assert client.counts["welcomed"] == 1
         assert trio.current_time() - start == pytest.approx(20.0)
+
+
+async def test_an_endless_message_from_the_gateway_closes_1009_by_its_bytes(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A hostile gateway that accepts the upgrade, then sends one text message that never
+    finishes: the client holds at most max_frame_bytes of it (counted in UTF-8 bytes, not
+    characters: 4-byte characters cannot carry four times the limit) and closes 1009."""
+    limit = 8192
+    chunk = "\U0001f600" * 2100  # 2100 characters, 8400 UTF-8 bytes: over the limit
+
+    async def hostile(server: trio.abc.Stream) -> None:
+        ws = WSConnection(ConnectionType.SERVER)
+        while True:
+            ws.receive_data(bytes(await server.receive_some(65536)))
+            requests = [e for e in ws.events() if isinstance(e, Request)]
+            if requests:
+                break
+        await server.send_all(ws.send(AcceptConnection(subprotocol=requests[0].subprotocols[0])))
+        await server.send_all(ws.send(TextMessage(data=chunk, message_finished=False)))
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+
+        async def connect() -> anyio.abc.ByteStream:
+            client_stream, server_stream = trio.testing.memory_stream_pair()
+            nursery.start_soon(hostile, server_stream)
+            return TrioByteStream(client_stream)
+
+        auth, key = participant_keys()
+        client = ParticipantClient(
+            ClientSettings("ws://gateway/v1/participants", max_frame_bytes=limit),
+            participant_id="ops-1",
+            key_id=key.key_id,
+            auth_key=auth,
+            approver=auth,
+            approver_key_id="a",
+            shares=Shares([]),
+            policy=CallbackPolicy(lambda r: _true()),
+            connect=connect,
+        )
+        with pytest.raises(ParticipantConnectionError, match="max_frame_bytes") as info:
+            await client.run_once()
+        assert info.value.close_code == m.CLOSE_TOO_BIG
+        nursery.cancel_scope.cancel()
+    auth.close()

@@ -399,7 +399,9 @@ class _Connection:
             self.closing = (m.CLOSE_PROTOCOL_ERROR, f"the gateway refused the WebSocket ({status})")
         elif isinstance(event, TextMessage):
             self.buffer.append(event.data)
-            self.buffered += len(event.data)
+            # UTF-8 bytes, as the limit (and parse_message's) is: characters would let
+            # 4-byte ones carry four times max_frame_bytes into memory.
+            self.buffered += len(event.data.encode("utf-8"))
             if self.buffered > self.client.settings.max_frame_bytes:
                 await self.close(m.CLOSE_TOO_BIG, "a frame over max_frame_bytes")
                 return
