@@ -30,6 +30,8 @@ from trio_sign.enclave._identity import IdentityKey
 from trio_sign.enclave._preload import _load_boot_deltas
 from trio_sign.nitro import ChannelMessage, HelloMessage, MessageStream, PreloadResultMessage
 from trio_sign.nitro._channel import (
+    ChannelProtocolError,
+    ChunkedBody,
     DeltaChunkMessage,
     DeltaEndMessage,
     DeltaLoadedMessage,
@@ -818,3 +820,28 @@ async def test_a_cancelled_store_drops_the_connection_and_applies_nothing(
         assert node.deltas.chain.count == 0
         assert "c-0" not in node.store
         assert node.writer._pending is None
+
+
+def test_a_chunked_body_holds_no_more_than_it_was_told() -> None:
+    """The one parser of a delta's or a base's chunks (both ends of the deltas channel):
+    exactly ``total_bytes``, refused as soon as a chunk goes over, never another message."""
+    body = ChunkedBody("delta 1", 5)
+    assert body.feed(DeltaChunkMessage(data=b"abc")) is None
+    assert body.feed(DeltaChunkMessage(data=b"de")) is None
+    assert body.feed(DeltaEndMessage()) == b"abcde"
+    cases: list[tuple[list[ChannelMessage], str]] = [
+        ([DeltaChunkMessage(data=b"abc"), DeltaChunkMessage(data=b"def")], "bad_length"),
+        ([DeltaChunkMessage(data=b"abc"), DeltaEndMessage()], "bad_length"),
+        (
+            [DeltaChunkMessage(data=b"abc"), DeltaStoreMessage(sequence=2, total_bytes=1)],
+            "unexpected_message",
+        ),
+    ]
+    for messages, reason in cases:
+        body = ChunkedBody("delta 1", 5)
+        *first, last = messages
+        for message in first:
+            assert body.feed(message) is None
+        with pytest.raises(ChannelProtocolError, match="delta 1") as info:
+            body.feed(last)
+        assert info.value.reason == reason

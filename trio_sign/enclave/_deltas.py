@@ -57,9 +57,8 @@ from .._errors import KeyWrapError, ShareFileError, TrioSignError
 from ..nitro import ChannelMessage, ChannelProtocolError, MessageStream
 from ..nitro._channel import (
     MAX_REASON_CHARS,
-    DeltaChunkMessage,
+    ChunkedBody,
     DeltaConflictMessage,
-    DeltaEndMessage,
     DeltaLoadedMessage,
     DeltaPushMessage,
     DeltaRefusedMessage,
@@ -279,30 +278,10 @@ async def receive_delta(messages: MessageStream, push: DeltaPushMessage) -> byte
             f"delta {push.sequence} of {push.total_bytes} bytes is over {MAX_DELTA_BYTES}",
             reason="oversized",
         )
-    data = bytearray()
-    while True:
-        message = await messages.receive()
-        if isinstance(message, DeltaChunkMessage):
-            data += message.data
-            if len(data) > push.total_bytes:
-                raise ChannelProtocolError(
-                    f"delta {push.sequence}: chunks exceed total_bytes ({push.total_bytes})",
-                    reason="bad_length",
-                )
-        elif isinstance(message, DeltaEndMessage):
-            break
-        else:
-            raise ChannelProtocolError(
-                f"unexpected {message.TYPE!r} inside delta {push.sequence}",
-                reason="unexpected_message",
-            )
-    if len(data) != push.total_bytes:
-        raise ChannelProtocolError(
-            f"delta {push.sequence}: {len(data)} bytes arrived, total_bytes said "
-            f"{push.total_bytes}",
-            reason="bad_length",
-        )
-    return bytes(data)
+    body = ChunkedBody(f"delta {push.sequence}", push.total_bytes)
+    while (data := body.feed(await messages.receive())) is None:
+        pass
+    return data
 
 
 def store_frames(sealed: SealedDelta) -> list[ChannelMessage]:

@@ -741,6 +741,43 @@ def chunked_frames(
     yield DeltaEndMessage()
 
 
+class ChunkedBody:
+    """Sans-io: the ``delta_chunk`` frames and ``delta_end`` after a ``delta_store``,
+    ``base_store`` or ``delta_push`` (``what``, for messages) of ``total`` bytes. The caller
+    checks ``total`` against its limit first; never more than ``total`` bytes are held.
+
+    Error handling: :meth:`feed` raises ``ChannelProtocolError`` (``bad_length``,
+    ``unexpected_message``) for chunks over or under ``total`` and for any other message.
+    """
+
+    __slots__ = ("_data", "total", "what")
+
+    def __init__(self, what: str, total: int) -> None:
+        self.what = what
+        self.total = total
+        self._data = bytearray()
+
+    def feed(self, message: ChannelMessage) -> bytes | None:
+        """Take the next message; the whole body once ``delta_end`` arrives, else None."""
+        if isinstance(message, DeltaChunkMessage):
+            self._data += message.data
+            if len(self._data) > self.total:
+                raise ChannelProtocolError(
+                    f"{self.what}: chunks exceed total_bytes ({self.total})", reason="bad_length"
+                )
+            return None
+        if not isinstance(message, DeltaEndMessage):
+            raise ChannelProtocolError(
+                f"unexpected {message.TYPE!r} inside {self.what}", reason="unexpected_message"
+            )
+        if len(self._data) != self.total:
+            raise ChannelProtocolError(
+                f"{self.what}: {len(self._data)} bytes received, total_bytes said {self.total}",
+                reason="bad_length",
+            )
+        return bytes(self._data)
+
+
 @dataclass(frozen=True, slots=True)
 class DeltaStoredMessage(ChannelMessage):
     """Delta ``sequence`` is durable in the parent's store (``sha256``: its fingerprint)."""

@@ -107,12 +107,11 @@ from ..nitro._channel import (
     BaseStoredMessage,
     BaseStoreFailedMessage,
     BaseStoreMessage,
+    ChunkedBody,
     CompactionKeyFailedMessage,
     CompactionKeyMessage,
     CompactionKeyRequestMessage,
-    DeltaChunkMessage,
     DeltaConflictMessage,
-    DeltaEndMessage,
     DeltaLoadedMessage,
     DeltaPushMessage,
     DeltaRefusedMessage,
@@ -1111,30 +1110,12 @@ class _Connection:
         await self.send([await self.deltas.store_base(sha256, data)])
 
     async def _receive_body(self, what: str, total: int) -> bytes:
-        """The ``delta_chunk`` frames and ``delta_end`` after a ``delta_store`` or
-        ``base_store`` (``what``): exactly ``total`` bytes (checked against its limit by the
-        caller), never more held; anything else in between is a protocol error."""
-        data = bytearray()
-        while True:
-            message = await self.messages.receive()
-            if isinstance(message, DeltaChunkMessage):
-                data += message.data
-                if len(data) > total:
-                    raise ChannelProtocolError(
-                        f"{what}: chunks exceed total_bytes ({total})", reason="bad_length"
-                    )
-            elif isinstance(message, DeltaEndMessage):
-                break
-            else:
-                raise ChannelProtocolError(
-                    f"unexpected {message.TYPE!r} inside {what}", reason="unexpected_message"
-                )
-        if len(data) != total:
-            raise ChannelProtocolError(
-                f"{what}: {len(data)} bytes received, total_bytes said {total}",
-                reason="bad_length",
-            )
-        return bytes(data)
+        """The chunks after a ``delta_store`` or ``base_store`` (``what``) whose ``total``
+        the caller checked against its limit."""
+        body = ChunkedBody(what, total)
+        while (data := body.feed(await self.messages.receive())) is None:
+            pass
+        return data
 
     # -- to the enclave ------------------------------------------------------------------------
 
