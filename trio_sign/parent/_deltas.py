@@ -64,7 +64,12 @@ Rules the parent keeps and expects (the doc leaves them open):
   (it sealed it, so it holds it; it should still send ``delta_loaded`` once it has loaded it).
 - A refused delta raises the ``delta_refused`` alert and is not pushed again before a back-off
   (``refused_backoff_initial_s``, doubling up to ``refused_backoff_max_s``) has passed.
-- A newer deltas connection replaces an older one (an enclave that reconnects).
+- A newer deltas connection replaces an older one (an enclave that reconnects). The hello is
+  not authenticated, so whoever can reach the listener can do this too: a put under way still
+  finishes and the enclave's next connection displaces the intruder and is pushed what it
+  lacks (a delay only; refusing newcomers would let a squatter hold the channel). The same
+  reach also lets a client claim a position (``delta_loaded``) or store a well-framed delta
+  the parent cannot verify, so the listener must be reachable by the enclave alone.
 
 Compaction (docs/compaction.md) uses the same connection: ``compaction_key_request`` is
 relayed to KMS ``GenerateDataKey`` with ``Recipient`` (``compaction_kms``; the answer is
