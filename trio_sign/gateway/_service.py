@@ -573,6 +573,29 @@ def _hex_key(
     return _hex32(table, key, f"{where} must be 64 hex digits (an Ed25519 public key)")
 
 
+def _is_text_id(value: object) -> bool:
+    """A client's session or DKG id: 1..MAX_SESSION_ID_BYTES bytes of printable text."""
+    return (
+        isinstance(value, str)
+        and bool(value)
+        and value.isprintable()
+        and len(value.encode()) <= MAX_SESSION_ID_BYTES
+    )
+
+
+def _approvals_of(
+    body: Mapping[str, Any], account_id: str, session_id: str | None
+) -> list[Approval] | str:
+    """A request's ``approvals`` (at most MAX_APPROVALS), or what is wrong with them."""
+    raw = body.get("approvals", [])
+    if not isinstance(raw, list) or len(raw) > MAX_APPROVALS:
+        return f"approvals must be a list of at most {MAX_APPROVALS}"
+    try:
+        return [Approval.from_json(a, account_id=account_id, session_id=session_id) for a in raw]
+    except ValueError as exc:
+        return str(exc)
+
+
 def _participants(
     table: object, base: Path
 ) -> tuple[dict[str, tuple[str, Path]], dict[str, bytes], dict[str, ParticipantKey]]:
@@ -960,24 +983,13 @@ class GatewayApi:
         if len(message) > MAX_MESSAGE_BYTES:
             return 400, {"error": f"message over {MAX_MESSAGE_BYTES} bytes"}
         session_id = body.get("session_id")
-        if session_id is not None and (
-            not isinstance(session_id, str)
-            or not session_id
-            or not session_id.isprintable()
-            or len(session_id.encode()) > MAX_SESSION_ID_BYTES
-        ):
+        if session_id is not None and not _is_text_id(session_id):
             return 400, {
                 "error": f"session_id must be 1..{MAX_SESSION_ID_BYTES} bytes of printable text"
             }
-        raw = body.get("approvals", [])
-        if not isinstance(raw, list) or len(raw) > MAX_APPROVALS:
-            return 400, {"error": f"approvals must be a list of at most {MAX_APPROVALS}"}
-        try:
-            approvals = [
-                Approval.from_json(a, account_id=account_id, session_id=session_id) for a in raw
-            ]
-        except ValueError as exc:
-            return 400, {"error": str(exc)}
+        approvals = _approvals_of(body, account_id, session_id)
+        if isinstance(approvals, str):
+            return 400, {"error": approvals}
         if approvals and session_id is None:
             return 400, {"error": "approvals name their session: give the session_id they approve"}
         if len({a.key_id for a in approvals}) != len(approvals):
@@ -1054,25 +1066,14 @@ class GatewayApi:
         if not isinstance(policy, str) or not policy:
             return 400, {"error": "policy must be a policy name", "reason": "bad_request"}
         dkg_id = body.get("dkg_id")
-        if dkg_id is not None and (
-            not isinstance(dkg_id, str)
-            or not dkg_id
-            or not dkg_id.isprintable()
-            or len(dkg_id.encode()) > MAX_SESSION_ID_BYTES
-        ):
+        if dkg_id is not None and not _is_text_id(dkg_id):
             return 400, {
                 "error": f"dkg_id must be 1..{MAX_SESSION_ID_BYTES} bytes of printable text",
                 "reason": "bad_request",
             }
-        raw = body.get("approvals", [])
-        if not isinstance(raw, list) or len(raw) > MAX_APPROVALS:
-            return 400, {"error": f"approvals must be a list of at most {MAX_APPROVALS}"}
-        try:
-            approvals = [
-                Approval.from_json(a, account_id=account_id, session_id=dkg_id) for a in raw
-            ]
-        except ValueError as exc:
-            return 400, {"error": str(exc), "reason": "bad_request"}
+        approvals = _approvals_of(body, account_id, dkg_id)
+        if isinstance(approvals, str):
+            return 400, {"error": approvals, "reason": "bad_request"}
         if approvals and dkg_id is None:
             return 400, {
                 "error": "approvals name their DKG: give the dkg_id they approve",
