@@ -501,28 +501,114 @@ async def enclave(
         async with trio.open_nursery() as nursery:
             await nursery.start(pool.run_reaper)
             await nursery.start(registry.run)
-            if not over_grpc:
-                yield Node(store, pool, registry, service, writer, identity, DirectClient(service))
-                nursery.cancel_scope.cancel()
-                return
-            listeners = await open_listeners("tcp://127.0.0.1:0")
-            port = listeners[0].socket.getsockname()[1]
-            server = await nursery.start(
+            node = Node(store, pool, registry, service, writer, identity, DirectClient(service))
+            if over_grpc:
+                async with grpc_client(nursery, service) as node.client:
+                    yield node
+            else:
+                yield node
+            nursery.cancel_scope.cancel()
+    finally:
+        identity.close()
+        store.close()
+
+
+@asynccontextmanager
+async def grpc_client(nursery: trio.Nursery, service: SignService) -> AsyncIterator[GrpcClient]:
+    """``service`` on a loopback gRPC server (its per-method receive caps on) in ``nursery``,
+    and a grpcio client of it."""
+    listeners = await open_listeners("tcp://127.0.0.1:0")
+    port = listeners[0].socket.getsockname()[1]
+    server = await nursery.start(
+        functools.partial(
+            serve_grpc, listeners, service.handlers(), method_limits=service.receive_limits()
+        )
+    )
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield GrpcClient(channel)
+    finally:
+        await trio.to_thread.run_sync(channel.close)
+        await server.aclose()
+
+
+#: The base bundle's digest the real writer's delta chain starts from.
+BASE = hashlib.sha256(b"the base bundle").hexdigest()
+
+
+@dataclass
+class RealWriter:
+    """An enclave with the real ``DeltaWriter``, and what its tests look at."""
+
+    node: Node
+    authorizer: Authorizer
+    chain: DeltaChain
+    deltas: EnclaveDeltas
+    wrap: Any  # the identity's delta key wrap (a reboot's EnclaveDeltas unseals with it)
+
+
+@asynccontextmanager
+async def real_writer_enclave(
+    tmp_path: Path, measured: MeasuredConfig | None = None, *, over_grpc: bool = False
+) -> AsyncIterator[RealWriter]:
+    """The enclave with the real ``DeltaWriter`` (sealed, identity-signed delta on the chain
+    from :data:`BASE`) talking to the parent's real deltas channel and ``FileDeltaStore``
+    (``tmp_path / "deltas"``) over a memory stream; called directly, or over loopback gRPC."""
+    if measured is None:
+        measured = config()
+    assert measured.dkg is not None
+    store = empty_store()
+    identity = IdentityKey(CeremonyKey.from_seed(IDENTITY_SEED))
+    wrap = identity.delta_key_wrap()
+    chain = DeltaChain(BASE)
+    deltas = EnclaveDeltas(
+        store, chain, provider=wrap, signer=identity, signing_keys=(identity.public_key,)
+    )
+    writer = DeltaWriter(deltas, store_timeout_s=20.0)
+    files = FileDeltaStore(tmp_path / "deltas")
+    files.recover()
+    pool = SessionPool(store.get)
+    authorizer = Authorizer(measured.policies)
+    registry = DkgRegistry(
+        settings=measured.dkg,
+        identity=identity,
+        writer=writer,
+        authorizer=authorizer,
+        lookup=store.get,
+        slots=PoolSlots(pool),
+        find_created=deltas_finder(deltas),
+    )
+    service = SignService(store, pool, authorizer=authorizer, dkg=registry)
+    enclave_end, parent_end = trio.testing.memory_stream_pair()
+
+    async def connect() -> trio.abc.Stream:
+        return enclave_end
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_deltas_connection, parent_end, Deltas(files))
+            nursery.start_soon(
                 functools.partial(
-                    serve_grpc,
-                    listeners,
-                    service.handlers(),
-                    method_limits=service.receive_limits(),
+                    one_connection,
+                    "deltas",
+                    connect,
+                    writer.converse,
+                    connect_timeout_s=5.0,
+                    read=False,
                 )
             )
-            channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-            try:
-                yield Node(store, pool, registry, service, writer, identity, GrpcClient(channel))
-            finally:
-                await trio.to_thread.run_sync(channel.close)
-                await server.aclose()
-                nursery.cancel_scope.cancel()
+            await nursery.start(pool.run_reaper)
+            await nursery.start(registry.run)
+            node = Node(store, pool, registry, service, writer, identity, DirectClient(service))
+            real = RealWriter(node, authorizer, chain, deltas, wrap)
+            if over_grpc:
+                async with grpc_client(nursery, service) as node.client:
+                    yield real
+            else:
+                yield real
+            nursery.cancel_scope.cancel()
     finally:
+        wrap.close()
         identity.close()
         store.close()
 
@@ -1282,90 +1368,44 @@ async def test_full_dkg_through_the_real_delta_writer_and_the_parents_file_store
     DKG is forgotten is answered from the loaded delta."""
     measured = config()
     assert measured.dkg is not None
-    store = empty_store()
-    identity = IdentityKey(CeremonyKey.from_seed(IDENTITY_SEED))
-    wrap = identity.delta_key_wrap()
-    chain = DeltaChain(hashlib.sha256(b"the base bundle").hexdigest())
-    deltas = EnclaveDeltas(
-        store, chain, provider=wrap, signer=identity, signing_keys=(identity.public_key,)
-    )
-    writer = DeltaWriter(deltas, store_timeout_s=20.0)
-    files = FileDeltaStore(tmp_path / "deltas")
-    files.recover()
-    parent = Deltas(files)
-    pool = SessionPool(store.get)
-    authorizer = Authorizer(measured.policies)
-    registry = DkgRegistry(
-        settings=measured.dkg,
-        identity=identity,
-        writer=writer,
-        authorizer=authorizer,
-        lookup=store.get,
-        slots=PoolSlots(pool),
-        find_created=deltas_finder(deltas),
-    )
-    service = SignService(store, pool, authorizer=authorizer, dkg=registry)
-    enclave_end, parent_end = trio.testing.memory_stream_pair()
-
-    async def connect() -> trio.abc.Stream:
-        return enclave_end
-
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve_deltas_connection, parent_end, parent)
-            nursery.start_soon(
-                functools.partial(
-                    one_connection,
-                    "deltas",
-                    connect,
-                    writer.converse,
-                    connect_timeout_s=5.0,
-                    read=False,
-                )
-            )
-            await nursery.start(pool.run_reaper)
-            await nursery.start(registry.run)
-            node = Node(store, pool, registry, service, writer, identity, DirectClient(service))
-            c = ceremony(TAPROOT)
-            run = await full_dkg(node, c)
-            check_answer(run)
-            assert run.answer.delta_sequence == 1
-            assert run.answer.deltas_head == chain.head
-            assert deltas.find_dkg(c.dkg_id) == (1, chain.head)
-            stored = (tmp_path / "deltas" / "delta-00000001.enc").read_bytes()
-            # durable before the answer, and the very delta the answer names
-            assert delta_fingerprint(stored, 1) == run.answer.deltas_head
-            await sign_with(node, run, b"signed with a DKG account stored as a delta", "s-r")
-            registry.expire(trio.current_time() + 10_000)  # the DKG is forgotten
-            assert c.dkg_id not in registry.sessions
-            retry = pb.DkgRound3Request(dkg_id=c.dkg_id, shares=run.shares_for_enclave())
-            got = await node.call("DkgRound3", retry)
-            assert (got.account_id, got.delta_sequence, got.deltas_head) == (
-                c.account_id,
-                1,
-                run.answer.deltas_head,
-            )
-            assert got.group_public_key == run.answer.group_public_key
-            # a reboot: a new registry over the loaded chain alone (deltas_finder reads the
-            # account the chain recorded for the DKG) answers the same, not UNAVAILABLE
-            rebooted = DkgRegistry(
-                settings=measured.dkg,
-                identity=identity,
-                writer=writer,
-                authorizer=authorizer,
-                lookup=store.get,
-                slots=PoolSlots(pool),
-                find_created=deltas_finder(deltas),
-            )
-            again = await rebooted.round3(retry)
-            assert (again.account_id, again.delta_sequence, again.deltas_head) == (
-                c.account_id,
-                1,
-                run.answer.deltas_head,
-            )
-            assert again.verifying_share == run.answer.verifying_share
-            nursery.cancel_scope.cancel()
-    finally:
-        wrap.close()
-        identity.close()
-        store.close()
+    async with real_writer_enclave(tmp_path, measured) as real:
+        node, chain, deltas = real.node, real.chain, real.deltas
+        registry, store, pool = node.registry, node.store, node.pool
+        c = ceremony(TAPROOT)
+        run = await full_dkg(node, c)
+        check_answer(run)
+        assert run.answer.delta_sequence == 1
+        assert run.answer.deltas_head == chain.head
+        assert deltas.find_dkg(c.dkg_id) == (1, chain.head)
+        stored = (tmp_path / "deltas" / "delta-00000001.enc").read_bytes()
+        # durable before the answer, and the very delta the answer names
+        assert delta_fingerprint(stored, 1) == run.answer.deltas_head
+        await sign_with(node, run, b"signed with a DKG account stored as a delta", "s-r")
+        registry.expire(trio.current_time() + 10_000)  # the DKG is forgotten
+        assert c.dkg_id not in registry.sessions
+        retry = pb.DkgRound3Request(dkg_id=c.dkg_id, shares=run.shares_for_enclave())
+        got = await node.call("DkgRound3", retry)
+        assert (got.account_id, got.delta_sequence, got.deltas_head) == (
+            c.account_id,
+            1,
+            run.answer.deltas_head,
+        )
+        assert got.group_public_key == run.answer.group_public_key
+        # a reboot: a new registry over the loaded chain alone (deltas_finder reads the
+        # account the chain recorded for the DKG) answers the same, not UNAVAILABLE
+        rebooted = DkgRegistry(
+            settings=measured.dkg,
+            identity=node.identity,
+            writer=node.writer,
+            authorizer=real.authorizer,
+            lookup=store.get,
+            slots=PoolSlots(pool),
+            find_created=deltas_finder(deltas),
+        )
+        again = await rebooted.round3(retry)
+        assert (again.account_id, again.delta_sequence, again.deltas_head) == (
+            c.account_id,
+            1,
+            run.answer.deltas_head,
+        )
+        assert again.verifying_share == run.answer.verifying_share

@@ -28,63 +28,36 @@ Taproot DKG is covered against ZF's vectors and our own participants only.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import secrets
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import nacl.signing
 import pytest
-import trio
-import trio.testing
 
 from proto_min import sign_service_pb2 as pb
-from trio_sign.authz import Authorizer
 from trio_sign.cli._demo import verify_independently
 from trio_sign.crypto import _dkg, _kdf, scheme_by_name
 from trio_sign.crypto._group import group_for
-from trio_sign.enclave import SessionPool, SignService
-from trio_sign.enclave._deltas import DeltaWriter, EnclaveDeltas
 from trio_sign.enclave._dkg import (
-    DkgRegistry,
     DkgState,
-    PoolSlots,
     decrypt_share_into,
-    deltas_finder,
     encrypt_share,
     round1_payload,
     share_key_into,
     verify_ed25519,
 )
-from trio_sign.enclave._identity import IdentityKey
-from trio_sign.enclave._status import one_connection
-from trio_sign.parent._deltas import (
-    Deltas,
-    FileDeltaStore,
-    delta_fingerprint,
-    serve_deltas_connection,
-)
-from trio_sign.rpc import serve_grpc
-from trio_sign.shares._deltas import DeltaChain
-from trio_sign.shares._signature import CeremonyKey
+from trio_sign.parent._deltas import delta_fingerprint
 from trio_sign.testing import _frost_rs as zf
-from trio_sign.transport import open_listeners
 
 from .test_enclave_dkg import (
-    IDENTITY_SEED,
     PARTICIPANT_KEYS,
     Ceremony,
-    GrpcClient,
     Node,
     ceremony,
-    config,
-    empty_store,
     enclave,
-    grpc,
+    real_writer_enclave,
 )
 
 frost_rs = pytest.importorskip("frost_rs", reason="the frost-rs wheel (test extra) is missing")
@@ -509,84 +482,14 @@ def test_the_harness_reads_frost_rs_transport_as_frost_rs_does(suite: str) -> No
         _zero(*a0.values())
 
 
-@asynccontextmanager
-async def real_writer_enclave(tmp_path: Path) -> AsyncIterator[Node]:
-    """The enclave over loopback gRPC with the real ``DeltaWriter`` (sealed, identity-signed
-    delta on the chain) and the parent's real deltas channel and ``FileDeltaStore``."""
-    measured = config()
-    assert measured.dkg is not None
-    store = empty_store()
-    identity = IdentityKey(CeremonyKey.from_seed(IDENTITY_SEED))
-    wrap = identity.delta_key_wrap()
-    chain = DeltaChain(hashlib.sha256(b"the base bundle").hexdigest())
-    deltas = EnclaveDeltas(
-        store, chain, provider=wrap, signer=identity, signing_keys=(identity.public_key,)
-    )
-    writer = DeltaWriter(deltas, store_timeout_s=20.0)
-    files = FileDeltaStore(tmp_path / "deltas")
-    files.recover()
-    pool = SessionPool(store.get)
-    authorizer = Authorizer(measured.policies)
-    registry = DkgRegistry(
-        settings=measured.dkg,
-        identity=identity,
-        writer=writer,
-        authorizer=authorizer,
-        lookup=store.get,
-        slots=PoolSlots(pool),
-        find_created=deltas_finder(deltas),
-    )
-    service = SignService(store, pool, authorizer=authorizer, dkg=registry)
-    enclave_end, parent_end = trio.testing.memory_stream_pair()
-
-    async def connect() -> trio.abc.Stream:
-        return enclave_end
-
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve_deltas_connection, parent_end, Deltas(files))
-            nursery.start_soon(
-                functools.partial(
-                    one_connection,
-                    "deltas",
-                    connect,
-                    writer.converse,
-                    connect_timeout_s=5.0,
-                    read=False,
-                )
-            )
-            await nursery.start(pool.run_reaper)
-            await nursery.start(registry.run)
-            listeners = await open_listeners("tcp://127.0.0.1:0")
-            port = listeners[0].socket.getsockname()[1]
-            server = await nursery.start(
-                functools.partial(
-                    serve_grpc,
-                    listeners,
-                    service.handlers(),
-                    method_limits=service.receive_limits(),
-                )
-            )
-            channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-            try:
-                yield Node(store, pool, registry, service, writer, identity, GrpcClient(channel))
-            finally:
-                await trio.to_thread.run_sync(channel.close)
-                await server.aclose()
-                nursery.cancel_scope.cancel()
-    finally:
-        wrap.close()
-        identity.close()
-        store.close()
-
-
 @pytest.mark.parametrize("suite", [ED25519, SECP256K1])
 async def test_dkg_with_frost_rs_stored_by_the_real_delta_writer_then_sign(
     suite: str, tmp_path: Path
 ) -> None:
     """The same DKG with the new share sealed into a real delta that the parent's file store
     holds durably before DkgRound3 answers; the account signs with frost-rs signers."""
-    async with real_writer_enclave(tmp_path) as node:
+    async with real_writer_enclave(tmp_path, over_grpc=True) as real:
+        node = real.node
         c = ceremony(suite, t=2, n=3, enclave_at=3, dkg_id="zf-real")
         r = relay(node, c)
         try:

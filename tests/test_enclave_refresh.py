@@ -15,7 +15,6 @@ refresh writes over the slot, the old share zeroed first).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import secrets
@@ -32,45 +31,34 @@ import trio.testing
 
 from proto_min import sign_service_pb2 as pb
 from trio_sign._errors import FrostError
-from trio_sign.authz import Authorizer, approval_payload
+from trio_sign.authz import approval_payload
 from trio_sign.crypto import _dkg, _kdf, scheme_by_name
 from trio_sign.crypto._group import Group, group_for
 from trio_sign.crypto._refresh import refresh_part1, refresh_part2, refresh_part3
-from trio_sign.enclave import SessionPool, SignService
-from trio_sign.enclave._deltas import DeltaWriter, EnclaveDeltas
+from trio_sign.enclave._deltas import EnclaveDeltas
 from trio_sign.enclave._dkg import (
     CreatedAccount,
-    DkgRegistry,
     DkgState,
-    PoolSlots,
-    deltas_finder,
     dkg_params,
     round1_payload,
     verify_ed25519,
 )
-from trio_sign.enclave._identity import IdentityKey
 from trio_sign.enclave._measured import parse_measured_config
-from trio_sign.enclave._status import one_connection
 from trio_sign.parent._deltas import (
-    Deltas,
-    FileDeltaStore,
     delta_fingerprint,
-    serve_deltas_connection,
 )
 from trio_sign.shares import ShareRecord, ShareStore, write_plaintext
 from trio_sign.shares._deltas import DeltaChain
-from trio_sign.shares._signature import CeremonyKey
 
 from .test_enclave_dkg import (
     APPROVERS,
+    BASE,
     ED25519,
-    IDENTITY_SEED,
     PARTICIPANT_KEYS,
     RESPONSES,
     SUITES,
     TAPROOT,
     UNPINNED,
-    DirectClient,
     Envelopes,
     FakeWriter,
     Node,
@@ -80,6 +68,7 @@ from .test_enclave_dkg import (
     enclave,
     enclave_toml,
     full_dkg,
+    real_writer_enclave,
 )
 
 grpc: Any = pytest.importorskip("grpc", reason="grpcio is a test dependency")
@@ -832,54 +821,10 @@ async def test_refresh_through_the_real_delta_writer_and_the_parents_file_store(
     then the refresh's ``refresh`` delta, both durable before their answers; after a "reboot"
     (a fresh store on the same base, the stored deltas applied in order) the account holds the
     refreshed share."""
-    measured = parse_measured_config(lifecycle_toml())
-    assert measured.dkg is not None
-    store = empty_store()
-    identity = IdentityKey(CeremonyKey.from_seed(IDENTITY_SEED))
-    wrap = identity.delta_key_wrap()
-    base = hashlib.sha256(b"the base bundle").hexdigest()
-    chain = DeltaChain(base)
-    deltas = EnclaveDeltas(
-        store, chain, provider=wrap, signer=identity, signing_keys=(identity.public_key,)
-    )
-    writer = DeltaWriter(deltas, store_timeout_s=20.0)
-    files = FileDeltaStore(tmp_path / "deltas")
-    files.recover()
-    parent = Deltas(files)
-    pool = SessionPool(store.get)
-    authorizer = Authorizer(measured.policies)
-    registry = DkgRegistry(
-        settings=measured.dkg,
-        identity=identity,
-        writer=writer,
-        authorizer=authorizer,
-        lookup=store.get,
-        slots=PoolSlots(pool),
-        find_created=deltas_finder(deltas),
-    )
-    service = SignService(store, pool, authorizer=authorizer, dkg=registry)
-    enclave_end, parent_end = trio.testing.memory_stream_pair()
-
-    async def connect() -> trio.abc.Stream:
-        return enclave_end
-
     rebooted = empty_store()
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve_deltas_connection, parent_end, parent)
-            nursery.start_soon(
-                functools.partial(
-                    one_connection,
-                    "deltas",
-                    connect,
-                    writer.converse,
-                    connect_timeout_s=5.0,
-                    read=False,
-                )
-            )
-            await nursery.start(pool.run_reaper)
-            await nursery.start(registry.run)
-            node = Node(store, pool, registry, service, writer, identity, DirectClient(service))
+        async with real_writer_enclave(tmp_path, parse_measured_config(lifecycle_toml())) as real:
+            node, chain, deltas, store = real.node, real.chain, real.deltas, real.node.store
             a = await create_account(node, TAPROOT)
             old = store.get(a.account_id)
             assert old is not None
@@ -897,9 +842,9 @@ async def test_refresh_through_the_real_delta_writer_and_the_parents_file_store(
             # the "reboot": the stored chain on the same base gives the refreshed share
             again = EnclaveDeltas(
                 rebooted,
-                DeltaChain(base),
-                provider=wrap,
-                signing_keys=(identity.public_key,),
+                DeltaChain(BASE),
+                provider=real.wrap,
+                signing_keys=(node.identity.public_key,),
             )
             ops = [
                 again.apply((tmp_path / "deltas" / f"delta-0000000{k}.enc").read_bytes()).operation
@@ -913,9 +858,5 @@ async def test_refresh_through_the_real_delta_writer_and_the_parents_file_store(
             assert bytes(loaded.signing_share) == bytes(current.signing_share)
             assert loaded.verifying_share == run.answer.verifying_share
             assert loaded.group_public_key == a.group_public_key
-            nursery.cancel_scope.cancel()
     finally:
         rebooted.close()
-        wrap.close()
-        identity.close()
-        store.close()
