@@ -10,6 +10,7 @@ import itertools
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -30,8 +31,11 @@ from trio_sign.participant import (
     ClientSettings,
     ParticipantClient,
     ParticipantConnectionError,
+    PassphraseKey,
+    SealedShareStore,
 )
 from trio_sign.participant import _messages as m
+from trio_sign.participant._store import MIN_MEMLIMIT, MIN_OPSLIMIT
 
 WALL_MS = 1_800_000_000_000
 
@@ -421,4 +425,42 @@ async def test_an_endless_message_from_the_gateway_closes_1009_by_its_bytes(
             await client.run_once()
         assert info.value.close_code == m.CLOSE_TOO_BIG
         nursery.cancel_scope.cancel()
+    auth.close()
+
+
+async def test_a_share_whose_save_failed_leaves_the_store(tmp_path: Path) -> None:
+    """A DKG's share that could not be sealed (the DKG is declined ``internal``) must not
+    stay in the store's memory: the next save would put on disk a share the gateway never
+    heard of, and a retry of the same account would be refused as already held."""
+    key = PassphraseKey(bytearray(b"pw" * 8), opslimit=MIN_OPSLIMIT, memlimit=MIN_MEMLIMIT)
+    store = SealedShareStore.create(tmp_path / "p.store", "ops-1", [], key)
+    auth, pkey = participant_keys()
+    client = ParticipantClient(
+        ClientSettings("ws://gateway/v1/participants"),
+        participant_id="ops-1",
+        key_id=pkey.key_id,
+        auth_key=auth,
+        approver=auth,
+        approver_key_id="a",
+        shares=store,
+        policy=CallbackPolicy(lambda r: _true()),
+    )
+    real_save = store.save
+    failures = [OSError(28, "No space left on device")]
+
+    def save(**kw: Any) -> None:
+        if failures:
+            raise failures.pop()
+        real_save(**kw)
+
+    store.save = save  # type: ignore[method-assign]
+    failed = deal("acct-1", SUITES[0]).records[1]
+    with pytest.raises(OSError, match="No space"):
+        await client.store_share(failed)
+    assert store.share("acct-1") is None
+    assert not any(failed.signing_share)  # zeroed: nobody holds it any more
+    retry = deal("acct-1", SUITES[0]).records[1]
+    await client.store_share(retry)
+    assert store.share("acct-1") is retry
+    store.close()
     auth.close()

@@ -244,7 +244,8 @@ class ParticipantClient:
         group-committed with concurrent DKGs). Returns once it is on disk.
 
         Error handling: :class:`~._store.ParticipantStoreError` (or ``OSError``) from the
-        store; a store without ``put``/``save`` raises :class:`TypeError`."""
+        store, the record then taken back out of it (``discard``) and zeroed; a store without
+        ``put``/``save`` raises :class:`TypeError`."""
         put = getattr(self._shares, "put", None)
         save = getattr(self._shares, "save", None)
         if put is None or save is None:
@@ -252,13 +253,22 @@ class ParticipantClient:
         put(record)
         self._generation += 1
         mine = self._generation
-        async with self._save_lock:
-            if self._saved >= mine:
-                return  # another save after our put covered it
-            target = self._generation
-            await anyio.to_thread.run_sync(save)
-            self._saved = target
-            self.counts["store_saves"] += 1
+        try:
+            async with self._save_lock:
+                if self._saved >= mine:
+                    return  # another save after our put covered it
+                target = self._generation
+                await anyio.to_thread.run_sync(save)
+                self._saved = target
+                self.counts["store_saves"] += 1
+        except BaseException:
+            # Not saved, so never announced: the share leaves the store's memory, or the
+            # next save would seal a share the gateway never heard of (and a retry of the
+            # account would be refused as held already).
+            discard = getattr(self._shares, "discard", None)
+            if discard is not None:
+                discard(record)
+            raise
 
     async def _connect_tcp(self) -> anyio.abc.ByteStream:
         host, port, _, tls = self._endpoint

@@ -331,6 +331,13 @@ class SealedShareStore:
             old.zero()
         self._records[record.account_id] = record
 
+    def discard(self, record: ShareRecord) -> None:
+        """Take back a :meth:`put` whose :meth:`save` failed: ``record`` leaves the store (if
+        it is still the account's share) and is zeroed. Files already saved are unchanged."""
+        if self._records.get(record.account_id) is record:
+            del self._records[record.account_id]
+        record.zero()
+
     # -- sealing ---------------------------------------------------------------------------------
 
     @classmethod
