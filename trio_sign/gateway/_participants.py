@@ -701,9 +701,7 @@ class ParticipantHub:
         """
         scheme = scheme_by_name(ciphersuite)
         conn = self._connection(participant_id)
-        if len(conn.slots) >= self.settings.max_in_flight:
-            self.counts["busy"] += 1
-            raise conn.error(f"{len(conn.slots)} requests in flight (max_in_flight)", "busy")
+        self._check_room(conn)
         rid = secrets.token_hex(12)
         request = m.SignRequest(
             rid,
@@ -718,9 +716,7 @@ class ParticipantHub:
         conn.slots[rid] = slot
         keep = sent = False
         try:
-            if not conn.queue(request):
-                self.counts["busy"] += 1
-                raise conn.error("its outgoing queue is full", "busy", request_id=rid)
+            self._send(conn, request, rid)
             sent = True
             answer = await self._await(conn, slot, rid, timeout_s, "commitment")
             if isinstance(answer, m.Commitment):
@@ -765,8 +761,7 @@ class ParticipantHub:
         try:
             if conn.closed:
                 raise conn.error("disconnected since round one", "disconnected", request_id=rid)
-            if not conn.queue(m.SignRound2(rid, tuple(commitments), enclave_identifier)):
-                raise conn.error("its outgoing queue is full", "busy", request_id=rid)
+            self._send(conn, m.SignRound2(rid, tuple(commitments), enclave_identifier), rid)
             answer = await self._await(conn, slot, rid, timeout_s, "signature share")
             if isinstance(answer, m.SignatureShare):
                 a = answer.approval
@@ -810,13 +805,11 @@ class ParticipantHub:
 
         Error handling: :class:`ParticipantError` as :meth:`sign`, and ``error`` when the
         participant's connection is version 1 (no DKG)."""
-        scheme_by_name(ciphersuite)
+        scheme = scheme_by_name(ciphersuite)
         conn = self._connection(participant_id)
         if conn.version < m.DKG_VERSION:
             raise conn.error("its connection is version 1: it takes no part in DKGs", "error")
-        if len(conn.slots) >= self.settings.max_in_flight:
-            self.counts["busy"] += 1
-            raise conn.error(f"{len(conn.slots)} requests in flight (max_in_flight)", "busy")
+        self._check_room(conn)
         rid = secrets.token_hex(12)
         request = m.DkgRound1(
             rid,
@@ -831,14 +824,12 @@ class ParticipantHub:
             identifier,
             self._wall_clock_ms() + math.ceil(dkg_timeout_s * 1000),
         )
-        slot = _Slot(scheme_by_name(ciphersuite))
+        slot = _Slot(scheme)
         slot.phase = "dkg1"
         conn.slots[rid] = slot
         keep = sent = False
         try:
-            if not conn.queue(request):
-                self.counts["busy"] += 1
-                raise conn.error("its outgoing queue is full", "busy", request_id=rid)
+            self._send(conn, request, rid)
             sent = True
             answer = await self._await(conn, slot, rid, timeout_s, "DKG round-1 package")
             if isinstance(answer, m.DkgPackage):
@@ -887,8 +878,7 @@ class ParticipantHub:
         slot.phase = phase
         keep = False
         try:
-            if not conn.queue(request):
-                raise conn.error("its outgoing queue is full", "busy", request_id=rid)
+            self._send(conn, request, rid)
             answer = await self._await(conn, slot, rid, timeout_s, m.type_name(request))
             if isinstance(answer, _DKG_ANSWERS[phase]):
                 keep = not last
@@ -911,6 +901,18 @@ class ParticipantHub:
         conn = commitment._conn
         if conn.slots.pop(commitment.request_id, None) is not None:
             conn.queue(m.Cancel(commitment.request_id))
+
+    def _check_room(self, conn: _Connection) -> None:
+        """Refuse a new request (``busy``, nothing sent) beyond ``max_in_flight``."""
+        if len(conn.slots) >= self.settings.max_in_flight:
+            self.counts["busy"] += 1
+            raise conn.error(f"{len(conn.slots)} requests in flight (max_in_flight)", "busy")
+
+    def _send(self, conn: _Connection, request: m.Message, rid: str) -> None:
+        """Queue ``request``, or refuse it ``busy`` when the connection's queue is full."""
+        if not conn.queue(request):
+            self.counts["busy"] += 1
+            raise conn.error("its outgoing queue is full", "busy", request_id=rid)
 
     async def _await(
         self, conn: _Connection, slot: _Slot, rid: str, timeout_s: float, what: str
