@@ -103,6 +103,22 @@ def refresh_part1(
     return secret, Round1Package(commitment, proof)
 
 
+def _senders(
+    secret: Round1Secret | Round2Secret, round1_packages: Mapping[bytes, Round1Package]
+) -> list[_Sender]:
+    """The other participants' refresh packages, checked (``min_signers - 1`` commitment
+    elements each, no proof of knowledge: ZF skips it), sorted by identifier."""
+    return _check_round1(
+        secret.group,
+        secret.identifier,
+        secret.min_signers,
+        secret.max_signers,
+        round1_packages,
+        verify_proofs=False,
+        refresh=True,
+    )
+
+
 def refresh_part2(
     secret: Round1Secret, round1_packages: Mapping[bytes, Round1Package]
 ) -> tuple[Round2Secret, dict[bytes, Round2Package]]:
@@ -111,17 +127,8 @@ def refresh_part2(
     is consumed (zeroed) whatever happens."""
     if secret.used:
         raise DkgError("round-1 secret was already used; start a new refresh")
-    group = secret.group
     try:
-        senders = _check_round1(
-            group,
-            secret.identifier,
-            secret.min_signers,
-            secret.max_signers,
-            round1_packages,
-            verify_proofs=False,
-            refresh=True,
-        )
+        senders = _senders(secret, round1_packages)
         return evaluate_shares(secret, [s.identifier for s in senders])
     finally:
         secret.zero()
@@ -174,15 +181,7 @@ def refresh_part3(
         if secret.used:
             raise DkgError("round-2 secret was already used; start a new refresh")
         group = secret.group
-        senders = _check_round1(
-            group,
-            secret.identifier,
-            secret.min_signers,
-            secret.max_signers,
-            round1_packages,
-            verify_proofs=False,
-            refresh=True,
-        )
+        senders = _senders(secret, round1_packages)
         sent = {s.identifier for s in senders}
         received = {bytes(i) for i in round2_packages}
         if len(received) != len(round2_packages) or received != sent:
