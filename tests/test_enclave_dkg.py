@@ -1002,6 +1002,8 @@ def _stranger_enclave(request: Any) -> None:
         (_stranger_enclave, "not in the participant list"),
         (lambda r: setattr(r.participants[2], "identifier", bytes(32)), "participant 2"),
         (lambda r: r.participants.pop(), "must list all 3 participants"),
+        # a list over its bound is refused before any approval is read
+        (lambda r: r.approvals.extend([r.approvals[0]] * 256), "at most 256 approvals"),
     ],
 )
 async def test_bad_parameters_are_invalid_argument(change: Any, message: str) -> None:

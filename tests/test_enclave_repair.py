@@ -491,6 +491,17 @@ async def test_repair_parameters_are_checked() -> None:
             "keys must hold": ("INVALID_ARGUMENT", {"keys": r.signed_keys()[:1]}),
             "does not exist": ("NOT_FOUND", {"account_id": "nobody"}),
         }
+        # lists over their bounds are refused before any key or approval is read
+        request = r.step1_request()
+        for word, change in [
+            ("at most 64 helpers", {"helpers": [request.helpers[0]] * 65}),
+            ("at most 64 helpers and keys", {"keys": [request.keys[0]] * 65}),
+            ("at most 256 approvals", {"approvals": [request.approvals[0]] * 257}),
+        ]:
+            details = await node.refused(
+                "INVALID_ARGUMENT", "RepairStep1", r.step1_request(**change)
+            )
+            assert word in details, details
         for word, (code, change) in cases.items():
             details = await node.refused(code, "RepairStep1", r.step1_request(**change))
             assert word in details, details
