@@ -770,24 +770,41 @@ UPGRADE = (
 )
 
 
-async def test_silent_sockets_before_the_upgrade_are_bounded() -> None:
-    """Sockets that never send their HTTP upgrade hold places from accept (max_connections +
-    max_handshakes in all): a further connection waits in the kernel's accept queue until
-    one is cut at the handshake deadline. Real loopback sockets, so the real clock."""
+async def test_sockets_are_bounded_from_accept_and_always_closed() -> None:
+    """Every socket holds a place from accept (max_connections + max_handshakes in all): one
+    beyond is closed at once; a silent one is cut at the handshake deadline; a rejected one
+    is closed by the hub even if its client keeps it open, and gives its place back. Real
+    loopback sockets, so the real clock."""
     settings = HubSettings(max_connections=1, max_handshakes=1, handshake_timeout_s=0.5)
     hub = ParticipantHub({}, settings)
+
+    async def until_closed(stream: trio.SocketStream) -> bytes:
+        got = b""
+        with trio.fail_after(5):
+            while chunk := await stream.receive_some():
+                got += chunk
+        return got
+
     async with trio.open_nursery() as nursery:
         port = await nursery.start(functools.partial(hub.serve, "127.0.0.1", 0))
-        streams = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(3)]
+        for _ in range(5):  # more than there are places: each gives its place back
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                await stream.send_all(UPGRADE.replace(b"/v1/participants", b"/other"))
+                assert (await until_closed(stream)).startswith(b"HTTP/1.1 404")
+        silent = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
         try:
+            async with await trio.open_tcp_stream("127.0.0.1", port) as beyond:
+                assert await until_closed(beyond) == b""
             start = trio.current_time()
-            await streams[2].send_all(UPGRADE)  # the first two stay silent
-            with trio.fail_after(5):
-                reply = await streams[2].receive_some()
-            assert reply.startswith(b"HTTP/1.1 101")
-            assert trio.current_time() - start >= 0.4  # accepted once a silent one was cut
+            for stream in silent:
+                assert await until_closed(stream) == b""
+            assert trio.current_time() - start >= 0.3  # cut at the handshake deadline
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                await stream.send_all(UPGRADE)
+                with trio.fail_after(5):
+                    assert (await stream.receive_some()).startswith(b"HTTP/1.1 101")
         finally:
-            for stream in streams:
+            for stream in silent:
                 await stream.aclose()
             nursery.cancel_scope.cancel()
 

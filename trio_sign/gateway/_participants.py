@@ -19,8 +19,9 @@ disconnect, a malformed answer or too many requests in flight; nothing one parti
 (or fails to do) blocks a call to another, or another session of the same one beyond its own
 bounded queue.
 
-Supervision: :meth:`ParticipantHub.serve` runs a ``trio_websocket.WebSocketServer``; each
-connection is one handler with three tasks (reader, writer, heartbeat) in its own nursery.
+Supervision: :meth:`ParticipantHub.serve` runs ``trio.serve_listeners``; each socket is one
+task (its upgrade by ``trio_websocket.wrap_server_stream``), each connection one handler
+with three tasks (reader, writer, heartbeat) in its own nursery.
 Bounded: open sockets (``max_connections + max_handshakes``, counted from accept, before
 the HTTP upgrade), handshakes (``handshake_timeout_s``), frame size (``max_frame_bytes``,
 larger frames close with 1009), requests in flight per connection (``max_in_flight``; more
@@ -30,6 +31,7 @@ are refused with ``busy`` before anything is sent), the outgoing queue per conne
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -45,7 +47,7 @@ from trio_websocket import (
     ConnectionClosed,
     WebSocketConnection,
     WebSocketRequest,
-    WebSocketServer,
+    wrap_server_stream,
 )
 
 from .._errors import FrostError, TrioSignError
@@ -530,8 +532,8 @@ class ParticipantHub:
 
         At most ``max_connections + max_handshakes`` sockets are open at once, counted from
         accept (a socket that never sends its HTTP upgrade holds a place for up to
-        ``handshake_timeout_s``); beyond that, new connections wait in the kernel's accept
-        queue. Past the upgrade, :meth:`handle_request` refuses with 503 beyond
+        ``handshake_timeout_s``); beyond that, a new socket is closed at once. Past the
+        upgrade, :meth:`handle_request` refuses with 503 beyond
         ``max_connections`` or ``max_handshakes``."""
 
         sockets = await trio.open_tcp_listeners(port, host=host)
@@ -539,17 +541,37 @@ class ParticipantHub:
         if ssl_context is not None:
             listeners = [trio.SSLListener(s, ssl_context, https_compatible=True) for s in sockets]
         # One limit over every listener: a socket holds a place from accept to close.
-        limiter = trio.CapacityLimiter(self.settings.max_connections + self.settings.max_handshakes)
-        server = WebSocketServer(
-            self.handle_request,
-            [_BoundedListener(listener, limiter) for listener in listeners],  # type: ignore[misc]
-            max_message_size=self.settings.max_frame_bytes,
-            connect_timeout=self.settings.handshake_timeout_s,
-            disconnect_timeout=5.0,
-        )
+        places = trio.CapacityLimiter(self.settings.max_connections + self.settings.max_handshakes)
         async with trio.open_nursery() as nursery:
-            await nursery.start(server.run)
+            await nursery.start(
+                trio.serve_listeners, functools.partial(self._serve_socket, places), listeners
+            )
             task_status.started(sockets[0].socket.getsockname()[1])
+
+    async def _serve_socket(self, places: trio.CapacityLimiter, stream: trio.abc.Stream) -> None:
+        """One accepted socket, from accept to close: closed at once when every place is
+        taken; else its HTTP upgrade within ``handshake_timeout_s``, then
+        :meth:`handle_request`. The socket is closed, and its place given back, when this
+        returns, whatever the peer does (trio-websocket's own server leaves a rejected or
+        abruptly dropped socket open until the peer closes it)."""
+        try:
+            places.acquire_nowait()
+        except trio.WouldBlock:
+            await trio.aclose_forcefully(stream)
+            return
+        try:
+            async with trio.open_nursery() as nursery:
+                request = None
+                with trio.move_on_after(self.settings.handshake_timeout_s):
+                    request = await wrap_server_stream(
+                        nursery, stream, max_message_size=self.settings.max_frame_bytes
+                    )
+                if request is not None:
+                    await self.handle_request(request)
+                nursery.cancel_scope.cancel()  # the connection's reader task too
+        finally:
+            places.release()
+            await trio.aclose_forcefully(stream)
 
     async def handle_request(self, request: WebSocketRequest) -> None:
         """One WebSocket handshake request: check path, subprotocol and the connection
@@ -952,60 +974,6 @@ class ParticipantHub:
         conn.slots.pop(rid, None)
         if sent and not isinstance(slot.answer, (m.SignatureShare, m.Decline, m.DkgDone)):
             conn.queue(m.Cancel(rid))
-
-
-class _BoundedListener(trio.abc.Listener[trio.abc.Stream]):
-    """A listener whose sockets share a :class:`trio.CapacityLimiter`: ``accept`` waits
-    (the kernel's accept queue holds the rest) while every place is taken, and a socket
-    gives its place back when it is closed.
-
-    trio-websocket starts a connection's tasks at accept and calls the hub's handler only
-    once the HTTP upgrade has arrived, so without it silent sockets (each held for up to
-    ``handshake_timeout_s``) were unbounded in number, ahead of ``max_handshakes``.
-    """
-
-    def __init__(self, inner: trio.abc.Listener[Any], limiter: trio.CapacityLimiter) -> None:
-        self._inner = inner
-        self._limiter = limiter
-
-    async def accept(self) -> trio.abc.Stream:
-        place = object()
-        await self._limiter.acquire_on_behalf_of(place)
-        try:
-            stream = await self._inner.accept()
-        except BaseException:
-            self._limiter.release_on_behalf_of(place)
-            raise
-        return _PlaceStream(stream, self._limiter, place)
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-
-class _PlaceStream(trio.abc.Stream):
-    """An accepted socket holding one place of its listener's limiter until closed."""
-
-    def __init__(self, inner: trio.abc.Stream, limiter: trio.CapacityLimiter, place: object):
-        self._inner = inner
-        self._limiter = limiter
-        self._place: object | None = place
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._inner.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self._inner.receive_some(max_bytes)
-
-    async def aclose(self) -> None:
-        try:
-            await self._inner.aclose()
-        finally:
-            if self._place is not None:
-                self._limiter.release_on_behalf_of(self._place)
-                self._place = None
 
 
 def _verify(key: ParticipantKey, payload: bytes, auth: m.Auth) -> bool:
