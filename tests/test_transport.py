@@ -106,6 +106,21 @@ async def test_unix_listen_connect_and_stale_socket(tmp_path: Path) -> None:
             assert await client.receive_some() == b"hi"
 
 
+async def test_unix_listener_admits_only_its_own_user(tmp_path: Path) -> None:
+    """The parent's channels to a local enclave (deltas, status, logs) take whoever connects
+    and a newer connection replaces the open one: the socket file is 0600, set before listen,
+    so another user's process cannot connect at all (issue 11 review)."""
+    old = os.umask(0)  # the mode must not depend on the caller's umask
+    try:
+        (listener,) = await open_listeners(f"unix://{tmp_path}/channel.sock")
+    finally:
+        os.umask(old)
+    try:
+        assert os.stat(tmp_path / "channel.sock").st_mode & 0o777 == 0o600
+    finally:
+        await listener.aclose()
+
+
 async def test_unix_refuses_to_steal_a_live_socket(tmp_path: Path) -> None:
     path = tmp_path / "live.sock"
     (listener,) = await open_listeners(f"unix://{path}")

@@ -137,6 +137,10 @@ async def open_listeners(url: str | Address) -> list[trio.SocketListener]:
             target = (address.cid, address.port)
         try:
             await sock.bind(target)
+            if address.scheme == "unix":
+                # Only this user may connect (before listen, so nobody gets in first): the
+                # channels between the parent and a local enclave take whoever connects.
+                os.chmod(str(target), 0o600)
             sock.listen(_BACKLOG)
         except BaseException:
             sock.close()
