@@ -31,6 +31,7 @@ are refused with ``busy`` before anything is sent), the outgoing queue per conne
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -567,7 +568,9 @@ class ParticipantHub:
                         nursery, stream, max_message_size=self.settings.max_frame_bytes
                     )
                 if request is not None:
-                    await self.handle_request(request)
+                    # A peer gone before the reply (reject, accept) ends only its socket.
+                    with contextlib.suppress(ConnectionClosed):
+                        await self.handle_request(request)
                 nursery.cancel_scope.cancel()  # the connection's reader task too
         finally:
             places.release()
