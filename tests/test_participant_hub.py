@@ -811,16 +811,22 @@ async def test_sockets_are_bounded_from_accept_and_always_closed() -> None:
             nursery.cancel_scope.cancel()
 
 
-async def test_a_client_that_resets_after_its_upgrade_does_not_stop_the_hub() -> None:
-    """The hub's reply (404, or 101) meets a reset socket: that socket ends, the hub serves
-    on (it used to end serve() with the reply's ConnectionClosed)."""
+async def test_a_client_that_resets_after_its_request_does_not_stop_the_hub() -> None:
+    """The hub's reply (404, 101, or trio-websocket's 400 to what is not HTTP) meets a
+    reset socket: that socket ends, the hub serves on (each used to end serve() with the
+    reply's ConnectionClosed)."""
     hub = ParticipantHub({}, HubSettings(handshake_timeout_s=0.5))
+    requests = [
+        UPGRADE.replace(b"/v1/participants", b"/other"),
+        UPGRADE,
+        b"NOT HTTP\r\n\r\n",
+    ]
     async with trio.open_nursery() as nursery:
         port = await nursery.start(functools.partial(hub.serve, "127.0.0.1", 0))
-        for path in (b"/other", b"/v1/participants") * 5:
+        for request in requests * 5:
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            await stream.send_all(UPGRADE.replace(b"/v1/participants", path))
+            await stream.send_all(request)
             await stream.aclose()  # a reset, not a FIN
             await trio.sleep(0.01)
         async with await trio.open_tcp_stream("127.0.0.1", port) as stream:

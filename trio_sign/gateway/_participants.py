@@ -31,7 +31,6 @@ are refused with ``busy`` before anything is sent), the outgoing queue per conne
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
@@ -568,10 +567,12 @@ class ParticipantHub:
                         nursery, stream, max_message_size=self.settings.max_frame_bytes
                     )
                 if request is not None:
-                    # A peer gone before the reply (reject, accept) ends only its socket.
-                    with contextlib.suppress(ConnectionClosed):
-                        await self.handle_request(request)
+                    await self.handle_request(request)
                 nursery.cancel_scope.cancel()  # the connection's reader task too
+        except* ConnectionClosed:
+            # The peer went away before a reply (reject, accept, or the reader's own 400 to
+            # a request that is not HTTP): that ends only its socket, never serve().
+            pass
         finally:
             places.release()
             await trio.aclose_forcefully(stream)
