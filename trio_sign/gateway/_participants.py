@@ -26,7 +26,9 @@ Bounded: open sockets (``max_connections + max_handshakes``, counted from accept
 the HTTP upgrade), handshakes (``handshake_timeout_s``), frame size (``max_frame_bytes``,
 larger frames close with 1009), requests in flight per connection (``max_in_flight``; more
 are refused with ``busy`` before anything is sent), the outgoing queue per connection, idle time
-(``idle_timeout_s``, heartbeats every ``ping_interval_s``).
+(``idle_timeout_s``, heartbeats every ``ping_interval_s``), and log lines a peer can cause
+over and over (a refused handshake, a participant's stray ``error``: at most one per
+``log_interval_s``, per participant for the latter, saying how many were held back).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from .._errors import FrostError, TrioSignError
 from ..authz import ApproverKey, ApproverKeyError
 from ..crypto._schemes import Scheme, scheme_by_name
 from ..participant import _messages as m
+from ..rpc import LogThrottle
 from ._approvals import Approval
 
 log = logging.getLogger("trio_sign.gateway.participants")
@@ -157,6 +160,9 @@ class HubSettings:
     max_connections: int = 1024
     #: Connections still in the challenge/auth handshake (bounded separately, DESIGN §16).
     max_handshakes: int = 64
+    #: A line a peer can repeat (a refused handshake; a participant's ``error`` frame, per
+    #: participant) is logged at most once per this; the rest are counted in the next line.
+    log_interval_s: float = 10.0
 
     def __post_init__(self) -> None:
         if not _ID.fullmatch(self.gateway_id):
@@ -165,6 +171,8 @@ class HubSettings:
             raise ValueError("max_in_flight and max_queued_frames must be positive")
         if not 1024 <= self.max_frame_bytes <= m.MAX_FRAME_BYTES:
             raise ValueError(f"max_frame_bytes must be 1024..{m.MAX_FRAME_BYTES}")
+        if not self.log_interval_s >= 0:
+            raise ValueError("log_interval_s must not be negative")
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,10 +399,19 @@ class _Connection:
             )
             return
         if isinstance(message, m.Error):
+            self.hub.counts["errors"] += 1
             rid = message.request_id
             slot = self.slots.get(rid) if rid is not None else None
             if slot is None:
-                log.info("participant %s sent error %s", self.participant_id, message.code)
+                # An authenticated participant can send these as fast as it likes.
+                held = self.hub._error_log(self.participant_id).allow()
+                if held is not None:
+                    log.info(
+                        "participant %s sent error %s (%d more since the last such line)",
+                        self.participant_id,
+                        message.code,
+                        held,
+                    )
                 return
             slot.resolve(self.error(f"answered error {message.code}", "error", request_id=rid))
             return
@@ -478,7 +495,13 @@ class ParticipantHub:
             "late_answers": 0,
             "busy": 0,
             "timeouts": 0,
+            #: ``error`` frames from participants (answering a request or not).
+            "errors": 0,
         }
+        # Per participant id (only authenticated ones, so bounded by ``keys``): survives
+        # reconnects, which would otherwise reset it.
+        self._error_logs: dict[str, LogThrottle] = {}
+        self._refusal_log = LogThrottle(self.settings.log_interval_s, trio.current_time)
 
     def __repr__(self) -> str:
         return f"ParticipantHub(connected={sorted(self._connections)!r})"
@@ -512,6 +535,13 @@ class ParticipantHub:
         """Return once ``participant_id`` has no authenticated connection."""
         while participant_id in self._connections:
             await self._changed.wait()
+
+    def _error_log(self, participant_id: str) -> LogThrottle:
+        throttle = self._error_logs.get(participant_id)
+        if throttle is None:
+            throttle = LogThrottle(self.settings.log_interval_s, trio.current_time)
+            self._error_logs[participant_id] = throttle
+        return throttle
 
     def _notify(self) -> None:
         self._changed.set()
@@ -619,7 +649,14 @@ class ParticipantHub:
         if participant_id is None:
             if code in (m.CLOSE_AUTH_FAILED, m.CLOSE_AUTH_TIMEOUT):
                 self.counts["auth_failed"] += 1
-            log.info("participant connection refused: %s", reason)
+            # Anyone who can connect can cause this line: bounded like the rest.
+            held = self._refusal_log.allow()
+            if held is not None:
+                log.info(
+                    "participant connection refused: %s (%d more since the last such line)",
+                    reason,
+                    held,
+                )
             with trio.move_on_after(2.0, shield=True):
                 await ws.aclose(code, reason)
             return
