@@ -713,6 +713,14 @@ def _check_text(value: str, name: str, limit: int) -> None:
         raise _invalid(f"{name} must be 1..{limit} bytes")
 
 
+def _describe(group: Group, ident: bytes) -> str:
+    """An identifier from a request, for an error line: one of the wrong length is neither
+    decoded nor quoted whole (it can be as long as the request)."""
+    if len(ident) != IDENTIFIER_BYTES:
+        return f"of {len(ident)} bytes"
+    return group.describe_identifier(ident)
+
+
 def _digest(*parts: bytes) -> bytes:
     h = hashlib.sha256()
     for part in parts:
@@ -969,13 +977,19 @@ class DkgRegistry:
         own = bytes(request.identifier)
         if len(own) != IDENTIFIER_BYTES:
             raise _invalid(f"identifier must be {IDENTIFIER_BYTES} bytes, got {len(own)}")
+        # Every length first (the count is checked already): nothing is decoded for a
+        # request that is refused on sizes.
+        for index, p in enumerate(request.participants):
+            if len(p.identifier) != IDENTIFIER_BYTES:
+                raise _invalid(f"participant {index}: identifier must be {IDENTIFIER_BYTES} bytes")
+            key_id = p.key_id
+            if len(key_id) > MAX_KEY_ID_BYTES or len(key_id.encode("utf-8")) > MAX_KEY_ID_BYTES:
+                raise _invalid(f"participant {index}: key_id longer than {MAX_KEY_ID_BYTES} bytes")
         out: list[tuple[bytes, str]] = []
         seen_keys: set[str] = set()
         previous = -1
         for index, p in enumerate(request.participants):
             ident = bytes(p.identifier)
-            if len(ident) != IDENTIFIER_BYTES:
-                raise _invalid(f"participant {index}: identifier must be {IDENTIFIER_BYTES} bytes")
             try:
                 value = group.identifier_from_bytes(ident)
             except FrostError as exc:
@@ -988,8 +1002,6 @@ class DkgRegistry:
                 )
             previous = value
             key_id = p.key_id
-            if len(key_id) > MAX_KEY_ID_BYTES or len(key_id.encode("utf-8")) > MAX_KEY_ID_BYTES:
-                raise _invalid(f"participant {who}: key_id longer than {MAX_KEY_ID_BYTES} bytes")
             if ident == own:
                 if key_id != ENCLAVE_KEY_ID:
                     raise _invalid(
@@ -1152,9 +1164,15 @@ class DkgRegistry:
     def round2(self, request: pb.DkgRound2Request) -> pb.DkgRound2Response:
         """Check every other participant's signed package, then answer our encrypted shares."""
         session = self._session(request.dkg_id)
-        key = _digest(*(p.SerializeToString(deterministic=True) for p in request.packages))
+        # The count bounds the work: nothing is hashed or checked for a request with the
+        # wrong number of packages (it cannot be a retry of round 2, nor a valid round 2).
+        counted = len(request.packages) == len(session.others)
         if session.state in (DkgState.ROUND2_SENT, DkgState.STORING, DkgState.DONE):
-            if session.round2_key == key and session.round2_response is not None:
+            if (
+                counted
+                and session.round2_response is not None
+                and session.round2_key == _round2_key(request.packages)
+            ):
                 return session.round2_response
             raise _refuse(
                 PoolErrorKind.FAILED_PRECONDITION,
@@ -1164,6 +1182,7 @@ class DkgRegistry:
             raise _refuse(PoolErrorKind.FAILED_PRECONDITION, "round 1 has not run")
         group = session.group
         received = self._check_packages(session, request.packages)
+        key = _round2_key(request.packages)
         # The share keys first, from the packages' X25519 keys: a small-order key fails here,
         # before the round-1 secret is consumed. Then part2, then encrypt and zero.
         keys: dict[bytes, bytearray] = {}
@@ -1231,9 +1250,9 @@ class DkgRegistry:
     def _check_packages(
         self, session: DkgSession, packages: Sequence[pb.DkgRound1Package]
     ) -> dict[bytes, tuple[_dkg.Round1Package, bytes]]:
-        """Sizes first (bounded by the DKG's own counts), then each package's key id and its
-        signature under the pinned key. Nothing is consumed: a refusal leaves the DKG as it
-        was."""
+        """The count, then every package's identifier, sizes and key id, then (only once all
+        of those hold) each package's signature under the pinned key. Nothing is consumed: a
+        refusal leaves the DKG as it was."""
         group = session.group
         expected = session.others
         if len(packages) != len(expected):
@@ -1243,17 +1262,18 @@ class DkgRegistry:
             )
         key_ids = dict(expected)
         pok_bytes = 64 if group.taproot else group.element_size + group.scalar_size
-        out: dict[bytes, tuple[_dkg.Round1Package, bytes]] = {}
+        seen: set[bytes] = set()
         for index, p in enumerate(packages):
             ident = bytes(p.identifier)
             if ident not in key_ids:
                 raise _invalid(
-                    f"package {index}: identifier {group.describe_identifier(ident)} is not "
+                    f"package {index}: identifier {_describe(group, ident)} is not "
                     "another participant of this DKG"
                 )
             who = group.describe_identifier(ident)
-            if ident in out:
+            if ident in seen:
                 raise _invalid(f"participant {who}: two round-1 packages")
+            seen.add(ident)
             if (
                 len(p.commitment) != session.commitment_length
                 or any(len(e) != group.element_size for e in p.commitment)
@@ -1272,6 +1292,10 @@ class DkgRegistry:
                     f"participant {who}: package signed as key_id {p.key_id[:64]!r}, but the "
                     f"participant list names {key_ids[ident]!r}"
                 )
+        out: dict[bytes, tuple[_dkg.Round1Package, bytes]] = {}
+        for p in packages:
+            ident = bytes(p.identifier)
+            who = group.describe_identifier(ident)
             payload = round1_payload(
                 session.dkg_id,
                 session.account_id,
@@ -1398,29 +1422,35 @@ class DkgRegistry:
                 f"shares must hold the {len(others)} shares addressed to this enclave, got "
                 f"{len(shares)}"
             )
+        # Every share's sender, recipient and size before any key is derived.
+        seen: set[bytes] = set()
+        for index, s in enumerate(shares):
+            sender = bytes(s.sender)
+            if sender not in others:
+                raise _invalid(
+                    f"share {index}: sender {_describe(group, sender)} is not "
+                    "another participant of this DKG"
+                )
+            who = group.describe_identifier(sender)
+            if sender in seen:
+                raise _invalid(f"participant {who}: two shares")
+            seen.add(sender)
+            if bytes(s.recipient) != session.identifier:
+                raise _invalid(
+                    f"participant {who}: share addressed to "
+                    f"{_describe(group, bytes(s.recipient))}, not to this enclave"
+                )
+            if len(s.ciphertext) != CIPHERTEXT_BYTES:
+                raise _invalid(
+                    f"participant {who}: ciphertext must be {CIPHERTEXT_BYTES} bytes, got "
+                    f"{len(s.ciphertext)}"
+                )
         opened: dict[bytes, _dkg.Round2Package] = {}
         key = bytearray(_stream.KEY_BYTES)
         try:
-            for index, s in enumerate(shares):
+            for s in shares:
                 sender = bytes(s.sender)
-                if sender not in others:
-                    raise _invalid(
-                        f"share {index}: sender {group.describe_identifier(sender)} is not "
-                        "another participant of this DKG"
-                    )
                 who = group.describe_identifier(sender)
-                if sender in opened:
-                    raise _invalid(f"participant {who}: two shares")
-                if bytes(s.recipient) != session.identifier:
-                    raise _invalid(
-                        f"participant {who}: share addressed to "
-                        f"{group.describe_identifier(bytes(s.recipient))}, not to this enclave"
-                    )
-                if len(s.ciphertext) != CIPHERTEXT_BYTES:
-                    raise _invalid(
-                        f"participant {who}: ciphertext must be {CIPHERTEXT_BYTES} bytes, got "
-                        f"{len(s.ciphertext)}"
-                    )
                 share_key_into(
                     key,
                     dkg_id=session.dkg_id,
@@ -1604,6 +1634,18 @@ class DkgRegistry:
         if account.ciphersuite not in DKG_SUITES:  # pragma: no cover - every suite is one
             raise _invalid(f"account {request.account_id!r}: no repair for its ciphersuite")
         group = group_for(account.ciphersuite)
+        n = len(request.helpers)
+        if not account.min_signers <= n <= account.max_signers - 1:
+            raise _invalid(
+                f"helpers must number min_signers..max_signers - 1 "
+                f"({account.min_signers}..{account.max_signers - 1}) for this account, got {n}"
+            )
+        # One key per helper but this enclave, and the participant's: as many as helpers.
+        if len(request.keys) != n:
+            raise _invalid(
+                f"keys must hold the {n} X25519 keys of the other helpers and the "
+                f"participant, got {len(request.keys)}"
+            )
         helpers, participant = self._repair_parties(group, request, account)
         params = repair_params(group.name, helpers, participant)
         params_sha256 = hashlib.sha256(params).digest()
@@ -1661,21 +1703,19 @@ class DkgRegistry:
         identifier, the others pinned, ``min_signers .. max_signers - 1`` of them) and the
         participant (pinned, not a helper)."""
         own = bytes(account.identifier)
-        n = len(request.helpers)
-        if not account.min_signers <= n <= account.max_signers - 1:
-            raise _invalid(
-                f"helpers must number min_signers..max_signers - 1 "
-                f"({account.min_signers}..{account.max_signers - 1}) for this account, got {n}"
-            )
+        n = len(request.helpers)  # in range: repair_step1 checked it
+        parties = [*request.helpers, request.participant]
+        for index, h in enumerate(parties):  # every length before any decoding
+            if len(h.identifier) != IDENTIFIER_BYTES:
+                what = "participant" if index == n else f"helper {index}"
+                raise _invalid(f"{what}: identifier must be {IDENTIFIER_BYTES} bytes")
         helpers: list[tuple[bytes, str]] = []
         seen_keys: set[str] = set()
         previous = -1
-        for index, h in enumerate([*request.helpers, request.participant]):
+        for index, h in enumerate(parties):
             last = index == n
             what = "participant" if last else f"helper {index}"
             ident = bytes(h.identifier)
-            if len(ident) != IDENTIFIER_BYTES:
-                raise _invalid(f"{what}: identifier must be {IDENTIFIER_BYTES} bytes")
             try:
                 value = group.identifier_from_bytes(ident)
             except FrostError as exc:
@@ -1725,31 +1765,37 @@ class DkgRegistry:
                 f"keys must hold the {len(expected)} X25519 keys of the other helpers and the "
                 f"participant, got {len(request.keys)}"
             )
+        # Every entry's identifier, sizes and key id before any signature or X25519 work.
+        seen: set[bytes] = set()
+        for index, k in enumerate(request.keys):
+            ident = bytes(k.identifier)
+            if ident not in expected:
+                raise _invalid(
+                    f"key {index}: identifier {_describe(group, ident)} is not "
+                    "another helper or the participant of this repair"
+                )
+            who = group.describe_identifier(ident)
+            if ident in seen:
+                raise _invalid(f"participant {who}: two keys")
+            seen.add(ident)
+            if len(k.encryption_key) != X25519_BYTES or len(k.signature) != SIGNATURE_BYTES:
+                raise _invalid(
+                    f"participant {who}: a key is {X25519_BYTES} bytes and its signature "
+                    f"{SIGNATURE_BYTES}"
+                )
+            if k.key_id != expected[ident]:
+                raise _invalid(
+                    f"participant {who}: key signed as key_id {k.key_id[:64]!r}, but the "
+                    f"request names {expected[ident]!r}"
+                )
         out: dict[bytes, bytes] = {}
         scratch = bytearray(X25519_BYTES)
         probe = bytearray(X25519_BYTES)
         try:
             _kdf.x25519_keypair(probe)
-            for index, k in enumerate(request.keys):
+            for k in request.keys:
                 ident = bytes(k.identifier)
-                if ident not in expected:
-                    raise _invalid(
-                        f"key {index}: identifier {group.describe_identifier(ident)} is not "
-                        "another helper or the participant of this repair"
-                    )
                 who = group.describe_identifier(ident)
-                if ident in out:
-                    raise _invalid(f"participant {who}: two keys")
-                if len(k.encryption_key) != X25519_BYTES or len(k.signature) != SIGNATURE_BYTES:
-                    raise _invalid(
-                        f"participant {who}: a key is {X25519_BYTES} bytes and its signature "
-                        f"{SIGNATURE_BYTES}"
-                    )
-                if k.key_id != expected[ident]:
-                    raise _invalid(
-                        f"participant {who}: key signed as key_id {k.key_id[:64]!r}, but the "
-                        f"request names {expected[ident]!r}"
-                    )
                 payload = repair_key_payload(
                     request.repair_id,
                     request.account_id,
@@ -1835,9 +1881,15 @@ class DkgRegistry:
             raise _refuse(
                 PoolErrorKind.NOT_FOUND, f"unknown or expired repair_id {request.repair_id!r}"
             )
-        key = _digest(*(d.SerializeToString(deterministic=True) for d in request.deltas))
+        # The count bounds the work: nothing is hashed or decrypted for a request with the
+        # wrong number of deltas (it cannot be a retry of step 2, nor a valid step 2).
+        counted = len(request.deltas) == len(session.others)
         if session.state is DkgState.DONE:
-            if session.step2_key == key and session.step2_response is not None:
+            if (
+                counted
+                and session.step2_response is not None
+                and session.step2_key == _deltas_key(request.deltas)
+            ):
                 return session.step2_response
             raise _refuse(
                 PoolErrorKind.FAILED_PRECONDITION,
@@ -1845,6 +1897,11 @@ class DkgRegistry:
             )
         if session.state is not DkgState.ROUND1_SENT:  # pragma: no cover - no other live state
             raise _refuse(PoolErrorKind.FAILED_PRECONDITION, "step 1 has not run")
+        if not counted:
+            raise _invalid(
+                f"deltas must hold the {len(session.others)} deltas addressed to this enclave, "
+                f"got {len(request.deltas)}"
+            )
         account = self._lookup(session.account_id)
         if account is None or account.verifying_share != session.old_verifying_share:
             raise self._fail(
@@ -1856,6 +1913,7 @@ class DkgRegistry:
                 ),
             )
         received = self._decrypt(session, request.deltas, REPAIR_DELTA_INFO)
+        key = _deltas_key(request.deltas)
         sigma = bytearray(0)
         try:
             values = {ident: p.signing_share for ident, p in received.items()}
@@ -2020,6 +2078,16 @@ def largest_dkg_requests() -> dict[str, int]:
         "RepairStep1": int(step1.ByteSize()),
         "RepairStep2": int(step2.ByteSize()),
     }
+
+
+def _round2_key(packages: Sequence[pb.DkgRound1Package]) -> bytes:
+    """What a retry of round 2 must repeat (hash it only once its count is right)."""
+    return _digest(*(p.SerializeToString(deterministic=True) for p in packages))
+
+
+def _deltas_key(deltas: Sequence[pb.DkgEncryptedShare]) -> bytes:
+    """What a retry of repair step 2 must repeat (hash it only once its count is right)."""
+    return _digest(*(d.SerializeToString(deterministic=True) for d in deltas))
 
 
 def _culprit_message(group: Group, exc: _dkg.DkgError) -> str:
