@@ -4,12 +4,32 @@ Each accepted connection starts with ``hello``; after that the enclave sends ``s
 (status) or ``log``/``dropped`` (logs). The parent never trusts what it reads for anything but
 reporting: these are the enclave's words, relayed to operators. The one thing the parent says
 is ``drain`` on the status channel (through a :class:`StatusLink`), for an orderly stop.
+
+Bounds (DESIGN §16)
+-------------------
+The listeners take whoever can reach them (the enclave alone, by the socket's mode or the
+vsock), yet a stuck or hostile peer must not hold the parent's tasks and descriptors:
+
+- a connection's ``hello`` must have arrived whole within ``hello_timeout_s``
+  (:data:`HELLO_TIMEOUT_S`) of its accept, or it is closed (a peer that connects and says
+  nothing, or sends half a frame);
+- a channel holds at most ``max_connections`` (:data:`MAX_CHANNEL_CONNECTIONS`) at once, hello
+  or not. A real enclave holds one per channel (it reconnects after a break), so at the cap
+  the parent makes room rather than refusing the newcomer (a squatter would otherwise lock the
+  enclave out): it closes the oldest connection still waiting for its hello, else the oldest
+  connection (an enclave that reconnects wins).
+
+Both are kept by a :class:`ChannelGuard` shared by a channel's connections; :func:`serve_status`
+and :func:`serve_logs` (and ``serve_deltas``) make one per listener set. Closures are logged
+at most once per ``log_interval_s``, with a count of those held back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from typing import Final
 
 import trio
 
@@ -26,10 +46,119 @@ from ..nitro import (
     MetricsMessage,
     StateMessage,
 )
+from ..rpc import RateLimitedLog
 
 log = logging.getLogger("trio_sign.parent.channels")
 
 OnMessage = Callable[[ChannelMessage], None]
+
+#: A connection's ``hello`` must have arrived whole this long after its accept.
+HELLO_TIMEOUT_S: Final = 10.0
+#: Connections one channel holds at once (a real enclave holds one).
+MAX_CHANNEL_CONNECTIONS: Final = 8
+#: Closures of one kind on one channel are logged at most once per this.
+CHANNEL_LOG_INTERVAL_S: Final = 10.0
+
+
+class _Held:
+    __slots__ = ("scope",)
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+
+
+class ChannelGuard:
+    """The bounds on one channel's connections: the hello deadline and the connection cap.
+
+    Share one between all the connections of a channel (the serve functions make a fresh one
+    per connection when given none: the deadline then holds, the cap does not).
+
+    Args:
+        channel: the channel's name (``status``, ``logs``, ``deltas``), for the logs.
+        max_connections: connections held at once; at the cap a new connection closes the
+            oldest one still waiting for its hello, else the oldest one.
+        hello_timeout_s: a connection's ``hello`` must have arrived whole this long after
+            its accept, else it is closed.
+        log_interval_s: closures of one kind are logged at most once per this.
+
+    Attributes:
+        evicted: connections closed to make room (counters only grow).
+        timed_out: connections closed for want of a hello in time.
+    """
+
+    def __init__(
+        self,
+        channel: str,
+        *,
+        max_connections: int = MAX_CHANNEL_CONNECTIONS,
+        hello_timeout_s: float = HELLO_TIMEOUT_S,
+        log_interval_s: float = CHANNEL_LOG_INTERVAL_S,
+    ) -> None:
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        if not hello_timeout_s > 0:
+            raise ValueError("hello_timeout_s must be > 0")
+        self.channel = channel
+        self.max_connections = max_connections
+        self.hello_timeout_s = hello_timeout_s
+        self.evicted = 0
+        self.timed_out = 0
+        # Insertion order: oldest first.
+        self._waiting: dict[_Held, None] = {}
+        self._greeted: dict[_Held, None] = {}
+        self._log_evicted = RateLimitedLog(
+            log,
+            f"{channel} channel: {max_connections} connections (max_connections); "
+            "closed the oldest",
+            interval_s=log_interval_s,
+            clock=trio.current_time,
+        )
+        self._log_timed_out = RateLimitedLog(
+            log,
+            f"{channel} channel: no hello within {hello_timeout_s:g} s; connection closed",
+            interval_s=log_interval_s,
+            clock=trio.current_time,
+        )
+
+    @property
+    def held(self) -> int:
+        """Connections held now, hello or not."""
+        return len(self._waiting) + len(self._greeted)
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[_Held]:
+        """Admit a connection for the body, making room first; the body ends early (no
+        exception) if a newer connection needs the room."""
+        if self.held >= self.max_connections:
+            greeted = not self._waiting
+            oldest = next(iter(self._greeted if greeted else self._waiting))
+            self._waiting.pop(oldest, None)
+            self._greeted.pop(oldest, None)
+            oldest.scope.cancel()
+            self.evicted += 1
+            self._log_evicted(channel=self.channel, greeted=greeted)
+        held = _Held()
+        self._waiting[held] = None
+        try:
+            with held.scope:
+                yield held
+        finally:
+            self._waiting.pop(held, None)
+            self._greeted.pop(held, None)
+
+    async def receive_hello(self, messages: MessageStream, held: _Held) -> HelloMessage | None:
+        """The connection's hello; None (logged) if it has not arrived whole in time.
+
+        Error handling: what :meth:`MessageStream.receive_expected` raises.
+        """
+        with trio.move_on_after(self.hello_timeout_s):
+            hello = await messages.receive_expected(HelloMessage)
+            if self._waiting.pop(held, 0) is None:
+                self._greeted[held] = None
+            return hello
+        self.timed_out += 1
+        self._log_timed_out(channel=self.channel)
+        return None
 
 
 class StatusLink:
@@ -62,11 +191,31 @@ async def _serve_channel(
     channel: str,
     kinds: tuple[type[ChannelMessage], ...],
     on: OnMessage,
-    link: StatusLink | None = None,
+    link: StatusLink | None,
+    guard: ChannelGuard | None,
 ) -> None:
     messages = MessageStream(stream)
+    guard = guard if guard is not None else ChannelGuard(channel)
     try:
-        hello = await messages.receive_expected(HelloMessage)
+        with guard.hold() as held:
+            await _converse(messages, channel, kinds, on, link, guard, held)
+    finally:
+        await messages.aclose()
+
+
+async def _converse(
+    messages: MessageStream,
+    channel: str,
+    kinds: tuple[type[ChannelMessage], ...],
+    on: OnMessage,
+    link: StatusLink | None,
+    guard: ChannelGuard,
+    held: _Held,
+) -> None:
+    try:
+        hello = await guard.receive_hello(messages, held)
+        if hello is None:
+            return
         if hello.channel != channel:
             log.warning(
                 "wrong channel on connection", extra={"expected": channel, "got": hello.channel}
@@ -89,17 +238,67 @@ async def _serve_channel(
     finally:
         if link is not None and link._messages is messages:
             link._messages = None
-        await messages.aclose()
 
 
 async def serve_status_connection(
-    stream: trio.abc.Stream, on: OnMessage, link: StatusLink | None = None
+    stream: trio.abc.Stream,
+    on: OnMessage,
+    link: StatusLink | None = None,
+    *,
+    guard: ChannelGuard | None = None,
 ) -> None:
     """One status connection: ``state``, ``exit`` and ``metrics`` messages go to ``on``;
-    ``link`` (if given) can send ``drain`` on it while it is up."""
-    await _serve_channel(stream, "status", (StateMessage, ExitMessage, MetricsMessage), on, link)
+    ``link`` (if given) can send ``drain`` on it while it is up. ``guard`` bounds it with
+    the channel's other connections (none: a fresh :class:`ChannelGuard`)."""
+    await _serve_channel(
+        stream, "status", (StateMessage, ExitMessage, MetricsMessage), on, link, guard
+    )
 
 
-async def serve_log_connection(stream: trio.abc.Stream, on: OnMessage) -> None:
-    """One log connection: ``log`` and ``dropped`` messages go to ``on``."""
-    await _serve_channel(stream, "logs", (LogMessage, DroppedMessage), on)
+async def serve_log_connection(
+    stream: trio.abc.Stream, on: OnMessage, *, guard: ChannelGuard | None = None
+) -> None:
+    """One log connection: ``log`` and ``dropped`` messages go to ``on``. ``guard`` as for
+    :func:`serve_status_connection`."""
+    await _serve_channel(stream, "logs", (LogMessage, DroppedMessage), on, None, guard)
+
+
+async def serve_status(
+    listeners: Sequence[trio.abc.Listener[trio.abc.Stream]],
+    on: OnMessage,
+    link: StatusLink | None = None,
+    *,
+    max_connections: int = MAX_CHANNEL_CONNECTIONS,
+    hello_timeout_s: float = HELLO_TIMEOUT_S,
+    task_status: trio.TaskStatus[list[trio.abc.Listener[trio.abc.Stream]]] = (
+        trio.TASK_STATUS_IGNORED
+    ),
+) -> None:
+    """Accept status connections on ``listeners`` until cancelled, each served by
+    :func:`serve_status_connection`, all bounded by one :class:`ChannelGuard`."""
+    guard = ChannelGuard("status", max_connections=max_connections, hello_timeout_s=hello_timeout_s)
+
+    async def handle(stream: trio.abc.Stream) -> None:
+        await serve_status_connection(stream, on, link, guard=guard)
+
+    await trio.serve_listeners(handle, list(listeners), task_status=task_status)
+
+
+async def serve_logs(
+    listeners: Sequence[trio.abc.Listener[trio.abc.Stream]],
+    on: OnMessage,
+    *,
+    max_connections: int = MAX_CHANNEL_CONNECTIONS,
+    hello_timeout_s: float = HELLO_TIMEOUT_S,
+    task_status: trio.TaskStatus[list[trio.abc.Listener[trio.abc.Stream]]] = (
+        trio.TASK_STATUS_IGNORED
+    ),
+) -> None:
+    """Accept log connections on ``listeners`` until cancelled, each served by
+    :func:`serve_log_connection`, all bounded by one :class:`ChannelGuard`."""
+    guard = ChannelGuard("logs", max_connections=max_connections, hello_timeout_s=hello_timeout_s)
+
+    async def handle(stream: trio.abc.Stream) -> None:
+        await serve_log_connection(stream, on, guard=guard)
+
+    await trio.serve_listeners(handle, list(listeners), task_status=task_status)

@@ -104,7 +104,7 @@ import trio
 
 from .._atomic import fsync_directory
 from .._errors import ShareFileError, TrioSignError
-from ..nitro import ChannelClosed, ChannelMessage, ChannelProtocolError, HelloMessage, MessageStream
+from ..nitro import ChannelClosed, ChannelMessage, ChannelProtocolError, MessageStream
 from ..nitro._channel import (
     MAX_DELTA_CHUNK_BYTES,
     MAX_DELTA_SEQUENCE,
@@ -126,6 +126,7 @@ from ..nitro._channel import (
     PreloadResultMessage,
     chunked_frames,
 )
+from ._channels import HELLO_TIMEOUT_S, MAX_CHANNEL_CONNECTIONS, ChannelGuard
 
 log = logging.getLogger("trio_sign.parent.deltas")
 
@@ -1170,30 +1171,42 @@ class _Connection:
             self._pushing = None
 
 
-async def serve_deltas_connection(stream: trio.abc.Stream, deltas: Deltas) -> None:
+async def serve_deltas_connection(
+    stream: trio.abc.Stream, deltas: Deltas, *, guard: ChannelGuard | None = None
+) -> None:
     """One deltas connection from the enclave: its stores, and the pushes of what it lacks,
     until it closes or breaks the protocol (the connection is then closed; a store whose bytes
     did not all arrive is not stored). A newer connection replaces this one.
+
+    ``guard`` bounds it with the channel's other connections (``parent._channels``: its hello
+    must arrive whole within ``hello_timeout_s``, and a newer connection at the channel's
+    ``max_connections`` may close it); none: a fresh :class:`ChannelGuard` (the deadline holds,
+    the cap does not).
 
     Cancellation: closes the connection; a put already in its worker thread finishes first (it
     is never left half done, but its reply is not sent).
     """
     messages = MessageStream(stream)
+    guard = guard if guard is not None else ChannelGuard("deltas")
     try:
-        try:
-            hello = await messages.receive_expected(HelloMessage)
-        except ChannelClosed:
-            return
-        except (ChannelProtocolError, trio.BrokenResourceError) as exc:
-            log.warning("deltas channel broken before hello", extra={"error": str(exc)})
-            return
-        if hello.channel != "deltas":
-            log.warning(
-                "wrong channel on connection", extra={"expected": "deltas", "got": hello.channel}
-            )
-            return
-        with deltas._connection():
-            await _Connection(messages, deltas).run()
+        with guard.hold() as held:
+            try:
+                hello = await guard.receive_hello(messages, held)
+            except ChannelClosed:
+                return
+            except (ChannelProtocolError, trio.BrokenResourceError) as exc:
+                log.warning("deltas channel broken before hello", extra={"error": str(exc)})
+                return
+            if hello is None:
+                return
+            if hello.channel != "deltas":
+                log.warning(
+                    "wrong channel on connection",
+                    extra={"expected": "deltas", "got": hello.channel},
+                )
+                return
+            with deltas._connection():
+                await _Connection(messages, deltas).run()
     finally:
         await trio.aclose_forcefully(messages.stream)
 
@@ -1202,12 +1215,17 @@ async def serve_deltas(
     listeners: list[trio.SocketListener],
     deltas: Deltas,
     *,
+    max_connections: int = MAX_CHANNEL_CONNECTIONS,
+    hello_timeout_s: float = HELLO_TIMEOUT_S,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept deltas connections on ``listeners`` until cancelled."""
+    """Accept deltas connections on ``listeners`` until cancelled, all bounded by one
+    :class:`ChannelGuard` (at most ``max_connections`` held; each hello within
+    ``hello_timeout_s``)."""
+    guard = ChannelGuard("deltas", max_connections=max_connections, hello_timeout_s=hello_timeout_s)
 
     async def handle(stream: trio.SocketStream) -> None:
-        await serve_deltas_connection(stream, deltas)
+        await serve_deltas_connection(stream, deltas, guard=guard)
 
     await trio.serve_listeners(handle, listeners, task_status=task_status)
 

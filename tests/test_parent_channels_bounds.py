@@ -1,0 +1,278 @@
+"""The parent's enclave-channel listeners (status, logs, deltas) under a hostile peer
+(DESIGN §16): the hello deadline and the per-channel connection cap, in virtual time over
+memory streams."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import trio
+import trio.testing
+
+from trio_sign.nitro import (
+    ChannelMessage,
+    FrameChannel,
+    HelloMessage,
+    LogMessage,
+    MessageStream,
+    StateMessage,
+)
+from trio_sign.parent._channels import (
+    HELLO_TIMEOUT_S,
+    ChannelGuard,
+    StatusLink,
+    serve_log_connection,
+    serve_logs,
+    serve_status,
+    serve_status_connection,
+)
+from trio_sign.parent._deltas import Deltas, FileDeltaStore, serve_deltas, serve_deltas_connection
+
+CHANNELS = ["status", "logs", "deltas"]
+LOGGER = "trio_sign.parent.channels"
+
+
+async def _inline(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
+
+
+def make_deltas(tmp_path: Path) -> Deltas:
+    store = FileDeltaStore(tmp_path / "deltas", host_tag="0123456789ab")
+    store.recover()
+    return Deltas(store, on_alert=lambda code, message: None, offload=_inline)
+
+
+class Parent:
+    """One channel's parent end: what its connections delivered."""
+
+    def __init__(self, channel: str, tmp_path: Path) -> None:
+        self.channel = channel
+        self.received: list[ChannelMessage] = []
+        self.deltas = make_deltas(tmp_path)
+
+    async def serve(self, stream: trio.abc.Stream, guard: ChannelGuard | None = None) -> None:
+        if self.channel == "status":
+            await serve_status_connection(stream, self.received.append, guard=guard)
+        elif self.channel == "logs":
+            await serve_log_connection(stream, self.received.append, guard=guard)
+        else:
+            await serve_deltas_connection(stream, self.deltas, guard=guard)
+
+    def serving(self, count: int) -> bool:
+        """Whether the enclave's connection is up and ``count`` messages arrived on it."""
+        if self.channel == "deltas":
+            return self.deltas.stats.connected
+        return len(self.received) == count
+
+
+async def say(messages: MessageStream, channel: str) -> None:
+    """What a real enclave sends after its hello (deltas: nothing, it is served at once)."""
+    if channel == "status":
+        await messages.send(StateMessage(state="serving"))
+    elif channel == "logs":
+        await messages.send(LogMessage(line='{"msg": "hi"}'))
+
+
+class Client:
+    """A peer's end; ``closed_at`` is set when the parent closes the connection."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.closed_at: float | None = None
+
+    async def watch(self) -> None:
+        while await self.stream.receive_some():
+            pass
+        self.closed_at = trio.current_time()
+
+
+async def connect(nursery: trio.Nursery, parent: Parent, guard: ChannelGuard | None) -> Client:
+    parent_end, peer_end = trio.testing.memory_stream_pair()
+    nursery.start_soon(parent.serve, parent_end, guard)
+    client = Client(peer_end)
+    nursery.start_soon(client.watch)
+    await trio.testing.wait_all_tasks_blocked()
+    return client
+
+
+def hello_frame(channel: str) -> bytes:
+    return FrameChannel().send(HelloMessage(channel=channel))
+
+
+def lines(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if text in r.getMessage()]
+
+
+# -- the hello deadline ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("channel", CHANNELS)
+@pytest.mark.parametrize("sent", ["nothing", "half_a_hello"])
+async def test_a_connection_without_a_whole_hello_is_closed_at_the_deadline(
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    autojump_clock: trio.abc.Clock,
+    caplog: pytest.LogCaptureFixture,
+    channel: str,
+    sent: str,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    parent = Parent(channel, tmp_path)
+    enclave = await connect(nursery, parent, None)  # says hello just in time, below
+    parent_end, peer_end = trio.testing.memory_stream_pair()
+    if sent == "half_a_hello":
+        frame = hello_frame(channel)
+        await peer_end.send_all(frame[: len(frame) - 1])
+
+    async def hello_late() -> None:
+        await trio.sleep(HELLO_TIMEOUT_S - 1)
+        await enclave.stream.send_all(hello_frame(channel))
+
+    nursery.start_soon(hello_late)
+    with trio.fail_after(10 * HELLO_TIMEOUT_S):  # without the deadline: held forever
+        await parent.serve(parent_end)
+    assert trio.current_time() == HELLO_TIMEOUT_S
+    assert await peer_end.receive_some() == b""  # closed
+    [record] = lines(caplog, "no hello")
+    assert record.levelno == logging.WARNING
+    assert record.getMessage() == f"{channel} channel: no hello within 10 s; connection closed"
+
+    # The deadline is the hello's alone: a connection that said it in time stays.
+    await trio.sleep(10 * HELLO_TIMEOUT_S)
+    await say(MessageStream(enclave.stream), channel)
+    await trio.testing.wait_all_tasks_blocked()
+    assert enclave.closed_at is None
+    assert parent.serving(1)
+
+
+# -- the connection cap ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("channel", CHANNELS)
+async def test_silent_connections_beyond_the_cap_are_closed_and_the_enclave_gets_in(
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    autojump_clock: trio.abc.Clock,
+    caplog: pytest.LogCaptureFixture,
+    channel: str,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    cap = 8
+    parent = Parent(channel, tmp_path)
+    guard = ChannelGuard(channel, max_connections=cap)
+    squatters = [await connect(nursery, parent, guard) for _ in range(cap + 5)]
+    assert guard.held == cap
+    assert [c.closed_at for c in squatters] == [0.0] * 5 + [None] * cap  # the oldest went
+
+    enclave = await connect(nursery, parent, guard)
+    messages = MessageStream(enclave.stream)
+    await messages.send(HelloMessage(channel=channel))
+    await say(messages, channel)
+    await trio.testing.wait_all_tasks_blocked()
+    assert parent.serving(1)
+    assert guard.held == cap
+    assert squatters[5].closed_at == 0.0  # room for the enclave: the oldest silent one
+    assert guard.evicted == 6
+    [evicted] = lines(caplog, "max_connections")  # once per interval, not once per connection
+    assert evicted.getMessage() == f"{channel} channel: 8 connections (max_connections); " + (
+        "closed the oldest"
+    )
+
+    await trio.sleep(HELLO_TIMEOUT_S)  # the squatters left run out of time
+    await trio.testing.wait_all_tasks_blocked()
+    assert [c.closed_at for c in squatters[6:]] == [HELLO_TIMEOUT_S] * (cap - 1)
+    assert guard.held == 1
+    assert guard.timed_out == cap - 1
+    assert len(lines(caplog, "no hello")) == 1
+    await say(messages, channel)
+    await trio.testing.wait_all_tasks_blocked()
+    assert enclave.closed_at is None
+    assert parent.serving(2)
+
+
+async def test_at_the_cap_with_every_hello_said_the_oldest_connection_is_closed(
+    tmp_path: Path, nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    parent = Parent("status", tmp_path)
+    guard = ChannelGuard("status", max_connections=2)
+    clients = []
+    for _ in range(3):  # the third is the enclave reconnecting
+        client = await connect(nursery, parent, guard)
+        await MessageStream(client.stream).send(HelloMessage(channel="status"))
+        await trio.testing.wait_all_tasks_blocked()
+        clients.append(client)
+    assert [c.closed_at for c in clients] == [0.0, None, None]
+    assert guard.held == 2
+    await say(MessageStream(clients[2].stream), "status")
+    await trio.testing.wait_all_tasks_blocked()
+    assert parent.serving(1)
+
+
+async def test_a_closed_greeted_status_connection_detaches_the_link(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    link = StatusLink()
+    guard = ChannelGuard("status", max_connections=1)
+    ends = []
+    for _ in range(2):
+        parent_end, peer_end = trio.testing.memory_stream_pair()
+        nursery.start_soon(
+            functools.partial(
+                serve_status_connection, parent_end, lambda m: None, link, guard=guard
+            )
+        )
+        await MessageStream(peer_end).send(HelloMessage(channel="status"))
+        await trio.testing.wait_all_tasks_blocked()
+        ends.append(peer_end)
+    with trio.fail_after(1):  # without the cap: the first is held forever
+        assert await ends[0].receive_some() == b""
+        assert await link.request_drain()  # on the newest connection
+        assert await ends[1].receive_some() != b""
+
+
+# -- the listener-level serve functions --------------------------------------------------------
+
+
+class MemoryListener(trio.abc.Listener[trio.abc.Stream]):
+    def __init__(self) -> None:
+        self._send, self._receive = trio.open_memory_channel[trio.abc.Stream](0)
+
+    async def connect(self) -> trio.abc.Stream:
+        parent_end, peer_end = trio.testing.memory_stream_pair()
+        await self._send.send(parent_end)
+        return peer_end
+
+    async def accept(self) -> trio.abc.Stream:
+        return await self._receive.receive()
+
+    async def aclose(self) -> None:
+        self._receive.close()
+        await trio.lowlevel.checkpoint()
+
+
+@pytest.mark.parametrize("channel", CHANNELS)
+async def test_the_serve_functions_share_one_guard_per_channel(
+    tmp_path: Path, nursery: trio.Nursery, autojump_clock: trio.abc.Clock, channel: str
+) -> None:
+    listener = MemoryListener()
+    received: list[ChannelMessage] = []
+    kw: dict[str, Any] = {"max_connections": 2, "hello_timeout_s": 3.0}
+    if channel == "status":
+        await nursery.start(functools.partial(serve_status, [listener], received.append, **kw))
+    elif channel == "logs":
+        await nursery.start(functools.partial(serve_logs, [listener], received.append, **kw))
+    else:
+        listeners = cast(list[trio.SocketListener], [listener])
+        await nursery.start(functools.partial(serve_deltas, listeners, make_deltas(tmp_path), **kw))
+    clients = [Client(await listener.connect()) for _ in range(3)]
+    for client in clients:
+        nursery.start_soon(client.watch)
+    await trio.testing.wait_all_tasks_blocked()
+    assert [c.closed_at for c in clients] == [0.0, None, None]
+    await trio.sleep(5)
+    assert [c.closed_at for c in clients] == [0.0, 3.0, 3.0]
