@@ -19,6 +19,7 @@ enclave dies with its parent (``setpriv --pdeathsig``).
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -26,8 +27,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -93,14 +92,7 @@ def test_the_crash_points_are_ignored_outside_a_development_process(
 # -- the stack in processes --------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def parent_toml(w: World, run_dir: Path, deltas_dir: Path, health_port: int) -> str:
+def parent_toml(w: World, run_dir: Path, deltas_dir: Path) -> str:
     pcrs = {i: w.pcrs[i].hex() for i in (0, 1, 2)}
     return f"""
 [bundle]
@@ -125,7 +117,7 @@ interval_s = 30
 [failure]
 restart = false
 [health]
-listen = "tcp://127.0.0.1:{health_port}"
+listen = "unix://{run_dir}/health.sock"
 [logs]
 file = "{run_dir.parent / "enclave-logs.jsonl"}"
 [deltas]
@@ -141,19 +133,41 @@ class Parent:
     """One parent process (its enclave is its child, tethered to it)."""
 
     process: subprocess.Popen[bytes]
-    health: str
+    health: Path  # the health server's UNIX socket
     stderr: Path
 
     def alive(self) -> bool:
         return self.process.poll() is None
 
 
-def _ready(url: str) -> bool:
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path) -> None:
+        super().__init__("localhost", timeout=2)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(str(self.path))
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def _ready(health: Path) -> bool:
+    """``GET /readyz`` on the parent's health socket. A UNIX socket in the case's run
+    directory, not a TCP port: a port picked free here and bound later by the parent can be
+    taken in between by any other process on the machine (the parent then exits at boot)."""
+    connection = _UnixHTTPConnection(health)
     try:
-        with urllib.request.urlopen(url + "/readyz", timeout=2) as answer:
-            return bool(json.loads(answer.read()).get("ready"))
-    except (OSError, urllib.error.URLError, ValueError):
+        connection.request("GET", "/readyz")
+        return bool(json.loads(connection.getresponse().read()).get("ready"))
+    except (OSError, http.client.HTTPException, ValueError):
         return False
+    finally:
+        connection.close()
 
 
 @contextmanager
@@ -162,9 +176,8 @@ def parent_process(w: World, case_dir: Path, run: int, crash_at: str | None) -> 
     out end it by its pid (SIGTERM, then SIGKILL), if it is still alive."""
     run_dir, deltas_dir = case_dir / "run", case_dir / "deltas"
     run_dir.mkdir(exist_ok=True)
-    port = _free_port()
     config = case_dir / "parent.toml"
-    config.write_text(parent_toml(w, run_dir, deltas_dir, port))
+    config.write_text(parent_toml(w, run_dir, deltas_dir))
     env = {k: v for k, v in os.environ.items() if k != CRASH_AT}
     if crash_at is not None:
         env[CRASH_AT] = crash_at
@@ -177,7 +190,7 @@ def parent_process(w: World, case_dir: Path, run: int, crash_at: str | None) -> 
             stderr=err,
             env=env,
         )
-    parent = Parent(process, f"http://127.0.0.1:{port}", stderr)
+    parent = Parent(process, run_dir / "health.sock", stderr)
     try:
         yield parent
     finally:
