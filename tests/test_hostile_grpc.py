@@ -242,7 +242,10 @@ async def test_the_server_remembers_a_rapid_reset_flood_across_reconnects(
     ones after max_resets_after_flood, and they start one per 1/connections_per_s_after_flood
     seconds (so reconnecting in a loop costs the server little)."""
     limits = ServerLimits(
-        max_resets=100, max_resets_after_flood=8, connections_per_s_after_flood=10.0
+        max_resets=100,
+        max_resets_after_flood=8,
+        connections_per_s_after_flood=10.0,
+        flood_linger_s=0,  # closed at once: this attacker writes until the write fails
     )
     server = GrpcServer({PING: _echo}, limits=limits)
 
@@ -282,6 +285,86 @@ async def test_the_server_remembers_a_rapid_reset_flood_across_reconnects(
         assert [t - t0 for t in started[1:]] == pytest.approx([0.0, 0.1, 0.2])
         assert server.stats.floods == 4
         assert server.stats.connections_paced == 2
+        nursery.cancel_scope.cancel()
+
+
+async def _flood_and_read_goaway(stream: trio.abc.Stream) -> bytes:
+    """Open, send resets past ``max_resets`` in one write, read until the GOAWAY is in."""
+    pairs = b"".join(_pair(2 * i + 1) for i in range(20))
+    await stream.send_all(_opening() + atk.SETTINGS_ACK + pairs)
+    goaway = b"\x00\x00\x08" + bytes([GoAwayFrame.type]) + b"\x00" * 5
+    got = b""
+    while not (goaway in got and got.endswith(struct.pack(">I", ErrorCodes.ENHANCE_YOUR_CALM))):
+        chunk = await stream.receive_some()
+        assert chunk, "closed before its GOAWAY"
+        got += chunk
+    await trio.testing.wait_all_tasks_blocked()
+    return got
+
+
+async def _closed_at(stream: trio.abc.Stream) -> float:
+    """When the server closed ``stream`` (EOF), reading and dropping what comes before."""
+    while await stream.receive_some():
+        pass
+    return trio.current_time()
+
+
+async def test_a_connection_cut_for_a_flood_lingers_unread_before_it_closes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """After its GOAWAY ENHANCE_YOUR_CALM the connection stays open for flood_linger_s, not
+    read (what the attacker writes meanwhile stays unprocessed), then closes: an attacker
+    that reconnects when closed waits instead of reconnecting at once (issue 11)."""
+    limits = ServerLimits(max_resets=10, flood_linger_s=1.5)
+    server = GrpcServer({PING: _echo}, limits=limits)
+    async with trio.open_nursery() as nursery:
+        client, server_side = trio.testing.memory_stream_pair()
+        nursery.start_soon(server.serve_stream, server_side)
+        t0 = trio.current_time()
+        await _flood_and_read_goaway(client)
+        assert server.stats.floods == 1
+        assert server.connection_count == 0  # no longer served
+        await client.send_all(_pair(1001) * 100)  # not read: no second flood counted
+        assert await _closed_at(client) - t0 == pytest.approx(1.5)
+        assert server.stats.floods == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_lingering_is_bounded_and_gives_way(autojump_clock: trio.testing.MockClock) -> None:
+    """At most max_lingering connections linger (one more closes the longest lingering); at
+    max_connections a lingering one closes to admit a new client; aclose ends them all."""
+    limits = ServerLimits(
+        max_resets=10, flood_linger_s=60.0, max_lingering=2, max_connections=3, flood_alert_s=0.001
+    )
+    server = GrpcServer({PING: _echo}, limits=limits)
+    closed: dict[int, float] = {}
+
+    async def attacker(i: int, stream: trio.abc.Stream) -> None:
+        await _flood_and_read_goaway(stream)
+        closed[i] = await _closed_at(stream)
+
+    async with trio.open_nursery() as nursery:
+        t0 = trio.current_time()
+        for i in range(3):
+            client, server_side = trio.testing.memory_stream_pair()
+            nursery.start_soon(server.serve_stream, server_side)
+            nursery.start_soon(attacker, i, client)
+            await trio.sleep(1)
+        # The third lingerer pushed out the first; the other two are still open.
+        assert list(closed) == [0]
+        assert closed[0] - t0 == pytest.approx(2.0)
+        # Two lingering + one served = max_connections: a newcomer closes a lingering one.
+        for _ in range(2):
+            client, server_side = trio.testing.memory_stream_pair()
+            nursery.start_soon(server.serve_stream, server_side)
+            await client.send_all(_opening() + atk.SETTINGS_ACK)
+            await trio.sleep(0.5)
+        assert sorted(closed) == [0, 1]
+        assert server.connection_count == 2
+        await server.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(closed) == [0, 1, 2]
+        assert trio.current_time() - t0 == pytest.approx(4.0)
         nursery.cancel_scope.cancel()
 
 

@@ -65,6 +65,14 @@ class ServerLimits:
         max_paced_wait_s: no new connection waits longer than this for its turn; beyond
             that many waiting, the rate above is not enforced (a burst of connections
             during a flood must not keep a client out for long).
+        flood_linger_s: a connection cut for a flood stays open this long after its GOAWAY
+            is flushed, not read, before it is closed (0: close at once). A client that
+            floods and reconnects when its connection closes waits instead of reconnecting
+            at once; through the full stack each reconnect costs the enclave a TLS handshake
+            and the parent a forwarded connection.
+        max_lingering: connections lingering after a flood cut at once; one more closes the
+            longest lingering. They count toward ``max_connections``, and go first when a
+            new connection needs room.
         setups_per_batch: connections that end after their peer left, per pass of the event
             loop; the others wait their turn (`BatchPacer`): a thousand clients leaving at
             once otherwise made passes of 60 ms that every call waited behind. (Connections
@@ -90,6 +98,8 @@ class ServerLimits:
     max_resets_after_flood: int = 8
     connections_per_s_after_flood: float = 50.0
     max_paced_wait_s: float = 0.25
+    flood_linger_s: float = 1.0
+    max_lingering: int = 64
     setups_per_batch: int = 16
     log_interval_s: float = 10.0
 
@@ -103,12 +113,15 @@ class ServerLimits:
             "max_pings",
             "max_settings",
             "max_resets_after_flood",
+            "max_lingering",
             "setups_per_batch",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_receive_message_size < 0:
             raise ValueError("max_receive_message_size must be >= 0")
+        if not self.flood_linger_s >= 0:
+            raise ValueError("flood_linger_s must be >= 0")
         for name in (
             "preface_timeout_s",
             "idle_timeout_s",

@@ -175,25 +175,29 @@ class _ServerConnection:
     def open_calls(self) -> int:
         return len(self._calls)
 
+    @property
+    def cut_for_flood(self) -> bool:
+        """True if the connection was closed with GOAWAY ENHANCE_YOUR_CALM (a flood)."""
+        return self._core.abuse is not None
+
     async def run(self) -> None:
+        """Serve until the peer leaves, the connection is cut or closed, or cancellation.
+        The stream is the caller's to close."""
         self._core.initiate()
-        try:
-            with self._scope:
-                async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
-                    nursery.start_soon(self._write_then_stop)
-                    nursery.start_soon(self._watchdog)
-                    if self._server._draining:
-                        self.start_drain()
-                    await self._read_loop()
-                    if not self._closing:
-                        # The peer went away: nothing more can be answered. A thousand
-                        # peers leaving at once end a few per pass (`BatchPacer`).
-                        await self._server._pacer.turn()
-                        self._scope.cancel()
-                    # Otherwise the writer flushes the final GOAWAY, then cancels the scope.
-        finally:
-            await trio.aclose_forcefully(self._stream)
+        with self._scope:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._write_then_stop)
+                nursery.start_soon(self._watchdog)
+                if self._server._draining:
+                    self.start_drain()
+                await self._read_loop()
+                if not self._closing:
+                    # The peer went away: nothing more can be answered. A thousand
+                    # peers leaving at once end a few per pass (`BatchPacer`).
+                    await self._server._pacer.turn()
+                    self._scope.cancel()
+                # Otherwise the writer flushes the final GOAWAY, then cancels the scope.
 
     def start_drain(self) -> None:
         self._core.start_drain()
@@ -448,6 +452,8 @@ class GrpcServer:
         self._idle: dict[_ServerConnection, None] = {}
         self._pacer = BatchPacer(limits.setups_per_batch)
         self._waiting = 0  # admitted connections waiting for their turn to start
+        # Connections cut for a flood, held open unread for a while, oldest first (`_linger`).
+        self._lingering: dict[trio.CancelScope, None] = {}
         self._changed = trio.Event()
         self._stopping = trio.Event()
         self._accept_scope = trio.CancelScope()
@@ -491,8 +497,13 @@ class GrpcServer:
         return self._budget.used
 
     def _admit(self) -> bool:
-        """Room for one more connection: evict the longest-idle one at the limit."""
-        if len(self._connections) + self._waiting < self.limits.max_connections:
+        """Room for one more connection: at the limit close the longest lingering one (cut
+        for a flood), else evict the longest-idle one."""
+        held = len(self._connections) + self._waiting + len(self._lingering)
+        if held < self.limits.max_connections:
+            return True
+        if self._lingering:
+            self._release_lingering()
             return True
         if not self._idle:
             self.stats.connections_refused += 1
@@ -512,7 +523,8 @@ class GrpcServer:
         The stream is closed on return. At ``max_connections`` the connection that has been
         idle longest is closed to make room; if every connection has calls open, this one is
         closed at once instead. Shortly after a flood was cut, the connection may first wait
-        for its turn to start (`FloodGuard`).
+        for its turn to start (`FloodGuard`). A connection cut for a flood (GOAWAY
+        ENHANCE_YOUR_CALM) is held open, unread, for ``flood_linger_s`` before it is closed.
 
         Cancellation: cancelling this task cancels the connection's call handlers and closes
         the stream.
@@ -541,13 +553,47 @@ class GrpcServer:
         self._idle[conn] = None  # no call open yet
         self._notify()
         try:
-            await conn.run()
-        except Exception:
-            logger.exception("gRPC connection failed unexpectedly; closed it")
+            try:
+                await conn.run()
+            except Exception:
+                logger.exception("gRPC connection failed unexpectedly; closed it")
+            finally:
+                self._connections.discard(conn)
+                self._idle.pop(conn, None)
+                self._notify()
+            if conn.cut_for_flood:
+                await self._linger()
         finally:
-            self._connections.discard(conn)
-            self._idle.pop(conn, None)
-            self._notify()
+            await trio.aclose_forcefully(stream)
+
+    async def _linger(self) -> None:
+        """Hold a connection cut for a flood open, unread, for ``flood_linger_s`` (its GOAWAY
+        is flushed already), or until the server stops or needs the room.
+
+        An attacker that reconnects when its connection closes otherwise reconnects at once,
+        and each reconnect costs a TLS handshake and a connection's setup here (and a
+        forwarded connection in the parent): 45 a second in the rapid-reset bench. A client
+        that reconnects as soon as it reads the GOAWAY is not slowed; the TLS handshake rate
+        bounds it (DESIGN §16).
+        """
+        limits = self.limits
+        if limits.flood_linger_s <= 0 or self._stopping.is_set():
+            return
+        scope = trio.CancelScope(deadline=trio.current_time() + limits.flood_linger_s)
+        self._lingering[scope] = None
+        while len(self._lingering) > limits.max_lingering:
+            self._release_lingering()
+        try:
+            with scope:
+                await self._stopping.wait()
+        finally:
+            self._lingering.pop(scope, None)
+
+    def _release_lingering(self) -> None:
+        """Close the connection that has lingered longest now."""
+        oldest = next(iter(self._lingering))
+        del self._lingering[oldest]
+        oldest.cancel()
 
     async def serve(
         self,
