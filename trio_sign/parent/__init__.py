@@ -6,8 +6,12 @@ from ._attestation_gate import AttestationPolicy as AttestationPolicy
 from ._attestation_gate import run_attestation_gate as run_attestation_gate
 from ._bundle_copy import BundleCopyError as BundleCopyError
 from ._bundle_copy import copy_bundle as copy_bundle
+from ._channels import HELLO_TIMEOUT_S as HELLO_TIMEOUT_S
+from ._channels import ChannelGuard as ChannelGuard
 from ._channels import StatusLink as StatusLink
 from ._channels import serve_log_connection as serve_log_connection
+from ._channels import serve_logs as serve_logs
+from ._channels import serve_status as serve_status
 from ._channels import serve_status_connection as serve_status_connection
 from ._config import ConfigError as ConfigError
 from ._config import ParentConfig as ParentConfig
@@ -59,6 +63,8 @@ __all__ = [
     "ParentExit",
     "ParentState",
     "Redactor",
+    "ChannelGuard",
+    "HELLO_TIMEOUT_S",
     "StatusLink",
     "GATE_REASONS",
     "AttestationGate",
@@ -80,6 +86,8 @@ __all__ = [
     "serve_parent",
     "serve_sse_relay",
     "serve_log_connection",
+    "serve_logs",
+    "serve_status",
     "serve_preload",
     "serve_status_connection",
     "Deltas",

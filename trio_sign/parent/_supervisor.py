@@ -56,7 +56,7 @@ from ..shares import DevKeyFile
 from ..transport import connect, open_listeners
 from ._attestation_gate import AttestationGate, AttestationPolicy, run_attestation_gate
 from ._bundle_copy import BundleCopyError, copy_bundle
-from ._channels import StatusLink, serve_log_connection, serve_status_connection
+from ._channels import StatusLink, serve_logs, serve_status
 from ._config import ParentConfig, preflight
 from ._deltas import (
     CompactionKms,
@@ -916,16 +916,9 @@ class ParentSupervisor:
             if deltas is not None:
                 assert self.deltas is not None
                 await nursery.start(serve_deltas, deltas, self.deltas)
-            nursery.start_soon(
-                trio.serve_listeners,
-                functools.partial(serve_status_connection, on=on_status, link=link),
-                status,
-            )
-            nursery.start_soon(
-                trio.serve_listeners,
-                functools.partial(serve_log_connection, on=self.forwarder.on_message),
-                logs,
-            )
+            # Each channel: a hello within 10 s, at most 8 connections (the enclave holds one).
+            nursery.start_soon(serve_status, status, on_status, link)
+            nursery.start_soon(serve_logs, logs, self.forwarder.on_message)
             task_status.started()
 
     async def _start_relay(self, nursery: trio.Nursery) -> None:
