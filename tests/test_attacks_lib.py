@@ -161,6 +161,36 @@ async def test_rapid_reset_stops_at_its_duration(autojump_clock: object) -> None
     assert stats.streams_opened < 10**6
 
 
+@pytest.mark.parametrize("leave_on_goaway", [False, True])
+async def test_rapid_reset_can_leave_on_goaway(
+    autojump_clock: object, leave_on_goaway: bool
+) -> None:
+    """A server that sends GOAWAY 0.5 s in and then holds the connection open, unread: the
+    attacker that leaves on GOAWAY reconnects every 0.5 s; the other waits to be closed."""
+    goaway = GoAwayFrame(0, error_code=0xB).serialize()
+
+    async def cut_and_hold(stream: trio.abc.Stream) -> None:
+        await stream.send_all(server_settings())
+        assert await stream.receive_some(65536)  # the preface
+        await trio.sleep(0.5)
+        await stream.send_all(goaway)
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+
+        async def connect() -> trio.abc.Stream:
+            client, server = trio.testing.lockstep_stream_pair()
+            nursery.start_soon(cut_and_hold, server)
+            return client
+
+        stats = await attacks.rapid_reset(
+            connect, 2, 10**6, 2.9, reconnect=True, leave_on_goaway=leave_on_goaway
+        )
+        nursery.cancel_scope.cancel()
+    assert stats.connections == (12 if leave_on_goaway else 2)
+    assert stats.goaway_codes == {0xB}
+
+
 # -- 4a/4b/4c ---------------------------------------------------------------------------------
 
 

@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         "--hostile-attacks",
         type=str,
         default="",
-        help="comma-separated subset of: bare, stream-flood, rapid-reset, partial, zero-window,"
+        help="comma-separated subset of: bare, stream-flood, rapid-reset, rapid-reset-leave,"
+        " partial, zero-window,"
         " idle, ping-flood, settings-flood, huge-sign",
     )
     parser.add_argument(

@@ -439,6 +439,21 @@ def _attack_table() -> list[_Attack]:
             ),
         ),
         _Attack(
+            "rapid-reset-leave",
+            "rapid reset, 8 conn, leave on GOAWAY",
+            lambda t, o: (
+                lambda: attacks.rapid_reset(
+                    t.connect(),
+                    8,
+                    _n(o, 200_000, 50_000),
+                    o.duration_s,
+                    reconnect=True,
+                    leave_on_goaway=True,
+                    scheme=scheme(t),
+                )
+            ),
+        ),
+        _Attack(
             "partial",
             "partial messages, 20 x 8 MiB",
             lambda t, o: (

