@@ -162,6 +162,27 @@ async def test_rapid_reset_stops_at_its_duration(autojump_clock: object) -> None
 
 
 @pytest.mark.parametrize("leave_on_goaway", [False, True])
+async def test_rapid_reset_ends_quietly_when_the_server_closes(
+    autojump_clock: object, leave_on_goaway: bool
+) -> None:
+    async def close_after_preface(stream: trio.abc.Stream) -> None:
+        await stream.send_all(server_settings())
+        assert await stream.receive_some(65536)
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+
+        async def connect() -> trio.abc.Stream:
+            client, server = trio.testing.lockstep_stream_pair()
+            nursery.start_soon(close_after_preface, server)
+            return client
+
+        stats = await attacks.rapid_reset(connect, 2, 10**6, 1.0, leave_on_goaway=leave_on_goaway)
+    assert stats.connections == 2
+    assert stats.closed_by_server == 2
+
+
+@pytest.mark.parametrize("leave_on_goaway", [False, True])
 async def test_rapid_reset_can_leave_on_goaway(
     autojump_clock: object, leave_on_goaway: bool
 ) -> None:

@@ -736,7 +736,10 @@ async def rapid_reset(
                     batch += _FRAME_HEAD.pack(4 << 8 | RST_STREAM, 0, stream_id)
                     batch += rst_payload
                     stream_id += 2
-                await conn.send(batch, 2 * n, streams=n)
+                try:
+                    await conn.send(batch, 2 * n, streams=n)
+                except _ServerClosed:
+                    return  # (raised inside work's nursery it would come out as a group)
                 sent += n
 
         async def work() -> None:
