@@ -14,6 +14,7 @@ import functools
 import hashlib
 import importlib
 import logging
+import math
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -1109,7 +1110,8 @@ async def test_a_burst_of_connections_is_set_up_a_few_per_pass(
         def proxy_connection_refused(self) -> None:
             pass
 
-    settings = IngressSettings(setups_per_batch=4)
+    # Every socket comes from 127.0.0.1: no per-source limit here (that is its own test).
+    settings = IngressSettings(setups_per_batch=4, per_source_rate=math.inf)
     burst = 120
     async with attested_proxy(tmp_path, pki, nsm, settings, observer=Observer()) as proxy:
         tls = await tls_connect(proxy.port, client_context(pki))
@@ -1185,3 +1187,52 @@ async def test_a_client_cannot_push_megabytes_into_the_pipe(tmp_path: Path, nsm:
     roomy = await _in_flight(tmp_path, nsm, IngressSettings(socket_buffer_bytes=4 * 1024 * 1024))
     assert bounded < 1024 * 1024
     assert bounded * 2 < roomy
+
+
+async def test_one_address_that_reconnects_in_a_loop_is_slowed_others_are_not(
+    tmp_path: Path, pki: Pki, nsm: LocalNsm
+) -> None:
+    """Per-source admission: connections from one address start forwarding at most
+    per_source_burst at once, then per_source_rate a second, queued at most
+    per_source_max_wait_s and closed beyond (without reaching the enclave); a gateway on
+    another address is forwarded at once meanwhile."""
+    try:
+        probe = trio.socket.socket()
+        await probe.bind(("127.0.0.2", 0))
+        probe.close()
+    except OSError as exc:
+        pytest.skip(f"cannot bind 127.0.0.2 here: {exc}")
+    settings = IngressSettings(per_source_rate=5.0, per_source_burst=2, per_source_max_wait_s=0.3)
+    async with attested_proxy(tmp_path, pki, nsm, settings) as proxy:
+        t0 = trio.current_time()
+        attackers = [
+            await trio.open_tcp_stream("127.0.0.1", proxy.port, local_address="127.0.0.2")
+            for _ in range(6)
+        ]
+        for stream in attackers:
+            await stream.send_all(b"\x16")  # a first byte: each asks to be forwarded
+        await trio.sleep(0.1)
+        assert len(proxy.enclave_connects) == 2  # the burst
+        # Meanwhile a gateway on another address: forwarded at once, and served.
+        tls = await tls_connect(proxy.port, client_context(pki))
+        async with open_grpc_channel(tls) as ch:
+            ping = pb.PingRequest(payload=b"x").SerializeToString()
+            with trio.fail_after(0.5):
+                assert await ch.unary_unary(S + "Ping", ping) == ping
+        assert len(proxy.enclave_connects) == 3
+        # The third attacker's turn came 0.2 s in; the three beyond 0.3 s were closed.
+        with trio.fail_after(5):
+            while len(proxy.enclave_connects) < 4:
+                await trio.sleep(0.01)
+        assert trio.current_time() - t0 >= 0.2 - 0.02
+        refused = 0
+        for stream in attackers:
+            with trio.move_on_after(0.5):
+                try:
+                    if await stream.receive_some(1) == b"":
+                        refused += 1
+                except trio.BrokenResourceError:
+                    refused += 1
+            await stream.aclose()
+        assert refused >= 3
+        assert len(proxy.enclave_connects) == 4

@@ -28,6 +28,8 @@ preload_timeout_s = 120
 listen = "tcp://0.0.0.0:50051"
 first_byte_timeout_s = 3
 setups_per_batch = 8
+per_source_rate = inf
+per_source_burst = 50
 
 [attestation]
 root = "nsm/local-nsm-root.pem"
@@ -58,6 +60,9 @@ def test_full_example(tmp_path: Path) -> None:
     assert cfg.ingress.listen == "tcp://0.0.0.0:50051"
     assert cfg.ingress.settings.first_byte_timeout_s == 3.0
     assert cfg.ingress.settings.setups_per_batch == 8
+    assert cfg.ingress.settings.per_source_rate == float("inf")
+    assert cfg.ingress.settings.per_source_burst == 50
+    assert cfg.ingress.settings.per_source_max_wait_s == 1.0  # the default
     assert cfg.attestation is not None
     assert cfg.attestation.pcrs[0] == bytes.fromhex(PCR)
     assert 8 not in cfg.attestation.pcrs

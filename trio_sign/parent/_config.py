@@ -411,6 +411,9 @@ def parse_parent_config(text: str, *, base: Path = Path(".")) -> ParentConfig:
             "evict_quiet_s": float,
             "setups_per_batch": int,
             "socket_buffer_bytes": int,
+            "per_source_rate": float,
+            "per_source_burst": int,
+            "per_source_max_wait_s": float,
         }
         retired = sorted(key for key in i if key in INGRESS_RETIRED)
         # Retired keys are tolerated (an older parent.toml still starts), not settings.

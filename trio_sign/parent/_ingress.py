@@ -36,6 +36,7 @@ from ..rpc import BurstListener, RateLimitedLog, connection_limit
 from ..transport import TransportError, connect, load_cert_chain, open_listeners
 from ..transport._pacer import BatchPacer
 from ._attestation_gate import AttestationGate
+from ._sources import SourceBudget, source_key
 
 log = logging.getLogger("trio_sign.parent.ingress")
 
@@ -70,6 +71,14 @@ class IngressSettings:
         socket_buffer_bytes: the kernel's receive buffer of a forwarded client connection and
             send buffer toward the enclave (what a client can have in flight through the
             pipe; the kernel doubles it for its bookkeeping).
+        per_source_rate: connections one client address (an IPv4 address, an IPv6 /64) may
+            start forwarding per second, after a burst of ``per_source_burst``
+            (`SourceBudget`); ``inf``: no limit. Behind the pipe the enclave cannot tell
+            clients apart, so this is where one client reconnecting in a loop is slowed.
+        per_source_burst: connections one address may start at once.
+        per_source_max_wait_s: a connection that comes early waits for its turn at most this
+            long (still pending: ``first_byte_timeout_s`` and ``max_pending`` apply), else it
+            is closed.
         log_interval_s: refusals of one kind are logged at most once per this.
     """
 
@@ -82,6 +91,9 @@ class IngressSettings:
     evict_quiet_s: float = 1.0
     setups_per_batch: int = 16
     socket_buffer_bytes: int = 64 * 1024
+    per_source_rate: float = 10.0
+    per_source_burst: int = 20
+    per_source_max_wait_s: float = 1.0
     log_interval_s: float = 10.0
 
 
@@ -150,10 +162,23 @@ async def serve_ingress(
     listeners = await open_listeners(listen_url)
 
     async def handler(stream: trio.SocketStream) -> None:
-        peer = _peer_name(stream)
+        try:
+            address = stream.socket.getpeername()
+        except OSError:
+            address = None
+        peer = _peer_name(address)
         try:
             await _serve_connection(
-                stream, peer, enclave_url, opener, gate, settings, watch, slots, pacer
+                stream,
+                peer,
+                source_key(address),
+                enclave_url,
+                opener,
+                gate,
+                settings,
+                watch,
+                slots,
+                pacer,
             )
         except Exception:
             # A bug while serving one connection closes that connection only: one client
@@ -231,6 +256,13 @@ class _Slots:
         self.pending_evicted = 0
         self.connections_evicted = 0
         self.connections_refused = 0
+        self.sources = SourceBudget(
+            settings.per_source_rate,
+            settings.per_source_burst,
+            settings.per_source_max_wait_s,
+            trio.current_time,
+        )
+        self.source_refused = 0
 
         rated = functools.partial(
             RateLimitedLog, log, interval_s=settings.log_interval_s, clock=trio.current_time
@@ -245,6 +277,18 @@ class _Slots:
         self.log_refused = rated("ingress connection refused: max_connections, all busy")
         self.log_not_attested = rated("ingress connection refused: enclave not attested")
         self.log_unreachable = rated("ingress cannot reach the enclave")
+        self.log_source_refused = rated(
+            "ingress connection refused: its address opens connections faster than per_source_rate"
+        )
+
+    def refuse_source(self, peer: str) -> None:
+        self.source_refused += 1
+        self._watch.proxy_connection_refused()
+        self.log_source_refused(
+            peer=peer,
+            per_source_rate=self._settings.per_source_rate,
+            per_source_burst=self._settings.per_source_burst,
+        )
 
     def start_pending(self, conn: _Conn) -> None:
         if len(self.pending) >= self._settings.max_pending:
@@ -306,10 +350,8 @@ class _NoObserver:
         pass
 
 
-def _peer_name(stream: trio.SocketStream) -> str:
-    try:
-        address = stream.socket.getpeername()
-    except OSError:
+def _peer_name(address: object) -> str:
+    if address is None:
         return "?"
     if isinstance(address, tuple) and len(address) >= 2:
         return f"{address[0]}:{address[1]}"
@@ -330,6 +372,7 @@ async def _close(stream: trio.abc.AsyncResource, timeout_s: float) -> None:
 async def _serve_connection(
     client: trio.SocketStream,
     peer: str,
+    source: str | None,
     enclave_url: str,
     opener: ConnectEnclave,
     gate: AttestationGate,
@@ -346,7 +389,13 @@ async def _serve_connection(
                 # Nothing is opened toward the enclave until the client says something: a
                 # bare TCP connection costs a descriptor and this sleeping task.
                 await trio.lowlevel.wait_readable(client.socket)
-                # Still pending (bounded, evictable) while it waits for its turn.
+                # Still pending (bounded, evictable) while it waits for its turns: its
+                # source's (time), then the event loop's (a few per pass).
+                start = slots.sources.reserve(source)
+                if start is None:
+                    slots.refuse_source(peer)
+                    return
+                await trio.sleep_until(start)
                 await pacer.turn()
         finally:
             slots.end_pending(hello)
