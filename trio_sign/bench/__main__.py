@@ -149,6 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--hostile-profile-s", type=float, default=3.0, help="seconds profiled per attack"
     )
+    parser.add_argument(
+        "--hostile-ingress-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an [ingress] setting for the stack's parent (dev up --ingress-option), e.g."
+        " per_source_rate=inf to attack without per-source admission; repeatable",
+    )
     args = parser.parse_args(argv)
     hostile = args.hostile or args.hostile_quick
     everything = not (args.e2e or args.boot or args.frost or args.load or args.grpc or hostile)
@@ -218,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                 only=only,
                 profile_dir=args.hostile_profile,
                 profile_s=args.hostile_profile_s,
+                ingress_options=tuple(args.hostile_ingress_option),
             )
         )
     return 0

@@ -67,6 +67,9 @@ CALL_TIMEOUT_S = 2.0
 PROBE_LIMIT_S = 20.0
 SAMPLE_INTERVAL_S = 0.05
 BASELINE_S = 3.0
+#: Where the attacks connect from: another loopback address than the legitimate client's
+#: 127.0.0.1, so that the parent's per-source admission sees two clients, as it would.
+ATTACKER_ADDRESS = "127.0.0.2"
 #: The legitimate sessions of an attack are those scheduled from its start until it ended,
 #: and over at least this long: a flood the server cuts within milliseconds otherwise left
 #: its row with no sessions at all (printed "-", counted as a miss).
@@ -85,6 +88,7 @@ class HostileOptions:
     only: tuple[str, ...] = ()  # attack keys; empty: all
     profile_dir: Path | None = None  # profile the attacked processes (TRIO_SIGN_PROFILE_DIR)
     profile_s: float = 3.0  # ... over this long from each attack's start
+    ingress_options: tuple[str, ...] = ()  # KEY=VALUE [ingress] settings of the stack's parent
 
 
 # -- /proc ------------------------------------------------------------------------------------
@@ -156,9 +160,15 @@ class _Target:
     tls = False
 
     def __init__(
-        self, work: Path, shares: Path, log: IO[str], profile_dir: Path | None = None
+        self,
+        work: Path,
+        shares: Path,
+        log: IO[str],
+        profile_dir: Path | None = None,
+        ingress_options: tuple[str, ...] = (),
     ) -> None:
         self._work = work
+        self._ingress_options = ingress_options
         self._shares = shares
         self._log = log
         self._env = dict(os.environ)
@@ -197,7 +207,7 @@ class _Target:
         The attacks do not check the enclave's attestation (the context trusts any server):
         they only need the client certificate the enclave requires to get past its handshake.
         """
-        tcp = attacks.tcp_connector("127.0.0.1", self.port)
+        tcp = self.connect_tcp()
         if self.tls_files is None:
             return tcp
         from ..attested import make_attested_client_context
@@ -207,7 +217,10 @@ class _Target:
         return attacks.tls_connector(tcp, context, self.tls_server_name)
 
     def connect_tcp(self) -> attacks.Connect:
-        return attacks.tcp_connector("127.0.0.1", self.port)
+        """The attacker's TCP connections: from another address than the legitimate
+        client's, as one client apart from the others (the parent's ingress admits each
+        address at its own rate)."""
+        return attacks.tcp_connector("127.0.0.1", self.port, local_address=ATTACKER_ADDRESS)
 
 
 class _EnclaveTarget(_Target):
@@ -240,9 +253,14 @@ class _StackTarget(_Target):
     tls = True
 
     def __init__(
-        self, work: Path, shares: Path, log: IO[str], profile_dir: Path | None = None
+        self,
+        work: Path,
+        shares: Path,
+        log: IO[str],
+        profile_dir: Path | None = None,
+        ingress_options: tuple[str, ...] = (),
     ) -> None:
-        super().__init__(work, shares, log, profile_dir)
+        super().__init__(work, shares, log, profile_dir, ingress_options)
         self._enclave: int | None = None
         self._runs = 0
 
@@ -265,6 +283,7 @@ class _StackTarget(_Target):
                 f"tcp://127.0.0.1:{self.port}",
                 "--health",
                 "tcp://127.0.0.1:0",
+                *(f"--ingress-option={option}" for option in self._ingress_options),
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -738,7 +757,9 @@ def _row(r: _Result) -> str:
 
 def _header(target: _Target, opts: HostileOptions) -> None:
     print(
-        f"\n  target {target.name}: {target.description}; attacks {opts.duration_s:g} s each",
+        f"\n  target {target.name}: {target.description}; attacks {opts.duration_s:g} s each"
+        f" from {ATTACKER_ADDRESS}"
+        + (f"; [ingress] {', '.join(opts.ingress_options)}" if opts.ingress_options else ""),
         flush=True,
     )
     print(
@@ -777,7 +798,7 @@ def bench_hostile(opts: HostileOptions) -> dict[str, list[_Result]]:
         with (work / "processes.log").open("w") as log:
             for name in opts.targets:
                 cls = _EnclaveTarget if name == "enclave" else _StackTarget
-                target = cls(work, gen.service_file, log, opts.profile_dir)
+                target = cls(work, gen.service_file, log, opts.profile_dir, opts.ingress_options)
                 session = _Session(target, peer, opts, log)
                 rows: list[_Result] = []
                 results[name] = rows

@@ -55,7 +55,7 @@ import random
 import secrets
 import statistics
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -318,6 +318,7 @@ async def local_stack(
     node_id: str = "node-1",
     events_token_file: Path | None = None,
     gateway_ca: Path | None = None,
+    ingress_options: Mapping[str, str] | None = None,
 ) -> AsyncIterator[LocalStack]:
     """Start local KMS, seal ``service_shares`` through it, the gateway event server, and the
     parent (which launches the local enclave); yield once ``/readyz`` would say ready. On exit
@@ -450,6 +451,8 @@ async def local_stack(
         run_dir = work / "run"
         deltas_dir = run_dir / "deltas"
         ingress_url = ingress_listen or f"unix://{run_dir}/ingress.sock"
+        # [ingress] keys as TOML values (checked by parse_parent_config like any parent.toml)
+        ingress_extra = "".join(f"{k} = {v}\n" for k, v in (ingress_options or {}).items())
         pcrs = {i: local_pcrs[i].hex() for i in (0, 1, 2)}
         config = parse_parent_config(
             f"""
@@ -468,7 +471,7 @@ node_id = "{node_id}"
 preload_timeout_s = 300
 [ingress]
 listen = "{ingress_url}"
-[attestation]
+{ingress_extra}[attestation]
 root = "{nsm_dir / "local-nsm-root.pem"}"
 pcr0 = "{pcrs[0]}"
 pcr1 = "{pcrs[1]}"

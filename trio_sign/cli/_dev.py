@@ -91,6 +91,14 @@ def add_parser(sub: Any) -> None:
         help="where the parent's ingress (a byte pipe to the enclave's TLS port) listens"
         " (default a UNIX socket in workdir; e.g. tcp://127.0.0.1:50051)",
     )
+    up.add_argument(
+        "--ingress-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an [ingress] setting of the parent (parent.toml's key and TOML value), e.g. "
+        "per_source_rate=inf; repeatable",
+    )
     up.add_argument("--health", default="tcp://127.0.0.1:8080", metavar="URL")
     up.add_argument("--ready-timeout", type=float, default=300.0, metavar="SECONDS")
     up.add_argument(
@@ -176,6 +184,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     _check_file(args.gateway_ca, "--gateway-ca")
     check_port_free(args.health, "--health")
     check_port_free(args.ingress, "--ingress")
+    ingress_options: dict[str, str] = {}
+    for option in args.ingress_option:
+        key, sep, value = option.partition("=")
+        if not sep or not key.strip().isidentifier() or not value.strip():
+            raise TrioSignError(f"--ingress-option {option!r}: expected KEY=VALUE")
+        ingress_options[key.strip()] = value.strip()
     raise_open_file_limit()  # the ingress holds two descriptors per forwarded connection
     work: Path = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -198,6 +212,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                     args.shares.resolve(),
                     ready_timeout=args.ready_timeout,
                     ingress_listen=args.ingress,
+                    ingress_options=ingress_options,
                     health_listen=args.health,
                     gateway_url=args.gateway_url,
                     node_id=args.node_id,

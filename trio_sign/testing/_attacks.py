@@ -161,11 +161,12 @@ def request_header_block(path: str, authority: str = "localhost", scheme: str = 
 # -- connectors --------------------------------------------------------------------------------
 
 
-def tcp_connector(host: str, port: int) -> Connect:
-    """Plain TCP connections (h2c, or for `hold_bare_connections` in front of TLS)."""
+def tcp_connector(host: str, port: int, *, local_address: str | None = None) -> Connect:
+    """Plain TCP connections (h2c, or for `hold_bare_connections` in front of TLS), from
+    ``local_address`` if given (another loopback address: a client apart from the others)."""
 
     async def connect() -> trio.abc.Stream:
-        return await trio.open_tcp_stream(host, port)
+        return await trio.open_tcp_stream(host, port, local_address=local_address)
 
     return connect
 
