@@ -33,6 +33,7 @@ from trio_sign.parent._launch import LaunchError
 from trio_sign.parent._lifecycle import (
     ALERTS,
     TRANSITIONS,
+    EnclaveExited,
     IllegalTransition,
     Lifecycle,
     ParentExit,
@@ -666,6 +667,62 @@ async def test_a_serving_run_takes_the_enclaves_deltas_and_pushes_the_stores(
         assert "trio_sign_parent_deltas_pushed_total 2" in render_metrics(state)
         stop.set()
     assert state.alerts.last is None
+
+
+async def test_a_delta_sent_just_before_the_enclave_dies_is_still_stored(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """The enclave sends its delta and dies at once; the parent's store is slow (2 s). The run
+    ends on the exit, which stops the deltas channel: it waits for that connection to finish
+    what it was handed first, so the delta is stored (it was lost when the run ended 0.5 s
+    after the exit)."""
+    from trio_sign.nitro._channel import DeltaChunkMessage, DeltaEndMessage, DeltaStoreMessage
+    from trio_sign.parent._deltas import Deltas, FileDeltaStore
+
+    directory = tmp_path / "deltas"
+    store = FileDeltaStore(directory, host_tag="0123456789ab")
+    store.recover()
+    mine = _a_delta(tmp_path, "acct-mine")
+
+    async def script(enclave: Enclave) -> None:
+        await enclave.connect_status()
+        await enclave.say("preloading")
+        channel = MessageStream(await trio.open_unix_socket(str(enclave.run_dir / "deltas.sock")))
+        try:
+            await channel.send(HelloMessage("deltas"))
+            await enclave.connect_preload()
+            await enclave.say("serving", accounts=3, sha256=SHA, preload_ms=1000)
+            await trio.sleep(1)  # serving for a while: its deltas connection is up
+            await channel.send(DeltaStoreMessage(sequence=1, total_bytes=len(mine)))
+            await channel.send(DeltaChunkMessage(data=mine))
+            await channel.send(DeltaEndMessage())
+            await enclave.last_words(70)  # dies: its sockets close with it
+        finally:
+            with trio.CancelScope(shield=True):
+                await channel.aclose()
+
+    async def slow(fn: Any, *args: Any) -> Any:
+        await trio.sleep(2)  # a store that takes a while (S3, a busy disk)
+        return fn(*args)
+
+    config = make_config(tmp_path, extra=f'[deltas]\nlocation = "file://{directory}"\n')
+    state = ParentState(wall_clock=trio.current_time, lifecycle=Lifecycle(clock=trio.current_time))
+    deltas = Deltas(store, on_alert=state.alerts.raise_alert, offload=slow)
+    async with trio.open_nursery() as nursery:
+        launcher = FakeLauncher(nursery, config.bundle.work_dir, [script])
+        supervisor = ParentSupervisor(
+            config,
+            launcher=launcher,
+            preloader=FakePreloader(),
+            fetch=copy_fetch,
+            state=state,
+            forwarder=LogForwarder(stats=state.logs),
+            deltas=deltas,
+        )
+        with pytest.raises(EnclaveExited, match="code 70"):  # the exit ends the run
+            await supervisor.run(trio.Event())
+        nursery.cancel_scope.cancel()
+    assert store.get(1) == mine
 
 
 async def test_the_deltas_store_is_opened_from_the_config(tmp_path: Path) -> None:

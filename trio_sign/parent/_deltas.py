@@ -816,6 +816,8 @@ class Deltas:
         self._failing = False
         self._refusals: dict[int, _Refusal] = {}
         self._active: trio.CancelScope | None = None
+        self._disconnected = trio.Event()
+        self._disconnected.set()
 
     # -- runs and boots ------------------------------------------------------------------------
 
@@ -995,6 +997,13 @@ class Deltas:
 
     # -- one connection at a time --------------------------------------------------------------
 
+    async def wait_disconnected(self) -> None:
+        """Return once no deltas connection is being served: a store whose bytes were read
+        has been written (or failed) by then. After the enclave died its connection ends
+        as soon as what it sent is handled; the supervisor waits for that before it ends the
+        run (which stops this channel), so that a delta sent just before a crash is kept."""
+        await self._disconnected.wait()
+
     @contextlib.contextmanager
     def _connection(self) -> Iterator[None]:
         if self._active is not None:
@@ -1002,6 +1011,8 @@ class Deltas:
             self._active.cancel()
         scope = trio.CancelScope()
         self._active = scope
+        if self._disconnected.is_set():
+            self._disconnected = trio.Event()
         self.stats.connected = True
         try:
             with scope:
@@ -1010,6 +1021,7 @@ class Deltas:
             if self._active is scope:
                 self._active = None
                 self.stats.connected = False
+                self._disconnected.set()
 
 
 # -- the deltas channel ------------------------------------------------------------------------

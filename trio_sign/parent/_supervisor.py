@@ -106,6 +106,10 @@ ENCLAVE_PUBLIC_PORT: Final = 50052
 PRELOAD_MARGIN_S: Final = 30.0
 #: How long the parent waits for the enclave's exit message once its process is gone.
 LAST_WORD_GRACE_S: Final = 0.5
+#: After the enclave exited, how long the run waits for its deltas connection to finish what
+#: it was handed (normally at once: the dead enclave's socket is closed; this bounds a store
+#: that hangs).
+DELTAS_FLUSH_TIMEOUT_S: Final = 10.0
 #: How long a terminated enclave gets to stop by itself before it is killed.
 TERMINATE_GRACE_S: Final = 10.0
 
@@ -763,6 +767,11 @@ class ParentSupervisor:
         # Its last word (the exit message) may still be in the channel: give it a moment.
         with trio.move_on_after(LAST_WORD_GRACE_S):
             await lifecycle.wait_for(lambda lc: lc.enclave.exit_code is not None)
+        if self.deltas is not None:
+            # A delta it sent just before it died may still be being read or written: the
+            # end of the run stops the deltas channel, so let that connection finish first.
+            with trio.move_on_after(DELTAS_FLUSH_TIMEOUT_S):
+                await self.deltas.wait_disconnected()
         said = view.exit_code is not None
         reported = view.exit_code if said else code
         lifecycle.enclave_exited(reported)
