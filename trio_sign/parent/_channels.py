@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Final
 
 import trio
@@ -276,12 +276,13 @@ async def serve_status(
 ) -> None:
     """Accept status connections on ``listeners`` until cancelled, each served by
     :func:`serve_status_connection`, all bounded by one :class:`ChannelGuard`."""
-    guard = ChannelGuard("status", max_connections=max_connections, hello_timeout_s=hello_timeout_s)
 
-    async def handle(stream: trio.abc.Stream) -> None:
+    async def serve_one(stream: trio.abc.Stream, guard: ChannelGuard) -> None:
         await serve_status_connection(stream, on, link, guard=guard)
 
-    await trio.serve_listeners(handle, list(listeners), task_status=task_status)
+    await serve_guarded(
+        listeners, "status", serve_one, max_connections, hello_timeout_s, task_status
+    )
 
 
 async def serve_logs(
@@ -296,9 +297,26 @@ async def serve_logs(
 ) -> None:
     """Accept log connections on ``listeners`` until cancelled, each served by
     :func:`serve_log_connection`, all bounded by one :class:`ChannelGuard`."""
-    guard = ChannelGuard("logs", max_connections=max_connections, hello_timeout_s=hello_timeout_s)
+
+    async def serve_one(stream: trio.abc.Stream, guard: ChannelGuard) -> None:
+        await serve_log_connection(stream, on, guard=guard)
+
+    await serve_guarded(listeners, "logs", serve_one, max_connections, hello_timeout_s, task_status)
+
+
+async def serve_guarded(
+    listeners: Sequence[trio.abc.Listener[trio.abc.Stream]],
+    channel: str,
+    serve_one: Callable[[trio.abc.Stream, ChannelGuard], Awaitable[None]],
+    max_connections: int,
+    hello_timeout_s: float,
+    task_status: trio.TaskStatus[list[trio.abc.Listener[trio.abc.Stream]]],
+) -> None:
+    """Accept ``channel`` connections on ``listeners`` until cancelled, each served by
+    ``serve_one`` with the channel's one :class:`ChannelGuard`."""
+    guard = ChannelGuard(channel, max_connections=max_connections, hello_timeout_s=hello_timeout_s)
 
     async def handle(stream: trio.abc.Stream) -> None:
-        await serve_log_connection(stream, on, guard=guard)
+        await serve_one(stream, guard)
 
     await trio.serve_listeners(handle, list(listeners), task_status=task_status)

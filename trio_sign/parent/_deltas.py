@@ -126,7 +126,7 @@ from ..nitro._channel import (
     PreloadResultMessage,
     chunked_frames,
 )
-from ._channels import HELLO_TIMEOUT_S, MAX_CHANNEL_CONNECTIONS, ChannelGuard
+from ._channels import HELLO_TIMEOUT_S, MAX_CHANNEL_CONNECTIONS, ChannelGuard, serve_guarded
 
 log = logging.getLogger("trio_sign.parent.deltas")
 
@@ -1224,22 +1224,25 @@ async def serve_deltas_connection(
 
 
 async def serve_deltas(
-    listeners: list[trio.SocketListener],
+    listeners: Sequence[trio.abc.Listener[trio.abc.Stream]],
     deltas: Deltas,
     *,
     max_connections: int = MAX_CHANNEL_CONNECTIONS,
     hello_timeout_s: float = HELLO_TIMEOUT_S,
-    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[list[trio.abc.Listener[trio.abc.Stream]]] = (
+        trio.TASK_STATUS_IGNORED
+    ),
 ) -> None:
     """Accept deltas connections on ``listeners`` until cancelled, all bounded by one
     :class:`ChannelGuard` (at most ``max_connections`` held; each hello within
     ``hello_timeout_s``)."""
-    guard = ChannelGuard("deltas", max_connections=max_connections, hello_timeout_s=hello_timeout_s)
 
-    async def handle(stream: trio.SocketStream) -> None:
+    async def serve_one(stream: trio.abc.Stream, guard: ChannelGuard) -> None:
         await serve_deltas_connection(stream, deltas, guard=guard)
 
-    await trio.serve_listeners(handle, listeners, task_status=task_status)
+    await serve_guarded(
+        listeners, "deltas", serve_one, max_connections, hello_timeout_s, task_status
+    )
 
 
 __all__ = [
