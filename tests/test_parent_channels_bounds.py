@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -15,6 +16,7 @@ import trio
 import trio.testing
 
 from trio_sign.nitro import (
+    MAX_FRAME_BYTES,
     ChannelMessage,
     FrameChannel,
     HelloMessage,
@@ -22,7 +24,9 @@ from trio_sign.nitro import (
     MessageStream,
     StateMessage,
 )
+from trio_sign.nitro._channel import DeltaLoadedMessage
 from trio_sign.parent._channels import (
+    HELLO_MAX_FRAME_BYTES,
     HELLO_TIMEOUT_S,
     ChannelGuard,
     StatusLink,
@@ -276,3 +280,122 @@ async def test_the_serve_functions_share_one_guard_per_channel(
     assert [c.closed_at for c in clients] == [0.0, None, None]
     await trio.sleep(5)
     assert [c.closed_at for c in clients] == [0.0, 3.0, 3.0]
+
+
+# -- the frame limit before the hello ----------------------------------------------------------
+
+
+class CountingStream(trio.abc.Stream):
+    """A stream that counts the bytes the parent read from it."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.read = 0
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self.inner.receive_some(max_bytes)
+        self.read += len(data)
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def padded_frame(message: ChannelMessage, payload_bytes: int) -> bytes:
+    """``message``'s frame with an unknown field (ignored by the receiver) that makes its
+    payload exactly ``payload_bytes`` long."""
+    fields = {**message.to_frame(), "pad": b""}
+    base = len(FrameChannel().send(fields)) - 4
+    for pad in range(payload_bytes - base, payload_bytes - base - 10, -1):  # the length's own size
+        frame = FrameChannel().send({**fields, "pad": b"\0" * pad})
+        if len(frame) - 4 == payload_bytes:
+            return frame
+    raise AssertionError("no padding gives that size")
+
+
+@pytest.mark.parametrize("channel", CHANNELS)
+async def test_a_frame_over_the_hello_limit_before_the_hello_closes_the_connection_at_once(
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    autojump_clock: trio.abc.Clock,
+    caplog: pytest.LogCaptureFixture,
+    channel: str,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    parent = Parent(channel, tmp_path)
+    guard = ChannelGuard(channel)
+    assert guard.hello_max_frame_bytes == HELLO_MAX_FRAME_BYTES == 4096
+    peers = []
+    for claimed in [MAX_FRAME_BYTES, HELLO_MAX_FRAME_BYTES + 1]:
+        parent_end, peer_end = trio.testing.memory_stream_pair()
+        counting = CountingStream(parent_end)
+        nursery.start_soon(parent.serve, counting, guard)
+        client = Client(peer_end)
+        nursery.start_soon(client.watch)
+        # A length prefix within MAX_FRAME_BYTES, then the first byte of its body.
+        await peer_end.send_all(struct.pack(">I", claimed) + b"\xa1")
+        await trio.testing.wait_all_tasks_blocked()
+        assert client.closed_at == 0.0  # at once, not at the hello deadline
+        assert counting.read == 4  # the prefix alone: none of the body was read
+        peers.append(client)
+    assert guard.oversized == 2
+    assert guard.held == 0
+    [record] = lines(caplog, "before the hello")  # rate-limited: once for both
+    assert record.levelno == logging.WARNING
+    assert record.getMessage() == (
+        f"{channel} channel: a frame over 4096 bytes before the hello (hello_max_frame_bytes); "
+        "connection closed"
+    )
+    assert not lines(caplog, "broken")
+
+    # A hello of exactly the limit is taken (a real one is some 40 bytes).
+    enclave = await connect(nursery, parent, guard)
+    hello = padded_frame(HelloMessage(channel=channel), HELLO_MAX_FRAME_BYTES)
+    await enclave.stream.send_all(hello)
+    messages = MessageStream(enclave.stream)
+    await say(messages, channel)
+    await trio.testing.wait_all_tasks_blocked()
+    assert enclave.closed_at is None
+    assert parent.serving(1)
+
+
+@pytest.mark.parametrize("channel", CHANNELS)
+@pytest.mark.parametrize("together", [True, False])
+async def test_after_the_hello_a_512_kib_frame_is_taken(
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    autojump_clock: trio.abc.Clock,
+    caplog: pytest.LogCaptureFixture,
+    channel: str,
+    together: bool,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    parent = Parent(channel, tmp_path)
+    enclave = await connect(nursery, parent, ChannelGuard(channel))
+    message: ChannelMessage
+    if channel == "status":
+        message = StateMessage(state="serving", accounts=3)
+    elif channel == "logs":
+        message = LogMessage(line='{"msg": "hi"}')
+    else:
+        message = DeltaLoadedMessage(sequence=1, head="ab" * 32, accounts=3)
+    big = padded_frame(message, 512 * 1024)
+    if together:  # in one write: the hello's read must not run into the big frame
+        await enclave.stream.send_all(hello_frame(channel) + big)
+    else:
+        await enclave.stream.send_all(hello_frame(channel))
+        await trio.testing.wait_all_tasks_blocked()
+        await enclave.stream.send_all(big)
+    await trio.testing.wait_all_tasks_blocked()
+    assert enclave.closed_at is None
+    assert not caplog.records
+    if channel == "deltas":
+        assert parent.deltas.stats.enclave_accounts == 3
+    else:
+        assert parent.received == [message]

@@ -13,13 +13,18 @@ vsock), yet a stuck or hostile peer must not hold the parent's tasks and descrip
 - a connection's ``hello`` must have arrived whole within ``hello_timeout_s``
   (:data:`HELLO_TIMEOUT_S`) of its accept, or it is closed (a peer that connects and says
   nothing, or sends half a frame);
+- until its ``hello`` is read, a connection's frames are at most ``hello_max_frame_bytes``
+  (:data:`HELLO_MAX_FRAME_BYTES`): a longer one is refused on its length prefix and the
+  connection closed, before any of it is buffered (else each of a channel's connections could
+  make the parent buffer a 1 MiB frame trickled in before its hello); after the hello the
+  channel's normal limit (``MAX_FRAME_BYTES``) applies;
 - a channel holds at most ``max_connections`` (:data:`MAX_CHANNEL_CONNECTIONS`) at once, hello
   or not. A real enclave holds one per channel (it reconnects after a break), so at the cap
   the parent makes room rather than refusing the newcomer (a squatter would otherwise lock the
   enclave out): it closes the oldest connection still waiting for its hello, else the oldest
   connection (an enclave that reconnects wins).
 
-Both are kept by a :class:`ChannelGuard` shared by a channel's connections; :func:`serve_status`
+All are kept by a :class:`ChannelGuard` shared by a channel's connections; :func:`serve_status`
 and :func:`serve_logs` (and ``serve_deltas``) make one per listener set. Closures are logged
 at most once per ``log_interval_s``, with a count of those held back.
 """
@@ -34,6 +39,7 @@ from typing import Final
 import trio
 
 from ..nitro import (
+    MAX_FRAME_BYTES,
     ChannelClosed,
     ChannelMessage,
     ChannelProtocolError,
@@ -54,6 +60,9 @@ OnMessage = Callable[[ChannelMessage], None]
 
 #: A connection's ``hello`` must have arrived whole this long after its accept.
 HELLO_TIMEOUT_S: Final = 10.0
+#: The largest frame a connection may send before its ``hello`` has been read (a hello is
+#: some 40 bytes).
+HELLO_MAX_FRAME_BYTES: Final = 4 * 1024
 #: Connections one channel holds at once (a real enclave holds one).
 MAX_CHANNEL_CONNECTIONS: Final = 8
 #: Closures of one kind on one channel are logged at most once per this.
@@ -79,11 +88,15 @@ class ChannelGuard:
             oldest one still waiting for its hello, else the oldest one.
         hello_timeout_s: a connection's ``hello`` must have arrived whole this long after
             its accept, else it is closed.
+        hello_max_frame_bytes: a connection that claims a longer frame before its ``hello``
+            is closed on the frame's length prefix (none of the frame is read).
         log_interval_s: closures of one kind are logged at most once per this.
 
     Attributes:
         evicted: connections closed to make room (counters only grow).
         timed_out: connections closed for want of a hello in time.
+        oversized: connections closed for a frame over ``hello_max_frame_bytes`` before
+            their hello.
     """
 
     def __init__(
@@ -92,17 +105,22 @@ class ChannelGuard:
         *,
         max_connections: int = MAX_CHANNEL_CONNECTIONS,
         hello_timeout_s: float = HELLO_TIMEOUT_S,
+        hello_max_frame_bytes: int = HELLO_MAX_FRAME_BYTES,
         log_interval_s: float = CHANNEL_LOG_INTERVAL_S,
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
         if not hello_timeout_s > 0:
             raise ValueError("hello_timeout_s must be > 0")
+        if not 1 <= hello_max_frame_bytes <= MAX_FRAME_BYTES:
+            raise ValueError(f"hello_max_frame_bytes must be between 1 and {MAX_FRAME_BYTES}")
         self.channel = channel
         self.max_connections = max_connections
         self.hello_timeout_s = hello_timeout_s
+        self.hello_max_frame_bytes = hello_max_frame_bytes
         self.evicted = 0
         self.timed_out = 0
+        self.oversized = 0
         # Insertion order: oldest first.
         self._waiting: dict[_Held, None] = {}
         self._greeted: dict[_Held, None] = {}
@@ -116,6 +134,13 @@ class ChannelGuard:
         self._log_timed_out = RateLimitedLog(
             log,
             f"{channel} channel: no hello within {hello_timeout_s:g} s; connection closed",
+            interval_s=log_interval_s,
+            clock=trio.current_time,
+        )
+        self._log_oversized = RateLimitedLog(
+            log,
+            f"{channel} channel: a frame over {hello_max_frame_bytes} bytes before the hello "
+            "(hello_max_frame_bytes); connection closed",
             interval_s=log_interval_s,
             clock=trio.current_time,
         )
@@ -147,12 +172,24 @@ class ChannelGuard:
             self._greeted.pop(held, None)
 
     async def receive_hello(self, messages: MessageStream, held: _Held) -> HelloMessage | None:
-        """The connection's hello; None (logged) if it has not arrived whole in time.
+        """The connection's hello; None (logged) if it has not arrived whole in time, or if
+        a frame over ``hello_max_frame_bytes`` came first (refused on its length prefix).
+        Nothing past the hello is read, so the frames after it get the stream's own limit.
 
-        Error handling: what :meth:`MessageStream.receive_expected` raises.
+        Error handling: what :meth:`MessageStream.receive_expected` raises, but for the
+        oversized frame.
         """
         with trio.move_on_after(self.hello_timeout_s):
-            hello = await messages.receive_expected(HelloMessage)
+            try:
+                hello = await messages.receive_expected(
+                    HelloMessage, max_frame_bytes=self.hello_max_frame_bytes
+                )
+            except ChannelProtocolError as exc:
+                if exc.reason != "oversized":
+                    raise
+                self.oversized += 1
+                self._log_oversized(channel=self.channel)
+                return None
             if self._waiting.pop(held, 0) is None:
                 self._greeted[held] = None
             return hello
