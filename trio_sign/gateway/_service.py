@@ -21,6 +21,9 @@ it)::
     listen = "tcp://127.0.0.1:8445"    # ws://HOST:PORT/v1/participants
     # gateway_id = "gateway"    # the id in every challenge (participant.toml gateway_id)
     # timeout_s = 10            # each participant's round one and round two
+    # log_interval_s = 10       # a line a peer can repeat: at most once per this; the other
+    #                           limits: max_connections, max_handshakes, handshake_timeout_s,
+    #                           max_in_flight, ping_interval_s, idle_timeout_s (docs/gateway.md)
     [accounts]                  # who holds each account's other shares (public data only)
     registry = "accounts.jsonl" # appended by DKG, or written for imported accounts
     # [shares]                  # DEVELOPMENT ONLY (with [dev] share_files = true): the
@@ -81,6 +84,7 @@ import functools
 import hmac
 import json
 import logging
+import math
 import os
 import secrets
 import tomllib
@@ -161,7 +165,20 @@ _KEYS: Final[dict[str, frozenset[str]]] = {
     "tls": frozenset({"mode", "ca", "cert", "key", "server_name"}),
     "attestation": frozenset({"root", "pcrs", "max_age_s", "check_timeout_s"}),
     "shares": frozenset({"participant_files"}),
-    "participant_endpoint": frozenset({"listen", "gateway_id", "timeout_s"}),
+    "participant_endpoint": frozenset(
+        {
+            "listen",
+            "gateway_id",
+            "timeout_s",
+            "max_connections",
+            "max_handshakes",
+            "handshake_timeout_s",
+            "max_in_flight",
+            "ping_interval_s",
+            "idle_timeout_s",
+            "log_interval_s",
+        }
+    ),
     "accounts": frozenset({"registry"}),
     "approvers": frozenset({"keys", "lifetime_s", "accounts"}),
     "prober": frozenset({"interval_s", "evict_after_s"}),
@@ -279,10 +296,17 @@ class GatewayConfig:
     dkg_recover_interval_s: float = 30.0
     #: ``[participant_endpoint]``: where remote participants connect (None: no endpoint).
     participant_listen: str | None = None
-    participant_gateway_id: str = "gateway"
     participant_timeout_s: float = 10.0
+    #: the endpoint's ``gateway_id`` and limits (``[participant_endpoint]``; HubSettings'
+    #: defaults for the keys not set).
+    participant_hub: HubSettings = field(default_factory=HubSettings)
     #: ``[accounts] registry``: the public account registry (remote participants' accounts).
     account_registry: Path = Path(DEFAULT_REGISTRY)
+
+    @property
+    def participant_gateway_id(self) -> str:
+        """``[participant_endpoint] gateway_id``: the id in every challenge."""
+        return self.participant_hub.gateway_id
 
     @property
     def attested(self) -> bool:
@@ -306,6 +330,56 @@ def _num(table: Mapping[str, Any], section: str, key: str, default: float) -> fl
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise GatewayConfigError(f"[{section}] {key} must be a positive number")
     return float(value)
+
+
+#: ``[participant_endpoint]`` keys that set the HubSettings limit of the same name, with
+#: the largest value each may take (``max_in_flight`` goes to the participant in ``welcome``,
+#: whose wire range is 1..65535).
+_HUB_COUNTS: Final = {"max_connections": None, "max_handshakes": None, "max_in_flight": 65535}
+_HUB_SECONDS: Final = ("handshake_timeout_s", "ping_interval_s", "idle_timeout_s")
+
+
+def _hub_settings(endpoint: Mapping[str, Any], gateway_id: str) -> HubSettings:
+    """The participant endpoint's limits from ``[participant_endpoint]`` (HubSettings'
+    defaults for the keys not set).
+
+    Error handling: :class:`GatewayConfigError` naming the key: a count that is not a whole
+    number in range, a time that is not a finite positive number of seconds (``log_interval_s``
+    may be 0: every line logged), or ``idle_timeout_s`` not longer than ``ping_interval_s``.
+    """
+    where = "[participant_endpoint]"
+    default = HubSettings()
+    values: dict[str, Any] = {"gateway_id": gateway_id}
+    for key, most in _HUB_COUNTS.items():
+        value = endpoint.get(key, getattr(default, key))
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < 1
+            or (most is not None and value > most)
+        ):
+            bound = f"1..{most}" if most is not None else "at least 1"
+            raise GatewayConfigError(f"{where} {key} must be a whole number, {bound}")
+        values[key] = value
+    for key in (*_HUB_SECONDS, "log_interval_s"):
+        value = endpoint.get(key, getattr(default, key))
+        zero_ok = key == "log_interval_s"
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value < 0
+            or (value == 0 and not zero_ok)
+        ):
+            what = "0 or more (0: every line)" if zero_ok else "positive"
+            raise GatewayConfigError(f"{where} {key} must be a number of seconds, {what}")
+        values[key] = float(value)
+    if values["idle_timeout_s"] <= values["ping_interval_s"]:
+        raise GatewayConfigError(
+            f"{where} idle_timeout_s must be longer than ping_interval_s (idleness is checked "
+            "at each ping, and a participant's pong is what it hears)"
+        )
+    return HubSettings(**values)
 
 
 def _hex32(table: Mapping[str, Any], key: str, error: str) -> bytes | None:
@@ -444,7 +518,7 @@ def parse_gateway_config(text: str, *, base: Path = Path(".")) -> GatewayConfig:
             "(key_id, public_key)"
         )
     participant_listen: str | None = None
-    participant_gateway_id = "gateway"
+    participant_hub = HubSettings()
     if endpoint is not None:
         participant_listen = _str(endpoint, "participant_endpoint", "listen")
         try:
@@ -459,6 +533,7 @@ def parse_gateway_config(text: str, *, base: Path = Path(".")) -> GatewayConfig:
             raise GatewayConfigError(
                 "[participant_endpoint] gateway_id must be an id (A-Z a-z 0-9 . _ : @ -)"
             )
+        participant_hub = _hub_settings(endpoint, participant_gateway_id)
     raw_nodes = data.get("node")
     if not isinstance(raw_nodes, list) or not raw_nodes:
         raise GatewayConfigError("at least one [[node]] (id, address) is required")
@@ -561,7 +636,7 @@ def parse_gateway_config(text: str, *, base: Path = Path(".")) -> GatewayConfig:
         dkg_round_timeout_s=_num(dkg, "dkg", "round_timeout_s", 30.0),
         dkg_recover_interval_s=_num(dkg, "dkg", "recover_interval_s", 30.0),
         participant_listen=participant_listen,
-        participant_gateway_id=participant_gateway_id,
+        participant_hub=participant_hub,
         participant_timeout_s=_num(endpoint or {}, "participant_endpoint", "timeout_s", 10.0),
         account_registry=base / _str(accounts, "accounts", "registry", DEFAULT_REGISTRY),
     )
@@ -739,8 +814,8 @@ class GatewayApi:
     Attributes:
         metrics: the gateway's metrics (sign requests by outcome, their latency, nodes known,
             healthy, evicted and not attested, attested channels verified and refused by
-            reason, event subscribers and refusals, build info), served as Prometheus text on
-            ``GET /metrics``.
+            reason, event subscribers and refusals, the participant endpoint's events by kind,
+            build info), served as Prometheus text on ``GET /metrics``.
     """
 
     def __init__(
@@ -820,6 +895,13 @@ class GatewayApi:
             "Event subscriptions refused or cut, by reason.",
             ("reason",),
         )
+        participant_events = m.counter(
+            "trio_sign_gateway_participant_events_total",
+            "What the participant endpoint saw or refused, by kind: auth_ok, auth_failed, "
+            "replaced, malformed, late_answers, busy, timeouts, errors (no series without "
+            "[participant_endpoint]).",
+            ("kind",),
+        )
 
         def collect() -> None:
             nodes = list(self._nodes.values())
@@ -844,6 +926,11 @@ class GatewayApi:
                 ("fell_behind", stats.dropped_slow),
             ):
                 refused.labels(reason=reason).set_total(n)
+            remote = self._coordinator.participants
+            if remote is not None:
+                # A fixed set of kinds (ParticipantHub.counts), never a participant id.
+                for kind, n in remote.counts.items():
+                    participant_events.labels(kind=kind).set_total(n)
 
         m.on_collect(collect)
 
@@ -1251,7 +1338,7 @@ async def serve_gateway(
         if config.participant_listen is not None:
             remote_hub = ParticipantHub(
                 config.remote_participants,
-                HubSettings(gateway_id=config.participant_gateway_id),
+                config.participant_hub,
             )
             registry = await trio.to_thread.run_sync(_open_registry, config.account_registry)
         coordinator = Coordinator(
