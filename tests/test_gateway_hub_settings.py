@@ -160,3 +160,20 @@ def test_the_docs_example_shows_the_defaults(tmp_path: Path) -> None:
     section = example[1].split("[participant_endpoint]", 1)[1].split("\n[", 1)[0]
     for key in (*_HUB_COUNTS, *_HUB_SECONDS, "log_interval_s"):
         assert f"\n{key} = " in section, key
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("timeout_s = nan", "[participant_endpoint] timeout_s must be a positive number"),
+        ("timeout_s = inf", "[participant_endpoint] timeout_s must be a positive number"),
+    ],
+)
+def test_the_other_numbers_refuse_nan_and_inf(line: str, message: str) -> None:
+    """TOML's nan passed the old ``value <= 0`` check (and inf was taken as a time)."""
+    with pytest.raises(GatewayConfigError) as info:
+        parse_gateway_config(gateway_toml(line))
+    assert str(info.value) == message
+    prober = gateway_toml().replace("[dev]", "[prober]\ninterval_s = nan\n[dev]")
+    with pytest.raises(GatewayConfigError, match=r"^\[prober\] interval_s must be a positive"):
+        parse_gateway_config(prober)

@@ -327,7 +327,13 @@ def _str(table: Mapping[str, Any], section: str, key: str, default: Any = ...) -
 
 def _num(table: Mapping[str, Any], section: str, key: str, default: float) -> float:
     value = table.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+    # TOML has nan and inf: nan passes "<= 0", and neither is a time or a count.
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise GatewayConfigError(f"[{section}] {key} must be a positive number")
     return float(value)
 
