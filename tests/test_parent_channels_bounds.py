@@ -399,3 +399,36 @@ async def test_after_the_hello_a_512_kib_frame_is_taken(
         assert parent.deltas.stats.enclave_accounts == 3
     else:
         assert parent.received == [message]
+
+
+@pytest.mark.parametrize("channel", CHANNELS)
+async def test_refused_connections_make_one_line_per_kind_not_one_each(
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    autojump_clock: trio.abc.Clock,
+    caplog: pytest.LogCaptureFixture,
+    channel: str,
+) -> None:
+    """Whoever can connect must not write the log at its own pace: 50 connections that say
+    hello for the wrong channel, and 50 that send garbage, make one line of each kind per
+    log_interval_s, and the next line says how many were held back."""
+    caplog.set_level(logging.WARNING)
+    parent = Parent(channel, tmp_path)
+    guard = ChannelGuard(channel)
+    wrong = hello_frame("preload")  # a valid name, not this channel's
+    garbage = struct.pack(">I", 3) + b"\xff\xff\xff"  # a frame that is not CBOR
+    for payload in [wrong] * 50 + [garbage] * 50:
+        parent_end, peer_end = trio.testing.memory_stream_pair()
+        nursery.start_soon(parent.serve, parent_end, guard)
+        await peer_end.send_all(payload)
+        await trio.testing.wait_all_tasks_blocked()
+        await peer_end.aclose()
+    assert len(lines(caplog, "wrong channel")) == 1
+    assert len(lines(caplog, "broken")) == 1
+    await trio.sleep(10)
+    parent_end, peer_end = trio.testing.memory_stream_pair()
+    nursery.start_soon(parent.serve, parent_end, guard)
+    await peer_end.send_all(wrong)
+    await trio.testing.wait_all_tasks_blocked()
+    _first, second = lines(caplog, "wrong channel")
+    assert getattr(second, "suppressed", None) == 49

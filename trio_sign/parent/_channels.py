@@ -137,6 +137,9 @@ class ChannelGuard:
             interval_s=log_interval_s,
             clock=trio.current_time,
         )
+        self._log_interval_s = log_interval_s
+        # what -> its rate-limited line (`warn`; a handful of fixed texts)
+        self._warnings: dict[str, RateLimitedLog] = {}
         self._log_oversized = RateLimitedLog(
             log,
             f"{channel} channel: a frame over {hello_max_frame_bytes} bytes before the hello "
@@ -144,6 +147,20 @@ class ChannelGuard:
             interval_s=log_interval_s,
             clock=trio.current_time,
         )
+
+    def warn(self, what: str, **fields: object) -> None:
+        """Log ``what`` happened to one of this channel's connections (a break, a wrong
+        channel, an unexpected message) at most once per ``log_interval_s`` for each
+        ``what``: whoever can connect must not be able to write the log at its own pace."""
+        rated = self._warnings.get(what)
+        if rated is None:
+            rated = self._warnings[what] = RateLimitedLog(
+                log,
+                f"{self.channel} channel: {what}",
+                interval_s=self._log_interval_s,
+                clock=trio.current_time,
+            )
+        rated(channel=self.channel, **fields)
 
     @property
     def held(self) -> int:
@@ -254,9 +271,7 @@ async def _converse(
         if hello is None:
             return
         if hello.channel != channel:
-            log.warning(
-                "wrong channel on connection", extra={"expected": channel, "got": hello.channel}
-            )
+            guard.warn("wrong channel on connection", got=hello.channel[:64])
             return
         if link is not None:
             link._messages = messages
@@ -265,13 +280,11 @@ async def _converse(
             if isinstance(message, kinds):
                 on(message)
             else:
-                log.warning(
-                    "unexpected message", extra={"channel": channel, "type": type(message).__name__}
-                )
+                guard.warn("unexpected message", type=type(message).__name__)
     except ChannelClosed:
         pass
     except (ChannelProtocolError, trio.BrokenResourceError) as exc:
-        log.warning("channel broken", extra={"channel": channel, "error": str(exc)})
+        guard.warn("channel broken", error=str(exc))
     finally:
         if link is not None and link._messages is messages:
             link._messages = None

@@ -1207,15 +1207,12 @@ async def serve_deltas_connection(
             except ChannelClosed:
                 return
             except (ChannelProtocolError, trio.BrokenResourceError) as exc:
-                log.warning("deltas channel broken before hello", extra={"error": str(exc)})
+                guard.warn("broken before hello", error=str(exc))
                 return
             if hello is None:
                 return
             if hello.channel != "deltas":
-                log.warning(
-                    "wrong channel on connection",
-                    extra={"expected": "deltas", "got": hello.channel},
-                )
+                guard.warn("wrong channel on connection", got=hello.channel[:64])
                 return
             with deltas._connection():
                 await _Connection(messages, deltas).run()
