@@ -602,6 +602,17 @@ async def test_frames_over_the_limit_close_with_1009(autojump_clock: trio.abc.Cl
         assert await fake.closed_code() == m.CLOSE_TOO_BIG
 
 
+async def test_a_binary_frame_closes_with_1003_and_counts_as_malformed(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async with world() as w:
+        fake = await w.connect("ops-1")
+        malformed = w.hub.counts["malformed"]
+        await fake.ws.send_message(b"\x00binary")
+        assert await fake.closed_code() == m.CLOSE_UNSUPPORTED_DATA
+        assert w.hub.counts["malformed"] == malformed + 1  # on /metrics like the others
+
+
 # -- configuration -------------------------------------------------------------------------------
 
 

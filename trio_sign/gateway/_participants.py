@@ -362,6 +362,7 @@ class _Connection:
                 return
             self.last_heard = trio.current_time()
             if not isinstance(text, str):
+                self.hub.counts["malformed"] += 1
                 self.close(
                     m.CLOSE_UNSUPPORTED_DATA,
                     "binary frames are not part of v1",
