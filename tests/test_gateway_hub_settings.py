@@ -4,6 +4,7 @@ gateway's ``GET /metrics`` as ``trio_sign_gateway_participant_events_total{kind}
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -177,3 +178,20 @@ def test_the_other_numbers_refuse_nan_and_inf(line: str, message: str) -> None:
     prober = gateway_toml().replace("[dev]", "[prober]\ninterval_s = nan\n[dev]")
     with pytest.raises(GatewayConfigError, match=r"^\[prober\] interval_s must be a positive"):
         parse_gateway_config(prober)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("max_in_flight", 70_000, "max_in_flight"),
+        ("max_connections", 0, "max_connections"),
+        ("ping_interval_s", float("nan"), "ping_interval_s"),
+        ("handshake_timeout_s", float("inf"), "handshake_timeout_s"),
+        ("idle_timeout_s", 15.0, "longer than ping_interval_s"),
+        ("log_interval_s", float("inf"), "log_interval_s"),
+    ],
+)
+def test_hub_settings_built_in_code_are_checked_too(field: str, value: float, words: str) -> None:
+    """Not only gateway.toml's parser: HubSettings itself refuses what it cannot run with."""
+    with pytest.raises(ValueError, match=words):
+        dataclasses.replace(HubSettings(), **{field: value})

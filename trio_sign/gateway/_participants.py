@@ -167,11 +167,18 @@ class HubSettings:
     def __post_init__(self) -> None:
         if not _ID.fullmatch(self.gateway_id):
             raise ValueError("gateway_id must be an id (A-Z a-z 0-9 . _ : @ -)")
-        if self.max_in_flight < 1 or self.max_queued_frames < 1:
-            raise ValueError("max_in_flight and max_queued_frames must be positive")
+        if not 1 <= self.max_in_flight <= 0xFFFF:  # the welcome frame carries it in 16 bits
+            raise ValueError("max_in_flight must be 1..65535")
+        if self.max_queued_frames < 1 or self.max_connections < 1 or self.max_handshakes < 1:
+            raise ValueError("max_queued_frames, max_connections, max_handshakes must be >= 1")
         if not 1024 <= self.max_frame_bytes <= m.MAX_FRAME_BYTES:
             raise ValueError(f"max_frame_bytes must be 1024..{m.MAX_FRAME_BYTES}")
-        if not self.log_interval_s >= 0:
+        for name in ("handshake_timeout_s", "challenge_ttl_s", "ping_interval_s", "idle_timeout_s"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be positive and finite")
+        if not self.idle_timeout_s > self.ping_interval_s:
+            raise ValueError("idle_timeout_s must be longer than ping_interval_s")
+        if not 0 <= self.log_interval_s < math.inf:
             raise ValueError("log_interval_s must not be negative")
 
 
