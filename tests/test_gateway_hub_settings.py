@@ -193,6 +193,6 @@ def test_the_other_numbers_refuse_nan_and_inf(line: str, message: str) -> None:
 )
 def test_hub_settings_built_in_code_are_checked_too(field: str, value: float, words: str) -> None:
     """Not only gateway.toml's parser: HubSettings itself refuses what it cannot run with."""
+    changes: dict[str, Any] = {field: value}
     with pytest.raises(ValueError, match=words):
-        changes: dict[str, Any] = {field: value}
         HubSettings(**changes)
