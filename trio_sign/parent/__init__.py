@@ -6,6 +6,7 @@ from ._attestation_gate import AttestationPolicy as AttestationPolicy
 from ._attestation_gate import run_attestation_gate as run_attestation_gate
 from ._bundle_copy import BundleCopyError as BundleCopyError
 from ._bundle_copy import copy_bundle as copy_bundle
+from ._channels import HELLO_MAX_FRAME_BYTES as HELLO_MAX_FRAME_BYTES
 from ._channels import HELLO_TIMEOUT_S as HELLO_TIMEOUT_S
 from ._channels import ChannelGuard as ChannelGuard
 from ._channels import StatusLink as StatusLink
@@ -64,6 +65,7 @@ __all__ = [
     "ParentState",
     "Redactor",
     "ChannelGuard",
+    "HELLO_MAX_FRAME_BYTES",
     "HELLO_TIMEOUT_S",
     "StatusLink",
     "GATE_REASONS",
