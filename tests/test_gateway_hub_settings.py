@@ -196,3 +196,13 @@ def test_hub_settings_built_in_code_are_checked_too(field: str, value: float, wo
     changes: dict[str, Any] = {field: value}
     with pytest.raises(ValueError, match=words):
         HubSettings(**changes)
+
+
+@pytest.mark.parametrize("value", ["1.5", "0.5", "0", "true", "nan"])
+def test_dkg_max_concurrent_is_a_whole_number_not_a_rounded_one(value: str) -> None:
+    """[dkg] max_concurrent was int(positive number): 1.5 became 1 and 0.5 became 0."""
+    toml = gateway_toml().replace("[dev]", f"[dkg]\nmax_concurrent = {value}\n[dev]")
+    with pytest.raises(GatewayConfigError, match=r"^\[dkg\] max_concurrent must be a whole"):
+        parse_gateway_config(toml)
+    ok = gateway_toml().replace("[dev]", "[dkg]\nmax_concurrent = 3\n[dev]")
+    assert parse_gateway_config(ok).dkg_max_concurrent == 3

@@ -338,6 +338,23 @@ def _num(table: Mapping[str, Any], section: str, key: str, default: float) -> fl
     return float(value)
 
 
+def _whole(
+    table: Mapping[str, Any], where: str, key: str, default: int, *, most: int | None = None
+) -> int:
+    """A count: a whole number from 1 (to ``most``); a float such as 1.5 is refused, not
+    rounded."""
+    value = table.get(key, default)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < 1
+        or (most is not None and value > most)
+    ):
+        bound = f"1..{most}" if most is not None else "at least 1"
+        raise GatewayConfigError(f"{where} {key} must be a whole number, {bound}")
+    return value
+
+
 #: ``[participant_endpoint]`` keys that set the HubSettings limit of the same name, with
 #: the largest value each may take (``max_in_flight`` goes to the participant in ``welcome``,
 #: whose wire range is 1..65535).
@@ -357,16 +374,7 @@ def _hub_settings(endpoint: Mapping[str, Any], gateway_id: str) -> HubSettings:
     default = HubSettings()
     values: dict[str, Any] = {"gateway_id": gateway_id}
     for key, most in _HUB_COUNTS.items():
-        value = endpoint.get(key, getattr(default, key))
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int)
-            or value < 1
-            or (most is not None and value > most)
-        ):
-            bound = f"1..{most}" if most is not None else "at least 1"
-            raise GatewayConfigError(f"{where} {key} must be a whole number, {bound}")
-        values[key] = value
+        values[key] = _whole(endpoint, where, key, getattr(default, key), most=most)
     for key in (*_HUB_SECONDS, "log_interval_s"):
         value = endpoint.get(key, getattr(default, key))
         zero_ok = key == "log_interval_s"
@@ -638,7 +646,7 @@ def parse_gateway_config(text: str, *, base: Path = Path(".")) -> GatewayConfig:
         remote_participants=remote,
         dkg_journal=base / _str(dkg, "dkg", "journal", DEFAULT_JOURNAL),
         dkg_enclave_identity_key=_hex_key(dkg, "[dkg] enclave_identity_key"),
-        dkg_max_concurrent=int(_num(dkg, "dkg", "max_concurrent", 8)),
+        dkg_max_concurrent=_whole(dkg, "[dkg]", "max_concurrent", 8),
         dkg_round_timeout_s=_num(dkg, "dkg", "round_timeout_s", 30.0),
         dkg_recover_interval_s=_num(dkg, "dkg", "recover_interval_s", 30.0),
         participant_listen=participant_listen,
