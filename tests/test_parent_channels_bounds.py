@@ -432,3 +432,37 @@ async def test_refused_connections_make_one_line_per_kind_not_one_each(
     await trio.testing.wait_all_tasks_blocked()
     _first, second = lines(caplog, "wrong channel")
     assert getattr(second, "suppressed", None) == 49
+
+
+async def test_a_greeted_deltas_peer_cannot_write_the_log_at_its_own_pace(
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    autojump_clock: trio.abc.Clock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """After a hello (not authenticated), 50 stores of something that is not a delta and 50
+    refusals of deltas never pushed make one line each, not 100."""
+    from trio_sign.nitro._channel import (
+        DeltaChunkMessage,
+        DeltaEndMessage,
+        DeltaRefusedMessage,
+        DeltaStoreFailedMessage,
+        DeltaStoreMessage,
+    )
+
+    caplog.set_level(logging.WARNING)
+    parent = Parent("deltas", tmp_path)
+    parent_end, peer_end = trio.testing.memory_stream_pair()
+    nursery.start_soon(parent.serve, parent_end, ChannelGuard("deltas"))
+    peer = MessageStream(peer_end)
+    await peer.send(HelloMessage(channel="deltas"))
+    for sequence in range(1, 51):
+        await peer.send(DeltaStoreMessage(sequence=sequence, total_bytes=3))
+        await peer.send(DeltaChunkMessage(data=b"abc"))
+        await peer.send(DeltaEndMessage())
+        assert isinstance(await peer.receive(), DeltaStoreFailedMessage)
+        await peer.send(DeltaRefusedMessage(sequence=sequence, reason="no"))
+    await trio.testing.wait_all_tasks_blocked()
+    assert len(lines(caplog, "refused to store a delta")) == 1
+    assert len(lines(caplog, "refused a delta that was not pushed")) == 1
+    assert parent.deltas.stats.connected  # still served: these are answered, not fatal

@@ -85,6 +85,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import functools
 import hashlib
 import io
 import logging
@@ -126,7 +127,14 @@ from ..nitro._channel import (
     PreloadResultMessage,
     chunked_frames,
 )
-from ._channels import HELLO_TIMEOUT_S, MAX_CHANNEL_CONNECTIONS, ChannelGuard, serve_guarded
+from ..rpc import RateLimitedLog
+from ._channels import (
+    CHANNEL_LOG_INTERVAL_S,
+    HELLO_TIMEOUT_S,
+    MAX_CHANNEL_CONNECTIONS,
+    ChannelGuard,
+    serve_guarded,
+)
 
 log = logging.getLogger("trio_sign.parent.deltas")
 
@@ -818,6 +826,14 @@ class Deltas:
         self._active: trio.CancelScope | None = None
         self._disconnected = trio.Event()
         self._disconnected.set()
+        # What the peer can repeat at its own pace is logged at most once per interval (the
+        # channel's hello is not authenticated: DESIGN §16).
+        rated = functools.partial(
+            RateLimitedLog, log, interval_s=CHANNEL_LOG_INTERVAL_S, clock=trio.current_time
+        )
+        self._log_not_a_delta = rated("refused to store a delta: not a delta")
+        self._log_not_a_base = rated("refused to store a base: not a base")
+        self.log_unpushed_refusal = rated("the enclave refused a delta that was not pushed")
 
     # -- runs and boots ------------------------------------------------------------------------
 
@@ -886,7 +902,7 @@ class Deltas:
         try:
             fingerprint: str = await self._offload(delta_fingerprint, data, sequence)
         except NotADelta as exc:
-            log.warning("refused to store a delta", extra={"sequence": sequence, "error": str(exc)})
+            self._log_not_a_delta(sequence=sequence, error=str(exc))
             return DeltaStoreFailedMessage(
                 sequence=sequence, reason=f"not_a_delta: {exc}"[:MAX_REASON_CHARS]
             )
@@ -924,7 +940,7 @@ class Deltas:
         try:
             await self._offload(base_fingerprint, data, sha256)
         except NotADelta as exc:
-            log.warning("refused to store a base", extra={"sha256": sha256, "error": str(exc)})
+            self._log_not_a_base(sha256=sha256, error=str(exc))
             return BaseStoreFailedMessage(
                 sha256=sha256, reason=f"not_a_base: {exc}"[:MAX_REASON_CHARS]
             )
@@ -1089,9 +1105,8 @@ class _Connection:
                     self.deltas.refused(message.sequence, message.reason)
                     self._answered.set()
                 else:
-                    log.warning(
-                        "the enclave refused a delta that was not pushed",
-                        extra={"sequence": message.sequence, "reason": message.reason},
+                    self.deltas.log_unpushed_refusal(
+                        sequence=message.sequence, reason=message.reason
                     )
             else:
                 raise ChannelProtocolError(
