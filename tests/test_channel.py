@@ -602,3 +602,19 @@ def test_identity_messages_are_checked(frame: dict[str, object]) -> None:
     with pytest.raises(ChannelProtocolError) as info:
         decode_message(Frame(str(frame["type"]), frame))
     assert info.value.reason == "bad_field"
+
+
+def test_needed_is_what_completes_the_frame_in_progress() -> None:
+    """`FrameChannel.needed`: the prefix's missing bytes, then the payload's, byte by byte;
+    after a whole frame, a new prefix's four."""
+    from trio_sign.nitro import FrameChannel, HelloMessage
+
+    frame = FrameChannel().send(HelloMessage(channel="logs"))
+    channel = FrameChannel()
+    assert channel.needed == 4
+    for i, byte in enumerate(frame[:-1]):
+        assert channel.receive_data(bytes([byte])) == []
+        got = i + 1
+        assert channel.needed == (4 - got if got < 4 else len(frame) - got)
+    assert len(channel.receive_data(frame[-1:])) == 1
+    assert channel.needed == 4

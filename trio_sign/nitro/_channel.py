@@ -295,6 +295,18 @@ class FrameChannel:
         """Bytes received that do not yet form a complete frame."""
         return len(self._buffer)
 
+    @property
+    def needed(self) -> int:
+        """Bytes still to receive to complete the frame in progress: what its length prefix
+        still lacks, or once the prefix is in, the rest of its payload (a reader that wants
+        nothing past one frame asks for no more). Meaningful while no complete frame is
+        buffered, which is so after every :meth:`receive_data`."""
+        buf = self._buffer
+        if len(buf) < _LENGTH.size:
+            return _LENGTH.size - len(buf)
+        length: int = _LENGTH.unpack_from(buf, 0)[0]
+        return _LENGTH.size + length - len(buf)
+
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         """Take received bytes (any chunking); return the frames they complete, in order."""
         if self._broken is not None:

@@ -27,8 +27,6 @@ from ._channel import (
 )
 
 _RECEIVE_SIZE = 256 * 1024
-#: The frame's length prefix: a u32, big-endian (the framing in :mod:`._channel`).
-_PREFIX_BYTES = 4
 
 M = TypeVar("M", bound=ChannelMessage)
 
@@ -98,21 +96,15 @@ class MessageStream:
             raise self._error
         if self._pending or self._channel.buffered:
             raise RuntimeError("a frame limit of its own needs nothing read ahead of the frame")
-        prefix = bytearray()
         self._channel.max_frame_bytes = max_frame_bytes
         try:
             while True:
-                received = self._channel.buffered
-                if received < _PREFIX_BYTES:
-                    wanted = _PREFIX_BYTES - received
-                else:  # the channel checked the prefix against the limit when it completed
-                    wanted = _PREFIX_BYTES + int.from_bytes(prefix, "big") - received
-                data = await self.stream.receive_some(min(wanted, _RECEIVE_SIZE))
+                # The prefix's missing bytes, then (the channel checked the prefix against
+                # the limit when it completed) the payload's: nothing past this frame.
+                data = await self.stream.receive_some(min(self._channel.needed, _RECEIVE_SIZE))
                 if not data:
                     self._channel.receive_eof()  # raises "truncated" inside a frame
                     raise ChannelClosed()
-                if received < _PREFIX_BYTES:
-                    prefix += data  # never more than the prefix's missing bytes
                 try:
                     frames = self._channel.receive_data(data)
                 except ChannelProtocolError as exc:
