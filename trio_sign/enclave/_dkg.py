@@ -65,7 +65,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Final, Protocol, TypeVar
@@ -721,6 +721,32 @@ def _describe(group: Group, ident: bytes) -> str:
     return group.describe_identifier(ident)
 
 
+def _each_once(
+    group: Group,
+    entries: Sequence[_T],
+    ident_of: Callable[[_T], bytes],
+    allowed: Container[bytes],
+    *,
+    entry: str,
+    field: str,
+    among: str,
+    plural: str,
+) -> Iterator[tuple[_T, bytes, str]]:
+    """Each entry of a request with its identifier and description, once that identifier is
+    known to be one of ``allowed`` (else ``"<entry> <index>: <field> ... is not <among>"``) and not
+    one seen before (else ``"participant <who>: two <plural>"``)."""
+    seen: set[bytes] = set()
+    for index, item in enumerate(entries):
+        ident = ident_of(item)
+        if ident not in allowed:
+            raise _invalid(f"{entry} {index}: {field} {_describe(group, ident)} is not {among}")
+        who = group.describe_identifier(ident)
+        if ident in seen:
+            raise _invalid(f"participant {who}: two {plural}")
+        seen.add(ident)
+        yield item, ident, who
+
+
 def _digest(*parts: bytes) -> bytes:
     h = hashlib.sha256()
     for part in parts:
@@ -1262,18 +1288,16 @@ class DkgRegistry:
             )
         key_ids = dict(expected)
         pok_bytes = 64 if group.taproot else group.element_size + group.scalar_size
-        seen: set[bytes] = set()
-        for index, p in enumerate(packages):
-            ident = bytes(p.identifier)
-            if ident not in key_ids:
-                raise _invalid(
-                    f"package {index}: identifier {_describe(group, ident)} is not "
-                    "another participant of this DKG"
-                )
-            who = group.describe_identifier(ident)
-            if ident in seen:
-                raise _invalid(f"participant {who}: two round-1 packages")
-            seen.add(ident)
+        for p, ident, who in _each_once(
+            group,
+            packages,
+            lambda p: bytes(p.identifier),
+            key_ids,
+            entry="package",
+            field="identifier",
+            among="another participant of this DKG",
+            plural="round-1 packages",
+        ):
             if (
                 len(p.commitment) != session.commitment_length
                 or any(len(e) != group.element_size for e in p.commitment)
@@ -1423,18 +1447,16 @@ class DkgRegistry:
                 f"{len(shares)}"
             )
         # Every share's sender, recipient and size before any key is derived.
-        seen: set[bytes] = set()
-        for index, s in enumerate(shares):
-            sender = bytes(s.sender)
-            if sender not in others:
-                raise _invalid(
-                    f"share {index}: sender {_describe(group, sender)} is not "
-                    "another participant of this DKG"
-                )
-            who = group.describe_identifier(sender)
-            if sender in seen:
-                raise _invalid(f"participant {who}: two shares")
-            seen.add(sender)
+        for s, _sender, who in _each_once(
+            group,
+            shares,
+            lambda s: bytes(s.sender),
+            others,
+            entry="share",
+            field="sender",
+            among="another participant of this DKG",
+            plural="shares",
+        ):
             if bytes(s.recipient) != session.identifier:
                 raise _invalid(
                     f"participant {who}: share addressed to "
@@ -1766,18 +1788,16 @@ class DkgRegistry:
                 f"participant, got {len(request.keys)}"
             )
         # Every entry's identifier, sizes and key id before any signature or X25519 work.
-        seen: set[bytes] = set()
-        for index, k in enumerate(request.keys):
-            ident = bytes(k.identifier)
-            if ident not in expected:
-                raise _invalid(
-                    f"key {index}: identifier {_describe(group, ident)} is not "
-                    "another helper or the participant of this repair"
-                )
-            who = group.describe_identifier(ident)
-            if ident in seen:
-                raise _invalid(f"participant {who}: two keys")
-            seen.add(ident)
+        for k, ident, who in _each_once(
+            group,
+            request.keys,
+            lambda k: bytes(k.identifier),
+            expected,
+            entry="key",
+            field="identifier",
+            among="another helper or the participant of this repair",
+            plural="keys",
+        ):
             if len(k.encryption_key) != X25519_BYTES or len(k.signature) != SIGNATURE_BYTES:
                 raise _invalid(
                     f"participant {who}: a key is {X25519_BYTES} bytes and its signature "
