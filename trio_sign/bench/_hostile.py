@@ -251,18 +251,8 @@ class _StackTarget(_Target):
     name = "stack"
     description = "full local stack: parent ingress (TCP pipe) -> enclave's attested TLS"
     tls = True
-
-    def __init__(
-        self,
-        work: Path,
-        shares: Path,
-        log: IO[str],
-        profile_dir: Path | None = None,
-        ingress_options: tuple[str, ...] = (),
-    ) -> None:
-        super().__init__(work, shares, log, profile_dir, ingress_options)
-        self._enclave: int | None = None
-        self._runs = 0
+    _enclave: int | None = None  # the enclave process's pid, once started
+    _runs = 0  # starts so far (each in its own work directory)
 
     def start(self) -> None:
         self._runs += 1
