@@ -161,6 +161,20 @@ async def test_rapid_reset_stops_at_its_duration(autojump_clock: object) -> None
     assert stats.streams_opened < 10**6
 
 
+def lockstep_server(
+    nursery: trio.Nursery, behaviour: Callable[[trio.abc.Stream], Awaitable[None]]
+) -> attacks.Connect:
+    """Connections whose server end runs ``behaviour``; lockstep, so that a server that does
+    not read blocks the attacker's writes (as a full socket would)."""
+
+    async def connect() -> trio.abc.Stream:
+        client, server = trio.testing.lockstep_stream_pair()
+        nursery.start_soon(behaviour, server)
+        return client
+
+    return connect
+
+
 @pytest.mark.parametrize("leave_on_goaway", [False, True])
 async def test_rapid_reset_ends_quietly_when_the_server_closes(
     autojump_clock: object, leave_on_goaway: bool
@@ -171,12 +185,7 @@ async def test_rapid_reset_ends_quietly_when_the_server_closes(
         await stream.aclose()
 
     async with trio.open_nursery() as nursery:
-
-        async def connect() -> trio.abc.Stream:
-            client, server = trio.testing.lockstep_stream_pair()
-            nursery.start_soon(close_after_preface, server)
-            return client
-
+        connect = lockstep_server(nursery, close_after_preface)
         stats = await attacks.rapid_reset(connect, 2, 10**6, 1.0, leave_on_goaway=leave_on_goaway)
     assert stats.connections == 2
     assert stats.closed_by_server == 2
@@ -198,14 +207,13 @@ async def test_rapid_reset_can_leave_on_goaway(
         await trio.sleep_forever()
 
     async with trio.open_nursery() as nursery:
-
-        async def connect() -> trio.abc.Stream:
-            client, server = trio.testing.lockstep_stream_pair()
-            nursery.start_soon(cut_and_hold, server)
-            return client
-
         stats = await attacks.rapid_reset(
-            connect, 2, 10**6, 2.9, reconnect=True, leave_on_goaway=leave_on_goaway
+            lockstep_server(nursery, cut_and_hold),
+            2,
+            10**6,
+            2.9,
+            reconnect=True,
+            leave_on_goaway=leave_on_goaway,
         )
         nursery.cancel_scope.cancel()
     assert stats.connections == (12 if leave_on_goaway else 2)
