@@ -285,6 +285,18 @@ def test_missing_file_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[s
     )
 
 
+@pytest.mark.parametrize("option", ["per_source_rate", "=5", "per source=5", "a=1\n[evil]"])
+def test_dev_up_refuses_a_malformed_ingress_option(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str
+) -> None:
+    """Checked before anything starts: KEY=VALUE, one line of [ingress]."""
+    shares = tmp_path / "s.json"
+    shares.write_text("{}")
+    argv = ["dev", "up", "--shares", str(shares), "--health", "tcp://127.0.0.1:0"]
+    assert main([*argv, "--ingress-option", option]) == EXIT_FAILED
+    assert "expected KEY=VALUE" in capsys.readouterr().err
+
+
 def test_ctrl_c_while_dev_up_boots(tmp_path: Path, shares: Path) -> None:
     """Ctrl-C before the stack is ready stops it at once (it used to wait for readiness, up
     to --ready-timeout): one line, exit 130, nothing left running."""

@@ -187,7 +187,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     ingress_options: dict[str, str] = {}
     for option in args.ingress_option:
         key, sep, value = option.partition("=")
-        if not sep or not key.strip().isidentifier() or not value.strip():
+        # one TOML value on its line of [ingress] (parse_parent_config checks it like any)
+        if not sep or not key.strip().isidentifier() or not value.strip() or "\n" in value:
             raise TrioSignError(f"--ingress-option {option!r}: expected KEY=VALUE")
         ingress_options[key.strip()] = value.strip()
     raise_open_file_limit()  # the ingress holds two descriptors per forwarded connection
