@@ -73,6 +73,7 @@ from typing import Any, Final, Protocol, TypeVar
 import nacl.exceptions
 import nacl.signing
 import trio
+from google.protobuf.message import Message
 
 from proto_min import sign_service_pb2 as pb
 
@@ -1197,7 +1198,7 @@ class DkgRegistry:
             if (
                 counted
                 and session.round2_response is not None
-                and session.round2_key == _round2_key(request.packages)
+                and session.round2_key == _retry_key(request.packages)
             ):
                 return session.round2_response
             raise _refuse(
@@ -1208,7 +1209,7 @@ class DkgRegistry:
             raise _refuse(PoolErrorKind.FAILED_PRECONDITION, "round 1 has not run")
         group = session.group
         received = self._check_packages(session, request.packages)
-        key = _round2_key(request.packages)
+        key = _retry_key(request.packages)
         # The share keys first, from the packages' X25519 keys: a small-order key fails here,
         # before the round-1 secret is consumed. Then part2, then encrypt and zero.
         keys: dict[bytes, bytearray] = {}
@@ -1781,12 +1782,9 @@ class DkgRegistry:
         """Every other helper's and the participant's X25519 key, each signed by the pinned
         key its entry names over :func:`repair_key_payload`; a substituted one is refused
         naming whose it claims to be."""
+        # As many entries as ``expected`` (repair_step1 checked the count): 'enclave' is
+        # reserved, so exactly one helper, this enclave, is left out.
         expected = {i: k for i, k in [*helpers, participant] if k != ENCLAVE_KEY_ID}
-        if len(request.keys) != len(expected):
-            raise _invalid(
-                f"keys must hold the {len(expected)} X25519 keys of the other helpers and the "
-                f"participant, got {len(request.keys)}"
-            )
         # Every entry's identifier, sizes and key id before any signature or X25519 work.
         for k, ident, who in _each_once(
             group,
@@ -1908,7 +1906,7 @@ class DkgRegistry:
             if (
                 counted
                 and session.step2_response is not None
-                and session.step2_key == _deltas_key(request.deltas)
+                and session.step2_key == _retry_key(request.deltas)
             ):
                 return session.step2_response
             raise _refuse(
@@ -1933,7 +1931,7 @@ class DkgRegistry:
                 ),
             )
         received = self._decrypt(session, request.deltas, REPAIR_DELTA_INFO)
-        key = _deltas_key(request.deltas)
+        key = _retry_key(request.deltas)
         sigma = bytearray(0)
         try:
             values = {ident: p.signing_share for ident, p in received.items()}
@@ -2100,14 +2098,10 @@ def largest_dkg_requests() -> dict[str, int]:
     }
 
 
-def _round2_key(packages: Sequence[pb.DkgRound1Package]) -> bytes:
-    """What a retry of round 2 must repeat (hash it only once its count is right)."""
-    return _digest(*(p.SerializeToString(deterministic=True) for p in packages))
-
-
-def _deltas_key(deltas: Sequence[pb.DkgEncryptedShare]) -> bytes:
-    """What a retry of repair step 2 must repeat (hash it only once its count is right)."""
-    return _digest(*(d.SerializeToString(deterministic=True) for d in deltas))
+def _retry_key(entries: Sequence[Message]) -> bytes:
+    """What a retry of round 2 (its packages) or of repair step 2 (its deltas) must repeat;
+    hash it only once its count is right."""
+    return _digest(*(e.SerializeToString(deterministic=True) for e in entries))
 
 
 def _culprit_message(group: Group, exc: _dkg.DkgError) -> str:
