@@ -466,3 +466,25 @@ async def test_a_greeted_deltas_peer_cannot_write_the_log_at_its_own_pace(
     assert len(lines(caplog, "refused to store a delta")) == 1
     assert len(lines(caplog, "refused a delta that was not pushed")) == 1
     assert parent.deltas.stats.connected  # still served: these are answered, not fatal
+
+
+@pytest.mark.parametrize("channel", CHANNELS)
+async def test_greeted_connections_that_break_make_one_line_not_one_each(
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    autojump_clock: trio.abc.Clock,
+    caplog: pytest.LogCaptureFixture,
+    channel: str,
+) -> None:
+    """50 connections that say hello, then send a frame that is not CBOR, make one
+    "broken" line per log_interval_s, on every channel (deltas: its own reader)."""
+    caplog.set_level(logging.WARNING)
+    parent = Parent(channel, tmp_path)
+    guard = ChannelGuard(channel)
+    garbage = struct.pack(">I", 3) + b"\xff\xff\xff"
+    for _ in range(50):
+        client = await connect(nursery, parent, guard)
+        await client.stream.send_all(hello_frame(channel) + garbage)
+        await trio.testing.wait_all_tasks_blocked()
+        assert client.closed_at is not None
+    assert len(lines(caplog, "broken")) == 1

@@ -1046,9 +1046,10 @@ class Deltas:
 class _Connection:
     """One deltas connection: the reader (stores, answers to pushes) and the watcher."""
 
-    def __init__(self, messages: MessageStream, deltas: Deltas) -> None:
+    def __init__(self, messages: MessageStream, deltas: Deltas, guard: ChannelGuard) -> None:
         self.messages = messages
         self.deltas = deltas
+        self.guard = guard
         self._send_lock = trio.Lock()
         self._wake = trio.Event()
         self._held = 0  # the highest sequence the enclave stored itself on this connection
@@ -1077,7 +1078,9 @@ class _Connection:
         except ChannelClosed:
             log.info("the enclave closed its deltas connection")
         except (ChannelProtocolError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            log.warning("deltas channel broken", extra={"error": str(exc)})
+            # Once per log interval: a peer that says hello and then garbage, over and over,
+            # must not write a line per connection.
+            self.guard.warn("channel broken", error=str(exc))
         finally:
             scope.cancel()
 
@@ -1230,7 +1233,7 @@ async def serve_deltas_connection(
                 guard.warn("wrong channel on connection", got=hello.channel[:64])
                 return
             with deltas._connection():
-                await _Connection(messages, deltas).run()
+                await _Connection(messages, deltas, guard).run()
     finally:
         await trio.aclose_forcefully(messages.stream)
 
