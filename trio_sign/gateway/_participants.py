@@ -167,8 +167,8 @@ class HubSettings:
     def __post_init__(self) -> None:
         if not _ID.fullmatch(self.gateway_id):
             raise ValueError("gateway_id must be an id (A-Z a-z 0-9 . _ : @ -)")
-        if not 1 <= self.max_in_flight <= 0xFFFF:  # the welcome frame carries it in 16 bits
-            raise ValueError("max_in_flight must be 1..65535")
+        if not 1 <= self.max_in_flight <= m.MAX_IN_FLIGHT:  # the welcome frame carries it
+            raise ValueError(f"max_in_flight must be 1..{m.MAX_IN_FLIGHT}")
         if self.max_queued_frames < 1 or self.max_connections < 1 or self.max_handshakes < 1:
             raise ValueError("max_queued_frames, max_connections, max_handshakes must be >= 1")
         if not 1024 <= self.max_frame_bytes <= m.MAX_FRAME_BYTES:
@@ -177,7 +177,10 @@ class HubSettings:
             if not 0 < getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be positive and finite")
         if not self.idle_timeout_s > self.ping_interval_s:
-            raise ValueError("idle_timeout_s must be longer than ping_interval_s")
+            raise ValueError(
+                "idle_timeout_s must be longer than ping_interval_s (idleness is checked at "
+                "each ping, and a participant's pong is what it hears)"
+            )
         if not 0 <= self.log_interval_s < math.inf:
             raise ValueError("log_interval_s must not be negative")
 

@@ -104,6 +104,7 @@ from ..attested import ChannelPolicy, make_attested_client_context
 from ..authz._keys import KEY_ID_PATTERN
 from ..crypto import SECP256K1_TR
 from ..nitro import load_pcr_json
+from ..participant._messages import MAX_IN_FLIGHT as MAX_WELCOME_IN_FLIGHT
 from ..transport import TransportError, parse_address, serve_asgi
 from ..transport._asgi import asgi_lifespan, respond
 from ._accounts import DEFAULT_REGISTRY, AccountRegistry, AccountRegistryError
@@ -325,15 +326,15 @@ def _str(table: Mapping[str, Any], section: str, key: str, default: Any = ...) -
     return value
 
 
+def _is_number(value: object) -> bool:
+    """A TOML int or float that is finite: TOML has nan (which passes ``<= 0``) and inf, and
+    neither is a time or a count; a bool is an int to Python, never a number here."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def _num(table: Mapping[str, Any], section: str, key: str, default: float) -> float:
     value = table.get(key, default)
-    # TOML has nan and inf: nan passes "<= 0", and neither is a time or a count.
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
+    if not _is_number(value) or value <= 0:
         raise GatewayConfigError(f"[{section}] {key} must be a positive number")
     return float(value)
 
@@ -358,7 +359,11 @@ def _whole(
 #: ``[participant_endpoint]`` keys that set the HubSettings limit of the same name, with
 #: the largest value each may take (``max_in_flight`` goes to the participant in ``welcome``,
 #: whose wire range is 1..65535).
-_HUB_COUNTS: Final = {"max_connections": None, "max_handshakes": None, "max_in_flight": 65535}
+_HUB_COUNTS: Final = {
+    "max_connections": None,
+    "max_handshakes": None,
+    "max_in_flight": MAX_WELCOME_IN_FLIGHT,
+}
 _HUB_SECONDS: Final = ("handshake_timeout_s", "ping_interval_s", "idle_timeout_s")
 
 
@@ -378,22 +383,14 @@ def _hub_settings(endpoint: Mapping[str, Any], gateway_id: str) -> HubSettings:
     for key in (*_HUB_SECONDS, "log_interval_s"):
         value = endpoint.get(key, getattr(default, key))
         zero_ok = key == "log_interval_s"
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-            or value < 0
-            or (value == 0 and not zero_ok)
-        ):
+        if not _is_number(value) or value < 0 or (value == 0 and not zero_ok):
             what = "0 or more (0: every line)" if zero_ok else "positive"
             raise GatewayConfigError(f"{where} {key} must be a number of seconds, {what}")
         values[key] = float(value)
-    if values["idle_timeout_s"] <= values["ping_interval_s"]:
-        raise GatewayConfigError(
-            f"{where} idle_timeout_s must be longer than ping_interval_s (idleness is checked "
-            "at each ping, and a participant's pong is what it hears)"
-        )
-    return HubSettings(**values)
+    try:
+        return HubSettings(**values)
+    except ValueError as exc:  # a rule across keys, HubSettings' own (idle vs ping)
+        raise GatewayConfigError(f"{where} {exc}") from None
 
 
 def _hex32(table: Mapping[str, Any], key: str, error: str) -> bytes | None:

@@ -47,6 +47,8 @@ MAX_FRAME_BYTES: Final = 128 * 1024
 MAX_MESSAGE_BYTES: Final = 32 * 1024
 #: Most commitments in a ``sign_round2`` list (every signer of one session).
 MAX_COMMITMENTS: Final = 255
+#: Largest ``max_in_flight`` a ``welcome`` carries (the gateway's limit must fit it).
+MAX_IN_FLIGHT: Final = 65535
 MAX_ACCOUNT_ID_BYTES: Final = 255
 MAX_SESSION_ID_BYTES: Final = 128
 MAX_DETAIL_CHARS: Final = 256
@@ -626,7 +628,7 @@ def _p_welcome(o: _Obj) -> Welcome:
     k = "welcome"
     return Welcome(
         _id(o, k, "participant_id"),
-        _int(o, k, "max_in_flight", 1, 65535),
+        _int(o, k, "max_in_flight", 1, MAX_IN_FLIGHT),
         _int(o, k, "max_frame_bytes", 1024, MAX_FRAME_BYTES),
     )
 
