@@ -124,33 +124,14 @@ class ChannelGuard:
         # Insertion order: oldest first.
         self._waiting: dict[_Held, None] = {}
         self._greeted: dict[_Held, None] = {}
-        self._log_evicted = RateLimitedLog(
-            log,
-            f"{channel} channel: {max_connections} connections (max_connections); "
-            "closed the oldest",
-            interval_s=log_interval_s,
-            clock=trio.current_time,
-        )
-        self._log_timed_out = RateLimitedLog(
-            log,
-            f"{channel} channel: no hello within {hello_timeout_s:g} s; connection closed",
-            interval_s=log_interval_s,
-            clock=trio.current_time,
-        )
         self._log_interval_s = log_interval_s
         # what -> its rate-limited line (`warn`; a handful of fixed texts)
         self._warnings: dict[str, RateLimitedLog] = {}
-        self._log_oversized = RateLimitedLog(
-            log,
-            f"{channel} channel: a frame over {hello_max_frame_bytes} bytes before the hello "
-            "(hello_max_frame_bytes); connection closed",
-            interval_s=log_interval_s,
-            clock=trio.current_time,
-        )
 
     def warn(self, what: str, **fields: object) -> None:
-        """Log ``what`` happened to one of this channel's connections (a break, a wrong
-        channel, an unexpected message) at most once per ``log_interval_s`` for each
+        """Log ``what`` happened to one of this channel's connections (a closure by the
+        bounds, a break, a wrong channel, an unexpected message) at most once per
+        ``log_interval_s`` for each
         ``what``: whoever can connect must not be able to write the log at its own pace."""
         rated = self._warnings.get(what)
         if rated is None:
@@ -178,7 +159,10 @@ class ChannelGuard:
             self._greeted.pop(oldest, None)
             oldest.scope.cancel()
             self.evicted += 1
-            self._log_evicted(channel=self.channel, greeted=greeted)
+            self.warn(
+                f"{self.max_connections} connections (max_connections); closed the oldest",
+                greeted=greeted,
+            )
         held = _Held()
         self._waiting[held] = None
         try:
@@ -205,13 +189,16 @@ class ChannelGuard:
                 if exc.reason != "oversized":
                     raise
                 self.oversized += 1
-                self._log_oversized(channel=self.channel)
+                self.warn(
+                    f"a frame over {self.hello_max_frame_bytes} bytes before the hello "
+                    "(hello_max_frame_bytes); connection closed"
+                )
                 return None
             if self._waiting.pop(held, 0) is None:
                 self._greeted[held] = None
             return hello
         self.timed_out += 1
-        self._log_timed_out(channel=self.channel)
+        self.warn(f"no hello within {self.hello_timeout_s:g} s; connection closed")
         return None
 
 
