@@ -121,6 +121,25 @@ async def _true() -> bool:
     return True
 
 
+def lone_client(
+    settings: ClientSettings, auth: ApproverSigningKey, key_id: str, **kw: Any
+) -> ParticipantClient:
+    """ops-1's client, approving with its auth key and everything its policy is asked, with
+    no shares unless ``shares`` is given: for tests of its connection and store, not of its
+    decisions (``kw``: the rest of ParticipantClient's keywords)."""
+    kw.setdefault("shares", Shares([]))
+    return ParticipantClient(
+        settings,
+        participant_id="ops-1",
+        key_id=key_id,
+        auth_key=auth,
+        approver=auth,
+        approver_key_id="a",
+        policy=CallbackPolicy(lambda r: _true()),
+        **kw,
+    )
+
+
 async def test_back_off_between_attempts(autojump_clock: trio.abc.Clock) -> None:
     attempts: list[float] = []
 
@@ -129,17 +148,12 @@ async def test_back_off_between_attempts(autojump_clock: trio.abc.Clock) -> None
         raise OSError(errno.ECONNREFUSED, "Connection refused")
 
     auth, key = participant_keys()
-    client = ParticipantClient(
+    client = lone_client(
         ClientSettings(
             "ws://127.0.0.1:9/v1/participants", reconnect_initial_s=0.5, reconnect_max_s=4.0
         ),
-        participant_id="ops-1",
-        key_id=key.key_id,
-        auth_key=auth,
-        approver=auth,
-        approver_key_id="a",
-        shares=Shares([]),
-        policy=CallbackPolicy(lambda r: _true()),
+        auth,
+        key.key_id,
         rng=random.Random(7),
         connect=refused,
     )
@@ -345,15 +359,10 @@ async def test_a_hostile_handshake_reply_ends_the_connection_not_the_client(
         return TrioByteStream(client_stream)
 
     auth, key = participant_keys()
-    client = ParticipantClient(
+    client = lone_client(
         ClientSettings("ws://gateway/v1/participants", reconnect_max_s=1.0),
-        participant_id="ops-1",
-        key_id=key.key_id,
-        auth_key=auth,
-        approver=auth,
-        approver_key_id="a",
-        shares=Shares([]),
-        policy=CallbackPolicy(lambda r: _true()),
+        auth,
+        key.key_id,
         connect=connect,
     )
     with pytest.raises(ParticipantConnectionError, match="1002"):
@@ -410,15 +419,10 @@ async def test_an_endless_message_from_the_gateway_closes_1009_by_its_bytes(
             return TrioByteStream(client_stream)
 
         auth, key = participant_keys()
-        client = ParticipantClient(
+        client = lone_client(
             ClientSettings("ws://gateway/v1/participants", max_frame_bytes=limit),
-            participant_id="ops-1",
-            key_id=key.key_id,
-            auth_key=auth,
-            approver=auth,
-            approver_key_id="a",
-            shares=Shares([]),
-            policy=CallbackPolicy(lambda r: _true()),
+            auth,
+            key.key_id,
             connect=connect,
         )
         with pytest.raises(ParticipantConnectionError, match="max_frame_bytes") as info:
@@ -435,15 +439,8 @@ async def test_a_share_whose_save_failed_leaves_the_store(tmp_path: Path) -> Non
     key = PassphraseKey(bytearray(b"pw" * 8), opslimit=MIN_OPSLIMIT, memlimit=MIN_MEMLIMIT)
     store = SealedShareStore.create(tmp_path / "p.store", "ops-1", [], key)
     auth, pkey = participant_keys()
-    client = ParticipantClient(
-        ClientSettings("ws://gateway/v1/participants"),
-        participant_id="ops-1",
-        key_id=pkey.key_id,
-        auth_key=auth,
-        approver=auth,
-        approver_key_id="a",
-        shares=store,
-        policy=CallbackPolicy(lambda r: _true()),
+    client = lone_client(
+        ClientSettings("ws://gateway/v1/participants"), auth, pkey.key_id, shares=store
     )
     real_save = store.save
     failures = [OSError(28, "No space left on device")]
