@@ -488,3 +488,30 @@ async def test_greeted_connections_that_break_make_one_line_not_one_each(
         await trio.testing.wait_all_tasks_blocked()
         assert client.closed_at is not None
     assert len(lines(caplog, "broken")) == 1
+
+
+async def test_a_greeted_deltas_peer_cannot_write_a_line_per_refused_compaction_key(
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    autojump_clock: trio.abc.Clock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """50 compaction key requests that KMS refuses (a made-up attestation document) are
+    each answered, and make one line, not 50."""
+    from trio_sign._errors import TrioSignError
+    from trio_sign.nitro._channel import CompactionKeyFailedMessage, CompactionKeyRequestMessage
+
+    async def refusing(document: bytes, kms_key_id: str, context: Any) -> tuple[str, bytes, bytes]:
+        raise TrioSignError("KMS refused: not an attestation document")
+
+    caplog.set_level(logging.WARNING)
+    parent = Parent("deltas", tmp_path)
+    parent.deltas.compaction_kms = refusing
+    parent_end, peer_end = trio.testing.memory_stream_pair()
+    nursery.start_soon(parent.serve, parent_end, ChannelGuard("deltas"))
+    peer = MessageStream(peer_end)
+    await peer.send(HelloMessage(channel="deltas"))
+    for _ in range(50):
+        await peer.send(CompactionKeyRequestMessage(document=b"junk", kms_key_id="alias/k"))
+        assert isinstance(await peer.receive(), CompactionKeyFailedMessage)
+    assert len(lines(caplog, "compaction data key refused")) == 1

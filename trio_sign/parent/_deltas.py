@@ -834,6 +834,7 @@ class Deltas:
         self._log_not_a_delta = rated("refused to store a delta: not a delta")
         self._log_not_a_base = rated("refused to store a base: not a base")
         self.log_unpushed_refusal = rated("the enclave refused a delta that was not pushed")
+        self._log_key_refused = rated("compaction data key refused")
 
     # -- runs and boots ------------------------------------------------------------------------
 
@@ -971,7 +972,7 @@ class Deltas:
                 request.document, request.kms_key_id, COMPACTION_CONTEXT
             )
         except TrioSignError as exc:
-            log.warning("compaction data key refused", extra={"error": str(exc)})
+            self._log_key_refused(error=str(exc))
             return CompactionKeyFailedMessage(reason=str(exc)[:MAX_REASON_CHARS] or "refused")
         log.info("compaction data key relayed", extra={"kms_key_id": arn})
         return CompactionKeyMessage(key_id=arn, ciphertext_blob=blob, ciphertext=envelope)
