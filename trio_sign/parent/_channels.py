@@ -131,8 +131,8 @@ class ChannelGuard:
     def warn(self, what: str, **fields: object) -> None:
         """Log ``what`` happened to one of this channel's connections (a closure by the
         bounds, a break, a wrong channel, an unexpected message) at most once per
-        ``log_interval_s`` for each
-        ``what``: whoever can connect must not be able to write the log at its own pace."""
+        ``log_interval_s`` for each ``what``: whoever can connect must not be able to write
+        the log at its own pace."""
         rated = self._warnings.get(what)
         if rated is None:
             rated = self._warnings[what] = RateLimitedLog(
