@@ -150,3 +150,28 @@ async def test_repair_step2_with_the_wrong_count_is_refused_unhashed(calls: Call
             "FAILED_PRECONDITION", "RepairStep2", many
         )
         calls.none()
+
+
+async def test_round3_and_repair_name_a_long_stranger_identifier_by_its_size() -> None:
+    """The shares of round 3 and the keys of repair step 1 go through the same check as the
+    packages of round 2: an identifier that is not expected is named by its size."""
+    async with enclave(over_grpc=False) as node:
+        c = ceremony(ED25519)
+        run = await round1(node, c)
+        await round2(node, run)
+        for local in run.locals:
+            local.round3(run.enclave_shares + run.local_shares)
+        shares = run.shares_for_enclave()
+        shares[0].sender = b"\x01" * 100_000
+        details = await node.refused(
+            "INVALID_ARGUMENT", "DkgRound3", pb.DkgRound3Request(dkg_id=c.dkg_id, shares=shares)
+        )
+        assert "sender of 100000 bytes is not another participant" in details
+        assert len(details) < 200
+    async with lifecycle_enclave(over_grpc=False) as node:
+        a = await create_account(node, ED25519, t=2, n=4)
+        request = plan(a).step1_request()
+        request.keys[0].identifier = b"\x01" * 100_000
+        details = await node.refused("INVALID_ARGUMENT", "RepairStep1", request)
+        assert "identifier of 100000 bytes is not another helper" in details
+        assert len(details) < 200
