@@ -602,6 +602,19 @@ async def test_frames_over_the_limit_close_with_1009(autojump_clock: trio.abc.Cl
         assert await fake.closed_code() == m.CLOSE_TOO_BIG
 
 
+async def test_the_frame_limit_counts_utf8_bytes_not_characters(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """1100 four-byte characters are 4400 bytes: over a 4096-byte limit (1009), though
+    under it in characters (the hub's check counted characters)."""
+    async with world(max_frame_bytes=4096) as w:
+        fake = await w.connect("ops-1")
+        malformed = w.hub.counts["malformed"]
+        await fake.ws.send_message("\U0001f600" * 1100)
+        assert await fake.closed_code() == m.CLOSE_TOO_BIG
+        assert w.hub.counts["malformed"] == malformed + 1
+
+
 async def test_a_binary_frame_closes_with_1003_and_counts_as_malformed(
     autojump_clock: trio.abc.Clock,
 ) -> None:

@@ -379,13 +379,12 @@ class _Connection:
                     fail_with="malformed",
                 )
                 return
-            if len(text) > self.hub.settings.max_frame_bytes:
-                # serve() has trio-websocket enforce it too, on the bytes as they arrive
-                self.hub.counts["malformed"] += 1
-                self.close(m.CLOSE_TOO_BIG, "a frame over max_frame_bytes", fail_with="malformed")
-                return
             try:
-                message = m.parse_message(text, max_version=self.version)
+                # serve() has trio-websocket enforce the limit too, as the bytes arrive; here
+                # it is counted in UTF-8 bytes as well (1009), not in characters
+                message = m.parse_message(
+                    text, max_version=self.version, max_bytes=self.hub.settings.max_frame_bytes
+                )
             except m.MessageError as exc:
                 self.hub.counts["malformed"] += 1
                 self.close(exc.close_code, str(exc), fail_with="malformed")

@@ -883,23 +883,26 @@ def _reject_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def parse_message(text: str | bytes, *, max_version: int = VERSION) -> Message:
+def parse_message(
+    text: str | bytes, *, max_version: int = VERSION, max_bytes: int = MAX_FRAME_BYTES
+) -> Message:
     """One frame's text (or its UTF-8 bytes) as a message.
 
     ``max_version`` is the connection's contract version (its subprotocol's): 1 refuses the
-    ``dkg_*`` messages like unknown types; 2 takes them (with ``"v": 2``).
+    ``dkg_*`` messages like unknown types; 2 takes them (with ``"v": 2``). ``max_bytes`` is
+    the connection's frame limit in UTF-8 bytes (at most :data:`MAX_FRAME_BYTES`).
 
     Raises:
-        MessageError: a frame over :data:`MAX_FRAME_BYTES` (``close_code`` 1009), a ``"v"``
+        MessageError: a frame over ``max_bytes`` (``close_code`` 1009), a ``"v"``
             other than the one that defines the type (1, or 2 for ``dkg_*``; 4004), and
             anything else that is not a valid message (1002): not JSON, not an object, an
             unknown type (``dkg_*`` on a version-1 connection), a missing or unknown field, a
             field of the wrong type or out of its bound.
     """
     size = len(text) if isinstance(text, bytes) else len(text.encode("utf-8", "surrogatepass"))
-    if size > MAX_FRAME_BYTES:
+    if size > min(max_bytes, MAX_FRAME_BYTES):
         raise MessageError(
-            f"a frame of {size} bytes is over the {MAX_FRAME_BYTES}-byte limit",
+            f"a frame of {size} bytes is over the {min(max_bytes, MAX_FRAME_BYTES)}-byte limit",
             close_code=CLOSE_TOO_BIG,
         )
     try:
