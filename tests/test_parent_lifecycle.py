@@ -11,7 +11,7 @@ import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
@@ -41,6 +41,9 @@ from trio_sign.parent._lifecycle import (
 )
 from trio_sign.parent._logs import LogForwarder
 from trio_sign.parent._supervisor import ParentSupervisor
+
+if TYPE_CHECKING:
+    from trio_sign.parent._deltas import FileDeltaStore
 
 SHA = "ab" * 32
 
@@ -581,6 +584,33 @@ def _a_delta(tmp_path: Path, account: str) -> bytes:
     return encode_bundle([make_record(account)], key, kind="delta")
 
 
+def _deltas_supervisor(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    script: Script,
+    offload: Callable[..., Awaitable[Any]],
+) -> tuple[ParentSupervisor, ParentState, FileDeltaStore]:
+    """A supervisor whose run has ``[deltas]`` on a file store in ``tmp_path/deltas`` (its
+    crash leftovers recovered) and one enclave that runs ``script``; the store is returned."""
+    from trio_sign.parent._deltas import Deltas, FileDeltaStore
+
+    directory = tmp_path / "deltas"
+    store = FileDeltaStore(directory, host_tag="0123456789ab")
+    store.recover()
+    config = make_config(tmp_path, extra=f'[deltas]\nlocation = "file://{directory}"\n')
+    state = ParentState(wall_clock=trio.current_time, lifecycle=Lifecycle(clock=trio.current_time))
+    supervisor = ParentSupervisor(
+        config,
+        launcher=FakeLauncher(nursery, config.bundle.work_dir, [script]),
+        preloader=FakePreloader(),
+        fetch=copy_fetch,
+        state=state,
+        forwarder=LogForwarder(stats=state.logs),
+        deltas=Deltas(store, on_alert=state.alerts.raise_alert, offload=offload),
+    )
+    return supervisor, state, store
+
+
 async def test_a_serving_run_takes_the_enclaves_deltas_and_pushes_the_stores(
     tmp_path: Path, autojump_clock: trio.abc.Clock
 ) -> None:
@@ -595,14 +625,8 @@ async def test_a_serving_run_takes_the_enclaves_deltas_and_pushes_the_stores(
         DeltaStoredMessage,
         DeltaStoreMessage,
     )
-    from trio_sign.parent._deltas import Deltas, FileDeltaStore
     from trio_sign.parent._health import render_metrics
 
-    directory = tmp_path / "deltas"
-    store = FileDeltaStore(directory, host_tag="0123456789ab")
-    store.recover()
-    for sequence in (1, 2):
-        store.put(sequence, _a_delta(tmp_path, f"acct-other-{sequence}"))
     mine = _a_delta(tmp_path, "acct-mine")
     heard: dict[str, Any] = {"pushed": []}
     done = trio.Event()
@@ -638,21 +662,11 @@ async def test_a_serving_run_takes_the_enclaves_deltas_and_pushes_the_stores(
     async def inline(fn: Any, *args: Any) -> Any:
         return fn(*args)
 
-    config = make_config(tmp_path, extra=f'[deltas]\nlocation = "file://{directory}"\n')
-    state = ParentState(wall_clock=trio.current_time, lifecycle=Lifecycle(clock=trio.current_time))
-    deltas = Deltas(store, on_alert=state.alerts.raise_alert, offload=inline)
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
-        launcher = FakeLauncher(nursery, config.bundle.work_dir, [script])
-        supervisor = ParentSupervisor(
-            config,
-            launcher=launcher,
-            preloader=FakePreloader(),
-            fetch=copy_fetch,
-            state=state,
-            forwarder=LogForwarder(stats=state.logs),
-            deltas=deltas,
-        )
+        supervisor, state, store = _deltas_supervisor(nursery, tmp_path, script, inline)
+        for sequence in (1, 2):
+            store.put(sequence, _a_delta(tmp_path, f"acct-other-{sequence}"))
         await nursery.start(supervisor.run, stop)
         await state.lifecycle.wait_for(lambda lc: lc.phase is ParentPhase.SERVING)
         with trio.fail_after(60):  # a deadline only now: the boot's threads would race it
@@ -677,11 +691,7 @@ async def test_a_delta_sent_just_before_the_enclave_dies_is_still_stored(
     what it was handed first, so the delta is stored (it was lost when the run ended 0.5 s
     after the exit)."""
     from trio_sign.nitro._channel import DeltaChunkMessage, DeltaEndMessage, DeltaStoreMessage
-    from trio_sign.parent._deltas import Deltas, FileDeltaStore
 
-    directory = tmp_path / "deltas"
-    store = FileDeltaStore(directory, host_tag="0123456789ab")
-    store.recover()
     mine = _a_delta(tmp_path, "acct-mine")
 
     async def script(enclave: Enclave) -> None:
@@ -705,20 +715,8 @@ async def test_a_delta_sent_just_before_the_enclave_dies_is_still_stored(
         await trio.sleep(2)  # a store that takes a while (S3, a busy disk)
         return fn(*args)
 
-    config = make_config(tmp_path, extra=f'[deltas]\nlocation = "file://{directory}"\n')
-    state = ParentState(wall_clock=trio.current_time, lifecycle=Lifecycle(clock=trio.current_time))
-    deltas = Deltas(store, on_alert=state.alerts.raise_alert, offload=slow)
     async with trio.open_nursery() as nursery:
-        launcher = FakeLauncher(nursery, config.bundle.work_dir, [script])
-        supervisor = ParentSupervisor(
-            config,
-            launcher=launcher,
-            preloader=FakePreloader(),
-            fetch=copy_fetch,
-            state=state,
-            forwarder=LogForwarder(stats=state.logs),
-            deltas=deltas,
-        )
+        supervisor, _state, store = _deltas_supervisor(nursery, tmp_path, script, slow)
         with pytest.raises(EnclaveExited, match="code 70"):  # the exit ends the run
             await supervisor.run(trio.Event())
         nursery.cancel_scope.cancel()
