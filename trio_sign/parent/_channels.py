@@ -69,13 +69,6 @@ MAX_CHANNEL_CONNECTIONS: Final = 8
 CHANNEL_LOG_INTERVAL_S: Final = 10.0
 
 
-class _Held:
-    __slots__ = ("scope",)
-
-    def __init__(self) -> None:
-        self.scope = trio.CancelScope()
-
-
 class ChannelGuard:
     """The bounds on one channel's connections: the hello deadline and the connection cap.
 
@@ -121,9 +114,9 @@ class ChannelGuard:
         self.evicted = 0
         self.timed_out = 0
         self.oversized = 0
-        # Insertion order: oldest first.
-        self._waiting: dict[_Held, None] = {}
-        self._greeted: dict[_Held, None] = {}
+        # Each held connection's cancel scope, in insertion order: oldest first.
+        self._waiting: dict[trio.CancelScope, None] = {}
+        self._greeted: dict[trio.CancelScope, None] = {}
         self._log_interval_s = log_interval_s
         # what -> its rate-limited line (`warn`; a handful of fixed texts)
         self._warnings: dict[str, RateLimitedLog] = {}
@@ -149,7 +142,7 @@ class ChannelGuard:
         return len(self._waiting) + len(self._greeted)
 
     @contextlib.contextmanager
-    def hold(self) -> Iterator[_Held]:
+    def hold(self) -> Iterator[trio.CancelScope]:
         """Admit a connection for the body, making room first; the body ends early (no
         exception) if a newer connection needs the room."""
         if self.held >= self.max_connections:
@@ -157,22 +150,24 @@ class ChannelGuard:
             oldest = next(iter(self._greeted if greeted else self._waiting))
             self._waiting.pop(oldest, None)
             self._greeted.pop(oldest, None)
-            oldest.scope.cancel()
+            oldest.cancel()
             self.evicted += 1
             self.warn(
                 f"{self.max_connections} connections (max_connections); closed the oldest",
                 greeted=greeted,
             )
-        held = _Held()
+        held = trio.CancelScope()
         self._waiting[held] = None
         try:
-            with held.scope:
+            with held:
                 yield held
         finally:
             self._waiting.pop(held, None)
             self._greeted.pop(held, None)
 
-    async def receive_hello(self, messages: MessageStream, held: _Held) -> HelloMessage | None:
+    async def receive_hello(
+        self, messages: MessageStream, held: trio.CancelScope
+    ) -> HelloMessage | None:
         """The connection's hello; None (logged) if it has not arrived whole in time, or if
         a frame over ``hello_max_frame_bytes`` came first (refused on its length prefix).
         Nothing past the hello is read, so the frames after it get the stream's own limit.
@@ -251,7 +246,7 @@ async def _converse(
     on: OnMessage,
     link: StatusLink | None,
     guard: ChannelGuard,
-    held: _Held,
+    held: trio.CancelScope,
 ) -> None:
     try:
         hello = await guard.receive_hello(messages, held)
