@@ -86,6 +86,10 @@ class Group:
         return str(value) if value < 2**32 else "0x" + self.identifier_to_bytes(value).hex()
 
     def describe_identifier(self, ident: bytes) -> str:
+        """A serialized identifier in an error line; one of the wrong length (from a request,
+        as long as the request) is described by its size, neither decoded nor quoted."""
+        if len(ident) != self.scalar_size:
+            return f"of {len(ident)} bytes"
         try:
             return self.describe(self.identifier_from_bytes(ident))
         except FrostError:

@@ -714,14 +714,6 @@ def _check_text(value: str, name: str, limit: int) -> None:
         raise _invalid(f"{name} must be 1..{limit} bytes")
 
 
-def _describe(group: Group, ident: bytes) -> str:
-    """An identifier from a request, for an error line: one of the wrong length is neither
-    decoded nor quoted whole (it can be as long as the request)."""
-    if len(ident) != IDENTIFIER_BYTES:
-        return f"of {len(ident)} bytes"
-    return group.describe_identifier(ident)
-
-
 def _each_once(
     group: Group,
     entries: Sequence[_T],
@@ -739,9 +731,9 @@ def _each_once(
     seen: set[bytes] = set()
     for index, item in enumerate(entries):
         ident = ident_of(item)
-        if ident not in allowed:
-            raise _invalid(f"{entry} {index}: {field} {_describe(group, ident)} is not {among}")
         who = group.describe_identifier(ident)
+        if ident not in allowed:
+            raise _invalid(f"{entry} {index}: {field} {who} is not {among}")
         if ident in seen:
             raise _invalid(f"participant {who}: two {plural}")
         seen.add(ident)
@@ -1461,7 +1453,7 @@ class DkgRegistry:
             if bytes(s.recipient) != session.identifier:
                 raise _invalid(
                     f"participant {who}: share addressed to "
-                    f"{_describe(group, bytes(s.recipient))}, not to this enclave"
+                    f"{group.describe_identifier(bytes(s.recipient))}, not to this enclave"
                 )
             if len(s.ciphertext) != CIPHERTEXT_BYTES:
                 raise _invalid(
