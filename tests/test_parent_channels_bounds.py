@@ -515,3 +515,24 @@ async def test_a_greeted_deltas_peer_cannot_write_a_line_per_refused_compaction_
         await peer.send(CompactionKeyRequestMessage(document=b"junk", kms_key_id="alias/k"))
         assert isinstance(await peer.receive(), CompactionKeyFailedMessage)
     assert len(lines(caplog, "compaction data key refused")) == 1
+
+
+async def test_a_greeted_deltas_peer_cannot_write_a_line_per_unasked_loaded(
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    autojump_clock: trio.abc.Clock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """50 ``delta_loaded`` that answer no push (free to send, nothing to store) make one
+    INFO line, not 50; the position they report is still taken."""
+    caplog.set_level(logging.INFO)
+    parent = Parent("deltas", tmp_path)
+    parent_end, peer_end = trio.testing.memory_stream_pair()
+    nursery.start_soon(parent.serve, parent_end, ChannelGuard("deltas"))
+    peer = MessageStream(peer_end)
+    await peer.send(HelloMessage(channel="deltas"))
+    for accounts in range(50):
+        await peer.send(DeltaLoadedMessage(sequence=1, head="ab" * 32, accounts=accounts))
+    await trio.testing.wait_all_tasks_blocked()
+    assert len(lines(caplog, "enclave loaded a delta")) == 1
+    assert parent.deltas.stats.enclave_accounts == 49

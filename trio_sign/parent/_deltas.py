@@ -835,6 +835,7 @@ class Deltas:
         self._log_not_a_base = rated("refused to store a base: not a base")
         self.log_unpushed_refusal = rated("the enclave refused a delta that was not pushed")
         self._log_key_refused = rated("compaction data key refused")
+        self.log_unasked_loaded = rated("enclave loaded a delta", level=logging.INFO)
 
     # -- runs and boots ------------------------------------------------------------------------
 
@@ -1094,12 +1095,14 @@ class _Connection:
                 await self._store(message)
             elif isinstance(message, DeltaLoadedMessage):
                 self.deltas.loaded(message)
-                log.info(
-                    "enclave loaded a delta",
-                    extra={"sequence": message.sequence, "accounts": message.accounts},
-                )
+                fields = {"sequence": message.sequence, "accounts": message.accounts}
                 if message.sequence == self._pushing:
+                    log.info("enclave loaded a delta", extra=fields)
                     self._answered.set()
+                else:
+                    # Unasked (after a store of its own, which has its line): at the peer's
+                    # pace, so at most once per interval.
+                    self.deltas.log_unasked_loaded(**fields)
             elif isinstance(message, BaseStoreMessage):
                 await self._store_base(message)
             elif isinstance(message, CompactionKeyRequestMessage):
