@@ -461,3 +461,35 @@ async def test_a_share_whose_save_failed_leaves_the_store(tmp_path: Path) -> Non
     assert store.share("acct-1") is retry
     store.close()
     auth.close()
+
+
+async def test_the_gateways_error_frames_are_logged_once_per_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A gateway that sends a thousand error frames makes one log line, not a thousand; the
+    next line after the interval says how many were held back."""
+    import logging
+    from typing import cast
+
+    from trio_sign.participant import _client
+    from trio_sign.participant import _session as s
+    from trio_sign.rpc import LogThrottle
+
+    caplog.set_level(logging.INFO, "trio_sign.participant")
+    auth, key = participant_keys()
+    client = lone_client(ClientSettings("ws://gateway/v1/participants"), auth, key.key_id)
+    stream, _ = trio.testing.memory_stream_pair()
+    conn = _client._Connection(client, cast(Any, TrioByteStream(stream)), "gateway", "/")
+    now = [0.0]
+    conn.error_log = LogThrottle(_client.ERROR_LOG_INTERVAL_S, lambda: now[0])
+    error = s.RemoteError(m.Error(code="busy"))
+    for _ in range(1000):
+        await conn._on_session_event(error, cast(Any, None))
+    now[0] = _client.ERROR_LOG_INTERVAL_S
+    await conn._on_session_event(error, cast(Any, None))
+    lines = [r.getMessage() for r in caplog.records if "gateway error" in r.getMessage()]
+    assert lines == [
+        "participant ops-1: gateway error busy (0 more since the last such line)",
+        "participant ops-1: gateway error busy (999 more since the last such line)",
+    ]
+    auth.close()

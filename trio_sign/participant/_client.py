@@ -49,6 +49,7 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 from .._backoff import full_jitter_delay
 from .._errors import TrioSignError
 from ..gateway._approvals import ApproverSigningKey
+from ..rpc import LogThrottle
 from ..shares import ShareRecord
 from . import _messages as m
 from . import _session as s
@@ -61,6 +62,8 @@ SUBPROTOCOL: Final = "trio-sign-participant.v1"
 SUBPROTOCOL_V2: Final = "trio-sign-participant.v2"
 _VERSIONS: Final = {SUBPROTOCOL_V2: 2, SUBPROTOCOL: 1}
 _RECEIVE_BYTES: Final = 65536
+#: The gateway's error frames: one log line per this at most.
+ERROR_LOG_INTERVAL_S: Final = 10.0
 _GONE: Final = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, LocalProtocolError)
 
 
@@ -306,6 +309,9 @@ class _Connection:
             approval_lifetime_ms=round(client.settings.approval_lifetime_s * 1000),
         )
         self.closing: tuple[int, str] | None = None
+        # The gateway's error frames are logged at most once per interval (it could send
+        # a million); the line says how many were held back.
+        self.error_log = LogThrottle(ERROR_LOG_INTERVAL_S, time.monotonic)
 
     def now_ms(self) -> int:
         return self.client._wall_clock_ms()
@@ -444,9 +450,14 @@ class _Connection:
         elif isinstance(event, s.CloseConnection):
             await self.close(event.code, event.reason)
         elif isinstance(event, s.RemoteError):
-            log.info(
-                "participant %s: gateway error %s", self.client.participant_id, event.error.code
-            )
+            held = self.error_log.allow()
+            if held is not None:
+                log.info(
+                    "participant %s: gateway error %s (%d more since the last such line)",
+                    self.client.participant_id,
+                    event.error.code,
+                    held,
+                )
 
     async def _decide(self, request: m.SignRequest) -> None:
         policy = self.client.policy
