@@ -27,8 +27,10 @@ def freeze_long_lived() -> None:
     """Collect, then move everything alive now into the permanent generation (call once a
     server has loaded what it keeps: the enclave's share index, the parent's clients and
     configuration), so that full collections never walk it again. Garbage made later is
-    collected as usual; calling it again (the parent, at each enclave restart) freezes what
-    survived since."""
+    collected as usual; calling it again (the parent, at each enclave restart) first thaws
+    what an earlier call froze, so that what died since (the previous run's objects) is
+    collected rather than kept in the permanent generation for good."""
+    gc.unfreeze()
     gc.collect()
     gc.freeze()
 
